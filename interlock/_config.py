@@ -1,0 +1,477 @@
+"""`PipelineConfig`: the knobs, their validation, and loading from TOML, dicts and the environment.
+
+Field values are checked when a config is constructed (a wrong type or an unknown value names
+the field). Combinations are checked by `PipelineConfig.validate`, which `build_pipeline` calls:
+each rule in `COMBINATION_RULES` names its knobs, says why the combination cannot work and what
+to change. docs/configuration.md is generated from these two tables.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import attrs
+
+from ._errors import ConfigError
+
+Preprocessing = Literal["frontend", "engine"]
+Postprocessing = Literal["frontend", "engine"]
+Routing = Literal["discover", "direct_to_known", "query_only"]
+RouterMode = Literal["round_robin", "random", "kv", "direct", "direct_from_request"]
+
+#: router_mode values a routing mode that selects workers may use.
+SELECTING_ROUTER_MODES: tuple[str, ...] = ("round_robin", "random", "kv", "direct")
+
+
+def _choice(values: tuple[str, ...]) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in values:
+            hint = difflib.get_close_matches(str(value), values, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(
+                f"{attribute.name}={value!r} is not one of {', '.join(map(repr, values))}"
+                f"{suggestion}",
+                knobs=(attribute.name,),
+            )
+
+    return check
+
+
+def _typed(
+    kind: type, *, optional: bool = False, minimum: float | None = None
+) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None and optional:
+            return
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            expected = kind.__name__ + (" or None" if optional else "")
+            raise ConfigError(
+                f"{attribute.name} must be {expected}, got {type(value).__name__} {value!r}",
+                knobs=(attribute.name,),
+            )
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(
+                f"{attribute.name} must be a finite number, got {value!r}",
+                knobs=(attribute.name,),
+            )
+        if minimum is not None and value < minimum:
+            raise ConfigError(
+                f"{attribute.name} must be >= {minimum:g}, got {value!r}",
+                knobs=(attribute.name,),
+            )
+
+    return check
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@attrs.frozen(kw_only=True)
+class PipelineConfig:
+    """Every knob of a pipeline. Defaults reproduce the reference system's default behaviour:
+    discover routing, round-robin selection, frontend postprocessing, migration off.
+
+    Construction checks each value on its own and raises `ConfigError` naming the field;
+    `validate` checks the combinations.
+    """
+
+    preprocessing: str = attrs.field(
+        default="frontend",
+        validator=_choice(get_args(Preprocessing)),
+        metadata=_doc(
+            "Where chat templating and tokenization run. Only 'frontend' is legal: KV routing "
+            "and the query-only answer need the prompt's tokens in the frontend."
+        ),
+    )
+    postprocessing: str = attrs.field(
+        default="frontend",
+        validator=_choice(get_args(Postprocessing)),
+        metadata=_doc(
+            "'frontend': the frontend owns stop conditions (stop token ids, min/max tokens) and "
+            "text; the engine is sent none of them. 'engine': the engine applies them and its "
+            "text passes through untouched."
+        ),
+    )
+    routing: str = attrs.field(
+        default="discover",
+        validator=_choice(get_args(Routing)),
+        metadata=_doc(
+            "'discover': the frontend selects workers with router_mode. 'direct_to_known': the "
+            "request names its workers (backend_instance_id / prefill_worker_id / "
+            "decode_worker_id) and no selection runs. 'query_only': select workers and return "
+            "the decision with the prompt tokens; nothing executes."
+        ),
+    )
+    router_mode: str = attrs.field(
+        default="round_robin",
+        validator=_choice(get_args(RouterMode)),
+        metadata=_doc(
+            "Selection policy: 'round_robin', 'random', 'kv' (prefix-cache overlap and load), "
+            "'direct' (always direct_worker_id), or 'direct_from_request' (the worker ids the "
+            "request names; the policy of routing='direct_to_known')."
+        ),
+    )
+    direct_worker_id: int | None = attrs.field(
+        default=None,
+        validator=_typed(int, optional=True, minimum=0),
+        metadata=_doc("The worker every request goes to under router_mode='direct'."),
+    )
+    migration_limit: int = attrs.field(
+        default=0,
+        validator=_typed(int, minimum=0),
+        metadata=_doc(
+            "How many times a broken stream may move to another worker (0 = migration off). "
+            "Generated tokens are folded into the prompt and max_tokens lowered."
+        ),
+    )
+    migration_max_seq_len: int | None = attrs.field(
+        default=None,
+        validator=_typed(int, optional=True, minimum=1),
+        metadata=_doc(
+            "Stop migrating a request once prompt + generated tokens exceed this many tokens."
+        ),
+    )
+    enforce_disagg: bool = attrs.field(
+        default=False,
+        validator=_typed(bool),
+        metadata=_doc(
+            "Fail a request instead of serving it aggregated when no prefill worker is "
+            "available or its prefill leg fails."
+        ),
+    )
+    allow_request_worker_ids: bool = attrs.field(
+        default=False,
+        validator=_typed(bool),
+        metadata=_doc(
+            "Under routing='discover', honour worker ids a request names instead of refusing "
+            "the request (off by default, so a client cannot pin load onto one worker)."
+        ),
+    )
+    kv_block_size: int = attrs.field(
+        default=16,
+        validator=_typed(int, minimum=1),
+        metadata=_doc(
+            "Tokens per KV block; must equal the engines' page size or prefix matches are lost."
+        ),
+    )
+    overlap_score_weight: float = attrs.field(
+        default=1.0,
+        validator=_typed(float, minimum=0.0),
+        metadata=_doc(
+            "router_mode='kv': weight of the prefill cost against decode load (0 = pure load "
+            "balancing)."
+        ),
+    )
+    router_temperature: float = attrs.field(
+        default=0.0,
+        validator=_typed(float, minimum=0.0),
+        metadata=_doc(
+            "router_mode='kv': 0 picks the cheapest worker; above 0 samples a softmax of costs."
+        ),
+    )
+    router_seed: int = attrs.field(
+        default=0,
+        validator=_typed(int),
+        metadata=_doc("Seed of the router's random choices (router_mode='random', temperature)."),
+    )
+    engine_idle_timeout: float | None = attrs.field(
+        default=None,
+        validator=_typed(float, optional=True, minimum=0.0),
+        metadata=_doc(
+            "Seconds without output after which a stream counts as broken (a stalled worker); "
+            "None waits forever."
+        ),
+    )
+    actor_max_restarts: int = attrs.field(
+        default=5,
+        validator=_typed(int, minimum=0),
+        metadata=_doc(
+            "Restarts of one actor allowed within actor_restart_window before the supervisor "
+            "gives up and the pipeline fails with the actor's original error."
+        ),
+    )
+    actor_restart_window: float = attrs.field(
+        default=10.0,
+        validator=_typed(float, minimum=0.0),
+        metadata=_doc("Seconds over which actor restarts are counted."),
+    )
+    actor_restart_backoff: float = attrs.field(
+        default=0.01,
+        validator=_typed(float, minimum=0.0),
+        metadata=_doc(
+            "Seconds before the first restart of a crashed actor; doubles with each restart "
+            "in the window."
+        ),
+    )
+    transition_log_capacity: int = attrs.field(
+        default=100_000,
+        validator=_typed(int, minimum=1),
+        metadata=_doc("Transition records kept in memory (oldest dropped first)."),
+    )
+    transition_log_path: str | None = attrs.field(
+        default=None,
+        validator=_typed(str, optional=True),
+        metadata=_doc("Also append every transition record to this JSONL file."),
+    )
+
+    # -- combinations -------------------------------------------------------------------------
+
+    def validate(self) -> PipelineConfig:
+        """Check every combination rule; return ``self`` so calls chain.
+
+        Raises:
+            ConfigError: for the first rule the configuration breaks, naming its knobs.
+        """
+        for rule in COMBINATION_RULES:
+            if rule.applies(self):
+                raise ConfigError(rule.message(self), knobs=rule.knobs)
+        return self
+
+    @property
+    def effective_router_mode(self) -> str:
+        """The selection policy actually used: direct_to_known always uses the request's ids."""
+        if self.routing == "direct_to_known":
+            return "direct_from_request"
+        return self.router_mode
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PipelineConfig:
+        """Build a config from a mapping of knob names to values (as in a TOML file).
+
+        Raises:
+            ConfigError: naming an unknown key (with the closest known one) or a bad value.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"a configuration must be a table of knobs, got {type(data).__name__}"
+            )
+        names = knob_names()
+        for key in data:
+            if key not in names:
+                hint = difflib.get_close_matches(str(key), names, n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(f"unknown configuration key {key!r}{suggestion}", knobs=(key,))
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> PipelineConfig:
+        """Read a TOML file whose top-level keys are knobs (or whose ``[interlock]`` table is).
+
+        Raises:
+            ConfigError: the file is missing or not TOML, or a key or value is bad; the message
+                names the file.
+        """
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {str(p)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from None
+        table = data.get("interlock", data) if set(data) <= {"interlock"} else data
+        try:
+            return cls.from_dict(table)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}", knobs=exc.knobs) from None
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, prefix: str = "INTERLOCK_"
+    ) -> dict[str, Any]:
+        """Read knobs from ``INTERLOCK_<KNOB>`` variables; return them as overrides for
+        `evolve` or `from_dict` (so the caller decides what they override).
+
+        Raises:
+            ConfigError: a variable's text does not parse as its knob's type.
+        """
+        env = os.environ if environ is None else environ
+        found: dict[str, Any] = {}
+        for name in knob_names():
+            text = env.get(prefix + name.upper())
+            if text is not None:
+                found[name] = parse_knob_text(name, text)
+        return found
+
+    def evolve(self, **changes: Any) -> PipelineConfig:
+        """A copy with ``changes`` applied (checked like a new config)."""
+        return attrs.evolve(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every knob and its value, in declaration order."""
+        return attrs.asdict(self)
+
+
+def knob_names() -> list[str]:
+    """All knob names, in declaration order."""
+    return [f.name for f in attrs.fields(PipelineConfig)]
+
+
+def parse_knob_text(name: str, text: str) -> Any:
+    """Parse a knob's value from text (environment variables, command-line flags).
+
+    Raises:
+        ConfigError: the text is not a value of the knob's type.
+    """
+    field = attrs.fields_dict(PipelineConfig).get(name)
+    if field is None:
+        raise ConfigError(f"unknown configuration key {name!r}", knobs=(name,))
+    annotation = str(field.type)
+    stripped = text.strip()
+    if "None" in annotation and stripped.lower() in ("", "none", "null"):
+        return None
+    try:
+        if annotation.startswith("bool"):
+            lowered = stripped.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if annotation.startswith("int"):
+            return int(stripped)
+        if annotation.startswith("float"):
+            return float(stripped)
+    except ValueError:
+        kind = annotation.split(" ")[0]
+        raise ConfigError(f"{name}={text!r} is not a valid {kind}", knobs=(name,)) from None
+    return stripped
+
+
+@attrs.frozen
+class CombinationRule:
+    """One invalid combination: when ``applies`` holds, ``message`` explains it.
+
+    ``example`` is a minimal invalid configuration, used by the docs and the tests.
+    """
+
+    knobs: tuple[str, ...]
+    applies: Callable[[PipelineConfig], bool]
+    message: Callable[[PipelineConfig], str]
+    example: Mapping[str, Any]
+
+
+COMBINATION_RULES: tuple[CombinationRule, ...] = (
+    CombinationRule(
+        knobs=("preprocessing",),
+        applies=lambda c: c.preprocessing != "frontend",
+        message=lambda c: (
+            f"preprocessing={c.preprocessing!r}: KV-aware routing and the query-only answer need "
+            "the prompt's token ids in the frontend, so templating and tokenization cannot move "
+            "to the engine; set preprocessing='frontend' (postprocessing may move to the engine)"
+        ),
+        example={"preprocessing": "engine"},
+    ),
+    CombinationRule(
+        knobs=("routing", "migration_limit"),
+        applies=lambda c: c.routing == "query_only" and c.migration_limit > 0,
+        message=lambda c: (
+            f"routing='query_only' with migration_limit={c.migration_limit}: a query-only "
+            "pipeline never executes a request, so there is no stream to migrate; set "
+            "migration_limit=0 or routing='discover'"
+        ),
+        example={"routing": "query_only", "migration_limit": 1},
+    ),
+    CombinationRule(
+        knobs=("routing", "migration_limit"),
+        applies=lambda c: c.routing == "direct_to_known" and c.migration_limit > 0,
+        message=lambda c: (
+            f"routing='direct_to_known' with migration_limit={c.migration_limit}: a migrated "
+            "request needs a new worker, but this mode forbids selection; set migration_limit=0 "
+            "or routing='discover'"
+        ),
+        example={"routing": "direct_to_known", "migration_limit": 3},
+    ),
+    CombinationRule(
+        knobs=("routing", "router_mode"),
+        applies=lambda c: (
+            c.routing == "direct_to_known"
+            and c.router_mode not in ("round_robin", "direct_from_request")
+        ),
+        message=lambda c: (
+            f"routing='direct_to_known' with router_mode={c.router_mode!r}: this routing mode "
+            "never selects a worker (each request names its own), so a selection policy would "
+            "be silently ignored; remove router_mode (or set 'direct_from_request'), or use "
+            "routing='discover' to select with it"
+        ),
+        example={"routing": "direct_to_known", "router_mode": "kv"},
+    ),
+    CombinationRule(
+        knobs=("routing", "router_mode"),
+        applies=lambda c: c.routing != "direct_to_known" and c.router_mode == "direct_from_request",
+        message=lambda c: (
+            f"routing={c.routing!r} with router_mode='direct_from_request': "
+            + (
+                "a query-only answer would only echo the caller's own worker ids back"
+                if c.routing == "query_only"
+                else "taking every request's workers from the request is what "
+                "routing='direct_to_known' does, and discover mode refuses client-chosen ids"
+            )
+            + "; set routing='direct_to_known', or pick a selecting router_mode "
+            f"({', '.join(SELECTING_ROUTER_MODES)})"
+        ),
+        example={"router_mode": "direct_from_request"},
+    ),
+    CombinationRule(
+        knobs=("router_mode", "direct_worker_id"),
+        applies=lambda c: c.router_mode == "direct" and c.direct_worker_id is None,
+        message=lambda c: (
+            "router_mode='direct' without direct_worker_id: the direct policy sends every "
+            "request to one fixed worker, and none is named; set direct_worker_id=<worker id>"
+        ),
+        example={"router_mode": "direct"},
+    ),
+    CombinationRule(
+        knobs=("router_mode", "direct_worker_id"),
+        applies=lambda c: c.router_mode != "direct" and c.direct_worker_id is not None,
+        message=lambda c: (
+            f"direct_worker_id={c.direct_worker_id} with router_mode={c.router_mode!r}: the "
+            "fixed worker is only used by router_mode='direct', so it would be silently "
+            "ignored; set router_mode='direct' or remove direct_worker_id"
+        ),
+        example={"direct_worker_id": 3},
+    ),
+    CombinationRule(
+        knobs=("router_mode", "migration_limit"),
+        applies=lambda c: c.router_mode == "direct" and c.migration_limit > 0,
+        message=lambda c: (
+            f"router_mode='direct' with migration_limit={c.migration_limit}: a migrated request "
+            "must continue on a different worker, and this policy only ever picks "
+            f"direct_worker_id={c.direct_worker_id}; set migration_limit=0, or a policy that "
+            "selects among workers (round_robin, random, kv)"
+        ),
+        example={"router_mode": "direct", "direct_worker_id": 1, "migration_limit": 2},
+    ),
+    CombinationRule(
+        knobs=("migration_limit", "migration_max_seq_len"),
+        applies=lambda c: c.migration_limit == 0 and c.migration_max_seq_len is not None,
+        message=lambda c: (
+            f"migration_max_seq_len={c.migration_max_seq_len} with migration_limit=0: the "
+            "length cap only limits migration, which is off; set migration_limit > 0 or "
+            "remove migration_max_seq_len"
+        ),
+        example={"migration_max_seq_len": 4096},
+    ),
+    CombinationRule(
+        knobs=("routing", "allow_request_worker_ids"),
+        applies=lambda c: c.routing != "discover" and c.allow_request_worker_ids,
+        message=lambda c: (
+            f"allow_request_worker_ids=True with routing={c.routing!r}: the switch only "
+            "governs whether routing='discover' honours worker ids sent by clients ("
+            "direct_to_known always requires them; query_only selects for the caller); "
+            "remove allow_request_worker_ids or set routing='discover'"
+        ),
+        example={"routing": "query_only", "allow_request_worker_ids": True},
+    ),
+)

@@ -1,0 +1,90 @@
+"""The exception types every part of interlock raises.
+
+Each is narrow on purpose: a caller can tell a bad request from a bad configuration from a worker
+that went away, and the message says what was wrong and what to change.
+"""
+
+from __future__ import annotations
+
+
+class InterlockError(Exception):
+    """Base class of every error interlock raises on purpose."""
+
+
+class ConfigError(InterlockError, ValueError):
+    """An invalid configuration: a bad value, an unknown key, or knobs that cannot go together.
+
+    Raised by `PipelineConfig` construction and loading, `PipelineConfig.validate` and
+    `build_pipeline`, always before anything starts. ``knobs`` names the settings involved.
+    """
+
+    def __init__(self, message: str, *, knobs: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.knobs = knobs
+
+
+class RequestError(InterlockError, ValueError):
+    """A request that cannot be served as given; ``field`` names the offending field.
+
+    Raised before any worker sees the request, so nothing else is disturbed.
+    """
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NoWorkersAvailable(InterlockError):
+    """No registered worker can take the request (none registered, or every one excluded).
+
+    An HTTP frontend maps this to 503: the request was fine, the cluster was not ready.
+    """
+
+
+class EngineError(InterlockError):
+    """A worker failed to serve a request. ``worker_id`` names it."""
+
+    def __init__(self, message: str, *, worker_id: int) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+
+
+class WorkerGone(EngineError):
+    """A stream broke before its final output: the worker crashed, disconnected or stalled.
+
+    Migration handles it when enabled; otherwise (or once the limit is spent) it reaches the
+    caller after every token that did arrive.
+    """
+
+
+class WorkerRefused(EngineError):
+    """A worker refused to open a new stream (draining, overloaded, or down).
+
+    Nothing was generated, so the request may be sent elsewhere.
+    """
+
+
+class PrefillFailed(InterlockError):
+    """The prefill leg of a disaggregated request failed under ``enforce_disagg=True``,
+    or no prefill worker was available for it."""
+
+
+class ActorCrashed(InterlockError):
+    """An actor crashed while handling this message; the supervisor is restarting it.
+
+    ``__cause__`` is the actor's original error.
+    """
+
+
+class PipelineClosed(InterlockError):
+    """The pipeline (or the actor asked) has shut down; no new work is accepted."""
+
+
+class IllegalTransition(InterlockError):
+    """A request tried a transition its mode's graph does not have. This is always a bug."""
+
+    def __init__(self, message: str, *, request_id: str, state: str, trigger: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.state = state
+        self.trigger = trigger

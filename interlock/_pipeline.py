@@ -1,0 +1,660 @@
+"""`build_pipeline` and `Pipeline`: requests in, routed and executed under their mode's graph."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from ._config import PipelineConfig
+from ._errors import (
+    ActorCrashed,
+    ConfigError,
+    EngineError,
+    InterlockError,
+    PipelineClosed,
+    RequestError,
+    WorkerGone,
+    WorkerRefused,
+)
+from .actors import (
+    FALL_BACK,
+    DirectPolicy,
+    DisaggOrchestrator,
+    DiscoveryActor,
+    Free,
+    GetLoad,
+    MigrationActor,
+    MigrationPlan,
+    PlanSplit,
+    PrefillComplete,
+    PrefillLegFailed,
+    RandomPolicy,
+    RestartPolicy,
+    RoundRobinPolicy,
+    RouterActor,
+    Select,
+    Selection,
+    SelectionPolicy,
+    StreamBroke,
+    Supervisor,
+    WorkerLoad,
+)
+from .actors._runtime import ActorRef
+from .discovery import EmbeddedRegistry
+from .engines import Engine
+from .processing._token_stops import TokenStops, engine_leg_request
+from .statemachines import (
+    JsonlSink,
+    MemoryLog,
+    Mode,
+    RequestFsm,
+    TransitionLog,
+    TransitionSink,
+    Trigger,
+    mode_for,
+)
+from .wire import EngineOutput, PrefillResult, PreprocessedRequest, RoutingDecision, Usage
+
+
+@attrs.frozen(kw_only=True)
+class Components:
+    """The parts a pipeline is built from. The pipeline takes ownership: it runs each engine
+    in its own nursery and stops it when it closes.
+
+    ``workers`` serve aggregated requests and decode legs (role ``agg`` or ``decode``);
+    ``prefill_workers`` serve prefill legs (role ``prefill``). ``transition_sinks`` receive
+    every transition record besides the in-memory log.
+    """
+
+    workers: Sequence[Engine] = attrs.field(default=(), converter=tuple)
+    prefill_workers: Sequence[Engine] = attrs.field(default=(), converter=tuple)
+    transition_sinks: Sequence[TransitionSink] = attrs.field(default=(), converter=tuple)
+
+
+@attrs.define
+class PipelineStats:
+    """Counters since the pipeline opened."""
+
+    requests: int = 0
+    queries: int = 0
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    disaggregated: int = 0
+    migrations: int = 0
+    fallbacks: int = 0
+
+
+def build_pipeline(
+    config: PipelineConfig, components: Components | None = None
+) -> AbstractAsyncContextManager[Pipeline]:
+    """Check ``config`` and ``components`` now; return the context that runs the pipeline.
+
+    Entering starts the engines and the supervised actors (Discovery, Router,
+    DisaggOrchestrator, Migration when enabled); leaving cancels them, breaking any stream
+    still open.
+
+    Raises:
+        ConfigError: an invalid combination of knobs, or components that do not fit them
+            (raised by this call, before anything starts).
+    """
+    config.validate()
+    parts = components if components is not None else Components()
+    _check_components(config, parts)
+    return _open_pipeline(config, parts)
+
+
+def _check_components(config: PipelineConfig, components: Components) -> None:
+    seen: dict[int, str] = {}
+    for group, engines, allowed in (
+        ("workers", components.workers, ("agg", "decode")),
+        ("prefill_workers", components.prefill_workers, ("prefill",)),
+    ):
+        for index, engine in enumerate(engines):
+            where = f"Components.{group}[{index}]"
+            if not isinstance(engine, Engine):
+                raise ConfigError(
+                    f"{where} is a {type(engine).__name__}, not an Engine (it needs "
+                    "instance_id, role, run, open_stream, add_listener and snapshot)",
+                    knobs=(group,),
+                )
+            if engine.role not in allowed:
+                raise ConfigError(
+                    f"{where} has role {engine.role!r}; {group} take role "
+                    + " or ".join(map(repr, allowed)),
+                    knobs=(group,),
+                )
+            if engine.instance_id in seen:
+                raise ConfigError(
+                    f"{where} has instance_id {engine.instance_id}, already used by "
+                    f"{seen[engine.instance_id]}; every worker needs its own id",
+                    knobs=(group,),
+                )
+            seen[engine.instance_id] = where
+            block_size = getattr(engine, "block_size", config.kv_block_size)
+            if config.router_mode == "kv" and block_size != config.kv_block_size:
+                raise ConfigError(
+                    f"{where} pages its KV cache in blocks of {block_size} tokens but "
+                    f"kv_block_size={config.kv_block_size}; prefix matches would never be "
+                    f"found; set kv_block_size={block_size}",
+                    knobs=("kv_block_size",),
+                )
+
+
+def _make_policy(config: PipelineConfig) -> SelectionPolicy:
+    mode = config.effective_router_mode
+    if mode == "random":
+        return RandomPolicy(config.router_seed)
+    if mode == "direct":
+        assert config.direct_worker_id is not None
+        return DirectPolicy(config.direct_worker_id)
+    if mode == "kv":
+        from .kv import KvPolicy  # type: ignore[attr-defined]
+
+        return KvPolicy(config)  # type: ignore[no-any-return]
+    # round_robin; direct_from_request never consults its policy (every leg is preselected).
+    return RoundRobinPolicy()
+
+
+@asynccontextmanager
+async def _open_pipeline(config: PipelineConfig, components: Components) -> AsyncIterator[Pipeline]:
+    mode = mode_for(config.routing, config.migration_limit, config.enforce_disagg)
+    memory = MemoryLog(config.transition_log_capacity)
+    sinks: list[TransitionSink] = list(components.transition_sinks)
+    jsonl = JsonlSink(config.transition_log_path) if config.transition_log_path else None
+    if jsonl is not None:
+        sinks.append(jsonl)
+    log = TransitionLog(memory, sinks)
+    registry = EmbeddedRegistry()
+    policy = RestartPolicy(
+        max_restarts=config.actor_max_restarts,
+        window=config.actor_restart_window,
+        backoff=config.actor_restart_backoff,
+    )
+    async with trio.open_nursery() as nursery:
+        if jsonl is not None:
+            await nursery.start(jsonl.serve)
+        for engine in (*components.workers, *components.prefill_workers):
+            await nursery.start(_run_engine, engine)
+            registry.register(engine)
+        supervisor = Supervisor(nursery, policy)
+        subscribers: list[ActorRef[Any]] = []
+        discovery = supervisor.start_actor(
+            lambda: DiscoveryActor(registry, subscribers), "discovery"
+        )
+        router = supervisor.start_actor(
+            lambda: RouterActor(_make_policy(config), discovery, block_size=config.kv_block_size),
+            "router",
+        )
+        disagg = supervisor.start_actor(
+            lambda: DisaggOrchestrator(
+                mode, enforce_disagg=config.enforce_disagg, discovery=discovery
+            ),
+            "disagg",
+        )
+        subscribers += [router, disagg]
+        migration = None
+        if mode.migration:
+            migration = supervisor.start_actor(
+                lambda: MigrationActor(config.migration_limit, config.migration_max_seq_len),
+                "migration",
+            )
+        pipeline = Pipeline(
+            config=config,
+            mode=mode,
+            log=log,
+            memory=memory,
+            registry=registry,
+            supervisor=supervisor,
+            nursery=nursery,
+            actors={"discovery": discovery, "router": router, "disagg": disagg}
+            | ({"migration": migration} if migration is not None else {}),
+        )
+        try:
+            yield pipeline
+        finally:
+            pipeline._closed = True
+            nursery.cancel_scope.cancel()
+
+
+async def _run_engine(engine: Engine, *, task_status: trio.TaskStatus[None]) -> None:
+    await engine.run(task_status=task_status)
+
+
+class Pipeline:
+    """A running pipeline. Get one from `build_pipeline`; use it from any task.
+
+    Requests never share mutable state: each `generate` or `query` call owns its request's
+    state machine and talks to the actors.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: PipelineConfig,
+        mode: Mode,
+        log: TransitionLog,
+        memory: MemoryLog,
+        registry: EmbeddedRegistry,
+        supervisor: Supervisor,
+        nursery: trio.Nursery,
+        actors: dict[str, ActorRef[Any]],
+    ) -> None:
+        self.config = config
+        self.mode = mode
+        self.stats = PipelineStats()
+        self.supervisor = supervisor
+        #: Refs of the running actors by name (for fault injection: ``crash_nowait``).
+        self.actors = actors
+        self._log = log
+        self._memory = memory
+        self._registry = registry
+        self._nursery = nursery
+        self._router = actors["router"]
+        self._disagg = actors["disagg"]
+        self._migration = actors.get("migration")
+        self._in_flight: set[str] = set()
+        self._ids = itertools.count()
+        self._closed = False
+        self._frontend_post = config.postprocessing == "frontend"
+        self._idle_timeout = config.engine_idle_timeout
+
+    # -- public surface ---------------------------------------------------------------------
+
+    @property
+    def transition_log(self) -> MemoryLog:
+        """Every request's transition records (the newest ``transition_log_capacity``)."""
+        return self._memory
+
+    @property
+    def in_flight(self) -> int:
+        """Requests started and not yet ended."""
+        return len(self._in_flight)
+
+    @property
+    def workers(self) -> dict[int, Engine]:
+        """The routable workers now, by id."""
+        return dict(self._registry.snapshot())
+
+    async def add_worker(self, engine: Engine) -> None:
+        """Start ``engine`` in the pipeline's nursery and make it routable.
+
+        Raises:
+            ValueError: its instance id is taken.
+        """
+        self._ensure_open()
+        if engine.instance_id in self._registry.snapshot():
+            raise ValueError(f"worker id {engine.instance_id} is already registered")
+        await self._nursery.start(_run_engine, engine)
+        self._registry.register(engine)
+
+    def remove_worker(self, worker_id: int) -> None:
+        """Stop routing to ``worker_id``. Its open streams carry on to their end."""
+        self._registry.deregister(worker_id)
+
+    async def load(self) -> dict[int, WorkerLoad]:
+        """The load the router has booked per worker (workers with none are left out)."""
+        result: dict[int, WorkerLoad] = await self._router.ask(GetLoad())
+        return result
+
+    async def query(self, request: PreprocessedRequest) -> RoutingDecision:
+        """Select workers for ``request`` without running it or booking any load.
+
+        Returns the decision: prompt tokens, decode and prefill worker ids (equal when
+        aggregated). Waits only for the actors.
+
+        Raises:
+            RequestError: a bad field (e.g. an unknown worker id).
+            NoWorkersAvailable: no worker can take it.
+            PrefillFailed: ``enforce_disagg`` and no prefill worker.
+        """
+        self._ensure_open()
+        request_id = self._claim(request)
+        self.stats.queries += 1
+        fsm = RequestFsm(request_id, self.mode, self._log)
+        try:
+            self._check_hints(request)
+            fsm.fire(Trigger.PREPROCESS)
+            plan = await self._disagg.ask(PlanSplit(request, request_id))
+            selection = await self._select(
+                Select(
+                    request,
+                    request_id,
+                    plan.disaggregated,
+                    track=False,
+                    enforce_disagg=self.config.enforce_disagg,
+                )
+            )
+            decision = selection.decision
+            fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
+            fsm.fire(Trigger.ANSWER, worker_id=decision.decode_worker_id)
+            self.stats.done += 1
+            return decision
+        except BaseException as exc:
+            self._end_abnormally(fsm, exc)
+            raise
+        finally:
+            self._in_flight.discard(request_id)
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        """Route and run ``request``; yield its outputs as they arrive, the last one with a
+        ``finish_reason`` and ``usage``.
+
+        Each generated token is yielded exactly once, in order, across migrations. Leaving
+        the iteration early (or cancelling the task) cancels the request on its worker and
+        frees its load.
+
+        Raises:
+            RequestError: a bad field, or any request in a query_only pipeline.
+            NoWorkersAvailable: no worker can take it (none registered, or all excluded).
+            WorkerGone, WorkerRefused: its worker failed and migration was off or spent.
+            PrefillFailed: ``enforce_disagg`` and the prefill leg could not run.
+        """
+        self._ensure_open()
+        if not self.mode.executes:
+            raise RequestError(
+                "this pipeline has routing='query_only': nothing executes here; call "
+                "pipeline.query(request), or build a pipeline with routing='discover'",
+                field="routing",
+            )
+        request_id = self._claim(request)
+        self.stats.requests += 1
+        fsm = RequestFsm(request_id, self.mode, self._log)
+        hints = request.routing
+        track = hints is None or hints.enable_local_updates is not False
+        stops = TokenStops(request, enforce=self._frontend_post)
+        router = self._router
+        try:
+            self._check_hints(request)
+            fsm.fire(Trigger.PREPROCESS)
+            if request.request_id != request_id:
+                request = attrs.evolve(request, request_id=request_id)
+            attempt = request
+            exclude: frozenset[int] = frozenset()
+            generated: list[int] = []
+            migrations = 0
+            cached_tokens = 0
+            while True:
+                plan = await self._disagg.ask(PlanSplit(attempt, request_id))
+                selection = await self._select(
+                    Select(
+                        attempt,
+                        request_id,
+                        plan.disaggregated,
+                        exclude,
+                        track,
+                        self.config.enforce_disagg,
+                    )
+                )
+                decision = selection.decision
+                fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
+                prefill_result: PrefillResult | None = None
+                if decision.disaggregated:
+                    self.stats.disaggregated += 1
+                    prefill_result, selection = await self._run_prefill(
+                        fsm, attempt, request_id, selection, exclude, track
+                    )
+                    if prefill_result is not None:
+                        cached_tokens = prefill_result.cached_tokens
+                engine = selection.decode_engine
+                worker_id = engine.instance_id
+                leg_request = engine_leg_request(
+                    attempt
+                    if prefill_result is None
+                    else attrs.evolve(attempt, prefill_result=prefill_result),
+                    frontend_postprocessing=self._frontend_post,
+                )
+                fsm.fire(Trigger.START_DECODE, worker_id=worker_id)
+                try:
+                    async with engine.open_stream(leg_request) as stream:
+                        first = prefill_result is None
+                        while True:
+                            output = await self._receive(stream, worker_id)
+                            if first and output.token_ids:
+                                first = False
+                                if track:
+                                    router.send_nowait(PrefillComplete(request_id))
+                            if output.usage is not None and output.usage.cached_tokens:
+                                cached_tokens = output.usage.cached_tokens
+                            passed = stops.process(output)
+                            if passed is None:
+                                continue
+                            generated.extend(passed.token_ids)
+                            if passed.finish_reason is not None:
+                                final = attrs.evolve(
+                                    passed,
+                                    usage=Usage(
+                                        prompt_tokens=len(request.token_ids),
+                                        completion_tokens=stops.count,
+                                        cached_tokens=cached_tokens,
+                                    ),
+                                )
+                                # Record the end before handing over the last output: a caller
+                                # may stop iterating as soon as it sees a finish_reason.
+                                fsm.fire(Trigger.FINISH, worker_id=worker_id)
+                                self.stats.done += 1
+                                yield final
+                                return
+                            yield passed
+                except (WorkerGone, WorkerRefused) as exc:
+                    remaining = (
+                        None
+                        if request.max_tokens is None
+                        else (request.max_tokens - len(generated))
+                    )
+                    if remaining == 0:
+                        # Every token arrived; only the final frame was lost.
+                        fsm.fire(Trigger.FINISH, worker_id=worker_id, detail=str(exc))
+                        self.stats.done += 1
+                        yield EngineOutput(
+                            finish_reason="length",
+                            usage=Usage(
+                                prompt_tokens=len(request.token_ids),
+                                completion_tokens=stops.count,
+                                cached_tokens=cached_tokens,
+                            ),
+                        )
+                        return
+                    plan_or_refusal = await self._migrate(
+                        request, request_id, generated, migrations, worker_id, exclude, exc
+                    )
+                    if plan_or_refusal is None:
+                        raise
+                    fsm.fire(
+                        Trigger.MIGRATE,
+                        worker_id=worker_id,
+                        decision=plan_or_refusal,
+                        detail=str(exc),
+                    )
+                    self.stats.migrations += 1
+                    migrations = plan_or_refusal.attempt
+                    exclude = plan_or_refusal.exclude
+                    attempt = plan_or_refusal.request
+        except BaseException as exc:
+            self._end_abnormally(fsm, exc)
+            raise
+        finally:
+            self._in_flight.discard(request_id)
+            if track:
+                router.send_nowait(Free(request_id))
+
+    # -- steps ------------------------------------------------------------------------------
+
+    async def _select(self, message: Select) -> Selection:
+        # A router that crashed on this very message is restarted by its supervisor; one
+        # retry covers that without looping on a message that crashes it every time.
+        try:
+            selection: Selection = await self._router.ask(message)
+        except ActorCrashed:
+            selection = await self._router.ask(message)
+        return selection
+
+    async def _run_prefill(
+        self,
+        fsm: RequestFsm,
+        attempt: PreprocessedRequest,
+        request_id: str,
+        selection: Selection,
+        exclude: frozenset[int],
+        track: bool,
+    ) -> tuple[PrefillResult | None, Selection]:
+        engine = selection.prefill_engine
+        assert engine is not None
+        worker_id = engine.instance_id
+        fsm.fire(Trigger.START_PREFILL, worker_id=worker_id)
+        leg = attrs.evolve(
+            attempt,
+            max_tokens=1,
+            min_tokens=0,
+            stop_token_ids=(),
+            eos_token_ids=(),
+            detokenize=False,
+        )
+        try:
+            result: PrefillResult | None = None
+            async with engine.open_stream(leg) as stream:
+                while True:
+                    output = await self._receive(stream, worker_id)
+                    if output.prefill_result is not None:
+                        result = output.prefill_result
+                    if output.finish_reason is not None:
+                        break
+            if result is None:
+                raise WorkerGone(
+                    f"prefill worker {worker_id} finished without handing over its KV "
+                    "(no prefill_result on its output)",
+                    worker_id=worker_id,
+                )
+        except (WorkerGone, WorkerRefused) as exc:
+            verdict = await self._disagg.ask(PrefillLegFailed(request_id, worker_id, str(exc)))
+            assert verdict == FALL_BACK
+            fallback = await self._select(
+                Select(attempt, request_id, False, exclude | {worker_id}, track)
+            )
+            fsm.fire(
+                Trigger.FALL_BACK,
+                worker_id=fallback.decision.decode_worker_id,
+                decision=fallback.decision,
+                detail=str(exc),
+            )
+            self.stats.fallbacks += 1
+            return None, fallback
+        fsm.fire(Trigger.FINISH_PREFILL, worker_id=worker_id)
+        if track:
+            self._router.send_nowait(PrefillComplete(request_id))
+        return result, selection
+
+    async def _receive(self, stream: AsyncIterator[EngineOutput], worker_id: int) -> EngineOutput:
+        timeout = self._idle_timeout
+        try:
+            if timeout is None:
+                return await stream.__anext__()
+            with trio.move_on_after(timeout):
+                return await stream.__anext__()
+        except StopAsyncIteration:
+            raise WorkerGone(
+                f"worker {worker_id} ended the stream without a final output",
+                worker_id=worker_id,
+            ) from None
+        raise WorkerGone(
+            f"worker {worker_id} sent nothing for engine_idle_timeout={timeout}s",
+            worker_id=worker_id,
+        )
+
+    async def _migrate(
+        self,
+        request: PreprocessedRequest,
+        request_id: str,
+        generated: list[int],
+        migrations: int,
+        worker_id: int,
+        exclude: frozenset[int],
+        error: EngineError,
+    ) -> MigrationPlan | None:
+        if self._migration is None:
+            return None
+        answer = await self._migration.ask(
+            StreamBroke(
+                request_id=request_id,
+                original=request,
+                generated=tuple(generated),
+                migrations_done=migrations,
+                worker_id=worker_id,
+                exclude=exclude,
+                error=str(error),
+            )
+        )
+        if isinstance(answer, MigrationPlan):
+            return answer
+        error.add_note(f"not migrated: {answer.reason}")
+        return None
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise PipelineClosed("the pipeline has been closed")
+
+    def _claim(self, request: PreprocessedRequest) -> str:
+        request_id = request.request_id
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif request_id in self._in_flight:
+            raise RequestError(
+                f"request_id {request_id!r} is already in flight; request ids must be unique "
+                "among running requests (or leave request_id unset)",
+                field="request_id",
+            )
+        self._in_flight.add(request_id)
+        return request_id
+
+    def _check_hints(self, request: PreprocessedRequest) -> None:
+        hints = request.routing
+        named = hints.names_a_worker() if hints is not None else None
+        routing = self.config.routing
+        if routing == "direct_to_known":
+            if hints is None or (
+                hints.backend_instance_id is None and hints.decode_worker_id is None
+            ):
+                raise RequestError(
+                    "routing='direct_to_known' needs the request to name its worker: set "
+                    "routing.backend_instance_id (or routing.decode_worker_id)",
+                    field="backend_instance_id",
+                )
+        elif named is not None:
+            if routing == "query_only":
+                raise RequestError(
+                    f"routing.{named} is not accepted by a routing='query_only' pipeline: it "
+                    "selects the workers itself; drop the field",
+                    field=named,
+                )
+            if not self.config.allow_request_worker_ids:
+                raise RequestError(
+                    f"routing.{named} is refused under routing='discover' so that clients "
+                    "cannot pin load onto a worker; drop the field, or set "
+                    "allow_request_worker_ids=True",
+                    field=named,
+                )
+
+    def _end_abnormally(self, fsm: RequestFsm, exc: BaseException) -> None:
+        if fsm.terminal:
+            return
+        if isinstance(exc, trio.Cancelled | GeneratorExit | KeyboardInterrupt):
+            fsm.fire(Trigger.CANCEL, detail=type(exc).__name__)
+            self.stats.cancelled += 1
+        else:
+            detail = f"{type(exc).__name__}: {exc}"
+            fsm.fire(
+                Trigger.FAIL,
+                worker_id=getattr(exc, "worker_id", None),
+                decision={"error": type(exc).__name__, "message": str(exc)}
+                if isinstance(exc, InterlockError)
+                else None,
+                detail=detail,
+            )
+            self.stats.failed += 1

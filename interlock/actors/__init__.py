@@ -1,0 +1,74 @@
+"""Supervised actors: the runtime, the supervisor, and the actors that make decisions
+(Router, DisaggOrchestrator, Migration, Discovery)."""
+
+from ._disagg import DisaggOrchestrator
+from ._discovery import DiscoveryActor
+from ._load import LoadLedger, WorkerLoad
+from ._messages import (
+    FALL_BACK,
+    Free,
+    GetLoad,
+    GetWorkers,
+    MigrationPlan,
+    MigrationRefused,
+    PlanSplit,
+    PrefillComplete,
+    PrefillLegFailed,
+    Select,
+    Selection,
+    SplitPlan,
+    StreamBroke,
+    WorkersChanged,
+)
+from ._migration import MigrationActor
+from ._policies import (
+    DirectPolicy,
+    RandomPolicy,
+    RoundRobinPolicy,
+    SelectionPolicy,
+    WorkerView,
+    candidate_records,
+    replay_selection,
+)
+from ._router import PRESELECTION_FIELDS, RouterActor
+from ._runtime import Actor, ActorRef, InjectedCrash, open_mailbox, run_actor
+from ._supervisor import RestartEvent, RestartPolicy, Supervisor
+
+__all__ = [
+    "FALL_BACK",
+    "PRESELECTION_FIELDS",
+    "Actor",
+    "ActorRef",
+    "DirectPolicy",
+    "DisaggOrchestrator",
+    "DiscoveryActor",
+    "Free",
+    "GetLoad",
+    "GetWorkers",
+    "InjectedCrash",
+    "LoadLedger",
+    "MigrationActor",
+    "MigrationPlan",
+    "MigrationRefused",
+    "PlanSplit",
+    "PrefillComplete",
+    "PrefillLegFailed",
+    "RandomPolicy",
+    "RestartEvent",
+    "RestartPolicy",
+    "RoundRobinPolicy",
+    "RouterActor",
+    "Select",
+    "Selection",
+    "SelectionPolicy",
+    "SplitPlan",
+    "StreamBroke",
+    "Supervisor",
+    "WorkerLoad",
+    "WorkerView",
+    "WorkersChanged",
+    "candidate_records",
+    "open_mailbox",
+    "replay_selection",
+    "run_actor",
+]

@@ -1,0 +1,128 @@
+"""The messages actors exchange. Plain frozen data; behaviour stays in the actor that owns it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+from ..engines import Engine
+from ..wire import PreprocessedRequest, RoutingDecision
+
+
+# -- Discovery ---------------------------------------------------------------------------------
+@attrs.frozen
+class GetWorkers:
+    """Ask Discovery for the routable workers now; the reply is ``Mapping[int, Engine]``."""
+
+
+@attrs.frozen
+class WorkersChanged:
+    """Discovery tells its subscribers the full membership after every change."""
+
+    workers: Mapping[int, Engine]
+
+
+# -- DisaggOrchestrator ------------------------------------------------------------------------
+@attrs.frozen
+class PlanSplit:
+    """Ask whether ``request`` runs disaggregated; the reply is a `SplitPlan`."""
+
+    request: PreprocessedRequest
+    request_id: str
+
+
+@attrs.frozen
+class SplitPlan:
+    disaggregated: bool
+    reason: str
+
+
+@attrs.frozen
+class PrefillLegFailed:
+    """Tell the orchestrator a prefill leg failed; it replies `FALL_BACK` or raises
+    `PrefillFailed`."""
+
+    request_id: str
+    worker_id: int
+    error: str
+
+
+FALL_BACK = "fall_back"
+
+
+# -- Router ------------------------------------------------------------------------------------
+@attrs.frozen
+class Select:
+    """Ask the Router for workers; the reply is a `Selection`.
+
+    ``track``: record the request's load against the chosen workers (a later `Free` releases
+    it); a request already tracked has its old entries replaced. ``exclude``: workers that must
+    not be chosen (they broke this request's stream before).
+    """
+
+    request: PreprocessedRequest
+    request_id: str
+    disaggregated: bool
+    exclude: frozenset[int] = frozenset()
+    track: bool = True
+    enforce_disagg: bool = False
+
+
+@attrs.frozen
+class Selection:
+    decision: RoutingDecision
+    decode_engine: Engine
+    prefill_engine: Engine | None = None
+
+
+@attrs.frozen
+class PrefillComplete:
+    """The request's prompt has been processed: its prefill load is released."""
+
+    request_id: str
+
+
+@attrs.frozen
+class Free:
+    """The request is over: release everything tracked for it (no-op when unknown)."""
+
+    request_id: str
+
+
+@attrs.frozen
+class GetLoad:
+    """Ask the Router for every worker's tracked load: ``dict[int, WorkerLoad]``."""
+
+
+# -- Migration ---------------------------------------------------------------------------------
+@attrs.frozen
+class StreamBroke:
+    """Ask the Migration actor whether to continue a broken stream elsewhere.
+
+    The reply is a `MigrationPlan` or a `MigrationRefused`.
+    """
+
+    request_id: str
+    original: PreprocessedRequest
+    generated: tuple[int, ...]
+    migrations_done: int
+    worker_id: int
+    exclude: frozenset[int]
+    error: str
+
+
+@attrs.frozen
+class MigrationPlan:
+    """Continue with ``request`` (the original prompt plus every generated token, max_tokens
+    lowered by as many), away from every worker in ``exclude``."""
+
+    request: PreprocessedRequest
+    attempt: int
+    exclude: frozenset[int]
+    folded_tokens: int
+
+
+@attrs.frozen
+class MigrationRefused:
+    reason: str

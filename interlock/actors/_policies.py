@@ -1,0 +1,148 @@
+"""Selection policies: how the Router picks one worker for one leg.
+
+A policy is synchronous and owned by the Router actor. It returns a `SelectionRecord` listing
+every candidate with its load terms, the choice, and the inputs that make the choice
+replayable with `replay_selection`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+
+from .._errors import NoWorkersAvailable
+from ..wire import CandidateRecord, Leg, PreprocessedRequest, SelectionRecord
+from ._load import WorkerLoad
+
+
+@attrs.frozen(slots=True)
+class WorkerView:
+    """A candidate as a policy sees it: its id and its booked load."""
+
+    worker_id: int
+    load: WorkerLoad
+
+
+class SelectionPolicy(Protocol):
+    """Chooses one of ``candidates`` (never empty, sorted by worker id) for ``leg``."""
+
+    name: str
+
+    def choose(
+        self, leg: Leg, candidates: Sequence[WorkerView], request: PreprocessedRequest
+    ) -> SelectionRecord: ...
+
+
+def candidate_records(candidates: Sequence[WorkerView]) -> tuple[CandidateRecord, ...]:
+    return tuple(
+        CandidateRecord(
+            worker_id=c.worker_id,
+            prefill_tokens=c.load.prefill_tokens,
+            decode_blocks=c.load.active_blocks,
+            active_requests=c.load.active_requests,
+        )
+        for c in candidates
+    )
+
+
+class RoundRobinPolicy:
+    """Each leg kind (prefill; agg and decode) cycles through its pool in worker-id order."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._cursors: dict[str, int] = {}
+
+    def choose(
+        self, leg: Leg, candidates: Sequence[WorkerView], request: PreprocessedRequest
+    ) -> SelectionRecord:
+        pool = "prefill" if leg == "prefill" else "decode"
+        cursor = self._cursors.get(pool, 0)
+        self._cursors[pool] = cursor + 1
+        chosen = candidates[cursor % len(candidates)].worker_id
+        return SelectionRecord(
+            leg=leg,
+            policy=self.name,
+            chosen=chosen,
+            candidates=candidate_records(candidates),
+            reason=f"next in turn (cursor {cursor} over {len(candidates)} workers)",
+            inputs={"cursor": cursor},
+        )
+
+
+class RandomPolicy:
+    """Uniformly random, from a seeded generator (``router_seed``)."""
+
+    name = "random"
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(
+        self, leg: Leg, candidates: Sequence[WorkerView], request: PreprocessedRequest
+    ) -> SelectionRecord:
+        draw = self._rng.random()
+        chosen = candidates[int(draw * len(candidates))].worker_id
+        return SelectionRecord(
+            leg=leg,
+            policy=self.name,
+            chosen=chosen,
+            candidates=candidate_records(candidates),
+            reason=f"uniform draw {draw:.6f} over {len(candidates)} workers",
+            inputs={"draw": draw},
+        )
+
+
+class DirectPolicy:
+    """Every agg/decode leg goes to ``worker_id``; prefill legs take turns (round robin),
+    since one fixed worker cannot serve both roles."""
+
+    name = "direct"
+
+    def __init__(self, worker_id: int) -> None:
+        self.worker_id = worker_id
+        self._prefill = RoundRobinPolicy()
+
+    def choose(
+        self, leg: Leg, candidates: Sequence[WorkerView], request: PreprocessedRequest
+    ) -> SelectionRecord:
+        if leg == "prefill":
+            return self._prefill.choose(leg, candidates, request)
+        if not any(c.worker_id == self.worker_id for c in candidates):
+            raise NoWorkersAvailable(
+                f"router_mode='direct' sends every request to direct_worker_id="
+                f"{self.worker_id}, which is not registered (or was excluded); registered: "
+                f"{[c.worker_id for c in candidates]}"
+            )
+        return SelectionRecord(
+            leg=leg,
+            policy=self.name,
+            chosen=self.worker_id,
+            candidates=candidate_records(candidates),
+            reason=f"direct_worker_id={self.worker_id}",
+            inputs={"worker_id": self.worker_id},
+        )
+
+
+def replay_selection(record: SelectionRecord) -> int:
+    """Recompute the worker a `SelectionRecord` chose, from its inputs and candidates.
+
+    Raises:
+        ValueError: the record's policy is unknown or its inputs are incomplete.
+    """
+    ids = [c.worker_id for c in record.candidates]
+    inputs = record.inputs
+    if record.policy == "round_robin" and "cursor" in inputs:
+        return ids[int(inputs["cursor"]) % len(ids)]
+    if record.policy == "random" and "draw" in inputs:
+        return ids[int(float(inputs["draw"]) * len(ids))]
+    if record.policy in ("direct", "preselected") and "worker_id" in inputs:
+        return int(inputs["worker_id"])
+    if record.policy == "kv":
+        from ..kv import replay_kv_selection  # type: ignore[attr-defined]
+
+        return int(replay_kv_selection(record))
+    raise ValueError(f"cannot replay a {record.policy!r} selection with inputs {inputs!r}")

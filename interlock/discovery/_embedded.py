@@ -1,0 +1,89 @@
+"""`EmbeddedRegistry`: worker membership kept in-process (the default; etcd comes later).
+
+The registry is the source of truth, as etcd would be: the Discovery actor watches it and can
+re-read it after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from ..engines import Engine
+from ..wire import WorkerJoined, WorkerLeft
+
+Watcher = Callable[[Mapping[int, Engine]], None]
+
+
+class EmbeddedRegistry:
+    """Which engines are registered, by instance id, with change notification.
+
+    An engine that publishes `WorkerLeft` / `WorkerJoined` (a `MockEngine` that crashes,
+    leaves or rejoins) is removed and re-added automatically.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[int, Engine] = {}
+        self._present: dict[int, Engine] = {}
+        self._watchers: list[Watcher] = []
+        self._removers: dict[int, Callable[[], None]] = {}
+
+    def register(self, engine: Engine) -> None:
+        """Add ``engine``; it becomes routable at once.
+
+        Raises:
+            ValueError: another engine already has its instance id.
+        """
+        worker_id = engine.instance_id
+        existing = self._known.get(worker_id)
+        if existing is not None and existing is not engine:
+            raise ValueError(
+                f"worker id {worker_id} is already registered to {existing!r}; "
+                "every worker needs its own instance_id"
+            )
+        self._known[worker_id] = engine
+        if worker_id not in self._removers:
+            self._removers[worker_id] = engine.add_listener(
+                lambda event, _e=engine: self._on_event(_e, event)
+            )
+        if getattr(engine, "registered", True):
+            self._present[worker_id] = engine
+            self._notify()
+
+    def deregister(self, worker_id: int) -> None:
+        """Remove a worker for good (no-op when unknown)."""
+        self._known.pop(worker_id, None)
+        remover = self._removers.pop(worker_id, None)
+        if remover is not None:
+            remover()
+        if self._present.pop(worker_id, None) is not None:
+            self._notify()
+
+    def snapshot(self) -> Mapping[int, Engine]:
+        """The routable workers now (a read-only copy)."""
+        return MappingProxyType(dict(self._present))
+
+    def watch(self, watcher: Watcher) -> Callable[[], None]:
+        """Call ``watcher(snapshot)`` after every change; returns a function that stops it."""
+        self._watchers.append(watcher)
+
+        def stop() -> None:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+        return stop
+
+    def _on_event(self, engine: Engine, event: Any) -> None:
+        worker_id = engine.instance_id
+        if isinstance(event, WorkerLeft):
+            if self._present.pop(worker_id, None) is not None:
+                self._notify()
+        elif isinstance(event, WorkerJoined) and worker_id in self._known:
+            self._present[worker_id] = engine
+            self._notify()
+
+    def _notify(self) -> None:
+        snapshot = self.snapshot()
+        for watcher in list(self._watchers):
+            watcher(snapshot)

@@ -1,0 +1,110 @@
+"""The built-in byte-level tokenizer: needs no files, round-trips any text."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import ClassVar, Final, final
+
+from ._chat_template import ChatTemplate
+from ._errors import TokenizerError
+from ._tokenizer import check_ids
+
+__all__ = ["ByteTokenizer"]
+
+_BYTE_TOKEN: Final = re.compile(r"<0x([0-9A-F]{2})>")
+
+
+@final
+class ByteTokenizer:
+    """Ids 0..255 are the UTF-8 bytes of the text; ChatML special tokens follow at 256..258.
+
+    The default tokenizer when none is configured, and a predictable one for tests: every token
+    is one byte, so multi-byte characters always span several tokens. ``decode(encode(s),
+    skip_special_tokens=False) == s`` for every string; with the default
+    ``skip_special_tokens=True`` the special tokens' text is dropped, so only text without them
+    round-trips. Its chat template is the built-in ChatML one.
+    """
+
+    SPECIAL_TOKENS: ClassVar[Mapping[str, int]] = MappingProxyType(
+        {"<|im_start|>": 256, "<|im_end|>": 257, "<|endoftext|>": 258}
+    )
+    _SPECIAL_BY_ID: ClassVar[Mapping[int, bytes]] = MappingProxyType(
+        {i: text.encode() for text, i in SPECIAL_TOKENS.items()}
+    )
+    _SPECIAL_PATTERN: ClassVar[re.Pattern[str]] = re.compile(
+        "(" + "|".join(re.escape(text) for text in SPECIAL_TOKENS) + ")"
+    )
+    _TEMPLATE: ClassVar[ChatTemplate] = ChatTemplate.chatml(eos_token="<|im_end|>")
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self.SPECIAL_TOKENS)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """``<|im_end|>`` (end of a chat turn) and ``<|endoftext|>`` (end of a document)."""
+        return (self.SPECIAL_TOKENS["<|im_end|>"], self.SPECIAL_TOKENS["<|endoftext|>"])
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        return self._TEMPLATE
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Return the UTF-8 bytes of ``text``, with special-token text replaced by its id.
+
+        ``add_special_tokens`` has no effect: this tokenizer adds no BOS/EOS.
+
+        Raises:
+            TokenizerError: ``text`` holds a lone surrogate, which has no UTF-8 encoding.
+        """
+        ids: list[int] = []
+        # re.split with one capture group alternates plain text and special-token text.
+        for index, piece in enumerate(self._SPECIAL_PATTERN.split(text)):
+            if index % 2:
+                ids.append(self.SPECIAL_TOKENS[piece])
+                continue
+            try:
+                ids.extend(piece.encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                raise TokenizerError(
+                    f"cannot encode text: {exc.reason} at character {exc.start} of a piece; "
+                    "lone surrogates are not valid Unicode text"
+                ) from exc
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Return the text of ``ids``; invalid or incomplete UTF-8 decodes to U+FFFD.
+
+        Raises:
+            TokenizerError: an id is outside ``range(vocab_size)``.
+        """
+        try:
+            return bytes(ids).decode("utf-8", errors="replace")
+        except ValueError:
+            pass  # some id is >= 256: a special token, or out of range
+        check_ids(ids, self.vocab_size)
+        data = bytearray()
+        for token_id in ids:
+            if token_id < 256:
+                data.append(token_id)
+            elif not skip_special_tokens:
+                data += self._SPECIAL_BY_ID[token_id]
+        return data.decode("utf-8", errors="replace")
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """``"<0xHH>"`` for a byte (the SentencePiece byte-fallback spelling), else the special."""
+        if 0 <= token_id < 256:
+            return f"<0x{token_id:02X}>"
+        special = self._SPECIAL_BY_ID.get(token_id)
+        return None if special is None else special.decode()
+
+    def token_to_id(self, token: str) -> int | None:
+        match = _BYTE_TOKEN.fullmatch(token)
+        if match is not None:
+            return int(match.group(1), 16)
+        return self.SPECIAL_TOKENS.get(token)

@@ -1,0 +1,474 @@
+"""Chat templates: Hugging Face-style Jinja templates rendered in a sandbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, NoReturn, final
+
+import jinja2
+import jinja2.ext
+from jinja2 import nodes
+from jinja2.parser import Parser
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ._errors import ChatMessageError, ChatTemplateError
+
+__all__ = ["CHATML_TEMPLATE", "ChatTemplate", "load_chat_template"]
+
+# Classic ChatML, extended with the Hermes/Qwen tool format so tools and tool calls are rendered
+# rather than silently dropped. Without tools it renders exactly the old Hugging Face ChatML
+# default: "<|im_start|>{role}\n{content}<|im_end|>\n" per message.
+CHATML_TEMPLATE: Final = """\
+{%- set ns = namespace(system_done=false) %}
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+        {%- set ns.system_done = true %}
+    {%- endif %}
+    {{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\\n' + tool | tojson }}
+    {%- endfor %}
+    {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and ' }}
+    {{- 'arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n' }}
+    {{- '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (loop.first and ns.system_done) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content }}
+        {%- for tool_call in message.tool_calls or [] %}
+            {%- if not loop.first or message.content %}
+                {{- '\\n' }}
+            {%- endif %}
+            {%- set call = {'name': tool_call.function.name,
+                            'arguments': tool_call.function.arguments} %}
+            {{- '<tool_call>\\n' + call | tojson + '\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+_ROLES: Final = ("system", "user", "assistant", "tool")
+_MESSAGE_FIELDS: Final = frozenset(
+    {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
+)
+# Helpers the template relies on; a caller's template kwarg must not replace them.
+_RESERVED_KWARGS: Final = frozenset({"raise_exception", "strftime_now", "namespace"})
+# jinja2 names the source of a template built from a string "<template>"; traceback frames with
+# that file name are lines of the chat template.
+_TEMPLATE_FILENAME: Final = "<template>"
+
+
+class _TemplateRaised(Exception):
+    """The template called ``raise_exception``; carries the template's own message."""
+
+
+def _raise_exception(message: object) -> NoReturn:
+    raise _TemplateRaised(str(message))
+
+
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | str | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Hugging Face replaces jinja2's tojson, which HTML-escapes "<", ">", "&" and "'"; templates
+    # are written against HF's version, so prompts would change if we kept jinja2's.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accept HF's ``{% generation %}...{% endgeneration %}`` markers and render their body.
+
+    Hugging Face uses the markers to build assistant-token masks for training; serving only needs
+    the text, but templates that contain them must still compile.
+    """
+
+    tags = {"generation"}  # noqa: RUF012 - jinja2's Extension API defines this as a class set
+
+    def parse(self, parser: Parser) -> nodes.Node | list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _make_environment() -> ImmutableSandboxedEnvironment:
+    # The same settings as transformers' _compile_jinja_template, so a template renders here
+    # exactly as it does for `tokenizer.apply_chat_template`.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+_ENVIRONMENT: Final = _make_environment()
+
+
+def _template_line(exc: BaseException) -> int | None:
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        return exc.lineno
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == _TEMPLATE_FILENAME:
+            line = frame.lineno
+    return line
+
+
+@final
+class ChatTemplate:
+    """A compiled chat template that turns a list of chat messages into prompt text.
+
+    The template runs in jinja2's ``ImmutableSandboxedEnvironment`` with Hugging Face's
+    conventions: ``trim_blocks`` and ``lstrip_blocks``, the variables ``messages``, ``tools``,
+    ``add_generation_prompt``, ``bos_token`` and ``eos_token`` (when known), any extra template
+    kwargs (e.g. ``enable_thinking``), the helpers ``raise_exception`` and ``strftime_now``, and a
+    ``tojson`` filter that does not escape non-ASCII text or HTML characters. As in HF, an undefined
+    variable renders as empty text; using one in a way that needs a value is an error.
+
+    Raises:
+        ChatTemplateError: at construction, if the source does not compile.
+    """
+
+    __slots__ = ("_compiled", "bos_token", "eos_token", "name", "source")
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        name: str = "<string>",
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ) -> None:
+        self.source: Final = source
+        self.name: Final = name
+        self.bos_token: Final = bos_token
+        self.eos_token: Final = eos_token
+        try:
+            self._compiled = _ENVIRONMENT.from_string(source)
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(
+                f"chat template {name} does not compile: {exc} (template line "
+                f"{_template_line(exc)}); fix the template or configure another one"
+            ) from exc
+
+    @classmethod
+    def chatml(cls, *, eos_token: str | None = "<|im_end|>") -> ChatTemplate:
+        """Return the built-in ChatML template (see ``CHATML_TEMPLATE``)."""
+        return cls(CHATML_TEMPLATE, name="<built-in ChatML>", eos_token=eos_token)
+
+    def __repr__(self) -> str:
+        return f"ChatTemplate(name={self.name!r}, {len(self.source)} chars)"
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, object]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, object]] | None = None,
+        **template_kwargs: object,
+    ) -> str:
+        """Render ``messages`` (OpenAI chat format) to prompt text.
+
+        Messages are validated and normalised first: ``content`` that is a list of text parts is
+        joined with newlines (as vLLM does for text-only models), an assistant's missing or null
+        ``content`` becomes ``""``, and tool-call ``arguments`` given as a JSON string are parsed
+        into an object, which is what Hugging Face templates expect. The caller's objects are not
+        modified.
+
+        ``add_generation_prompt`` defaults to True (the OpenAI server default; HF's default is
+        False): the prompt ends with the opening of an assistant turn.
+
+        Returns:
+            The prompt text, special tokens included as text.
+
+        Raises:
+            ChatMessageError: a message, or ``tools``, has the wrong shape; ``field`` names it.
+            ChatTemplateError: the template rejected the conversation or failed while rendering,
+                or a template kwarg would replace one of the template helpers.
+        """
+        clean_messages = _validate_messages(messages)
+        clean_tools = _validate_tools(tools)
+        shadowed = _RESERVED_KWARGS.intersection(template_kwargs)
+        if shadowed:
+            raise ChatTemplateError(
+                f"template kwarg {sorted(shadowed)[0]!r} would replace a helper that chat "
+                "templates call; rename or drop it"
+            )
+        context: dict[str, object] = {}
+        if self.bos_token is not None:
+            context["bos_token"] = self.bos_token
+        if self.eos_token is not None:
+            context["eos_token"] = self.eos_token
+        context.update(template_kwargs)
+        context["messages"] = clean_messages
+        context["tools"] = clean_tools
+        context["add_generation_prompt"] = add_generation_prompt
+        try:
+            return self._compiled.render(context)
+        except _TemplateRaised as exc:
+            raise ChatTemplateError(
+                f"chat template {self.name} rejected the conversation: {exc}"
+            ) from exc
+        # The template is foreign code: whatever it raises must reach the caller as a typed
+        # error about the template, not as an arbitrary exception from deep inside jinja2.
+        except Exception as exc:
+            raise ChatTemplateError(
+                f"chat template {self.name} failed at template line {_template_line(exc)}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _validate_messages(messages: object) -> list[dict[str, object]]:
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+        raise ChatMessageError("messages", f"expected a list of messages, got {_kind(messages)}")
+    if not messages:
+        raise ChatMessageError("messages", "is empty; a chat needs at least one message")
+    return [_validate_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
+
+
+def _validate_message(message: object, where: str) -> dict[str, object]:
+    if not isinstance(message, Mapping):
+        raise ChatMessageError(where, f"expected an object, got {_kind(message)}")
+    for key in message:
+        if key not in _MESSAGE_FIELDS:
+            raise ChatMessageError(
+                f"{where}.{key}",
+                f"unknown field; a message may have {', '.join(sorted(_MESSAGE_FIELDS))}",
+            )
+    role = message.get("role")
+    if role not in _ROLES:
+        problem = "missing" if role is None else f"is {role!r}"
+        raise ChatMessageError(f"{where}.role", f"{problem}; expected one of {', '.join(_ROLES)}")
+    clean: dict[str, object] = {"role": role}
+
+    content = message.get("content")
+    if content is None:
+        if role != "assistant":
+            raise ChatMessageError(
+                f"{where}.content", f"missing; a {role} message needs text content"
+            )
+        clean["content"] = ""
+    else:
+        clean["content"] = _text_content(content, f"{where}.content")
+
+    for key in ("name", "tool_call_id"):
+        if key in message:
+            clean[key] = _string(message[key], f"{where}.{key}")
+    if message.get("reasoning_content") is not None:
+        clean["reasoning_content"] = _string(
+            message["reasoning_content"], f"{where}.reasoning_content"
+        )
+    if message.get("tool_calls") is not None:
+        if role != "assistant":
+            raise ChatMessageError(f"{where}.tool_calls", f"only assistant messages, not {role}")
+        clean["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+    return clean
+
+
+def _text_content(content: object, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, Sequence) or isinstance(content, bytes):
+        raise ChatMessageError(where, f"expected a string or a list of parts, got {_kind(content)}")
+    texts = []
+    for i, part in enumerate(content):
+        here = f"{where}[{i}]"
+        if not isinstance(part, Mapping):
+            raise ChatMessageError(here, f"expected a content part object, got {_kind(part)}")
+        if part.get("type") != "text":
+            raise ChatMessageError(
+                f"{here}.type",
+                f"is {part.get('type')!r}; only 'text' parts are supported by a text-only model",
+            )
+        texts.append(_string(part.get("text"), f"{here}.text"))
+    return "\n".join(texts)
+
+
+def _tool_calls(tool_calls: object, where: str) -> list[dict[str, object]]:
+    if not isinstance(tool_calls, Sequence) or isinstance(tool_calls, str | bytes):
+        raise ChatMessageError(where, f"expected a list of tool calls, got {_kind(tool_calls)}")
+    clean = []
+    for i, call in enumerate(tool_calls):
+        here = f"{where}[{i}]"
+        if not isinstance(call, Mapping):
+            raise ChatMessageError(here, f"expected a tool call object, got {_kind(call)}")
+        function = call.get("function")
+        if not isinstance(function, Mapping):
+            raise ChatMessageError(f"{here}.function", f"expected an object, got {_kind(function)}")
+        name = _string(function.get("name"), f"{here}.function.name")
+        arguments: object = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ChatMessageError(
+                    f"{here}.function.arguments", f"is not valid JSON: {exc}"
+                ) from exc
+        if not isinstance(arguments, Mapping):
+            raise ChatMessageError(
+                f"{here}.function.arguments", f"expected a JSON object, got {_kind(arguments)}"
+            )
+        clean_call: dict[str, object] = {
+            "type": call.get("type", "function"),
+            "function": {"name": name, "arguments": dict(arguments)},
+        }
+        if "id" in call:
+            clean_call["id"] = _string(call["id"], f"{here}.id")
+        clean.append(clean_call)
+    return clean
+
+
+def _validate_tools(tools: object) -> list[Mapping[str, object]] | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, Sequence) or isinstance(tools, str | bytes):
+        raise ChatMessageError("tools", f"expected a list of tool objects, got {_kind(tools)}")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise ChatMessageError(f"tools[{i}]", f"expected an object, got {_kind(tool)}")
+    return list(tools)
+
+
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        problem = "missing" if value is None else f"expected a string, got {_kind(value)}"
+        raise ChatMessageError(where, problem)
+    return value
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def load_chat_template(path: str | os.PathLike[str], *, name: str = "default") -> ChatTemplate:
+    """Load the chat template of a Hugging Face model or tokenizer.
+
+    ``path`` is a ``*.jinja`` file, a ``tokenizer_config.json``, or a model directory; in a
+    directory ``chat_template.jinja`` wins over the ``chat_template`` key of
+    ``tokenizer_config.json``, as in recent transformers. When the config holds several named
+    templates, ``name`` picks one. ``bos_token``/``eos_token`` come from the directory's
+    ``tokenizer_config.json`` when there is one.
+
+    Returns:
+        The compiled template.
+
+    Raises:
+        ChatTemplateError: the path does not exist, holds no chat template (the message names
+            what was looked for), cannot be read or parsed, or the template does not compile.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config_path = path / "tokenizer_config.json"
+        config = _read_config(config_path) if config_path.is_file() else {}
+        template = _find_template(path, config, config_path, name=name)
+        if template is None:
+            raise ChatTemplateError(
+                f"{path}: no chat template found; looked for chat_template.jinja and the "
+                "'chat_template' key of tokenizer_config.json. Configure a template explicitly "
+                "or use the built-in ChatML one"
+            )
+        return template
+    if not path.is_file():
+        raise ChatTemplateError(f"{path}: no such file or directory; expected a chat template")
+    if path.suffix == ".jinja":
+        sibling = path.parent / "tokenizer_config.json"
+        config = _read_config(sibling) if sibling.is_file() else {}
+        return _template_from_source(_read_text(path), str(path), config)
+    config = _read_config(path)
+    template = _template_from_config(config, path, name=name)
+    if template is None:
+        raise ChatTemplateError(f"{path}: has no 'chat_template' key")
+    return template
+
+
+def _find_template(
+    directory: Path, config: Mapping[str, Any], config_path: Path, *, name: str = "default"
+) -> ChatTemplate | None:
+    """Return the directory's chat template, or None when it has none (see load_chat_template)."""
+    jinja_path = directory / "chat_template.jinja"
+    if jinja_path.is_file():
+        return _template_from_source(_read_text(jinja_path), str(jinja_path), config)
+    return _template_from_config(config, config_path, name=name)
+
+
+def _template_from_config(
+    config: Mapping[str, Any], config_path: Path, *, name: str
+) -> ChatTemplate | None:
+    source = config.get("chat_template")
+    if source is None:
+        return None
+    if isinstance(source, list):
+        # transformers' multi-template form: [{"name": "default", "template": "..."}, ...]
+        named = {
+            entry.get("name"): entry.get("template")
+            for entry in source
+            if isinstance(entry, Mapping)
+        }
+        if name not in named:
+            raise ChatTemplateError(
+                f"{config_path}: no chat template named {name!r}; it has "
+                f"{', '.join(repr(n) for n in named)}"
+            )
+        source = named[name]
+        where = f"{config_path} [{name}]"
+    else:
+        where = str(config_path)
+    if not isinstance(source, str):
+        raise ChatTemplateError(f"{where}: chat_template is {_kind(source)}, expected a string")
+    return _template_from_source(source, where, config)
+
+
+def _template_from_source(source: str, where: str, config: Mapping[str, Any]) -> ChatTemplate:
+    return ChatTemplate(
+        source,
+        name=where,
+        bos_token=_special_token_text(config.get("bos_token")),
+        eos_token=_special_token_text(config.get("eos_token")),
+    )
+
+
+def _special_token_text(value: object) -> str | None:
+    """The text of a special token as written in tokenizer_config.json (str or AddedToken dict)."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ChatTemplateError(f"{path}: cannot read the chat template: {exc}") from exc
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ChatTemplateError(f"{path}: cannot read tokenizer config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ChatTemplateError(f"{path}: expected a JSON object, got {_kind(config)}")
+    return config

@@ -1,0 +1,188 @@
+"""Transition records and where they go.
+
+Every state change of every request becomes one `TransitionRecord`. The pipeline keeps the
+newest in memory (`MemoryLog`) and can also append them to a JSONL file (`JsonlSink`); the
+schema is versioned by ``SCHEMA_VERSION`` and documented in docs/transition-logs.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from ..wire import to_builtins
+
+#: Bumped whenever a record field is added, removed or changes meaning.
+SCHEMA_VERSION = 1
+
+
+@attrs.frozen(slots=True)
+class TransitionRecord:
+    """One transition of one request.
+
+    ``t`` is trio's clock (virtual under `trio.testing.MockClock`), ``wall`` the Unix time.
+    ``worker_id`` is the worker the transition concerns (the decode worker on ``route``, the
+    prefill worker on ``start_prefill``, the broken one on ``migrate``). ``decision`` is the
+    record behind the transition: the `RoutingDecision` for ``route``, the migration plan for
+    ``migrate``, the error for ``fail``.
+    """
+
+    request_id: str
+    seq: int
+    mode: str
+    t: float
+    wall: float
+    src: str
+    dst: str
+    trigger: str
+    worker_id: int | None = None
+    decision: Any = None
+    detail: str | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The record as the JSONL sink writes it (schema `SCHEMA_VERSION`)."""
+        return {
+            "v": SCHEMA_VERSION,
+            "request_id": self.request_id,
+            "seq": self.seq,
+            "mode": self.mode,
+            "t": self.t,
+            "wall": self.wall,
+            "src": self.src,
+            "dst": self.dst,
+            "trigger": self.trigger,
+            "worker_id": self.worker_id,
+            "decision": None if self.decision is None else to_builtins(self.decision),
+            "detail": self.detail,
+        }
+
+
+class TransitionSink(Protocol):
+    """Receives every record. ``offer`` must never block or raise: a sink that cannot keep up
+    drops records and counts them."""
+
+    def offer(self, record: TransitionRecord) -> None: ...
+
+
+class MemoryLog:
+    """The newest ``capacity`` records, in order. Reading is safe at any time."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._records: collections.deque[TransitionRecord] = collections.deque(maxlen=capacity)
+        #: Records pushed out by newer ones.
+        self.evicted = 0
+
+    def offer(self, record: TransitionRecord) -> None:
+        if len(self._records) == self._records.maxlen:
+            self.evicted += 1
+        self._records.append(record)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[TransitionRecord]:
+        return iter(list(self._records))
+
+    def records(self, request_id: str | None = None) -> list[TransitionRecord]:
+        """All records kept, or those of one request, oldest first."""
+        if request_id is None:
+            return list(self._records)
+        return [r for r in self._records if r.request_id == request_id]
+
+    def by_request(self) -> dict[str, list[TransitionRecord]]:
+        """Records grouped by request id, each group in sequence order."""
+        grouped: dict[str, list[TransitionRecord]] = {}
+        for record in self._records:
+            grouped.setdefault(record.request_id, []).append(record)
+        return grouped
+
+    def path(self, request_id: str) -> list[str]:
+        """The states one request went through, starting with ``received``."""
+        records = self.records(request_id)
+        return [records[0].src, *(r.dst for r in records)] if records else []
+
+    def clear(self) -> None:
+        self._records.clear()
+
+
+class JsonlSink:
+    """Appends records to a JSONL file from a background task, never blocking the pipeline.
+
+    Records wait in a bounded buffer; when it is full, new records are dropped and counted in
+    ``dropped`` (the pipeline's close reports the count). Run `serve` in a nursery; it flushes
+    what is buffered when cancelled.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, buffer_size: int = 65_536) -> None:
+        self.path = os.fspath(path)
+        self.buffer_size = buffer_size
+        self.dropped = 0
+        self.written = 0
+        self._buffer: collections.deque[TransitionRecord] = collections.deque()
+        self._wakeup = trio.Event()
+
+    def offer(self, record: TransitionRecord) -> None:
+        if len(self._buffer) >= self.buffer_size:
+            self.dropped += 1
+            return
+        self._buffer.append(record)
+        if len(self._buffer) == 1:
+            self._wakeup.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write buffered records until cancelled, then write what is left and return."""
+        task_status.started()
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                await trio.to_thread.run_sync(self._write_batch)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._write_batch)
+
+    def _write_batch(self) -> None:
+        lines: list[str] = []
+        while self._buffer:
+            lines.append(json.dumps(self._buffer.popleft().to_json_dict(), separators=(",", ":")))
+        if lines:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+            self.written += len(lines)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterable[dict[str, Any]]:
+    """Yield the records of a JSONL transition log as dicts."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+class TransitionLog:
+    """Fans each record out to its sinks; the first sink is the in-memory log."""
+
+    def __init__(
+        self,
+        memory: MemoryLog,
+        sinks: Iterable[TransitionSink] = (),
+        *,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.memory = memory
+        self._sinks = (memory, *sinks)
+        self.clock = clock
+
+    def emit(self, record: TransitionRecord) -> None:
+        for sink in self._sinks:
+            sink.offer(record)
+
+    def now(self) -> tuple[float, float]:
+        return self.clock(), time.time()

@@ -1,0 +1,33 @@
+"""Every message that crosses a boundary: requests, outputs, routing decisions, codecs."""
+
+from ._codec import converter, from_builtins, to_builtins
+from ._events import WorkerJoined, WorkerLeft
+from ._output import EngineOutput, FinishReason, Usage
+from ._request import (
+    PrefillResult,
+    PreprocessedRequest,
+    RouterConfigOverride,
+    RoutingHints,
+    SamplingOptions,
+)
+from ._routing import CandidateRecord, Leg, RoutingDecision, SelectionRecord
+
+__all__ = [
+    "CandidateRecord",
+    "EngineOutput",
+    "FinishReason",
+    "Leg",
+    "PrefillResult",
+    "PreprocessedRequest",
+    "RouterConfigOverride",
+    "RoutingDecision",
+    "RoutingHints",
+    "SamplingOptions",
+    "SelectionRecord",
+    "Usage",
+    "WorkerJoined",
+    "WorkerLeft",
+    "converter",
+    "from_builtins",
+    "to_builtins",
+]
