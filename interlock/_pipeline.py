@@ -30,12 +30,12 @@ from .actors import (
     GetLoad,
     MigrationActor,
     MigrationPlan,
-    PlanSplit,
     PrefillComplete,
     PrefillLegFailed,
     RandomPolicy,
     RestartPolicy,
     RoundRobinPolicy,
+    Route,
     RouterActor,
     Select,
     Selection,
@@ -193,7 +193,7 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
         )
         disagg = supervisor.start_actor(
             lambda: DisaggOrchestrator(
-                mode, enforce_disagg=config.enforce_disagg, discovery=discovery
+                mode, enforce_disagg=config.enforce_disagg, discovery=discovery, router=router
             ),
             "disagg",
         )
@@ -320,16 +320,7 @@ class Pipeline:
         try:
             self._check_hints(request)
             fsm.fire(Trigger.PREPROCESS)
-            plan = await self._disagg.ask(PlanSplit(request, request_id))
-            selection = await self._select(
-                Select(
-                    request,
-                    request_id,
-                    plan.disaggregated,
-                    track=False,
-                    enforce_disagg=self.config.enforce_disagg,
-                )
-            )
+            selection = await self._route(Route(request, request_id, track=False))
             decision = selection.decision
             fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
             fsm.fire(Trigger.ANSWER, worker_id=decision.decode_worker_id)
@@ -380,17 +371,7 @@ class Pipeline:
             migrations = 0
             cached_tokens = 0
             while True:
-                plan = await self._disagg.ask(PlanSplit(attempt, request_id))
-                selection = await self._select(
-                    Select(
-                        attempt,
-                        request_id,
-                        plan.disaggregated,
-                        exclude,
-                        track,
-                        self.config.enforce_disagg,
-                    )
-                )
+                selection = await self._route(Route(attempt, request_id, exclude, track))
                 decision = selection.decision
                 fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
                 prefill_result: PrefillResult | None = None
@@ -485,13 +466,14 @@ class Pipeline:
 
     # -- steps ------------------------------------------------------------------------------
 
-    async def _select(self, message: Select) -> Selection:
+    async def _route(self, message: Route | Select) -> Selection:
         # A router that crashed on this very message is restarted by its supervisor; one
         # retry covers that without looping on a message that crashes it every time.
+        target = self._disagg if type(message) is Route else self._router
         try:
-            selection: Selection = await self._router.ask(message)
+            selection: Selection = await target.ask(message)
         except ActorCrashed:
-            selection = await self._router.ask(message)
+            selection = await target.ask(message)
         return selection
 
     async def _run_prefill(
@@ -533,8 +515,15 @@ class Pipeline:
         except (WorkerGone, WorkerRefused) as exc:
             verdict = await self._disagg.ask(PrefillLegFailed(request_id, worker_id, str(exc)))
             assert verdict == FALL_BACK
-            fallback = await self._select(
-                Select(attempt, request_id, False, exclude | {worker_id}, track)
+            fallback = await self._route(
+                Select(
+                    attempt,
+                    request_id,
+                    False,
+                    exclude | {worker_id},
+                    track,
+                    split_reason=f"prefill worker {worker_id} failed; falling back to aggregated",
+                )
             )
             fsm.fire(
                 Trigger.FALL_BACK,

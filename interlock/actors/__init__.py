@@ -11,9 +11,9 @@ from ._messages import (
     GetWorkers,
     MigrationPlan,
     MigrationRefused,
-    PlanSplit,
     PrefillComplete,
     PrefillLegFailed,
+    Route,
     Select,
     Selection,
     SplitPlan,
@@ -31,7 +31,7 @@ from ._policies import (
     replay_selection,
 )
 from ._router import PRESELECTION_FIELDS, RouterActor
-from ._runtime import Actor, ActorRef, InjectedCrash, open_mailbox, run_actor
+from ._runtime import Actor, ActorRef, Forward, InjectedCrash, open_mailbox, run_actor
 from ._supervisor import RestartEvent, RestartPolicy, Supervisor
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "DirectPolicy",
     "DisaggOrchestrator",
     "DiscoveryActor",
+    "Forward",
     "Free",
     "GetLoad",
     "GetWorkers",
@@ -50,13 +51,13 @@ __all__ = [
     "MigrationActor",
     "MigrationPlan",
     "MigrationRefused",
-    "PlanSplit",
     "PrefillComplete",
     "PrefillLegFailed",
     "RandomPolicy",
     "RestartEvent",
     "RestartPolicy",
     "RoundRobinPolicy",
+    "Route",
     "RouterActor",
     "Select",
     "Selection",

@@ -6,15 +6,17 @@ from typing import Any
 
 from .._errors import PrefillFailed, RequestError
 from ..statemachines import Mode
+from ..wire import PreprocessedRequest
 from ._messages import (
     FALL_BACK,
     GetWorkers,
-    PlanSplit,
     PrefillLegFailed,
+    Route,
+    Select,
     SplitPlan,
     WorkersChanged,
 )
-from ._runtime import Actor, ActorRef
+from ._runtime import Actor, ActorRef, Forward
 
 
 class DisaggOrchestrator(Actor):
@@ -25,8 +27,16 @@ class DisaggOrchestrator(Actor):
 
     name = "disagg"
 
-    def __init__(self, mode: Mode, *, enforce_disagg: bool, discovery: ActorRef[Any]) -> None:
+    def __init__(
+        self,
+        mode: Mode,
+        *,
+        enforce_disagg: bool,
+        discovery: ActorRef[Any],
+        router: ActorRef[Any],
+    ) -> None:
         self._mode = mode
+        self._router = router
         self._enforce = enforce_disagg
         self._discovery = discovery
         self._prefill_workers = 0
@@ -36,8 +46,20 @@ class DisaggOrchestrator(Actor):
 
     async def handle(self, message: Any) -> Any:
         kind = type(message)
-        if kind is PlanSplit:
-            return self._plan(message)
+        if kind is Route:
+            plan = self._plan(message.request)
+            return Forward(
+                self._router,
+                Select(
+                    message.request,
+                    message.request_id,
+                    plan.disaggregated,
+                    message.exclude,
+                    message.track,
+                    self._enforce,
+                    plan.reason,
+                ),
+            )
         if kind is PrefillLegFailed:
             return self._prefill_failed(message)
         if kind is WorkersChanged:
@@ -48,8 +70,8 @@ class DisaggOrchestrator(Actor):
     def _count(self, workers: Any) -> None:
         self._prefill_workers = sum(1 for e in workers.values() if e.role == "prefill")
 
-    def _plan(self, message: PlanSplit) -> SplitPlan:
-        hints = message.request.routing
+    def _plan(self, request: PreprocessedRequest) -> SplitPlan:
+        hints = request.routing
         named = hints.prefill_worker_id if hints is not None else None
         if self._mode.routing == "direct_to_known":
             if named is not None:

@@ -25,11 +25,14 @@ class WorkersChanged:
 
 # -- DisaggOrchestrator ------------------------------------------------------------------------
 @attrs.frozen
-class PlanSplit:
-    """Ask whether ``request`` runs disaggregated; the reply is a `SplitPlan`."""
+class Route:
+    """Ask the orchestrator to route ``request``: it decides the split and forwards a `Select`
+    to the Router, whose `Selection` answers the asker directly."""
 
     request: PreprocessedRequest
     request_id: str
+    exclude: frozenset[int] = frozenset()
+    track: bool = True
 
 
 @attrs.frozen
@@ -67,6 +70,7 @@ class Select:
     exclude: frozenset[int] = frozenset()
     track: bool = True
     enforce_disagg: bool = False
+    split_reason: str = ""
 
 
 @attrs.frozen

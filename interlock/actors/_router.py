@@ -106,6 +106,9 @@ class RouterActor(Actor):
             decode_worker_id=decode.chosen,
             prefill_worker_id=prefill.chosen if prefill is not None else decode.chosen,
             disaggregated=disaggregated,
+            split_reason=message.split_reason
+            if disaggregated == message.disaggregated
+            else ("no prefill worker available; served aggregated"),
             decode_dp_rank=dp_rank,
             prefill_dp_rank=dp_rank,
             selections=tuple(selections),

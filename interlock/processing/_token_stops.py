@@ -53,8 +53,8 @@ class TokenStops:
             self.count = count
             return output
         self.count = count
-        if not cut and output.finish_reason is None and reason is None:
-            return None
+        if cut == len(tokens) and output.finish_reason == reason:
+            return output
         return attrs.evolve(output, token_ids=tokens[:cut], finish_reason=reason)
 
 

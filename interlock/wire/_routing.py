@@ -50,6 +50,8 @@ class RoutingDecision:
     decode_worker_id: int
     prefill_worker_id: int | None = None
     disaggregated: bool = False
+    #: Why the request runs (or would run) disaggregated or not.
+    split_reason: str = ""
     decode_dp_rank: int = 0
     prefill_dp_rank: int = 0
     selections: tuple[SelectionRecord, ...] = ()
