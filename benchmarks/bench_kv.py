@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from interlock.kv import (  # noqa: E402 - needs the repository root on sys.path first
+from interlock.kv import (
     ApproxKvIndexer,
     KvIndexer,
     KvRemoved,
@@ -62,9 +62,7 @@ def tokens(rng: random.Random, count: int) -> list[int]:
     return [rng.randrange(VOCAB) for _ in range(count)]
 
 
-def stored_chain(
-    worker_id: int, event_id: int, token_ids: list[int], block_size: int
-) -> KvStored:
+def stored_chain(worker_id: int, event_id: int, token_ids: list[int], block_size: int) -> KvStored:
     # The mock engine's block ids are its sequence hashes; any unique id would do.
     local = compute_block_hashes(token_ids, block_size)
     ids = compute_sequence_hashes(local)
@@ -78,13 +76,13 @@ def populate(
     indexer = KvIndexer()
     replicas = set(rng.sample(range(workers), min(HISTORY_REPLICAS, workers)))
     for worker in range(workers):
-        event_id = 0
-        prompts = [system + tokens(rng, OTHER_CONVERSATION_TOKENS) for _ in range(OTHER_CONVERSATIONS)]
+        prompts = [
+            system + tokens(rng, OTHER_CONVERSATION_TOKENS) for _ in range(OTHER_CONVERSATIONS)
+        ]
         if worker in replicas:
             prompts.append(history)
-        for prompt in prompts:
+        for event_id, prompt in enumerate(prompts):
             indexer.apply(stored_chain(worker, event_id, prompt, block_size))
-            event_id += 1
     return indexer
 
 
@@ -123,8 +121,9 @@ def bench_decisions(block_size: int, repeats: int) -> None:
             hash_s = median_seconds(lambda p=prompt: compute_block_hashes(p, block_size), repeats)
             seq_s = median_seconds(lambda h=hashes: compute_sequence_hashes(h), repeats)
             match_s = median_seconds(lambda i=indexer, h=hashes: i.find_matches(h), repeats)
+            isl = len(prompt)
             select_s = median_seconds(
-                lambda v=views, o=overlaps, n=len(prompt): select_worker(
+                lambda v=views, o=overlaps, n=isl: select_worker(
                     v, o, n, block_size, 1.0, 0.0, decision_rng
                 ),
                 repeats,
@@ -166,7 +165,8 @@ def bench_events(block_size: int) -> None:
                 chains.remove(chain)
             events.append(KvRemoved(worker, next_id[worker], gone))
         else:
-            # A prefill extends a conversation (or starts one after the system prompt) by 1-4 blocks.
+            # A prefill extends a conversation (or starts one after the system prompt) by 1-4
+            # blocks.
             if chains and rng.random() < 0.8:
                 chain = chains[rng.randrange(len(chains))]
             else:

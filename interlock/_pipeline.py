@@ -176,50 +176,59 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
         window=config.actor_restart_window,
         backoff=config.actor_restart_backoff,
     )
-    async with trio.open_nursery() as nursery:
-        if jsonl is not None:
-            await nursery.start(jsonl.serve)
-        for engine in (*components.workers, *components.prefill_workers):
-            await nursery.start(_run_engine, engine)
-            registry.register(engine)
-        supervisor = Supervisor(nursery, policy)
-        subscribers: list[ActorRef[Any]] = []
-        discovery = supervisor.start_actor(
-            lambda: DiscoveryActor(registry, subscribers), "discovery"
-        )
-        router = supervisor.start_actor(
-            lambda: RouterActor(_make_policy(config), discovery, block_size=config.kv_block_size),
-            "router",
-        )
-        disagg = supervisor.start_actor(
-            lambda: DisaggOrchestrator(
-                mode, enforce_disagg=config.enforce_disagg, discovery=discovery, router=router
-            ),
-            "disagg",
-        )
-        subscribers += [router, disagg]
-        migration = None
-        if mode.migration:
-            migration = supervisor.start_actor(
-                lambda: MigrationActor(config.migration_limit, config.migration_max_seq_len),
-                "migration",
+    try:
+        async with trio.open_nursery() as nursery:
+            if jsonl is not None:
+                await nursery.start(jsonl.serve)
+            for engine in (*components.workers, *components.prefill_workers):
+                await nursery.start(_run_engine, engine)
+                registry.register(engine)
+            supervisor = Supervisor(nursery, policy)
+            subscribers: list[ActorRef[Any]] = []
+            discovery = supervisor.start_actor(
+                lambda: DiscoveryActor(registry, subscribers), "discovery"
             )
-        pipeline = Pipeline(
-            config=config,
-            mode=mode,
-            log=log,
-            memory=memory,
-            registry=registry,
-            supervisor=supervisor,
-            nursery=nursery,
-            actors={"discovery": discovery, "router": router, "disagg": disagg}
-            | ({"migration": migration} if migration is not None else {}),
-        )
-        try:
-            yield pipeline
-        finally:
-            pipeline._closed = True
-            nursery.cancel_scope.cancel()
+            router = supervisor.start_actor(
+                lambda: RouterActor(
+                    _make_policy(config), discovery, block_size=config.kv_block_size
+                ),
+                "router",
+            )
+            disagg = supervisor.start_actor(
+                lambda: DisaggOrchestrator(
+                    mode, enforce_disagg=config.enforce_disagg, discovery=discovery, router=router
+                ),
+                "disagg",
+            )
+            subscribers += [router, disagg]
+            migration = None
+            if mode.migration:
+                migration = supervisor.start_actor(
+                    lambda: MigrationActor(config.migration_limit, config.migration_max_seq_len),
+                    "migration",
+                )
+            pipeline = Pipeline(
+                config=config,
+                mode=mode,
+                log=log,
+                memory=memory,
+                registry=registry,
+                supervisor=supervisor,
+                nursery=nursery,
+                actors={"discovery": discovery, "router": router, "disagg": disagg}
+                | ({"migration": migration} if migration is not None else {}),
+            )
+            try:
+                yield pipeline
+            finally:
+                pipeline._closed = True
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The caller's own exception (or the one error that brought the pipeline down, such
+        # as an actor's after its supervisor gave up) arrives as itself, not wrapped.
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+            raise group.exceptions[0] from None
+        raise
 
 
 async def _run_engine(engine: Engine, *, task_status: trio.TaskStatus[None]) -> None:

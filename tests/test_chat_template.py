@@ -63,7 +63,10 @@ def qwen3_template(qwen3_dir: Path) -> ChatTemplate:
     return load_chat_template(qwen3_dir / "tokenizer_config.json")
 
 
-def user(text: str) -> dict[str, object]:
+Message = dict[str, object]
+
+
+def user(text: str) -> Message:
     return {"role": "user", "content": text}
 
 
@@ -71,7 +74,7 @@ def user(text: str) -> dict[str, object]:
 
 
 def test_qwen3_multi_turn_with_generation_prompt(qwen3_template: ChatTemplate) -> None:
-    messages = [
+    messages: list[Message] = [
         {"role": "system", "content": "You are a helpful assistant."},
         user("Hello"),
         {"role": "assistant", "content": "Hi! How can I help?"},
@@ -89,7 +92,7 @@ def test_qwen3_multi_turn_with_generation_prompt(qwen3_template: ChatTemplate) -
 def test_qwen3_without_generation_prompt_wraps_the_last_reply_in_empty_think(
     qwen3_template: ChatTemplate,
 ) -> None:
-    messages = [user("Hello"), {"role": "assistant", "content": "Hi!"}]
+    messages: list[Message] = [user("Hello"), {"role": "assistant", "content": "Hi!"}]
     assert qwen3_template.render(messages, add_generation_prompt=False) == (
         "<|im_start|>user\nHello<|im_end|>\n"
         "<|im_start|>assistant\n<think>\n\n</think>\n\nHi!<|im_end|>\n"
@@ -97,7 +100,7 @@ def test_qwen3_without_generation_prompt_wraps_the_last_reply_in_empty_think(
 
 
 def test_qwen3_drops_reasoning_from_earlier_turns(qwen3_template: ChatTemplate) -> None:
-    messages = [
+    messages: list[Message] = [
         user("Hello"),
         {"role": "assistant", "content": "<think>\nThey greet me.\n</think>\n\nHi!"},
         user("Bye"),
@@ -123,7 +126,10 @@ def test_qwen3_enable_thinking_false_adds_an_empty_think_block(
 
 
 def test_qwen3_tools_go_into_the_system_message(qwen3_template: ChatTemplate) -> None:
-    messages = [{"role": "system", "content": "You are helpful."}, user("Weather in Paris?")]
+    messages: list[Message] = [
+        {"role": "system", "content": "You are helpful."},
+        user("Weather in Paris?"),
+    ]
     assert qwen3_template.render(messages, tools=[WEATHER_TOOL]) == (
         "<|im_start|>system\nYou are helpful.\n\n"
         + TOOLS_PREAMBLE
@@ -132,7 +138,7 @@ def test_qwen3_tools_go_into_the_system_message(qwen3_template: ChatTemplate) ->
 
 
 def test_qwen3_tool_call_and_tool_response(qwen3_template: ChatTemplate) -> None:
-    messages = [
+    messages: list[Message] = [
         user("Weather in Paris?"),
         {
             "role": "assistant",
@@ -149,9 +155,7 @@ def test_qwen3_tool_call_and_tool_response(qwen3_template: ChatTemplate) -> None
     ]
     before = copy.deepcopy(messages)
     assert qwen3_template.render(messages, tools=[WEATHER_TOOL]) == (
-        "<|im_start|>system\n"
-        + TOOLS_PREAMBLE
-        + "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        "<|im_start|>system\n" + TOOLS_PREAMBLE + "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
         "<|im_start|>assistant\n<tool_call>\n"
         '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n<tool_response>\n"
@@ -173,14 +177,14 @@ def test_qwen3_readme_example_renders_to_24_tokens(qwen3_dir: Path) -> None:
     )
     ids = tokenizer.encode(prompt)
     assert len(ids) == 24
-    assert ids.count(tokenizer.token_to_id("<|im_start|>")) == 3
+    assert ids.count(151_644) == 3  # <|im_start|>
 
 
 # --- Built-in ChatML ----------------------------------------------------------------------------
 
 
 def test_chatml_renders_the_classic_format() -> None:
-    messages = [
+    messages: list[Message] = [
         {"role": "system", "content": "Be brief."},
         user("Hi"),
         {"role": "assistant", "content": "Hello."},
@@ -196,7 +200,7 @@ def test_chatml_renders_the_classic_format() -> None:
 
 
 def test_chatml_renders_tools_and_tool_calls() -> None:
-    messages = [
+    messages: list[Message] = [
         {"role": "system", "content": "You are helpful."},
         user("Weather?"),
         {
@@ -298,7 +302,7 @@ def test_syntax_error_is_reported_at_construction() -> None:
     ],
 )
 def test_the_sandbox_forbids_unsafe_and_mutating_operations(source: str) -> None:
-    messages = [user("hi")]
+    messages: list[Message] = [user("hi")]
     with pytest.raises(ChatTemplateError, match="SecurityError"):
         ChatTemplate(source).render(messages)
     assert messages == [user("hi")]
@@ -333,7 +337,10 @@ def test_template_kwargs_cannot_replace_helpers() -> None:
             "messages[0].tool_calls",
         ),
         ([{"role": "assistant", "tool_calls": "f"}], "messages[0].tool_calls"),
-        ([{"role": "assistant", "tool_calls": [{"id": "1"}]}], "messages[0].tool_calls[0].function"),
+        (
+            [{"role": "assistant", "tool_calls": [{"id": "1"}]}],
+            "messages[0].tool_calls[0].function",
+        ),
         (
             [{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}],
             "messages[0].tool_calls[0].function.name",
@@ -343,7 +350,12 @@ def test_template_kwargs_cannot_replace_helpers() -> None:
             "messages[0].tool_calls[0].function.arguments",
         ),
         (
-            [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}],
+            [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}],
+                }
+            ],
             "messages[0].tool_calls[0].function.arguments",
         ),
     ],
@@ -417,5 +429,5 @@ def test_missing_template_names_the_path_and_what_was_looked_for(tmp_path: Path)
 
 def test_a_broken_template_in_a_model_directory_fails_at_load(tmp_path: Path) -> None:
     (tmp_path / "chat_template.jinja").write_text("{% for %}")
-    with pytest.raises(ChatTemplateError, match="chat_template.jinja does not compile"):
+    with pytest.raises(ChatTemplateError, match=r"chat_template\.jinja does not compile"):
         load_chat_template(tmp_path)

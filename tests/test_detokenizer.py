@@ -200,9 +200,12 @@ def test_empty_push_returns_nothing() -> None:
     assert IncrementalDetokenizer(ByteTokenizer()).push([]) == ""
 
 
-def test_an_id_outside_the_vocabulary_is_a_tokenizer_error() -> None:
+def test_an_id_outside_the_vocabulary_is_a_tokenizer_error_and_is_not_kept() -> None:
+    detokenizer = IncrementalDetokenizer(ByteTokenizer())
+    assert detokenizer.push([0xC3]) == ""
     with pytest.raises(TokenizerError):
-        IncrementalDetokenizer(ByteTokenizer()).push([65, 999])
+        detokenizer.push([65, 999])
+    assert detokenizer.push([0xA9]) == "é"
 
 
 class CountingTokenizer:
@@ -232,9 +235,9 @@ class CountingTokenizer:
 @pytest.mark.parametrize(
     "ids",
     [
-        list("plain ascii text, one byte per token. ".encode() * 50),
+        list(b"plain ascii text, one byte per token. " * 50),
         list(b"\xe2" * 2000 + "😀 done".encode()),  # a long run of unfinished lead bytes
-        list(b"\x80" * 2000) + [256, 65],  # a long run of stray continuation bytes
+        [*b"\x80" * 2000, 256, 65],  # a long run of stray continuation bytes
     ],
     ids=["ascii", "lead-byte-run", "continuation-run"],
 )

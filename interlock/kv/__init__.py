@@ -16,7 +16,7 @@ from interlock.kv._cost import (
     KvSelection,
     SelectionReason,
     WorkerLoadView,
-    replay_selection,
+    replay_kv_selection,
     select_worker,
 )
 from interlock.kv._events import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
@@ -50,6 +50,6 @@ __all__ = [
     "WorkerOutOfSync",
     "compute_block_hashes",
     "compute_sequence_hashes",
-    "replay_selection",
+    "replay_kv_selection",
     "select_worker",
 ]

@@ -16,7 +16,8 @@ from jinja2 import nodes
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ._errors import ChatMessageError, ChatTemplateError
+from ._errors import ChatTemplateError
+from ._messages import kind, validate_messages, validate_tools
 
 __all__ = ["CHATML_TEMPLATE", "ChatTemplate", "load_chat_template"]
 
@@ -59,10 +60,6 @@ CHATML_TEMPLATE: Final = """\
 {%- endif %}
 """
 
-_ROLES: Final = ("system", "user", "assistant", "tool")
-_MESSAGE_FIELDS: Final = frozenset(
-    {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
-)
 # Helpers the template relies on; a caller's template kwarg must not replace them.
 _RESERVED_KWARGS: Final = frozenset({"raise_exception", "strftime_now", "namespace"})
 # jinja2 names the source of a template built from a string "<template>"; traceback frames with
@@ -209,8 +206,8 @@ class ChatTemplate:
             ChatTemplateError: the template rejected the conversation or failed while rendering,
                 or a template kwarg would replace one of the template helpers.
         """
-        clean_messages = _validate_messages(messages)
-        clean_tools = _validate_tools(tools)
+        clean_messages = validate_messages(messages)
+        clean_tools = validate_tools(tools)
         shadowed = _RESERVED_KWARGS.intersection(template_kwargs)
         if shadowed:
             raise ChatTemplateError(
@@ -239,128 +236,6 @@ class ChatTemplate:
                 f"chat template {self.name} failed at template line {_template_line(exc)}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-
-
-def _validate_messages(messages: object) -> list[dict[str, object]]:
-    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
-        raise ChatMessageError("messages", f"expected a list of messages, got {_kind(messages)}")
-    if not messages:
-        raise ChatMessageError("messages", "is empty; a chat needs at least one message")
-    return [_validate_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
-
-
-def _validate_message(message: object, where: str) -> dict[str, object]:
-    if not isinstance(message, Mapping):
-        raise ChatMessageError(where, f"expected an object, got {_kind(message)}")
-    for key in message:
-        if key not in _MESSAGE_FIELDS:
-            raise ChatMessageError(
-                f"{where}.{key}",
-                f"unknown field; a message may have {', '.join(sorted(_MESSAGE_FIELDS))}",
-            )
-    role = message.get("role")
-    if role not in _ROLES:
-        problem = "missing" if role is None else f"is {role!r}"
-        raise ChatMessageError(f"{where}.role", f"{problem}; expected one of {', '.join(_ROLES)}")
-    clean: dict[str, object] = {"role": role}
-
-    content = message.get("content")
-    if content is None:
-        if role != "assistant":
-            raise ChatMessageError(
-                f"{where}.content", f"missing; a {role} message needs text content"
-            )
-        clean["content"] = ""
-    else:
-        clean["content"] = _text_content(content, f"{where}.content")
-
-    for key in ("name", "tool_call_id"):
-        if key in message:
-            clean[key] = _string(message[key], f"{where}.{key}")
-    if message.get("reasoning_content") is not None:
-        clean["reasoning_content"] = _string(
-            message["reasoning_content"], f"{where}.reasoning_content"
-        )
-    if message.get("tool_calls") is not None:
-        if role != "assistant":
-            raise ChatMessageError(f"{where}.tool_calls", f"only assistant messages, not {role}")
-        clean["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
-    return clean
-
-
-def _text_content(content: object, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, Sequence) or isinstance(content, bytes):
-        raise ChatMessageError(where, f"expected a string or a list of parts, got {_kind(content)}")
-    texts = []
-    for i, part in enumerate(content):
-        here = f"{where}[{i}]"
-        if not isinstance(part, Mapping):
-            raise ChatMessageError(here, f"expected a content part object, got {_kind(part)}")
-        if part.get("type") != "text":
-            raise ChatMessageError(
-                f"{here}.type",
-                f"is {part.get('type')!r}; only 'text' parts are supported by a text-only model",
-            )
-        texts.append(_string(part.get("text"), f"{here}.text"))
-    return "\n".join(texts)
-
-
-def _tool_calls(tool_calls: object, where: str) -> list[dict[str, object]]:
-    if not isinstance(tool_calls, Sequence) or isinstance(tool_calls, str | bytes):
-        raise ChatMessageError(where, f"expected a list of tool calls, got {_kind(tool_calls)}")
-    clean = []
-    for i, call in enumerate(tool_calls):
-        here = f"{where}[{i}]"
-        if not isinstance(call, Mapping):
-            raise ChatMessageError(here, f"expected a tool call object, got {_kind(call)}")
-        function = call.get("function")
-        if not isinstance(function, Mapping):
-            raise ChatMessageError(f"{here}.function", f"expected an object, got {_kind(function)}")
-        name = _string(function.get("name"), f"{here}.function.name")
-        arguments: object = function.get("arguments", {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise ChatMessageError(
-                    f"{here}.function.arguments", f"is not valid JSON: {exc}"
-                ) from exc
-        if not isinstance(arguments, Mapping):
-            raise ChatMessageError(
-                f"{here}.function.arguments", f"expected a JSON object, got {_kind(arguments)}"
-            )
-        clean_call: dict[str, object] = {
-            "type": call.get("type", "function"),
-            "function": {"name": name, "arguments": dict(arguments)},
-        }
-        if "id" in call:
-            clean_call["id"] = _string(call["id"], f"{here}.id")
-        clean.append(clean_call)
-    return clean
-
-
-def _validate_tools(tools: object) -> list[Mapping[str, object]] | None:
-    if tools is None:
-        return None
-    if not isinstance(tools, Sequence) or isinstance(tools, str | bytes):
-        raise ChatMessageError("tools", f"expected a list of tool objects, got {_kind(tools)}")
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, Mapping):
-            raise ChatMessageError(f"tools[{i}]", f"expected an object, got {_kind(tool)}")
-    return list(tools)
-
-
-def _string(value: object, where: str) -> str:
-    if not isinstance(value, str):
-        problem = "missing" if value is None else f"expected a string, got {_kind(value)}"
-        raise ChatMessageError(where, problem)
-    return value
-
-
-def _kind(value: object) -> str:
-    return "null" if value is None else type(value).__name__
 
 
 def load_chat_template(path: str | os.PathLike[str], *, name: str = "default") -> ChatTemplate:
@@ -437,7 +312,7 @@ def _template_from_config(
     else:
         where = str(config_path)
     if not isinstance(source, str):
-        raise ChatTemplateError(f"{where}: chat_template is {_kind(source)}, expected a string")
+        raise ChatTemplateError(f"{where}: chat_template is {kind(source)}, expected a string")
     return _template_from_source(source, where, config)
 
 
@@ -470,5 +345,5 @@ def _read_config(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ChatTemplateError(f"{path}: cannot read tokenizer config: {exc}") from exc
     if not isinstance(config, dict):
-        raise ChatTemplateError(f"{path}: expected a JSON object, got {_kind(config)}")
+        raise ChatTemplateError(f"{path}: expected a JSON object, got {kind(config)}")
     return config

@@ -64,7 +64,12 @@ class IncrementalDetokenizer:
         if not token_ids:
             return ""
         self._ids.extend(token_ids)
-        text = self._decode(self._ids)
+        try:
+            text = self._decode(self._ids)
+        except BaseException:
+            # Leave the window as it was, so one bad id does not poison every later push.
+            del self._ids[len(self._ids) - len(token_ids) :]
+            raise
         if text.endswith(_REPLACEMENT):
             # Possibly an unfinished character; wait for the bytes that complete it.
             if len(self._ids) - self._read > _MAX_HELD_TOKENS:

@@ -6,6 +6,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import final
 
+from .._errors import RequestError
+
 __all__ = ["StopStringMatcher"]
 
 
@@ -26,7 +28,7 @@ class StopStringMatcher:
     or long the stop strings are.
 
     Raises:
-        ValueError: at construction, if a stop string is empty.
+        RequestError: at construction, if a stop string is empty (``field`` is ``stop[i]``).
     """
 
     __slots__ = (
@@ -45,9 +47,10 @@ class StopStringMatcher:
             stop = [stop]  # a bare string is one stop string, not one per character
         for index, text in enumerate(stop):
             if not text:
-                raise ValueError(
+                raise RequestError(
                     f"stop[{index}] is empty; an empty stop string would end every output "
-                    "before its first character"
+                    "before its first character",
+                    field=f"stop[{index}]",
                 )
         self._include = include_stop_str_in_output
         # Automaton states are the prefixes of the stop strings; state 0 is the empty prefix.

@@ -26,6 +26,42 @@ from ._timing import MockTiming
 _MASK32 = 0xFFFF_FFFF
 
 
+def mock_next_token(
+    prev_token: int, position: int, *, engine_seed: int = 0, request_seed: int = 0, vocab: int
+) -> int:
+    """The token a mock engine generates at ``position`` after ``prev_token``."""
+    x = (
+        prev_token * 0x9E3779B1
+        + position * 0x85EBCA77
+        + engine_seed * 0xC2B2AE3D
+        + request_seed * 0x27D4EB2F
+    ) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & _MASK32
+    x ^= x >> 13
+    return x % vocab
+
+
+def mock_continuation(
+    prompt: tuple[int, ...] | list[int],
+    n: int,
+    *,
+    engine_seed: int = 0,
+    request_seed: int = 0,
+    vocab: int = 32_000,
+) -> list[int]:
+    """The ``n`` tokens a mock engine generates for ``prompt`` when nothing stops it: what a
+    test compares a stream against, whatever workers and migrations it went through."""
+    tokens: list[int] = []
+    prev = prompt[-1]
+    for i in range(n):
+        prev = mock_next_token(
+            prev, len(prompt) + i, engine_seed=engine_seed, request_seed=request_seed, vocab=vocab
+        )
+        tokens.append(prev)
+    return tokens
+
+
 def mock_token_text(token_id: int) -> str:
     """The text the mock engine returns for a token when asked to detokenize."""
     return f" t{token_id}"
@@ -389,21 +425,18 @@ class MockEngine:
     def _emit_step(self) -> None:
         vocab = self.vocab_size
         engine_seed = self.seed
+        next_token = mock_next_token
         finished: list[_Sequence] = []
         crash_at = self.crash_after_tokens
         for seq in list(self._running.values()):
             seq.prefill_done = True
-            position = seq.prompt_len + seq.generated
-            x = (
-                seq.prev_token * 0x9E3779B1
-                + position * 0x85EBCA77
-                + engine_seed * 0xC2B2AE3D
-                + seq.seed * 0x27D4EB2F
-            ) & _MASK32
-            x ^= x >> 15
-            x = (x * 0x2C1B3C6D) & _MASK32
-            x ^= x >> 13
-            token = x % vocab
+            token = next_token(
+                seq.prev_token,
+                seq.prompt_len + seq.generated,
+                engine_seed=engine_seed,
+                request_seed=seq.seed,
+                vocab=vocab,
+            )
             seq.prev_token = token
             generated_before = seq.generated
             seq.generated += 1

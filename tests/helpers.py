@@ -1,0 +1,25 @@
+"""Small helpers shared by the behaviour tests."""
+
+from __future__ import annotations
+
+from interlock import Pipeline
+from interlock.wire import EngineOutput, PreprocessedRequest
+
+
+async def run_request(
+    pipeline: Pipeline, request: PreprocessedRequest
+) -> tuple[list[int], EngineOutput]:
+    """Run ``request`` to its end; return every token received and the final output."""
+    tokens: list[int] = []
+    final: EngineOutput | None = None
+    async for output in pipeline.generate(request):
+        assert final is None, "an output arrived after the final one"
+        tokens.extend(output.token_ids)
+        if output.finish_reason is not None:
+            final = output
+    assert final is not None, "the stream ended without a final output"
+    return tokens, final
+
+
+def prompt(n: int = 32, start: int = 1) -> list[int]:
+    return list(range(start, start + n))

@@ -1,0 +1,121 @@
+"""The KV-hashing contract: xxh3_64, seed 1337, little-endian u32 token ids, full blocks only.
+
+Engines and other routers hash the same way; a change here silently turns every cache hit into a
+miss, so the published test vectors (reference/dynamo.md section 2.2) are pinned exactly.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+
+import pytest
+import xxhash
+from hypothesis import given
+from hypothesis import strategies as st
+
+from interlock.kv import XXH3_SEED, compute_block_hashes, compute_sequence_hashes
+
+BLOCK_1_16 = 16863443419780771464
+BLOCK_17_32 = 2287610619914608821
+SEQ_1_32 = [16863443419780771464, 12466389667045779788]
+
+token_ids = st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=300)
+block_sizes = st.integers(min_value=1, max_value=64)
+u64 = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+def reference_block_hashes(tokens: list[int], block_size: int) -> list[int]:
+    """The contract written the slow, obvious way."""
+    return [
+        xxhash.xxh3_64_intdigest(
+            struct.pack(f"<{block_size}I", *tokens[i : i + block_size]), seed=1337
+        )
+        for i in range(0, len(tokens) - block_size + 1, block_size)
+    ]
+
+
+def test_seed_vector() -> None:
+    assert XXH3_SEED == 1337
+    assert xxhash.xxh3_64_intdigest(b"test data", seed=XXH3_SEED) == 13226331709069118873
+
+
+def test_block_vectors() -> None:
+    assert compute_block_hashes(list(range(1, 17)), 16) == [BLOCK_1_16]
+    assert compute_block_hashes(list(range(17, 33)), 16) == [BLOCK_17_32]
+    assert compute_block_hashes(list(range(1, 33)), 16) == [BLOCK_1_16, BLOCK_17_32]
+
+
+def test_sequence_vector() -> None:
+    assert compute_sequence_hashes([BLOCK_1_16, BLOCK_17_32]) == SEQ_1_32
+
+
+@pytest.mark.parametrize("tail", range(16))
+def test_partial_tail_is_never_hashed(tail: int) -> None:
+    assert compute_block_hashes(list(range(1, 17 + tail)), 16) == [BLOCK_1_16]
+    assert compute_block_hashes(list(range(1, 1 + tail)), 16) == []
+
+
+@given(token_ids, block_sizes)
+def test_matches_the_contract_written_plainly(tokens: list[int], block_size: int) -> None:
+    hashes = compute_block_hashes(tokens, block_size)
+    assert len(hashes) == len(tokens) // block_size
+    assert hashes == reference_block_hashes(tokens, block_size)
+
+
+@given(token_ids, block_sizes, st.data())
+def test_a_prefix_hashes_to_a_prefix(
+    tokens: list[int], block_size: int, data: st.DataObject
+) -> None:
+    cut = data.draw(st.integers(min_value=0, max_value=len(tokens)))
+    whole = compute_block_hashes(tokens, block_size)
+    assert compute_block_hashes(tokens[:cut], block_size) == whole[: cut // block_size]
+
+
+def test_accepts_any_integer_sequence() -> None:
+    tokens = list(range(1, 33))
+    expected = [BLOCK_1_16, BLOCK_17_32]
+    assert compute_block_hashes(tuple(tokens), 16) == expected
+    assert compute_block_hashes(array("q", tokens), 16) == expected
+    assert compute_block_hashes(range(1, 33), 16) == expected
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, 2**64])
+def test_out_of_range_token_is_rejected_by_name(bad: int) -> None:
+    with pytest.raises(ValueError, match="token_ids") as info:
+        compute_block_hashes([1, 2, bad, 4], 2)
+    assert repr(bad) in str(info.value)
+
+
+def test_largest_u32_token_is_accepted() -> None:
+    expected = xxhash.xxh3_64_intdigest(b"\xff\xff\xff\xff" * 2, seed=1337)
+    assert compute_block_hashes([2**32 - 1, 2**32 - 1], 2) == [expected]
+
+
+def test_non_integer_token_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="token_ids"):
+        compute_block_hashes([1, 2.5, 3], 1)  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("block_size", [0, -16, True, 16.0])
+def test_block_size_must_be_a_positive_int(block_size: object) -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        compute_block_hashes([1, 2, 3], block_size)  # type: ignore[arg-type]
+
+
+@given(st.lists(u64, max_size=40))
+def test_sequence_hashes_chain_each_block_onto_the_prefix(blocks: list[int]) -> None:
+    expected: list[int] = []
+    for block in blocks:
+        if not expected:
+            expected.append(block)
+        else:
+            packed = struct.pack("<QQ", expected[-1], block)
+            expected.append(xxhash.xxh3_64_intdigest(packed, seed=1337))
+    assert compute_sequence_hashes(blocks) == expected
+
+
+@pytest.mark.parametrize("blocks", [[-1], [1, 2**64], [2**64, 1]])
+def test_sequence_hashes_reject_non_u64(blocks: list[int]) -> None:
+    with pytest.raises(ValueError, match="block_hashes"):
+        compute_sequence_hashes(blocks)
