@@ -17,6 +17,15 @@ T = TypeVar("T")
 
 converter = cattrs.Converter(forbid_extra_keys=True)
 
+# Scalars pass through unchanged: cattrs would coerce them (int("3"), int(2.7), int(True)),
+# which turns a client's mistake into a silently different request. The message classes'
+# own validators check types and name the field.
+for _scalar in (int, float, str, bool):
+    converter.register_structure_hook(_scalar, lambda value, _type: value)
+converter.register_structure_hook_func(
+    lambda kind: kind in (tuple[int, ...], tuple[str, ...]), lambda value, _type: value
+)
+
 
 def to_builtins(message: Any) -> Any:
     """A message as dicts, lists and scalars (tuples become lists)."""

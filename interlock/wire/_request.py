@@ -18,12 +18,40 @@ U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
-def _to_tuple(value: Iterable[int]) -> tuple[int, ...]:
-    return value if type(value) is tuple else tuple(value)
+def _to_tuple(value: Iterable[Any]) -> tuple[Any, ...]:
+    if type(value) is tuple:
+        return value
+    if isinstance(value, str | bytes | dict) or not isinstance(value, Iterable):
+        # Left as is for the validator, which names the field.
+        return value  # type: ignore[return-value]
+    return tuple(value)
+
+
+def _is(kind: type, *, optional: bool = False) -> Any:
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None and optional:
+            return
+        if type(value) is not kind:
+            expected = kind.__name__ + (" or null" if optional else "")
+            raise RequestError(
+                f"{attribute.name} must be {expected}, got {type(value).__name__} {value!r}",
+                field=attribute.name,
+            )
+
+    return check
+
+
+def _strings(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if type(value) is not tuple or not all(type(v) is str for v in value):
+        raise RequestError(f"{attribute.name} must be a list of strings", field=attribute.name)
 
 
 def check_token_ids(value: tuple[int, ...], field: str) -> None:
     """Raise `RequestError` unless every element is an int in the u32 range."""
+    if type(value) is not tuple:
+        raise RequestError(
+            f"{field} must be a list of token ids, got {type(value).__name__}", field=field
+        )
     try:
         # array('I') checks type and range in C: ~10x faster than a Python loop on long prompts.
         array("I", value)
@@ -96,7 +124,9 @@ class RoutingHints:
     decode_worker_id: int | None = attrs.field(default=None, validator=_worker_id)
     dp_rank: int | None = attrs.field(default=None, validator=_int_at_least(0, optional=True))
     #: False: the caller (a gateway) does the load bookkeeping; the router must not.
-    enable_local_updates: bool | None = None
+    enable_local_updates: bool | None = attrs.field(
+        default=None, validator=_is(bool, optional=True)
+    )
     expected_output_tokens: int | None = attrs.field(
         default=None, validator=_int_at_least(0, optional=True)
     )
@@ -157,15 +187,15 @@ class PreprocessedRequest:
     eos_token_ids: tuple[int, ...] = attrs.field(
         default=(), converter=_to_tuple, validator=_token_id_list
     )
-    ignore_eos: bool = False
+    ignore_eos: bool = attrs.field(default=False, validator=_is(bool))
     sampling: SamplingOptions = attrs.field(factory=SamplingOptions)
     routing: RoutingHints | None = None
     router_config_override: RouterConfigOverride | None = None
-    request_id: str | None = None
-    model: str | None = None
-    annotations: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    request_id: str | None = attrs.field(default=None, validator=_is(str, optional=True))
+    model: str | None = attrs.field(default=None, validator=_is(str, optional=True))
+    annotations: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple, validator=_strings)
     #: The engine should return text with its tokens (postprocessing='engine').
-    detokenize: bool = False
+    detokenize: bool = attrs.field(default=False, validator=_is(bool))
     #: Set by the disaggregation orchestrator on a decode leg.
     prefill_result: PrefillResult | None = None
 

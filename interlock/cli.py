@@ -1,0 +1,57 @@
+"""The ``interlock`` command line: ``demo`` and ``config check`` (more arrive with the HTTP
+server)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ._config import PipelineConfig
+from ._errors import ConfigError
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    try:
+        config = PipelineConfig.from_toml(args.file).validate()
+    except ConfigError as exc:
+        print(f"interlock: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: valid")
+    width = max(len(k) for k in config.to_dict())
+    for key, value in config.to_dict().items():
+        print(f"  {key:<{width}} = {value!r}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    run_demo()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="interlock", description="A configuration-driven LLM-serving frontend for trio."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="run the pipeline in every routing mode on in-process mock workers"
+    )
+    demo.set_defaults(run=_demo)
+    config = commands.add_parser("config", help="work with configuration files")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a TOML configuration file")
+    check.add_argument("file")
+    check.set_defaults(run=_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
