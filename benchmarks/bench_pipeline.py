@@ -96,8 +96,7 @@ def main() -> None:
         took = statistics.median(trio.run(pipeline, args, config) for _ in range(args.repeats))
         overhead = (took - base) / n * 1e6
         print(
-            f"{name:34} {n / took:10.0f} {took / n * 1e6:8.1f} {overhead:12.1f} "
-            f"{took / base:6.2f}"
+            f"{name:34} {n / took:10.0f} {took / n * 1e6:8.1f} {overhead:12.1f} {took / base:6.2f}"
         )
 
 

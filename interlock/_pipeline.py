@@ -28,6 +28,7 @@ from .actors import (
     DiscoveryActor,
     Free,
     GetLoad,
+    GetWorkers,
     MigrationActor,
     MigrationPlan,
     PrefillComplete,
@@ -293,6 +294,8 @@ class Pipeline:
     async def add_worker(self, engine: Engine) -> None:
         """Start ``engine`` in the pipeline's nursery and make it routable.
 
+        Returns once the actors know it: the next request may go there.
+
         Raises:
             ValueError: its instance id is taken.
         """
@@ -301,10 +304,20 @@ class Pipeline:
             raise ValueError(f"worker id {engine.instance_id} is already registered")
         await self._nursery.start(_run_engine, engine)
         self._registry.register(engine)
+        await self._membership_settled()
 
-    def remove_worker(self, worker_id: int) -> None:
-        """Stop routing to ``worker_id``. Its open streams carry on to their end."""
+    async def remove_worker(self, worker_id: int) -> None:
+        """Stop routing to ``worker_id``; its open streams carry on to their end.
+
+        Returns once the actors know: no later request goes there.
+        """
         self._registry.deregister(worker_id)
+        await self._membership_settled()
+
+    async def _membership_settled(self) -> None:
+        # Discovery forwards each change to the router's and orchestrator's mailboxes before
+        # it answers; mailboxes are FIFO, so every later request sees the new membership.
+        await self.actors["discovery"].ask(GetWorkers())
 
     async def load(self) -> dict[int, WorkerLoad]:
         """The load the router has booked per worker (workers with none are left out)."""

@@ -31,6 +31,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _docs(args: argparse.Namespace) -> int:
+    from ._docs import write_docs
+
+    for path in write_docs(args.write):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="interlock", description="A configuration-driven LLM-serving frontend for trio."
@@ -45,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a TOML configuration file")
     check.add_argument("file")
     check.set_defaults(run=_config_check)
+    docs = commands.add_parser("docs", help="regenerate the generated pages of docs/")
+    docs.add_argument("--write", default="docs", metavar="FOLDER")
+    docs.set_defaults(run=_docs)
     return parser
 
 

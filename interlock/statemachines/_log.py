@@ -59,9 +59,24 @@ class TransitionRecord:
             "dst": self.dst,
             "trigger": self.trigger,
             "worker_id": self.worker_id,
-            "decision": None if self.decision is None else to_builtins(self.decision),
+            "decision": _decision_json(self.decision),
             "detail": self.detail,
         }
+
+
+def _decision_json(decision: Any) -> Any:
+    if decision is None:
+        return None
+    data = to_builtins(decision)
+    if isinstance(data, dict):
+        # A prompt can be 100k tokens; logging it with every decision would swamp the file.
+        for key in ("token_ids",):
+            if isinstance(data.get(key), list):
+                data["prompt_tokens"] = len(data.pop(key))
+        request = data.get("request")
+        if isinstance(request, dict) and isinstance(request.get("token_ids"), list):
+            request["prompt_tokens"] = len(request.pop("token_ids"))
+    return data
 
 
 class TransitionSink(Protocol):
@@ -151,11 +166,21 @@ class JsonlSink:
     def _write_batch(self) -> None:
         lines: list[str] = []
         while self._buffer:
-            lines.append(json.dumps(self._buffer.popleft().to_json_dict(), separators=(",", ":")))
+            record = self._buffer.popleft()
+            lines.append(
+                json.dumps(record.to_json_dict(), separators=(",", ":"), default=_json_fallback)
+            )
         if lines:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
             self.written += len(lines)
+
+
+def _json_fallback(value: Any) -> Any:
+    # A sink must never take the pipeline down over a value JSON cannot hold.
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    return repr(value)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> Iterable[dict[str, Any]]:

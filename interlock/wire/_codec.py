@@ -25,6 +25,10 @@ for _scalar in (int, float, str, bool):
 converter.register_structure_hook_func(
     lambda kind: kind in (tuple[int, ...], tuple[str, ...]), lambda value, _type: value
 )
+converter.register_unstructure_hook_func(
+    lambda kind: getattr(kind, "__origin__", kind) in (frozenset, set),
+    lambda value: sorted(value),
+)
 
 
 def to_builtins(message: Any) -> Any:
