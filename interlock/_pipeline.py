@@ -48,7 +48,8 @@ from .actors import (
 from .actors._runtime import ActorRef
 from .discovery import EmbeddedRegistry
 from .engines import Engine
-from .processing._token_stops import TokenStops, engine_leg_request
+from .processing import Tokenizer
+from .processing._postprocessor import Postprocessor, engine_leg_request
 from .statemachines import (
     JsonlSink,
     MemoryLog,
@@ -68,12 +69,14 @@ class Components:
     in its own nursery and stops it when it closes.
 
     ``workers`` serve aggregated requests and decode legs (role ``agg`` or ``decode``);
-    ``prefill_workers`` serve prefill legs (role ``prefill``). ``transition_sinks`` receive
-    every transition record besides the in-memory log.
+    ``prefill_workers`` serve prefill legs (role ``prefill``). ``tokenizer`` turns generated
+    tokens into text under frontend postprocessing (requests with ``detokenize=True``).
+    ``transition_sinks`` receive every transition record besides the in-memory log.
     """
 
     workers: Sequence[Engine] = attrs.field(default=(), converter=tuple)
     prefill_workers: Sequence[Engine] = attrs.field(default=(), converter=tuple)
+    tokenizer: Tokenizer | None = None
     transition_sinks: Sequence[TransitionSink] = attrs.field(default=(), converter=tuple)
 
 
@@ -210,6 +213,7 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
                 )
             pipeline = Pipeline(
                 config=config,
+                tokenizer=components.tokenizer,
                 mode=mode,
                 log=log,
                 memory=memory,
@@ -247,6 +251,7 @@ class Pipeline:
         self,
         *,
         config: PipelineConfig,
+        tokenizer: Tokenizer | None,
         mode: Mode,
         log: TransitionLog,
         memory: MemoryLog,
@@ -256,6 +261,7 @@ class Pipeline:
         actors: dict[str, ActorRef[Any]],
     ) -> None:
         self.config = config
+        self.tokenizer = tokenizer
         self.mode = mode
         self.stats = PipelineStats()
         self.supervisor = supervisor
@@ -319,16 +325,29 @@ class Pipeline:
         # it answers; mailboxes are FIFO, so every later request sees the new membership.
         await self.actors["discovery"].ask(GetWorkers())
 
+    def mark_prefill_complete(self, request_id: str) -> None:
+        """Release the prefill load booked by ``query(..., book=True)`` (the first token
+        arrived). Never waits; unknown ids are ignored."""
+        self._router.send_nowait(PrefillComplete(request_id))
+
+    def free(self, request_id: str) -> None:
+        """Release everything booked by ``query(..., book=True)`` for ``request_id`` (the
+        request ended). Never waits; unknown ids are ignored."""
+        self._router.send_nowait(Free(request_id))
+
     async def load(self) -> dict[int, WorkerLoad]:
         """The load the router has booked per worker (workers with none are left out)."""
         result: dict[int, WorkerLoad] = await self._router.ask(GetLoad())
         return result
 
-    async def query(self, request: PreprocessedRequest) -> RoutingDecision:
-        """Select workers for ``request`` without running it or booking any load.
+    async def query(self, request: PreprocessedRequest, *, book: bool = False) -> RoutingDecision:
+        """Select workers for ``request`` without running it.
 
         Returns the decision: prompt tokens, decode and prefill worker ids (equal when
-        aggregated). Waits only for the actors.
+        aggregated). With ``book=True`` the router books the request's load on the chosen
+        workers as if it ran here, until `free` (and `mark_prefill_complete`) release it: the
+        bookkeeping for a gateway that sends requests to the workers itself. Waits only for
+        the actors.
 
         Raises:
             RequestError: a bad field (e.g. an unknown worker id).
@@ -342,7 +361,7 @@ class Pipeline:
         try:
             self._check_hints(request)
             fsm.fire(Trigger.PREPROCESS)
-            selection = await self._route(Route(request, request_id, track=False))
+            selection = await self._route(Route(request, request_id, track=book))
             decision = selection.decision
             fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
             fsm.fire(Trigger.ANSWER, worker_id=decision.decode_worker_id)
@@ -380,10 +399,11 @@ class Pipeline:
         fsm = RequestFsm(request_id, self.mode, self._log)
         hints = request.routing
         track = hints is None or hints.enable_local_updates is not False
-        stops = TokenStops(request, enforce=self._frontend_post)
+        post: Postprocessor
         router = self._router
         try:
             self._check_hints(request)
+            post = self._postprocessor(request)
             fsm.fire(Trigger.PREPROCESS)
             if request.request_id != request_id:
                 request = attrs.evolve(request, request_id=request_id)
@@ -424,7 +444,7 @@ class Pipeline:
                                     router.send_nowait(PrefillComplete(request_id))
                             if output.usage is not None and output.usage.cached_tokens:
                                 cached_tokens = output.usage.cached_tokens
-                            passed = stops.process(output)
+                            passed = post.process(output)
                             if passed is None:
                                 continue
                             generated.extend(passed.token_ids)
@@ -433,7 +453,7 @@ class Pipeline:
                                     passed,
                                     usage=Usage(
                                         prompt_tokens=len(request.token_ids),
-                                        completion_tokens=stops.count,
+                                        completion_tokens=post.count,
                                         cached_tokens=cached_tokens,
                                     ),
                                 )
@@ -454,11 +474,12 @@ class Pipeline:
                         # Every token arrived; only the final frame was lost.
                         fsm.fire(Trigger.FINISH, worker_id=worker_id, detail=str(exc))
                         self.stats.done += 1
-                        yield EngineOutput(
-                            finish_reason="length",
+                        last = post.process(EngineOutput(finish_reason="length"))
+                        yield attrs.evolve(
+                            last or EngineOutput(finish_reason="length"),
                             usage=Usage(
                                 prompt_tokens=len(request.token_ids),
-                                completion_tokens=stops.count,
+                                completion_tokens=post.count,
                                 cached_tokens=cached_tokens,
                             ),
                         )
@@ -623,6 +644,15 @@ class Pipeline:
             )
         self._in_flight.add(request_id)
         return request_id
+
+    def _postprocessor(self, request: PreprocessedRequest) -> Postprocessor:
+        if self._frontend_post and request.detokenize and self.tokenizer is None:
+            raise RequestError(
+                "detokenize=True needs a tokenizer in the frontend (postprocessing='frontend'); "
+                "build the pipeline with Components(tokenizer=...), or send token ids only",
+                field="stop" if request.stop else "detokenize",
+            )
+        return Postprocessor(request, enforce=self._frontend_post, tokenizer=self.tokenizer)
 
     def _check_hints(self, request: PreprocessedRequest) -> None:
         hints = request.routing

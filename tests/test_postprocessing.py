@@ -70,7 +70,9 @@ async def test_engine_postprocessing_passes_text_and_stops_through(
 ) -> None:
     reference = await _reference()
     stop = reference[6]
-    request = PreprocessedRequest(token_ids=prompt(16), max_tokens=10, stop_token_ids=[stop])
+    request = PreprocessedRequest(
+        token_ids=prompt(16), max_tokens=10, stop_token_ids=[stop], detokenize=True
+    )
     worker = _Recorder(1)
     config = PipelineConfig(postprocessing="engine")
     async with build_pipeline(config, Components(workers=[worker])) as pipeline:

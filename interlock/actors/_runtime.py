@@ -183,6 +183,12 @@ async def _handle_one(actor: Actor, message: Any, reply: _Reply | None) -> None:
         if reply is not None:
             reply.set(outcome.Error(_crashed(actor, exc)))
         raise
+    except BaseException:
+        # Cancelled mid-handler (the pipeline is closing): the message has left the mailbox,
+        # so nothing else would ever answer this asker.
+        if reply is not None:
+            reply.set(outcome.Error(PipelineClosed(f"the {actor.name} actor stopped")))
+        raise
     else:
         if type(result) is Forward:
             try:

@@ -1,11 +1,14 @@
 """Converting wire messages to and from plain data (JSON, msgpack, TOML-shaped dicts).
 
-One converter, built once. Structuring forbids unknown keys, so a typo in a field name is an
-error that names it rather than a value silently dropped.
+One converter, built once. Structuring is strict: unknown keys are refused, and a value of the
+wrong type is refused rather than coerced (cattrs would turn ``"3"`` or ``2.7`` into ``3``
+and a string into a tuple of characters, silently changing a client's request). Errors name
+the field.
 """
 
 from __future__ import annotations
 
+from array import array
 from typing import Any, TypeVar
 
 import cattrs
@@ -17,14 +20,43 @@ T = TypeVar("T")
 
 converter = cattrs.Converter(forbid_extra_keys=True)
 
-# Scalars pass through unchanged: cattrs would coerce them (int("3"), int(2.7), int(True)),
-# which turns a client's mistake into a silently different request. The message classes'
-# own validators check types and name the field.
+
+def _strict(kind: type) -> Any:
+    def structure(value: Any, _type: Any) -> Any:
+        if type(value) is kind or (kind is float and type(value) is int):
+            return value
+        raise TypeError(f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
+
+    return structure
+
+
 for _scalar in (int, float, str, bool):
-    converter.register_structure_hook(_scalar, lambda value, _type: value)
-converter.register_structure_hook_func(
-    lambda kind: kind in (tuple[int, ...], tuple[str, ...]), lambda value, _type: value
-)
+    converter.register_structure_hook(_scalar, _strict(_scalar))
+
+
+def _int_tuple(value: Any, _type: Any) -> tuple[int, ...]:
+    if type(value) not in (list, tuple):
+        raise TypeError(f"must be a list of integers, got {type(value).__name__}")
+    result = tuple(value)
+    try:
+        # array('q') checks in C that every element is an int; ranges are the classes' job.
+        array("q", result)
+    except (TypeError, OverflowError):
+        bad = next((v for v in result if type(v) is not int), None)
+        raise TypeError(f"must be a list of integers; found {bad!r}") from None
+    if any(type(v) is bool for v in result):
+        raise TypeError("must be a list of integers; found a boolean")
+    return result
+
+
+def _str_tuple(value: Any, _type: Any) -> tuple[str, ...]:
+    if type(value) not in (list, tuple) or not all(type(v) is str for v in value):
+        raise TypeError("must be a list of strings")
+    return tuple(value)
+
+
+converter.register_structure_hook_func(lambda kind: kind == tuple[int, ...], _int_tuple)
+converter.register_structure_hook_func(lambda kind: kind == tuple[str, ...], _str_tuple)
 converter.register_unstructure_hook_func(
     lambda kind: getattr(kind, "__origin__", kind) in (frozenset, set),
     lambda value: sorted(value),
@@ -48,26 +80,23 @@ def from_builtins(data: Any, cls: type[T]) -> T:
         raise
     except ClassValidationError as group:
         raise _first_error(group, cls.__name__) from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, AttributeError) as exc:
         raise RequestError(f"invalid {cls.__name__}: {exc}", field=cls.__name__) from None
 
 
-def _first_error(group: BaseException, where: str) -> RequestError:
-    if isinstance(group, RequestError):
-        return group
-    if isinstance(group, ForbiddenExtraKeysError):
-        keys = sorted(group.extra_fields)
-        return RequestError(f"unknown field {keys[0]!r} in {where}", field=keys[0])
-    if isinstance(group, BaseExceptionGroup):
-        notes = getattr(group, "__notes__", [])
-        for exc in group.exceptions:
-            inner = _first_error(exc, where)
-            field = inner.field
-            for note in getattr(exc, "__notes__", []) or notes:
-                if "attribute" in note and "'" in note:
-                    field = note.split("'")[1]
-                    break
-            if field != where:
-                return RequestError(str(inner), field=field)
-            return inner
-    return RequestError(f"invalid {where}: {group}", field=where)
+def _first_error(error: BaseException, where: str, field: str | None = None) -> RequestError:
+    """The first leaf error of a cattrs validation group, as a `RequestError` naming the
+    innermost field it concerns."""
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, ForbiddenExtraKeysError):
+        keys = sorted(error.extra_fields)
+        return RequestError(f"unknown field {keys[0]!r} in {error.cl.__name__}", field=keys[0])
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            name = field
+            for note in getattr(inner, "__notes__", ()):
+                name = getattr(note, "name", None) or name
+            return _first_error(inner, where, name if isinstance(name, str) else field)
+    name = field or where
+    return RequestError(f"{name} {error}", field=name)

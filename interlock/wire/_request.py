@@ -75,6 +75,13 @@ def _token_id_list(inst: Any, attribute: attrs.Attribute[Any], value: tuple[int,
     check_token_ids(value, attribute.name)
 
 
+def _stop_strings(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _strings(inst, attribute, value)
+    for index, text in enumerate(value):
+        if not text:
+            raise RequestError(f"stop[{index}] is an empty string", field="stop")
+
+
 def _worker_id(inst: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
     if value is None:
         return
@@ -194,12 +201,21 @@ class PreprocessedRequest:
     request_id: str | None = attrs.field(default=None, validator=_is(str, optional=True))
     model: str | None = attrs.field(default=None, validator=_is(str, optional=True))
     annotations: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple, validator=_strings)
-    #: The engine should return text with its tokens (postprocessing='engine').
+    #: Return text with the tokens: detokenized by the frontend (postprocessing='frontend',
+    #: which needs a tokenizer) or by the engine (postprocessing='engine').
     detokenize: bool = attrs.field(default=False, validator=_is(bool))
+    #: Stop strings: generation ends at the first one (hidden unless
+    #: ``include_stop_str_in_output``). They need text, so ``detokenize=True``.
+    stop: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple, validator=_stop_strings)
+    include_stop_str_in_output: bool = attrs.field(default=False, validator=_is(bool))
     #: Set by the disaggregation orchestrator on a decode leg.
     prefill_result: PrefillResult | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.stop and not self.detokenize:
+            raise RequestError(
+                "stop strings match text, so they need detokenize=True", field="stop"
+            )
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise RequestError(
                 f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}",

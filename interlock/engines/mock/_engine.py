@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
 import trio
 
 from ..._errors import WorkerGone, WorkerRefused
+from ...processing import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from ...wire import (
     EngineOutput,
     PrefillResult,
@@ -77,6 +78,7 @@ _BROKEN = _Broken()
 class _Sequence:
     __slots__ = (
         "cancelled",
+        "detok",
         "finished",
         "generated",
         "max_new",
@@ -89,6 +91,7 @@ class _Sequence:
         "request_id",
         "seed",
         "send",
+        "stop_text",
         "stops",
     )
 
@@ -106,6 +109,8 @@ class _Sequence:
         self.finished = False
         self.seed = request.sampling.seed or 0
         self.stops = stops
+        self.detok: IncrementalDetokenizer | None = None
+        self.stop_text: StopStringMatcher | None = None
         self.send, self.receive = trio.open_memory_channel[Any](math.inf)
 
 
@@ -161,7 +166,10 @@ class MockEngine:
 
     Tokens are a deterministic function of ``seed``, the request's sampling seed, the previous
     token and the position, so a request that migrates to another engine with the same seed
-    continues exactly as it would have.
+    continues exactly as it would have. ``token_pool`` restricts them to a set of ids (say,
+    the ids of real words under a tokenizer). With ``postprocessing='engine'`` the engine
+    applies the stop conditions itself and returns text: decoded with ``tokenizer`` when it
+    has one, `mock_token_text` otherwise.
 
     Fault injection: `crash` (streams break; new ones are refused until `restart`),
     ``crash_after_tokens`` (crash once that many tokens were emitted in all), `refuse_new`,
@@ -182,6 +190,8 @@ class MockEngine:
         max_num_batched_tokens: int = 8192,
         max_model_len: int = 32_768,
         vocab_size: int = 32_000,
+        token_pool: Sequence[int] | None = None,
+        tokenizer: Tokenizer | None = None,
         crash_after_tokens: int | None = None,
     ) -> None:
         if role not in ROLES:
@@ -199,6 +209,10 @@ class MockEngine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        #: Generated tokens are drawn from this pool (e.g. the ids of real words) if given.
+        self.token_pool = tuple(token_pool) if token_pool else None
+        #: Turns tokens into text when a request asks the engine to detokenize.
+        self.tokenizer = tokenizer
         self.crash_after_tokens = crash_after_tokens
         #: Counters for tests and reports.
         self.tokens_emitted = 0
@@ -238,7 +252,14 @@ class MockEngine:
         stops = frozenset(request.stop_token_ids) | (
             frozenset() if request.ignore_eos else frozenset(request.eos_token_ids)
         )
-        return _MockStream(self, _Sequence(request, request_id, stops))
+        seq = _Sequence(request, request_id, stops)
+        if request.detokenize and self.tokenizer is not None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=request.token_ids)
+        if request.stop:
+            seq.stop_text = StopStringMatcher(
+                request.stop, include_stop_str_in_output=request.include_stop_str_in_output
+            )
+        return _MockStream(self, seq)
 
     def add_listener(self, listener: EventListener) -> Callable[[], None]:
         self._listeners.append(listener)
@@ -424,6 +445,7 @@ class MockEngine:
 
     def _emit_step(self) -> None:
         vocab = self.vocab_size
+        pool = self.token_pool
         engine_seed = self.seed
         next_token = mock_next_token
         finished: list[_Sequence] = []
@@ -435,8 +457,10 @@ class MockEngine:
                 seq.prompt_len + seq.generated,
                 engine_seed=engine_seed,
                 request_seed=seq.seed,
-                vocab=vocab,
+                vocab=vocab if pool is None else len(pool),
             )
+            if pool is not None:
+                token = pool[token]
             seq.prev_token = token
             generated_before = seq.generated
             seq.generated += 1
@@ -449,7 +473,7 @@ class MockEngine:
                 seq.prompt_len + seq.generated >= self.max_model_len
             ):
                 finish = "length"
-            self._send_token(seq, token, hidden, finish)
+            finish = self._send_token(seq, token, hidden, finish)
             if finish is not None:
                 finished.append(seq)
             self.tokens_emitted += 1
@@ -462,8 +486,26 @@ class MockEngine:
         for done in finished:
             self._finish(done)
 
-    def _send_token(self, seq: _Sequence, token: int, hidden: bool, finish: str | None) -> None:
+    def _send_token(
+        self, seq: _Sequence, token: int, hidden: bool, finish: str | None
+    ) -> str | None:
         request = seq.request
+        text = None
+        if request.detokenize:
+            if hidden:
+                text = ""
+            elif seq.detok is not None:
+                text = seq.detok.push((token,))
+            else:
+                text = mock_token_text(token)
+            if finish is not None and seq.detok is not None:
+                text += seq.detok.flush()
+            if seq.stop_text is not None:
+                text, stopped = seq.stop_text.push(text)
+                if stopped:
+                    finish = "stop"
+                elif finish is not None:
+                    text += seq.stop_text.flush()
         usage = prefill_result = None
         if finish is not None:
             completion = seq.generated - (1 if hidden else 0)
@@ -486,12 +528,13 @@ class MockEngine:
         seq.send.send_nowait(
             EngineOutput(
                 token_ids=() if hidden else (token,),
-                text=(mock_token_text(token) if not hidden else "") if request.detokenize else None,
+                text=text,
                 finish_reason=finish,  # type: ignore[arg-type]
                 usage=usage,
                 prefill_result=prefill_result,
             )
         )
+        return finish
 
     def _finish(self, seq: _Sequence) -> None:
         if self._running.pop(id(seq), None) is not None:
