@@ -31,11 +31,19 @@ class ActiveSequence:
 
 @attrs.frozen
 class WorkerSnapshot:
-    """A worker's state, for rebuilding a router after a restart."""
+    """A worker's state, for rebuilding a router after a restart or an event gap.
+
+    ``kv_blocks`` is its whole KV cache as stored events, parents first, current as of event
+    ``kv_last_event_id`` (-1 before the first event); empty for a worker that publishes no KV
+    events.
+    """
 
     worker_id: int
     role: Role
     active: tuple[ActiveSequence, ...] = ()
+    kv_blocks: tuple[Any, ...] = ()
+    kv_last_event_id: int = -1
+    block_size: int | None = None
 
 
 @runtime_checkable

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -18,6 +19,8 @@ import attrs
 import trio
 
 from ..wire import to_builtins
+
+_logger = logging.getLogger("interlock.transitions")
 
 #: Bumped whenever a record field is added, removed or changes meaning.
 SCHEMA_VERSION = 1
@@ -131,21 +134,55 @@ class JsonlSink:
     """Appends records to a JSONL file from a background task, never blocking the pipeline.
 
     Records wait in a bounded buffer; when it is full, new records are dropped and counted in
-    ``dropped`` (the pipeline's close reports the count). Run `serve` in a nursery; it flushes
-    what is buffered when cancelled.
+    ``dropped``, and the count is logged (logger ``interlock.transitions``, at most once per
+    second of trio time, and once more when `serve` ends), so a record is never lost silently.
+    A batch the file system refuses (disk full, no permission) counts as dropped too: a sink
+    must not take the pipeline down. Run `serve` in a nursery; it flushes what is buffered when
+    cancelled.
+
+    With ``max_bytes``, the file rotates like `logging.handlers.RotatingFileHandler`: before a
+    record would take it past ``max_bytes``, ``path`` becomes ``path.1`` (``path.1`` becomes
+    ``path.2``, and so on up to ``path.<backups>``; the oldest is deleted) and a new file starts.
+    A file grows past ``max_bytes`` only when one record alone is larger. ``backups=0`` keeps no
+    old file. Read a rotated log oldest first: ``path.<backups>`` ... ``path.1``, ``path``.
+
+    Raises:
+        ValueError: ``max_bytes`` below 1, or ``backups`` below 0.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, buffer_size: int = 65_536) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        buffer_size: int = 65_536,
+        max_bytes: int | None = None,
+        backups: int = 5,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(
+                f"max_bytes must be at least 1 (or None to never rotate), got {max_bytes}"
+            )
+        if backups < 0:
+            raise ValueError(f"backups must be 0 or more, got {backups}")
         self.path = os.fspath(path)
         self.buffer_size = buffer_size
+        self.max_bytes = max_bytes
+        self.backups = backups
         self.dropped = 0
         self.written = 0
+        #: How many times the file was rotated.
+        self.rotations = 0
+        self._clock = clock
+        self._reported = 0
+        self._last_report: float | None = None
         self._buffer: collections.deque[TransitionRecord] = collections.deque()
         self._wakeup = trio.Event()
 
     def offer(self, record: TransitionRecord) -> None:
         if len(self._buffer) >= self.buffer_size:
             self.dropped += 1
+            self._report_dropped()
             return
         self._buffer.append(record)
         if len(self._buffer) == 1:
@@ -159,21 +196,89 @@ class JsonlSink:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 await trio.to_thread.run_sync(self._write_batch)
+                self._report_dropped()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._write_batch)
+            self._report_dropped(final=True)
+
+    def _report_dropped(self, *, final: bool = False) -> None:
+        # Runs on the hot path when the buffer is full: one clock read, one log line a second.
+        unreported = self.dropped - self._reported
+        if not unreported:
+            return
+        try:
+            now: float | None = self._clock()
+        except RuntimeError:  # outside trio.run: no clock, so only the final report logs
+            now = None
+        if not final:
+            if now is None:
+                return
+            if self._last_report is not None and now - self._last_report < 1.0:
+                return
+        self._last_report = now
+        self._reported = self.dropped
+        _logger.warning(
+            "transition log %s fell behind: %d record(s) dropped since the last report, %d in "
+            "total; the log is missing them (raise buffer_size, or write to a faster disk)",
+            self.path,
+            unreported,
+            self.dropped,
+        )
 
     def _write_batch(self) -> None:
+        # Runs in a worker thread; offer() appends on the trio thread (deque ops are atomic).
         lines: list[str] = []
         while self._buffer:
             record = self._buffer.popleft()
             lines.append(
                 json.dumps(record.to_json_dict(), separators=(",", ":"), default=_json_fallback)
             )
-        if lines:
+        if not lines:
+            return
+        written_before = self.written
+        try:
+            self._write_lines(lines)
+        except OSError as exc:
+            self.dropped += len(lines) - (self.written - written_before)
+            _logger.error("transition log %s: cannot write: %s", self.path, exc)
+
+    def _write_lines(self, lines: list[str]) -> None:
+        if self.max_bytes is None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
             self.written += len(lines)
+            return
+        limit = self.max_bytes
+        pending = list(lines)
+        while pending:
+            with open(self.path, "a", encoding="utf-8") as f:
+                size = os.fstat(f.fileno()).st_size
+                chunk: list[str] = []
+                for line in pending:
+                    # json.dumps escapes non-ASCII, so characters are bytes.
+                    needed = len(line) + 1
+                    if size + needed > limit and (size or chunk):
+                        break
+                    chunk.append(line)
+                    size += needed
+                if chunk:
+                    f.write("\n".join(chunk) + "\n")
+                    self.written += len(chunk)
+            pending = pending[len(chunk) :]
+            if pending:
+                self._rotate()
+
+    def _rotate(self) -> None:
+        if self.backups == 0:
+            os.remove(self.path)
+        else:
+            for index in range(self.backups - 1, 0, -1):
+                older = f"{self.path}.{index}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.path}.{index + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        self.rotations += 1
 
 
 def _json_fallback(value: Any) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 import trio
 
 from ..._errors import WorkerGone, WorkerRefused
+from ...kv import compute_block_hashes, compute_sequence_hashes
 from ...processing import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from ...wire import (
     EngineOutput,
@@ -22,6 +23,7 @@ from ...wire import (
     WorkerLeft,
 )
 from .._protocol import ROLES, ActiveSequence, EventListener, Role, WorkerSnapshot
+from ._kv_cache import MockKvCache
 from ._timing import MockTiming
 
 _MASK32 = 0xFFFF_FFFF
@@ -83,6 +85,7 @@ class _Sequence:
         "generated",
         "max_new",
         "new_tokens",
+        "partials",
         "prefill_done",
         "prev_token",
         "prompt_len",
@@ -91,8 +94,11 @@ class _Sequence:
         "request_id",
         "seed",
         "send",
+        "seq_hashes",
         "stop_text",
         "stops",
+        "tokens",
+        "tokens_hashes",
     )
 
     def __init__(self, request: PreprocessedRequest, request_id: str, stops: frozenset[int]):
@@ -111,6 +117,11 @@ class _Sequence:
         self.stops = stops
         self.detok: IncrementalDetokenizer | None = None
         self.stop_text: StopStringMatcher | None = None
+        #: Prompt plus generated tokens: what the KV cache holds for this sequence.
+        self.tokens = list(request.token_ids)
+        self.seq_hashes: list[int] = []
+        self.tokens_hashes: list[int] = []
+        self.partials = 0
         self.send, self.receive = trio.open_memory_channel[Any](math.inf)
 
 
@@ -158,11 +169,16 @@ class _MockStream:
 class MockEngine:
     """A simulated worker.
 
-    It batches like a vLLM-style scheduler (a FIFO waiting queue; at most ``max_num_seqs``
-    running; at most ``max_num_batched_tokens`` new prompt tokens per step; admission only
-    while the prompt's KV blocks fit under ``(1 - watermark)`` of ``num_gpu_blocks``). Each
-    step takes the reference mocker's time (`MockTiming`), prefills what it admitted and gives
-    every running sequence one token.
+    It keeps a paged KV cache (`MockKvCache`: ``num_gpu_blocks`` blocks of ``block_size``
+    tokens, prefix caching, LRU eviction of unreferenced blocks) and announces every change
+    to its listeners as KV events (a decode-role worker, like the reference's, announces
+    none). It schedules like vLLM: a FIFO waiting queue; at most ``max_num_seqs`` running; at
+    most ``max_num_batched_tokens`` uncached prompt tokens prefilled per step; admission only
+    while the active blocks stay under ``(1 - watermark)`` of the cache; when a running
+    sequence needs a block and none is left, the newest running sequence is preempted (its
+    blocks freed, its tokens recomputed when it is admitted again; its stream just pauses).
+    Each step takes the reference mocker's time (`MockTiming`): prefill counts only uncached
+    tokens, decode depends on how full the cache is.
 
     Tokens are a deterministic function of ``seed``, the request's sampling seed, the previous
     token and the position, so a request that migrates to another engine with the same seed
@@ -222,8 +238,8 @@ class MockEngine:
         self.crashes = 0
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: dict[int, _Sequence] = {}
-        self._active_blocks = 0
-        self._active_tokens = 0
+        self.preemptions = 0
+        self._cache = self._new_cache()
         self._down = False
         self._refusing = False
         self._registered = True
@@ -283,7 +299,15 @@ class MockEngine:
             for s in (*self._running.values(), *self._waiting)
             if not s.cancelled and not s.finished
         ]
-        return WorkerSnapshot(worker_id=self._instance_id, role=self._role, active=tuple(active))
+        publishes = self._role != "decode"
+        return WorkerSnapshot(
+            worker_id=self._instance_id,
+            role=self._role,
+            active=tuple(active),
+            kv_blocks=tuple(self._cache.dump()) if publishes else (),
+            kv_last_event_id=self._cache.next_event_id - 1,
+            block_size=self.block_size,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the scheduler until cancelled; streams still open then are broken."""
@@ -299,6 +323,11 @@ class MockEngine:
     def active_requests(self) -> int:
         """Requests admitted and not yet finished or cancelled (waiting or running)."""
         return len(self._running) + sum(1 for s in self._waiting if not s.cancelled)
+
+    @property
+    def kv_cache(self) -> MockKvCache:
+        """The KV cache (read it in tests; the engine owns it)."""
+        return self._cache
 
     @property
     def is_down(self) -> bool:
@@ -322,6 +351,8 @@ class MockEngine:
 
     def restart(self) -> None:
         """Come back up after `crash`, empty, and rejoin discovery."""
+        if self._down:
+            self._cache = self._new_cache()
         self._down = False
         self._refusing = False
         self._stalled_until = -math.inf
@@ -372,6 +403,17 @@ class MockEngine:
         self._waiting.append(seq)
         self._wake.set()
 
+    def _new_cache(self) -> MockKvCache:
+        # Decode-only workers, like the reference's, announce no KV events.
+        emit = self._publish if self._role != "decode" else None
+        return MockKvCache(
+            self.num_gpu_blocks, self.block_size, worker_id=self._instance_id, emit=emit
+        )
+
+    def _publish(self, event: Any) -> None:
+        for listener in list(self._listeners):
+            listener(event)
+
     def _release(self, seq: _Sequence) -> None:
         if seq.finished or seq.cancelled:
             return
@@ -381,8 +423,10 @@ class MockEngine:
             self._free(seq)
 
     def _free(self, seq: _Sequence) -> None:
-        self._active_blocks -= -(-seq.prompt_len // self.block_size)
-        self._active_tokens -= seq.prompt_len + seq.generated
+        self._cache.release(seq.seq_hashes, partials=seq.partials)
+        seq.seq_hashes = []
+        seq.tokens_hashes = []
+        seq.partials = 0
 
     def _break_all(self) -> None:
         self._epoch += 1
@@ -392,12 +436,11 @@ class MockEngine:
                 seq.send.send_nowait(_BROKEN)
         self._running.clear()
         self._waiting.clear()
-        self._active_blocks = 0
-        self._active_tokens = 0
+        # The process is gone: its cache with it (a router forgets it when it leaves).
+        self._cache.clear(announce=False)
 
     async def _schedule_forever(self) -> None:
         timing = self.timing
-        capacity_tokens = self.num_gpu_blocks * self.block_size
         block_budget = (1.0 - self.watermark) * self.num_gpu_blocks
         while True:
             if not self._running and not self._waiting:
@@ -407,11 +450,12 @@ class MockEngine:
             if self._stalled_until > trio.current_time():
                 await trio.sleep_until(self._stalled_until)
                 continue
+            self._reserve_tail_blocks()
             new_tokens = self._admit_waiting(block_budget)
             decoding = any(s.prefill_done for s in self._running.values())
             step = timing.prefill_seconds(new_tokens)
             if decoding:
-                step += timing.decode_seconds(self._active_tokens / capacity_tokens)
+                step += timing.decode_seconds(self._cache.active_blocks / self.num_gpu_blocks)
             epoch = self._epoch
             if step > 0:
                 await trio.sleep(step * self._slow_factor)
@@ -421,26 +465,60 @@ class MockEngine:
                 continue  # crashed or stalled meanwhile: this step produced nothing
             self._emit_step()
 
+    def _reserve_tail_blocks(self) -> None:
+        """Give every running sequence whose next token starts a new block that block,
+        preempting the newest sequences when the cache is full."""
+        block_size = self.block_size
+        cache = self._cache
+        for seq in list(self._running.values()):
+            if id(seq) not in self._running or len(seq.tokens) % block_size:
+                continue
+            while not cache.add_partial():
+                victim = next(reversed(self._running.values()))
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                seq.partials += 1
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self.preemptions += 1
+        del self._running[id(seq)]
+        self._free(seq)
+        seq.prefill_done = False
+        # Recompute everything it holds when admitted again; its stream simply waits.
+        seq.new_tokens = len(seq.tokens)
+        self._waiting.appendleft(seq)
+
     def _admit_waiting(self, block_budget: float) -> int:
         waiting = self._waiting
         running = self._running
+        cache = self._cache
+        block_size = self.block_size
         new_tokens = 0
         while waiting and len(running) < self.max_num_seqs:
             seq = waiting[0]
             if seq.cancelled:
                 waiting.popleft()
                 continue
-            blocks = -(-seq.prompt_len // self.block_size)
-            if running and (
-                self._active_blocks + blocks > block_budget
-                or new_tokens + seq.new_tokens > self.max_num_batched_tokens
-            ):
+            tokens = seq.tokens
+            local = compute_block_hashes(tokens, block_size)
+            hashes = compute_sequence_hashes(local)
+            transferred = seq.request.prefill_result is not None and not seq.generated
+            uncached = 0 if transferred else len(tokens) - cache.cached_prefix(hashes) * block_size
+            if running and new_tokens + uncached > self.max_num_batched_tokens:
+                break
+            partial = len(tokens) % block_size != 0
+            limit = block_budget if running else None
+            if not cache.acquire(hashes, local, partial=partial, limit=limit):
                 break
             waiting.popleft()
+            seq.seq_hashes = hashes
+            seq.tokens_hashes = local
+            seq.partials = 1 if partial else 0
+            seq.new_tokens = uncached
             running[id(seq)] = seq
-            self._active_blocks += blocks
-            self._active_tokens += seq.prompt_len
-            new_tokens += seq.new_tokens
+            new_tokens += uncached
         return new_tokens
 
     def _emit_step(self) -> None:
@@ -448,6 +526,8 @@ class MockEngine:
         pool = self.token_pool
         engine_seed = self.seed
         next_token = mock_next_token
+        block_size = self.block_size
+        cache = self._cache
         finished: list[_Sequence] = []
         crash_at = self.crash_after_tokens
         for seq in list(self._running.values()):
@@ -464,7 +544,19 @@ class MockEngine:
             seq.prev_token = token
             generated_before = seq.generated
             seq.generated += 1
-            self._active_tokens += 1
+            tokens = seq.tokens
+            tokens.append(token)
+            if len(tokens) % block_size == 0 and seq.partials:
+                # The tail block is full: it becomes a shareable, announced block.
+                local = compute_block_hashes(tokens[-block_size:], block_size)[0]
+                parent = seq.seq_hashes[-1] if seq.seq_hashes else None
+                seq_hash = (
+                    compute_sequence_hashes((parent, local))[1] if parent is not None else local
+                )
+                cache.fill_partial(seq_hash, local, parent)
+                seq.seq_hashes.append(seq_hash)
+                seq.tokens_hashes.append(local)
+                seq.partials -= 1
             finish: str | None = None
             hidden = False
             if token in seq.stops and generated_before >= seq.request.min_tokens:
