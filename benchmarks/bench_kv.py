@@ -17,6 +17,7 @@ conversation history (everything but its last turn) is cached on 3 of the worker
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import sys
@@ -38,7 +39,7 @@ from interlock.kv import (
     select_worker,
 )
 
-PROMPT_TOKENS = (1_024, 8_192, 32_768, 131_072)
+PROMPT_TOKENS = (1_024, 8_192, 32_768, 100_000, 131_072)
 WORKER_COUNTS = (8, 64, 512)
 SYSTEM_PROMPT_TOKENS = 2_048
 LAST_TURN_TOKENS = 512
@@ -189,10 +190,25 @@ def bench_events(block_size: int) -> None:
 
     seconds = median_seconds(run, 3)
     indexer = run()
+    count = len(events)
+    events.clear()
+    live.clear()
+    with_index = gc_pause()
+    nodes = indexer.node_count
+    del indexer
     print(
-        f"\nindexer events: {len(events)} events over {workers} workers in {seconds * 1e3:.0f} ms "
-        f"= {len(events) / seconds:,.0f} events/s; final tree {indexer.node_count:,} nodes"
+        f"\nindexer events: {count} events over {workers} workers in {seconds * 1e3:.0f} ms "
+        f"= {count / seconds:,.0f} events/s; final tree {nodes:,} nodes\n"
+        f"full gc.collect(): {with_index * 1e3:.1f} ms with that index alive, "
+        f"{gc_pause() * 1e3:.1f} ms without"
     )
+
+
+def gc_pause() -> float:
+    gc.collect()
+    started = time.perf_counter()
+    gc.collect()
+    return time.perf_counter() - started
 
 
 def bench_approx(block_size: int, repeats: int) -> None:

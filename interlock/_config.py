@@ -58,7 +58,7 @@ def _typed(
                 f"{attribute.name} must be {expected}, got {type(value).__name__} {value!r}",
                 knobs=(attribute.name,),
             )
-        if kind is float and not math.isfinite(value):
+        if kind is float and not _finite(value):
             raise ConfigError(
                 f"{attribute.name} must be a finite number, got {value!r}",
                 knobs=(attribute.name,),
@@ -70,6 +70,13 @@ def _typed(
             )
 
     return check
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large to be a float
+        return False
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -278,8 +285,14 @@ class PipelineConfig:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"configuration file {str(p)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{str(p)!r} is a directory, not a TOML file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{str(p)!r} is not UTF-8 text: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {str(p)!r}: {exc.strerror}") from None
         table = data.get("interlock", data) if set(data) <= {"interlock"} else data
         try:
             return cls.from_dict(table)

@@ -3,6 +3,8 @@ state and back-off, giving up with the original error, forwarding, and shutdown.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -12,6 +14,19 @@ import trio.testing
 
 from interlock import ActorCrashed, InterlockError, PipelineClosed, RequestError
 from interlock.actors import Actor, ActorRef, Forward, RestartPolicy, Supervisor
+
+#: A virtual-time limit on every test: a reply that never comes fails the test instead of
+#: hanging it (under autojump_clock, the clock jumps straight to the deadline).
+DEADLINE = 10_000.0
+
+
+def bounded(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    @functools.wraps(test)
+    async def run(*args: Any, **kwargs: Any) -> None:
+        with trio.fail_after(DEADLINE):
+            await test(*args, **kwargs)
+
+    return run
 
 
 class Boom(Exception):
@@ -86,7 +101,8 @@ class Results:
 # --- Replies and errors -----------------------------------------------------------------------
 
 
-async def test_ask_returns_the_handler_value() -> None:
+@bounded
+async def test_ask_returns_the_handler_value(autojump_clock: trio.testing.MockClock) -> None:
     async with trio.open_nursery() as nursery:
         supervisor = Supervisor(nursery, RestartPolicy())
         ref, lifecycle = start_counter(supervisor)
@@ -97,7 +113,10 @@ async def test_ask_returns_the_handler_value() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_send_nowait_is_handled_in_order_without_a_reply() -> None:
+@bounded
+async def test_send_nowait_is_handled_in_order_without_a_reply(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with trio.open_nursery() as nursery:
         supervisor = Supervisor(nursery, RestartPolicy())
         ref, _ = start_counter(supervisor)
@@ -107,7 +126,10 @@ async def test_send_nowait_is_handled_in_order_without_a_reply() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_an_interlock_error_reaches_the_asker_and_the_actor_keeps_serving() -> None:
+@bounded
+async def test_an_interlock_error_reaches_the_asker_and_the_actor_keeps_serving(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with trio.open_nursery() as nursery:
         supervisor = Supervisor(nursery, RestartPolicy())
         ref, lifecycle = start_counter(supervisor)
@@ -124,6 +146,7 @@ async def test_an_interlock_error_reaches_the_asker_and_the_actor_keeps_serving(
 # --- Crashes and restarts ---------------------------------------------------------------------
 
 
+@bounded
 async def test_a_crash_reaches_the_asker_as_actor_crashed_with_the_cause(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -138,6 +161,7 @@ async def test_a_crash_reaches_the_asker_as_actor_crashed_with_the_cause(
         nursery.cancel_scope.cancel()
 
 
+@bounded
 async def test_a_crashed_actor_restarts_with_fresh_state(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -162,6 +186,7 @@ async def test_a_crashed_actor_restarts_with_fresh_state(
     assert lifecycle.stops == 2  # and for the last one, when it was cancelled
 
 
+@bounded
 async def test_messages_queued_behind_a_crash_survive_the_restart(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -194,6 +219,7 @@ async def test_messages_queued_behind_a_crash_survive_the_restart(
         nursery.cancel_scope.cancel()
 
 
+@bounded
 async def test_a_crash_without_an_asker_restarts_too(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -206,6 +232,7 @@ async def test_a_crash_without_an_asker_restarts_too(
         nursery.cancel_scope.cancel()
 
 
+@bounded
 async def test_crash_nowait_injects_a_crash_that_restarts_the_actor(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -226,6 +253,7 @@ async def test_crash_nowait_injects_a_crash_that_restarts_the_actor(
         nursery.cancel_scope.cancel()
 
 
+@bounded
 async def test_back_off_doubles_with_each_restart_in_the_window(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -245,6 +273,7 @@ async def test_back_off_doubles_with_each_restart_in_the_window(
         nursery.cancel_scope.cancel()
 
 
+@bounded
 async def test_too_many_crashes_in_the_window_give_up_with_the_original_error(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -271,6 +300,7 @@ async def test_too_many_crashes_in_the_window_give_up_with_the_original_error(
     assert isinstance(results.errors["late"], PipelineClosed)
 
 
+@bounded
 async def test_crashes_spread_beyond_the_window_never_give_up(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -290,6 +320,7 @@ async def test_crashes_spread_beyond_the_window_never_give_up(
         nursery.cancel_scope.cancel()
 
 
+@bounded
 async def test_a_second_crash_inside_the_window_gives_up_when_one_restart_is_allowed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -306,6 +337,7 @@ async def test_a_second_crash_inside_the_window_gives_up_when_one_restart_is_all
             await trio.sleep_forever()
 
 
+@bounded
 async def test_one_actor_crashing_does_not_restart_another(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -347,6 +379,7 @@ class Forwarder(Actor):
         return ("forwarder", self.forwarded, message)
 
 
+@bounded
 async def test_forward_makes_the_target_answer_the_original_asker(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -367,6 +400,7 @@ async def test_forward_makes_the_target_answer_the_original_asker(
         nursery.cancel_scope.cancel()
 
 
+@bounded
 async def test_forward_to_a_stopped_actor_answers_pipeline_closed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -384,7 +418,10 @@ async def test_forward_to_a_stopped_actor_answers_pipeline_closed(
 # --- Shutdown ---------------------------------------------------------------------------------
 
 
-async def test_asking_a_stopped_actor_raises_pipeline_closed() -> None:
+@bounded
+async def test_asking_a_stopped_actor_raises_pipeline_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with trio.open_nursery() as nursery:
         supervisor = Supervisor(nursery, RestartPolicy())
         ref, lifecycle = start_counter(supervisor)
@@ -397,42 +434,35 @@ async def test_asking_a_stopped_actor_raises_pipeline_closed() -> None:
     ref.crash_nowait()
 
 
+@bounded
 async def test_cancelling_the_supervisor_answers_queued_asks_with_pipeline_closed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gate = trio.Event()  # never set: "wait" is still being handled when the cancel comes
     results = Results()
-    async with trio.open_nursery() as askers:
-        async with trio.open_nursery() as supervised:
-            ref, _ = start_counter(Supervisor(supervised, RestartPolicy()), gate)
-            askers.start_soon(results.ask, ref, "wait", "wait")
-            await trio.testing.wait_all_tasks_blocked()
-            askers.start_soon(results.ask, ref, "queued-1", "queued-1")
-            askers.start_soon(results.ask, ref, "queued-2", "queued-2")
-            await trio.testing.wait_all_tasks_blocked()
-            supervised.cancel_scope.cancel()
+    async with trio.open_nursery() as askers, trio.open_nursery() as supervised:
+        ref, _ = start_counter(Supervisor(supervised, RestartPolicy()), gate)
+        askers.start_soon(results.ask, ref, "wait", "wait")
         await trio.testing.wait_all_tasks_blocked()
-        askers.cancel_scope.cancel()  # the in-flight "wait" ask: see the xfail below
+        askers.start_soon(results.ask, ref, "queued-1", "queued-1")
+        askers.start_soon(results.ask, ref, "queued-2", "queued-2")
+        await trio.testing.wait_all_tasks_blocked()
+        supervised.cancel_scope.cancel()
+        # Leaving `askers` waits until every asker has been answered.
     assert isinstance(results.errors.get("queued-1"), PipelineClosed)
     assert isinstance(results.errors.get("queued-2"), PipelineClosed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_handle_one only answers the asker on Exception: when the supervisor's nursery is "
-    "cancelled while a handler is awaiting, trio.Cancelled skips both reply.set and "
-    "fail_pending (the message already left the mailbox), so that asker waits forever",
-)
+@bounded
 async def test_cancelling_the_supervisor_answers_the_ask_being_handled(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gate = trio.Event()  # never set: the handler is still waiting when the cancel comes
     results = Results()
-    # Leaving `askers` waits for the asker to be answered; in virtual time, a hang ends at 60 s.
-    with trio.move_on_after(60):
-        async with trio.open_nursery() as askers, trio.open_nursery() as supervised:
-            ref, _ = start_counter(Supervisor(supervised, RestartPolicy()), gate)
-            askers.start_soon(results.ask, ref, "in-flight", "wait")
-            await trio.testing.wait_all_tasks_blocked()
-            supervised.cancel_scope.cancel()
+    async with trio.open_nursery() as askers, trio.open_nursery() as supervised:
+        ref, _ = start_counter(Supervisor(supervised, RestartPolicy()), gate)
+        askers.start_soon(results.ask, ref, "in-flight", "wait")
+        await trio.testing.wait_all_tasks_blocked()
+        supervised.cancel_scope.cancel()
+    # Leaving `askers` waited until the asker was answered (a hang hits the DEADLINE).
     assert isinstance(results.errors.get("in-flight"), PipelineClosed)

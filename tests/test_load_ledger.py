@@ -305,13 +305,6 @@ def test_rebuild_equals_booking_the_reported_sequences_one_by_one(
     assert ledger.loads() == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rebuild books a prefill worker's sequence whose prefill is done as an active "
-    "request (prefill tokens 0, blocks kept), while prefill_complete ends a prefill leg's "
-    "booking altogether ('that worker is done with the request'): a rebuilt ledger "
-    "over-counts the prefill worker until the request is freed",
-)
 def test_rebuild_of_a_finished_prefill_leg_books_what_prefill_complete_leaves() -> None:
     incremental = LoadLedger(BLOCK)
     incremental.add("a", 1, "prefill", 40)

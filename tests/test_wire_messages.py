@@ -61,6 +61,13 @@ def request(**changes: Any) -> PreprocessedRequest:
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"eos_token_ids": [2**40]}, "eos_token_ids"),
         ({"eos_token_ids": ["x"]}, "eos_token_ids"),
+        ({"stop": ["</s>"]}, "stop"),  # stop strings need detokenize=True
+        ({"stop": ["</s>", ""], "detokenize": True}, "stop"),
+        ({"stop": "</s>", "detokenize": True}, "stop"),
+        ({"detokenize": 1}, "detokenize"),
+        ({"include_stop_str_in_output": None}, "include_stop_str_in_output"),
+        ({"request_id": 7}, "request_id"),
+        ({"annotations": ["ok", 3]}, "annotations"),
     ],
 )
 def test_invalid_request_field_raises_request_error_naming_it(
@@ -106,11 +113,6 @@ def test_bool_token_ids_are_accepted_because_bool_is_an_int() -> None:
     assert made.stop_token_ids == (0,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_token_ids reports the first element that is not exactly an int: a bool "
-    "before the out-of-range id is named instead of the id that array('I') rejected",
-)
 def test_token_id_error_names_the_out_of_range_value_even_after_a_bool() -> None:
     with pytest.raises(RequestError, match=str(U32_MAX + 1)):
         request(token_ids=[True, U32_MAX + 1])
@@ -164,11 +166,6 @@ def test_invalid_option_raises_request_error_naming_it(cls: type, field: str, va
     assert info.value.field == field
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_float_at_least checks `value < minimum`, which is False for NaN, so NaN passes "
-    "as 'a number >= 0' (PipelineConfig rejects non-finite floats; the wire does not)",
-)
 @pytest.mark.parametrize(
     ("cls", "field"),
     [
@@ -227,6 +224,7 @@ PREFILL_RESULT = st.builds(
 def requests(draw: st.DrawFn) -> PreprocessedRequest:
     max_tokens = draw(st.none() | st.integers(1, 4096))
     min_tokens = draw(st.integers(0, max_tokens if max_tokens is not None else 4096))
+    detokenize = draw(st.booleans())
     return PreprocessedRequest(
         token_ids=draw(st.lists(TOKEN, min_size=1, max_size=16)),
         max_tokens=max_tokens,
@@ -240,7 +238,9 @@ def requests(draw: st.DrawFn) -> PreprocessedRequest:
         request_id=draw(st.none() | TEXT),
         model=draw(st.none() | TEXT),
         annotations=draw(st.lists(TEXT, max_size=3)),
-        detokenize=draw(st.booleans()),
+        detokenize=detokenize,
+        stop=draw(st.lists(st.text(min_size=1, max_size=8), max_size=2)) if detokenize else (),
+        include_stop_str_in_output=draw(st.booleans()),
         prefill_result=draw(st.none() | PREFILL_RESULT),
     )
 
@@ -269,7 +269,8 @@ SELECTION = st.builds(
     policy=st.sampled_from(["round_robin", "random", "kv", "direct", "preselected"]),
     chosen=WORKER,
     candidates=st.lists(CANDIDATE, max_size=3).map(tuple),
-    excluded=st.lists(WORKER, max_size=3).map(tuple),
+    # Worker ids up to 2**63 - 1 only: larger ones are the xfail below.
+    excluded=st.lists(st.integers(0, 2**63 - 1), max_size=3).map(tuple),
     reason=TEXT,
     inputs=JSON_DICT,
 )
@@ -285,20 +286,20 @@ DECISION = st.builds(
     prefill_dp_rank=SMALL,
     selections=st.lists(SELECTION, max_size=2).map(tuple),
 )
-# Messages whose every tuple field comes back as a tuple from plain data ...
-SOUND_MESSAGES = st.one_of(
+MESSAGES = st.one_of(
     requests(),
     HINTS,
     OVERRIDE,
     SAMPLING,
     PREFILL_RESULT,
     USAGE,
+    OUTPUT,
     CANDIDATE,
+    SELECTION,
+    DECISION,
     st.builds(WorkerJoined, WORKER),
     st.builds(WorkerLeft, WORKER),
 )
-# ... and those with a tuple[int, ...] field but no converter (see the xfail below).
-LIST_KEEPING_MESSAGES = st.one_of(OUTPUT, SELECTION, DECISION)
 MESSAGE_CLASSES = (
     PreprocessedRequest,
     RoutingHints,
@@ -338,6 +339,28 @@ def assert_tuple_fields_are_tuples(message: Any) -> None:
                     assert_tuple_fields_are_tuples(item)
 
 
+def test_the_request_generator_sets_every_request_field() -> None:
+    # A new PreprocessedRequest field must be added to `requests()` (and to this list).
+    assert [f.name for f in attrs.fields(PreprocessedRequest)] == [
+        "token_ids",
+        "max_tokens",
+        "min_tokens",
+        "stop_token_ids",
+        "eos_token_ids",
+        "ignore_eos",
+        "sampling",
+        "routing",
+        "router_config_override",
+        "request_id",
+        "model",
+        "annotations",
+        "detokenize",
+        "stop",
+        "include_stop_str_in_output",
+        "prefill_result",
+    ]
+
+
 def test_the_generators_cover_every_wire_message() -> None:
     import interlock.wire as wire
 
@@ -356,14 +379,14 @@ def round_trip(message: Any) -> Any:
     return from_builtins(data, type(message))
 
 
-@given(SOUND_MESSAGES)
+@given(MESSAGES)
 def test_every_message_round_trips_through_builtins(message: Any) -> None:
     rebuilt = round_trip(message)
     assert rebuilt == message
     assert_tuple_fields_are_tuples(rebuilt)
 
 
-@given(SOUND_MESSAGES)
+@given(MESSAGES)
 def test_every_message_round_trips_through_json(message: Any) -> None:
     text = json.dumps(to_builtins(message))
     rebuilt = from_builtins(json.loads(text), type(message))
@@ -371,18 +394,10 @@ def test_every_message_round_trips_through_json(message: Any) -> None:
     assert_tuple_fields_are_tuples(rebuilt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the strict-decoding structure hook passes tuple[int, ...] values through as the "
-    "list they arrive as; PreprocessedRequest converts them with _to_tuple, but "
-    "EngineOutput.token_ids, RoutingDecision.token_ids and SelectionRecord.excluded have no "
-    "converter, so they decode as lists and the message no longer equals the original",
-)
-@given(LIST_KEEPING_MESSAGES)
-def test_outputs_and_decisions_round_trip_with_tuples(message: Any) -> None:
-    rebuilt = round_trip(message)
-    assert_tuple_fields_are_tuples(rebuilt)
-    assert rebuilt == message
+@pytest.mark.parametrize("worker_id", [2**63, U64_MAX])
+def test_a_selection_excluding_a_large_u64_worker_id_round_trips(worker_id: int) -> None:
+    record = SelectionRecord(leg="agg", policy="round_robin", chosen=1, excluded=(worker_id,))
+    assert round_trip(record) == record
 
 
 def test_lists_become_tuples_in_a_request() -> None:
@@ -411,11 +426,6 @@ def test_lists_of_messages_become_tuples() -> None:
     assert selection.candidates == (CandidateRecord(worker_id=1),)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tuple[int, ...] fields without a converter stay lists after from_builtins "
-    "(RoutingDecision.token_ids, SelectionRecord.excluded, EngineOutput.token_ids)",
-)
 def test_lists_become_tuples_in_a_decision_and_an_output() -> None:
     decision = from_builtins(
         {
@@ -541,18 +551,14 @@ def test_from_builtins_refuses_values_of_the_wrong_type_instead_of_coercing(
     assert info.value.field == field
 
 
-def test_bool_token_ids_decode_as_bools() -> None:
-    # Documents current behaviour, as for the constructor: JSON `true` passes as token id 1.
-    made = from_builtins({"token_ids": [True, 3]}, PreprocessedRequest)
-    assert made.token_ids == (1, 3)
+def test_bool_token_ids_are_refused_when_decoding() -> None:
+    # Unlike the constructor (see test_bool_token_ids_are_accepted_because_bool_is_an_int),
+    # decoding refuses JSON `true` in a list of token ids.
+    with pytest.raises(RequestError, match="boolean") as info:
+        from_builtins({"token_ids": [True, 3]}, PreprocessedRequest)
+    assert info.value.field == "token_ids"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_first_error looks for a quoted name in cattrs' note, but cattrs writes "
-    "'Structuring class X @ attribute finish_reason' without quotes, so a value cattrs itself "
-    "refuses (a Literal) is reported with field=<class name> instead of the field",
-)
 @pytest.mark.parametrize(
     ("data", "cls", "field"),
     [
@@ -568,24 +574,37 @@ def test_value_outside_a_literal_names_the_field(
     assert info.value.field == field
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="strict decoding passes scalars through unconverted and relies on each class's "
-    "validators, but only the request classes have any: outputs, routing records and worker "
-    "events decode wrong-typed values (a str worker id, str token counts) without an error",
-)
 @pytest.mark.parametrize(
-    ("data", "cls"),
+    ("data", "cls", "field"),
     [
-        ({"worker_id": "one"}, WorkerJoined),
-        ({"worker_id": 1.5}, WorkerLeft),
-        ({"prompt_tokens": "3", "completion_tokens": 1}, Usage),
-        ({"token_ids": ["x"]}, EngineOutput),
-        ({"worker_id": "7"}, CandidateRecord),
-        ({"request_id": "r", "token_ids": [1], "decode_worker_id": "2"}, RoutingDecision),
+        ({"worker_id": "one"}, WorkerJoined, "worker_id"),
+        ({"worker_id": 1.5}, WorkerLeft, "worker_id"),
+        ({"prompt_tokens": "3", "completion_tokens": 1}, Usage, "prompt_tokens"),
+        ({"token_ids": ["x"]}, EngineOutput, "token_ids"),
+        ({"text": 3}, EngineOutput, "text"),
+        ({"worker_id": "7"}, CandidateRecord, "worker_id"),
+        ({"worker_id": 7, "cost": "low"}, CandidateRecord, "cost"),
+        (
+            {"request_id": "r", "token_ids": [1], "decode_worker_id": "2"},
+            RoutingDecision,
+            "decode_worker_id",
+        ),
+        (
+            {"request_id": "r", "token_ids": [1], "decode_worker_id": True},
+            RoutingDecision,
+            "decode_worker_id",
+        ),
     ],
-    ids=["joined", "left", "usage", "output", "candidate", "decision"],
+    ids=["joined", "left", "usage", "output", "text", "candidate", "cost", "decision", "bool"],
 )
-def test_every_message_refuses_wrong_typed_values(data: dict[str, Any], cls: type) -> None:
-    with pytest.raises(RequestError):
+def test_every_message_refuses_wrong_typed_values(
+    data: dict[str, Any], cls: type, field: str
+) -> None:
+    with pytest.raises(RequestError) as info:
         from_builtins(data, cls)
+    assert info.value.field == field
+
+
+def test_float_fields_accept_ints_when_decoding() -> None:
+    assert from_builtins({"temperature": 1}, SamplingOptions) == SamplingOptions(temperature=1)
+    assert from_builtins({"worker_id": 1, "cost": 2}, CandidateRecord).cost == 2

@@ -88,6 +88,8 @@ class LoadLedger:
         self._loads.clear()
         for snap in snapshots:
             for seq in snap.active:
+                if snap.role == "prefill" and seq.prefill_done:
+                    continue  # a prefill leg's booking ends when its prefill does
                 leg: Leg = "prefill" if snap.role == "prefill" else "agg"
                 self.add(seq.request_id, snap.worker_id, leg, seq.prompt_tokens)
                 if seq.prefill_done:

@@ -43,6 +43,12 @@ class RequestHistory:
 
     request_id: str
     entries: tuple[LogEntry, ...]
+    #: ``request_id``, or ``request_id@N`` for the N-th request of that id in the log.
+    key: str = attrs.field()
+
+    @key.default
+    def _key_default(self) -> str:
+        return self.request_id
 
     @property
     def mode(self) -> str:
@@ -124,6 +130,7 @@ class RequestHistory:
         """The history for ``--json``: path, spans and the records themselves."""
         return {
             "request_id": self.request_id,
+            "key": self.key,
             "mode": self.mode,
             "final_state": self.final_state,
             "terminal": self.terminal,
@@ -149,11 +156,28 @@ class RequestHistory:
 
 
 def group_requests(entries: Iterable[LogEntry]) -> dict[str, RequestHistory]:
-    """Histories by request id, in order of each request's first record."""
+    """Histories by `RequestHistory.key`, in order of each request's first record.
+
+    A log appended to by several pipeline runs can hold the same id twice (``req-0`` of each
+    run): a record #0 for an id whose current history already has one starts a new history,
+    keyed ``ID@2``, ``ID@3``, ... in reading order.
+    """
     grouped: dict[str, list[LogEntry]] = {}
+    current: dict[str, str] = {}
+    runs: dict[str, int] = {}
+    started: set[str] = set()
     for entry in entries:
-        grouped.setdefault(entry.request_id, []).append(entry)
+        rid = entry.request_id
+        key = current.get(rid)
+        if key is None or (entry.seq == 0 and key in started):
+            runs[rid] = runs.get(rid, 0) + 1
+            key = rid if runs[rid] == 1 else f"{rid}@{runs[rid]}"
+            current[rid] = key
+            grouped[key] = []
+        if entry.seq == 0:
+            started.add(key)
+        grouped[key].append(entry)
     return {
-        request_id: RequestHistory(request_id, tuple(sorted(group, key=lambda e: e.seq)))
-        for request_id, group in grouped.items()
+        key: RequestHistory(group[0].request_id, tuple(sorted(group, key=lambda e: e.seq)), key)
+        for key, group in grouped.items()
     }

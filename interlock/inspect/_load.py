@@ -43,21 +43,28 @@ class LoadedLog:
             return grouped
         return {rid: h for rid, h in grouped.items() if where.matches(h)}
 
-    def request(self, request_id: str) -> RequestHistory:
-        """One request's history.
+    def request(self, key: str) -> RequestHistory:
+        """One request's history, by id (``ID@N`` for the N-th request of a repeated id, see
+        `group_requests`).
 
         Raises:
-            KeyError: no record of that request; the message suggests close ids.
+            KeyError: no such request; the message suggests close ids.
         """
-        entries = [e for e in self.entries if e.request_id == request_id]
-        if not entries:
-            known = list(dict.fromkeys(e.request_id for e in self.entries))
-            close = difflib.get_close_matches(request_id, known, n=3)
+        requests = self.requests()
+        try:
+            return requests[key]
+        except KeyError:
+            close = difflib.get_close_matches(key, list(requests), n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise KeyError(
-                f"no record of request {request_id!r} in the log ({len(known)} requests){hint}"
-            )
-        return group_requests(entries)[request_id]
+                f"no record of request {key!r} in the log ({len(requests)} requests){hint}"
+            ) from None
+
+    def namesakes(self, key: str) -> list[str]:
+        """Every key of the requests sharing ``key``'s request id (itself included)."""
+        requests = self.requests()
+        rid = requests[key].request_id if key in requests else key
+        return [k for k, h in requests.items() if h.request_id == rid]
 
 
 def load_log(

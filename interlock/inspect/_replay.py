@@ -41,7 +41,9 @@ class DecisionReplay:
 
     @property
     def matches(self) -> bool:
-        return bool(self.legs) and all(leg.matches for leg in self.legs) and not self.inconsistencies
+        return (
+            bool(self.legs) and all(leg.matches for leg in self.legs) and not self.inconsistencies
+        )
 
     def to_json_dict(self) -> dict[str, Any]:
         return {

@@ -14,7 +14,7 @@ from ..statemachines import State, Trigger
 from ._history import RequestHistory
 
 #: ``kv_block_size``'s default: the block size assumed when a decision does not record one.
-DEFAULT_BLOCK_SIZE: int = attrs.fields(PipelineConfig).kv_block_size.default
+DEFAULT_BLOCK_SIZE: int = PipelineConfig().kv_block_size
 #: Policies that look up prefix overlap; other policies record 0 for every candidate.
 OVERLAP_POLICIES = frozenset({"kv"})
 _PREFILL_LEGS = frozenset({"agg", "prefill"})

@@ -75,5 +75,5 @@ def validate(
                 require_terminal=require_terminal,
             )
         except InvariantViolation as exc:
-            found.append(Violation(history.request_id, exc, history.entries))
+            found.append(Violation(history.key, exc, history.entries))
     return found

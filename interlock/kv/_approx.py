@@ -12,7 +12,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-from interlock.kv._tree import OverlapScores, _Node, _RadixTree
+from interlock.kv._tree import ROOT, OverlapScores, _RadixTree
 
 __all__ = ["ApproxKvIndexer"]
 
@@ -25,7 +25,7 @@ class _Worker:
         # node -> time of the last routing decision that used it, oldest first. A decision
         # touches its path leaf first and root last, so a block is never older than its
         # descendants and expiry or pruning always takes leaves first: what stays is a prefix.
-        self.touched: OrderedDict[_Node, float] = OrderedDict()
+        self.touched: OrderedDict[int, float] = OrderedDict()
 
 
 class ApproxKvIndexer:
@@ -79,8 +79,9 @@ class ApproxKvIndexer:
             state = self._workers[worker_id] = _Worker(self._tree.bit_for(worker_id))
             self._sizes[worker_id] = 0
         child = self._tree.child
-        path: list[_Node] = []
-        node = self._tree.root
+        masks = self._tree.masks
+        path: list[int] = []
+        node = ROOT
         for tokens_hash in local_hashes:
             node = child(node, tokens_hash)
             path.append(node)
@@ -88,10 +89,10 @@ class ApproxKvIndexer:
         touched = state.touched
         added = 0
         for node in reversed(path):
-            if node.mask & bit:
+            if masks[node] & bit:
                 touched.move_to_end(node)
             else:
-                node.mask |= bit
+                masks[node] |= bit
                 added += 1
             touched[node] = now
         self._total += added
@@ -187,6 +188,6 @@ class ApproxKvIndexer:
         self._total -= len(victims)
 
 
-def _entries(worker_id: int, state: _Worker) -> Iterator[tuple[float, int, _Node]]:
+def _entries(worker_id: int, state: _Worker) -> Iterator[tuple[float, int, int]]:
     for node, stamp in state.touched.items():
         yield stamp, worker_id, node

@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from interlock.kv._events import KvCleared, KvEvent, KvRemoved, KvStored
-from interlock.kv._tree import OverlapScores, _Node, _RadixTree
+from interlock.kv._tree import ROOT, OverlapScores, _RadixTree
 
 __all__ = [
     "EventGap",
@@ -70,10 +70,10 @@ class _Worker:
         self.bit = bit
         # The engine's truth: every block it holds, by its own block id. Kept even for a block
         # whose ancestors were evicted, because the engine may still extend it.
-        self.blocks: dict[int, _Node] = {}
+        self.blocks: dict[int, int] = {}
         # Nodes held under more than one block id (engines that give identical content random
         # ids); the count is the number of ids beyond the first.
-        self.extra_refs: dict[_Node, int] = {}
+        self.extra_refs: dict[int, int] = {}
         self.last_event_id = -1
         self.in_sync = True
         self.pending: deque[KvEvent] = deque(maxlen=max_pending)
@@ -138,7 +138,7 @@ class KvIndexer:
         if isinstance(event, KvStored):
             parent_hash = event.parent_hash
             if parent_hash is None:
-                parent = self._tree.root
+                parent = ROOT
             else:
                 found = state.blocks.get(parent_hash)
                 if found is None:
@@ -260,16 +260,7 @@ class KvIndexer:
         state = self._workers.get(worker_id)
         if state is None:
             return {}
-        root = self._tree.root
-        out: dict[int, tuple[int, ...] | None] = {}
-        for block_hash, node in state.blocks.items():
-            path: list[int] = []
-            walk: _Node | None = node
-            while walk is not None and walk is not root:
-                path.append(walk.key)
-                walk = walk.parent
-            out[block_hash] = tuple(reversed(path)) if walk is root else None
-        return out
+        return {block_hash: self._tree.path(node) for block_hash, node in state.blocks.items()}
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -282,25 +273,26 @@ class KvIndexer:
         state.in_sync = False
         state.pending.append(event)
 
-    def _place(self, state: _Worker, node: _Node, event: KvStored) -> None:
-        tree = self._tree
+    def _place(self, state: _Worker, node: int, event: KvStored) -> None:
+        child = self._tree.child
+        masks = self._tree.masks
         blocks = state.blocks
         bit = state.bit
         for block in event.blocks:
-            node = tree.child(node, block.tokens_hash)
+            node = child(node, block.tokens_hash)
             previous = blocks.get(block.block_hash)
-            if previous is node:
+            if previous == node:
                 continue
             # Hold the new node before letting go of the old one so pruning cannot reach it.
-            if node.mask & bit:
+            if masks[node] & bit:
                 state.extra_refs[node] = state.extra_refs.get(node, 0) + 1
             else:
-                node.mask |= bit
+                masks[node] |= bit
             blocks[block.block_hash] = node
             if previous is not None:
                 self._release(state, previous)
 
-    def _release(self, state: _Worker, node: _Node) -> None:
+    def _release(self, state: _Worker, node: int) -> None:
         extra = state.extra_refs.get(node)
         if extra:
             if extra == 1:
@@ -321,7 +313,7 @@ class KvIndexer:
         unset = self._tree.unset
         bit = state.bit
         # Each node once, however many block ids pointed at it.
-        for node in {id(node): node for node in state.blocks.values()}.values():
+        for node in set(state.blocks.values()):
             unset(node, bit)
         state.blocks.clear()
         state.extra_refs.clear()
@@ -331,11 +323,10 @@ class KvIndexer:
         units = [unit for unit in units if unit.blocks]
         dumped = {block.block_hash for unit in units for block in unit.blocks}
         waiting: dict[int, list[KvStored]] = {}
-        ready: deque[tuple[_Node, KvStored]] = deque()
-        root = self._tree.root
+        ready: deque[tuple[int, KvStored]] = deque()
         for unit in units:
             if unit.parent_hash is None:
-                ready.append((root, unit))
+                ready.append((ROOT, unit))
             else:
                 waiting.setdefault(unit.parent_hash, []).append(unit)
 

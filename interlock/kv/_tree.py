@@ -1,16 +1,23 @@
 """The prefix tree shared by the event-driven and the approximate indexers.
 
 Each node stands for one block at one position of a prompt: it is reached from the root by the
-``tokens_hash`` of every block before it. A node's workers are a bitmask over small integer
-*slots*, one per worker, because matching a prompt intersects the worker set at every block and an
-``int`` AND costs the same whether 8 or 512 workers share a prefix (a ``set`` intersection costs
-one probe per member, which made a 16 k-token shared prefix over 512 workers take ~8 ms).
+``tokens_hash`` of every block before it. Two layout choices carry the performance:
+
+* A node's workers are a bitmask over small integer *slots*, one per worker. Matching intersects
+  the worker set at every block, and an ``int`` AND costs the same whether 8 or 512 workers share a
+  prefix; a ``set`` intersection costs one probe per member, which made a 16 k-token prefix shared
+  by 512 workers take ~8 ms.
+* Nodes are integer ids into parallel lists, not objects, and every dict maps ints to ints. CPython
+  does not track such dicts for cyclic garbage collection, so a tree of a million blocks adds
+  almost nothing to a full collection; with one object per node, a full collection over a
+  ~1 M-object heap took ~0.3 s, a pause the Router actor would take in the middle of routing.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from array import array
 from collections.abc import Iterator, Sequence
 
 import attrs
@@ -32,20 +39,9 @@ class OverlapScores:
     tree_sizes: dict[int, int] = attrs.field(factory=dict)
 
 
-class _Node:
-    __slots__ = ("children", "depth", "key", "mask", "parent")
-
-    def __init__(self, parent: _Node | None, key: int) -> None:
-        self.children: dict[int, _Node] = {}
-        self.mask = 0
-        # Blocks from the root to here, inclusive; stored so the matching walk need not count.
-        self.depth = 0 if parent is None else parent.depth + 1
-        # A node with no parent is either the root or a detached stand-in for a parent block that
-        # a dump did not contain; both stop pruning.
-        self.parent = parent
-        self.key = key
-
-
+ROOT = 0
+_NO_PARENT = -1
+_FREED: dict[int, int] = {}
 _SPARSE_BITS = 12
 _BINARY_DIGITS = bytes.maketrans(b"01", b"\x00\x01")
 
@@ -59,16 +55,31 @@ def _slots_of(mask: int) -> Iterator[int]:
 
 
 class _RadixTree:
-    """Nodes, worker slots and the matching walk; the indexers own the bookkeeping of who holds
-    what and call :meth:`unset` when a worker lets go of a node."""
+    """Nodes, worker slots and the matching walk. The indexers own the bookkeeping of who holds
+    what: they set a worker's bit in :attr:`masks` and call :meth:`unset` when it lets go.
+
+    Node ids are reused once freed, so an id is only meaningful while some worker holds the node
+    or one of its descendants.
+    """
 
     def __init__(self) -> None:
-        self.root = _Node(None, 0)
+        # Parallel per-node columns. A freed node's children are the shared, never-filled _FREED.
+        self.children: list[dict[int, int]] = [{}]
+        self.masks: list[int] = [0]
+        # A node without a parent is the root or a detached stand-in for a parent block a dump
+        # did not contain; both stop pruning.
+        self.parents = array("q", [_NO_PARENT])
+        self.keys = array("Q", [0])
+        # Blocks from the root to the node, inclusive, so the matching walk need not count.
+        self.depths = array("q", [0])
         self.node_count = 0
+        self._free_nodes: list[int] = []
         self._slot_of: dict[int, int] = {}
         self._worker_at: list[int] = []
         # Freed slots are reused lowest first so masks stay as short as the live worker count.
         self._free_slots: list[int] = []
+
+    # -- workers ------------------------------------------------------------------------------
 
     def bit_for(self, worker_id: int) -> int:
         """Return the worker's bit, allocating a slot for a new worker."""
@@ -90,55 +101,96 @@ class _RadixTree:
             self._worker_at[slot] = -1
             heapq.heappush(self._free_slots, slot)
 
-    def child(self, node: _Node, tokens_hash: int) -> _Node:
+    # -- nodes --------------------------------------------------------------------------------
+
+    def child(self, node: int, tokens_hash: int) -> int:
         """Return ``node``'s child for ``tokens_hash``, creating it if needed."""
-        found = node.children.get(tokens_hash)
+        kids = self.children[node]
+        assert kids is not _FREED, f"node {node} was freed"
+        found = kids.get(tokens_hash)
         if found is None:
-            found = node.children[tokens_hash] = _Node(node, tokens_hash)
-            self.node_count += 1
+            found = kids[tokens_hash] = self._new(node, tokens_hash, self.depths[node] + 1)
         return found
 
-    def detached(self) -> _Node:
+    def detached(self) -> int:
         """Return a new node outside the tree (a stand-in for a parent nobody can match)."""
-        self.node_count += 1
-        return _Node(None, 0)
+        return self._new(_NO_PARENT, 0, 0)
 
-    def unset(self, node: _Node, bit: int) -> None:
-        """Clear ``bit`` (which must be set) and prune the nodes nobody holds or needs."""
-        node.mask ^= bit
-        while not node.mask and not node.children:
-            parent = node.parent
-            if parent is None:
-                if node is not self.root:
-                    self.node_count -= 1
+    def unset(self, node: int, bit: int) -> None:
+        """Clear ``bit`` (which must be set) and free the nodes nobody holds or needs."""
+        masks = self.masks
+        children = self.children
+        masks[node] ^= bit
+        while not masks[node] and not children[node]:
+            parent = self.parents[node]
+            if parent == _NO_PARENT:
+                if node != ROOT:
+                    self._free(node)
                 return
-            del parent.children[node.key]
-            self.node_count -= 1
+            del children[parent][self.keys[node]]
+            self._free(node)
             node = parent
+
+    def path(self, node: int) -> tuple[int, ...] | None:
+        """Return the tokens hashes from the root to ``node``, or ``None`` if it is detached."""
+        keys = []
+        while node != ROOT:
+            parent = self.parents[node]
+            if parent == _NO_PARENT:
+                return None
+            keys.append(self.keys[node])
+            node = parent
+        return tuple(reversed(keys))
+
+    def _new(self, parent: int, tokens_hash: int, depth: int) -> int:
+        self.node_count += 1
+        if self._free_nodes:
+            node = self._free_nodes.pop()
+            self.children[node] = {}
+            self.parents[node] = parent
+            self.keys[node] = tokens_hash
+            self.depths[node] = depth
+            return node
+        self.children.append({})
+        self.masks.append(0)
+        self.parents.append(parent)
+        self.keys.append(tokens_hash)
+        self.depths.append(depth)
+        return len(self.children) - 1
+
+    def _free(self, node: int) -> None:
+        self.node_count -= 1
+        self.children[node] = _FREED
+        self._free_nodes.append(node)
+
+    # -- matching -----------------------------------------------------------------------------
 
     def match(self, local_hashes: Sequence[int]) -> dict[int, int]:
         """Return ``{worker: contiguous prefix blocks}`` for workers holding at least one block."""
         scores: dict[int, int] = {}
-        node = self.root
+        children = self.children
+        masks = self.masks
+        node = ROOT
         active = -1  # every worker is a candidate before the first block
         # This loop is the router's per-block cost on top of hashing (~30 ns a block): one dict
         # probe and, while the worker set is unchanged, one int compare. A miss ends it once, so
         # try/except is cheaper than .get(); depth comes from the node rather than a counter.
         for tokens_hash in local_hashes:
             try:
-                node = node.children[tokens_hash]
+                node = children[node][tokens_hash]
             except KeyError:
                 break
-            if node.mask != active:
-                kept = node.mask & active
+            if masks[node] != active:
+                kept = masks[node] & active
                 if kept != active:
-                    if node.depth > 1:
-                        self._score(scores, active ^ kept, node.depth - 1)
+                    depth = self.depths[node] - 1
+                    if depth:
+                        self._score(scores, active ^ kept, depth)
                     active = kept
                     if not kept:
                         break
         if active > 0:
-            self._score(scores, active, node.depth)
+            self._score(scores, active, self.depths[node])
         return scores
 
     def _score(self, scores: dict[int, int], mask: int, depth: int) -> None:

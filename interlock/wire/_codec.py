@@ -42,8 +42,10 @@ def _int_tuple(value: Any, _type: Any) -> tuple[int, ...]:
         # array('q') checks in C that every element is an int; ranges are the classes' job.
         array("q", result)
     except (TypeError, OverflowError):
+        # Also reached by valid ids of 2**63 and above (u64 worker ids), so look closer.
         bad = next((v for v in result if type(v) is not int), None)
-        raise TypeError(f"must be a list of integers; found {bad!r}") from None
+        if bad is not None:
+            raise TypeError(f"must be a list of integers; found {bad!r}") from None
     if any(type(v) is bool for v in result):
         raise TypeError("must be a list of integers; found a boolean")
     return result

@@ -6,6 +6,7 @@ the worker protocol, or translated from HTTP: a bad value raises `RequestError` 
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Iterable
 from typing import Any
@@ -16,6 +17,13 @@ from .._errors import RequestError
 
 U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _to_tuple(value: Iterable[Any]) -> tuple[Any, ...]:
@@ -56,10 +64,7 @@ def check_token_ids(value: tuple[int, ...], field: str) -> None:
         # array('I') checks type and range in C: ~10x faster than a Python loop on long prompts.
         array("I", value)
     except (OverflowError, TypeError):
-        bad = next(
-            (t for t in value if type(t) is not int or not 0 <= t <= U32_MAX),
-            None,
-        )
+        bad = next((t for t in value if not (isinstance(t, int) and 0 <= t <= U32_MAX)), None)
         raise RequestError(
             f"{field} must be unsigned 32-bit integers; found {bad!r}", field=field
         ) from None
@@ -109,7 +114,12 @@ def _float_at_least(minimum: float, *, optional: bool = True) -> Any:
     def check(inst: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
         if value is None and optional:
             return
-        if not isinstance(value, int | float) or isinstance(value, bool) or value < minimum:
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not _finite(value)
+            or value < minimum
+        ):
             raise RequestError(
                 f"{attribute.name} must be a number >= {minimum:g}, got {value!r}",
                 field=attribute.name,

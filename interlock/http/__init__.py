@@ -1,0 +1,28 @@
+"""The OpenAI-compatible HTTP frontend: Starlette on Hypercorn's trio worker.
+
+- `build_app` (a running `Pipeline` -> Starlette app), `serve_http` (serve it in this trio run).
+- `Preprocessor` (tokenizer + chat template), `HttpMetrics` (Prometheus, a transition sink),
+  `HttpLimits` (body size, context length).
+- `add_serve_parser` / `add_route_parser`: the ``interlock serve`` and ``interlock route``
+  commands.
+
+docs/http.md and docs/route-api.md are the reference.
+"""
+
+from ._app import HttpLimits, build_app
+from ._cli import add_route_parser, add_serve_parser
+from ._errors import HttpError
+from ._metrics import HttpMetrics
+from ._preprocess import Preprocessor
+from ._serve import serve_http
+
+__all__ = [
+    "HttpError",
+    "HttpLimits",
+    "HttpMetrics",
+    "Preprocessor",
+    "add_route_parser",
+    "add_serve_parser",
+    "build_app",
+    "serve_http",
+]

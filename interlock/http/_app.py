@@ -1,0 +1,802 @@
+"""`build_app`: the OpenAI-compatible Starlette app in front of a running `Pipeline`.
+
+The two generation endpoints are raw ASGI callables (Starlette routes to them): they read the
+body under a size limit, validate it, run the request, and watch for the client going away.
+A disconnect cancels the request's task, which cancels the pipeline's iteration: the worker
+stops and the router frees the load (reference/stack.md section 2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import aclosing
+from typing import Any, Final
+
+import attrs
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .._errors import ConfigError
+from .._pipeline import Pipeline
+from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision, SamplingOptions
+from ._errors import SERVER_ERROR, HttpError, bad_request, http_error_for
+from ._metrics import HttpMetrics, RequestWatch
+from ._nvext import NvExt, apply_headers, query_nvext, worker_id_info
+from ._openai import ParsedRequest, completion_body, parse_request, usage_dict
+from ._preprocess import Preprocessor
+from ._sse import ChunkEncoder, dumps, event
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_logger = logging.getLogger("interlock.http")
+
+_JSON: Final = [(b"content-type", b"application/json")]
+_SSE: Final = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+@attrs.frozen(kw_only=True)
+class HttpLimits:
+    """Bounds on what a client may ask for.
+
+    ``max_body_bytes``: larger bodies get 413 (8 MiB holds a 128k-token ``token_data``).
+    ``max_model_len``: the context length; a prompt plus ``max_tokens`` beyond it gets 400, and
+    a request without ``max_tokens`` may generate up to it.
+    """
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_model_len: int = 32_768
+
+
+class _Disconnected(Exception):
+    """The client went away while we were reading its body."""
+
+
+async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes.
+
+    Raises:
+        HttpError: 413 when the body (or its Content-Length) is over the limit.
+        _Disconnected: the client closed the connection first.
+    """
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise bad_request("the Content-Length header is not a number") from None
+            if declared > limit:
+                raise _too_large(limit)
+            break
+    message = await receive()
+    if message["type"] != "http.request":
+        raise _Disconnected
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise _too_large(limit)
+        return body
+    parts = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _too_large(limit: int) -> HttpError:
+    return HttpError(
+        413,
+        f"the request body is larger than {limit} bytes; send a shorter prompt",
+        code="request_too_large",
+    )
+
+
+async def send_json(send: Send, status: int, body: bytes, headers: list[Any] = _JSON) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, state: _State) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not state.done:
+                state.disconnected = True
+                scope.cancel()
+            return
+
+
+class _State:
+    __slots__ = ("disconnected", "done")
+
+    def __init__(self) -> None:
+        self.disconnected = False
+        self.done = False
+
+
+class _Frontend:
+    """What the endpoints share: the pipeline, the preprocessor, metrics and limits."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        model: str,
+        preprocessor: Preprocessor,
+        metrics: HttpMetrics,
+        limits: HttpLimits,
+    ) -> None:
+        self.pipeline = pipeline
+        self.model = model
+        self.preprocessor = preprocessor
+        self.tokenizer = preprocessor.tokenizer
+        self.vocab_size = preprocessor.tokenizer.vocab_size
+        self.eos_token_ids = tuple(preprocessor.tokenizer.eos_token_ids)
+        self.metrics = metrics
+        self.limits = limits
+        self.created = int(time.time())
+        self._ids = itertools.count()
+        self._id_prefix = secrets.token_hex(6)
+        config = pipeline.config
+        self.routing = config.routing
+        self.allow_worker_ids = config.allow_request_worker_ids
+        self.executes = pipeline.mode.executes
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{self._id_prefix}{next(self._ids):x}"
+
+    # -- preprocessing ----------------------------------------------------------------------
+
+    def check_worker_ids(self, nvext: NvExt) -> None:
+        """Refuse client-chosen workers where the configuration does not allow them."""
+        named = nvext.named_worker()
+        routing = self.routing
+        if named is not None:
+            field, source = named
+            if routing == "discover" and not self.allow_worker_ids:
+                raise HttpError(
+                    400,
+                    f"{source} names a worker, but this server selects workers itself "
+                    "(routing='discover') and does not let a client pin load onto one; drop "
+                    "it, or start the server with --allow-request-worker-ids",
+                    param=source,
+                    code="worker_ids_not_allowed",
+                )
+            if routing == "query_only":
+                raise HttpError(
+                    400,
+                    f"{source} names a worker, but this server only answers queries "
+                    "(routing='query_only'): it selects the workers for the caller; drop it",
+                    param=source,
+                    code="worker_ids_not_allowed",
+                )
+        elif routing == "direct_to_known":
+            raise HttpError(
+                400,
+                "this server routes direct_to_known: every request names its worker; send the "
+                "header x-worker-instance-id (or nvext.backend_instance_id)",
+                param="x-worker-instance-id",
+                code="worker_id_required",
+            )
+
+    def prompt_tokens(self, parsed: ParsedRequest, nvext: NvExt) -> tuple[int, ...]:
+        if nvext.token_data is not None:
+            return self._checked_ids(nvext.token_data, "nvext.token_data")
+        if parsed.kind == "chat":
+            assert parsed.messages is not None
+            if nvext.use_raw_prompt:
+                ids = self.preprocessor.encode_text(_raw_chat_text(parsed.messages))
+            else:
+                ids = self.preprocessor.encode_chat(
+                    parsed.messages,
+                    tools=parsed.tools,
+                    add_generation_prompt=parsed.add_generation_prompt,
+                    template_kwargs=parsed.chat_template_kwargs,
+                )
+        elif parsed.prompt_ids is not None:
+            return self._checked_ids(parsed.prompt_ids, "prompt")
+        else:
+            assert parsed.prompt_text is not None
+            ids = self.preprocessor.encode_text(parsed.prompt_text)
+        if not ids:
+            raise bad_request(
+                "the prompt is empty after tokenization; send some text",
+                "messages" if parsed.kind == "chat" else "prompt",
+            )
+        return tuple(ids)
+
+    def _checked_ids(self, ids: tuple[int, ...], where: str) -> tuple[int, ...]:
+        if max(ids) >= self.vocab_size:
+            bad = next(i for i, t in enumerate(ids) if t >= self.vocab_size)
+            raise bad_request(
+                f"{where}[{bad}]={ids[bad]} is outside the tokenizer's vocabulary "
+                f"(0..{self.vocab_size - 1})",
+                f"{where}[{bad}]",
+            )
+        return ids
+
+    def preprocess(
+        self, parsed: ParsedRequest, nvext: NvExt, request_id: str
+    ) -> PreprocessedRequest:
+        tokens = self.prompt_tokens(parsed, nvext)
+        max_len = self.limits.max_model_len
+        max_tokens = parsed.max_tokens
+        room = max_len - len(tokens)
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            wanted = f" + {max_tokens} requested" if max_tokens is not None else ""
+            raise HttpError(
+                400,
+                f"this model's context length is {max_len} tokens; the prompt has "
+                f"{len(tokens)}{wanted}; shorten the prompt or lower max_tokens",
+                param="messages" if parsed.kind == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = room
+        temperature = 0.0 if nvext.greed_sampling else parsed.temperature
+        sampling = (
+            SamplingOptions(temperature=temperature, top_p=parsed.top_p, seed=parsed.seed)
+            if temperature is not None or parsed.top_p is not None or parsed.seed is not None
+            else _NO_SAMPLING
+        )
+        return PreprocessedRequest(
+            token_ids=tokens,
+            max_tokens=max_tokens,
+            min_tokens=parsed.min_tokens,
+            stop_token_ids=parsed.stop_token_ids,
+            eos_token_ids=self.eos_token_ids,
+            ignore_eos=parsed.ignore_eos,
+            sampling=sampling,
+            routing=nvext.routing_hints(),
+            request_id=request_id,
+            model=parsed.model,
+            annotations=nvext.annotations,
+            detokenize=True,
+            stop=parsed.stop,
+            include_stop_str_in_output=parsed.include_stop_str_in_output,
+        )
+
+
+_NO_SAMPLING: Final = SamplingOptions()
+
+
+def _raw_chat_text(messages: list[Any]) -> str:
+    """``nvext.use_raw_prompt`` on a chat request: the messages' text, without a template."""
+    parts = []
+    for index, message in enumerate(messages):
+        content = message.get("content") if type(message) is dict else None
+        if type(content) is not str:
+            raise bad_request(
+                "with nvext.use_raw_prompt every message's content must be a string",
+                f"messages[{index}].content",
+            )
+        parts.append(content)
+    return "\n".join(parts)
+
+
+class _GenerateEndpoint:
+    """``POST /v1/chat/completions`` (``kind="chat"``) or ``/v1/completions``."""
+
+    def __init__(self, frontend: _Frontend, kind: str) -> None:
+        self.frontend = frontend
+        self.kind = kind
+        self.endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        self.id_prefix = "chatcmpl" if kind == "chat" else "cmpl"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        frontend = self.frontend
+        start = trio.current_time()
+        received_wall = time.time()
+        try:
+            body = await read_body(receive, scope, frontend.limits.max_body_bytes)
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError) as exc:
+                raise bad_request(
+                    f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
+                ) from None
+            parsed = parse_request(self.kind, data, max_model_len=frontend.limits.max_model_len)
+            if parsed.model != frontend.model:
+                raise HttpError(
+                    404,
+                    f"the model {parsed.model!r} does not exist; this server serves "
+                    f"{frontend.model!r}",
+                    param="model",
+                    code="model_not_found",
+                )
+            nvext = apply_headers(parsed.nvext, scope["headers"])
+            query = nvext.query_only or not frontend.executes
+            frontend.check_worker_ids(nvext)
+            request_id = frontend.new_id(self.id_prefix)
+            request = frontend.preprocess(parsed, nvext, request_id)
+        except _Disconnected:
+            return
+        except Exception as exc:
+            await self._fail(send, http_error_for(exc), start)
+            return
+        if query:
+            await self._query(send, parsed, request, start)
+            return
+        extras = nvext.extra_fields
+        watch = frontend.metrics.watch(request_id) if extras else None
+        run = _Run(self, parsed, request, extras, watch, start, received_wall)
+        frontend.metrics.in_flight += 1
+        try:
+            if parsed.stream:
+                await run.stream(receive, send)
+            else:
+                await run.complete(receive, send)
+        finally:
+            frontend.metrics.in_flight -= 1
+            if watch is not None:
+                frontend.metrics.unwatch(request_id)
+
+    async def _fail(self, send: Send, error: HttpError, start: float) -> None:
+        await self._fail_quietly(send, error)
+        self.frontend.metrics.count_request(
+            self.endpoint, error.status, trio.current_time() - start
+        )
+
+    async def _fail_quietly(self, send: Send, error: HttpError) -> None:
+        if error.status >= 500:
+            _logger.warning("%s answered %d: %s", self.endpoint, error.status, error.message)
+        await send_json(send, error.status, error.body())
+
+    async def _query(
+        self, send: Send, parsed: ParsedRequest, request: PreprocessedRequest, start: float
+    ) -> None:
+        try:
+            decision = await self.frontend.pipeline.query(request)
+        except Exception as exc:
+            await self._fail(send, http_error_for(exc), start)
+            return
+        nvext = query_nvext(decision)
+        frontend = self.frontend
+        assert request.request_id is not None
+        if parsed.stream:
+            encoder = ChunkEncoder(
+                self.kind,
+                request_id=request.request_id,
+                created=int(time.time()),
+                model=frontend.model,
+                include_usage=False,
+            )
+            await send_json(send, 200, encoder.query(nvext), _SSE)
+        else:
+            body = completion_body(
+                self.kind,
+                request_id=request.request_id,
+                created=int(time.time()),
+                model=frontend.model,
+                text="",
+                finish_reason=None,
+                usage=None,
+                nvext=nvext,
+            )
+            await send_json(send, 200, dumps(body))
+        frontend.metrics.count_request(self.endpoint, 200, trio.current_time() - start)
+
+
+class _Run:
+    """One generation request being served."""
+
+    __slots__ = (
+        "endpoint",
+        "extras",
+        "first_token_at",
+        "last_token_at",
+        "parsed",
+        "received_wall",
+        "request",
+        "start",
+        "token_ids",
+        "watch",
+    )
+
+    def __init__(
+        self,
+        endpoint: _GenerateEndpoint,
+        parsed: ParsedRequest,
+        request: PreprocessedRequest,
+        extras: frozenset[str],
+        watch: RequestWatch | None,
+        start: float,
+        received_wall: float,
+    ) -> None:
+        self.endpoint = endpoint
+        self.parsed = parsed
+        self.request = request
+        self.extras = extras
+        self.watch = watch
+        self.start = start
+        self.received_wall = received_wall
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.token_ids: list[int] | None = [] if "completion_token_ids" in extras else None
+
+    def _tokens_arrived(self, output: EngineOutput) -> None:
+        now = trio.current_time()
+        metrics = self.endpoint.frontend.metrics
+        if self.first_token_at is None:
+            self.first_token_at = now
+            metrics.ttft.observe(now - self.start)
+        else:
+            metrics.itl.observe(now - self.last_token_at)
+        self.last_token_at = now
+        if self.token_ids is not None:
+            self.token_ids.extend(output.token_ids)
+
+    def _finish(self, final: EngineOutput) -> tuple[str, dict[str, Any] | None]:
+        """The finish reason to report and the final usage; raises for an engine-side end."""
+        reason = final.finish_reason
+        if reason not in ("stop", "length"):
+            raise HttpError(
+                502,
+                f"the worker ended the request with finish_reason={reason!r}",
+                type=SERVER_ERROR,
+                code="engine_error",
+            )
+        usage = final.usage
+        if usage is None:
+            return reason, None
+        self.endpoint.frontend.metrics.output_tokens += usage.completion_tokens
+        return reason, usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+
+    def _response_nvext(self) -> dict[str, Any] | None:
+        extras = self.extras
+        if not extras:
+            return None
+        nvext: dict[str, Any] = {}
+        decision = self.watch.decision if self.watch is not None else None
+        if "worker_id" in extras and decision is not None:
+            nvext["worker_id"] = worker_id_info(decision)
+        if "timing" in extras:
+            nvext["timing"] = self._timing(decision)
+        if self.token_ids is not None:
+            nvext["completion_token_ids"] = self.token_ids
+        return nvext
+
+    def _timing(self, decision: RoutingDecision | None) -> dict[str, Any]:
+        now = trio.current_time()
+        received = self.received_wall
+        timing: dict[str, Any] = {"request_received_ms": int(received * 1000)}
+        watch = self.watch
+        first_wall = (
+            received + (self.first_token_at - self.start)
+            if self.first_token_at is not None
+            else None
+        )
+        if watch is not None and watch.prefill_started is not None:
+            timing["prefill_wait_time_ms"] = max(0.0, (watch.prefill_started - received) * 1000)
+            if first_wall is not None:
+                timing["prefill_time_ms"] = max(0.0, (first_wall - watch.prefill_started) * 1000)
+        if self.first_token_at is not None:
+            timing["ttft_ms"] = (self.first_token_at - self.start) * 1000
+        timing["total_time_ms"] = (now - self.start) * 1000
+        hit_rate = _kv_hit_rate(decision, self.endpoint.frontend.metrics.block_size)
+        if hit_rate is not None:
+            timing["kv_hit_rate"] = hit_rate
+        return timing
+
+    async def complete(self, receive: Receive, send: Send) -> None:
+        """Run to the end, then answer with one JSON body."""
+        endpoint = self.endpoint
+        frontend = endpoint.frontend
+        state = _State()
+        parts: list[str] = []
+        final: EngineOutput | None = None
+        error: HttpError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
+            try:
+                async with aclosing(frontend.pipeline.generate(self.request)) as outputs:
+                    async for output in outputs:
+                        if output.token_ids:
+                            self._tokens_arrived(output)
+                        text = output.text
+                        if text:
+                            parts.append(text)
+                        if output.finish_reason is not None:
+                            final = output
+                if final is None:
+                    raise HttpError(
+                        502,
+                        "the worker's stream ended without a final output",
+                        type=SERVER_ERROR,
+                        code="worker_gone",
+                    )
+                reason, usage = self._finish(final)
+            except Exception as exc:
+                error = http_error_for(exc)
+            state.done = True
+            nursery.cancel_scope.cancel()
+        if state.disconnected:
+            frontend.metrics.count_request(endpoint.endpoint, 499, trio.current_time() - self.start)
+            return
+        if error is not None:
+            await endpoint._fail(send, error, self.start)
+            return
+        assert self.request.request_id is not None
+        body = completion_body(
+            endpoint.kind,
+            request_id=self.request.request_id,
+            created=frontend.created,
+            model=frontend.model,
+            text="".join(parts),
+            finish_reason=reason,
+            usage=usage,
+            nvext=self._response_nvext(),
+        )
+        await send_json(send, 200, dumps(body))
+        frontend.metrics.count_request(endpoint.endpoint, 200, trio.current_time() - self.start)
+
+    async def stream(self, receive: Receive, send: Send) -> None:
+        """Answer with server-sent events as outputs arrive."""
+        endpoint = self.endpoint
+        frontend = endpoint.frontend
+        metrics = frontend.metrics
+        state = _State()
+        status = 200
+        assert self.request.request_id is not None
+        encoder = ChunkEncoder(
+            endpoint.kind,
+            request_id=self.request.request_id,
+            created=frontend.created,
+            model=frontend.model,
+            include_usage=self.parsed.include_usage,
+        )
+        metrics.streams_open += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
+                async with aclosing(frontend.pipeline.generate(self.request)) as outputs:
+                    status = await self._stream_outputs(outputs, encoder, send, state)
+                state.done = True
+                nursery.cancel_scope.cancel()
+        finally:
+            metrics.streams_open -= 1
+        metrics.count_request(
+            endpoint.endpoint,
+            499 if state.disconnected else status,
+            trio.current_time() - self.start,
+        )
+
+    async def _stream_outputs(
+        self,
+        outputs: AsyncIterator[EngineOutput],
+        encoder: ChunkEncoder,
+        send: Send,
+        state: _State,
+    ) -> int:
+        # Wait for the first output before sending the headers: an error that ends the request
+        # before it produced anything (no worker, bad hint, refused) is an HTTP status.
+        try:
+            output = await outputs.__anext__()
+        except StopAsyncIteration:
+            output = None
+        except Exception as exc:
+            error = http_error_for(exc)
+            await self.endpoint._fail_quietly(send, error)
+            return error.status
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        first = True
+        try:
+            while output is not None:
+                if output.token_ids:
+                    self._tokens_arrived(output)
+                text = output.text or ""
+                if output.finish_reason is not None:
+                    reason, usage = self._finish(output)
+                    state.done = True
+                    body = encoder.final(
+                        text, reason, first=first, usage=usage, nvext=self._response_nvext()
+                    )
+                    await send({"type": "http.response.body", "body": body})
+                    return 200
+                if text:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": encoder.text(text, first=first),
+                            "more_body": True,
+                        }
+                    )
+                    first = False
+                try:
+                    output = await outputs.__anext__()
+                except StopAsyncIteration:
+                    output = None
+            raise HttpError(
+                502,
+                "the worker's stream ended without a final output",
+                type=SERVER_ERROR,
+                code="worker_gone",
+            )
+        except Exception as exc:
+            # Headers are out: the error becomes an SSE event, as OpenAI-compatible servers do.
+            error = http_error_for(exc)
+            _logger.warning("stream %s failed: %s", self.request.request_id, error.message)
+            state.done = True
+            await send(
+                {"type": "http.response.body", "body": event(error.to_dict()) + b"data: [DONE]\n\n"}
+            )
+            return error.status
+
+
+def _kv_hit_rate(decision: RoutingDecision | None, block_size: int) -> float | None:
+    if decision is None:
+        return None
+    blocks = len(decision.token_ids) // block_size
+    if not blocks:
+        return None
+    for selection in decision.selections:
+        if selection.chosen == decision.decode_worker_id and selection.leg != "prefill":
+            for candidate in selection.candidates:
+                if candidate.worker_id == selection.chosen:
+                    return candidate.overlap_blocks / blocks
+    return None
+
+
+# -- small endpoints -------------------------------------------------------------------------
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(dumps(body), status_code=status, media_type="application/json")
+
+
+def build_app(
+    pipeline: Pipeline,
+    *,
+    model: str = "mock",
+    preprocessor: Preprocessor | None = None,
+    metrics: HttpMetrics | None = None,
+    limits: HttpLimits | None = None,
+    route_api: bool = False,
+) -> Starlette:
+    """The OpenAI-compatible app serving ``pipeline`` under the model name ``model``.
+
+    ``preprocessor`` turns prompts into tokens; by default the pipeline's tokenizer (from
+    ``Components(tokenizer=...)``) with its chat template, or the built-in byte tokenizer.
+    Pass the same ``metrics`` that the pipeline got in ``Components.transition_sinks`` so that
+    ``/metrics`` includes routing and transition counts (without it they stay at zero).
+    ``route_api`` adds the route-only endpoints (``POST /v1/route`` and friends, see
+    docs/route-api.md).
+
+    Raises:
+        ConfigError: the pipeline postprocesses in the frontend but has no tokenizer to turn
+            tokens into text.
+    """
+    if preprocessor is None:
+        tokenizer = pipeline.tokenizer
+        if tokenizer is None:
+            preprocessor = Preprocessor.default()
+        else:
+            from ..processing import ChatTemplate
+
+            preprocessor = Preprocessor(
+                tokenizer,
+                tokenizer.chat_template or ChatTemplate.chatml(),
+                source=getattr(tokenizer, "source", repr(tokenizer)),
+            )
+    if pipeline.config.postprocessing == "frontend" and pipeline.tokenizer is None:
+        raise ConfigError(
+            "postprocessing='frontend' turns tokens into text in the frontend, but the pipeline "
+            "has no tokenizer; build it with Components(tokenizer=preprocessor.tokenizer)",
+            knobs=("postprocessing",),
+        )
+    metrics = metrics if metrics is not None else HttpMetrics()
+    metrics.block_size = pipeline.config.kv_block_size
+    frontend = _Frontend(
+        pipeline,
+        model=model,
+        preprocessor=preprocessor,
+        metrics=metrics,
+        limits=limits or HttpLimits(),
+    )
+
+    async def models(request: Request) -> Response:
+        return _json({"object": "list", "data": [_model_card(frontend)]})
+
+    async def model_info(request: Request) -> Response:
+        name = request.path_params["model"]
+        if name != frontend.model:
+            error = HttpError(
+                404,
+                f"the model {name!r} does not exist; this server serves {frontend.model!r}",
+                param="model",
+                code="model_not_found",
+            )
+            return Response(error.body(), 404, media_type="application/json")
+        return _json(_model_card(frontend))
+
+    async def health(request: Request) -> Response:
+        workers = pipeline.workers
+        healthy = bool(workers)
+        return _json(
+            {
+                "status": "healthy" if healthy else "unhealthy",
+                "model": frontend.model,
+                "workers": sorted(workers),
+                "routing": pipeline.config.routing,
+                "in_flight": pipeline.in_flight,
+            },
+            200 if healthy else 503,
+        )
+
+    async def live(request: Request) -> Response:
+        return _json({"status": "live"})
+
+    async def render_metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/v1/chat/completions", _GenerateEndpoint(frontend, "chat"), methods=["POST"]),
+        Route("/v1/completions", _GenerateEndpoint(frontend, "completion"), methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model_info, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/live", live, methods=["GET"]),
+        Route("/metrics", render_metrics, methods=["GET"]),
+    ]
+    if route_api:
+        from ._route import route_routes
+
+        routes += route_routes(frontend)
+
+    async def http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        error = HttpError(
+            exc.status_code,
+            f"{request.method} {request.url.path}: {exc.detail}",
+            code="not_found" if exc.status_code == 404 else None,
+        )
+        return Response(error.body(), exc.status_code, media_type="application/json")
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        _logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        error = http_error_for(exc)
+        return Response(error.body(), error.status, media_type="application/json")
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_exception, Exception: internal_error},
+    )
+    app.state.frontend = frontend
+    app.state.metrics = metrics
+    app.state.pipeline = pipeline
+    return app
+
+
+def _model_card(frontend: _Frontend) -> dict[str, Any]:
+    return {
+        "id": frontend.model,
+        "object": "model",
+        "created": frontend.created,
+        "owned_by": "interlock",
+        "max_model_len": frontend.limits.max_model_len,
+    }

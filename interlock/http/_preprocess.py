@@ -1,0 +1,85 @@
+"""`Preprocessor`: the tokenizer and chat template a frontend turns prompts into tokens with."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ..processing import (
+    ByteTokenizer,
+    ChatTemplate,
+    Tokenizer,
+    load_chat_template,
+    load_tokenizer,
+)
+
+
+@attrs.frozen
+class Preprocessor:
+    """Tokenizer + chat template. Synchronous; no I/O after loading.
+
+    `Preprocessor.default` needs no files (the built-in byte-level tokenizer and ChatML);
+    `Preprocessor.load` reads a Hugging Face ``tokenizer.json`` or model directory.
+    """
+
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate
+    #: Where the tokenizer came from, for the startup banner.
+    source: str = "<built-in byte tokenizer>"
+
+    @classmethod
+    def default(cls) -> Preprocessor:
+        """The built-in byte-level tokenizer with its ChatML template."""
+        tokenizer = ByteTokenizer()
+        return cls(tokenizer, tokenizer.chat_template)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, chat_template: str | os.PathLike[str] | None = None
+    ) -> Preprocessor:
+        """Load a tokenizer (a ``tokenizer.json``, ``.json.gz`` or model directory) and its chat
+        template: ``chat_template`` when given (a ``.jinja`` file, a ``tokenizer_config.json``
+        or a directory), else the one next to the tokenizer, else the built-in ChatML.
+
+        Raises:
+            TokenizerError, ChatTemplateError: the files are missing or invalid (the message
+                names the path).
+        """
+        tokenizer = load_tokenizer(path)
+        template = (
+            load_chat_template(chat_template)
+            if chat_template is not None
+            else tokenizer.chat_template or ChatTemplate.chatml()
+        )
+        return cls(tokenizer, template, source=os.fspath(path))
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, object]],
+        *,
+        tools: Sequence[Mapping[str, object]] | None = None,
+        add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """Render ``messages`` with the chat template and tokenize the prompt.
+
+        Raises:
+            ChatMessageError: a message has the wrong shape (``field`` names it).
+            ChatTemplateError: the template rejected the conversation.
+            TokenizerError: the text cannot be encoded (a lone surrogate).
+        """
+        text = self.chat_template.render(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            **(template_kwargs or {}),
+        )
+        # The template writes the special tokens itself (Hugging Face's convention).
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Tokenize a raw prompt, with the tokenizer's own BOS/EOS handling."""
+        return self.tokenizer.encode(text, add_special_tokens=True)
