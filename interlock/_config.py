@@ -186,6 +186,25 @@ class PipelineConfig:
             "router_mode='kv': 0 picks the cheapest worker; above 0 samples a softmax of costs."
         ),
     )
+    kv_events: bool = attrs.field(
+        default=True,
+        validator=_typed(bool),
+        metadata=_doc(
+            "router_mode='kv': the engines publish KV events and the router mirrors their "
+            "caches exactly. False: approximate mode for engines that publish none; the index "
+            "learns from the router's own decisions and forgets after kv_approx_ttl seconds."
+        ),
+    )
+    kv_approx_ttl: float = attrs.field(
+        default=120.0,
+        validator=_typed(float, minimum=0.0),
+        metadata=_doc("Approximate mode: seconds a routed prefix is assumed to stay cached."),
+    )
+    kv_approx_max_blocks: int = attrs.field(
+        default=2**20,
+        validator=_typed(int, minimum=1),
+        metadata=_doc("Approximate mode: blocks the index holds before pruning the oldest to 80%."),
+    )
     router_seed: int = attrs.field(
         default=0,
         validator=_typed(int),
@@ -229,6 +248,18 @@ class PipelineConfig:
         default=None,
         validator=_typed(str, optional=True),
         metadata=_doc("Also append every transition record to this JSONL file."),
+    )
+    transition_log_max_bytes: int | None = attrs.field(
+        default=None,
+        validator=_typed(int, optional=True, minimum=1),
+        metadata=_doc(
+            "Rotate the JSONL file when it exceeds this size (to .1, .2, ...); None never rotates."
+        ),
+    )
+    transition_log_backups: int = attrs.field(
+        default=5,
+        validator=_typed(int, minimum=0),
+        metadata=_doc("Rotated JSONL files kept (the oldest is deleted)."),
     )
 
     # -- combinations -------------------------------------------------------------------------
@@ -465,6 +496,16 @@ COMBINATION_RULES: tuple[CombinationRule, ...] = (
             "selects among workers (round_robin, random, kv)"
         ),
         example={"router_mode": "direct", "direct_worker_id": 1, "migration_limit": 2},
+    ),
+    CombinationRule(
+        knobs=("router_mode", "kv_events"),
+        applies=lambda c: not c.kv_events and c.router_mode != "kv",
+        message=lambda c: (
+            f"kv_events=False with router_mode={c.router_mode!r}: approximate KV tracking "
+            "only serves the kv policy, so the switch would be silently ignored; set "
+            "router_mode='kv' or remove kv_events"
+        ),
+        example={"kv_events": False},
     ),
     CombinationRule(
         knobs=("migration_limit", "migration_max_seq_len"),

@@ -27,8 +27,10 @@ from .actors import (
     DisaggOrchestrator,
     DiscoveryActor,
     Free,
+    GetKvBlocks,
     GetLoad,
     GetWorkers,
+    KvPolicy,
     MigrationActor,
     MigrationPlan,
     PrefillComplete,
@@ -140,14 +142,19 @@ def _check_components(config: PipelineConfig, components: Components) -> None:
                     knobs=(group,),
                 )
             seen[engine.instance_id] = where
-            block_size = getattr(engine, "block_size", config.kv_block_size)
-            if config.router_mode == "kv" and block_size != config.kv_block_size:
-                raise ConfigError(
-                    f"{where} pages its KV cache in blocks of {block_size} tokens but "
-                    f"kv_block_size={config.kv_block_size}; prefix matches would never be "
-                    f"found; set kv_block_size={block_size}",
-                    knobs=("kv_block_size",),
-                )
+            _check_engine(config, engine, where, group)
+
+
+def _check_engine(config: PipelineConfig, engine: Engine, where: str, group: str) -> None:
+    block_size = getattr(engine, "block_size", config.kv_block_size)
+    if config.router_mode == "kv" and block_size != config.kv_block_size:
+        raise ConfigError(
+            f"{where} pages its KV cache in blocks of {block_size} tokens but "
+            f"kv_block_size={config.kv_block_size}: no prefix would ever match; set "
+            f"kv_block_size={block_size} (or give the engines blocks of "
+            f"{config.kv_block_size})",
+            knobs=("kv_block_size", group),
+        )
 
 
 def _make_policy(config: PipelineConfig) -> SelectionPolicy:
@@ -158,9 +165,7 @@ def _make_policy(config: PipelineConfig) -> SelectionPolicy:
         assert config.direct_worker_id is not None
         return DirectPolicy(config.direct_worker_id)
     if mode == "kv":
-        from .kv import KvPolicy  # type: ignore[attr-defined]
-
-        return KvPolicy(config)  # type: ignore[no-any-return]
+        return KvPolicy(config)
     # round_robin; direct_from_request never consults its policy (every leg is preselected).
     return RoundRobinPolicy()
 
@@ -170,7 +175,15 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
     mode = mode_for(config.routing, config.migration_limit, config.enforce_disagg)
     memory = MemoryLog(config.transition_log_capacity)
     sinks: list[TransitionSink] = list(components.transition_sinks)
-    jsonl = JsonlSink(config.transition_log_path) if config.transition_log_path else None
+    jsonl = (
+        JsonlSink(
+            config.transition_log_path,
+            max_bytes=config.transition_log_max_bytes,
+            backups=config.transition_log_backups,
+        )
+        if config.transition_log_path
+        else None
+    )
     if jsonl is not None:
         sinks.append(jsonl)
     log = TransitionLog(memory, sinks)
@@ -308,6 +321,8 @@ class Pipeline:
         self._ensure_open()
         if engine.instance_id in self._registry.snapshot():
             raise ValueError(f"worker id {engine.instance_id} is already registered")
+        group = "prefill_workers" if engine.role == "prefill" else "workers"
+        _check_engine(self.config, engine, f"worker {engine.instance_id}", group)
         await self._nursery.start(_run_engine, engine)
         self._registry.register(engine)
         await self._membership_settled()
@@ -334,6 +349,12 @@ class Pipeline:
         """Release everything booked by ``query(..., book=True)`` for ``request_id`` (the
         request ended). Never waits; unknown ids are ignored."""
         self._router.send_nowait(Free(request_id))
+
+    async def kv_blocks(self) -> dict[int, frozenset[int]]:
+        """What the router's KV index holds: each worker's cached block ids (the engines'
+        own ids). Empty unless ``router_mode='kv'`` with KV events."""
+        result: dict[int, frozenset[int]] = await self._router.ask(GetKvBlocks())
+        return result
 
     async def load(self) -> dict[int, WorkerLoad]:
         """The load the router has booked per worker (workers with none are left out)."""

@@ -1,5 +1,4 @@
-"""The ``interlock`` command line: ``demo`` and ``config check`` (more arrive with the HTTP
-server)."""
+"""The ``interlock`` command line: ``demo``, ``config check``, ``inspect``, ``docs``."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ from collections.abc import Sequence
 
 from ._config import PipelineConfig
 from ._errors import ConfigError
+from .inspect import add_parser as add_inspect_parser
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     docs = commands.add_parser("docs", help="regenerate the generated pages of docs/")
     docs.add_argument("--write", default="docs", metavar="FOLDER")
     docs.set_defaults(run=_docs)
+    add_inspect_parser(commands)
     return parser
 
 

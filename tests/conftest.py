@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+import trio
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -24,3 +26,14 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_trio_scheduling() -> None:
+    """Seed trio's scheduler, so the order tasks run in is the same on every run.
+
+    Importing hypothesis makes trio sort each batch of runnable tasks and shuffle it with its
+    own generator (`trio._core._run._r`); hypothesis seeds that generator inside `@given`
+    examples, and this seeds it for every other test too.
+    """
+    trio._core._run._r.seed(20261127)

@@ -46,6 +46,9 @@ WRONG_TYPE: dict[str, Any] = {
     "kv_block_size": 16.0,
     "overlap_score_weight": "1",
     "router_temperature": None,
+    "kv_events": "false",
+    "kv_approx_ttl": "120",
+    "kv_approx_max_blocks": 1e6,
     "router_seed": 0.5,
     "engine_idle_timeout": "10",
     "actor_max_restarts": 5.0,
@@ -53,6 +56,8 @@ WRONG_TYPE: dict[str, Any] = {
     "actor_restart_backoff": "0.01",
     "transition_log_capacity": 1.5,
     "transition_log_path": 42,
+    "transition_log_max_bytes": "1MB",
+    "transition_log_backups": 2.0,
 }
 
 # One value of the right type that is out of range, for every knob that has a range. Knobs not
@@ -73,8 +78,18 @@ OUT_OF_RANGE: dict[str, Any] = {
     "actor_restart_window": -0.001,
     "actor_restart_backoff": -0.01,
     "transition_log_capacity": 0,
+    "kv_approx_ttl": -1.0,
+    "kv_approx_max_blocks": 0,
+    "transition_log_max_bytes": 0,
+    "transition_log_backups": -1,
 }
-UNRANGED = {"enforce_disagg", "allow_request_worker_ids", "router_seed", "transition_log_path"}
+UNRANGED = {
+    "enforce_disagg",
+    "allow_request_worker_ids",
+    "kv_events",
+    "router_seed",
+    "transition_log_path",
+}
 
 
 def assert_config_error(exc: ConfigError, *knobs: str) -> None:
@@ -487,6 +502,11 @@ FIELD_VALID: dict[str, st.SearchStrategy[Any]] = {
     "actor_restart_backoff": NON_NEGATIVE,
     "transition_log_capacity": st.integers(1, 1_000_000),
     "transition_log_path": st.none() | st.just("transitions.jsonl"),
+    "transition_log_max_bytes": st.none() | st.integers(1, 10**9),
+    "transition_log_backups": st.integers(0, 10),
+    "kv_events": st.booleans(),
+    "kv_approx_ttl": NON_NEGATIVE,
+    "kv_approx_max_blocks": st.integers(1, 2**20),
 }
 
 

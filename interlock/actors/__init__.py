@@ -3,10 +3,12 @@
 
 from ._disagg import DisaggOrchestrator
 from ._discovery import DiscoveryActor
+from ._kv_policy import KvPolicy, kv_selection_record
 from ._load import LoadLedger, WorkerLoad
 from ._messages import (
     FALL_BACK,
     Free,
+    GetKvBlocks,
     GetLoad,
     GetWorkers,
     MigrationPlan,
@@ -44,9 +46,11 @@ __all__ = [
     "DiscoveryActor",
     "Forward",
     "Free",
+    "GetKvBlocks",
     "GetLoad",
     "GetWorkers",
     "InjectedCrash",
+    "KvPolicy",
     "LoadLedger",
     "MigrationActor",
     "MigrationPlan",
@@ -69,6 +73,7 @@ __all__ = [
     "WorkerView",
     "WorkersChanged",
     "candidate_records",
+    "kv_selection_record",
     "open_mailbox",
     "replay_selection",
     "run_actor",

@@ -95,6 +95,12 @@ class Free:
 
 
 @attrs.frozen
+class GetKvBlocks:
+    """Ask the Router what its KV index holds: ``dict[int, frozenset[int]]`` of each worker's
+    block ids (empty without the kv policy)."""
+
+
+@attrs.frozen
 class GetLoad:
     """Ask the Router for every worker's tracked load: ``dict[int, WorkerLoad]``."""
 

@@ -141,8 +141,9 @@ def replay_selection(record: SelectionRecord) -> int:
         return ids[int(float(inputs["draw"]) * len(ids))]
     if record.policy in ("direct", "preselected") and "worker_id" in inputs:
         return int(inputs["worker_id"])
-    if record.policy == "kv":
-        from ..kv import replay_kv_selection  # type: ignore[attr-defined]
+    if record.policy == "kv" and "kv" in inputs:
+        from ..kv import KvSelection, replay_kv_selection
+        from ..wire import from_builtins
 
-        return int(replay_kv_selection(record))
+        return replay_kv_selection(from_builtins(inputs["kv"], KvSelection))
     raise ValueError(f"cannot replay a {record.policy!r} selection with inputs {inputs!r}")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import attrs
 
 from .._errors import NoWorkersAvailable, PrefillFailed, RequestError
 from ..engines import Engine
+from ..kv import KvCleared, KvRemoved, KvStored, WorkerOutOfSync
 from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
+from ._kv_policy import KvPolicy
 from ._load import LoadLedger
 from ._messages import (
     Free,
+    GetKvBlocks,
     GetLoad,
     GetWorkers,
     PrefillComplete,
@@ -29,11 +34,21 @@ PRESELECTION_FIELDS: Mapping[Leg, tuple[str, ...]] = {
 }
 
 
+_KV_EVENTS = (KvStored, KvRemoved, KvCleared)
+
+
+@attrs.frozen
+class _KvEventArrived:
+    event: Any
+
+
 class RouterActor(Actor):
     """Owns worker selection and load bookkeeping.
 
-    State (the load ledger, the policy's cursor or generator) is rebuilt on restart: workers
-    from Discovery, bookings from each worker's snapshot of what it is serving.
+    State (the load ledger, the policy's cursor or generator, the KV index) is rebuilt on
+    restart: workers from Discovery, bookings and cached blocks from each worker's snapshot.
+    Under the ``kv`` policy it listens to every worker's KV events; a gap in a worker's
+    events, or a worker that (re)joins, is repaired by loading that worker's dump.
     """
 
     name = "router"
@@ -47,11 +62,22 @@ class RouterActor(Actor):
         self._engines: Mapping[int, Engine] = {}
         self._prefill_pool: list[int] = []
         self._decode_pool: list[int] = []
+        self._kv = policy if isinstance(policy, KvPolicy) else None
+        self._listening: dict[int, tuple[Engine, Callable[[], None]]] = {}
+        self._stale: set[int] = set()
 
     async def on_start(self) -> None:
         self._set_workers(await self._discovery.ask(GetWorkers()))
         snapshots = [await engine.snapshot() for engine in self._engines.values()]
         self._ledger.rebuild(snapshots)
+        if self._kv is not None:
+            self._kv.rebuild(snapshots)
+            self._stale.clear()
+
+    def on_stop(self) -> None:
+        for _engine, remove in self._listening.values():
+            remove()
+        self._listening.clear()
 
     async def handle(self, message: Any) -> Any:
         kind = type(message)
@@ -61,10 +87,18 @@ class RouterActor(Actor):
             self._ledger.free(message.request_id)
         elif kind is PrefillComplete:
             self._ledger.prefill_complete(message.request_id)
+        elif kind is _KvEventArrived:
+            await self._apply_kv_event(message.event)
         elif kind is WorkersChanged:
             self._set_workers(message.workers)
+            await self._resync_stale()
         elif kind is GetLoad:
             return self._ledger.loads()
+        elif kind is GetKvBlocks:
+            index = self._kv.index if self._kv is not None else None
+            if index is None:
+                return {}
+            return {w: index.blocks_of(w) for w in sorted(index.workers)}
         else:
             raise TypeError(f"the router actor does not handle {message!r}")
         return None
@@ -73,6 +107,45 @@ class RouterActor(Actor):
         self._engines = engines
         self._prefill_pool = sorted(w for w, e in engines.items() if e.role == "prefill")
         self._decode_pool = sorted(w for w, e in engines.items() if e.role != "prefill")
+        kv = self._kv
+        if kv is None:
+            return
+        for worker_id in list(self._listening):
+            engine, remove = self._listening[worker_id]
+            if engines.get(worker_id) is not engine:
+                # Gone (crashed, drained, removed): its cache is no longer routable.
+                remove()
+                del self._listening[worker_id]
+                kv.forget_worker(worker_id)
+        ref = self.ref
+        for worker_id, engine in engines.items():
+            if worker_id in self._listening:
+                continue
+
+            def deliver(event: Any, _ref: Any = ref) -> None:
+                if isinstance(event, _KV_EVENTS):
+                    _ref.send_nowait(_KvEventArrived(event))
+
+            self._listening[worker_id] = (engine, engine.add_listener(deliver))
+            # New to this router (or back after a crash): start from its dump.
+            self._stale.add(worker_id)
+
+    async def _resync_stale(self) -> None:
+        while self._stale:
+            worker_id = self._stale.pop()
+            engine = self._engines.get(worker_id)
+            if engine is not None and self._kv is not None:
+                self._kv.load_snapshot(await engine.snapshot())
+
+    async def _apply_kv_event(self, event: Any) -> None:
+        kv = self._kv
+        if kv is None or event.worker_id not in self._listening:
+            return
+        try:
+            kv.apply(event)
+        except WorkerOutOfSync as exc:
+            self._stale.add(exc.worker_id)
+            await self._resync_stale()
 
     def _select(self, message: Select) -> Selection:
         request = message.request
@@ -120,6 +193,9 @@ class RouterActor(Actor):
             if prefill is not None:
                 ledger.add(message.request_id, prefill.chosen, "prefill", prompt)
             ledger.add(message.request_id, decode.chosen, leg, prompt)
+            if self._kv is not None:
+                # Approximate mode learns where prompts went (exact mode ignores this).
+                self._kv.routed(prefill.chosen if prefill is not None else decode.chosen, request)
         return Selection(
             decision=decision,
             decode_engine=self._engines[decode.chosen],
@@ -182,6 +258,4 @@ class RouterActor(Actor):
 
 
 def _with_excluded(record: SelectionRecord, exclude: frozenset[int]) -> SelectionRecord:
-    import attrs
-
     return attrs.evolve(record, excluded=tuple(sorted(exclude)))

@@ -115,6 +115,8 @@ def _too_large(limit: int) -> HttpError:
 
 
 async def send_json(send: Send, status: int, body: bytes, headers: list[Any] = _JSON) -> None:
+    """Send a whole response (``Content-Length`` set, so no chunked framing)."""
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -175,7 +177,7 @@ class _Frontend:
         named = nvext.named_worker()
         routing = self.routing
         if named is not None:
-            field, source = named
+            source = named[1]
             if routing == "discover" and not self.allow_worker_ids:
                 raise HttpError(
                     400,

@@ -158,9 +158,7 @@ def parse_nvext(value: Any) -> NvExt:
         elif key in WORKER_ID_FIELDS:
             fields[key] = _uint(item, where, U64_MAX)
             sources[key] = where
-        elif key == "dp_rank":
-            fields[key] = _uint(item, where, U32_MAX)
-        elif key == "max_thinking_tokens":
+        elif key == "dp_rank" or key == "max_thinking_tokens":
             fields[key] = _uint(item, where, U32_MAX)
         elif key == "annotations":
             fields[key] = _strings(item, where)

@@ -16,7 +16,7 @@ from typing import Any, Final
 import attrs
 
 from ._errors import bad_request
-from ._nvext import EMPTY, NvExt, U32_MAX, parse_nvext, parse_token_ids
+from ._nvext import EMPTY, U32_MAX, NvExt, parse_nvext, parse_token_ids
 
 #: Largest seed a request may carry (the worker protocol's seeds are unsigned 64-bit).
 _SEED_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -363,6 +363,8 @@ COMPLETION_FIELDS: Final[dict[str, _Handler]] = {
     "suffix": _suffix,
 }
 
+_NAMES: Final = {"chat": "chat completion", "completion": "completion"}
+
 #: The OpenAI default for /v1/completions (chat has none: up to the context length).
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
 
@@ -384,8 +386,8 @@ def parse_request(kind: str, body: Any, *, max_model_len: int) -> ParsedRequest:
         handler = fields.get(key)
         if handler is None:
             raise bad_request(
-                f"unknown field {key!r} in a {'chat completion' if kind == 'chat' else 'completion'}"
-                " request; see docs/http.md for the fields interlock accepts",
+                f"unknown field {key!r} in a {_NAMES[kind]} request; see docs/http.md for the "
+                "fields interlock accepts",
                 key,
                 code="unknown_parameter",
             )

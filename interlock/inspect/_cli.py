@@ -27,10 +27,10 @@ from ._load import LoadedLog, load_log, rotated_paths
 from ._records import LogProblem
 from ._render import (
     TEXT_WIDTH,
+    render_violations,
     replay_renderable,
     summary_renderable,
     timeline_renderable,
-    violations_renderable,
 )
 from ._replay import replay_decisions
 from ._summary import DEFAULT_BLOCK_SIZE, summarize
@@ -87,9 +87,10 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "inspect",
         help="summarize, validate and explain JSONL transition logs",
         description=(
-            "Read JSONL transition logs: what happened to each request, and why it went "
-            "where it went. Without an action: a summary of the requests. Unreadable lines "
-            "are reported on stderr as LOG:LINE: reason, and the rest is read."
+            "Read JSONL transition logs: what happened to each request, and why it went where\n"
+            "it went. Without an action: a summary of the requests. Unreadable lines are\n"
+            "reported on stderr as LOG:LINE: reason, and the rest is read. See\n"
+            "docs/inspecting.md."
         ),
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -153,7 +154,9 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         metavar="ID",
         help="requests a record of which names worker ID",
     )
-    filters.add_argument("--mode", action="append", choices=modes, metavar="MODE")
+    filters.add_argument(
+        "--mode", action="append", choices=modes, metavar="MODE", help="requests of mode MODE"
+    )
     filters.add_argument(
         "--since",
         type=_time,
@@ -244,9 +247,19 @@ def run(args: argparse.Namespace) -> int:
     if args.graph is not None:
         if args.logs:
             return _fail("--graph draws a mode's graph from its specification; drop the LOG files")
+        if args.json:
+            return _fail("--graph prints mermaid or DOT text; drop --json")
         return _graph(args)
     if args.format != "mermaid" or args.output is not None:
         return _fail("--format and --output go with --graph")
+    if (args.migration_limit is not None or args.allow_unfinished) and not args.validate:
+        return _fail("--migration-limit and --allow-unfinished go with --validate")
+    filtered = args.state or args.worker or args.mode or args.since is not None
+    if (filtered or args.until is not None) and (args.request or args.replay_decision):
+        return _fail(
+            "filters select requests for the summary, --validate and --follow; --request and "
+            "--replay-decision name their request already"
+        )
     if not args.logs:
         return _fail("give the transition log to read (a JSONL file, several, or - for stdin)")
     if args.follow:
@@ -283,7 +296,10 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
         else:
-            _console().print(violations_renderable(violations, len(requests)))
+            text = render_violations(violations, len(requests))
+            _console().print(
+                text, style="red" if violations else "green", soft_wrap=True, end="", markup=False
+            )
             if log.problems:
                 print(
                     f"{len(log.problems)} line(s) could not be read: the log is incomplete, so "

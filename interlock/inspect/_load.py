@@ -36,8 +36,9 @@ class LoadedLog:
         return entries, problems
 
     def requests(self, where: RequestFilter | None = None) -> dict[str, RequestHistory]:
-        """Each request's history by request id (in order of first appearance), keeping those
-        ``where`` selects."""
+        """Each request's history by `RequestHistory.key` (its id, or ``ID@N`` for the N-th
+        request of a repeated id), in order of first appearance, keeping those ``where``
+        selects."""
         grouped = group_requests(self.entries)
         if where is None:
             return grouped

@@ -14,7 +14,6 @@ from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.padding import Padding
 from rich.table import Table
-from rich.text import Text
 
 from ..statemachines import State
 from ._history import RequestHistory
@@ -278,9 +277,11 @@ def timeline_renderable(history: RequestHistory, *, show_wall: bool = True) -> R
         + ("" if history.terminal else " (in flight)")
         + f" after {seconds(history.elapsed)} · {len(history.entries)} transitions"
     )
-    if show_wall:
-        head += f" · from {_wall(first.wall)}"
     parts: list[RenderableType] = [head]
+    if show_wall:
+        parts.append(
+            f"first record at {_wall(first.wall)}, last at {_wall(history.entries[-1].wall)}"
+        )
     if not history.complete:
         parts.append(
             f"[yellow]the log starts this request at record #{first.seq} ({escape(first.src)}); "
@@ -292,10 +293,12 @@ def timeline_renderable(history: RequestHistory, *, show_wall: bool = True) -> R
         "trigger",
         "state",
         "worker",
-        "time in state",
+        "stayed",
         "why",
-        right=("#", "at", "worker", "time in state"),
+        right=("#", "at", "worker", "stayed"),
     )
+    for column in table.columns[:-1]:
+        column.no_wrap = True
     table.columns[-1].overflow = "fold"
     plans: list[str] = []
     for span, entry in zip(history.spans, history.entries, strict=True):
@@ -376,20 +379,6 @@ def replay_renderable(request_id: str, replays: Sequence[DecisionReplay]) -> Ren
     )
 
 
-def violations_renderable(violations: Sequence[Violation], requests: int) -> RenderableType:
-    """The requests whose paths break an invariant, each with its log lines."""
-    if not violations:
-        return f"[green]{requests} request(s): every path is legal[/]"
-    parts: list[RenderableType] = []
-    for violation in violations:
-        parts += [
-            Text(f"{violation.locations}: {violation.message}", style="red"),
-            "",
-        ]
-    parts.append(f"[red]{len(violations)} of {requests} request(s) break an invariant[/]")
-    return Group(*parts)
-
-
 def json_ready(value: Any) -> Any:
     """``value`` with mapping keys as strings (for `json.dumps`)."""
     if isinstance(value, Mapping):
@@ -406,8 +395,12 @@ def render_replay(
     return to_text(replay_renderable(request_id, replays), width=width)
 
 
-def render_violations(
-    violations: Sequence[Violation], requests: int, *, width: int = TEXT_WIDTH
-) -> str:
-    """`validate` results as plain text."""
-    return to_text(violations_renderable(violations, requests), width=width)
+def render_violations(violations: Sequence[Violation], requests: int) -> str:
+    """`validate` results as plain text, one paragraph per failing request: its log lines,
+    `check_invariants`'s message and the request's transitions (never wrapped, so each line
+    can be searched for)."""
+    if not violations:
+        return f"{requests} request(s): every path is legal\n"
+    parts = [f"{v.locations}: {v.message}\n\n" for v in violations]
+    parts.append(f"{len(violations)} of {requests} request(s) break an invariant\n")
+    return "".join(parts)

@@ -113,8 +113,8 @@ class KvSelection:
     candidate in the caller's order (which sampling depends on). Building one object per
     candidate cost ~0.4 µs each (0.2 ms at 512 workers, a tenth of the decision budget), and a
     logged record in columns is under a third the size of the same rows as JSON objects.
-    :attr:`candidates` gives the rows as :class:`CandidateScore` objects. ``draw`` is the ``rng.random()`` value a sampled choice
-    used, ``None`` when no draw was made.
+    :attr:`candidates` gives the rows as :class:`CandidateScore` objects. ``draw`` is the
+    ``rng.random()`` value a sampled choice used, ``None`` when no draw was made.
     """
 
     chosen: int

@@ -8,6 +8,7 @@ the field.
 
 from __future__ import annotations
 
+import enum
 from array import array
 from typing import Any, TypeVar
 
@@ -21,8 +22,23 @@ T = TypeVar("T")
 converter = cattrs.Converter(forbid_extra_keys=True)
 
 
+def _is_enum(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, enum.Enum)
+
+
+def _enum(value: Any, kind: Any) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in kind)
+        raise ValueError(f"must be one of {allowed}, got {value!r}") from None
+
+
 def _strict(kind: type) -> Any:
-    def structure(value: Any, _type: Any) -> Any:
+    def structure(value: Any, target: Any) -> Any:
+        if target is not kind and _is_enum(target):
+            # A str or int enum reaches this hook through its base class.
+            return _enum(value, target)
         if type(value) is kind or (kind is float and type(value) is int):
             return value
         raise TypeError(f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
@@ -57,6 +73,9 @@ def _str_tuple(value: Any, _type: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+# Enums (string enums included, which would otherwise match the str hook) by value.
+converter.register_structure_hook_func(_is_enum, _enum)
+converter.register_unstructure_hook_func(_is_enum, lambda member: member.value)
 converter.register_structure_hook_func(lambda kind: kind == tuple[int, ...], _int_tuple)
 converter.register_structure_hook_func(lambda kind: kind == tuple[str, ...], _str_tuple)
 converter.register_unstructure_hook_func(

@@ -77,23 +77,23 @@ class MockKvCache:
         held = self.cached_blocks()
         order: list[int] = []
         seen: set[int] = set()
-
-        def visit(h: int) -> None:
-            if h in seen:
-                return
-            parent = self._meta[h][0]
-            if parent is not None and parent in held:
-                visit(parent)
-            seen.add(h)
-            order.append(h)
-
-        for h in sorted(held):
-            visit(h)
+        for start in sorted(held):
+            # Walk up to the first ancestor already placed (or not held), then emit downwards:
+            # iterative, since generated text makes chains thousands of blocks long.
+            chain = []
+            h: int | None = start
+            while h is not None and h in held and h not in seen:
+                chain.append(h)
+                seen.add(h)
+                h = self._meta[h][0]
+            order.extend(reversed(chain))
         return [
             KvStored(
                 worker_id=self.worker_id,
                 event_id=self.next_event_id - 1,
-                parent_hash=self._meta[h][0] if self._meta[h][0] in held else None,
+                # The real parent even when it was evicted: the index keeps such a block
+                # linked for later events but never matches it from the root.
+                parent_hash=self._meta[h][0],
                 blocks=(StoredBlock(block_hash=h, tokens_hash=self._meta[h][1]),),
             )
             for h in order
