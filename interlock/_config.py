@@ -23,10 +23,20 @@ from ._errors import ConfigError
 Preprocessing = Literal["frontend", "engine"]
 Postprocessing = Literal["frontend", "engine"]
 Routing = Literal["discover", "direct_to_known", "query_only"]
-RouterMode = Literal["round_robin", "random", "kv", "direct", "direct_from_request"]
+RouterMode = Literal[
+    "round_robin", "random", "kv", "predicted_ttft", "direct", "direct_from_request"
+]
 
 #: router_mode values a routing mode that selects workers may use.
-SELECTING_ROUTER_MODES: tuple[str, ...] = ("round_robin", "random", "kv", "direct")
+SELECTING_ROUTER_MODES: tuple[str, ...] = (
+    "round_robin",
+    "random",
+    "kv",
+    "predicted_ttft",
+    "direct",
+)
+#: router_mode values that keep an index of the workers' KV caches.
+KV_ROUTER_MODES: tuple[str, ...] = ("kv", "predicted_ttft")
 
 
 def _choice(values: tuple[str, ...]) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
@@ -123,9 +133,11 @@ class PipelineConfig:
         default="round_robin",
         validator=_choice(get_args(RouterMode)),
         metadata=_doc(
-            "Selection policy: 'round_robin', 'random', 'kv' (prefix-cache overlap and load), "
-            "'direct' (always direct_worker_id), or 'direct_from_request' (the worker ids the "
-            "request names; the policy of routing='direct_to_known')."
+            "Selection policy: 'round_robin', 'random', 'kv' (prefix-cache overlap and load, "
+            "the reference cost), 'predicted_ttft' (prefix-cache overlap and each worker's "
+            "prefill queue, by predicted time to first token), 'direct' (always "
+            "direct_worker_id), or 'direct_from_request' (the worker ids the request names; "
+            "the policy of routing='direct_to_known')."
         ),
     )
     direct_worker_id: int | None = attrs.field(
@@ -499,11 +511,11 @@ COMBINATION_RULES: tuple[CombinationRule, ...] = (
     ),
     CombinationRule(
         knobs=("router_mode", "kv_events"),
-        applies=lambda c: not c.kv_events and c.router_mode != "kv",
+        applies=lambda c: not c.kv_events and c.router_mode not in KV_ROUTER_MODES,
         message=lambda c: (
             f"kv_events=False with router_mode={c.router_mode!r}: approximate KV tracking "
-            "only serves the kv policy, so the switch would be silently ignored; set "
-            "router_mode='kv' or remove kv_events"
+            "only serves the KV-aware policies, so the switch would be silently ignored; set "
+            "router_mode='kv' (or 'predicted_ttft') or remove kv_events"
         ),
         example={"kv_events": False},
     ),

@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._config import PipelineConfig
+from ._config import KV_ROUTER_MODES, PipelineConfig
 from ._errors import (
     ActorCrashed,
     ConfigError,
@@ -147,7 +147,7 @@ def _check_components(config: PipelineConfig, components: Components) -> None:
 
 def _check_engine(config: PipelineConfig, engine: Engine, where: str, group: str) -> None:
     block_size = getattr(engine, "block_size", config.kv_block_size)
-    if config.router_mode == "kv" and block_size != config.kv_block_size:
+    if config.router_mode in KV_ROUTER_MODES and block_size != config.kv_block_size:
         raise ConfigError(
             f"{where} pages its KV cache in blocks of {block_size} tokens but "
             f"kv_block_size={config.kv_block_size}: no prefix would ever match; set "
@@ -164,7 +164,7 @@ def _make_policy(config: PipelineConfig) -> SelectionPolicy:
     if mode == "direct":
         assert config.direct_worker_id is not None
         return DirectPolicy(config.direct_worker_id)
-    if mode == "kv":
+    if mode in KV_ROUTER_MODES:
         return KvPolicy(config)
     # round_robin; direct_from_request never consults its policy (every leg is preselected).
     return RoundRobinPolicy()

@@ -23,8 +23,11 @@ from ..kv import (
     KvIndexer,
     KvSelection,
     OverlapScores,
+    TtftModel,
+    TtftSelection,
     WorkerLoadView,
     compute_block_hashes,
+    select_by_ttft,
     select_worker,
 )
 from ..wire import CandidateRecord, Leg, PreprocessedRequest, SelectionRecord, to_builtins
@@ -32,17 +35,18 @@ from ._policies import WorkerView
 
 
 class KvPolicy:
-    """Selection by prefix overlap and load (`select_worker`), over an index of what each
-    worker caches.
+    """Selection by prefix overlap and load over an index of what each worker caches.
 
-    The decode leg of a disaggregated request is chosen with overlap weight 0 (its prompt KV
-    arrives from the prefill worker). Per-request ``router_config_override`` values replace
-    the configured weight and temperature.
+    ``router_mode='kv'`` scores with the reference cost (`select_worker`);
+    ``'predicted_ttft'`` with the predicted time to first token (`select_by_ttft`). The decode
+    leg of a disaggregated request is chosen by the kv cost with overlap weight 0 (its prompt
+    KV arrives from the prefill worker; only decode load matters). Per-request
+    ``router_config_override`` values replace the configured weight and temperature.
     """
 
-    name = "kv"
-
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, model: TtftModel | None = None) -> None:
+        self.name = config.router_mode
+        self.model = model or TtftModel()
         self.block_size = config.kv_block_size
         self.weight = config.overlap_score_weight
         self.temperature = config.router_temperature
@@ -121,6 +125,8 @@ class KvPolicy:
                 temperature = override.router_temperature
         if leg == "decode":
             weight = 0.0
+        elif self.name == "predicted_ttft":
+            return self._choose_by_ttft(leg, candidates, request)
         overlaps = self.overlaps(request) if weight else OverlapScores({}, {})
         views = [
             WorkerLoadView(c.worker_id, c.load.prefill_tokens, c.load.active_blocks)
@@ -136,6 +142,59 @@ class KvPolicy:
             self._rng,
         )
         return kv_selection_record(leg, selection, candidates)
+
+    def _choose_by_ttft(
+        self, leg: Leg, candidates: Sequence[WorkerView], request: PreprocessedRequest
+    ) -> SelectionRecord:
+        selection = select_by_ttft(
+            [c.worker_id for c in candidates],
+            [c.load.prefill_tokens for c in candidates],
+            [c.load.active_requests for c in candidates],
+            self.overlaps(request),
+            len(request.token_ids),
+            self.block_size,
+            self.model,
+        )
+        return ttft_selection_record(leg, selection, candidates)
+
+
+def ttft_selection_record(
+    leg: Leg, selection: TtftSelection, candidates: Sequence[WorkerView]
+) -> SelectionRecord:
+    """A `SelectionRecord` holding the whole `TtftSelection` (``inputs["predicted_ttft"]``)."""
+    rows = tuple(
+        CandidateRecord(
+            worker_id=worker_id,
+            overlap_blocks=overlap,
+            prefill_tokens=queued,
+            decode_blocks=view.load.active_blocks,
+            active_requests=active,
+            cost=predicted,
+        )
+        for worker_id, overlap, queued, active, predicted, view in zip(
+            selection.worker_ids,
+            selection.overlap_blocks,
+            selection.queued_tokens,
+            selection.active_requests,
+            selection.predicted_ms,
+            candidates,
+            strict=True,
+        )
+    )
+    index = selection.worker_ids.index(selection.chosen)
+    reason = (
+        f"predicted first token in {selection.predicted_ms[index]:.1f} ms: "
+        f"{selection.queued_tokens[index]} queued + {selection.new_tokens(index)} uncached "
+        f"prompt tokens ({selection.overlap_blocks[index]} blocks cached)"
+    )
+    return SelectionRecord(
+        leg=leg,
+        policy="predicted_ttft",
+        chosen=selection.chosen,
+        candidates=rows,
+        reason=reason,
+        inputs={"predicted_ttft": to_builtins(selection)},
+    )
 
 
 def kv_selection_record(

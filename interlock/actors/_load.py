@@ -48,10 +48,18 @@ class LoadLedger:
     def loads(self) -> dict[int, WorkerLoad]:
         return {w: attrs.evolve(load) for w, load in self._loads.items() if load.active_requests}
 
-    def add(self, request_id: str, worker_id: int, leg: Leg, prompt_tokens: int) -> None:
-        """Book ``request_id`` on ``worker_id`` (a decode leg books no prefill tokens: its
-        KV arrives from the prefill worker)."""
-        prefill = 0 if leg == "decode" else prompt_tokens
+    def add(
+        self,
+        request_id: str,
+        worker_id: int,
+        leg: Leg,
+        prompt_tokens: int,
+        cached_tokens: int = 0,
+    ) -> None:
+        """Book ``request_id`` on ``worker_id``: its blocks, and the prompt tokens the worker
+        must compute (those not already in its cache; none for a decode leg, whose KV arrives
+        from the prefill worker)."""
+        prefill = 0 if leg == "decode" else max(0, prompt_tokens - cached_tokens)
         entry = _Entry(worker_id, leg, prefill, -(-prompt_tokens // self.block_size))
         self._entries.setdefault(request_id, []).append(entry)
         load = self._loads.get(worker_id)

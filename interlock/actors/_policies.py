@@ -146,4 +146,9 @@ def replay_selection(record: SelectionRecord) -> int:
         from ..wire import from_builtins
 
         return replay_kv_selection(from_builtins(inputs["kv"], KvSelection))
+    if record.policy == "predicted_ttft" and "predicted_ttft" in inputs:
+        from ..kv import TtftSelection, replay_ttft_selection
+        from ..wire import from_builtins
+
+        return replay_ttft_selection(from_builtins(inputs["predicted_ttft"], TtftSelection))
     raise ValueError(f"cannot replay a {record.policy!r} selection with inputs {inputs!r}")

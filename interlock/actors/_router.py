@@ -190,9 +190,18 @@ class RouterActor(Actor):
             ledger = self._ledger
             ledger.free(message.request_id)
             prompt = len(request.token_ids)
+            block_size = ledger.block_size
             if prefill is not None:
-                ledger.add(message.request_id, prefill.chosen, "prefill", prompt)
-            ledger.add(message.request_id, decode.chosen, leg, prompt)
+                ledger.add(
+                    message.request_id,
+                    prefill.chosen,
+                    "prefill",
+                    prompt,
+                    _cached_blocks(prefill) * block_size,
+                )
+            ledger.add(
+                message.request_id, decode.chosen, leg, prompt, _cached_blocks(decode) * block_size
+            )
             if self._kv is not None:
                 # Approximate mode learns where prompts went (exact mode ignores this).
                 self._kv.routed(prefill.chosen if prefill is not None else decode.chosen, request)
@@ -255,6 +264,15 @@ class RouterActor(Actor):
             reason=f"named by the request ({field})",
             inputs={"worker_id": worker_id, "field": field},
         )
+
+
+def _cached_blocks(record: SelectionRecord) -> int:
+    """The chosen worker's prefix overlap, as its policy saw it (0 for policies that do not
+    look at caches)."""
+    for candidate in record.candidates:
+        if candidate.worker_id == record.chosen:
+            return candidate.overlap_blocks
+    return 0
 
 
 def _with_excluded(record: SelectionRecord, exclude: frozenset[int]) -> SelectionRecord:

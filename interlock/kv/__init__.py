@@ -29,6 +29,7 @@ from interlock.kv._indexer import (
     WorkerOutOfSync,
 )
 from interlock.kv._tree import OverlapScores
+from interlock.kv._ttft import TtftModel, TtftSelection, replay_ttft_selection, select_by_ttft
 
 __all__ = [
     "XXH3_SEED",
@@ -46,10 +47,14 @@ __all__ = [
     "ParentBlockNotFound",
     "SelectionReason",
     "StoredBlock",
+    "TtftModel",
+    "TtftSelection",
     "WorkerLoadView",
     "WorkerOutOfSync",
     "compute_block_hashes",
     "compute_sequence_hashes",
     "replay_kv_selection",
+    "replay_ttft_selection",
+    "select_by_ttft",
     "select_worker",
 ]

@@ -6,12 +6,17 @@ hypothesis strategies.
 
 from ._faults import FAULT_KINDS, Fault, FaultKind, run_fault_schedule
 from ._invariants import InvariantViolation, check_invariants
+from ._workload import TimedRequest, WorkloadReport, run_workload, shared_prefix_workload
 
 __all__ = [
     "FAULT_KINDS",
     "Fault",
     "FaultKind",
     "InvariantViolation",
+    "TimedRequest",
+    "WorkloadReport",
     "check_invariants",
     "run_fault_schedule",
+    "run_workload",
+    "shared_prefix_workload",
 ]
