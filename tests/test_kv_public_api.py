@@ -15,6 +15,8 @@ EXPECTED = {
     "KvRemoved",
     "KvStored",
     "StoredBlock",
+    "TtftModel",
+    "TtftSelection",
     # indexes
     "ApproxKvIndexer",
     "KvIndexer",
@@ -30,6 +32,8 @@ EXPECTED = {
     "SelectionReason",
     "WorkerLoadView",
     "replay_kv_selection",
+    "replay_ttft_selection",
+    "select_by_ttft",
     "select_worker",
 }
 
