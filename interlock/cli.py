@@ -1,4 +1,5 @@
-"""The ``interlock`` command line: ``demo``, ``config check``, ``inspect``, ``docs``."""
+"""The ``interlock`` command line: ``serve``, ``route``, ``demo``, ``config check``,
+``inspect``, ``docs``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 
 from ._config import PipelineConfig
 from ._errors import ConfigError
+from .http import add_route_parser, add_serve_parser
 from .inspect import add_parser as add_inspect_parser
 
 
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="interlock", description="A configuration-driven LLM-serving frontend for trio."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(commands)
+    add_route_parser(commands)
     demo = commands.add_parser(
         "demo", help="run the pipeline in every routing mode on in-process mock workers"
     )

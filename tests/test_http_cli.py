@@ -123,7 +123,8 @@ async def _serve_process(*argv: str) -> tuple[trio.Process, str, list[str]]:
     return process, url, lines
 
 
-async def test_serve_prints_where_it_listens_serves_and_stops_on_ctrl_c() -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+async def test_serve_prints_where_it_listens_serves_and_stops_on_a_signal(stop: int) -> None:
     process, url, banner = await _serve_process(
         "serve", "--port", "0", "--zero-time", "--workers", "3", "--model-name", "tiny"
     )
@@ -139,10 +140,12 @@ async def test_serve_prints_where_it_listens_serves_and_stops_on_ctrl_c() -> Non
             }
             answer = await client.post("/v1/chat/completions", json=body)
             assert answer.status_code == 200 and answer.json()["model"] == "tiny"
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         with trio.fail_after(30):
             code = await process.wait()
         assert code == 0
+        assert process.stderr is not None
+        assert b"stopping" in await process.stderr.receive_some(65536)
     finally:
         if process.returncode is None:
             process.kill()

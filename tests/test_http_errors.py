@@ -248,3 +248,22 @@ async def test_no_body_a_client_sends_is_a_server_error() -> None:
     bad = [a for a in answers if a[1] >= 500]
     assert not bad, f"server errors for client input: {bad[:3]}"
     assert any(a[1] == 200 for a in answers) and any(a[1] == 400 for a in answers)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tokens_the_tokenizer_cannot_decode_are_a_502_not_a_client_error(
+    stream: bool,
+) -> None:
+    # Workers that draw from a 32k vocabulary, in front of the 259-token byte tokenizer: a
+    # server misconfiguration, which must not be blamed on the client.
+    async with serving(engine_kwargs={"token_pool": None}) as served:
+        async with served.client() as client:
+            body = {**CHAT, "stream": stream, "ignore_eos": True}
+            answer = await client.post("/v1/chat/completions", json=body)
+        await served.wait_idle()
+    if stream and answer.status_code == 200:
+        assert '"code":"detokenization_failed"' in answer.text
+        assert answer.text.endswith("data: [DONE]\n\n")
+    else:
+        assert answer.status_code == 502, answer.text
+        assert answer.json()["error"]["code"] == "detokenization_failed"

@@ -178,3 +178,34 @@ async def test_streaming_connections_use_tcp_nodelay(monkeypatch: pytest.MonkeyP
     server_side = seen[before:]
     assert server_side, "no server-side connection was recorded"
     assert all(server_side), f"TCP_NODELAY off on a server connection: {server_side}"
+
+
+def test_public_surface_is_pinned() -> None:
+    import interlock.http
+
+    assert sorted(interlock.http.__all__) == [
+        "HttpError",
+        "HttpLimits",
+        "HttpMetrics",
+        "Preprocessor",
+        "add_route_parser",
+        "add_serve_parser",
+        "build_app",
+        "serve_http",
+    ]
+    for name in interlock.http.__all__:
+        assert hasattr(interlock.http, name)
+
+
+async def test_disaggregated_requests_are_counted_per_leg() -> None:
+    async with serving(workers=2, prefill_workers=1) as served, served.client() as client:
+        for _ in range(2):
+            answer = await client.post("/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 200, answer.text
+        text = (await client.get("/metrics")).text
+    assert 'interlock_worker_routed_requests_total{leg="prefill",worker_id="3"} 2.0' in text
+    assert 'leg="decode",worker_id="1"} 1.0' in text and 'leg="decode",worker_id="2"} 1.0' in text
+    assert (
+        'interlock_transitions_total{dst="prefilling",src="routed",trigger="start_prefill"} 2.0'
+        in text
+    )

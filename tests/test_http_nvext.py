@@ -309,3 +309,49 @@ async def test_greed_sampling_and_agent_hints_are_accepted() -> None:
         }
         answer = await client.post("/v1/chat/completions", json=body)
     assert answer.status_code == 200, answer.text
+
+
+async def test_kv_routing_over_http_reports_the_prefix_overlap() -> None:
+    config = PipelineConfig(router_mode="kv")
+    async with serving(config, workers=3, route_api=True) as served, served.client() as client:
+        long = [{"role": "user", "content": "A long shared system prompt. " * 8}]
+        body = {
+            "model": "mock",
+            "messages": long,
+            "max_tokens": 4,
+            "nvext": {"extra_fields": ["worker_id", "timing"]},
+        }
+        first = (await client.post("/v1/chat/completions", json=body)).json()
+        await served.wait_idle()
+        second = (await client.post("/v1/chat/completions", json=body)).json()
+        route = (await client.post("/v1/route", json={"messages": long})).json()
+        metrics = (await client.get("/metrics")).text
+    worker = first["nvext"]["worker_id"]["decode_worker_id"]
+    assert second["nvext"]["worker_id"]["decode_worker_id"] == worker, "the cached prefix lost"
+    assert second["nvext"]["timing"]["kv_hit_rate"] > 0.5
+    assert route["decode_worker_id"] == worker and route["overlap_blocks"] > 0
+    assert route["cost"] is not None and route["selections"][0]["policy"] == "kv"
+    (sample,) = [m for m in metrics.splitlines() if m.startswith("interlock_router_prefix_hit")]
+    hit_rate = float(sample.split()[1])
+    assert hit_rate > 0
+
+
+async def test_worker_id_without_the_metrics_sink_comes_from_the_transition_log() -> None:
+    # An app built without passing its HttpMetrics to the pipeline never sees the routing
+    # decision as it happens; nvext.worker_id still has to be right.
+    import httpx
+
+    from interlock import Components, build_pipeline
+    from interlock.engines.mock import MockEngine
+    from interlock.http import Preprocessor, build_app
+
+    preprocessor = Preprocessor.default()
+    workers = [MockEngine(7, timing=MockTiming.zero(), token_pool=[104, 105])]
+    components = Components(workers=workers, tokenizer=preprocessor.tokenizer)
+    async with build_pipeline(PipelineConfig(), components) as pipeline:
+        app = build_app(pipeline, preprocessor=preprocessor)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            body = {**CHAT, "nvext": {"extra_fields": ["worker_id"]}}
+            answer = await client.post("/v1/chat/completions", json=body)
+    assert answer.json()["nvext"]["worker_id"]["decode_worker_id"] == 7

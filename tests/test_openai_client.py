@@ -179,3 +179,36 @@ async def test_engine_postprocessing_passes_the_engines_text_through(stream: boo
     else:
         assert answer.json()["usage"]["completion_tokens"] == 4
         assert answer.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "qwen3"])
+async def test_whole_answers_read_the_same_as_streamed_ones(tokenizer: str) -> None:
+    # A whole answer is decoded once at the end, a stream piece by piece; the text must agree,
+    # also when multi-byte characters span tokens (the byte pool below splits every one).
+    import json
+
+    from interlock.http import Preprocessor
+
+    if tokenizer == "qwen3":
+        preprocessor, kwargs = qwen3(), {}
+    else:
+        preprocessor = Preprocessor.default()
+        kwargs = {"token_pool": list("héllo wörld ✓ naïve — ok".encode())}
+    cluster = serving(preprocessor=preprocessor, engine_kwargs=kwargs)
+    async with cluster as served, served.client() as client:
+        for seed in range(6):
+            body = {
+                "model": "mock",
+                "messages": [{"role": "user", "content": f"Story {seed}, please."}],
+                "max_tokens": 30,
+                "ignore_eos": True,
+                "seed": seed,
+            }
+            whole = (await client.post("/v1/chat/completions", json=body)).json()
+            streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
+            text = ""
+            for event in streamed.text.split("\n\n"):
+                if event.startswith("data: {"):
+                    for choice in json.loads(event[6:])["choices"]:
+                        text += choice["delta"].get("content") or ""
+            assert whole["choices"][0]["message"]["content"] == text, seed

@@ -9,7 +9,9 @@ code. Configuration comes from, lowest to highest precedence: the defaults, ``--
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ import trio
 from .._config import PipelineConfig, knob_names, parse_knob_text
 from .._errors import ConfigError
 from .._pipeline import Components, build_pipeline
+from ..engines import Role
 from ..engines.mock import MockEngine, MockTiming
 from ..processing import ChatTemplateError, Tokenizer, TokenizerError
 from ._app import HttpLimits, build_app
@@ -71,7 +74,7 @@ class ServeSetup:
             "token_pool": pool,
             "tokenizer": tokenizer,
         }
-        role = "decode" if self.prefill_workers else "agg"
+        role: Role = "decode" if self.prefill_workers else "agg"
         workers = [MockEngine(i, role, **common) for i in range(1, self.workers + 1)]
         first = self.workers + 1
         prefill = [
@@ -381,6 +384,18 @@ async def serve_frontend(
                 raise
             print(banner(setup, url), flush=True)
             task_status.started(url)
+            if threading.current_thread() is threading.main_thread():
+                nursery.start_soon(_stop_on_signals, nursery.cancel_scope, setup.command)
+
+
+async def _stop_on_signals(scope: trio.CancelScope, command: str) -> None:
+    # Ctrl-C and SIGTERM (what container runtimes send) both stop the server cleanly, even
+    # when the process was started with SIGINT ignored (a background job of a script).
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for number in signals:
+            print(f"interlock {command}: {signal.Signals(number).name}, stopping", file=sys.stderr)
+            scope.cancel()
+            return
 
 
 def banner(setup: ServeSetup, url: str) -> str:

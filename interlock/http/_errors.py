@@ -68,8 +68,13 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return HttpError(400, message, param=param, code=code)
 
 
-def http_error_for(exc: BaseException, *, field_prefix: str = "") -> HttpError:
+def http_error_for(
+    exc: BaseException, *, field_prefix: str = "", preprocessing: bool = False
+) -> HttpError:
     """The HTTP error for an exception raised while serving a request.
+
+    ``preprocessing``: raised while turning the request into tokens, where a tokenizer or
+    template error is the request's fault (400); later it is the server's (502).
 
     ``field_prefix`` is prepended to a `RequestError`'s field when it names a field of the
     translated request rather than of the HTTP body (kept empty when the names agree).
@@ -80,10 +85,18 @@ def http_error_for(exc: BaseException, *, field_prefix: str = "") -> HttpError:
         field = exc.field
         return HttpError(400, str(exc), param=field_prefix + field if field else None)
     if isinstance(exc, TokenizerError | ChatTemplateError):
-        # A template that rejects the conversation (raise_exception) or text that cannot be
-        # encoded (a lone surrogate) is the request's fault; the message says what was wrong.
+        if preprocessing:
+            # A template that rejects the conversation (raise_exception) or text that cannot be
+            # encoded (a lone surrogate) is the request's fault; the message says what was wrong.
+            return HttpError(
+                400, str(exc), param="messages" if isinstance(exc, ChatTemplateError) else None
+            )
+        # Turning the worker's tokens into text failed: the worker and the tokenizer disagree.
         return HttpError(
-            400, str(exc), param="messages" if isinstance(exc, ChatTemplateError) else None
+            502,
+            f"the worker's output could not be detokenized: {exc}",
+            type=SERVER_ERROR,
+            code="detokenization_failed",
         )
     if isinstance(exc, NoWorkersAvailable):
         return HttpError(503, str(exc), type=SERVER_ERROR, code="no_workers_available")

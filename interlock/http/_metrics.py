@@ -97,7 +97,7 @@ class HttpMetrics:
         self.prompt_blocks = 0
         self.output_tokens = 0
         self.watched: dict[str, RequestWatch] = {}
-        self.registry.register(self)  # type: ignore[arg-type]
+        self.registry.register(self)
 
     # -- TransitionSink ---------------------------------------------------------------------
 

@@ -16,6 +16,9 @@ from ..processing import (
     load_tokenizer,
 )
 
+#: Prompt tokens decoded along with an answer (the incremental detokenizer uses as many).
+_CONTEXT_TOKENS = 5
+
 
 @attrs.frozen
 class Preprocessor:
@@ -79,6 +82,24 @@ class Preprocessor:
         )
         # The template writes the special tokens itself (Hugging Face's convention).
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode_completion(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
+        """The text of ``generated`` as it reads after the prompt, in one decode: what the
+        incremental detokenizer's pieces add up to (the last few prompt tokens are decoded
+        along, so the first token keeps the spacing it has after the prompt).
+
+        Raises:
+            TokenizerError: an id outside the vocabulary.
+        """
+        if not generated:
+            return ""
+        context = list(prompt_ids[-_CONTEXT_TOKENS:])
+        decode = self.tokenizer.decode
+        prefix = decode(context) if context else ""
+        full = decode([*context, *generated])
+        if full.startswith(prefix):
+            return full[len(prefix) :]
+        return decode(list(generated))
 
     def encode_text(self, text: str) -> list[int]:
         """Tokenize a raw prompt, with the tokenizer's own BOS/EOS handling."""

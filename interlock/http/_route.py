@@ -124,7 +124,7 @@ class _RouteApi:
             status = 499
             return Response(status_code=499)
         except Exception as exc:
-            error = http_error_for(exc)
+            error = http_error_for(exc, preprocessing=True)
             status = error.status
             return _error(error)
         finally:

@@ -40,12 +40,13 @@ async def serve_http(
     config.keep_alive_timeout = keep_alive_timeout
     config.graceful_timeout = graceful_timeout
     config.accesslog = None
+    config.include_server_header = False
     # Hypercorn logs "Running on ..." at INFO; the caller prints its own banner. Errors in the
     # app still reach stderr (there should be none: the app answers every error itself).
     config.loglevel = "WARNING"
 
     hypercorn_status = _Forward(task_status)
-    await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=hypercorn_status)  # type: ignore[arg-type]
+    await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=hypercorn_status)
 
 
 class _Forward:

@@ -9,7 +9,7 @@ sends, not per-event encoding).
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from typing import Any, Final
 
 DONE: Final = b"data: [DONE]\n\n"
