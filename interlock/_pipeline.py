@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -65,6 +65,14 @@ from .statemachines import (
 from .wire import EngineOutput, PrefillResult, PreprocessedRequest, RoutingDecision, Usage
 
 
+def _engines(engines: Iterable[Engine]) -> tuple[Engine, ...]:
+    return tuple(engines)
+
+
+def _sinks(sinks: Iterable[TransitionSink]) -> tuple[TransitionSink, ...]:
+    return tuple(sinks)
+
+
 @attrs.frozen(kw_only=True)
 class Components:
     """The parts a pipeline is built from. The pipeline takes ownership: it runs each engine
@@ -76,10 +84,10 @@ class Components:
     ``transition_sinks`` receive every transition record besides the in-memory log.
     """
 
-    workers: Sequence[Engine] = attrs.field(default=(), converter=tuple)
-    prefill_workers: Sequence[Engine] = attrs.field(default=(), converter=tuple)
+    workers: Sequence[Engine] = attrs.field(default=(), converter=_engines)
+    prefill_workers: Sequence[Engine] = attrs.field(default=(), converter=_engines)
     tokenizer: Tokenizer | None = None
-    transition_sinks: Sequence[TransitionSink] = attrs.field(default=(), converter=tuple)
+    transition_sinks: Sequence[TransitionSink] = attrs.field(default=(), converter=_sinks)
 
 
 @attrs.define
@@ -394,7 +402,7 @@ class Pipeline:
         finally:
             self._in_flight.discard(request_id)
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         """Route and run ``request``; yield its outputs as they arrive, the last one with a
         ``finish_reason`` and ``usage``.
 
