@@ -24,11 +24,17 @@ from .wire import PreprocessedRequest, RoutingHints
 Scenario = Callable[[Pipeline], Awaitable[None]]
 
 
-def _request(n: int, *, start: int = 1, **hints: int) -> PreprocessedRequest:
+def _request(
+    n: int, *, start: int = 1, backend_instance_id: int | None = None
+) -> PreprocessedRequest:
     return PreprocessedRequest(
         token_ids=list(range(start, start + 200)),
         max_tokens=n,
-        routing=RoutingHints(**hints) if hints else None,
+        routing=(
+            RoutingHints(backend_instance_id=backend_instance_id)
+            if backend_instance_id is not None
+            else None
+        ),
     )
 
 

@@ -44,9 +44,11 @@ class EmbeddedRegistry:
             )
         self._known[worker_id] = engine
         if worker_id not in self._removers:
-            self._removers[worker_id] = engine.add_listener(
-                lambda event, _e=engine: self._on_event(_e, event)
-            )
+
+            def on_event(event: Any, _engine: Engine = engine) -> None:
+                self._on_event(_engine, event)
+
+            self._removers[worker_id] = engine.add_listener(on_event)
         if getattr(engine, "registered", True):
             self._present[worker_id] = engine
             self._notify()

@@ -13,9 +13,9 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import aclosing
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import attrs
 import trio
@@ -61,13 +61,6 @@ class HttpLimits:
 
     max_body_bytes: int = 8 * 1024 * 1024
     max_model_len: int = 32_768
-
-
-def _generate(
-    pipeline: Pipeline, request: PreprocessedRequest
-) -> AsyncGenerator[EngineOutput, None]:
-    # `Pipeline.generate` is an async generator (annotated as an iterator): it has aclose.
-    return cast(AsyncGenerator[EngineOutput, None], pipeline.generate(request))
 
 
 class _Disconnected(Exception):
@@ -543,7 +536,7 @@ class _Run:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
             try:
-                async with aclosing(_generate(frontend.pipeline, self.request)) as outputs:
+                async with aclosing(frontend.pipeline.generate(self.request)) as outputs:
                     # The per-token work inlined: this loop runs once per token.
                     clock = trio.current_time
                     itl = frontend.metrics.itl.observe
@@ -621,7 +614,7 @@ class _Run:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
-                async with aclosing(_generate(frontend.pipeline, self.request)) as outputs:
+                async with aclosing(frontend.pipeline.generate(self.request)) as outputs:
                     status = await self._stream_outputs(outputs, encoder, send, state)
                 state.done = True
                 nursery.cancel_scope.cancel()

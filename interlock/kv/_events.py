@@ -7,9 +7,19 @@ These are router-internal values, not wire shapes: the wire layer decodes an eng
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
 __all__ = ["KvCleared", "KvEvent", "KvRemoved", "KvStored", "StoredBlock"]
+
+
+def _blocks(blocks: Iterable[StoredBlock]) -> tuple[StoredBlock, ...]:
+    return tuple(blocks)
+
+
+def _hashes(hashes: Iterable[int]) -> tuple[int, ...]:
+    return tuple(hashes)
 
 
 @attrs.frozen
@@ -35,7 +45,7 @@ class KvStored:
     worker_id: int
     event_id: int
     parent_hash: int | None
-    blocks: tuple[StoredBlock, ...] = attrs.field(converter=tuple)
+    blocks: tuple[StoredBlock, ...] = attrs.field(converter=_blocks)
     dp_rank: int = 0
 
 
@@ -45,7 +55,7 @@ class KvRemoved:
 
     worker_id: int
     event_id: int
-    block_hashes: tuple[int, ...] = attrs.field(converter=tuple)
+    block_hashes: tuple[int, ...] = attrs.field(converter=_hashes)
     dp_rank: int = 0
 
 

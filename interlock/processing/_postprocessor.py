@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import attrs
 
-from ..wire import EngineOutput, PreprocessedRequest
+from ..wire import EngineOutput, FinishReason, PreprocessedRequest
 from ._detokenizer import IncrementalDetokenizer
 from ._stop import StopStringMatcher
 from ._tokenizer import Tokenizer
@@ -62,7 +62,7 @@ class Postprocessor:
         stops = self._stops
         limit = self._max
         cut: int | None = None
-        reason = output.finish_reason
+        reason: FinishReason | None = output.finish_reason
         count = self.count
         for i, token in enumerate(tokens):
             if token in stops and count >= self._min:
@@ -82,7 +82,7 @@ class Postprocessor:
         return self._with_text(output, tokens, reason)
 
     def _with_text(
-        self, output: EngineOutput, tokens: tuple[int, ...], reason: str | None
+        self, output: EngineOutput, tokens: tuple[int, ...], reason: FinishReason | None
     ) -> EngineOutput | None:
         assert self._detok is not None
         text = self._detok.push(tokens)

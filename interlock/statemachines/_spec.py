@@ -97,7 +97,10 @@ def compile_table(machine: Machine) -> TransitionTable:
         for source, transitions in event.transitions.items():
             if len(transitions) != 1 or transitions[0].conditions:
                 raise ValueError(f"{trigger!r} from {source!r} is guarded or ambiguous")
-            table[(source, trigger)] = transitions[0].dest
+            dest = transitions[0].dest
+            if dest is None:
+                raise ValueError(f"{trigger!r} from {source!r} is an internal transition")
+            table[(source, trigger)] = dest
     return MappingProxyType(table)
 
 
