@@ -97,7 +97,14 @@ class Postprocessor:
                 text += matcher.flush()
         if not tokens and not text and reason is None:
             return None
-        return attrs.evolve(output, token_ids=tokens, text=text, finish_reason=reason)
+        # Built directly: attrs.evolve introspects the class on every call, per token here.
+        return EngineOutput(
+            token_ids=tokens,
+            text=text,
+            finish_reason=reason,
+            usage=output.usage,
+            prefill_result=output.prefill_result,
+        )
 
 
 def engine_leg_request(
