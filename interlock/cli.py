@@ -1,5 +1,5 @@
-"""The ``interlock`` command line: ``serve``, ``route``, ``demo``, ``config check``,
-``inspect``, ``docs``."""
+"""The ``interlock`` command line: ``serve``, ``route``, ``worker``, ``demo``,
+``config check``, ``inspect``, ``docs``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from ._config import PipelineConfig
 from ._errors import ConfigError
+from .engines.remote import add_parser as add_worker_parser
 from .http import add_route_parser, add_serve_parser
 from .inspect import add_parser as add_inspect_parser
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--write", default="docs", metavar="FOLDER")
     docs.set_defaults(run=_docs)
     add_inspect_parser(commands)
+    add_worker_parser(commands)
     return parser
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import attrs
 
-from .._errors import NoWorkersAvailable, PrefillFailed, RequestError
-from ..engines import Engine
+from .._errors import EngineError, NoWorkersAvailable, PrefillFailed, RequestError
+from ..engines import Engine, WorkerSnapshot
 from ..kv import KvCleared, KvRemoved, KvStored, WorkerOutOfSync
 from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
 from ._kv_policy import KvPolicy
@@ -68,7 +68,11 @@ class RouterActor(Actor):
 
     async def on_start(self) -> None:
         self._set_workers(await self._discovery.ask(GetWorkers()))
-        snapshots = [await engine.snapshot() for engine in self._engines.values()]
+        snapshots = []
+        for engine in self._engines.values():
+            snapshot = await _snapshot_or_none(engine)
+            if snapshot is not None:
+                snapshots.append(snapshot)
         self._ledger.rebuild(snapshots)
         if self._kv is not None:
             self._kv.rebuild(snapshots)
@@ -134,8 +138,11 @@ class RouterActor(Actor):
         while self._stale:
             worker_id = self._stale.pop()
             engine = self._engines.get(worker_id)
-            if engine is not None and self._kv is not None:
-                self._kv.load_snapshot(await engine.snapshot())
+            if engine is None or self._kv is None:
+                continue
+            snapshot = await _snapshot_or_none(engine)
+            if snapshot is not None:
+                self._kv.load_snapshot(snapshot)
 
     async def _apply_kv_event(self, event: Any) -> None:
         kv = self._kv
@@ -264,6 +271,15 @@ class RouterActor(Actor):
             reason=f"named by the request ({field})",
             inputs={"worker_id": worker_id, "field": field},
         )
+
+
+async def _snapshot_or_none(engine: Engine) -> WorkerSnapshot | None:
+    """A worker's snapshot, or None when it cannot give one now (its connection dropped): it
+    is read again when it rejoins, so the router need not crash over it."""
+    try:
+        return await engine.snapshot()
+    except EngineError:
+        return None
 
 
 def _cached_blocks(record: SelectionRecord) -> int:

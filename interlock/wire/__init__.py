@@ -31,3 +31,25 @@ __all__ = [
     "from_builtins",
     "to_builtins",
 ]
+
+# The worker protocol's frame codec (docs/wire-protocol.md); its message classes are in
+# interlock.wire._frames, used through interlock.engines.remote.
+from ._frames import (
+    MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    FrameParser,
+    ProtocolError,
+    decode_body,
+    encode_frame,
+)
+
+__all__ += [
+    "MAX_FRAME_SIZE",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "FrameParser",
+    "ProtocolError",
+    "decode_body",
+    "encode_frame",
+]

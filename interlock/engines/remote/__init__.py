@@ -1,0 +1,16 @@
+"""Workers in other processes: `RemoteEngine` (the frontend's client), `serve_worker` (the
+worker's server), and the ``interlock worker`` command. The protocol is in docs/wire-protocol.md;
+its messages and frame codec are in `interlock.wire`."""
+
+from ._cli import add_parser
+from ._client import RemoteEngine, WorkerMismatch, WorkerUnreachable
+from ._server import WorkerAddress, serve_worker
+
+__all__ = [
+    "RemoteEngine",
+    "WorkerAddress",
+    "WorkerMismatch",
+    "WorkerUnreachable",
+    "add_parser",
+    "serve_worker",
+]

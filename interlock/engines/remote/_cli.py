@@ -1,0 +1,206 @@
+"""``interlock worker``: a `MockEngine` served over TCP (the worker protocol).
+
+`add_parser` registers the command on the top-level parser's subparsers and sets ``run=`` to
+a function taking the parsed namespace and returning the exit status. Once listening, the
+command prints one JSON line to stdout, ``{"worker_id": N, "host": "...", "port": P}`` (how a
+script learns the port it got with ``--port 0``), then serves until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from .._protocol import ROLES
+from ..mock import MockEngine, MockTiming
+from ._server import WorkerAddress, serve_worker
+
+_logger = logging.getLogger("interlock.engines.remote")
+
+_DESCRIPTION = """\
+Run a simulated worker (MockEngine: paged KV cache, vLLM-style scheduler, the reference
+timing model) behind a TCP listener that speaks the interlock worker protocol; frontends
+reach it with RemoteEngine(host, port, instance_id=..., role=...). Prints one JSON line,
+{"worker_id": N, "host": "...", "port": P}, once listening; serves until SIGINT/SIGTERM.
+See docs/wire-protocol.md."""
+
+_EXAMPLES = """\
+examples:
+  interlock worker --id 1 --port 7001
+  interlock worker --id 2 --port 0 --zero-time          # the chosen port is in the JSON line
+  interlock worker --id 3 --role prefill --speedup 10 --crash-after-tokens 500
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Register the ``worker`` subcommand; its ``run`` default runs it and returns the exit
+    status."""
+    parser = subparsers.add_parser(
+        "worker",
+        help="serve a simulated worker over TCP, for frontends in other processes",
+        description=_DESCRIPTION,
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=run_worker)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``interlock worker``."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--port", type=_port, default=0, help="port to listen on; 0 lets the OS choose"
+    )
+    parser.add_argument(
+        "--id",
+        dest="worker_id",
+        type=_non_negative,
+        required=True,
+        metavar="N",
+        help="the worker's instance id (each worker of a frontend needs its own)",
+    )
+    parser.add_argument("--role", choices=ROLES, default="agg", help="default: agg")
+    parser.add_argument(
+        "--block-size", type=_positive, default=16, help="tokens per KV block (default 16)"
+    )
+    parser.add_argument(
+        "--num-gpu-blocks",
+        type=_positive,
+        default=16_384,
+        help="KV cache capacity in blocks (default 16384)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=_positive,
+        default=256,
+        help="sequences running at once (default 256)",
+    )
+    parser.add_argument(
+        "--seed", type=_non_negative, default=0, help="token generator seed (default 0)"
+    )
+    timing = parser.add_mutually_exclusive_group()
+    timing.add_argument(
+        "--speedup",
+        type=_speedup,
+        default=1.0,
+        help="run the timing model this many times faster than real time (default 1.0)",
+    )
+    timing.add_argument(
+        "--zero-time", action="store_true", help="every engine step takes no time at all"
+    )
+    parser.add_argument(
+        "--crash-after-tokens",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="fault injection: after N tokens in all, break every stream, refuse new ones and "
+        "leave routing (the process keeps running)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="log to stderr at this level (default info)",
+    )
+
+
+def build_engine(args: argparse.Namespace) -> MockEngine:
+    """The `MockEngine` the flags describe."""
+    timing = MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup)
+    return MockEngine(
+        args.worker_id,
+        args.role,
+        seed=args.seed,
+        timing=timing,
+        block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks,
+        max_num_seqs=args.max_num_seqs,
+        crash_after_tokens=args.crash_after_tokens,
+    )
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM; the exit status (1 when it cannot listen)."""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s worker " + str(args.worker_id) + " %(levelname)s %(message)s",
+    )
+    engine = build_engine(args)
+    error = trio.run(_serve_until_signalled, engine, args.host, args.port)
+    if error is not None:
+        print(
+            f"interlock worker: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+async def _serve_until_signalled(engine: MockEngine, host: str, port: int) -> OSError | None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                address: WorkerAddress = await nursery.start(serve_worker, engine, host, port)
+            except OSError as exc:
+                return exc
+            line = {"worker_id": engine.instance_id, "host": address.host, "port": address.port}
+            print(json.dumps(line), flush=True)
+            async for signum in signals:
+                _logger.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``interlock worker`` on its own (for a script that cannot rely on the entry point)."""
+    parser = argparse.ArgumentParser(prog="interlock worker", description=_DESCRIPTION)
+    add_arguments(parser)
+    return run_worker(parser.parse_args(argv))
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _speedup(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text} (use --zero-time for none)")
+    return value

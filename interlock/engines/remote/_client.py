@@ -1,0 +1,479 @@
+"""`RemoteEngine`: the `Engine` protocol over one TCP connection to an ``interlock worker``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from ..._errors import EngineError, WorkerGone, WorkerRefused
+from ...kv import KvCleared, KvRemoved, KvStored
+from ...wire import EngineOutput, PreprocessedRequest, WorkerJoined, WorkerLeft
+from ...wire._frames import (
+    MAX_FRAME_SIZE,
+    SUPPORTED_VERSIONS,
+    Broken,
+    Cancel,
+    Goodbye,
+    Hello,
+    Output,
+    ProtocolError,
+    Refused,
+    SnapshotReply,
+    SnapshotRequest,
+    Start,
+    Welcome,
+    WorkerCapacity,
+    encode_frame,
+    frame_tag,
+)
+from .._protocol import ROLES, EventListener, Role, WorkerSnapshot
+from ._connection import FrameConnection
+
+_logger = logging.getLogger("interlock.engines.remote")
+
+_KV_EVENTS = (KvStored, KvRemoved, KvCleared)
+
+
+class WorkerMismatch(EngineError):
+    """The worker at the address is not the one configured: another instance id, role or
+    block size. Raised by `RemoteEngine.run` on the first connection (a later one only logs
+    it and keeps the engine out of routing)."""
+
+
+class WorkerUnreachable(EngineError):
+    """`RemoteEngine.run` could not complete a handshake with its worker within
+    ``connect_timeout``."""
+
+
+class _Waiter:
+    """A snapshot request waiting for its reply."""
+
+    __slots__ = ("done", "error", "snapshot")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.snapshot: WorkerSnapshot | None = None
+        self.error: EngineError | None = None
+
+
+class _Link:
+    """One connection's state: its frames and the streams and snapshots open on it."""
+
+    __slots__ = ("conn", "snapshots", "streams", "welcome")
+
+    def __init__(self, conn: FrameConnection, welcome: Welcome) -> None:
+        self.conn = conn
+        self.welcome = welcome
+        self.streams: dict[int, _RemoteStream] = {}
+        self.snapshots: dict[int, _Waiter] = {}
+
+
+class _RemoteStream:
+    """The context manager and iterator `RemoteEngine.open_stream` returns."""
+
+    __slots__ = ("_done", "_engine", "_id", "_link", "_receive", "_request", "_send", "received")
+
+    def __init__(self, engine: RemoteEngine, request: PreprocessedRequest) -> None:
+        self._engine = engine
+        self._request = request
+        self._link: _Link | None = None
+        self._id = -1
+        self._done = False
+        self._send, self._receive = trio.open_memory_channel[Any](math.inf)
+        #: Outputs received from the worker so far.
+        self.received = 0
+
+    async def __aenter__(self) -> AsyncIterator[EngineOutput]:
+        engine = self._engine
+        link = engine._link
+        if link is None or link.conn.closed:
+            raise WorkerRefused(
+                f"worker {engine.instance_id} at {engine.address} is not connected "
+                f"({engine._down_reason}); the engine reconnects in the background",
+                worker_id=engine.instance_id,
+            )
+        self._id = stream_id = next(engine._stream_ids)
+        self._link = link
+        link.conn.send_nowait(Start(stream=stream_id, request=self._request))
+        link.streams[stream_id] = self
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        link = self._link
+        if link is not None and link.streams.pop(self._id, None) is not None:
+            # Left before the last frame: the worker frees the slot. Queued, not awaited.
+            self._done = True
+            link.conn.send_nowait(Cancel(stream=self._id))
+
+    def __aiter__(self) -> AsyncIterator[EngineOutput]:
+        return self
+
+    async def __anext__(self) -> EngineOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._receive.receive()
+        if isinstance(item, EngineError):
+            self._done = True
+            raise item
+        if item.finish_reason is not None:
+            self._done = True
+        return item  # type: ignore[no-any-return]
+
+    def _deliver(self, item: EngineOutput | EngineError) -> None:
+        if type(item) is EngineOutput:
+            self.received += 1
+        self._send.send_nowait(item)
+
+
+class RemoteEngine:
+    """A worker in another process (``interlock worker``), reached over TCP.
+
+    Implements `Engine`: requests become multiplexed streams on one connection, the worker's
+    KV and membership events reach this engine's listeners, and `snapshot` asks the worker.
+    ``instance_id``, ``role`` and ``block_size`` are what the worker must report in its
+    handshake.
+
+    `run` connects (retrying with back-off while the worker is not up yet, for at most
+    ``connect_timeout`` seconds), then keeps the connection. When the connection is lost,
+    every open stream raises `WorkerGone`, listeners get `WorkerLeft`, and the engine
+    reconnects in the background (back-off from ``backoff`` up to ``max_backoff`` seconds),
+    announcing `WorkerJoined` when the worker is back. Meanwhile `open_stream` raises
+    `WorkerRefused`.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        instance_id: int,
+        role: Role = "agg",
+        block_size: int = 16,
+        connect_timeout: float = 10.0,
+        handshake_timeout: float = 5.0,
+        snapshot_timeout: float = 10.0,
+        backoff: float = 0.02,
+        max_backoff: float = 1.0,
+        max_frame_size: int = MAX_FRAME_SIZE,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if type(instance_id) is not int or instance_id < 0:
+            raise ValueError(f"instance_id must be a non-negative int, got {instance_id!r}")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be 0-65535, got {port!r}")
+        self.host = host
+        self.port = port
+        self._instance_id = instance_id
+        self._role: Role = role
+        #: Tokens per KV block; checked against the worker's (the pipeline checks it against
+        #: its ``kv_block_size``).
+        self.block_size = block_size
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self.snapshot_timeout = snapshot_timeout
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_frame_size = max_frame_size
+        #: What the worker reported in its last handshake (None before the first).
+        self.capacity: WorkerCapacity | None = None
+        #: Connections made (1 after the first handshake, +1 per reconnection).
+        self.connections = 0
+        self._listeners: list[EventListener] = []
+        self._link: _Link | None = None
+        self._stream_ids = itertools.count()
+        self._tokens = itertools.count()
+        self._connected = False
+        self._worker_registered = True
+        self._present = False
+        self._down_reason = "never connected"
+
+    # -- Engine protocol ------------------------------------------------------------------
+
+    @property
+    def instance_id(self) -> int:
+        return self._instance_id
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def registered(self) -> bool:
+        """Connected, and the worker is not withdrawn from routing."""
+        return self._present
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def open_stream(self, request: PreprocessedRequest) -> _RemoteStream:
+        """Send ``request`` to the worker; the context yields its outputs.
+
+        Entering raises `WorkerRefused` when not connected. Iterating raises
+        `WorkerRefused` when the worker refuses the request, `WorkerGone` when the stream
+        or the connection breaks before the last output. Leaving early queues a cancel and
+        returns at once.
+        """
+        return _RemoteStream(self, request)
+
+    def add_listener(self, listener: EventListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    async def snapshot(self) -> WorkerSnapshot:
+        """Ask the worker for its state; waits for the answer.
+
+        Raises:
+            WorkerGone: not connected, the connection broke before the answer, or none came
+                within ``snapshot_timeout``.
+        """
+        link = self._link
+        if link is None or link.conn.closed:
+            await trio.lowlevel.checkpoint()
+            raise self._gone(f"is not connected ({self._down_reason})")
+        token = next(self._tokens)
+        waiter = _Waiter()
+        link.snapshots[token] = waiter
+        link.conn.send_nowait(SnapshotRequest(token=token))
+        with trio.move_on_after(self.snapshot_timeout):
+            await waiter.done.wait()
+        link.snapshots.pop(token, None)
+        if waiter.error is not None:
+            raise waiter.error
+        if waiter.snapshot is None:
+            raise self._gone(f"sent no snapshot within snapshot_timeout={self.snapshot_timeout}s")
+        return waiter.snapshot
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, call ``task_status.started()``, and serve the connection until
+        cancelled, reconnecting whenever it is lost. Streams open when cancelled break.
+
+        Raises:
+            WorkerMismatch: the first worker to answer is not the one configured.
+            WorkerUnreachable: no handshake within ``connect_timeout``.
+            ProtocolError: the first peer to answer does not speak a common protocol version
+                (or is not an interlock worker).
+        """
+        link = await self._connect_first()
+        self._attach(link)
+        task_status.started()
+        try:
+            while True:
+                reason = await self._serve(link)
+                _logger.warning(
+                    "lost worker %d at %s: %s; reconnecting", self.instance_id, self.address, reason
+                )
+                link = await self._reconnect()
+                self._attach(link)
+        finally:
+            if self._link is not None:
+                self._drop(self._link, "the engine was stopped", announce=False)
+
+    # -- connecting -----------------------------------------------------------------------
+
+    async def _connect_first(self) -> _Link:
+        delay = self.backoff
+        last = "no attempt"
+        with trio.move_on_after(self.connect_timeout):
+            while True:
+                try:
+                    return await self._connect_once()
+                except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+                    last = _describe(exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+        raise WorkerUnreachable(
+            f"no handshake with worker {self.instance_id} at {self.address} within "
+            f"connect_timeout={self.connect_timeout}s (last attempt: {last}); is "
+            "`interlock worker` running there?",
+            worker_id=self.instance_id,
+        )
+
+    async def _reconnect(self) -> _Link:
+        delay = self.backoff
+        reported = None
+        while True:
+            try:
+                return await self._connect_once()
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+                _logger.debug("worker %d at %s: %s", self.instance_id, self.address, exc)
+            except (WorkerMismatch, ProtocolError) as exc:
+                if str(exc) != reported:
+                    reported = str(exc)
+                    _logger.error("worker %d stays out of routing: %s", self.instance_id, exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, self.max_backoff)
+
+    async def _connect_once(self) -> _Link:
+        with trio.fail_after(self.handshake_timeout):
+            stream = await trio.open_tcp_stream(self.host, self.port)
+            conn = FrameConnection(
+                stream, f"worker {self.address}", max_frame_size=self.max_frame_size
+            )
+            try:
+                hello = Hello(
+                    versions=SUPPORTED_VERSIONS, client=f"RemoteEngine {self.instance_id}"
+                )
+                await stream.send_all(encode_frame(hello))
+                answer = await conn.receive()
+                welcome = self._check_welcome(answer)
+            except BaseException:
+                await conn.aclose()
+                raise
+        link = _Link(conn, welcome)
+        self.connections += 1
+        self.capacity = welcome.capacity
+        self._worker_registered = welcome.registered
+        return link
+
+    def _check_welcome(self, answer: Any) -> Welcome:
+        if type(answer) is Goodbye:
+            raise ProtocolError(f"worker at {self.address} refused the handshake: {answer.reason}")
+        if type(answer) is not Welcome:
+            raise ProtocolError(
+                f"the peer at {self.address} answered hello with a {frame_tag(answer)!r} frame; "
+                "is it an interlock worker?"
+            )
+        if answer.version not in SUPPORTED_VERSIONS:
+            raise ProtocolError(
+                f"worker at {self.address} chose protocol version {answer.version}, which this "
+                f"frontend does not speak (it speaks {list(SUPPORTED_VERSIONS)})"
+            )
+        reported = (answer.worker_id, answer.role, answer.block_size)
+        expected = (self.instance_id, self.role, self.block_size)
+        if answer.block_size is None:
+            reported = (answer.worker_id, answer.role, self.block_size)
+        if reported != expected:
+            raise WorkerMismatch(
+                f"the worker at {self.address} is instance {answer.worker_id} (role "
+                f"{answer.role!r}, blocks of {answer.block_size} tokens), but this RemoteEngine "
+                f"expects instance {self.instance_id} (role {self.role!r}, blocks of "
+                f"{self.block_size} tokens); fix the worker's --id/--role/--block-size or the "
+                "RemoteEngine's arguments",
+                worker_id=self.instance_id,
+            )
+        return answer
+
+    # -- serving one connection -----------------------------------------------------------
+
+    def _attach(self, link: _Link) -> None:
+        self._link = link
+        self._connected = True
+        _logger.info("connected to worker %d at %s", self.instance_id, self.address)
+        self._update_presence()
+
+    async def _serve(self, link: _Link) -> str:
+        try:
+            reason = await link.conn.serve(lambda message: self._on_message(link, message))
+        finally:
+            await link.conn.aclose()
+        self._drop(link, reason, announce=True)
+        return reason
+
+    def _on_message(self, link: _Link, message: Any) -> None:
+        kind = type(message)
+        if kind is Output:
+            stream = link.streams.get(message.stream)
+            if stream is not None:
+                output = message.output
+                if output.finish_reason is not None:
+                    del link.streams[message.stream]
+                stream._deliver(output)
+            # Otherwise cancelled here already: its last frames were in flight.
+        elif kind in _KV_EVENTS:
+            self._check_worker(message)
+            self._publish(message)
+        elif kind is Refused or kind is Broken:
+            stream = link.streams.pop(message.stream, None)
+            if stream is not None:
+                error = WorkerRefused if kind is Refused else WorkerGone
+                stream._deliver(
+                    error(
+                        f"worker {self.instance_id}: {message.message}", worker_id=self.instance_id
+                    )
+                )
+        elif kind is SnapshotReply:
+            waiter = link.snapshots.pop(message.token, None)
+            if waiter is not None:
+                waiter.snapshot = message.snapshot
+                waiter.done.set()
+        elif kind is WorkerLeft or kind is WorkerJoined:
+            self._check_worker(message)
+            self._worker_registered = kind is WorkerJoined
+            self._update_presence()
+        else:
+            raise ProtocolError(f"a worker does not send {frame_tag(message)!r} frames")
+
+    def _check_worker(self, event: Any) -> None:
+        if event.worker_id != self.instance_id:
+            raise ProtocolError(
+                f"worker {self.instance_id} sent an event of worker {event.worker_id}: {event!r}"
+            )
+
+    def _drop(self, link: _Link, reason: str, *, announce: bool) -> None:
+        """The connection ended: break what was open on it, and leave routing."""
+        link.conn.closed = True
+        if self._link is link:
+            self._link = None
+        self._connected = False
+        self._down_reason = reason
+        if announce:
+            self._update_presence()
+        else:
+            self._present = False
+        streams = list(link.streams.values())
+        link.streams.clear()
+        for stream in streams:
+            stream._deliver(
+                self._gone(f"lost the connection after {stream.received} outputs ({reason})")
+            )
+        for waiter in link.snapshots.values():
+            waiter.error = self._gone(f"lost the connection before answering ({reason})")
+            waiter.done.set()
+        link.snapshots.clear()
+
+    def _gone(self, what: str) -> WorkerGone:
+        return WorkerGone(
+            f"worker {self.instance_id} at {self.address} {what}", worker_id=self.instance_id
+        )
+
+    def _update_presence(self) -> None:
+        present = self._connected and self._worker_registered
+        if present != self._present:
+            self._present = present
+            event = WorkerJoined(self.instance_id) if present else WorkerLeft(self.instance_id)
+            self._publish(event)
+
+    def _publish(self, event: Any) -> None:
+        for listener in list(self._listeners):
+            listener(event)
+
+    def __repr__(self) -> str:
+        return f"<RemoteEngine {self.instance_id} role={self.role} at {self.address}>"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "no answer to hello within handshake_timeout"
+    return str(exc) or type(exc).__name__
