@@ -56,7 +56,8 @@ def _int_tuple(value: Any, _type: Any) -> tuple[int, ...]:
     # set(map(type, ...)) runs in C; ranges are the classes' job. Refuses bools too.
     if not set(map(type, result)) <= {int}:
         bad = next(v for v in result if type(v) is not int)
-        raise TypeError(f"must be a list of integers; found {bad!r}")
+        kind = "a boolean" if type(bad) is bool else repr(bad)
+        raise TypeError(f"must be a list of integers; found {kind}")
     return result
 
 
