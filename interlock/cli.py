@@ -1,4 +1,4 @@
-"""The ``interlock`` command line: ``serve``, ``route``, ``worker``, ``demo``,
+"""The ``interlock`` command line: ``serve``, ``route``, ``worker``, ``replay``, ``demo``,
 ``config check``, ``inspect``, ``docs``."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from ._errors import ConfigError
 from .engines.remote import add_parser as add_worker_parser
 from .http import add_route_parser, add_serve_parser
 from .inspect import add_parser as add_inspect_parser
+from .replay import add_parser as add_replay_parser
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     docs.set_defaults(run=_docs)
     add_inspect_parser(commands)
     add_worker_parser(commands)
+    add_replay_parser(commands)
     return parser
 
 

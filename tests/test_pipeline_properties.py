@@ -1,6 +1,10 @@
 """Properties of every valid configuration under random workloads and fault schedules, in
 virtual time: paths follow the mode's graph, tokens arrive exactly once and in order, nothing
-leaks, and a crashed router is restarted without losing requests."""
+leaks, and a crashed router is restarted without losing requests.
+
+Written with the public toolkit (`interlock.testing`): the strategies draw configurations,
+requests and fault schedules; `open_simulated_cluster` runs the real pipeline over the mock
+workers; `check_invariants` judges the transition log."""
 
 from __future__ import annotations
 
@@ -12,16 +16,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from interlock import (
-    Components,
     InterlockError,
     PipelineConfig,
     PrefillFailed,
     RequestError,
-    build_pipeline,
 )
 from interlock.engines.mock import MockEngine, MockTiming, mock_continuation
-from interlock.testing import Fault, check_invariants, run_fault_schedule
-from interlock.testing.strategies import fault_schedules, requests, valid_configs
+from interlock.testing import Fault, open_simulated_cluster
+from interlock.testing.strategies import (
+    ALL_ROUTER_MODES,
+    fault_schedules,
+    requests,
+    valid_configs,
+)
 from interlock.wire import PreprocessedRequest, RoutingHints
 
 
@@ -46,15 +53,15 @@ class Scenario:
 def scenarios(
     draw: st.DrawFn, configs: st.SearchStrategy[PipelineConfig] | None = None
 ) -> Scenario:
-    config = draw(configs if configs is not None else valid_configs())
+    config = draw(configs if configs is not None else valid_configs(router_modes=ALL_ROUTER_MODES))
     agg_ids = tuple(range(draw(st.integers(1, 4))))
     prefill_ids = tuple(range(10, 10 + draw(st.integers(0, 2))))
-    decode_role = "decode" if prefill_ids and draw(st.booleans()) else "agg"
+    decode_role = "decode" if bool(prefill_ids) and draw(st.booleans()) else "agg"
     if config.router_mode == "direct":
         config = config.evolve(direct_worker_id=draw(st.sampled_from(agg_ids)))
     arrivals = []
     for _ in range(draw(st.integers(1, 10))):
-        request = draw(requests(max_prompt=48, max_tokens=32))
+        request = draw(requests(max_prompt=48, max_tokens=32, sampling=True))
         hints = None
         if config.routing == "direct_to_known" or (
             config.allow_request_worker_ids and draw(st.booleans())
@@ -93,7 +100,9 @@ def expected_tokens(request: PreprocessedRequest) -> list[int]:
     """What the request must yield when it finishes: the mock continuation, cut at the first
     stop token past min_tokens (hidden) or at max_tokens."""
     assert request.max_tokens is not None
-    reference = mock_continuation(request.token_ids, request.max_tokens)
+    reference = mock_continuation(
+        request.token_ids, request.max_tokens, request_seed=request.sampling.seed or 0
+    )
     stops = set(request.stop_token_ids)
     if not request.ignore_eos:
         stops |= set(request.eos_token_ids)
@@ -146,10 +155,13 @@ async def check_scenario(scenario: Scenario) -> None:
         MockEngine(i, role="prefill", timing=timing, crash_after_tokens=next(crash_after))
         for i in scenario.prefill_ids
     ]
-    engines = {e.instance_id: e for e in (*agg, *prefill)}
     outcomes: dict[int, tuple[list[int], BaseException | None]] = {}
 
-    async with build_pipeline(config, Components(workers=agg, prefill_workers=prefill)) as p:
+    async with open_simulated_cluster(
+        config, workers=agg, prefill_workers=prefill, faults=scenario.faults
+    ) as cluster:
+        p = cluster.pipeline
+        engines = {e.instance_id: e for e in (*agg, *prefill)}
 
         async def client(index: int, at: float, request: PreprocessedRequest) -> None:
             await trio.sleep(at)
@@ -172,17 +184,19 @@ async def check_scenario(scenario: Scenario) -> None:
 
         with trio.fail_after(3600):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_fault_schedule, scenario.faults, engines)
                 for at in scenario.router_crashes:
                     nursery.start_soon(crash_router, at)
                 for index, (at, request) in enumerate(scenario.arrivals):
                     nursery.start_soon(client, index, at, request)
+            # The rest of the fault schedule, so every fault has happened before the checks.
+            last_fault = max((f.at for f in scenario.faults), default=0.0)
+            await trio.sleep_until(cluster.started_at + last_fault)
         await trio.testing.wait_all_tasks_blocked()
         load = await p.load()
         log = p.transition_log.records()
         assert p.in_flight == 0
+        cluster.check_invariants()
 
-    check_invariants(log, migration_limit=config.migration_limit)
     assert load == {}, f"load still booked after every request ended: {load}"
     assert all(e.active_requests == 0 for e in engines.values()), "an engine kept a request"
     assert len(outcomes) == len(scenario.arrivals)
@@ -220,10 +234,10 @@ async def check_scenario(scenario: Scenario) -> None:
 async def test_router_crash_mid_flight_restarts_and_requests_finish(
     autojump_clock: object,
 ) -> None:
-    workers = [MockEngine(i) for i in range(3)]
     results: list[list[int]] = []
     request = PreprocessedRequest(token_ids=list(range(1, 100)), max_tokens=20)
-    async with build_pipeline(PipelineConfig(), Components(workers=workers)) as p:
+    async with open_simulated_cluster(PipelineConfig(), workers=3) as cluster:
+        p = cluster.pipeline
 
         async def client() -> None:
             tokens: list[int] = []
@@ -252,9 +266,9 @@ async def test_a_router_that_keeps_crashing_takes_the_pipeline_down(
     error = RuntimeError("router bug")
     caught: Any = None
     try:
-        async with build_pipeline(config, Components(workers=[MockEngine(1)])) as p:
+        async with open_simulated_cluster(config, workers=1) as cluster:
             for _ in range(3):
-                p.actors["router"].crash_nowait(error)
+                cluster.pipeline.actors["router"].crash_nowait(error)
                 await trio.sleep(1)
     except RuntimeError as exc:
         caught = exc

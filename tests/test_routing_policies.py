@@ -3,17 +3,23 @@ what each is for, measured."""
 
 from __future__ import annotations
 
-from interlock import Components, PipelineConfig, build_pipeline
-from interlock.engines.mock import MockEngine
-from interlock.testing import WorkloadReport, run_workload, shared_prefix_workload
+from interlock import PipelineConfig
+from interlock.testing import (
+    MockWorkerSpec,
+    WorkloadReport,
+    open_simulated_cluster,
+    shared_prefix_workload,
+)
+
+#: Four workers of 4,096 blocks: small enough that the policies compete for cache.
+WORKERS = MockWorkerSpec(num_gpu_blocks=4096)
 
 
 async def _run(router_mode: str, rate: float, requests: int = 240) -> WorkloadReport:
     workload = shared_prefix_workload(seed=1, requests=requests, rate=rate)
-    workers = [MockEngine(i, num_gpu_blocks=4096) for i in range(4)]
     config = PipelineConfig(router_mode=router_mode)
-    async with build_pipeline(config, Components(workers=workers)) as pipeline:
-        return await run_workload(pipeline, workload)
+    async with open_simulated_cluster(config, workers=4, worker_spec=WORKERS) as cluster:
+        return await cluster.run(workload)
 
 
 async def test_predicted_ttft_beats_kv_on_ttft_p90_under_load(autojump_clock: object) -> None:

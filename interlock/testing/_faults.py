@@ -199,7 +199,7 @@ def parse_fault_spec(text: str) -> tuple[Fault, ...]:
                 faults.append(Fault(at, worker, "stall", length))
                 continue
             amount = float(factor) if factor is not None else (2.0 if kind == "slow" else 1.0)
-            faults.append(Fault(at, worker, kind, amount))  # type: ignore[arg-type]
+            faults.append(Fault(at, worker, kind, amount))
             if duration is not None:
                 undo = _UNDO[kind]
                 faults.append(Fault(at + _duration(duration, item), worker, undo, 1.0))
