@@ -315,7 +315,8 @@ class Pipeline:
 
     @property
     def workers(self) -> dict[int, Engine]:
-        """The routable workers now, by id."""
+        """The registered workers now, by id (see `membership_settled` for when the router
+        agrees)."""
         return dict(self._registry.snapshot())
 
     async def add_worker(self, engine: Engine) -> None:
@@ -333,7 +334,7 @@ class Pipeline:
         _check_engine(self.config, engine, f"worker {engine.instance_id}", group)
         await self._nursery.start(_run_engine, engine)
         self._registry.register(engine)
-        await self._membership_settled()
+        await self.membership_settled()
 
     async def remove_worker(self, worker_id: int) -> None:
         """Stop routing to ``worker_id``; its open streams carry on to their end.
@@ -341,9 +342,15 @@ class Pipeline:
         Returns once the actors know: no later request goes there.
         """
         self._registry.deregister(worker_id)
-        await self._membership_settled()
+        await self.membership_settled()
 
-    async def _membership_settled(self) -> None:
+    async def membership_settled(self) -> None:
+        """Wait until the actors have seen every membership change made so far (a worker that
+        crashed, left or rejoined by itself): requests sent after this see it.
+
+        `workers` reads the registry, which changes at once; the router learns through the
+        Discovery actor, one message later.
+        """
         # Discovery forwards each change to the router's and orchestrator's mailboxes before
         # it answers; mailboxes are FIFO, so every later request sees the new membership.
         await self.actors["discovery"].ask(GetWorkers())

@@ -83,6 +83,7 @@ class _Sequence:
         "detok",
         "finished",
         "generated",
+        "hashed_len",
         "max_new",
         "new_tokens",
         "partials",
@@ -121,6 +122,7 @@ class _Sequence:
         self.tokens = list(request.token_ids)
         self.seq_hashes: list[int] = []
         self.tokens_hashes: list[int] = []
+        self.hashed_len = -1
         self.partials = 0
         self.send, self.receive = trio.open_memory_channel[Any](math.inf)
 
@@ -426,6 +428,7 @@ class MockEngine:
         self._cache.release(seq.seq_hashes, partials=seq.partials)
         seq.seq_hashes = []
         seq.tokens_hashes = []
+        seq.hashed_len = -1
         seq.partials = 0
 
     def _break_all(self) -> None:
@@ -502,8 +505,13 @@ class MockEngine:
                 waiting.popleft()
                 continue
             tokens = seq.tokens
-            local = compute_block_hashes(tokens, block_size)
-            hashes = compute_sequence_hashes(local)
+            # A head that does not fit waits here step after step: hash its prompt once.
+            if seq.hashed_len == len(tokens):
+                local, hashes = seq.tokens_hashes, seq.seq_hashes
+            else:
+                local = compute_block_hashes(tokens, block_size)
+                hashes = compute_sequence_hashes(local)
+                seq.tokens_hashes, seq.seq_hashes, seq.hashed_len = local, hashes, len(tokens)
             transferred = seq.request.prefill_result is not None and not seq.generated
             uncached = 0 if transferred else len(tokens) - cache.cached_prefix(hashes) * block_size
             if running and new_tokens + uncached > self.max_num_batched_tokens:
