@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console, RenderableType
 from rich.live import Live
 
+from .._argtypes import non_negative_int, positive_int
 from ..statemachines import ALL_MODES, Mode, State
 from ._filter import RequestFilter, parse_time
 from ._follow import follow
@@ -57,26 +58,6 @@ def _time(text: str) -> float:
         return parse_time(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 0 or more, got {text!r}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -175,7 +156,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     parser.add_argument(
         "--migration-limit",
-        type=_non_negative,
+        type=non_negative_int,
         metavar="N",
         help="--validate: fail requests that migrated more than N times (the log does not "
         "record the configured limit)",
@@ -187,7 +168,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     parser.add_argument(
         "--block-size",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_BLOCK_SIZE,
         metavar="TOKENS",
         help="KV block size for the prefix hit rate when a decision does not record one "

@@ -8,7 +8,6 @@ fault schedule or configuration, or a missing matplotlib for ``--plot``).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import Any
 
@@ -22,6 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from .._argtypes import non_negative_int, positive_float, positive_int
 from .._config import PipelineConfig
 from .._errors import ConfigError
 from ..testing import FaultSpecError, InvariantViolation, fault_schedule
@@ -40,36 +40,6 @@ examples:
   interlock replay TRACE.jsonl --faults crash:3@120s+60s,stall:1@30s+5s --migration-limit 2
   interlock replay TRACE.csv --format azure --policies kv,tuned=my_kv.toml
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 0 or more, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -102,17 +72,17 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="base configuration for the named policies (their router_mode replaces its own)",
     )
     load = parser.add_argument_group("load")
-    load.add_argument("--limit", type=_positive_int, metavar="N", help="the first N requests")
+    load.add_argument("--limit", type=positive_int, metavar="N", help="the first N requests")
     load.add_argument(
         "--rate-scale",
-        type=_positive_float,
+        type=positive_float,
         default=1.0,
         metavar="X",
         help="arrivals X times as dense (every timestamp divided by X); default 1",
     )
     load.add_argument(
         "--speedup",
-        type=_positive_float,
+        type=positive_float,
         default=1.0,
         metavar="X",
         help="engine speedup ratio: every prefill and decode step takes 1/X of the reference "
@@ -126,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     load.add_argument(
         "--migration-limit",
-        type=_non_negative_int,
+        type=non_negative_int,
         metavar="N",
         help="migration_limit for every policy (default: the configuration's, 0)",
     )
@@ -135,28 +105,28 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     defaults = ReplaySettings()
     cluster.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.workers,
         metavar="N",
         help=f"simulated workers (ids 0 to N-1); default {defaults.workers}",
     )
     cluster.add_argument(
         "--block-size",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         default=defaults.block_size,
         help=f"tokens per KV block; default {defaults.block_size}",
     )
     cluster.add_argument(
         "--num-gpu-blocks",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         default=defaults.num_gpu_blocks,
         help=f"KV blocks per worker; default {defaults.num_gpu_blocks}",
     )
     cluster.add_argument(
         "--max-num-batched-tokens",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         default=defaults.max_num_batched_tokens,
         help="uncached prompt tokens one step may prefill; default "
@@ -164,7 +134,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     cluster.add_argument(
         "--max-num-seqs",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         default=defaults.max_num_seqs,
         help=f"sequences one worker runs at once; default {defaults.max_num_seqs}",

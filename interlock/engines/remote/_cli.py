@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from ..._argtypes import non_negative_int, port, positive_int
 from .._protocol import ROLES
 from ..mock import MockEngine, MockTiming
 from ._server import WorkerAddress, serve_worker
@@ -58,34 +59,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``interlock worker``."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
-        "--port", type=_port, default=0, help="port to listen on; 0 lets the OS choose"
+        "--port", type=port, default=0, help="port to listen on; 0 lets the OS choose"
     )
     parser.add_argument(
         "--id",
         dest="worker_id",
-        type=_non_negative,
+        type=non_negative_int,
         required=True,
         metavar="N",
         help="the worker's instance id (each worker of a frontend needs its own)",
     )
     parser.add_argument("--role", choices=ROLES, default="agg", help="default: agg")
     parser.add_argument(
-        "--block-size", type=_positive, default=16, help="tokens per KV block (default 16)"
+        "--block-size", type=positive_int, default=16, help="tokens per KV block (default 16)"
     )
     parser.add_argument(
         "--num-gpu-blocks",
-        type=_positive,
+        type=positive_int,
         default=16_384,
         help="KV cache capacity in blocks (default 16384)",
     )
     parser.add_argument(
         "--max-num-seqs",
-        type=_positive,
+        type=positive_int,
         default=256,
         help="sequences running at once (default 256)",
     )
     parser.add_argument(
-        "--seed", type=_non_negative, default=0, help="token generator seed (default 0)"
+        "--seed", type=non_negative_int, default=0, help="token generator seed (default 0)"
     )
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument(
@@ -99,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--crash-after-tokens",
-        type=_positive,
+        type=positive_int,
         default=None,
         metavar="N",
         help="fault injection: after N tokens in all, break every stream, refuse new ones and "
@@ -166,34 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="interlock worker", description=_DESCRIPTION)
     add_arguments(parser)
     return run_worker(parser.parse_args(argv))
-
-
-def _port(text: str) -> int:
-    value = _int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
 def _speedup(text: str) -> float:
