@@ -5,6 +5,7 @@ from __future__ import annotations
 import interlock.kv
 
 EXPECTED = {
+    "KV_EVENT_TYPES",
     # hashing (a contract)
     "XXH3_SEED",
     "compute_block_hashes",

@@ -9,7 +9,7 @@ import attrs
 
 from .._errors import EngineError, NoWorkersAvailable, PrefillFailed, RequestError
 from ..engines import Engine, WorkerSnapshot
-from ..kv import KvCleared, KvRemoved, KvStored, WorkerOutOfSync
+from ..kv import KV_EVENT_TYPES, WorkerOutOfSync
 from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
 from ._kv_policy import KvPolicy
 from ._load import LoadLedger
@@ -32,9 +32,6 @@ PRESELECTION_FIELDS: Mapping[Leg, tuple[str, ...]] = {
     "decode": ("decode_worker_id", "backend_instance_id"),
     "agg": ("backend_instance_id", "decode_worker_id"),
 }
-
-
-_KV_EVENTS = (KvStored, KvRemoved, KvCleared)
 
 
 @attrs.frozen
@@ -127,7 +124,7 @@ class RouterActor(Actor):
                 continue
 
             def deliver(event: Any, _ref: Any = ref) -> None:
-                if isinstance(event, _KV_EVENTS):
+                if isinstance(event, KV_EVENT_TYPES):
                     _ref.send_nowait(_KvEventArrived(event))
 
             self._listening[worker_id] = (engine, engine.add_listener(deliver))

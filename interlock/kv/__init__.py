@@ -19,7 +19,14 @@ from interlock.kv._cost import (
     replay_kv_selection,
     select_worker,
 )
-from interlock.kv._events import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
+from interlock.kv._events import (
+    KV_EVENT_TYPES,
+    KvCleared,
+    KvEvent,
+    KvRemoved,
+    KvStored,
+    StoredBlock,
+)
 from interlock.kv._hashing import XXH3_SEED, compute_block_hashes, compute_sequence_hashes
 from interlock.kv._indexer import (
     EventGap,
@@ -32,6 +39,7 @@ from interlock.kv._tree import OverlapScores
 from interlock.kv._ttft import TtftModel, TtftSelection, replay_ttft_selection, select_by_ttft
 
 __all__ = [
+    "KV_EVENT_TYPES",
     "XXH3_SEED",
     "ApproxKvIndexer",
     "CandidateScore",

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import attrs
 
-__all__ = ["KvCleared", "KvEvent", "KvRemoved", "KvStored", "StoredBlock"]
+__all__ = ["KV_EVENT_TYPES", "KvCleared", "KvEvent", "KvRemoved", "KvStored", "StoredBlock"]
 
 
 def _blocks(blocks: Iterable[StoredBlock]) -> tuple[StoredBlock, ...]:
@@ -70,3 +70,6 @@ class KvCleared:
 
 KvEvent = KvStored | KvRemoved | KvCleared
 """Any event :meth:`~interlock.kv.KvIndexer.apply` accepts."""
+
+#: The event classes, for ``isinstance`` checks that pick KV events out of a worker's events.
+KV_EVENT_TYPES: tuple[type, ...] = (KvStored, KvRemoved, KvCleared)

@@ -22,6 +22,7 @@ from ...wire import (
     WorkerJoined,
     WorkerLeft,
 )
+from .._listeners import Listeners
 from .._protocol import ROLES, ActiveSequence, EventListener, Role, WorkerSnapshot
 from ._kv_cache import MockKvCache
 from ._timing import MockTiming
@@ -249,7 +250,7 @@ class MockEngine:
         self._slow_factor = 1.0
         self._epoch = 0
         self._wake = trio.Event()
-        self._listeners: list[EventListener] = []
+        self._listeners = Listeners()
         self._next_anonymous = 0
 
     # -- Engine protocol ------------------------------------------------------------------
@@ -280,13 +281,7 @@ class MockEngine:
         return _MockStream(self, seq)
 
     def add_listener(self, listener: EventListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-
-        def remove() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return remove
+        return self._listeners.add(listener)
 
     async def snapshot(self) -> WorkerSnapshot:
         await trio.lowlevel.checkpoint()
@@ -391,8 +386,7 @@ class MockEngine:
             return
         self._registered = registered
         event = WorkerJoined(self._instance_id) if registered else WorkerLeft(self._instance_id)
-        for listener in list(self._listeners):
-            listener(event)
+        self._publish(event)
 
     def _admit(self, seq: _Sequence) -> None:
         if self._down:
@@ -413,8 +407,7 @@ class MockEngine:
         )
 
     def _publish(self, event: Any) -> None:
-        for listener in list(self._listeners):
-            listener(event)
+        self._listeners.publish(event)
 
     def _release(self, seq: _Sequence) -> None:
         if seq.finished or seq.cancelled:

@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from ..._errors import EngineError, WorkerGone, WorkerRefused
-from ...kv import KvCleared, KvRemoved, KvStored
+from ...kv import KV_EVENT_TYPES
 from ...wire import EngineOutput, PreprocessedRequest, WorkerJoined, WorkerLeft
 from ...wire._frames import (
     MAX_FRAME_SIZE,
@@ -32,12 +32,11 @@ from ...wire._frames import (
     encode_frame,
     frame_tag,
 )
+from .._listeners import Listeners
 from .._protocol import ROLES, EventListener, Role, WorkerSnapshot
 from ._connection import FrameConnection
 
 _logger = logging.getLogger("interlock.engines.remote")
-
-_KV_EVENTS = (KvStored, KvRemoved, KvCleared)
 
 
 class WorkerMismatch(EngineError):
@@ -190,7 +189,7 @@ class RemoteEngine:
         self.capacity: WorkerCapacity | None = None
         #: Connections made (1 after the first handshake, +1 per reconnection).
         self.connections = 0
-        self._listeners: list[EventListener] = []
+        self._listeners = Listeners()
         self._link: _Link | None = None
         self._stream_ids = itertools.count()
         self._tokens = itertools.count()
@@ -233,13 +232,7 @@ class RemoteEngine:
         return _RemoteStream(self, request)
 
     def add_listener(self, listener: EventListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-
-        def remove() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return remove
+        return self._listeners.add(listener)
 
     async def snapshot(self) -> WorkerSnapshot:
         """Ask the worker for its state; waits for the answer.
@@ -401,7 +394,7 @@ class RemoteEngine:
                     del link.streams[message.stream]
                 stream._deliver(output)
             # Otherwise cancelled here already: its last frames were in flight.
-        elif kind in _KV_EVENTS:
+        elif kind in KV_EVENT_TYPES:
             self._check_worker(message)
             self._publish(message)
         elif kind is Refused or kind is Broken:
@@ -466,8 +459,7 @@ class RemoteEngine:
             self._publish(event)
 
     def _publish(self, event: Any) -> None:
-        for listener in list(self._listeners):
-            listener(event)
+        self._listeners.publish(event)
 
     def __repr__(self) -> str:
         return f"<RemoteEngine {self.instance_id} role={self.role} at {self.address}>"
