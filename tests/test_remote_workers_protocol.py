@@ -4,6 +4,7 @@ stream life cycle, cancellation, events, and connections that break or misbehave
 
 from __future__ import annotations
 
+import argparse
 import functools
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from interlock.engines.remote import (
     WorkerUnreachable,
     serve_worker,
 )
+from interlock.engines.remote._cli import add_arguments, build_engine
 from interlock.engines.remote._connection import FrameConnection
 from interlock.kv import KvStored
 from interlock.wire import (
@@ -191,6 +193,37 @@ async def test_a_refusal_reaches_the_stream_as_worker_refused() -> None:
                 await collect(engine, PreprocessedRequest(token_ids=PROMPT, max_tokens=3))
             worker.refuse_new(False)
             assert await collect(engine, PreprocessedRequest(token_ids=PROMPT, max_tokens=3))
+
+
+async def test_a_prompt_too_long_for_the_worker_is_refused_with_the_reason() -> None:
+    worker = MockEngine(1, timing=MockTiming.zero(), max_model_len=32)
+    with trio.fail_after(TIMEOUT):
+        async with served(worker) as address, connected(remote(address)) as engine:
+            with pytest.raises(WorkerRefused, match="leaves no room for output"):
+                await collect(engine, PreprocessedRequest(token_ids=list(range(40)), max_tokens=3))
+            # The connection is fine: the next request that fits runs.
+            assert await collect(engine, PreprocessedRequest(token_ids=PROMPT[:8], max_tokens=3))
+
+
+def test_the_worker_command_shapes_its_engine_scheduler() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--id",
+            "3",
+            "--max-num-batched-tokens",
+            "512",
+            "--no-chunked-prefill",
+            "--max-model-len",
+            "4096",
+        ]
+    )
+    engine = build_engine(args)
+    assert (engine.max_num_batched_tokens, engine.enable_chunked_prefill) == (512, False)
+    assert engine.max_model_len == 4096
+    defaults = build_engine(parser.parse_args(["--id", "3"]))
+    assert (defaults.max_num_batched_tokens, defaults.enable_chunked_prefill) == (8192, True)
 
 
 async def test_a_worker_crash_breaks_the_stream_and_withdraws_the_worker() -> None:

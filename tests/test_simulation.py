@@ -127,7 +127,7 @@ async def test_a_bad_configuration_is_refused_on_entry(autojump_clock: object) -
 
 async def test_the_real_clock_is_refused_with_directions() -> None:
     # No autojump_clock fixture: pytest-trio runs this test on the real clock.
-    with pytest.raises(NotInVirtualTime, match=r"MockClock\(autojump_threshold=0\)"):
+    with pytest.raises(NotInVirtualTime, match=r"clock=interlock\.testing\.SimulationClock\(\)"):
         async with open_simulated_cluster(workers=1):
             pass  # pragma: no cover
 
@@ -337,6 +337,7 @@ def test_the_public_toolkit_is_pinned() -> None:
             "NotInVirtualTime",
             "RequestResult",
             "SimulatedCluster",
+            "SimulationClock",
             "TimedRequest",
             "WorkloadReport",
             "check_invariants",

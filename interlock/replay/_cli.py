@@ -133,6 +133,13 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         f"{defaults.max_num_batched_tokens}",
     )
     cluster.add_argument(
+        "--no-chunked-prefill",
+        dest="chunked_prefill",
+        action="store_false",
+        help="prefill a prompt longer than the budget whole, in an empty batch, instead of a "
+        "chunk per step",
+    )
+    cluster.add_argument(
         "--max-num-seqs",
         type=positive_int,
         metavar="N",
@@ -212,6 +219,7 @@ def run_replay(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             num_gpu_blocks=args.num_gpu_blocks,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            chunked_prefill=args.chunked_prefill,
             max_num_seqs=args.max_num_seqs,
             speedup=args.speedup,
             rate_scale=args.rate_scale,

@@ -71,11 +71,12 @@ def report_title(report: ReplayReport) -> str:
     scale = f", arrivals x{s.rate_scale:g}" if s.rate_scale != 1 else ""
     speed = f", engine speedup {s.speedup:g}" if s.speedup != 1 else ""
     faults = f", {len(s.faults)} faults" if s.faults else ""
+    chunks = "" if s.chunked_prefill else " (no chunked prefill)"
     return (
         f"{report.trace} ({report.trace_format}): {report.requests:,} requests over "
         f"{report.span_seconds:,.0f} s{scale}{faults}\n"
         f"{s.workers} workers x {s.num_gpu_blocks:,} KV blocks of {s.block_size} tokens, "
-        f"{s.max_num_batched_tokens:,} batched tokens{speed}; seed {s.seed}; "
+        f"{s.max_num_batched_tokens:,} batched tokens{chunks}{speed}; seed {s.seed}; "
         f"combined-capacity hit-rate bound {report.hit_rate_bound:.3f}"
     )
 
@@ -111,6 +112,7 @@ def report_json(report: ReplayReport, *, timing: bool = True) -> list[dict[str, 
         "block_size": report.settings.block_size,
         "num_gpu_blocks": report.settings.num_gpu_blocks,
         "max_num_batched_tokens": report.settings.max_num_batched_tokens,
+        "chunked_prefill": report.settings.chunked_prefill,
         "rate_scale": report.settings.rate_scale,
         "speedup": report.settings.speedup,
         "seed": report.settings.seed,

@@ -49,11 +49,12 @@ class ReplaySettings:
     Workers are `MockEngine` with the reference mocker's timing. The defaults suit the Mooncake
     traces (docs/replay.md explains each): ``block_size`` 64 divides the format's 512 tokens per
     hash id; 65,536 blocks make 4M tokens of KV per worker; ``max_num_batched_tokens`` bounds
-    the uncached prompt tokens one scheduler step prefills, and since the mock engine has no
-    chunked prefill (a longer prompt waits for an empty batch) it exceeds the longest prompt.
-    ``max_model_len=None`` fits the longest request of the trace. ``rate_scale`` divides every
-    arrival time (2 = twice the request rate); ``speedup`` is the engines' speedup ratio
-    (below 1, every step takes longer). ``faults`` count from the first request's arrival.
+    the uncached prompt tokens one scheduler step prefills (the reference's 8,192; a longer
+    prompt is prefilled a chunk per step, or, with ``chunked_prefill=False``, admitted only
+    into an empty batch). ``max_model_len=None`` fits the longest request of the trace.
+    ``rate_scale`` divides every arrival time (2 = twice the request rate); ``speedup`` is the
+    engines' speedup ratio (below 1, every step takes longer). ``faults`` count from the
+    first request's arrival.
 
     Raises:
         ValueError: a size below 1, or a scale that is not a positive number.
@@ -63,7 +64,8 @@ class ReplaySettings:
     block_size: int = 64
     num_gpu_blocks: int = 65_536
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 131_072
+    max_num_batched_tokens: int = 8192
+    chunked_prefill: bool = True
     max_model_len: int | None = None
     speedup: float = 1.0
     rate_scale: float = 1.0
@@ -88,6 +90,7 @@ class ReplaySettings:
             num_gpu_blocks=self.num_gpu_blocks,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_chunked_prefill=self.chunked_prefill,
             max_model_len=self.max_model_len or longest + 1,
             timing=MockTiming(speedup_ratio=self.speedup),
             seed=self.seed,

@@ -6,6 +6,7 @@ the invariants every transition log must keep, and hypothesis strategies.
 See docs/testing.md.
 """
 
+from .._simclock import SimulationClock
 from ._cluster import (
     MockWorkerSpec,
     NotInVirtualTime,
@@ -45,6 +46,7 @@ __all__ = [
     "NotInVirtualTime",
     "RequestResult",
     "SimulatedCluster",
+    "SimulationClock",
     "TimedRequest",
     "WorkloadReport",
     "check_invariants",

@@ -1,7 +1,8 @@
 """`open_simulated_cluster`: the real pipeline and a cluster of mock workers, in virtual time.
 
-interlock takes every timestamp from trio's clock, so under `trio.testing.MockClock` with
-``autojump_threshold=0`` the real routing, disaggregation and migration code runs against
+interlock takes every timestamp from trio's clock, so under a virtual clock (`SimulationClock`,
+or `trio.testing.MockClock` with ``autojump_threshold=0``) the real routing, disaggregation
+and migration code runs against
 simulated workers whose prefill and decode steps cost simulated seconds: an hour of traffic
 replays in a minute, and the same inputs give the same run.
 """
@@ -18,6 +19,7 @@ import trio.testing
 
 from .._config import PipelineConfig
 from .._pipeline import Components, Pipeline, build_pipeline
+from .._simclock import SimulationClock
 from ..engines import Engine
 from ..engines.mock import MockEngine, MockTiming
 from ..processing import Tokenizer
@@ -45,6 +47,7 @@ class MockWorkerSpec:
     num_gpu_blocks: int = 16_384
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
     max_model_len: int = 32_768
     watermark: float = 0.01
     timing: MockTiming = attrs.field(factory=MockTiming)
@@ -68,6 +71,7 @@ class MockWorkerSpec:
             watermark=self.watermark,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_chunked_prefill=self.enable_chunked_prefill,
             max_model_len=self.max_model_len,
         )
 
@@ -150,20 +154,23 @@ def _engines(
     return tuple(given)
 
 
-def require_virtual_time(what: str = "open_simulated_cluster") -> trio.testing.MockClock:
-    """Return the running `trio.testing.MockClock`.
+def require_virtual_time(
+    what: str = "open_simulated_cluster",
+) -> SimulationClock | trio.testing.MockClock:
+    """Return trio's running clock if it keeps virtual time (`SimulationClock` or
+    `trio.testing.MockClock`).
 
     Raises:
         NotInVirtualTime: trio runs on another clock.
     """
     clock = trio.lowlevel.current_clock()
-    if not isinstance(clock, trio.testing.MockClock):
+    if not isinstance(clock, SimulationClock | trio.testing.MockClock):
         raise NotInVirtualTime(
             f"{what} needs virtual time, but trio runs on {type(clock).__name__}: simulated "
             "seconds would pass as real ones. Call it inside "
-            "trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0)) (or "
-            "interlock.testing.run_simulation(main)), or in a pytest-trio test that takes the "
-            "autojump_clock fixture; pass virtual_time=False to run on the real clock anyway"
+            "interlock.testing.run_simulation(main) (or trio.run(main, "
+            "clock=interlock.testing.SimulationClock())), or in a pytest-trio test that takes "
+            "the autojump_clock fixture; pass virtual_time=False to run on the real clock anyway"
         )
     return clock
 
@@ -190,12 +197,11 @@ async def open_simulated_cluster(
     stream still open).
 
     This installs no clock: trio's clock is chosen by ``trio.run``. Enter it inside
-    ``trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))`` (`run_simulation`
-    does exactly that), or in a pytest-trio test that takes the ``autojump_clock`` fixture.
+    `run_simulation` (``trio.run`` with a `SimulationClock`), or in a pytest-trio test that
+    takes the ``autojump_clock`` fixture (a ``MockClock(autojump_threshold=0)``).
 
     Raises:
-        NotInVirtualTime: trio's clock is not a `trio.testing.MockClock` (unless
-            ``virtual_time=False``).
+        NotInVirtualTime: trio's clock keeps real time (unless ``virtual_time=False``).
         ConfigError: ``config`` is invalid, or does not fit the workers (raised on entry).
     """
     if virtual_time:
@@ -253,16 +259,17 @@ def run_simulation(
     async_fn: Callable[..., Awaitable[T]],
     *args: Any,
     seed: int | None = 0,
-    clock: trio.testing.MockClock | None = None,
+    clock: SimulationClock | trio.testing.MockClock | None = None,
 ) -> T:
     """Run ``async_fn(*args)`` with ``trio.run`` in virtual time and return its result.
 
-    The clock is ``clock`` or a new ``MockClock(autojump_threshold=0)`` (time jumps whenever
-    every task waits); with ``seed`` not None, trio's scheduling order is seeded first
-    (`seed_scheduler`), so the same call gives the same run.
+    The clock is ``clock`` or a new `SimulationClock` (time jumps whenever every task
+    waits); pass a ``trio.testing.MockClock(autojump_threshold=0)`` for code that relies on
+    ``trio.testing.wait_all_tasks_blocked``. With ``seed`` not None, trio's scheduling order
+    is seeded first (`seed_scheduler`), so the same call gives the same run.
     """
     if seed is not None:
         seed_scheduler(seed)
     if clock is None:
-        clock = trio.testing.MockClock(autojump_threshold=0)
+        clock = SimulationClock()
     return trio.run(async_fn, *args, clock=clock)

@@ -11,7 +11,8 @@ from typing import Any
 
 import trio
 
-from ..._errors import WorkerGone, WorkerRefused
+from ..._errors import RequestError, WorkerGone, WorkerRefused
+from ..._simclock import SimulationClock
 from ...kv import compute_block_hashes, compute_sequence_hashes
 from ...processing import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from ...wire import (
@@ -81,6 +82,7 @@ _BROKEN = _Broken()
 class _Sequence:
     __slots__ = (
         "cancelled",
+        "chunk",
         "detok",
         "finished",
         "generated",
@@ -89,6 +91,7 @@ class _Sequence:
         "new_tokens",
         "partials",
         "prefill_done",
+        "prefill_left",
         "prev_token",
         "prompt_len",
         "receive",
@@ -112,6 +115,9 @@ class _Sequence:
         self.max_new = request.max_tokens
         # A decode leg receives the prompt's KV from its prefill worker: nothing to compute.
         self.new_tokens = 0 if request.prefill_result is not None else self.prompt_len
+        #: Uncached prompt tokens not yet prefilled, and those the current step prefills.
+        self.prefill_left = 0
+        self.chunk = 0
         self.prefill_done = False
         self.cancelled = False
         self.finished = False
@@ -180,6 +186,10 @@ class MockEngine:
     while the active blocks stay under ``(1 - watermark)`` of the cache; when a running
     sequence needs a block and none is left, the newest running sequence is preempted (its
     blocks freed, its tokens recomputed when it is admitted again; its stream just pauses).
+    With ``enable_chunked_prefill`` (the default, as in the reference) a prompt larger than
+    the step's remaining token budget is prefilled a chunk per step, so a long prompt neither
+    waits for an empty batch nor stalls the decoding sequences beside it; without it, such a
+    prompt is admitted only into an empty batch and prefilled whole.
     Each step takes the reference mocker's time (`MockTiming`): prefill counts only uncached
     tokens, decode depends on how full the cache is.
 
@@ -189,6 +199,10 @@ class MockEngine:
     the ids of real words under a tokenizer). With ``postprocessing='engine'`` the engine
     applies the stop conditions itself and returns text: decoded with ``tokenizer`` when it
     has one, `mock_token_text` otherwise.
+
+    ``max_model_len`` bounds prompt plus output, and is capped at what the cache holds: a
+    sequence reaching it finishes with ``"length"``, and `open_stream` refuses a prompt that
+    leaves no room for output (`RequestError`) rather than queueing it forever.
 
     Fault injection: `crash` (streams break; new ones are refused until `restart`),
     ``crash_after_tokens`` (crash once that many tokens were emitted in all), `refuse_new`,
@@ -207,6 +221,7 @@ class MockEngine:
         watermark: float = 0.01,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
+        enable_chunked_prefill: bool = True,
         max_model_len: int = 32_768,
         vocab_size: int = 32_000,
         token_pool: Sequence[int] | None = None,
@@ -226,7 +241,9 @@ class MockEngine:
         self.watermark = watermark
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        # A sequence longer than the whole cache could never be scheduled: cap it there.
+        self.max_model_len = min(max_model_len, num_gpu_blocks * block_size)
         self.vocab_size = vocab_size
         #: Generated tokens are drawn from this pool (e.g. the ids of real words) if given.
         self.token_pool = tuple(token_pool) if token_pool else None
@@ -389,6 +406,13 @@ class MockEngine:
         self._publish(event)
 
     def _admit(self, seq: _Sequence) -> None:
+        if seq.prompt_len >= self.max_model_len:
+            raise RequestError(
+                f"a prompt of {seq.prompt_len} tokens leaves no room for output on worker "
+                f"{self._instance_id}, whose context is {self.max_model_len} tokens "
+                "(max_model_len, at most the KV cache's capacity); shorten the prompt",
+                field="token_ids",
+            )
         if self._down:
             raise WorkerRefused(f"worker {self._instance_id} is down", worker_id=self._instance_id)
         if self._refusing:
@@ -438,28 +462,42 @@ class MockEngine:
     async def _schedule_forever(self) -> None:
         timing = self.timing
         block_budget = (1.0 - self.watermark) * self.num_gpu_blocks
+        clock = trio.lowlevel.current_clock()
+        # A simulation clock's timers skip the cancel scope trio.sleep_until needs: the
+        # step loop is what a long simulation spends its time in.
+        sleep_until = clock.sleep_until if isinstance(clock, SimulationClock) else trio.sleep_until
+        now = clock.current_time
+        running = self._running
         while True:
-            if not self._running and not self._waiting:
+            if not running and not self._waiting:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            if self._stalled_until > trio.current_time():
-                await trio.sleep_until(self._stalled_until)
+            if self._stalled_until > now():
+                await sleep_until(self._stalled_until)
                 continue
             self._reserve_tail_blocks()
-            new_tokens = self._admit_waiting(block_budget)
-            decoding = any(s.prefill_done for s in self._running.values())
+            new_tokens = self._schedule_prefill(block_budget)
             step = timing.prefill_seconds(new_tokens)
-            if decoding:
+            if self._decoding:
                 step += timing.decode_seconds(self._cache.active_blocks / self.num_gpu_blocks)
             epoch = self._epoch
             if step > 0:
-                await trio.sleep(step * self._slow_factor)
+                await sleep_until(now() + step * self._slow_factor)
             else:
                 await trio.lowlevel.checkpoint()
-            if epoch != self._epoch or self._stalled_until > trio.current_time():
+            if epoch != self._epoch or self._stalled_until > now():
                 continue  # crashed or stalled meanwhile: this step produced nothing
             self._emit_step()
+
+    @property
+    def _decoding(self) -> bool:
+        """Whether some running sequence is past its prefill (so this step decodes)."""
+        # Running sequences are in admission order and a step finishes every prefill, so
+        # the ones past prefill come first: the oldest tells.
+        for seq in self._running.values():
+            return seq.prefill_done
+        return False
 
     def _reserve_tail_blocks(self) -> None:
         """Give every running sequence whose next token starts a new block that block,
@@ -467,7 +505,8 @@ class MockEngine:
         block_size = self.block_size
         cache = self._cache
         for seq in list(self._running.values()):
-            if id(seq) not in self._running or len(seq.tokens) % block_size:
+            # A sequence still prefilling holds its tail block already, step after step.
+            if seq.partials or len(seq.tokens) % block_size or id(seq) not in self._running:
                 continue
             while not cache.add_partial():
                 victim = next(reversed(self._running.values()))
@@ -482,16 +521,39 @@ class MockEngine:
         del self._running[id(seq)]
         self._free(seq)
         seq.prefill_done = False
-        # Recompute everything it holds when admitted again; its stream simply waits.
-        seq.new_tokens = len(seq.tokens)
+        # Its blocks may be evicted while it waits: admitted again, it recomputes whatever is
+        # no longer cached, prompt and generated tokens alike; its stream simply pauses.
+        seq.prefill_left = seq.chunk = 0
         self._waiting.appendleft(seq)
 
-    def _admit_waiting(self, block_budget: float) -> int:
+    def _schedule_prefill(self, block_budget: float) -> int:
+        """Choose this step's prefill work: first the chunks still owed to running sequences,
+        then new admissions from the waiting queue. Returns the tokens to prefill."""
+        budget = self.max_num_batched_tokens
+        running = self._running
+        new_tokens = 0
+        # Prefills finish in admission order, so those still going are the newest sequences.
+        owed: list[_Sequence] = []
+        for seq in reversed(running.values()):
+            if not seq.prefill_left:
+                break
+            owed.append(seq)
+        for seq in reversed(owed):
+            seq.chunk = chunk = min(seq.prefill_left, budget - new_tokens)
+            new_tokens += chunk
+        if new_tokens >= budget:
+            return new_tokens
+        if self._waiting:
+            new_tokens = self._admit_waiting(block_budget, new_tokens)
+        return new_tokens
+
+    def _admit_waiting(self, block_budget: float, new_tokens: int) -> int:
         waiting = self._waiting
         running = self._running
         cache = self._cache
         block_size = self.block_size
-        new_tokens = 0
+        budget = self.max_num_batched_tokens
+        chunked = self.enable_chunked_prefill
         while waiting and len(running) < self.max_num_seqs:
             seq = waiting[0]
             if seq.cancelled:
@@ -507,7 +569,11 @@ class MockEngine:
                 seq.tokens_hashes, seq.seq_hashes, seq.hashed_len = local, hashes, len(tokens)
             transferred = seq.request.prefill_result is not None and not seq.generated
             uncached = 0 if transferred else len(tokens) - cache.cached_prefix(hashes) * block_size
-            if running and new_tokens + uncached > self.max_num_batched_tokens:
+            if chunked:
+                # Even a fully cached prompt waits: prefills must finish in admission order.
+                if new_tokens >= budget:
+                    break
+            elif running and new_tokens + uncached > budget:
                 break
             partial = len(tokens) % block_size != 0
             limit = block_budget if running else None
@@ -517,9 +583,12 @@ class MockEngine:
             seq.seq_hashes = hashes
             seq.tokens_hashes = local
             seq.partials = 1 if partial else 0
-            seq.new_tokens = uncached
+            if not seq.generated:
+                seq.new_tokens = uncached  # what its usage reports as not cached
+            seq.prefill_left = uncached
+            seq.chunk = min(uncached, budget - new_tokens) if chunked else uncached
             running[id(seq)] = seq
-            new_tokens += uncached
+            new_tokens += seq.chunk
         return new_tokens
 
     def _emit_step(self) -> None:
@@ -532,6 +601,11 @@ class MockEngine:
         finished: list[_Sequence] = []
         crash_at = self.crash_after_tokens
         for seq in list(self._running.values()):
+            if seq.prefill_left:
+                seq.prefill_left -= seq.chunk
+                seq.chunk = 0
+                if seq.prefill_left:
+                    continue  # more of its prompt to prefill before its first token
             seq.prefill_done = True
             token = next_token(
                 seq.prev_token,

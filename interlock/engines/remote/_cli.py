@@ -86,6 +86,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sequences running at once (default 256)",
     )
     parser.add_argument(
+        "--max-num-batched-tokens",
+        type=positive_int,
+        default=8192,
+        metavar="N",
+        help="uncached prompt tokens one step may prefill (default 8192)",
+    )
+    parser.add_argument(
+        "--no-chunked-prefill",
+        dest="chunked_prefill",
+        action="store_false",
+        help="prefill a prompt longer than the budget whole, in an empty batch, instead of a "
+        "chunk per step",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=positive_int,
+        default=32_768,
+        metavar="N",
+        help="longest sequence, prompt plus output; longer prompts are refused (default 32768)",
+    )
+    parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="token generator seed (default 0)"
     )
     timing = parser.add_mutually_exclusive_group()
@@ -125,6 +146,9 @@ def build_engine(args: argparse.Namespace) -> MockEngine:
         block_size=args.block_size,
         num_gpu_blocks=args.num_gpu_blocks,
         max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.chunked_prefill,
+        max_model_len=args.max_model_len,
         crash_after_tokens=args.crash_after_tokens,
     )
 

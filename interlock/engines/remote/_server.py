@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..._errors import EngineError, WorkerRefused
+from ..._errors import EngineError, RequestError, WorkerRefused
 from ...wire._frames import (
     MAX_FRAME_SIZE,
     SUPPORTED_VERSIONS,
@@ -216,7 +216,9 @@ class _Session:
                             if output.finish_reason is not None:
                                 return
                     send(Broken(stream=stream_id, message="the engine ended the stream early"))
-                except WorkerRefused as exc:
+                except (WorkerRefused, RequestError) as exc:
+                    # A request this worker cannot fit (say, longer than its context) is
+                    # refused here; another worker may take it.
                     send(Refused(stream=stream_id, message=str(exc)))
                 except EngineError as exc:
                     send(Broken(stream=stream_id, message=str(exc)))
