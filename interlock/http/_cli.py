@@ -1,4 +1,5 @@
-"""``interlock serve`` and ``interlock route``: the HTTP frontend on in-process mock workers.
+"""``interlock serve`` and ``interlock route``: the HTTP frontend on in-process mock workers
+and/or ``interlock worker`` processes (``--remote-worker``).
 
 `add_serve_parser` and `add_route_parser` register the commands on the top-level parser's
 subparsers; each sets ``run=`` to a function taking the parsed namespace and returning the exit
@@ -23,27 +24,87 @@ import trio
 from .._config import PipelineConfig, knob_names, parse_knob_text
 from .._errors import ConfigError
 from .._pipeline import Components, build_pipeline
-from ..engines import Role
+from ..engines import ROLES, Engine, Role
+from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
 from ..engines.mock import MockEngine, MockTiming
-from ..processing import ChatTemplateError, Tokenizer, TokenizerError
+from ..engines.mock import mock_token_pool as mock_token_pool  # re-exported, as MOCK_TEXT
+from ..engines.remote import RemoteEngine, WorkerMismatch, WorkerUnreachable
+from ..processing import ChatTemplateError, TokenizerError
+from ..wire import ProtocolError
 from ._app import HttpLimits, build_app
 from ._metrics import HttpMetrics
 from ._preprocess import Preprocessor
 from ._serve import serve_http
 
-#: Text whose tokens the mock workers generate, so that a mock answers in (shuffled) words.
-MOCK_TEXT = (
-    " The quick brown fox jumps over the lazy dog while a small bird sings in the tall green "
-    "tree, and the river runs slowly past the old stone bridge toward the quiet sea. People "
-    "walk along the road, talk about the weather, and share bread, tea and stories."
-)
+#: What ``--remote-worker`` takes, for error messages.
+REMOTE_WORKER_FORM = "ID=HOST:PORT or ID=HOST:PORT/ROLE (ROLE: agg, prefill or decode)"
+_REMOTE_WORKER_EXAMPLE = "e.g. 1=127.0.0.1:7001, 2=[::1]:7002/prefill"
 
 
-def mock_token_pool(tokenizer: Tokenizer) -> list[int]:
-    """The ids the mock workers draw from: the tokens of `MOCK_TEXT`, plus each end-of-sequence
-    id once, so that answers end by themselves now and then (``ignore_eos`` turns that off)."""
-    pool = list(dict.fromkeys(tokenizer.encode(MOCK_TEXT)))
-    return pool + [t for t in tokenizer.eos_token_ids if t not in pool]
+@attrs.frozen
+class RemoteWorkerAddress:
+    """One ``--remote-worker ID=HOST:PORT[/ROLE]``: the ``interlock worker`` the frontend
+    reaches at ``host:port``, which must report instance id ``worker_id`` and ``role`` (its
+    ``--id`` and ``--role``) in its handshake."""
+
+    worker_id: int
+    host: str
+    port: int
+    role: Role = "agg"
+
+    @classmethod
+    def parse(cls, text: str) -> RemoteWorkerAddress:
+        """Parse ``ID=HOST:PORT`` or ``ID=HOST:PORT/ROLE``; an IPv6 host goes in brackets
+        (``1=[::1]:7001``). Pure; no I/O.
+
+        Raises:
+            ConfigError: ``text`` is not of that form, the id is not a whole number, the port
+                is not 1-65535, or the role is not agg, prefill or decode (the message quotes
+                ``text`` and shows the form).
+        """
+
+        def bad(why: str) -> ConfigError:
+            return ConfigError(
+                f"--remote-worker {text!r}: {why}; the form is {REMOTE_WORKER_FORM}, "
+                f"{_REMOTE_WORKER_EXAMPLE}"
+            )
+
+        ident, equals, rest = text.partition("=")
+        if not equals:
+            raise bad("no '=' between the worker id and the address")
+        if not (ident.isascii() and ident.isdigit()):
+            raise bad(f"the worker id {ident!r} is not a whole number (the worker's --id)")
+        address, slash, role_text = rest.partition("/")
+        role = next((r for r in ROLES if r == role_text), None) if slash else "agg"
+        if role is None:
+            raise bad(f"the role {role_text!r} is not agg, prefill or decode")
+        if address.startswith("["):
+            host, _, after = address[1:].partition("]")
+            port_text = after[1:] if after.startswith(":") else None
+        else:
+            host, colon, port_text_or_empty = address.rpartition(":")
+            port_text = port_text_or_empty if colon else None
+            if ":" in host:
+                raise bad(f"an IPv6 host goes in brackets: {ident}=[{host}]:{port_text}")
+        if port_text is None:
+            raise bad(f"no ':PORT' in the address {address!r}")
+        if not host:
+            raise bad(f"no host before ':{port_text}'")
+        if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+            raise ConfigError(
+                f"--remote-worker {text!r}: the port {port_text!r} is not a whole number "
+                "1-65535 (the port the worker printed in its JSON line, or its --port)"
+            )
+        return cls(int(ident), host, int(port_text), role)
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` (``[HOST]:PORT`` for an IPv6 host)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.worker_id}={self.address}/{self.role}"
 
 
 @attrs.frozen(kw_only=True)
@@ -56,14 +117,27 @@ class ServeSetup:
     host: str
     port: int
     model: str
+    #: In-process mock workers (ids 1..workers) and prefill workers (the next ids).
     workers: int
     prefill_workers: int
     timing: MockTiming
     route_api: bool
     command: str
+    #: ``interlock worker`` processes to serve over (``--remote-worker``).
+    remote_workers: tuple[RemoteWorkerAddress, ...] = ()
 
-    def engines(self) -> tuple[list[MockEngine], list[MockEngine]]:
-        """Fresh mock workers: ids 1..workers, then the prefill workers."""
+    @property
+    def has_prefill(self) -> bool:
+        """Any prefill worker, in-process or remote (then the mock workers serve decode legs)."""
+        return bool(self.prefill_workers) or any(r.role == "prefill" for r in self.remote_workers)
+
+    def engines(self) -> tuple[list[Engine], list[Engine]]:
+        """Fresh engines, as ``(workers, prefill_workers)`` for `Components`: the in-process
+        mock workers (ids 1..workers, then the prefill workers), then a `RemoteEngine` per
+        ``--remote-worker`` (prefill ones with the prefill workers). Nothing connects yet: the
+        pipeline runs each engine's ``run``, which connects (and raises `WorkerUnreachable` or
+        `WorkerMismatch`). Never blocks.
+        """
         tokenizer = self.preprocessor.tokenizer
         pool = mock_token_pool(tokenizer)
         common: dict[str, Any] = {
@@ -74,12 +148,21 @@ class ServeSetup:
             "token_pool": pool,
             "tokenizer": tokenizer,
         }
-        role: Role = "decode" if self.prefill_workers else "agg"
-        workers = [MockEngine(i, role, **common) for i in range(1, self.workers + 1)]
+        role: Role = "decode" if self.has_prefill else "agg"
+        workers: list[Engine] = [MockEngine(i, role, **common) for i in range(1, self.workers + 1)]
         first = self.workers + 1
-        prefill = [
+        prefill: list[Engine] = [
             MockEngine(i, "prefill", **common) for i in range(first, first + self.prefill_workers)
         ]
+        for remote in self.remote_workers:
+            engine = RemoteEngine(
+                remote.host,
+                remote.port,
+                instance_id=remote.worker_id,
+                role=remote.role,
+                block_size=self.config.kv_block_size,
+            )
+            (prefill if remote.role == "prefill" else workers).append(engine)
         return workers, prefill
 
 
@@ -90,11 +173,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``interlock serve`` (sets ``run=``)."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "serve",
-        help="serve the OpenAI-compatible API on in-process mock workers",
+        help="serve the OpenAI-compatible API on mock workers (in-process or interlock worker)",
         description=(
             "Serve /v1/chat/completions, /v1/completions, /v1/models, /health, /live and "
-            "/metrics on in-process mock workers, until Ctrl-C. Point any OpenAI client at "
-            "http://HOST:PORT/v1."
+            "/metrics on in-process mock workers and/or `interlock worker` processes "
+            "(--remote-worker), until Ctrl-C. Point any OpenAI client at http://HOST:PORT/v1."
         ),
     )
     _add_common(parser)
@@ -157,29 +240,50 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="larger request bodies get 413 (8 MiB)",
     )
-    workers = parser.add_argument_group("mock workers")
-    workers.add_argument("--workers", type=int, default=4, metavar="N", help="workers (4)")
+    workers = parser.add_argument_group("workers")
+    workers.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="in-process mock workers, ids 1..N (4; 0 when any --remote-worker is given)",
+    )
     workers.add_argument(
         "--prefill-workers",
         type=int,
         default=0,
         metavar="M",
-        help="prefill workers (0); with any, the N workers serve decode legs",
+        help="in-process prefill workers, ids N+1..N+M (0); with any prefill worker, the N "
+        "workers serve decode legs",
+    )
+    workers.add_argument(
+        "--remote-worker",
+        dest="remote_workers",
+        action="append",
+        default=[],
+        metavar="ID=HOST:PORT[/ROLE]",
+        help="also serve over the `interlock worker --id ID [--role ROLE]` listening at "
+        "HOST:PORT (ROLE: agg (default), prefill or decode); repeat for each worker. It must "
+        "run with --block-size equal to --kv-block-size, and with --tokenizer naming this "
+        "frontend's tokenizer ('builtin' for the default) for answers to decode",
     )
     workers.add_argument(
         "--speedup",
         type=float,
         default=10.0,
-        help="run the mock model's timing this many times faster than a real GPU (10)",
+        help="run the in-process mock model's timing this many times faster than a real GPU (10)",
     )
     workers.add_argument(
-        "--zero-time", action="store_true", help="mock steps take no time (benchmarks)"
+        "--zero-time",
+        action="store_true",
+        help="in-process mock steps take no time (benchmarks)",
     )
     text = parser.add_argument_group("text")
     text.add_argument(
         "--tokenizer",
         metavar="PATH",
-        help="a tokenizer.json or Hugging Face model directory (default: built-in bytes)",
+        help="a tokenizer.json or Hugging Face model directory (default: built-in bytes); "
+        "remote workers need the same one (interlock worker --tokenizer PATH|builtin)",
     )
     text.add_argument(
         "--chat-template",
@@ -195,7 +299,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="append every transition record to this JSONL file (= --transition-log-path)",
     )
     for name, field in attrs.fields_dict(PipelineConfig).items():
-        doc = field.metadata.get("doc", "")
+        doc = field.metadata.get("doc", "").replace("%", "%%")  # argparse formats help with %
         if str(field.type).startswith("bool"):
             config.add_argument(
                 _flag(name), dest=f"knob_{name}", action=argparse.BooleanOptionalAction, help=doc
@@ -236,23 +340,78 @@ def resolve_config(args: argparse.Namespace, *, environ: Any = None) -> Pipeline
     return config.validate()
 
 
+def resolve_remote_workers(
+    texts: Sequence[str], *, workers: int, prefill_workers: int
+) -> tuple[RemoteWorkerAddress, ...]:
+    """Parse every ``--remote-worker``, and check their ids against each other and against the
+    in-process mock workers' (1..workers, then the next prefill_workers ids). Pure; no I/O.
+
+    Raises:
+        ConfigError: a malformed item, two items with one id or one address, or an id a mock
+            worker has (the message quotes the item).
+    """
+    remote: list[RemoteWorkerAddress] = []
+    by_id: dict[int, str] = {}
+    by_address: dict[str, str] = {}
+    mock_ids = workers + prefill_workers
+    for text in texts:
+        item = RemoteWorkerAddress.parse(text)
+        if item.worker_id in by_id:
+            raise ConfigError(
+                f"--remote-worker {by_id[item.worker_id]!r} and {text!r} both have worker id "
+                f"{item.worker_id}; every worker needs its own id (the worker's --id)"
+            )
+        if item.address in by_address:
+            raise ConfigError(
+                f"--remote-worker {by_address[item.address]!r} and {text!r} both point at "
+                f"{item.address}; one `interlock worker` is one worker"
+            )
+        if 1 <= item.worker_id <= mock_ids:
+            kind = "prefill worker" if item.worker_id > workers else "worker"
+            ranges = f"ids 1-{workers}" if workers else "no ids"
+            if prefill_workers:
+                ranges += f", prefill workers ids {workers + 1}-{mock_ids}"
+            raise ConfigError(
+                f"--remote-worker {text!r}: worker id {item.worker_id} is taken by in-process "
+                f"mock {kind} {item.worker_id} (--workers {workers} and --prefill-workers "
+                f"{prefill_workers} take {ranges}); start the remote worker with another --id "
+                "(one above the mock workers'), or give fewer --workers/--prefill-workers"
+            )
+        by_id[item.worker_id] = by_address[item.address] = text
+        remote.append(item)
+    return tuple(remote)
+
+
 def resolve(args: argparse.Namespace) -> ServeSetup:
-    """Everything the command needs, checked before anything starts.
+    """Everything the command needs, checked before anything starts (reads the tokenizer and
+    config files; connects to nothing: remote workers are reached when the pipeline starts).
 
     Raises:
         ConfigError, TokenizerError, ChatTemplateError: with a message saying what to fix.
     """
     config = resolve_config(args)
+    texts: list[str] = args.remote_workers or []
+    workers: int = args.workers if args.workers is not None else (0 if texts else 4)
     for flag, value, minimum in (
-        ("--workers", args.workers, 0),
+        ("--workers", workers, 0),
         ("--prefill-workers", args.prefill_workers, 0),
         ("--max-model-len", args.max_model_len, 2),
         ("--max-body-bytes", args.max_body_bytes, 1024),
     ):
         if value < minimum:
             raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
-    if args.workers == 0:
-        raise ConfigError("--workers must be at least 1: nothing could serve a request")
+    remote = resolve_remote_workers(texts, workers=workers, prefill_workers=args.prefill_workers)
+    if workers == 0 and all(r.role == "prefill" for r in remote):
+        if not remote:
+            raise ConfigError(
+                "--workers must be at least 1 (or give --remote-worker ID=HOST:PORT): nothing "
+                "could serve a request"
+            )
+        raise ConfigError(
+            "every --remote-worker is a prefill worker and --workers is 0: nothing could serve "
+            "the decode legs; add an agg or decode worker (--remote-worker ID=HOST:PORT or "
+            "ID=HOST:PORT/decode) or --workers N"
+        )
     if not args.speedup > 0:
         raise ConfigError(f"--speedup must be positive, got {args.speedup}")
     if args.tokenizer is not None:
@@ -272,8 +431,9 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         host=args.host,
         port=args.port,
         model=args.model_name,
-        workers=args.workers,
+        workers=workers,
         prefill_workers=args.prefill_workers,
+        remote_workers=remote,
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
@@ -301,7 +461,13 @@ def run_route(args: argparse.Namespace) -> int:
             setup = resolve(args)
         except (ConfigError, TokenizerError, ChatTemplateError) as exc:
             return _invalid(args.command, exc)
-        status, answer = trio.run(_route_once, setup, body.encode())
+        try:
+            status, answer = trio.run(_route_once, setup, body.encode())
+        except BaseException as exc:
+            worker_error, rest = _split(exc, _WORKER_ERRORS)
+            if rest is None and worker_error is not None:
+                return _worker_failure(setup, _first_leaf(worker_error))
+            raise
         print(answer.decode())
         return 0 if status == 200 else 1
     return _run(args)
@@ -313,6 +479,28 @@ def _invalid(command: str, exc: Exception) -> int:
     return 2
 
 
+#: What a remote worker's `RemoteEngine.run` raises when the pipeline starts with it.
+_WORKER_ERRORS = (WorkerMismatch, WorkerUnreachable, ProtocolError)
+
+
+def _worker_failure(setup: ServeSetup, exc: BaseException) -> int:
+    """Report a remote worker the pipeline could not start with; the exit status (1)."""
+    command = f"interlock {setup.command}"
+    if isinstance(exc, WorkerMismatch):
+        hint = (
+            "--remote-worker ID=HOST:PORT/ROLE sets the id and role expected, and every worker "
+            f"must page its KV cache in blocks of kv_block_size={setup.config.kv_block_size} "
+            "tokens: start the worker with that --block-size, or serve with --kv-block-size "
+            "equal to the workers'"
+        )
+        print(f"{command}: wrong remote worker: {exc}\n  here: {hint}", file=sys.stderr)
+    elif isinstance(exc, WorkerUnreachable):
+        print(f"{command}: cannot reach a remote worker: {exc}", file=sys.stderr)
+    else:
+        print(f"{command}: cannot use a remote worker: {exc}", file=sys.stderr)
+    return 1
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         setup = resolve(args)
@@ -321,11 +509,17 @@ def _run(args: argparse.Namespace) -> int:
     try:
         trio.run(serve_frontend, setup)
     except BaseException as exc:
-        # Ctrl-C and bind errors surface through nested nurseries, possibly as groups.
+        # Ctrl-C, bind errors and remote workers that cannot be used surface through nested
+        # nurseries, possibly as groups.
         _, rest = _split(exc, KeyboardInterrupt)
         if rest is None:
             print(f"interlock {setup.command}: stopped", file=sys.stderr)
             return 0
+        worker_error, rest = _split(rest, _WORKER_ERRORS)
+        if rest is None and worker_error is not None:
+            return _worker_failure(setup, _first_leaf(worker_error))
+        if rest is None:
+            raise
         bind_error, rest = _split(rest, OSError)
         if rest is None and bind_error is not None:
             print(
@@ -339,7 +533,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _split(
-    exc: BaseException, kind: type[BaseException]
+    exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]
 ) -> tuple[BaseException | None, BaseException | None]:
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(kind)
@@ -355,8 +549,15 @@ def _first_leaf(exc: BaseException) -> BaseException:
 async def serve_frontend(
     setup: ServeSetup, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Build the pipeline on mock workers and serve it until cancelled; print the banner once
-    listening (and report the URL through ``task_status``)."""
+    """Build the pipeline on the workers and serve it until cancelled; print the banner once
+    listening (and report the URL through ``task_status``).
+
+    Waits first for every remote worker's handshake (up to 10 s each).
+
+    Raises:
+        WorkerUnreachable, WorkerMismatch, ProtocolError: a remote worker could not be used.
+        OSError: the address cannot be bound.
+    """
     metrics = HttpMetrics()
     workers, prefill = setup.engines()
     components = Components(
@@ -406,18 +607,27 @@ def banner(setup: ServeSetup, url: str) -> str:
         if setup.timing.is_zero
         else f"mock model timing at {setup.timing.speedup_ratio:g}x"
     )
-    prefill = (
-        f", {setup.prefill_workers} prefill workers (ids {setup.workers + 1}-"
-        f"{setup.workers + setup.prefill_workers})"
-        if setup.prefill_workers
-        else ""
-    )
+    mocks = []
+    if setup.workers:
+        mocks.append(f"{setup.workers} mock workers (ids 1-{setup.workers})")
+    if setup.prefill_workers:
+        mocks.append(
+            f"{setup.prefill_workers} prefill workers (ids {setup.workers + 1}-"
+            f"{setup.workers + setup.prefill_workers})"
+        )
     lines += [
         f"  model        {setup.model!r}, context {setup.limits.max_model_len} tokens",
         f"  tokenizer    {setup.preprocessor.source} (chat template "
         f"{setup.preprocessor.chat_template.name})",
-        f"  workers      {setup.workers} mock workers (ids 1-{setup.workers}){prefill}; {timing}",
     ]
+    if mocks:
+        lines.append(f"  workers      {', '.join(mocks)}; {timing}")
+    for index, remote in enumerate(setup.remote_workers):
+        heading = "remote" if index == 0 else ""
+        lines.append(
+            f"  {heading:<12} worker {remote.worker_id} at {remote.address} ({remote.role}), "
+            "connected"
+        )
     if setup.route_api:
         lines.append(f"  route API    {url}/v1/route (docs/route-api.md)")
     lines.append("  configuration:")

@@ -20,8 +20,9 @@ from typing import Any
 import trio
 
 from ..._argtypes import non_negative_int, port, positive_int
+from ...processing import ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
 from .._protocol import ROLES
-from ..mock import MockEngine, MockTiming
+from ..mock import MockEngine, MockTiming, mock_token_pool
 from ._server import WorkerAddress, serve_worker
 
 _logger = logging.getLogger("interlock.engines.remote")
@@ -29,15 +30,16 @@ _logger = logging.getLogger("interlock.engines.remote")
 _DESCRIPTION = """\
 Run a simulated worker (MockEngine: paged KV cache, vLLM-style scheduler, the reference
 timing model) behind a TCP listener that speaks the interlock worker protocol; frontends
-reach it with RemoteEngine(host, port, instance_id=..., role=...). Prints one JSON line,
-{"worker_id": N, "host": "...", "port": P}, once listening; serves until SIGINT/SIGTERM.
-See docs/wire-protocol.md."""
+reach it with RemoteEngine(host, port, instance_id=..., role=...), or interlock serve
+with --remote-worker ID=HOST:PORT. Prints one JSON line, {"worker_id": N, "host": "...",
+"port": P}, once listening; serves until SIGINT/SIGTERM. See docs/wire-protocol.md."""
 
 _EXAMPLES = """\
 examples:
   interlock worker --id 1 --port 7001
   interlock worker --id 2 --port 0 --zero-time          # the chosen port is in the JSON line
   interlock worker --id 3 --role prefill --speedup 10 --crash-after-tokens 500
+  interlock worker --id 4 --port 7004 --tokenizer builtin   # for interlock serve's default
 """
 
 
@@ -109,6 +111,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="token generator seed (default 0)"
     )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH|builtin",
+        default=None,
+        help="generate the words of this tokenizer (a tokenizer.json, .json.gz or Hugging Face "
+        "model directory; 'builtin' = the built-in byte tokenizer), so that a frontend with the "
+        "same --tokenizer can decode the answers; default: any id below 32000",
+    )
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument(
         "--speedup",
@@ -135,9 +145,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def load_worker_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer ``--tokenizer`` names: ``builtin`` is the built-in byte tokenizer
+    (``interlock serve``'s default); anything else is loaded as ``interlock serve --tokenizer``
+    loads it (``./builtin`` for a directory of that name). Reads files; no trio.
+
+    Raises:
+        TokenizerError: the files are missing or invalid (the message names the path).
+    """
+    if spec == "builtin":
+        return ByteTokenizer()
+    return load_tokenizer(spec)
+
+
 def build_engine(args: argparse.Namespace) -> MockEngine:
-    """The `MockEngine` the flags describe."""
+    """The `MockEngine` the flags describe. With ``--tokenizer`` it draws its tokens from
+    `mock_token_pool` of that tokenizer and decodes with it (as ``interlock serve``'s
+    in-process workers do); without, from ids below 32000.
+
+    Raises:
+        TokenizerError: ``--tokenizer`` names missing or invalid files.
+    """
     timing = MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup)
+    text: dict[str, Any] = {}
+    if args.tokenizer is not None:
+        tokenizer = load_worker_tokenizer(args.tokenizer)
+        text = {
+            "token_pool": mock_token_pool(tokenizer),
+            "vocab_size": tokenizer.vocab_size,
+            "tokenizer": tokenizer,
+        }
     return MockEngine(
         args.worker_id,
         args.role,
@@ -150,17 +187,23 @@ def build_engine(args: argparse.Namespace) -> MockEngine:
         enable_chunked_prefill=args.chunked_prefill,
         max_model_len=args.max_model_len,
         crash_after_tokens=args.crash_after_tokens,
+        **text,
     )
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    """Serve until SIGINT or SIGTERM; the exit status (1 when it cannot listen)."""
+    """Serve until SIGINT or SIGTERM; the exit status (1 when it cannot listen, 2 when
+    ``--tokenizer`` cannot be loaded)."""
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s worker " + str(args.worker_id) + " %(levelname)s %(message)s",
     )
-    engine = build_engine(args)
+    try:
+        engine = build_engine(args)
+    except TokenizerError as exc:
+        print(f"interlock worker: invalid tokenizer: {exc}", file=sys.stderr)
+        return 2
     error = trio.run(_serve_until_signalled, engine, args.host, args.port)
     if error is not None:
         print(
