@@ -288,6 +288,16 @@ def test_a_policy_is_a_router_mode_or_a_configuration_file(tmp_path: Path) -> No
     assert (config.router_mode, config.kv_block_size) == ("kv", 32)
 
 
+def test_a_policy_may_change_knobs_inline() -> None:
+    (plain, heavy, warm) = parse_policies(
+        "kv,kv:overlap_score_weight=4,predicted_ttft:router_temperature=0.5:router_seed=7"
+    )
+    assert heavy.label == "kv:overlap_score_weight=4"
+    assert (heavy.config.router_mode, heavy.config.overlap_score_weight) == ("kv", 4.0)
+    assert plain.config.overlap_score_weight == 1.0
+    assert (warm.config.router_temperature, warm.config.router_seed) == (0.5, 7)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -295,6 +305,13 @@ def test_a_policy_is_a_router_mode_or_a_configuration_file(tmp_path: Path) -> No
         ("kv,kv", "given twice"),
         ("direct", "unknown policy 'direct'"),
         ("x=kv", "needs a .toml"),
+        ("kv:overlap_score_weight", "is not KNOB=VALUE"),
+        ("kv:overlap_score_weight=heavy", "'kv:overlap_score_weight=heavy': .*not a valid float"),
+        ("kv:overlap_score_weight=-1", "overlap_score_weight must be >= 0"),
+        ("kv:overlap_weight=2", "unknown configuration key 'overlap_weight'"),
+        ("kv:router_mode=random", "sets router_mode"),
+        ("kv:kv_block_size=16", "--block-size"),
+        ("quantum:router_seed=1", "unknown policy 'quantum'"),
     ],
 )
 def test_a_bad_policy_list_is_refused(text: str, message: str) -> None:

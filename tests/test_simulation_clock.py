@@ -156,3 +156,18 @@ def test_a_cluster_under_either_clock_serves_the_same_work() -> None:
     assert ours.completed == mock.completed == 40
     assert ours.output_tokens == mock.output_tokens
     assert ours.failed == mock.failed == 0
+
+
+@pytest.fixture
+def simulation_clock() -> SimulationClock:
+    return SimulationClock()
+
+
+async def test_pytest_trio_runs_a_test_on_a_simulation_clock_fixture(
+    simulation_clock: SimulationClock,
+) -> None:
+    assert trio.lowlevel.current_clock() is simulation_clock
+    async with open_simulated_cluster(workers=2) as cluster:
+        report = await cluster.run(shared_prefix_workload(seed=1, requests=20, rate=10))
+    assert report.completed == 20
+    assert trio.current_time() > 1.0  # simulated seconds passed, no real ones

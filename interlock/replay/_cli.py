@@ -39,6 +39,7 @@ examples:
   interlock replay TRACE.jsonl --rate-scale 2 --plot out.png
   interlock replay TRACE.jsonl --faults crash:3@120s+60s,stall:1@30s+5s --migration-limit 2
   interlock replay TRACE.csv --format azure --policies kv,tuned=my_kv.toml
+  interlock replay TRACE.jsonl --policies kv,kv:overlap_score_weight=4
 """
 
 
@@ -63,8 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument(
         "--policies",
         default=DEFAULT_POLICIES,
-        help="comma-separated router modes (round_robin, random, kv, predicted_ttft) or "
-        f"configuration files (PATH.toml, LABEL=PATH.toml); default {DEFAULT_POLICIES}",
+        help="comma-separated router modes (round_robin, random, kv, predicted_ttft), each "
+        "optionally with knobs changed (kv:overlap_score_weight=4), or configuration files "
+        f"(PATH.toml, LABEL=PATH.toml); default {DEFAULT_POLICIES}",
     )
     parser.add_argument(
         "--config",

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from .._config import SELECTING_ROUTER_MODES, PipelineConfig
+from .._config import SELECTING_ROUTER_MODES, PipelineConfig, parse_knob_text
 from .._errors import ConfigError
 from ..engines.mock import MockTiming
 from ..statemachines import TransitionRecord
@@ -112,13 +112,40 @@ class ReplayPolicy:
     @classmethod
     def parse(cls, text: str, base: PipelineConfig | None = None) -> ReplayPolicy:
         """``NAME`` (a router_mode: round_robin, random, kv, predicted_ttft; applied to
-        ``base``), or ``PATH.toml`` / ``LABEL=PATH.toml`` (a configuration file, labelled with
-        its stem unless given a label).
+        ``base``), ``NAME:KNOB=VALUE[:KNOB=VALUE...]`` (the same with knobs changed, labelled
+        with the whole text), or ``PATH.toml`` / ``LABEL=PATH.toml`` (a configuration file,
+        labelled with its stem unless given a label).
 
         Raises:
-            ConfigError: an unknown policy name, or a configuration file that does not load.
+            ConfigError: an unknown policy name or knob, a value the knob does not take, or a
+                configuration file that does not load.
         """
         base = base if base is not None else PipelineConfig()
+        if ":" in text and not os.path.isfile(text):
+            name, *items = text.split(":")
+            changes: dict[str, Any] = {}
+            for item in items:
+                knob, equals, value = item.partition("=")
+                if not equals or not knob:
+                    raise ConfigError(
+                        f"policy {text!r}: {item!r} is not KNOB=VALUE "
+                        "(e.g. kv:overlap_score_weight=4)"
+                    )
+                if knob in ("router_mode", "kv_block_size"):
+                    raise ConfigError(
+                        f"policy {text!r} sets {knob}, which the replay chooses itself (the "
+                        "policy name sets router_mode, --block-size the block size)",
+                        knobs=(knob,),
+                    )
+                try:
+                    changes[knob] = parse_knob_text(knob, value)
+                except ConfigError as exc:
+                    raise ConfigError(f"policy {text!r}: {exc}", knobs=exc.knobs) from None
+            named = cls.parse(name, base)
+            try:
+                return cls(text, named.config.evolve(**changes).validate())
+            except ValueError as exc:  # an out-of-range value, named by its knob
+                raise ConfigError(f"policy {text!r}: {exc}") from None
         label, _, path = text.partition("=") if "=" in text else ("", "", text)
         if path.endswith(".toml") or os.path.isfile(path):
             config = PipelineConfig.from_toml(path)

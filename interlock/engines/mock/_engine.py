@@ -1,5 +1,6 @@
-"""`MockEngine`: an in-process worker with a batch scheduler, the reference timing model,
-deterministic tokens, and fault injection. Runs under `trio.testing.MockClock`."""
+"""`MockEngine`: an in-process worker with a batch scheduler (chunked prefill, preemption), the
+reference timing model, deterministic tokens, and fault injection. Runs on any trio clock; in
+virtual time on `SimulationClock` (cheapest) or `trio.testing.MockClock`."""
 
 from __future__ import annotations
 
