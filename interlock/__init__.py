@@ -14,6 +14,7 @@ from ._errors import (
     PipelineClosed,
     PrefillFailed,
     RequestError,
+    SelectionPolicyError,
     WorkerGone,
     WorkerRefused,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "PipelineStats",
     "PrefillFailed",
     "RequestError",
+    "SelectionPolicyError",
     "WorkerGone",
     "WorkerRefused",
     "__version__",

@@ -69,6 +69,26 @@ class PrefillFailed(InterlockError):
     or no prefill worker was available for it."""
 
 
+class SelectionPolicyError(InterlockError):
+    """The selection policy given as ``Components(selection_policy=...)`` misbehaved while
+    choosing a worker for this request: it raised, returned something other than a
+    `SelectionRecord` for the leg asked, or chose a worker that was not among its candidates.
+
+    Only this request fails; the Router actor carries on with the next one. ``policy`` is the
+    policy's ``name``, ``leg`` the leg it was choosing for, ``candidates`` the worker ids it was
+    offered; ``__cause__`` is the policy's own exception when it raised. An HTTP frontend maps
+    this to 500: it is a bug in the server's policy, not the client's doing.
+    """
+
+    def __init__(
+        self, message: str, *, policy: str, leg: str, candidates: tuple[int, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.policy = policy
+        self.leg = leg
+        self.candidates = candidates
+
+
 class ActorCrashed(InterlockError):
     """An actor crashed while handling this message; the supervisor is restarting it.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -73,6 +73,11 @@ def _sinks(sinks: Iterable[TransitionSink]) -> tuple[TransitionSink, ...]:
     return tuple(sinks)
 
 
+#: Makes the Router's selection policy from the pipeline's configuration (see
+#: `Components.selection_policy`).
+SelectionPolicyFactory = Callable[[PipelineConfig], SelectionPolicy]
+
+
 @attrs.frozen(kw_only=True)
 class Components:
     """The parts a pipeline is built from. The pipeline takes ownership: it runs each engine
@@ -82,12 +87,23 @@ class Components:
     ``prefill_workers`` serve prefill legs (role ``prefill``). ``tokenizer`` turns generated
     tokens into text under frontend postprocessing (requests with ``detokenize=True``).
     ``transition_sinks`` receive every transition record besides the in-memory log.
+
+    ``selection_policy`` is your own way of choosing workers: a factory called with the
+    pipeline's configuration each time the Router actor starts (a router restarted by its
+    supervisor gets a fresh policy, as the built-in ones are rebuilt; so a policy keeps no
+    state it cannot lose, or rebuilds it). Its policy chooses every leg the router selects, in
+    place of the one ``router_mode`` names; legs the request names a worker for stay
+    preselected. A policy that raises or chooses a worker outside its candidates fails only
+    that request (`SelectionPolicyError`). A `KvPolicy` (or subclass) is fed the workers' KV
+    events like the built-in ``kv`` policy. The factory's own exceptions, or a return value
+    that is not a `SelectionPolicy`, stop the pipeline: its ``async with`` raises them.
     """
 
     workers: Sequence[Engine] = attrs.field(default=(), converter=_engines)
     prefill_workers: Sequence[Engine] = attrs.field(default=(), converter=_engines)
     tokenizer: Tokenizer | None = None
     transition_sinks: Sequence[TransitionSink] = attrs.field(default=(), converter=_sinks)
+    selection_policy: SelectionPolicyFactory | None = None
 
 
 @attrs.define
@@ -124,6 +140,8 @@ def build_pipeline(
 
 
 def _check_components(config: PipelineConfig, components: Components) -> None:
+    if components.selection_policy is not None:
+        check_selection_policy(config, components.selection_policy)
     seen: dict[int, str] = {}
     for group, engines, allowed in (
         ("workers", components.workers, ("agg", "decode")),
@@ -165,7 +183,55 @@ def _check_engine(config: PipelineConfig, engine: Engine, where: str, group: str
         )
 
 
-def _make_policy(config: PipelineConfig) -> SelectionPolicy:
+def check_selection_policy(config: PipelineConfig, factory: object) -> None:
+    """Check that ``factory`` can be ``Components.selection_policy`` under ``config``.
+
+    Raises:
+        ConfigError: it is not callable (a policy instead of a factory, say), or ``config``
+            leaves it nothing to choose (``routing='direct_to_known'``, ``router_mode='direct'``).
+    """
+    if not callable(factory):
+        raise ConfigError(
+            f"Components.selection_policy is a {type(factory).__name__}, not a factory: pass "
+            "a callable that takes the PipelineConfig and returns a new policy (e.g. "
+            "selection_policy=lambda config: MyPolicy()), so that a restarted router gets a "
+            "fresh one",
+            knobs=("selection_policy",),
+        )
+    if config.routing == "direct_to_known":
+        raise ConfigError(
+            "Components.selection_policy with routing='direct_to_known': every request names "
+            "its workers, so every leg is preselected and the policy would never be consulted; "
+            "remove selection_policy, or set routing='discover' (or 'query_only') to let it "
+            "choose",
+            knobs=("routing", "selection_policy"),
+        )
+    if config.router_mode == "direct":
+        raise ConfigError(
+            f"Components.selection_policy with router_mode='direct': direct sends every "
+            f"request to direct_worker_id={config.direct_worker_id}, a fixed worker the policy "
+            "would silently override; remove router_mode='direct' and direct_worker_id to let "
+            "the policy choose, or remove selection_policy",
+            knobs=("router_mode", "selection_policy"),
+        )
+
+
+def _make_policy(
+    config: PipelineConfig, factory: SelectionPolicyFactory | None = None
+) -> SelectionPolicy:
+    if factory is not None:
+        policy = factory(config)
+        if not isinstance(getattr(policy, "name", None), str) or not callable(
+            getattr(policy, "choose", None)
+        ):
+            # Raised as the router starts: the pipeline stops with it, as with any factory
+            # error, since no request could be routed.
+            raise TypeError(
+                f"Components.selection_policy returned {policy!r}, which is not a "
+                "SelectionPolicy: it needs a str attribute name and a method "
+                "choose(leg, candidates, request) returning a SelectionRecord"
+            )
+        return policy
     mode = config.effective_router_mode
     if mode == "random":
         return RandomPolicy(config.router_seed)
@@ -213,9 +279,14 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
             discovery = supervisor.start_actor(
                 lambda: DiscoveryActor(registry, subscribers), "discovery"
             )
+            custom = components.selection_policy
+            # The factory runs on every (re)start of the router: fresh policy, fresh state.
             router = supervisor.start_actor(
                 lambda: RouterActor(
-                    _make_policy(config), discovery, block_size=config.kv_block_size
+                    _make_policy(config, custom),
+                    discovery,
+                    block_size=config.kv_block_size,
+                    custom=custom is not None,
                 ),
                 "router",
             )

@@ -63,6 +63,7 @@ def test_public_api_is_pinned() -> None:
             "PipelineStats",
             "PrefillFailed",
             "RequestError",
+            "SelectionPolicyError",
             "WorkerGone",
             "WorkerRefused",
             "__version__",

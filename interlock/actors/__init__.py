@@ -24,6 +24,7 @@ from ._messages import (
 )
 from ._migration import MigrationActor
 from ._policies import (
+    REPLAYABLE_POLICIES,
     DirectPolicy,
     RandomPolicy,
     RoundRobinPolicy,
@@ -39,6 +40,7 @@ from ._supervisor import RestartEvent, RestartPolicy, Supervisor
 __all__ = [
     "FALL_BACK",
     "PRESELECTION_FIELDS",
+    "REPLAYABLE_POLICIES",
     "Actor",
     "ActorRef",
     "DirectPolicy",

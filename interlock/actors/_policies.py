@@ -27,7 +27,15 @@ class WorkerView:
 
 
 class SelectionPolicy(Protocol):
-    """Chooses one of ``candidates`` (never empty, sorted by worker id) for ``leg``."""
+    """Chooses one of ``candidates`` (never empty, sorted by worker id) for ``leg``.
+
+    ``name`` goes into every `SelectionRecord` it returns (``policy``) and into the errors the
+    router raises about it. ``choose`` runs inside the Router actor, one call at a time, so it
+    must return quickly and never block. It returns a record whose ``leg`` is ``leg`` and whose
+    ``chosen`` is one of the candidates' ``worker_id``; it may raise `NoWorkersAvailable` to
+    refuse the request on purpose. The router rebuilds a policy from scratch whenever it
+    restarts, so a policy keeps no state it cannot lose (or rebuilds it).
+    """
 
     name: str
 
@@ -36,7 +44,21 @@ class SelectionPolicy(Protocol):
     ) -> SelectionRecord: ...
 
 
+#: The ``policy`` names `replay_selection` can recompute: the built-in policies. A record made
+#: by any other policy (a `Components.selection_policy` of your own) cannot be replayed.
+REPLAYABLE_POLICIES: tuple[str, ...] = (
+    "round_robin",
+    "random",
+    "direct",
+    "preselected",
+    "kv",
+    "predicted_ttft",
+)
+
+
 def candidate_records(candidates: Sequence[WorkerView]) -> tuple[CandidateRecord, ...]:
+    """The candidates as `SelectionRecord.candidates` lists them: each worker's id and its
+    booked load (prefill tokens, decode blocks, active requests), no overlap and no cost."""
     return tuple(
         CandidateRecord(
             worker_id=c.worker_id,
@@ -131,8 +153,15 @@ def replay_selection(record: SelectionRecord) -> int:
     """Recompute the worker a `SelectionRecord` chose, from its inputs and candidates.
 
     Raises:
-        ValueError: the record's policy is unknown or its inputs are incomplete.
+        ValueError: the record's policy is not built in (`REPLAYABLE_POLICIES`: a custom
+            policy's choice cannot be recomputed), or its inputs are incomplete.
     """
+    if record.policy not in REPLAYABLE_POLICIES:
+        raise ValueError(
+            f"cannot replay a {record.policy!r} selection: it is not a built-in policy "
+            f"({', '.join(REPLAYABLE_POLICIES)}), and interlock cannot recompute the choice of "
+            "a custom selection policy; its record shows what it chose and why (reason, inputs)"
+        )
     ids = [c.worker_id for c in record.candidates]
     inputs = record.inputs
     if record.policy == "round_robin" and "cursor" in inputs:

@@ -7,7 +7,14 @@ from typing import Any
 
 import attrs
 
-from .._errors import EngineError, NoWorkersAvailable, PrefillFailed, RequestError
+from .._errors import (
+    EngineError,
+    InterlockError,
+    NoWorkersAvailable,
+    PrefillFailed,
+    RequestError,
+    SelectionPolicyError,
+)
 from ..engines import Engine, WorkerSnapshot
 from ..kv import KV_EVENT_TYPES, WorkerOutOfSync
 from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
@@ -44,16 +51,31 @@ class RouterActor(Actor):
 
     State (the load ledger, the policy's cursor or generator, the KV index) is rebuilt on
     restart: workers from Discovery, bookings and cached blocks from each worker's snapshot.
-    Under the ``kv`` policy it listens to every worker's KV events; a gap in a worker's
-    events, or a worker that (re)joins, is repaired by loading that worker's dump.
+    Under the ``kv`` policy (any `KvPolicy`, subclasses included) it listens to every
+    worker's KV events; a gap in a worker's events, or a worker that (re)joins, is repaired by
+    loading that worker's dump.
+
+    Every record a policy returns is checked (a `SelectionRecord` for the leg asked, choosing
+    one of the candidates); one that is not fails its request with `SelectionPolicyError`.
+    ``custom`` marks the application's own policy (``Components.selection_policy``): an
+    exception from its ``choose`` also fails only that request (as `SelectionPolicyError`;
+    an `InterlockError` such as `NoWorkersAvailable` passes as is) instead of crashing the
+    router. A built-in policy that raises is a bug in interlock, and crashing lets the
+    supervisor restart the router with fresh state.
     """
 
     name = "router"
 
     def __init__(
-        self, policy: SelectionPolicy, discovery: ActorRef[Any], *, block_size: int
+        self,
+        policy: SelectionPolicy,
+        discovery: ActorRef[Any],
+        *,
+        block_size: int,
+        custom: bool = False,
     ) -> None:
         self._policy = policy
+        self._custom = custom
         self._discovery = discovery
         self._ledger = LoadLedger(block_size)
         self._engines: Mapping[int, Engine] = {}
@@ -242,9 +264,77 @@ class RouterActor(Actor):
             raise NoWorkersAvailable(f"no {role} worker is registered")
         ledger = self._ledger
         views = [WorkerView(w, ledger.load(w)) for w in pool]
-        record = self._policy.choose(leg, views, request)
+        record = self._consult(leg, views, request, pool, exclude)
         if exclude:
             return _with_excluded(record, exclude)
+        return record
+
+    def _consult(
+        self,
+        leg: Leg,
+        views: list[WorkerView],
+        request: PreprocessedRequest,
+        pool: list[int],
+        exclude: frozenset[int],
+    ) -> SelectionRecord:
+        """The policy's record for ``leg``, checked.
+
+        Raises:
+            SelectionPolicyError: the record is not a usable choice among ``pool``, or a
+                custom policy raised.
+        """
+        policy = self._policy
+        name = policy.name
+        if self._custom:
+            try:
+                record = policy.choose(leg, views, request)
+            except InterlockError:
+                raise  # a refusal on purpose (NoWorkersAvailable, say) reaches the asker as is
+            except Exception as exc:
+                # The application's code, not interlock's: fail the request that hit it and
+                # keep serving, rather than restart the router (and its KV index) for it.
+                raise SelectionPolicyError(
+                    f"selection policy {name!r} raised {type(exc).__name__}: {exc} (choosing "
+                    f"the {leg} leg among workers {pool}); this request fails, the router "
+                    "carries on",
+                    policy=name,
+                    leg=leg,
+                    candidates=tuple(pool),
+                ) from exc
+        else:
+            record = policy.choose(leg, views, request)
+        if not isinstance(record, SelectionRecord):
+            raise SelectionPolicyError(
+                f"selection policy {name!r} returned {type(record).__name__}, not a "
+                f"SelectionRecord, for the {leg} leg; choose must return "
+                "SelectionRecord(leg=leg, policy=..., chosen=<a candidate's worker_id>, ...)",
+                policy=name,
+                leg=leg,
+                candidates=tuple(pool),
+            )
+        if record.leg != leg:
+            raise SelectionPolicyError(
+                f"selection policy {name!r} returned a record for the {record.leg!r} leg when "
+                f"asked for the {leg!r} leg; set SelectionRecord.leg to the leg it is given",
+                policy=name,
+                leg=leg,
+                candidates=tuple(pool),
+            )
+        chosen = record.chosen
+        # bool is an int, but True is no worker id.
+        if type(chosen) is not int or chosen not in pool:
+            why = (
+                "excluded for this request (its stream broke there)"
+                if type(chosen) is int and chosen in exclude
+                else "not among its candidates"
+            )
+            raise SelectionPolicyError(
+                f"selection policy {name!r} chose worker {chosen!r} for the {leg} leg, which "
+                f"is {why}; the candidates were {pool}",
+                policy=name,
+                leg=leg,
+                candidates=tuple(pool),
+            )
         return record
 
     def _preselected(

@@ -2,7 +2,9 @@
 
 Client mistakes are 4xx with ``type: "invalid_request_error"`` and ``param`` naming the field.
 Server-side conditions are 5xx and never blamed on the client: 503 when no worker can take the
-request now (retry later), 502 when the worker serving it failed. 500 is reserved for bugs.
+request now (retry later), 502 when the worker serving it failed. 500 is reserved for bugs:
+interlock's (``internal_error``) or the server's own selection policy's
+(``selection_policy_error``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .._errors import (
     PipelineClosed,
     PrefillFailed,
     RequestError,
+    SelectionPolicyError,
     WorkerGone,
     WorkerRefused,
 )
@@ -116,6 +119,10 @@ def http_error_for(
         return HttpError(
             503, "the server is shutting down", type=SERVER_ERROR, code="shutting_down"
         )
+    if isinstance(exc, SelectionPolicyError):
+        # A bug in the server's own policy (Components.selection_policy), not the client's
+        # doing; the message names the policy so its owner can find it.
+        return HttpError(500, str(exc), type=SERVER_ERROR, code="selection_policy_error")
     return HttpError(
         500,
         f"internal error ({type(exc).__name__}); this is a bug in interlock, please report it",

@@ -3,6 +3,8 @@
 Exit status: 0 when the answer is yes (or a summary was printed); 1 when it is no (a path
 breaks an invariant, a decision does not replay, unreadable lines under ``--validate``); 2
 when the question cannot be answered (bad arguments, a missing file or request, no ``dot``).
+A selection made by a custom policy cannot be recomputed: ``--replay-decision`` says so and
+does not count it as a mismatch.
 """
 
 from __future__ import annotations
@@ -329,6 +331,8 @@ def _replay(args: argparse.Namespace, log: LoadedLog) -> int:
         return 2
     replays = replay_decisions(history)
     ok = bool(replays) and all(r.matches for r in replays)
+    # A custom policy's legs cannot be recomputed: reported, but only a contradiction fails.
+    contradicted = any(r.contradicts for r in replays)
     if args.json:
         _print_json(
             {
@@ -341,7 +345,7 @@ def _replay(args: argparse.Namespace, log: LoadedLog) -> int:
         _console().print(replay_renderable(history.key, replays))
     if not replays:
         return 2
-    return 0 if ok else 1
+    return 1 if contradicted else 0
 
 
 def _graph(args: argparse.Namespace) -> int:

@@ -346,10 +346,16 @@ def replay_renderable(request_id: str, replays: Sequence[DecisionReplay]) -> Ren
     table = _table(
         "#", "trigger", "leg", "policy", "recorded", "replayed", "", right=("#", "recorded")
     )
-    notes: list[str] = []
+    notes: list[tuple[str, str]] = []
     for replay in replays:
         for leg in replay.legs:
-            verdict = "[green]match[/]" if leg.matches else "[red]MISMATCH[/]"
+            verdict = (
+                "[green]match[/]"
+                if leg.matches
+                else "[yellow]not replayable[/]"
+                if leg.custom
+                else "[red]MISMATCH[/]"
+            )
             table.add_row(
                 str(replay.entry.seq),
                 escape(replay.entry.trigger),
@@ -360,21 +366,33 @@ def replay_renderable(request_id: str, replays: Sequence[DecisionReplay]) -> Ren
                 verdict,
             )
             if leg.error:
-                notes.append(f"#{replay.entry.seq} {leg.leg} leg: {leg.error}")
-        notes += [f"#{replay.entry.seq}: {problem}" for problem in replay.inconsistencies]
-    ok = all(r.matches for r in replays)
+                color = "yellow" if leg.custom else "red"
+                notes.append((color, f"#{replay.entry.seq} {leg.leg} leg: {leg.error}"))
+        notes += [("red", f"#{replay.entry.seq}: {p}") for p in replay.inconsistencies]
     legs = sum(len(r.legs) for r in replays)
-    verdict = (
-        f"[green]all {legs} selection(s) of {len(replays)} decision(s) replay to the recorded "
-        "workers[/]"
-        if ok
-        else "[red]the replay does not match the record[/]"
-    )
+    custom = sum(leg.custom for r in replays for leg in r.legs)
+    if all(r.matches for r in replays):
+        verdict = (
+            f"[green]all {legs} selection(s) of {len(replays)} decision(s) replay to the "
+            "recorded workers[/]"
+        )
+    elif any(r.contradicts for r in replays):
+        verdict = "[red]the replay does not match the record[/]"
+    else:
+        rest = (
+            f"the other {legs - custom} replay to the recorded workers"
+            if custom < legs
+            else "the decisions agree with their selections"
+        )
+        verdict = (
+            f"[yellow]{custom} of {legs} selection(s) were made by a custom policy and cannot "
+            f"be recomputed; {rest}[/]"
+        )
     return Group(
         f"[bold]request {escape(request_id)}[/]: routing decisions replayed from their records",
         "",
         table,
-        *(f"[red]{escape(note)}[/]" for note in notes),
+        *(f"[{color}]{escape(note)}[/]" for color, note in notes),
         verdict,
     )
 

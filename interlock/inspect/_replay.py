@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from .._errors import RequestError
-from ..actors import replay_selection
+from ..actors import REPLAYABLE_POLICIES, replay_selection
 from ..wire import SelectionRecord, from_builtins
 from ._history import RequestHistory
 from ._records import LogEntry
@@ -17,17 +17,28 @@ from ._records import LogEntry
 @attrs.frozen
 class LegReplay:
     """One selection recomputed: the worker the record says was ``recorded`` and the one its
-    inputs give (``replayed``), or why it could not be replayed (``error``)."""
+    inputs give (``replayed``), or why it could not be replayed (``error``).
+
+    ``custom``: the selection was made by a policy interlock does not know (a
+    ``Components.selection_policy`` of your own), whose choice cannot be recomputed; that is
+    not a mismatch.
+    """
 
     leg: str
     policy: str
     recorded: int | None
     replayed: int | None
     error: str | None = None
+    custom: bool = False
 
     @property
     def matches(self) -> bool:
         return self.error is None and self.recorded == self.replayed
+
+    @property
+    def mismatch(self) -> bool:
+        """Replaying contradicts the record (a custom policy's leg never does)."""
+        return not self.matches and not self.custom
 
 
 @attrs.frozen
@@ -45,13 +56,23 @@ class DecisionReplay:
             bool(self.legs) and all(leg.matches for leg in self.legs) and not self.inconsistencies
         )
 
+    @property
+    def contradicts(self) -> bool:
+        """Something in the record is wrong: a leg replays to another worker (or cannot be
+        read), or the decision disagrees with its selections. Legs of a custom policy, which
+        cannot be recomputed, do not count."""
+        return bool(self.inconsistencies) or any(leg.mismatch for leg in self.legs)
+
     def to_json_dict(self) -> dict[str, Any]:
         return {
             "seq": self.entry.seq,
             "trigger": self.entry.trigger,
             "location": self.entry.location,
             "matches": self.matches,
-            "legs": [attrs.asdict(leg) | {"matches": leg.matches} for leg in self.legs],
+            "legs": [
+                attrs.asdict(leg) | {"matches": leg.matches, "mismatch": leg.mismatch}
+                for leg in self.legs
+            ],
             "inconsistencies": list(self.inconsistencies),
         }
 
@@ -66,6 +87,17 @@ def _replay_leg(data: Any) -> LegReplay:
         record = from_builtins(data, SelectionRecord)
     except RequestError as exc:
         return LegReplay(leg, policy, recorded, None, f"not a valid selection record: {exc}")
+    if record.policy not in REPLAYABLE_POLICIES:
+        return LegReplay(
+            leg,
+            policy,
+            recorded,
+            None,
+            f"{policy!r} is not a built-in policy: interlock cannot recompute a custom "
+            "selection policy's choice (its reason and inputs are in the record: "
+            "--request shows them)",
+            custom=True,
+        )
     try:
         replayed = replay_selection(record)
     except Exception as exc:

@@ -8,6 +8,7 @@ fault schedule or configuration, or a missing matplotlib for ``--plot``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -40,6 +41,7 @@ examples:
   interlock replay TRACE.jsonl --faults crash:3@120s+60s,stall:1@30s+5s --migration-limit 2
   interlock replay TRACE.csv --format azure --policies kv,tuned=my_kv.toml
   interlock replay TRACE.jsonl --policies kv,kv:overlap_score_weight=4
+  interlock replay TRACE.jsonl --policies kv,mine=my_policies:make_policy
 """
 
 
@@ -65,8 +67,10 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--policies",
         default=DEFAULT_POLICIES,
         help="comma-separated router modes (round_robin, random, kv, predicted_ttft), each "
-        "optionally with knobs changed (kv:overlap_score_weight=4), or configuration files "
-        f"(PATH.toml, LABEL=PATH.toml); default {DEFAULT_POLICIES}",
+        "optionally with knobs changed (kv:overlap_score_weight=4), configuration files "
+        "(PATH.toml, LABEL=PATH.toml), or selection policies of your own "
+        "(LABEL=module:attribute, a factory taking the PipelineConfig; the current directory "
+        f"is importable); default {DEFAULT_POLICIES}",
     )
     parser.add_argument(
         "--config",
@@ -209,6 +213,10 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"interlock replay: {message}", file=sys.stderr)
         return 2
 
+    # Like `python -m`: a policy module in the current directory imports
+    # (--policies LABEL=module:attribute) when run as the `interlock` command too.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         base = PipelineConfig.from_toml(args.config) if args.config else PipelineConfig()
         if args.migration_limit is not None:

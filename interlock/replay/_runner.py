@@ -3,6 +3,7 @@ in virtual time."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import time
@@ -16,6 +17,7 @@ import trio
 
 from .._config import SELECTING_ROUTER_MODES, PipelineConfig, parse_knob_text
 from .._errors import ConfigError
+from .._pipeline import SelectionPolicyFactory, check_selection_policy
 from ..engines.mock import MockTiming
 from ..statemachines import TransitionRecord
 from ..testing import (
@@ -104,24 +106,53 @@ class ReplaySettings:
 
 @attrs.frozen
 class ReplayPolicy:
-    """One contender: a label and the pipeline configuration it runs with."""
+    """One contender: a label and the pipeline configuration it runs with, plus, for a policy
+    of your own, the factory that makes it (``Components.selection_policy``) and the
+    ``module:attribute`` it was imported from."""
 
     label: str
     config: PipelineConfig
+    selection_policy: SelectionPolicyFactory | None = attrs.field(default=None, kw_only=True)
+    import_path: str | None = attrs.field(default=None, kw_only=True)
 
     @classmethod
     def parse(cls, text: str, base: PipelineConfig | None = None) -> ReplayPolicy:
         """``NAME`` (a router_mode: round_robin, random, kv, predicted_ttft; applied to
         ``base``), ``NAME:KNOB=VALUE[:KNOB=VALUE...]`` (the same with knobs changed, labelled
-        with the whole text), or ``PATH.toml`` / ``LABEL=PATH.toml`` (a configuration file,
-        labelled with its stem unless given a label).
+        with the whole text), ``PATH.toml`` / ``LABEL=PATH.toml`` (a configuration file,
+        labelled with its stem unless given a label), or ``LABEL=module:attribute`` (your own
+        selection policy: ``attribute`` of the imported ``module`` is its factory, run with
+        ``base``).
+
+        An ``=`` before the first ``:`` makes the labelled forms; a ``:`` first, the knob form.
 
         Raises:
-            ConfigError: an unknown policy name or knob, a value the knob does not take, or a
-                configuration file that does not load.
+            ConfigError: an unknown policy name or knob, a value the knob does not take, a
+                configuration file that does not load, or a module that does not import or
+                lacks the attribute.
         """
         base = base if base is not None else PipelineConfig()
-        if ":" in text and not os.path.isfile(text):
+        if os.path.isfile(text):
+            return cls._from_file(text, "")
+        label, equals, rest = text.partition("=")
+        colon = text.find(":")
+        if equals and (colon < 0 or len(label) < colon):
+            if not label:
+                raise ConfigError(f"policy {text!r}: give a label before '=' (LABEL=...)")
+            if rest.endswith(".toml") or os.path.isfile(rest):
+                return cls._from_file(rest, label)
+            if ":" in rest:
+                factory = _import_factory(text, rest)
+                try:
+                    check_selection_policy(base, factory)
+                except ConfigError as exc:
+                    raise ConfigError(f"policy {text!r}: {exc}", knobs=exc.knobs) from None
+                return cls(label, base, selection_policy=factory, import_path=rest)
+            raise ConfigError(
+                f"policy {text!r}: LABEL=... needs a .toml configuration file or a selection "
+                "policy factory as module:attribute (e.g. mine=my_policies:make_policy)"
+            )
+        if colon >= 0:
             name, *items = text.split(":")
             changes: dict[str, Any] = {}
             for item in items:
@@ -129,7 +160,8 @@ class ReplayPolicy:
                 if not equals or not knob:
                     raise ConfigError(
                         f"policy {text!r}: {item!r} is not KNOB=VALUE "
-                        "(e.g. kv:overlap_score_weight=4)"
+                        "(e.g. kv:overlap_score_weight=4; a policy of your own is "
+                        "LABEL=module:attribute)"
                     )
                 if knob in ("router_mode", "kv_block_size"):
                     raise ConfigError(
@@ -146,27 +178,35 @@ class ReplayPolicy:
                 return cls(text, named.config.evolve(**changes).validate())
             except ValueError as exc:  # an out-of-range value, named by its knob
                 raise ConfigError(f"policy {text!r}: {exc}") from None
-        label, _, path = text.partition("=") if "=" in text else ("", "", text)
-        if path.endswith(".toml") or os.path.isfile(path):
-            config = PipelineConfig.from_toml(path)
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-            if "kv_block_size" in data.get("interlock", data):
-                raise ConfigError(
-                    f"{path} sets kv_block_size, but a replay sizes its workers' blocks itself; "
-                    "remove the key and pass --block-size",
-                    knobs=("kv_block_size",),
-                )
-            return cls(label or Path(path).stem, config)
-        if label:
-            raise ConfigError(f"policy {text!r}: LABEL=... needs a .toml configuration file")
+        if text.endswith(".toml"):
+            return cls._from_file(text, "")
         if text not in SELECTING_ROUTER_MODES or text == "direct":
             choices = [m for m in SELECTING_ROUTER_MODES if m != "direct"]
             raise ConfigError(
-                f"unknown policy {text!r}: use one of {', '.join(choices)}, or a TOML "
-                "configuration file (PATH.toml or LABEL=PATH.toml)",
+                f"unknown policy {text!r}: use one of {', '.join(choices)}, a TOML "
+                "configuration file (PATH.toml or LABEL=PATH.toml), or a policy of your own "
+                "(LABEL=module:attribute)",
                 knobs=("router_mode",),
             )
         return cls(text, base.evolve(router_mode=text))
+
+    @classmethod
+    def _from_file(cls, path: str, label: str) -> ReplayPolicy:
+        config = PipelineConfig.from_toml(path)
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        if "kv_block_size" in data.get("interlock", data):
+            raise ConfigError(
+                f"{path} sets kv_block_size, but a replay sizes its workers' blocks itself; "
+                "remove the key and pass --block-size",
+                knobs=("kv_block_size",),
+            )
+        return cls(label or Path(path).stem, config)
+
+    @property
+    def router_mode(self) -> str:
+        """What chooses the workers: the configured router_mode, or the ``module:attribute``
+        of a policy of your own."""
+        return self.import_path if self.import_path is not None else self.config.router_mode
 
     def pipeline_config(self, settings: ReplaySettings) -> PipelineConfig:
         return self.config.evolve(
@@ -174,6 +214,56 @@ class ReplayPolicy:
             router_seed=self.config.router_seed or settings.seed,
             transition_log_capacity=_MEMORY_LOG_CAPACITY,
         ).validate()
+
+
+def _import_factory(text: str, target: str) -> SelectionPolicyFactory:
+    """Import the ``module:attribute`` of policy item ``text``.
+
+    Raises:
+        ConfigError: ``target`` is not an import path, the module does not import (or raises
+            as it does), or it has no such attribute.
+    """
+    module_name, _, attribute = target.partition(":")
+    if not (_dotted_name(module_name) and _dotted_name(attribute)):
+        raise ConfigError(
+            f"policy {text!r}: {target!r} is not module:attribute (a Python import path, a "
+            "colon and the name of a factory in that module, e.g. my_policies:make_policy)"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise ConfigError(
+                f"policy {text!r}: there is no module {module_name!r} to import (no module "
+                f"named {missing!r}); run from the directory that holds it, or add that "
+                "directory to PYTHONPATH"
+            ) from None
+        raise ConfigError(
+            f"policy {text!r}: importing {module_name!r} failed: {exc} (a module it imports "
+            "is missing; install it)"
+        ) from exc
+    except Exception as exc:
+        # Importing runs the module's code, which may raise anything: name it, do not crash.
+        raise ConfigError(
+            f"policy {text!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    found: Any = module
+    for part in attribute.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise ConfigError(
+                f"policy {text!r}: module {module_name!r} has no attribute {attribute!r}; "
+                "name a factory defined there (a callable taking the PipelineConfig and "
+                "returning a SelectionPolicy)"
+            ) from None
+    factory: SelectionPolicyFactory = found
+    return factory
+
+
+def _dotted_name(text: str) -> bool:
+    return all(part.isidentifier() for part in text.split("."))
 
 
 def parse_policies(text: str, base: PipelineConfig | None = None) -> tuple[ReplayPolicy, ...]:
@@ -343,6 +433,7 @@ def replay_policy(
             worker_spec=spec,
             faults=settings.faults,
             transition_sinks=[log],
+            selection_policy=policy.selection_policy,
         ) as cluster:
             report = await cluster.run(trace_workload(trace), on_result=done)
             stats = cluster.pipeline.stats
@@ -365,7 +456,7 @@ def replay_policy(
     ms = 1000.0
     return PolicyReport(
         policy=label,
-        router_mode=config.router_mode,
+        router_mode=policy.router_mode,
         requests=len(trace.requests),
         completed=report.completed,
         failed=report.failed,

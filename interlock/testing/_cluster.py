@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from .._config import PipelineConfig
-from .._pipeline import Components, Pipeline, build_pipeline
+from .._pipeline import Components, Pipeline, SelectionPolicyFactory, build_pipeline
 from .._simclock import SimulationClock
 from ..engines import Engine
 from ..engines.mock import MockEngine, MockTiming
@@ -186,6 +186,7 @@ async def open_simulated_cluster(
     decode_role: Literal["agg", "decode"] = "agg",
     tokenizer: Tokenizer | None = None,
     transition_sinks: Sequence[TransitionSink] = (),
+    selection_policy: SelectionPolicyFactory | None = None,
     virtual_time: bool = True,
 ) -> AsyncIterator[SimulatedCluster]:
     """Run the real pipeline (`build_pipeline` with ``config``) over mock workers.
@@ -193,8 +194,9 @@ async def open_simulated_cluster(
     ``workers`` and ``prefill_workers`` are counts of `MockEngine` to build from
     ``worker_spec`` (ids 0, 1, ... for workers, then on for prefill workers; the workers take
     role ``decode_role``), or engines you built yourself. ``faults`` start when the cluster
-    opens. Leaving the context stops the fault schedule and closes the pipeline (breaking any
-    stream still open).
+    opens. ``selection_policy`` is passed on as ``Components(selection_policy=...)``: your own
+    policy, chosen over ``router_mode``'s. Leaving the context stops the fault schedule and
+    closes the pipeline (breaking any stream still open).
 
     This installs no clock: trio's clock is chosen by ``trio.run``. Enter it inside
     `run_simulation` (``trio.run`` with a `SimulationClock`), or in a pytest-trio test that
@@ -202,7 +204,8 @@ async def open_simulated_cluster(
 
     Raises:
         NotInVirtualTime: trio's clock keeps real time (unless ``virtual_time=False``).
-        ConfigError: ``config`` is invalid, or does not fit the workers (raised on entry).
+        ConfigError: ``config`` is invalid, or does not fit the workers or the selection
+            policy (raised on entry).
     """
     if virtual_time:
         require_virtual_time()
@@ -212,7 +215,11 @@ async def open_simulated_cluster(
     next_id = max((e.instance_id for e in agg), default=-1) + 1
     prefill = _engines(prefill_workers, next_id, "prefill", spec, config.kv_block_size)
     components = Components(
-        workers=agg, prefill_workers=prefill, tokenizer=tokenizer, transition_sinks=transition_sinks
+        workers=agg,
+        prefill_workers=prefill,
+        tokenizer=tokenizer,
+        transition_sinks=transition_sinks,
+        selection_policy=selection_policy,
     )
     async with build_pipeline(config, components) as pipeline:
         try:
