@@ -96,7 +96,8 @@ class Components:
     preselected. A policy that raises or chooses a worker outside its candidates fails only
     that request (`SelectionPolicyError`). A `KvPolicy` (or subclass) is fed the workers' KV
     events like the built-in ``kv`` policy. The factory's own exceptions, or a return value
-    that is not a `SelectionPolicy`, stop the pipeline: its ``async with`` raises them.
+    that is not a `SelectionPolicy`, stop the pipeline as it starts (its ``async with`` raises
+    them); on a restart they count as one more crash of the router.
     """
 
     workers: Sequence[Engine] = attrs.field(default=(), converter=_engines)

@@ -301,6 +301,71 @@ async def test_too_many_crashes_in_the_window_give_up_with_the_original_error(
 
 
 @bounded
+async def test_a_replacement_that_fails_to_start_counts_as_a_crash(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    policy = RestartPolicy(max_restarts=5, window=1000.0, backoff=1.0, max_backoff=10.0)
+    lifecycle = Lifecycle()
+    refusals = [Boom("cannot start 1"), Boom("cannot start 2")]
+
+    def factory() -> Counter:
+        if lifecycle.incarnations and refusals:
+            raise refusals.pop(0)
+        return Counter(lifecycle)
+
+    async with trio.open_nursery() as nursery:
+        supervisor = Supervisor(nursery, policy)
+        ref = supervisor.start_actor(factory, "counter")
+        ref.send_nowait("boom")
+        assert await ref.ask("alive") == (2, 1, "alive")
+        assert [str(e.error) for e in supervisor.events] == [
+            "boom in incarnation 1",
+            "cannot start 1",
+            "cannot start 2",
+        ]
+        # Each failed start waited out its back-off, as a crash does: 1 s, then 2, then 4.
+        t0 = supervisor.events[0].time
+        assert lifecycle.starts[1] - t0 == pytest.approx(1.0 + 2.0 + 4.0)
+        nursery.cancel_scope.cancel()
+
+
+@bounded
+async def test_a_replacement_that_keeps_failing_gives_up_with_its_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    policy = RestartPolicy(max_restarts=2, window=1000.0, backoff=0.5)
+    made = 0
+    broken = Boom("cannot start")
+
+    def factory() -> Counter:
+        nonlocal made
+        made += 1
+        if made > 1:
+            raise broken
+        return Counter(Lifecycle())
+
+    with pytest.RaisesGroup(pytest.RaisesExc(Boom, check=lambda e: e is broken)):
+        async with trio.open_nursery() as nursery:
+            supervisor = Supervisor(nursery, policy)
+            supervisor.start_actor(factory, "counter").send_nowait("boom")
+    assert made == 3  # the first actor, then two failed replacements: the second is too many
+
+
+@bounded
+async def test_a_first_start_that_fails_escalates_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def factory() -> Counter:
+        raise Boom("bad setup")
+
+    with pytest.RaisesGroup(pytest.RaisesExc(Boom, match="bad setup")):
+        async with trio.open_nursery() as nursery:
+            supervisor = Supervisor(nursery, RestartPolicy())
+            supervisor.start_actor(factory, "counter")
+    assert supervisor.events == []
+
+
+@bounded
 async def test_crashes_spread_beyond_the_window_never_give_up(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -19,7 +19,8 @@ class RestartPolicy:
     At most ``max_restarts`` restarts within ``window`` seconds; the first waits ``backoff``
     seconds and each further one in the window twice as long (capped at ``max_backoff``). One
     more crash inside the window and the supervisor gives up: the child's original error
-    propagates out of the supervisor's nursery.
+    propagates out of the supervisor's nursery. Failing to make the replacement actor counts
+    as a crash too; failing to make the first one escalates at once.
     """
 
     max_restarts: int = 5
@@ -75,25 +76,39 @@ class Supervisor:
     ) -> None:
         recent: collections.deque[float] = collections.deque()
         try:
+            # A factory that fails on the first start is a setup error: it escalates at once.
+            actor = factory()
             while True:
-                actor = factory()
                 actor.ref = ref
                 try:
                     await run_actor(actor, mailbox)
                     return
                 except Exception as exc:
-                    now = trio.current_time()
-                    while recent and now - recent[0] > self.policy.window:
-                        recent.popleft()
-                    recent.append(now)
-                    gave_up = len(recent) > self.policy.max_restarts
-                    self.events.append(RestartEvent(ref.name, now, exc, len(recent), gave_up))
-                    if gave_up:
-                        raise
-                    delay = min(
-                        self.policy.backoff * 2 ** (len(recent) - 1), self.policy.max_backoff
-                    )
-                    await trio.sleep(delay)
+                    await self._after_crash(ref, recent, exc)
+                while True:
+                    # Failing to make the replacement is one more crash of the same actor,
+                    # under the same budget and back-off.
+                    try:
+                        actor = factory()
+                        break
+                    except Exception as exc:
+                        await self._after_crash(ref, recent, exc)
         finally:
             fail_pending(mailbox, ref.name)
             mailbox.close()
+
+    async def _after_crash(
+        self, ref: ActorRef[Any], recent: collections.deque[float], exc: Exception
+    ) -> None:
+        """Record a crash of ``ref``'s actor and wait out its back-off; re-raises ``exc`` when
+        it is one crash too many in the window."""
+        now = trio.current_time()
+        while recent and now - recent[0] > self.policy.window:
+            recent.popleft()
+        recent.append(now)
+        gave_up = len(recent) > self.policy.max_restarts
+        self.events.append(RestartEvent(ref.name, now, exc, len(recent), gave_up))
+        if gave_up:
+            raise exc
+        delay = min(self.policy.backoff * 2 ** (len(recent) - 1), self.policy.max_backoff)
+        await trio.sleep(delay)
