@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+
 from interlock import Pipeline
+from interlock.http import add_route_parser, add_serve_parser
 from interlock.wire import EngineOutput, PreprocessedRequest
 
 
@@ -23,3 +26,12 @@ async def run_request(
 
 def prompt(n: int = 32, start: int = 1) -> list[int]:
     return list(range(start, start + n))
+
+
+def frontend_parser() -> argparse.ArgumentParser:
+    """The ``interlock serve`` and ``interlock route`` commands, on a parser of their own."""
+    parser = argparse.ArgumentParser(prog="interlock")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(commands)
+    add_route_parser(commands)
+    return parser

@@ -3,13 +3,15 @@
 The policy is consulted for every leg the router selects and only those; invalid combinations
 fail at build time; a policy that misbehaves fails only the request it was choosing for; a
 restarted router gets a fresh policy; ``interlock replay`` runs one from ``module:attribute``;
-``interlock inspect --replay-decision`` says it cannot recompute one.
+``interlock inspect --replay-decision`` says it cannot recompute one; ``interlock serve`` and
+``route`` take one as ``--selection-policy module:attribute``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import attrs
 import pytest
 import trio
 from custom_policies import LeastActive, least_active
-from helpers import prompt, run_request
+from helpers import frontend_parser, prompt, run_request
 from test_replay import CONVERSATION, SETTINGS, needs_traces
 
 import interlock.actors
@@ -41,7 +43,7 @@ from interlock.actors import (
 )
 from interlock.engines.mock import MockEngine
 from interlock.http import build_app
-from interlock.http._cli import call_asgi
+from interlock.http._cli import banner, call_asgi, resolve
 from interlock.http._errors import http_error_for
 from interlock.inspect import add_parser as add_inspect_parser
 from interlock.replay import ReplayPolicy, parse_policies, read_trace, replay
@@ -579,3 +581,53 @@ def test_replay_runs_a_policy_of_your_own_beside_the_built_in_ones(capsys: Any) 
         "custom_policies:least_active",
         40,
     )
+
+
+# -- interlock serve and route -------------------------------------------------------------------
+
+
+def test_route_chooses_with_the_policy_named_on_the_command_line(capsys: Any) -> None:
+    args = frontend_parser().parse_args(
+        [
+            "route",
+            "--workers",
+            "3",
+            "--selection-policy",
+            "custom_policies:least_active",
+            "--once",
+            json.dumps({"token_ids": list(range(1, 20))}),
+        ]
+    )
+    assert args.run(args) == 0
+    (selection,) = json.loads(capsys.readouterr().out)["selections"]
+    assert selection["policy"] == "least_active"
+    assert selection["reason"] == "fewest active requests (0)"
+
+
+def test_serve_shows_the_policy_it_imported() -> None:
+    args = frontend_parser().parse_args(
+        ["serve", "--selection-policy", "custom_policies:least_active"]
+    )
+    setup = resolve(args)
+    assert setup.selection_policy is least_active
+    assert "policy       custom_policies:least_active" in banner(setup, "http://127.0.0.1:8000")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--selection-policy", "custom_policies"], "is not module:attribute"),
+        (["--selection-policy", "no_such_policies:make"], "there is no module 'no_such_policies'"),
+        (["--selection-policy", "custom_policies:nope"], "has no attribute 'nope'"),
+        (
+            ["--selection-policy", "custom_policies:least_active", "--routing", "direct_to_known"],
+            "--selection-policy 'custom_policies:least_active': .*every leg is preselected",
+        ),
+    ],
+)
+def test_a_bad_selection_policy_flag_exits_2_saying_what_to_fix(
+    argv: list[str], message: str, capsys: Any
+) -> None:
+    args = frontend_parser().parse_args(["serve", *argv])
+    assert args.run(args) == 2
+    assert re.search(message, capsys.readouterr().err)

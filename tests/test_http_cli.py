@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import signal
@@ -14,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from helpers import frontend_parser
 
-from interlock.http import add_route_parser, add_serve_parser
 from interlock.http._cli import resolve_config
 
 # Until interlock/cli.py registers the commands, run them through the same two functions.
@@ -41,16 +40,8 @@ def _command() -> list[str]:
     return [sys.executable, "-m", "interlock"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="interlock")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_serve_parser(commands)
-    add_route_parser(commands)
-    return parser
-
-
 def _run(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = frontend_parser().parse_args(argv)
     return int(args.run(args))
 
 
@@ -86,7 +77,7 @@ def test_a_config_file_with_an_unknown_key(
 def test_precedence_defaults_file_environment_flags(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text('router_mode = "random"\nmigration_limit = 1\nrouter_seed = 7\n')
-    args = _parser().parse_args(
+    args = frontend_parser().parse_args(
         ["serve", "--config", str(path), "--migration-limit", "3", "--enforce-disagg"]
     )
     environ = {"INTERLOCK_MIGRATION_LIMIT": "2", "INTERLOCK_ROUTER_SEED": "9"}
@@ -95,14 +86,14 @@ def test_precedence_defaults_file_environment_flags(tmp_path: Path) -> None:
     assert config.router_seed == 9  # environment over file
     assert config.migration_limit == 3  # flag over environment
     assert config.enforce_disagg is True
-    args = _parser().parse_args(["serve", "--log-transitions", "t.jsonl"])
+    args = frontend_parser().parse_args(["serve", "--log-transitions", "t.jsonl"])
     assert resolve_config(args, environ={}).transition_log_path == "t.jsonl"
 
 
 def test_every_knob_has_a_flag() -> None:
     from interlock._config import knob_names
 
-    text = _parser().parse_args(["serve"]).__dict__
+    text = frontend_parser().parse_args(["serve"]).__dict__
     for name in knob_names():
         assert f"knob_{name}" in text, f"no flag for knob {name}"
 

@@ -24,7 +24,8 @@ import httpx
 import openai
 import pytest
 import trio
-from test_http_cli import _command, _parser, _run
+from helpers import frontend_parser
+from test_http_cli import _command, _run
 from test_remote_workers import WorkerProcess, start_worker, stop
 
 from interlock import ConfigError
@@ -130,7 +131,7 @@ def test_bad_remote_workers_are_refused_before_anything_starts(
 ) -> None:
     for command in ("serve", "route"):
         with pytest.raises(ConfigError) as caught:
-            resolve(_parser().parse_args([command, *argv]))
+            resolve(frontend_parser().parse_args([command, *argv]))
         assert message in str(caught.value)
 
 
@@ -144,8 +145,8 @@ def test_a_bad_remote_worker_exits_with_status_2(
 
 
 def test_workers_default_to_4_alone_and_to_0_with_remote_workers() -> None:
-    assert resolve(_parser().parse_args(["serve"])).workers == 4
-    setup = resolve(_parser().parse_args(["serve", "--remote-worker", "1=h:7001"]))
+    assert resolve(frontend_parser().parse_args(["serve"])).workers == 4
+    setup = resolve(frontend_parser().parse_args(["serve", "--remote-worker", "1=h:7001"]))
     assert setup.workers == 0
     assert setup.remote_workers == (RemoteWorkerAddress(1, "h", 7001),)
 
@@ -154,7 +155,7 @@ def test_the_engines_mix_mock_and_remote_workers_by_role() -> None:
     argv = ["serve", "--workers", "2", "--kv-block-size", "32", "--zero-time"]
     argv += ["--remote-worker", "7=10.0.0.7:7007/prefill", "--remote-worker", "5=h5:7005/decode"]
     argv += ["--remote-worker", "0=[::1]:7000"]
-    setup = resolve(_parser().parse_args(argv))
+    setup = resolve(frontend_parser().parse_args(argv))
     workers, prefill = setup.engines()
     assert [(type(e), e.instance_id, e.role) for e in workers] == [
         (MockEngine, 1, "decode"),  # a prefill worker exists, so the mocks serve decode legs

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
 import pytest
 import trio
+from helpers import frontend_parser
 from test_http_harness import serving
 
 from interlock import PipelineConfig
-from interlock.http import add_route_parser, add_serve_parser
 
 TOKENS = list(range(1, 41))
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="interlock")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_serve_parser(commands)
-    add_route_parser(commands)
-    return parser
 
 
 async def test_route_without_booking_leaves_no_load() -> None:
@@ -133,7 +124,7 @@ async def test_route_api_in_a_query_only_pipeline_can_book() -> None:
 
 
 def test_route_once_answers_in_process(capsys: pytest.CaptureFixture[str]) -> None:
-    args = _parser().parse_args(
+    args = frontend_parser().parse_args(
         ["route", "--workers", "3", "--once", json.dumps({"token_ids": TOKENS})]
     )
     assert args.run(args) == 0
@@ -143,16 +134,16 @@ def test_route_once_answers_in_process(capsys: pytest.CaptureFixture[str]) -> No
 
 async def test_route_once_against_a_running_router() -> None:
     async with serving(PipelineConfig(routing="query_only"), route_api=True) as served:
-        args = _parser().parse_args(
+        args = frontend_parser().parse_args(
             ["route", "--url", served.url, "--once", json.dumps({"token_ids": TOKENS})]
         )
         assert await trio.to_thread.run_sync(args.run, args) == 0
-        bad = _parser().parse_args(["route", "--url", served.url, "--once", "{}"])
+        bad = frontend_parser().parse_args(["route", "--url", served.url, "--once", "{}"])
         assert await trio.to_thread.run_sync(bad.run, bad) == 1
 
 
 def test_route_refuses_a_direct_configuration(capsys: pytest.CaptureFixture[str]) -> None:
-    args = _parser().parse_args(
+    args = frontend_parser().parse_args(
         ["route", "--routing", "direct_to_known", "--once", json.dumps({"token_ids": TOKENS})]
     )
     assert args.run(args) == 2

@@ -23,7 +23,8 @@ import trio
 
 from .._config import PipelineConfig, knob_names, parse_knob_text
 from .._errors import ConfigError
-from .._pipeline import Components, build_pipeline
+from .._pipeline import Components, SelectionPolicyFactory, build_pipeline, check_selection_policy
+from .._plugins import import_from_working_directory, import_policy_factory
 from ..engines import ROLES, Engine, Role
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
 from ..engines.mock import MockEngine, MockTiming
@@ -125,6 +126,20 @@ class ServeSetup:
     command: str
     #: ``interlock worker`` processes to serve over (``--remote-worker``).
     remote_workers: tuple[RemoteWorkerAddress, ...] = ()
+    #: ``--selection-policy MODULE:FACTORY``: the text, and the factory it imported.
+    selection_policy_path: str | None = None
+    selection_policy: SelectionPolicyFactory | None = None
+
+    def components(self, metrics: HttpMetrics) -> Components:
+        """Fresh engines (`engines`) and everything else the pipeline is built from."""
+        workers, prefill = self.engines()
+        return Components(
+            workers=workers,
+            prefill_workers=prefill,
+            tokenizer=self.preprocessor.tokenizer,
+            transition_sinks=[metrics],
+            selection_policy=self.selection_policy,
+        )
 
     @property
     def has_prefill(self) -> bool:
@@ -294,6 +309,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     config = parser.add_argument_group("configuration (docs/configuration.md)")
     config.add_argument("--config", metavar="FILE.toml", help="read knobs from a TOML file")
     config.add_argument(
+        "--selection-policy",
+        metavar="MODULE:FACTORY",
+        help="choose workers with your own policy: a factory in an importable module (the "
+        "current directory included), called with the configuration; it replaces "
+        "router_mode's policy (docs/embedding.md#your-own-selection-policy)",
+    )
+    config.add_argument(
         "--log-transitions",
         metavar="PATH.jsonl",
         help="append every transition record to this JSONL file (= --transition-log-path)",
@@ -414,6 +436,15 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         )
     if not args.speedup > 0:
         raise ConfigError(f"--speedup must be positive, got {args.speedup}")
+    factory = None
+    if args.selection_policy is not None:
+        what = f"--selection-policy {args.selection_policy!r}"
+        import_from_working_directory()
+        factory = import_policy_factory(args.selection_policy, what=what)
+        try:
+            check_selection_policy(config, factory)
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}", knobs=exc.knobs) from None
     if args.tokenizer is not None:
         preprocessor = Preprocessor.load(args.tokenizer, chat_template=args.chat_template)
     else:
@@ -434,6 +465,8 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         workers=workers,
         prefill_workers=args.prefill_workers,
         remote_workers=remote,
+        selection_policy_path=args.selection_policy,
+        selection_policy=factory,
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
@@ -559,14 +592,7 @@ async def serve_frontend(
         OSError: the address cannot be bound.
     """
     metrics = HttpMetrics()
-    workers, prefill = setup.engines()
-    components = Components(
-        workers=workers,
-        prefill_workers=prefill,
-        tokenizer=setup.preprocessor.tokenizer,
-        transition_sinks=[metrics],
-    )
-    async with build_pipeline(setup.config, components) as pipeline:
+    async with build_pipeline(setup.config, setup.components(metrics)) as pipeline:
         app = build_app(
             pipeline,
             model=setup.model,
@@ -628,6 +654,8 @@ def banner(setup: ServeSetup, url: str) -> str:
             f"  {heading:<12} worker {remote.worker_id} at {remote.address} ({remote.role}), "
             "connected"
         )
+    if setup.selection_policy_path is not None:
+        lines.append(f"  policy       {setup.selection_policy_path} (in place of router_mode)")
     if setup.route_api:
         lines.append(f"  route API    {url}/v1/route (docs/route-api.md)")
     lines.append("  configuration:")
@@ -639,14 +667,7 @@ def banner(setup: ServeSetup, url: str) -> str:
 
 async def _route_once(setup: ServeSetup, body: bytes) -> tuple[int, bytes]:
     metrics = HttpMetrics()
-    workers, prefill = setup.engines()
-    components = Components(
-        workers=workers,
-        prefill_workers=prefill,
-        tokenizer=setup.preprocessor.tokenizer,
-        transition_sinks=[metrics],
-    )
-    async with build_pipeline(setup.config, components) as pipeline:
+    async with build_pipeline(setup.config, setup.components(metrics)) as pipeline:
         app = build_app(
             pipeline,
             model=setup.model,

@@ -8,7 +8,6 @@ fault schedule or configuration, or a missing matplotlib for ``--plot``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -25,6 +24,7 @@ from rich.progress import (
 from .._argtypes import non_negative_int, positive_float, positive_int
 from .._config import PipelineConfig
 from .._errors import ConfigError
+from .._plugins import import_from_working_directory
 from ..testing import FaultSpecError, InvariantViolation, fault_schedule
 from ._plot import PlotUnavailable, plot_report
 from ._report import TEXT_WIDTH, render_json, report_table
@@ -213,10 +213,8 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"interlock replay: {message}", file=sys.stderr)
         return 2
 
-    # Like `python -m`: a policy module in the current directory imports
-    # (--policies LABEL=module:attribute) when run as the `interlock` command too.
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # A policy module in the current directory (--policies LABEL=module:attribute) imports.
+    import_from_working_directory()
     try:
         base = PipelineConfig.from_toml(args.config) if args.config else PipelineConfig()
         if args.migration_limit is not None:

@@ -3,7 +3,6 @@ in virtual time."""
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import time
@@ -18,6 +17,7 @@ import trio
 from .._config import SELECTING_ROUTER_MODES, PipelineConfig, parse_knob_text
 from .._errors import ConfigError
 from .._pipeline import SelectionPolicyFactory, check_selection_policy
+from .._plugins import import_policy_factory
 from ..engines.mock import MockTiming
 from ..statemachines import TransitionRecord
 from ..testing import (
@@ -142,7 +142,7 @@ class ReplayPolicy:
             if rest.endswith(".toml") or os.path.isfile(rest):
                 return cls._from_file(rest, label)
             if ":" in rest:
-                factory = _import_factory(text, rest)
+                factory = import_policy_factory(rest, what=f"policy {text!r}")
                 try:
                     check_selection_policy(base, factory)
                 except ConfigError as exc:
@@ -214,56 +214,6 @@ class ReplayPolicy:
             router_seed=self.config.router_seed or settings.seed,
             transition_log_capacity=_MEMORY_LOG_CAPACITY,
         ).validate()
-
-
-def _import_factory(text: str, target: str) -> SelectionPolicyFactory:
-    """Import the ``module:attribute`` of policy item ``text``.
-
-    Raises:
-        ConfigError: ``target`` is not an import path, the module does not import (or raises
-            as it does), or it has no such attribute.
-    """
-    module_name, _, attribute = target.partition(":")
-    if not (_dotted_name(module_name) and _dotted_name(attribute)):
-        raise ConfigError(
-            f"policy {text!r}: {target!r} is not module:attribute (a Python import path, a "
-            "colon and the name of a factory in that module, e.g. my_policies:make_policy)"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or module_name
-        if module_name == missing or module_name.startswith(missing + "."):
-            raise ConfigError(
-                f"policy {text!r}: there is no module {module_name!r} to import (no module "
-                f"named {missing!r}); run from the directory that holds it, or add that "
-                "directory to PYTHONPATH"
-            ) from None
-        raise ConfigError(
-            f"policy {text!r}: importing {module_name!r} failed: {exc} (a module it imports "
-            "is missing; install it)"
-        ) from exc
-    except Exception as exc:
-        # Importing runs the module's code, which may raise anything: name it, do not crash.
-        raise ConfigError(
-            f"policy {text!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
-        ) from exc
-    found: Any = module
-    for part in attribute.split("."):
-        try:
-            found = getattr(found, part)
-        except AttributeError:
-            raise ConfigError(
-                f"policy {text!r}: module {module_name!r} has no attribute {attribute!r}; "
-                "name a factory defined there (a callable taking the PipelineConfig and "
-                "returning a SelectionPolicy)"
-            ) from None
-    factory: SelectionPolicyFactory = found
-    return factory
-
-
-def _dotted_name(text: str) -> bool:
-    return all(part.isidentifier() for part in text.split("."))
 
 
 def parse_policies(text: str, base: PipelineConfig | None = None) -> tuple[ReplayPolicy, ...]:
