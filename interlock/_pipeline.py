@@ -272,8 +272,9 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
         async with trio.open_nursery() as nursery:
             if jsonl is not None:
                 await nursery.start(jsonl.serve)
+            engine_scopes: dict[int, trio.CancelScope] = {}
             for engine in (*components.workers, *components.prefill_workers):
-                await nursery.start(_run_engine, engine)
+                await nursery.start(_run_engine, engine, engine_scopes)
                 registry.register(engine)
             supervisor = Supervisor(nursery, policy)
             subscribers: list[ActorRef[Any]] = []
@@ -313,6 +314,7 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
                 registry=registry,
                 supervisor=supervisor,
                 nursery=nursery,
+                engine_scopes=engine_scopes,
                 actors={"discovery": discovery, "router": router, "disagg": disagg}
                 | ({"migration": migration} if migration is not None else {}),
             )
@@ -329,8 +331,18 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
         raise
 
 
-async def _run_engine(engine: Engine, *, task_status: trio.TaskStatus[None]) -> None:
-    await engine.run(task_status=task_status)
+async def _run_engine(
+    engine: Engine, scopes: dict[int, trio.CancelScope], *, task_status: trio.TaskStatus[None]
+) -> None:
+    # The scope lets `Pipeline.remove_worker(..., stop=True)` stop this engine alone.
+    scope = trio.CancelScope()
+    scopes[engine.instance_id] = scope
+    try:
+        with scope:
+            await engine.run(task_status=task_status)
+    finally:
+        if scopes.get(engine.instance_id) is scope:
+            del scopes[engine.instance_id]
 
 
 class Pipeline:
@@ -352,6 +364,7 @@ class Pipeline:
         supervisor: Supervisor,
         nursery: trio.Nursery,
         actors: dict[str, ActorRef[Any]],
+        engine_scopes: dict[int, trio.CancelScope] | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -364,6 +377,7 @@ class Pipeline:
         self._memory = memory
         self._registry = registry
         self._nursery = nursery
+        self._engine_scopes = engine_scopes if engine_scopes is not None else {}
         self._router = actors["router"]
         self._disagg = actors["disagg"]
         self._migration = actors.get("migration")
@@ -404,17 +418,30 @@ class Pipeline:
             raise ValueError(f"worker id {engine.instance_id} is already registered")
         group = "prefill_workers" if engine.role == "prefill" else "workers"
         _check_engine(self.config, engine, f"worker {engine.instance_id}", group)
-        await self._nursery.start(_run_engine, engine)
+        await self._nursery.start(_run_engine, engine, self._engine_scopes)
         self._registry.register(engine)
         await self.membership_settled()
 
-    async def remove_worker(self, worker_id: int) -> None:
-        """Stop routing to ``worker_id``; its open streams carry on to their end.
+    async def remove_worker(self, worker_id: int, *, stop: bool = False) -> None:
+        """Stop routing to ``worker_id``. By default its engine keeps running and its open
+        streams carry on to their end. With ``stop=True`` its engine's ``run`` is cancelled
+        too (a `RemoteEngine` closes its connection and stops reconnecting): streams still
+        open on it break with `WorkerGone` (and migrate where migration is on). An unknown id
+        is no error.
 
         Returns once the actors know: no later request goes there.
         """
         self._registry.deregister(worker_id)
+        if stop:
+            scope = self._engine_scopes.pop(worker_id, None)
+            if scope is not None:
+                scope.cancel()
         await self.membership_settled()
+
+    def engine(self, worker_id: int) -> Engine | None:
+        """The engine registered under ``worker_id``, routable or not (a `RemoteEngine`
+        reconnecting to its worker is registered but not in `workers`); None when none is."""
+        return self._registry.get(worker_id)
 
     async def membership_settled(self) -> None:
         """Wait until the actors have seen every membership change made so far (a worker that

@@ -1,4 +1,4 @@
-"""`EmbeddedRegistry`: worker membership kept in-process (the default; etcd comes later).
+"""`EmbeddedRegistry`: worker membership kept in-process (etcd discovery feeds it too).
 
 The registry is the source of truth, as etcd would be: the Discovery actor watches it and can
 re-read it after a restart.
@@ -61,6 +61,10 @@ class EmbeddedRegistry:
             remover()
         if self._present.pop(worker_id, None) is not None:
             self._notify()
+
+    def get(self, worker_id: int) -> Engine | None:
+        """The engine registered under ``worker_id``, present or not (None when none is)."""
+        return self._known.get(worker_id)
 
     def snapshot(self) -> Mapping[int, Engine]:
         """The routable workers now (a read-only copy)."""

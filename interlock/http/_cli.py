@@ -10,12 +10,14 @@ code. Configuration comes from, lowest to highest precedence: the defaults, ``--
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -23,8 +25,22 @@ import trio
 
 from .._config import PipelineConfig, knob_names, parse_knob_text
 from .._errors import ConfigError
-from .._pipeline import Components, SelectionPolicyFactory, build_pipeline, check_selection_policy
+from .._pipeline import (
+    Components,
+    Pipeline,
+    SelectionPolicyFactory,
+    build_pipeline,
+    check_selection_policy,
+)
 from .._plugins import import_from_working_directory, import_policy_factory
+from ..discovery import (
+    DEFAULT_PREFIX,
+    EtcdClient,
+    EtcdError,
+    WorkerWatcher,
+    watch_workers,
+    workers_prefix,
+)
 from ..engines import ROLES, Engine, Role
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
 from ..engines.mock import MockEngine, MockTiming
@@ -129,6 +145,9 @@ class ServeSetup:
     #: ``--selection-policy MODULE:FACTORY``: the text, and the factory it imported.
     selection_policy_path: str | None = None
     selection_policy: SelectionPolicyFactory | None = None
+    #: ``--etcd URL``: discover workers registered in etcd (under ``etcd_prefix``).
+    etcd_url: str | None = None
+    etcd_prefix: str = DEFAULT_PREFIX
 
     def components(self, metrics: HttpMetrics) -> Components:
         """Fresh engines (`engines`) and everything else the pipeline is built from."""
@@ -261,7 +280,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="in-process mock workers, ids 1..N (4; 0 when any --remote-worker is given)",
+        help="in-process mock workers, ids 1..N (4; 0 when any --remote-worker or --etcd is given)",
     )
     workers.add_argument(
         "--prefill-workers",
@@ -281,6 +300,20 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "HOST:PORT (ROLE: agg (default), prefill or decode); repeat for each worker. It must "
         "run with --block-size equal to --kv-block-size, and with --tokenizer naming this "
         "frontend's tokenizer ('builtin' for the default) for answers to decode",
+    )
+    workers.add_argument(
+        "--etcd",
+        metavar="URL",
+        help="also serve over every `interlock worker --etcd URL` registered in etcd at URL "
+        "(e.g. http://127.0.0.1:2379), adding and removing them as they come and go; may "
+        "start with none yet (docs/deploying.md)",
+    )
+    workers.add_argument(
+        "--etcd-prefix",
+        default=DEFAULT_PREFIX,
+        metavar="PREFIX",
+        help=f"the workers' records are under PREFIX/workers/ ({DEFAULT_PREFIX}; the workers' "
+        "--etcd-prefix)",
     )
     workers.add_argument(
         "--speedup",
@@ -413,7 +446,16 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
     """
     config = resolve_config(args)
     texts: list[str] = args.remote_workers or []
-    workers: int = args.workers if args.workers is not None else (0 if texts else 4)
+    etcd_url: str | None = getattr(args, "etcd", None)
+    etcd_prefix: str = getattr(args, "etcd_prefix", DEFAULT_PREFIX)
+    if etcd_url is not None and not etcd_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--etcd {etcd_url!r} is not a URL: give etcd's client URL, e.g. http://127.0.0.1:2379"
+        )
+    if etcd_url is not None and not etcd_prefix.strip("/"):
+        raise ConfigError("--etcd-prefix must not be empty (the workers' --etcd-prefix)")
+    default_workers = 0 if texts or etcd_url is not None else 4
+    workers: int = args.workers if args.workers is not None else default_workers
     for flag, value, minimum in (
         ("--workers", workers, 0),
         ("--prefill-workers", args.prefill_workers, 0),
@@ -423,7 +465,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         if value < minimum:
             raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
     remote = resolve_remote_workers(texts, workers=workers, prefill_workers=args.prefill_workers)
-    if workers == 0 and all(r.role == "prefill" for r in remote):
+    if workers == 0 and etcd_url is None and all(r.role == "prefill" for r in remote):
         if not remote:
             raise ConfigError(
                 "--workers must be at least 1 (or give --remote-worker ID=HOST:PORT): nothing "
@@ -467,6 +509,8 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         remote_workers=remote,
         selection_policy_path=args.selection_policy,
         selection_policy=factory,
+        etcd_url=etcd_url,
+        etcd_prefix=etcd_prefix,
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
@@ -512,8 +556,9 @@ def _invalid(command: str, exc: Exception) -> int:
     return 2
 
 
-#: What a remote worker's `RemoteEngine.run` raises when the pipeline starts with it.
-_WORKER_ERRORS = (WorkerMismatch, WorkerUnreachable, ProtocolError)
+#: What a remote worker's `RemoteEngine.run` raises when the pipeline starts with it (and
+#: `EtcdError`: etcd could not be reached for the first listing of the workers).
+_WORKER_ERRORS = (WorkerMismatch, WorkerUnreachable, ProtocolError, EtcdError)
 
 
 def _worker_failure(setup: ServeSetup, exc: BaseException) -> int:
@@ -527,6 +572,8 @@ def _worker_failure(setup: ServeSetup, exc: BaseException) -> int:
             "equal to the workers'"
         )
         print(f"{command}: wrong remote worker: {exc}\n  here: {hint}", file=sys.stderr)
+    elif isinstance(exc, EtcdError):
+        print(f"{command}: cannot list the workers in etcd (--etcd): {exc}", file=sys.stderr)
     elif isinstance(exc, WorkerUnreachable):
         print(f"{command}: cannot reach a remote worker: {exc}", file=sys.stderr)
     else:
@@ -585,14 +632,20 @@ async def serve_frontend(
     """Build the pipeline on the workers and serve it until cancelled; print the banner once
     listening (and report the URL through ``task_status``).
 
-    Waits first for every remote worker's handshake (up to 10 s each).
+    Waits first for every remote worker's handshake (up to 10 s each), and with ``--etcd``
+    for the first listing of the workers registered there and their handshakes (up to 5 s
+    each; a worker that fails its handshake is logged and skipped).
 
     Raises:
         WorkerUnreachable, WorkerMismatch, ProtocolError: a remote worker could not be used.
+        EtcdError: ``--etcd`` given and etcd could not be reached at the start.
         OSError: the address cannot be bound.
     """
     metrics = HttpMetrics()
-    async with build_pipeline(setup.config, setup.components(metrics)) as pipeline:
+    async with (
+        build_pipeline(setup.config, setup.components(metrics)) as pipeline,
+        _discovering(setup, pipeline) as discovered,
+    ):
         app = build_app(
             pipeline,
             model=setup.model,
@@ -609,7 +662,7 @@ async def serve_frontend(
                 if len(group.exceptions) == 1:
                     raise group.exceptions[0] from None
                 raise
-            print(banner(setup, url), flush=True)
+            print(banner(setup, url, discovered=discovered), flush=True)
             task_status.started(url)
             if threading.current_thread() is threading.main_thread():
                 nursery.start_soon(_stop_on_signals, nursery.cancel_scope, setup.command)
@@ -625,8 +678,28 @@ async def _stop_on_signals(scope: trio.CancelScope, command: str) -> None:
             return
 
 
-def banner(setup: ServeSetup, url: str) -> str:
-    """What ``serve`` prints once it listens: where, what, and the effective configuration."""
+@asynccontextmanager
+async def _discovering(
+    setup: ServeSetup, pipeline: Pipeline
+) -> AsyncIterator[WorkerWatcher | None]:
+    """With ``--etcd``: a `WorkerWatcher` following the workers registered in etcd, from its
+    first listing on (its workers joined) until the block ends; without: None."""
+    if setup.etcd_url is None:
+        yield None
+        return
+    async with EtcdClient(setup.etcd_url) as client, trio.open_nursery() as nursery:
+        watcher: WorkerWatcher = await nursery.start(
+            functools.partial(watch_workers, client, pipeline, prefix=setup.etcd_prefix)
+        )
+        try:
+            yield watcher
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def banner(setup: ServeSetup, url: str, *, discovered: WorkerWatcher | None = None) -> str:
+    """What ``serve`` prints once it listens: where, what, and the effective configuration
+    (with ``discovered``, the workers the etcd watcher found at the start)."""
     lines = [f"interlock {setup.command}: listening on {url} (OpenAI API at {url}/v1)"]
     timing = (
         "zero-time steps"
@@ -654,6 +727,13 @@ def banner(setup: ServeSetup, url: str) -> str:
             f"  {heading:<12} worker {remote.worker_id} at {remote.address} ({remote.role}), "
             "connected"
         )
+    if setup.etcd_url is not None:
+        found = sorted(discovered.records) if discovered is not None else []
+        lines.append(
+            f"  etcd         workers under {workers_prefix(setup.etcd_prefix)} at "
+            f"{setup.etcd_url}, followed as they come and go; found "
+            + (", ".join(f"worker {i}" for i in found) if found else "none yet")
+        )
     if setup.selection_policy_path is not None:
         lines.append(f"  policy       {setup.selection_policy_path} (in place of router_mode)")
     if setup.route_api:
@@ -667,7 +747,10 @@ def banner(setup: ServeSetup, url: str) -> str:
 
 async def _route_once(setup: ServeSetup, body: bytes) -> tuple[int, bytes]:
     metrics = HttpMetrics()
-    async with build_pipeline(setup.config, setup.components(metrics)) as pipeline:
+    async with (
+        build_pipeline(setup.config, setup.components(metrics)) as pipeline,
+        _discovering(setup, pipeline),
+    ):
         app = build_app(
             pipeline,
             model=setup.model,

@@ -9,17 +9,22 @@ script learns the port it got with ``--port 0``), then serves until SIGINT or SI
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from ..._argtypes import non_negative_int, port, positive_int
+from ..._errors import ConfigError
+from ...discovery._etcd import EtcdClient, EtcdError, WorkerRecord, serve_registration
 from ...processing import ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
 from .._protocol import ROLES
 from ..mock import MockEngine, MockTiming, mock_token_pool
@@ -32,7 +37,8 @@ Run a simulated worker (MockEngine: paged KV cache, vLLM-style scheduler, the re
 timing model) behind a TCP listener that speaks the interlock worker protocol; frontends
 reach it with RemoteEngine(host, port, instance_id=..., role=...), or interlock serve
 with --remote-worker ID=HOST:PORT. Prints one JSON line, {"worker_id": N, "host": "...",
-"port": P}, once listening; serves until SIGINT/SIGTERM. See docs/wire-protocol.md."""
+"port": P}, once listening (and registered in etcd, with --etcd); serves until
+SIGINT/SIGTERM. See docs/wire-protocol.md and docs/deploying.md."""
 
 _EXAMPLES = """\
 examples:
@@ -40,6 +46,7 @@ examples:
   interlock worker --id 2 --port 0 --zero-time          # the chosen port is in the JSON line
   interlock worker --id 3 --role prefill --speedup 10 --crash-after-tokens 500
   interlock worker --id 4 --port 7004 --tokenizer builtin   # for interlock serve's default
+  interlock worker --id 5 --host 0.0.0.0 --port 7005 --etcd http://etcd:2379   # discovered
 """
 
 
@@ -137,6 +144,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fault injection: after N tokens in all, break every stream, refuse new ones and "
         "leave routing (the process keeps running)",
     )
+    etcd = parser.add_argument_group("discovery (docs/deploying.md)")
+    etcd.add_argument(
+        "--etcd",
+        metavar="URL",
+        default=None,
+        help="register in etcd at URL (e.g. http://127.0.0.1:2379) once listening, under a "
+        "lease kept alive until the worker stops, so that `interlock serve --etcd URL` finds it",
+    )
+    etcd.add_argument(
+        "--etcd-prefix",
+        default="interlock",
+        metavar="PREFIX",
+        help="register at PREFIX/workers/ID (default interlock; the frontends' --etcd-prefix)",
+    )
+    etcd.add_argument(
+        "--advertise-host",
+        metavar="HOST",
+        default=None,
+        help="the host frontends reach this worker at (default: --host, or this machine's "
+        "name when --host is a wildcard such as 0.0.0.0)",
+    )
+    etcd.add_argument(
+        "--etcd-ttl",
+        type=positive_int,
+        default=10,
+        metavar="SECONDS",
+        help="lease TTL: a killed worker disappears from the frontends this long after it "
+        "stopped renewing (default 10; etcd raises values below its minimum, about 2)",
+    )
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -204,7 +240,20 @@ def run_worker(args: argparse.Namespace) -> int:
     except TokenizerError as exc:
         print(f"interlock worker: invalid tokenizer: {exc}", file=sys.stderr)
         return 2
-    error = trio.run(_serve_until_signalled, engine, args.host, args.port)
+    registration = None
+    if args.etcd is not None:
+        try:
+            client = EtcdClient(args.etcd)
+        except ConfigError as exc:
+            print(f"interlock worker: --etcd: {exc}", file=sys.stderr)
+            return 2
+        registration = _Registration(
+            client, args.etcd_prefix, args.etcd_ttl, args.advertise_host, args.block_size
+        )
+    error = trio.run(_serve_until_signalled, engine, args.host, args.port, registration)
+    if isinstance(error, EtcdError):
+        print(f"interlock worker: cannot register in etcd: {error}", file=sys.stderr)
+        return 1
     if error is not None:
         print(
             f"interlock worker: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr
@@ -213,19 +262,61 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_until_signalled(engine: MockEngine, host: str, port: int) -> OSError | None:
+@attrs.frozen
+class _Registration:
+    client: EtcdClient
+    prefix: str
+    ttl: int
+    advertise_host: str | None
+    block_size: int
+
+    def record(self, engine: MockEngine, address: WorkerAddress) -> WorkerRecord:
+        host = self.advertise_host or address.host
+        if host in _WILDCARDS:
+            host = socket.gethostname()
+        return WorkerRecord(
+            worker_id=engine.instance_id,
+            host=host,
+            port=address.port,
+            role=engine.role,
+            block_size=self.block_size,
+        )
+
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+async def _serve_until_signalled(
+    engine: MockEngine, host: str, port: int, registration: _Registration | None = None
+) -> OSError | EtcdError | None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:
                 address: WorkerAddress = await nursery.start(serve_worker, engine, host, port)
             except OSError as exc:
                 return exc
+            if registration is not None:
+                try:
+                    await nursery.start(
+                        functools.partial(
+                            serve_registration,
+                            registration.client,
+                            registration.record(engine, address),
+                            prefix=registration.prefix,
+                            ttl=registration.ttl,
+                        )
+                    )
+                except EtcdError as exc:
+                    nursery.cancel_scope.cancel()
+                    return exc
             line = {"worker_id": engine.instance_id, "host": address.host, "port": address.port}
             print(json.dumps(line), flush=True)
             async for signum in signals:
                 _logger.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+    if registration is not None:
+        await registration.client.aclose()
     return None
 
 

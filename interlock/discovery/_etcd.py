@@ -1,0 +1,629 @@
+"""Worker discovery through etcd: a small async client over etcd's JSON gateway, the worker's
+registration (a key under a lease it keeps alive) and the frontend's watcher (adds and removes
+`RemoteEngine`s as the keys come and go).
+
+Layout: each worker puts ``{prefix}/workers/{worker_id}`` = `WorkerRecord` as JSON
+(``{"worker_id": 1, "host": "10.0.0.5", "port": 7001, "role": "agg", "block_size": 16}``),
+attached to a lease with a TTL. A worker that stops cleanly revokes its lease (the key goes at
+once); a killed one stops renewing it and the key goes when the TTL runs out.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+import httpx
+import trio
+
+from .._errors import ConfigError
+from ..engines._protocol import ROLES, Role
+
+if TYPE_CHECKING:
+    from .._pipeline import Pipeline
+    from ..engines.remote import RemoteEngine
+
+_logger = logging.getLogger("interlock.discovery.etcd")
+
+#: The default key prefix (``--etcd-prefix``).
+DEFAULT_PREFIX = "interlock"
+
+
+class EtcdError(Exception):
+    """An etcd request failed: etcd unreachable, an error answer, or an answer that is not
+    what the gateway sends. ``url`` and ``operation`` say which."""
+
+    def __init__(self, url: str, operation: str, why: str) -> None:
+        super().__init__(
+            f"etcd at {url}: {operation} failed: {why} (is etcd running there, and is the URL "
+            "its client URL, e.g. http://127.0.0.1:2379?)"
+        )
+        self.url = url
+        self.operation = operation
+
+
+@attrs.frozen
+class KeyValue:
+    """One key and its value, as `EtcdClient.get_prefix` returns them."""
+
+    key: str
+    value: bytes
+    mod_revision: int = 0
+
+
+@attrs.frozen
+class WatchEvent:
+    """One change under a watched prefix: ``kind`` is ``"put"`` (``value`` is the new value)
+    or ``"delete"`` (``value`` is empty)."""
+
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes
+    revision: int
+
+
+def _b64(data: str | bytes) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _unb64(text: str | None) -> bytes:
+    return base64.b64decode(text or "")
+
+
+def prefix_range_end(prefix: str) -> bytes:
+    """The ``range_end`` that makes a range request cover every key starting with ``prefix``
+    (the prefix with its last byte incremented; pure)."""
+    raw = bytearray(prefix.encode())
+    while raw and raw[-1] == 0xFF:
+        raw.pop()
+    if not raw:
+        return b"\0"  # every key
+    raw[-1] += 1
+    return bytes(raw)
+
+
+class EtcdClient:
+    """etcd's v3 API through its JSON gRPC gateway (etcd 3.4+), over one `httpx.AsyncClient`.
+
+    ``url`` is an etcd client URL (``http://127.0.0.1:2379``). Every call waits for etcd's
+    answer, at most ``timeout`` seconds, and raises `EtcdError` (naming the URL and the
+    operation) when it cannot get one. Use it as an async context manager, or call `aclose`.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"etcd URL {url!r} must start with http:// or https://")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+
+    async def __aenter__(self) -> EtcdClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        await self._http.aclose()
+
+    async def _call(self, operation: str, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self._http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise EtcdError(self.url, operation, f"{type(exc).__name__}: {exc}") from exc
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if response.status_code != 200 or not isinstance(answer, dict):
+            raise EtcdError(
+                self.url, operation, f"HTTP {response.status_code}: {response.text[:200]!r}"
+            )
+        return answer
+
+    # -- leases -------------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> tuple[int, int]:
+        """Grant a lease of ``ttl`` seconds; returns ``(lease id, granted TTL)`` (etcd may
+        raise a TTL below its minimum).
+
+        Raises:
+            EtcdError: no answer, or an error answer.
+        """
+        answer = await self._call("lease grant", "/v3/lease/grant", {"TTL": ttl})
+        try:
+            return int(answer["ID"]), int(answer.get("TTL", ttl))
+        except (KeyError, ValueError) as exc:
+            raise EtcdError(self.url, "lease grant", f"unexpected answer {answer!r}") from exc
+
+    async def keepalive(self, lease: int) -> int:
+        """Renew ``lease`` once; returns its TTL again, or 0 when the lease no longer exists
+        (expired or revoked: its keys are gone).
+
+        Raises:
+            EtcdError: no answer, or an error answer.
+        """
+        answer = await self._call("lease keepalive", "/v3/lease/keepalive", {"ID": str(lease)})
+        result = answer.get("result", {})
+        try:
+            return int(result.get("TTL", 0)) if isinstance(result, dict) else 0
+        except ValueError as exc:
+            raise EtcdError(self.url, "lease keepalive", f"unexpected answer {answer!r}") from exc
+
+    async def revoke(self, lease: int) -> None:
+        """Revoke ``lease``: its keys are deleted at once. An unknown lease is no error.
+
+        Raises:
+            EtcdError: no answer.
+        """
+        try:
+            await self._call("lease revoke", "/v3/lease/revoke", {"ID": str(lease)})
+        except EtcdError as exc:
+            if "not found" not in str(exc):
+                raise
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    async def put(self, key: str, value: str | bytes, *, lease: int | None = None) -> int:
+        """Set ``key`` to ``value`` (attached to ``lease`` when given); returns the revision.
+
+        Raises:
+            EtcdError: no answer, or an error answer (e.g. an unknown lease).
+        """
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease is not None:
+            body["lease"] = str(lease)
+        answer = await self._call(f"put {key!r}", "/v3/kv/put", body)
+        return _revision(answer)
+
+    async def delete(self, key: str) -> int:
+        """Delete ``key``; returns how many keys were deleted (0 or 1).
+
+        Raises:
+            EtcdError: no answer, or an error answer.
+        """
+        answer = await self._call(f"delete {key!r}", "/v3/kv/deleterange", {"key": _b64(key)})
+        return int(answer.get("deleted", 0))
+
+    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """Every key starting with ``prefix``, and the store's revision at that moment (watch
+        from the next one to miss nothing).
+
+        Raises:
+            EtcdError: no answer, or an error answer.
+        """
+        body = {"key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix))}
+        answer = await self._call(f"range {prefix!r}", "/v3/kv/range", body)
+        try:
+            items = [
+                KeyValue(
+                    _unb64(kv["key"]).decode(errors="replace"),
+                    _unb64(kv.get("value")),
+                    int(kv.get("mod_revision", 0)),
+                )
+                for kv in answer.get("kvs", [])
+            ]
+        except (KeyError, ValueError, binascii.Error) as exc:
+            raise EtcdError(self.url, f"range {prefix!r}", f"unexpected answer: {exc}") from exc
+        return items, _revision(answer)
+
+    async def watch_prefix(
+        self, prefix: str, *, start_revision: int | None = None
+    ) -> AsyncGenerator[WatchEvent, None]:
+        """Yield every change to keys starting with ``prefix``, from ``start_revision`` (the
+        `get_prefix` revision + 1) on, until the caller stops iterating. Close it with
+        ``contextlib.aclosing``. Waits for changes without a time limit.
+
+        Raises:
+            EtcdError: etcd cannot be reached, the stream broke (etcd stopped), or etcd
+                cancelled the watch (e.g. ``start_revision`` was compacted away): list again
+                and watch from the new revision.
+        """
+        create: dict[str, Any] = {
+            "key": _b64(prefix),
+            "range_end": _b64(prefix_range_end(prefix)),
+        }
+        if start_revision is not None:
+            create["start_revision"] = str(start_revision)
+        operation = f"watch {prefix!r}"
+        timeout = httpx.Timeout(self.timeout, read=None)
+        try:
+            async with self._http.stream(
+                "POST", "/v3/watch", json={"create_request": create}, timeout=timeout
+            ) as response:
+                if response.status_code != 200:
+                    raise EtcdError(self.url, operation, f"HTTP {response.status_code}")
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    for event in self._watch_events(operation, line):
+                        yield event
+        except httpx.HTTPError as exc:
+            raise EtcdError(self.url, operation, f"{type(exc).__name__}: {exc}") from exc
+        raise EtcdError(self.url, operation, "the stream ended (etcd closed it)")
+
+    def _watch_events(self, operation: str, line: str) -> list[WatchEvent]:
+        try:
+            message = json.loads(line)
+        except ValueError as exc:
+            raise EtcdError(self.url, operation, f"not JSON: {line[:200]!r}") from exc
+        if "error" in message:
+            raise EtcdError(self.url, operation, f"etcd said {message['error']!r}")
+        result = message.get("result", {})
+        if result.get("canceled"):
+            why = result.get("cancel_reason") or (
+                f"compacted to revision {result.get('compact_revision')}"
+            )
+            raise EtcdError(self.url, operation, f"etcd cancelled the watch: {why}")
+        events = []
+        for raw in result.get("events", ()):
+            kv = raw.get("kv", {})
+            kind: Literal["put", "delete"] = "delete" if raw.get("type") == "DELETE" else "put"
+            events.append(
+                WatchEvent(
+                    kind,
+                    _unb64(kv.get("key")).decode(errors="replace"),
+                    _unb64(kv.get("value")),
+                    int(kv.get("mod_revision", 0)),
+                )
+            )
+        return events
+
+    def __repr__(self) -> str:
+        return f"<EtcdClient {self.url}>"
+
+
+def _revision(answer: Mapping[str, Any]) -> int:
+    return int(answer.get("header", {}).get("revision", 0))
+
+
+# -- records -----------------------------------------------------------------------------------
+
+
+def workers_prefix(prefix: str) -> str:
+    """Where the worker records live: ``{prefix}/workers/``."""
+    return f"{prefix.rstrip('/')}/workers/"
+
+
+def worker_key(prefix: str, worker_id: int) -> str:
+    """A worker's key: ``{prefix}/workers/{worker_id}``."""
+    return f"{workers_prefix(prefix)}{worker_id}"
+
+
+class BadRecord(ValueError):
+    """A worker record that does not parse (the message says which field is wrong)."""
+
+
+@attrs.frozen(kw_only=True)
+class WorkerRecord:
+    """What a worker registers: where it listens and what it is."""
+
+    worker_id: int
+    host: str
+    port: int
+    role: Role = "agg"
+    block_size: int = 16
+
+    def to_json(self) -> str:
+        """The record as etcd stores it."""
+        return json.dumps(attrs.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> WorkerRecord:
+        """Parse a stored record (pure).
+
+        Raises:
+            BadRecord: not a JSON object, a field missing or of the wrong type or range.
+        """
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRecord(f"not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise BadRecord(f"not a JSON object: {raw!r}")
+
+        def field(name: str, kind: type, default: Any = None) -> Any:
+            value = raw.get(name, default)
+            if type(value) is not kind:
+                raise BadRecord(f"{name} must be a {kind.__name__}, got {value!r}")
+            return value
+
+        worker_id = field("worker_id", int)
+        host = field("host", str)
+        port = field("port", int)
+        role = field("role", str, "agg")
+        block_size = field("block_size", int, 16)
+        if worker_id < 0 or not host or not 1 <= port <= 65535 or block_size < 1:
+            raise BadRecord(f"out of range: {raw!r}")
+        if role not in ROLES:
+            raise BadRecord(f"role must be one of {ROLES}, got {role!r}")
+        return cls(worker_id=worker_id, host=host, port=port, role=role, block_size=block_size)
+
+
+# -- the worker's side ----------------------------------------------------------------------
+
+
+async def register_worker(
+    client: EtcdClient, record: WorkerRecord, *, prefix: str = DEFAULT_PREFIX, ttl: int = 10
+) -> tuple[int, int]:
+    """Grant a lease of ``ttl`` seconds and put the worker's record under it; returns
+    ``(lease id, granted TTL)``. Keep the lease alive (`serve_registration` does).
+
+    Raises:
+        EtcdError: etcd cannot be reached or refused a request.
+    """
+    lease, granted = await client.grant_lease(ttl)
+    await client.put(worker_key(prefix, record.worker_id), record.to_json(), lease=lease)
+    return lease, granted
+
+
+async def serve_registration(
+    client: EtcdClient,
+    record: WorkerRecord,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    ttl: int = 10,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Register ``record`` (`register_worker`), call ``task_status.started(lease id)``, then
+    renew the lease every third of its TTL until cancelled. A lost lease (etcd restarted
+    without it, or a pause longer than the TTL) is registered again; while etcd cannot be
+    reached, it retries (the record disappears once the TTL runs out, and comes back when
+    etcd answers again). Cancelled, it revokes the lease (at most ``client.timeout``
+    seconds): the record disappears at once.
+
+    Raises:
+        EtcdError: the first registration failed (nothing is retried before it succeeds).
+    """
+    key = worker_key(prefix, record.worker_id)
+    lease, granted = await register_worker(client, record, prefix=prefix, ttl=ttl)
+    _logger.info("registered %s in etcd at %s (lease %x, TTL %ds)", key, client.url, lease, granted)
+    task_status.started(lease)
+    try:
+        while True:
+            await trio.sleep(max(granted, 1) / 3)
+            try:
+                remaining = await client.keepalive(lease)
+                if remaining > 0:
+                    continue
+                _logger.warning("lease of %s was lost; registering again", key)
+                lease, granted = await register_worker(client, record, prefix=prefix, ttl=ttl)
+                _logger.info("registered %s again (lease %x)", key, lease)
+            except EtcdError as exc:
+                _logger.warning("cannot renew %s: %s; retrying", key, exc)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(client.timeout):
+            try:
+                await client.revoke(lease)
+                _logger.info("revoked the lease of %s", key)
+            except EtcdError as exc:
+                _logger.warning(
+                    "cannot revoke the lease of %s (it expires by itself): %s", key, exc
+                )
+
+
+# -- the frontend's side ----------------------------------------------------------------------
+
+#: Makes the engine for a discovered worker (default: a `RemoteEngine` with the frontend's
+#: block size, so that the handshake checks the worker's).
+EngineFactory = Callable[[WorkerRecord], "RemoteEngine"]
+
+
+@attrs.define(eq=False)
+class _Member:
+    record: WorkerRecord
+    engine: RemoteEngine
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    failed: bool = False
+
+
+class WorkerWatcher:
+    """Keeps a pipeline's remote workers in step with the records under
+    ``{prefix}/workers/`` in etcd. Run it with `run` (or `watch_workers`).
+
+    A new record becomes a `RemoteEngine` added with `Pipeline.add_worker` (each in its own
+    task: a slow handshake holds up no other worker). A deleted record removes its worker and
+    stops its engine (`Pipeline.remove_worker` with ``stop=True``: streams still open on it
+    break and migrate where migration is on). A record with another address (the worker
+    restarted elsewhere) replaces the engine. A record that does not parse, a worker whose
+    handshake does not match (id, role or block size), one that cannot be reached within
+    ``connect_timeout``, or whose id another worker of the pipeline has, is logged and
+    skipped until its record changes. When the watch breaks (etcd restarted), the watcher
+    lists again and watches again, backing off from ``backoff`` to ``max_backoff`` seconds;
+    workers whose records vanished meanwhile are removed. The pipeline keeps its workers
+    while etcd is away.
+    """
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        pipeline: Pipeline,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        engine_factory: EngineFactory | None = None,
+        connect_timeout: float = 5.0,
+        backoff: float = 0.1,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self.client = client
+        self.pipeline = pipeline
+        self.prefix = workers_prefix(prefix)
+        self.connect_timeout = connect_timeout
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._factory = engine_factory or self._remote_engine
+        self._members: dict[int, _Member] = {}
+        self._nursery: trio.Nursery | None = None
+        #: Completed listings (1 after the first; +1 per re-list after a broken watch).
+        self.listings = 0
+
+    def _remote_engine(self, record: WorkerRecord) -> RemoteEngine:
+        from ..engines.remote import RemoteEngine
+
+        return RemoteEngine(
+            record.host,
+            record.port,
+            instance_id=record.worker_id,
+            role=record.role,
+            block_size=self.pipeline.config.kv_block_size,
+            connect_timeout=self.connect_timeout,
+            max_backoff=min(self.max_backoff, 1.0),
+        )
+
+    @property
+    def records(self) -> dict[int, WorkerRecord]:
+        """The records the watcher acts on now, by worker id (joined, joining or skipped)."""
+        return {worker_id: m.record for worker_id, m in self._members.items()}
+
+    @property
+    def skipped(self) -> set[int]:
+        """The workers whose record is known but that were skipped (handshake mismatch,
+        unreachable, id taken), until their record changes."""
+        return {worker_id for worker_id, m in self._members.items() if m.failed}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """List the workers, add them (waiting for each handshake, at most
+        ``connect_timeout``), call ``task_status.started()``, then follow the changes until
+        cancelled. Stopping it leaves the workers it added in the pipeline.
+
+        Raises:
+            EtcdError: the first listing failed (later failures are retried).
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._list()
+            task_status.started()
+            delay = self.backoff
+            while True:
+                try:
+                    await self._follow()
+                except EtcdError as exc:
+                    _logger.warning("lost the etcd watch: %s; listing again in %.1fs", exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+                try:
+                    await self._list()
+                    delay = self.backoff
+                except EtcdError as exc:
+                    _logger.warning("cannot list the workers: %s", exc)
+
+    async def _list(self) -> None:
+        items, self._revision = await self.client.get_prefix(self.prefix)
+        present: dict[int, WorkerRecord] = {}
+        for item in items:
+            record = self._parse(item.key, item.value)
+            if record is not None:
+                present[record.worker_id] = record
+        for worker_id in list(self._members):
+            if worker_id not in present:
+                await self._leave(worker_id, "its record is gone")
+        for record in present.values():
+            await self._join(record)
+        for member in list(self._members.values()):
+            await member.done.wait()
+        self.listings += 1
+
+    async def _follow(self) -> None:
+        events = self.client.watch_prefix(self.prefix, start_revision=self._revision + 1)
+        async with aclosing(events):
+            async for event in events:
+                self._revision = max(self._revision, event.revision)
+                if event.kind == "delete":
+                    worker_id = self._id_of(event.key)
+                    if worker_id is not None:
+                        await self._leave(worker_id, "its record was deleted")
+                    continue
+                record = self._parse(event.key, event.value)
+                if record is not None:
+                    await self._join(record)
+
+    def _id_of(self, key: str) -> int | None:
+        tail = key[len(self.prefix) :]
+        return int(tail) if tail.isascii() and tail.isdigit() else None
+
+    def _parse(self, key: str, value: bytes) -> WorkerRecord | None:
+        try:
+            record = WorkerRecord.from_json(value)
+        except BadRecord as exc:
+            _logger.error("skipping etcd key %r: the worker record is invalid: %s", key, exc)
+            return None
+        if self._id_of(key) != record.worker_id:
+            _logger.error(
+                "skipping etcd key %r: it holds the record of worker %d (the key must be %r)",
+                key,
+                record.worker_id,
+                worker_key("", record.worker_id).lstrip("/"),
+            )
+            return None
+        return record
+
+    async def _join(self, record: WorkerRecord) -> None:
+        member = self._members.get(record.worker_id)
+        if member is not None:
+            if member.record == record and not (member.failed and member.done.is_set()):
+                return
+            await self._leave(record.worker_id, f"it registered again as {record}")
+        member = _Member(record, self._factory(record))
+        self._members[record.worker_id] = member
+        assert self._nursery is not None
+        self._nursery.start_soon(self._add, member)
+
+    async def _add(self, member: _Member) -> None:
+        from ..engines.remote import WorkerMismatch, WorkerUnreachable
+        from ..wire import ProtocolError
+
+        record = member.record
+        try:
+            with member.scope:
+                await self.pipeline.add_worker(member.engine)
+                _logger.info(
+                    "worker %d at %s:%d (%s) joined from etcd",
+                    record.worker_id,
+                    record.host,
+                    record.port,
+                    record.role,
+                )
+        except (WorkerMismatch, WorkerUnreachable, ProtocolError, ConfigError, ValueError) as exc:
+            member.failed = True
+            _logger.error("skipping worker %d registered in etcd: %s", record.worker_id, exc)
+        finally:
+            member.done.set()
+
+    async def _leave(self, worker_id: int, why: str) -> None:
+        member = self._members.pop(worker_id, None)
+        if member is None:
+            return
+        member.scope.cancel()
+        await member.done.wait()
+        if self.pipeline.engine(worker_id) is member.engine:
+            await self.pipeline.remove_worker(worker_id, stop=True)
+            _logger.info("worker %d left: %s", worker_id, why)
+
+
+async def watch_workers(
+    client: EtcdClient,
+    pipeline: Pipeline,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    connect_timeout: float = 5.0,
+    task_status: trio.TaskStatus[WorkerWatcher] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a `WorkerWatcher` over ``pipeline`` until cancelled; ``task_status.started`` gets
+    the watcher once the workers registered at the start have joined (or been skipped).
+
+    Raises:
+        EtcdError: the first listing failed.
+    """
+    watcher = WorkerWatcher(client, pipeline, prefix=prefix, connect_timeout=connect_timeout)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watcher.run)
+        task_status.started(watcher)

@@ -1,0 +1,532 @@
+"""Worker discovery through a real etcd: the client, the worker's registration, the frontend's
+watcher, and ``interlock worker/serve --etcd`` processes.
+
+Each test starts its own ``etcd`` on free 127.0.0.1 ports with a data directory under
+``tmp_path`` (skipped only when the binary is missing), and its own ``interlock worker``
+processes. This is the real clock: leases are short (2 s, etcd's minimum), every wait is
+bounded by ``trio.fail_after`` and polls its condition; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+from helpers import frontend_parser
+from test_http_cli import _command
+from test_remote_workers import WORKER, WorkerProcess, generate, prompt, stop
+
+from interlock import Components, NoWorkersAvailable, Pipeline, PipelineConfig, build_pipeline
+from interlock.discovery import (
+    EtcdClient,
+    EtcdError,
+    WatchEvent,
+    WorkerRecord,
+    WorkerWatcher,
+    serve_registration,
+    watch_workers,
+    worker_key,
+)
+from interlock.engines.remote import RemoteEngine
+from interlock.http._cli import banner, resolve
+from interlock.wire import PreprocessedRequest
+
+TIMEOUT = 15
+ETCD = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
+PREFIX = "test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@attrs.define
+class Etcd:
+    """A real etcd process; `restart` stops it and starts it again on the same ports."""
+
+    data_dir: Path
+    client_port: int = attrs.field(factory=_free_port)
+    peer_port: int = attrs.field(factory=_free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        assert ETCD is not None
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        log = (self.data_dir.parent / "etcd.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                ETCD,
+                "--name=test",
+                f"--data-dir={self.data_dir}",
+                f"--listen-client-urls={self.url}",
+                f"--advertise-client-urls={self.url}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=test={peer}",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert self.process.poll() is None, (self.data_dir.parent / "etcd.log").read_text()
+            try:
+                if httpx.post(f"{self.url}/v3/kv/range", json={"key": "eA=="}).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "etcd did not answer within the timeout"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def restart(self, *, lose_data: bool = False) -> None:
+        self.stop()
+        if lose_data:
+            shutil.rmtree(self.data_dir)
+        self.start()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Etcd]:
+    if ETCD is None:
+        pytest.skip("the etcd binary is not installed (apt-get install etcd-server)")
+    server = Etcd(tmp_path / "etcd-data")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+async def wait_for(condition: Callable[[], bool], what: str, within: float = TIMEOUT) -> None:
+    """Poll ``condition`` until true (another process changes it: no event to wait on); fail
+    after ``within`` seconds saying ``what``."""
+    try:
+        with trio.fail_after(within):
+            while not condition():  # noqa: ASYNC110
+                await trio.sleep(0.02)
+    except trio.TooSlowError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def start_worker(
+    tmp_path: Path, worker_id: int, etcd: Etcd, *flags: str, ttl: int = 2
+) -> WorkerProcess:
+    """An ``interlock worker --etcd`` process; returns once it is listening and registered."""
+    log = tmp_path / f"worker-{worker_id}-{time.monotonic_ns()}.log"
+    argv = [
+        *WORKER,
+        "--id",
+        str(worker_id),
+        "--zero-time",
+        "--tokenizer",
+        "builtin",
+        "--etcd",
+        etcd.url,
+        "--etcd-prefix",
+        PREFIX,
+        "--etcd-ttl",
+        str(ttl),
+        *flags,
+    ]
+    with log.open("wb") as stderr:
+        process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=stderr)
+    assert process.stdout is not None
+    line = b""
+    with trio.fail_after(TIMEOUT):
+        while not line.endswith(b"\n"):
+            chunk = await process.stdout.receive_some(1)
+            assert chunk, f"worker {worker_id} exited early:\n{log.read_text()}"
+            line += chunk
+    return WorkerProcess(worker_id, "agg", json.loads(line)["port"], process, log)
+
+
+@asynccontextmanager
+async def frontend(etcd: Etcd, **config: Any) -> AsyncIterator[tuple[Pipeline, WorkerWatcher]]:
+    """An in-process pipeline (no workers of its own) following the workers in ``etcd``."""
+    async with (
+        build_pipeline(PipelineConfig(**config), Components()) as pipeline,
+        EtcdClient(etcd.url) as client,
+        trio.open_nursery() as nursery,
+    ):
+        watcher: WorkerWatcher = await nursery.start(
+            lambda task_status: watch_workers(
+                client, pipeline, prefix=PREFIX, connect_timeout=3, task_status=task_status
+            )
+        )
+        watcher.backoff = 0.05
+        watcher.max_backoff = 0.2
+        yield pipeline, watcher
+        nursery.cancel_scope.cancel()
+
+
+async def answer(pipeline: Pipeline, n: int) -> int:
+    """Run one request (the worker generates the builtin tokenizer's words: count them); the
+    worker it ran on."""
+    request = PreprocessedRequest(token_ids=prompt(n), max_tokens=5, request_id=f"r{n}")
+    assert len(await generate(pipeline, request)) == 5
+    starts = [r for r in pipeline.transition_log.records(f"r{n}") if r.trigger == "start_decode"]
+    worker_id = starts[-1].worker_id
+    assert worker_id is not None
+    return worker_id
+
+
+# -- the client --------------------------------------------------------------------------------
+
+
+async def test_the_client_puts_gets_deletes_and_watches(etcd: Etcd) -> None:
+    events: list[WatchEvent] = []
+    with trio.fail_after(TIMEOUT):
+        async with EtcdClient(etcd.url) as client:
+            await client.put("other/1", "outside the prefix")
+            await client.put("p/a", "1")
+            items, revision = await client.get_prefix("p/")
+            assert [(i.key, i.value) for i in items] == [("p/a", b"1")]
+
+            async def watch(task_status: trio.TaskStatus[None]) -> None:
+                async with aclosing(client.watch_prefix("p/", start_revision=revision + 1)) as it:
+                    task_status.started()
+                    async for event in it:
+                        events.append(event)
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(watch)
+                await client.put("p/b", b"\x00\xff")
+                await client.put("other/2", "not seen")
+                assert await client.delete("p/a") == 1
+                assert await client.delete("p/missing") == 0
+                await wait_for(lambda: len(events) == 2, "two events")
+                nursery.cancel_scope.cancel()
+            items, _ = await client.get_prefix("p/")
+    assert [(e.kind, e.key, e.value) for e in events] == [
+        ("put", "p/b", b"\x00\xff"),
+        ("delete", "p/a", b""),
+    ]
+    assert [(i.key, i.value) for i in items] == [("p/b", b"\x00\xff")]
+
+
+async def test_a_lease_holds_its_keys_until_revoked(etcd: Etcd) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with EtcdClient(etcd.url) as client:
+            lease, ttl = await client.grant_lease(1)
+            assert ttl >= 1
+            await client.put("l/k", "v", lease=lease)
+            assert await client.keepalive(lease) >= 1
+            await client.revoke(lease)
+            assert (await client.get_prefix("l/"))[0] == []
+            assert await client.keepalive(lease) == 0
+            await client.revoke(lease)  # already gone: no error
+            with pytest.raises(EtcdError, match="put 'l/k' failed"):
+                await client.put("l/k", "v", lease=lease)
+
+
+async def test_an_unreachable_etcd_raises_an_error_naming_the_url_and_operation() -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    with trio.fail_after(TIMEOUT):
+        async with EtcdClient(url, timeout=2) as client:
+            with pytest.raises(EtcdError) as caught:
+                await client.get_prefix("x/")
+            with pytest.raises(EtcdError, match="watch 'x/' failed"):
+                async with aclosing(client.watch_prefix("x/")) as events:
+                    async for _ in events:
+                        pass
+    assert caught.value.url == url and caught.value.operation == "range 'x/'"
+    assert str(caught.value).startswith(f"etcd at {url}: range 'x/' failed: ConnectError")
+
+
+def test_a_worker_record_round_trips_and_bad_ones_say_why() -> None:
+    record = WorkerRecord(worker_id=3, host="10.0.0.5", port=7003, role="prefill", block_size=32)
+    assert WorkerRecord.from_json(record.to_json()) == record
+    assert json.loads(record.to_json()) == {
+        "worker_id": 3,
+        "host": "10.0.0.5",
+        "port": 7003,
+        "role": "prefill",
+        "block_size": 32,
+    }
+    for text, why in [
+        ("nope", "not JSON"),
+        ("[1]", "not a JSON object"),
+        ('{"worker_id": "1", "host": "h", "port": 1}', "worker_id must be a int"),
+        ('{"worker_id": 1, "host": "h", "port": 0}', "out of range"),
+        ('{"worker_id": 1, "host": "h", "port": 1, "role": "x"}', "role must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            WorkerRecord.from_json(text)
+
+
+# -- the worker's registration -----------------------------------------------------------------
+
+
+async def test_a_registration_comes_back_when_its_lease_is_lost_and_goes_when_stopped(
+    etcd: Etcd,
+) -> None:
+    record = WorkerRecord(worker_id=7, host="127.0.0.1", port=7007)
+    key = worker_key(PREFIX, 7)
+    with trio.fail_after(TIMEOUT):
+        async with EtcdClient(etcd.url) as client, trio.open_nursery() as nursery:
+            lease = await nursery.start(
+                lambda task_status: serve_registration(
+                    client, record, prefix=PREFIX, ttl=2, task_status=task_status
+                )
+            )
+            items, _ = await client.get_prefix(key)
+            assert [WorkerRecord.from_json(i.value) for i in items] == [record]
+            await client.revoke(lease)  # as if etcd had lost it
+            assert (await client.get_prefix(key))[0] == []
+            while not (await client.get_prefix(key))[0]:  # noqa: ASYNC110 (in etcd)
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        async with EtcdClient(etcd.url) as client:
+            assert (await client.get_prefix(key))[0] == []
+
+
+# -- the frontend's watcher over real worker processes ------------------------------------------
+
+
+async def test_a_worker_process_joins_serves_and_leaves_at_once_on_sigterm(
+    etcd: Etcd, tmp_path: Path
+) -> None:
+    worker = None
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with frontend(etcd) as (pipeline, watcher):
+                assert pipeline.workers == {}
+                with pytest.raises(NoWorkersAvailable):
+                    await answer(pipeline, 0)
+                worker = await start_worker(tmp_path, 1, etcd, ttl=30)
+                await wait_for(lambda: 1 in pipeline.workers, "worker 1 to join")
+                engine = pipeline.engine(1)
+                assert isinstance(engine, RemoteEngine) and engine.port == worker.port
+                await pipeline.membership_settled()
+                assert [await answer(pipeline, n) for n in range(3)] == [1, 1, 1]
+                worker.process.send_signal(signal.SIGTERM)
+                # The TTL is 30 s: only the revoked lease can remove it this soon.
+                await wait_for(lambda: pipeline.engine(1) is None, "worker 1 to leave", within=5)
+                assert await worker.process.wait() == 0
+                assert watcher.records == {} and not engine.connected
+    finally:
+        if worker is not None:
+            await stop(worker)
+
+
+async def test_a_killed_worker_leaves_when_its_lease_expires(etcd: Etcd, tmp_path: Path) -> None:
+    workers: list[WorkerProcess] = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with frontend(etcd) as (pipeline, _):
+                workers += [await start_worker(tmp_path, i, etcd) for i in (1, 2)]
+                await wait_for(lambda: set(pipeline.workers) == {1, 2}, "workers 1 and 2")
+                workers[0].process.kill()
+                killed = time.monotonic()
+                await wait_for(lambda: pipeline.engine(1) is None, "worker 1's lease to expire")
+                assert time.monotonic() - killed < 8
+                await pipeline.membership_settled()
+                assert {await answer(pipeline, n) for n in range(4)} == {2}
+    finally:
+        for worker in workers:
+            await stop(worker)
+
+
+async def test_two_serve_processes_find_the_same_workers_and_answer(
+    etcd: Etcd, tmp_path: Path
+) -> None:
+    workers: list[WorkerProcess] = []
+    serves: list[trio.Process] = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            workers += [await start_worker(tmp_path, i, etcd) for i in (1, 2)]
+            urls = []
+            for n in range(2):
+                argv = ["serve", "--port", "0", "--etcd", etcd.url, "--etcd-prefix", PREFIX]
+                with (tmp_path / f"serve-{n}.log").open("wb") as stderr:
+                    process = await trio.lowlevel.open_process(
+                        [*_command(), *argv], stdout=subprocess.PIPE, stderr=stderr
+                    )
+                serves.append(process)
+                assert process.stdout is not None
+                text = b""
+                while b"configuration:\n" not in text:
+                    chunk = await process.stdout.receive_some(65536)
+                    assert chunk, (tmp_path / f"serve-{n}.log").read_text()
+                    text += chunk
+                lines = text.decode().splitlines()
+                assert any(f"workers under {PREFIX}/workers/ at {etcd.url}" in x for x in lines)
+                urls.append(lines[0].split("listening on ")[1].split(" ")[0])
+            for url in urls:
+                async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+                    health = (await client.get("/health")).json()
+                    assert health["workers"] == [1, 2], health
+                    reply = await client.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": "mock",
+                            "messages": [{"role": "user", "content": "Hi"}],
+                            "max_tokens": 4,
+                        },
+                    )
+                    assert reply.status_code == 200, reply.text
+                    assert reply.json()["usage"]["completion_tokens"] == 4
+            await stop(workers[1])
+            for url in urls:
+                async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+                    while (await client.get("/health")).json()["workers"] != [1]:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+    finally:
+        with trio.CancelScope(shield=True):
+            for process in serves:
+                process.kill()
+                await process.wait()
+                if process.stdout is not None:
+                    await process.stdout.aclose()
+            for worker in workers:
+                await stop(worker)
+
+
+async def test_bad_records_and_mismatched_workers_are_skipped(etcd: Etcd, tmp_path: Path) -> None:
+    workers: list[WorkerProcess] = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with EtcdClient(etcd.url) as client:
+                await client.put(f"{PREFIX}/workers/9", "not json")
+                await client.put(
+                    f"{PREFIX}/workers/8", WorkerRecord(worker_id=5, host="h", port=1).to_json()
+                )
+                async with frontend(etcd) as (pipeline, watcher):
+                    assert watcher.records == {}
+                    workers.append(await start_worker(tmp_path, 3, etcd, "--block-size", "32"))
+                    await wait_for(lambda: watcher.skipped == {3}, "worker 3 to be skipped")
+                    workers.append(await start_worker(tmp_path, 1, etcd))
+                    await wait_for(lambda: 1 in pipeline.workers, "worker 1")
+                    await client.put(f"{PREFIX}/workers/4", "{}")
+                    await client.put(f"{PREFIX}/workers/10", "[]")
+                    assert (await answer(pipeline, 1)) == 1
+                    assert set(pipeline.workers) == {1}
+                    assert pipeline.engine(3) is None  # its handshake says blocks of 32
+    finally:
+        for worker in workers:
+            await stop(worker)
+
+
+async def test_a_worker_restarted_on_another_port_replaces_its_engine(
+    etcd: Etcd, tmp_path: Path
+) -> None:
+    workers: list[WorkerProcess] = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with frontend(etcd) as (pipeline, _):
+                workers.append(await start_worker(tmp_path, 1, etcd))
+                await wait_for(lambda: 1 in pipeline.workers, "worker 1")
+                first = pipeline.engine(1)
+                workers[0].process.kill()  # its record stays until the TTL ...
+                workers.append(await start_worker(tmp_path, 1, etcd))  # ... or a new one
+                await wait_for(
+                    lambda: (
+                        getattr(pipeline.engine(1), "port", None) == workers[1].port
+                        and 1 in pipeline.workers
+                    ),
+                    "the new worker 1",
+                )
+                assert first is not None and not first.connected  # type: ignore[attr-defined]
+                await pipeline.membership_settled()
+                assert (await answer(pipeline, 2)) == 1
+    finally:
+        for worker in workers:
+            await stop(worker)
+
+
+async def test_after_etcd_restarts_empty_workers_register_again_and_frontends_follow(
+    etcd: Etcd, tmp_path: Path
+) -> None:
+    workers: list[WorkerProcess] = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with frontend(etcd) as (pipeline, watcher):
+                workers += [await start_worker(tmp_path, i, etcd) for i in (1, 2)]
+                await wait_for(lambda: set(pipeline.workers) == {1, 2}, "workers 1 and 2")
+                listings = watcher.listings
+                etcd.stop()
+                await stop(workers[1])  # it cannot revoke its lease: etcd is down ...
+                assert pipeline.engine(2) is not None  # the watcher cannot know yet
+                etcd.restart(lose_data=True)  # ... and etcd comes back without any record
+                await wait_for(lambda: watcher.listings > listings, "the watcher to list again")
+                # Worker 1's keepalive finds its lease gone: it registers again; worker 2,
+                # gone meanwhile, is removed.
+                await wait_for(lambda: set(watcher.records) == {1}, "only worker 1 in etcd")
+                await wait_for(lambda: pipeline.engine(2) is None, "worker 2 to be removed")
+                await wait_for(lambda: set(pipeline.workers) == {1}, "only worker 1 routable")
+                await pipeline.membership_settled()
+                assert (await answer(pipeline, 3)) == 1
+    finally:
+        for worker in workers:
+            await stop(worker)
+
+
+# -- the commands --------------------------------------------------------------------------------
+
+
+def test_serve_with_etcd_may_start_without_workers_and_shows_the_source() -> None:
+    args = frontend_parser().parse_args(["serve", "--etcd", "http://etcd:2379"])
+    setup = resolve(args)
+    assert setup.workers == 0 and setup.remote_workers == ()
+    assert setup.etcd_url == "http://etcd:2379" and setup.etcd_prefix == "interlock"
+    text = banner(setup, "http://127.0.0.1:8000")
+    assert "etcd         workers under interlock/workers/ at http://etcd:2379" in text
+    assert "found none yet" in text
+    with_mocks = resolve(
+        frontend_parser().parse_args(["serve", "--etcd", "http://e", "--workers", "2"])
+    )
+    assert with_mocks.workers == 2
+    router = resolve(
+        frontend_parser().parse_args(["route", "--etcd", "http://e", "--etcd-prefix", "p"])
+    )
+    assert router.workers == 0 and router.etcd_prefix == "p"
+
+
+def test_a_bad_etcd_url_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    args = frontend_parser().parse_args(["serve", "--etcd", "etcd:2379"])
+    assert args.run(args) == 2
+    assert "--etcd 'etcd:2379' is not a URL" in capsys.readouterr().err
+
+
+def test_serve_exits_with_status_1_when_etcd_cannot_be_reached(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    args = frontend_parser().parse_args(["serve", "--port", "0", "--etcd", url])
+    assert args.run(args) == 1
+    err = capsys.readouterr().err
+    assert f"cannot list the workers in etcd (--etcd): etcd at {url}" in err, err
+
+
+async def test_a_worker_exits_with_status_1_when_etcd_cannot_be_reached(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    argv = [*WORKER, "--id", "1", "--zero-time", "--etcd", url]
+    with trio.fail_after(TIMEOUT):
+        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 1
+    assert b"interlock worker: cannot register in etcd: etcd at " + url.encode() in result.stderr
+    assert result.stdout == b""
