@@ -27,6 +27,7 @@ import trio
 from helpers import frontend_parser
 from test_http_cli import _command
 from test_remote_workers import WORKER, WorkerProcess, generate, prompt, stop
+from test_remote_workers import start_worker as start_remote_worker
 
 from interlock import Components, NoWorkersAvailable, Pipeline, PipelineConfig, build_pipeline
 from interlock.discovery import (
@@ -165,7 +166,9 @@ async def start_worker(
 
 
 @asynccontextmanager
-async def frontend(etcd: Etcd, **config: Any) -> AsyncIterator[tuple[Pipeline, WorkerWatcher]]:
+async def frontend(
+    etcd: Etcd, *, connect_timeout: float = 3, **config: Any
+) -> AsyncIterator[tuple[Pipeline, WorkerWatcher]]:
     """An in-process pipeline (no workers of its own) following the workers in ``etcd``."""
     async with (
         build_pipeline(PipelineConfig(**config), Components()) as pipeline,
@@ -174,7 +177,11 @@ async def frontend(etcd: Etcd, **config: Any) -> AsyncIterator[tuple[Pipeline, W
     ):
         watcher: WorkerWatcher = await nursery.start(
             lambda task_status: watch_workers(
-                client, pipeline, prefix=PREFIX, connect_timeout=3, task_status=task_status
+                client,
+                pipeline,
+                prefix=PREFIX,
+                connect_timeout=connect_timeout,
+                task_status=task_status,
             )
         )
         watcher.backoff = 0.05
@@ -426,6 +433,37 @@ async def test_bad_records_and_mismatched_workers_are_skipped(etcd: Etcd, tmp_pa
                     assert (await answer(pipeline, 1)) == 1
                     assert set(pipeline.workers) == {1}
                     assert pipeline.engine(3) is None  # its handshake says blocks of 32
+    finally:
+        for worker in workers:
+            await stop(worker)
+
+
+async def test_a_registered_worker_that_cannot_be_reached_yet_joins_once_it_can(
+    etcd: Etcd, tmp_path: Path
+) -> None:
+    # A port nothing listens on yet: the record says the worker is there, the network says no.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workers: list[WorkerProcess] = []
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with EtcdClient(etcd.url) as client:
+                await client.put(
+                    f"{PREFIX}/workers/6",
+                    WorkerRecord(worker_id=6, host="127.0.0.1", port=port).to_json(),
+                )
+                async with frontend(etcd, connect_timeout=0.3) as (pipeline, watcher):
+                    assert watcher.skipped == {6}  # the listing did not wait for it
+                    assert 6 not in pipeline.workers
+                    workers.append(
+                        await start_remote_worker(
+                            tmp_path, 6, "--zero-time", "--tokenizer", "builtin", port=port
+                        )
+                    )
+                    await wait_for(lambda: 6 in pipeline.workers, "worker 6, once reachable")
+                    assert watcher.skipped == set()
+                    assert (await answer(pipeline, 3)) == 6
     finally:
         for worker in workers:
             await stop(worker)

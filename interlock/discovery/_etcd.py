@@ -422,6 +422,9 @@ class _Member:
     record: WorkerRecord
     engine: RemoteEngine
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: The first attempt to add it is over (joined, or failed once): what a listing waits for.
+    settled: trio.Event = attrs.field(factory=trio.Event)
+    #: Its task is over (joined, skipped, or cancelled): what a replacement waits for.
     done: trio.Event = attrs.field(factory=trio.Event)
     failed: bool = False
 
@@ -435,9 +438,11 @@ class WorkerWatcher:
     stops its engine (`Pipeline.remove_worker` with ``stop=True``: streams still open on it
     break and migrate where migration is on). A record with another address (the worker
     restarted elsewhere) replaces the engine. A record that does not parse, a worker whose
-    handshake does not match (id, role or block size), one that cannot be reached within
-    ``connect_timeout``, or whose id another worker of the pipeline has, is logged and
-    skipped until its record changes. When the watch breaks (etcd restarted), the watcher
+    handshake does not match (id, role or block size), or whose id another worker of the
+    pipeline has, is logged and skipped until its record changes. One that cannot be reached
+    within ``connect_timeout`` is tried again, with back-off up to ``max_backoff``, for as long
+    as its record stands (a worker behind a network that is down for a while joins once it is
+    back). When the watch breaks (etcd restarted), the watcher
     lists again and watches again, backing off from ``backoff`` to ``max_backoff`` seconds;
     workers whose records vanished meanwhile are removed. The pipeline keeps its workers
     while etcd is away.
@@ -486,8 +491,9 @@ class WorkerWatcher:
 
     @property
     def skipped(self) -> set[int]:
-        """The workers whose record is known but that were skipped (handshake mismatch,
-        unreachable, id taken), until their record changes."""
+        """The workers whose record is known but that are not in the pipeline: skipped
+        (handshake mismatch, id taken) until their record changes, or unreachable so far
+        (tried again with back-off)."""
         return {worker_id for worker_id, m in self._members.items() if m.failed}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -529,7 +535,7 @@ class WorkerWatcher:
         for record in present.values():
             await self._join(record)
         for member in list(self._members.values()):
-            await member.done.wait()
+            await member.settled.wait()
         self.listings += 1
 
     async def _follow(self) -> None:
@@ -582,9 +588,29 @@ class WorkerWatcher:
         from ..wire import ProtocolError
 
         record = member.record
+        delay = self.backoff
         try:
             with member.scope:
-                await self.pipeline.add_worker(member.engine)
+                while True:
+                    try:
+                        await self.pipeline.add_worker(member.engine)
+                        break
+                    except WorkerUnreachable as exc:
+                        # Its record stands, so it is meant to be up: keep trying (cancelled
+                        # when the record goes or changes).
+                        member.failed = True
+                        member.settled.set()
+                        _logger.warning(
+                            "worker %d registered in etcd is unreachable: %s; trying again "
+                            "in %.1fs",
+                            record.worker_id,
+                            exc,
+                            delay,
+                        )
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, self.max_backoff)
+                        member.engine = self._factory(record)
+                member.failed = False
                 _logger.info(
                     "worker %d at %s:%d (%s) joined from etcd",
                     record.worker_id,
@@ -592,10 +618,11 @@ class WorkerWatcher:
                     record.port,
                     record.role,
                 )
-        except (WorkerMismatch, WorkerUnreachable, ProtocolError, ConfigError, ValueError) as exc:
+        except (WorkerMismatch, ProtocolError, ConfigError, ValueError) as exc:
             member.failed = True
             _logger.error("skipping worker %d registered in etcd: %s", record.worker_id, exc)
         finally:
+            member.settled.set()
             member.done.set()
 
     async def _leave(self, worker_id: int, why: str) -> None:
