@@ -28,6 +28,7 @@ from helpers import frontend_parser
 from test_http_cli import _command
 from test_remote_workers import WORKER, WorkerProcess, generate, prompt, stop
 from test_remote_workers import start_worker as start_remote_worker
+from test_tokenizer_fingerprint import save_tiny_tokenizer
 
 from interlock import Components, NoWorkersAvailable, Pipeline, PipelineConfig, build_pipeline
 from interlock.discovery import (
@@ -42,6 +43,7 @@ from interlock.discovery import (
 )
 from interlock.engines.remote import RemoteEngine
 from interlock.http._cli import banner, resolve
+from interlock.processing import ByteTokenizer, Tokenizer
 from interlock.wire import PreprocessedRequest
 
 TIMEOUT = 15
@@ -167,11 +169,12 @@ async def start_worker(
 
 @asynccontextmanager
 async def frontend(
-    etcd: Etcd, *, connect_timeout: float = 3, **config: Any
+    etcd: Etcd, *, connect_timeout: float = 3, tokenizer: Tokenizer | None = None, **config: Any
 ) -> AsyncIterator[tuple[Pipeline, WorkerWatcher]]:
-    """An in-process pipeline (no workers of its own) following the workers in ``etcd``."""
+    """An in-process pipeline (no workers of its own) following the workers in ``etcd``; with
+    ``tokenizer``, the watcher checks each worker's against it."""
     async with (
-        build_pipeline(PipelineConfig(**config), Components()) as pipeline,
+        build_pipeline(PipelineConfig(**config), Components(tokenizer=tokenizer)) as pipeline,
         EtcdClient(etcd.url) as client,
         trio.open_nursery() as nursery,
     ):
@@ -422,10 +425,14 @@ async def test_bad_records_and_mismatched_workers_are_skipped(etcd: Etcd, tmp_pa
                 await client.put(
                     f"{PREFIX}/workers/8", WorkerRecord(worker_id=5, host="h", port=1).to_json()
                 )
-                async with frontend(etcd) as (pipeline, watcher):
+                async with frontend(etcd, tokenizer=ByteTokenizer()) as (pipeline, watcher):
                     assert watcher.records == {}
                     workers.append(await start_worker(tmp_path, 3, etcd, "--block-size", "32"))
                     await wait_for(lambda: watcher.skipped == {3}, "worker 3 to be skipped")
+                    # Another tokenizer than the frontend's bytes (the last --tokenizer wins).
+                    other = save_tiny_tokenizer(tmp_path / "tiny.json", "river", "stone")
+                    workers.append(await start_worker(tmp_path, 7, etcd, "--tokenizer", str(other)))
+                    await wait_for(lambda: watcher.skipped == {3, 7}, "worker 7 to be skipped")
                     workers.append(await start_worker(tmp_path, 1, etcd))
                     await wait_for(lambda: 1 in pipeline.workers, "worker 1")
                     await client.put(f"{PREFIX}/workers/4", "{}")
@@ -433,6 +440,7 @@ async def test_bad_records_and_mismatched_workers_are_skipped(etcd: Etcd, tmp_pa
                     assert (await answer(pipeline, 1)) == 1
                     assert set(pipeline.workers) == {1}
                     assert pipeline.engine(3) is None  # its handshake says blocks of 32
+                    assert pipeline.engine(7) is None  # and this one's another tokenizer
     finally:
         for worker in workers:
             await stop(worker)

@@ -394,3 +394,28 @@ async def test_a_killed_remote_worker_is_migrated_from_and_serving_goes_on(
                     reply = (await client.post("/v1/chat/completions", json=short)).json()
                     assert reply["nvext"]["worker_id"]["decode_worker_id"] == survivor, (n, reply)
     assert f"lost worker {killed}" in serve.log.read_text()
+
+
+async def test_a_worker_without_the_frontend_tokenizer_stops_serve_before_it_listens(
+    tmp_path: Path,
+) -> None:
+    # No --tokenizer: the worker generates ids below 32000, the frontend's bytes have 259.
+    worker = await start_worker(tmp_path, 1, "--zero-time", "--log-level", "warning")
+    try:
+        with trio.fail_after(TIMEOUT):
+            argv = ["serve", "--port", "0", "--remote-worker", f"1=127.0.0.1:{worker.port}"]
+            done = await trio.run_process(
+                [*_command(), *argv], capture_stdout=True, capture_stderr=True, check=False
+            )
+    finally:
+        await stop(worker)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert b"listening on" not in done.stdout
+    assert "interlock serve: wrong remote worker: the worker at 127.0.0.1:" in err
+    assert "has no tokenizer and generates token ids up to 31999" in err
+    assert "this frontend's tokenizer is builtin:259:" in err
+    assert "start the worker with --tokenizer builtin" in err
+    assert "here: this frontend's tokenizer is <built-in byte tokenizer>" in err
+    assert "start it with `interlock worker --tokenizer builtin`" in err
+    assert "--block-size" not in err  # the hint is about the tokenizer, not the block size

@@ -17,6 +17,7 @@ PUBLIC = {
     "TokenizerError",
     "load_chat_template",
     "load_tokenizer",
+    "tokenizer_fingerprint",
 }
 
 

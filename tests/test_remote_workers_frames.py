@@ -111,6 +111,8 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
             max_num_seqs=st.none() | st.integers(1, 2**16),
         ),
         registered=st.booleans(),
+        vocab_size=st.none() | st.integers(1, 2**20),
+        tokenizer=st.none() | st.text(),
     ),
     Start: st.builds(Start, stream=IDS, request=requests(sampling=True)),
     Cancel: st.builds(Cancel, stream=IDS),

@@ -16,9 +16,10 @@ import trio
 import trio.testing
 
 from interlock import WorkerGone, WorkerRefused
-from interlock.engines.mock import MockEngine, MockTiming, mock_continuation
+from interlock.engines.mock import MockEngine, MockTiming, mock_continuation, mock_token_pool
 from interlock.engines.remote import (
     RemoteEngine,
+    TokenizerMismatch,
     WorkerAddress,
     WorkerMismatch,
     WorkerUnreachable,
@@ -26,7 +27,9 @@ from interlock.engines.remote import (
 )
 from interlock.engines.remote._cli import add_arguments, build_engine
 from interlock.engines.remote._connection import FrameConnection
+from interlock.engines.remote._server import _Hub
 from interlock.kv import KvStored
+from interlock.processing import ByteTokenizer, tokenizer_fingerprint
 from interlock.wire import (
     EngineOutput,
     FrameParser,
@@ -141,6 +144,82 @@ async def test_a_worker_that_is_not_the_one_configured_is_a_clear_error(
             engine = remote(address, **({"instance_id": 1} | expected))
             with pytest.raises(WorkerMismatch, match=message):
                 await engine.run()
+
+
+BUILTIN = tokenizer_fingerprint(ByteTokenizer())
+
+
+def builtin_worker(instance_id: int = 1) -> MockEngine:
+    """A worker like ``interlock worker --tokenizer builtin``."""
+    tokenizer = ByteTokenizer()
+    pool = mock_token_pool(tokenizer)
+    return zero_time(instance_id, tokenizer=tokenizer, vocab_size=259, token_pool=pool)
+
+
+def test_the_welcome_reports_the_tokenizer_and_the_ids_the_worker_generates() -> None:
+    def welcome(engine: MockEngine) -> Welcome:
+        return _Hub(engine, handshake_timeout=1, max_frame_size=1 << 20).welcome(1)
+
+    plain = welcome(zero_time())
+    assert (plain.tokenizer, plain.vocab_size) == (None, 32_000)
+    builtin = welcome(builtin_worker())
+    pool = mock_token_pool(ByteTokenizer())
+    assert (builtin.tokenizer, builtin.vocab_size) == (BUILTIN, max(pool) + 1)
+
+
+@pytest.mark.parametrize(
+    ("worker", "expected", "message"),
+    [
+        (
+            zero_time,
+            {"tokenizer": BUILTIN, "vocab_size": 259},
+            r"instance 1\) has no tokenizer and generates token ids up to 31999, but this "
+            r"frontend's tokenizer is builtin:259:\w+ \(ids 0..258\).*start the worker with "
+            r"--tokenizer builtin",
+        ),
+        (
+            builtin_worker,
+            {"tokenizer": "hf:151669:0123456789abcdef", "vocab_size": 151_669},
+            r"decodes with tokenizer builtin:259:\w+, but this frontend's tokenizer is "
+            r"hf:151669:0123456789abcdef .*start the worker with --tokenizer PATH naming",
+        ),
+        (
+            zero_time,
+            {"vocab_size": 259},
+            r"has no tokenizer .* frontend's tokenizer has ids 0..258.*--tokenizer builtin or",
+        ),
+        (
+            # Its ids fit the frontend's vocabulary, but they are no tokenizer's tokens.
+            zero_time,
+            {"tokenizer": "hf:151669:0123456789abcdef", "vocab_size": 151_669},
+            r"has no tokenizer and generates token ids up to 31999, but this frontend's "
+            r"tokenizer is hf:151669:0123456789abcdef",
+        ),
+    ],
+)
+async def test_a_worker_with_another_tokenizer_is_a_tokenizer_mismatch(
+    worker: Callable[[], MockEngine], expected: dict[str, Any], message: str
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with served(worker()) as address:
+            with pytest.raises(TokenizerMismatch, match=message) as caught:
+                await remote(address, **expected).run()
+    assert isinstance(caught.value, WorkerMismatch)
+
+
+async def test_a_worker_with_the_frontend_tokenizer_or_ids_within_it_connects() -> None:
+    within = zero_time(2, token_pool=range(100))  # no tokenizer, but ids 0..99 decode
+    with trio.fail_after(TIMEOUT):
+        async with served(builtin_worker()) as first, served(within) as second:
+            engine = remote(first, 1, tokenizer=BUILTIN, vocab_size=259)
+            async with connected(engine):
+                assert engine.connected
+            # A frontend that knows only its vocabulary's size checks only the ids.
+            async with connected(remote(second, 2, vocab_size=259)) as engine:
+                assert engine.connected
+            # Without the frontend's tokenizer nothing is checked, as before.
+            async with served(zero_time(3)) as third, connected(remote(third, 3)) as engine:
+                assert engine.connected
 
 
 async def test_an_unreachable_worker_fails_after_connect_timeout() -> None:
@@ -442,6 +521,7 @@ def test_the_public_surface_is_pinned() -> None:
 
     assert sorted(remote_package.__all__) == [
         "RemoteEngine",
+        "TokenizerMismatch",
         "WorkerAddress",
         "WorkerMismatch",
         "WorkerUnreachable",

@@ -412,8 +412,8 @@ async def serve_registration(
 
 # -- the frontend's side ----------------------------------------------------------------------
 
-#: Makes the engine for a discovered worker (default: a `RemoteEngine` with the frontend's
-#: block size, so that the handshake checks the worker's).
+#: Makes the engine for a discovered worker (default: a `RemoteEngine` with the pipeline's
+#: block size and tokenizer, so that the handshake checks the worker's).
 EngineFactory = Callable[[WorkerRecord], "RemoteEngine"]
 
 
@@ -438,8 +438,8 @@ class WorkerWatcher:
     stops its engine (`Pipeline.remove_worker` with ``stop=True``: streams still open on it
     break and migrate where migration is on). A record with another address (the worker
     restarted elsewhere) replaces the engine. A record that does not parse, a worker whose
-    handshake does not match (id, role or block size), or whose id another worker of the
-    pipeline has, is logged and skipped until its record changes. One that cannot be reached
+    handshake does not match (id, role, block size or tokenizer), or whose id another worker
+    of the pipeline has, is logged and skipped until its record changes. One that cannot be reached
     within ``connect_timeout`` is tried again, with back-off up to ``max_backoff``, for as long
     as its record stands (a worker behind a network that is down for a while joins once it is
     back). When the watch breaks (etcd restarted), the watcher
@@ -473,13 +473,17 @@ class WorkerWatcher:
 
     def _remote_engine(self, record: WorkerRecord) -> RemoteEngine:
         from ..engines.remote import RemoteEngine
+        from ..processing import tokenizer_fingerprint
 
+        tokenizer = self.pipeline.tokenizer
         return RemoteEngine(
             record.host,
             record.port,
             instance_id=record.worker_id,
             role=record.role,
             block_size=self.pipeline.config.kv_block_size,
+            tokenizer=None if tokenizer is None else tokenizer_fingerprint(tokenizer),
+            vocab_size=None if tokenizer is None else tokenizer.vocab_size,
             connect_timeout=self.connect_timeout,
             max_backoff=min(self.max_backoff, 1.0),
         )

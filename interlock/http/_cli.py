@@ -45,8 +45,13 @@ from ..engines import ROLES, Engine, Role
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
 from ..engines.mock import MockEngine, MockTiming
 from ..engines.mock import mock_token_pool as mock_token_pool  # re-exported, as MOCK_TEXT
-from ..engines.remote import RemoteEngine, WorkerMismatch, WorkerUnreachable
-from ..processing import ChatTemplateError, TokenizerError
+from ..engines.remote import RemoteEngine, TokenizerMismatch, WorkerMismatch, WorkerUnreachable
+from ..processing import (
+    ByteTokenizer,
+    ChatTemplateError,
+    TokenizerError,
+    tokenizer_fingerprint,
+)
 from ..wire import ProtocolError
 from ._app import HttpLimits, build_app
 from ._metrics import HttpMetrics
@@ -170,7 +175,10 @@ class ServeSetup:
         mock workers (ids 1..workers, then the prefill workers), then a `RemoteEngine` per
         ``--remote-worker`` (prefill ones with the prefill workers). Nothing connects yet: the
         pipeline runs each engine's ``run``, which connects (and raises `WorkerUnreachable` or
-        `WorkerMismatch`). Never blocks.
+        `WorkerMismatch`). Each `RemoteEngine` checks that its worker has this frontend's
+        tokenizer, whatever the postprocessing: the worker reads the prompt ids the frontend
+        encoded, and its ids reach clients as ``token_ids`` even when it makes the text. Never
+        blocks (fingerprinting a tokenizer takes a fraction of a second, once).
         """
         tokenizer = self.preprocessor.tokenizer
         pool = mock_token_pool(tokenizer)
@@ -195,6 +203,8 @@ class ServeSetup:
                 instance_id=remote.worker_id,
                 role=remote.role,
                 block_size=self.config.kv_block_size,
+                tokenizer=tokenizer_fingerprint(tokenizer),
+                vocab_size=tokenizer.vocab_size,
             )
             (prefill if remote.role == "prefill" else workers).append(engine)
         return workers, prefill
@@ -564,7 +574,15 @@ _WORKER_ERRORS = (WorkerMismatch, WorkerUnreachable, ProtocolError, EtcdError)
 def _worker_failure(setup: ServeSetup, exc: BaseException) -> int:
     """Report a remote worker the pipeline could not start with; the exit status (1)."""
     command = f"interlock {setup.command}"
-    if isinstance(exc, WorkerMismatch):
+    if isinstance(exc, TokenizerMismatch):
+        builtin = isinstance(setup.preprocessor.tokenizer, ByteTokenizer)
+        hint = (
+            f"this frontend's tokenizer is {setup.preprocessor.source} (--tokenizer); every "
+            "remote worker must generate with the same one: start it with `interlock worker "
+            f"--tokenizer {'builtin' if builtin else setup.preprocessor.source}`"
+        )
+        print(f"{command}: wrong remote worker: {exc}\n  here: {hint}", file=sys.stderr)
+    elif isinstance(exc, WorkerMismatch):
         hint = (
             "--remote-worker ID=HOST:PORT/ROLE sets the id and role expected, and every worker "
             f"must page its KV cache in blocks of kv_block_size={setup.config.kv_block_size} "

@@ -4,6 +4,7 @@
 - ``ChatTemplate`` (``load_chat_template``, ``ChatTemplate.chatml()``): messages -> prompt text.
 - ``IncrementalDetokenizer``: generated token ids -> text, piece by piece.
 - ``StopStringMatcher``: cuts streamed text at the first stop string.
+- ``tokenizer_fingerprint``: tells tokenizers apart (checked in the worker handshake).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from ._byte_tokenizer import ByteTokenizer
 from ._chat_template import CHATML_TEMPLATE, ChatTemplate, load_chat_template
 from ._detokenizer import IncrementalDetokenizer
 from ._errors import ChatMessageError, ChatTemplateError, TokenizerError
+from ._fingerprint import tokenizer_fingerprint
 from ._stop import StopStringMatcher
 from ._tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
@@ -28,4 +30,5 @@ __all__ = [
     "TokenizerError",
     "load_chat_template",
     "load_tokenizer",
+    "tokenizer_fingerprint",
 ]

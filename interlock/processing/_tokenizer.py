@@ -78,7 +78,14 @@ class HFTokenizer:
     Build one with ``load_tokenizer``; the constructor is for tokenizers already in memory.
     """
 
-    __slots__ = ("_chat_template", "_eos_token_ids", "_tokenizer", "_vocab_size", "source")
+    __slots__ = (
+        "_chat_template",
+        "_eos_token_ids",
+        "_fingerprint",
+        "_tokenizer",
+        "_vocab_size",
+        "source",
+    )
 
     def __init__(
         self,
@@ -94,6 +101,8 @@ class HFTokenizer:
         check_ids(self._eos_token_ids, self._vocab_size)
         self._chat_template = chat_template
         self.source = source
+        #: `tokenizer_fingerprint`'s answer, once computed.
+        self._fingerprint: str | None = None
 
     def __repr__(self) -> str:
         return f"HFTokenizer(source={self.source!r}, vocab_size={self._vocab_size})"

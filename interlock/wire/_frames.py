@@ -103,7 +103,10 @@ class Welcome:
     """Worker → frontend, the answer to `Hello`: the version chosen and who the worker is.
 
     ``registered`` is False while the worker is withdrawn from routing (draining, or down
-    after a crash); `WorkerJoined` announces its return.
+    after a crash); `WorkerJoined` announces its return. ``vocab_size`` bounds the token ids
+    the worker may generate (all in ``0..vocab_size-1``), and ``tokenizer`` is the
+    `interlock.processing.tokenizer_fingerprint` of the tokenizer it reads and decodes with;
+    None: not reported (the frontend then checks what it can).
     """
 
     version: int
@@ -112,6 +115,8 @@ class Welcome:
     block_size: int | None
     capacity: WorkerCapacity = attrs.field(factory=WorkerCapacity)
     registered: bool = True
+    vocab_size: int | None = None
+    tokenizer: str | None = None
 
 
 @attrs.frozen(kw_only=True)

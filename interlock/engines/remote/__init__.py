@@ -3,11 +3,12 @@ worker's server), and the ``interlock worker`` command. The protocol is in docs/
 its messages and frame codec are in `interlock.wire`."""
 
 from ._cli import add_parser
-from ._client import RemoteEngine, WorkerMismatch, WorkerUnreachable
+from ._client import RemoteEngine, TokenizerMismatch, WorkerMismatch, WorkerUnreachable
 from ._server import WorkerAddress, serve_worker
 
 __all__ = [
     "RemoteEngine",
+    "TokenizerMismatch",
     "WorkerAddress",
     "WorkerMismatch",
     "WorkerUnreachable",

@@ -40,9 +40,15 @@ _logger = logging.getLogger("interlock.engines.remote")
 
 
 class WorkerMismatch(EngineError):
-    """The worker at the address is not the one configured: another instance id, role or
-    block size. Raised by `RemoteEngine.run` on the first connection (a later one only logs
-    it and keeps the engine out of routing)."""
+    """The worker at the address is not the one configured: another instance id, role,
+    block size or tokenizer. Raised by `RemoteEngine.run` on the first connection (a later
+    one only logs it and keeps the engine out of routing)."""
+
+
+class TokenizerMismatch(WorkerMismatch):
+    """The `WorkerMismatch` of a worker whose tokenizer is not the frontend's: it reports
+    another tokenizer fingerprint, or (reporting none) may generate ids the frontend's
+    tokenizer does not have."""
 
 
 class WorkerUnreachable(EngineError):
@@ -141,7 +147,11 @@ class RemoteEngine:
     Implements `Engine`: requests become multiplexed streams on one connection, the worker's
     KV and membership events reach this engine's listeners, and `snapshot` asks the worker.
     ``instance_id``, ``role`` and ``block_size`` are what the worker must report in its
-    handshake.
+    handshake. ``tokenizer`` (a `interlock.processing.tokenizer_fingerprint`) and
+    ``vocab_size`` are the frontend's tokenizer: a worker reporting another fingerprint, or
+    no fingerprint while the frontend gives one, or ids beyond ``vocab_size``, is a
+    `TokenizerMismatch` (None: not checked; a worker that reports neither, one from before
+    these fields, is not checked either).
 
     `run` connects (retrying with back-off while the worker is not up yet, for at most
     ``connect_timeout`` seconds), then keeps the connection. When the connection is lost,
@@ -159,6 +169,8 @@ class RemoteEngine:
         instance_id: int,
         role: Role = "agg",
         block_size: int = 16,
+        tokenizer: str | None = None,
+        vocab_size: int | None = None,
         connect_timeout: float = 10.0,
         handshake_timeout: float = 5.0,
         snapshot_timeout: float = 10.0,
@@ -179,6 +191,10 @@ class RemoteEngine:
         #: Tokens per KV block; checked against the worker's (the pipeline checks it against
         #: its ``kv_block_size``).
         self.block_size = block_size
+        #: The frontend's tokenizer fingerprint and vocabulary size, checked against the
+        #: worker's (None: not checked).
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.snapshot_timeout = snapshot_timeout
@@ -366,7 +382,45 @@ class RemoteEngine:
                 "RemoteEngine's arguments",
                 worker_id=self.instance_id,
             )
+        self._check_tokenizer(answer)
         return answer
+
+    def _check_tokenizer(self, answer: Welcome) -> None:
+        expected, size = self.tokenizer, self.vocab_size
+        if expected is not None and answer.tokenizer is not None:
+            if answer.tokenizer == expected:
+                return
+            worker = f"decodes with tokenizer {answer.tokenizer}"
+        elif expected is not None and answer.tokenizer is None and answer.vocab_size is not None:
+            # Ids from no tokenizer at all are not the frontend's tokens, even when they fit
+            # its vocabulary (a 32,000-id mock under a 151,669-id tokenizer would pass).
+            worker = f"has no tokenizer and generates token ids up to {answer.vocab_size - 1}"
+        elif size is not None and answer.vocab_size is not None and answer.vocab_size > size:
+            worker = (
+                f"has no tokenizer and generates token ids up to {answer.vocab_size - 1}"
+                if answer.tokenizer is None
+                else f"decodes with tokenizer {answer.tokenizer}, with ids up to "
+                f"{answer.vocab_size - 1}"
+            )
+        else:
+            return
+        ids = "" if size is None else f"ids 0..{size - 1}"
+        if expected is None:
+            frontend = f"has {ids}"
+        else:
+            frontend = f"is {expected}" + (f" ({ids})" if ids else "")
+        if expected is None:
+            fix = "--tokenizer builtin or --tokenizer PATH naming the frontend's tokenizer"
+        elif expected.startswith("builtin:"):
+            fix = "--tokenizer builtin (the frontend's built-in byte tokenizer)"
+        else:
+            fix = "--tokenizer PATH naming the frontend's tokenizer (its --tokenizer)"
+        raise TokenizerMismatch(
+            f"the worker at {self.address} (instance {answer.worker_id}) {worker}, but this "
+            f"frontend's tokenizer {frontend}: the worker's token ids would not decode, or "
+            f"decode to the wrong text; start the worker with {fix}",
+            worker_id=self.instance_id,
+        )
 
     # -- serving one connection -----------------------------------------------------------
 

@@ -9,6 +9,7 @@ import attrs
 import trio
 
 from ..._errors import EngineError, RequestError, WorkerRefused
+from ...processing import tokenizer_fingerprint
 from ...wire._frames import (
     MAX_FRAME_SIZE,
     SUPPORTED_VERSIONS,
@@ -113,6 +114,7 @@ class _Hub:
 
     def welcome(self, version: int) -> Welcome:
         engine = self.engine
+        tokenizer = getattr(engine, "tokenizer", None)
         return Welcome(
             version=version,
             worker_id=engine.instance_id,
@@ -123,6 +125,8 @@ class _Hub:
                 max_num_seqs=getattr(engine, "max_num_seqs", None),
             ),
             registered=getattr(engine, "registered", True),
+            vocab_size=_vocab_size(engine),
+            tokenizer=None if tokenizer is None else tokenizer_fingerprint(tokenizer),
         )
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
@@ -177,6 +181,16 @@ class _Hub:
         with trio.move_on_after(GOODBYE_TIMEOUT):
             await conn.stream.send_all(encode_frame(Goodbye(reason=reason)))
         return None
+
+
+def _vocab_size(engine: Engine) -> int | None:
+    """How many token ids ``engine`` may generate: one past the largest of its token pool,
+    else its ``vocab_size``; None when it says neither."""
+    pool: Any = getattr(engine, "token_pool", None)
+    if pool:
+        return int(max(pool)) + 1
+    size: Any = getattr(engine, "vocab_size", None)
+    return size if type(size) is int else None
 
 
 class _Session:
