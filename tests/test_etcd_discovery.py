@@ -139,11 +139,9 @@ async def start_worker(
     tmp_path: Path, worker_id: int, etcd: Etcd, *flags: str, ttl: int = 2
 ) -> WorkerProcess:
     """An ``interlock worker --etcd`` process; returns once it is listening and registered."""
-    log = tmp_path / f"worker-{worker_id}-{time.monotonic_ns()}.log"
-    argv = [
-        *WORKER,
-        "--id",
-        str(worker_id),
+    return await start_remote_worker(
+        tmp_path,
+        worker_id,
         "--zero-time",
         "--tokenizer",
         "builtin",
@@ -154,17 +152,7 @@ async def start_worker(
         "--etcd-ttl",
         str(ttl),
         *flags,
-    ]
-    with log.open("wb") as stderr:
-        process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=stderr)
-    assert process.stdout is not None
-    line = b""
-    with trio.fail_after(TIMEOUT):
-        while not line.endswith(b"\n"):
-            chunk = await process.stdout.receive_some(1)
-            assert chunk, f"worker {worker_id} exited early:\n{log.read_text()}"
-            line += chunk
-    return WorkerProcess(worker_id, "agg", json.loads(line)["port"], process, log)
+    )
 
 
 @asynccontextmanager

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,8 @@ async def start_worker(
     tmp_path: Path, worker_id: int, *flags: str, role: Role = "agg", port: int = 0
 ) -> WorkerProcess:
     """Start a worker; return once it printed its JSON line (it is listening then)."""
-    log = tmp_path / f"worker-{worker_id}-{port}.log"
+    # Unique: a test may start the same worker id twice (a restart), and both logs matter.
+    log = tmp_path / f"worker-{worker_id}-{time.monotonic_ns()}.log"
     argv = [*WORKER, "--id", str(worker_id), "--role", role, "--port", str(port), *flags]
     with log.open("wb") as stderr:
         process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=stderr)

@@ -560,6 +560,10 @@ class MockEngine:
             if seq.cancelled:
                 waiting.popleft()
                 continue
+            # Chunked, the budget alone decides: stop before hashing a head that cannot go.
+            # Even a fully cached prompt waits, since prefills must finish in admission order.
+            if chunked and new_tokens >= budget:
+                break
             tokens = seq.tokens
             # A head that does not fit waits here step after step: hash its prompt once.
             if seq.hashed_len == len(tokens):
@@ -570,11 +574,7 @@ class MockEngine:
                 seq.tokens_hashes, seq.seq_hashes, seq.hashed_len = local, hashes, len(tokens)
             transferred = seq.request.prefill_result is not None and not seq.generated
             uncached = 0 if transferred else len(tokens) - cache.cached_prefix(hashes) * block_size
-            if chunked:
-                # Even a fully cached prompt waits: prefills must finish in admission order.
-                if new_tokens >= budget:
-                    break
-            elif running and new_tokens + uncached > budget:
+            if not chunked and running and new_tokens + uncached > budget:
                 break
             partial = len(tokens) % block_size != 0
             limit = block_budget if running else None
