@@ -322,8 +322,9 @@ async def test_a_worker_process_joins_serves_and_leaves_at_once_on_sigterm(
                 await pipeline.membership_settled()
                 assert [await answer(pipeline, n) for n in range(3)] == [1, 1, 1]
                 worker.process.send_signal(signal.SIGTERM)
-                # The TTL is 30 s: only the revoked lease can remove it this soon.
-                await wait_for(lambda: pipeline.engine(1) is None, "worker 1 to leave", within=5)
+                # The TTL is 30 s: only the revoked lease can remove it within the test's
+                # deadline (TIMEOUT, half the TTL).
+                await wait_for(lambda: pipeline.engine(1) is None, "worker 1 to leave")
                 assert await worker.process.wait() == 0
                 assert watcher.records == {} and not engine.connected
     finally:
@@ -339,9 +340,8 @@ async def test_a_killed_worker_leaves_when_its_lease_expires(etcd: Etcd, tmp_pat
                 workers += [await start_worker(tmp_path, i, etcd) for i in (1, 2)]
                 await wait_for(lambda: set(pipeline.workers) == {1, 2}, "workers 1 and 2")
                 workers[0].process.kill()
-                killed = time.monotonic()
+                # Only the lease's expiry removes it: its RemoteEngine would reconnect forever.
                 await wait_for(lambda: pipeline.engine(1) is None, "worker 1's lease to expire")
-                assert time.monotonic() - killed < 8
                 await pipeline.membership_settled()
                 assert {await answer(pipeline, n) for n in range(4)} == {2}
     finally:
