@@ -1,49 +1,24 @@
-"""What the pipeline needs from a worker: the `Engine` protocol."""
+"""What the pipeline needs from a worker: the `Engine` protocol.
+
+`Role`, `WorkerSnapshot` and `ActiveSequence` are plain data that travel on the worker
+protocol, so they are defined in `interlock.wire` (which must not import this package) and
+exported here."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-import attrs
 import trio
 
 from ..wire import EngineOutput, PreprocessedRequest
+from ..wire._snapshot import ROLES, ActiveSequence, Role, WorkerSnapshot
 
-Role = Literal["agg", "prefill", "decode"]
-ROLES: tuple[Role, ...] = ("agg", "prefill", "decode")
+__all__ = ["ROLES", "ActiveSequence", "Engine", "EventListener", "Role", "WorkerSnapshot"]
 
 #: Receives a worker's events (membership changes; KV events and load reports later).
 EventListener = Callable[[Any], None]
-
-
-@attrs.frozen
-class ActiveSequence:
-    """A request a worker is serving, as reported in a `WorkerSnapshot`."""
-
-    request_id: str
-    prompt_tokens: int
-    cached_tokens: int
-    generated_tokens: int
-    prefill_done: bool
-
-
-@attrs.frozen
-class WorkerSnapshot:
-    """A worker's state, for rebuilding a router after a restart or an event gap.
-
-    ``kv_blocks`` is its whole KV cache as stored events, parents first, current as of event
-    ``kv_last_event_id`` (-1 before the first event); empty for a worker that publishes no KV
-    events.
-    """
-
-    worker_id: int
-    role: Role
-    active: tuple[ActiveSequence, ...] = ()
-    kv_blocks: tuple[Any, ...] = ()
-    kv_last_event_id: int = -1
-    block_size: int | None = None
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast, get_args
+from typing import Any, cast, get_args
 
 import attrs
 import cattrs
@@ -30,9 +30,7 @@ from ._codec import converter
 from ._events import WorkerJoined, WorkerLeft
 from ._output import EngineOutput, FinishReason
 from ._request import PreprocessedRequest
-
-if TYPE_CHECKING:
-    from ..engines import WorkerSnapshot
+from ._snapshot import WorkerSnapshot
 
 __all__ = [
     "MAX_FRAME_SIZE",
@@ -218,18 +216,13 @@ def frame_tag(message: Any) -> str | None:
 
 @functools.cache
 def _converter() -> cattrs.Converter:
-    """The frame converter: the wire converter's strict rules, plus snapshots.
-
-    Built on first use, because `WorkerSnapshot` belongs to `interlock.engines`, which
-    imports this package.
-    """
-    from ..engines import WorkerSnapshot
-
+    """The frame converter: the wire converter's strict rules, plus snapshots (built on first
+    use, then shared)."""
     frames = converter.copy()
     # msgpack decodes arrays as lists only: check their element types in one C-level pass
     # (prompts are long; the shared hook's per-element loop is 2.5x slower here).
     frames.register_structure_hook_func(lambda kind: kind == tuple[int, ...], _int_tuple)
-    attrs.resolve_types(SnapshotReply, globalns={"WorkerSnapshot": WorkerSnapshot})
+    attrs.resolve_types(SnapshotReply)
     # A snapshot's kv_blocks is typed loosely by the engine protocol; on this wire it holds
     # KvStored events (what MockEngine and the router exchange).
     frames.register_structure_hook(
