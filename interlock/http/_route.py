@@ -9,7 +9,7 @@ the router also books the request's load, which the gateway releases with
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from starlette.requests import ClientDisconnect, Request
@@ -18,12 +18,10 @@ from starlette.routing import Route
 
 from ..wire import PreprocessedRequest, RouterConfigOverride, RoutingDecision
 from ._errors import HttpError, bad_request, http_error_for
+from ._frontend import Frontend
 from ._nvext import parse_token_ids
 from ._openai import ParsedRequest
 from ._sse import dumps
-
-if TYPE_CHECKING:
-    from ._app import _Frontend
 
 _FIELDS = frozenset(
     {
@@ -109,7 +107,7 @@ def decision_body(
 class _RouteApi:
     """The endpoints and the set of booked request ids (booked until freed)."""
 
-    def __init__(self, frontend: _Frontend) -> None:
+    def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
         self.booked: set[str] = set()
 
@@ -195,7 +193,7 @@ class _RouteApi:
         value = body[field]
         if field == "token_ids":
             tokens = parse_token_ids(value, "token_ids")
-            return frontend._checked_ids(tokens, "token_ids")
+            return frontend.checked_ids(tokens, "token_ids")
         if field == "messages":
             if type(value) is not list:
                 raise bad_request(f"messages must be a list, got {_kind(value)}", "messages")
@@ -306,7 +304,7 @@ async def _read_json(request: Request, limit: int) -> Any:
         ) from None
 
 
-def route_routes(frontend: _Frontend) -> list[Route]:
+def route_routes(frontend: Frontend) -> list[Route]:
     api = _RouteApi(frontend)
     return [
         Route("/v1/route", api.route, methods=["POST"]),

@@ -1,0 +1,198 @@
+"""`Frontend`: what the HTTP endpoints share (the pipeline, the preprocessor, metrics and
+limits) and how they turn a parsed request into a `PreprocessedRequest`. Both the OpenAI app
+(`interlock.http._app`) and the route-only API (`interlock.http._route`) use it; it imports
+neither."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from typing import Any, Final
+
+import attrs
+
+from .._pipeline import Pipeline
+from ..wire import PreprocessedRequest, SamplingOptions
+from ._errors import HttpError, bad_request
+from ._metrics import HttpMetrics
+from ._nvext import NvExt
+from ._openai import ParsedRequest
+from ._preprocess import Preprocessor
+
+
+@attrs.frozen(kw_only=True)
+class HttpLimits:
+    """Bounds on what a client may ask for.
+
+    ``max_body_bytes``: larger bodies get 413 (8 MiB holds a 128k-token ``token_data``).
+    ``max_model_len``: the context length; a prompt plus ``max_tokens`` beyond it gets 400, and
+    a request without ``max_tokens`` may generate up to it.
+    """
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_model_len: int = 32_768
+
+
+class Frontend:
+    """What the endpoints share: the pipeline, the preprocessor, metrics and limits."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        model: str,
+        preprocessor: Preprocessor,
+        metrics: HttpMetrics,
+        limits: HttpLimits,
+    ) -> None:
+        self.pipeline = pipeline
+        self.model = model
+        self.preprocessor = preprocessor
+        self.tokenizer = preprocessor.tokenizer
+        self.vocab_size = preprocessor.tokenizer.vocab_size
+        self.eos_token_ids = tuple(preprocessor.tokenizer.eos_token_ids)
+        self.metrics = metrics
+        self.limits = limits
+        self.created = int(time.time())
+        self._ids = itertools.count()
+        self._id_prefix = secrets.token_hex(6)
+        config = pipeline.config
+        self.routing = config.routing
+        self.allow_worker_ids = config.allow_request_worker_ids
+        self.executes = pipeline.mode.executes
+        self.frontend_post = config.postprocessing == "frontend"
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{self._id_prefix}{next(self._ids):x}"
+
+    # -- preprocessing ----------------------------------------------------------------------
+
+    def check_worker_ids(self, nvext: NvExt) -> None:
+        """Refuse client-chosen workers where the configuration does not allow them."""
+        named = nvext.named_worker()
+        routing = self.routing
+        if named is not None:
+            source = named[1]
+            if routing == "discover" and not self.allow_worker_ids:
+                raise HttpError(
+                    400,
+                    f"{source} names a worker, but this server selects workers itself "
+                    "(routing='discover') and does not let a client pin load onto one; drop "
+                    "it, or start the server with --allow-request-worker-ids",
+                    param=source,
+                    code="worker_ids_not_allowed",
+                )
+            if routing == "query_only":
+                raise HttpError(
+                    400,
+                    f"{source} names a worker, but this server only answers queries "
+                    "(routing='query_only'): it selects the workers for the caller; drop it",
+                    param=source,
+                    code="worker_ids_not_allowed",
+                )
+        elif routing == "direct_to_known":
+            raise HttpError(
+                400,
+                "this server routes direct_to_known: every request names its worker; send the "
+                "header x-worker-instance-id (or nvext.backend_instance_id)",
+                param="x-worker-instance-id",
+                code="worker_id_required",
+            )
+
+    def prompt_tokens(self, parsed: ParsedRequest, nvext: NvExt) -> tuple[int, ...]:
+        if nvext.token_data is not None:
+            return self.checked_ids(nvext.token_data, "nvext.token_data")
+        if parsed.kind == "chat":
+            assert parsed.messages is not None
+            if nvext.use_raw_prompt:
+                ids = self.preprocessor.encode_text(_raw_chat_text(parsed.messages))
+            else:
+                ids = self.preprocessor.encode_chat(
+                    parsed.messages,
+                    tools=parsed.tools,
+                    add_generation_prompt=parsed.add_generation_prompt,
+                    template_kwargs=parsed.chat_template_kwargs,
+                )
+        elif parsed.prompt_ids is not None:
+            return self.checked_ids(parsed.prompt_ids, "prompt")
+        else:
+            assert parsed.prompt_text is not None
+            ids = self.preprocessor.encode_text(parsed.prompt_text)
+        if not ids:
+            raise bad_request(
+                "the prompt is empty after tokenization; send some text",
+                "messages" if parsed.kind == "chat" else "prompt",
+            )
+        return tuple(ids)
+
+    def checked_ids(self, ids: tuple[int, ...], where: str) -> tuple[int, ...]:
+        if max(ids) >= self.vocab_size:
+            bad = next(i for i, t in enumerate(ids) if t >= self.vocab_size)
+            raise bad_request(
+                f"{where}[{bad}]={ids[bad]} is outside the tokenizer's vocabulary "
+                f"(0..{self.vocab_size - 1})",
+                f"{where}[{bad}]",
+            )
+        return ids
+
+    def preprocess(
+        self, parsed: ParsedRequest, nvext: NvExt, request_id: str
+    ) -> PreprocessedRequest:
+        tokens = self.prompt_tokens(parsed, nvext)
+        max_len = self.limits.max_model_len
+        max_tokens = parsed.max_tokens
+        room = max_len - len(tokens)
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            wanted = f" + {max_tokens} requested" if max_tokens is not None else ""
+            raise HttpError(
+                400,
+                f"this model's context length is {max_len} tokens; the prompt has "
+                f"{len(tokens)}{wanted}; shorten the prompt or lower max_tokens",
+                param="messages" if parsed.kind == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = room
+        temperature = 0.0 if nvext.greed_sampling else parsed.temperature
+        sampling = (
+            SamplingOptions(temperature=temperature, top_p=parsed.top_p, seed=parsed.seed)
+            if temperature is not None or parsed.top_p is not None or parsed.seed is not None
+            else _NO_SAMPLING
+        )
+        return PreprocessedRequest(
+            token_ids=tokens,
+            max_tokens=max_tokens,
+            min_tokens=parsed.min_tokens,
+            stop_token_ids=parsed.stop_token_ids,
+            eos_token_ids=self.eos_token_ids,
+            ignore_eos=parsed.ignore_eos,
+            sampling=sampling,
+            routing=nvext.routing_hints(),
+            request_id=request_id,
+            model=parsed.model,
+            annotations=nvext.annotations,
+            # A whole answer without stop strings needs no text until the end: it is decoded
+            # once (`Preprocessor.decode_completion`) instead of token by token. Streams,
+            # stop strings and engine-side text need the pipeline's incremental text.
+            detokenize=parsed.stream or bool(parsed.stop) or not self.frontend_post,
+            stop=parsed.stop,
+            include_stop_str_in_output=parsed.include_stop_str_in_output,
+        )
+
+
+_NO_SAMPLING: Final = SamplingOptions()
+
+
+def _raw_chat_text(messages: list[Any]) -> str:
+    """``nvext.use_raw_prompt`` on a chat request: the messages' text, without a template."""
+    parts = []
+    for index, message in enumerate(messages):
+        content = message.get("content") if type(message) is dict else None
+        if type(content) is not str:
+            raise bad_request(
+                "with nvext.use_raw_prompt every message's content must be a string",
+                f"messages[{index}].content",
+            )
+        parts.append(content)
+    return "\n".join(parts)
