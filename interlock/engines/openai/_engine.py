@@ -1,0 +1,604 @@
+"""`OpenAIEngine`: the `Engine` protocol over HTTP to an OpenAI-compatible server (vLLM first).
+
+Prompts go as token ids to ``/v1/completions`` and the generated ids come back in the stream
+(vLLM's ``return_token_ids``), so the frontend's postprocessing, routing and migration work
+exactly as with interlock's own workers. The engine's health and load come from its
+``/health`` and ``/metrics``; its KV cache from vLLM's ZMQ event feed (`KvEventFeed`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any
+
+import httpx
+import trio
+
+from ..._errors import RequestError, WorkerRefused
+from ...processing import Tokenizer
+from ...wire import EngineOutput, PrefillResult, PreprocessedRequest, WorkerJoined, WorkerLeft
+from .._listeners import Listeners
+from .._protocol import ROLES, EventListener, Role, WorkerSnapshot
+from ..remote import TokenizerMismatch, WorkerMismatch, WorkerUnreachable
+from ._metrics import EngineMetrics, parse_engine_metrics
+from ._stream import ChunkReader, engine_error_message, usage_from
+
+_logger = logging.getLogger("interlock.engines.openai")
+
+#: Text the frontend and the engine must tokenize alike before the engine serves: words, digits,
+#: punctuation, whitespace runs, accents, CJK and an emoji, so that a tokenizer that differs
+#: in merges, normalisation or byte fallback shows it.
+TOKENIZER_PROBE = (
+    "interlock probe: The quick brown fox jumps over 13 lazy dogs, twice.\n"
+    "  def f(x):\n\treturn x**2 -> café naïve résumé 東京 3.14159 <|probe|> 🚂"
+)
+
+#: The KV-transfer parameters of a prefill leg (vLLM's P/D connectors): compute the prompt's KV
+#: and keep it for a remote decode; NixlConnector answers with what the decode leg must send.
+PREFILL_KV_TRANSFER_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+class OpenAIEngine:
+    """An OpenAI-compatible inference server (vLLM; see docs/engines.md for others) as a worker.
+
+    Implements `Engine`. ``base_url`` is the server's root (``http://127.0.0.1:8101``, without
+    ``/v1``). ``model`` is the name the server serves (None: the first of its ``/v1/models``).
+    ``block_size`` (tokens per KV block) and ``tokenizer`` are the frontend's: when given, `run`
+    refuses an engine that reports another block size (`WorkerMismatch`) or tokenizes a probe
+    text differently (`TokenizerMismatch`, through the engine's ``/tokenize``). ``api_key`` is
+    sent as a bearer token. ``kv_events`` is the frontend's `KvEventFeed` (or None: the engine
+    publishes no KV events); ``kv_replay_endpoint`` the engine's replay socket, from which
+    missed event batches are fetched again.
+
+    `run` waits for ``/health`` (at most ``connect_timeout`` seconds), checks the engine, then
+    polls ``/health`` and ``/metrics`` every ``health_interval`` seconds: after
+    ``unhealthy_after`` failed polls in a row the engine leaves routing (`WorkerLeft`), and it
+    rejoins (`WorkerJoined`) once ``/health`` answers again. `metrics` holds the last scrape.
+
+    A stream breaks (`WorkerGone`, which migration handles) when the connection fails or resets,
+    the server answers 5xx, sends an in-band error, or ends the body without a finish reason.
+    A server that cannot take the request at all (connection refused, 503, 429) is a
+    `WorkerRefused`; a 4xx is the request's own fault (`RequestError`), never the engine's.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        instance_id: int,
+        role: Role = "agg",
+        model: str | None = None,
+        block_size: int | None = None,
+        tokenizer: Tokenizer | None = None,
+        api_key: str | None = None,
+        kv_events: Any = None,
+        kv_replay_endpoint: str | None = None,
+        connect_timeout: float = 30.0,
+        health_interval: float = 1.0,
+        health_timeout: float = 5.0,
+        unhealthy_after: int = 2,
+        verify: bool | str = True,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if type(instance_id) is not int or instance_id < 0:
+            raise ValueError(f"instance_id must be a non-negative int, got {instance_id!r}")
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        if self.base_url.endswith("/v1"):
+            self.base_url = self.base_url[: -len("/v1")]
+        self._instance_id = instance_id
+        self._role: Role = role
+        self.model = model
+        self.block_size = block_size
+        self.tokenizer = tokenizer
+        self.api_key = api_key
+        self.kv_events = kv_events
+        self.kv_replay_endpoint = kv_replay_endpoint
+        self.connect_timeout = connect_timeout
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self.unhealthy_after = unhealthy_after
+        self.verify = verify
+        #: The last ``/metrics`` scrape (None before the first, or if the engine has none).
+        self.metrics: EngineMetrics | None = None
+        #: The context length the engine reports in ``/v1/models`` (None: not reported).
+        self.max_model_len: int | None = None
+        self._listeners = Listeners()
+        self._client: httpx.AsyncClient | None = None
+        self._present = False
+        self._down_reason = "not started"
+        self._mirror: Any = None
+
+    # -- Engine protocol ------------------------------------------------------------------
+
+    @property
+    def instance_id(self) -> int:
+        return self._instance_id
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the engine's URL (what a gateway forwards to)."""
+        url = httpx.URL(self.base_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        return f"{url.host}:{port}"
+
+    @property
+    def registered(self) -> bool:
+        """Healthy, and so routable."""
+        return self._present
+
+    def open_stream(self, request: PreprocessedRequest) -> _HttpStream:
+        """Send ``request`` to the engine; the context yields its outputs.
+
+        Entering raises `WorkerRefused` when the engine is down or refuses the request,
+        `WorkerGone` on a 5xx, `RequestError` on a 4xx. Iterating raises `WorkerGone` when
+        the stream breaks. Leaving early closes the HTTP stream, which makes the engine abort
+        the request.
+        """
+        return _HttpStream(self, request)
+
+    def add_listener(self, listener: EventListener) -> Callable[[], None]:
+        return self._listeners.add(listener)
+
+    async def snapshot(self) -> WorkerSnapshot:
+        """The engine's KV cache as its events told it (no I/O)."""
+        await trio.lowlevel.checkpoint()
+        blocks: tuple[Any, ...] = ()
+        last = -1
+        if self._mirror is not None:
+            dump, last = self._mirror.dump()
+            blocks = tuple(dump)
+        return WorkerSnapshot(
+            worker_id=self._instance_id,
+            role=self._role,
+            kv_blocks=blocks,
+            kv_last_event_id=last,
+            block_size=self.block_size,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Wait for the engine, check it, call ``task_status.started()``, then watch its health
+        and load until cancelled.
+
+        Raises:
+            WorkerUnreachable: ``/health`` did not answer 200 within ``connect_timeout``.
+            WorkerMismatch: the engine pages its KV cache in blocks of another size.
+            TokenizerMismatch: the engine tokenizes the probe text differently.
+        """
+        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        async with (
+            httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=headers,
+                # Reads wait as long as the engine generates: a stalled stream is the
+                # pipeline's engine_idle_timeout to judge, not the HTTP client's.
+                timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+                verify=self.verify,
+            ) as client,
+            trio.open_nursery() as nursery,
+        ):
+            self._client = client
+            try:
+                await self._wait_healthy(client)
+                await self._describe(client)
+                await self._check_tokenizer(client)
+                if self.kv_events is not None:
+                    await self._follow_kv_events(nursery)
+                self._set_present(True, "healthy")
+                task_status.started()
+                await self._watch(client)
+            finally:
+                self._client = None
+                self._present = False
+                nursery.cancel_scope.cancel()
+
+    # -- starting ---------------------------------------------------------------------------
+
+    async def _wait_healthy(self, client: httpx.AsyncClient) -> None:
+        delay = 0.05
+        last = "no attempt"
+        with trio.move_on_after(self.connect_timeout):
+            while True:
+                last = await self._health(client)
+                if not last:
+                    return
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        raise WorkerUnreachable(
+            f"engine {self.instance_id} at {self.base_url} did not answer GET /health with 200 "
+            f"within connect_timeout={self.connect_timeout}s (last: {last}); is the server "
+            "running there? (a vLLM takes a minute or two to start)",
+            worker_id=self.instance_id,
+        )
+
+    async def _health(self, client: httpx.AsyncClient) -> str:
+        """'' when healthy, else why not."""
+        try:
+            with trio.fail_after(self.health_timeout):
+                response = await client.get("/health")
+        except trio.TooSlowError:
+            return f"no answer within {self.health_timeout}s"
+        except httpx.HTTPError as exc:
+            return _describe_http_error(exc)
+        if response.status_code != 200:
+            return f"/health answered {response.status_code}"
+        return ""
+
+    async def _describe(self, client: httpx.AsyncClient) -> None:
+        """Learn the served model and context length; check the block size."""
+        try:
+            response = await client.get("/v1/models")
+            cards = response.json().get("data", []) if response.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            cards = []
+        card = next(
+            (
+                c
+                for c in cards
+                if type(c) is dict and (self.model is None or c.get("id") == self.model)
+            ),
+            None,
+        )
+        if self.model is None:
+            if card is None:
+                raise WorkerMismatch(
+                    f"engine {self.instance_id} at {self.base_url} lists no model in "
+                    "GET /v1/models; name the model it serves (--model-name)",
+                    worker_id=self.instance_id,
+                )
+            self.model = str(card["id"])
+        elif cards and card is None:
+            served = ", ".join(repr(c.get("id")) for c in cards if type(c) is dict)
+            raise WorkerMismatch(
+                f"engine {self.instance_id} at {self.base_url} serves {served}, not "
+                f"{self.model!r}; set --model-name to the engine's --served-model-name",
+                worker_id=self.instance_id,
+            )
+        if card is not None and type(card.get("max_model_len")) is int:
+            self.max_model_len = card["max_model_len"]
+        metrics = await self._scrape(client)
+        reported = metrics.block_size if metrics is not None else None
+        if self.block_size is not None and reported is not None and reported != self.block_size:
+            raise WorkerMismatch(
+                f"engine {self.instance_id} at {self.base_url} pages its KV cache in blocks of "
+                f"{reported} tokens, but this frontend's kv_block_size is {self.block_size}: "
+                "prefix matches would be lost; serve with --kv-block-size "
+                f"{reported} (or start the engine with --block-size {self.block_size}; vLLM on "
+                "CPU needs a multiple of 32)",
+                worker_id=self.instance_id,
+            )
+
+    async def _check_tokenizer(self, client: httpx.AsyncClient) -> None:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            return
+        body = {"model": self.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
+        try:
+            response = await client.post("/tokenize", json=body)
+        except httpx.HTTPError as exc:
+            _logger.warning(
+                "engine %d: cannot check its tokenizer (POST /tokenize: %s)",
+                self.instance_id,
+                _describe_http_error(exc),
+            )
+            return
+        if response.status_code == 404:
+            _logger.warning(
+                "engine %d at %s has no /tokenize: its tokenizer cannot be checked against "
+                "the frontend's",
+                self.instance_id,
+                self.base_url,
+            )
+            return
+        try:
+            theirs = response.json()["tokens"]
+        except (ValueError, KeyError, TypeError):
+            _logger.warning(
+                "engine %d: POST /tokenize answered %d without tokens; tokenizer not checked",
+                self.instance_id,
+                response.status_code,
+            )
+            return
+        ours = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+        if list(theirs) != list(ours):
+            at = next(
+                (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                min(len(ours), len(theirs)),
+            )
+            raise TokenizerMismatch(
+                f"engine {self.instance_id} at {self.base_url} tokenizes the probe text into "
+                f"{len(theirs)} ids, this frontend's tokenizer into {len(ours)}; they first "
+                f"differ at position {at} (engine {theirs[at : at + 4]}, frontend "
+                f"{ours[at : at + 4]}): the engine would read other tokens than the router "
+                "hashed and the frontend decodes; serve with --tokenizer naming the engine's "
+                "model directory (or its tokenizer.json)",
+                worker_id=self.instance_id,
+            )
+
+    async def _follow_kv_events(self, nursery: trio.Nursery) -> None:
+        from ._kv_mirror import KvMirror
+
+        if self.block_size is None:
+            raise ValueError("an OpenAIEngine with kv_events needs block_size")
+        mirror = KvMirror(
+            self.instance_id,
+            self.block_size,
+            publish=self._listeners.publish,
+            replay_endpoint=self.kv_replay_endpoint,
+        )
+        await nursery.start(mirror.run)
+        self._mirror = mirror
+        remove = self.kv_events.subscribe(self.instance_id, mirror.on_batch)
+        nursery.start_soon(_unsubscribe_on_exit, remove)
+
+    # -- watching ---------------------------------------------------------------------------
+
+    async def _watch(self, client: httpx.AsyncClient) -> None:
+        failures = 0
+        while True:
+            await trio.sleep(self.health_interval)
+            why = await self._health(client)
+            if why:
+                failures += 1
+                if failures >= self.unhealthy_after or "refused" in why:
+                    self._set_present(False, why)
+                continue
+            failures = 0
+            await self._scrape(client)
+            self._set_present(True, "healthy")
+
+    async def _scrape(self, client: httpx.AsyncClient) -> EngineMetrics | None:
+        try:
+            with trio.fail_after(self.health_timeout):
+                response = await client.get("/metrics")
+            if response.status_code != 200:
+                return None
+            self.metrics = parse_engine_metrics(response.text)
+        except (trio.TooSlowError, httpx.HTTPError, ValueError) as exc:
+            _logger.debug("engine %d: /metrics: %s", self.instance_id, exc)
+            return None
+        return self.metrics
+
+    def _set_present(self, present: bool, why: str) -> None:
+        if present == self._present:
+            return
+        self._present = present
+        self._down_reason = why
+        if present:
+            _logger.info("engine %d at %s is healthy", self.instance_id, self.base_url)
+            self._listeners.publish(WorkerJoined(self.instance_id))
+        else:
+            _logger.warning(
+                "engine %d at %s leaves routing: %s", self.instance_id, self.base_url, why
+            )
+            self._listeners.publish(WorkerLeft(self.instance_id))
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def request_body(self, request: PreprocessedRequest, *, stream: bool) -> dict[str, Any]:
+        """The ``/v1/completions`` body for ``request`` (a prefill leg on a prefill engine)."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": list(request.token_ids),
+            "stream": stream,
+            "return_token_ids": True,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.detokenize or request.stop:
+            # Engine postprocessing: the engine applies the stop conditions and makes the text.
+            if request.min_tokens:
+                body["min_tokens"] = request.min_tokens
+            if request.stop_token_ids:
+                body["stop_token_ids"] = list(request.stop_token_ids)
+            if request.stop:
+                body["stop"] = list(request.stop)
+                body["include_stop_str_in_output"] = request.include_stop_str_in_output
+            body["ignore_eos"] = request.ignore_eos
+        else:
+            # Frontend postprocessing (or ids only): the frontend owns every stop condition and
+            # closes the stream when one hits; the engine must not stop on its own EOS first.
+            body["ignore_eos"] = True
+            body["skip_special_tokens"] = False
+        sampling = request.sampling
+        if sampling.temperature is not None:
+            body["temperature"] = sampling.temperature
+        if sampling.top_p is not None:
+            body["top_p"] = sampling.top_p
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        prefill = request.prefill_result
+        if self._role == "prefill":
+            body["max_tokens"] = 1
+            body.pop("min_tokens", None)
+            body["kv_transfer_params"] = dict(PREFILL_KV_TRANSFER_PARAMS)
+        elif prefill is not None and prefill.kv_transfer_params is not None:
+            # Verbatim: the connector on the decode engine reads what the prefill one wrote.
+            body["kv_transfer_params"] = prefill.kv_transfer_params
+        return body
+
+    def __repr__(self) -> str:
+        return f"<OpenAIEngine {self.instance_id} role={self.role} at {self.base_url}>"
+
+
+async def _unsubscribe_on_exit(remove: Callable[[], None]) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        remove()
+
+
+def _describe_http_error(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return f"connection refused or unreachable ({exc})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _HttpStream:
+    """The context manager and iterator `OpenAIEngine.open_stream` returns."""
+
+    __slots__ = ("_engine", "_lines", "_prefill", "_reader", "_request", "_response")
+
+    def __init__(self, engine: OpenAIEngine, request: PreprocessedRequest) -> None:
+        self._engine = engine
+        self._request = request
+        self._response: httpx.Response | None = None
+        self._lines: AsyncIterator[str] | None = None
+        self._prefill: EngineOutput | None = None
+        text = request.detokenize or bool(request.stop)
+        self._reader = ChunkReader(engine.instance_id, text=text, describe=engine.base_url)
+
+    async def __aenter__(self) -> AsyncIterator[EngineOutput]:
+        engine = self._engine
+        client = engine._client
+        if client is None or not engine._present:
+            await trio.lowlevel.checkpoint()
+            raise WorkerRefused(
+                f"engine {engine.instance_id} at {engine.base_url} is not serving "
+                f"({engine._down_reason})",
+                worker_id=engine.instance_id,
+            )
+        prefill = engine.role == "prefill"
+        body = engine.request_body(self._request, stream=not prefill)
+        headers = {}
+        if self._request.request_id is not None:
+            # The same id on both legs of a disaggregated request (NIXL derives its transfer
+            # id from it), and in the engine's logs.
+            headers["x-request-id"] = self._request.request_id
+        request = client.build_request("POST", "/v1/completions", json=body, headers=headers)
+        try:
+            response = await client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise WorkerRefused(
+                f"engine {engine.instance_id} at {engine.base_url} refused the connection: "
+                f"{_describe_http_error(exc)}",
+                worker_id=engine.instance_id,
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise self._reader.broken(f"failed: {_describe_http_error(exc)}") from exc
+        self._response = response
+        try:
+            if response.status_code != 200:
+                await self._refuse(response)
+            if prefill:
+                self._prefill = await self._read_prefill(response)
+            else:
+                self._lines = response.aiter_lines()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def _refuse(self, response: httpx.Response) -> None:
+        engine = self._engine
+        status = response.status_code
+        try:
+            raw = await response.aread()
+            message = engine_error_message(json.loads(raw))
+        except (httpx.HTTPError, ValueError):
+            message = f"HTTP {status}"
+        where = f"engine {engine.instance_id} at {engine.base_url}"
+        if status in (429, 503):
+            raise WorkerRefused(
+                f"{where} cannot take the request now ({status}: {message})",
+                worker_id=engine.instance_id,
+            )
+        if 400 <= status < 500:
+            raise RequestError(
+                f"{where} rejected the request ({status}): {message}", field="prompt"
+            )
+        raise self._reader.broken(f"answered {status}: {message}")
+
+    async def _read_prefill(self, response: httpx.Response) -> EngineOutput:
+        engine = self._engine
+        try:
+            body = json.loads(await response.aread())
+        except (httpx.HTTPError, ValueError) as exc:
+            raise self._reader.broken(f"sent an unreadable prefill answer ({exc})") from exc
+        if type(body) is not dict or not body.get("choices"):
+            raise self._reader.broken(f"sent a prefill answer without choices: {body!r:.200}")
+        self._reader.choice(body["choices"][0])
+        output = self._reader.finish()
+        usage = usage_from(body.get("usage"))
+        params = body.get("kv_transfer_params")
+        result = PrefillResult(
+            prefill_worker_id=engine.instance_id,
+            prompt_tokens=len(self._request.token_ids),
+            cached_tokens=usage.cached_tokens if usage is not None else 0,
+            kv_transfer_params=params if type(params) is dict else None,
+        )
+        return EngineOutput(
+            token_ids=output.token_ids,
+            finish_reason=output.finish_reason,
+            usage=usage,
+            prefill_result=result,
+        )
+
+    def __aiter__(self) -> AsyncIterator[EngineOutput]:
+        return self
+
+    async def __anext__(self) -> EngineOutput:
+        if self._prefill is not None:
+            output, self._prefill = self._prefill, None
+            return output
+        lines = self._lines
+        if lines is None:
+            raise StopAsyncIteration
+        reader = self._reader
+        while True:
+            try:
+                line = await lines.__anext__()
+            except StopAsyncIteration:
+                self._lines = None
+                if reader.finished:
+                    # The finish reason came; only [DONE] is missing.
+                    return reader.finish()
+                raise reader.broken("closed the stream without a finish_reason") from None
+            except httpx.HTTPError as exc:
+                self._lines = None
+                raise reader.broken(f"broke the stream ({_describe_http_error(exc)})") from exc
+            if not line.startswith("data:"):
+                continue
+            output = reader.feed(line[5:].strip())
+            if reader.done:
+                self._lines = None
+            if output is not None:
+                return output
+            if reader.done:
+                raise StopAsyncIteration
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        response, self._response = self._response, None
+        if response is None:
+            return
+        # Closing an unfinished stream drops its connection: the engine sees the client go and
+        # aborts the request. Shielded so that a cancelled request still frees the engine.
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await response.aclose()

@@ -1,0 +1,152 @@
+"""Reading one engine response: SSE chunks of an OpenAI-compatible completions stream, turned
+into `EngineOutput` values, and every way such a stream can end badly turned into `WorkerGone`.
+
+What a real vLLM does when it fails (measured, reference/vllm-cpu.md section 5): a killed API
+server ends the body with a clean EOF and no ``[DONE]``; a dead engine core sends an in-band
+``data: {"error": ...}`` and then ``[DONE]``; a frozen one sends nothing (the pipeline's
+``engine_idle_timeout`` covers that). After a stall one chunk can carry 100+ tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..._errors import WorkerGone
+from ...wire import EngineOutput, FinishReason, Usage
+
+#: Engine finish reasons that end a request normally, as interlock names them. vLLM also says
+#: "abort" (the engine dropped the request) and "error": a broken stream, not an end.
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "stop"}
+
+
+def usage_from(body: dict[str, Any] | None) -> Usage | None:
+    """The `Usage` of an OpenAI ``usage`` object (None when absent or malformed)."""
+    if type(body) is not dict:
+        return None
+    prompt = body.get("prompt_tokens")
+    completion = body.get("completion_tokens")
+    if type(prompt) is not int or type(completion) is not int:
+        return None
+    details = body.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if type(details) is dict else None
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=cached if type(cached) is int else 0,
+    )
+
+
+def engine_error_message(body: Any) -> str:
+    """The message of an OpenAI-style error body (``{"error": {"message": ...}}``, vLLM's
+    ``{"message": ...}``), or the body itself, shortened."""
+    if type(body) is dict:
+        error = body.get("error", body)
+        if type(error) is dict and type(error.get("message")) is str:
+            return str(error["message"])[:500]
+        if type(error) is str:
+            return error[:500]
+    return repr(body)[:500]
+
+
+class ChunkReader:
+    """Turns one request's decoded SSE ``data:`` payloads into outputs.
+
+    `feed` takes each payload (``[DONE]`` included) and returns the output to pass on, or None.
+    The chunk carrying the finish reason is held back until ``[DONE]`` (or the end of the body),
+    so that the usage chunk vLLM sends in between reaches the same, final, output.
+    """
+
+    __slots__ = ("_describe", "_final", "_text", "_usage", "_worker_id", "done", "tokens")
+
+    def __init__(self, worker_id: int, *, text: bool, describe: str) -> None:
+        self._worker_id = worker_id
+        self._text = text
+        self._describe = describe
+        self._final: EngineOutput | None = None
+        self._usage: Usage | None = None
+        #: Saw ``[DONE]``.
+        self.done = False
+        #: Tokens received so far.
+        self.tokens = 0
+
+    def broken(self, why: str) -> WorkerGone:
+        return WorkerGone(
+            f"engine {self._worker_id} at {self._describe} {why} after {self.tokens} tokens",
+            worker_id=self._worker_id,
+        )
+
+    def feed(self, data: str) -> EngineOutput | None:
+        """One SSE ``data:`` payload. Raises `WorkerGone` for an in-band error, an aborted
+        request, or a chunk without token ids."""
+        if data == "[DONE]":
+            self.done = True
+            return self.finish()
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise self.broken(f"sent a chunk that is not JSON ({data[:80]!r})") from None
+        if type(chunk) is not dict:
+            raise self.broken(f"sent a chunk that is not an object ({data[:80]!r})")
+        if "error" in chunk:
+            raise self.broken(f"reported an error in the stream: {engine_error_message(chunk)}")
+        usage = usage_from(chunk.get("usage"))
+        if usage is not None:
+            self._usage = usage
+        choices = chunk.get("choices")
+        if not choices:
+            return None
+        return self.choice(choices[0])
+
+    def choice(self, choice: Any) -> EngineOutput | None:
+        """One ``choices[0]`` object (of a stream chunk or a whole response)."""
+        if type(choice) is not dict:
+            raise self.broken("sent a choice that is not an object")
+        ids = choice.get("token_ids")
+        if ids is None:
+            ids = []
+            if choice.get("text") and not self._text:
+                raise self.broken(
+                    "sent text without token_ids; interlock needs the generated token ids "
+                    "(vLLM's return_token_ids, vLLM >= 0.10.2; other engines: see "
+                    "docs/engines.md)"
+                )
+        elif type(ids) is not list:
+            raise self.broken("sent token_ids that are not a list")
+        tokens = tuple(ids)
+        self.tokens += len(tokens)
+        text = choice.get("text") if self._text else None
+        if text is None and self._text:
+            delta = choice.get("delta")
+            text = delta.get("content") if type(delta) is dict else None
+        reason = choice.get("finish_reason")
+        if reason is None:
+            if not tokens and not text:
+                return None
+            return EngineOutput(token_ids=tokens, text=text or None)
+        finish = _FINISH.get(reason)
+        if finish is None:
+            raise self.broken(f"ended the request with finish_reason={reason!r}")
+        self._final = EngineOutput(token_ids=tokens, text=text or None, finish_reason=finish)
+        return None
+
+    def finish(self) -> EngineOutput:
+        """The final output, once the body ended: raises `WorkerGone` if no finish reason came."""
+        final = self._final
+        if final is None:
+            why = "ended the stream with [DONE]" if self.done else "closed the stream"
+            raise self.broken(f"{why} without a finish_reason")
+        self._final = None
+        if self._usage is not None:
+            return EngineOutput(
+                token_ids=final.token_ids,
+                text=final.text,
+                finish_reason=final.finish_reason,
+                usage=self._usage,
+            )
+        return final
+
+    @property
+    def finished(self) -> bool:
+        """A finish reason arrived (the output is held until `finish`)."""
+        return self._final is not None
