@@ -44,6 +44,28 @@ from ._frames import (
     encode_frame,
 )
 
+# vLLM's KV-event feed (ZMQ frames + msgpack batches), read by interlock.engines.openai.
+from ._vllm import (
+    REPLAY_END_SEQ,
+    KvBatchLayout,
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmKvBatch,
+    VllmKvDecodeError,
+    VllmKvEvent,
+    VllmKvMessage,
+    decode_kv_batch,
+    encode_kv_batch,
+    kv_message_frames,
+    parse_kv_message,
+    parse_replay_reply,
+    parse_replay_request,
+    replay_end_frames,
+    replay_reply_frames,
+    replay_request_frames,
+)
+
 __all__ += [
     "MAX_FRAME_SIZE",
     "PROTOCOL_VERSION",
@@ -52,4 +74,25 @@ __all__ += [
     "ProtocolError",
     "decode_body",
     "encode_frame",
+]
+
+__all__ += [
+    "REPLAY_END_SEQ",
+    "KvBatchLayout",
+    "VllmAllBlocksCleared",
+    "VllmBlockRemoved",
+    "VllmBlockStored",
+    "VllmKvBatch",
+    "VllmKvDecodeError",
+    "VllmKvEvent",
+    "VllmKvMessage",
+    "decode_kv_batch",
+    "encode_kv_batch",
+    "kv_message_frames",
+    "parse_kv_message",
+    "parse_replay_reply",
+    "parse_replay_request",
+    "replay_end_frames",
+    "replay_reply_frames",
+    "replay_request_frames",
 ]

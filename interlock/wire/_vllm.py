@@ -1,0 +1,476 @@
+"""vLLM's KV-cache event feed on the wire: event shapes, their msgpack codec, the ZMQ frames.
+
+What a vLLM server publishes (reference/vllm-cpu.md section 2, reference/engines.md section 1):
+
+* a live message is 3 ZMQ frames ``[topic, seq u64 big-endian, payload]``; ``seq`` counts
+  batches from 0 per publisher process;
+* the payload is a msgpack array ``[ts, events, data_parallel_rank]`` (the rank is left off when
+  it is ``None``); vLLM 0.26+ writes each event as a map keyed ``"type"``, older versions as a
+  tag-first array (:data:`KvBatchLayout` names the two);
+* a replay (a DEALER asking the engine's ROUTER for batches from ``start``) answers one message
+  per buffered batch, ``[b"", seq, payload]`` up to vLLM 0.25 and ``[b"", topic, seq, payload]``
+  since, then an end marker whose ``seq`` is eight ``0xFF`` bytes and whose payload is empty.
+
+Block hashes are opaque ids. vLLM sends them as unsigned 64-bit ints by default; older
+``builtin`` hashing sent signed ones, which are read as the same 64 bits unsigned; with
+``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0`` it sends the raw digest bytes, which are read as their
+last 8 bytes, big-endian: exactly the int vLLM itself would have sent (its
+``maybe_convert_block_hash``), so an engine's ids do not depend on that switch. Decoding
+therefore always yields ``int`` hashes in ``[0, 2**64)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import attrs
+import msgpack  # type: ignore[import-untyped]
+
+from .._errors import InterlockError
+
+__all__ = [
+    "REPLAY_END_SEQ",
+    "KvBatchLayout",
+    "VllmAllBlocksCleared",
+    "VllmBlockRemoved",
+    "VllmBlockStored",
+    "VllmKvBatch",
+    "VllmKvDecodeError",
+    "VllmKvEvent",
+    "VllmKvMessage",
+    "decode_kv_batch",
+    "encode_kv_batch",
+    "kv_message_frames",
+    "parse_kv_message",
+    "parse_replay_reply",
+    "parse_replay_request",
+    "replay_end_frames",
+    "replay_reply_frames",
+    "replay_request_frames",
+]
+
+KvBatchLayout = Literal["map", "array"]
+"""How events are written: ``"map"`` (vLLM 0.26+, measured on 0.32: ``{"type": ..., ...}``)
+or ``"array"`` (vLLM up to 0.25: ``["BlockStored", field, ...]``). The batch is an array in both."""
+
+#: The ``seq`` of a replay's end marker: eight 0xFF bytes.
+REPLAY_END_SEQ = 2**64 - 1
+
+_U64 = 2**64
+_MASK = _U64 - 1
+_U32 = 2**32
+
+
+class VllmKvDecodeError(InterlockError, ValueError):
+    """A vLLM KV-event message or payload that cannot be read; the message names what is wrong.
+
+    One bad message is dropped (and counted) by the feed; other messages are unaffected.
+    """
+
+
+def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(values)
+
+
+def _optional_tuple(values: Iterable[Any] | None) -> tuple[Any, ...] | None:
+    return None if values is None else tuple(values)
+
+
+@attrs.frozen
+class VllmBlockStored:
+    """vLLM cached a run of full blocks (``BlockPool.cache_full_blocks``).
+
+    ``block_hashes`` are the new blocks' ids, in order; ``parent_block_hash`` is the id of the
+    block before the run (``None`` when the run starts at token 0); ``token_ids`` are the
+    tokens of all the new blocks concatenated (``len(block_hashes) * block_size`` of them; vLLM's
+    CPU offloading sends tier updates with none). vLLM 0.32 also sends ``lora_id=None``,
+    ``medium="GPU"``, ``lora_name=None``, ``extra_keys`` (one ``None`` per block),
+    ``group_idx=0`` and ``kv_cache_spec_kind="full_attention"``; the last four are left off the
+    wire when ``None``.
+    """
+
+    block_hashes: tuple[int, ...] = attrs.field(converter=_int_tuple)
+    parent_block_hash: int | None
+    token_ids: tuple[int, ...] = attrs.field(converter=_int_tuple)
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = "GPU"
+    lora_name: str | None = None
+    extra_keys: tuple[Any, ...] | None = attrs.field(default=None, converter=_optional_tuple)
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+
+
+@attrs.frozen
+class VllmBlockRemoved:
+    """vLLM evicted blocks (lazily, when their slots were reused); 0.32 sends one hash per event."""
+
+    block_hashes: tuple[int, ...] = attrs.field(converter=_int_tuple)
+    medium: str | None = "GPU"
+    group_idx: int | None = None
+
+
+@attrs.frozen
+class VllmAllBlocksCleared:
+    """vLLM dropped its whole prefix cache (``/reset_prefix_cache``, sleep, weight reload).
+
+    It is published with the next scheduler step, not when the reset happens.
+    """
+
+
+VllmKvEvent = VllmBlockStored | VllmBlockRemoved | VllmAllBlocksCleared
+"""Any event a :class:`VllmKvBatch` holds."""
+
+
+@attrs.frozen
+class VllmKvBatch:
+    """One published batch: the events of one scheduler step.
+
+    ``ts`` is the engine's wall clock (float seconds); ``data_parallel_rank`` is the publisher's
+    DP rank (0.32 always sends it; ``None`` when absent). ``unknown_event_types`` names the events
+    the decoder did not know and skipped, in order (never encoded).
+    """
+
+    ts: float
+    events: tuple[VllmKvEvent, ...] = attrs.field(converter=tuple)
+    data_parallel_rank: int | None = None
+    unknown_event_types: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+
+@attrs.frozen
+class VllmKvMessage:
+    """One message of the feed, live or replayed: ``payload`` is an encoded :class:`VllmKvBatch`.
+
+    ``topic`` is ``None`` for a replay reply in the pre-0.26 layout, which carries none.
+    """
+
+    topic: bytes | None
+    seq: int
+    payload: bytes
+
+
+# -- payload decoding ---------------------------------------------------------------------------
+
+
+def decode_kv_batch(payload: bytes) -> VllmKvBatch:
+    """Decode one batch payload, in either event layout (maps keyed ``"type"`` or tag-first arrays).
+
+    The batch itself may be an array ``[ts, events, rank?]`` (every released vLLM) or a map with
+    those keys. Hashes become ``int`` in ``[0, 2**64)`` (see the module docstring). Fields vLLM
+    added after this code, and events of a type it does not know, are skipped (the latter are
+    named in ``unknown_event_types``), so a newer vLLM keeps working.
+
+    Returns the batch. Raises :class:`VllmKvDecodeError` naming the field when the payload is not
+    msgpack, not a batch, or an event lacks a field or has one of the wrong type.
+    """
+    try:
+        data = msgpack.unpackb(payload, use_list=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several types for corrupt input
+        raise VllmKvDecodeError(
+            f"a vLLM KV event payload is not valid msgpack ({str(exc) or type(exc).__name__})"
+        ) from None
+    if type(data) is tuple:
+        if not 2 <= len(data) <= 3:
+            raise VllmKvDecodeError(
+                f"a vLLM KV event batch must be [ts, events, data_parallel_rank?], got an array "
+                f"of {len(data)} items"
+            )
+        ts, events = data[0], data[1]
+        rank = data[2] if len(data) == 3 else None
+    elif type(data) is dict:
+        if "ts" not in data or "events" not in data:
+            raise VllmKvDecodeError(
+                "a vLLM KV event batch map needs keys 'ts' and 'events', got "
+                f"{sorted(map(str, data))}"
+            )
+        ts, events, rank = data["ts"], data["events"], data.get("data_parallel_rank")
+    else:
+        raise VllmKvDecodeError(
+            f"a vLLM KV event batch must be a msgpack array or map, got {type(data).__name__}"
+        )
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise VllmKvDecodeError(f"batch field 'ts' must be a number, got {ts!r}")
+    if type(events) is not tuple:
+        raise VllmKvDecodeError(
+            f"batch field 'events' must be an array, got {type(events).__name__}"
+        )
+    _check_optional_int(rank, "batch field 'data_parallel_rank'")
+    decoded: list[VllmKvEvent] = []
+    unknown: list[str] = []
+    for index, raw in enumerate(events):
+        event = _decode_event(raw, index)
+        if isinstance(event, str):
+            unknown.append(event)
+        else:
+            decoded.append(event)
+    return VllmKvBatch(
+        ts=float(ts), events=decoded, data_parallel_rank=rank, unknown_event_types=unknown
+    )
+
+
+# Field order of the tag-first array layout (after the tag), which is also the map layout's key
+# set (reference/engines.md 1.3).
+_STORED_FIELDS = (
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+    "kv_cache_spec_sliding_window",
+)
+_REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
+# The fields with no default: present in every release that has them (the first four since
+# vLLM 0.9). Later ones may be missing from older senders and read as None.
+_STORED_REQUIRED = 4
+_REMOVED_REQUIRED = 1
+
+
+def _decode_event(raw: Any, index: int) -> VllmKvEvent | str:
+    """One event, or its type name when the type is unknown."""
+    if type(raw) is dict:
+        tag = raw.get("type")
+        fields: dict[str, Any] = raw
+    elif type(raw) is tuple and raw:
+        tag = raw[0]
+        fields = {}
+    else:
+        raise VllmKvDecodeError(
+            f"event {index} must be a map with a 'type' key or a [tag, ...] array, got {raw!r:.80}"
+        )
+    if type(tag) is not str:
+        raise VllmKvDecodeError(f"event {index} has no string type tag (got {tag!r:.80})")
+    if tag == "BlockStored":
+        names, required = _STORED_FIELDS, _STORED_REQUIRED
+    elif tag == "BlockRemoved":
+        names, required = _REMOVED_FIELDS, _REMOVED_REQUIRED
+    elif tag == "AllBlocksCleared":
+        return VllmAllBlocksCleared()
+    else:
+        return tag
+    if type(raw) is tuple:
+        fields = dict(zip(names, raw[1:], strict=False))
+    where = f"event {index} ({tag})"
+    for name in names[:required]:
+        if name not in fields:
+            raise VllmKvDecodeError(f"{where} lacks field {name!r}")
+    hashes = _hashes(fields["block_hashes"], f"{where} field 'block_hashes'")
+    medium = fields.get("medium")
+    if medium is not None and type(medium) is not str:
+        raise VllmKvDecodeError(f"{where} field 'medium' must be a string or nil, got {medium!r}")
+    group_idx = fields.get("group_idx")
+    _check_optional_int(group_idx, f"{where} field 'group_idx'")
+    if tag == "BlockRemoved":
+        return VllmBlockRemoved(block_hashes=hashes, medium=medium, group_idx=group_idx)
+    parent = fields["parent_block_hash"]
+    if parent is not None:
+        parent = _hash(parent, f"{where} field 'parent_block_hash'")
+    token_ids = fields["token_ids"]
+    if type(token_ids) is not tuple or not all(type(t) is int and 0 <= t < _U32 for t in token_ids):
+        raise VllmKvDecodeError(
+            f"{where} field 'token_ids' must be an array of unsigned 32-bit ints"
+        )
+    block_size = fields["block_size"]
+    if type(block_size) is not int or block_size <= 0:
+        raise VllmKvDecodeError(
+            f"{where} field 'block_size' must be a positive int, got {block_size!r}"
+        )
+    lora_id = fields.get("lora_id")
+    _check_optional_int(lora_id, f"{where} field 'lora_id'")
+    for name in ("lora_name", "kv_cache_spec_kind"):
+        value = fields.get(name)
+        if value is not None and type(value) is not str:
+            raise VllmKvDecodeError(f"{where} field {name!r} must be a string or nil")
+    window = fields.get("kv_cache_spec_sliding_window")
+    _check_optional_int(window, f"{where} field 'kv_cache_spec_sliding_window'")
+    extra_keys = fields.get("extra_keys")
+    if extra_keys is not None and type(extra_keys) is not tuple:
+        raise VllmKvDecodeError(f"{where} field 'extra_keys' must be an array or nil")
+    return VllmBlockStored(
+        block_hashes=hashes,
+        parent_block_hash=parent,
+        token_ids=token_ids,
+        block_size=block_size,
+        lora_id=lora_id,
+        medium=medium,
+        lora_name=fields.get("lora_name"),
+        extra_keys=extra_keys,
+        group_idx=group_idx,
+        kv_cache_spec_kind=fields.get("kv_cache_spec_kind"),
+        kv_cache_spec_sliding_window=window,
+    )
+
+
+def _hashes(value: Any, where: str) -> tuple[int, ...]:
+    if type(value) is not tuple:
+        raise VllmKvDecodeError(f"{where} must be an array of hashes, got {value!r:.80}")
+    return tuple(_hash(item, where) for item in value)
+
+
+def _hash(value: Any, where: str) -> int:
+    """A block hash as an opaque u64 key (see the module docstring)."""
+    if type(value) is int:
+        if 0 <= value < _U64:
+            return value
+        if -(2**63) <= value < 0:
+            # vLLM's old `builtin` hashing (Python's hash()): the same 64 bits, read unsigned.
+            return value & _MASK
+    elif type(value) is bytes and value:
+        return int.from_bytes(value[-8:], "big")
+    raise VllmKvDecodeError(
+        f"{where}: a block hash must be a 64-bit int or non-empty bytes, got {value!r:.80}"
+    )
+
+
+def _check_optional_int(value: Any, where: str) -> None:
+    if value is not None and type(value) is not int:
+        raise VllmKvDecodeError(f"{where} must be an int or nil, got {value!r:.80}")
+
+
+# -- payload encoding ---------------------------------------------------------------------------
+
+
+def encode_kv_batch(batch: VllmKvBatch, *, layout: KvBatchLayout = "map") -> bytes:
+    """Encode a batch byte for byte as vLLM does: ``layout="map"`` as vLLM 0.26+ (0.32 measured),
+    ``"array"`` as vLLM up to 0.25.
+
+    As vLLM's ``omit_defaults`` does, ``data_parallel_rank`` and the trailing optional event
+    fields (``extra_keys`` onwards) are left off when ``None``; ``unknown_event_types`` is not
+    encoded. Returns the payload frame. Raises ``ValueError`` for an unknown ``layout`` and
+    ``TypeError`` for an object that is not a vLLM event.
+    """
+    if layout == "map":
+        events = [_event_map(event) for event in batch.events]
+    elif layout == "array":
+        events = [_event_array(event) for event in batch.events]
+    else:
+        raise ValueError(f"layout must be 'map' or 'array', got {layout!r}")
+    body: list[Any] = [batch.ts, events]
+    if batch.data_parallel_rank is not None:
+        body.append(batch.data_parallel_rank)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
+
+
+def _event_map(event: VllmKvEvent) -> dict[str, Any]:
+    if type(event) is VllmBlockStored:
+        out: dict[str, Any] = {"type": "BlockStored"}
+        for index, name in enumerate(_STORED_FIELDS):
+            value = getattr(event, name)
+            # Declared without a default in vLLM (up to lora_name): always written.
+            if index < 7 or value is not None:
+                out[name] = value
+        return out
+    if type(event) is VllmBlockRemoved:
+        out = {"type": "BlockRemoved", "block_hashes": event.block_hashes, "medium": event.medium}
+        if event.group_idx is not None:
+            out["group_idx"] = event.group_idx
+        return out
+    if type(event) is VllmAllBlocksCleared:
+        return {"type": "AllBlocksCleared"}
+    raise TypeError(f"not a vLLM KV event: {event!r}")
+
+
+def _event_array(event: VllmKvEvent) -> list[Any]:
+    if type(event) is VllmBlockStored:
+        values = [getattr(event, name) for name in _STORED_FIELDS]
+        keep = 7  # the fields vLLM declares without a default
+    elif type(event) is VllmBlockRemoved:
+        values = [event.block_hashes, event.medium, event.group_idx]
+        keep = 2
+    elif type(event) is VllmAllBlocksCleared:
+        return ["AllBlocksCleared"]
+    else:
+        raise TypeError(f"not a vLLM KV event: {event!r}")
+    while len(values) > keep and values[-1] is None:
+        values.pop()
+    return [type(event).__name__.removeprefix("Vllm"), *values]
+
+
+# -- frames -------------------------------------------------------------------------------------
+
+
+def _seq_frame(seq: int) -> bytes:
+    return seq.to_bytes(8, "big")
+
+
+def _read_seq(frame: bytes, where: str) -> int:
+    if len(frame) != 8:
+        raise VllmKvDecodeError(
+            f"{where}: the sequence frame must be 8 bytes (u64 big-endian), got {len(frame)}"
+        )
+    return int.from_bytes(frame, "big")
+
+
+def kv_message_frames(topic: bytes, seq: int, payload: bytes) -> list[bytes]:
+    """The frames of one live message, as a vLLM PUB sends them: ``[topic, seq, payload]``."""
+    return [topic, _seq_frame(seq), payload]
+
+
+def parse_kv_message(frames: Sequence[bytes]) -> VllmKvMessage:
+    """Read one live message ``[topic, seq u64 BE, payload]`` (the payload is not decoded).
+
+    Raises :class:`VllmKvDecodeError` for a frame count other than 3 or a ``seq`` frame that is
+    not 8 bytes.
+    """
+    if len(frames) != 3:
+        raise VllmKvDecodeError(
+            f"a live vLLM KV event message has 3 frames [topic, seq, payload], got {len(frames)}"
+        )
+    topic, seq, payload = frames
+    return VllmKvMessage(topic=bytes(topic), seq=_read_seq(seq, "live message"), payload=payload)
+
+
+def replay_request_frames(start_seq: int) -> list[bytes]:
+    """What a DEALER sends to ask vLLM's replay ROUTER for every batch from ``start_seq`` on."""
+    return [b"", _seq_frame(start_seq)]
+
+
+def parse_replay_request(frames: Sequence[bytes]) -> int:
+    """The start sequence of a replay request as a ROUTER receives it, after the identity frame
+    (``[b"", seq]``). Raises :class:`VllmKvDecodeError` for any other shape (vLLM drops those)."""
+    if len(frames) != 2 or frames[0] != b"":
+        raise VllmKvDecodeError(
+            f"a replay request is [b'', seq u64 BE] after the identity, got {len(frames)} frames"
+        )
+    return _read_seq(frames[1], "replay request")
+
+
+def replay_reply_frames(seq: int, payload: bytes, *, topic: bytes | None) -> list[bytes]:
+    """One replay reply as a ROUTER sends it after the client's identity frame:
+    ``[b"", topic, seq, payload]`` (vLLM 0.26+), or ``[b"", seq, payload]`` with ``topic=None``
+    (up to 0.25)."""
+    head = [b""] if topic is None else [b"", topic]
+    return [*head, _seq_frame(seq), payload]
+
+
+def replay_end_frames(*, topic_frame: bool = True) -> list[bytes]:
+    """The end-of-replay marker after the identity frame: ``[b"", b"", ff x 8, b""]`` (vLLM
+    0.26+), or ``[b"", ff x 8, b""]`` with ``topic_frame=False`` (up to 0.25)."""
+    return replay_reply_frames(REPLAY_END_SEQ, b"", topic=b"" if topic_frame else None)
+
+
+def parse_replay_reply(frames: Sequence[bytes]) -> VllmKvMessage | None:
+    """Read one replay reply as a DEALER receives it, in either layout.
+
+    Returns the message, or ``None`` for the end marker (an empty payload). Raises
+    :class:`VllmKvDecodeError` unless the frames are ``[b"", seq, payload]`` or
+    ``[b"", topic, seq, payload]``.
+    """
+    if len(frames) not in (3, 4) or frames[0] != b"":
+        raise VllmKvDecodeError(
+            "a replay reply is [b'', seq, payload] or [b'', topic, seq, payload], got "
+            f"{len(frames)} frames" + ("" if not frames or frames[0] == b"" else " (no delimiter)")
+        )
+    topic = bytes(frames[1]) if len(frames) == 4 else None
+    seq = _read_seq(frames[-2], "replay reply")
+    payload = frames[-1]
+    if not payload:
+        return None
+    return VllmKvMessage(topic=topic, seq=seq, payload=payload)
