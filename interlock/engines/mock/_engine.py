@@ -138,12 +138,36 @@ class _Sequence:
 class _MockStream:
     """The context manager and iterator `MockEngine.open_stream` returns."""
 
-    __slots__ = ("_done", "_engine", "_seq")
+    __slots__ = ("_broken", "_done", "_engine", "_seq")
 
     def __init__(self, engine: MockEngine, seq: _Sequence) -> None:
         self._engine = engine
         self._seq = seq
         self._done = False
+        self._broken = False
+
+    @property
+    def request_id(self) -> str:
+        """The id the engine knows the request by (generated when the request had none)."""
+        return self._seq.request_id
+
+    def ready(self) -> list[EngineOutput]:
+        """The outputs already produced and not read yet, without waiting: a consumer that fell
+        behind takes its backlog at once (as vLLM's API server coalesces tokens after a stall).
+        A break found here is raised by the next iteration."""
+        outputs: list[EngineOutput] = []
+        while not self._done and not self._broken:
+            try:
+                item = self._seq.receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if item is _BROKEN:
+                self._broken = True
+                break
+            outputs.append(item)
+            if item.finish_reason is not None:
+                self._done = True
+        return outputs
 
     async def __aenter__(self) -> AsyncIterator[EngineOutput]:
         self._engine._admit(self._seq)
@@ -163,7 +187,7 @@ class _MockStream:
     async def __anext__(self) -> EngineOutput:
         if self._done:
             raise StopAsyncIteration
-        item = await self._seq.receive.receive()
+        item = _BROKEN if self._broken else await self._seq.receive.receive()
         if item is _BROKEN:
             self._done = True
             raise WorkerGone(
@@ -201,6 +225,9 @@ class MockEngine:
     applies the stop conditions itself and returns text: decoded with ``tokenizer`` when it
     has one, `mock_token_text` otherwise.
 
+    ``keep_block_tokens`` makes the KV cache keep every full block's token ids
+    (`MockKvCache.block_tokens`), for publishers that announce them (vLLM's KV events do).
+
     ``max_model_len`` bounds prompt plus output, and is capped at what the cache holds: a
     sequence reaching it finishes with ``"length"``, and `open_stream` refuses a prompt that
     leaves no room for output (`RequestError`) rather than queueing it forever.
@@ -228,6 +255,7 @@ class MockEngine:
         token_pool: Sequence[int] | None = None,
         tokenizer: Tokenizer | None = None,
         crash_after_tokens: int | None = None,
+        keep_block_tokens: bool = False,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -251,6 +279,7 @@ class MockEngine:
         #: Turns tokens into text when a request asks the engine to detokenize.
         self.tokenizer = tokenizer
         self.crash_after_tokens = crash_after_tokens
+        self.keep_block_tokens = keep_block_tokens
         #: Counters for tests and reports.
         self.tokens_emitted = 0
         self.requests_started = 0
@@ -338,6 +367,16 @@ class MockEngine:
     def active_requests(self) -> int:
         """Requests admitted and not yet finished or cancelled (waiting or running)."""
         return len(self._running) + sum(1 for s in self._waiting if not s.cancelled)
+
+    @property
+    def running_requests(self) -> int:
+        """Requests in the running batch (prefilling or decoding)."""
+        return len(self._running)
+
+    @property
+    def waiting_requests(self) -> int:
+        """Requests admitted and waiting for a place in the batch (preempted ones included)."""
+        return sum(1 for s in self._waiting if not s.cancelled)
 
     @property
     def kv_cache(self) -> MockKvCache:
@@ -428,7 +467,11 @@ class MockEngine:
         # Decode-only workers, like the reference's, announce no KV events.
         emit = self._publish if self._role != "decode" else None
         return MockKvCache(
-            self.num_gpu_blocks, self.block_size, worker_id=self._instance_id, emit=emit
+            self.num_gpu_blocks,
+            self.block_size,
+            worker_id=self._instance_id,
+            emit=emit,
+            keep_tokens=self.keep_block_tokens,
         )
 
     def _publish(self, event: Any) -> None:
@@ -578,7 +621,8 @@ class MockEngine:
                 break
             partial = len(tokens) % block_size != 0
             limit = block_budget if running else None
-            if not cache.acquire(hashes, local, partial=partial, limit=limit):
+            kept = tokens if self.keep_block_tokens else None
+            if not cache.acquire(hashes, local, partial=partial, limit=limit, tokens=kept):
                 break
             waiting.popleft()
             seq.seq_hashes = hashes
@@ -629,7 +673,12 @@ class MockEngine:
                 seq_hash = (
                     compute_sequence_hashes((parent, local))[1] if parent is not None else local
                 )
-                cache.fill_partial(seq_hash, local, parent)
+                cache.fill_partial(
+                    seq_hash,
+                    local,
+                    parent,
+                    tokens[-block_size:] if self.keep_block_tokens else None,
+                )
                 seq.seq_hashes.append(seq_hash)
                 seq.tokens_hashes.append(local)
                 seq.partials -= 1

@@ -21,6 +21,10 @@ class MockKvCache:
     Referenced blocks are *active*; a block whose last reference goes is kept, *inactive*, in
     LRU order until its slot is needed. Each change is announced through ``emit`` (when set)
     with per-cache event ids 0, 1, 2, ...
+
+    With ``keep_tokens`` the cache also keeps each full block's token ids (`block_tokens`), for
+    a publisher that must announce them, as vLLM's ``BlockStored`` events do; ``emit`` is called
+    while the announced blocks are held, so it can read their tokens then.
     """
 
     def __init__(
@@ -30,6 +34,7 @@ class MockKvCache:
         *,
         worker_id: int,
         emit: Callable[[KvEvent], None] | None = None,
+        keep_tokens: bool = False,
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -38,6 +43,8 @@ class MockKvCache:
         self._refs: dict[int, int] = {}
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._meta: dict[int, tuple[int | None, int]] = {}  # seq hash -> (parent, tokens hash)
+        #: seq hash -> the block's token ids, with ``keep_tokens`` (else None).
+        self._tokens: dict[int, tuple[int, ...]] | None = {} if keep_tokens else None
         self._anonymous = 0
         self.next_event_id = 0
         #: Blocks evicted to make room, since creation.
@@ -67,6 +74,17 @@ class MockKvCache:
                 break
             n += 1
         return n
+
+    def block_tokens(self, seq_hash: int) -> tuple[int, ...]:
+        """The token ids of a held full block.
+
+        Raises:
+            KeyError: the cache does not keep tokens (``keep_tokens=False``) or does not hold
+                the block.
+        """
+        if self._tokens is None:
+            raise KeyError(f"block {seq_hash}: this cache keeps no tokens (keep_tokens=False)")
+        return self._tokens[seq_hash]
 
     def cached_blocks(self) -> frozenset[int]:
         """Every full block held, by sequence hash (what a router's index should mirror)."""
@@ -109,9 +127,11 @@ class MockKvCache:
         partial: bool,
         parent: int | None = None,
         limit: float | None = None,
+        tokens: Sequence[int] | None = None,
     ) -> bool:
         """Reference the full blocks of a sequence (sharing cached ones, allocating the rest)
-        and, with ``partial``, one anonymous block for its unfinished tail.
+        and, with ``partial``, one anonymous block for its unfinished tail. ``tokens`` are the
+        sequence's token ids (from its first block), kept per block with ``keep_tokens``.
 
         All or nothing: returns False, changing nothing, when the active blocks would exceed
         ``limit`` (default: the capacity) even after evicting every inactive block.
@@ -130,7 +150,9 @@ class MockKvCache:
         new_run: list[StoredBlock] = []
         run_parent = parent
         previous = parent
-        for h, local in zip(seq_hashes, tokens_hashes, strict=True):
+        kept = self._tokens if tokens is not None else None
+        size = self.block_size
+        for index, (h, local) in enumerate(zip(seq_hashes, tokens_hashes, strict=True)):
             if h in refs:
                 refs[h] += 1
                 self._announce_stored(run_parent, new_run)
@@ -139,6 +161,9 @@ class MockKvCache:
                 self._make_room(1)
                 refs[h] = 1
                 self._meta[h] = (previous, local)
+                if kept is not None:
+                    assert tokens is not None
+                    kept[h] = tuple(tokens[index * size : (index + 1) * size])
                 if not new_run:
                     run_parent = previous
                 new_run.append(StoredBlock(block_hash=h, tokens_hash=local))
@@ -149,9 +174,16 @@ class MockKvCache:
             self._anonymous += 1
         return True
 
-    def fill_partial(self, seq_hash: int, tokens_hash: int, parent: int | None) -> None:
+    def fill_partial(
+        self,
+        seq_hash: int,
+        tokens_hash: int,
+        parent: int | None,
+        tokens: Sequence[int] | None = None,
+    ) -> None:
         """The anonymous tail block filled up: it becomes full block ``seq_hash`` (shared with
-        an identical cached block if there is one)."""
+        an identical cached block if there is one). ``tokens``: its token ids, kept with
+        ``keep_tokens``."""
         self._anonymous -= 1
         if seq_hash in self._refs:
             self._refs[seq_hash] += 1
@@ -162,6 +194,8 @@ class MockKvCache:
             return
         self._refs[seq_hash] = 1
         self._meta[seq_hash] = (parent, tokens_hash)
+        if self._tokens is not None and tokens is not None:
+            self._tokens[seq_hash] = tuple(tokens)
         self._announce_stored(parent, [StoredBlock(block_hash=seq_hash, tokens_hash=tokens_hash)])
 
     def add_partial(self) -> bool:
@@ -191,6 +225,8 @@ class MockKvCache:
         self._refs.clear()
         self._lru.clear()
         self._meta.clear()
+        if self._tokens is not None:
+            self._tokens.clear()
         self._anonymous = 0
         if announce and self._emit is not None:
             self._emit(KvCleared(worker_id=self.worker_id, event_id=self._next_id()))
@@ -202,6 +238,8 @@ class MockKvCache:
         while self.used_blocks + slots > self.num_blocks and self._lru:
             h, _ = self._lru.popitem(last=False)
             del self._meta[h]
+            if self._tokens is not None:
+                self._tokens.pop(h, None)
             evicted.append(h)
         if evicted:
             self.evictions += len(evicted)
