@@ -121,6 +121,7 @@ def test_vllm_metrics_give_its_load_and_block_size() -> None:
         requests_waiting=0,
         kv_usage=0.0,
         block_size=32,
+        num_blocks=65536,
         prefix_cache_hits=1120,
         prefix_cache_queries=1961,
     )

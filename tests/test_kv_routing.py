@@ -293,3 +293,35 @@ async def test_per_request_override_turns_overlap_off(autojump_clock: object) ->
     assert selection.inputs["kv"]["temperature"] == 0.5
     assert all(c.overlap_blocks == 0 for c in selection.candidates)
     assert replay_selection(selection) == selection.chosen
+
+
+class _BusyElsewhere(MockEngine):
+    """A worker whose engine reports load that no request of this frontend put there (another
+    frontend's, or a direct client's), as an `OpenAIEngine` does from the engine's /metrics."""
+
+    reported_load: tuple[int, int] | None = None
+
+
+async def test_load_an_engine_reports_counts_besides_the_routers_own(
+    autojump_clock: object,
+) -> None:
+    busy, idle = _BusyElsewhere(1), _BusyElsewhere(2)
+    config = PipelineConfig(router_mode="kv", router_temperature=0.0)
+    async with build_pipeline(config, Components(workers=[busy, idle])) as pipeline:
+        prompt = list(range(100, 164))
+        first = await pipeline.query(ask(prompt))
+        # Nothing reported, nothing booked: a tie, broken the same way every time.
+        tie_winner = first.decode_worker_id
+        loser = 2 if tie_winner == 1 else 1
+        engines = {1: busy, 2: idle}
+        engines[tie_winner].reported_load = (8, 400)  # 8 requests, 400 KV blocks in use
+        decision = await pipeline.query(ask(prompt))
+        assert decision.decode_worker_id == loser
+        (record,) = decision.selections
+        loads = {c.worker_id: (c.active_requests, c.decode_blocks) for c in record.candidates}
+        # The record counts this request's own 4 blocks on top (64 tokens, blocks of 16).
+        assert loads[tie_winner] == (8, 400 + 4)
+        # A report below the router's own bookkeeping changes nothing.
+        engines[tie_winner].reported_load = (0, 0)
+        again = await pipeline.query(ask(prompt))
+        assert again.decode_worker_id == tie_winner

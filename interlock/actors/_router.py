@@ -19,7 +19,7 @@ from ..engines import Engine, WorkerSnapshot
 from ..kv import KV_EVENT_TYPES, WorkerOutOfSync
 from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
 from ._kv_policy import KvPolicy
-from ._load import LoadLedger
+from ._load import LoadLedger, WorkerLoad
 from ._messages import (
     Free,
     GetKvBlocks,
@@ -262,12 +262,28 @@ class RouterActor(Actor):
                     f"{sorted(exclude)}) and no other is registered"
                 )
             raise NoWorkersAvailable(f"no {role} worker is registered")
-        ledger = self._ledger
-        views = [WorkerView(w, ledger.load(w)) for w in pool]
+        views = [WorkerView(w, self._load(w)) for w in pool]
         record = self._consult(leg, views, request, pool, exclude)
         if exclude:
             return _with_excluded(record, exclude)
         return record
+
+    def _load(self, worker_id: int) -> WorkerLoad:
+        """The load the ledger booked on ``worker_id``, raised to what the engine itself last
+        reported (an `OpenAIEngine`'s ``reported_load``, from its /metrics) when that is more:
+        requests another frontend or a direct client sent it count too."""
+        booked = self._ledger.load(worker_id)
+        reported = getattr(self._engines.get(worker_id), "reported_load", None)
+        if reported is None:
+            return booked
+        requests, blocks = reported
+        if requests <= booked.active_requests and blocks <= booked.active_blocks:
+            return booked
+        return WorkerLoad(
+            active_requests=max(requests, booked.active_requests),
+            prefill_tokens=booked.prefill_tokens,
+            active_blocks=max(blocks, booked.active_blocks),
+        )
 
     def _consult(
         self,

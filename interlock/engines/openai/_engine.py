@@ -139,6 +139,21 @@ class OpenAIEngine:
         return f"{url.host}:{port}"
 
     @property
+    def reported_load(self) -> tuple[int, int] | None:
+        """``(requests, kv_blocks)`` the engine holds by its last ``/metrics`` scrape: requests
+        running plus waiting, and the blocks in use (its KV usage times its blocks); None
+        before a scrape or when it reports neither. The router takes the larger of this and
+        its own bookkeeping, so load from other frontends or direct clients counts."""
+        metrics = self.metrics
+        if metrics is None or metrics.requests_running is None:
+            return None
+        requests = metrics.requests_running + (metrics.requests_waiting or 0)
+        blocks = 0
+        if metrics.kv_usage is not None and metrics.num_blocks is not None:
+            blocks = round(metrics.kv_usage * metrics.num_blocks)
+        return requests, blocks
+
+    @property
     def registered(self) -> bool:
         """Healthy, and so routable."""
         return self._present

@@ -32,6 +32,8 @@ class EngineMetrics:
     requests_waiting: int | None = None
     kv_usage: float | None = None
     block_size: int | None = None
+    #: KV blocks the engine has (vLLM's ``cache_config_info`` ``num_gpu_blocks``).
+    num_blocks: int | None = None
     prefix_cache_hits: int | None = None
     prefix_cache_queries: int | None = None
 
@@ -48,6 +50,7 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
     sums: dict[str, float] = {}
     maxima: dict[str, float] = {}
     block_size: int | None = None
+    num_blocks: int | None = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name = sample.name
@@ -55,6 +58,9 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
                 size = sample.labels.get("block_size", "")
                 if size.isdigit():
                     block_size = int(size)
+                blocks = sample.labels.get("num_gpu_blocks", "")
+                if blocks.isdigit():
+                    num_blocks = int(blocks)
                 continue
             sums[name] = sums.get(name, 0.0) + sample.value
             maxima[name] = max(maxima.get(name, sample.value), sample.value)
@@ -72,6 +78,7 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
         requests_waiting=count(_WAITING),
         kv_usage=usage,
         block_size=block_size,
+        num_blocks=num_blocks,
         prefix_cache_hits=count(_PREFIX_HITS),
         prefix_cache_queries=count(_PREFIX_QUERIES),
     )
