@@ -4,6 +4,7 @@ vLLM's HTTP surface (`serve_mock_openai`)."""
 from ._engine import MockEngine, mock_continuation, mock_next_token, mock_token_text
 from ._faults import FAULT_HEADER, FaultSpecError, MockFault, parse_faults
 from ._http import MockOpenAIServer, MockSurfaceStats, serve_mock_openai
+from ._kv_publisher import VllmKvPublisher, publish_vllm_kv_events
 from ._text import MOCK_TEXT, mock_token_pool
 from ._timing import MockTiming
 
@@ -16,10 +17,12 @@ __all__ = [
     "MockOpenAIServer",
     "MockSurfaceStats",
     "MockTiming",
+    "VllmKvPublisher",
     "mock_continuation",
     "mock_next_token",
     "mock_token_pool",
     "mock_token_text",
     "parse_faults",
+    "publish_vllm_kv_events",
     "serve_mock_openai",
 ]

@@ -298,6 +298,7 @@ class MockEngine:
         self._epoch = 0
         self._wake = trio.Event()
         self._listeners = Listeners()
+        self._step_listeners: list[Callable[[], None]] = []
         self._next_anonymous = 0
 
     # -- Engine protocol ------------------------------------------------------------------
@@ -329,6 +330,18 @@ class MockEngine:
 
     def add_listener(self, listener: EventListener) -> Callable[[], None]:
         return self._listeners.add(listener)
+
+    def add_step_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` after every scheduler step that produced tokens, once the step's
+        events were published (a publisher batches a step's KV events as vLLM does); returns
+        the function that removes it."""
+        self._step_listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._step_listeners:
+                self._step_listeners.remove(listener)
+
+        return remove
 
     async def snapshot(self) -> WorkerSnapshot:
         await trio.lowlevel.checkpoint()
@@ -533,6 +546,8 @@ class MockEngine:
             if epoch != self._epoch or self._stalled_until > now():
                 continue  # crashed or stalled meanwhile: this step produced nothing
             self._emit_step()
+            for step_listener in self._step_listeners:
+                step_listener()
 
     @property
     def _decoding(self) -> bool:

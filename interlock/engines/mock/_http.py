@@ -13,6 +13,7 @@ Endpoints (docs/wire-protocol.md, "The mock engine's vLLM surface"): ``POST /v1/
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from ...wire import EngineOutput, PrefillResult, PreprocessedRequest, SamplingOp
 from ._engine import MockEngine, _MockStream, mock_token_text
 from ._faults import FAULT_HEADER, FaultSchedule, FaultSpecError, MockFault, parse_faults
 from ._h11 import HttpRequest, HttpResponder, serve_h11
+from ._kv_publisher import VllmKvPublisher, publish_vllm_kv_events
 
 _logger = logging.getLogger("interlock.engines.mock.http")
 
@@ -172,6 +174,8 @@ class MockOpenAIServer:
         self.port = 0
         self.created = int(time.time())
         self._next_block_id = 1
+        #: The KV event publisher, when `serve_mock_openai` was asked for one.
+        self.kv_publisher: VllmKvPublisher | None = None
 
     @property
     def url(self) -> str:
@@ -1098,6 +1102,9 @@ async def serve_mock_openai(
     faults: Iterable[MockFault] = (),
     advertise_host: str | None = None,
     run_engine: bool = True,
+    kv_events_endpoint: str | None = None,
+    kv_events_topic: str | None = None,
+    kv_events_replay: str | None = None,
     task_status: trio.TaskStatus[MockOpenAIServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``engine`` behind vLLM's HTTP surface on ``host:port`` until cancelled.
@@ -1109,11 +1116,29 @@ async def serve_mock_openai(
     ``faults`` apply to every request that does not name its own in the
     ``x-interlock-mock-fault`` header (see `interlock.engines.mock.parse_faults`).
 
+    With ``kv_events_endpoint`` the engine's KV events go out as vLLM's do
+    (`publish_vllm_kv_events`: PUB connecting there, topic ``kv_events_topic`` or
+    ``kv@<worker id>``, replay ROUTER bound at ``kv_events_replay`` if given); the publisher is
+    ``server.kv_publisher``. The engine must then keep block tokens
+    (``MockEngine(..., keep_block_tokens=True)``).
+
     Raises:
         OSError: the address cannot be bound.
+        ConfigError: KV events asked of an engine that keeps no block tokens.
+        zmq.ZMQError: a KV event endpoint is malformed or cannot be bound.
     """
     server = MockOpenAIServer(engine, model=model, faults=faults, advertise_host=advertise_host)
     async with trio.open_nursery() as nursery:
+        if kv_events_endpoint is not None:
+            server.kv_publisher = await nursery.start(
+                functools.partial(
+                    publish_vllm_kv_events,
+                    engine,
+                    kv_events_endpoint,
+                    topic=kv_events_topic,
+                    replay_endpoint=kv_events_replay,
+                )
+            )
         if run_engine:
             await nursery.start(engine.run)
         server.host, server.port = await nursery.start(serve_h11, server.handle, host, port)

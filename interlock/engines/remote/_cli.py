@@ -4,6 +4,11 @@
 a function taking the parsed namespace and returning the exit status. Once listening, the
 command prints one JSON line to stdout, ``{"worker_id": N, "host": "...", "port": P}`` (how a
 script learns the port it got with ``--port 0``), then serves until SIGINT or SIGTERM.
+
+With ``--openai-port`` the same engine is also served behind vLLM's HTTP surface
+(`interlock.engines.mock.serve_mock_openai`); both listeners run at once and share the engine,
+and the JSON line adds ``"openai_port"`` and ``"openai_url"`` (and ``"kv_events_replay"``, the
+bound replay address, with ``--kv-events-replay``).
 """
 
 from __future__ import annotations
@@ -21,13 +26,23 @@ from typing import Any
 
 import attrs
 import trio
+import zmq
 
 from ..._argtypes import non_negative_int, port, positive_int
 from ..._errors import ConfigError
 from ...discovery._etcd import EtcdClient, EtcdError, WorkerRecord, serve_registration
 from ...processing import ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
 from .._protocol import ROLES
-from ..mock import MockEngine, MockTiming, mock_token_pool
+from ..mock import (
+    FaultSpecError,
+    MockEngine,
+    MockFault,
+    MockOpenAIServer,
+    MockTiming,
+    mock_token_pool,
+    parse_faults,
+    serve_mock_openai,
+)
 from ._server import WorkerAddress, serve_worker
 
 _logger = logging.getLogger("interlock.engines.remote")
@@ -47,6 +62,9 @@ examples:
   interlock worker --id 3 --role prefill --speedup 10 --crash-after-tokens 500
   interlock worker --id 4 --port 7004 --tokenizer builtin   # for interlock serve's default
   interlock worker --id 5 --host 0.0.0.0 --port 7005 --etcd http://etcd:2379   # discovered
+  interlock worker --id 6 --openai-port 8100 --block-size 32 --tokenizer builtin \
+      --kv-events-endpoint tcp://127.0.0.1:5557 --kv-events-replay 'tcp://127.0.0.1:*'
+  interlock worker --id 7 --openai-port 0 --fault 'eof:after=5,times=1'   # a vLLM that dies
 """
 
 
@@ -144,6 +162,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fault injection: after N tokens in all, break every stream, refuse new ones and "
         "leave routing (the process keeps running)",
     )
+    vllm = parser.add_argument_group(
+        "vLLM-compatible HTTP surface (docs/wire-protocol.md, 'The mock engine's vLLM surface')"
+    )
+    vllm.add_argument(
+        "--openai-port",
+        type=port,
+        default=None,
+        metavar="PORT",
+        help="also serve the engine behind vLLM's HTTP API (/v1/completions, "
+        "/v1/chat/completions, /health, /metrics, /tokenize, ...) on --host:PORT; 0 lets the OS "
+        "choose. The worker protocol on --port keeps running beside it, on the same engine",
+    )
+    vllm.add_argument(
+        "--served-model-name",
+        default="mock",
+        metavar="NAME",
+        help="the model name the HTTP surface answers to (default mock)",
+    )
+    vllm.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="HTTP fault for every request (repeatable): http500, reset:after=N, error:after=N, "
+        "eof:after=N, stall:after=N[,seconds=S], slow:seconds=S, burst:after=N,tokens=K; any "
+        "takes times=K (only the first K requests). A request's x-interlock-mock-fault header "
+        "overrides them",
+    )
+    vllm.add_argument(
+        "--kv-events-endpoint",
+        metavar="ENDPOINT",
+        default=None,
+        help="publish KV events as vLLM does: a ZMQ PUB that connects to ENDPOINT (binds if it "
+        "has * or is ipc:// or inproc://), frames [topic, seq, msgpack batch]",
+    )
+    vllm.add_argument(
+        "--kv-events-topic",
+        metavar="TOPIC",
+        default=None,
+        help="the first frame of every KV event message (default kv@<worker id>)",
+    )
+    vllm.add_argument(
+        "--kv-events-replay",
+        metavar="ENDPOINT",
+        default=None,
+        help="bind a ZMQ ROUTER here answering replay requests as vLLM 0.32 does "
+        "(tcp://HOST:* picks a port; the JSON line says which)",
+    )
     etcd = parser.add_argument_group("discovery (docs/deploying.md)")
     etcd.add_argument(
         "--etcd",
@@ -223,6 +289,7 @@ def build_engine(args: argparse.Namespace) -> MockEngine:
         enable_chunked_prefill=args.chunked_prefill,
         max_model_len=args.max_model_len,
         crash_after_tokens=args.crash_after_tokens,
+        keep_block_tokens=getattr(args, "kv_events_endpoint", None) is not None,
         **text,
     )
 
@@ -240,6 +307,11 @@ def run_worker(args: argparse.Namespace) -> int:
     except TokenizerError as exc:
         print(f"interlock worker: invalid tokenizer: {exc}", file=sys.stderr)
         return 2
+    try:
+        surface = _surface(args)
+    except ConfigError as exc:
+        print(f"interlock worker: {exc}", file=sys.stderr)
+        return 2
     registration = None
     if args.etcd is not None:
         try:
@@ -250,16 +322,76 @@ def run_worker(args: argparse.Namespace) -> int:
         registration = _Registration(
             client, args.etcd_prefix, args.etcd_ttl, args.advertise_host, args.block_size
         )
-    error = trio.run(_serve_until_signalled, engine, args.host, args.port, registration)
+    error = trio.run(_serve_until_signalled, engine, args.host, args.port, registration, surface)
     if isinstance(error, EtcdError):
         print(f"interlock worker: cannot register in etcd: {error}", file=sys.stderr)
         return 1
+    if isinstance(error, zmq.ZMQError):
+        print(f"interlock worker: KV event endpoints: {error}", file=sys.stderr)
+        return 1
     if error is not None:
-        print(
-            f"interlock worker: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr
-        )
+        where = f"{args.host}:{args.port}"
+        if surface is not None:
+            where += f" (and --openai-port {surface.port})"
+        print(f"interlock worker: cannot listen on {where}: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+@attrs.frozen
+class _Surface:
+    """The vLLM-compatible HTTP surface the flags ask for."""
+
+    port: int
+    model: str
+    faults: tuple[MockFault, ...]
+    kv_events_endpoint: str | None
+    kv_events_topic: str | None
+    kv_events_replay: str | None
+
+
+def _surface(args: argparse.Namespace) -> _Surface | None:
+    """The HTTP surface the flags describe, or None without ``--openai-port``.
+
+    Raises:
+        ConfigError: a flag of the surface without ``--openai-port``, or a bad ``--fault``.
+    """
+    if args.openai_port is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--fault", args.fault),
+                ("--kv-events-endpoint", args.kv_events_endpoint),
+                ("--kv-events-topic", args.kv_events_topic),
+                ("--kv-events-replay", args.kv_events_replay),
+            )
+            if value
+        ]
+        if given:
+            raise ConfigError(
+                f"{given[0]} belongs to the vLLM-compatible HTTP surface; add --openai-port PORT "
+                "(the worker protocol on --port carries its own KV events)"
+            )
+        return None
+    if args.kv_events_endpoint is None and (args.kv_events_topic or args.kv_events_replay):
+        raise ConfigError(
+            "--kv-events-topic and --kv-events-replay need --kv-events-endpoint ENDPOINT "
+            "(where the PUB socket connects)"
+        )
+    faults: list[MockFault] = []
+    for spec in args.fault:
+        try:
+            faults.extend(parse_faults(spec))
+        except FaultSpecError as exc:
+            raise ConfigError(f"--fault {spec!r}: {exc}") from None
+    return _Surface(
+        port=args.openai_port,
+        model=args.served_model_name,
+        faults=tuple(faults),
+        kv_events_endpoint=args.kv_events_endpoint,
+        kv_events_topic=args.kv_events_topic,
+        kv_events_replay=args.kv_events_replay,
+    )
 
 
 @attrs.frozen
@@ -287,8 +419,12 @@ _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
 async def _serve_until_signalled(
-    engine: MockEngine, host: str, port: int, registration: _Registration | None = None
-) -> OSError | EtcdError | None:
+    engine: MockEngine,
+    host: str,
+    port: int,
+    registration: _Registration | None = None,
+    surface: _Surface | None = None,
+) -> OSError | EtcdError | zmq.ZMQError | None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:
@@ -309,7 +445,35 @@ async def _serve_until_signalled(
                 except EtcdError as exc:
                     nursery.cancel_scope.cancel()
                     return exc
-            line = {"worker_id": engine.instance_id, "host": address.host, "port": address.port}
+            line: dict[str, Any] = {
+                "worker_id": engine.instance_id,
+                "host": address.host,
+                "port": address.port,
+            }
+            if surface is not None:
+                try:
+                    server: MockOpenAIServer = await nursery.start(
+                        functools.partial(
+                            serve_mock_openai,
+                            engine,
+                            host,
+                            surface.port,
+                            model=surface.model,
+                            faults=surface.faults,
+                            advertise_host=registration.advertise_host if registration else None,
+                            run_engine=False,  # serve_worker runs it
+                            kv_events_endpoint=surface.kv_events_endpoint,
+                            kv_events_topic=surface.kv_events_topic,
+                            kv_events_replay=surface.kv_events_replay,
+                        )
+                    )
+                except (OSError, zmq.ZMQError) as exc:
+                    nursery.cancel_scope.cancel()
+                    return exc
+                line["openai_port"] = server.port
+                line["openai_url"] = server.url
+                if server.kv_publisher is not None and server.kv_publisher.replay_endpoint:
+                    line["kv_events_replay"] = server.kv_publisher.replay_endpoint
             print(json.dumps(line), flush=True)
             async for signum in signals:
                 _logger.info("%s: shutting down", signal.Signals(signum).name)
