@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+
+import trio
 
 from interlock import Pipeline
 from interlock.http import add_route_parser, add_serve_parser
@@ -35,3 +38,12 @@ def frontend_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_route_parser(commands)
     return parser
+
+
+async def wait_until(condition: Callable[[], bool], *, within: float = 10.0) -> None:
+    """Return once ``condition()`` holds, checking every 10 ms (of trio time); fail the test
+    with `trio.TooSlowError` after ``within`` seconds. For state another task or process
+    changes without an event to wait on (a server's counters, a pipeline's membership)."""
+    with trio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 (no event to wait on: polling is the point)
+            await trio.sleep(0.01)

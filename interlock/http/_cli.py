@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import httpx
 import trio
 
 from .._config import PipelineConfig, knob_names, parse_knob_text
@@ -45,6 +47,7 @@ from ..engines import ROLES, Engine, Role
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
 from ..engines.mock import MockEngine, MockTiming
 from ..engines.mock import mock_token_pool as mock_token_pool  # re-exported, as MOCK_TEXT
+from ..engines.openai import KvEventFeed, OpenAIEngine
 from ..engines.remote import RemoteEngine, TokenizerMismatch, WorkerMismatch, WorkerUnreachable
 from ..processing import (
     ByteTokenizer,
@@ -129,6 +132,68 @@ class RemoteWorkerAddress:
         return f"{self.worker_id}={self.address}/{self.role}"
 
 
+#: What ``--engine`` takes, for error messages.
+ENGINE_FORM = (
+    "ID=URL or ID=URL/ROLE (URL: http(s)://HOST:PORT of an OpenAI-compatible server; ROLE: "
+    "agg, prefill or decode)"
+)
+_ENGINE_EXAMPLE = "e.g. 1=http://127.0.0.1:8101, 2=http://10.0.0.7:8000/prefill"
+
+
+@attrs.frozen
+class EngineAddress:
+    """One ``--engine ID=URL[/ROLE]``: an OpenAI-compatible server (a vLLM) at ``url`` that
+    interlock serves over as worker ``worker_id``; its KV events arrive with topic ``kv@ID``."""
+
+    worker_id: int
+    url: str
+    role: Role = "agg"
+
+    @classmethod
+    def parse(cls, text: str) -> EngineAddress:
+        """Parse ``ID=URL`` or ``ID=URL/ROLE``. Pure; no I/O.
+
+        Raises:
+            ConfigError: ``text`` is not of that form (the message quotes it and shows the
+                form).
+        """
+
+        def bad(why: str) -> ConfigError:
+            return ConfigError(
+                f"--engine {text!r}: {why}; the form is {ENGINE_FORM}, {_ENGINE_EXAMPLE}"
+            )
+
+        ident, equals, url = text.partition("=")
+        if not equals:
+            raise bad("no '=' between the engine id and its URL")
+        if not (ident.isascii() and ident.isdigit()):
+            raise bad(f"the engine id {ident!r} is not a whole number")
+        role: Role = "agg"
+        head, slash, last = url.rstrip("/").rpartition("/")
+        if slash and last in ROLES and "://" in head and head.split("://", 1)[1]:
+            url, role = head, next(r for r in ROLES if r == last)
+        if not url.startswith(("http://", "https://")):
+            raise bad(f"the URL {url!r} does not start with http:// or https://")
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise bad(f"the URL {url!r} is not valid ({exc})") from None
+        if not parsed.host:
+            raise bad(f"the URL {url!r} has no host")
+        return cls(int(ident), url.rstrip("/"), role)
+
+    @property
+    def address(self) -> str:
+        """The ``HOST:PORT`` a gateway forwards to."""
+        parsed = httpx.URL(self.url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+        return f"{host}:{port}"
+
+    def __str__(self) -> str:
+        return f"{self.worker_id}={self.url}/{self.role}"
+
+
 @attrs.frozen(kw_only=True)
 class ServeSetup:
     """Everything ``serve`` and ``route`` resolved from their flags, before trio starts."""
@@ -153,10 +218,17 @@ class ServeSetup:
     #: ``--etcd URL``: discover workers registered in etcd (under ``etcd_prefix``).
     etcd_url: str | None = None
     etcd_prefix: str = DEFAULT_PREFIX
+    #: OpenAI-compatible servers to serve over (``--engine``), and where their KV events
+    #: arrive (``--kv-events-bind``), with each engine's replay endpoint (``--kv-replay``).
+    openai_engines: tuple[EngineAddress, ...] = ()
+    kv_events_bind: str | None = None
+    kv_replay: dict[int, str] = attrs.field(factory=dict)
+    engine_api_key: str | None = None
+    engine_connect_timeout: float = 30.0
 
-    def components(self, metrics: HttpMetrics) -> Components:
+    def components(self, metrics: HttpMetrics, *, kv_events: Any = None) -> Components:
         """Fresh engines (`engines`) and everything else the pipeline is built from."""
-        workers, prefill = self.engines()
+        workers, prefill = self.engines(kv_events=kv_events)
         return Components(
             workers=workers,
             prefill_workers=prefill,
@@ -168,16 +240,22 @@ class ServeSetup:
     @property
     def has_prefill(self) -> bool:
         """Any prefill worker, in-process or remote (then the mock workers serve decode legs)."""
-        return bool(self.prefill_workers) or any(r.role == "prefill" for r in self.remote_workers)
+        return (
+            bool(self.prefill_workers)
+            or any(r.role == "prefill" for r in self.remote_workers)
+            or any(e.role == "prefill" for e in self.openai_engines)
+        )
 
-    def engines(self) -> tuple[list[Engine], list[Engine]]:
+    def engines(self, *, kv_events: Any = None) -> tuple[list[Engine], list[Engine]]:
         """Fresh engines, as ``(workers, prefill_workers)`` for `Components`: the in-process
         mock workers (ids 1..workers, then the prefill workers), then a `RemoteEngine` per
         ``--remote-worker`` (prefill ones with the prefill workers). Nothing connects yet: the
         pipeline runs each engine's ``run``, which connects (and raises `WorkerUnreachable` or
-        `WorkerMismatch`). Each `RemoteEngine` checks that its worker has this frontend's
-        tokenizer, whatever the postprocessing: the worker reads the prompt ids the frontend
-        encoded, and its ids reach clients as ``token_ids`` even when it makes the text. Never
+        `WorkerMismatch`), then an `OpenAIEngine` per ``--engine`` (fed by ``kv_events``, the
+        `KvEventFeed` bound at ``--kv-events-bind``). Each `RemoteEngine` checks that its worker
+        has this frontend's tokenizer, whatever the postprocessing: the worker reads the prompt
+        ids the frontend encoded, and its ids reach clients as ``token_ids`` even when it makes
+        the text (an `OpenAIEngine` checks the same through the engine's ``/tokenize``). Never
         blocks (fingerprinting a tokenizer takes a fraction of a second, once).
         """
         tokenizer = self.preprocessor.tokenizer
@@ -207,6 +285,19 @@ class ServeSetup:
                 vocab_size=tokenizer.vocab_size,
             )
             (prefill if remote.role == "prefill" else workers).append(engine)
+        for address in self.openai_engines:
+            http_engine = OpenAIEngine(
+                address.url,
+                instance_id=address.worker_id,
+                role=address.role,
+                block_size=self.config.kv_block_size,
+                tokenizer=tokenizer,
+                api_key=self.engine_api_key,
+                kv_events=kv_events,
+                kv_replay_endpoint=self.kv_replay.get(address.worker_id),
+                connect_timeout=self.engine_connect_timeout,
+            )
+            (prefill if address.role == "prefill" else workers).append(http_engine)
         return workers, prefill
 
 
@@ -310,6 +401,43 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "HOST:PORT (ROLE: agg (default), prefill or decode); repeat for each worker. It must "
         "run with --block-size equal to --kv-block-size, and with --tokenizer naming this "
         "frontend's tokenizer ('builtin' for the default) for answers to decode",
+    )
+    workers.add_argument(
+        "--engine",
+        dest="engines",
+        action="append",
+        default=[],
+        metavar="ID=URL[/ROLE]",
+        help="also serve over the OpenAI-compatible server (a vLLM) at URL as worker ID "
+        "(ROLE: agg (default), prefill or decode); repeat for each engine. Its KV events, "
+        "published with topic kv@ID to --kv-events-bind, feed the router (docs/engines.md)",
+    )
+    workers.add_argument(
+        "--kv-events-bind",
+        metavar="ENDPOINT",
+        help="bind one ZMQ SUB socket here (e.g. tcp://127.0.0.1:5557) for the --engine "
+        "servers' KV events: each vLLM's --kv-events-config endpoint, topic kv@ID",
+    )
+    workers.add_argument(
+        "--kv-replay",
+        action="append",
+        default=[],
+        metavar="ID=ENDPOINT",
+        help="engine ID's KV-event replay socket (its replay_endpoint), from which missed "
+        "event batches are fetched again; repeat per engine",
+    )
+    workers.add_argument(
+        "--engine-api-key",
+        metavar="KEY",
+        default=None,
+        help="bearer token for the --engine servers (their --api-key; or INTERLOCK_ENGINE_API_KEY)",
+    )
+    workers.add_argument(
+        "--engine-connect-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="wait this long for each --engine to answer /health at start (30)",
     )
     workers.add_argument(
         "--etcd",
@@ -447,6 +575,60 @@ def resolve_remote_workers(
     return tuple(remote)
 
 
+def _check_engine_ids(
+    engines: Sequence[EngineAddress],
+    remote: Sequence[RemoteWorkerAddress],
+    *,
+    workers: int,
+    prefill_workers: int,
+) -> None:
+    """Every ``--engine`` needs an id no other worker has, and its own URL."""
+    taken: dict[int, str] = {r.worker_id: f"--remote-worker {r}" for r in remote}
+    for i in range(1, workers + prefill_workers + 1):
+        taken.setdefault(i, f"in-process mock worker {i} (--workers/--prefill-workers)")
+    urls: dict[str, EngineAddress] = {}
+    for engine in engines:
+        other = taken.get(engine.worker_id)
+        if other is not None:
+            raise ConfigError(
+                f"--engine {engine}: id {engine.worker_id} is taken by {other}; every worker "
+                "and engine needs its own id"
+            )
+        if engine.url in urls:
+            raise ConfigError(
+                f"--engine {urls[engine.url]} and --engine {engine} both point at {engine.url}; "
+                "one server is one engine"
+            )
+        taken[engine.worker_id] = f"--engine {engine}"
+        urls[engine.url] = engine
+
+
+def _resolve_kv_events(
+    args: argparse.Namespace, engines: Sequence[EngineAddress]
+) -> tuple[str | None, dict[int, str]]:
+    bind: str | None = getattr(args, "kv_events_bind", None)
+    if bind is not None and not bind.startswith(("tcp://", "ipc://")):
+        raise ConfigError(
+            f"--kv-events-bind {bind!r} is not a ZMQ endpoint interlock can bind: give "
+            "tcp://HOST:PORT (e.g. tcp://127.0.0.1:5557) or ipc://PATH"
+        )
+    ids = {e.worker_id for e in engines}
+    replay: dict[int, str] = {}
+    for text in getattr(args, "kv_replay", []) or []:
+        ident, equals, endpoint = text.partition("=")
+        if not equals or not ident.isdigit() or not endpoint.startswith(("tcp://", "ipc://")):
+            raise ConfigError(
+                f"--kv-replay {text!r}: the form is ID=ENDPOINT, e.g. "
+                "1=tcp://127.0.0.1:5558 (the engine's replay_endpoint)"
+            )
+        if int(ident) not in ids:
+            raise ConfigError(f"--kv-replay {text!r}: no --engine has id {ident}")
+        replay[int(ident)] = endpoint
+    if replay and bind is None:
+        raise ConfigError("--kv-replay needs --kv-events-bind: replays fill gaps in that feed")
+    return bind, replay
+
+
 def resolve(args: argparse.Namespace) -> ServeSetup:
     """Everything the command needs, checked before anything starts (reads the tokenizer and
     config files; connects to nothing: remote workers are reached when the pipeline starts).
@@ -464,7 +646,8 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         )
     if etcd_url is not None and not etcd_prefix.strip("/"):
         raise ConfigError("--etcd-prefix must not be empty (the workers' --etcd-prefix)")
-    default_workers = 0 if texts or etcd_url is not None else 4
+    engines = tuple(EngineAddress.parse(text) for text in getattr(args, "engines", []) or [])
+    default_workers = 0 if texts or engines or etcd_url is not None else 4
     workers: int = args.workers if args.workers is not None else default_workers
     for flag, value, minimum in (
         ("--workers", workers, 0),
@@ -475,7 +658,20 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         if value < minimum:
             raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
     remote = resolve_remote_workers(texts, workers=workers, prefill_workers=args.prefill_workers)
-    if workers == 0 and etcd_url is None and all(r.role == "prefill" for r in remote):
+    _check_engine_ids(engines, remote, workers=workers, prefill_workers=args.prefill_workers)
+    kv_events_bind, kv_replay = _resolve_kv_events(args, engines)
+    if (
+        workers == 0
+        and etcd_url is None
+        and all(r.role == "prefill" for r in remote)
+        and all(e.role == "prefill" for e in engines)
+    ):
+        if engines:
+            raise ConfigError(
+                "every --engine and --remote-worker is a prefill engine and --workers is 0: "
+                "nothing could serve the decode legs; add an agg or decode engine "
+                "(--engine ID=URL or ID=URL/decode)"
+            )
         if not remote:
             raise ConfigError(
                 "--workers must be at least 1 (or give --remote-worker ID=HOST:PORT): nothing "
@@ -521,6 +717,13 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         selection_policy=factory,
         etcd_url=etcd_url,
         etcd_prefix=etcd_prefix,
+        openai_engines=engines,
+        kv_events_bind=kv_events_bind,
+        kv_replay=kv_replay,
+        engine_api_key=getattr(args, "engine_api_key", None)
+        or os.environ.get("INTERLOCK_ENGINE_API_KEY")
+        or None,
+        engine_connect_timeout=getattr(args, "engine_connect_timeout", 30.0),
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
@@ -661,7 +864,8 @@ async def serve_frontend(
     """
     metrics = HttpMetrics()
     async with (
-        build_pipeline(setup.config, setup.components(metrics)) as pipeline,
+        _kv_event_feed(setup) as feed,
+        build_pipeline(setup.config, setup.components(metrics, kv_events=feed)) as pipeline,
         _discovering(setup, pipeline) as discovered,
     ):
         app = build_app(
@@ -694,6 +898,22 @@ async def _stop_on_signals(scope: trio.CancelScope, command: str) -> None:
             print(f"interlock {command}: {signal.Signals(number).name}, stopping", file=sys.stderr)
             scope.cancel()
             return
+
+
+@asynccontextmanager
+async def _kv_event_feed(setup: ServeSetup) -> AsyncIterator[KvEventFeed | None]:
+    """With ``--kv-events-bind``: the `KvEventFeed` bound there, receiving until the block
+    ends; without: None."""
+    if setup.kv_events_bind is None:
+        yield None
+        return
+    feed = KvEventFeed(setup.kv_events_bind)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(feed.run)
+        try:
+            yield feed
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
@@ -745,6 +965,21 @@ def banner(setup: ServeSetup, url: str, *, discovered: WorkerWatcher | None = No
             f"  {heading:<12} worker {remote.worker_id} at {remote.address} ({remote.role}), "
             "connected"
         )
+    for index, engine in enumerate(setup.openai_engines):
+        heading = "engines" if index == 0 else ""
+        replay = setup.kv_replay.get(engine.worker_id)
+        lines.append(
+            f"  {heading:<12} engine {engine.worker_id} at {engine.url} ({engine.role}), healthy"
+            + (f"; KV replay {replay}" if replay else "")
+        )
+    if setup.kv_events_bind is not None:
+        lines.append(
+            f"  KV events    bound at {setup.kv_events_bind} (topic kv@ID feeds engine ID)"
+        )
+    elif setup.openai_engines and setup.config.router_mode == "kv":
+        lines.append(
+            "  KV events    none: without --kv-events-bind the kv router sees no engine's cache"
+        )
     if setup.etcd_url is not None:
         found = sorted(discovered.records) if discovered is not None else []
         lines.append(
@@ -766,7 +1001,8 @@ def banner(setup: ServeSetup, url: str, *, discovered: WorkerWatcher | None = No
 async def _route_once(setup: ServeSetup, body: bytes) -> tuple[int, bytes]:
     metrics = HttpMetrics()
     async with (
-        build_pipeline(setup.config, setup.components(metrics)) as pipeline,
+        _kv_event_feed(setup) as feed,
+        build_pipeline(setup.config, setup.components(metrics, kv_events=feed)) as pipeline,
         _discovering(setup, pipeline),
     ):
         app = build_app(

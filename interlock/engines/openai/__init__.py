@@ -3,12 +3,23 @@
 servers: docs/engines.md."""
 
 from ._engine import PREFILL_KV_TRANSFER_PARAMS, TOKENIZER_PROBE, OpenAIEngine
+from ._kv_feed import KvEventFeed, KvFeedBindError, KvFeedStats, KvReplayFailed, kv_topic
+from ._kv_mirror import KvBlockSizeMismatch, KvDump, KvMirror, KvMirrorStats
 from ._metrics import EngineMetrics, parse_engine_metrics
 
 __all__ = [
     "PREFILL_KV_TRANSFER_PARAMS",
     "TOKENIZER_PROBE",
     "EngineMetrics",
+    "KvBlockSizeMismatch",
+    "KvDump",
+    "KvEventFeed",
+    "KvFeedBindError",
+    "KvFeedStats",
+    "KvMirror",
+    "KvMirrorStats",
+    "KvReplayFailed",
     "OpenAIEngine",
+    "kv_topic",
     "parse_engine_metrics",
 ]

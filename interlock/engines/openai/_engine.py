@@ -197,32 +197,30 @@ class OpenAIEngine:
             TokenizerMismatch: the engine tokenizes the probe text differently.
         """
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        async with (
-            httpx.AsyncClient(
-                base_url=self.base_url,
-                headers=headers,
-                # Reads wait as long as the engine generates: a stalled stream is the
-                # pipeline's engine_idle_timeout to judge, not the HTTP client's.
-                timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-                verify=self.verify,
-            ) as client,
-            trio.open_nursery() as nursery,
-        ):
+        async with httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            # Reads wait as long as the engine generates: a stalled stream is the
+            # pipeline's engine_idle_timeout to judge, not the HTTP client's.
+            timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            verify=self.verify,
+        ) as client:
+            # Checked before the nursery opens, so that they raise bare, not in a group.
+            await self._wait_healthy(client)
+            await self._describe(client)
+            await self._check_tokenizer(client)
             self._client = client
             try:
-                await self._wait_healthy(client)
-                await self._describe(client)
-                await self._check_tokenizer(client)
-                if self.kv_events is not None:
-                    await self._follow_kv_events(nursery)
-                self._set_present(True, "healthy")
-                task_status.started()
-                await self._watch(client)
+                async with trio.open_nursery() as nursery:
+                    if self.kv_events is not None:
+                        await self._follow_kv_events(nursery)
+                    self._set_present(True, "healthy")
+                    task_status.started()
+                    await self._watch(client)
             finally:
                 self._client = None
                 self._present = False
-                nursery.cancel_scope.cancel()
 
     # -- starting ---------------------------------------------------------------------------
 
