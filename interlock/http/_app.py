@@ -616,6 +616,10 @@ def build_app(
     async def render_metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        if pipeline.config.router_mode == "kv":
+            # How an operator sees that the engines' KV events arrive (docs/engines.md).
+            blocks = await pipeline.kv_blocks()
+            metrics.kv_blocks = {worker: len(ids) for worker, ids in blocks.items()}
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     routes = [

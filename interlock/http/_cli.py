@@ -777,6 +777,14 @@ _WORKER_ERRORS = (WorkerMismatch, WorkerUnreachable, ProtocolError, EtcdError)
 def _worker_failure(setup: ServeSetup, exc: BaseException) -> int:
     """Report a remote worker the pipeline could not start with; the exit status (1)."""
     command = f"interlock {setup.command}"
+    engine_ids = {e.worker_id for e in setup.openai_engines}
+    if getattr(exc, "worker_id", None) in engine_ids and isinstance(
+        exc, WorkerMismatch | WorkerUnreachable
+    ):
+        # The engine's own error says what to change on either side (docs/engines.md).
+        what = "wrong engine" if isinstance(exc, WorkerMismatch) else "cannot reach an engine"
+        print(f"{command}: {what}: {exc}", file=sys.stderr)
+        return 1
     if isinstance(exc, TokenizerMismatch):
         builtin = isinstance(setup.preprocessor.tokenizer, ByteTokenizer)
         hint = (

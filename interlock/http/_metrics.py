@@ -91,6 +91,8 @@ class HttpMetrics:
         self.duration: dict[str, _Histogram] = {}
         self.transitions: dict[tuple[str, str, str], int] = {}
         self.routed: dict[tuple[int, str], int] = {}
+        #: Blocks in the router's KV index per worker (the app refreshes it before a scrape).
+        self.kv_blocks: dict[int, int] = {}
         self.migrations = 0
         self.fallbacks = 0
         self.overlap_blocks = 0
@@ -234,6 +236,15 @@ class HttpMetrics:
             "Disaggregated requests served aggregated after their prefill leg failed.",
             value=self.fallbacks,
         )
+        blocks = GaugeMetricFamily(
+            f"{ns}_router_kv_blocks",
+            "KV blocks the router's index holds per worker, from the engines' KV events "
+            "(as of the last scrape; router_mode='kv' only).",
+            labels=("worker_id",),
+        )
+        for worker, count in sorted(self.kv_blocks.items()):
+            blocks.add_metric((str(worker),), count)
+        yield blocks
         transitions = CounterMetricFamily(
             f"{ns}_transitions",
             "Request state-machine transitions, by edge.",
