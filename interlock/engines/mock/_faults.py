@@ -13,6 +13,10 @@ A spec is one or more faults separated by ``;``, each ``KIND`` or ``KIND:key=val
 ``stall:after=N[,seconds=S]``  after N chunks, no bytes for S seconds (forever without S) while
                             ``/health`` stays 200; then the backlog in one chunk (as after
                             SIGCONT)
+``freeze:after=N[,seconds=S]``  after N chunks, the whole engine stops for S seconds (forever
+                            without S): every request stalls and ``/health`` stays 200 (vLLM
+                            whose EngineCore was SIGSTOPped); ``stall`` stops only this response
+                            while the engine keeps generating (its API server stopped)
 ``slow:seconds=S``          S more seconds (trio time) before every chunk
 ``burst:after=N,tokens=K``  after N chunks, K tokens per SSE chunk
 ==========================  ===================================================================
@@ -21,7 +25,7 @@ A spec is one or more faults separated by ``;``, each ``KIND`` or ``KIND:key=val
 it applies to the first K requests that carry it from the command line, then no more (per
 request, in a header, it applies to that request). A non-streaming request sees ``http500``
 and ``error`` as a 500, ``reset`` and ``eof`` as a connection that dies before the answer,
-``stall`` and ``slow`` as a late answer, and ``burst`` not at all.
+``stall``, ``freeze`` and ``slow`` as a late answer, and ``burst`` not at all.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from typing import Final, Literal
 
 import attrs
 
-FaultKind = Literal["http500", "reset", "error", "eof", "stall", "slow", "burst"]
+FaultKind = Literal["http500", "reset", "error", "eof", "stall", "freeze", "slow", "burst"]
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = (
     "http500",
     "reset",
     "error",
     "eof",
     "stall",
+    "freeze",
     "slow",
     "burst",
 )
@@ -50,6 +55,7 @@ _KEYS: Final[dict[str, frozenset[str]]] = {
     "error": frozenset({"after", "times"}),
     "eof": frozenset({"after", "times"}),
     "stall": frozenset({"after", "seconds", "times"}),
+    "freeze": frozenset({"after", "seconds", "times"}),
     "slow": frozenset({"seconds", "times"}),
     "burst": frozenset({"after", "tokens", "times"}),
 }

@@ -590,6 +590,7 @@ class _Call:
         )
         self.terminal: MockFault | None = next((f for f in faults if f.ends_stream), None)
         self.stall: MockFault | None = next((f for f in faults if f.kind == "stall"), None)
+        self.freeze: MockFault | None = next((f for f in faults if f.kind == "freeze"), None)
         slow = next((f for f in faults if f.kind == "slow"), None)
         self.slow = (slow.seconds or 0.0) if slow is not None else 0.0
         self.burst: MockFault | None = next((f for f in faults if f.kind == "burst"), None)
@@ -600,6 +601,11 @@ class _Call:
         """The outputs of the next chunk (``sent`` chunks went out already). Applies stall,
         slow and burst. Raises WorkerGone when the engine broke the stream."""
         coalesce = False
+        freeze = self.freeze
+        if freeze is not None and sent == freeze.after:
+            self.freeze = None
+            # The whole engine stops producing (trio time), as a SIGSTOPped EngineCore does.
+            self.server.engine.stall(math.inf if freeze.seconds is None else freeze.seconds)
         stall = self.stall
         if stall is not None and sent == stall.after:
             self.stall = None
