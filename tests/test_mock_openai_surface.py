@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from interlock.engines.mock import (
     MockEngine,
+    MockFault,
     MockOpenAIServer,
     MockTiming,
     mock_continuation,
@@ -37,9 +38,10 @@ PROMPT = list(range(100, 140))
 
 @asynccontextmanager
 async def mock_vllm(
-    *, tokenizer: bool = False, **engine_options: Any
+    *, tokenizer: bool = False, faults: tuple[MockFault, ...] = (), **engine_options: Any
 ) -> AsyncIterator[tuple[MockOpenAIServer, httpx.AsyncClient]]:
-    """A zero-time `MockEngine` served on a free loopback port, and a client for it."""
+    """A zero-time `MockEngine` served on a free loopback port (with ``faults`` for every
+    request), and a client for it."""
     options: dict[str, Any] = {"timing": MockTiming.zero(), "block_size": 16} | engine_options
     if tokenizer:
         tok = ByteTokenizer()
@@ -50,7 +52,9 @@ async def mock_vllm(
         }
     engine = MockEngine(1, **options)
     async with trio.open_nursery() as nursery:
-        server: MockOpenAIServer = await nursery.start(serve_mock_openai, engine)
+        server: MockOpenAIServer = await nursery.start(
+            functools.partial(serve_mock_openai, engine, faults=faults)
+        )
         async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as client:
             yield server, client
         nursery.cancel_scope.cancel()
