@@ -20,6 +20,17 @@ import attrs
 
 from ._errors import ConfigError
 
+#: The TOML table naming the workers and engines to serve over, and its keys' types: the flags
+#: of the same meaning (``--engine``, ``--remote-worker``, ``--kv-events-bind``, ...).
+WORKERS_TABLE = "workers"
+WORKERS_KEYS: dict[str, type] = {
+    "engines": list,
+    "remote_workers": list,
+    "kv_events_bind": str,
+    "kv_replay": list,
+    "engine_api_key": str,
+}
+
 Preprocessing = Literal["frontend", "engine"]
 Postprocessing = Literal["frontend", "engine"]
 Routing = Literal["discover", "direct_to_known", "query_only"]
@@ -336,11 +347,52 @@ class PipelineConfig:
             raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"cannot read {str(p)!r}: {exc.strerror}") from None
+        # The [workers] table names the workers and engines to serve over: the commands read
+        # it (`workers_table`), it holds no knobs.
+        data = {key: value for key, value in data.items() if key != WORKERS_TABLE}
         table = data.get("interlock", data) if set(data) <= {"interlock"} else data
         try:
             return cls.from_dict(table)
         except ConfigError as exc:
             raise ConfigError(f"{p}: {exc}", knobs=exc.knobs) from None
+
+    @staticmethod
+    def workers_table(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The ``[workers]`` table of a TOML configuration file (empty when it has none): the
+        workers and engines ``interlock serve`` and ``route`` serve over, under the names of
+        their flags (``engines``, ``remote_workers``, ``kv_events_bind``, ``kv_replay``,
+        ``engine_api_key``). Values are checked by the commands that use them.
+
+        Raises:
+            ConfigError: the file cannot be read, or the table holds an unknown key or a value of
+                the wrong type (the message names the file and the key).
+        """
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return {}  # from_toml reports these, with the file's name
+        table = data.get(WORKERS_TABLE, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{p}: [{WORKERS_TABLE}] must be a table")
+        for key, value in table.items():
+            kind = WORKERS_KEYS.get(key)
+            if kind is None:
+                hint = difflib.get_close_matches(str(key), list(WORKERS_KEYS), n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(
+                    f"{p}: unknown key {key!r} in [{WORKERS_TABLE}]{suggestion} (the keys are "
+                    f"{', '.join(WORKERS_KEYS)})"
+                )
+            ok = (
+                isinstance(value, list) and all(isinstance(item, str) for item in value)
+                if kind is list
+                else isinstance(value, str)
+            )
+            if not ok:
+                what = "a list of strings" if kind is list else "a string"
+                raise ConfigError(f"{p}: [{WORKERS_TABLE}] {key} must be {what}, got {value!r}")
+        return dict(table)
 
     @classmethod
     def from_env(

@@ -637,6 +637,14 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         ConfigError, TokenizerError, ChatTemplateError: with a message saying what to fix.
     """
     config = resolve_config(args)
+    # Flags win over the configuration file's [workers] table, key by key.
+    table = PipelineConfig.workers_table(args.config) if args.config else {}
+    for key in ("engines", "remote_workers", "kv_replay"):
+        if not getattr(args, key, None) and key in table:
+            setattr(args, key, table[key])
+    for key in ("kv_events_bind", "engine_api_key"):
+        if getattr(args, key, None) is None and key in table:
+            setattr(args, key, table[key])
     texts: list[str] = args.remote_workers or []
     etcd_url: str | None = getattr(args, "etcd", None)
     etcd_prefix: str = getattr(args, "etcd_prefix", DEFAULT_PREFIX)
