@@ -248,7 +248,7 @@ async def test_the_same_endpoint_can_be_bound_again_right_after_the_feed_stops()
             got = Received()
             again.subscribe(1, got)
             engine.publish(block(1, None, 0))
-            await got.wait_until(lambda got=got: bool(got.batches))  # type: ignore[misc]
+            await got.wait_until(lambda got=got: bool(got.batches))
 
 
 async def test_a_bound_endpoint_is_refused_naming_it_and_the_option_to_change() -> None:

@@ -368,7 +368,7 @@ def test_the_generators_cover_every_wire_message() -> None:
         obj
         for name in wire.__all__
         if attrs.has(obj := getattr(wire, name)) and isinstance(obj, type)
-        # vLLM's KV-event shapes have their own codec, round-tripped in test_vllm_kv_events.py.
+        # vLLM's KV-event shapes have their own codec, round-tripped in test_vllm_kv_wire.py.
         if not name.startswith("Vllm")
     }
     assert exported == set(MESSAGE_CLASSES)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import cast
 
 import attrs
 import trio
@@ -89,12 +90,12 @@ async def recv_multipart(socket: zmq.Socket[bytes]) -> list[bytes]:
     (reading it also processes the socket's pending commands, re-arming the edge). Raises
     ``zmq.ZMQError`` if the socket fails.
     """
-    fd = socket.getsockopt(zmq.FD)
+    fd = cast(int, socket.getsockopt(zmq.FD))
     while True:
         try:
             frames = socket.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
-            if socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator]
+            if cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 continue
             await trio.lowlevel.wait_readable(fd)
         else:
