@@ -60,6 +60,7 @@ REPLAY_END_SEQ = 2**64 - 1
 _U64 = 2**64
 _MASK = _U64 - 1
 _U32 = 2**32
+_INT_ONLY = frozenset({int})
 
 
 class VllmKvDecodeError(InterlockError, ValueError):
@@ -272,7 +273,15 @@ def _decode_event(raw: Any, index: int) -> VllmKvEvent | str:
     if parent is not None:
         parent = _hash(parent, f"{where} field 'parent_block_hash'")
     token_ids = fields["token_ids"]
-    if type(token_ids) is not tuple or not all(type(t) is int and 0 <= t < _U32 for t in token_ids):
+    # C-level passes over the ids (one step can store thousands): types, then range.
+    if type(token_ids) is not tuple or (
+        token_ids
+        and (
+            not set(map(type, token_ids)) <= _INT_ONLY
+            or min(token_ids) < 0
+            or max(token_ids) >= _U32
+        )
+    ):
         raise VllmKvDecodeError(
             f"{where} field 'token_ids' must be an array of unsigned 32-bit ints"
         )
