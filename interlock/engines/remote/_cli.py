@@ -162,9 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fault injection: after N tokens in all, break every stream, refuse new ones and "
         "leave routing (the process keeps running)",
     )
-    vllm = parser.add_argument_group(
-        "vLLM-compatible HTTP surface (docs/wire-protocol.md, 'The mock engine's vLLM surface')"
-    )
+    vllm = parser.add_argument_group("vLLM-compatible HTTP surface (docs/mock-vllm.md)")
     vllm.add_argument(
         "--openai-port",
         type=port,
@@ -348,6 +346,7 @@ class _Surface:
     kv_events_endpoint: str | None
     kv_events_topic: str | None
     kv_events_replay: str | None
+    advertise_host: str | None
 
 
 def _surface(args: argparse.Namespace) -> _Surface | None:
@@ -391,6 +390,7 @@ def _surface(args: argparse.Namespace) -> _Surface | None:
         kv_events_endpoint=args.kv_events_endpoint,
         kv_events_topic=args.kv_events_topic,
         kv_events_replay=args.kv_events_replay,
+        advertise_host=args.advertise_host,
     )
 
 
@@ -460,7 +460,7 @@ async def _serve_until_signalled(
                             surface.port,
                             model=surface.model,
                             faults=surface.faults,
-                            advertise_host=registration.advertise_host if registration else None,
+                            advertise_host=surface.advertise_host,
                             run_engine=False,  # serve_worker runs it
                             kv_events_endpoint=surface.kv_events_endpoint,
                             kv_events_topic=surface.kv_events_topic,
