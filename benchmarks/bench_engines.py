@@ -1,0 +1,687 @@
+"""What ``interlock serve`` adds in front of a real engine: TTFT and request latency through it,
+against the same requests sent straight to the engines, measured in the same run.
+
+The engines are OpenAI-compatible servers: running vLLMs given with ``--engine-url`` (repeat
+it; ``--model-dir`` names their tokenizer), or by default ``interlock worker --openai-port 0``
+mock engines that this script starts (the mock model behind vLLM's HTTP surface, at the
+reference timing model's speed, ``--speedup 1``, so that an engine step costs what it costs on
+a GPU; ``--zero-time`` for none). In front of them it starts ``interlock serve --engine
+ID=URL ...``. One load generator (keep-alive HTTP/1.1 connections, concurrency C) sends the
+same workload both ways in interleaved rounds, alternating which path goes first: streamed chat
+(or completions) requests, prompts of 200-1000 tokens that start with one of a few shared
+prefixes (a system message), max_tokens 16, greedy, ignore_eos. Every prefix is cached on every
+engine before measuring, and each request's own suffix starts with a tag naming its path, so
+neither path finds the other's suffixes in an engine's prefix cache.
+
+TTFT is the time to the first streamed chunk with text in it, as vLLM's own benchmark
+measures it (a chat stream's first, role-only chunk does not count). It prints TTFT and
+latency percentiles for both paths, their ratios (interlock / direct), the ratio of TTFT p50 in
+each round (how much the machine's noise moves it), and the CPU milliseconds the interlock
+process tree spent per request (utime + stime from /proc, while its requests ran). The machine
+is shared and noisy: read the ratios, not the absolute times. Every process it starts runs in
+its own process group, and the whole group is stopped at the end, on error and on Ctrl-C.
+
+    python benchmarks/bench_engines.py [--engines E] [--speedup S | --zero-time]
+        [--requests N] [--concurrency C] [--rounds R] [--api chat|completions]
+        [--max-tokens T] [--router-mode MODE] [--model-dir DIR]
+    python benchmarks/bench_engines.py --engine-url http://127.0.0.1:8100 [--engine-url ...]
+        --model-dir DIR [--served-model-name NAME] [--kv-events-bind ENDPOINT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import h11
+import httpx
+import trio
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KV_BLOCK_SIZE = 32  # vLLM's CPU backend forces a multiple of 32 (reference/vllm-cpu.md)
+GOAL_TTFT_RATIO = 1.05
+# Words for the prompts: common, mostly one token each in a BPE vocabulary.
+_WORD_TEXT = (
+    "the river mountain quiet stone light window garden morning evening story paper table "
+    "water forest market winter summer bridge train station letter music silver yellow "
+    "orange purple simple gentle careful sudden ancient modern distant narrow bright dark "
+    "walk read write think build carry follow answer listen remember travel gather return "
+    "house city field ocean island valley cloud storm wind rain snow fire road path door "
+    "friend teacher doctor farmer sailor painter writer child mother father brother sister "
+    "apple bread cheese honey salt sugar coffee tea milk butter lamp chair clock mirror"
+)
+WORDS = tuple(_WORD_TEXT.split())
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+@attrs.define
+class Processes:
+    """Every process this script started, each the leader of its own process group, with the
+    file its output goes to. `stop_all` ends every group."""
+
+    directory: Path
+    started: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
+
+    def start(self, name: str, command: Sequence[str]) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start ``command`` in a new session (so its children are in its group), output to
+        ``<directory>/<name>.log``; return the process and that file. Does not wait."""
+        log = self.directory / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                list(command), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.started.append(process)
+        return process, log
+
+    def stop_all(self) -> None:
+        """SIGTERM every group, wait up to 10 s for each leader, then SIGKILL what is left."""
+        for process in self.started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            # The leader may be gone while a child it started is not: end the group either way.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+
+
+def wait_for_line(
+    process: subprocess.Popen[bytes], log: Path, marker: str, timeout: float = 120.0
+) -> str:
+    """Wait until ``log`` has a line containing ``marker``; return that line.
+
+    Raises:
+        RuntimeError: the process exited first, or ``timeout`` seconds passed (the message
+            carries the end of its output).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if marker in line:
+                return line
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+    state = f"exited with {process.returncode}" if process.poll() is not None else "timed out"
+    raise RuntimeError(f"{process.args} {state} before printing {marker!r}:\n{tail}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_mock_engines(
+    processes: Processes, args: argparse.Namespace, kv_endpoint: str | None
+) -> list[str]:
+    """Start ``args.engines`` ``interlock worker --openai-port 0`` processes; return their
+    URLs once each has printed its JSON line."""
+    timing = ["--zero-time"] if args.zero_time else ["--speedup", str(args.speedup)]
+    started = []
+    for worker_id in range(1, args.engines + 1):
+        command = [
+            sys.executable, "-m", "interlock", "worker", "--id", str(worker_id),
+            "--port", "0", "--openai-port", "0", "--block-size", str(KV_BLOCK_SIZE),
+            "--tokenizer", args.model_dir or "builtin",
+            "--served-model-name", args.served_model_name or "mock",
+            "--log-level", "warning", *timing,
+        ]  # fmt: skip
+        if kv_endpoint is not None:
+            command += ["--kv-events-endpoint", kv_endpoint]
+        started.append(processes.start(f"engine{worker_id}", command))
+    urls = []
+    for process, log in started:
+        line = wait_for_line(process, log, '"openai_url"')
+        urls.append(str(json.loads(line)["openai_url"]))
+    return urls
+
+
+def start_interlock(
+    processes: Processes, args: argparse.Namespace, engine_urls: Sequence[str], model: str,
+    kv_bind: str | None,
+) -> tuple[subprocess.Popen[bytes], str]:  # fmt: skip
+    """Start ``interlock serve`` over ``engine_urls`` (ids 1..E); return it and its URL once
+    it listens (it has checked every engine's /health, /v1/models and /tokenize by then)."""
+    command = [
+        sys.executable, "-m", "interlock", "serve", "--port", "0", "--model-name", model,
+        "--kv-block-size", str(KV_BLOCK_SIZE), "--router-mode", args.router_mode,
+    ]  # fmt: skip
+    if args.model_dir:
+        command += ["--tokenizer", args.model_dir]
+    for worker_id, url in enumerate(engine_urls, start=1):
+        command += ["--engine", f"{worker_id}={url}"]
+    if kv_bind is not None:
+        command += ["--kv-events-bind", kv_bind]
+    process, log = processes.start("interlock", command)
+    line = wait_for_line(process, log, "listening on ")
+    return process, line.split("listening on ")[1].split()[0]
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime of ``root`` and every descendant still alive, plus what the reaped ones
+    left in their parents' cutime + cstime (so nothing is counted twice)."""
+    parents: dict[int, int] = {}
+    spent: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it exited while we looked
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        spent[pid] = sum(int(v) for v in fields[11:15]) / CLK_TCK
+    tree = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return sum(spent.get(pid, 0.0) for pid in tree)
+
+
+def engine_health(url: str) -> int | str:
+    """``GET url/health``'s status code, or the error's text."""
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def served_model(url: str) -> str:
+    """The first model id an engine lists in ``GET /v1/models``."""
+    return str(httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"])
+
+
+# -- the workload -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Spec:
+    """One request of the workload: which shared prefix, and its own suffix's text."""
+
+    prefix: int
+    suffix: str
+
+
+def load_tokenizer(model_dir: str | None) -> Any:
+    from interlock.processing import ByteTokenizer, load_tokenizer
+
+    return load_tokenizer(model_dir) if model_dir else ByteTokenizer()
+
+
+def text_of_tokens(tokenizer: Any, rng: random.Random, tokens: int) -> str:
+    """Random words cut to about ``tokens`` tokens of ``tokenizer``."""
+    words = " ".join(rng.choice(WORDS) for _ in range(tokens + 8))
+    ids = tokenizer.encode(words)[:tokens]
+    return str(tokenizer.decode(ids)).strip().replace("\ufffd", "")
+
+
+@attrs.frozen
+class Workload:
+    """The shared prefixes and, per round, the requests both paths send (the same ones, tagged
+    with the path's name so that their suffixes never hit each other's cache)."""
+
+    prefixes: tuple[str, ...]
+    rounds: tuple[tuple[Spec, ...], ...]
+
+    @classmethod
+    def build(
+        cls, tokenizer: Any, *, requests: int, rounds: int, prefixes: int, seed: int
+    ) -> Workload:
+        """Prefixes of 100-500 tokens, suffixes of 100-500: prompts of 200-1000 tokens."""
+        rng = random.Random(seed)
+        texts = tuple(
+            f"You are assistant {n}. " + text_of_tokens(tokenizer, rng, rng.randint(100, 500))
+            for n in range(prefixes)
+        )
+        per_round = [
+            requests // rounds + (1 if r < requests % rounds else 0) for r in range(rounds)
+        ]
+        specs = tuple(
+            tuple(
+                Spec(rng.randrange(prefixes), text_of_tokens(tokenizer, rng, rng.randint(100, 500)))
+                for _ in range(count)
+            )
+            for count in per_round
+        )
+        return cls(texts, specs)
+
+    def body(self, args: argparse.Namespace, model: str, spec: Spec, tag: str) -> bytes:
+        """The request's JSON body: streamed, greedy, ignore_eos, ``args.max_tokens``."""
+        common: dict[str, Any] = {
+            "model": model,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        prefix, suffix = self.prefixes[spec.prefix], f"{tag}: {spec.suffix}"
+        if args.api == "chat":
+            common["messages"] = [
+                {"role": "system", "content": prefix},
+                {"role": "user", "content": suffix},
+            ]
+        else:
+            common["prompt"] = f"{prefix}\n\n{suffix}"
+        return json.dumps(common).encode()
+
+
+# -- the load generator ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Sample:
+    """One request as the client saw it: seconds to the first text and to the end (None when
+    it failed), and why it failed."""
+
+    ttft: float | None
+    latency: float | None
+    error: str | None = None
+
+
+class StreamFailed(Exception):
+    """A streamed request did not end as a 200 with ``data: [DONE]``."""
+
+
+def first_text(event: bytes) -> bool:
+    """Whether one SSE event carries generated text (a chat delta's content, a completion's
+    text); a role-only or usage-only chunk does not."""
+    for line in event.split(b"\n"):
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        try:
+            chunk = json.loads(line[6:])
+        except ValueError:
+            continue
+        for choice in chunk.get("choices") or ():
+            if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                return True
+    return False
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection (h11) to one server, one request at a time."""
+
+    def __init__(self, stream: trio.SocketStream, host: str) -> None:
+        self._stream = stream
+        self._host = host
+        self._h11 = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, url: str) -> Connection:
+        host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        return cls(stream, f"{host}:{port}")
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def _next_event(self) -> Any:
+        while True:
+            event = self._h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self._h11.receive_data(await self._stream.receive_some(65536))
+
+    async def stream(self, path: str, body: bytes) -> Sample:
+        """POST ``body`` to ``path`` and read the SSE stream to its end.
+
+        Raises:
+            StreamFailed: not a 200, or no ``data: [DONE]`` at the end.
+            OSError, h11.ProtocolError: the connection broke (open a new one).
+        """
+        start = time.perf_counter()
+        headers = [
+            ("host", self._host),
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+        ]
+        await self._stream.send_all(
+            self._h11.send(h11.Request(method="POST", target=path, headers=headers))
+            + self._h11.send(h11.Data(data=body))
+            + self._h11.send(h11.EndOfMessage())
+        )
+        response = await self._next_event()
+        if not isinstance(response, h11.Response):
+            raise StreamFailed(f"no response: {response!r}")
+        received = bytearray()
+        scanned = 0  # received[:scanned] holds whole events without text
+        ttft = None
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                received += event.data
+                while ttft is None and (end := received.find(b"\n\n", scanned)) >= 0:
+                    if first_text(bytes(received[scanned:end])):
+                        ttft = time.perf_counter() - start
+                    scanned = end + 2
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise StreamFailed(f"the stream ended with {event!r}")
+        latency = time.perf_counter() - start
+        self._h11.start_next_cycle()
+        if response.status_code != 200:
+            raise StreamFailed(f"status {response.status_code}: {bytes(received[:300])!r}")
+        if not received.rstrip().endswith(b"data: [DONE]"):
+            raise StreamFailed(f"no data: [DONE] at the end: {bytes(received[-300:])!r}")
+        return Sample(ttft, latency)
+
+
+class LoadGenerator:
+    """``concurrency`` clients, each keeping one connection per server across batches."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self._connections: dict[tuple[int, str], Connection] = {}
+
+    async def run(self, jobs: Sequence[tuple[str, str, bytes]]) -> list[Sample]:
+        """Send every ``(url, path, body)``, ``concurrency`` at a time; return their samples
+        in order. Waits for all of them; a failed request is a sample with ``error``."""
+        samples: list[Sample | None] = [None] * len(jobs)
+        pending = iter(enumerate(jobs))
+
+        async def client(slot: int) -> None:
+            for index, (url, path, body) in pending:
+                key = (slot, url)
+                try:
+                    if key not in self._connections:
+                        self._connections[key] = await Connection.open(url)
+                    samples[index] = await self._connections[key].stream(path, body)
+                except (OSError, h11.ProtocolError, StreamFailed) as exc:
+                    samples[index] = Sample(None, None, f"{type(exc).__name__}: {exc}")
+                    broken = self._connections.pop(key, None)
+                    if broken is not None:
+                        await broken.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for slot in range(self.concurrency):
+                nursery.start_soon(client, slot)
+        return [s if s is not None else Sample(None, None, "not sent") for s in samples]
+
+    async def aclose(self) -> None:
+        for connection in self._connections.values():
+            await connection.aclose()
+        self._connections.clear()
+
+
+# -- the measurement ------------------------------------------------------------------------------
+
+
+@attrs.define
+class PathResult:
+    """Everything measured on one path, over all rounds."""
+
+    samples: list[Sample] = attrs.field(factory=list)
+    seconds: float = 0.0
+    per_round_ttft_p50: list[float] = attrs.field(factory=list)
+
+    @property
+    def ok(self) -> list[Sample]:
+        return [s for s in self.samples if s.error is None]
+
+    def percentile(self, field: str, q: float) -> float:
+        values = sorted(getattr(s, field) for s in self.ok if getattr(s, field) is not None)
+        if not values:
+            return float("nan")
+        if len(values) == 1:
+            return float(values[0])
+        return float(statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1])
+
+
+def p50_ttft(samples: Sequence[Sample]) -> float:
+    values = [s.ttft for s in samples if s.error is None and s.ttft is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+async def measure(
+    args: argparse.Namespace, workload: Workload, engine_urls: Sequence[str], model: str,
+    interlock_url: str, interlock_pid: int,
+) -> tuple[PathResult, PathResult, float, float]:  # fmt: skip
+    """Warm up, then run the rounds; return (direct, interlock, interlock CPU seconds while its
+    requests ran, its CPU seconds per wall second while the direct requests ran)."""
+    path = "/v1/chat/completions" if args.api == "chat" else "/v1/completions"
+    generator = LoadGenerator(args.concurrency)
+    # Warm up: every prefix into every engine's cache, then every path and connection.
+    warm = [
+        (url, path, workload.body(args, model, Spec(p, f"warm-up {p}"), "warm"))
+        for url in engine_urls
+        for p in range(len(workload.prefixes))
+    ]
+    warm += [
+        (interlock_url, path, workload.body(args, model, Spec(p % len(workload.prefixes),
+                                                              f"warm-up {p}"), "warm-i"))
+        for p in range(2 * args.concurrency)
+    ]  # fmt: skip
+    failed = [s.error for s in await generator.run(warm) if s.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(warm)} warm-up requests failed: {failed[0]}")
+    direct, through = PathResult(), PathResult()
+    interlock_cpu = idle_cpu = idle_seconds = 0.0
+    for number, specs in enumerate(workload.rounds):
+        order = ("direct", "interlock") if number % 2 == 0 else ("interlock", "direct")
+        for name in order:
+            if name == "direct":
+                jobs = [
+                    (engine_urls[i % len(engine_urls)], path,
+                     workload.body(args, model, spec, f"direct {number}-{i}"))
+                    for i, spec in enumerate(specs)
+                ]  # fmt: skip
+                result = direct
+            else:
+                jobs = [
+                    (interlock_url, path,
+                     workload.body(args, model, spec, f"interlock {number}-{i}"))
+                    for i, spec in enumerate(specs)
+                ]  # fmt: skip
+                result = through
+            cpu_before = tree_cpu_seconds(interlock_pid)
+            start = time.perf_counter()
+            samples = await generator.run(jobs)
+            elapsed = time.perf_counter() - start
+            cpu = tree_cpu_seconds(interlock_pid) - cpu_before
+            if name == "direct":
+                idle_cpu += cpu
+                idle_seconds += elapsed
+            else:
+                interlock_cpu += cpu
+            result.samples += samples
+            result.seconds += elapsed
+            result.per_round_ttft_p50.append(p50_ttft(samples))
+    await generator.aclose()
+    return direct, through, interlock_cpu, idle_cpu / max(idle_seconds, 1e-9)
+
+
+def report(
+    args: argparse.Namespace, direct: PathResult, through: PathResult, cpu: float,
+    idle_rate: float,
+) -> None:  # fmt: skip
+    ms = 1000.0
+    header = (
+        f"{'path':<26} {'TTFT p50':>9} {'TTFT p90':>9} {'lat p50':>9} {'lat p90':>9} "
+        f"{'req/s':>7} {'errors':>7}"
+    )
+    print(header + "\n" + "-" * len(header))
+    for name, result in (("direct to the engines", direct), ("through interlock serve", through)):
+        errors = len(result.samples) - len(result.ok)
+        print(
+            f"{name:<26} {result.percentile('ttft', 50) * ms:>9.1f} "
+            f"{result.percentile('ttft', 90) * ms:>9.1f} "
+            f"{result.percentile('latency', 50) * ms:>9.1f} "
+            f"{result.percentile('latency', 90) * ms:>9.1f} "
+            f"{len(result.ok) / max(result.seconds, 1e-9):>7.1f} {errors:>7}"
+        )
+    ratios = [
+        through.percentile(field, q) / direct.percentile(field, q)
+        for field, q in (("ttft", 50), ("ttft", 90), ("latency", 50), ("latency", 90))
+    ]
+    print(
+        f"{'ratio interlock / direct':<26} {ratios[0]:>9.3f} {ratios[1]:>9.3f} "
+        f"{ratios[2]:>9.3f} {ratios[3]:>9.3f} "
+        f"{(len(through.ok) / through.seconds) / (len(direct.ok) / direct.seconds):>7.3f}"
+    )
+    added = (through.percentile("ttft", 50) - direct.percentile("ttft", 50)) * ms
+    added_latency = (through.percentile("latency", 50) - direct.percentile("latency", 50)) * ms
+    print(f"interlock adds {added:+.1f} ms to TTFT p50 and {added_latency:+.1f} ms to latency p50")
+    per_round = [
+        f"{i / d:.3f}"
+        for i, d in zip(through.per_round_ttft_p50, direct.per_round_ttft_p50, strict=True)
+    ]
+    print(f"TTFT p50 ratio per round: {', '.join(per_round)}")
+    no_text = sum(1 for s in direct.ok + through.ok if s.ttft is None)
+    if no_text:
+        print(f"{no_text} streams carried no text at all (no TTFT; latency counted)")
+    print(
+        f"interlock serve CPU: {cpu / max(len(through.samples), 1) * ms:.2f} ms per request "
+        f"(process tree, while its requests ran); {idle_rate * ms:.1f} ms per second while "
+        "idle in front of the engines (its /health and /metrics polls)"
+    )
+    for name, result in (("direct", direct), ("interlock", through)):
+        errors = [s.error for s in result.samples if s.error is not None]
+        if errors:
+            print(f"{name}: {len(errors)} errors, the first: {errors[0]}")
+    verdict = "met" if ratios[0] <= GOAL_TTFT_RATIO else "NOT met"
+    print(f"goal: interlock adds at most 5% to TTFT p50 (ratio <= {GOAL_TTFT_RATIO}): {verdict}")
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    engines = parser.add_argument_group("engines")
+    engines.add_argument(
+        "--engine-url", action="append", default=[], metavar="URL",
+        help="a running OpenAI-compatible server (a vLLM) to measure; repeat for each. "
+        "Without any, mock engines are started",
+    )  # fmt: skip
+    engines.add_argument(
+        "--model-dir", metavar="DIR",
+        help="the engines' tokenizer (a Hugging Face model directory); required with "
+        "--engine-url (interlock checks its tokens against each engine's /tokenize)",
+    )  # fmt: skip
+    engines.add_argument(
+        "--served-model-name", metavar="NAME",
+        help="the engines' model name (default: the first in an engine's /v1/models; mock)",
+    )  # fmt: skip
+    engines.add_argument(
+        "--kv-events-bind", metavar="ENDPOINT",
+        help="with --engine-url: interlock binds its KV-event SUB socket here (where the "
+        "engines' --kv-events-config endpoint points). With mock engines and --router-mode kv "
+        "a free port is bound and the engines publish to it",
+    )  # fmt: skip
+    engines.add_argument("--engines", type=int, default=2, help="mock engines to start (2)")
+    engines.add_argument(
+        "--speedup", type=float, default=1.0,
+        help="mock engines' timing model this many times faster than a GPU (1)",
+    )  # fmt: skip
+    engines.add_argument("--zero-time", action="store_true", help="mock engine steps take no time")
+    load = parser.add_argument_group("workload")
+    load.add_argument("--requests", type=int, default=400, help="requests per path (400)")
+    load.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
+    load.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
+    load.add_argument("--api", choices=("chat", "completions"), default="chat")
+    load.add_argument("--max-tokens", type=int, default=16)
+    load.add_argument("--prefixes", type=int, default=8, help="shared prompt prefixes (8)")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument(
+        "--router-mode", default="round_robin",
+        help="interlock's router_mode (round_robin, as the direct path spreads requests)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.engine_url and not args.model_dir:
+        parser.error("--engine-url needs --model-dir (the engines' tokenizer)")
+    if min(args.requests, args.concurrency, args.rounds, args.engines, args.prefixes) < 1:
+        parser.error("--requests, --concurrency, --rounds, --engines, --prefixes must be >= 1")
+    if args.requests < args.rounds:
+        parser.error("--requests must be at least --rounds")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    tokenizer = load_tokenizer(args.model_dir)
+    workload = Workload.build(
+        tokenizer, requests=args.requests, rounds=args.rounds, prefixes=args.prefixes,
+        seed=args.seed,
+    )  # fmt: skip
+    lengths = [
+        len(tokenizer.encode(workload.prefixes[s.prefix])) + len(tokenizer.encode(s.suffix))
+        for s in workload.rounds[0]
+    ]
+    with tempfile.TemporaryDirectory(prefix="bench_engines-") as scratch:
+        processes = Processes(Path(scratch))
+        try:
+            run(args, workload, processes, lengths)
+        finally:
+            processes.stop_all()
+
+
+def run(
+    args: argparse.Namespace, workload: Workload, processes: Processes, lengths: list[int]
+) -> None:
+    """Start the engines (unless given) and interlock in ``processes``, measure, print."""
+    kv_bind = args.kv_events_bind
+    if args.engine_url:
+        engine_urls = [url.rstrip("/") for url in args.engine_url]
+        for url in engine_urls:
+            status = engine_health(url)
+            if status != 200:
+                raise SystemExit(f"{url}/health answered {status}, not 200: is the engine up?")
+        what = f"{len(engine_urls)} engine(s) at {', '.join(engine_urls)}"
+    else:
+        if kv_bind is None and args.router_mode in ("kv", "predicted_ttft"):
+            kv_bind = f"tcp://127.0.0.1:{free_port()}"
+        engine_urls = start_mock_engines(processes, args, kv_bind)
+        timing = "zero-time" if args.zero_time else f"timing x{args.speedup:g}"
+        what = f"{len(engine_urls)} mock engines (interlock worker --openai-port, {timing})"
+    model = args.served_model_name or served_model(engine_urls[0])
+    interlock, interlock_url = start_interlock(processes, args, engine_urls, model, kv_bind)
+    print(
+        f"{what}; model {model!r}\n"
+        f"{args.api}, stream, concurrency {args.concurrency}, {args.requests} requests per path "
+        f"in {args.rounds} interleaved rounds; {len(workload.prefixes)} shared prefixes, "
+        f"prompts of {min(lengths)}-{max(lengths)} tokens before the template; "
+        f"max_tokens {args.max_tokens}, greedy, ignore_eos; "
+        f"interlock router_mode {args.router_mode}"
+        + (f", KV events at {kv_bind}" if kv_bind else ""),
+        flush=True,
+    )
+    direct, through, cpu, idle_rate = trio.run(
+        measure, args, workload, engine_urls, model, interlock_url, interlock.pid
+    )
+    report(args, direct, through, cpu, idle_rate)
+
+
+if __name__ == "__main__":
+    main()
