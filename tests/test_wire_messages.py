@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from interlock import RequestError
 from interlock.wire import (
     CandidateRecord,
+    ChatRequest,
     EngineOutput,
     PrefillResult,
     PreprocessedRequest,
@@ -219,6 +220,18 @@ PREFILL_RESULT = st.builds(
     kv_transfer_params=st.none() | JSON_DICT,
 )
 
+TOOL = st.builds(lambda name: {"type": "function", "function": {"name": name}}, TEXT)
+CHAT = st.builds(
+    ChatRequest,
+    messages=st.lists(JSON_DICT, min_size=1, max_size=3),
+    tools=st.lists(TOOL, max_size=2),
+    tool_choice=st.none() | st.sampled_from(["none", "auto", "required"]) | TOOL,
+    parallel_tool_calls=st.none() | st.booleans(),
+    response_format=st.none() | JSON_DICT,
+    chat_template_kwargs=st.none() | JSON_DICT,
+    add_generation_prompt=st.booleans(),
+)
+
 
 @st.composite
 def requests(draw: st.DrawFn) -> PreprocessedRequest:
@@ -242,6 +255,7 @@ def requests(draw: st.DrawFn) -> PreprocessedRequest:
         stop=draw(st.lists(st.text(min_size=1, max_size=8), max_size=2)) if detokenize else (),
         include_stop_str_in_output=draw(st.booleans()),
         prefill_result=draw(st.none() | PREFILL_RESULT),
+        chat=draw(st.none() | CHAT),
     )
 
 
@@ -250,9 +264,11 @@ OUTPUT = st.builds(
     EngineOutput,
     token_ids=TOKENS,
     text=st.none() | TEXT,
-    finish_reason=st.none() | st.sampled_from(["stop", "length", "cancelled", "error"]),
+    finish_reason=st.none()
+    | st.sampled_from(["stop", "length", "cancelled", "error", "tool_calls"]),
     usage=st.none() | USAGE,
     prefill_result=st.none() | PREFILL_RESULT,
+    chat_delta=st.none() | JSON_DICT,
 )
 CANDIDATE = st.builds(
     CandidateRecord,
@@ -288,6 +304,7 @@ DECISION = st.builds(
 )
 MESSAGES = st.one_of(
     requests(),
+    CHAT,
     HINTS,
     OVERRIDE,
     SAMPLING,
@@ -302,6 +319,7 @@ MESSAGES = st.one_of(
 )
 MESSAGE_CLASSES = (
     PreprocessedRequest,
+    ChatRequest,
     RoutingHints,
     RouterConfigOverride,
     SamplingOptions,
@@ -358,6 +376,7 @@ def test_the_request_generator_sets_every_request_field() -> None:
         "stop",
         "include_stop_str_in_output",
         "prefill_result",
+        "chat",
     ]
 
 

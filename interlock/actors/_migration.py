@@ -12,7 +12,8 @@ from ._runtime import Actor
 
 class MigrationActor(Actor):
     """Folds the tokens generated so far into the prompt, lowers ``max_tokens`` (and
-    ``min_tokens``) by as many, and excludes every worker that broke the request, at most
+    ``min_tokens``) by as many, drops an engine-run chat once tokens were generated (the
+    continuation goes on as token ids), and excludes every worker that broke the request, at most
     ``limit`` times per request; refuses once ``max_seq_len`` is exceeded."""
 
     name = "migration"
@@ -52,6 +53,10 @@ class MigrationActor(Actor):
             max_tokens=None if max_tokens is None else max_tokens - len(generated),
             min_tokens=max(0, original.min_tokens - len(generated)),
             prefill_result=None,
+            # A chat the engine ran cannot be re-sent with its answer so far folded in: the
+            # continuation goes on as token ids (docs/engines.md). Nothing generated yet: the
+            # same chat again.
+            chat=original.chat if not generated else None,
         )
         self.migrated += 1
         return MigrationPlan(

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import aclosing
 from typing import Any, Final
 
+import attrs
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,11 +29,22 @@ from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
 from ._errors import SERVER_ERROR, HttpError, bad_request, http_error_for
 from ._frontend import Frontend, HttpLimits
 from ._metrics import HttpMetrics, RequestWatch
-from ._nvext import apply_headers, query_nvext, worker_id_info
-from ._openai import ParsedRequest, completion_body, parse_request, usage_dict
+from ._nvext import NvExt, apply_headers, query_nvext, worker_id_info
+from ._openai import (
+    ChatDeltas,
+    ParsedRequest,
+    chat_request,
+    completion_body,
+    needs_engine_chat,
+    parse_request,
+    usage_dict,
+)
 from ._preprocess import Preprocessor
 from ._route import route_routes
 from ._sse import ChunkEncoder, dumps, event
+
+# HttpLimits is defined with the endpoints' shared state; it is imported from here too.
+__all__ = ["HttpLimits", "build_app", "read_body", "send_json"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -146,7 +158,12 @@ class _GenerateEndpoint:
                 raise bad_request(
                     f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
                 ) from None
-            parsed = parse_request(self.kind, data, max_model_len=frontend.limits.max_model_len)
+            parsed = parse_request(
+                self.kind,
+                data,
+                max_model_len=frontend.limits.max_model_len,
+                engine_postprocessing=not frontend.frontend_post,
+            )
             if parsed.model != frontend.model:
                 raise HttpError(
                     404,
@@ -160,6 +177,8 @@ class _GenerateEndpoint:
             frontend.check_worker_ids(nvext)
             request_id = frontend.new_id(self.id_prefix)
             request = frontend.preprocess(parsed, nvext, request_id)
+            if self.kind == "chat" and not frontend.frontend_post and not query:
+                request = _with_chat(parsed, nvext, request)
         except _Disconnected:
             return
         except Exception as exc:
@@ -228,6 +247,29 @@ class _GenerateEndpoint:
         frontend.metrics.count_request(self.endpoint, 200, trio.current_time() - start)
 
 
+def _with_chat(
+    parsed: ParsedRequest, nvext: NvExt, request: PreprocessedRequest
+) -> PreprocessedRequest:
+    """Under engine postprocessing: ``request`` carrying the client's chat, for an engine that
+    runs chats itself (tool calls, reasoning). Not when ``nvext.token_data`` or
+    ``nvext.use_raw_prompt`` name the exact prompt: those run as token ids.
+
+    Raises:
+        HttpError: 400 when the request needs the engine to run the chat but names its prompt.
+    """
+    if nvext.token_data is not None or nvext.use_raw_prompt:
+        field = needs_engine_chat(parsed)
+        if field is not None:
+            source = "token_data" if nvext.token_data is not None else "use_raw_prompt"
+            raise bad_request(
+                f"{field} needs the engine to run the chat, but nvext.{source} makes it run the "
+                f"prompt tokens as they are; drop nvext.{source} or {field}",
+                field,
+            )
+        return request
+    return attrs.evolve(request, chat=chat_request(parsed))
+
+
 class _Run:
     """One generation request being served."""
 
@@ -280,7 +322,7 @@ class _Run:
     def _finish(self, final: EngineOutput) -> tuple[str, dict[str, Any] | None]:
         """The finish reason to report and the final usage; raises for an engine-side end."""
         reason = final.finish_reason
-        if reason not in ("stop", "length"):
+        if reason not in ("stop", "length", "tool_calls"):
             raise HttpError(
                 502,
                 f"the worker ended the request with finish_reason={reason!r}",
@@ -355,6 +397,7 @@ class _Run:
         generated: list[int] = []
         final: EngineOutput | None = None
         error: HttpError | None = None
+        deltas: ChatDeltas | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
             try:
@@ -376,6 +419,10 @@ class _Run:
                         text = output.text
                         if text:
                             parts.append(text)
+                        if output.chat_delta is not None:
+                            if deltas is None:
+                                deltas = ChatDeltas()
+                            deltas.add(output.chat_delta)
                         if output.finish_reason is not None:
                             final = output
                 if final is None:
@@ -413,6 +460,7 @@ class _Run:
             finish_reason=reason,
             usage=usage,
             nvext=self._response_nvext() if self.extras else None,
+            message_fields=deltas.fields() if deltas is not None else None,
         )
         await send_json(send, 200, dumps(body))
         frontend.metrics.count_request(endpoint.endpoint, 200, trio.current_time() - self.start)
@@ -476,11 +524,26 @@ class _Run:
                     reason, usage = self._finish(output)
                     state.done = True
                     body = encoder.final(
-                        text, reason, first=first, usage=usage, nvext=self._response_nvext()
+                        text,
+                        reason,
+                        first=first,
+                        usage=usage,
+                        nvext=self._response_nvext(),
+                        fields=output.chat_delta,
                     )
                     await send({"type": "http.response.body", "body": body})
                     return 200
-                if text:
+                if output.chat_delta is not None:
+                    # Tool-call deltas and reasoning, passed on as the engine sent them.
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": encoder.delta(text, output.chat_delta, first=first),
+                            "more_body": True,
+                        }
+                    )
+                    first = False
+                elif text:
                     await send(
                         {
                             "type": "http.response.body",

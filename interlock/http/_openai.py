@@ -15,6 +15,8 @@ from typing import Any, Final
 
 import attrs
 
+from .._errors import RequestError
+from ..wire import ChatRequest
 from ._errors import bad_request
 from ._nvext import EMPTY, U32_MAX, NvExt, parse_nvext, parse_token_ids
 
@@ -43,6 +45,10 @@ class ParsedRequest:
     seed: int | None = None
     messages: list[Any] | None = None
     tools: list[Any] | None = None
+    #: None (not sent), 'none', 'auto', 'required' or a named function (an object).
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     prompt_text: str | None = None
@@ -240,8 +246,12 @@ def _completion_logprobs(p: ParsedRequest, v: Any, max_len: int) -> None:
 def _response_format(p: ParsedRequest, v: Any, max_len: int) -> None:
     if type(v) is not dict:
         raise bad_request(f"response_format must be an object, got {_kind(v)}", "response_format")
-    if v.get("type") != "text" or len(v) != 1:
-        raise _unsupported("response_format", "structured output (json_object, json_schema)")
+    if type(v.get("type")) is not str:
+        raise bad_request(
+            "response_format.type must be a string ('text', 'json_object', 'json_schema')",
+            "response_format.type",
+        )
+    p.response_format = v
 
 
 def _messages(p: ParsedRequest, v: Any, max_len: int) -> None:
@@ -257,14 +267,31 @@ def _tools(p: ParsedRequest, v: Any, max_len: int) -> None:
 
 
 def _tool_choice(p: ParsedRequest, v: Any, max_len: int) -> None:
-    if v not in ("none", "auto"):
-        raise _unsupported(
-            "tool_choice", f"tool_choice={v!r} (only 'auto' and 'none'; calls come back as text)"
-        )
+    if type(v) is str:
+        if v not in ("none", "auto", "required"):
+            raise bad_request(
+                f"tool_choice must be 'none', 'auto', 'required' or a named function, got {v!r}",
+                "tool_choice",
+            )
+    else:
+        if type(v) is not dict or v.get("type") != "function":
+            raise bad_request(
+                'tool_choice must be a string or {"type": "function", "function": {"name": '
+                f"...}}}}, got {_kind(v)} {v!r:.100}",
+                "tool_choice",
+            )
+        function = v.get("function")
+        name = function.get("name") if type(function) is dict else None
+        if type(name) is not str or not name:
+            raise bad_request(
+                "tool_choice.function.name must be the name of one of the tools",
+                "tool_choice.function.name",
+            )
+    p.tool_choice = v
 
 
 def _parallel_tool_calls(p: ParsedRequest, v: Any, max_len: int) -> None:
-    _bool(v, "parallel_tool_calls")
+    p.parallel_tool_calls = _bool(v, "parallel_tool_calls")
 
 
 def _template_kwargs(p: ParsedRequest, v: Any, max_len: int) -> None:
@@ -369,9 +396,15 @@ _NAMES: Final = {"chat": "chat completion", "completion": "completion"}
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
 
 
-def parse_request(kind: str, body: Any, *, max_model_len: int) -> ParsedRequest:
+def parse_request(
+    kind: str, body: Any, *, max_model_len: int, engine_postprocessing: bool = False
+) -> ParsedRequest:
     """Validate a decoded JSON body of ``/v1/chat/completions`` (``kind="chat"``) or
     ``/v1/completions`` (``kind="completion"``).
+
+    ``engine_postprocessing``: the engine runs chats (``postprocessing='engine'``), so a chat may
+    force tool calls (``tool_choice`` 'required' or a named function) and structured output
+    (``response_format``); otherwise those are 400s, since the frontend cannot parse tool calls.
 
     Raises:
         HttpError: 400 naming the first missing, unknown or invalid field.
@@ -413,7 +446,74 @@ def parse_request(kind: str, body: Any, *, max_model_len: int) -> ParsedRequest:
             f"min_tokens={parsed.min_tokens} exceeds max_tokens={parsed.max_tokens}",
             "min_tokens",
         )
+    if kind == "chat":
+        _check_tool_fields(parsed, engine_postprocessing)
     return parsed
+
+
+def needs_engine_chat(parsed: ParsedRequest) -> str | None:
+    """The field of a chat that only an engine running the chat can honour (a forced tool call,
+    structured output), or None."""
+    if parsed.tool_choice is not None and parsed.tool_choice not in ("none", "auto"):
+        return "tool_choice"
+    if parsed.response_format is not None and parsed.response_format.get("type") != "text":
+        return "response_format"
+    return None
+
+
+def _check_tool_fields(parsed: ParsedRequest, engine_postprocessing: bool) -> None:
+    field = needs_engine_chat(parsed)
+    if field is not None and not engine_postprocessing:
+        value = parsed.tool_choice if field == "tool_choice" else parsed.response_format
+        what = "a tool call" if field == "tool_choice" else "structured output"
+        raise bad_request(
+            f"{field}={value!r:.100} asks for {what}, but this server postprocesses in the "
+            "frontend (postprocessing='frontend'): interlock cannot parse tool calls or "
+            "constrain output itself, so tool calls come back as text; send tool_choice "
+            "'auto' or 'none' and no response_format, or start the server with "
+            "--postprocessing engine so that the engine runs the chat (see docs/http.md)",
+            field,
+            code="unsupported_parameter",
+        )
+    choice = parsed.tool_choice
+    if choice is None or choice in ("none", "auto"):
+        return
+    names = [
+        t["function"].get("name") for t in parsed.tools or () if type(t.get("function")) is dict
+    ]
+    if choice == "required":
+        if not names:
+            raise bad_request("tool_choice='required' needs tools to choose from", "tool_choice")
+        return
+    name = choice["function"]["name"]
+    if name not in names:
+        raise bad_request(
+            f"tool_choice names the function {name!r}, which is not among the tools "
+            f"({', '.join(repr(n) for n in names) or 'none given'})",
+            "tool_choice.function.name",
+        )
+
+
+def chat_request(parsed: ParsedRequest) -> ChatRequest:
+    """The client's chat as the engine should run it (`PreprocessedRequest.chat`).
+
+    Raises:
+        HttpError: 400 naming the field the wire check refused.
+    """
+    assert parsed.messages is not None
+    try:
+        return ChatRequest(
+            messages=parsed.messages,
+            tools=parsed.tools or (),
+            tool_choice=parsed.tool_choice,
+            parallel_tool_calls=parsed.parallel_tool_calls,
+            response_format=parsed.response_format,
+            chat_template_kwargs=parsed.chat_template_kwargs,
+            add_generation_prompt=parsed.add_generation_prompt,
+        )
+    except RequestError as exc:
+        field = (exc.field or "messages").removeprefix("chat.")
+        raise bad_request(str(exc).replace("chat.", ""), field) from None
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -438,12 +538,21 @@ def completion_body(
     finish_reason: str | None,
     usage: dict[str, Any] | None,
     nvext: dict[str, Any] | None = None,
+    message_fields: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A non-streaming response: ``chat.completion`` or ``text_completion``."""
+    """A non-streaming response: ``chat.completion`` or ``text_completion``.
+    ``message_fields``: what the engine added to a chat's message (`ChatDeltas.fields`:
+    ``tool_calls``, reasoning); with tool calls and no text, ``content`` is null, as OpenAI
+    answers."""
     if kind == "chat":
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if message_fields:
+            if not text and "tool_calls" in message_fields:
+                message["content"] = None
+            message.update(message_fields)
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": None,
             "finish_reason": finish_reason,
         }
@@ -462,3 +571,62 @@ def completion_body(
     if nvext is not None:
         body["nvext"] = nvext
     return body
+
+
+class ChatDeltas:
+    """The passed-through fields of a chat stream's deltas (`EngineOutput.chat_delta`) merged
+    into one message, as OpenAI's and vLLM's non-streaming answers have them: tool-call deltas
+    merged by ``index`` (their ``function.arguments`` concatenated, other values kept from
+    the first delta that has them; ``index`` itself dropped), string fields such as
+    ``reasoning_content`` concatenated, any other field the last value sent."""
+
+    __slots__ = ("_calls", "_fields")
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, Any]] = {}
+        self._fields: dict[str, Any] = {}
+
+    def add(self, delta: dict[str, Any]) -> None:
+        """Merge one delta's fields."""
+        fields = self._fields
+        for key, value in delta.items():
+            if key == "tool_calls":
+                for call in value:
+                    self._add_call(call)
+            elif type(value) is str and type(fields.get(key)) is str:
+                fields[key] += value
+            else:
+                fields[key] = value
+
+    def _add_call(self, delta: dict[str, Any]) -> None:
+        index = delta["index"]
+        call = self._calls.get(index)
+        if call is None:
+            call = self._calls[index] = {}
+        for key, value in delta.items():
+            if key == "index" or value is None:
+                continue
+            if key == "function" and type(value) is dict:
+                function = call.setdefault("function", {})
+                for name, part in value.items():
+                    if part is None:
+                        continue
+                    if name == "arguments" and type(function.get(name)) is str:
+                        function[name] += part
+                    else:
+                        function.setdefault(name, part)
+            else:
+                call.setdefault(key, value)
+
+    def fields(self) -> dict[str, Any]:
+        """The merged fields (``tool_calls`` ordered by index, each with ``type``)."""
+        fields = dict(self._fields)
+        if self._calls:
+            calls = []
+            for index in sorted(self._calls):
+                call = self._calls[index]
+                call.setdefault("type", "function")
+                call.setdefault("function", {}).setdefault("arguments", "")
+                calls.append(call)
+            fields["tool_calls"] = calls
+        return fields

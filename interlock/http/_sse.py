@@ -64,6 +64,28 @@ class ChunkEncoder:
             (self._first if first else self._next) + encode_basestring(text).encode() + self._suffix
         )
 
+    def delta(self, text: str, fields: dict[str, Any], *, first: bool) -> bytes:
+        """A chat chunk whose delta carries, besides any ``text``, the fields the engine sent
+        (`EngineOutput.chat_delta`: ``tool_calls`` deltas, reasoning) as they came."""
+        rest = self._chat_choice(text, fields, first, None)
+        if self._include_usage:
+            rest["usage"] = None
+        return self._head + b"," + dumps(rest)[1:] + b"\n\n"
+
+    def _chat_choice(
+        self, text: str, fields: dict[str, Any] | None, first: bool, finish_reason: str | None
+    ) -> dict[str, Any]:
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if text or (first and not fields):
+            delta["content"] = text
+        if fields:
+            delta.update(fields)
+        return {
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ]
+        }
+
     def final(
         self,
         text: str,
@@ -72,22 +94,16 @@ class ChunkEncoder:
         first: bool,
         usage: dict[str, Any] | None,
         nvext: dict[str, Any] | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> bytes:
-        """The last chunk (with its finish reason and any response ``nvext``), the usage
-        chunk when asked for, and ``[DONE]``: everything that ends the stream, in one write."""
+        """The last chunk (with its finish reason, the ``fields`` the engine sent in its last
+        chat delta, and any response ``nvext``), the usage chunk when asked for, and
+        ``[DONE]``: everything that ends the stream, in one write."""
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant"} if first else {}
-            if text or first:
-                delta["content"] = text
-            choice: dict[str, Any] = {
-                "index": 0,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
+            rest: dict[str, Any] = self._chat_choice(text, fields, first, finish_reason)
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        rest: dict[str, Any] = {"choices": [choice]}
+            rest = {"choices": [choice]}
         if self._include_usage:
             rest["usage"] = None
         if nvext is not None:

@@ -4,6 +4,7 @@ from ._codec import converter, from_builtins, to_builtins
 from ._events import WorkerJoined, WorkerLeft
 from ._output import EngineOutput, FinishReason, Usage
 from ._request import (
+    ChatRequest,
     PrefillResult,
     PreprocessedRequest,
     RouterConfigOverride,
@@ -14,6 +15,7 @@ from ._routing import CandidateRecord, Leg, RoutingDecision, SelectionRecord
 
 __all__ = [
     "CandidateRecord",
+    "ChatRequest",
     "EngineOutput",
     "FinishReason",
     "Leg",

@@ -22,7 +22,7 @@ import attrs
 import cattrs
 import msgpack  # type: ignore[import-untyped]
 from cattrs.errors import ForbiddenExtraKeysError
-from cattrs.gen import make_dict_structure_fn, override
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .._errors import InterlockError
 from ..kv import KvCleared, KvRemoved, KvStored
@@ -234,8 +234,23 @@ def _converter() -> cattrs.Converter:
             kv_blocks=override(struct_hook=lambda v, _t: frames.structure(v, tuple[KvStored, ...])),
         ),
     )
+    # Fields that joined version 1 later are left out of a frame while unset, so that a peer
+    # from before them still decodes every frame that does not use them (docs/wire-protocol.md).
+    for kind, late in _LATE_FIELDS.items():
+        frames.register_unstructure_hook(
+            kind,
+            make_dict_unstructure_fn(
+                kind, frames, **{name: override(omit_if_default=True) for name in late}
+            ),
+        )
     return frames
 
+
+#: Optional fields added to version 1 after its first release: sent only when set.
+_LATE_FIELDS: dict[type[Any], tuple[str, ...]] = {
+    PreprocessedRequest: ("chat",),
+    EngineOutput: ("chat_delta",),
+}
 
 _INT_ONLY = frozenset({int})
 
@@ -322,7 +337,12 @@ def decode_body(body: bytes | bytearray | memoryview) -> Any:
         raise ProtocolError(f"malformed {tag!r} frame: {_describe(exc)}") from None
 
 
-_OUTPUT_FIELDS = frozenset(field.name for field in attrs.fields(EngineOutput))
+#: The fields of a plain output frame (``chat_delta`` is sent only when set).
+_OUTPUT_FIELDS = frozenset(
+    field.name
+    for field in attrs.fields(EngineOutput)
+    if field.name not in _LATE_FIELDS[EngineOutput]
+)
 _FINISH_REASONS = frozenset(get_args(FinishReason))
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
 from ._request import PrefillResult
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+#: ``tool_calls``: the engine ended the answer with tool calls (postprocessing='engine' chats).
+FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
 
 
 @attrs.frozen(kw_only=True)
@@ -32,3 +33,8 @@ class EngineOutput:
     usage: Usage | None = None
     #: Set on the single output of a prefill leg.
     prefill_result: PrefillResult | None = None
+    #: A chat run by the engine (`PreprocessedRequest.chat`): the fields of its delta other than
+    #: ``role`` and ``content`` (which is ``text``), as the engine sent them, for the client:
+    #: ``tool_calls`` (a list of tool-call deltas, each with its ``index``), ``reasoning`` or
+    #: ``reasoning_content``, ... None when there are none.
+    chat_delta: dict[str, Any] | None = None

@@ -183,6 +183,75 @@ class PrefillResult:
     kv_transfer_params: dict[str, Any] | None = None
 
 
+#: The ``tool_choice`` strings a chat request may carry (a named function is an object).
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _dicts(optional: bool) -> Any:
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None and optional:
+            return
+        if type(value) is not tuple or not all(type(v) is dict for v in value):
+            raise RequestError(
+                f"chat.{attribute.name} must be a list of objects", field=f"chat.{attribute.name}"
+            )
+
+    return check
+
+
+def _object(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and type(value) is not dict:
+        raise RequestError(
+            f"chat.{attribute.name} must be an object or null, got {type(value).__name__}",
+            field=f"chat.{attribute.name}",
+        )
+
+
+def _tool_choice(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None or value in TOOL_CHOICES:
+        return
+    function = value.get("function") if type(value) is dict else None
+    if (
+        type(value) is not dict
+        or value.get("type") != "function"
+        or type(function) is not dict
+        or type(function.get("name")) is not str
+    ):
+        raise RequestError(
+            "chat.tool_choice must be 'none', 'auto', 'required' or "
+            f'{{"type": "function", "function": {{"name": ...}}}}, got {value!r:.200}',
+            field="chat.tool_choice",
+        )
+
+
+@attrs.frozen(kw_only=True)
+class ChatRequest:
+    """The parts of a client's chat request that an engine needs to run the chat itself:
+    render ``messages`` with its own template, constrain output to ``tool_choice`` or
+    ``response_format``, and parse tool calls and reasoning out of its text.
+
+    Carried on `PreprocessedRequest.chat` under ``postprocessing='engine'`` (the frontend still
+    renders and tokenizes the same messages, for routing). Values are the client's JSON,
+    passed to the engine untouched; only their outer shape is checked here.
+
+    Raises:
+        RequestError: naming the first invalid field (``chat.<name>``).
+    """
+
+    messages: tuple[dict[str, Any], ...] = attrs.field(converter=_to_tuple, validator=_dicts(False))
+    #: Empty: none sent.
+    tools: tuple[dict[str, Any], ...] = attrs.field(
+        default=(), converter=_to_tuple, validator=_dicts(False)
+    )
+    #: 'none', 'auto', 'required', or ``{"type": "function", "function": {"name": ...}}``
+    #: (typed loosely: the wire codec passes JSON values through as they are).
+    tool_choice: Any = attrs.field(default=None, validator=_tool_choice)
+    parallel_tool_calls: bool | None = attrs.field(default=None, validator=_is(bool, optional=True))
+    response_format: dict[str, Any] | None = attrs.field(default=None, validator=_object)
+    chat_template_kwargs: dict[str, Any] | None = attrs.field(default=None, validator=_object)
+    add_generation_prompt: bool = attrs.field(default=True, validator=_is(bool))
+
+
 @attrs.frozen(kw_only=True)
 class PreprocessedRequest:
     """A tokenized request, ready to route and execute.
@@ -220,6 +289,11 @@ class PreprocessedRequest:
     include_stop_str_in_output: bool = attrs.field(default=False, validator=_is(bool))
     #: Set by the disaggregation orchestrator on a decode leg.
     prefill_result: PrefillResult | None = None
+    #: The client's chat, for an engine that runs chats itself (an `OpenAIEngine` sends a
+    #: request that has one, and ``detokenize``, to its ``/v1/chat/completions``; engines that
+    #: take token ids ignore it). ``token_ids`` must still be the rendered chat, for routing.
+    #: A migrated request that generated tokens drops it (docs/engines.md).
+    chat: ChatRequest | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.stop and not self.detokenize:

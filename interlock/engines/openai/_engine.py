@@ -2,8 +2,11 @@
 
 Prompts go as token ids to ``/v1/completions`` and the generated ids come back in the stream
 (vLLM's ``return_token_ids``), so the frontend's postprocessing, routing and migration work
-exactly as with interlock's own workers. The engine's health and load come from its
-``/health`` and ``/metrics``; its KV cache from vLLM's ZMQ event feed (`KvEventFeed`).
+exactly as with interlock's own workers. Under engine postprocessing a chat request goes as the
+client's chat to ``/v1/chat/completions`` instead (`PreprocessedRequest.chat`), so that the
+engine's tool-call and reasoning parsers run; its tokens still come back. The engine's health
+and load come from its ``/health`` and ``/metrics``; its KV cache from vLLM's ZMQ event feed
+(`KvEventFeed`).
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ class OpenAIEngine:
         self._present = False
         self._down_reason = "not started"
         self._mirror: Any = None
+        #: A chat's prompt tokens were found to differ from the engine's (warned once).
+        self._chat_prompt_checked = False
 
     # -- Engine protocol ------------------------------------------------------------------
 
@@ -449,6 +454,36 @@ class OpenAIEngine:
             body["kv_transfer_params"] = prefill.kv_transfer_params
         return body
 
+    def runs_chat(self, request: PreprocessedRequest) -> bool:
+        """Whether ``request`` goes to ``/v1/chat/completions``: it carries the client's chat
+        (`PreprocessedRequest.chat`), the engine makes the text (``detokenize``: engine
+        postprocessing), and this is not a prefill leg (which stays on token ids)."""
+        return request.chat is not None and request.detokenize and self._role != "prefill"
+
+    def chat_body(self, request: PreprocessedRequest) -> dict[str, Any]:
+        """The ``/v1/chat/completions`` body for ``request`` (which has a ``chat``): its
+        messages and tool fields as the client sent them, with the same generation fields as
+        `request_body` (a stream with usage and token ids, ``max_tokens``, stop conditions,
+        sampling, a decode leg's ``kv_transfer_params``)."""
+        chat = request.chat
+        assert chat is not None
+        body = self.request_body(request, stream=True)
+        del body["prompt"]
+        body["messages"] = list(chat.messages)
+        if chat.tools:
+            body["tools"] = list(chat.tools)
+        if chat.tool_choice is not None:
+            body["tool_choice"] = chat.tool_choice
+        if chat.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = chat.parallel_tool_calls
+        if chat.response_format is not None:
+            body["response_format"] = chat.response_format
+        if chat.chat_template_kwargs is not None:
+            body["chat_template_kwargs"] = chat.chat_template_kwargs
+        if not chat.add_generation_prompt:
+            body["add_generation_prompt"] = False
+        return body
+
     def __repr__(self) -> str:
         return f"<OpenAIEngine {self.instance_id} role={self.role} at {self.base_url}>"
 
@@ -469,7 +504,7 @@ def _describe_http_error(exc: httpx.HTTPError) -> str:
 class _HttpStream:
     """The context manager and iterator `OpenAIEngine.open_stream` returns."""
 
-    __slots__ = ("_engine", "_lines", "_prefill", "_reader", "_request", "_response")
+    __slots__ = ("_chat", "_engine", "_lines", "_prefill", "_reader", "_request", "_response")
 
     def __init__(self, engine: OpenAIEngine, request: PreprocessedRequest) -> None:
         self._engine = engine
@@ -478,7 +513,11 @@ class _HttpStream:
         self._lines: AsyncIterator[str] | None = None
         self._prefill: EngineOutput | None = None
         text = request.detokenize or bool(request.stop)
-        self._reader = ChunkReader(engine.instance_id, text=text, describe=engine.base_url)
+        #: The engine runs the client's chat (/v1/chat/completions), not token ids.
+        self._chat = engine.runs_chat(request)
+        self._reader = ChunkReader(
+            engine.instance_id, text=text, describe=engine.base_url, chat=self._chat
+        )
 
     async def __aenter__(self) -> AsyncIterator[EngineOutput]:
         engine = self._engine
@@ -491,13 +530,18 @@ class _HttpStream:
                 worker_id=engine.instance_id,
             )
         prefill = engine.role == "prefill"
-        body = engine.request_body(self._request, stream=not prefill)
+        if self._chat:
+            path = "/v1/chat/completions"
+            body = engine.chat_body(self._request)
+        else:
+            path = "/v1/completions"
+            body = engine.request_body(self._request, stream=not prefill)
         headers = {}
         if self._request.request_id is not None:
             # The same id on both legs of a disaggregated request (NIXL derives its transfer
             # id from it), and in the engine's logs.
             headers["x-request-id"] = self._request.request_id
-        request = client.build_request("POST", "/v1/completions", json=body, headers=headers)
+        request = client.build_request("POST", path, json=body, headers=headers)
         try:
             response = await client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -537,7 +581,8 @@ class _HttpStream:
             )
         if 400 <= status < 500:
             raise RequestError(
-                f"{where} rejected the request ({status}): {message}", field="prompt"
+                f"{where} rejected the request ({status}): {message}",
+                field="messages" if self._chat else "prompt",
             )
         raise self._reader.broken(f"answered {status}: {message}")
 
@@ -592,12 +637,38 @@ class _HttpStream:
             if not line.startswith("data:"):
                 continue
             output = reader.feed(line[5:].strip())
+            if reader.prompt_token_ids is not None:
+                self._check_prompt(reader.prompt_token_ids)
+                reader.prompt_token_ids = None
             if reader.done:
                 self._lines = None
             if output is not None:
                 return output
             if reader.done:
                 raise StopAsyncIteration
+
+    def _check_prompt(self, engine_ids: list[int]) -> None:
+        """Warn (once per engine) when the engine rendered the chat into other tokens than the
+        frontend routed with: the answer is right, but KV-aware routing is blind to it."""
+        engine = self._engine
+        ours = self._request.token_ids
+        if engine._chat_prompt_checked or tuple(engine_ids) == ours:
+            return
+        engine._chat_prompt_checked = True
+        at = next(
+            (i for i, (a, b) in enumerate(zip(ours, engine_ids, strict=False)) if a != b),
+            min(len(ours), len(engine_ids)),
+        )
+        _logger.warning(
+            "engine %d at %s renders chats into other prompt tokens than this frontend "
+            "(%d ids vs %d, first difference at %d): KV-aware routing cannot see its cache "
+            "for them; serve with --tokenizer (and --chat-template) naming the engine's model",
+            engine.instance_id,
+            engine.base_url,
+            len(engine_ids),
+            len(ours),
+            at,
+        )
 
     async def __aexit__(
         self,

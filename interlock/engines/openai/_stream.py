@@ -1,5 +1,6 @@
-"""Reading one engine response: SSE chunks of an OpenAI-compatible completions stream, turned
-into `EngineOutput` values, and every way such a stream can end badly turned into `WorkerGone`.
+"""Reading one engine response: SSE chunks of an OpenAI-compatible completions (or, for a chat
+the engine runs, chat completions) stream, turned into `EngineOutput` values, and every way
+such a stream can end badly turned into `WorkerGone`.
 
 What a real vLLM does when it fails (measured, reference/vllm-cpu.md section 5): a killed API
 server ends the body with a clean EOF and no ``[DONE]``; a dead engine core sends an in-band
@@ -17,7 +18,14 @@ from ...wire import EngineOutput, FinishReason, Usage
 
 #: Engine finish reasons that end a request normally, as interlock names them. vLLM also says
 #: "abort" (the engine dropped the request) and "error": a broken stream, not an end.
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "stop"}
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "repetition": "stop",
+    "tool_calls": "tool_calls",
+}
+#: Keys of a chat delta that are not passed through: the role, and the content (the text).
+_NOT_PASSED = frozenset({"role", "content"})
 
 
 def usage_from(body: dict[str, Any] | None) -> Usage | None:
@@ -57,11 +65,22 @@ class ChunkReader:
     so that the usage chunk vLLM sends in between reaches the same, final, output.
     """
 
-    __slots__ = ("_describe", "_final", "_text", "_usage", "_worker_id", "done", "tokens")
+    __slots__ = (
+        "_chat",
+        "_describe",
+        "_final",
+        "_text",
+        "_usage",
+        "_worker_id",
+        "done",
+        "prompt_token_ids",
+        "tokens",
+    )
 
-    def __init__(self, worker_id: int, *, text: bool, describe: str) -> None:
+    def __init__(self, worker_id: int, *, text: bool, describe: str, chat: bool = False) -> None:
         self._worker_id = worker_id
         self._text = text
+        self._chat = chat
         self._describe = describe
         self._final: EngineOutput | None = None
         self._usage: Usage | None = None
@@ -69,6 +88,9 @@ class ChunkReader:
         self.done = False
         #: Tokens received so far.
         self.tokens = 0
+        #: A chat stream's ``prompt_token_ids`` (vLLM sends them on its first chunk), until the
+        #: caller takes them.
+        self.prompt_token_ids: list[int] | None = None
 
     def broken(self, why: str) -> WorkerGone:
         return WorkerGone(
@@ -93,6 +115,10 @@ class ChunkReader:
         usage = usage_from(chunk.get("usage"))
         if usage is not None:
             self._usage = usage
+        if self._chat:
+            prompt = chunk.get("prompt_token_ids")
+            if type(prompt) is list:
+                self.prompt_token_ids = prompt
         choices = chunk.get("choices")
         if not choices:
             return None
@@ -115,20 +141,54 @@ class ChunkReader:
             raise self.broken("sent token_ids that are not a list")
         tokens = tuple(ids)
         self.tokens += len(tokens)
-        text = choice.get("text") if self._text else None
-        if text is None and self._text:
-            delta = choice.get("delta")
-            text = delta.get("content") if type(delta) is dict else None
+        passed: dict[str, Any] | None = None
+        if self._chat:
+            text, passed = self._delta(choice.get("delta"))
+        else:
+            text = choice.get("text") if self._text else None
+            if text is None and self._text:
+                delta = choice.get("delta")
+                text = delta.get("content") if type(delta) is dict else None
         reason = choice.get("finish_reason")
         if reason is None:
-            if not tokens and not text:
+            if not tokens and not text and passed is None:
                 return None
-            return EngineOutput(token_ids=tokens, text=text or None)
+            return EngineOutput(token_ids=tokens, text=text or None, chat_delta=passed)
         finish = _FINISH.get(reason)
         if finish is None:
             raise self.broken(f"ended the request with finish_reason={reason!r}")
-        self._final = EngineOutput(token_ids=tokens, text=text or None, finish_reason=finish)
+        self._final = EngineOutput(
+            token_ids=tokens, text=text or None, finish_reason=finish, chat_delta=passed
+        )
         return None
+
+    def _delta(self, delta: Any) -> tuple[str | None, dict[str, Any] | None]:
+        """A chat delta's content, and its other fields to pass through (None when it has
+        none: vLLM sends ``"tool_calls": []`` and nulls for what a delta lacks)."""
+        if delta is None:
+            return None, None
+        if type(delta) is not dict:
+            raise self.broken("sent a chat delta that is not an object")
+        content = delta.get("content")
+        if content is not None and type(content) is not str:
+            raise self.broken(f"sent a chat delta whose content is not a string: {content!r:.80}")
+        passed = {
+            key: value
+            for key, value in delta.items()
+            if key not in _NOT_PASSED and value is not None and value != []
+        }
+        if not passed:
+            return content, None
+        calls = passed.get("tool_calls")
+        if calls is not None and (
+            type(calls) is not list
+            or not all(type(c) is dict and type(c.get("index")) is int for c in calls)
+        ):
+            # The client merges tool-call deltas by index: without one they cannot be merged.
+            raise self.broken(
+                f"sent tool_calls that are not indexed tool-call deltas: {calls!r:.120}"
+            )
+        return content, passed
 
     def finish(self) -> EngineOutput:
         """The final output, once the body ended: raises `WorkerGone` if no finish reason came."""
@@ -143,6 +203,7 @@ class ChunkReader:
                 text=final.text,
                 finish_reason=final.finish_reason,
                 usage=self._usage,
+                chat_delta=final.chat_delta,
             )
         return final
 
