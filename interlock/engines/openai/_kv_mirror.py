@@ -149,9 +149,8 @@ class KvMirror:
         self._publish = publish
         self._replay = replay
         self._dp_rank = dp_rank
-        # The cache: engine block hash -> (parent hash, tokens hash). A child is inserted after
-        # its parent; the parent may later be removed while the child stays (the engine may still
-        # hold it), as vLLM evicts blocks one by one.
+        # The cache: engine block hash -> (parent hash, tokens hash). A parent may be removed
+        # while its child stays (vLLM evicts blocks one by one, and may still extend the child).
         self._blocks: dict[int, tuple[int | None, int]] = {}
         # LoRA blocks: known only so their children and removals are skipped quietly.
         self._ignored: set[int] = set()
@@ -159,7 +158,8 @@ class KvMirror:
         self._last_seq: int | None = None  # vLLM seq of the last batch applied
         self._last_live: int | None = None  # vLLM seq of the last live batch seen
         # While a replay is wanted or under way: where it starts, and the live batches that
-        # arrived meanwhile (applied after it, in order).
+        # arrived meanwhile (applied after it, in order; a replay is bounded by its timeout, so
+        # this holds at most that many seconds of scheduler steps).
         self._replay_from: int | None = None
         self._buffer: list[tuple[int, VllmKvBatch]] = []
         # Bumped by a restart, so a replay of the old incarnation is discarded.
