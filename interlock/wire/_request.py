@@ -35,15 +35,15 @@ def _to_tuple(value: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(value)
 
 
-def _is(kind: type, *, optional: bool = False) -> Any:
+def _is(kind: type, *, optional: bool = False, prefix: str = "") -> Any:
     def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value is None and optional:
             return
         if type(value) is not kind:
             expected = kind.__name__ + (" or null" if optional else "")
+            name = prefix + attribute.name
             raise RequestError(
-                f"{attribute.name} must be {expected}, got {type(value).__name__} {value!r}",
-                field=attribute.name,
+                f"{name} must be {expected}, got {type(value).__name__} {value!r}", field=name
             )
 
     return check
@@ -246,10 +246,12 @@ class ChatRequest:
     #: 'none', 'auto', 'required', or ``{"type": "function", "function": {"name": ...}}``
     #: (typed loosely: the wire codec passes JSON values through as they are).
     tool_choice: Any = attrs.field(default=None, validator=_tool_choice)
-    parallel_tool_calls: bool | None = attrs.field(default=None, validator=_is(bool, optional=True))
+    parallel_tool_calls: bool | None = attrs.field(
+        default=None, validator=_is(bool, optional=True, prefix="chat.")
+    )
     response_format: dict[str, Any] | None = attrs.field(default=None, validator=_object)
     chat_template_kwargs: dict[str, Any] | None = attrs.field(default=None, validator=_object)
-    add_generation_prompt: bool = attrs.field(default=True, validator=_is(bool))
+    add_generation_prompt: bool = attrs.field(default=True, validator=_is(bool, prefix="chat."))
 
 
 @attrs.frozen(kw_only=True)
