@@ -1,0 +1,196 @@
+"""`interlock serve --postprocessing engine` in front of real vLLM: a chat runs on the engine's
+``/v1/chat/completions`` and its tool calls reach the official openai client (issue 12, item 1).
+
+vLLM 0.32 returns ``tool_calls`` only when started with a tool-call parser; the session's
+engines have none, so this module starts one more engine (id 4, the tier's flags plus
+``--enable-auto-tool-choice --tool-call-parser hermes``) for its tests and stops it at the end
+(~1-2 min with a warm compile cache). A named ``tool_choice`` makes vLLM constrain the output to
+the tool's JSON schema (structured output), so even the tier's random-weight model emits a call
+to that tool. One test also runs over a session engine, without a parser, and documents what
+vLLM answers then: the arguments' JSON as ``content``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from engine_tier import (
+    SERVED_MODEL_NAME,
+    VLLM_PYTHON,
+    EngineTier,
+    VllmEngine,
+    _wait_healthy,
+    engine_command,
+    engine_env,
+    start_in_group,
+)
+from test_serve_over_vllm import client, interlock_serve, words
+
+TOOL_ENGINE_ID = 4
+TOOL_PARSER_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                "required": ["unit"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+    },
+]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+# Whitespace is allowed inside the JSON, and a random model may spend its tokens on it: the
+# call's name arrives first whatever happens, its arguments may be cut by max_tokens.
+MAX_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def tool_engine(_engine_tier_session: EngineTier) -> Iterator[VllmEngine]:
+    """Engine 4: like the session's engines, plus vLLM's hermes tool-call parser."""
+    tier = _engine_tier_session
+    port, replay_port = tier.ports.pick(), tier.ports.pick()
+    share = tier.work_dir / f"kv-share-{TOOL_ENGINE_ID}"
+    share.mkdir(parents=True, exist_ok=True)
+    command = [
+        *engine_command(
+            VLLM_PYTHON, tier.model_dir, TOOL_ENGINE_ID, port, tier.kv_port, replay_port, share
+        ),
+        *TOOL_PARSER_FLAGS,
+    ]
+    env = engine_env(VLLM_PYTHON)
+    log_path = tier.work_dir / f"vllm-{TOOL_ENGINE_ID}.log"
+    engine = VllmEngine(
+        start_in_group(command, log_path, env=env),
+        log_path,
+        id=TOOL_ENGINE_ID,
+        port=port,
+        replay_port=replay_port,
+        share_path=share,
+        command=command,
+        env=env,
+    )
+    try:
+        _wait_healthy([engine], deadline=600.0)
+        yield engine
+    finally:
+        engine.stop()
+
+
+def messages(marker: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"{marker}: what is the weather? " + words(11, 8)}]
+
+
+def serve_args(engine: VllmEngine) -> list[str]:
+    return [
+        "--engine",
+        f"{engine.id}={engine.base_url}",
+        "--postprocessing",
+        "engine",
+        "--router-mode",
+        "round_robin",
+    ]
+
+
+def check_arguments(arguments: Any, finish_reason: str | None) -> None:
+    """A call's arguments are a string; complete JSON of the schema when the answer stopped."""
+    assert isinstance(arguments, str)
+    if finish_reason == "stop":
+        assert json.loads(arguments).keys() <= {"unit"}, arguments
+
+
+def test_a_named_tool_choice_reaches_the_openai_client_as_a_tool_call(
+    engine_tier: EngineTier, tool_engine: VllmEngine
+) -> None:
+    with interlock_serve(engine_tier, *serve_args(tool_engine), name="chat-tools") as url:
+        api = client(url)
+        whole = api.chat.completions.create(
+            model=SERVED_MODEL_NAME,
+            messages=messages("chat tools whole"),  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice=NAMED,  # type: ignore[arg-type]
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
+        stream = api.chat.completions.create(
+            model=SERVED_MODEL_NAME,
+            messages=messages("chat tools stream"),  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice=NAMED,  # type: ignore[arg-type]
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+
+    choice = whole.choices[0]
+    # A named tool_choice ends with "stop" (OpenAI's convention, which vLLM follows), or
+    # "length" when the random model's whitespace used up max_tokens.
+    assert choice.finish_reason in ("stop", "length")
+    calls = choice.message.tool_calls
+    assert calls is not None and len(calls) == 1, choice.message
+    assert calls[0].function.name == "get_weather"
+    assert calls[0].id and calls[0].type == "function"
+    check_arguments(calls[0].function.arguments, choice.finish_reason)
+    assert whole.usage is not None and whole.usage.completion_tokens > 0
+
+    with_choices = [c for c in chunks if c.choices]
+    deltas = [call for c in with_choices for call in c.choices[0].delta.tool_calls or []]
+    assert deltas, "the stream carried no tool-call deltas"
+    assert deltas[0].function is not None and deltas[0].function.name == "get_weather"
+    assert deltas[0].id and all(d.index == 0 for d in deltas)
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.function is not None)
+    finish = with_choices[-1].choices[0].finish_reason
+    assert finish in ("stop", "length")
+    check_arguments(arguments, finish)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_interlock_renders_a_chat_with_tools_into_the_engines_prompt_tokens(
+    engine_tier: EngineTier, tool_engine: VllmEngine
+) -> None:
+    # interlock routes on its own rendering of the chat; the engine reports its own on the
+    # first chunk, and interlock warns when they differ (KV-aware routing would be blind).
+    name = "chat-tools-prompt"
+    with interlock_serve(engine_tier, *serve_args(tool_engine), name=name) as url:
+        answer = client(url).chat.completions.create(
+            model=SERVED_MODEL_NAME,
+            messages=messages("chat tools prompt"),  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            max_tokens=4,
+            temperature=0,
+        )
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    log = (engine_tier.work_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")
+    assert "renders chats into other prompt tokens" not in log, log[-3000:]
+
+
+def test_without_a_tool_parser_vllm_answers_a_named_tool_choice_as_json_content(
+    engine_tier: EngineTier,
+) -> None:
+    engine = engine_tier.engine(2)
+    with interlock_serve(engine_tier, *serve_args(engine), name="chat-no-parser") as url:
+        answer = client(url).chat.completions.create(
+            model=SERVED_MODEL_NAME,
+            messages=messages("chat no parser"),  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice=NAMED,  # type: ignore[arg-type]
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
+    message = answer.choices[0].message
+    assert not message.tool_calls
+    # The constraint reached the engine (an unconstrained random model does not write JSON).
+    content = (message.content or "").strip()
+    assert content == "" or content.startswith("{"), content
