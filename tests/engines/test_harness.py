@@ -1,0 +1,63 @@
+"""The harness's process-group handling, on plain Python process trees (no vLLM needed): a
+killed leader's children are orphans that survive it, and ending the group ends them too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from engine_tier import PortPicker, group_members, kill_groups, start_in_group
+
+# A leader that starts a child which ignores SIGTERM (as a busy worker may, for a while), then
+# writes the child's pid into the FIFO named by its argument and sleeps.
+TREE = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); "
+    "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()  # its SIGTERM handler is in place
+with open(sys.argv[1], "w") as fifo:
+    fifo.write(str(child.pid))
+time.sleep(600)
+"""
+
+
+def _start_tree(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start TREE in its own group; block until it names its child; (leader, child pid)."""
+    folder.mkdir()
+    fifo = folder / "child.pid"
+    os.mkfifo(fifo)
+    leader = start_in_group([sys.executable, "-c", TREE, str(fifo)], folder / "tree.log")
+    with fifo.open() as reader:  # blocks until the leader opens it; EOF when it closes it
+        child = reader.read()
+    assert child, (folder / "tree.log").read_text()
+    return leader, int(child)
+
+
+def test_a_group_outlives_its_killed_leader_until_the_group_is_killed(tmp_path: Path) -> None:
+    leader, child = _start_tree(tmp_path / "tree")
+    assert sorted(group_members(leader.pid)) == sorted([leader.pid, child])
+    leader.kill()
+    leader.wait()
+    assert group_members(leader.pid) == [child]  # the orphan lives on
+    kill_groups([leader.pid])
+    assert group_members(leader.pid) == []
+
+
+def test_a_graceful_stop_kills_what_ignores_sigterm_after_the_grace(tmp_path: Path) -> None:
+    first, first_child = _start_tree(tmp_path / "a")
+    second, second_child = _start_tree(tmp_path / "b")
+    assert first_child in group_members(first.pid)
+    assert second_child in group_members(second.pid)
+    kill_groups([first.pid, second.pid], grace=0.5)
+    assert group_members(first.pid) == group_members(second.pid) == []
+    assert first.wait() != 0 and second.wait() != 0
+
+
+def test_ports_are_distinct_and_below_the_ephemeral_range() -> None:
+    picker = PortPicker()
+    ports = [picker.pick() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(picker.low <= port < picker.high for port in ports)

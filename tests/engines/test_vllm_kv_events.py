@@ -1,0 +1,100 @@
+"""Real vLLM KV events through interlock's own feed and replay (interlock.engines.openai):
+every engine publishes to the one bound `KvEventFeed` under its topic ``kv@<id>``, each
+batch decodes, the blocks carry the prompt's tokens, any engine replays its buffer from seq 0,
+and equal tokens get equal block hashes on every engine (PYTHONHASHSEED=0 on all)."""
+
+from __future__ import annotations
+
+import functools
+
+import httpx
+import trio
+from engine_tier import BLOCK_SIZE, SERVED_MODEL_NAME, EngineTier, VllmEngine
+from test_vllm_engines import random_prompt
+
+from interlock.engines.openai import KvEventFeed
+from interlock.engines.openai._kv_feed import replay_kv_batches
+from interlock.wire import VllmBlockStored, VllmKvBatch
+
+TIMEOUT = 60.0
+
+
+async def prefill(client: httpx.AsyncClient, engine: VllmEngine, prompt: list[int]) -> None:
+    """Run ``prompt`` through ``engine`` with one output token (its prompt blocks get stored)."""
+    body = {"model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    response = await client.post(f"{engine.base_url}/v1/completions", json=body)
+    assert response.status_code == 200, (engine.id, response.text)
+
+
+def stored(batches: list[VllmKvBatch]) -> list[VllmBlockStored]:
+    return [
+        event for batch in batches for event in batch.events if isinstance(event, VllmBlockStored)
+    ]
+
+
+def stored_tokens(batches: list[VllmKvBatch]) -> list[int]:
+    return [token for event in stored(batches) for token in event.token_ids]
+
+
+async def test_the_engines_publish_decodable_batches_to_one_bound_feed_under_their_topics(
+    engine_tier: EngineTier,
+) -> None:
+    engine = engine_tier.engine(1)
+    feed = KvEventFeed(engine_tier.kv_endpoint)
+    received: dict[int, list[tuple[int, VllmKvBatch]]] = {e.id: [] for e in engine_tier.engines}
+    blocks = 3 * BLOCK_SIZE
+    wanted: list[int] = []
+    seen = trio.Event()
+
+    def on_batch(engine_id: int, seq: int, batch: VllmKvBatch) -> None:
+        received[engine_id].append((seq, batch))
+        if wanted and stored_tokens([batch]) == wanted:
+            seen.set()
+
+    for each in engine_tier.engines:
+        feed.subscribe(each.id, functools.partial(on_batch, each.id))
+    async with httpx.AsyncClient(timeout=TIMEOUT) as client, trio.open_nursery() as nursery:
+        await nursery.start(feed.run)
+        # The engines' PUBs reconnect to the new SUB and learn its subscription a moment after
+        # the bind; what they publish before that is lost (a mirror would replay it). So send
+        # fresh prompts until one is seen, within the deadline.
+        with trio.fail_after(TIMEOUT):
+            for attempt in range(1000):
+                prompt = random_prompt(200 + attempt, blocks + 5)
+                wanted[:] = prompt[:blocks]
+                await prefill(client, engine, prompt)
+                with trio.move_on_after(2):
+                    await seen.wait()
+                if seen.is_set():
+                    break
+        nursery.cancel_scope.cancel()
+    assert feed.stats.undecodable == 0
+    assert feed.stats.unknown_topic == 0
+    [last] = [e for e in stored([b for _, b in received[1]]) if list(e.token_ids) == wanted]
+    assert last.block_size == BLOCK_SIZE
+    assert len(last.block_hashes) == 3
+    assert last.parent_block_hash is None
+    seqs = [seq for seq, _ in received[1]]
+    assert seqs == sorted(seqs)
+    # Only engine 1 worked.
+    assert received[2] == received[3] == []
+
+
+async def test_every_engine_replays_its_batches_and_equal_tokens_hash_equally_everywhere(
+    engine_tier: EngineTier,
+) -> None:
+    prompt = random_prompt(6, 2 * BLOCK_SIZE + 3)
+    hashes = {}
+    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+        for engine in engine_tier.engines:
+            await prefill(client, engine, prompt)
+            replayed = await replay_kv_batches(engine.replay_endpoint, 0, timeout=TIMEOUT)
+            seqs = [seq for seq, _ in replayed]
+            assert seqs == list(range(len(replayed))), (engine.id, seqs)
+            [event] = [
+                event
+                for event in stored([batch for _, batch in replayed])
+                if list(event.token_ids) == prompt[: 2 * BLOCK_SIZE]
+            ]
+            hashes[engine.id] = event.block_hashes
+    assert len(set(hashes.values())) == 1, hashes
