@@ -89,12 +89,13 @@ class Processes:
         self.started.append(process)
         return process, log
 
-    def stop_all(self) -> None:
-        """SIGTERM every group, wait up to 10 s for each leader, then SIGKILL what is left."""
+    def stop_all(self, grace: float = 10.0) -> None:
+        """SIGTERM every group, wait up to ``grace`` seconds for the leaders, then SIGKILL
+        what is left of every group. Blocks until the leaders are reaped."""
         for process in self.started:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + grace
         for process in self.started:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -441,6 +442,9 @@ class PathResult:
 
     samples: list[Sample] = attrs.field(factory=list)
     seconds: float = 0.0
+    #: CPU seconds the interlock process tree spent while this path's requests ran (on the
+    #: direct path: its idle cost, polling the engines' /health and /metrics).
+    interlock_cpu: float = 0.0
     per_round_ttft_p50: list[float] = attrs.field(factory=list)
 
     @property
@@ -464,9 +468,8 @@ def p50_ttft(samples: Sequence[Sample]) -> float:
 async def measure(
     args: argparse.Namespace, workload: Workload, engine_urls: Sequence[str], model: str,
     interlock_url: str, interlock_pid: int,
-) -> tuple[PathResult, PathResult, float, float]:  # fmt: skip
-    """Warm up, then run the rounds; return (direct, interlock, interlock CPU seconds while its
-    requests ran, its CPU seconds per wall second while the direct requests ran)."""
+) -> tuple[PathResult, PathResult]:  # fmt: skip
+    """Warm up, then run the rounds; return what the direct and the interlock path measured."""
     path = "/v1/chat/completions" if args.api == "chat" else "/v1/completions"
     generator = LoadGenerator(args.concurrency)
     # Warm up: every prefix into every engine's cache, then every path and connection.
@@ -484,7 +487,6 @@ async def measure(
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(warm)} warm-up requests failed: {failed[0]}")
     direct, through = PathResult(), PathResult()
-    interlock_cpu = idle_cpu = idle_seconds = 0.0
     for number, specs in enumerate(workload.rounds):
         order = ("direct", "interlock") if number % 2 == 0 else ("interlock", "direct")
         for name in order:
@@ -505,24 +507,15 @@ async def measure(
             cpu_before = tree_cpu_seconds(interlock_pid)
             start = time.perf_counter()
             samples = await generator.run(jobs)
-            elapsed = time.perf_counter() - start
-            cpu = tree_cpu_seconds(interlock_pid) - cpu_before
-            if name == "direct":
-                idle_cpu += cpu
-                idle_seconds += elapsed
-            else:
-                interlock_cpu += cpu
+            result.seconds += time.perf_counter() - start
+            result.interlock_cpu += tree_cpu_seconds(interlock_pid) - cpu_before
             result.samples += samples
-            result.seconds += elapsed
             result.per_round_ttft_p50.append(p50_ttft(samples))
     await generator.aclose()
-    return direct, through, interlock_cpu, idle_cpu / max(idle_seconds, 1e-9)
+    return direct, through
 
 
-def report(
-    args: argparse.Namespace, direct: PathResult, through: PathResult, cpu: float,
-    idle_rate: float,
-) -> None:  # fmt: skip
+def report(direct: PathResult, through: PathResult) -> None:
     ms = 1000.0
     header = (
         f"{'path':<26} {'TTFT p50':>9} {'TTFT p90':>9} {'lat p50':>9} {'lat p90':>9} "
@@ -558,10 +551,14 @@ def report(
     no_text = sum(1 for s in direct.ok + through.ok if s.ttft is None)
     if no_text:
         print(f"{no_text} streams carried no text at all (no TTFT; latency counted)")
+    idle_rate = direct.interlock_cpu / max(direct.seconds, 1e-9)
+    requests = max(len(through.samples), 1)
+    gross = through.interlock_cpu / requests * ms
+    net = (through.interlock_cpu - idle_rate * through.seconds) / requests * ms
     print(
-        f"interlock serve CPU: {cpu / max(len(through.samples), 1) * ms:.2f} ms per request "
-        f"(process tree, while its requests ran); {idle_rate * ms:.1f} ms per second while "
-        "idle in front of the engines (its /health and /metrics polls)"
+        f"interlock serve CPU per request: {gross:.2f} ms while its requests ran, {net:.2f} ms "
+        f"net of its idle cost ({idle_rate * ms:.1f} ms per second polling the engines' "
+        "/health and /metrics, measured while the direct requests ran)"
     )
     for name, result in (("direct", direct), ("interlock", through)):
         errors = [s.error for s in result.samples if s.error is not None]
@@ -677,10 +674,10 @@ def run(
         + (f", KV events at {kv_bind}" if kv_bind else ""),
         flush=True,
     )
-    direct, through, cpu, idle_rate = trio.run(
+    direct, through = trio.run(
         measure, args, workload, engine_urls, model, interlock_url, interlock.pid
     )
-    report(args, direct, through, cpu, idle_rate)
+    report(direct, through)
 
 
 if __name__ == "__main__":
