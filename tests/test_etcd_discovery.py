@@ -41,6 +41,7 @@ from interlock.discovery import (
     watch_workers,
     worker_key,
 )
+from interlock.engines.mock import MockEngine
 from interlock.engines.remote import RemoteEngine
 from interlock.http._cli import banner, resolve
 from interlock.processing import ByteTokenizer, Tokenizer
@@ -432,6 +433,33 @@ async def test_bad_records_and_mismatched_workers_are_skipped(etcd: Etcd, tmp_pa
     finally:
         for worker in workers:
             await stop(worker)
+
+
+async def test_a_record_names_its_engine_kind_and_the_watcher_builds_it_through_the_factory(
+    etcd: Etcd,
+) -> None:
+    def put(worker_id: int, **fields: Any) -> Any:
+        record = WorkerRecord(worker_id=worker_id, **fields)
+        return client.put(worker_key(PREFIX, worker_id), record.to_json())
+
+    with trio.fail_after(TIMEOUT):
+        async with EtcdClient(etcd.url) as client:
+            await put(2, kind="mock")  # simulated in the frontend: no process, no address
+            await put(3, kind="sglang", url="http://127.0.0.1:1")  # no such kind
+            await put(4)  # an interlock worker's record without host and port
+            async with frontend(etcd) as (pipeline, watcher):
+                assert set(pipeline.workers) == {2}
+                assert isinstance(pipeline.engine(2), MockEngine)
+                assert watcher.skipped == {3, 4}
+                assert (await answer(pipeline, 1)) == 2
+                await put(3, kind="mock", role="agg")
+                await wait_for(lambda: 3 in pipeline.workers, "worker 3, of a known kind now")
+                assert watcher.skipped == {4}
+                await client.delete(worker_key(PREFIX, 2))
+                await wait_for(lambda: 2 not in pipeline.workers, "worker 2 to leave")
+                await client.delete(worker_key(PREFIX, 4))
+                await wait_for(lambda: watcher.skipped == set(), "worker 4's record to go")
+                assert set(pipeline.workers) == {3}
 
 
 async def test_a_registered_worker_that_cannot_be_reached_yet_joins_once_it_can(

@@ -1,7 +1,8 @@
 """Worker membership: where workers are found. `EmbeddedRegistry` keeps a pipeline's own
 workers in-process; etcd (`EtcdClient`, `serve_registration` on the worker's side,
 `WorkerWatcher` / `watch_workers` on the frontend's) lets several frontends find several
-workers (docs/deploying.md)."""
+workers (docs/deploying.md). A `WorkerRecord` names its engine kind; the watcher builds
+engines only through `interlock.engines.engine_from_record`, so discovery imports no kind."""
 
 from ._embedded import EmbeddedRegistry
 from ._etcd import (
@@ -11,6 +12,7 @@ from ._etcd import (
     EtcdError,
     KeyValue,
     WatchEvent,
+    WorkerPool,
     WorkerRecord,
     WorkerWatcher,
     register_worker,
@@ -28,6 +30,7 @@ __all__ = [
     "EtcdError",
     "KeyValue",
     "WatchEvent",
+    "WorkerPool",
     "WorkerRecord",
     "WorkerWatcher",
     "register_worker",

@@ -1,11 +1,13 @@
 """Worker discovery through etcd: a small async client over etcd's JSON gateway, the worker's
 registration (a key under a lease it keeps alive) and the frontend's watcher (adds and removes
-`RemoteEngine`s as the keys come and go).
+engines as the keys come and go).
 
 Layout: each worker puts ``{prefix}/workers/{worker_id}`` = `WorkerRecord` as JSON
-(``{"worker_id": 1, "host": "10.0.0.5", "port": 7001, "role": "agg", "block_size": 16}``),
-attached to a lease with a TTL. A worker that stops cleanly revokes its lease (the key goes at
-once); a killed one stops renewing it and the key goes when the TTL runs out.
+(``{"worker_id": 1, "host": "10.0.0.5", "port": 7001, "role": "agg", "block_size": 16}``; a
+worker reached by another engine kind adds its ``kind``, and a ``url`` in place of ``host``
+and ``port`` where the kind needs one), attached to a lease with a TTL. A worker that stops
+cleanly revokes its lease (the key goes at once); a killed one stops renewing it and the key
+goes when the TTL runs out.
 """
 
 from __future__ import annotations
@@ -14,20 +16,49 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 import httpx
 import trio
 
 from .._errors import ConfigError
-from ..engines._protocol import ROLES, Role
+from ..engines import (
+    BadRecord,
+    Engine,
+    EngineContext,
+    WorkerMismatch,
+    WorkerRecord,
+    WorkerUnreachable,
+    engine_from_record,
+)
+from ..wire import ProtocolError
 
 if TYPE_CHECKING:
-    from .._pipeline import Pipeline
-    from ..engines.remote import RemoteEngine
+    from .._config import PipelineConfig
+    from ..processing import Tokenizer
+
+# WorkerRecord and BadRecord belong to interlock.engines (beside the factory that builds
+# from them); the worker's registration imports them from here too.
+__all__ = [
+    "DEFAULT_PREFIX",
+    "BadRecord",
+    "EtcdClient",
+    "EtcdError",
+    "KeyValue",
+    "WatchEvent",
+    "WorkerPool",
+    "WorkerRecord",
+    "WorkerWatcher",
+    "prefix_range_end",
+    "register_worker",
+    "serve_registration",
+    "watch_workers",
+    "worker_key",
+    "workers_prefix",
+]
 
 _logger = logging.getLogger("interlock.discovery.etcd")
 
@@ -298,56 +329,6 @@ def worker_key(prefix: str, worker_id: int) -> str:
     return f"{workers_prefix(prefix)}{worker_id}"
 
 
-class BadRecord(ValueError):
-    """A worker record that does not parse (the message says which field is wrong)."""
-
-
-@attrs.frozen(kw_only=True)
-class WorkerRecord:
-    """What a worker registers: where it listens and what it is."""
-
-    worker_id: int
-    host: str
-    port: int
-    role: Role = "agg"
-    block_size: int = 16
-
-    def to_json(self) -> str:
-        """The record as etcd stores it."""
-        return json.dumps(attrs.asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> WorkerRecord:
-        """Parse a stored record (pure).
-
-        Raises:
-            BadRecord: not a JSON object, a field missing or of the wrong type or range.
-        """
-        try:
-            raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRecord(f"not JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise BadRecord(f"not a JSON object: {raw!r}")
-
-        def field(name: str, kind: type, default: Any = None) -> Any:
-            value = raw.get(name, default)
-            if type(value) is not kind:
-                raise BadRecord(f"{name} must be a {kind.__name__}, got {value!r}")
-            return value
-
-        worker_id = field("worker_id", int)
-        host = field("host", str)
-        port = field("port", int)
-        role = field("role", str, "agg")
-        block_size = field("block_size", int, 16)
-        if worker_id < 0 or not host or not 1 <= port <= 65535 or block_size < 1:
-            raise BadRecord(f"out of range: {raw!r}")
-        if role not in ROLES:
-            raise BadRecord(f"role must be one of {ROLES}, got {role!r}")
-        return cls(worker_id=worker_id, host=host, port=port, role=role, block_size=block_size)
-
-
 # -- the worker's side ----------------------------------------------------------------------
 
 
@@ -412,15 +393,30 @@ async def serve_registration(
 
 # -- the frontend's side ----------------------------------------------------------------------
 
-#: Makes the engine for a discovered worker (default: a `RemoteEngine` with the pipeline's
-#: block size and tokenizer, so that the handshake checks the worker's).
-EngineFactory = Callable[[WorkerRecord], "RemoteEngine"]
+
+class WorkerPool(Protocol):
+    """What a `WorkerWatcher` needs from the pipeline it keeps in step (a `Pipeline` is one):
+    its block size and tokenizer (checked against each worker's), and adding, removing and
+    finding workers."""
+
+    @property
+    def config(self) -> PipelineConfig: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer | None: ...
+
+    async def add_worker(self, engine: Engine) -> None: ...
+
+    async def remove_worker(self, worker_id: int, *, stop: bool = False) -> None: ...
+
+    def engine(self, worker_id: int) -> Engine | None: ...
 
 
 @attrs.define(eq=False)
 class _Member:
     record: WorkerRecord
-    engine: RemoteEngine
+    #: None until built, and when its record does not build one (skipped).
+    engine: Engine | None = None
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     #: The first attempt to add it is over (joined, or failed once): what a listing waits for.
     settled: trio.Event = attrs.field(factory=trio.Event)
@@ -430,31 +426,35 @@ class _Member:
 
 
 class WorkerWatcher:
-    """Keeps a pipeline's remote workers in step with the records under
+    """Keeps a pipeline's discovered workers in step with the records under
     ``{prefix}/workers/`` in etcd. Run it with `run` (or `watch_workers`).
 
-    A new record becomes a `RemoteEngine` added with `Pipeline.add_worker` (each in its own
-    task: a slow handshake holds up no other worker). A deleted record removes its worker and
-    stops its engine (`Pipeline.remove_worker` with ``stop=True``: streams still open on it
-    break and migrate where migration is on). A record with another address (the worker
-    restarted elsewhere) replaces the engine. A record that does not parse, a worker whose
-    handshake does not match (id, role, block size or tokenizer), or whose id another worker
-    of the pipeline has, is logged and skipped until its record changes. One that cannot be reached
-    within ``connect_timeout`` is tried again, with back-off up to ``max_backoff``, for as long
-    as its record stands (a worker behind a network that is down for a while joins once it is
-    back). When the watch breaks (etcd restarted), the watcher
-    lists again and watches again, backing off from ``backoff`` to ``max_backoff`` seconds;
-    workers whose records vanished meanwhile are removed. The pipeline keeps its workers
-    while etcd is away.
+    A new record becomes the engine its kind builds (`engine_from_record`, with ``context``:
+    by default the pipeline's block size and tokenizer, so that the engine checks the
+    worker's; pass one to share resources such as a KV-event feed; its timeouts are replaced
+    by the watcher's), added with `Pipeline.add_worker` (each in its own task: a slow
+    handshake holds up no other worker).
+    A deleted record removes its worker and stops its engine (`Pipeline.remove_worker` with
+    ``stop=True``: streams still open on it break and migrate where migration is on). A
+    record with another address (the worker restarted elsewhere) replaces the engine. A
+    record that does not parse or whose engine cannot be built (an unknown kind, a field its
+    kind needs missing), a worker whose handshake does not match (id, role, block size or
+    tokenizer), or whose id another worker of the pipeline has, is logged and skipped until
+    its record changes. One that cannot be reached within ``connect_timeout`` is tried
+    again, with back-off up to ``max_backoff``, for as long as its record stands (a worker
+    behind a network that is down for a while joins once it is back). When the watch breaks
+    (etcd restarted), the watcher lists again and watches again, backing off from
+    ``backoff`` to ``max_backoff`` seconds; workers whose records vanished meanwhile are
+    removed. The pipeline keeps its workers while etcd is away.
     """
 
     def __init__(
         self,
         client: EtcdClient,
-        pipeline: Pipeline,
+        pipeline: WorkerPool,
         *,
         prefix: str = DEFAULT_PREFIX,
-        engine_factory: EngineFactory | None = None,
+        context: EngineContext | None = None,
         connect_timeout: float = 5.0,
         backoff: float = 0.1,
         max_backoff: float = 2.0,
@@ -465,25 +465,23 @@ class WorkerWatcher:
         self.connect_timeout = connect_timeout
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self._factory = engine_factory or self._remote_engine
+        if context is None:
+            context = EngineContext(
+                block_size=pipeline.config.kv_block_size, tokenizer=pipeline.tokenizer
+            )
+        #: What every engine is built with, but for its timeouts: those are the watcher's
+        #: at the time (`_engine_context`).
+        self.context = context
         self._members: dict[int, _Member] = {}
         self._nursery: trio.Nursery | None = None
         #: Completed listings (1 after the first; +1 per re-list after a broken watch).
         self.listings = 0
 
-    def _remote_engine(self, record: WorkerRecord) -> RemoteEngine:
-        from ..engines.remote import RemoteEngine
-        from ..processing import tokenizer_fingerprint
-
-        tokenizer = self.pipeline.tokenizer
-        return RemoteEngine(
-            record.host,
-            record.port,
-            instance_id=record.worker_id,
-            role=record.role,
-            block_size=self.pipeline.config.kv_block_size,
-            tokenizer=None if tokenizer is None else tokenizer_fingerprint(tokenizer),
-            vocab_size=None if tokenizer is None else tokenizer.vocab_size,
+    def _engine_context(self) -> EngineContext:
+        # An engine waits for its worker as long as the watcher does, and reconnects at
+        # most a second apart (sooner when the watcher backs off less).
+        return attrs.evolve(
+            self.context,
             connect_timeout=self.connect_timeout,
             max_backoff=min(self.max_backoff, 1.0),
         )
@@ -496,7 +494,8 @@ class WorkerWatcher:
     @property
     def skipped(self) -> set[int]:
         """The workers whose record is known but that are not in the pipeline: skipped
-        (handshake mismatch, id taken) until their record changes, or unreachable so far
+        (an engine that cannot be built, handshake mismatch, id taken) until their record
+        changes, or unreachable so far
         (tried again with back-off)."""
         return {worker_id for worker_id, m in self._members.items() if m.failed}
 
@@ -582,20 +581,18 @@ class WorkerWatcher:
             if member.record == record and not (member.failed and member.done.is_set()):
                 return
             await self._leave(record.worker_id, f"it registered again as {record}")
-        member = _Member(record, self._factory(record))
+        member = _Member(record)
         self._members[record.worker_id] = member
         assert self._nursery is not None
         self._nursery.start_soon(self._add, member)
 
     async def _add(self, member: _Member) -> None:
-        from ..engines.remote import WorkerMismatch, WorkerUnreachable
-        from ..wire import ProtocolError
-
         record = member.record
         delay = self.backoff
         try:
             with member.scope:
                 while True:
+                    member.engine = engine_from_record(record, self._engine_context())
                     try:
                         await self.pipeline.add_worker(member.engine)
                         break
@@ -613,13 +610,12 @@ class WorkerWatcher:
                         )
                         await trio.sleep(delay)
                         delay = min(delay * 2, self.max_backoff)
-                        member.engine = self._factory(record)
                 member.failed = False
                 _logger.info(
-                    "worker %d at %s:%d (%s) joined from etcd",
+                    "worker %d at %s (%s, %s) joined from etcd",
                     record.worker_id,
-                    record.host,
-                    record.port,
+                    record.address,
+                    record.kind,
                     record.role,
                 )
         except (WorkerMismatch, ProtocolError, ConfigError, ValueError) as exc:
@@ -635,26 +631,31 @@ class WorkerWatcher:
             return
         member.scope.cancel()
         await member.done.wait()
-        if self.pipeline.engine(worker_id) is member.engine:
+        if member.engine is not None and self.pipeline.engine(worker_id) is member.engine:
             await self.pipeline.remove_worker(worker_id, stop=True)
             _logger.info("worker %d left: %s", worker_id, why)
 
 
 async def watch_workers(
     client: EtcdClient,
-    pipeline: Pipeline,
+    pipeline: WorkerPool,
     *,
     prefix: str = DEFAULT_PREFIX,
+    context: EngineContext | None = None,
     connect_timeout: float = 5.0,
     task_status: trio.TaskStatus[WorkerWatcher] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a `WorkerWatcher` over ``pipeline`` until cancelled; ``task_status.started`` gets
     the watcher once the workers registered at the start have joined (or been skipped).
+    ``context`` is what engines are built with (default: the pipeline's block size and
+    tokenizer).
 
     Raises:
         EtcdError: the first listing failed.
     """
-    watcher = WorkerWatcher(client, pipeline, prefix=prefix, connect_timeout=connect_timeout)
+    watcher = WorkerWatcher(
+        client, pipeline, prefix=prefix, context=context, connect_timeout=connect_timeout
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(watcher.run)
         task_status.started(watcher)

@@ -12,13 +12,46 @@ from typing import Any, Protocol, runtime_checkable
 
 import trio
 
+from .._errors import EngineError
 from ..wire import EngineOutput, PreprocessedRequest
 from ..wire._snapshot import ROLES, ActiveSequence, Role, WorkerSnapshot
 
-__all__ = ["ROLES", "ActiveSequence", "Engine", "EventListener", "Role", "WorkerSnapshot"]
+__all__ = [
+    "ROLES",
+    "ActiveSequence",
+    "Engine",
+    "EventListener",
+    "Role",
+    "TokenizerMismatch",
+    "WorkerMismatch",
+    "WorkerSnapshot",
+    "WorkerUnreachable",
+]
 
 #: Receives a worker's events (membership changes; KV events and load reports later).
 EventListener = Callable[[Any], None]
+
+
+# The errors an engine's `run` raises before ``task_status.started()``: they tell whoever
+# adds it (a `Pipeline`, etcd's `WorkerWatcher`) to skip the worker or to try again later,
+# whatever the engine's kind.
+
+
+class WorkerMismatch(EngineError):
+    """The worker at the address is not the one configured: another instance id, role,
+    block size or tokenizer. Raised by an engine's `run` on the first connection (a later
+    one only logs it and keeps the engine out of routing)."""
+
+
+class TokenizerMismatch(WorkerMismatch):
+    """The `WorkerMismatch` of a worker whose tokenizer is not the frontend's: it reports
+    another tokenizer fingerprint, or (reporting none) may generate ids the frontend's
+    tokenizer does not have."""
+
+
+class WorkerUnreachable(EngineError):
+    """An engine's `run` could not reach its worker (complete a handshake, get a health
+    answer) within its ``connect_timeout``; the worker may come up later."""
 
 
 @runtime_checkable

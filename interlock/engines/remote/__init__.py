@@ -1,9 +1,12 @@
 """Workers in other processes: `RemoteEngine` (the frontend's client), `serve_worker` (the
 worker's server), and the ``interlock worker`` command. The protocol is in docs/wire-protocol.md;
-its messages and frame codec are in `interlock.wire`."""
+its messages and frame codec are in `interlock.wire`. `WorkerMismatch`, `TokenizerMismatch`
+and `WorkerUnreachable` belong to every engine kind (`interlock.engines`); they are here too,
+where they were first."""
 
+from .._protocol import TokenizerMismatch, WorkerMismatch, WorkerUnreachable
 from ._cli import add_parser
-from ._client import RemoteEngine, TokenizerMismatch, WorkerMismatch, WorkerUnreachable
+from ._client import RemoteEngine
 from ._server import WorkerAddress, serve_worker
 
 __all__ = [

@@ -33,27 +33,18 @@ from ...wire._frames import (
     frame_tag,
 )
 from .._listeners import Listeners
-from .._protocol import ROLES, EventListener, Role, WorkerSnapshot
+from .._protocol import (
+    ROLES,
+    EventListener,
+    Role,
+    TokenizerMismatch,
+    WorkerMismatch,
+    WorkerSnapshot,
+    WorkerUnreachable,
+)
 from ._connection import FrameConnection
 
 _logger = logging.getLogger("interlock.engines.remote")
-
-
-class WorkerMismatch(EngineError):
-    """The worker at the address is not the one configured: another instance id, role,
-    block size or tokenizer. Raised by `RemoteEngine.run` on the first connection (a later
-    one only logs it and keeps the engine out of routing)."""
-
-
-class TokenizerMismatch(WorkerMismatch):
-    """The `WorkerMismatch` of a worker whose tokenizer is not the frontend's: it reports
-    another tokenizer fingerprint, or (reporting none) may generate ids the frontend's
-    tokenizer does not have."""
-
-
-class WorkerUnreachable(EngineError):
-    """`RemoteEngine.run` could not complete a handshake with its worker within
-    ``connect_timeout``."""
 
 
 class _Waiter:
