@@ -46,9 +46,6 @@ from ._sse import ChunkEncoder, dumps, event
 # HttpLimits is defined with the endpoints' shared state; it is imported from here too.
 __all__ = ["HttpLimits", "build_app", "read_body", "send_json"]
 
-# HttpLimits is defined with the endpoints' shared state; it is imported from here too.
-__all__ = ["HttpLimits", "build_app", "read_body", "send_json"]
-
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
