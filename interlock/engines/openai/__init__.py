@@ -3,7 +3,14 @@
 servers: docs/engines.md."""
 
 from ._engine import PREFILL_KV_TRANSFER_PARAMS, TOKENIZER_PROBE, OpenAIEngine
-from ._kv_feed import KvEventFeed, KvFeedBindError, KvFeedStats, KvReplayFailed, kv_topic
+from ._kv_feed import (
+    KvEventFeed,
+    KvFeedBindError,
+    KvFeedStats,
+    KvReplayFailed,
+    kv_topic,
+    replay_kv_batches,
+)
 from ._kv_mirror import KvBlockSizeMismatch, KvDump, KvMirror, KvMirrorStats
 from ._metrics import EngineMetrics, parse_engine_metrics
 
@@ -22,4 +29,5 @@ __all__ = [
     "OpenAIEngine",
     "kv_topic",
     "parse_engine_metrics",
+    "replay_kv_batches",
 ]
