@@ -182,10 +182,36 @@ def kill_groups(pgids: Iterable[int], *, grace: float = 0.0) -> None:
 
     With ``grace`` > 0, SIGTERM them all first (vLLM then shuts down cleanly, freeing its shared
     memory) and SIGKILL whatever is left after ``grace`` seconds; with 0, SIGKILL at once.
-    Raises RuntimeError naming the survivors if SIGKILL did not end them within 30 s (a process
-    stuck in the kernel: nothing more a test can do).
+    Then removes the /dev/shm files they had mapped. Raises RuntimeError naming the survivors if
+    SIGKILL did not end them within 30 s (a process stuck in the kernel: nothing more to do).
     """
     pgids = list(pgids)
+    shared_memory = _shared_memory_of(pid for pgid in pgids for pid in group_members(pgid))
+    try:
+        _end_groups(pgids, grace)
+    finally:
+        # A SIGKILLed vLLM leaves its shared-memory queues in /dev/shm (sparse, but one set per
+        # kill, run after run); nobody else maps them, so they go with their processes.
+        for path in shared_memory:
+            path.unlink(missing_ok=True)
+
+
+def _shared_memory_of(pids: Iterable[int]) -> set[Path]:
+    """The /dev/shm files the processes ``pids`` have mapped."""
+    found = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            _, _, path = line.partition("/dev/shm/")
+            if path:
+                found.add(Path("/dev/shm") / path.removesuffix(" (deleted)"))
+    return found
+
+
+def _end_groups(pgids: list[int], grace: float) -> None:
     steps = [(signal.SIGKILL, 30.0)]
     if grace > 0:
         steps.insert(0, (signal.SIGTERM, grace))

@@ -10,45 +10,58 @@ from pathlib import Path
 
 from engine_tier import PortPicker, group_members, kill_groups, start_in_group
 
-# A leader that starts a child which ignores SIGTERM (as a busy worker may, for a while), then
-# writes the child's pid into the FIFO named by its argument and sleeps.
+# A leader that maps a /dev/shm segment (as vLLM's processes do), starts a child which ignores
+# SIGTERM (as a busy worker may, for a while), then writes the child's pid and the segment's
+# name into the FIFO named by its argument, and sleeps.
 TREE = """
 import subprocess, sys, time
+from multiprocessing import shared_memory
+segment = shared_memory.SharedMemory(create=True, size=4096)
 child = subprocess.Popen([sys.executable, "-c",
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); "
     "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
 child.stdout.readline()  # its SIGTERM handler is in place
 with open(sys.argv[1], "w") as fifo:
-    fifo.write(str(child.pid))
+    fifo.write(f"{child.pid} {segment.name}")
 time.sleep(600)
 """
 
 
-def _start_tree(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start TREE in its own group; block until it names its child; (leader, child pid)."""
+def _start_tree(folder: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """Start TREE in its own group; block until it names its child; (leader, child pid, the
+    leader's shared-memory file)."""
     folder.mkdir()
     fifo = folder / "child.pid"
     os.mkfifo(fifo)
     leader = start_in_group([sys.executable, "-c", TREE, str(fifo)], folder / "tree.log")
     with fifo.open() as reader:  # blocks until the leader opens it; EOF when it closes it
-        child = reader.read()
-    assert child, (folder / "tree.log").read_text()
-    return leader, int(child)
+        report = reader.read()
+    assert report, (folder / "tree.log").read_text()
+    child, segment = report.split()
+    return leader, int(child), Path("/dev/shm") / segment.lstrip("/")
 
 
 def test_a_group_outlives_its_killed_leader_until_the_group_is_killed(tmp_path: Path) -> None:
-    leader, child = _start_tree(tmp_path / "tree")
-    assert sorted(group_members(leader.pid)) == sorted([leader.pid, child])
+    leader, child, _ = _start_tree(tmp_path / "tree")
+    assert {leader.pid, child} <= set(group_members(leader.pid))
     leader.kill()
     leader.wait()
-    assert group_members(leader.pid) == [child]  # the orphan lives on
+    assert child in group_members(leader.pid)  # the orphan lives on
     kill_groups([leader.pid])
     assert group_members(leader.pid) == []
 
 
+def test_killing_a_group_removes_the_shared_memory_it_mapped(tmp_path: Path) -> None:
+    leader, _, segment = _start_tree(tmp_path / "tree")
+    assert segment.exists()
+    kill_groups([leader.pid])
+    leader.wait()
+    assert not segment.exists()
+
+
 def test_a_graceful_stop_kills_what_ignores_sigterm_after_the_grace(tmp_path: Path) -> None:
-    first, first_child = _start_tree(tmp_path / "a")
-    second, second_child = _start_tree(tmp_path / "b")
+    first, first_child, _ = _start_tree(tmp_path / "a")
+    second, second_child, _ = _start_tree(tmp_path / "b")
     assert first_child in group_members(first.pid)
     assert second_child in group_members(second.pid)
     kill_groups([first.pid, second.pid], grace=0.5)

@@ -12,8 +12,7 @@ import trio
 from engine_tier import BLOCK_SIZE, SERVED_MODEL_NAME, EngineTier, VllmEngine
 from test_vllm_engines import random_prompt
 
-from interlock.engines.openai import KvEventFeed
-from interlock.engines.openai._kv_feed import replay_kv_batches
+from interlock.engines.openai import KvEventFeed, replay_kv_batches
 from interlock.wire import VllmBlockStored, VllmKvBatch
 
 TIMEOUT = 60.0
