@@ -106,6 +106,7 @@ async def test_completion_with_token_ids_is_vllms_shape() -> None:
             "created_cache_tokens": None,
             "multimodal_tokens": None,
         },
+        "completion_tokens_details": None,
     }
 
 
@@ -143,7 +144,8 @@ async def test_stream_carries_one_token_per_chunk_then_usage_then_done() -> None
     ]
     assert chunks[0]["choices"][0]["prompt_token_ids"] == PROMPT
     assert all(c["choices"][0]["prompt_token_ids"] is None for c in chunks[1:])
-    assert all(c["usage"] is None for c in chunks)
+    assert all("usage" not in c for c in chunks)
+    assert usage_chunk["system_fingerprint"].startswith("vllm-0.32.0")
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 4 + ["length"]
     assert len({c["id"] for c in [*chunks, usage_chunk]}) == 1
 
@@ -313,38 +315,56 @@ async def test_a_client_that_leaves_aborts_its_request_and_frees_the_slot() -> N
     assert server.stats.finished["abort"] == 1
 
 
+#: (body, status, error type, param): what vLLM 0.32 answers (measured against the engine
+#: tier; tests/engines/test_mock_matches_vllm.py keeps the two in step). "Bad Request" with
+#: "body.<field>" is FastAPI's schema validation; "BadRequestError" is vLLM's own checks.
+_SCHEMA = "Bad Request"
+_CHECK = "BadRequestError"
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
 @pytest.mark.parametrize(
-    ("body", "status", "param"),
+    ("body", "status", "kind", "param"),
     [
-        (b"{not json", 400, None),
-        (b"[1, 2]", 400, None),
-        (json.dumps({"prompt": 12}).encode(), 400, "prompt"),
-        (json.dumps({"prompt": []}).encode(), 400, "prompt"),
-        (json.dumps({"prompt": [1, -2]}).encode(), 400, "prompt"),
-        (json.dumps({"prompt": [1, 40_000]}).encode(), 400, "prompt"),
-        (json.dumps({"prompt": [[1], [2]]}).encode(), 400, "prompt"),
-        (json.dumps({"prompt": [1], "model": "other"}).encode(), 404, "model"),
-        (json.dumps({"prompt": [1], "max_tokens": 0}).encode(), 400, "max_tokens"),
-        (json.dumps({"prompt": [1], "max_tokens": 40_000}).encode(), 400, "max_tokens"),
-        (json.dumps({"prompt": [1], "min_tokens": 9, "max_tokens": 2}).encode(), 400, "min_tokens"),
-        (json.dumps({"prompt": [1], "n": 2}).encode(), 400, "n"),
-        (json.dumps({"prompt": [1], "logprobs": 2}).encode(), 400, "logprobs"),
+        (b"{not json", 400, _SCHEMA, None),
+        (b"[1, 2]", 400, _SCHEMA, None),
+        (_json({"prompt": 12}), 400, _SCHEMA, "body.prompt"),
+        (_json({"prompt": [1, "a"]}), 400, _SCHEMA, "body.prompt"),
+        (_json({"prompt": []}), 400, _CHECK, None),
+        (_json({"prompt": [1, -2]}), 400, _CHECK, None),
+        (_json({"prompt": [1, 40_000]}), 400, _CHECK, None),
+        (_json({"prompt": [[1], [2]]}), 400, _CHECK, "prompt"),
+        (_json({"prompt": [1], "model": "other"}), 404, "NotFoundError", "model"),
+        (_json({"prompt": [1], "max_tokens": "many"}), 400, _SCHEMA, "body.max_tokens"),
+        (_json({"prompt": [1], "max_tokens": 0}), 400, _CHECK, "max_tokens"),
+        (_json({"prompt": [1], "max_tokens": 40_000}), 400, _CHECK, "max_tokens"),
+        (_json({"prompt": [1] * 32_760, "max_tokens": 10}), 400, _CHECK, "max_tokens"),
+        (_json({"prompt": [1], "min_tokens": 9, "max_tokens": 2}), 400, _CHECK, None),
+        (_json({"prompt": [1], "n": 2}), 400, _CHECK, "n"),
+        (_json({"prompt": [1], "logprobs": 2}), 400, _CHECK, "logprobs"),
         (
-            json.dumps({"prompt": [1], "stream_options": {"include_usage": True}}).encode(),
+            _json({"prompt": [1], "stream_options": {"include_usage": True}}),
             400,
-            None,
+            _CHECK,
+            "stream_options",
         ),
-        (json.dumps({"prompt": [1], "stop": [""]}).encode(), 400, "stop"),
-        (json.dumps({"prompt": [1], "temperature": "hot"}).encode(), 400, "temperature"),
+        (_json({"prompt": [1], "stop": [""]}), 400, _SCHEMA, "body.stop"),
+        (_json({"prompt": [1], "temperature": "hot"}), 400, _SCHEMA, "body.temperature"),
+        (_json({"prompt": [1], "temperature": -1}), 400, _CHECK, "temperature"),
+        (_json({"prompt": [1], "stream": "yes"}), 400, _SCHEMA, "body.stream"),
         (
-            json.dumps({"prompt": [1], "kv_transfer_params": [1]}).encode(),
+            _json({"prompt": [1], "kv_transfer_params": [1]}),
             400,
-            "kv_transfer_params",
+            _SCHEMA,
+            "body.kv_transfer_params",
         ),
     ],
 )
 async def test_bad_input_is_a_4xx_with_vllms_error_body(
-    body: bytes, status: int, param: str | None
+    body: bytes, status: int, kind: str, param: str | None
 ) -> None:
     async with mock_vllm() as (server, client):
         response = await client.post("/v1/completions", content=body)
@@ -353,8 +373,32 @@ async def test_bad_input_is_a_4xx_with_vllms_error_body(
     assert response.status_code == status
     error = response.json()["error"]
     assert error["code"] == status and error["param"] == param and error["message"]
-    assert error["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
+    assert error["type"] == kind
     assert server.engine.requests_started == 0
+
+
+async def test_vllms_error_messages() -> None:
+    async with mock_vllm() as (_, client):
+        answers = [
+            (await client.post("/v1/completions", json=body)).json()["error"]["message"]
+            for body in (
+                {"prompt": [1, 40_000]},
+                {"prompt": []},
+                {"prompt": [1], "model": "other"},
+                {"prompt": [1], "max_tokens": 40_000},
+                {"prompt": [1], "min_tokens": 9, "max_tokens": 2},
+                {"prompt": [1], "stream_options": {"include_usage": True}},
+            )
+        ]
+    assert answers == [
+        "Token id 40000 is out of vocabulary",
+        "You must pass at least one prompt",
+        "The model `other` does not exist. Valid aliases: mock.",
+        "max_tokens=40000 cannot be greater than max_model_len=32768. Please request fewer "
+        "output tokens. (parameter=max_tokens, value=40000)",
+        "min_tokens must be less than or equal to max_tokens=2, got 9.",
+        "Stream options can only be defined when `stream=True`. (parameter=stream_options)",
+    ]
 
 
 async def test_bad_chat_messages_and_unknown_routes() -> None:
@@ -368,7 +412,9 @@ async def test_bad_chat_messages_and_unknown_routes() -> None:
             json={"prompt": [1]},
             headers={"x-interlock-mock-fault": "explode"},
         )
-    assert empty.status_code == 400 and empty.json()["error"]["param"] == "messages"
+    assert empty.status_code == 400 and empty.json()["error"]["message"] == (
+        "Cannot apply chat template to an empty conversation. Provide at least one message."
+    )
     assert wrong.status_code == 400
     assert route.status_code == 404 and route.json() == {"detail": "Not Found"}
     assert method.status_code == 405

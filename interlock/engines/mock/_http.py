@@ -48,10 +48,7 @@ _logger = logging.getLogger("interlock.engines.mock.http")
 #: What vLLM 0.32 reports as its version (``/version``, ``system_fingerprint``).
 VLLM_VERSION: Final = "0.32.0"
 _FINGERPRINT: Final = "vllm-0.32.0-interlock-mock"
-_SSE_HEADERS: Final = (
-    ("content-type", "text/event-stream; charset=utf-8"),
-    ("cache-control", "no-cache"),
-)
+_SSE_HEADERS: Final = (("content-type", "text/event-stream; charset=utf-8"),)
 _DONE: Final = b"data: [DONE]\n\n"
 #: vLLM's message when its EngineCore died (reference/vllm-cpu.md section 5).
 ENGINE_DEAD_MESSAGE: Final = (
@@ -98,7 +95,16 @@ def engine_dead_error() -> ApiError:
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
+    """A 400 for a request vLLM's own checks refuse (``type: "BadRequestError"``)."""
     return ApiError(400, message, param=param)
+
+
+def _invalid(message: str, field: str | None = None) -> ApiError:
+    """A 400 for a body that does not fit vLLM's request schema: FastAPI's validation error,
+    ``type: "Bad Request"`` and ``param: "body.<field>"``."""
+    return ApiError(
+        400, message, type="Bad Request", param=None if field is None else f"body.{field}"
+    )
 
 
 @attrs.define
@@ -218,7 +224,22 @@ class MockOpenAIServer:
             "root": self.model,
             "parent": None,
             "max_model_len": self.engine.max_model_len,
-            "permission": [],
+            "permission": [
+                {
+                    "id": f"modelperm-{self.engine_uuid.replace('-', '')[:16]}",
+                    "object": "model_permission",
+                    "created": self.created,
+                    "allow_create_engine": False,
+                    "allow_sampling": True,
+                    "allow_logprobs": True,
+                    "allow_search_indices": False,
+                    "allow_view": True,
+                    "allow_fine_tuning": False,
+                    "organization": "*",
+                    "group": None,
+                    "is_blocking": False,
+                }
+            ],
         }
         await out.send_whole(200, _dumps({"object": "list", "data": [card]}))
 
@@ -298,7 +319,7 @@ class MockOpenAIServer:
         body = _json_object(request.body)
         parsed = self._parse(body, chat=chat)
         faults = self._faults(request)
-        base = request.headers.get("x-request-id") or uuid.uuid4().hex
+        base = request.headers.get("x-request-id") or secrets.token_hex(8)
         response_id = ("chatcmpl-" if chat else "cmpl-") + base
         prefill_result = self._received_kv_params(parsed)
         try:
@@ -413,10 +434,13 @@ class MockOpenAIServer:
         model = body.get("model")
         if model is not None:
             if type(model) is not str:
-                raise _bad(f"model must be a string, got {_kind(model)}", "model")
+                raise _invalid(f"model must be a string, got {_kind(model)}", "model")
             if model != self.model:
                 raise ApiError(
-                    404, f"The model `{model}` does not exist.", type="NotFoundError", param="model"
+                    404,
+                    f"The model `{model}` does not exist. Valid aliases: {self.model}.",
+                    type="NotFoundError",
+                    param="model",
                 )
         p.model = model
         if chat:
@@ -425,14 +449,19 @@ class MockOpenAIServer:
         else:
             p.prompt_ids = self._prompt(body)
         if not p.prompt_ids:
-            raise _bad("the prompt is empty: send at least one token", "prompt")
+            raise _bad("You must pass at least one prompt")
         p.stream = _opt_bool(body, "stream", False)
         options = body.get("stream_options")
         if options is not None:
-            if not p.stream:
-                raise _bad("Stream options can only be defined when `stream=True`.")
+            # vLLM refuses non-empty options without stream (an empty object passes).
+            if options and not p.stream:
+                raise _bad(
+                    "Stream options can only be defined when `stream=True`. "
+                    "(parameter=stream_options)",
+                    "stream_options",
+                )
             if type(options) is not dict:
-                raise _bad("stream_options must be an object", "stream_options")
+                raise _invalid("stream_options must be an object", "stream_options")
             p.include_usage = _opt_bool(options, "include_usage", False, "stream_options.")
         p.return_token_ids = _opt_bool(body, "return_token_ids", False)
         n = body.get("n")
@@ -447,6 +476,13 @@ class MockOpenAIServer:
             max_tokens = body.get("max_tokens", None if chat else 16)
         if max_tokens is not None:
             max_tokens = _int(max_tokens, "max_tokens", 1)
+            if max_tokens > limit:
+                raise _bad(
+                    f"max_tokens={max_tokens} cannot be greater than max_model_len={limit}. "
+                    f"Please request fewer output tokens. (parameter=max_tokens, "
+                    f"value={max_tokens})",
+                    "max_tokens",
+                )
         p.max_tokens = max_tokens
         prompt_len = len(p.prompt_ids)
         if prompt_len + (max_tokens or 1) > limit:
@@ -460,9 +496,8 @@ class MockOpenAIServer:
         p.min_tokens = _int(body.get("min_tokens", 0), "min_tokens", 0)
         if max_tokens is not None and p.min_tokens > max_tokens:
             raise _bad(
-                f"min_tokens ({p.min_tokens}) must be less than or equal to max_tokens "
-                f"({max_tokens})",
-                "min_tokens",
+                f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
+                f"got {p.min_tokens}."
             )
         p.ignore_eos = _opt_bool(body, "ignore_eos", False)
         stop = body.get("stop")
@@ -470,7 +505,7 @@ class MockOpenAIServer:
             p.stop = (stop,) if stop else ()
         elif stop is not None:
             if type(stop) is not list or not all(type(s) is str and s for s in stop):
-                raise _bad("stop must be a string or a list of non-empty strings", "stop")
+                raise _invalid("stop must be a string or a list of non-empty strings", "stop")
             p.stop = tuple(stop)
         ids = body.get("stop_token_ids")
         if ids is not None:
@@ -483,7 +518,7 @@ class MockOpenAIServer:
             p.seed = _int(seed, "seed", 0)
         params = body.get("kv_transfer_params")
         if params is not None and type(params) is not dict:
-            raise _bad("kv_transfer_params must be an object", "kv_transfer_params")
+            raise _invalid("kv_transfer_params must be an object", "kv_transfer_params")
         p.kv_transfer_params = params
         return p
 
@@ -497,16 +532,29 @@ class MockOpenAIServer:
         if type(prompt) is list:
             if prompt and type(prompt[0]) in (str, list):
                 raise _bad("the mock engine serves one prompt per request, not a batch", "prompt")
-            return tuple(_token_ids(prompt, "prompt", self.engine.vocab_size))
-        raise _bad(f"prompt must be a string or a list of token ids, got {_kind(prompt)}", "prompt")
+            if not prompt:
+                raise _bad("You must pass at least one prompt")
+            for token in prompt:
+                if type(token) is not int:
+                    raise _invalid(f"prompt must be a list of integers, got {token!r}", "prompt")
+                if not 0 <= token < self.engine.vocab_size:
+                    raise _bad(f"Token id {token} is out of vocabulary")
+            return tuple(prompt)
+        raise _invalid(
+            f"prompt must be a string or a list of token ids, got {_kind(prompt)}", "prompt"
+        )
 
     def _render_chat(self, body: dict[str, Any]) -> str:
         messages = body.get("messages")
-        if type(messages) is not list or not messages:
-            raise _bad("messages must be a non-empty list", "messages")
+        if type(messages) is not list:
+            raise _invalid(f"messages must be a list, got {_kind(messages)}", "messages")
+        if not messages:
+            raise _bad(
+                "Cannot apply chat template to an empty conversation. Provide at least one message."
+            )
         kwargs = body.get("chat_template_kwargs") or {}
         if type(kwargs) is not dict:
-            raise _bad("chat_template_kwargs must be an object", "chat_template_kwargs")
+            raise _invalid("chat_template_kwargs must be an object", "chat_template_kwargs")
         try:
             return self.chat_template.render(
                 messages,
@@ -647,15 +695,24 @@ class _Call:
         prompt = usage.prompt_tokens if usage is not None else len(self.parsed.prompt_ids)
         completion = usage.completion_tokens if usage is not None else 0
         cached = usage.cached_tokens if usage is not None else 0
+        # vLLM 0.32's details differ by endpoint and by stream (measured in the engine tier).
+        chat = self.parsed.chat
         details: dict[str, Any] = {"cached_tokens": cached}
+        if chat:
+            details["created_cache_tokens"] = 0
         if not stream:
-            details |= {"created_cache_tokens": None, "multimodal_tokens": None}
-        return {
+            if not chat:
+                details["created_cache_tokens"] = None
+            details["multimodal_tokens"] = None
+        usage_body: dict[str, Any] = {
             "prompt_tokens": prompt,
             "total_tokens": prompt + completion,
             "completion_tokens": completion,
             "prompt_tokens_details": details,
         }
+        if not stream:
+            usage_body["completion_tokens_details"] = None
+        return usage_body
 
     async def run_whole(self) -> None:
         """Collect the whole answer, then send one JSON body."""
@@ -708,13 +765,13 @@ class _Call:
                             "annotations": None,
                             "audio": None,
                             "function_call": None,
-                            "tool_calls": [],
                             "reasoning": None,
                         },
                         "logprobs": None,
                         "finish_reason": reason,
                         "stop_reason": None,
                         "token_ids": token_ids if parsed.return_token_ids else None,
+                        "routed_experts": None,
                     }
                 ],
                 "service_tier": None,
@@ -722,7 +779,10 @@ class _Call:
                 "usage": usage,
                 "prompt_logprobs": None,
                 "prompt_token_ids": prompt_ids,
+                "prompt_text": None,
                 "kv_transfer_params": kv_params,
+                "ec_transfer_params": None,
+                "metrics": None,
             }
         else:
             body = {
@@ -793,16 +853,18 @@ class _Call:
             reason = final.finish_reason
             ids = [t for o in outputs for t in o.token_ids]
             text = self.server.text_of(outputs)
-            chunk = encoder.chunk(ids, text, reason)
             sent += 1
             if reason is None:
-                await out.send_chunk(chunk)
+                await out.send_chunk(encoder.chunk(ids, text, reason))
                 continue
             usage = self._usage(final, stream=True)
             self.finish = reason
             self.server.count_finished(self, reason, usage)
             if parsed.include_usage:
-                chunk += encoder.usage_chunk(usage)
+                chunk = encoder.chunk(ids, text, reason) + encoder.usage_chunk(usage)
+            else:
+                # vLLM puts its system_fingerprint on a stream's last chunk.
+                chunk = encoder.chunk(ids, text, reason, last=True)
             await out.send_chunk(chunk + _DONE)
             await out.end()
             return
@@ -843,7 +905,8 @@ class _ChunkEncoder:
         }
 
     def role_chunk(self) -> bytes:
-        """A chat stream's first chunk: the role, empty content (and the prompt's ids)."""
+        """A chat stream's first chunk: the role, empty content, and the prompt's ids (null
+        without ``return_token_ids``)."""
         body = dict(self.head)
         body["choices"] = [
             {
@@ -853,25 +916,26 @@ class _ChunkEncoder:
                 "finish_reason": None,
             }
         ]
-        if self.return_ids:
-            body["prompt_token_ids"] = list(self.call.parsed.prompt_ids)
-            self.first = False
-        if self.call.parsed.include_usage:
-            body["usage"] = None
+        body["prompt_token_ids"] = list(self.call.parsed.prompt_ids) if self.return_ids else None
+        body["prompt_text"] = None
         return b"data: " + _dumps(body) + b"\n\n"
 
-    def chunk(self, ids: list[int], text: str, finish: str | None) -> bytes:
+    def chunk(self, ids: list[int], text: str, finish: str | None, *, last: bool = False) -> bytes:
+        """A chunk with new tokens; ``last`` adds the ``system_fingerprint`` vLLM puts on a
+        stream's last chunk when no usage chunk follows."""
         body = dict(self.head)
+        token_ids = ids if self.return_ids else None
         if self.chat:
             choice: dict[str, Any] = {
                 "index": 0,
                 "delta": {"content": text},
                 "logprobs": None,
                 "finish_reason": finish,
-                "stop_reason": None,
             }
-            if self.return_ids:
-                choice["token_ids"] = ids
+            # vLLM's chat chunks carry stop_reason only once finished.
+            if finish is not None:
+                choice["stop_reason"] = None
+            choice["token_ids"] = token_ids
         else:
             choice = {
                 "index": 0,
@@ -879,21 +943,23 @@ class _ChunkEncoder:
                 "logprobs": None,
                 "finish_reason": finish,
                 "stop_reason": None,
-                "token_ids": ids if self.return_ids else None,
                 "prompt_token_ids": (
                     list(self.call.parsed.prompt_ids) if self.return_ids and self.first else None
                 ),
+                "token_ids": token_ids,
             }
         self.first = False
         body["choices"] = [choice]
-        if not self.chat or self.call.parsed.include_usage:
-            body["usage"] = None
+        if last:
+            body["system_fingerprint"] = _FINGERPRINT
         return b"data: " + _dumps(body) + b"\n\n"
 
     def usage_chunk(self, usage: dict[str, Any]) -> bytes:
+        """The last chunk with ``include_usage``: no choices, the usage."""
         body = dict(self.head)
         body["choices"] = []
         body["usage"] = usage
+        body["system_fingerprint"] = _FINGERPRINT
         return b"data: " + _dumps(body) + b"\n\n"
 
 
@@ -1047,9 +1113,9 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise _bad(f"the request body is not valid JSON: {exc}") from None
+        raise _invalid(f"the request body is not valid JSON: {exc}") from None
     if type(body) is not dict:
-        raise _bad(f"the request body must be a JSON object, got {_kind(body)}")
+        raise _invalid(f"the request body must be a JSON object, got {_kind(body)}")
     return body
 
 
@@ -1058,25 +1124,24 @@ def _opt_bool(body: Mapping[str, Any], name: str, default: bool, prefix: str = "
     if value is None:
         return default
     if type(value) is not bool:
-        raise _bad(f"{prefix}{name} must be a boolean, got {_kind(value)}", prefix + name)
+        raise _invalid(f"{prefix}{name} must be a boolean, got {_kind(value)}", prefix + name)
     return value
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
-    if type(value) is not int or value < minimum:
-        raise _bad(f"{name} must be an integer >= {minimum}, got {value!r}", name)
+    if type(value) is not int:
+        raise _invalid(f"{name} must be an integer, got {_kind(value)} {value!r}", name)
+    if value < minimum:
+        raise _bad(f"{name} must be at least {minimum}, got {value}.", name)
     return value
 
 
 def _number(value: Any, name: str) -> float | None:
     if value is None:
         return None
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise _invalid(f"{name} must be a number, got {_kind(value)} {value!r}", name)
+    if not math.isfinite(value) or value < 0:
         raise _bad(f"{name} must be a number >= 0, got {value!r}", name)
     return float(value)
 
