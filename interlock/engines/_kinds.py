@@ -42,7 +42,8 @@ def build_remote(record: WorkerRecord, context: EngineContext) -> Engine:
 def build_openai(record: WorkerRecord, context: EngineContext) -> Engine:
     """``"openai"``: an `OpenAIEngine` for the OpenAI-compatible server at the record's
     ``url`` (else ``http://host:port``), checked against the context's block size and
-    tokenizer, fed KV events by the context's ``"kv_events"`` resource when there is one.
+    tokenizer, fed KV events by the context's ``"kv_events"`` resource when there is one (replayed
+    from the record's ``kv_replay``), with the ``"engine_api_key"`` resource as its API key.
 
     Raises:
         BadRecord: the record has neither ``url`` nor ``host`` and ``port``.
@@ -64,7 +65,9 @@ def build_openai(record: WorkerRecord, context: EngineContext) -> Engine:
         role=record.role,
         block_size=context.block_size,
         tokenizer=context.tokenizer,
+        api_key=context.resources.get("engine_api_key"),
         kv_events=context.resources.get("kv_events"),
+        kv_replay_endpoint=record.kv_replay,
         connect_timeout=context.connect_timeout,
     )
 

@@ -34,6 +34,8 @@ class WorkerRecord:
     ``http://10.0.0.5:8000``), or neither (an in-process ``mock``); the kind's builder
     says which it needs (`BadRecord` otherwise).
     ``block_size`` is the worker's tokens per KV block, as it registered them.
+    ``kv_replay`` is an engine's KV-event replay endpoint (vLLM's ``replay_endpoint``), for
+    kinds fed by the frontend's KV-event feed.
     """
 
     worker_id: int
@@ -43,6 +45,7 @@ class WorkerRecord:
     block_size: int = 16
     kind: str = DEFAULT_KIND
     url: str | None = None
+    kv_replay: str | None = None
 
     @property
     def address(self) -> str:
@@ -61,6 +64,8 @@ class WorkerRecord:
             data["port"] = self.port
         if self.url is not None:
             data["url"] = self.url
+        if self.kv_replay is not None:
+            data["kv_replay"] = self.kv_replay
         data["role"] = self.role
         data["block_size"] = self.block_size
         return json.dumps(data, separators=(",", ":"))
@@ -93,6 +98,9 @@ class WorkerRecord:
         url = raw.get("url")
         if url is not None and (type(url) is not str or not url):
             raise BadRecord(f"url must be a non-empty str, got {url!r}")
+        kv_replay = raw.get("kv_replay")
+        if kv_replay is not None and (type(kv_replay) is not str or not kv_replay):
+            raise BadRecord(f"kv_replay must be a non-empty str, got {kv_replay!r}")
         # Host and port come together or not at all (which a kind needs, its builder says).
         where = "host" in raw or "port" in raw
         host = field("host", str) if where else ""
@@ -113,4 +121,5 @@ class WorkerRecord:
             block_size=block_size,
             kind=kind,
             url=url,
+            kv_replay=kv_replay,
         )

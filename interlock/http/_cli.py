@@ -43,7 +43,7 @@ from ..discovery import (
     watch_workers,
     workers_prefix,
 )
-from ..engines import ROLES, Engine, Role
+from ..engines import ROLES, Engine, EngineContext, Role
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
 from ..engines.mock import MockEngine, MockTiming
 from ..engines.mock import mock_token_pool as mock_token_pool  # re-exported, as MOCK_TEXT
@@ -225,6 +225,21 @@ class ServeSetup:
     kv_replay: dict[int, str] = attrs.field(factory=dict)
     engine_api_key: str | None = None
     engine_connect_timeout: float = 30.0
+
+    def engine_context(self, kv_events: Any = None) -> EngineContext:
+        """What engines found in etcd are built with: this frontend's block size and
+        tokenizer, its KV-event feed and the engines' API key."""
+        resources: dict[str, Any] = {}
+        if kv_events is not None:
+            resources["kv_events"] = kv_events
+        if self.engine_api_key is not None:
+            resources["engine_api_key"] = self.engine_api_key
+        return EngineContext(
+            block_size=self.config.kv_block_size,
+            tokenizer=self.preprocessor.tokenizer,
+            connect_timeout=5.0,
+            resources=resources,
+        )
 
     def components(self, metrics: HttpMetrics, *, kv_events: Any = None) -> Components:
         """Fresh engines (`engines`) and everything else the pipeline is built from."""
@@ -882,7 +897,7 @@ async def serve_frontend(
     async with (
         _kv_event_feed(setup) as feed,
         build_pipeline(setup.config, setup.components(metrics, kv_events=feed)) as pipeline,
-        _discovering(setup, pipeline) as discovered,
+        _discovering(setup, pipeline, feed) as discovered,
     ):
         app = build_app(
             pipeline,
@@ -934,7 +949,7 @@ async def _kv_event_feed(setup: ServeSetup) -> AsyncIterator[KvEventFeed | None]
 
 @asynccontextmanager
 async def _discovering(
-    setup: ServeSetup, pipeline: Pipeline
+    setup: ServeSetup, pipeline: Pipeline, feed: KvEventFeed | None = None
 ) -> AsyncIterator[WorkerWatcher | None]:
     """With ``--etcd``: a `WorkerWatcher` following the workers registered in etcd, from its
     first listing on (its workers joined) until the block ends; without: None."""
@@ -943,7 +958,13 @@ async def _discovering(
         return
     async with EtcdClient(setup.etcd_url) as client, trio.open_nursery() as nursery:
         watcher: WorkerWatcher = await nursery.start(
-            functools.partial(watch_workers, client, pipeline, prefix=setup.etcd_prefix)
+            functools.partial(
+                watch_workers,
+                client,
+                pipeline,
+                prefix=setup.etcd_prefix,
+                context=setup.engine_context(feed),
+            )
         )
         try:
             yield watcher
@@ -1019,7 +1040,7 @@ async def _route_once(setup: ServeSetup, body: bytes) -> tuple[int, bytes]:
     async with (
         _kv_event_feed(setup) as feed,
         build_pipeline(setup.config, setup.components(metrics, kv_events=feed)) as pipeline,
-        _discovering(setup, pipeline),
+        _discovering(setup, pipeline, feed),
     ):
         app = build_app(
             pipeline,

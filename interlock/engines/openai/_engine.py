@@ -24,8 +24,15 @@ from ..._errors import RequestError, WorkerRefused
 from ...processing import Tokenizer
 from ...wire import EngineOutput, PrefillResult, PreprocessedRequest, WorkerJoined, WorkerLeft
 from .._listeners import Listeners
-from .._protocol import ROLES, EventListener, Role, WorkerSnapshot
-from ..remote import TokenizerMismatch, WorkerMismatch, WorkerUnreachable
+from .._protocol import (
+    ROLES,
+    EventListener,
+    Role,
+    TokenizerMismatch,
+    WorkerMismatch,
+    WorkerSnapshot,
+    WorkerUnreachable,
+)
 from ._metrics import EngineMetrics, parse_engine_metrics
 from ._stream import ChunkReader, engine_error_message, usage_from
 
