@@ -22,7 +22,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
 from .._config import PipelineConfig, knob_names, parse_knob_text
@@ -43,6 +42,7 @@ from ..discovery import (
     watch_workers,
     workers_prefix,
 )
+from ..discovery._engine_address import EngineAddress  # interlock register's --engine too
 from ..engines import ROLES, Engine, EngineContext, Role
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
 from ..engines.mock import MockEngine, MockTiming
@@ -130,68 +130,6 @@ class RemoteWorkerAddress:
 
     def __str__(self) -> str:
         return f"{self.worker_id}={self.address}/{self.role}"
-
-
-#: What ``--engine`` takes, for error messages.
-ENGINE_FORM = (
-    "ID=URL or ID=URL/ROLE (URL: http(s)://HOST:PORT of an OpenAI-compatible server; ROLE: "
-    "agg, prefill or decode)"
-)
-_ENGINE_EXAMPLE = "e.g. 1=http://127.0.0.1:8101, 2=http://10.0.0.7:8000/prefill"
-
-
-@attrs.frozen
-class EngineAddress:
-    """One ``--engine ID=URL[/ROLE]``: an OpenAI-compatible server (a vLLM) at ``url`` that
-    interlock serves over as worker ``worker_id``; its KV events arrive with topic ``kv@ID``."""
-
-    worker_id: int
-    url: str
-    role: Role = "agg"
-
-    @classmethod
-    def parse(cls, text: str) -> EngineAddress:
-        """Parse ``ID=URL`` or ``ID=URL/ROLE``. Pure; no I/O.
-
-        Raises:
-            ConfigError: ``text`` is not of that form (the message quotes it and shows the
-                form).
-        """
-
-        def bad(why: str) -> ConfigError:
-            return ConfigError(
-                f"--engine {text!r}: {why}; the form is {ENGINE_FORM}, {_ENGINE_EXAMPLE}"
-            )
-
-        ident, equals, url = text.partition("=")
-        if not equals:
-            raise bad("no '=' between the engine id and its URL")
-        if not (ident.isascii() and ident.isdigit()):
-            raise bad(f"the engine id {ident!r} is not a whole number")
-        role: Role = "agg"
-        head, slash, last = url.rstrip("/").rpartition("/")
-        if slash and last in ROLES and "://" in head and head.split("://", 1)[1]:
-            url, role = head, next(r for r in ROLES if r == last)
-        if not url.startswith(("http://", "https://")):
-            raise bad(f"the URL {url!r} does not start with http:// or https://")
-        try:
-            parsed = httpx.URL(url)
-        except httpx.InvalidURL as exc:
-            raise bad(f"the URL {url!r} is not valid ({exc})") from None
-        if not parsed.host:
-            raise bad(f"the URL {url!r} has no host")
-        return cls(int(ident), url.rstrip("/"), role)
-
-    @property
-    def address(self) -> str:
-        """The ``HOST:PORT`` a gateway forwards to."""
-        parsed = httpx.URL(self.url)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
-        return f"{host}:{port}"
-
-    def __str__(self) -> str:
-        return f"{self.worker_id}={self.url}/{self.role}"
 
 
 @attrs.frozen(kw_only=True)
