@@ -511,13 +511,23 @@ def _describe_http_error(exc: httpx.HTTPError) -> str:
 class _HttpStream:
     """The context manager and iterator `OpenAIEngine.open_stream` returns."""
 
-    __slots__ = ("_chat", "_engine", "_lines", "_prefill", "_reader", "_request", "_response")
+    __slots__ = (
+        "_chat",
+        "_engine",
+        "_lines",
+        "_prefill",
+        "_reader",
+        "_request",
+        "_response",
+        "_rest",
+    )
 
     def __init__(self, engine: OpenAIEngine, request: PreprocessedRequest) -> None:
         self._engine = engine
         self._request = request
         self._response: httpx.Response | None = None
         self._lines: AsyncIterator[str] | None = None
+        self._rest: AsyncIterator[str] | None = None
         self._prefill: EngineOutput | None = None
         text = request.detokenize or bool(request.stop)
         #: The engine runs the client's chat (/v1/chat/completions), not token ids.
@@ -648,7 +658,8 @@ class _HttpStream:
                 self._check_prompt(reader.prompt_token_ids)
                 reader.prompt_token_ids = None
             if reader.done:
-                self._lines = None
+                # Kept for `_close`, which reads the body's end so the connection is reused.
+                self._rest, self._lines = lines, None
             if output is not None:
                 return output
             if reader.done:
@@ -692,4 +703,14 @@ class _HttpStream:
         # Closing an unfinished stream drops its connection: the engine sees the client go and
         # aborts the request. Shielded so that a cancelled request still frees the engine.
         with trio.CancelScope(shield=True), trio.move_on_after(5):
+            rest, self._rest = self._rest, None
+            if rest is not None:
+                # After [DONE] only the body's terminating chunk is left: reading it lets the
+                # connection go back to the pool instead of a new one per request.
+                with trio.move_on_after(0.5):
+                    try:
+                        async for _ in rest:
+                            pass
+                    except httpx.HTTPError:
+                        pass
             await response.aclose()
