@@ -168,6 +168,7 @@ class MockOpenAIServer:
         self.model = model
         self.tokenizer: Tokenizer = engine.tokenizer or ByteTokenizer()
         self.chat_template: ChatTemplate = self.tokenizer.chat_template or ChatTemplate.chatml()
+        self.eos_token_ids = tuple(engine.tokenizer.eos_token_ids) if engine.tokenizer else ()
         #: Faults for every request (or its first ``times``), unless a request names its own.
         self.schedule = FaultSchedule(tuple(faults))
         self.advertise_host = advertise_host
@@ -328,7 +329,8 @@ class MockOpenAIServer:
                 max_tokens=parsed.max_tokens,
                 min_tokens=parsed.min_tokens,
                 stop_token_ids=parsed.stop_token_ids,
-                eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+                # Without a tokenizer the engine's ids are arbitrary: none of them ends a text.
+                eos_token_ids=self.eos_token_ids,
                 ignore_eos=parsed.ignore_eos,
                 sampling=SamplingOptions(
                     temperature=parsed.temperature, top_p=parsed.top_p, seed=parsed.seed
