@@ -22,6 +22,8 @@ import httpx
 import openai
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -591,6 +593,47 @@ def test_chat_deltas_keep_interleaved_calls_apart_and_default_their_type() -> No
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": ""}},
         {"id": "b", "type": "function", "function": {"name": "g", "arguments": "[]"}},
     ]
+
+
+@st.composite
+def split_calls(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Tool calls, and deltas that carry them: each call's arguments cut into pieces, the
+    calls' deltas interleaved (each call's in order), as a parser streams them."""
+    names = draw(st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=3))
+    calls, streams = [], []
+    for index, name in enumerate(names):
+        arguments = draw(st.text(max_size=20))
+        cuts = sorted(draw(st.lists(st.integers(0, len(arguments)), max_size=4)))
+        pieces = [arguments[a:b] for a, b in zip([0, *cuts], [*cuts, len(arguments)], strict=True)]
+        head = {"index": index, "id": f"call-{index}", "type": "function"}
+        deltas = [head | {"function": {"name": name, "arguments": pieces[0]}}]
+        deltas += [{"index": index, "function": {"arguments": piece}} for piece in pieces[1:]]
+        streams.append(deltas)
+        calls.append(
+            {
+                "id": f"call-{index}",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    order = draw(st.permutations([i for i, deltas in enumerate(streams) for _ in deltas]))
+    position = [0] * len(streams)
+    merged = []
+    for index in order:
+        merged.append({"tool_calls": [streams[index][position[index]]]})
+        position[index] += 1
+    return calls, merged
+
+
+@given(split_calls())
+def test_chat_deltas_rebuild_every_call_however_its_arguments_were_cut(
+    case: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+) -> None:
+    calls, deltas = case
+    merged = ChatDeltas()
+    for delta in deltas:
+        merged.add(delta)
+    assert merged.fields() == {"tool_calls": calls}
 
 
 def _reader() -> ChunkReader:
