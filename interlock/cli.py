@@ -1,5 +1,5 @@
-"""The ``interlock`` command line: ``serve``, ``route``, ``worker``, ``replay``, ``demo``,
-``config check``, ``inspect``, ``docs``."""
+"""The ``interlock`` command line: ``serve``, ``route``, ``worker``, ``register``, ``replay``,
+``demo``, ``config check``, ``inspect``, ``docs``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from ._config import PipelineConfig
 from ._errors import ConfigError
+from .discovery._register import add_parser as add_register_parser
 from .engines.remote import add_parser as add_worker_parser
 from .http import add_route_parser, add_serve_parser
 from .inspect import add_parser as add_inspect_parser
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     docs.set_defaults(run=_docs)
     add_inspect_parser(commands)
     add_worker_parser(commands)
+    add_register_parser(commands)
     add_replay_parser(commands)
     return parser
 
