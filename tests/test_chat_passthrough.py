@@ -122,6 +122,8 @@ class Script:
     break_after: int = 0
     #: Added to every prompt token id the stand-ins report (another chat template).
     prompt_shift: int = 0
+    #: Answer every chat with this 400 message (as vLLM refuses tools without a parser).
+    refuse: str | None = None
 
 
 @attrs.define
@@ -165,6 +167,9 @@ class StandIn:
         async def chat(request: Request) -> Response:
             body = await request.json()
             self.seen.append(Seen("chat", body, request.headers.get("x-request-id")))
+            if self.script.refuse is not None:
+                error = {"message": self.script.refuse, "type": "BadRequestError", "code": 400}
+                return JSONResponse({"error": error}, status_code=400)
             return StreamingResponse(self._chat(body), media_type="text/event-stream")
 
         async def completions(request: Request) -> Response:
@@ -497,6 +502,25 @@ async def test_engine_postprocessing_refuses_malformed_tool_fields() -> None:
             assert response.status_code == 400, (changes, response.text)
             assert response.json()["error"]["param"] == param, (changes, response.text)
     assert served.seen() == []
+
+
+async def test_an_engine_refusing_the_chat_is_a_400_with_the_engines_words() -> None:
+    refusal = 'tool_choice=function "get_weather" requires --tool-call-parser to be set'
+    async with serving_stand_ins(Script(refuse=refusal), engines=1) as served:
+
+        def call() -> openai.BadRequestError:
+            with served.openai() as client, pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=MESSAGES,  # type: ignore[arg-type]
+                    tools=TOOLS,  # type: ignore[arg-type]
+                    tool_choice=NAMED,  # type: ignore[arg-type]
+                )
+            return info.value
+
+        error = await trio.to_thread.run_sync(call)
+    assert refusal in str(error)
+    assert error.body["param"] == "messages"  # type: ignore[index]
 
 
 # -- migration ---------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ engines have none, so this module starts one more engine (id 4, the tier's flags
 (an xgrammar structural tag: ``<tool_call>\n{"name": "get_weather", "arguments": ...}`` with a
 strict tool's schema), so even the tier's random-weight model emits a call to that tool, which
 the hermes parser streams as ``tool_calls``. One test also runs over a session engine, without a
-parser, and documents what vLLM 0.32 does then: the constraint comes from the parser, so the
-named ``tool_choice`` is not enforced and the answer is plain ``content``.
+parser, and documents what vLLM 0.32 does then: it refuses a chat with tools (400, "requires
+--tool-call-parser"), and interlock passes the refusal on as a 400.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import openai
 import pytest
 from engine_tier import (
     SERVED_MODEL_NAME,
@@ -52,7 +53,13 @@ TOOLS: list[dict[str, Any]] = [
     },
     {
         "type": "function",
-        "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+        # With a description: vLLM renders a tool without one with "description": null, which
+        # interlock (rendering the client's JSON) would not, and the prompt tokens would differ.
+        "function": {
+            "name": "get_time",
+            "description": "The time now.",
+            "parameters": {"type": "object", "properties": {}},
+        },
     },
 ]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
@@ -182,22 +189,29 @@ def test_interlock_renders_a_chat_with_tools_into_the_engines_prompt_tokens(
     assert "renders chats into other prompt tokens" not in log, log[-3000:]
 
 
-def test_without_a_tool_parser_vllm_answers_a_named_tool_choice_with_plain_content(
+def test_without_a_tool_parser_vllm_refuses_a_forced_tool_call_and_the_client_hears_why(
     engine_tier: EngineTier,
 ) -> None:
     engine = engine_tier.engine(2)
     with interlock_serve(engine_tier, *serve_args(engine), name="chat-no-parser") as url:
+        with pytest.raises(openai.BadRequestError) as info:
+            client(url).chat.completions.create(
+                model=SERVED_MODEL_NAME,
+                messages=messages("chat no parser"),  # type: ignore[arg-type]
+                tools=TOOLS,  # type: ignore[arg-type]
+                tool_choice=NAMED,  # type: ignore[arg-type]
+                max_tokens=8,
+                temperature=0,
+            )
+        # The engine's own words: the chat reached its /v1/chat/completions.
+        assert "--tool-call-parser" in str(info.value)
+        # A chat without tools runs there as usual.
         answer = client(url).chat.completions.create(
             model=SERVED_MODEL_NAME,
-            messages=messages("chat no parser"),  # type: ignore[arg-type]
-            tools=TOOLS,  # type: ignore[arg-type]
-            tool_choice=NAMED,  # type: ignore[arg-type]
-            max_tokens=8,
+            messages=messages("chat no parser, no tools"),  # type: ignore[arg-type]
+            max_tokens=4,
             temperature=0,
         )
-    choice = answer.choices[0]
-    # The chat ran on the engine (it answered), which had nothing to turn into tool calls;
-    # interlock adds none of its own.
-    assert not choice.message.tool_calls
-    assert choice.finish_reason in ("stop", "length")
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert not answer.choices[0].message.tool_calls
     assert answer.usage is not None and answer.usage.completion_tokens > 0
