@@ -49,6 +49,11 @@ Fixtures (use them from any new test file in this folder; harness: ``engine_tier
 Mark a test that kills an engine and leaves it dead ``@pytest.mark.kills_engine``: those run
 last, so the tier restarts (~1-2 min each) only what a later test needs.
 
+``engine_tier_as_is`` -> ``EngineTier``
+    The same tier without the restart check: for a test that needs only some engines alive
+    and would rather not wait for others a previous test killed. Tests taking it run at the
+    very end (after the ``kills_engine`` ones).
+
 ``tiny_model_dir`` -> ``Path``
     Only the model directory (built in ~10 s by ``make_tiny_model.py`` with the vLLM venv's
     python into ``~/.cache/interlock/engines``, or ``$INTERLOCK_ENGINES_CACHE``; no engine).
@@ -87,7 +92,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.engines)
-    items.sort(key=lambda item: item.get_closest_marker("kills_engine") is not None)
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("kills_engine") is not None,
+            "engine_tier_as_is" in getattr(item, "fixturenames", ()),
+        )
+    )
 
 
 def _unavailable(reason: str) -> None:
@@ -131,4 +141,9 @@ def _engine_tier_session(
 @pytest.fixture
 def engine_tier(_engine_tier_session: EngineTier) -> EngineTier:
     _engine_tier_session.restart_unhealthy_engines()
+    return _engine_tier_session
+
+
+@pytest.fixture
+def engine_tier_as_is(_engine_tier_session: EngineTier) -> EngineTier:
     return _engine_tier_session

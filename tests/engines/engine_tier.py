@@ -470,7 +470,7 @@ class EngineTier:
         kill_groups([engine.pgid for engine in broken])
         for engine in broken:
             engine.relaunch()
-        _wait_healthy(broken, deadline)
+        wait_healthy(broken, deadline)
         return [engine.id for engine in broken]
 
     def stop(self) -> None:
@@ -515,15 +515,19 @@ def start_tier(
         )
     tier = EngineTier(tuple(engines), kv_port, model_dir, work_dir, ports)
     try:
-        _wait_healthy(tier.engines, deadline)
+        wait_healthy(tier.engines, deadline)
     except BaseException:
         tier.stop()
         raise
     return tier
 
 
-def _wait_healthy(engines: Sequence[VllmEngine], deadline: float) -> None:
-    """Block until every engine answers /health with 200; EngineStartError otherwise."""
+def wait_healthy(engines: Sequence[VllmEngine], deadline: float = START_DEADLINE) -> None:
+    """Block until every engine answers /health with 200.
+
+    Raises EngineStartError, with the log's tail, as soon as one exits, or when some are not
+    healthy after ``deadline`` seconds.
+    """
     pending = list(engines)
     give_up = time.monotonic() + deadline
     while pending:
@@ -550,6 +554,9 @@ def _wait_healthy(engines: Sequence[VllmEngine], deadline: float) -> None:
         # /health cannot be waited on, only asked; wait for an engine to exit meanwhile, so a
         # crash is reported at once, and ask again after a second.
         _wait_gone([pending[0].pid], timeout=1.0)
+
+
+_wait_healthy = wait_healthy  # its first name, which tests may still import
 
 
 # --- the model -----------------------------------------------------------------------------
