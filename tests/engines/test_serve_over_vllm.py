@@ -1,0 +1,363 @@
+"""`interlock serve` and `interlock route` in front of real vLLM processes (--engine): what a
+user with vLLM servers gets. Every test starts its own interlock (a subprocess, as a user runs
+it) over the session's engines and talks to it with the official openai client or raw HTTP.
+
+Prompts carry a per-test marker, so no test finds another's blocks in an engine's cache.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+from engine_tier import BLOCK_SIZE, MAX_MODEL_LEN, SERVED_MODEL_NAME, EngineTier, GroupProcess
+
+TIMEOUT = 120.0
+WORKER_ID = {"nvext": {"extra_fields": ["worker_id"]}}
+
+
+@contextmanager
+def interlock_serve(
+    tier: EngineTier, *args: str, name: str, command: str = "serve"
+) -> Iterator[str]:
+    """Run ``interlock serve ARGS`` over the tier's model until the block ends; yields its URL
+    once /health answers 200 (fails with its log if it exits first)."""
+    port = tier.ports.pick()
+    process = tier.spawn_interlock(
+        command,
+        "--port",
+        str(port),
+        "--tokenizer",
+        str(tier.model_dir),
+        "--model-name",
+        SERVED_MODEL_NAME,
+        "--kv-block-size",
+        str(BLOCK_SIZE),
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        *args,
+        name=name,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_serving(process, url)
+        yield url
+    finally:
+        process.stop()
+
+
+def _wait_serving(process: GroupProcess, url: str) -> None:
+    with httpx.Client(timeout=5) as client:
+        for _ in range(1200):  # the engines answer at once; interlock starts in a few seconds
+            if not process.running:
+                pytest.fail(f"interlock exited before serving:\n{process.log_tail()}")
+            try:
+                if client.get(f"{url}/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)  # between checks of the condition, not a duration relied on
+    pytest.fail(f"interlock never served /health:\n{process.log_tail()}")
+
+
+def engines(tier: EngineTier, *specs: str) -> list[str]:
+    """``--engine`` flags: ``"1"`` or ``"1/prefill"`` per engine of the tier."""
+    flags = []
+    for spec in specs:
+        ident, _, role = spec.partition("/")
+        url = tier.engine(int(ident)).base_url
+        flags += ["--engine", f"{ident}={url}" + (f"/{role}" if role else "")]
+    return flags
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+
+
+def words(seed: int, n: int) -> str:
+    generator = random.Random(seed)
+    vocabulary = [
+        "rail",
+        "signal",
+        "switch",
+        "lever",
+        "block",
+        "track",
+        "train",
+        "yard",
+        "points",
+        "route",
+    ]
+    return " ".join(generator.choice(vocabulary) + str(generator.randrange(100)) for _ in range(n))
+
+
+def served_by(answer: Any) -> int:
+    nvext = answer.model_extra["nvext"]
+    return int(nvext["worker_id"]["decode_worker_id"])
+
+
+def engine_counter(tier: EngineTier, engine_id: int, name: str) -> float:
+    text = httpx.get(f"{tier.engine(engine_id).base_url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+def router_kv_blocks(url: str) -> dict[int, int]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = re.findall(r'^interlock_router_kv_blocks\{worker_id="(\d+)"\} (\S+)$', text, re.M)
+    return {int(worker): int(float(value)) for worker, value in found}
+
+
+def test_the_openai_client_through_interlock_to_vllm(engine_tier: EngineTier) -> None:
+    with interlock_serve(engine_tier, *engines(engine_tier, "1", "2"), name="basic") as url:
+        api = client(url)
+        chat = api.chat.completions.create(
+            model=SERVED_MODEL_NAME,
+            messages=[{"role": "user", "content": "basic: " + words(1, 20)}],
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert chat.choices[0].message.content
+        assert chat.usage is not None and chat.usage.completion_tokens == 12
+        text = ""
+        for chunk in api.completions.create(
+            model=SERVED_MODEL_NAME,
+            prompt="basic: " + words(2, 20),
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        ):
+            if chunk.choices:
+                text += chunk.choices[0].text
+        assert text
+        # The same greedy request straight to the engine gives the same text: the token ids
+        # went through interlock and back intact.
+        prompt = "basic: " + words(3, 30)
+        through = api.completions.create(
+            model=SERVED_MODEL_NAME,
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"ignore_eos": True, **WORKER_ID},
+        )
+        engine = engine_tier.engine(served_by(through))
+        direct = httpx.post(
+            f"{engine.base_url}/v1/completions",
+            json={
+                "model": SERVED_MODEL_NAME,
+                "prompt": prompt,
+                "max_tokens": 16,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+            timeout=TIMEOUT,
+        ).json()
+        assert through.choices[0].text == direct["choices"][0]["text"]
+
+
+def test_kv_routing_follows_the_engines_own_events(engine_tier: EngineTier) -> None:
+    flags = [
+        *engines(engine_tier, "1", "2"),
+        "--router-mode",
+        "kv",
+        "--router-temperature",
+        "0",
+        "--kv-events-bind",
+        engine_tier.kv_endpoint,
+        "--kv-replay",
+        f"1={engine_tier.engine(1).replay_endpoint}",
+        "--kv-replay",
+        f"2={engine_tier.engine(2).replay_endpoint}",
+    ]
+    with interlock_serve(engine_tier, *flags, name="kv") as url:
+        api = client(url)
+        system = "kv routing system prompt: " + words(4, 300)
+        first = api.chat.completions.create(
+            model=SERVED_MODEL_NAME,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": "one"}],
+            max_tokens=2,
+            temperature=0,
+            extra_body=WORKER_ID,
+        )
+        owner = served_by(first)
+        prompt_blocks = first.usage.prompt_tokens // BLOCK_SIZE
+        # The engine announces the prompt's blocks; interlock's index shows them.
+        for _ in range(600):
+            if router_kv_blocks(url).get(owner, 0) >= prompt_blocks:
+                break
+            time.sleep(0.1)  # between checks of the condition
+        else:
+            pytest.fail(f"no KV events from engine {owner}: {router_kv_blocks(url)}")
+        for turn in range(3):
+            answer = api.chat.completions.create(
+                model=SERVED_MODEL_NAME,
+                messages=[
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"turn {turn}"},
+                ],
+                max_tokens=2,
+                temperature=0,
+                extra_body=WORKER_ID,
+            )
+            assert served_by(answer) == owner
+            details = answer.usage.prompt_tokens_details
+            assert details is not None and details.cached_tokens >= (prompt_blocks - 1) * BLOCK_SIZE
+
+
+def test_query_only_names_real_engines_and_direct_requests_go_there(
+    engine_tier: EngineTier,
+) -> None:
+    with interlock_serve(
+        engine_tier, *engines(engine_tier, "1", "2"), name="route", command="route"
+    ) as url:
+        answer = httpx.post(
+            f"{url}/v1/route",
+            json={
+                "model": SERVED_MODEL_NAME,
+                "prompt": "query only: " + words(5, 10),
+                "include_token_ids": True,
+            },
+            timeout=TIMEOUT,
+        )
+        assert answer.status_code == 200, answer.text
+        decision = answer.json()
+        assert decision["token_ids"]
+        assert decision["decode_worker_id"] in (1, 2)
+    flags = [*engines(engine_tier, "1", "2"), "--routing", "direct_to_known"]
+    with interlock_serve(engine_tier, *flags, name="direct") as url:
+        before = engine_counter(engine_tier, 2, "vllm:request_success_total")
+        for _ in range(3):
+            response = httpx.post(
+                f"{url}/v1/completions",
+                headers={"x-worker-instance-id": "2"},
+                json={
+                    "model": SERVED_MODEL_NAME,
+                    "prompt": "direct: " + words(6, 10),
+                    "max_tokens": 3,
+                    "nvext": {"extra_fields": ["worker_id"]},
+                },
+                timeout=TIMEOUT,
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["nvext"]["worker_id"]["decode_worker_id"] == 2
+        assert engine_counter(engine_tier, 2, "vllm:request_success_total") == before + 3
+
+
+def test_engine_postprocessing_passes_the_engines_text(engine_tier: EngineTier) -> None:
+    flags = [*engines(engine_tier, "2"), "--postprocessing", "engine"]
+    with interlock_serve(engine_tier, *flags, name="engine-post") as url:
+        prompt = "engine post: " + words(7, 20)
+        answer = client(url).completions.create(
+            model=SERVED_MODEL_NAME,
+            prompt=prompt,
+            max_tokens=8,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        direct = httpx.post(
+            f"{engine_tier.engine(2).base_url}/v1/completions",
+            json={
+                "model": SERVED_MODEL_NAME,
+                "prompt": prompt,
+                "max_tokens": 8,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+            timeout=TIMEOUT,
+        ).json()
+        assert answer.choices[0].text == direct["choices"][0]["text"]
+
+
+def test_an_engine_with_another_tokenizer_is_refused(engine_tier: EngineTier) -> None:
+    port = engine_tier.ports.pick()
+    result = engine_tier.run_interlock(
+        "serve",
+        "--port",
+        str(port),
+        "--kv-block-size",
+        str(BLOCK_SIZE),
+        *engines(engine_tier, "1"),
+    )  # no --tokenizer: interlock's built-in byte tokenizer
+    assert result.returncode == 1, result.stderr
+    assert "wrong engine" in result.stderr
+    assert "tokenizes the probe text" in result.stderr
+
+
+def test_disaggregated_prefill_on_one_engine_decode_on_another(engine_tier: EngineTier) -> None:
+    flags = [*engines(engine_tier, "1/prefill", "3/decode")]
+    with interlock_serve(engine_tier, *flags, name="pd") as url:
+        hits_before = engine_counter(engine_tier, 3, "vllm:external_prefix_cache_hits_total")
+        answer = client(url).completions.create(
+            model=SERVED_MODEL_NAME,
+            prompt="disaggregated: " + words(8, 400),
+            max_tokens=8,
+            temperature=0,
+            extra_body={"ignore_eos": True, **WORKER_ID},
+        )
+        ids = answer.model_extra["nvext"]["worker_id"]
+        assert (ids["prefill_worker_id"], ids["decode_worker_id"]) == (1, 3)
+        assert answer.usage.completion_tokens == 8
+        # The decode engine loaded the prompt's KV that the prefill engine wrote.
+        hits = engine_counter(engine_tier, 3, "vllm:external_prefix_cache_hits_total")
+        assert hits - hits_before >= BLOCK_SIZE
+
+
+def test_kill_9_of_a_vllm_mid_stream_migrates_every_stream_exactly(
+    engine_tier: EngineTier,
+) -> None:
+    flags = [*engines(engine_tier, "2", "3"), "--migration-limit", "2"]
+    prompts = [f"migration {i}: " + words(100 + i, 40) for i in range(8)]
+    with interlock_serve(engine_tier, *flags, name="migration") as url:
+
+        async def run_all(kill_after: int | None) -> list[str]:
+            texts = [""] * len(prompts)
+            chunks = [0] * len(prompts)
+            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
+
+                async def one(index: int) -> None:
+                    body = {
+                        "model": SERVED_MODEL_NAME,
+                        "prompt": prompts[index],
+                        "max_tokens": 100,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "stream": True,
+                    }
+                    async with http.stream("POST", "/v1/completions", json=body) as response:
+                        assert response.status_code == 200
+                        async for line in response.aiter_lines():
+                            if line.startswith("data: {"):
+                                chunk = httpx.Response(200, content=line[6:]).json()
+                                assert "error" not in chunk, chunk
+                                if chunk["choices"]:
+                                    texts[index] += chunk["choices"][0]["text"]
+                                    chunks[index] += 1
+
+                async with trio.open_nursery() as nursery:
+                    for index in range(len(prompts)):
+                        nursery.start_soon(one, index)
+                    if kill_after is not None:
+                        while min(chunks) < kill_after:  # noqa: ASYNC110
+                            await trio.sleep(0.01)
+                        await trio.to_thread.run_sync(engine_tier.engine(3).kill)
+            return texts
+
+        unbroken = trio.run(run_all, None)
+        migrated = trio.run(run_all, 3)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert migrated == unbroken
+    assert re.search(r"^interlock_migrations_total ([1-9]\d*)", metrics, re.M), metrics
