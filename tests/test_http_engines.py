@@ -263,3 +263,15 @@ async def test_serve_routes_on_the_engines_kv_events_end_to_end(tmp_path: Path) 
             worker, cached = await trio.to_thread.run_sync(ask, turn)
             assert worker == owner
             assert cached >= 40 * 16
+
+
+def test_the_configuration_file_in_the_engines_docs_is_valid(tmp_path: Path) -> None:
+    page = Path(__file__).resolve().parents[1] / "docs" / "engines.md"
+    blocks = re.findall(r"^```toml\n(.*?)^```", page.read_text(), re.M | re.S)
+    assert blocks, "docs/engines.md shows a configuration file"
+    for number, block in enumerate(blocks):
+        config = tmp_path / f"example-{number}.toml"
+        config.write_text(block)
+        setup = setup_of("--config", str(config))
+        assert setup.openai_engines
+        assert setup.kv_events_bind is not None
