@@ -358,6 +358,32 @@ async def test_a_registration_etcd_refuses_is_tried_again(etcd: Etcd) -> None:
             assert items == []  # revoked on the way out
 
 
+async def test_an_id_registered_by_another_is_named_and_replaced(
+    etcd: Etcd, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = HealthServer()
+    worker = WorkerRecord(worker_id=1, host="10.0.0.9", port=7001)
+    with trio.fail_after(TIMEOUT):
+        async with EtcdClient(etcd.url) as client, trio.open_nursery() as nursery:
+            await client.put(worker_key(PREFIX, 1), worker.to_json())
+            await nursery.start(server.serve)
+            setup = RegisterSetup(
+                etcd_url=etcd.url,
+                engines=(EngineAddress(1, server.url),),
+                prefix=PREFIX,
+                ttl=LONG_TTL,
+            )
+            (registration,) = await nursery.start(
+                functools.partial(register_engines, client, setup)
+            )
+            await wait_for(lambda: registration.registrations == 1, "the registration")
+            items, _ = await client.get_prefix(f"{PREFIX}/")
+            assert [WorkerRecord.from_json(i.value).url for i in items] == [server.url]
+            nursery.cancel_scope.cancel()
+    assert f"{PREFIX}/workers/1 is registered already, as" in caplog.text
+    assert "engine 1 will replace it once healthy" in caplog.text
+
+
 # -- end to end: worker engines, interlock register, interlock serve ---------------------------
 
 

@@ -79,7 +79,7 @@ def _root(url: str) -> str:
 
 class EngineRegistration:
     """Holds one engine's record in etcd while its ``/health`` answers 200. Run it with
-    `run`; ``client`` is shared (it is used by one request at a time per engine).
+    `run`; several registrations may share one ``client``.
 
     ``record`` is what is registered (under ``{prefix}/workers/{worker_id}``, with a lease
     of ``ttl`` seconds renewed by `serve_registration`); its ``url`` is polled every
@@ -124,7 +124,8 @@ class EngineRegistration:
         self.registrations = 0
         #: How many times the lease was revoked because ``/health`` failed.
         self.deregistrations = 0
-        #: The lease granted at the last registration (None before the first).
+        #: The lease granted at the last registration (None before the first; a lease etcd
+        #: loses is replaced inside `serve_registration`, unseen here).
         self.lease: int | None = None
         self._etcd_refused = False
 
