@@ -25,10 +25,10 @@ from engine_tier import (
     VLLM_PYTHON,
     EngineTier,
     VllmEngine,
-    _wait_healthy,
     engine_command,
     engine_env,
     start_in_group,
+    wait_healthy,
 )
 from test_serve_over_vllm import client, interlock_serve, words
 
@@ -94,7 +94,7 @@ def tool_engine(_engine_tier_session: EngineTier) -> Iterator[VllmEngine]:
         env=env,
     )
     try:
-        _wait_healthy([engine], deadline=600.0)
+        wait_healthy([engine])
         yield engine
     finally:
         engine.stop()
