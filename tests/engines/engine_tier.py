@@ -556,9 +556,6 @@ def wait_healthy(engines: Sequence[VllmEngine], deadline: float = START_DEADLINE
         _wait_gone([pending[0].pid], timeout=1.0)
 
 
-_wait_healthy = wait_healthy  # its first name, which tests may still import
-
-
 # --- the model -----------------------------------------------------------------------------
 
 
