@@ -316,6 +316,7 @@ def test_disaggregated_prefill_on_one_engine_decode_on_another(engine_tier: Engi
         assert hits - hits_before >= BLOCK_SIZE
 
 
+@pytest.mark.kills_engine
 def test_kill_9_of_a_vllm_mid_stream_migrates_every_stream_exactly(
     engine_tier: EngineTier,
 ) -> None:
