@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
@@ -71,9 +72,10 @@ class OpenAIEngine:
     missed event batches are fetched again.
 
     `run` waits for ``/health`` (at most ``connect_timeout`` seconds), checks the engine, then
-    polls ``/health`` and ``/metrics`` every ``health_interval`` seconds: after
-    ``unhealthy_after`` failed polls in a row the engine leaves routing (`WorkerLeft`), and it
-    rejoins (`WorkerJoined`) once ``/health`` answers again. `metrics` holds the last scrape.
+    scrapes ``/metrics`` every ``health_interval`` seconds, and polls ``/health`` as often
+    unless a request answered in full in the meantime: after ``unhealthy_after`` failed polls
+    in a row the engine leaves routing (`WorkerLeft`), and it rejoins (`WorkerJoined`) once
+    ``/health`` answers again. `metrics` holds the last scrape.
 
     A stream breaks (`WorkerGone`, which migration handles) when the connection fails or resets,
     the server answers 5xx, sends an in-band error, or ends the body without a finish reason.
@@ -130,6 +132,8 @@ class OpenAIEngine:
         self._present = False
         self._down_reason = "not started"
         self._mirror: Any = None
+        #: When a stream from this engine last ended with its finish reason (trio time).
+        self._answered_at = -math.inf
         #: A chat's prompt tokens were found to differ from the engine's (warned once).
         self._chat_prompt_checked = False
 
@@ -379,7 +383,13 @@ class OpenAIEngine:
         failures = 0
         while True:
             await trio.sleep(self.health_interval)
-            why = await self._health(client)
+            if trio.current_time() - self._answered_at < self.health_interval:
+                # A request answered in full since the last poll: the engine is as healthy as
+                # /health would say (which cannot see a frozen engine either), so the poll
+                # is saved; a busy frontend polls only its idle engines.
+                why = ""
+            else:
+                why = await self._health(client)
             if why:
                 failures += 1
                 if failures >= self.unhealthy_after or "refused" in why:
@@ -660,6 +670,7 @@ class _HttpStream:
             if reader.done:
                 # Kept for `_close`, which reads the body's end so the connection is reused.
                 self._rest, self._lines = lines, None
+                self._engine._answered_at = trio.current_time()
             if output is not None:
                 return output
             if reader.done:
