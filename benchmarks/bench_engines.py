@@ -413,9 +413,19 @@ class LoadGenerator:
             for index, (url, path, body) in pending:
                 key = (slot, url)
                 try:
-                    if key not in self._connections:
+                    reused = key in self._connections
+                    if not reused:
                         self._connections[key] = await Connection.open(url)
-                    samples[index] = await self._connections[key].stream(path, body)
+                    try:
+                        samples[index] = await self._connections[key].stream(path, body)
+                    except (OSError, h11.ProtocolError):
+                        if not reused:
+                            raise
+                        # The server closed the idle keep-alive connection as the request
+                        # went out (uvicorn's 5 s timeout): what any client does, once.
+                        await self._connections.pop(key).aclose()
+                        self._connections[key] = await Connection.open(url)
+                        samples[index] = await self._connections[key].stream(path, body)
                 except (OSError, h11.ProtocolError, StreamFailed) as exc:
                     samples[index] = Sample(None, None, f"{type(exc).__name__}: {exc}")
                     broken = self._connections.pop(key, None)
