@@ -18,7 +18,14 @@ import httpx
 import openai
 import pytest
 import trio
-from engine_tier import BLOCK_SIZE, MAX_MODEL_LEN, SERVED_MODEL_NAME, EngineTier, GroupProcess
+from engine_tier import (
+    BLOCK_SIZE,
+    MAX_MODEL_LEN,
+    SERVED_MODEL_NAME,
+    EngineTier,
+    GroupProcess,
+    VllmEngine,
+)
 
 TIMEOUT = 120.0
 WORKER_ID = {"nvext": {"extra_fields": ["worker_id"]}}
@@ -104,6 +111,23 @@ def served_by(answer: Any) -> int:
     return int(nvext["worker_id"]["decode_worker_id"])
 
 
+def greedy_text_from(engine: VllmEngine, prompt: str, max_tokens: int) -> str:
+    """The text ``engine`` completes ``prompt`` with, asked straight (greedy, no EOS stop)."""
+    answer = httpx.post(
+        f"{engine.base_url}/v1/completions",
+        json={
+            "model": SERVED_MODEL_NAME,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+        timeout=TIMEOUT,
+    )
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["choices"][0]["text"])
+
+
 def engine_counter(tier: EngineTier, engine_id: int, name: str) -> float:
     text = httpx.get(f"{tier.engine(engine_id).base_url}/metrics", timeout=10).text
     return sum(
@@ -155,18 +179,7 @@ def test_the_openai_client_through_interlock_to_vllm(engine_tier: EngineTier) ->
             extra_body={"ignore_eos": True, **WORKER_ID},
         )
         engine = engine_tier.engine(served_by(through))
-        direct = httpx.post(
-            f"{engine.base_url}/v1/completions",
-            json={
-                "model": SERVED_MODEL_NAME,
-                "prompt": prompt,
-                "max_tokens": 16,
-                "temperature": 0,
-                "ignore_eos": True,
-            },
-            timeout=TIMEOUT,
-        ).json()
-        assert through.choices[0].text == direct["choices"][0]["text"]
+        assert through.choices[0].text == greedy_text_from(engine, prompt, 16)
 
 
 def test_kv_routing_follows_the_engines_own_events(engine_tier: EngineTier) -> None:
@@ -268,18 +281,7 @@ def test_engine_postprocessing_passes_the_engines_text(engine_tier: EngineTier) 
             temperature=0,
             extra_body={"ignore_eos": True},
         )
-        direct = httpx.post(
-            f"{engine_tier.engine(2).base_url}/v1/completions",
-            json={
-                "model": SERVED_MODEL_NAME,
-                "prompt": prompt,
-                "max_tokens": 8,
-                "temperature": 0,
-                "ignore_eos": True,
-            },
-            timeout=TIMEOUT,
-        ).json()
-        assert answer.choices[0].text == direct["choices"][0]["text"]
+        assert answer.choices[0].text == greedy_text_from(engine_tier.engine(2), prompt, 8)
 
 
 def test_an_engine_with_another_tokenizer_is_refused(engine_tier: EngineTier) -> None:
