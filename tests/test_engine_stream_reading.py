@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from interlock import WorkerGone
 from interlock.engines.openai import EngineMetrics, parse_engine_metrics
+from interlock.engines.openai._engine import sse_lines
 from interlock.engines.openai._stream import ChunkReader
 from interlock.wire import EngineOutput, Usage
 
@@ -148,3 +150,35 @@ def test_sglang_metrics_and_data_parallel_ranks() -> None:
 
 def test_a_page_without_engine_metrics_says_nothing() -> None:
     assert parse_engine_metrics("# TYPE process_cpu_seconds_total counter\n") == EngineMetrics()
+
+
+async def test_sse_lines_split_at_line_feeds_only() -> None:
+    # vLLM writes U+2028, U+2029 and U+0085 unescaped in its JSON; httpx's aiter_lines would
+    # cut the data line at them.
+    text = "a\u2028b\u2029c\u0085d\x0ce"
+    body = (
+        b"data: " + json.dumps({"text": text}, ensure_ascii=False).encode() + b"\r\n\r\n"
+        b"data: [DONE]\n\n"
+    )
+    response = httpx.Response(200, stream=httpx.ByteStream(body))
+    lines = [line async for line in sse_lines(response)]
+    assert lines == [
+        f"data: {json.dumps({'text': text}, ensure_ascii=False)}",
+        "",
+        "data: [DONE]",
+        "",
+    ]
+    assert json.loads(lines[0][6:])["text"] == text
+
+
+def test_metrics_that_are_not_finite_say_nothing() -> None:
+    text = "\n".join(
+        [
+            'vllm:num_requests_running{engine="0"} +Inf',
+            'vllm:num_requests_waiting{engine="0"} 2',
+            'vllm:kv_cache_usage_perc{engine="0"} NaN',
+            "",
+        ]
+    )
+    metrics = parse_engine_metrics(text)
+    assert (metrics.requests_running, metrics.requests_waiting, metrics.kv_usage) == (None, 2, None)

@@ -128,16 +128,11 @@ def test_the_toml_workers_table_holds_the_same_flags(tmp_path: Path) -> None:
     assert setup.kv_events_bind == "tcp://127.0.0.1:5557"
     assert setup.kv_replay == {1: "tcp://127.0.0.1:5561"}
     # A flag wins over the file, key by key.
-    flagged = setup_of(
-        "--config",
-        str(config),
-        "--engine",
-        "7=http://127.0.0.1:8107",
-        "--kv-replay",
-        "7=tcp://127.0.0.1:5567",
-    )
+    flagged = setup_of("--config", str(config), "--engine", "7=http://127.0.0.1:8107")
     assert [e.worker_id for e in flagged.openai_engines] == [7]
     assert flagged.kv_events_bind == "tcp://127.0.0.1:5557"
+    # The file's replay endpoints were its own engines': not attached to another server.
+    assert flagged.kv_replay == {}
 
 
 def test_a_typo_in_the_workers_table_names_the_key(tmp_path: Path) -> None:

@@ -175,7 +175,7 @@ class ServeSetup:
         return EngineContext(
             block_size=self.config.kv_block_size,
             tokenizer=self.preprocessor.tokenizer,
-            connect_timeout=5.0,
+            connect_timeout=self.engine_connect_timeout,
             resources=resources,
         )
 
@@ -249,6 +249,7 @@ class ServeSetup:
                 kv_events=kv_events,
                 kv_replay_endpoint=self.kv_replay.get(address.worker_id),
                 connect_timeout=self.engine_connect_timeout,
+                idle_timeout=self.config.engine_idle_timeout,
             )
             (prefill if address.role == "prefill" else workers).append(http_engine)
         return workers, prefill
@@ -590,8 +591,13 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         ConfigError, TokenizerError, ChatTemplateError: with a message saying what to fix.
     """
     config = resolve_config(args)
-    # Flags win over the configuration file's [workers] table, key by key.
+    # Flags (and INTERLOCK_ENGINE_API_KEY) win over the configuration file's [workers] table,
+    # key by key; the file's replay endpoints belong to the file's engines only.
     table = PipelineConfig.workers_table(args.config) if args.config else {}
+    if getattr(args, "engines", None):
+        table.pop("kv_replay", None)
+    if os.environ.get("INTERLOCK_ENGINE_API_KEY"):
+        table.pop("engine_api_key", None)
     for key in ("engines", "remote_workers", "kv_replay"):
         if not getattr(args, key, None) and key in table:
             setattr(args, key, table[key])

@@ -99,6 +99,7 @@ class OpenAIEngine:
         health_interval: float = 1.0,
         health_timeout: float = 5.0,
         unhealthy_after: int = 2,
+        idle_timeout: float | None = None,
         verify: bool | str = True,
     ) -> None:
         if role not in ROLES:
@@ -122,6 +123,10 @@ class OpenAIEngine:
         self.health_interval = health_interval
         self.health_timeout = health_timeout
         self.unhealthy_after = unhealthy_after
+        #: Seconds to wait for the answer's headers (and a prefill leg's whole answer) before
+        #: the stream counts as broken: the pipeline's ``engine_idle_timeout`` covers the
+        #: stream once open (None: wait as long as it takes).
+        self.idle_timeout = idle_timeout
         self.verify = verify
         #: The last ``/metrics`` scrape (None before the first, or if the engine has none).
         self.metrics: EngineMetrics | None = None
@@ -273,15 +278,20 @@ class OpenAIEngine:
     async def _describe(self, client: httpx.AsyncClient) -> None:
         """Learn the served model and context length; check the block size."""
         try:
-            response = await client.get("/v1/models")
+            with trio.fail_after(self.health_timeout):
+                response = await client.get("/v1/models")
             cards = response.json().get("data", []) if response.status_code == 200 else []
-        except (httpx.HTTPError, ValueError, AttributeError):
+            if type(cards) is not list:
+                cards = []
+        except (httpx.HTTPError, ValueError, AttributeError, trio.TooSlowError):
             cards = []
         card = next(
             (
                 c
                 for c in cards
-                if type(c) is dict and (self.model is None or c.get("id") == self.model)
+                if type(c) is dict
+                and type(c.get("id")) is str
+                and (self.model is None or c.get("id") == self.model)
             ),
             None,
         )
@@ -289,7 +299,8 @@ class OpenAIEngine:
             if card is None:
                 raise WorkerMismatch(
                     f"engine {self.instance_id} at {self.base_url} lists no model in "
-                    "GET /v1/models; name the model it serves (--model-name)",
+                    "GET /v1/models; is it an OpenAI-compatible server, and does it want an "
+                    "API key (--engine-api-key)?",
                     worker_id=self.instance_id,
                 )
             self.model = str(card["id"])
@@ -297,7 +308,7 @@ class OpenAIEngine:
             served = ", ".join(repr(c.get("id")) for c in cards if type(c) is dict)
             raise WorkerMismatch(
                 f"engine {self.instance_id} at {self.base_url} serves {served}, not "
-                f"{self.model!r}; set --model-name to the engine's --served-model-name",
+                f"{self.model!r}; give OpenAIEngine(model=...) the engine's --served-model-name",
                 worker_id=self.instance_id,
             )
         if card is not None and type(card.get("max_model_len")) is int:
@@ -320,12 +331,16 @@ class OpenAIEngine:
             return
         body = {"model": self.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
         try:
-            response = await client.post("/tokenize", json=body)
-        except httpx.HTTPError as exc:
+            with trio.fail_after(self.health_timeout):
+                response = await client.post("/tokenize", json=body)
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            why = (
+                f"no answer within {self.health_timeout}s"
+                if isinstance(exc, trio.TooSlowError)
+                else _describe_http_error(exc)
+            )
             _logger.warning(
-                "engine %d: cannot check its tokenizer (POST /tokenize: %s)",
-                self.instance_id,
-                _describe_http_error(exc),
+                "engine %d: cannot check its tokenizer (POST /tokenize: %s)", self.instance_id, why
             )
             return
         if response.status_code == 404:
@@ -338,6 +353,8 @@ class OpenAIEngine:
             return
         try:
             theirs = response.json()["tokens"]
+            if type(theirs) is not list:
+                raise TypeError("tokens is not a list")
         except (ValueError, KeyError, TypeError):
             _logger.warning(
                 "engine %d: POST /tokenize answered %d without tokens; tokenizer not checked",
@@ -383,7 +400,7 @@ class OpenAIEngine:
         failures = 0
         while True:
             await trio.sleep(self.health_interval)
-            if trio.current_time() - self._answered_at < self.health_interval:
+            if self._present and trio.current_time() - self._answered_at < self.health_interval:
                 # A request answered in full since the last poll: the engine is as healthy as
                 # /health would say (which cannot see a frozen engine either), so the poll
                 # is saved; a busy frontend polls only its idle engines.
@@ -406,7 +423,7 @@ class OpenAIEngine:
             if response.status_code != 200:
                 return None
             self.metrics = parse_engine_metrics(response.text)
-        except (trio.TooSlowError, httpx.HTTPError, ValueError) as exc:
+        except (trio.TooSlowError, httpx.HTTPError, ValueError, ArithmeticError) as exc:
             _logger.debug("engine %d: /metrics: %s", self.instance_id, exc)
             return None
         return self.metrics
@@ -505,6 +522,28 @@ class OpenAIEngine:
         return f"<OpenAIEngine {self.instance_id} role={self.role} at {self.base_url}>"
 
 
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of an SSE body, split at line feeds only (a trailing CR is dropped).
+
+    Not httpx's ``aiter_lines``: that splits like `str.splitlines`, at U+2028, U+2029, U+0085
+    and more, which vLLM writes unescaped inside its JSON chunks (pydantic does not escape
+    them), so generated text holding one would cut a ``data:`` line in two.
+
+    Raises:
+        httpx.HTTPError: the body broke off.
+    """
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        if b"\n" not in chunk:
+            continue
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode("utf-8", "replace")
+    if pending:
+        yield pending.removesuffix(b"\r").decode("utf-8", "replace")
+
+
 async def _unsubscribe_on_exit(remove: Callable[[], None]) -> None:
     try:
         await trio.sleep_forever()
@@ -570,7 +609,14 @@ class _HttpStream:
             headers["x-request-id"] = self._request.request_id
         request = client.build_request("POST", path, json=body, headers=headers)
         try:
-            response = await client.send(request, stream=True)
+            with trio.fail_after(
+                engine.idle_timeout if engine.idle_timeout is not None else math.inf
+            ):
+                response = await client.send(request, stream=True)
+        except trio.TooSlowError:
+            raise self._reader.broken(
+                f"sent no response within engine_idle_timeout={engine.idle_timeout}s"
+            ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise WorkerRefused(
                 f"engine {engine.instance_id} at {engine.base_url} refused the connection: "
@@ -584,9 +630,16 @@ class _HttpStream:
             if response.status_code != 200:
                 await self._refuse(response)
             if prefill:
-                self._prefill = await self._read_prefill(response)
+                timeout = engine.idle_timeout if engine.idle_timeout is not None else math.inf
+                try:
+                    with trio.fail_after(timeout):
+                        self._prefill = await self._read_prefill(response)
+                except trio.TooSlowError:
+                    raise self._reader.broken(
+                        f"sent no prefill answer within engine_idle_timeout={timeout}s"
+                    ) from None
             else:
-                self._lines = response.aiter_lines()
+                self._lines = sse_lines(response)
         except BaseException:
             await self._close()
             raise
@@ -596,14 +649,23 @@ class _HttpStream:
         engine = self._engine
         status = response.status_code
         try:
-            raw = await response.aread()
+            with trio.fail_after(engine.health_timeout):
+                raw = await response.aread()
             message = engine_error_message(json.loads(raw))
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, ValueError, trio.TooSlowError):
             message = f"HTTP {status}"
         where = f"engine {engine.instance_id} at {engine.base_url}"
         if status in (429, 503):
             raise WorkerRefused(
                 f"{where} cannot take the request now ({status}: {message})",
+                worker_id=engine.instance_id,
+            )
+        if status in (401, 403, 404):
+            # The engine's configuration, not the request's fault: a wrong API key, or an
+            # engine restarted under another model name. Another engine may take it.
+            raise WorkerRefused(
+                f"{where} refused the request ({status}: {message}); check --engine-api-key "
+                "and the engine's --served-model-name",
                 worker_id=engine.instance_id,
             )
         if 400 <= status < 500:
@@ -660,6 +722,9 @@ class _HttpStream:
                 raise reader.broken("closed the stream without a finish_reason") from None
             except httpx.HTTPError as exc:
                 self._lines = None
+                if reader.finished:
+                    # Every token and the finish reason came before the connection broke.
+                    return reader.finish()
                 raise reader.broken(f"broke the stream ({_describe_http_error(exc)})") from exc
             if not line.startswith("data:"):
                 continue

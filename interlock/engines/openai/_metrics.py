@@ -7,6 +7,8 @@ stands alone).
 
 from __future__ import annotations
 
+import math
+
 import attrs
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -64,6 +66,8 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
     for family in text_string_to_metric_families(wanted):
         for sample in family.samples:
             name = sample.name
+            if not math.isfinite(sample.value):
+                continue  # a NaN or an infinity says nothing usable about load
             if name in _CACHE_INFO:
                 size = sample.labels.get("block_size", "")
                 if size.isdigit():
