@@ -283,7 +283,9 @@ async def test_a_healthy_engine_is_registered_and_cancelling_revokes_it(etcd: Et
                 assert record == WorkerRecord(
                     worker_id=1, kind="openai", url=server.url, kv_replay="tcp://v:5561"
                 )
-                assert registration.state == "registered" and registration.lease is not None
+                # The watch may report the put before the registering task records it.
+                await wait_for(lambda: registration.state == "registered", "the registration")
+                assert registration.lease is not None
             # Cancelled: the lease is revoked on the way out, so the record is gone now.
             items, _ = await client.get_prefix(f"{PREFIX}/")
             assert items == []
