@@ -132,13 +132,21 @@ def test_a_remote_record_without_host_and_port_says_what_it_needs() -> None:
 def test_an_openai_record_builds_an_http_engine_sharing_the_frontends_resources() -> None:
     tokenizer = ByteTokenizer()
     feed = object()  # what the frontend shares: opaque to the factory
-    context = EngineContext(block_size=16, tokenizer=tokenizer, resources={"kv_events": feed})
-    record = WorkerRecord(worker_id=3, kind="openai", url="http://10.0.0.7:8000/v1")
+    context = EngineContext(
+        block_size=16,
+        tokenizer=tokenizer,
+        idle_timeout=7.5,
+        resources={"kv_events": feed, "engine_api_key": "k"},
+    )
+    record = WorkerRecord(
+        worker_id=3, kind="openai", url="http://10.0.0.7:8000/v1", kv_replay="tcp://e:5561"
+    )
     engine = engine_from_record(record, context)
     assert isinstance(engine, OpenAIEngine)
     assert engine.base_url == "http://10.0.0.7:8000" and engine.instance_id == 3
     assert engine.tokenizer is tokenizer and engine.block_size == 16
-    assert engine.kv_events is feed
+    assert engine.kv_events is feed and engine.kv_replay_endpoint == "tcp://e:5561"
+    assert engine.idle_timeout == 7.5 and engine.api_key == "k"
     by_address = WorkerRecord(worker_id=3, kind="openai", host="10.0.0.7", port=8000)
     by_address_engine = engine_from_record(by_address, EngineContext())
     assert isinstance(by_address_engine, OpenAIEngine)

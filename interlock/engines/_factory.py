@@ -56,6 +56,9 @@ class EngineContext:
     tokenizer: Tokenizer | None = None
     connect_timeout: float = 5.0
     max_backoff: float = 1.0
+    #: Seconds an HTTP engine waits for an answer's headers before the stream counts as
+    #: broken (the pipeline's ``engine_idle_timeout``; None: as long as it takes).
+    idle_timeout: float | None = None
     resources: Mapping[str, Any] = attrs.field(factory=dict, converter=_read_only)
     tokenizer_fingerprint: str | None = attrs.field(
         init=False, default=attrs.Factory(_fingerprint, takes_self=True)

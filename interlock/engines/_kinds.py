@@ -69,6 +69,7 @@ def build_openai(record: WorkerRecord, context: EngineContext) -> Engine:
         kv_events=context.resources.get("kv_events"),
         kv_replay_endpoint=record.kv_replay,
         connect_timeout=context.connect_timeout,
+        idle_timeout=context.idle_timeout,
     )
 
 

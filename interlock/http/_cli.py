@@ -176,6 +176,7 @@ class ServeSetup:
             block_size=self.config.kv_block_size,
             tokenizer=self.preprocessor.tokenizer,
             connect_timeout=self.engine_connect_timeout,
+            idle_timeout=self.config.engine_idle_timeout,
             resources=resources,
         )
 
