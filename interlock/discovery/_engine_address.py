@@ -62,13 +62,5 @@ class EngineAddress:
             raise bad(f"the URL {url!r} has no host")
         return cls(int(ident), url.rstrip("/"), role)
 
-    @property
-    def address(self) -> str:
-        """The ``HOST:PORT`` a gateway forwards to."""
-        parsed = httpx.URL(self.url)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
-        return f"{host}:{port}"
-
     def __str__(self) -> str:
         return f"{self.worker_id}={self.url}/{self.role}"

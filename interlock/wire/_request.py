@@ -187,16 +187,11 @@ class PrefillResult:
 TOOL_CHOICES = ("none", "auto", "required")
 
 
-def _dicts(optional: bool) -> Any:
-    def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is None and optional:
-            return
-        if type(value) is not tuple or not all(type(v) is dict for v in value):
-            raise RequestError(
-                f"chat.{attribute.name} must be a list of objects", field=f"chat.{attribute.name}"
-            )
-
-    return check
+def _dicts(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if type(value) is not tuple or not all(type(v) is dict for v in value):
+        raise RequestError(
+            f"chat.{attribute.name} must be a list of objects", field=f"chat.{attribute.name}"
+        )
 
 
 def _object(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -238,10 +233,10 @@ class ChatRequest:
         RequestError: naming the first invalid field (``chat.<name>``).
     """
 
-    messages: tuple[dict[str, Any], ...] = attrs.field(converter=_to_tuple, validator=_dicts(False))
+    messages: tuple[dict[str, Any], ...] = attrs.field(converter=_to_tuple, validator=_dicts)
     #: Empty: none sent.
     tools: tuple[dict[str, Any], ...] = attrs.field(
-        default=(), converter=_to_tuple, validator=_dicts(False)
+        default=(), converter=_to_tuple, validator=_dicts
     )
     #: 'none', 'auto', 'required', or ``{"type": "function", "function": {"name": ...}}``
     #: (typed loosely: the wire codec passes JSON values through as they are).

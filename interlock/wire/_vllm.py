@@ -42,6 +42,7 @@ __all__ = [
     "decode_kv_batch",
     "encode_kv_batch",
     "kv_message_frames",
+    "kv_topic",
     "parse_kv_message",
     "parse_replay_reply",
     "parse_replay_request",
@@ -483,3 +484,8 @@ def parse_replay_reply(frames: Sequence[bytes]) -> VllmKvMessage | None:
     if not payload:
         return None
     return VllmKvMessage(topic=topic, seq=seq, payload=payload)
+
+
+def kv_topic(engine_id: int) -> bytes:
+    """The topic an engine's publisher must use: ``b"kv@<engine_id>"`` (its vLLM ``"topic"``)."""
+    return f"kv@{engine_id}".encode()

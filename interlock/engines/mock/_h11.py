@@ -26,7 +26,7 @@ import trio
 
 _logger = logging.getLogger("interlock.engines.mock.http")
 
-#: Bodies larger than this get 413 (8 MiB holds a 128k-token prompt as JSON, with room).
+#: Bodies larger than this get 413 (16 MiB holds a 128k-token prompt as JSON, with room).
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 _READ_SIZE: Final = 65536
 

@@ -38,7 +38,7 @@ from ...processing import (
     TokenizerError,
 )
 from ...wire import EngineOutput, PrefillResult, PreprocessedRequest, SamplingOptions
-from ._engine import MockEngine, _MockStream, mock_token_text
+from ._engine import MockEngine, _MockStream
 from ._faults import FAULT_HEADER, FaultSchedule, FaultSpecError, MockFault, parse_faults
 from ._h11 import HttpRequest, HttpResponder, serve_h11
 from ._kv_publisher import VllmKvPublisher, publish_vllm_kv_events
@@ -47,7 +47,7 @@ _logger = logging.getLogger("interlock.engines.mock.http")
 
 #: What vLLM 0.32 reports as its version (``/version``, ``system_fingerprint``).
 VLLM_VERSION: Final = "0.32.0"
-_FINGERPRINT: Final = "vllm-0.32.0-interlock-mock"
+_FINGERPRINT: Final = f"vllm-{VLLM_VERSION}-interlock-mock"
 _SSE_HEADERS: Final = (("content-type", "text/event-stream; charset=utf-8"),)
 _DONE: Final = b"data: [DONE]\n\n"
 #: vLLM's message when its EngineCore died (reference/vllm-cpu.md section 5).
@@ -135,7 +135,6 @@ class MockSurfaceStats:
 @attrs.define
 class _Parsed:
     chat: bool
-    model: str | None = None
     prompt_ids: tuple[int, ...] = ()
     stream: bool = False
     include_usage: bool = False
@@ -350,7 +349,7 @@ class MockOpenAIServer:
             self.stats.faulted += 1
         if any(f.kind == "http500" for f in faults):
             raise engine_dead_error()
-        call = _Call(self, parsed, response_id, base, faults, out)
+        call = _Call(self, parsed, response_id, faults, out)
         try:
             async with self.engine.open_stream(pre) as stream:
                 call.stream = stream  # type: ignore[assignment]
@@ -444,7 +443,6 @@ class MockOpenAIServer:
                     type="NotFoundError",
                     param="model",
                 )
-        p.model = model
         if chat:
             text = self._render_chat(body)
             p.prompt_ids = tuple(self._encode(text, add_special_tokens=False))
@@ -591,15 +589,6 @@ class MockOpenAIServer:
             stats.prefix_cache_queries += prompt
             stats.prefix_cache_hits += cached
 
-    def text_of(self, outputs: list[EngineOutput]) -> str:
-        parts: list[str] = []
-        for output in outputs:
-            if output.text is not None:
-                parts.append(output.text)
-            else:
-                parts.extend(mock_token_text(t) for t in output.token_ids)
-        return "".join(parts)
-
 
 _ROUTES: Final[dict[str, dict[str, str]]] = {
     "/v1/completions": {"POST": "_completions"},
@@ -622,14 +611,12 @@ class _Call:
         server: MockOpenAIServer,
         parsed: _Parsed,
         response_id: str,
-        base_id: str,
         faults: tuple[MockFault, ...],
         out: HttpResponder,
     ) -> None:
         self.server = server
         self.parsed = parsed
         self.response_id = response_id
-        self.base_id = base_id
         self.out = out
         self.stream: _MockStream
         self.created = int(time.time())
@@ -738,7 +725,7 @@ class _Call:
         reason = final.finish_reason or "stop"
         usage = self._usage(final, stream=False)
         token_ids = [t for o in outputs for t in o.token_ids]
-        text = self.server.text_of(outputs)
+        text = "".join(o.text or "" for o in outputs)  # the mock detokenizes every output
         parsed = self.parsed
         prompt_ids = list(parsed.prompt_ids) if parsed.return_token_ids else None
         kv_params = None
@@ -854,7 +841,7 @@ class _Call:
             final = outputs[-1]
             reason = final.finish_reason
             ids = [t for o in outputs for t in o.token_ids]
-            text = self.server.text_of(outputs)
+            text = "".join(o.text or "" for o in outputs)
             sent += 1
             if reason is None:
                 await out.send_chunk(encoder.chunk(ids, text, reason))

@@ -38,10 +38,12 @@ from ...wire import (
     VllmKvEvent,
     encode_kv_batch,
     kv_message_frames,
+    kv_topic,
     parse_replay_request,
     replay_end_frames,
     replay_reply_frames,
 )
+from .._zmq import recv_multipart
 from ._engine import MockEngine
 
 _logger = logging.getLogger("interlock.engines.mock.kv_events")
@@ -80,7 +82,7 @@ class VllmKvPublisher:
             )
         self.engine = engine
         self.endpoint = endpoint
-        self.topic = (topic if topic is not None else f"kv@{engine.instance_id}").encode()
+        self.topic = topic.encode() if topic is not None else kv_topic(engine.instance_id)
         self.replay_endpoint = replay_endpoint
         self.data_parallel_rank = data_parallel_rank
         #: Batches sent so far (the next batch's seq).
@@ -174,10 +176,8 @@ class VllmKvPublisher:
     async def serve_replays(self) -> None:
         """Answer replay requests until cancelled (returns at once without a replay endpoint)."""
         router = self._router
-        if router is None:
-            return
-        while True:
-            frames = await _receive(router)
+        while router is not None:
+            frames = await recv_multipart(router)
             identity, rest = frames[0], frames[1:]
             try:
                 start = parse_replay_request(rest)
@@ -194,20 +194,6 @@ class VllmKvPublisher:
                 router.send_multipart([identity, *replay_end_frames()], zmq.NOBLOCK)
             except zmq.Again:
                 _logger.warning("replay to a slow client cut short (its queue is full)")
-
-
-async def _receive(sock: zmq.Socket[Any]) -> list[bytes]:
-    """The next multipart message, waiting without blocking trio (reference/stack.md 6)."""
-    while True:
-        try:
-            frames: list[bytes] = sock.recv_multipart(zmq.NOBLOCK)
-            return frames
-        except zmq.Again:
-            pass
-        # The FD is edge-triggered: check the events before waiting on it.
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            continue
-        await trio.lowlevel.wait_readable(sock.getsockopt(zmq.FD))
 
 
 async def publish_vllm_kv_events(

@@ -153,13 +153,6 @@ class OpenAIEngine:
         return self._role
 
     @property
-    def address(self) -> str:
-        """``host:port`` of the engine's URL (what a gateway forwards to)."""
-        url = httpx.URL(self.base_url)
-        port = url.port or (443 if url.scheme == "https" else 80)
-        return f"{url.host}:{port}"
-
-    @property
     def reported_load(self) -> tuple[int, int] | None:
         """``(requests, kv_blocks)`` the engine holds by its last ``/metrics`` scrape: requests
         running plus waiting, and the blocks in use (its KV usage times its blocks); None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import cast
 
 import attrs
 import trio
@@ -24,10 +23,12 @@ from ...wire import (
     VllmKvBatch,
     VllmKvDecodeError,
     decode_kv_batch,
+    kv_topic,
     parse_kv_message,
     parse_replay_reply,
     replay_request_frames,
 )
+from .._zmq import recv_multipart
 
 __all__ = [
     "KvBatchHandler",
@@ -48,11 +49,6 @@ block or await (``KvMirror.on_batch`` is one)."""
 
 #: How many distinct unknown topics are remembered (to log each once); more are still counted.
 _MAX_REMEMBERED_TOPICS = 1024
-
-
-def kv_topic(engine_id: int) -> bytes:
-    """The topic an engine's publisher must use: ``b"kv@<engine_id>"`` (its vLLM ``"topic"``)."""
-    return f"kv@{engine_id}".encode()
 
 
 class KvFeedBindError(InterlockError):
@@ -80,28 +76,6 @@ class KvFeedStats:
     unknown_topic: int = 0
     unknown_events: int = 0
     handler_errors: int = 0
-
-
-async def recv_multipart(socket: zmq.Socket[bytes]) -> list[bytes]:
-    """Receive one multipart message from a pyzmq socket without blocking the trio thread.
-
-    Waits (a trio checkpoint; cancellable) until a message is there and returns its frames.
-    ``zmq.FD`` only signals edges, so after each miss ``zmq.EVENTS`` is re-read before waiting
-    (reading it also processes the socket's pending commands, re-arming the edge). Raises
-    ``zmq.ZMQError`` if the socket fails.
-    """
-    fd = cast(int, socket.getsockopt(zmq.FD))
-    while True:
-        try:
-            frames = socket.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            if cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                continue
-            await trio.lowlevel.wait_readable(fd)
-        else:
-            # Yield once per message, so a busy feed cannot starve the tasks it feeds.
-            await trio.lowlevel.checkpoint()
-            return frames
 
 
 class KvEventFeed:

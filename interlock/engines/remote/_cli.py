@@ -287,7 +287,7 @@ def build_engine(args: argparse.Namespace) -> MockEngine:
         enable_chunked_prefill=args.chunked_prefill,
         max_model_len=args.max_model_len,
         crash_after_tokens=args.crash_after_tokens,
-        keep_block_tokens=getattr(args, "kv_events_endpoint", None) is not None,
+        keep_block_tokens=args.kv_events_endpoint is not None,
         **text,
     )
 
