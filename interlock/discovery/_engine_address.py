@@ -8,7 +8,7 @@ import attrs
 import httpx
 
 from .._errors import ConfigError
-from ..engines import ROLES, Role
+from ..engines import ROLES, Role, WorkerRecord
 
 __all__ = ["ENGINE_FORM", "EngineAddress"]
 
@@ -61,6 +61,18 @@ class EngineAddress:
         if not parsed.host:
             raise bad(f"the URL {url!r} has no host")
         return cls(int(ident), url.rstrip("/"), role)
+
+    def record(self, *, kv_replay: str | None = None, block_size: int = 16) -> WorkerRecord:
+        """The `WorkerRecord` of this engine (kind ``"openai"``), from which the engine
+        factory builds it, or under which ``interlock register`` registers it."""
+        return WorkerRecord(
+            worker_id=self.worker_id,
+            kind="openai",
+            url=self.url,
+            role=self.role,
+            block_size=block_size,
+            kv_replay=kv_replay,
+        )
 
     def __str__(self) -> str:
         return f"{self.worker_id}={self.url}/{self.role}"

@@ -277,13 +277,8 @@ class RegisterSetup:
     def records(self) -> list[WorkerRecord]:
         """The record each engine is registered with, in ``--engine`` order (pure)."""
         return [
-            WorkerRecord(
-                worker_id=engine.worker_id,
-                kind="openai",
-                url=engine.url,
-                role=engine.role,
-                block_size=self.block_size,
-                kv_replay=self.kv_replay.get(engine.worker_id),
+            engine.record(
+                kv_replay=self.kv_replay.get(engine.worker_id), block_size=self.block_size
             )
             for engine in self.engines
         ]

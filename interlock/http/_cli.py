@@ -43,11 +43,11 @@ from ..discovery import (
     workers_prefix,
 )
 from ..discovery._engine_address import EngineAddress  # interlock register's --engine too
-from ..engines import ROLES, Engine, EngineContext, Role
+from ..engines import ROLES, Engine, EngineContext, Role, engine_from_record
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
 from ..engines.mock import MockEngine, MockTiming
 from ..engines.mock import mock_token_pool as mock_token_pool  # re-exported, as MOCK_TEXT
-from ..engines.openai import KvEventFeed, OpenAIEngine
+from ..engines.openai import KvEventFeed
 from ..engines.remote import RemoteEngine, TokenizerMismatch, WorkerMismatch, WorkerUnreachable
 from ..processing import (
     ByteTokenizer,
@@ -165,8 +165,8 @@ class ServeSetup:
     engine_connect_timeout: float = 30.0
 
     def engine_context(self, kv_events: Any = None) -> EngineContext:
-        """What engines found in etcd are built with: this frontend's block size and
-        tokenizer, its KV-event feed and the engines' API key."""
+        """What the engines of ``--engine`` and of etcd are built with: this frontend's block
+        size, tokenizer and timeouts, its KV-event feed and the engines' API key."""
         resources: dict[str, Any] = {}
         if kv_events is not None:
             resources["kv_events"] = kv_events
@@ -239,19 +239,13 @@ class ServeSetup:
                 vocab_size=tokenizer.vocab_size,
             )
             (prefill if remote.role == "prefill" else workers).append(engine)
+        context = self.engine_context(kv_events)
         for address in self.openai_engines:
-            http_engine = OpenAIEngine(
-                address.url,
-                instance_id=address.worker_id,
-                role=address.role,
+            record = address.record(
+                kv_replay=self.kv_replay.get(address.worker_id),
                 block_size=self.config.kv_block_size,
-                tokenizer=tokenizer,
-                api_key=self.engine_api_key,
-                kv_events=kv_events,
-                kv_replay_endpoint=self.kv_replay.get(address.worker_id),
-                connect_timeout=self.engine_connect_timeout,
-                idle_timeout=self.config.engine_idle_timeout,
             )
+            http_engine = engine_from_record(record, context)
             (prefill if address.role == "prefill" else workers).append(http_engine)
         return workers, prefill
 
