@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -130,8 +130,6 @@ class OpenAIEngine:
         self.verify = verify
         #: The last ``/metrics`` scrape (None before the first, or if the engine has none).
         self.metrics: EngineMetrics | None = None
-        #: The context length the engine reports in ``/v1/models`` (None: not reported).
-        self.max_model_len: int | None = None
         self._listeners = Listeners()
         self._client: httpx.AsyncClient | None = None
         self._present = False
@@ -304,8 +302,6 @@ class OpenAIEngine:
                 f"{self.model!r}; give OpenAIEngine(model=...) the engine's --served-model-name",
                 worker_id=self.instance_id,
             )
-        if card is not None and type(card.get("max_model_len")) is int:
-            self.max_model_len = card["max_model_len"]
         metrics = await self._scrape(client)
         reported = metrics.block_size if metrics is not None else None
         if self.block_size is not None and reported is not None and reported != self.block_size:
@@ -357,10 +353,7 @@ class OpenAIEngine:
             return
         ours = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
         if list(theirs) != list(ours):
-            at = next(
-                (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
-                min(len(ours), len(theirs)),
-            )
+            at = _first_difference(ours, theirs)
             raise TokenizerMismatch(
                 f"engine {self.instance_id} at {self.base_url} tokenizes the probe text into "
                 f"{len(theirs)} ids, this frontend's tokenizer into {len(ours)}; they first "
@@ -535,6 +528,15 @@ async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
             yield line.removesuffix(b"\r").decode("utf-8", "replace")
     if pending:
         yield pending.removesuffix(b"\r").decode("utf-8", "replace")
+
+
+def _first_difference(ours: Sequence[int], theirs: Sequence[int]) -> int:
+    """The first position where two token sequences differ (the shorter one's length when one
+    is a prefix of the other)."""
+    return next(
+        (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+        min(len(ours), len(theirs)),
+    )
 
 
 async def _unsubscribe_on_exit(remove: Callable[[], None]) -> None:
@@ -742,10 +744,7 @@ class _HttpStream:
         if engine._chat_prompt_checked or tuple(engine_ids) == ours:
             return
         engine._chat_prompt_checked = True
-        at = next(
-            (i for i, (a, b) in enumerate(zip(ours, engine_ids, strict=False)) if a != b),
-            min(len(ours), len(engine_ids)),
-        )
+        at = _first_difference(ours, engine_ids)
         _logger.warning(
             "engine %d at %s renders chats into other prompt tokens than this frontend "
             "(%d ids vs %d, first difference at %d): KV-aware routing cannot see its cache "

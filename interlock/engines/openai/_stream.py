@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
+
 from ..._errors import WorkerGone
 from ...wire import EngineOutput, FinishReason, Usage
 
@@ -146,9 +148,6 @@ class ChunkReader:
             text, passed = self._delta(choice.get("delta"))
         else:
             text = choice.get("text") if self._text else None
-            if text is None and self._text:
-                delta = choice.get("delta")
-                text = delta.get("content") if type(delta) is dict else None
         reason = choice.get("finish_reason")
         if reason is None:
             if not tokens and not text and passed is None:
@@ -198,13 +197,7 @@ class ChunkReader:
             raise self.broken(f"{why} without a finish_reason")
         self._final = None
         if self._usage is not None:
-            return EngineOutput(
-                token_ids=final.token_ids,
-                text=final.text,
-                finish_reason=final.finish_reason,
-                usage=self._usage,
-                chat_delta=final.chat_delta,
-            )
+            return attrs.evolve(final, usage=self._usage)
         return final
 
     @property
