@@ -104,6 +104,22 @@ def _doc(text: str) -> dict[str, str]:
     return {"doc": text}
 
 
+def _read_toml(p: Path) -> dict[str, Any]:
+    """The TOML file at ``p``, parsed. Raises `ConfigError` naming the file and what is wrong."""
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {str(p)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{str(p)!r} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{str(p)!r} is not UTF-8 text: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {str(p)!r}: {exc.strerror}") from None
+
+
 @attrs.frozen(kw_only=True)
 class PipelineConfig:
     """Every knob of a pipeline. Defaults reproduce the reference system's default behaviour:
@@ -335,18 +351,7 @@ class PipelineConfig:
                 names the file.
         """
         p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {str(p)!r} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{str(p)!r} is a directory, not a TOML file") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{str(p)!r} is not UTF-8 text: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read {str(p)!r}: {exc.strerror}") from None
+        data = _read_toml(p)
         # The [workers] table names the workers and engines to serve over: the commands read
         # it (`workers_table`), it holds no knobs.
         data = {key: value for key, value in data.items() if key != WORKERS_TABLE}
@@ -368,11 +373,7 @@ class PipelineConfig:
                 the wrong type (the message names the file and the key).
         """
         p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            return {}  # from_toml reports these, with the file's name
-        table = data.get(WORKERS_TABLE, {})
+        table = _read_toml(p).get(WORKERS_TABLE, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{p}: [{WORKERS_TABLE}] must be a table")
         for key, value in table.items():

@@ -555,7 +555,7 @@ def _check_engine_ids(
 def _resolve_kv_events(
     args: argparse.Namespace, engines: Sequence[EngineAddress]
 ) -> tuple[str | None, dict[int, str]]:
-    bind: str | None = getattr(args, "kv_events_bind", None)
+    bind: str | None = args.kv_events_bind
     if bind is not None and not bind.startswith(("tcp://", "ipc://")):
         raise ConfigError(
             f"--kv-events-bind {bind!r} is not a ZMQ endpoint interlock can bind: give "
@@ -563,7 +563,7 @@ def _resolve_kv_events(
         )
     ids = {e.worker_id for e in engines}
     replay: dict[int, str] = {}
-    for text in getattr(args, "kv_replay", []) or []:
+    for text in args.kv_replay or []:
         ident, equals, endpoint = text.partition("=")
         if not equals or not ident.isdigit() or not endpoint.startswith(("tcp://", "ipc://")):
             raise ConfigError(
@@ -589,7 +589,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
     # Flags (and INTERLOCK_ENGINE_API_KEY) win over the configuration file's [workers] table,
     # key by key; the file's replay endpoints belong to the file's engines only.
     table = PipelineConfig.workers_table(args.config) if args.config else {}
-    if getattr(args, "engines", None):
+    if args.engines:
         table.pop("kv_replay", None)
     if os.environ.get("INTERLOCK_ENGINE_API_KEY"):
         table.pop("engine_api_key", None)
@@ -608,7 +608,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         )
     if etcd_url is not None and not etcd_prefix.strip("/"):
         raise ConfigError("--etcd-prefix must not be empty (the workers' --etcd-prefix)")
-    engines = tuple(EngineAddress.parse(text) for text in getattr(args, "engines", []) or [])
+    engines = tuple(EngineAddress.parse(text) for text in args.engines or [])
     default_workers = 0 if texts or engines or etcd_url is not None else 4
     workers: int = args.workers if args.workers is not None else default_workers
     for flag, value, minimum in (
@@ -682,10 +682,8 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         openai_engines=engines,
         kv_events_bind=kv_events_bind,
         kv_replay=kv_replay,
-        engine_api_key=getattr(args, "engine_api_key", None)
-        or os.environ.get("INTERLOCK_ENGINE_API_KEY")
-        or None,
-        engine_connect_timeout=getattr(args, "engine_connect_timeout", 30.0),
+        engine_api_key=args.engine_api_key or os.environ.get("INTERLOCK_ENGINE_API_KEY") or None,
+        engine_connect_timeout=args.engine_connect_timeout,
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
