@@ -589,3 +589,27 @@ async def test_without_replay_the_mirror_never_holds_a_block_the_engine_evicted(
         if all(step["delivered"] for step in steps):
             assert m.blocks() == expected
         nursery.cancel_scope.cancel()
+
+
+async def test_replay_at_start_learns_what_the_engine_cached_before_any_live_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A frontend that starts after its engine: the engine's blocks are in no later batch, and
+    # a lost first batch would only be noticed when a second one comes.
+    engine = Buffer()
+    engine.batches = [(0, batch(stored([10], None, 0))), (1, batch(stored([11], 10, 100)))]
+    m, out = mirror(replay=engine, replay_at_start=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(m.run)
+        await trio.sleep(5)
+        assert engine.asked == [0]
+        assert set(m.blocks()) == {10, 11} and len(out) == 2
+        m.on_batch(2, batch(stored([12], 11, 200)))  # live batches carry on from there
+        assert set(m.blocks()) == {10, 11, 12}
+        nursery.cancel_scope.cancel()
+    without, _ = mirror(replay=Buffer())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(without.run)
+        await trio.sleep(5)
+        assert without.stats.replays == 0  # by default, a mirror waits for a gap to show
+        nursery.cancel_scope.cancel()

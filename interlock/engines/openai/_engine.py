@@ -374,6 +374,8 @@ class OpenAIEngine:
             self.block_size,
             publish=self._listeners.publish,
             replay_endpoint=self.kv_replay_endpoint,
+            # The engine may have cached blocks before this frontend started.
+            replay_at_start=True,
         )
         await nursery.start(mirror.run)
         self._mirror = mirror

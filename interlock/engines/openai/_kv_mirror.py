@@ -117,6 +117,8 @@ class KvMirror:
     ``replay_endpoint`` (the engine's vLLM ``replay_endpoint``, asked with ``replay_timeout``);
     pass at most one. Replays need :meth:`run` running; without it, or without a replay source,
     a gap clears the mirror. ``dp_rank`` is the data-parallel rank whose batches are mirrored.
+    With ``replay_at_start``, :meth:`run` first replays everything from seq 0 (a mirror joining
+    an engine that already holds blocks).
 
     Wiring, in the engine's nursery::
 
@@ -137,6 +139,7 @@ class KvMirror:
         replay_endpoint: str | None = None,
         replay_timeout: float = 10.0,
         dp_rank: int = 0,
+        replay_at_start: bool = False,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -149,6 +152,7 @@ class KvMirror:
         self._publish = publish
         self._replay = replay
         self._dp_rank = dp_rank
+        self._replay_at_start = replay_at_start
         # The cache: engine block hash -> (parent hash, tokens hash). A parent may be removed
         # while its child stays (vLLM evicts blocks one by one, and may still extend the child).
         self._blocks: dict[int, tuple[int | None, int]] = {}
@@ -255,6 +259,17 @@ class KvMirror:
         :class:`KvBlockSizeMismatch` once the engine's block size is found wrong.
         """
         self._serving = True
+        if (
+            self._replay_at_start
+            and self._replay is not None
+            and self._last_seq is None
+            and self._replay_from is None
+        ):
+            # What the engine cached before this mirror subscribed shows up in no later batch
+            # unless the engine touches it again, and a lost first batch is noticed only when
+            # the next one comes: ask for everything at once (live batches wait meanwhile).
+            self._replay_from = 0
+            self._stats["replays"] += 1
         try:
             task_status.started()
             while True:
