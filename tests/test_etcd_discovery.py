@@ -485,7 +485,11 @@ async def test_a_registered_worker_that_cannot_be_reached_yet_joins_once_it_can(
                             tmp_path, 6, "--zero-time", "--tokenizer", "builtin", port=port
                         )
                     )
-                    await wait_for(lambda: 6 in pipeline.workers, "worker 6, once reachable")
+                    # The engine joins the pipeline a moment before the watcher forgets the skip.
+                    await wait_for(
+                        lambda: 6 in pipeline.workers and not watcher.skipped,
+                        "worker 6, once reachable",
+                    )
                     assert watcher.skipped == set()
                     assert (await answer(pipeline, 3)) == 6
     finally:
