@@ -100,6 +100,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     )
 
 
+_SPAWNED_BEFORE = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[pytest.TestReport]:
+    """A failed tier test's report ends with the tails of every engine's and every spawned
+    process's log: CI keeps only the output, and the cause is usually in an engine's log."""
+    report: pytest.TestReport = yield
+    tier = getattr(item, "funcargs", {}).get("_engine_tier_session")
+    if report.failed and isinstance(tier, EngineTier):
+        since = item.stash.get(_SPAWNED_BEFORE, 0)
+        for name, tail in tier.log_tails(lines=25, spawned_since=since):
+            report.sections.append((f"log tail: {name}", tail))
+    return report
+
+
 def _unavailable(reason: str) -> None:
     """Skip, or fail when the tier is required (INTERLOCK_ENGINES_REQUIRED=1)."""
     if REQUIRED:
@@ -139,11 +157,15 @@ def _engine_tier_session(
 
 
 @pytest.fixture
-def engine_tier(_engine_tier_session: EngineTier) -> EngineTier:
+def engine_tier(_engine_tier_session: EngineTier, request: pytest.FixtureRequest) -> EngineTier:
     _engine_tier_session.restart_unhealthy_engines()
+    request.node.stash[_SPAWNED_BEFORE] = _engine_tier_session.spawned_count
     return _engine_tier_session
 
 
 @pytest.fixture
-def engine_tier_as_is(_engine_tier_session: EngineTier) -> EngineTier:
+def engine_tier_as_is(
+    _engine_tier_session: EngineTier, request: pytest.FixtureRequest
+) -> EngineTier:
+    request.node.stash[_SPAWNED_BEFORE] = _engine_tier_session.spawned_count
     return _engine_tier_session

@@ -457,6 +457,24 @@ class EngineTier:
         """`spawn` for ``interlock *args``."""
         return self.spawn(self.interlock_command(*args), name)
 
+    def log_tails(self, lines: int = 25, *, spawned_since: int = 0) -> list[tuple[str, str]]:
+        """(log file name and whether its process still runs, its last ``lines`` lines) for
+        every engine and every process spawned since the ``spawned_since``-th (`spawned_count`
+        before a test: that test's own)."""
+        groups: list[GroupProcess] = [*self.engines, *self._spawned[spawned_since:]]
+        return [
+            (
+                f"{group.log_path.name} ({'running' if group.running else 'exited'})",
+                group.log_tail(lines),
+            )
+            for group in groups
+        ]
+
+    @property
+    def spawned_count(self) -> int:
+        """How many processes `spawn` has started so far this session."""
+        return len(self._spawned)
+
     def restart_unhealthy_engines(self, deadline: float = START_DEADLINE) -> list[int]:
         """Kill and start again every engine that does not answer /health with 200 (a test
         killed or froze it), all at once, and block until they answer; returns their ids.
