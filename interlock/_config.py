@@ -249,12 +249,60 @@ class PipelineConfig:
         validator=_typed(int),
         metadata=_doc("Seed of the router's random choices (router_mode='random', temperature)."),
     )
-    engine_idle_timeout: float | None = attrs.field(
-        default=None,
+    first_token_timeout: float | None = attrs.field(
+        default=30.0,
         validator=_typed(float, optional=True, minimum=0.0),
         metadata=_doc(
-            "Seconds without output after which a stream counts as broken (a stalled worker); "
-            "None waits forever."
+            "Seconds a leg may take to send its first token (its time queued in the engine and "
+            "its prefill included; for a prefill leg, its whole answer) before its stream "
+            "counts as stalled: it migrates where migration is on, and the worker is ejected "
+            "(outlier_ejection_time). None waits forever."
+        ),
+    )
+    engine_idle_timeout: float | None = attrs.field(
+        default=20.0,
+        validator=_typed(float, optional=True, minimum=0.0),
+        metadata=_doc(
+            "Seconds without output, once the first token arrived, after which a stream counts "
+            "as stalled (as with first_token_timeout). None waits forever."
+        ),
+    )
+    outlier_ejection_time: float = attrs.field(
+        default=30.0,
+        validator=_typed(float, minimum=0.0),
+        metadata=_doc(
+            "Seconds a worker is left out of routing after it stalled a stream, or broke "
+            "outlier_failures streams within that many seconds; each further ejection lasts "
+            "one more such period (at most 10), and a period without failures takes one "
+            "back. While every candidate is ejected the router uses them anyway. 0: never eject."
+        ),
+    )
+    outlier_failures: int = attrs.field(
+        default=5,
+        validator=_typed(int, minimum=1),
+        metadata=_doc(
+            "Broken streams (crashes, resets, 5xx; never a client's 4xx) within "
+            "outlier_ejection_time seconds that eject a worker. A stalled stream ejects at once."
+        ),
+    )
+    max_inflight_per_worker: int | None = attrs.field(
+        default=None,
+        validator=_typed(int, optional=True, minimum=0),
+        metadata=_doc(
+            "Requests in flight on one worker at most; more wait in the frontend "
+            "(max_queued_requests). None: the worker's own max_num_seqs where it reports one "
+            "(interlock workers and mock engines); an OpenAI-compatible engine counts as full "
+            "while its /metrics show 5 or more requests waiting or its KV cache 95 % used. "
+            "0: no limit (admission control off)."
+        ),
+    )
+    max_queued_requests: int | None = attrs.field(
+        default=None,
+        validator=_typed(int, optional=True, minimum=0),
+        metadata=_doc(
+            "Requests waiting in the frontend for a worker slot at most, highest "
+            "nvext.agent_hints.priority first; beyond, 429 with Retry-After. None: half the "
+            "workers' slots together (64 for a worker without a known limit), at least 16."
         ),
     )
     actor_max_restarts: int = attrs.field(

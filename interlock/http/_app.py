@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._errors import ConfigError
+from .._errors import ConfigError, InterlockError
 from .._pipeline import Pipeline
 from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
 from ._errors import SERVER_ERROR, HttpError, bad_request, http_error_for
@@ -210,7 +210,7 @@ class _GenerateEndpoint:
     async def _fail_quietly(self, send: Send, error: HttpError) -> None:
         if error.status >= 500:
             _logger.warning("%s answered %d: %s", self.endpoint, error.status, error.message)
-        await send_json(send, error.status, error.body())
+        await send_json(send, error.status, error.body(), [*_JSON, *error.headers])
 
     async def _query(
         self, send: Send, parsed: ParsedRequest, request: PreprocessedRequest, start: float
@@ -662,13 +662,21 @@ def build_app(
     async def health(request: Request) -> Response:
         workers = pipeline.workers
         healthy = bool(workers)
+        try:
+            ejected = await pipeline.worker_states()
+        except InterlockError:
+            ejected = {}  # the router is restarting: /health answers all the same
         return _json(
             {
                 "status": "healthy" if healthy else "unhealthy",
                 "model": frontend.model,
                 "workers": sorted(workers),
+                # Left out of routing for a while (they stalled or broke streams), with the
+                # seconds left; routable again by themselves afterwards.
+                "ejected": {str(w): round(left, 1) for w, left in ejected.items()},
                 "routing": pipeline.config.routing,
                 "in_flight": pipeline.in_flight,
+                "queued": pipeline.queued,
             },
             200 if healthy else 503,
         )
@@ -683,6 +691,10 @@ def build_app(
             # How an operator sees that the engines' KV events arrive (docs/engines.md).
             blocks = await pipeline.kv_blocks()
             metrics.kv_blocks = {worker: len(ids) for worker, ids in blocks.items()}
+        metrics.queued = pipeline.queued
+        metrics.shed = pipeline.shed
+        metrics.stalls = pipeline.stats.stalls
+        metrics.ejected = await pipeline.worker_states()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
@@ -709,7 +721,12 @@ def build_app(
     async def internal_error(request: Request, exc: Exception) -> Response:
         _logger.exception("unhandled error in %s %s", request.method, request.url.path)
         error = http_error_for(exc)
-        return Response(error.body(), error.status, media_type="application/json")
+        return Response(
+            error.body(),
+            error.status,
+            headers={k.decode(): v.decode() for k, v in error.headers},
+            media_type="application/json",
+        )
 
     app = _App(
         routes=routes,

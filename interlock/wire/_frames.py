@@ -29,7 +29,7 @@ from ..kv import KvCleared, KvRemoved, KvStored
 from ._codec import converter
 from ._events import WorkerJoined, WorkerLeft
 from ._output import EngineOutput, FinishReason
-from ._request import PreprocessedRequest
+from ._request import PreprocessedRequest, RoutingHints
 from ._snapshot import WorkerSnapshot
 
 __all__ = [
@@ -250,6 +250,7 @@ def _converter() -> cattrs.Converter:
 _LATE_FIELDS: dict[type[Any], tuple[str, ...]] = {
     PreprocessedRequest: ("chat",),
     EngineOutput: ("chat_delta",),
+    RoutingHints: ("priority",),
 }
 
 _INT_ONLY = frozenset({int})
