@@ -26,6 +26,7 @@ from starlette.routing import Route
 from .._errors import ConfigError, InterlockError
 from .._pipeline import Pipeline
 from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
+from ._auth import OPEN_PATHS, TRUSTED, UNAUTHORIZED_HEADERS, ApiKeys, check_privileges
 from ._errors import SERVER_ERROR, HttpError, bad_request, http_error_for
 from ._frontend import Frontend, HttpLimits
 from ._metrics import HttpMetrics, RequestWatch
@@ -44,7 +45,7 @@ from ._route import route_routes
 from ._sse import ChunkEncoder, dumps, event
 
 # HttpLimits is defined with the endpoints' shared state; it is imported from here too.
-__all__ = ["HttpLimits", "build_app", "read_body", "send_json"]
+__all__ = ["HttpLimits", "build_app", "build_metrics_app", "read_body", "send_json"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -175,6 +176,9 @@ class _GenerateEndpoint:
             nvext = apply_headers(parsed.nvext, scope["headers"])
             query = nvext.query_only or not frontend.executes
             frontend.check_worker_ids(nvext)
+            check_privileges(
+                scope, parsed.nvext, executes=frontend.executes, routing=frontend.routing
+            )
             request_id = frontend.new_id(self.id_prefix)
             request = frontend.preprocess(parsed, nvext, request_id)
             if self.kind == "chat" and not frontend.frontend_post and not query:
@@ -602,6 +606,8 @@ def build_app(
     metrics: HttpMetrics | None = None,
     limits: HttpLimits | None = None,
     route_api: bool = False,
+    api_keys: ApiKeys | None = None,
+    metrics_endpoint: bool = True,
 ) -> Starlette:
     """The OpenAI-compatible app serving ``pipeline`` under the model name ``model``.
 
@@ -611,6 +617,12 @@ def build_app(
     ``/metrics`` includes routing and transition counts (without it they stay at zero).
     ``route_api`` adds the route-only endpoints (``POST /v1/route`` and friends, see
     docs/route-api.md).
+
+    ``api_keys``: requests outside ``/health``, ``/live`` and ``/metrics`` need one of these
+    keys (401 without), and only its trusted keys may pin workers, skip load booking, ask for
+    query-only answers or use the route-only API (403); by default (and with ``ApiKeys()``)
+    no key is needed and every caller may. ``metrics_endpoint=False`` leaves ``/metrics`` out
+    (serve `build_metrics_app` on another address instead).
 
     Raises:
         ConfigError: the pipeline postprocesses in the frontend but has no tokenizer to turn
@@ -704,8 +716,9 @@ def build_app(
         Route("/v1/models/{model:path}", model_info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/live", live, methods=["GET"]),
-        Route("/metrics", render_metrics, methods=["GET"]),
     ]
+    if metrics_endpoint:
+        routes.append(Route("/metrics", render_metrics, methods=["GET"]))
     if route_api:
         routes += route_routes(frontend)
 
@@ -736,6 +749,9 @@ def build_app(
         "/v1/chat/completions": routes[0].app,
         "/v1/completions": routes[1].app,
     }
+    app.api_keys = api_keys if api_keys is not None and api_keys.enabled else None
+    app.open_paths = OPEN_PATHS if metrics_endpoint else OPEN_PATHS - {"/metrics"}
+    app.state.render_metrics = render_metrics
     app.state.frontend = frontend
     app.state.metrics = metrics
     app.state.pipeline = pipeline
@@ -750,8 +766,21 @@ class _App(Starlette):
     """
 
     fast_routes: dict[str, Any]
+    api_keys: ApiKeys | None
+    open_paths: frozenset[str]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            # Before anything reads the request: a caller without a key learns nothing else.
+            keys = self.api_keys
+            if keys is None:
+                scope[TRUSTED] = True
+            elif scope["path"] not in self.open_paths:
+                try:
+                    scope[TRUSTED] = keys.authenticate(scope["headers"])
+                except HttpError as error:
+                    await send_json(send, error.status, error.body(), UNAUTHORIZED_HEADERS)
+                    return
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self.fast_routes.get(scope["path"])
             if endpoint is not None:
@@ -766,6 +795,12 @@ class _App(Starlette):
                         pass  # the response had started; the log has the error
                 return
         await super().__call__(scope, receive, send)
+
+
+def build_metrics_app(app: Starlette) -> Starlette:
+    """An app serving only ``GET /metrics`` of ``app`` (from `build_app`), for a separate
+    address (``--metrics-port``); it needs no API key."""
+    return Starlette(routes=[Route("/metrics", app.state.render_metrics, methods=["GET"])])
 
 
 def _model_card(frontend: Frontend) -> dict[str, Any]:
