@@ -57,7 +57,15 @@ from ..processing import (
 )
 from ..wire import ProtocolError
 from ._app import HttpLimits, build_app, build_metrics_app
-from ._auth import ApiKeys, check_key, describe, exposure_warning, read_key_file, split_keys
+from ._auth import (
+    OPEN_PATHS,
+    ApiKeys,
+    check_key,
+    describe,
+    exposure_warning,
+    read_key_file,
+    split_keys,
+)
 from ._metrics import HttpMetrics
 from ._preprocess import Preprocessor
 from ._serve import serve_http
@@ -1126,9 +1134,7 @@ def banner(
         lines.append(f"  policy       {setup.selection_policy_path} (in place of router_mode)")
     if setup.route_api:
         lines.append(f"  route API    {url}/v1/route (docs/route-api.md)")
-    open_paths = (
-        {"/health", "/live"} if metrics_url is not None else {"/health", "/live", "/metrics"}
-    )
+    open_paths = OPEN_PATHS - {"/metrics"} if metrics_url is not None else OPEN_PATHS
     lines.append(f"  API keys     {describe(setup.api_keys, setup.api_key_sources, open_paths)}")
     if metrics_url is not None:
         lines.append(f"  metrics      {metrics_url}/metrics (not on {url})")
