@@ -190,11 +190,11 @@ def is_trusted(scope: Any) -> bool:
     return scope.get(TRUSTED, False) is True
 
 
-def _forbidden(what: str, param: str) -> HttpError:
+def _forbidden(what: str, param: str, fix: str = "drop it, or send a trusted key") -> HttpError:
     return HttpError(
         403,
         f"{what} is reserved for trusted callers, and this request's API key is not one of the "
-        "server's trusted keys (--trusted-api-key); drop it, or send a trusted key",
+        f"server's trusted keys (--trusted-api-key); {fix}",
         param=param,
         code="permission_denied",
     )
@@ -240,7 +240,11 @@ def check_route_api(scope: Any, *, executes: bool) -> None:
         HttpError: 403 (``permission_denied``).
     """
     if executes and not is_trusted(scope):
-        raise _forbidden(f"the route-only API ({scope['path']})", "authorization")
+        raise _forbidden(
+            f"the route-only API ({scope['path']})",
+            "authorization",
+            "send a trusted key, or ask a router (interlock route)",
+        )
 
 
 def is_loopback(host: str) -> bool:
