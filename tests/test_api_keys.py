@@ -28,6 +28,7 @@ from test_http_harness import serving
 
 from interlock import ConfigError, PipelineConfig
 from interlock.http import ApiKeys
+from interlock.http._auth import exposure_warning
 from interlock.http._cli import resolve_api_keys
 
 KEY = "sk-interlock-test-1"
@@ -233,14 +234,35 @@ async def test_a_non_loopback_bind_without_keys_warns_on_stderr() -> None:
             assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
     for argv in (["--host", "0.0.0.0", "--api-key", KEY], ["--host", "127.0.0.1"]):
         async with _serving_process("serve", *argv) as served:
-            served.process.terminate()
-            with trio.fail_after(30):
-                await served.process.wait()
+            # The warning would be printed right after the banner, before the server task
+            # yields: once a request has been answered, it would be out.
+            async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+                assert (await client.get("/live")).status_code == 200
+            served.process.kill()
             assert served.process.stderr is not None
             rest = b""
-            while chunk := await served.process.stderr.receive_some(65536):
-                rest += chunk
+            with trio.fail_after(30):
+                while chunk := await served.process.stderr.receive_some(65536):
+                    rest += chunk
             assert b"WARNING" not in rest, rest.decode()
+
+
+@pytest.mark.parametrize(
+    ("host", "warns"),
+    [
+        ("127.0.0.1", False),
+        ("127.0.0.2", False),
+        ("::1", False),
+        ("localhost", False),
+        ("0.0.0.0", True),
+        ("::", True),
+        ("10.0.0.5", True),
+        ("frontend.internal", True),
+    ],
+)
+def test_which_binds_warn_without_keys(host: str, warns: bool) -> None:
+    assert (exposure_warning("serve", host, ApiKeys()) is not None) is warns
+    assert exposure_warning("serve", host, ApiKeys([KEY])) is None
 
 
 async def test_route_with_api_keys_and_route_once_with_a_key() -> None:
