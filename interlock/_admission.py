@@ -109,7 +109,11 @@ class AdmissionQueue:
 
 
 def default_queue_limit(slots: list[int | None]) -> int:
-    """``max_queued_requests`` when unset: half the workers' slots together, a worker without
-    a known limit counting 64, and at least 16."""
+    """``max_queued_requests`` when unset: a quarter of the workers' slots together (a worker
+    without a known limit counting 64), and at least 8.
+
+    A quarter keeps a queued request's wait under about a quarter of a request's time in a
+    full batch, so admitted requests stay within twice the unloaded p99 at any load
+    (benchmarks/bench_overload.py: half the slots gave 2.03x)."""
     total = sum(64 if s is None or s <= 0 or math.isinf(s) else s for s in slots)
-    return max(16, total // 2)
+    return max(8, total // 4)

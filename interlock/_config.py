@@ -310,8 +310,8 @@ class PipelineConfig:
         validator=_typed(int, optional=True, minimum=0),
         metadata=_doc(
             "Requests waiting in the frontend for a worker slot at most, highest "
-            "nvext.agent_hints.priority first; beyond, 429 with Retry-After. None: half the "
-            "workers' slots together (64 for a worker without a known limit), at least 16."
+            "nvext.agent_hints.priority first; beyond, 429 with Retry-After. None: a quarter of "
+            "the workers' slots together (64 for a worker without a known limit), at least 8."
         ),
     )
     actor_max_restarts: int = attrs.field(

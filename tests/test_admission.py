@@ -85,7 +85,7 @@ async def test_the_default_limit_is_what_the_worker_reports(autojump_clock: obje
     peak = Peak(engines)
     async with build_pipeline(PipelineConfig(), Components(workers=engines)) as pipeline:
         results = await run_all(pipeline, [request(i) for i in range(10)])
-    # Default queue: at least 16, so nothing is shed; the engine never queues itself.
+    # Default queue: at least 8, so nothing is shed; the engine never queues itself.
     assert all(isinstance(r, list) for r in results)
     assert peak.peak == {0: 3}
 

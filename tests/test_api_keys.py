@@ -303,6 +303,7 @@ _PRIVILEGES = [
     ("x-dp-rank", {}, {"x-dp-rank": "0"}),
     ("x-enable-local-updates", {}, {"x-enable-local-updates": "false"}),
     ("nvext.annotations", {"nvext": {"annotations": ["query_instance_id:"]}}, {}),
+    ("nvext.agent_hints.priority", {"nvext": {"agent_hints": {"priority": 3}}}, {}),
 ]  # fmt: skip
 
 

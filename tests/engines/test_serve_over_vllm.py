@@ -364,3 +364,61 @@ def test_kill_9_of_a_vllm_mid_stream_migrates_every_stream_exactly(
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert migrated == unbroken
     assert re.search(r"^interlock_migrations_total ([1-9]\d*)", metrics, re.M), metrics
+
+
+def test_a_frozen_vllm_engine_core_is_a_stall_and_every_stream_migrates_exactly(
+    engine_tier: EngineTier,
+) -> None:
+    # vLLM's /health stays 200 while its engine core is stopped (reference/vllm-cpu.md), so
+    # only interlock's own deadlines catch it: with the defaults (engine_idle_timeout 20 s),
+    # within the contract's 60 s.
+    flags = [*engines(engine_tier, "2", "3"), "--migration-limit", "2"]
+    prompts = [f"freeze {i}: " + words(300 + i, 40) for i in range(8)]
+    frozen_engine = engine_tier.engine(3)
+    with interlock_serve(engine_tier, *flags, name="freeze") as url:
+
+        async def run_all(freeze_after: int | None) -> list[str]:
+            texts = [""] * len(prompts)
+            chunks = [0] * len(prompts)
+            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
+
+                async def one(index: int) -> None:
+                    body = {
+                        "model": SERVED_MODEL_NAME,
+                        "prompt": prompts[index],
+                        "max_tokens": 60,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "stream": True,
+                    }
+                    async with http.stream("POST", "/v1/completions", json=body) as response:
+                        assert response.status_code == 200
+                        async for line in response.aiter_lines():
+                            if line.startswith("data: {"):
+                                chunk = httpx.Response(200, content=line[6:]).json()
+                                assert "error" not in chunk, chunk
+                                if chunk["choices"]:
+                                    texts[index] += chunk["choices"][0]["text"]
+                                    chunks[index] += 1
+
+                async with trio.open_nursery() as nursery:
+                    for index in range(len(prompts)):
+                        nursery.start_soon(one, index)
+                    if freeze_after is not None:
+                        while min(chunks) < freeze_after:  # noqa: ASYNC110
+                            await trio.sleep(0.01)
+                        stopped.extend(frozen_engine.freeze())
+            return texts
+
+        stopped: list[int] = []
+        try:
+            unbroken = trio.run(run_all, None)
+            frozen = trio.run(run_all, 3)
+            health = httpx.get(f"{url}/health", timeout=10).json()
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        finally:
+            frozen_engine.thaw(stopped)
+    assert frozen == unbroken
+    assert "3" in health["ejected"], health
+    assert re.search(r"^interlock_streams_stalled_total ([1-9]\d*)", metrics, re.M), metrics
+    assert re.search(r"^interlock_migrations_total ([1-9]\d*)", metrics, re.M), metrics

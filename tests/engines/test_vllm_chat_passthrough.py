@@ -73,11 +73,9 @@ def tool_engine(_engine_tier_session: EngineTier) -> Iterator[VllmEngine]:
     """Engine 4: like the session's engines, plus vLLM's hermes tool-call parser."""
     tier = _engine_tier_session
     port, replay_port = tier.ports.pick(), tier.ports.pick()
-    share = tier.work_dir / f"kv-share-{TOOL_ENGINE_ID}"
-    share.mkdir(parents=True, exist_ok=True)
     command = [
         *engine_command(
-            VLLM_PYTHON, tier.model_dir, TOOL_ENGINE_ID, port, tier.kv_port, replay_port, share
+            VLLM_PYTHON, tier.model_dir, TOOL_ENGINE_ID, port, tier.kv_port, replay_port, None
         ),
         *TOOL_PARSER_FLAGS,
     ]
@@ -89,7 +87,7 @@ def tool_engine(_engine_tier_session: EngineTier) -> Iterator[VllmEngine]:
         id=TOOL_ENGINE_ID,
         port=port,
         replay_port=replay_port,
-        share_path=share,
+        share_path=None,
         command=command,
         env=env,
     )

@@ -66,14 +66,15 @@ def nixl_pair(
     engines = []
     for engine_id in (PREFILL_ID, DECODE_ID):
         port, replay_port, side = PORTS.pick(), PORTS.pick(), PORTS.pick()
-        share = work / f"unused-share-{engine_id}"
         command = engine_command(
-            VLLM_PYTHON, tiny_model_dir, engine_id, port, kv_port, replay_port, share
+            VLLM_PYTHON, tiny_model_dir, engine_id, port, kv_port, replay_port, None
         )
-        at = command.index("--kv-transfer-config") + 1
-        command[at] = json.dumps(
-            {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
-        )
+        command += [
+            "--kv-transfer-config",
+            json.dumps(
+                {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+            ),
+        ]
         env = engine_env(VLLM_PYTHON)
         env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = "127.0.0.1"
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side)
@@ -85,7 +86,7 @@ def nixl_pair(
                 id=engine_id,
                 port=port,
                 replay_port=replay_port,
-                share_path=share,
+                share_path=None,
                 command=command,
                 env=env,
             )
