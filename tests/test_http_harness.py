@@ -184,6 +184,7 @@ def test_public_surface_is_pinned() -> None:
     import interlock.http
 
     assert sorted(interlock.http.__all__) == [
+        "Drain",
         "HttpError",
         "HttpLimits",
         "HttpMetrics",

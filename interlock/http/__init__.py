@@ -3,6 +3,7 @@
 - `build_app` (a running `Pipeline` -> Starlette app), `serve_http` (serve it in this trio run).
 - `Preprocessor` (tokenizer + chat template), `HttpMetrics` (Prometheus, a transition sink),
   `HttpLimits` (body size, context length).
+- `Drain` (``app.state.drain``): stop gracefully, as ``interlock serve`` does on SIGTERM.
 - `add_serve_parser` / `add_route_parser`: the ``interlock serve`` and ``interlock route``
   commands.
 
@@ -11,12 +12,14 @@ docs/http.md and docs/route-api.md are the reference.
 
 from ._app import HttpLimits, build_app
 from ._cli import add_route_parser, add_serve_parser
+from ._drain import Drain
 from ._errors import HttpError
 from ._metrics import HttpMetrics
 from ._preprocess import Preprocessor
 from ._serve import serve_http
 
 __all__ = [
+    "Drain",
     "HttpError",
     "HttpLimits",
     "HttpMetrics",

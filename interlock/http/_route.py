@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..wire import PreprocessedRequest, RouterConfigOverride, RoutingDecision
+from ._drain import refused_while_draining
 from ._errors import HttpError, bad_request, http_error_for
 from ._frontend import Frontend
 from ._nvext import parse_token_ids
@@ -114,6 +115,15 @@ class _RouteApi:
     async def route(self, request: Request) -> Response:
         start = trio.current_time()
         status = 200
+        drain = self.frontend.drain
+        if drain.draining:
+            # A gateway's next route request goes to another router; the frees and
+            # prefill_complete calls of what this one booked are still answered.
+            drain.refused += 1
+            self.frontend.metrics.count_request("/v1/route", 503, 0.0)
+            response = _error(refused_while_draining())
+            response.headers["connection"] = "close"
+            return response
         try:
             response = await self._route(request)
             status = response.status_code
