@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,17 @@ import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 from test_etcd_discovery import PREFIX, Etcd, etcd, wait_for  # noqa: F401 (etcd: a fixture)
 from test_http_cli import _serve_process
 from test_http_remote_workers import serving_over
 from test_remote_workers import start_worker, stop
 
-from interlock import WorkerRefused
+from interlock import Components, PipelineConfig, WorkerRefused, build_pipeline
 from interlock.discovery import EtcdClient, worker_key
+from interlock.engines.mock import MockEngine, mock_token_pool
+from interlock.http import Drain, HttpMetrics, Preprocessor, build_app
+from interlock.http._cli import call_asgi
 from interlock.wire import PreprocessedRequest
 
 TIMEOUT = 60
@@ -320,3 +325,106 @@ async def test_a_draining_worker_leaves_etcd_first(etcd: Etcd, tmp_path: Path) -
         assert "drained: 1 stream(s) finished, 0 cut" in worker.log_text()
     finally:
         await stop(worker)
+
+
+async def test_streams_finish_on_a_draining_worker_found_in_etcd_without_migration(
+    etcd: Etcd,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # Migration off (the default): only a drain that lets the streams finish where they run
+    # completes them all.
+    flags = ["--speedup", "1", "--tokenizer", "builtin", "--log-level", "warning"]
+    flags += ["--etcd", etcd.url, "--etcd-prefix", PREFIX, "--etcd-ttl", "30"]
+    workers = [await start_worker(tmp_path, worker_id, *flags) for worker_id in (1, 2)]
+    process, url, banner = await _serve_process(
+        "serve", "--port", "0", "--etcd", etcd.url, "--etcd-prefix", PREFIX,
+        "--router-mode", "round_robin",
+    )  # fmt: skip
+    try:
+        assert any("found worker 1, worker 2" in line for line in banner), banner
+        draining = workers[0]
+        with trio.fail_after(TIMEOUT):
+            streams = [Stream() for _ in range(8)]
+            async with (
+                httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client,
+                trio.open_nursery() as nursery,
+            ):
+                for n, stream in enumerate(streams):
+                    nursery.start_soon(read_stream, client, n, TOKENS, stream)
+                await wait_until(lambda: all(s.started for s in streams), "8 streams to start")
+                draining.process.send_signal(signal.SIGTERM)
+                while (await client.get("/health")).json()["workers"] != [2]:  # noqa: ASYNC110
+                    await trio.sleep(0.01)  # the record's deletion is on its way
+                assert await draining.process.wait() == 0
+            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+                metrics = (await client.get("/metrics")).text
+        for stream in streams:
+            assert stream.done and not stream.errors, stream.events[-3:]
+            assert stream.usage is not None and stream.usage["completion_tokens"] == TOKENS
+        assert "interlock_migrations_total 0.0" in metrics
+        assert "drained: 4 stream(s) finished, 0 cut" in draining.log_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for worker in workers:
+            await stop(worker)
+
+
+# -- the embedding API, in-process under virtual time ------------------------------------------
+
+
+@asynccontextmanager
+async def embedded_app() -> AsyncIterator[Any]:
+    """`build_app` over one timed mock worker (virtual time: autojump_clock)."""
+    preprocessor = Preprocessor.default()
+    tokenizer = preprocessor.tokenizer
+    engine = MockEngine(1, "agg", token_pool=mock_token_pool(tokenizer), tokenizer=tokenizer)
+    metrics = HttpMetrics()
+    components = Components(workers=[engine], tokenizer=tokenizer, transition_sinks=[metrics])
+    async with build_pipeline(PipelineConfig(), components) as pipeline:
+        yield build_app(pipeline, preprocessor=preprocessor, metrics=metrics)
+
+
+async def _stream_in_process(app: Any, tokens: int, into: list[bytes]) -> None:
+    body = json.dumps(
+        {
+            "model": "mock",
+            "prompt": "Once",
+            "max_tokens": tokens,
+            "ignore_eos": True,
+            "stream": True,
+        }
+    ).encode()
+    status, answer = await call_asgi(app, "POST", "/v1/completions", body)
+    into.append(answer)
+    assert status == 200
+
+
+@pytest.mark.parametrize(("grace", "cut"), [(600.0, False), (1.0, True)])
+async def test_an_embedder_drains_with_drain_run(
+    autojump_clock: trio.testing.MockClock, grace: float, cut: bool
+) -> None:
+    async with embedded_app() as app, trio.open_nursery() as nursery:
+        drain: Drain = app.state.drain
+        bodies: list[bytes] = []
+        # 2000 tokens take about 12 s of the mock model's (virtual) time.
+        nursery.start_soon(_stream_in_process, app, 2000, bodies)
+        await wait_for(lambda: drain.in_flight == 1, "the stream to start")
+        nursery.start_soon(drain.run, grace)
+        await wait_for(lambda: drain.draining, "the drain to start")
+        status, health = await call_asgi(app, "GET", "/health")
+        assert status == 503 and json.loads(health)["status"] == "draining"
+        status, refused = await call_asgi(app, "POST", "/v1/completions", b"{}")
+        assert status == 503 and json.loads(refused)["error"]["code"] == "shutting_down"
+        await drain.wait_drained()
+    (body,) = bodies
+    events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    if cut:
+        assert last["error"]["code"] == "shutting_down"
+        assert (drain.finished, drain.cut_requests, drain.refused) == (0, 1, 1)
+    else:
+        assert last["choices"][0]["finish_reason"] == "length"
+        assert (drain.finished, drain.cut_requests, drain.refused) == (1, 0, 1)

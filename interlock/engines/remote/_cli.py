@@ -564,6 +564,7 @@ async def _drain_then_stop(
     drain.start()
     with trio.move_on_after(grace_period):
         await drain.wait_idle()
+    await drain.say_goodbye()
     print(
         f"interlock worker: drained: {drain.finished} stream(s) finished, {drain.in_flight} "
         f"cut (frontends migrate them), {drain.refused} new one(s) refused; exiting",

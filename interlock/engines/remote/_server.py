@@ -75,6 +75,18 @@ class WorkerDrain:
         """Wait until draining and no stream is running."""
         await self._idle.wait()
 
+    async def say_goodbye(self) -> None:
+        """Send every connected frontend what is queued for it and a goodbye (at most
+        ``GOODBYE_TIMEOUT`` seconds, all at once), so that the last outputs of the streams
+        that finished arrive before the connection closes."""
+        hub = self._hub
+        if hub is None:
+            return
+        reason = f"worker {hub.engine.instance_id} is shutting down"
+        async with trio.open_nursery() as nursery:
+            for session in list(hub.sessions):
+                nursery.start_soon(session.conn.goodbye, reason)
+
     def _stream_started(self) -> None:
         self.in_flight += 1
 
