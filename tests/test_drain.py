@@ -375,7 +375,7 @@ async def test_streams_finish_on_a_draining_worker_found_in_etcd_without_migrati
 
 
 @asynccontextmanager
-async def embedded_app() -> AsyncIterator[Any]:
+async def embedded_app(*, route_api: bool = False) -> AsyncIterator[Any]:
     """`build_app` over one timed mock worker (virtual time: autojump_clock)."""
     preprocessor = Preprocessor.default()
     tokenizer = preprocessor.tokenizer
@@ -383,7 +383,7 @@ async def embedded_app() -> AsyncIterator[Any]:
     metrics = HttpMetrics()
     components = Components(workers=[engine], tokenizer=tokenizer, transition_sinks=[metrics])
     async with build_pipeline(PipelineConfig(), components) as pipeline:
-        yield build_app(pipeline, preprocessor=preprocessor, metrics=metrics)
+        yield build_app(pipeline, preprocessor=preprocessor, metrics=metrics, route_api=route_api)
 
 
 async def _stream_in_process(app: Any, tokens: int, into: list[bytes]) -> None:
@@ -428,3 +428,17 @@ async def test_an_embedder_drains_with_drain_run(
     else:
         assert last["choices"][0]["finish_reason"] == "length"
         assert (drain.finished, drain.cut_requests, drain.refused) == (1, 0, 1)
+
+
+async def test_a_draining_router_refuses_new_routes_but_releases_its_bookings() -> None:
+    async with embedded_app(route_api=True) as app:
+        drain: Drain = app.state.drain
+        route = json.dumps({"token_ids": [72, 101, 108], "request_id": "gw-1", "book": True})
+        status, _ = await call_asgi(app, "POST", "/v1/route", route.encode())
+        assert status == 200
+        drain.start()
+        status, refused = await call_asgi(app, "POST", "/v1/route", route.encode())
+        assert status == 503 and json.loads(refused)["error"]["code"] == "shutting_down"
+        # What the gateway booked before the drain is still released.
+        status, _ = await call_asgi(app, "POST", "/v1/route/gw-1/free")
+        assert status == 200

@@ -53,7 +53,8 @@ timing model) behind a TCP listener that speaks the interlock worker protocol; f
 reach it with RemoteEngine(host, port, instance_id=..., role=...), or interlock serve
 with --remote-worker ID=HOST:PORT. Prints one JSON line, {"worker_id": N, "host": "...",
 "port": P}, once listening (and registered in etcd, with --etcd); serves until
-SIGINT/SIGTERM. See docs/wire-protocol.md and docs/deploying.md."""
+SIGINT/SIGTERM, then drains (--drain-timeout). See docs/wire-protocol.md, docs/deploying.md
+and docs/operations.md."""
 
 _EXAMPLES = """\
 examples:
