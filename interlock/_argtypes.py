@@ -43,3 +43,13 @@ def port(text: str) -> int:
     if value is None or not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is a whole number 0-65535, got {text!r}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, got {text!r}")
+    return value

@@ -194,6 +194,7 @@ def test_public_surface_is_pinned() -> None:
 
     assert sorted(interlock.http.__all__) == [
         "ApiKeys",
+        "Drain",
         "HttpError",
         "HttpLimits",
         "HttpMetrics",

@@ -434,8 +434,11 @@ class WorkerWatcher:
     worker's; pass one to share resources such as a KV-event feed; its timeouts are replaced
     by the watcher's), added with `Pipeline.add_worker` (each in its own task: a slow
     handshake holds up no other worker).
-    A deleted record removes its worker and stops its engine (`Pipeline.remove_worker` with
-    ``stop=True``: streams still open on it break and migrate where migration is on). A
+    A deleted record removes its worker at once (no new request goes there) and stops its
+    engine (`Pipeline.remove_worker` with ``stop=True``) once no stream is open on it: a
+    worker that drains (``interlock worker`` on SIGTERM deletes its record first) finishes
+    its streams, for at most ``drain_timeout`` seconds; then streams still open break and
+    migrate where migration is on. A
     record with another address (the worker restarted elsewhere) replaces the engine. A
     record that does not parse or whose engine cannot be built (an unknown kind, a field its
     kind needs missing), a worker whose handshake does not match (id, role, block size or
@@ -458,6 +461,7 @@ class WorkerWatcher:
         connect_timeout: float = 5.0,
         backoff: float = 0.1,
         max_backoff: float = 2.0,
+        drain_timeout: float = 300.0,
     ) -> None:
         self.client = client
         self.pipeline = pipeline
@@ -474,6 +478,10 @@ class WorkerWatcher:
         self.context = context
         self._members: dict[int, _Member] = {}
         self._nursery: trio.Nursery | None = None
+        self.drain_timeout = drain_timeout
+        #: Removed workers whose engines still carry streams: cancel the scope to stop the
+        #: engine now; the event is set once it is stopped.
+        self._draining: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
         #: Completed listings (1 after the first; +1 per re-list after a broken watch).
         self.listings = 0
 
@@ -576,6 +584,12 @@ class WorkerWatcher:
         return record
 
     async def _join(self, record: WorkerRecord) -> None:
+        draining = self._draining.get(record.worker_id)
+        if draining is not None:
+            # The old engine under this id stops before a new one takes the id.
+            scope, stopped = draining
+            scope.cancel()
+            await stopped.wait()
         member = self._members.get(record.worker_id)
         if member is not None:
             if member.record == record and not (member.failed and member.done.is_set()):
@@ -631,9 +645,41 @@ class WorkerWatcher:
             return
         member.scope.cancel()
         await member.done.wait()
-        if member.engine is not None and self.pipeline.engine(worker_id) is member.engine:
+        engine = member.engine
+        if engine is not None and self.pipeline.engine(worker_id) is engine:
+            # A `RemoteEngine` says how many streams are open on it; other kinds stop at once.
+            open_streams: int = getattr(engine, "open_streams", 0)
+            if open_streams and getattr(engine, "connected", False):
+                # Draining: no new request goes there, and its streams finish where they run.
+                await self.pipeline.remove_worker(worker_id)
+                _logger.info(
+                    "worker %d left: %s; %d stream(s) still open on it",
+                    worker_id,
+                    why,
+                    open_streams,
+                )
+                scope = trio.CancelScope()
+                self._draining[worker_id] = (scope, trio.Event())
+                assert self._nursery is not None
+                self._nursery.start_soon(self._stop_when_idle, worker_id, engine, scope)
+                return
             await self.pipeline.remove_worker(worker_id, stop=True)
             _logger.info("worker %d left: %s", worker_id, why)
+
+    async def _stop_when_idle(self, worker_id: int, engine: Any, scope: trio.CancelScope) -> None:
+        """Stop ``engine`` (removed already) once no stream is open on it, its connection is
+        lost, ``drain_timeout`` passes, or ``scope`` is cancelled (its id is taken again)."""
+        with scope, trio.move_on_after(self.drain_timeout):
+            # RemoteEngine has no event for this; a removed worker is polled, briefly.
+            while engine.open_streams and engine.connected:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        try:
+            # Its id is not taken again yet (`_join` waits for this): the pipeline's engine
+            # scope under the id is still this engine's.
+            await self.pipeline.remove_worker(worker_id, stop=True)
+        finally:
+            self._draining.pop(worker_id)[1].set()
+        _logger.info("worker %d's engine stopped after its streams ended", worker_id)
 
 
 async def watch_workers(

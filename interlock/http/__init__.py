@@ -4,6 +4,7 @@
 - `Preprocessor` (tokenizer + chat template), `HttpMetrics` (Prometheus, a transition sink),
   `HttpLimits` (body size, context length).
 - `ApiKeys`: the keys clients must send, and the trusted ones that may use the privileges.
+- `Drain` (``app.state.drain``): stop gracefully, as ``interlock serve`` does on SIGTERM.
 - `add_serve_parser` / `add_route_parser`: the ``interlock serve`` and ``interlock route``
   commands.
 
@@ -13,6 +14,7 @@ docs/http.md and docs/route-api.md are the reference.
 from ._app import HttpLimits, build_app
 from ._auth import ApiKeys
 from ._cli import add_route_parser, add_serve_parser
+from ._drain import Drain
 from ._errors import HttpError
 from ._metrics import HttpMetrics
 from ._preprocess import Preprocessor
@@ -20,6 +22,7 @@ from ._serve import serve_http
 
 __all__ = [
     "ApiKeys",
+    "Drain",
     "HttpError",
     "HttpLimits",
     "HttpMetrics",

@@ -27,6 +27,7 @@ from .._errors import ConfigError, InterlockError
 from .._pipeline import Pipeline
 from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
 from ._auth import OPEN_PATHS, TRUSTED, UNAUTHORIZED_HEADERS, ApiKeys, check_privileges
+from ._drain import CONNECTION_CLOSE, DrainTicket, cut_by_drain, refused_while_draining
 from ._errors import SERVER_ERROR, HttpError, bad_request, http_error_for
 from ._frontend import Frontend, HttpLimits
 from ._metrics import HttpMetrics, RequestWatch
@@ -131,11 +132,13 @@ async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, state: _S
 
 
 class _State:
-    __slots__ = ("disconnected", "done")
+    __slots__ = ("disconnected", "done", "started")
 
     def __init__(self) -> None:
         self.disconnected = False
         self.done = False
+        #: The response's headers were sent (an error after that is an SSE event).
+        self.started = False
 
 
 class _GenerateEndpoint:
@@ -151,6 +154,9 @@ class _GenerateEndpoint:
         frontend = self.frontend
         start = trio.current_time()
         received_wall = time.time()
+        if frontend.drain.draining:
+            await self._refuse_while_draining(send, start)
+            return
         try:
             body = await read_body(receive, scope, frontend.limits.max_body_bytes)
             try:
@@ -195,15 +201,25 @@ class _GenerateEndpoint:
         watch = frontend.metrics.watch(request_id) if extras else None
         run = _Run(self, parsed, request, extras, watch, start, received_wall)
         frontend.metrics.in_flight += 1
+        run.ticket = frontend.drain.enter()
         try:
             if parsed.stream:
                 await run.stream(receive, send)
             else:
                 await run.complete(receive, send)
         finally:
+            frontend.drain.leave(run.ticket)
             frontend.metrics.in_flight -= 1
             if watch is not None:
                 frontend.metrics.unwatch(request_id)
+
+    async def _refuse_while_draining(self, send: Send, start: float) -> None:
+        # Connection: close, so that the client's next request opens a new connection, which
+        # a load balancer sends to another replica.
+        self.frontend.drain.refused += 1
+        error = refused_while_draining()
+        await send_json(send, 503, error.body(), [*_JSON, CONNECTION_CLOSE])
+        self.frontend.metrics.count_request(self.endpoint, 503, trio.current_time() - start)
 
     async def _fail(self, send: Send, error: HttpError, start: float) -> None:
         await self._fail_quietly(send, error)
@@ -286,6 +302,7 @@ class _Run:
         "received_wall",
         "request",
         "start",
+        "ticket",
         "token_ids",
         "watch",
     )
@@ -310,6 +327,8 @@ class _Run:
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
         self.token_ids: list[int] | None = [] if "completion_token_ids" in extras else None
+        #: The drain's count of this request; its cut cancels the request's nursery.
+        self.ticket = DrainTicket()
 
     def _tokens_arrived(self, output: EngineOutput) -> None:
         now = trio.current_time()
@@ -404,6 +423,7 @@ class _Run:
         deltas: ChatDeltas | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
+            self.ticket.attach(nursery.cancel_scope)
             try:
                 async with aclosing(frontend.pipeline.generate(self.request)) as outputs:
                     # The per-token work inlined: this loop runs once per token.
@@ -444,6 +464,9 @@ class _Run:
             nursery.cancel_scope.cancel()
         if state.disconnected:
             frontend.metrics.count_request(endpoint.endpoint, 499, trio.current_time() - self.start)
+            return
+        if self.ticket.cut and not state.done:
+            await endpoint._fail(send, cut_by_drain(), self.start)
             return
         request = self.request
         if error is None and not request.detokenize:
@@ -488,10 +511,13 @@ class _Run:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
+                self.ticket.attach(nursery.cancel_scope)
                 async with aclosing(frontend.pipeline.generate(self.request)) as outputs:
                     status = await self._stream_outputs(outputs, encoder, send, state)
                 state.done = True
                 nursery.cancel_scope.cancel()
+            if self.ticket.cut and not state.done and not state.disconnected:
+                status = await self._end_cut_stream(send, state)
         finally:
             metrics.streams_open -= 1
         metrics.count_request(
@@ -499,6 +525,18 @@ class _Run:
             499 if state.disconnected else status,
             trio.current_time() - self.start,
         )
+
+    async def _end_cut_stream(self, send: Send, state: _State) -> int:
+        """The drain's grace period ended mid-request: a 503 before the headers, else an SSE
+        error event (as for a failure mid-stream) and ``[DONE]``; the status to count."""
+        error = cut_by_drain()
+        if not state.started:
+            await send_json(send, 503, error.body(), [*_JSON, CONNECTION_CLOSE])
+        else:
+            await send(
+                {"type": "http.response.body", "body": event(error.to_dict()) + b"data: [DONE]\n\n"}
+            )
+        return 503
 
     async def _stream_outputs(
         self,
@@ -518,6 +556,7 @@ class _Run:
             await self.endpoint._fail_quietly(send, error)
             return error.status
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        state.started = True
         first = True
         try:
             while output is not None:
@@ -674,6 +713,19 @@ def build_app(
     async def health(request: Request) -> Response:
         workers = pipeline.workers
         healthy = bool(workers)
+        if frontend.drain.draining:
+            # A load balancer's health check stops sending here; the requests in flight
+            # finish (docs/operations.md, "Draining").
+            return _json(
+                {
+                    "status": "draining",
+                    "model": frontend.model,
+                    "workers": sorted(workers),
+                    "routing": pipeline.config.routing,
+                    "in_flight": pipeline.in_flight,
+                },
+                503,
+            )
         try:
             ejected = await pipeline.worker_states()
         except InterlockError:
@@ -753,6 +805,7 @@ def build_app(
     app.open_paths = OPEN_PATHS if metrics_endpoint else OPEN_PATHS - {"/metrics"}
     app.state.render_metrics = render_metrics
     app.state.frontend = frontend
+    app.state.drain = frontend.drain
     app.state.metrics = metrics
     app.state.pipeline = pipeline
     return app

@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import trio
 
+from .._argtypes import non_negative_float
 from .._config import PipelineConfig, knob_names, parse_knob_text
 from .._errors import ConfigError
 from .._pipeline import (
@@ -66,9 +67,14 @@ from ._auth import (
     read_key_file,
     split_keys,
 )
+from ._drain import Drain
 from ._metrics import HttpMetrics
 from ._preprocess import Preprocessor
 from ._serve import serve_http
+
+#: ``--drain-timeout``'s default: seconds the requests in flight get after SIGTERM (the
+#: Kubernetes default terminationGracePeriodSeconds is 30).
+DEFAULT_DRAIN_TIMEOUT = 30.0
 
 #: What ``--remote-worker`` takes, for error messages.
 REMOTE_WORKER_FORM = "ID=HOST:PORT or ID=HOST:PORT/ROLE (ROLE: agg, prefill or decode)"
@@ -179,6 +185,8 @@ class ServeSetup:
     #: ``--metrics-port``: serve ``/metrics`` there (on ``metrics_host``) instead of on ``port``.
     metrics_host: str | None = None
     metrics_port: int | None = None
+    #: ``--drain-timeout``: seconds the requests in flight get after SIGTERM.
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
     def engine_context(self, kv_events: Any = None) -> EngineContext:
         """What the engines of ``--engine`` and of etcd are built with: this frontend's block
@@ -339,6 +347,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=8 * 1024 * 1024,
         metavar="BYTES",
         help="larger request bodies get 413 (8 MiB)",
+    )
+    server.add_argument(
+        "--drain-timeout",
+        type=non_negative_float,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C, /health turns 503 and new requests get 503 while the "
+        "requests in flight get this long to finish; then the rest end with an error and the "
+        "server exits (30; 0 = at once; a second signal stops at once; docs/operations.md)",
     )
     workers = parser.add_argument_group("workers")
     workers.add_argument(
@@ -808,6 +825,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         kv_replay=kv_replay,
         engine_api_key=args.engine_api_key or os.environ.get("INTERLOCK_ENGINE_API_KEY") or None,
         engine_connect_timeout=args.engine_connect_timeout,
+        drain_timeout=args.drain_timeout,
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
@@ -950,7 +968,8 @@ def _first_leaf(exc: BaseException) -> BaseException:
 async def serve_frontend(
     setup: ServeSetup, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Build the pipeline on the workers and serve it until cancelled; print the banner once
+    """Build the pipeline on the workers and serve it until cancelled (or, in the main
+    thread, drained after SIGTERM or SIGINT: `_drain_on_signals`); print the banner once
     listening (and report the URL through ``task_status``).
 
     Waits first for every remote worker's handshake (up to 10 s each), and with ``--etcd``
@@ -978,9 +997,25 @@ async def serve_frontend(
             api_keys=setup.api_keys,
             metrics_endpoint=setup.metrics_port is None,
         )
+        drain: Drain = app.state.drain
+
+        async def serve_until_drained(*, task_status: trio.TaskStatus[str]) -> None:
+            # Hypercorn stops once the drain is over: it closes its listener and its idle
+            # keep-alive connections at once. Its own grace period is only a backstop: the
+            # drain has ended or cut every request by then.
+            await serve_http(
+                app,
+                setup.host,
+                setup.port,
+                shutdown_trigger=drain.wait_drained,
+                graceful_timeout=_HYPERCORN_GRACE,
+                task_status=task_status,
+            )
+            nursery.cancel_scope.cancel()
+
         async with trio.open_nursery() as nursery:
             try:
-                url = await nursery.start(serve_http, app, setup.host, setup.port)
+                url = await nursery.start(serve_until_drained)
             except BaseExceptionGroup as group:
                 # A bind error arrives on its own, not as a group of one.
                 if len(group.exceptions) == 1:
@@ -993,7 +1028,13 @@ async def serve_frontend(
                 print(warning, file=sys.stderr, flush=True)
             task_status.started(url)
             if threading.current_thread() is threading.main_thread():
-                nursery.start_soon(_stop_on_signals, nursery.cancel_scope, setup.command)
+                nursery.start_soon(_drain_on_signals, drain, setup)
+        if drain.draining:
+            print(
+                f"interlock {setup.command}: drained: {drain.summary()}; exiting",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 async def _serve_metrics(nursery: trio.Nursery, setup: ServeSetup, app: Any) -> str | None:
@@ -1020,14 +1061,38 @@ async def _serve_metrics(nursery: trio.Nursery, setup: ServeSetup, app: Any) -> 
     return url
 
 
-async def _stop_on_signals(scope: trio.CancelScope, command: str) -> None:
-    # Ctrl-C and SIGTERM (what container runtimes send) both stop the server cleanly, even
-    # when the process was started with SIGINT ignored (a background job of a script).
+#: How long Hypercorn lets the handlers left after a drain finish before cancelling them.
+_HYPERCORN_GRACE = 1.0
+
+
+async def _drain_on_signals(drain: Drain, setup: ServeSetup) -> None:
+    """On SIGTERM or SIGINT, drain (`Drain.run` with ``--drain-timeout``); a second signal
+    ends the grace period at once. The server stops when the drain is over."""
+    # Ctrl-C and SIGTERM (what container runtimes send) both drain, as uvicorn and vLLM's
+    # server do, even when the process was started with SIGINT ignored (a background job of
+    # a script); the second one stops at once.
+    command = setup.command
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for number in signals:
-            print(f"interlock {command}: {signal.Signals(number).name}, stopping", file=sys.stderr)
-            scope.cancel()
-            return
+        async with trio.open_nursery() as nursery:
+            async for number in signals:
+                name = signal.Signals(number).name
+                if not drain.draining:
+                    print(
+                        f"interlock {command}: {name}, stopping: draining {drain.in_flight} "
+                        f"request(s) in flight for up to {setup.drain_timeout:g}s; /health "
+                        "answers 503 and new requests 503 (a second signal stops at once)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    nursery.start_soon(drain.run, setup.drain_timeout)
+                else:
+                    print(
+                        f"interlock {command}: {name} again, stopping at once: cutting "
+                        f"{drain.in_flight} request(s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    drain.cut()
 
 
 @asynccontextmanager

@@ -14,6 +14,7 @@ import attrs
 
 from .._pipeline import Pipeline
 from ..wire import PreprocessedRequest, SamplingOptions
+from ._drain import Drain
 from ._errors import HttpError, bad_request
 from ._metrics import HttpMetrics
 from ._nvext import NvExt
@@ -54,6 +55,8 @@ class Frontend:
         self.eos_token_ids = tuple(preprocessor.tokenizer.eos_token_ids)
         self.metrics = metrics
         self.limits = limits
+        #: Whether the server drains, and the requests in flight it waits for.
+        self.drain = Drain(metrics)
         self.created = int(time.time())
         self._ids = itertools.count()
         self._id_prefix = secrets.token_hex(6)

@@ -86,6 +86,9 @@ class HttpMetrics:
         self.requests: dict[tuple[str, str], int] = {}
         self.in_flight = 0
         self.streams_open = 0
+        #: The server is draining (`interlock.http.Drain`): it finishes what is in flight and
+        #: takes nothing new.
+        self.draining = False
         self.ttft = _Histogram(LATENCY_BUCKETS)
         self.itl = _Histogram(ITL_BUCKETS)
         self.duration: dict[str, _Histogram] = {}
@@ -199,6 +202,12 @@ class HttpMetrics:
         )
         yield GaugeMetricFamily(
             f"{ns}_http_streams_open", "Streaming responses open now.", value=self.streams_open
+        )
+        yield GaugeMetricFamily(
+            f"{ns}_draining",
+            "1 while the server drains (after SIGTERM): in-flight requests finish, new ones get "
+            "503.",
+            value=1 if self.draining else 0,
         )
         for name, doc, histogram in (
             ("time_to_first_token_seconds", "Time from request to its first token.", self.ttft),

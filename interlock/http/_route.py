@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from ..wire import PreprocessedRequest, RouterConfigOverride, RoutingDecision
 from ._auth import check_route_api
+from ._drain import refused_while_draining
 from ._errors import HttpError, bad_request, http_error_for
 from ._frontend import Frontend
 from ._nvext import parse_token_ids
@@ -115,6 +116,15 @@ class _RouteApi:
     async def route(self, request: Request) -> Response:
         start = trio.current_time()
         status = 200
+        drain = self.frontend.drain
+        if drain.draining:
+            # A gateway's next route request goes to another router; the frees and
+            # prefill_complete calls of what this one booked are still answered.
+            drain.refused += 1
+            self.frontend.metrics.count_request("/v1/route", 503, 0.0)
+            response = _error(refused_while_draining())
+            response.headers["connection"] = "close"
+            return response
         try:
             response = await self._route(request)
             status = response.status_code

@@ -28,7 +28,7 @@ import attrs
 import trio
 import zmq
 
-from ..._argtypes import non_negative_int, port, positive_int
+from ..._argtypes import non_negative_float, non_negative_int, port, positive_int
 from ..._errors import ConfigError
 from ...discovery._etcd import EtcdClient, EtcdError, WorkerRecord, serve_registration
 from ...processing import ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
@@ -43,7 +43,7 @@ from ..mock import (
     parse_faults,
     serve_mock_openai,
 )
-from ._server import WorkerAddress, serve_worker
+from ._server import WorkerAddress, WorkerDrain, serve_worker
 
 _logger = logging.getLogger("interlock.engines.remote")
 
@@ -53,7 +53,8 @@ timing model) behind a TCP listener that speaks the interlock worker protocol; f
 reach it with RemoteEngine(host, port, instance_id=..., role=...), or interlock serve
 with --remote-worker ID=HOST:PORT. Prints one JSON line, {"worker_id": N, "host": "...",
 "port": P}, once listening (and registered in etcd, with --etcd); serves until
-SIGINT/SIGTERM. See docs/wire-protocol.md and docs/deploying.md."""
+SIGINT/SIGTERM, then drains (--drain-timeout). See docs/wire-protocol.md, docs/deploying.md
+and docs/operations.md."""
 
 _EXAMPLES = """\
 examples:
@@ -238,6 +239,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "stopped renewing (default 10; etcd raises values below its minimum, about 2)",
     )
     parser.add_argument(
+        "--drain-timeout",
+        type=non_negative_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C: leave etcd, refuse new requests (frontends send them "
+        "elsewhere) and give the running streams this long to finish before stopping; "
+        "frontends migrate the rest (30; 0 = at once; a second signal stops at once)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
@@ -320,7 +330,17 @@ def run_worker(args: argparse.Namespace) -> int:
         registration = _Registration(
             client, args.etcd_prefix, args.etcd_ttl, args.advertise_host, args.block_size
         )
-    error = trio.run(_serve_until_signalled, engine, args.host, args.port, registration, surface)
+    error = trio.run(
+        functools.partial(
+            _serve_until_signalled,
+            engine,
+            args.host,
+            args.port,
+            registration,
+            surface,
+            drain_timeout=args.drain_timeout,
+        )
+    )
     if isinstance(error, EtcdError):
         print(f"interlock worker: cannot register in etcd: {error}", file=sys.stderr)
         return 1
@@ -424,23 +444,30 @@ async def _serve_until_signalled(
     port: int,
     registration: _Registration | None = None,
     surface: _Surface | None = None,
+    *,
+    drain_timeout: float = 30.0,
 ) -> OSError | EtcdError | zmq.ZMQError | None:
+    drain = WorkerDrain()
+    registered = trio.CancelScope()
+    deregistered = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:
-                address: WorkerAddress = await nursery.start(serve_worker, engine, host, port)
+                address: WorkerAddress = await nursery.start(
+                    functools.partial(serve_worker, engine, host, port, drain=drain)
+                )
             except OSError as exc:
                 return exc
-            if registration is not None:
+            if registration is None:
+                deregistered.set()
+            else:
                 try:
                     await nursery.start(
-                        functools.partial(
-                            serve_registration,
-                            registration.client,
-                            registration.record(engine, address),
-                            prefix=registration.prefix,
-                            ttl=registration.ttl,
-                        )
+                        _hold_registration,
+                        registration,
+                        registration.record(engine, address),
+                        registered,
+                        deregistered,
                     )
                 except EtcdError as exc:
                     nursery.cancel_scope.cancel()
@@ -476,12 +503,76 @@ async def _serve_until_signalled(
                     line["kv_events_replay"] = server.kv_publisher.replay_endpoint
             print(json.dumps(line), flush=True)
             async for signum in signals:
-                _logger.info("%s: shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+                name = signal.Signals(signum).name
+                if drain.draining:
+                    print(
+                        f"interlock worker: {name} again, stopping at once: cutting "
+                        f"{drain.in_flight} stream(s) (frontends migrate them)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    nursery.cancel_scope.cancel()
+                    break
+                print(
+                    f"interlock worker: {name}, stopping: leaving etcd, refusing new requests "
+                    f"and draining {drain.in_flight} stream(s) for up to {drain_timeout:g}s (a "
+                    "second signal stops at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                nursery.start_soon(
+                    _drain_then_stop, drain, drain_timeout, registered, deregistered, nursery
+                )
     if registration is not None:
         await registration.client.aclose()
     return None
+
+
+async def _hold_registration(
+    registration: _Registration,
+    record: WorkerRecord,
+    scope: trio.CancelScope,
+    deregistered: trio.Event,
+    *,
+    task_status: trio.TaskStatus[int],
+) -> None:
+    """`serve_registration` until ``scope`` is cancelled (which revokes the lease: the record
+    is gone from etcd when ``deregistered`` is set)."""
+    try:
+        with scope:
+            await serve_registration(
+                registration.client,
+                record,
+                prefix=registration.prefix,
+                ttl=registration.ttl,
+                task_status=task_status,
+            )
+    finally:
+        deregistered.set()
+
+
+async def _drain_then_stop(
+    drain: WorkerDrain,
+    grace_period: float,
+    registered: trio.CancelScope,
+    deregistered: trio.Event,
+    nursery: trio.Nursery,
+) -> None:
+    """Leave etcd first (frontends stop routing here), then refuse new streams, give the
+    running ones ``grace_period`` seconds, and stop the worker (cancel ``nursery``)."""
+    registered.cancel()
+    await deregistered.wait()
+    drain.start()
+    with trio.move_on_after(grace_period):
+        await drain.wait_idle()
+    await drain.say_goodbye()
+    print(
+        f"interlock worker: drained: {drain.finished} stream(s) finished, {drain.in_flight} "
+        f"cut (frontends migrate them), {drain.refused} new one(s) refused; exiting",
+        file=sys.stderr,
+        flush=True,
+    )
+    nursery.cancel_scope.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -236,6 +236,12 @@ class RemoteEngine:
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def open_streams(self) -> int:
+        """Streams open on the worker now (a removed worker is stopped once they end)."""
+        link = self._link
+        return 0 if link is None else len(link.streams)
+
     def open_stream(self, request: PreprocessedRequest) -> _RemoteStream:
         """Send ``request`` to the worker; the context yields its outputs.
 

@@ -132,6 +132,11 @@ class FrameConnection:
             self._pending_bytes = 0
         return self._end_reason or "closed"
 
+    async def goodbye(self, reason: str) -> None:
+        """Queue a `Goodbye` with ``reason`` and wait until every queued frame is written (at
+        most `GOODBYE_TIMEOUT`): what a worker that stops sends before closing."""
+        await self._say_goodbye(reason)
+
     async def aclose(self) -> None:
         """Close the socket now (also when cancelled)."""
         self.closed = True

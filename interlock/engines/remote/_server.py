@@ -10,6 +10,7 @@ import trio
 
 from ..._errors import EngineError, RequestError, WorkerRefused
 from ...processing import tokenizer_fingerprint
+from ...wire import WorkerLeft
 from ...wire._frames import (
     MAX_FRAME_SIZE,
     SUPPORTED_VERSIONS,
@@ -42,6 +43,61 @@ class WorkerAddress:
     port: int
 
 
+class WorkerDrain:
+    """A worker's drain, for `serve_worker`'s ``drain``: `start` withdraws the worker from
+    routing (every connected frontend gets `WorkerLeft`; later handshakes say
+    ``registered=False``) and refuses every new stream (a ``refused`` frame, which the frontend
+    treats as `WorkerRefused`), while the streams running carry on; `wait_idle` waits for
+    them. ``interlock worker`` drains on SIGTERM (docs/operations.md, "Draining")."""
+
+    def __init__(self) -> None:
+        #: `start` was called.
+        self.draining = False
+        #: Streams running now.
+        self.in_flight = 0
+        #: Streams that ended by themselves while draining, and new ones refused.
+        self.finished = 0
+        self.refused = 0
+        self._idle = trio.Event()
+        self._hub: _Hub | None = None
+
+    def start(self) -> None:
+        """Withdraw from routing and refuse new streams (again: nothing). Never blocks."""
+        if self.draining:
+            return
+        self.draining = True
+        if self.in_flight == 0:
+            self._idle.set()
+        if self._hub is not None:
+            self._hub.publish(WorkerLeft(self._hub.engine.instance_id))
+
+    async def wait_idle(self) -> None:
+        """Wait until draining and no stream is running."""
+        await self._idle.wait()
+
+    async def say_goodbye(self) -> None:
+        """Send every connected frontend what is queued for it and a goodbye (at most
+        ``GOODBYE_TIMEOUT`` seconds, all at once), so that the last outputs of the streams
+        that finished arrive before the connection closes."""
+        hub = self._hub
+        if hub is None:
+            return
+        reason = f"worker {hub.engine.instance_id} is shutting down"
+        async with trio.open_nursery() as nursery:
+            for session in list(hub.sessions):
+                nursery.start_soon(session.conn.goodbye, reason)
+
+    def _stream_started(self) -> None:
+        self.in_flight += 1
+
+    def _stream_ended(self) -> None:
+        self.in_flight -= 1
+        if self.draining:
+            self.finished += 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+
 async def serve_worker(
     engine: Engine,
     host: str = "127.0.0.1",
@@ -49,6 +105,7 @@ async def serve_worker(
     *,
     handshake_timeout: float = 10.0,
     max_frame_size: int = MAX_FRAME_SIZE,
+    drain: WorkerDrain | None = None,
     task_status: trio.TaskStatus[WorkerAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``engine`` and serve it to frontends (`RemoteEngine`) on ``host:port`` until
@@ -59,12 +116,15 @@ async def serve_worker(
     handshake on. Each started stream runs in its own task; a cancel frame, or the frontend
     disconnecting, cancels it, which frees the engine's slot. A connection that breaks the
     protocol (or sends no hello within ``handshake_timeout``) is closed with the reason
-    logged; the others carry on.
+    logged; the others carry on. ``drain`` (a `WorkerDrain`) counts the streams and, once
+    started, refuses new ones.
 
     Raises:
         OSError: cannot listen on ``host:port``.
     """
     hub = _Hub(engine, handshake_timeout=handshake_timeout, max_frame_size=max_frame_size)
+    hub.drain = drain if drain is not None else WorkerDrain()
+    hub.drain._hub = hub
     # Listen first, so that a port in use raises OSError itself, not inside a group.
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
@@ -101,6 +161,7 @@ class _Hub:
         self.handshake_timeout = handshake_timeout
         self.max_frame_size = max_frame_size
         self.sessions: set[_Session] = set()
+        self.drain = WorkerDrain()
 
     def publish(self, event: Any) -> None:
         if not self.sessions:
@@ -124,7 +185,7 @@ class _Hub:
                 kv_blocks=getattr(engine, "num_gpu_blocks", None),
                 max_num_seqs=getattr(engine, "max_num_seqs", None),
             ),
-            registered=getattr(engine, "registered", True),
+            registered=getattr(engine, "registered", True) and not self.drain.draining,
             vocab_size=_vocab_size(engine),
             tokenizer=None if tokenizer is None else tokenizer_fingerprint(tokenizer),
         )
@@ -139,7 +200,7 @@ class _Hub:
             version = max(set(hello.versions) & set(SUPPORTED_VERSIONS))
             _logger.info("frontend %s connected (%s)", peer, hello.client or "unnamed")
             async with trio.open_nursery() as tasks:
-                session = _Session(self.engine, conn, tasks)
+                session = _Session(self.engine, conn, tasks, self.drain)
                 conn.send_nowait(self.welcome(version))
                 # From here on the frontend gets every event, after the welcome.
                 self.sessions.add(session)
@@ -196,10 +257,13 @@ def _vocab_size(engine: Engine) -> int | None:
 class _Session:
     """One frontend's connection: its open streams by id."""
 
-    def __init__(self, engine: Engine, conn: FrameConnection, tasks: trio.Nursery) -> None:
+    def __init__(
+        self, engine: Engine, conn: FrameConnection, tasks: trio.Nursery, drain: WorkerDrain
+    ) -> None:
         self.engine = engine
         self.conn = conn
         self.tasks = tasks
+        self.drain = drain
         self.streams: dict[int, trio.CancelScope] = {}
 
     def on_message(self, message: Any) -> None:
@@ -208,7 +272,19 @@ class _Session:
             stream_id = message.stream
             if stream_id in self.streams:
                 raise ProtocolError(f"stream {stream_id} was started twice")
+            if self.drain.draining:
+                # The frontend takes a refusal as `WorkerRefused`: another worker may take it.
+                self.drain.refused += 1
+                self.conn.send_nowait(
+                    Refused(
+                        stream=stream_id,
+                        message=f"worker {self.engine.instance_id} is draining (shutting "
+                        "down) and takes no new requests",
+                    )
+                )
+                return
             scope = self.streams[stream_id] = trio.CancelScope()
+            self.drain._stream_started()  # counted at once: a drain starting now waits for it
             self.tasks.start_soon(self._run_stream, stream_id, message.request, scope)
         elif kind is Cancel:
             running = self.streams.get(message.stream)
@@ -241,6 +317,7 @@ class _Session:
                     send(Broken(stream=stream_id, message=f"{type(exc).__name__}: {exc}"))
         finally:
             self.streams.pop(stream_id, None)
+            self.drain._stream_ended()
 
     async def _send_snapshot(self, token: int) -> None:
         snapshot = await self.engine.snapshot()
