@@ -248,7 +248,7 @@ async def test_no_common_protocol_version_is_refused_with_the_reason(
     monkeypatch.setattr("interlock.engines.remote._server.SUPPORTED_VERSIONS", (99,))
     with trio.fail_after(TIMEOUT):
         async with served(zero_time()) as address:
-            with pytest.raises(ProtocolError, match=r"frontend speaks \[1\], this worker speaks"):
+            with pytest.raises(ProtocolError, match=r"frontend speaks \[1, 2\], this worker speaks"):
                 await remote(address).run()
 
 
