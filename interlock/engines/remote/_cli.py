@@ -43,6 +43,7 @@ from ..mock import (
     parse_faults,
     serve_mock_openai,
 )
+from ._auth import SECRET_ENV, load_secret
 from ._server import WorkerAddress, serve_worker
 
 _logger = logging.getLogger("interlock.engines.remote")
@@ -65,6 +66,7 @@ examples:
   interlock worker --id 6 --openai-port 8100 --block-size 32 --tokenizer builtin \
       --kv-events-endpoint tcp://127.0.0.1:5557 --kv-events-replay 'tcp://127.0.0.1:*'
   interlock worker --id 7 --openai-port 0 --fault 'eof:after=5,times=1'   # a vLLM that dies
+  interlock worker --id 8 --host 0.0.0.0 --port 7008 --secret-file /etc/interlock/secret
 """
 
 
@@ -238,6 +240,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "stopped renewing (default 10; etcd raises values below its minimum, about 2)",
     )
     parser.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        default=None,
+        help="serve only frontends that prove they know the secret in this file (at least 16 "
+        f"bytes; or {SECRET_ENV} holding the secret itself): give them the same one with "
+        "--worker-secret-file. The secret never crosses the wire (docs/wire-protocol.md)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
@@ -307,9 +317,17 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     try:
         surface = _surface(args)
+        secret = load_secret(getattr(args, "secret_file", None), flag="--secret-file")
     except ConfigError as exc:
         print(f"interlock worker: {exc}", file=sys.stderr)
         return 2
+    if secret is None and args.host not in _LOOPBACK:
+        _logger.warning(
+            "listening on %s without a secret: any process that reaches this port can run "
+            "generation and read the prompts; give --secret-file PATH (or %s)",
+            args.host,
+            SECRET_ENV,
+        )
     registration = None
     if args.etcd is not None:
         try:
@@ -320,7 +338,9 @@ def run_worker(args: argparse.Namespace) -> int:
         registration = _Registration(
             client, args.etcd_prefix, args.etcd_ttl, args.advertise_host, args.block_size
         )
-    error = trio.run(_serve_until_signalled, engine, args.host, args.port, registration, surface)
+    error = trio.run(
+        _serve_until_signalled, engine, args.host, args.port, registration, surface, secret
+    )
     if isinstance(error, EtcdError):
         print(f"interlock worker: cannot register in etcd: {error}", file=sys.stderr)
         return 1
@@ -416,6 +436,7 @@ class _Registration:
 
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 async def _serve_until_signalled(
@@ -424,11 +445,14 @@ async def _serve_until_signalled(
     port: int,
     registration: _Registration | None = None,
     surface: _Surface | None = None,
+    secret: bytes | None = None,
 ) -> OSError | EtcdError | zmq.ZMQError | None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:
-                address: WorkerAddress = await nursery.start(serve_worker, engine, host, port)
+                address: WorkerAddress = await nursery.start(
+                    functools.partial(serve_worker, engine, host, port, secret=secret)
+                )
             except OSError as exc:
                 return exc
             if registration is not None:
