@@ -39,7 +39,7 @@ from interlock.engines.remote._connection import (
 )
 from interlock.engines.remote._server import _Hub
 from interlock.wire import PreprocessedRequest, WorkerJoined, WorkerLeft
-from interlock.wire._frames import Hello, Ping, Welcome
+from interlock.wire._frames import Hello, Ping, Pong, Welcome
 
 PROMPT = tuple(range(100, 140))
 INTERVAL = 2.0
@@ -206,6 +206,27 @@ async def test_a_live_worker_keeps_its_connection_however_long_its_engine_stalls
         # And an idle connection stays up: pongs are signs of life.
         await trio.sleep(10 * TIMEOUT)
         assert engine.connected and engine.connections == 1 and engine.heartbeat_failures == 0
+
+
+async def test_a_frontend_whose_own_loop_was_blocked_reads_before_it_blames_the_worker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    worker = Worker(timed())
+    engine = frontend(worker)
+    async with worker.running(), connected(engine):
+        await trio.sleep(1)
+        worker.freeze()
+        (session,) = worker.hub.sessions
+        session.conn.send_nowait(Pong(token=99))  # the worker answers...
+        await trio.testing.wait_all_tasks_blocked()
+        # ...but the frontend's loop is blocked past the timeout (a long synchronous call)
+        # and wakes with the answer unread and its heartbeat deadline long gone.
+        autojump_clock.jump(TIMEOUT + 5)
+        worker.thaw()
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.connected and engine.heartbeat_failures == 0
+        await trio.sleep(5 * TIMEOUT)
+        assert engine.connected and engine.connections == 1
 
 
 async def test_a_version_1_worker_gets_no_pings_and_is_never_timed_out(

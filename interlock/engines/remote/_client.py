@@ -553,6 +553,14 @@ class RemoteEngine:
         while True:
             await trio.sleep_until(min(next_ping, conn.last_receive + timeout))
             now = trio.current_time()
+            if now - conn.last_receive >= timeout:
+                # Before judging, let the reader take what the socket holds: a frontend
+                # whose own loop was blocked wakes this task with the worker's frames
+                # still unread. Two scheduling rounds: one for the I/O poll to wake the
+                # reader, one for the reader to run.
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
+                now = trio.current_time()
             silent = now - conn.last_receive
             if silent >= timeout:
                 self.heartbeat_failures += 1
