@@ -11,12 +11,14 @@ from ._errors import (
     IllegalTransition,
     InterlockError,
     NoWorkersAvailable,
+    Overloaded,
     PipelineClosed,
     PrefillFailed,
     RequestError,
     SelectionPolicyError,
     WorkerGone,
     WorkerRefused,
+    WorkerStalled,
 )
 from ._pipeline import Components, Pipeline, PipelineStats, build_pipeline
 
@@ -32,6 +34,7 @@ __all__ = [
     "IllegalTransition",
     "InterlockError",
     "NoWorkersAvailable",
+    "Overloaded",
     "Pipeline",
     "PipelineClosed",
     "PipelineConfig",
@@ -41,6 +44,7 @@ __all__ = [
     "SelectionPolicyError",
     "WorkerGone",
     "WorkerRefused",
+    "WorkerStalled",
     "__version__",
     "build_pipeline",
 ]

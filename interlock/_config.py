@@ -30,6 +30,15 @@ WORKERS_KEYS: dict[str, type] = {
     "kv_replay": list,
     "engine_api_key": str,
 }
+#: The TOML table of the HTTP server's own settings, and its keys' types: the API keys
+#: (``--api-key``, ``--api-key-file``, ``--trusted-api-key``, ``--trusted-api-key-file``).
+SERVER_TABLE = "server"
+SERVER_KEYS: dict[str, type] = {
+    "api_keys": list,
+    "api_key_file": str,
+    "trusted_api_keys": list,
+    "trusted_api_key_file": str,
+}
 
 Preprocessing = Literal["frontend", "engine"]
 Postprocessing = Literal["frontend", "engine"]
@@ -249,12 +258,60 @@ class PipelineConfig:
         validator=_typed(int),
         metadata=_doc("Seed of the router's random choices (router_mode='random', temperature)."),
     )
-    engine_idle_timeout: float | None = attrs.field(
-        default=None,
+    first_token_timeout: float | None = attrs.field(
+        default=30.0,
         validator=_typed(float, optional=True, minimum=0.0),
         metadata=_doc(
-            "Seconds without output after which a stream counts as broken (a stalled worker); "
-            "None waits forever."
+            "Seconds a leg may take to send its first token (its time queued in the engine and "
+            "its prefill included; for a prefill leg, its whole answer) before its stream "
+            "counts as stalled: it migrates where migration is on, and the worker is ejected "
+            "(outlier_ejection_time). None waits forever."
+        ),
+    )
+    engine_idle_timeout: float | None = attrs.field(
+        default=20.0,
+        validator=_typed(float, optional=True, minimum=0.0),
+        metadata=_doc(
+            "Seconds without output, once the first token arrived, after which a stream counts "
+            "as stalled (as with first_token_timeout). None waits forever."
+        ),
+    )
+    outlier_ejection_time: float = attrs.field(
+        default=30.0,
+        validator=_typed(float, minimum=0.0),
+        metadata=_doc(
+            "Seconds a worker is left out of routing after it stalled a stream, or broke "
+            "outlier_failures streams within that many seconds; each further ejection lasts "
+            "one more such period (at most 10), and a period without failures takes one "
+            "back. While every candidate is ejected the router uses them anyway. 0: never eject."
+        ),
+    )
+    outlier_failures: int = attrs.field(
+        default=5,
+        validator=_typed(int, minimum=1),
+        metadata=_doc(
+            "Broken streams (crashes, resets, 5xx; never a client's 4xx) within "
+            "outlier_ejection_time seconds that eject a worker. A stalled stream ejects at once."
+        ),
+    )
+    max_inflight_per_worker: int | None = attrs.field(
+        default=None,
+        validator=_typed(int, optional=True, minimum=0),
+        metadata=_doc(
+            "Requests in flight on one worker at most; more wait in the frontend "
+            "(max_queued_requests). None: the worker's own max_num_seqs where it reports one "
+            "(interlock workers and mock engines); an OpenAI-compatible engine counts as full "
+            "while its /metrics show 5 or more requests waiting or its KV cache 95 % used. "
+            "0: no limit (admission control off)."
+        ),
+    )
+    max_queued_requests: int | None = attrs.field(
+        default=None,
+        validator=_typed(int, optional=True, minimum=0),
+        metadata=_doc(
+            "Requests waiting in the frontend for a worker slot at most, highest "
+            "nvext.agent_hints.priority first; beyond, 429 with Retry-After. None: half the "
+            "workers' slots together (64 for a worker without a known limit), at least 16."
         ),
     )
     actor_max_restarts: int = attrs.field(
@@ -352,9 +409,10 @@ class PipelineConfig:
         """
         p = Path(path)
         data = _read_toml(p)
-        # The [workers] table names the workers and engines to serve over: the commands read
-        # it (`workers_table`), it holds no knobs.
-        data = {key: value for key, value in data.items() if key != WORKERS_TABLE}
+        # The [workers] table names the workers and engines to serve over, the [server] table
+        # the server's API keys: the commands read them (`workers_table`, `server_table`);
+        # they hold no knobs.
+        data = {key: value for key, value in data.items() if key not in _COMMAND_TABLES}
         table = data.get("interlock", data) if set(data) <= {"interlock"} else data
         try:
             return cls.from_dict(table)
@@ -372,28 +430,20 @@ class PipelineConfig:
             ConfigError: the file cannot be read, or the table holds an unknown key or a value of
                 the wrong type (the message names the file and the key).
         """
-        p = Path(path)
-        table = _read_toml(p).get(WORKERS_TABLE, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{p}: [{WORKERS_TABLE}] must be a table")
-        for key, value in table.items():
-            kind = WORKERS_KEYS.get(key)
-            if kind is None:
-                hint = difflib.get_close_matches(str(key), list(WORKERS_KEYS), n=1)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ConfigError(
-                    f"{p}: unknown key {key!r} in [{WORKERS_TABLE}]{suggestion} (the keys are "
-                    f"{', '.join(WORKERS_KEYS)})"
-                )
-            ok = (
-                isinstance(value, list) and all(isinstance(item, str) for item in value)
-                if kind is list
-                else isinstance(value, str)
-            )
-            if not ok:
-                what = "a list of strings" if kind is list else "a string"
-                raise ConfigError(f"{p}: [{WORKERS_TABLE}] {key} must be {what}, got {value!r}")
-        return dict(table)
+        return _command_table(Path(path), WORKERS_TABLE, WORKERS_KEYS)
+
+    @staticmethod
+    def server_table(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The ``[server]`` table of a TOML configuration file (empty when it has none): the
+        HTTP server's API keys, under the names of their flags (``api_keys``,
+        ``api_key_file``, ``trusted_api_keys``, ``trusted_api_key_file``). Values are checked
+        by the commands that use them.
+
+        Raises:
+            ConfigError: the file cannot be read, or the table holds an unknown key or a value of
+                the wrong type (the message names the file and the key).
+        """
+        return _command_table(Path(path), SERVER_TABLE, SERVER_KEYS)
 
     @classmethod
     def from_env(
@@ -420,6 +470,34 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         """Every knob and its value, in declaration order."""
         return attrs.asdict(self)
+
+
+_COMMAND_TABLES = frozenset({WORKERS_TABLE, SERVER_TABLE})
+
+
+def _command_table(p: Path, name: str, keys: dict[str, type]) -> dict[str, Any]:
+    """The table ``name`` of the TOML file at ``p``, its keys and their types checked against
+    ``keys`` (each a string or a list of strings)."""
+    table = _read_toml(p).get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{p}: [{name}] must be a table")
+    for key, value in table.items():
+        kind = keys.get(key)
+        if kind is None:
+            hint = difflib.get_close_matches(str(key), list(keys), n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(
+                f"{p}: unknown key {key!r} in [{name}]{suggestion} (the keys are {', '.join(keys)})"
+            )
+        ok = (
+            isinstance(value, list) and all(isinstance(item, str) for item in value)
+            if kind is list
+            else isinstance(value, str)
+        )
+        if not ok:
+            what = "a list of strings" if kind is list else "a string"
+            raise ConfigError(f"{p}: [{name}] {key} must be {what}, got {value!r}")
+    return dict(table)
 
 
 def knob_names() -> list[str]:

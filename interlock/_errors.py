@@ -57,6 +57,28 @@ class WorkerGone(EngineError):
     """
 
 
+class WorkerStalled(WorkerGone):
+    """A stream stopped making progress: no first token within ``first_token_timeout``, or no
+    output for ``engine_idle_timeout`` after it (a frozen engine, a stopped process, a network
+    that drops packets without closing). Migrates like any broken stream, and the router
+    leaves the worker out of routing for ``outlier_ejection_time``.
+    """
+
+
+class Overloaded(InterlockError):
+    """Every worker that could take the request is at its in-flight limit
+    (``max_inflight_per_worker``) and the frontend's queue is full (``max_queued_requests``),
+    or the request is sheddable (negative priority) and could not start at once.
+
+    Nothing was started: retry after ``retry_after`` seconds. An HTTP frontend answers 429
+    with a ``Retry-After`` header.
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class WorkerRefused(EngineError):
     """A worker refused to open a new stream (draining, overloaded, or down).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import attrs
 import trio
 
+from ._admission import AdmissionQueue, default_queue_limit
 from ._config import KV_ROUTER_MODES, PipelineConfig
 from ._errors import (
     ActorCrashed,
@@ -20,6 +22,7 @@ from ._errors import (
     RequestError,
     WorkerGone,
     WorkerRefused,
+    WorkerStalled,
 )
 from .actors import (
     FALL_BACK,
@@ -30,6 +33,7 @@ from .actors import (
     GetKvBlocks,
     GetLoad,
     GetWorkers,
+    GetWorkerStates,
     KvPolicy,
     MigrationActor,
     MigrationPlan,
@@ -40,12 +44,15 @@ from .actors import (
     RoundRobinPolicy,
     Route,
     RouterActor,
+    RouterLimits,
     Select,
     Selection,
     SelectionPolicy,
     StreamBroke,
+    StreamFailed,
     Supervisor,
     WorkerLoad,
+    WorkersFull,
 )
 from .actors._runtime import ActorRef
 from .discovery import EmbeddedRegistry
@@ -62,7 +69,14 @@ from .statemachines import (
     Trigger,
     mode_for,
 )
-from .wire import EngineOutput, PrefillResult, PreprocessedRequest, RoutingDecision, Usage
+from .wire import (
+    EngineOutput,
+    PrefillResult,
+    PreprocessedRequest,
+    RoutingDecision,
+    RoutingHints,
+    Usage,
+)
 
 
 def _engines(engines: Iterable[Engine]) -> tuple[Engine, ...]:
@@ -119,6 +133,8 @@ class PipelineStats:
     disaggregated: int = 0
     migrations: int = 0
     fallbacks: int = 0
+    #: Streams that made no progress within first_token_timeout / engine_idle_timeout.
+    stalls: int = 0
 
 
 def build_pipeline(
@@ -289,6 +305,11 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
                     discovery,
                     block_size=config.kv_block_size,
                     custom=custom is not None,
+                    limits=RouterLimits(
+                        max_inflight_per_worker=config.max_inflight_per_worker,
+                        outlier_ejection_time=config.outlier_ejection_time,
+                        outlier_failures=config.outlier_failures,
+                    ),
                 ),
                 "router",
             )
@@ -385,7 +406,10 @@ class Pipeline:
         self._ids = itertools.count()
         self._closed = False
         self._frontend_post = config.postprocessing == "frontend"
+        self._first_token_timeout = config.first_token_timeout
         self._idle_timeout = config.engine_idle_timeout
+        self._admission = AdmissionQueue()
+        self._admit = config.max_inflight_per_worker != 0
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -548,7 +572,11 @@ class Pipeline:
             migrations = 0
             cached_tokens = 0
             while True:
-                selection = await self._route(Route(attempt, request_id, exclude, track))
+                route = Route(attempt, request_id, exclude, track)
+                if migrations == 0 and self._admit and _routed_by_router(hints):
+                    selection = await self._route_admitted(attrs.evolve(route, admit=True), hints)
+                else:
+                    selection = await self._route(route)
                 decision = selection.decision
                 fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
                 prefill_result: PrefillResult | None = None
@@ -568,11 +596,19 @@ class Pipeline:
                     frontend_postprocessing=self._frontend_post,
                 )
                 fsm.fire(Trigger.START_DECODE, worker_id=worker_id)
+                first_deadline = self._first_token_deadline()
                 try:
                     async with engine.open_stream(leg_request) as stream:
                         first = prefill_result is None
+                        # Until the leg's first token, first_token_timeout from its start;
+                        # then engine_idle_timeout from each output.
+                        deadline = first_deadline
+                        flowing = False
                         while True:
-                            output = await self._receive(stream, worker_id)
+                            output = await self._receive(stream, worker_id, deadline)
+                            flowing = flowing or bool(output.token_ids)
+                            if flowing:
+                                deadline = self._idle_deadline()
                             if first and output.token_ids:
                                 first = False
                                 if track:
@@ -600,6 +636,7 @@ class Pipeline:
                                 return
                             yield passed
                 except (WorkerGone, WorkerRefused) as exc:
+                    self._stream_failed(exc)
                     remaining = (
                         None
                         if request.max_tokens is None
@@ -641,6 +678,8 @@ class Pipeline:
             self._in_flight.discard(request_id)
             if track:
                 router.send_nowait(Free(request_id))
+            # After the Free: the woken waiter's Select reaches the router behind it.
+            self._admission.wake()
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -677,9 +716,10 @@ class Pipeline:
         )
         try:
             result: PrefillResult | None = None
+            deadline = self._first_token_deadline()
             async with engine.open_stream(leg) as stream:
                 while True:
-                    output = await self._receive(stream, worker_id)
+                    output = await self._receive(stream, worker_id, deadline)
                     if output.prefill_result is not None:
                         result = output.prefill_result
                     if output.finish_reason is not None:
@@ -691,6 +731,7 @@ class Pipeline:
                     worker_id=worker_id,
                 )
         except (WorkerGone, WorkerRefused) as exc:
+            self._stream_failed(exc)
             verdict = await self._disagg.ask(PrefillLegFailed(request_id, worker_id, str(exc)))
             assert verdict == FALL_BACK
             fallback = await self._route(
@@ -716,22 +757,103 @@ class Pipeline:
             self._router.send_nowait(PrefillComplete(request_id))
         return result, selection
 
-    async def _receive(self, stream: AsyncIterator[EngineOutput], worker_id: int) -> EngineOutput:
+    def _first_token_deadline(self) -> float:
+        """When a leg starting now must have sent its first token (math.inf: never)."""
+        timeout = self._first_token_timeout
+        return math.inf if timeout is None else trio.current_time() + timeout
+
+    def _idle_deadline(self) -> float:
+        """When a stream that just sent an output must send the next (math.inf: never)."""
         timeout = self._idle_timeout
+        return math.inf if timeout is None else trio.current_time() + timeout
+
+    async def _receive(
+        self, stream: AsyncIterator[EngineOutput], worker_id: int, deadline: float
+    ) -> EngineOutput:
+        """The stream's next output.
+
+        Raises:
+            WorkerGone: the stream ended without a final output.
+            WorkerStalled: none arrived by ``deadline`` (on trio's clock).
+        """
+        started = trio.current_time()
         try:
-            if timeout is None:
-                return await stream.__anext__()
-            with trio.move_on_after(timeout):
+            with trio.move_on_at(deadline):
                 return await stream.__anext__()
         except StopAsyncIteration:
             raise WorkerGone(
                 f"worker {worker_id} ended the stream without a final output",
                 worker_id=worker_id,
             ) from None
-        raise WorkerGone(
-            f"worker {worker_id} sent nothing for engine_idle_timeout={timeout}s",
+        self.stats.stalls += 1
+        waited = deadline - started
+        raise WorkerStalled(
+            f"worker {worker_id} made no progress for {waited:.3g}s (first_token_timeout="
+            f"{self._first_token_timeout}, engine_idle_timeout={self._idle_timeout}): the "
+            "engine is frozen, stopped or unreachable",
             worker_id=worker_id,
         )
+
+    def _stream_failed(self, exc: EngineError) -> None:
+        """Tell the router a worker broke a stream (outlier ejection). A refusal is the
+        worker saying no in good order, and counts against nothing."""
+        if isinstance(exc, WorkerGone):
+            self._router.send_nowait(
+                StreamFailed(exc.worker_id, stalled=isinstance(exc, WorkerStalled))
+            )
+
+    async def _route_admitted(self, route: Route, hints: RoutingHints | None) -> Selection:
+        """`_route` under admission control: while every worker is at its in-flight limit,
+        wait in the queue (highest priority first, then oldest).
+
+        Raises:
+            Overloaded: the queue is full, or the request is sheddable (negative priority).
+        """
+        queue = self._admission
+        if not queue.newcomer_must_wait():
+            try:
+                return await self._route(route)
+            except WorkersFull:
+                pass
+        priority = hints.priority if hints is not None and hints.priority is not None else 0
+        ticket = queue.join(priority, self._queue_limit())
+        try:
+            while True:
+                await queue.wait_turn(ticket)
+                if queue.is_next(ticket):
+                    try:
+                        return await self._route(route)
+                    except WorkersFull:
+                        continue
+        finally:
+            queue.leave(ticket)
+            queue.wake()  # the next in line may find room too
+
+    def _queue_limit(self) -> int:
+        limit = self.config.max_queued_requests
+        if limit is not None:
+            return limit
+        per_worker = self.config.max_inflight_per_worker
+        engines = self._registry.snapshot().values()
+        return default_queue_limit(
+            [per_worker if per_worker else getattr(e, "slots", None) for e in engines]
+        )
+
+    async def worker_states(self) -> dict[int, float]:
+        """The workers the router leaves out of routing now (they stalled or broke streams:
+        ``outlier_ejection_time``), with each one's seconds left."""
+        result: dict[int, float] = await self._router.ask(GetWorkerStates())
+        return result
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the frontend for a worker slot now."""
+        return len(self._admission)
+
+    @property
+    def shed(self) -> int:
+        """Requests turned away with `Overloaded` since the pipeline opened."""
+        return self._admission.shed
 
     async def _migrate(
         self,
@@ -834,3 +956,9 @@ class Pipeline:
                 detail=detail,
             )
             self.stats.failed += 1
+
+
+def _routed_by_router(hints: RoutingHints | None) -> bool:
+    """Whether the router chooses the request's workers (admission control applies), rather
+    than the request naming them (the caller's choice, taken as is)."""
+    return hints is None or hints.names_a_worker() is None

@@ -19,7 +19,14 @@ import trio
 
 from interlock import Components, Pipeline, PipelineConfig, build_pipeline
 from interlock.engines.mock import MockEngine, MockTiming
-from interlock.http import HttpLimits, HttpMetrics, Preprocessor, build_app, serve_http
+from interlock.http import (
+    ApiKeys,
+    HttpLimits,
+    HttpMetrics,
+    Preprocessor,
+    build_app,
+    serve_http,
+)
 from interlock.http._cli import mock_token_pool
 
 QWEN3_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tokenizers" / "qwen3"
@@ -68,6 +75,7 @@ async def serving(
     limits: HttpLimits | None = None,
     route_api: bool = False,
     engine_kwargs: dict[str, Any] | None = None,
+    api_keys: ApiKeys | None = None,
 ) -> AsyncIterator[Served]:
     """A pipeline on mock workers behind a real HTTP server; closed when the block ends."""
     config = config or PipelineConfig()
@@ -102,6 +110,7 @@ async def serving(
                 metrics=metrics,
                 limits=limits,
                 route_api=route_api,
+                api_keys=api_keys,
             )
             async with trio.open_nursery() as nursery:
                 url = await nursery.start(serve_http, app, "127.0.0.1", 0)
@@ -184,6 +193,7 @@ def test_public_surface_is_pinned() -> None:
     import interlock.http
 
     assert sorted(interlock.http.__all__) == [
+        "ApiKeys",
         "HttpError",
         "HttpLimits",
         "HttpMetrics",

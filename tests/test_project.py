@@ -57,6 +57,7 @@ def test_public_api_is_pinned() -> None:
             "IllegalTransition",
             "InterlockError",
             "NoWorkersAvailable",
+            "Overloaded",
             "Pipeline",
             "PipelineClosed",
             "PipelineConfig",
@@ -66,6 +67,7 @@ def test_public_api_is_pinned() -> None:
             "SelectionPolicyError",
             "WorkerGone",
             "WorkerRefused",
+            "WorkerStalled",
             "__version__",
             "build_pipeline",
         ]

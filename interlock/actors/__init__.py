@@ -11,6 +11,7 @@ from ._messages import (
     GetKvBlocks,
     GetLoad,
     GetWorkers,
+    GetWorkerStates,
     MigrationPlan,
     MigrationRefused,
     PrefillComplete,
@@ -20,9 +21,12 @@ from ._messages import (
     Selection,
     SplitPlan,
     StreamBroke,
+    StreamFailed,
     WorkersChanged,
+    WorkersFull,
 )
 from ._migration import MigrationActor
+from ._outliers import OutlierEjector
 from ._policies import (
     REPLAYABLE_POLICIES,
     DirectPolicy,
@@ -33,7 +37,7 @@ from ._policies import (
     candidate_records,
     replay_selection,
 )
-from ._router import PRESELECTION_FIELDS, RouterActor
+from ._router import PRESELECTION_FIELDS, RouterActor, RouterLimits
 from ._runtime import Actor, ActorRef, Forward, InjectedCrash, open_mailbox, run_actor
 from ._supervisor import RestartEvent, RestartPolicy, Supervisor
 
@@ -50,6 +54,7 @@ __all__ = [
     "Free",
     "GetKvBlocks",
     "GetLoad",
+    "GetWorkerStates",
     "GetWorkers",
     "InjectedCrash",
     "KvPolicy",
@@ -57,6 +62,7 @@ __all__ = [
     "MigrationActor",
     "MigrationPlan",
     "MigrationRefused",
+    "OutlierEjector",
     "PrefillComplete",
     "PrefillLegFailed",
     "RandomPolicy",
@@ -65,15 +71,18 @@ __all__ = [
     "RoundRobinPolicy",
     "Route",
     "RouterActor",
+    "RouterLimits",
     "Select",
     "Selection",
     "SelectionPolicy",
     "SplitPlan",
     "StreamBroke",
+    "StreamFailed",
     "Supervisor",
     "WorkerLoad",
     "WorkerView",
     "WorkersChanged",
+    "WorkersFull",
     "candidate_records",
     "kv_selection_record",
     "open_mailbox",

@@ -58,6 +58,7 @@ class DisaggOrchestrator(Actor):
                     message.track,
                     self._enforce,
                     plan.reason,
+                    message.admit,
                 ),
             )
         if kind is PrefillLegFailed:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from .._errors import InterlockError
 from ..engines import Engine
 from ..wire import PreprocessedRequest, RoutingDecision
 
@@ -33,6 +34,9 @@ class Route:
     request_id: str
     exclude: frozenset[int] = frozenset()
     track: bool = True
+    #: Apply the per-worker in-flight limits: a request starting (not a migration, a
+    #: fallback or a gateway's query) may only go to a worker with room.
+    admit: bool = False
 
 
 @attrs.frozen
@@ -71,6 +75,8 @@ class Select:
     track: bool = True
     enforce_disagg: bool = False
     split_reason: str = ""
+    #: See `Route.admit`: every candidate at its limit raises `WorkersFull`.
+    admit: bool = False
 
 
 @attrs.frozen
@@ -92,6 +98,26 @@ class Free:
     """The request is over: release everything tracked for it (no-op when unknown)."""
 
     request_id: str
+
+
+class WorkersFull(InterlockError):
+    """Every candidate worker is at its in-flight limit (`Select.admit`): the request waits
+    in the frontend's queue and asks again when a slot frees."""
+
+
+@attrs.frozen
+class StreamFailed:
+    """Tell the Router a worker broke a stream (``stalled``: by making no progress), for
+    outlier ejection. A client's bad request is never reported."""
+
+    worker_id: int
+    stalled: bool
+
+
+@attrs.frozen
+class GetWorkerStates:
+    """Ask the Router which workers it leaves out of routing now: ``dict[int, float]`` of
+    each ejected worker's seconds left."""
 
 
 @attrs.frozen

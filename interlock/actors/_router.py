@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+import trio
 
 from .._errors import (
     EngineError,
@@ -25,13 +27,19 @@ from ._messages import (
     GetKvBlocks,
     GetLoad,
     GetWorkers,
+    GetWorkerStates,
     PrefillComplete,
     Select,
     Selection,
+    StreamFailed,
     WorkersChanged,
+    WorkersFull,
 )
+from ._outliers import OutlierEjector
 from ._policies import SelectionPolicy, WorkerView
 from ._runtime import Actor, ActorRef
+
+_logger = logging.getLogger("interlock.router")
 
 #: Which routing-hint fields name the worker of each leg, in order of precedence.
 PRESELECTION_FIELDS: Mapping[Leg, tuple[str, ...]] = {
@@ -39,6 +47,25 @@ PRESELECTION_FIELDS: Mapping[Leg, tuple[str, ...]] = {
     "decode": ("decode_worker_id", "backend_instance_id"),
     "agg": ("backend_instance_id", "decode_worker_id"),
 }
+
+
+#: An engine that reports its own queue (an OpenAI-compatible server's /metrics) counts as
+#: full from this many waiting requests (llm-d's saturation detector uses 5 too) ...
+SATURATED_WAITING = 5
+#: ... or from this KV cache usage (llm-d: 0.8; vLLM counts cached blocks nobody uses as free,
+#: so usage this high means running sequences are about to be preempted).
+SATURATED_KV_USAGE = 0.95
+
+
+@attrs.frozen(kw_only=True)
+class RouterLimits:
+    """The Router's admission and ejection settings (from `PipelineConfig`)."""
+
+    #: Requests in flight per worker at most; None: the worker's reported ``max_num_seqs``;
+    #: 0: no limit.
+    max_inflight_per_worker: int | None = None
+    outlier_ejection_time: float = 30.0
+    outlier_failures: int = 5
 
 
 @attrs.frozen
@@ -73,7 +100,11 @@ class RouterActor(Actor):
         *,
         block_size: int,
         custom: bool = False,
+        limits: RouterLimits | None = None,
     ) -> None:
+        limits = limits if limits is not None else RouterLimits()
+        self._max_inflight = limits.max_inflight_per_worker
+        self._outliers = OutlierEjector(limits.outlier_ejection_time, limits.outlier_failures)
         self._policy = policy
         self._custom = custom
         self._discovery = discovery
@@ -115,6 +146,10 @@ class RouterActor(Actor):
         elif kind is WorkersChanged:
             self._set_workers(message.workers)
             await self._resync_stale()
+        elif kind is StreamFailed:
+            self._stream_failed(message)
+        elif kind is GetWorkerStates:
+            return self._outliers.ejected(trio.current_time())
         elif kind is GetLoad:
             return self._ledger.loads()
         elif kind is GetKvBlocks:
@@ -126,7 +161,23 @@ class RouterActor(Actor):
             raise TypeError(f"the router actor does not handle {message!r}")
         return None
 
+    def _stream_failed(self, message: StreamFailed) -> None:
+        if message.worker_id not in self._engines:
+            return
+        duration = self._outliers.failed(
+            message.worker_id, trio.current_time(), stalled=message.stalled
+        )
+        if duration is not None:
+            why = "stalled a stream" if message.stalled else "broke streams"
+            _logger.warning(
+                "worker %d %s: left out of routing for %.0f s", message.worker_id, why, duration
+            )
+
     def _set_workers(self, engines: Mapping[int, Engine]) -> None:
+        for worker_id in self._engines:
+            if worker_id not in engines:
+                # Gone: if it comes back (a reconnected worker), it starts with a clean slate.
+                self._outliers.forget(worker_id)
         self._engines = engines
         self._prefill_pool = sorted(w for w, e in engines.items() if e.role == "prefill")
         self._decode_pool = sorted(w for w, e in engines.items() if e.role != "prefill")
@@ -181,7 +232,9 @@ class RouterActor(Actor):
         disaggregated = message.disaggregated
         if disaggregated:
             pool = [w for w in self._prefill_pool if w not in exclude]
-            prefill = self._choose("prefill", pool, request, exclude, required=False)
+            prefill = self._choose(
+                "prefill", pool, request, exclude, required=False, admit=message.admit
+            )
             if prefill is None:
                 if message.enforce_disagg:
                     raise PrefillFailed(
@@ -194,7 +247,7 @@ class RouterActor(Actor):
                 selections.append(prefill)
         leg: Leg = "decode" if disaggregated else "agg"
         pool = [w for w in self._decode_pool if w not in exclude]
-        decode = self._choose(leg, pool, request, exclude, required=True)
+        decode = self._choose(leg, pool, request, exclude, required=True, admit=message.admit)
         assert decode is not None
         selections.append(decode)
         hints = request.routing
@@ -245,6 +298,7 @@ class RouterActor(Actor):
         exclude: frozenset[int],
         *,
         required: bool,
+        admit: bool = False,
     ) -> SelectionRecord | None:
         hints = request.routing
         if hints is not None:
@@ -262,11 +316,44 @@ class RouterActor(Actor):
                     f"{sorted(exclude)}) and no other is registered"
                 )
             raise NoWorkersAvailable(f"no {role} worker is registered")
+        now = trio.current_time()
+        outliers = self._outliers
+        healthy = [w for w in pool if not outliers.is_ejected(w, now)]
+        if healthy:
+            pool = healthy
+        # else every candidate is ejected: better one of them than no answer (Envoy's panic
+        # mode, at 0 % healthy).
+        if admit:
+            room = [w for w in pool if not self._full(w)]
+            if not room:
+                raise WorkersFull(f"every {leg} candidate {pool} is at its in-flight limit")
+            pool = room
         views = [WorkerView(w, self._load(w)) for w in pool]
         record = self._consult(leg, views, request, pool, exclude)
         if exclude:
             return _with_excluded(record, exclude)
         return record
+
+    def _full(self, worker_id: int) -> bool:
+        """Whether ``worker_id`` is at its in-flight limit: the requests booked on it reached
+        ``max_inflight_per_worker`` (or the ``slots`` the worker reports), or, for an engine
+        that reports only its queue, it reports a queue or a KV cache near full."""
+        limit = self._max_inflight
+        engine = self._engines.get(worker_id)
+        if limit is None:
+            limit = getattr(engine, "slots", None)
+        if limit:
+            return self._ledger.load(worker_id).active_requests >= limit
+        if limit == 0:
+            return False
+        metrics = getattr(engine, "metrics", None)
+        if metrics is None:
+            return False
+        waiting = metrics.requests_waiting
+        usage = metrics.kv_usage
+        return (waiting is not None and waiting >= SATURATED_WAITING) or (
+            usage is not None and usage >= SATURATED_KV_USAGE
+        )
 
     def _load(self, worker_id: int) -> WorkerLoad:
         """The load the ledger booked on ``worker_id``, raised to what the engine itself last

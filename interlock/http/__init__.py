@@ -3,6 +3,7 @@
 - `build_app` (a running `Pipeline` -> Starlette app), `serve_http` (serve it in this trio run).
 - `Preprocessor` (tokenizer + chat template), `HttpMetrics` (Prometheus, a transition sink),
   `HttpLimits` (body size, context length).
+- `ApiKeys`: the keys clients must send, and the trusted ones that may use the privileges.
 - `add_serve_parser` / `add_route_parser`: the ``interlock serve`` and ``interlock route``
   commands.
 
@@ -10,6 +11,7 @@ docs/http.md and docs/route-api.md are the reference.
 """
 
 from ._app import HttpLimits, build_app
+from ._auth import ApiKeys
 from ._cli import add_route_parser, add_serve_parser
 from ._errors import HttpError
 from ._metrics import HttpMetrics
@@ -17,6 +19,7 @@ from ._preprocess import Preprocessor
 from ._serve import serve_http
 
 __all__ = [
+    "ApiKeys",
     "HttpError",
     "HttpLimits",
     "HttpMetrics",

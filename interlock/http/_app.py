@@ -23,9 +23,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._errors import ConfigError
+from .._errors import ConfigError, InterlockError
 from .._pipeline import Pipeline
 from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
+from ._auth import OPEN_PATHS, TRUSTED, UNAUTHORIZED_HEADERS, ApiKeys, check_privileges
 from ._errors import SERVER_ERROR, HttpError, bad_request, http_error_for
 from ._frontend import Frontend, HttpLimits
 from ._metrics import HttpMetrics, RequestWatch
@@ -44,7 +45,7 @@ from ._route import route_routes
 from ._sse import ChunkEncoder, dumps, event
 
 # HttpLimits is defined with the endpoints' shared state; it is imported from here too.
-__all__ = ["HttpLimits", "build_app", "read_body", "send_json"]
+__all__ = ["HttpLimits", "build_app", "build_metrics_app", "read_body", "send_json"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -175,6 +176,9 @@ class _GenerateEndpoint:
             nvext = apply_headers(parsed.nvext, scope["headers"])
             query = nvext.query_only or not frontend.executes
             frontend.check_worker_ids(nvext)
+            check_privileges(
+                scope, parsed.nvext, executes=frontend.executes, routing=frontend.routing
+            )
             request_id = frontend.new_id(self.id_prefix)
             request = frontend.preprocess(parsed, nvext, request_id)
             if self.kind == "chat" and not frontend.frontend_post and not query:
@@ -210,7 +214,7 @@ class _GenerateEndpoint:
     async def _fail_quietly(self, send: Send, error: HttpError) -> None:
         if error.status >= 500:
             _logger.warning("%s answered %d: %s", self.endpoint, error.status, error.message)
-        await send_json(send, error.status, error.body())
+        await send_json(send, error.status, error.body(), [*_JSON, *error.headers])
 
     async def _query(
         self, send: Send, parsed: ParsedRequest, request: PreprocessedRequest, start: float
@@ -602,6 +606,8 @@ def build_app(
     metrics: HttpMetrics | None = None,
     limits: HttpLimits | None = None,
     route_api: bool = False,
+    api_keys: ApiKeys | None = None,
+    metrics_endpoint: bool = True,
 ) -> Starlette:
     """The OpenAI-compatible app serving ``pipeline`` under the model name ``model``.
 
@@ -611,6 +617,12 @@ def build_app(
     ``/metrics`` includes routing and transition counts (without it they stay at zero).
     ``route_api`` adds the route-only endpoints (``POST /v1/route`` and friends, see
     docs/route-api.md).
+
+    ``api_keys``: requests outside ``/health``, ``/live`` and ``/metrics`` need one of these
+    keys (401 without), and only its trusted keys may pin workers, skip load booking, ask for
+    query-only answers or use the route-only API (403); by default (and with ``ApiKeys()``)
+    no key is needed and every caller may. ``metrics_endpoint=False`` leaves ``/metrics`` out
+    (serve `build_metrics_app` on another address instead).
 
     Raises:
         ConfigError: the pipeline postprocesses in the frontend but has no tokenizer to turn
@@ -662,13 +674,21 @@ def build_app(
     async def health(request: Request) -> Response:
         workers = pipeline.workers
         healthy = bool(workers)
+        try:
+            ejected = await pipeline.worker_states()
+        except InterlockError:
+            ejected = {}  # the router is restarting: /health answers all the same
         return _json(
             {
                 "status": "healthy" if healthy else "unhealthy",
                 "model": frontend.model,
                 "workers": sorted(workers),
+                # Left out of routing for a while (they stalled or broke streams), with the
+                # seconds left; routable again by themselves afterwards.
+                "ejected": {str(w): round(left, 1) for w, left in ejected.items()},
                 "routing": pipeline.config.routing,
                 "in_flight": pipeline.in_flight,
+                "queued": pipeline.queued,
             },
             200 if healthy else 503,
         )
@@ -683,6 +703,10 @@ def build_app(
             # How an operator sees that the engines' KV events arrive (docs/engines.md).
             blocks = await pipeline.kv_blocks()
             metrics.kv_blocks = {worker: len(ids) for worker, ids in blocks.items()}
+        metrics.queued = pipeline.queued
+        metrics.shed = pipeline.shed
+        metrics.stalls = pipeline.stats.stalls
+        metrics.ejected = await pipeline.worker_states()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
@@ -692,8 +716,9 @@ def build_app(
         Route("/v1/models/{model:path}", model_info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/live", live, methods=["GET"]),
-        Route("/metrics", render_metrics, methods=["GET"]),
     ]
+    if metrics_endpoint:
+        routes.append(Route("/metrics", render_metrics, methods=["GET"]))
     if route_api:
         routes += route_routes(frontend)
 
@@ -709,7 +734,12 @@ def build_app(
     async def internal_error(request: Request, exc: Exception) -> Response:
         _logger.exception("unhandled error in %s %s", request.method, request.url.path)
         error = http_error_for(exc)
-        return Response(error.body(), error.status, media_type="application/json")
+        return Response(
+            error.body(),
+            error.status,
+            headers={k.decode(): v.decode() for k, v in error.headers},
+            media_type="application/json",
+        )
 
     app = _App(
         routes=routes,
@@ -719,6 +749,9 @@ def build_app(
         "/v1/chat/completions": routes[0].app,
         "/v1/completions": routes[1].app,
     }
+    app.api_keys = api_keys if api_keys is not None and api_keys.enabled else None
+    app.open_paths = OPEN_PATHS if metrics_endpoint else OPEN_PATHS - {"/metrics"}
+    app.state.render_metrics = render_metrics
     app.state.frontend = frontend
     app.state.metrics = metrics
     app.state.pipeline = pipeline
@@ -733,8 +766,21 @@ class _App(Starlette):
     """
 
     fast_routes: dict[str, Any]
+    api_keys: ApiKeys | None
+    open_paths: frozenset[str]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            # Before anything reads the request: a caller without a key learns nothing else.
+            keys = self.api_keys
+            if keys is None:
+                scope[TRUSTED] = True
+            elif scope["path"] not in self.open_paths:
+                try:
+                    scope[TRUSTED] = keys.authenticate(scope["headers"])
+                except HttpError as error:
+                    await send_json(send, error.status, error.body(), UNAUTHORIZED_HEADERS)
+                    return
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self.fast_routes.get(scope["path"])
             if endpoint is not None:
@@ -749,6 +795,12 @@ class _App(Starlette):
                         pass  # the response had started; the log has the error
                 return
         await super().__call__(scope, receive, send)
+
+
+def build_metrics_app(app: Starlette) -> Starlette:
+    """An app serving only ``GET /metrics`` of ``app`` (from `build_app`), for a separate
+    address (``--metrics-port``); it needs no API key."""
+    return Starlette(routes=[Route("/metrics", app.state.render_metrics, methods=["GET"])])
 
 
 def _model_card(frontend: Frontend) -> dict[str, Any]:

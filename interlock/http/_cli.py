@@ -57,7 +57,16 @@ from ..processing import (
     tokenizer_fingerprint,
 )
 from ..wire import ProtocolError
-from ._app import HttpLimits, build_app
+from ._app import HttpLimits, build_app, build_metrics_app
+from ._auth import (
+    OPEN_PATHS,
+    ApiKeys,
+    check_key,
+    describe,
+    exposure_warning,
+    read_key_file,
+    split_keys,
+)
 from ._metrics import HttpMetrics
 from ._preprocess import Preprocessor
 from ._serve import serve_http
@@ -170,6 +179,13 @@ class ServeSetup:
     #: ``--worker-heartbeat-interval`` / ``--worker-heartbeat-timeout``.
     worker_heartbeat_interval: float = 2.0
     worker_heartbeat_timeout: float = 10.0
+    #: The keys clients must send (``--api-key`` ...; none: no key needed), and where they
+    #: came from, for the banner.
+    api_keys: ApiKeys = attrs.field(factory=ApiKeys)
+    api_key_sources: tuple[str, ...] = ()
+    #: ``--metrics-port``: serve ``/metrics`` there (on ``metrics_host``) instead of on ``port``.
+    metrics_host: str | None = None
+    metrics_port: int | None = None
 
     def engine_context(self, kv_events: Any = None) -> EngineContext:
         """What the engines of ``--engine`` and of etcd are built with: this frontend's block
@@ -485,6 +501,64 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
             )
         else:
             config.add_argument(_flag(name), dest=f"knob_{name}", metavar="VALUE", help=doc)
+    _add_security_flags(parser)
+
+
+def _add_security_flags(parser: argparse.ArgumentParser) -> None:
+    keys = parser.add_argument_group(
+        "API keys and metrics (docs/operations.md#api-keys-and-trusted-callers)"
+    )
+    keys.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="clients must send 'Authorization: Bearer KEY' (401 otherwise) everywhere but "
+        "/health, /live and /metrics; repeat for more keys (or INTERLOCK_API_KEY=KEY[,KEY...], "
+        "or [server] api_keys in --config). Without any key, every caller may call",
+    )
+    keys.add_argument(
+        "--api-key-file",
+        dest="api_key_files",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="read --api-key keys from a file, one a line ('#' starts a comment line)",
+    )
+    keys.add_argument(
+        "--trusted-api-key",
+        dest="trusted_api_keys",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a key that may also pin requests to workers (nvext worker ids, "
+        "x-worker-instance-id ...), send x-enable-local-updates, ask for query-only answers "
+        "and use the route-only API; other keys get 403 for those (or "
+        "INTERLOCK_TRUSTED_API_KEY); repeat for more keys",
+    )
+    keys.add_argument(
+        "--trusted-api-key-file",
+        dest="trusted_api_key_files",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="read --trusted-api-key keys from a file, one a line",
+    )
+    keys.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics on this port (0 = any) instead of on --port, which then does not "
+        "serve it",
+    )
+    keys.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="HOST",
+        help="with --metrics-port: the address to serve /metrics on (--host)",
+    )
 
 
 # -- resolving ---------------------------------------------------------------------------------
@@ -615,6 +689,49 @@ def _resolve_kv_events(
     return bind, replay
 
 
+def resolve_api_keys(
+    args: argparse.Namespace, *, environ: Any = None
+) -> tuple[list[str], list[str], tuple[str, ...]]:
+    """The ordinary and trusted keys the command was given, and where they came from. For each
+    kind the first source that gives any wins: flags (``--api-key`` and ``--api-key-file``
+    together), then the environment (``INTERLOCK_API_KEY``, comma-separated), then
+    ``--config``'s ``[server]`` table.
+
+    Raises:
+        ConfigError: a key file cannot be read or holds no key, or a key is not one a client
+            can send (the message names where it came from, never the key).
+    """
+    env = os.environ if environ is None else environ
+    table = PipelineConfig.server_table(args.config) if getattr(args, "config", None) else {}
+    found: list[list[str]] = []
+    sources: list[str] = []
+    for kind in ("api", "trusted_api"):
+        flag = _flag(f"{kind}_key")
+        variable = f"INTERLOCK_{kind.upper()}_KEY"
+        flag_keys: list[str] = getattr(args, f"{kind}_keys", None) or []
+        flag_files: list[str] = getattr(args, f"{kind}_key_files", None) or []
+        listed: list[str] = table.get(f"{kind}_keys", [])
+        file: str | None = table.get(f"{kind}_key_file")
+        keys: list[str] = []
+        if flag_keys or flag_files:
+            keys = [check_key(k, flag) for k in flag_keys]
+            keys += [k for path in flag_files for k in read_key_file(path)]
+            where = [flag] * bool(flag_keys) + [f"{flag}-file"] * bool(flag_files)
+        elif env.get(variable):
+            keys = split_keys(env[variable], variable)
+            where = [variable]
+        elif listed or file:
+            keys = [check_key(k, f"{args.config} [server] {kind}_keys") for k in listed]
+            keys += read_key_file(file) if file else []
+            where = [f"{args.config} [server]"]
+        if keys:
+            sources.append(
+                f"{'trusted ' if kind == 'trusted_api' else ''}from {' and '.join(where)}"
+            )
+        found.append(keys)
+    return found[0], found[1], tuple(sources)
+
+
 def resolve(args: argparse.Namespace) -> ServeSetup:
     """Everything the command needs, checked before anything starts (reads the tokenizer and
     config files; connects to nothing: remote workers are reached when the pipeline starts).
@@ -691,6 +808,13 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             "unanswered before a worker counts as dead)"
         )
     worker_secret = load_secret(args.worker_secret_file, flag="--worker-secret-file")
+    ordinary_keys, trusted_keys, key_sources = resolve_api_keys(args)
+    metrics_port: int | None = getattr(args, "metrics_port", None)
+    metrics_host: str | None = getattr(args, "metrics_host", None)
+    if metrics_host is not None and metrics_port is None:
+        raise ConfigError("--metrics-host needs --metrics-port: the port to serve /metrics on")
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port must be 0-65535, got {metrics_port}")
     factory = None
     if args.selection_policy is not None:
         what = f"--selection-policy {args.selection_policy!r}"
@@ -735,6 +859,10 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
+        api_keys=ApiKeys(ordinary_keys, trusted_keys),
+        api_key_sources=key_sources,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
     )
 
 
@@ -754,7 +882,11 @@ def run_route(args: argparse.Namespace) -> int:
     if args.once is not None:
         body = sys.stdin.read() if args.once == "-" else args.once
         if args.url is not None:
-            return _route_remote(args.url, body)
+            try:
+                ordinary, trusted, _ = resolve_api_keys(args)
+            except ConfigError as exc:
+                return _invalid(args.command, exc)
+            return _route_remote(args.url, body, key=next(iter(trusted + ordinary), None))
         try:
             setup = resolve(args)
         except (ConfigError, TokenizerError, ChatTemplateError) as exc:
@@ -891,6 +1023,8 @@ async def serve_frontend(
             metrics=metrics,
             limits=setup.limits,
             route_api=setup.route_api,
+            api_keys=setup.api_keys,
+            metrics_endpoint=setup.metrics_port is None,
         )
         async with trio.open_nursery() as nursery:
             try:
@@ -900,10 +1034,38 @@ async def serve_frontend(
                 if len(group.exceptions) == 1:
                     raise group.exceptions[0] from None
                 raise
-            print(banner(setup, url, discovered=discovered), flush=True)
+            metrics_url = await _serve_metrics(nursery, setup, app)
+            print(banner(setup, url, discovered=discovered, metrics_url=metrics_url), flush=True)
+            warning = exposure_warning(setup.command, setup.host, setup.api_keys)
+            if warning is not None:
+                print(warning, file=sys.stderr, flush=True)
             task_status.started(url)
             if threading.current_thread() is threading.main_thread():
                 nursery.start_soon(_stop_on_signals, nursery.cancel_scope, setup.command)
+
+
+async def _serve_metrics(nursery: trio.Nursery, setup: ServeSetup, app: Any) -> str | None:
+    """With ``--metrics-port``: serve ``app``'s ``/metrics`` there, in ``nursery``; its URL.
+
+    Raises:
+        OSError: the metrics address cannot be bound (the message names the flags).
+    """
+    if setup.metrics_port is None:
+        return None
+    host = setup.metrics_host if setup.metrics_host is not None else setup.host
+    try:
+        url: str = await nursery.start(serve_http, build_metrics_app(app), host, setup.metrics_port)
+    except BaseException as exc:
+        bind_error, _ = _split(exc, OSError)
+        if bind_error is None:
+            raise
+        leaf = _first_leaf(bind_error)
+        raise OSError(
+            getattr(leaf, "errno", None),
+            f"{leaf} (the /metrics address, --metrics-host/--metrics-port {host}:"
+            f"{setup.metrics_port})",
+        ) from None
+    return url
 
 
 async def _stop_on_signals(scope: trio.CancelScope, command: str) -> None:
@@ -957,9 +1119,16 @@ async def _discovering(
             nursery.cancel_scope.cancel()
 
 
-def banner(setup: ServeSetup, url: str, *, discovered: WorkerWatcher | None = None) -> str:
+def banner(
+    setup: ServeSetup,
+    url: str,
+    *,
+    discovered: WorkerWatcher | None = None,
+    metrics_url: str | None = None,
+) -> str:
     """What ``serve`` prints once it listens: where, what, and the effective configuration
-    (with ``discovered``, the workers the etcd watcher found at the start)."""
+    (with ``discovered``, the workers the etcd watcher found at the start; with
+    ``metrics_url``, where ``/metrics`` is served instead of at ``url``)."""
     lines = [f"interlock {setup.command}: listening on {url} (OpenAI API at {url}/v1)"]
     timing = (
         "zero-time steps"
@@ -1013,6 +1182,10 @@ def banner(setup: ServeSetup, url: str, *, discovered: WorkerWatcher | None = No
         lines.append(f"  policy       {setup.selection_policy_path} (in place of router_mode)")
     if setup.route_api:
         lines.append(f"  route API    {url}/v1/route (docs/route-api.md)")
+    open_paths = OPEN_PATHS - {"/metrics"} if metrics_url is not None else OPEN_PATHS
+    lines.append(f"  API keys     {describe(setup.api_keys, setup.api_key_sources, open_paths)}")
+    if metrics_url is not None:
+        lines.append(f"  metrics      {metrics_url}/metrics (not on {url})")
     lines.append("  configuration:")
     values = setup.config.to_dict()
     width = max(map(len, values))
@@ -1082,12 +1255,13 @@ async def call_asgi(
     return status, b"".join(parts)
 
 
-def _route_remote(url: str, body: str) -> int:
+def _route_remote(url: str, body: str, *, key: str | None = None) -> int:
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        # The router at URL wants a key: the first trusted key given, else the first one.
+        headers["authorization"] = f"Bearer {key}"
     request = urllib.request.Request(
-        url.rstrip("/") + "/v1/route",
-        data=body.encode(),
-        headers={"content-type": "application/json"},
-        method="POST",
+        url.rstrip("/") + "/v1/route", data=body.encode(), headers=headers, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:

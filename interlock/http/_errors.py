@@ -2,7 +2,9 @@
 
 Client mistakes are 4xx with ``type: "invalid_request_error"`` and ``param`` naming the field.
 Server-side conditions are 5xx and never blamed on the client: 503 when no worker can take the
-request now (retry later), 502 when the worker serving it failed. 500 is reserved for bugs:
+request now (retry later), 502 when the worker serving it failed, 504 when it stopped making
+progress. 429 (with ``Retry-After``) when every worker is at its in-flight limit and the queue is
+full: overload, which a client retries. 500 is reserved for bugs:
 interlock's (``internal_error``) or the server's own selection policy's
 (``selection_policy_error``).
 """
@@ -10,18 +12,21 @@ interlock's (``internal_error``) or the server's own selection policy's
 from __future__ import annotations
 
 import json
+import math
 from typing import Final
 
 from .._errors import (
     ActorCrashed,
     EngineError,
     NoWorkersAvailable,
+    Overloaded,
     PipelineClosed,
     PrefillFailed,
     RequestError,
     SelectionPolicyError,
     WorkerGone,
     WorkerRefused,
+    WorkerStalled,
 )
 from ..processing import ChatTemplateError, TokenizerError
 
@@ -45,6 +50,7 @@ class HttpError(Exception):
         type: str = INVALID_REQUEST,
         param: str | None = None,
         code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -52,6 +58,8 @@ class HttpError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        #: Extra response headers (``Retry-After`` on a 429).
+        self.headers = headers
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -101,12 +109,24 @@ def http_error_for(
             type=SERVER_ERROR,
             code="detokenization_failed",
         )
+    if isinstance(exc, Overloaded):
+        # Too many requests for the workers' capacity now: the client may retry (OpenAI's
+        # clients honour Retry-After on a 429). 503 stays for "no worker can serve at all".
+        return HttpError(
+            429,
+            str(exc),
+            type=SERVER_ERROR,
+            code="overloaded",
+            headers=((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()),),
+        )
     if isinstance(exc, NoWorkersAvailable):
         return HttpError(503, str(exc), type=SERVER_ERROR, code="no_workers_available")
     if isinstance(exc, PrefillFailed):
         return HttpError(503, str(exc), type=SERVER_ERROR, code="prefill_failed")
     if isinstance(exc, WorkerRefused):
         return HttpError(503, str(exc), type=SERVER_ERROR, code="worker_refused")
+    if isinstance(exc, WorkerStalled):
+        return HttpError(504, str(exc), type=SERVER_ERROR, code="worker_stalled")
     if isinstance(exc, WorkerGone):
         return HttpError(502, str(exc), type=SERVER_ERROR, code="worker_gone")
     if isinstance(exc, EngineError):

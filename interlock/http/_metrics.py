@@ -93,6 +93,11 @@ class HttpMetrics:
         self.routed: dict[tuple[int, str], int] = {}
         #: Blocks in the router's KV index per worker (the app refreshes it before a scrape).
         self.kv_blocks: dict[int, int] = {}
+        #: Admission and gray-failure state, copied from the pipeline at each scrape.
+        self.queued = 0
+        self.shed = 0
+        self.stalls = 0
+        self.ejected: dict[int, float] = {}
         self.migrations = 0
         self.fallbacks = 0
         self.overlap_blocks = 0
@@ -245,6 +250,29 @@ class HttpMetrics:
         for worker, count in sorted(self.kv_blocks.items()):
             blocks.add_metric((str(worker),), count)
         yield blocks
+        yield GaugeMetricFamily(
+            f"{ns}_requests_queued",
+            "Requests waiting in the frontend for a worker slot (every worker at its limit).",
+            value=self.queued,
+        )
+        yield CounterMetricFamily(
+            f"{ns}_requests_shed",
+            "Requests answered 429 because the queue was full or they were sheddable.",
+            value=self.shed,
+        )
+        yield CounterMetricFamily(
+            f"{ns}_streams_stalled",
+            "Streams that made no progress within first_token_timeout or engine_idle_timeout.",
+            value=self.stalls,
+        )
+        ejected = GaugeMetricFamily(
+            f"{ns}_worker_ejected_seconds",
+            "Seconds left of each ejected worker's time out of routing (outlier ejection).",
+            labels=("worker_id",),
+        )
+        for worker, left in sorted(self.ejected.items()):
+            ejected.add_metric((str(worker),), left)
+        yield ejected
         transitions = CounterMetricFamily(
             f"{ns}_transitions",
             "Request state-machine transitions, by edge.",

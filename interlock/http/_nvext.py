@@ -56,6 +56,7 @@ class NvExt:
     max_thinking_tokens: int | None = None
     extra_fields: frozenset[str] = frozenset()
     expected_output_tokens: int | None = None
+    priority: int | None = None
     sources: dict[str, str] = attrs.field(factory=dict)
 
     @property
@@ -81,6 +82,7 @@ class NvExt:
             and self.dp_rank is None
             and self.enable_local_updates is None
             and self.expected_output_tokens is None
+            and self.priority is None
         ):
             return None
         return RoutingHints(
@@ -90,6 +92,7 @@ class NvExt:
             dp_rank=self.dp_rank,
             enable_local_updates=self.enable_local_updates,
             expected_output_tokens=self.expected_output_tokens,
+            priority=self.priority,
         )
 
 
@@ -175,7 +178,7 @@ def parse_nvext(value: Any) -> NvExt:
                     )
             fields[key] = frozenset(names)
         elif key == "agent_hints":
-            fields["expected_output_tokens"] = _agent_hints(item, where)
+            fields["expected_output_tokens"], fields["priority"] = _agent_hints(item, where)
         else:
             raise bad_request(
                 f"unknown field {where!r}; interlock understands nvext."
@@ -201,10 +204,11 @@ def parse_nvext(value: Any) -> NvExt:
     return NvExt(**fields, sources=sources)
 
 
-def _agent_hints(value: Any, where: str) -> int | None:
+def _agent_hints(value: Any, where: str) -> tuple[int | None, int | None]:
+    """``(osl, priority)`` of ``nvext.agent_hints``."""
     if type(value) is not dict:
         raise bad_request(f"{where} must be an object, got {_kind(value)}", where)
-    osl = None
+    osl = priority = None
     for key, item in value.items():
         here = f"{where}.{key}"
         if key not in _AGENT_HINTS:
@@ -221,9 +225,10 @@ def _agent_hints(value: Any, where: str) -> int | None:
         elif key == "priority":
             if type(item) is not int:
                 raise bad_request(f"{here} must be an integer, got {_kind(item)}", here)
+            priority = item
         elif not isinstance(item, int | float) or isinstance(item, bool):
             raise bad_request(f"{here} must be a number, got {_kind(item)}", here)
-    return osl
+    return osl, priority
 
 
 def apply_headers(nvext: NvExt, headers: Iterable[tuple[bytes, bytes]]) -> NvExt:

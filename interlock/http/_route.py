@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..wire import PreprocessedRequest, RouterConfigOverride, RoutingDecision
+from ._auth import check_route_api
 from ._errors import HttpError, bad_request, http_error_for
 from ._frontend import Frontend
 from ._nvext import parse_token_ids
@@ -130,6 +131,7 @@ class _RouteApi:
 
     async def _route(self, http_request: Request) -> Response:
         frontend = self.frontend
+        check_route_api(http_request.scope, executes=frontend.executes)
         body = await _read_json(http_request, frontend.limits.max_body_bytes)
         if type(body) is not dict:
             raise bad_request(f"the request body must be a JSON object, got {_kind(body)}")
@@ -228,6 +230,11 @@ class _RouteApi:
         request_id = request.path_params["request_id"]
         endpoint = "/v1/route/{id}/free" if free else "/v1/route/{id}/prefill_complete"
         metrics = self.frontend.metrics
+        try:
+            check_route_api(request.scope, executes=self.frontend.executes)
+        except HttpError as error:
+            metrics.count_request(endpoint, error.status, trio.current_time() - start)
+            return _error(error)
         if request_id not in self.booked:
             error = HttpError(
                 404,

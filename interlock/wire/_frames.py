@@ -29,7 +29,7 @@ from ..kv import KvCleared, KvRemoved, KvStored
 from ._codec import converter
 from ._events import WorkerJoined, WorkerLeft
 from ._output import EngineOutput, FinishReason
-from ._request import PreprocessedRequest
+from ._request import PreprocessedRequest, RoutingHints
 from ._snapshot import WorkerSnapshot
 
 __all__ = [
@@ -306,6 +306,7 @@ _LATE_FIELDS: dict[type[Any], tuple[str, ...]] = {
     # Version 2's, sent only by a worker with a secret, so that welcomes without it stay
     # what version-1 frontends decode.
     Welcome: ("proof",),
+    RoutingHints: ("priority",),
 }
 
 

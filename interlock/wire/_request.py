@@ -147,6 +147,10 @@ class RoutingHints:
     expected_output_tokens: int | None = attrs.field(
         default=None, validator=_int_at_least(0, optional=True)
     )
+    #: Order in the frontend's queue when every worker is full: higher first, unset counts
+    #: as 0, negative is sheddable (429 at once instead of queueing), as GAIE's
+    #: InferenceObjective priority.
+    priority: int | None = attrs.field(default=None, validator=_is(int, optional=True))
 
     def names_a_worker(self) -> str | None:
         """The first worker-id field that is set, or None."""

@@ -311,6 +311,11 @@ class MockEngine:
     def role(self) -> Role:
         return self._role
 
+    @property
+    def slots(self) -> int:
+        """``max_num_seqs``: the router's default in-flight limit for this worker."""
+        return self.max_num_seqs
+
     def open_stream(self, request: PreprocessedRequest) -> _MockStream:
         request_id = request.request_id
         if request_id is None:

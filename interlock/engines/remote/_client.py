@@ -252,6 +252,14 @@ class RemoteEngine:
     # -- Engine protocol ------------------------------------------------------------------
 
     @property
+    def slots(self) -> int | None:
+        """The sequences the worker runs at once (its ``max_num_seqs``), as its welcome said;
+        None before the handshake or when it did not say. The router's default in-flight
+        limit."""
+        capacity = self.capacity
+        return capacity.max_num_seqs if capacity is not None else None
+
+    @property
     def instance_id(self) -> int:
         return self._instance_id
 
