@@ -31,6 +31,7 @@ from test_remote_workers_heartbeat import Worker, connected
 from test_remote_workers_protocol import collect
 
 from interlock import ConfigError
+from interlock.engines import EngineContext, WorkerRecord, engine_from_record
 from interlock.engines.mock import MockEngine, MockTiming, mock_continuation
 from interlock.engines.remote import RemoteEngine, WorkerAuthError, serve_worker
 from interlock.engines.remote._auth import (
@@ -242,6 +243,14 @@ def test_serve_gives_the_secret_and_heartbeat_to_every_remote_engine(tmp_path: P
     bad = ["serve", "--worker-heartbeat-interval", "5", "--worker-heartbeat-timeout", "5"]
     with pytest.raises(ConfigError, match="--worker-heartbeat-interval 5 must be positive and"):
         resolve(frontend_parser().parse_args(bad))
+
+
+def test_workers_found_in_etcd_get_the_secret_and_heartbeat_through_the_context() -> None:
+    context = EngineContext(worker_secret=SECRET, heartbeat_interval=1.5, heartbeat_timeout=6)
+    record = WorkerRecord(worker_id=3, host="10.0.0.3", port=7003, role="agg", block_size=16)
+    engine = engine_from_record(record, context)
+    assert isinstance(engine, RemoteEngine) and engine._secret == SECRET
+    assert (engine.heartbeat_interval, engine.heartbeat_timeout) == (1.5, 6)
 
 
 # -- real processes ---------------------------------------------------------------------------
