@@ -30,11 +30,15 @@ from interlock.wire import (
 )
 from interlock.wire._frames import (
     TAGS,
+    Auth,
     Broken,
     Cancel,
+    Challenge,
     Goodbye,
     Hello,
     Output,
+    Ping,
+    Pong,
     Refused,
     SnapshotReply,
     SnapshotRequest,
@@ -113,6 +117,7 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
         registered=st.booleans(),
         vocab_size=st.none() | st.integers(1, 2**20),
         tokenizer=st.none() | st.text(),
+        proof=st.none() | st.binary(min_size=32, max_size=32),
     ),
     Start: st.builds(Start, stream=IDS, request=requests(sampling=True)),
     Cancel: st.builds(Cancel, stream=IDS),
@@ -122,6 +127,10 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     SnapshotRequest: st.builds(SnapshotRequest, token=IDS),
     SnapshotReply: st.builds(SnapshotReply, token=IDS, snapshot=snapshots),
     Goodbye: st.builds(Goodbye, reason=st.text()),
+    Challenge: st.builds(Challenge, version=st.integers(0, 2**16), nonce=st.binary(max_size=64)),
+    Auth: st.builds(Auth, nonce=st.binary(max_size=64), proof=st.binary(max_size=64)),
+    Ping: st.builds(Ping, token=IDS),
+    Pong: st.builds(Pong, token=IDS),
     KvStored: stored,
     KvRemoved: st.builds(
         KvRemoved, worker_id=U64, event_id=IDS, block_hashes=st.lists(U64, max_size=5)

@@ -248,7 +248,9 @@ async def test_no_common_protocol_version_is_refused_with_the_reason(
     monkeypatch.setattr("interlock.engines.remote._server.SUPPORTED_VERSIONS", (99,))
     with trio.fail_after(TIMEOUT):
         async with served(zero_time()) as address:
-            with pytest.raises(ProtocolError, match=r"frontend speaks \[1\], this worker speaks"):
+            with pytest.raises(
+                ProtocolError, match=r"frontend speaks \[1, 2\], this worker speaks"
+            ):
                 await remote(address).run()
 
 
@@ -523,6 +525,7 @@ def test_the_public_surface_is_pinned() -> None:
         "RemoteEngine",
         "TokenizerMismatch",
         "WorkerAddress",
+        "WorkerAuthError",
         "WorkerMismatch",
         "WorkerUnreachable",
         "add_parser",

@@ -60,6 +60,14 @@ class EngineContext:
     #: broken (the pipeline's ``engine_idle_timeout``; None: as long as it takes).
     idle_timeout: float | None = None
     resources: Mapping[str, Any] = attrs.field(factory=dict, converter=_read_only)
+    #: The shared secret of ``interlock worker --secret-file`` workers (``"remote"`` kind;
+    #: None: no authentication). Kept out of the repr.
+    worker_secret: bytes | None = attrs.field(default=None, repr=False)
+    #: The worker protocol's heartbeat (``"remote"`` kind): a ping every
+    #: ``heartbeat_interval`` seconds (None: none), and a connection silent for
+    #: ``heartbeat_timeout`` seconds is dead (docs/wire-protocol.md#heartbeat).
+    heartbeat_interval: float | None = 2.0
+    heartbeat_timeout: float = 10.0
     tokenizer_fingerprint: str | None = attrs.field(
         init=False, default=attrs.Factory(_fingerprint, takes_self=True)
     )

@@ -13,7 +13,8 @@ from ._record import BadRecord, WorkerRecord
 
 def build_remote(record: WorkerRecord, context: EngineContext) -> Engine:
     """``"remote"``: a `RemoteEngine` for the ``interlock worker`` at the record's ``host``
-    and ``port``, which checks the worker's block size and tokenizer against the context's.
+    and ``port``, which checks the worker's block size and tokenizer against the context's,
+    with the context's heartbeat and worker secret.
 
     Raises:
         BadRecord: the record has no ``host`` or ``port``.
@@ -36,6 +37,9 @@ def build_remote(record: WorkerRecord, context: EngineContext) -> Engine:
         vocab_size=context.vocab_size,
         connect_timeout=context.connect_timeout,
         max_backoff=context.max_backoff,
+        heartbeat_interval=context.heartbeat_interval,
+        heartbeat_timeout=context.heartbeat_timeout,
+        worker_secret=context.worker_secret,
     )
 
 

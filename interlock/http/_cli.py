@@ -50,6 +50,7 @@ from ..engines.mock import MockEngine, MockTiming
 from ..engines.mock import mock_token_pool as mock_token_pool  # re-exported, as MOCK_TEXT
 from ..engines.openai import KvEventFeed
 from ..engines.remote import RemoteEngine, TokenizerMismatch, WorkerMismatch, WorkerUnreachable
+from ..engines.remote._auth import SECRET_ENV, load_secret
 from ..processing import (
     ByteTokenizer,
     ChatTemplateError,
@@ -178,6 +179,12 @@ class ServeSetup:
     kv_replay: dict[int, str] = attrs.field(factory=dict)
     engine_api_key: str | None = None
     engine_connect_timeout: float = 30.0
+    #: ``--worker-secret-file`` (or INTERLOCK_WORKER_SECRET): what the remote workers must
+    #: share with this frontend (None: no authentication).
+    worker_secret: bytes | None = attrs.field(default=None, repr=False)
+    #: ``--worker-heartbeat-interval`` / ``--worker-heartbeat-timeout``.
+    worker_heartbeat_interval: float = 2.0
+    worker_heartbeat_timeout: float = 10.0
     #: The keys clients must send (``--api-key`` ...; none: no key needed), and where they
     #: came from, for the banner.
     api_keys: ApiKeys = attrs.field(factory=ApiKeys)
@@ -202,6 +209,9 @@ class ServeSetup:
             connect_timeout=self.engine_connect_timeout,
             idle_timeout=self.config.engine_idle_timeout,
             resources=resources,
+            worker_secret=self.worker_secret,
+            heartbeat_interval=self.worker_heartbeat_interval,
+            heartbeat_timeout=self.worker_heartbeat_timeout,
         )
 
     def components(self, metrics: HttpMetrics, *, kv_events: Any = None) -> Components:
@@ -261,6 +271,9 @@ class ServeSetup:
                 block_size=self.config.kv_block_size,
                 tokenizer=tokenizer_fingerprint(tokenizer),
                 vocab_size=tokenizer.vocab_size,
+                heartbeat_interval=self.worker_heartbeat_interval,
+                heartbeat_timeout=self.worker_heartbeat_timeout,
+                worker_secret=self.worker_secret,
             )
             (prefill if remote.role == "prefill" else workers).append(engine)
         context = self.engine_context(kv_events)
@@ -420,6 +433,30 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         metavar="SECONDS",
         help="wait this long for each --engine to answer /health at start (30)",
+    )
+    workers.add_argument(
+        "--worker-secret-file",
+        metavar="PATH",
+        default=None,
+        help="the shared secret of the `interlock worker --secret-file` workers (at least 16 "
+        f"bytes; or {SECRET_ENV} holding the secret itself): this frontend proves it knows it "
+        "without sending it, and refuses workers that cannot prove the same "
+        "(docs/wire-protocol.md#authentication)",
+    )
+    workers.add_argument(
+        "--worker-heartbeat-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="ping each remote worker this often (2)",
+    )
+    workers.add_argument(
+        "--worker-heartbeat-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a remote worker that sends nothing, not even a pong, for this long is dropped: "
+        "its streams migrate and it leaves routing until it answers again (10)",
     )
     workers.add_argument(
         "--etcd",
@@ -780,6 +817,14 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         )
     if not args.speedup > 0:
         raise ConfigError(f"--speedup must be positive, got {args.speedup}")
+    heartbeat = (args.worker_heartbeat_interval, args.worker_heartbeat_timeout)
+    if not 0 < heartbeat[0] < heartbeat[1]:
+        raise ConfigError(
+            f"--worker-heartbeat-interval {heartbeat[0]:g} must be positive and below "
+            f"--worker-heartbeat-timeout {heartbeat[1]:g} (several pings must be able to go "
+            "unanswered before a worker counts as dead)"
+        )
+    worker_secret = load_secret(args.worker_secret_file, flag="--worker-secret-file")
     ordinary_keys, trusted_keys, key_sources = resolve_api_keys(args)
     metrics_port: int | None = getattr(args, "metrics_port", None)
     metrics_host: str | None = getattr(args, "metrics_host", None)
@@ -826,6 +871,9 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         engine_api_key=args.engine_api_key or os.environ.get("INTERLOCK_ENGINE_API_KEY") or None,
         engine_connect_timeout=args.engine_connect_timeout,
         drain_timeout=args.drain_timeout,
+        worker_secret=worker_secret,
+        worker_heartbeat_interval=heartbeat[0],
+        worker_heartbeat_timeout=heartbeat[1],
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,

@@ -33,15 +33,21 @@ from ._request import PreprocessedRequest, RoutingHints
 from ._snapshot import WorkerSnapshot
 
 __all__ = [
+    "AUTH_VERSION",
+    "HEARTBEAT_VERSION",
     "MAX_FRAME_SIZE",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
+    "Auth",
     "Broken",
     "Cancel",
+    "Challenge",
     "FrameParser",
     "Goodbye",
     "Hello",
     "Output",
+    "Ping",
+    "Pong",
     "ProtocolError",
     "Refused",
     "SnapshotReply",
@@ -55,9 +61,13 @@ __all__ = [
 ]
 
 #: The version this code speaks best; a connection uses the highest version both ends speak.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: Every version this code speaks.
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+#: The first version with `Ping` / `Pong` (a version-1 peer gets no heartbeat).
+HEARTBEAT_VERSION = 2
+#: The first version with the shared-secret handshake (`Challenge`, `Auth`, ``Welcome.proof``).
+AUTH_VERSION = 2
 #: The longest frame body accepted or sent by default (64 MiB): a snapshot of a large cache
 #: fits, and a corrupt length prefix cannot make a reader buffer gigabytes.
 MAX_FRAME_SIZE = 64 * 1024 * 1024
@@ -115,6 +125,43 @@ class Welcome:
     registered: bool = True
     vocab_size: int | None = None
     tokenizer: str | None = None
+    #: Version 2, a worker with a secret: its HMAC proof that it knows the secret, over both
+    #: nonces of the handshake (docs/wire-protocol.md). Left out of the frame while None.
+    proof: bytes | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Challenge:
+    """Worker → frontend (version 2), the answer to `Hello` of a worker with a secret: the
+    version chosen and a fresh random ``nonce``; the frontend must answer `Auth`."""
+
+    version: int
+    nonce: bytes
+
+
+@attrs.frozen(kw_only=True)
+class Auth:
+    """Frontend → worker (version 2), the answer to `Challenge`: the frontend's own fresh
+    ``nonce`` and its ``proof``, an HMAC-SHA256 under the shared secret over the version and
+    both nonces. The secret itself never crosses the wire."""
+
+    nonce: bytes
+    proof: bytes
+
+
+@attrs.frozen(kw_only=True)
+class Ping:
+    """Frontend → worker (version 2): are you there? Answered at once with a `Pong` of the
+    same ``token`` by the worker's reader, whatever its engine is doing."""
+
+    token: int
+
+
+@attrs.frozen(kw_only=True)
+class Pong:
+    """Worker → frontend (version 2): the answer to the `Ping` with ``token``."""
+
+    token: int
 
 
 @attrs.frozen(kw_only=True)
@@ -197,6 +244,10 @@ TAGS: dict[str, type[Any]] = {
     "snapshot": SnapshotRequest,
     "snapshot_reply": SnapshotReply,
     "goodbye": Goodbye,
+    "challenge": Challenge,
+    "auth": Auth,
+    "ping": Ping,
+    "pong": Pong,
     "kv_stored": KvStored,
     "kv_removed": KvRemoved,
     "kv_cleared": KvCleared,
@@ -219,6 +270,8 @@ def _converter() -> cattrs.Converter:
     """The frame converter: the wire converter's strict rules, plus snapshots (built on first
     use, then shared)."""
     frames = converter.copy()
+    # Nonces and proofs are msgpack bin, which decodes to bytes and nothing else.
+    frames.register_structure_hook(bytes, _bytes)
     # msgpack decodes arrays as lists only: check their element types in one C-level pass
     # (prompts are long; the shared hook's per-element loop is 2.5x slower here).
     frames.register_structure_hook_func(lambda kind: kind == tuple[int, ...], _int_tuple)
@@ -250,8 +303,18 @@ def _converter() -> cattrs.Converter:
 _LATE_FIELDS: dict[type[Any], tuple[str, ...]] = {
     PreprocessedRequest: ("chat",),
     EngineOutput: ("chat_delta",),
+    # Version 2's, sent only by a worker with a secret, so that welcomes without it stay
+    # what version-1 frontends decode.
+    Welcome: ("proof",),
     RoutingHints: ("priority",),
 }
+
+
+def _bytes(value: Any, _type: Any) -> bytes:
+    if type(value) is bytes:
+        return value
+    raise TypeError(f"must be bytes (msgpack bin), got {type(value).__name__}")
+
 
 _INT_ONLY = frozenset({int})
 

@@ -2,9 +2,10 @@
 worker's server), and the ``interlock worker`` command. The protocol is in docs/wire-protocol.md;
 its messages and frame codec are in `interlock.wire`. `WorkerMismatch`, `TokenizerMismatch`
 and `WorkerUnreachable` belong to every engine kind (`interlock.engines`); they are here too,
-where they were first."""
+where they were first. `WorkerAuthError` is a failed shared-secret handshake."""
 
 from .._protocol import TokenizerMismatch, WorkerMismatch, WorkerUnreachable
+from ._auth import WorkerAuthError
 from ._cli import add_parser
 from ._client import RemoteEngine
 from ._server import WorkerAddress, serve_worker
@@ -13,6 +14,7 @@ __all__ = [
     "RemoteEngine",
     "TokenizerMismatch",
     "WorkerAddress",
+    "WorkerAuthError",
     "WorkerMismatch",
     "WorkerUnreachable",
     "add_parser",

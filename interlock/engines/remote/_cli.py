@@ -43,6 +43,7 @@ from ..mock import (
     parse_faults,
     serve_mock_openai,
 )
+from ._auth import SECRET_ENV, load_secret
 from ._server import WorkerAddress, WorkerDrain, serve_worker
 
 _logger = logging.getLogger("interlock.engines.remote")
@@ -66,6 +67,7 @@ examples:
   interlock worker --id 6 --openai-port 8100 --block-size 32 --tokenizer builtin \
       --kv-events-endpoint tcp://127.0.0.1:5557 --kv-events-replay 'tcp://127.0.0.1:*'
   interlock worker --id 7 --openai-port 0 --fault 'eof:after=5,times=1'   # a vLLM that dies
+  interlock worker --id 8 --host 0.0.0.0 --port 7008 --secret-file /etc/interlock/secret
 """
 
 
@@ -248,6 +250,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "frontends migrate the rest (30; 0 = at once; a second signal stops at once)",
     )
     parser.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        default=None,
+        help="serve only frontends that prove they know the secret in this file (at least 16 "
+        f"bytes; or {SECRET_ENV} holding the secret itself): give them the same one with "
+        "--worker-secret-file. The secret never crosses the wire (docs/wire-protocol.md)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
@@ -317,9 +327,17 @@ def run_worker(args: argparse.Namespace) -> int:
         return 2
     try:
         surface = _surface(args)
+        secret = load_secret(getattr(args, "secret_file", None), flag="--secret-file")
     except ConfigError as exc:
         print(f"interlock worker: {exc}", file=sys.stderr)
         return 2
+    if secret is None and args.host not in _LOOPBACK:
+        _logger.warning(
+            "listening on %s without a secret: any process that reaches this port can run "
+            "generation and read the prompts; give --secret-file PATH (or %s)",
+            args.host,
+            SECRET_ENV,
+        )
     registration = None
     if args.etcd is not None:
         try:
@@ -338,6 +356,7 @@ def run_worker(args: argparse.Namespace) -> int:
             args.port,
             registration,
             surface,
+            secret,
             drain_timeout=args.drain_timeout,
         )
     )
@@ -436,6 +455,7 @@ class _Registration:
 
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 async def _serve_until_signalled(
@@ -444,6 +464,7 @@ async def _serve_until_signalled(
     port: int,
     registration: _Registration | None = None,
     surface: _Surface | None = None,
+    secret: bytes | None = None,
     *,
     drain_timeout: float = 30.0,
 ) -> OSError | EtcdError | zmq.ZMQError | None:
@@ -454,7 +475,7 @@ async def _serve_until_signalled(
         async with trio.open_nursery() as nursery:
             try:
                 address: WorkerAddress = await nursery.start(
-                    functools.partial(serve_worker, engine, host, port, drain=drain)
+                    functools.partial(serve_worker, engine, host, port, drain=drain, secret=secret)
                 )
             except OSError as exc:
                 return exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -15,13 +15,19 @@ from ..._errors import EngineError, WorkerGone, WorkerRefused
 from ...kv import KV_EVENT_TYPES
 from ...wire import EngineOutput, PreprocessedRequest, WorkerJoined, WorkerLeft
 from ...wire._frames import (
+    AUTH_VERSION,
+    HEARTBEAT_VERSION,
     MAX_FRAME_SIZE,
     SUPPORTED_VERSIONS,
+    Auth,
     Broken,
     Cancel,
+    Challenge,
     Goodbye,
     Hello,
     Output,
+    Ping,
+    Pong,
     ProtocolError,
     Refused,
     SnapshotReply,
@@ -42,7 +48,16 @@ from .._protocol import (
     WorkerSnapshot,
     WorkerUnreachable,
 )
-from ._connection import FrameConnection
+from ._auth import (
+    NONCE_BYTES,
+    WorkerAuthError,
+    check_secret,
+    frontend_proof,
+    new_nonce,
+    proofs_match,
+    worker_proof,
+)
+from ._connection import FrameConnection, set_keepalive
 
 _logger = logging.getLogger("interlock.engines.remote")
 
@@ -150,6 +165,18 @@ class RemoteEngine:
     reconnects in the background (back-off from ``backoff`` up to ``max_backoff`` seconds),
     announcing `WorkerJoined` when the worker is back. Meanwhile `open_stream` raises
     `WorkerRefused`.
+
+    Heartbeat (protocol version 2): every ``heartbeat_interval`` seconds the engine sends a
+    ping, which the worker's reader answers at once; a connection on which nothing at all
+    arrives for ``heartbeat_timeout`` seconds is dead (a stopped or hung worker process, a
+    broken network) and is dropped like a lost one: streams raise `WorkerGone`, the worker
+    leaves routing, the engine reconnects. ``heartbeat_interval=None`` turns it off; a
+    version-1 worker gets none. The sockets also have TCP keepalive on.
+
+    ``worker_secret`` (bytes or text, at least 16 bytes): the shared secret of workers
+    started with one (``interlock worker --secret-file``). The engine proves it knows it
+    without sending it, and refuses a worker that cannot prove the same (`WorkerAuthError`).
+    ``open_connection(host, port)`` opens the byte stream to the worker (default: TCP).
     """
 
     def __init__(
@@ -168,7 +195,17 @@ class RemoteEngine:
         backoff: float = 0.02,
         max_backoff: float = 1.0,
         max_frame_size: int = MAX_FRAME_SIZE,
+        heartbeat_interval: float | None = 2.0,
+        heartbeat_timeout: float = 10.0,
+        worker_secret: bytes | str | None = None,
+        open_connection: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
     ) -> None:
+        if heartbeat_interval is not None and not 0 < heartbeat_interval < heartbeat_timeout:
+            raise ValueError(
+                f"heartbeat_interval={heartbeat_interval} must be positive and below "
+                f"heartbeat_timeout={heartbeat_timeout} (a few pings must be able to go "
+                "unanswered before the worker counts as dead), or None for no heartbeat"
+            )
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if type(instance_id) is not int or instance_id < 0:
@@ -192,11 +229,18 @@ class RemoteEngine:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_frame_size = max_frame_size
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self._secret = None if worker_secret is None else check_secret(worker_secret)
+        self._open_connection = open_connection or _open_tcp
         #: What the worker reported in its last handshake (None before the first).
         self.capacity: WorkerCapacity | None = None
         #: Connections made (1 after the first handshake, +1 per reconnection).
         self.connections = 0
+        #: Connections dropped because nothing arrived for ``heartbeat_timeout``.
+        self.heartbeat_failures = 0
         self._listeners = Listeners()
+        self._pings = itertools.count()
         self._link: _Link | None = None
         self._stream_ids = itertools.count()
         self._tokens = itertools.count()
@@ -341,7 +385,7 @@ class RemoteEngine:
 
     async def _connect_once(self) -> _Link:
         with trio.fail_after(self.handshake_timeout):
-            stream = await trio.open_tcp_stream(self.host, self.port)
+            stream = await self._open_connection(self.host, self.port)
             conn = FrameConnection(
                 stream, f"worker {self.address}", max_frame_size=self.max_frame_size
             )
@@ -351,7 +395,24 @@ class RemoteEngine:
                 )
                 await stream.send_all(encode_frame(hello))
                 answer = await conn.receive()
+                expected_proof = None
+                if type(answer) is Challenge:
+                    answer, expected_proof = await self._authenticate(conn, answer)
+                elif self._secret is not None and type(answer) is Welcome:
+                    await self._refuse(conn, "this frontend requires the worker to prove a secret")
+                    raise WorkerAuthError(
+                        f"the worker at {self.address} runs without a secret, but this frontend "
+                        "has one: it cannot prove it is the worker the frontend trusts; start "
+                        "it with the frontend's secret (interlock worker --secret-file PATH, or "
+                        "INTERLOCK_WORKER_SECRET)"
+                    )
                 welcome = self._check_welcome(answer)
+                if expected_proof is not None and not proofs_match(expected_proof, welcome.proof):
+                    raise WorkerAuthError(
+                        f"the worker at {self.address} accepted this frontend's proof but did "
+                        "not prove it knows the secret itself (its welcome carries no valid "
+                        "proof): it is not the worker the frontend trusts"
+                    )
             except BaseException:
                 await conn.aclose()
                 raise
@@ -360,6 +421,54 @@ class RemoteEngine:
         self.capacity = welcome.capacity
         self._worker_registered = welcome.registered
         return link
+
+    async def _authenticate(self, conn: FrameConnection, challenge: Challenge) -> tuple[Any, bytes]:
+        """Answer the worker's challenge; return its next frame (the welcome, if it accepted
+        the proof) and the proof that welcome must carry.
+
+        Raises:
+            WorkerAuthError: this engine has no secret, or the worker refused its proof.
+        """
+        secret = self._secret
+        if secret is None:
+            await self._refuse(conn, "this frontend has no secret")
+            raise WorkerAuthError(
+                f"the worker at {self.address} requires a secret; give --worker-secret-file "
+                "PATH (or INTERLOCK_WORKER_SECRET) with the worker's secret "
+                "(RemoteEngine(worker_secret=...) in Python)"
+            )
+        if challenge.version not in SUPPORTED_VERSIONS or challenge.version < AUTH_VERSION:
+            raise ProtocolError(
+                f"worker at {self.address} challenged with protocol version "
+                f"{challenge.version}, which has no authentication this frontend speaks"
+            )
+        if len(challenge.nonce) != NONCE_BYTES:
+            raise ProtocolError(
+                f"worker at {self.address} sent a {len(challenge.nonce)}-byte nonce; the "
+                f"protocol's are {NONCE_BYTES} bytes"
+            )
+        nonce = new_nonce()
+        proof = frontend_proof(secret, challenge.version, challenge.nonce, nonce)
+        await conn.stream.send_all(encode_frame(Auth(nonce=nonce, proof=proof)))
+        answer = await conn.receive()
+        if type(answer) is Goodbye:
+            raise WorkerAuthError(
+                f"the worker at {self.address} refused this frontend: {answer.reason}"
+            )
+        if type(answer) is Welcome and answer.version != challenge.version:
+            raise ProtocolError(
+                f"worker at {self.address} challenged with version {challenge.version} but "
+                f"welcomed with version {answer.version}"
+            )
+        return answer, worker_proof(secret, challenge.version, challenge.nonce, nonce)
+
+    async def _refuse(self, conn: FrameConnection, reason: str) -> None:
+        """Tell the worker why this engine ends the handshake (best effort)."""
+        with trio.move_on_after(1.0):
+            try:
+                await conn.stream.send_all(encode_frame(Goodbye(reason=reason)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     def _check_welcome(self, answer: Any) -> Welcome:
         if type(answer) is Goodbye:
@@ -437,11 +546,46 @@ class RemoteEngine:
 
     async def _serve(self, link: _Link) -> str:
         try:
-            reason = await link.conn.serve(lambda message: self._on_message(link, message))
+            async with trio.open_nursery() as nursery:
+                if (
+                    self.heartbeat_interval is not None
+                    and link.welcome.version >= HEARTBEAT_VERSION
+                ):
+                    nursery.start_soon(self._heartbeat, link.conn, self.heartbeat_interval)
+                reason = await link.conn.serve(lambda message: self._on_message(link, message))
+                nursery.cancel_scope.cancel()
         finally:
             await link.conn.aclose()
         self._drop(link, reason, announce=True)
         return reason
+
+    async def _heartbeat(self, conn: FrameConnection, interval: float) -> None:
+        """Ping every ``interval``; end the connection once nothing (no frame of any kind)
+        has arrived for ``heartbeat_timeout``. Runs until cancelled with the connection."""
+        timeout = self.heartbeat_timeout
+        next_ping = trio.current_time() + interval
+        while True:
+            await trio.sleep_until(min(next_ping, conn.last_receive + timeout))
+            now = trio.current_time()
+            if now - conn.last_receive >= timeout:
+                # Before judging, let the reader take what the socket holds: a frontend
+                # whose own loop was blocked wakes this task with the worker's frames
+                # still unread. Two scheduling rounds: one for the I/O poll to wake the
+                # reader, one for the reader to run.
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
+                now = trio.current_time()
+            silent = now - conn.last_receive
+            if silent >= timeout:
+                self.heartbeat_failures += 1
+                conn.abort(
+                    f"no frame for {silent:.1f}s, not even an answer to a ping (heartbeat_timeout"
+                    f"={timeout}s): the worker process is stopped or hung, or the network is down"
+                )
+                return
+            if now >= next_ping:
+                conn.send_nowait(Ping(token=next(self._pings)))
+                next_ping = now + interval
 
     def _on_message(self, link: _Link, message: Any) -> None:
         kind = type(message)
@@ -465,6 +609,8 @@ class RemoteEngine:
                         f"worker {self.instance_id}: {message.message}", worker_id=self.instance_id
                     )
                 )
+        elif kind is Pong:
+            pass  # Its arrival is the sign of life (FrameConnection.last_receive).
         elif kind is SnapshotReply:
             waiter = link.snapshots.pop(message.token, None)
             if waiter is not None:
@@ -522,6 +668,12 @@ class RemoteEngine:
 
     def __repr__(self) -> str:
         return f"<RemoteEngine {self.instance_id} role={self.role} at {self.address}>"
+
+
+async def _open_tcp(host: str, port: int) -> trio.abc.Stream:
+    stream = await trio.open_tcp_stream(host, port)
+    set_keepalive(stream)
+    return stream
 
 
 def _describe(exc: BaseException) -> str:

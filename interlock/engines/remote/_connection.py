@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,30 @@ GOODBYE_TIMEOUT = 1.0
 #: Queued bytes beyond which a peer that does not read is cut off (instead of the queue
 #: growing without bound).
 MAX_PENDING_BYTES = 256 * 1024 * 1024
+#: TCP keepalive on every worker-protocol socket, both ends: the first probe after this many
+#: idle seconds, then one every `KEEPALIVE_INTERVAL`, and the peer is dead after
+#: `KEEPALIVE_COUNT` unanswered (about 30 s), so a vanished host is found even on an idle
+#: connection, where no heartbeat or write would notice.
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+
+
+def set_keepalive(stream: trio.abc.Stream) -> None:
+    """Turn on TCP keepalive for ``stream``'s socket (`KEEPALIVE_IDLE` and friends, where the
+    platform has the options); nothing for a stream that is not a socket (tests' in-memory
+    streams)."""
+    if not isinstance(stream, trio.SocketStream):
+        return
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            stream.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 class FrameConnection:
@@ -53,6 +78,8 @@ class FrameConnection:
         self.closed = False
         #: The reason the peer gave in its `Goodbye`, if it sent one.
         self.peer_goodbye: str | None = None
+        #: When (trio time) bytes last arrived: any frame is a sign of life.
+        self.last_receive = trio.current_time()
         self._parser = FrameParser(max_frame_size=max_frame_size)
         self._received: collections.deque[Any] = collections.deque()
         self._pending: list[bytes] = []
@@ -105,6 +132,7 @@ class FrameConnection:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 raise trio.BrokenResourceError(f"{self.peer} closed the connection")
+            self.last_receive = trio.current_time()
             self._received.extend(self._parser.feed(data))
         return self._received.popleft()
 
@@ -137,6 +165,15 @@ class FrameConnection:
         most `GOODBYE_TIMEOUT`): what a worker that stops sends before closing."""
         await self._say_goodbye(reason)
 
+    def abort(self, reason: str) -> None:
+        """End the connection now (a dead peer): `serve` returns ``reason``. Nothing is sent;
+        the caller closes the socket (`aclose`)."""
+        if self._end_reason is None:
+            self._end_reason = reason
+        self.closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+
     async def aclose(self) -> None:
         """Close the socket now (also when cancelled)."""
         self.closed = True
@@ -156,6 +193,7 @@ class FrameConnection:
                     data = await stream.receive_some(RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     return f"connection lost ({_cause(exc)})"
+                self.last_receive = trio.current_time()
                 if not data:
                     if self.peer_goodbye is not None:
                         return f"closed by {self.peer}: {self.peer_goodbye}"

@@ -12,13 +12,19 @@ from ..._errors import EngineError, RequestError, WorkerRefused
 from ...processing import tokenizer_fingerprint
 from ...wire import WorkerLeft
 from ...wire._frames import (
+    AUTH_VERSION,
+    HEARTBEAT_VERSION,
     MAX_FRAME_SIZE,
     SUPPORTED_VERSIONS,
+    Auth,
     Broken,
     Cancel,
+    Challenge,
     Goodbye,
     Hello,
     Output,
+    Ping,
+    Pong,
     ProtocolError,
     Refused,
     SnapshotReply,
@@ -30,7 +36,8 @@ from ...wire._frames import (
     frame_tag,
 )
 from .._protocol import Engine
-from ._connection import GOODBYE_TIMEOUT, FrameConnection
+from ._auth import NONCE_BYTES, check_secret, frontend_proof, new_nonce, proofs_match, worker_proof
+from ._connection import GOODBYE_TIMEOUT, FrameConnection, set_keepalive
 
 _logger = logging.getLogger("interlock.engines.remote")
 
@@ -106,6 +113,7 @@ async def serve_worker(
     handshake_timeout: float = 10.0,
     max_frame_size: int = MAX_FRAME_SIZE,
     drain: WorkerDrain | None = None,
+    secret: bytes | str | None = None,
     task_status: trio.TaskStatus[WorkerAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``engine`` and serve it to frontends (`RemoteEngine`) on ``host:port`` until
@@ -117,12 +125,20 @@ async def serve_worker(
     disconnecting, cancels it, which frees the engine's slot. A connection that breaks the
     protocol (or sends no hello within ``handshake_timeout``) is closed with the reason
     logged; the others carry on. ``drain`` (a `WorkerDrain`) counts the streams and, once
-    started, refuses new ones.
+    started, refuses new ones. With a ``secret`` (at least 16 bytes), only a frontend that
+    proves it knows the same secret gets a welcome (docs/wire-protocol.md); the others get a
+    `Goodbye` saying why. Every accepted socket has TCP keepalive on.
 
     Raises:
         OSError: cannot listen on ``host:port``.
+        ConfigError: ``secret`` is too short.
     """
-    hub = _Hub(engine, handshake_timeout=handshake_timeout, max_frame_size=max_frame_size)
+    hub = _Hub(
+        engine,
+        handshake_timeout=handshake_timeout,
+        max_frame_size=max_frame_size,
+        secret=None if secret is None else check_secret(secret),
+    )
     hub.drain = drain if drain is not None else WorkerDrain()
     hub.drain._hub = hub
     # Listen first, so that a port in use raises OSError itself, not inside a group.
@@ -156,10 +172,18 @@ class _Hub:
     """The engine's side of every connection: handshakes, and one encoding of each event
     fanned out to every connected frontend."""
 
-    def __init__(self, engine: Engine, *, handshake_timeout: float, max_frame_size: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        handshake_timeout: float,
+        max_frame_size: int,
+        secret: bytes | None = None,
+    ) -> None:
         self.engine = engine
         self.handshake_timeout = handshake_timeout
         self.max_frame_size = max_frame_size
+        self.secret = secret
         self.sessions: set[_Session] = set()
         self.drain = WorkerDrain()
 
@@ -173,7 +197,7 @@ class _Hub:
         for session in self.sessions:
             session.conn.send_frame_nowait(frame)
 
-    def welcome(self, version: int) -> Welcome:
+    def welcome(self, version: int, proof: bytes | None = None) -> Welcome:
         engine = self.engine
         tokenizer = getattr(engine, "tokenizer", None)
         return Welcome(
@@ -188,20 +212,22 @@ class _Hub:
             registered=getattr(engine, "registered", True) and not self.drain.draining,
             vocab_size=_vocab_size(engine),
             tokenizer=None if tokenizer is None else tokenizer_fingerprint(tokenizer),
+            proof=proof,
         )
 
-    async def handle_connection(self, stream: trio.SocketStream) -> None:
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
         peer = _peer_name(stream)
+        set_keepalive(stream)
         conn = FrameConnection(stream, f"frontend {peer}", max_frame_size=self.max_frame_size)
         try:
-            hello = await self._handshake(conn)
-            if hello is None:
+            accepted = await self._handshake(conn)
+            if accepted is None:
                 return
-            version = max(set(hello.versions) & set(SUPPORTED_VERSIONS))
+            hello, version, proof = accepted
             _logger.info("frontend %s connected (%s)", peer, hello.client or "unnamed")
             async with trio.open_nursery() as tasks:
-                session = _Session(self.engine, conn, tasks, self.drain)
-                conn.send_nowait(self.welcome(version))
+                session = _Session(self.engine, conn, tasks, self.drain, version)
+                conn.send_nowait(self.welcome(version, proof))
                 # From here on the frontend gets every event, after the welcome.
                 self.sessions.add(session)
                 try:
@@ -219,29 +245,69 @@ class _Hub:
         finally:
             await conn.aclose()
 
-    async def _handshake(self, conn: FrameConnection) -> Hello | None:
-        """The frontend's hello (naming a version both speak), or None after refusing the
-        connection."""
+    async def _handshake(self, conn: FrameConnection) -> tuple[Hello, int, bytes | None] | None:
+        """The frontend's hello, the version chosen (the highest both speak) and, with a
+        secret, this worker's proof for the welcome; None after refusing the connection."""
         try:
             with trio.fail_after(self.handshake_timeout):
                 hello = await conn.receive()
-            if type(hello) is not Hello:
-                raise ProtocolError(f"the first frame must be 'hello', got {frame_tag(hello)!r}")
+                if type(hello) is not Hello:
+                    raise ProtocolError(
+                        f"the first frame must be 'hello', got {frame_tag(hello)!r}"
+                    )
+                common = set(hello.versions) & set(SUPPORTED_VERSIONS)
+                if not common:
+                    raise ProtocolError(
+                        f"no common protocol version: the frontend speaks {list(hello.versions)}"
+                        f", this worker speaks {list(SUPPORTED_VERSIONS)}"
+                    )
+                version = max(common)
+                proof = None
+                if self.secret is not None:
+                    proof = await self._authenticate(conn, version)
+                return hello, version, proof
         except trio.TooSlowError:
-            reason = f"no hello within {self.handshake_timeout}s"
+            what = "hello" if self.secret is None else "hello and auth"
+            reason = f"no {what} within {self.handshake_timeout}s"
         except ProtocolError as exc:
             reason = str(exc)
-        else:
-            if set(hello.versions) & set(SUPPORTED_VERSIONS):
-                return hello
-            reason = (
-                f"no common protocol version: the frontend speaks {list(hello.versions)}, this "
-                f"worker speaks {list(SUPPORTED_VERSIONS)}"
-            )
         _logger.warning("refusing %s: %s", conn.peer, reason)
         with trio.move_on_after(GOODBYE_TIMEOUT):
             await conn.stream.send_all(encode_frame(Goodbye(reason=reason)))
         return None
+
+    async def _authenticate(self, conn: FrameConnection, version: int) -> bytes:
+        """Challenge the frontend; return this worker's proof for the welcome.
+
+        Raises:
+            ProtocolError: the frontend does not prove it knows the secret (the reason is
+                what it is told).
+        """
+        assert self.secret is not None
+        if version < AUTH_VERSION:
+            raise ProtocolError(
+                "the worker requires a secret, and this frontend speaks only protocol "
+                f"version {version}, from before authentication: upgrade the frontend and "
+                "give it the worker's secret (--worker-secret-file PATH or INTERLOCK_WORKER_SECRET)"
+            )
+        nonce = new_nonce()
+        await conn.stream.send_all(encode_frame(Challenge(version=version, nonce=nonce)))
+        answer = await conn.receive()
+        if type(answer) is Goodbye:
+            raise ProtocolError(f"the frontend gave up the handshake: {answer.reason}")
+        if type(answer) is not Auth:
+            raise ProtocolError(
+                f"the worker requires a secret: the answer to 'challenge' must be 'auth', got "
+                f"{frame_tag(answer)!r}"
+            )
+        expected = frontend_proof(self.secret, version, nonce, answer.nonce)
+        if len(answer.nonce) != NONCE_BYTES or not proofs_match(expected, answer.proof):
+            raise ProtocolError(
+                "authentication failed: the frontend's proof does not match this worker's "
+                "secret; give the frontend the worker's secret (--worker-secret-file PATH or "
+                "INTERLOCK_WORKER_SECRET)"
+            )
+        return worker_proof(self.secret, version, nonce, answer.nonce)
 
 
 def _vocab_size(engine: Engine) -> int | None:
@@ -258,17 +324,27 @@ class _Session:
     """One frontend's connection: its open streams by id."""
 
     def __init__(
-        self, engine: Engine, conn: FrameConnection, tasks: trio.Nursery, drain: WorkerDrain
+        self,
+        engine: Engine,
+        conn: FrameConnection,
+        tasks: trio.Nursery,
+        drain: WorkerDrain,
+        version: int,
     ) -> None:
         self.engine = engine
         self.conn = conn
         self.tasks = tasks
         self.drain = drain
+        self.version = version
         self.streams: dict[int, trio.CancelScope] = {}
 
     def on_message(self, message: Any) -> None:
         kind = type(message)
-        if kind is Start:
+        if kind is Ping and self.version >= HEARTBEAT_VERSION:
+            # Answered here, in the reader, not by the engine: a busy engine still answers
+            # while the process runs; a stopped or hung process does not.
+            self.conn.send_nowait(Pong(token=message.token))
+        elif kind is Start:
             stream_id = message.stream
             if stream_id in self.streams:
                 raise ProtocolError(f"stream {stream_id} was started twice")
@@ -324,9 +400,9 @@ class _Session:
         self.conn.send_nowait(SnapshotReply(token=token, snapshot=snapshot))
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
+def _peer_name(stream: trio.abc.Stream) -> str:
     try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
         return "(unknown)"
     return f"{host}:{port}"
