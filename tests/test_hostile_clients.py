@@ -111,7 +111,9 @@ async def test_a_client_that_stops_reading_is_disconnected_after_the_write_timeo
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await sock.connect((host, port))
         stream = trio.SocketStream(sock)
-        body = json.dumps({**CHAT, "max_tokens": 300_000, "stream": True, "ignore_eos": True}).encode()
+        body = json.dumps(
+            {**CHAT, "max_tokens": 300_000, "stream": True, "ignore_eos": True}
+        ).encode()
         await stream.send_all(
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
             b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
@@ -142,7 +144,9 @@ async def test_fifty_streams_never_read_stay_bounded_and_free_their_workers() ->
     limits = HttpLimits(max_stream_buffer_bytes=limit, max_model_len=400_000)
     async with serving(workers=2, limits=limits) as served:
         host, port = served.url.removeprefix("http://").rsplit(":", 1)
-        body = json.dumps({**CHAT, "max_tokens": 300_000, "stream": True, "ignore_eos": True}).encode()
+        body = json.dumps(
+            {**CHAT, "max_tokens": 300_000, "stream": True, "ignore_eos": True}
+        ).encode()
         request = (
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
             b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
