@@ -70,7 +70,7 @@ def _status_and_error(response: bytes) -> tuple[int, dict[str, Any]]:
 
 
 async def test_dripped_headers_and_bodies_get_408_and_are_closed() -> None:
-    async with _serve_process("--request-read-timeout", "0.5") as (host, port):
+    async with _serve_process("--request-read-timeout", "0.5", "--route-api") as (host, port):
         # Headers that never end.
         headers = await trio.open_tcp_stream(host, port)
         await headers.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
@@ -78,14 +78,15 @@ async def test_dripped_headers_and_bodies_get_408_and_are_closed() -> None:
         assert status == 408 and error["code"] == "request_timeout", error
         assert "headers" in error["message"]
         # A body declared and then dripped: one byte, then nothing.
-        body = await trio.open_tcp_stream(host, port)
-        await body.send_all(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
-            b"\r\ncontent-length: 100\r\n\r\n{"
-        )
-        status, error = _status_and_error(await _answer_then_close(body))
-        assert status == 408 and error["code"] == "request_timeout", error
-        assert "--request-read-timeout" in error["message"]
+        for path in (b"/v1/chat/completions", b"/v1/completions", b"/v1/route"):
+            body = await trio.open_tcp_stream(host, port)
+            await body.send_all(
+                b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                b"\r\ncontent-length: 100\r\n\r\n{" % path
+            )
+            status, error = _status_and_error(await _answer_then_close(body))
+            assert status == 408 and error["code"] == "request_timeout", (path, error)
+            assert "--request-read-timeout" in error["message"]
         # The server still serves.
         async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as client:
             assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
@@ -286,13 +287,13 @@ _SCALARS = (
     | st.text(max_size=30)
     | st.sampled_from(["", "mock", "user", "assistant", "system", "tool", "\ud800", "x" * 5000])
 )
-_JSON = st.recursive(
-    _SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
+_JSON = st.recursive(_SCALARS, _containers, max_leaves=12)
 _FIELDS = st.sampled_from(
     [
         "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stream",
