@@ -8,6 +8,7 @@ stops and the router frees the load (reference/stack.md section 2).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -675,6 +676,7 @@ class _Outbox:
         "_first",
         "_lot",
         "_size",
+        "_spill",
         "_text",
         "_text_size",
         "encoder",
@@ -689,6 +691,9 @@ class _Outbox:
         #: Encoded events waiting, then text not yet encoded (it follows every chunk).
         self._chunks: list[bytes] = []
         self._text: list[str] = []
+        #: Text of a client that fell behind, gathered from ``_text`` (it comes first): one
+        #: buffer, not a string object (about 50 bytes) per output.
+        self._spill: io.StringIO | None = None
         self._text_size = 0
         #: Waiting bytes (text counted in characters until it is encoded).
         self._size = 0
@@ -714,17 +719,30 @@ class _Outbox:
                 code="stream_buffer_full",
             )
 
+    def _take_text(self) -> str:
+        text = "".join(self._text)
+        self._text.clear()
+        if self._spill is not None:
+            text = self._spill.getvalue() + text
+            self._spill = None
+        return text
+
     def _flush_text(self) -> None:
-        if self._text:
-            chunk = self.encoder.text("".join(self._text), first=self._first)
+        if self._text_size:
+            chunk = self.encoder.text(self._take_text(), first=self._first)
             self._first = False
             self._chunks.append(chunk)
-            self._text.clear()
             self._resize(self._size - self._text_size + len(chunk))
             self._text_size = 0
 
     def add_text(self, text: str) -> None:
-        self._text.append(text)
+        parts = self._text
+        parts.append(text)
+        if len(parts) == 16:
+            if self._spill is None:
+                self._spill = io.StringIO()
+            self._spill.write("".join(parts))
+            parts.clear()
         self._text_size += len(text)
         self._grew(len(text))
 
@@ -744,9 +762,8 @@ class _Outbox:
         fields: dict[str, Any] | None,
     ) -> None:
         """End the stream with its last chunk; the waiting text goes with it."""
-        if self._text:
-            text = "".join(self._text) + text
-            self._text.clear()
+        if self._text_size:
+            text = self._take_text() + text
             self._resize(self._size - self._text_size)
             self._text_size = 0
         self.end(
@@ -771,6 +788,7 @@ class _Outbox:
         """Forget what is waiting (the request is over)."""
         self._chunks.clear()
         self._text.clear()
+        self._spill = None
         self._text_size = 0
         self._resize(0)
 
@@ -778,7 +796,7 @@ class _Outbox:
         """Send what is waiting as it comes, until the stream ends; each send takes all that
         is waiting. Cancelled with the request."""
         while True:
-            while not self._chunks and not self._text and self._closed is None:
+            while not self._chunks and not self._text_size and self._closed is None:
                 await self._lot.park()
             self._flush_text()
             chunks = self._chunks
