@@ -8,10 +8,12 @@ stops and the router frees the load (reference/stack.md section 2).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -43,7 +45,7 @@ from ._openai import (
 )
 from ._preprocess import Preprocessor
 from ._route import route_routes
-from ._sse import ChunkEncoder, dumps, event
+from ._sse import DONE, ChunkEncoder, dumps, event
 
 # HttpLimits is defined with the endpoints' shared state; it is imported from here too.
 __all__ = ["HttpLimits", "build_app", "build_metrics_app", "read_body", "send_json"]
@@ -67,11 +69,12 @@ class _Disconnected(Exception):
     """The client went away while we were reading its body."""
 
 
-async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
-    """The request body, at most ``limit`` bytes.
+async def read_body(receive: Receive, scope: Scope, limit: int, within: float = math.inf) -> bytes:
+    """The request body, at most ``limit`` bytes, all of it within ``within`` seconds.
 
     Raises:
-        HttpError: 413 when the body (or its Content-Length) is over the limit.
+        HttpError: 413 when the body (or its Content-Length) is over the limit; 408 when it
+            has not all arrived within ``within`` seconds.
         _Disconnected: the client closed the connection first.
     """
     for name, value in scope["headers"]:
@@ -83,6 +86,17 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
             if declared > limit:
                 raise _too_large(limit)
             break
+    with trio.move_on_after(within):
+        return await _read_body(receive, limit)
+    raise HttpError(
+        408,
+        f"the request body did not arrive within {within:g} s of its headers "
+        "(--request-read-timeout); send the body at once",
+        code="request_timeout",
+    )
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     message = await receive()
     if message["type"] != "http.request":
         raise _Disconnected
@@ -157,38 +171,21 @@ class _GenerateEndpoint:
         if frontend.drain.draining:
             await self._refuse_while_draining(send, start)
             return
+        limits = frontend.limits
         try:
-            body = await read_body(receive, scope, frontend.limits.max_body_bytes)
-            try:
-                data = json.loads(body)
-            except (ValueError, RecursionError) as exc:
-                raise bad_request(
-                    f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
-                ) from None
-            parsed = parse_request(
-                self.kind,
-                data,
-                max_model_len=frontend.limits.max_model_len,
-                engine_postprocessing=not frontend.frontend_post,
+            body = await read_body(
+                receive, scope, limits.max_body_bytes, limits.request_read_timeout
             )
-            if parsed.model != frontend.model:
-                raise HttpError(
-                    404,
-                    f"the model {parsed.model!r} does not exist; this server serves "
-                    f"{frontend.model!r}",
-                    param="model",
-                    code="model_not_found",
+            if len(body) > limits.offload_body_bytes:
+                # Decoding, rendering and tokenizing a large body takes long enough (100k
+                # messages: over a second) to stall every other client: a worker thread does
+                # it, and the GIL lets the event loop run in between.
+                prepared = await trio.to_thread.run_sync(
+                    self._prepare, body, scope, limiter=frontend.offload_limiter
                 )
-            nvext = apply_headers(parsed.nvext, scope["headers"])
-            query = nvext.query_only or not frontend.executes
-            frontend.check_worker_ids(nvext)
-            check_privileges(
-                scope, parsed.nvext, executes=frontend.executes, routing=frontend.routing
-            )
-            request_id = frontend.new_id(self.id_prefix)
-            request = frontend.preprocess(parsed, nvext, request_id)
-            if self.kind == "chat" and not frontend.frontend_post and not query:
-                request = _with_chat(parsed, nvext, request)
+            else:
+                prepared = self._prepare(body, scope)
+            parsed, nvext, query, request_id, request = prepared
         except _Disconnected:
             return
         except Exception as exc:
@@ -220,6 +217,56 @@ class _GenerateEndpoint:
         error = refused_while_draining()
         await send_json(send, 503, error.body(), [*_JSON, CONNECTION_CLOSE])
         self.frontend.metrics.count_request(self.endpoint, 503, trio.current_time() - start)
+
+    def _prepare(
+        self, body: bytes, scope: Scope
+    ) -> tuple[ParsedRequest, NvExt, bool, str, PreprocessedRequest]:
+        """Decode, validate and tokenize a request body; synchronous (and thread-safe).
+
+        Returns the parsed request, its nvext, whether it is a query, its id and the
+        preprocessed request.
+
+        Raises:
+            HttpError: 4xx naming what was wrong with the request.
+            TokenizerError, ChatTemplateError, RequestError: the same, from the preprocessor.
+        """
+        frontend = self.frontend
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise bad_request(
+                f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
+            ) from None
+        parsed = parse_request(
+            self.kind,
+            data,
+            max_model_len=frontend.limits.max_model_len,
+            engine_postprocessing=not frontend.frontend_post,
+        )
+        if parsed.model != frontend.model:
+            raise HttpError(
+                404,
+                f"the model {parsed.model!r} does not exist; this server serves {frontend.model!r}",
+                param="model",
+                code="model_not_found",
+            )
+        max_messages = frontend.limits.max_messages
+        if parsed.messages is not None and len(parsed.messages) > max_messages:
+            raise bad_request(
+                f"messages has {len(parsed.messages)} messages; this server takes at most "
+                f"{max_messages} (--max-messages)",
+                "messages",
+                code="too_many_messages",
+            )
+        nvext = apply_headers(parsed.nvext, scope["headers"])
+        query = nvext.query_only or not frontend.executes
+        frontend.check_worker_ids(nvext)
+        check_privileges(scope, parsed.nvext, executes=frontend.executes, routing=frontend.routing)
+        request_id = frontend.new_id(self.id_prefix)
+        request = frontend.preprocess(parsed, nvext, request_id)
+        if self.kind == "chat" and not frontend.frontend_post and not query:
+            request = _with_chat(parsed, nvext, request)
+        return parsed, nvext, query, request_id, request
 
     async def _fail(self, send: Send, error: HttpError, start: float) -> None:
         await self._fail_quietly(send, error)
@@ -540,7 +587,7 @@ class _Run:
 
     async def _stream_outputs(
         self,
-        outputs: AsyncIterator[EngineOutput],
+        outputs: AsyncGenerator[EngineOutput, None],
         encoder: ChunkEncoder,
         send: Send,
         state: _State,
@@ -557,7 +604,30 @@ class _Run:
             return error.status
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
         state.started = True
-        first = True
+        frontend = self.endpoint.frontend
+        # The outputs are read as they come and the client is sent what it can take: a slow
+        # client gets the text in bigger chunks; one too far behind ends the request.
+        outbox = _Outbox(encoder, frontend.limits.max_stream_buffer_bytes, frontend.metrics)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outbox.send_all, send)
+                try:
+                    return await self._fill(outbox, output, outputs, state)
+                finally:
+                    outbox.close()
+                    # Ended (or too slow a client): the engine stops now, not once the client
+                    # has taken the rest.
+                    await outputs.aclose()
+        finally:
+            outbox.discard()
+
+    async def _fill(
+        self,
+        outbox: _Outbox,
+        output: EngineOutput | None,
+        outputs: AsyncIterator[EngineOutput],
+        state: _State,
+    ) -> int:
         try:
             while output is not None:
                 if output.token_ids:
@@ -566,35 +636,13 @@ class _Run:
                 if output.finish_reason is not None:
                     reason, usage = self._finish(output)
                     state.done = True
-                    body = encoder.final(
-                        text,
-                        reason,
-                        first=first,
-                        usage=usage,
-                        nvext=self._response_nvext(),
-                        fields=output.chat_delta,
-                    )
-                    await send({"type": "http.response.body", "body": body})
+                    outbox.finish(text, reason, usage, self._response_nvext(), output.chat_delta)
                     return 200
                 if output.chat_delta is not None:
                     # Tool-call deltas and reasoning, passed on as the engine sent them.
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": encoder.delta(text, output.chat_delta, first=first),
-                            "more_body": True,
-                        }
-                    )
-                    first = False
+                    outbox.add_delta(text, output.chat_delta)
                 elif text:
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": encoder.text(text, first=first),
-                            "more_body": True,
-                        }
-                    )
-                    first = False
+                    outbox.add_text(text)
                 try:
                     output = await outputs.__anext__()
                 except StopAsyncIteration:
@@ -610,10 +658,159 @@ class _Run:
             error = http_error_for(exc)
             _logger.warning("stream %s failed: %s", self.request.request_id, error.message)
             state.done = True
-            await send(
-                {"type": "http.response.body", "body": event(error.to_dict()) + b"data: [DONE]\n\n"}
-            )
+            outbox.end(event(error.to_dict()) + DONE)
             return error.status
+
+
+class _Outbox:
+    """What a stream produced and its client has not taken yet, with the task that sends it.
+
+    Text waits as text and leaves as one chunk however many outputs it came in, so a slow
+    client costs the bytes of its text, not an event per token. Past ``limit`` waiting bytes
+    the producer gets `HttpError` 408 (``code="stream_buffer_full"``), which ends the request.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_closed",
+        "_first",
+        "_lot",
+        "_size",
+        "_spill",
+        "_text",
+        "_text_size",
+        "encoder",
+        "limit",
+        "metrics",
+    )
+
+    def __init__(self, encoder: ChunkEncoder, limit: int, metrics: HttpMetrics) -> None:
+        self.encoder = encoder
+        self.limit = limit
+        self.metrics = metrics
+        #: Encoded events waiting, then text not yet encoded (it follows every chunk).
+        self._chunks: list[bytes] = []
+        self._text: list[str] = []
+        #: Text of a client that fell behind, gathered from ``_text`` (it comes first): one
+        #: buffer, not a string object (about 50 bytes) per output.
+        self._spill: io.StringIO | None = None
+        self._text_size = 0
+        #: Waiting bytes (text counted in characters until it is encoded).
+        self._size = 0
+        self._first = True
+        #: None while open; the last bytes of the stream once it ends (sent without more_body).
+        self._closed: bytes | None = None
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def _resize(self, size: int) -> None:
+        self.metrics.stream_buffered_bytes += size - self._size
+        self._size = size
+
+    def _grew(self, added: int) -> None:
+        self._resize(self._size + added)
+        self._lot.unpark()
+        if self._size > self.limit:
+            self.metrics.stream_buffer_overflows += 1
+            raise HttpError(
+                408,
+                f"the client fell more than {self.limit} bytes behind the stream "
+                "(--max-stream-buffer-bytes); the request was cancelled to free its worker; "
+                "read the stream as it arrives",
+                code="stream_buffer_full",
+            )
+
+    def _take_text(self) -> str:
+        text = "".join(self._text)
+        self._text.clear()
+        if self._spill is not None:
+            text = self._spill.getvalue() + text
+            self._spill = None
+        return text
+
+    def _flush_text(self) -> None:
+        if self._text_size:
+            chunk = self.encoder.text(self._take_text(), first=self._first)
+            self._first = False
+            self._chunks.append(chunk)
+            self._resize(self._size - self._text_size + len(chunk))
+            self._text_size = 0
+
+    def add_text(self, text: str) -> None:
+        parts = self._text
+        parts.append(text)
+        if len(parts) == 16:
+            if self._spill is None:
+                self._spill = io.StringIO()
+            self._spill.write("".join(parts))
+            parts.clear()
+        self._text_size += len(text)
+        self._grew(len(text))
+
+    def add_delta(self, text: str, fields: dict[str, Any]) -> None:
+        self._flush_text()
+        chunk = self.encoder.delta(text, fields, first=self._first)
+        self._first = False
+        self._chunks.append(chunk)
+        self._grew(len(chunk))
+
+    def finish(
+        self,
+        text: str,
+        reason: str,
+        usage: dict[str, Any] | None,
+        nvext: dict[str, Any] | None,
+        fields: dict[str, Any] | None,
+    ) -> None:
+        """End the stream with its last chunk; the waiting text goes with it."""
+        if self._text_size:
+            text = self._take_text() + text
+            self._resize(self._size - self._text_size)
+            self._text_size = 0
+        self.end(
+            self.encoder.final(
+                text, reason, first=self._first, usage=usage, nvext=nvext, fields=fields
+            )
+        )
+
+    def end(self, last: bytes) -> None:
+        """End the stream with ``last``, after what is waiting."""
+        if self._closed is None:
+            self._flush_text()
+            self._closed = last
+            self._resize(self._size + len(last))
+            self._lot.unpark()
+
+    def close(self) -> None:
+        """End the stream after what is waiting, without a last event (if none was given)."""
+        self.end(b"")
+
+    def discard(self) -> None:
+        """Forget what is waiting (the request is over)."""
+        self._chunks.clear()
+        self._text.clear()
+        self._spill = None
+        self._text_size = 0
+        self._resize(0)
+
+    async def send_all(self, send: Send) -> None:
+        """Send what is waiting as it comes, until the stream ends; each send takes all that
+        is waiting. Cancelled with the request."""
+        while True:
+            while not self._chunks and not self._text_size and self._closed is None:
+                await self._lot.park()
+            self._flush_text()
+            chunks = self._chunks
+            closed = self._closed
+            if closed:
+                chunks.append(closed)
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self._resize(0)
+            if closed is None:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            else:
+                await send({"type": "http.response.body", "body": body})
+                return
 
 
 def _kv_hit_rate(decision: RoutingDecision | None, block_size: int) -> float | None:

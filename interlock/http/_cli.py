@@ -164,6 +164,8 @@ class ServeSetup:
     timing: MockTiming
     route_api: bool
     command: str
+    #: ``--write-timeout``: seconds a client may take no response bytes before it is dropped.
+    write_timeout: float = 60.0
     #: ``interlock worker`` processes to serve over (``--remote-worker``).
     remote_workers: tuple[RemoteWorkerAddress, ...] = ()
     #: ``--selection-policy MODULE:FACTORY``: the text, and the factory it imported.
@@ -369,6 +371,37 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM or Ctrl-C, /health turns 503 and new requests get 503 while the "
         "requests in flight get this long to finish; then the rest end with an error and the "
         "server exits (30; 0 = at once; a second signal stops at once; docs/operations.md)",
+    )
+    server.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a request's headers must arrive within SECONDS of their first byte, and its body "
+        "within SECONDS of the headers; else 408 and the connection is closed (60, nginx's)",
+    )
+    server.add_argument(
+        "--write-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a client that takes no response bytes for SECONDS is disconnected and its "
+        "request cancelled (60, nginx's send_timeout)",
+    )
+    server.add_argument(
+        "--max-stream-buffer-bytes",
+        type=int,
+        default=256 * 1024,
+        metavar="BYTES",
+        help="a stream's client that falls more than BYTES behind is sent an error and its "
+        "request cancelled (256 KiB)",
+    )
+    server.add_argument(
+        "--max-messages",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="a chat with more messages gets 400 (8192)",
     )
     workers = parser.add_argument_group("workers")
     workers.add_argument(
@@ -787,6 +820,8 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         ("--prefill-workers", args.prefill_workers, 0),
         ("--max-model-len", args.max_model_len, 2),
         ("--max-body-bytes", args.max_body_bytes, 1024),
+        ("--max-stream-buffer-bytes", args.max_stream_buffer_bytes, 1024),
+        ("--max-messages", args.max_messages, 1),
     ):
         if value < minimum:
             raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
@@ -832,6 +867,12 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         raise ConfigError("--metrics-host needs --metrics-port: the port to serve /metrics on")
     if metrics_port is not None and not 0 <= metrics_port <= 65535:
         raise ConfigError(f"--metrics-port must be 0-65535, got {metrics_port}")
+    for flag, seconds in (
+        ("--request-read-timeout", args.request_read_timeout),
+        ("--write-timeout", args.write_timeout),
+    ):
+        if not seconds > 0:
+            raise ConfigError(f"{flag} must be a positive number of seconds, got {seconds}")
     factory = None
     if args.selection_policy is not None:
         what = f"--selection-policy {args.selection_policy!r}"
@@ -854,7 +895,14 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
     return ServeSetup(
         config=config,
         preprocessor=preprocessor,
-        limits=HttpLimits(max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len),
+        limits=HttpLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_model_len=args.max_model_len,
+            request_read_timeout=args.request_read_timeout,
+            max_stream_buffer_bytes=args.max_stream_buffer_bytes,
+            max_messages=args.max_messages,
+        ),
+        write_timeout=args.write_timeout,
         host=args.host,
         port=args.port,
         model=args.model_name,
@@ -1057,6 +1105,8 @@ async def serve_frontend(
                 setup.port,
                 shutdown_trigger=drain.wait_drained,
                 graceful_timeout=_HYPERCORN_GRACE,
+                header_timeout=setup.limits.request_read_timeout,
+                write_timeout=setup.write_timeout,
                 task_status=task_status,
             )
             nursery.cancel_scope.cancel()

@@ -11,6 +11,7 @@ import time
 from typing import Any, Final
 
 import attrs
+import trio
 
 from .._pipeline import Pipeline
 from ..wire import PreprocessedRequest, SamplingOptions
@@ -29,10 +30,21 @@ class HttpLimits:
     ``max_body_bytes``: larger bodies get 413 (8 MiB holds a 128k-token ``token_data``).
     ``max_model_len``: the context length; a prompt plus ``max_tokens`` beyond it gets 400, and
     a request without ``max_tokens`` may generate up to it.
+    ``request_read_timeout``: seconds a request's body may take to arrive after its headers;
+    beyond it a 408 (nginx's ``client_body_timeout`` default).
+    ``max_stream_buffer_bytes``: how far (in unsent text and events) a stream's client may fall
+    behind; beyond it the request is cancelled, freeing its worker (docs/operations.md).
+    ``offload_body_bytes``: larger bodies are parsed, rendered and tokenized in a worker
+    thread, so one huge request does not stall the event loop for every other client.
+    ``max_messages``: a chat with more messages gets 400.
     """
 
     max_body_bytes: int = 8 * 1024 * 1024
     max_model_len: int = 32_768
+    request_read_timeout: float = 60.0
+    max_stream_buffer_bytes: int = 256 * 1024
+    offload_body_bytes: int = 64 * 1024
+    max_messages: int = 8192
 
 
 class Frontend:
@@ -57,6 +69,8 @@ class Frontend:
         self.limits = limits
         #: Whether the server drains, and the requests in flight it waits for.
         self.drain = Drain(metrics)
+        #: Threads that preprocess large bodies (`HttpLimits.offload_body_bytes`).
+        self.offload_limiter = trio.CapacityLimiter(2)
         self.created = int(time.time())
         self._ids = itertools.count()
         self._id_prefix = secrets.token_hex(6)

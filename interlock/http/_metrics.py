@@ -89,6 +89,10 @@ class HttpMetrics:
         #: The server is draining (`interlock.http.Drain`): it finishes what is in flight and
         #: takes nothing new.
         self.draining = False
+        #: Stream bytes produced and not yet taken by their clients, over all streams.
+        self.stream_buffered_bytes = 0
+        #: Streams cancelled because their client fell too far behind.
+        self.stream_buffer_overflows = 0
         self.ttft = _Histogram(LATENCY_BUCKETS)
         self.itl = _Histogram(ITL_BUCKETS)
         self.duration: dict[str, _Histogram] = {}
@@ -208,6 +212,17 @@ class HttpMetrics:
             "1 while the server drains (after SIGTERM): in-flight requests finish, new ones get "
             "503.",
             value=1 if self.draining else 0,
+        )
+        yield GaugeMetricFamily(
+            f"{ns}_http_stream_buffered_bytes",
+            "Stream bytes produced and not yet taken by slow clients, over all streams.",
+            value=self.stream_buffered_bytes,
+        )
+        yield CounterMetricFamily(
+            f"{ns}_http_stream_buffer_overflows",
+            "Streams cancelled because their client fell more than --max-stream-buffer-bytes "
+            "behind.",
+            value=self.stream_buffer_overflows,
         )
         for name, doc, histogram in (
             ("time_to_first_token_seconds", "Time from request to its first token.", self.ttft),

@@ -9,7 +9,7 @@ the router also books the request's load, which the gateway releases with
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Final
 
 import trio
 from starlette.requests import ClientDisconnect, Request
@@ -142,7 +142,16 @@ class _RouteApi:
     async def _route(self, http_request: Request) -> Response:
         frontend = self.frontend
         check_route_api(http_request.scope, executes=frontend.executes)
-        body = await _read_json(http_request, frontend.limits.max_body_bytes)
+        body: Any = _NOT_READ
+        with trio.move_on_after(frontend.limits.request_read_timeout):
+            body = await _read_json(http_request, frontend.limits.max_body_bytes)
+        if body is _NOT_READ:
+            raise HttpError(
+                408,
+                f"the request body did not arrive within {frontend.limits.request_read_timeout:g} "
+                "s of its headers (--request-read-timeout); send the body at once",
+                code="request_timeout",
+            )
         if type(body) is not dict:
             raise bad_request(f"the request body must be a JSON object, got {_kind(body)}")
         for key in body:
@@ -296,6 +305,10 @@ def _override(value: Any) -> RouterConfigOverride | None:
         return RouterConfigOverride(**value)
     except Exception as exc:
         raise http_error_for(exc, field_prefix=f"{where}.") from None
+
+
+#: The body, while it has not arrived.
+_NOT_READ: Final = object()
 
 
 async def _read_json(request: Request, limit: int) -> Any:
