@@ -383,11 +383,20 @@ class EtcdClient:
         """The error for a request that got no answer (``exc``), with what to check when
         the TLS handshake failed."""
         why = f"{type(exc).__name__}: {exc}"
+        cause = _root_cause(exc)
+        if cause is not exc and str(cause) not in why:
+            # Under trio, httpx's message is often empty; the TLS reason is further down.
+            why += f" ({type(cause).__name__}: {cause})"
         hint = None
         if "CERTIFICATE_VERIFY_FAILED" in why:
             hint = _VERIFY_HINT
         elif "BAD_CERTIFICATE" in why or "CERTIFICATE_REQUIRED" in why:
             hint = _CLIENT_CERT_HINT
+        elif self.url.startswith("https://") and isinstance(
+            exc, httpx.ReadError | httpx.WriteError | httpx.RemoteProtocolError
+        ):
+            # Under trio the TLS alert that says why is lost: only the broken stream shows.
+            hint = f"etcd closed the TLS connection; if {_CLIENT_CERT_HINT}"
         elif "WRONG_VERSION_NUMBER" in why:
             hint = "etcd does not serve TLS at that address: give an http:// URL"
         elif self.url.startswith("http://") and isinstance(exc, httpx.RemoteProtocolError):
@@ -569,6 +578,17 @@ class EtcdClient:
     def __repr__(self) -> str:
         user = f" as {self.user!r}" if self.user is not None else ""
         return f"<EtcdClient {self.url}{user}>"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception ``exc`` was raised from (itself when none)."""
+    seen = {id(exc)}
+    while True:
+        inner = exc.__cause__ or exc.__context__
+        if inner is None or id(inner) in seen:
+            return exc
+        seen.add(id(inner))
+        exc = inner
 
 
 def _revision(answer: Mapping[str, Any]) -> int:
