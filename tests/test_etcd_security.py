@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +392,19 @@ async def test_an_expired_token_is_renewed_and_the_frontend_keeps_following(
             workers.append(await start_worker(tmp_path, 2, etcd, *credentials, secret))
             await wait_for(lambda: 2 in pipeline.workers, "worker 2 to join")
             assert await answer(pipeline, 20) in (1, 2)
+            # A watch opened with an expired token is refused at its creation: it is opened
+            # again with a new token, from the same revision, and misses nothing.
+            async with EtcdClient(
+                etcd.url, user="frontend", password=PASSWORDS["frontend"]
+            ) as late:
+                _, revision = await late.get_prefix(f"{PREFIX}/")
+                await wait_for(lambda: etcd.expired_tokens("frontend") >= 2, "its token to expire")
+                async with EtcdClient(etcd.url, user="root", password=PASSWORDS["root"]) as root:
+                    await root.put(f"{PREFIX}/marker", "x")
+                events = late.watch_prefix(f"{PREFIX}/", start_revision=revision + 1)
+                async with aclosing(events):
+                    event = await events.__anext__()
+                assert event.key == f"{PREFIX}/marker" and late.authentications == 2
             # etcd restarts (its tokens die with it): the frontend lists again with a new
             # token, and worker 2 leaves at once (its stop revokes its lease, with a new
             # token of its own: the old one expired meanwhile).
