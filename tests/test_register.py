@@ -34,7 +34,14 @@ from test_http_cli import _command
 
 from interlock import ConfigError
 from interlock.cli import build_parser, main
-from interlock.discovery import EtcdClient, EtcdError, WatchEvent, WorkerRecord, worker_key
+from interlock.discovery import (
+    EtcdClient,
+    EtcdError,
+    EtcdOptions,
+    WatchEvent,
+    WorkerRecord,
+    worker_key,
+)
 from interlock.discovery._engine_address import EngineAddress
 from interlock.discovery._register import (
     EngineRegistration,
@@ -102,9 +109,8 @@ def test_the_flags_become_one_openai_record_per_engine() -> None:
 def test_the_defaults() -> None:
     setup = resolve_register(_parse("--etcd", "http://e:2379", "--engine", "3=http://v:8000"))
     assert setup == RegisterSetup(
-        etcd_url="http://e:2379",
+        etcd=EtcdOptions(url="http://e:2379", prefix="interlock"),
         engines=setup.engines,
-        prefix="interlock",
         ttl=10,
         block_size=16,
         kv_replay={},
@@ -249,11 +255,10 @@ async def registering(
             await nursery.start(server.serve)
         await nursery.start(functools.partial(_events, client, events))
         setup = RegisterSetup(
-            etcd_url=etcd.url,
+            etcd=EtcdOptions(url=etcd.url, prefix=PREFIX),
             engines=tuple(
                 EngineAddress(n, server.url) for n, server in enumerate(servers, start=1)
             ),
-            prefix=PREFIX,
             ttl=LONG_TTL,
             **({"health_interval": 0.02, "unhealthy_after": 3} | options),
         )
@@ -373,9 +378,8 @@ async def test_an_id_registered_by_another_is_named_and_replaced(
             await client.put(worker_key(PREFIX, 1), worker.to_json())
             await nursery.start(server.serve)
             setup = RegisterSetup(
-                etcd_url=etcd.url,
+                etcd=EtcdOptions(url=etcd.url, prefix=PREFIX),
                 engines=(EngineAddress(1, server.url),),
-                prefix=PREFIX,
                 ttl=LONG_TTL,
             )
             (registration,) = await nursery.start(

@@ -2,6 +2,12 @@
 registration (a key under a lease it keeps alive) and the frontend's watcher (adds and removes
 engines as the keys come and go).
 
+A client may authenticate (etcd's user/password authentication: it sends the token etcd
+grants on every call and authenticates again when etcd refuses an expired one) and speak TLS
+to an ``https://`` etcd (an `ssl.SSLContext` with its CA and a client certificate), so that a
+process that can reach etcd but has no credentials cannot register a rogue worker
+(docs/deploying.md#securing-etcd).
+
 Layout: each worker puts ``{prefix}/workers/{worker_id}`` = `WorkerRecord` as JSON
 (``{"worker_id": 1, "host": "10.0.0.5", "port": 7001, "role": "agg", "block_size": 16}``; a
 worker reached by another engine kind adds its ``kind``, and a ``url`` in place of ``host``
@@ -16,9 +22,11 @@ import base64
 import binascii
 import json
 import logging
+import ssl
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 import attrs
 import httpx
@@ -44,6 +52,7 @@ if TYPE_CHECKING:
 # from them); the worker's registration imports them from here too.
 __all__ = [
     "DEFAULT_PREFIX",
+    "PASSWORD_ENV",
     "BadRecord",
     "EtcdClient",
     "EtcdError",
@@ -52,6 +61,7 @@ __all__ = [
     "WorkerPool",
     "WorkerRecord",
     "WorkerWatcher",
+    "check_etcd_url",
     "prefix_range_end",
     "register_worker",
     "serve_registration",
@@ -66,17 +76,100 @@ _logger = logging.getLogger("interlock.discovery.etcd")
 DEFAULT_PREFIX = "interlock"
 
 
-class EtcdError(Exception):
-    """An etcd request failed: etcd unreachable, an error answer, or an answer that is not
-    what the gateway sends. ``url`` and ``operation`` say which."""
+#: The environment variable holding the ``--etcd-user``'s password (or ``--etcd-password-file``).
+PASSWORD_ENV = "INTERLOCK_ETCD_PASSWORD"
 
-    def __init__(self, url: str, operation: str, why: str) -> None:
-        super().__init__(
-            f"etcd at {url}: {operation} failed: {why} (is etcd running there, and is the URL "
-            "its client URL, e.g. http://127.0.0.1:2379?)"
-        )
+#: What to check when etcd gave no answer at all.
+_REACH_HINT = "is etcd running there, and is the URL its client URL, e.g. http://127.0.0.1:2379?"
+_NO_USER_HINT = (
+    "etcd has authentication enabled: give --etcd-user NAME, and its password in "
+    f"{PASSWORD_ENV} or in a file given with --etcd-password-file PATH "
+    "(docs/deploying.md#securing-etcd)"
+)
+_PASSWORD_HINT = (
+    f"check --etcd-user, and the password in {PASSWORD_ENV} or --etcd-password-file; etcd "
+    "logs the refusal too"
+)
+_PERMISSION_HINT = (
+    "a worker or `interlock register` needs a role with readwrite permission on its "
+    "--etcd-prefix, a frontend read permission (docs/deploying.md#securing-etcd)"
+)
+_VERIFY_HINT = (
+    "etcd's TLS certificate is not signed by a CA this process trusts: give --etcd-ca-file "
+    "PATH with the CA that signed it (docs/deploying.md#securing-etcd)"
+)
+_CLIENT_CERT_HINT = (
+    "etcd wants a TLS client certificate it trusts (it runs with --client-cert-auth): give "
+    "--etcd-cert-file and --etcd-key-file with a certificate signed by etcd's "
+    "--trusted-ca-file (docs/deploying.md#securing-etcd)"
+)
+
+
+class EtcdError(Exception):
+    """An etcd request failed: etcd unreachable, an error answer (a refused user or
+    password, a missing permission, a TLS handshake that failed), or an answer that is not
+    what the gateway sends. ``url`` and ``operation`` say which; the message ends with what
+    to check (``hint``: by default, whether etcd runs at that URL)."""
+
+    def __init__(self, url: str, operation: str, why: str, *, hint: str | None = None) -> None:
+        super().__init__(f"etcd at {url}: {operation} failed: {why} ({hint or _REACH_HINT})")
         self.url = url
         self.operation = operation
+
+
+def check_etcd_url(url: str, what: str = "etcd URL") -> None:
+    """Check that ``url`` is an etcd client URL: ``http://`` or ``https://``, without a user
+    name or password in it (a password there shows in ``ps`` and in logs). ``what`` names
+    it in the message (a flag: ``--etcd``). Pure.
+
+    Raises:
+        ConfigError: it is not such a URL (the message says what to give instead).
+    """
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{what} {url!r} is not a URL: give etcd's client URL, e.g. http://127.0.0.1:2379"
+        )
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
+        raise ConfigError(
+            f"{what} {parts.scheme}://...@{host}: a user name or password in the URL is not "
+            "supported (it would show in `ps` and in logs); give --etcd-user NAME, and the "
+            f"password in {PASSWORD_ENV} or in a file given with --etcd-password-file PATH"
+        )
+
+
+def _answer_text(answer: object) -> tuple[int | None, str]:
+    """The gRPC code and message of an error answer (a unary call's ``{"error", "message",
+    "code"}``, a watch stream's ``{"error": {...}}``, or a cancelled watch's
+    ``cancel_reason``); ``(None, "")`` for anything else."""
+    if not isinstance(answer, dict):
+        return None, ""
+    error = answer.get("error")
+    if isinstance(error, dict):
+        answer = error
+    result = answer.get("result")
+    if isinstance(result, dict) and result.get("canceled"):
+        return None, str(result.get("cancel_reason") or "")
+    code = answer.get("code", answer.get("grpc_code"))
+    message = answer.get("message") or answer.get("error") or ""
+    return (code if isinstance(code, int) else None), str(message)
+
+
+def _token_refused(answer: object) -> bool:
+    """Whether etcd refused the auth token (expired, unknown after a restart, or issued
+    before the auth store changed) or got none while authentication is on: authenticating
+    again may help."""
+    code, text = _answer_text(answer)
+    return code == 16 or any(
+        reason in text
+        for reason in (
+            "Unauthenticated",
+            "invalid auth token",
+            "revision of auth store is old",
+            "user name is empty",
+        )
+    )
 
 
 @attrs.frozen
@@ -123,17 +216,54 @@ def prefix_range_end(prefix: str) -> bytes:
 class EtcdClient:
     """etcd's v3 API through its JSON gRPC gateway (etcd 3.4+), over one `httpx.AsyncClient`.
 
-    ``url`` is an etcd client URL (``http://127.0.0.1:2379``). Every call waits for etcd's
-    answer, at most ``timeout`` seconds, and raises `EtcdError` (naming the URL and the
-    operation) when it cannot get one. Use it as an async context manager, or call `aclose`.
+    ``url`` is an etcd client URL (``http://127.0.0.1:2379``, or ``https://`` for an etcd
+    that serves TLS: checked against ``ssl_context``, by default the system's CAs). With
+    ``user`` (and its ``password``) it authenticates at its first call and sends the token on
+    every call; when etcd refuses the token (it expired, or etcd restarted), it
+    authenticates once more and repeats the call. Every call waits for etcd's answer, at
+    most ``timeout`` seconds per request, and raises `EtcdError` (naming the URL and the
+    operation, and what to check) when it cannot get one. Use it as an async context
+    manager, or call `aclose`.
+
+    Raises:
+        ConfigError: ``url`` is not an etcd client URL (`check_etcd_url`), ``user`` without
+            ``password`` (or the reverse), or ``ssl_context`` with an ``http://`` URL.
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"etcd URL {url!r} must start with http:// or https://")
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        user: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        check_etcd_url(url)
+        if (user is None) != (password is None):
+            raise ConfigError("an etcd user needs its password, and a password its user")
+        tls = url.startswith("https://")
+        if ssl_context is not None and not tls:
+            raise ConfigError(f"etcd URL {url!r}: TLS settings need an https:// URL")
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        #: The etcd user this client authenticates as (None: no authentication).
+        self.user = user
+        self._password = password
+        #: How many times this client authenticated: once at its first call, then once per
+        #: token etcd refused (expired, or lost when etcd restarted).
+        self.authentications = 0
+        self._token: str | None = None
+        self._authenticated = False
+        self._auth_lock = trio.Lock()
+        # httpx's default trusts certifi's bundle; the system's CAs are what an operator
+        # manages (and what --etcd-ca-file replaces).
+        verify: ssl.SSLContext | bool = (
+            (ssl_context if ssl_context is not None else ssl.create_default_context())
+            if tls
+            else True
+        )
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, verify=verify)
 
     async def __aenter__(self) -> EtcdClient:
         return self
@@ -145,20 +275,133 @@ class EtcdClient:
         """Close the connections."""
         await self._http.aclose()
 
-    async def _call(self, operation: str, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    async def _auth_token(self, *, refused: str | None = None, renew: bool = False) -> str | None:
+        """The token to send: None without a user (or while etcd has authentication off).
+        Authenticates at the first call, and with ``renew`` when the token is still the
+        ``refused`` one (a concurrent call may have renewed it already).
+
+        Raises:
+            EtcdError: etcd refused the user or password, or did not answer.
+        """
+        if self.user is None:
+            return None
+        async with self._auth_lock:
+            if not self._authenticated or (renew and self._token == refused):
+                self._token = await self._authenticate()
+                self._authenticated = True
+            return self._token
+
+    async def _authenticate(self) -> str | None:
+        assert self.user is not None
+        operation = f"authenticate as etcd user {self.user!r}"
+        body = {"name": self.user, "password": self._password}
+        response, answer = await self._post(operation, "/v3/auth/authenticate", body, None)
+        token = answer.get("token") if isinstance(answer, dict) else None
+        if response.status_code == 200 and isinstance(token, str) and token:
+            self.authentications += 1
+            _logger.debug("authenticated to etcd at %s as %r", self.url, self.user)
+            return token
+        _, text = _answer_text(answer)
+        if "authentication is not enabled" in text:
+            _logger.warning(
+                "etcd at %s has authentication disabled: --etcd-user %r is not used, and any "
+                "process that reaches etcd can register a worker (docs/deploying.md"
+                "#securing-etcd)",
+                self.url,
+                self.user,
+            )
+            return None
+        if "authentication failed" in text:
+            raise EtcdError(
+                self.url,
+                operation,
+                f"etcd refused the user name or password ({text})",
+                hint=_PASSWORD_HINT,
+            )
+        raise self._refusal(operation, response, answer)
+
+    def _headers(self, token: str | None) -> dict[str, str]:
+        # etcd's gateway takes the raw token, without a "Bearer" scheme.
+        return {} if token is None else {"Authorization": token}
+
+    async def _post(
+        self, operation: str, path: str, body: Mapping[str, Any], token: str | None
+    ) -> tuple[httpx.Response, Any]:
         try:
-            response = await self._http.post(path, json=body)
+            response = await self._http.post(path, json=body, headers=self._headers(token))
         except httpx.HTTPError as exc:
-            raise EtcdError(self.url, operation, f"{type(exc).__name__}: {exc}") from exc
+            raise self._unreachable(operation, exc) from exc
         try:
             answer = response.json()
         except ValueError:
             answer = None
+        return response, answer
+
+    async def _call(self, operation: str, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        token = await self._auth_token()
+        response, answer = await self._post(operation, path, body, token)
+        if self.user is not None and response.status_code != 200 and _token_refused(answer):
+            token = await self._auth_token(refused=token, renew=True)
+            response, answer = await self._post(operation, path, body, token)
         if response.status_code != 200 or not isinstance(answer, dict):
-            raise EtcdError(
-                self.url, operation, f"HTTP {response.status_code}: {response.text[:200]!r}"
-            )
+            raise self._refusal(operation, response, answer)
         return answer
+
+    def _refusal(self, operation: str, response: httpx.Response, answer: object) -> EtcdError:
+        """The error for an answer etcd gave instead of a result."""
+        _, text = _answer_text(answer)
+        why = f"HTTP {response.status_code}: {response.text[:200]!r}"
+        return self._explained(operation, text, why)
+
+    def _explained(self, operation: str, text: str, why: str) -> EtcdError:
+        """The error for etcd's refusal ``text``, with what to do about it when it is about
+        authentication or permissions; ``why`` otherwise."""
+        if "user name is empty" in text:
+            return EtcdError(
+                self.url,
+                operation,
+                "etcd has authentication enabled and this process gave no user",
+                hint=_NO_USER_HINT,
+            )
+        if "permission denied" in text:
+            return EtcdError(
+                self.url,
+                operation,
+                f"etcd user {self.user!r} has no permission for it (etcd said {text!r})",
+                hint=_PERMISSION_HINT,
+            )
+        if self.user is not None and _token_refused({"message": text}):
+            return EtcdError(
+                self.url,
+                operation,
+                f"etcd refused user {self.user!r}'s auth token, a fresh one too ({text})",
+                hint=_PASSWORD_HINT,
+            )
+        return EtcdError(self.url, operation, why)
+
+    def _unreachable(self, operation: str, exc: httpx.HTTPError) -> EtcdError:
+        """The error for a request that got no answer (``exc``), with what to check when
+        the TLS handshake failed."""
+        why = f"{type(exc).__name__}: {exc}"
+        cause = _root_cause(exc)
+        if cause is not exc and str(cause) not in why:
+            # Under trio, httpx's message is often empty; the TLS reason is further down.
+            why += f" ({type(cause).__name__}: {cause})"
+        hint = None
+        if "CERTIFICATE_VERIFY_FAILED" in why:
+            hint = _VERIFY_HINT
+        elif "BAD_CERTIFICATE" in why or "CERTIFICATE_REQUIRED" in why:
+            hint = _CLIENT_CERT_HINT
+        elif self.url.startswith("https://") and isinstance(
+            exc, httpx.ReadError | httpx.WriteError | httpx.RemoteProtocolError
+        ):
+            # Under trio the TLS alert that says why is lost: only the broken stream shows.
+            hint = f"etcd closed the TLS connection; if {_CLIENT_CERT_HINT}"
+        elif "WRONG_VERSION_NUMBER" in why:
+            hint = "etcd does not serve TLS at that address: give an http:// URL"
+        elif self.url.startswith("http://") and isinstance(exc, httpx.RemoteProtocolError):
+            hint = f"{_REACH_HINT} An etcd that serves TLS needs an https:// URL"
+        return EtcdError(self.url, operation, why, hint=hint)
 
     # -- leases -------------------------------------------------------------------------------
 
@@ -266,34 +509,58 @@ class EtcdClient:
             create["start_revision"] = str(start_revision)
         operation = f"watch {prefix!r}"
         timeout = httpx.Timeout(self.timeout, read=None)
-        try:
-            async with self._http.stream(
-                "POST", "/v3/watch", json={"create_request": create}, timeout=timeout
-            ) as response:
-                if response.status_code != 200:
-                    raise EtcdError(self.url, operation, f"HTTP {response.status_code}")
-                async for line in response.aiter_lines():
-                    if not line.strip():
-                        continue
-                    for event in self._watch_events(operation, line):
-                        yield event
-        except httpx.HTTPError as exc:
-            raise EtcdError(self.url, operation, f"{type(exc).__name__}: {exc}") from exc
-        raise EtcdError(self.url, operation, "the stream ended (etcd closed it)")
+        token = await self._auth_token()
+        renewed = False
+        while True:
+            renew = False
+            try:
+                async with self._http.stream(
+                    "POST",
+                    "/v3/watch",
+                    json={"create_request": create},
+                    timeout=timeout,
+                    headers=self._headers(token),
+                ) as response:
+                    if response.status_code != 200:
+                        raise EtcdError(self.url, operation, f"HTTP {response.status_code}")
+                    async for line in response.aiter_lines():
+                        if not line.strip():
+                            continue
+                        message = self._watch_message(operation, line)
+                        if self.user is not None and not renewed and _token_refused(message):
+                            # Refused at its creation (the token expired while the caller
+                            # was idle): nothing was yielded, so a new watch from the same
+                            # revision misses nothing.
+                            renew = True
+                            break
+                        for event in self._watch_events(operation, message):
+                            yield event
+            except httpx.HTTPError as exc:
+                raise self._unreachable(operation, exc) from exc
+            if not renew:
+                raise EtcdError(self.url, operation, "the stream ended (etcd closed it)")
+            renewed = True
+            token = await self._auth_token(refused=token, renew=True)
 
-    def _watch_events(self, operation: str, line: str) -> list[WatchEvent]:
+    def _watch_message(self, operation: str, line: str) -> dict[str, Any]:
         try:
             message = json.loads(line)
         except ValueError as exc:
             raise EtcdError(self.url, operation, f"not JSON: {line[:200]!r}") from exc
+        if not isinstance(message, dict):
+            raise EtcdError(self.url, operation, f"not a JSON object: {line[:200]!r}")
+        return message
+
+    def _watch_events(self, operation: str, message: dict[str, Any]) -> list[WatchEvent]:
         if "error" in message:
-            raise EtcdError(self.url, operation, f"etcd said {message['error']!r}")
+            _, text = _answer_text(message)
+            raise self._explained(operation, text, f"etcd said {message['error']!r}")
         result = message.get("result", {})
         if result.get("canceled"):
             why = result.get("cancel_reason") or (
                 f"compacted to revision {result.get('compact_revision')}"
             )
-            raise EtcdError(self.url, operation, f"etcd cancelled the watch: {why}")
+            raise self._explained(operation, why, f"etcd cancelled the watch: {why}")
         events = []
         for raw in result.get("events", ()):
             kv = raw.get("kv", {})
@@ -309,7 +576,19 @@ class EtcdClient:
         return events
 
     def __repr__(self) -> str:
-        return f"<EtcdClient {self.url}>"
+        user = f" as {self.user!r}" if self.user is not None else ""
+        return f"<EtcdClient {self.url}{user}>"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception ``exc`` was raised from (itself when none)."""
+    seen = {id(exc)}
+    while True:
+        inner = exc.__cause__ or exc.__context__
+        if inner is None or id(inner) in seen:
+            return exc
+        seen.add(id(inner))
+        exc = inner
 
 
 def _revision(answer: Mapping[str, Any]) -> int:

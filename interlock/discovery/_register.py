@@ -40,6 +40,7 @@ from ._etcd import (
     worker_key,
     workers_prefix,
 )
+from ._etcd_options import EtcdOptions, add_etcd_arguments, etcd_options
 
 __all__ = [
     "DEFAULT_HEALTH_INTERVAL",
@@ -263,9 +264,9 @@ class EngineRegistration:
 class RegisterSetup:
     """Everything ``interlock register`` resolved from its flags, before trio starts."""
 
-    etcd_url: str
+    #: Where etcd is, the prefix to register under, and how to reach it (user, TLS).
+    etcd: EtcdOptions
     engines: tuple[EngineAddress, ...]
-    prefix: str = DEFAULT_PREFIX
     ttl: int = 10
     block_size: int = 16
     #: Each engine's KV-event replay endpoint (``--kv-replay``), by engine id.
@@ -273,6 +274,16 @@ class RegisterSetup:
     health_interval: float = DEFAULT_HEALTH_INTERVAL
     health_timeout: float = DEFAULT_HEALTH_TIMEOUT
     unhealthy_after: int = DEFAULT_UNHEALTHY_AFTER
+
+    @property
+    def etcd_url(self) -> str:
+        """etcd's client URL (``--etcd``)."""
+        return self.etcd.url
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix the engines are registered under (``--etcd-prefix``)."""
+        return self.etcd.prefix
 
     def records(self) -> list[WorkerRecord]:
         """The record each engine is registered with, in ``--engine`` order (pure)."""
@@ -290,17 +301,12 @@ def resolve_register(args: argparse.Namespace) -> RegisterSetup:
 
     Raises:
         ConfigError: a bad ``--engine`` (the form, an id or URL given twice), ``--kv-replay``
-            (the form, an id no ``--engine`` has, given twice), ``--etcd`` or
-            ``--etcd-prefix`` (the message names the flag and says what to give).
+            (the form, an id no ``--engine`` has, given twice), or etcd flag (`etcd_options`:
+            ``--etcd``, ``--etcd-prefix``, the user, its password, the TLS files; the
+            message names the flag and says what to give).
     """
-    etcd_url: str = args.etcd
-    if not etcd_url.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"--etcd {etcd_url!r} is not a URL: give etcd's client URL, e.g. http://127.0.0.1:2379"
-        )
-    prefix: str = args.etcd_prefix
-    if not prefix.strip("/"):
-        raise ConfigError("--etcd-prefix must not be empty (the frontends' --etcd-prefix)")
+    etcd = etcd_options(args)
+    assert etcd is not None  # --etcd is required
     engines: list[EngineAddress] = []
     ids: dict[int, EngineAddress] = {}
     urls: dict[str, EngineAddress] = {}
@@ -332,9 +338,8 @@ def resolve_register(args: argparse.Namespace) -> RegisterSetup:
             raise ConfigError(f"--kv-replay {text!r}: engine {ident} has a --kv-replay already")
         replay[int(ident)] = endpoint
     return RegisterSetup(
-        etcd_url=etcd_url,
+        etcd=etcd,
         engines=tuple(engines),
-        prefix=prefix,
         ttl=args.etcd_ttl,
         block_size=args.block_size,
         kv_replay=replay,
@@ -425,11 +430,14 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``interlock register``."""
-    parser.add_argument(
-        "--etcd",
-        metavar="URL",
+    add_etcd_arguments(
+        parser,
         required=True,
-        help="etcd's client URL (e.g. http://127.0.0.1:2379): the frontends' --etcd",
+        url_help="etcd's client URL (e.g. http://127.0.0.1:2379): the frontends' --etcd",
+        prefix_help=f"register at PREFIX/workers/ID (default {DEFAULT_PREFIX}; the frontends' "
+        "--etcd-prefix)",
+        ttl_help="lease TTL: if this sidecar is killed, its engines disappear from the frontends "
+        "this long after (default 10; etcd raises values below its minimum, about 2)",
     )
     parser.add_argument(
         "--engine",
@@ -454,21 +462,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=16,
         metavar="N",
         help="the engines' tokens per KV block (their --block-size; default 16), for the record",
-    )
-    parser.add_argument(
-        "--etcd-prefix",
-        default=DEFAULT_PREFIX,
-        metavar="PREFIX",
-        help=f"register at PREFIX/workers/ID (default {DEFAULT_PREFIX}; the frontends' "
-        "--etcd-prefix)",
-    )
-    parser.add_argument(
-        "--etcd-ttl",
-        type=positive_int,
-        default=10,
-        metavar="SECONDS",
-        help="lease TTL: if this sidecar is killed, its engines disappear from the frontends "
-        "this long after (default 10; etcd raises values below its minimum, about 2)",
     )
     parser.add_argument(
         "--health-interval",
@@ -535,7 +528,7 @@ def _print_first_registration(registration: EngineRegistration, lease: int) -> N
 
 async def _register_until_signalled(setup: RegisterSetup) -> EtcdError | None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with EtcdClient(setup.etcd_url) as client, trio.open_nursery() as nursery:
+        async with setup.etcd.client() as client, trio.open_nursery() as nursery:
             try:
                 await nursery.start(
                     functools.partial(

@@ -37,13 +37,13 @@ from .._pipeline import (
 from .._plugins import import_from_working_directory, import_policy_factory
 from ..discovery import (
     DEFAULT_PREFIX,
-    EtcdClient,
     EtcdError,
     WorkerWatcher,
     watch_workers,
     workers_prefix,
 )
 from ..discovery._engine_address import EngineAddress  # interlock register's --engine too
+from ..discovery._etcd_options import EtcdOptions, add_etcd_arguments, etcd_options
 from ..engines import ROLES, Engine, EngineContext, Role, engine_from_record
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
 from ..engines.mock import MockEngine, MockTiming
@@ -171,9 +171,8 @@ class ServeSetup:
     #: ``--selection-policy MODULE:FACTORY``: the text, and the factory it imported.
     selection_policy_path: str | None = None
     selection_policy: SelectionPolicyFactory | None = None
-    #: ``--etcd URL``: discover workers registered in etcd (under ``etcd_prefix``).
-    etcd_url: str | None = None
-    etcd_prefix: str = DEFAULT_PREFIX
+    #: ``--etcd URL`` and its flags: discover workers registered in etcd (None: no etcd).
+    etcd: EtcdOptions | None = None
     #: OpenAI-compatible servers to serve over (``--engine``), and where their KV events
     #: arrive (``--kv-events-bind``), with each engine's replay endpoint (``--kv-replay``).
     openai_engines: tuple[EngineAddress, ...] = ()
@@ -196,6 +195,16 @@ class ServeSetup:
     metrics_port: int | None = None
     #: ``--drain-timeout``: seconds the requests in flight get after SIGTERM.
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+
+    @property
+    def etcd_url(self) -> str | None:
+        """``--etcd``: etcd's client URL (None: no etcd)."""
+        return None if self.etcd is None else self.etcd.url
+
+    @property
+    def etcd_prefix(self) -> str:
+        """``--etcd-prefix``: the workers' records are under ``{etcd_prefix}/workers/``."""
+        return DEFAULT_PREFIX if self.etcd is None else self.etcd.prefix
 
     def engine_context(self, kv_events: Any = None) -> EngineContext:
         """What the engines of ``--engine`` and of etcd are built with: this frontend's block
@@ -491,19 +500,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="a remote worker that sends nothing, not even a pong, for this long is dropped: "
         "its streams migrate and it leaves routing until it answers again (10)",
     )
-    workers.add_argument(
-        "--etcd",
-        metavar="URL",
-        help="also serve over every `interlock worker --etcd URL` registered in etcd at URL "
+    add_etcd_arguments(
+        workers,
+        url_help="also serve over every `interlock worker --etcd URL` registered in etcd at URL "
         "(e.g. http://127.0.0.1:2379), adding and removing them as they come and go; may "
         "start with none yet (docs/deploying.md)",
-    )
-    workers.add_argument(
-        "--etcd-prefix",
-        default=DEFAULT_PREFIX,
-        metavar="PREFIX",
-        help=f"the workers' records are under PREFIX/workers/ ({DEFAULT_PREFIX}; the workers' "
-        "--etcd-prefix)",
+        prefix_help=f"the workers' records are under PREFIX/workers/ ({DEFAULT_PREFIX}; the "
+        "workers' --etcd-prefix)",
     )
     workers.add_argument(
         "--speedup",
@@ -804,16 +807,9 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         if getattr(args, key, None) is None and key in table:
             setattr(args, key, table[key])
     texts: list[str] = args.remote_workers or []
-    etcd_url: str | None = getattr(args, "etcd", None)
-    etcd_prefix: str = getattr(args, "etcd_prefix", DEFAULT_PREFIX)
-    if etcd_url is not None and not etcd_url.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"--etcd {etcd_url!r} is not a URL: give etcd's client URL, e.g. http://127.0.0.1:2379"
-        )
-    if etcd_url is not None and not etcd_prefix.strip("/"):
-        raise ConfigError("--etcd-prefix must not be empty (the workers' --etcd-prefix)")
+    etcd = etcd_options(args)
     engines = tuple(EngineAddress.parse(text) for text in args.engines or [])
-    default_workers = 0 if texts or engines or etcd_url is not None else 4
+    default_workers = 0 if texts or engines or etcd is not None else 4
     workers: int = args.workers if args.workers is not None else default_workers
     for flag, value, minimum in (
         ("--workers", workers, 0),
@@ -830,7 +826,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
     kv_events_bind, kv_replay = _resolve_kv_events(args, engines)
     if (
         workers == 0
-        and etcd_url is None
+        and etcd is None
         and all(r.role == "prefill" for r in remote)
         and all(e.role == "prefill" for e in engines)
     ):
@@ -911,8 +907,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         remote_workers=remote,
         selection_policy_path=args.selection_policy,
         selection_policy=factory,
-        etcd_url=etcd_url,
-        etcd_prefix=etcd_prefix,
+        etcd=etcd,
         openai_engines=engines,
         kv_events_bind=kv_events_bind,
         kv_replay=kv_replay,
@@ -1215,10 +1210,10 @@ async def _discovering(
 ) -> AsyncIterator[WorkerWatcher | None]:
     """With ``--etcd``: a `WorkerWatcher` following the workers registered in etcd, from its
     first listing on (its workers joined) until the block ends; without: None."""
-    if setup.etcd_url is None:
+    if setup.etcd is None:
         yield None
         return
-    async with EtcdClient(setup.etcd_url) as client, trio.open_nursery() as nursery:
+    async with setup.etcd.client() as client, trio.open_nursery() as nursery:
         watcher: WorkerWatcher = await nursery.start(
             functools.partial(
                 watch_workers,
@@ -1286,11 +1281,11 @@ def banner(
         lines.append(
             "  KV events    none: without --kv-events-bind the kv router sees no engine's cache"
         )
-    if setup.etcd_url is not None:
+    if setup.etcd is not None:
         found = sorted(discovered.records) if discovered is not None else []
         lines.append(
-            f"  etcd         workers under {workers_prefix(setup.etcd_prefix)} at "
-            f"{setup.etcd_url}, followed as they come and go; found "
+            f"  etcd         workers under {workers_prefix(setup.etcd.prefix)} at "
+            f"{setup.etcd.describe()}, followed as they come and go; found "
             + (", ".join(f"worker {i}" for i in found) if found else "none yet")
         )
     if setup.selection_policy_path is not None:

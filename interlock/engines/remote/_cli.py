@@ -31,6 +31,7 @@ import zmq
 from ..._argtypes import non_negative_float, non_negative_int, port, positive_int
 from ..._errors import ConfigError
 from ...discovery._etcd import EtcdClient, EtcdError, WorkerRecord, serve_registration
+from ...discovery._etcd_options import add_etcd_arguments, etcd_options
 from ...processing import ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
 from .._protocol import ROLES
 from ..mock import (
@@ -212,18 +213,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(tcp://HOST:* picks a port; the JSON line says which)",
     )
     etcd = parser.add_argument_group("discovery (docs/deploying.md)")
-    etcd.add_argument(
-        "--etcd",
-        metavar="URL",
-        default=None,
-        help="register in etcd at URL (e.g. http://127.0.0.1:2379) once listening, under a "
+    add_etcd_arguments(
+        etcd,
+        url_help="register in etcd at URL (e.g. http://127.0.0.1:2379) once listening, under a "
         "lease kept alive until the worker stops, so that `interlock serve --etcd URL` finds it",
-    )
-    etcd.add_argument(
-        "--etcd-prefix",
-        default="interlock",
-        metavar="PREFIX",
-        help="register at PREFIX/workers/ID (default interlock; the frontends' --etcd-prefix)",
+        prefix_help="register at PREFIX/workers/ID (default interlock; the frontends' "
+        "--etcd-prefix)",
+        ttl_help="lease TTL: a killed worker disappears from the frontends this long after it "
+        "stopped renewing (default 10; etcd raises values below its minimum, about 2)",
     )
     etcd.add_argument(
         "--advertise-host",
@@ -231,14 +228,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the host frontends reach this worker at (default: --host, or this machine's "
         "name when --host is a wildcard such as 0.0.0.0)",
-    )
-    etcd.add_argument(
-        "--etcd-ttl",
-        type=positive_int,
-        default=10,
-        metavar="SECONDS",
-        help="lease TTL: a killed worker disappears from the frontends this long after it "
-        "stopped renewing (default 10; etcd raises values below its minimum, about 2)",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -339,14 +328,15 @@ def run_worker(args: argparse.Namespace) -> int:
             SECRET_ENV,
         )
     registration = None
-    if args.etcd is not None:
-        try:
-            client = EtcdClient(args.etcd)
-        except ConfigError as exc:
-            print(f"interlock worker: --etcd: {exc}", file=sys.stderr)
-            return 2
+    try:
+        etcd = etcd_options(args)
+        client = etcd.client() if etcd is not None else None
+    except ConfigError as exc:
+        print(f"interlock worker: {exc}", file=sys.stderr)
+        return 2
+    if etcd is not None and client is not None:
         registration = _Registration(
-            client, args.etcd_prefix, args.etcd_ttl, args.advertise_host, args.block_size
+            client, etcd.prefix, args.etcd_ttl, args.advertise_host, args.block_size
         )
     error = trio.run(
         functools.partial(
