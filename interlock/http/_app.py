@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import attrs
 import trio
+from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -25,6 +26,7 @@ from starlette.routing import Route
 
 from .._errors import ConfigError, InterlockError
 from .._pipeline import Pipeline
+from .._tracing import TTFT_ATTRIBUTE, describe_request
 from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
 from ._auth import OPEN_PATHS, TRUSTED, UNAUTHORIZED_HEADERS, ApiKeys, check_privileges
 from ._drain import CONNECTION_CLOSE, DrainTicket, cut_by_drain, refused_while_draining
@@ -44,6 +46,7 @@ from ._openai import (
 from ._preprocess import Preprocessor
 from ._route import route_routes
 from ._sse import ChunkEncoder, dumps, event
+from ._tracing import TracedEndpoint
 
 # HttpLimits is defined with the endpoints' shared state; it is imported from here too.
 __all__ = ["HttpLimits", "build_app", "build_metrics_app", "read_body", "send_json"]
@@ -301,6 +304,7 @@ class _Run:
         "parsed",
         "received_wall",
         "request",
+        "span",
         "start",
         "ticket",
         "token_ids",
@@ -329,6 +333,19 @@ class _Run:
         self.token_ids: list[int] | None = [] if "completion_token_ids" in extras else None
         #: The drain's count of this request; its cut cancels the request's nursery.
         self.ticket = DrainTicket()
+        #: The request's SERVER span (`TracedEndpoint`), or a no-op span.
+        self.span = trace.get_current_span()
+        if self.span.is_recording():
+            assert request.request_id is not None
+            frontend = endpoint.frontend
+            describe_request(
+                frontend.pipeline.tracing,
+                request.request_id,
+                self.span,
+                "chat" if endpoint.kind == "chat" else "text_completion",
+                frontend.model,
+            )
+            self.span.set_attribute("gen_ai.response.id", request.request_id)
 
     def _tokens_arrived(self, output: EngineOutput) -> None:
         now = trio.current_time()
@@ -336,6 +353,7 @@ class _Run:
         if self.first_token_at is None:
             self.first_token_at = now
             metrics.ttft.observe(now - self.start)
+            self.span.set_attribute(TTFT_ATTRIBUTE, now - self.start)
         else:
             metrics.itl.observe(now - self.last_token_at)
         self.last_token_at = now
@@ -356,6 +374,14 @@ class _Run:
         if usage is None:
             return reason, None
         self.endpoint.frontend.metrics.output_tokens += usage.completion_tokens
+        if self.span.is_recording():
+            self.span.set_attributes(
+                {
+                    "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                    "gen_ai.usage.output_tokens": usage.completion_tokens,
+                    "gen_ai.response.finish_reasons": (reason,),
+                }
+            )
         return reason, usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
 
     def _response_nvext(self) -> dict[str, Any] | None:
@@ -436,6 +462,7 @@ class _Run:
                             if last < 0:
                                 self.first_token_at = now
                                 frontend.metrics.ttft.observe(now - self.start)
+                                self.span.set_attribute(TTFT_ATTRIBUTE, now - self.start)
                             else:
                                 itl(now - last)
                             last = now
@@ -687,6 +714,8 @@ def build_app(
         )
     metrics = metrics if metrics is not None else HttpMetrics()
     metrics.block_size = pipeline.config.kv_block_size
+    if metrics.observe_queue_time not in pipeline.queue_time_observers:
+        pipeline.queue_time_observers.append(metrics.observe_queue_time)
     frontend = Frontend(
         pipeline,
         model=model,
@@ -761,9 +790,19 @@ def build_app(
         metrics.ejected = await pipeline.worker_states()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def traced(kind: str) -> TracedEndpoint:
+        endpoint = _GenerateEndpoint(frontend, kind)
+        return TracedEndpoint(
+            endpoint,
+            pipeline.tracing.tracer,
+            route=endpoint.endpoint,
+            operation="chat" if kind == "chat" else "text_completion",
+            model=model,
+        )
+
     routes = [
-        Route("/v1/chat/completions", _GenerateEndpoint(frontend, "chat"), methods=["POST"]),
-        Route("/v1/completions", _GenerateEndpoint(frontend, "completion"), methods=["POST"]),
+        Route("/v1/chat/completions", traced("chat"), methods=["POST"]),
+        Route("/v1/completions", traced("completion"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model_info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
