@@ -105,6 +105,13 @@ class RequestTracing:
         #: Traced requests in flight, by request id.
         self.requests: dict[str, _Traced] = {}
 
+    def forget(self, request_id: str) -> None:
+        """Stop tracing ``request_id`` (it ended, or never started in the pipeline): end its
+        open leg span, if any. Its terminal transition does this too; unknown ids are fine."""
+        traced = self.requests.pop(request_id, None)
+        if traced is not None:
+            self._end_leg(traced, request_id)
+
     def queued(self, request_id: str, seconds: float) -> None:
         """Record how long ``request_id`` waited for a worker slot (a pipeline hook)."""
         traced = self.requests.get(request_id)

@@ -39,26 +39,34 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 @asynccontextmanager
 async def traced_app(
-    config: PipelineConfig | None = None, *, engines: Sequence[dict[str, Any]] = ({}, {})
+    config: PipelineConfig | None = None,
+    *,
+    engines: Sequence[dict[str, Any]] = ({}, {}),
+    prefill: Sequence[dict[str, Any]] = (),
 ) -> AsyncIterator[tuple[httpx.AsyncClient, InMemorySpanExporter, HttpMetrics]]:
-    """The app on mock workers (one per ``engines`` entry: MockEngine keyword arguments), its
-    spans in memory, in-process through httpx's ASGI transport."""
+    """The app on mock workers (one per ``engines`` entry: MockEngine keyword arguments; and
+    prefill workers, one per ``prefill`` entry), its spans in memory, in-process through
+    httpx's ASGI transport."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     preprocessor = Preprocessor.default()
-    workers = [
+    roles = ["decode" if prefill else "agg"] * len(engines) + ["prefill"] * len(prefill)
+    made = [
         MockEngine(
             i,
+            role,
             token_pool=mock_token_pool(preprocessor.tokenizer),
             tokenizer=preprocessor.tokenizer,
             **{"timing": MockTiming.zero(), **kwargs},
         )
-        for i, kwargs in enumerate(engines, start=1)
+        for i, (role, kwargs) in enumerate(zip(roles, [*engines, *prefill], strict=True), start=1)
     ]
+    workers = made[: len(engines)]
     metrics = HttpMetrics()
     components = Components(
         workers=workers,
+        prefill_workers=made[len(engines) :],
         tokenizer=preprocessor.tokenizer,
         transition_sinks=[metrics],
         tracer_provider=provider,
@@ -161,6 +169,32 @@ async def test_a_migration_gives_two_leg_spans_and_a_migrate_event(
     assert (second.attributes or {})["interlock.worker_id"] == 2
     assert second.status.status_code == StatusCode.UNSET
     assert server.status.status_code == StatusCode.UNSET
+
+
+async def test_a_disaggregated_request_has_a_prefill_and_a_decode_leg(
+    autojump_clock: object,
+) -> None:
+    async with traced_app(engines=({},), prefill=({},)) as (client, exporter, _):
+        answer = await client.post(
+            "/v1/chat/completions",
+            json={"model": "mock", "messages": MESSAGES, "max_tokens": 4, "stream": True},
+        )
+        assert answer.status_code == 200
+        spans = exporter.get_finished_spans()
+    server = _one(spans, SpanKind.SERVER)
+    assert [e.name for e in server.events] == [
+        "preprocess", "route", "start_prefill", "finish_prefill", "start_decode", "finish",
+    ]  # fmt: skip
+    assert (server.events[1].attributes or {})["interlock.disaggregated"] is True
+    prefill, decode = _legs(spans)
+    assert [(leg.attributes or {})["interlock.leg"] for leg in (prefill, decode)] == [
+        "prefill",
+        "decode",
+    ]
+    assert (prefill.attributes or {})["interlock.worker_id"] == 2
+    assert (decode.attributes or {})["interlock.worker_id"] == 1
+    assert all(leg.parent is not None and leg.parent.span_id == server.context.span_id
+               for leg in (prefill, decode))  # fmt: skip
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -215,6 +215,7 @@ class _GenerateEndpoint:
             frontend.metrics.in_flight -= 1
             if watch is not None:
                 frontend.metrics.unwatch(request_id)
+            frontend.pipeline.tracing.forget(request_id)
 
     async def _refuse_while_draining(self, send: Send, start: float) -> None:
         # Connection: close, so that the client's next request opens a new connection, which
@@ -345,7 +346,7 @@ class _Run:
                 "chat" if endpoint.kind == "chat" else "text_completion",
                 frontend.model,
             )
-            self.span.set_attribute("gen_ai.response.id", request.request_id)
+            self.span.set_attributes(_request_attributes(request))
 
     def _tokens_arrived(self, output: EngineOutput) -> None:
         now = trio.current_time()
@@ -641,6 +642,19 @@ class _Run:
                 {"type": "http.response.body", "body": event(error.to_dict()) + b"data: [DONE]\n\n"}
             )
             return error.status
+
+
+def _request_attributes(request: PreprocessedRequest) -> dict[str, Any]:
+    """The GenAI request attributes of a traced request's SERVER span."""
+    attributes: dict[str, Any] = {"gen_ai.response.id": request.request_id}
+    if request.max_tokens is not None:
+        attributes["gen_ai.request.max_tokens"] = request.max_tokens
+    sampling = request.sampling
+    for name in ("temperature", "top_p", "seed"):
+        value = getattr(sampling, name)
+        if value is not None:
+            attributes[f"gen_ai.request.{name}"] = value
+    return attributes
 
 
 def _kv_hit_rate(decision: RoutingDecision | None, block_size: int) -> float | None:
