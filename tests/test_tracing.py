@@ -124,6 +124,7 @@ async def test_a_request_is_a_server_span_with_its_engine_leg_below(
     assert leg_attributes["interlock.worker_id"] == route["interlock.worker_id"]
     assert leg_attributes["gen_ai.system"] == "interlock"
     assert leg_attributes["gen_ai.usage.input_tokens"] == attributes["gen_ai.usage.input_tokens"]
+    assert leg_attributes["gen_ai.usage.output_tokens"] == 6
     assert "Failed to detach context" not in caplog.text
     assert trace.get_current_span() is trace.INVALID_SPAN
 
@@ -167,6 +168,8 @@ async def test_a_migration_gives_two_leg_spans_and_a_migrate_event(
     assert first.status.status_code == StatusCode.ERROR
     assert (first.attributes or {})["error.type"] == "WorkerGone"
     assert (second.attributes or {})["interlock.worker_id"] == 2
+    assert (first.attributes or {})["gen_ai.usage.output_tokens"] == 3
+    assert (second.attributes or {})["gen_ai.usage.output_tokens"] == 5
     assert second.status.status_code == StatusCode.UNSET
     assert server.status.status_code == StatusCode.UNSET
 

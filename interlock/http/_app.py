@@ -376,6 +376,10 @@ class _Run:
             return reason, None
         self.endpoint.frontend.metrics.output_tokens += usage.completion_tokens
         if self.span.is_recording():
+            assert self.request.request_id is not None
+            self.endpoint.frontend.pipeline.tracing.finished(
+                self.request.request_id, usage.completion_tokens
+            )
             self.span.set_attributes(
                 {
                     "gen_ai.usage.input_tokens": usage.prompt_tokens,
