@@ -8,6 +8,7 @@ to a small collector and reads the traceparent the engine received from its log.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -374,7 +375,7 @@ async def test_serve_exports_spans_and_hands_the_engine_a_traceparent(tmp_path: 
 
 
 def test_otlp_endpoint_without_the_sdk_says_what_to_install(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from interlock import ConfigError
     from interlock.http._tracing import configure_otlp
@@ -383,3 +384,7 @@ def test_otlp_endpoint_without_the_sdk_says_what_to_install(
     with pytest.raises(ConfigError, match=r"pip install 'interlock\[otel\]'"):
         configure_otlp("http://127.0.0.1:4318", {})
     assert configure_otlp(None, {}) is None
+    # The standard variable alone (perhaps meant for another program) only warns.
+    with caplog.at_level(logging.WARNING, logger="interlock.http"):
+        assert configure_otlp(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) is None
+    assert "pip install 'interlock[otel]'" in caplog.text

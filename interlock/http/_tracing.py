@@ -9,6 +9,7 @@ events below it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -25,6 +26,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_logger = logging.getLogger("interlock.http")
 
 _TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate", b"baggage"})
 
@@ -119,8 +122,11 @@ def configure_otlp(endpoint: str | None, environ: Mapping[str, str]) -> Callable
     flag nor the variables ask for export (tracing stays the API's no-op, or whatever provider
     an embedder installed).
 
+    Without the ``otel`` extra, the variables alone only log a warning (they may be meant for
+    other programs).
+
     Raises:
-        ConfigError: export was asked for but the ``otel`` extra is not installed.
+        ConfigError: ``endpoint`` was given but the ``otel`` extra is not installed.
     """
     if endpoint is None and not any(environ.get(name) for name in OTLP_ENV):
         return None
@@ -130,11 +136,18 @@ def configure_otlp(endpoint: str | None, environ: Mapping[str, str]) -> Callable
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as exc:
-        where = "--otlp-endpoint" if endpoint is not None else " or ".join(OTLP_ENV)
+        missing = f"the SDK and OTLP exporter are not installed ({exc.name} is missing)"
+        if endpoint is None:
+            # The variables may be set for other programs on the machine: say it, go on.
+            _logger.warning(
+                "%s is set but %s: no traces are exported; pip install 'interlock[otel]'",
+                " or ".join(name for name in OTLP_ENV if environ.get(name)),
+                missing,
+            )
+            return None
         raise ConfigError(
-            f"{where} asks for OpenTelemetry trace export, but the SDK and OTLP exporter are "
-            f"not installed ({exc.name} is missing): pip install 'interlock[otel]', or drop "
-            f"{where}",
+            f"--otlp-endpoint asks for OpenTelemetry trace export, but {missing}: "
+            "pip install 'interlock[otel]', or drop --otlp-endpoint",
             knobs=("otlp_endpoint",),
         ) from None
     if endpoint is not None and not urlsplit(endpoint).path.strip("/"):
