@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 import trio
+from opentelemetry.trace import TracerProvider
 
 from ._admission import AdmissionQueue, default_queue_limit
 from ._config import KV_ROUTER_MODES, PipelineConfig
@@ -24,6 +25,7 @@ from ._errors import (
     WorkerRefused,
     WorkerStalled,
 )
+from ._tracing import RequestTracing
 from .actors import (
     FALL_BACK,
     DirectPolicy,
@@ -119,6 +121,9 @@ class Components:
     tokenizer: Tokenizer | None = None
     transition_sinks: Sequence[TransitionSink] = attrs.field(default=(), converter=_sinks)
     selection_policy: SelectionPolicyFactory | None = None
+    #: Where the pipeline's spans go (`RequestTracing`): None uses OpenTelemetry's global
+    #: tracer provider, a no-op until an SDK is configured.
+    tracer_provider: TracerProvider | None = None
 
 
 @attrs.define
@@ -277,8 +282,10 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
     )
     if jsonl is not None:
         sinks.append(jsonl)
-    log = TransitionLog(memory, sinks)
     registry = EmbeddedRegistry()
+    tracing = RequestTracing(components.tracer_provider, engine_of=registry.get)
+    sinks.append(tracing)
+    log = TransitionLog(memory, sinks)
     policy = RestartPolicy(
         max_restarts=config.actor_max_restarts,
         window=config.actor_restart_window,
@@ -338,6 +345,7 @@ async def _open_pipeline(config: PipelineConfig, components: Components) -> Asyn
                 engine_scopes=engine_scopes,
                 actors={"discovery": discovery, "router": router, "disagg": disagg}
                 | ({"migration": migration} if migration is not None else {}),
+                tracing=tracing,
             )
             try:
                 yield pipeline
@@ -386,6 +394,7 @@ class Pipeline:
         nursery: trio.Nursery,
         actors: dict[str, ActorRef[Any]],
         engine_scopes: dict[int, trio.CancelScope] | None = None,
+        tracing: RequestTracing | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -410,6 +419,12 @@ class Pipeline:
         self._idle_timeout = config.engine_idle_timeout
         self._admission = AdmissionQueue()
         self._admit = config.max_inflight_per_worker != 0
+        #: The OpenTelemetry sink of this pipeline's transitions (`RequestTracing`).
+        self.tracing = tracing if tracing is not None else RequestTracing()
+        #: Called with (request_id, seconds) when a request leaves the admission queue with a
+        #: worker slot (seconds: from asking for one to getting it; near 0 when there was
+        #: room). `build_app` adds its `HttpMetrics`; never block or raise in one.
+        self.queue_time_observers: list[Callable[[str, float], None]] = [self.tracing.queued]
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -803,6 +818,15 @@ class Pipeline:
             )
 
     async def _route_admitted(self, route: Route, hints: RoutingHints | None) -> Selection:
+        """`_wait_admitted`, then tell ``queue_time_observers`` how long it took."""
+        started = trio.current_time()
+        selection = await self._wait_admitted(route, hints)
+        waited = trio.current_time() - started
+        for observe in self.queue_time_observers:
+            observe(route.request_id, waited)
+        return selection
+
+    async def _wait_admitted(self, route: Route, hints: RoutingHints | None) -> Selection:
         """`_route` under admission control: while every worker is at its in-flight limit,
         wait in the queue (highest priority first, then oldest).
 

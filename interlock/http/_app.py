@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import attrs
 import trio
+from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,6 +28,7 @@ from starlette.routing import Route
 
 from .._errors import ConfigError, InterlockError
 from .._pipeline import Pipeline
+from .._tracing import TTFT_ATTRIBUTE, describe_request
 from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
 from ._auth import OPEN_PATHS, TRUSTED, UNAUTHORIZED_HEADERS, ApiKeys, check_privileges
 from ._drain import CONNECTION_CLOSE, DrainTicket, cut_by_drain, refused_while_draining
@@ -46,6 +48,7 @@ from ._openai import (
 from ._preprocess import Preprocessor
 from ._route import route_routes
 from ._sse import DONE, ChunkEncoder, dumps, event
+from ._tracing import TracedEndpoint
 
 # HttpLimits is defined with the endpoints' shared state; it is imported from here too.
 __all__ = ["HttpLimits", "build_app", "build_metrics_app", "read_body", "send_json"]
@@ -209,6 +212,7 @@ class _GenerateEndpoint:
             frontend.metrics.in_flight -= 1
             if watch is not None:
                 frontend.metrics.unwatch(request_id)
+            frontend.pipeline.tracing.forget(request_id)
 
     async def _refuse_while_draining(self, send: Send, start: float) -> None:
         # Connection: close, so that the client's next request opens a new connection, which
@@ -348,6 +352,7 @@ class _Run:
         "parsed",
         "received_wall",
         "request",
+        "span",
         "start",
         "ticket",
         "token_ids",
@@ -376,6 +381,19 @@ class _Run:
         self.token_ids: list[int] | None = [] if "completion_token_ids" in extras else None
         #: The drain's count of this request; its cut cancels the request's nursery.
         self.ticket = DrainTicket()
+        #: The request's SERVER span (`TracedEndpoint`), or a no-op span.
+        self.span = trace.get_current_span()
+        if self.span.is_recording():
+            assert request.request_id is not None
+            frontend = endpoint.frontend
+            describe_request(
+                frontend.pipeline.tracing,
+                request.request_id,
+                self.span,
+                "chat" if endpoint.kind == "chat" else "text_completion",
+                frontend.model,
+            )
+            self.span.set_attributes(_request_attributes(request))
 
     def _tokens_arrived(self, output: EngineOutput) -> None:
         now = trio.current_time()
@@ -383,6 +401,7 @@ class _Run:
         if self.first_token_at is None:
             self.first_token_at = now
             metrics.ttft.observe(now - self.start)
+            self.span.set_attribute(TTFT_ATTRIBUTE, now - self.start)
         else:
             metrics.itl.observe(now - self.last_token_at)
         self.last_token_at = now
@@ -403,6 +422,18 @@ class _Run:
         if usage is None:
             return reason, None
         self.endpoint.frontend.metrics.output_tokens += usage.completion_tokens
+        if self.span.is_recording():
+            assert self.request.request_id is not None
+            self.endpoint.frontend.pipeline.tracing.finished(
+                self.request.request_id, usage.completion_tokens
+            )
+            self.span.set_attributes(
+                {
+                    "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                    "gen_ai.usage.output_tokens": usage.completion_tokens,
+                    "gen_ai.response.finish_reasons": (reason,),
+                }
+            )
         return reason, usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
 
     def _response_nvext(self) -> dict[str, Any] | None:
@@ -483,6 +514,7 @@ class _Run:
                             if last < 0:
                                 self.first_token_at = now
                                 frontend.metrics.ttft.observe(now - self.start)
+                                self.span.set_attribute(TTFT_ATTRIBUTE, now - self.start)
                             else:
                                 itl(now - last)
                             last = now
@@ -813,6 +845,19 @@ class _Outbox:
                 return
 
 
+def _request_attributes(request: PreprocessedRequest) -> dict[str, Any]:
+    """The GenAI request attributes of a traced request's SERVER span."""
+    attributes: dict[str, Any] = {"gen_ai.response.id": request.request_id}
+    if request.max_tokens is not None:
+        attributes["gen_ai.request.max_tokens"] = request.max_tokens
+    sampling = request.sampling
+    for name in ("temperature", "top_p", "seed"):
+        value = getattr(sampling, name)
+        if value is not None:
+            attributes[f"gen_ai.request.{name}"] = value
+    return attributes
+
+
 def _kv_hit_rate(decision: RoutingDecision | None, block_size: int) -> float | None:
     if decision is None:
         return None
@@ -884,6 +929,8 @@ def build_app(
         )
     metrics = metrics if metrics is not None else HttpMetrics()
     metrics.block_size = pipeline.config.kv_block_size
+    if metrics.observe_queue_time not in pipeline.queue_time_observers:
+        pipeline.queue_time_observers.append(metrics.observe_queue_time)
     frontend = Frontend(
         pipeline,
         model=model,
@@ -958,9 +1005,19 @@ def build_app(
         metrics.ejected = await pipeline.worker_states()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def traced(kind: str) -> TracedEndpoint:
+        endpoint = _GenerateEndpoint(frontend, kind)
+        return TracedEndpoint(
+            endpoint,
+            pipeline.tracing.tracer,
+            route=endpoint.endpoint,
+            operation="chat" if kind == "chat" else "text_completion",
+            model=model,
+        )
+
     routes = [
-        Route("/v1/chat/completions", _GenerateEndpoint(frontend, "chat"), methods=["POST"]),
-        Route("/v1/completions", _GenerateEndpoint(frontend, "completion"), methods=["POST"]),
+        Route("/v1/chat/completions", traced("chat"), methods=["POST"]),
+        Route("/v1/completions", traced("completion"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model_info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

@@ -72,6 +72,7 @@ from ._drain import Drain
 from ._metrics import HttpMetrics
 from ._preprocess import Preprocessor
 from ._serve import serve_http
+from ._tracing import configure_otlp
 
 #: ``--drain-timeout``'s default: seconds the requests in flight get after SIGTERM (the
 #: Kubernetes default terminationGracePeriodSeconds is 30).
@@ -317,6 +318,14 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--route-api",
         action="store_true",
         help="also serve the route-only API (POST /v1/route ...; see docs/route-api.md)",
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        metavar="URL",
+        help="export OpenTelemetry traces over OTLP/HTTP to this collector (http://HOST:4318; "
+        "default: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no export); needs "
+        "pip install 'interlock[otel]' (see docs/operations.md#tracing)",
     )
     parser.set_defaults(run=run_serve)
     return parser
@@ -1014,6 +1023,7 @@ def _worker_failure(setup: ServeSetup, exc: BaseException) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         setup = resolve(args)
+        end_tracing = configure_otlp(getattr(args, "otlp_endpoint", None), os.environ)
     except (ConfigError, TokenizerError, ChatTemplateError) as exc:
         return _invalid(args.command, exc)
     try:
@@ -1039,6 +1049,9 @@ def _run(args: argparse.Namespace) -> int:
             )
             return 1
         raise
+    finally:
+        if end_tracing is not None:
+            end_tracing()  # flush the spans still batched
     return 0
 
 

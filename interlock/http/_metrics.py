@@ -95,7 +95,9 @@ class HttpMetrics:
         self.stream_buffer_overflows = 0
         self.ttft = _Histogram(LATENCY_BUCKETS)
         self.itl = _Histogram(ITL_BUCKETS)
-        self.duration: dict[str, _Histogram] = {}
+        self.duration: dict[tuple[str, str], _Histogram] = {}
+        #: Time from asking for a worker slot to getting one (the admission queue).
+        self.queue_time = _Histogram(LATENCY_BUCKETS)
         self.transitions: dict[tuple[str, str, str], int] = {}
         self.routed: dict[tuple[int, str], int] = {}
         #: Blocks in the router's KV index per worker (the app refreshes it before a scrape).
@@ -170,10 +172,15 @@ class HttpMetrics:
     def count_request(self, endpoint: str, status: int, seconds: float) -> None:
         key = (endpoint, str(status))
         self.requests[key] = self.requests.get(key, 0) + 1
-        histogram = self.duration.get(endpoint)
+        histogram = self.duration.get(key)
         if histogram is None:
-            histogram = self.duration[endpoint] = _Histogram(LATENCY_BUCKETS)
+            histogram = self.duration[key] = _Histogram(LATENCY_BUCKETS)
         histogram.observe(seconds)
+
+    def observe_queue_time(self, request_id: str, seconds: float) -> None:
+        """A request got its worker slot after ``seconds`` (a `Pipeline.queue_time_observers`
+        hook; `build_app` installs it)."""
+        self.queue_time.observe(seconds)
 
     # -- exposition ---------------------------------------------------------------------------
 
@@ -193,11 +200,11 @@ class HttpMetrics:
         yield requests
         duration = HistogramMetricFamily(
             f"{ns}_http_request_duration_seconds",
-            "Time from receiving a request to sending its last byte.",
-            labels=("endpoint",),
+            "Time from receiving a request to sending its last byte, by endpoint and status.",
+            labels=("endpoint", "status"),
         )
-        for endpoint, histogram in sorted(self.duration.items()):
-            duration.add_metric((endpoint,), histogram.buckets(), histogram.total)
+        for (endpoint, status), histogram in sorted(self.duration.items()):
+            duration.add_metric((endpoint, status), histogram.buckets(), histogram.total)
         yield duration
         yield GaugeMetricFamily(
             f"{ns}_http_requests_in_flight",
@@ -227,6 +234,12 @@ class HttpMetrics:
         for name, doc, histogram in (
             ("time_to_first_token_seconds", "Time from request to its first token.", self.ttft),
             ("inter_token_latency_seconds", "Time between consecutive output chunks.", self.itl),
+            (
+                "request_queue_time_seconds",
+                "Time a request waited in the frontend for a worker slot (admission queue; "
+                "about 0 when a worker had room).",
+                self.queue_time,
+            ),
         ):
             family = HistogramMetricFamily(f"{ns}_{name}", doc)
             family.add_metric((), histogram.buckets(), histogram.total)

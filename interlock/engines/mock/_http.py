@@ -321,6 +321,10 @@ class MockOpenAIServer:
         faults = self._faults(request)
         base = request.headers.get("x-request-id") or secrets.token_hex(8)
         response_id = ("chatcmpl-" if chat else "cmpl-") + base
+        traceparent = request.headers.get("traceparent")
+        if traceparent is not None:
+            # vLLM continues the caller's trace from this header; the mock only reports it.
+            _logger.debug("request %s traceparent %s", base, traceparent)
         prefill_result = self._received_kv_params(parsed)
         try:
             pre = PreprocessedRequest(

@@ -22,6 +22,7 @@ import httpx
 import trio
 
 from ..._errors import RequestError, WorkerRefused
+from ..._tracing import inject_trace_headers
 from ...processing import Tokenizer
 from ...wire import EngineOutput, PrefillResult, PreprocessedRequest, WorkerJoined, WorkerLeft
 from .._listeners import Listeners
@@ -604,6 +605,8 @@ class _HttpStream:
             # The same id on both legs of a disaggregated request (NIXL derives its transfer
             # id from it), and in the engine's logs.
             headers["x-request-id"] = self._request.request_id
+        # The W3C traceparent of this leg's CLIENT span, when the request is traced.
+        inject_trace_headers(headers, self._request.request_id)
         request = client.build_request("POST", path, json=body, headers=headers)
         try:
             with trio.fail_after(
