@@ -26,10 +26,9 @@ import httpx
 import pytest
 import trio
 from helpers import frontend_parser
-from test_etcd_discovery import ETCD, PREFIX, TIMEOUT, _free_port, answer, wait_for
+from test_etcd_discovery import ETCD, PREFIX, TIMEOUT, _free_port, answer, start_worker, wait_for
 from test_http_cli import _command
 from test_remote_workers import WORKER, WorkerProcess, stop
-from test_remote_workers import start_worker as start_remote_worker
 
 from interlock import Components, ConfigError, PipelineConfig, build_pipeline
 from interlock.cli import build_parser
@@ -228,26 +227,6 @@ def password_file(tmp_path: Path, user: str, password: str | None = None) -> str
     path = tmp_path / f"{user}.password"
     path.write_text((password or PASSWORDS[user]) + "\n")
     return str(path)
-
-
-async def start_worker(
-    tmp_path: Path, worker_id: int, etcd: SecureEtcd, *flags: str
-) -> WorkerProcess:
-    """An ``interlock worker --etcd`` process; returns once it is listening and registered."""
-    return await start_remote_worker(
-        tmp_path,
-        worker_id,
-        "--zero-time",
-        "--tokenizer",
-        "builtin",
-        "--etcd",
-        etcd.url,
-        "--etcd-prefix",
-        PREFIX,
-        "--etcd-ttl",
-        "2",
-        *flags,
-    )
 
 
 async def run_worker(etcd: SecureEtcd, worker_id: int, *flags: str) -> tuple[int, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -318,6 +318,49 @@ def test_disaggregated_prefill_on_one_engine_decode_on_another(engine_tier: Engi
         assert hits - hits_before >= BLOCK_SIZE
 
 
+def stream_all(
+    url: str, prompts: list[str], max_tokens: int, fault: Callable[[], object] | None = None
+) -> list[str]:
+    """Stream every prompt through interlock at ``url`` at once (greedy, ``max_tokens``
+    each); with ``fault``, call it (in a thread) once every stream has 3 chunks. Returns each
+    prompt's text; a chunk with an error fails the test."""
+
+    async def run() -> list[str]:
+        texts = [""] * len(prompts)
+        chunks = [0] * len(prompts)
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
+
+            async def one(index: int) -> None:
+                body = {
+                    "model": SERVED_MODEL_NAME,
+                    "prompt": prompts[index],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunk = httpx.Response(200, content=line[6:]).json()
+                            assert "error" not in chunk, chunk
+                            if chunk["choices"]:
+                                texts[index] += chunk["choices"][0]["text"]
+                                chunks[index] += 1
+
+            async with trio.open_nursery() as nursery:
+                for index in range(len(prompts)):
+                    nursery.start_soon(one, index)
+                if fault is not None:
+                    while min(chunks) < 3:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    await trio.to_thread.run_sync(fault)
+        return texts
+
+    return trio.run(run)
+
+
 @pytest.mark.kills_engine
 def test_kill_9_of_a_vllm_mid_stream_migrates_every_stream_exactly(
     engine_tier: EngineTier,
@@ -325,42 +368,8 @@ def test_kill_9_of_a_vllm_mid_stream_migrates_every_stream_exactly(
     flags = [*engines(engine_tier, "2", "3"), "--migration-limit", "2"]
     prompts = [f"migration {i}: " + words(100 + i, 40) for i in range(8)]
     with interlock_serve(engine_tier, *flags, name="migration") as url:
-
-        async def run_all(kill_after: int | None) -> list[str]:
-            texts = [""] * len(prompts)
-            chunks = [0] * len(prompts)
-            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
-
-                async def one(index: int) -> None:
-                    body = {
-                        "model": SERVED_MODEL_NAME,
-                        "prompt": prompts[index],
-                        "max_tokens": 100,
-                        "temperature": 0,
-                        "ignore_eos": True,
-                        "stream": True,
-                    }
-                    async with http.stream("POST", "/v1/completions", json=body) as response:
-                        assert response.status_code == 200
-                        async for line in response.aiter_lines():
-                            if line.startswith("data: {"):
-                                chunk = httpx.Response(200, content=line[6:]).json()
-                                assert "error" not in chunk, chunk
-                                if chunk["choices"]:
-                                    texts[index] += chunk["choices"][0]["text"]
-                                    chunks[index] += 1
-
-                async with trio.open_nursery() as nursery:
-                    for index in range(len(prompts)):
-                        nursery.start_soon(one, index)
-                    if kill_after is not None:
-                        while min(chunks) < kill_after:  # noqa: ASYNC110
-                            await trio.sleep(0.01)
-                        await trio.to_thread.run_sync(engine_tier.engine(3).kill)
-            return texts
-
-        unbroken = trio.run(run_all, None)
-        migrated = trio.run(run_all, 3)
+        unbroken = stream_all(url, prompts, 100)
+        migrated = stream_all(url, prompts, 100, engine_tier.engine(3).kill)
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert migrated == unbroken
     assert re.search(r"^interlock_migrations_total ([1-9]\d*)", metrics, re.M), metrics
@@ -375,45 +384,11 @@ def test_a_frozen_vllm_engine_core_is_a_stall_and_every_stream_migrates_exactly(
     flags = [*engines(engine_tier, "2", "3"), "--migration-limit", "2"]
     prompts = [f"freeze {i}: " + words(300 + i, 40) for i in range(8)]
     frozen_engine = engine_tier.engine(3)
+    stopped: list[int] = []
     with interlock_serve(engine_tier, *flags, name="freeze") as url:
-
-        async def run_all(freeze_after: int | None) -> list[str]:
-            texts = [""] * len(prompts)
-            chunks = [0] * len(prompts)
-            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
-
-                async def one(index: int) -> None:
-                    body = {
-                        "model": SERVED_MODEL_NAME,
-                        "prompt": prompts[index],
-                        "max_tokens": 60,
-                        "temperature": 0,
-                        "ignore_eos": True,
-                        "stream": True,
-                    }
-                    async with http.stream("POST", "/v1/completions", json=body) as response:
-                        assert response.status_code == 200
-                        async for line in response.aiter_lines():
-                            if line.startswith("data: {"):
-                                chunk = httpx.Response(200, content=line[6:]).json()
-                                assert "error" not in chunk, chunk
-                                if chunk["choices"]:
-                                    texts[index] += chunk["choices"][0]["text"]
-                                    chunks[index] += 1
-
-                async with trio.open_nursery() as nursery:
-                    for index in range(len(prompts)):
-                        nursery.start_soon(one, index)
-                    if freeze_after is not None:
-                        while min(chunks) < freeze_after:  # noqa: ASYNC110
-                            await trio.sleep(0.01)
-                        stopped.extend(frozen_engine.freeze())
-            return texts
-
-        stopped: list[int] = []
         try:
-            unbroken = trio.run(run_all, None)
-            frozen = trio.run(run_all, 3)
+            unbroken = stream_all(url, prompts, 60)
+            frozen = stream_all(url, prompts, 60, lambda: stopped.extend(frozen_engine.freeze()))
             health = httpx.get(f"{url}/health", timeout=10).json()
             metrics = httpx.get(f"{url}/metrics", timeout=10).text
         finally:
