@@ -94,6 +94,32 @@ async def test_dripped_headers_and_bodies_get_408_and_are_closed() -> None:
         assert "interlock_http_requests_in_flight 0.0" in metrics
 
 
+async def test_five_hundred_slowloris_connections_do_not_stop_a_normal_request() -> None:
+    async with _serve_process() as (host, port):
+        # 500 connections that each send part of a request head, then nothing more for now
+        # (the default --request-read-timeout, 60 s, has not run out for any of them).
+        dripping = []
+        for index in range(500):
+            stream = await trio.open_tcp_stream(host, port)
+            await stream.send_all(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-n: %d" % index
+            )
+            dripping.append(stream)
+        try:
+            # Another byte on each, as a slowloris client keeps its connections alive.
+            for stream in dripping:
+                await stream.send_all(b"1")
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as client:
+                answer = await client.post("/v1/chat/completions", json=CHAT)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["message"]["content"]
+                streamed = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+                assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+        finally:
+            for stream in dripping:
+                await stream.aclose()
+
+
 async def test_oversized_headers_get_an_openai_style_431() -> None:
     async with _serve_process() as (host, port):
         stream = await trio.open_tcp_stream(host, port)
