@@ -587,11 +587,12 @@ class Pipeline:
             migrations = 0
             cached_tokens = 0
             while True:
-                route = Route(attempt, request_id, exclude, track)
                 if migrations == 0 and self._admit and _routed_by_router(hints):
-                    selection = await self._route_admitted(attrs.evolve(route, admit=True), hints)
+                    selection = await self._route_admitted(
+                        Route(attempt, request_id, exclude, track, admit=True), hints
+                    )
                 else:
-                    selection = await self._route(route)
+                    selection = await self._route(Route(attempt, request_id, exclude, track))
                 decision = selection.decision
                 fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
                 prefill_result: PrefillResult | None = None
@@ -793,6 +794,8 @@ class Pipeline:
         """
         started = trio.current_time()
         try:
+            if deadline == math.inf:
+                return await stream.__anext__()
             with trio.move_on_at(deadline):
                 return await stream.__anext__()
         except StopAsyncIteration:

@@ -68,6 +68,12 @@ class OutlierEjector:
         record.ejected_until = now + duration
         return duration
 
+    @property
+    def has_records(self) -> bool:
+        """Whether any worker ever failed a stream (else nobody is ejected: a cheap check
+        before looking at each candidate)."""
+        return bool(self._records)
+
     def is_ejected(self, worker_id: int, now: float) -> bool:
         record = self._records.get(worker_id)
         return record is not None and record.ejected_until > now

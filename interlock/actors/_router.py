@@ -316,11 +316,12 @@ class RouterActor(Actor):
                     f"{sorted(exclude)}) and no other is registered"
                 )
             raise NoWorkersAvailable(f"no {role} worker is registered")
-        now = trio.current_time()
         outliers = self._outliers
-        healthy = [w for w in pool if not outliers.is_ejected(w, now)]
-        if healthy:
-            pool = healthy
+        if outliers.has_records:
+            now = trio.current_time()
+            healthy = [w for w in pool if not outliers.is_ejected(w, now)]
+            if healthy:
+                pool = healthy
         # else every candidate is ejected: better one of them than no answer (Envoy's panic
         # mode, at 0 % healthy).
         if admit:
