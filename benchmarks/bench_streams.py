@@ -1,28 +1,30 @@
 """Thousands of open streams on one ``interlock serve`` frontend: memory per stream, CPU per token,
 and what a client that never reads costs.
 
-Starts ``--workers`` ``interlock worker`` processes (the mock engine at ``--speedup``, slow enough
-that every stream stays open and gets a token every second or so; ``--max-num-seqs`` large
-enough that admission control admits every stream, so nothing is queued or shed) and one
-``interlock serve --remote-worker ...`` over them. A load generator in another process opens
-streams (one HTTP/1.1 connection each, ``/v1/completions``, ``stream: true``) in steps up to
-``--streams`` (default 100, 1,000, 10,000) and keeps them all open, each reading its tokens
+Starts ``--workers`` ``interlock worker`` processes (the mock engine decoding at ``--speedup``
+0.0015, a token every ~4 s per stream, slow enough that every stream stays open and 10,000 of
+them fit on 2 cores; its prefill made free, see FREE_PREFILL_WORKER; ``--max-num-seqs`` large
+enough that admission control, left on, admits every stream, so nothing is queued or shed) and
+one ``interlock serve --remote-worker ...`` over them. A load generator in another process
+opens streams (one HTTP/1.1 connection each, ``/v1/completions``, ``stream: true``) in steps up
+to ``--streams`` (default 100, 1,000, 10,000) and keeps them all open, each reading its tokens
 slowly but steadily (one read a second). At idle and at each step it samples the frontend's
-resident memory (VmRSS) and CPU time (utime + stime from /proc, so the generator's and the
+resident memory (VmRSS) and CPU time (its threads' schedstat, so the generator's and the
 workers' own cost are excluded) over a steady window of ``--window`` seconds, and counts the
 tokens (SSE events) the generator received in it. It prints the memory per open stream,
 (RSS(S) - RSS(idle)) / S, and the frontend's CPU milliseconds per token delivered (the idle
-rate subtracted), with their ratios against the smallest step measured in the same run: the
-machine is shared and noisy, so read the ratios, not the absolute figures. Flat memory per
-stream from 1,000 to 10,000 means no per-stream leak; a CPU-per-token ratio near 1 means a token
-costs the same however many streams are open.
+rate subtracted), each with its ratio against a smaller step measured in the same run (memory:
+1,000 streams; CPU: 100): the machine is shared and noisy, so read the ratios, not the absolute
+figures. A memory ratio near 1 from 1,000 to 10,000 means no per-stream leak; a CPU ratio near
+1 means a token costs the same however many streams are open.
 
-Then the slow-reader phase: a second frontend over one fast worker (``--speedup 1``, ~170
-tokens/s per stream), and ``--slow-readers`` streams whose client never reads (a 4 KiB receive
-buffer). It samples the frontend's RSS every second for ``--slow-seconds`` and reads
-``interlock_http_stream_buffer_overflows_total`` from ``/metrics``: with bounded stream buffers
-(``--max-stream-buffer-bytes``, 256 KiB) each such stream is cancelled once its client falls
-that far behind, and RSS stays below idle + streams x buffer.
+Then the slow-reader phase: a second frontend over one ``--zero-time`` worker (tokens as fast
+as it can make them), and ``--slow-readers`` streams whose client never reads (a 4 KiB receive
+buffer). It samples the frontend's RSS and ``interlock_http_stream_buffer_overflows_total``
+(``/metrics``) every second for ``--slow-seconds``: with bounded stream buffers each such
+stream is cancelled once its client falls ``--max-stream-buffer-bytes`` behind, and RSS stops
+growing. A slow reader's text is coalesced (about a byte a token), so the default 256 KiB takes
+minutes to fill; this frontend runs with ``--slow-buffer`` (4 KiB) so that it fills in seconds.
 
 The file-descriptor limit is raised to its hard limit in the generator and the frontend; if the
 hard limit is below the largest step plus some headroom, the step is cut to fit and the output
@@ -30,7 +32,8 @@ says so. Every process it starts runs in its own process group, and every group 
 the end, on error and on Ctrl-C.
 
     python benchmarks/bench_streams.py [--streams 100,1000,10000] [--workers W]
-        [--speedup S] [--window SECONDS] [--slow-readers N] [--slow-seconds SECONDS]
+        [--speedup S] [--window SECONDS] [--settle SECONDS] [--slow-readers N]
+        [--slow-seconds SECONDS] [--slow-buffer BYTES] [--skip-open | --skip-slow]
 """
 
 from __future__ import annotations
@@ -60,6 +63,18 @@ PROMPT = "Once"
 MAX_TOKENS = 30_000  # more than any stream gets in a run: they stay open until closed
 READ_INTERVAL = 1.0  # seconds between a steady reader's reads
 SLOW_READER_RCVBUF = 4096
+# `interlock worker` with the mock timing model's prefill made free. Its reference prefill step
+# costs ~17 ms plus 0.015 ms a token (a GPU's fixed cost and a long prompt's), about 25 decode
+# steps for a full batch: at a decode step slow enough for 10,000 streams on 2 cores (seconds),
+# admitting them would take minutes and trip the first-token deadline. A few-token prompt's
+# prefill is nearly free on a real GPU anyway; decoding keeps the reference model.
+FREE_PREFILL_WORKER = (
+    "import sys\n"
+    "from interlock.engines.mock import MockTiming\n"
+    "MockTiming.prefill_seconds = lambda self, new_tokens: 0.0\n"
+    "from interlock.cli import main\n"
+    "sys.exit(main(['worker', *sys.argv[1:]]))\n"
+)
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -138,13 +153,24 @@ def wait_for_line(
 
 
 def start_workers(
-    processes: Processes, name: str, count: int, timing: list[str], max_num_seqs: int
+    processes: Processes,
+    name: str,
+    count: int,
+    timing: list[str],
+    max_num_seqs: int,
+    free_prefill: bool = False,
 ) -> list[int]:
-    """Start ``count`` ``interlock worker`` processes; return their ports once listening."""
+    """Start ``count`` ``interlock worker`` processes (``free_prefill``: with the prefill of
+    the timing model made free); return their ports once listening."""
     started = []
+    program = (
+        [sys.executable, "-c", FREE_PREFILL_WORKER]
+        if free_prefill
+        else [sys.executable, "-m", "interlock", "worker"]
+    )
     for worker_id in range(1, count + 1):
         command = [
-            sys.executable, "-m", "interlock", "worker", "--id", str(worker_id), "--port", "0",
+            *program, "--id", str(worker_id), "--port", "0",
             "--tokenizer", "builtin", "--max-num-seqs", str(max_num_seqs),
             # Room for every sequence's KV blocks, so that none is preempted.
             "--num-gpu-blocks", str(max(16_384, 16 * max_num_seqs)),
@@ -167,9 +193,22 @@ def start_frontend(
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """CPU time of ``pid``'s threads alive now, in nanoseconds' precision (schedstat), or
+    utime + stime in clock ticks where schedstat is absent."""
+    try:
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            # A thread may end between the listing and the read.
+            with (
+                contextlib.suppress(FileNotFoundError),
+                open(f"/proc/{pid}/task/{task}/schedstat") as f,
+            ):
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except FileNotFoundError:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def rss_bytes(pid: int) -> int:
@@ -347,12 +386,18 @@ def open_streams_phase(processes: Processes, args: argparse.Namespace) -> list[S
     steps = args.streams
     per_worker = -(-steps[-1] // args.workers)
     ports = start_workers(
-        processes, "steady", args.workers, ["--speedup", str(args.speedup)], per_worker + 64
+        processes,
+        "steady",
+        args.workers,
+        ["--speedup", str(args.speedup)],
+        per_worker + 64,
+        free_prefill=True,
     )
     frontend, url = start_frontend(processes, "steady-frontend", ports)
     gen = start_generator(processes, "steady-generator", url)
     print(
-        f"{args.workers} interlock workers at --speedup {args.speedup:g}, --max-num-seqs "
+        f"{args.workers} interlock workers at --speedup {args.speedup:g} (prefill free), "
+        f"--max-num-seqs "
         f"{per_worker + 64} (admission control on, every stream admitted); one interlock serve "
         f"(pid {frontend.pid}); steady window {args.window:g}s per step",
         flush=True,
@@ -466,8 +511,8 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument(
-        "--speedup", type=float, default=0.004, help="the workers' timing (0.004: a token every "
-        "~1.5 s per stream)"
+        "--speedup", type=float, default=0.0015, help="the workers' decode speed (0.0015: a "
+        "token every ~4 s per stream)"
     )  # fmt: skip
     parser.add_argument("--window", type=float, default=20.0, help="steady window per step (s)")
     parser.add_argument("--settle", type=float, default=5.0, help="wait after a step opens (s)")
