@@ -250,14 +250,19 @@ async def generator(url: str) -> None:
     ``open N`` (open steady streams up to N in all, answer once each has its first bytes or
     failed), ``slow N`` (open N streams that never read), ``count``, ``close``."""
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps(
-        {"model": "mock", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "ignore_eos": True,
-         "stream": True}
-    ).encode()  # fmt: skip
-    request = (
-        f"POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    ).encode() + body
+
+    def request(n: int) -> bytes:
+        # A prompt of its own per stream, so that no prefix-cache affinity piles them up on
+        # one worker.
+        body = json.dumps(
+            {"model": "mock", "prompt": f"{PROMPT} {n}", "max_tokens": MAX_TOKENS,
+             "ignore_eos": True, "stream": True}
+        ).encode()  # fmt: skip
+        return (
+            f"POST /v1/completions HTTP/1.1\r\nhost: bench\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
     counts = Counts()
     spawned = 0
     connecting = trio.Semaphore(64)  # a burst of SYNs beyond the listen backlog costs retries
@@ -269,7 +274,7 @@ async def generator(url: str) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             await sock.connect((host, int(port)))
             stream = trio.SocketStream(sock)
-            await stream.send_all(request)
+            await stream.send_all(request(counts.started))
             counts.started += 1
             return stream
 
@@ -363,42 +368,44 @@ class Sample:
     rss: int
     cpu_per_s: float  # frontend CPU seconds per wall second in the window
     tokens_per_s: float
-    failed: int = 0
+    failed: int = 0  # streams (all steps so far) refused, failed or ended by the server
 
 
 def window(pid: int, gen: Generator | None, seconds: float, streams: int) -> Sample:
     """Frontend CPU and tokens delivered over ``seconds`` of steady state."""
-    before = gen.ask("count") if gen is not None else {"tokens": 0, "failed": 0}
+    nothing = {"tokens": 0, "failed": 0, "ended": 0}
+    before = gen.ask("count") if gen is not None else nothing
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)
-    after = gen.ask("count") if gen is not None else {"tokens": 0, "failed": 0}
+    after = gen.ask("count") if gen is not None else nothing
     cpu1, t1 = cpu_seconds(pid), time.monotonic()
     return Sample(
         streams,
         rss_bytes(pid),
         (cpu1 - cpu0) / (t1 - t0),
         (after["tokens"] - before["tokens"]) / (t1 - t0),
-        after["failed"],
+        after["failed"] + after["ended"],
     )
 
 
 def open_streams_phase(processes: Processes, args: argparse.Namespace) -> list[Sample]:
     steps = args.streams
-    per_worker = -(-steps[-1] // args.workers)
+    # Every worker could hold every stream: admission control stays on and never limits.
+    max_num_seqs = steps[-1] + 64
     ports = start_workers(
         processes,
         "steady",
         args.workers,
         ["--speedup", str(args.speedup)],
-        per_worker + 64,
+        max_num_seqs,
         free_prefill=True,
     )
     frontend, url = start_frontend(processes, "steady-frontend", ports)
     gen = start_generator(processes, "steady-generator", url)
     print(
         f"{args.workers} interlock workers at --speedup {args.speedup:g} (prefill free), "
-        f"--max-num-seqs "
-        f"{per_worker + 64} (admission control on, every stream admitted); one interlock serve "
+        f"--max-num-seqs {max_num_seqs} (admission control on, every stream admitted); one "
+        "interlock serve "
         f"(pid {frontend.pid}); steady window {args.window:g}s per step",
         flush=True,
     )
@@ -413,7 +420,6 @@ def open_streams_phase(processes: Processes, args: argparse.Namespace) -> list[S
         counts = gen.ask(f"open {step} {args.open_timeout}")
         time.sleep(args.settle)
         sample = window(frontend.pid, gen, args.window, step)
-        sample.failed = counts["failed"] + sample.failed
         samples.append(sample)
         print(
             f"  {step} streams: {counts['answered']} answered, {counts['failed']} failed",
@@ -483,7 +489,8 @@ def open_streams_table(samples: list[Sample]) -> None:
     print(
         f"frontend CPU at idle: {idle.cpu_per_s * 1000:.1f} ms/s (subtracted); "
         f"KiB/stream = (RSS - idle RSS) / streams, ratio vs {mem_step} streams; "
-        f"CPU ms/token ratio vs {samples[1].streams} streams"
+        f"CPU ms/token ratio vs {samples[1].streams} streams; failed = streams refused, broken "
+        "or ended by the server, all steps so far"
     )
 
 
