@@ -2,7 +2,7 @@
 and what a client that never reads costs.
 
 Starts ``--workers`` ``interlock worker`` processes (the mock engine decoding at ``--speedup``
-0.0015, a token every ~4 s per stream, slow enough that every stream stays open and 10,000 of
+0.0008, a token every ~7 s per stream, slow enough that every stream stays open and 10,000 of
 them fit on 2 cores; its prefill made free, see FREE_PREFILL_WORKER; ``--max-num-seqs`` large
 enough that admission control, left on, admits every stream, so nothing is queued or shed) and
 one ``interlock serve --remote-worker ...`` over them. A load generator in another process
@@ -369,11 +369,12 @@ class Sample:
     cpu_per_s: float  # frontend CPU seconds per wall second in the window
     tokens_per_s: float
     failed: int = 0  # streams (all steps so far) refused, failed or ended by the server
+    open: int = 0  # streams answered and still open at the end of the window
 
 
 def window(pid: int, gen: Generator | None, seconds: float, streams: int) -> Sample:
     """Frontend CPU and tokens delivered over ``seconds`` of steady state."""
-    nothing = {"tokens": 0, "failed": 0, "ended": 0}
+    nothing = {"tokens": 0, "failed": 0, "ended": 0, "answered": 0}
     before = gen.ask("count") if gen is not None else nothing
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)
@@ -385,6 +386,7 @@ def window(pid: int, gen: Generator | None, seconds: float, streams: int) -> Sam
         (cpu1 - cpu0) / (t1 - t0),
         (after["tokens"] - before["tokens"]) / (t1 - t0),
         after["failed"] + after["ended"],
+        after["answered"] - after["failed"] - after["ended"],
     )
 
 
@@ -461,14 +463,16 @@ def report(samples: list[Sample], slow: dict[str, Any] | None, args: argparse.Na
 def open_streams_table(samples: list[Sample]) -> None:
     idle = samples[0]
     print(
-        f"\n{'open streams':>12} {'RSS MiB':>8} {'KiB/stream':>10} {'ratio':>6} "
+        f"\n{'streams':>12} {'open':>6} {'RSS MiB':>8} {'KiB/stream':>10} {'ratio':>6} "
         f"{'tokens/s':>9} {'CPU ms/token':>12} {'ratio':>6} {'failed':>6}"
     )
-    print(f"{'idle':>12} {mib(idle.rss):>8} {'':>10} {'':>6} {'':>9} {'':>12} {'':>6} {'':>6}")
+    print(
+        f"{'idle':>12} {'':>6} {mib(idle.rss):>8} {'':>10} {'':>6} {'':>9} {'':>12} {'':>6} {'':>6}"
+    )
     per_stream: dict[int, float] = {}
     per_token: dict[int, float] = {}
     for s in samples[1:]:
-        per_stream[s.streams] = (s.rss - idle.rss) / s.streams
+        per_stream[s.streams] = (s.rss - idle.rss) / max(1, s.open)
         busy = max(0.0, s.cpu_per_s - idle.cpu_per_s)
         per_token[s.streams] = busy / s.tokens_per_s * 1000 if s.tokens_per_s else float("nan")
     # Memory per stream is compared with the second step (the first is too small to rise
@@ -480,7 +484,7 @@ def open_streams_table(samples: list[Sample]) -> None:
     for s in samples[1:]:
         n = s.streams
         print(
-            f"{n:>12} {mib(s.rss):>8} {per_stream[n] / 1024:>10.1f} "
+            f"{n:>12} {s.open:>6} {mib(s.rss):>8} {per_stream[n] / 1024:>10.1f} "
             f"{per_stream[n] / mem_base if mem_base > 0 else float('nan'):>6.2f} "
             f"{s.tokens_per_s:>9.0f} {per_token[n]:>12.4f} {per_token[n] / cpu_base:>6.2f} "
             f"{s.failed:>6}"
@@ -488,7 +492,8 @@ def open_streams_table(samples: list[Sample]) -> None:
     mem_step = samples[min(2, len(samples) - 1)].streams
     print(
         f"frontend CPU at idle: {idle.cpu_per_s * 1000:.1f} ms/s (subtracted); "
-        f"KiB/stream = (RSS - idle RSS) / streams, ratio vs {mem_step} streams; "
+        "KiB/stream = (RSS - idle RSS) / open streams (answered, not ended), "
+        f"ratio vs {mem_step} streams; "
         f"CPU ms/token ratio vs {samples[1].streams} streams; failed = streams refused, broken "
         "or ended by the server, all steps so far"
     )
@@ -518,12 +523,14 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument(
-        "--speedup", type=float, default=0.0015, help="the workers' decode speed (0.0015: a "
-        "token every ~4 s per stream)"
+        "--speedup", type=float, default=0.0008, help="the workers' decode speed (0.0008: a "
+        "token every ~7 s per stream)"
     )  # fmt: skip
     parser.add_argument("--window", type=float, default=20.0, help="steady window per step (s)")
     parser.add_argument("--settle", type=float, default=5.0, help="wait after a step opens (s)")
-    parser.add_argument("--open-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--open-timeout", type=float, default=90.0, help="longest wait for a step's answers (s)"
+    )
     parser.add_argument("--slow-readers", type=int, default=20)
     parser.add_argument("--slow-seconds", type=float, default=25.0)
     parser.add_argument(

@@ -42,7 +42,7 @@ def test_runs_end_to_end_at_a_tiny_size() -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
     out = completed.stdout
     assert "KiB/stream" in out and "CPU ms/token" in out, out
-    table = out.split("open streams", 1)[1]
+    table = out.split("KiB/stream", 1)[1]
     rows = [line.split() for line in table.splitlines() if line.split()[:1] in (["10"], ["20"])]
     assert len(rows) == 2, out
     assert [row[-1] for row in rows] == ["0", "0"], f"streams failed:\n{out}"
