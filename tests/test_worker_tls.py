@@ -33,7 +33,13 @@ from test_remote_workers import WORKER, start_worker, stop
 from interlock import ConfigError
 from interlock.engines import WorkerRecord, engine_from_record
 from interlock.engines.mock import MockEngine, MockTiming
-from interlock.engines.remote import RemoteEngine, client_context, serve_worker, server_context
+from interlock.engines.remote import (
+    RemoteEngine,
+    WorkerTLSError,
+    client_context,
+    serve_worker,
+    server_context,
+)
 from interlock.engines.remote._auth import SECRET_ENV
 from interlock.engines.remote._connection import set_keepalive
 from interlock.http._cli import resolve
@@ -258,3 +264,33 @@ async def test_keepalive_is_set_on_the_socket_under_tls(certs: dict[str, str]) -
         set_keepalive(secured)
         assert stream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
         await stream.aclose()
+
+
+async def test_a_certificate_that_does_not_name_the_host_is_refused(
+    certs: dict[str, str],
+) -> None:
+    tls = server_context(certs["server"], certs["server-key"])
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(
+            lambda task_status: serve_worker(
+                MockEngine(1, timing=MockTiming.zero()), tls=tls, task_status=task_status
+            )
+        )
+
+        async def to_the_worker(host: str, port: int) -> trio.abc.Stream:
+            return await trio.open_tcp_stream(address.host, address.port)
+
+        # The certificate names 127.0.0.1 and localhost, not the host the engine dials.
+        engine = RemoteEngine(
+            "worker-7.example",
+            address.port,
+            instance_id=1,
+            tls=client_context(certs["ca"]),
+            open_connection=to_the_worker,
+        )
+        with trio.fail_after(30), pytest.raises(WorkerTLSError) as caught:
+            await engine.run()
+        assert "(CERTIFICATE_VERIFY_FAILED)" in str(caught.value)
+        assert "Hostname mismatch" in str(caught.value)
+        assert "make sure the certificate names 'worker-7.example'" in str(caught.value)
+        nursery.cancel_scope.cancel()

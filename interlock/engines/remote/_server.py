@@ -234,8 +234,14 @@ class _Hub:
         peer = _peer_name(stream)
         set_keepalive(stream)
         if self.tls is not None:
-            secured = await self._tls_handshake(stream, peer)
+            try:
+                secured = await self._tls_handshake(stream, peer)
+            except Exception:
+                # As below: a bug here must cost one connection, not the worker.
+                _logger.exception("closing the connection of frontend %s after an error", peer)
+                secured = None
             if secured is None:
+                await trio.aclose_forcefully(stream)
                 return
             stream = secured
         conn = FrameConnection(stream, f"frontend {peer}", max_frame_size=self.max_frame_size)
@@ -281,22 +287,20 @@ class _Hub:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             failure = ssl_failure(exc)
             reason = f"TLS handshake failed: {failure or exc or 'the connection closed'}"
-            # trio leaves the TLS alert saying why (e.g. "certificate required") unsent
-            # when the handshake fails: send it, so that the frontend can say why too.
-            alert = getattr(secured, "_outgoing", None)
-            if isinstance(alert, ssl.MemoryBIO) and alert.pending:
-                with trio.move_on_after(GOODBYE_TIMEOUT):
-                    try:
-                        await stream.send_all(alert.read())
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
             if failure is not None and failure.reason in NOT_TLS:
                 reason += " (the frontend does not speak TLS: it needs --worker-tls)"
-                # A frontend without TLS: tell it why, in the frames it reads, instead of
-                # leaving it to retry a silently closed connection.
+                # Tell it why in the frames it reads, instead of leaving it to retry a
+                # silently closed connection.
+                data = encode_frame(Goodbye(reason=_PLAINTEXT_REFUSAL))
+            else:
+                # trio leaves the TLS alert saying why (e.g. "certificate required") unsent
+                # when the handshake fails: send it, so that the frontend can say why too.
+                alert = getattr(secured, "_outgoing", None)
+                data = alert.read() if isinstance(alert, ssl.MemoryBIO) else b""
+            if data:
                 with trio.move_on_after(GOODBYE_TIMEOUT):
                     try:
-                        await stream.send_all(encode_frame(Goodbye(reason=_PLAINTEXT_REFUSAL)))
+                        await stream.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
         _logger.warning("refusing frontend %s: %s", peer, reason)
