@@ -527,9 +527,12 @@ def test_the_public_surface_is_pinned() -> None:
         "WorkerAddress",
         "WorkerAuthError",
         "WorkerMismatch",
+        "WorkerTLSError",
         "WorkerUnreachable",
         "add_parser",
+        "client_context",
         "serve_worker",
+        "server_context",
     ]
     frame_names = {
         "MAX_FRAME_SIZE",

@@ -12,6 +12,7 @@ or in the kind's own package), or one call to `register_engine_kind` from the ap
 from __future__ import annotations
 
 import importlib
+import ssl
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,9 @@ class EngineContext:
     #: ``heartbeat_timeout`` seconds is dead (docs/wire-protocol.md#heartbeat).
     heartbeat_interval: float | None = 2.0
     heartbeat_timeout: float = 10.0
+    #: TLS toward ``interlock worker --tls-cert-file`` workers (``"remote"`` kind; an
+    #: `ssl.SSLContext`, from `interlock.engines.remote.client_context`; None: plain TCP).
+    worker_tls: ssl.SSLContext | None = attrs.field(default=None, repr=False)
     tokenizer_fingerprint: str | None = attrs.field(
         init=False, default=attrs.Factory(_fingerprint, takes_self=True)
     )

@@ -14,7 +14,7 @@ from ._record import BadRecord, WorkerRecord
 def build_remote(record: WorkerRecord, context: EngineContext) -> Engine:
     """``"remote"``: a `RemoteEngine` for the ``interlock worker`` at the record's ``host``
     and ``port``, which checks the worker's block size and tokenizer against the context's,
-    with the context's heartbeat and worker secret.
+    with the context's heartbeat, worker secret and worker TLS.
 
     Raises:
         BadRecord: the record has no ``host`` or ``port``.
@@ -40,6 +40,7 @@ def build_remote(record: WorkerRecord, context: EngineContext) -> Engine:
         heartbeat_interval=context.heartbeat_interval,
         heartbeat_timeout=context.heartbeat_timeout,
         worker_secret=context.worker_secret,
+        tls=context.worker_tls,
     )
 
 

@@ -13,6 +13,7 @@ import argparse
 import functools
 import os
 import signal
+import ssl
 import sys
 import threading
 import urllib.error
@@ -51,6 +52,7 @@ from ..engines.mock import mock_token_pool as mock_token_pool  # re-exported, as
 from ..engines.openai import KvEventFeed
 from ..engines.remote import RemoteEngine, TokenizerMismatch, WorkerMismatch, WorkerUnreachable
 from ..engines.remote._auth import SECRET_ENV, load_secret
+from ..engines.remote._tls import client_context
 from ..processing import (
     ByteTokenizer,
     ChatTemplateError,
@@ -187,6 +189,9 @@ class ServeSetup:
     #: ``--worker-heartbeat-interval`` / ``--worker-heartbeat-timeout``.
     worker_heartbeat_interval: float = 2.0
     worker_heartbeat_timeout: float = 10.0
+    #: ``--worker-tls`` (with ``--worker-ca-file`` ...): TLS toward every remote worker
+    #: (None: plain TCP).
+    worker_tls: ssl.SSLContext | None = attrs.field(default=None, repr=False)
     #: The keys clients must send (``--api-key`` ...; none: no key needed), and where they
     #: came from, for the banner.
     api_keys: ApiKeys = attrs.field(factory=ApiKeys)
@@ -224,6 +229,7 @@ class ServeSetup:
             worker_secret=self.worker_secret,
             heartbeat_interval=self.worker_heartbeat_interval,
             heartbeat_timeout=self.worker_heartbeat_timeout,
+            worker_tls=self.worker_tls,
         )
 
     def components(self, metrics: HttpMetrics, *, kv_events: Any = None) -> Components:
@@ -286,6 +292,7 @@ class ServeSetup:
                 heartbeat_interval=self.worker_heartbeat_interval,
                 heartbeat_timeout=self.worker_heartbeat_timeout,
                 worker_secret=self.worker_secret,
+                tls=self.worker_tls,
             )
             (prefill if remote.role == "prefill" else workers).append(engine)
         context = self.engine_context(kv_events)
@@ -493,6 +500,33 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         f"bytes; or {SECRET_ENV} holding the secret itself): this frontend proves it knows it "
         "without sending it, and refuses workers that cannot prove the same "
         "(docs/wire-protocol.md#authentication)",
+    )
+    workers.add_argument(
+        "--worker-tls",
+        action="store_true",
+        help="speak TLS to every remote worker (--remote-worker and etcd's; they run with "
+        "--tls-cert-file), checking that each certificate names the worker's host "
+        "(docs/wire-protocol.md#tls)",
+    )
+    workers.add_argument(
+        "--worker-ca-file",
+        metavar="PATH",
+        default=None,
+        help="with --worker-tls: trust the workers' certificates this PEM CA signed "
+        "(default: the system's CAs)",
+    )
+    workers.add_argument(
+        "--worker-cert-file",
+        metavar="PATH",
+        default=None,
+        help="with --worker-tls: show this PEM certificate to the workers (mutual TLS, for "
+        "workers with --tls-client-ca-file); needs --worker-key-file",
+    )
+    workers.add_argument(
+        "--worker-key-file",
+        metavar="PATH",
+        default=None,
+        help="the PEM private key of --worker-cert-file",
     )
     workers.add_argument(
         "--worker-heartbeat-interval",
@@ -794,6 +828,27 @@ def resolve_api_keys(
     return found[0], found[1], tuple(sources)
 
 
+def _worker_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context toward remote workers from ``--worker-tls`` and its files (None: no
+    TLS). Reads the files.
+
+    Raises:
+        ConfigError: a file flag without ``--worker-tls``, only one of ``--worker-cert-file``
+            and ``--worker-key-file``, or a file that cannot be read (naming the flag).
+    """
+    files = {
+        "--worker-ca-file": getattr(args, "worker_ca_file", None),
+        "--worker-cert-file": getattr(args, "worker_cert_file", None),
+        "--worker-key-file": getattr(args, "worker_key_file", None),
+    }
+    if not getattr(args, "worker_tls", False):
+        given = [flag for flag, value in files.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} needs --worker-tls (TLS toward the workers)")
+        return None
+    return client_context(*files.values())
+
+
 def resolve(args: argparse.Namespace) -> ServeSetup:
     """Everything the command needs, checked before anything starts (reads the tokenizer and
     config files; connects to nothing: remote workers are reached when the pipeline starts).
@@ -865,6 +920,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             "unanswered before a worker counts as dead)"
         )
     worker_secret = load_secret(args.worker_secret_file, flag="--worker-secret-file")
+    worker_tls = _worker_tls(args)
     ordinary_keys, trusted_keys, key_sources = resolve_api_keys(args)
     metrics_port: int | None = getattr(args, "metrics_port", None)
     metrics_host: str | None = getattr(args, "metrics_host", None)
@@ -924,6 +980,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         engine_connect_timeout=args.engine_connect_timeout,
         drain_timeout=args.drain_timeout,
         worker_secret=worker_secret,
+        worker_tls=worker_tls,
         worker_heartbeat_interval=heartbeat[0],
         worker_heartbeat_timeout=heartbeat[1],
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),

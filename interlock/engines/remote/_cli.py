@@ -20,6 +20,7 @@ import logging
 import math
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,7 @@ from ..mock import (
 )
 from ._auth import SECRET_ENV, load_secret
 from ._server import WorkerAddress, WorkerDrain, serve_worker
+from ._tls import check_pair, server_context
 
 _logger = logging.getLogger("interlock.engines.remote")
 
@@ -68,7 +70,8 @@ examples:
   interlock worker --id 6 --openai-port 8100 --block-size 32 --tokenizer builtin \
       --kv-events-endpoint tcp://127.0.0.1:5557 --kv-events-replay 'tcp://127.0.0.1:*'
   interlock worker --id 7 --openai-port 0 --fault 'eof:after=5,times=1'   # a vLLM that dies
-  interlock worker --id 8 --host 0.0.0.0 --port 7008 --secret-file /etc/interlock/secret
+  interlock worker --id 8 --host 0.0.0.0 --port 7008 --secret-file /etc/interlock/secret \\
+      --tls-cert-file /etc/interlock/worker.pem --tls-key-file /etc/interlock/worker.key
 """
 
 
@@ -247,11 +250,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--worker-secret-file. The secret never crosses the wire (docs/wire-protocol.md)",
     )
     parser.add_argument(
+        "--tls-cert-file",
+        metavar="PATH",
+        default=None,
+        help="speak TLS to every frontend, with this PEM certificate (chain); needs "
+        "--tls-key-file. Frontends then need --worker-tls (docs/wire-protocol.md#tls)",
+    )
+    parser.add_argument(
+        "--tls-key-file",
+        metavar="PATH",
+        default=None,
+        help="the PEM private key of --tls-cert-file",
+    )
+    parser.add_argument(
+        "--tls-client-ca-file",
+        metavar="PATH",
+        default=None,
+        help="with TLS: serve only frontends showing a certificate this PEM CA signed "
+        "(mutual TLS; frontends give --worker-cert-file/--worker-key-file)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
         help="log to stderr at this level (default info)",
     )
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The worker's TLS context from ``--tls-*`` (None: no TLS). Reads the files.
+
+    Raises:
+        ConfigError: only one of ``--tls-cert-file``/``--tls-key-file``,
+            ``--tls-client-ca-file`` without them, or an unreadable file (naming the flag).
+    """
+    cert = getattr(args, "tls_cert_file", None)
+    key = getattr(args, "tls_key_file", None)
+    client_ca = getattr(args, "tls_client_ca_file", None)
+    check_pair(cert, key, "--tls-cert-file", "--tls-key-file")
+    if cert is None:
+        if client_ca is not None:
+            raise ConfigError(
+                "--tls-client-ca-file needs --tls-cert-file and --tls-key-file (client "
+                "certificates are checked only over TLS)"
+            )
+        return None
+    return server_context(cert, key, client_ca)
 
 
 def load_worker_tokenizer(spec: str) -> Tokenizer:
@@ -317,6 +361,7 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         surface = _surface(args)
         secret = load_secret(getattr(args, "secret_file", None), flag="--secret-file")
+        tls = _tls_context(args)
     except ConfigError as exc:
         print(f"interlock worker: {exc}", file=sys.stderr)
         return 2
@@ -348,6 +393,7 @@ def run_worker(args: argparse.Namespace) -> int:
             surface,
             secret,
             drain_timeout=args.drain_timeout,
+            tls=tls,
         )
     )
     if isinstance(error, EtcdError):
@@ -457,6 +503,7 @@ async def _serve_until_signalled(
     secret: bytes | None = None,
     *,
     drain_timeout: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> OSError | EtcdError | zmq.ZMQError | None:
     drain = WorkerDrain()
     registered = trio.CancelScope()
@@ -465,7 +512,9 @@ async def _serve_until_signalled(
         async with trio.open_nursery() as nursery:
             try:
                 address: WorkerAddress = await nursery.start(
-                    functools.partial(serve_worker, engine, host, port, drain=drain, secret=secret)
+                    functools.partial(
+                        serve_worker, engine, host, port, drain=drain, secret=secret, tls=tls
+                    )
                 )
             except OSError as exc:
                 return exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -58,6 +59,7 @@ from ._auth import (
     worker_proof,
 )
 from ._connection import FrameConnection, set_keepalive
+from ._tls import FRONTEND_FLAGS, NOT_TLS, WorkerTLSError, ssl_failure, wrap
 
 _logger = logging.getLogger("interlock.engines.remote")
 
@@ -176,6 +178,10 @@ class RemoteEngine:
     ``worker_secret`` (bytes or text, at least 16 bytes): the shared secret of workers
     started with one (``interlock worker --secret-file``). The engine proves it knows it
     without sending it, and refuses a worker that cannot prove the same (`WorkerAuthError`).
+    ``tls`` (an `ssl.SSLContext`, e.g. `interlock.engines.remote.client_context`): speak
+    TLS to the worker (``interlock worker --tls-cert-file``), checking its certificate names
+    ``host``; the heartbeat and the secret's handshake run inside it. A TLS failure (a
+    certificate the context does not trust, a worker without TLS) raises `WorkerTLSError`.
     ``open_connection(host, port)`` opens the byte stream to the worker (default: TCP).
     """
 
@@ -198,6 +204,7 @@ class RemoteEngine:
         heartbeat_interval: float | None = 2.0,
         heartbeat_timeout: float = 10.0,
         worker_secret: bytes | str | None = None,
+        tls: ssl.SSLContext | None = None,
         open_connection: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
     ) -> None:
         if heartbeat_interval is not None and not 0 < heartbeat_interval < heartbeat_timeout:
@@ -233,6 +240,7 @@ class RemoteEngine:
         self.heartbeat_timeout = heartbeat_timeout
         self._secret = None if worker_secret is None else check_secret(worker_secret)
         self._open_connection = open_connection or _open_tcp
+        self._tls = tls
         #: What the worker reported in its last handshake (None before the first).
         self.capacity: WorkerCapacity | None = None
         #: Connections made (1 after the first handshake, +1 per reconnection).
@@ -330,6 +338,7 @@ class RemoteEngine:
         Raises:
             WorkerMismatch: the first worker to answer is not the one configured.
             WorkerUnreachable: no handshake within ``connect_timeout``.
+            WorkerAuthError: the secrets differ (`WorkerTLSError`: TLS failed).
             ProtocolError: the first peer to answer does not speak a common protocol version
                 (or is not an interlock worker).
         """
@@ -386,6 +395,8 @@ class RemoteEngine:
     async def _connect_once(self) -> _Link:
         with trio.fail_after(self.handshake_timeout):
             stream = await self._open_connection(self.host, self.port)
+            if self._tls is not None:
+                stream = await self._start_tls(stream)
             conn = FrameConnection(
                 stream, f"worker {self.address}", max_frame_size=self.max_frame_size
             )
@@ -413,6 +424,14 @@ class RemoteEngine:
                         "not prove it knows the secret itself (its welcome carries no valid "
                         "proof): it is not the worker the frontend trusts"
                     )
+            except trio.BrokenResourceError as exc:
+                await conn.aclose()
+                # With TLS 1.3 the worker checks the frontend's certificate after the
+                # handshake: its refusal arrives as the answer to hello.
+                failure = ssl_failure(exc) if self._tls is not None else None
+                if failure is None or isinstance(failure, ssl.SSLEOFError):
+                    raise
+                raise self._tls_error(failure) from exc
             except BaseException:
                 await conn.aclose()
                 raise
@@ -421,6 +440,50 @@ class RemoteEngine:
         self.capacity = welcome.capacity
         self._worker_registered = welcome.registered
         return link
+
+    async def _start_tls(self, stream: trio.abc.Stream) -> trio.abc.Stream:
+        """``stream`` inside TLS, handshake done.
+
+        Raises:
+            WorkerTLSError: the handshake failed (what the worker sent is not TLS, or its
+                certificate is not trusted or does not name ``host``).
+            trio.BrokenResourceError: the connection closed during the handshake.
+        """
+        assert self._tls is not None
+        secured = wrap(stream, self._tls, server_hostname=self.host)
+        try:
+            await secured.do_handshake()
+        except BaseException as exc:
+            await trio.aclose_forcefully(stream)
+            failure = ssl_failure(exc)
+            if failure is None or isinstance(failure, ssl.SSLEOFError):
+                raise
+            raise self._tls_error(failure) from exc
+        return secured
+
+    def _tls_error(self, failure: ssl.SSLError) -> WorkerTLSError:
+        where = f"worker {self.instance_id} at {self.address}"
+        if isinstance(failure, ssl.SSLCertVerificationError):
+            hint = (
+                f"its certificate is not one this frontend trusts ({failure.verify_message}): "
+                "give --worker-ca-file with the CA that signed it, and make sure the "
+                f"certificate names {self.host!r} (an IP address needs an IP SAN)"
+            )
+        elif failure.reason in NOT_TLS:
+            hint = (
+                "it does not answer in TLS: start the worker with --tls-cert-file and "
+                "--tls-key-file, or drop --worker-tls"
+            )
+        elif "CERTIFICATE_REQUIRED" in str(failure.reason) or "HANDSHAKE_FAILURE" in str(
+            failure.reason
+        ):
+            hint = (
+                "the worker requires a client certificate (--tls-client-ca-file): give "
+                "--worker-cert-file and --worker-key-file, signed by that CA"
+            )
+        else:
+            hint = f"check {FRONTEND_FLAGS} against the worker's --tls-* flags"
+        return WorkerTLSError(f"TLS with {where} failed ({failure.reason or failure}): {hint}")
 
     async def _authenticate(self, conn: FrameConnection, challenge: Challenge) -> tuple[Any, bytes]:
         """Answer the worker's challenge; return its next frame (the welcome, if it accepted

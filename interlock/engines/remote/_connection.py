@@ -42,7 +42,9 @@ KEEPALIVE_COUNT = 3
 def set_keepalive(stream: trio.abc.Stream) -> None:
     """Turn on TCP keepalive for ``stream``'s socket (`KEEPALIVE_IDLE` and friends, where the
     platform has the options); nothing for a stream that is not a socket (tests' in-memory
-    streams)."""
+    streams). A TLS stream's is its transport's socket."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     if not isinstance(stream, trio.SocketStream):
         return
     stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 import attrs
@@ -38,8 +39,14 @@ from ...wire._frames import (
 from .._protocol import Engine
 from ._auth import NONCE_BYTES, check_secret, frontend_proof, new_nonce, proofs_match, worker_proof
 from ._connection import GOODBYE_TIMEOUT, FrameConnection, set_keepalive
+from ._tls import NOT_TLS, ssl_failure, wrap
 
 _logger = logging.getLogger("interlock.engines.remote")
+
+_PLAINTEXT_REFUSAL = (
+    "this worker speaks only TLS (it runs with --tls-cert-file): give the frontend "
+    "--worker-tls, and --worker-ca-file with the CA that signed the worker's certificate"
+)
 
 
 @attrs.frozen
@@ -114,6 +121,7 @@ async def serve_worker(
     max_frame_size: int = MAX_FRAME_SIZE,
     drain: WorkerDrain | None = None,
     secret: bytes | str | None = None,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[WorkerAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``engine`` and serve it to frontends (`RemoteEngine`) on ``host:port`` until
@@ -127,7 +135,11 @@ async def serve_worker(
     logged; the others carry on. ``drain`` (a `WorkerDrain`) counts the streams and, once
     started, refuses new ones. With a ``secret`` (at least 16 bytes), only a frontend that
     proves it knows the same secret gets a welcome (docs/wire-protocol.md); the others get a
-    `Goodbye` saying why. Every accepted socket has TCP keepalive on.
+    `Goodbye` saying why. With ``tls`` (a server context, from
+    `interlock.engines.remote.server_context`), every connection is TLS: a client whose TLS
+    handshake fails (or does not finish within ``handshake_timeout``) is logged and
+    disconnected, and the secret's handshake, if any, runs inside TLS. Every accepted
+    socket has TCP keepalive on.
 
     Raises:
         OSError: cannot listen on ``host:port``.
@@ -138,6 +150,7 @@ async def serve_worker(
         handshake_timeout=handshake_timeout,
         max_frame_size=max_frame_size,
         secret=None if secret is None else check_secret(secret),
+        tls=tls,
     )
     hub.drain = drain if drain is not None else WorkerDrain()
     hub.drain._hub = hub
@@ -179,11 +192,13 @@ class _Hub:
         handshake_timeout: float,
         max_frame_size: int,
         secret: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.engine = engine
         self.handshake_timeout = handshake_timeout
         self.max_frame_size = max_frame_size
         self.secret = secret
+        self.tls = tls
         self.sessions: set[_Session] = set()
         self.drain = WorkerDrain()
 
@@ -218,6 +233,17 @@ class _Hub:
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         peer = _peer_name(stream)
         set_keepalive(stream)
+        if self.tls is not None:
+            try:
+                secured = await self._tls_handshake(stream, peer)
+            except Exception:
+                # As below: a bug here must cost one connection, not the worker.
+                _logger.exception("closing the connection of frontend %s after an error", peer)
+                secured = None
+            if secured is None:
+                await trio.aclose_forcefully(stream)
+                return
+            stream = secured
         conn = FrameConnection(stream, f"frontend {peer}", max_frame_size=self.max_frame_size)
         try:
             accepted = await self._handshake(conn)
@@ -244,6 +270,42 @@ class _Hub:
             _logger.exception("closing the connection of frontend %s after an error", peer)
         finally:
             await conn.aclose()
+
+    async def _tls_handshake(
+        self, stream: trio.abc.Stream, peer: str
+    ) -> trio.SSLStream[trio.abc.Stream] | None:
+        """``stream`` inside TLS, handshake done; None (the reason logged, the socket closed)
+        when the client's handshake fails or takes more than ``handshake_timeout``."""
+        assert self.tls is not None
+        secured = wrap(stream, self.tls)
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                await secured.do_handshake()
+            return secured
+        except trio.TooSlowError:
+            reason = f"no TLS handshake within {self.handshake_timeout}s"
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            failure = ssl_failure(exc)
+            reason = f"TLS handshake failed: {failure or exc or 'the connection closed'}"
+            if failure is not None and failure.reason in NOT_TLS:
+                reason += " (the frontend does not speak TLS: it needs --worker-tls)"
+                # Tell it why in the frames it reads, instead of leaving it to retry a
+                # silently closed connection.
+                data = encode_frame(Goodbye(reason=_PLAINTEXT_REFUSAL))
+            else:
+                # trio leaves the TLS alert saying why (e.g. "certificate required") unsent
+                # when the handshake fails: send it, so that the frontend can say why too.
+                alert = getattr(secured, "_outgoing", None)
+                data = alert.read() if isinstance(alert, ssl.MemoryBIO) else b""
+            if data:
+                with trio.move_on_after(GOODBYE_TIMEOUT):
+                    try:
+                        await stream.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+        _logger.warning("refusing frontend %s: %s", peer, reason)
+        await trio.aclose_forcefully(stream)
+        return None
 
     async def _handshake(self, conn: FrameConnection) -> tuple[Hello, int, bytes | None] | None:
         """The frontend's hello, the version chosen (the highest both speak) and, with a
