@@ -315,6 +315,44 @@ async def test_a_client_that_leaves_aborts_its_request_and_frees_the_slot() -> N
     assert server.stats.finished["abort"] == 1
 
 
+async def test_a_client_gone_mid_stream_is_no_error_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A zero-time engine writes as fast as it can when the client leaves: whether the server
+    # notices on its watch or in the middle of a write, it takes it quietly.
+    async with mock_vllm() as (server, client):
+        for _ in range(5):
+            request = {"prompt": PROMPT, "max_tokens": 20_000, "stream": True}
+            async with client.stream("POST", "/v1/completions", json=request) as response:
+                lines = response.aiter_lines()
+                await next_events(lines, 2)
+            await wait_until(lambda: server.engine.active_requests == 0)
+        assert (await client.get("/health")).status_code == 200
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_a_handler_that_loses_its_client_ends_the_connection_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What a send to a client that has gone raises inside the handler: it passes through the
+    # nursery that watches the client, and must not be taken for the handler's own bug.
+    import h11
+    from trio.testing import memory_stream_pair
+
+    from interlock.engines.mock._h11 import ConnectionLost, HttpRequest, HttpResponder, _handle
+
+    async def handler(request: HttpRequest, responder: HttpResponder) -> None:
+        raise ConnectionLost("the client went away")
+
+    server, _client = memory_stream_pair()
+    conn = h11.Connection(h11.SERVER)
+    request = HttpRequest("POST", "/v1/completions", "", {}, b"{}")
+    reusable = await _handle(handler, request, HttpResponder(server, conn), server, conn)  # type: ignore[arg-type]
+    assert reusable is False
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
 #: (body, status, error type, param): what vLLM 0.32 answers (measured against the engine
 #: tier; tests/engines/test_mock_matches_vllm.py keeps the two in step). "Bad Request" with
 #: "body.<field>" is FastAPI's schema validation; "BadRequestError" is vLLM's own checks.

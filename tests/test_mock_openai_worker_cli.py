@@ -5,6 +5,7 @@ the command line. End to end, in a real subprocess."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,20 @@ def test_flags_that_do_not_fit_are_refused_with_what_to_change(
     # Refused before anything listens, so the command runs in-process.
     assert worker_main(["--id", "1", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_openai_port_in_use_is_a_one_line_error_not_a_traceback() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*WORKER, "--id", "1", "--port", "0", "--zero-time", "--openai-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:0 (and --openai-port {port})" in done.stderr
+    assert "Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -148,17 +148,22 @@ async def serve_h11(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
+    listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``handler`` on ``host:port`` until cancelled.
+    """Serve ``handler`` on ``host:port`` (or on ``listeners`` already open) until cancelled.
 
     Use with ``await nursery.start(serve_h11, handler, host, port)``, which returns the bound
-    ``(host, port)`` once listening (``port=0`` lets the OS choose).
+    ``(host, port)`` once listening (``port=0`` lets the OS choose). A caller that runs this in
+    a nursery of its own and documents OSError opens the listeners itself first
+    (`trio.open_tcp_listeners`), so that a port in use reaches its caller as an OSError, not
+    inside an exception group.
 
     Raises:
         OSError: the address cannot be bound.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
 
     async def connection(stream: trio.SocketStream) -> None:
@@ -282,15 +287,18 @@ async def _handle(
             # A pipelined next request: h11 keeps it for the next cycle.
             conn.receive_data(data)
 
+    lost = False
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch, nursery.cancel_scope)
             try:
                 await handler(request, responder)
+            except ConnectionLost:
+                # Caught here: raised through the nursery it would arrive as an exception
+                # group, and be logged as an unhandled error of the handler.
+                lost = True
             finally:
                 nursery.cancel_scope.cancel()
-    except ConnectionLost:
-        return False
     except Exception:
         _logger.exception("unhandled error in %s %s", request.method, request.path)
         if responder.started or responder.closed:
@@ -304,7 +312,7 @@ async def _handle(
         except ConnectionLost:
             return False
         return False
-    return not gone and not responder.closed
+    return not lost and not gone and not responder.closed
 
 
 async def _refuse(stream: trio.SocketStream, conn: h11.Connection, status: int, text: str) -> None:

@@ -1192,6 +1192,8 @@ async def serve_mock_openai(
         zmq.ZMQError: a KV event endpoint is malformed or cannot be bound.
     """
     server = MockOpenAIServer(engine, model=model, faults=faults, advertise_host=advertise_host)
+    # Before the nursery, so that a port in use is an OSError, not an exception group.
+    listeners = await trio.open_tcp_listeners(port, host=host)
     async with trio.open_nursery() as nursery:
         if kv_events_endpoint is not None:
             server.kv_publisher = await nursery.start(
@@ -1205,6 +1207,8 @@ async def serve_mock_openai(
             )
         if run_engine:
             await nursery.start(engine.run)
-        server.host, server.port = await nursery.start(serve_h11, server.handle, host, port)
+        server.host, server.port = await nursery.start(
+            functools.partial(serve_h11, server.handle, listeners=listeners)
+        )
         _logger.info("worker %d: vLLM-compatible HTTP on %s", engine.instance_id, server.url)
         task_status.started(server)
