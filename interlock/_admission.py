@@ -7,16 +7,15 @@ Waiters are served highest priority first, then oldest first (GAIE's InferenceOb
 ordering); a negative priority is sheddable: it never waits. The queue is bounded: past its
 limit, `Overloaded` (HTTP 429 with Retry-After) answers at once.
 
-A waiter is woken when a request ends (a slot may be free) or a worker joins, and asks the
-Router again; it also asks every `RECHECK` seconds, since an engine that reports its own queue
-(an OpenAI-compatible server's /metrics) frees room without any request of ours ending.
+A waiter is woken when a request ends (a slot may be free), and asks the Router again; it
+also asks every `RECHECK` seconds, since a worker that joins, or an engine that reports its own
+queue (an OpenAI-compatible server's /metrics), makes room without any request of ours ending.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-import math
 
 import trio
 
@@ -76,8 +75,8 @@ class AdmissionQueue:
         return ticket
 
     def leave(self, ticket: _Ticket) -> None:
-        """Take ``ticket`` out (it got a slot, failed or was cancelled); passes a wake-up it
-        did not use on to the next waiter."""
+        """Take ``ticket`` out (it got a slot, failed or was cancelled). The caller then
+        `wake`s the next in line: a slot this one did not use may be free."""
         index = bisect.bisect_left(self._waiting, ticket)
         if index < len(self._waiting) and self._waiting[index] is ticket:
             del self._waiting[index]
@@ -97,11 +96,6 @@ class AdmissionQueue:
         if self._waiting:
             self._waiting[0].event.set()
 
-    def wake_all(self) -> None:
-        """Membership changed: every waiter checks again."""
-        for ticket in self._waiting:
-            ticket.event.set()
-
     def newcomer_must_wait(self) -> bool:
         """Whether a request just arriving must queue behind others rather than take a slot
         first (it must while anyone waits: first come, first served within a priority)."""
@@ -115,5 +109,5 @@ def default_queue_limit(slots: list[int | None]) -> int:
     A quarter keeps a queued request's wait under about a quarter of a request's time in a
     full batch, so admitted requests stay within twice the unloaded p99 at any load
     (benchmarks/bench_overload.py: half the slots gave 2.03x)."""
-    total = sum(64 if s is None or s <= 0 or math.isinf(s) else s for s in slots)
+    total = sum(s if s else 64 for s in slots)
     return max(8, total // 4)
