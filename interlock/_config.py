@@ -38,6 +38,7 @@ SERVER_KEYS: dict[str, type] = {
     "api_key_file": str,
     "trusted_api_keys": list,
     "trusted_api_key_file": str,
+    "processes": int,
 }
 
 Preprocessing = Literal["frontend", "engine"]
@@ -435,9 +436,9 @@ class PipelineConfig:
     @staticmethod
     def server_table(path: str | os.PathLike[str]) -> dict[str, Any]:
         """The ``[server]`` table of a TOML configuration file (empty when it has none): the
-        HTTP server's API keys, under the names of their flags (``api_keys``,
-        ``api_key_file``, ``trusted_api_keys``, ``trusted_api_key_file``). Values are checked
-        by the commands that use them.
+        HTTP server's API keys and process count, under the names of their flags
+        (``api_keys``, ``api_key_file``, ``trusted_api_keys``, ``trusted_api_key_file``,
+        ``processes``). Values are checked by the commands that use them.
 
         Raises:
             ConfigError: the file cannot be read, or the table holds an unknown key or a value of
@@ -477,7 +478,7 @@ _COMMAND_TABLES = frozenset({WORKERS_TABLE, SERVER_TABLE})
 
 def _command_table(p: Path, name: str, keys: dict[str, type]) -> dict[str, Any]:
     """The table ``name`` of the TOML file at ``p``, its keys and their types checked against
-    ``keys`` (each a string or a list of strings)."""
+    ``keys`` (each a string, a list of strings or a whole number)."""
     table = _read_toml(p).get(name, {})
     if not isinstance(table, dict):
         raise ConfigError(f"{p}: [{name}] must be a table")
@@ -489,13 +490,14 @@ def _command_table(p: Path, name: str, keys: dict[str, type]) -> dict[str, Any]:
             raise ConfigError(
                 f"{p}: unknown key {key!r} in [{name}]{suggestion} (the keys are {', '.join(keys)})"
             )
-        ok = (
-            isinstance(value, list) and all(isinstance(item, str) for item in value)
-            if kind is list
-            else isinstance(value, str)
-        )
+        if kind is list:
+            ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
         if not ok:
-            what = "a list of strings" if kind is list else "a string"
+            what = {list: "a list of strings", int: "a whole number"}.get(kind, "a string")
             raise ConfigError(f"{p}: [{name}] {key} must be {what}, got {value!r}")
     return dict(table)
 

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # What `interlock serve --processes N` starts its children with.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return int(args.run(args))
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import shutil
 import signal
+import socket
 import ssl
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -24,6 +28,7 @@ from typing import Any
 
 import attrs
 import trio
+from hypercorn.config import Config as HypercornConfig
 
 from .._argtypes import non_negative_float
 from .._config import PipelineConfig, knob_names, parse_knob_text
@@ -49,7 +54,8 @@ from ..engines import ROLES, Engine, EngineContext, Role, engine_from_record
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
 from ..engines.mock import MockEngine, MockTiming
 from ..engines.mock import mock_token_pool as mock_token_pool  # re-exported, as MOCK_TEXT
-from ..engines.openai import KvEventFeed
+from ..engines.openai import KvEventFeed, KvFeedBindError
+from ..engines.openai._kv_feed import KvEventRelay
 from ..engines.remote import RemoteEngine, TokenizerMismatch, WorkerMismatch, WorkerUnreachable
 from ..engines.remote._auth import SECRET_ENV, load_secret
 from ..engines.remote._tls import client_context
@@ -73,6 +79,14 @@ from ._auth import (
 from ._drain import Drain
 from ._metrics import HttpMetrics
 from ._preprocess import Preprocessor
+from ._processes import (
+    CHILD_FLAG,
+    ChildSpec,
+    Supervisor,
+    share_of,
+    signal_when_supervisor_exits,
+    with_process_header,
+)
 from ._serve import serve_http
 from ._tracing import configure_otlp
 
@@ -201,6 +215,10 @@ class ServeSetup:
     metrics_port: int | None = None
     #: ``--drain-timeout``: seconds the requests in flight get after SIGTERM.
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    #: ``--processes``: frontend processes sharing the port (1: this process serves).
+    processes: int = 1
+    #: In one of those processes: what its supervisor told it (None: not a child).
+    process: ChildSpec | None = None
 
     @property
     def etcd_url(self) -> str | None:
@@ -374,6 +392,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     server.add_argument("--port", type=int, default=8000, help="port to listen on (8000; 0 = any)")
     server.add_argument("--model-name", default="mock", help="the model name clients use (mock)")
+    server.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve with N frontend processes on the one port, each with its own router fed "
+        "by the same workers, under a supervisor that starts a dead one again (1; or "
+        "[server] processes in --config); needs workers outside the process (--remote-worker, "
+        "--engine or --etcd) and Linux (docs/operations.md#several-frontend-processes)",
+    )
+    server.add_argument(CHILD_FLAG, dest="process_child", default=None, help=argparse.SUPPRESS)
     server.add_argument(
         "--max-model-len",
         type=int,
@@ -934,6 +963,17 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
     ):
         if not seconds > 0:
             raise ConfigError(f"{flag} must be a positive number of seconds, got {seconds}")
+    processes, child = _resolve_processes(
+        args, workers=workers, prefill_workers=args.prefill_workers
+    )
+    if child is not None:
+        # The limits are meant for the frontend as a whole: each process takes its share.
+        config = config.evolve(
+            max_inflight_per_worker=share_of(config.max_inflight_per_worker, processes),
+            max_queued_requests=share_of(config.max_queued_requests, processes),
+        ).validate()
+        if metrics_port:
+            metrics_port += child.index
     factory = None
     if args.selection_policy is not None:
         what = f"--selection-policy {args.selection_policy!r}"
@@ -990,7 +1030,52 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         api_key_sources=key_sources,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        processes=processes,
+        process=child,
     )
+
+
+def _resolve_processes(
+    args: argparse.Namespace, *, workers: int, prefill_workers: int
+) -> tuple[int, ChildSpec | None]:
+    """``--processes`` (else ``[server] processes`` in ``--config``, else 1) and, in a child
+    process, its `ChildSpec`.
+
+    Raises:
+        ConfigError: fewer than 1 process, or several with in-process mock workers, with
+            ``--once``, or off Linux (the message names the flags and what to do).
+    """
+    flag: int | None = getattr(args, "processes", None)
+    config_file = getattr(args, "config", None)
+    table = PipelineConfig.server_table(config_file) if config_file and flag is None else {}
+    processes: int = flag if flag is not None else table.get("processes", 1)
+    where = "--processes" if flag is not None else f"{config_file} [server] processes ="
+    if processes < 1:
+        raise ConfigError(f"{where} must be at least 1, got {processes}")
+    spec: str | None = getattr(args, "process_child", None)
+    if processes == 1:
+        if spec is not None:
+            raise ConfigError(f"{CHILD_FLAG} is internal to --processes N above 1: drop it")
+        return 1, None
+    if getattr(args, "once", None) is not None:
+        raise ConfigError(
+            f"{where} {processes} with --once: --once answers one request in this process; "
+            "drop --processes"
+        )
+    if workers or prefill_workers:
+        raise ConfigError(
+            f"{where} {processes} with in-process mock workers (--workers {workers}, "
+            f"--prefill-workers {prefill_workers}): each process would have mock workers of "
+            "its own, whose caches and loads the other processes never see; serve over "
+            "`interlock worker` processes (--remote-worker ID=HOST:PORT), --engine or --etcd "
+            "with --workers 0, or serve with --processes 1"
+        )
+    if not sys.platform.startswith("linux"):
+        raise ConfigError(
+            f"{where} {processes}: several frontend processes on one port need Linux; run "
+            "one interlock serve per port behind a load balancer instead (docs/deploying.md)"
+        )
+    return processes, None if spec is None else ChildSpec.parse(spec)
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -1080,6 +1165,8 @@ def _worker_failure(setup: ServeSetup, exc: BaseException) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         setup = resolve(args)
+        if setup.processes > 1 and setup.process is None:
+            return _supervise(args, setup)
         end_tracing = configure_otlp(getattr(args, "otlp_endpoint", None), os.environ)
     except (ConfigError, TokenizerError, ChatTemplateError) as exc:
         return _invalid(args.command, exc)
@@ -1110,6 +1197,69 @@ def _run(args: argparse.Namespace) -> int:
         if end_tracing is not None:
             end_tracing()  # flush the spans still batched
     return 0
+
+
+def _supervise(args: argparse.Namespace, setup: ServeSetup) -> int:
+    """``--processes N``: bind the port (and the KV-event relay), run N children of this
+    command line on it until a signal (`Supervisor`); the exit status."""
+    command = f"interlock {setup.command}"
+    config = HypercornConfig()
+    host, port = setup.host, setup.port
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    try:
+        listener = config.create_sockets().insecure_sockets[0]
+        listener.listen(_BACKLOG)
+    except OSError as exc:
+        print(f"{command}: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    relay: KvEventRelay | None = None
+    directory = tempfile.mkdtemp(prefix="interlock-kv-")
+    try:
+        if setup.kv_events_bind is not None:
+            try:
+                relay = KvEventRelay(setup.kv_events_bind, f"ipc://{directory}/relay")
+            except KvFeedBindError as exc:
+                print(f"{command}: {exc}", file=sys.stderr)
+                return 1
+            relay.start()
+        argv = getattr(args, "argv", None) or sys.argv[1:]
+        supervisor = Supervisor(
+            [sys.executable, "-m", "interlock", *argv],
+            setup.processes,
+            listener,
+            setup.command,
+            kv_relay=None if relay is None else relay.relay_endpoint,
+        )
+        code = trio.run(functools.partial(supervisor.run, describe=_processes_banner))
+    finally:
+        listener.close()
+        if relay is not None:
+            relay.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    print(f"{command}: all {setup.processes} processes exited", file=sys.stderr, flush=True)
+    return code
+
+
+def _processes_banner(reports: list[dict[str, Any]]) -> str:
+    """The first process's banner, with a line on all of them (and where each serves
+    /metrics, when not on the shared port)."""
+    lines: list[str] = reports[0]["banner"].splitlines()
+    at = next((i for i, line in enumerate(lines) if line == "  configuration:"), len(lines))
+    pids = ", ".join(str(r["pid"]) for r in reports)
+    extra = [
+        f"  processes    {len(reports)} (pids {pids}) accept on this one socket, each with its "
+        "own router; one that dies is started again"
+    ]
+    extra += [
+        f"  {'':<12} process {r['index']}: /metrics at {r['metrics_url']}/metrics"
+        for r in reports
+        if r.get("metrics_url")
+    ]
+    return "\n".join([*lines[:at], *extra, *lines[at:]])
+
+
+#: The listening socket's backlog (Hypercorn's, as `serve_http` sets it).
+_BACKLOG = 4096
 
 
 def _split(
@@ -1159,15 +1309,20 @@ async def serve_frontend(
             metrics_endpoint=setup.metrics_port is None,
         )
         drain: Drain = app.state.drain
+        child = setup.process
+        served = app if child is None else with_process_header(app, child.index)
+        # A child of --processes accepts on the socket its supervisor bound.
+        sock = None if child is None else socket.socket(fileno=child.listen_fd)
 
         async def serve_until_drained(*, task_status: trio.TaskStatus[str]) -> None:
             # Hypercorn stops once the drain is over: it closes its listener and its idle
             # keep-alive connections at once. Its own grace period is only a backstop: the
             # drain has ended or cut every request by then.
             await serve_http(
-                app,
+                served,
                 setup.host,
                 setup.port,
+                sock=sock,
                 shutdown_trigger=drain.wait_drained,
                 graceful_timeout=_HYPERCORN_GRACE,
                 header_timeout=setup.limits.request_read_timeout,
@@ -1185,9 +1340,13 @@ async def serve_frontend(
                     raise group.exceptions[0] from None
                 raise
             metrics_url = await _serve_metrics(nursery, setup, app)
-            print(banner(setup, url, discovered=discovered, metrics_url=metrics_url), flush=True)
+            text = banner(setup, url, discovered=discovered, metrics_url=metrics_url)
+            if child is None:
+                print(text, flush=True)
+            else:
+                _report_ready(child, url, metrics_url, text)
             warning = exposure_warning(setup.command, setup.host, setup.api_keys)
-            if warning is not None:
+            if warning is not None and (child is None or child.index == 0):
                 print(warning, file=sys.stderr, flush=True)
             task_status.started(url)
             if threading.current_thread() is threading.main_thread():
@@ -1198,6 +1357,20 @@ async def serve_frontend(
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def _report_ready(child: ChildSpec, url: str, metrics_url: str | None, text: str) -> None:
+    """Tell the supervisor this child listens (what it would have printed, as one JSON
+    object on its ready pipe, then closed)."""
+    report = {
+        "index": child.index,
+        "pid": os.getpid(),
+        "url": url,
+        "metrics_url": metrics_url,
+        "banner": text,
+    }
+    with open(child.ready_fd, "wb", closefd=True) as pipe:
+        pipe.write(json.dumps(report).encode())
 
 
 async def _serve_metrics(nursery: trio.Nursery, setup: ServeSetup, app: Any) -> str | None:
@@ -1237,6 +1410,9 @@ async def _drain_on_signals(drain: Drain, setup: ServeSetup) -> None:
     command = setup.command
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            if setup.process is not None:
+                # The receiver is open: the SIGTERM this sends is queued, never lost.
+                nursery.start_soon(signal_when_supervisor_exits, setup.process, command)
             async for number in signals:
                 name = signal.Signals(number).name
                 if not drain.draining:
@@ -1265,7 +1441,9 @@ async def _kv_event_feed(setup: ServeSetup) -> AsyncIterator[KvEventFeed | None]
     if setup.kv_events_bind is None:
         yield None
         return
-    feed = KvEventFeed(setup.kv_events_bind)
+    relay = None if setup.process is None else setup.process.kv_relay
+    # With --processes, the supervisor binds the endpoint and relays the events to each.
+    feed = KvEventFeed(setup.kv_events_bind if relay is None else relay, connect=relay is not None)
     async with trio.open_nursery() as nursery:
         await nursery.start(feed.run)
         try:

@@ -11,6 +11,7 @@ whose client has nothing to send, and a dripping client resets it with each byte
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final
@@ -44,6 +45,7 @@ async def serve_http(
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     max_header_bytes: int = 16 * 1024,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until cancelled (or ``shutdown_trigger`` returns).
@@ -58,7 +60,9 @@ async def serve_http(
     ``header_timeout``: a request head not complete this long after its first byte is
     answered 408 and its connection closed. ``write_timeout``: a client that takes no bytes of
     a response for this long is disconnected. ``max_header_bytes``: a larger request head is
-    answered 431 (h11's limit on an incomplete event).
+    answered 431 (h11's limit on an incomplete event). ``sock``: accept on this bound,
+    listening socket instead of binding ``host:port`` (``interlock serve --processes``: the
+    processes share one socket, and the kernel hands each connection to one of them).
 
     Raises:
         OSError: the address cannot be bound (in use, not local).
@@ -79,6 +83,7 @@ async def serve_http(
         config,
         partial(_GuardedTCPServer, header_timeout=header_timeout, write_timeout=write_timeout),
         shutdown_trigger=shutdown_trigger,
+        sock=sock,
         task_status=task_status,
     )
 
@@ -89,6 +94,7 @@ async def _worker_serve(
     connection: Callable[..., TCPServer],
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[str],
 ) -> None:
     # hypercorn.trio.run.worker_serve for plain-TCP binds, with our connection handler: its
@@ -101,13 +107,15 @@ async def _worker_serve(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
-            sockets = config.create_sockets()
+            bound = [sock] if sock is not None else config.create_sockets().insecure_sockets
             listeners = []
             binds = []
-            for sock in sockets.insecure_sockets:
-                sock.listen(config.backlog)
-                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            for listening in bound:
+                listening.listen(config.backlog)
+                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(listening)))
+                binds.append(
+                    f"http://{repr_socket_addr(listening.family, listening.getsockname())}"
+                )
             task_status.started(binds[0])
             handler = partial(
                 connection, app, config, context, ConnectionState(lifespan_state.copy())

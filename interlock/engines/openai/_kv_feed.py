@@ -12,7 +12,9 @@ section 6); there is no thread per engine, only the ZMQ context's own I/O thread
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -33,6 +35,7 @@ from .._zmq import recv_multipart
 __all__ = [
     "KvBatchHandler",
     "KvEventFeed",
+    "KvEventRelay",
     "KvFeedBindError",
     "KvFeedStats",
     "KvReplayFailed",
@@ -85,12 +88,17 @@ class KvEventFeed:
     from :attr:`endpoint` or from ``nursery.start(feed.run)``). ``hwm`` is the receive high-water
     mark in messages: past it ZMQ drops, which the mirrors see as gaps and replay.
 
+    With ``connect=True`` the SUB connects to ``endpoint`` instead of binding it: to a
+    publisher that forwards the engines' events (``interlock serve --processes``, where one
+    process binds and re-publishes them to the others).
+
     The feed owns a private ZMQ context, so that closing it releases the port before
     :meth:`run` returns (a shared context closes sockets in the background).
     """
 
-    def __init__(self, endpoint: str, *, hwm: int = 100_000) -> None:
+    def __init__(self, endpoint: str, *, hwm: int = 100_000, connect: bool = False) -> None:
         self._requested = endpoint
+        self._connect = connect
         self._hwm = hwm
         self._endpoint: str | None = None
         self._handlers: dict[bytes, KvBatchHandler] = {}
@@ -159,11 +167,15 @@ class KvEventFeed:
             socket.setsockopt(zmq.RCVHWM, self._hwm)
             socket.setsockopt(zmq.SUBSCRIBE, b"")
             try:
-                socket.bind(self._requested)
+                if self._connect:
+                    socket.connect(self._requested)
+                else:
+                    socket.bind(self._requested)
             except zmq.ZMQError as exc:
                 raise KvFeedBindError(_bind_advice(self._requested, exc)) from exc
             self._endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-            _logger.info("KV event feed bound to %s", self._endpoint)
+            verb = "connected to" if self._connect else "bound to"
+            _logger.info("KV event feed %s %s", verb, self._endpoint)
             task_status.started(self._endpoint)
             while True:
                 self._dispatch(await recv_multipart(socket))
@@ -281,3 +293,70 @@ async def replay_kv_batches(
         raise KvReplayFailed(f"replay from {replay_endpoint!r} failed: {exc}") from exc
     finally:
         socket.close(linger=0)
+
+
+class KvEventRelay:
+    """Binds the engines' KV-event endpoint once and re-publishes every message, unchanged, to
+    any number of `KvEventFeed`\\ s connected to :attr:`relay_endpoint` (``connect=True``).
+
+    A vLLM publishes its KV events to one endpoint only, so ``interlock serve --processes N``
+    binds ``--kv-events-bind`` in the supervising process, here, and its N frontend processes
+    each subscribe to the relay. It is a ZMQ XSUB/XPUB proxy on a daemon thread: subscriptions
+    travel up to the engines' PUB sockets as they would to a single frontend, and messages
+    travel down without being decoded. A process that connects late misses what was published
+    before it connected; its mirrors see the gap in the sequence numbers and replay it
+    (``--kv-replay``), as they do after any drop.
+    """
+
+    def __init__(self, endpoint: str, relay_endpoint: str, *, hwm: int = 100_000) -> None:
+        """Bind ``endpoint`` (where the engines connect) and ``relay_endpoint`` (where the
+        feeds connect); nothing is relayed until `start`.
+
+        Raises:
+            KvFeedBindError: either endpoint cannot be bound (the message says what to change).
+        """
+        self._context = zmq.Context()
+        self._sockets: list[zmq.Socket[Any]] = []
+        try:
+            for kind, address in ((zmq.XSUB, endpoint), (zmq.XPUB, relay_endpoint)):
+                socket = self._context.socket(kind)
+                self._sockets.append(socket)
+                socket.setsockopt(zmq.LINGER, 0)
+                socket.setsockopt(zmq.RCVHWM, hwm)
+                socket.setsockopt(zmq.SNDHWM, hwm)
+                try:
+                    socket.bind(address)
+                except zmq.ZMQError as exc:
+                    raise KvFeedBindError(_bind_advice(address, exc)) from exc
+        except BaseException:
+            self.close()
+            raise
+        self.endpoint = self._sockets[0].getsockopt_string(zmq.LAST_ENDPOINT)
+        self.relay_endpoint = self._sockets[1].getsockopt_string(zmq.LAST_ENDPOINT)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Relay on a daemon thread until `close`. Never blocks."""
+        self._thread = threading.Thread(target=self._relay, name="interlock-kv-relay", daemon=True)
+        self._thread.start()
+
+    def _relay(self) -> None:
+        try:
+            zmq.proxy(self._sockets[0], self._sockets[1])
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            for socket in self._sockets:
+                socket.close(linger=0)
+
+    def close(self) -> None:
+        """Stop relaying and release both endpoints; waits for the relay thread (a
+        millisecond). Idempotent."""
+        if self._thread is None:
+            for socket in self._sockets:
+                socket.close(linger=0)
+        # Terminating the context ends zmq.proxy on its thread, which closes the sockets;
+        # term() returns once they are closed.
+        self._context.term()
+        if self._thread is not None:
+            self._thread.join()
