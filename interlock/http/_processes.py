@@ -216,15 +216,18 @@ class Supervisor:
             )
         finally:
             os.close(write_fd)
+        if self._stopping.is_set():  # a signal came while the process was being started
+            child.process.send_signal(signal.SIGTERM)
         child.started_at = trio.current_time()
         child.ready = None
         received = b""
         async with trio.lowlevel.FdStream(read_fd) as pipe:
             while chunk := await pipe.receive_some(65536):
                 received += chunk
-        if not received:
+        try:
+            child.ready = json.loads(received)
+        except ValueError:  # nothing (it exited before listening), or cut short by its death
             return False
-        child.ready = json.loads(received)
         return True
 
     async def _start_first(self, child: _Child, failed: list[int]) -> None:
