@@ -25,8 +25,8 @@ import pytest
 import trio
 from helpers import frontend_parser
 from test_drain import Stream, read_stream
-from test_http_engines import _free_tcp_endpoint, _start
-from test_http_remote_workers import Serve, serving_over
+from test_http_engines import _free_tcp_endpoint
+from test_http_remote_workers import Serve
 
 from interlock import ConfigError
 from interlock.http._cli import resolve
@@ -105,6 +105,86 @@ def test_each_process_takes_its_share_of_the_frontend_wide_limits() -> None:
 # -- real processes ----------------------------------------------------------------------------
 
 
+async def _start(argv: list[str], log: Path, *, until: bytes = b"\n") -> tuple[trio.Process, str]:
+    """Start ``python -m interlock ARGV``; return it with its stdout up to ``until``. Three
+    interlock processes start per serve (the supervisor and its two children) on a shared
+    box: the deadline is generous."""
+    with log.open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "interlock", *argv], stdout=subprocess.PIPE, stderr=stderr
+        )
+    assert process.stdout is not None
+    text = b""
+    with trio.fail_after(TIMEOUT):
+        while until not in text:
+            chunk = await process.stdout.receive_some(65536)
+            assert chunk, f"{argv[0]} exited early:\n{log.read_text()}"  # noqa: ASYNC240
+            text += chunk
+    return process, text.decode()
+
+
+async def _stop_all(processes: list[trio.Process]) -> None:
+    with trio.CancelScope(shield=True):
+        for process in reversed(processes):
+            if process.returncode is None:
+                process.terminate()
+                with trio.move_on_after(10):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+
+
+async def _serve(argv: list[str], log: Path, processes: list[trio.Process]) -> Serve:
+    process, text = await _start(argv, log, until=b"configuration:\n")
+    processes.append(process)
+    lines = text.splitlines()
+    return Serve(process, lines[0].split("listening on ")[1].split(" ")[0], lines, log)
+
+
+@asynccontextmanager
+async def serving_over(
+    tmp_path: Path, worker_flags: list[str], *flags: str
+) -> AsyncIterator[Serve]:
+    """`interlock worker` 1 and 2 with ``worker_flags``, and `interlock serve` over them."""
+    processes: list[trio.Process] = []
+    try:
+        argv = ["serve", "--port", "0", *flags]
+        for worker_id in (1, 2):
+            worker, line = await _start(
+                ["worker", "--id", str(worker_id), "--port", "0", *worker_flags],
+                tmp_path / f"worker-{worker_id}.log",
+            )
+            processes.append(worker)
+            port = json.loads(line.splitlines()[0])["port"]
+            argv += ["--remote-worker", f"{worker_id}=127.0.0.1:{port}"]
+        yield await _serve(argv, tmp_path / "serve.log", processes)
+    finally:
+        await _stop_all(processes)
+
+
+@asynccontextmanager
+async def serving_over_engines(tmp_path: Path, *serve_flags: str) -> AsyncIterator[Serve]:
+    """Two `interlock worker --openai-port 0` engines publishing KV events to the endpoint
+    `interlock serve --processes 2 --kv-events-bind` binds (its supervisor, that is)."""
+    bind = _free_tcp_endpoint()
+    processes: list[trio.Process] = []
+    try:
+        argv = ["serve", "--port", "0", "--kv-events-bind", bind, *serve_flags]
+        for worker_id in (1, 2):
+            worker_argv = ["worker", "--id", str(worker_id), "--openai-port", "0", "--zero-time"]
+            worker_argv += [*WORKER_FLAGS, "--kv-events-endpoint", bind]
+            process, line = await _start(worker_argv, tmp_path / f"worker-{worker_id}.log")
+            processes.append(process)
+            info = json.loads(line.splitlines()[0])
+            argv += ["--engine", f"{info['worker_id']}={info['openai_url']}"]
+        yield await _serve(argv, tmp_path / "serve.log", processes)
+    finally:
+        await _stop_all(processes)
+
+
 def _pids(serve: Serve) -> list[int]:
     line = next(line for line in serve.banner if line.strip().startswith("processes"))
     found = re.search(r"\(pids ([\d, ]+)\)", line)
@@ -147,7 +227,7 @@ async def test_two_processes_answer_on_one_port_and_a_killed_one_is_started_agai
     tmp_path: Path,
 ) -> None:
     flags = ["--zero-time", *WORKER_FLAGS]
-    async with serving_over(tmp_path, flags, "--processes", "2") as (serve, _):
+    async with serving_over(tmp_path, flags, "--processes", "2") as serve:
         pids = _pids(serve)
         assert len(pids) == 2 and all(_alive(pid) for pid in pids)
         assert any("worker 2 at 127.0.0.1:" in line for line in serve.banner)
@@ -181,7 +261,7 @@ async def test_two_processes_answer_on_one_port_and_a_killed_one_is_started_agai
 async def test_sigterm_drains_every_process_and_exits_zero(tmp_path: Path) -> None:
     # --speedup 1: about 3 s a stream, so that streams are in flight at the signal.
     flags = ["--speedup", "1", *WORKER_FLAGS]
-    async with serving_over(tmp_path, flags, "--processes", "2") as (serve, _):
+    async with serving_over(tmp_path, flags, "--processes", "2") as serve:
         streams: list[Stream] = []
         processes: set[str] = set()
 
@@ -200,7 +280,6 @@ async def test_sigterm_drains_every_process_and_exits_zero(tmp_path: Path) -> No
                     stream = Stream()
                     streams.append(stream)
                     nursery.start_soon(one, client, stream)
-                    assert len(streams) <= 32, "the kernel gave every connection to one process"
                 await _wait_for(lambda: all(s.started for s in streams), "the streams to start")
                 serve.process.send_signal(signal.SIGTERM)
             code = await serve.process.wait()
@@ -212,52 +291,6 @@ async def test_sigterm_drains_every_process_and_exits_zero(tmp_path: Path) -> No
         assert log.count("drained:") == 2
         assert "all 2 processes exited" in log
         assert "starting it again" not in log
-
-
-@asynccontextmanager
-async def serving_over_engines(tmp_path: Path, *serve_flags: str) -> AsyncIterator[Serve]:
-    """Two `interlock worker --openai-port 0` engines publishing KV events to the endpoint
-    `interlock serve --processes 2 --kv-events-bind` binds (its supervisor, that is)."""
-    bind = _free_tcp_endpoint()
-    processes: list[trio.Process] = []
-    try:
-        engines = []
-        for worker_id in (1, 2):
-            argv = ["worker", "--id", str(worker_id), "--openai-port", "0", "--zero-time"]
-            argv += [*WORKER_FLAGS, "--kv-events-endpoint", bind]
-            process, line = await _start(argv, tmp_path / f"worker-{worker_id}.log")
-            processes.append(process)
-            engines.append(json.loads(line))
-        argv = ["serve", "--port", "0", "--kv-events-bind", bind, *serve_flags]
-        for info in engines:
-            argv += ["--engine", f"{info['worker_id']}={info['openai_url']}"]
-        log = tmp_path / "serve.log"
-        with log.open("wb") as stderr:
-            serve = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "interlock", *argv], stdout=subprocess.PIPE, stderr=stderr
-            )
-        processes.append(serve)
-        assert serve.stdout is not None
-        text = b""
-        with trio.fail_after(TIMEOUT):
-            while b"configuration:\n" not in text:
-                chunk = await serve.stdout.receive_some(65536)
-                assert chunk, f"serve exited early:\n{log.read_text()}"
-                text += chunk
-        lines = text.decode().splitlines()
-        yield Serve(serve, lines[0].split("listening on ")[1].split(" ")[0], lines, log)
-    finally:
-        with trio.CancelScope(shield=True):
-            for process in reversed(processes):
-                if process.returncode is None:
-                    process.terminate()
-                    with trio.move_on_after(10):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
-                if process.stdout is not None:
-                    await process.stdout.aclose()
 
 
 async def test_the_engines_kv_events_reach_every_process_router(tmp_path: Path) -> None:
