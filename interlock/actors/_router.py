@@ -174,10 +174,12 @@ class RouterActor(Actor):
             )
 
     def _set_workers(self, engines: Mapping[int, Engine]) -> None:
-        for worker_id in self._engines:
-            if worker_id not in engines:
-                # Gone: if it comes back (a reconnected worker), it starts with a clean slate.
-                self._outliers.forget(worker_id)
+        if self._outliers.has_records:
+            now = trio.current_time()
+            for worker_id in self._outliers.known():
+                if worker_id not in engines:
+                    # Gone: if it comes back after its ejection, it starts with a clean slate.
+                    self._outliers.forget(worker_id, now)
         self._engines = engines
         self._prefill_pool = sorted(w for w, e in engines.items() if e.role == "prefill")
         self._decode_pool = sorted(w for w, e in engines.items() if e.role != "prefill")
