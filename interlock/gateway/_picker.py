@@ -32,6 +32,11 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   load (`Pipeline.mark_prefill_complete`); the last (or the response trailers) frees the
   booking.
 
+Other body modes, as Envoy's ``protocol_config`` names them: with a ``BUFFERED`` request body
+the headers are answered at once (Envoy sends the body only then) and the pick rides on the
+body's answer (the same header mutation, ``clear_route_cache`` and metadata); a response body
+in a mode other than full duplex is answered without a mutation.
+
 Whatever ends a stream (the response's end, an ImmediateResponse, the gateway dropping the
 stream, a client gone, an error) frees its booking: booked load never leaks.
 
@@ -202,6 +207,8 @@ class _Stream:
         self.request_duplex = True
         self.response_duplex = True
         self.subset: list[str] | None = None
+        #: The endpoint the gateway says served the request (its ``envoy.lb`` metadata).
+        self.served: str | None = None
         self.request: PreprocessedRequest | None = None
         self.decision: RoutingDecision | None = None
         #: The picked endpoints, best first.
@@ -527,7 +534,7 @@ class _Stream:
         )
         return ProcessingResponse(
             immediate_response=ImmediateResponse(
-                status=HttpStatus(code=error.status),  # type: ignore[arg-type]
+                status=HttpStatus(code=error.status),
                 headers=HeaderMutation(set_headers=headers),
                 body=error.body(),
                 details=error.message[:200],
@@ -549,12 +556,11 @@ class _Stream:
             if SERVED_KEY in fields:
                 served = _strings(fields[SERVED_KEY])
                 if served:
-                    self.headers[":served"] = served[0]
+                    self.served = served[0]
 
     def _served(self) -> str:
-        served = self.headers.get(":served")
-        if served is not None:
-            return served
+        if self.served is not None:
+            return self.served
         return self.picked[0] if self.picked else ""
 
     def _worker_of(self, endpoint: str) -> int | None:
