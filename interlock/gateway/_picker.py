@@ -4,8 +4,7 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
 (``envoy.service.ext_proc.v3.ExternalProcessor/Process``) and sends it the request's phases;
 `ExtProcPicker.process` answers them as GAIE's protocol says (reference: llm-d's EPP):
 
-- ``request_headers``: the headers are recorded (``x-request-id``, else a new id;
-  ``x-gateway-inference-objective`` and ``x-gateway-inference-fairness-id``;
+- ``request_headers``: the headers are recorded (``:path``, ``x-request-id`` (else a new id),
   ``test-epp-endpoint-selection``). No answer yet, unless the request has no body
   (``end_of_stream``): then it is picked at once, as a one-token prompt, and not booked (a
   ``GET`` costs a worker nothing the router tracks).
@@ -52,6 +51,10 @@ left out of every pick, and logged once. ``interlock route --ext-proc-port`` ref
 the workers it is given without one. The subset hint
 (``metadata_context["envoy.lb.subset_hint"]["x-gateway-destination-endpoint-subset"]``) and
 ``test-epp-endpoint-selection`` restrict the destination further (both: to what both name).
+
+The ext_proc stream carries no API key (``--api-key`` guards the HTTP API only): serve it
+where only the gateway reaches it. The objective and fairness headers are not used yet (no
+InferenceObjective priorities here); usage in the response body is not parsed.
 
 Each pick is a query in the transition log (``received -> preprocessed -> routed -> done``
 with the routing decision), which ``interlock inspect`` explains like ``/v1/route``'s.
@@ -112,8 +115,6 @@ PREFILLER_HEADER: Final = "x-prefiller-host-port"
 #: GAIE's conformance hooks: restrict the candidates; echo the served endpoint.
 SELECTION_TEST_HEADER: Final = "test-epp-endpoint-selection"
 SERVED_TEST_HEADER: Final = "x-conformance-test-served-endpoint"
-OBJECTIVE_HEADER: Final = "x-gateway-inference-objective"
-FAIRNESS_HEADER: Final = "x-gateway-inference-fairness-id"
 #: The metrics label of every pick (`HttpMetrics.count_request`).
 METRICS_ENDPOINT: Final = "ext_proc"
 
