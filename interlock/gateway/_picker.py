@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 import trio
@@ -86,6 +86,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
+from ..engines import Engine
 from ..http._errors import HttpError, bad_request, http_error_for
 from ..http._frontend import Frontend
 from ..http._nvext import EMPTY
@@ -172,10 +173,9 @@ class ExtProcPicker:
 
     # -- what the streams share ---------------------------------------------------------------
 
-    def endpoints(self) -> dict[int, str]:
-        """Each routable worker with an HTTP endpoint -> that endpoint; those without one are
-        logged (once each)."""
-        workers = self.frontend.pipeline.workers
+    def endpoints(self, workers: Mapping[int, Engine]) -> dict[int, str]:
+        """Each worker of ``workers`` with an HTTP endpoint -> that endpoint; those without
+        one are logged (once each)."""
         found = http_endpoints(workers)
         for worker_id in workers.keys() - found.keys() - self._unroutable_logged:
             self._unroutable_logged.add(worker_id)
@@ -432,13 +432,12 @@ class _Stream:
         Raises:
             HttpError: 503 when none is left.
         """
-        endpoints = self.endpoints = self.picker.endpoints()
+        workers = self.frontend.pipeline.workers
+        endpoints = self.endpoints = self.picker.endpoints(workers)
         if not endpoints:
             raise _no_candidate("no worker with an HTTP endpoint is registered")
         allowed = frozenset(endpoints)
-        prefill = frozenset(
-            w for w, e in self.frontend.pipeline.workers.items() if e.role == "prefill"
-        )
+        prefill = frozenset(w for w, e in workers.items() if e.role == "prefill")
         for source, entries in (
             (f"the subset hint ({SUBSET_NAMESPACE})", self.subset),
             (f"the {SELECTION_TEST_HEADER} header", self._selection_header()),
