@@ -87,6 +87,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from ..engines import Engine
+from ..http._drain import DrainTicket, refused_while_draining
 from ..http._errors import HttpError, bad_request, http_error_for
 from ..http._frontend import Frontend
 from ..http._nvext import EMPTY
@@ -218,7 +219,8 @@ class _Stream:
         #: The id the request's load is booked under (None: nothing booked).
         self.booked_as: str | None = None
         self.prefill_released = False
-        self.ticket: Any = None
+        #: The request counted in flight for the frontend's drain, from the pick on.
+        self.ticket: DrainTicket | None = None
         #: The booking moved to the worker that served (once per stream).
         self.moved = False
         self.finished = False
@@ -256,8 +258,6 @@ class _Stream:
             headers[name] = f"{headers[name]},{value}" if name in headers else value
         if self.frontend.drain.draining:
             self.frontend.drain.refused += 1
-            from ..http._drain import refused_while_draining
-
             return [self._fail(refused_while_draining(), 0.0)]
         if message.request_headers.end_of_stream:
             return await self._pick(None, end_of_stream=True)
