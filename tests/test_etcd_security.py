@@ -28,6 +28,7 @@ import trio
 from helpers import frontend_parser
 from test_etcd_discovery import ETCD, PREFIX, TIMEOUT, _free_port, answer, start_worker, wait_for
 from test_http_cli import _command
+from test_register import _engine, _stop
 from test_remote_workers import WORKER, WorkerProcess, stop
 
 from interlock import Components, ConfigError, PipelineConfig, build_pipeline
@@ -307,6 +308,29 @@ async def test_a_worker_and_a_frontend_with_credentials_serve_and_a_reader_canno
                     await serve.stdout.aclose()
             for worker in workers:
                 await stop(worker)
+
+
+async def test_register_with_a_read_only_user_exits_saying_etcd_refused_it(
+    auth_etcd: SecureEtcd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A missing permission is no outage: retrying would only log the refusal forever.
+    engine, url = await _engine(tmp_path, 1)
+    try:
+        monkeypatch.setenv(PASSWORD_ENV, PASSWORDS["frontend"])
+        argv = [*_command(), "register", "--etcd", auth_etcd.url, "--etcd-prefix", PREFIX]
+        argv += ["--etcd-user", "frontend", "--engine", f"1={url}"]
+        with trio.fail_after(TIMEOUT):
+            result = await trio.run_process(
+                argv, capture_stdout=True, capture_stderr=True, check=False
+            )
+        err = result.stderr.decode()
+        assert result.returncode == 1, err
+        assert "interlock register: etcd refused the registration" in err, err
+        assert "etcd user 'frontend'" in err and "permission denied" in err, err
+        assert PASSWORDS["frontend"] not in err
+        assert result.stdout == b""
+    finally:
+        await _stop(engine)
 
 
 def _serve_command(argv: list[str]) -> list[str]:

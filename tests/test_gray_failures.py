@@ -128,6 +128,29 @@ async def test_a_stalled_worker_gets_no_new_requests_until_its_ejection_ends(
         assert routed == {0, 1}
 
 
+async def test_a_worker_that_leaves_and_rejoins_while_ejected_stays_ejected(
+    autojump_clock: object,
+) -> None:
+    # A frozen engine's health check times out too, so it flaps out of and back into
+    # membership: that must not wipe its ejection.
+    frozen, healthy = MockEngine(0), MockEngine(1)
+    async with build_pipeline(FAST, Components(workers=[frozen, healthy])) as pipeline:
+        await _stall_after_tokens(frozen, pipeline, 2, seconds=10)
+        assert set(await pipeline.worker_states()) == {0}
+        frozen.leave()
+        await trio.sleep(1)
+        frozen.rejoin()
+        await trio.sleep(1)
+        ejected = await pipeline.worker_states()
+        assert set(ejected) == {0} and 0 < ejected[0] < 30.0
+        for index in range(1, 5):
+            await run_request(pipeline, REQUEST)
+            last = pipeline.transition_log.records(f"req-{index}")
+            assert next(r.worker_id for r in last if r.trigger == "route") == 1
+        await trio.sleep(31)
+        assert await pipeline.worker_states() == {}
+
+
 async def test_when_every_worker_is_ejected_the_router_still_uses_them(
     autojump_clock: object,
 ) -> None:
@@ -197,8 +220,17 @@ def test_each_ejection_in_a_row_lasts_longer_and_calm_periods_take_it_back() -> 
     for at in range(100, 1000, 100):
         ejector.failed(1, float(at) + 200, stalled=True)
     assert max(ejector.ejected(1100.0).values(), default=0) <= 100.0
-    ejector.forget(1)
+    ejector.forget(1, 2000.0)
     assert ejector.failed(1, 2000.0, stalled=True) == 10.0
+
+
+def test_a_worker_that_leaves_while_ejected_is_remembered_until_its_ejection_ends() -> None:
+    ejector = OutlierEjector(ejection_time=10.0, failures=5)
+    assert ejector.failed(1, 0.0, stalled=True) == 10.0
+    ejector.forget(1, 4.0)
+    assert ejector.is_ejected(1, 9.0)
+    ejector.forget(1, 10.0)
+    assert ejector.known() == []
 
 
 def test_an_ejection_time_of_zero_never_ejects() -> None:

@@ -65,6 +65,10 @@ def setup_of(*argv: str):  # type: ignore[no-untyped-def]
             ["route", "--processes", "2", "--remote-worker", "1=h:7001", "--once", "{}"],
             "--processes 2 with --once",
         ),
+        (
+            ["route", "--processes", "2", "--engine", "1=http://h:1", "--ext-proc-port", "9002"],
+            "--processes 2 with --ext-proc-port",
+        ),
         (["serve", "--process-child", "{}"], "--process-child is internal"),
     ],
 )

@@ -74,6 +74,10 @@ class OutlierEjector:
         before looking at each candidate)."""
         return bool(self._records)
 
+    def known(self) -> list[int]:
+        """The workers with a record (failures seen or an ejection)."""
+        return list(self._records)
+
     def is_ejected(self, worker_id: int, now: float) -> bool:
         record = self._records.get(worker_id)
         return record is not None and record.ejected_until > now
@@ -86,6 +90,11 @@ class OutlierEjector:
             if record.ejected_until > now
         }
 
-    def forget(self, worker_id: int) -> None:
-        """Drop what is known of ``worker_id`` (it left; if it comes back, it starts clean)."""
-        self._records.pop(worker_id, None)
+    def forget(self, worker_id: int, now: float) -> None:
+        """Drop what is known of ``worker_id``, which left routing, unless it is ejected at
+        ``now``: a worker that leaves and rejoins while ejected (a frozen engine whose health
+        check times out) stays ejected, else a flapping worker would never stay out. A record
+        kept so is dropped by a later call once its ejection is over."""
+        record = self._records.get(worker_id)
+        if record is not None and record.ejected_until <= now:
+            del self._records[worker_id]

@@ -109,12 +109,17 @@ class EtcdError(Exception):
     """An etcd request failed: etcd unreachable, an error answer (a refused user or
     password, a missing permission, a TLS handshake that failed), or an answer that is not
     what the gateway sends. ``url`` and ``operation`` say which; the message ends with what
-    to check (``hint``: by default, whether etcd runs at that URL)."""
+    to check (``hint``: by default, whether etcd runs at that URL). ``refused`` is true when
+    etcd answered and said no to this process's credentials (no user, a wrong password, a
+    missing permission): trying again changes nothing until someone changes etcd's users."""
 
-    def __init__(self, url: str, operation: str, why: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self, url: str, operation: str, why: str, *, hint: str | None = None, refused: bool = False
+    ) -> None:
         super().__init__(f"etcd at {url}: {operation} failed: {why} ({hint or _REACH_HINT})")
         self.url = url
         self.operation = operation
+        self.refused = refused
 
 
 def check_etcd_url(url: str, what: str = "etcd URL") -> None:
@@ -317,6 +322,7 @@ class EtcdClient:
                 operation,
                 f"etcd refused the user name or password ({text})",
                 hint=_PASSWORD_HINT,
+                refused=True,
             )
         raise self._refusal(operation, response, answer)
 
@@ -362,6 +368,7 @@ class EtcdClient:
                 operation,
                 "etcd has authentication enabled and this process gave no user",
                 hint=_NO_USER_HINT,
+                refused=True,
             )
         if "permission denied" in text:
             return EtcdError(
@@ -369,6 +376,7 @@ class EtcdClient:
                 operation,
                 f"etcd user {self.user!r} has no permission for it (etcd said {text!r})",
                 hint=_PERMISSION_HINT,
+                refused=True,
             )
         if self.user is not None and _token_refused({"message": text}):
             return EtcdError(
@@ -376,6 +384,7 @@ class EtcdClient:
                 operation,
                 f"etcd refused user {self.user!r}'s auth token, a fresh one too ({text})",
                 hint=_PASSWORD_HINT,
+                refused=True,
             )
         return EtcdError(self.url, operation, why)
 

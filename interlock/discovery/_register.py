@@ -199,6 +199,10 @@ class EngineRegistration:
                     )
                 )
             except EtcdError as exc:
+                if exc.refused and not self.registrations:
+                    # Credentials etcd never accepted for this (a read-only user, a wrong
+                    # password): no retry fixes that; stop and say so.
+                    raise
                 # Once per outage: etcd is tried again at every healthy poll.
                 log = _logger.debug if self._etcd_refused else _logger.warning
                 log(
@@ -495,7 +499,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_register(args: argparse.Namespace) -> int:
     """Run until SIGINT or SIGTERM; the exit status (0 when stopped by a signal, 1 when etcd
-    cannot be reached at the start, 2 for bad flags)."""
+    cannot be reached at the start or refuses the first registration of an engine for want of
+    a permission or a valid password, 2 for bad flags)."""
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -512,7 +517,8 @@ def run_register(args: argparse.Namespace) -> int:
         return 2
     error = trio.run(_register_until_signalled, setup)
     if error is not None:
-        print(f"interlock register: cannot reach etcd: {error}", file=sys.stderr)
+        what = "etcd refused the registration" if error.refused else "cannot reach etcd"
+        print(f"interlock register: {what}: {error}", file=sys.stderr)
         return 1
     return 0
 
@@ -527,22 +533,37 @@ def _print_first_registration(registration: EngineRegistration, lease: int) -> N
 
 
 async def _register_until_signalled(setup: RegisterSetup) -> EtcdError | None:
+    refused: EtcdError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with setup.etcd.client() as client, trio.open_nursery() as nursery:
-            try:
-                await nursery.start(
-                    functools.partial(
-                        register_engines, client, setup, on_registered=_print_first_registration
+        try:
+            async with setup.etcd.client() as client, trio.open_nursery() as nursery:
+                try:
+                    await nursery.start(
+                        functools.partial(
+                            register_engines,
+                            client,
+                            setup,
+                            on_registered=_print_first_registration,
+                        )
                     )
-                )
-            except EtcdError as exc:
-                nursery.cancel_scope.cancel()
-                return exc
-            async for signum in signals:
-                _logger.info("%s: revoking every lease and stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
-    return None
+                except EtcdError as exc:
+                    nursery.cancel_scope.cancel()
+                    return exc
+                async for signum in signals:
+                    _logger.info(
+                        "%s: revoking every lease and stopping", signal.Signals(signum).name
+                    )
+                    nursery.cancel_scope.cancel()
+                    break
+        except* EtcdError as group:
+            # A registration etcd refused for good (`EngineRegistration` re-raises it).
+            # (nested: one group per nursery it crossed)
+            leaf: BaseException = group
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            assert isinstance(leaf, EtcdError)
+            refused = leaf
+    return refused
 
 
 def main(argv: Sequence[str] | None = None) -> int:
