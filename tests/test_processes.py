@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -325,3 +326,30 @@ async def test_the_engines_kv_events_reach_every_process_router(tmp_path: Path) 
                 for _, url in metrics:
                     while await blocks(url) < 40:  # noqa: ASYNC110 (another process)
                         await trio.sleep(0.05)
+
+
+async def test_a_process_that_cannot_start_stops_the_others_with_its_status(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens there once closed
+    log = tmp_path / "serve.log"
+    argv = ["serve", "--port", "0", "--processes", "2", "--remote-worker", f"1=127.0.0.1:{port}"]
+    with log.open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "interlock", *argv], stdout=subprocess.PIPE, stderr=stderr
+        )
+    try:
+        with trio.fail_after(TIMEOUT):
+            code = await process.wait()
+        assert code == 1
+        text = log.read_text()
+        assert "interlock serve: cannot reach a remote worker" in text
+        assert "all 2 processes exited" in text
+        assert process.stdout is not None
+        assert b"listening on" not in await process.stdout.receive_some(65536)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
