@@ -498,10 +498,18 @@ class Pipeline:
         arrived). Never waits; unknown ids are ignored."""
         self._router.send_nowait(PrefillComplete(request_id))
 
+    def report_failed_stream(self, worker_id: int) -> None:
+        """Count a stream ``worker_id`` failed (a gateway saw it answer 5xx) toward its outlier
+        ejection, as a broken stream here counts. Never waits."""
+        self._router.send_nowait(StreamFailed(worker_id, stalled=False))
+
     def free(self, request_id: str) -> None:
         """Release everything booked by ``query(..., book=True)`` for ``request_id`` (the
         request ended). Never waits; unknown ids are ignored."""
         self._router.send_nowait(Free(request_id))
+        # A gateway's booked query held a slot: the head of the admission queue may take it
+        # (its Select reaches the router behind this Free).
+        self._admission.wake()
 
     async def kv_blocks(self) -> dict[int, frozenset[int]]:
         """What the router's KV index holds: each worker's cached block ids (the engines'
@@ -514,19 +522,30 @@ class Pipeline:
         result: dict[int, WorkerLoad] = await self._router.ask(GetLoad())
         return result
 
-    async def query(self, request: PreprocessedRequest, *, book: bool = False) -> RoutingDecision:
+    async def query(
+        self,
+        request: PreprocessedRequest,
+        *,
+        book: bool = False,
+        candidates: frozenset[int] | None = None,
+        admit: bool = False,
+    ) -> RoutingDecision:
         """Select workers for ``request`` without running it.
 
         Returns the decision: prompt tokens, decode and prefill worker ids (equal when
         aggregated). With ``book=True`` the router books the request's load on the chosen
         workers as if it ran here, until `free` (and `mark_prefill_complete`) release it: the
-        bookkeeping for a gateway that sends requests to the workers itself. Waits only for
-        the actors.
+        bookkeeping for a gateway that sends requests to the workers itself. ``candidates``:
+        the only workers either leg may choose (a gateway's subset hint; None: any).
+        ``admit``: apply admission control as `generate` does (``max_inflight_per_worker``):
+        while every candidate is full, wait in the queue. Waits only for the actors (and,
+        with ``admit``, for a slot).
 
         Raises:
             RequestError: a bad field (e.g. an unknown worker id).
-            NoWorkersAvailable: no worker can take it.
+            NoWorkersAvailable: no worker can take it (none among ``candidates``).
             PrefillFailed: ``enforce_disagg`` and no prefill worker.
+            Overloaded: with ``admit``, the queue is full or the request is sheddable.
         """
         self._ensure_open()
         request_id = self._claim(request)
@@ -535,7 +554,14 @@ class Pipeline:
         try:
             self._check_hints(request)
             fsm.fire(Trigger.PREPROCESS)
-            selection = await self._route(Route(request, request_id, track=book))
+            hints = request.routing
+            if admit and self._admit and _routed_by_router(hints):
+                route = Route(request, request_id, track=book, admit=True, candidates=candidates)
+                selection = await self._route_admitted(route, hints)
+            else:
+                selection = await self._route(
+                    Route(request, request_id, track=book, candidates=candidates)
+                )
             decision = selection.decision
             fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
             fsm.fire(Trigger.ANSWER, worker_id=decision.decode_worker_id)

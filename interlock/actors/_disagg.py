@@ -59,6 +59,7 @@ class DisaggOrchestrator(Actor):
                     self._enforce,
                     plan.reason,
                     message.admit,
+                    message.candidates,
                 ),
             )
         if kind is PrefillLegFailed:

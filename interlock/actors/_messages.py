@@ -37,6 +37,8 @@ class Route:
     #: Apply the per-worker in-flight limits: a request starting (not a migration, a
     #: fallback or a gateway's query) may only go to a worker with room.
     admit: bool = False
+    #: See `Select.candidates`.
+    candidates: frozenset[int] | None = None
 
 
 @attrs.frozen
@@ -77,6 +79,9 @@ class Select:
     split_reason: str = ""
     #: See `Route.admit`: every candidate at its limit raises `WorkersFull`.
     admit: bool = False
+    #: The only workers either leg may choose (None: every registered one), as a gateway's
+    #: subset hint restricts them; none of them left for a leg is as if none were registered.
+    candidates: frozenset[int] | None = None
 
 
 @attrs.frozen

@@ -230,8 +230,11 @@ class RouterActor(Actor):
         selections: list[SelectionRecord] = []
         prefill: SelectionRecord | None = None
         disaggregated = message.disaggregated
+        candidates = message.candidates
         if disaggregated:
             pool = [w for w in self._prefill_pool if w not in exclude]
+            if candidates is not None:
+                pool = [w for w in pool if w in candidates]
             prefill = self._choose(
                 "prefill", pool, request, exclude, required=False, admit=message.admit
             )
@@ -247,6 +250,14 @@ class RouterActor(Actor):
                 selections.append(prefill)
         leg: Leg = "decode" if disaggregated else "agg"
         pool = [w for w in self._decode_pool if w not in exclude]
+        if candidates is not None:
+            pool = [w for w in pool if w in candidates]
+            if not pool:
+                raise NoWorkersAvailable(
+                    f"none of the workers this request may go to ({sorted(candidates)}) is a "
+                    "registered agg or decode worker"
+                    + (f" outside those excluded ({sorted(exclude)})" if exclude else "")
+                )
         decode = self._choose(leg, pool, request, exclude, required=True, admit=message.admit)
         assert decode is not None
         selections.append(decode)

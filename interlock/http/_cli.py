@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 import trio
 
-from .._argtypes import non_negative_float
+from .._argtypes import non_negative_float, port
 from .._config import PipelineConfig, knob_names, parse_knob_text
 from .._errors import ConfigError
 from .._pipeline import (
@@ -201,6 +201,10 @@ class ServeSetup:
     metrics_port: int | None = None
     #: ``--drain-timeout``: seconds the requests in flight get after SIGTERM.
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    #: ``interlock route --ext-proc-port`` / ``--ext-proc-health-port``: serve Envoy's ext_proc
+    #: as a GAIE endpoint picker there, and gRPC health (None: not served).
+    ext_proc_port: int | None = None
+    ext_proc_health_port: int | None = None
 
     @property
     def etcd_url(self) -> str | None:
@@ -360,6 +364,23 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--url",
         metavar="URL",
         help="with --once: send the request to the router running at URL instead of starting one",
+    )
+    gateway = parser.add_argument_group("gateway endpoint picker (interlock.gateway)")
+    gateway.add_argument(
+        "--ext-proc-port",
+        type=port,
+        metavar="PORT",
+        help="also serve Envoy's ext_proc (envoy.service.ext_proc.v3.ExternalProcessor/Process, "
+        "gRPC over h2c) on --host:PORT, as the Gateway API Inference Extension endpoint picker "
+        "of the --engine workers (9002 is the EPP convention; 0 = any free port; default: off)",
+    )
+    gateway.add_argument(
+        "--ext-proc-health-port",
+        type=port,
+        metavar="PORT",
+        help="with --ext-proc-port: serve gRPC health (grpc.health.v1.Health/Check; services "
+        "liveness, readiness, envoy.service.ext_proc.v3.ExternalProcessor) on --host:PORT too "
+        "(9003 by the EPP convention; the ext_proc port answers it as well)",
     )
     parser.set_defaults(run=run_route)
     return parser
@@ -919,6 +940,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             f"--worker-heartbeat-timeout {heartbeat[1]:g} (several pings must be able to go "
             "unanswered before a worker counts as dead)"
         )
+    ext_proc_port, ext_proc_health_port = _resolve_ext_proc(args, workers, remote)
     worker_secret = load_secret(args.worker_secret_file, flag="--worker-secret-file")
     worker_tls = _worker_tls(args)
     ordinary_keys, trusted_keys, key_sources = resolve_api_keys(args)
@@ -990,7 +1012,44 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         api_key_sources=key_sources,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        ext_proc_port=ext_proc_port,
+        ext_proc_health_port=ext_proc_health_port,
     )
+
+
+def _resolve_ext_proc(
+    args: argparse.Namespace, workers: int, remote: Sequence[RemoteWorkerAddress]
+) -> tuple[int | None, int | None]:
+    """``--ext-proc-port`` and ``--ext-proc-health-port``, checked: a gateway forwards HTTP,
+    so every worker given must have an HTTP endpoint (``--engine``; etcd workers without one
+    are left out of picks as they come, and logged).
+
+    Raises:
+        ConfigError: the health port without the ext_proc port, or a worker without HTTP.
+    """
+    ext_proc: int | None = getattr(args, "ext_proc_port", None)
+    health: int | None = getattr(args, "ext_proc_health_port", None)
+    if ext_proc is None:
+        if health is not None:
+            raise ConfigError("--ext-proc-health-port needs --ext-proc-port (the picker's port)")
+        return None, None
+    fix = (
+        "a gateway forwards HTTP to the endpoint picked, so --ext-proc-port picks among "
+        "OpenAI-compatible servers only: give them as --engine ID=URL (a vLLM, or an "
+        "`interlock worker --openai-port PORT` at http://HOST:PORT)"
+    )
+    mocks = workers + args.prefill_workers
+    if mocks:
+        raise ConfigError(
+            f"--ext-proc-port with {mocks} in-process mock worker(s) (ids 1-{mocks}, --workers "
+            f"/--prefill-workers), which have no HTTP endpoint; {fix}, and --workers 0"
+        )
+    if remote:
+        raise ConfigError(
+            f"--ext-proc-port with --remote-worker {remote[0]}: an interlock worker reached over "
+            f"the worker protocol has no HTTP endpoint known to the picker; {fix}"
+        )
+    return ext_proc, health
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -1185,7 +1244,13 @@ async def serve_frontend(
                     raise group.exceptions[0] from None
                 raise
             metrics_url = await _serve_metrics(nursery, setup, app)
-            print(banner(setup, url, discovered=discovered, metrics_url=metrics_url), flush=True)
+            ext_proc = await _serve_ext_proc(nursery, setup, app)
+            print(
+                banner(
+                    setup, url, discovered=discovered, metrics_url=metrics_url, ext_proc=ext_proc
+                ),
+                flush=True,
+            )
             warning = exposure_warning(setup.command, setup.host, setup.api_keys)
             if warning is not None:
                 print(warning, file=sys.stderr, flush=True)
@@ -1222,6 +1287,46 @@ async def _serve_metrics(nursery: trio.Nursery, setup: ServeSetup, app: Any) -> 
             f"{setup.metrics_port})",
         ) from None
     return url
+
+
+async def _serve_ext_proc(
+    nursery: trio.Nursery, setup: ServeSetup, app: Any
+) -> tuple[str, str | None] | None:
+    """With ``--ext-proc-port``: serve the endpoint picker over ``app``'s frontend (and gRPC
+    health on ``--ext-proc-health-port``) in ``nursery``, on ``setup.host``; where each
+    listens (``host:port``).
+
+    Raises:
+        OSError: an address cannot be bound (the message names the flag).
+    """
+    if setup.ext_proc_port is None:
+        return None
+    # Imported here: the gRPC stack loads only for a router that serves it.
+    from ..gateway import ExtProcPicker, ext_proc_app, health_app, serve_ext_proc
+
+    picker = ExtProcPicker(app.state.frontend)
+    app.state.picker = picker
+    found: list[str | None] = []
+    for flag, port_number, asgi in (
+        ("--ext-proc-port", setup.ext_proc_port, ext_proc_app(picker)),
+        ("--ext-proc-health-port", setup.ext_proc_health_port, health_app(picker)),
+    ):
+        if port_number is None:
+            found.append(None)
+            continue
+        try:
+            where: str = await nursery.start(serve_ext_proc, asgi, setup.host, port_number)
+        except BaseException as exc:
+            bind_error, _ = _split(exc, OSError)
+            if bind_error is None:
+                raise
+            leaf = _first_leaf(bind_error)
+            raise OSError(
+                getattr(leaf, "errno", None), f"{leaf} ({flag} {setup.host}:{port_number})"
+            ) from None
+        found.append(where)
+    assert found[0] is not None
+    return found[0], found[1]
 
 
 #: How long Hypercorn lets the handlers left after a drain finish before cancelling them.
@@ -1305,6 +1410,7 @@ def banner(
     *,
     discovered: WorkerWatcher | None = None,
     metrics_url: str | None = None,
+    ext_proc: tuple[str, str | None] | None = None,
 ) -> str:
     """What ``serve`` prints once it listens: where, what, and the effective configuration
     (with ``discovered``, the workers the etcd watcher found at the start; with
@@ -1362,6 +1468,11 @@ def banner(
         lines.append(f"  policy       {setup.selection_policy_path} (in place of router_mode)")
     if setup.route_api:
         lines.append(f"  route API    {url}/v1/route (docs/route-api.md)")
+    if ext_proc is not None:
+        lines.append(
+            f"  ext_proc     {ext_proc[0]} (h2c; Envoy's endpoint picker, GAIE EPP)"
+            + (f"; gRPC health on {ext_proc[1]}" if ext_proc[1] is not None else "")
+        )
     open_paths = OPEN_PATHS - {"/metrics"} if metrics_url is not None else OPEN_PATHS
     lines.append(f"  API keys     {describe(setup.api_keys, setup.api_key_sources, open_paths)}")
     if metrics_url is not None:

@@ -1,0 +1,647 @@
+"""`ExtProcPicker`: interlock as a Gateway API Inference Extension endpoint picker (EPP).
+
+A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HTTP request
+(``envoy.service.ext_proc.v3.ExternalProcessor/Process``) and sends it the request's phases;
+`ExtProcPicker.process` answers them as GAIE's protocol says (reference: llm-d's EPP):
+
+- ``request_headers``: the headers are recorded (``x-request-id``, else a new id;
+  ``x-gateway-inference-objective`` and ``x-gateway-inference-fairness-id``;
+  ``test-epp-endpoint-selection``). No answer yet, unless the request has no body
+  (``end_of_stream``): then it is picked at once, as a one-token prompt, and not booked (a
+  ``GET`` costs a worker nothing the router tracks).
+- ``request_body`` (``FULL_DUPLEX_STREAMED``: the picker buffers the chunks itself, up to the
+  frontend's ``max_body_bytes``, else ImmediateResponse 413). At ``end_of_stream`` the body of
+  a chat or completions request is parsed with the HTTP layer's field checks (only the fields
+  that make the prompt: the engine checks the rest), its prompt rendered and tokenized by the
+  frontend's preprocessor (in a worker thread above ``offload_body_bytes``), and routed by
+  `Pipeline.query` with ``book=True`` and admission control. The answer, in the order full
+  duplex mode requires: the request-headers response (``clear_route_cache``, the header
+  ``x-gateway-destination-endpoint: ip:port[,fallback...]``, ``Content-Length``, and
+  ``x-prefiller-host-port`` naming the prefill endpoint when the decision is disaggregated:
+  llm-d's header) with the same endpoint list in ``dynamic_metadata["envoy.lb"]``; then the
+  body, unchanged, in ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
+  the decision's other candidates for that leg, best first. Other paths' bodies are not
+  parsed: they are picked as a request without a body is.
+- ``response_headers``: answered with ``x-conformance-test-served-endpoint: <served>``, the
+  served endpoint being ``metadata_context["envoy.lb"]["x-gateway-destination-endpoint-served"]``
+  when the gateway says, else the pick. A 5xx counts as a failed stream of the served worker
+  for outlier ejection. When the served worker is not the one picked (the gateway fell back),
+  the booking moves: the pick's is freed and the request is booked again, under
+  ``<request id>-served``, on the worker that served (a second recorded decision).
+- ``response_body``: each chunk is passed back unchanged; the first one releases the prefill
+  load (`Pipeline.mark_prefill_complete`); the last (or the response trailers) frees the
+  booking.
+
+Whatever ends a stream (the response's end, an ImmediateResponse, the gateway dropping the
+stream, a client gone, an error) frees its booking: booked load never leaks.
+
+Errors are ImmediateResponses with an OpenAI-style JSON body: 400 for a bad body (not JSON,
+no ``model``, a bad field), 404 for a model this frontend does not serve, 413 for a body over
+``max_body_bytes``, 429 when every candidate is at its in-flight limit and the queue is full
+(`Overloaded`), 503 when no candidate is left (none registered with an HTTP endpoint, the
+subset hint or ``test-epp-endpoint-selection`` names none) or while the frontend drains.
+
+Candidates: only workers with an HTTP endpoint (`http_endpoints`); a worker without one
+that joins later (an etcd record of an ``interlock worker`` without ``--openai-port``) is
+left out of every pick, and logged once. ``interlock route --ext-proc-port`` refuses at start
+the workers it is given without one. The subset hint
+(``metadata_context["envoy.lb.subset_hint"]["x-gateway-destination-endpoint-subset"]``) and
+``test-epp-endpoint-selection`` restrict the destination further (both: to what both name).
+
+Each pick is a query in the transition log (``received -> preprocessed -> routed -> done``
+with the routing decision), which ``interlock inspect`` explains like ``/v1/route``'s.
+Picks are counted in ``interlock_http_requests_total{endpoint="ext_proc"}`` with their
+status (200 for a pick).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import trio
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyMutation,
+    BodyResponse,
+    CommonResponse,
+    HeaderMutation,
+    HeadersResponse,
+    ImmediateResponse,
+    ProcessingRequest,
+    ProcessingResponse,
+    StreamedBodyResponse,
+    TrailersResponse,
+)
+from envoy.type.v3.http_status_pb2 import HttpStatus
+
+from ..http._errors import HttpError, bad_request, http_error_for
+from ..http._frontend import Frontend
+from ..http._nvext import EMPTY
+from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest
+from ..wire import PreprocessedRequest, RoutingDecision
+from ._endpoints import http_endpoints, match_endpoints
+
+__all__ = [
+    "BODY_CHUNK_BYTES",
+    "DESTINATION_HEADER",
+    "PREFILLER_HEADER",
+    "SERVED_TEST_HEADER",
+    "ExtProcPicker",
+]
+
+_logger = logging.getLogger("interlock.gateway")
+
+#: The most body bytes one ``streamed_response`` carries (GAIE's ``BodyByteLimit``).
+BODY_CHUNK_BYTES: Final = 62_000
+DESTINATION_HEADER: Final = "x-gateway-destination-endpoint"
+SERVED_KEY: Final = "x-gateway-destination-endpoint-served"
+SUBSET_NAMESPACE: Final = "envoy.lb.subset_hint"
+SUBSET_KEY: Final = "x-gateway-destination-endpoint-subset"
+LB_NAMESPACE: Final = "envoy.lb"
+#: llm-d's header naming the prefill endpoint of a disaggregated request.
+PREFILLER_HEADER: Final = "x-prefiller-host-port"
+#: GAIE's conformance hooks: restrict the candidates; echo the served endpoint.
+SELECTION_TEST_HEADER: Final = "test-epp-endpoint-selection"
+SERVED_TEST_HEADER: Final = "x-conformance-test-served-endpoint"
+OBJECTIVE_HEADER: Final = "x-gateway-inference-objective"
+FAIRNESS_HEADER: Final = "x-gateway-inference-fairness-id"
+#: The metrics label of every pick (`HttpMetrics.count_request`).
+METRICS_ENDPOINT: Final = "ext_proc"
+
+#: The fields of a body that make its prompt; the engine checks the others.
+_PROMPT_FIELDS: Final = {
+    "chat": ("model", "messages", "tools", "chat_template_kwargs", "add_generation_prompt"),
+    "completion": ("model", "prompt"),
+}
+_FIELD_CHECKS: Final = {"chat": CHAT_FIELDS, "completion": COMPLETION_FIELDS}
+_OVERWRITE: Final = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_DUPLEX: Final = ProcessingMode.FULL_DUPLEX_STREAMED
+#: The prompt of a request without a body to parse (a ``GET``): it fills no KV block, so
+#: the router picks by load alone.
+_NO_PROMPT: Final = (0,)
+
+
+class ExtProcPicker:
+    """The picker over a running frontend: `process` answers one ext_proc stream.
+
+    ``booked`` holds the ids of the requests whose load is booked now (each freed when its
+    stream ends, however it ends).
+    """
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self.booked: set[str] = set()
+        #: Workers without an HTTP endpoint already logged as left out of picks.
+        self._unroutable_logged: set[int] = set()
+
+    @property
+    def ready(self) -> bool:
+        """Whether picks can succeed now: not draining, and a worker with an HTTP endpoint is
+        registered (gRPC health's ``readiness``)."""
+        if self.frontend.drain.draining:
+            return False
+        return bool(http_endpoints(self.frontend.pipeline.workers))
+
+    async def process(
+        self, requests: AsyncIterator[ProcessingRequest]
+    ) -> AsyncIterator[ProcessingResponse]:
+        """Answer one ext_proc stream: for each message of ``requests`` (Envoy's), the
+        responses its phase needs, as the module says. Waits for the messages, the
+        tokenizer's thread and the router (and the admission queue). Ends when ``requests``
+        ends or after an ImmediateResponse; frees the request's booking however it ends."""
+        stream = _Stream(self)
+        try:
+            async for message in requests:
+                responses = await stream.handle(message)
+                for response in responses:
+                    yield response
+                if stream.finished:
+                    return
+        finally:
+            stream.close()
+
+    # -- what the streams share ---------------------------------------------------------------
+
+    def endpoints(self) -> dict[int, str]:
+        """Each routable worker with an HTTP endpoint -> that endpoint; those without one are
+        logged (once each)."""
+        workers = self.frontend.pipeline.workers
+        found = http_endpoints(workers)
+        for worker_id in workers.keys() - found.keys() - self._unroutable_logged:
+            self._unroutable_logged.add(worker_id)
+            _logger.warning(
+                "worker %d has no HTTP endpoint (it is not an OpenAI-compatible server, e.g. an "
+                "interlock worker without --openai-port): the gateway cannot send it requests, "
+                "so no pick names it",
+                worker_id,
+            )
+        return found
+
+    def booking_id(self, wanted: str | None) -> str:
+        """The id to book a request under: ``wanted`` (its ``x-request-id``) unless absent or
+        booked by another stream now, else a new one."""
+        if wanted and wanted not in self.booked:
+            return wanted
+        return self.frontend.new_id("epp")
+
+
+class _Stream:
+    """One ext_proc stream's state: the request's headers and body, the pick, the booking."""
+
+    def __init__(self, picker: ExtProcPicker) -> None:
+        self.picker = picker
+        self.frontend = picker.frontend
+        self.headers: dict[str, str] = {}
+        self.parts: list[bytes] = []
+        self.size = 0
+        #: The request bodies' and responses' modes (full duplex unless Envoy says otherwise).
+        self.request_duplex = True
+        self.response_duplex = True
+        self.subset: list[str] | None = None
+        self.request: PreprocessedRequest | None = None
+        self.decision: RoutingDecision | None = None
+        #: The picked endpoints, best first.
+        self.picked: list[str] = []
+        self.endpoints: dict[int, str] = {}
+        #: The id the request's load is booked under (None: nothing booked).
+        self.booked_as: str | None = None
+        self.prefill_released = False
+        self.ticket: Any = None
+        #: The booking moved to the worker that served (once per stream).
+        self.moved = False
+        self.finished = False
+
+    # -- the phases ---------------------------------------------------------------------------
+
+    async def handle(self, message: ProcessingRequest) -> list[ProcessingResponse]:
+        """The responses to one message from the gateway (maybe none yet)."""
+        if message.HasField("protocol_config"):
+            config = message.protocol_config
+            self.request_duplex = config.request_body_mode == _DUPLEX
+            self.response_duplex = config.response_body_mode == _DUPLEX
+        self._read_metadata(message)
+        phase = message.WhichOneof("request")
+        if phase == "request_headers":
+            return await self._request_headers(message)
+        if phase == "request_body":
+            return await self._request_body(message)
+        if phase == "request_trailers":
+            return await self._request_trailers()
+        if phase == "response_headers":
+            return await self._response_headers(message)
+        if phase == "response_body":
+            return self._response_body(message)
+        if phase == "response_trailers":
+            self._release()
+            return [ProcessingResponse(response_trailers=TrailersResponse())]
+        return []
+
+    async def _request_headers(self, message: ProcessingRequest) -> list[ProcessingResponse]:
+        headers = self.headers
+        for header in message.request_headers.headers.headers:
+            value = header.raw_value.decode("latin-1") if header.raw_value else header.value
+            name = header.key.lower()
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+        if self.frontend.drain.draining:
+            self.frontend.drain.refused += 1
+            from ..http._drain import refused_while_draining
+
+            return [self._fail(refused_while_draining(), 0.0)]
+        if message.request_headers.end_of_stream:
+            return await self._pick(None, end_of_stream=True)
+        if not self.request_duplex:
+            # Envoy sends the body only once the headers are answered; the pick rides on the
+            # body's answer.
+            return [ProcessingResponse(request_headers=HeadersResponse())]
+        return []
+
+    async def _request_body(self, message: ProcessingRequest) -> list[ProcessingResponse]:
+        if self.decision is not None:
+            return []  # trailers came first: the pick was made
+        body = message.request_body
+        self.size += len(body.body)
+        limit = self.frontend.limits.max_body_bytes
+        if self.size > limit:
+            error = HttpError(
+                413, f"the request body is larger than {limit} bytes", code="request_too_large"
+            )
+            return [self._fail(error, 0.0)]
+        if body.body:
+            self.parts.append(body.body)
+        if body.end_of_stream:
+            return await self._pick(b"".join(self.parts), end_of_stream=True)
+        if not self.request_duplex:
+            return [ProcessingResponse(request_body=BodyResponse())]
+        return []
+
+    async def _request_trailers(self) -> list[ProcessingResponse]:
+        answers = []
+        if self.decision is None and not self.finished:
+            answers = await self._pick(b"".join(self.parts), end_of_stream=False)
+            if self.finished:
+                return answers
+        return [*answers, ProcessingResponse(request_trailers=TrailersResponse())]
+
+    async def _response_headers(self, message: ProcessingRequest) -> list[ProcessingResponse]:
+        served = self._served()
+        status = 0
+        for header in message.response_headers.headers.headers:
+            if header.key == ":status":
+                text = header.raw_value.decode("latin-1") if header.raw_value else header.value
+                status = int(text) if text.isdigit() else 0
+                break
+        worker = self._worker_of(served)
+        if worker is not None and status >= 500:
+            self.frontend.pipeline.report_failed_stream(worker)
+        decision = self.decision
+        if worker is not None and decision is not None and worker != decision.decode_worker_id:
+            await self._move_booking(worker)
+        mutation = HeaderMutation(set_headers=[_header(SERVED_TEST_HEADER, served)])
+        if message.response_headers.end_of_stream:
+            self._release()
+        return [
+            ProcessingResponse(
+                response_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation))
+            )
+        ]
+
+    def _response_body(self, message: ProcessingRequest) -> list[ProcessingResponse]:
+        body = message.response_body
+        if not self.prefill_released and self.booked_as is not None:
+            self.prefill_released = True
+            self.frontend.pipeline.mark_prefill_complete(self.booked_as)
+        if body.end_of_stream:
+            self._release()
+        if not self.response_duplex:
+            return [ProcessingResponse(response_body=BodyResponse())]
+        return [
+            ProcessingResponse(
+                response_body=BodyResponse(
+                    response=CommonResponse(
+                        body_mutation=BodyMutation(
+                            streamed_response=StreamedBodyResponse(
+                                body=body.body, end_of_stream=body.end_of_stream
+                            )
+                        )
+                    )
+                )
+            )
+        ]
+
+    # -- the pick -----------------------------------------------------------------------------
+
+    async def _pick(self, body: bytes | None, *, end_of_stream: bool) -> list[ProcessingResponse]:
+        """Parse, tokenize and route; the answers to send (an ImmediateResponse on error)."""
+        frontend = self.frontend
+        start = trio.current_time()
+        request_id = self.picker.booking_id(self.headers.get("x-request-id"))
+        try:
+            kind = _kind(self.headers.get(":path", ""), body)
+            book = False
+            tokens = _NO_PROMPT
+            if kind is not None and body is not None:
+                book = True
+                if len(body) > frontend.limits.offload_body_bytes:
+                    # As the HTTP app does: a huge prompt's rendering and tokenizing would
+                    # stall every other stream; a worker thread does it.
+                    tokens = await trio.to_thread.run_sync(
+                        self._tokens, kind, body, limiter=frontend.offload_limiter
+                    )
+                else:
+                    tokens = self._tokens(kind, body)
+            request = PreprocessedRequest(
+                token_ids=tokens, request_id=request_id, model=frontend.model
+            )
+            candidates = self._candidates()
+            decision = await frontend.pipeline.query(
+                request, book=book, candidates=candidates, admit=book
+            )
+        except Exception as exc:
+            return [self._fail(http_error_for(exc, preprocessing=True), start)]
+        if book:
+            self.booked_as = request_id
+            self.picker.booked.add(request_id)
+            self.ticket = frontend.drain.enter()
+        self.request = request
+        self.decision = decision
+        self.picked = self._ranked(decision)
+        frontend.metrics.count_request(METRICS_ENDPOINT, 200, trio.current_time() - start)
+        return self._answer(body, end_of_stream=end_of_stream)
+
+    def _tokens(self, kind: str, body: bytes) -> tuple[int, ...]:
+        """The prompt's token ids from a chat or completions body; synchronous (and
+        thread-safe).
+
+        Raises:
+            HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
+            TokenizerError, ChatTemplateError: the prompt cannot be rendered or encoded.
+        """
+        frontend = self.frontend
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise bad_request(
+                f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
+            ) from None
+        if type(data) is not dict:
+            raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+        parsed = ParsedRequest(kind)
+        checks = _FIELD_CHECKS[kind]
+        max_len = frontend.limits.max_model_len
+        for name in _PROMPT_FIELDS[kind]:
+            value = data.get(name)
+            if value is not None:
+                checks[name](parsed, value, max_len)
+        if not parsed.model:
+            raise bad_request("model not found in request body; model is required", "model")
+        if parsed.model != frontend.model:
+            raise HttpError(
+                404,
+                f"the model {parsed.model!r} does not exist; this pool serves {frontend.model!r}",
+                param="model",
+                code="model_not_found",
+            )
+        required = "messages" if kind == "chat" else "prompt"
+        if data.get(required) is None:
+            raise bad_request(f"{required} is required", required)
+        max_messages = frontend.limits.max_messages
+        if parsed.messages is not None and len(parsed.messages) > max_messages:
+            raise bad_request(
+                f"messages has {len(parsed.messages)} messages; this server takes at most "
+                f"{max_messages} (--max-messages)",
+                "messages",
+                code="too_many_messages",
+            )
+        return frontend.prompt_tokens(parsed, EMPTY)
+
+    def _candidates(self) -> frozenset[int]:
+        """The workers this request may go to.
+
+        Raises:
+            HttpError: 503 when none is left.
+        """
+        endpoints = self.endpoints = self.picker.endpoints()
+        if not endpoints:
+            raise _no_candidate("no worker with an HTTP endpoint is registered")
+        allowed = frozenset(endpoints)
+        prefill = frozenset(
+            w for w, e in self.frontend.pipeline.workers.items() if e.role == "prefill"
+        )
+        for source, entries in (
+            (f"the subset hint ({SUBSET_NAMESPACE})", self.subset),
+            (f"the {SELECTION_TEST_HEADER} header", self._selection_header()),
+        ):
+            if entries is None:
+                continue
+            named = match_endpoints(entries, endpoints)
+            allowed = (allowed & named) | (allowed & prefill)
+            if not (allowed - prefill):
+                raise _no_candidate(
+                    f"{source} names {entries}, and no routable worker is there (workers' "
+                    f"endpoints: {sorted(endpoints.values())})"
+                )
+        return allowed
+
+    def _selection_header(self) -> list[str] | None:
+        text = self.headers.get(SELECTION_TEST_HEADER)
+        return None if text is None else [e for e in text.split(",") if e.strip()]
+
+    def _ranked(self, decision: RoutingDecision) -> list[str]:
+        """The destination and its fallbacks: the decode (or agg) leg's choice, then that leg's
+        other candidates by cost (lowest first; in the policy's order when it has none)."""
+        endpoints = self.endpoints
+        chosen = decision.decode_worker_id
+        ranked = [chosen]
+        record = next((s for s in decision.selections if s.leg != "prefill"), None)
+        if record is not None:
+            others = [c for c in record.candidates if c.worker_id != chosen]
+            others.sort(key=lambda c: float("inf") if c.cost is None else c.cost)
+            ranked += [c.worker_id for c in others]
+        result: list[str] = []
+        for worker in ranked:
+            endpoint = endpoints.get(worker)
+            if endpoint is not None and endpoint not in result:
+                result.append(endpoint)
+        return result
+
+    def _answer(self, body: bytes | None, *, end_of_stream: bool) -> list[ProcessingResponse]:
+        decision = self.decision
+        assert decision is not None
+        destination = ",".join(self.picked)
+        set_headers = [_header(DESTINATION_HEADER, destination)]
+        if body is not None:
+            set_headers.append(_header("content-length", str(len(body))))
+        if decision.disaggregated and decision.prefill_worker_id is not None:
+            prefiller = self.endpoints.get(decision.prefill_worker_id)
+            if prefiller is not None:
+                set_headers.append(_header(PREFILLER_HEADER, prefiller))
+        common = CommonResponse(
+            clear_route_cache=True, header_mutation=HeaderMutation(set_headers=set_headers)
+        )
+        metadata: Any = {LB_NAMESPACE: {DESTINATION_HEADER: destination}}
+        if body is None:
+            answer = ProcessingResponse(request_headers=HeadersResponse(response=common))
+            answer.dynamic_metadata.update(metadata)
+            return [answer]
+        if not self.request_duplex:
+            answer = ProcessingResponse(request_body=BodyResponse(response=common))
+            answer.dynamic_metadata.update(metadata)
+            return [answer]
+        answer = ProcessingResponse(request_headers=HeadersResponse(response=common))
+        answer.dynamic_metadata.update(metadata)
+        answers = [answer]
+        chunks = [body[i : i + BODY_CHUNK_BYTES] for i in range(0, len(body), BODY_CHUNK_BYTES)]
+        if not chunks:
+            chunks = [b""]
+        last = len(chunks) - 1
+        for index, chunk in enumerate(chunks):
+            answers.append(
+                ProcessingResponse(
+                    request_body=BodyResponse(
+                        response=CommonResponse(
+                            body_mutation=BodyMutation(
+                                streamed_response=StreamedBodyResponse(
+                                    body=chunk, end_of_stream=end_of_stream and index == last
+                                )
+                            )
+                        )
+                    )
+                )
+            )
+        return answers
+
+    def _fail(self, error: HttpError, start: float) -> ProcessingResponse:
+        """The ImmediateResponse of ``error``; this stream is over."""
+        self.finished = True
+        self._release()
+        if error.status >= 500:
+            _logger.warning("ext_proc pick answered %d: %s", error.status, error.message)
+        headers = [_header("content-type", "application/json")]
+        headers += [_header(name.decode(), value.decode()) for name, value in error.headers]
+        self.frontend.metrics.count_request(
+            METRICS_ENDPOINT, error.status, trio.current_time() - start if start else 0.0
+        )
+        return ProcessingResponse(
+            immediate_response=ImmediateResponse(
+                status=HttpStatus(code=error.status),  # type: ignore[arg-type]
+                headers=HeaderMutation(set_headers=headers),
+                body=error.body(),
+                details=error.message[:200],
+            )
+        )
+
+    # -- the served endpoint and the booking ---------------------------------------------------
+
+    def _read_metadata(self, message: ProcessingRequest) -> None:
+        if not message.HasField("metadata_context"):
+            return
+        filters = message.metadata_context.filter_metadata
+        if SUBSET_NAMESPACE in filters:
+            fields = filters[SUBSET_NAMESPACE].fields
+            if SUBSET_KEY in fields:
+                self.subset = _strings(fields[SUBSET_KEY])
+        if LB_NAMESPACE in filters:
+            fields = filters[LB_NAMESPACE].fields
+            if SERVED_KEY in fields:
+                served = _strings(fields[SERVED_KEY])
+                if served:
+                    self.headers[":served"] = served[0]
+
+    def _served(self) -> str:
+        served = self.headers.get(":served")
+        if served is not None:
+            return served
+        return self.picked[0] if self.picked else ""
+
+    def _worker_of(self, endpoint: str) -> int | None:
+        if not endpoint:
+            return None
+        for worker, known in self.endpoints.items():
+            if known == endpoint:
+                return worker
+        return None
+
+    async def _move_booking(self, worker: int) -> None:
+        """The gateway sent the request to ``worker``, not to the pick: book it there instead
+        (a recorded decision under ``<id>-served``), so the load is where the request is."""
+        old = self.booked_as
+        request = self.request
+        if old is None or request is None or self.moved:
+            return
+        self.moved = True
+        self._release(leave_drain=False)
+        new_id = self.picker.booking_id(f"{old}-served")
+        moved = PreprocessedRequest(
+            token_ids=request.token_ids, request_id=new_id, model=request.model
+        )
+        try:
+            # No admission: the request runs there already.
+            await self.frontend.pipeline.query(moved, book=True, candidates=frozenset({worker}))
+        except Exception as exc:
+            _logger.warning(
+                "request %s was served by worker %d, not the one picked; its load could not be "
+                "booked there: %s",
+                old,
+                worker,
+                exc,
+            )
+            return
+        self.booked_as = new_id
+        self.picker.booked.add(new_id)
+
+    def _release(self, *, leave_drain: bool = True) -> None:
+        """Free the booking (and leave the drain) once; idempotent."""
+        booked = self.booked_as
+        if booked is not None:
+            self.booked_as = None
+            self.picker.booked.discard(booked)
+            self.frontend.pipeline.free(booked)
+        if leave_drain and self.ticket is not None:
+            self.frontend.drain.leave(self.ticket)
+            self.ticket = None
+
+    def close(self) -> None:
+        """The stream ended, however: free what is still booked."""
+        self.finished = True
+        self._release()
+
+
+def _kind(path: str, body: bytes | None) -> str | None:
+    """``"chat"`` or ``"completion"`` for an OpenAI generation request's path, else None."""
+    if body is None:
+        return None
+    path = path.partition("?")[0].rstrip("/")
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/completions"):
+        return "completion"
+    return None
+
+
+def _strings(value: Any) -> list[str]:
+    """A metadata value (a list, or a comma-separated string) as strings."""
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        return [v.string_value for v in value.list_value.values if v.string_value]
+    if kind == "string_value":
+        return [e for e in value.string_value.split(",") if e.strip()]
+    return []
+
+
+def _header(name: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=name, raw_value=value.encode("latin-1")), append_action=_OVERWRITE
+    )
+
+
+def _no_candidate(why: str) -> HttpError:
+    return HttpError(
+        503,
+        f"no endpoint can take this request: {why}",
+        type="server_error",
+        code="no_workers_available",
+    )
