@@ -140,7 +140,7 @@ async def _stop(process: trio.Process, *, grace: float = 10.0) -> None:
 class Envoy:
     """A running Envoy: its listener's ``url``, its admin's ``admin_url``, its log."""
 
-    process: trio.Process
+    process: subprocess.Popen[bytes]
     url: str
     admin_url: str
     log_path: Path
@@ -152,10 +152,10 @@ class Envoy:
         return {s["name"]: s["value"] for s in answer["stats"] if isinstance(s.get("value"), int)}
 
 
-async def _wait_for_file(path: Path, process: trio.Process, what: str) -> str:
+async def _wait_for_file(path: Path, process: subprocess.Popen[bytes], what: str) -> str:
     with trio.fail_after(TIMEOUT):
         while not (text := path.read_text() if path.exists() else ""):  # noqa: ASYNC240
-            if process.returncode is not None:
+            if process.poll() is not None:
                 raise AssertionError(f"envoy exited ({process.returncode}) before {what}")
             await trio.sleep(POLL)
     return text.strip()
@@ -186,8 +186,10 @@ async def open_envoy(
         "--log-level", "info",
         "--drain-time-s", "0",
     ]  # fmt: skip
+    # Started from this (the main) thread: Envoy ends itself when the thread that started it
+    # exits, and trio's open_process starts processes in worker threads, which end when idle.
     with log.open("wb") as out:
-        process = await trio.lowlevel.open_process(argv, stdout=out, stderr=out)
+        process = subprocess.Popen(argv, stdout=out, stderr=out)  # noqa: ASYNC220
     try:
         admin_url = "http://" + await _wait_for_file(admin_path, process, "writing its admin")
         async with httpx.AsyncClient(base_url=admin_url, timeout=TIMEOUT) as admin:
@@ -204,7 +206,20 @@ async def open_envoy(
         _note_logs(exc, {name: log})
         raise
     finally:
-        await _stop(process)
+        await _stop_envoy(process)
+
+
+async def _stop_envoy(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
+    """SIGTERM Envoy, SIGKILL it after ``grace`` seconds, and reap it."""
+    with trio.CancelScope(shield=True):
+        if process.poll() is None:
+            process.terminate()
+            with trio.move_on_after(grace):
+                while process.poll() is None:  # noqa: ASYNC110 (a Popen has no event to wait on)
+                    await trio.sleep(POLL)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 # -- interlock processes ---------------------------------------------------------------------------
