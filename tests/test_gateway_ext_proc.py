@@ -17,6 +17,7 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     HttpBody,
     HttpHeaders,
+    HttpTrailers,
     ProcessingRequest,
     ProcessingResponse,
     ProtocolConfiguration,
@@ -580,3 +581,54 @@ async def test_any_split_gives_the_same_pick_and_bytes_and_no_load_is_left(
             assert answers == []
         assert await load_is_zero(p.pipeline)
         assert p.picker.booked == set()
+
+
+async def test_a_buffered_body_gets_the_pick_on_its_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with picking() as p:
+        headers = request_headers()
+        headers.protocol_config.request_body_mode = ProcessingMode.BUFFERED
+        headers.protocol_config.response_body_mode = ProcessingMode.BUFFERED
+        body = chat_body()
+        answers = await exchange(
+            p.picker,
+            [
+                headers,
+                request_body(body, True),
+                response_headers(200),
+                response_body(b"{}", end_of_stream=True),
+            ],
+        )
+        phases = [a.WhichOneof("response") for a in answers]
+        assert phases == ["request_headers", "request_body", "response_headers", "response_body"]
+        assert not answers[0].request_headers.response.HasField("header_mutation")
+        picked = set_headers(answers[1], "request_body")
+        assert picked["x-gateway-destination-endpoint"].split(",")[0] in {
+            p.endpoint(i) for i in (1, 2, 3)
+        }
+        assert answers[1].request_body.response.clear_route_cache
+        assert "envoy.lb" in answers[1].dynamic_metadata.fields
+        assert not answers[3].response_body.response.HasField("body_mutation")
+        assert await load_is_zero(p.pipeline)
+
+
+async def test_a_body_ended_by_trailers_is_picked_at_the_trailers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with picking() as p:
+        body = chat_body()
+        answers = await exchange(
+            p.picker,
+            [
+                request_headers(),
+                request_body(body),
+                ProcessingRequest(request_trailers=HttpTrailers()),
+                response_headers(200, end_of_stream=True),
+            ],
+        )
+        phases = [a.WhichOneof("response") for a in answers]
+        assert phases == ["request_headers", "request_body", "request_trailers", "response_headers"]
+        back, _, ended = body_back(answers)
+        assert back == body and not ended
+        assert await load_is_zero(p.pipeline)

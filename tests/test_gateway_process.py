@@ -153,6 +153,10 @@ class Lockstep:
     def receive(self) -> ProcessingResponse:
         return next(self._responses)
 
+    def cancel(self) -> None:
+        """Drop the stream, as Envoy does when its client goes away."""
+        self._responses.cancel()
+
     def close(self) -> list[ProcessingResponse]:
         self._outbox.put(None)
         return list(self._responses)
@@ -290,3 +294,42 @@ async def test_route_refuses_ext_proc_over_workers_without_http(tmp_path: Path) 
     assert result.returncode == 2
     message = result.stderr.decode()
     assert "in-process mock worker" in message and "--engine ID=URL" in message
+
+
+async def test_a_stream_the_gateway_drops_frees_its_booking(tmp_path: Path) -> None:
+    async with picking(tmp_path) as picker, httpx.AsyncClient(timeout=TIMEOUT) as client:
+
+        async def booked() -> int:
+            answer = await client.post(picker.url + "/v1/route", json={"prompt": "load?"})
+            assert answer.status_code == 200, answer.text
+            return sum(
+                c["active_requests"]
+                for leg in answer.json()["selections"]
+                for c in leg["candidates"]
+            )
+
+        def open_and_drop() -> None:
+            with grpc.insecure_channel(picker.ext_proc) as channel:
+                stream = Lockstep(channel)
+                headers = _headers(**{":method": "POST", ":path": "/v1/chat/completions"})
+                stream.send(ProcessingRequest(request_headers=HttpHeaders(headers=headers)))
+                stream.send(
+                    ProcessingRequest(request_body=HttpBody(body=chat("hold"), end_of_stream=True))
+                )
+                assert stream.receive().WhichOneof("response") == "request_headers"
+                stream.receive()  # the body
+                status = _headers(**{":status": "200"})
+                stream.send(ProcessingRequest(response_headers=HttpHeaders(headers=status)))
+                stream.receive()
+                assert picker_has_load()
+                stream.cancel()
+
+        token = trio.lowlevel.current_trio_token()
+
+        def picker_has_load() -> bool:
+            return trio.from_thread.run(booked, trio_token=token) == 1
+
+        await trio.to_thread.run_sync(open_and_drop)
+        with trio.fail_after(TIMEOUT):
+            while await booked():  # noqa: ASYNC110 (another process's state: polling is the point)
+                await trio.sleep(0.05)

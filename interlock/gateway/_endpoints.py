@@ -9,6 +9,7 @@ of its URL (the scheme's default port when the URL names none). In-process mock 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 import httpx
@@ -29,8 +30,10 @@ def endpoint_of(engine: Engine) -> str | None:
     return url_endpoint(url)
 
 
+@functools.lru_cache(maxsize=4096)
 def url_endpoint(url: str) -> str | None:
-    """``host:port`` of ``url`` (None when it has no host). Pure."""
+    """``host:port`` of ``url`` (None when it has no host). Pure (and cached: every pick asks
+    for every worker's)."""
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:

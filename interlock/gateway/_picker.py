@@ -4,8 +4,7 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
 (``envoy.service.ext_proc.v3.ExternalProcessor/Process``) and sends it the request's phases;
 `ExtProcPicker.process` answers them as GAIE's protocol says (reference: llm-d's EPP):
 
-- ``request_headers``: the headers are recorded (``x-request-id``, else a new id;
-  ``x-gateway-inference-objective`` and ``x-gateway-inference-fairness-id``;
+- ``request_headers``: the headers are recorded (``:path``, ``x-request-id`` (else a new id),
   ``test-epp-endpoint-selection``). No answer yet, unless the request has no body
   (``end_of_stream``): then it is picked at once, as a one-token prompt, and not booked (a
   ``GET`` costs a worker nothing the router tracks).
@@ -32,6 +31,11 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   load (`Pipeline.mark_prefill_complete`); the last (or the response trailers) frees the
   booking.
 
+Other body modes, as Envoy's ``protocol_config`` names them: with a ``BUFFERED`` request body
+the headers are answered at once (Envoy sends the body only then) and the pick rides on the
+body's answer (the same header mutation, ``clear_route_cache`` and metadata); a response body
+in a mode other than full duplex is answered without a mutation.
+
 Whatever ends a stream (the response's end, an ImmediateResponse, the gateway dropping the
 stream, a client gone, an error) frees its booking: booked load never leaks.
 
@@ -48,6 +52,10 @@ the workers it is given without one. The subset hint
 (``metadata_context["envoy.lb.subset_hint"]["x-gateway-destination-endpoint-subset"]``) and
 ``test-epp-endpoint-selection`` restrict the destination further (both: to what both name).
 
+The ext_proc stream carries no API key (``--api-key`` guards the HTTP API only): serve it
+where only the gateway reaches it. The objective and fairness headers are not used yet (no
+InferenceObjective priorities here); usage in the response body is not parsed.
+
 Each pick is a query in the transition log (``received -> preprocessed -> routed -> done``
 with the routing decision), which ``interlock inspect`` explains like ``/v1/route``'s.
 Picks are counted in ``interlock_http_requests_total{endpoint="ext_proc"}`` with their
@@ -58,7 +66,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 import trio
@@ -78,6 +86,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
+from ..engines import Engine
+from ..http._drain import DrainTicket, refused_while_draining
 from ..http._errors import HttpError, bad_request, http_error_for
 from ..http._frontend import Frontend
 from ..http._nvext import EMPTY
@@ -107,8 +117,6 @@ PREFILLER_HEADER: Final = "x-prefiller-host-port"
 #: GAIE's conformance hooks: restrict the candidates; echo the served endpoint.
 SELECTION_TEST_HEADER: Final = "test-epp-endpoint-selection"
 SERVED_TEST_HEADER: Final = "x-conformance-test-served-endpoint"
-OBJECTIVE_HEADER: Final = "x-gateway-inference-objective"
-FAIRNESS_HEADER: Final = "x-gateway-inference-fairness-id"
 #: The metrics label of every pick (`HttpMetrics.count_request`).
 METRICS_ENDPOINT: Final = "ext_proc"
 
@@ -170,10 +178,9 @@ class ExtProcPicker:
 
     # -- what the streams share ---------------------------------------------------------------
 
-    def endpoints(self) -> dict[int, str]:
-        """Each routable worker with an HTTP endpoint -> that endpoint; those without one are
-        logged (once each)."""
-        workers = self.frontend.pipeline.workers
+    def endpoints(self, workers: Mapping[int, Engine]) -> dict[int, str]:
+        """Each worker of ``workers`` with an HTTP endpoint -> that endpoint; those without
+        one are logged (once each)."""
         found = http_endpoints(workers)
         for worker_id in workers.keys() - found.keys() - self._unroutable_logged:
             self._unroutable_logged.add(worker_id)
@@ -206,6 +213,8 @@ class _Stream:
         self.request_duplex = True
         self.response_duplex = True
         self.subset: list[str] | None = None
+        #: The endpoint the gateway says served the request (its ``envoy.lb`` metadata).
+        self.served: str | None = None
         self.request: PreprocessedRequest | None = None
         self.decision: RoutingDecision | None = None
         #: The picked endpoints, best first.
@@ -214,7 +223,8 @@ class _Stream:
         #: The id the request's load is booked under (None: nothing booked).
         self.booked_as: str | None = None
         self.prefill_released = False
-        self.ticket: Any = None
+        #: The request counted in flight for the frontend's drain, from the pick on.
+        self.ticket: DrainTicket | None = None
         #: The booking moved to the worker that served (once per stream).
         self.moved = False
         self.finished = False
@@ -252,8 +262,6 @@ class _Stream:
             headers[name] = f"{headers[name]},{value}" if name in headers else value
         if self.frontend.drain.draining:
             self.frontend.drain.refused += 1
-            from ..http._drain import refused_while_draining
-
             return [self._fail(refused_while_draining(), 0.0)]
         if message.request_headers.end_of_stream:
             return await self._pick(None, end_of_stream=True)
@@ -428,13 +436,12 @@ class _Stream:
         Raises:
             HttpError: 503 when none is left.
         """
-        endpoints = self.endpoints = self.picker.endpoints()
+        workers = self.frontend.pipeline.workers
+        endpoints = self.endpoints = self.picker.endpoints(workers)
         if not endpoints:
             raise _no_candidate("no worker with an HTTP endpoint is registered")
         allowed = frozenset(endpoints)
-        prefill = frozenset(
-            w for w, e in self.frontend.pipeline.workers.items() if e.role == "prefill"
-        )
+        prefill = frozenset(w for w, e in workers.items() if e.role == "prefill")
         for source, entries in (
             (f"the subset hint ({SUBSET_NAMESPACE})", self.subset),
             (f"the {SELECTION_TEST_HEADER} header", self._selection_header()),
@@ -532,7 +539,7 @@ class _Stream:
         )
         return ProcessingResponse(
             immediate_response=ImmediateResponse(
-                status=HttpStatus(code=error.status),  # type: ignore[arg-type]
+                status=HttpStatus(code=error.status),
                 headers=HeaderMutation(set_headers=headers),
                 body=error.body(),
                 details=error.message[:200],
@@ -554,12 +561,11 @@ class _Stream:
             if SERVED_KEY in fields:
                 served = _strings(fields[SERVED_KEY])
                 if served:
-                    self.headers[":served"] = served[0]
+                    self.served = served[0]
 
     def _served(self) -> str:
-        served = self.headers.get(":served")
-        if served is not None:
-            return served
+        if self.served is not None:
+            return self.served
         return self.picked[0] if self.picked else ""
 
     def _worker_of(self, endpoint: str) -> int | None:

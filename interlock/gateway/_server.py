@@ -13,6 +13,7 @@ registered), NOT_SERVING otherwise; any other name is gRPC NOT_FOUND.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
@@ -25,8 +26,9 @@ from connectrpc.request import RequestContext
 from connectrpc.server import ConnectASGIApplication, Endpoint
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from hypercorn.config import Config
+from hypercorn.trio import serve
 
-from ..http._serve import serve_http
 from ._picker import ExtProcPicker
 
 __all__ = ["EXT_PROC_SERVICE", "ext_proc_app", "health_app", "serve_ext_proc"]
@@ -116,13 +118,30 @@ async def serve_ext_proc(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` (`ext_proc_app` or `health_app`) over h2c (HTTP/2 with prior knowledge,
-    as Envoy's gRPC client speaks it; Hypercorn tells it from HTTP/1.1 by its preface) on
-    ``host:port`` until cancelled. Use with ``nursery.start``: it reports the ``host:port``
-    it listens on (``port=0``: a free one).
+    as Envoy's gRPC client speaks it) with ``hypercorn.trio.serve`` on ``host:port`` until
+    cancelled. Use with ``nursery.start``: it reports the ``host:port`` it listens on
+    (``port=0``: a free one).
 
     Raises:
         OSError: the address cannot be bound.
     """
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.include_server_header = False
+    config.loglevel = "WARNING"
+    # Every request in flight through the gateway holds its ext_proc stream for its whole life
+    # (a long generation), and Envoy multiplexes them over few connections: Hypercorn's 100
+    # streams per connection would make it open a connection per hundred requests.
+    config.h2_max_concurrent_streams = _MAX_STREAMS
+    # A gateway keeps its connection to the picker; an idle one costs nothing.
+    config.keep_alive_timeout = _KEEP_ALIVE
     async with trio.open_nursery() as nursery:
-        url: str = await nursery.start(serve_http, app, host, port)
-        task_status.started(url.removeprefix("http://"))
+        binds: list[str] = await nursery.start(functools.partial(serve, app, config, mode="asgi"))
+        task_status.started(binds[0].removeprefix("http://"))
+
+
+#: Concurrent ext_proc streams per gateway connection.
+_MAX_STREAMS: Final = 65_536
+#: Seconds an idle gateway connection stays open.
+_KEEP_ALIVE: Final = 3600.0
