@@ -44,6 +44,9 @@ async def test_booking_then_prefill_complete_then_free() -> None:
         assert decision["booked"] is True and decision["request_id"] == "gw-1"
         load = await served.pipeline.load()
         assert load[worker].active_requests == 1 and load[worker].prefill_tokens == 40
+        # What an operator (or a test in another process) sees of the booking.
+        metrics = (await client.get("/metrics")).text
+        assert f'interlock_router_booked_requests{{worker_id="{worker}"}} 1.0' in metrics
 
         again = await client.post("/v1/route", json=body)
         assert again.status_code == 409 and again.json()["error"]["code"] == "already_booked"
@@ -56,6 +59,8 @@ async def test_booking_then_prefill_complete_then_free() -> None:
         freed = await client.post("/v1/route/gw-1/free")
         assert freed.json() == {"request_id": "gw-1", "released": "all"}
         assert await served.pipeline.load() == {}
+        metrics = (await client.get("/metrics")).text
+        assert f'interlock_router_booked_requests{{worker_id="{worker}"}} 0.0' in metrics
         for path in ("/v1/route/gw-1/free", "/v1/route/nope/prefill_complete"):
             unknown = await client.post(path)
             assert (

@@ -137,11 +137,15 @@ class ExtProcPicker:
     """The picker over a running frontend: `process` answers one ext_proc stream.
 
     ``booked`` holds the ids of the requests whose load is booked now (each freed when its
-    stream ends, however it ends).
+    stream ends, however it ends). ``fallbacks``: how many other candidates the destination
+    names after the pick (None: all of them). ``interlock route`` passes 0 unless
+    ``--ext-proc-fallbacks``: Envoy's ``ORIGINAL_DST`` cluster (GAIE's reference Envoy routes
+    on the header with it) takes exactly one ``host:port``, and answers a list with 503.
     """
 
-    def __init__(self, frontend: Frontend) -> None:
+    def __init__(self, frontend: Frontend, *, fallbacks: int | None = None) -> None:
         self.frontend = frontend
+        self.fallbacks = fallbacks
         self.booked: set[str] = set()
         #: Workers without an HTTP endpoint already logged as left out of picks.
         self._unroutable_logged: set[int] = set()
@@ -473,7 +477,8 @@ class _Stream:
             endpoint = endpoints.get(worker)
             if endpoint is not None and endpoint not in result:
                 result.append(endpoint)
-        return result
+        fallbacks = self.picker.fallbacks
+        return result if fallbacks is None else result[: 1 + fallbacks]
 
     def _answer(self, body: bytes | None, *, end_of_stream: bool) -> list[ProcessingResponse]:
         decision = self.decision

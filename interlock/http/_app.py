@@ -1003,6 +1003,12 @@ def build_app(
         metrics.shed = pipeline.shed
         metrics.stalls = pipeline.stats.stalls
         metrics.ejected = await pipeline.worker_states()
+        # Every worker is listed, 0 when idle: a leaked booking shows as a count that stays.
+        load = await pipeline.load()
+        metrics.booked_requests = {
+            worker: load[worker].active_requests if worker in load else 0
+            for worker in sorted(set(pipeline.workers) | set(load))
+        }
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def traced(kind: str) -> TracedEndpoint:

@@ -30,7 +30,7 @@ import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from .._argtypes import non_negative_float, port
+from .._argtypes import non_negative_float, non_negative_int, port
 from .._config import PipelineConfig, knob_names, parse_knob_text
 from .._errors import ConfigError
 from .._pipeline import (
@@ -223,6 +223,8 @@ class ServeSetup:
     #: as a GAIE endpoint picker there, and gRPC health (None: not served).
     ext_proc_port: int | None = None
     ext_proc_health_port: int | None = None
+    #: ``--ext-proc-fallbacks``: other candidates named after the pick.
+    ext_proc_fallbacks: int = 0
 
     @property
     def etcd_url(self) -> str | None:
@@ -399,6 +401,16 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="with --ext-proc-port: serve gRPC health (grpc.health.v1.Health/Check; services "
         "liveness, readiness, envoy.service.ext_proc.v3.ExternalProcessor) on --host:PORT too "
         "(9003 by the EPP convention; the ext_proc port answers it as well)",
+    )
+    gateway.add_argument(
+        "--ext-proc-fallbacks",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="with --ext-proc-port: after the endpoint picked, name up to N other candidates, "
+        "best first, in x-gateway-destination-endpoint (GAIE's ordered fallback list), for a "
+        "gateway that walks the list on failure. 0 (default): the pick alone, which is what "
+        "an Envoy ORIGINAL_DST cluster routes on (a list there is a 503; docs/gateway.md)",
     )
     parser.set_defaults(run=run_route)
     return parser
@@ -1056,6 +1068,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         process=child,
         ext_proc_port=ext_proc_port,
         ext_proc_health_port=ext_proc_health_port,
+        ext_proc_fallbacks=getattr(args, "ext_proc_fallbacks", 0),
     )
 
 
@@ -1479,7 +1492,7 @@ async def _serve_ext_proc(
     # Imported here: the gRPC stack loads only for a router that serves it.
     from ..gateway import ExtProcPicker, ext_proc_app, health_app, serve_ext_proc
 
-    picker = ExtProcPicker(app.state.frontend)
+    picker = ExtProcPicker(app.state.frontend, fallbacks=setup.ext_proc_fallbacks)
     app.state.picker = picker
     found: list[str | None] = []
     for flag, port_number, asgi in (

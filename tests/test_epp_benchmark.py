@@ -1,0 +1,41 @@
+"""benchmarks/bench_epp.py runs end to end at a tiny size: both pick paths and both Envoy
+rows print, and it leaves no process behind. No timing figure is asserted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from _envoy import require_envoy
+from test_stream_benchmark import _processes_with
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_runs_end_to_end_at_a_tiny_size() -> None:
+    require_envoy()
+    # Every process the benchmark starts inherits this variable: that is how we find any
+    # left behind, and only ours.
+    marker = f"bench-epp-test-{uuid.uuid4().hex}"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_epp.py"), "--tokens", "2000",
+         "--picks", "5", "--requests", "5", "--workers", "2", "--prompts", "2"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "BENCH_EPP_TEST": marker},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    for row in (
+        "ext_proc stream (grpcio, lockstep)",
+        "POST /v1/route + /free (HTTP/1.1)",
+        "ext_proc / route-only: p50",
+        "short prompt, fixed endpoint",
+        "short prompt, interlock picking",
+        "interlock adds (p50):",
+    ):
+        assert row in out, out
+    leftovers = _processes_with(marker)
+    assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
