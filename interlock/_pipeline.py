@@ -641,13 +641,14 @@ class Pipeline:
                 first_deadline = self._first_token_deadline()
                 try:
                     async with engine.open_stream(leg_request) as stream:
+                        nowait = getattr(stream, "receive_nowait", None)
                         first = prefill_result is None
                         # Until the leg's first token, first_token_timeout from its start;
                         # then engine_idle_timeout from each output.
                         deadline = first_deadline
                         flowing = False
                         while True:
-                            output = await self._receive(stream, worker_id, deadline)
+                            output = await self._receive(stream, worker_id, deadline, nowait)
                             flowing = flowing or bool(output.token_ids)
                             if flowing:
                                 deadline = self._idle_deadline()
@@ -810,16 +811,29 @@ class Pipeline:
         return math.inf if timeout is None else trio.current_time() + timeout
 
     async def _receive(
-        self, stream: AsyncIterator[EngineOutput], worker_id: int, deadline: float
+        self,
+        stream: AsyncIterator[EngineOutput],
+        worker_id: int,
+        deadline: float,
+        nowait: Callable[[], EngineOutput] | None = None,
     ) -> EngineOutput:
-        """The stream's next output.
+        """The stream's next output: at once, without a checkpoint, when ``nowait`` (the
+        stream's ``receive_nowait``) has one waiting; else waits for it.
 
         Raises:
             WorkerGone: the stream ended without a final output.
             WorkerStalled: none arrived by ``deadline`` (on trio's clock).
         """
-        started = trio.current_time()
         try:
+            if nowait is not None:
+                # A backlog is handed over in one go, without a cancel scope or a trip through
+                # the scheduler per output: the caller gets all that is waiting before it
+                # yields, so its client gets them in one write.
+                try:
+                    return nowait()
+                except trio.WouldBlock:
+                    pass
+            started = trio.current_time()
             if deadline == math.inf:
                 return await stream.__anext__()
             with trio.move_on_at(deadline):

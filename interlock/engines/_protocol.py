@@ -79,6 +79,10 @@ class Engine(Protocol):
         Leaving the context before the last output cancels the request on the worker and frees
         its slot. Entering raises `WorkerRefused` when the worker will not take it; iterating
         raises `WorkerGone` when the stream breaks.
+
+        The iterator may also offer ``receive_nowait()``: the next output without waiting,
+        raising ``trio.WouldBlock`` when none has arrived (and `StopAsyncIteration` once the
+        stream ended); the pipeline then takes a backlog in one go.
         """
         ...
 

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -138,24 +138,66 @@ async def send_json(send: Send, status: int, body: bytes, headers: list[Any] = _
     await send({"type": "http.response.body", "body": body})
 
 
-async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, state: _State) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if not state.done:
-                state.disconnected = True
-                scope.cancel()
-            return
+#: A request still running this long (seconds on trio's clock) after it arrived starts
+#: watching for its client going away; a shorter one never pays for the task that waits on
+#: ``http.disconnect`` (about a tenth of a short request's CPU). A client that leaves is
+#: noticed within about this long, or at the next output after it.
+WATCH_DISCONNECT_AFTER: Final = 1.0
+
+
+async def _watch_disconnect(receive: Receive, state: _State) -> None:
+    assert state.watcher is not None
+    with state.watcher:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not state.done:
+                    state.disconnected = True
+                    state.nursery.cancel_scope.cancel()
+                return
 
 
 class _State:
-    __slots__ = ("disconnected", "done", "started")
+    """One generation request's progress, shared by its tasks."""
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "disconnected",
+        "done",
+        "nursery",
+        "running",
+        "started",
+        "status",
+        "watch_at",
+        "watcher",
+    )
+
+    def __init__(self, nursery: trio.Nursery, start: float, running: int) -> None:
         self.disconnected = False
         self.done = False
         #: The response's headers were sent (an error after that is an SSE event).
         self.started = False
+        #: The status to count (a stream's, as its producer decided).
+        self.status = 200
+        #: The request's nursery: a disconnect cancels it, the watcher runs in it.
+        self.nursery = nursery
+        #: When to start watching for the client going away (math.inf: watching).
+        self.watch_at = start + WATCH_DISCONNECT_AFTER
+        #: The disconnect watcher's scope, once one runs.
+        self.watcher: trio.CancelScope | None = None
+        #: The request's tasks still at work; the last to leave ends the watcher.
+        self.running = running
+
+    def watch(self, receive: Receive) -> None:
+        """Start the task that cancels the request when its client goes away."""
+        self.watch_at = math.inf
+        self.watcher = trio.CancelScope()
+        self.nursery.start_soon(_watch_disconnect, receive, self)
+
+    def leave(self) -> None:
+        """One of the request's tasks is done; after the last, nothing is left to watch for."""
+        self.running -= 1
+        if not self.running and self.watcher is not None:
+            self.watcher.cancel()
 
 
 class _GenerateEndpoint:
@@ -493,14 +535,13 @@ class _Run:
         """Run to the end, then answer with one JSON body."""
         endpoint = self.endpoint
         frontend = endpoint.frontend
-        state = _State()
         parts: list[str] = []
         generated: list[int] = []
         final: EngineOutput | None = None
         error: HttpError | None = None
         deltas: ChatDeltas | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
+            state = _State(nursery, self.start, 1)
             self.ticket.attach(nursery.cancel_scope)
             try:
                 async with aclosing(frontend.pipeline.generate(self.request)) as outputs:
@@ -518,6 +559,8 @@ class _Run:
                             else:
                                 itl(now - last)
                             last = now
+                            if now >= state.watch_at:
+                                state.watch(receive)
                             generated.extend(output.token_ids)
                         text = output.text
                         if text:
@@ -540,7 +583,7 @@ class _Run:
             except Exception as exc:
                 error = http_error_for(exc)
             state.done = True
-            nursery.cancel_scope.cancel()
+            state.leave()
         if state.disconnected:
             frontend.metrics.count_request(endpoint.endpoint, 499, trio.current_time() - self.start)
             return
@@ -572,12 +615,15 @@ class _Run:
         frontend.metrics.count_request(endpoint.endpoint, 200, trio.current_time() - self.start)
 
     async def stream(self, receive: Receive, send: Send) -> None:
-        """Answer with server-sent events as outputs arrive."""
+        """Answer with server-sent events as outputs arrive.
+
+        Two tasks: this one writes to the client, a child reads the outputs (so a slow client
+        falls behind into the outbox, where its limit is counted, rather than stalling the
+        request unseen); each write takes all the outputs that arrived meanwhile.
+        """
         endpoint = self.endpoint
         frontend = endpoint.frontend
         metrics = frontend.metrics
-        state = _State()
-        status = 200
         assert self.request.request_id is not None
         encoder = ChunkEncoder(
             endpoint.kind,
@@ -586,22 +632,25 @@ class _Run:
             model=frontend.model,
             include_usage=self.parsed.include_usage,
         )
+        outbox = _Outbox(encoder, frontend.limits.max_stream_buffer_bytes, metrics)
         metrics.streams_open += 1
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, state)
+                state = _State(nursery, self.start, 2)
                 self.ticket.attach(nursery.cancel_scope)
-                async with aclosing(frontend.pipeline.generate(self.request)) as outputs:
-                    status = await self._stream_outputs(outputs, encoder, send, state)
-                state.done = True
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(self._produce, outbox, receive, state)
+                try:
+                    await self._send_stream(outbox, send, state)
+                finally:
+                    state.leave()
             if self.ticket.cut and not state.done and not state.disconnected:
-                status = await self._end_cut_stream(send, state)
+                state.status = await self._end_cut_stream(send, state)
         finally:
+            outbox.discard()
             metrics.streams_open -= 1
         metrics.count_request(
             endpoint.endpoint,
-            499 if state.disconnected else status,
+            499 if state.disconnected else state.status,
             trio.current_time() - self.start,
         )
 
@@ -617,53 +666,56 @@ class _Run:
             )
         return 503
 
-    async def _stream_outputs(
+    async def _send_stream(self, outbox: _Outbox, send: Send, state: _State) -> None:
+        """Send the response as the producer fills ``outbox``: an HTTP error when the request
+        failed before its first output, else the SSE headers and then the events."""
+        error = await outbox.wait_head()
+        if error is not None:
+            await self.endpoint._fail_quietly(send, error)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        state.started = True
+        await outbox.send_all(send)
+
+    async def _produce(self, outbox: _Outbox, receive: Receive, state: _State) -> None:
+        """Run the request, putting its outputs in ``outbox`` as they come (the child task)."""
+        try:
+            # Created, iterated and closed in this task, so whatever the engine's stream
+            # holds open stays in one task.
+            async with aclosing(self.endpoint.frontend.pipeline.generate(self.request)) as outputs:
+                try:
+                    state.status = await self._fill(outbox, outputs, receive, state)
+                finally:
+                    # Ended (or too slow a client): the engine stops now (closing ``outputs``),
+                    # not once the client has taken the rest.
+                    outbox.close()
+        finally:
+            state.leave()
+
+    async def _fill(
         self,
-        outputs: AsyncGenerator[EngineOutput, None],
-        encoder: ChunkEncoder,
-        send: Send,
+        outbox: _Outbox,
+        outputs: AsyncIterator[EngineOutput],
+        receive: Receive,
         state: _State,
     ) -> int:
         # Wait for the first output before sending the headers: an error that ends the request
         # before it produced anything (no worker, bad hint, refused) is an HTTP status.
         try:
-            output = await outputs.__anext__()
+            output: EngineOutput | None = await outputs.__anext__()
         except StopAsyncIteration:
             output = None
         except Exception as exc:
             error = http_error_for(exc)
-            await self.endpoint._fail_quietly(send, error)
+            outbox.refuse(error)
             return error.status
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-        state.started = True
-        frontend = self.endpoint.frontend
-        # The outputs are read as they come and the client is sent what it can take: a slow
-        # client gets the text in bigger chunks; one too far behind ends the request.
-        outbox = _Outbox(encoder, frontend.limits.max_stream_buffer_bytes, frontend.metrics)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(outbox.send_all, send)
-                try:
-                    return await self._fill(outbox, output, outputs, state)
-                finally:
-                    outbox.close()
-                    # Ended (or too slow a client): the engine stops now, not once the client
-                    # has taken the rest.
-                    await outputs.aclose()
-        finally:
-            outbox.discard()
-
-    async def _fill(
-        self,
-        outbox: _Outbox,
-        output: EngineOutput | None,
-        outputs: AsyncIterator[EngineOutput],
-        state: _State,
-    ) -> int:
+        outbox.begin()
         try:
             while output is not None:
                 if output.token_ids:
                     self._tokens_arrived(output)
+                    if self.last_token_at >= state.watch_at:
+                        state.watch(receive)
                 text = output.text or ""
                 if output.finish_reason is not None:
                     reason, usage = self._finish(output)
@@ -697,16 +749,20 @@ class _Run:
 class _Outbox:
     """What a stream produced and its client has not taken yet, with the task that sends it.
 
-    Text waits as text and leaves as one chunk however many outputs it came in, so a slow
-    client costs the bytes of its text, not an event per token. Past ``limit`` waiting bytes
-    the producer gets `HttpError` 408 (``code="stream_buffer_full"``), which ends the request.
+    Each output is an event of its own, and each write takes every event waiting. A client
+    that falls more than ``_merge_at`` bytes behind has its further text wait as text, leaving
+    as one event however many outputs it came in, so it costs the bytes of its text, not an
+    event per token. Past ``limit`` waiting bytes the producer gets `HttpError` 408
+    (``code="stream_buffer_full"``), which ends the request.
     """
 
     __slots__ = (
         "_chunks",
         "_closed",
         "_first",
+        "_head",
         "_lot",
+        "_merge_at",
         "_size",
         "_spill",
         "_text",
@@ -732,7 +788,29 @@ class _Outbox:
         self._first = True
         #: None while open; the last bytes of the stream once it ends (sent without more_body).
         self._closed: bytes | None = None
+        #: None until the producer knows how the response starts: True (headers, then
+        #: events) or the error to answer instead.
+        self._head: HttpError | bool | None = None
+        #: Waiting bytes past which text is merged into one event.
+        self._merge_at = min(limit // 4, 16 * 1024)
         self._lot = trio.lowlevel.ParkingLot()
+
+    def begin(self) -> None:
+        """The response starts: its headers can go."""
+        self._head = True
+        self._lot.unpark()
+
+    def refuse(self, error: HttpError) -> None:
+        """The request failed before its first output: answer ``error`` instead."""
+        self._head = error
+        self._lot.unpark()
+
+    async def wait_head(self) -> HttpError | None:
+        """Wait until the response starts (None) or is refused (the error to answer)."""
+        while self._head is None and self._closed is None:
+            await self._lot.park()
+        head = self._head
+        return head if isinstance(head, HttpError) else None
 
     def _resize(self, size: int) -> None:
         self.metrics.stream_buffered_bytes += size - self._size
@@ -768,6 +846,13 @@ class _Outbox:
             self._text_size = 0
 
     def add_text(self, text: str) -> None:
+        if not self._text_size and self._size < self._merge_at:
+            # The client keeps up: an event per output, as the engine sent them.
+            chunk = self.encoder.text(text, first=self._first)
+            self._first = False
+            self._chunks.append(chunk)
+            self._grew(len(chunk))
+            return
         parts = self._text
         parts.append(text)
         if len(parts) == 16:
@@ -826,7 +911,7 @@ class _Outbox:
 
     async def send_all(self, send: Send) -> None:
         """Send what is waiting as it comes, until the stream ends; each send takes all that
-        is waiting. Cancelled with the request."""
+        is waiting (one write however many events). Cancelled with the request."""
         while True:
             while not self._chunks and not self._text_size and self._closed is None:
                 await self._lot.park()

@@ -231,7 +231,10 @@ class _GuardedTCPServer(TCPServer):
             try:
                 # Shielded as Hypercorn does (a cancelled write would corrupt the framing), but
                 # bounded: a client that stops reading would otherwise hold the task forever.
-                with trio.CancelScope(shield=True), trio.move_on_after(self._write_timeout):
+                # One scope does both (its own deadline still applies inside the shield): this
+                # runs for every write.
+                deadline = trio.current_time() + self._write_timeout
+                with trio.CancelScope(shield=True, deadline=deadline):
                     await self.stream.send_all(event.data)
                     return
             except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -187,7 +187,21 @@ class _MockStream:
     async def __anext__(self) -> EngineOutput:
         if self._done:
             raise StopAsyncIteration
-        item = _BROKEN if self._broken else await self._seq.receive.receive()
+        return self._take(_BROKEN if self._broken else await self._seq.receive.receive())
+
+    def receive_nowait(self) -> EngineOutput:
+        """The next output if it is ready, without waiting (or a checkpoint).
+
+        Raises:
+            trio.WouldBlock: none is ready.
+            StopAsyncIteration: the stream has ended.
+            WorkerGone: as iterating would.
+        """
+        if self._done:
+            raise StopAsyncIteration
+        return self._take(_BROKEN if self._broken else self._seq.receive.receive_nowait())
+
+    def _take(self, item: Any) -> EngineOutput:
         if item is _BROKEN:
             self._done = True
             raise WorkerGone(

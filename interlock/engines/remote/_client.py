@@ -135,7 +135,21 @@ class _RemoteStream:
     async def __anext__(self) -> EngineOutput:
         if self._done:
             raise StopAsyncIteration
-        item = await self._receive.receive()
+        return self._take(await self._receive.receive())
+
+    def receive_nowait(self) -> EngineOutput:
+        """The next output if it has arrived, without waiting (or a checkpoint).
+
+        Raises:
+            trio.WouldBlock: none is waiting.
+            StopAsyncIteration: the stream has ended.
+            EngineError: as iterating would.
+        """
+        if self._done:
+            raise StopAsyncIteration
+        return self._take(self._receive.receive_nowait())
+
+    def _take(self, item: Any) -> EngineOutput:
         if isinstance(item, EngineError):
             self._done = True
             raise item
