@@ -181,3 +181,22 @@ async def test_a_long_request_whose_client_left_is_cancelled(autojump_clock: obj
             for r in served.pipeline.transition_log.by_request()
         ]
         assert paths == [["received", "preprocessed", "routed", "decoding", "cancelled"]] * 2
+
+
+async def test_a_request_with_no_output_yet_whose_client_left_is_cancelled(
+    autojump_clock: object,
+) -> None:
+    # Waiting for a first token (a long prefill, a queue) gives no output to notice the time
+    # by: the watchdog starts the watcher anyway, so the client's leaving frees the worker.
+    async with _serving() as served:
+        for stream in (False, True):
+            served.engine.stall(600)
+            client = _Client(_request(stream, 8), gone=True)
+            started = trio.current_time()
+            await served.call(client)
+            assert trio.current_time() - started <= 1.5 * WATCH_DISCONNECT_AFTER
+            assert client.receives == 2
+            assert not any(m["type"] == "http.response.body" for m in client.sent)
+            await served.wait_idle()
+        assert served.engine.requests_finished == 0
+        assert served.metrics.requests.get(("/v1/chat/completions", "499")) == 2

@@ -141,7 +141,7 @@ async def send_json(send: Send, status: int, body: bytes, headers: list[Any] = _
 #: A request still running this long (seconds on trio's clock) after it arrived starts
 #: watching for its client going away; a shorter one never pays for the task that waits on
 #: ``http.disconnect`` (about a tenth of a short request's CPU). A client that leaves is
-#: noticed within about this long, or at the next output after it.
+#: noticed within about 1.5 times this long (`_Watchdog`), or at the next output after it.
 WATCH_DISCONNECT_AFTER: Final = 1.0
 
 
@@ -157,6 +157,51 @@ async def _watch_disconnect(receive: Receive, state: _State) -> None:
                 return
 
 
+class _Watchdog:
+    """Starts the disconnect watcher of each request still running `WATCH_DISCONNECT_AFTER`
+    after it arrived, outputs or not: a request waiting in the admission queue or for its
+    first token (a long prefill) has no output to notice the time by, and its client may be
+    long gone. One system task per trio run, asleep while nothing is in flight (a request
+    task cannot host it: it would outlive neither its request nor the others)."""
+
+    __slots__ = ("_pending", "_token")
+
+    def __init__(self) -> None:
+        #: The requests not watched yet, in arrival order (so the loop stops at the first
+        #: one not due).
+        self._pending: dict[_State, None] = {}
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def add(self, state: _State) -> None:
+        token = trio.lowlevel.current_trio_token()
+        if self._token is not token:
+            if self._token is not None:
+                self._pending.clear()  # requests of an earlier trio.run: gone with it
+            self._token = token
+            trio.lowlevel.spawn_system_task(self._run, token, name="interlock disconnect watchdog")
+        self._pending[state] = None
+
+    def discard(self, state: _State) -> None:
+        self._pending.pop(state, None)
+
+    async def _run(self, token: trio.lowlevel.TrioToken) -> None:
+        pending = self._pending
+        while pending:
+            await trio.sleep(WATCH_DISCONNECT_AFTER / 2)
+            now = trio.current_time()
+            for state in list(pending):
+                if state.watch_at > now:
+                    break
+                try:
+                    state.watch()  # takes it out of ``pending``
+                except RuntimeError:
+                    # Its nursery closed without `_State.leave` (cancelled from outside):
+                    # nothing left to watch. A system task must never raise.
+                    pending.pop(state, None)
+        if self._token is token:
+            self._token = None
+
+
 class _State:
     """One generation request's progress, shared by its tasks."""
 
@@ -164,14 +209,23 @@ class _State:
         "disconnected",
         "done",
         "nursery",
+        "receive",
         "running",
         "started",
         "status",
         "watch_at",
+        "watchdog",
         "watcher",
     )
 
-    def __init__(self, nursery: trio.Nursery, start: float, running: int) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        start: float,
+        running: int,
+        receive: Receive,
+        watchdog: _Watchdog,
+    ) -> None:
         self.disconnected = False
         self.done = False
         #: The response's headers were sent (an error after that is an SSE event).
@@ -186,18 +240,25 @@ class _State:
         self.watcher: trio.CancelScope | None = None
         #: The request's tasks still at work; the last to leave ends the watcher.
         self.running = running
+        self.receive = receive
+        self.watchdog = watchdog
+        watchdog.add(self)
 
-    def watch(self, receive: Receive) -> None:
+    def watch(self) -> None:
         """Start the task that cancels the request when its client goes away."""
+        self.watchdog.discard(self)
         self.watch_at = math.inf
         self.watcher = trio.CancelScope()
-        self.nursery.start_soon(_watch_disconnect, receive, self)
+        self.nursery.start_soon(_watch_disconnect, self.receive, self)
 
     def leave(self) -> None:
-        """One of the request's tasks is done; after the last, nothing is left to watch for."""
+        """One of the request's tasks is done; after the last, nothing is left to watch for
+        (and the nursery closes: the watchdog must not start a watcher in it)."""
         self.running -= 1
-        if not self.running and self.watcher is not None:
-            self.watcher.cancel()
+        if not self.running:
+            self.watchdog.discard(self)
+            if self.watcher is not None:
+                self.watcher.cancel()
 
 
 class _GenerateEndpoint:
@@ -208,6 +269,7 @@ class _GenerateEndpoint:
         self.kind = kind
         self.endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         self.id_prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        self.watchdog = _Watchdog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         frontend = self.frontend
@@ -541,7 +603,7 @@ class _Run:
         error: HttpError | None = None
         deltas: ChatDeltas | None = None
         async with trio.open_nursery() as nursery:
-            state = _State(nursery, self.start, 1)
+            state = _State(nursery, self.start, 1, receive, endpoint.watchdog)
             self.ticket.attach(nursery.cancel_scope)
             try:
                 async with aclosing(frontend.pipeline.generate(self.request)) as outputs:
@@ -560,7 +622,7 @@ class _Run:
                                 itl(now - last)
                             last = now
                             if now >= state.watch_at:
-                                state.watch(receive)
+                                state.watch()
                             generated.extend(output.token_ids)
                         text = output.text
                         if text:
@@ -636,7 +698,7 @@ class _Run:
         metrics.streams_open += 1
         try:
             async with trio.open_nursery() as nursery:
-                state = _State(nursery, self.start, 2)
+                state = _State(nursery, self.start, 2, receive, endpoint.watchdog)
                 self.ticket.attach(nursery.cancel_scope)
                 nursery.start_soon(self._produce, outbox, receive, state)
                 try:
@@ -715,7 +777,7 @@ class _Run:
                 if output.token_ids:
                     self._tokens_arrived(output)
                     if self.last_token_at >= state.watch_at:
-                        state.watch(receive)
+                        state.watch()
                 text = output.text or ""
                 if output.finish_reason is not None:
                     reason, usage = self._finish(output)
