@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast, get_args
 
 import attrs
@@ -470,14 +470,23 @@ class FrameParser:
 
     A frame may arrive split over many reads and a read may hold many frames; the parser
     keeps the incomplete tail for the next `feed`. An oversized length prefix is refused as
-    soon as it arrives, before its body is buffered.
+    soon as it arrives, before its body is buffered. Frames whose tag is in ``skip_tags``
+    are dropped undecoded (and so unchecked): a frontend that routes without KV events
+    skips the ``kv_*`` frames of a worker that sends them anyway.
     """
 
-    __slots__ = ("_buffer", "max_frame_size")
+    __slots__ = ("_buffer", "_skip", "max_frame_size", "skipped")
 
-    def __init__(self, *, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self, *, max_frame_size: int = MAX_FRAME_SIZE, skip_tags: Iterable[str] = ()
+    ) -> None:
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
+        # A body starts with its [tag, fields] array header and the tag: a frame to skip is
+        # known by these first bytes, without decoding it.
+        self._skip = tuple(_packb([tag, {}])[:-1] for tag in skip_tags)
+        #: Frames skipped undecoded (their tag is in ``skip_tags``).
+        self.skipped = 0
 
     @property
     def buffered(self) -> int:
@@ -498,6 +507,7 @@ class FrameParser:
             return []
         messages: list[Any] = []
         limit = self.max_frame_size
+        skip = self._skip
         unpack_header = _HEADER.unpack_from
         position = 0
         with memoryview(buffer) as view:
@@ -510,7 +520,10 @@ class FrameParser:
                 stop = position + 4 + size
                 if stop > end:
                     break
-                messages.append(decode_body(view[position + 4 : stop]))
+                if skip and bytes(view[position + 4 : position + 36]).startswith(skip):
+                    self.skipped += 1
+                else:
+                    messages.append(decode_body(view[position + 4 : stop]))
                 position = stop
         if position:
             del buffer[:position]

@@ -38,3 +38,36 @@ class EngineOutput:
     #: ``tool_calls`` (a list of tool-call deltas, each with its ``index``), ``reasoning`` or
     #: ``reasoning_content``, ... None when there are none.
     chat_delta: dict[str, Any] | None = None
+
+
+def join_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput | None:
+    """One output carrying ``first`` then ``second`` (two consecutive outputs of a stream),
+    or None when they cannot be one: ``first`` ends the stream or carries usage, either
+    carries a prefill result or a chat delta, or one has text and the other not.
+
+    Joining is how a worker and a frontend that fall behind catch up: the stream's reader
+    gets its tokens in fewer, larger outputs (as vLLM's do under load), never other tokens.
+    """
+    if (
+        first.finish_reason is not None
+        or first.usage is not None
+        or first.prefill_result is not None
+        or second.prefill_result is not None
+        or first.chat_delta is not None
+        or second.chat_delta is not None
+    ):
+        return None
+    text = first.text
+    if text is None:
+        if second.text is not None:
+            return None
+    elif second.text is None:
+        return None
+    else:
+        text += second.text
+    return EngineOutput(
+        token_ids=first.token_ids + second.token_ids,
+        text=text,
+        finish_reason=second.finish_reason,
+        usage=second.usage,
+    )

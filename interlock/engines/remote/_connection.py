@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -61,7 +61,8 @@ def set_keepalive(stream: trio.abc.Stream) -> None:
 class FrameConnection:
     """A framed message stream over ``stream`` (one per TCP connection).
 
-    ``peer`` names the other end in logs and errors.
+    ``peer`` names the other end in logs and errors. Received frames with a tag in
+    ``skip_tags`` are dropped undecoded (`FrameParser`).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class FrameConnection:
         *,
         max_frame_size: int = MAX_FRAME_SIZE,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        skip_tags: Iterable[str] = (),
     ) -> None:
         self.stream = stream
         self.peer = peer
@@ -82,7 +84,7 @@ class FrameConnection:
         self.peer_goodbye: str | None = None
         #: When (trio time) bytes last arrived: any frame is a sign of life.
         self.last_receive = trio.current_time()
-        self._parser = FrameParser(max_frame_size=max_frame_size)
+        self._parser = FrameParser(max_frame_size=max_frame_size, skip_tags=skip_tags)
         self._received: collections.deque[Any] = collections.deque()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -90,6 +92,11 @@ class FrameConnection:
         self._wakeup = trio.Event()
         self._drained = trio.Event()
         self._end_reason: str | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Received frames dropped undecoded (their tag is in ``skip_tags``)."""
+        return self._parser.skipped
 
     # -- sending (never blocks) ---------------------------------------------------------------
 
