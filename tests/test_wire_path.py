@@ -20,13 +20,14 @@ from test_remote_workers import TIMEOUT, prompt, start_worker, stop
 from test_remote_workers_protocol import Events
 
 from interlock import Components, PipelineConfig, build_pipeline
-from interlock.engines.mock import mock_continuation
-from interlock.engines.remote import RemoteEngine
+from interlock.engines.mock import MockEngine, MockTiming, mock_continuation
+from interlock.engines.remote import RemoteEngine, WorkerAddress, serve_worker
+from interlock.engines.remote._connection import FrameConnection
 from interlock.http._cli import resolve
 from interlock.kv import KV_EVENT_TYPES, KvStored, StoredBlock
 from interlock.processing import ByteTokenizer, tokenizer_fingerprint
 from interlock.wire import EngineOutput, FrameParser, PreprocessedRequest, Usage, encode_frame
-from interlock.wire._frames import Output, Ping
+from interlock.wire._frames import Hello, Output, Outputs, Ping, Start
 from interlock.wire._output import join_outputs
 
 # -- joining outputs ---------------------------------------------------------------------------
@@ -95,7 +96,99 @@ async def test_outputs_waiting_for_a_busy_reader_arrive_joined(tmp_path: Path) -
         await stop(worker)
     assert [t for o in outputs for t in o.token_ids] == mock_continuation(tokens, 40)
     assert len(outputs) == 1 and outputs[0].finish_reason == "length"
-    assert stream.received == 40  # type: ignore[attr-defined]
+
+
+# -- one frame for the outputs queued between two writes (version 3) -----------------------------
+
+
+async def test_outputs_waiting_for_the_writer_go_as_one_frame_in_order(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    conn = FrameConnection(ours, "a frontend")
+    conn.batch_outputs = True
+    event = _stored(1)
+    parser = FrameParser()
+    frames: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.serve, lambda message: None)
+        # All queued before the writer runs: one write's worth.
+        conn.send_output_nowait(1, EngineOutput(token_ids=(1,)))
+        conn.send_output_nowait(2, EngineOutput(token_ids=(2,), text="b"))
+        conn.send_output_nowait(1, EngineOutput(token_ids=(3,)))
+        conn.send_nowait(event)
+        final = EngineOutput(
+            token_ids=(4,),
+            finish_reason="length",
+            usage=Usage(prompt_tokens=1, completion_tokens=2),
+        )
+        conn.send_output_nowait(1, final)
+        while len(frames) < 3:
+            frames += parser.feed(await theirs.receive_some())
+        nursery.cancel_scope.cancel()
+    # Stream 1's first two outputs are one; the event stays between the outputs around it.
+    assert frames == [
+        Outputs(
+            outputs=(
+                (1, EngineOutput(token_ids=(1, 3))),
+                (2, EngineOutput(token_ids=(2,), text="b")),
+            )
+        ),
+        event,
+        Outputs(outputs=((1, final),)),
+    ]
+
+
+async def _raw_stream(address: WorkerAddress, versions: tuple[int, ...]) -> dict[str, Any]:
+    """Speak to a worker as a frontend of ``versions``: start 8 streams of 16 tokens, read
+    until each has ended; return the version chosen, the frame tags in order, and each
+    stream's tokens."""
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    parser = FrameParser()
+    frames: list[Any] = []
+    async with stream:
+        await stream.send_all(encode_frame(Hello(versions=versions)))
+        requests = [
+            Start(stream=n, request=PreprocessedRequest(token_ids=prompt(n), max_tokens=16))
+            for n in range(8)
+        ]
+        await stream.send_all(b"".join(encode_frame(start) for start in requests))
+        tokens: dict[int, list[int]] = {n: [] for n in range(8)}
+        ended: set[int] = set()
+        while len(ended) < 8:
+            for frame in parser.feed(await stream.receive_some()):
+                frames.append(frame)
+                pairs = [(frame.stream, frame.output)] if type(frame) is Output else []
+                pairs += frame.outputs if type(frame) is Outputs else []
+                for n, output in pairs:
+                    tokens[n] += output.token_ids
+                    if output.finish_reason is not None:
+                        ended.add(n)
+    return {
+        "version": frames[0].version,
+        "tags": [type(frame).__name__ for frame in frames[1:]],
+        "tokens": tokens,
+    }
+
+
+@pytest.mark.parametrize("versions", [(1, 2), (1, 2, 3)])
+async def test_a_version_3_frontend_gets_outputs_in_few_frames_an_older_one_frame_each(
+    versions: tuple[int, ...],
+) -> None:
+    engine = MockEngine(1, timing=MockTiming.zero())
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(serve_worker, engine)
+            got = await _raw_stream(address, versions)
+            nursery.cancel_scope.cancel()
+    assert got["version"] == max(versions)
+    assert got["tokens"] == {n: mock_continuation(prompt(n), 16) for n in range(8)}
+    outputs = [tag for tag in got["tags"] if tag in ("Output", "Outputs")]
+    if max(versions) < 3:
+        assert outputs == ["Output"] * 8 * 16
+    else:
+        # One frame per write: 8 streams step together, so each write carries several.
+        assert set(outputs) == {"Outputs"} and len(outputs) < 8 * 16
 
 
 # -- KV events ---------------------------------------------------------------------------------

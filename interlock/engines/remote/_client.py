@@ -28,6 +28,7 @@ from ...wire._frames import (
     Goodbye,
     Hello,
     Output,
+    Outputs,
     Ping,
     Pong,
     ProtocolError,
@@ -704,7 +705,16 @@ class RemoteEngine:
 
     def _on_message(self, link: _Link, message: Any) -> None:
         kind = type(message)
-        if kind is Output:
+        if kind is Outputs:
+            streams = link.streams
+            for stream_id, output in message.outputs:
+                stream = streams.get(stream_id)
+                if stream is not None:
+                    if output.finish_reason is not None:
+                        del streams[stream_id]
+                    stream._deliver(output)
+                # Otherwise cancelled here already: its last outputs were in flight.
+        elif kind is Output:
             stream = link.streams.get(message.stream)
             if stream is not None:
                 output = message.output
