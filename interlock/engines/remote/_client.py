@@ -112,7 +112,7 @@ class _RemoteStream:
         self._items: collections.deque[EngineOutput | EngineError] = collections.deque()
         #: Set when an item arrives for a reader waiting on an empty queue.
         self._wakeup: trio.Event | None = None
-        #: Outputs received from the worker so far (frames, before any joining).
+        #: Outputs received from the worker so far (before this side joins any).
         self.received = 0
 
     async def __aenter__(self) -> AsyncIterator[EngineOutput]:
