@@ -28,7 +28,7 @@ from interlock.kv import KV_EVENT_TYPES, KvStored, StoredBlock
 from interlock.processing import ByteTokenizer, tokenizer_fingerprint
 from interlock.wire import EngineOutput, FrameParser, PreprocessedRequest, Usage, encode_frame
 from interlock.wire._frames import Hello, Output, Outputs, Ping, Start
-from interlock.wire._output import join_outputs
+from interlock.wire._output import MAX_JOINED_TOKENS, join_outputs
 
 # -- joining outputs ---------------------------------------------------------------------------
 
@@ -76,6 +76,9 @@ def test_outputs_that_end_a_stream_or_carry_extras_are_never_joined() -> None:
     assert join_outputs(plain, delta) is None and join_outputs(delta, plain) is None
     assert join_outputs(plain, EngineOutput(token_ids=(4,), text="x")) is None
     assert join_outputs(plain, final) == EngineOutput(token_ids=(1, 2), finish_reason="stop")
+    # A reader stuck for long gets outputs of bounded size, not one that grows forever.
+    full = EngineOutput(token_ids=(5,) * MAX_JOINED_TOKENS)
+    assert join_outputs(full, plain) is None
 
 
 async def test_outputs_waiting_for_a_busy_reader_arrive_joined(tmp_path: Path) -> None:
