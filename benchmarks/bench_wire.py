@@ -29,7 +29,7 @@ from interlock.engines import Engine
 from interlock.engines.mock import MockEngine, MockTiming
 from interlock.engines.remote import RemoteEngine
 from interlock.wire import EngineOutput, FrameParser, PreprocessedRequest, decode_body, encode_frame
-from interlock.wire._frames import Output, Start
+from interlock.wire._frames import Output, Outputs, Start
 
 PROMPT = tuple(range(1, 257))
 STANDALONE = "import sys; from interlock.engines.remote._cli import main; raise SystemExit(main())"
@@ -84,10 +84,16 @@ async def _drive(
             await one_request()
 
     start = time.perf_counter()
+    cpu = time.process_time()
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
             nursery.start_soon(client)
+    _CPU.append(time.process_time() - cpu)
     return time.perf_counter() - start
+
+
+#: The CPU seconds this process (the frontend) spent in each timed `_drive`, in order.
+_CPU: list[float] = []
 
 
 async def run_pipeline(args: argparse.Namespace, engines: list[Engine]) -> float:
@@ -126,6 +132,16 @@ def codec_rates(n: int) -> dict[str, float]:
     for _ in range(rounds):
         parser.feed(batch)
     rates["parse 64 coalesced output frames per read"] = rounds * 64 / (time.perf_counter() - began)
+    # Version 3: the outputs of 64 streams queued between two writes, in one frame.
+    batch_frame = encode_frame(
+        Outputs(outputs=tuple((12345 + i, EngineOutput(token_ids=(31_999,))) for i in range(64)))
+    )
+    began = time.perf_counter()
+    for _ in range(rounds):
+        parser.feed(batch_frame)
+    rates["parse 1 outputs frame of 64 outputs, per output"] = (
+        rounds * 64 / (time.perf_counter() - began)
+    )
     return rates
 
 
@@ -146,6 +162,9 @@ def main() -> None:
     in_process = statistics.median(
         trio.run(run_pipeline, args, local()) for _ in range(args.repeats)
     )
+    # Every second drive is the timed one (the first warms up).
+    in_process_cpu = statistics.median(_CPU[1::2]) / n * 1e6
+    _CPU.clear()
     with worker_processes(args.workers) as ports:
 
         def remote() -> list[Engine]:
@@ -154,16 +173,24 @@ def main() -> None:
         over_tcp = statistics.median(
             trio.run(run_pipeline, args, remote()) for _ in range(args.repeats)
         )
+        over_tcp_cpu = statistics.median(_CPU[1::2]) / n * 1e6
     print(
         f"{n} requests, concurrency {args.concurrency}, {args.workers} zero-time workers, "
         f"{args.max_tokens} output token(s), 256-token prompt; median of {args.repeats}"
     )
-    print(f"{'workers':34} {'req/s':>10} {'µs/req':>8} {'overhead µs':>12} {'ratio':>6}")
-    print(f"{'in-process MockEngine':34} {n / in_process:10.0f} {in_process / n * 1e6:8.1f}")
+    print(
+        f"{'workers':34} {'req/s':>10} {'µs/req':>8} {'overhead µs':>12} {'ratio':>6} "
+        f"{'frontend CPU µs/req':>20}"
+    )
+    print(
+        f"{'in-process MockEngine':34} {n / in_process:10.0f} {in_process / n * 1e6:8.1f} "
+        f"{'':12} {'':6} {in_process_cpu:20.1f}"
+    )
     overhead = (over_tcp - in_process) / n * 1e6
     print(
         f"{'RemoteEngine -> interlock worker':34} {n / over_tcp:10.0f} "
-        f"{over_tcp / n * 1e6:8.1f} {overhead:12.1f} {over_tcp / in_process:6.2f}"
+        f"{over_tcp / n * 1e6:8.1f} {overhead:12.1f} {over_tcp / in_process:6.2f} "
+        f"{over_tcp_cpu:20.1f}"
     )
     print()
     print("frame codec alone (msgpack + strict cattrs), frames/s:")

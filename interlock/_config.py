@@ -379,6 +379,12 @@ class PipelineConfig:
             return "direct_from_request"
         return self.router_mode
 
+    @property
+    def uses_kv_events(self) -> bool:
+        """The router mirrors the workers' KV caches from their events (a KV router mode
+        with ``kv_events``): only then are the events worth decoding."""
+        return self.effective_router_mode in KV_ROUTER_MODES and self.kv_events
+
     # -- loading ------------------------------------------------------------------------------
 
     @classmethod

@@ -638,6 +638,9 @@ class Pipeline:
                     frontend_postprocessing=self._frontend_post,
                 )
                 fsm.fire(Trigger.START_DECODE, worker_id=worker_id)
+                # An engine whose worker proved its ids fit the vocabulary at the handshake
+                # (RemoteEngine.vocab_checked) needs no range check per token.
+                post.set_ids_checked(getattr(engine, "vocab_checked", False) is True)
                 first_deadline = self._first_token_deadline()
                 try:
                     async with engine.open_stream(leg_request) as stream:

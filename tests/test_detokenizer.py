@@ -135,6 +135,31 @@ def test_qwen3_arbitrary_ids_stream_equals_full_decode(
     check_stream_matches_full_decode(qwen3, ids, sizes, skip_special_tokens=True)
 
 
+@given(
+    ids=st.lists(st.one_of(st.integers(0, 255), st.integers(0, 151_668)), max_size=60),
+    sizes=CHUNK_SIZES,
+)
+def test_ids_checked_at_a_handshake_stream_the_same_text_without_the_range_check(
+    qwen3: HFTokenizer, ids: list[int], sizes: list[int]
+) -> None:
+    checked = IncrementalDetokenizer(qwen3)
+    checked.ids_checked = True
+    pieces = [checked.push(chunk) for chunk in chunked(ids, sizes)] + [checked.flush()]
+    assert pieces == stream(qwen3, chunked(ids, sizes))
+
+
+def test_an_id_no_tokenizer_has_is_still_an_error_when_ids_are_said_to_be_checked(
+    qwen3: HFTokenizer,
+) -> None:
+    # A worker that breaks its handshake's word gets the error a checked decode gives.
+    detokenizer = IncrementalDetokenizer(qwen3)
+    detokenizer.ids_checked = True
+    for bad in (-1, 2**40):
+        with pytest.raises(TokenizerError, match=f"token id {bad} is outside the vocabulary"):
+            detokenizer.push([bad])
+    assert detokenizer.push(qwen3.encode("fine")) == "fine"
+
+
 @given(prompt=TEXTS, completion=TEXTS)
 def test_qwen3_prompt_context_does_not_change_the_completion_text(
     qwen3: HFTokenizer, prompt: str, completion: str

@@ -39,7 +39,7 @@ from interlock.engines.remote._connection import (
 )
 from interlock.engines.remote._server import _Hub
 from interlock.wire import PreprocessedRequest, WorkerJoined, WorkerLeft
-from interlock.wire._frames import Hello, Ping, Pong, Welcome
+from interlock.wire._frames import PROTOCOL_VERSION, Hello, Ping, Pong, Welcome
 
 PROMPT = tuple(range(100, 140))
 INTERVAL = 2.0
@@ -305,7 +305,7 @@ async def test_serve_worker_answers_pings_over_real_sockets() -> None:
                 heartbeat_timeout=5.0,
             )  # fmt: skip
             async with connected(engine):
-                assert engine._link is not None and engine._link.welcome.version == 2
+                assert engine._link is not None and engine._link.welcome.version == PROTOCOL_VERSION
                 conn = engine._link.conn
                 before = conn.last_receive
                 await wait_until(lambda: conn.last_receive > before)  # a pong arrived

@@ -44,7 +44,7 @@ from interlock.engines.remote._auth import (
 from interlock.engines.remote._connection import FrameConnection
 from interlock.http._cli import resolve
 from interlock.wire import PreprocessedRequest, encode_frame
-from interlock.wire._frames import Auth, Challenge, Goodbye, Hello, Welcome
+from interlock.wire._frames import PROTOCOL_VERSION, Auth, Challenge, Goodbye, Hello, Welcome
 
 SECRET = b"0123456789abcdef-the-shared-secret"
 OTHER = b"fedcba9876543210-another-secret!!"
@@ -76,7 +76,8 @@ async def test_a_frontend_with_the_workers_secret_is_served(
             outputs = await collect(engine, REQUEST)
             assert engine._link is not None
             welcome = engine._link.welcome
-            assert welcome.version == 2 and (welcome.proof is not None) == (secret is not None)
+            assert welcome.version == PROTOCOL_VERSION
+            assert (welcome.proof is not None) == (secret is not None)
     assert [t for o in outputs for t in o.token_ids] == mock_continuation(REQUEST.token_ids, 6)
 
 

@@ -72,6 +72,9 @@ class EngineContext:
     #: TLS toward ``interlock worker --tls-cert-file`` workers (``"remote"`` kind; an
     #: `ssl.SSLContext`, from `interlock.engines.remote.client_context`; None: plain TCP).
     worker_tls: ssl.SSLContext | None = attrs.field(default=None, repr=False)
+    #: The frontend's router uses the workers' KV events (``router_mode='kv'``, or a policy of
+    #: the application's own); False: ``"remote"`` engines skip their frames undecoded.
+    decode_kv_events: bool = True
     tokenizer_fingerprint: str | None = attrs.field(
         init=False, default=attrs.Factory(_fingerprint, takes_self=True)
     )

@@ -14,7 +14,8 @@ from ._record import BadRecord, WorkerRecord
 def build_remote(record: WorkerRecord, context: EngineContext) -> Engine:
     """``"remote"``: a `RemoteEngine` for the ``interlock worker`` at the record's ``host``
     and ``port``, which checks the worker's block size and tokenizer against the context's,
-    with the context's heartbeat, worker secret and worker TLS.
+    with the context's heartbeat, worker secret and worker TLS, decoding KV events only when
+    the context's ``decode_kv_events`` says the router uses them.
 
     Raises:
         BadRecord: the record has no ``host`` or ``port``.
@@ -41,6 +42,7 @@ def build_remote(record: WorkerRecord, context: EngineContext) -> Engine:
         heartbeat_timeout=context.heartbeat_timeout,
         worker_secret=context.worker_secret,
         tls=context.worker_tls,
+        decode_kv_events=context.decode_kv_events,
     )
 
 

@@ -236,6 +236,13 @@ class ServeSetup:
         """``--etcd-prefix``: the workers' records are under ``{etcd_prefix}/workers/``."""
         return DEFAULT_PREFIX if self.etcd is None else self.etcd.prefix
 
+    @property
+    def decodes_kv_events(self) -> bool:
+        """Whether the workers' KV events are worth decoding: the router mirrors caches from
+        them (``router_mode='kv'`` with ``kv_events``), or the policy is the application's
+        own (``--selection-policy``), which may read them."""
+        return self.selection_policy is not None or self.config.uses_kv_events
+
     def engine_context(self, kv_events: Any = None) -> EngineContext:
         """What the engines of ``--engine`` and of etcd are built with: this frontend's block
         size, tokenizer and timeouts, its KV-event feed and the engines' API key."""
@@ -254,6 +261,7 @@ class ServeSetup:
             heartbeat_interval=self.worker_heartbeat_interval,
             heartbeat_timeout=self.worker_heartbeat_timeout,
             worker_tls=self.worker_tls,
+            decode_kv_events=self.decodes_kv_events,
         )
 
     def components(self, metrics: HttpMetrics, *, kv_events: Any = None) -> Components:
@@ -317,6 +325,7 @@ class ServeSetup:
                 heartbeat_timeout=self.worker_heartbeat_timeout,
                 worker_secret=self.worker_secret,
                 tls=self.worker_tls,
+                decode_kv_events=self.decodes_kv_events,
             )
             (prefill if remote.role == "prefill" else workers).append(engine)
         context = self.engine_context(kv_events)

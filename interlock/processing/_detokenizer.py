@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final, final
 
-from ._tokenizer import Tokenizer
+from ._tokenizer import HFTokenizer, Tokenizer
 
 __all__ = ["IncrementalDetokenizer"]
 
@@ -38,7 +38,15 @@ class IncrementalDetokenizer:
     standard approximation.
     """
 
-    __slots__ = ("_ids", "_prefix_len", "_read", "_skip_special_tokens", "_tokenizer")
+    __slots__ = (
+        "_ids",
+        "_prefix_len",
+        "_raw_decode",
+        "_read",
+        "_skip_special_tokens",
+        "_tokenizer",
+        "ids_checked",
+    )
 
     def __init__(
         self,
@@ -49,6 +57,13 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        #: Set by the owner when every id pushed is known to be in the vocabulary (the
+        #: engine's worker proved it at its handshake): decoding then skips the range check.
+        self.ids_checked = False
+        # The Rust decode itself, without the range check `HFTokenizer.decode` adds.
+        self._raw_decode = (
+            tokenizer._tokenizer.decode if isinstance(tokenizer, HFTokenizer) else None
+        )
         # _ids holds only the window: the prefix tokens, then the tokens not yet turned into
         # text from _read on. _prefix_len is the length of the prefix's decoded text.
         self._ids: list[int] = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
@@ -87,6 +102,13 @@ class IncrementalDetokenizer:
         return self._advance(self._decode(self._ids), len(self._ids))
 
     def _decode(self, ids: Sequence[int]) -> str:
+        raw = self._raw_decode
+        if raw is not None and self.ids_checked:
+            try:
+                text: str = raw(ids, skip_special_tokens=self._skip_special_tokens)
+                return text
+            except OverflowError:
+                pass  # an id that is no u32 after all: the checked decode says which
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
     def _advance(self, text: str, read: int) -> str:

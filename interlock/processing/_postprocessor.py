@@ -54,6 +54,14 @@ class Postprocessor:
         #: Tokens passed on so far.
         self.count = 0
 
+    def set_ids_checked(self, checked: bool) -> None:
+        """Say whether the outputs about to be processed hold only ids in the tokenizer's
+        vocabulary (their engine's worker proved it at its handshake: `RemoteEngine`'s
+        ``vocab_checked``); True skips the per-token range check when detokenizing. Set per
+        engine leg: a migrated request may continue on an engine without that proof."""
+        if self._detok is not None:
+            self._detok.ids_checked = checked
+
     def process(self, output: EngineOutput) -> EngineOutput | None:
         tokens = output.token_ids
         if not self._enforce:

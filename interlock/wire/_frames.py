@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast, get_args
 
 import attrs
@@ -35,7 +35,9 @@ from ._snapshot import WorkerSnapshot
 __all__ = [
     "AUTH_VERSION",
     "HEARTBEAT_VERSION",
+    "MAX_BATCH",
     "MAX_FRAME_SIZE",
+    "OUTPUTS_VERSION",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "Auth",
@@ -46,6 +48,7 @@ __all__ = [
     "Goodbye",
     "Hello",
     "Output",
+    "Outputs",
     "Ping",
     "Pong",
     "ProtocolError",
@@ -61,13 +64,18 @@ __all__ = [
 ]
 
 #: The version this code speaks best; a connection uses the highest version both ends speak.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 #: Every version this code speaks.
-SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3)
 #: The first version with `Ping` / `Pong` (a version-1 peer gets no heartbeat).
 HEARTBEAT_VERSION = 2
 #: The first version with the shared-secret handshake (`Challenge`, `Auth`, ``Welcome.proof``).
 AUTH_VERSION = 2
+#: The first version with `Outputs`: a worker sends the outputs queued since its last write,
+#: joined per stream, in one frame (a version-2 peer gets an `Output` frame per output).
+OUTPUTS_VERSION = 3
+#: Outputs per `Outputs` frame at most (a backlog is split over several frames).
+MAX_BATCH = 1024
 #: The longest frame body accepted or sent by default (64 MiB): a snapshot of a large cache
 #: fits, and a corrupt length prefix cannot make a reader buffer gigabytes.
 MAX_FRAME_SIZE = 64 * 1024 * 1024
@@ -189,6 +197,19 @@ class Output:
     output: EngineOutput
 
 
+@attrs.frozen(kw_only=True, slots=True)
+class Outputs:
+    """Worker → frontend (version 3): the outputs of several streams, or several outputs of
+    one stream joined (`join_outputs`), as ``(stream, output)`` pairs in the order they were
+    produced; the frame a busy worker sends instead of one `Output` frame per output.
+
+    On the wire each pair is compact: ``[stream, token_ids, text, finish_reason]`` for an
+    output with nothing else, ``[stream, {output's fields}]`` for any other.
+    """
+
+    outputs: tuple[tuple[int, EngineOutput], ...]
+
+
 @attrs.frozen(kw_only=True)
 class Refused:
     """Worker → frontend: the worker would not start stream ``stream`` (nothing generated);
@@ -239,6 +260,7 @@ TAGS: dict[str, type[Any]] = {
     "start": Start,
     "cancel": Cancel,
     "output": Output,
+    "outputs": Outputs,
     "refused": Refused,
     "broken": Broken,
     "snapshot": SnapshotRequest,
@@ -335,8 +357,10 @@ _Hook = Callable[[Any], Any]
 def _hooks() -> tuple[dict[type[Any], _Hook], dict[type[Any], _Hook]]:
     """Per message type: its unstructure hook, and its structure hook bound to the type."""
     frames = _converter()
-    unstructure = {kind: frames.get_unstructure_hook(kind) for kind in TAGS.values()}
-    structure = {kind: _bind(frames.get_structure_hook(kind), kind) for kind in TAGS.values()}
+    # EngineOutput's too: an `Outputs` frame carries each output that is not plain as a map.
+    kinds = (*TAGS.values(), EngineOutput)
+    unstructure = {kind: frames.get_unstructure_hook(kind) for kind in kinds}
+    structure = {kind: _bind(frames.get_structure_hook(kind), kind) for kind in kinds}
     return unstructure, structure
 
 
@@ -361,13 +385,26 @@ def encode_frame(message: Any, *, max_frame_size: int = MAX_FRAME_SIZE) -> bytes
     tag = _TAG_OF.get(kind)
     if tag is None:
         raise TypeError(f"{kind.__name__} is not a worker-protocol message")
-    body: bytes = _packb([tag, _hooks()[0][kind](message)])
+    fields = _outputs_fields(message) if kind is Outputs else _hooks()[0][kind](message)
+    body: bytes = _packb([tag, fields])
     size = len(body)
     if size > max_frame_size:
         raise ProtocolError(
             f"a {tag!r} frame of {size} bytes exceeds the {max_frame_size}-byte frame limit"
         )
     return _HEADER.pack(size) + body
+
+
+def _outputs_fields(message: Outputs) -> dict[str, Any]:
+    """An `Outputs` frame's fields: each plain output as a 4-element array, others as maps."""
+    unstructure = _hooks()[0][EngineOutput]
+    entries: list[list[Any]] = []
+    for stream, output in message.outputs:
+        if output.usage is None and output.prefill_result is None and output.chat_delta is None:
+            entries.append([stream, output.token_ids, output.text, output.finish_reason])
+        else:
+            entries.append([stream, unstructure(output)])
+    return {"outputs": entries}
 
 
 def decode_body(body: bytes | bytearray | memoryview) -> Any:
@@ -391,6 +428,8 @@ def decode_body(body: bytes | bytearray | memoryview) -> Any:
         raise ProtocolError(f"unknown frame tag {tag!r}; known: {', '.join(TAGS)}")
     if type(fields) is not dict:
         raise ProtocolError(f"the fields of a {tag!r} frame must be a map, got {_preview(fields)}")
+    if kind is Outputs:
+        return _decode_outputs(fields)
     if kind is Output:
         common = _plain_output(fields)
         if common is not None:
@@ -443,6 +482,55 @@ def _plain_output(fields: dict[str, Any]) -> Output | None:
     )
 
 
+def _decode_outputs(fields: dict[str, Any]) -> Outputs:
+    """An `Outputs` frame, each entry checked as strictly as an `Output` frame's fields.
+
+    Raises:
+        ProtocolError: naming the entry and what is wrong with it.
+    """
+    entries = fields.get("outputs")
+    if len(fields) != 1 or type(entries) is not list:
+        extra = sorted(set(fields) - {"outputs"})
+        what = f"unknown field {extra[0]!r}" if extra else "'outputs' must be a list"
+        raise ProtocolError(f"malformed 'outputs' frame: {what}")
+    pairs: list[tuple[int, EngineOutput]] = []
+    append = pairs.append
+    for index, entry in enumerate(entries):
+        if type(entry) is list and len(entry) == 4:
+            stream, token_ids, text, finish = entry
+            if (
+                type(stream) is int
+                and type(token_ids) is list
+                and set(map(type, token_ids)) <= _INT_ONLY
+                and (text is None or type(text) is str)
+                and (finish is None or (type(finish) is str and finish in _FINISH_REASONS))
+            ):
+                append(
+                    (
+                        stream,
+                        EngineOutput(
+                            token_ids=tuple(token_ids),
+                            text=text,
+                            finish_reason=cast("FinishReason | None", finish),
+                        ),
+                    )
+                )
+                continue
+        elif type(entry) is list and len(entry) == 2 and type(entry[0]) is int:
+            try:
+                append((entry[0], _hooks()[1][EngineOutput](entry[1])))
+            except Exception as exc:  # cattrs raises many types; all mean "malformed"
+                raise ProtocolError(
+                    f"malformed 'outputs' frame: output {index}: {_describe(exc)}"
+                ) from None
+            continue
+        raise ProtocolError(
+            f"malformed 'outputs' frame: output {index} must be [stream, token_ids, text, "
+            f"finish_reason] or [stream, output], got {_preview(entry)}"
+        )
+    return Outputs(outputs=tuple(pairs))
+
+
 def _describe(error: BaseException, field: str | None = None) -> str:
     """The first leaf of a cattrs validation error, naming the innermost field."""
     if isinstance(error, ForbiddenExtraKeysError):
@@ -470,14 +558,23 @@ class FrameParser:
 
     A frame may arrive split over many reads and a read may hold many frames; the parser
     keeps the incomplete tail for the next `feed`. An oversized length prefix is refused as
-    soon as it arrives, before its body is buffered.
+    soon as it arrives, before its body is buffered. Frames whose tag is in ``skip_tags``
+    are dropped undecoded (and so unchecked): a frontend that routes without KV events
+    skips the ``kv_*`` frames of a worker that sends them anyway.
     """
 
-    __slots__ = ("_buffer", "max_frame_size")
+    __slots__ = ("_buffer", "_skip", "max_frame_size", "skipped")
 
-    def __init__(self, *, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self, *, max_frame_size: int = MAX_FRAME_SIZE, skip_tags: Iterable[str] = ()
+    ) -> None:
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
+        # A body starts with its [tag, fields] array header and the tag: a frame to skip is
+        # known by these first bytes, without decoding it.
+        self._skip = tuple(_packb([tag, {}])[:-1] for tag in skip_tags)
+        #: Frames skipped undecoded (their tag is in ``skip_tags``).
+        self.skipped = 0
 
     @property
     def buffered(self) -> int:
@@ -498,6 +595,7 @@ class FrameParser:
             return []
         messages: list[Any] = []
         limit = self.max_frame_size
+        skip = self._skip
         unpack_header = _HEADER.unpack_from
         position = 0
         with memoryview(buffer) as view:
@@ -510,7 +608,10 @@ class FrameParser:
                 stop = position + 4 + size
                 if stop > end:
                     break
-                messages.append(decode_body(view[position + 4 : stop]))
+                if skip and bytes(view[position + 4 : position + 36]).startswith(skip):
+                    self.skipped += 1
+                else:
+                    messages.append(decode_body(view[position + 4 : stop]))
                 position = stop
         if position:
             del buffer[:position]

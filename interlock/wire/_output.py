@@ -38,3 +38,43 @@ class EngineOutput:
     #: ``tool_calls`` (a list of tool-call deltas, each with its ``index``), ``reasoning`` or
     #: ``reasoning_content``, ... None when there are none.
     chat_delta: dict[str, Any] | None = None
+
+
+#: `join_outputs` joins nothing to an output of this many tokens or more: a reader stuck for
+#: long gets a few outputs of this size, not one that grows (and is copied) with every token.
+MAX_JOINED_TOKENS = 256
+
+
+def join_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput | None:
+    """One output carrying ``first`` then ``second`` (two consecutive outputs of a stream),
+    or None when they cannot be one: ``first`` ends the stream, carries usage or already
+    holds `MAX_JOINED_TOKENS` tokens, either carries a prefill result or a chat delta, or one
+    has text and the other not.
+
+    Joining is how a worker and a frontend that fall behind catch up: the stream's reader
+    gets its tokens in fewer, larger outputs (as vLLM's do under load), never other tokens.
+    """
+    if (
+        first.finish_reason is not None
+        or len(first.token_ids) >= MAX_JOINED_TOKENS
+        or first.usage is not None
+        or first.prefill_result is not None
+        or second.prefill_result is not None
+        or first.chat_delta is not None
+        or second.chat_delta is not None
+    ):
+        return None
+    text = first.text
+    if text is None:
+        if second.text is not None:
+            return None
+    elif second.text is None:
+        return None
+    else:
+        text += second.text
+    return EngineOutput(
+        token_ids=first.token_ids + second.token_ids,
+        text=text,
+        finish_reason=second.finish_reason,
+        usage=second.usage,
+    )

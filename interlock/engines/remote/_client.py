@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
-import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
@@ -20,6 +20,7 @@ from ...wire._frames import (
     HEARTBEAT_VERSION,
     MAX_FRAME_SIZE,
     SUPPORTED_VERSIONS,
+    TAGS,
     Auth,
     Broken,
     Cancel,
@@ -27,6 +28,7 @@ from ...wire._frames import (
     Goodbye,
     Hello,
     Output,
+    Outputs,
     Ping,
     Pong,
     ProtocolError,
@@ -39,6 +41,7 @@ from ...wire._frames import (
     encode_frame,
     frame_tag,
 )
+from ...wire._output import join_outputs
 from .._listeners import Listeners
 from .._protocol import (
     ROLES,
@@ -62,6 +65,9 @@ from ._connection import FrameConnection, set_keepalive
 from ._tls import FRONTEND_FLAGS, NOT_TLS, WorkerTLSError, ssl_failure, wrap
 
 _logger = logging.getLogger("interlock.engines.remote")
+
+#: The tags of the worker's KV events (`decode_kv_events`).
+KV_EVENT_TAGS = tuple(tag for tag, kind in TAGS.items() if kind in KV_EVENT_TYPES)
 
 
 class _Waiter:
@@ -88,9 +94,14 @@ class _Link:
 
 
 class _RemoteStream:
-    """The context manager and iterator `RemoteEngine.open_stream` returns."""
+    """The context manager and iterator `RemoteEngine.open_stream` returns.
 
-    __slots__ = ("_done", "_engine", "_id", "_link", "_receive", "_request", "_send", "received")
+    Outputs that arrive while the reader of the stream is busy wait in a queue; consecutive
+    ones are joined there (`join_outputs`), so a reader that falls behind catches up with
+    one larger output instead of one per token.
+    """
+
+    __slots__ = ("_done", "_engine", "_id", "_items", "_link", "_request", "_wakeup", "received")
 
     def __init__(self, engine: RemoteEngine, request: PreprocessedRequest) -> None:
         self._engine = engine
@@ -98,8 +109,10 @@ class _RemoteStream:
         self._link: _Link | None = None
         self._id = -1
         self._done = False
-        self._send, self._receive = trio.open_memory_channel[Any](math.inf)
-        #: Outputs received from the worker so far.
+        self._items: collections.deque[EngineOutput | EngineError] = collections.deque()
+        #: Set when an item arrives for a reader waiting on an empty queue.
+        self._wakeup: trio.Event | None = None
+        #: Outputs received from the worker so far (before this side joins any).
         self.received = 0
 
     async def __aenter__(self) -> AsyncIterator[EngineOutput]:
@@ -135,7 +148,14 @@ class _RemoteStream:
     async def __anext__(self) -> EngineOutput:
         if self._done:
             raise StopAsyncIteration
-        return self._take(await self._receive.receive())
+        items = self._items
+        if items:
+            # A checkpoint, as a channel's receive is: cancellable, and fair to other tasks.
+            await trio.lowlevel.checkpoint()
+        else:
+            wakeup = self._wakeup = trio.Event()
+            await wakeup.wait()
+        return self._take(items.popleft())
 
     def receive_nowait(self) -> EngineOutput:
         """The next output if it has arrived, without waiting (or a checkpoint).
@@ -147,20 +167,34 @@ class _RemoteStream:
         """
         if self._done:
             raise StopAsyncIteration
-        return self._take(self._receive.receive_nowait())
+        if not self._items:
+            raise trio.WouldBlock
+        return self._take(self._items.popleft())
 
-    def _take(self, item: Any) -> EngineOutput:
-        if isinstance(item, EngineError):
+    def _take(self, item: EngineOutput | EngineError) -> EngineOutput:
+        if type(item) is not EngineOutput:
             self._done = True
             raise item
         if item.finish_reason is not None:
             self._done = True
-        return item  # type: ignore[no-any-return]
+        return item
 
     def _deliver(self, item: EngineOutput | EngineError) -> None:
+        items = self._items
         if type(item) is EngineOutput:
             self.received += 1
-        self._send.send_nowait(item)
+            if items:
+                last = items[-1]
+                if type(last) is EngineOutput:
+                    joined = join_outputs(last, item)
+                    if joined is not None:
+                        items[-1] = joined
+                        return
+        items.append(item)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set()
 
 
 class RemoteEngine:
@@ -197,6 +231,10 @@ class RemoteEngine:
     ``host``; the heartbeat and the secret's handshake run inside it. A TLS failure (a
     certificate the context does not trust, a worker without TLS) raises `WorkerTLSError`.
     ``open_connection(host, port)`` opens the byte stream to the worker (default: TCP).
+
+    ``decode_kv_events=False``: the worker's KV events are skipped undecoded and never reach
+    the listeners (for a frontend whose router is not in ``kv`` mode: decoding them would be
+    work for nobody). Membership events still arrive.
     """
 
     def __init__(
@@ -220,6 +258,7 @@ class RemoteEngine:
         worker_secret: bytes | str | None = None,
         tls: ssl.SSLContext | None = None,
         open_connection: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
+        decode_kv_events: bool = True,
     ) -> None:
         if heartbeat_interval is not None and not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError(
@@ -254,6 +293,9 @@ class RemoteEngine:
         self.heartbeat_timeout = heartbeat_timeout
         self._secret = None if worker_secret is None else check_secret(worker_secret)
         self._open_connection = open_connection or _open_tcp
+        #: Decode the worker's KV events and pass them to the listeners; False (a frontend
+        #: whose router does not use them) skips their frames undecoded.
+        self.decode_kv_events = decode_kv_events
         self._tls = tls
         #: What the worker reported in its last handshake (None before the first).
         self.capacity: WorkerCapacity | None = None
@@ -261,6 +303,11 @@ class RemoteEngine:
         self.connections = 0
         #: Connections dropped because nothing arrived for ``heartbeat_timeout``.
         self.heartbeat_failures = 0
+        #: The last handshake showed that every token id the worker generates is in this
+        #: frontend's vocabulary (it reported a ``vocab_size`` no larger than
+        #: ``vocab_size``, after any tokenizer check): the pipeline then skips the per-token
+        #: range check when detokenizing its outputs.
+        self.vocab_checked = False
         self._listeners = Listeners()
         self._pings = itertools.count()
         self._link: _Link | None = None
@@ -412,7 +459,10 @@ class RemoteEngine:
             if self._tls is not None:
                 stream = await self._start_tls(stream)
             conn = FrameConnection(
-                stream, f"worker {self.address}", max_frame_size=self.max_frame_size
+                stream,
+                f"worker {self.address}",
+                max_frame_size=self.max_frame_size,
+                skip_tags=() if self.decode_kv_events else KV_EVENT_TAGS,
             )
             try:
                 hello = Hello(
@@ -451,6 +501,11 @@ class RemoteEngine:
                 raise
         link = _Link(conn, welcome)
         self.connections += 1
+        self.vocab_checked = (
+            self.vocab_size is not None
+            and welcome.vocab_size is not None
+            and 0 < welcome.vocab_size <= self.vocab_size
+        )
         self.capacity = welcome.capacity
         self._worker_registered = welcome.registered
         return link
@@ -666,7 +721,16 @@ class RemoteEngine:
 
     def _on_message(self, link: _Link, message: Any) -> None:
         kind = type(message)
-        if kind is Output:
+        if kind is Outputs:
+            streams = link.streams
+            for stream_id, output in message.outputs:
+                stream = streams.get(stream_id)
+                if stream is not None:
+                    if output.finish_reason is not None:
+                        del streams[stream_id]
+                    stream._deliver(output)
+                # Otherwise cancelled here already: its last outputs were in flight.
+        elif kind is Output:
             stream = link.streams.get(message.stream)
             if stream is not None:
                 output = message.output

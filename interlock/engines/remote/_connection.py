@@ -3,7 +3,10 @@
 Writing: any task queues frames with `send_nowait` (never blocks); one writer task joins
 everything queued since its last write into a single ``send_all``, so an idle connection adds
 no latency and a busy one makes one syscall per batch rather than per frame
-(reference/stack.md section 3.1: 2.5-7x the throughput of a ``send_all`` per frame).
+(reference/stack.md section 3.1: 2.5-7x the throughput of a ``send_all`` per frame). With
+``batch_outputs`` (a version-3 peer), outputs queued with `send_output_nowait` wait unencoded
+until the writer's next write and go out as one `Outputs` frame, each stream's joined into
+one output: a worker ahead of its frontend sends fewer, larger frames.
 
 Reading: each ``receive_some`` is fed to a `FrameParser`, which returns every frame it
 completes; the reader hands them to a synchronous callback, in order.
@@ -14,12 +17,23 @@ from __future__ import annotations
 import collections
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
 
-from ...wire._frames import MAX_FRAME_SIZE, FrameParser, Goodbye, ProtocolError, encode_frame
+from ...wire import EngineOutput
+from ...wire._frames import (
+    MAX_BATCH,
+    MAX_FRAME_SIZE,
+    FrameParser,
+    Goodbye,
+    Output,
+    Outputs,
+    ProtocolError,
+    encode_frame,
+)
+from ...wire._output import join_outputs
 
 _logger = logging.getLogger("interlock.wire")
 
@@ -61,7 +75,8 @@ def set_keepalive(stream: trio.abc.Stream) -> None:
 class FrameConnection:
     """A framed message stream over ``stream`` (one per TCP connection).
 
-    ``peer`` names the other end in logs and errors.
+    ``peer`` names the other end in logs and errors. Received frames with a tag in
+    ``skip_tags`` are dropped undecoded (`FrameParser`).
     """
 
     def __init__(
@@ -71,6 +86,7 @@ class FrameConnection:
         *,
         max_frame_size: int = MAX_FRAME_SIZE,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        skip_tags: Iterable[str] = (),
     ) -> None:
         self.stream = stream
         self.peer = peer
@@ -82,14 +98,23 @@ class FrameConnection:
         self.peer_goodbye: str | None = None
         #: When (trio time) bytes last arrived: any frame is a sign of life.
         self.last_receive = trio.current_time()
-        self._parser = FrameParser(max_frame_size=max_frame_size)
+        self._parser = FrameParser(max_frame_size=max_frame_size, skip_tags=skip_tags)
         self._received: collections.deque[Any] = collections.deque()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        #: Send outputs as `Outputs` frames (the peer speaks version 3); set after the handshake.
+        self.batch_outputs = False
+        #: Outputs waiting for the writer, by stream, in the order their streams first came.
+        self._outputs: dict[int, EngineOutput] = {}
         self._scope: trio.CancelScope | None = None
         self._wakeup = trio.Event()
         self._drained = trio.Event()
         self._end_reason: str | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Received frames dropped undecoded (their tag is in ``skip_tags``)."""
+        return self._parser.skipped
 
     # -- sending (never blocks) ---------------------------------------------------------------
 
@@ -102,6 +127,42 @@ class FrameConnection:
         if not self.closed:
             self.send_frame_nowait(encode_frame(message, max_frame_size=self.max_frame_size))
 
+    def send_output_nowait(self, stream: int, output: EngineOutput) -> None:
+        """Queue ``output`` of stream ``stream``; dropped if the connection has ended.
+
+        Without ``batch_outputs``, an `Output` frame now. With it, the output waits for the
+        writer, joined to the stream's output already waiting if it can be (`join_outputs`);
+        any other frame queued meanwhile first sends the waiting outputs, so frames keep
+        their order but for the outputs joined.
+        """
+        if self.closed:
+            return
+        if not self.batch_outputs:
+            self.send_nowait(Output(stream=stream, output=output))
+            return
+        waiting = self._outputs
+        last = waiting.get(stream)
+        if last is not None:
+            joined = join_outputs(last, output)
+            if joined is not None:
+                waiting[stream] = joined
+                return
+            self._encode_outputs()
+            waiting = self._outputs
+        elif len(waiting) >= MAX_BATCH:
+            self._encode_outputs()
+        waiting[stream] = output
+        self._wakeup.set()
+
+    def _encode_outputs(self) -> None:
+        """Queue the waiting outputs as one `Outputs` frame."""
+        waiting = self._outputs
+        self._outputs = {}
+        frame = encode_frame(
+            Outputs(outputs=tuple(waiting.items())), max_frame_size=self.max_frame_size
+        )
+        self._queue(frame)
+
     def send_frame_nowait(self, frame: bytes) -> None:
         """Queue an encoded frame (one encoding shared by many connections).
 
@@ -110,6 +171,11 @@ class FrameConnection:
         """
         if self.closed:
             return
+        if self._outputs:
+            self._encode_outputs()
+        self._queue(frame)
+
+    def _queue(self, frame: bytes) -> None:
         self._pending.append(frame)
         self._pending_bytes += len(frame)
         self._wakeup.set()
@@ -159,6 +225,7 @@ class FrameConnection:
             self.closed = True
             self._scope = None
             self._pending.clear()
+            self._outputs.clear()
             self._pending_bytes = 0
         return self._end_reason or "closed"
 
@@ -218,10 +285,14 @@ class FrameConnection:
         stream = self.stream
         try:
             while True:
+                if self._outputs:
+                    self._encode_outputs()
                 while not self._pending:
                     self._drained.set()
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
+                    if self._outputs:
+                        self._encode_outputs()
                 batch = self._pending
                 self._pending = []
                 data = batch[0] if len(batch) == 1 else b"".join(batch)

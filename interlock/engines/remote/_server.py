@@ -16,6 +16,7 @@ from ...wire._frames import (
     AUTH_VERSION,
     HEARTBEAT_VERSION,
     MAX_FRAME_SIZE,
+    OUTPUTS_VERSION,
     SUPPORTED_VERSIONS,
     Auth,
     Broken,
@@ -23,7 +24,6 @@ from ...wire._frames import (
     Challenge,
     Goodbye,
     Hello,
-    Output,
     Ping,
     Pong,
     ProtocolError,
@@ -251,6 +251,8 @@ class _Hub:
                 return
             hello, version, proof = accepted
             _logger.info("frontend %s connected (%s)", peer, hello.client or "unnamed")
+            # A version-3 frontend gets the outputs queued between two writes in one frame.
+            conn.batch_outputs = version >= OUTPUTS_VERSION
             async with trio.open_nursery() as tasks:
                 session = _Session(self.engine, conn, tasks, self.drain, version)
                 conn.send_nowait(self.welcome(version, proof))
@@ -435,12 +437,13 @@ class _Session:
 
     async def _run_stream(self, stream_id: int, request: Any, scope: trio.CancelScope) -> None:
         send = self.conn.send_nowait
+        send_output = self.conn.send_output_nowait
         try:
             with scope:
                 try:
                     async with self.engine.open_stream(request) as outputs:
                         async for output in outputs:
-                            send(Output(stream=stream_id, output=output))
+                            send_output(stream_id, output)
                             if output.finish_reason is not None:
                                 return
                     send(Broken(stream=stream_id, message="the engine ended the stream early"))
