@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import h11
 import trio
@@ -26,6 +26,11 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
 from ._errors import HttpError
+from ._h1 import ServerState
+
+#: Which HTTP/1.1 server `serve_http` runs: ``"h1"``, llhttp-parsed on trio sockets (`_h1`,
+#: the default: about half the CPU per request), or ``"hypercorn"`` (Hypercorn's trio worker).
+HttpServer = Literal["h1", "hypercorn"]
 
 #: nginx's ``client_header_timeout`` and ``send_timeout`` defaults (seconds).
 DEFAULT_HEADER_TIMEOUT: Final = 60.0
@@ -44,6 +49,7 @@ async def serve_http(
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     max_header_bytes: int = 16 * 1024,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    server: HttpServer = "h1",
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until cancelled (or ``shutdown_trigger`` returns).
@@ -74,6 +80,16 @@ async def serve_http(
     # Hypercorn logs "Running on ..." at INFO; the caller prints its own banner. Errors in the
     # app still reach stderr (there should be none: the app answers every error itself).
     config.loglevel = "WARNING"
+    if server == "h1":
+        await _serve_h1(
+            app,
+            config,
+            header_timeout=header_timeout,
+            write_timeout=write_timeout,
+            shutdown_trigger=shutdown_trigger,
+            task_status=task_status,
+        )
+        return
     await _worker_serve(
         wrap_app(app, config.wsgi_max_body_size, "asgi"),
         config,
@@ -101,13 +117,7 @@ async def _worker_serve(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
-            sockets = config.create_sockets()
-            listeners = []
-            binds = []
-            for sock in sockets.insecure_sockets:
-                sock.listen(config.backlog)
-                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            listeners, binds = _listen(config)
             task_status.started(binds[0])
             handler = partial(
                 connection, app, config, context, ConnectionState(lifespan_state.copy())
@@ -130,6 +140,72 @@ async def _worker_serve(
             finally:
                 await context.terminated.set()
                 server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+def _listen(config: Config) -> tuple[list[trio.SocketListener], list[str]]:
+    """Bind and listen on ``config.bind``: the listeners and their URLs.
+
+    Raises:
+        OSError: an address cannot be bound.
+    """
+    listeners = []
+    binds = []
+    for sock in config.create_sockets().insecure_sockets:
+        sock.listen(config.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+    return listeners, binds
+
+
+async def _serve_h1(
+    app: Any,
+    config: Config,
+    *,
+    header_timeout: float,
+    write_timeout: float,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    task_status: trio.TaskStatus[str],
+) -> None:
+    # `_worker_serve`'s shape (lifespan, listen, serve, stop listening when
+    # ``shutdown_trigger`` returns, ``graceful_timeout`` for open connections) on the
+    # llhttp server of `_h1`. Idle keep-alive connections close at once on shutdown.
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(wrap_app(app, config.wsgi_max_body_size, "asgi"), config, lifespan_state)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        server = ServerState(
+            app,
+            lifespan_state=lifespan_state,
+            keep_alive_timeout=config.keep_alive_timeout,
+            header_timeout=header_timeout,
+            write_timeout=write_timeout,
+            max_header_bytes=config.h11_max_incomplete_size,
+        )
+        async with trio.open_nursery() as connections:
+            listeners, binds = _listen(config)
+            try:
+                task_status.started(binds[0])
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            server.handle,
+                            listeners,
+                            handler_nursery=connections,
+                        )
+                    )
+                    if shutdown_trigger is None:
+                        await trio.sleep_forever()
+                    await shutdown_trigger()
+                    accepting.cancel_scope.cancel()
+            finally:
+                for listener in listeners:
+                    listener.socket.close()
+                server.close_idle()
+                connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 
