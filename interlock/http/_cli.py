@@ -73,7 +73,7 @@ from ._auth import (
 from ._drain import Drain
 from ._metrics import HttpMetrics
 from ._preprocess import Preprocessor
-from ._serve import serve_http
+from ._serve import HttpServer, serve_http
 from ._tracing import configure_otlp
 
 #: ``--drain-timeout``'s default: seconds the requests in flight get after SIGTERM (the
@@ -169,6 +169,8 @@ class ServeSetup:
     command: str
     #: ``--write-timeout``: seconds a client may take no response bytes before it is dropped.
     write_timeout: float = 60.0
+    #: ``--http-server``: which HTTP/1.1 server `serve_http` runs (``h1`` or ``hypercorn``).
+    http_server: HttpServer = "h1"
     #: ``interlock worker`` processes to serve over (``--remote-worker``).
     remote_workers: tuple[RemoteWorkerAddress, ...] = ()
     #: ``--selection-policy MODULE:FACTORY``: the text, and the factory it imported.
@@ -412,6 +414,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="a client that takes no response bytes for SECONDS is disconnected and its "
         "request cancelled (60, nginx's send_timeout)",
+    )
+    server.add_argument(
+        "--http-server",
+        choices=("h1", "hypercorn"),
+        default="h1",
+        help="the HTTP/1.1 server: h1, llhttp parsing on trio sockets (the default, about half "
+        "the CPU per request), or hypercorn (Hypercorn's trio worker; docs/operations.md)",
     )
     server.add_argument(
         "--max-stream-buffer-bytes",
@@ -964,6 +973,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             max_messages=args.max_messages,
         ),
         write_timeout=args.write_timeout,
+        http_server=getattr(args, "http_server", "h1"),
         host=args.host,
         port=args.port,
         model=args.model_name,
@@ -1172,6 +1182,7 @@ async def serve_frontend(
                 graceful_timeout=_HYPERCORN_GRACE,
                 header_timeout=setup.limits.request_read_timeout,
                 write_timeout=setup.write_timeout,
+                server=setup.http_server,
                 task_status=task_status,
             )
             nursery.cancel_scope.cancel()
