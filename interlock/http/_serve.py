@@ -1,11 +1,14 @@
-"""`serve_http`: run an ASGI app on Hypercorn's trio worker, in the caller's trio run.
+"""`serve_http`: run an ASGI app over HTTP/1.1 in the caller's trio run.
 
-Hypercorn's connection handler gets two timeouts it lacks (docs/operations.md, "Hostile and
-slow clients"): a request's head must arrive within ``header_timeout`` of its first byte, else
-the client gets a 408 and the connection is closed; and a client that accepts no response
-bytes for ``write_timeout`` is disconnected (its request is cancelled). Hypercorn's own
-``read_timeout`` cannot do either: it bounds every read, so it would also end a long stream
-whose client has nothing to send, and a dripping client resets it with each byte.
+Two servers: ``h1`` (the default, `_h1`: llhttp parsing on trio sockets, one task per
+connection, about half Hypercorn's CPU per request) and ``hypercorn`` (Hypercorn's trio
+worker). Both give the same hardening (docs/operations.md, "Hostile and slow clients"): a
+request's head must arrive within ``header_timeout`` of its first byte, else the client gets a
+408 and the connection is closed; and a client that accepts no response bytes for
+``write_timeout`` is disconnected (its request is cancelled). Hypercorn's own ``read_timeout``
+cannot do either: it bounds every read, so it would also end a long stream whose client has
+nothing to send, and a dripping client resets it with each byte; so its connection handler
+gets both here.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ async def serve_http(
     Connections are trio ``SocketStream``s, which set ``TCP_NODELAY``: without it a stream's
     small chunks wait for the peer's delayed ACK (about 40 ms each).
 
+    ``server`` picks the HTTP/1.1 server: ``"h1"`` (`_h1`, the default) or ``"hypercorn"``;
+    the app sees the same ASGI messages on both.
     ``keep_alive_timeout`` is generous because load balancers and gateways keep pools of idle
     connections; ``graceful_timeout`` bounds how long open requests get when shutting down.
     ``header_timeout``: a request head not complete this long after its first byte is
