@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import h11
+import httpx
 import pytest
 import trio
 from helpers import wait_until
@@ -222,6 +223,17 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_time
         await c.stream.send_all(post(b"/x", b""))
         assert (await c.response())[0] == 200
         assert await c.closed()
+
+
+@BOTH
+async def test_cleartext_http2_with_prior_knowledge_is_served(server: str) -> None:
+    async with (
+        serving(server=server) as ((host, port), _),
+        httpx.AsyncClient(http1=False, http2=True, base_url=f"http://{host}:{port}") as c,
+    ):
+        answers = [await c.post("/h2", content=b"x" * n) for n in (0, 10, 100_000)]
+    assert {a.http_version for a in answers} == {"HTTP/2"}
+    assert [len(a.json()["body"]) for a in answers] == [0, 10, 100_000]
 
 
 # -- errors -----------------------------------------------------------------------------------

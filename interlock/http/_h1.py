@@ -46,6 +46,8 @@ _ASGI: Final = {"version": "3.0", "spec_version": "2.1"}
 _DISCONNECT: Final = {"type": "http.disconnect"}
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+#: How an HTTP/2 client with prior knowledge (h2c) opens a connection (RFC 9113 3.4).
+_H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -92,8 +94,12 @@ class ServerState:
         header_timeout: float,
         write_timeout: float,
         max_header_bytes: int,
+        h2: Callable[[Any], Awaitable[None]] | None = None,
     ) -> None:
         self.app = app
+        #: Serves a connection that opened with the HTTP/2 preface, given a stream that
+        #: replays the bytes read so far (None: such a connection gets a 400).
+        self.h2 = h2
         self.lifespan_state = lifespan_state
         self.keep_alive_timeout = keep_alive_timeout
         self.header_timeout = header_timeout
@@ -155,6 +161,8 @@ class Connection:
         self._head_started = 0.0
         self._idle_scope: trio.CancelScope | None = None
         self._read_scope: trio.CancelScope | None = None
+        #: The connection's first bytes while they may still be the HTTP/2 preface.
+        self._opening: bytes | None = b"" if server.h2 is not None else None
         self._fd = stream.socket.fileno()
         #: A write is waiting for room in the socket's buffer (`send_all` has the socket).
         self._writing = False
@@ -323,6 +331,17 @@ class Connection:
                     return None
             if not data:
                 return None
+            if self._opening is not None:
+                opening = self._opening + data
+                if _H2_PREFACE.startswith(opening[: len(_H2_PREFACE)]):
+                    if len(opening) < len(_H2_PREFACE):
+                        self._opening = opening
+                        continue
+                    assert server.h2 is not None
+                    await server.h2(_Replay(stream, opening))
+                    return None
+                self._opening = None
+                data = opening
             self._feed(data)
         return self.queue[0]
 
@@ -578,6 +597,32 @@ class Connection:
             self.stream.socket.close()
             if self._read_scope is not None:
                 self._read_scope.cancel()
+
+
+class _Replay:
+    """A connection's stream with the bytes already read from it put back in front (for
+    the HTTP/2 server, which reads the connection from its start)."""
+
+    def __init__(self, stream: trio.SocketStream, data: bytes) -> None:
+        self.stream = stream
+        self.socket = stream.socket
+        self._data = data
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._data:
+            data, self._data = self._data, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 def _head_too_large(limit: int) -> _ParseError:

@@ -177,10 +177,23 @@ async def _serve_h1(
     # ``shutdown_trigger`` returns, ``graceful_timeout`` for open connections) on the
     # llhttp server of `_h1`. Idle keep-alive connections close at once on shutdown.
     lifespan_state: dict[str, Any] = {}
-    lifespan = Lifespan(wrap_app(app, config.wsgi_max_body_size, "asgi"), config, lifespan_state)
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    # Cleartext HTTP/2 with prior knowledge (a connection opening with the HTTP/2 preface) is
+    # handed to Hypercorn, as the whole server was before: gRPC-style clients keep working.
+    context = WorkerContext(None)
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
+        h2 = partial(
+            _GuardedTCPServer,
+            wrapped,
+            config,
+            context,
+            ConnectionState(lifespan_state.copy()),
+            header_timeout=header_timeout,
+            write_timeout=write_timeout,
+        )
         server = ServerState(
             app,
             lifespan_state=lifespan_state,
@@ -188,6 +201,7 @@ async def _serve_h1(
             header_timeout=header_timeout,
             write_timeout=write_timeout,
             max_header_bytes=config.h11_max_incomplete_size,
+            h2=lambda stream: h2(stream).run(),
         )
         async with trio.open_nursery() as connections:
             listeners, binds = _listen(config)
@@ -210,6 +224,7 @@ async def _serve_h1(
                 for listener in listeners:
                     listener.socket.close()
                 server.close_idle()
+                await context.terminated.set()
                 connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
