@@ -285,6 +285,21 @@ async def test_a_body_the_app_did_not_read_closes_the_connection_after_the_answe
         assert await c.closed()
 
 
+async def test_a_response_header_with_a_line_break_is_never_sent() -> None:
+    async def inject(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await echo(scope, receive, send)
+            return
+        value = b"x\r\nset-cookie: stolen=1"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-id", value)]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with serving(inject) as (address, _), client(address) as c:
+        await c.stream.send_all(post(b"/x", b""))
+        status, headers, _ = await c.response()
+    assert status == 500 and b"set-cookie" not in headers
+
+
 # -- the client going away, and shutting down -------------------------------------------------
 
 

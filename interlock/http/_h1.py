@@ -474,7 +474,8 @@ class Connection:
         client went away are dropped, as Hypercorn does.
 
         Raises:
-            RuntimeError: the messages are out of order (an app bug).
+            RuntimeError: the messages are out of order, or a header has a line break (an
+                app bug).
         """
         kind = message["type"]
         if kind == "http.response.body":
@@ -508,8 +509,8 @@ class Connection:
         elif kind == "http.response.start":
             if self._started:
                 raise RuntimeError("ASGI http.response.start sent twice")
-            self._started = True
             self._start(message)
+            self._started = True
             if self._chunked and self._head is not None:
                 # A stream's head goes at once: its first body may be a while.
                 head = self._head
@@ -533,7 +534,12 @@ class Connection:
                 framed = True
             elif lower == b"connection" and b"close" in bytes(value).lower():
                 close = said_close = True
-            lines.append(b"%s: %s\r\n" % (name, value))
+            line = b"%s: %s\r\n" % (name, value)
+            if line.count(b"\n") != 1 or line.count(b"\r") != 1:
+                # As h11 refuses it: a line break in a header would let a value the app
+                # copied from a request inject headers (or a whole response).
+                raise RuntimeError(f"ASGI response header {bytes(name)!r} has a line break")
+            lines.append(line)
         if not framed and status >= 200 and status not in (204, 304):
             if self._suppress_body:
                 pass
