@@ -419,8 +419,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--http-server",
         choices=("h1", "hypercorn"),
         default="h1",
-        help="the HTTP/1.1 server: h1, llhttp parsing on trio sockets (the default, about half "
-        "the CPU per request), or hypercorn (Hypercorn's trio worker; docs/operations.md)",
+        help="the HTTP/1.1 server: h1, llhttp parsing on trio sockets (the default, 1.4-1.6x "
+        "less frontend CPU per request), or hypercorn (Hypercorn's trio worker; "
+        "docs/operations.md)",
     )
     server.add_argument(
         "--max-stream-buffer-bytes",

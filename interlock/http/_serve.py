@@ -1,14 +1,14 @@
 """`serve_http`: run an ASGI app over HTTP/1.1 in the caller's trio run.
 
 Two servers: ``h1`` (the default, `_h1`: llhttp parsing on trio sockets, one task per
-connection, about half Hypercorn's CPU per request) and ``hypercorn`` (Hypercorn's trio
-worker). Both give the same hardening (docs/operations.md, "Hostile and slow clients"): a
-request's head must arrive within ``header_timeout`` of its first byte, else the client gets a
-408 and the connection is closed; and a client that accepts no response bytes for
-``write_timeout`` is disconnected (its request is cancelled). Hypercorn's own ``read_timeout``
-cannot do either: it bounds every read, so it would also end a long stream whose client has
-nothing to send, and a dripping client resets it with each byte; so its connection handler
-gets both here.
+connection, a sixth to a tenth of Hypercorn's CPU per request) and ``hypercorn``
+(Hypercorn's trio worker). Both give the same hardening (docs/operations.md, "Hostile and slow
+clients"): a request's head must arrive within ``header_timeout`` of its first byte, else the
+client gets a 408 and the connection is closed; and a client that accepts no response bytes
+for ``write_timeout`` is disconnected (its request is cancelled). Hypercorn's own
+``read_timeout`` cannot do either: it bounds every read, so it would also end a long stream
+whose client has nothing to send, and a dripping client resets it with each byte; so its
+connection handler gets both here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from ._errors import HttpError
 from ._h1 import ServerState
 
 #: Which HTTP/1.1 server `serve_http` runs: ``"h1"``, llhttp-parsed on trio sockets (`_h1`,
-#: the default: about half the CPU per request), or ``"hypercorn"`` (Hypercorn's trio worker).
+#: the default: a fraction of Hypercorn's CPU per request), or ``"hypercorn"`` (Hypercorn's
+#: trio worker).
 HttpServer = Literal["h1", "hypercorn"]
 
 #: nginx's ``client_header_timeout`` and ``send_timeout`` defaults (seconds).
