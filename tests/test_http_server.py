@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from interlock.http import serve_http
-from interlock.http._h1 import ServerState
+from interlock.http._h1 import _READ_AHEAD, Connection, ServerState
 
 Scope = dict[str, Any]
 App = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -356,6 +356,52 @@ async def test_shutting_down_closes_idle_connections_and_lets_a_busy_one_finish(
         assert await busy.closed()
 
 
+async def test_pipelining_during_a_long_answer_is_read_only_so_far_ahead() -> None:
+    release = trio.Event()
+
+    async def long_answer(scope: Scope, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/long":
+            await send({"type": "http.response.body", "body": b"wait", "more_body": True})
+            async with trio.open_nursery() as nursery:
+                # Waiting for the client to go away reads what it sends meanwhile.
+                nursery.start_soon(receive)
+                await release.wait()
+                nursery.cancel_scope.cancel()
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = _server_state(long_answer)
+    ours, theirs = trio.socket.socketpair()
+    connection = Connection(server, trio.SocketStream(ours))
+    request = b"GET /short HTTP/1.1\r\nhost: x\r\n\r\n"
+    count = 2 * _READ_AHEAD // len(request) + 100
+    c = Client(trio.SocketStream(theirs))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await c.stream.send_all(b"GET /long HTTP/1.1\r\nhost: x\r\n\r\n")
+        nursery.start_soon(c.stream.send_all, request * count)
+        await wait_until(lambda: connection.read_ahead > _READ_AHEAD, within=30)
+        # The server stopped reading: the rest waits in the socket, not in the server.
+        assert connection.read_ahead <= _READ_AHEAD + 2**16
+        assert len(connection.queue) < count
+        release.set()
+        answers = [await c.response(b"GET") for _ in range(count + 1)]
+        await c.stream.aclose()
+    assert answers[0][2] == b"waitok" and {a[2] for a in answers[1:]} == {b"ok"}
+
+
+def _server_state(app: App) -> ServerState:
+    return ServerState(
+        app,
+        lifespan_state={},
+        keep_alive_timeout=60,
+        header_timeout=60,
+        write_timeout=60,
+        max_header_bytes=16384,
+    )
+
+
 # -- a property: however the bytes are cut, the answers are the same --------------------------
 
 _REQUESTS = [
@@ -374,14 +420,7 @@ _REQUESTS = [
 async def test_requests_cut_anywhere_get_the_same_answers(
     order: list[int], cuts: list[int]
 ) -> None:
-    server = ServerState(
-        echo,
-        lifespan_state={},
-        keep_alive_timeout=60,
-        header_timeout=60,
-        write_timeout=60,
-        max_header_bytes=16384,
-    )
+    server = _server_state(echo)
     data = b"".join(_REQUESTS[i] for i in order)
     points = sorted({min(c, len(data)) for c in cuts} | {len(data)})
     ours, theirs = trio.socket.socketpair()
