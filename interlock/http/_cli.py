@@ -1222,7 +1222,12 @@ async def _serve_metrics(nursery: trio.Nursery, setup: ServeSetup, app: Any) -> 
         return None
     host = setup.metrics_host if setup.metrics_host is not None else setup.host
     try:
-        url: str = await nursery.start(serve_http, build_metrics_app(app), host, setup.metrics_port)
+        url: str = await nursery.start(
+            functools.partial(serve_http, server=setup.http_server),
+            build_metrics_app(app),
+            host,
+            setup.metrics_port,
+        )
     except BaseException as exc:
         bind_error, _ = _split(exc, OSError)
         if bind_error is None:
