@@ -1,11 +1,14 @@
-"""`serve_http`: run an ASGI app on Hypercorn's trio worker, in the caller's trio run.
+"""`serve_http`: run an ASGI app over HTTP/1.1 in the caller's trio run.
 
-Hypercorn's connection handler gets two timeouts it lacks (docs/operations.md, "Hostile and
-slow clients"): a request's head must arrive within ``header_timeout`` of its first byte, else
-the client gets a 408 and the connection is closed; and a client that accepts no response
-bytes for ``write_timeout`` is disconnected (its request is cancelled). Hypercorn's own
+Two servers: ``h1`` (the default, `_h1`: llhttp parsing on trio sockets, one task per
+connection, a sixth to a tenth of Hypercorn's CPU per request) and ``hypercorn``
+(Hypercorn's trio worker). Both give the same hardening (docs/operations.md, "Hostile and slow
+clients"): a request's head must arrive within ``header_timeout`` of its first byte, else the
+client gets a 408 and the connection is closed; and a client that accepts no response bytes
+for ``write_timeout`` is disconnected (its request is cancelled). Hypercorn's own
 ``read_timeout`` cannot do either: it bounds every read, so it would also end a long stream
-whose client has nothing to send, and a dripping client resets it with each byte.
+whose client has nothing to send, and a dripping client resets it with each byte; so its
+connection handler gets both here.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import h11
 import trio
@@ -27,6 +30,12 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
 from ._errors import HttpError
+from ._h1 import ServerState
+
+#: Which HTTP/1.1 server `serve_http` runs: ``"h1"``, llhttp-parsed on trio sockets (`_h1`,
+#: the default: a fraction of Hypercorn's CPU per request), or ``"hypercorn"`` (Hypercorn's
+#: trio worker).
+HttpServer = Literal["h1", "hypercorn"]
 
 #: nginx's ``client_header_timeout`` and ``send_timeout`` defaults (seconds).
 DEFAULT_HEADER_TIMEOUT: Final = 60.0
@@ -45,6 +54,7 @@ async def serve_http(
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     max_header_bytes: int = 16 * 1024,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    server: HttpServer = "h1",
     sock: socket.socket | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -55,6 +65,8 @@ async def serve_http(
     Connections are trio ``SocketStream``s, which set ``TCP_NODELAY``: without it a stream's
     small chunks wait for the peer's delayed ACK (about 40 ms each).
 
+    ``server`` picks the HTTP/1.1 server: ``"h1"`` (`_h1`, the default) or ``"hypercorn"``;
+    the app sees the same ASGI messages on both.
     ``keep_alive_timeout`` is generous because load balancers and gateways keep pools of idle
     connections; ``graceful_timeout`` bounds how long open requests get when shutting down.
     ``header_timeout``: a request head not complete this long after its first byte is
@@ -78,6 +90,17 @@ async def serve_http(
     # Hypercorn logs "Running on ..." at INFO; the caller prints its own banner. Errors in the
     # app still reach stderr (there should be none: the app answers every error itself).
     config.loglevel = "WARNING"
+    if server == "h1":
+        await _serve_h1(
+            app,
+            config,
+            header_timeout=header_timeout,
+            write_timeout=write_timeout,
+            shutdown_trigger=shutdown_trigger,
+            sock=sock,
+            task_status=task_status,
+        )
+        return
     await _worker_serve(
         wrap_app(app, config.wsgi_max_body_size, "asgi"),
         config,
@@ -107,15 +130,7 @@ async def _worker_serve(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
-            bound = [sock] if sock is not None else config.create_sockets().insecure_sockets
-            listeners = []
-            binds = []
-            for listening in bound:
-                listening.listen(config.backlog)
-                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(listening)))
-                binds.append(
-                    f"http://{repr_socket_addr(listening.family, listening.getsockname())}"
-                )
+            listeners, binds = _listen(config, sock)
             task_status.started(binds[0])
             handler = partial(
                 connection, app, config, context, ConnectionState(lifespan_state.copy())
@@ -138,6 +153,91 @@ async def _worker_serve(
             finally:
                 await context.terminated.set()
                 server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+def _listen(
+    config: Config, sock: socket.socket | None = None
+) -> tuple[list[trio.SocketListener], list[str]]:
+    """Bind and listen on ``config.bind`` (or listen on ``sock``): the listeners and URLs.
+
+    Raises:
+        OSError: an address cannot be bound.
+    """
+    listeners = []
+    binds = []
+    bound = [sock] if sock is not None else config.create_sockets().insecure_sockets
+    for listening in bound:
+        listening.listen(config.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(listening)))
+        binds.append(f"http://{repr_socket_addr(listening.family, listening.getsockname())}")
+    return listeners, binds
+
+
+async def _serve_h1(
+    app: Any,
+    config: Config,
+    *,
+    header_timeout: float,
+    write_timeout: float,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    sock: socket.socket | None = None,
+    task_status: trio.TaskStatus[str],
+) -> None:
+    # `_worker_serve`'s shape (lifespan, listen, serve, stop listening when
+    # ``shutdown_trigger`` returns, ``graceful_timeout`` for open connections) on the
+    # llhttp server of `_h1`. Idle keep-alive connections close at once on shutdown.
+    lifespan_state: dict[str, Any] = {}
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    # Cleartext HTTP/2 with prior knowledge (a connection opening with the HTTP/2 preface) is
+    # handed to Hypercorn, as the whole server was before: gRPC-style clients keep working.
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        h2 = partial(
+            _GuardedTCPServer,
+            wrapped,
+            config,
+            context,
+            ConnectionState(lifespan_state.copy()),
+            header_timeout=header_timeout,
+            write_timeout=write_timeout,
+        )
+        server = ServerState(
+            app,
+            lifespan_state=lifespan_state,
+            keep_alive_timeout=config.keep_alive_timeout,
+            header_timeout=header_timeout,
+            write_timeout=write_timeout,
+            max_header_bytes=config.h11_max_incomplete_size,
+            h2=lambda stream: h2(stream).run(),
+        )
+        async with trio.open_nursery() as connections:
+            listeners, binds = _listen(config, sock)
+            try:
+                task_status.started(binds[0])
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            server.handle,
+                            listeners,
+                            handler_nursery=connections,
+                        )
+                    )
+                    if shutdown_trigger is None:
+                        await trio.sleep_forever()
+                    await shutdown_trigger()
+                    accepting.cancel_scope.cancel()
+            finally:
+                for listener in listeners:
+                    listener.socket.close()
+                server.close_idle()
+                await context.terminated.set()
+                connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 
