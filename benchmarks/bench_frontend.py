@@ -113,9 +113,10 @@ class System:
     workers: list[psutil.Process]
 
 
-def start_interlock(processes: Processes, tokenizer: str, router_mode: str) -> System:
+def start_interlock(processes: Processes, tokenizer: str, router_mode: str | None) -> System:
     """Start ``WORKERS`` ``interlock worker --zero-time`` processes and ``interlock serve`` over
-    them; return once ``/health`` lists every worker.
+    them (``router_mode`` None: its defaults, else that mode and Dynamo's migration limit);
+    return once ``/health`` lists every worker.
 
     Raises:
         RuntimeError: a process exited or did not get ready in time (with its output).
@@ -132,8 +133,9 @@ def start_interlock(processes: Processes, tokenizer: str, router_mode: str) -> S
     command = [
         sys.executable, "-m", "interlock", "serve", "--port", "0", "--model-name", MODEL,
         "--tokenizer", tokenizer, "--kv-block-size", str(KV_BLOCK_SIZE),
-        "--router-mode", router_mode, "--migration-limit", "3",
     ]  # fmt: skip
+    if router_mode is not None:
+        command += ["--router-mode", router_mode, "--migration-limit", "3"]
     for worker_id, port in enumerate(ports, start=1):
         command += ["--remote-worker", f"{worker_id}=127.0.0.1:{port}"]
     process, log = processes.start("interlock-serve", command)
