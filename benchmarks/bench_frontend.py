@@ -26,7 +26,7 @@ frontend process and any children, from psutil, before and after the cell: robus
 box, unlike req/s), the workers' CPU ms/req, req/s, latency p50/p99 and errors, as medians
 over rounds, and the interlock / Dynamo ratio of CPU ms/req (the median of the per-round
 ratios). Then the "non-stream req/s on one core" figure: C=64 non-stream with each frontend
-(every thread) pinned to CPU 0 and the workers and this client pinned to the other CPUs; it
+(every thread) pinned to one CPU and the workers and this client pinned to the other CPUs; it
 prints how busy the frontend's core was, since the figure only measures the frontend when that
 is near 100 %. The machine is shared and noisy: read the CPU per request and the ratios, not
 the absolute req/s. Every process it starts runs in its own process group, stopped at the end,
@@ -441,12 +441,14 @@ def measure(
 def measure_on_one_core(
     system: System, others: Sequence[System], requests: int, round_: int, seed: int
 ) -> Cell:
-    """`measure` C=64 non-stream with ``system``'s frontend alone on CPU 0 and its workers,
-    this client and the ``others`` (idle) on the rest; every affinity is restored after."""
-    everything = set(range(psutil.cpu_count() or 1)) & os.sched_getaffinity(0)
-    rest = everything - {0}
+    """`measure` C=64 non-stream with ``system``'s frontend alone on the first CPU this process
+    may use and its workers, this client and the ``others`` (idle) on the rest; every affinity
+    is restored after."""
+    everything = os.sched_getaffinity(0)
+    first = min(everything)
+    rest = everything - {first}
     idle = [p for other in others for p in (other.frontend, *other.workers)]
-    pin([system.frontend], {0})
+    pin([system.frontend], {first})
     pin([*system.workers, *idle], rest)
     os.sched_setaffinity(0, rest)
     try:
@@ -665,7 +667,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     one_core = [c for c in cells if c.mode == "one-core"]
     if one_core:
         print()
-        print(f"Non-stream req/s on one core (C={ONE_CORE_CONCURRENCY}, frontend pinned to CPU 0):")
+        print(
+            f"Non-stream req/s on one core (C={ONE_CORE_CONCURRENCY}, the frontend pinned to a CPU "
+            "of its own):"
+        )
         for name in names:
             mine = [c for c in one_core if c.system == name]
             print(
