@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +78,20 @@ class Processes:
     directory: Path
     started: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
 
-    def start(self, name: str, command: Sequence[str]) -> tuple[subprocess.Popen[bytes], Path]:
-        """Start ``command`` in a new session (so its children are in its group), output to
-        ``<directory>/<name>.log``; return the process and that file. Does not wait."""
+    def start(
+        self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start ``command`` in a new session (so its children are in its group), with ``env``
+        added to this process's environment, output to ``<directory>/<name>.log``; return the
+        process and that file. Does not wait."""
         log = self.directory / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                list(command), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                list(command),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **env} if env else None,
             )
         self.started.append(process)
         return process, log

@@ -339,7 +339,16 @@ class PipelineConfig:
     transition_log_capacity: int = attrs.field(
         default=100_000,
         validator=_typed(int, minimum=1),
-        metadata=_doc("Transition records kept in memory (oldest dropped first)."),
+        metadata=_doc("Transition records kept in memory at most (oldest dropped first)."),
+    )
+    transition_log_memory_bytes: int | None = attrs.field(
+        default=32 * 1024 * 1024,
+        validator=_typed(int, optional=True, minimum=1),
+        metadata=_doc(
+            "Bytes of memory the in-memory transition records may take at most, estimated "
+            "(a routing decision keeps its prompt's token ids, ~40 bytes a token); the oldest "
+            "are dropped first. None: bounded by transition_log_capacity alone."
+        ),
     )
     transition_log_path: str | None = attrs.field(
         default=None,

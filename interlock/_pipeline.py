@@ -269,7 +269,7 @@ def _make_policy(
 @asynccontextmanager
 async def _open_pipeline(config: PipelineConfig, components: Components) -> AsyncIterator[Pipeline]:
     mode = mode_for(config.routing, config.migration_limit, config.enforce_disagg)
-    memory = MemoryLog(config.transition_log_capacity)
+    memory = MemoryLog(config.transition_log_capacity, config.transition_log_memory_bytes)
     sinks: list[TransitionSink] = list(components.transition_sinks)
     jsonl = (
         JsonlSink(
@@ -430,7 +430,8 @@ class Pipeline:
 
     @property
     def transition_log(self) -> MemoryLog:
-        """Every request's transition records (the newest ``transition_log_capacity``)."""
+        """Every request's transition records (the newest, within ``transition_log_capacity``
+        records and ``transition_log_memory_bytes``)."""
         return self._memory
 
     @property

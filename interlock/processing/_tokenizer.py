@@ -217,12 +217,19 @@ def _read_tokenizer_file(path: Path) -> tokenizers.Tokenizer:
         raw = path.read_bytes()
         if path.suffix == ".gz":
             raw = gzip.decompress(raw)
-        text = raw.decode("utf-8")
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise TokenizerError(f"{path}: cannot read the tokenizer file: {exc}") from exc
     try:
-        return tokenizers.Tokenizer.from_str(text)
+        # From the bytes: decoding them to a str first costs a large vocabulary's process
+        # ~80 MB of RSS that stays (Qwen3's: 181 MB against 100 MB).
+        return tokenizers.Tokenizer.from_buffer(raw)
     except Exception as exc:  # the Rust parser raises bare Exception
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as not_text:
+            raise TokenizerError(
+                f"{path}: cannot read the tokenizer file: {not_text}"
+            ) from not_text
         raise TokenizerError(
             f"{path}: not a Hugging Face tokenizer.json (the tokenizers library says: {exc})"
         ) from exc

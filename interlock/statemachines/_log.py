@@ -89,18 +89,79 @@ class TransitionSink(Protocol):
     def offer(self, record: TransitionRecord) -> None: ...
 
 
-class MemoryLog:
-    """The newest ``capacity`` records, in order. Reading is safe at any time."""
+# What a record costs in memory, estimated without walking it (`estimate_record_bytes`); measured
+# with tracemalloc on CPython 3.11 over real requests. A record alone: the slotted object, its two
+# floats and its share of the strings.
+_RECORD_BYTES = 200
+# A decision object (a RoutingDecision, a MigrationPlan, an error dict) without its token ids.
+_DECISION_BYTES = 300
+# A token id of a prompt that a decision keeps: its slot in the tuple (8) and, for ids above 256
+# (most of a real vocabulary's), the int object itself (32): a tokenizer makes new ones each time.
+_TOKEN_BYTES = 40
+# One leg's SelectionRecord (with its reason and inputs) and each candidate worker in it.
+_SELECTION_BYTES = 400
+_CANDIDATE_BYTES = 100
 
-    def __init__(self, capacity: int = 100_000) -> None:
-        self._records: collections.deque[TransitionRecord] = collections.deque(maxlen=capacity)
+
+def estimate_record_bytes(record: TransitionRecord) -> int:
+    """About how many bytes of memory ``record`` keeps alive, cheaply: a fixed cost, plus, for
+    a decision, its prompt's token ids (``decision.token_ids``, or ``decision.request.token_ids``
+    for a migration plan) and its selections' candidates. Never raises."""
+    decision = record.decision
+    if decision is None:
+        return _RECORD_BYTES
+    size = _RECORD_BYTES + _DECISION_BYTES
+    tokens = getattr(decision, "token_ids", None)
+    if tokens is None:
+        tokens = getattr(getattr(decision, "request", None), "token_ids", None)
+    if tokens is not None:
+        try:
+            size += _TOKEN_BYTES * len(tokens)
+        except TypeError:
+            pass  # not a sequence: the fixed cost stands
+    for selection in getattr(decision, "selections", ()):
+        size += _SELECTION_BYTES + _CANDIDATE_BYTES * len(getattr(selection, "candidates", ()))
+    return size
+
+
+class MemoryLog:
+    """The newest records, in order: at most ``capacity`` of them and, with ``max_bytes``, at
+    most that many bytes of memory as `estimate_record_bytes` counts them (a routing decision
+    keeps its prompt's token ids, so records of long prompts weigh more). The oldest are dropped
+    first; the newest record is always kept. Reading is safe at any time.
+
+    Raises:
+        ValueError: ``capacity`` or ``max_bytes`` below 1.
+    """
+
+    def __init__(self, capacity: int = 100_000, max_bytes: int | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(
+                f"max_bytes must be at least 1 (or None for no byte bound), got {max_bytes}"
+            )
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._records: collections.deque[TransitionRecord] = collections.deque()
+        self._sizes: collections.deque[int] = collections.deque()
         #: Records pushed out by newer ones.
         self.evicted = 0
+        #: The estimated bytes of the records kept (`estimate_record_bytes`).
+        self.bytes = 0
 
     def offer(self, record: TransitionRecord) -> None:
-        if len(self._records) == self._records.maxlen:
-            self.evicted += 1
+        size = estimate_record_bytes(record)
         self._records.append(record)
+        self._sizes.append(size)
+        self.bytes += size
+        limit = self.max_bytes
+        while len(self._records) > self.capacity or (
+            limit is not None and self.bytes > limit and len(self._records) > 1
+        ):
+            self._records.popleft()
+            self.bytes -= self._sizes.popleft()
+            self.evicted += 1
 
     def __len__(self) -> int:
         return len(self._records)
@@ -128,6 +189,8 @@ class MemoryLog:
 
     def clear(self) -> None:
         self._records.clear()
+        self._sizes.clear()
+        self.bytes = 0
 
 
 class JsonlSink:

@@ -29,6 +29,7 @@ from ._invariants import check_invariants
 from ._workload import RequestResult, TimedRequest, WorkloadReport, run_workload
 
 T = TypeVar("T")
+_DEFAULT_LOG_BYTES = PipelineConfig().transition_log_memory_bytes
 
 
 class NotInVirtualTime(RuntimeError):
@@ -196,7 +197,9 @@ async def open_simulated_cluster(
     role ``decode_role``), or engines you built yourself. ``faults`` start when the cluster
     opens. ``selection_policy`` is passed on as ``Components(selection_policy=...)``: your own
     policy, chosen over ``router_mode``'s. Leaving the context stops the fault schedule and
-    closes the pipeline (breaking any stream still open).
+    closes the pipeline (breaking any stream still open). The transition log keeps up to
+    ``transition_log_capacity`` records whatever their size (``transition_log_memory_bytes``
+    at its default is lifted), so that `SimulatedCluster.check_invariants` sees whole requests.
 
     This installs no clock: trio's clock is chosen by ``trio.run``. Enter it inside
     `run_simulation` (``trio.run`` with a `SimulationClock`), or in a pytest-trio test that
@@ -210,6 +213,10 @@ async def open_simulated_cluster(
     if virtual_time:
         require_virtual_time()
     config = config if config is not None else PipelineConfig()
+    if config.transition_log_memory_bytes == _DEFAULT_LOG_BYTES:
+        # check_invariants needs every record of a request: a simulation's log is bounded by
+        # transition_log_capacity alone unless the caller chose a byte bound of its own.
+        config = config.evolve(transition_log_memory_bytes=None)
     spec = worker_spec if worker_spec is not None else MockWorkerSpec()
     agg = _engines(workers, 0, decode_role, spec, config.kv_block_size)
     next_id = max((e.instance_id for e in agg), default=-1) + 1

@@ -1,0 +1,110 @@
+"""benchmarks/bench_frontend.py and benchmarks/bench_memory.py run end to end at a tiny size
+(real ``interlock serve`` and ``interlock worker`` processes, an aiohttp client): every request
+is answered, the tables come out, Dynamo is skipped with the reason when it cannot run, and no
+process is left behind. The table's interlock / Dynamo ratio is checked on made-up cells. No
+timing or memory figure is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN3 = ROOT.parent / "shared" / "data" / "tokenizers" / "qwen3"
+# The real tokenizer where the checkout has it beside it; the byte tokenizer elsewhere.
+TOKENIZER = str(QWEN3) if (QWEN3 / "tokenizer_config.json").is_file() else "builtin"
+
+
+def _load(name: str) -> ModuleType:
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports bench_engines as a sibling
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # attrs classes look their module up by name
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+bench = _load("bench_frontend")
+
+
+def _processes_with(marker: str) -> list[list[bytes]]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        if marker.encode() in environ:
+            found.append(command)
+    return found
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # Every process the benchmark starts inherits this variable: that is how we find any left
+    # behind, and only ours.
+    marker = f"bench-frontend-test-{uuid.uuid4().hex}"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BENCH_FRONTEND_TEST": marker},
+    )
+    leftovers = _processes_with(marker)
+    assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
+    return completed
+
+
+def test_the_frontend_benchmark_runs_and_says_why_dynamo_is_skipped(tmp_path: Path) -> None:
+    completed = _run(
+        "bench_frontend.py", "--quick", "--tokenizer", TOKENIZER,
+        "--dynamo-python", str(tmp_path / "no-dynamo" / "python"),
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-3000:]
+    out = completed.stdout
+    assert "Dynamo: skipping it" in out and "install_peers.sh dynamo" in out, out
+    assert "interlock CPU ms/req" in out and "dynamo CPU ms/req" not in out, out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 4 |", "| 8 |"))]
+    # Two concurrencies by two modes, in both tables; the last column of the first is errors.
+    assert len(rows) == 8, out
+    assert [row[-2].strip() for row in rows[:4]] == ["0"] * 4, f"requests failed:\n{out}"
+    assert "Non-stream req/s on one core" in out, out
+
+
+def test_the_memory_benchmark_runs() -> None:
+    completed = _run("bench_memory.py", "--quick", "--tokenizer", TOKENIZER)
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-3000:]
+    out = completed.stdout
+    assert "| 100 |" in out and "| 300 |" in out, out
+    assert "RSS growth from 100 to 300 requests" in out, out
+
+
+def _cell(system: str, round_: int, cpu: float) -> object:
+    return bench.Cell(
+        system=system, round=round_, mode="stream", concurrency=16, requests=10, errors=0,
+        frontend_cpu_ms=cpu, workers_cpu_ms=0.1, req_per_s=100.0, p50_ms=1.0, p99_ms=2.0,
+        tokens=16.0, frontend_busy=0.5,
+    )  # fmt: skip
+
+
+def test_the_ratio_pairs_each_round_with_its_own_round() -> None:
+    cells = [
+        _cell("interlock", 1, 3.0), _cell("dynamo", 1, 1.0),  # 3.0
+        _cell("interlock", 2, 2.0), _cell("dynamo", 2, 2.0),  # 1.0
+        _cell("interlock", 3, 4.0), _cell("dynamo", 3, 2.0),  # 2.0
+    ]  # fmt: skip
+    assert bench.ratio_of(cells, "frontend_cpu_ms") == 2.0
+    (row,) = [line for line in bench.table(cells, ["interlock", "dynamo"]) if "| 16 |" in line]
+    assert "3.00 [2.00-4.00]" in row and "2.00 [1.00-2.00]" in row and "| 2.00 |" in row, row
