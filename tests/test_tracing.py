@@ -388,3 +388,30 @@ def test_otlp_endpoint_without_the_sdk_says_what_to_install(
     with caplog.at_level(logging.WARNING, logger="interlock.http"):
         assert configure_otlp(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) is None
     assert "pip install 'interlock[otel]'" in caplog.text
+
+
+def test_otlp_endpoint_over_stale_otel_protos_says_how_to_put_them_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # xds-protos (the gateway's Envoy messages) ships an old opentelemetry-proto over the
+    # real one whichever pip installs last (grpc/grpc#42429): the exporter then fails so.
+    from importlib.abc import MetaPathFinder
+
+    from interlock import ConfigError
+    from interlock.http._tracing import configure_otlp
+
+    name = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+
+    class Stale(MetaPathFinder):
+        def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+            if fullname == name:
+                raise ImportError(
+                    "cannot import name 'InstrumentationScope' from "
+                    "'opentelemetry.proto.common.v1.common_pb2'"
+                )
+
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Stale(), *sys.meta_path])
+    with pytest.raises(ConfigError, match="grpc/grpc#42429") as caught:
+        configure_otlp("http://127.0.0.1:4318", {})
+    assert "pip install --force-reinstall --no-deps 'opentelemetry-proto==" in str(caught.value)

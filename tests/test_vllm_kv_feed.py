@@ -19,6 +19,7 @@ import zmq
 
 from interlock.engines.openai._kv_feed import (
     KvEventFeed,
+    KvEventRelay,
     KvFeedBindError,
     KvReplayFailed,
     kv_topic,
@@ -261,6 +262,16 @@ async def test_a_bound_endpoint_is_refused_naming_it_and_the_option_to_change() 
     assert "--kv-events-bind" in message
     with pytest.raises(KvFeedBindError, match="ZMQ endpoint such as"):
         await KvEventFeed("nonsense://x").run()
+
+
+async def test_the_relay_of_several_processes_refuses_a_bound_endpoint_the_same_way() -> None:
+    # `interlock serve --processes N --kv-events-bind` binds it in the supervisor's relay.
+    async with running_feed() as (feed, _):
+        endpoint = feed.endpoint
+        with pytest.raises(KvFeedBindError) as caught:
+            KvEventRelay(endpoint, "tcp://127.0.0.1:*")
+    message = str(caught.value)
+    assert endpoint in message and "already in use" in message
 
 
 async def test_a_running_feed_cannot_run_twice() -> None:

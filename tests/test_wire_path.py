@@ -27,7 +27,7 @@ from interlock.http._cli import resolve
 from interlock.kv import KV_EVENT_TYPES, KvStored, StoredBlock
 from interlock.processing import ByteTokenizer, tokenizer_fingerprint
 from interlock.wire import EngineOutput, FrameParser, PreprocessedRequest, Usage, encode_frame
-from interlock.wire._frames import Hello, Output, Outputs, Ping, Start
+from interlock.wire._frames import Broken, Hello, Output, Outputs, Ping, Start
 from interlock.wire._output import MAX_JOINED_TOKENS, join_outputs
 
 # -- joining outputs ---------------------------------------------------------------------------
@@ -140,6 +140,30 @@ async def test_outputs_waiting_for_the_writer_go_as_one_frame_in_order(
         event,
         Outputs(outputs=((1, final),)),
     ]
+
+
+async def test_outputs_too_large_together_go_apart_and_an_oversized_one_breaks_its_stream(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    conn = FrameConnection(ours, "a frontend", max_frame_size=600)
+    conn.batch_outputs = True
+    parser = FrameParser()
+    frames: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.serve, lambda message: None)
+        conn.send_output_nowait(1, EngineOutput(token_ids=(1,), text="a" * 250))
+        conn.send_output_nowait(2, EngineOutput(token_ids=(2,), text="b" * 250))
+        conn.send_output_nowait(3, EngineOutput(token_ids=(3,), text="c" * 1000))
+        while len(frames) < 3:
+            frames += parser.feed(await theirs.receive_some())
+        nursery.cancel_scope.cancel()
+    assert frames[:2] == [
+        Outputs(outputs=((1, EngineOutput(token_ids=(1,), text="a" * 250)),)),
+        Outputs(outputs=((2, EngineOutput(token_ids=(2,), text="b" * 250)),)),
+    ]
+    assert type(frames[2]) is Broken and frames[2].stream == 3
+    assert "600" in frames[2].message, frames[2].message
 
 
 async def _raw_stream(address: WorkerAddress, versions: tuple[int, ...]) -> dict[str, Any]:

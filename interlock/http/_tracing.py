@@ -9,6 +9,7 @@ events below it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Final
@@ -136,6 +137,8 @@ def configure_otlp(endpoint: str | None, environ: Mapping[str, str]) -> Callable
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as exc:
+        if "InstrumentationScope" in str(exc):
+            raise ConfigError(_clobbered_protos(exc), knobs=("otlp_endpoint",)) from None
         missing = f"the SDK and OTLP exporter are not installed ({exc.name} is missing)"
         if endpoint is None:
             # The variables may be set for other programs on the machine: say it, go on.
@@ -157,3 +160,18 @@ def configure_otlp(endpoint: str | None, environ: Mapping[str, str]) -> Callable
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)
     return provider.shutdown
+
+
+def _clobbered_protos(exc: ImportError) -> str:
+    """What to do when opentelemetry-proto's modules are the stale copies xds-protos ships."""
+    try:
+        version = f"=={importlib.metadata.version('opentelemetry-proto')}"
+    except importlib.metadata.PackageNotFoundError:
+        version = ""
+    return (
+        f"the OTLP exporter cannot load opentelemetry-proto's modules ({exc}): xds-protos (the "
+        "Envoy messages of interlock's gateway) installs an old copy of them over "
+        "opentelemetry-proto's (grpc/grpc#42429). Put them back: pip install "
+        f"--force-reinstall --no-deps 'opentelemetry-proto{version}' (docs/operations.md, "
+        "Tracing)"
+    )

@@ -317,6 +317,7 @@ class KvEventRelay:
         """
         self._context = zmq.Context()
         self._sockets: list[zmq.Socket[Any]] = []
+        self._thread: threading.Thread | None = None
         try:
             for kind, address in ((zmq.XSUB, endpoint), (zmq.XPUB, relay_endpoint)):
                 socket = self._context.socket(kind)
@@ -333,7 +334,6 @@ class KvEventRelay:
             raise
         self.endpoint = self._sockets[0].getsockopt_string(zmq.LAST_ENDPOINT)
         self.relay_endpoint = self._sockets[1].getsockopt_string(zmq.LAST_ENDPOINT)
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Relay on a daemon thread until `close`. Never blocks."""

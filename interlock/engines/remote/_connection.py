@@ -26,6 +26,7 @@ from ...wire import EngineOutput
 from ...wire._frames import (
     MAX_BATCH,
     MAX_FRAME_SIZE,
+    Broken,
     FrameParser,
     Goodbye,
     Output,
@@ -155,12 +156,23 @@ class FrameConnection:
         self._wakeup.set()
 
     def _encode_outputs(self) -> None:
-        """Queue the waiting outputs as one `Outputs` frame."""
+        """Queue the waiting outputs as one `Outputs` frame. Never raises: outputs too large
+        for one frame together go one frame each, and a stream whose output is too large on
+        its own gets `Broken` in its place (what sending it unbatched did), its later outputs
+        ignored by the frontend; the other streams lose nothing."""
         waiting = self._outputs
         self._outputs = {}
-        frame = encode_frame(
-            Outputs(outputs=tuple(waiting.items())), max_frame_size=self.max_frame_size
-        )
+        limit = self.max_frame_size
+        try:
+            frame = encode_frame(Outputs(outputs=tuple(waiting.items())), max_frame_size=limit)
+        except ProtocolError:
+            for pair in waiting.items():
+                try:
+                    frame = encode_frame(Outputs(outputs=(pair,)), max_frame_size=limit)
+                except ProtocolError as exc:
+                    frame = encode_frame(Broken(stream=pair[0], message=str(exc)))
+                self._queue(frame)
+            return
         self._queue(frame)
 
     def send_frame_nowait(self, frame: bytes) -> None:
