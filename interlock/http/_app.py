@@ -644,8 +644,10 @@ class _Run:
                 self.token_ids = generated
             except Exception as exc:
                 error = http_error_for(exc)
+            finally:
+                # Cancelled too (a drain's cut): out of the watchdog before the nursery closes.
+                state.leave()
             state.done = True
-            state.leave()
         if state.disconnected:
             frontend.metrics.count_request(endpoint.endpoint, 499, trio.current_time() - self.start)
             return
