@@ -570,6 +570,11 @@ class Pipeline:
             return decision
         except BaseException as exc:
             self._end_abnormally(fsm, exc)
+            if book and not isinstance(exc, Exception):
+                # Cancelled while its Route was on its way: the router books it on arrival
+                # and the caller, who never got a decision, never frees it. Free it behind
+                # the Route (through the disagg actor, so it cannot overtake it).
+                self._disagg.send_nowait(Free(request_id))
             raise
         finally:
             self._in_flight.discard(request_id)
@@ -602,6 +607,8 @@ class Pipeline:
         track = hints is None or hints.enable_local_updates is not False
         post: Postprocessor
         router = self._router
+        #: A Route on its way through the disagg actor (cancelled before its answer).
+        routing = False
         try:
             self._check_hints(request)
             post = self._postprocessor(request)
@@ -614,12 +621,14 @@ class Pipeline:
             migrations = 0
             cached_tokens = 0
             while True:
+                routing = True
                 if migrations == 0 and self._admit and _routed_by_router(hints):
                     selection = await self._route_admitted(
                         Route(attempt, request_id, exclude, track, admit=True), hints
                     )
                 else:
                     selection = await self._route(Route(attempt, request_id, exclude, track))
+                routing = False
                 decision = selection.decision
                 fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
                 prefill_result: PrefillResult | None = None
@@ -724,7 +733,9 @@ class Pipeline:
         finally:
             self._in_flight.discard(request_id)
             if track:
-                router.send_nowait(Free(request_id))
+                # A Route still in the disagg actor's mailbox books when it reaches the
+                # router: the Free follows it the same way, so it cannot overtake it.
+                (self._disagg if routing else router).send_nowait(Free(request_id))
             # After the Free: the woken waiter's Select reaches the router behind it.
             self._admission.wake()
 

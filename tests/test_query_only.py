@@ -4,6 +4,7 @@ nothing, book nothing."""
 from __future__ import annotations
 
 import pytest
+import trio
 from helpers import prompt
 
 from interlock import Components, PipelineConfig, RequestError, build_pipeline
@@ -70,3 +71,37 @@ async def test_worker_ids_in_the_request_are_refused(autojump_clock: object, fie
         assert info.value.field == field
         # Nothing else was disturbed: the next query is answered.
         assert (await pipeline.query(PreprocessedRequest(token_ids=prompt()))).decode_worker_id == 1
+
+
+@pytest.mark.parametrize("routing", ["query_only", "discover"])
+async def test_a_booking_query_cancelled_before_its_answer_leaves_no_load(
+    autojump_clock: object, routing: str
+) -> None:
+    # Cancelled while its Route waits in the disagg actor's mailbox: the router books it on
+    # arrival, so the pipeline frees it behind the Route (a gateway dropping its stream).
+    workers = [MockEngine(0), MockEngine(1)]
+    config = PipelineConfig(routing=routing, router_mode="round_robin")  # type: ignore[arg-type]
+    async with build_pipeline(config, Components(workers=workers)) as pipeline:
+        for n in range(3):
+            request = PreprocessedRequest(token_ids=prompt(40), request_id=f"gone-{n}")
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await pipeline.query(request, book=True)
+            await trio.sleep(1)
+            assert await pipeline.load() == {}
+        kept = await pipeline.query(PreprocessedRequest(token_ids=prompt(40)), book=True)
+        assert set(await pipeline.load()) == {kept.decode_worker_id}
+
+
+async def test_a_request_cancelled_before_its_route_is_answered_leaves_no_load(
+    autojump_clock: object,
+) -> None:
+    config = PipelineConfig(router_mode="round_robin")
+    async with build_pipeline(config, Components(workers=[MockEngine(0)])) as pipeline:
+        outputs = pipeline.generate(PreprocessedRequest(token_ids=prompt(40), max_tokens=4))
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await outputs.__anext__()
+        await outputs.aclose()
+        await trio.sleep(1)
+        assert await pipeline.load() == {}

@@ -9,6 +9,7 @@ from ..statemachines import Mode
 from ..wire import PreprocessedRequest
 from ._messages import (
     FALL_BACK,
+    Free,
     GetWorkers,
     PrefillLegFailed,
     Route,
@@ -62,6 +63,9 @@ class DisaggOrchestrator(Actor):
                     message.candidates,
                 ),
             )
+        if kind is Free:
+            # Sent this way by a request cancelled while its Route was here: behind it.
+            return Forward(self._router, message)
         if kind is PrefillLegFailed:
             return self._prefill_failed(message)
         if kind is WorkersChanged:
