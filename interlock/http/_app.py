@@ -145,8 +145,9 @@ async def send_json(send: Send, status: int, body: bytes, headers: list[Any] = _
 WATCH_DISCONNECT_AFTER: Final = 1.0
 
 
-async def _watch_disconnect(receive: Receive, state: _State) -> None:
+async def _watch_disconnect(state: _State) -> None:
     assert state.watcher is not None
+    receive = state.receive
     with state.watcher:
         while True:
             message = await receive()
@@ -249,7 +250,7 @@ class _State:
         self.watchdog.discard(self)
         self.watch_at = math.inf
         self.watcher = trio.CancelScope()
-        self.nursery.start_soon(_watch_disconnect, self.receive, self)
+        self.nursery.start_soon(_watch_disconnect, self)
 
     def leave(self) -> None:
         """One of the request's tasks is done; after the last, nothing is left to watch for
@@ -702,7 +703,7 @@ class _Run:
             async with trio.open_nursery() as nursery:
                 state = _State(nursery, self.start, 2, receive, endpoint.watchdog)
                 self.ticket.attach(nursery.cancel_scope)
-                nursery.start_soon(self._produce, outbox, receive, state)
+                nursery.start_soon(self._produce, outbox, state)
                 try:
                     await self._send_stream(outbox, send, state)
                 finally:
@@ -741,14 +742,14 @@ class _Run:
         state.started = True
         await outbox.send_all(send)
 
-    async def _produce(self, outbox: _Outbox, receive: Receive, state: _State) -> None:
+    async def _produce(self, outbox: _Outbox, state: _State) -> None:
         """Run the request, putting its outputs in ``outbox`` as they come (the child task)."""
         try:
             # Created, iterated and closed in this task, so whatever the engine's stream
             # holds open stays in one task.
             async with aclosing(self.endpoint.frontend.pipeline.generate(self.request)) as outputs:
                 try:
-                    state.status = await self._fill(outbox, outputs, receive, state)
+                    state.status = await self._fill(outbox, outputs, state)
                 finally:
                     # Ended (or too slow a client): the engine stops now (closing ``outputs``),
                     # not once the client has taken the rest.
@@ -760,7 +761,6 @@ class _Run:
         self,
         outbox: _Outbox,
         outputs: AsyncIterator[EngineOutput],
-        receive: Receive,
         state: _State,
     ) -> int:
         # Wait for the first output before sending the headers: an error that ends the request
