@@ -8,10 +8,10 @@ over them, the router pinned to CPU 0 and this client to CPU 1. Then, in the sam
 1. **picks**: ``--picks`` chat requests whose prompt is ``--tokens`` tokens (the built-in byte
    tokenizer: one token per byte), one at a time, through the ext_proc stream as Envoy drives
    it (a grpcio client in lockstep: request headers, the body in 64 KiB chunks, then wait for
-   the pick; then response headers and body, so the booking closes), against the same bodies
-   through the route-only HTTP API (``POST /v1/route`` with ``book``, then ``/free``). Pick
-   latency is from the first message sent to the answer naming the endpoint. Prints picks/s,
-   p50 and p99 of each, and the ratio.
+   the pick; then the response phases docs/gateway/envoy.yaml sends, so the booking closes),
+   against the same bodies through the route-only HTTP API (``POST /v1/route`` with ``book``,
+   then ``/free``). Pick latency is from the first message sent to the answer naming the
+   endpoint. Prints picks/s, p50 and p99 of each, and the ratio.
 2. **through Envoy** (unless ``--skip-envoy``): the same requests, and short ones, sent by an
    HTTP client through Envoy configured with docs/gateway/envoy.yaml (interlock picking) and
    through Envoy with the same file less the ext_proc filter, routing to one fixed worker.
@@ -174,6 +174,8 @@ class ExtProcClient:
         self.pb = pb
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub = pb_grpc.ExternalProcessorStub(self.channel)
+        # The response body goes through the picker only if docs/gateway/envoy.yaml says so.
+        self.response_body_mode = response_body_mode()
 
     def _headers(self, pairs: list[tuple[str, str]], end: bool, response: bool = False) -> Any:
         from envoy.config.core.v3 import base_pb2
@@ -186,7 +188,16 @@ class ExtProcClient:
         )
         if response:
             return self.pb.ProcessingRequest(response_headers=headers)
-        return self.pb.ProcessingRequest(request_headers=headers)
+        from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+
+        modes = processing_mode_pb2.ProcessingMode
+        return self.pb.ProcessingRequest(
+            request_headers=headers,
+            protocol_config=self.pb.ProtocolConfiguration(
+                request_body_mode=modes.FULL_DUPLEX_STREAMED,
+                response_body_mode=modes.BodySendMode.Value(self.response_body_mode),
+            ),
+        )
 
     def pick(self, body: bytes, request_id: str) -> tuple[float, str]:
         """Send ``body`` through a new stream; return seconds to the pick and the endpoint.
@@ -238,16 +249,30 @@ class ExtProcClient:
                 )
             )
             next(responses)
-            done = b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
-            outgoing.put(
-                pb.ProcessingRequest(response_body=pb.HttpBody(body=done, end_of_stream=True))
-            )
-            next(responses)
+            if self.response_body_mode != "NONE":
+                done = b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+                outgoing.put(
+                    pb.ProcessingRequest(response_body=pb.HttpBody(body=done, end_of_stream=True))
+                )
+                next(responses)
         finally:
             outgoing.put(None)
             for _ in responses:
                 pass
         return picked, endpoint
+
+
+def response_body_mode() -> str:
+    """The ``response_body_mode`` of docs/gateway/envoy.yaml's ext_proc filter."""
+    import yaml
+
+    config = yaml.safe_load(ENVOY_CONFIG.read_text())
+    (listener,) = config["static_resources"]["listeners"]
+    (manager,) = listener["filter_chains"][0]["filters"]
+    for http_filter in manager["typed_config"]["http_filters"]:
+        if http_filter["name"] == "envoy.filters.http.ext_proc":
+            return str(http_filter["typed_config"]["processing_mode"]["response_body_mode"])
+    raise RuntimeError(f"{ENVOY_CONFIG} has no ext_proc filter")
 
 
 # -- measurements ----------------------------------------------------------------------------------
