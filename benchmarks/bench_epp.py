@@ -15,7 +15,8 @@ over them, the router pinned to CPU 0 and this client to CPU 1. Then, in the sam
 2. **through Envoy** (unless ``--skip-envoy``): the same requests, and short ones, sent by an
    HTTP client through Envoy configured with docs/gateway/envoy.yaml (interlock picking) and
    through Envoy with the same file less the ext_proc filter, routing to one fixed worker.
-   Prints p50/p99 of each and the p50 interlock adds.
+   The two alternate request by request. Prints p50/p99 of each, the router's CPU per
+   request, and the p50 interlock adds.
 
     python benchmarks/bench_epp.py [--tokens 100000] [--picks 200] [--workers 4]
                                    [--requests 200] [--skip-envoy]
@@ -409,6 +410,7 @@ def start_envoy(processes: Processes, config: dict[str, Any], name: str) -> str:
 
 def measure_envoy(
     processes: Processes,
+    router_pid: int,
     ext_proc_port: int,
     infos: list[dict[str, Any]],
     prompts: list[bytes],
@@ -428,30 +430,37 @@ def measure_envoy(
     short = json.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
     ).encode()
-    print(f"\n{'through Envoy':<44} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"\n{'through Envoy':<44} {'p50 ms':>8} {'p99 ms':>8} {'router CPU ms':>14}")
     added = {}
+    paths = (("fixed endpoint", fixed), ("interlock picking", picking))
     for label, bodies_ in (("short prompt", [short]), (f"{len(prompts[0])} B prompt", prompts)):
-        rows = {}
-        for name, url in (("fixed endpoint", fixed), ("interlock picking", picking)):
-            with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
-                times = []
-                for n in range(requests + 10):
-                    start = time.perf_counter()
-                    answer = client.post(
-                        "/v1/chat/completions",
-                        content=bodies_[n % len(bodies_)],
-                        headers={"content-type": "application/json"},
-                    )
-                    took = time.perf_counter() - start
-                    if answer.status_code != 200:
-                        raise RuntimeError(f"{name}: {answer.status_code} {answer.text}")
-                    if n >= 10:
-                        times.append(took)
-            rows[name] = summary(times)
-            print(
-                f"{f'{label}, {name}':<44} {rows[name]['p50_ms']:>8.3f} "
-                f"{rows[name]['p99_ms']:>8.3f}"
-            )
+        clients = {name: httpx.Client(base_url=url, timeout=TIMEOUT) for name, url in paths}
+        times: dict[str, list[float]] = {name: [] for name, _ in paths}
+        cpu_before = 0.0
+        # The two paths alternate, request by request, so that both see the same machine (a
+        # shared box's load changes from second to second).
+        for n in range(requests + 10):
+            if n == 10:
+                cpu_before = cpu_seconds(router_pid)
+            for name, _ in paths:
+                start = time.perf_counter()
+                answer = clients[name].post(
+                    "/v1/chat/completions",
+                    content=bodies_[n % len(bodies_)],
+                    headers={"content-type": "application/json"},
+                )
+                took = time.perf_counter() - start
+                if answer.status_code != 200:
+                    raise RuntimeError(f"{name}: {answer.status_code} {answer.text}")
+                if n >= 10:
+                    times[name].append(took)
+        cpu_ms = (cpu_seconds(router_pid) - cpu_before) / requests * 1000
+        for client in clients.values():
+            client.close()
+        rows = {name: summary(times[name]) for name, _ in paths}
+        for name, row in rows.items():
+            cpu = f"{cpu_ms:>14.3f}" if name == "interlock picking" else f"{'':>14}"
+            print(f"{f'{label}, {name}':<44} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {cpu}")
         added[label] = rows["interlock picking"]["p50_ms"] - rows["fixed endpoint"]["p50_ms"]
     print(
         "interlock adds (p50): "
@@ -482,7 +491,7 @@ def main() -> None:
             prompts = bodies(args.prompts, args.tokens)
             measure_picks(pid, ext_proc_port, url, prompts, args.picks)
             if not args.skip_envoy:
-                measure_envoy(processes, ext_proc_port, infos, prompts, args.requests)
+                measure_envoy(processes, pid, ext_proc_port, infos, prompts, args.requests)
         finally:
             processes.stop()
 
