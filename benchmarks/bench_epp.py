@@ -12,11 +12,11 @@ over them, the router pinned to CPU 0 and this client to CPU 1. Then, in the sam
    against the same bodies through the route-only HTTP API (``POST /v1/route`` with ``book``,
    then ``/free``). Pick latency is from the first message sent to the answer naming the
    endpoint. Prints picks/s, p50 and p99 of each, and the ratio.
-2. **through Envoy** (unless ``--skip-envoy``): the same requests, and short ones, sent by an
-   HTTP client through Envoy configured with docs/gateway/envoy.yaml (interlock picking) and
-   through Envoy with the same file less the ext_proc filter, routing to one fixed worker.
-   The two alternate request by request. Prints p50/p99 of each, the router's CPU per
-   request, and the p50 interlock adds.
+2. **through Envoy** (unless ``--skip-envoy``): the same requests, short ones, and short ones
+   streaming 200 tokens back, sent by an HTTP client through Envoy configured with
+   docs/gateway/envoy.yaml (interlock picking) and through Envoy with the same file less the
+   ext_proc filter, routing to one fixed worker. The two alternate request by request. Prints
+   p50/p99 of each, the router's CPU per request, and the p50 interlock adds.
 
     python benchmarks/bench_epp.py [--tokens 100000] [--picks 200] [--workers 4]
                                    [--requests 200] [--skip-envoy]
@@ -433,7 +433,20 @@ def measure_envoy(
     print(f"\n{'through Envoy':<44} {'p50 ms':>8} {'p99 ms':>8} {'router CPU ms':>14}")
     added = {}
     paths = (("fixed endpoint", fixed), ("interlock picking", picking))
-    for label, bodies_ in (("short prompt", [short]), (f"{len(prompts[0])} B prompt", prompts)):
+    streamed = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "stream": True,
+        }
+    ).encode()
+    for label, bodies_ in (
+        ("short prompt", [short]),
+        (f"{len(prompts[0])} B prompt", prompts),
+        ("200-token stream", [streamed]),
+    ):
         clients = {name: httpx.Client(base_url=url, timeout=TIMEOUT) for name, url in paths}
         times: dict[str, list[float]] = {name: [] for name, _ in paths}
         cpu_before = 0.0
