@@ -2,7 +2,8 @@
 picker adds to a request through Envoy.
 
 Starts ``--workers`` ``interlock worker --openai-port`` processes (zero-time mock engines behind
-vLLM's HTTP surface) and ``interlock route --router-mode kv --ext-proc-port ... --engine ...``
+vLLM's HTTP surface, publishing their KV events) and ``interlock route --router-mode kv
+--kv-events-bind ... --ext-proc-port ... --engine ...``
 over them, the router pinned to CPU 0 and this client to CPU 1. Then, in the same run:
 
 1. **picks**: ``--picks`` chat requests whose prompt is ``--tokens`` tokens (the built-in byte
@@ -33,6 +34,7 @@ import os
 import queue
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -102,17 +104,24 @@ def start_pool(
     its pid."""
     interlock = [sys.executable, "-m", "interlock"]
     context = str(tokens + 1024)
+    # The workers publish their KV events to the router, as in the issue's contract: the router
+    # keeps the exact prefix index (without events it would guess, with the approximate one).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        kv_bind = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
     infos = []
     for worker_id in range(1, workers + 1):
         _, line = processes.start(
             [*interlock, "worker", "--id", str(worker_id), "--openai-port", "0", "--zero-time",
-             "--served-model-name", MODEL, "--max-model-len", context, "--log-level", "warning"],
+             "--served-model-name", MODEL, "--max-model-len", context, "--log-level", "warning",
+             "--kv-events-endpoint", kv_bind],
             f"worker-{worker_id}",
         )  # fmt: skip
         infos.append(json.loads(line))
     argv = [
         *interlock, "route", "--port", "0", "--ext-proc-port", "0", "--model-name", MODEL,
         "--router-mode", "kv", "--max-model-len", context, "--max-body-bytes", str(64 << 20),
+        "--kv-events-bind", kv_bind,
     ]  # fmt: skip
     for info in infos:
         argv += ["--engine", f"{info['worker_id']}={info['openai_url']}"]
