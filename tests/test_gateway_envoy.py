@@ -144,10 +144,12 @@ async def pool_behind_envoy(
     workers: int = 2,
     worker_flags: tuple[str, ...] = (),
     route_flags: tuple[str, ...] | None = None,
+    processing_mode: dict[str, str] | None = None,
 ) -> AsyncIterator[Pool]:
     """``workers`` mock workers behind Envoy; with ``route_flags``, ``interlock route
     --ext-proc-port ... --engine ID=URL ...`` picking for Envoy, else no picker at all (its
-    port refuses connections: fail-open)."""
+    port refuses connections: fail-open). ``processing_mode`` changes those of the ext_proc
+    filter's modes it names (another gateway's configuration)."""
     require_envoy()
     async with open_processes(tmp_path) as processes:
         kv_bind = f"tcp://127.0.0.1:{free_port()}"
@@ -174,6 +176,12 @@ async def pool_behind_envoy(
             ext_proc_health_port=health_port,
             pool=[f"127.0.0.1:{w['openai_port']}" for w in infos],
         )
+        if processing_mode is not None:
+            (listener,) = config["static_resources"]["listeners"]
+            (manager,) = listener["filter_chains"][0]["filters"]
+            for http_filter in manager["typed_config"]["http_filters"]:
+                if http_filter["name"] == "envoy.filters.http.ext_proc":
+                    http_filter["typed_config"]["processing_mode"].update(processing_mode)
         async with open_envoy(config, tmp_path) as envoy:
             yield Pool(envoy, infos, processes, route_url, route_process)
 
@@ -298,6 +306,36 @@ async def test_requests_go_where_interlock_picked(tmp_path: Path) -> None:
         assert stats["http.gateway.ext_proc.streams_started"] >= 8
         assert stats["http.gateway.ext_proc.streams_failed"] == 0
         assert stats["http.gateway.ext_proc.failure_mode_allowed"] == 0
+
+
+async def test_with_gaies_reference_modes_responses_stream_through_the_picker(
+    tmp_path: Path,
+) -> None:
+    # GAIE's reference Envoy streams the response body through the picker too: the picker
+    # passes it back unchanged, and the bookings still close.
+    flags = ("--router-mode", "round_robin")
+    gaie = {"response_body_mode": "FULL_DUPLEX_STREAMED", "response_trailer_mode": "SEND"}
+    async with pool_behind_envoy(tmp_path, route_flags=flags, processing_mode=gaie) as pool:
+        served = []
+        async with httpx.AsyncClient(base_url=pool.envoy.url, timeout=TIMEOUT) as client:
+            for n in range(2):
+                before = await pool.started()
+                answer = await client.post("/v1/chat/completions", json=chat(f"hello {n}"))
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["object"] == "chat.completion"
+                served.append(await pool.served_by(before))
+                before = await pool.started()
+                async with client.stream(
+                    "POST", "/v1/chat/completions", json=chat(f"stream {n}", stream=True)
+                ) as stream:
+                    assert stream.status_code == 200
+                    lines = [line async for line in stream.aiter_lines() if line]
+                assert lines[-1] == "data: [DONE]"
+                served.append(await pool.served_by(before))
+        assert served == [0, 1] * 2
+        await nothing_booked(pool)
+        stats = await pool.envoy.stats()
+        assert stats["http.gateway.ext_proc.streams_failed"] == 0
 
 
 async def test_kv_affinity_holds_through_envoy(tmp_path: Path) -> None:
