@@ -2,20 +2,22 @@
 picker adds to a request through Envoy.
 
 Starts ``--workers`` ``interlock worker --openai-port`` processes (zero-time mock engines behind
-vLLM's HTTP surface) and ``interlock route --router-mode kv --ext-proc-port ... --engine ...``
+vLLM's HTTP surface, publishing their KV events) and ``interlock route --router-mode kv
+--kv-events-bind ... --ext-proc-port ... --engine ...``
 over them, the router pinned to CPU 0 and this client to CPU 1. Then, in the same run:
 
 1. **picks**: ``--picks`` chat requests whose prompt is ``--tokens`` tokens (the built-in byte
    tokenizer: one token per byte), one at a time, through the ext_proc stream as Envoy drives
    it (a grpcio client in lockstep: request headers, the body in 64 KiB chunks, then wait for
-   the pick; then response headers and body, so the booking closes), against the same bodies
-   through the route-only HTTP API (``POST /v1/route`` with ``book``, then ``/free``). Pick
-   latency is from the first message sent to the answer naming the endpoint. Prints picks/s,
-   p50 and p99 of each, and the ratio.
-2. **through Envoy** (unless ``--skip-envoy``): the same requests, and short ones, sent by an
-   HTTP client through Envoy configured with docs/gateway/envoy.yaml (interlock picking) and
-   through Envoy with the same file less the ext_proc filter, routing to one fixed worker.
-   Prints p50/p99 of each and the p50 interlock adds.
+   the pick; then the response phases docs/gateway/envoy.yaml sends, so the booking closes),
+   against the same bodies through the route-only HTTP API (``POST /v1/route`` with ``book``,
+   then ``/free``). Pick latency is from the first message sent to the answer naming the
+   endpoint. Prints picks/s, p50 and p99 of each, and the ratio.
+2. **through Envoy** (unless ``--skip-envoy``): the same requests, short ones, and short ones
+   streaming 200 tokens back, sent by an HTTP client through Envoy configured with
+   docs/gateway/envoy.yaml (interlock picking) and through Envoy with the same file less the
+   ext_proc filter, routing to one fixed worker. The two alternate request by request. Prints
+   p50/p99 of each, the router's CPU per request, and the p50 interlock adds.
 
     python benchmarks/bench_epp.py [--tokens 100000] [--picks 200] [--workers 4]
                                    [--requests 200] [--skip-envoy]
@@ -32,6 +34,7 @@ import os
 import queue
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -101,17 +104,24 @@ def start_pool(
     its pid."""
     interlock = [sys.executable, "-m", "interlock"]
     context = str(tokens + 1024)
+    # The workers publish their KV events to the router, as in the issue's contract: the router
+    # keeps the exact prefix index (without events it would guess, with the approximate one).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        kv_bind = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
     infos = []
     for worker_id in range(1, workers + 1):
         _, line = processes.start(
             [*interlock, "worker", "--id", str(worker_id), "--openai-port", "0", "--zero-time",
-             "--served-model-name", MODEL, "--max-model-len", context, "--log-level", "warning"],
+             "--served-model-name", MODEL, "--max-model-len", context, "--log-level", "warning",
+             "--kv-events-endpoint", kv_bind],
             f"worker-{worker_id}",
         )  # fmt: skip
         infos.append(json.loads(line))
     argv = [
         *interlock, "route", "--port", "0", "--ext-proc-port", "0", "--model-name", MODEL,
         "--router-mode", "kv", "--max-model-len", context, "--max-body-bytes", str(64 << 20),
+        "--kv-events-bind", kv_bind,
     ]  # fmt: skip
     for info in infos:
         argv += ["--engine", f"{info['worker_id']}={info['openai_url']}"]
@@ -174,6 +184,8 @@ class ExtProcClient:
         self.pb = pb
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub = pb_grpc.ExternalProcessorStub(self.channel)
+        # The response body goes through the picker only if docs/gateway/envoy.yaml says so.
+        self.response_body_mode = response_body_mode()
 
     def _headers(self, pairs: list[tuple[str, str]], end: bool, response: bool = False) -> Any:
         from envoy.config.core.v3 import base_pb2
@@ -186,7 +198,16 @@ class ExtProcClient:
         )
         if response:
             return self.pb.ProcessingRequest(response_headers=headers)
-        return self.pb.ProcessingRequest(request_headers=headers)
+        from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+
+        modes = processing_mode_pb2.ProcessingMode
+        return self.pb.ProcessingRequest(
+            request_headers=headers,
+            protocol_config=self.pb.ProtocolConfiguration(
+                request_body_mode=modes.FULL_DUPLEX_STREAMED,
+                response_body_mode=modes.BodySendMode.Value(self.response_body_mode),
+            ),
+        )
 
     def pick(self, body: bytes, request_id: str) -> tuple[float, str]:
         """Send ``body`` through a new stream; return seconds to the pick and the endpoint.
@@ -238,16 +259,30 @@ class ExtProcClient:
                 )
             )
             next(responses)
-            done = b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
-            outgoing.put(
-                pb.ProcessingRequest(response_body=pb.HttpBody(body=done, end_of_stream=True))
-            )
-            next(responses)
+            if self.response_body_mode != "NONE":
+                done = b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+                outgoing.put(
+                    pb.ProcessingRequest(response_body=pb.HttpBody(body=done, end_of_stream=True))
+                )
+                next(responses)
         finally:
             outgoing.put(None)
             for _ in responses:
                 pass
         return picked, endpoint
+
+
+def response_body_mode() -> str:
+    """The ``response_body_mode`` of docs/gateway/envoy.yaml's ext_proc filter."""
+    import yaml
+
+    config = yaml.safe_load(ENVOY_CONFIG.read_text())
+    (listener,) = config["static_resources"]["listeners"]
+    (manager,) = listener["filter_chains"][0]["filters"]
+    for http_filter in manager["typed_config"]["http_filters"]:
+        if http_filter["name"] == "envoy.filters.http.ext_proc":
+            return str(http_filter["typed_config"]["processing_mode"]["response_body_mode"])
+    raise RuntimeError(f"{ENVOY_CONFIG} has no ext_proc filter")
 
 
 # -- measurements ----------------------------------------------------------------------------------
@@ -384,6 +419,7 @@ def start_envoy(processes: Processes, config: dict[str, Any], name: str) -> str:
 
 def measure_envoy(
     processes: Processes,
+    router_pid: int,
     ext_proc_port: int,
     infos: list[dict[str, Any]],
     prompts: list[bytes],
@@ -403,30 +439,50 @@ def measure_envoy(
     short = json.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
     ).encode()
-    print(f"\n{'through Envoy':<44} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"\n{'through Envoy':<44} {'p50 ms':>8} {'p99 ms':>8} {'router CPU ms':>14}")
     added = {}
-    for label, bodies_ in (("short prompt", [short]), (f"{len(prompts[0])} B prompt", prompts)):
-        rows = {}
-        for name, url in (("fixed endpoint", fixed), ("interlock picking", picking)):
-            with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
-                times = []
-                for n in range(requests + 10):
-                    start = time.perf_counter()
-                    answer = client.post(
-                        "/v1/chat/completions",
-                        content=bodies_[n % len(bodies_)],
-                        headers={"content-type": "application/json"},
-                    )
-                    took = time.perf_counter() - start
-                    if answer.status_code != 200:
-                        raise RuntimeError(f"{name}: {answer.status_code} {answer.text}")
-                    if n >= 10:
-                        times.append(took)
-            rows[name] = summary(times)
-            print(
-                f"{f'{label}, {name}':<44} {rows[name]['p50_ms']:>8.3f} "
-                f"{rows[name]['p99_ms']:>8.3f}"
-            )
+    paths = (("fixed endpoint", fixed), ("interlock picking", picking))
+    streamed = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "stream": True,
+        }
+    ).encode()
+    for label, bodies_ in (
+        ("short prompt", [short]),
+        (f"{len(prompts[0])} B prompt", prompts),
+        ("200-token stream", [streamed]),
+    ):
+        clients = {name: httpx.Client(base_url=url, timeout=TIMEOUT) for name, url in paths}
+        times: dict[str, list[float]] = {name: [] for name, _ in paths}
+        cpu_before = 0.0
+        # The two paths alternate, request by request, so that both see the same machine (a
+        # shared box's load changes from second to second).
+        for n in range(requests + 10):
+            if n == 10:
+                cpu_before = cpu_seconds(router_pid)
+            for name, _ in paths:
+                start = time.perf_counter()
+                answer = clients[name].post(
+                    "/v1/chat/completions",
+                    content=bodies_[n % len(bodies_)],
+                    headers={"content-type": "application/json"},
+                )
+                took = time.perf_counter() - start
+                if answer.status_code != 200:
+                    raise RuntimeError(f"{name}: {answer.status_code} {answer.text}")
+                if n >= 10:
+                    times[name].append(took)
+        cpu_ms = (cpu_seconds(router_pid) - cpu_before) / requests * 1000
+        for client in clients.values():
+            client.close()
+        rows = {name: summary(times[name]) for name, _ in paths}
+        for name, row in rows.items():
+            cpu = f"{cpu_ms:>14.3f}" if name == "interlock picking" else f"{'':>14}"
+            print(f"{f'{label}, {name}':<44} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {cpu}")
         added[label] = rows["interlock picking"]["p50_ms"] - rows["fixed endpoint"]["p50_ms"]
     print(
         "interlock adds (p50): "
@@ -457,7 +513,7 @@ def main() -> None:
             prompts = bodies(args.prompts, args.tokens)
             measure_picks(pid, ext_proc_port, url, prompts, args.picks)
             if not args.skip_envoy:
-                measure_envoy(processes, ext_proc_port, infos, prompts, args.requests)
+                measure_envoy(processes, pid, ext_proc_port, infos, prompts, args.requests)
         finally:
             processes.stop()
 

@@ -144,10 +144,12 @@ async def pool_behind_envoy(
     workers: int = 2,
     worker_flags: tuple[str, ...] = (),
     route_flags: tuple[str, ...] | None = None,
+    processing_mode: dict[str, str] | None = None,
 ) -> AsyncIterator[Pool]:
     """``workers`` mock workers behind Envoy; with ``route_flags``, ``interlock route
     --ext-proc-port ... --engine ID=URL ...`` picking for Envoy, else no picker at all (its
-    port refuses connections: fail-open)."""
+    port refuses connections: fail-open). ``processing_mode`` changes those of the ext_proc
+    filter's modes it names (another gateway's configuration)."""
     require_envoy()
     async with open_processes(tmp_path) as processes:
         kv_bind = f"tcp://127.0.0.1:{free_port()}"
@@ -174,6 +176,12 @@ async def pool_behind_envoy(
             ext_proc_health_port=health_port,
             pool=[f"127.0.0.1:{w['openai_port']}" for w in infos],
         )
+        if processing_mode is not None:
+            (listener,) = config["static_resources"]["listeners"]
+            (manager,) = listener["filter_chains"][0]["filters"]
+            for http_filter in manager["typed_config"]["http_filters"]:
+                if http_filter["name"] == "envoy.filters.http.ext_proc":
+                    http_filter["typed_config"]["processing_mode"].update(processing_mode)
         async with open_envoy(config, tmp_path) as envoy:
             yield Pool(envoy, infos, processes, route_url, route_process)
 
@@ -279,8 +287,8 @@ async def test_requests_go_where_interlock_picked(tmp_path: Path) -> None:
                 answer = await client.post("/v1/chat/completions", json=chat(f"hello {n}"))
                 assert answer.status_code == 200, answer.text
                 worker = await pool.served_by(before)
-                # The picker's answer names the endpoint the request reached.
-                assert served_header(answer) == pool.endpoints[worker]
+                # Only the conformance hook's requests see the endpoint that served them.
+                assert served_header(answer) is None
                 served.append(worker)
                 before = await pool.started()
                 async with client.stream(
@@ -290,7 +298,7 @@ async def test_requests_go_where_interlock_picked(tmp_path: Path) -> None:
                     lines = [line async for line in stream.aiter_lines() if line]
                 assert lines[-1] == "data: [DONE]"
                 worker = await pool.served_by(before)
-                assert served_header(stream) == pool.endpoints[worker]
+                assert served_header(stream) is None
                 served.append(worker)
         assert served == [0, 1] * 4, "round robin through the picker, in order"
         await nothing_booked(pool)
@@ -300,12 +308,44 @@ async def test_requests_go_where_interlock_picked(tmp_path: Path) -> None:
         assert stats["http.gateway.ext_proc.failure_mode_allowed"] == 0
 
 
+async def test_with_gaies_reference_modes_responses_stream_through_the_picker(
+    tmp_path: Path,
+) -> None:
+    # GAIE's reference Envoy streams the response body through the picker too: the picker
+    # passes it back unchanged, and the bookings still close.
+    flags = ("--router-mode", "round_robin")
+    gaie = {"response_body_mode": "FULL_DUPLEX_STREAMED", "response_trailer_mode": "SEND"}
+    async with pool_behind_envoy(tmp_path, route_flags=flags, processing_mode=gaie) as pool:
+        served = []
+        async with httpx.AsyncClient(base_url=pool.envoy.url, timeout=TIMEOUT) as client:
+            for n in range(2):
+                before = await pool.started()
+                answer = await client.post("/v1/chat/completions", json=chat(f"hello {n}"))
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["object"] == "chat.completion"
+                served.append(await pool.served_by(before))
+                before = await pool.started()
+                async with client.stream(
+                    "POST", "/v1/chat/completions", json=chat(f"stream {n}", stream=True)
+                ) as stream:
+                    assert stream.status_code == 200
+                    lines = [line async for line in stream.aiter_lines() if line]
+                assert lines[-1] == "data: [DONE]"
+                served.append(await pool.served_by(before))
+        assert served == [0, 1] * 2
+        await nothing_booked(pool)
+        stats = await pool.envoy.stats()
+        assert stats["http.gateway.ext_proc.streams_failed"] == 0
+
+
 async def test_kv_affinity_holds_through_envoy(tmp_path: Path) -> None:
     flags = ("--router-mode", "kv", "--router-temperature", "0")
     async with pool_behind_envoy(tmp_path, route_flags=flags) as pool:
         system = "You are a railway signalling assistant. " * 30  # ~70 blocks of 16 bytes
 
         def ask(turn: int) -> tuple[str | None, int]:
+            # The conformance hook naming both workers: the picker chooses, and says which.
+            selection = ",".join(pool.endpoints)
             with pool.openai() as api:
                 raw = api.chat.completions.with_raw_response.create(
                     model=MODEL,
@@ -314,6 +354,7 @@ async def test_kv_affinity_holds_through_envoy(tmp_path: Path) -> None:
                         {"role": "user", "content": f"question {turn}"},
                     ],
                     max_tokens=4,
+                    extra_headers={"test-epp-endpoint-selection": selection},
                 )
                 answer = raw.parse()
                 details = answer.usage.prompt_tokens_details if answer.usage else None
@@ -447,7 +488,8 @@ async def test_when_the_picker_goes_down_requests_fail_open(tmp_path: Path) -> N
         pool_behind_envoy(tmp_path, route_flags=("--router-mode", "kv")) as pool,
         httpx.AsyncClient(base_url=pool.envoy.url, timeout=TIMEOUT) as client,
     ):
-        answer = await client.post("/v1/chat/completions", json=chat("picked"))
+        picked = {"test-epp-endpoint-selection": ",".join(pool.endpoints)}
+        answer = await client.post("/v1/chat/completions", json=chat("picked"), headers=picked)
         assert answer.status_code == 200 and served_header(answer) is not None
         assert pool.route_process is not None
         await pool.processes.stop(pool.route_process)
@@ -465,7 +507,9 @@ async def test_when_the_picker_goes_down_requests_fail_open(tmp_path: Path) -> N
         served = []
         for n in range(4):
             before = await pool.started()
-            answer = await client.post("/v1/chat/completions", json=chat(f"open {n}"))
+            answer = await client.post(
+                "/v1/chat/completions", json=chat(f"open {n}"), headers=picked
+            )
             assert answer.status_code == 200, answer.text
             assert served_header(answer) is None, "no picker answered"
             served.append(await pool.served_by(before))

@@ -97,6 +97,7 @@ def request_headers(
     extra: Iterable[tuple[str, str]] = (),
     end_of_stream: bool = False,
     subset: Sequence[str] | None = None,
+    response_body_mode: ProcessingMode.ValueType = ProcessingMode.FULL_DUPLEX_STREAMED,
 ) -> ProcessingRequest:
     headers = [(":method", method), (":path", path), (":authority", "gw"), *extra]
     message = ProcessingRequest(
@@ -108,7 +109,7 @@ def request_headers(
         ),
         protocol_config=ProtocolConfiguration(
             request_body_mode=ProcessingMode.FULL_DUPLEX_STREAMED,
-            response_body_mode=ProcessingMode.FULL_DUPLEX_STREAMED,
+            response_body_mode=response_body_mode,
         ),
     )
     if subset is not None:
@@ -237,8 +238,8 @@ async def test_headers_then_body_in_chunks_picks_and_streams_the_body_back(
 
                 await send.send(response_headers(200))
                 await trio.testing.wait_all_tasks_blocked()
-                served = set_headers(answers[-1], "response_headers")
-                assert served == {"x-conformance-test-served-endpoint": endpoints[0]}
+                # No conformance selection header: the served endpoint is not echoed.
+                assert set_headers(answers[-1], "response_headers") == {}
                 await send.send(response_body(b'data: {"x": 1}\n\n'))
                 await send.send(response_body(b"data: [DONE]\n\n", end_of_stream=True))
                 await trio.testing.wait_all_tasks_blocked()
@@ -413,14 +414,52 @@ async def test_a_fallback_that_served_gets_the_load_and_a_5xx_counts_for_ejectio
                 fallback_id = int(fallback.split(".")[3].split(":")[0])
                 await send.send(response_headers(503, served=fallback))
                 await trio.testing.wait_all_tasks_blocked()
-                echoed = set_headers(answers[-1], "response_headers")
-                assert echoed == {"x-conformance-test-served-endpoint": fallback}
+                assert set_headers(answers[-1], "response_headers") == {}
                 load = await p.pipeline.load()
                 assert set(load) == {fallback_id} and load[fallback_id].active_requests == 1
                 assert p.picker.booked == {"r-1-served"}
         assert await load_is_zero(p.pipeline)
         moved = [r for r in p.pipeline.transition_log.records() if r.request_id == "r-1-served"]
         assert moved and moved[-1].dst == "done"
+
+
+async def test_without_response_bodies_prefill_ends_at_the_headers_and_the_booking_at_the_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # docs/gateway/envoy.yaml's mode: Envoy sends no response body, and keeps the stream open
+    # (response trailers on) until the HTTP stream ends.
+    async with picking() as p:
+        send, receive = trio.open_memory_channel[ProcessingRequest](0)
+        answers: list[ProcessingResponse] = []
+
+        async def drive() -> None:
+            async with receive:
+                async for response in p.picker.process(receive):
+                    answers.append(response)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drive)
+            async with send:
+                await send.send(
+                    request_headers(
+                        extra=[("x-request-id", "r-none")],
+                        response_body_mode=ProcessingMode.NONE,
+                    )
+                )
+                await send.send(request_body(chat_body("Hello " * 40), True))
+                await trio.testing.wait_all_tasks_blocked()
+                (load,) = (await p.pipeline.load()).values()
+                assert load.active_requests == 1 and load.prefill_tokens > 0
+                await send.send(response_headers(200))
+                await trio.testing.wait_all_tasks_blocked()
+                assert answers[-1].WhichOneof("response") == "response_headers"
+                # The first output is on its way: prefill is done, the request still runs.
+                (load,) = (await p.pipeline.load()).values()
+                assert load.active_requests == 1 and load.prefill_tokens == 0
+                assert p.picker.booked == {"r-none"}
+            # The stream ends with the HTTP stream: the booking goes.
+        assert await load_is_zero(p.pipeline)
+        assert p.picker.booked == set()
 
 
 async def test_a_dropped_stream_frees_its_booking_mid_body_and_mid_response(

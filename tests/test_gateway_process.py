@@ -233,7 +233,7 @@ async def test_route_picks_over_ext_proc_for_real_with_kv_affinity(tmp_path: Pat
         def run() -> None:
             first, answered, body = proxy_one(picker, chat(prompt + "first"))
             assert first in endpoints
-            assert answered == {"x-conformance-test-served-endpoint": first}
+            assert answered == {}, "no conformance selection header: nothing echoed"
             assert json.loads(body)["object"] == "chat.completion"
             # The engine's KV events reach the router: the same prefix goes back there.
             for attempt in range(100):
@@ -333,3 +333,31 @@ async def test_a_stream_the_gateway_drops_frees_its_booking(tmp_path: Path) -> N
         with trio.fail_after(TIMEOUT):
             while await booked():  # noqa: ASYNC110 (another process's state: polling is the point)
                 await trio.sleep(0.05)
+
+
+async def test_one_gateway_connection_carries_more_than_a_thousand_streams(
+    tmp_path: Path,
+) -> None:
+    # Envoy sends every request's stream over the few connections it keeps to the picker: the
+    # server must not close one after a fixed number of streams (Hypercorn's default: 1,000),
+    # which cuts the stream in flight.
+    async with picking(tmp_path) as picker:
+
+        def run() -> int:
+            headers = _headers(**{":method": "GET", ":path": "/v1/models"})
+            picked = 0
+            with grpc.insecure_channel(picker.ext_proc) as channel:
+                for _ in range(1100):
+                    stream = Lockstep(channel)
+                    stream.send(
+                        ProcessingRequest(
+                            request_headers=HttpHeaders(headers=headers, end_of_stream=True)
+                        )
+                    )
+                    answer = stream.receive()
+                    assert answer.WhichOneof("response") == "request_headers", answer
+                    assert stream.close() == []
+                    picked += 1
+            return picked
+
+        assert await trio.to_thread.run_sync(run) == 1100

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from interlock.kv import XXH3_SEED, compute_block_hashes, compute_sequence_hashes
+from interlock.kv._hashing import iter_block_hashes, u32_words
 
 BLOCK_1_16 = 16863443419780771464
 BLOCK_17_32 = 2287610619914608821
@@ -119,3 +120,43 @@ def test_sequence_hashes_chain_each_block_onto_the_prefix(blocks: list[int]) -> 
 def test_sequence_hashes_reject_non_u64(blocks: list[int]) -> None:
     with pytest.raises(ValueError, match="block_hashes"):
         compute_sequence_hashes(blocks)
+
+
+# -- hashing as consumed, and the conversion shared with validation -------------------------------
+
+
+@given(token_ids, block_sizes, st.booleans())
+def test_hashes_as_consumed_are_the_contracts(
+    tokens: list[int], block_size: int, as_tuple: bool
+) -> None:
+    ids = tuple(tokens) if as_tuple else tokens
+    assert list(iter_block_hashes(ids, block_size)) == reference_block_hashes(tokens, block_size)
+
+
+def test_hashes_as_consumed_stop_where_the_consumer_stops() -> None:
+    tokens = tuple(range(1, 33))
+    hashes = iter_block_hashes(tokens, 16)
+    assert next(hashes) == BLOCK_1_16
+    assert next(hashes) == BLOCK_17_32
+    assert next(hashes, None) is None
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32])
+def test_hashes_as_consumed_reject_bad_tokens_before_the_first(bad: int) -> None:
+    with pytest.raises(ValueError, match="unsigned 32-bit"):
+        iter_block_hashes([1, bad], 1)
+    with pytest.raises(TypeError, match="sequence of integers"):
+        iter_block_hashes([1, "2"], 1)  # type: ignore[list-item]
+
+
+def test_a_long_prompt_validated_then_hashed_is_converted_once() -> None:
+    # PreprocessedRequest checks the ids and the router hashes them: one conversion serves both.
+    tokens = tuple(i % 50_000 for i in range(100_000))
+    words = u32_words(tokens)
+    assert u32_words(tokens) is words
+    assert u32_words(()) is not words  # short ones are not kept: they must not evict it
+    assert u32_words(tokens) is words
+    assert compute_block_hashes(tokens, 16) == reference_block_hashes(list(tokens), 16)
+    # A list may change between calls: never served from the memo.
+    listed = list(tokens)
+    assert u32_words(listed) is not u32_words(listed)

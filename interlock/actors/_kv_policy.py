@@ -30,6 +30,7 @@ from ..kv import (
     select_by_ttft,
     select_worker,
 )
+from ..kv._hashing import iter_block_hashes
 from ..wire import CandidateRecord, Leg, PreprocessedRequest, SelectionRecord, to_builtins
 from ._policies import WorkerView
 
@@ -104,9 +105,13 @@ class KvPolicy:
         return hashes
 
     def overlaps(self, request: PreprocessedRequest) -> OverlapScores:
-        hashes = self.hashes(request)
         if self.index is not None:
-            return self.index.find_matches(hashes)
+            memo = self._memo
+            if memo is not None and memo[0] is request:
+                return self.index.find_matches(memo[1])
+            # The lookup stops at the first block no worker holds: hash only that far.
+            return self.index.find_matches(iter_block_hashes(request.token_ids, self.block_size))
+        hashes = self.hashes(request)
         assert self.approx is not None
         return self.approx.find_matches(hashes, trio.current_time())
 

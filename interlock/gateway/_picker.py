@@ -21,15 +21,19 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   body, unchanged, in ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
   the decision's other candidates for that leg, best first. Other paths' bodies are not
   parsed: they are picked as a request without a body is.
-- ``response_headers``: answered with ``x-conformance-test-served-endpoint: <served>``, the
-  served endpoint being ``metadata_context["envoy.lb"]["x-gateway-destination-endpoint-served"]``
-  when the gateway says, else the pick. A 5xx counts as a failed stream of the served worker
-  for outlier ejection. When the served worker is not the one picked (the gateway fell back),
-  the booking moves: the pick's is freed and the request is booked again, under
-  ``<request id>-served``, on the worker that served (a second recorded decision).
+- ``response_headers``: answered with ``x-conformance-test-served-endpoint: <served>`` when
+  the request carried ``test-epp-endpoint-selection`` (the conformance hook; no other client
+  sees the pool's addresses), else with no mutation. The served endpoint is
+  ``metadata_context["envoy.lb"]["x-gateway-destination-endpoint-served"]`` when the gateway
+  says, else the pick. A 5xx counts as a failed stream of the served worker for outlier
+  ejection. When the served worker is not the one picked (the gateway fell back), the booking
+  moves: the pick's is freed and the request is booked again, under ``<request id>-served``,
+  on the worker that served (a second recorded decision). When Envoy sends no response body
+  (``response_body_mode: NONE``, docs/gateway/envoy.yaml) the headers release the prefill load.
 - ``response_body``: each chunk is passed back unchanged; the first one releases the prefill
   load (`Pipeline.mark_prefill_complete`); the last (or the response trailers) frees the
-  booking.
+  booking. Without response bodies the stream's end (Envoy ends it with the request, when
+  response trailers are on) frees it.
 
 Other body modes, as Envoy's ``protocol_config`` names them: with a ``BUFFERED`` request body
 the headers are answered at once (Envoy sends the body only then) and the pick rides on the
@@ -128,6 +132,7 @@ _PROMPT_FIELDS: Final = {
 _FIELD_CHECKS: Final = {"chat": CHAT_FIELDS, "completion": COMPLETION_FIELDS}
 _OVERWRITE: Final = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _DUPLEX: Final = ProcessingMode.FULL_DUPLEX_STREAMED
+_NONE: Final = ProcessingMode.NONE
 #: The prompt of a request without a body to parse (a ``GET``): it fills no KV block, so
 #: the router picks by load alone.
 _NO_PROMPT: Final = (0,)
@@ -212,6 +217,8 @@ class _Stream:
         #: The request bodies' and responses' modes (full duplex unless Envoy says otherwise).
         self.request_duplex = True
         self.response_duplex = True
+        #: Whether Envoy sends the response body at all (``response_body_mode`` not NONE).
+        self.response_body_sent = True
         self.subset: list[str] | None = None
         #: The endpoint the gateway says served the request (its ``envoy.lb`` metadata).
         self.served: str | None = None
@@ -237,6 +244,7 @@ class _Stream:
             config = message.protocol_config
             self.request_duplex = config.request_body_mode == _DUPLEX
             self.response_duplex = config.response_body_mode == _DUPLEX
+            self.response_body_sent = config.response_body_mode != _NONE
         self._read_metadata(message)
         phase = message.WhichOneof("request")
         if phase == "request_headers":
@@ -312,9 +320,15 @@ class _Stream:
         decision = self.decision
         if worker is not None and decision is not None and worker != decision.decode_worker_id:
             await self._move_booking(worker)
-        mutation = HeaderMutation(set_headers=[_header(SERVED_TEST_HEADER, served)])
+        if not self.response_body_sent:
+            # No body phase will come: the first output is on its way now.
+            self._prefill_complete()
         if message.response_headers.end_of_stream:
             self._release()
+        if SELECTION_TEST_HEADER not in self.headers:
+            # The echo is a conformance hook: other clients never see internal addresses.
+            return [ProcessingResponse(response_headers=HeadersResponse())]
+        mutation = HeaderMutation(set_headers=[_header(SERVED_TEST_HEADER, served)])
         return [
             ProcessingResponse(
                 response_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation))
@@ -323,9 +337,7 @@ class _Stream:
 
     def _response_body(self, message: ProcessingRequest) -> list[ProcessingResponse]:
         body = message.response_body
-        if not self.prefill_released and self.booked_as is not None:
-            self.prefill_released = True
-            self.frontend.pipeline.mark_prefill_complete(self.booked_as)
+        self._prefill_complete()
         if body.end_of_stream:
             self._release()
         if not self.response_duplex:
@@ -603,6 +615,12 @@ class _Stream:
             return
         self.booked_as = new_id
         self.picker.booked.add(new_id)
+
+    def _prefill_complete(self) -> None:
+        """Release the booked request's prefill load (`Pipeline.mark_prefill_complete`), once."""
+        if not self.prefill_released and self.booked_as is not None:
+            self.prefill_released = True
+            self.frontend.pipeline.mark_prefill_complete(self.booked_as)
 
     def _release(self, *, leave_drain: bool = True) -> None:
         """Free the booking (and leave the drain) once; idempotent."""

@@ -136,6 +136,11 @@ async def serve_ext_proc(
     config.h2_max_concurrent_streams = _MAX_STREAMS
     # A gateway keeps its connection to the picker; an idle one costs nothing.
     config.keep_alive_timeout = _KEEP_ALIVE
+    # Hypercorn closes an HTTP/2 connection after 1,000 streams by default, cutting the stream
+    # that went over (Envoy answers that request 500, or lets it through unpicked) and every
+    # long generation's stream still open on it (their bookings freed early). One stream per
+    # request: a gateway's connection serves millions.
+    config.keep_alive_max_requests = _MAX_REQUESTS
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(functools.partial(serve, app, config, mode="asgi"))
         task_status.started(binds[0].removeprefix("http://"))
@@ -145,3 +150,5 @@ async def serve_ext_proc(
 _MAX_STREAMS: Final = 65_536
 #: Seconds an idle gateway connection stays open.
 _KEEP_ALIVE: Final = 3600.0
+#: Streams one gateway connection may open over its life (no limit in practice).
+_MAX_REQUESTS: Final = 2**62

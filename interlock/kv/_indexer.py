@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from interlock.kv._events import KvCleared, KvEvent, KvRemoved, KvStored
 from interlock.kv._tree import ROOT, OverlapScores, _RadixTree
@@ -210,8 +210,9 @@ class KvIndexer:
 
     # -- queries ------------------------------------------------------------------------------
 
-    def find_matches(self, local_hashes: Sequence[int]) -> OverlapScores:
-        """Match a prompt's block hashes (from :func:`compute_block_hashes`) against the index.
+    def find_matches(self, local_hashes: Iterable[int]) -> OverlapScores:
+        """Match a prompt's block hashes (from :func:`compute_block_hashes`, or an iterator
+        computing them as consumed) against the index.
 
         Returns :class:`OverlapScores`: for each worker holding at least the first block, the
         number of leading blocks it holds contiguously; and every known worker's cached-block

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import attrs
 
@@ -165,7 +165,7 @@ class _RadixTree:
 
     # -- matching -----------------------------------------------------------------------------
 
-    def match(self, local_hashes: Sequence[int]) -> dict[int, int]:
+    def match(self, local_hashes: Iterable[int]) -> dict[int, int]:
         """Return ``{worker: contiguous prefix blocks}`` for workers holding at least one block."""
         scores: dict[int, int] = {}
         children = self.children
