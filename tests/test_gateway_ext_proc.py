@@ -671,3 +671,26 @@ async def test_a_body_ended_by_trailers_is_picked_at_the_trailers(
         back, _, ended = body_back(answers)
         assert back == body and not ended
         assert await load_is_zero(p.pipeline)
+
+
+async def test_two_streams_with_one_request_id_are_both_picked(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Envoy forwards a client's x-request-id as it came: two clients may send the same one.
+    async with picking() as p:
+        messages = [
+            request_headers(extra=[("x-request-id", "same")]),
+            request_body(chat_body(), True),
+        ]
+        answers: list[list[ProcessingResponse]] = []
+
+        async def one() -> None:
+            answers.append(await exchange(p.picker, messages))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            nursery.start_soon(one)
+        for responses in answers:
+            assert [r.WhichOneof("response") for r in responses][:1] == ["request_headers"]
+        assert await load_is_zero(p.pipeline)
+        assert p.picker.booked == set()

@@ -34,8 +34,8 @@ class Route:
     request_id: str
     exclude: frozenset[int] = frozenset()
     track: bool = True
-    #: Apply the per-worker in-flight limits: a request starting (not a migration, a
-    #: fallback or a gateway's query) may only go to a worker with room.
+    #: Apply the per-worker in-flight limits: a request starting, or a gateway's booking
+    #: pick (not a migration, a fallback or a plain query), may only go to a worker with room.
     admit: bool = False
     #: See `Select.candidates`.
     candidates: frozenset[int] | None = None

@@ -369,6 +369,10 @@ class _Stream:
             tokens = _NO_PROMPT
             if kind is not None and body is not None:
                 book = True
+                # Reserved before the first wait: a second stream with the same x-request-id
+                # meanwhile gets a new id instead of a refusal. A failure releases it.
+                self.booked_as = request_id
+                self.picker.booked.add(request_id)
                 if len(body) > frontend.limits.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.

@@ -74,11 +74,12 @@ def _endpoints(picker: ExtProcPicker, *, process: bool) -> Mapping[str, Endpoint
             return HealthCheckResponse(status=_SERVING if picker.ready else _NOT_SERVING)
         raise ConnectError(Code.NOT_FOUND, f"unknown service {service!r}")
 
-    async def process_stream(
+    def process_stream(
         requests: AsyncIterator[ProcessingRequest], ctx: RequestContext[Any, Any]
     ) -> AsyncIterator[ProcessingResponse]:
-        async for response in picker.process(requests):
-            yield response
+        # The picker's own generator, not one wrapping it: connectrpc closes what it gets,
+        # so the stream's booking is freed when the stream ends, not at garbage collection.
+        return picker.process(requests)
 
     found: dict[str, Endpoint[Any, Any]] = {
         f"/{_HEALTH_SERVICE}/Check": Endpoint.unary(_CHECK, check)

@@ -1519,7 +1519,6 @@ async def _serve_ext_proc(
     from ..gateway import ExtProcPicker, ext_proc_app, health_app, serve_ext_proc
 
     picker = ExtProcPicker(app.state.frontend, fallbacks=setup.ext_proc_fallbacks)
-    app.state.picker = picker
     found: list[str | None] = []
     for flag, port_number, asgi in (
         ("--ext-proc-port", setup.ext_proc_port, ext_proc_app(picker)),
