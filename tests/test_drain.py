@@ -226,7 +226,7 @@ async def test_a_second_signal_stops_at_once() -> None:
             code = await process.wait()
             stderr = await _stderr(process)
         assert code == 0, stderr
-        assert stream.done and [e["code"] for e in stream.errors] == ["shutting_down"]
+        assert stream.done and [e["code"] for e in stream.errors] == ["shutting_down"], stderr
         assert "SIGINT again, stopping at once" in stderr, stderr
     finally:
         if process.returncode is None:

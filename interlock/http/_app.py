@@ -748,12 +748,12 @@ class _Run:
             # Created, iterated and closed in this task, so whatever the engine's stream
             # holds open stays in one task.
             async with aclosing(self.endpoint.frontend.pipeline.generate(self.request)) as outputs:
-                try:
-                    state.status = await self._fill(outbox, outputs, state)
-                finally:
-                    # Ended (or too slow a client): the engine stops now (closing ``outputs``),
-                    # not once the client has taken the rest.
-                    outbox.close()
+                # Ended (or too slow a client): the engine stops now (closing ``outputs``),
+                # not once the client has taken the rest. Cancelled (the client left, a
+                # drain's cut) the response is not ended here: the writer, cancelled with
+                # it, must not send the end of the body before the cut's error event.
+                state.status = await self._fill(outbox, outputs, state)
+                outbox.close()
         finally:
             state.leave()
 
