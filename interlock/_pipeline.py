@@ -12,7 +12,7 @@ import attrs
 import trio
 from opentelemetry.trace import TracerProvider
 
-from ._admission import AdmissionQueue, default_queue_limit
+from ._admission import DEFAULT_FLOW, AdmissionQueue, default_queue_limit
 from ._config import KV_ROUTER_MODES, PipelineConfig
 from ._errors import (
     ActorCrashed,
@@ -886,7 +886,8 @@ class Pipeline:
 
     async def _wait_admitted(self, route: Route, hints: RoutingHints | None) -> Selection:
         """`_route` under admission control: while every worker is at its in-flight limit,
-        wait in the queue (highest priority first, then oldest).
+        wait in the queue (highest priority first, then the flows in turn, oldest first in
+        each).
 
         Raises:
             Overloaded: the queue is full, or the request is sheddable (negative priority).
@@ -898,7 +899,8 @@ class Pipeline:
             except WorkersFull:
                 pass
         priority = hints.priority if hints is not None and hints.priority is not None else 0
-        ticket = queue.join(priority, self._queue_limit())
+        flow = hints.fairness_id if hints is not None and hints.fairness_id else DEFAULT_FLOW
+        ticket = queue.join(priority, self._queue_limit(), flow)
         try:
             while True:
                 await queue.wait_turn(ticket)

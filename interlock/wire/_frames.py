@@ -328,7 +328,7 @@ _LATE_FIELDS: dict[type[Any], tuple[str, ...]] = {
     # Version 2's, sent only by a worker with a secret, so that welcomes without it stay
     # what version-1 frontends decode.
     Welcome: ("proof",),
-    RoutingHints: ("priority",),
+    RoutingHints: ("priority", "fairness_id"),
 }
 
 

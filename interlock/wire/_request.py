@@ -152,6 +152,9 @@ class RoutingHints:
     #: as 0, negative is sheddable (429 at once instead of queueing), as GAIE's
     #: InferenceObjective priority.
     priority: int | None = attrs.field(default=None, validator=_is(int, optional=True))
+    #: The request's flow (GAIE's ``x-gateway-inference-fairness-id``): within a priority,
+    #: the frontend's queue serves waiting flows in turn. None: ``default-flow``.
+    fairness_id: str | None = attrs.field(default=None, validator=_is(str, optional=True))
 
     def names_a_worker(self) -> str | None:
         """The first worker-id field that is set, or None."""
