@@ -12,7 +12,7 @@ import difflib
 import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -40,6 +40,14 @@ SERVER_KEYS: dict[str, type] = {
     "trusted_api_key_file": str,
     "processes": int,
 }
+
+#: The TOML table of InferenceObjective priorities (``--objective NAME=PRIORITY``): each key
+#: names an objective (the value of a request's ``x-gateway-inference-objective`` header),
+#: each value is its priority, a whole number (higher goes first; negative is sheddable).
+OBJECTIVES_TABLE = "objectives"
+#: The priority of a request naming no objective, or one not configured (GAIE's: an
+#: InferenceObjective without a priority counts as 0).
+DEFAULT_OBJECTIVE_PRIORITY = 0
 
 Preprocessing = Literal["frontend", "engine"]
 Postprocessing = Literal["frontend", "engine"]
@@ -310,9 +318,12 @@ class PipelineConfig:
         default=None,
         validator=_typed(int, optional=True, minimum=0),
         metadata=_doc(
-            "Requests waiting in the frontend for a worker slot at most, highest "
-            "nvext.agent_hints.priority first; beyond, 429 with Retry-After. None: a quarter of "
-            "the workers' slots together (64 for a worker without a known limit), at least 8."
+            "Requests waiting in the frontend for a worker slot at most, highest priority "
+            "first (nvext.agent_hints.priority, or the objective named by "
+            "x-gateway-inference-objective: --objective / [objectives]), the flows "
+            "(x-gateway-inference-fairness-id) of a priority in turn; beyond, 429 with "
+            "Retry-After. None: a quarter of the workers' slots together (64 for a worker "
+            "without a known limit), at least 8."
         ),
     )
     actor_max_restarts: int = attrs.field(
@@ -461,6 +472,29 @@ class PipelineConfig:
         """
         return _command_table(Path(path), SERVER_TABLE, SERVER_KEYS)
 
+    @staticmethod
+    def objectives_table(path: str | os.PathLike[str]) -> dict[str, int]:
+        """The ``[objectives]`` table of a TOML configuration file (empty when it has none):
+        each InferenceObjective's name and its priority, as ``--objective NAME=PRIORITY``
+        gives them (`resolve_objectives` merges the two).
+
+        Raises:
+            ConfigError: the file cannot be read, the table is not a table, or an entry's
+                name is empty or its priority not a whole number (the message names the file
+                and the entry). TOML itself refuses a name given twice.
+        """
+        p = Path(path)
+        table = _read_toml(p).get(OBJECTIVES_TABLE, {})
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{p}: [{OBJECTIVES_TABLE}] must be a table of NAME = PRIORITY, got {table!r}",
+                knobs=(OBJECTIVES_TABLE,),
+            )
+        for name, value in table.items():
+            where = f"{p}: [{OBJECTIVES_TABLE}] {name!r}"
+            _check_objective(name, value, where)
+        return dict(table)
+
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, *, prefix: str = "INTERLOCK_"
@@ -488,7 +522,57 @@ class PipelineConfig:
         return attrs.asdict(self)
 
 
-_COMMAND_TABLES = frozenset({WORKERS_TABLE, SERVER_TABLE})
+_COMMAND_TABLES = frozenset({WORKERS_TABLE, SERVER_TABLE, OBJECTIVES_TABLE})
+
+
+def _check_objective(name: str, priority: Any, where: str) -> None:
+    if not name or name != name.strip() or "," in name:
+        raise ConfigError(
+            f"{where}: an objective's name must be the x-gateway-inference-objective header's "
+            "value: not empty, without spaces around it or commas",
+            knobs=(OBJECTIVES_TABLE,),
+        )
+    if type(priority) is not int:
+        raise ConfigError(
+            f"{where}: the priority must be a whole number (higher goes first, 0 is the "
+            f"default, negative is sheddable), got {priority!r}",
+            knobs=(OBJECTIVES_TABLE,),
+        )
+
+
+def resolve_objectives(flags: Sequence[str], table: Mapping[str, int]) -> dict[str, int]:
+    """The InferenceObjective priorities: the ``[objectives]`` ``table`` of the configuration
+    file, then each ``--objective NAME=PRIORITY`` of ``flags`` (a flag wins over the file's
+    entry of the same name). Pure.
+
+    Raises:
+        ConfigError: a flag that is not ``NAME=PRIORITY`` with a whole-number priority, or
+            two flags naming one objective (the message quotes the flag and says the fix).
+    """
+    objectives = dict(table)
+    given: set[str] = set()
+    for text in flags:
+        name, equals, value = text.partition("=")
+        where = f"--objective {text!r}"
+        if not equals:
+            raise ConfigError(
+                f"{where}: no '=' between the objective's name and its priority; the form is "
+                "NAME=PRIORITY, e.g. --objective critical=10 --objective batch=-1",
+                knobs=(OBJECTIVES_TABLE,),
+            )
+        try:
+            priority: Any = int(value.strip())
+        except ValueError:
+            priority = value
+        _check_objective(name, priority, where)
+        if name in given:
+            raise ConfigError(
+                f"{where}: the objective {name!r} is given twice; give each objective once",
+                knobs=(OBJECTIVES_TABLE,),
+            )
+        given.add(name)
+        objectives[name] = priority
+    return objectives
 
 
 def _command_table(p: Path, name: str, keys: dict[str, type]) -> dict[str, Any]:

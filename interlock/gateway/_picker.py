@@ -5,9 +5,9 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
 `ExtProcPicker.process` answers them as GAIE's protocol says (reference: llm-d's EPP):
 
 - ``request_headers``: the headers are recorded (``:path``, ``x-request-id`` (else a new id),
-  ``test-epp-endpoint-selection``). No answer yet, unless the request has no body
-  (``end_of_stream``): then it is picked at once, as a one-token prompt, and not booked (a
-  ``GET`` costs a worker nothing the router tracks).
+  ``test-epp-endpoint-selection``, the objective and fairness headers). No answer yet, unless
+  the request has no body (``end_of_stream``): then it is picked at once, as a one-token
+  prompt, and not booked (a ``GET`` costs a worker nothing the router tracks).
 - ``request_body`` (``FULL_DUPLEX_STREAMED``: the picker buffers the chunks itself, up to the
   frontend's ``max_body_bytes``, else ImmediateResponse 413). At ``end_of_stream`` the body of
   a chat or completions request is parsed with the HTTP layer's field checks (only the fields
@@ -56,9 +56,15 @@ the workers it is given without one. The subset hint
 (``metadata_context["envoy.lb.subset_hint"]["x-gateway-destination-endpoint-subset"]``) and
 ``test-epp-endpoint-selection`` restrict the destination further (both: to what both name).
 
+GAIE's ``x-gateway-inference-objective`` header gives the pick the priority of the objective
+it names (``--objective NAME=PRIORITY``; one not configured: 0) in the admission queue, where
+a negative one is sheddable (429 at once while every candidate is full);
+``x-gateway-inference-fairness-id`` is its flow there (waiting flows of one priority take
+turns; none: ``default-flow``).
+
 The ext_proc stream carries no API key (``--api-key`` guards the HTTP API only): serve it
-where only the gateway reaches it. The objective and fairness headers are not used yet (no
-InferenceObjective priorities here); usage in the response body is not parsed.
+where only the gateway reaches it (any client of the gateway may name any objective, as with
+GAIE's own picker). Usage in the response body is not parsed.
 
 Each pick is a query in the transition log (``received -> preprocessed -> routed -> done``
 with the routing decision), which ``interlock inspect`` explains like ``/v1/route``'s.
@@ -94,7 +100,7 @@ from ..engines import Engine
 from ..http._drain import DrainTicket, refused_while_draining
 from ..http._errors import HttpError, bad_request, http_error_for
 from ..http._frontend import Frontend
-from ..http._nvext import EMPTY
+from ..http._nvext import EMPTY, HEADER_FAIRNESS, HEADER_OBJECTIVE, gaie_routing_hints
 from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest
 from ..wire import PreprocessedRequest, RoutingDecision
 from ._endpoints import http_endpoints, match_endpoints
@@ -121,6 +127,9 @@ PREFILLER_HEADER: Final = "x-prefiller-host-port"
 #: GAIE's conformance hooks: restrict the candidates; echo the served endpoint.
 SELECTION_TEST_HEADER: Final = "test-epp-endpoint-selection"
 SERVED_TEST_HEADER: Final = "x-conformance-test-served-endpoint"
+#: GAIE's InferenceObjective and flow-control headers (as the recorded header names).
+OBJECTIVE_HEADER: Final = HEADER_OBJECTIVE.decode()
+FAIRNESS_HEADER: Final = HEADER_FAIRNESS.decode()
 #: The metrics label of every pick (`HttpMetrics.count_request`).
 METRICS_ENDPOINT: Final = "ext_proc"
 
@@ -382,7 +391,14 @@ class _Stream:
                 else:
                     tokens = self._tokens(kind, body)
             request = PreprocessedRequest(
-                token_ids=tokens, request_id=request_id, model=frontend.model
+                token_ids=tokens,
+                request_id=request_id,
+                model=frontend.model,
+                routing=gaie_routing_hints(
+                    frontend.objectives,
+                    self.headers.get(OBJECTIVE_HEADER),
+                    self.headers.get(FAIRNESS_HEADER),
+                ),
             )
             candidates = self._candidates()
             decision = await frontend.pipeline.query(

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -367,10 +367,16 @@ class _GenerateEndpoint:
                 "messages",
                 code="too_many_messages",
             )
-        nvext = apply_headers(parsed.nvext, scope["headers"])
+        nvext = apply_headers(parsed.nvext, scope["headers"], frontend.objectives)
         query = nvext.query_only or not frontend.executes
         frontend.check_worker_ids(nvext)
-        check_privileges(scope, parsed.nvext, executes=frontend.executes, routing=frontend.routing)
+        check_privileges(
+            scope,
+            parsed.nvext,
+            executes=frontend.executes,
+            routing=frontend.routing,
+            objectives=frontend.objectives,
+        )
         request_id = frontend.new_id(self.id_prefix)
         request = frontend.preprocess(parsed, nvext, request_id)
         if self.kind == "chat" and not frontend.frontend_post and not query:
@@ -1038,6 +1044,7 @@ def build_app(
     route_api: bool = False,
     api_keys: ApiKeys | None = None,
     metrics_endpoint: bool = True,
+    objectives: Mapping[str, int] | None = None,
 ) -> Starlette:
     """The OpenAI-compatible app serving ``pipeline`` under the model name ``model``.
 
@@ -1053,6 +1060,11 @@ def build_app(
     query-only answers or use the route-only API (403); by default (and with ``ApiKeys()``)
     no key is needed and every caller may. ``metrics_endpoint=False`` leaves ``/metrics`` out
     (serve `build_metrics_app` on another address instead).
+
+    ``objectives``: each InferenceObjective's priority, by name: a request whose
+    ``x-gateway-inference-objective`` header names one waits in the admission queue with that
+    priority (one not listed: 0); a positive one is reserved for trusted callers, as
+    ``nvext.agent_hints.priority`` is.
 
     Raises:
         ConfigError: the pipeline postprocesses in the frontend but has no tokenizer to turn
@@ -1086,6 +1098,7 @@ def build_app(
         preprocessor=preprocessor,
         metrics=metrics,
         limits=limits or HttpLimits(),
+        objectives=objectives,
     )
 
     async def models(request: Request) -> Response:

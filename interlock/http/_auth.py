@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,10 +27,12 @@ from ._errors import HttpError
 from ._nvext import (
     HEADER_DP_RANK,
     HEADER_LOCAL_UPDATES,
+    HEADER_OBJECTIVE,
     HEADER_PREFILL,
     HEADER_WORKER,
     WORKER_ID_FIELDS,
     NvExt,
+    objective_priority,
 )
 
 #: Paths served without a key: load balancers' health checks and Prometheus scrapes.
@@ -200,10 +202,18 @@ def _forbidden(what: str, param: str, fix: str = "drop it, or send a trusted key
     )
 
 
-def check_privileges(scope: Any, nvext: NvExt, *, executes: bool, routing: str) -> None:
+def check_privileges(
+    scope: Any,
+    nvext: NvExt,
+    *,
+    executes: bool,
+    routing: str,
+    objectives: Mapping[str, int] | None = None,
+) -> None:
     """Refuse an untrusted caller's privileged request: a worker it names (``nvext``'s
     worker ids or ``dp_rank``, or the GAIE headers), ``x-enable-local-updates``, the
-    query-only annotation, or a positive queue priority (``nvext.agent_hints.priority``).
+    query-only annotation, or a positive queue priority (``nvext.agent_hints.priority``, or
+    an ``x-gateway-inference-objective`` whose priority in ``objectives`` is above 0).
     ``nvext`` is the body's, before the headers apply, so the error names what the client
     sent. What a server's routing makes every request's shape is no privilege
     there: worker ids under ``direct_to_known``, anything on a server that only answers queries
@@ -223,10 +233,21 @@ def check_privileges(scope: Any, nvext: NvExt, *, executes: bool, routing: str) 
             if name in _PIN_HEADERS:
                 header = name.decode()
                 raise _forbidden(f"the header {header} (pinning a request to a worker)", header)
-    for name, _ in headers:
+    for name, value in headers:
         if name == HEADER_LOCAL_UPDATES:
             header = name.decode()
             raise _forbidden(f"the header {header} (booking no load with the router)", header)
+        if name == HEADER_OBJECTIVE:
+            objective = value.decode("latin-1").strip()
+            priority = objective_priority(objectives or {}, objective)
+            if priority > 0:
+                header = name.decode()
+                raise _forbidden(
+                    f"the header {header}: {objective} (priority {priority}: going ahead of "
+                    "other requests in the queue)",
+                    header,
+                    "drop it (or name an objective of priority 0 or less), or send a trusted key",
+                )
     if nvext.query_only:
         raise _forbidden(
             "the query_instance_id annotation (a query-only answer)", "nvext.annotations"

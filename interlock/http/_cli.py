@@ -31,7 +31,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from .._argtypes import non_negative_float, non_negative_int, port
-from .._config import PipelineConfig, knob_names, parse_knob_text
+from .._config import PipelineConfig, knob_names, parse_knob_text, resolve_objectives
 from .._errors import ConfigError
 from .._pipeline import (
     Components,
@@ -227,6 +227,8 @@ class ServeSetup:
     ext_proc_health_port: int | None = None
     #: ``--ext-proc-fallbacks``: other candidates named after the pick.
     ext_proc_fallbacks: int = 0
+    #: ``--objective NAME=PRIORITY`` (and ``[objectives]``): each InferenceObjective's priority.
+    objectives: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def etcd_url(self) -> str | None:
@@ -666,6 +668,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "router_mode's policy (docs/embedding.md#your-own-selection-policy)",
     )
     config.add_argument(
+        "--objective",
+        dest="objectives",
+        action="append",
+        default=[],
+        metavar="NAME=PRIORITY",
+        help="a request whose x-gateway-inference-objective header names NAME gets PRIORITY in "
+        "the admission queue (GAIE's InferenceObjective: higher goes first, negative is "
+        "sheddable: 429 at once when every worker is full); an objective not given counts as "
+        "0. Repeat for each objective (or [objectives] NAME = PRIORITY in --config; the flag "
+        "wins; docs/operations.md#inferenceobjective-priorities-and-fairness)",
+    )
+    config.add_argument(
         "--log-transitions",
         metavar="PATH.jsonl",
         help="append every transition record to this JSONL file (= --transition-log-path)",
@@ -938,6 +952,10 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         ConfigError, TokenizerError, ChatTemplateError: with a message saying what to fix.
     """
     config = resolve_config(args)
+    objectives = resolve_objectives(
+        getattr(args, "objectives", None) or [],
+        PipelineConfig.objectives_table(args.config) if args.config else {},
+    )
     # Flags (and INTERLOCK_ENGINE_API_KEY) win over the configuration file's [workers] table,
     # key by key; the file's replay endpoints belong to the file's engines only.
     table = PipelineConfig.workers_table(args.config) if args.config else {}
@@ -1089,6 +1107,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         ext_proc_port=ext_proc_port,
         ext_proc_health_port=ext_proc_health_port,
         ext_proc_fallbacks=getattr(args, "ext_proc_fallbacks", 0),
+        objectives=objectives,
     )
 
 
@@ -1404,6 +1423,7 @@ async def serve_frontend(
             route_api=setup.route_api,
             api_keys=setup.api_keys,
             metrics_endpoint=setup.metrics_port is None,
+            objectives=setup.objectives,
         )
         drain: Drain = app.state.drain
         child = setup.process

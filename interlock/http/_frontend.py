@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
@@ -58,6 +59,7 @@ class Frontend:
         preprocessor: Preprocessor,
         metrics: HttpMetrics,
         limits: HttpLimits,
+        objectives: Mapping[str, int] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.model = model
@@ -67,6 +69,9 @@ class Frontend:
         self.eos_token_ids = tuple(preprocessor.tokenizer.eos_token_ids)
         self.metrics = metrics
         self.limits = limits
+        #: Each InferenceObjective's priority, by name (``--objective``): what a request's
+        #: ``x-gateway-inference-objective`` header sets its admission priority to.
+        self.objectives: Mapping[str, int] = dict(objectives or {})
         #: Whether the server drains, and the requests in flight it waits for.
         self.drain = Drain(metrics)
         #: Threads that preprocess large bodies (`HttpLimits.offload_body_bytes`).

@@ -3,7 +3,9 @@
 Request side (reference/dynamo.md 5.1, 3.7): `parse_nvext` validates the body's ``nvext``
 object strictly (an unknown field is a 400 naming it); `apply_headers` lets
 ``x-worker-instance-id``, ``x-prefill-instance-id``, ``x-dp-rank`` and
-``x-enable-local-updates`` override it, as the gateway's endpoint picker sets them.
+``x-enable-local-updates`` override it, as the gateway's endpoint picker sets them, and
+GAIE's ``x-gateway-inference-objective`` (the priority of the objective it names) and
+``x-gateway-inference-fairness-id`` (the request's flow in the admission queue).
 
 Response side (5.3): `worker_id_info` and `query_nvext` build the exact shapes the reference
 returns: ``nvext.worker_id`` with prefill/decode ids and dp ranks, and ``nvext.token_ids``.
@@ -11,11 +13,12 @@ returns: ``nvext.worker_id`` with prefill/decode ids and dp ranks, and ``nvext.t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import attrs
 
+from .._config import DEFAULT_OBJECTIVE_PRIORITY
 from ..wire import RoutingDecision, RoutingHints
 from ._errors import bad_request
 
@@ -31,7 +34,19 @@ HEADER_WORKER: Final = b"x-worker-instance-id"
 HEADER_PREFILL: Final = b"x-prefill-instance-id"
 HEADER_DP_RANK: Final = b"x-dp-rank"
 HEADER_LOCAL_UPDATES: Final = b"x-enable-local-updates"
-_HEADERS: Final = frozenset({HEADER_WORKER, HEADER_PREFILL, HEADER_DP_RANK, HEADER_LOCAL_UPDATES})
+#: GAIE's request headers: the InferenceObjective's name, and the flow (fairness id).
+HEADER_OBJECTIVE: Final = b"x-gateway-inference-objective"
+HEADER_FAIRNESS: Final = b"x-gateway-inference-fairness-id"
+_HEADERS: Final = frozenset(
+    {
+        HEADER_WORKER,
+        HEADER_PREFILL,
+        HEADER_DP_RANK,
+        HEADER_LOCAL_UPDATES,
+        HEADER_OBJECTIVE,
+        HEADER_FAIRNESS,
+    }
+)
 
 _AGENT_HINTS: Final = frozenset({"osl", "priority", "latency_sensitivity", "speculative_prefill"})
 
@@ -57,6 +72,8 @@ class NvExt:
     extra_fields: frozenset[str] = frozenset()
     expected_output_tokens: int | None = None
     priority: int | None = None
+    #: The flow in the admission queue (``x-gateway-inference-fairness-id``).
+    fairness_id: str | None = None
     sources: dict[str, str] = attrs.field(factory=dict)
 
     @property
@@ -83,6 +100,7 @@ class NvExt:
             and self.enable_local_updates is None
             and self.expected_output_tokens is None
             and self.priority is None
+            and self.fairness_id is None
         ):
             return None
         return RoutingHints(
@@ -93,7 +111,29 @@ class NvExt:
             enable_local_updates=self.enable_local_updates,
             expected_output_tokens=self.expected_output_tokens,
             priority=self.priority,
+            fairness_id=self.fairness_id,
         )
+
+
+def objective_priority(objectives: Mapping[str, int], name: str) -> int:
+    """The admission priority of a request whose ``x-gateway-inference-objective`` header
+    names ``name``: the objective's configured priority, or 0 (GAIE's default) when
+    ``objectives`` has none of that name. Pure."""
+    return objectives.get(name.strip(), DEFAULT_OBJECTIVE_PRIORITY)
+
+
+def gaie_routing_hints(
+    objectives: Mapping[str, int], objective: str | None, fairness_id: str | None
+) -> RoutingHints | None:
+    """The routing hints of GAIE's two request headers (their values, None when absent): the
+    priority of the objective named, and the flow. None when neither is given. Pure."""
+    flow = fairness_id.strip() if fairness_id is not None else ""
+    if objective is None and not flow:
+        return None
+    return RoutingHints(
+        priority=None if objective is None else objective_priority(objectives, objective),
+        fairness_id=flow or None,
+    )
 
 
 EMPTY: Final = NvExt()
@@ -231,12 +271,19 @@ def _agent_hints(value: Any, where: str) -> tuple[int | None, int | None]:
     return osl, priority
 
 
-def apply_headers(nvext: NvExt, headers: Iterable[tuple[bytes, bytes]]) -> NvExt:
+def apply_headers(
+    nvext: NvExt,
+    headers: Iterable[tuple[bytes, bytes]],
+    objectives: Mapping[str, int] | None = None,
+) -> NvExt:
     """Apply the GAIE headers over ``nvext`` (headers win, as in the reference).
 
     ``x-worker-instance-id`` sets ``backend_instance_id`` and ``decode_worker_id``;
     ``x-prefill-instance-id`` sets ``prefill_worker_id``; ``x-dp-rank`` sets ``dp_rank``;
-    ``x-enable-local-updates: false`` tells the router not to book the request's load.
+    ``x-enable-local-updates: false`` tells the router not to book the request's load;
+    ``x-gateway-inference-objective: NAME`` sets ``priority`` to NAME's in ``objectives``
+    (0 when it has none of that name); ``x-gateway-inference-fairness-id`` sets
+    ``fairness_id`` (empty: the default flow).
 
     Raises:
         HttpError: 400 naming the header when its value does not parse.
@@ -248,6 +295,12 @@ def apply_headers(nvext: NvExt, headers: Iterable[tuple[bytes, bytes]]) -> NvExt
             continue
         header = name.decode("latin-1")
         text = raw.decode("latin-1").strip()
+        if name == HEADER_OBJECTIVE:
+            changes["priority"] = objective_priority(objectives or {}, text)
+            continue
+        if name == HEADER_FAIRNESS:
+            changes["fairness_id"] = text or None
+            continue
         if name == HEADER_LOCAL_UPDATES:
             lowered = text.lower()
             if lowered not in ("true", "false"):
