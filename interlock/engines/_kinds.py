@@ -15,7 +15,8 @@ def build_remote(record: WorkerRecord, context: EngineContext) -> Engine:
     """``"remote"``: a `RemoteEngine` for the ``interlock worker`` at the record's ``host``
     and ``port``, which checks the worker's block size and tokenizer against the context's,
     with the context's heartbeat, worker secret and worker TLS, decoding KV events only when
-    the context's ``decode_kv_events`` says the router uses them.
+    the context's ``decode_kv_events`` says the router uses them. The record's ``url`` (the
+    worker's ``--openai-port`` surface) becomes the engine's ``http_url``.
 
     Raises:
         BadRecord: the record has no ``host`` or ``port``.
@@ -43,6 +44,7 @@ def build_remote(record: WorkerRecord, context: EngineContext) -> Engine:
         worker_secret=context.worker_secret,
         tls=context.worker_tls,
         decode_kv_events=context.decode_kv_events,
+        http_url=record.url,
     )
 
 

@@ -3,8 +3,10 @@
 A gateway (Envoy) forwards HTTP, so only a worker with an HTTP surface can be picked: an
 engine of kind ``openai`` (``--engine ID=URL``, an etcd record with a ``url``: a vLLM, or an
 ``interlock worker --openai-port`` reached at that port), whose endpoint is the ``host:port``
-of its URL (the scheme's default port when the URL names none). In-process mock workers and
-``interlock worker``s reached over the worker protocol have none.
+of its URL (the scheme's default port when the URL names none), or an ``interlock worker
+--openai-port --etcd`` found in etcd and reached over the worker protocol, whose record names
+its HTTP surface's URL (the engine's ``http_url``). In-process mock workers and ``interlock
+worker``s without ``--openai-port`` have none.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def endpoint_of(engine: Engine) -> str | None:
-    """``host:port`` of ``engine``'s HTTP surface (``[v6]:port`` for an IPv6 host), or None
-    when it has none (it is not an HTTP engine). Pure."""
-    url = getattr(engine, "base_url", None)
+    """``host:port`` of ``engine``'s HTTP surface (``[v6]:port`` for an IPv6 host): its
+    ``http_url`` (a worker's surface beside the worker protocol), else its ``base_url`` (an
+    HTTP engine's); None when it has neither. Pure."""
+    url = getattr(engine, "http_url", None)
+    if type(url) is not str:
+        url = getattr(engine, "base_url", None)
     if type(url) is not str:
         return None
     return url_endpoint(url)

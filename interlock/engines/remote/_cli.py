@@ -8,7 +8,9 @@ script learns the port it got with ``--port 0``), then serves until SIGINT or SI
 With ``--openai-port`` the same engine is also served behind vLLM's HTTP surface
 (`interlock.engines.mock.serve_mock_openai`); both listeners run at once and share the engine,
 and the JSON line adds ``"openai_port"`` and ``"openai_url"`` (and ``"kv_events_replay"``, the
-bound replay address, with ``--kv-events-replay``).
+bound replay address, with ``--kv-events-replay``). With ``--etcd`` too, the worker's record
+carries that surface's ``url`` (on ``--advertise-host``), so that a gateway's picker that finds
+workers in etcd can name it.
 """
 
 from __future__ import annotations
@@ -177,7 +179,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="also serve the engine behind vLLM's HTTP API (/v1/completions, "
         "/v1/chat/completions, /health, /metrics, /tokenize, ...) on --host:PORT; 0 lets the OS "
-        "choose. The worker protocol on --port keeps running beside it, on the same engine",
+        "choose. The worker protocol on --port keeps running beside it, on the same engine; "
+        "with --etcd, the worker's record names this surface's URL (docs/gateway.md)",
     )
     vllm.add_argument(
         "--served-model-name",
@@ -229,8 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--advertise-host",
         metavar="HOST",
         default=None,
-        help="the host frontends reach this worker at (default: --host, or this machine's "
-        "name when --host is a wildcard such as 0.0.0.0)",
+        help="the host frontends reach this worker at, and gateways its --openai-port surface "
+        "(default: --host, or this machine's name when --host is a wildcard such as 0.0.0.0)",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -477,16 +480,26 @@ class _Registration:
     advertise_host: str | None
     block_size: int
 
-    def record(self, engine: MockEngine, address: WorkerAddress) -> WorkerRecord:
+    def record(
+        self, engine: MockEngine, address: WorkerAddress, openai_port: int | None = None
+    ) -> WorkerRecord:
+        """The worker's etcd record: where frontends reach its worker protocol and, with
+        ``openai_port`` (its ``--openai-port`` surface's port), the ``url`` of its HTTP
+        surface on the same advertised host (what a gateway's picker sends requests to)."""
         host = self.advertise_host or address.host
         if host in _WILDCARDS:
             host = socket.gethostname()
+        url = None
+        if openai_port is not None:
+            url_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+            url = f"http://{url_host}:{openai_port}"
         return WorkerRecord(
             worker_id=engine.instance_id,
             host=host,
             port=address.port,
             role=engine.role,
             block_size=self.block_size,
+            url=url,
         )
 
 
@@ -518,25 +531,14 @@ async def _serve_until_signalled(
                 )
             except OSError as exc:
                 return exc
-            if registration is None:
-                deregistered.set()
-            else:
-                try:
-                    await nursery.start(
-                        _hold_registration,
-                        registration,
-                        registration.record(engine, address),
-                        registered,
-                        deregistered,
-                    )
-                except EtcdError as exc:
-                    nursery.cancel_scope.cancel()
-                    return exc
             line: dict[str, Any] = {
                 "worker_id": engine.instance_id,
                 "host": address.host,
                 "port": address.port,
             }
+            # The HTTP surface listens before the worker registers: its record names the
+            # surface's URL (the port the OS chose), for gateways' pickers.
+            openai_port: int | None = None
             if surface is not None:
                 try:
                     server: MockOpenAIServer = await nursery.start(
@@ -557,10 +559,25 @@ async def _serve_until_signalled(
                 except (OSError, zmq.ZMQError) as exc:
                     nursery.cancel_scope.cancel()
                     return exc
+                openai_port = server.port
                 line["openai_port"] = server.port
                 line["openai_url"] = server.url
                 if server.kv_publisher is not None and server.kv_publisher.replay_endpoint:
                     line["kv_events_replay"] = server.kv_publisher.replay_endpoint
+            if registration is None:
+                deregistered.set()
+            else:
+                try:
+                    await nursery.start(
+                        _hold_registration,
+                        registration,
+                        registration.record(engine, address, openai_port),
+                        registered,
+                        deregistered,
+                    )
+                except EtcdError as exc:
+                    nursery.cancel_scope.cancel()
+                    return exc
             print(json.dumps(line), flush=True)
             async for signum in signals:
                 name = signal.Signals(signum).name

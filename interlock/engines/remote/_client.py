@@ -235,6 +235,9 @@ class RemoteEngine:
     ``decode_kv_events=False``: the worker's KV events are skipped undecoded and never reach
     the listeners (for a frontend whose router is not in ``kv`` mode: decoding them would be
     work for nobody). Membership events still arrive.
+
+    ``http_url``: the worker's HTTP surface (``--openai-port``), for a gateway to send its
+    requests to; this engine itself speaks the worker protocol only.
     """
 
     def __init__(
@@ -259,6 +262,7 @@ class RemoteEngine:
         tls: ssl.SSLContext | None = None,
         open_connection: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
         decode_kv_events: bool = True,
+        http_url: str | None = None,
     ) -> None:
         if heartbeat_interval is not None and not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError(
@@ -296,6 +300,11 @@ class RemoteEngine:
         #: Decode the worker's KV events and pass them to the listeners; False (a frontend
         #: whose router does not use them) skips their frames undecoded.
         self.decode_kv_events = decode_kv_events
+        #: The root URL of the vLLM-compatible HTTP surface the worker serves beside the worker
+        #: protocol (``interlock worker --openai-port``), as its etcd record names it (None:
+        #: none known). This engine never uses it: a gateway's picker names it as the
+        #: worker's endpoint (`interlock.gateway`).
+        self.http_url = http_url
         self._tls = tls
         #: What the worker reported in its last handshake (None before the first).
         self.capacity: WorkerCapacity | None = None
