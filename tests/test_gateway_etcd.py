@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 from test_etcd_discovery import PREFIX, Etcd, etcd  # noqa: F401 (the fixture)
 from test_gateway_process import TIMEOUT, Picker, _start, chat, proxy_one
 
 from interlock.discovery import EtcdClient, WorkerRecord
 from interlock.engines import EngineContext, engine_from_record
+from interlock.engines.mock import MockEngine
 from interlock.engines.remote import RemoteEngine
+from interlock.engines.remote._cli import _Registration
+from interlock.engines.remote._server import WorkerAddress
 from interlock.gateway._endpoints import endpoint_of
 
 WORKER_FLAGS = ["--zero-time", "--tokenizer", "builtin", "--log-level", "warning"]
@@ -142,3 +147,29 @@ def test_a_remote_record_with_a_url_builds_an_engine_the_picker_can_name() -> No
     assert endpoint_of(engine) == "10.0.0.4:8004"
     without = engine_from_record(attrs.evolve(record, url=None), EngineContext())
     assert endpoint_of(without) is None
+
+
+@pytest.mark.parametrize(
+    ("listen", "advertise", "url"),
+    [
+        ("0.0.0.0", "10.0.0.9", "http://10.0.0.9:8001"),  # --advertise-host wins
+        ("10.0.0.5", None, "http://10.0.0.5:8001"),  # else --host
+        ("::1", None, "http://[::1]:8001"),
+        ("0.0.0.0", None, f"http://{socket.gethostname()}:8001"),  # a wildcard: the machine
+    ],
+)
+def test_the_record_names_the_http_surface_on_the_advertised_host(
+    listen: str, advertise: str | None, url: str
+) -> None:
+    registration = _Registration(
+        client=None,  # type: ignore[arg-type]  # record() reaches no etcd
+        prefix=PREFIX,
+        ttl=10,
+        advertise_host=advertise,
+        block_size=16,
+    )
+    engine = MockEngine(3)
+    record = registration.record(engine, WorkerAddress(listen, 7001), openai_port=8001)
+    assert record.url == url
+    assert record.port == 7001 and record.host in url
+    assert registration.record(engine, WorkerAddress(listen, 7001)).url is None
