@@ -63,9 +63,8 @@ class AdmissionQueue:
         self._order = itertools.count()
         #: Per priority: its current round, and its waiters' flows -> [the round after the
         #: flow's last waiter, how many of it wait, the round after its last one served]. A
-        #: priority without waiters is dropped
-        #: (rounds are relative), and so is a flow without waiters once the current round
-        #: caught up with it.
+        #: priority without waiters is dropped (rounds are relative), and so is a flow
+        #: without waiters once the current round caught up with it.
         self._levels: dict[int, _Level] = {}
         #: Requests turned away since the pipeline opened (queue full, or sheddable).
         self.shed = 0
