@@ -14,6 +14,8 @@ import attrs
 import trio
 
 from .._pipeline import Pipeline
+from ..kv._hashing import trust_u32
+from ..processing import ByteTokenizer, HFTokenizer
 from ..wire import PreprocessedRequest, SamplingOptions
 from ._drain import Drain
 from ._errors import HttpError, bad_request
@@ -65,6 +67,9 @@ class Frontend:
         self.tokenizer = preprocessor.tokenizer
         self.vocab_size = preprocessor.tokenizer.vocab_size
         self.eos_token_ids = tuple(preprocessor.tokenizer.eos_token_ids)
+        #: Whether the tokenizer's ids are u32 by construction (interlock's own tokenizers; a
+        #: Hugging Face tokenizer's ids are Rust u32s): its prompts skip the u32 check.
+        self.u32_tokenizer = type(preprocessor.tokenizer) in (ByteTokenizer, HFTokenizer)
         self.metrics = metrics
         self.limits = limits
         #: Whether the server drains, and the requests in flight it waits for.
@@ -141,7 +146,11 @@ class Frontend:
                 "the prompt is empty after tokenization; send some text",
                 "messages" if parsed.kind == "chat" else "prompt",
             )
-        return tuple(ids)
+        tokens = tuple(ids)
+        # Checking a 100k-token prompt's ids costs a conversion to u32 words (~1 ms), and the
+        # router hashes only the blocks its index matches: spare it both when the tokenizer
+        # made them.
+        return trust_u32(tokens) if self.u32_tokenizer else tokens
 
     def checked_ids(self, ids: tuple[int, ...], where: str) -> tuple[int, ...]:
         if max(ids) >= self.vocab_size:
