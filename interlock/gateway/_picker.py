@@ -12,7 +12,7 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   frontend's ``max_body_bytes``, else ImmediateResponse 413). At ``end_of_stream`` the body of
   a chat or completions request is parsed with the HTTP layer's field checks (only the fields
   that make the prompt: the engine checks the rest), its prompt rendered and tokenized by the
-  frontend's preprocessor (in a worker thread above ``offload_body_bytes``), and routed by
+  frontend's preprocessor (in a worker thread above `Frontend.offload_body_bytes`), and routed by
   `Pipeline.query` with ``book=True`` and admission control. The answer, in the order full
   duplex mode requires: the request-headers response (``clear_route_cache``, the header
   ``x-gateway-destination-endpoint: ip:port[,fallback...]``, ``Content-Length``, and
@@ -373,7 +373,7 @@ class _Stream:
                 # meanwhile gets a new id instead of a refusal. A failure releases it.
                 self.booked_as = request_id
                 self.picker.booked.add(request_id)
-                if len(body) > frontend.limits.offload_body_bytes:
+                if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.
                     tokens = await trio.to_thread.run_sync(
