@@ -16,6 +16,7 @@ import trio
 from test_gateway_ext_proc import (
     chat_body,
     exchange,
+    immediate,
     picking,
     request_body,
     request_headers,
@@ -128,3 +129,49 @@ async def test_the_offload_threshold_follows_the_tokenizer(
         async with build_pipeline(PipelineConfig(), components) as pipeline:
             app = build_app(pipeline, preprocessor=preprocessor, limits=limits)
             assert app.state.frontend.offload_body_bytes == expected
+
+
+class _WideTokenizer:
+    """A tokenizer of the application's own (not interlock's): one id per character, its code
+    point times 2**32, so every id overflows u32 (a broken tokenizer the check must catch)."""
+
+    vocab_size = 2**60
+    eos_token_ids = (0,)
+    chat_template = None
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) << 32 for c in text]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i >> 32) for i in ids)
+
+
+async def test_only_interlocks_own_tokenizers_are_trusted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limits = HttpLimits(max_model_len=200_000)
+    model = tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")
+    raw = tokenizers.Tokenizer(model)
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf = Preprocessor(HFTokenizer(raw), ChatTemplate.chatml())
+    wide = Preprocessor(_WideTokenizer(), ChatTemplate.chatml())  # type: ignore[arg-type]
+    async with picking(limits=limits) as p:
+        frontend = p.picker.frontend
+        parsed_text = "a " * 5_000
+        for preprocessor, trusted in ((hf, True), (wide, False)):
+            frontend.preprocessor = preprocessor
+            frontend.u32_tokenizer = type(preprocessor.tokenizer) in (ByteTokenizer, HFTokenizer)
+            answers = await exchange(
+                p.picker,
+                [
+                    request_headers(extra=[("x-request-id", "other")]),
+                    request_body(chat_body(parsed_text), end_of_stream=True),
+                ],
+            )
+            if trusted:
+                assert answers[0].WhichOneof("response") == "request_headers"
+            else:
+                # Its ids are checked as a client's would be: 400, naming the field.
+                status, body = immediate(answers)
+                assert status == 400 and body["error"]["param"] == "token_ids", body
+        assert await p.pipeline.load() == {}
