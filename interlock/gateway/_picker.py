@@ -77,7 +77,6 @@ import trio
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
-    BodyMutation,
     BodyResponse,
     CommonResponse,
     HeaderMutation,
@@ -85,7 +84,6 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ImmediateResponse,
     ProcessingRequest,
     ProcessingResponse,
-    StreamedBodyResponse,
     TrailersResponse,
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
@@ -342,19 +340,7 @@ class _Stream:
             self._release()
         if not self.response_duplex:
             return [ProcessingResponse(response_body=BodyResponse())]
-        return [
-            ProcessingResponse(
-                response_body=BodyResponse(
-                    response=CommonResponse(
-                        body_mutation=BodyMutation(
-                            streamed_response=StreamedBodyResponse(
-                                body=body.body, end_of_stream=body.end_of_stream
-                            )
-                        )
-                    )
-                )
-            )
-        ]
+        return [_streamed("response_body", body.body, body.end_of_stream)]
 
     # -- the pick -----------------------------------------------------------------------------
 
@@ -527,19 +513,7 @@ class _Stream:
             chunks = [b""]
         last = len(chunks) - 1
         for index, chunk in enumerate(chunks):
-            answers.append(
-                ProcessingResponse(
-                    request_body=BodyResponse(
-                        response=CommonResponse(
-                            body_mutation=BodyMutation(
-                                streamed_response=StreamedBodyResponse(
-                                    body=chunk, end_of_stream=end_of_stream and index == last
-                                )
-                            )
-                        )
-                    )
-                )
-            )
+            answers.append(_streamed("request_body", chunk, end_of_stream and index == last))
         return answers
 
     def _fail(self, error: HttpError, start: float) -> ProcessingResponse:
@@ -663,6 +637,18 @@ def _strings(value: Any) -> list[str]:
     if kind == "string_value":
         return [e for e in value.string_value.split(",") if e.strip()]
     return []
+
+
+def _streamed(phase: str, chunk: bytes, end_of_stream: bool) -> ProcessingResponse:
+    """The ``phase`` body answer carrying ``chunk`` as a ``streamed_response``.
+
+    Built in place: nesting constructors copies each submessage, so the chunk (up to 62,000
+    bytes) would be copied once per level."""
+    answer = ProcessingResponse()
+    streamed = getattr(answer, phase).response.body_mutation.streamed_response
+    streamed.body = chunk
+    streamed.end_of_stream = end_of_stream
+    return answer
 
 
 def _header(name: str, value: str) -> HeaderValueOption:
