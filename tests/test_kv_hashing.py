@@ -14,8 +14,9 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from interlock.kv import XXH3_SEED, compute_block_hashes, compute_sequence_hashes
-from interlock.kv._hashing import iter_block_hashes, u32_words
+from interlock.kv import XXH3_SEED, _hashing, compute_block_hashes, compute_sequence_hashes
+from interlock.kv._hashing import iter_block_hashes, known_u32, trust_u32, u32_words
+from interlock.wire import PreprocessedRequest
 
 BLOCK_1_16 = 16863443419780771464
 BLOCK_17_32 = 2287610619914608821
@@ -160,3 +161,47 @@ def test_a_long_prompt_validated_then_hashed_is_converted_once() -> None:
     # A list may change between calls: never served from the memo.
     listed = list(tokens)
     assert u32_words(listed) is not u32_words(listed)
+
+
+# -- a tokenizer's ids, trusted: no check, only the blocks hashed converted ------------------------
+
+
+@given(
+    # Long enough to be remembered; drawn as bytes, which hypothesis makes fast.
+    st.binary(min_size=4 * 1024, max_size=4 * 1500),
+    block_sizes,
+    st.integers(min_value=0, max_value=100),
+)
+def test_trusted_ids_hash_as_the_contract_says_however_far_consumed(
+    data: bytes, block_size: int, taken: int
+) -> None:
+    tokens = list(struct.unpack(f"<{len(data) // 4}I", data[: len(data) // 4 * 4]))
+    ids = trust_u32(tuple(tokens))
+    assert known_u32(ids)
+    hashes = iter_block_hashes(ids, block_size)
+    first = [h for _, h in zip(range(taken), hashes, strict=False)]
+    expected = reference_block_hashes(tokens, block_size)
+    assert first == expected[:taken]
+    assert first + list(hashes) == expected
+
+
+def test_trusted_ids_skip_the_check_and_the_whole_conversion() -> None:
+    tokens = trust_u32(tuple(i % 50_000 for i in range(100_000)))
+    request = PreprocessedRequest(token_ids=tokens, request_id="r", model="m")
+    assert request.token_ids is tokens
+    # Neither the check nor a one-block lookup converted the prompt (nor kept it in the memo).
+    assert next(iter_block_hashes(tokens, 16)) == reference_block_hashes(list(tokens[:16]), 16)[0]
+    assert _hashing._last_words is None or _hashing._last_words[0] is not tokens
+    # A block size is still checked before the first hash.
+    with pytest.raises(ValueError, match="block_size"):
+        iter_block_hashes(tokens, 0)
+
+
+def test_only_what_was_trusted_is_known() -> None:
+    short = trust_u32((1, 2, 3))
+    assert not known_u32(short)  # short prompts are cheap to check: not remembered
+    assert not known_u32(list(range(2000)))
+    assert not known_u32(tuple(range(2000)))  # an equal tuple is another object
+    kept = [trust_u32(tuple(range(n, n + 2000))) for n in range(20)]
+    assert known_u32(kept[-1])
+    assert not known_u32(kept[0])  # only the newest few are remembered

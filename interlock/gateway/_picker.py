@@ -12,7 +12,7 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   frontend's ``max_body_bytes``, else ImmediateResponse 413). At ``end_of_stream`` the body of
   a chat or completions request is parsed with the HTTP layer's field checks (only the fields
   that make the prompt: the engine checks the rest), its prompt rendered and tokenized by the
-  frontend's preprocessor (in a worker thread above ``offload_body_bytes``), and routed by
+  frontend's preprocessor (in a worker thread above `Frontend.offload_body_bytes`), and routed by
   `Pipeline.query` with ``book=True`` and admission control. The answer, in the order full
   duplex mode requires: the request-headers response (``clear_route_cache``, the header
   ``x-gateway-destination-endpoint: ip:port[,fallback...]``, ``Content-Length``, and
@@ -83,7 +83,6 @@ import trio
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
-    BodyMutation,
     BodyResponse,
     CommonResponse,
     HeaderMutation,
@@ -91,7 +90,6 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ImmediateResponse,
     ProcessingRequest,
     ProcessingResponse,
-    StreamedBodyResponse,
     TrailersResponse,
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
@@ -351,19 +349,7 @@ class _Stream:
             self._release()
         if not self.response_duplex:
             return [ProcessingResponse(response_body=BodyResponse())]
-        return [
-            ProcessingResponse(
-                response_body=BodyResponse(
-                    response=CommonResponse(
-                        body_mutation=BodyMutation(
-                            streamed_response=StreamedBodyResponse(
-                                body=body.body, end_of_stream=body.end_of_stream
-                            )
-                        )
-                    )
-                )
-            )
-        ]
+        return [_streamed("response_body", body.body, body.end_of_stream)]
 
     # -- the pick -----------------------------------------------------------------------------
 
@@ -382,7 +368,7 @@ class _Stream:
                 # meanwhile gets a new id instead of a refusal. A failure releases it.
                 self.booked_as = request_id
                 self.picker.booked.add(request_id)
-                if len(body) > frontend.limits.offload_body_bytes:
+                if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.
                     tokens = await trio.to_thread.run_sync(
@@ -543,19 +529,7 @@ class _Stream:
             chunks = [b""]
         last = len(chunks) - 1
         for index, chunk in enumerate(chunks):
-            answers.append(
-                ProcessingResponse(
-                    request_body=BodyResponse(
-                        response=CommonResponse(
-                            body_mutation=BodyMutation(
-                                streamed_response=StreamedBodyResponse(
-                                    body=chunk, end_of_stream=end_of_stream and index == last
-                                )
-                            )
-                        )
-                    )
-                )
-            )
+            answers.append(_streamed("request_body", chunk, end_of_stream and index == last))
         return answers
 
     def _fail(self, error: HttpError, start: float) -> ProcessingResponse:
@@ -679,6 +653,18 @@ def _strings(value: Any) -> list[str]:
     if kind == "string_value":
         return [e for e in value.string_value.split(",") if e.strip()]
     return []
+
+
+def _streamed(phase: str, chunk: bytes, end_of_stream: bool) -> ProcessingResponse:
+    """The ``phase`` body answer carrying ``chunk`` as a ``streamed_response``.
+
+    Built in place: nesting constructors copies each submessage, so the chunk (up to 62,000
+    bytes) would be copied once per level."""
+    answer = ProcessingResponse()
+    streamed = getattr(answer, phase).response.body_mutation.streamed_response
+    streamed.body = chunk
+    streamed.end_of_stream = end_of_stream
+    return answer
 
 
 def _header(name: str, value: str) -> HeaderValueOption:

@@ -284,7 +284,7 @@ class _GenerateEndpoint:
             body = await read_body(
                 receive, scope, limits.max_body_bytes, limits.request_read_timeout
             )
-            if len(body) > limits.offload_body_bytes:
+            if len(body) > frontend.offload_body_bytes:
                 # Decoding, rendering and tokenizing a large body takes long enough (100k
                 # messages: over a second) to stall every other client: a worker thread does
                 # it, and the GIL lets the event loop run in between.

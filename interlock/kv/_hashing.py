@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import threading
 from array import array
 from collections.abc import Iterator, Sequence
 
@@ -20,6 +21,8 @@ __all__ = [
     "compute_block_hashes",
     "compute_sequence_hashes",
     "iter_block_hashes",
+    "known_u32",
+    "trust_u32",
     "u32_words",
 ]
 
@@ -64,11 +67,42 @@ def u32_words(token_ids: Sequence[int]) -> array[int]:
     return words
 
 
+#: Tuples of token ids known to be u32 words without converting them (`trust_u32`), by
+#: identity (each kept alive by its entry, so an id is never reused while it is here); the
+#: newest `_TRUSTED_MAX`, about as many prompts as are being picked at once. Written from the
+#: preprocessing threads, hence the lock.
+_trusted: dict[int, tuple[int, ...]] = {}
+_TRUSTED_MAX = 8
+_trusted_lock = threading.Lock()
+
+
+def trust_u32(token_ids: tuple[int, ...]) -> tuple[int, ...]:
+    """Record that every id of ``token_ids`` is an int in the u32 range, because the caller
+    made them so (a tokenizer's output), and return it: `known_u32` then answers True for it,
+    so a validator skips converting it, and `iter_block_hashes` converts only the blocks it
+    hashes. Never raises; remembers the last few tuples only (the prompts in flight)."""
+    if len(token_ids) >= _MEMO_MIN:
+        with _trusted_lock:
+            _trusted[id(token_ids)] = token_ids
+            while len(_trusted) > _TRUSTED_MAX:
+                del _trusted[next(iter(_trusted))]
+    return token_ids
+
+
+def known_u32(token_ids: Sequence[int]) -> bool:
+    """Whether ``token_ids`` is a tuple `trust_u32` vouched for (and still remembers)."""
+    return _trusted.get(id(token_ids)) is token_ids
+
+
+def _check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+
+
 def _block_bytes(token_ids: Sequence[int], block_size: int) -> tuple[bytes, int, int]:
     """The prompt's little-endian u32 bytes, the bytes per block and the end of the last full
     block (the checks and errors of `compute_block_hashes`)."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    _check_block_size(block_size)
     try:
         # One C-level conversion of the whole prompt: it both validates the u32 range and
         # produces the bytes, which is most of the cost for long prompts.
@@ -106,6 +140,13 @@ def iter_block_hashes(token_ids: Sequence[int], block_size: int) -> Iterator[int
     lookup that stops at the first block no worker holds hashes no further (a new 100k-token
     prompt: one block, not 6,250). Raises as `compute_block_hashes` does, before the first
     hash is asked for."""
+    last = _last_words
+    if known_u32(token_ids) and (last is None or last[0] is not token_ids):
+        # Nothing to check: convert only the blocks hashed, in chunks of 1, 2, 4, ... blocks
+        # (a new prompt's lookup asks for one block; a long match converts at most twice what
+        # it hashes, in few conversions).
+        _check_block_size(block_size)
+        return _hashes_in_chunks(token_ids, block_size)
     data, stride, end = _block_bytes(token_ids, block_size)
     return _hashes_of(data, stride, end)
 
@@ -113,6 +154,23 @@ def iter_block_hashes(token_ids: Sequence[int], block_size: int) -> Iterator[int
 def _hashes_of(data: bytes, stride: int, end: int) -> Iterator[int]:
     for i in range(0, end, stride):
         yield _xxh3(data[i : i + stride], XXH3_SEED)
+
+
+def _hashes_in_chunks(token_ids: Sequence[int], block_size: int) -> Iterator[int]:
+    stride = block_size * _U32_BYTES
+    blocks = len(token_ids) // block_size
+    start = 0
+    chunk = 1
+    while start < blocks:
+        stop = min(blocks, start + chunk)
+        words = array(_U32, token_ids[start * block_size : stop * block_size])
+        if _BIG_ENDIAN:
+            words.byteswap()
+        data = words.tobytes()
+        for i in range(0, len(data), stride):
+            yield _xxh3(data[i : i + stride], XXH3_SEED)
+        start = stop
+        chunk *= 2
 
 
 def compute_sequence_hashes(block_hashes: Sequence[int]) -> list[int]:
