@@ -198,10 +198,8 @@ def test_trusted_ids_skip_the_check_and_the_whole_conversion() -> None:
 
 
 def test_only_what_was_trusted_is_known() -> None:
-    short = trust_u32((1, 2, 3))
-    assert not known_u32(short)  # short prompts are cheap to check: not remembered
+    trusted = trust_u32((1, 2, 3))
+    assert known_u32(trusted)
+    assert trusted == (1, 2, 3) and hash(trusted) == hash((1, 2, 3))  # a tuple all the same
     assert not known_u32(list(range(2000)))
-    assert not known_u32(tuple(range(2000)))  # an equal tuple is another object
-    kept = [trust_u32(tuple(range(n, n + 2000))) for n in range(20)]
-    assert known_u32(kept[-1])
-    assert not known_u32(kept[0])  # only the newest few are remembered
+    assert not known_u32(tuple(range(2000)))  # an equal plain tuple was vouched for by nobody

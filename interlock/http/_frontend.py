@@ -167,11 +167,10 @@ class Frontend:
                 "the prompt is empty after tokenization; send some text",
                 "messages" if parsed.kind == "chat" else "prompt",
             )
-        tokens = tuple(ids)
         # Checking a 100k-token prompt's ids costs a conversion to u32 words (~1 ms), and the
         # router hashes only the blocks its index matches: spare it both when the tokenizer
         # made them.
-        return trust_u32(tokens) if self.u32_tokenizer else tokens
+        return trust_u32(ids) if self.u32_tokenizer else tuple(ids)
 
     def checked_ids(self, ids: tuple[int, ...], where: str) -> tuple[int, ...]:
         if max(ids) >= self.vocab_size:

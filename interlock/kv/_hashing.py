@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 import sys
-import threading
 from array import array
 from collections.abc import Iterator, Sequence
 
@@ -18,6 +17,7 @@ import xxhash
 
 __all__ = [
     "XXH3_SEED",
+    "U32TokenIds",
     "compute_block_hashes",
     "compute_sequence_hashes",
     "iter_block_hashes",
@@ -62,36 +62,30 @@ def u32_words(token_ids: Sequence[int]) -> array[int]:
     words = array(_U32, token_ids)
     # Short ones are cheap to convert again and must not evict a long prompt (a request's
     # other id fields, often empty, are checked between the prompt and its hashing).
-    if type(token_ids) is tuple and len(token_ids) >= _MEMO_MIN:
+    if isinstance(token_ids, tuple) and len(token_ids) >= _MEMO_MIN:
         _last_words = (token_ids, words)
     return words
 
 
-#: Tuples of token ids known to be u32 words without converting them (`trust_u32`), by
-#: identity (each kept alive by its entry, so an id is never reused while it is here); the
-#: newest `_TRUSTED_MAX`, about as many prompts as are being picked at once. Written from the
-#: preprocessing threads, hence the lock.
-_trusted: dict[int, tuple[int, ...]] = {}
-_TRUSTED_MAX = 8
-_trusted_lock = threading.Lock()
+class U32TokenIds(tuple[int, ...]):
+    """Token ids that are ints in the u32 range because the code that made them says so (a
+    tokenizer's output; `trust_u32`). A validator skips converting them only to check them,
+    and `iter_block_hashes` converts only the blocks it hashes. A plain tuple in every other
+    respect (equality, hashing, the wire)."""
+
+    __slots__ = ()
 
 
-def trust_u32(token_ids: tuple[int, ...]) -> tuple[int, ...]:
-    """Record that every id of ``token_ids`` is an int in the u32 range, because the caller
-    made them so (a tokenizer's output), and return it: `known_u32` then answers True for it,
-    so a validator skips converting it, and `iter_block_hashes` converts only the blocks it
-    hashes. Never raises; remembers the last few tuples only (the prompts in flight)."""
-    if len(token_ids) >= _MEMO_MIN:
-        with _trusted_lock:
-            _trusted[id(token_ids)] = token_ids
-            while len(_trusted) > _TRUSTED_MAX:
-                del _trusted[next(iter(_trusted))]
-    return token_ids
+def trust_u32(token_ids: Sequence[int]) -> U32TokenIds:
+    """``token_ids`` as `U32TokenIds`: the caller vouches that every id is an int in the u32
+    range (a tokenizer made them). Never raises; vouching for anything else makes the router
+    hash garbage or fail later, so only tokenizer output belongs here."""
+    return U32TokenIds(token_ids)
 
 
 def known_u32(token_ids: Sequence[int]) -> bool:
-    """Whether ``token_ids`` is a tuple `trust_u32` vouched for (and still remembers)."""
-    return _trusted.get(id(token_ids)) is token_ids
+    """Whether ``token_ids`` were vouched for by `trust_u32`."""
+    return type(token_ids) is U32TokenIds
 
 
 def _check_block_size(block_size: int) -> None:

@@ -27,8 +27,8 @@ def _finite(value: float) -> bool:
 
 
 def _to_tuple(value: Iterable[Any]) -> tuple[Any, ...]:
-    if type(value) is tuple:
-        return value
+    if isinstance(value, tuple):
+        return value  # a tuple subclass too: `U32TokenIds` keeps saying what it is
     if isinstance(value, str | bytes | dict) or not isinstance(value, Iterable):
         # Left as is for the validator, which names the field.
         return value  # type: ignore[return-value]
@@ -56,12 +56,12 @@ def _strings(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
 
 def check_token_ids(value: tuple[int, ...], field: str) -> None:
     """Raise `RequestError` unless every element is an int in the u32 range."""
+    if known_u32(value):
+        return  # a tokenizer's output (`trust_u32`): converting it only to check it is waste
     if type(value) is not tuple:
         raise RequestError(
             f"{field} must be a list of token ids, got {type(value).__name__}", field=field
         )
-    if known_u32(value):
-        return  # a tokenizer's output (`trust_u32`): converting it only to check it is waste
     try:
         # One C-level conversion checks type and range (~10x faster than a Python loop on long
         # prompts); the router's block hashing reuses the words.
