@@ -168,6 +168,10 @@ class _Stream:
         self.responses = _Queue(_TrioWaiter(token), _LoopWaiter(loop))
         #: Cancelled (in the trio thread) when the gRPC call ends first: a dropped stream.
         self.scope = trio.CancelScope()
+        #: The trio task was started (the loop's thread sets it, with the first message).
+        self.spawned = False
+        #: The trio task has ended (it sets it, before its last `responses` item).
+        self.finished = False
 
     async def incoming(self) -> AsyncIterator[ProcessingRequest]:
         """Envoy's messages, in the trio task, until its half-close."""
@@ -197,6 +201,7 @@ class _Stream:
             _logger.exception("the ext_proc stream failed")
             end = exc
         finally:
+            self.finished = True
             queue.put(end)
 
     def cancel(self) -> None:
@@ -299,12 +304,7 @@ class _Server:
 
     async def _process(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         stream = _Stream(self.token, self.loop)
-        try:
-            self.token.run_sync_soon(self._spawn, stream)
-        except trio.RunFinishedError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the endpoint picker is stopping")
-        reader = asyncio.ensure_future(_read(context, stream.requests))
-        ended = False
+        reader = asyncio.ensure_future(self._read(context, stream))
         try:
             queue = stream.responses
             while True:
@@ -314,28 +314,48 @@ class _Server:
                     continue
                 for item in items:
                     if item is _END:
-                        ended = True
                         return
                     if item is _GONE:
-                        ended = True
                         await context.abort(
                             grpc.StatusCode.UNAVAILABLE, "the endpoint picker is stopping"
                         )
                     if isinstance(item, BaseException):
-                        ended = True
                         await context.abort(
                             grpc.StatusCode.INTERNAL, f"the endpoint picker failed: {item!r}"
                         )
                     await context.write(item)
         finally:
             reader.cancel()
-            if not ended:
+            if stream.spawned and not stream.finished:
                 # The call ended first (the gateway dropped the stream, or a write failed):
                 # the picker's task ends too, freeing the request's booking.
                 try:
                     self.token.run_sync_soon(stream.cancel)
                 except trio.RunFinishedError:
                     pass
+
+    async def _read(self, context: grpc.aio.ServicerContext, stream: _Stream) -> None:
+        """Hand the stream's messages to its trio task, then `_END`. The task starts with the
+        first message (one wake-up of the trio thread for both)."""
+        queue = stream.requests
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                if stream.spawned:
+                    queue.put(_END)
+                else:
+                    stream.responses.put(_END)  # no message: nothing to answer
+                return
+            full = queue.put(message)
+            if not stream.spawned:
+                stream.spawned = True
+                try:
+                    self.token.run_sync_soon(self._spawn, stream)
+                except trio.RunFinishedError:
+                    stream.responses.put(_GONE)
+                    return
+            if full:
+                await queue.producer.wait()
 
     def _spawn(self, stream: _Stream) -> None:
         """Start ``stream``'s trio task (the trio thread)."""
@@ -385,17 +405,6 @@ class _Handlers(grpc.GenericRpcHandler):
             if found is not None:
                 return found
         return None
-
-
-async def _read(context: grpc.aio.ServicerContext, queue: _Queue) -> None:
-    """The loop's thread: hand the stream's messages to its trio task, then `_END`."""
-    while True:
-        message = await context.read()
-        if message is grpc.aio.EOF:
-            queue.put(_END)
-            return
-        if queue.put(message):
-            await queue.producer.wait()
 
 
 async def serve_ext_proc(
