@@ -26,7 +26,7 @@ import collections
 import errno
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -159,7 +159,8 @@ class _Queue:
 
 
 class _Stream:
-    """One ext_proc stream between the loop's thread (the gRPC call) and its trio task."""
+    """One ext_proc stream between the loop's thread (the gRPC call) and its trio task; in
+    that task, the async iterator of Envoy's messages (to its half-close)."""
 
     def __init__(self, token: trio.lowlevel.TrioToken, loop: asyncio.AbstractEventLoop) -> None:
         #: Envoy's messages, then `_END` (the loop's thread puts, the trio task takes).
@@ -172,19 +173,26 @@ class _Stream:
         self.spawned = False
         #: The trio task has ended (it sets it, before its last `responses` item).
         self.finished = False
+        #: Messages taken from `requests`, not yet given to the picker.
+        self._pending: collections.deque[Any] = collections.deque()
 
-    async def incoming(self) -> AsyncIterator[ProcessingRequest]:
-        """Envoy's messages, in the trio task, until its half-close."""
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> ProcessingRequest:
+        """Envoy's next message, in the trio task (StopAsyncIteration: its half-close)."""
         queue = self.requests
-        while True:
+        while not self._pending:
             items = queue.take()
             if items is None:
                 await queue.consumer.wait()
-                continue
-            for item in items:
-                if item is _END:
-                    return
-                yield item
+            else:
+                self._pending.extend(items)
+        item = self._pending.popleft()
+        if item is _END:
+            self._pending.appendleft(_END)
+            raise StopAsyncIteration
+        return item
 
     async def answer(self, picker: ExtProcPicker) -> None:
         """The trio task: run the picker over the stream, hand its answers to the loop."""
@@ -192,7 +200,7 @@ class _Stream:
         end: object = _GONE
         try:
             with self.scope:
-                async with aclosing(picker.process(self.incoming())) as answers:
+                async with aclosing(picker.process(self)) as answers:
                     async for answer in answers:
                         if queue.put(answer):
                             await queue.producer.wait()
