@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import logging
 import threading
 from collections.abc import Callable
-from contextlib import aclosing
 from typing import Any, Final
 
 import grpc
@@ -111,6 +111,16 @@ class _LoopWaiter:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    """``future``'s result (an exception: raised) unless it is cancelled already."""
+    if future.done():
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 class _Queue:
@@ -200,7 +210,7 @@ class _Stream:
         end: object = _GONE
         try:
             with self.scope:
-                async with aclosing(picker.process(self)) as answers:
+                async with contextlib.aclosing(picker.process(self)) as answers:
                     async for answer in answers:
                         if queue.put(answer):
                             await queue.producer.wait()
@@ -390,12 +400,13 @@ class _Server:
         future: asyncio.Future[bool] = loop.create_future()
 
         def call() -> None:
-            try:
-                result = function()
-            except Exception as exc:
-                loop.call_soon_threadsafe(future.set_exception, exc)
-            else:
-                loop.call_soon_threadsafe(future.set_result, result)
+            # A callback of the trio thread must not raise: the loop may be closed by now.
+            with contextlib.suppress(RuntimeError):
+                try:
+                    result: Any = function()
+                except Exception as exc:
+                    result = exc
+                loop.call_soon_threadsafe(_settle, future, result)
 
         self.token.run_sync_soon(call)
         return await future
