@@ -243,3 +243,34 @@ async def test_a_taken_port_is_an_oserror_naming_the_address() -> None:
         assert isinstance(error, OSError), error
         assert error.filename == f"127.0.0.1:{port}"
         assert not server_threads()
+
+
+async def test_a_body_in_many_more_chunks_than_the_queues_hold_comes_back_whole() -> None:
+    # Envoy may send a body in many chunks before the picker answers; the answers of a large
+    # body are many chunks too: both directions fill their bounded queues and wait for room.
+    body = chat_body("x" * 1_500_000)
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            stream.send(request_headers())
+            size = len(body) // 200 + 1
+            for offset in range(0, len(body), size):
+                last = offset + size >= len(body)
+                stream.send(request_body(body[offset : offset + size], last))
+            picked = await in_thread(stream.receive)
+            assert picked.WhichOneof("response") == "request_headers", picked
+            back = b""
+            parts = 0
+            while True:
+                part = await in_thread(stream.receive)
+                streamed = part.request_body.response.body_mutation.streamed_response
+                back += streamed.body
+                parts += 1
+                if streamed.end_of_stream:
+                    break
+            assert back == body and parts > 16
+            stream.send(None)
+            assert await in_thread(stream.rest) == []
+            assert not s.picking.picker.booked
+        finally:
+            stream.close()
