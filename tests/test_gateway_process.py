@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +66,7 @@ class Picker:
     health: str
     #: Each engine's ``host:port``, by worker id.
     engines: dict[int, str]
+    route: trio.Process
 
 
 @asynccontextmanager
@@ -121,7 +123,7 @@ async def picking(tmp_path: Path) -> AsyncIterator[Picker]:
         url = re.search(r"listening on (\S+)", banner)
         found = re.search(r"ext_proc\s+(\S+) .*gRPC health on (\S+)", banner)
         assert url is not None and found is not None, banner
-        yield Picker(url.group(1), found.group(1), found.group(2), engines)
+        yield Picker(url.group(1), found.group(1), found.group(2), engines, process)
     finally:
         with trio.CancelScope(shield=True):
             for process in reversed(processes):
@@ -361,3 +363,46 @@ async def test_one_gateway_connection_carries_more_than_a_thousand_streams(
             return picked
 
         assert await trio.to_thread.run_sync(run) == 1100
+
+
+async def test_a_drain_turns_health_off_lets_the_open_stream_finish_then_exits(
+    tmp_path: Path,
+) -> None:
+    # SIGTERM: readiness turns NOT_SERVING at once (Envoy stops sending new streams), the
+    # stream in flight still gets its answers, and when it ends the process exits cleanly
+    # (the gRPC server's thread stopped with it).
+    async with picking(tmp_path) as picker:
+        channel = grpc.insecure_channel(picker.ext_proc)
+        try:
+            stream = Lockstep(channel)
+            headers = _headers(**{":method": "POST", ":path": "/v1/chat/completions"})
+            stream.send(ProcessingRequest(request_headers=HttpHeaders(headers=headers)))
+            stream.send(
+                ProcessingRequest(request_body=HttpBody(body=chat("drain"), end_of_stream=True))
+            )
+            picked = await trio.to_thread.run_sync(stream.receive)
+            assert picked.WhichOneof("response") == "request_headers", picked
+            await trio.to_thread.run_sync(stream.receive)  # the body
+            picker.route.send_signal(signal.SIGTERM)
+
+            def readiness() -> int:
+                with grpc.insecure_channel(picker.health) as health:
+                    request = HealthCheckRequest(service="readiness")
+                    status: int = HealthStub(health).Check(request, timeout=TIMEOUT).status
+                    return status
+
+            serving = HealthCheckResponse.SERVING
+            with trio.fail_after(TIMEOUT):
+                # Another process's state: polling is the point.
+                while await trio.to_thread.run_sync(readiness) == serving:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert await trio.to_thread.run_sync(readiness) == HealthCheckResponse.NOT_SERVING
+            status = _headers(**{":status": "200"})
+            stream.send(ProcessingRequest(response_headers=HttpHeaders(headers=status)))
+            answer = await trio.to_thread.run_sync(stream.receive)
+            assert answer.WhichOneof("response") == "response_headers", answer
+            assert await trio.to_thread.run_sync(stream.close) == []
+            with trio.fail_after(TIMEOUT):
+                assert await picker.route.wait() == 0
+        finally:
+            channel.close()

@@ -4,8 +4,8 @@
   the endpoint (KV-aware, with the frontend's preprocessing and the pipeline's router), books
   the request's load until the response ends, passes the bodies through. Its module docstring
   (`interlock.gateway._picker`) describes every phase, header and status.
-- `ext_proc_app` / `health_app`: the gRPC services as ASGI apps (connectrpc);
-  `serve_ext_proc`: serve one over h2c in this trio run (``interlock route --ext-proc-port``).
+- `serve_ext_proc`: serve a picker (and gRPC health) over h2c from this trio run, with
+  grpcio's server in a thread of its own (``interlock route --ext-proc-port``).
 - `endpoint_of` / `http_endpoints`: the ``host:port`` a gateway reaches a worker at.
 """
 
@@ -17,7 +17,7 @@ from ._picker import (
     SERVED_TEST_HEADER,
     ExtProcPicker,
 )
-from ._server import EXT_PROC_SERVICE, ext_proc_app, health_app, serve_ext_proc
+from ._server import EXT_PROC_SERVICE, serve_ext_proc
 
 __all__ = [
     "BODY_CHUNK_BYTES",
@@ -27,8 +27,6 @@ __all__ = [
     "SERVED_TEST_HEADER",
     "ExtProcPicker",
     "endpoint_of",
-    "ext_proc_app",
-    "health_app",
     "http_endpoints",
     "match_endpoints",
     "serve_ext_proc",

@@ -1,9 +1,17 @@
-"""The gRPC side: `ExtProcPicker` served over h2c with connectrpc on Hypercorn's trio worker.
+"""The gRPC side: `serve_ext_proc` serves `ExtProcPicker` with grpcio's C-core server.
 
-`ext_proc_app` is an ASGI app answering ``envoy.service.ext_proc.v3.ExternalProcessor/Process``
-(bidirectional streaming) and ``grpc.health.v1.Health/Check``; `health_app` answers the health
-check alone (for ``--ext-proc-health-port``). `serve_ext_proc` serves one in this trio run.
-Message classes are xds-protos' and grpcio-health-checking's; no threads.
+gRPC's HTTP/2, framing and protobuf coding run in grpcio (C-core, ``grpc.aio``) on an asyncio
+loop in one thread of its own (``interlock-ext-proc``); the picker stays in this trio run. Each
+ext_proc stream is one trio task running `ExtProcPicker.process`, fed the stream's messages and
+handing back its answers through two bounded queues between the threads (`_Queue`): a side
+wakes the other only when that one waits, so a message costs one wake-up of each thread at
+most, however many answers it gets. No thread per stream: thousands of long generations keep
+their streams open on one loop.
+
+Served (``127.0.0.1:E`` over h2c, HTTP/2 with prior knowledge as Envoy's gRPC client speaks it):
+``envoy.service.ext_proc.v3.ExternalProcessor/Process`` (bidirectional streaming) and
+``grpc.health.v1.Health/Check``; on the health port (``--ext-proc-health-port``), the health
+check alone. Message classes are xds-protos' and grpcio-health-checking's.
 
 Health service names (GAIE's EPP): ``liveness`` is SERVING while the process answers;
 ``readiness``, ``envoy.service.ext_proc.v3.ExternalProcessor`` and ``""`` are SERVING while
@@ -13,143 +21,449 @@ registered), NOT_SERVING otherwise; any other name is gRPC NOT_FOUND.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+import collections
+import contextlib
+import errno
+import logging
+import threading
+from collections.abc import Callable
 from typing import Any, Final
 
+import grpc
+import grpc.aio
 import trio
-from connectrpc.code import Code
-from connectrpc.compat import google_protobuf_codecs
-from connectrpc.errors import ConnectError
-from connectrpc.method import IdempotencyLevel, MethodInfo, StreamType
-from connectrpc.request import RequestContext
-from connectrpc.server import ConnectASGIApplication, Endpoint
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from ._picker import ExtProcPicker
 
-__all__ = ["EXT_PROC_SERVICE", "ext_proc_app", "health_app", "serve_ext_proc"]
+__all__ = ["EXT_PROC_SERVICE", "serve_ext_proc"]
+
+_logger = logging.getLogger("interlock.gateway")
 
 EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
 _HEALTH_SERVICE: Final = "grpc.health.v1.Health"
-_PROCESS: Final = MethodInfo(
-    name="Process",
-    service_name=EXT_PROC_SERVICE,
-    input=ProcessingRequest,
-    output=ProcessingResponse,
-    idempotency_level=IdempotencyLevel.UNKNOWN,
-    stream_type=StreamType.BIDI_STREAM,
-)
-_CHECK: Final = MethodInfo(
-    name="Check",
-    service_name=_HEALTH_SERVICE,
-    input=HealthCheckRequest,
-    output=HealthCheckResponse,
-    idempotency_level=IdempotencyLevel.UNKNOWN,
-    stream_type=StreamType.UNARY,
-)
 _SERVING: Final = HealthCheckResponse.SERVING
 _NOT_SERVING: Final = HealthCheckResponse.NOT_SERVING
 #: The largest gRPC message accepted: a body chunk Envoy sends stays far below it.
 _READ_MAX_BYTES: Final = 64 * 1024 * 1024
+_SERVER_OPTIONS: Final = (
+    # gRPC sets SO_REUSEPORT by default: a second picker on a taken port would share it
+    # silently instead of failing to start.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", _READ_MAX_BYTES),
+    # Every request in flight through the gateway holds its ext_proc stream for its whole
+    # life (a long generation), and Envoy multiplexes them over few connections.
+    ("grpc.max_concurrent_streams", 65_536),
+)
+#: Messages one side of a stream may queue before it waits for the other side to take them.
+_WINDOW: Final = 16
+#: The end of a direction of a stream (the gateway's half-close; the picker's last answer).
+_END: Final = object()
+#: The picker's task ended without its end (cancelled: the server stops).
+_GONE: Final = object()
 
 
-class _App(ConnectASGIApplication[ExtProcPicker]):
-    """connectrpc's ASGI application over the endpoints given (no generated stubs)."""
+class _TrioWaiter:
+    """What a trio task waits on until the loop's thread wakes it (`wake`, any thread)."""
 
-    @property
-    def path(self) -> str:
-        return "/"
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._event = trio.Event()
+
+    def prepare(self) -> None:
+        self._event = trio.Event()
+
+    def wake(self) -> None:
+        try:
+            self._token.run_sync_soon(self._event.set)
+        except trio.RunFinishedError:
+            pass  # the run is over: nobody waits
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
-def _endpoints(picker: ExtProcPicker, *, process: bool) -> Mapping[str, Endpoint[Any, Any]]:
-    async def check(request: HealthCheckRequest, ctx: RequestContext[Any, Any]) -> Any:
+class _LoopWaiter:
+    """What an asyncio task waits on until the trio thread wakes it (`wake`, any thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._future: asyncio.Future[None] | None = None
+
+    def prepare(self) -> None:
+        self._future = self._loop.create_future()
+
+    def wake(self) -> None:
+        future = self._future
+        if future is not None:
+            try:
+                self._loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits
+
+    async def wait(self) -> None:
+        assert self._future is not None
+        await self._future
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    """``future``'s result (an exception: raised) unless it is cancelled already."""
+    if future.done():
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class _Queue:
+    """Items from one thread to the other, in order: the producer `put`s, the consumer `take`s
+    everything queued. Each side wakes the other only when that one waits (an empty queue,
+    or `_WINDOW` items not taken yet)."""
+
+    def __init__(self, producer: _TrioWaiter | _LoopWaiter, consumer: _TrioWaiter | _LoopWaiter):
+        self.producer = producer
+        self.consumer = consumer
+        self._lock = threading.Lock()
+        self._items: collections.deque[Any] = collections.deque()
+        self._producer_waits = False
+        self._consumer_waits = False
+
+    def put(self, item: Any) -> bool:
+        """Queue ``item`` (the producer's thread); whether the queue is full: then await
+        ``producer.wait()`` before the next `put`."""
+        with self._lock:
+            self._items.append(item)
+            wake = self._consumer_waits
+            self._consumer_waits = False
+            full = len(self._items) >= _WINDOW
+            if full:
+                self.producer.prepare()
+                self._producer_waits = True
+        if wake:
+            self.consumer.wake()
+        return full
+
+    def take(self) -> list[Any] | None:
+        """Everything queued (the consumer's thread); None when nothing is: await
+        ``consumer.wait()``, then take again."""
+        with self._lock:
+            if not self._items:
+                self.consumer.prepare()
+                self._consumer_waits = True
+                return None
+            items = list(self._items)
+            self._items.clear()
+            wake = self._producer_waits
+            self._producer_waits = False
+        if wake:
+            self.producer.wake()
+        return items
+
+
+class _Stream:
+    """One ext_proc stream between the loop's thread (the gRPC call) and its trio task; in
+    that task, the async iterator of Envoy's messages (to its half-close)."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken, loop: asyncio.AbstractEventLoop) -> None:
+        #: Envoy's messages, then `_END` (the loop's thread puts, the trio task takes).
+        self.requests = _Queue(_LoopWaiter(loop), _TrioWaiter(token))
+        #: The picker's answers, then `_END`, `_GONE` or the exception that ended it.
+        self.responses = _Queue(_TrioWaiter(token), _LoopWaiter(loop))
+        #: Cancelled (in the trio thread) when the gRPC call ends first: a dropped stream.
+        self.scope = trio.CancelScope()
+        #: The trio task was started (the loop's thread sets it, with the first message).
+        self.spawned = False
+        #: The trio task has ended (it sets it, before its last `responses` item).
+        self.finished = False
+        #: Messages taken from `requests`, not yet given to the picker.
+        self._pending: collections.deque[Any] = collections.deque()
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> ProcessingRequest:
+        """Envoy's next message, in the trio task (StopAsyncIteration: its half-close)."""
+        queue = self.requests
+        while not self._pending:
+            items = queue.take()
+            if items is None:
+                await queue.consumer.wait()
+            else:
+                self._pending.extend(items)
+        item = self._pending.popleft()
+        if item is _END:
+            self._pending.appendleft(_END)
+            raise StopAsyncIteration
+        return item
+
+    async def answer(self, picker: ExtProcPicker) -> None:
+        """The trio task: run the picker over the stream, hand its answers to the loop."""
+        queue = self.responses
+        end: object = _GONE
+        try:
+            with self.scope:
+                async with contextlib.aclosing(picker.process(self)) as answers:
+                    async for answer in answers:
+                        if queue.put(answer):
+                            await queue.producer.wait()
+                    end = _END
+        except Exception as exc:
+            _logger.exception("the ext_proc stream failed")
+            end = exc
+        finally:
+            self.finished = True
+            queue.put(end)
+
+    def cancel(self) -> None:
+        """End the trio task (the trio thread): the gateway dropped the stream."""
+        self.scope.cancel()
+
+
+class _Server:
+    """grpc.aio servers on an asyncio loop run by `run` in a thread; the trio side starts
+    it, spawns each stream's task in ``nursery`` and stops it with `stop`."""
+
+    def __init__(
+        self,
+        picker: ExtProcPicker,
+        nursery: trio.Nursery,
+        binds: list[tuple[str, bool]],
+    ) -> None:
+        self.picker = picker
+        self.nursery = nursery
+        self.token = trio.lowlevel.current_trio_token()
+        self.loop = asyncio.new_event_loop()
+        self.binds = binds
+        #: Set (in the trio thread) once the ports are bound or binding failed.
+        self.started = trio.Event()
+        self.addresses: list[str] = []
+        self.error: BaseException | None = None
+        self._stop = asyncio.Event()
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The thread: the loop, until `stop`."""
+        try:
+            self.loop.run_until_complete(self._main())
+        except BaseException as exc:  # reported to the trio side, which raises it
+            self.error = self.error or exc
+        finally:
+            self.loop.close()
+            self._report_started()
+
+    async def _main(self) -> None:
+        servers: list[grpc.aio.Server] = []
+        try:
+            for address, process in self.binds:
+                server = grpc.aio.server(options=_SERVER_OPTIONS)
+                servers.append(server)
+                server.add_generic_rpc_handlers((self._handlers(process=process),))
+                try:
+                    port = server.add_insecure_port(address)
+                except RuntimeError as exc:
+                    raise OSError(
+                        errno.EADDRINUSE, f"cannot listen on {address}: {exc}", address
+                    ) from None
+                self.addresses.append(f"{address.rpartition(':')[0].strip('[]')}:{port}")
+            for server in servers:
+                await server.start()
+        except BaseException as exc:
+            self.error = exc
+        self._report_started()
+        if self.error is None:
+            await self._stop.wait()
+        # No grace: the trio side has cancelled the streams' tasks already.
+        await asyncio.gather(*(server.stop(None) for server in servers))
+
+    def _report_started(self) -> None:
+        try:
+            self.token.run_sync_soon(self.started.set)
+        except trio.RunFinishedError:
+            pass
+
+    def stop(self) -> None:
+        """Stop the servers and end the thread's loop (any thread; idempotent)."""
+        try:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        except RuntimeError:
+            pass  # the loop is closed already
+
+    # -- the handlers (in the loop's thread) ------------------------------------------------------
+
+    def _handlers(self, *, process: bool) -> grpc.GenericRpcHandler:
+        methods: dict[str, grpc.RpcMethodHandler] = {}
+        if process:
+            methods["Process"] = grpc.stream_stream_rpc_method_handler(
+                self._process,
+                request_deserializer=ProcessingRequest.FromString,
+                response_serializer=ProcessingResponse.SerializeToString,
+            )
+        handler = grpc.method_handlers_generic_handler(EXT_PROC_SERVICE, methods)
+        health = grpc.method_handlers_generic_handler(
+            _HEALTH_SERVICE,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self._check,
+                    request_deserializer=HealthCheckRequest.FromString,
+                    response_serializer=HealthCheckResponse.SerializeToString,
+                )
+            },
+        )
+        return _Handlers((handler, health))
+
+    async def _process(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        stream = _Stream(self.token, self.loop)
+        reader = asyncio.ensure_future(self._read(context, stream))
+        try:
+            queue = stream.responses
+            while True:
+                items = queue.take()
+                if items is None:
+                    await queue.consumer.wait()
+                    continue
+                for item in items:
+                    if item is _END:
+                        return
+                    if item is _GONE:
+                        await context.abort(
+                            grpc.StatusCode.UNAVAILABLE, "the endpoint picker is stopping"
+                        )
+                    if isinstance(item, BaseException):
+                        await context.abort(
+                            grpc.StatusCode.INTERNAL, f"the endpoint picker failed: {item!r}"
+                        )
+                    await context.write(item)
+        finally:
+            reader.cancel()
+            if stream.spawned and not stream.finished:
+                # The call ended first (the gateway dropped the stream, or a write failed):
+                # the picker's task ends too, freeing the request's booking.
+                try:
+                    self.token.run_sync_soon(stream.cancel)
+                except trio.RunFinishedError:
+                    pass
+
+    async def _read(self, context: grpc.aio.ServicerContext, stream: _Stream) -> None:
+        """Hand the stream's messages to its trio task, then `_END`. The task starts with the
+        first message (one wake-up of the trio thread for both)."""
+        queue = stream.requests
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                if stream.spawned:
+                    queue.put(_END)
+                else:
+                    stream.responses.put(_END)  # no message: nothing to answer
+                return
+            full = queue.put(message)
+            if not stream.spawned:
+                stream.spawned = True
+                try:
+                    self.token.run_sync_soon(self._spawn, stream)
+                except trio.RunFinishedError:
+                    stream.responses.put(_GONE)
+                    return
+            if full:
+                await queue.producer.wait()
+
+    def _spawn(self, stream: _Stream) -> None:
+        """Start ``stream``'s trio task (the trio thread)."""
+        try:
+            self.nursery.start_soon(stream.answer, self.picker)
+        except RuntimeError:
+            stream.responses.put(_GONE)  # the server is stopping: no new streams
+
+    async def _check(
+        self, request: HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> HealthCheckResponse:
         service = request.service
         if service == "liveness":
             return HealthCheckResponse(status=_SERVING)
         if service in ("", "readiness", EXT_PROC_SERVICE):
-            return HealthCheckResponse(status=_SERVING if picker.ready else _NOT_SERVING)
-        raise ConnectError(Code.NOT_FOUND, f"unknown service {service!r}")
+            ready = await self._in_trio(lambda: self.picker.ready)
+            return HealthCheckResponse(status=_SERVING if ready else _NOT_SERVING)
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
+        raise AssertionError("abort raises")
 
-    def process_stream(
-        requests: AsyncIterator[ProcessingRequest], ctx: RequestContext[Any, Any]
-    ) -> AsyncIterator[ProcessingResponse]:
-        # The picker's own generator, not one wrapping it: connectrpc closes what it gets,
-        # so the stream's booking is freed when the stream ends, not at garbage collection.
-        return picker.process(requests)
+    async def _in_trio(self, function: Callable[[], bool]) -> bool:
+        """``function()`` called in the trio thread (the picker's state lives there)."""
+        loop = self.loop
+        future: asyncio.Future[bool] = loop.create_future()
 
-    found: dict[str, Endpoint[Any, Any]] = {
-        f"/{_HEALTH_SERVICE}/Check": Endpoint.unary(_CHECK, check)
-    }
-    if process:
-        found[f"/{EXT_PROC_SERVICE}/Process"] = Endpoint.bidi_stream(_PROCESS, process_stream)
-    return found
+        def call() -> None:
+            # A callback of the trio thread must not raise: the loop may be closed by now.
+            with contextlib.suppress(RuntimeError):
+                try:
+                    result: Any = function()
+                except Exception as exc:
+                    result = exc
+                loop.call_soon_threadsafe(_settle, future, result)
 
-
-def ext_proc_app(picker: ExtProcPicker) -> Any:
-    """The ASGI app serving ``picker`` (``.../ExternalProcessor/Process``) and the gRPC
-    health check."""
-    return _App(
-        service=picker,
-        endpoints=lambda p: _endpoints(p, process=True),
-        codecs=google_protobuf_codecs(),
-        compressions=(),
-        read_max_bytes=_READ_MAX_BYTES,
-    )
+        self.token.run_sync_soon(call)
+        return await future
 
 
-def health_app(picker: ExtProcPicker) -> Any:
-    """The ASGI app answering only ``grpc.health.v1.Health/Check`` for ``picker``."""
-    return _App(
-        service=picker,
-        endpoints=lambda p: _endpoints(p, process=False),
-        codecs=google_protobuf_codecs(),
-        compressions=(),
-    )
+class _Handlers(grpc.GenericRpcHandler):
+    """The first of ``handlers`` that knows the method."""
+
+    def __init__(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self._handlers = handlers
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        for handler in self._handlers:
+            found = handler.service(handler_call_details)
+            if found is not None:
+                return found
+        return None
 
 
 async def serve_ext_proc(
-    app: Any,
+    picker: ExtProcPicker,
     host: str,
     port: int,
     *,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    health_port: int | None = None,
+    task_status: trio.TaskStatus[tuple[str, str | None]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` (`ext_proc_app` or `health_app`) over h2c (HTTP/2 with prior knowledge,
-    as Envoy's gRPC client speaks it) with ``hypercorn.trio.serve`` on ``host:port`` until
-    cancelled. Use with ``nursery.start``: it reports the ``host:port`` it listens on
-    (``port=0``: a free one).
+    """Serve ``picker`` (``.../ExternalProcessor/Process`` and the gRPC health check) on
+    ``host:port`` over h2c, and the health check alone on ``host:health_port`` if given, until
+    cancelled. Use with ``nursery.start``: it reports where each listens (``host:port``;
+    port 0: a free one). Runs grpcio's server in a thread of its own, which ends (its streams
+    cancelled, their bookings freed) before this returns.
 
     Raises:
-        OSError: the address cannot be bound.
+        OSError: an address cannot be bound (``filename`` is that address).
     """
-    config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.include_server_header = False
-    config.loglevel = "WARNING"
-    # Every request in flight through the gateway holds its ext_proc stream for its whole life
-    # (a long generation), and Envoy multiplexes them over few connections: Hypercorn's 100
-    # streams per connection would make it open a connection per hundred requests.
-    config.h2_max_concurrent_streams = _MAX_STREAMS
-    # A gateway keeps its connection to the picker; an idle one costs nothing.
-    config.keep_alive_timeout = _KEEP_ALIVE
-    # Hypercorn closes an HTTP/2 connection after 1,000 streams by default, cutting the stream
-    # that went over (Envoy answers that request 500, or lets it through unpicked) and every
-    # long generation's stream still open on it (their bookings freed early). One stream per
-    # request: a gateway's connection serves millions.
-    config.keep_alive_max_requests = _MAX_REQUESTS
+    binds = [(_address(host, port), True)]
+    if health_port is not None:
+        binds.append((_address(host, health_port), False))
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(functools.partial(serve, app, config, mode="asgi"))
-        task_status.started(binds[0].removeprefix("http://"))
+        server = _Server(picker, nursery, binds)
+        thread = threading.Thread(target=server.run, name="interlock-ext-proc", daemon=True)
+        thread.start()
+        try:
+            await server.started.wait()
+            if server.error is not None:
+                raise server.error
+            found = server.addresses
+            task_status.started((found[0], found[1] if len(found) > 1 else None))
+            await trio.sleep_forever()
+        finally:
+            # The streams' tasks end first (each frees its booking), then the gRPC calls.
+            nursery.cancel_scope.cancel()
+            server.stop()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join)
 
 
-#: Concurrent ext_proc streams per gateway connection.
-_MAX_STREAMS: Final = 65_536
-#: Seconds an idle gateway connection stays open.
-_KEEP_ALIVE: Final = 3600.0
-#: Streams one gateway connection may open over its life (no limit in practice).
-_MAX_REQUESTS: Final = 2**62
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1536,30 +1536,34 @@ async def _serve_ext_proc(
     if setup.ext_proc_port is None:
         return None
     # Imported here: the gRPC stack loads only for a router that serves it.
-    from ..gateway import ExtProcPicker, ext_proc_app, health_app, serve_ext_proc
+    from ..gateway import ExtProcPicker, serve_ext_proc
 
     picker = ExtProcPicker(app.state.frontend, fallbacks=setup.ext_proc_fallbacks)
-    found: list[str | None] = []
-    for flag, port_number, asgi in (
-        ("--ext-proc-port", setup.ext_proc_port, ext_proc_app(picker)),
-        ("--ext-proc-health-port", setup.ext_proc_health_port, health_app(picker)),
-    ):
-        if port_number is None:
-            found.append(None)
-            continue
-        try:
-            where: str = await nursery.start(serve_ext_proc, asgi, setup.host, port_number)
-        except BaseException as exc:
-            bind_error, _ = _split(exc, OSError)
-            if bind_error is None:
-                raise
-            leaf = _first_leaf(bind_error)
-            raise OSError(
-                getattr(leaf, "errno", None), f"{leaf} ({flag} {setup.host}:{port_number})"
-            ) from None
-        found.append(where)
-    assert found[0] is not None
-    return found[0], found[1]
+    try:
+        found: tuple[str, str | None] = await nursery.start(
+            functools.partial(
+                serve_ext_proc,
+                picker,
+                setup.host,
+                setup.ext_proc_port,
+                health_port=setup.ext_proc_health_port,
+            )
+        )
+    except BaseException as exc:
+        bind_error, _ = _split(exc, OSError)
+        if bind_error is None:
+            raise
+        leaf = _first_leaf(bind_error)
+        # serve_ext_proc names the address it could not bind in the error's filename.
+        flag, port_number = "--ext-proc-port", setup.ext_proc_port
+        health = setup.ext_proc_health_port
+        if health is not None and str(getattr(leaf, "filename", "")).endswith(f":{health}"):
+            flag, port_number = "--ext-proc-health-port", health
+        raise OSError(
+            getattr(leaf, "errno", None),
+            f"{getattr(leaf, 'strerror', None) or leaf} ({flag} {setup.host}:{port_number})",
+        ) from None
+    return found
 
 
 #: How long Hypercorn lets the handlers left after a drain finish before cancelling them.

@@ -1,0 +1,276 @@
+"""`serve_ext_proc`: the picker served over gRPC (grpcio's server in a thread of its own) from
+a trio run, driven by grpcio's client in lockstep as Envoy drives it: streams answered and
+their bookings freed however they end (the half-close, the client dropping the stream, the
+server stopping), gRPC health on both ports, one server thread however many streams are
+open, none left after the server stops.
+
+Real sockets and threads: the trio clock is the real one; waits are conditions with a
+deadline."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import grpc
+import pytest
+import trio
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
+from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpc_health.v1.health_pb2_grpc import HealthStub
+from test_gateway_ext_proc import (
+    Picking,
+    chat_body,
+    picking,
+    request_body,
+    request_headers,
+    response_headers,
+    set_headers,
+)
+
+from interlock.gateway import serve_ext_proc
+
+TIMEOUT = 30.0
+SERVER_THREAD = "interlock-ext-proc"
+
+
+@attrs.define
+class Served:
+    picking: Picking
+    ext_proc: str
+    health: str
+    #: Cancels the server.
+    scope: trio.CancelScope
+    stopped: trio.Event
+
+
+@asynccontextmanager
+async def serving() -> AsyncIterator[Served]:
+    """A picker over in-process mock workers, served on free ports until the block ends."""
+    async with picking() as p, trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+        stopped = trio.Event()
+
+        async def serve(task_status: trio.TaskStatus[tuple[str, str | None]]) -> None:
+            with scope:
+                await serve_ext_proc(
+                    p.picker, "127.0.0.1", 0, health_port=0, task_status=task_status
+                )
+            stopped.set()
+
+        ext_proc, health = await nursery.start(serve)
+        assert health is not None
+        yield Served(p, ext_proc, health, scope, stopped)
+        scope.cancel()
+
+
+class Lockstep:
+    """One ext_proc stream from grpcio's client: `send` a message, `receive` an answer (both
+    blocking: call them in a worker thread)."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.outgoing: queue.Queue[ProcessingRequest | None] = queue.Queue()
+        self.call: Any = ExternalProcessorStub(self.channel).Process(
+            self._requests(), timeout=TIMEOUT
+        )
+
+    def _requests(self) -> Iterator[ProcessingRequest]:
+        while (message := self.outgoing.get()) is not None:
+            yield message
+
+    def send(self, message: ProcessingRequest | None) -> None:
+        """Send ``message`` (None: half-close)."""
+        self.outgoing.put(message)
+
+    def receive(self) -> ProcessingResponse:
+        answer: ProcessingResponse = next(self.call)
+        return answer
+
+    def rest(self) -> list[ProcessingResponse]:
+        """The answers left, to the stream's end (raises `grpc.RpcError` if it fails)."""
+        return list(self.call)
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.outgoing.put(None)
+        self.channel.close()
+
+
+async def in_thread(function: Any, *args: Any) -> Any:
+    return await trio.to_thread.run_sync(function, *args)
+
+
+async def picked(stream: Lockstep) -> str:
+    """Send a chat request's headers and body; the destination of the pick (its body checked)."""
+    body = chat_body()
+    stream.send(request_headers())
+    stream.send(request_body(body, True))
+    headers = await in_thread(stream.receive)
+    destination = set_headers(headers, "request_headers")["x-gateway-destination-endpoint"]
+    destination = destination.split(",")[0]
+    back = await in_thread(stream.receive)
+    assert back.request_body.response.body_mutation.streamed_response.body == body
+    return destination
+
+
+async def until(condition: Any, what: str) -> None:
+    """Wait until ``condition()`` (a real-time deadline: the server's thread works meanwhile)."""
+    with trio.fail_after(TIMEOUT):
+        while not condition():  # noqa: ASYNC110 (state changed by the server's thread)
+            await trio.sleep(0.01)
+    assert condition(), what
+
+
+def server_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == SERVER_THREAD]
+
+
+async def test_a_stream_in_lockstep_is_picked_and_its_booking_freed_at_its_end() -> None:
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            destination = await picked(stream)
+            assert destination in {s.picking.endpoint(w.instance_id) for w in s.picking.workers}
+            assert len(s.picking.picker.booked) == 1
+            stream.send(response_headers(200))
+            answer = await in_thread(stream.receive)
+            assert answer.WhichOneof("response") == "response_headers"
+            stream.send(None)
+            assert await in_thread(stream.rest) == []
+            assert stream.call.code() == grpc.StatusCode.OK
+            assert not s.picking.picker.booked
+            assert await s.picking.pipeline.load() == {}
+        finally:
+            stream.close()
+
+
+async def test_a_stream_the_client_drops_frees_its_booking() -> None:
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            await picked(stream)
+            assert s.picking.picker.booked
+            stream.call.cancel()
+            await until(lambda: not s.picking.picker.booked, "the dropped stream's booking")
+            assert await s.picking.pipeline.load() == {}
+        finally:
+            stream.close()
+
+
+async def test_stopping_the_server_ends_open_streams_frees_them_and_leaves_no_thread() -> None:
+    streams: list[Lockstep] = []
+    try:
+        async with serving() as s:
+            streams = [Lockstep(s.ext_proc) for _ in range(20)]
+            async with trio.open_nursery() as nursery:
+                for stream in streams:
+                    nursery.start_soon(picked, stream)
+            assert len(s.picking.picker.booked) == 20
+            # One server thread however many streams are open: none is held per stream.
+            assert len(server_threads()) == 1
+            s.scope.cancel()
+            with trio.fail_after(TIMEOUT):
+                await s.stopped.wait()
+            assert not server_threads()
+            assert not s.picking.picker.booked
+            assert await s.picking.pipeline.load() == {}
+            for stream in streams:
+                with pytest.raises(grpc.RpcError) as failed:
+                    await in_thread(stream.rest)
+                assert failed.value.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.CANCELLED,
+                ), failed.value
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def check(address: str, service: str) -> Any:
+    with grpc.insecure_channel(address) as channel:
+        return HealthStub(channel).Check(HealthCheckRequest(service=service), timeout=TIMEOUT)
+
+
+async def test_health_on_both_ports_says_not_serving_while_draining() -> None:
+    serving_, not_serving = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
+    names = ("", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor")
+    async with serving() as s:
+        for address in (s.ext_proc, s.health):
+            assert (await in_thread(check, address, "liveness")).status == serving_
+            for name in names:
+                assert (await in_thread(check, address, name)).status == serving_, name
+            with pytest.raises(grpc.RpcError) as unknown:
+                await in_thread(check, address, "nothing.Here")
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        s.picking.picker.frontend.drain.start()
+        for address in (s.ext_proc, s.health):
+            assert (await in_thread(check, address, "liveness")).status == serving_
+            for name in names:
+                assert (await in_thread(check, address, name)).status == not_serving, name
+
+
+async def test_the_health_port_serves_no_picks() -> None:
+    async with serving() as s:
+        stream = Lockstep(s.health)
+        try:
+            stream.send(request_headers())
+            with pytest.raises(grpc.RpcError) as refused:
+                await in_thread(stream.rest)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        finally:
+            stream.close()
+
+
+async def test_a_taken_port_is_an_oserror_naming_the_address() -> None:
+    async with picking() as p:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with pytest.raises(BaseException) as failed:  # noqa: PT011 (a group or the error)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(serve_ext_proc, p.picker, "127.0.0.1", port)
+        error = failed.value
+        while isinstance(error, BaseExceptionGroup):
+            (error,) = error.exceptions
+        assert isinstance(error, OSError), error
+        assert error.filename == f"127.0.0.1:{port}"
+        assert not server_threads()
+
+
+async def test_a_body_in_many_more_chunks_than_the_queues_hold_comes_back_whole() -> None:
+    # Envoy may send a body in many chunks before the picker answers; the answers of a large
+    # body are many chunks too: both directions fill their bounded queues and wait for room.
+    body = chat_body("x" * 1_500_000)
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            stream.send(request_headers())
+            size = len(body) // 200 + 1
+            for offset in range(0, len(body), size):
+                last = offset + size >= len(body)
+                stream.send(request_body(body[offset : offset + size], last))
+            picked = await in_thread(stream.receive)
+            assert picked.WhichOneof("response") == "request_headers", picked
+            back = b""
+            parts = 0
+            while True:
+                part = await in_thread(stream.receive)
+                streamed = part.request_body.response.body_mutation.streamed_response
+                back += streamed.body
+                parts += 1
+                if streamed.end_of_stream:
+                    break
+            assert back == body and parts > 16
+            stream.send(None)
+            assert await in_thread(stream.rest) == []
+            assert not s.picking.picker.booked
+        finally:
+            stream.close()
