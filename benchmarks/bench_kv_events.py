@@ -136,7 +136,7 @@ class Ingest:
     def __call__(self, payload: bytes) -> None:
         message = parse_kv_message(kv_message_frames(TOPIC, self.seq, payload))
         self.seq += 1
-        self.mirror.on_batch(message.seq, decode_kv_batch(message.payload))
+        self.mirror.on_batch(message.seq, decode_kv_batch(message.payload, merge_removals=True))
 
 
 def floor(payloads: list[bytes]) -> None:

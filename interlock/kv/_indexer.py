@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
-from interlock.kv._events import KvCleared, KvEvent, KvRemoved, KvStored
+from interlock.kv._events import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlocks
 from interlock.kv._tree import ROOT, OverlapScores, _RadixTree
 
 __all__ = [
@@ -15,6 +16,9 @@ __all__ = [
     "ParentBlockNotFound",
     "WorkerOutOfSync",
 ]
+
+
+_ids_of: Callable[[object], tuple[int, int]] = operator.attrgetter("block_hash", "tokens_hash")
 
 
 class KvIndexError(Exception):
@@ -275,13 +279,48 @@ class KvIndexer:
         state.pending.append(event)
 
     def _place(self, state: _Worker, node: int, event: KvStored) -> None:
+        stored = event.blocks
+        if type(stored) is StoredBlocks:
+            self._place_run(state, node, stored.block_hashes, stored.tokens_hashes)
+            return
+        self._place_each(state, node, map(_ids_of, stored))
+
+    def _place_run(
+        self,
+        state: _Worker,
+        node: int,
+        block_hashes: Sequence[int],
+        tokens_hashes: Sequence[int],
+    ) -> None:
+        """Store a run of blocks below ``node``: in bulk when every block id is new to the
+        worker (a prefill; nothing to let go of), else block by block."""
+        blocks = state.blocks
+        ids = set(block_hashes)
+        if len(ids) != len(block_hashes) or not blocks.keys().isdisjoint(ids):
+            self._place_each(state, node, zip(block_hashes, tokens_hashes, strict=True))
+            return
+        bit = state.bit
+        nodes, existing = self._tree.extend(node, tokens_hashes, bit)
+        if existing:
+            # A prefix other workers hold (or this one, under other ids).
+            masks = self._tree.masks
+            extra_refs = state.extra_refs
+            for held in nodes[:existing]:
+                if masks[held] & bit:
+                    extra_refs[held] = extra_refs.get(held, 0) + 1
+                else:
+                    masks[held] |= bit
+        blocks.update(zip(block_hashes, nodes, strict=True))
+
+    def _place_each(self, state: _Worker, node: int, pairs: Iterable[tuple[int, int]]) -> None:
+        """Store ``(block_hash, tokens_hash)`` pairs below ``node`` one by one."""
         child = self._tree.child
         masks = self._tree.masks
         blocks = state.blocks
         bit = state.bit
-        for block in event.blocks:
-            node = child(node, block.tokens_hash)
-            previous = blocks.get(block.block_hash)
+        for block_hash, tokens_hash in pairs:
+            node = child(node, tokens_hash)
+            previous = blocks.get(block_hash)
             if previous == node:
                 continue
             # Hold the new node before letting go of the old one so pruning cannot reach it.
@@ -289,7 +328,7 @@ class KvIndexer:
                 state.extra_refs[node] = state.extra_refs.get(node, 0) + 1
             else:
                 masks[node] |= bit
-            blocks[block.block_hash] = node
+            blocks[block_hash] = node
             if previous is not None:
                 self._release(state, previous)
 

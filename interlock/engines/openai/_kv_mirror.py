@@ -45,7 +45,15 @@ import attrs
 import trio
 
 from ..._errors import InterlockError
-from ...kv import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock, compute_block_hashes
+from ...kv import (
+    KvCleared,
+    KvEvent,
+    KvRemoved,
+    KvStored,
+    StoredBlock,
+    StoredBlocks,
+    compute_block_hashes,
+)
 from ...wire import VllmAllBlocksCleared, VllmBlockRemoved, VllmBlockStored, VllmKvBatch
 from ._kv_feed import KvReplayFailed, replay_kv_batches
 
@@ -426,27 +434,45 @@ class KvMirror:
         if parent is not None and parent not in self._blocks:
             self._stats["orphan_runs"] += 1
             return
+        if not hashes:
+            return
+        tokens = compute_block_hashes(event.token_ids, self.block_size)
         blocks = self._blocks
-        run: list[StoredBlock] = []
+        if blocks.keys().isdisjoint(hashes):
+            # A run of new blocks (every prefill): mirrored and published in C-level passes, as
+            # columns, with no object per block.
+            blocks.update(
+                zip(hashes, zip((parent, *hashes[:-1]), tokens, strict=True), strict=True)
+            )
+            self._emit(
+                KvStored(self.worker_id, self._next_event_id, parent, StoredBlocks(hashes, tokens))
+            )
+            return
+        run_hashes: list[int] = []
+        run_tokens: list[int] = []
         run_parent = previous = parent
-        for block_hash, tokens in zip(
-            hashes, compute_block_hashes(event.token_ids, self.block_size), strict=True
-        ):
-            if blocks.get(block_hash) == (previous, tokens):
+        for block_hash, tokens_hash in zip(hashes, tokens, strict=True):
+            if blocks.get(block_hash) == (previous, tokens_hash):
                 self._stats["duplicate_blocks"] += 1
-                if run:
-                    self._emit(KvStored(self.worker_id, self._next_event_id, run_parent, run))
-                    run = []
+                if run_hashes:
+                    self._emit_run(run_parent, run_hashes, run_tokens)
+                    run_hashes, run_tokens = [], []
             else:
-                if not run:
+                if not run_hashes:
                     run_parent = previous
                 # The same hash under another parent or tokens replaces the old block.
                 blocks.pop(block_hash, None)
-                blocks[block_hash] = (previous, tokens)
-                run.append(StoredBlock(block_hash=block_hash, tokens_hash=tokens))
+                blocks[block_hash] = (previous, tokens_hash)
+                run_hashes.append(block_hash)
+                run_tokens.append(tokens_hash)
             previous = block_hash
-        if run:
-            self._emit(KvStored(self.worker_id, self._next_event_id, run_parent, run))
+        if run_hashes:
+            self._emit_run(run_parent, run_hashes, run_tokens)
+
+    def _emit_run(self, parent: int | None, hashes: list[int], tokens: list[int]) -> None:
+        self._emit(
+            KvStored(self.worker_id, self._next_event_id, parent, StoredBlocks(hashes, tokens))
+        )
 
     def _tracked(self, medium: str | None, group_idx: int | None) -> bool:
         # medium None: vLLM before PR #19737, GPU only.
