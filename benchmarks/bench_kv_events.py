@@ -3,6 +3,7 @@
 Run from the repository root::
 
     python benchmarks/bench_kv_events.py [--tokens 100000] [--block-size 16] [--rounds 15]
+                                         [--steps 2000] [--cpu 1]
 
 Builds the batches a vLLM publishes, encoded as interlock's own `encode_kv_batch` does (which
 re-encodes captured vLLM 0.32 payloads byte for byte) in both event layouts (maps keyed
@@ -12,9 +13,9 @@ re-encodes captured vLLM 0.32 payloads byte for byte) in both event layouts (map
   as the prefill of a long prompt publishes it;
 * **remove**: the same blocks evicted, one ``BlockRemoved`` of one hash per block in one batch,
   as vLLM's lazy eviction sends them;
-* **decode steps**: 2,000 small batches, each a ``BlockStored`` of 1-4 blocks extending one of
-  a few conversations (a decode-heavy engine fills a block every ``block_size`` tokens) and,
-  one step in three, 1-4 ``BlockRemoved``.
+* **decode steps**: ``--steps`` (2,000) small batches, each a ``BlockStored`` of 1-4 blocks
+  extending one of a few conversations (a decode-heavy engine fills a block every
+  ``block_size`` tokens) and, one step in three, 1-4 ``BlockRemoved``.
 
 For each, the ingest path of ``interlock route --router-mode kv`` in front of vLLMs, in one
 process: `parse_kv_message` and `decode_kv_batch` as the `KvEventFeed` calls them, the engine's
@@ -29,6 +30,8 @@ No assertions; tests/test_kv_events_benchmark.py runs it at a tiny size.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import os
 import random
 import statistics
@@ -59,8 +62,14 @@ from interlock.wire import (
 VOCAB = 151_936  # Qwen's: ids above 65,535 take 5 bytes in msgpack, the rest 1-3
 WORKER = 1
 TOPIC = kv_topic(WORKER)
-DECODE_STEPS = 2_000
 CONVERSATIONS = 8
+# As the feed decodes (the keyword is absent from code before it, which this script also runs
+# against for before/after figures).
+DECODE = (
+    functools.partial(decode_kv_batch, merge_removals=True)
+    if "merge_removals" in inspect.signature(decode_kv_batch).parameters
+    else decode_kv_batch
+)
 
 
 def stored_event(
@@ -93,13 +102,13 @@ def payload_of(events: list[VllmKvEvent], layout: KvBatchLayout) -> bytes:
 
 
 def decode_steps(
-    rng: random.Random, block_size: int, layout: KvBatchLayout
+    rng: random.Random, block_size: int, layout: KvBatchLayout, count: int
 ) -> tuple[list[bytes], int]:
     """The payloads of a decode-heavy engine's steps, and how many blocks they store or remove."""
     chains: list[list[int]] = [[] for _ in range(CONVERSATIONS)]
     payloads = []
     blocks = 0
-    for _ in range(DECODE_STEPS):
+    for _ in range(count):
         events: list[VllmKvEvent] = []
         chain = chains[rng.randrange(CONVERSATIONS)]
         if len(chain) > 8 and rng.random() < 1 / 3:
@@ -136,7 +145,7 @@ class Ingest:
     def __call__(self, payload: bytes) -> None:
         message = parse_kv_message(kv_message_frames(TOPIC, self.seq, payload))
         self.seq += 1
-        self.mirror.on_batch(message.seq, decode_kv_batch(message.payload, merge_removals=True))
+        self.mirror.on_batch(message.seq, DECODE(message.payload))
 
 
 def floor(payloads: list[bytes]) -> None:
@@ -179,6 +188,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=2_000, help="decode steps")
     parser.add_argument("--cpu", type=int, default=1, help="pin to this CPU (-1: do not pin)")
     args = parser.parse_args()
     if args.cpu >= 0 and hasattr(os, "sched_setaffinity") and args.cpu < (os.cpu_count() or 1):
@@ -214,7 +224,7 @@ def main() -> None:
         ingest_s, floor_s = measure(args.rounds, holding, [remove])
         report(f"remove, {layout}", blocks, len(remove), ingest_s, floor_s)
 
-        steps, step_blocks = decode_steps(random.Random(1), block_size, layout)
+        steps, step_blocks = decode_steps(random.Random(1), block_size, layout, args.steps)
         ingest_s, floor_s = measure(args.rounds, lambda: Ingest(block_size), steps)
         size = sum(map(len, steps))
         report(f"{len(steps)} decode steps, {layout}", step_blocks, size, ingest_s, floor_s)

@@ -21,6 +21,11 @@ __all__ = [
 _ids_of: Callable[[object], tuple[int, int]] = operator.attrgetter("block_hash", "tokens_hash")
 
 
+# Below this many blocks (a decode step's 1-4), one by one costs less than the bulk path's
+# fixed passes.
+_BULK_BLOCKS = 16
+
+
 class KvIndexError(Exception):
     """Base class of the errors the KV index raises."""
 
@@ -295,6 +300,9 @@ class KvIndexer:
         """Store a run of blocks below ``node``: in bulk when every block id is new to the
         worker (a prefill; nothing to let go of), else block by block."""
         blocks = state.blocks
+        if len(block_hashes) < _BULK_BLOCKS:
+            self._place_each(state, node, zip(block_hashes, tokens_hashes, strict=True))
+            return
         ids = set(block_hashes)
         if len(ids) != len(block_hashes) or not blocks.keys().isdisjoint(ids):
             self._place_each(state, node, zip(block_hashes, tokens_hashes, strict=True))

@@ -186,6 +186,10 @@ def decode_kv_batch(payload: bytes, *, merge_removals: bool = False) -> VllmKvBa
             raw = decoder.decode(payload)
         except Exception:  # msgspec's DecodeError/ValidationError, or anything odder
             continue
+        if decoder is not _FAST_DECODERS[0]:
+            # The other layout's engine: try its decoder first from now on (a failed try
+            # costs an exception; an engine never changes layouts).
+            _FAST_DECODERS.reverse()
         return _from_fast(raw, merge_removals)
     batch = _decode_checked(payload)
     if merge_removals:
@@ -211,17 +215,18 @@ def _fast_decoder(array_like: bool) -> tuple[msgspec.msgpack.Decoder[Any], type[
     options: dict[str, Any] = {"tag_field": "type", "array_like": array_like, "gc": False}
     optional_int = (int | None, None)
     optional_str = (str | None, None)
-    stored = msgspec.defstruct(
+    stored: type[Any] = msgspec.defstruct(
         "Stored",
         [
-            ("block_hashes", tuple[int, ...]),
+            # Lists: msgspec builds them faster than tuples, even counting the copy into one.
+            ("block_hashes", list[int]),
             ("parent_block_hash", int | None),
-            ("token_ids", tuple[_TokenId, ...]),
+            ("token_ids", list[_TokenId]),
             ("block_size", _BlockSize),
             ("lora_id", *optional_int),
             ("medium", *optional_str),
             ("lora_name", *optional_str),
-            ("extra_keys", tuple[Any, ...] | None, None),
+            ("extra_keys", list[Any] | None, None),
             ("group_idx", *optional_int),
             ("kv_cache_spec_kind", *optional_str),
             ("kv_cache_spec_sliding_window", *optional_int),
@@ -232,7 +237,7 @@ def _fast_decoder(array_like: bool) -> tuple[msgspec.msgpack.Decoder[Any], type[
     removed = msgspec.defstruct(
         "Removed",
         [
-            ("block_hashes", tuple[int, ...]),
+            ("block_hashes", list[int]),
             ("medium", *optional_str),
             ("group_idx", *optional_int),
         ],
@@ -256,16 +261,17 @@ def _fast_decoder(array_like: bool) -> tuple[msgspec.msgpack.Decoder[Any], type[
 
 _MAP_DECODER, _MAP_STORED, _MAP_REMOVED = _fast_decoder(False)
 _ARRAY_DECODER, _ARRAY_STORED, _ARRAY_REMOVED = _fast_decoder(True)
-# vLLM 0.26+ first: an array-layout payload fails the map decoder at its first event.
-_FAST_DECODERS = (_MAP_DECODER, _ARRAY_DECODER)
+# The layout that decoded last first (vLLM 0.26+'s to begin with): a payload in the other
+# fails at its first event.
+_FAST_DECODERS = [_MAP_DECODER, _ARRAY_DECODER]
 _FAST_STORED = frozenset({_MAP_STORED, _ARRAY_STORED})
 _FAST_REMOVED = frozenset({_MAP_REMOVED, _ARRAY_REMOVED})
 
 
-def _unsigned(hashes: tuple[int, ...]) -> tuple[int, ...]:
+def _unsigned(hashes: list[int]) -> list[int]:
     """Hashes as u64 keys: negative ones (vLLM's old signed hashing) read as the same 64 bits."""
     if hashes and min(hashes) < 0:
-        return tuple(h & _MASK for h in hashes)
+        return [h & _MASK for h in hashes]
     return hashes
 
 
@@ -292,7 +298,7 @@ def _from_fast(raw: Any, merge_removals: bool) -> VllmKvBatch:
             if removing is not None:
                 events.append(VllmBlockRemoved(removing, *removing_where))
             if merge_removals:
-                removing, removing_where = list(hashes), where
+                removing, removing_where = hashes, where
             else:
                 removing = None
                 events.append(VllmBlockRemoved(hashes, event.medium, event.group_idx))
