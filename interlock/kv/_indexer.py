@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -351,11 +352,16 @@ class KvIndexer:
         self._tree.unset(node, state.bit)
 
     def _remove(self, state: _Worker, block_hashes: Iterable[int]) -> None:
-        blocks = state.blocks
-        for block_hash in block_hashes:
-            node = blocks.pop(block_hash, None)
-            if node is not None:
+        pop = state.blocks.pop
+        nodes = [
+            node for node in map(pop, block_hashes, itertools.repeat(None)) if node is not None
+        ]
+        if state.extra_refs:
+            # Some nodes are held under several ids: each removal lets go of one hold.
+            for node in nodes:
                 self._release(state, node)
+            return
+        self._tree.unset_many(nodes, state.bit)
 
     def _clear(self, state: _Worker) -> None:
         unset = self._tree.unset

@@ -190,6 +190,31 @@ class _RadixTree:
             self._free(node)
             node = parent
 
+    def unset_many(self, nodes: Iterable[int], bit: int) -> None:
+        """:meth:`unset` for each of ``nodes`` in turn (a worker letting go of many blocks at
+        once, as an eviction does), without a call per node."""
+        masks = self.masks
+        children = self.children
+        parents = self.parents
+        keys = self.keys
+        free = self._free_nodes
+        freed = 0
+        for node in nodes:
+            masks[node] ^= bit
+            while not masks[node] and not children[node]:
+                parent = parents[node]
+                if parent == _NO_PARENT and node == ROOT:
+                    break
+                if parent != _NO_PARENT:
+                    del children[parent][keys[node]]
+                children[node] = _FREED
+                free.append(node)
+                freed += 1
+                if parent == _NO_PARENT:
+                    break
+                node = parent
+        self.node_count -= freed
+
     def path(self, node: int) -> tuple[int, ...] | None:
         """Return the tokens hashes from the root to ``node``, or ``None`` if it is detached."""
         keys = []

@@ -21,6 +21,8 @@ therefore always yields ``int`` hashes in ``[0, 2**64)``.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal
 
@@ -283,55 +285,57 @@ def _frozen(value: Any) -> Any:
     return value
 
 
+_WHERE = operator.attrgetter("medium", "group_idx")
+_HASHES = operator.attrgetter("block_hashes")
+
+
 def _from_fast(raw: Any, merge_removals: bool) -> VllmKvBatch:
     events: list[VllmKvEvent] = []
-    removing: list[int] | None = None  # the hashes of the removals being merged
-    removing_where: tuple[str | None, int | None] = (None, None)
-    for event in raw.events:
-        kind = type(event)
+    # Runs of one event type; a big eviction is one run of thousands of removals, merged in
+    # C-level passes.
+    for kind, group in itertools.groupby(raw.events, type):
         if kind in _FAST_REMOVED:
-            hashes = _unsigned(event.block_hashes)
-            where = (event.medium, event.group_idx)
-            if removing is not None and where == removing_where:
-                removing += hashes
-                continue
-            if removing is not None:
-                events.append(VllmBlockRemoved(removing, *removing_where))
-            if merge_removals:
-                removing, removing_where = hashes, where
-            else:
-                removing = None
-                events.append(VllmBlockRemoved(hashes, event.medium, event.group_idx))
-            continue
-        if removing is not None:
-            events.append(VllmBlockRemoved(removing, *removing_where))
-            removing = None
-        if kind in _FAST_STORED:
-            parent = event.parent_block_hash
-            extra_keys = event.extra_keys
-            # vLLM sends one None per block; anything else may hold arrays.
-            if extra_keys and extra_keys.count(None) != len(extra_keys):
-                extra_keys = _frozen(extra_keys)
-            events.append(
-                VllmBlockStored(
-                    block_hashes=_unsigned(event.block_hashes),
-                    parent_block_hash=parent if parent is None or parent >= 0 else parent & _MASK,
-                    token_ids=event.token_ids,
-                    block_size=event.block_size,
-                    lora_id=event.lora_id,
-                    medium=event.medium,
-                    lora_name=event.lora_name,
-                    extra_keys=extra_keys,
-                    group_idx=event.group_idx,
-                    kv_cache_spec_kind=event.kv_cache_spec_kind,
-                    kv_cache_spec_sliding_window=event.kv_cache_spec_sliding_window,
+            run = list(group)
+            if not merge_removals:
+                events.extend(
+                    VllmBlockRemoved(_unsigned(event.block_hashes), event.medium, event.group_idx)
+                    for event in run
                 )
-            )
+                continue
+            wheres = list(map(_WHERE, run))
+            for where, same in itertools.groupby(zip(wheres, run, strict=True), _FIRST):
+                hashes = list(itertools.chain.from_iterable(map(_HASHES, map(_SECOND, same))))
+                events.append(VllmBlockRemoved(_unsigned(hashes), *where))
+        elif kind in _FAST_STORED:
+            events.extend(map(_stored, group))
         else:
-            events.append(_CLEARED)
-    if removing is not None:
-        events.append(VllmBlockRemoved(removing, *removing_where))
+            events.extend(_CLEARED for _ in group)
     return VllmKvBatch(ts=raw.ts, events=events, data_parallel_rank=raw.data_parallel_rank)
+
+
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
+
+
+def _stored(event: Any) -> VllmBlockStored:
+    parent = event.parent_block_hash
+    extra_keys = event.extra_keys
+    # vLLM sends one None per block; anything else may hold arrays.
+    if extra_keys and extra_keys.count(None) != len(extra_keys):
+        extra_keys = _frozen(extra_keys)
+    return VllmBlockStored(
+        block_hashes=_unsigned(event.block_hashes),
+        parent_block_hash=parent if parent is None or parent >= 0 else parent & _MASK,
+        token_ids=event.token_ids,
+        block_size=event.block_size,
+        lora_id=event.lora_id,
+        medium=event.medium,
+        lora_name=event.lora_name,
+        extra_keys=extra_keys,
+        group_idx=event.group_idx,
+        kv_cache_spec_kind=event.kv_cache_spec_kind,
+        kv_cache_spec_sliding_window=event.kv_cache_spec_sliding_window,
+    )
 
 
 def _merge_removed(events: Iterable[VllmKvEvent]) -> list[VllmKvEvent]:
