@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import itertools
-import operator
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from interlock.kv._events import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlocks
 from interlock.kv._tree import ROOT, OverlapScores, _RadixTree
@@ -17,9 +16,6 @@ __all__ = [
     "ParentBlockNotFound",
     "WorkerOutOfSync",
 ]
-
-
-_ids_of: Callable[[object], tuple[int, int]] = operator.attrgetter("block_hash", "tokens_hash")
 
 
 # Below this many blocks (a decode step's 1-4), one by one costs less than the bulk path's
@@ -289,7 +285,25 @@ class KvIndexer:
         if type(stored) is StoredBlocks:
             self._place_run(state, node, stored.block_hashes, stored.tokens_hashes)
             return
-        self._place_each(state, node, map(_ids_of, stored))
+        # Blocks as objects (mock engines, dumps): the loop of _place_each, inlined, since a
+        # busy engine's events come one or two blocks at a time.
+        child = self._tree.child
+        masks = self._tree.masks
+        blocks = state.blocks
+        bit = state.bit
+        for block in stored:
+            node = child(node, block.tokens_hash)
+            previous = blocks.get(block.block_hash)
+            if previous == node:
+                continue
+            # Hold the new node before letting go of the old one so pruning cannot reach it.
+            if masks[node] & bit:
+                state.extra_refs[node] = state.extra_refs.get(node, 0) + 1
+            else:
+                masks[node] |= bit
+            blocks[block.block_hash] = node
+            if previous is not None:
+                self._release(state, previous)
 
     def _place_run(
         self,
@@ -351,7 +365,14 @@ class KvIndexer:
             return
         self._tree.unset(node, state.bit)
 
-    def _remove(self, state: _Worker, block_hashes: Iterable[int]) -> None:
+    def _remove(self, state: _Worker, block_hashes: Sequence[int]) -> None:
+        if len(block_hashes) < _BULK_BLOCKS:
+            blocks = state.blocks
+            for block_hash in block_hashes:
+                node = blocks.pop(block_hash, None)
+                if node is not None:
+                    self._release(state, node)
+            return
         pop = state.blocks.pop
         nodes = [
             node for node in map(pop, block_hashes, itertools.repeat(None)) if node is not None
