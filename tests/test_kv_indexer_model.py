@@ -22,6 +22,7 @@ from interlock.kv import (
     KvStored,
     ParentBlockNotFound,
     StoredBlock,
+    StoredBlocks,
 )
 
 WORKERS = (1, 2, 3)
@@ -82,6 +83,17 @@ class Engine:
         self.chains = chains
 
 
+def stored(
+    worker: int, event_id: int, parent: int | None, blocks: list[StoredBlock], data: st.DataObject
+) -> KvStored:
+    """A stored event with its blocks as StoredBlock objects or as columns (`StoredBlocks`, what
+    the vLLM mirror publishes): the index must file both alike."""
+    if data.draw(st.booleans(), label="as columns"):
+        columns = StoredBlocks([b.block_hash for b in blocks], [b.tokens_hash for b in blocks])
+        return KvStored(worker, event_id, parent, columns)
+    return KvStored(worker, event_id, parent, tuple(blocks))
+
+
 def event_for(engine: Engine, worker: int, data: st.DataObject) -> KvEvent:
     """A random event the engine could emit next (its id is the engine's next one)."""
     event_id = engine.next_event
@@ -105,14 +117,14 @@ def event_for(engine: Engine, worker: int, data: st.DataObject) -> KvEvent:
             if kind == "twin":
                 block_hash = engine.next_block
                 engine.next_block += 1
-            return KvStored(worker, event_id, parent, (StoredBlock(block_hash, tokens_hash),))
+            return stored(worker, event_id, parent, [StoredBlock(block_hash, tokens_hash)], data)
     parent = data.draw(st.one_of(st.none(), st.sampled_from(held)) if held else st.none())
     tokens = data.draw(st.lists(TOKENS, min_size=1, max_size=3), label="tokens")
     blocks = []
     for tokens_hash in tokens:
         blocks.append(StoredBlock(engine.next_block, tokens_hash))
         engine.next_block += 1
-    return KvStored(worker, event_id, parent, tuple(blocks))
+    return stored(worker, event_id, parent, blocks, data)
 
 
 def brute_force_scores(engines: dict[int, Engine], prompt: tuple[int, ...]) -> dict[int, int]:

@@ -16,6 +16,7 @@ EXPECTED = {
     "KvRemoved",
     "KvStored",
     "StoredBlock",
+    "StoredBlocks",
     "TtftModel",
     "TtftSelection",
     # indexes

@@ -381,3 +381,96 @@ def test_every_batch_round_trips_through_frames(batch: VllmKvBatch, seq: int, to
 def test_an_unknown_layout_is_refused() -> None:
     with pytest.raises(ValueError, match="layout"):
         encode_kv_batch(VllmKvBatch(ts=0.0, events=()), layout="json")  # type: ignore[arg-type]
+
+
+def merged(events: tuple[Any, ...]) -> list[Any]:
+    """The events with each run of removals of one medium and group as one (a reference)."""
+    out: list[Any] = []
+    for event in events:
+        last = out[-1] if out else None
+        if (
+            isinstance(event, VllmBlockRemoved)
+            and isinstance(last, VllmBlockRemoved)
+            and (event.medium, event.group_idx) == (last.medium, last.group_idx)
+        ):
+            out[-1] = VllmBlockRemoved(
+                [*last.block_hashes, *event.block_hashes], last.medium, last.group_idx
+            )
+        else:
+            out.append(event)
+    return out
+
+
+@given(BATCHES, st.sampled_from(["map", "array"]))
+def test_merged_removals_hold_the_same_hashes_in_the_same_order(
+    batch: VllmKvBatch, layout: Any
+) -> None:
+    payload = encode_kv_batch(batch, layout=layout)
+    got = decode_kv_batch(payload, merge_removals=True)
+    assert list(got.events) == merged(batch.events)
+    assert (got.ts, got.data_parallel_rank) == (batch.ts, batch.data_parallel_rank)
+
+
+def test_merged_removals_also_come_from_payloads_the_careful_path_reads() -> None:
+    # A batch map (no released vLLM sends one) with an unknown event between removals.
+    events = [
+        ["BlockRemoved", [1], "GPU"],
+        ["BlockRemoved", [2], "GPU"],
+        ["BlockRemoved", [3], "CPU"],
+        ["Unknown"],
+        ["BlockRemoved", [4], "CPU"],
+    ]
+    got = decode_kv_batch(msgpack.packb({"ts": 1.0, "events": events}), merge_removals=True)
+    assert got.events == (
+        VllmBlockRemoved([1, 2], "GPU"),
+        VllmBlockRemoved([3, 4], "CPU"),
+    )
+    assert got.unknown_event_types == ("Unknown",)
+
+
+def long_stored(blocks: int, **changes: Any) -> dict[str, Any]:
+    """A map-layout BlockStored of ``blocks`` blocks of 16, as vLLM 0.32 writes it."""
+    return {
+        "type": "BlockStored",
+        "block_hashes": [2**63 + n for n in range(blocks)],
+        "parent_block_hash": None,
+        "token_ids": [n % 151_936 for n in range(blocks * 16)],
+        "block_size": 16,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": None,
+        "extra_keys": [None] * blocks,
+        "group_idx": 0,
+        "kv_cache_spec_kind": "full_attention",
+    } | changes
+
+
+def test_a_long_prompts_block_stored_decodes_whole() -> None:
+    (event,) = decode_kv_batch(msgpack.packb([1.0, [long_stored(6_250)], 0])).events
+    assert isinstance(event, VllmBlockStored)
+    assert event.block_hashes == tuple(2**63 + n for n in range(6_250))
+    assert event.token_ids == tuple(n % 151_936 for n in range(100_000))
+    assert event.extra_keys == (None,) * 6_250
+
+
+@pytest.mark.parametrize(
+    ("changes", "names"),
+    [
+        ({"token_ids": [*range(99_999), 2**32]}, "'token_ids'"),
+        ({"token_ids": [*range(99_999), "7"]}, "'token_ids'"),
+        ({"block_hashes": [*range(6_249), 1.5]}, "'block_hashes'"),
+        ({"block_size": -16}, "'block_size'"),
+        ({"medium": 7}, "'medium'"),
+    ],
+)
+def test_one_bad_value_in_a_long_event_is_named(changes: dict[str, Any], names: str) -> None:
+    payload = msgpack.packb([1.0, [long_stored(6_250), long_stored(6_250, **changes)], 0])
+    with pytest.raises(VllmKvDecodeError, match=f"event 1 \\(BlockStored\\) field {names}"):
+        decode_kv_batch(payload)
+
+
+def test_signed_hashes_in_a_long_event_read_unsigned() -> None:
+    event = long_stored(3, block_hashes=[-1, 5, -(2**63)], parent_block_hash=-2)
+    (decoded,) = decode_kv_batch(msgpack.packb([1.0, [event]])).events
+    assert decoded.block_hashes == (U64 - 1, 5, 2**63)
+    assert decoded.parent_block_hash == U64 - 2

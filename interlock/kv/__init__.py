@@ -26,6 +26,7 @@ from interlock.kv._events import (
     KvRemoved,
     KvStored,
     StoredBlock,
+    StoredBlocks,
 )
 from interlock.kv._hashing import XXH3_SEED, compute_block_hashes, compute_sequence_hashes
 from interlock.kv._indexer import (
@@ -55,6 +56,7 @@ __all__ = [
     "ParentBlockNotFound",
     "SelectionReason",
     "StoredBlock",
+    "StoredBlocks",
     "TtftModel",
     "TtftSelection",
     "WorkerLoadView",

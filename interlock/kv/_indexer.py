@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from interlock.kv._events import KvCleared, KvEvent, KvRemoved, KvStored
+from interlock.kv._events import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlocks
 from interlock.kv._tree import ROOT, OverlapScores, _RadixTree
 
 __all__ = [
@@ -15,6 +16,11 @@ __all__ = [
     "ParentBlockNotFound",
     "WorkerOutOfSync",
 ]
+
+
+# Below this many blocks (a decode step's 1-4), one by one costs less than the bulk path's
+# fixed passes.
+_BULK_BLOCKS = 16
 
 
 class KvIndexError(Exception):
@@ -275,11 +281,17 @@ class KvIndexer:
         state.pending.append(event)
 
     def _place(self, state: _Worker, node: int, event: KvStored) -> None:
+        stored = event.blocks
+        if type(stored) is StoredBlocks:
+            self._place_run(state, node, stored.block_hashes, stored.tokens_hashes)
+            return
+        # Blocks as objects (mock engines, dumps): the loop of _place_each, inlined, since a
+        # busy engine's events come one or two blocks at a time.
         child = self._tree.child
         masks = self._tree.masks
         blocks = state.blocks
         bit = state.bit
-        for block in event.blocks:
+        for block in stored:
             node = child(node, block.tokens_hash)
             previous = blocks.get(block.block_hash)
             if previous == node:
@@ -293,6 +305,56 @@ class KvIndexer:
             if previous is not None:
                 self._release(state, previous)
 
+    def _place_run(
+        self,
+        state: _Worker,
+        node: int,
+        block_hashes: Sequence[int],
+        tokens_hashes: Sequence[int],
+    ) -> None:
+        """Store a run of blocks below ``node``: in bulk when every block id is new to the
+        worker (a prefill; nothing to let go of), else block by block."""
+        blocks = state.blocks
+        if len(block_hashes) < _BULK_BLOCKS:
+            self._place_each(state, node, zip(block_hashes, tokens_hashes, strict=True))
+            return
+        ids = set(block_hashes)
+        if len(ids) != len(block_hashes) or not blocks.keys().isdisjoint(ids):
+            self._place_each(state, node, zip(block_hashes, tokens_hashes, strict=True))
+            return
+        bit = state.bit
+        nodes, existing = self._tree.extend(node, tokens_hashes, bit)
+        if existing:
+            # A prefix other workers hold (or this one, under other ids).
+            masks = self._tree.masks
+            extra_refs = state.extra_refs
+            for held in nodes[:existing]:
+                if masks[held] & bit:
+                    extra_refs[held] = extra_refs.get(held, 0) + 1
+                else:
+                    masks[held] |= bit
+        blocks.update(zip(block_hashes, nodes, strict=True))
+
+    def _place_each(self, state: _Worker, node: int, pairs: Iterable[tuple[int, int]]) -> None:
+        """Store ``(block_hash, tokens_hash)`` pairs below ``node`` one by one."""
+        child = self._tree.child
+        masks = self._tree.masks
+        blocks = state.blocks
+        bit = state.bit
+        for block_hash, tokens_hash in pairs:
+            node = child(node, tokens_hash)
+            previous = blocks.get(block_hash)
+            if previous == node:
+                continue
+            # Hold the new node before letting go of the old one so pruning cannot reach it.
+            if masks[node] & bit:
+                state.extra_refs[node] = state.extra_refs.get(node, 0) + 1
+            else:
+                masks[node] |= bit
+            blocks[block_hash] = node
+            if previous is not None:
+                self._release(state, previous)
+
     def _release(self, state: _Worker, node: int) -> None:
         extra = state.extra_refs.get(node)
         if extra:
@@ -303,12 +365,24 @@ class KvIndexer:
             return
         self._tree.unset(node, state.bit)
 
-    def _remove(self, state: _Worker, block_hashes: Iterable[int]) -> None:
-        blocks = state.blocks
-        for block_hash in block_hashes:
-            node = blocks.pop(block_hash, None)
-            if node is not None:
+    def _remove(self, state: _Worker, block_hashes: Sequence[int]) -> None:
+        if len(block_hashes) < _BULK_BLOCKS:
+            blocks = state.blocks
+            for block_hash in block_hashes:
+                node = blocks.pop(block_hash, None)
+                if node is not None:
+                    self._release(state, node)
+            return
+        pop = state.blocks.pop
+        nodes = [
+            node for node in map(pop, block_hashes, itertools.repeat(None)) if node is not None
+        ]
+        if state.extra_refs:
+            # Some nodes are held under several ids: each removal lets go of one hold.
+            for node in nodes:
                 self._release(state, node)
+            return
+        self._tree.unset_many(nodes, state.bit)
 
     def _clear(self, state: _Worker) -> None:
         unset = self._tree.unset

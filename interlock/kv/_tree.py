@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
 
@@ -112,6 +112,65 @@ class _RadixTree:
             found = kids[tokens_hash] = self._new(node, tokens_hash, self.depths[node] + 1)
         return found
 
+    def extend(self, node: int, tokens_hashes: Sequence[int], mask: int) -> tuple[list[int], int]:
+        """The batch form of :meth:`child`: the nodes of the chain ``tokens_hashes`` below
+        ``node``, creating the missing ones with ``mask`` as their mask.
+
+        Returns ``(nodes, existing)``: one node per hash, of which the first ``existing`` were
+        already in the tree (their masks are the caller's to update). The new ones are made in
+        bulk: a long prompt's blocks past what any worker holds cost a few C-level passes, not a
+        Python call each.
+        """
+        children = self.children
+        nodes: list[int] = []
+        for tokens_hash in tokens_hashes:
+            found = children[node].get(tokens_hash)
+            if found is None:
+                break
+            node = found
+            nodes.append(node)
+        existing = len(nodes)
+        missing = len(tokens_hashes) - existing
+        if not missing:
+            return nodes, existing
+        keys = tokens_hashes[existing:]
+        depth = self.depths[node] + 1
+        # Freed ids first (one at a time: their columns are written in place), then new ids
+        # at the end of every column at once.
+        free = self._free_nodes
+        reused = free[len(free) - min(len(free), missing) :]
+        del free[len(free) - len(reused) :]
+        base = len(children)
+        ids = reused + list(range(base, base + missing - len(reused)))
+        children[node][keys[0]] = ids[0]
+        parents, masks, keys_column, depths = self.parents, self.masks, self.keys, self.depths
+        parent = node
+        for index, new in enumerate(reused):
+            children[new] = {keys[index + 1]: ids[index + 1]} if index + 1 < missing else {}
+            parents[new] = parent
+            keys_column[new] = keys[index]
+            depths[new] = depth + index
+            masks[new] = mask
+            parent = new
+        fresh = missing - len(reused)
+        if fresh:
+            first = len(reused)
+            children.extend(
+                [
+                    {key: child}
+                    for key, child in zip(keys[first + 1 :], ids[first + 1 :], strict=True)
+                ]
+            )
+            children.append({})
+            masks.extend(itertools.repeat(mask, fresh))
+            parents.append(parent)
+            parents.extend(range(base, base + fresh - 1))
+            keys_column.extend(keys[first:])
+            depths.extend(range(depth + first, depth + missing))
+        self.node_count += missing
+        nodes += ids
+        return nodes, existing
+
     def detached(self) -> int:
         """Return a new node outside the tree (a stand-in for a parent nobody can match)."""
         return self._new(_NO_PARENT, 0, 0)
@@ -130,6 +189,31 @@ class _RadixTree:
             del children[parent][self.keys[node]]
             self._free(node)
             node = parent
+
+    def unset_many(self, nodes: Iterable[int], bit: int) -> None:
+        """:meth:`unset` for each of ``nodes`` in turn (a worker letting go of many blocks at
+        once, as an eviction does), without a call per node."""
+        masks = self.masks
+        children = self.children
+        parents = self.parents
+        keys = self.keys
+        free = self._free_nodes
+        freed = 0
+        for node in nodes:
+            masks[node] ^= bit
+            while not masks[node] and not children[node]:
+                parent = parents[node]
+                if parent == _NO_PARENT and node == ROOT:
+                    break
+                if parent != _NO_PARENT:
+                    del children[parent][keys[node]]
+                children[node] = _FREED
+                free.append(node)
+                freed += 1
+                if parent == _NO_PARENT:
+                    break
+                node = parent
+        self.node_count -= freed
 
     def path(self, node: int) -> tuple[int, ...] | None:
         """Return the tokens hashes from the root to ``node``, or ``None`` if it is detached."""

@@ -21,11 +21,14 @@ therefore always yields ``int`` hashes in ``[0, 2**64)``.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import attrs
 import msgpack  # type: ignore[import-untyped]
+import msgspec
 
 from .._errors import InterlockError
 
@@ -125,6 +128,8 @@ class VllmAllBlocksCleared:
 VllmKvEvent = VllmBlockStored | VllmBlockRemoved | VllmAllBlocksCleared
 """Any event a :class:`VllmKvBatch` holds."""
 
+_CLEARED = VllmAllBlocksCleared()
+
 
 @attrs.frozen
 class VllmKvBatch:
@@ -156,7 +161,7 @@ class VllmKvMessage:
 # -- payload decoding ---------------------------------------------------------------------------
 
 
-def decode_kv_batch(payload: bytes) -> VllmKvBatch:
+def decode_kv_batch(payload: bytes, *, merge_removals: bool = False) -> VllmKvBatch:
     """Decode one batch payload, in either event layout (maps keyed ``"type"`` or tag-first arrays).
 
     The batch itself may be an array ``[ts, events, rank?]`` (every released vLLM) or a map with
@@ -164,9 +169,196 @@ def decode_kv_batch(payload: bytes) -> VllmKvBatch:
     added after this code, and events of a type it does not know, are skipped (the latter are
     named in ``unknown_event_types``), so a newer vLLM keeps working.
 
+    With ``merge_removals``, consecutive ``BlockRemoved`` events of one ``medium`` and
+    ``group_idx`` come back as one `VllmBlockRemoved` holding all their hashes, in order: vLLM
+    sends one event per evicted block, and a consumer that treats removals alike (`KvMirror`)
+    then handles a big eviction as one sequence instead of thousands of objects. Without it,
+    decoding is the inverse of `encode_kv_batch`.
+
     Returns the batch. Raises :class:`VllmKvDecodeError` naming the field when the payload is not
     msgpack, not a batch, or an event lacks a field or has one of the wrong type.
     """
+    # The shapes vLLM sends are decoded and type-checked in C by msgspec (a 100k-token prompt's
+    # BlockStored in about the time msgpack takes to build its Python objects, where checking
+    # them field by field here cost as much again). Anything else, malformed or merely unusual
+    # (bytes or negative hashes aside, which are fixed up below), takes the careful path, which
+    # accepts what it can and otherwise names the field at fault.
+    for decoder in _FAST_DECODERS:
+        try:
+            raw = decoder.decode(payload)
+        except Exception:  # msgspec's DecodeError/ValidationError, or anything odder
+            continue
+        if decoder is not _FAST_DECODERS[0]:
+            # The other layout's engine: try its decoder first from now on (a failed try
+            # costs an exception; an engine never changes layouts).
+            _FAST_DECODERS.reverse()
+        return _from_fast(raw, merge_removals)
+    batch = _decode_checked(payload)
+    if merge_removals:
+        batch = attrs.evolve(batch, events=_merge_removed(batch.events))
+    return batch
+
+
+# -- the fast path: msgspec types for the batches vLLM sends --------------------------------------
+
+_TokenId = Annotated[int, msgspec.Meta(ge=0, lt=_U32)]
+_BlockSize = Annotated[int, msgspec.Meta(gt=0)]
+
+
+def _fast_decoder(array_like: bool) -> tuple[msgspec.msgpack.Decoder[Any], type[Any], type[Any]]:
+    """A decoder of batches whose events are in one layout, and its BlockStored and
+    BlockRemoved struct types.
+
+    The events' fields and defaults are vLLM's (and :class:`VllmBlockStored`'s); unknown fields
+    are ignored, as the careful path ignores them; msgspec cannot mix map and array structs in
+    one union, hence one decoder per layout. ``gc=False``: the structs hold only ints, strings
+    and tuples, so they can never be part of a reference cycle.
+    """
+    options: dict[str, Any] = {"tag_field": "type", "array_like": array_like, "gc": False}
+    optional_int = (int | None, None)
+    optional_str = (str | None, None)
+    stored: type[Any] = msgspec.defstruct(
+        "Stored",
+        [
+            # Lists: msgspec builds them faster than tuples, even counting the copy into one.
+            ("block_hashes", list[int]),
+            ("parent_block_hash", int | None),
+            ("token_ids", list[_TokenId]),
+            ("block_size", _BlockSize),
+            ("lora_id", *optional_int),
+            ("medium", *optional_str),
+            ("lora_name", *optional_str),
+            ("extra_keys", list[Any] | None, None),
+            ("group_idx", *optional_int),
+            ("kv_cache_spec_kind", *optional_str),
+            ("kv_cache_spec_sliding_window", *optional_int),
+        ],
+        tag="BlockStored",
+        **options,
+    )
+    removed = msgspec.defstruct(
+        "Removed",
+        [
+            ("block_hashes", list[int]),
+            ("medium", *optional_str),
+            ("group_idx", *optional_int),
+        ],
+        tag="BlockRemoved",
+        **options,
+    )
+    cleared = msgspec.defstruct("Cleared", [], tag="AllBlocksCleared", **options)
+    batch = msgspec.defstruct(
+        "Batch",
+        [
+            ("ts", float),
+            ("events", list[stored | removed | cleared]),  # type: ignore[operator]
+            ("data_parallel_rank", *optional_int),
+        ],
+        array_like=True,
+        forbid_unknown_fields=True,
+        gc=False,
+    )
+    return msgspec.msgpack.Decoder(batch), stored, removed
+
+
+_MAP_DECODER, _MAP_STORED, _MAP_REMOVED = _fast_decoder(False)
+_ARRAY_DECODER, _ARRAY_STORED, _ARRAY_REMOVED = _fast_decoder(True)
+# The layout that decoded last first (vLLM 0.26+'s to begin with): a payload in the other
+# fails at its first event.
+_FAST_DECODERS = [_MAP_DECODER, _ARRAY_DECODER]
+_FAST_STORED = frozenset({_MAP_STORED, _ARRAY_STORED})
+_FAST_REMOVED = frozenset({_MAP_REMOVED, _ARRAY_REMOVED})
+
+
+def _unsigned(hashes: list[int]) -> list[int]:
+    """Hashes as u64 keys: negative ones (vLLM's old signed hashing) read as the same 64 bits."""
+    if hashes and min(hashes) < 0:
+        return [h & _MASK for h in hashes]
+    return hashes
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` with its arrays as tuples, as the careful path decodes them (msgspec's ``Any``
+    decodes arrays as lists)."""
+    if type(value) is list or type(value) is tuple:
+        return tuple(_frozen(item) for item in value)
+    return value
+
+
+_WHERE = operator.attrgetter("medium", "group_idx")
+_HASHES = operator.attrgetter("block_hashes")
+
+
+def _from_fast(raw: Any, merge_removals: bool) -> VllmKvBatch:
+    events: list[VllmKvEvent] = []
+    # Runs of one event type; a big eviction is one run of thousands of removals, merged in
+    # C-level passes.
+    for kind, group in itertools.groupby(raw.events, type):
+        if kind in _FAST_REMOVED:
+            run = list(group)
+            if not merge_removals:
+                events.extend(
+                    VllmBlockRemoved(_unsigned(event.block_hashes), event.medium, event.group_idx)
+                    for event in run
+                )
+                continue
+            wheres = list(map(_WHERE, run))
+            for where, same in itertools.groupby(zip(wheres, run, strict=True), _FIRST):
+                hashes = list(itertools.chain.from_iterable(map(_HASHES, map(_SECOND, same))))
+                events.append(VllmBlockRemoved(_unsigned(hashes), *where))
+        elif kind in _FAST_STORED:
+            events.extend(map(_stored, group))
+        else:
+            events.extend(_CLEARED for _ in group)
+    return VllmKvBatch(ts=raw.ts, events=events, data_parallel_rank=raw.data_parallel_rank)
+
+
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
+
+
+def _stored(event: Any) -> VllmBlockStored:
+    parent = event.parent_block_hash
+    extra_keys = event.extra_keys
+    # vLLM sends one None per block; anything else may hold arrays.
+    if extra_keys and extra_keys.count(None) != len(extra_keys):
+        extra_keys = _frozen(extra_keys)
+    return VllmBlockStored(
+        block_hashes=_unsigned(event.block_hashes),
+        parent_block_hash=parent if parent is None or parent >= 0 else parent & _MASK,
+        token_ids=event.token_ids,
+        block_size=event.block_size,
+        lora_id=event.lora_id,
+        medium=event.medium,
+        lora_name=event.lora_name,
+        extra_keys=extra_keys,
+        group_idx=event.group_idx,
+        kv_cache_spec_kind=event.kv_cache_spec_kind,
+        kv_cache_spec_sliding_window=event.kv_cache_spec_sliding_window,
+    )
+
+
+def _merge_removed(events: Iterable[VllmKvEvent]) -> list[VllmKvEvent]:
+    merged: list[VllmKvEvent] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if (
+            type(event) is VllmBlockRemoved
+            and type(last) is VllmBlockRemoved
+            and (event.medium, event.group_idx) == (last.medium, last.group_idx)
+        ):
+            merged[-1] = VllmBlockRemoved(
+                (*last.block_hashes, *event.block_hashes), last.medium, last.group_idx
+            )
+        else:
+            merged.append(event)
+    return merged
+
+
+# -- the careful path: every shape any vLLM sent, and the errors that name the field ------------
+
+
+def _decode_checked(payload: bytes) -> VllmKvBatch:
     try:
         data = msgpack.unpackb(payload, use_list=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several types for corrupt input
@@ -253,7 +445,7 @@ def _decode_event(raw: Any, index: int) -> VllmKvEvent | str:
     elif tag == "BlockRemoved":
         names, required = _REMOVED_FIELDS, _REMOVED_REQUIRED
     elif tag == "AllBlocksCleared":
-        return VllmAllBlocksCleared()
+        return _CLEARED
     else:
         return tag
     if type(raw) is tuple:

@@ -208,7 +208,7 @@ class KvEventFeed:
             )
             return
         try:
-            batch = decode_kv_batch(message.payload)
+            batch = decode_kv_batch(message.payload, merge_removals=True)
         except VllmKvDecodeError as exc:
             self._undecodable += 1
             self._warn_once(
@@ -279,7 +279,7 @@ async def replay_kv_batches(
                 message = parse_replay_reply(await recv_multipart(socket))
                 if message is None:
                     return got
-                got.append((message.seq, decode_kv_batch(message.payload)))
+                got.append((message.seq, decode_kv_batch(message.payload, merge_removals=True)))
         raise KvReplayFailed(
             f"replay from {replay_endpoint} (from seq {start_seq}) did not end within {timeout} s "
             f"({len(got)} batches received); check the engine's kv-events 'replay_endpoint' is "

@@ -45,7 +45,15 @@ import attrs
 import trio
 
 from ..._errors import InterlockError
-from ...kv import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock, compute_block_hashes
+from ...kv import (
+    KvCleared,
+    KvEvent,
+    KvRemoved,
+    KvStored,
+    StoredBlock,
+    StoredBlocks,
+    compute_block_hashes,
+)
 from ...wire import VllmAllBlocksCleared, VllmBlockRemoved, VllmBlockStored, VllmKvBatch
 from ._kv_feed import KvReplayFailed, replay_kv_batches
 
@@ -153,9 +161,13 @@ class KvMirror:
         self._replay = replay
         self._dp_rank = dp_rank
         self._replay_at_start = replay_at_start
-        # The cache: engine block hash -> (parent hash, tokens hash). A parent may be removed
-        # while its child stays (vLLM evicts blocks one by one, and may still extend the child).
-        self._blocks: dict[int, tuple[int | None, int]] = {}
+        # The cache, by engine block hash: its tokens hash, and its parent's hash (None at the
+        # start of a prompt). A parent may be removed while its child stays (vLLM evicts blocks
+        # one by one, and may still extend the child). Two dicts of ints with the same keys, in
+        # the same order, rather than one of tuples: a long prompt's blocks go in with two
+        # C-level updates and no object per block.
+        self._tokens: dict[int, int] = {}
+        self._parents: dict[int, int | None] = {}
         # LoRA blocks: known only so their children and removals are skipped quietly.
         self._ignored: set[int] = set()
         self._next_event_id = 0
@@ -193,7 +205,10 @@ class KvMirror:
 
     def blocks(self) -> dict[int, tuple[int | None, int]]:
         """``{block_hash: (parent_hash, tokens_hash)}`` of every block held (a copy)."""
-        return dict(self._blocks)
+        parents = self._parents
+        return {
+            block_hash: (parents[block_hash], tokens) for block_hash, tokens in self._tokens.items()
+        }
 
     def dump(self) -> KvDump:
         """The cache as stored chains, parents first, and the last event id it reflects.
@@ -203,8 +218,8 @@ class KvMirror:
         the engine may still extend it). Costs O(blocks); does not block.
         """
         children: dict[int | None, list[int]] = {}
-        for block_hash, (parent, _tokens) in self._blocks.items():
-            key = parent if parent in self._blocks else None
+        for block_hash, parent in self._parents.items():
+            key = parent if parent in self._parents else None
             children.setdefault(key, []).append(block_hash)
         chains: list[KvStored] = []
         event_id = self.last_event_id
@@ -215,7 +230,7 @@ class KvMirror:
         run_parent: int | None = None
         while stack:
             block_hash, starts = stack.pop()
-            parent, tokens = self._blocks[block_hash]
+            parent, tokens = self._parents[block_hash], self._tokens[block_hash]
             if starts and run:
                 chains.append(KvStored(self.worker_id, event_id, run_parent, run))
                 run = []
@@ -381,7 +396,8 @@ class KvMirror:
             if type(event) is VllmBlockRemoved:
                 if self._tracked(event.medium, event.group_idx):
                     for block_hash in event.block_hashes:
-                        if self._blocks.pop(block_hash, None) is not None:
+                        if self._tokens.pop(block_hash, None) is not None:
+                            del self._parents[block_hash]
                             removed.append(block_hash)
                         else:
                             self._ignored.discard(block_hash)
@@ -423,30 +439,49 @@ class KvMirror:
                 self.block_size,
             )
             return
-        if parent is not None and parent not in self._blocks:
+        if parent is not None and parent not in self._tokens:
             self._stats["orphan_runs"] += 1
             return
-        blocks = self._blocks
-        run: list[StoredBlock] = []
+        if not hashes:
+            return
+        tokens = compute_block_hashes(event.token_ids, self.block_size)
+        tokens_of, parents = self._tokens, self._parents
+        if tokens_of.keys().isdisjoint(hashes):
+            # A run of new blocks (every prefill): mirrored and published in C-level passes, as
+            # columns, with no object per block.
+            tokens_of.update(zip(hashes, tokens, strict=True))
+            parents.update(zip(hashes, (parent, *hashes[:-1]), strict=True))
+            self._emit(
+                KvStored(self.worker_id, self._next_event_id, parent, StoredBlocks(hashes, tokens))
+            )
+            return
+        run_hashes: list[int] = []
+        run_tokens: list[int] = []
         run_parent = previous = parent
-        for block_hash, tokens in zip(
-            hashes, compute_block_hashes(event.token_ids, self.block_size), strict=True
-        ):
-            if blocks.get(block_hash) == (previous, tokens):
+        for block_hash, tokens_hash in zip(hashes, tokens, strict=True):
+            if tokens_of.get(block_hash) == tokens_hash and parents[block_hash] == previous:
                 self._stats["duplicate_blocks"] += 1
-                if run:
-                    self._emit(KvStored(self.worker_id, self._next_event_id, run_parent, run))
-                    run = []
+                if run_hashes:
+                    self._emit_run(run_parent, run_hashes, run_tokens)
+                    run_hashes, run_tokens = [], []
             else:
-                if not run:
+                if not run_hashes:
                     run_parent = previous
                 # The same hash under another parent or tokens replaces the old block.
-                blocks.pop(block_hash, None)
-                blocks[block_hash] = (previous, tokens)
-                run.append(StoredBlock(block_hash=block_hash, tokens_hash=tokens))
+                if tokens_of.pop(block_hash, None) is not None:
+                    del parents[block_hash]
+                tokens_of[block_hash] = tokens_hash
+                parents[block_hash] = previous
+                run_hashes.append(block_hash)
+                run_tokens.append(tokens_hash)
             previous = block_hash
-        if run:
-            self._emit(KvStored(self.worker_id, self._next_event_id, run_parent, run))
+        if run_hashes:
+            self._emit_run(run_parent, run_hashes, run_tokens)
+
+    def _emit_run(self, parent: int | None, hashes: list[int], tokens: list[int]) -> None:
+        self._emit(
+            KvStored(self.worker_id, self._next_event_id, parent, StoredBlocks(hashes, tokens))
+        )
 
     def _tracked(self, medium: str | None, group_idx: int | None) -> bool:
         # medium None: vLLM before PR #19737, GPU only.
@@ -456,8 +491,9 @@ class KvMirror:
         if count:
             self._stats["clears"] += 1
         self._ignored.clear()
-        if self._blocks:
-            self._blocks.clear()
+        if self._tokens:
+            self._tokens.clear()
+            self._parents.clear()
             self._emit(KvCleared(self.worker_id, self._next_event_id))
 
     def _emit(self, event: KvEvent) -> None:
