@@ -131,6 +131,13 @@ async def test_the_offload_threshold_follows_the_tokenizer(
             assert app.state.frontend.offload_body_bytes == expected
 
 
+class _AddingPreprocessor(Preprocessor):
+    """An application's preprocessor that appends an id of its own, past u32."""
+
+    def encode_chat(self, *args: Any, **kwargs: Any) -> list[int]:
+        return [*super().encode_chat(*args, **kwargs), 2**40]
+
+
 class _WideTokenizer:
     """A tokenizer of the application's own (not interlock's): one id per character, its code
     point times 2**32, so every id overflows u32 (a broken tokenizer the check must catch)."""
@@ -155,12 +162,13 @@ async def test_only_interlocks_own_tokenizers_are_trusted(
     raw.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     hf = Preprocessor(HFTokenizer(raw), ChatTemplate.chatml())
     wide = Preprocessor(_WideTokenizer(), ChatTemplate.chatml())  # type: ignore[arg-type]
+    # An application's own preprocessor over a trusted tokenizer may still add ids of its own.
+    adding = _AddingPreprocessor(HFTokenizer(raw), ChatTemplate.chatml())
     async with picking(limits=limits) as p:
         frontend = p.picker.frontend
         parsed_text = "a " * 5_000
-        for preprocessor, trusted in ((hf, True), (wide, False)):
+        for preprocessor, trusted in ((hf, True), (wide, False), (adding, False)):
             frontend.preprocessor = preprocessor
-            frontend.u32_tokenizer = type(preprocessor.tokenizer) in (ByteTokenizer, HFTokenizer)
             answers = await exchange(
                 p.picker,
                 [

@@ -16,7 +16,7 @@ import trio
 
 from .._pipeline import Pipeline
 from ..kv._hashing import trust_u32
-from ..processing import ByteTokenizer, HFTokenizer
+from ..processing import ByteTokenizer
 from ..wire import PreprocessedRequest, SamplingOptions
 from ._drain import Drain
 from ._errors import HttpError, bad_request
@@ -79,9 +79,6 @@ class Frontend:
         self.tokenizer = preprocessor.tokenizer
         self.vocab_size = preprocessor.tokenizer.vocab_size
         self.eos_token_ids = tuple(preprocessor.tokenizer.eos_token_ids)
-        #: Whether the tokenizer's ids are u32 by construction (interlock's own tokenizers; a
-        #: Hugging Face tokenizer's ids are Rust u32s): its prompts skip the u32 check.
-        self.u32_tokenizer = type(preprocessor.tokenizer) in (ByteTokenizer, HFTokenizer)
         self.metrics = metrics
         self.limits = limits
         #: Each InferenceObjective's priority, by name (``--objective``): what a request's
@@ -170,7 +167,7 @@ class Frontend:
         # Checking a 100k-token prompt's ids costs a conversion to u32 words (~1 ms), and the
         # router hashes only the blocks its index matches: spare it both when the tokenizer
         # made them.
-        return trust_u32(ids) if self.u32_tokenizer else tuple(ids)
+        return trust_u32(ids) if self.preprocessor.makes_u32_ids else tuple(ids)
 
     def checked_ids(self, ids: tuple[int, ...], where: str) -> tuple[int, ...]:
         if max(ids) >= self.vocab_size:

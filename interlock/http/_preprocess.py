@@ -11,6 +11,7 @@ import attrs
 from ..processing import (
     ByteTokenizer,
     ChatTemplate,
+    HFTokenizer,
     Tokenizer,
     load_chat_template,
     load_tokenizer,
@@ -32,6 +33,14 @@ class Preprocessor:
     chat_template: ChatTemplate
     #: Where the tokenizer came from, for the startup banner.
     source: str = "<built-in byte tokenizer>"
+
+    @property
+    def makes_u32_ids(self) -> bool:
+        """Whether every id this preprocessor returns is an int in the u32 range by
+        construction: interlock's own preprocessor over its byte tokenizer or a Hugging Face
+        one (whose ids are Rust u32s), not a subclass or another tokenizer, whose ids are
+        checked like a client's."""
+        return type(self) is Preprocessor and type(self.tokenizer) in (ByteTokenizer, HFTokenizer)
 
     @classmethod
     def default(cls) -> Preprocessor:
