@@ -314,7 +314,8 @@ def test_the_sandbox_forbids_unsafe_and_mutating_operations(source: str) -> None
     [
         "{% for m in messages %}{{ m.role }}:{{ m.content.upper() }}"
         "{{ m.content.startswith('h') }}{{ m.content.split('{') }}{% endfor %}",
-        "{{ messages[0].items() | list }}{{ messages[0].get('role') }}{{ messages[0].keys is defined }}",
+        "{{ messages[0].items() | list }}{{ messages[0].get('role') }}"
+        "{{ messages[0].keys is defined }}",
         "{{ messages[0].missing is defined }}[{{ messages[0].missing }}]",
         "{{ messages[1].content.format(7) }}{{ messages[1].content.format_map({}) }}",
         "{{ '{0.__class__}'.format(messages) }}",
