@@ -34,6 +34,7 @@ from ._auth import OPEN_PATHS, TRUSTED, UNAUTHORIZED_HEADERS, ApiKeys, check_pri
 from ._drain import CONNECTION_CLOSE, DrainTicket, cut_by_drain, refused_while_draining
 from ._errors import SERVER_ERROR, HttpError, bad_request, http_error_for
 from ._frontend import Frontend, HttpLimits
+from ._h1 import BODY_NOWAIT
 from ._metrics import HttpMetrics, RequestWatch
 from ._nvext import NvExt, apply_headers, query_nvext, worker_id_info
 from ._openai import (
@@ -89,6 +90,14 @@ async def read_body(receive: Receive, scope: Scope, limit: int, within: float = 
             if declared > limit:
                 raise _too_large(limit)
             break
+    extensions = scope.get("extensions")
+    nowait = extensions.get(BODY_NOWAIT) if extensions else None
+    if nowait is not None:
+        body: bytes | None = nowait()
+        if body is not None:
+            if len(body) > limit:
+                raise _too_large(limit)
+            return body
     with trio.move_on_after(within):
         return await _read_body(receive, limit)
     raise HttpError(

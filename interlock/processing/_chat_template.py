@@ -205,6 +205,9 @@ class ChatTemplate:
         self.eos_token: Final = eos_token
         try:
             self._compiled = _ENVIRONMENT.from_string(source)
+            # A plain dict, not jinja2's ChainMap over the environment's globals: every render
+            # copies the globals into its context, and a dict copies at C speed.
+            self._compiled.globals = dict(self._compiled.globals)
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(
                 f"chat template {name} does not compile: {exc} (template line "
