@@ -3,10 +3,12 @@
 
 Each round starts, for each checkout in turn (the order alternates between rounds), two
 workers and `interlock serve` with the Qwen3 tokenizer, then drives every cell (mode and
-concurrency) with ../shared/peers/loadgen.py (chat completions of --max-tokens tokens, a
-warm-up of 200 requests first) and reads the CPU the serve process spent from /proc. It prints
-a JSON line per cell and round, then a table of medians and the median ratio of the last
-checkout to the first. A loaded machine moves absolute figures; compare the ratios.
+concurrency) with ../shared/peers/loadgen.py (chat completions of --max-tokens tokens whose
+system prompt repeats its sentence --prefix-repeat times, 28 by default: bench_frontend.py's
+~255-token prompts; a warm-up of 200 requests first) and reads the CPU the serve process
+spent from /proc. It prints a JSON line per cell and round, then a table of medians and the
+median ratio of the last checkout to the first. A loaded machine moves absolute figures;
+compare the ratios.
 
     git worktree add --detach /tmp/base main
     python benchmarks/ab_frontend.py --src base=/tmp/base --src new=. \
@@ -140,7 +142,14 @@ def cluster(src: str, policy: str, extra: list[str]) -> Iterator[tuple[int, int,
 
 
 def run_cell(
-    port: int, pid: int, wpids: list[int], mode: str, c: int, n: int, max_tokens: int
+    port: int,
+    pid: int,
+    wpids: list[int],
+    mode: str,
+    c: int,
+    n: int,
+    max_tokens: int,
+    prefix_repeat: int = 28,
 ) -> dict[str, Any]:
     """One cell: a warm-up, then ``n`` requests at concurrency ``c``; CPU per request."""
     args = [
@@ -160,6 +169,8 @@ def run_cell(
         "aiohttp",
         "--warmup",
         "50",
+        "--prefix-repeat",
+        str(prefix_repeat),
     ]
     if mode == "stream":
         args.append("--stream")
@@ -191,6 +202,12 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument(
+        "--prefix-repeat",
+        type=int,
+        default=28,
+        help="loadgen's system prompt repeats (28: ~255-token prompts, bench_frontend.py's)",
+    )
     ap.add_argument("--extra", default="", help="more flags for interlock serve")
     ap.add_argument("--loadgen-python", default=TOOLS_PY)
     a = ap.parse_args()
@@ -203,7 +220,7 @@ def main() -> None:
         for name, src in order:
             with cluster(src, a.policy, a.extra.split()) as (port, pid, wpids):
                 for mode, c in cells:
-                    res = run_cell(port, pid, wpids, mode, c, a.n, a.max_tokens)
+                    res = run_cell(port, pid, wpids, mode, c, a.n, a.max_tokens, a.prefix_repeat)
                     results.setdefault((mode, c), {}).setdefault(name, []).append(res)
                     print(
                         json.dumps({"round": r, "src": name, "mode": mode, "c": c, **res}),

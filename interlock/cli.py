@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # What `interlock serve --processes N` starts its children with.
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    # The command owns its process (a test calling ``args.run`` does not): it may tune
+    # process-wide settings, such as a server's garbage collector.
+    args.own_process = True
     return int(args.run(args))
 
 

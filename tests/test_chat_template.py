@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from interlock.processing import (
     ChatMessageError,
@@ -306,6 +307,48 @@ def test_the_sandbox_forbids_unsafe_and_mutating_operations(source: str) -> None
     with pytest.raises(ChatTemplateError, match="SecurityError"):
         ChatTemplate(source).render(messages)
     assert messages == [user("hi")]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{% for m in messages %}{{ m.role }}:{{ m.content.upper() }}"
+        "{{ m.content.startswith('h') }}{{ m.content.split('{') }}{% endfor %}",
+        "{{ messages[0].items() | list }}{{ messages[0].get('role') }}"
+        "{{ messages[0].keys is defined }}",
+        "{{ messages[0].missing is defined }}[{{ messages[0].missing }}]",
+        "{{ messages[1].content.format(7) }}{{ messages[1].content.format_map({}) }}",
+        "{{ '{0.__class__}'.format(messages) }}",
+        "{{ messages[0].content.__class__ }}",
+        "{{ messages[0].__class__ }}",
+        "{{ messages[0].__len__() }}",
+        "{% set ns = namespace(a=1, s='x', f=none, r=1.5, t=true, l=[1]) %}"
+        "{{ ns.a }}{{ ns.s }}{{ ns.f }}{{ ns.r }}{{ ns.t }}{{ ns.l }}{{ ns.missing is defined }}",
+        "{% set ns = namespace(f='{}!'.format) %}{{ ns.f(3) }}{{ ns._Namespace__attrs }}",
+        "{% for m in messages %}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ loop.length }}"
+        "{{ loop.cycle('a', 'b') }}{{ loop.previtem is defined }}{{ loop.nope is defined }}"
+        "{% endfor %}",
+    ],
+)
+def test_attribute_lookups_render_as_in_jinjas_own_sandbox(source: str) -> None:
+    # The template environment answers the frequent lookups without the sandbox's checks:
+    # the same text, and the same refusals, as jinja2's ImmutableSandboxedEnvironment.
+    reference = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    messages = [{"role": "system", "content": "hi {x}"}, {"role": "user", "content": "n={}"}]
+    try:
+        expected: str | type[Exception] = reference.from_string(source).render(
+            messages=copy.deepcopy(messages)
+        )
+    except Exception as exc:
+        expected = type(exc)
+    try:
+        got: str | type[Exception] = ChatTemplate(source).render(
+            messages, add_generation_prompt=False
+        )
+    except ChatTemplateError as exc:
+        assert exc.__cause__ is not None
+        got = type(exc.__cause__)
+    assert got == expected
 
 
 def test_template_kwargs_cannot_replace_helpers() -> None:

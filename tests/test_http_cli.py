@@ -159,3 +159,16 @@ async def test_serve_cannot_bind_a_taken_port() -> None:
         listener.close()
     assert result.returncode == 1
     assert b"cannot listen on 127.0.0.1:" in result.stderr
+
+
+def test_a_serving_process_leaves_what_it_loaded_out_of_garbage_collections() -> None:
+    # In a process of its own: the settings are process-wide.
+    script = (
+        "import gc\n"
+        "from interlock.http._cli import GC_YOUNG_THRESHOLD, tune_gc\n"
+        "older = gc.get_threshold()[1:]\n"
+        "tune_gc()\n"
+        "assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *older), gc.get_threshold()\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)

@@ -39,6 +39,10 @@ class _Client:
     gone: bool = False
     sent: list[Message] = attrs.field(factory=list)
     receives: int = 0
+    #: Receives still waiting when each message was sent (a watcher that outlives its
+    #: request would read the client's next request).
+    waiting_at_send: list[int] = attrs.field(factory=list)
+    _waiting: int = 0
     _left: trio.Event = attrs.field(factory=trio.Event)
 
     async def receive(self) -> Message:
@@ -46,10 +50,15 @@ class _Client:
         if self.receives == 1:
             return {"type": "http.request", "body": self.body, "more_body": False}
         if not self.gone:
-            await self._left.wait()
+            self._waiting += 1
+            try:
+                await self._left.wait()
+            finally:
+                self._waiting -= 1
         return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
+        self.waiting_at_send.append(self._waiting)
         self.sent.append(message)
         if message["type"] == "http.response.body" and self.on_body is not None:
             await self.on_body(message)
@@ -181,6 +190,23 @@ async def test_a_long_request_whose_client_left_is_cancelled(autojump_clock: obj
             for r in served.pipeline.transition_log.by_request()
         ]
         assert paths == [["received", "preprocessed", "routed", "decoding", "cancelled"]] * 2
+
+
+async def test_a_long_answer_whose_client_stays_ends_its_watcher_before_answering(
+    autojump_clock: object,
+) -> None:
+    # A whole answer runs in one task: its watcher runs beside it (a system task), and must
+    # be gone before the answer goes, since the connection then reads the next request.
+    async with _serving(MockTiming(speedup_ratio=1.0)) as served:
+        client = _Client(_request(False, 400))
+        started = trio.current_time()
+        await served.call(client)
+        assert trio.current_time() - started > WATCH_DISCONNECT_AFTER
+        assert client.sent[0]["status"] == 200
+        assert client.receives == 2, "the watcher asked once"
+        assert client.waiting_at_send == [0, 0], "the watcher ended before the answer"
+        await served.wait_idle()
+        assert served.engine.requests_finished == 1
 
 
 async def test_a_request_with_no_output_yet_whose_client_left_is_cancelled(

@@ -243,3 +243,82 @@ def test_byte_tokenizer_decodes_any_ids_like_lossy_utf8(ids: list[int]) -> None:
 def test_qwen3_round_trips_nfc_text(qwen3: HFTokenizer) -> None:
     text = "Grüße, 世界! 👨‍👩‍👧 naïve café\n\tcode = f(x) + 1"
     assert qwen3.decode(qwen3.encode(text)) == text
+
+
+# --- Prompt pieces between added tokens --------------------------------------------------------
+
+# Text a chat prompt's pieces are made of: words, digits, whitespace and newlines at the
+# edges, a combining accent (NFC joins it to the letter before), non-ASCII letters, emoji.
+_PIECE_TEXT = st.lists(
+    st.sampled_from([*"ab Z09'\n\t.,!?-é", "\u0301", "世", "👨\u200d👩", "'s", "  "]), max_size=24
+).map("".join)
+_QWEN3_ADDED = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>")
+
+
+@pytest.fixture(scope="module")
+def raw_qwen3(qwen3_dir: Path) -> tokenizers.Tokenizer:
+    return tokenizers.Tokenizer.from_buffer(
+        gzip.decompress((qwen3_dir / "tokenizer.json.gz").read_bytes())
+    )
+
+
+@given(st.lists(st.one_of(_PIECE_TEXT, st.sampled_from(_QWEN3_ADDED)), max_size=10))
+def test_text_between_added_tokens_encodes_as_the_whole_text_does(
+    qwen3: HFTokenizer, raw_qwen3: tokenizers.Tokenizer, pieces: list[str]
+) -> None:
+    text = "".join(pieces)
+    whole = raw_qwen3.encode(text, add_special_tokens=False).ids
+    # Twice: the second time the pieces' ids come from the cache.
+    assert qwen3.encode(text) == whole
+    assert qwen3.encode(text) == whole
+    assert qwen3.encode(text, add_special_tokens=True) == whole
+
+
+def test_a_small_piece_cache_forgets_old_pieces_and_still_encodes_exactly(
+    raw_qwen3: tokenizers.Tokenizer,
+) -> None:
+    tokenizer = HFTokenizer(raw_qwen3, piece_cache_bytes=4_000)
+    system = "You are a helpful assistant. " * 20
+    texts = [
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nquestion {i}<|im_end|>\n"
+        for i in range(60)
+    ]
+    for text in [*texts, *reversed(texts)]:
+        assert tokenizer.encode(text) == raw_qwen3.encode(text, add_special_tokens=False).ids
+    pieces = tokenizer._pieces
+    assert pieces is not None and 0 < pieces._bytes <= 4_000
+
+
+def _word_tokenizer(
+    pre_tokenizer: tokenizers.pre_tokenizers.PreTokenizer, added: tokenizers.AddedToken
+) -> tokenizers.Tokenizer:
+    vocab = {"▁a": 0, "a": 1, "▁b": 2, "b": 3, "[UNK]": 4}
+    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizer
+    raw.add_special_tokens([added])
+    return raw
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # SentencePiece style: only the text's first piece gets "▁" in front.
+        _word_tokenizer(
+            tokenizers.pre_tokenizers.Metaspace(prepend_scheme="first"),
+            tokenizers.AddedToken("<s>", special=True),
+        ),
+        # The token takes the whitespace before it.
+        _word_tokenizer(
+            tokenizers.pre_tokenizers.Whitespace(),
+            tokenizers.AddedToken("<s>", special=True, lstrip=True),
+        ),
+    ],
+    ids=["metaspace-first", "lstrip"],
+)
+def test_a_tokenizer_whose_pieces_do_not_encode_apart_encodes_the_whole_text(
+    raw: tokenizers.Tokenizer,
+) -> None:
+    tokenizer = HFTokenizer(raw)
+    assert tokenizer._pieces is None
+    for text in ("a<s>b", "<s>a b", "a <s> b<s>"):
+        assert tokenizer.encode(text) == raw.encode(text, add_special_tokens=False).ids

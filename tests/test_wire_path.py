@@ -8,6 +8,7 @@ condition under ``trio.fail_after``; nothing sleeps to synchronise.
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from interlock.kv import KV_EVENT_TYPES, KvStored, StoredBlock
 from interlock.processing import ByteTokenizer, tokenizer_fingerprint
 from interlock.wire import EngineOutput, FrameParser, PreprocessedRequest, Usage, encode_frame
 from interlock.wire._frames import Broken, Hello, Output, Outputs, Ping, Start
-from interlock.wire._output import MAX_JOINED_TOKENS, join_outputs
+from interlock.wire._output import MAX_JOINED_TOKENS, join_outputs, join_waiting
 
 # -- joining outputs ---------------------------------------------------------------------------
 
@@ -66,6 +67,35 @@ def test_joined_outputs_carry_the_same_tokens_text_and_end(
     # Text and no text never mix in one output: None stays distinguishable from "".
     for output, group in zip(joined, groups, strict=True):
         assert all((o.text is None) == (output.text is None) for o in group)
+
+
+extras = st.sampled_from(
+    [
+        EngineOutput(token_ids=(9,), finish_reason="stop"),
+        EngineOutput(token_ids=(8,), usage=Usage(prompt_tokens=2, completion_tokens=1)),
+        EngineOutput(token_ids=(6,), chat_delta={"tool_calls": []}),
+        EngineOutput(token_ids=(5,) * (MAX_JOINED_TOKENS - 1)),
+    ]
+)
+
+
+@given(st.lists(steps | extras, min_size=1, max_size=14))
+def test_joining_what_waits_at_once_is_joining_it_one_by_one(
+    stream: list[EngineOutput],
+) -> None:
+    # A stream's reader takes what waits joined in one go (`join_waiting`), as arriving
+    # outputs were joined one by one before (`join_outputs`).
+    one_by_one = stream[0]
+    taken = 1
+    for output in stream[1:]:
+        merged = join_outputs(one_by_one, output)
+        if merged is None:
+            break
+        one_by_one = merged
+        taken += 1
+    waiting = collections.deque(stream[1:])
+    assert join_waiting(stream[0], waiting) == one_by_one
+    assert list(waiting) == stream[taken:]
 
 
 def test_outputs_that_end_a_stream_or_carry_extras_are_never_joined() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import shutil
@@ -1278,6 +1279,25 @@ def _worker_failure(setup: ServeSetup, exc: BaseException) -> int:
     return 1
 
 
+#: Allocations between two collections of the young generation in a serving process
+#: (Python's default: 700).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Set this process's garbage collector up for serving: everything loaded so far (the
+    modules, the tokenizer's wrapper and chat template, the configuration) is collected once
+    and then left out of every later collection (`gc.freeze`), and the young generation is
+    collected every `GC_YOUNG_THRESHOLD` allocations. A request's objects are mostly freed by
+    reference counting before a collection sees them, so a collection every 700 allocations
+    re-examined the survivors over and over: it cost ~7 % of a short request's CPU, and each
+    full collection walked every object loaded at start."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         setup = resolve(args)
@@ -1286,6 +1306,8 @@ def _run(args: argparse.Namespace) -> int:
         end_tracing = configure_otlp(getattr(args, "otlp_endpoint", None), os.environ)
     except (ConfigError, TokenizerError, ChatTemplateError) as exc:
         return _invalid(args.command, exc)
+    if getattr(args, "own_process", False):
+        tune_gc()
     try:
         trio.run(serve_frontend, setup)
     except BaseException as exc:

@@ -51,6 +51,11 @@ _H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
+#: The scope extension whose value, called, returns the request's whole body when all of it
+#: has arrived and none of it was received yet, else None (then the app calls ``receive``):
+#: an app reads an ordinary request's body without the cancel scope that bounds its wait.
+BODY_NOWAIT: Final = "interlock.body_nowait"
+
 
 class _Date:
     """The ``Date`` header line, formatted at most once a second."""
@@ -231,7 +236,7 @@ class Connection:
             "client": self._client,
             "server": self._server,
             "state": self._state,
-            "extensions": {},
+            "extensions": {BODY_NOWAIT: self._body_nowait},
         }
         request = _Request(scope, parser.should_keep_alive(), continue_)
         self._parsing = request
@@ -441,6 +446,17 @@ class Connection:
                 self.close()
                 return _DISCONNECT
             self._feed(data)
+
+    def _body_nowait(self) -> bytes | None:
+        """The `BODY_NOWAIT` extension of the request being served."""
+        request = self._request
+        if request is None or self.closed or not request.complete or self._body_done:
+            return None
+        body = request.body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        self._body_done = True
+        return data
 
     async def _wait_disconnect(self) -> dict[str, Any]:
         """Wait until the client goes away or the response is complete: ``http.disconnect``.

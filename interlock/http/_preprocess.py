@@ -19,6 +19,8 @@ from ..processing import (
 
 #: Prompt tokens decoded along with an answer (the incremental detokenizer uses as many).
 _CONTEXT_TOKENS = 5
+#: Prompt endings whose text `Preprocessor.decode_completion` keeps (then it starts over).
+_CONTEXTS_KEPT = 1024
 
 
 @attrs.frozen
@@ -33,6 +35,11 @@ class Preprocessor:
     chat_template: ChatTemplate
     #: Where the tokenizer came from, for the startup banner.
     source: str = "<built-in byte tokenizer>"
+    #: The text of the prompt's last few tokens, by tokens: a chat prompt ends with the same
+    #: few (the assistant turn's opening), so it is decoded once, not on every answer.
+    _context_text: dict[tuple[int, ...], str] = attrs.field(
+        factory=dict, init=False, repr=False, eq=False
+    )
 
     @property
     def makes_u32_ids(self) -> bool:
@@ -102,9 +109,15 @@ class Preprocessor:
         """
         if not generated:
             return ""
-        context = list(prompt_ids[-_CONTEXT_TOKENS:])
+        context = tuple(prompt_ids[-_CONTEXT_TOKENS:])
         decode = self.tokenizer.decode
-        prefix = decode(context) if context else ""
+        known = self._context_text
+        prefix = known.get(context)
+        if prefix is None:
+            prefix = decode(context) if context else ""
+            if len(known) >= _CONTEXTS_KEPT:
+                known.clear()
+            known[context] = prefix
         full = decode([*context, *generated])
         if full.startswith(prefix):
             return full[len(prefix) :]

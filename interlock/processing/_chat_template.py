@@ -14,7 +14,9 @@ import jinja2
 import jinja2.ext
 from jinja2 import nodes
 from jinja2.parser import Parser
+from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from ._errors import ChatTemplateError
 from ._messages import kind, validate_messages, validate_tools
@@ -107,10 +109,48 @@ class _GenerationTag(jinja2.ext.Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
+#: The attributes of a dict: ``message.items`` is the method, ``message.role`` the key.
+_DICT_ATTRIBUTES: Final = frozenset(dir(dict))
+#: The str methods a template may call as they are: all but the private ones, and the two
+#: (``format``, ``format_map``) the sandbox wraps.
+_STR_METHODS: Final = frozenset(
+    name for name in dir(str) if not name.startswith("_") and name not in ("format", "format_map")
+)
+
+
+#: Values of a plain type: no method to wrap, nothing to mutate.
+_PLAIN: Final = frozenset({bool, int, float, str, type(None)})
+_MISSING: Final = object()
+
+
+class _ChatEnvironment(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, with its most frequent attribute lookups (a message's
+    field, a str method such as ``content.startswith``, ``loop.index0``, a namespace's flag)
+    answered directly: the same values the sandbox's checks arrive at, without them (half of
+    a chat template's render)."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        kind = type(obj)
+        if kind is dict and attribute not in _DICT_ATTRIBUTES:
+            # The sandbox tries the attribute (a dict has no other), then the key.
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        if kind is str and attribute in _STR_METHODS:
+            # Safe: not private, not internal, str is immutable, not a format method.
+            return getattr(obj, attribute)
+        if (kind is LoopContext or kind is Namespace) and attribute[:1] != "_":
+            value = getattr(obj, attribute, _MISSING)
+            if type(value) in _PLAIN:
+                return value
+        return super().getattr(obj, attribute)
+
+
 def _make_environment() -> ImmutableSandboxedEnvironment:
     # The same settings as transformers' _compile_jinja_template, so a template renders here
     # exactly as it does for `tokenizer.apply_chat_template`.
-    env = ImmutableSandboxedEnvironment(
+    env = _ChatEnvironment(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[_GenerationTag, jinja2.ext.loopcontrols],
@@ -165,6 +205,9 @@ class ChatTemplate:
         self.eos_token: Final = eos_token
         try:
             self._compiled = _ENVIRONMENT.from_string(source)
+            # A plain dict, not jinja2's ChainMap over the environment's globals: every render
+            # copies the globals into its context, and a dict copies at C speed.
+            self._compiled.globals = dict(self._compiled.globals)
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(
                 f"chat template {name} does not compile: {exc} (template line "

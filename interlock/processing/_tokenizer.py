@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, final, runtime_checkable
+from typing import Any, Final, Protocol, final, runtime_checkable
 
 import tokenizers
 
@@ -71,6 +73,129 @@ def check_ids(ids: Sequence[int], vocab_size: int) -> None:
         )
 
 
+#: What `HFTokenizer` keeps of prompt pieces' ids by default, in (estimated) bytes.
+PIECE_CACHE_BYTES: Final = 16 * 2**20
+# Estimated bytes per cached piece beyond its text and ids: the dict entry, the str and tuple
+# headers.
+_PIECE_OVERHEAD: Final = 200
+# Estimated bytes per cached id: a pointer in the tuple and the int object.
+_ID_BYTES: Final = 36
+# Text to check a tokenizer's pieces against its whole-text encoding with, around an added
+# token (ADDED): a piece's start and end, whitespace and newlines at the edges, a combining
+# accent after the token (NFC), numbers and contractions that the pre-tokenizer splits.
+_PROBES: Final = (
+    "ADDED",
+    "ADDEDADDED",
+    "a ADDED b",
+    "ADDEDsystem\nYou are a helpful assistant.ADDED\nADDEDuser\nHi!ADDED\nADDEDassistant\n",
+    "x  ADDED  \n\n y",
+    "ADDED\u0301e\u0301 café ADDED's 123456 ADDED\t",
+    " Hello world ADDED\n\n\nHello",
+)
+
+
+class _PieceCache:
+    """Encodes a text as its pieces between added tokens (which a Hugging Face tokenizer
+    splits off first and normalizes and pre-tokenizes apart, so each piece's ids do not
+    depend on the others) and remembers the pieces' ids, least recently used first out.
+
+    Thread-safe: a frontend tokenizes large requests in worker threads.
+    """
+
+    __slots__ = ("_added", "_bytes", "_cache", "_encode", "_lock", "_max_bytes", "_split")
+
+    def __init__(
+        self, tokenizer: tokenizers.Tokenizer, added: dict[str, int], max_bytes: int
+    ) -> None:
+        self._added = added
+        pattern = "|".join(re.escape(token) for token in sorted(added, key=len, reverse=True))
+        # A capturing group: the split keeps the tokens, at the odd positions.
+        self._split = re.compile(f"({pattern})").split if added else None
+        self._encode = tokenizer.encode
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    @classmethod
+    def build(cls, tokenizer: tokenizers.Tokenizer, max_bytes: int) -> _PieceCache | None:
+        """A cache for ``tokenizer``, or None when ``max_bytes`` is 0 or its pieces cannot
+        be encoded apart: an added token that strips the whitespace around it, matches single
+        words only or is matched after normalization; a pre-tokenizer that treats the text's
+        first piece differently (Metaspace's ``prepend_scheme="first"``); truncation or
+        padding; special tokens added around the text; or any probe text (`_PROBES`) whose
+        ids differ from the whole text's."""
+        if max_bytes <= 0:
+            return None
+        if tokenizer.truncation is not None or tokenizer.padding is not None:
+            return None
+        if tokenizer.encode_special_tokens or tokenizer.num_special_tokens_to_add(False):
+            return None
+        pre_tokenizer = tokenizer.pre_tokenizer
+        if pre_tokenizer is not None and b'"first"' in pre_tokenizer.__getstate__():
+            return None
+        added = {}
+        for token_id, token in tokenizer.get_added_tokens_decoder().items():
+            if token.lstrip or token.rstrip or token.single_word or token.normalized:
+                return None
+            added[token.content] = token_id
+        cache = cls(tokenizer, added, max_bytes)
+        for token in list(added)[:3] or [""]:
+            for probe in _PROBES:
+                text = probe.replace("ADDED", token)
+                for special in (False, True):
+                    whole = tokenizer.encode(text, add_special_tokens=special).ids
+                    if cache.encode(text) != whole:
+                        return None
+        cache.clear()
+        return cache
+
+    def clear(self) -> None:
+        """Forget every piece."""
+        with self._lock:
+            self._cache.clear()
+            self._bytes = 0
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of ``text`` (as the tokenizer's ``encode`` without added special tokens).
+
+        Raises:
+            Exception: whatever the tokenizer raises for a piece (a lone surrogate).
+        """
+        if self._split is None:
+            return list(self._piece(text))
+        ids: list[int] = []
+        added = self._added
+        for index, piece in enumerate(self._split(text)):
+            if index & 1:
+                ids.append(added[piece])
+            elif piece:
+                ids.extend(self._piece(piece))
+        return ids
+
+    def _piece(self, piece: str) -> tuple[int, ...]:
+        cache = self._cache
+        with self._lock:
+            ids = cache.pop(piece, None)
+            if ids is not None:
+                # Back in at the end: the most recently used.
+                cache[piece] = ids
+                return ids
+        ids = tuple(self._encode(piece, add_special_tokens=False).ids)
+        size = len(piece) + _ID_BYTES * len(ids) + _PIECE_OVERHEAD
+        if size > self._max_bytes:
+            return ids
+        with self._lock:
+            if piece not in cache:
+                cache[piece] = ids
+                self._bytes += size
+                while self._bytes > self._max_bytes:
+                    old = next(iter(cache))
+                    old_ids = cache.pop(old)
+                    self._bytes -= len(old) + _ID_BYTES * len(old_ids) + _PIECE_OVERHEAD
+        return ids
+
+
 @final
 class HFTokenizer:
     """A Hugging Face ``tokenizers.Tokenizer`` with the settings from its model directory.
@@ -82,6 +207,7 @@ class HFTokenizer:
         "_chat_template",
         "_eos_token_ids",
         "_fingerprint",
+        "_pieces",
         "_tokenizer",
         "_vocab_size",
         "source",
@@ -94,6 +220,7 @@ class HFTokenizer:
         eos_token_ids: Iterable[int] = (),
         chat_template: ChatTemplate | None = None,
         source: str = "<memory>",
+        piece_cache_bytes: int = PIECE_CACHE_BYTES,
     ) -> None:
         self._tokenizer = tokenizer
         self._vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -103,6 +230,9 @@ class HFTokenizer:
         self.source = source
         #: `tokenizer_fingerprint`'s answer, once computed.
         self._fingerprint: str | None = None
+        #: Encodes text piece by piece between added tokens, remembering the pieces' ids;
+        #: None when this tokenizer's pieces do not encode apart (`_PieceCache.build`).
+        self._pieces = _PieceCache.build(tokenizer, piece_cache_bytes)
 
     def __repr__(self) -> str:
         return f"HFTokenizer(source={self.source!r}, vocab_size={self._vocab_size})"
@@ -122,10 +252,17 @@ class HFTokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Return the token ids of ``text``.
 
+        Text between added tokens (a chat prompt's messages) is encoded piece by piece and
+        the pieces' ids are remembered (up to ``piece_cache_bytes``): a system prompt, or the
+        earlier turns of a conversation, is tokenized once, not on every request. The ids are
+        the same as the whole text's; a tokenizer for which they would not be gets no cache.
+
         Raises:
             TokenizerError: ``text`` is not a string of valid Unicode (e.g. a lone surrogate).
         """
         try:
+            if self._pieces is not None:
+                return self._pieces.encode(text)
             return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         except Exception as exc:  # the Rust side raises bare Exception/TypeError
             raise TokenizerError(f"{self.source}: cannot encode text: {exc}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Literal
 
 import attrs
@@ -77,4 +78,46 @@ def join_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput | No
         text=text,
         finish_reason=second.finish_reason,
         usage=second.usage,
+    )
+
+
+def join_waiting(first: EngineOutput, waiting: deque[Any]) -> EngineOutput:
+    """``first`` joined with the outputs at the front of ``waiting`` that `join_outputs`
+    would join to it one by one (each one taken out of ``waiting``), built once rather than
+    once per join; the first item it would not join, of any type, stays in ``waiting``."""
+    if (
+        first.finish_reason is not None
+        or first.usage is not None
+        or first.prefill_result is not None
+        or first.chat_delta is not None
+    ):
+        return first
+    size = len(first.token_ids)
+    texts = None if first.text is None else [first.text]
+    parts = [first.token_ids]
+    last = first
+    while waiting and size < MAX_JOINED_TOKENS:
+        second = waiting[0]
+        if (
+            type(second) is not EngineOutput
+            or second.prefill_result is not None
+            or second.chat_delta is not None
+            or (texts is None) != (second.text is None)
+        ):
+            break
+        waiting.popleft()
+        parts.append(second.token_ids)
+        size += len(second.token_ids)
+        if texts is not None:
+            texts.append(second.text)
+        last = second
+        if second.finish_reason is not None or second.usage is not None:
+            break
+    if len(parts) == 1:
+        return first
+    return EngineOutput(
+        token_ids=tuple(token for part in parts for token in part),
+        text=None if texts is None else "".join(texts),
+        finish_reason=last.finish_reason,
+        usage=last.usage,
     )

@@ -41,7 +41,7 @@ from ...wire._frames import (
     encode_frame,
     frame_tag,
 )
-from ...wire._output import join_outputs
+from ...wire._output import join_outputs, join_waiting
 from .._listeners import Listeners
 from .._protocol import (
     ROLES,
@@ -68,6 +68,8 @@ _logger = logging.getLogger("interlock.engines.remote")
 
 #: The tags of the worker's KV events (`decode_kv_events`).
 KV_EVENT_TAGS = tuple(tag for tag, kind in TAGS.items() if kind in KV_EVENT_TYPES)
+#: Outputs a stream's queue holds before those that arrive are joined to the last at once.
+_JOIN_ON_ARRIVAL = 64
 
 
 class _Waiter:
@@ -97,8 +99,9 @@ class _RemoteStream:
     """The context manager and iterator `RemoteEngine.open_stream` returns.
 
     Outputs that arrive while the reader of the stream is busy wait in a queue; consecutive
-    ones are joined there (`join_outputs`), so a reader that falls behind catches up with
-    one larger output instead of one per token.
+    ones are joined when the reader takes them (`join_waiting`; on arrival once the queue is
+    long, `join_outputs`), so a reader that falls behind catches up with one larger output
+    instead of one per token.
     """
 
     __slots__ = ("_done", "_engine", "_id", "_items", "_link", "_request", "_wakeup", "received")
@@ -172,6 +175,10 @@ class _RemoteStream:
         return self._take(self._items.popleft())
 
     def _take(self, item: EngineOutput | EngineError) -> EngineOutput:
+        items = self._items
+        if items and type(item) is EngineOutput and type(items[0]) is EngineOutput:
+            # What arrived while the reader was away goes as one output, built once.
+            item = join_waiting(item, items)
         if type(item) is not EngineOutput:
             self._done = True
             raise item
@@ -183,7 +190,10 @@ class _RemoteStream:
         items = self._items
         if type(item) is EngineOutput:
             self.received += 1
-            if items:
+            # Joined when the reader takes them (`join_waiting`: one output built, not one
+            # per join), unless it is far behind: then here, so a stuck reader's backlog
+            # stays a few outputs.
+            if len(items) >= _JOIN_ON_ARRIVAL:
                 last = items[-1]
                 if type(last) is EngineOutput:
                     joined = join_outputs(last, item)
