@@ -622,10 +622,11 @@ class _HttpStream:
         inject_trace_headers(headers, self._request.request_id)
         payload = _JSON.encode(body).encode()
         try:
-            with trio.fail_after(
-                engine.idle_timeout if engine.idle_timeout is not None else math.inf
-            ):
+            if engine.idle_timeout is None:
                 response = await connections.post(path, payload, headers.items())
+            else:
+                with trio.fail_after(engine.idle_timeout):
+                    response = await connections.post(path, payload, headers.items())
         except trio.TooSlowError:
             raise self._reader.broken(
                 f"sent no response within engine_idle_timeout={engine.idle_timeout}s"

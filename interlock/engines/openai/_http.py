@@ -167,6 +167,7 @@ class _Connection:
         "_body",
         "_complete",
         "_headers_done",
+        "_keep_alive",
         "_parser",
         "_stream",
         "framed",
@@ -183,6 +184,7 @@ class _Connection:
         self._body: list[bytes] = []
         self._headers_done = False
         self._complete = False
+        self._keep_alive = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         #: The body's end is marked (a length or chunked encoding), not the connection's close.
@@ -197,6 +199,8 @@ class _Connection:
     def on_headers_complete(self) -> None:
         self._headers_done = True
         self.status = self._parser.get_status_code()
+        # Asked here: once the message is complete llhttp has reset what it knew.
+        self._keep_alive = self._parser.should_keep_alive()
 
     def on_body(self, data: bytes) -> None:
         self._body.append(data)
@@ -297,7 +301,7 @@ class _Connection:
 
     def finished(self) -> bool:
         """The whole answer was read and the connection can carry another request."""
-        return self._complete and not self._body and self._parser.should_keep_alive()
+        return self._complete and not self._body and self._keep_alive
 
 
 class EngineResponse:
