@@ -32,10 +32,15 @@ is near 100 %. The machine is shared and noisy: read the CPU per request and the
 the absolute req/s. Every process it starts runs in its own process group, stopped at the end,
 on error and on Ctrl-C.
 
+``--interlock-workers openai`` puts ``interlock serve --engine ID=URL`` over the same zero-time
+workers behind vLLM's HTTP surface (``interlock worker --openai-port 0``, KV events over ZMQ as
+vLLM publishes them; the path a real vLLM takes); ``both`` runs that and the wire workers in
+the same run, interleaved, and adds the ratio of their CPU per request.
+
     python benchmarks/bench_frontend.py [--rounds R] [-n N] [--concurrency 16,64,256]
         [--modes nonstream,stream] [--router-mode kv|round_robin] [--tokenizer DIR]
         [--dynamo-python PATH | --no-dynamo] [--one-core-requests N] [--raw FILE.jsonl]
-        [--quick]
+        [--interlock-workers wire|openai|both] [--quick]
 """
 
 from __future__ import annotations
