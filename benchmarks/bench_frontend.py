@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gzip
 import json
 import os
@@ -499,6 +500,7 @@ def measure(
     )
     frontend, workers = after[0] - before[0], after[1] - before[1]
     answered = [o for o in outcomes if o.error is None]
+    report_errors(system, outcomes)
     return Cell(
         system=system.name,
         round=round_,
@@ -514,6 +516,13 @@ def measure(
         tokens=statistics.mean(o.tokens for o in answered) if answered else 0.0,
         frontend_busy=frontend / wall if wall > 0 else 0.0,
     )
+
+
+def report_errors(system: System, outcomes: Sequence[Outcome]) -> None:
+    """Print to stderr how many requests failed, by what (a status or an exception)."""
+    kinds = collections.Counter(o.error for o in outcomes if o.error is not None)
+    if kinds:
+        print(f"{system.name}: failed requests by kind: {dict(kinds)}", file=sys.stderr)
 
 
 def measure_on_one_core(

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import trio
+from test_etcd_security import make_certificates
 
 from interlock.engines.mock import MockEngine, MockTiming, serve_mock_openai
 from interlock.engines.openai import OpenAIEngine
@@ -27,15 +31,19 @@ PROMPT = tuple(range(40, 140))
 
 @asynccontextmanager
 async def listening(
-    handler: Callable[[trio.SocketStream], object],
+    handler: Callable[[Any], Awaitable[None]], tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[str]:
-    """Serve each connection to 127.0.0.1 with ``handler``; yield the URL."""
+    """Serve each connection to 127.0.0.1 with ``handler`` (over TLS with ``tls``); yield the
+    URL."""
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
-        )
-        port = listeners[0].socket.getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
+        if tls is None:
+            serve = functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        else:
+            serve = functools.partial(trio.serve_ssl_over_tcp, handler, 0, tls, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        listener = getattr(listeners[0], "transport_listener", listeners[0])
+        port = listener.socket.getsockname()[1]
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         nursery.cancel_scope.cancel()
 
 
@@ -68,7 +76,7 @@ async def counting_proxy(target: str) -> AsyncIterator[tuple[str, list[bytes]]]:
         yield url, first_lines
 
 
-async def read_request(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
+async def read_request(stream: trio.abc.Stream, buffer: bytearray) -> bytes | None:
     """The next request's head (its body is read and dropped); None when the client closed."""
     while b"\r\n\r\n" not in buffer:
         data = await stream.receive_some(65536)
@@ -127,19 +135,21 @@ BURST = (
 )
 
 
-async def engine_server(stream: trio.SocketStream, *, close_after_answer: bool = False) -> None:
-    """The part of vLLM's surface OpenAIEngine reads, with every completion streamed in one
-    write (`BURST`); ``close_after_answer``: close each connection after its first answer
-    without saying so (as a server whose keep-alive timeout fired)."""
+async def engine_server(
+    stream: trio.abc.Stream, *, close_after_answer: bool = False, root: bytes = b""
+) -> None:
+    """The part of vLLM's surface OpenAIEngine reads, under the path ``root``, with every
+    completion streamed in one write (`BURST`); ``close_after_answer``: close each connection
+    after its first answer without saying so (as a server whose keep-alive timeout fired)."""
     buffer = bytearray()
     async with stream:
         while (head := await read_request(stream, buffer)) is not None:
             line = head.split(b"\r\n", 1)[0]
-            if line.startswith(b"GET /health"):
+            if line.startswith(b"GET " + root + b"/health"):
                 await stream.send_all(answer("200 OK", b""))
-            elif line.startswith(b"GET /v1/models"):
+            elif line.startswith(b"GET " + root + b"/v1/models"):
                 await stream.send_all(answer("200 OK", b'{"data": [{"id": "burst"}]}'))
-            elif line.startswith(b"POST /v1/completions"):
+            elif line.startswith(b"POST " + root + b"/v1/completions"):
                 await stream.send_all(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                     b"transfer-encoding: chunked\r\n\r\n" + BURST
@@ -203,3 +213,18 @@ async def test_a_burst_of_chunks_is_one_output_with_every_token() -> None:
     assert [o.token_ids for o in outputs] == [tuple(BURST_TOKENS)]
     assert outputs[0].finish_reason == "length"
     assert outputs[0].usage is not None and outputs[0].usage.completion_tokens == 5
+
+
+async def test_an_https_engine_under_a_path_is_reached_with_its_ca(tmp_path: Path) -> None:
+    make_certificates(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tmp_path / "server.pem", tmp_path / "server-key.pem")
+    handler = functools.partial(engine_server, root=b"/v")
+    async with trio.open_nursery() as nursery, listening(handler, server_tls) as url:
+        engine = OpenAIEngine(
+            f"{url}/v", instance_id=1, health_interval=60, verify=str(tmp_path / "ca.pem")
+        )
+        await nursery.start(engine.run)
+        outputs = await stream_outputs(engine)
+        nursery.cancel_scope.cancel()
+    assert [o.token_ids for o in outputs] == [tuple(BURST_TOKENS)]

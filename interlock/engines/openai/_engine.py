@@ -42,6 +42,7 @@ from ._http import (
     EngineConnections,
     EngineHttpError,
     EngineResponse,
+    ssl_context_for,
 )
 from ._metrics import EngineMetrics, parse_engine_metrics
 from ._stream import ChunkReader, SseSplitter, engine_error_message, usage_from
@@ -222,6 +223,8 @@ class OpenAIEngine:
             TokenizerMismatch: the engine tokenizes the probe text differently.
         """
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        # One context for both clients (httpx deprecates a CA path as verify=).
+        verify = ssl_context_for(self.verify) if self.base_url.startswith("https:") else True
         async with httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -229,7 +232,7 @@ class OpenAIEngine:
             # pipeline's engine_idle_timeout to judge, not the HTTP client's.
             timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            verify=self.verify,
+            verify=verify,
         ) as client:
             # Checked before the nursery opens, so that they raise bare, not in a group.
             await self._wait_healthy(client)
@@ -238,9 +241,7 @@ class OpenAIEngine:
             self._client = client
             # The requests themselves go through interlock's own HTTP/1.1 client (`_http`):
             # httpx's per-request cost was most of the frontend's in front of an engine.
-            self._connections = EngineConnections(
-                self.base_url, headers=headers, verify=self.verify
-            )
+            self._connections = EngineConnections(self.base_url, headers=headers, verify=verify)
             try:
                 async with trio.open_nursery() as nursery:
                     if self.kv_events is not None:

@@ -41,9 +41,11 @@ class EngineProtocolError(EngineHttpError):
     """The connection broke or the engine's answer is not valid HTTP/1.1."""
 
 
-def ssl_context_for(verify: bool | str) -> ssl.SSLContext:
+def ssl_context_for(verify: bool | str | ssl.SSLContext) -> ssl.SSLContext:
     """An SSL context as httpx's ``verify`` means it: True checks against the system's CAs,
-    a string names a CA bundle (file or folder), False checks nothing."""
+    a string names a CA bundle (file or folder), False checks nothing; a context is itself."""
+    if isinstance(verify, ssl.SSLContext):
+        return verify
     if verify is False:
         context = ssl.create_default_context()
         context.check_hostname = False
@@ -69,7 +71,7 @@ class EngineConnections:
         base_url: str,
         *,
         headers: dict[str, str] | None = None,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
         connect_timeout: float = 10.0,
     ) -> None:
         parts = urlsplit(base_url)
@@ -78,6 +80,9 @@ class EngineConnections:
         self._tls = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._tls else 80)
+        #: The path the engine is served under (``https://gpu.lan/v``: ``/v``), before each
+        #: request's own.
+        self._root = parts.path.rstrip("/")
         self._ssl: ssl.SSLContext | None = ssl_context_for(verify) if self._tls else None
         self.connect_timeout = connect_timeout
         host = parts.netloc.rpartition("@")[2]
@@ -99,7 +104,7 @@ class EngineConnections:
             EngineProtocolError: the connection broke before the answer's headers came, or
                 they are not HTTP/1.1.
         """
-        head = f"POST {path} HTTP/1.1\r\n".encode("latin-1") + self._fixed
+        head = f"POST {self._root}{path} HTTP/1.1\r\n".encode("latin-1") + self._fixed
         extra = "".join(_header_line(name, value) for name, value in headers)
         head += f"{extra}content-length: {len(body)}\r\n\r\n".encode("latin-1")
         message = head + body
