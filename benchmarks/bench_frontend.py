@@ -313,11 +313,13 @@ def start_interlocks(processes: Processes, args: argparse.Namespace) -> list[Sys
     return systems
 
 
-def start_interlock_openai(processes: Processes, tokenizer: str, router_mode: str | None) -> System:
+def start_interlock_openai(
+    processes: Processes, tokenizer: str, router_mode: str | None, name: str = OPENAI_SYSTEM
+) -> System:
     """Start ``WORKERS`` ``interlock worker --openai-port 0 --zero-time`` processes (the mock
     behind vLLM's HTTP surface, publishing KV events as vLLM does when the router mode is kv)
     and ``interlock serve --engine ID=URL`` over them; return once ``/health`` lists every
-    engine.
+    engine. ``name`` names the system and its processes' log files.
 
     Raises:
         RuntimeError: a process exited or did not get ready in time (with its output).
@@ -332,7 +334,7 @@ def start_interlock_openai(processes: Processes, tokenizer: str, router_mode: st
         ]  # fmt: skip
         if kv_bind is not None:
             command += ["--kv-events-endpoint", kv_bind]
-        started.append(processes.start(f"interlock-openai-worker{worker_id}", command))
+        started.append(processes.start(f"{name}-worker{worker_id}", command))
     urls = [
         str(json.loads(wait_for_line(p, log, '"openai_url"'))["openai_url"]) for p, log in started
     ]
@@ -346,7 +348,7 @@ def start_interlock_openai(processes: Processes, tokenizer: str, router_mode: st
         command += ["--engine", f"{worker_id}={url}"]
     if kv_bind is not None:
         command += ["--kv-events-bind", kv_bind]
-    process, log = processes.start("interlock-openai-serve", command)
+    process, log = processes.start(f"{name}-serve", command)
     url = wait_for_line(process, log, "listening on ").split("listening on ")[1].split()[0]
     wait_until(
         lambda: len(httpx.get(f"{url}/health", timeout=5).json().get("workers", ())) == WORKERS,
@@ -354,7 +356,7 @@ def start_interlock_openai(processes: Processes, tokenizer: str, router_mode: st
         log,
     )
     return System(
-        OPENAI_SYSTEM, url, psutil.Process(process.pid), [psutil.Process(p.pid) for p, _ in started]
+        name, url, psutil.Process(process.pid), [psutil.Process(p.pid) for p, _ in started]
     )
 
 
