@@ -93,18 +93,37 @@ class EngineConnections:
         self._fixed = fixed.encode("latin-1")
         self._idle: list[_Connection] = []
 
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """``GET path``: the answer's status and whole body.
+
+        Raises:
+            EngineConnectError: no connection could be opened.
+            EngineProtocolError: the connection broke, or the answer is not HTTP/1.1.
+        """
+        response = await self.post(path, b"", method="GET")
+        try:
+            return response.status, await response.read()
+        finally:
+            response.close()
+
     async def post(
-        self, path: str, body: bytes, headers: Iterable[tuple[str, str]] = ()
+        self,
+        path: str,
+        body: bytes,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        method: str = "POST",
     ) -> EngineResponse:
-        """Send ``POST path`` with the JSON ``body`` and wait for the answer's status and
-        headers; return the response, whose body is yet to read. The caller must `aclose` it.
+        """Send ``POST path`` (or ``method``) with the JSON ``body`` and wait for the answer's
+        status and headers; return the response, whose body is yet to read. The caller must
+        `close` it.
 
         Raises:
             EngineConnectError: no connection could be opened.
             EngineProtocolError: the connection broke before the answer's headers came, or
                 they are not HTTP/1.1.
         """
-        head = f"POST {self._root}{path} HTTP/1.1\r\n".encode("latin-1") + self._fixed
+        head = f"{method} {self._root}{path} HTTP/1.1\r\n".encode("latin-1") + self._fixed
         extra = "".join(_header_line(name, value) for name, value in headers)
         head += f"{extra}content-length: {len(body)}\r\n\r\n".encode("latin-1")
         message = head + body
