@@ -57,11 +57,11 @@ TOKENIZER_PROBE = (
     "  def f(x):\n\treturn x**2 -> café naïve résumé 東京 3.14159 <|probe|> 🚂"
 )
 
-#: The KV-transfer parameters of a prefill leg (vLLM's P/D connectors): compute the prompt's KV
-#: and keep it for a remote decode; NixlConnector answers with what the decode leg must send.
 #: Request bodies as httpx's ``json=`` wrote them: compact, UTF-8, no NaN.
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
+#: The KV-transfer parameters of a prefill leg (vLLM's P/D connectors): compute the prompt's KV
+#: and keep it for a remote decode; NixlConnector answers with what the decode leg must send.
 PREFILL_KV_TRANSFER_PARAMS: dict[str, Any] = {
     "do_remote_decode": True,
     "do_remote_prefill": False,
@@ -144,7 +144,6 @@ class OpenAIEngine:
         #: The last ``/metrics`` scrape (None before the first, or if the engine has none).
         self.metrics: EngineMetrics | None = None
         self._listeners = Listeners()
-        self._client: httpx.AsyncClient | None = None
         self._connections: EngineConnections | None = None
         self._present = False
         self._down_reason = "not started"
@@ -238,7 +237,6 @@ class OpenAIEngine:
             await self._wait_healthy(client)
             await self._describe(client)
             await self._check_tokenizer(client)
-            self._client = client
             # The requests themselves go through interlock's own HTTP/1.1 client (`_http`):
             # httpx's per-request cost was most of the frontend's in front of an engine.
             self._connections = EngineConnections(self.base_url, headers=headers, verify=verify)
@@ -250,7 +248,6 @@ class OpenAIEngine:
                     task_status.started()
                     await self._watch()
             finally:
-                self._client = None
                 self._present = False
                 connections, self._connections = self._connections, None
                 with trio.CancelScope(shield=True):
