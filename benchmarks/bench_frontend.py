@@ -32,16 +32,22 @@ is near 100 %. The machine is shared and noisy: read the CPU per request and the
 the absolute req/s. Every process it starts runs in its own process group, stopped at the end,
 on error and on Ctrl-C.
 
+``--interlock-workers openai`` puts ``interlock serve --engine ID=URL`` over the same zero-time
+workers behind vLLM's HTTP surface (``interlock worker --openai-port 0``, KV events over ZMQ as
+vLLM publishes them; the path a real vLLM takes); ``both`` runs that and the wire workers in
+the same run, interleaved, and adds the ratio of their CPU per request.
+
     python benchmarks/bench_frontend.py [--rounds R] [-n N] [--concurrency 16,64,256]
         [--modes nonstream,stream] [--router-mode kv|round_robin] [--tokenizer DIR]
         [--dynamo-python PATH | --no-dynamo] [--one-core-requests N] [--raw FILE.jsonl]
-        [--quick]
+        [--interlock-workers wire|openai|both] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gzip
 import json
 import os
@@ -279,6 +285,81 @@ def pin(processes: Iterable[psutil.Process], cpus: set[int]) -> None:
                 pass
 
 
+# -- interlock in front of HTTP engines (--interlock-workers) --------------------------------------
+
+#: The name of interlock serve over `interlock worker --openai-port` engines (vLLM's HTTP surface).
+OPENAI_SYSTEM = "interlock-openai"
+
+
+def add_interlock_workers_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--interlock-workers",
+        choices=("wire", "openai", "both"),
+        default="wire",
+        help="what interlock serve runs over: 'wire' (--remote-worker, interlock's own "
+        "protocol), 'openai' (--engine ID=URL: the same zero-time workers behind vLLM's HTTP "
+        f"surface, named {OPENAI_SYSTEM} in the tables) or 'both' in the same run, with the "
+        "ratio of their CPU per request (default wire)",
+    )
+
+
+def start_interlocks(processes: Processes, args: argparse.Namespace) -> list[System]:
+    """The interlock systems ``--interlock-workers`` names, started."""
+    systems = []
+    if args.interlock_workers in ("wire", "both"):
+        systems.append(start_interlock(processes, args.tokenizer, args.router_mode))
+    if args.interlock_workers in ("openai", "both"):
+        systems.append(start_interlock_openai(processes, args.tokenizer, args.router_mode))
+    return systems
+
+
+def start_interlock_openai(
+    processes: Processes, tokenizer: str, router_mode: str | None, name: str = OPENAI_SYSTEM
+) -> System:
+    """Start ``WORKERS`` ``interlock worker --openai-port 0 --zero-time`` processes (the mock
+    behind vLLM's HTTP surface, publishing KV events as vLLM does when the router mode is kv)
+    and ``interlock serve --engine ID=URL`` over them; return once ``/health`` lists every
+    engine. ``name`` names the system and its processes' log files.
+
+    Raises:
+        RuntimeError: a process exited or did not get ready in time (with its output).
+    """
+    kv_bind = f"tcp://127.0.0.1:{free_port()}" if router_mode in (None, "kv") else None
+    started = []
+    for worker_id in range(1, WORKERS + 1):
+        command = [
+            sys.executable, "-m", "interlock", "worker", "--id", str(worker_id), "--port", "0",
+            "--openai-port", "0", "--served-model-name", MODEL, "--tokenizer", tokenizer,
+            "--block-size", str(KV_BLOCK_SIZE), "--zero-time", "--log-level", "warning",
+        ]  # fmt: skip
+        if kv_bind is not None:
+            command += ["--kv-events-endpoint", kv_bind]
+        started.append(processes.start(f"{name}-worker{worker_id}", command))
+    urls = [
+        str(json.loads(wait_for_line(p, log, '"openai_url"'))["openai_url"]) for p, log in started
+    ]
+    command = [
+        sys.executable, "-m", "interlock", "serve", "--port", "0", "--model-name", MODEL,
+        "--tokenizer", tokenizer, "--kv-block-size", str(KV_BLOCK_SIZE),
+    ]  # fmt: skip
+    if router_mode is not None:
+        command += ["--router-mode", router_mode, "--migration-limit", "3"]
+    for worker_id, url in enumerate(urls, start=1):
+        command += ["--engine", f"{worker_id}={url}"]
+    if kv_bind is not None:
+        command += ["--kv-events-bind", kv_bind]
+    process, log = processes.start(f"{name}-serve", command)
+    url = wait_for_line(process, log, "listening on ").split("listening on ")[1].split()[0]
+    wait_until(
+        lambda: len(httpx.get(f"{url}/health", timeout=5).json().get("workers", ())) == WORKERS,
+        f"interlock serve at {url} to list {WORKERS} engines in /health",
+        log,
+    )
+    return System(
+        name, url, psutil.Process(process.pid), [psutil.Process(p.pid) for p, _ in started]
+    )
+
+
 # -- the workload and the client -------------------------------------------------------------------
 
 
@@ -421,6 +502,7 @@ def measure(
     )
     frontend, workers = after[0] - before[0], after[1] - before[1]
     answered = [o for o in outcomes if o.error is None]
+    report_errors(system, outcomes)
     return Cell(
         system=system.name,
         round=round_,
@@ -436,6 +518,13 @@ def measure(
         tokens=statistics.mean(o.tokens for o in answered) if answered else 0.0,
         frontend_busy=frontend / wall if wall > 0 else 0.0,
     )
+
+
+def report_errors(system: System, outcomes: Sequence[Outcome]) -> None:
+    """Print to stderr how many requests failed, by what (a status or an exception)."""
+    kinds = collections.Counter(o.error for o in outcomes if o.error is not None)
+    if kinds:
+        print(f"{system.name}: failed requests by kind: {dict(kinds)}", file=sys.stderr)
 
 
 def measure_on_one_core(
@@ -481,14 +570,17 @@ def number(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def ratio_of(cells: Sequence[Cell], field: str) -> float | None:
-    """The median over rounds of interlock's ``field`` over Dynamo's, round by round."""
+def ratio_of(
+    cells: Sequence[Cell], field: str, mine: str = "interlock", theirs_name: str = "dynamo"
+) -> float | None:
+    """The median over rounds of system ``mine``'s ``field`` over ``theirs_name``'s, round by
+    round (by default interlock's over Dynamo's)."""
     ratios = []
     for cell in cells:
-        if cell.system != "interlock":
+        if cell.system != mine:
             continue
         for other in cells:
-            if other.system == "dynamo" and other.round == cell.round:
+            if other.system == theirs_name and other.round == cell.round:
                 theirs = getattr(other, field)
                 if theirs:
                     ratios.append(getattr(cell, field) / theirs)
@@ -503,6 +595,9 @@ def table(cells: Sequence[Cell], systems: Sequence[str]) -> list[str]:
         head += [f"{name} CPU ms/req", f"{name} req/s", f"{name} p50 / p99 ms"]
     if both:
         head.append("CPU ratio interlock / Dynamo")
+    engines = OPENAI_SYSTEM in systems and "interlock" in systems
+    if engines:
+        head.append("CPU ratio HTTP engines / wire workers")
     head.append("errors")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = sorted({(c.concurrency, c.mode) for c in cells}, key=lambda k: (k[1], k[0]))
@@ -520,6 +615,8 @@ def table(cells: Sequence[Cell], systems: Sequence[str]) -> list[str]:
             ]
         if both:
             row.append(number(ratio_of(group, "frontend_cpu_ms"), 2))
+        if engines:
+            row.append(number(ratio_of(group, "frontend_cpu_ms", OPENAI_SYSTEM, "interlock"), 2))
         row.append(str(sum(c.errors for c in group)))
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -589,6 +686,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="requests of the one-core figure per round (2x -n; 0 skips it)",
     )
+    add_interlock_workers_option(parser)
     parser.add_argument("--raw", type=Path, help="also write every cell as a JSON line here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -643,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         directory = Path(tmp)
         processes = Processes(directory)
         try:
-            systems = [start_interlock(processes, args.tokenizer, args.router_mode)]
+            systems = start_interlocks(processes, args)
             if skip is None:
                 model_dir = make_dynamo_model_dir(Path(args.tokenizer), directory)
                 systems.append(

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 
 from interlock import WorkerGone
 from interlock.engines.openai import EngineMetrics, parse_engine_metrics
-from interlock.engines.openai._engine import sse_lines
-from interlock.engines.openai._stream import ChunkReader
+from interlock.engines.openai._stream import ChunkReader, SseSplitter
 from interlock.wire import EngineOutput, Usage
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -152,23 +150,21 @@ def test_a_page_without_engine_metrics_says_nothing() -> None:
     assert parse_engine_metrics("# TYPE process_cpu_seconds_total counter\n") == EngineMetrics()
 
 
-async def test_sse_lines_split_at_line_feeds_only() -> None:
-    # vLLM writes U+2028, U+2029 and U+0085 unescaped in its JSON; httpx's aiter_lines would
-    # cut the data line at them.
+def test_sse_data_splits_at_line_feeds_only_whatever_the_reads() -> None:
+    # vLLM writes U+2028, U+2029 and U+0085 unescaped in its JSON; splitting like
+    # str.splitlines (httpx's aiter_lines) would cut the data line at them.
     text = "a\u2028b\u2029c\u0085d\x0ce"
-    body = (
-        b"data: " + json.dumps({"text": text}, ensure_ascii=False).encode() + b"\r\n\r\n"
-        b"data: [DONE]\n\n"
-    )
-    response = httpx.Response(200, stream=httpx.ByteStream(body))
-    lines = [line async for line in sse_lines(response)]
-    assert lines == [
-        f"data: {json.dumps({'text': text}, ensure_ascii=False)}",
-        "",
-        "data: [DONE]",
-        "",
-    ]
-    assert json.loads(lines[0][6:])["text"] == text
+    first = json.dumps({"text": text}, ensure_ascii=False)
+    body = b"data: " + first.encode() + b"\r\n\r\n: a comment\n\ndata: [DONE]\n\ndata:last"
+    # The same payloads however the body arrives: whole, byte by byte, or cut mid-character.
+    for size in (len(body), 1, 7):
+        splitter = SseSplitter()
+        payloads = []
+        for at in range(0, len(body), size):
+            payloads += splitter.feed(body[at : at + size])
+        payloads += splitter.end()
+        assert payloads == [first, "[DONE]", "last"], size
+        assert json.loads(payloads[0])["text"] == text
 
 
 def test_metrics_that_are_not_finite_say_nothing() -> None:

@@ -108,3 +108,18 @@ def test_the_ratio_pairs_each_round_with_its_own_round() -> None:
     assert bench.ratio_of(cells, "frontend_cpu_ms") == 2.0
     (row,) = [line for line in bench.table(cells, ["interlock", "dynamo"]) if "| 16 |" in line]
     assert "3.00 [2.00-4.00]" in row and "2.00 [1.00-2.00]" in row and "| 2.00 |" in row, row
+
+
+def test_the_frontend_benchmark_puts_http_engines_beside_wire_workers() -> None:
+    completed = _run(
+        "bench_frontend.py", "--quick", "--tokenizer", TOKENIZER, "--no-dynamo",
+        "--interlock-workers", "both", "--one-core-requests", "0", "--modes", "stream",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-3000:]
+    out = completed.stdout
+    assert "interlock-openai CPU ms/req" in out, out
+    assert "CPU ratio HTTP engines / wire workers" in out, out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 4 |", "| 8 |"))]
+    # The first table's rows: errors last, the ratio before them.
+    assert [row[-2].strip() for row in rows[:2]] == ["0", "0"], f"requests failed:\n{out}"
+    assert all(float(row[-3]) > 0 for row in rows[:2]), out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -21,10 +22,11 @@ from typing import Any
 import httpx
 import trio
 
-from ..._errors import RequestError, WorkerRefused
+from ..._errors import RequestError, WorkerGone, WorkerRefused
 from ..._tracing import inject_trace_headers
 from ...processing import Tokenizer
 from ...wire import EngineOutput, PrefillResult, PreprocessedRequest, WorkerJoined, WorkerLeft
+from ...wire._output import join_outputs
 from .._listeners import Listeners
 from .._protocol import (
     ROLES,
@@ -35,8 +37,15 @@ from .._protocol import (
     WorkerSnapshot,
     WorkerUnreachable,
 )
+from ._http import (
+    EngineConnectError,
+    EngineConnections,
+    EngineHttpError,
+    EngineResponse,
+    ssl_context_for,
+)
 from ._metrics import EngineMetrics, parse_engine_metrics
-from ._stream import ChunkReader, engine_error_message, usage_from
+from ._stream import ChunkReader, SseSplitter, engine_error_message, usage_from
 
 _logger = logging.getLogger("interlock.engines.openai")
 
@@ -47,6 +56,9 @@ TOKENIZER_PROBE = (
     "interlock probe: The quick brown fox jumps over 13 lazy dogs, twice.\n"
     "  def f(x):\n\treturn x**2 -> café naïve résumé 東京 3.14159 <|probe|> 🚂"
 )
+
+#: Request bodies as httpx's ``json=`` wrote them: compact, UTF-8, no NaN.
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 #: The KV-transfer parameters of a prefill leg (vLLM's P/D connectors): compute the prompt's KV
 #: and keep it for a remote decode; NixlConnector answers with what the decode leg must send.
@@ -132,7 +144,7 @@ class OpenAIEngine:
         #: The last ``/metrics`` scrape (None before the first, or if the engine has none).
         self.metrics: EngineMetrics | None = None
         self._listeners = Listeners()
-        self._client: httpx.AsyncClient | None = None
+        self._connections: EngineConnections | None = None
         self._present = False
         self._down_reason = "not started"
         self._mirror: Any = None
@@ -210,6 +222,8 @@ class OpenAIEngine:
             TokenizerMismatch: the engine tokenizes the probe text differently.
         """
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        # One context for both clients (httpx deprecates a CA path as verify=).
+        verify = ssl_context_for(self.verify) if self.base_url.startswith("https:") else True
         async with httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -217,23 +231,27 @@ class OpenAIEngine:
             # pipeline's engine_idle_timeout to judge, not the HTTP client's.
             timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            verify=self.verify,
+            verify=verify,
         ) as client:
             # Checked before the nursery opens, so that they raise bare, not in a group.
             await self._wait_healthy(client)
             await self._describe(client)
             await self._check_tokenizer(client)
-            self._client = client
+            # The requests themselves go through interlock's own HTTP/1.1 client (`_http`):
+            # httpx's per-request cost was most of the frontend's in front of an engine.
+            self._connections = EngineConnections(self.base_url, headers=headers, verify=verify)
             try:
                 async with trio.open_nursery() as nursery:
                     if self.kv_events is not None:
                         await self._follow_kv_events(nursery)
                     self._set_present(True, "healthy")
                     task_status.started()
-                    await self._watch(client)
+                    await self._watch()
             finally:
-                self._client = None
                 self._present = False
+                connections, self._connections = self._connections, None
+                with trio.CancelScope(shield=True):
+                    await connections.aclose()
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -385,7 +403,7 @@ class OpenAIEngine:
 
     # -- watching ---------------------------------------------------------------------------
 
-    async def _watch(self, client: httpx.AsyncClient) -> None:
+    async def _watch(self) -> None:
         failures = 0
         while True:
             await trio.sleep(self.health_interval)
@@ -395,15 +413,46 @@ class OpenAIEngine:
                 # is saved; a busy frontend polls only its idle engines.
                 why = ""
             else:
-                why = await self._health(client)
+                why = await self._poll_health()
             if why:
                 failures += 1
                 if failures >= self.unhealthy_after or "refused" in why:
                     self._set_present(False, why)
                 continue
             failures = 0
-            await self._scrape(client)
+            await self._poll_metrics()
             self._set_present(True, "healthy")
+
+    # The polls once the engine serves go through the requests' own connections (`_http`):
+    # through httpx they cost a few milliseconds of CPU a second per engine.
+
+    async def _poll_health(self) -> str:
+        """'' when ``/health`` answers 200, else why not."""
+        connections = self._connections
+        assert connections is not None
+        try:
+            with trio.fail_after(self.health_timeout):
+                status, _ = await connections.get("/health")
+        except trio.TooSlowError:
+            return f"no answer within {self.health_timeout}s"
+        except EngineConnectError as exc:
+            return f"connection refused or unreachable ({exc})"
+        except EngineHttpError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if status != 200:
+            return f"/health answered {status}"
+        return ""
+
+    async def _poll_metrics(self) -> None:
+        connections = self._connections
+        assert connections is not None
+        try:
+            with trio.fail_after(self.health_timeout):
+                status, body = await connections.get("/metrics")
+            if status == 200:
+                self.metrics = parse_engine_metrics(body.decode("utf-8", "replace"))
+        except (trio.TooSlowError, EngineHttpError, ValueError, ArithmeticError) as exc:
+            _logger.debug("engine %d: /metrics: %s", self.instance_id, exc)
 
     async def _scrape(self, client: httpx.AsyncClient) -> EngineMetrics | None:
         try:
@@ -511,28 +560,6 @@ class OpenAIEngine:
         return f"<OpenAIEngine {self.instance_id} role={self.role} at {self.base_url}>"
 
 
-async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
-    """The lines of an SSE body, split at line feeds only (a trailing CR is dropped).
-
-    Not httpx's ``aiter_lines``: that splits like `str.splitlines`, at U+2028, U+2029, U+0085
-    and more, which vLLM writes unescaped inside its JSON chunks (pydantic does not escape
-    them), so generated text holding one would cut a ``data:`` line in two.
-
-    Raises:
-        httpx.HTTPError: the body broke off.
-    """
-    pending = b""
-    async for chunk in response.aiter_bytes():
-        pending += chunk
-        if b"\n" not in chunk:
-            continue
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line.removesuffix(b"\r").decode("utf-8", "replace")
-    if pending:
-        yield pending.removesuffix(b"\r").decode("utf-8", "replace")
-
-
 def _first_difference(ours: Sequence[int], theirs: Sequence[int]) -> int:
     """The first position where two token sequences differ (the shorter one's length when one
     is a prefix of the other)."""
@@ -556,25 +583,40 @@ def _describe_http_error(exc: httpx.HTTPError) -> str:
 
 
 class _HttpStream:
-    """The context manager and iterator `OpenAIEngine.open_stream` returns."""
+    """The context manager and iterator `OpenAIEngine.open_stream` returns.
+
+    Iterating yields one output per read of the engine's stream: every SSE chunk that had
+    already arrived is joined into it (`join_outputs`), so a burst of tokens costs the pipeline
+    and the client one output, not one per token (as interlock's own workers send them).
+    """
 
     __slots__ = (
         "_chat",
         "_engine",
-        "_lines",
+        "_error",
+        "_held",
+        "_payloads",
         "_prefill",
         "_reader",
         "_request",
         "_response",
-        "_rest",
+        "_splitter",
+        "_streaming",
     )
 
     def __init__(self, engine: OpenAIEngine, request: PreprocessedRequest) -> None:
         self._engine = engine
         self._request = request
-        self._response: httpx.Response | None = None
-        self._lines: AsyncIterator[str] | None = None
-        self._rest: AsyncIterator[str] | None = None
+        self._response: EngineResponse | None = None
+        #: Reading the SSE body (False before it opens and once it ended).
+        self._streaming = False
+        self._splitter = SseSplitter()
+        #: Payloads split from the body and not fed to the reader yet.
+        self._payloads: deque[str] = deque()
+        #: An output read but not yet returned (it could not join the one returned before).
+        self._held: EngineOutput | None = None
+        #: A failure found after outputs that were returned first; raised next.
+        self._error: BaseException | None = None
         self._prefill: EngineOutput | None = None
         text = request.detokenize or bool(request.stop)
         #: The engine runs the client's chat (/v1/chat/completions), not token ids.
@@ -585,8 +627,8 @@ class _HttpStream:
 
     async def __aenter__(self) -> AsyncIterator[EngineOutput]:
         engine = self._engine
-        client = engine._client
-        if client is None or not engine._present:
+        connections = engine._connections
+        if connections is None or not engine._present:
             await trio.lowlevel.checkpoint()
             raise WorkerRefused(
                 f"engine {engine.instance_id} at {engine.base_url} is not serving "
@@ -600,34 +642,35 @@ class _HttpStream:
         else:
             path = "/v1/completions"
             body = engine.request_body(self._request, stream=not prefill)
-        headers = {}
+        headers: dict[str, str] = {}
         if self._request.request_id is not None:
             # The same id on both legs of a disaggregated request (NIXL derives its transfer
             # id from it), and in the engine's logs.
             headers["x-request-id"] = self._request.request_id
         # The W3C traceparent of this leg's CLIENT span, when the request is traced.
         inject_trace_headers(headers, self._request.request_id)
-        request = client.build_request("POST", path, json=body, headers=headers)
+        payload = _JSON.encode(body).encode()
         try:
-            with trio.fail_after(
-                engine.idle_timeout if engine.idle_timeout is not None else math.inf
-            ):
-                response = await client.send(request, stream=True)
+            if engine.idle_timeout is None:
+                response = await connections.post(path, payload, headers.items())
+            else:
+                with trio.fail_after(engine.idle_timeout):
+                    response = await connections.post(path, payload, headers.items())
         except trio.TooSlowError:
             raise self._reader.broken(
                 f"sent no response within engine_idle_timeout={engine.idle_timeout}s"
             ) from None
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        except EngineConnectError as exc:
             raise WorkerRefused(
                 f"engine {engine.instance_id} at {engine.base_url} refused the connection: "
-                f"{_describe_http_error(exc)}",
+                f"connection refused or unreachable ({exc})",
                 worker_id=engine.instance_id,
             ) from exc
-        except httpx.HTTPError as exc:
-            raise self._reader.broken(f"failed: {_describe_http_error(exc)}") from exc
+        except EngineHttpError as exc:
+            raise self._reader.broken(f"failed: {exc}") from exc
         self._response = response
         try:
-            if response.status_code != 200:
+            if response.status != 200:
                 await self._refuse(response)
             if prefill:
                 timeout = engine.idle_timeout if engine.idle_timeout is not None else math.inf
@@ -639,20 +682,20 @@ class _HttpStream:
                         f"sent no prefill answer within engine_idle_timeout={timeout}s"
                     ) from None
             else:
-                self._lines = sse_lines(response)
+                self._streaming = True
         except BaseException:
-            await self._close()
+            self._close()
             raise
         return self
 
-    async def _refuse(self, response: httpx.Response) -> None:
+    async def _refuse(self, response: EngineResponse) -> None:
         engine = self._engine
-        status = response.status_code
+        status = response.status
         try:
             with trio.fail_after(engine.health_timeout):
-                raw = await response.aread()
+                raw = await response.read()
             message = engine_error_message(json.loads(raw))
-        except (httpx.HTTPError, ValueError, trio.TooSlowError):
+        except (EngineHttpError, ValueError, trio.TooSlowError):
             message = f"HTTP {status}"
         where = f"engine {engine.instance_id} at {engine.base_url}"
         if status in (429, 503):
@@ -675,11 +718,11 @@ class _HttpStream:
             )
         raise self._reader.broken(f"answered {status}: {message}")
 
-    async def _read_prefill(self, response: httpx.Response) -> EngineOutput:
+    async def _read_prefill(self, response: EngineResponse) -> EngineOutput:
         engine = self._engine
         try:
-            body = json.loads(await response.aread())
-        except (httpx.HTTPError, ValueError) as exc:
+            body = json.loads(await response.read())
+        except (EngineHttpError, ValueError) as exc:
             raise self._reader.broken(f"sent an unreadable prefill answer ({exc})") from exc
         if type(body) is not dict or not body.get("choices"):
             raise self._reader.broken(f"sent a prefill answer without choices: {body!r:.200}")
@@ -707,39 +750,88 @@ class _HttpStream:
         if self._prefill is not None:
             output, self._prefill = self._prefill, None
             return output
-        lines = self._lines
-        if lines is None:
-            raise StopAsyncIteration
-        reader = self._reader
+        held, self._held = self._held, None
+        if held is not None:
+            return held
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        payloads = self._payloads
+        pending: EngineOutput | None = None
         while True:
-            try:
-                line = await lines.__anext__()
-            except StopAsyncIteration:
-                self._lines = None
-                if reader.finished:
-                    # The finish reason came; only [DONE] is missing.
-                    return reader.finish()
-                raise reader.broken("closed the stream without a finish_reason") from None
-            except httpx.HTTPError as exc:
-                self._lines = None
-                if reader.finished:
-                    # Every token and the finish reason came before the connection broke.
-                    return reader.finish()
-                raise reader.broken(f"broke the stream ({_describe_http_error(exc)})") from exc
-            if not line.startswith("data:"):
+            if not payloads:
+                if pending is not None:
+                    # Everything that had arrived is in it: the next read may wait.
+                    return pending
+                held, self._held = self._held, None
+                if held is not None:
+                    return held  # the final output of a body that ended without [DONE]
+                if not self._streaming:
+                    raise StopAsyncIteration
+                await self._read_more()
                 continue
-            output = reader.feed(line[5:].strip())
-            if reader.prompt_token_ids is not None:
-                self._check_prompt(reader.prompt_token_ids)
-                reader.prompt_token_ids = None
-            if reader.done:
-                # Kept for `_close`, which reads the body's end so the connection is reused.
-                self._rest, self._lines = lines, None
-                self._engine._answered_at = trio.current_time()
-            if output is not None:
-                return output
-            if reader.done:
-                raise StopAsyncIteration
+            try:
+                output = self._feed(payloads.popleft())
+            except WorkerGone as exc:
+                if pending is None:
+                    raise
+                # The tokens before the failure still count (migration keeps them).
+                self._error = exc
+                return pending
+            if output is None:
+                if self._reader.done and pending is None:
+                    raise StopAsyncIteration
+                continue
+            if pending is None:
+                pending = output
+                continue
+            joined = join_outputs(pending, output)
+            if joined is None:
+                self._held = output
+                return pending
+            pending = joined
+
+    def _feed(self, data: str) -> EngineOutput | None:
+        reader = self._reader
+        output = reader.feed(data)
+        if reader.prompt_token_ids is not None:
+            self._check_prompt(reader.prompt_token_ids)
+            reader.prompt_token_ids = None
+        if reader.done:
+            # Whatever follows [DONE] is not read; `_close` reads the body's end so that the
+            # connection is reused.
+            self._payloads.clear()
+            self._streaming = False
+            self._engine._answered_at = trio.current_time()
+        return output
+
+    async def _read_more(self) -> None:
+        """Read the body until it yields payloads or ends (then the last ones, or the final
+        output of a stream that ended without ``[DONE]``)."""
+        response = self._response
+        reader = self._reader
+        assert response is not None
+        try:
+            data = await response.receive()
+        except EngineHttpError as exc:
+            self._streaming = False
+            if reader.finished:
+                # Every token and the finish reason came before the connection broke.
+                self._held = reader.finish()
+                return
+            raise reader.broken(f"broke the stream ({exc})") from exc
+        if data:
+            self._payloads.extend(self._splitter.feed(data))
+            return
+        self._streaming = False
+        self._payloads.extend(self._splitter.end())
+        if self._payloads:
+            return
+        if reader.finished:
+            # The finish reason came; only [DONE] is missing.
+            self._held = reader.finish()
+            return
+        raise reader.broken("closed the stream without a finish_reason")
 
     def _check_prompt(self, engine_ids: list[int]) -> None:
         """Warn (once per engine) when the engine rendered the chat into other tokens than the
@@ -767,23 +859,24 @@ class _HttpStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
-        response, self._response = self._response, None
-        if response is None:
-            return
-        # Closing an unfinished stream drops its connection: the engine sees the client go and
-        # aborts the request. Shielded so that a cancelled request still frees the engine.
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            rest, self._rest = self._rest, None
-            if rest is not None:
-                # After [DONE] only the body's terminating chunk is left: reading it lets the
-                # connection go back to the pool instead of a new one per request.
-                with trio.move_on_after(0.5):
-                    try:
-                        async for _ in rest:
-                            pass
-                    except httpx.HTTPError:
+        response = self._response
+        if response is not None and self._reader.done and not response.complete:
+            # After [DONE] only the body's terminating chunk is left: reading it lets the
+            # connection go back to the pool instead of a new one per request. Shielded so
+            # that a cancelled request still gets its connection back.
+            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                try:
+                    while await response.receive():
                         pass
-            await response.aclose()
+                except EngineHttpError:
+                    pass
+        else:
+            await trio.lowlevel.checkpoint()
+        self._close()
+
+    def _close(self) -> None:
+        # Closing an unfinished stream drops its connection: the engine sees the client go and
+        # aborts the request.
+        response, self._response = self._response, None
+        if response is not None:
+            response.close()

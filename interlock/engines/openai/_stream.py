@@ -59,6 +59,40 @@ def engine_error_message(body: Any) -> str:
     return repr(body)[:500]
 
 
+class SseSplitter:
+    """Splits an SSE body into its ``data:`` payloads as its bytes arrive.
+
+    Lines end at line feeds only (a trailing CR is dropped): not `str.splitlines`, which also
+    splits at U+2028, U+2029, U+0085 and more, which vLLM writes unescaped inside its JSON
+    chunks (pydantic does not escape them). Each piece of the body is split in one pass, and
+    every complete event in it comes out of one `feed`.
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        """The payloads of the ``data:`` lines that ``data`` completes (other lines, such as
+        comments and the blank lines between events, are skipped)."""
+        if b"\n" not in data:
+            self._pending += data
+            return []
+        lines = (self._pending + data if self._pending else data).split(b"\n")
+        self._pending = lines.pop()
+        return [
+            line[5:].strip().decode("utf-8", "replace")
+            for line in lines
+            if line.startswith(b"data:")
+        ]
+
+    def end(self) -> list[str]:
+        """The payload of a last line the body ended without a line feed, if a data line."""
+        rest, self._pending = self._pending, b""
+        return self.feed(rest + b"\n") if rest else []
+
+
 class ChunkReader:
     """Turns one request's decoded SSE ``data:`` payloads into outputs.
 

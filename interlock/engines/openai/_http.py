@@ -1,0 +1,386 @@
+"""The request path to an engine: a small HTTP/1.1 client on trio sockets, parsed by llhttp.
+
+`EngineConnections` keeps one engine's keep-alive connections and posts each request with one
+socket write; `EngineResponse` hands its body back as it arrives (chunked encoding already
+undone), in whatever pieces the socket delivered, so an SSE reader sees every event that is
+already there at once.
+
+Why not httpx, which the engine's health, metrics and start-up checks still use: on the request
+path httpx, httpcore and h11 took about 40 % of ``interlock serve``'s CPU per streamed request
+in front of HTTP engines (py-spy, docs/benchmarks.md "In front of an engine"): request and
+header objects, h11's pure-Python event machine per chunk, a pool lock per request. llhttp
+(``httptools``, which interlock's HTTP server already parses with) does the parsing in C.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import ssl
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import httptools
+import trio
+
+#: Idle connections kept per engine (more concurrent requests open more, closed after use).
+MAX_IDLE = 256
+#: Bytes asked of the socket per read: a whole burst of SSE chunks fits.
+READ_SIZE = 65536
+
+
+class EngineHttpError(Exception):
+    """The exchange with the engine failed (see the subclasses)."""
+
+
+class EngineConnectError(EngineHttpError):
+    """No connection to the engine: refused, unreachable, timed out, or TLS failed."""
+
+
+class EngineProtocolError(EngineHttpError):
+    """The connection broke or the engine's answer is not valid HTTP/1.1."""
+
+
+def ssl_context_for(verify: bool | str | ssl.SSLContext) -> ssl.SSLContext:
+    """An SSL context as httpx's ``verify`` means it: True checks against the system's CAs,
+    a string names a CA bundle (file or folder), False checks nothing; a context is itself."""
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if isinstance(verify, str):
+        if os.path.isdir(verify):
+            return ssl.create_default_context(capath=verify)
+        return ssl.create_default_context(cafile=verify)
+    return ssl.create_default_context()
+
+
+class EngineConnections:
+    """Keep-alive HTTP/1.1 connections to one engine (``base_url``: scheme, host and port).
+
+    ``headers`` go with every request (an API key's ``authorization``); ``verify`` is for an
+    ``https`` engine (`ssl_context_for`). `post` reuses the most recently idle connection, or
+    opens one (within ``connect_timeout`` seconds). `aclose` closes the idle ones.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        verify: bool | str | ssl.SSLContext = True,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be http(s)://HOST[:PORT], got {base_url!r}")
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._tls else 80)
+        #: The path the engine is served under (``https://gpu.lan/v``: ``/v``), before each
+        #: request's own.
+        self._root = parts.path.rstrip("/")
+        self._ssl: ssl.SSLContext | None = ssl_context_for(verify) if self._tls else None
+        self.connect_timeout = connect_timeout
+        host = parts.netloc.rpartition("@")[2]
+        fixed = f"host: {host}\r\ncontent-type: application/json\r\naccept: */*\r\n"
+        for name, value in (headers or {}).items():
+            fixed += _header_line(name, value)
+        #: Every request's header lines but its own (built once: the hot path only appends).
+        self._fixed = fixed.encode("latin-1")
+        self._idle: list[_Connection] = []
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """``GET path``: the answer's status and whole body.
+
+        Raises:
+            EngineConnectError: no connection could be opened.
+            EngineProtocolError: the connection broke, or the answer is not HTTP/1.1.
+        """
+        response = await self.post(path, b"", method="GET")
+        try:
+            return response.status, await response.read()
+        finally:
+            response.close()
+
+    async def post(
+        self,
+        path: str,
+        body: bytes,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        method: str = "POST",
+    ) -> EngineResponse:
+        """Send ``POST path`` (or ``method``) with the JSON ``body`` and wait for the answer's
+        status and headers; return the response, whose body is yet to read. The caller must
+        `close` it.
+
+        Raises:
+            EngineConnectError: no connection could be opened.
+            EngineProtocolError: the connection broke before the answer's headers came, or
+                they are not HTTP/1.1.
+        """
+        head = f"{method} {self._root}{path} HTTP/1.1\r\n".encode("latin-1") + self._fixed
+        extra = "".join(_header_line(name, value) for name, value in headers)
+        head += f"{extra}content-length: {len(body)}\r\n\r\n".encode("latin-1")
+        message = head + body
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.reusable():
+                connection.close()
+                continue
+            try:
+                return await connection.exchange(message, self)
+            except _ClosedBeforeAnswer:
+                # The engine closed this idle connection as the request went (a keep-alive
+                # timeout): it never saw the request, so it goes again on another one.
+                continue
+        connection = await self._connect()
+        try:
+            return await connection.exchange(message, self)
+        except _ClosedBeforeAnswer as exc:
+            raise EngineProtocolError(str(exc)) from None
+
+    async def _connect(self) -> _Connection:
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(self._host, self._port)
+                if self._ssl is not None:
+                    tls = trio.SSLStream(stream, self._ssl, server_hostname=self._host)
+                    await tls.do_handshake()
+                    stream = tls
+        except trio.TooSlowError:
+            raise EngineConnectError(
+                f"no connection within {self.connect_timeout}s to {self._host}:{self._port}"
+            ) from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise EngineConnectError(f"{type(exc).__name__}: {exc}") from exc
+        return _Connection(stream)
+
+    def _release(self, connection: _Connection) -> None:
+        if len(self._idle) < MAX_IDLE:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    async def aclose(self) -> None:
+        """Close every idle connection (those in use close when their response does)."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+        await trio.lowlevel.checkpoint()
+
+
+def _header_line(name: str, value: str) -> str:
+    if any(c in value for c in "\r\n\0") or any(c in name for c in "\r\n\0: "):
+        raise ValueError(f"header {name!r}: {value!r:.80} cannot go in an HTTP/1.1 header")
+    return f"{name}: {value}\r\n"
+
+
+class _ClosedBeforeAnswer(EngineProtocolError):
+    pass
+
+
+class _Connection:
+    """One connection and its response parser; one exchange at a time."""
+
+    __slots__ = (
+        "_body",
+        "_complete",
+        "_headers_done",
+        "_keep_alive",
+        "_parser",
+        "_stream",
+        "framed",
+        "headers",
+        "status",
+    )
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream: trio.abc.Stream | None = stream
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._body: list[bytes] = []
+        self._headers_done = False
+        self._complete = False
+        self._keep_alive = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        #: The body's end is marked (a length or chunked encoding), not the connection's close.
+        self.framed = False
+
+    # llhttp's callbacks, during `feed_data`.
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        self.status = self._parser.get_status_code()
+        # Asked here: once the message is complete llhttp has reset what it knew.
+        self._keep_alive = self._parser.should_keep_alive()
+
+    def on_body(self, data: bytes) -> None:
+        self._body.append(data)
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+
+    def reusable(self) -> bool:
+        """Open, and the engine has not closed it while it sat idle (an idle connection has
+        nothing to read unless its end arrived)."""
+        stream = self._stream
+        if stream is None:
+            return False
+        sock = getattr(stream, "socket", None) or getattr(
+            getattr(stream, "transport_stream", None), "socket", None
+        )
+        if sock is None:
+            return True
+        try:
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        sock = getattr(stream, "socket", None)
+        if sock is not None:
+            sock.close()
+        else:
+            # An SSLStream: drop the transport without a close_notify exchange.
+            transport = getattr(stream, "transport_stream", None)
+            inner = getattr(transport, "socket", None)
+            if inner is not None:
+                inner.close()
+
+    async def exchange(self, message: bytes, owner: EngineConnections) -> EngineResponse:
+        """Send ``message`` and read up to the answer's headers."""
+        stream = self._stream
+        assert stream is not None
+        self._reset()
+        try:
+            await stream.send_all(message)
+            while not self._headers_done:
+                data = await stream.receive_some(READ_SIZE)
+                if not data:
+                    if not self._body and not self._headers_done:
+                        raise _ClosedBeforeAnswer("the engine closed the connection")
+                    raise EngineProtocolError("the engine closed the connection mid-answer")
+                self._parser.feed_data(data)
+        except _ClosedBeforeAnswer:
+            self.close()
+            raise
+        except (trio.BrokenResourceError, OSError) as exc:
+            self.close()
+            raise _ClosedBeforeAnswer(f"{type(exc).__name__}: {exc}") from exc
+        except httptools.HttpParserError as exc:
+            self.close()
+            raise EngineProtocolError(f"not an HTTP/1.1 answer: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+        return EngineResponse(self, owner)
+
+    async def receive(self) -> bytes:
+        """The body bytes parsed so far and not yet taken, reading the socket when there are
+        none; b"" once the body ended."""
+        while True:
+            if self._body:
+                body = self._body
+                self._body = []
+                return body[0] if len(body) == 1 else b"".join(body)
+            if self._complete:
+                return b""
+            stream = self._stream
+            if stream is None:
+                raise EngineProtocolError("the connection is closed")
+            try:
+                data = await stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, OSError) as exc:
+                self.close()
+                raise EngineProtocolError(f"{type(exc).__name__}: {exc}") from exc
+            if not data:
+                self.close()
+                if not self.framed:
+                    self._complete = True  # the body ends with the connection
+                    continue
+                raise EngineProtocolError("the engine closed the connection without the body's end")
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                self.close()
+                raise EngineProtocolError(
+                    f"the answer's body is not valid HTTP/1.1: {exc}"
+                ) from exc
+
+    def finished(self) -> bool:
+        """The whole answer was read and the connection can carry another request."""
+        return self._complete and not self._body and self._keep_alive
+
+
+class EngineResponse:
+    """An engine's answer: ``status``, ``headers`` (lower-cased names), and its body through
+    `receive` or `read`. `aclose` gives the connection back when the body was read to its end,
+    else closes it (which is how the engine learns that the client went: it aborts the
+    request)."""
+
+    __slots__ = ("_connection", "_owner", "status")
+
+    def __init__(self, connection: _Connection, owner: EngineConnections) -> None:
+        self._connection: _Connection | None = connection
+        self._owner = owner
+        self.status = connection.status
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        connection = self._connection
+        return connection.headers if connection is not None else []
+
+    async def receive(self) -> bytes:
+        """The next piece of the body (every byte already arrived, or waits for some); b"" at
+        its end.
+
+        Raises:
+            EngineProtocolError: the connection broke or closed before the body's end.
+        """
+        connection = self._connection
+        if connection is None:
+            await trio.lowlevel.checkpoint()
+            return b""
+        return await connection.receive()
+
+    async def read(self) -> bytes:
+        """The rest of the body, waiting for its end.
+
+        Raises:
+            EngineProtocolError: as `receive`.
+        """
+        parts = []
+        while data := await self.receive():
+            parts.append(data)
+        return b"".join(parts)
+
+    @property
+    def complete(self) -> bool:
+        connection = self._connection
+        return connection is None or connection._complete
+
+    def close(self) -> None:
+        """Give the connection back if the body was read to its end, else close it. No I/O."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if connection._stream is not None and connection.finished():
+            self._owner._release(connection)
+        else:
+            connection.close()
