@@ -1,14 +1,18 @@
 """`serve_ext_proc`: the picker served over gRPC (grpcio's server in a thread of its own) from
 a trio run, driven by grpcio's client in lockstep as Envoy drives it: streams answered and
 their bookings freed however they end (the half-close, the client dropping the stream, the
-server stopping), gRPC health on both ports, one server thread however many streams are
-open, none left after the server stops.
+server stopping, a message that is not a ProcessingRequest), gRPC health on both ports, one
+server thread however many streams are open, none left after the server stops (or one left
+behind, with a warning, when grpcio's shutdown is stuck), a server thread that dies raised.
 
-Real sockets and threads: the trio clock is the real one; waits are conditions with a
-deadline."""
+Real sockets and threads: the trio clock is the real one; waits are events with a deadline."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import functools
+import logging
 import queue
 import socket
 import threading
@@ -21,7 +25,7 @@ import grpc
 import pytest
 import trio
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
-from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
+from grpc.aio._server import Server as AioServer  # grpc.aio.Server is its abstract base
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpc_health.v1.health_pb2_grpc import HealthStub
 from test_gateway_ext_proc import (
@@ -34,10 +38,37 @@ from test_gateway_ext_proc import (
     set_headers,
 )
 
-from interlock.gateway import serve_ext_proc
+from interlock.gateway import EXT_PROC_SERVICE, _server, serve_ext_proc
 
 TIMEOUT = 30.0
 SERVER_THREAD = "interlock-ext-proc"
+
+
+class Bookings(set[str]):
+    """The picker's ``booked`` ids, with an event set at each change: the picker's tasks change
+    them in this trio run, so a test waits for a booking to be freed without polling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = trio.Event()
+
+    def add(self, request_id: str) -> None:
+        super().add(request_id)
+        self._changed()
+
+    def discard(self, request_id: str) -> None:
+        super().discard(request_id)
+        self._changed()
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def until_free(self) -> None:
+        """Wait until nothing is booked (a deadline: the server's thread works meanwhile)."""
+        with trio.fail_after(TIMEOUT):
+            while self:
+                await self.changed.wait()
 
 
 @attrs.define
@@ -49,11 +80,18 @@ class Served:
     scope: trio.CancelScope
     stopped: trio.Event
 
+    @property
+    def booked(self) -> Bookings:
+        booked = self.picking.picker.booked
+        assert isinstance(booked, Bookings)
+        return booked
+
 
 @asynccontextmanager
 async def serving() -> AsyncIterator[Served]:
     """A picker over in-process mock workers, served on free ports until the block ends."""
     async with picking() as p, trio.open_nursery() as nursery:
+        p.picker.booked = Bookings()
         scope = trio.CancelScope()
         stopped = trio.Event()
 
@@ -70,23 +108,30 @@ async def serving() -> AsyncIterator[Served]:
         scope.cancel()
 
 
+def _serialize(message: ProcessingRequest | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 class Lockstep:
     """One ext_proc stream from grpcio's client: `send` a message, `receive` an answer (both
     blocking: call them in a worker thread)."""
 
     def __init__(self, address: str) -> None:
         self.channel = grpc.insecure_channel(address)
-        self.outgoing: queue.Queue[ProcessingRequest | None] = queue.Queue()
-        self.call: Any = ExternalProcessorStub(self.channel).Process(
-            self._requests(), timeout=TIMEOUT
+        self.outgoing: queue.Queue[ProcessingRequest | bytes | None] = queue.Queue()
+        process = self.channel.stream_stream(
+            f"/{EXT_PROC_SERVICE}/Process",
+            request_serializer=_serialize,
+            response_deserializer=ProcessingResponse.FromString,
         )
+        self.call: Any = process(self._requests(), timeout=TIMEOUT)
 
-    def _requests(self) -> Iterator[ProcessingRequest]:
+    def _requests(self) -> Iterator[ProcessingRequest | bytes]:
         while (message := self.outgoing.get()) is not None:
             yield message
 
-    def send(self, message: ProcessingRequest | None) -> None:
-        """Send ``message`` (None: half-close)."""
+    def send(self, message: ProcessingRequest | bytes | None) -> None:
+        """Send ``message`` (bytes: as they are, whatever they hold; None: half-close)."""
         self.outgoing.put(message)
 
     def receive(self) -> ProcessingResponse:
@@ -120,14 +165,6 @@ async def picked(stream: Lockstep) -> str:
     return destination
 
 
-async def until(condition: Any, what: str) -> None:
-    """Wait until ``condition()`` (a real-time deadline: the server's thread works meanwhile)."""
-    with trio.fail_after(TIMEOUT):
-        while not condition():  # noqa: ASYNC110 (state changed by the server's thread)
-            await trio.sleep(0.01)
-    assert condition(), what
-
-
 def server_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == SERVER_THREAD]
 
@@ -158,7 +195,7 @@ async def test_a_stream_the_client_drops_frees_its_booking() -> None:
             await picked(stream)
             assert s.picking.picker.booked
             stream.call.cancel()
-            await until(lambda: not s.picking.picker.booked, "the dropped stream's booking")
+            await s.booked.until_free()
             assert await s.picking.pipeline.load() == {}
         finally:
             stream.close()
@@ -184,10 +221,8 @@ async def test_stopping_the_server_ends_open_streams_frees_them_and_leaves_no_th
             for stream in streams:
                 with pytest.raises(grpc.RpcError) as failed:
                     await in_thread(stream.rest)
-                assert failed.value.code() in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.CANCELLED,
-                ), failed.value
+                # Answered before the server stopped (not merely cancelled by its stop).
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
     finally:
         for stream in streams:
             stream.close()
@@ -274,3 +309,125 @@ async def test_a_body_in_many_more_chunks_than_the_queues_hold_comes_back_whole(
             assert not s.picking.picker.booked
         finally:
             stream.close()
+
+
+#: Not a ProcessingRequest: a field number 0 (a corrupt wire format).
+GARBAGE = b"\xff\xff\xff\xff garbage"
+
+
+async def test_a_message_that_is_not_a_processing_request_ends_the_stream_and_its_booking() -> None:
+    # Anyone reaching the port can send it: the stream must not hang on, holding the load
+    # booked for its request, until the client's deadline.
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            await picked(stream)
+            assert len(s.booked) == 1
+            stream.send(GARBAGE)
+            with pytest.raises(grpc.RpcError) as failed:
+                await in_thread(stream.rest)
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value
+            assert "not a valid ProcessingRequest" in failed.value.details()
+            await s.booked.until_free()
+            assert await s.picking.pipeline.load() == {}
+        finally:
+            stream.close()
+
+
+async def test_a_first_message_that_is_not_a_processing_request_is_invalid_argument() -> None:
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            stream.send(GARBAGE)
+            with pytest.raises(grpc.RpcError) as failed:
+                await in_thread(stream.rest)
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value
+            assert not s.booked
+        finally:
+            stream.close()
+
+
+def leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        (error,) = error.exceptions
+    return error
+
+
+async def test_an_unassigned_address_is_an_oserror_with_its_own_errno() -> None:
+    async with picking() as p:
+        with pytest.raises(BaseException) as failed:  # noqa: PT011 (a group or the error)
+            async with trio.open_nursery() as nursery:
+                # TEST-NET-1 (RFC 5737): no interface of this machine has it.
+                await nursery.start(serve_ext_proc, p.picker, "192.0.2.1", 0)
+        error = leaf(failed.value)
+        assert isinstance(error, OSError), error
+        assert error.errno == errno.EADDRNOTAVAIL, error
+        assert error.filename == "192.0.2.1:0"
+        assert "192.0.2.1:0" in str(error)
+        assert not server_threads()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_an_ipv6_host_is_reported_in_brackets_and_answers_there() -> None:
+    async with picking() as p, trio.open_nursery() as nursery:
+        ext_proc, health = await nursery.start(
+            functools.partial(serve_ext_proc, p.picker, "::1", 0, health_port=0)
+        )
+        for address in (ext_proc, health):
+            assert address.startswith("[::1]:"), address
+            assert (await in_thread(check, address, "liveness")).status == (
+                HealthCheckResponse.SERVING
+            )
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_server_thread_that_dies_is_raised_and_not_slept_through() -> None:
+    with pytest.raises(BaseException) as failed:  # noqa: PT011 (a group or the error)
+        async with serving() as s:
+            (thread,) = server_threads()
+            # Stop the server's asyncio loop under it, as a crash of the thread would.
+            loop: asyncio.AbstractEventLoop = thread._target.__self__.loop  # type: ignore[attr-defined]
+            loop.call_soon_threadsafe(loop.stop)
+            with trio.fail_after(TIMEOUT):
+                await s.stopped.wait()  # set only if serve_ext_proc returned
+    error = leaf(failed.value)
+    assert isinstance(error, RuntimeError), error
+    assert "Event loop stopped" in str(error)
+    assert not server_threads()
+
+
+async def test_a_stuck_grpc_shutdown_is_left_behind_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = threading.Event()
+    stop = AioServer.stop
+
+    async def stuck_stop(self: grpc.aio.Server, grace: float | None) -> None:
+        # grpcio's shutdown hangs (until the test releases it, not to leak the thread).
+        await asyncio.to_thread(release.wait)
+        await stop(self, grace)
+
+    monkeypatch.setattr(AioServer, "stop", stuck_stop)
+    monkeypatch.setattr(_server, "_JOIN_TIMEOUT", 0.1)
+    caplog.set_level(logging.WARNING, "interlock.gateway")
+    try:
+        async with serving() as s:
+            s.scope.cancel()
+            with trio.fail_after(TIMEOUT):
+                await s.stopped.wait()
+            assert len(server_threads()) == 1
+            assert any("left behind" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        release.set()
+        for thread in server_threads():
+            await in_thread(thread.join, TIMEOUT)
+    assert not server_threads()

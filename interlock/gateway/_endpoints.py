@@ -18,7 +18,7 @@ import httpx
 
 from ..engines import Engine
 
-__all__ = ["endpoint_of", "http_endpoints", "match_endpoints"]
+__all__ = ["endpoint_of", "host_port", "http_endpoints", "match_endpoints"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -47,6 +47,11 @@ def url_endpoint(url: str) -> str | None:
     if not host:
         return None
     port = parsed.port if parsed.port is not None else _DEFAULT_PORTS.get(parsed.scheme, 80)
+    return host_port(host, port)
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 ``host`` in brackets (``[::1]:8000``). Pure."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

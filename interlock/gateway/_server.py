@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any, Final
@@ -34,8 +35,10 @@ import grpc
 import grpc.aio
 import trio
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
+from google.protobuf.message import DecodeError
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
+from ._endpoints import host_port
 from ._picker import ExtProcPicker
 
 __all__ = ["EXT_PROC_SERVICE", "serve_ext_proc"]
@@ -63,6 +66,27 @@ _WINDOW: Final = 16
 _END: Final = object()
 #: The picker's task ended without its end (cancelled: the server stops).
 _GONE: Final = object()
+#: How long a stopping server waits for its open streams to be answered (UNAVAILABLE, their
+#: tasks cancelled and bookings freed) before it stops grpcio's servers, which cancel the rest.
+_ANSWER_TIMEOUT: Final = 3.0
+#: How long `serve_ext_proc` waits for the server's thread to end once asked to stop: past
+#: it, a thread stuck in grpcio's shutdown is left behind (a daemon), so the process can exit.
+_JOIN_TIMEOUT: Final = _ANSWER_TIMEOUT + 3.0
+
+
+class _Unreadable(Exception):
+    """A message of the stream could not be read (``__cause__``: why); the stream ends with
+    `code`: INVALID_ARGUMENT for a message that is not a ProcessingRequest, else INTERNAL."""
+
+    def __init__(self, cause: Exception) -> None:
+        if isinstance(cause, DecodeError):
+            self.code = grpc.StatusCode.INVALID_ARGUMENT
+            what = "a message of the stream is not a valid ProcessingRequest"
+        else:
+            self.code = grpc.StatusCode.INTERNAL
+            what = "a message of the stream could not be read"
+        super().__init__(f"{what}: {cause}")
+        self.__cause__ = cause
 
 
 class _TrioWaiter:
@@ -202,6 +226,9 @@ class _Stream:
         if item is _END:
             self._pending.appendleft(_END)
             raise StopAsyncIteration
+        if isinstance(item, _Unreadable):
+            self._pending.appendleft(item)
+            raise item
         return item
 
     async def answer(self, picker: ExtProcPicker) -> None:
@@ -215,6 +242,9 @@ class _Stream:
                         if queue.put(answer):
                             await queue.producer.wait()
                     end = _END
+        except _Unreadable as exc:
+            _logger.warning("an ext_proc stream ended: %s", exc)
+            end = exc
         except Exception as exc:
             _logger.exception("the ext_proc stream failed")
             end = exc
@@ -235,58 +265,86 @@ class _Server:
         self,
         picker: ExtProcPicker,
         nursery: trio.Nursery,
-        binds: list[tuple[str, bool]],
+        binds: list[tuple[str, int, bool]],
     ) -> None:
         self.picker = picker
         self.nursery = nursery
         self.token = trio.lowlevel.current_trio_token()
         self.loop = asyncio.new_event_loop()
+        #: (host, port, whether ext_proc is served there besides the health check).
         self.binds = binds
         #: Set (in the trio thread) once the ports are bound or binding failed.
         self.started = trio.Event()
+        #: Set (in the trio thread) once the thread's loop has ended, however.
+        self.ended = trio.Event()
         self.addresses: list[str] = []
+        #: What ended the thread's loop other than `stop` (a port not bound, a failure).
         self.error: BaseException | None = None
         self._stop = asyncio.Event()
+        self._servers: list[grpc.aio.Server] = []
+        #: The ext_proc calls open now (their handlers' tasks) -> their streams.
+        self._calls: dict[asyncio.Task[Any], _Stream] = {}
+        #: Set once the server stops: no stream's task starts any more.
+        self._stopping = False
 
     # -- the thread ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        """The thread: the loop, until `stop`."""
+        """The thread: the loop, until `stop` (or a failure: `error`)."""
+        main = self.loop.create_task(self._main())
         try:
-            self.loop.run_until_complete(self._main())
+            self.loop.run_until_complete(main)
         except BaseException as exc:  # reported to the trio side, which raises it
-            self.error = self.error or exc
+            self.error = exc
+            # The loop stopped early (or a handler raised a BaseException): `_main`'s
+            # cleanup still stops grpcio's servers, closing their ports.
+            main.cancel()
+            with contextlib.suppress(BaseException):
+                self.loop.run_until_complete(main)
         finally:
             self.loop.close()
-            self._report_started()
+            self._report(self.started)
+            self._report(self.ended)
 
     async def _main(self) -> None:
-        servers: list[grpc.aio.Server] = []
         try:
-            for address, process in self.binds:
+            for host, port, process in self.binds:
                 server = grpc.aio.server(options=_SERVER_OPTIONS)
-                servers.append(server)
+                self._servers.append(server)
                 server.add_generic_rpc_handlers((self._handlers(process=process),))
+                address = host_port(host, port)
                 try:
-                    port = server.add_insecure_port(address)
+                    bound = server.add_insecure_port(address)
                 except RuntimeError as exc:
-                    raise OSError(
-                        errno.EADDRINUSE, f"cannot listen on {address}: {exc}", address
-                    ) from None
-                self.addresses.append(f"{address.rpartition(':')[0].strip('[]')}:{port}")
-            for server in servers:
+                    # grpcio says only "Failed to bind": the errno is the reason a bind gives.
+                    code = _bind_errno(host, port)
+                    reason = os.strerror(code) if code is not None else str(exc)
+                    raise OSError(code, f"cannot listen on {address}: {reason}", address) from None
+                self.addresses.append(host_port(host, bound))
+            for server in self._servers:
                 await server.start()
-        except BaseException as exc:
-            self.error = exc
-        self._report_started()
-        if self.error is None:
+            self._report(self.started)
             await self._stop.wait()
-        # No grace: the trio side has cancelled the streams' tasks already.
-        await asyncio.gather(*(server.stop(None) for server in servers))
+            await self._answer_calls()
+        finally:
+            # No grace: the streams were answered above (or given up on after a while).
+            await asyncio.gather(*(server.stop(None) for server in self._servers))
 
-    def _report_started(self) -> None:
+    async def _answer_calls(self) -> None:
+        """Let the open streams end before the servers stop (the loop's thread): the trio
+        side has cancelled their tasks, each answered UNAVAILABLE as it ends; a stream whose
+        task has not started is answered so now. Waits `_ANSWER_TIMEOUT` at most."""
+        self._stopping = True
+        for stream in self._calls.values():
+            if not stream.spawned:
+                stream.responses.put(_GONE)
+        if self._calls:
+            await asyncio.wait(list(self._calls), timeout=_ANSWER_TIMEOUT)
+
+    def _report(self, event: trio.Event) -> None:
+        """Set ``event`` in the trio thread (unless the trio run is over)."""
         try:
-            self.token.run_sync_soon(self.started.set)
+            self.token.run_sync_soon(event.set)
         except trio.RunFinishedError:
             pass
 
@@ -322,6 +380,9 @@ class _Server:
 
     async def _process(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         stream = _Stream(self.token, self.loop)
+        call = asyncio.current_task()
+        assert call is not None
+        self._calls[call] = stream
         reader = asyncio.ensure_future(self._read(context, stream))
         try:
             queue = stream.responses
@@ -337,12 +398,15 @@ class _Server:
                         await context.abort(
                             grpc.StatusCode.UNAVAILABLE, "the endpoint picker is stopping"
                         )
+                    if isinstance(item, _Unreadable):
+                        await context.abort(item.code, str(item))
                     if isinstance(item, BaseException):
                         await context.abort(
                             grpc.StatusCode.INTERNAL, f"the endpoint picker failed: {item!r}"
                         )
                     await context.write(item)
         finally:
+            del self._calls[call]
             reader.cancel()
             if stream.spawned and not stream.finished:
                 # The call ended first (the gateway dropped the stream, or a write failed):
@@ -353,11 +417,22 @@ class _Server:
                     pass
 
     async def _read(self, context: grpc.aio.ServicerContext, stream: _Stream) -> None:
-        """Hand the stream's messages to its trio task, then `_END`. The task starts with the
-        first message (one wake-up of the trio thread for both)."""
+        """Hand the stream's messages to its trio task, then `_END` (or `_Unreadable`: the
+        picker's iteration raises it). The task starts with the first message (one wake-up of
+        the trio thread for both)."""
         queue = stream.requests
         while True:
-            message = await context.read()
+            try:
+                message = await context.read()
+            except Exception as exc:
+                # Not a ProcessingRequest (or a broken call): the task's iteration raises it,
+                # ending the task (its booking freed), which ends the call with its status.
+                error = _Unreadable(exc)
+                if stream.spawned:
+                    queue.put(error)
+                else:
+                    stream.responses.put(error)
+                return
             if message is grpc.aio.EOF:
                 if stream.spawned:
                     queue.put(_END)
@@ -366,6 +441,9 @@ class _Server:
                 return
             full = queue.put(message)
             if not stream.spawned:
+                if self._stopping:
+                    stream.responses.put(_GONE)  # no new stream's task once the server stops
+                    return
                 stream.spawned = True
                 try:
                     self.token.run_sync_soon(self._spawn, stream)
@@ -436,34 +514,65 @@ async def serve_ext_proc(
 ) -> None:
     """Serve ``picker`` (``.../ExternalProcessor/Process`` and the gRPC health check) on
     ``host:port`` over h2c, and the health check alone on ``host:health_port`` if given, until
-    cancelled. Use with ``nursery.start``: it reports where each listens (``host:port``;
-    port 0: a free one). Runs grpcio's server in a thread of its own, which ends (its streams
-    cancelled, their bookings freed) before this returns.
+    cancelled. Use with ``nursery.start``: it reports where each listens (``host:port``,
+    ``[v6]:port``; port 0: a free one). Runs grpcio's server in a thread of its own. When
+    cancelled, the open streams' tasks are cancelled (their bookings freed) and the streams
+    answered UNAVAILABLE (for `_ANSWER_TIMEOUT` at most), then the servers stop and the thread
+    ends; a thread that has not ended `_JOIN_TIMEOUT` after is left behind (a daemon) with a
+    warning.
 
     Raises:
-        OSError: an address cannot be bound (``filename`` is that address).
+        OSError: an address cannot be bound (``filename`` is that address; ``errno`` why, or
+            None if not known).
+        BaseException: whatever ended the server's thread early (raised when it ends).
     """
-    binds = [(_address(host, port), True)]
+    binds = [(host, port, True)]
     if health_port is not None:
-        binds.append((_address(host, health_port), False))
+        binds.append((host, health_port, False))
     async with trio.open_nursery() as nursery:
         server = _Server(picker, nursery, binds)
         thread = threading.Thread(target=server.run, name="interlock-ext-proc", daemon=True)
         thread.start()
         try:
             await server.started.wait()
-            if server.error is not None:
-                raise server.error
-            found = server.addresses
-            task_status.started((found[0], found[1] if len(found) > 1 else None))
-            await trio.sleep_forever()
+            if server.error is None:
+                found = server.addresses
+                task_status.started((found[0], found[1] if len(found) > 1 else None))
+                # Until cancelled: the thread ends first only if it failed (`server.error`).
+                await server.ended.wait()
         finally:
-            # The streams' tasks end first (each frees its booking), then the gRPC calls.
+            # The streams' tasks end first (each frees its booking); the thread answers their
+            # calls, then stops the servers.
             nursery.cancel_scope.cancel()
             server.stop()
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(thread.join)
+                await trio.to_thread.run_sync(thread.join, _JOIN_TIMEOUT)
+            if thread.is_alive():
+                _logger.warning(
+                    "the ext_proc server's thread (%s) has not ended %s s after being asked to "
+                    "stop (grpcio's shutdown is stuck): it is left behind, so the process can exit",
+                    thread.name,
+                    _JOIN_TIMEOUT,
+                )
+            elif server.error is not None:
+                raise server.error
+        raise RuntimeError("the ext_proc server's thread ended by itself")
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _bind_errno(host: str, port: int) -> int | None:
+    """Why ``host:port`` cannot be bound, as an errno: a bind of each of its addresses (as
+    grpcio's listeners bind); None when that is not known (the name does not resolve, or the
+    binds work now)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:  # gaierror: its codes are not errnos
+        return None
+    for family, kind, proto, _, address in found:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                # grpcio sets it too: a port left in TIME_WAIT binds.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            return exc.errno
+    return None
