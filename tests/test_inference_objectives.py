@@ -250,7 +250,9 @@ async def test_serve_honours_the_objective_header_and_keeps_positive_ones_for_tr
 ) -> None:
     config = tmp_path / "interlock.toml"
     config.write_text("[objectives]\ncritical = 5\nbatch = -1\n")
-    flags = ["--workers", "1", "--speedup", "1", "--max-inflight-per-worker", "1"]
+    # A tenth of real speed: the holder's 4000 tokens take minutes, far past the test's
+    # timeout, so it holds the only slot until the test releases it (hangs up).
+    flags = ["--workers", "1", "--speedup", "0.1", "--max-inflight-per-worker", "1"]
     flags += ["--max-queued-requests", "4", "--config", str(config)]
     flags += ["--api-key", "user-key", "--trusted-api-key", "ops-key"]
     async with serving(*flags) as url:
@@ -287,18 +289,28 @@ async def test_serve_honours_the_objective_header_and_keeps_positive_ones_for_tr
             async def one(name: str, objective: str | None) -> None:
                 headers = {} if objective is None else {"x-gateway-inference-objective": objective}
                 async with http.stream(
-                    "POST", "/v1/completions", json=_body(len(finished)), headers=headers
+                    "POST", "/v1/completions", json=_body(len(finished), 5), headers=headers
                 ) as answer:
                     assert answer.status_code == 200, await answer.aread()
                     async for line in answer.aiter_lines():
-                        if line.startswith("data: {"):
-                            first_token.set()
                         if line == "data: [DONE]":
                             finished.append(name)
 
+            async def hold(scope: trio.CancelScope) -> None:
+                with scope:
+                    async with http.stream(
+                        "POST", "/v1/completions", json=_body(0, 4000)
+                    ) as answer:
+                        assert answer.status_code == 200, await answer.aread()
+                        async for line in answer.aiter_lines():
+                            if line.startswith("data: {"):
+                                first_token.set()
+                    raise AssertionError("the holder ended before the test released it")
+
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(one, "holder", None)
-                await first_token.wait()  # it holds the only slot
+                holder = trio.CancelScope()
+                nursery.start_soon(hold, holder)
+                await first_token.wait()  # it holds the only slot until released
                 nursery.start_soon(one, "plain", None)
                 await _wait_queued(http, 1)
                 nursery.start_soon(one, "critical", "critical")
@@ -316,8 +328,9 @@ async def test_serve_honours_the_objective_header_and_keeps_positive_ones_for_tr
                     assert shed.value.code == "overloaded"
                 finally:
                     await client.close()
+                holder.cancel()  # the holder hangs up: its slot frees
             # The critical request, younger than the plain one, got the slot first.
-            assert finished == ["holder", "critical", "plain"]
+            assert finished == ["critical", "plain"]
 
 
 async def _wait_queued(http: httpx.AsyncClient, count: int) -> None:
