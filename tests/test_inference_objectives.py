@@ -333,6 +333,55 @@ async def test_serve_honours_the_objective_header_and_keeps_positive_ones_for_tr
             assert finished == ["critical", "plain"]
 
 
+async def test_an_ordinary_keys_requests_are_one_flow_whatever_fairness_id_they_send(
+    tmp_path: Path,
+) -> None:
+    # Tenant a sends a fresh fairness id with each request, hoping for a flow (a turn) each;
+    # tenant b sends one request, naming a's first flow. Both keys are ordinary: each key is
+    # one flow, so b's request goes right after a's first, not behind all of a's.
+    flags = ["--workers", "1", "--speedup", "0.1", "--max-inflight-per-worker", "1"]
+    flags += ["--api-key", "tenant-a", "--api-key", "tenant-b", "--trusted-api-key", "ops-key"]
+    async with serving(*flags) as url:
+        trusted = {"authorization": "Bearer ops-key"}
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, headers=trusted) as http:
+            finished: list[str] = []
+            first_token = trio.Event()
+
+            async def one(name: str, key: str, flow: str) -> None:
+                headers = {"authorization": f"Bearer {key}"}
+                headers["x-gateway-inference-fairness-id"] = flow
+                async with http.stream(
+                    "POST", "/v1/completions", json=_body(0, 5), headers=headers
+                ) as answer:
+                    assert answer.status_code == 200, await answer.aread()
+                    async for line in answer.aiter_lines():
+                        if line == "data: [DONE]":
+                            finished.append(name)
+
+            async def hold(scope: trio.CancelScope) -> None:
+                with scope:
+                    async with http.stream(
+                        "POST", "/v1/completions", json=_body(0, 4000)
+                    ) as answer:
+                        assert answer.status_code == 200, await answer.aread()
+                        async for line in answer.aiter_lines():
+                            if line.startswith("data: {"):
+                                first_token.set()
+                    raise AssertionError("the holder ended before the test released it")
+
+            async with trio.open_nursery() as nursery:
+                holder = trio.CancelScope()
+                nursery.start_soon(hold, holder)
+                await first_token.wait()  # it holds the only slot until released
+                for index in range(3):
+                    nursery.start_soon(one, f"a{index}", "tenant-a", f"fresh-{index}")
+                    await _wait_queued(http, index + 1)
+                nursery.start_soon(one, "b", "tenant-b", "fresh-0")
+                await _wait_queued(http, 4)
+                holder.cancel()  # the holder hangs up: its slot frees
+            assert finished == ["a0", "b", "a1", "a2"]
+
+
 async def _wait_queued(http: httpx.AsyncClient, count: int) -> None:
     """Poll the server's /health until ``count`` requests wait in its queue."""
     with trio.fail_after(TIMEOUT):
