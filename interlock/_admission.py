@@ -9,17 +9,16 @@ priority is sheddable: it never waits. Within a priority, the flows (GAIE's
 oldest first within a flow: one flow's burst cannot starve another. The queue is bounded:
 past its limit, `Overloaded` (HTTP 429 with Retry-After) answers at once.
 
-The turns are start-time fair queueing (Goyal et al., 1996) with a cost of one per request.
-Each waiter gets a round, ``max(the priority's current round, its flow's previous round +
-1)``, and waiters go by ``(-priority, round, arrival)``; the current round is the round of
-the last waiter that left from the head. So while a request waits behind k of its own flow,
-any other flow is served at most k + 2 times before it (k + 1 rounds, plus what it was owed
-of the round under way), however many that flow queued (tests/test_admission_fairness.py).
-A flow's previous round is remembered while it is ahead of the current round, so a flow
-that empties and rejoins at once does not get a turn it already had. A waiter that leaves
-without being served (cancelled) keeps its round from its flow's later waiters while the flow
-still has some waiting; once the flow has none, it is back to the round after its last one
-served.
+Each priority keeps one FIFO per flow, and its flows in a ring: the next to go is the oldest
+waiter of the flow at the front of the ring. When a waiter is served, its flow goes to the
+back of the ring; a flow whose FIFO empties leaves the ring and is forgotten, and one that
+comes back joins at the back. So a waiter that gives up (cancelled) only leaves its FIFO: its
+flow's turn is not used, and the flow's next waiter takes it. While a request waits, its flow
+is served once (the request itself last) for each request of its flow served before it, and
+between two turns of its flow every other flow of its priority is served at most once: with
+k requests of its own flow served before it (at most those ahead of it when it joined), no
+other flow is served more than k + 1 times before it, however many that flow queued
+(tests/test_admission_fairness.py).
 
 A waiter is woken when a request ends (a slot may be free), and asks the Router again; it
 also asks every `RECHECK` seconds, since a worker that joins, or an engine that reports its own
@@ -28,8 +27,7 @@ queue (an OpenAI-compatible server's /metrics), makes room without any request o
 
 from __future__ import annotations
 
-import bisect
-import itertools
+from collections import OrderedDict, deque
 
 import trio
 
@@ -43,15 +41,16 @@ DEFAULT_FLOW = "default-flow"
 
 
 class _Ticket:
-    __slots__ = ("event", "flow", "key")
+    __slots__ = ("event", "flow", "priority")
 
-    def __init__(self, key: tuple[int, int, int], flow: str) -> None:
-        self.key = key
+    def __init__(self, priority: int, flow: str) -> None:
+        self.priority = priority
         self.flow = flow
         self.event = trio.Event()
 
-    def __lt__(self, other: _Ticket) -> bool:
-        return self.key < other.key
+
+#: One priority's waiters: each flow's FIFO, the flows in the order of their turns.
+_Ring = OrderedDict[str, deque[_Ticket]]
 
 
 class AdmissionQueue:
@@ -59,24 +58,21 @@ class AdmissionQueue:
     method runs in its trio run."""
 
     def __init__(self) -> None:
-        self._waiting: list[_Ticket] = []
-        self._order = itertools.count()
-        #: Per priority: its current round, and its waiters' flows -> [the round after the
-        #: flow's last waiter, how many of it wait, the round after its last one served]. A
-        #: priority without waiters is dropped (rounds are relative), and so is a flow
-        #: without waiters once the current round caught up with it.
-        self._levels: dict[int, _Level] = {}
+        #: Per priority with waiters: its ring of flows. A priority or a flow without waiters
+        #: is dropped, so what is kept is bounded by the waiters.
+        self._levels: dict[int, _Ring] = {}
+        self._count = 0
         #: Requests turned away since the pipeline opened (queue full, or sheddable).
         self.shed = 0
         #: The most requests that waited at once.
         self.high_water = 0
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return self._count
 
     def join(self, priority: int, limit: int, flow: str = DEFAULT_FLOW) -> _Ticket:
-        """A place in the queue for a request of ``priority`` in ``flow`` (its fairness id);
-        `leave` it when done.
+        """A place in the queue for a request of ``priority`` in ``flow`` (its fairness id),
+        behind the waiters of its flow; `leave` it when done.
 
         Raises:
             Overloaded: ``limit`` requests wait already, or ``priority`` is negative.
@@ -87,58 +83,57 @@ class AdmissionQueue:
                 f"every worker is at its in-flight limit and this request is sheddable "
                 f"(priority {priority} < 0); retry later"
             )
-        if len(self._waiting) >= limit:
+        if self._count >= limit:
             self.shed += 1
             raise Overloaded(
-                f"every worker is at its in-flight limit and {len(self._waiting)} requests "
+                f"every worker is at its in-flight limit and {self._count} requests "
                 f"wait already (max_queued_requests={limit}); retry later"
             )
-        level = self._levels.get(priority)
-        if level is None:
-            level = self._levels[priority] = _Level()
-        level.waiting += 1
-        mine = level.flows.get(flow)
-        if mine is None:
-            mine = level.flows[flow] = [level.round, 0, level.round]
-        start = max(level.round, mine[0])
-        mine[0] = start + 1
-        mine[1] += 1
-        ticket = _Ticket((-priority, start, next(self._order)), flow)
-        bisect.insort(self._waiting, ticket)
-        self.high_water = max(self.high_water, len(self._waiting))
+        ring = self._levels.get(priority)
+        if ring is None:
+            ring = self._levels[priority] = OrderedDict()
+        fifo = ring.get(flow)
+        if fifo is None:
+            fifo = ring[flow] = deque()  # a new flow's turn comes after every waiting flow's
+        ticket = _Ticket(priority, flow)
+        fifo.append(ticket)
+        self._count += 1
+        self.high_water = max(self.high_water, self._count)
         return ticket
 
-    def leave(self, ticket: _Ticket) -> None:
-        """Take ``ticket`` out (it got a slot, failed or was cancelled). The caller then
-        `wake`s the next in line: a slot this one did not use may be free."""
-        index = bisect.bisect_left(self._waiting, ticket)
-        if index >= len(self._waiting) or self._waiting[index] is not ticket:
+    def leave(self, ticket: _Ticket, *, served: bool = False) -> None:
+        """Take ``ticket`` out: it got a slot (``served``: its flow's turn is used, and the
+        flow goes to the back of the ring), or failed or was cancelled (its flow keeps its
+        place, for its next waiter). The caller then `wake`s the next in line: a slot this
+        one did not use may be free. A ticket already out is ignored."""
+        ring = self._levels.get(ticket.priority)
+        fifo = ring.get(ticket.flow) if ring is not None else None
+        if ring is None or fifo is None:
             return
-        del self._waiting[index]
-        priority, start = -ticket.key[0], ticket.key[1]
-        level = self._levels[priority]
-        level.waiting -= 1
-        if not level.waiting:
-            del self._levels[priority]
-            return
-        mine = level.flows[ticket.flow]
-        mine[1] -= 1
-        if index == 0:
-            mine[2] = start + 1
-        if not mine[1]:
-            # Rounds its cancelled waiters held are not held against its next request.
-            mine[0] = mine[2]
-        if index == 0 and start > level.round:
-            # The queue reached this round: newcomers of idle flows join it, and the flows
-            # with no waiters that it caught up with are forgotten.
-            level.round = start
-            for name, (after, waiting, _) in list(level.flows.items()):
-                if not waiting and after <= start:
-                    del level.flows[name]
+        if fifo and fifo[0] is ticket:
+            fifo.popleft()
+        else:
+            try:
+                fifo.remove(ticket)  # gave up while others of its flow were ahead
+            except ValueError:
+                return
+        self._count -= 1
+        if not fifo:
+            del ring[ticket.flow]
+            if not ring:
+                del self._levels[ticket.priority]
+        elif served:
+            ring.move_to_end(ticket.flow)
+
+    def _head(self) -> _Ticket | None:
+        if not self._levels:
+            return None
+        ring = self._levels[max(self._levels)]
+        return next(iter(ring.values()))[0]
 
     def is_next(self, ticket: _Ticket) -> bool:
         """Whether ``ticket`` is at the head (the only waiter allowed to take a slot)."""
-        return bool(self._waiting) and self._waiting[0] is ticket
+        return self._head() is ticket
 
     async def wait_turn(self, ticket: _Ticket) -> None:
         """Block until ``ticket`` is woken or `RECHECK` seconds passed."""
@@ -148,24 +143,14 @@ class AdmissionQueue:
 
     def wake(self) -> None:
         """A slot may have freed: wake the head waiter."""
-        if self._waiting:
-            self._waiting[0].event.set()
+        head = self._head()
+        if head is not None:
+            head.event.set()
 
     def newcomer_must_wait(self) -> bool:
         """Whether a request just arriving must queue behind others rather than take a slot
         first (it must while anyone waits: the queue's order says who goes next)."""
-        return bool(self._waiting)
-
-
-class _Level:
-    """One priority's turns: its current round and its flows."""
-
-    __slots__ = ("flows", "round", "waiting")
-
-    def __init__(self) -> None:
-        self.round = 0
-        self.waiting = 0
-        self.flows: dict[str, list[int]] = {}
+        return self._count > 0
 
 
 def default_queue_limit(slots: list[int | None]) -> int:

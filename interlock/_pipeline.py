@@ -901,16 +901,21 @@ class Pipeline:
         priority = hints.priority if hints is not None and hints.priority is not None else 0
         flow = hints.fairness_id if hints is not None and hints.fairness_id else DEFAULT_FLOW
         ticket = queue.join(priority, self._queue_limit(), flow)
+        served = False
         try:
             while True:
                 await queue.wait_turn(ticket)
                 if queue.is_next(ticket):
                     try:
-                        return await self._route(route)
+                        selection = await self._route(route)
                     except WorkersFull:
                         continue
+                    served = True
+                    return selection
         finally:
-            queue.leave(ticket)
+            # Only a served request uses its flow's turn; one that gave up leaves it to the
+            # next of its flow.
+            queue.leave(ticket, served=served)
             queue.wake()  # the next in line may find room too
 
     def _queue_limit(self) -> int:

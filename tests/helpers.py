@@ -47,3 +47,19 @@ async def wait_until(condition: Callable[[], bool], *, within: float = 10.0) -> 
     with trio.fail_after(within):
         while not condition():  # noqa: ASYNC110 (no event to wait on: polling is the point)
             await trio.sleep(0.01)
+
+
+async def stop_processes(processes: list[trio.Process]) -> None:
+    """Stop ``processes``, the last started first: SIGTERM (they drain), SIGKILL after 10
+    seconds; close their stdout pipes. Shielded, so a failing test still cleans up."""
+    with trio.CancelScope(shield=True):
+        for process in reversed(processes):
+            if process.returncode is None:
+                process.terminate()
+                with trio.move_on_after(10):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()

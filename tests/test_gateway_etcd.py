@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from helpers import stop_processes
 from test_etcd_discovery import PREFIX, Etcd, etcd  # noqa: F401 (the fixture)
 from test_gateway_process import TIMEOUT, Picker, _start, chat, proxy_one
 
@@ -27,20 +28,6 @@ from interlock.engines.remote._server import WorkerAddress
 from interlock.gateway._endpoints import endpoint_of
 
 WORKER_FLAGS = ["--zero-time", "--tokenizer", "builtin", "--log-level", "warning"]
-
-
-async def _stop(processes: list[trio.Process]) -> None:
-    with trio.CancelScope(shield=True):
-        for process in reversed(processes):
-            if process.returncode is None:
-                process.terminate()
-                with trio.move_on_after(10):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
 
 
 async def test_route_picks_the_http_surfaces_of_workers_found_in_etcd(
@@ -131,7 +118,7 @@ async def test_route_picks_the_http_surfaces_of_workers_found_in_etcd(
         log = (tmp_path / "route.log").read_text()
         assert "worker 3 has no HTTP endpoint" in log, log
     finally:
-        await _stop(processes)
+        await stop_processes(processes)
 
 
 def test_a_remote_record_with_a_url_builds_an_engine_the_picker_can_name() -> None:
@@ -145,6 +132,10 @@ def test_a_remote_record_with_a_url_builds_an_engine_the_picker_can_name() -> No
     assert isinstance(engine, RemoteEngine)
     assert (engine.host, engine.port, engine.http_url) == ("10.0.0.4", 7001, record.url)
     assert endpoint_of(engine) == "10.0.0.4:8004"
+    # Its address (in logs) is where the frontend connects: the worker protocol, not the URL.
+    assert record.address == "10.0.0.4:7001"
+    url_only = WorkerRecord(worker_id=5, kind="openai", url="http://10.0.0.5:8000")
+    assert url_only.address == "http://10.0.0.5:8000"
     without = engine_from_record(attrs.evolve(record, url=None), EngineContext())
     assert endpoint_of(without) is None
 
@@ -155,6 +146,7 @@ def test_a_remote_record_with_a_url_builds_an_engine_the_picker_can_name() -> No
         ("0.0.0.0", "10.0.0.9", "http://10.0.0.9:8001"),  # --advertise-host wins
         ("10.0.0.5", None, "http://10.0.0.5:8001"),  # else --host
         ("::1", None, "http://[::1]:8001"),
+        ("::", "[fd00::9]", "http://[fd00::9]:8001"),  # already in brackets: kept
         ("0.0.0.0", None, f"http://{socket.gethostname()}:8001"),  # a wildcard: the machine
     ],
 )
@@ -173,3 +165,33 @@ def test_the_record_names_the_http_surface_on_the_advertised_host(
     assert record.url == url
     assert record.port == 7001 and record.host in url
     assert registration.record(engine, WorkerAddress(listen, 7001)).url is None
+
+
+async def test_a_worker_on_a_wildcard_host_without_advertise_host_warns_that_envoy_needs_an_ip(
+    etcd: Etcd,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    registry = ["--etcd", etcd.url, "--etcd-prefix", PREFIX, "--etcd-ttl", "30"]
+    common = ["worker", "--host", "0.0.0.0", "--port", "0", "--openai-port", "0", *WORKER_FLAGS]
+    processes: list[trio.Process] = []
+    try:
+        for worker_id, extra in ((1, []), (2, ["--advertise-host", "127.0.0.1"])):
+            process, _ = await _start(
+                [*common, "--id", str(worker_id), *extra, *registry],
+                tmp_path / f"worker-{worker_id}.log",
+                until="openai_url",
+            )
+            processes.append(process)
+        # The warning is logged before the worker prints its line.
+        warned = (tmp_path / "worker-1.log").read_text()
+        assert "--advertise-host" in warned and "ORIGINAL_DST" in warned, warned
+        assert socket.gethostname() in warned
+        assert "ORIGINAL_DST" not in (tmp_path / "worker-2.log").read_text()
+        # Not refused: both registered.
+        async with EtcdClient(etcd.url) as client:
+            stored, _ = await client.get_prefix(f"{PREFIX}/workers/")
+        records = {r.worker_id: r for r in (WorkerRecord.from_json(kv.value) for kv in stored)}
+        assert records[1].url is not None and socket.gethostname() in records[1].url
+        assert records[2].url is not None and records[2].url.startswith("http://127.0.0.1:")
+    finally:
+        await stop_processes(processes)

@@ -32,6 +32,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpc_health.v1.health_pb2_grpc import HealthStub
+from helpers import stop_processes
 
 TIMEOUT = 30.0
 
@@ -125,17 +126,7 @@ async def picking(tmp_path: Path) -> AsyncIterator[Picker]:
         assert url is not None and found is not None, banner
         yield Picker(url.group(1), found.group(1), found.group(2), engines, process)
     finally:
-        with trio.CancelScope(shield=True):
-            for process in reversed(processes):
-                if process.returncode is None:
-                    process.terminate()
-                    with trio.move_on_after(10):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
-                if process.stdout is not None:
-                    await process.stdout.aclose()
+        await stop_processes(processes)
 
 
 class Lockstep:

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 import trio
-from helpers import frontend_parser
+from helpers import frontend_parser, stop_processes
 
 from interlock import ConfigError
 from interlock.http._cli import EngineAddress, resolve
@@ -206,17 +206,7 @@ async def serving_over_engines(tmp_path: Path, *serve_flags: str) -> AsyncIterat
         processes.append(process)
         yield line.split("listening on ")[1].split(" ")[0]
     finally:
-        with trio.CancelScope(shield=True):
-            for process in reversed(processes):
-                if process.returncode is None:
-                    process.terminate()
-                    with trio.move_on_after(10):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
-                if process.stdout is not None:
-                    await process.stdout.aclose()
+        await stop_processes(processes)
 
 
 async def test_serve_routes_on_the_engines_kv_events_end_to_end(tmp_path: Path) -> None:

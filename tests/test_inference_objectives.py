@@ -250,7 +250,9 @@ async def test_serve_honours_the_objective_header_and_keeps_positive_ones_for_tr
 ) -> None:
     config = tmp_path / "interlock.toml"
     config.write_text("[objectives]\ncritical = 5\nbatch = -1\n")
-    flags = ["--workers", "1", "--speedup", "1", "--max-inflight-per-worker", "1"]
+    # A tenth of real speed: the holder's 4000 tokens take minutes, far past the test's
+    # timeout, so it holds the only slot until the test releases it (hangs up).
+    flags = ["--workers", "1", "--speedup", "0.1", "--max-inflight-per-worker", "1"]
     flags += ["--max-queued-requests", "4", "--config", str(config)]
     flags += ["--api-key", "user-key", "--trusted-api-key", "ops-key"]
     async with serving(*flags) as url:
@@ -282,23 +284,14 @@ async def test_serve_honours_the_objective_header_and_keeps_positive_ones_for_tr
                 assert ok.status_code == 200, ok.text
 
             finished: list[str] = []
-            first_token = trio.Event()
 
             async def one(name: str, objective: str | None) -> None:
                 headers = {} if objective is None else {"x-gateway-inference-objective": objective}
-                async with http.stream(
-                    "POST", "/v1/completions", json=_body(len(finished)), headers=headers
-                ) as answer:
-                    assert answer.status_code == 200, await answer.aread()
-                    async for line in answer.aiter_lines():
-                        if line.startswith("data: {"):
-                            first_token.set()
-                        if line == "data: [DONE]":
-                            finished.append(name)
+                await _finish(http, finished, name, headers)
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(one, "holder", None)
-                await first_token.wait()  # it holds the only slot
+                holder = trio.CancelScope()
+                await nursery.start(_hold, http, holder)
                 nursery.start_soon(one, "plain", None)
                 await _wait_queued(http, 1)
                 nursery.start_soon(one, "critical", "critical")
@@ -316,8 +309,75 @@ async def test_serve_honours_the_objective_header_and_keeps_positive_ones_for_tr
                     assert shed.value.code == "overloaded"
                 finally:
                     await client.close()
+                holder.cancel()  # the holder hangs up: its slot frees
             # The critical request, younger than the plain one, got the slot first.
-            assert finished == ["holder", "critical", "plain"]
+            assert finished == ["critical", "plain"]
+
+
+async def test_an_ordinary_keys_requests_are_one_flow_whatever_fairness_id_they_send(
+    tmp_path: Path,
+) -> None:
+    # Tenant a sends a fresh fairness id with each request, hoping for a flow (a turn) each;
+    # tenant b sends one request, naming a's first flow. Both keys are ordinary: each key is
+    # one flow, so b's request goes right after a's first, not behind all of a's.
+    flags = ["--workers", "1", "--speedup", "0.1", "--max-inflight-per-worker", "1"]
+    flags += ["--api-key", "tenant-a", "--api-key", "tenant-b", "--trusted-api-key", "ops-key"]
+    async with serving(*flags) as url:
+        trusted = {"authorization": "Bearer ops-key"}
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, headers=trusted) as http:
+            finished: list[str] = []
+
+            async def one(name: str, key: str, flow: str) -> None:
+                headers = {
+                    "authorization": f"Bearer {key}",
+                    "x-gateway-inference-fairness-id": flow,
+                }
+                await _finish(http, finished, name, headers)
+
+            async with trio.open_nursery() as nursery:
+                holder = trio.CancelScope()
+                await nursery.start(_hold, http, holder)
+                for index in range(3):
+                    nursery.start_soon(one, f"a{index}", "tenant-a", f"fresh-{index}")
+                    await _wait_queued(http, index + 1)
+                nursery.start_soon(one, "b", "tenant-b", "fresh-0")
+                await _wait_queued(http, 4)
+                holder.cancel()  # the holder hangs up: its slot frees
+            assert finished == ["a0", "b", "a1", "a2"]
+
+
+async def _finish(
+    http: httpx.AsyncClient, finished: list[str], name: str, headers: dict[str, str]
+) -> None:
+    """Stream a 5-token completion with ``headers``; append ``name`` to ``finished`` at its
+    end."""
+    async with http.stream("POST", "/v1/completions", json=_body(0, 5), headers=headers) as answer:
+        assert answer.status_code == 200, await answer.aread()
+        async for line in answer.aiter_lines():
+            if line == "data: [DONE]":
+                finished.append(name)
+
+
+async def _hold(
+    http: httpx.AsyncClient,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hold the server's only slot with a streamed request until ``scope`` is cancelled (the
+    client hangs up, which frees the slot); started at its first token. Its 4000 tokens take
+    minutes at ``--speedup 0.1``, far past the test's timeout: it never ends by itself."""
+    with scope:
+        async with http.stream("POST", "/v1/completions", json=_body(0, 4000)) as answer:
+            assert answer.status_code == 200, await answer.aread()
+            lines = answer.aiter_lines()
+            async for line in lines:
+                if line.startswith("data: {"):
+                    task_status.started()
+                    break
+            async for _ in lines:
+                pass
+        raise AssertionError("the holder ended before the test released it")
 
 
 async def _wait_queued(http: httpx.AsyncClient, count: int) -> None:

@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 import trio
-from helpers import frontend_parser
+from helpers import frontend_parser, stop_processes
 from test_drain import Stream, read_stream
 from test_http_engines import _free_tcp_endpoint
 from test_http_remote_workers import Serve
@@ -128,20 +128,6 @@ async def _start(argv: list[str], log: Path, *, until: bytes = b"\n") -> tuple[t
     return process, text.decode()
 
 
-async def _stop_all(processes: list[trio.Process]) -> None:
-    with trio.CancelScope(shield=True):
-        for process in reversed(processes):
-            if process.returncode is None:
-                process.terminate()
-                with trio.move_on_after(10):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
-
-
 async def _serve(argv: list[str], log: Path, processes: list[trio.Process]) -> Serve:
     process, text = await _start(argv, log, until=b"configuration:\n")
     processes.append(process)
@@ -167,7 +153,7 @@ async def serving_over(
             argv += ["--remote-worker", f"{worker_id}=127.0.0.1:{port}"]
         yield await _serve(argv, tmp_path / "serve.log", processes)
     finally:
-        await _stop_all(processes)
+        await stop_processes(processes)
 
 
 @asynccontextmanager
@@ -187,7 +173,7 @@ async def serving_over_engines(tmp_path: Path, *serve_flags: str) -> AsyncIterat
             argv += ["--engine", f"{info['worker_id']}={info['openai_url']}"]
         yield await _serve(argv, tmp_path / "serve.log", processes)
     finally:
-        await _stop_all(processes)
+        await stop_processes(processes)
 
 
 def _pids(serve: Serve) -> list[int]:

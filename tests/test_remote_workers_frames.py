@@ -21,7 +21,9 @@ from interlock.wire import (
     EngineOutput,
     FrameParser,
     PrefillResult,
+    PreprocessedRequest,
     ProtocolError,
+    RoutingHints,
     Usage,
     WorkerJoined,
     WorkerLeft,
@@ -52,6 +54,7 @@ U32 = st.integers(0, 2**32 - 1)
 U64 = st.integers(0, 2**64 - 1)
 IDS = st.integers(0, 2**63 - 1)
 ROLE = st.sampled_from(("agg", "prefill", "decode"))
+REQUEST = PreprocessedRequest(request_id="r1", token_ids=(1, 2, 3), max_tokens=4)
 
 outputs = st.builds(
     EngineOutput,
@@ -172,6 +175,29 @@ def test_a_frame_is_a_length_prefix_and_a_tagged_msgpack_pair(message: Any) -> N
     assert TAGS[tag] is type(message)
     assert isinstance(fields, dict)
     assert decode_body(frame[4:]) == message
+
+
+def test_a_start_frame_leaves_the_admission_queues_fields_in_the_frontend() -> None:
+    # priority and fairness_id order the frontend's own queue; a worker from before them
+    # (its RoutingHints had only these fields, and decoding is strict) must decode the frame.
+    before = {
+        "backend_instance_id",
+        "prefill_worker_id",
+        "decode_worker_id",
+        "dp_rank",
+        "enable_local_updates",
+        "expected_output_tokens",
+    }
+    request = attrs.evolve(
+        REQUEST, routing=RoutingHints(dp_rank=1, priority=5, fairness_id="tenant-a")
+    )
+    frame = encode_frame(Start(stream=1, request=request))
+    _, fields = msgpack.unpackb(frame[4:])
+    assert set(fields["request"]["routing"]) <= before
+    assert fields["request"]["routing"]["dp_rank"] == 1
+    assert decode_body(frame[4:]) == Start(
+        stream=1, request=attrs.evolve(request, routing=RoutingHints(dp_rank=1))
+    )
 
 
 @given(any_message, st.integers(1, 3))

@@ -49,8 +49,12 @@ class WorkerRecord:
 
     @property
     def address(self) -> str:
-        """Where the worker is, for messages: its ``url``, else ``host:port``."""
-        return self.url if self.url is not None else f"{self.host}:{self.port}"
+        """Where the frontend reaches the worker, for messages: ``host:port`` (an
+        ``interlock worker``'s worker protocol, even when its record also has the ``url`` of
+        its HTTP surface), else its ``url``."""
+        if (self.host or self.port) or self.url is None:
+            return f"{self.host}:{self.port}"
+        return self.url
 
     def to_json(self) -> str:
         """The record as etcd stores it. ``kind`` is written only when it is not the default

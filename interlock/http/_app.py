@@ -30,7 +30,14 @@ from .._errors import ConfigError, InterlockError
 from .._pipeline import Pipeline
 from .._tracing import TTFT_ATTRIBUTE, describe_request
 from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
-from ._auth import OPEN_PATHS, TRUSTED, UNAUTHORIZED_HEADERS, ApiKeys, check_privileges
+from ._auth import (
+    OPEN_PATHS,
+    TRUSTED,
+    UNAUTHORIZED_HEADERS,
+    ApiKeys,
+    caller_flow,
+    check_privileges,
+)
 from ._drain import CONNECTION_CLOSE, DrainTicket, cut_by_drain, refused_while_draining
 from ._errors import SERVER_ERROR, HttpError, bad_request, http_error_for
 from ._frontend import Frontend, HttpLimits
@@ -406,6 +413,9 @@ class _GenerateEndpoint:
                 code="too_many_messages",
             )
         nvext = apply_headers(parsed.nvext, scope["headers"], frontend.objectives)
+        flow = caller_flow(scope)
+        if flow is not None:
+            nvext = attrs.evolve(nvext, fairness_id=flow)
         query = nvext.query_only or not frontend.executes
         frontend.check_worker_ids(nvext)
         check_privileges(

@@ -192,6 +192,21 @@ def is_trusted(scope: Any) -> bool:
     return scope.get(TRUSTED, False) is True
 
 
+def caller_flow(scope: Any) -> str | None:
+    """The admission flow of an untrusted caller's requests: its API key's identity (a digest,
+    never the key), whatever ``x-gateway-inference-fairness-id`` it sends, so that a caller
+    cannot take a fresh flow per request (going ahead of every waiting flow) nor name another
+    tenant's flow. None for a trusted caller (and on a server without keys): its header, if
+    any, names the flow."""
+    if is_trusted(scope):
+        return None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            token = value.partition(b" ")[2].strip()
+            return "api-key:" + hashlib.sha256(b"interlock flow\0" + token).hexdigest()[:16]
+    return None
+
+
 def _forbidden(what: str, param: str, fix: str = "drop it, or send a trusted key") -> HttpError:
     return HttpError(
         403,

@@ -309,6 +309,15 @@ def _converter() -> cattrs.Converter:
             kv_blocks=override(struct_hook=lambda v, _t: frames.structure(v, tuple[KvStored, ...])),
         ),
     )
+    # The admission queue's fields are the frontend's own: no worker reads them, and a
+    # worker from before them would refuse a start frame that carried them.
+    # (Before the hooks below: `PreprocessedRequest`'s binds this one when it is made.)
+    frames.register_unstructure_hook(
+        RoutingHints,
+        make_dict_unstructure_fn(
+            RoutingHints, frames, **{name: override(omit=True) for name in _ADMISSION_FIELDS}
+        ),
+    )
     # Fields that joined version 1 later are left out of a frame while unset, so that a peer
     # from before them still decodes every frame that does not use them (docs/wire-protocol.md).
     for kind, late in _LATE_FIELDS.items():
@@ -328,8 +337,10 @@ _LATE_FIELDS: dict[type[Any], tuple[str, ...]] = {
     # Version 2's, sent only by a worker with a secret, so that welcomes without it stay
     # what version-1 frontends decode.
     Welcome: ("proof",),
-    RoutingHints: ("priority", "fairness_id"),
 }
+
+#: `RoutingHints` fields that stay in the frontend (its admission queue's): never sent.
+_ADMISSION_FIELDS: tuple[str, ...] = ("priority", "fairness_id")
 
 
 def _bytes(value: Any, _type: Any) -> bytes:

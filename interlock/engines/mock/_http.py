@@ -151,6 +151,13 @@ class _Parsed:
     kv_transfer_params: dict[str, Any] | None = None
 
 
+def http_url(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 ``host`` in brackets (whether or not it has them). Pure."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 class MockOpenAIServer:
     """The vLLM-compatible surface of one `MockEngine` (what `serve_mock_openai` runs and
     reports). ``url`` is set once listening; ``stats`` counts what was served."""
@@ -186,8 +193,7 @@ class MockOpenAIServer:
     @property
     def url(self) -> str:
         """``http://host:port`` of the listening socket."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return http_url(self.host, self.port)
 
     # -- dispatch --------------------------------------------------------------------------
 

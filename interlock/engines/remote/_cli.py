@@ -47,6 +47,7 @@ from ..mock import (
     parse_faults,
     serve_mock_openai,
 )
+from ..mock._http import http_url
 from ._auth import SECRET_ENV, load_secret
 from ._server import WorkerAddress, WorkerDrain, serve_worker
 from ._tls import check_pair, server_context
@@ -386,6 +387,17 @@ def run_worker(args: argparse.Namespace) -> int:
         registration = _Registration(
             client, etcd.prefix, args.etcd_ttl, args.advertise_host, args.block_size
         )
+        if surface is not None and args.advertise_host is None and args.host in _WILDCARDS:
+            # Not refused: frontends still reach the worker protocol at the machine's name.
+            _logger.warning(
+                "--openai-port with --etcd on the wildcard --host %s and no --advertise-host: "
+                "the record names the HTTP surface at this machine's name (%s), which a "
+                "gateway's picker hands Envoy as the endpoint, and Envoy's ORIGINAL_DST "
+                "cluster needs an IP address; give --advertise-host IP (the address gateways "
+                "reach this worker at)",
+                args.host,
+                socket.gethostname(),
+            )
     error = trio.run(
         functools.partial(
             _serve_until_signalled,
@@ -489,10 +501,7 @@ class _Registration:
         host = self.advertise_host or address.host
         if host in _WILDCARDS:
             host = socket.gethostname()
-        url = None
-        if openai_port is not None:
-            url_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-            url = f"http://{url_host}:{openai_port}"
+        url = None if openai_port is None else http_url(host, openai_port)
         return WorkerRecord(
             worker_id=engine.instance_id,
             host=host,
