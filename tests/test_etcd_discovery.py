@@ -364,9 +364,8 @@ async def test_two_serve_processes_find_the_same_workers_and_answer(
     try:
         with trio.fail_after(TIMEOUT):
             await start_workers(tmp_path, etcd, into=workers)
-            urls: list[str] = []
-
-            async def serve(n: int) -> str:
+            urls = []
+            for n in range(2):
                 argv = ["serve", "--port", "0", "--etcd", etcd.url, "--etcd-prefix", PREFIX]
                 with (tmp_path / f"serve-{n}.log").open("wb") as stderr:
                     process = await trio.lowlevel.open_process(
@@ -381,9 +380,7 @@ async def test_two_serve_processes_find_the_same_workers_and_answer(
                     text += chunk
                 lines = text.decode().splitlines()
                 assert any(f"workers under {PREFIX}/workers/ at {etcd.url}" in x for x in lines)
-                return lines[0].split("listening on ")[1].split(" ")[0]
-
-            await side_by_side(*(partial(serve, n) for n in range(2)), into=urls)
+                urls.append(lines[0].split("listening on ")[1].split(" ")[0])
             for url in urls:
                 async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
                     health = (await client.get("/health")).json()
