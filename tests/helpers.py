@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
 from interlock import Pipeline
 from interlock.http import add_route_parser, add_serve_parser
 from interlock.wire import EngineOutput, PreprocessedRequest
+
+T = TypeVar("T")
 
 
 async def run_request(
@@ -63,3 +66,21 @@ async def stop_processes(processes: list[trio.Process]) -> None:
                     await process.wait()
             if process.stdout is not None:
                 await process.stdout.aclose()
+
+
+async def side_by_side(*starts: Callable[[], Awaitable[T]], into: list[T]) -> None:
+    """Await every one of ``starts`` at once and extend ``into`` with their results, in the
+    order given. Processes started side by side wait for one start-up, not one each; a result
+    whose sibling failed is added too, so the caller's clean-up stops every process started.
+    """
+    results: dict[int, T] = {}
+
+    async def one(index: int, start: Callable[[], Awaitable[T]]) -> None:
+        results[index] = await start()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index, start in enumerate(starts):
+                nursery.start_soon(one, index, start)
+    finally:
+        into.extend(results[index] for index in sorted(results))

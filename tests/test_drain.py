@@ -11,6 +11,7 @@ import json
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from helpers import side_by_side
 from test_etcd_discovery import PREFIX, Etcd, etcd, wait_for  # noqa: F401 (etcd: a fixture)
 from test_http_cli import _serve_process
 from test_http_remote_workers import serving_over
-from test_remote_workers import start_worker, stop
+from test_remote_workers import WorkerProcess, start_worker, stop
 
 from interlock import Components, PipelineConfig, WorkerRefused, build_pipeline
 from interlock.discovery import EtcdClient, worker_key
@@ -335,7 +337,8 @@ async def test_streams_finish_on_a_draining_worker_found_in_etcd_without_migrati
     # completes them all.
     flags = ["--speedup", "1", "--tokenizer", "builtin", "--log-level", "warning"]
     flags += ["--etcd", etcd.url, "--etcd-prefix", PREFIX, "--etcd-ttl", "30"]
-    workers = [await start_worker(tmp_path, worker_id, *flags) for worker_id in (1, 2)]
+    workers: list[WorkerProcess] = []
+    await side_by_side(*(partial(start_worker, tmp_path, i, *flags) for i in (1, 2)), into=workers)
     process, url, banner = await _serve_process(
         "serve", "--port", "0", "--etcd", etcd.url, "--etcd-prefix", PREFIX,
         "--router-mode", "round_robin",

@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import attrs
 import httpx
 import pytest
 import trio
-from helpers import frontend_parser
+from helpers import frontend_parser, side_by_side
 from test_http_cli import _command
 from test_remote_workers import WORKER, WorkerProcess, generate, prompt, stop
 from test_remote_workers import start_worker as start_remote_worker
@@ -154,6 +155,11 @@ async def start_worker(
         str(ttl),
         *flags,
     )
+
+
+async def start_workers(tmp_path: Path, etcd: Etcd, *, into: list[WorkerProcess]) -> None:
+    """Workers 1 and 2 (`start_worker`) started side by side; added to ``into`` in id order."""
+    await side_by_side(*(partial(start_worker, tmp_path, i, etcd) for i in (1, 2)), into=into)
 
 
 @asynccontextmanager
@@ -338,7 +344,7 @@ async def test_a_killed_worker_leaves_when_its_lease_expires(etcd: Etcd, tmp_pat
     try:
         with trio.fail_after(TIMEOUT):
             async with frontend(etcd) as (pipeline, _):
-                workers += [await start_worker(tmp_path, i, etcd) for i in (1, 2)]
+                await start_workers(tmp_path, etcd, into=workers)
                 await wait_for(lambda: set(pipeline.workers) == {1, 2}, "workers 1 and 2")
                 workers[0].process.kill()
                 # Only the lease's expiry removes it: its RemoteEngine would reconnect forever.
@@ -357,7 +363,7 @@ async def test_two_serve_processes_find_the_same_workers_and_answer(
     serves: list[trio.Process] = []
     try:
         with trio.fail_after(TIMEOUT):
-            workers += [await start_worker(tmp_path, i, etcd) for i in (1, 2)]
+            await start_workers(tmp_path, etcd, into=workers)
             urls = []
             for n in range(2):
                 argv = ["serve", "--port", "0", "--etcd", etcd.url, "--etcd-prefix", PREFIX]
@@ -531,7 +537,7 @@ async def test_after_etcd_restarts_empty_workers_register_again_and_frontends_fo
     try:
         with trio.fail_after(TIMEOUT):
             async with frontend(etcd) as (pipeline, watcher):
-                workers += [await start_worker(tmp_path, i, etcd) for i in (1, 2)]
+                await start_workers(tmp_path, etcd, into=workers)
                 await wait_for(lambda: set(pipeline.workers) == {1, 2}, "workers 1 and 2")
                 listings = watcher.listings
                 etcd.stop()

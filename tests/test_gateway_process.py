@@ -96,7 +96,9 @@ async def picking(tmp_path: Path) -> AsyncIterator[Picker]:
             "--kv-events-bind",
             bind,
         ]
-        for worker_id in (1, 2):
+        infos: dict[int, dict[str, Any]] = {}
+
+        async def worker(worker_id: int) -> None:
             process, text = await _start(
                 [
                     "worker",
@@ -116,7 +118,13 @@ async def picking(tmp_path: Path) -> AsyncIterator[Picker]:
                 until="openai_url",
             )
             processes.append(process)
-            info = json.loads(text.splitlines()[0])
+            infos[worker_id] = json.loads(text.splitlines()[0])
+
+        # The workers start side by side: one start-up's wait instead of two.
+        async with trio.open_nursery() as nursery:
+            for worker_id in (1, 2):
+                nursery.start_soon(worker, worker_id)
+        for worker_id, info in sorted(infos.items()):
             engines[worker_id] = info["openai_url"].removeprefix("http://")
             argv += ["--engine", f"{worker_id}={info['openai_url']}"]
         process, banner = await _start(argv, tmp_path / "route.log", until="ext_proc")

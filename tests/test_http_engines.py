@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -174,8 +175,9 @@ async def serving_over_engines(tmp_path: Path, *serve_flags: str) -> AsyncIterat
     bind = _free_tcp_endpoint()
     processes: list[trio.Process] = []
     try:
-        engines = []
-        for worker_id in (1, 2):
+        infos: dict[int, dict[str, Any]] = {}
+
+        async def worker(worker_id: int) -> None:
             process, line = await _start(
                 [
                     "worker",
@@ -196,7 +198,13 @@ async def serving_over_engines(tmp_path: Path, *serve_flags: str) -> AsyncIterat
                 tmp_path / f"worker-{worker_id}.log",
             )
             processes.append(process)
-            engines.append(json.loads(line))
+            infos[worker_id] = json.loads(line)
+
+        # The workers start side by side: one start-up's wait instead of two.
+        async with trio.open_nursery() as nursery:
+            for worker_id in (1, 2):
+                nursery.start_soon(worker, worker_id)
+        engines = [infos[worker_id] for worker_id in (1, 2)]
         argv = ["serve", "--port", "0", "--kv-events-bind", bind, *serve_flags]
         for info in engines:
             argv += ["--engine", f"{info['worker_id']}={info['openai_url']}"]

@@ -141,16 +141,24 @@ async def serving_over(
 ) -> AsyncIterator[Serve]:
     """`interlock worker` 1 and 2 with ``worker_flags``, and `interlock serve` over them."""
     processes: list[trio.Process] = []
+    ports: dict[int, int] = {}
+
+    async def worker(worker_id: int) -> None:
+        process, line = await _start(
+            ["worker", "--id", str(worker_id), "--port", "0", *worker_flags],
+            tmp_path / f"worker-{worker_id}.log",
+        )
+        processes.append(process)
+        ports[worker_id] = json.loads(line.splitlines()[0])["port"]
+
     try:
         argv = ["serve", "--port", "0", *flags]
+        # The workers start side by side: one start-up's wait instead of two.
+        async with trio.open_nursery() as nursery:
+            for worker_id in (1, 2):
+                nursery.start_soon(worker, worker_id)
         for worker_id in (1, 2):
-            worker, line = await _start(
-                ["worker", "--id", str(worker_id), "--port", "0", *worker_flags],
-                tmp_path / f"worker-{worker_id}.log",
-            )
-            processes.append(worker)
-            port = json.loads(line.splitlines()[0])["port"]
-            argv += ["--remote-worker", f"{worker_id}=127.0.0.1:{port}"]
+            argv += ["--remote-worker", f"{worker_id}=127.0.0.1:{ports[worker_id]}"]
         yield await _serve(argv, tmp_path / "serve.log", processes)
     finally:
         await stop_processes(processes)
@@ -162,15 +170,24 @@ async def serving_over_engines(tmp_path: Path, *serve_flags: str) -> AsyncIterat
     `interlock serve --processes 2 --kv-events-bind` binds (its supervisor, that is)."""
     bind = _free_tcp_endpoint()
     processes: list[trio.Process] = []
+    urls: dict[int, str] = {}
+
+    async def worker(worker_id: int) -> None:
+        worker_argv = ["worker", "--id", str(worker_id), "--openai-port", "0", "--zero-time"]
+        worker_argv += [*WORKER_FLAGS, "--kv-events-endpoint", bind]
+        process, line = await _start(worker_argv, tmp_path / f"worker-{worker_id}.log")
+        processes.append(process)
+        info = json.loads(line.splitlines()[0])
+        urls[info["worker_id"]] = info["openai_url"]
+
     try:
         argv = ["serve", "--port", "0", "--kv-events-bind", bind, *serve_flags]
+        # The workers start side by side: one start-up's wait instead of two.
+        async with trio.open_nursery() as nursery:
+            for worker_id in (1, 2):
+                nursery.start_soon(worker, worker_id)
         for worker_id in (1, 2):
-            worker_argv = ["worker", "--id", str(worker_id), "--openai-port", "0", "--zero-time"]
-            worker_argv += [*WORKER_FLAGS, "--kv-events-endpoint", bind]
-            process, line = await _start(worker_argv, tmp_path / f"worker-{worker_id}.log")
-            processes.append(process)
-            info = json.loads(line.splitlines()[0])
-            argv += ["--engine", f"{info['worker_id']}={info['openai_url']}"]
+            argv += ["--engine", f"{worker_id}={urls[worker_id]}"]
         yield await _serve(argv, tmp_path / "serve.log", processes)
     finally:
         await stop_processes(processes)

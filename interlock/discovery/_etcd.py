@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import attrs
-import httpx
 import trio
 
 from .._errors import ConfigError
@@ -45,6 +44,8 @@ from ..engines import (
 from ..wire import ProtocolError
 
 if TYPE_CHECKING:
+    import httpx
+
     from .._config import PipelineConfig
     from ..processing import Tokenizer
 
@@ -268,6 +269,11 @@ class EtcdClient:
             if tls
             else True
         )
+        # httpx is imported where a client is made, not with this module: every interlock
+        # process imports discovery, and a worker without --etcd never needs httpx (0.15 s of
+        # CPU at each start).
+        import httpx
+
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, verify=verify)
 
     async def __aenter__(self) -> EtcdClient:
@@ -333,6 +339,8 @@ class EtcdClient:
     async def _post(
         self, operation: str, path: str, body: Mapping[str, Any], token: str | None
     ) -> tuple[httpx.Response, Any]:
+        import httpx
+
         try:
             response = await self._http.post(path, json=body, headers=self._headers(token))
         except httpx.HTTPError as exc:
@@ -391,6 +399,8 @@ class EtcdClient:
     def _unreachable(self, operation: str, exc: httpx.HTTPError) -> EtcdError:
         """The error for a request that got no answer (``exc``), with what to check when
         the TLS handshake failed."""
+        import httpx
+
         why = f"{type(exc).__name__}: {exc}"
         cause = _root_cause(exc)
         if cause is not exc and str(cause) not in why:
@@ -517,6 +527,8 @@ class EtcdClient:
         if start_revision is not None:
             create["start_revision"] = str(start_revision)
         operation = f"watch {prefix!r}"
+        import httpx
+
         timeout = httpx.Timeout(self.timeout, read=None)
         token = await self._auth_token()
         renewed = False
