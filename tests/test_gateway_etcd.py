@@ -93,7 +93,7 @@ async def test_route_picks_the_http_surfaces_of_workers_found_in_etcd(
         url = re.search(r"listening on (\S+)", banner)
         found = re.search(r"ext_proc\s+(\S+) .*gRPC health on (\S+)", banner)
         assert url is not None and found is not None, banner
-        picker = Picker(url.group(1), found.group(1), found.group(2), engines)
+        picker = Picker(url.group(1), found.group(1), found.group(2), engines, process)
         endpoints = set(engines.values())
 
         def run() -> set[str]:
