@@ -7,12 +7,14 @@ combining accents, ideographic spaces, random unicode, empty pieces), with and w
 ``add_special_tokens``, that the ids are the ones ``tokenizers.Tokenizer.encode`` gives for the
 whole text: for the real Qwen3 tokenizer and for small tokenizers trained here, one per
 normalizer / pre-tokenizer / model / post-processor family the cache must handle or refuse.
-A tokenizer whose pieces do not encode apart must get no cache (and still encode exactly).
+A tokenizer whose pieces do not encode apart must get no cache (and still encode exactly),
+and threads sharing one small cache get exact ids while its byte count stays true.
 """
 
 from __future__ import annotations
 
 import gzip
+import threading
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -24,6 +26,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, models, normalizers, pre_tokenizers, processors, trainers
 
 from interlock.processing import HFTokenizer, TokenizerError
+from interlock.processing._tokenizer import _ID_BYTES, _PIECE_OVERHEAD
 
 QWEN3 = Path(__file__).parents[1] / ".." / "shared" / "data" / "tokenizers" / "qwen3"
 
@@ -220,3 +223,36 @@ def test_adversarial_text_encodes_as_the_whole_text_does(kind: str, data: st.Dat
         for _ in range(2):
             got = tokenizer.encode(text, add_special_tokens=add_special_tokens)
             assert got == whole, f"{kind}: {text!r} add_special_tokens={add_special_tokens}"
+
+
+def test_threads_sharing_a_small_cache_get_exact_ids_and_the_cache_keeps_its_bound() -> None:
+    # A frontend tokenizes large requests in worker threads, all through one cache that keeps
+    # forgetting pieces: no thread may see another's ids, and the byte count must stay true.
+    raw = _raw("qwen3")
+    tokenizer = HFTokenizer(raw, piece_cache_bytes=3_000)
+    texts = [
+        f"<|im_start|>system\nsys {i % 7}<|im_end|>\n<|im_start|>user\n"
+        f"{'x' * (i % 13)} q{i}<|im_end|>"
+        for i in range(100)
+    ]
+    expected = {text: raw.encode(text).ids for text in texts}
+    wrong: list[str] = []
+
+    def run(offset: int) -> None:
+        for j in range(300):
+            text = texts[(j * 7 + offset) % len(texts)]
+            if tokenizer.encode(text) != expected[text]:
+                wrong.append(text)
+
+    threads = [threading.Thread(target=run, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
+    pieces = tokenizer._pieces
+    assert pieces is not None
+    counted = sum(
+        len(piece) + _ID_BYTES * len(ids) + _PIECE_OVERHEAD for piece, ids in pieces._cache.items()
+    )
+    assert pieces._bytes == counted <= 3_000
