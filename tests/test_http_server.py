@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from interlock.http import serve_http
-from interlock.http._h1 import _READ_AHEAD, Connection, ServerState
+from interlock.http._h1 import _READ_AHEAD, BODY_NOWAIT, Connection, ServerState
 
 Scope = dict[str, Any]
 App = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -400,6 +400,57 @@ def _server_state(app: App) -> ServerState:
         write_timeout=60,
         max_header_bytes=16384,
     )
+
+
+# -- the body without waiting (BODY_NOWAIT) ---------------------------------------------------
+
+
+async def test_a_scope_reads_only_its_own_request_body_without_waiting() -> None:
+    first: list[Scope] = []
+    seen: list[tuple[bytes | None, bytes | None]] = []
+
+    async def nowait(scope: Scope, receive: Any, send: Any) -> None:
+        if first:
+            # The first request's scope, kept past its response, must not read this body.
+            stale = first[0]["extensions"][BODY_NOWAIT]()
+            own = scope["extensions"][BODY_NOWAIT]()
+            seen.append((stale, own))
+        else:
+            first.append(scope)
+            own = scope["extensions"][BODY_NOWAIT]()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": own or b""})
+
+    server = _server_state(nowait)
+    ours, theirs = trio.socket.socketpair()
+    c = Client(trio.SocketStream(theirs))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, trio.SocketStream(ours))
+        await c.stream.send_all(post(b"/a", b"first") + post(b"/b", b"second"))
+        answers = [(await c.response())[2] for _ in range(2)]
+        await c.stream.aclose()
+    assert answers == [b"first", b"second"]
+    assert seen == [(None, b"second")]
+
+
+async def test_a_body_partly_received_is_not_read_again_without_waiting() -> None:
+    server = _server_state(echo)
+    ours, theirs = trio.socket.socketpair()
+    connection = Connection(server, trio.SocketStream(ours))
+    connection._feed(b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\nabc")
+    request = connection._request = connection.queue[0]
+    assert await connection.receive() == {"type": "http.request", "body": b"abc", "more_body": True}
+    connection._feed(b"def")
+    assert request.complete
+    # The app holds "abc" already: the rest comes from `receive`, never as the whole body.
+    assert request.scope["extensions"][BODY_NOWAIT]() is None
+    assert await connection.receive() == {
+        "type": "http.request",
+        "body": b"def",
+        "more_body": False,
+    }
+    connection.close()
+    theirs.close()
 
 
 # -- a property: however the bytes are cut, the answers are the same --------------------------

@@ -9,12 +9,14 @@ each write and when it leaves.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import pytest
 import trio
 
 from interlock import Components, Pipeline, PipelineConfig, build_pipeline
@@ -37,6 +39,8 @@ class _Client:
     on_body: Callable[[Message], Awaitable[None]] | None = None
     #: Whether the client is gone: a receive after the body answers http.disconnect at once.
     gone: bool = False
+    #: A receive after the body raises (an ASGI server's receive that fails).
+    broken: bool = False
     sent: list[Message] = attrs.field(factory=list)
     receives: int = 0
     #: Receives still waiting when each message was sent (a watcher that outlives its
@@ -49,6 +53,8 @@ class _Client:
         self.receives += 1
         if self.receives == 1:
             return {"type": "http.request", "body": self.body, "more_body": False}
+        if self.broken:
+            raise RuntimeError("the server's receive failed")
         if not self.gone:
             self._waiting += 1
             try:
@@ -226,3 +232,22 @@ async def test_a_request_with_no_output_yet_whose_client_left_is_cancelled(
             await served.wait_idle()
         assert served.engine.requests_finished == 0
         assert served.metrics.requests.get(("/v1/chat/completions", "499")) == 2
+
+
+async def test_a_failing_receive_leaves_the_answer_unwatched_and_logs_its_request(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The watcher of a whole answer is a system task, outside the request's context: its log
+    # line names the request itself, and its failure must not end the answer (nor the run).
+    async with _serving(MockTiming(speedup_ratio=1.0)) as served:
+        client = _Client(_request(False, 400), broken=True)
+        with caplog.at_level(logging.ERROR, logger="interlock"):
+            await served.call(client)
+        assert client.sent[0]["status"] == 200
+        answer = json.loads(b"".join(client.bodies))
+        assert answer["usage"]["completion_tokens"] == 400
+        assert client.receives == 2, "the watcher asked once"
+        failures = [r for r in caplog.records if "going away failed" in r.getMessage()]
+        assert len(failures) == 1 and answer["id"] in failures[0].getMessage()
+        await served.wait_idle()
+        assert served.engine.requests_finished == 1

@@ -176,14 +176,23 @@ async def _watch_disconnect(state: _State) -> None:
 
 async def _watch_disconnect_detached(state: _State) -> None:
     """`_watch_disconnect` as a system task (a request without a nursery of its own); the
-    request waits for ``state.watcher_done`` before its connection reads again."""
+    request waits for ``state.watcher_done`` before its connection reads again.
+
+    Never raises: an exception from the ASGI ``receive`` is logged (naming the request) and
+    swallowed, since a system task that raises crashes the whole trio run; the request then
+    goes on unwatched. The task runs in trio's system context, not the request's: context
+    variables set for the request (a log context, the current tracing span) are not visible
+    to it, so its log line names the request from ``state.request_id``.
+    """
     assert state.watcher_done is not None
     try:
         await _watch_disconnect(state)
     except Exception:
         # A system task must not raise: an ASGI server's receive failing only means nobody
         # watches this client any more.
-        _logger.exception("watching for the client going away failed")
+        _logger.exception(
+            "watching for the client of request %s going away failed", state.request_id
+        )
     finally:
         state.watcher_done.set()
 
@@ -241,6 +250,7 @@ class _State:
         "done",
         "nursery",
         "receive",
+        "request_id",
         "running",
         "scope",
         "started",
@@ -259,7 +269,10 @@ class _State:
         receive: Receive,
         watchdog: _Watchdog,
         scope: trio.CancelScope | None = None,
+        request_id: str | None = None,
     ) -> None:
+        #: The request's id, for the detached watcher's log (it runs outside the request).
+        self.request_id = request_id
         self.disconnected = False
         self.done = False
         #: The response's headers were sent (an error after that is an SSE event).
@@ -658,7 +671,9 @@ class _Run:
         error: HttpError | None = None
         deltas: ChatDeltas | None = None
         with trio.CancelScope() as scope:
-            state = _State(None, self.start, 1, receive, endpoint.watchdog, scope)
+            state = _State(
+                None, self.start, 1, receive, endpoint.watchdog, scope, self.request.request_id
+            )
             self.ticket.attach(scope)
             try:
                 async with aclosing(frontend.pipeline.generate(self.request)) as outputs:

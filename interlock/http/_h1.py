@@ -24,6 +24,7 @@ import os
 from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
+from functools import partial
 from http import HTTPStatus
 from time import time
 from typing import Any, Final
@@ -75,7 +76,7 @@ class _Date:
 class _Request:
     """A request whose head was parsed: its scope, and its body as it arrives."""
 
-    __slots__ = ("body", "complete", "continue_", "keep_alive", "scope")
+    __slots__ = ("body", "complete", "continue_", "keep_alive", "received", "scope")
 
     def __init__(self, scope: dict[str, Any], keep_alive: bool, continue_: bool) -> None:
         self.scope = scope
@@ -85,6 +86,8 @@ class _Request:
         self.body: list[bytes] = []
         #: The whole body was parsed.
         self.complete = False
+        #: ``receive`` handed the app some of the body: `BODY_NOWAIT` no longer applies.
+        self.received = False
 
 
 class ServerState:
@@ -222,6 +225,7 @@ class Connection:
         for name, value in headers:
             if name == b"expect" and value.lower() == b"100-continue":
                 continue_ = True
+        extensions: dict[str, Any] = {}
         scope = {
             "type": "http",
             "asgi": _ASGI,
@@ -236,9 +240,11 @@ class Connection:
             "client": self._client,
             "server": self._server,
             "state": self._state,
-            "extensions": {BODY_NOWAIT: self._body_nowait},
+            "extensions": extensions,
         }
         request = _Request(scope, parser.should_keep_alive(), continue_)
+        # Bound to this request: a stale scope must never read a pipelined request's body.
+        extensions[BODY_NOWAIT] = partial(self._body_nowait, request)
         self._parsing = request
         self.queue.append(request)
 
@@ -421,11 +427,12 @@ class Connection:
                 body = request.body
                 data = body[0] if len(body) == 1 else b"".join(body)
                 body.clear()
+                request.received = True
                 self._body_done = request.complete
                 return {"type": "http.request", "body": data, "more_body": not request.complete}
             if request.complete:
                 if not self._body_done:
-                    self._body_done = True
+                    self._body_done = request.received = True
                     return {"type": "http.request", "body": b"", "more_body": False}
                 return await self._wait_disconnect()
             if self.error is not None:
@@ -447,15 +454,22 @@ class Connection:
                 return _DISCONNECT
             self._feed(data)
 
-    def _body_nowait(self) -> bytes | None:
-        """The `BODY_NOWAIT` extension of the request being served."""
-        request = self._request
-        if request is None or self.closed or not request.complete or self._body_done:
+    def _body_nowait(self, request: _Request) -> bytes | None:
+        """The `BODY_NOWAIT` extension of ``request``: its whole body, or None unless it is
+        the request being served, its whole body was parsed, and ``receive`` handed out none
+        of it yet (then the app must read the body with ``receive``)."""
+        if (
+            request is not self._request
+            or self.closed
+            or not request.complete
+            or request.received
+            or self._body_done
+        ):
             return None
         body = request.body
         data = body[0] if len(body) == 1 else b"".join(body)
         body.clear()
-        self._body_done = True
+        self._body_done = request.received = True
         return data
 
     async def _wait_disconnect(self) -> dict[str, Any]:

@@ -475,6 +475,13 @@ def _plain_output(fields: dict[str, Any]) -> Output | None:
         or output["prefill_result"] is not None
     ):
         return None
+    plain = _checked_output(output, None)
+    return None if plain is None else Output(stream=stream, output=plain)
+
+
+def _checked_output(output: dict[str, Any], usage: dict[str, Any] | None) -> EngineOutput | None:
+    """The `EngineOutput` of an output frame's fields (with ``usage``, already checked), or
+    None when its token ids, text or finish reason are not what the fast paths accept."""
     token_ids = output["token_ids"]
     text = output["text"]
     finish = output["finish_reason"]
@@ -485,11 +492,11 @@ def _plain_output(fields: dict[str, Any]) -> Output | None:
         or (finish is not None and (type(finish) is not str or finish not in _FINISH_REASONS))
     ):
         return None
-    return Output(
-        stream=stream,
-        output=EngineOutput(
-            token_ids=tuple(token_ids), text=text, finish_reason=cast("FinishReason | None", finish)
-        ),
+    return EngineOutput(
+        token_ids=tuple(token_ids),
+        text=text,
+        finish_reason=cast("FinishReason | None", finish),
+        usage=None if usage is None else Usage(**usage),
     )
 
 
@@ -508,25 +515,13 @@ def _final_output(output: Any) -> EngineOutput | None:
     ):
         return None
     usage = output["usage"]
-    token_ids = output["token_ids"]
-    text = output["text"]
-    finish = output["finish_reason"]
     if (
         type(usage) is not dict
         or usage.keys() != _USAGE_FIELDS
         or not set(map(type, usage.values())) <= _INT_ONLY
-        or type(token_ids) is not list
-        or not set(map(type, token_ids)) <= _INT_ONLY
-        or (text is not None and type(text) is not str)
-        or (finish is not None and (type(finish) is not str or finish not in _FINISH_REASONS))
     ):
         return None
-    return EngineOutput(
-        token_ids=tuple(token_ids),
-        text=text,
-        finish_reason=cast("FinishReason | None", finish),
-        usage=Usage(**usage),
-    )
+    return _checked_output(output, usage)
 
 
 def _decode_outputs(fields: dict[str, Any]) -> Outputs:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import attrs
 
@@ -46,6 +46,21 @@ class EngineOutput:
 MAX_JOINED_TOKENS = 256
 
 
+def _can_join(first: EngineOutput, second: EngineOutput) -> bool:
+    """``second`` may be joined after ``first`` (their sizes aside): ``first`` neither ends
+    the stream nor carries usage, neither carries a prefill result or a chat delta, and both
+    have text or neither has."""
+    return (
+        first.finish_reason is None
+        and first.usage is None
+        and first.prefill_result is None
+        and first.chat_delta is None
+        and second.prefill_result is None
+        and second.chat_delta is None
+        and (first.text is None) == (second.text is None)
+    )
+
+
 def join_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput | None:
     """One output carrying ``first`` then ``second`` (two consecutive outputs of a stream),
     or None when they cannot be one: ``first`` ends the stream, carries usage or already
@@ -55,27 +70,11 @@ def join_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput | No
     Joining is how a worker and a frontend that fall behind catch up: the stream's reader
     gets its tokens in fewer, larger outputs (as vLLM's do under load), never other tokens.
     """
-    if (
-        first.finish_reason is not None
-        or len(first.token_ids) >= MAX_JOINED_TOKENS
-        or first.usage is not None
-        or first.prefill_result is not None
-        or second.prefill_result is not None
-        or first.chat_delta is not None
-        or second.chat_delta is not None
-    ):
+    if len(first.token_ids) >= MAX_JOINED_TOKENS or not _can_join(first, second):
         return None
-    text = first.text
-    if text is None:
-        if second.text is not None:
-            return None
-    elif second.text is None:
-        return None
-    else:
-        text += second.text
     return EngineOutput(
         token_ids=first.token_ids + second.token_ids,
-        text=text,
+        text=None if first.text is None else first.text + cast("str", second.text),
         finish_reason=second.finish_reason,
         usage=second.usage,
     )
@@ -85,34 +84,20 @@ def join_waiting(first: EngineOutput, waiting: deque[Any]) -> EngineOutput:
     """``first`` joined with the outputs at the front of ``waiting`` that `join_outputs`
     would join to it one by one (each one taken out of ``waiting``), built once rather than
     once per join; the first item it would not join, of any type, stays in ``waiting``."""
-    if (
-        first.finish_reason is not None
-        or first.usage is not None
-        or first.prefill_result is not None
-        or first.chat_delta is not None
-    ):
-        return first
     size = len(first.token_ids)
     texts = None if first.text is None else [first.text]
     parts = [first.token_ids]
     last = first
     while waiting and size < MAX_JOINED_TOKENS:
         second = waiting[0]
-        if (
-            type(second) is not EngineOutput
-            or second.prefill_result is not None
-            or second.chat_delta is not None
-            or (texts is None) != (second.text is None)
-        ):
+        if type(second) is not EngineOutput or not _can_join(last, second):
             break
         waiting.popleft()
         parts.append(second.token_ids)
         size += len(second.token_ids)
         if texts is not None:
-            texts.append(second.text)
+            texts.append(cast("str", second.text))
         last = second
-        if second.finish_reason is not None or second.usage is not None:
-            break
     if len(parts) == 1:
         return first
     return EngineOutput(
