@@ -12,16 +12,18 @@ re-encodes captured vLLM 0.32 payloads byte for byte) in both event layouts (map
 * **store**: one ``BlockStored`` of ``--tokens`` prompt tokens (6,250 blocks of 16 at 100k),
   as the prefill of a long prompt publishes it;
 * **remove**: the same blocks evicted, one ``BlockRemoved`` of one hash per block in one batch,
-  as vLLM's lazy eviction sends them;
+  as vLLM's lazy eviction sends them (and, in the map layout, once more with the hashes as
+  digest bytes, ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``, which takes the careful decoder);
 * **decode steps**: ``--steps`` (2,000) small batches, each a ``BlockStored`` of 1-4 blocks
   extending one of a few conversations (a decode-heavy engine fills a block every
   ``block_size`` tokens) and, one step in three, 1-4 ``BlockRemoved``.
 
 For each, the ingest path of ``interlock route --router-mode kv`` in front of vLLMs, in one
-process: `parse_kv_message` and `decode_kv_batch` as the `KvEventFeed` calls them, the engine's
-`KvMirror` (contract hashes of the blocks' tokens, duplicate and parent checks), and
-`KvIndexer.apply` of what it publishes. Against it, in the same rounds, interleaved: plain
-``msgpack.unpackb`` of the same payloads, the floor of any decoder that builds Python objects.
+process: `parse_kv_message` and the `KvEventFeed`'s decoding (its `KvBatchDecoder` per engine,
+or `decode_kv_batch` in code before it), the engine's `KvMirror` (contract hashes of the
+blocks' tokens, duplicate and parent checks), and `KvIndexer.apply` of what it publishes.
+Against it, in the same rounds, interleaved: plain ``msgpack.unpackb`` of the same payloads, the
+floor of any decoder that builds Python objects.
 Times are CPU seconds of this process (``time.process_time``), the median over ``--rounds``;
 the ratio is ingest / floor. The process pins itself to ``--cpu`` (default 1) when it can.
 No assertions; tests/test_kv_events_benchmark.py runs it at a tiny size.
@@ -44,6 +46,7 @@ import msgpack  # type: ignore[import-untyped]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from interlock import wire
 from interlock.engines.openai import KvMirror
 from interlock.kv import KvEvent, KvIndexer, compute_block_hashes, compute_sequence_hashes
 from interlock.wire import (
@@ -101,6 +104,22 @@ def payload_of(events: list[VllmKvEvent], layout: KvBatchLayout) -> bytes:
     )
 
 
+def bytes_hash_removals(removals: list[VllmKvEvent]) -> bytes:
+    """``removals`` in the map layout with each hash as 32 bytes (a digest ending in it)."""
+    events = [
+        {
+            "type": "BlockRemoved",
+            "block_hashes": [block_hash.to_bytes(32, "big") for block_hash in event.block_hashes],
+            "medium": event.medium,
+            "group_idx": event.group_idx,
+        }
+        for event in removals
+        if isinstance(event, VllmBlockRemoved)
+    ]
+    packed: bytes = msgpack.packb([time.time(), events, 0], use_bin_type=True)
+    return packed
+
+
 def decode_steps(
     rng: random.Random, block_size: int, layout: KvBatchLayout, count: int
 ) -> tuple[list[bytes], int]:
@@ -138,6 +157,11 @@ class Ingest:
         self.index = KvIndexer()
         self.mirror = KvMirror(WORKER, block_size, self._publish)
         self.seq = 0
+        # The feed's decoder of this engine's topic, where the code has one.
+        decoder = getattr(wire, "KvBatchDecoder", None)
+        self.decode = (
+            DECODE if decoder is None else functools.partial(decoder().decode, merge_removals=True)
+        )
 
     def _publish(self, event: KvEvent) -> None:
         self.index.apply(event)
@@ -145,7 +169,7 @@ class Ingest:
     def __call__(self, payload: bytes) -> None:
         message = parse_kv_message(kv_message_frames(TOPIC, self.seq, payload))
         self.seq += 1
-        self.mirror.on_batch(message.seq, DECODE(message.payload))
+        self.mirror.on_batch(message.seq, self.decode(message.payload))
 
 
 def floor(payloads: list[bytes]) -> None:
@@ -223,6 +247,12 @@ def main() -> None:
 
         ingest_s, floor_s = measure(args.rounds, holding, [remove])
         report(f"remove, {layout}", blocks, len(remove), ingest_s, floor_s)
+        if layout == "map":
+            # vLLM with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0: the same eviction with the ids
+            # as digest bytes (read as their last 8 bytes), which only the careful decoder takes.
+            remove = bytes_hash_removals(removals)
+            ingest_s, floor_s = measure(args.rounds, holding, [remove])
+            report("remove, map, bytes hashes", blocks, len(remove), ingest_s, floor_s)
 
         steps, step_blocks = decode_steps(random.Random(1), block_size, layout, args.steps)
         ingest_s, floor_s = measure(args.rounds, lambda: Ingest(block_size), steps)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import pytest
 import trio
 import zmq
@@ -423,3 +424,36 @@ async def test_seq_going_backwards_clears_the_engines_blocks(topic_in_replay: bo
         assert isinstance(published.events[-2], KvCleared)
         assert engine.replays == []
         assert published.index.blocks_of(9) == {20}
+
+
+async def test_a_batch_nested_past_the_recursion_limit_leaves_the_feed_running() -> None:
+    # ~600 bytes of extra_keys nested 500 deep once ended the feed for every engine.
+    event = {
+        "type": "BlockStored",
+        "block_hashes": [1],
+        "parent_block_hash": None,
+        "token_ids": [1, 2, 3, 4],
+        "block_size": BLOCK,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": None,
+    }
+    fields = b"".join(msgpack.packb(key) + msgpack.packb(value) for key, value in event.items())
+    head = b"\x93" + msgpack.packb(1.0) + b"\x91\x89" + fields + msgpack.packb("extra_keys")
+    nested = head + b"\x91" * 500 + b"\x00" + b"\x00"  # then data_parallel_rank 0
+    too_deep = head + b"\x91" * 100_000 + b"\x00" + b"\x00"  # past msgpack's own limit
+    async with running_feed() as (feed, _), fake_vllm(feed, 1) as engine:
+        got = Received()
+        feed.subscribe(1, got)
+        before = feed.stats
+        for seq, payload in enumerate((nested, too_deep)):
+            engine.pub.send_multipart(kv_message_frames(engine.topic, seq, payload))
+        engine.pub.send_multipart(
+            kv_message_frames(engine.topic, 2, encode_kv_batch(block(2, None, 0)))
+        )
+        await got.wait_until(lambda: got.seqs == [0, 2])
+        assert feed.stats.undecodable - before.undecodable == 1
+        (stored,) = got.batches[0][1].events
+        assert isinstance(stored, VllmBlockStored)
+        assert stored.block_hashes == (1,)
+        assert got.batches[1][1] == block(2, None, 0)

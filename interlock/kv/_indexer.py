@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -21,6 +22,7 @@ __all__ = [
 # Below this many blocks (a decode step's 1-4), one by one costs less than the bulk path's
 # fixed passes.
 _BULK_BLOCKS = 16
+_BLOCK_PAIR = operator.attrgetter("block_hash", "tokens_hash")
 
 
 class KvIndexError(Exception):
@@ -285,25 +287,8 @@ class KvIndexer:
         if type(stored) is StoredBlocks:
             self._place_run(state, node, stored.block_hashes, stored.tokens_hashes)
             return
-        # Blocks as objects (mock engines, dumps): the loop of _place_each, inlined, since a
-        # busy engine's events come one or two blocks at a time.
-        child = self._tree.child
-        masks = self._tree.masks
-        blocks = state.blocks
-        bit = state.bit
-        for block in stored:
-            node = child(node, block.tokens_hash)
-            previous = blocks.get(block.block_hash)
-            if previous == node:
-                continue
-            # Hold the new node before letting go of the old one so pruning cannot reach it.
-            if masks[node] & bit:
-                state.extra_refs[node] = state.extra_refs.get(node, 0) + 1
-            else:
-                masks[node] |= bit
-            blocks[block.block_hash] = node
-            if previous is not None:
-                self._release(state, previous)
+        # Blocks as objects (mock engines, dumps).
+        self._place_each(state, node, map(_BLOCK_PAIR, stored))
 
     def _place_run(
         self,

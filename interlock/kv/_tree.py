@@ -177,18 +177,7 @@ class _RadixTree:
 
     def unset(self, node: int, bit: int) -> None:
         """Clear ``bit`` (which must be set) and free the nodes nobody holds or needs."""
-        masks = self.masks
-        children = self.children
-        masks[node] ^= bit
-        while not masks[node] and not children[node]:
-            parent = self.parents[node]
-            if parent == _NO_PARENT:
-                if node != ROOT:
-                    self._free(node)
-                return
-            del children[parent][self.keys[node]]
-            self._free(node)
-            node = parent
+        self.unset_many((node,), bit)
 
     def unset_many(self, nodes: Iterable[int], bit: int) -> None:
         """:meth:`unset` for each of ``nodes`` in turn (a worker letting go of many blocks at
@@ -241,11 +230,6 @@ class _RadixTree:
         self.keys.append(tokens_hash)
         self.depths.append(depth)
         return len(self.children) - 1
-
-    def _free(self, node: int) -> None:
-        self.node_count -= 1
-        self.children[node] = _FREED
-        self._free_nodes.append(node)
 
     # -- matching -----------------------------------------------------------------------------
 

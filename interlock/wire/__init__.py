@@ -49,6 +49,7 @@ from ._frames import (
 # vLLM's KV-event feed (ZMQ frames + msgpack batches), read by interlock.engines.openai.
 from ._vllm import (
     REPLAY_END_SEQ,
+    KvBatchDecoder,
     KvBatchLayout,
     VllmAllBlocksCleared,
     VllmBlockRemoved,
@@ -81,6 +82,7 @@ __all__ += [
 
 __all__ += [
     "REPLAY_END_SEQ",
+    "KvBatchDecoder",
     "KvBatchLayout",
     "VllmAllBlocksCleared",
     "VllmBlockRemoved",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 import attrs
@@ -34,6 +34,7 @@ from .._errors import InterlockError
 
 __all__ = [
     "REPLAY_END_SEQ",
+    "KvBatchDecoder",
     "KvBatchLayout",
     "VllmAllBlocksCleared",
     "VllmBlockRemoved",
@@ -176,27 +177,50 @@ def decode_kv_batch(payload: bytes, *, merge_removals: bool = False) -> VllmKvBa
     decoding is the inverse of `encode_kv_batch`.
 
     Returns the batch. Raises :class:`VllmKvDecodeError` naming the field when the payload is not
-    msgpack, not a batch, or an event lacks a field or has one of the wrong type.
+    msgpack, not a batch, or an event lacks a field or has one of the wrong type; never any
+    other exception, however the payload is built.
     """
-    # The shapes vLLM sends are decoded and type-checked in C by msgspec (a 100k-token prompt's
-    # BlockStored in about the time msgpack takes to build its Python objects, where checking
-    # them field by field here cost as much again). Anything else, malformed or merely unusual
-    # (bytes or negative hashes aside, which are fixed up below), takes the careful path, which
-    # accepts what it can and otherwise names the field at fault.
-    for decoder in _FAST_DECODERS:
-        try:
-            raw = decoder.decode(payload)
-        except Exception:  # msgspec's DecodeError/ValidationError, or anything odder
-            continue
-        if decoder is not _FAST_DECODERS[0]:
-            # The other layout's engine: try its decoder first from now on (a failed try
-            # costs an exception; an engine never changes layouts).
-            _FAST_DECODERS.reverse()
-        return _from_fast(raw, merge_removals)
-    batch = _decode_checked(payload)
-    if merge_removals:
-        batch = attrs.evolve(batch, events=_merge_removed(batch.events))
-    return batch
+    # No memory of the layout between calls: vLLM 0.26+'s is tried first. The feed keeps a
+    # KvBatchDecoder per engine instead.
+    return KvBatchDecoder().decode(payload, merge_removals=merge_removals)
+
+
+class KvBatchDecoder:
+    """:func:`decode_kv_batch` for one engine's payloads: it remembers which event layout
+    decoded last and tries it first, so an engine in vLLM's older array layout does not pay a
+    failed try per batch. Use one per engine (topic); safe to share between threads (the
+    remembered layout is one attribute, replaced whole).
+    """
+
+    def __init__(self) -> None:
+        # The layout that decoded last first (vLLM 0.26+'s to begin with): a payload in the
+        # other fails at its first event.
+        self._order: tuple[msgspec.msgpack.Decoder[Any], ...] = (_MAP_DECODER, _ARRAY_DECODER)
+
+    def decode(self, payload: bytes, *, merge_removals: bool = False) -> VllmKvBatch:
+        """Decode one batch payload as :func:`decode_kv_batch` does (same result, same errors)."""
+        # The shapes vLLM sends are decoded and type-checked in C by msgspec (a 100k-token
+        # prompt's BlockStored in about the time msgpack takes to build its Python objects,
+        # where checking them field by field here cost as much again). Anything else, malformed
+        # or merely unusual (bytes or negative hashes aside, which are fixed up below), takes
+        # the careful path, which accepts what it can and otherwise names the field at fault.
+        order = self._order
+        for decoder in order:
+            try:
+                batch = _from_fast(decoder.decode(payload), merge_removals)
+            except Exception:
+                # msgspec's DecodeError/ValidationError, or anything odder (a RecursionError
+                # from pathological nesting): whatever the fast path cannot take, the careful
+                # path either decodes or names the field at fault.
+                continue
+            if decoder is not order[0]:
+                # The other layout's engine (an engine never changes layouts).
+                self._order = order[::-1]
+            return batch
+        batch = _decode_checked(payload)
+        if merge_removals:
+            batch = attrs.evolve(batch, events=_merge_removed(batch.events))
+        return batch
 
 
 # -- the fast path: msgspec types for the batches vLLM sends --------------------------------------
@@ -211,8 +235,10 @@ def _fast_decoder(array_like: bool) -> tuple[msgspec.msgpack.Decoder[Any], type[
 
     The events' fields and defaults are vLLM's (and :class:`VllmBlockStored`'s); unknown fields
     are ignored, as the careful path ignores them; msgspec cannot mix map and array structs in
-    one union, hence one decoder per layout. ``gc=False``: the structs hold only ints, strings
-    and tuples, so they can never be part of a reference cycle.
+    one union, hence one decoder per layout. ``gc=False``: the structs hold ints, strings and
+    lists (``extra_keys``' may hold any msgpack value, nested), all freshly decoded and none
+    referring back to a struct, and they are dropped once converted, so they can never be part
+    of a reference cycle.
     """
     options: dict[str, Any] = {"tag_field": "type", "array_like": array_like, "gc": False}
     optional_int = (int | None, None)
@@ -263,9 +289,6 @@ def _fast_decoder(array_like: bool) -> tuple[msgspec.msgpack.Decoder[Any], type[
 
 _MAP_DECODER, _MAP_STORED, _MAP_REMOVED = _fast_decoder(False)
 _ARRAY_DECODER, _ARRAY_STORED, _ARRAY_REMOVED = _fast_decoder(True)
-# The layout that decoded last first (vLLM 0.26+'s to begin with): a payload in the other
-# fails at its first event.
-_FAST_DECODERS = [_MAP_DECODER, _ARRAY_DECODER]
 _FAST_STORED = frozenset({_MAP_STORED, _ARRAY_STORED})
 _FAST_REMOVED = frozenset({_MAP_REMOVED, _ARRAY_REMOVED})
 
@@ -277,12 +300,32 @@ def _unsigned(hashes: list[int]) -> list[int]:
     return hashes
 
 
-def _frozen(value: Any) -> Any:
-    """``value`` with its arrays as tuples, as the careful path decodes them (msgspec's ``Any``
-    decodes arrays as lists)."""
-    if type(value) is list or type(value) is tuple:
-        return tuple(_frozen(item) for item in value)
-    return value
+def _frozen(value: list[Any]) -> tuple[Any, ...]:
+    """``value`` with its arrays (at any depth) as tuples, as the careful path decodes them
+    (msgspec's ``Any`` decodes arrays as lists).
+
+    Iterative: a payload of a few hundred bytes can nest arrays deeper than Python's recursion
+    limit. Raises ``TypeError`` for a map inside (the careful path then decodes the batch).
+    """
+    # Each entry: an array being copied and the items copied so far.
+    stack: list[tuple[list[Any], list[Any]]] = [(value, [])]
+    while True:
+        source, copied = stack[-1]
+        while len(copied) < len(source):
+            item = source[len(copied)]
+            if type(item) is list:
+                stack.append((item, []))
+                break
+            if type(item) is dict:
+                # Never sent by vLLM; the careful path decodes maps with tuples inside.
+                raise TypeError("a map in extra_keys")
+            copied.append(item)
+        else:
+            done = tuple(copied)
+            stack.pop()
+            if not stack:
+                return done
+            stack[-1][1].append(done)
 
 
 _WHERE = operator.attrgetter("medium", "group_idx")
@@ -291,21 +334,16 @@ _HASHES = operator.attrgetter("block_hashes")
 
 def _from_fast(raw: Any, merge_removals: bool) -> VllmKvBatch:
     events: list[VllmKvEvent] = []
-    # Runs of one event type; a big eviction is one run of thousands of removals, merged in
-    # C-level passes.
+    # Runs of one event type; a big eviction is one run of thousands of removals.
     for kind, group in itertools.groupby(raw.events, type):
         if kind in _FAST_REMOVED:
-            run = list(group)
-            if not merge_removals:
+            if merge_removals:
+                events.extend(_merged(group))
+            else:
                 events.extend(
                     VllmBlockRemoved(_unsigned(event.block_hashes), event.medium, event.group_idx)
-                    for event in run
+                    for event in group
                 )
-                continue
-            wheres = list(map(_WHERE, run))
-            for where, same in itertools.groupby(zip(wheres, run, strict=True), _FIRST):
-                hashes = list(itertools.chain.from_iterable(map(_HASHES, map(_SECOND, same))))
-                events.append(VllmBlockRemoved(_unsigned(hashes), *where))
         elif kind in _FAST_STORED:
             events.extend(map(_stored, group))
         else:
@@ -313,8 +351,25 @@ def _from_fast(raw: Any, merge_removals: bool) -> VllmKvBatch:
     return VllmKvBatch(ts=raw.ts, events=events, data_parallel_rank=raw.data_parallel_rank)
 
 
-_FIRST = operator.itemgetter(0)
-_SECOND = operator.itemgetter(1)
+def _merged(removals: Iterable[Any]) -> Iterator[VllmBlockRemoved]:
+    """A run of consecutive removals (msgspec's structs or `VllmBlockRemoved`\\ s) as one
+    `VllmBlockRemoved` per stretch of one ``medium`` and ``group_idx``: each hash is copied
+    once (C-level chain), so the cost is linear in the hashes however many events they came in.
+    """
+    for where, same in itertools.groupby(removals, _WHERE):
+        hashes = list(itertools.chain.from_iterable(map(_HASHES, same)))
+        yield VllmBlockRemoved(_unsigned(hashes), *where)
+
+
+def _merge_removed(events: Iterable[VllmKvEvent]) -> list[VllmKvEvent]:
+    """The careful path's events with their removals merged as the fast path merges them."""
+    merged: list[VllmKvEvent] = []
+    for kind, group in itertools.groupby(events, type):
+        if kind is VllmBlockRemoved:
+            merged.extend(_merged(group))
+        else:
+            merged.extend(group)
+    return merged
 
 
 def _stored(event: Any) -> VllmBlockStored:
@@ -336,23 +391,6 @@ def _stored(event: Any) -> VllmBlockStored:
         kv_cache_spec_kind=event.kv_cache_spec_kind,
         kv_cache_spec_sliding_window=event.kv_cache_spec_sliding_window,
     )
-
-
-def _merge_removed(events: Iterable[VllmKvEvent]) -> list[VllmKvEvent]:
-    merged: list[VllmKvEvent] = []
-    for event in events:
-        last = merged[-1] if merged else None
-        if (
-            type(event) is VllmBlockRemoved
-            and type(last) is VllmBlockRemoved
-            and (event.medium, event.group_idx) == (last.medium, last.group_idx)
-        ):
-            merged[-1] = VllmBlockRemoved(
-                (*last.block_hashes, *event.block_hashes), last.medium, last.group_idx
-            )
-        else:
-            merged.append(event)
-    return merged
 
 
 # -- the careful path: every shape any vLLM sent, and the errors that name the field ------------

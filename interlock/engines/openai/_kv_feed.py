@@ -22,9 +22,9 @@ import zmq
 
 from ..._errors import InterlockError
 from ...wire import (
+    KvBatchDecoder,
     VllmKvBatch,
     VllmKvDecodeError,
-    decode_kv_batch,
     kv_topic,
     parse_kv_message,
     parse_replay_reply,
@@ -102,6 +102,8 @@ class KvEventFeed:
         self._hwm = hwm
         self._endpoint: str | None = None
         self._handlers: dict[bytes, KvBatchHandler] = {}
+        # Per topic: each engine's decoder remembers its own event layout.
+        self._decoders: dict[bytes, KvBatchDecoder] = {}
         self._warned_topics: set[bytes] = set()
         self._running = False
         self._messages = 0
@@ -142,10 +144,12 @@ class KvEventFeed:
                 f"{topic.decode()!r}); every engine needs its own id and topic"
             )
         self._handlers[topic] = handler
+        self._decoders[topic] = KvBatchDecoder()
 
         def unsubscribe() -> None:
             if self._handlers.get(topic) is handler:
                 del self._handlers[topic]
+                del self._decoders[topic]
 
         return unsubscribe
 
@@ -208,7 +212,7 @@ class KvEventFeed:
             )
             return
         try:
-            batch = decode_kv_batch(message.payload, merge_removals=True)
+            batch = self._decoders[topic].decode(message.payload, merge_removals=True)
         except VllmKvDecodeError as exc:
             self._undecodable += 1
             self._warn_once(
@@ -269,6 +273,7 @@ async def replay_kv_batches(
     context = zmq.Context.instance()
     socket = context.socket(zmq.DEALER)
     got: list[tuple[int, VllmKvBatch]] = []
+    decoder = KvBatchDecoder()
     try:
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(replay_endpoint)
@@ -279,7 +284,7 @@ async def replay_kv_batches(
                 message = parse_replay_reply(await recv_multipart(socket))
                 if message is None:
                     return got
-                got.append((message.seq, decode_kv_batch(message.payload, merge_removals=True)))
+                got.append((message.seq, decoder.decode(message.payload, merge_removals=True)))
         raise KvReplayFailed(
             f"replay from {replay_endpoint} (from seq {start_seq}) did not end within {timeout} s "
             f"({len(got)} batches received); check the engine's kv-events 'replay_endpoint' is "

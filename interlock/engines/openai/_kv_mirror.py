@@ -446,14 +446,14 @@ class KvMirror:
             return
         tokens = compute_block_hashes(event.token_ids, self.block_size)
         tokens_of, parents = self._tokens, self._parents
-        if tokens_of.keys().isdisjoint(hashes):
-            # A run of new blocks (every prefill): mirrored and published in C-level passes, as
-            # columns, with no object per block.
+        ids = set(hashes)
+        if len(ids) == len(hashes) and tokens_of.keys().isdisjoint(ids):
+            # A run of distinct new blocks (every prefill): mirrored and published in C-level
+            # passes, as columns, with no object per block. An id repeated inside the run
+            # replaces its earlier self, block by block below.
             tokens_of.update(zip(hashes, tokens, strict=True))
             parents.update(zip(hashes, (parent, *hashes[:-1]), strict=True))
-            self._emit(
-                KvStored(self.worker_id, self._next_event_id, parent, StoredBlocks(hashes, tokens))
-            )
+            self._emit_run(parent, hashes, tokens)
             return
         run_hashes: list[int] = []
         run_tokens: list[int] = []
@@ -478,7 +478,7 @@ class KvMirror:
         if run_hashes:
             self._emit_run(run_parent, run_hashes, run_tokens)
 
-    def _emit_run(self, parent: int | None, hashes: list[int], tokens: list[int]) -> None:
+    def _emit_run(self, parent: int | None, hashes: Sequence[int], tokens: Sequence[int]) -> None:
         self._emit(
             KvStored(self.worker_id, self._next_event_id, parent, StoredBlocks(hashes, tokens))
         )
