@@ -860,19 +860,23 @@ class _HttpStream:
         tb: TracebackType | None,
     ) -> None:
         response = self._response
-        if response is not None and self._reader.done and not response.complete:
-            # After [DONE] only the body's terminating chunk is left: reading it lets the
-            # connection go back to the pool instead of a new one per request. Shielded so
-            # that a cancelled request still gets its connection back.
-            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
-                try:
-                    while await response.receive():
+        try:
+            if response is not None and self._reader.done and not response.complete:
+                # After [DONE] only the body's terminating chunk is left: reading it lets the
+                # connection go back to the pool instead of a new one per request. Shielded so
+                # that a cancelled request still gets its connection back.
+                with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                    try:
+                        while await response.receive():
+                            pass
+                    except EngineHttpError:
                         pass
-                except EngineHttpError:
-                    pass
-        else:
-            await trio.lowlevel.checkpoint()
-        self._close()
+            else:
+                await trio.lowlevel.checkpoint()
+        finally:
+            # Also when the checkpoint raises Cancelled (the client went): the engine must see
+            # the connection close, or it generates on for nobody.
+            self._close()
 
     def _close(self) -> None:
         # Closing an unfinished stream drops its connection: the engine sees the client go and
