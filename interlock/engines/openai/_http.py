@@ -5,11 +5,12 @@ socket write; `EngineResponse` hands its body back as it arrives (chunked encodi
 undone), in whatever pieces the socket delivered, so an SSE reader sees every event that is
 already there at once.
 
-Why not httpx, which the engine's health, metrics and start-up checks still use: on the request
-path httpx, httpcore and h11 took about 40 % of ``interlock serve``'s CPU per streamed request
-in front of HTTP engines (py-spy, docs/benchmarks.md "In front of an engine"): request and
-header objects, h11's pure-Python event machine per chunk, a pool lock per request. llhttp
-(``httptools``, which interlock's HTTP server already parses with) does the parsing in C.
+It carries everything `OpenAIEngine` sends an engine (start-up checks, ``/health`` and
+``/metrics`` polls, requests). Why not httpx: on the request path httpx, httpcore and h11
+took about 40 % of ``interlock serve``'s CPU per streamed request in front of HTTP engines
+(py-spy, docs/benchmarks.md "In front of an engine"): request and header objects, h11's
+pure-Python event machine per chunk, a pool lock per request. llhttp (``httptools``, which
+interlock's HTTP server already parses with) does the parsing in C.
 """
 
 from __future__ import annotations
