@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import resource
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import pytest
 import trio
@@ -277,3 +277,63 @@ async def test_a_response_finished_after_aclose_closes_its_connection() -> None:
         assert connections._idle == []
         with trio.fail_after(DEADLINE):
             await closed.wait()
+
+
+def token_chunk(token: int, finish_reason: str | None = None) -> bytes:
+    choice = {"index": 0, "text": "", "token_ids": [token], "finish_reason": finish_reason}
+    return sse_chunk(json.dumps({"choices": [choice]}))
+
+
+def serve_one_burst(body: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """An engine whose every completion is ``body``, sent in one write."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        async with stream:
+            while (head := await read_request(stream, buffer)) is not None:
+                line = head.split(b"\r\n", 1)[0]
+                if line.startswith(b"GET /health"):
+                    await stream.send_all(answer("200 OK", b""))
+                elif line.startswith(b"GET /v1/models"):
+                    await stream.send_all(answer("200 OK", b'{"data": [{"id": "m"}]}'))
+                elif line.startswith(b"POST /v1/completions"):
+                    await stream.send_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                        b"transfer-encoding: chunked\r\n\r\n" + body
+                    )
+                else:
+                    await stream.send_all(answer("404 Not Found", b"{}"))
+
+    return handler
+
+
+@pytest.mark.parametrize("broken", [False, True])
+async def test_a_long_burst_is_joined_into_outputs_of_at_most_256_tokens(broken: bool) -> None:
+    tokens = list(range(1000, 1600))
+    body = b"".join(token_chunk(t) for t in tokens)
+    if broken:
+        error = {"error": {"message": "EngineCore encountered an issue.", "code": 500}}
+        body += sse_chunk(json.dumps(error))
+    else:
+        body += token_chunk(1600, "length") + sse_chunk("[DONE]") + b"0\r\n\r\n"
+        tokens.append(1600)
+    handler = serve_one_burst(body)
+    got: list[int] = []
+    sizes: list[int] = []
+    async with trio.open_nursery() as nursery, listening(handler) as url:
+        engine = OpenAIEngine(url, instance_id=1, health_interval=60)
+        await nursery.start(engine.run)
+        request = PreprocessedRequest(token_ids=PROMPT, max_tokens=len(tokens))
+        failing: AbstractContextManager[object] = (
+            pytest.raises(WorkerGone, match="EngineCore") if broken else nullcontext()
+        )
+        with failing:
+            async with engine.open_stream(request) as stream:
+                async for output in stream:
+                    got.extend(output.token_ids)
+                    sizes.append(len(output.token_ids))
+        nursery.cancel_scope.cancel()
+    # Every token, in order, before any failure (migration keeps them).
+    assert got == tokens
+    assert max(sizes) <= 256 and sum(sizes) == len(tokens)
+    assert len(sizes) <= len(tokens) // 256 + 2, sizes  # joined, not one output per token
