@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import pytest
 import trio
+import trio.testing
 from test_engine_connections import (
     BURST_TOKENS,
     PROMPT,
@@ -31,6 +32,7 @@ from interlock._errors import WorkerGone
 from interlock.engines.openai import OpenAIEngine
 from interlock.engines.openai._http import (
     MAX_HEAD_BYTES,
+    SEND_TIMEOUT,
     EngineConnectError,
     EngineConnections,
     EngineProtocolError,
@@ -337,3 +339,19 @@ async def test_a_long_burst_is_joined_into_outputs_of_at_most_256_tokens(broken:
     assert got == tokens
     assert max(sizes) <= 256 and sum(sizes) == len(tokens)
     assert len(sizes) <= len(tokens) // 256 + 2, sizes  # joined, not one output per token
+
+
+async def test_a_request_the_engine_does_not_read_fails_after_the_send_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()  # accepts, never reads
+
+    async with listening(handler) as url:
+        connections = EngineConnections(url)
+        # Larger than any socket buffers on the way: the write must wait for the engine.
+        body = b"[" + b"1," * (32 * 1024 * 1024) + b"1]"
+        with pytest.raises(EngineProtocolError, match=f"within {SEND_TIMEOUT}s"):
+            await connections.post("/v1/completions", body)
+        await connections.aclose()
