@@ -19,14 +19,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-import httpx
 import trio
 
 from ..._errors import RequestError, WorkerGone, WorkerRefused
 from ..._tracing import inject_trace_headers
 from ...processing import Tokenizer
 from ...wire import EngineOutput, PrefillResult, PreprocessedRequest, WorkerJoined, WorkerLeft
-from ...wire._output import join_outputs
+from ...wire._output import join_waiting
 from .._listeners import Listeners
 from .._protocol import (
     ROLES,
@@ -57,7 +56,8 @@ TOKENIZER_PROBE = (
     "  def f(x):\n\treturn x**2 -> café naïve résumé 東京 3.14159 <|probe|> 🚂"
 )
 
-#: Request bodies as httpx's ``json=`` wrote them: compact, UTF-8, no NaN.
+#: Request bodies as httpx's ``json=`` wrote them (when it was the engine's client): compact,
+#: UTF-8, no NaN.
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 #: The KV-transfer parameters of a prefill leg (vLLM's P/D connectors): compute the prompt's KV
@@ -222,45 +222,38 @@ class OpenAIEngine:
             TokenizerMismatch: the engine tokenizes the probe text differently.
         """
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        # One context for both clients (httpx deprecates a CA path as verify=).
         verify = ssl_context_for(self.verify) if self.base_url.startswith("https:") else True
-        async with httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            # Reads wait as long as the engine generates: a stalled stream is the
-            # pipeline's engine_idle_timeout to judge, not the HTTP client's.
-            timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            verify=verify,
-        ) as client:
+        # One client for the start-up checks, the polls and the requests: interlock's own
+        # HTTP/1.1 client (`_http`), as httpx's per-request cost was most of the frontend's in
+        # front of an engine. Reads wait as long as the engine generates: a stalled stream is
+        # the pipeline's engine_idle_timeout to judge, not the HTTP client's.
+        connections = EngineConnections(self.base_url, headers=headers, verify=verify)
+        try:
             # Checked before the nursery opens, so that they raise bare, not in a group.
-            await self._wait_healthy(client)
-            await self._describe(client)
-            await self._check_tokenizer(client)
-            # The requests themselves go through interlock's own HTTP/1.1 client (`_http`):
-            # httpx's per-request cost was most of the frontend's in front of an engine.
-            self._connections = EngineConnections(self.base_url, headers=headers, verify=verify)
-            try:
-                async with trio.open_nursery() as nursery:
-                    if self.kv_events is not None:
-                        await self._follow_kv_events(nursery)
-                    self._set_present(True, "healthy")
-                    task_status.started()
-                    await self._watch()
-            finally:
-                self._present = False
-                connections, self._connections = self._connections, None
-                with trio.CancelScope(shield=True):
-                    await connections.aclose()
+            await self._wait_healthy(connections)
+            await self._describe(connections)
+            await self._check_tokenizer(connections)
+            self._connections = connections
+            async with trio.open_nursery() as nursery:
+                if self.kv_events is not None:
+                    await self._follow_kv_events(nursery)
+                self._set_present(True, "healthy")
+                task_status.started()
+                await self._watch(connections)
+        finally:
+            self._present = False
+            self._connections = None
+            with trio.CancelScope(shield=True):
+                await connections.aclose()
 
     # -- starting ---------------------------------------------------------------------------
 
-    async def _wait_healthy(self, client: httpx.AsyncClient) -> None:
+    async def _wait_healthy(self, connections: EngineConnections) -> None:
         delay = 0.05
         last = "no attempt"
         with trio.move_on_after(self.connect_timeout):
             while True:
-                last = await self._health(client)
+                last = await self._health(connections)
                 if not last:
                     return
                 await trio.sleep(delay)
@@ -272,28 +265,30 @@ class OpenAIEngine:
             worker_id=self.instance_id,
         )
 
-    async def _health(self, client: httpx.AsyncClient) -> str:
-        """'' when healthy, else why not."""
+    async def _health(self, connections: EngineConnections) -> str:
+        """'' when ``/health`` answers 200, else why not."""
         try:
             with trio.fail_after(self.health_timeout):
-                response = await client.get("/health")
+                status, _ = await connections.get("/health")
         except trio.TooSlowError:
             return f"no answer within {self.health_timeout}s"
-        except httpx.HTTPError as exc:
-            return _describe_http_error(exc)
-        if response.status_code != 200:
-            return f"/health answered {response.status_code}"
+        except EngineConnectError as exc:
+            return f"connection refused or unreachable ({exc})"
+        except EngineHttpError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if status != 200:
+            return f"/health answered {status}"
         return ""
 
-    async def _describe(self, client: httpx.AsyncClient) -> None:
+    async def _describe(self, connections: EngineConnections) -> None:
         """Learn the served model and context length; check the block size."""
         try:
             with trio.fail_after(self.health_timeout):
-                response = await client.get("/v1/models")
-            cards = response.json().get("data", []) if response.status_code == 200 else []
+                status, raw = await connections.get("/v1/models")
+            cards = json.loads(raw).get("data", []) if status == 200 else []
             if type(cards) is not list:
                 cards = []
-        except (httpx.HTTPError, ValueError, AttributeError, trio.TooSlowError):
+        except (EngineHttpError, ValueError, AttributeError, trio.TooSlowError):
             cards = []
         card = next(
             (
@@ -321,7 +316,7 @@ class OpenAIEngine:
                 f"{self.model!r}; give OpenAIEngine(model=...) the engine's --served-model-name",
                 worker_id=self.instance_id,
             )
-        metrics = await self._scrape(client)
+        metrics = await self._scrape(connections)
         reported = metrics.block_size if metrics is not None else None
         if self.block_size is not None and reported is not None and reported != self.block_size:
             raise WorkerMismatch(
@@ -333,25 +328,29 @@ class OpenAIEngine:
                 worker_id=self.instance_id,
             )
 
-    async def _check_tokenizer(self, client: httpx.AsyncClient) -> None:
+    async def _check_tokenizer(self, connections: EngineConnections) -> None:
         tokenizer = self.tokenizer
         if tokenizer is None:
             return
         body = {"model": self.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
         try:
             with trio.fail_after(self.health_timeout):
-                response = await client.post("/tokenize", json=body)
-        except (httpx.HTTPError, trio.TooSlowError) as exc:
+                response = await connections.post("/tokenize", _JSON.encode(body).encode())
+                try:
+                    status, raw = response.status, await response.read()
+                finally:
+                    response.close()
+        except (EngineHttpError, trio.TooSlowError) as exc:
             why = (
                 f"no answer within {self.health_timeout}s"
                 if isinstance(exc, trio.TooSlowError)
-                else _describe_http_error(exc)
+                else f"{type(exc).__name__}: {exc}"
             )
             _logger.warning(
                 "engine %d: cannot check its tokenizer (POST /tokenize: %s)", self.instance_id, why
             )
             return
-        if response.status_code == 404:
+        if status == 404:
             _logger.warning(
                 "engine %d at %s has no /tokenize: its tokenizer cannot be checked against "
                 "the frontend's",
@@ -360,14 +359,14 @@ class OpenAIEngine:
             )
             return
         try:
-            theirs = response.json()["tokens"]
+            theirs = json.loads(raw)["tokens"]
             if type(theirs) is not list:
                 raise TypeError("tokens is not a list")
         except (ValueError, KeyError, TypeError):
             _logger.warning(
                 "engine %d: POST /tokenize answered %d without tokens; tokenizer not checked",
                 self.instance_id,
-                response.status_code,
+                status,
             )
             return
         ours = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
@@ -403,7 +402,7 @@ class OpenAIEngine:
 
     # -- watching ---------------------------------------------------------------------------
 
-    async def _watch(self) -> None:
+    async def _watch(self, connections: EngineConnections) -> None:
         failures = 0
         while True:
             await trio.sleep(self.health_interval)
@@ -413,55 +412,25 @@ class OpenAIEngine:
                 # is saved; a busy frontend polls only its idle engines.
                 why = ""
             else:
-                why = await self._poll_health()
+                why = await self._health(connections)
             if why:
                 failures += 1
                 if failures >= self.unhealthy_after or "refused" in why:
                     self._set_present(False, why)
                 continue
             failures = 0
-            await self._poll_metrics()
+            await self._scrape(connections)
             self._set_present(True, "healthy")
 
-    # The polls once the engine serves go through the requests' own connections (`_http`):
-    # through httpx they cost a few milliseconds of CPU a second per engine.
-
-    async def _poll_health(self) -> str:
-        """'' when ``/health`` answers 200, else why not."""
-        connections = self._connections
-        assert connections is not None
-        try:
-            with trio.fail_after(self.health_timeout):
-                status, _ = await connections.get("/health")
-        except trio.TooSlowError:
-            return f"no answer within {self.health_timeout}s"
-        except EngineConnectError as exc:
-            return f"connection refused or unreachable ({exc})"
-        except EngineHttpError as exc:
-            return f"{type(exc).__name__}: {exc}"
-        if status != 200:
-            return f"/health answered {status}"
-        return ""
-
-    async def _poll_metrics(self) -> None:
-        connections = self._connections
-        assert connections is not None
+    async def _scrape(self, connections: EngineConnections) -> EngineMetrics | None:
+        """Read ``/metrics`` into `metrics`; return it (None when it could not be read)."""
         try:
             with trio.fail_after(self.health_timeout):
                 status, body = await connections.get("/metrics")
-            if status == 200:
-                self.metrics = parse_engine_metrics(body.decode("utf-8", "replace"))
-        except (trio.TooSlowError, EngineHttpError, ValueError, ArithmeticError) as exc:
-            _logger.debug("engine %d: /metrics: %s", self.instance_id, exc)
-
-    async def _scrape(self, client: httpx.AsyncClient) -> EngineMetrics | None:
-        try:
-            with trio.fail_after(self.health_timeout):
-                response = await client.get("/metrics")
-            if response.status_code != 200:
+            if status != 200:
                 return None
-            self.metrics = parse_engine_metrics(response.text)
-        except (trio.TooSlowError, httpx.HTTPError, ValueError, ArithmeticError) as exc:
+            self.metrics = parse_engine_metrics(body.decode("utf-8", "replace"))
+        except (trio.TooSlowError, EngineHttpError, ValueError, ArithmeticError) as exc:
             _logger.debug("engine %d: /metrics: %s", self.instance_id, exc)
             return None
         return self.metrics
@@ -576,17 +545,11 @@ async def _unsubscribe_on_exit(remove: Callable[[], None]) -> None:
         remove()
 
 
-def _describe_http_error(exc: httpx.HTTPError) -> str:
-    if isinstance(exc, httpx.ConnectError):
-        return f"connection refused or unreachable ({exc})"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 class _HttpStream:
     """The context manager and iterator `OpenAIEngine.open_stream` returns.
 
     Iterating yields one output per read of the engine's stream: every SSE chunk that had
-    already arrived is joined into it (`join_outputs`), so a burst of tokens costs the pipeline
+    already arrived is joined into it (`join_waiting`), so a burst of tokens costs the pipeline
     and the client one output, not one per token (as interlock's own workers send them).
     """
 
@@ -594,7 +557,7 @@ class _HttpStream:
         "_chat",
         "_engine",
         "_error",
-        "_held",
+        "_outputs",
         "_payloads",
         "_prefill",
         "_reader",
@@ -613,8 +576,8 @@ class _HttpStream:
         self._splitter = SseSplitter()
         #: Payloads split from the body and not fed to the reader yet.
         self._payloads: deque[str] = deque()
-        #: An output read but not yet returned (it could not join the one returned before).
-        self._held: EngineOutput | None = None
+        #: Outputs read but not yet returned (those that could not join the ones returned).
+        self._outputs: deque[EngineOutput] = deque()
         #: A failure found after outputs that were returned first; raised next.
         self._error: BaseException | None = None
         self._prefill: EngineOutput | None = None
@@ -750,46 +713,38 @@ class _HttpStream:
         if self._prefill is not None:
             output, self._prefill = self._prefill, None
             return output
-        held, self._held = self._held, None
-        if held is not None:
-            return held
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-        payloads = self._payloads
-        pending: EngineOutput | None = None
-        while True:
-            if not payloads:
-                if pending is not None:
-                    # Everything that had arrived is in it: the next read may wait.
-                    return pending
-                held, self._held = self._held, None
-                if held is not None:
-                    return held  # the final output of a body that ended without [DONE]
-                if not self._streaming:
-                    raise StopAsyncIteration
+        outputs = self._outputs
+        while not outputs:
+            error, self._error = self._error, None
+            if error is not None:
+                raise error
+            if self._payloads:
+                self._decode()
+            elif self._streaming:
                 await self._read_more()
-                continue
+            else:
+                raise StopAsyncIteration
+        # Everything that had arrived, joined into one output (built once); the next read
+        # may wait.
+        first = outputs.popleft()
+        return join_waiting(first, outputs) if outputs else first
+
+    def _decode(self) -> None:
+        """Feed every payload split from the body so far to the reader; keep its outputs, and
+        a failure to raise after them (the tokens before it still count: migration keeps
+        them)."""
+        payloads = self._payloads
+        outputs = self._outputs
+        while payloads:
             try:
                 output = self._feed(payloads.popleft())
             except WorkerGone as exc:
-                if pending is None:
-                    raise
-                # The tokens before the failure still count (migration keeps them).
                 self._error = exc
-                return pending
-            if output is None:
-                if self._reader.done and pending is None:
-                    raise StopAsyncIteration
-                continue
-            if pending is None:
-                pending = output
-                continue
-            joined = join_outputs(pending, output)
-            if joined is None:
-                self._held = output
-                return pending
-            pending = joined
+                payloads.clear()
+                self._streaming = False
+                return
+            if output is not None:
+                outputs.append(output)
 
     def _feed(self, data: str) -> EngineOutput | None:
         reader = self._reader
@@ -817,7 +772,7 @@ class _HttpStream:
             self._streaming = False
             if reader.finished:
                 # Every token and the finish reason came before the connection broke.
-                self._held = reader.finish()
+                self._outputs.append(reader.finish())
                 return
             raise reader.broken(f"broke the stream ({exc})") from exc
         if data:
@@ -829,7 +784,7 @@ class _HttpStream:
             return
         if reader.finished:
             # The finish reason came; only [DONE] is missing.
-            self._held = reader.finish()
+            self._outputs.append(reader.finish())
             return
         raise reader.broken("closed the stream without a finish_reason")
 
@@ -860,19 +815,23 @@ class _HttpStream:
         tb: TracebackType | None,
     ) -> None:
         response = self._response
-        if response is not None and self._reader.done and not response.complete:
-            # After [DONE] only the body's terminating chunk is left: reading it lets the
-            # connection go back to the pool instead of a new one per request. Shielded so
-            # that a cancelled request still gets its connection back.
-            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
-                try:
-                    while await response.receive():
+        try:
+            if response is not None and self._reader.done and not response.complete:
+                # After [DONE] only the body's terminating chunk is left: reading it lets the
+                # connection go back to the pool instead of a new one per request. Shielded so
+                # that a cancelled request still gets its connection back.
+                with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                    try:
+                        while await response.receive():
+                            pass
+                    except EngineHttpError:
                         pass
-                except EngineHttpError:
-                    pass
-        else:
-            await trio.lowlevel.checkpoint()
-        self._close()
+            else:
+                await trio.lowlevel.checkpoint()
+        finally:
+            # Also when the checkpoint raises Cancelled (the client went): the engine must see
+            # the connection close, or it generates on for nobody.
+            self._close()
 
     def _close(self) -> None:
         # Closing an unfinished stream drops its connection: the engine sees the client go and

@@ -5,11 +5,12 @@ socket write; `EngineResponse` hands its body back as it arrives (chunked encodi
 undone), in whatever pieces the socket delivered, so an SSE reader sees every event that is
 already there at once.
 
-Why not httpx, which the engine's health, metrics and start-up checks still use: on the request
-path httpx, httpcore and h11 took about 40 % of ``interlock serve``'s CPU per streamed request
-in front of HTTP engines (py-spy, docs/benchmarks.md "In front of an engine"): request and
-header objects, h11's pure-Python event machine per chunk, a pool lock per request. llhttp
-(``httptools``, which interlock's HTTP server already parses with) does the parsing in C.
+It carries everything `OpenAIEngine` sends an engine (start-up checks, ``/health`` and
+``/metrics`` polls, requests). Why not httpx: on the request path httpx, httpcore and h11
+took about 40 % of ``interlock serve``'s CPU per streamed request in front of HTTP engines
+(py-spy, docs/benchmarks.md "In front of an engine"): request and header objects, h11's
+pure-Python event machine per chunk, a pool lock per request. llhttp (``httptools``, which
+interlock's HTTP server already parses with) does the parsing in C.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ import trio
 MAX_IDLE = 256
 #: Bytes asked of the socket per read: a whole burst of SSE chunks fits.
 READ_SIZE = 65536
+#: Seconds a request may take to be written (an engine that reads nothing), as httpx's write
+#: timeout was.
+SEND_TIMEOUT = 60.0
+#: A request up to this size is written without a `SEND_TIMEOUT` scope (which costs a few
+#: percent of a request's CPU): it fits a connection's empty send buffer (Linux starts one at
+#: 16 KiB, TLS records included), so it cannot wait on the engine.
+UNTIMED_SEND_BYTES = 8 * 1024
+#: Bytes of an answer's head (status line, headers, and any 1xx answers before it) past which
+#: the engine is taken as broken: llhttp itself has no limit, and the head is held in memory.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class EngineHttpError(Exception):
@@ -92,6 +103,8 @@ class EngineConnections:
         #: Every request's header lines but its own (built once: the hot path only appends).
         self._fixed = fixed.encode("latin-1")
         self._idle: list[_Connection] = []
+        #: `aclose` was called: a connection given back afterwards is closed, not kept.
+        self._closed = False
 
     async def get(self, path: str) -> tuple[int, bytes]:
         """``GET path``: the answer's status and whole body.
@@ -134,40 +147,53 @@ class EngineConnections:
                 continue
             try:
                 return await connection.exchange(message, self)
-            except _ClosedBeforeAnswer:
-                # The engine closed this idle connection as the request went (a keep-alive
-                # timeout): it never saw the request, so it goes again on another one.
+            except _NotSent:
+                # The engine closed this idle connection (its keep-alive timeout) as the
+                # request went: writing failed, or the engine's side reset it before any
+                # answer. It never read the request, so the request goes again on another
+                # one. A request the engine may have read is never sent again: it may be
+                # generating it (the broken connection is then the engine's failure, which
+                # migration handles).
                 continue
         connection = await self._connect()
         try:
             return await connection.exchange(message, self)
-        except _ClosedBeforeAnswer as exc:
+        except _NotSent as exc:
             raise EngineProtocolError(str(exc)) from None
 
     async def _connect(self) -> _Connection:
+        tcp: trio.SocketStream | None = None
         try:
             with trio.fail_after(self.connect_timeout):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(self._host, self._port)
-                if self._ssl is not None:
-                    tls = trio.SSLStream(stream, self._ssl, server_hostname=self._host)
-                    await tls.do_handshake()
-                    stream = tls
-        except trio.TooSlowError:
-            raise EngineConnectError(
-                f"no connection within {self.connect_timeout}s to {self._host}:{self._port}"
-            ) from None
-        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise EngineConnectError(f"{type(exc).__name__}: {exc}") from exc
-        return _Connection(stream)
+                tcp = await trio.open_tcp_stream(self._host, self._port)
+                if self._ssl is None:
+                    return _Connection(tcp)
+                tls = trio.SSLStream(tcp, self._ssl, server_hostname=self._host)
+                await tls.do_handshake()
+                return _Connection(tls)
+        except BaseException as exc:
+            # A TLS handshake that failed, timed out or was cancelled leaves the TCP
+            # connection open otherwise (until garbage collection).
+            if tcp is not None:
+                tcp.socket.close()
+            if isinstance(exc, trio.TooSlowError):
+                raise EngineConnectError(
+                    f"no connection within {self.connect_timeout}s to {self._host}:{self._port}"
+                ) from None
+            if isinstance(exc, OSError | trio.BrokenResourceError | ssl.SSLError):
+                raise EngineConnectError(f"{type(exc).__name__}: {exc}") from exc
+            raise
 
     def _release(self, connection: _Connection) -> None:
-        if len(self._idle) < MAX_IDLE:
+        if not self._closed and len(self._idle) < MAX_IDLE:
             self._idle.append(connection)
         else:
             connection.close()
 
     async def aclose(self) -> None:
-        """Close every idle connection (those in use close when their response does)."""
+        """Close every idle connection (those in use close when their response does, even
+        if read to their end)."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
@@ -180,8 +206,20 @@ def _header_line(name: str, value: str) -> str:
     return f"{name}: {value}\r\n"
 
 
-class _ClosedBeforeAnswer(EngineProtocolError):
-    pass
+class _NotSent(EngineProtocolError):
+    """The engine cannot have read the request: writing it failed, or the engine reset the
+    connection before any byte of an answer (the request reached a socket it had closed; an
+    engine that read the request and then closed its socket ends the connection cleanly)."""
+
+
+def _reset_by_peer(exc: BaseException) -> bool:
+    # trio wraps the OSError (twice over TLS) in BrokenResourceError.
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionResetError):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 class _Connection:
@@ -190,7 +228,9 @@ class _Connection:
     __slots__ = (
         "_body",
         "_complete",
+        "_head_bytes",
         "_headers_done",
+        "_interim",
         "_keep_alive",
         "_parser",
         "_stream",
@@ -209,6 +249,10 @@ class _Connection:
         self._headers_done = False
         self._complete = False
         self._keep_alive = False
+        #: The answer now parsed is a 1xx (103 Early Hints): the real one follows it.
+        self._interim = False
+        #: Bytes fed to the parser before the answer's headers were complete.
+        self._head_bytes = 0
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         #: The body's end is marked (a length or chunked encoding), not the connection's close.
@@ -221,8 +265,16 @@ class _Connection:
             self.framed = True
 
     def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints): no body, and the request's
+            # own answer follows on the same connection.
+            self._interim = True
+            self.headers = []
+            self.framed = False
+            return
         self._headers_done = True
-        self.status = self._parser.get_status_code()
+        self.status = status
         # Asked here: once the message is complete llhttp has reset what it knew.
         self._keep_alive = self._parser.should_keep_alive()
 
@@ -230,6 +282,9 @@ class _Connection:
         self._body.append(data)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._complete = True
 
     def reusable(self) -> bool:
@@ -243,11 +298,13 @@ class _Connection:
         )
         if sock is None:
             return True
+        # poll, not select: select refuses descriptors from 1024 on, which a busy server has.
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+            poller.register(sock.fileno(), select.POLLIN)
+            return not poller.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
 
     def close(self) -> None:
         stream, self._stream = self._stream, None
@@ -264,25 +321,49 @@ class _Connection:
                 inner.close()
 
     async def exchange(self, message: bytes, owner: EngineConnections) -> EngineResponse:
-        """Send ``message`` and read up to the answer's headers."""
+        """Send ``message`` and read up to the answer's headers (past any 1xx answers).
+
+        Raises:
+            _NotSent: writing failed, or the engine reset the connection before any answer.
+            EngineProtocolError: the connection broke after the request was written, or
+                writing took over `SEND_TIMEOUT`, or the answer is not HTTP/1.1, or its head
+                is over `MAX_HEAD_BYTES`.
+        """
         stream = self._stream
         assert stream is not None
         self._reset()
         try:
-            await stream.send_all(message)
+            try:
+                if len(message) <= UNTIMED_SEND_BYTES:
+                    await stream.send_all(message)
+                else:
+                    with trio.move_on_after(SEND_TIMEOUT) as sending:
+                        await stream.send_all(message)
+                    if sending.cancelled_caught:
+                        raise EngineProtocolError(
+                            f"the engine did not take the request within {SEND_TIMEOUT}s"
+                        )
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise _NotSent(f"sending the request failed: {type(exc).__name__}: {exc}") from exc
             while not self._headers_done:
-                data = await stream.receive_some(READ_SIZE)
+                try:
+                    data = await stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, OSError) as exc:
+                    why = f"the connection broke before the answer: {type(exc).__name__}: {exc}"
+                    if not self._head_bytes and _reset_by_peer(exc):
+                        raise _NotSent(why) from exc
+                    raise EngineProtocolError(why) from exc
                 if not data:
-                    if not self._body and not self._headers_done:
-                        raise _ClosedBeforeAnswer("the engine closed the connection")
-                    raise EngineProtocolError("the engine closed the connection mid-answer")
+                    raise EngineProtocolError(
+                        "the engine closed the connection before its answer's headers"
+                    )
+                self._head_bytes += len(data)
                 self._parser.feed_data(data)
-        except _ClosedBeforeAnswer:
-            self.close()
-            raise
-        except (trio.BrokenResourceError, OSError) as exc:
-            self.close()
-            raise _ClosedBeforeAnswer(f"{type(exc).__name__}: {exc}") from exc
+                if not self._headers_done and self._head_bytes > MAX_HEAD_BYTES:
+                    raise EngineProtocolError(
+                        f"the engine's answer has no end of headers within {MAX_HEAD_BYTES} "
+                        "bytes (is it an HTTP server, and is its port the right one?)"
+                    )
         except httptools.HttpParserError as exc:
             self.close()
             raise EngineProtocolError(f"not an HTTP/1.1 answer: {exc}") from exc
