@@ -53,11 +53,14 @@ ETCD = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists(
 PREFIX = "test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _free_port(other_than: int | None = None) -> int:
+    """A free port on 127.0.0.1, other than ``other_than``."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port != other_than:
+            return port
 
 
 @attrs.define
@@ -66,7 +69,10 @@ class Etcd:
 
     data_dir: Path
     client_port: int = attrs.field(factory=_free_port)
-    peer_port: int = attrs.field(factory=_free_port)
+    #: Not the client's: two free ports asked for one after the other can be the same one.
+    peer_port: int = attrs.field(
+        default=attrs.Factory(lambda self: _free_port(other_than=self.client_port), takes_self=True)
+    )
     process: subprocess.Popen[bytes] | None = None
 
     @property

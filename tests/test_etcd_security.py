@@ -64,7 +64,10 @@ class SecureEtcd:
     auth: bool = True
     token_ttl: int = 300
     client_port: int = attrs.field(factory=_free_port)
-    peer_port: int = attrs.field(factory=_free_port)
+    #: Not the client's: two free ports asked for one after the other can be the same one.
+    peer_port: int = attrs.field(
+        default=attrs.Factory(lambda self: _free_port(other_than=self.client_port), takes_self=True)
+    )
     process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -219,6 +219,7 @@ async def serving_over_engines(tmp_path: Path, *serve_flags: str) -> AsyncIterat
 
 async def test_serve_routes_on_the_engines_kv_events_end_to_end(tmp_path: Path) -> None:
     flags = ["--router-mode", "kv", "--router-temperature", "0", "--model-name", "mock"]
+    flags += ["--allow-request-worker-ids"]  # the warm-up below sends to each worker
     async with serving_over_engines(tmp_path, *flags) as url:
         system = "You are a railway signalling assistant. " * 30
 
@@ -239,18 +240,41 @@ async def test_serve_routes_on_the_engines_kv_events_end_to_end(tmp_path: Path) 
                 details = answer.usage.prompt_tokens_details
                 return worker, details.cached_tokens if details is not None else 0
 
-        owner, _ = await trio.to_thread.run_sync(ask, 0)
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
+
+            async def blocks(worker: int) -> float:
+                metrics = (await http.get("/metrics")).text
+                found = re.search(
+                    rf'^interlock_router_kv_blocks\{{worker_id="{worker}"\}} (\S+)$', metrics, re.M
+                )
+                return float(found.group(1)) if found else 0.0
+
+            # A worker's publisher connects to serve's --kv-events-bind on its own schedule
+            # (ZMQ reconnects), and what it publishes before then is lost: before the test,
+            # each worker is sent fresh prompts until the router has seen its events.
+            baseline: dict[int, float] = {}
             with trio.fail_after(TIMEOUT):
-                while True:
-                    metrics = (await http.get("/metrics")).text
-                    found = re.search(
-                        rf'^interlock_router_kv_blocks\{{worker_id="{owner}"\}} (\S+)$',
-                        metrics,
-                        re.M,
-                    )
-                    if found and float(found.group(1)) >= 40:
-                        break
+                for worker in (1, 2):
+                    attempt = 0
+                    while await blocks(worker) == 0:
+                        attempt += 1
+                        warm = await http.post(
+                            "/v1/completions",
+                            json={
+                                "model": "mock",
+                                "prompt": f"warm-up {worker}.{attempt} " * 10,
+                                "max_tokens": 1,
+                                "nvext": {"backend_instance_id": worker},
+                            },
+                        )
+                        assert warm.status_code == 200, warm.text
+                        with trio.move_on_after(1):
+                            while await blocks(worker) == 0:  # noqa: ASYNC110 (a counter: polled)
+                                await trio.sleep(0.05)
+                    baseline[worker] = await blocks(worker)
+            owner, _ = await trio.to_thread.run_sync(ask, 0)
+            with trio.fail_after(TIMEOUT):
+                while await blocks(owner) < baseline[owner] + 40:  # noqa: ASYNC110 (polled)
                     await trio.sleep(0.05)
         for turn in (1, 2, 3):
             worker, cached = await trio.to_thread.run_sync(ask, turn)
