@@ -21,7 +21,7 @@ import h11
 import httpx
 import pytest
 import trio
-from helpers import wait_until
+from helpers import stop_processes, wait_until
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -284,19 +284,6 @@ async def _start(argv: list[str], log: Path, env: dict[str, str]) -> tuple[trio.
     return process, text.decode().splitlines()[0]
 
 
-async def _stop(process: trio.Process) -> None:
-    with trio.CancelScope(shield=True):
-        if process.returncode is None:
-            process.terminate()
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        if process.stdout is not None:
-            await process.stdout.aclose()
-
-
 async def _collector(listeners: list[trio.SocketListener], posts: list[str]) -> None:
     """A stand-in OTLP/HTTP collector: answers 200 to every request, records their paths."""
 
@@ -370,7 +357,7 @@ async def test_serve_exports_spans_and_hands_the_engine_a_traceparent(tmp_path: 
             await wait_until(lambda: "/v1/traces" in posts, within=TIMEOUT)
         finally:
             for process in reversed(processes):
-                await _stop(process)
+                await stop_processes([process])
             nursery.cancel_scope.cancel()
 
 
