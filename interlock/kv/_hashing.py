@@ -161,8 +161,7 @@ def _hashes_in_chunks(token_ids: Sequence[int], block_size: int) -> Iterator[int
         if _BIG_ENDIAN:
             words.byteswap()
         data = words.tobytes()
-        for i in range(0, len(data), stride):
-            yield _xxh3(data[i : i + stride], XXH3_SEED)
+        yield from _hashes_of(data, stride, len(data))
         start = stop
         chunk *= 2
 
