@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from ._endpoints import host_port
-from ._picker import ExtProcPicker
+from ._picker import ExtProcPicker, ExtProcStream
 
 __all__ = ["EXT_PROC_SERVICE", "serve_ext_proc"]
 
@@ -121,7 +121,11 @@ class _LoopWaiter:
 
     def wake(self) -> None:
         future = self._future
-        if future is not None:
+        if future is None:
+            return
+        if _running_loop() is self._loop:
+            _resolve(future)  # the loop's own thread: no hop
+        else:
             try:
                 self._loop.call_soon_threadsafe(_resolve, future)
             except RuntimeError:
@@ -130,6 +134,13 @@ class _LoopWaiter:
     async def wait(self) -> None:
         assert self._future is not None
         await self._future
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -196,7 +207,19 @@ class _Stream:
     """One ext_proc stream between the loop's thread (the gRPC call) and its trio task; in
     that task, the async iterator of Envoy's messages (to its half-close)."""
 
-    def __init__(self, token: trio.lowlevel.TrioToken, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, token: trio.lowlevel.TrioToken, loop: asyncio.AbstractEventLoop, state: ExtProcStream
+    ) -> None:
+        #: The picker's state of the stream: the loop's thread answers what it can with it
+        #: (`ExtProcStream.answer_now`), the trio task the rest.
+        self.state = state
+        #: Messages given to the trio task (the loop's thread counts) and answered by it (the
+        #: task counts, once each one's answers are queued): the loop's thread answers a
+        #: message itself only while the two are equal, so answers keep Envoy's order.
+        self.given = 0
+        self.answered = 0
+        #: Messages the task took (`__anext__`).
+        self._taken = 0
         #: Envoy's messages, then `_END` (the loop's thread puts, the trio task takes).
         self.requests = _Queue(_LoopWaiter(loop), _TrioWaiter(token))
         #: The picker's answers, then `_END`, `_GONE` or the exception that ended it.
@@ -215,6 +238,8 @@ class _Stream:
 
     async def __anext__(self) -> ProcessingRequest:
         """Envoy's next message, in the trio task (StopAsyncIteration: its half-close)."""
+        # Asked for the next message: the previous one's answers are all queued.
+        self.answered = self._taken
         queue = self.requests
         while not self._pending:
             items = queue.take()
@@ -229,6 +254,7 @@ class _Stream:
         if isinstance(item, _Unreadable):
             self._pending.appendleft(item)
             raise item
+        self._taken += 1
         return item
 
     async def answer(self, picker: ExtProcPicker) -> None:
@@ -237,7 +263,7 @@ class _Stream:
         end: object = _GONE
         try:
             with self.scope:
-                async with contextlib.aclosing(picker.process(self)) as answers:
+                async with contextlib.aclosing(picker.process(self, self.state)) as answers:
                     async for answer in answers:
                         if queue.put(answer):
                             await queue.producer.wait()
@@ -379,7 +405,7 @@ class _Server:
         return _Handlers((handler, health))
 
     async def _process(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
-        stream = _Stream(self.token, self.loop)
+        stream = _Stream(self.token, self.loop, self.picker.open_stream())
         call = asyncio.current_task()
         assert call is not None
         self._calls[call] = stream
@@ -437,8 +463,13 @@ class _Server:
                 if stream.spawned:
                     queue.put(_END)
                 else:
-                    stream.responses.put(_END)  # no message: nothing to answer
+                    stream.responses.put(_END)  # nothing booked: nothing to free
                 return
+            if stream.finished:
+                continue  # the picker ended the stream (an ImmediateResponse): ignored
+            if stream.given == stream.answered and self._answer_now(stream, message):
+                continue
+            stream.given += 1
             full = queue.put(message)
             if not stream.spawned:
                 if self._stopping:
@@ -452,6 +483,24 @@ class _Server:
                     return
             if full:
                 await queue.producer.wait()
+
+    def _answer_now(self, stream: _Stream, message: ProcessingRequest) -> bool:
+        """Answer ``message`` here if it needs no router state (the loop's thread), handing
+        its bookkeeping to the trio thread without waiting for it; whether it was."""
+        state = stream.state
+        answers = state.answer_now(message)
+        if answers is None:
+            return False
+        responses = stream.responses
+        for answer in answers:
+            responses.put(answer)  # a few answers per message: the window is not waited on
+        if state.chores:
+            chores, state.chores = state.chores, []
+            try:
+                self.token.run_sync_soon(state.run_chores, chores)
+            except trio.RunFinishedError:
+                pass  # the run is over: nothing is booked any more
+        return True
 
     def _spawn(self, stream: _Stream) -> None:
         """Start ``stream``'s trio task (the trio thread)."""
