@@ -96,6 +96,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from ..engines import Engine
+from ..engines.openai import usage_from
 from ..http._drain import DrainTicket, refused_while_draining
 from ..http._errors import HttpError, bad_request, http_error_for
 from ..http._frontend import Frontend
@@ -793,8 +794,7 @@ _JSON: Final = json.JSONDecoder()
 def usage_of(tail: bytes) -> Usage | None:
     """The OpenAI ``usage`` last reported in ``tail`` (the end of a response body: a JSON
     object, or SSE chunks), or None when it holds none (no ``usage`` object, or one cut off or
-    malformed). Reads ``prompt_tokens``, ``completion_tokens`` and
-    ``prompt_tokens_details.cached_tokens`` (absent: 0). Never raises."""
+    malformed), as `usage_from` reads one. Never raises."""
     end = len(tail)
     while True:
         at = tail.rfind(_USAGE_KEY, 0, end)
@@ -810,22 +810,10 @@ def usage_of(tail: bytes) -> Usage | None:
             value, _ = _JSON.raw_decode(rest[1:].lstrip().decode("utf-8", "replace"))
         except ValueError:
             continue
-        if type(value) is not dict:
-            continue  # "usage": null, as every chunk but the last of a stream says
-        usage = _usage_fields(value)
+        # "usage": null, as every chunk but the last of a stream says, is passed over.
+        usage = usage_from(value)
         if usage is not None:
             return usage
-
-
-def _usage_fields(value: dict[str, Any]) -> Usage | None:
-    prompt = value.get("prompt_tokens")
-    completion = value.get("completion_tokens", 0)
-    details = value.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if type(details) is dict else 0
-    counts = (prompt, completion, 0 if cached is None else cached)
-    if not all(type(c) is int and c >= 0 for c in counts):
-        return None
-    return Usage(prompt_tokens=counts[0], completion_tokens=counts[1], cached_tokens=counts[2])
 
 
 def _strings(value: Any) -> list[str]:
