@@ -278,6 +278,8 @@ class ExtProcStream:
         self._tail = bytearray()
         #: The usage the response body reported (None: none seen).
         self.usage: Usage | None = None
+        #: The response ended (`answer_now` queued the booking's release).
+        self.response_ended = False
 
     # -- the phases ---------------------------------------------------------------------------
 
@@ -474,6 +476,7 @@ class ExtProcStream:
     def _finish_response(self) -> None:
         """The response ended (its last body chunk or its trailers): count its usage, if the
         body said, and queue the booking's release."""
+        self.response_ended = True
         if self.usage is None and self._tail:
             usage = usage_of(bytes(self._tail))
             self._tail.clear()

@@ -89,21 +89,57 @@ class _Unreadable(Exception):
         self.__cause__ = cause
 
 
-class _TrioWaiter:
-    """What a trio task waits on until the loop's thread wakes it (`wake`, any thread)."""
+class _Inbox:
+    """Calls for the trio thread from the loop's thread (`post`), run there in order. Calls
+    posted before the trio thread gets to them share one `run_sync_soon`: each is a write to
+    trio's wake-up socket and a hand-over of the GIL, the bridge's main cost."""
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
+        self._lock = threading.Lock()
+        self._calls: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._scheduled = False
+
+    def post(self, function: Callable[..., None], *args: Any) -> bool:
+        """Have the trio thread call ``function(*args)`` soon (any thread; never waits);
+        False when the trio run is over (nothing is called any more)."""
+        with self._lock:
+            self._calls.append((function, args))
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        try:
+            self._token.run_sync_soon(self._run)
+        except trio.RunFinishedError:
+            with self._lock:
+                self._scheduled = False
+            return False
+        return True
+
+    def _run(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+            self._scheduled = False
+        for function, args in calls:
+            # A callback of the trio thread must not raise: it would end the trio run.
+            try:
+                function(*args)
+            except Exception:
+                _logger.exception("a call from the ext_proc server's thread failed")
+
+
+class _TrioWaiter:
+    """What a trio task waits on until the loop's thread wakes it (`wake`, any thread)."""
+
+    def __init__(self, inbox: _Inbox) -> None:
+        self._inbox = inbox
         self._event = trio.Event()
 
     def prepare(self) -> None:
         self._event = trio.Event()
 
     def wake(self) -> None:
-        try:
-            self._token.run_sync_soon(self._event.set)
-        except trio.RunFinishedError:
-            pass  # the run is over: nobody waits
+        self._inbox.post(self._event.set)
 
     async def wait(self) -> None:
         await self._event.wait()
@@ -208,7 +244,7 @@ class _Stream:
     that task, the async iterator of Envoy's messages (to its half-close)."""
 
     def __init__(
-        self, token: trio.lowlevel.TrioToken, loop: asyncio.AbstractEventLoop, state: ExtProcStream
+        self, inbox: _Inbox, loop: asyncio.AbstractEventLoop, state: ExtProcStream
     ) -> None:
         #: The picker's state of the stream: the loop's thread answers what it can with it
         #: (`ExtProcStream.answer_now`), the trio task the rest.
@@ -218,12 +254,14 @@ class _Stream:
         #: message itself only while the two are equal, so answers keep Envoy's order.
         self.given = 0
         self.answered = 0
+        #: The call ended before the task (`_END` given to it after the response's end).
+        self.released = False
         #: Messages the task took (`__anext__`).
         self._taken = 0
         #: Envoy's messages, then `_END` (the loop's thread puts, the trio task takes).
-        self.requests = _Queue(_LoopWaiter(loop), _TrioWaiter(token))
+        self.requests = _Queue(_LoopWaiter(loop), _TrioWaiter(inbox))
         #: The picker's answers, then `_END`, `_GONE` or the exception that ended it.
-        self.responses = _Queue(_TrioWaiter(token), _LoopWaiter(loop))
+        self.responses = _Queue(_TrioWaiter(inbox), _LoopWaiter(loop))
         #: Cancelled (in the trio thread) when the gRPC call ends first: a dropped stream.
         self.scope = trio.CancelScope()
         #: The trio task was started (the loop's thread sets it, with the first message).
@@ -296,6 +334,7 @@ class _Server:
         self.picker = picker
         self.nursery = nursery
         self.token = trio.lowlevel.current_trio_token()
+        self.inbox = _Inbox(self.token)
         self.loop = asyncio.new_event_loop()
         #: (host, port, whether ext_proc is served there besides the health check).
         self.binds = binds
@@ -405,7 +444,7 @@ class _Server:
         return _Handlers((handler, health))
 
     async def _process(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
-        stream = _Stream(self.token, self.loop, self.picker.open_stream())
+        stream = _Stream(self.inbox, self.loop, self.picker.open_stream())
         call = asyncio.current_task()
         assert call is not None
         self._calls[call] = stream
@@ -434,13 +473,10 @@ class _Server:
         finally:
             del self._calls[call]
             reader.cancel()
-            if stream.spawned and not stream.finished:
+            if stream.spawned and not stream.finished and not stream.released:
                 # The call ended first (the gateway dropped the stream, or a write failed):
                 # the picker's task ends too, freeing the request's booking.
-                try:
-                    self.token.run_sync_soon(stream.cancel)
-                except trio.RunFinishedError:
-                    pass
+                self.inbox.post(stream.cancel)
 
     async def _read(self, context: grpc.aio.ServicerContext, stream: _Stream) -> None:
         """Hand the stream's messages to its trio task, then `_END` (or `_Unreadable`: the
@@ -460,10 +496,15 @@ class _Server:
                     stream.responses.put(error)
                 return
             if message is grpc.aio.EOF:
-                if stream.spawned:
-                    queue.put(_END)
-                else:
+                if not stream.spawned:
                     stream.responses.put(_END)  # nothing booked: nothing to free
+                    return
+                queue.put(_END)
+                if stream.given == stream.answered and stream.state.response_ended:
+                    # The response's end queued the booking's release already (before this
+                    # `_END`): the call ends now, without a wake-up of this thread from trio.
+                    stream.released = True
+                    stream.responses.put(_END)
                 return
             if stream.finished:
                 continue  # the picker ended the stream (an ImmediateResponse): ignored
@@ -476,9 +517,7 @@ class _Server:
                     stream.responses.put(_GONE)  # no new stream's task once the server stops
                     return
                 stream.spawned = True
-                try:
-                    self.token.run_sync_soon(self._spawn, stream)
-                except trio.RunFinishedError:
+                if not self.inbox.post(self._spawn, stream):
                     stream.responses.put(_GONE)
                     return
             if full:
@@ -496,10 +535,7 @@ class _Server:
             responses.put(answer)  # a few answers per message: the window is not waited on
         if state.chores:
             chores, state.chores = state.chores, []
-            try:
-                self.token.run_sync_soon(state.run_chores, chores)
-            except trio.RunFinishedError:
-                pass  # the run is over: nothing is booked any more
+            self.inbox.post(state.run_chores, chores)
         return True
 
     def _spawn(self, stream: _Stream) -> None:
