@@ -33,7 +33,10 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
 - ``response_body``: each chunk is passed back unchanged; the first one releases the prefill
   load (`Pipeline.mark_prefill_complete`); the last (or the response trailers) frees the
   booking. Without response bodies the stream's end (Envoy ends it with the request, when
-  response trailers are on) frees it.
+  response trailers are on) frees it. The OpenAI ``usage`` the body reports (a JSON body's,
+  or a stream's last chunks', with ``stream_options.include_usage``) is read from its last
+  `USAGE_TAIL_BYTES` (`usage_of`; the rest of a body is never kept) and counted in
+  ``interlock_gateway_usage_tokens_total{kind}`` (prompt, completion, cached).
 
 Other body modes, as Envoy's ``protocol_config`` names them: with a ``BUFFERED`` request body
 the headers are answered at once (Envoy sends the body only then) and the pick rides on the
@@ -64,7 +67,13 @@ turns; none: ``default-flow``).
 
 The ext_proc stream carries no API key (``--api-key`` guards the HTTP API only): serve it
 where only the gateway reaches it (any client of the gateway may name any objective, as with
-GAIE's own picker). Usage in the response body is not parsed.
+GAIE's own picker).
+
+Only the pick needs the router: `ExtProcStream.answer_now` answers every other message
+(request headers with no answer due, body chunks before the last, the response phases) in
+whatever thread holds the stream, and leaves the router bookkeeping they imply (prefill
+release, 5xx count, the booking's release, usage) as chores for the trio thread, run in
+order without the answer waiting for them.
 
 Each pick is a query in the transition log (``received -> preprocessed -> routed -> done``
 with the routing decision), which ``interlock inspect`` explains like ``/v1/route``'s.

@@ -1,12 +1,16 @@
 """The gRPC side: `serve_ext_proc` serves `ExtProcPicker` with grpcio's C-core server.
 
 gRPC's HTTP/2, framing and protobuf coding run in grpcio (C-core, ``grpc.aio``) on an asyncio
-loop in one thread of its own (``interlock-ext-proc``); the picker stays in this trio run. Each
-ext_proc stream is one trio task running `ExtProcPicker.process`, fed the stream's messages and
-handing back its answers through two bounded queues between the threads (`_Queue`): a side
-wakes the other only when that one waits, so a message costs one wake-up of each thread at
-most, however many answers it gets. No thread per stream: thousands of long generations keep
-their streams open on one loop.
+loop in one thread of its own (``interlock-ext-proc``); the picker stays in this trio run.
+That thread answers each message that needs no router state itself (`ExtProcStream.answer_now`:
+request headers, body chunks before the last, every response phase) and hands the bookkeeping
+it implies to trio without waiting. A stream gets a trio task (running `ExtProcPicker.process`)
+only at its first message that needs the router (the pick); from then on, while the task holds
+a message, the stream's later messages go to it too, in order, through two bounded queues
+between the threads (`_Queue`): a side wakes the other only when that one waits. Every call
+for the trio thread goes through one `_Inbox`, so calls posted before trio gets to them share
+one wake-up. A stream whose response's end released its booking closes without waiting for
+trio. No thread per stream: thousands of long generations keep their streams open on one loop.
 
 Served (``127.0.0.1:E`` over h2c, HTTP/2 with prior knowledge as Envoy's gRPC client speaks it):
 ``envoy.service.ext_proc.v3.ExternalProcessor/Process`` (bidirectional streaming) and

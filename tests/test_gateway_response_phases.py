@@ -1,9 +1,9 @@
-"""The endpoint picker's response phases: the response body passes back unchanged, chunk by
-chunk, and the OpenAI ``usage`` it reports (a JSON body's, or a stream's last chunks') is
-counted in the router's metrics, with a bounded tail of the body kept, never the whole; the
-booking still closes. In-process (`ExtProcPicker.process`), over grpcio (the server's thread
-answers these phases itself), and through a real Envoy sending response bodies as GAIE's
-reference configuration does."""
+"""The endpoint picker's response phases, answered by the gRPC server's thread without a hop
+to trio (but for a booking to move): the response body passes back unchanged, chunk by chunk,
+and the OpenAI ``usage`` it reports (a JSON body's, or a stream's last chunks') is counted in
+the router's metrics, with a bounded tail of the body kept, never the whole; the booking still
+closes. In-process (`ExtProcPicker.process`), over grpcio, and through a real Envoy sending
+response bodies as GAIE's reference configuration does."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import trio
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpTrailers, ProcessingRequest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_gateway_envoy import chat, nothing_booked, pool_behind_envoy
@@ -226,3 +228,57 @@ async def test_through_envoy_with_response_bodies_the_usage_reaches_the_routers_
         counted = await usage_counted(pool.route_url)
         assert counted["prompt"] == seen["prompt"] > 0
         assert counted["completion"] == seen["completion"] > 0
+
+
+async def test_over_grpc_trailers_free_the_booking_and_the_stream_closes_without_trio() -> None:
+    # As Envoy drives a stream with docs/gateway/envoy.yaml: no response body, the trailers on.
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            await picked(stream)
+            stream.send(response_headers(200))
+            answer = await in_thread(stream.receive)
+            assert answer.WhichOneof("response") == "response_headers"
+            stream.send(ProcessingRequest(response_trailers=HttpTrailers()))
+            answer = await in_thread(stream.receive)
+            assert answer.WhichOneof("response") == "response_trailers"
+            stream.send(None)
+            assert await in_thread(stream.rest) == []
+            assert stream.call.code() == grpc.StatusCode.OK
+            await s.booked.until_free()
+            assert await s.picking.pipeline.load() == {}
+        finally:
+            stream.close()
+
+
+async def test_over_grpc_a_fallback_that_served_gets_the_booking_through_trio() -> None:
+    # The one response phase that needs the router: the served worker is not the pick.
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            stream.send(request_headers(extra=[("x-request-id", "r-1")]))
+            stream.send(request_body(chat_body(), True))
+            answer = await in_thread(stream.receive)
+            endpoints = answer.request_headers.response.header_mutation.set_headers
+            (destination,) = [
+                h.header.raw_value.decode()
+                for h in endpoints
+                if h.header.key == "x-gateway-destination-endpoint"
+            ]
+            fallback = destination.split(",")[1]
+            await in_thread(stream.receive)  # the body, back
+            stream.send(response_headers(200, served=fallback))
+            answer = await in_thread(stream.receive)
+            assert answer.WhichOneof("response") == "response_headers"
+            assert s.picking.picker.booked == {"r-1-served"}
+            load = await s.picking.pipeline.load()
+            fallback_id = int(fallback.split(".")[3].split(":")[0])
+            assert set(load) == {fallback_id}
+            stream.send(ProcessingRequest(response_trailers=HttpTrailers()))
+            await in_thread(stream.receive)
+            stream.send(None)
+            assert await in_thread(stream.rest) == []
+            await s.booked.until_free()
+            assert await s.picking.pipeline.load() == {}
+        finally:
+            stream.close()
