@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from test_gateway_ext_proc import (
 from test_gateway_server import Lockstep, in_thread, picked, serving
 
 from interlock.gateway._picker import USAGE_TAIL_BYTES, usage_of
+from interlock.testing import check_invariants
 from interlock.wire import Usage
 
 TIMEOUT = 30.0
@@ -157,6 +159,36 @@ async def test_a_long_stream_keeps_only_a_bounded_tail(
             pass
         assert p.picker.frontend.metrics.gateway_usage_tokens["completion"] == 20_000
         assert stream.usage == Usage(prompt_tokens=5, completion_tokens=20_000)
+
+
+async def test_the_usage_is_noted_after_the_picks_records_and_inspect_shows_it(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    async with picking() as p:
+        messages = [
+            request_headers(extra=[("x-request-id", "r-usage")]),
+            request_body(chat_body(), True),
+            response_headers(200),
+            response_body(json_body("hello", usage_json(9, 2, 8)), True),
+        ]
+        await exchange(p.picker, messages)
+        records = p.pipeline.transition_log.records("r-usage")
+        check_invariants(records)  # a note after done, not a transition
+        assert [(r.src, r.trigger, r.dst) for r in records][-2:] == [
+            ("routed", "answer", "done"),
+            ("done", "usage", "done"),
+        ]
+        note = records[-1]
+        assert note.decision == Usage(prompt_tokens=9, completion_tokens=2, cached_tokens=8)
+        assert note.worker_id == records[1].worker_id
+        log = tmp_path / "transitions.jsonl"
+        log.write_text("".join(json.dumps(r.to_json_dict()) + "\n" for r in records))
+    inspect = [sys.executable, "-m", "interlock", "inspect", str(log)]
+    shown = await trio.run_process([*inspect, "--request", "r-usage"], capture_stdout=True)
+    text = shown.stdout.decode()
+    assert "usage" in text and "prompt 9, completion 2, cached 8 tokens" in text
+    # --validate exits non-zero on a path its mode's graph does not allow.
+    await trio.run_process([*inspect, "--validate"], capture_stdout=True)
 
 
 # -- over grpcio: the server's thread answers the response phases ----------------------------------

@@ -35,8 +35,9 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   booking. Without response bodies the stream's end (Envoy ends it with the request, when
   response trailers are on) frees it. The OpenAI ``usage`` the body reports (a JSON body's,
   or a stream's last chunks', with ``stream_options.include_usage``) is read from its last
-  `USAGE_TAIL_BYTES` (`usage_of`; the rest of a body is never kept) and counted in
-  ``interlock_gateway_usage_tokens_total{kind}`` (prompt, completion, cached).
+  `USAGE_TAIL_BYTES` (`usage_of`; the rest of a body is never kept), counted in
+  ``interlock_gateway_usage_tokens_total{kind}`` (prompt, completion, cached) and noted after
+  the pick's records in the transition log (`Pipeline.record_usage`).
 
 Other body modes, as Envoy's ``protocol_config`` names them: with a ``BUFFERED`` request body
 the headers are answered at once (Envoy sends the body only then) and the pick rides on the
@@ -495,15 +496,14 @@ class ExtProcStream:
         self.chores.append(self._release)
 
     def _count_usage(self, usage: Usage) -> None:
-        """Count ``usage`` in the frontend's metrics and log it with the pick (trio thread)."""
+        """Count ``usage`` in the frontend's metrics and note it after the pick's records
+        (trio thread)."""
         self.frontend.metrics.count_gateway_usage(usage)
         decision = self.decision
-        _logger.debug(
-            "ext_proc request %s (worker %s) used %s",
-            decision.request_id if decision is not None else "?",
-            decision.decode_worker_id if decision is not None else "?",
-            usage,
-        )
+        if decision is not None:
+            self.frontend.pipeline.record_usage(
+                decision.request_id, usage, worker_id=self._worker_of(self._served())
+            )
 
     # -- the pick -----------------------------------------------------------------------------
 
