@@ -309,6 +309,8 @@ def test_the_gateway_table_sets_the_picker_and_a_flag_wins(tmp_path: Path) -> No
         ("[gateway]\next_proc_prot = 9002\n", "did you mean 'ext_proc_port'"),
         ('[gateway]\next_proc_port = "9002"\n', "must be a whole number"),
         ("[gateway]\next_proc_port = 70000\n", "must be a port 0-65535"),
+        ("[gateway]\next_proc_port = 1\next_proc_fallbacks = -1\n", "must be 0 or more"),
+        ('[gateway]\next_proc_port = 1\next_proc_tls = "on"\n', "must be 'off' or 'self-signed'"),
         ('[gateway]\next_proc_tls = "self-signed"\n', "needs --ext-proc-port"),
     ):
         config.write_text(text)

@@ -1244,6 +1244,11 @@ def _apply_gateway_table(args: argparse.Namespace) -> None:
             raise ConfigError(f"{config_file}: [gateway] {key} must be a port 0-65535, got {value}")
         if key == "ext_proc_fallbacks" and value < 0:
             raise ConfigError(f"{config_file}: [gateway] {key} must be 0 or more, got {value}")
+        if key == "ext_proc_tls" and value not in ("off", "self-signed"):
+            raise ConfigError(
+                f"{config_file}: [gateway] {key} must be 'off' or 'self-signed', got {value!r} "
+                "(a certificate of your own: ext_proc_tls_cert and ext_proc_tls_key)"
+            )
         setattr(args, key, value)
 
 
