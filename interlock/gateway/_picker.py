@@ -5,7 +5,8 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
 `ExtProcPicker.process` answers them as GAIE's protocol says (reference: llm-d's EPP):
 
 - ``request_headers``: the headers are recorded (``:path``, ``x-request-id`` (else a new id),
-  ``test-epp-endpoint-selection``, the objective and fairness headers). No answer yet, unless
+  ``test-epp-endpoint-selection``, the objective and fairness headers,
+  ``x-gateway-model-name-rewrite``). No answer yet, unless
   the request has no body (``end_of_stream``): then it is picked at once, as a one-token
   prompt, and not booked (a ``GET`` costs a worker nothing the router tracks).
 - ``request_body`` (``FULL_DUPLEX_STREAMED``: the picker buffers the chunks itself, up to the
@@ -18,7 +19,9 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   ``x-gateway-destination-endpoint: ip:port[,fallback...]``, ``Content-Length``, and
   ``x-prefiller-host-port`` naming the prefill endpoint when the decision is disaggregated:
   llm-d's header) with the same endpoint list in ``dynamic_metadata["envoy.lb"]``; then the
-  body, unchanged, in ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
+  body, unchanged (but for ``x-gateway-model-name-rewrite``: its ``model`` is that name, set
+  before the pick, so the pick and the 404 check see it, and ``Content-Length`` is the new
+  length), in ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
   the decision's other candidates for that leg, best first. Other paths' bodies are not
   parsed: they are picked as a request without a body is.
 - ``response_headers``: answered with ``x-conformance-test-served-endpoint: <served>`` when
@@ -30,7 +33,9 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   moves: the pick's is freed and the request is booked again, under ``<request id>-served``,
   on the worker that served (a second recorded decision). When Envoy sends no response body
   (``response_body_mode: NONE``, docs/gateway/envoy.yaml) the headers release the prefill load.
-- ``response_body``: each chunk is passed back unchanged; the first one releases the prefill
+- ``response_body``: each chunk is passed back unchanged (after a model-name rewrite, with
+  every ``"model": "<that name>"`` put back to the name the client sent, full duplex mode
+  only); the first one releases the prefill
   load (`Pipeline.mark_prefill_complete`); the last (or the response trailers) frees the
   booking. Without response bodies the stream's end (Envoy ends it with the request, when
   response trailers are on) frees it. The OpenAI ``usage`` the body reports (a JSON body's,
@@ -48,7 +53,8 @@ Whatever ends a stream (the response's end, an ImmediateResponse, the gateway dr
 stream, a client gone, an error) frees its booking: booked load never leaks.
 
 Errors are ImmediateResponses with an OpenAI-style JSON body: 400 for a bad body (not JSON,
-no ``model``, a bad field), 404 for a model this frontend does not serve, 413 for a body over
+no ``model``, a bad field), 404 for a model this frontend does not serve
+(`Frontend.model_not_found`: ``--model-name``, after any rewrite), 413 for a body over
 ``max_body_bytes``, 429 when every candidate is at its in-flight limit and the queue is full
 (`Overloaded`), 503 when no candidate is left (none registered with an HTTP endpoint, the
 subset hint or ``test-epp-endpoint-selection`` names none) or while the frontend drains.
@@ -114,6 +120,7 @@ from ..http._nvext import EMPTY, HEADER_FAIRNESS, HEADER_OBJECTIVE, gaie_routing
 from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest
 from ..wire import PreprocessedRequest, RoutingDecision, Usage
 from ._endpoints import http_endpoints, match_endpoints
+from ._rewrite import MODEL_REWRITE_HEADER, ModelNameRestorer, rewrite_model
 
 __all__ = [
     "BODY_CHUNK_BYTES",
@@ -290,6 +297,9 @@ class ExtProcStream:
         self.usage: Usage | None = None
         #: The response ended (`answer_now` queued the booking's release).
         self.response_ended = False
+        #: Puts the client's model name back into the response (``x-gateway-model-name-rewrite``
+        #: changed the request's; None: nothing to put back).
+        self.model_restorer: ModelNameRestorer | None = None
 
     # -- the phases ---------------------------------------------------------------------------
 
@@ -351,7 +361,12 @@ class ExtProcStream:
             return self._response_body(message)
         if phase == "response_trailers":
             self._finish_response()
-            return [ProcessingResponse(response_trailers=TrailersResponse())]
+            answers = [ProcessingResponse(response_trailers=TrailersResponse())]
+            held = self.model_restorer.flush() if self.model_restorer is not None else b""
+            if held and self.response_duplex:
+                # The body ended without its end_of_stream: pass on what was held back.
+                answers.insert(0, _streamed("response_body", held, False))
+            return answers
         if phase == "request_trailers":
             return None
         return []
@@ -476,6 +491,8 @@ class ExtProcStream:
             self._finish_response()
         if not self.response_duplex:
             return [ProcessingResponse(response_body=BodyResponse())]
+        if self.model_restorer is not None:
+            chunk = self.model_restorer.restore(chunk, body.end_of_stream)
         return [_streamed("response_body", chunk, body.end_of_stream)]
 
     def _queue_prefill_complete(self) -> None:
@@ -522,6 +539,9 @@ class ExtProcStream:
                 # meanwhile gets a new id instead of a refusal. A failure releases it.
                 self.booked_as = request_id
                 self.picker.booked.add(request_id)
+                rewrite = self.headers.get(MODEL_REWRITE_HEADER)
+                if rewrite:
+                    body = await self._rewrite_model(body, rewrite)
                 if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.
@@ -556,6 +576,24 @@ class ExtProcStream:
         frontend.metrics.count_request(METRICS_ENDPOINT, 200, trio.current_time() - start)
         return self._answer(body, end_of_stream=end_of_stream)
 
+    async def _rewrite_model(self, body: bytes, model: str) -> bytes:
+        """``body`` with its ``model`` rewritten to ``model`` (GAIE's header; `rewrite_model`,
+        in a worker thread for a large body), and the response's restorer set when it changed.
+
+        Raises:
+            HttpError: 400 when the body is not a JSON object.
+        """
+        frontend = self.frontend
+        if len(body) > frontend.offload_body_bytes:
+            body, incoming = await trio.to_thread.run_sync(
+                rewrite_model, body, model, limiter=frontend.offload_limiter
+            )
+        else:
+            body, incoming = rewrite_model(body, model)
+        if incoming is not None:
+            self.model_restorer = ModelNameRestorer(model, incoming)
+        return body
+
     def _tokens(self, kind: str, body: bytes) -> tuple[int, ...]:
         """The prompt's token ids from a chat or completions body; synchronous (and
         thread-safe).
@@ -582,13 +620,9 @@ class ExtProcStream:
                 checks[name](parsed, value, max_len)
         if not parsed.model:
             raise bad_request("model not found in request body; model is required", "model")
-        if parsed.model != frontend.model:
-            raise HttpError(
-                404,
-                f"the model {parsed.model!r} does not exist; this pool serves {frontend.model!r}",
-                param="model",
-                code="model_not_found",
-            )
+        missing = frontend.model_not_found(parsed.model, "this pool")
+        if missing is not None:
+            raise missing
         required = "messages" if kind == "chat" else "prompt"
         if data.get(required) is None:
             raise bad_request(f"{required} is required", required)

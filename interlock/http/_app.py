@@ -410,13 +410,9 @@ class _GenerateEndpoint:
             max_model_len=frontend.limits.max_model_len,
             engine_postprocessing=not frontend.frontend_post,
         )
-        if parsed.model != frontend.model:
-            raise HttpError(
-                404,
-                f"the model {parsed.model!r} does not exist; this server serves {frontend.model!r}",
-                param="model",
-                code="model_not_found",
-            )
+        missing = frontend.model_not_found(parsed.model)
+        if missing is not None:
+            raise missing
         max_messages = frontend.limits.max_messages
         if parsed.messages is not None and len(parsed.messages) > max_messages:
             raise bad_request(
@@ -1173,13 +1169,8 @@ def build_app(
 
     async def model_info(request: Request) -> Response:
         name = request.path_params["model"]
-        if name != frontend.model:
-            error = HttpError(
-                404,
-                f"the model {name!r} does not exist; this server serves {frontend.model!r}",
-                param="model",
-                code="model_not_found",
-            )
+        error = frontend.model_not_found(name)
+        if error is not None:
             return Response(error.body(), 404, media_type="application/json")
         return _json(_model_card(frontend))
 

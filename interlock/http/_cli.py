@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -90,6 +90,9 @@ from ._processes import (
 )
 from ._serve import HttpServer, serve_http
 from ._tracing import configure_otlp
+
+if TYPE_CHECKING:
+    from ..gateway._tls import ExtProcTLS
 
 #: ``--drain-timeout``'s default: seconds the requests in flight get after SIGTERM (the
 #: Kubernetes default terminationGracePeriodSeconds is 30).
@@ -228,6 +231,9 @@ class ServeSetup:
     ext_proc_health_port: int | None = None
     #: ``--ext-proc-fallbacks``: other candidates named after the pick.
     ext_proc_fallbacks: int = 0
+    #: ``--ext-proc-tls`` / ``--ext-proc-tls-cert`` and ``--ext-proc-tls-key``: the ext_proc
+    #: port's certificate and key (None: h2c).
+    ext_proc_tls: ExtProcTLS | None = attrs.field(default=None, repr=False)
     #: ``--objective NAME=PRIORITY`` (and ``[objectives]``): each InferenceObjective's priority.
     objectives: dict[str, int] = attrs.field(factory=dict)
 
@@ -419,12 +425,34 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
     gateway.add_argument(
         "--ext-proc-fallbacks",
         type=non_negative_int,
-        default=0,
+        default=None,
         metavar="N",
         help="with --ext-proc-port: after the endpoint picked, name up to N other candidates, "
         "best first, in x-gateway-destination-endpoint (GAIE's ordered fallback list), for a "
         "gateway that walks the list on failure. 0 (default): the pick alone, which is what "
         "an Envoy ORIGINAL_DST cluster routes on (a list there is a 503; docs/gateway.md)",
+    )
+    gateway.add_argument(
+        "--ext-proc-tls",
+        choices=("off", "self-signed"),
+        default=None,
+        help="with --ext-proc-port: serve it over TLS with a self-signed certificate made at "
+        "start (self-signed: what GAIE's picker does by default, --secure-serving, and what "
+        "gateways that skip verification expect: Istio, kgateway), or over h2c (off, the "
+        "default). The health port stays h2c (docs/gateway.md#tls-on-the-ext_proc-port)",
+    )
+    gateway.add_argument(
+        "--ext-proc-tls-cert",
+        metavar="FILE",
+        default=None,
+        help="with --ext-proc-port: serve it over TLS with this PEM certificate chain (needs "
+        "--ext-proc-tls-key); checked at start",
+    )
+    gateway.add_argument(
+        "--ext-proc-tls-key",
+        metavar="FILE",
+        default=None,
+        help="the unencrypted PEM private key of --ext-proc-tls-cert",
     )
     parser.set_defaults(run=run_route)
     return parser
@@ -1019,7 +1047,9 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             f"--worker-heartbeat-timeout {heartbeat[1]:g} (several pings must be able to go "
             "unanswered before a worker counts as dead)"
         )
+    _apply_gateway_table(args)
     ext_proc_port, ext_proc_health_port = _resolve_ext_proc(args, workers, remote)
+    ext_proc_tls = _resolve_ext_proc_tls(args)
     worker_secret = load_secret(args.worker_secret_file, flag="--worker-secret-file")
     worker_tls = _worker_tls(args)
     ordinary_keys, trusted_keys, key_sources = resolve_api_keys(args)
@@ -1107,7 +1137,8 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         process=child,
         ext_proc_port=ext_proc_port,
         ext_proc_health_port=ext_proc_health_port,
-        ext_proc_fallbacks=getattr(args, "ext_proc_fallbacks", 0),
+        ext_proc_fallbacks=getattr(args, "ext_proc_fallbacks", None) or 0,
+        ext_proc_tls=ext_proc_tls,
         objectives=objectives,
     )
 
@@ -1193,6 +1224,79 @@ def _resolve_ext_proc(
             f"the worker protocol has no HTTP endpoint known to the picker; {fix}"
         )
     return ext_proc, health
+
+
+def _apply_gateway_table(args: argparse.Namespace) -> None:
+    """``interlock route``: each key of ``--config``'s ``[gateway]`` table whose flag was not
+    given sets it (a flag wins over its key); its ports and fallbacks checked as the flags'.
+
+    Raises:
+        ConfigError: a bad table (`PipelineConfig.gateway_table`), or a port that is not 0-65535
+            or a negative number of fallbacks (the message names the file and the key).
+    """
+    config_file = getattr(args, "config", None)
+    if args.command != "route" or not config_file:
+        return
+    for key, value in PipelineConfig.gateway_table(config_file).items():
+        if getattr(args, key, None) is not None:
+            continue
+        if key in ("ext_proc_port", "ext_proc_health_port") and not 0 <= value <= 65535:
+            raise ConfigError(f"{config_file}: [gateway] {key} must be a port 0-65535, got {value}")
+        if key == "ext_proc_fallbacks" and value < 0:
+            raise ConfigError(f"{config_file}: [gateway] {key} must be 0 or more, got {value}")
+        if key == "ext_proc_tls" and value not in ("off", "self-signed"):
+            raise ConfigError(
+                f"{config_file}: [gateway] {key} must be 'off' or 'self-signed', got {value!r} "
+                "(a certificate of your own: ext_proc_tls_cert and ext_proc_tls_key)"
+            )
+        setattr(args, key, value)
+
+
+def _resolve_ext_proc_tls(args: argparse.Namespace) -> ExtProcTLS | None:
+    """The ext_proc port's TLS from ``--ext-proc-tls`` and ``--ext-proc-tls-cert``/``-key``
+    (None: h2c): the certificate files read and checked, or a self-signed certificate made.
+
+    Raises:
+        ConfigError: a TLS flag without ``--ext-proc-port``, only one of the certificate and
+            its key, ``self-signed`` or ``off`` with them, or a file that cannot be used
+            (`load_tls`: missing, unreadable, not PEM, encrypted, not a pair).
+    """
+    mode: str | None = getattr(args, "ext_proc_tls", None)
+    cert: str | None = getattr(args, "ext_proc_tls_cert", None)
+    key: str | None = getattr(args, "ext_proc_tls_key", None)
+    given = [
+        flag
+        for flag, value in (
+            ("--ext-proc-tls", mode),
+            ("--ext-proc-tls-cert", cert),
+            ("--ext-proc-tls-key", key),
+        )
+        if value is not None
+    ]
+    if not given:
+        return None
+    if getattr(args, "ext_proc_port", None) is None:
+        raise ConfigError(f"{given[0]} needs --ext-proc-port (TLS is for the picker's port)")
+    if mode not in (None, "off", "self-signed"):
+        raise ConfigError(f"--ext-proc-tls {mode!r}: give off or self-signed")
+    # Imported here: the gRPC stack loads only for a router that serves it.
+    from ..gateway._tls import load_tls, self_signed_tls
+
+    if cert is not None or key is not None:
+        if cert is None or key is None:
+            have, need = "--ext-proc-tls-cert", "--ext-proc-tls-key"
+            if cert is None:
+                have, need = need, have
+            raise ConfigError(f"{have} needs {need} too (a certificate and its private key)")
+        if mode is not None:
+            raise ConfigError(
+                f"--ext-proc-tls {mode} with --ext-proc-tls-cert/--ext-proc-tls-key: the files "
+                "already turn TLS on with that certificate; drop --ext-proc-tls"
+            )
+        return load_tls(cert, key)
+    if mode == "self-signed":
+        return self_signed_tls([args.host])
+    return None
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -1569,6 +1673,7 @@ async def _serve_ext_proc(
                 setup.host,
                 setup.ext_proc_port,
                 health_port=setup.ext_proc_health_port,
+                tls=setup.ext_proc_tls,
             )
         )
     except BaseException as exc:
@@ -1733,9 +1838,11 @@ def banner(
     if setup.route_api:
         lines.append(f"  route API    {url}/v1/route (docs/route-api.md)")
     if ext_proc is not None:
+        tls = setup.ext_proc_tls
+        transport = "h2c" if tls is None else f"TLS, {tls.source}"
         lines.append(
-            f"  ext_proc     {ext_proc[0]} (h2c; Envoy's endpoint picker, GAIE EPP)"
-            + (f"; gRPC health on {ext_proc[1]}" if ext_proc[1] is not None else "")
+            f"  ext_proc     {ext_proc[0]} ({transport}; Envoy's endpoint picker, GAIE EPP)"
+            + (f"; gRPC health on {ext_proc[1]} (h2c)" if ext_proc[1] is not None else "")
         )
     open_paths = OPEN_PATHS - {"/metrics"} if metrics_url is not None else OPEN_PATHS
     lines.append(f"  API keys     {describe(setup.api_keys, setup.api_key_sources, open_paths)}")

@@ -163,13 +163,9 @@ class _RouteApi:
                     code="unknown_parameter",
                 )
         model = body.get("model")
-        if model is not None and model != frontend.model:
-            raise HttpError(
-                404,
-                f"the model {model!r} does not exist; this router serves {frontend.model!r}",
-                param="model",
-                code="model_not_found",
-            )
+        missing = None if model is None else frontend.model_not_found(model, "this router")
+        if missing is not None:
+            raise missing
         given = [name for name in _PROMPT_FIELDS if body.get(name) is not None]
         if len(given) != 1:
             raise bad_request(
