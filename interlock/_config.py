@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 import attrs
 
@@ -52,6 +52,16 @@ GATEWAY_KEYS: dict[str, type] = {
     "ext_proc_tls_cert": str,
     "ext_proc_tls_key": str,
 }
+#: ``--ext-proc-tls``'s values (``[gateway] ext_proc_tls``'s too): h2c (the default), or TLS
+#: with a certificate made at start. A certificate of your own (``--ext-proc-tls-cert`` and
+#: ``--ext-proc-tls-key``) needs no mode. Here, not in `interlock.gateway._tls`: the command
+#: line reads them without loading the gRPC stack.
+EXT_PROC_TLS_OFF: Final = "off"
+EXT_PROC_TLS_SELF_SIGNED: Final = "self-signed"
+EXT_PROC_TLS_MODES: Final = (EXT_PROC_TLS_OFF, EXT_PROC_TLS_SELF_SIGNED)
+#: The ``[gateway]`` keys (and flags, ``_`` for ``-``) that choose the ext_proc port's TLS:
+#: together one setting, which the command line's flags replace as a whole.
+EXT_PROC_TLS_KEYS: Final = ("ext_proc_tls", "ext_proc_tls_cert", "ext_proc_tls_key")
 
 #: The TOML table of InferenceObjective priorities (``--objective NAME=PRIORITY``): each key
 #: names an objective (the value of a request's ``x-gateway-inference-objective`` header),

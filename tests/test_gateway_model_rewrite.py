@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import trio
 import trio.testing
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from hypothesis import given
 from hypothesis import strategies as st
 from test_gateway_envoy import chat, nothing_booked, pool_behind_envoy
@@ -133,9 +134,62 @@ async def test_the_served_name_is_checked_after_the_rewrite(
 
 def test_rewrite_model_leaves_what_it_cannot_rewrite_to_the_checks() -> None:
     for body in (b'{"messages": []}', b'{"model": 3}', b'{"model": "mock"}'):
-        assert rewrite_model(body, "mock") == (body, None)
-    new, incoming = rewrite_model(b'{"model": "a", "n": 1}', "b")
-    assert (json.loads(new), incoming) == ({"model": "b", "n": 1}, "a")
+        assert rewrite_model(body, "mock") == (body, json.loads(body), None)
+    new, data, incoming = rewrite_model(b'{"model": "a", "n": 1}', "b")
+    assert (json.loads(new), data, incoming) == ({"model": "b", "n": 1}, data, "a")
+    assert data == {"model": "b", "n": 1}
+    # A lone surrogate has no UTF-8: the body is written with it escaped, as the client sent it.
+    new, data, incoming = rewrite_model(b'{"model": "a", "content": "x\\ud800y"}', "b")
+    assert new.decode("ascii") and json.loads(new) == data == {"model": "b", "content": "x\ud800y"}
+
+
+async def test_a_buffered_body_comes_back_rewritten_whole_with_its_length(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Envoy's BUFFERED request bodies (another gateway's configuration): the pick rides on the
+    # body's answer, which carries the rewritten body whole, with its Content-Length.
+    sent = json.loads(chat_body("Ünïcode stays", model=ALIAS))
+    async with picking() as p:
+        for model, body in ((ALIAS, json.dumps(sent).encode()), ("mock", chat_body())):
+            headers = request_headers(extra=rewrite())
+            headers.protocol_config.request_body_mode = ProcessingMode.BUFFERED
+            answers = await exchange(p.picker, [headers, request_body(body, True)])
+            assert [a.WhichOneof("response") for a in answers] == [
+                "request_headers",
+                "request_body",
+            ]
+            common = answers[1].request_body.response
+            length = int(set_headers(answers[1], "request_body")["content-length"])
+            if model == ALIAS:
+                forwarded = common.body_mutation.body
+                assert json.loads(forwarded) == {**sent, "model": "mock"}
+            else:  # nothing to rewrite: Envoy forwards the body it holds, unchanged
+                assert not common.HasField("body_mutation")
+                forwarded = body
+            assert length == len(forwarded)
+        assert await p.pipeline.load() == {}
+
+
+async def test_a_lone_surrogate_is_the_same_400_with_the_rewrite_header_as_without(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # JSON's "\ud800" decodes to a str with no UTF-8: the prompt's checks refuse it (the
+    # request's fault), and the rewrite, which writes the body again, must not turn that
+    # into a 500.
+    sent = b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    async with picking() as p:
+        plain = immediate(
+            await exchange(p.picker, [request_headers(), request_body(sent % b"mock", True)])
+        )
+        rewritten = immediate(
+            await exchange(
+                p.picker,
+                [request_headers(extra=rewrite()), request_body(sent % ALIAS.encode(), True)],
+            )
+        )
+        assert plain[0] == 400, plain
+        assert rewritten == plain
+        assert await p.pipeline.load() == {}
 
 
 # -- the response ----------------------------------------------------------------------------------
@@ -259,4 +313,30 @@ async def test_through_envoy_the_server_sees_the_rewritten_name_and_the_client_i
             )
             assert refused.status_code == 404
             assert refused.json()["error"]["code"] == "model_not_found"
+        await nothing_booked(pool)
+
+
+async def test_through_envoy_a_buffered_body_reaches_the_server_rewritten(
+    tmp_path: Path,
+) -> None:
+    # Envoy buffering the request body (request_body_mode BUFFERED) hands the picker the
+    # body whole; the rewritten one must replace it under its own Content-Length.
+    buffered = {"request_body_mode": "BUFFERED"}
+    flags = ("--router-mode", "round_robin")
+    async with pool_behind_envoy(tmp_path, route_flags=flags, processing_mode=buffered) as pool:
+        async with httpx.AsyncClient(base_url=pool.envoy.url, timeout=TIMEOUT) as client:
+            for _ in range(2):  # both workers
+                answer = await client.post(
+                    "/v1/chat/completions",
+                    json={**chat("hello, Ünïcode"), "model": ALIAS},
+                    headers={MODEL_REWRITE_HEADER: "mock"},
+                )
+                # The workers serve "mock" only: a 200 is the rewritten body reaching one.
+                assert answer.status_code == 200, answer.text
+                # No response body goes through the picker here: the server's name stays.
+                assert answer.json()["model"] == "mock"
+            unchanged = await client.post(
+                "/v1/chat/completions", json=chat("hello"), headers={MODEL_REWRITE_HEADER: "mock"}
+            )
+            assert unchanged.status_code == 200, unchanged.text
         await nothing_booked(pool)

@@ -11,10 +11,15 @@ picked. Real sockets and threads; every wait has a deadline; nothing asserts on 
 
 from __future__ import annotations
 
+import datetime
 import re
+import shutil
+import subprocess
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -32,8 +37,10 @@ from _envoy import (
     open_processes,
     require_envoy,
 )
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.x509.oid import NameOID
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
@@ -51,7 +58,7 @@ from test_gateway_ext_proc import (
 from interlock import ConfigError
 from interlock.gateway import serve_ext_proc
 from interlock.gateway._tls import ExtProcTLS, load_tls, self_signed_tls
-from interlock.http._cli import banner, resolve
+from interlock.http._cli import _serve_ext_proc, banner, resolve
 
 #: The picker's TLS cluster the page shows and the Envoy test runs.
 TLS_CLUSTER = ROOT / "docs" / "gateway" / "envoy-ext-proc-tls.yaml"
@@ -168,6 +175,146 @@ async def test_an_h2c_client_and_a_client_not_trusting_the_certificate_are_refus
         untrusted = tls_channel(s.ext_proc, stranger.tls.certificate_chain)
         assert await trio.to_thread.run_sync(refused, untrusted) == grpc.StatusCode.UNAVAILABLE
         assert not s.picking.picker.booked
+
+
+# -- which certificate keys grpcio serves ------------------------------------------------------
+
+
+def _pair(directory: Path, label: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost`` with a key of the kind ``label`` names,
+    and its unencrypted key, as files."""
+    cert, key = directory / f"{label}.pem", directory / f"{label}-key.pem"
+    if label == "rsa-pss":
+        # The cryptography package makes no RSA-PSS keys; OpenSSL's command does.
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("no openssl command to make an RSA-PSS key")
+        for argv in (
+            ["genpkey", "-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048"],
+            ["req", "-x509", "-new", "-key", str(key), "-days", "1", "-subj", "/CN=localhost"],
+        ):
+            out = key if argv[0] == "genpkey" else cert
+            subprocess.run([openssl, *argv, "-out", str(out)], check=True, capture_output=True)
+        return cert, key
+    with warnings.catch_warnings():  # DSA's deprecation: the point here
+        warnings.simplefilter("ignore")
+        made = _private_key(label)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    digest = None if label.startswith("ed") else hashes.SHA256()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(made.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(made, digest)
+    )
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        made.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert, key
+
+
+def _private_key(label: str) -> Any:
+    return {
+        "rsa-2048": lambda: rsa.generate_private_key(65537, 2048),
+        "rsa-3072": lambda: rsa.generate_private_key(65537, 3072),
+        "p-256": lambda: ec.generate_private_key(ec.SECP256R1()),
+        "p-384": lambda: ec.generate_private_key(ec.SECP384R1()),
+        "p-521": lambda: ec.generate_private_key(ec.SECP521R1()),
+        "p-224": lambda: ec.generate_private_key(ec.SECP224R1()),
+        "secp256k1": lambda: ec.generate_private_key(ec.SECP256K1()),
+        "ed25519": ed25519.Ed25519PrivateKey.generate,
+        "ed448": ed448.Ed448PrivateKey.generate,
+        "dsa": lambda: dsa.generate_private_key(2048),
+    }[label]()
+
+
+def _health_over_tls(address: str, trusted: bytes) -> Any:
+    """grpcio's TLS client's health check at ``address`` (its status, or the failed call's
+    code)."""
+    try:
+        with tls_channel(address, trusted) as channel:
+            return health(channel).status
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+SERVED_KEYS = ("rsa-2048", "rsa-3072", "p-256", "p-384")
+#: grpcio binds these but its clients (and Envoy) find no signature algorithm in common.
+UNUSABLE_KEYS = ("p-521", "ed25519")
+#: grpcio (BoringSSL) will not bind these at all, which Python's OpenSSL loads.
+UNBINDABLE_KEYS = ("dsa", "ed448", "p-224", "secp256k1", "rsa-pss")
+
+
+@pytest.mark.parametrize("label", SERVED_KEYS)
+async def test_a_certificate_with_a_key_grpcio_serves_is_served(tmp_path: Path, label: str) -> None:
+    cert, key = _pair(tmp_path, label)
+    tls = route(
+        "--ext-proc-port", "0", "--ext-proc-tls-cert", str(cert), "--ext-proc-tls-key", str(key)
+    ).ext_proc_tls
+    async with serving_tls(tls) as s:
+        status = await trio.to_thread.run_sync(_health_over_tls, s.ext_proc, cert.read_bytes())
+        assert status == SERVING
+
+
+@pytest.mark.parametrize("label", UNUSABLE_KEYS + UNBINDABLE_KEYS)
+async def test_a_certificate_with_a_key_grpcio_cannot_serve_is_refused_at_start(
+    tmp_path: Path, label: str
+) -> None:
+    cert, key = _pair(tmp_path, label)
+    with pytest.raises(ConfigError) as refused:
+        route(
+            "--ext-proc-port", "0",
+            "--ext-proc-tls-cert", str(cert), "--ext-proc-tls-key", str(key),
+        )  # fmt: skip
+    message = str(refused.value)
+    assert message.startswith(f"--ext-proc-tls-cert {str(cert)!r} holds "), message
+    assert "RSA of 2048 bits or more, or ECDSA on P-256 or P-384" in message
+    # Why: served anyway (a library user's ExtProcTLS, unchecked), no client gets through.
+    unchecked = ExtProcTLS(cert.read_bytes(), key.read_bytes(), f"certificate {cert}")
+    if label in UNUSABLE_KEYS:
+        async with serving_tls(unchecked) as s:
+            status = await trio.to_thread.run_sync(_health_over_tls, s.ext_proc, cert.read_bytes())
+            assert status == grpc.StatusCode.UNAVAILABLE
+        return
+    # grpcio refuses the key when binding: the error says so, not that the port is the problem.
+    with pytest.raises(BaseExceptionGroup) as failed:
+        async with serving_tls(unchecked):
+            pass  # pragma: no cover
+    (error,) = _leaves(failed.value)
+    assert isinstance(error, ConfigError), repr(error)
+    assert f"grpcio refused the certificate {cert}" in str(error)
+    assert "the port is free" in str(error)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+async def test_interlock_route_names_the_certificate_grpcio_refuses_not_the_port(
+    tmp_path: Path,
+) -> None:
+    cert, key = _pair(tmp_path, "dsa")
+    setup = attrs.evolve(
+        route("--ext-proc-port", "0"),
+        ext_proc_tls=ExtProcTLS(cert.read_bytes(), key.read_bytes(), f"certificate {cert}"),
+    )
+    async with picking() as p, trio.open_nursery() as nursery:
+        app = SimpleNamespace(state=SimpleNamespace(frontend=p.picker.frontend))
+        with pytest.raises(ConfigError, match="grpcio refused the certificate"):
+            await _serve_ext_proc(nursery, setup, app)
 
 
 # -- the flags, and the [gateway] table ------------------------------------------------------------
@@ -316,6 +463,57 @@ def test_the_gateway_table_sets_the_picker_and_a_flag_wins(tmp_path: Path) -> No
         config.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(message)):
             route("--config", str(config))
+
+
+def test_a_tls_flag_replaces_the_tables_tls_keys(tmp_path: Path) -> None:
+    ours = write_certificate(tmp_path)
+    other = write_certificate(tmp_path, "other")
+    config = tmp_path / "route.toml"
+    config.write_text(
+        f'[gateway]\next_proc_port = 9002\next_proc_tls_cert = "{ours.cert}"\n'
+        f'ext_proc_tls_key = "{ours.key}"\n'
+    )
+    # The command line turns TLS off, or to a certificate made at start, for one run.
+    assert route("--config", str(config), "--ext-proc-tls", "off").ext_proc_tls is None
+    made = route("--config", str(config), "--ext-proc-tls", "self-signed").ext_proc_tls
+    assert "self-signed" in made.source
+    # Another certificate on the command line: its files, none of the table's.
+    flagged = route(
+        "--config", str(config),
+        "--ext-proc-tls-cert", str(other.cert), "--ext-proc-tls-key", str(other.key),
+    ).ext_proc_tls  # fmt: skip
+    assert flagged.certificate_chain == other.cert.read_bytes()
+    config.write_text('[gateway]\next_proc_port = 9002\next_proc_tls = "self-signed"\n')
+    flagged = route(
+        "--config", str(config),
+        "--ext-proc-tls-cert", str(ours.cert), "--ext-proc-tls-key", str(ours.key),
+    ).ext_proc_tls  # fmt: skip
+    assert flagged.certificate_chain == ours.cert.read_bytes()
+
+
+def test_the_tables_tls_errors_name_its_keys_not_flags(tmp_path: Path) -> None:
+    ours = write_certificate(tmp_path)
+    config = tmp_path / "route.toml"
+    table = f"[gateway] {{}} of {config}"
+    cert, key = f'ext_proc_tls_cert = "{ours.cert}"\n', f'ext_proc_tls_key = "{ours.key}"\n'
+    port = "ext_proc_port = 9002\n"
+    missing = f'ext_proc_tls_cert = "{tmp_path / "missing.pem"}"\n'
+    for text, message in (
+        (port + cert, f"{table.format('ext_proc_tls_cert')} needs "
+         f"{table.format('ext_proc_tls_key')} too"),
+        (port + 'ext_proc_tls = "self-signed"\n' + cert + key,
+         f"{table.format('ext_proc_tls')} self-signed with {table.format('ext_proc_tls_cert')}"),
+        (port + missing + key, f"{table.format('ext_proc_tls_cert')}: cannot read"),
+        (port + cert.replace("ext_proc_tls_cert", "ext_proc_tls_key") + key.replace(
+            "ext_proc_tls_key", "ext_proc_tls_cert"),
+         f"{table.format('ext_proc_tls_cert')} {str(ours.key)!r} is not a PEM certificate"),
+        (cert + key, f"{table.format('ext_proc_tls_cert')} needs --ext-proc-port"),
+    ):  # fmt: skip
+        config.write_text("[gateway]\n" + text)
+        with pytest.raises(ConfigError) as failed:
+            route("--config", str(config))
+        assert message in str(failed.value), (text, str(failed.value))
+        assert "--ext-proc-tls" not in str(failed.value), str(failed.value)
 
 
 # -- a real Envoy talking TLS to a real picker ----------------------------------------------------

@@ -46,8 +46,9 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
 
 Other body modes, as Envoy's ``protocol_config`` names them: with a ``BUFFERED`` request body
 the headers are answered at once (Envoy sends the body only then) and the pick rides on the
-body's answer (the same header mutation, ``clear_route_cache`` and metadata); a response body
-in a mode other than full duplex is answered without a mutation.
+body's answer (the same header mutation, ``clear_route_cache`` and metadata, and a rewritten
+body whole in its ``body_mutation``); a response body in a mode other than full duplex is
+answered without a mutation.
 
 Whatever ends a stream (the response's end, an ImmediateResponse, the gateway dropping the
 stream, a client gone, an error) frees its booking: booked load never leaks.
@@ -117,7 +118,7 @@ from ..http._drain import DrainTicket, refused_while_draining
 from ..http._errors import HttpError, bad_request, http_error_for
 from ..http._frontend import Frontend
 from ..http._nvext import EMPTY, HEADER_FAIRNESS, HEADER_OBJECTIVE, gaie_routing_hints
-from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest
+from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest, json_object
 from ..wire import PreprocessedRequest, RoutingDecision, Usage
 from ._endpoints import http_endpoints, match_endpoints
 from ._rewrite import MODEL_REWRITE_HEADER, ModelNameRestorer, rewrite_model
@@ -539,17 +540,18 @@ class ExtProcStream:
                 # meanwhile gets a new id instead of a refusal. A failure releases it.
                 self.booked_as = request_id
                 self.picker.booked.add(request_id)
+                data = None
                 rewrite = self.headers.get(MODEL_REWRITE_HEADER)
                 if rewrite:
-                    body = await self._rewrite_model(body, rewrite)
+                    body, data = await self._rewrite_model(body, rewrite)
                 if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.
                     tokens = await trio.to_thread.run_sync(
-                        self._tokens, kind, body, limiter=frontend.offload_limiter
+                        self._tokens, kind, body, data, limiter=frontend.offload_limiter
                     )
                 else:
-                    tokens = self._tokens(kind, body)
+                    tokens = self._tokens(kind, body, data)
             request = PreprocessedRequest(
                 token_ids=tokens,
                 request_id=request_id,
@@ -576,41 +578,38 @@ class ExtProcStream:
         frontend.metrics.count_request(METRICS_ENDPOINT, 200, trio.current_time() - start)
         return self._answer(body, end_of_stream=end_of_stream)
 
-    async def _rewrite_model(self, body: bytes, model: str) -> bytes:
+    async def _rewrite_model(self, body: bytes, model: str) -> tuple[bytes, dict[str, Any]]:
         """``body`` with its ``model`` rewritten to ``model`` (GAIE's header; `rewrite_model`,
-        in a worker thread for a large body), and the response's restorer set when it changed.
+        in a worker thread for a large body) and its decoded object, and the response's
+        restorer set when it changed.
 
         Raises:
             HttpError: 400 when the body is not a JSON object.
         """
         frontend = self.frontend
         if len(body) > frontend.offload_body_bytes:
-            body, incoming = await trio.to_thread.run_sync(
+            body, data, incoming = await trio.to_thread.run_sync(
                 rewrite_model, body, model, limiter=frontend.offload_limiter
             )
         else:
-            body, incoming = rewrite_model(body, model)
+            body, data, incoming = rewrite_model(body, model)
         if incoming is not None:
             self.model_restorer = ModelNameRestorer(model, incoming)
-        return body
+        return body, data
 
-    def _tokens(self, kind: str, body: bytes) -> tuple[int, ...]:
-        """The prompt's token ids from a chat or completions body; synchronous (and
-        thread-safe).
+    def _tokens(
+        self, kind: str, body: bytes, data: dict[str, Any] | None = None
+    ) -> tuple[int, ...]:
+        """The prompt's token ids from a chat or completions body (``data``: that body decoded
+        already); synchronous (and thread-safe).
 
         Raises:
             HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
             TokenizerError, ChatTemplateError: the prompt cannot be rendered or encoded.
         """
         frontend = self.frontend
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise bad_request(
-                f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
-            ) from None
-        if type(data) is not dict:
-            raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+        if data is None:
+            data = json_object(body)
         parsed = ParsedRequest(kind)
         checks = _FIELD_CHECKS[kind]
         max_len = frontend.limits.max_model_len
@@ -706,6 +705,10 @@ class ExtProcStream:
             answer.dynamic_metadata.update(metadata)
             return [answer]
         if not self.request_duplex:
+            if self.model_restorer is not None:
+                # Rewritten (``x-gateway-model-name-rewrite``): the buffered body is replaced
+                # whole, matching the Content-Length set above.
+                common.body_mutation.body = body
             answer = ProcessingResponse(request_body=BodyResponse(response=common))
             answer.dynamic_metadata.update(metadata)
             return [answer]

@@ -2,17 +2,17 @@
 replaced by the header's name before the pick (`rewrite_model`), and the responses' ``"model"``
 put back to the name the client sent (`ModelNameRestorer`), chunk by chunk.
 
-Both are plain functions of bytes, apart from the picker's streams, so whichever side answers
-a phase (the trio task, or the gRPC thread) can call them.
+The picker's stream task calls both, on the trio side (`rewrite_model` in a worker thread for
+a large body): neither touches the stream's state, the restorer keeps only its held tail.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Final
+from typing import Any, Final
 
-from ..http._errors import bad_request
+from ..http._openai import json_object
 
 __all__ = ["MODEL_REWRITE_HEADER", "ModelNameRestorer", "rewrite_model"]
 
@@ -23,28 +23,29 @@ _SPACE: Final = rb"[ \t\r\n]{0,8}"
 _SPACE_BYTES: Final = 8
 
 
-def rewrite_model(body: bytes, model: str) -> tuple[bytes, str | None]:
-    """``body`` (an OpenAI request's JSON) with its ``model`` set to ``model``, and the model
-    it named (None, and ``body`` itself, when it named ``model`` already or has no string
-    ``model``: the picker's own checks then answer that). The JSON is written again compactly
-    (as GAIE's picker does): its meaning is kept, not its bytes. Synchronous; pure.
+def rewrite_model(body: bytes, model: str) -> tuple[bytes, dict[str, Any], str | None]:
+    """``body`` (an OpenAI request's JSON) with its ``model`` set to ``model``; the decoded
+    object (its ``model`` set too: the picker reads the prompt from it, not decoding the body
+    again); and the model it named (None, and ``body`` itself, when it named ``model`` already
+    or has no string ``model``: the picker's own checks then answer that). The JSON is written
+    again compactly (as GAIE's picker does): its meaning is kept, not its bytes. Synchronous;
+    pure.
 
     Raises:
-        HttpError: 400 when ``body`` is not a JSON object.
+        HttpError: 400 when ``body`` is not a JSON object (`json_object`).
     """
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise bad_request(
-            f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
-        ) from None
-    if type(data) is not dict:
-        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+    data = json_object(body)
     incoming = data.get("model")
     if type(incoming) is not str or incoming == model:
-        return body, None
+        return body, data, None
     data["model"] = model
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(), incoming
+    try:
+        rewritten = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON's "\ud800") has no UTF-8: written escaped, as the client
+        # sent it; the prompt's checks then refuse it (or not) as without the header.
+        rewritten = json.dumps(data, separators=(",", ":")).encode()
+    return rewritten, data, incoming
 
 
 def _json_string(text: str) -> bytes:

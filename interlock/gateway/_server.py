@@ -43,9 +43,10 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, 
 from google.protobuf.message import DecodeError
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
+from .._errors import ConfigError
 from ._endpoints import host_port
 from ._picker import ExtProcPicker, ExtProcStream
-from ._tls import ExtProcTLS
+from ._tls import SERVABLE_KEYS, ExtProcTLS
 
 __all__ = ["EXT_PROC_SERVICE", "serve_ext_proc"]
 
@@ -395,6 +396,13 @@ class _Server:
                 except RuntimeError as exc:
                     # grpcio says only "Failed to bind": the errno is the reason a bind gives.
                     code = _bind_errno(host, port)
+                    if code is None and self.tls is not None and process:
+                        # The port binds: what grpcio refused is the certificate or its key.
+                        raise ConfigError(
+                            f"cannot serve TLS on {address}: grpcio refused the {self.tls.source} "
+                            f"or its key (the port is free); give a certificate with a key of "
+                            f"these: {SERVABLE_KEYS}"
+                        ) from None
                     reason = os.strerror(code) if code is not None else str(exc)
                     raise OSError(code, f"cannot listen on {address}: {reason}", address) from None
                 self.addresses.append(host_port(host, bound))
@@ -624,6 +632,7 @@ async def serve_ext_proc(
     Raises:
         OSError: an address cannot be bound (``filename`` is that address; ``errno`` why, or
             None if not known).
+        ConfigError: grpcio refused ``tls`` (its certificate's key; the port binds).
         BaseException: whatever ended the server's thread early (raised when it ends).
     """
     binds = [(host, port, True)]

@@ -14,22 +14,28 @@ import ipaddress
 import os
 import socket
 import ssl
+import warnings
 from collections.abc import Sequence
 from typing import Final
 
 import attrs
 import grpc
 
+from .._config import EXT_PROC_TLS_SELF_SIGNED
 from .._errors import ConfigError
 
-__all__ = ["SELF_SIGNED", "TLS_MODES", "ExtProcTLS", "load_tls", "self_signed_tls"]
+__all__ = ["SERVABLE_KEYS", "ExtProcTLS", "load_tls", "self_signed_tls"]
 
-#: ``--ext-proc-tls``'s values: cleartext h2c (the default), or TLS with a certificate made at
-#: start. A certificate of your own (``--ext-proc-tls-cert``/``--ext-proc-tls-key``) needs no mode.
-SELF_SIGNED: Final = "self-signed"
-TLS_MODES: Final = ("off", SELF_SIGNED)
 CERT_FLAG: Final = "--ext-proc-tls-cert"
 KEY_FLAG: Final = "--ext-proc-tls-key"
+#: The certificate keys the picker serves, as the error says them. grpcio's TLS (BoringSSL)
+#: refuses DSA, Ed448, RSA-PSS and EC curves other than P-256/P-384/P-521 when the port is
+#: bound; it binds Ed25519 and P-521 keys, but neither grpcio's clients nor Envoy (BoringSSL)
+#: offer their signature algorithms by default, so every handshake would fail (Envoy then
+#: fails open, sending requests past the picker). tests/test_gateway_tls.py tries each.
+SERVABLE_KEYS: Final = "RSA of 2048 bits or more, or ECDSA on P-256 or P-384"
+_MIN_RSA_BITS: Final = 2048
+_CURVES: Final = frozenset({"secp256r1", "secp384r1"})
 #: How long a self-signed certificate is valid (llm-d's: ten years; the process restarts long
 #: before, making a new one).
 _SELF_SIGNED_DAYS: Final = 3650
@@ -99,7 +105,49 @@ def load_tls(
             f"{cert_flag} {cert!r} / {key_flag} {key!r}: not a PEM certificate chain and its "
             f"private key ({exc})"
         ) from None
+    _check_servable(chain, cert, cert_flag)
     return ExtProcTLS(chain, private_key, f"certificate {cert}")
+
+
+def _check_servable(chain: bytes, cert: str, cert_flag: str) -> None:
+    """Raise `ConfigError` unless the chain's first certificate (the server's, whose key
+    signs the handshake) has a key of `SERVABLE_KEYS`."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import PublicKeyAlgorithmOID
+
+    try:
+        certificate = x509.load_pem_x509_certificate(chain)
+    except ValueError as exc:  # OpenSSL took it: unlikely, but say so rather than crash
+        raise ConfigError(f"{cert_flag} {cert!r}: cannot read its certificate ({exc})") from None
+    try:
+        with warnings.catch_warnings():
+            # DSA's deprecation warning: the error below says what to use instead.
+            warnings.simplefilter("ignore")
+            public_key: object = certificate.public_key()
+    except UnsupportedAlgorithm:
+        public_key = None
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if certificate.public_key_algorithm_oid != PublicKeyAlgorithmOID.RSAES_PKCS1_v1_5:
+            kind = "an RSA-PSS key"
+        elif public_key.key_size < _MIN_RSA_BITS:
+            kind = f"a {public_key.key_size}-bit RSA key"
+        else:
+            return
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name in _CURVES:
+            return
+        kind = f"an ECDSA key on {public_key.curve.name}"
+    elif public_key is None:
+        kind = "a key of a type the cryptography package does not know"
+    else:
+        kind = f"a key of type {type(public_key).__name__.removesuffix('PublicKey')}"
+    raise ConfigError(
+        f"{cert_flag} {cert!r} holds {kind}, which the picker's TLS (grpcio's BoringSSL, and "
+        f"Envoy's) cannot serve; give a certificate with a key of these: {SERVABLE_KEYS} "
+        "(e.g. openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes ...)"
+    )
 
 
 def self_signed_tls(hosts: Sequence[str] = ()) -> ExtProcTLS:
@@ -119,9 +167,9 @@ def self_signed_tls(hosts: Sequence[str] = ()) -> ExtProcTLS:
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError:
         raise ConfigError(
-            "--ext-proc-tls self-signed makes its certificate with the cryptography package, "
-            "which is not installed: pip install cryptography, or give a certificate of your "
-            f"own with {CERT_FLAG} and {KEY_FLAG}"
+            f"--ext-proc-tls {EXT_PROC_TLS_SELF_SIGNED} makes its certificate with the "
+            "cryptography package, which is not installed: pip install cryptography, or give a "
+            f"certificate of your own with {CERT_FLAG} and {KEY_FLAG}"
         ) from None
     names: list[x509.GeneralName] = []
     seen: set[str] = set()

@@ -9,7 +9,6 @@ stops and the router frees the load (reference/stack.md section 2).
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import time
@@ -49,6 +48,7 @@ from ._openai import (
     ParsedRequest,
     chat_request,
     completion_body,
+    json_object,
     needs_engine_chat,
     parse_request,
     usage_dict,
@@ -398,15 +398,9 @@ class _GenerateEndpoint:
             TokenizerError, ChatTemplateError, RequestError: the same, from the preprocessor.
         """
         frontend = self.frontend
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise bad_request(
-                f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
-            ) from None
         parsed = parse_request(
             self.kind,
-            data,
+            json_object(body),
             max_model_len=frontend.limits.max_model_len,
             engine_postprocessing=not frontend.frontend_post,
         )

@@ -25,14 +25,22 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 
 from .._argtypes import non_negative_float, non_negative_int, port
-from .._config import PipelineConfig, knob_names, parse_knob_text, resolve_objectives
+from .._config import (
+    EXT_PROC_TLS_KEYS,
+    EXT_PROC_TLS_MODES,
+    EXT_PROC_TLS_SELF_SIGNED,
+    PipelineConfig,
+    knob_names,
+    parse_knob_text,
+    resolve_objectives,
+)
 from .._errors import ConfigError
 from .._pipeline import (
     Components,
@@ -434,7 +442,7 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     gateway.add_argument(
         "--ext-proc-tls",
-        choices=("off", "self-signed"),
+        choices=EXT_PROC_TLS_MODES,
         default=None,
         help="with --ext-proc-port: serve it over TLS with a self-signed certificate made at "
         "start (self-signed: what GAIE's picker does by default, --secure-serving, and what "
@@ -446,7 +454,8 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="FILE",
         default=None,
         help="with --ext-proc-port: serve it over TLS with this PEM certificate chain (needs "
-        "--ext-proc-tls-key); checked at start",
+        "--ext-proc-tls-key; an RSA key of 2048 bits or more, or ECDSA on P-256 or P-384); "
+        "checked at start",
     )
     gateway.add_argument(
         "--ext-proc-tls-key",
@@ -1047,9 +1056,9 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             f"--worker-heartbeat-timeout {heartbeat[1]:g} (several pings must be able to go "
             "unanswered before a worker counts as dead)"
         )
-    _apply_gateway_table(args)
+    from_table = _apply_gateway_table(args)
     ext_proc_port, ext_proc_health_port = _resolve_ext_proc(args, workers, remote)
-    ext_proc_tls = _resolve_ext_proc_tls(args)
+    ext_proc_tls = _resolve_ext_proc_tls(args, from_table)
     worker_secret = load_secret(args.worker_secret_file, flag="--worker-secret-file")
     worker_tls = _worker_tls(args)
     ordinary_keys, trusted_keys, key_sources = resolve_api_keys(args)
@@ -1226,9 +1235,15 @@ def _resolve_ext_proc(
     return ext_proc, health
 
 
-def _apply_gateway_table(args: argparse.Namespace) -> None:
+_TLS_MODES_TEXT: Final = " or ".join(repr(mode) for mode in EXT_PROC_TLS_MODES)
+
+
+def _apply_gateway_table(args: argparse.Namespace) -> dict[str, str]:
     """``interlock route``: each key of ``--config``'s ``[gateway]`` table whose flag was not
     given sets it (a flag wins over its key); its ports and fallbacks checked as the flags'.
+    The TLS keys (`EXT_PROC_TLS_KEYS`) are one setting: any TLS flag given replaces them all
+    (``--ext-proc-tls off`` serves h2c whatever certificate the table names). Returns how each
+    key the table set is named in errors (``[gateway] KEY of FILE``), by key.
 
     Raises:
         ConfigError: a bad table (`PipelineConfig.gateway_table`), or a port that is not 0-65535
@@ -1236,65 +1251,81 @@ def _apply_gateway_table(args: argparse.Namespace) -> None:
     """
     config_file = getattr(args, "config", None)
     if args.command != "route" or not config_file:
-        return
+        return {}
+    tls_flagged = any(getattr(args, key, None) is not None for key in EXT_PROC_TLS_KEYS)
+    names: dict[str, str] = {}
     for key, value in PipelineConfig.gateway_table(config_file).items():
-        if getattr(args, key, None) is not None:
+        if getattr(args, key, None) is not None or (tls_flagged and key in EXT_PROC_TLS_KEYS):
             continue
         if key in ("ext_proc_port", "ext_proc_health_port") and not 0 <= value <= 65535:
             raise ConfigError(f"{config_file}: [gateway] {key} must be a port 0-65535, got {value}")
         if key == "ext_proc_fallbacks" and value < 0:
             raise ConfigError(f"{config_file}: [gateway] {key} must be 0 or more, got {value}")
-        if key == "ext_proc_tls" and value not in ("off", "self-signed"):
+        if key == "ext_proc_tls" and value not in EXT_PROC_TLS_MODES:
             raise ConfigError(
-                f"{config_file}: [gateway] {key} must be 'off' or 'self-signed', got {value!r} "
+                f"{config_file}: [gateway] {key} must be {_TLS_MODES_TEXT}, got {value!r} "
                 "(a certificate of your own: ext_proc_tls_cert and ext_proc_tls_key)"
             )
         setattr(args, key, value)
+        names[key] = f"[gateway] {key} of {config_file}"
+    return names
 
 
-def _resolve_ext_proc_tls(args: argparse.Namespace) -> ExtProcTLS | None:
+def _resolve_ext_proc_tls(
+    args: argparse.Namespace, names: dict[str, str] | None = None
+) -> ExtProcTLS | None:
     """The ext_proc port's TLS from ``--ext-proc-tls`` and ``--ext-proc-tls-cert``/``-key``
-    (None: h2c): the certificate files read and checked, or a self-signed certificate made.
+    (or the ``[gateway]`` keys `_apply_gateway_table` set: ``names`` says them in errors; None:
+    h2c): the certificate files read and checked, or a self-signed certificate made.
 
     Raises:
-        ConfigError: a TLS flag without ``--ext-proc-port``, only one of the certificate and
-            its key, ``self-signed`` or ``off`` with them, or a file that cannot be used
-            (`load_tls`: missing, unreadable, not PEM, encrypted, not a pair).
+        ConfigError: a TLS setting without ``--ext-proc-port``, only one of the certificate and
+            its key, a mode with them, or a file that cannot be used (`load_tls`: missing,
+            unreadable, not PEM, encrypted, not a pair, a key grpcio cannot serve); the message
+            names the flag or the table's key the user gave.
     """
+    names = names or {}
+
+    def name(key: str) -> str:
+        return names.get(key) or "--" + key.replace("_", "-")
+
     mode: str | None = getattr(args, "ext_proc_tls", None)
     cert: str | None = getattr(args, "ext_proc_tls_cert", None)
     key: str | None = getattr(args, "ext_proc_tls_key", None)
     given = [
-        flag
-        for flag, value in (
-            ("--ext-proc-tls", mode),
-            ("--ext-proc-tls-cert", cert),
-            ("--ext-proc-tls-key", key),
-        )
+        name(setting)
+        for setting, value in zip(EXT_PROC_TLS_KEYS, (mode, cert, key), strict=True)
         if value is not None
     ]
     if not given:
         return None
     if getattr(args, "ext_proc_port", None) is None:
         raise ConfigError(f"{given[0]} needs --ext-proc-port (TLS is for the picker's port)")
-    if mode not in (None, "off", "self-signed"):
-        raise ConfigError(f"--ext-proc-tls {mode!r}: give off or self-signed")
+    if mode is not None and mode not in EXT_PROC_TLS_MODES:
+        raise ConfigError(f"{name('ext_proc_tls')} {mode!r}: give {_TLS_MODES_TEXT}")
     # Imported here: the gRPC stack loads only for a router that serves it.
     from ..gateway._tls import load_tls, self_signed_tls
 
     if cert is not None or key is not None:
         if cert is None or key is None:
-            have, need = "--ext-proc-tls-cert", "--ext-proc-tls-key"
+            have, need = "ext_proc_tls_cert", "ext_proc_tls_key"
             if cert is None:
                 have, need = need, have
-            raise ConfigError(f"{have} needs {need} too (a certificate and its private key)")
+            # The missing one is asked for where the other one is.
+            wanted = f"[gateway] {need} of {args.config}" if have in names else name(need)
+            raise ConfigError(
+                f"{name(have)} needs {wanted} too (a certificate and its private key)"
+            )
         if mode is not None:
             raise ConfigError(
-                f"--ext-proc-tls {mode} with --ext-proc-tls-cert/--ext-proc-tls-key: the files "
-                "already turn TLS on with that certificate; drop --ext-proc-tls"
+                f"{name('ext_proc_tls')} {mode} with {name('ext_proc_tls_cert')} and "
+                f"{name('ext_proc_tls_key')}: the files already turn TLS on with that "
+                f"certificate; drop {name('ext_proc_tls')}"
             )
-        return load_tls(cert, key)
-    if mode == "self-signed":
+        return load_tls(
+            cert, key, cert_flag=name("ext_proc_tls_cert"), key_flag=name("ext_proc_tls_key")
+        )
+    if mode == EXT_PROC_TLS_SELF_SIGNED:
         return self_signed_tls([args.host])
     return None
 
@@ -1426,6 +1457,11 @@ def _run(args: argparse.Namespace) -> int:
             return _worker_failure(setup, _first_leaf(worker_error))
         if rest is None:
             raise
+        config_error, rest = _split(rest, ConfigError)
+        leaf = None if config_error is None else _first_leaf(config_error)
+        if rest is None and isinstance(leaf, ConfigError):
+            # Found only once serving (grpcio refusing --ext-proc-tls-cert's key).
+            return _invalid(setup.command, leaf)
         bind_error, rest = _split(rest, OSError)
         if rest is None and bind_error is not None:
             print(
@@ -1658,6 +1694,7 @@ async def _serve_ext_proc(
 
     Raises:
         OSError: an address cannot be bound (the message names the flag).
+        ConfigError: grpcio refused the TLS certificate (`serve_ext_proc`).
     """
     if setup.ext_proc_port is None:
         return None
@@ -1677,6 +1714,10 @@ async def _serve_ext_proc(
             )
         )
     except BaseException as exc:
+        refused, _ = _split(exc, ConfigError)
+        if refused is not None:
+            # grpcio refused the TLS certificate (the port binds): the configuration's fault.
+            raise _first_leaf(refused) from None
         bind_error, _ = _split(exc, OSError)
         if bind_error is None:
             raise

@@ -9,6 +9,7 @@ ignores it. Documented in docs/http.md.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any, Final
@@ -407,6 +408,26 @@ _NAMES: Final = {"chat": "chat completion", "completion": "completion"}
 
 #: The OpenAI default for /v1/completions (chat has none: up to the context length).
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
+
+
+def json_object(body: bytes | str) -> dict[str, Any]:
+    """``body`` (a request's bytes) decoded as a JSON object, the one way every endpoint that
+    takes an OpenAI body decodes it (the HTTP API, ``/v1/route``, the gateway's picker).
+    Synchronous.
+
+    Raises:
+        HttpError: 400 ``invalid_json`` when it is not JSON (or nests too deep to decode);
+            400 when it is JSON but not an object.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(
+            f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
+        ) from None
+    if type(data) is not dict:
+        raise bad_request(f"the request body must be a JSON object, got {_kind(data)}")
+    return data
 
 
 def parse_request(

@@ -8,7 +8,6 @@ the router also books the request's load, which the gateway releases with
 
 from __future__ import annotations
 
-import json
 from typing import Any, Final
 
 import trio
@@ -22,7 +21,7 @@ from ._drain import refused_while_draining
 from ._errors import HttpError, bad_request, http_error_for
 from ._frontend import Frontend
 from ._nvext import parse_token_ids
-from ._openai import ParsedRequest
+from ._openai import ParsedRequest, json_object
 from ._sse import dumps
 
 _FIELDS = frozenset(
@@ -152,8 +151,6 @@ class _RouteApi:
                 "s of its headers (--request-read-timeout); send the body at once",
                 code="request_timeout",
             )
-        if type(body) is not dict:
-            raise bad_request(f"the request body must be a JSON object, got {_kind(body)}")
         for key in body:
             if key not in _FIELDS:
                 raise bad_request(
@@ -307,7 +304,7 @@ def _override(value: Any) -> RouterConfigOverride | None:
 _NOT_READ: Final = object()
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(
@@ -322,12 +319,7 @@ async def _read_json(request: Request, limit: int) -> Any:
                 413, f"the request body is larger than {limit} bytes", code="request_too_large"
             )
         parts.append(chunk)
-    try:
-        return json.loads(b"".join(parts))
-    except (ValueError, RecursionError) as exc:
-        raise bad_request(
-            f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
-        ) from None
+    return json_object(b"".join(parts))
 
 
 def route_routes(frontend: Frontend) -> list[Route]:
