@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import ClassVar, Final, final
@@ -14,6 +15,8 @@ from ._tokenizer import check_ids
 __all__ = ["ByteTokenizer"]
 
 _BYTE_TOKEN: Final = re.compile(r"<0x([0-9A-F]{2})>")
+#: Bytes per id in `ByteTokenizer.encode_u32`'s words.
+_WORD: Final = 4
 
 
 @final
@@ -76,6 +79,41 @@ class ByteTokenizer:
                     "lone surrogates are not valid Unicode text"
                 ) from exc
         return ids
+
+    def encode_u32(self, text: str) -> bytes:
+        """The ids `encode` returns, as little-endian unsigned 32-bit words (4 bytes an id:
+        the KV-hashing contract's layout), made without an int object per id: each byte of
+        the text is widened in place, each special token written as its word.
+
+        Raises:
+            TokenizerError: as `encode`.
+        """
+        pieces = self._SPECIAL_PATTERN.split(text)
+        encoded: list[bytes] = []
+        for index, piece in enumerate(pieces):
+            if index % 2:
+                encoded.append(struct.pack("<I", self.SPECIAL_TOKENS[piece]))
+                continue
+            try:
+                encoded.append(piece.encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                raise TokenizerError(
+                    f"cannot encode text: {exc.reason} at character {exc.start} of a piece; "
+                    "lone surrogates are not valid Unicode text"
+                ) from exc
+        size = sum(len(p) if not i % 2 else 1 for i, p in enumerate(encoded))
+        words = bytearray(size * _WORD)
+        at = 0
+        for index, data in enumerate(encoded):
+            if index % 2:
+                words[at : at + _WORD] = data
+                at += _WORD
+            elif data:
+                end = at + len(data) * _WORD
+                # Every byte is the low byte of its word; the other three stay zero.
+                words[at:end:_WORD] = data
+                at = end
+        return bytes(words)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Return the text of ``ids``; invalid or incomplete UTF-8 decodes to U+FFFD.
