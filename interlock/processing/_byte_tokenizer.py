@@ -15,8 +15,6 @@ from ._tokenizer import check_ids
 __all__ = ["ByteTokenizer"]
 
 _BYTE_TOKEN: Final = re.compile(r"<0x([0-9A-F]{2})>")
-#: Bytes per id in `ByteTokenizer.encode_u32`'s words.
-_WORD: Final = 4
 
 
 @final
@@ -38,6 +36,10 @@ class ByteTokenizer:
     )
     _SPECIAL_PATTERN: ClassVar[re.Pattern[str]] = re.compile(
         "(" + "|".join(re.escape(text) for text in SPECIAL_TOKENS) + ")"
+    )
+    #: Each special token's id as `encode_u32`'s word.
+    _SPECIAL_WORDS: ClassVar[Mapping[str, bytes]] = MappingProxyType(
+        {text: struct.pack("<I", i) for text, i in SPECIAL_TOKENS.items()}
     )
     _TEMPLATE: ClassVar[ChatTemplate] = ChatTemplate.chatml(eos_token="<|im_end|>")
 
@@ -82,38 +84,31 @@ class ByteTokenizer:
 
     def encode_u32(self, text: str) -> bytes:
         """The ids `encode` returns, as little-endian unsigned 32-bit words (4 bytes an id:
-        the KV-hashing contract's layout), made without an int object per id: each byte of
-        the text is widened in place, each special token written as its word.
+        the KV-hashing contract's layout), made without an int object per id.
 
         Raises:
             TokenizerError: as `encode`.
         """
-        pieces = self._SPECIAL_PATTERN.split(text)
-        encoded: list[bytes] = []
-        for index, piece in enumerate(pieces):
+        words: list[bytes] = []
+        # re.split with one capture group alternates plain text and special-token text.
+        for index, piece in enumerate(self._SPECIAL_PATTERN.split(text)):
             if index % 2:
-                encoded.append(struct.pack("<I", self.SPECIAL_TOKENS[piece]))
-                continue
-            try:
-                encoded.append(piece.encode("utf-8"))
-            except UnicodeEncodeError as exc:
-                raise TokenizerError(
-                    f"cannot encode text: {exc.reason} at character {exc.start} of a piece; "
-                    "lone surrogates are not valid Unicode text"
-                ) from exc
-        size = sum(len(p) if not i % 2 else 1 for i, p in enumerate(encoded))
-        words = bytearray(size * _WORD)
-        at = 0
-        for index, data in enumerate(encoded):
-            if index % 2:
-                words[at : at + _WORD] = data
-                at += _WORD
-            elif data:
-                end = at + len(data) * _WORD
-                # Every byte is the low byte of its word; the other three stay zero.
-                words[at:end:_WORD] = data
-                at = end
-        return bytes(words)
+                words.append(self._SPECIAL_WORDS[piece])
+            elif piece.isascii():
+                # An ASCII character is its one UTF-8 byte: UTF-32 widens each to its word.
+                words.append(piece.encode("utf-32-le"))
+            else:
+                try:
+                    data = piece.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise TokenizerError(
+                        f"cannot encode text: {exc.reason} at character {exc.start} of a "
+                        "piece; lone surrogates are not valid Unicode text"
+                    ) from exc
+                # Latin-1 reads each byte as the character of that number, which UTF-32
+                # widens to its word: the UTF-8 bytes as words, in C.
+                words.append(data.decode("latin-1").encode("utf-32-le"))
+        return words[0] if len(words) == 1 else b"".join(words)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Return the text of ``ids``; invalid or incomplete UTF-8 decodes to U+FFFD.
