@@ -5,7 +5,8 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
 `ExtProcPicker.process` answers them as GAIE's protocol says (reference: llm-d's EPP):
 
 - ``request_headers``: the headers are recorded (``:path``, ``x-request-id`` (else a new id),
-  ``test-epp-endpoint-selection``, the objective and fairness headers). No answer yet, unless
+  ``test-epp-endpoint-selection``, the objective and fairness headers,
+  ``x-gateway-model-name-rewrite``). No answer yet, unless
   the request has no body (``end_of_stream``): then it is picked at once, as a one-token
   prompt, and not booked (a ``GET`` costs a worker nothing the router tracks).
 - ``request_body`` (``FULL_DUPLEX_STREAMED``: the picker buffers the chunks itself, up to the
@@ -18,7 +19,9 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   ``x-gateway-destination-endpoint: ip:port[,fallback...]``, ``Content-Length``, and
   ``x-prefiller-host-port`` naming the prefill endpoint when the decision is disaggregated:
   llm-d's header) with the same endpoint list in ``dynamic_metadata["envoy.lb"]``; then the
-  body, unchanged, in ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
+  body, unchanged (but for ``x-gateway-model-name-rewrite``: its ``model`` is that name, set
+  before the pick, so the pick and the 404 check see it, and ``Content-Length`` is the new
+  length), in ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
   the decision's other candidates for that leg, best first. Other paths' bodies are not
   parsed: they are picked as a request without a body is.
 - ``response_headers``: answered with ``x-conformance-test-served-endpoint: <served>`` when
@@ -30,21 +33,25 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   moves: the pick's is freed and the request is booked again, under ``<request id>-served``,
   on the worker that served (a second recorded decision). When Envoy sends no response body
   (``response_body_mode: NONE``, docs/gateway/envoy.yaml) the headers release the prefill load.
-- ``response_body``: each chunk is passed back unchanged; the first one releases the prefill
+- ``response_body``: each chunk is passed back unchanged (after a model-name rewrite, with
+  every ``"model": "<that name>"`` put back to the name the client sent, full duplex mode
+  only); the first one releases the prefill
   load (`Pipeline.mark_prefill_complete`); the last (or the response trailers) frees the
   booking. Without response bodies the stream's end (Envoy ends it with the request, when
   response trailers are on) frees it.
 
 Other body modes, as Envoy's ``protocol_config`` names them: with a ``BUFFERED`` request body
 the headers are answered at once (Envoy sends the body only then) and the pick rides on the
-body's answer (the same header mutation, ``clear_route_cache`` and metadata); a response body
-in a mode other than full duplex is answered without a mutation.
+body's answer (the same header mutation, ``clear_route_cache`` and metadata, and a rewritten
+body whole in its ``body_mutation``); a response body in a mode other than full duplex is
+answered without a mutation.
 
 Whatever ends a stream (the response's end, an ImmediateResponse, the gateway dropping the
 stream, a client gone, an error) frees its booking: booked load never leaks.
 
 Errors are ImmediateResponses with an OpenAI-style JSON body: 400 for a bad body (not JSON,
-no ``model``, a bad field), 404 for a model this frontend does not serve, 413 for a body over
+no ``model``, a bad field), 404 for a model this frontend does not serve
+(`Frontend.model_not_found`: ``--model-name``, after any rewrite), 413 for a body over
 ``max_body_bytes``, 429 when every candidate is at its in-flight limit and the queue is full
 (`Overloaded`), 503 when no candidate is left (none registered with an HTTP endpoint, the
 subset hint or ``test-epp-endpoint-selection`` names none) or while the frontend drains.
@@ -97,11 +104,11 @@ from ..engines import Engine
 from ..http._drain import DrainTicket, refused_while_draining
 from ..http._errors import HttpError, bad_request, http_error_for
 from ..http._frontend import Frontend
-from ..http._json import loads_json
 from ..http._nvext import EMPTY, HEADER_FAIRNESS, HEADER_OBJECTIVE, gaie_routing_hints
-from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest
+from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest, json_object
 from ..wire import PreprocessedRequest, RoutingDecision
 from ._endpoints import http_endpoints, match_endpoints
+from ._rewrite import MODEL_REWRITE_HEADER, ModelNameRestorer, rewrite_model
 
 __all__ = [
     "BODY_CHUNK_BYTES",
@@ -242,6 +249,9 @@ class _Stream:
         #: The booking moved to the worker that served (once per stream).
         self.moved = False
         self.finished = False
+        #: Puts the client's model name back into the response (``x-gateway-model-name-rewrite``
+        #: changed the request's; None: nothing to put back).
+        self.model_restorer: ModelNameRestorer | None = None
 
     # -- the phases ---------------------------------------------------------------------------
 
@@ -266,7 +276,12 @@ class _Stream:
             return self._response_body(message)
         if phase == "response_trailers":
             self._release()
-            return [ProcessingResponse(response_trailers=TrailersResponse())]
+            answers = [ProcessingResponse(response_trailers=TrailersResponse())]
+            held = self.model_restorer.flush() if self.model_restorer is not None else b""
+            if held and self.response_duplex:
+                # The body ended without its end_of_stream: pass on what was held back.
+                answers.insert(0, _streamed("response_body", held, False))
+            return answers
         return []
 
     async def _request_headers(self, message: ProcessingRequest) -> list[ProcessingResponse]:
@@ -349,7 +364,10 @@ class _Stream:
             self._release()
         if not self.response_duplex:
             return [ProcessingResponse(response_body=BodyResponse())]
-        return [_streamed("response_body", body.body, body.end_of_stream)]
+        chunk = body.body
+        if self.model_restorer is not None:
+            chunk = self.model_restorer.restore(chunk, body.end_of_stream)
+        return [_streamed("response_body", chunk, body.end_of_stream)]
 
     # -- the pick -----------------------------------------------------------------------------
 
@@ -368,14 +386,18 @@ class _Stream:
                 # meanwhile gets a new id instead of a refusal. A failure releases it.
                 self.booked_as = request_id
                 self.picker.booked.add(request_id)
+                data = None
+                rewrite = self.headers.get(MODEL_REWRITE_HEADER)
+                if rewrite:
+                    body, data = await self._rewrite_model(body, rewrite)
                 if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.
                     tokens = await trio.to_thread.run_sync(
-                        self._tokens, kind, body, limiter=frontend.offload_limiter
+                        self._tokens, kind, body, data, limiter=frontend.offload_limiter
                     )
                 else:
-                    tokens = self._tokens(kind, body)
+                    tokens = self._tokens(kind, body, data)
             request = PreprocessedRequest(
                 token_ids=tokens,
                 request_id=request_id,
@@ -402,18 +424,36 @@ class _Stream:
         frontend.metrics.count_request(METRICS_ENDPOINT, 200, trio.current_time() - start)
         return self._answer(body, end_of_stream=end_of_stream)
 
-    def _tokens(self, kind: str, body: bytes) -> Sequence[int]:
-        """The prompt's token ids from a chat or completions body; synchronous (and
-        thread-safe).
+    async def _rewrite_model(self, body: bytes, model: str) -> tuple[bytes, dict[str, Any]]:
+        """``body`` with its ``model`` rewritten to ``model`` (GAIE's header; `rewrite_model`,
+        in a worker thread for a large body) and its decoded object, and the response's
+        restorer set when it changed.
+
+        Raises:
+            HttpError: 400 when the body is not a JSON object.
+        """
+        frontend = self.frontend
+        if len(body) > frontend.offload_body_bytes:
+            body, data, incoming = await trio.to_thread.run_sync(
+                rewrite_model, body, model, limiter=frontend.offload_limiter
+            )
+        else:
+            body, data, incoming = rewrite_model(body, model)
+        if incoming is not None:
+            self.model_restorer = ModelNameRestorer(model, incoming)
+        return body, data
+
+    def _tokens(self, kind: str, body: bytes, data: dict[str, Any] | None = None) -> Sequence[int]:
+        """The prompt's token ids from a chat or completions body (``data``: that body decoded
+        already); synchronous (and thread-safe).
 
         Raises:
             HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
             TokenizerError, ChatTemplateError: the prompt cannot be rendered or encoded.
         """
         frontend = self.frontend
-        data = loads_json(body)
-        if type(data) is not dict:
-            raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+        if data is None:
+            data = json_object(body)
         parsed = ParsedRequest(kind)
         checks = _FIELD_CHECKS[kind]
         max_len = frontend.limits.max_model_len
@@ -423,13 +463,9 @@ class _Stream:
                 checks[name](parsed, value, max_len)
         if not parsed.model:
             raise bad_request("model not found in request body; model is required", "model")
-        if parsed.model != frontend.model:
-            raise HttpError(
-                404,
-                f"the model {parsed.model!r} does not exist; this pool serves {frontend.model!r}",
-                param="model",
-                code="model_not_found",
-            )
+        missing = frontend.model_not_found(parsed.model, "this pool")
+        if missing is not None:
+            raise missing
         required = "messages" if kind == "chat" else "prompt"
         if data.get(required) is None:
             raise bad_request(f"{required} is required", required)
@@ -515,6 +551,10 @@ class _Stream:
             answer.dynamic_metadata.update(metadata)
             return [answer]
         if not self.request_duplex:
+            if self.model_restorer is not None:
+                # Rewritten (``x-gateway-model-name-rewrite``): the buffered body is replaced
+                # whole, matching the Content-Length set above.
+                common.body_mutation.body = body
             answer = ProcessingResponse(request_body=BodyResponse(response=common))
             answer.dynamic_metadata.update(metadata)
             return [answer]

@@ -8,7 +8,8 @@ wakes the other only when that one waits, so a message costs one wake-up of each
 most, however many answers it gets. No thread per stream: thousands of long generations keep
 their streams open on one loop.
 
-Served (``127.0.0.1:E`` over h2c, HTTP/2 with prior knowledge as Envoy's gRPC client speaks it):
+Served (``127.0.0.1:E`` over h2c, HTTP/2 with prior knowledge as Envoy's gRPC client speaks it,
+or over TLS with ``tls``, `interlock.gateway._tls`):
 ``envoy.service.ext_proc.v3.ExternalProcessor/Process`` (bidirectional streaming) and
 ``grpc.health.v1.Health/Check``; on the health port (``--ext-proc-health-port``), the health
 check alone. Message classes are xds-protos' and grpcio-health-checking's.
@@ -38,8 +39,10 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, 
 from google.protobuf.message import DecodeError
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
+from .._errors import ConfigError
 from ._endpoints import host_port
 from ._picker import ExtProcPicker
+from ._tls import SERVABLE_KEYS, ExtProcTLS
 
 __all__ = ["EXT_PROC_SERVICE", "serve_ext_proc"]
 
@@ -266,8 +269,11 @@ class _Server:
         picker: ExtProcPicker,
         nursery: trio.Nursery,
         binds: list[tuple[str, int, bool]],
+        tls: ExtProcTLS | None = None,
     ) -> None:
         self.picker = picker
+        #: TLS on the ext_proc port (None: h2c); the health-only port stays h2c.
+        self.tls = tls
         self.nursery = nursery
         self.token = trio.lowlevel.current_trio_token()
         self.loop = asyncio.new_event_loop()
@@ -314,10 +320,20 @@ class _Server:
                 server.add_generic_rpc_handlers((self._handlers(process=process),))
                 address = host_port(host, port)
                 try:
-                    bound = server.add_insecure_port(address)
+                    if self.tls is not None and process:
+                        bound = server.add_secure_port(address, self.tls.credentials())
+                    else:
+                        bound = server.add_insecure_port(address)
                 except RuntimeError as exc:
                     # grpcio says only "Failed to bind": the errno is the reason a bind gives.
                     code = _bind_errno(host, port)
+                    if code is None and self.tls is not None and process:
+                        # The port binds: what grpcio refused is the certificate or its key.
+                        raise ConfigError(
+                            f"cannot serve TLS on {address}: grpcio refused the {self.tls.source} "
+                            f"or its key (the port is free); give a certificate with a key of "
+                            f"these: {SERVABLE_KEYS}"
+                        ) from None
                     reason = os.strerror(code) if code is not None else str(exc)
                     raise OSError(code, f"cannot listen on {address}: {reason}", address) from None
                 self.addresses.append(host_port(host, bound))
@@ -510,12 +526,15 @@ async def serve_ext_proc(
     port: int,
     *,
     health_port: int | None = None,
+    tls: ExtProcTLS | None = None,
     task_status: trio.TaskStatus[tuple[str, str | None]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``picker`` (``.../ExternalProcessor/Process`` and the gRPC health check) on
-    ``host:port`` over h2c, and the health check alone on ``host:health_port`` if given, until
-    cancelled. Use with ``nursery.start``: it reports where each listens (``host:port``,
-    ``[v6]:port``; port 0: a free one). Runs grpcio's server in a thread of its own. When
+    ``host:port`` over h2c (with ``tls``: over TLS, HTTP/2 by ALPN), and the health check alone
+    on ``host:health_port`` if given (always h2c, as GAIE's picker serves it: Kubernetes' gRPC
+    probes speak no TLS, and it tells nothing but SERVING or not), until cancelled. Use with
+    ``nursery.start``: it reports where each listens (``host:port``, ``[v6]:port``; port 0: a
+    free one). Runs grpcio's server in a thread of its own. When
     cancelled, the open streams' tasks are cancelled (their bookings freed) and the streams
     answered UNAVAILABLE (for `_ANSWER_TIMEOUT` at most), then the servers stop and the thread
     ends; a thread that has not ended `_JOIN_TIMEOUT` after is left behind (a daemon) with a
@@ -524,13 +543,14 @@ async def serve_ext_proc(
     Raises:
         OSError: an address cannot be bound (``filename`` is that address; ``errno`` why, or
             None if not known).
+        ConfigError: grpcio refused ``tls`` (its certificate's key; the port binds).
         BaseException: whatever ended the server's thread early (raised when it ends).
     """
     binds = [(host, port, True)]
     if health_port is not None:
         binds.append((host, health_port, False))
     async with trio.open_nursery() as nursery:
-        server = _Server(picker, nursery, binds)
+        server = _Server(picker, nursery, binds, tls)
         thread = threading.Thread(target=server.run, name="interlock-ext-proc", daemon=True)
         thread.start()
         try:

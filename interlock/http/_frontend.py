@@ -106,6 +106,21 @@ class Frontend:
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{self._id_prefix}{next(self._ids):x}"
 
+    def model_not_found(self, name: object, served_by: str = "this server") -> HttpError | None:
+        """None when a request naming the model ``name`` is served here, else the 404
+        (``model_not_found``) to answer it with. The one rule for every endpoint (chat and
+        completions, ``/v1/models/{name}``, ``/v1/route``, the gateway's picker): the model
+        is ``--model-name``, no other name or alias. ``served_by`` names the server in the
+        message ("this router", "this pool")."""
+        if name == self.model:
+            return None
+        return HttpError(
+            404,
+            f"the model {name!r} does not exist; {served_by} serves {self.model!r}",
+            param="model",
+            code="model_not_found",
+        )
+
     # -- preprocessing ----------------------------------------------------------------------
 
     def check_worker_ids(self, nvext: NvExt) -> None:

@@ -21,9 +21,8 @@ from ._auth import check_route_api
 from ._drain import refused_while_draining
 from ._errors import HttpError, bad_request, http_error_for
 from ._frontend import Frontend
-from ._json import loads_json
 from ._nvext import parse_token_ids
-from ._openai import ParsedRequest
+from ._openai import ParsedRequest, json_object
 from ._sse import dumps
 
 _FIELDS = frozenset(
@@ -153,8 +152,6 @@ class _RouteApi:
                 "s of its headers (--request-read-timeout); send the body at once",
                 code="request_timeout",
             )
-        if type(body) is not dict:
-            raise bad_request(f"the request body must be a JSON object, got {_kind(body)}")
         for key in body:
             if key not in _FIELDS:
                 raise bad_request(
@@ -164,13 +161,9 @@ class _RouteApi:
                     code="unknown_parameter",
                 )
         model = body.get("model")
-        if model is not None and model != frontend.model:
-            raise HttpError(
-                404,
-                f"the model {model!r} does not exist; this router serves {frontend.model!r}",
-                param="model",
-                code="model_not_found",
-            )
+        missing = None if model is None else frontend.model_not_found(model, "this router")
+        if missing is not None:
+            raise missing
         given = [name for name in _PROMPT_FIELDS if body.get(name) is not None]
         if len(given) != 1:
             raise bad_request(
@@ -314,7 +307,7 @@ def _override(value: Any) -> RouterConfigOverride | None:
 _NOT_READ: Final = object()
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(
@@ -329,7 +322,7 @@ async def _read_json(request: Request, limit: int) -> Any:
                 413, f"the request body is larger than {limit} bytes", code="request_too_large"
             )
         parts.append(chunk)
-    return loads_json(b"".join(parts))
+    return json_object(b"".join(parts))
 
 
 def route_routes(frontend: Frontend) -> list[Route]:
