@@ -379,8 +379,9 @@ class PipelineConfig:
         validator=_typed(int, optional=True, minimum=1),
         metadata=_doc(
             "Bytes of memory the in-memory transition records may take at most, estimated "
-            "(a routing decision keeps its prompt's token ids, ~40 bytes a token); the oldest "
-            "are dropped first. None: bounded by transition_log_capacity alone."
+            "(a routing decision keeps its prompt's token ids, ~40 bytes a token, 4 for a "
+            "gateway pick's packed ones); the oldest are dropped first. None: bounded by "
+            "transition_log_capacity alone."
         ),
     )
     transition_log_path: str | None = attrs.field(

@@ -94,7 +94,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import trio
@@ -533,7 +533,7 @@ class ExtProcStream:
         try:
             kind = _kind(self.headers.get(":path", ""), body)
             book = False
-            tokens = _NO_PROMPT
+            tokens: Sequence[int] = _NO_PROMPT
             if kind is not None and body is not None:
                 book = True
                 # Reserved before the first wait: a second stream with the same x-request-id
@@ -597,9 +597,7 @@ class ExtProcStream:
             self.model_restorer = ModelNameRestorer(model, incoming)
         return body, data
 
-    def _tokens(
-        self, kind: str, body: bytes, data: dict[str, Any] | None = None
-    ) -> tuple[int, ...]:
+    def _tokens(self, kind: str, body: bytes, data: dict[str, Any] | None = None) -> Sequence[int]:
         """The prompt's token ids from a chat or completions body (``data``: that body decoded
         already); synchronous (and thread-safe).
 
@@ -633,7 +631,9 @@ class ExtProcStream:
                 "messages",
                 code="too_many_messages",
             )
-        return frontend.prompt_tokens(parsed, EMPTY)
+        # Packed: the router only hashes and counts a pick's ids, and 100,000 int objects
+        # (made, then freed with the decision's record) were most of a long pick's cost.
+        return frontend.prompt_tokens(parsed, EMPTY, packed=True)
 
     def _candidates(self) -> frozenset[int]:
         """The workers this request may go to.

@@ -9,7 +9,6 @@ ignores it. Documented in docs/http.md.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from typing import Any, Final
@@ -19,6 +18,7 @@ import attrs
 from .._errors import RequestError
 from ..wire import ChatRequest
 from ._errors import bad_request
+from ._json import loads_json
 from ._nvext import EMPTY, U32_MAX, NvExt, parse_nvext, parse_token_ids
 
 #: Largest seed a request may carry (the worker protocol's seeds are unsigned 64-bit).
@@ -419,12 +419,7 @@ def json_object(body: bytes | str) -> dict[str, Any]:
         HttpError: 400 ``invalid_json`` when it is not JSON (or nests too deep to decode);
             400 when it is JSON but not an object.
     """
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise bad_request(
-            f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
-        ) from None
+    data = loads_json(body)
     if type(data) is not dict:
         raise bad_request(f"the request body must be a JSON object, got {_kind(data)}")
     return data
