@@ -831,7 +831,9 @@ class _HttpStream:
                     except EngineHttpError:
                         pass
             else:
-                await trio.lowlevel.checkpoint()
+                # Cancellable, without a trip through the scheduler per request: the stream's
+                # reads were its schedule points.
+                await trio.lowlevel.checkpoint_if_cancelled()
         finally:
             # Also when the checkpoint raises Cancelled (the client went): the engine must see
             # the connection close, or it generates on for nobody.
