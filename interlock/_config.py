@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 import attrs
 
@@ -40,6 +40,28 @@ SERVER_KEYS: dict[str, type] = {
     "trusted_api_key_file": str,
     "processes": int,
 }
+
+#: The TOML table of ``interlock route``'s endpoint picker (``--ext-proc-port`` ...), and its
+#: keys' types: the flags of the same names; a flag wins over its key.
+GATEWAY_TABLE = "gateway"
+GATEWAY_KEYS: dict[str, type] = {
+    "ext_proc_port": int,
+    "ext_proc_health_port": int,
+    "ext_proc_fallbacks": int,
+    "ext_proc_tls": str,
+    "ext_proc_tls_cert": str,
+    "ext_proc_tls_key": str,
+}
+#: ``--ext-proc-tls``'s values (``[gateway] ext_proc_tls``'s too): h2c (the default), or TLS
+#: with a certificate made at start. A certificate of your own (``--ext-proc-tls-cert`` and
+#: ``--ext-proc-tls-key``) needs no mode. Here, not in `interlock.gateway._tls`: the command
+#: line reads them without loading the gRPC stack.
+EXT_PROC_TLS_OFF: Final = "off"
+EXT_PROC_TLS_SELF_SIGNED: Final = "self-signed"
+EXT_PROC_TLS_MODES: Final = (EXT_PROC_TLS_OFF, EXT_PROC_TLS_SELF_SIGNED)
+#: The ``[gateway]`` keys (and flags, ``_`` for ``-``) that choose the ext_proc port's TLS:
+#: together one setting, which the command line's flags replace as a whole.
+EXT_PROC_TLS_KEYS: Final = ("ext_proc_tls", "ext_proc_tls_cert", "ext_proc_tls_key")
 
 #: The TOML table of InferenceObjective priorities (``--objective NAME=PRIORITY``): each key
 #: names an objective (the value of a request's ``x-gateway-inference-objective`` header),
@@ -357,8 +379,9 @@ class PipelineConfig:
         validator=_typed(int, optional=True, minimum=1),
         metadata=_doc(
             "Bytes of memory the in-memory transition records may take at most, estimated "
-            "(a routing decision keeps its prompt's token ids, ~40 bytes a token); the oldest "
-            "are dropped first. None: bounded by transition_log_capacity alone."
+            "(a routing decision keeps its prompt's token ids, ~40 bytes a token, 4 for a "
+            "gateway pick's packed ones); the oldest are dropped first. None: bounded by "
+            "transition_log_capacity alone."
         ),
     )
     transition_log_path: str | None = attrs.field(
@@ -473,6 +496,19 @@ class PipelineConfig:
         return _command_table(Path(path), SERVER_TABLE, SERVER_KEYS)
 
     @staticmethod
+    def gateway_table(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The ``[gateway]`` table of a TOML configuration file (empty when it has none):
+        ``interlock route``'s endpoint picker settings under the names of their flags
+        (``ext_proc_port``, ``ext_proc_health_port``, ``ext_proc_fallbacks``, ``ext_proc_tls``,
+        ``ext_proc_tls_cert``, ``ext_proc_tls_key``). Values are checked by the command.
+
+        Raises:
+            ConfigError: the file cannot be read, or the table holds an unknown key or a value of
+                the wrong type (the message names the file and the key).
+        """
+        return _command_table(Path(path), GATEWAY_TABLE, GATEWAY_KEYS)
+
+    @staticmethod
     def objectives_table(path: str | os.PathLike[str]) -> dict[str, int]:
         """The ``[objectives]`` table of a TOML configuration file (empty when it has none):
         each InferenceObjective's name and its priority, as ``--objective NAME=PRIORITY``
@@ -522,7 +558,7 @@ class PipelineConfig:
         return attrs.asdict(self)
 
 
-_COMMAND_TABLES = frozenset({WORKERS_TABLE, SERVER_TABLE, OBJECTIVES_TABLE})
+_COMMAND_TABLES = frozenset({WORKERS_TABLE, SERVER_TABLE, OBJECTIVES_TABLE, GATEWAY_TABLE})
 
 
 def _check_objective(name: str, priority: Any, where: str) -> None:

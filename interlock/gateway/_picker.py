@@ -5,7 +5,8 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
 `ExtProcPicker.process` answers them as GAIE's protocol says (reference: llm-d's EPP):
 
 - ``request_headers``: the headers are recorded (``:path``, ``x-request-id`` (else a new id),
-  ``test-epp-endpoint-selection``, the objective and fairness headers). No answer yet, unless
+  ``test-epp-endpoint-selection``, the objective and fairness headers,
+  ``x-gateway-model-name-rewrite``). No answer yet, unless
   the request has no body (``end_of_stream``): then it is picked at once, as a one-token
   prompt, and not booked (a ``GET`` costs a worker nothing the router tracks).
 - ``request_body`` (``FULL_DUPLEX_STREAMED``: the picker buffers the chunks itself, up to the
@@ -18,7 +19,9 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   ``x-gateway-destination-endpoint: ip:port[,fallback...]``, ``Content-Length``, and
   ``x-prefiller-host-port`` naming the prefill endpoint when the decision is disaggregated:
   llm-d's header) with the same endpoint list in ``dynamic_metadata["envoy.lb"]``; then the
-  body, unchanged, in ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
+  body, unchanged (but for ``x-gateway-model-name-rewrite``: its ``model`` is that name, set
+  before the pick, so the pick and the 404 check see it, and ``Content-Length`` is the new
+  length), in ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
   the decision's other candidates for that leg, best first. Other paths' bodies are not
   parsed: they are picked as a request without a body is.
 - ``response_headers``: answered with ``x-conformance-test-served-endpoint: <served>`` when
@@ -30,21 +33,29 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   moves: the pick's is freed and the request is booked again, under ``<request id>-served``,
   on the worker that served (a second recorded decision). When Envoy sends no response body
   (``response_body_mode: NONE``, docs/gateway/envoy.yaml) the headers release the prefill load.
-- ``response_body``: each chunk is passed back unchanged; the first one releases the prefill
+- ``response_body``: each chunk is passed back unchanged (after a model-name rewrite, with
+  every ``"model": "<that name>"`` put back to the name the client sent, full duplex mode
+  only); the first one releases the prefill
   load (`Pipeline.mark_prefill_complete`); the last (or the response trailers) frees the
   booking. Without response bodies the stream's end (Envoy ends it with the request, when
-  response trailers are on) frees it.
+  response trailers are on) frees it. The OpenAI ``usage`` the body reports (a JSON body's,
+  or a stream's last chunks', with ``stream_options.include_usage``) is read from its last
+  `USAGE_TAIL_BYTES` (`usage_of`; the rest of a body is never kept), counted in
+  ``interlock_gateway_usage_tokens_total{kind}`` (prompt, completion, cached) and noted after
+  the pick's records in the transition log (`Pipeline.record_usage`).
 
 Other body modes, as Envoy's ``protocol_config`` names them: with a ``BUFFERED`` request body
 the headers are answered at once (Envoy sends the body only then) and the pick rides on the
-body's answer (the same header mutation, ``clear_route_cache`` and metadata); a response body
-in a mode other than full duplex is answered without a mutation.
+body's answer (the same header mutation, ``clear_route_cache`` and metadata, and a rewritten
+body whole in its ``body_mutation``); a response body in a mode other than full duplex is
+answered without a mutation.
 
 Whatever ends a stream (the response's end, an ImmediateResponse, the gateway dropping the
 stream, a client gone, an error) frees its booking: booked load never leaks.
 
 Errors are ImmediateResponses with an OpenAI-style JSON body: 400 for a bad body (not JSON,
-no ``model``, a bad field), 404 for a model this frontend does not serve, 413 for a body over
+no ``model``, a bad field), 404 for a model this frontend does not serve
+(`Frontend.model_not_found`: ``--model-name``, after any rewrite), 413 for a body over
 ``max_body_bytes``, 429 when every candidate is at its in-flight limit and the queue is full
 (`Overloaded`), 503 when no candidate is left (none registered with an HTTP endpoint, the
 subset hint or ``test-epp-endpoint-selection`` names none) or while the frontend drains.
@@ -64,7 +75,13 @@ turns; none: ``default-flow``).
 
 The ext_proc stream carries no API key (``--api-key`` guards the HTTP API only): serve it
 where only the gateway reaches it (any client of the gateway may name any objective, as with
-GAIE's own picker). Usage in the response body is not parsed.
+GAIE's own picker).
+
+Only the pick needs the router: `ExtProcStream.answer_now` answers every other message
+(request headers with no answer due, body chunks before the last, the response phases) in
+whatever thread holds the stream, and leaves the router bookkeeping they imply (prefill
+release, 5xx count, the booking's release, usage) as chores for the trio thread, run in
+order without the answer waiting for them.
 
 Each pick is a query in the transition log (``received -> preprocessed -> routed -> done``
 with the routing decision), which ``interlock inspect`` explains like ``/v1/route``'s.
@@ -74,9 +91,10 @@ status (200 for a pick).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import trio
@@ -95,24 +113,33 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from ..engines import Engine
+from ..engines.openai import usage_from
 from ..http._drain import DrainTicket, refused_while_draining
 from ..http._errors import HttpError, bad_request, http_error_for
 from ..http._frontend import Frontend
 from ..http._nvext import EMPTY, HEADER_FAIRNESS, HEADER_OBJECTIVE, gaie_routing_hints
-from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest
-from ..wire import PreprocessedRequest, RoutingDecision
+from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest, json_object
+from ..wire import PreprocessedRequest, RoutingDecision, Usage
 from ._endpoints import http_endpoints, match_endpoints
+from ._rewrite import MODEL_REWRITE_HEADER, ModelNameRestorer, rewrite_model
 
 __all__ = [
     "BODY_CHUNK_BYTES",
     "DESTINATION_HEADER",
     "PREFILLER_HEADER",
     "SERVED_TEST_HEADER",
+    "USAGE_TAIL_BYTES",
     "ExtProcPicker",
+    "ExtProcStream",
+    "usage_of",
 ]
 
 _logger = logging.getLogger("interlock.gateway")
 
+#: The response body's last bytes kept to read its usage from: the final JSON object's
+#: ``usage`` (last in OpenAI's and vLLM's bodies) or the last SSE chunks' (``usage`` chunk, then
+#: ``data: [DONE]``); a stream's earlier bytes are never kept.
+USAGE_TAIL_BYTES: Final = 8192
 #: The most body bytes one ``streamed_response`` carries (GAIE's ``BodyByteLimit``).
 BODY_CHUNK_BYTES: Final = 62_000
 DESTINATION_HEADER: Final = "x-gateway-destination-endpoint"
@@ -170,14 +197,24 @@ class ExtProcPicker:
             return False
         return bool(http_endpoints(self.frontend.pipeline.workers))
 
+    def open_stream(self) -> ExtProcStream:
+        """A new stream's state, for `process` (any thread: it only reads the picker)."""
+        return ExtProcStream(self)
+
     async def process(
-        self, requests: AsyncIterator[ProcessingRequest]
+        self,
+        requests: AsyncIterator[ProcessingRequest],
+        stream: ExtProcStream | None = None,
     ) -> AsyncIterator[ProcessingResponse]:
         """Answer one ext_proc stream: for each message of ``requests`` (Envoy's), the
         responses its phase needs, as the module says. Waits for the messages, the
         tokenizer's thread and the router (and the admission queue). Ends when ``requests``
-        ends or after an ImmediateResponse; frees the request's booking however it ends."""
-        stream = _Stream(self)
+        ends or after an ImmediateResponse; frees the request's booking however it ends.
+
+        ``stream``: the stream's state (`open_stream`), when another thread answered some of
+        its messages already with `ExtProcStream.answer_now` (the gRPC server does)."""
+        if stream is None:
+            stream = ExtProcStream(self)
         try:
             async for message in requests:
                 responses = await stream.handle(message)
@@ -212,8 +249,17 @@ class ExtProcPicker:
         return self.frontend.new_id("epp")
 
 
-class _Stream:
-    """One ext_proc stream's state: the request's headers and body, the pick, the booking."""
+class ExtProcStream:
+    """One ext_proc stream's state: the request's headers and body, the pick, the booking.
+
+    Two threads may share it, one message at a time: `answer_now` answers, in any thread,
+    the messages that need no router state (the gRPC server's thread does, so most phases
+    cost no hop to trio), and queues in `chores` the router bookkeeping they imply, for the
+    trio thread (`run_chores`); `handle` answers any message, in the trio thread. Fields
+    set by the pick (`decision`, `picked`, `endpoints`) are only read once it is made; the
+    booking's fields (`booked_as`, `ticket`, `prefill_released`, `moved`) are only touched
+    in the trio thread.
+    """
 
     def __init__(self, picker: ExtProcPicker) -> None:
         self.picker = picker
@@ -242,17 +288,28 @@ class _Stream:
         #: The booking moved to the worker that served (once per stream).
         self.moved = False
         self.finished = False
+        #: Router bookkeeping `answer_now` left for the trio thread, in order (`run_chores`).
+        self.chores: list[Callable[[], None]] = []
+        #: Whether `answer_now` queued the prefill release already (the chore runs once).
+        self._prefill_queued = False
+        #: The response body's last bytes (at most `USAGE_TAIL_BYTES`): where its usage is.
+        self._tail = bytearray()
+        #: The usage the response body reported (None: none seen).
+        self.usage: Usage | None = None
+        #: The response ended (`answer_now` queued the booking's release).
+        self.response_ended = False
+        #: Puts the client's model name back into the response (``x-gateway-model-name-rewrite``
+        #: changed the request's; None: nothing to put back).
+        self.model_restorer: ModelNameRestorer | None = None
 
     # -- the phases ---------------------------------------------------------------------------
 
     async def handle(self, message: ProcessingRequest) -> list[ProcessingResponse]:
-        """The responses to one message from the gateway (maybe none yet)."""
-        if message.HasField("protocol_config"):
-            config = message.protocol_config
-            self.request_duplex = config.request_body_mode == _DUPLEX
-            self.response_duplex = config.response_body_mode == _DUPLEX
-            self.response_body_sent = config.response_body_mode != _NONE
-        self._read_metadata(message)
+        """The responses to one message from the gateway (maybe none yet); the trio thread."""
+        answers = self.answer_now(message)
+        if answers is not None:
+            self.run_chores()
+            return answers
         phase = message.WhichOneof("request")
         if phase == "request_headers":
             return await self._request_headers(message)
@@ -261,20 +318,90 @@ class _Stream:
         if phase == "request_trailers":
             return await self._request_trailers()
         if phase == "response_headers":
-            return await self._response_headers(message)
+            worker = self._served_worker()
+            if worker is not None:
+                await self._move_booking(worker)
+            answers = self.answer_now(message)
+            assert answers is not None, "the booking moved: the headers need no router now"
+            self.run_chores()
+            return answers
+        return []
+
+    def answer_now(self, message: ProcessingRequest) -> list[ProcessingResponse] | None:
+        """The responses to ``message`` if it needs no router state, in any thread (one
+        message at a time per stream, and none while `handle` runs); the bookkeeping they
+        imply is appended to `chores`. None: the message needs `handle` (the pick, a refusal
+        while draining, an ImmediateResponse, a booking to move), and nothing was changed
+        but the protocol and metadata it carries (read again by `handle`)."""
+        if message.HasField("protocol_config"):
+            config = message.protocol_config
+            self.request_duplex = config.request_body_mode == _DUPLEX
+            self.response_duplex = config.response_body_mode == _DUPLEX
+            self.response_body_sent = config.response_body_mode != _NONE
+        self._read_metadata(message)
+        phase = message.WhichOneof("request")
+        if phase == "request_headers":
+            if (
+                message.request_headers.end_of_stream
+                or not self.request_duplex
+                or self.frontend.drain.draining
+            ):
+                return None
+            self._record_headers(message)
+            return []
+        if phase == "request_body":
+            if self.decision is not None:
+                return []  # trailers came first: the pick was made
+            body = message.request_body
+            if body.end_of_stream or not self.request_duplex or not self._buffer(body.body):
+                return None  # the pick, the buffered body's answer, or 413
+            return []
+        if phase == "response_headers":
+            return self._response_headers(message)
         if phase == "response_body":
             return self._response_body(message)
         if phase == "response_trailers":
-            self._release()
-            return [ProcessingResponse(response_trailers=TrailersResponse())]
+            self._finish_response()
+            answers = [ProcessingResponse(response_trailers=TrailersResponse())]
+            held = self.model_restorer.flush() if self.model_restorer is not None else b""
+            if held and self.response_duplex:
+                # The body ended without its end_of_stream: pass on what was held back.
+                answers.insert(0, _streamed("response_body", held, False))
+            return answers
+        if phase == "request_trailers":
+            return None
         return []
 
-    async def _request_headers(self, message: ProcessingRequest) -> list[ProcessingResponse]:
+    def run_chores(self, chores: list[Callable[[], None]] | None = None) -> None:
+        """Run ``chores`` (default: those `answer_now` queued in `chores`, taken) in the trio
+        thread; never raises: a chore that fails is logged."""
+        if chores is None:
+            chores, self.chores = self.chores, []
+        for chore in chores:
+            try:
+                chore()
+            except Exception:
+                _logger.exception("the ext_proc stream's bookkeeping failed")
+
+    def _buffer(self, chunk: bytes) -> bool:
+        """Add ``chunk`` to the request body; False (nothing added) when the body would pass
+        the frontend's ``max_body_bytes``."""
+        if self.size + len(chunk) > self.frontend.limits.max_body_bytes:
+            return False
+        self.size += len(chunk)
+        if chunk:
+            self.parts.append(chunk)
+        return True
+
+    def _record_headers(self, message: ProcessingRequest) -> None:
         headers = self.headers
         for header in message.request_headers.headers.headers:
             value = header.raw_value.decode("latin-1") if header.raw_value else header.value
             name = header.key.lower()
             headers[name] = f"{headers[name]},{value}" if name in headers else value
+
+    async def _request_headers(self, message: ProcessingRequest) -> list[ProcessingResponse]:
+        self._record_headers(message)
         if self.frontend.drain.draining:
             self.frontend.drain.refused += 1
             return [self._fail(refused_while_draining(), 0.0)]
@@ -290,15 +417,12 @@ class _Stream:
         if self.decision is not None:
             return []  # trailers came first: the pick was made
         body = message.request_body
-        self.size += len(body.body)
-        limit = self.frontend.limits.max_body_bytes
-        if self.size > limit:
+        if not self._buffer(body.body):
+            limit = self.frontend.limits.max_body_bytes
             error = HttpError(
                 413, f"the request body is larger than {limit} bytes", code="request_too_large"
             )
             return [self._fail(error, 0.0)]
-        if body.body:
-            self.parts.append(body.body)
         if body.end_of_stream:
             return await self._pick(b"".join(self.parts), end_of_stream=True)
         if not self.request_duplex:
@@ -313,7 +437,19 @@ class _Stream:
                 return answers
         return [*answers, ProcessingResponse(request_trailers=TrailersResponse())]
 
-    async def _response_headers(self, message: ProcessingRequest) -> list[ProcessingResponse]:
+    def _served_worker(self) -> int | None:
+        """The worker that served the request when it is not the one picked and the booking
+        has not moved to it yet (`_move_booking`); else None."""
+        decision = self.decision
+        if decision is None or self.moved or self.booked_as is None:
+            return None
+        worker = self._worker_of(self._served())
+        return worker if worker is not None and worker != decision.decode_worker_id else None
+
+    def _response_headers(self, message: ProcessingRequest) -> list[ProcessingResponse] | None:
+        """The answer to the response headers, or None when the booking must move first."""
+        if self._served_worker() is not None:
+            return None
         served = self._served()
         status = 0
         for header in message.response_headers.headers.headers:
@@ -322,16 +458,14 @@ class _Stream:
                 status = int(text) if text.isdigit() else 0
                 break
         worker = self._worker_of(served)
+        chores = self.chores
         if worker is not None and status >= 500:
-            self.frontend.pipeline.report_failed_stream(worker)
-        decision = self.decision
-        if worker is not None and decision is not None and worker != decision.decode_worker_id:
-            await self._move_booking(worker)
+            chores.append(functools.partial(self.frontend.pipeline.report_failed_stream, worker))
         if not self.response_body_sent:
             # No body phase will come: the first output is on its way now.
-            self._prefill_complete()
+            self._queue_prefill_complete()
         if message.response_headers.end_of_stream:
-            self._release()
+            self._finish_response()
         if SELECTION_TEST_HEADER not in self.headers:
             # The echo is a conformance hook: other clients never see internal addresses.
             return [ProcessingResponse(response_headers=HeadersResponse())]
@@ -344,12 +478,50 @@ class _Stream:
 
     def _response_body(self, message: ProcessingRequest) -> list[ProcessingResponse]:
         body = message.response_body
-        self._prefill_complete()
+        self._queue_prefill_complete()
+        chunk = body.body
+        if chunk:
+            tail = self._tail
+            if len(chunk) >= USAGE_TAIL_BYTES:
+                tail[:] = chunk[-USAGE_TAIL_BYTES:]
+            else:
+                tail += chunk
+                if len(tail) > USAGE_TAIL_BYTES:
+                    del tail[: len(tail) - USAGE_TAIL_BYTES]
         if body.end_of_stream:
-            self._release()
+            self._finish_response()
         if not self.response_duplex:
             return [ProcessingResponse(response_body=BodyResponse())]
-        return [_streamed("response_body", body.body, body.end_of_stream)]
+        if self.model_restorer is not None:
+            chunk = self.model_restorer.restore(chunk, body.end_of_stream)
+        return [_streamed("response_body", chunk, body.end_of_stream)]
+
+    def _queue_prefill_complete(self) -> None:
+        if not self._prefill_queued:
+            self._prefill_queued = True
+            self.chores.append(self._prefill_complete)
+
+    def _finish_response(self) -> None:
+        """The response ended (its last body chunk or its trailers): count its usage, if the
+        body said, and queue the booking's release."""
+        self.response_ended = True
+        if self.usage is None and self._tail:
+            usage = usage_of(bytes(self._tail))
+            self._tail.clear()
+            if usage is not None:
+                self.usage = usage
+                self.chores.append(functools.partial(self._count_usage, usage))
+        self.chores.append(self._release)
+
+    def _count_usage(self, usage: Usage) -> None:
+        """Count ``usage`` in the frontend's metrics and note it after the pick's records
+        (trio thread)."""
+        self.frontend.metrics.count_gateway_usage(usage)
+        decision = self.decision
+        if decision is not None:
+            self.frontend.pipeline.record_usage(
+                decision.request_id, usage, worker_id=self._worker_of(self._served())
+            )
 
     # -- the pick -----------------------------------------------------------------------------
 
@@ -361,21 +533,25 @@ class _Stream:
         try:
             kind = _kind(self.headers.get(":path", ""), body)
             book = False
-            tokens = _NO_PROMPT
+            tokens: Sequence[int] = _NO_PROMPT
             if kind is not None and body is not None:
                 book = True
                 # Reserved before the first wait: a second stream with the same x-request-id
                 # meanwhile gets a new id instead of a refusal. A failure releases it.
                 self.booked_as = request_id
                 self.picker.booked.add(request_id)
+                data = None
+                rewrite = self.headers.get(MODEL_REWRITE_HEADER)
+                if rewrite:
+                    body, data = await self._rewrite_model(body, rewrite)
                 if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.
                     tokens = await trio.to_thread.run_sync(
-                        self._tokens, kind, body, limiter=frontend.offload_limiter
+                        self._tokens, kind, body, data, limiter=frontend.offload_limiter
                     )
                 else:
-                    tokens = self._tokens(kind, body)
+                    tokens = self._tokens(kind, body, data)
             request = PreprocessedRequest(
                 token_ids=tokens,
                 request_id=request_id,
@@ -402,23 +578,36 @@ class _Stream:
         frontend.metrics.count_request(METRICS_ENDPOINT, 200, trio.current_time() - start)
         return self._answer(body, end_of_stream=end_of_stream)
 
-    def _tokens(self, kind: str, body: bytes) -> tuple[int, ...]:
-        """The prompt's token ids from a chat or completions body; synchronous (and
-        thread-safe).
+    async def _rewrite_model(self, body: bytes, model: str) -> tuple[bytes, dict[str, Any]]:
+        """``body`` with its ``model`` rewritten to ``model`` (GAIE's header; `rewrite_model`,
+        in a worker thread for a large body) and its decoded object, and the response's
+        restorer set when it changed.
+
+        Raises:
+            HttpError: 400 when the body is not a JSON object.
+        """
+        frontend = self.frontend
+        if len(body) > frontend.offload_body_bytes:
+            body, data, incoming = await trio.to_thread.run_sync(
+                rewrite_model, body, model, limiter=frontend.offload_limiter
+            )
+        else:
+            body, data, incoming = rewrite_model(body, model)
+        if incoming is not None:
+            self.model_restorer = ModelNameRestorer(model, incoming)
+        return body, data
+
+    def _tokens(self, kind: str, body: bytes, data: dict[str, Any] | None = None) -> Sequence[int]:
+        """The prompt's token ids from a chat or completions body (``data``: that body decoded
+        already); synchronous (and thread-safe).
 
         Raises:
             HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
             TokenizerError, ChatTemplateError: the prompt cannot be rendered or encoded.
         """
         frontend = self.frontend
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise bad_request(
-                f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
-            ) from None
-        if type(data) is not dict:
-            raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+        if data is None:
+            data = json_object(body)
         parsed = ParsedRequest(kind)
         checks = _FIELD_CHECKS[kind]
         max_len = frontend.limits.max_model_len
@@ -428,13 +617,9 @@ class _Stream:
                 checks[name](parsed, value, max_len)
         if not parsed.model:
             raise bad_request("model not found in request body; model is required", "model")
-        if parsed.model != frontend.model:
-            raise HttpError(
-                404,
-                f"the model {parsed.model!r} does not exist; this pool serves {frontend.model!r}",
-                param="model",
-                code="model_not_found",
-            )
+        missing = frontend.model_not_found(parsed.model, "this pool")
+        if missing is not None:
+            raise missing
         required = "messages" if kind == "chat" else "prompt"
         if data.get(required) is None:
             raise bad_request(f"{required} is required", required)
@@ -446,7 +631,9 @@ class _Stream:
                 "messages",
                 code="too_many_messages",
             )
-        return frontend.prompt_tokens(parsed, EMPTY)
+        # Packed: the router only hashes and counts a pick's ids, and 100,000 int objects
+        # (made, then freed with the decision's record) were most of a long pick's cost.
+        return frontend.prompt_tokens(parsed, EMPTY, packed=True)
 
     def _candidates(self) -> frozenset[int]:
         """The workers this request may go to.
@@ -518,6 +705,10 @@ class _Stream:
             answer.dynamic_metadata.update(metadata)
             return [answer]
         if not self.request_duplex:
+            if self.model_restorer is not None:
+                # Rewritten (``x-gateway-model-name-rewrite``): the buffered body is replaced
+                # whole, matching the Content-Length set above.
+                common.body_mutation.body = body
             answer = ProcessingResponse(request_body=BodyResponse(response=common))
             answer.dynamic_metadata.update(metadata)
             return [answer]
@@ -643,6 +834,35 @@ def _kind(path: str, body: bytes | None) -> str | None:
     if path.endswith("/completions"):
         return "completion"
     return None
+
+
+_USAGE_KEY: Final = b'"usage"'
+_JSON: Final = json.JSONDecoder()
+
+
+def usage_of(tail: bytes) -> Usage | None:
+    """The OpenAI ``usage`` last reported in ``tail`` (the end of a response body: a JSON
+    object, or SSE chunks), or None when it holds none (no ``usage`` object, or one cut off or
+    malformed), as `usage_from` reads one. Never raises."""
+    end = len(tail)
+    while True:
+        at = tail.rfind(_USAGE_KEY, 0, end)
+        if at < 0:
+            return None
+        end = at
+        if at > 0 and tail[at - 1] == 0x5C:  # \"usage\": inside a JSON string
+            continue
+        rest = tail[at + len(_USAGE_KEY) :].lstrip()
+        if not rest.startswith(b":"):
+            continue
+        try:
+            value, _ = _JSON.raw_decode(rest[1:].lstrip().decode("utf-8", "replace"))
+        except ValueError:
+            continue
+        # "usage": null, as every chunk but the last of a stream says, is passed over.
+        usage = usage_from(value)
+        if usage is not None:
+            return usage
 
 
 def _strings(value: Any) -> list[str]:

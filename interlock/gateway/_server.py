@@ -1,14 +1,19 @@
 """The gRPC side: `serve_ext_proc` serves `ExtProcPicker` with grpcio's C-core server.
 
 gRPC's HTTP/2, framing and protobuf coding run in grpcio (C-core, ``grpc.aio``) on an asyncio
-loop in one thread of its own (``interlock-ext-proc``); the picker stays in this trio run. Each
-ext_proc stream is one trio task running `ExtProcPicker.process`, fed the stream's messages and
-handing back its answers through two bounded queues between the threads (`_Queue`): a side
-wakes the other only when that one waits, so a message costs one wake-up of each thread at
-most, however many answers it gets. No thread per stream: thousands of long generations keep
-their streams open on one loop.
+loop in one thread of its own (``interlock-ext-proc``); the picker stays in this trio run.
+That thread answers each message that needs no router state itself (`ExtProcStream.answer_now`:
+request headers, body chunks before the last, every response phase) and hands the bookkeeping
+it implies to trio without waiting. A stream gets a trio task (running `ExtProcPicker.process`)
+only at its first message that needs the router (the pick); from then on, while the task holds
+a message, the stream's later messages go to it too, in order, through two bounded queues
+between the threads (`_Queue`): a side wakes the other only when that one waits. Every call
+for the trio thread goes through one `_Inbox`, so calls posted before trio gets to them share
+one wake-up. A stream whose response's end released its booking closes without waiting for
+trio. No thread per stream: thousands of long generations keep their streams open on one loop.
 
-Served (``127.0.0.1:E`` over h2c, HTTP/2 with prior knowledge as Envoy's gRPC client speaks it):
+Served (``127.0.0.1:E`` over h2c, HTTP/2 with prior knowledge as Envoy's gRPC client speaks it,
+or over TLS with ``tls``, `interlock.gateway._tls`):
 ``envoy.service.ext_proc.v3.ExternalProcessor/Process`` (bidirectional streaming) and
 ``grpc.health.v1.Health/Check``; on the health port (``--ext-proc-health-port``), the health
 check alone. Message classes are xds-protos' and grpcio-health-checking's.
@@ -38,8 +43,10 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, 
 from google.protobuf.message import DecodeError
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
+from .._errors import ConfigError
 from ._endpoints import host_port
-from ._picker import ExtProcPicker
+from ._picker import ExtProcPicker, ExtProcStream
+from ._tls import SERVABLE_KEYS, ExtProcTLS
 
 __all__ = ["EXT_PROC_SERVICE", "serve_ext_proc"]
 
@@ -89,21 +96,57 @@ class _Unreadable(Exception):
         self.__cause__ = cause
 
 
-class _TrioWaiter:
-    """What a trio task waits on until the loop's thread wakes it (`wake`, any thread)."""
+class _Inbox:
+    """Calls for the trio thread from the loop's thread (`post`), run there in order. Calls
+    posted before the trio thread gets to them share one `run_sync_soon`: each is a write to
+    trio's wake-up socket and a hand-over of the GIL, the bridge's main cost."""
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
+        self._lock = threading.Lock()
+        self._calls: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._scheduled = False
+
+    def post(self, function: Callable[..., None], *args: Any) -> bool:
+        """Have the trio thread call ``function(*args)`` soon (any thread; never waits);
+        False when the trio run is over (nothing is called any more)."""
+        with self._lock:
+            self._calls.append((function, args))
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        try:
+            self._token.run_sync_soon(self._run)
+        except trio.RunFinishedError:
+            with self._lock:
+                self._scheduled = False
+            return False
+        return True
+
+    def _run(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+            self._scheduled = False
+        for function, args in calls:
+            # A callback of the trio thread must not raise: it would end the trio run.
+            try:
+                function(*args)
+            except Exception:
+                _logger.exception("a call from the ext_proc server's thread failed")
+
+
+class _TrioWaiter:
+    """What a trio task waits on until the loop's thread wakes it (`wake`, any thread)."""
+
+    def __init__(self, inbox: _Inbox) -> None:
+        self._inbox = inbox
         self._event = trio.Event()
 
     def prepare(self) -> None:
         self._event = trio.Event()
 
     def wake(self) -> None:
-        try:
-            self._token.run_sync_soon(self._event.set)
-        except trio.RunFinishedError:
-            pass  # the run is over: nobody waits
+        self._inbox.post(self._event.set)
 
     async def wait(self) -> None:
         await self._event.wait()
@@ -121,7 +164,11 @@ class _LoopWaiter:
 
     def wake(self) -> None:
         future = self._future
-        if future is not None:
+        if future is None:
+            return
+        if _running_loop() is self._loop:
+            _resolve(future)  # the loop's own thread: no hop
+        else:
             try:
                 self._loop.call_soon_threadsafe(_resolve, future)
             except RuntimeError:
@@ -130,6 +177,13 @@ class _LoopWaiter:
     async def wait(self) -> None:
         assert self._future is not None
         await self._future
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -196,11 +250,25 @@ class _Stream:
     """One ext_proc stream between the loop's thread (the gRPC call) and its trio task; in
     that task, the async iterator of Envoy's messages (to its half-close)."""
 
-    def __init__(self, token: trio.lowlevel.TrioToken, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, inbox: _Inbox, loop: asyncio.AbstractEventLoop, state: ExtProcStream
+    ) -> None:
+        #: The picker's state of the stream: the loop's thread answers what it can with it
+        #: (`ExtProcStream.answer_now`), the trio task the rest.
+        self.state = state
+        #: Messages given to the trio task (the loop's thread counts) and answered by it (the
+        #: task counts, once each one's answers are queued): the loop's thread answers a
+        #: message itself only while the two are equal, so answers keep Envoy's order.
+        self.given = 0
+        self.answered = 0
+        #: The call ended before the task (`_END` given to it after the response's end).
+        self.released = False
+        #: Messages the task took (`__anext__`).
+        self._taken = 0
         #: Envoy's messages, then `_END` (the loop's thread puts, the trio task takes).
-        self.requests = _Queue(_LoopWaiter(loop), _TrioWaiter(token))
+        self.requests = _Queue(_LoopWaiter(loop), _TrioWaiter(inbox))
         #: The picker's answers, then `_END`, `_GONE` or the exception that ended it.
-        self.responses = _Queue(_TrioWaiter(token), _LoopWaiter(loop))
+        self.responses = _Queue(_TrioWaiter(inbox), _LoopWaiter(loop))
         #: Cancelled (in the trio thread) when the gRPC call ends first: a dropped stream.
         self.scope = trio.CancelScope()
         #: The trio task was started (the loop's thread sets it, with the first message).
@@ -215,6 +283,8 @@ class _Stream:
 
     async def __anext__(self) -> ProcessingRequest:
         """Envoy's next message, in the trio task (StopAsyncIteration: its half-close)."""
+        # Asked for the next message: the previous one's answers are all queued.
+        self.answered = self._taken
         queue = self.requests
         while not self._pending:
             items = queue.take()
@@ -229,6 +299,7 @@ class _Stream:
         if isinstance(item, _Unreadable):
             self._pending.appendleft(item)
             raise item
+        self._taken += 1
         return item
 
     async def answer(self, picker: ExtProcPicker) -> None:
@@ -237,7 +308,7 @@ class _Stream:
         end: object = _GONE
         try:
             with self.scope:
-                async with contextlib.aclosing(picker.process(self)) as answers:
+                async with contextlib.aclosing(picker.process(self, self.state)) as answers:
                     async for answer in answers:
                         if queue.put(answer):
                             await queue.producer.wait()
@@ -266,10 +337,14 @@ class _Server:
         picker: ExtProcPicker,
         nursery: trio.Nursery,
         binds: list[tuple[str, int, bool]],
+        tls: ExtProcTLS | None = None,
     ) -> None:
         self.picker = picker
+        #: TLS on the ext_proc port (None: h2c); the health-only port stays h2c.
+        self.tls = tls
         self.nursery = nursery
         self.token = trio.lowlevel.current_trio_token()
+        self.inbox = _Inbox(self.token)
         self.loop = asyncio.new_event_loop()
         #: (host, port, whether ext_proc is served there besides the health check).
         self.binds = binds
@@ -314,10 +389,20 @@ class _Server:
                 server.add_generic_rpc_handlers((self._handlers(process=process),))
                 address = host_port(host, port)
                 try:
-                    bound = server.add_insecure_port(address)
+                    if self.tls is not None and process:
+                        bound = server.add_secure_port(address, self.tls.credentials())
+                    else:
+                        bound = server.add_insecure_port(address)
                 except RuntimeError as exc:
                     # grpcio says only "Failed to bind": the errno is the reason a bind gives.
                     code = _bind_errno(host, port)
+                    if code is None and self.tls is not None and process:
+                        # The port binds: what grpcio refused is the certificate or its key.
+                        raise ConfigError(
+                            f"cannot serve TLS on {address}: grpcio refused the {self.tls.source} "
+                            f"or its key (the port is free); give a certificate with a key of "
+                            f"these: {SERVABLE_KEYS}"
+                        ) from None
                     reason = os.strerror(code) if code is not None else str(exc)
                     raise OSError(code, f"cannot listen on {address}: {reason}", address) from None
                 self.addresses.append(host_port(host, bound))
@@ -379,7 +464,7 @@ class _Server:
         return _Handlers((handler, health))
 
     async def _process(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
-        stream = _Stream(self.token, self.loop)
+        stream = _Stream(self.inbox, self.loop, self.picker.open_stream())
         call = asyncio.current_task()
         assert call is not None
         self._calls[call] = stream
@@ -408,13 +493,10 @@ class _Server:
         finally:
             del self._calls[call]
             reader.cancel()
-            if stream.spawned and not stream.finished:
+            if stream.spawned and not stream.finished and not stream.released:
                 # The call ended first (the gateway dropped the stream, or a write failed):
                 # the picker's task ends too, freeing the request's booking.
-                try:
-                    self.token.run_sync_soon(stream.cancel)
-                except trio.RunFinishedError:
-                    pass
+                self.inbox.post(stream.cancel)
 
     async def _read(self, context: grpc.aio.ServicerContext, stream: _Stream) -> None:
         """Hand the stream's messages to its trio task, then `_END` (or `_Unreadable`: the
@@ -434,24 +516,47 @@ class _Server:
                     stream.responses.put(error)
                 return
             if message is grpc.aio.EOF:
-                if stream.spawned:
-                    queue.put(_END)
-                else:
-                    stream.responses.put(_END)  # no message: nothing to answer
+                if not stream.spawned:
+                    stream.responses.put(_END)  # nothing booked: nothing to free
+                    return
+                queue.put(_END)
+                if stream.given == stream.answered and stream.state.response_ended:
+                    # The response's end queued the booking's release already (before this
+                    # `_END`): the call ends now, without a wake-up of this thread from trio.
+                    stream.released = True
+                    stream.responses.put(_END)
                 return
+            if stream.finished:
+                continue  # the picker ended the stream (an ImmediateResponse): ignored
+            if stream.given == stream.answered and self._answer_now(stream, message):
+                continue
+            stream.given += 1
             full = queue.put(message)
             if not stream.spawned:
                 if self._stopping:
                     stream.responses.put(_GONE)  # no new stream's task once the server stops
                     return
                 stream.spawned = True
-                try:
-                    self.token.run_sync_soon(self._spawn, stream)
-                except trio.RunFinishedError:
+                if not self.inbox.post(self._spawn, stream):
                     stream.responses.put(_GONE)
                     return
             if full:
                 await queue.producer.wait()
+
+    def _answer_now(self, stream: _Stream, message: ProcessingRequest) -> bool:
+        """Answer ``message`` here if it needs no router state (the loop's thread), handing
+        its bookkeeping to the trio thread without waiting for it; whether it was."""
+        state = stream.state
+        answers = state.answer_now(message)
+        if answers is None:
+            return False
+        responses = stream.responses
+        for answer in answers:
+            responses.put(answer)  # a few answers per message: the window is not waited on
+        if state.chores:
+            chores, state.chores = state.chores, []
+            self.inbox.post(state.run_chores, chores)
+        return True
 
     def _spawn(self, stream: _Stream) -> None:
         """Start ``stream``'s trio task (the trio thread)."""
@@ -510,12 +615,15 @@ async def serve_ext_proc(
     port: int,
     *,
     health_port: int | None = None,
+    tls: ExtProcTLS | None = None,
     task_status: trio.TaskStatus[tuple[str, str | None]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``picker`` (``.../ExternalProcessor/Process`` and the gRPC health check) on
-    ``host:port`` over h2c, and the health check alone on ``host:health_port`` if given, until
-    cancelled. Use with ``nursery.start``: it reports where each listens (``host:port``,
-    ``[v6]:port``; port 0: a free one). Runs grpcio's server in a thread of its own. When
+    ``host:port`` over h2c (with ``tls``: over TLS, HTTP/2 by ALPN), and the health check alone
+    on ``host:health_port`` if given (always h2c, as GAIE's picker serves it: Kubernetes' gRPC
+    probes speak no TLS, and it tells nothing but SERVING or not), until cancelled. Use with
+    ``nursery.start``: it reports where each listens (``host:port``, ``[v6]:port``; port 0: a
+    free one). Runs grpcio's server in a thread of its own. When
     cancelled, the open streams' tasks are cancelled (their bookings freed) and the streams
     answered UNAVAILABLE (for `_ANSWER_TIMEOUT` at most), then the servers stop and the thread
     ends; a thread that has not ended `_JOIN_TIMEOUT` after is left behind (a daemon) with a
@@ -524,13 +632,14 @@ async def serve_ext_proc(
     Raises:
         OSError: an address cannot be bound (``filename`` is that address; ``errno`` why, or
             None if not known).
+        ConfigError: grpcio refused ``tls`` (its certificate's key; the port binds).
         BaseException: whatever ended the server's thread early (raised when it ends).
     """
     binds = [(host, port, True)]
     if health_port is not None:
         binds.append((host, health_port, False))
     async with trio.open_nursery() as nursery:
-        server = _Server(picker, nursery, binds)
+        server = _Server(picker, nursery, binds, tls)
         thread = threading.Thread(target=server.run, name="interlock-ext-proc", daemon=True)
         thread.start()
         try:

@@ -9,7 +9,6 @@ stops and the router frees the load (reference/stack.md section 2).
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import time
@@ -49,6 +48,7 @@ from ._openai import (
     ParsedRequest,
     chat_request,
     completion_body,
+    json_object,
     needs_engine_chat,
     parse_request,
     usage_dict,
@@ -398,25 +398,15 @@ class _GenerateEndpoint:
             TokenizerError, ChatTemplateError, RequestError: the same, from the preprocessor.
         """
         frontend = self.frontend
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise bad_request(
-                f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
-            ) from None
         parsed = parse_request(
             self.kind,
-            data,
+            json_object(body),
             max_model_len=frontend.limits.max_model_len,
             engine_postprocessing=not frontend.frontend_post,
         )
-        if parsed.model != frontend.model:
-            raise HttpError(
-                404,
-                f"the model {parsed.model!r} does not exist; this server serves {frontend.model!r}",
-                param="model",
-                code="model_not_found",
-            )
+        missing = frontend.model_not_found(parsed.model)
+        if missing is not None:
+            raise missing
         max_messages = frontend.limits.max_messages
         if parsed.messages is not None and len(parsed.messages) > max_messages:
             raise bad_request(
@@ -1176,13 +1166,8 @@ def build_app(
 
     async def model_info(request: Request) -> Response:
         name = request.path_params["model"]
-        if name != frontend.model:
-            error = HttpError(
-                404,
-                f"the model {name!r} does not exist; this server serves {frontend.model!r}",
-                param="model",
-                code="model_not_found",
-            )
+        error = frontend.model_not_found(name)
+        if error is not None:
             return Response(error.body(), 404, media_type="application/json")
         return _json(_model_card(frontend))
 

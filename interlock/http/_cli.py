@@ -25,14 +25,22 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 
 from .._argtypes import non_negative_float, non_negative_int, port
-from .._config import PipelineConfig, knob_names, parse_knob_text, resolve_objectives
+from .._config import (
+    EXT_PROC_TLS_KEYS,
+    EXT_PROC_TLS_MODES,
+    EXT_PROC_TLS_SELF_SIGNED,
+    PipelineConfig,
+    knob_names,
+    parse_knob_text,
+    resolve_objectives,
+)
 from .._errors import ConfigError
 from .._pipeline import (
     Components,
@@ -90,6 +98,9 @@ from ._processes import (
 )
 from ._serve import HttpServer, serve_http
 from ._tracing import configure_otlp
+
+if TYPE_CHECKING:
+    from ..gateway._tls import ExtProcTLS
 
 #: ``--drain-timeout``'s default: seconds the requests in flight get after SIGTERM (the
 #: Kubernetes default terminationGracePeriodSeconds is 30).
@@ -228,6 +239,9 @@ class ServeSetup:
     ext_proc_health_port: int | None = None
     #: ``--ext-proc-fallbacks``: other candidates named after the pick.
     ext_proc_fallbacks: int = 0
+    #: ``--ext-proc-tls`` / ``--ext-proc-tls-cert`` and ``--ext-proc-tls-key``: the ext_proc
+    #: port's certificate and key (None: h2c).
+    ext_proc_tls: ExtProcTLS | None = attrs.field(default=None, repr=False)
     #: ``--objective NAME=PRIORITY`` (and ``[objectives]``): each InferenceObjective's priority.
     objectives: dict[str, int] = attrs.field(factory=dict)
 
@@ -419,12 +433,35 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
     gateway.add_argument(
         "--ext-proc-fallbacks",
         type=non_negative_int,
-        default=0,
+        default=None,
         metavar="N",
         help="with --ext-proc-port: after the endpoint picked, name up to N other candidates, "
         "best first, in x-gateway-destination-endpoint (GAIE's ordered fallback list), for a "
         "gateway that walks the list on failure. 0 (default): the pick alone, which is what "
         "an Envoy ORIGINAL_DST cluster routes on (a list there is a 503; docs/gateway.md)",
+    )
+    gateway.add_argument(
+        "--ext-proc-tls",
+        choices=EXT_PROC_TLS_MODES,
+        default=None,
+        help="with --ext-proc-port: serve it over TLS with a self-signed certificate made at "
+        "start (self-signed: what GAIE's picker does by default, --secure-serving, and what "
+        "gateways that skip verification expect: Istio, kgateway), or over h2c (off, the "
+        "default). The health port stays h2c (docs/gateway.md#tls-on-the-ext_proc-port)",
+    )
+    gateway.add_argument(
+        "--ext-proc-tls-cert",
+        metavar="FILE",
+        default=None,
+        help="with --ext-proc-port: serve it over TLS with this PEM certificate chain (needs "
+        "--ext-proc-tls-key; an RSA key of 2048 bits or more, or ECDSA on P-256 or P-384); "
+        "checked at start",
+    )
+    gateway.add_argument(
+        "--ext-proc-tls-key",
+        metavar="FILE",
+        default=None,
+        help="the unencrypted PEM private key of --ext-proc-tls-cert",
     )
     parser.set_defaults(run=run_route)
     return parser
@@ -1019,7 +1056,9 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             f"--worker-heartbeat-timeout {heartbeat[1]:g} (several pings must be able to go "
             "unanswered before a worker counts as dead)"
         )
+    from_table = _apply_gateway_table(args)
     ext_proc_port, ext_proc_health_port = _resolve_ext_proc(args, workers, remote)
+    ext_proc_tls = _resolve_ext_proc_tls(args, from_table)
     worker_secret = load_secret(args.worker_secret_file, flag="--worker-secret-file")
     worker_tls = _worker_tls(args)
     ordinary_keys, trusted_keys, key_sources = resolve_api_keys(args)
@@ -1107,7 +1146,8 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         process=child,
         ext_proc_port=ext_proc_port,
         ext_proc_health_port=ext_proc_health_port,
-        ext_proc_fallbacks=getattr(args, "ext_proc_fallbacks", 0),
+        ext_proc_fallbacks=getattr(args, "ext_proc_fallbacks", None) or 0,
+        ext_proc_tls=ext_proc_tls,
         objectives=objectives,
     )
 
@@ -1193,6 +1233,101 @@ def _resolve_ext_proc(
             f"the worker protocol has no HTTP endpoint known to the picker; {fix}"
         )
     return ext_proc, health
+
+
+_TLS_MODES_TEXT: Final = " or ".join(repr(mode) for mode in EXT_PROC_TLS_MODES)
+
+
+def _apply_gateway_table(args: argparse.Namespace) -> dict[str, str]:
+    """``interlock route``: each key of ``--config``'s ``[gateway]`` table whose flag was not
+    given sets it (a flag wins over its key); its ports and fallbacks checked as the flags'.
+    The TLS keys (`EXT_PROC_TLS_KEYS`) are one setting: any TLS flag given replaces them all
+    (``--ext-proc-tls off`` serves h2c whatever certificate the table names). Returns how each
+    key the table set is named in errors (``[gateway] KEY of FILE``), by key.
+
+    Raises:
+        ConfigError: a bad table (`PipelineConfig.gateway_table`), or a port that is not 0-65535
+            or a negative number of fallbacks (the message names the file and the key).
+    """
+    config_file = getattr(args, "config", None)
+    if args.command != "route" or not config_file:
+        return {}
+    tls_flagged = any(getattr(args, key, None) is not None for key in EXT_PROC_TLS_KEYS)
+    names: dict[str, str] = {}
+    for key, value in PipelineConfig.gateway_table(config_file).items():
+        if getattr(args, key, None) is not None or (tls_flagged and key in EXT_PROC_TLS_KEYS):
+            continue
+        if key in ("ext_proc_port", "ext_proc_health_port") and not 0 <= value <= 65535:
+            raise ConfigError(f"{config_file}: [gateway] {key} must be a port 0-65535, got {value}")
+        if key == "ext_proc_fallbacks" and value < 0:
+            raise ConfigError(f"{config_file}: [gateway] {key} must be 0 or more, got {value}")
+        if key == "ext_proc_tls" and value not in EXT_PROC_TLS_MODES:
+            raise ConfigError(
+                f"{config_file}: [gateway] {key} must be {_TLS_MODES_TEXT}, got {value!r} "
+                "(a certificate of your own: ext_proc_tls_cert and ext_proc_tls_key)"
+            )
+        setattr(args, key, value)
+        names[key] = f"[gateway] {key} of {config_file}"
+    return names
+
+
+def _resolve_ext_proc_tls(
+    args: argparse.Namespace, names: dict[str, str] | None = None
+) -> ExtProcTLS | None:
+    """The ext_proc port's TLS from ``--ext-proc-tls`` and ``--ext-proc-tls-cert``/``-key``
+    (or the ``[gateway]`` keys `_apply_gateway_table` set: ``names`` says them in errors; None:
+    h2c): the certificate files read and checked, or a self-signed certificate made.
+
+    Raises:
+        ConfigError: a TLS setting without ``--ext-proc-port``, only one of the certificate and
+            its key, a mode with them, or a file that cannot be used (`load_tls`: missing,
+            unreadable, not PEM, encrypted, not a pair, a key grpcio cannot serve); the message
+            names the flag or the table's key the user gave.
+    """
+    names = names or {}
+
+    def name(key: str) -> str:
+        return names.get(key) or "--" + key.replace("_", "-")
+
+    mode: str | None = getattr(args, "ext_proc_tls", None)
+    cert: str | None = getattr(args, "ext_proc_tls_cert", None)
+    key: str | None = getattr(args, "ext_proc_tls_key", None)
+    given = [
+        name(setting)
+        for setting, value in zip(EXT_PROC_TLS_KEYS, (mode, cert, key), strict=True)
+        if value is not None
+    ]
+    if not given:
+        return None
+    if getattr(args, "ext_proc_port", None) is None:
+        raise ConfigError(f"{given[0]} needs --ext-proc-port (TLS is for the picker's port)")
+    if mode is not None and mode not in EXT_PROC_TLS_MODES:
+        raise ConfigError(f"{name('ext_proc_tls')} {mode!r}: give {_TLS_MODES_TEXT}")
+    # Imported here: the gRPC stack loads only for a router that serves it.
+    from ..gateway._tls import load_tls, self_signed_tls
+
+    if cert is not None or key is not None:
+        if cert is None or key is None:
+            have, need = "ext_proc_tls_cert", "ext_proc_tls_key"
+            if cert is None:
+                have, need = need, have
+            # The missing one is asked for where the other one is.
+            wanted = f"[gateway] {need} of {args.config}" if have in names else name(need)
+            raise ConfigError(
+                f"{name(have)} needs {wanted} too (a certificate and its private key)"
+            )
+        if mode is not None:
+            raise ConfigError(
+                f"{name('ext_proc_tls')} {mode} with {name('ext_proc_tls_cert')} and "
+                f"{name('ext_proc_tls_key')}: the files already turn TLS on with that "
+                f"certificate; drop {name('ext_proc_tls')}"
+            )
+        return load_tls(
+            cert, key, cert_flag=name("ext_proc_tls_cert"), key_flag=name("ext_proc_tls_key")
+        )
+    if mode == EXT_PROC_TLS_SELF_SIGNED:
+        return self_signed_tls([args.host])
+    return None
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -1322,6 +1457,11 @@ def _run(args: argparse.Namespace) -> int:
             return _worker_failure(setup, _first_leaf(worker_error))
         if rest is None:
             raise
+        config_error, rest = _split(rest, ConfigError)
+        leaf = None if config_error is None else _first_leaf(config_error)
+        if rest is None and isinstance(leaf, ConfigError):
+            # Found only once serving (grpcio refusing --ext-proc-tls-cert's key).
+            return _invalid(setup.command, leaf)
         bind_error, rest = _split(rest, OSError)
         if rest is None and bind_error is not None:
             print(
@@ -1554,6 +1694,7 @@ async def _serve_ext_proc(
 
     Raises:
         OSError: an address cannot be bound (the message names the flag).
+        ConfigError: grpcio refused the TLS certificate (`serve_ext_proc`).
     """
     if setup.ext_proc_port is None:
         return None
@@ -1569,9 +1710,14 @@ async def _serve_ext_proc(
                 setup.host,
                 setup.ext_proc_port,
                 health_port=setup.ext_proc_health_port,
+                tls=setup.ext_proc_tls,
             )
         )
     except BaseException as exc:
+        refused, _ = _split(exc, ConfigError)
+        if refused is not None:
+            # grpcio refused the TLS certificate (the port binds): the configuration's fault.
+            raise _first_leaf(refused) from None
         bind_error, _ = _split(exc, OSError)
         if bind_error is None:
             raise
@@ -1733,9 +1879,11 @@ def banner(
     if setup.route_api:
         lines.append(f"  route API    {url}/v1/route (docs/route-api.md)")
     if ext_proc is not None:
+        tls = setup.ext_proc_tls
+        transport = "h2c" if tls is None else f"TLS, {tls.source}"
         lines.append(
-            f"  ext_proc     {ext_proc[0]} (h2c; Envoy's endpoint picker, GAIE EPP)"
-            + (f"; gRPC health on {ext_proc[1]}" if ext_proc[1] is not None else "")
+            f"  ext_proc     {ext_proc[0]} ({transport}; Envoy's endpoint picker, GAIE EPP)"
+            + (f"; gRPC health on {ext_proc[1]} (h2c)" if ext_proc[1] is not None else "")
         )
     open_paths = OPEN_PATHS - {"/metrics"} if metrics_url is not None else OPEN_PATHS
     lines.append(f"  API keys     {describe(setup.api_keys, setup.api_key_sources, open_paths)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -106,6 +106,21 @@ class Frontend:
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{self._id_prefix}{next(self._ids):x}"
 
+    def model_not_found(self, name: object, served_by: str = "this server") -> HttpError | None:
+        """None when a request naming the model ``name`` is served here, else the 404
+        (``model_not_found``) to answer it with. The one rule for every endpoint (chat and
+        completions, ``/v1/models/{name}``, ``/v1/route``, the gateway's picker): the model
+        is ``--model-name``, no other name or alias. ``served_by`` names the server in the
+        message ("this router", "this pool")."""
+        if name == self.model:
+            return None
+        return HttpError(
+            404,
+            f"the model {name!r} does not exist; {served_by} serves {self.model!r}",
+            param="model",
+            code="model_not_found",
+        )
+
     # -- preprocessing ----------------------------------------------------------------------
 
     def check_worker_ids(self, nvext: NvExt) -> None:
@@ -140,15 +155,30 @@ class Frontend:
                 code="worker_id_required",
             )
 
-    def prompt_tokens(self, parsed: ParsedRequest, nvext: NvExt) -> tuple[int, ...]:
+    def prompt_tokens(
+        self, parsed: ParsedRequest, nvext: NvExt, *, packed: bool = False
+    ) -> Sequence[int]:
+        """The prompt's token ids: a tuple (`U32TokenIds` when the tokenizer made them), or
+        with ``packed`` and a preprocessor that `packs_ids`, `PackedTokenIds` (no int object
+        per id: for a query, whose ids are only hashed and counted, never sent to a worker).
+
+        Raises:
+            HttpError: 400 for an empty prompt or an id outside the vocabulary.
+            ChatMessageError, ChatTemplateError, TokenizerError: from the preprocessor.
+        """
         if nvext.token_data is not None:
             return self.checked_ids(nvext.token_data, "nvext.token_data")
+        preprocessor = self.preprocessor
+        packed = packed and preprocessor.packs_ids
+        encode_text = preprocessor.encode_text_packed if packed else preprocessor.encode_text
+        encode_chat = preprocessor.encode_chat_packed if packed else preprocessor.encode_chat
+        ids: Sequence[int]
         if parsed.kind == "chat":
             assert parsed.messages is not None
             if nvext.use_raw_prompt:
-                ids = self.preprocessor.encode_text(_raw_chat_text(parsed.messages))
+                ids = encode_text(_raw_chat_text(parsed.messages))
             else:
-                ids = self.preprocessor.encode_chat(
+                ids = encode_chat(
                     parsed.messages,
                     tools=parsed.tools,
                     add_generation_prompt=parsed.add_generation_prompt,
@@ -158,16 +188,18 @@ class Frontend:
             return self.checked_ids(parsed.prompt_ids, "prompt")
         else:
             assert parsed.prompt_text is not None
-            ids = self.preprocessor.encode_text(parsed.prompt_text)
+            ids = encode_text(parsed.prompt_text)
         if not ids:
             raise bad_request(
                 "the prompt is empty after tokenization; send some text",
                 "messages" if parsed.kind == "chat" else "prompt",
             )
+        if packed:
+            return ids  # `PackedTokenIds`: vouched for as they are
         # Checking a 100k-token prompt's ids costs a conversion to u32 words (~1 ms), and the
         # router hashes only the blocks its index matches: spare it both when the tokenizer
         # made them.
-        return trust_u32(ids) if self.preprocessor.makes_u32_ids else tuple(ids)
+        return trust_u32(ids) if preprocessor.makes_u32_ids else tuple(ids)
 
     def checked_ids(self, ids: tuple[int, ...], where: str) -> tuple[int, ...]:
         if max(ids) >= self.vocab_size:

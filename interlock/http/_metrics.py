@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 
 from ..statemachines import TransitionRecord
-from ..wire import RoutingDecision
+from ..wire import RoutingDecision, Usage
 
 #: Latency buckets (seconds) for TTFT and request duration.
 LATENCY_BUCKETS: Final = (
@@ -115,6 +115,9 @@ class HttpMetrics:
         self.overlap_blocks = 0
         self.prompt_blocks = 0
         self.output_tokens = 0
+        #: Tokens the responses a gateway sent through the endpoint picker reported in their
+        #: ``usage``, by kind (prompt, completion, cached).
+        self.gateway_usage_tokens: dict[str, int] = {"prompt": 0, "completion": 0, "cached": 0}
         self.watched: dict[str, RequestWatch] = {}
         self.registry.register(self)
 
@@ -179,6 +182,13 @@ class HttpMetrics:
         if histogram is None:
             histogram = self.duration[key] = _Histogram(LATENCY_BUCKETS)
         histogram.observe(seconds)
+
+    def count_gateway_usage(self, usage: Usage) -> None:
+        """Count the ``usage`` a response through the endpoint picker reported."""
+        tokens = self.gateway_usage_tokens
+        tokens["prompt"] += usage.prompt_tokens
+        tokens["completion"] += usage.completion_tokens
+        tokens["cached"] += usage.cached_tokens
 
     def observe_queue_time(self, request_id: str, seconds: float) -> None:
         """A request got its worker slot after ``seconds`` (a `Pipeline.queue_time_observers`
@@ -250,6 +260,16 @@ class HttpMetrics:
         yield CounterMetricFamily(
             f"{ns}_output_tokens", "Tokens returned to clients.", value=self.output_tokens
         )
+        gateway = CounterMetricFamily(
+            f"{ns}_gateway_usage_tokens",
+            "Tokens in the usage of responses a gateway passed through the endpoint picker "
+            "(response bodies sent to it), by kind: prompt, completion, cached (prompt tokens "
+            "served from the engine's prefix cache).",
+            labels=("kind",),
+        )
+        for kind, count in self.gateway_usage_tokens.items():
+            gateway.add_metric((kind,), count)
+        yield gateway
         routed = CounterMetricFamily(
             f"{ns}_worker_routed_requests",
             "Routing decisions per worker and leg (agg, prefill, decode), queries included.",

@@ -18,6 +18,7 @@ import attrs
 from .._errors import RequestError
 from ..wire import ChatRequest
 from ._errors import bad_request
+from ._json import loads_json
 from ._nvext import EMPTY, U32_MAX, NvExt, parse_nvext, parse_token_ids
 
 #: Largest seed a request may carry (the worker protocol's seeds are unsigned 64-bit).
@@ -407,6 +408,21 @@ _NAMES: Final = {"chat": "chat completion", "completion": "completion"}
 
 #: The OpenAI default for /v1/completions (chat has none: up to the context length).
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
+
+
+def json_object(body: bytes | str) -> dict[str, Any]:
+    """``body`` (a request's bytes) decoded as a JSON object, the one way every endpoint that
+    takes an OpenAI body decodes it (the HTTP API, ``/v1/route``, the gateway's picker).
+    Synchronous.
+
+    Raises:
+        HttpError: 400 ``invalid_json`` when it is not JSON (or nests too deep to decode);
+            400 when it is JSON but not an object.
+    """
+    data = loads_json(body)
+    if type(data) is not dict:
+        raise bad_request(f"the request body must be a JSON object, got {_kind(data)}")
+    return data
 
 
 def parse_request(

@@ -8,6 +8,7 @@ from typing import Any
 
 import attrs
 
+from ..kv._hashing import PackedTokenIds
 from ..processing import (
     ByteTokenizer,
     ChatTemplate,
@@ -48,6 +49,13 @@ class Preprocessor:
         one (whose ids are Rust u32s), not a subclass or another tokenizer, whose ids are
         checked like a client's."""
         return type(self) is Preprocessor and type(self.tokenizer) in (ByteTokenizer, HFTokenizer)
+
+    @property
+    def packs_ids(self) -> bool:
+        """Whether `encode_chat_packed` and `encode_text_packed` work: interlock's own
+        preprocessor over the built-in byte tokenizer (not a subclass, whose encoding may
+        differ)."""
+        return type(self) is Preprocessor and type(self.tokenizer) is ByteTokenizer
 
     @classmethod
     def default(cls) -> Preprocessor:
@@ -98,6 +106,44 @@ class Preprocessor:
         )
         # The template writes the special tokens itself (Hugging Face's convention).
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_chat_packed(
+        self,
+        messages: Sequence[Mapping[str, object]],
+        *,
+        tools: Sequence[Mapping[str, object]] | None = None,
+        add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> PackedTokenIds:
+        """The ids `encode_chat` returns, packed (no int object per id); only when
+        `packs_ids`.
+
+        Raises:
+            ChatMessageError, ChatTemplateError, TokenizerError: as `encode_chat`.
+            TypeError: the tokenizer cannot pack (not `packs_ids`).
+        """
+        text = self.chat_template.render(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            **(template_kwargs or {}),
+        )
+        return PackedTokenIds(self._byte_tokenizer().encode_u32(text))
+
+    def encode_text_packed(self, text: str) -> PackedTokenIds:
+        """The ids `encode_text` returns, packed; only when `packs_ids`.
+
+        Raises:
+            TokenizerError: as `encode_text`.
+            TypeError: the tokenizer cannot pack (not `packs_ids`).
+        """
+        return PackedTokenIds(self._byte_tokenizer().encode_u32(text))
+
+    def _byte_tokenizer(self) -> ByteTokenizer:
+        tokenizer = self.tokenizer
+        if type(tokenizer) is not ByteTokenizer:
+            raise TypeError(f"{tokenizer!r} cannot pack ids: only the built-in byte tokenizer does")
+        return tokenizer
 
     def decode_completion(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
         """The text of ``generated`` as it reads after the prompt, in one decode: what the

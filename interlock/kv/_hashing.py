@@ -11,12 +11,14 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, SupportsIndex, final, overload
 
 import xxhash
 
 __all__ = [
     "XXH3_SEED",
+    "PackedTokenIds",
     "U32TokenIds",
     "compute_block_hashes",
     "compute_sequence_hashes",
@@ -59,6 +61,11 @@ def u32_words(token_ids: Sequence[int]) -> array[int]:
     last = _last_words
     if last is not None and last[0] is token_ids:
         return last[1]
+    if type(token_ids) is PackedTokenIds:
+        words = array(_U32, token_ids.data)
+        if _BIG_ENDIAN:
+            words.byteswap()
+        return words
     words = array(_U32, token_ids)
     # Short ones are cheap to convert again and must not evict a long prompt (a request's
     # other id fields, often empty, are checked between the prompt and its hashing).
@@ -76,6 +83,79 @@ class U32TokenIds(tuple[int, ...]):
     __slots__ = ()
 
 
+@final
+class PackedTokenIds(Sequence[int]):
+    """Token ids held as the bytes the hashing contract hashes (little-endian u32 words, 4
+    bytes an id) instead of a tuple of int objects: a 100,000-token prompt is one 400 kB
+    ``bytes``, made, hashed and freed without 100,000 ints (`ByteTokenizer.encode_u32`).
+    Vouched for as `U32TokenIds` are (`known_u32`): the validators skip them, and the hashing
+    reads their blocks' bytes as they are.
+
+    Read-only and tuple-like: ``len``, indexing and iteration give the ids as ints, a slice is
+    a tuple, ``+`` makes a tuple, and it is equal to (and hashes as) the tuple of the same ids.
+    The bytes are ``data``.
+
+    Raises:
+        ValueError: ``data`` is not a whole number of 4-byte words.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) % _U32_BYTES:
+            raise ValueError(
+                f"packed token ids are 4 bytes each; got {len(data)} bytes, not a multiple of 4"
+            )
+        self.data: bytes = data
+
+    def _words(self) -> Sequence[int]:
+        """The ids as native words, without a copy where the host is little-endian."""
+        if _BIG_ENDIAN:
+            words = array(_U32, self.data)
+            words.byteswap()
+            return words
+        return memoryview(self.data).cast(_U32)
+
+    def __len__(self) -> int:
+        return len(self.data) // _U32_BYTES
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[int, ...]: ...
+    def __getitem__(self, index: SupportsIndex | slice) -> int | tuple[int, ...]:
+        if isinstance(index, slice):
+            return tuple(self._words()[index])
+        return self._words()[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._words())
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is PackedTokenIds:
+            return self.data == other.data
+        if isinstance(other, tuple):
+            return len(other) == len(self) and tuple(self._words()) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._words()))
+
+    def __add__(self, other: Iterable[int]) -> tuple[int, ...]:
+        return (*self._words(), *other)
+
+    def __radd__(self, other: Iterable[int]) -> tuple[int, ...]:
+        return (*other, *self._words())
+
+    def __repr__(self) -> str:
+        head = ", ".join(map(str, self._words()[:8]))
+        more = ", ..." if len(self) > 8 else ""
+        return f"PackedTokenIds({len(self)} ids: {head}{more})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PackedTokenIds, (self.data,))
+
+
 def trust_u32(token_ids: Sequence[int]) -> U32TokenIds:
     """``token_ids`` as `U32TokenIds`: the caller vouches that every id is an int in the u32
     range (a tokenizer made them). Never raises; vouching for anything else makes the router
@@ -84,8 +164,9 @@ def trust_u32(token_ids: Sequence[int]) -> U32TokenIds:
 
 
 def known_u32(token_ids: Sequence[int]) -> bool:
-    """Whether ``token_ids`` were vouched for by `trust_u32`."""
-    return type(token_ids) is U32TokenIds
+    """Whether ``token_ids`` were vouched for (`trust_u32`, or `PackedTokenIds`)."""
+    kind = type(token_ids)
+    return kind is U32TokenIds or kind is PackedTokenIds
 
 
 def _check_block_size(block_size: int) -> None:
@@ -97,6 +178,9 @@ def _block_bytes(token_ids: Sequence[int], block_size: int) -> tuple[bytes, int,
     """The prompt's little-endian u32 bytes, the bytes per block and the end of the last full
     block (the checks and errors of `compute_block_hashes`)."""
     _check_block_size(block_size)
+    if type(token_ids) is PackedTokenIds:
+        stride = block_size * _U32_BYTES
+        return token_ids.data, stride, len(token_ids) // block_size * stride
     try:
         # One C-level conversion of the whole prompt: it both validates the u32 range and
         # produces the bytes, which is most of the cost for long prompts.
@@ -134,6 +218,10 @@ def iter_block_hashes(token_ids: Sequence[int], block_size: int) -> Iterator[int
     lookup that stops at the first block no worker holds hashes no further (a new 100k-token
     prompt: one block, not 6,250). Raises as `compute_block_hashes` does, before the first
     hash is asked for."""
+    if type(token_ids) is PackedTokenIds:
+        # The contract's bytes already: each block is hashed where it lies.
+        data, stride, end = _block_bytes(token_ids, block_size)
+        return _hashes_of(data, stride, end)
     last = _last_words
     if known_u32(token_ids) and (last is None or last[0] is not token_ids):
         # Nothing to check: convert only the blocks hashed, in chunks of 1, 2, 4, ... blocks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import ClassVar, Final, final
@@ -35,6 +36,10 @@ class ByteTokenizer:
     )
     _SPECIAL_PATTERN: ClassVar[re.Pattern[str]] = re.compile(
         "(" + "|".join(re.escape(text) for text in SPECIAL_TOKENS) + ")"
+    )
+    #: Each special token's id as `encode_u32`'s word.
+    _SPECIAL_WORDS: ClassVar[Mapping[str, bytes]] = MappingProxyType(
+        {text: struct.pack("<I", i) for text, i in SPECIAL_TOKENS.items()}
     )
     _TEMPLATE: ClassVar[ChatTemplate] = ChatTemplate.chatml(eos_token="<|im_end|>")
 
@@ -76,6 +81,34 @@ class ByteTokenizer:
                     "lone surrogates are not valid Unicode text"
                 ) from exc
         return ids
+
+    def encode_u32(self, text: str) -> bytes:
+        """The ids `encode` returns, as little-endian unsigned 32-bit words (4 bytes an id:
+        the KV-hashing contract's layout), made without an int object per id.
+
+        Raises:
+            TokenizerError: as `encode`.
+        """
+        words: list[bytes] = []
+        # re.split with one capture group alternates plain text and special-token text.
+        for index, piece in enumerate(self._SPECIAL_PATTERN.split(text)):
+            if index % 2:
+                words.append(self._SPECIAL_WORDS[piece])
+            elif piece.isascii():
+                # An ASCII character is its one UTF-8 byte: UTF-32 widens each to its word.
+                words.append(piece.encode("utf-32-le"))
+            else:
+                try:
+                    data = piece.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise TokenizerError(
+                        f"cannot encode text: {exc.reason} at character {exc.start} of a "
+                        "piece; lone surrogates are not valid Unicode text"
+                    ) from exc
+                # Latin-1 reads each byte as the character of that number, which UTF-32
+                # widens to its word: the UTF-8 bytes as words, in C.
+                words.append(data.decode("latin-1").encode("utf-32-le"))
+        return words[0] if len(words) == 1 else b"".join(words)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Return the text of ``ids``; invalid or incomplete UTF-8 decodes to U+FFFD.

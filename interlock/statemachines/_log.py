@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from ..kv._hashing import PackedTokenIds
 from ..wire import to_builtins
 
 _logger = logging.getLogger("interlock.transitions")
@@ -98,6 +99,8 @@ _DECISION_BYTES = 300
 # A token id of a prompt that a decision keeps: its slot in the tuple (8) and, for ids above 256
 # (most of a real vocabulary's), the int object itself (32): a tokenizer makes new ones each time.
 _TOKEN_BYTES = 40
+# A token id of packed ids (`PackedTokenIds`): its 4-byte word.
+_PACKED_TOKEN_BYTES = 4
 # One leg's SelectionRecord (with its reason and inputs) and each candidate worker in it.
 _SELECTION_BYTES = 400
 _CANDIDATE_BYTES = 100
@@ -115,8 +118,9 @@ def estimate_record_bytes(record: TransitionRecord) -> int:
     if tokens is None:
         tokens = getattr(getattr(decision, "request", None), "token_ids", None)
     if tokens is not None:
+        per_token = _PACKED_TOKEN_BYTES if type(tokens) is PackedTokenIds else _TOKEN_BYTES
         try:
-            size += _TOKEN_BYTES * len(tokens)
+            size += per_token * len(tokens)
         except TypeError:
             pass  # not a sequence: the fixed cost stands
     for selection in getattr(decision, "selections", ()):

@@ -39,6 +39,9 @@ class Trigger(StrEnum):
     MIGRATE = "migrate"
     FAIL = "fail"
     CANCEL = "cancel"
+    #: Not an edge: a note after ``done`` that changes no state (``done -> done``), the usage a
+    #: gateway's response reported for a request the endpoint picker picked.
+    USAGE = "usage"
 
 
 @attrs.frozen

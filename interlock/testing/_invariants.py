@@ -47,8 +47,8 @@ def check_invariants(
     Checked per request: its sequence numbers run 0, 1, 2, ... without gaps; it starts in
     ``received``; every step is an edge of its mode's graph; it ends in a terminal state
     (unless ``require_terminal=False``, for logs of a pipeline still running); nothing happens
-    after a terminal state; query_only requests never enter an execution state; it migrates
-    at most ``migration_limit`` times.
+    after a terminal state but ``usage`` notes after ``done`` (``done -> done``); query_only
+    requests never enter an execution state; it migrates at most ``migration_limit`` times.
 
     Returns the records grouped by request id.
 
@@ -84,9 +84,11 @@ def _check_request(
             fail(f"sequence numbers skip or repeat at {where} (expected #{expected_seq})")
         if _field(record, "mode") != mode_name:
             fail(f"mode changes to {_field(record, 'mode')!r} at {where}")
+        src, trigger, dst = _field(record, "src"), _field(record, "trigger"), _field(record, "dst")
+        if trigger == Trigger.USAGE and state == src == dst == State.DONE:
+            continue  # a note about the ended request, not a transition
         if state in TERMINAL_STATES:
             fail(f"a transition after the terminal state {state!r}: {where}")
-        src, trigger, dst = _field(record, "src"), _field(record, "trigger"), _field(record, "dst")
         if src != state:
             fail(f"{where} starts from {src!r}, but the request was in {state!r}")
         legal = table.get((src, trigger))

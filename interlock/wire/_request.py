@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from .._errors import RequestError
-from ..kv._hashing import U32TokenIds, known_u32, u32_words
+from ..kv._hashing import PackedTokenIds, U32TokenIds, known_u32, u32_words
 
 U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -27,8 +27,11 @@ def _finite(value: float) -> bool:
 
 
 def _to_tuple(value: Iterable[Any]) -> tuple[Any, ...]:
-    if type(value) is tuple or type(value) is U32TokenIds:
-        return value  # `U32TokenIds` keeps saying what it is
+    kind = type(value)
+    if kind is tuple or kind is U32TokenIds or kind is PackedTokenIds:
+        # `U32TokenIds` keeps saying what it is; `PackedTokenIds` stays packed (a query's
+        # prompt: turning it into ints is the cost it spares).
+        return value
     if isinstance(value, str | bytes | dict) or not isinstance(value, Iterable):
         # Left as is for the validator, which names the field.
         return value  # type: ignore[return-value]

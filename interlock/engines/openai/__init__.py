@@ -13,6 +13,7 @@ from ._kv_feed import (
 )
 from ._kv_mirror import KvBlockSizeMismatch, KvDump, KvMirror, KvMirrorStats
 from ._metrics import EngineMetrics, parse_engine_metrics
+from ._stream import usage_from
 
 __all__ = [
     "PREFILL_KV_TRANSFER_PARAMS",
@@ -30,4 +31,5 @@ __all__ = [
     "kv_topic",
     "parse_engine_metrics",
     "replay_kv_batches",
+    "usage_from",
 ]

@@ -1,0 +1,316 @@
+"""The endpoint picker's response phases, answered by the gRPC server's thread without a hop
+to trio (but for a booking to move): the response body passes back unchanged, chunk by chunk,
+and the OpenAI ``usage`` it reports (a JSON body's, or a stream's last chunks') is counted in
+the router's metrics, with a bounded tail of the body kept, never the whole; the booking still
+closes. In-process (`ExtProcPicker.process`), over grpcio, and through a real Envoy sending
+response bodies as GAIE's reference configuration does."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import trio
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpTrailers, ProcessingRequest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_gateway_envoy import chat, nothing_booked, pool_behind_envoy
+from test_gateway_ext_proc import (
+    chat_body,
+    chunks,
+    exchange,
+    load_is_zero,
+    picking,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+)
+from test_gateway_server import Lockstep, in_thread, picked, serving
+
+from interlock.gateway._picker import USAGE_TAIL_BYTES, usage_of
+from interlock.testing import check_invariants
+from interlock.wire import Usage
+
+TIMEOUT = 30.0
+
+
+def usage_json(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+def json_body(text: str, usage: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+            "usage": usage,
+        }
+    ).encode()
+
+
+def sse_body(pieces: list[str], usage: dict[str, Any] | None) -> bytes:
+    """A chat stream as vLLM sends it with ``stream_options.include_usage``: every content
+    chunk says ``"usage": null``, then one chunk carries the usage, then ``[DONE]``."""
+    events = [
+        {"id": "c", "choices": [{"index": 0, "delta": {"content": p}}], "usage": None}
+        for p in pieces
+    ]
+    if usage is not None:
+        events.append({"id": "c", "choices": [], "usage": usage})
+    lines = [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
+    return "".join(lines).encode()
+
+
+# -- reading usage from a body's tail ------------------------------------------------------------
+
+
+def test_usage_is_read_from_a_json_body_and_from_a_streams_last_chunks() -> None:
+    assert usage_of(json_body("hi", usage_json(7, 3, 4))) == Usage(
+        prompt_tokens=7, completion_tokens=3, cached_tokens=4
+    )
+    assert usage_of(sse_body(["a", "b"], usage_json(7, 3))) == Usage(
+        prompt_tokens=7, completion_tokens=3, cached_tokens=0
+    )
+
+
+def test_no_usage_a_cut_one_and_usage_quoted_in_text_give_none() -> None:
+    assert usage_of(sse_body(["a", "b"], None)) is None
+    assert usage_of(b"") is None
+    # The tail starts inside the usage object: nothing whole to read.
+    assert usage_of(json_body("x", usage_json(7, 3))[-20:]) is None
+    # A completion whose text talks about usage: inside a JSON string, quotes are escaped.
+    assert (
+        usage_of(sse_body(['"usage": {"prompt_tokens": 1, "completion_tokens": 1}'], None)) is None
+    )
+    assert usage_of(b'{"usage": {"prompt_tokens": -1, "completion_tokens": "two"}}') is None
+
+
+@settings(
+    max_examples=30,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    deadline=None,
+)
+@given(
+    pieces=st.lists(st.text(min_size=0, max_size=300), max_size=60),
+    counts=st.tuples(*(st.integers(0, 10**6) for _ in range(3))),
+    stream=st.booleans(),
+    cuts=st.lists(st.integers(0, 30_000), max_size=12),
+)
+async def test_any_response_split_passes_back_unchanged_and_its_usage_is_counted(
+    autojump_clock: trio.testing.MockClock,
+    pieces: list[str],
+    counts: tuple[int, int, int],
+    stream: bool,
+    cuts: list[int],
+) -> None:
+    prompt, completion, cached = counts
+    usage = usage_json(prompt, completion, cached)
+    body = sse_body(pieces, usage) if stream else json_body("".join(pieces), usage)
+    parts = chunks(body, cuts) or [b""]
+    async with picking() as p:
+        messages = [request_headers(), request_body(chat_body(), True), response_headers(200)]
+        messages += [response_body(c, i == len(parts) - 1) for i, c in enumerate(parts)]
+        answers = await exchange(p.picker, messages)
+        back = [
+            a.response_body.response.body_mutation.streamed_response
+            for a in answers
+            if a.WhichOneof("response") == "response_body"
+        ]
+        assert [b.body for b in back] == parts, "each chunk passes back unchanged, in order"
+        assert [b.end_of_stream for b in back] == [False] * (len(parts) - 1) + [True]
+        tokens = p.picker.frontend.metrics.gateway_usage_tokens
+        assert tokens == {"prompt": prompt, "completion": completion, "cached": cached}
+        assert await load_is_zero(p.pipeline)
+
+
+async def test_a_long_stream_keeps_only_a_bounded_tail(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    body = sse_body(["token "] * 20_000, usage_json(5, 20_000))
+    assert len(body) > 100 * USAGE_TAIL_BYTES
+    async with picking() as p:
+        stream = p.picker.open_stream()
+        messages = [request_headers(), request_body(chat_body(), True), response_headers(200)]
+        parts = chunks(body, range(0, len(body), 1000))
+        messages += [response_body(c) for c in parts]
+
+        async def requests() -> Any:
+            for message in messages:
+                yield message
+            # Mid-stream, before its end: only the tail is held.
+            assert len(stream._tail) <= USAGE_TAIL_BYTES
+            yield response_body(b"", True)
+
+        async for _ in p.picker.process(requests(), stream):
+            pass
+        assert p.picker.frontend.metrics.gateway_usage_tokens["completion"] == 20_000
+        assert stream.usage == Usage(prompt_tokens=5, completion_tokens=20_000)
+
+
+async def test_the_usage_is_noted_after_the_picks_records_and_inspect_shows_it(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    async with picking() as p:
+        messages = [
+            request_headers(extra=[("x-request-id", "r-usage")]),
+            request_body(chat_body(), True),
+            response_headers(200),
+            response_body(json_body("hello", usage_json(9, 2, 8)), True),
+        ]
+        await exchange(p.picker, messages)
+        records = p.pipeline.transition_log.records("r-usage")
+        check_invariants(records)  # a note after done, not a transition
+        assert [(r.src, r.trigger, r.dst) for r in records][-2:] == [
+            ("routed", "answer", "done"),
+            ("done", "usage", "done"),
+        ]
+        note = records[-1]
+        assert note.decision == Usage(prompt_tokens=9, completion_tokens=2, cached_tokens=8)
+        assert note.worker_id == records[1].worker_id
+        log = tmp_path / "transitions.jsonl"
+        log.write_text("".join(json.dumps(r.to_json_dict()) + "\n" for r in records))
+    inspect = [sys.executable, "-m", "interlock", "inspect", str(log)]
+    shown = await trio.run_process([*inspect, "--request", "r-usage"], capture_stdout=True)
+    text = shown.stdout.decode()
+    assert "usage" in text and "prompt 9, completion 2, cached 8 tokens" in text
+    # --validate exits non-zero on a path its mode's graph does not allow.
+    await trio.run_process([*inspect, "--validate"], capture_stdout=True)
+
+
+# -- over grpcio: the server's thread answers the response phases ----------------------------------
+
+
+async def test_over_grpc_response_chunks_come_back_at_once_and_the_usage_is_counted() -> None:
+    body = sse_body(["x"] * 300, usage_json(11, 300, 8))
+    parts = chunks(body, range(0, len(body), 700))
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            await picked(stream)
+            assert len(s.picking.picker.booked) == 1
+            stream.send(response_headers(200))
+            answer = await in_thread(stream.receive)
+            assert answer.WhichOneof("response") == "response_headers"
+            for index, part in enumerate(parts):
+                # Lockstep: each chunk is answered before the next is sent.
+                stream.send(response_body(part, index == len(parts) - 1))
+                answer = await in_thread(stream.receive)
+                streamed = answer.response_body.response.body_mutation.streamed_response
+                assert streamed.body == part
+            await s.booked.until_free()
+            stream.send(None)
+            assert await in_thread(stream.rest) == []
+            tokens = s.picking.picker.frontend.metrics.gateway_usage_tokens
+            assert tokens == {"prompt": 11, "completion": 300, "cached": 8}
+            assert await s.picking.pipeline.load() == {}
+        finally:
+            stream.close()
+
+
+# -- through a real Envoy ------------------------------------------------------------------------
+
+_USAGE = re.compile(r'^interlock_gateway_usage_tokens_total\{kind="(\w+)"\} (\S+)$', re.M)
+
+
+async def usage_counted(route_url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=route_url, timeout=TIMEOUT) as client:
+        text = (await client.get("/metrics")).text
+    return {kind: float(count) for kind, count in _USAGE.findall(text)}
+
+
+async def test_through_envoy_with_response_bodies_the_usage_reaches_the_routers_metrics(
+    tmp_path: Path,
+) -> None:
+    flags = ("--router-mode", "round_robin")
+    gaie = {"response_body_mode": "FULL_DUPLEX_STREAMED", "response_trailer_mode": "SEND"}
+    async with pool_behind_envoy(tmp_path, route_flags=flags, processing_mode=gaie) as pool:
+        assert pool.route_url is not None
+        client = pool.openai()
+        seen = {"prompt": 0, "completion": 0}
+        for n in range(2):
+            answer = await trio.to_thread.run_sync(
+                lambda n=n: client.chat.completions.create(**chat(f"count me {n}"))
+            )
+            assert answer.usage is not None
+            seen["prompt"] += answer.usage.prompt_tokens
+            seen["completion"] += answer.usage.completion_tokens
+
+            def streamed(n: int = n) -> Any:
+                body = chat(f"stream me {n}", stream=True, stream_options={"include_usage": True})
+                return [c for c in client.chat.completions.create(**body) if c.usage]
+
+            (last,) = await trio.to_thread.run_sync(streamed)
+            seen["prompt"] += last.usage.prompt_tokens
+            seen["completion"] += last.usage.completion_tokens
+        await nothing_booked(pool)
+        counted = await usage_counted(pool.route_url)
+        assert counted["prompt"] == seen["prompt"] > 0
+        assert counted["completion"] == seen["completion"] > 0
+
+
+async def test_over_grpc_trailers_free_the_booking_and_the_stream_closes_without_trio() -> None:
+    # As Envoy drives a stream with docs/gateway/envoy.yaml: no response body, the trailers on.
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            await picked(stream)
+            stream.send(response_headers(200))
+            answer = await in_thread(stream.receive)
+            assert answer.WhichOneof("response") == "response_headers"
+            stream.send(ProcessingRequest(response_trailers=HttpTrailers()))
+            answer = await in_thread(stream.receive)
+            assert answer.WhichOneof("response") == "response_trailers"
+            stream.send(None)
+            assert await in_thread(stream.rest) == []
+            assert stream.call.code() == grpc.StatusCode.OK
+            await s.booked.until_free()
+            assert await s.picking.pipeline.load() == {}
+        finally:
+            stream.close()
+
+
+async def test_over_grpc_a_fallback_that_served_gets_the_booking_through_trio() -> None:
+    # The one response phase that needs the router: the served worker is not the pick.
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            stream.send(request_headers(extra=[("x-request-id", "r-1")]))
+            stream.send(request_body(chat_body(), True))
+            answer = await in_thread(stream.receive)
+            endpoints = answer.request_headers.response.header_mutation.set_headers
+            (destination,) = [
+                h.header.raw_value.decode()
+                for h in endpoints
+                if h.header.key == "x-gateway-destination-endpoint"
+            ]
+            fallback = destination.split(",")[1]
+            await in_thread(stream.receive)  # the body, back
+            stream.send(response_headers(200, served=fallback))
+            answer = await in_thread(stream.receive)
+            assert answer.WhichOneof("response") == "response_headers"
+            assert s.picking.picker.booked == {"r-1-served"}
+            load = await s.picking.pipeline.load()
+            fallback_id = int(fallback.split(".")[3].split(":")[0])
+            assert set(load) == {fallback_id}
+            stream.send(ProcessingRequest(response_trailers=HttpTrailers()))
+            await in_thread(stream.receive)
+            stream.send(None)
+            assert await in_thread(stream.rest) == []
+            await s.booked.until_free()
+            assert await s.picking.pipeline.load() == {}
+        finally:
+            stream.close()
