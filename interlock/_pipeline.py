@@ -6,7 +6,7 @@ import itertools
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import trio
@@ -81,6 +81,11 @@ from .wire import (
     RoutingHints,
     Usage,
 )
+
+#: Seconds an engine may keep the outputs of a stream whose caller needs only the whole
+#: answer (``generate(..., progress=False)``) before it sends them, joined: a non-streamed
+#: answer then costs the frontend a few outputs, not one per token.
+HOLD_OUTPUTS = 0.5
 
 #: The records of a request `Pipeline.query` answered (preprocess, route, answer): a note
 #: after its end (`Pipeline.record_usage`) takes the next sequence number.
@@ -423,6 +428,12 @@ class Pipeline:
         self._frontend_post = config.postprocessing == "frontend"
         self._first_token_timeout = config.first_token_timeout
         self._idle_timeout = config.engine_idle_timeout
+        #: How long an engine may keep a ``progress=False`` stream's outputs (`generate`).
+        self._hold = (
+            HOLD_OUTPUTS
+            if config.engine_idle_timeout is None
+            else min(HOLD_OUTPUTS, config.engine_idle_timeout / 4)
+        )
         self._admission = AdmissionQueue()
         self._admit = config.max_inflight_per_worker != 0
         #: The OpenTelemetry sink of this pipeline's transitions (`RequestTracing`).
@@ -608,13 +619,21 @@ class Pipeline:
         finally:
             self._in_flight.discard(request_id)
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
+    async def generate(
+        self, request: PreprocessedRequest, *, progress: bool = True
+    ) -> AsyncGenerator[EngineOutput, None]:
         """Route and run ``request``; yield its outputs as they arrive, the last one with a
         ``finish_reason`` and ``usage``.
 
         Each generated token is yielded exactly once, in order, across migrations. Leaving
         the iteration early (or cancelling the task) cancels the request on its worker and
         frees its load.
+
+        ``progress=False``: the caller needs only the whole answer (a non-streamed one), so
+        an engine that can (an ``interlock worker``) sends the tokens after the first in
+        fewer, larger outputs, at most `HOLD_OUTPUTS` seconds apart (a quarter of
+        ``engine_idle_timeout`` when that is shorter). The same tokens arrive; a stream that
+        breaks loses only the tokens its worker held, which the migration generates again.
 
         Raises:
             RequestError: a bad field, or any request in a query_only pipeline.
@@ -636,6 +655,7 @@ class Pipeline:
         track = hints is None or hints.enable_local_updates is not False
         post: Postprocessor
         router = self._router
+        hold = 0.0 if progress else self._hold
         #: A Route on its way through the disagg actor (cancelled before its answer).
         routing = False
         try:
@@ -681,8 +701,12 @@ class Pipeline:
                 # (RemoteEngine.vocab_checked) needs no range check per token.
                 post.set_ids_checked(getattr(engine, "vocab_checked", False) is True)
                 first_deadline = self._first_token_deadline()
+                opening = engine.open_stream(leg_request)
+                if hold and hasattr(opening, "hold_outputs"):
+                    # An optional capability of an engine's stream (`RemoteEngine`'s).
+                    cast(Any, opening).hold_outputs = hold
                 try:
-                    async with engine.open_stream(leg_request) as stream:
+                    async with opening as stream:
                         nowait = getattr(stream, "receive_nowait", None)
                         first = prefill_result is None
                         # Until the leg's first token, first_token_timeout from its start;

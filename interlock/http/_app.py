@@ -666,7 +666,10 @@ class _Run:
             )
             self.ticket.attach(scope)
             try:
-                async with aclosing(frontend.pipeline.generate(self.request)) as outputs:
+                # Only the whole answer is needed: workers may send it in fewer outputs.
+                async with aclosing(
+                    frontend.pipeline.generate(self.request, progress=False)
+                ) as outputs:
                     # The per-token work inlined: this loop runs once per token.
                     clock = trio.current_time
                     itl = frontend.metrics.itl.observe

@@ -14,6 +14,7 @@ and the connection it came on is closed.
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any, cast, get_args
@@ -35,6 +36,7 @@ from ._snapshot import WorkerSnapshot
 __all__ = [
     "AUTH_VERSION",
     "HEARTBEAT_VERSION",
+    "HOLD_VERSION",
     "MAX_BATCH",
     "MAX_FRAME_SIZE",
     "OUTPUTS_VERSION",
@@ -64,9 +66,9 @@ __all__ = [
 ]
 
 #: The version this code speaks best; a connection uses the highest version both ends speak.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 #: Every version this code speaks.
-SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3)
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
 #: The first version with `Ping` / `Pong` (a version-1 peer gets no heartbeat).
 HEARTBEAT_VERSION = 2
 #: The first version with the shared-secret handshake (`Challenge`, `Auth`, ``Welcome.proof``).
@@ -74,6 +76,9 @@ AUTH_VERSION = 2
 #: The first version with `Outputs`: a worker sends the outputs queued since its last write,
 #: joined per stream, in one frame (a version-2 peer gets an `Output` frame per output).
 OUTPUTS_VERSION = 3
+#: The first version with ``Start.hold``: a frontend that needs only a stream's final result
+#: lets the worker keep its outputs (joined) for up to ``hold`` seconds between sends.
+HOLD_VERSION = 4
 #: Outputs per `Outputs` frame at most (a backlog is split over several frames).
 MAX_BATCH = 1024
 #: The longest frame body accepted or sent by default (64 MiB): a snapshot of a large cache
@@ -93,6 +98,11 @@ class ProtocolError(InterlockError):
 
 
 # -- messages ---------------------------------------------------------------------------------
+
+
+def _hold_seconds(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if type(value) not in (int, float) or not 0 <= value < math.inf:
+        raise ValueError(f"{attribute.name} must be a finite number of seconds >= 0, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -175,10 +185,19 @@ class Pong:
 @attrs.frozen(kw_only=True)
 class Start:
     """Frontend → worker: run ``request`` as stream ``stream`` (an id the frontend picks,
-    unique among the connection's open streams)."""
+    unique among the connection's open streams).
+
+    ``hold`` (version 4; 0: none): the frontend needs only the stream's final result (a
+    non-streamed answer), so the worker may keep its outputs, joined, and send them at most
+    every ``hold`` seconds: the first output with tokens at once (the frontend's router
+    counts the prefill as done on it), then whatever accumulated when an output arrives
+    ``hold`` seconds after the last send, and the last output with everything left. A
+    stream that breaks loses only the tokens held (a migration generates them again).
+    """
 
     stream: int
     request: PreprocessedRequest
+    hold: float = attrs.field(default=0.0, validator=_hold_seconds)
 
 
 @attrs.frozen(kw_only=True)
@@ -337,6 +356,8 @@ _LATE_FIELDS: dict[type[Any], tuple[str, ...]] = {
     # Version 2's, sent only by a worker with a secret, so that welcomes without it stay
     # what version-1 frontends decode.
     Welcome: ("proof",),
+    # Version 4's, sent only to a version-4 worker.
+    Start: ("hold",),
 }
 
 #: `RoutingHints` fields that stay in the frontend (its admission queue's): never sent.

@@ -18,6 +18,7 @@ from ...wire import EngineOutput, PreprocessedRequest, WorkerJoined, WorkerLeft
 from ...wire._frames import (
     AUTH_VERSION,
     HEARTBEAT_VERSION,
+    HOLD_VERSION,
     MAX_FRAME_SIZE,
     SUPPORTED_VERSIONS,
     TAGS,
@@ -104,11 +105,26 @@ class _RemoteStream:
     instead of one per token.
     """
 
-    __slots__ = ("_done", "_engine", "_id", "_items", "_link", "_request", "_wakeup", "received")
+    __slots__ = (
+        "_done",
+        "_engine",
+        "_id",
+        "_items",
+        "_link",
+        "_request",
+        "_wakeup",
+        "hold_outputs",
+        "received",
+    )
 
     def __init__(self, engine: RemoteEngine, request: PreprocessedRequest) -> None:
         self._engine = engine
         self._request = request
+        #: Set before entering (0: off): the reader needs only the final result, so the worker
+        #: may keep the outputs after the first with tokens and send them, joined, at most
+        #: every ``hold_outputs`` seconds (``Start.hold``; a worker from before protocol
+        #: version 4 sends every output, as without it).
+        self.hold_outputs = 0.0
         self._link: _Link | None = None
         self._id = -1
         self._done = False
@@ -129,7 +145,11 @@ class _RemoteStream:
             )
         self._id = stream_id = next(engine._stream_ids)
         self._link = link
-        link.conn.send_nowait(Start(stream=stream_id, request=self._request))
+        hold = self.hold_outputs
+        if hold and link.welcome.version >= HOLD_VERSION:
+            link.conn.send_nowait(Start(stream=stream_id, request=self._request, hold=hold))
+        else:
+            link.conn.send_nowait(Start(stream=stream_id, request=self._request))
         link.streams[stream_id] = self
         return self
 

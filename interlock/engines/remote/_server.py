@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from typing import Any
 
@@ -11,7 +12,7 @@ import trio
 
 from ..._errors import EngineError, RequestError, WorkerRefused
 from ...processing import tokenizer_fingerprint
-from ...wire import WorkerLeft
+from ...wire import EngineOutput, WorkerLeft
 from ...wire._frames import (
     AUTH_VERSION,
     HEARTBEAT_VERSION,
@@ -36,6 +37,7 @@ from ...wire._frames import (
     encode_frame,
     frame_tag,
 )
+from ...wire._output import join_outputs
 from .._protocol import Engine
 from ._auth import NONCE_BYTES, check_secret, frontend_proof, new_nonce, proofs_match, worker_proof
 from ._connection import GOODBYE_TIMEOUT, FrameConnection, set_keepalive
@@ -425,7 +427,12 @@ class _Session:
                 return
             scope = self.streams[stream_id] = trio.CancelScope()
             self.drain._stream_started()  # counted at once: a drain starting now waits for it
-            self.tasks.start_soon(self._run_stream, stream_id, message.request, scope)
+            if message.hold:
+                self.tasks.start_soon(
+                    self._run_held_stream, stream_id, message.request, scope, message.hold
+                )
+            else:
+                self.tasks.start_soon(self._run_stream, stream_id, message.request, scope)
         elif kind is Cancel:
             running = self.streams.get(message.stream)
             if running is not None:
@@ -459,6 +466,62 @@ class _Session:
         finally:
             self.streams.pop(stream_id, None)
             self.drain._stream_ended()
+
+    async def _run_held_stream(
+        self, stream_id: int, request: Any, scope: trio.CancelScope, hold: float
+    ) -> None:
+        """`_run_stream` for a frontend that needs only the final result (``Start.hold``):
+        the first output with tokens goes at once, later ones are joined and go when one
+        arrives ``hold`` seconds after the last send, or with the last output. Whatever is
+        held when the engine fails goes before the `Broken` (so the frontend keeps it)."""
+        send = self.conn.send_nowait
+        send_output = self.conn.send_output_nowait
+        now = trio.current_time
+        held: EngineOutput | None = None
+        # Nothing is held until an output with tokens went: the frontend's router counts
+        # the prefill as done on the first.
+        send_at = -math.inf
+        try:
+            with scope:
+                try:
+                    async with self.engine.open_stream(request) as outputs:
+                        async for output in outputs:
+                            if held is not None:
+                                joined = join_outputs(held, output)
+                                if joined is None:
+                                    send_output(stream_id, held)
+                                else:
+                                    output = joined
+                                held = None
+                            if output.finish_reason is not None:
+                                send_output(stream_id, output)
+                                return
+                            if now() < send_at:
+                                held = output
+                                continue
+                            send_output(stream_id, output)
+                            if output.token_ids:
+                                send_at = now() + hold
+                    self._flush(stream_id, held)
+                    send(Broken(stream=stream_id, message="the engine ended the stream early"))
+                except (WorkerRefused, RequestError) as exc:
+                    self._flush(stream_id, held)
+                    send(Refused(stream=stream_id, message=str(exc)))
+                except EngineError as exc:
+                    self._flush(stream_id, held)
+                    send(Broken(stream=stream_id, message=str(exc)))
+                except Exception as exc:
+                    _logger.exception("stream %d of %s failed", stream_id, self.conn.peer)
+                    self._flush(stream_id, held)
+                    send(Broken(stream=stream_id, message=f"{type(exc).__name__}: {exc}"))
+        finally:
+            self.streams.pop(stream_id, None)
+            self.drain._stream_ended()
+
+    def _flush(self, stream_id: int, held: EngineOutput | None) -> None:
+        """Send ``held`` (when there is one) before a stream's error."""
+        if held is not None:
+            self.conn.send_output_nowait(stream_id, held)
 
     async def _send_snapshot(self, token: int) -> None:
         snapshot = await self.engine.snapshot()
