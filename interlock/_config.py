@@ -379,8 +379,10 @@ class PipelineConfig:
         validator=_typed(int, optional=True, minimum=1),
         metadata=_doc(
             "Bytes of memory the in-memory transition records may take at most, estimated "
-            "(a routing decision keeps its prompt's token ids, ~40 bytes a token, 4 for a "
-            "gateway pick's packed ones); the oldest are dropped first. None: bounded by "
+            "(a routing decision keeps its prompt's token ids, counted as 40 bytes a token, "
+            "what a tuple of a real vocabulary's ids takes, and 4 for a gateway or /v1/route "
+            "pick's packed ones; a tuple of the byte tokenizer's ids takes 8, its ids being "
+            "CPython's cached small ints); the oldest are dropped first. None: bounded by "
             "transition_log_capacity alone."
         ),
     )

@@ -38,6 +38,7 @@ from test_gateway_ext_proc import (
 
 from interlock.gateway import BODY_CHUNK_BYTES
 from interlock.gateway._rewrite import MODEL_REWRITE_HEADER, ModelNameRestorer, rewrite_model
+from interlock.http._json import MAX_JSON_DEPTH
 
 TIMEOUT = 30.0
 ALIAS = "food-review"
@@ -189,6 +190,40 @@ async def test_a_lone_surrogate_is_the_same_400_with_the_rewrite_header_as_witho
         )
         assert plain[0] == 400, plain
         assert rewritten == plain
+        assert await p.pipeline.load() == {}
+
+
+async def test_a_body_at_any_depth_is_picked_or_a_400_never_a_500(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # msgspec parses a few levels deeper than json: bodies nested ~943-984 deep were parsed,
+    # and the rewrite's json.dumps of them raised RecursionError, a 500. One limit for both:
+    # up to MAX_JSON_DEPTH picked and rewritten, deeper a 400 naming it.
+    async with picking() as p:
+        for depth in (MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 943, 960, 984, 990, 5000):
+            inner = depth - 1  # the body's own object is a level
+            sent = (
+                b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"x":' % ALIAS.encode()
+                + b"[" * inner
+                + b"]" * inner
+                + b"}"
+            )
+            answers = await exchange(
+                p.picker,
+                [
+                    request_headers(extra=[*rewrite(), ("x-request-id", f"d{depth}")]),
+                    request_body(sent, True),
+                    response_headers(200, end_of_stream=True),
+                ],
+            )
+            if depth <= MAX_JSON_DEPTH:
+                assert json.loads(body_back(answers)[0]) == {**json.loads(sent), "model": "mock"}
+                continue
+            status, error = immediate(answers[:1])
+            assert status == 400, (depth, error)
+            assert error["error"]["code"] == "invalid_json"
+            assert f"more than {MAX_JSON_DEPTH} levels deep" in error["error"]["message"]
+        await trio.testing.wait_all_tasks_blocked()
         assert await p.pipeline.load() == {}
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import tracemalloc
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -127,3 +129,24 @@ async def test_a_pick_routes_with_packed_ids_and_its_record_weighs_their_bytes(
         assert ids == tuple(p.preprocessor.encode_chat(json.loads(body)["messages"]))
         # 4 bytes a token, not the 40 a tuple's int costs: the memory bound keeps more picks.
         assert estimate_record_bytes(record) < 5 * len(ids) + 1_000
+
+
+def test_packed_ids_take_about_half_the_memory_of_the_byte_tokenizers_tuple() -> None:
+    # The byte tokenizer's ids 0-258 are CPython's cached small ints: its tuple costs a pointer
+    # a token (8 bytes), not an int object each, so packing (4) halves a long pick's record
+    # (docs/gateway.md), and its real gain is the tuple not being built and converted back.
+    tokenizer = ByteTokenizer()
+    text = "<|im_start|>user\n" + "signal lever route switch é " * 3600 + "<|im_end|>"
+
+    def kept(make: Callable[[], object]) -> float:
+        tracemalloc.start()
+        try:
+            ids = make()
+            size, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        return size / len(ids)  # type: ignore[arg-type]
+
+    as_tuple = kept(lambda: tuple(tokenizer.encode(text)))
+    packed = kept(lambda: PackedTokenIds(tokenizer.encode_u32(text)))
+    assert 7.9 < as_tuple < 8.2 and 3.9 < packed < 4.2, (as_tuple, packed)

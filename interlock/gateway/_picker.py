@@ -631,8 +631,9 @@ class ExtProcStream:
                 "messages",
                 code="too_many_messages",
             )
-        # Packed: the router only hashes and counts a pick's ids, and 100,000 int objects
-        # (made, then freed with the decision's record) were most of a long pick's cost.
+        # Packed: the router only hashes and counts a pick's ids. A tuple of them was 100,000
+        # pointers (8 bytes a token: byte ids are CPython's cached small ints) built from the
+        # UTF-8 bytes, then turned back into u32 words to be hashed: most of a long pick's cost.
         return frontend.prompt_tokens(parsed, EMPTY, packed=True)
 
     def _candidates(self) -> frozenset[int]:

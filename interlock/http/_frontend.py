@@ -23,7 +23,7 @@ from ._errors import HttpError, bad_request
 from ._metrics import HttpMetrics
 from ._nvext import NvExt
 from ._openai import ParsedRequest
-from ._preprocess import Preprocessor
+from ._preprocess import ChatOptions, Preprocessor
 
 
 @attrs.frozen(kw_only=True)
@@ -171,19 +171,21 @@ class Frontend:
         preprocessor = self.preprocessor
         packed = packed and preprocessor.packs_ids
         encode_text = preprocessor.encode_text_packed if packed else preprocessor.encode_text
-        encode_chat = preprocessor.encode_chat_packed if packed else preprocessor.encode_chat
         ids: Sequence[int]
         if parsed.kind == "chat":
             assert parsed.messages is not None
             if nvext.use_raw_prompt:
                 ids = encode_text(_raw_chat_text(parsed.messages))
             else:
-                ids = encode_chat(
-                    parsed.messages,
+                options = ChatOptions(
                     tools=parsed.tools,
                     add_generation_prompt=parsed.add_generation_prompt,
                     template_kwargs=parsed.chat_template_kwargs,
                 )
+                if packed:
+                    ids = encode_text(preprocessor.render_chat(parsed.messages, **options))
+                else:
+                    ids = preprocessor.encode_chat(parsed.messages, **options)
         elif parsed.prompt_ids is not None:
             return self.checked_ids(parsed.prompt_ids, "prompt")
         else:

@@ -410,14 +410,14 @@ _NAMES: Final = {"chat": "chat completion", "completion": "completion"}
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
 
 
-def json_object(body: bytes | str) -> dict[str, Any]:
+def json_object(body: bytes) -> dict[str, Any]:
     """``body`` (a request's bytes) decoded as a JSON object, the one way every endpoint that
     takes an OpenAI body decodes it (the HTTP API, ``/v1/route``, the gateway's picker).
     Synchronous.
 
     Raises:
-        HttpError: 400 ``invalid_json`` when it is not JSON (or nests too deep to decode);
-            400 when it is JSON but not an object.
+        HttpError: 400 ``invalid_json`` when it is not JSON or nests deeper than
+            `MAX_JSON_DEPTH` (`loads_json`); 400 when it is JSON but not an object.
     """
     data = loads_json(body)
     if type(data) is not dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import attrs
 
@@ -17,6 +17,15 @@ from ..processing import (
     load_chat_template,
     load_tokenizer,
 )
+
+
+class ChatOptions(TypedDict, total=False):
+    """`Preprocessor.render_chat`'s keywords, which `Preprocessor.encode_chat` passes on."""
+
+    tools: Sequence[Mapping[str, object]] | None
+    add_generation_prompt: bool
+    template_kwargs: Mapping[str, Any] | None
+
 
 #: Prompt tokens decoded along with an answer (the incremental detokenizer uses as many).
 _CONTEXT_TOKENS = 5
@@ -52,7 +61,7 @@ class Preprocessor:
 
     @property
     def packs_ids(self) -> bool:
-        """Whether `encode_chat_packed` and `encode_text_packed` work: interlock's own
+        """Whether `encode_text_packed` works: interlock's own
         preprocessor over the built-in byte tokenizer (not a subclass, whose encoding may
         differ)."""
         return type(self) is Preprocessor and type(self.tokenizer) is ByteTokenizer
@@ -83,55 +92,45 @@ class Preprocessor:
         )
         return cls(tokenizer, template, source=os.fspath(path))
 
-    def encode_chat(
+    def render_chat(
         self,
         messages: Sequence[Mapping[str, object]],
         *,
         tools: Sequence[Mapping[str, object]] | None = None,
         add_generation_prompt: bool = True,
         template_kwargs: Mapping[str, Any] | None = None,
-    ) -> list[int]:
-        """Render ``messages`` with the chat template and tokenize the prompt.
+    ) -> str:
+        """The prompt's text: ``messages`` rendered with the chat template.
 
         Raises:
             ChatMessageError: a message has the wrong shape (``field`` names it).
             ChatTemplateError: the template rejected the conversation.
-            TokenizerError: the text cannot be encoded (a lone surrogate).
         """
-        text = self.chat_template.render(
+        return self.chat_template.render(
             messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             **(template_kwargs or {}),
         )
-        # The template writes the special tokens itself (Hugging Face's convention).
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def encode_chat_packed(
-        self,
-        messages: Sequence[Mapping[str, object]],
-        *,
-        tools: Sequence[Mapping[str, object]] | None = None,
-        add_generation_prompt: bool = True,
-        template_kwargs: Mapping[str, Any] | None = None,
-    ) -> PackedTokenIds:
-        """The ids `encode_chat` returns, packed (no int object per id); only when
-        `packs_ids`.
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, object]], **options: Unpack[ChatOptions]
+    ) -> list[int]:
+        """`render_chat`'s prompt (``options``: its keywords), tokenized.
 
         Raises:
-            ChatMessageError, ChatTemplateError, TokenizerError: as `encode_chat`.
-            TypeError: the tokenizer cannot pack (not `packs_ids`).
+            ChatMessageError, ChatTemplateError: as `render_chat`.
+            TokenizerError: the text cannot be encoded (a lone surrogate).
         """
-        text = self.chat_template.render(
-            messages,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            **(template_kwargs or {}),
+        # The template writes the special tokens itself (Hugging Face's convention).
+        return self.tokenizer.encode(
+            self.render_chat(messages, **options), add_special_tokens=False
         )
-        return PackedTokenIds(self._byte_tokenizer().encode_u32(text))
 
     def encode_text_packed(self, text: str) -> PackedTokenIds:
-        """The ids `encode_text` returns, packed; only when `packs_ids`.
+        """The ids `encode_text` returns, packed (no int object per id); for a chat,
+        `render_chat`'s text (the byte tokenizer adds no special tokens, so these are
+        `encode_chat`'s ids). Only when `packs_ids`.
 
         Raises:
             TokenizerError: as `encode_text`.

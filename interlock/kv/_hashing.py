@@ -86,8 +86,9 @@ class U32TokenIds(tuple[int, ...]):
 @final
 class PackedTokenIds(Sequence[int]):
     """Token ids held as the bytes the hashing contract hashes (little-endian u32 words, 4
-    bytes an id) instead of a tuple of int objects: a 100,000-token prompt is one 400 kB
-    ``bytes``, made, hashed and freed without 100,000 ints (`ByteTokenizer.encode_u32`).
+    bytes an id) instead of a tuple (a pointer an id, 8 bytes, and an int object for an id
+    above 256): a 100,000-token prompt is one 400 kB ``bytes``, made, hashed and freed without
+    a tuple of 100,000 pointers to build and convert back (`ByteTokenizer.encode_u32`).
     Vouched for as `U32TokenIds` are (`known_u32`): the validators skip them, and the hashing
     reads their blocks' bytes as they are.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import ClassVar, Final, final
 
@@ -15,6 +15,21 @@ from ._tokenizer import check_ids
 __all__ = ["ByteTokenizer"]
 
 _BYTE_TOKEN: Final = re.compile(r"<0x([0-9A-F]{2})>")
+
+
+def _utf8(piece: str) -> bytes:
+    """``piece``'s UTF-8 bytes.
+
+    Raises:
+        TokenizerError: ``piece`` holds a lone surrogate, which has no UTF-8 encoding.
+    """
+    try:
+        return piece.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TokenizerError(
+            f"cannot encode text: {exc.reason} at character {exc.start} of a piece; "
+            "lone surrogates are not valid Unicode text"
+        ) from exc
 
 
 @final
@@ -68,18 +83,11 @@ class ByteTokenizer:
             TokenizerError: ``text`` holds a lone surrogate, which has no UTF-8 encoding.
         """
         ids: list[int] = []
-        # re.split with one capture group alternates plain text and special-token text.
-        for index, piece in enumerate(self._SPECIAL_PATTERN.split(text)):
-            if index % 2:
+        for piece, special in self._pieces(text):
+            if special:
                 ids.append(self.SPECIAL_TOKENS[piece])
-                continue
-            try:
-                ids.extend(piece.encode("utf-8"))
-            except UnicodeEncodeError as exc:
-                raise TokenizerError(
-                    f"cannot encode text: {exc.reason} at character {exc.start} of a piece; "
-                    "lone surrogates are not valid Unicode text"
-                ) from exc
+            else:
+                ids.extend(_utf8(piece))
         return ids
 
     def encode_u32(self, text: str) -> bytes:
@@ -90,25 +98,24 @@ class ByteTokenizer:
             TokenizerError: as `encode`.
         """
         words: list[bytes] = []
-        # re.split with one capture group alternates plain text and special-token text.
-        for index, piece in enumerate(self._SPECIAL_PATTERN.split(text)):
-            if index % 2:
+        for piece, special in self._pieces(text):
+            if special:
                 words.append(self._SPECIAL_WORDS[piece])
             elif piece.isascii():
                 # An ASCII character is its one UTF-8 byte: UTF-32 widens each to its word.
                 words.append(piece.encode("utf-32-le"))
             else:
-                try:
-                    data = piece.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    raise TokenizerError(
-                        f"cannot encode text: {exc.reason} at character {exc.start} of a "
-                        "piece; lone surrogates are not valid Unicode text"
-                    ) from exc
                 # Latin-1 reads each byte as the character of that number, which UTF-32
                 # widens to its word: the UTF-8 bytes as words, in C.
-                words.append(data.decode("latin-1").encode("utf-32-le"))
+                words.append(_utf8(piece).decode("latin-1").encode("utf-32-le"))
         return words[0] if len(words) == 1 else b"".join(words)
+
+    def _pieces(self, text: str) -> Iterator[tuple[str, bool]]:
+        """``text``'s plain pieces and special-token texts, in order, each with whether it is
+        a special token's."""
+        # re.split with one capture group alternates plain text and special-token text.
+        for index, piece in enumerate(self._SPECIAL_PATTERN.split(text)):
+            yield piece, bool(index % 2)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Return the text of ``ids``; invalid or incomplete UTF-8 decodes to U+FFFD.
