@@ -1,7 +1,7 @@
 """The endpoint picker's response phases, answered by the gRPC server's thread without a hop
 to trio (but for a booking to move): the response body passes back unchanged, chunk by chunk,
 and the OpenAI ``usage`` it reports (a JSON body's, or a stream's last chunks') is counted in
-the router's metrics, with a bounded tail of the body kept, never the whole; the booking still
+the router's metrics, with a bounded part of the body kept, never the whole; the booking still
 closes. In-process (`ExtProcPicker.process`), over grpcio, and through a real Envoy sending
 response bodies as GAIE's reference configuration does."""
 
@@ -148,7 +148,7 @@ def test_a_deeply_nested_usage_value_is_none_and_raises_nothing() -> None:
 
 
 @pytest.mark.parametrize("size", [1, 7, 100, 8191, 8192, 8193, 20_000, 100_000])
-def test_a_json_bodys_usage_is_found_wherever_it_is_and_only_a_tail_is_kept(size: int) -> None:
+def test_a_json_bodys_usage_is_found_wherever_it_is_and_little_is_kept(size: int) -> None:
     # vLLM's chat body with return_token_ids and a 2,000-token prompt: its usage is followed by
     # ~14 KB of prompt_token_ids, out of the body's last 8 KiB.
     body = json_body("hi", usage_json(2000, 5, 3), prompt_ids=2000)
@@ -156,8 +156,30 @@ def test_a_json_bodys_usage_is_found_wherever_it_is_and_only_a_tail_is_kept(size
     reader = UsageReader()
     for part in chunks(body, range(0, len(body), size)):
         reader.feed(part)
-        assert len(reader.tail) <= USAGE_TAIL_BYTES
+        assert reader.kept <= USAGE_TAIL_BYTES
     assert reader.usage() == Usage(prompt_tokens=2000, completion_tokens=5, cached_tokens=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet=st.sampled_from('ab\\"{}: usage'), max_size=400),
+    counts=st.tuples(*(st.integers(0, 10**6) for _ in range(3))),
+    prompt_ids=st.none() | st.integers(0, 3000),
+    cuts=st.lists(st.integers(0, 40_000), max_size=200),
+)
+def test_a_json_bodys_usage_is_read_however_the_body_is_cut(
+    text: str, counts: tuple[int, int, int], prompt_ids: int | None, cuts: list[int]
+) -> None:
+    # The text holds quotes, backslashes, braces and the word usage: only the real key counts.
+    body = json_body(text, usage_json(*counts), prompt_ids)
+    reader = UsageReader()
+    for part in chunks(body, cuts):
+        reader.feed(part)
+        assert reader.kept <= USAGE_TAIL_BYTES
+    prompt, completion, cached = counts
+    assert reader.usage() == Usage(
+        prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached
+    )
 
 
 def test_a_json_bodys_usage_key_quoted_in_text_or_a_value_is_not_its_usage() -> None:
@@ -225,7 +247,7 @@ async def test_a_long_stream_keeps_only_a_bounded_tail(
             for message in messages:
                 yield message
             # Mid-stream, before its end: only the tail is held.
-            assert len(stream._usage.tail) <= USAGE_TAIL_BYTES
+            assert stream._usage.kept <= USAGE_TAIL_BYTES
             yield response_body(b"", True)
 
         async for _ in p.picker.process(requests(), stream):

@@ -40,8 +40,9 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   booking. Without response bodies the stream's end (Envoy ends it with the request, when
   response trailers are on) frees it. The OpenAI ``usage`` the body reports (a JSON body's,
   wherever it is in the object, or a stream's last chunks', with
-  ``stream_options.include_usage``) is read as the body passes, keeping only its last
-  `USAGE_TAIL_BYTES` (`UsageReader`; the rest of a body is never kept), counted in
+  ``stream_options.include_usage``) is read as the body passes (`UsageReader`: a stream's
+  last `USAGE_TAIL_BYTES` are kept, a JSON body's usage object alone; never a whole body),
+  counted in
   ``interlock_gateway_usage_tokens_total{kind}`` (prompt, completion, cached) and noted after
   the pick's records in the transition log (`Pipeline.record_usage`).
 
