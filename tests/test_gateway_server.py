@@ -34,6 +34,7 @@ from test_gateway_ext_proc import (
     picking,
     request_body,
     request_headers,
+    response_body,
     response_headers,
     set_headers,
 )
@@ -116,7 +117,7 @@ class Lockstep:
     """One ext_proc stream from grpcio's client: `send` a message, `receive` an answer (both
     blocking: call them in a worker thread)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, timeout: float = TIMEOUT) -> None:
         self.channel = grpc.insecure_channel(address)
         self.outgoing: queue.Queue[ProcessingRequest | bytes | None] = queue.Queue()
         process = self.channel.stream_stream(
@@ -124,7 +125,7 @@ class Lockstep:
             request_serializer=_serialize,
             response_deserializer=ProcessingResponse.FromString,
         )
-        self.call: Any = process(self._requests(), timeout=TIMEOUT)
+        self.call: Any = process(self._requests(), timeout=timeout)
 
     def _requests(self) -> Iterator[ProcessingRequest | bytes]:
         while (message := self.outgoing.get()) is not None:
@@ -163,6 +164,19 @@ async def picked(stream: Lockstep) -> str:
     back = await in_thread(stream.receive)
     assert back.request_body.response.body_mutation.streamed_response.body == body
     return destination
+
+
+def server_streams(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The server's streams (`_server._Stream`), as the calls open."""
+    opened: list[Any] = []
+
+    class Recorded(_server._Stream):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            opened.append(self)
+
+    monkeypatch.setattr(_server, "_Stream", Recorded)
+    return opened
 
 
 def server_threads() -> list[threading.Thread]:
@@ -307,6 +321,46 @@ async def test_a_body_in_many_more_chunks_than_the_queues_hold_comes_back_whole(
             stream.send(None)
             assert await in_thread(stream.rest) == []
             assert not s.picking.picker.booked
+        finally:
+            stream.close()
+
+
+async def test_a_gateway_that_does_not_read_its_answers_is_held_back_by_flow_control(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The gRPC thread answers response chunks itself: it must stop reading once its answers
+    # fill the window, as the trio task waits for room, or a gateway that sends a long response
+    # and reads nothing back makes it queue the whole response (its chunks echoed).
+    opened = server_streams(monkeypatch)
+    chunk = b"x" * 60_000
+    sent = 400  # 24 MB: far more than gRPC's flow-control windows hold
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            await picked(stream)
+            stream.send(response_headers(200))
+            await in_thread(stream.receive)
+            for _ in range(sent):
+                stream.send(response_body(chunk))
+            (server_stream,) = opened
+            answers = server_stream.responses
+            with trio.fail_after(TIMEOUT):
+                # Until the gRPC thread waits for its answers to be sent (a condition, polled).
+                while not answers.producer_waits:
+                    assert len(answers._items) <= 2 * _server._WINDOW, "answers without bound"
+                    await trio.sleep(0.01)
+            assert len(answers._items) <= 2 * _server._WINDOW
+            # Flow control holds the client back: most of what it would send is still its own.
+            assert stream.outgoing.qsize() > sent // 2
+            # Once the client reads, the stream goes on, whole and in order.
+            stream.send(response_body(b"end", True))
+            stream.send(None)
+            back = [
+                a.response_body.response.body_mutation.streamed_response
+                for a in await in_thread(stream.rest)
+            ]
+            assert [b.body for b in back] == [chunk] * sent + [b"end"]
+            await s.booked.until_free()
         finally:
             stream.close()
 

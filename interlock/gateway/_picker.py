@@ -39,8 +39,10 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   load (`Pipeline.mark_prefill_complete`); the last (or the response trailers) frees the
   booking. Without response bodies the stream's end (Envoy ends it with the request, when
   response trailers are on) frees it. The OpenAI ``usage`` the body reports (a JSON body's,
-  or a stream's last chunks', with ``stream_options.include_usage``) is read from its last
-  `USAGE_TAIL_BYTES` (`usage_of`; the rest of a body is never kept), counted in
+  wherever it is in the object, or a stream's last chunks', with
+  ``stream_options.include_usage``) is read as the body passes (`UsageReader`: a stream's
+  last `USAGE_TAIL_BYTES` are kept, a JSON body's usage object alone; never a whole body),
+  counted in
   ``interlock_gateway_usage_tokens_total{kind}`` (prompt, completion, cached) and noted after
   the pick's records in the transition log (`Pipeline.record_usage`).
 
@@ -92,7 +94,6 @@ status (200 for a pick).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
@@ -113,7 +114,6 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from ..engines import Engine
-from ..engines.openai import usage_from
 from ..http._drain import DrainTicket, refused_while_draining
 from ..http._errors import HttpError, bad_request, http_error_for
 from ..http._frontend import Frontend
@@ -122,6 +122,7 @@ from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest, json_o
 from ..wire import PreprocessedRequest, RoutingDecision, Usage
 from ._endpoints import http_endpoints, match_endpoints
 from ._rewrite import MODEL_REWRITE_HEADER, ModelNameRestorer, rewrite_model
+from ._usage import USAGE_TAIL_BYTES, UsageReader, usage_of
 
 __all__ = [
     "BODY_CHUNK_BYTES",
@@ -136,10 +137,6 @@ __all__ = [
 
 _logger = logging.getLogger("interlock.gateway")
 
-#: The response body's last bytes kept to read its usage from: the final JSON object's
-#: ``usage`` (last in OpenAI's and vLLM's bodies) or the last SSE chunks' (``usage`` chunk, then
-#: ``data: [DONE]``); a stream's earlier bytes are never kept.
-USAGE_TAIL_BYTES: Final = 8192
 #: The most body bytes one ``streamed_response`` carries (GAIE's ``BodyByteLimit``).
 BODY_CHUNK_BYTES: Final = 62_000
 DESTINATION_HEADER: Final = "x-gateway-destination-endpoint"
@@ -292,8 +289,8 @@ class ExtProcStream:
         self.chores: list[Callable[[], None]] = []
         #: Whether `answer_now` queued the prefill release already (the chore runs once).
         self._prefill_queued = False
-        #: The response body's last bytes (at most `USAGE_TAIL_BYTES`): where its usage is.
-        self._tail = bytearray()
+        #: Reads the response body's usage as it passes (keeps at most `USAGE_TAIL_BYTES`).
+        self._usage = UsageReader()
         #: The usage the response body reported (None: none seen).
         self.usage: Usage | None = None
         #: The response ended (`answer_now` queued the booking's release).
@@ -455,7 +452,8 @@ class ExtProcStream:
         for header in message.response_headers.headers.headers:
             if header.key == ":status":
                 text = header.raw_value.decode("latin-1") if header.raw_value else header.value
-                status = int(text) if text.isdigit() else 0
+                # ASCII digits only: "\xb2".isdigit() is true, and int() refuses it.
+                status = int(text) if text.isascii() and text.isdigit() else 0
                 break
         worker = self._worker_of(served)
         chores = self.chores
@@ -480,14 +478,7 @@ class ExtProcStream:
         body = message.response_body
         self._queue_prefill_complete()
         chunk = body.body
-        if chunk:
-            tail = self._tail
-            if len(chunk) >= USAGE_TAIL_BYTES:
-                tail[:] = chunk[-USAGE_TAIL_BYTES:]
-            else:
-                tail += chunk
-                if len(tail) > USAGE_TAIL_BYTES:
-                    del tail[: len(tail) - USAGE_TAIL_BYTES]
+        self._usage.feed(chunk)
         if body.end_of_stream:
             self._finish_response()
         if not self.response_duplex:
@@ -505,9 +496,8 @@ class ExtProcStream:
         """The response ended (its last body chunk or its trailers): count its usage, if the
         body said, and queue the booking's release."""
         self.response_ended = True
-        if self.usage is None and self._tail:
-            usage = usage_of(bytes(self._tail))
-            self._tail.clear()
+        if self.usage is None:
+            usage = self._usage.usage()
             if usage is not None:
                 self.usage = usage
                 self.chores.append(functools.partial(self._count_usage, usage))
@@ -835,35 +825,6 @@ def _kind(path: str, body: bytes | None) -> str | None:
     if path.endswith("/completions"):
         return "completion"
     return None
-
-
-_USAGE_KEY: Final = b'"usage"'
-_JSON: Final = json.JSONDecoder()
-
-
-def usage_of(tail: bytes) -> Usage | None:
-    """The OpenAI ``usage`` last reported in ``tail`` (the end of a response body: a JSON
-    object, or SSE chunks), or None when it holds none (no ``usage`` object, or one cut off or
-    malformed), as `usage_from` reads one. Never raises."""
-    end = len(tail)
-    while True:
-        at = tail.rfind(_USAGE_KEY, 0, end)
-        if at < 0:
-            return None
-        end = at
-        if at > 0 and tail[at - 1] == 0x5C:  # \"usage\": inside a JSON string
-            continue
-        rest = tail[at + len(_USAGE_KEY) :].lstrip()
-        if not rest.startswith(b":"):
-            continue
-        try:
-            value, _ = _JSON.raw_decode(rest[1:].lstrip().decode("utf-8", "replace"))
-        except ValueError:
-            continue
-        # "usage": null, as every chunk but the last of a stream says, is passed over.
-        usage = usage_from(value)
-        if usage is not None:
-            return usage
 
 
 def _strings(value: Any) -> list[str]:

@@ -10,7 +10,11 @@ a message, the stream's later messages go to it too, in order, through two bound
 between the threads (`_Queue`): a side wakes the other only when that one waits. Every call
 for the trio thread goes through one `_Inbox`, so calls posted before trio gets to them share
 one wake-up. A stream whose response's end released its booking closes without waiting for
-trio. No thread per stream: thousands of long generations keep their streams open on one loop.
+trio. The loop's thread's own answers are bounded as the task's are: once `_WINDOW` of them
+wait to be sent it reads no more of the stream until they are taken, so gRPC's flow control
+holds back a gateway that does not read its answers. A message it fails to answer ends the
+stream INTERNAL (the booking freed), as a failure in the trio task does. No thread per
+stream: thousands of long generations keep their streams open on one loop.
 
 Served (``127.0.0.1:E`` over h2c, HTTP/2 with prior knowledge as Envoy's gRPC client speaks it,
 or over TLS with ``tls``, `interlock.gateway._tls`):
@@ -204,27 +208,32 @@ def _settle(future: asyncio.Future[Any], result: Any) -> None:
 class _Queue:
     """Items from one thread to the other, in order: the producer `put`s, the consumer `take`s
     everything queued. Each side wakes the other only when that one waits (an empty queue,
-    or `_WINDOW` items not taken yet)."""
+    or `_WINDOW` items not taken yet). The answers' queue has two producers, one at a time:
+    the trio task and the loop's thread (`ExtProcStream.answer_now`), each with its waiter."""
 
     def __init__(self, producer: _TrioWaiter | _LoopWaiter, consumer: _TrioWaiter | _LoopWaiter):
         self.producer = producer
         self.consumer = consumer
         self._lock = threading.Lock()
         self._items: collections.deque[Any] = collections.deque()
-        self._producer_waits = False
+        #: The producers' waiters to wake at the next `take` (the queue was full).
+        self._producers_waiting: list[_TrioWaiter | _LoopWaiter] = []
         self._consumer_waits = False
 
-    def put(self, item: Any) -> bool:
-        """Queue ``item`` (the producer's thread); whether the queue is full: then await
-        ``producer.wait()`` before the next `put`."""
+    def put(self, item: Any, producer: _TrioWaiter | _LoopWaiter | None = None) -> bool:
+        """Queue ``item`` (the producer's thread; ``producer``: its waiter, default
+        `producer`); whether the queue is full: then await ``producer.wait()`` before the
+        next `put`."""
+        if producer is None:
+            producer = self.producer
         with self._lock:
             self._items.append(item)
             wake = self._consumer_waits
             self._consumer_waits = False
             full = len(self._items) >= _WINDOW
             if full:
-                self.producer.prepare()
-                self._producer_waits = True
+                producer.prepare()
+                self._producers_waiting.append(producer)
         if wake:
             self.consumer.wake()
         return full
@@ -239,11 +248,15 @@ class _Queue:
                 return None
             items = list(self._items)
             self._items.clear()
-            wake = self._producer_waits
-            self._producer_waits = False
-        if wake:
-            self.producer.wake()
+            waiting, self._producers_waiting = self._producers_waiting, []
+        for producer in waiting:
+            producer.wake()
         return items
+
+    @property
+    def producer_waits(self) -> bool:
+        """Whether a producer waits for the consumer to take (the queue was full)."""
+        return bool(self._producers_waiting)
 
 
 class _Stream:
@@ -269,6 +282,10 @@ class _Stream:
         self.requests = _Queue(_LoopWaiter(loop), _TrioWaiter(inbox))
         #: The picker's answers, then `_END`, `_GONE` or the exception that ended it.
         self.responses = _Queue(_TrioWaiter(inbox), _LoopWaiter(loop))
+        #: What the loop's thread waits on when its own answers (`ExtProcStream.answer_now`)
+        #: fill `responses`: it reads no more of the stream until they are taken to be sent,
+        #: so gRPC's flow control holds back a gateway that does not read its answers.
+        self.room = _LoopWaiter(loop)
         #: Cancelled (in the trio thread) when the gRPC call ends first: a dropped stream.
         self.scope = trio.CancelScope()
         #: The trio task was started (the loop's thread sets it, with the first message).
@@ -296,7 +313,7 @@ class _Stream:
         if item is _END:
             self._pending.appendleft(_END)
             raise StopAsyncIteration
-        if isinstance(item, _Unreadable):
+        if isinstance(item, Exception):  # _Unreadable, or `answer_now` failed
             self._pending.appendleft(item)
             raise item
         self._taken += 1
@@ -528,8 +545,22 @@ class _Server:
                 return
             if stream.finished:
                 continue  # the picker ended the stream (an ImmediateResponse): ignored
-            if stream.given == stream.answered and self._answer_now(stream, message):
-                continue
+            if stream.given == stream.answered:
+                try:
+                    full = self._answer_now(stream, message)
+                except Exception as exc:
+                    # As when the trio task answers: the stream ends INTERNAL, and the task
+                    # (its iteration raises it; it logs it) frees the booking.
+                    if stream.spawned:
+                        queue.put(exc)
+                    else:
+                        _logger.exception("the ext_proc stream failed")
+                        stream.responses.put(exc)
+                    return
+                if full is not None:
+                    if full:
+                        await stream.room.wait()
+                    continue
             stream.given += 1
             full = queue.put(message)
             if not stream.spawned:
@@ -543,20 +574,25 @@ class _Server:
             if full:
                 await queue.producer.wait()
 
-    def _answer_now(self, stream: _Stream, message: ProcessingRequest) -> bool:
+    def _answer_now(self, stream: _Stream, message: ProcessingRequest) -> bool | None:
         """Answer ``message`` here if it needs no router state (the loop's thread), handing
-        its bookkeeping to the trio thread without waiting for it; whether it was."""
+        its bookkeeping to the trio thread without waiting for it. None: it was not (the trio
+        task must); else whether the answers' queue is full: then await ``stream.room``
+        before reading on. Raises what `ExtProcStream.answer_now` raises."""
         state = stream.state
         answers = state.answer_now(message)
         if answers is None:
-            return False
+            return None
         responses = stream.responses
+        room = stream.room
+        full = False
         for answer in answers:
-            responses.put(answer)  # a few answers per message: the window is not waited on
+            # A few answers per message: all are queued, then the window is waited on.
+            full = responses.put(answer, room) or full
         if state.chores:
             chores, state.chores = state.chores, []
             self.inbox.post(state.run_chores, chores)
-        return True
+        return full
 
     def _spawn(self, stream: _Stream) -> None:
         """Start ``stream``'s trio task (the trio thread)."""

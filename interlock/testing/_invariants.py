@@ -47,7 +47,7 @@ def check_invariants(
     Checked per request: its sequence numbers run 0, 1, 2, ... without gaps; it starts in
     ``received``; every step is an edge of its mode's graph; it ends in a terminal state
     (unless ``require_terminal=False``, for logs of a pipeline still running); nothing happens
-    after a terminal state but ``usage`` notes after ``done`` (``done -> done``); query_only
+    after a terminal state but one ``usage`` note after ``done`` (``done -> done``); query_only
     requests never enter an execution state; it migrates at most ``migration_limit`` times.
 
     Returns the records grouped by request id.
@@ -78,6 +78,7 @@ def _check_request(
     table = table_for(mode)
     state = State.RECEIVED.value
     migrations = 0
+    noted = False
     for expected_seq, record in enumerate(group):
         where = _describe(record)
         if _field(record, "seq") != expected_seq:
@@ -86,7 +87,11 @@ def _check_request(
             fail(f"mode changes to {_field(record, 'mode')!r} at {where}")
         src, trigger, dst = _field(record, "src"), _field(record, "trigger"), _field(record, "dst")
         if trigger == Trigger.USAGE and state == src == dst == State.DONE:
-            continue  # a note about the ended request, not a transition
+            # A note about the ended request, not a transition: its response's usage, once.
+            if noted:
+                fail(f"a second usage note after the request's end: {where}")
+            noted = True
+            continue
         if state in TERMINAL_STATES:
             fail(f"a transition after the terminal state {state!r}: {where}")
         if src != state:

@@ -37,20 +37,29 @@ _NOT_PASSED = frozenset({"role", "content"})
 
 
 def usage_from(body: dict[str, Any] | None) -> Usage | None:
-    """The `Usage` of an OpenAI ``usage`` object (None when absent or malformed)."""
+    """The `Usage` of an OpenAI ``usage`` object; None when absent or malformed: the whole
+    usage is ignored when ``prompt_tokens`` or ``completion_tokens`` is missing, or when any of
+    them or ``prompt_tokens_details.cached_tokens`` (absent or null: 0) is not a non-negative
+    int (a bool, a float, a negative count), since a count that goes down breaks the
+    Prometheus counters it is added to."""
     if type(body) is not dict:
         return None
     prompt = body.get("prompt_tokens")
     completion = body.get("completion_tokens")
-    if type(prompt) is not int or type(completion) is not int:
+    if not _count(prompt) or not _count(completion):
         return None
     details = body.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if type(details) is dict else None
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cached_tokens=cached if type(cached) is int else 0,
-    )
+    if cached is None:
+        cached = 0
+    elif not _count(cached):
+        return None
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
+
+
+def _count(value: Any) -> bool:
+    """Whether ``value`` is a token count: an int (not a bool), not negative."""
+    return type(value) is int and value >= 0
 
 
 def engine_error_message(body: Any) -> str:
