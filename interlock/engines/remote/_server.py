@@ -471,9 +471,12 @@ class _Session:
         self, stream_id: int, request: Any, scope: trio.CancelScope, hold: float
     ) -> None:
         """`_run_stream` for a frontend that needs only the final result (``Start.hold``):
-        the first output with tokens goes at once, later ones are joined and go when one
-        arrives ``hold`` seconds after the last send, or with the last output. Whatever is
-        held when the engine fails goes before the `Broken` (so the frontend keeps it)."""
+        the first output with tokens goes at once, later ones are joined and go ``hold``
+        seconds after the last send (whether or not the engine sends more meanwhile), or at
+        once when the engine's output comes later than that, or with the last output. So the
+        frontend never waits longer than ``hold`` or the engine's own gap between outputs,
+        whichever is longer. Whatever is held when the engine fails goes before the `Broken`
+        (so the frontend keeps it)."""
         send = self.conn.send_nowait
         send_output = self.conn.send_output_nowait
         now = trio.current_time
@@ -481,39 +484,62 @@ class _Session:
         # Nothing is held until an output with tokens went: the frontend's router counts
         # the prefill as done on the first.
         send_at = -math.inf
+        #: Where `flush_when_due` waits while nothing is held and the hold is over.
+        idle = trio.lowlevel.ParkingLot()
+
+        async def flush_when_due() -> None:
+            # Sends what is held when the hold ends, even if the engine is silent then: the
+            # frontend must not wait for the engine's next output (after a long pause it
+            # would see hold + pause of silence and take a live worker for a stalled one).
+            nonlocal held, send_at
+            while True:
+                if held is None and now() >= send_at:
+                    await idle.park()  # until the reader sends and starts a new hold
+                    continue
+                await trio.sleep_until(send_at)
+                if held is not None and now() >= send_at:
+                    send_output(stream_id, held)
+                    held = None
+                    send_at = now() + hold
+
         try:
             with scope:
-                try:
-                    async with self.engine.open_stream(request) as outputs:
-                        async for output in outputs:
-                            if held is not None:
-                                joined = join_outputs(held, output)
-                                if joined is None:
-                                    send_output(stream_id, held)
-                                else:
-                                    output = joined
-                                held = None
-                            if output.finish_reason is not None:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(flush_when_due)
+                    try:
+                        async with self.engine.open_stream(request) as outputs:
+                            async for output in outputs:
+                                if held is not None:
+                                    joined = join_outputs(held, output)
+                                    if joined is None:
+                                        send_output(stream_id, held)
+                                    else:
+                                        output = joined
+                                    held = None
+                                if output.finish_reason is not None:
+                                    send_output(stream_id, output)
+                                    return
+                                if now() < send_at:
+                                    held = output
+                                    continue
                                 send_output(stream_id, output)
-                                return
-                            if now() < send_at:
-                                held = output
-                                continue
-                            send_output(stream_id, output)
-                            if output.token_ids:
-                                send_at = now() + hold
-                    self._flush(stream_id, held)
-                    send(Broken(stream=stream_id, message="the engine ended the stream early"))
-                except (WorkerRefused, RequestError) as exc:
-                    self._flush(stream_id, held)
-                    send(Refused(stream=stream_id, message=str(exc)))
-                except EngineError as exc:
-                    self._flush(stream_id, held)
-                    send(Broken(stream=stream_id, message=str(exc)))
-                except Exception as exc:
-                    _logger.exception("stream %d of %s failed", stream_id, self.conn.peer)
-                    self._flush(stream_id, held)
-                    send(Broken(stream=stream_id, message=f"{type(exc).__name__}: {exc}"))
+                                if output.token_ids:
+                                    send_at = now() + hold
+                                    idle.unpark_all()
+                        self._flush(stream_id, held)
+                        send(Broken(stream=stream_id, message="the engine ended the stream early"))
+                    except (WorkerRefused, RequestError) as exc:
+                        self._flush(stream_id, held)
+                        send(Refused(stream=stream_id, message=str(exc)))
+                    except EngineError as exc:
+                        self._flush(stream_id, held)
+                        send(Broken(stream=stream_id, message=str(exc)))
+                    except Exception as exc:
+                        _logger.exception("stream %d of %s failed", stream_id, self.conn.peer)
+                        self._flush(stream_id, held)
+                        send(Broken(stream=stream_id, message=f"{type(exc).__name__}: {exc}"))
+                    finally:
+                        nursery.cancel_scope.cancel()
         finally:
             self.streams.pop(stream_id, None)
             self.drain._stream_ended()
