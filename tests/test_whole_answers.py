@@ -148,6 +148,28 @@ async def test_a_slow_but_live_engine_is_not_taken_for_a_stalled_one(
         assert len(outputs) <= 6
 
 
+async def test_held_streams_sharing_a_connection_each_flush_on_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Three answers on one worker connection, their pauses at different outputs: each one's
+    # held tokens still go when its own hold ends, so none is taken for a stalled one.
+    engine = Pausing(timed(1), after=80, pause=19.6)
+    async with pipeline_over(engine, engine_idle_timeout=20.0) as pipeline:  # type: ignore[arg-type]
+        answers: dict[str, list[Any]] = {}
+
+        async def answer(request_id: str, delay: float) -> None:
+            await trio.sleep(delay)
+            answers[request_id] = await outputs_of(pipeline, request(request_id), progress=False)
+
+        async with trio.open_nursery() as nursery:
+            for n, delay in enumerate((0.0, 0.13, 0.29)):
+                nursery.start_soon(answer, f"r{n}", delay)
+        assert pipeline.stats.stalls == 0
+    for outputs in answers.values():
+        assert tokens_of(outputs) == mock_continuation(PROMPT, TOKENS)
+        assert len(outputs) <= 8
+
+
 async def test_what_a_worker_held_goes_before_the_engine_breaks_the_stream(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
