@@ -14,15 +14,19 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import httpx
 import msgpack  # type: ignore[import-untyped]
 import pytest
 import trio
 from test_remote_workers_heartbeat import Worker
 
 from interlock import Components, PipelineConfig, build_pipeline
+from interlock._errors import WorkerGone
 from interlock._pipeline import HOLD_OUTPUTS, Pipeline
 from interlock.engines.mock import MockEngine, MockTiming, mock_continuation
 from interlock.engines.remote import RemoteEngine
+from interlock.http import Preprocessor, build_app
+from interlock.http._metrics import HttpMetrics
 from interlock.testing import check_invariants
 from interlock.wire import PreprocessedRequest
 from interlock.wire._frames import ProtocolError, Start, decode_body, encode_frame
@@ -30,6 +34,8 @@ from interlock.wire._frames import ProtocolError, Start, decode_body, encode_fra
 PROMPT = tuple(range(100, 148))
 #: ~6 ms of virtual time per token: 200 tokens take over a second, two holds and more.
 TOKENS = 200
+#: Token ids the default preprocessor decodes to letters (an HTTP answer's text).
+LETTERS = list(range(97, 123))
 
 
 def timed(instance_id: int, **kwargs: Any) -> MockEngine:
@@ -93,16 +99,75 @@ async def test_a_whole_answer_comes_in_a_few_outputs_with_every_token(
     check_invariants(records)
 
 
-async def test_the_hold_stays_well_inside_engine_idle_timeout(
+class Pausing:
+    """A MockEngine whose streams pause ``pause`` seconds after output number ``after``: an
+    engine that is slow there, not stalled."""
+
+    def __init__(self, inner: MockEngine, after: int, pause: float) -> None:
+        self._inner, self._after, self._pause = inner, after, pause
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @asynccontextmanager
+    async def _stream(self, req: PreprocessedRequest) -> AsyncIterator[AsyncIterator[Any]]:
+        async with self._inner.open_stream(req) as outputs:
+
+            async def paused() -> AsyncIterator[Any]:
+                n = 0
+                async for output in outputs:
+                    n += 1
+                    if n == self._after + 1:
+                        await trio.sleep(self._pause)
+                    yield output
+
+            yield paused()
+
+    def open_stream(self, req: PreprocessedRequest) -> Any:
+        return self._stream(req)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+async def test_a_slow_but_live_engine_is_not_taken_for_a_stalled_one(
+    autojump_clock: trio.testing.MockClock, progress: bool
+) -> None:
+    # engine_idle_timeout=20 (the default): hold 0.5 s. At ~6 ms a token, output 80 comes
+    # ~0.48 s after the first, inside the hold, so the worker holds it; then the engine is
+    # silent 19.6 s (< 20). The worker sends what it holds when the hold ends, so the
+    # frontend sees no more silence than the engine's own.
+    engine = Pausing(timed(1), after=80, pause=19.6)
+    async with pipeline_over(engine, engine_idle_timeout=20.0) as pipeline:  # type: ignore[arg-type]
+        try:
+            outputs = await outputs_of(pipeline, request(), progress=progress)
+        except WorkerGone as exc:
+            pytest.fail(f"progress={progress}: {exc!r}; stalls={pipeline.stats.stalls}")
+        assert pipeline.stats.stalls == 0
+    assert tokens_of(outputs) == mock_continuation(PROMPT, TOKENS)
+    if not progress:
+        # Still a few outputs: the first token, one per hold, the last.
+        assert len(outputs) <= 6
+
+
+async def test_held_streams_sharing_a_connection_each_flush_on_time(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # A quarter of the idle timeout: a held stream sends something every 0.1 s, so it is
-    # never taken for a stalled one.
-    async with pipeline_over(timed(1), engine_idle_timeout=0.4) as pipeline:
-        held = await outputs_of(pipeline, request(), progress=False)
+    # Three answers on one worker connection, their pauses at different outputs: each one's
+    # held tokens still go when its own hold ends, so none is taken for a stalled one.
+    engine = Pausing(timed(1), after=80, pause=19.6)
+    async with pipeline_over(engine, engine_idle_timeout=20.0) as pipeline:  # type: ignore[arg-type]
+        answers: dict[str, list[Any]] = {}
+
+        async def answer(request_id: str, delay: float) -> None:
+            await trio.sleep(delay)
+            answers[request_id] = await outputs_of(pipeline, request(request_id), progress=False)
+
+        async with trio.open_nursery() as nursery:
+            for n, delay in enumerate((0.0, 0.13, 0.29)):
+                nursery.start_soon(answer, f"r{n}", delay)
         assert pipeline.stats.stalls == 0
-    assert tokens_of(held) == mock_continuation(PROMPT, TOKENS)
-    assert len(held) > 2 + TOKENS * 0.006 / HOLD_OUTPUTS
+    for outputs in answers.values():
+        assert tokens_of(outputs) == mock_continuation(PROMPT, TOKENS)
+        assert len(outputs) <= 8
 
 
 async def test_what_a_worker_held_goes_before_the_engine_breaks_the_stream(
@@ -171,3 +236,43 @@ def test_hold_is_left_out_of_a_start_frame_while_it_is_0_and_checked_when_set() 
     fields = {"stream": 3, "request": plain[1]["request"], "hold": -2.0}
     with pytest.raises(ProtocolError, match="hold"):
         decode_body(msgpack.packb(["start", fields]))
+
+
+async def itl_readings(stream: bool) -> tuple[int, float]:
+    """``interlock_inter_token_latency_seconds``'s count and mean after one 200-token
+    completion over an interlock worker, streamed or not."""
+    metrics = HttpMetrics()
+    preprocessor = Preprocessor.default()
+    async with AsyncExitStack() as stack:
+        worker = await stack.enter_async_context(Worker(timed(1, token_pool=LETTERS)).running())
+        remote = RemoteEngine("worker", 1, instance_id=1, open_connection=worker.connect)
+        components = Components(
+            workers=[remote], tokenizer=preprocessor.tokenizer, transition_sinks=[metrics]
+        )
+        pipeline = await stack.enter_async_context(build_pipeline(PipelineConfig(), components))
+        app = build_app(pipeline, metrics=metrics, preprocessor=preprocessor)
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app")
+        )
+        body = {
+            "model": "mock",
+            "prompt": "hello world",
+            "max_tokens": TOKENS,
+            "ignore_eos": True,
+            "stream": stream,
+        }
+        answer = await client.post("/v1/completions", json=body)
+        assert answer.status_code == 200, answer.text
+    count = sum(metrics.itl.counts)
+    return count, metrics.itl.total / count
+
+
+async def test_a_whole_answer_reads_the_engines_inter_token_latency(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A held output of k tokens after a gap g is k readings of g/k: the same count as the
+    # streamed answer's, and its mean (the engine's ~6 ms a token), not one hold-sized gap.
+    streamed_count, streamed_mean = await itl_readings(stream=True)
+    whole_count, whole_mean = await itl_readings(stream=False)
+    assert streamed_count == whole_count == TOKENS - 1
+    assert streamed_mean / 2 < whole_mean < 2 * streamed_mean, (streamed_mean, whole_mean)

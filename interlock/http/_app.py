@@ -672,7 +672,7 @@ class _Run:
                 ) as outputs:
                     # The per-token work inlined: this loop runs once per token.
                     clock = trio.current_time
-                    itl = frontend.metrics.itl.observe
+                    itl = frontend.metrics.itl.observe_many
                     last = -1.0
                     async for output in outputs:
                         if output.token_ids:
@@ -682,7 +682,11 @@ class _Run:
                                 frontend.metrics.ttft.observe(now - self.start)
                                 self.span.set_attribute(TTFT_ATTRIBUTE, now - self.start)
                             else:
-                                itl(now - last)
+                                # A worker holds a whole answer's tokens (Start.hold): an
+                                # output of k tokens after a gap g reads as k gaps of g/k, so
+                                # the metric's count and mean are per token, as a stream's.
+                                k = len(output.token_ids)
+                                itl((now - last) / k, k)
                             last = now
                             if now >= state.watch_at:
                                 state.watch()

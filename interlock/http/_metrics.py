@@ -52,6 +52,11 @@ class _Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def observe_many(self, value: float, times: int) -> None:
+        """`observe` ``value`` ``times`` times."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.total += value * times
+
     def buckets(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         running = 0

@@ -190,9 +190,11 @@ class Start:
     ``hold`` (version 4; 0: none): the frontend needs only the stream's final result (a
     non-streamed answer), so the worker may keep its outputs, joined, and send them at most
     every ``hold`` seconds: the first output with tokens at once (the frontend's router
-    counts the prefill as done on it), then whatever accumulated when an output arrives
-    ``hold`` seconds after the last send, and the last output with everything left. A
-    stream that breaks loses only the tokens held (a migration generates them again).
+    counts the prefill as done on it), then whatever accumulated ``hold`` seconds after the
+    last send (an output arriving later than that, with nothing held, at once), and the last
+    output with everything left: the frontend never waits longer than ``hold`` or the
+    engine's own gap between outputs. A stream that breaks loses only the tokens held (a
+    migration generates them again).
     """
 
     stream: int

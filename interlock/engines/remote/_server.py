@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 import ssl
@@ -386,6 +388,26 @@ def _vocab_size(engine: Engine) -> int | None:
     return size if type(size) is int else None
 
 
+#: How much earlier than its deadline a held stream's output may go, so that the streams of a
+#: busy connection share `_Session._flush_due`'s wake-ups.
+_FLUSH_EARLY = 0.02
+
+
+class _HeldStream:
+    """A held stream's (``Start.hold``) state, shared by its task and `_Session._flush_due`."""
+
+    __slots__ = ("held", "hold", "send_at", "stream_id")
+
+    def __init__(self, stream_id: int, hold: float) -> None:
+        self.stream_id = stream_id
+        self.hold = hold
+        #: The outputs joined since the last send (None: none).
+        self.held: EngineOutput | None = None
+        #: When what is held goes (-inf until the first output with tokens went: the
+        #: frontend's router counts the prefill as done on it; inf once the stream ended).
+        self.send_at = -math.inf
+
+
 class _Session:
     """One frontend's connection: its open streams by id."""
 
@@ -403,6 +425,12 @@ class _Session:
         self.drain = drain
         self.version = version
         self.streams: dict[int, trio.CancelScope] = {}
+        #: Held streams' send deadlines, soonest first: ``(deadline, tiebreak, stream)``
+        #: (`_flush_due` sends what they hold then; entries of streams sent since are stale).
+        self._due: list[tuple[float, int, _HeldStream]] = []
+        self._due_ids = itertools.count()
+        #: `_flush_due`'s wait until the soonest deadline (None: not started yet).
+        self._due_wait: trio.CancelScope | None = None
 
     def on_message(self, message: Any) -> None:
         kind = type(message)
@@ -471,52 +499,93 @@ class _Session:
         self, stream_id: int, request: Any, scope: trio.CancelScope, hold: float
     ) -> None:
         """`_run_stream` for a frontend that needs only the final result (``Start.hold``):
-        the first output with tokens goes at once, later ones are joined and go when one
-        arrives ``hold`` seconds after the last send, or with the last output. Whatever is
-        held when the engine fails goes before the `Broken` (so the frontend keeps it)."""
+        the first output with tokens goes at once, later ones are joined and go ``hold``
+        seconds after the last send (`_flush_due`, whether or not the engine sends more
+        meanwhile), or at once when the engine's output comes later than that, or with the
+        last output. So the frontend never waits much longer than ``hold`` or the engine's
+        own gap between outputs, whichever is longer. Whatever is held when the engine fails
+        goes before the `Broken` (so the frontend keeps it)."""
         send = self.conn.send_nowait
         send_output = self.conn.send_output_nowait
         now = trio.current_time
-        held: EngineOutput | None = None
-        # Nothing is held until an output with tokens went: the frontend's router counts
-        # the prefill as done on the first.
-        send_at = -math.inf
+        state = _HeldStream(stream_id, hold)
         try:
             with scope:
                 try:
                     async with self.engine.open_stream(request) as outputs:
                         async for output in outputs:
+                            held = state.held
                             if held is not None:
                                 joined = join_outputs(held, output)
                                 if joined is None:
                                     send_output(stream_id, held)
                                 else:
                                     output = joined
-                                held = None
+                                state.held = None
                             if output.finish_reason is not None:
                                 send_output(stream_id, output)
                                 return
-                            if now() < send_at:
-                                held = output
+                            if now() < state.send_at:
+                                state.held = output
                                 continue
                             send_output(stream_id, output)
                             if output.token_ids:
-                                send_at = now() + hold
-                    self._flush(stream_id, held)
+                                self._send_at(state, now() + hold)
+                    self._flush(stream_id, state.held)
                     send(Broken(stream=stream_id, message="the engine ended the stream early"))
                 except (WorkerRefused, RequestError) as exc:
-                    self._flush(stream_id, held)
+                    self._flush(stream_id, state.held)
                     send(Refused(stream=stream_id, message=str(exc)))
                 except EngineError as exc:
-                    self._flush(stream_id, held)
+                    self._flush(stream_id, state.held)
                     send(Broken(stream=stream_id, message=str(exc)))
                 except Exception as exc:
                     _logger.exception("stream %d of %s failed", stream_id, self.conn.peer)
-                    self._flush(stream_id, held)
+                    self._flush(stream_id, state.held)
                     send(Broken(stream=stream_id, message=f"{type(exc).__name__}: {exc}"))
         finally:
+            # Its entries in the deadlines are stale from now on.
+            state.held = None
+            state.send_at = math.inf
             self.streams.pop(stream_id, None)
             self.drain._stream_ended()
+
+    def _send_at(self, state: _HeldStream, deadline: float) -> None:
+        """Make ``deadline`` the time `_flush_due` sends what ``state`` holds."""
+        state.send_at = deadline
+        heapq.heappush(self._due, (deadline, next(self._due_ids), state))
+        wait = self._due_wait
+        if wait is None:
+            self._due_wait = trio.CancelScope(deadline=deadline)
+            self.tasks.start_soon(self._flush_due)
+        elif deadline < wait.deadline:
+            wait.deadline = deadline
+
+    async def _flush_due(self) -> None:
+        """Send what held streams hold when their deadlines pass, even if their engines are
+        silent then: the frontend must not wait for an engine's next output (after a long
+        pause it would see hold + pause of silence and take a live worker for a stalled
+        one). One task per connection, not one per stream; runs until the connection ends."""
+        due = self._due
+        send_output = self.conn.send_output_nowait
+        while True:
+            assert self._due_wait is not None
+            with self._due_wait:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            # Deadlines within _FLUSH_EARLY of now go in this pass: a busy connection's
+            # streams share wake-ups (flushing a little early only makes an output smaller).
+            horizon = now + _FLUSH_EARLY
+            while due and due[0][0] <= horizon:
+                deadline, _, state = heapq.heappop(due)
+                if state.send_at != deadline:
+                    continue  # stale: the stream sent since, or ended
+                if state.held is not None:
+                    send_output(state.stream_id, state.held)
+                    state.held = None
+                    state.send_at = now + state.hold
+                    heapq.heappush(due, (state.send_at, next(self._due_ids), state))
+            self._due_wait = trio.CancelScope(deadline=due[0][0] if due else math.inf)
 
     def _flush(self, stream_id: int, held: EngineOutput | None) -> None:
         """Send ``held`` (when there is one) before a stream's error."""
