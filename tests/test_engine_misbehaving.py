@@ -1,7 +1,8 @@
 """What interlock's HTTP client to an engine (interlock/engines/openai/_http.py) does when the
 engine, or the client in front of interlock, does something awkward: a client that goes
 mid-stream closes the engine's connection; a request the engine read is never sent twice; a
-1xx answer before the real one; a head that never ends; descriptors from 1024 on.
+1xx answer before the real one; a head that never ends; descriptors from 1024 on; answers nested
+too deeply to decode.
 
 Real sockets on loopback: a small raw HTTP/1.1 server per test that misbehaves as described.
 The tests wait on conditions (an event the server sets), never on the wall clock.
@@ -28,7 +29,7 @@ from test_engine_connections import (
     sse_chunk,
 )
 
-from interlock._errors import WorkerGone
+from interlock._errors import RequestError, WorkerGone
 from interlock.engines.openai import OpenAIEngine
 from interlock.engines.openai._http import (
     MAX_HEAD_BYTES,
@@ -355,3 +356,63 @@ async def test_a_request_the_engine_does_not_read_fails_after_the_send_timeout(
         with pytest.raises(EngineProtocolError, match=f"within {SEND_TIMEOUT}s"):
             await connections.post("/v1/completions", body)
         await connections.aclose()
+
+
+def serve_one_answer(head: bytes, body: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """An engine whose every completion is answered with ``head`` and then ``body``, as is."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        async with stream:
+            while (request := await read_request(stream, buffer)) is not None:
+                line = request.split(b"\r\n", 1)[0]
+                if line.startswith(b"GET /health"):
+                    await stream.send_all(answer("200 OK", b""))
+                elif line.startswith(b"GET /v1/models"):
+                    await stream.send_all(answer("200 OK", b'{"data": [{"id": "m"}]}'))
+                elif line.startswith(b"POST /v1/completions"):
+                    await stream.send_all(head + body)
+                else:
+                    await stream.send_all(answer("404 Not Found", b"{}"))
+
+    return handler
+
+
+#: Nested past where msgspec and json run out of Python's stack (about 985 and 940 levels).
+DEEP = b"[" * 2000 + b"]" * 2000
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("where", ["stream", "prefill", "500", "400"])
+async def test_an_answer_nested_too_deeply_is_a_broken_stream_not_a_crash(where: str) -> None:
+    # msgspec and json recurse through every level, fields not read too: a RecursionError
+    # came out of open_stream (a 500 to the client, no migration) instead of a WorkerGone.
+    role = "agg"
+    expected: type[Exception] = WorkerGone
+    if where == "stream":
+        head = SSE_HEAD
+        body = token_chunk(1) + sse_chunk('{"x": ' + DEEP.decode() + ', "choices": []}')
+        match = r"sent a chunk nested too deeply to read.* after 1 tokens"
+    elif where == "prefill":
+        role = "prefill"
+        answered = b'{"x": %s, "choices": [{"token_ids": [1], "finish_reason": "length"}]}'
+        head, body = b"", answer("200 OK", answered % DEEP)
+        match = "sent an unreadable answer"
+    else:  # an error answer whose body cannot be read: the status decides
+        head, body = b"", answer(f"{where} Oops", b'{"error": %s}' % DEEP)
+        if where == "400":
+            expected = RequestError
+        match = r"rejected the request \(400\): HTTP 400" if where == "400" else "answered 500"
+    async with trio.open_nursery() as nursery, listening(serve_one_answer(head, body)) as url:
+        engine = OpenAIEngine(url, instance_id=1, health_interval=60, role=role)
+        await nursery.start(engine.run)
+        got: list[int] = []
+        with pytest.raises(expected, match=match), trio.fail_after(DEADLINE):
+            async with engine.open_stream(PreprocessedRequest(token_ids=PROMPT)) as stream:
+                async for output in stream:
+                    got.extend(output.token_ids)
+        # The tokens before the broken chunk came out first (migration keeps them).
+        assert got == ([1] if where == "stream" else [])
+        nursery.cancel_scope.cancel()

@@ -294,7 +294,8 @@ class OpenAIEngine:
             cards = json.loads(raw).get("data", []) if status == 200 else []
             if type(cards) is not list:
                 cards = []
-        except (EngineHttpError, ValueError, AttributeError, trio.TooSlowError):
+        except (EngineHttpError, ValueError, AttributeError, RecursionError, trio.TooSlowError):
+            # RecursionError: a body nested about a thousand levels deep, as malformed as any.
             cards = []
         card = next(
             (
@@ -368,7 +369,7 @@ class OpenAIEngine:
             theirs = json.loads(raw)["tokens"]
             if type(theirs) is not list:
                 raise TypeError("tokens is not a list")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             _logger.warning(
                 "engine %d: POST /tokenize answered %d without tokens; tokenizer not checked",
                 self.instance_id,
@@ -667,7 +668,9 @@ class _HttpStream:
             with trio.fail_after(engine.health_timeout):
                 raw = await response.read()
             message = engine_error_message(json.loads(raw))
-        except (EngineHttpError, ValueError, trio.TooSlowError):
+        except (EngineHttpError, ValueError, RecursionError, trio.TooSlowError):
+            # RecursionError: an error body nested too deeply to read is as unreadable as one
+            # that is not JSON; the status still decides.
             message = f"HTTP {status}"
         where = f"engine {engine.instance_id} at {engine.base_url}"
         if status in (429, 503):
