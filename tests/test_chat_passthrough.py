@@ -504,6 +504,70 @@ async def test_engine_postprocessing_refuses_malformed_tool_fields() -> None:
     assert served.seen() == []
 
 
+#: Bodies (as raw JSON: NaN and lone surrogate escapes, which no JSON encoder writes) whose
+#: fields go on to the engine holding a value with no JSON or no UTF-8 there, and the field
+#: each 400 names. The engine's request bodies are written by msgspec (completions) and by
+#: json with allow_nan=False (chats): a UnicodeEncodeError or ValueError there was a 500.
+UNSENDABLE = [
+    ("completions", '"prompt": "Once", "stop": ["\\ud800"]', "stop[0]"),
+    ("completions", '"prompt": "Once", "stop": ["end", "x\\udfff"]', "stop[1]"),
+    ("completions", '"prompt": "Once", "user": "\\ud800"', "user"),
+    ("completions", '"prompt": "Once", "temperature": NaN', "temperature"),
+    ("chat", '"chat_template_kwargs": {"x": NaN}', "chat_template_kwargs.x"),
+    ("chat", '"chat_template_kwargs": {"x": [1, -Infinity]}', "chat_template_kwargs.x[1]"),
+    ("chat", '"chat_template_kwargs": {"x\\ud800": 1}', "chat_template_kwargs"),
+    (
+        "chat",
+        '"response_format": {"type": "json_schema", "json_schema": {"name": "n", '
+        '"schema": {"maximum": Infinity}}}',
+        "response_format.json_schema.schema.maximum",
+    ),
+    ("chat", '"response_format": {"type": "json_object", "x": 1e999}', "response_format.x"),
+    ("chat", '"stop": ["\\udc00"]', "stop[0]"),
+]
+
+
+async def test_a_field_with_nan_or_a_lone_surrogate_is_a_400_naming_it() -> None:
+    messages = [{"role": "user", "content": "Hi", "name": "\ud800"}, *MESSAGES]
+    cases = [
+        *UNSENDABLE,
+        # Fields of a message or a tool that the chat template may not render (so no
+        # tokenizer sees them): the engine gets them verbatim.
+        ("chat", '"messages": ' + json.dumps(messages), "messages[0].name"),
+        (
+            "chat",
+            '"tools": [{"type": "function", "function": {"name": "f", "description": '
+            '"\\udbff", "parameters": {"type": "object"}}}]',
+            "tools[0].function.description",
+        ),
+    ]
+    async with serving_stand_ins(engines=1) as served, served.client() as client:
+        for path, fields, param in cases:
+            if path == "chat" and '"messages"' not in fields:
+                fields = f'"messages": {json.dumps(MESSAGES)}, {fields}'
+            body = f'{{"model": "{MODEL}", "max_tokens": 4, {fields}}}'
+            response = await client.post(
+                f"/v1/{path.replace('chat', 'chat/completions')}",
+                content=body.encode(),
+                headers={"content-type": "application/json"},
+            )
+            assert response.status_code == 400, (body, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param, (body, error)
+            assert error["code"] in ("invalid_json", "invalid_unicode"), (body, error)
+        # The fields that can be sent go as they came: characters past U+FFFF escaped as
+        # their pair of surrogates, and line separators json writes unescaped.
+        response = await client.post(
+            "/v1/completions",
+            content=b'{"model": "%s", "prompt": "Once", "max_tokens": 4, '
+            b'"stop": ["\\ud83d\\ude82", "\\u00e9\\u2028 end"]}' % MODEL.encode(),
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 200, response.text
+    [(_, seen)] = served.seen()
+    assert seen.body["stop"] == ["\U0001f682", "\u00e9\u2028 end"]
+
+
 async def test_an_engine_refusing_the_chat_is_a_400_with_the_engines_words() -> None:
     refusal = 'tool_choice=function "get_weather" requires --tool-call-parser to be set'
     async with serving_stand_ins(Script(refuse=refusal), engines=1) as served:

@@ -1,7 +1,9 @@
 """What interlock's HTTP client to an engine (interlock/engines/openai/_http.py) does when the
 engine, or the client in front of interlock, does something awkward: a client that goes
 mid-stream closes the engine's connection; a request the engine read is never sent twice; a
-1xx answer before the real one; a head that never ends; descriptors from 1024 on.
+1xx answer before the real one; a head that never ends, or never comes; descriptors from 1024
+on; a body cut, reset or written a byte at a time; a cancelled read; answers nested too deeply
+to decode.
 
 Real sockets on loopback: a small raw HTTP/1.1 server per test that misbehaves as described.
 The tests wait on conditions (an event the server sets), never on the wall clock.
@@ -12,8 +14,11 @@ from __future__ import annotations
 import json
 import os
 import resource
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import pytest
 import trio
@@ -28,7 +33,7 @@ from test_engine_connections import (
     sse_chunk,
 )
 
-from interlock._errors import WorkerGone
+from interlock._errors import RequestError, WorkerGone
 from interlock.engines.openai import OpenAIEngine
 from interlock.engines.openai._http import (
     MAX_HEAD_BYTES,
@@ -355,3 +360,225 @@ async def test_a_request_the_engine_does_not_read_fails_after_the_send_timeout(
         with pytest.raises(EngineProtocolError, match=f"within {SEND_TIMEOUT}s"):
             await connections.post("/v1/completions", body)
         await connections.aclose()
+
+
+def serve_one_answer(head: bytes, body: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """An engine whose every completion is answered with ``head`` and then ``body``, as is."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        async with stream:
+            while (request := await read_request(stream, buffer)) is not None:
+                line = request.split(b"\r\n", 1)[0]
+                if line.startswith(b"GET /health"):
+                    await stream.send_all(answer("200 OK", b""))
+                elif line.startswith(b"GET /v1/models"):
+                    await stream.send_all(answer("200 OK", b'{"data": [{"id": "m"}]}'))
+                elif line.startswith(b"POST /v1/completions"):
+                    await stream.send_all(head + body)
+                else:
+                    await stream.send_all(answer("404 Not Found", b"{}"))
+
+    return handler
+
+
+#: Nested past where msgspec and json run out of Python's stack (about 985 and 940 levels).
+DEEP = b"[" * 2000 + b"]" * 2000
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("where", ["stream", "prefill", "500", "400"])
+async def test_an_answer_nested_too_deeply_is_a_broken_stream_not_a_crash(where: str) -> None:
+    # msgspec and json recurse through every level, fields not read too: a RecursionError
+    # came out of open_stream (a 500 to the client, no migration) instead of a WorkerGone.
+    role = "agg"
+    expected: type[Exception] = WorkerGone
+    if where == "stream":
+        head = SSE_HEAD
+        body = token_chunk(1) + sse_chunk('{"x": ' + DEEP.decode() + ', "choices": []}')
+        match = r"sent a chunk nested too deeply to read.* after 1 tokens"
+    elif where == "prefill":
+        role = "prefill"
+        answered = b'{"x": %s, "choices": [{"token_ids": [1], "finish_reason": "length"}]}'
+        head, body = b"", answer("200 OK", answered % DEEP)
+        match = "sent an unreadable answer"
+    else:  # an error answer whose body cannot be read: the status decides
+        head, body = b"", answer(f"{where} Oops", b'{"error": %s}' % DEEP)
+        if where == "400":
+            expected = RequestError
+        match = r"rejected the request \(400\): HTTP 400" if where == "400" else "answered 500"
+    async with trio.open_nursery() as nursery, listening(serve_one_answer(head, body)) as url:
+        engine = OpenAIEngine(url, instance_id=1, health_interval=60, role=role)
+        await nursery.start(engine.run)
+        got: list[int] = []
+        with pytest.raises(expected, match=match), trio.fail_after(DEADLINE):
+            async with engine.open_stream(PreprocessedRequest(token_ids=PROMPT)) as stream:
+                async for output in stream:
+                    got.extend(output.token_ids)
+        # The tokens before the broken chunk came out first (migration keeps them).
+        assert got == ([1] if where == "stream" else [])
+        nursery.cancel_scope.cancel()
+
+
+def scripted_engine(
+    on_completion: Callable[[trio.SocketStream], Awaitable[str | None]],
+) -> tuple[Callable[[trio.SocketStream], Awaitable[None]], list[int]]:
+    """An engine that answers each completion with ``on_completion(stream)`` (which returns
+    "close" to end the connection), and the list its connections are counted in."""
+    connections: list[int] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        connections.append(1)
+        buffer = bytearray()
+        async with stream:
+            while (head := await read_request(stream, buffer)) is not None:
+                line = head.split(b"\r\n", 1)[0]
+                if line.startswith(b"GET /health"):
+                    await stream.send_all(answer("200 OK", b""))
+                elif line.startswith(b"GET /v1/models"):
+                    await stream.send_all(answer("200 OK", b'{"data": [{"id": "m"}]}'))
+                elif line.startswith(b"POST /v1/completions"):
+                    if await on_completion(stream) == "close":
+                        return
+                else:
+                    await stream.send_all(answer("404 Not Found", b"{}"))
+
+    return handler, connections
+
+
+WHOLE = (
+    token_chunk(1)
+    + token_chunk(2)
+    + token_chunk(3, "length")
+    + sse_chunk(json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}}))
+    + sse_chunk("[DONE]")
+    + b"0\r\n\r\n"
+)
+
+
+async def run_streams(
+    handler: Callable[[trio.SocketStream], Awaitable[None]], n: int = 1
+) -> list[Any]:
+    """``n`` requests in turn: each one's outputs, or the WorkerGone it raised."""
+    results: list[Any] = []
+    async with trio.open_nursery() as nursery, listening(handler) as url:
+        engine = OpenAIEngine(url, instance_id=1, health_interval=60)
+        await nursery.start(engine.run)
+        for _ in range(n):
+            try:
+                with trio.fail_after(DEADLINE):
+                    request = PreprocessedRequest(token_ids=PROMPT, max_tokens=3)
+                    async with engine.open_stream(request) as s:
+                        results.append([o async for o in s])
+            except WorkerGone as exc:
+                results.append(exc)
+        nursery.cancel_scope.cancel()
+    return results
+
+
+async def test_a_body_written_a_byte_at_a_time_is_read_whole_and_its_connection_reused() -> None:
+    async def completion(stream: trio.SocketStream) -> None:
+        for byte in SSE_HEAD + WHOLE:
+            await stream.send_all(bytes([byte]))
+            await trio.lowlevel.checkpoint()
+
+    handler, connections = scripted_engine(completion)
+    for outputs in await run_streams(handler, 3):
+        assert not isinstance(outputs, Exception), outputs
+        assert [t for o in outputs for t in o.token_ids] == [1, 2, 3]
+        assert outputs[-1].finish_reason == "length" and outputs[-1].usage is not None
+    assert len(connections) == 1  # every request on the start-up checks' connection
+
+
+@pytest.mark.parametrize("cut", [5, 40, len(token_chunk(1)) + 3])
+async def test_eof_mid_chunk_is_a_worker_gone(cut: int) -> None:
+    async def completion(stream: trio.SocketStream) -> str:
+        await stream.send_all(SSE_HEAD + (token_chunk(1) + token_chunk(2))[:cut])
+        return "close"
+
+    [result] = await run_streams(scripted_engine(completion)[0])
+    assert isinstance(result, WorkerGone), result
+
+
+async def test_a_reset_mid_body_is_a_worker_gone() -> None:
+    async def completion(stream: trio.SocketStream) -> str:
+        await stream.send_all(SSE_HEAD + token_chunk(1))
+        # Linger 0: the close sends a RST, not a FIN.
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return "close"
+
+    [result] = await run_streams(scripted_engine(completion)[0])
+    assert isinstance(result, WorkerGone), result
+
+
+async def test_a_cancelled_read_keeps_its_bytes_and_the_connection_usable() -> None:
+    go = trio.Event()
+
+    async def completion(stream: trio.SocketStream) -> None:
+        await stream.send_all(SSE_HEAD + token_chunk(1))
+        await go.wait()
+        await stream.send_all(
+            token_chunk(2) + token_chunk(3, "length") + sse_chunk("[DONE]") + b"0\r\n\r\n"
+        )
+
+    async with listening(scripted_engine(completion)[0]) as url:
+        connections = EngineConnections(url)
+        response = await connections.post("/v1/completions", b"{}")
+        assert b'"token_ids": [1]' in await response.receive()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await response.receive()  # cancelled before any byte came
+        assert scope.cancelled_caught
+        go.set()
+        with trio.fail_after(DEADLINE):
+            rest = await response.read()
+        assert b'"token_ids": [2]' in rest and b"[DONE]" in rest
+        assert response.complete
+        response.close()
+        assert len(connections._idle) == 1
+        status, _ = await connections.get("/health")
+        assert status == 200
+        await connections.aclose()
+
+
+async def test_a_client_cancelled_after_the_whole_stream_gives_the_connection_back() -> None:
+    async def completion(stream: trio.SocketStream) -> None:
+        await stream.send_all(SSE_HEAD + WHOLE)
+
+    handler, connections = scripted_engine(completion)
+    async with trio.open_nursery() as nursery, listening(handler) as url:
+        engine = OpenAIEngine(url, instance_id=1, health_interval=60)
+        await nursery.start(engine.run)
+        request = PreprocessedRequest(token_ids=PROMPT, max_tokens=3)
+        with trio.CancelScope() as client:
+            async with engine.open_stream(request) as s:
+                outputs = [o async for o in s]
+                client.cancel()
+        assert client.cancelled_caught
+        assert [t for o in outputs for t in o.token_ids] == [1, 2, 3]
+        assert engine._connections is not None and len(engine._connections._idle) == 1
+        async with engine.open_stream(request) as s:  # and it still carries a request
+            assert [t for o in [o async for o in s] for t in o.token_ids] == [1, 2, 3]
+        assert len(connections) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_engine_that_never_answers_the_head_is_a_worker_gone_after_the_idle_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hold = trio.Event()
+
+    async def completion(stream: trio.SocketStream) -> None:
+        await hold.wait()  # reads the request, answers nothing
+
+    async with trio.open_nursery() as nursery, listening(scripted_engine(completion)[0]) as url:
+        engine = OpenAIEngine(url, instance_id=1, health_interval=600, idle_timeout=5.0)
+        await nursery.start(engine.run)
+        request = PreprocessedRequest(token_ids=PROMPT, max_tokens=3)
+        with pytest.raises(WorkerGone, match=r"sent no response within engine_idle_timeout=5\.0s"):
+            async with engine.open_stream(request) as s:
+                [o async for o in s]
+        hold.set()
+        nursery.cancel_scope.cancel()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,41 @@ def test_every_broken_stream_is_a_worker_gone(payloads: list[str], why: str) -> 
         read(payloads)
     assert why in str(caught.value)
     assert caught.value.worker_id == 7
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _at_stack_depth(depth: int, call: Callable[[], object]) -> object:
+    """``call()`` run ``depth`` Python frames deeper than here (a deep caller leaves the
+    decoder less of the recursion limit)."""
+    return call() if depth == 0 else _at_stack_depth(depth - 1, call)
+
+
+@pytest.mark.parametrize("depth", [1000, 5000, 100_000])
+@pytest.mark.parametrize("field", ["x", "usage", "error"])
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("stack", [0, 600])
+def test_a_chunk_nested_too_deeply_is_a_worker_gone(
+    depth: int, field: str, chat: bool, stack: int
+) -> None:
+    # msgspec recurses on the C stack through every level, skipped fields too, and raised
+    # RecursionError out of the reader: a crash instead of a broken stream (migration).
+    payload = f'{{"{field}": {_nested(depth)}, "choices": []}}'
+    reader = ChunkReader(7, text=False, describe="http://engine", chat=chat)
+    assert reader.feed(chunk([1])) is not None
+    with pytest.raises(WorkerGone, match=r"sent a chunk nested too deeply to read.* after 1 tok"):
+        _at_stack_depth(stack, lambda: reader.feed(payload))
+
+
+@pytest.mark.parametrize("depth", [1000, 5000, 100_000])
+@pytest.mark.parametrize("field", ["x", "usage", "kv_transfer_params"])
+def test_an_answer_nested_too_deeply_is_a_worker_gone(depth: int, field: str) -> None:
+    choices = '[{"token_ids": [1], "finish_reason": "length"}]'
+    body = f'{{"{field}": {_nested(depth)}, "choices": {choices}}}'
+    with pytest.raises(WorkerGone, match="sent an unreadable answer"):
+        ChunkReader(7, text=False, describe="http://engine").answer(body.encode())
 
 
 def test_vllm_metrics_give_its_load_and_block_size() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.testing
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -38,6 +39,7 @@ from test_gateway_ext_proc import (
 
 from interlock.gateway import BODY_CHUNK_BYTES
 from interlock.gateway._rewrite import MODEL_REWRITE_HEADER, ModelNameRestorer, rewrite_model
+from interlock.http._errors import HttpError
 from interlock.http._json import MAX_JSON_DEPTH
 
 TIMEOUT = 30.0
@@ -139,9 +141,15 @@ def test_rewrite_model_leaves_what_it_cannot_rewrite_to_the_checks() -> None:
     new, data, incoming = rewrite_model(b'{"model": "a", "n": 1}', "b")
     assert (json.loads(new), data, incoming) == ({"model": "b", "n": 1}, data, "a")
     assert data == {"model": "b", "n": 1}
-    # A lone surrogate has no UTF-8: the body is written with it escaped, as the client sent it.
-    new, data, incoming = rewrite_model(b'{"model": "a", "content": "x\\ud800y"}', "b")
-    assert new.decode("ascii") and json.loads(new) == data == {"model": "b", "content": "x\ud800y"}
+    # A lone surrogate has no UTF-8 and NaN no JSON: refused, naming the field, as without the
+    # header (`json_object`), rather than written again.
+    for body, field in (
+        (b'{"model": "a", "content": "x\\ud800y"}', "content"),
+        (b'{"model": "a", "t": NaN}', "t"),
+    ):
+        with pytest.raises(HttpError) as refused:
+            rewrite_model(body, "b")
+        assert (refused.value.status, refused.value.param) == (400, field)
 
 
 async def test_a_buffered_body_comes_back_rewritten_whole_with_its_length(

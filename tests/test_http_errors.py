@@ -122,7 +122,12 @@ CASES: list[tuple[str, Any, int, str | None]] = [
         400,
         "messages",
     ),
-    ("chat", {"model": "mock", "messages": [{"role": "user", "content": "\ud800"}]}, 400, None),
+    (
+        "chat",
+        {"model": "mock", "messages": [{"role": "user", "content": "\ud800"}]},
+        400,
+        "messages[0].content",
+    ),
     ("chat", [1, 2], 400, None),
     ("chat", "hello", 400, None),
     ("completion", {"model": "mock"}, 400, "prompt"),

@@ -160,3 +160,108 @@ def test_a_body_as_text_is_a_type_error_saying_to_pass_bytes() -> None:
     with pytest.raises(TypeError, match="takes the request body's bytes, got str"):
         loads_json('{"a": "\ud800"}')  # type: ignore[arg-type]
     assert loads_json(b'{"a": "\\ud800"}') == {"a": "\ud800"}
+
+
+# -- values that cannot be sent on to an engine (sendable=True, as every OpenAI body is read) --
+
+#: Strings as json decodes them from escapes: any character, lone surrogates included.
+_ANY_TEXT = st.text(st.characters(codec=None) | st.sampled_from(["\ud800", "\udbff", "\udc00"]))
+_UNSENDABLE_NUMBERS = [math.nan, math.inf, -math.inf]
+_FIELD = st.from_regex(r"[a-z_]{1,8}", fullmatch=True)
+_clean_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**80), 2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_FIELD, inner, max_size=3),
+    max_leaves=10,
+)
+
+
+def _unsendable(value: Any) -> bool:
+    """Whether ``value`` holds NaN, an infinity, or a string or key with a lone surrogate (a
+    surrogate left in a decoded string is lone: json joins pairs)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, list):
+        return any(map(_unsendable, value))
+    if isinstance(value, dict):
+        return any(_unsendable(k) or _unsendable(v) for k, v in value.items())
+    return False
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.floats() | _ANY_TEXT,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_ANY_TEXT, inner, max_size=4),
+        max_leaves=20,
+    ),
+    st.booleans(),
+)
+def test_a_sendable_body_is_jsons_value_unless_it_holds_nan_or_a_lone_surrogate(
+    value: Any, ascii_only: bool
+) -> None:
+    try:
+        body = json.dumps(value, ensure_ascii=ascii_only).encode()
+    except UnicodeEncodeError:  # a lone surrogate written unescaped has no UTF-8 to send
+        body = json.dumps(value).encode()
+    if _unsendable(value):
+        with pytest.raises(HttpError) as refused:
+            loads_json(body, sendable=True)
+        assert refused.value.status == 400
+        assert refused.value.code in ("invalid_json", "invalid_unicode")
+        refused.value.body()  # the error itself can be sent
+    else:
+        assert _same(loads_json(body, sendable=True), loads_json(body))
+
+
+@st.composite
+def _body_with_one_unsendable(draw: st.DrawFn) -> tuple[bytes, str | None, str, bool]:
+    """A JSON object with one NaN, infinity or lone surrogate somewhere (a value, or a key),
+    the field the 400's param names (a key's object; None: a top-level key), its code, and
+    whether a key holds it."""
+    in_key = draw(st.booleans())
+    # Where it sits: a field of the body, then fields and list indexes.
+    path: list[str | int] = []
+    if not in_key or draw(st.booleans()):  # else a key of the body itself
+        path = [draw(_FIELD), *draw(st.lists(_FIELD | st.integers(0, 3), max_size=4))]
+    if in_key:
+        inner: Any = {draw(_FIELD) + draw(st.sampled_from(["\ud800", "\udfff"])): 1}
+        code = "invalid_unicode"
+    elif draw(st.booleans()):
+        inner = draw(st.sampled_from(_UNSENDABLE_NUMBERS))
+        code = "invalid_json"
+    else:
+        inner = draw(_FIELD) + draw(st.sampled_from(["\ud800", "\udbff", "\udfff"]))
+        code = "invalid_unicode"
+    field = ""
+    for step in path:
+        field += f"[{step}]" if isinstance(step, int) else f".{step}" if field else step
+    for step in reversed(path):
+        if isinstance(step, int):
+            inner = [*draw(st.lists(_clean_values, min_size=step, max_size=step)), inner]
+        else:
+            inner = {**draw(st.dictionaries(_FIELD, _clean_values, max_size=2)), step: inner}
+    others = draw(st.dictionaries(_FIELD, _clean_values, max_size=3))
+    body = {k: v for k, v in others.items() if k not in inner} | inner
+    return json.dumps(body).encode(), field or None, code, in_key
+
+
+@given(_body_with_one_unsendable())
+def test_an_unsendable_value_is_a_400_naming_its_field(
+    case: tuple[bytes, str | None, str, bool],
+) -> None:
+    body, field, code, in_key = case
+    assert _same(loads_json(body), json.loads(body))  # json reads it: unchecked, it passes
+    with pytest.raises(HttpError) as refused:
+        loads_json(body, sendable=True)
+    error = refused.value
+    assert (error.status, error.param, error.code) == (400, field, code), body
+    if in_key:
+        assert error.message.startswith(f"a key in {field} " if field else "a field name ")
+    else:
+        assert error.message.startswith(f"{field} is " if code == "invalid_json" else f"{field} ")
+    error.body()  # the error itself can be sent

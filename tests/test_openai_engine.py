@@ -7,6 +7,7 @@ vLLM processes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,7 +37,7 @@ from interlock.engines.mock._kv_publisher import publish_vllm_kv_events
 from interlock.engines.openai import KvEventFeed, OpenAIEngine
 from interlock.engines.remote import TokenizerMismatch, WorkerMismatch, WorkerUnreachable
 from interlock.processing import ByteTokenizer
-from interlock.wire import PreprocessedRequest
+from interlock.wire import ChatRequest, PreprocessedRequest
 
 QWEN3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "qwen3"
 PROMPT = tuple(range(40, 140))
@@ -191,6 +192,49 @@ async def test_a_request_the_engine_rejects_is_the_requests_fault() -> None:
         with pytest.raises(RequestError, match="rejected the request"):
             await generate(cluster.pipeline, too_long)
         assert cluster.pipeline.stats.migrations == 0
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (PreprocessedRequest(token_ids=PROMPT, detokenize=True, stop=["\ud800"]), "stop"),
+        (
+            PreprocessedRequest(
+                token_ids=PROMPT,
+                detokenize=True,
+                chat=ChatRequest(
+                    messages=[{"role": "user", "content": "hi"}],
+                    chat_template_kwargs={"x": math.nan},
+                ),
+            ),
+            "chat",
+        ),
+        (
+            PreprocessedRequest(
+                token_ids=PROMPT,
+                detokenize=True,
+                chat=ChatRequest(messages=[{"role": "user", "content": "hi", "name": "\udc00"}]),
+            ),
+            "chat",
+        ),
+    ],
+)
+async def test_a_request_with_no_json_to_send_is_the_requests_fault(
+    request_: PreprocessedRequest, field: str
+) -> None:
+    # The HTTP frontend refuses these fields; built in-process, they reached the body's
+    # encoder, whose UnicodeEncodeError or ValueError came out as if the engine had failed.
+    async with open_cluster(PipelineConfig(router_mode="round_robin")) as cluster:
+        engine = cluster.engines[1]
+        with pytest.raises(RequestError, match="cannot be sent to engine 1") as refused:
+            async with engine.open_stream(request_) as stream:
+                [output async for output in stream]
+        assert refused.value.field == field
+        # Nothing was sent; the engine serves the next request.
+        async with engine.open_stream(PreprocessedRequest(token_ids=PROMPT, max_tokens=3)) as s:
+            assert [t for o in [o async for o in s] for t in o.token_ids] == mock_continuation(
+                PROMPT, 3
+            )
 
 
 async def test_prefill_and_decode_legs_hand_over_kv_transfer_params_verbatim() -> None:

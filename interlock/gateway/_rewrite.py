@@ -32,19 +32,17 @@ def rewrite_model(body: bytes, model: str) -> tuple[bytes, dict[str, Any], str |
     pure.
 
     Raises:
-        HttpError: 400 when ``body`` is not a JSON object (`json_object`).
+        HttpError: 400 when ``body`` is not a JSON object, or holds a value that cannot be
+            sent on (NaN, a lone surrogate), as `json_object` refuses it.
     """
     data = json_object(body)
     incoming = data.get("model")
     if type(incoming) is not str or incoming == model:
         return body, data, None
     data["model"] = model
-    try:
-        rewritten = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:
-        # A lone surrogate (JSON's "\ud800") has no UTF-8: written escaped, as the client
-        # sent it; the prompt's checks then refuse it (or not) as without the header.
-        rewritten = json.dumps(data, separators=(",", ":")).encode()
+    # `json_object` refused NaN, the infinities and lone surrogates (JSON's "\ud800", which
+    # has no UTF-8): whatever it returns is written again as UTF-8 JSON.
+    rewritten = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
     return rewritten, data, incoming
 
 

@@ -415,11 +415,17 @@ def json_object(body: bytes) -> dict[str, Any]:
     takes an OpenAI body decodes it (the HTTP API, ``/v1/route``, the gateway's picker).
     Synchronous.
 
+    Every field goes on to an engine as the client sent it (the chat's pass-through fields
+    under engine postprocessing, the stop strings, a gateway's forwarded body), so one with a
+    value that has no JSON or no UTF-8 to send is refused here, naming it, for every field.
+
     Raises:
         HttpError: 400 ``invalid_json`` when it is not JSON or nests deeper than
-            `MAX_JSON_DEPTH` (`loads_json`); 400 when it is JSON but not an object.
+            `MAX_JSON_DEPTH`, 400 ``invalid_json`` or ``invalid_unicode`` naming a field that
+            holds NaN, an infinity or a lone surrogate (`loads_json` with ``sendable``); 400
+            when it is JSON but not an object.
     """
-    data = loads_json(body)
+    data = loads_json(body, sendable=True)
     if type(data) is not dict:
         raise bad_request(f"the request body must be a JSON object, got {_kind(data)}")
     return data

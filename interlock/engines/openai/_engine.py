@@ -60,10 +60,14 @@ TOKENIZER_PROBE = (
 #: Request bodies as httpx's ``json=`` wrote them (when it was the engine's client): compact,
 #: UTF-8, no NaN. For chats (the client's messages, any JSON) and the start-up checks.
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-#: The ``/v1/completions`` bodies, in C: the same compact UTF-8 bytes ten times as fast as
-#: `_JSON` (a 250-token prompt's list of ids was most of it). Their numbers are finite
-#: (`SamplingOptions` checks); a decode leg's ``kv_transfer_params`` come from a prefill
-#: engine's JSON answer, which has no NaN (were one there, it would go as null, not raise).
+#: The ``/v1/completions`` bodies, in C, ten times as fast as `_JSON` (a 250-token prompt's
+#: list of ids was most of it): compact UTF-8 JSON with the same values, though not always the
+#: same bytes (msgspec writes the shortest float that reads back: ``0.00001`` and ``1e16``
+#: where `_JSON` wrote ``1e-05`` and ``1e+16``; a JSON parser reads the same number). Their
+#: numbers are finite (`SamplingOptions` checks); a decode leg's ``kv_transfer_params`` come
+#: from a prefill engine's JSON answer, which msgspec decoded, so they hold no NaN (were one
+#: there, it would go as null, not raise). A stop string with a lone surrogate raises
+#: UnicodeEncodeError (refused by the HTTP frontend before it gets here).
 _ENCODE_BODY = msgspec.json.Encoder().encode
 
 #: The KV-transfer parameters of a prefill leg (vLLM's P/D connectors): compute the prompt's KV
@@ -193,7 +197,8 @@ class OpenAIEngine:
         """Send ``request`` to the engine; the context yields its outputs.
 
         Entering raises `WorkerRefused` when the engine is down or refuses the request,
-        `WorkerGone` on a 5xx, `RequestError` on a 4xx. Iterating raises `WorkerGone` when
+        `WorkerGone` on a 5xx, `RequestError` on a 4xx or when the request has no JSON to
+        send (a lone surrogate in a string, NaN in a chat field). Iterating raises `WorkerGone` when
         the stream breaks. Leaving early closes the HTTP stream, which makes the engine abort
         the request.
         """
@@ -294,7 +299,8 @@ class OpenAIEngine:
             cards = json.loads(raw).get("data", []) if status == 200 else []
             if type(cards) is not list:
                 cards = []
-        except (EngineHttpError, ValueError, AttributeError, trio.TooSlowError):
+        except (EngineHttpError, ValueError, AttributeError, RecursionError, trio.TooSlowError):
+            # RecursionError: a body nested about a thousand levels deep, as malformed as any.
             cards = []
         card = next(
             (
@@ -368,7 +374,7 @@ class OpenAIEngine:
             theirs = json.loads(raw)["tokens"]
             if type(theirs) is not list:
                 raise TypeError("tokens is not a list")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             _logger.warning(
                 "engine %d: POST /tokenize answered %d without tokens; tokenizer not checked",
                 self.instance_id,
@@ -605,12 +611,29 @@ class _HttpStream:
                 worker_id=engine.instance_id,
             )
         prefill = engine.role == "prefill"
-        if self._chat:
-            path = "/v1/chat/completions"
-            payload = _JSON.encode(engine.chat_body(self._request)).encode()
-        else:
-            path = "/v1/completions"
-            payload = _ENCODE_BODY(engine.request_body(self._request, stream=not prefill))
+        try:
+            if self._chat:
+                path = "/v1/chat/completions"
+                payload = _JSON.encode(engine.chat_body(self._request)).encode()
+            else:
+                path = "/v1/completions"
+                payload = _ENCODE_BODY(engine.request_body(self._request, stream=not prefill))
+        except ValueError as exc:  # UnicodeEncodeError too
+            # The HTTP frontend refuses these fields (loads_json's sendable check); a request
+            # built in-process may still hold them: the request's fault, not the engine's.
+            await trio.lowlevel.checkpoint()
+            if self._chat:
+                field = "chat"
+                what = "a string holds a lone surrogate (no UTF-8) or a number is not finite"
+            else:
+                # A completions body's only client strings are its stop strings; its numbers
+                # are checked finite (SamplingOptions).
+                field, what = "stop", "a stop string holds a lone surrogate (no UTF-8)"
+            raise RequestError(
+                f"the request cannot be sent to engine {engine.instance_id} ({exc}): {what}; "
+                "remove it",
+                field=field,
+            ) from None
         headers: dict[str, str] = {}
         if self._request.request_id is not None:
             # The same id on both legs of a disaggregated request (NIXL derives its transfer
@@ -667,7 +690,9 @@ class _HttpStream:
             with trio.fail_after(engine.health_timeout):
                 raw = await response.read()
             message = engine_error_message(json.loads(raw))
-        except (EngineHttpError, ValueError, trio.TooSlowError):
+        except (EngineHttpError, ValueError, RecursionError, trio.TooSlowError):
+            # RecursionError: an error body nested too deeply to read is as unreadable as one
+            # that is not JSON; the status still decides.
             message = f"HTTP {status}"
         where = f"engine {engine.instance_id} at {engine.base_url}"
         if status in (429, 503):

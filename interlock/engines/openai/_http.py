@@ -223,7 +223,10 @@ class _NotSent(EngineProtocolError):
 
 
 def _reset_by_peer(exc: BaseException) -> bool:
-    # trio wraps the OSError (twice over TLS) in BrokenResourceError.
+    """Whether a read's error is, or was caused by, the engine resetting the connection."""
+    # A plain TCP connection is read from its socket (`_Connection._receive_some`), which
+    # raises the ConnectionResetError itself; over TLS, trio's SSLStream and the SocketStream
+    # under it each wrap it in a BrokenResourceError, so the cause chain is walked.
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, ConnectionResetError):

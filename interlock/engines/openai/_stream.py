@@ -190,7 +190,8 @@ class ChunkReader:
 
     def feed(self, data: str | bytes) -> EngineOutput | None:
         """One SSE ``data:`` payload. Raises `WorkerGone` for an in-band error, an aborted
-        request, a chunk that is not a stream chunk, or one without token ids."""
+        request, a chunk that is not a stream chunk (not JSON, fields of the wrong type,
+        nested too deeply to decode), or one without token ids."""
         if data == "[DONE]" or data == b"[DONE]":
             self.done = True
             return self.finish()
@@ -202,6 +203,10 @@ class ChunkReader:
             ) from None
         except msgspec.DecodeError:
             raise self.broken(f"sent a chunk that is not JSON ({data[:80]!r})") from None
+        except RecursionError:
+            # msgspec nests on the C stack even through the fields it skips: a chunk nested
+            # about a thousand levels runs out of Python's recursion limit.
+            raise self.broken(f"sent a chunk nested too deeply to read: {data[:80]!r}") from None
         if chunk.error is not msgspec.UNSET:
             message = engine_error_message({"error": chunk.error})
             raise self.broken(f"reported an error in the stream: {message}")
@@ -224,7 +229,8 @@ class ChunkReader:
         `WorkerGone` as `feed` does, and when the answer has no choices."""
         try:
             body = _ANSWER.decode(data)
-        except msgspec.MsgspecError as exc:
+        except (msgspec.MsgspecError, RecursionError) as exc:
+            # RecursionError: nested about a thousand levels deep, even in a field not read.
             raise self.broken(f"sent an unreadable answer ({exc}): {data[:200]!r}") from None
         if not body.choices:
             raise self.broken(f"sent an answer without choices: {data[:200]!r}")
