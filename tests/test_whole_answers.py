@@ -28,7 +28,7 @@ from interlock.engines.remote import RemoteEngine
 from interlock.http import Preprocessor, build_app
 from interlock.http._metrics import HttpMetrics
 from interlock.testing import check_invariants
-from interlock.wire import PreprocessedRequest
+from interlock.wire import EngineOutput, PreprocessedRequest
 from interlock.wire._frames import ProtocolError, Start, decode_body, encode_frame
 
 PROMPT = tuple(range(100, 148))
@@ -151,8 +151,9 @@ async def test_a_slow_but_live_engine_is_not_taken_for_a_stalled_one(
 async def test_held_streams_sharing_a_connection_each_flush_on_time(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # Three answers on one worker connection, their pauses at different outputs: each one's
-    # held tokens still go when its own hold ends, so none is taken for a stalled one.
+    # Three answers on one worker connection, started at different times (so their holds
+    # end at different times): each one's held tokens still go when its own hold ends, so
+    # none is taken for a stalled one.
     engine = Pausing(timed(1), after=80, pause=19.6)
     async with pipeline_over(engine, engine_idle_timeout=20.0) as pipeline:  # type: ignore[arg-type]
         answers: dict[str, list[Any]] = {}
@@ -168,6 +169,60 @@ async def test_held_streams_sharing_a_connection_each_flush_on_time(
     for outputs in answers.values():
         assert tokens_of(outputs) == mock_continuation(PROMPT, TOKENS)
         assert len(outputs) <= 8
+
+
+class Scripted:
+    """A `MockEngine` whose streams send one token at each of the given times from the
+    stream's start (the last one finishing it), chosen by the prompt's first token."""
+
+    def __init__(self, inner: MockEngine, scripts: dict[int, list[float]]) -> None:
+        self._inner, self._scripts = inner, scripts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @asynccontextmanager
+    async def _stream(self, req: PreprocessedRequest) -> AsyncIterator[AsyncIterator[Any]]:
+        times = self._scripts[req.token_ids[0]]
+        start = trio.current_time()
+
+        async def outputs() -> AsyncIterator[EngineOutput]:
+            for n, at in enumerate(times):
+                await trio.sleep_until(start + at)
+                last = n == len(times) - 1
+                yield EngineOutput(token_ids=(500 + n,), finish_reason="length" if last else None)
+
+        yield outputs()
+
+    def open_stream(self, req: PreprocessedRequest) -> Any:
+        return self._stream(req)
+
+
+# 0.01: the second answer's hold ends within the first's early flush (the flusher passes
+# over it while it holds nothing); 0.05: outside it.
+@pytest.mark.parametrize("second_start", [0.01, 0.05])
+async def test_a_token_made_as_its_hold_ends_early_is_not_held_through_a_pause(
+    autojump_clock: trio.testing.MockClock, second_start: float
+) -> None:
+    # The second answer's engine makes a token 5 ms before its hold ends, then pauses 19.6 s
+    # (< engine_idle_timeout: slow, not stalled). The token must go at once, not with the
+    # engine's next output 19.6 s later (the frontend would see 20.1 s of silence).
+    engine = Scripted(timed(1), {1: [0.0, 0.1, 0.6], 2: [0.0, 0.495, 0.495 + 19.6]})
+    async with pipeline_over(engine, engine_idle_timeout=20.0) as pipeline:  # type: ignore[arg-type]
+        answers: dict[int, list[Any]] = {}
+
+        async def answer(first: int, delay: float) -> None:
+            await trio.sleep(delay)
+            req = PreprocessedRequest(
+                token_ids=(first, 7, 8, 9), max_tokens=3, request_id=f"r{first}"
+            )
+            answers[first] = await outputs_of(pipeline, req, progress=False)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer, 1, 0.0)
+            nursery.start_soon(answer, 2, second_start)
+        assert pipeline.stats.stalls == 0
+    assert tokens_of(answers[2]) == [500, 501, 502]
 
 
 async def test_what_a_worker_held_goes_before_the_engine_breaks_the_stream(

@@ -251,7 +251,14 @@ class HttpMetrics:
         )
         for name, doc, histogram in (
             ("time_to_first_token_seconds", "Time from request to its first token.", self.ttft),
-            ("inter_token_latency_seconds", "Time between consecutive output chunks.", self.itl),
+            (
+                "inter_token_latency_seconds",
+                (
+                    "Time between consecutive tokens (a streamed answer: between the chunks "
+                    "sent; a whole answer: each joined output's gap spread over its tokens)."
+                ),
+                self.itl,
+            ),
             (
                 "request_queue_time_seconds",
                 "Time a request waited in the frontend for a worker slot (admission queue; "

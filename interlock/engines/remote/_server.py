@@ -585,6 +585,11 @@ class _Session:
                     state.held = None
                     state.send_at = now + state.hold
                     heapq.heappush(due, (state.send_at, next(self._due_ids), state))
+                else:
+                    # Its hold ends in this pass, early or not: with no entry left in the
+                    # deadlines, an output held until send_at would wait for the engine's
+                    # next one (hold + the engine's pause of silence: a stall to the frontend).
+                    state.send_at = now
             self._due_wait = trio.CancelScope(deadline=due[0][0] if due else math.inf)
 
     def _flush(self, stream_id: int, held: EngineOutput | None) -> None:
