@@ -160,7 +160,7 @@ def test_a_full_cache_forgets_the_least_recently_used_words_and_keeps_learning()
     # ones were learnt.
     assert tokenized.count("\u0120hello") == 1
     assert " hello" in remembered and fresh[0] not in remembered
-    assert remembered[-21:] == [" hello", *fresh[-20:]]
+    assert set(fresh[-20:]) <= set(remembered)
 
 
 def test_the_bytes_counted_are_no_fewer_than_the_bytes_held() -> None:
