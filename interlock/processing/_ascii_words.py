@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-from itertools import chain
 from typing import Final
 
 import tokenizers
@@ -119,8 +118,8 @@ class AsciiWords:
     def encode(self, text: str) -> list[int]:
         """The ids of ``text``, which must be ASCII (`str.isascii`)."""
         words = self._findall(text)
-        found = self._words.get_many(words)
-        if None in found:
+        found, missing = self._words.get_many(words)
+        if missing:
             new: list[tuple[str, tuple[int, ...]]] = []
             tokenize = self._tokenize
             for index, word_ids in enumerate(found):
@@ -131,4 +130,7 @@ class AsciiWords:
                     if len(word) <= MAX_WORD_CHARS:
                         new.append((word, word_ids))
             self._words.put_many(new)
-        return list(chain.from_iterable(found))  # type: ignore[arg-type]  # no None left
+        ids: list[int] = []
+        for word_ids in found:
+            ids += word_ids  # type: ignore[arg-type]  # no None left
+        return ids

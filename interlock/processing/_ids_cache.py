@@ -61,19 +61,20 @@ class IdsCache:
                 self._used.add(text)
             return ids
 
-    def get_many(self, texts: list[str]) -> list[tuple[int, ...] | None]:
-        """Each text's ids, or None where not remembered; the found ones are marked used.
-        One lock and C loops for all: a message's words cost about what plain dict lookups
-        did."""
+    def get_many(self, texts: list[str]) -> tuple[list[tuple[int, ...] | None], bool]:
+        """Each text's ids, or None where not remembered, and whether any is None; the
+        found ones are marked used. One lock and C loops for all: a message's words cost
+        about what plain dict lookups did."""
         with self._lock:
             found = list(map(self._cache.get, texts))
-            if None in found:
+            missing = None in found
+            if missing:
                 self._used.update(
                     text for text, ids in zip(texts, found, strict=True) if ids is not None
                 )
             else:
                 self._used.update(texts)
-        return found
+        return found, missing
 
     def put(self, text: str, ids: tuple[int, ...]) -> None:
         """Remember ``ids`` for ``text``, forgetting the least recently used texts to stay
