@@ -286,7 +286,7 @@ def test_a_small_piece_cache_forgets_old_pieces_and_still_encodes_exactly(
     for text in [*texts, *reversed(texts)]:
         assert tokenizer.encode(text) == raw_qwen3.encode(text, add_special_tokens=False).ids
     pieces = tokenizer._pieces
-    assert pieces is not None and 0 < pieces._bytes <= 4_000
+    assert pieces is not None and 0 < pieces._ids.bytes_counted() <= 4_000
 
 
 def _word_tokenizer(

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, models, normalizers, pre_tokenizers, processors, trainers
 
 from interlock.processing import HFTokenizer, TokenizerError
-from interlock.processing._tokenizer import _ID_BYTES, _PIECE_OVERHEAD
+from interlock.processing._ids_cache import entry_bytes
 
 QWEN3 = Path(__file__).parents[1] / ".." / "shared" / "data" / "tokenizers" / "qwen3"
 
@@ -252,7 +252,5 @@ def test_threads_sharing_a_small_cache_get_exact_ids_and_the_cache_keeps_its_bou
     assert not wrong
     pieces = tokenizer._pieces
     assert pieces is not None
-    counted = sum(
-        len(piece) + _ID_BYTES * len(ids) + _PIECE_OVERHEAD for piece, ids in pieces._cache.items()
-    )
-    assert pieces._bytes == counted <= 3_000
+    counted = sum(entry_bytes(text, ids) for text, ids in pieces._ids.entries())
+    assert pieces._ids.bytes_counted() == counted <= 3_000

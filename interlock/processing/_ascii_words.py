@@ -16,6 +16,8 @@ from typing import Final
 
 import tokenizers
 
+from ._ids_cache import IdsCache
+
 #: The Split regex of Qwen2's pre-tokenizer (Qwen2, Qwen2.5, Qwen3, QwQ), as its
 #: ``tokenizer.json`` spells it, and its equivalent on ASCII text (\p{L}: A-Za-z, \p{N}: 0-9,
 #: \s: the six ASCII spaces, as under ``re.ASCII``).
@@ -24,9 +26,7 @@ _KNOWN: Final = {
     r"|\s*[\r\n]+|\s+(?!\S)|\s+": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]"
     r"| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
-#: Words remembered at most (a word's ids are a few dozen bytes: a few MiB in all).
-MAX_WORDS: Final = 65_536
-#: Longer words are encoded each time, not remembered.
+#: Longer words are encoded each time, not remembered (one long word would push out many).
 MAX_WORD_CHARS: Final = 64
 #: Texts whose words must encode to the tokenizer's own ids before the fast path is used.
 _PROBES: Final = (
@@ -58,19 +58,21 @@ _BYTE_LEVEL: Final = str.maketrans({chr(b): c for b, c in _byte_chars().items()}
 
 class AsciiWords:
     """Encodes ASCII text as ``tokenizer.encode(text, add_special_tokens=False)`` would, word
-    by word, remembering up to `MAX_WORDS` words' ids. Build one with `build`. Safe to share
-    between threads (a dict's get and set are atomic; two threads may encode a word twice)."""
+    by word, remembering words' ids in an `IdsCache` (the piece cache's, so one byte budget
+    bounds both, least recently used out). Build one with `build`. Safe to share between
+    threads (two threads may encode a word twice)."""
 
     __slots__ = ("_findall", "_tokenize", "_words")
 
-    def __init__(self, pattern: str, model: tokenizers.models.Model) -> None:
+    def __init__(self, pattern: str, model: tokenizers.models.Model, words: IdsCache) -> None:
         self._findall = re.compile(pattern, re.ASCII).findall
         self._tokenize = model.tokenize
-        self._words: dict[str, tuple[int, ...]] = {}
+        self._words = words
 
     @classmethod
-    def build(cls, tokenizer: tokenizers.Tokenizer) -> AsciiWords | None:
-        """An encoder for ``tokenizer``, or None unless its normalizer is NFC or none, its
+    def build(cls, tokenizer: tokenizers.Tokenizer, words: IdsCache) -> AsciiWords | None:
+        """An encoder for ``tokenizer`` remembering words in ``words`` (left as it is: the
+        probes use a cache of their own), or None unless its normalizer is NFC or none, its
         pre-tokenizer a known Split regex followed by a ByteLevel without prefix space or
         regex of its own, its model a BPE without dropout, it adds nothing to a text
         (post-processor, truncation, padding), and it encodes every probe text to its own
@@ -107,22 +109,28 @@ class AsciiWords:
             or byte_level.get("use_regex") is not False
         ):
             return None
-        words = cls(pattern, tokenizer.model)
+        probing = cls(pattern, tokenizer.model, IdsCache(2**20))
         for probe in _PROBES:
-            if words.encode(probe) != tokenizer.encode(probe, add_special_tokens=False).ids:
+            if probing.encode(probe) != tokenizer.encode(probe, add_special_tokens=False).ids:
                 return None
-        words._words.clear()
-        return words
+        return cls(pattern, tokenizer.model, words)
 
     def encode(self, text: str) -> list[int]:
         """The ids of ``text``, which must be ASCII (`str.isascii`)."""
+        words = self._findall(text)
+        found, missing = self._words.get_many(words)
+        if missing:
+            new: list[tuple[str, tuple[int, ...]]] = []
+            tokenize = self._tokenize
+            for index, word_ids in enumerate(found):
+                if word_ids is None:
+                    word = words[index]
+                    word_ids = tuple(token.id for token in tokenize(word.translate(_BYTE_LEVEL)))
+                    found[index] = word_ids
+                    if len(word) <= MAX_WORD_CHARS:
+                        new.append((word, word_ids))
+            self._words.put_many(new)
         ids: list[int] = []
-        remembered = self._words
-        for word in self._findall(text):
-            word_ids = remembered.get(word)
-            if word_ids is None:
-                word_ids = tuple(token.id for token in self._tokenize(word.translate(_BYTE_LEVEL)))
-                if len(word) <= MAX_WORD_CHARS and len(remembered) < MAX_WORDS:
-                    remembered[word] = word_ids
-            ids += word_ids
+        for word_ids in found:
+            ids += word_ids  # type: ignore[arg-type]  # no None left
         return ids

@@ -6,7 +6,6 @@ import gzip
 import json
 import os
 import re
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol, final, runtime_checkable
@@ -16,6 +15,7 @@ import tokenizers
 from ._ascii_words import AsciiWords
 from ._chat_template import ChatTemplate, _find_template, _special_token_text
 from ._errors import TokenizerError
+from ._ids_cache import IdsCache
 
 __all__ = ["HFTokenizer", "Tokenizer", "load_tokenizer"]
 
@@ -74,13 +74,8 @@ def check_ids(ids: Sequence[int], vocab_size: int) -> None:
         )
 
 
-#: What `HFTokenizer` keeps of prompt pieces' ids by default, in (estimated) bytes.
+#: What `HFTokenizer` keeps of prompt pieces' and words' ids by default, in (estimated) bytes.
 PIECE_CACHE_BYTES: Final = 16 * 2**20
-# Estimated bytes per cached piece beyond its text and ids: the dict entry, the str and tuple
-# headers.
-_PIECE_OVERHEAD: Final = 200
-# Estimated bytes per cached id: a pointer in the tuple and the int object.
-_ID_BYTES: Final = 36
 # Text to check a tokenizer's pieces against its whole-text encoding with, around an added
 # token (ADDED): a piece's start and end, whitespace and newlines at the edges, a combining
 # accent after the token (NFC), numbers and contractions that the pre-tokenizer splits.
@@ -98,21 +93,13 @@ _PROBES: Final = (
 class _PieceCache:
     """Encodes a text as its pieces between added tokens (which a Hugging Face tokenizer
     splits off first and normalizes and pre-tokenizes apart, so each piece's ids do not
-    depend on the others) and remembers the pieces' ids, least recently used first out.
+    depend on the others) and remembers the pieces' ids, least recently used first out, in an
+    `IdsCache` shared with the ASCII words' ids (`AsciiWords`): ``max_bytes`` bounds both.
 
     Thread-safe: a frontend tokenizes large requests in worker threads.
     """
 
-    __slots__ = (
-        "_added",
-        "_bytes",
-        "_cache",
-        "_encode",
-        "_lock",
-        "_max_bytes",
-        "_split",
-        "_words",
-    )
+    __slots__ = ("_added", "_encode", "_ids", "_split", "_words")
 
     def __init__(
         self, tokenizer: tokenizers.Tokenizer, added: dict[str, int], max_bytes: int
@@ -122,13 +109,11 @@ class _PieceCache:
         # A capturing group: the split keeps the tokens, at the odd positions.
         self._split = re.compile(f"({pattern})").split if added else None
         self._encode = tokenizer.encode
-        self._cache: dict[str, tuple[int, ...]] = {}
-        self._bytes = 0
-        self._max_bytes = max_bytes
-        self._lock = threading.Lock()
+        #: The pieces' and the words' ids.
+        self._ids = IdsCache(max_bytes)
         #: Encodes an ASCII piece word by word in Python (`AsciiWords`), several times
         #: faster than the tokenizer's own encode; None for a tokenizer it does not know.
-        self._words = AsciiWords.build(tokenizer)
+        self._words = AsciiWords.build(tokenizer, self._ids)
 
     @classmethod
     def build(cls, tokenizer: tokenizers.Tokenizer, max_bytes: int) -> _PieceCache | None:
@@ -164,10 +149,8 @@ class _PieceCache:
         return cache
 
     def clear(self) -> None:
-        """Forget every piece."""
-        with self._lock:
-            self._cache.clear()
-            self._bytes = 0
+        """Forget every piece and word."""
+        self._ids.clear()
 
     def encode(self, text: str) -> list[int]:
         """The ids of ``text`` (as the tokenizer's ``encode`` without added special tokens).
@@ -187,29 +170,15 @@ class _PieceCache:
         return ids
 
     def _piece(self, piece: str) -> tuple[int, ...]:
-        cache = self._cache
-        with self._lock:
-            ids = cache.pop(piece, None)
-            if ids is not None:
-                # Back in at the end: the most recently used.
-                cache[piece] = ids
-                return ids
+        ids = self._ids.get(piece)
+        if ids is not None:
+            return ids
         words = self._words
         if words is not None and piece.isascii():
             ids = tuple(words.encode(piece))
         else:
             ids = tuple(self._encode(piece, add_special_tokens=False).ids)
-        size = len(piece) + _ID_BYTES * len(ids) + _PIECE_OVERHEAD
-        if size > self._max_bytes:
-            return ids
-        with self._lock:
-            if piece not in cache:
-                cache[piece] = ids
-                self._bytes += size
-                while self._bytes > self._max_bytes:
-                    old = next(iter(cache))
-                    old_ids = cache.pop(old)
-                    self._bytes -= len(old) + _ID_BYTES * len(old_ids) + _PIECE_OVERHEAD
+        self._ids.put(piece, ids)
         return ids
 
 
@@ -270,7 +239,8 @@ class HFTokenizer:
         """Return the token ids of ``text``.
 
         Text between added tokens (a chat prompt's messages) is encoded piece by piece and
-        the pieces' ids are remembered (up to ``piece_cache_bytes``): a system prompt, or the
+        the pieces' ids (and an ASCII piece's words' ids) are remembered (up to
+        ``piece_cache_bytes`` in all, least recently used out): a system prompt, or the
         earlier turns of a conversation, is tokenized once, not on every request. The ids are
         the same as the whole text's; a tokenizer for which they would not be gets no cache.
 
