@@ -291,10 +291,15 @@ def token_chunk(token: int, finish_reason: str | None = None) -> bytes:
     return sse_chunk(json.dumps({"choices": [choice]}))
 
 
-def serve_one_burst(body: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
-    """An engine whose every completion is ``body``, sent in one write."""
+def scripted_engine(
+    on_completion: Callable[[trio.SocketStream], Awaitable[str | None]],
+) -> tuple[Callable[[trio.SocketStream], Awaitable[None]], list[int]]:
+    """An engine that answers each completion with ``on_completion(stream)`` (which returns
+    "close" to end the connection), and the list its connections are counted in."""
+    connections: list[int] = []
 
     async def handler(stream: trio.SocketStream) -> None:
+        connections.append(1)
         buffer = bytearray()
         async with stream:
             while (head := await read_request(stream, buffer)) is not None:
@@ -304,14 +309,31 @@ def serve_one_burst(body: bytes) -> Callable[[trio.SocketStream], Awaitable[None
                 elif line.startswith(b"GET /v1/models"):
                     await stream.send_all(answer("200 OK", b'{"data": [{"id": "m"}]}'))
                 elif line.startswith(b"POST /v1/completions"):
-                    await stream.send_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                        b"transfer-encoding: chunked\r\n\r\n" + body
-                    )
+                    if await on_completion(stream) == "close":
+                        return
                 else:
                     await stream.send_all(answer("404 Not Found", b"{}"))
 
-    return handler
+    return handler, connections
+
+
+def serve_one_answer(head: bytes, body: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """An engine whose every completion is answered with ``head`` and then ``body``, as is."""
+
+    async def completion(stream: trio.SocketStream) -> None:
+        await stream.send_all(head + body)
+
+    return scripted_engine(completion)[0]
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+def serve_one_burst(body: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """An engine whose every completion is ``body``, sent in one write."""
+    return serve_one_answer(SSE_HEAD, body)
 
 
 @pytest.mark.parametrize("broken", [False, True])
@@ -362,31 +384,8 @@ async def test_a_request_the_engine_does_not_read_fails_after_the_send_timeout(
         await connections.aclose()
 
 
-def serve_one_answer(head: bytes, body: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
-    """An engine whose every completion is answered with ``head`` and then ``body``, as is."""
-
-    async def handler(stream: trio.SocketStream) -> None:
-        buffer = bytearray()
-        async with stream:
-            while (request := await read_request(stream, buffer)) is not None:
-                line = request.split(b"\r\n", 1)[0]
-                if line.startswith(b"GET /health"):
-                    await stream.send_all(answer("200 OK", b""))
-                elif line.startswith(b"GET /v1/models"):
-                    await stream.send_all(answer("200 OK", b'{"data": [{"id": "m"}]}'))
-                elif line.startswith(b"POST /v1/completions"):
-                    await stream.send_all(head + body)
-                else:
-                    await stream.send_all(answer("404 Not Found", b"{}"))
-
-    return handler
-
-
 #: Nested past where msgspec and json run out of Python's stack (about 985 and 940 levels).
 DEEP = b"[" * 2000 + b"]" * 2000
-SSE_HEAD = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-)
 
 
 @pytest.mark.parametrize("where", ["stream", "prefill", "500", "400"])
@@ -420,32 +419,6 @@ async def test_an_answer_nested_too_deeply_is_a_broken_stream_not_a_crash(where:
         # The tokens before the broken chunk came out first (migration keeps them).
         assert got == ([1] if where == "stream" else [])
         nursery.cancel_scope.cancel()
-
-
-def scripted_engine(
-    on_completion: Callable[[trio.SocketStream], Awaitable[str | None]],
-) -> tuple[Callable[[trio.SocketStream], Awaitable[None]], list[int]]:
-    """An engine that answers each completion with ``on_completion(stream)`` (which returns
-    "close" to end the connection), and the list its connections are counted in."""
-    connections: list[int] = []
-
-    async def handler(stream: trio.SocketStream) -> None:
-        connections.append(1)
-        buffer = bytearray()
-        async with stream:
-            while (head := await read_request(stream, buffer)) is not None:
-                line = head.split(b"\r\n", 1)[0]
-                if line.startswith(b"GET /health"):
-                    await stream.send_all(answer("200 OK", b""))
-                elif line.startswith(b"GET /v1/models"):
-                    await stream.send_all(answer("200 OK", b'{"data": [{"id": "m"}]}'))
-                elif line.startswith(b"POST /v1/completions"):
-                    if await on_completion(stream) == "close":
-                        return
-                else:
-                    await stream.send_all(answer("404 Not Found", b"{}"))
-
-    return handler, connections
 
 
 WHOLE = (
