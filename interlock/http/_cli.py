@@ -419,8 +419,9 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=port,
         metavar="PORT",
         help="also serve Envoy's ext_proc (envoy.service.ext_proc.v3.ExternalProcessor/Process, "
-        "gRPC over h2c) on --host:PORT, as the Gateway API Inference Extension endpoint picker "
-        "of the --engine workers (9002 is the EPP convention; 0 = any free port; default: off)",
+        "gRPC over h2c, or TLS with --ext-proc-tls) on --host:PORT, as the Gateway API "
+        "Inference Extension endpoint picker of the --engine workers (9002 is the EPP "
+        "convention; 0 = any free port; default: off)",
     )
     gateway.add_argument(
         "--ext-proc-health-port",
