@@ -2,8 +2,10 @@
 replaced by the header's name before the pick (`rewrite_model`), and the responses' ``"model"``
 put back to the name the client sent (`ModelNameRestorer`), chunk by chunk.
 
-The picker's stream task calls both, on the trio side (`rewrite_model` in a worker thread for
-a large body): neither touches the stream's state, the restorer keeps only its held tail.
+The pick calls `rewrite_model` on the trio side (in a worker thread for a large body) and
+makes the stream's restorer there; the response's body chunks then go through the restorer in
+grpcio's thread (`ExtProcStream.answer_now`), which the pick's answer precedes. Neither touches
+the stream's state; the restorer keeps only its held tail.
 """
 
 from __future__ import annotations
