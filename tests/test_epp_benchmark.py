@@ -39,3 +39,22 @@ def test_runs_end_to_end_at_a_tiny_size() -> None:
         assert row in out, out
     leftovers = _processes_with(marker)
     assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
+
+
+def test_the_transport_comparison_runs_end_to_end_at_a_tiny_size() -> None:
+    """benchmarks/ab_ext_proc_transport.py: both transports (grpc.aio and the h2 prototype)
+    answer grpcio's client and a real Envoy, and every cell prints a ratio."""
+    require_envoy()
+    marker = f"ab-ext-proc-test-{uuid.uuid4().hex}"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_ext_proc_transport.py"), "--rounds", "1",
+         "--streams", "3", "--body", "2000"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "BENCH_EPP_TEST": marker},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    for row in ("lockstep, short body", "lockstep, 2081 B body", "envoy, short request"):
+        assert any(line.startswith(row) and "h2+trio" in line for line in out.splitlines()), out
+    leftovers = _processes_with(marker)
+    assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
