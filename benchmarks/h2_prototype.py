@@ -14,6 +14,9 @@ answered; an answer larger than the peer's window waits for its WINDOW_UPDATE, a
 than `_HELD_BYTES` of answers wait so, no message of the connection is read.
 
 `serve_h2` serves an `ExtProcPicker` (``.../ExternalProcessor/Process`` alone, h2c) with it.
+It was not hardened past the measurement: no TLS, no health service, and only the paths the
+benchmark drives are tested (tests/test_epp_benchmark.py); its flow-control, reset and stop
+paths are not.
 """
 
 from __future__ import annotations
