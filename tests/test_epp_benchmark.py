@@ -39,3 +39,28 @@ def test_runs_end_to_end_at_a_tiny_size() -> None:
         assert row in out, out
     leftovers = _processes_with(marker)
     assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
+
+
+def test_the_transport_comparison_runs_end_to_end_at_a_tiny_size() -> None:
+    """benchmarks/ab_ext_proc_transport.py: every transport (grpc.aio, the h2 prototype, and
+    the prototype without h2's frame repr) answers grpcio's client and a real Envoy, every CPU
+    cell prints a ratio, and the latency table what each transport adds to Envoy's own p50."""
+    require_envoy()
+    marker = f"ab-ext-proc-test-{uuid.uuid4().hex}"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_ext_proc_transport.py"), "--rounds", "1",
+         "--streams", "3", "--body", "2000", "--requests", "3"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "BENCH_EPP_TEST": marker},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    for row in ("lockstep, short body", "lockstep, 2081 B body", "envoy, short request"):
+        assert any(line.startswith(row) and "h2+trio-norepr" in line for line in out.splitlines())
+    assert "through Envoy, short request" in out, out
+    lines = out.splitlines()
+    assert any(line.startswith("fixed endpoint") for line in lines), out
+    for transport in ("grpc.aio ", "h2+trio ", "h2+trio-norepr "):
+        assert any(line.startswith(transport) and line.endswith("x") for line in lines), out
+    leftovers = _processes_with(marker)
+    assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
