@@ -20,6 +20,7 @@ from .._errors import (
 from ..engines import Engine, WorkerSnapshot
 from ..kv import KV_EVENT_TYPES, WorkerOutOfSync
 from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
+from ._adapters import adapter_candidates, requested_adapter, with_adapter, without_overlap
 from ._kv_policy import KvPolicy
 from ._load import LoadLedger, WorkerLoad
 from ._messages import (
@@ -233,13 +234,22 @@ class RouterActor(Actor):
         prefill: SelectionRecord | None = None
         disaggregated = message.disaggregated
         candidates = message.candidates
+        adapter = requested_adapter(request.model, self._engines.values())
+        if adapter is not None:
+            request = without_overlap(request)
         if disaggregated:
             pool = [w for w in self._prefill_pool if w not in exclude]
             if candidates is not None:
                 pool = [w for w in pool if w in candidates]
+            served = None
+            if adapter is not None:
+                served = adapter_candidates(adapter, pool, self._engines)
+                pool = served.kept
             prefill = self._choose(
                 "prefill", pool, request, exclude, required=False, admit=message.admit
             )
+            if prefill is not None and served is not None:
+                prefill = with_adapter(prefill, served)
             if prefill is None:
                 if message.enforce_disagg:
                     raise PrefillFailed(
@@ -260,8 +270,19 @@ class RouterActor(Actor):
                     "registered agg or decode worker"
                     + (f" outside those excluded ({sorted(exclude)})" if exclude else "")
                 )
+        served = None
+        if adapter is not None:
+            served = adapter_candidates(adapter, pool, self._engines)
+            if not served.kept:
+                raise NoWorkersAvailable(
+                    f"no agg or decode worker this request may go to ({pool}) serves the LoRA "
+                    f"adapter {adapter!r} it names"
+                )
+            pool = served.kept
         decode = self._choose(leg, pool, request, exclude, required=True, admit=message.admit)
         assert decode is not None
+        if served is not None:
+            decode = with_adapter(decode, served)
         selections.append(decode)
         hints = request.routing
         dp_rank = hints.dp_rank if hints is not None and hints.dp_rank is not None else 0
@@ -294,8 +315,9 @@ class RouterActor(Actor):
             ledger.add(
                 message.request_id, decode.chosen, leg, prompt, _cached_blocks(decode) * block_size
             )
-            if self._kv is not None:
-                # Approximate mode learns where prompts went (exact mode ignores this).
+            if self._kv is not None and adapter is None:
+                # Approximate mode learns where prompts went (exact mode ignores this); an
+                # adapter's blocks are not the base model's (`without_overlap`).
                 self._kv.routed(prefill.chosen if prefill is not None else decode.chosen, request)
         return Selection(
             decision=decision,

@@ -45,7 +45,7 @@ from ._http import (
     ssl_context_for,
 )
 from ._metrics import EngineMetrics, parse_engine_metrics
-from ._models import model_cards, served_adapters
+from ._models import adapters_in, model_cards
 from ._stream import ChunkReader, SseSplitter, engine_error_message
 
 _logger = logging.getLogger("interlock.engines.openai")
@@ -320,7 +320,7 @@ class OpenAIEngine:
                 f"{self.model!r}; give OpenAIEngine(model=...) the engine's --served-model-name",
                 worker_id=self.instance_id,
             )
-        self.adapters = served_adapters(cards, self.model)
+        self.adapters = adapters_in(cards, self.model)
         metrics = await self._scrape(connections)
         reported = metrics.block_size if metrics is not None else None
         if self.block_size is not None and reported is not None and reported != self.block_size:
@@ -455,7 +455,7 @@ class OpenAIEngine:
         kept as they were when ``/v1/models`` does not answer."""
         cards = await self._model_cards(connections)
         if any(c["id"] == self.model for c in cards):
-            self.adapters = served_adapters(cards, self.model)
+            self.adapters = adapters_in(cards, self.model)
 
     def _set_present(self, present: bool, why: str) -> None:
         if present == self._present:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["model_cards", "served_adapters"]
+__all__ = ["adapters_in", "model_cards"]
 
 
 def model_cards(status: int, raw: bytes) -> list[dict[str, Any]]:
@@ -28,7 +28,7 @@ def model_cards(status: int, raw: bytes) -> list[dict[str, Any]]:
     return [c for c in cards if type(c) is dict and type(c.get("id")) is str]
 
 
-def served_adapters(cards: list[dict[str, Any]], base: str | None) -> frozenset[str]:
+def adapters_in(cards: list[dict[str, Any]], base: str | None) -> frozenset[str]:
     """The LoRA adapters among ``cards``: those with a string ``parent`` (vLLM's mark of an
     adapter), other than ``base`` itself. Pure."""
     return frozenset(c["id"] for c in cards if type(c.get("parent")) is str and c["id"] != base)
