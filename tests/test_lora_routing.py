@@ -146,6 +146,10 @@ def serve(p: Any, adapters: dict[int, str], states: dict[int, LoraState] | None 
         worker.metrics = EngineMetrics(lora=lora) if lora is not None else None
 
 
+def adapter_body(model: str = "ad1") -> Any:
+    return request_body(chat_body(model=model), True)
+
+
 def pick_record(p: Any, request_id: str) -> Any:
     records = [r for r in p.pipeline.transition_log.records() if r.request_id == request_id]
     decision = next(r.decision for r in records if r.decision is not None)
@@ -159,7 +163,7 @@ async def test_an_adapter_goes_only_where_it_is_served_and_the_record_says_why(
         serve(p, {1: "ad1,ad2", 3: "ad1"})
         for n in range(6):
             headers = request_headers(extra=[("x-request-id", f"r{n}")])
-            answers = await exchange(p.picker, [headers, request_body(chat_body(model="ad1"), True)])
+            answers = await exchange(p.picker, [headers, adapter_body()])
             # The pick and its fallbacks: serving engines only.
             destination = set_headers(answers[0], "request_headers")[DESTINATION]
             assert set(destination.split(",")) <= {p.endpoint(1), p.endpoint(3)}
@@ -181,7 +185,7 @@ async def test_an_unserved_name_is_404_and_serving_engines_outside_the_subset_50
     async with picking() as p:
         serve(p, {3: "ad1"})
         status, error = immediate(
-            await exchange(p.picker, [request_headers(), request_body(chat_body(model="ad9"), True)])
+            await exchange(p.picker, [request_headers(), adapter_body("ad9")])
         )
         assert status == 404 and error["error"]["code"] == "model_not_found"
         assert "'ad1'" in error["error"]["message"]  # the adapters served are named
@@ -189,15 +193,13 @@ async def test_an_unserved_name_is_404_and_serving_engines_outside_the_subset_50
         status, error = immediate(
             await exchange(
                 p.picker,
-                [request_headers(subset=subset), request_body(chat_body(model="ad1"), True)],
+                [request_headers(subset=subset), adapter_body()],
             )
         )
         assert status == 503 and "LoRA adapter 'ad1'" in error["error"]["message"]
         # The engine stops serving it (unloaded): its name is unknown again.
         serve(p, {})
-        status, _ = immediate(
-            await exchange(p.picker, [request_headers(), request_body(chat_body(model="ad1"), True)])
-        )
+        status, _ = immediate(await exchange(p.picker, [request_headers(), adapter_body()]))
         assert status == 404
         assert await load_is_zero(p.pipeline)
 
@@ -249,7 +251,7 @@ async def test_the_pick_is_a_serving_engine_of_the_best_tier(
         lora = {i + 1: s for i, s in enumerate(states) if s is not None}
         serve(p, adapters, lora)
         headers = request_headers(extra=[("x-request-id", "r")])
-        answers = await exchange(p.picker, [headers, request_body(chat_body(model="ad1"), True)])
+        answers = await exchange(p.picker, [headers, adapter_body()])
         if not adapters:
             assert immediate(answers)[0] == 404
             return
@@ -260,9 +262,7 @@ async def test_the_pick_is_a_serving_engine_of_the_best_tier(
         destination = set_headers(answers[0], "request_headers")[DESTINATION].split(",")
         assert destination[0] == p.endpoint(chosen)
         # The fallbacks are of the same tier: the others are not candidates.
-        assert {tier[int(e.split(":")[0].rsplit(".", 1)[1])] for e in destination} == {
-            tier[chosen]
-        }
+        assert {tier[int(e.split(":")[0].rsplit(".", 1)[1])] for e in destination} == {tier[chosen]}
         assert await load_is_zero(p.pipeline)
 
 
