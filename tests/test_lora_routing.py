@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
+from test_engine_connections import answer, listening, read_request
 from test_gateway_ext_proc import (
     KV,
     body_back,
@@ -104,6 +105,52 @@ def test_an_adapter_request_is_sent_to_the_engine_as_that_model() -> None:
     for other in ("tiny", "ad2", None):
         base = engine.request_body(PreprocessedRequest(token_ids=(1, 2), model=other), stream=True)
         assert base["model"] == "tiny"
+
+
+async def test_an_engine_sees_adapters_loaded_and_unloaded_at_run_time() -> None:
+    """A raw HTTP server standing for a vLLM whose adapters change (``/v1/load_lora_adapter``):
+    the engine's ``adapters`` and LoRA state follow its ``/v1/models`` and ``/metrics``."""
+    cards: list[dict[str, Any]] = [{"id": "tiny", "parent": None}]
+    metrics = ['vllm:lora_requests_info{max_lora="2",running_lora_adapters=""} 1']
+    listed_send, listed = trio.open_memory_channel[None](100)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        async with stream:
+            while (head := await read_request(stream, buffer)) is not None:
+                line = head.split(b"\r\n", 1)[0]
+                if line.startswith(b"GET /health"):
+                    await stream.send_all(answer("200 OK", b""))
+                elif line.startswith(b"GET /metrics"):
+                    await stream.send_all(answer("200 OK", "\n".join(metrics).encode(), "text"))
+                elif line.startswith(b"GET /v1/models"):
+                    await stream.send_all(answer("200 OK", json.dumps({"data": cards}).encode()))
+                    listed_send.send_nowait(None)
+                else:
+                    await stream.send_all(answer("404 Not Found", b"{}"))
+
+    async def listed_twice() -> None:
+        # The engine asks again only once it has read the answer before.
+        for _ in range(2):
+            await listed.receive()
+
+    async with trio.open_nursery() as nursery, listening(handler) as url:
+        engine = OpenAIEngine(url, instance_id=1, model="tiny", health_interval=0.001)
+        await nursery.start(engine.run)
+        assert engine.adapters == frozenset()
+        cards.append({"id": "ad1", "parent": "tiny"})
+        metrics.append('vllm:lora_requests_info{max_lora="2",running_lora_adapters="ad1"} 2')
+        with trio.fail_after(30):
+            await listed_twice()
+        assert engine.adapters == {"ad1"}
+        assert engine.metrics is not None and engine.metrics.lora == LoraState(
+            max_loras=2, running=frozenset({"ad1"})
+        )
+        del cards[1]
+        with trio.fail_after(30):
+            await listed_twice()
+        assert engine.adapters == frozenset()
+        nursery.cancel_scope.cancel()
 
 
 # -- the rewrite header --------------------------------------------------------------------------
