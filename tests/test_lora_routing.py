@@ -271,6 +271,27 @@ async def test_kv_overlap_of_base_model_blocks_is_not_counted_for_an_adapter(
         assert record.inputs["kv"]["overlap_score_weight"] == 0.0
 
 
+async def test_a_full_engine_running_the_adapter_yields_to_one_with_room(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    running = LoraState(max_loras=2, running=frozenset({"ad1", "x"}))
+    room = LoraState(max_loras=2, running=frozenset({"y"}))
+    async with picking(KV.evolve(max_inflight_per_worker=1)) as p:
+        serve(p, {1: "ad1", 2: "ad1"}, {1: running, 2: room})
+        # One request in flight on engine 1 fills it (one slot).
+        held = PreprocessedRequest(token_ids=(1, 2, 3), request_id="held", model="ad1")
+        decision = await p.pipeline.query(held, book=True, admit=True)
+        assert decision.decode_worker_id == 1
+        headers = request_headers(extra=[("x-request-id", "next")])
+        # Virtual time: queued behind engine 1 (the wrong answer) fails here, not hangs.
+        with trio.fail_after(60):
+            answers = await exchange(p.picker, [headers, adapter_body()])
+        assert set_headers(answers[0], "request_headers")[DESTINATION] == p.endpoint(2)
+        assert pick_record(p, "next").reason.startswith("LoRA adapter 'ad1' room on [2]")
+        p.pipeline.free("held")
+        assert await load_is_zero(p.pipeline)
+
+
 _STATES = st.builds(
     LoraState,
     max_loras=st.none() | st.integers(min_value=0, max_value=3),

@@ -8,8 +8,9 @@ order), the engines where the adapter is running now (`RUNNING`), then those wit
 one more adapter (`ROOM`: running and waiting adapters fewer than ``max_loras``), then those
 where it is waiting to be loaded (`WAITING`), then the rest (`FULL`; also an engine that reports
 no LoRA state); the engine's ``vllm:lora_requests_info`` says which (`LoraState`). llm-d adds
-that score to its other scorers'; interlock keeps only the best tier and lets the configured
-policy choose within it, so each choice has one reason the decision record states.
+that score to its other scorers'; interlock keeps only the best tier among the serving workers
+that are not ejected or full (`AdapterCandidates.best`) and lets the configured policy choose
+within it, so each choice has one reason the decision record states.
 
 Engines are read duck-typed (``adapters``, ``metrics.lora``): an engine without them (the mock,
 ``interlock worker``) serves no adapter, and a request for the base model is not narrowed here.
@@ -81,37 +82,42 @@ def adapter_affinity(engine: Any, adapter: str) -> str:
 
 @attrs.frozen
 class AdapterCandidates:
-    """The workers of a pool that may take a request for ``adapter`` (``kept``: those of the
-    best tier) and every serving worker's tier (``tiers``)."""
+    """The workers of a pool that serve ``adapter`` (``serving``, in the pool's order) and
+    each one's tier (``tiers``)."""
 
     adapter: str
-    kept: list[int]
+    serving: list[int]
     tiers: dict[int, str]
 
-    def note(self) -> str:
-        """Why these workers, in words (for the decision record's reason)."""
-        best = self.tiers[self.kept[0]] if self.kept else None
-        others = sorted(w for w in self.tiers if w not in self.kept)
-        text = f"LoRA adapter {self.adapter!r} {best} on {self.kept}"
+    def best(self, pool: Iterable[int]) -> list[int]:
+        """The workers of ``pool`` (serving ones) in the best tier among them. The router asks
+        after leaving out ejected and full workers, so a full best tier yields to the next."""
+        pool = list(pool)
+        if not pool:
+            return pool
+        top = max(AFFINITY[self.tiers[w]] for w in pool)
+        return [w for w in pool if AFFINITY[self.tiers[w]] == top]
+
+    def note(self, kept: list[int]) -> str:
+        """Why ``kept`` (what `best` gave), in words (for the decision record's reason)."""
+        text = f"LoRA adapter {self.adapter!r} {self.tiers[kept[0]]} on {kept}"
+        others = [w for w in self.serving if w not in kept]
         if others:
-            text += f" (served, less ready, by {others})"
+            text += f" (also served by {others})"
         return text
 
 
 def adapter_candidates(
     adapter: str, pool: Iterable[int], engines: Mapping[int, Any]
 ) -> AdapterCandidates:
-    """The workers of ``pool`` that serve ``adapter``, narrowed to the best tier (empty
-    ``kept`` when none serves it). Keeps ``pool``'s order."""
+    """The workers of ``pool`` that serve ``adapter`` (none: empty ``serving``), with their
+    tiers. Keeps ``pool``'s order."""
     tiers = {
         w: adapter_affinity(engines[w], adapter)
         for w in pool
         if adapter in served_adapters(engines.get(w))
     }
-    if not tiers:
-        return AdapterCandidates(adapter, [], {})
-    best = max(AFFINITY[t] for t in tiers.values())
-    return AdapterCandidates(adapter, [w for w, t in tiers.items() if AFFINITY[t] == best], tiers)
+    return AdapterCandidates(adapter, list(tiers), tiers)
 
 
 def without_overlap(request: PreprocessedRequest) -> PreprocessedRequest:
@@ -124,10 +130,13 @@ def without_overlap(request: PreprocessedRequest) -> PreprocessedRequest:
     )
 
 
-def with_adapter(record: SelectionRecord, candidates: AdapterCandidates) -> SelectionRecord:
-    """``record`` saying why its candidates were these: its reason prefixed with the
-    adapter's note, and ``inputs["lora"]`` holding the adapter and each worker's tier."""
-    reason = candidates.note() + (f"; {record.reason}" if record.reason else "")
+def with_adapter(
+    record: SelectionRecord, candidates: AdapterCandidates, kept: list[int]
+) -> SelectionRecord:
+    """``record`` saying why its candidates were ``kept``: its reason prefixed with the
+    adapter's note, and ``inputs["lora"]`` holding the adapter and each serving worker's
+    tier."""
+    reason = candidates.note(kept) + (f"; {record.reason}" if record.reason else "")
     inputs = {
         **record.inputs,
         "lora": {

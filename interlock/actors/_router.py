@@ -20,7 +20,13 @@ from .._errors import (
 from ..engines import Engine, WorkerSnapshot
 from ..kv import KV_EVENT_TYPES, WorkerOutOfSync
 from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
-from ._adapters import adapter_candidates, requested_adapter, with_adapter, without_overlap
+from ._adapters import (
+    AdapterCandidates,
+    adapter_candidates,
+    requested_adapter,
+    with_adapter,
+    without_overlap,
+)
 from ._kv_policy import KvPolicy
 from ._load import LoadLedger, WorkerLoad
 from ._messages import (
@@ -244,12 +250,16 @@ class RouterActor(Actor):
             served = None
             if adapter is not None:
                 served = adapter_candidates(adapter, pool, self._engines)
-                pool = served.kept
+                pool = served.serving
             prefill = self._choose(
-                "prefill", pool, request, exclude, required=False, admit=message.admit
+                "prefill",
+                pool,
+                request,
+                exclude,
+                required=False,
+                admit=message.admit,
+                adapter=served,
             )
-            if prefill is not None and served is not None:
-                prefill = with_adapter(prefill, served)
             if prefill is None:
                 if message.enforce_disagg:
                     raise PrefillFailed(
@@ -273,16 +283,16 @@ class RouterActor(Actor):
         served = None
         if adapter is not None:
             served = adapter_candidates(adapter, pool, self._engines)
-            if not served.kept:
+            if not served.serving:
                 raise NoWorkersAvailable(
                     f"no agg or decode worker this request may go to ({pool}) serves the LoRA "
                     f"adapter {adapter!r} it names"
                 )
-            pool = served.kept
-        decode = self._choose(leg, pool, request, exclude, required=True, admit=message.admit)
+            pool = served.serving
+        decode = self._choose(
+            leg, pool, request, exclude, required=True, admit=message.admit, adapter=served
+        )
         assert decode is not None
-        if served is not None:
-            decode = with_adapter(decode, served)
         selections.append(decode)
         hints = request.routing
         dp_rank = hints.dp_rank if hints is not None and hints.dp_rank is not None else 0
@@ -334,6 +344,7 @@ class RouterActor(Actor):
         *,
         required: bool,
         admit: bool = False,
+        adapter: AdapterCandidates | None = None,
     ) -> SelectionRecord | None:
         hints = request.routing
         if hints is not None:
@@ -364,8 +375,14 @@ class RouterActor(Actor):
             if not room:
                 raise WorkersFull(f"every {leg} candidate {pool} is at its in-flight limit")
             pool = room
+        if adapter is not None:
+            # The LoRA tiers last: a full or ejected engine where the adapter runs yields to
+            # one with room to load it, as llm-d's weighted scores would.
+            pool = adapter.best(pool)
         views = [WorkerView(w, self._load(w)) for w in pool]
         record = self._consult(leg, views, request, pool, exclude)
+        if adapter is not None:
+            record = with_adapter(record, adapter, pool)
         if exclude:
             return _with_excluded(record, exclude)
         return record
