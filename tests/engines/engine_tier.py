@@ -1,11 +1,11 @@
 """The real-engine tier's harness: real vLLM (CPU build) processes for the whole test session.
 
-`start_tier` takes a model directory (`ensure_tiny_model` builds one with the vLLM venv's
-python; `start_tier` builds only engine 2's LoRA adapters beside it, `ensure_tiny_loras`),
-starts the three engines of `ENGINE_IDS` together, each in its own process group with its log
-in a file, and blocks until every one answers ``GET /health`` with 200. `EngineTier.stop` ends
-every process group it started (vLLM's EngineCore and Worker children outlive a killed API
-server, so the group is the unit) and waits until they are gone.
+`start_tier` builds nothing itself: it takes a model directory (`ensure_tiny_model` builds one
+with the vLLM venv's python; `ensure_tiny_loras` its LoRA adapters), starts the three engines
+of `ENGINE_IDS` together, each in its own process group with its log in a file, and blocks
+until every one answers ``GET /health`` with 200. `EngineTier.stop` ends every process group it
+started (vLLM's EngineCore and Worker children outlive a killed API server, so the group is the
+unit) and waits until they are gone.
 
 Everything here is synchronous and blocking on purpose: pytest-trio runs each test in its own
 trio run, so a session-long fixture cannot be async. Tests talk to the engines with their own
@@ -46,9 +46,11 @@ ENGINE_IDS = (1, 2, 3)
 # Engines 1 and 3 share one ExampleConnector folder: a prefill/decode pair. Engine 2 has none.
 PD_PAIR = (1, 3)
 SERVED_MODEL_NAME = "tiny"
-# Engine 2 also serves two LoRA adapters of the tiny model (make_tiny_lora.py), one at a time
-# (--max-loras 1): a request naming either runs with it; the others serve the base model only.
-LORA_ENGINE = 2
+# The tiny model's LoRA adapters (make_tiny_lora.py) that an engine given `engine_command`'s
+# ``loras`` serves, one at a time (--max-loras 1). None of the session's engines: with
+# --enable-lora on engine 2, a stream migrated there from engine 3 went on with other text than
+# engine 3's (test_kill_9_of_a_vllm_mid_stream_migrates_every_stream_exactly failed), so
+# tests/engines/test_vllm_lora.py starts an engine of its own.
 LORA_ADAPTERS = ("ad1", "ad2")
 MAX_LORAS = 1
 BLOCK_SIZE = 32  # vLLM's CPU backend needs a multiple of 32
@@ -572,10 +574,7 @@ def start_tier(
         if share is not None:
             share.mkdir(parents=True, exist_ok=True)
         log_path = work_dir / f"vllm-{engine_id}.log"
-        loras = ensure_tiny_loras(model_dir.parent, python) if engine_id == LORA_ENGINE else None
-        command = engine_command(
-            python, model_dir, engine_id, port, kv_port, replay_port, share, loras
-        )
+        command = engine_command(python, model_dir, engine_id, port, kv_port, replay_port, share)
         process = start_in_group(command, log_path, env=env)
         engines.append(
             VllmEngine(
