@@ -1,6 +1,7 @@
 """Supervised actors: the runtime, the supervisor, and the actors that make decisions
 (Router, DisaggOrchestrator, Migration, Discovery)."""
 
+from ._adapters import AFFINITY, adapter_affinity, served_adapters
 from ._disagg import DisaggOrchestrator
 from ._discovery import DiscoveryActor
 from ._kv_policy import KvPolicy, kv_selection_record
@@ -42,6 +43,7 @@ from ._runtime import Actor, ActorRef, Forward, InjectedCrash, open_mailbox, run
 from ._supervisor import RestartEvent, RestartPolicy, Supervisor
 
 __all__ = [
+    "AFFINITY",
     "FALL_BACK",
     "PRESELECTION_FIELDS",
     "REPLAYABLE_POLICIES",
@@ -83,9 +85,11 @@ __all__ = [
     "WorkerView",
     "WorkersChanged",
     "WorkersFull",
+    "adapter_affinity",
     "candidate_records",
     "kv_selection_record",
     "open_mailbox",
     "replay_selection",
     "run_actor",
+    "served_adapters",
 ]

@@ -20,6 +20,13 @@ from .._errors import (
 from ..engines import Engine, WorkerSnapshot
 from ..kv import KV_EVENT_TYPES, WorkerOutOfSync
 from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
+from ._adapters import (
+    AdapterCandidates,
+    adapter_candidates,
+    requested_adapter,
+    with_adapter,
+    without_overlap,
+)
 from ._kv_policy import KvPolicy
 from ._load import LoadLedger, WorkerLoad
 from ._messages import (
@@ -233,12 +240,25 @@ class RouterActor(Actor):
         prefill: SelectionRecord | None = None
         disaggregated = message.disaggregated
         candidates = message.candidates
+        adapter = requested_adapter(request.model, self._engines.values())
+        if adapter is not None:
+            request = without_overlap(request)
         if disaggregated:
             pool = [w for w in self._prefill_pool if w not in exclude]
             if candidates is not None:
                 pool = [w for w in pool if w in candidates]
+            served = None
+            if adapter is not None:
+                served = adapter_candidates(adapter, pool, self._engines)
+                pool = served.serving
             prefill = self._choose(
-                "prefill", pool, request, exclude, required=False, admit=message.admit
+                "prefill",
+                pool,
+                request,
+                exclude,
+                required=False,
+                admit=message.admit,
+                adapter=served,
             )
             if prefill is None:
                 if message.enforce_disagg:
@@ -260,7 +280,18 @@ class RouterActor(Actor):
                     "registered agg or decode worker"
                     + (f" outside those excluded ({sorted(exclude)})" if exclude else "")
                 )
-        decode = self._choose(leg, pool, request, exclude, required=True, admit=message.admit)
+        served = None
+        if adapter is not None:
+            served = adapter_candidates(adapter, pool, self._engines)
+            if not served.serving:
+                raise NoWorkersAvailable(
+                    f"no agg or decode worker this request may go to ({pool}) serves the LoRA "
+                    f"adapter {adapter!r} it names"
+                )
+            pool = served.serving
+        decode = self._choose(
+            leg, pool, request, exclude, required=True, admit=message.admit, adapter=served
+        )
         assert decode is not None
         selections.append(decode)
         hints = request.routing
@@ -294,8 +325,9 @@ class RouterActor(Actor):
             ledger.add(
                 message.request_id, decode.chosen, leg, prompt, _cached_blocks(decode) * block_size
             )
-            if self._kv is not None:
-                # Approximate mode learns where prompts went (exact mode ignores this).
+            if self._kv is not None and adapter is None:
+                # Approximate mode learns where prompts went (exact mode ignores this); an
+                # adapter's blocks are not the base model's (`without_overlap`).
                 self._kv.routed(prefill.chosen if prefill is not None else decode.chosen, request)
         return Selection(
             decision=decision,
@@ -312,6 +344,7 @@ class RouterActor(Actor):
         *,
         required: bool,
         admit: bool = False,
+        adapter: AdapterCandidates | None = None,
     ) -> SelectionRecord | None:
         hints = request.routing
         if hints is not None:
@@ -342,8 +375,14 @@ class RouterActor(Actor):
             if not room:
                 raise WorkersFull(f"every {leg} candidate {pool} is at its in-flight limit")
             pool = room
+        if adapter is not None:
+            # The LoRA tiers last: a full or ejected engine where the adapter runs yields to
+            # one with room to load it, as llm-d's weighted scores would.
+            pool = adapter.best(pool)
         views = [WorkerView(w, self._load(w)) for w in pool]
         record = self._consult(leg, views, request, pool, exclude)
+        if adapter is not None:
+            record = with_adapter(record, adapter, pool)
         if exclude:
             return _with_excluded(record, exclude)
         return record

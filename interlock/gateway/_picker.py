@@ -5,8 +5,9 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
 `ExtProcPicker.process` answers them as GAIE's protocol says (reference: llm-d's EPP):
 
 - ``request_headers``: the headers are recorded (``:path``, ``x-request-id`` (else a new id),
-  ``test-epp-endpoint-selection``, the objective and fairness headers,
-  ``x-gateway-model-name-rewrite``). No answer yet, unless
+  ``test-epp-endpoint-selection``, the objective and fairness headers, the model-name
+  rewrite ``x-llm-d-model-name-rewrite``, else ``x-gateway-model-name-rewrite``: `model_rewrite`).
+  No answer yet, unless
   the request has no body (``end_of_stream``): then it is picked at once, as a one-token
   prompt, and not booked (a ``GET`` costs a worker nothing the router tracks).
 - ``request_body`` (``FULL_DUPLEX_STREAMED``: the picker buffers the chunks itself, up to the
@@ -19,7 +20,7 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   ``x-gateway-destination-endpoint: ip:port[,fallback...]``, ``Content-Length``, and
   ``x-prefiller-host-port`` naming the prefill endpoint when the decision is disaggregated:
   llm-d's header) with the same endpoint list in ``dynamic_metadata["envoy.lb"]``; then the
-  body, unchanged (but for ``x-gateway-model-name-rewrite``: its ``model`` is that name, set
+  body, unchanged (but for the model-name rewrite: its ``model`` is that name, set
   before the pick, so the pick and the 404 check see it, and ``Content-Length`` is the new
   length), in ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
   the decision's other candidates for that leg, best first. Other paths' bodies are not
@@ -57,10 +58,14 @@ stream, a client gone, an error) frees its booking: booked load never leaks.
 
 Errors are ImmediateResponses with an OpenAI-style JSON body: 400 for a bad body (not JSON,
 no ``model``, a bad field), 404 for a model this frontend does not serve
-(`Frontend.model_not_found`: ``--model-name``, after any rewrite), 413 for a body over
-``max_body_bytes``, 429 when every candidate is at its in-flight limit and the queue is full
-(`Overloaded`), 503 when no candidate is left (none registered with an HTTP endpoint, the
-subset hint or ``test-epp-endpoint-selection`` names none) or while the frontend drains.
+(`Frontend.model_not_found`: ``--model-name`` or a LoRA adapter a registered engine serves,
+after any rewrite), 413 for a body over ``max_body_bytes``, 429 when every candidate is at its
+in-flight limit and the queue is full (`Overloaded`), 503 when no candidate is left (none
+registered with an HTTP endpoint, the subset hint or ``test-epp-endpoint-selection`` names
+none, none of them serves the LoRA adapter the body names) or while the frontend drains.
+
+A body naming a LoRA adapter is picked among the engines that serve it, those where it is
+running first, as the router does for every request (`interlock.actors` ``_adapters``).
 
 Candidates: only workers with an HTTP endpoint (`http_endpoints`); a worker without one
 that joins later (an etcd record of an ``interlock worker`` without ``--openai-port``) is
@@ -121,7 +126,7 @@ from ..http._nvext import EMPTY, HEADER_FAIRNESS, HEADER_OBJECTIVE, gaie_routing
 from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest, json_object
 from ..wire import PreprocessedRequest, RoutingDecision, Usage
 from ._endpoints import http_endpoints, match_endpoints
-from ._rewrite import MODEL_REWRITE_HEADER, ModelNameRestorer, rewrite_model
+from ._rewrite import ModelNameRestorer, model_rewrite, rewrite_model
 from ._usage import USAGE_TAIL_BYTES, UsageReader, usage_of
 
 __all__ = [
@@ -295,7 +300,7 @@ class ExtProcStream:
         self.usage: Usage | None = None
         #: The response ended (`answer_now` queued the booking's release).
         self.response_ended = False
-        #: Puts the client's model name back into the response (``x-gateway-model-name-rewrite``
+        #: Puts the client's model name back into the response (the model-name rewrite
         #: changed the request's; None: nothing to put back).
         self.model_restorer: ModelNameRestorer | None = None
 
@@ -524,6 +529,7 @@ class ExtProcStream:
             kind = _kind(self.headers.get(":path", ""), body)
             book = False
             tokens: Sequence[int] = _NO_PROMPT
+            model = frontend.model
             if kind is not None and body is not None:
                 book = True
                 # Reserved before the first wait: a second stream with the same x-request-id
@@ -531,21 +537,23 @@ class ExtProcStream:
                 self.booked_as = request_id
                 self.picker.booked.add(request_id)
                 data = None
-                rewrite = self.headers.get(MODEL_REWRITE_HEADER)
+                rewrite = model_rewrite(self.headers)
                 if rewrite:
                     body, data = await self._rewrite_model(body, rewrite)
                 if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.
-                    tokens = await trio.to_thread.run_sync(
+                    tokens, model = await trio.to_thread.run_sync(
                         self._tokens, kind, body, data, limiter=frontend.offload_limiter
                     )
                 else:
-                    tokens = self._tokens(kind, body, data)
+                    tokens, model = self._tokens(kind, body, data)
             request = PreprocessedRequest(
                 token_ids=tokens,
                 request_id=request_id,
-                model=frontend.model,
+                # The base model, or the LoRA adapter the body names (the router sends it
+                # only to the engines that serve that adapter).
+                model=model,
                 routing=gaie_routing_hints(
                     frontend.objectives,
                     self.headers.get(OBJECTIVE_HEADER),
@@ -587,9 +595,11 @@ class ExtProcStream:
             self.model_restorer = ModelNameRestorer(model, incoming)
         return body, data
 
-    def _tokens(self, kind: str, body: bytes, data: dict[str, Any] | None = None) -> Sequence[int]:
+    def _tokens(
+        self, kind: str, body: bytes, data: dict[str, Any] | None = None
+    ) -> tuple[Sequence[int], str]:
         """The prompt's token ids from a chat or completions body (``data``: that body decoded
-        already); synchronous (and thread-safe).
+        already), and the model it names; synchronous (and thread-safe).
 
         Raises:
             HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
@@ -624,7 +634,7 @@ class ExtProcStream:
         # Packed: the router only hashes and counts a pick's ids. A tuple of them was 100,000
         # pointers (8 bytes a token: byte ids are CPython's cached small ints) built from the
         # UTF-8 bytes, then turned back into u32 words to be hashed: most of a long pick's cost.
-        return frontend.prompt_tokens(parsed, EMPTY, packed=True)
+        return frontend.prompt_tokens(parsed, EMPTY, packed=True), parsed.model
 
     def _candidates(self) -> frozenset[int]:
         """The workers this request may go to.

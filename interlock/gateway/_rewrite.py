@@ -1,6 +1,7 @@
-"""GAIE's model-name rewrite (``x-gateway-model-name-rewrite``): the request body's ``model``
-replaced by the header's name before the pick (`rewrite_model`), and the responses' ``"model"``
-put back to the name the client sent (`ModelNameRestorer`), chunk by chunk.
+"""GAIE's model-name rewrite (``x-llm-d-model-name-rewrite``, or its older name
+``x-gateway-model-name-rewrite``: `model_rewrite`): the request body's ``model`` replaced by the
+header's name before the pick (`rewrite_model`), and the responses' ``"model"`` put back to the
+name the client sent (`ModelNameRestorer`), chunk by chunk.
 
 The pick calls `rewrite_model` on the trio side (in a worker thread for a large body) and
 makes the stream's restorer there; the response's body chunks then go through the restorer in
@@ -12,17 +13,41 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any, Final
 
 from ..http._openai import json_object
 
-__all__ = ["MODEL_REWRITE_HEADER", "ModelNameRestorer", "rewrite_model"]
+__all__ = [
+    "MODEL_REWRITE_HEADER",
+    "MODEL_REWRITE_HEADERS",
+    "ModelNameRestorer",
+    "model_rewrite",
+    "rewrite_model",
+]
 
-#: GAIE's request header naming the model the request is for, whatever its body says.
+#: GAIE's request header naming the model the request is for, whatever its body says (the
+#: name llm-d's picker still reads as a deprecated alias).
 MODEL_REWRITE_HEADER: Final = "x-gateway-model-name-rewrite"
+#: The rewrite's headers, the one read first first: llm-d's picker reads its own name, then
+#: GAIE's (``metadata.ModelNameRewriteKey`` and its alias).
+MODEL_REWRITE_HEADERS: Final = ("x-llm-d-model-name-rewrite", MODEL_REWRITE_HEADER)
 #: The whitespace a server may put around a JSON colon (at most this much is recognised).
 _SPACE: Final = rb"[ \t\r\n]{0,8}"
 _SPACE_BYTES: Final = 8
+
+
+def model_rewrite(headers: Mapping[str, str]) -> str | None:
+    """The model a request's ``headers`` (lower-case names) rewrite its body's to, or None.
+
+    As llm-d's picker reads it: the first of `MODEL_REWRITE_HEADERS` present wins, even
+    empty, and an empty name rewrites nothing (the body's ``model`` stands), so a client
+    cannot get past an empty ``x-llm-d-model-name-rewrite`` with the older header. Pure."""
+    for name in MODEL_REWRITE_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            return value or None
+    return None
 
 
 def rewrite_model(body: bytes, model: str) -> tuple[bytes, dict[str, Any], str | None]:

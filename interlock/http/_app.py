@@ -461,7 +461,7 @@ class _GenerateEndpoint:
                 self.kind,
                 request_id=request.request_id,
                 created=int(time.time()),
-                model=frontend.model,
+                model=request.model or frontend.model,
                 include_usage=False,
             )
             await send_json(send, 200, encoder.query(nvext), _SSE)
@@ -470,7 +470,7 @@ class _GenerateEndpoint:
                 self.kind,
                 request_id=request.request_id,
                 created=int(time.time()),
-                model=frontend.model,
+                model=request.model or frontend.model,
                 text="",
                 finish_reason=None,
                 usage=None,
@@ -739,7 +739,7 @@ class _Run:
             endpoint.kind,
             request_id=request.request_id,
             created=int(self.received_wall),
-            model=frontend.model,
+            model=request.model or frontend.model,
             text="".join(parts),
             finish_reason=reason,
             usage=usage,
@@ -764,7 +764,7 @@ class _Run:
             endpoint.kind,
             request_id=self.request.request_id,
             created=int(self.received_wall),
-            model=frontend.model,
+            model=self.request.model or frontend.model,
             include_usage=self.parsed.include_usage,
         )
         outbox = _Outbox(encoder, frontend.limits.max_stream_buffer_bytes, metrics)
@@ -1166,14 +1166,15 @@ def build_app(
     )
 
     async def models(request: Request) -> Response:
-        return _json({"object": "list", "data": [_model_card(frontend)]})
+        adapters = [_model_card(frontend, a) for a in sorted(frontend.adapters())]
+        return _json({"object": "list", "data": [_model_card(frontend), *adapters]})
 
     async def model_info(request: Request) -> Response:
         name = request.path_params["model"]
         error = frontend.model_not_found(name)
         if error is not None:
             return Response(error.body(), 404, media_type="application/json")
-        return _json(_model_card(frontend))
+        return _json(_model_card(frontend, None if name == frontend.model else name))
 
     async def health(request: Request) -> Response:
         workers = pipeline.workers
@@ -1337,11 +1338,16 @@ def build_metrics_app(app: Starlette) -> Starlette:
     return Starlette(routes=[Route("/metrics", app.state.render_metrics, methods=["GET"])])
 
 
-def _model_card(frontend: Frontend) -> dict[str, Any]:
-    return {
-        "id": frontend.model,
+def _model_card(frontend: Frontend, adapter: str | None = None) -> dict[str, Any]:
+    """The base model's card, or (``adapter``) a LoRA adapter's, whose ``parent`` is the base
+    model as vLLM lists it."""
+    card: dict[str, Any] = {
+        "id": adapter or frontend.model,
         "object": "model",
         "created": frontend.created,
         "owned_by": "interlock",
         "max_model_len": frontend.limits.max_model_len,
     }
+    if adapter is not None:
+        card["parent"] = frontend.model
+    return card

@@ -476,7 +476,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     server.add_argument("--port", type=int, default=8000, help="port to listen on (8000; 0 = any)")
-    server.add_argument("--model-name", default="mock", help="the model name clients use (mock)")
+    server.add_argument(
+        "--model-name",
+        default="mock",
+        help="the model name clients use (mock); the LoRA adapters the engines list in their "
+        "/v1/models are served under their own names too",
+    )
     server.add_argument(
         "--processes",
         type=int,

@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from .._pipeline import Pipeline
+from ..actors import served_adapters
 from ..kv._hashing import trust_u32
 from ..processing import ByteTokenizer
 from ..wire import PreprocessedRequest, SamplingOptions
@@ -110,16 +111,29 @@ class Frontend:
         """None when a request naming the model ``name`` is served here, else the 404
         (``model_not_found``) to answer it with. The one rule for every endpoint (chat and
         completions, ``/v1/models/{name}``, ``/v1/route``, the gateway's picker): the model
-        is ``--model-name``, no other name or alias. ``served_by`` names the server in the
-        message ("this router", "this pool")."""
+        is ``--model-name``, or a LoRA adapter a registered engine serves now (its
+        ``/v1/models``; the router sends such a request only to the engines that serve it),
+        no other name or alias. ``served_by`` names the server in the message ("this
+        router", "this pool")."""
         if name == self.model:
             return None
+        adapters = self.adapters()
+        if name in adapters:
+            return None
+        also = f" (and the LoRA adapters {sorted(adapters)})" if adapters else ""
         return HttpError(
             404,
-            f"the model {name!r} does not exist; {served_by} serves {self.model!r}",
+            f"the model {name!r} does not exist; {served_by} serves {self.model!r}{also}",
             param="model",
             code="model_not_found",
         )
+
+    def adapters(self) -> frozenset[str]:
+        """The LoRA adapters the registered engines serve now (`served_adapters`)."""
+        found: frozenset[str] = frozenset()
+        for engine in self.pipeline.workers.values():
+            found |= served_adapters(engine)
+        return found
 
     # -- preprocessing ----------------------------------------------------------------------
 

@@ -191,7 +191,8 @@ class _RouteApi:
         request = PreprocessedRequest(
             token_ids=tokens,
             request_id=request_id,
-            model=frontend.model,
+            # The base model, or the LoRA adapter named (its engines only: the router).
+            model=model if type(model) is str else frontend.model,
             router_config_override=override,
         )
         decision = await frontend.pipeline.query(request, book=book)

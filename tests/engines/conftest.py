@@ -29,8 +29,10 @@ Fixtures (use them from any new test file in this folder; harness: ``engine_tier
       to its whole process group (API server, EngineCore, Worker), returning once all are gone.
     * Engines 1 and 3 share one ExampleConnector folder (``PD_PAIR``): a prompt prefilled on
       one is found on the other (``usage.prompt_tokens_details.cached_tokens``). Engine 2 has
-      no KV connector (``share_path`` None). All run ``--block-size 32 --enable-prefix-caching
-      --enable-prompt-tokens-details --max-model-len 2048 --max-num-seqs 8``, with
+      no KV connector (``share_path`` None). None serves LoRA adapters (test_vllm_lora.py
+      starts an engine of its own that does: ``engine_command(..., loras=...)``). All run
+      ``--block-size 32 --enable-prefix-caching --enable-prompt-tokens-details
+      --max-model-len 2048 --max-num-seqs 8``, with
       ``PYTHONHASHSEED=0`` (equal block hashes for equal tokens on every engine) and
       ``VLLM_SERVER_DEV_MODE=1`` (``POST /reset_prefix_cache`` works).
     * ``engine_tier.kv_endpoint`` (``tcp://127.0.0.1:KVPORT``): every engine's ZMQ PUB connects

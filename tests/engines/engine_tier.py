@@ -1,10 +1,11 @@
 """The real-engine tier's harness: real vLLM (CPU build) processes for the whole test session.
 
 `start_tier` builds nothing itself: it takes a model directory (`ensure_tiny_model` builds one
-with the vLLM venv's python), starts the three engines of `ENGINE_IDS` together, each in its own
-process group with its log in a file, and blocks until every one answers ``GET /health`` with
-200. `EngineTier.stop` ends every process group it started (vLLM's EngineCore and Worker
-children outlive a killed API server, so the group is the unit) and waits until they are gone.
+with the vLLM venv's python; `ensure_tiny_loras` its LoRA adapters), starts the three engines
+of `ENGINE_IDS` together, each in its own process group with its log in a file, and blocks
+until every one answers ``GET /health`` with 200. `EngineTier.stop` ends every process group it
+started (vLLM's EngineCore and Worker children outlive a killed API server, so the group is the
+unit) and waits until they are gone.
 
 Everything here is synchronous and blocking on purpose: pytest-trio runs each test in its own
 trio run, so a session-long fixture cannot be async. Tests talk to the engines with their own
@@ -24,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -35,6 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 QWEN3_TOKENIZER = SHARED / "data" / "tokenizers" / "qwen3"
 MODEL_BUILDER = Path(__file__).with_name("make_tiny_model.py")
+LORA_BUILDER = Path(__file__).with_name("make_tiny_lora.py")
 # The vLLM venv's python: ``$INTERLOCK_VLLM_PYTHON``, else the repo's ``.venv-vllm`` (.ci/run).
 VLLM_PYTHON = Path(
     os.environ.get("INTERLOCK_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python"
@@ -44,6 +46,13 @@ ENGINE_IDS = (1, 2, 3)
 # Engines 1 and 3 share one ExampleConnector folder: a prefill/decode pair. Engine 2 has none.
 PD_PAIR = (1, 3)
 SERVED_MODEL_NAME = "tiny"
+# The tiny model's LoRA adapters (make_tiny_lora.py) that an engine given `engine_command`'s
+# ``loras`` serves, one at a time (--max-loras 1). None of the session's engines: with
+# --enable-lora on engine 2, a stream migrated there from engine 3 went on with other text than
+# engine 3's (test_kill_9_of_a_vllm_mid_stream_migrates_every_stream_exactly failed), so
+# tests/engines/test_vllm_lora.py starts an engine of its own.
+LORA_ADAPTERS = ("ad1", "ad2")
+MAX_LORAS = 1
 BLOCK_SIZE = 32  # vLLM's CPU backend needs a multiple of 32
 MAX_MODEL_LEN = 2048
 
@@ -380,9 +389,11 @@ def engine_command(
     kv_port: int,
     replay_port: int,
     share_path: Path | None,
+    loras: Mapping[str, Path] | None = None,
 ) -> list[str]:
     """The command line of engine ``engine_id`` (see the module docstring of conftest); with
-    ``share_path``, an ExampleConnector (kv_both) keeps its KV in that folder.
+    ``share_path``, an ExampleConnector (kv_both) keeps its KV in that folder; with ``loras``
+    (name -> adapter folder), it serves those LoRA adapters too, `MAX_LORAS` at a time.
 
     Only the prefill/decode pair gets a connector: vLLM 0.32's connector statistics can go
     negative for a prompt the connector half-knows (a migrated request's prompt grown by its
@@ -427,6 +438,9 @@ def engine_command(
             "kv_connector_extra_config": {"shared_storage_path": str(share_path)},
         }
         command += ["--kv-transfer-config", json.dumps(kv_transfer)]
+    if loras:
+        command += ["--enable-lora", "--max-loras", str(MAX_LORAS), "--max-lora-rank", "8"]
+        command += ["--lora-modules", *(f"{name}={path}" for name, path in loras.items())]
     return command
 
 
@@ -669,6 +683,31 @@ def ensure_tiny_model(
             f"{build.stdout[-2000:]}\n{build.stderr[-4000:]}"
         )
     return model_dir
+
+
+def ensure_tiny_loras(cache_dir: Path, python: Path = VLLM_PYTHON) -> dict[str, Path]:
+    """The `LORA_ADAPTERS` of the tiny model (name -> folder), built with ``python`` (the vLLM
+    venv's) when missing, each from its own seed. Blocks a few seconds when it builds. Raises
+    TierSetupError when a build fails."""
+    digest = hashlib.sha256(LORA_BUILDER.read_bytes()).hexdigest()[:12]
+    found = {}
+    for seed, name in enumerate(LORA_ADAPTERS, 1):
+        folder = cache_dir / f"tiny-lora-{name}-{digest}"
+        if not (folder / "adapter_config.json").exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            build = subprocess.run(
+                [str(python), str(LORA_BUILDER), str(folder), "--seed", str(seed)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if build.returncode != 0 or not (folder / "adapter_config.json").exists():
+                raise TierSetupError(
+                    f"building the LoRA adapter {name} with {python} failed (exit "
+                    f"{build.returncode}):\n{build.stdout[-2000:]}\n{build.stderr[-4000:]}"
+                )
+        found[name] = folder
+    return found
 
 
 def vllm_problem(python: Path = VLLM_PYTHON) -> str | None:

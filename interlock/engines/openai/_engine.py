@@ -45,6 +45,7 @@ from ._http import (
     ssl_context_for,
 )
 from ._metrics import EngineMetrics, parse_engine_metrics
+from ._models import adapters_in, model_cards
 from ._stream import ChunkReader, SseSplitter, engine_error_message
 
 _logger = logging.getLogger("interlock.engines.openai")
@@ -153,6 +154,9 @@ class OpenAIEngine:
         self.verify = verify
         #: The last ``/metrics`` scrape (None before the first, or if the engine has none).
         self.metrics: EngineMetrics | None = None
+        #: The LoRA adapters the engine serves besides `model` (its ``/v1/models``, read
+        #: again with each scrape); a request whose ``model`` names one is sent as that model.
+        self.adapters: frozenset[str] = frozenset()
         self._listeners = Listeners()
         self._connections: EngineConnections | None = None
         self._present = False
@@ -292,26 +296,14 @@ class OpenAIEngine:
         return ""
 
     async def _describe(self, connections: EngineConnections) -> None:
-        """Learn the served model and context length; check the block size."""
-        try:
-            with trio.fail_after(self.health_timeout):
-                status, raw = await connections.get("/v1/models")
-            cards = json.loads(raw).get("data", []) if status == 200 else []
-            if type(cards) is not list:
-                cards = []
-        except (EngineHttpError, ValueError, AttributeError, RecursionError, trio.TooSlowError):
-            # RecursionError: a body nested about a thousand levels deep, as malformed as any.
-            cards = []
-        card = next(
-            (
-                c
-                for c in cards
-                if type(c) is dict
-                and type(c.get("id")) is str
-                and (self.model is None or c.get("id") == self.model)
-            ),
-            None,
-        )
+        """Learn the served model, its LoRA adapters and context length; check the block
+        size."""
+        cards = await self._model_cards(connections)
+        if self.model is None:
+            # The base model, not one of its adapters (vLLM lists it first anyway).
+            card = next((c for c in cards if type(c.get("parent")) is not str), None)
+        else:
+            card = next((c for c in cards if c["id"] == self.model), None)
         if self.model is None:
             if card is None:
                 raise WorkerMismatch(
@@ -322,12 +314,13 @@ class OpenAIEngine:
                 )
             self.model = str(card["id"])
         elif cards and card is None:
-            served = ", ".join(repr(c.get("id")) for c in cards if type(c) is dict)
+            served = ", ".join(repr(c["id"]) for c in cards)
             raise WorkerMismatch(
                 f"engine {self.instance_id} at {self.base_url} serves {served}, not "
                 f"{self.model!r}; give OpenAIEngine(model=...) the engine's --served-model-name",
                 worker_id=self.instance_id,
             )
+        self.adapters = adapters_in(cards, self.model)
         metrics = await self._scrape(connections)
         reported = metrics.block_size if metrics is not None else None
         if self.block_size is not None and reported is not None and reported != self.block_size:
@@ -339,6 +332,15 @@ class OpenAIEngine:
                 "CPU needs a multiple of 32)",
                 worker_id=self.instance_id,
             )
+
+    async def _model_cards(self, connections: EngineConnections) -> list[dict[str, Any]]:
+        """The cards of the engine's ``GET /v1/models`` (none when it does not answer one)."""
+        try:
+            with trio.fail_after(self.health_timeout):
+                status, raw = await connections.get("/v1/models")
+        except (EngineHttpError, trio.TooSlowError):
+            return []
+        return model_cards(status, raw)
 
     async def _check_tokenizer(self, connections: EngineConnections) -> None:
         tokenizer = self.tokenizer
@@ -432,6 +434,7 @@ class OpenAIEngine:
                 continue
             failures = 0
             await self._scrape(connections)
+            await self._read_adapters(connections)
             self._set_present(True, "healthy")
 
     async def _scrape(self, connections: EngineConnections) -> EngineMetrics | None:
@@ -446,6 +449,13 @@ class OpenAIEngine:
             _logger.debug("engine %d: /metrics: %s", self.instance_id, exc)
             return None
         return self.metrics
+
+    async def _read_adapters(self, connections: EngineConnections) -> None:
+        """Read the LoRA adapters the engine serves again (loaded or unloaded at run time);
+        kept as they were when ``/v1/models`` does not answer."""
+        cards = await self._model_cards(connections)
+        if any(c["id"] == self.model for c in cards):
+            self.adapters = adapters_in(cards, self.model)
 
     def _set_present(self, present: bool, why: str) -> None:
         if present == self._present:
@@ -465,8 +475,9 @@ class OpenAIEngine:
 
     def request_body(self, request: PreprocessedRequest, *, stream: bool) -> dict[str, Any]:
         """The ``/v1/completions`` body for ``request`` (a prefill leg on a prefill engine)."""
+        model = request.model
         body: dict[str, Any] = {
-            "model": self.model,
+            "model": model if model is not None and model in self.adapters else self.model,
             "prompt": list(request.token_ids),
             "stream": stream,
             "return_token_ids": True,

@@ -19,9 +19,10 @@ What vLLM really sends, and how each is handled:
 * a stored run whose parent the mirror does not hold (lost to a gap or a clear) is dropped and
   counted: the router could not place it;
 * **LoRA blocks** (``lora_id`` or ``lora_name`` set) are not published and neither are runs
-  extending them: their KV differs from the base model's for the same tokens, and the router
-  matches tokens only (it does not route by adapter), so publishing them would promise false hits.
-  They are remembered only to stay silent about their children and removals;
+  extending them: their KV differs from the base model's for the same tokens, and the index keys
+  blocks by tokens only, so publishing them would promise false hits (the router routes an
+  adapter's requests by the engines serving it and their load, without KV overlap: the actors'
+  ``_adapters``). They are remembered only to stay silent about their children and removals;
 * blocks on another **medium** than ``"GPU"`` (vLLM's CPU offloading tiers) and of a KV-cache
   group other than 0 (hybrid models) are skipped, stores and removals alike: the router models one
   cache tier of one group, and vLLM sends the same hash for each tier and group, so a CPU-tier

@@ -2,7 +2,8 @@
 
 vLLM (``vllm:``) and SGLang (``sglang:``) name the same facts differently; both are read, and an
 engine that exposes neither gives an `EngineMetrics` of Nones (interlock's own bookkeeping then
-stands alone).
+stands alone). vLLM's LoRA state (``vllm:lora_requests_info``, with ``--enable-lora``) is read
+into `LoraState`, as GAIE's model-server protocol names it.
 """
 
 from __future__ import annotations
@@ -19,13 +20,46 @@ _KV_USAGE = ("vllm:kv_cache_usage_perc", "sglang:token_usage")
 _CACHE_INFO = ("vllm:cache_config_info",)
 _PREFIX_HITS = ("vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total")
 _PREFIX_QUERIES = ("vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total")
+#: One series per state the engine was in (labels ``max_lora``, ``running_lora_adapters``,
+#: ``waiting_lora_adapters``); its value is when it was set, so the newest is the state now.
+_LORA_INFO = "vllm:lora_requests_info"
 #: Line prefixes of every series read (samples only: no # TYPE lines, so each family is
 #: untyped and keeps its samples' own names).
 _READ = tuple(
     f"{name}{end}"
-    for name in (*_RUNNING, *_WAITING, *_KV_USAGE, *_CACHE_INFO, *_PREFIX_HITS, *_PREFIX_QUERIES)
+    for name in (
+        *_RUNNING,
+        *_WAITING,
+        *_KV_USAGE,
+        *_CACHE_INFO,
+        *_PREFIX_HITS,
+        *_PREFIX_QUERIES,
+        _LORA_INFO,
+    )
     for end in ("{", " ")
 )
+
+
+@attrs.frozen(kw_only=True)
+class LoraState:
+    """The LoRA adapters an engine has loaded now (``running``: in its running batch),
+    ``waiting`` (requested by waiting requests), and how many it can hold at once
+    (``max_loras``, vLLM's ``--max-loras``; None: not said)."""
+
+    max_loras: int | None = None
+    running: frozenset[str] = frozenset()
+    waiting: frozenset[str] = frozenset()
+
+    def has_room(self) -> bool:
+        """Whether one more adapter fits beside those running and waiting (llm-d's rule:
+        ``len(running) + len(waiting) < max_loras``)."""
+        return self.max_loras is not None and len(self.running) + len(self.waiting) < (
+            self.max_loras
+        )
+
+
+def _adapter_names(text: str) -> frozenset[str]:
+    return frozenset(name for name in (part.strip() for part in text.split(",")) if name)
 
 
 @attrs.frozen(kw_only=True)
@@ -45,6 +79,8 @@ class EngineMetrics:
     num_blocks: int | None = None
     prefix_cache_hits: int | None = None
     prefix_cache_queries: int | None = None
+    #: The engine's LoRA state (None: it reports none: LoRA is off, or it is not vLLM).
+    lora: LoraState | None = None
 
 
 def parse_engine_metrics(text: str) -> EngineMetrics:
@@ -60,6 +96,8 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
     maxima: dict[str, float] = {}
     block_size: int | None = None
     num_blocks: int | None = None
+    lora: LoraState | None = None
+    lora_set_at = -math.inf
     # A vLLM page has ~650 lines of histograms; the full parser takes tens of milliseconds on
     # them, on the event loop. Only the few series read here are parsed.
     wanted = "\n".join(line for line in text.splitlines() if line.startswith(_READ))
@@ -75,6 +113,11 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
                 blocks = sample.labels.get("num_gpu_blocks", "")
                 if blocks.isdigit():
                     num_blocks = int(blocks)
+                continue
+            if name == _LORA_INFO:
+                if sample.value > lora_set_at:
+                    lora_set_at = sample.value
+                    lora = _lora_state(sample.labels)
                 continue
             sums[name] = sums.get(name, 0.0) + sample.value
             maxima[name] = max(maxima.get(name, sample.value), sample.value)
@@ -95,4 +138,14 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
         num_blocks=num_blocks,
         prefix_cache_hits=count(_PREFIX_HITS),
         prefix_cache_queries=count(_PREFIX_QUERIES),
+        lora=lora,
+    )
+
+
+def _lora_state(labels: dict[str, str]) -> LoraState:
+    size = labels.get("max_lora", "")
+    return LoraState(
+        max_loras=int(size) if size.isdigit() else None,
+        running=_adapter_names(labels.get("running_lora_adapters", "")),
+        waiting=_adapter_names(labels.get("waiting_lora_adapters", "")),
     )

@@ -1,0 +1,147 @@
+"""LoRA-aware candidates: the one place a request's ``model`` narrows the workers it may go to.
+
+A request whose ``model`` names a LoRA adapter that some registered engine serves (an
+`OpenAIEngine`'s ``adapters``, from its ``/v1/models``) may go only to the engines that serve it
+(GAIE's model-server protocol: a model server serves the adapter named in ``model``). Among
+those, the router prefers, as llm-d's ``lora-affinity-scorer`` scores them (its tiers and their
+order), the engines where the adapter is running now (`RUNNING`), then those with room to load
+one more adapter (`ROOM`: running and waiting adapters fewer than ``max_loras``), then those
+where it is waiting to be loaded (`WAITING`), then the rest (`FULL`; also an engine that reports
+no LoRA state); the engine's ``vllm:lora_requests_info`` says which (`LoraState`). llm-d adds
+that score to its other scorers'; interlock keeps only the best tier among the serving workers
+that are not ejected or full (`AdapterCandidates.best`) and lets the configured policy choose
+within it, so each choice has one reason the decision record states.
+
+Engines are read duck-typed (``adapters``, ``metrics.lora``): an engine without them (the mock,
+``interlock worker``) serves no adapter, and a request for the base model is not narrowed here.
+Pure functions; the router calls them in its own task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+import attrs
+
+from ..wire import PreprocessedRequest, RouterConfigOverride, SelectionRecord
+
+__all__ = [
+    "AFFINITY",
+    "FULL",
+    "ROOM",
+    "RUNNING",
+    "WAITING",
+    "AdapterCandidates",
+    "adapter_affinity",
+    "adapter_candidates",
+    "requested_adapter",
+    "served_adapters",
+    "with_adapter",
+    "without_overlap",
+]
+
+RUNNING: Final = "running"
+ROOM: Final = "room"
+WAITING: Final = "waiting"
+FULL: Final = "full"
+#: Each tier's score in llm-d's ``lora-affinity-scorer`` (best first).
+AFFINITY: Final[Mapping[str, float]] = {RUNNING: 1.0, ROOM: 0.8, WAITING: 0.6, FULL: 0.0}
+
+
+def served_adapters(engine: Any) -> frozenset[str]:
+    """The LoRA adapters ``engine`` serves (none when it does not say)."""
+    adapters = getattr(engine, "adapters", None)
+    return adapters if isinstance(adapters, frozenset) else frozenset()
+
+
+def requested_adapter(model: str | None, engines: Iterable[Any]) -> str | None:
+    """``model`` when it names an adapter one of ``engines`` serves, else None (the base
+    model, or a name no engine serves: the frontend's 404 is that request's answer)."""
+    if model is None:
+        return None
+    for engine in engines:
+        if model in served_adapters(engine):
+            return model
+    return None
+
+
+def adapter_affinity(engine: Any, adapter: str) -> str:
+    """``engine``'s tier for ``adapter`` by its last ``vllm:lora_requests_info``."""
+    lora = getattr(getattr(engine, "metrics", None), "lora", None)
+    if lora is None:
+        return FULL
+    if adapter in lora.running:
+        return RUNNING
+    if lora.has_room():
+        return ROOM
+    if adapter in lora.waiting:
+        return WAITING
+    return FULL
+
+
+@attrs.frozen
+class AdapterCandidates:
+    """The workers of a pool that serve ``adapter`` (``serving``, in the pool's order) and
+    each one's tier (``tiers``)."""
+
+    adapter: str
+    serving: list[int]
+    tiers: dict[int, str]
+
+    def best(self, pool: Iterable[int]) -> list[int]:
+        """The workers of ``pool`` (serving ones) in the best tier among them. The router asks
+        after leaving out ejected and full workers, so a full best tier yields to the next."""
+        pool = list(pool)
+        if not pool:
+            return pool
+        top = max(AFFINITY[self.tiers[w]] for w in pool)
+        return [w for w in pool if AFFINITY[self.tiers[w]] == top]
+
+    def note(self, kept: list[int]) -> str:
+        """Why ``kept`` (what `best` gave), in words (for the decision record's reason)."""
+        text = f"LoRA adapter {self.adapter!r} {self.tiers[kept[0]]} on {kept}"
+        others = [w for w in self.serving if w not in kept]
+        if others:
+            text += f" (also served by {others})"
+        return text
+
+
+def adapter_candidates(
+    adapter: str, pool: Iterable[int], engines: Mapping[int, Any]
+) -> AdapterCandidates:
+    """The workers of ``pool`` that serve ``adapter`` (none: empty ``serving``), with their
+    tiers. Keeps ``pool``'s order."""
+    tiers = {
+        w: adapter_affinity(engines[w], adapter)
+        for w in pool
+        if adapter in served_adapters(engines.get(w))
+    }
+    return AdapterCandidates(adapter, list(tiers), tiers)
+
+
+def without_overlap(request: PreprocessedRequest) -> PreprocessedRequest:
+    """``request`` with the KV policy's prefix overlap off: the index holds the base model's
+    blocks only, and vLLM hashes an adapter's blocks with its name (never shared with the base
+    model's), so an overlap found there for an adapter's prompt would be false."""
+    override = request.router_config_override or RouterConfigOverride()
+    return attrs.evolve(
+        request, router_config_override=attrs.evolve(override, overlap_score_weight=0.0)
+    )
+
+
+def with_adapter(
+    record: SelectionRecord, candidates: AdapterCandidates, kept: list[int]
+) -> SelectionRecord:
+    """``record`` saying why its candidates were ``kept``: its reason prefixed with the
+    adapter's note, and ``inputs["lora"]`` holding the adapter and each serving worker's
+    tier."""
+    reason = candidates.note(kept) + (f"; {record.reason}" if record.reason else "")
+    inputs = {
+        **record.inputs,
+        "lora": {
+            "adapter": candidates.adapter,
+            "tiers": {str(w): t for w, t in sorted(candidates.tiers.items())},
+        },
+    }
+    return attrs.evolve(record, reason=reason, inputs=inputs)

@@ -1,0 +1,351 @@
+"""LoRA-aware routing (docs/engines.md#lora-adapters): a request whose ``model`` names a LoRA
+adapter goes only to the engines that serve it (their ``/v1/models``), those where it is running
+first, then those with room for one more adapter, then those where it waits (llm-d's
+``lora-affinity-scorer`` tiers, from ``vllm:lora_requests_info``); a name no engine serves is the
+404 of an unknown model, and serving engines outside the request's candidates a 503. The same rule
+for the picker and ``interlock serve``: it lives in the router.
+
+The engine's side is read from what a real vLLM 0.32 (CPU) printed with ``--enable-lora
+--max-loras 1 --lora-modules ad1=... ad2=...`` (tests/engines/test_vllm_lora.py runs it); the
+routing is driven in-process under virtual time through the picker, over mock workers given the
+adapters and LoRA state an `OpenAIEngine` would read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from test_engine_connections import answer, listening, read_request
+from test_gateway_ext_proc import (
+    KV,
+    body_back,
+    chat_body,
+    exchange,
+    immediate,
+    load_is_zero,
+    picking,
+    request_body,
+    request_headers,
+    set_headers,
+)
+
+from interlock.actors import AFFINITY, adapter_affinity
+from interlock.engines.openai import EngineMetrics, LoraState, OpenAIEngine, parse_engine_metrics
+from interlock.engines.openai._models import adapters_in, model_cards
+from interlock.gateway._rewrite import MODEL_REWRITE_HEADERS, model_rewrite
+from interlock.wire import PreprocessedRequest
+
+DESTINATION = "x-gateway-destination-endpoint"
+
+#: ``/metrics`` of vLLM 0.32 (CPU) after requests for ``tiny``, ``ad1``, ``ad2``, ``ad1``: one
+#: series per state it was in, the newest (the largest value: when it was set) the state now.
+VLLM_LORA_METRICS = """\
+# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="1",running_lora_adapters="",waiting_lora_adapters=""} 1.7966672305779445e+09
+vllm:lora_requests_info{max_lora="1",running_lora_adapters="ad1",waiting_lora_adapters="ad1"} 1.7966672305365744e+09
+vllm:lora_requests_info{max_lora="1",running_lora_adapters="ad2",waiting_lora_adapters="ad2"} 1.7966672301543946e+09
+"""  # noqa: E501
+
+#: The same engine's ``/v1/models`` (trimmed to the fields read).
+VLLM_MODELS = {
+    "object": "list",
+    "data": [
+        {"id": "tiny", "object": "model", "root": "/models/tiny", "parent": None},
+        {"id": "ad1", "object": "model", "root": "/adapters/ad1", "parent": "tiny"},
+        {"id": "ad2", "object": "model", "root": "/adapters/ad2", "parent": "tiny"},
+    ],
+}
+
+
+# -- what an engine says ----------------------------------------------------------------------
+
+
+def test_the_newest_lora_series_is_the_engines_state_now() -> None:
+    lines = VLLM_LORA_METRICS.splitlines()
+    assert parse_engine_metrics(VLLM_LORA_METRICS).lora == LoraState(max_loras=1)
+    # Without the newest series, the one before it is the state.
+    older = "\n".join(lines[:2] + lines[3:])
+    assert parse_engine_metrics(older).lora == LoraState(
+        max_loras=1, running=frozenset({"ad1"}), waiting=frozenset({"ad1"})
+    )
+    assert parse_engine_metrics("vllm:num_requests_running 0\n").lora is None
+
+
+def test_adapter_lists_are_split_at_commas_and_trimmed() -> None:
+    text = (
+        'vllm:lora_requests_info{max_lora="4",running_lora_adapters="a, b,,c ",'
+        'waiting_lora_adapters=" d"} 5\n'
+    )
+    lora = parse_engine_metrics(text).lora
+    assert lora == LoraState(max_loras=4, running=frozenset("abc"), waiting=frozenset("d"))
+    assert not lora.has_room()  # 3 running + 1 waiting = max_loras
+    assert LoraState(max_loras=5, running=frozenset("abc"), waiting=frozenset("d")).has_room()
+    assert not LoraState().has_room()  # max_loras unknown: no room to count on
+
+
+def test_the_model_list_gives_the_adapters_not_the_base_model() -> None:
+    cards = model_cards(200, json.dumps(VLLM_MODELS).encode())
+    assert adapters_in(cards, "tiny") == {"ad1", "ad2"}
+    for status, raw in [(200, b"[1]"), (200, b"{"), (500, b"{}"), (200, b'{"data": 3}')]:
+        assert model_cards(status, raw) == []
+
+
+def test_an_adapter_request_is_sent_to_the_engine_as_that_model() -> None:
+    engine = OpenAIEngine("http://127.0.0.1:9", instance_id=1, model="tiny")
+    engine.adapters = frozenset({"ad1"})
+    body = engine.request_body(PreprocessedRequest(token_ids=(1, 2), model="ad1"), stream=True)
+    assert body["model"] == "ad1"
+    for other in ("tiny", "ad2", None):
+        base = engine.request_body(PreprocessedRequest(token_ids=(1, 2), model=other), stream=True)
+        assert base["model"] == "tiny"
+
+
+async def test_an_engine_sees_adapters_loaded_and_unloaded_at_run_time() -> None:
+    """A raw HTTP server standing for a vLLM whose adapters change (``/v1/load_lora_adapter``):
+    the engine's ``adapters`` and LoRA state follow its ``/v1/models`` and ``/metrics``."""
+    cards: list[dict[str, Any]] = [{"id": "tiny", "parent": None}]
+    metrics = ['vllm:lora_requests_info{max_lora="2",running_lora_adapters=""} 1']
+    listed_send, listed = trio.open_memory_channel[None](100)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        async with stream:
+            while (head := await read_request(stream, buffer)) is not None:
+                line = head.split(b"\r\n", 1)[0]
+                if line.startswith(b"GET /health"):
+                    await stream.send_all(answer("200 OK", b""))
+                elif line.startswith(b"GET /metrics"):
+                    await stream.send_all(answer("200 OK", "\n".join(metrics).encode(), "text"))
+                elif line.startswith(b"GET /v1/models"):
+                    await stream.send_all(answer("200 OK", json.dumps({"data": cards}).encode()))
+                    listed_send.send_nowait(None)
+                else:
+                    await stream.send_all(answer("404 Not Found", b"{}"))
+
+    async def listed_twice() -> None:
+        # The engine asks again only once it has read the answer before.
+        for _ in range(2):
+            await listed.receive()
+
+    async with trio.open_nursery() as nursery, listening(handler) as url:
+        engine = OpenAIEngine(url, instance_id=1, model="tiny", health_interval=0.001)
+        await nursery.start(engine.run)
+        assert engine.adapters == frozenset()
+        cards.append({"id": "ad1", "parent": "tiny"})
+        metrics.append('vllm:lora_requests_info{max_lora="2",running_lora_adapters="ad1"} 2')
+        with trio.fail_after(30):
+            await listed_twice()
+        assert engine.adapters == {"ad1"}
+        assert engine.metrics is not None and engine.metrics.lora == LoraState(
+            max_loras=2, running=frozenset({"ad1"})
+        )
+        del cards[1]
+        with trio.fail_after(30):
+            await listed_twice()
+        assert engine.adapters == frozenset()
+        nursery.cancel_scope.cancel()
+
+
+# -- the rewrite header --------------------------------------------------------------------------
+
+
+def test_llm_ds_rewrite_header_is_read_first_and_an_empty_one_rewrites_nothing() -> None:
+    new, old = MODEL_REWRITE_HEADERS
+    assert new == "x-llm-d-model-name-rewrite"
+    assert model_rewrite({old: "a"}) == "a"
+    assert model_rewrite({new: "b"}) == "b"
+    assert model_rewrite({new: "b", old: "a"}) == "b"
+    # llm-d takes the first header present, even empty: no rewrite, the old one not read.
+    assert model_rewrite({new: "", old: "a"}) is None
+    assert model_rewrite({}) is None
+
+
+async def test_the_llm_d_header_rewrites_the_body_to_an_adapter_and_picks_its_engine(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with picking() as p:
+        serve(p, {2: "ad1"})
+        headers = request_headers(extra=[("x-llm-d-model-name-rewrite", "ad1")])
+        for _ in range(3):
+            answers = await exchange(p.picker, [headers, request_body(chat_body(), True)])
+            assert set_headers(answers[0], "request_headers")[DESTINATION] == p.endpoint(2)
+            assert json.loads(body_back(answers)[0])["model"] == "ad1"
+        assert await load_is_zero(p.pipeline)
+
+
+# -- the pick --------------------------------------------------------------------------------------
+
+
+def serve(p: Any, adapters: dict[int, str], states: dict[int, LoraState] | None = None) -> None:
+    """Give the picker's mock workers the adapters (and LoRA state) an `OpenAIEngine` reads
+    from a vLLM's /v1/models and /metrics."""
+    for worker in p.workers:
+        names = adapters.get(worker.instance_id, "")
+        worker.adapters = frozenset(n for n in names.split(",") if n)
+        lora = (states or {}).get(worker.instance_id)
+        worker.metrics = EngineMetrics(lora=lora) if lora is not None else None
+
+
+def adapter_body(model: str = "ad1") -> Any:
+    return request_body(chat_body(model=model), True)
+
+
+def pick_record(p: Any, request_id: str) -> Any:
+    records = [r for r in p.pipeline.transition_log.records() if r.request_id == request_id]
+    decision = next(r.decision for r in records if r.decision is not None)
+    return decision.selections[-1]
+
+
+async def test_an_adapter_goes_only_where_it_is_served_and_the_record_says_why(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with picking() as p:
+        serve(p, {1: "ad1,ad2", 3: "ad1"})
+        for n in range(6):
+            headers = request_headers(extra=[("x-request-id", f"r{n}")])
+            answers = await exchange(p.picker, [headers, adapter_body()])
+            # The pick and its fallbacks: serving engines only.
+            destination = set_headers(answers[0], "request_headers")[DESTINATION]
+            assert set(destination.split(",")) <= {p.endpoint(1), p.endpoint(3)}
+        record = pick_record(p, "r0")
+        assert record.inputs["lora"] == {"adapter": "ad1", "tiers": {"1": "full", "3": "full"}}
+        assert "LoRA adapter 'ad1'" in record.reason
+        # The base model's requests may still go anywhere.
+        headers = request_headers(extra=[("x-request-id", "base")])
+        await exchange(p.picker, [headers, request_body(chat_body(), True)])
+        record = pick_record(p, "base")
+        assert {c.worker_id for c in record.candidates} == {1, 2, 3}
+        assert "lora" not in record.inputs
+        assert await load_is_zero(p.pipeline)
+
+
+async def test_an_unserved_name_is_404_and_serving_engines_outside_the_subset_503(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with picking() as p:
+        serve(p, {3: "ad1"})
+        status, error = immediate(
+            await exchange(p.picker, [request_headers(), adapter_body("ad9")])
+        )
+        assert status == 404 and error["error"]["code"] == "model_not_found"
+        assert "'ad1'" in error["error"]["message"]  # the adapters served are named
+        subset = [p.endpoint(1), p.endpoint(2)]
+        status, error = immediate(
+            await exchange(
+                p.picker,
+                [request_headers(subset=subset), adapter_body()],
+            )
+        )
+        assert status == 503 and "LoRA adapter 'ad1'" in error["error"]["message"]
+        # The engine stops serving it (unloaded): its name is unknown again.
+        serve(p, {})
+        status, _ = immediate(await exchange(p.picker, [request_headers(), adapter_body()]))
+        assert status == 404
+        assert await load_is_zero(p.pipeline)
+
+
+async def test_kv_overlap_of_base_model_blocks_is_not_counted_for_an_adapter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Approximate KV mode: the index learns where prompts went from the picks themselves.
+    async with picking(KV.evolve(kv_events=False)) as p:
+        serve(p, {1: "ad1", 2: "ad1", 3: "ad1"})
+        text = "a long shared prompt " * 40
+        warm = request_headers(extra=[("x-request-id", "warm")])
+        await exchange(p.picker, [warm, request_body(chat_body(text), True)])
+        base = pick_record(p, "warm").chosen
+        ask = request_headers(extra=[("x-request-id", "base-again")])
+        await exchange(p.picker, [ask, request_body(chat_body(text), True)])
+        assert any(c.overlap_blocks for c in pick_record(p, "base-again").candidates)
+        ask = request_headers(extra=[("x-request-id", "adapter")])
+        await exchange(p.picker, [ask, request_body(chat_body(text, model="ad1"), True)])
+        record = pick_record(p, "adapter")
+        assert all(c.overlap_blocks == 0 for c in record.candidates), (base, record)
+        assert record.inputs["kv"]["overlap_score_weight"] == 0.0
+
+
+async def test_a_full_engine_running_the_adapter_yields_to_one_with_room(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    running = LoraState(max_loras=2, running=frozenset({"ad1", "x"}))
+    room = LoraState(max_loras=2, running=frozenset({"y"}))
+    async with picking(KV.evolve(max_inflight_per_worker=1)) as p:
+        serve(p, {1: "ad1", 2: "ad1"}, {1: running, 2: room})
+        # One request in flight on engine 1 fills it (one slot).
+        held = PreprocessedRequest(token_ids=(1, 2, 3), request_id="held", model="ad1")
+        decision = await p.pipeline.query(held, book=True, admit=True)
+        assert decision.decode_worker_id == 1
+        headers = request_headers(extra=[("x-request-id", "next")])
+        # Virtual time: queued behind engine 1 (the wrong answer) fails here, not hangs.
+        with trio.fail_after(60):
+            answers = await exchange(p.picker, [headers, adapter_body()])
+        assert set_headers(answers[0], "request_headers")[DESTINATION] == p.endpoint(2)
+        assert pick_record(p, "next").reason.startswith("LoRA adapter 'ad1' room on [2]")
+        p.pipeline.free("held")
+        assert await load_is_zero(p.pipeline)
+
+
+_STATES = st.builds(
+    LoraState,
+    max_loras=st.none() | st.integers(min_value=0, max_value=3),
+    running=st.frozensets(st.sampled_from(["ad1", "x", "y"]), max_size=3),
+    waiting=st.frozensets(st.sampled_from(["ad1", "x", "z"]), max_size=3),
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    served=st.lists(st.booleans(), min_size=3, max_size=3),
+    states=st.lists(st.none() | _STATES, min_size=3, max_size=3),
+)
+async def test_the_pick_is_a_serving_engine_of_the_best_tier(
+    autojump_clock: trio.testing.MockClock,
+    served: list[bool],
+    states: list[LoraState | None],
+) -> None:
+    async with picking() as p:
+        adapters = {i + 1: "ad1" for i, s in enumerate(served) if s}
+        lora = {i + 1: s for i, s in enumerate(states) if s is not None}
+        serve(p, adapters, lora)
+        headers = request_headers(extra=[("x-request-id", "r")])
+        answers = await exchange(p.picker, [headers, adapter_body()])
+        if not adapters:
+            assert immediate(answers)[0] == 404
+            return
+        chosen = pick_record(p, "r").chosen
+        assert chosen in adapters
+        tier = {w: adapter_affinity(p.workers[w - 1], "ad1") for w in adapters}
+        assert AFFINITY[tier[chosen]] == max(AFFINITY[t] for t in tier.values())
+        destination = set_headers(answers[0], "request_headers")[DESTINATION].split(",")
+        assert destination[0] == p.endpoint(chosen)
+        # The fallbacks are of the same tier: the others are not candidates.
+        assert {tier[int(e.split(":")[0].rsplit(".", 1)[1])] for e in destination} == {tier[chosen]}
+        assert await load_is_zero(p.pipeline)
+
+
+@pytest.mark.parametrize(
+    ("state", "tier"),
+    [
+        (LoraState(max_loras=1, running=frozenset({"ad1"})), "running"),
+        (LoraState(max_loras=2, running=frozenset({"x"})), "room"),
+        (LoraState(max_loras=1, running=frozenset({"x"}), waiting=frozenset({"ad1"})), "waiting"),
+        (LoraState(max_loras=1, running=frozenset({"x"})), "full"),
+        (None, "full"),
+    ],
+)
+def test_llm_ds_tiers(state: LoraState | None, tier: str) -> None:
+    class Engine:
+        metrics = EngineMetrics(lora=state) if state is not None else None
+
+    assert adapter_affinity(Engine(), "ad1") == tier
