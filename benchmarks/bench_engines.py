@@ -328,7 +328,7 @@ class Workload:
             "max_tokens": max_tokens,
             "temperature": 0,
             "ignore_eos": True,
-            "stream": True,
+            "stream": not args.non_stream,
         }
         prefix, suffix = self.prefixes[spec.prefix], f"{tag}: {spec.suffix}"
         if args.api == "chat":
@@ -355,7 +355,7 @@ class Sample:
 
 
 class StreamFailed(Exception):
-    """A streamed request did not end as a 200 with ``data: [DONE]``."""
+    """A request did not end as a 200 with ``data: [DONE]`` (or, not streamed, choices)."""
 
 
 def first_text(event: bytes) -> bool:
@@ -402,7 +402,8 @@ class Connection:
         """POST ``body`` to ``path`` and read the SSE stream to its end.
 
         Raises:
-            StreamFailed: not a 200, or no ``data: [DONE]`` at the end.
+            StreamFailed: not a 200, or no ``data: [DONE]`` at the end (a whole answer: no
+                choices).
             OSError, h11.ProtocolError: the connection broke (open a new one).
         """
         start = time.perf_counter()
@@ -438,6 +439,11 @@ class Connection:
         self._h11.start_next_cycle()
         if response.status_code != 200:
             raise StreamFailed(f"status {response.status_code}: {bytes(received[:300])!r}")
+        if not received.startswith(b"data: ") and received.startswith(b"{"):
+            # A whole (non-stream) answer: its first token is its last.
+            if b'"choices"' not in received:
+                raise StreamFailed(f"an answer without choices: {bytes(received[:300])!r}")
+            return Sample(latency, latency)
         if not received.rstrip().endswith(b"data: [DONE]"):
             raise StreamFailed(f"no data: [DONE] at the end: {bytes(received[-300:])!r}")
         return Sample(ttft, latency)
@@ -745,6 +751,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     load.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
     load.add_argument("--api", choices=("chat", "completions"), default="chat")
     load.add_argument(
+        "--non-stream", action="store_true",
+        help="whole answers (stream false; TTFT is then the latency): interlock reads the "
+        "engine's stream all the same",
+    )  # fmt: skip
+    load.add_argument(
         "--max-tokens", default="16", type=_lengths, metavar="T[,T...]",
         help="tokens per answer; several (4,64): each path runs at each, and the CPU per "
         "request is fitted to a cost per token and one per request (16)",
@@ -849,7 +860,8 @@ def run(
     lengths = ",".join(str(t) for t in args.max_tokens)
     print(
         f"{what}; model {model!r}\n"
-        f"{args.api}, stream, concurrency {args.concurrency}, {args.requests} requests per path "
+        f"{args.api}, {'non-stream' if args.non_stream else 'stream'}, "
+        f"concurrency {args.concurrency}, {args.requests} requests per path "
         f"in {args.rounds} interleaved rounds; {len(workload.prefixes)} shared prefixes, "
         f"prompts of {min(lengths_of)}-{max(lengths_of)} tokens before the template; "
         f"max_tokens {lengths}, greedy, ignore_eos; "
