@@ -25,7 +25,6 @@ from interlock import (
     WorkerGone,
     build_pipeline,
 )
-from interlock._pipeline import HOLD_OUTPUTS
 from interlock.engines.mock import (
     MockEngine,
     MockOpenAIServer,
@@ -60,10 +59,8 @@ async def open_cluster(
     roles: Sequence[str] = ("agg", "agg"),
     engine_options: dict[str, Any] | None = None,
     kv_events: bool = False,
-    timing: MockTiming = ZERO,
 ) -> AsyncIterator[Cluster]:
-    """Mock engines behind vLLM's HTTP surface, ids 1..N, and a pipeline over OpenAIEngines
-    (the engines' steps take ``timing``'s time: none by default)."""
+    """Mock engines behind vLLM's HTTP surface, ids 1..N, and a pipeline over OpenAIEngines."""
     faults = faults or {}
     async with trio.open_nursery() as nursery:
         feed = None
@@ -73,7 +70,7 @@ async def open_cluster(
         servers: dict[int, MockOpenAIServer] = {}
         replays: dict[int, str | None] = {}
         for index, role in enumerate(roles, start=1):
-            mock = MockEngine(index, role, timing=timing, keep_block_tokens=kv_events)  # type: ignore[arg-type]
+            mock = MockEngine(index, role, timing=ZERO, keep_block_tokens=kv_events)  # type: ignore[arg-type]
             servers[index] = await nursery.start(
                 lambda task_status, m=mock, i=index: serve_mock_openai(
                     m,
@@ -329,58 +326,3 @@ async def test_kv_routing_follows_the_engines_own_kv_events() -> None:
             assert decision.decode_worker_id == owner
             _, final = await generate(pipeline, follow_up)
             assert final.usage.cached_tokens >= 256
-
-
-#: At the reference timing model's speed (~6 ms a token), one SSE chunk a token as vLLM sends
-#: them: 200 tokens take over a second of (virtual) time, two holds and more.
-TIMED = MockTiming(speedup_ratio=1.0)
-WHOLE_TOKENS = 200
-
-
-async def outputs_of(pipeline: Any, request: PreprocessedRequest, *, progress: bool) -> list[Any]:
-    return [output async for output in pipeline.generate(request, progress=progress)]
-
-
-def tokens_of(outputs: list[Any]) -> list[int]:
-    return [token for output in outputs for token in output.token_ids]
-
-
-async def test_a_whole_answer_reads_the_engines_chunks_into_a_few_outputs(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    request = PreprocessedRequest(token_ids=PROMPT, max_tokens=WHOLE_TOKENS)
-    async with open_cluster(PipelineConfig(), roles=("agg",), timing=TIMED) as cluster:
-        started = trio.current_time()
-        held = await outputs_of(cluster.pipeline, request, progress=False)
-        took = trio.current_time() - started
-        streamed = await outputs_of(cluster.pipeline, request, progress=True)
-    expected = mock_continuation(PROMPT, WHOLE_TOKENS)
-    assert tokens_of(held) == expected and tokens_of(streamed) == expected
-    assert held[-1].finish_reason == "length"
-    assert held[-1].usage.completion_tokens == WHOLE_TOKENS
-    # The first token at once, then at most one output per hold, then the last.
-    assert took > 2 * HOLD_OUTPUTS
-    assert len(held[0].token_ids) == 1
-    assert len(held) <= 2 + math.ceil(took / HOLD_OUTPUTS), [len(o.token_ids) for o in held]
-    # A stream read as it comes gets its tokens as the engine sends them: one a chunk.
-    assert len(streamed) == WHOLE_TOKENS
-
-
-async def test_what_a_held_answer_read_goes_before_the_broken_stream(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    # Engine 1 closes the stream after 50 tokens, while the frontend holds the 49 after the
-    # first: they reach the pipeline before the broken stream does, so the migration folds
-    # all 50 into the prompt and generates none of them again.
-    config = PipelineConfig(router_mode="round_robin", migration_limit=1)
-    request = PreprocessedRequest(token_ids=PROMPT, max_tokens=WHOLE_TOKENS, request_id="r")
-    async with open_cluster(config, faults={1: "eof:after=50"}, timing=TIMED) as cluster:
-        held = await outputs_of(cluster.pipeline, request, progress=False)
-        records = cluster.pipeline.transition_log.records("r")
-    assert tokens_of(held) == mock_continuation(PROMPT, WHOLE_TOKENS)
-    migrations = [r for r in records if r.trigger == "migrate"]
-    assert len(migrations) == 1
-    assert migrations[0].decision.request.token_ids == (
-        *PROMPT,
-        *mock_continuation(PROMPT, 50),
-    )

@@ -563,13 +563,6 @@ class _HttpStream:
     Iterating yields one output per read of the engine's stream: every SSE chunk that had
     already arrived is joined into it (`join_waiting`), so a burst of tokens costs the pipeline
     and the client one output, not one per token (as interlock's own workers send them).
-
-    ``hold_outputs`` (seconds, set by the pipeline for a whole answer, ``generate``'s
-    ``progress=False``): after the first token, the stream reads on for up to that long (or
-    to the answer's end) before it returns what it read, as one output. An engine sends one
-    SSE chunk per token as it generates it (vLLM does): without it, a whole answer of N tokens
-    cost N passes through the pipeline, the postprocessor and the detokenizer. The reads are
-    the same; a failure during a hold is raised after the outputs held (migration keeps them).
     """
 
     __slots__ = (
@@ -584,8 +577,6 @@ class _HttpStream:
         "_response",
         "_splitter",
         "_streaming",
-        "_tokens_out",
-        "hold_outputs",
     )
 
     def __init__(self, engine: OpenAIEngine, request: PreprocessedRequest) -> None:
@@ -608,9 +599,6 @@ class _HttpStream:
         self._reader = ChunkReader(
             engine.instance_id, text=text, describe=engine.base_url, chat=self._chat
         )
-        self.hold_outputs = 0.0
-        #: An output with tokens was returned (the first token is never held).
-        self._tokens_out = False
 
     async def __aenter__(self) -> AsyncIterator[EngineOutput]:
         engine = self._engine
@@ -765,32 +753,10 @@ class _HttpStream:
                 await self._read_more()
             else:
                 raise StopAsyncIteration
-        if self._tokens_out:
-            if self.hold_outputs and outputs[-1].finish_reason is None:
-                await self._hold()
-        elif any(output.token_ids for output in outputs):
-            self._tokens_out = True
         # Everything that had arrived, joined into one output (built once); the next read
         # may wait.
         first = outputs.popleft()
         return join_waiting(first, outputs) if outputs else first
-
-    async def _hold(self) -> None:
-        """Read on, keeping the outputs, until the answer ends (its final output read), the
-        stream fails (kept in `_error`, raised after them) or `hold_outputs` seconds pass."""
-        outputs = self._outputs
-        with trio.move_on_after(self.hold_outputs):
-            while outputs[-1].finish_reason is None and self._error is None:
-                if self._payloads:
-                    self._decode()
-                elif not self._streaming:
-                    return
-                else:
-                    try:
-                        await self._read_more()
-                    except WorkerGone as exc:
-                        self._error = exc
-                        return
 
     def _decode(self) -> None:
         """Feed every payload split from the body so far to the reader; keep its outputs, and
