@@ -31,10 +31,9 @@ READ_SIZE = 65536
 #: Seconds a request may take to be written (an engine that reads nothing), as httpx's write
 #: timeout was.
 SEND_TIMEOUT = 60.0
-#: Over TLS, a request up to this size is written without a `SEND_TIMEOUT` scope (which costs
-#: a few percent of a request's CPU): it fits a connection's empty send buffer (Linux starts
-#: one at 16 KiB, TLS records included), so it cannot wait on the engine. (A plain TCP
-#: connection needs no such bound: `_Connection._send_plain` sees what the socket took.)
+#: A request up to this size is written without a `SEND_TIMEOUT` scope (which costs a few
+#: percent of a request's CPU): it fits a connection's empty send buffer (Linux starts one at
+#: 16 KiB, TLS records included), so it cannot wait on the engine.
 UNTIMED_SEND_BYTES = 8 * 1024
 #: Bytes of an answer's head (status line, headers, and any 1xx answers before it) past which
 #: the engine is taken as broken: llhttp itself has no limit, and the head is held in memory.
@@ -242,7 +241,6 @@ class _Connection:
     __slots__ = (
         "_body",
         "_complete",
-        "_fd",
         "_head_bytes",
         "_headers_done",
         "_interim",
@@ -257,61 +255,13 @@ class _Connection:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream: trio.abc.Stream | None = stream
-        #: A plain TCP connection's descriptor, written and read with os.write and os.read
-        #: (`_send_plain`, `_read_plain`), as interlock's HTTP server does its writes: trio's
-        #: socket methods pass through the scheduler after every call that did not wait (a
-        #: request, its answer's head and every read of its body: a third of the engine
-        #: client's CPU per request). None over TLS, which goes through trio's SSLStream.
-        self._fd: int | None = None
-        if isinstance(stream, trio.SocketStream):
-            self._fd = stream.socket.fileno()
-            self._receive_some = self._read_plain
-        else:
-            self._receive_some = stream.receive_some
+        # A plain TCP connection is read from its socket: SocketStream.receive_some adds a
+        # conflict detector (a context manager) and checks per read, several per request.
+        # Its errors are OSErrors, which every read handles as the stream's own.
+        self._receive_some = (
+            stream.socket.recv if isinstance(stream, trio.SocketStream) else stream.receive_some
+        )
         self._reset()
-
-    async def _read_plain(self, size: int) -> bytes:
-        """Up to ``size`` bytes of the socket (b"" at its end), waiting for some if none are
-        there. A checkpoint only when it waits or the task is cancelled: the bytes of a burst
-        are taken without a trip through the scheduler, and the caller's next wait (for the
-        engine's next bytes, or the client's socket) gives other tasks their turn.
-
-        Raises:
-            OSError: the connection broke (reset by the engine).
-            trio.ClosedResourceError: the connection was closed while waiting.
-        """
-        fd = self._fd
-        assert fd is not None
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                return os.read(fd, size)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-
-    async def _send_plain(self, message: bytes) -> None:
-        """Write ``message`` whole: at once when the socket's buffer takes it (a request
-        always does on a connection with nothing in flight), without a checkpoint since the
-        answer's wait follows; else the rest through trio, within `SEND_TIMEOUT`.
-
-        Raises:
-            OSError, trio.BrokenResourceError: the connection broke.
-            EngineProtocolError: the engine took nothing for `SEND_TIMEOUT` seconds.
-        """
-        fd = self._fd
-        stream = self._stream
-        assert fd is not None
-        assert stream is not None
-        try:
-            sent = os.write(fd, message)
-        except BlockingIOError:
-            sent = 0
-        if sent == len(message):
-            return
-        with trio.move_on_after(SEND_TIMEOUT) as sending:
-            await stream.send_all(memoryview(message)[sent:])
-        if sending.cancelled_caught:
-            raise EngineProtocolError(f"the engine did not take the request within {SEND_TIMEOUT}s")
 
     def _reset(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
@@ -404,9 +354,7 @@ class _Connection:
         self._reset()
         try:
             try:
-                if self._fd is not None:
-                    await self._send_plain(message)
-                elif len(message) <= UNTIMED_SEND_BYTES:
+                if len(message) <= UNTIMED_SEND_BYTES:
                     await stream.send_all(message)
                 else:
                     with trio.move_on_after(SEND_TIMEOUT) as sending:
@@ -417,13 +365,10 @@ class _Connection:
                         )
             except (trio.BrokenResourceError, OSError) as exc:
                 raise _NotSent(f"sending the request failed: {type(exc).__name__}: {exc}") from exc
-            if self._fd is not None:
-                # The answer cannot be there yet: wait for it rather than try a read first.
-                await trio.lowlevel.wait_readable(self._fd)
             while not self._headers_done:
                 try:
                     data = await self._receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                except (trio.BrokenResourceError, OSError) as exc:
                     why = f"the connection broke before the answer: {type(exc).__name__}: {exc}"
                     if not self._head_bytes and _reset_by_peer(exc):
                         raise _NotSent(why) from exc
@@ -462,7 +407,7 @@ class _Connection:
                 raise EngineProtocolError("the connection is closed")
             try:
                 data = await self._receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            except (trio.BrokenResourceError, OSError) as exc:
                 self.close()
                 raise EngineProtocolError(f"{type(exc).__name__}: {exc}") from exc
             if not data:
