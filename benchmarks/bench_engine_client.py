@@ -13,7 +13,7 @@ checkout and shared. It prints a line per round and checkout, then the medians, 
 request, and the median of the per-round ratios of the last checkout to the first.
 
     python benchmarks/bench_engine_client.py --src base=/tmp/base --src new=. \\
-        [--rounds 6] [-n 2000] [--concurrency 16] [--modes stream,whole]
+        [--rounds 6] [-n 2000] [--concurrency 16] [--modes stream,whole] [--speedup 1]
 """
 
 from __future__ import annotations
@@ -82,13 +82,16 @@ trio.run(main)
 """
 
 
-def start_engines(processes: Processes, count: int) -> list[str]:
-    """``count`` zero-time mock engines behind vLLM's HTTP surface; their URLs."""
+def start_engines(processes: Processes, count: int, speedup: float | None = None) -> list[str]:
+    """``count`` mock engines behind vLLM's HTTP surface, zero-time (or at ``speedup`` times
+    the reference timing model's speed: one SSE chunk a token, as a real engine sends them);
+    their URLs."""
+    timing = ["--zero-time"] if speedup is None else ["--speedup", str(speedup)]
     started = []
     for worker_id in range(1, count + 1):
         command = [
             sys.executable, "-m", "interlock", "worker", "--id", str(worker_id), "--port", "0",
-            "--openai-port", "0", "--zero-time", "--log-level", "warning",
+            "--openai-port", "0", "--log-level", "warning", *timing,
         ]  # fmt: skip
         started.append(processes.start(f"engine{worker_id}", command))
     return [
@@ -123,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=255)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--modes", default="stream,whole", help="stream, whole or both (default)")
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        help="engines at this many times the reference timing model's speed (1: a GPU's, a "
+        "chunk a token) instead of zero-time",
+    )
     args = parser.parse_args(argv)
     sources = [tuple(value.split("=", 1)) for value in args.src]
     modes = args.modes.split(",")
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_engine_client-") as scratch:
         processes = Processes(Path(scratch))
         try:
-            urls = start_engines(processes, args.engines)
+            urls = start_engines(processes, args.engines, args.speedup)
             for number in range(args.rounds):
                 order = sources if number % 2 == 0 else sources[::-1]
                 for mode in modes:
@@ -147,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
             processes.stop_all()
     first, last = sources[0][0], sources[-1][0]
     print(
-        f"\n{args.engines} zero-time engines, {args.prompt_tokens}-id prompts, "
+        f"\n{args.engines} engines "
+        f"({'zero-time' if args.speedup is None else f'timing x{args.speedup:g}'}), "
+        f"{args.prompt_tokens}-id prompts, "
         f"max_tokens {args.max_tokens}, concurrency {args.concurrency}, {args.n} requests a "
         f"run, {args.rounds} rounds; CPU ms per request (median) and outputs per request"
     )
