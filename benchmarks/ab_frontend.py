@@ -15,6 +15,10 @@ compare the ratios.
         --cells nonstream:16,nonstream:64,nonstream:256,stream:16,stream:64,stream:256 \
         --policy round_robin -n 1000 --rounds 2
 
+``--engines http`` puts each checkout's ``interlock serve --engine ID=URL`` over the workers'
+vLLM-compatible HTTP surface instead (``interlock worker --openai-port 0``, KV events over ZMQ
+as vLLM publishes them under ``--policy kv``): the path a real vLLM takes.
+
 The load generator needs aiohttp: ``--loadgen-python`` names a Python that has it (default:
 the peers' tools venv, ``bash ../shared/peers/install_peers.sh tools``).
 """
@@ -56,14 +60,27 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def cluster(src: str, policy: str, extra: list[str]) -> Iterator[tuple[int, int, list[int]]]:
-    """Start 2 workers and serve from checkout ``src``; yield serve's port and pid and the
-    workers' pids; stop them all at the end."""
+def cluster(
+    src: str, policy: str, extra: list[str], engines: str = "wire"
+) -> Iterator[tuple[int, int, list[int]]]:
+    """Start 2 workers and serve from checkout ``src`` (over the workers' wire protocol, or
+    with ``engines="http"`` over their vLLM-compatible HTTP surface); yield serve's port and
+    pid and the workers' pids; stop them all at the end."""
     env = dict(os.environ, PYTHONPATH=src)
     procs = []
+    http = engines == "http"
+    # vLLM publishes KV events to the one socket the frontend binds (router mode kv only).
+    kv_bind = f"tcp://127.0.0.1:{free_port()}" if http and policy == "kv" else None
     try:
         ports = []
         for i in (1, 2):
+            surface = []
+            if http:
+                # vLLM's CPU backend pages in blocks of 32 (reference/vllm-cpu.md).
+                surface = ["--openai-port", "0", "--served-model-name", "tiny"]
+                surface += ["--block-size", "32"]
+                if kv_bind is not None:
+                    surface += ["--kv-events-endpoint", kv_bind]
             p = subprocess.Popen(
                 [
                     VENV_PY,
@@ -79,6 +96,7 @@ def cluster(src: str, policy: str, extra: list[str]) -> Iterator[tuple[int, int,
                     "--zero-time",
                     "--log-level",
                     "warning",
+                    *surface,
                 ],
                 env=env,
                 stdout=subprocess.PIPE,
@@ -86,11 +104,19 @@ def cluster(src: str, policy: str, extra: list[str]) -> Iterator[tuple[int, int,
                 cwd=src,
             )
             procs.append(p)
-            ports.append(json.loads(p.stdout.readline())["port"])
+            announced = json.loads(p.stdout.readline())
+            ports.append(announced["openai_url"] if http else announced["port"])
         port = free_port()
         rw = []
         for i, wp in zip((1, 2), ports, strict=True):
-            rw += ["--remote-worker", f"{i}=127.0.0.1:{wp}"]
+            if http:
+                rw += ["--engine", f"{i}={wp}"]
+            else:
+                rw += ["--remote-worker", f"{i}=127.0.0.1:{wp}"]
+        if http:
+            rw += ["--kv-block-size", "32"]
+            if kv_bind is not None:
+                rw += ["--kv-events-bind", kv_bind]
         serve = subprocess.Popen(
             [
                 VENV_PY,
@@ -209,6 +235,13 @@ def main() -> None:
         help="loadgen's system prompt repeats (28: ~255-token prompts, bench_frontend.py's)",
     )
     ap.add_argument("--extra", default="", help="more flags for interlock serve")
+    ap.add_argument(
+        "--engines",
+        choices=("wire", "http"),
+        default="wire",
+        help="serve over the workers' wire protocol (--remote-worker) or their vLLM-compatible "
+        "HTTP surface (--engine ID=URL, the path a real vLLM takes)",
+    )
     ap.add_argument("--loadgen-python", default=TOOLS_PY)
     a = ap.parse_args()
     LOADGEN_PY[0] = a.loadgen_python
@@ -218,7 +251,7 @@ def main() -> None:
     for r in range(a.rounds):
         order = srcs if r % 2 == 0 else list(reversed(srcs))
         for name, src in order:
-            with cluster(src, a.policy, a.extra.split()) as (port, pid, wpids):
+            with cluster(src, a.policy, a.extra.split(), a.engines) as (port, pid, wpids):
                 for mode, c in cells:
                     res = run_cell(port, pid, wpids, mode, c, a.n, a.max_tokens, a.prefix_repeat)
                     results.setdefault((mode, c), {}).setdefault(name, []).append(res)
@@ -227,7 +260,10 @@ def main() -> None:
                         flush=True,
                     )
     names = [n for n, _ in srcs]
-    print(f"\npolicy={a.policy} n={a.n} rounds={a.rounds} max_tokens={a.max_tokens}")
+    print(
+        f"\nengines={a.engines} policy={a.policy} n={a.n} rounds={a.rounds} "
+        f"max_tokens={a.max_tokens}"
+    )
     print(
         "| mode | C | "
         + " | ".join(f"{n} ms/req" for n in names)

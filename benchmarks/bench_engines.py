@@ -21,11 +21,27 @@ process tree spent per request (utime + stime from /proc, while its requests ran
 is shared and noisy: read the ratios, not the absolute times. Every process it starts runs in
 its own process group, and the whole group is stopped at the end, on error and on Ctrl-C.
 
+Where the frontend's CPU goes per token and per request: ``--max-tokens 4,64`` runs every
+path at each length in every round and fits the CPU per request (net of the idle polling) to
+``a + b * tokens``: ``b`` is what each streamed token costs (one SSE chunk in from the engine,
+one out to the client, as a real engine sends them), ``a`` what a request costs whatever its
+length. ``--wire`` measures, beside it, an ``interlock serve`` over the same mock engines
+through interlock's own wire protocol (``--remote-worker``; mock engines only), for the same
+fit on that path.
+
+Old against new: ``--src NAME=DIR`` (repeat it) starts one ``interlock serve`` per checkout
+(``PYTHONPATH=DIR``), all in front of the same engines and measured in the same rounds, the
+order alternating; it prints each one's CPU per request and the median over rounds of the
+last one's over the first one's. (Without ``--kv-events-bind``: vLLM publishes its KV events
+to one socket.)
+
     python benchmarks/bench_engines.py [--engines E] [--speedup S | --zero-time]
         [--requests N] [--concurrency C] [--rounds R] [--api chat|completions]
-        [--max-tokens T] [--router-mode MODE] [--model-dir DIR]
+        [--max-tokens T[,T...]] [--router-mode MODE] [--model-dir DIR] [--wire]
+        [--src NAME=DIR ...]
     python benchmarks/bench_engines.py --engine-url http://127.0.0.1:8100 [--engine-url ...]
         --model-dir DIR [--served-model-name NAME] [--kv-events-bind ENDPOINT]
+        [--src NAME=DIR ...]
 """
 
 from __future__ import annotations
@@ -54,6 +70,8 @@ import trio
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KV_BLOCK_SIZE = 32  # vLLM's CPU backend forces a multiple of 32 (reference/vllm-cpu.md)
 GOAL_TTFT_RATIO = 1.05
+#: The name of the frontend over the mock engines' wire protocol (`--wire`).
+WIRE = "interlock-wire"
 # Words for the prompts: common, mostly one token each in a BPE vocabulary.
 _WORD_TEXT = (
     "the river mountain quiet stone light window garden morning evening story paper table "
@@ -162,29 +180,49 @@ def start_mock_engines(
     urls = []
     for process, log in started:
         line = wait_for_line(process, log, '"openai_url"')
-        urls.append(str(json.loads(line)["openai_url"]))
+        announced = json.loads(line)
+        urls.append(str(announced["openai_url"]))
+        # The same engine's wire protocol port (`--wire`).
+        args.wire_ports.append(int(announced["port"]))
     return urls
+
+
+@attrs.frozen
+class Frontend:
+    """One ``interlock serve`` measured: its name in the tables, URL and process id."""
+
+    name: str
+    url: str
+    pid: int
 
 
 def start_interlock(
     processes: Processes, args: argparse.Namespace, engine_urls: Sequence[str], model: str,
-    kv_bind: str | None,
-) -> tuple[subprocess.Popen[bytes], str]:  # fmt: skip
-    """Start ``interlock serve`` over ``engine_urls`` (ids 1..E); return it and its URL once
-    it listens (it has checked every engine's /health, /v1/models and /tokenize by then)."""
+    kv_bind: str | None, *, name: str = "interlock", src: str | None = None,
+    wire_ports: Sequence[int] = (),
+) -> Frontend:  # fmt: skip
+    """Start ``interlock serve`` over ``engine_urls`` (ids 1..E; with ``wire_ports``, over
+    those engines' wire protocol ports instead), from checkout ``src`` (None: this one);
+    return it once it listens (it has checked every engine's /health, /v1/models and
+    /tokenize by then)."""
     command = [
         sys.executable, "-m", "interlock", "serve", "--port", "0", "--model-name", model,
         "--kv-block-size", str(KV_BLOCK_SIZE), "--router-mode", args.router_mode,
     ]  # fmt: skip
     if args.model_dir:
         command += ["--tokenizer", args.model_dir]
-    for worker_id, url in enumerate(engine_urls, start=1):
-        command += ["--engine", f"{worker_id}={url}"]
-    if kv_bind is not None:
-        command += ["--kv-events-bind", kv_bind]
-    process, log = processes.start("interlock", command)
+    if wire_ports:
+        for worker_id, port in enumerate(wire_ports, start=1):
+            command += ["--remote-worker", f"{worker_id}=127.0.0.1:{port}"]
+    else:
+        for worker_id, url in enumerate(engine_urls, start=1):
+            command += ["--engine", f"{worker_id}={url}"]
+        if kv_bind is not None:
+            command += ["--kv-events-bind", kv_bind]
+    env = {"PYTHONPATH": str(Path(src).resolve())} if src is not None else None
+    process, log = processes.start(name.replace(":", "-"), command, env)
     line = wait_for_line(process, log, "listening on ")
-    return process, line.split("listening on ")[1].split()[0]
+    return Frontend(name, line.split("listening on ")[1].split()[0], process.pid)
 
 
 def tree_cpu_seconds(root: int) -> float:
@@ -281,14 +319,16 @@ class Workload:
         )
         return cls(texts, specs)
 
-    def body(self, args: argparse.Namespace, model: str, spec: Spec, tag: str) -> bytes:
-        """The request's JSON body: streamed, greedy, ignore_eos, ``args.max_tokens``."""
+    def body(
+        self, args: argparse.Namespace, model: str, spec: Spec, tag: str, max_tokens: int
+    ) -> bytes:
+        """The request's JSON body: streamed, greedy, ignore_eos, ``max_tokens``."""
         common: dict[str, Any] = {
             "model": model,
-            "max_tokens": args.max_tokens,
+            "max_tokens": max_tokens,
             "temperature": 0,
             "ignore_eos": True,
-            "stream": True,
+            "stream": not args.non_stream,
         }
         prefix, suffix = self.prefixes[spec.prefix], f"{tag}: {spec.suffix}"
         if args.api == "chat":
@@ -315,7 +355,7 @@ class Sample:
 
 
 class StreamFailed(Exception):
-    """A streamed request did not end as a 200 with ``data: [DONE]``."""
+    """A request did not end as a 200 with ``data: [DONE]`` (or, not streamed, choices)."""
 
 
 def first_text(event: bytes) -> bool:
@@ -362,7 +402,8 @@ class Connection:
         """POST ``body`` to ``path`` and read the SSE stream to its end.
 
         Raises:
-            StreamFailed: not a 200, or no ``data: [DONE]`` at the end.
+            StreamFailed: not a 200, or no ``data: [DONE]`` at the end (a whole answer: no
+                choices).
             OSError, h11.ProtocolError: the connection broke (open a new one).
         """
         start = time.perf_counter()
@@ -398,6 +439,11 @@ class Connection:
         self._h11.start_next_cycle()
         if response.status_code != 200:
             raise StreamFailed(f"status {response.status_code}: {bytes(received[:300])!r}")
+        if not received.startswith(b"data: ") and received.startswith(b"{"):
+            # A whole (non-stream) answer: its first token is its last.
+            if b'"choices"' not in received:
+                raise StreamFailed(f"an answer without choices: {bytes(received[:300])!r}")
+            return Sample(latency, latency)
         if not received.rstrip().endswith(b"data: [DONE]"):
             raise StreamFailed(f"no data: [DONE] at the end: {bytes(received[-300:])!r}")
         return Sample(ttft, latency)
@@ -455,13 +501,16 @@ class LoadGenerator:
 
 @attrs.define
 class PathResult:
-    """Everything measured on one path, over all rounds."""
+    """Everything measured on one path (at one ``max_tokens``), over all rounds."""
 
     samples: list[Sample] = attrs.field(factory=list)
     seconds: float = 0.0
-    #: CPU seconds the interlock process tree spent while this path's requests ran (on the
-    #: direct path: its idle cost, polling the engines' /health and /metrics).
-    interlock_cpu: float = 0.0
+    #: CPU seconds each interlock process tree (by name) spent while this path's requests
+    #: ran: its own requests' cost on its own path, its idle cost (polling the engines'
+    #: /health and /metrics) on the others.
+    cpu: dict[str, float] = attrs.field(factory=dict)
+    #: Per round: CPU seconds of this path's own interlock and requests sent.
+    per_round_cpu: list[tuple[float, int]] = attrs.field(factory=list)
     per_round_ttft_p50: list[float] = attrs.field(factory=list)
 
     @property
@@ -477,6 +526,10 @@ class PathResult:
         return float(statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1])
 
 
+#: Results by (path name, max_tokens); the direct path is named "direct".
+Results = dict[tuple[str, int], PathResult]
+
+
 def p50_ttft(samples: Sequence[Sample]) -> float:
     values = [s.ttft for s in samples if s.error is None and s.ttft is not None]
     return statistics.median(values) if values else float("nan")
@@ -484,105 +537,177 @@ def p50_ttft(samples: Sequence[Sample]) -> float:
 
 async def measure(
     args: argparse.Namespace, workload: Workload, engine_urls: Sequence[str], model: str,
-    interlock_url: str, interlock_pid: int,
-) -> tuple[PathResult, PathResult]:  # fmt: skip
-    """Warm up, then run the rounds; return what the direct and the interlock path measured."""
+    frontends: Sequence[Frontend],
+) -> Results:  # fmt: skip
+    """Warm up, then run the rounds: in each, every path at every length, the order of the
+    paths alternating; return what each measured."""
     path = "/v1/chat/completions" if args.api == "chat" else "/v1/completions"
     generator = LoadGenerator(args.concurrency)
+    lengths: list[int] = args.max_tokens
     # Warm up: every prefix into every engine's cache, then every path and connection.
     warm = [
-        (url, path, workload.body(args, model, Spec(p, f"warm-up {p}"), "warm"))
+        (url, path, workload.body(args, model, Spec(p, f"warm-up {p}"), "warm", lengths[0]))
         for url in engine_urls
         for p in range(len(workload.prefixes))
     ]
-    warm += [
-        (interlock_url, path, workload.body(args, model, Spec(p % len(workload.prefixes),
-                                                              f"warm-up {p}"), "warm-i"))
-        for p in range(2 * args.concurrency)
-    ]  # fmt: skip
+    for frontend in frontends:
+        warm += [
+            (frontend.url, path, workload.body(args, model, Spec(p % len(workload.prefixes),
+             f"warm-up {p}"), f"warm-{frontend.name}", lengths[0]))
+            for p in range(2 * args.concurrency)
+        ]  # fmt: skip
     failed = [s.error for s in await generator.run(warm) if s.error is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(warm)} warm-up requests failed: {failed[0]}")
-    direct, through = PathResult(), PathResult()
+    names = ["direct", *(f.name for f in frontends)]
+    urls = {f.name: f.url for f in frontends}
+    results: Results = {(name, t): PathResult() for name in names for t in lengths}
     for number, specs in enumerate(workload.rounds):
-        order = ("direct", "interlock") if number % 2 == 0 else ("interlock", "direct")
-        for name in order:
-            if name == "direct":
+        order = names if number % 2 == 0 else names[::-1]
+        for max_tokens in lengths:
+            for name in order:
                 jobs = [
-                    (engine_urls[i % len(engine_urls)], path,
-                     workload.body(args, model, spec, f"direct {number}-{i}"))
+                    (engine_urls[i % len(engine_urls)] if name == "direct" else urls[name],
+                     path, workload.body(args, model, spec, f"{name} {number}-{i}", max_tokens))
                     for i, spec in enumerate(specs)
                 ]  # fmt: skip
-                result = direct
-            else:
-                jobs = [
-                    (interlock_url, path,
-                     workload.body(args, model, spec, f"interlock {number}-{i}"))
-                    for i, spec in enumerate(specs)
-                ]  # fmt: skip
-                result = through
-            cpu_before = tree_cpu_seconds(interlock_pid)
-            start = time.perf_counter()
-            samples = await generator.run(jobs)
-            result.seconds += time.perf_counter() - start
-            result.interlock_cpu += tree_cpu_seconds(interlock_pid) - cpu_before
-            result.samples += samples
-            result.per_round_ttft_p50.append(p50_ttft(samples))
+                result = results[name, max_tokens]
+                cpu_before = {f.name: tree_cpu_seconds(f.pid) for f in frontends}
+                start = time.perf_counter()
+                samples = await generator.run(jobs)
+                result.seconds += time.perf_counter() - start
+                for f in frontends:
+                    spent = tree_cpu_seconds(f.pid) - cpu_before[f.name]
+                    result.cpu[f.name] = result.cpu.get(f.name, 0.0) + spent
+                    if f.name == name:
+                        result.per_round_cpu.append((spent, len(samples)))
+                result.samples += samples
+                result.per_round_ttft_p50.append(p50_ttft(samples))
     await generator.aclose()
-    return direct, through
+    return results
 
 
-def report(direct: PathResult, through: PathResult) -> None:
+def net_cpu_ms(results: Results, name: str, max_tokens: int) -> tuple[float, float, float]:
+    """Frontend ``name``'s CPU ms per request at ``max_tokens``: gross, net of its idle cost
+    (its CPU per second while the other paths ran, at any length), and that idle cost (ms per
+    second)."""
+    own = results[name, max_tokens]
+    idle_cpu = sum(r.cpu.get(name, 0.0) for (n, _), r in results.items() if n != name)
+    idle_seconds = sum(r.seconds for (n, _), r in results.items() if n != name)
+    idle_rate = idle_cpu / max(idle_seconds, 1e-9)
+    requests = max(len(own.samples), 1)
+    gross = own.cpu.get(name, 0.0) / requests * 1000.0
+    net = (own.cpu.get(name, 0.0) - idle_rate * own.seconds) / requests * 1000.0
+    return gross, net, idle_rate * 1000.0
+
+
+def report(
+    results: Results, frontends: Sequence[Frontend], max_tokens: int, *, label: bool
+) -> None:
+    """The table of one length: the direct path and every frontend, their ratios to it, and
+    each frontend's CPU per request."""
     ms = 1000.0
+    if label:
+        print(f"\nmax_tokens {max_tokens}")
     header = (
         f"{'path':<26} {'TTFT p50':>9} {'TTFT p90':>9} {'lat p50':>9} {'lat p90':>9} "
         f"{'req/s':>7} {'errors':>7}"
     )
     print(header + "\n" + "-" * len(header))
-    for name, result in (("direct to the engines", direct), ("through interlock serve", through)):
+    direct = results["direct", max_tokens]
+    rows = [("direct to the engines", direct)]
+    single = len(frontends) == 1 and frontends[0].name == "interlock"
+    for f in frontends:
+        title = "through interlock serve" if single else f"through {f.name}"
+        rows.append((title, results[f.name, max_tokens]))
+    for title, result in rows:
         errors = len(result.samples) - len(result.ok)
         print(
-            f"{name:<26} {result.percentile('ttft', 50) * ms:>9.1f} "
+            f"{title:<26} {result.percentile('ttft', 50) * ms:>9.1f} "
             f"{result.percentile('ttft', 90) * ms:>9.1f} "
             f"{result.percentile('latency', 50) * ms:>9.1f} "
             f"{result.percentile('latency', 90) * ms:>9.1f} "
             f"{len(result.ok) / max(result.seconds, 1e-9):>7.1f} {errors:>7}"
         )
-    ratios = [
-        through.percentile(field, q) / direct.percentile(field, q)
-        for field, q in (("ttft", 50), ("ttft", 90), ("latency", 50), ("latency", 90))
-    ]
-    print(
-        f"{'ratio interlock / direct':<26} {ratios[0]:>9.3f} {ratios[1]:>9.3f} "
-        f"{ratios[2]:>9.3f} {ratios[3]:>9.3f} "
-        f"{(len(through.ok) / through.seconds) / (len(direct.ok) / direct.seconds):>7.3f}"
-    )
-    added = (through.percentile("ttft", 50) - direct.percentile("ttft", 50)) * ms
-    added_latency = (through.percentile("latency", 50) - direct.percentile("latency", 50)) * ms
-    print(f"interlock adds {added:+.1f} ms to TTFT p50 and {added_latency:+.1f} ms to latency p50")
-    per_round = [
-        f"{i / d:.3f}"
-        for i, d in zip(through.per_round_ttft_p50, direct.per_round_ttft_p50, strict=True)
-    ]
-    print(f"TTFT p50 ratio per round: {', '.join(per_round)}")
-    no_text = sum(1 for s in direct.ok + through.ok if s.ttft is None)
+    for f in frontends:
+        through = results[f.name, max_tokens]
+        ratios = [
+            through.percentile(field, q) / direct.percentile(field, q)
+            for field, q in (("ttft", 50), ("ttft", 90), ("latency", 50), ("latency", 90))
+        ]
+        title = "ratio interlock / direct" if single else f"ratio {f.name} / direct"
+        print(
+            f"{title:<26} {ratios[0]:>9.3f} {ratios[1]:>9.3f} "
+            f"{ratios[2]:>9.3f} {ratios[3]:>9.3f} "
+            f"{(len(through.ok) / through.seconds) / (len(direct.ok) / direct.seconds):>7.3f}"
+        )
+    for f in frontends:
+        through = results[f.name, max_tokens]
+        who = "interlock" if single else f.name
+        added = (through.percentile("ttft", 50) - direct.percentile("ttft", 50)) * ms
+        added_latency = (through.percentile("latency", 50) - direct.percentile("latency", 50)) * ms
+        print(f"{who} adds {added:+.1f} ms to TTFT p50 and {added_latency:+.1f} ms to latency p50")
+        per_round = [
+            f"{i / d:.3f}"
+            for i, d in zip(through.per_round_ttft_p50, direct.per_round_ttft_p50, strict=True)
+        ]
+        print(f"{who}: TTFT p50 ratio per round: {', '.join(per_round)}")
+        gross, net, idle = net_cpu_ms(results, f.name, max_tokens)
+        print(
+            f"{who} serve CPU per request: {gross:.2f} ms while its requests ran, {net:.2f} ms "
+            f"net of its idle cost ({idle:.1f} ms per second polling the engines' "
+            "/health and /metrics, measured while the other paths ran)"
+        )
+        if f.name == frontends[0].name:
+            verdict = "met" if ratios[0] <= GOAL_TTFT_RATIO else "NOT met"
+            print(
+                f"goal: interlock adds at most 5% to TTFT p50 (ratio <= {GOAL_TTFT_RATIO}): "
+                f"{verdict}"
+            )
+    paths = [("direct", direct)] + [(f.name, results[f.name, max_tokens]) for f in frontends]
+    no_text = sum(1 for _, r in paths for s in r.ok if s.ttft is None)
     if no_text:
         print(f"{no_text} streams carried no text at all (no TTFT; latency counted)")
-    idle_rate = direct.interlock_cpu / max(direct.seconds, 1e-9)
-    requests = max(len(through.samples), 1)
-    gross = through.interlock_cpu / requests * ms
-    net = (through.interlock_cpu - idle_rate * through.seconds) / requests * ms
-    print(
-        f"interlock serve CPU per request: {gross:.2f} ms while its requests ran, {net:.2f} ms "
-        f"net of its idle cost ({idle_rate * ms:.1f} ms per second polling the engines' "
-        "/health and /metrics, measured while the direct requests ran)"
-    )
-    for name, result in (("direct", direct), ("interlock", through)):
+    for name, result in paths:
         errors = [s.error for s in result.samples if s.error is not None]
         if errors:
             print(f"{name}: {len(errors)} errors, the first: {errors[0]}")
-    verdict = "met" if ratios[0] <= GOAL_TTFT_RATIO else "NOT met"
-    print(f"goal: interlock adds at most 5% to TTFT p50 (ratio <= {GOAL_TTFT_RATIO}): {verdict}")
+
+
+def report_comparisons(results: Results, frontends: Sequence[Frontend], lengths: list[int]) -> None:
+    """With several checkouts (``--src``), the last one's CPU per request over the first
+    one's; with several lengths, each frontend's CPU per token and per request."""
+    checkouts = [f for f in frontends if f.name != WIRE]
+    if len(checkouts) > 1:
+        first, last = checkouts[0].name, checkouts[-1].name
+        print(f"\nCPU per request, {last} / {first} (gross; the per-round ratios' median):")
+        for t in lengths:
+            ratios = [
+                (b_cpu / b_n) / (a_cpu / a_n)
+                for (a_cpu, a_n), (b_cpu, b_n) in zip(
+                    results[first, t].per_round_cpu, results[last, t].per_round_cpu, strict=True
+                )
+                if a_cpu > 0 and a_n and b_n
+            ]
+            net = [net_cpu_ms(results, f.name, t)[1] for f in checkouts]
+            nets = ", ".join(f"{f.name} {n:.2f}" for f, n in zip(checkouts, net, strict=True))
+            median = statistics.median(ratios) if ratios else float("nan")
+            print(
+                f"  max_tokens {t}: {median:.3f} (per round: "
+                f"{', '.join(f'{r:.3f}' for r in ratios)}); net ms/req: {nets}"
+            )
+    if len(lengths) > 1:
+        low, high = min(lengths), max(lengths)
+        print(f"\nCPU per token and per request (net, fitted between max_tokens {low} and {high}):")
+        for f in frontends:
+            at_low = net_cpu_ms(results, f.name, low)[1]
+            at_high = net_cpu_ms(results, f.name, high)[1]
+            per_token = (at_high - at_low) / (high - low)
+            per_request = at_low - per_token * low
+            print(
+                f"  {f.name}: {per_token * 1000:.0f} us per token, {per_request:.2f} ms per "
+                f"request ({at_low:.2f} ms at {low} tokens, {at_high:.2f} ms at {high})"
+            )
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -625,14 +750,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     load.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
     load.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
     load.add_argument("--api", choices=("chat", "completions"), default="chat")
-    load.add_argument("--max-tokens", type=int, default=16)
+    load.add_argument(
+        "--non-stream", action="store_true",
+        help="whole answers (stream false; TTFT is then the latency): interlock reads the "
+        "engine's stream all the same",
+    )  # fmt: skip
+    load.add_argument(
+        "--max-tokens", default="16", type=_lengths, metavar="T[,T...]",
+        help="tokens per answer; several (4,64): each path runs at each, and the CPU per "
+        "request is fitted to a cost per token and one per request (16)",
+    )  # fmt: skip
     load.add_argument("--prefixes", type=int, default=8, help="shared prompt prefixes (8)")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument(
         "--router-mode", default="round_robin",
         help="interlock's router_mode (round_robin, as the direct path spreads requests)",
     )  # fmt: skip
+    ab = parser.add_argument_group("what runs in front")
+    ab.add_argument(
+        "--src", action="append", default=[], metavar="NAME=DIR",
+        help="an interlock checkout to measure (repeat: old against new, in the same rounds); "
+        "default: this one",
+    )  # fmt: skip
+    ab.add_argument(
+        "--wire", action="store_true",
+        help="also measure interlock serve over the mock engines' wire protocol "
+        "(--remote-worker): what interlock's own workers cost per token and request",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    args.wire_ports = []
+    sources = []
+    for value in args.src:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not Path(directory, "interlock").is_dir():
+            parser.error(f"--src {value!r}: NAME=DIR, DIR an interlock checkout")
+        sources.append((name, directory))
+    args.sources = sources
+    if len({name for name, _ in sources}) != len(sources):
+        parser.error("--src names must differ")
+    if len(sources) > 1 and (args.kv_events_bind or args.router_mode in ("kv", "predicted_ttft")):
+        parser.error("several --src: each would bind the engines' one KV-event socket")
+    if args.wire and args.engine_url:
+        parser.error("--wire needs mock engines (no --engine-url)")
     if args.engine_url and not args.model_dir:
         parser.error("--engine-url needs --model-dir (the engines' tokenizer)")
     if min(args.requests, args.concurrency, args.rounds, args.engines, args.prefixes) < 1:
@@ -640,6 +799,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.requests < args.rounds:
         parser.error("--requests must be at least --rounds")
     return args
+
+
+def _lengths(text: str) -> list[int]:
+    lengths = sorted({int(part) for part in text.split(",")})
+    if not lengths or lengths[0] < 1:
+        raise argparse.ArgumentTypeError(f"--max-tokens {text!r}: positive ints, comma-separated")
+    return lengths
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -662,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(
-    args: argparse.Namespace, workload: Workload, processes: Processes, lengths: list[int]
+    args: argparse.Namespace, workload: Workload, processes: Processes, lengths_of: list[int]
 ) -> None:
     """Start the engines (unless given) and interlock in ``processes``, measure, print."""
     kv_bind = args.kv_events_bind
@@ -680,21 +846,34 @@ def run(
         timing = "zero-time" if args.zero_time else f"timing x{args.speedup:g}"
         what = f"{len(engine_urls)} mock engines (interlock worker --openai-port, {timing})"
     model = args.served_model_name or served_model(engine_urls[0])
-    interlock, interlock_url = start_interlock(processes, args, engine_urls, model, kv_bind)
+    frontends = [
+        start_interlock(processes, args, engine_urls, model, kv_bind, name=name, src=src)
+        for name, src in args.sources or [("interlock", None)]
+    ]
+    if args.wire:
+        frontends.append(
+            start_interlock(
+                processes, args, engine_urls, model, None, name=WIRE,
+                src=args.sources[-1][1] if args.sources else None, wire_ports=args.wire_ports,
+            )
+        )  # fmt: skip
+    lengths = ",".join(str(t) for t in args.max_tokens)
     print(
         f"{what}; model {model!r}\n"
-        f"{args.api}, stream, concurrency {args.concurrency}, {args.requests} requests per path "
+        f"{args.api}, {'non-stream' if args.non_stream else 'stream'}, "
+        f"concurrency {args.concurrency}, {args.requests} requests per path "
         f"in {args.rounds} interleaved rounds; {len(workload.prefixes)} shared prefixes, "
-        f"prompts of {min(lengths)}-{max(lengths)} tokens before the template; "
-        f"max_tokens {args.max_tokens}, greedy, ignore_eos; "
+        f"prompts of {min(lengths_of)}-{max(lengths_of)} tokens before the template; "
+        f"max_tokens {lengths}, greedy, ignore_eos; "
         f"interlock router_mode {args.router_mode}"
-        + (f", KV events at {kv_bind}" if kv_bind else ""),
+        + (f", KV events at {kv_bind}" if kv_bind else "")
+        + f"; frontends: {', '.join(f.name for f in frontends)}",
         flush=True,
     )
-    direct, through = trio.run(
-        measure, args, workload, engine_urls, model, interlock_url, interlock.pid
-    )
-    report(direct, through)
+    results = trio.run(measure, args, workload, engine_urls, model, frontends)
+    for t in args.max_tokens:
+        report(results, frontends, t, label=len(args.max_tokens) > 1)
+    report_comparisons(results, frontends, args.max_tokens)
 
 
 if __name__ == "__main__":

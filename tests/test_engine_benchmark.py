@@ -119,3 +119,38 @@ def test_runs_end_to_end_on_mock_engines() -> None:
     assert [row[-1] for row in rows] == ["0", "0"], f"requests failed:\n{out}"
     leftovers = _processes_with(marker)
     assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
+
+
+def test_checkouts_lengths_and_the_wire_path_are_measured_side_by_side() -> None:
+    # --src twice (old against new: here the same checkout), two lengths (the per-token fit)
+    # and --wire: every frontend answers every request, and each comparison is printed.
+    marker = f"bench-engines-test-{uuid.uuid4().hex}"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_engines.py"), "--zero-time",
+         "--requests", "4", "--rounds", "2", "--concurrency", "2", "--prefixes", "2",
+         "--max-tokens", "2,4", "--wire", "--src", f"old={ROOT}", "--src", f"new={ROOT}"],
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "BENCH_ENGINES_TEST": marker},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith(("direct ", "through "))]
+    # direct, old, new and the wire path, at each of the two lengths; none failed.
+    assert len(rows) == 8 and [row[-1] for row in rows] == ["0"] * 8, out
+    assert "CPU per request, new / old" in out, out
+    for name in ("old", "new", "interlock-wire"):
+        assert f"  {name}: " in out and " us per token, " in out, out
+    assert not _processes_with(marker)
+
+
+def test_the_engine_client_benchmark_runs_each_checkout() -> None:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_engine_client.py"),
+         "--src", f"old={ROOT}", "--src", f"new={ROOT}", "--rounds", "1", "-n", "20",
+         "--concurrency", "4"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    table = [line for line in completed.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| stream", "| whole"], table
+    assert all("new/old" in line for line in table[1:]), table
