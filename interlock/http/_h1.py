@@ -191,9 +191,12 @@ class Connection:
         self._parsing: _Request | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
+        #: Bytes fed to the parser while a request head was incomplete, before this feed.
         self._head_fed = 0
-        #: A request head is partly received (since ``_head_started``).
+        #: The length of the bytes being fed now.
+        self._feeding = 0
+        #: A request head is partly received (since ``_head_started``; -1 until the feed it
+        #: began in ends: only a head still incomplete then needs the clock).
         self._in_head = False
         self._head_started = 0.0
         self._read_scope: trio.CancelScope | None = None
@@ -225,24 +228,24 @@ class Connection:
 
     def on_message_begin(self) -> None:
         self._in_head = True
-        self._head_started = trio.current_time()
+        self._head_started = -1.0
         self._url = b""
         self._headers = []
-        self._head_size = 0
         self._head_fed = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_size += len(url) + 16
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
-        self._head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._head_size > self.server.max_header_bytes:
-            raise _head_too_large(self.server.max_header_bytes)
+        limit = self.server.max_header_bytes
+        # The head is within the bytes fed since it began: only when those are over the
+        # limit is its size worth adding up (not a header at a time, on every request).
+        if self._head_fed + self._feeding > limit and _head_size(self._url, self._headers) > limit:
+            raise _head_too_large(limit)
         parser = self.parser
         url = self._url
         raw_path, _, query = url.partition(b"?")
@@ -294,6 +297,7 @@ class Connection:
         """Parse ``data``; a request that cannot be parsed stops parsing (``self.error``)."""
         if self.error is not None:
             return
+        self._feeding = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -319,6 +323,8 @@ class Connection:
             )
             return
         if self._in_head:
+            if self._head_started < 0:
+                self._head_started = trio.current_time()
             # llhttp has no limit on a head; h11 had (and Hypercorn answered 431).
             self._head_fed += len(data)
             if self._head_fed > self.server.max_header_bytes:
@@ -698,6 +704,11 @@ class _Replay:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """A request head's size as the 431 limit counts it (about what h11 counted)."""
+    return len(url) + 16 + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def _head_too_large(limit: int) -> _ParseError:
