@@ -88,6 +88,15 @@ async def read_body(receive: Receive, scope: Scope, limit: int, within: float = 
             has not all arrived within ``within`` seconds.
         _Disconnected: the client closed the connection first.
     """
+    extensions = scope.get("extensions")
+    nowait = extensions.get(BODY_NOWAIT) if extensions else None
+    if nowait is not None:
+        # A body all there: its length is what Content-Length said (the server checked).
+        body: bytes | None = nowait()
+        if body is not None:
+            if len(body) > limit:
+                raise _too_large(limit)
+            return body
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
@@ -97,14 +106,6 @@ async def read_body(receive: Receive, scope: Scope, limit: int, within: float = 
             if declared > limit:
                 raise _too_large(limit)
             break
-    extensions = scope.get("extensions")
-    nowait = extensions.get(BODY_NOWAIT) if extensions else None
-    if nowait is not None:
-        body: bytes | None = nowait()
-        if body is not None:
-            if len(body) > limit:
-                raise _too_large(limit)
-            return body
     with trio.move_on_after(within):
         return await _read_body(receive, limit)
     raise HttpError(
