@@ -271,6 +271,28 @@ async def test_each_idle_connection_closes_at_its_own_keep_alive_deadline(
     assert not server.idle
 
 
+async def test_without_keep_alive_each_connection_closes_and_nothing_is_timed(
+    autojump_clock: object,
+) -> None:
+    server = _server_state(echo, keep_alive_timeout=0)
+    sweep = server.sweep_idle()
+    try:
+        with pytest.raises(StopIteration):
+            sweep.send(None)  # returns before it would wait: a timer of 0 s would spin
+    finally:
+        sweep.close()
+    ours, theirs = trio.socket.socketpair()
+    c = Client(trio.SocketStream(theirs))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, trio.SocketStream(ours))
+        await c.stream.send_all(post(b"/a", b""))
+        try:
+            answer = await c.stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            answer = b""  # closed with the request unread: a reset
+        assert answer == b""
+
+
 @BOTH
 async def test_cleartext_http2_with_prior_knowledge_is_served(server: str) -> None:
     async with (
@@ -437,11 +459,11 @@ async def test_pipelining_during_a_long_answer_is_read_only_so_far_ahead() -> No
     assert answers[0][2] == b"waitok" and {a[2] for a in answers[1:]} == {b"ok"}
 
 
-def _server_state(app: App) -> ServerState:
+def _server_state(app: App, keep_alive_timeout: float = 60) -> ServerState:
     return ServerState(
         app,
         lifespan_state={},
-        keep_alive_timeout=60,
+        keep_alive_timeout=keep_alive_timeout,
         header_timeout=60,
         write_timeout=60,
         max_header_bytes=16384,

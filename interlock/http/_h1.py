@@ -140,6 +140,8 @@ class ServerState:
         the first idle connection's deadline, or for a whole timeout while none waits (one
         that starts waiting meanwhile is due later than that)."""
         timeout = self.keep_alive_timeout
+        if timeout <= 0:
+            return  # no connection waits (`Connection._next_request`): nothing to time
         idle = self.idle
         while True:
             now = trio.current_time()
@@ -356,7 +358,7 @@ class Connection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return None
             else:
-                if server.closing:
+                if server.closing or server.keep_alive_timeout <= 0:
                     return None
                 # Idle: `ServerState.sweep_idle` closes the socket when the time is up, which
                 # wakes this wait with ClosedResourceError. The socket is read directly when
