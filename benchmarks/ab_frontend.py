@@ -21,6 +21,19 @@ as vLLM publishes them under ``--policy kv``): the path a real vLLM takes.
 
 The load generator needs aiohttp: ``--loadgen-python`` names a Python that has it (default:
 the peers' tools venv, ``bash ../shared/peers/install_peers.sh tools``).
+
+``--side-by-side``: the checkouts run at the same time instead of in turn, which a shared box
+needs (its load moves a checkout's CPU per request by 10-30 % from one minute to the next, and
+both checkouts alike when they run together): every checkout's serve is pinned to CPU 0, its
+workers and a ``wrk`` client (``apt-get install wrk``; the same chat requests as loadgen.py's)
+to CPU 1, and each cell drives them all at once for ``--seconds``:
+
+    python benchmarks/ab_frontend.py --src base=/tmp/base --src new=. --side-by-side \
+        --cells nonstream:64,nonstream:16,stream:16,stream:64 --rounds 5 --seconds 8
+
+``--count-steps``: serve runs with a trio instrument that counts task steps and spawned tasks,
+and each cell also prints them per request (the instrument's own cost, about a microsecond a
+request, is paid by every checkout alike).
 """
 
 from __future__ import annotations
@@ -29,10 +42,12 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -45,6 +60,54 @@ TOOLS_PY = "/tmp/peers/tools/bin/python"
 LOADGEN = str(HERE.parents[1] / "shared" / "peers" / "loadgen.py")
 TOK = str(HERE.parents[1] / "shared" / "data" / "tokenizers" / "qwen3")
 CLK = os.sysconf("SC_CLK_TCK")
+
+#: ``python -c`` this instead of ``-m interlock`` to count trio's task steps and spawns: on
+#: SIGUSR1 the process writes "steps spawned" to $AB_STEPS_FILE.
+STEPS_SERVE = """
+import os, signal, sys, trio
+
+class Steps(trio.abc.Instrument):
+    steps = spawned = 0
+
+    def before_task_step(self, task):
+        Steps.steps += 1
+
+    def task_spawned(self, task):
+        Steps.spawned += 1
+
+_run = trio.run
+
+def run(*args, **kwargs):
+    kwargs["instruments"] = [*kwargs.get("instruments", ()), Steps()]
+    return _run(*args, **kwargs)
+
+def dump(signum, frame):
+    path = os.environ["AB_STEPS_FILE"]
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{Steps.steps} {Steps.spawned}")
+    os.replace(path + ".tmp", path)
+
+trio.run = run
+signal.signal(signal.SIGUSR1, dump)
+from interlock.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def task_steps(pid: int, path: str) -> tuple[int, int]:
+    """The task steps and spawns of a serve started with `STEPS_SERVE` (``path``: its
+    $AB_STEPS_FILE), so far."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError("serve did not report its task steps")
+        time.sleep(0.01)
+    with open(path) as f:
+        steps, spawned = f.read().split()
+    return int(steps), int(spawned)
 
 
 def cpu_s(pid: int) -> float:
@@ -61,11 +124,16 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def cluster(
-    src: str, policy: str, extra: list[str], engines: str = "wire"
+    src: str,
+    policy: str,
+    extra: list[str],
+    engines: str = "wire",
+    steps_file: str | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """Start 2 workers and serve from checkout ``src`` (over the workers' wire protocol, or
     with ``engines="http"`` over their vLLM-compatible HTTP surface); yield serve's port and
-    pid and the workers' pids; stop them all at the end."""
+    pid and the workers' pids; stop them all at the end. ``steps_file``: serve counts its task
+    steps (`STEPS_SERVE`) and writes them there."""
     env = dict(os.environ, PYTHONPATH=src)
     procs = []
     http = engines == "http"
@@ -117,11 +185,11 @@ def cluster(
             rw += ["--kv-block-size", "32"]
             if kv_bind is not None:
                 rw += ["--kv-events-bind", kv_bind]
+        launch = ["-m", "interlock"] if steps_file is None else ["-c", STEPS_SERVE]
         serve = subprocess.Popen(
             [
                 VENV_PY,
-                "-m",
-                "interlock",
+                *launch,
                 "serve",
                 "--host",
                 "127.0.0.1",
@@ -138,7 +206,7 @@ def cluster(
                 "3",
                 *extra,
             ],
-            env=env,
+            env=env if steps_file is None else dict(env, AB_STEPS_FILE=steps_file),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=src,
@@ -176,6 +244,7 @@ def run_cell(
     n: int,
     max_tokens: int,
     prefix_repeat: int = 28,
+    steps_file: str | None = None,
 ) -> dict[str, Any]:
     """One cell: a warm-up, then ``n`` requests at concurrency ``c``; CPU per request."""
     args = [
@@ -202,22 +271,139 @@ def run_cell(
         args.append("--stream")
     # warm-up run
     subprocess.run([*args[:6], "200", *args[7:]], capture_output=True, text=True, check=False)
+    steps_before = task_steps(pid, steps_file) if steps_file else (0, 0)
     before = cpu_s(pid)
     wb = sum(cpu_s(w) for w in wpids)
     out = subprocess.run(args, capture_output=True, text=True, check=False)
     after = cpu_s(pid)
     wa = sum(cpu_s(w) for w in wpids)
+    steps_after = task_steps(pid, steps_file) if steps_file else (0, 0)
     line = [x for x in out.stdout.splitlines() if x.startswith("{")]
     res = json.loads(line[-1]) if line else {"error": out.stderr[-500:]}
-    return {
+    cell = {
         "cpu_ms_per_req": 1000 * (after - before) / n,
         "worker_cpu_ms_per_req": 1000 * (wa - wb) / n,
         "req_per_s": res.get("req_per_s"),
         "errors": res.get("errors"),
     }
+    if steps_file:
+        # The load generator's warm-up requests (its --warmup) are served too.
+        served = n + 50
+        cell["task_steps_per_req"] = (steps_after[0] - steps_before[0]) / served
+        cell["tasks_spawned_per_req"] = (steps_after[1] - steps_before[1]) / served
+    return cell
 
 
 LOADGEN_PY = [TOOLS_PY]
+
+#: wrk's requests in `side_by_side`: loadgen.py's chat completions (4 shared system prompts of
+#: --prefix-repeat sentences, a numbered question, max_tokens), streamed when $AB_STREAM is 1.
+WRK_SCRIPT = """
+local counter = 0
+local prefixes = {}
+local repeats = tonumber(os.getenv("AB_PREFIX_REPEAT"))
+for g = 0, 3 do
+  prefixes[g] = "System prompt " .. g .. ": "
+    .. string.rep("you are a helpful routing test assistant. ", repeats)
+end
+local tail = ',"max_tokens":' .. os.getenv("AB_MAX_TOKENS")
+  .. (os.getenv("AB_STREAM") == "1" and ',"stream":true}' or '}')
+request = function()
+  counter = counter + 1
+  local body = '{"model":"tiny","messages":[{"role":"system","content":"'
+    .. prefixes[counter % 4] .. '"},{"role":"user","content":"question ' .. counter .. ' '
+    .. math.random(0, 1000000) .. '"}]' .. tail
+  return wrk.format("POST", "/v1/chat/completions", {["Content-Type"] = "application/json"}, body)
+end
+done = function(summary, latency, requests)
+  io.write(string.format('{"requests": %d, "non2xx": %d, "errors": %d}\\n', summary.requests,
+    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.timeout))
+end
+"""
+
+
+def side_by_side(
+    srcs: list[list[str]],
+    cells: list[tuple[str, int]],
+    a: argparse.Namespace,
+) -> dict[tuple[str, int], dict[str, list[dict[str, Any]]]]:
+    """Every checkout's cluster at once (serves on CPU 0, workers and wrk on CPU 1), each cell
+    driven on all of them together for ``a.seconds``; the cells' CPU per request by checkout."""
+    results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    with contextlib.ExitStack() as stack:
+        script = stack.enter_context(tempfile.NamedTemporaryFile("w", suffix=".lua"))
+        script.write(WRK_SCRIPT)
+        script.flush()
+        running = {}
+        for name, src in srcs:
+            port, pid, wpids = stack.enter_context(
+                cluster(src, a.policy, a.extra.split(), a.engines)
+            )
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", "0", str(pid)], check=True, capture_output=True
+            )
+            for w in wpids:
+                subprocess.run(
+                    ["taskset", "-a", "-p", "-c", "1", str(w)], check=True, capture_output=True
+                )
+            running[name] = (port, pid, wpids)
+
+        def drive(mode: str, c: int, seconds: float) -> dict[str, dict[str, Any]]:
+            env = dict(
+                os.environ,
+                AB_STREAM="1" if mode == "stream" else "0",
+                AB_PREFIX_REPEAT=str(a.prefix_repeat),
+                AB_MAX_TOKENS=str(a.max_tokens),
+            )
+            before = {n: (cpu_s(pid), sum(map(cpu_s, wp))) for n, (_, pid, wp) in running.items()}
+            wrk = [
+                "taskset",
+                "-c",
+                "1",
+                "wrk",
+                "-t1",
+                f"-c{c}",
+                f"-d{seconds:g}s",
+                "--timeout",
+                "60s",
+                "-s",
+                script.name,
+            ]
+            clients = {
+                n: subprocess.Popen(
+                    [*wrk, f"http://127.0.0.1:{port}"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                    env=env,
+                )
+                for n, (port, _, _) in running.items()
+            }
+            outputs = {n: p.communicate()[0] for n, p in clients.items()}
+            cell = {}
+            for n, (_, pid, wp) in running.items():
+                lines = [x for x in outputs[n].splitlines() if x.startswith("{")]
+                done = json.loads(lines[-1]) if lines else {"requests": 0, "non2xx": -1}
+                count = max(done["requests"], 1)
+                cell[n] = {
+                    "cpu_ms_per_req": 1000 * (cpu_s(pid) - before[n][0]) / count,
+                    "worker_cpu_ms_per_req": 1000 * (sum(map(cpu_s, wp)) - before[n][1]) / count,
+                    "req_per_s": done["requests"] / seconds,
+                    "errors": done["non2xx"] + done.get("errors", 0),
+                }
+            return cell
+
+        for mode, c in cells:
+            drive(mode, c, 2)  # warm-up
+        for r in range(a.rounds):
+            for mode, c in cells:
+                for name, res in drive(mode, c, a.seconds).items():
+                    results.setdefault((mode, c), {}).setdefault(name, []).append(res)
+                    print(
+                        json.dumps({"round": r, "src": name, "mode": mode, "c": c, **res}),
+                        flush=True,
+                    )
+    return results
 
 
 def main() -> None:
@@ -243,32 +429,53 @@ def main() -> None:
         "HTTP surface (--engine ID=URL, the path a real vLLM takes)",
     )
     ap.add_argument("--loadgen-python", default=TOOLS_PY)
+    ap.add_argument(
+        "--count-steps", action="store_true", help="also count trio task steps per request"
+    )
+    ap.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run the checkouts at the same time, pinned, driven by wrk (see above)",
+    )
+    ap.add_argument("--seconds", type=float, default=8, help="a cell's length with --side-by-side")
     a = ap.parse_args()
     LOADGEN_PY[0] = a.loadgen_python
     srcs = [s.split("=", 1) for s in a.src]
     cells = [(m, int(c)) for m, c in (x.split(":") for x in a.cells.split(","))]
     results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
-    for r in range(a.rounds):
+    if a.side_by_side:
+        results = side_by_side(srcs, cells, a)
+    for r in range(0 if a.side_by_side else a.rounds):
         order = srcs if r % 2 == 0 else list(reversed(srcs))
         for name, src in order:
-            with cluster(src, a.policy, a.extra.split(), a.engines) as (port, pid, wpids):
+            steps_file = f"/tmp/ab_frontend_steps.{os.getpid()}" if a.count_steps else None
+            cluster_args = (src, a.policy, a.extra.split(), a.engines, steps_file)
+            with cluster(*cluster_args) as (port, pid, wpids):
                 for mode, c in cells:
-                    res = run_cell(port, pid, wpids, mode, c, a.n, a.max_tokens, a.prefix_repeat)
+                    res = run_cell(
+                        port, pid, wpids, mode, c, a.n, a.max_tokens, a.prefix_repeat, steps_file
+                    )
                     results.setdefault((mode, c), {}).setdefault(name, []).append(res)
                     print(
                         json.dumps({"round": r, "src": name, "mode": mode, "c": c, **res}),
                         flush=True,
                     )
     names = [n for n, _ in srcs]
-    print(
-        f"\nengines={a.engines} policy={a.policy} n={a.n} rounds={a.rounds} "
-        f"max_tokens={a.max_tokens}"
-    )
+    if a.side_by_side:
+        print(
+            f"\nside by side, pinned, wrk: engines={a.engines} policy={a.policy} "
+            f"{a.seconds:g} s a cell, rounds={a.rounds} max_tokens={a.max_tokens}"
+        )
+    else:
+        print(
+            f"\nengines={a.engines} policy={a.policy} n={a.n} rounds={a.rounds} "
+            f"max_tokens={a.max_tokens}"
+        )
     print(
         "| mode | C | "
         + " | ".join(f"{n} ms/req" for n in names)
         + " | ratio "
-        + f"{names[-1]}/{names[0]} |"
+        + f"{names[-1]}/{names[0]} [min-max] |"
     )
     print("|---|---|" + "---|" * len(names) + "---|")
     for (mode, c), by in results.items():
@@ -280,8 +487,17 @@ def main() -> None:
         print(
             f"| {mode} | {c} | "
             + " | ".join(f"{m:.3f}" for m in meds)
-            + f" | {statistics.median(ratios):.3f} |"
+            + f" | {statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}] |"
         )
+    if a.count_steps and not a.side_by_side:
+        print("\ntrio task steps per request (medians; tasks spawned per request)")
+        for (mode, c), by in results.items():
+            cells_ = [
+                f"{n} {statistics.median(x['task_steps_per_req'] for x in by[n]):.2f} "
+                f"({statistics.median(x['tasks_spawned_per_req'] for x in by[n]):.3f})"
+                for n in names
+            ]
+            print(f"{mode} C={c}: " + ", ".join(cells_))
 
 
 if __name__ == "__main__":

@@ -225,6 +225,74 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_time
         assert await c.closed()
 
 
+async def test_each_idle_connection_closes_at_its_own_keep_alive_deadline(
+    autojump_clock: object,
+) -> None:
+    """The server's one idle timer closes a connection ``keep_alive_timeout`` after its last
+    response (not after the first request, nor while its app runs), each at its own time."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            await trio.sleep(25)
+        await echo(scope, receive, send)
+
+    server = ServerState(
+        app,
+        lifespan_state={},
+        keep_alive_timeout=10,
+        header_timeout=60,
+        write_timeout=60,
+        max_header_bytes=16384,
+    )
+    start = trio.current_time()
+    closed_at: dict[str, float] = {}
+
+    async def connect(name: str, after: float, *paths: bytes) -> None:
+        ours, theirs = trio.socket.socketpair()
+        c = Client(trio.SocketStream(theirs))
+        nursery.start_soon(server.handle, trio.SocketStream(ours))
+        for path in paths:
+            await trio.sleep_until(start + after)
+            await c.stream.send_all(post(path, b""))
+            assert (await c.response())[0] == 200
+            after += 6
+        with trio.fail_after(100):
+            assert await c.stream.receive_some(65536) == b""
+        closed_at[name] = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.sweep_idle)
+        async with trio.open_nursery() as clients:
+            clients.start_soon(connect, "once", 0, b"/a")
+            clients.start_soon(connect, "twice", 0, b"/a", b"/b")  # at 0 and 6
+            clients.start_soon(connect, "slow", 3, b"/slow")  # answered at 28
+        nursery.cancel_scope.cancel()
+    assert closed_at == {"once": 10, "twice": 16, "slow": 38}
+    assert not server.idle
+
+
+async def test_without_keep_alive_each_connection_closes_and_nothing_is_timed(
+    autojump_clock: object,
+) -> None:
+    server = _server_state(echo, keep_alive_timeout=0)
+    sweep = server.sweep_idle()
+    try:
+        with pytest.raises(StopIteration):
+            sweep.send(None)  # returns before it would wait: a timer of 0 s would spin
+    finally:
+        sweep.close()
+    ours, theirs = trio.socket.socketpair()
+    c = Client(trio.SocketStream(theirs))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, trio.SocketStream(ours))
+        await c.stream.send_all(post(b"/a", b""))
+        try:
+            answer = await c.stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            answer = b""  # closed with the request unread: a reset
+        assert answer == b""
+
+
 @BOTH
 async def test_cleartext_http2_with_prior_knowledge_is_served(server: str) -> None:
     async with (
@@ -391,11 +459,11 @@ async def test_pipelining_during_a_long_answer_is_read_only_so_far_ahead() -> No
     assert answers[0][2] == b"waitok" and {a[2] for a in answers[1:]} == {b"ok"}
 
 
-def _server_state(app: App) -> ServerState:
+def _server_state(app: App, keep_alive_timeout: float = 60) -> ServerState:
     return ServerState(
         app,
         lifespan_state={},
-        keep_alive_timeout=60,
+        keep_alive_timeout=keep_alive_timeout,
         header_timeout=60,
         write_timeout=60,
         max_header_bytes=16384,

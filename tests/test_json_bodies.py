@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from interlock.http._errors import HttpError
 from interlock.http._json import MAX_JSON_DEPTH, loads_json
+from interlock.http._sse import dumps, dumps_plain
 
 json_values = st.recursive(
     st.none()
@@ -265,3 +266,30 @@ def test_an_unsendable_value_is_a_400_naming_its_field(
     else:
         assert error.message.startswith(f"{field} is " if code == "invalid_json" else f"{field} ")
     error.body()  # the error itself can be sent
+
+
+# -- answers: `dumps_plain` writes what `dumps` writes -------------------------------------------
+
+#: What an answer body holds besides the engine's fields and the nvext: strings (any code point
+#: but a lone surrogate), integers of any size, booleans and nulls, in lists and objects.
+_plain_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.text(st.characters(exclude_categories=("Cs",))),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(st.characters(exclude_categories=("Cs",))), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(_plain_values)
+def test_an_answer_without_floats_is_written_byte_for_byte_as_json_writes_it(value: Any) -> None:
+    assert dumps_plain(value) == dumps(value)
+
+
+def test_every_character_is_escaped_as_json_escapes_it() -> None:
+    text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    assert dumps_plain({"content": text}) == dumps({"content": text})

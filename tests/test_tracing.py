@@ -402,3 +402,49 @@ def test_otlp_endpoint_over_stale_otel_protos_says_how_to_put_them_back(
     with pytest.raises(ConfigError, match="grpc/grpc#42429") as caught:
         configure_otlp("http://127.0.0.1:4318", {})
     assert "pip install --force-reinstall --no-deps 'opentelemetry-proto==" in str(caught.value)
+
+
+_GLOBAL_PROVIDER_SET_LATER = """
+import httpx, trio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from interlock import Components, PipelineConfig, build_pipeline
+from interlock.engines.mock import MockEngine, MockTiming, mock_token_pool
+from interlock.http import Preprocessor, build_app
+
+async def main():
+    tokenizer = Preprocessor.default().tokenizer
+    engine = MockEngine(1, timing=MockTiming.zero(), token_pool=mock_token_pool(tokenizer))
+    components = Components(workers=[engine], tokenizer=tokenizer)
+    async with build_pipeline(PipelineConfig(), components) as pipeline:
+        app = build_app(pipeline)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            body = {"model": "mock", "prompt": "hi", "max_tokens": 2}
+            assert (await client.post("/v1/completions", json=body)).status_code == 200
+            exporter = InMemorySpanExporter()
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+            trace.set_tracer_provider(provider)
+            assert (await client.post("/v1/completions", json=body)).status_code == 200
+    print(sorted(s.name for s in exporter.get_finished_spans() if s.kind.name == "SERVER"))
+
+trio.run(main)
+"""
+
+
+def test_a_global_tracer_provider_set_after_startup_gets_the_server_spans() -> None:
+    """The app traces through the API's global tracer when given no provider: a request before
+    an SDK provider is installed makes no span (and skips making the no-op one), a request
+    after it is a SERVER span. In a process of its own: the global provider is set once."""
+    done = subprocess.run(
+        [sys.executable, "-c", _GLOBAL_PROVIDER_SET_LATER],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "['POST /v1/completions']"

@@ -55,7 +55,7 @@ from ._openai import (
 )
 from ._preprocess import Preprocessor
 from ._route import route_routes
-from ._sse import DONE, ChunkEncoder, dumps, event
+from ._sse import DONE, ChunkEncoder, dumps, dumps_plain, event
 from ._tracing import TracedEndpoint
 
 # HttpLimits is defined with the endpoints' shared state; it is imported from here too.
@@ -88,6 +88,15 @@ async def read_body(receive: Receive, scope: Scope, limit: int, within: float = 
             has not all arrived within ``within`` seconds.
         _Disconnected: the client closed the connection first.
     """
+    extensions = scope.get("extensions")
+    nowait = extensions.get(BODY_NOWAIT) if extensions else None
+    if nowait is not None:
+        # A body all there: its length is what Content-Length said (the server checked).
+        body: bytes | None = nowait()
+        if body is not None:
+            if len(body) > limit:
+                raise _too_large(limit)
+            return body
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
@@ -97,14 +106,6 @@ async def read_body(receive: Receive, scope: Scope, limit: int, within: float = 
             if declared > limit:
                 raise _too_large(limit)
             break
-    extensions = scope.get("extensions")
-    nowait = extensions.get(BODY_NOWAIT) if extensions else None
-    if nowait is not None:
-        body: bytes | None = nowait()
-        if body is not None:
-            if len(body) > limit:
-                raise _too_large(limit)
-            return body
     with trio.move_on_after(within):
         return await _read_body(receive, limit)
     raise HttpError(
@@ -735,6 +736,8 @@ class _Run:
             await endpoint._fail(send, error, self.start)
             return
         assert request.request_id is not None
+        nvext = self._response_nvext() if self.extras else None
+        fields = deltas.fields() if deltas is not None else None
         body = completion_body(
             endpoint.kind,
             request_id=request.request_id,
@@ -743,10 +746,12 @@ class _Run:
             text="".join(parts),
             finish_reason=reason,
             usage=usage,
-            nvext=self._response_nvext() if self.extras else None,
-            message_fields=deltas.fields() if deltas is not None else None,
+            nvext=nvext,
+            message_fields=fields,
         )
-        await send_json(send, 200, dumps(body))
+        # The engine's fields and the nvext (timings) may hold floats; the rest of an answer
+        # is strings, ints and nulls, which `dumps_plain` writes as `dumps` does.
+        await send_json(send, 200, dumps(body) if nvext or fields else dumps_plain(body))
         frontend.metrics.count_request(endpoint.endpoint, 200, trio.current_time() - self.start)
 
     async def stream(self, receive: Receive, send: Send) -> None:

@@ -220,6 +220,7 @@ async def _serve_h1(
             try:
                 task_status.started(binds[0])
                 async with trio.open_nursery() as accepting:
+                    accepting.start_soon(server.sweep_idle)
                     accepting.start_soon(
                         partial(
                             trio.serve_listeners,

@@ -12,6 +12,8 @@ import json
 from json.encoder import encode_basestring
 from typing import Any, Final
 
+import msgspec
+
 DONE: Final = b"data: [DONE]\n\n"
 _DUMPS: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -19,6 +21,21 @@ _DUMPS: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).enco
 def dumps(value: Any) -> bytes:
     """Compact JSON, UTF-8."""
     return _DUMPS(value).encode()
+
+
+def dumps_plain(value: Any) -> bytes:
+    """`dumps`'s bytes for a value without floats (strings, ints, bools, None, and lists,
+    tuples and dicts with string keys of those), in a tenth of its time (msgspec: a chat
+    answer's body in ~2 µs instead of ~17). Not for a value that may hold a float: msgspec
+    writes an equal number in another form (``1e16``, json ``1e+16``) and NaN as ``null``.
+
+    Raises:
+        UnicodeEncodeError: a string holds a lone surrogate (as `dumps`).
+    """
+    return _PLAIN(value)
+
+
+_PLAIN: Final = msgspec.json.Encoder().encode
 
 
 def event(value: Any) -> bytes:
@@ -108,9 +125,11 @@ class ChunkEncoder:
             rest["usage"] = None
         if nvext is not None:
             rest["nvext"] = nvext
-        out = self._head + b"," + dumps(rest)[1:] + b"\n\n"
+        # The engine's fields and the nvext may hold floats; the rest are strings and ints.
+        encode = dumps if fields or nvext else dumps_plain
+        out = self._head + b"," + encode(rest)[1:] + b"\n\n"
         if self._include_usage and usage is not None:
-            out += self._head + b',"choices":[],"usage":' + dumps(usage) + b"}\n\n"
+            out += self._head + b',"choices":[],"usage":' + dumps_plain(usage) + b"}\n\n"
         return out + DONE
 
     def query(self, nvext: dict[str, Any]) -> bytes:
