@@ -8,7 +8,7 @@
 -- summed (both frontends count the same prompt tokens: a check that they did the same work).
 -- Run it with one thread (-t1): wrk's main thread waits for -d to pass or for SIGINT, and a
 -- thread that stops itself does not end the run, so at LIMIT the thread stops and sends its
--- own process SIGINT; with several threads the first to reach its share would end them all.
+-- own process SIGINT.
 
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -62,7 +62,12 @@ function response(status, headers, body)
    if answered + failed == limit then
       wrk.thread:stop()
       -- Not os.execute: system(3) ignores SIGINT in this process while its shell runs.
-      io.popen("kill -INT " .. pid):close()
+      -- Again every 50 ms for up to 5 s, in the background: a signal that comes before the
+      -- main thread went to sleep for -d is lost (it would then sleep the whole -d).
+      io.popen(
+         "(for i in $(seq 100); do kill -INT " .. pid .. " || exit; sleep 0.05; done)"
+            .. " </dev/null >/dev/null 2>&1 &"
+      ):close()
    end
 end
 
