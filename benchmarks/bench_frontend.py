@@ -478,6 +478,9 @@ class Cell:
     p99_ms: float | None
     tokens: float  # prompt tokens (non-stream) or SSE data events (stream) per answered request
     frontend_busy: float  # frontend CPU seconds per wall second (1.0: one core saturated)
+    #: The one-core figure's: how busy the frontend's CPU was with every process on it (the
+    #: box's other tenants too), from /proc/stat.
+    core_busy: float | None = None
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -556,14 +559,30 @@ def measure_on_one_core(
     # wrk inherits this affinity.
     os.sched_setaffinity(0, rest)
     try:
+        before = cpu_busy_and_total(first)
         if wrk is None:
             cell = measure(system, "nonstream", ONE_CORE_CONCURRENCY, requests, round_, seed)
         else:
             cell = measure_with_wrk(system, wrk, ONE_CORE_CONCURRENCY, requests, round_, seed)
+        after = cpu_busy_and_total(first)
     finally:
         os.sched_setaffinity(0, everything)
         pin([system.frontend, *system.workers, *idle], everything)
-    return attrs.evolve(cell, mode="one-core")
+    total = after[1] - before[1]
+    core_busy = (after[0] - before[0]) / total if total > 0 else None
+    return attrs.evolve(cell, mode="one-core", core_busy=core_busy)
+
+
+def cpu_busy_and_total(cpu: int) -> tuple[int, int]:
+    """CPU ``cpu``'s busy and total clock ticks since boot, every process counted (idle and
+    iowait are not busy), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        for line in stat:
+            if line.startswith(f"cpu{cpu} "):
+                ticks = [int(t) for t in line.split()[1:]]
+                idle = ticks[3] + ticks[4]
+                return sum(ticks) - idle, sum(ticks)
+    raise RuntimeError(f"/proc/stat has no line for cpu{cpu}")
 
 
 #: The wrk script that sends a file's bodies in turn and checks the answers.
@@ -888,12 +907,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             verdict = (
                 "saturated"
                 if busy >= SATURATED
-                else "below ~95 %: the workers or the client held it back"
+                else "below ~95 %: the workers, the client or other processes held it back"
             )
+            core = median(c.core_busy for c in mine)
             print(
                 f"  {name}: {number(median(c.req_per_s for c in mine))} req/s, "
                 f"{number(median(c.frontend_cpu_ms for c in mine), 2)} CPU ms/req, "
-                f"frontend core {number(100 * busy)} % busy ({verdict}); workers "
+                f"frontend core {number(100 * busy)} % busy ({verdict}; with every process "
+                f"on it {number(None if core is None else 100 * core)} %); workers "
                 f"{number(median(c.workers_cpu_ms for c in mine), 2)} CPU ms/req, p50 / p99 "
                 f"{number(median(c.p50_ms for c in mine), 1)} / "
                 f"{number(median(c.p99_ms for c in mine), 1)} ms"
