@@ -26,10 +26,14 @@ frontend process and any children, from psutil, before and after the cell: robus
 box, unlike req/s), the workers' CPU ms/req, req/s, latency p50/p99 and errors, as medians
 over rounds, and the interlock / Dynamo ratio of CPU ms/req (the median of the per-round
 ratios). Then the "non-stream req/s on one core" figure: C=64 non-stream with each frontend
-(every thread) pinned to one CPU and the workers and this client pinned to the other CPUs; it
+(every thread) pinned to one CPU and the workers and the client pinned to the other CPUs; it
 prints how busy the frontend's core was, since the figure only measures the frontend when that
-is near 100 %. The machine is shared and noisy: read the CPU per request and the ratios, not
-the absolute req/s. Every process it starts runs in its own process group, stopped at the end,
+is near 100 %. Its client is wrk (``--wrk``, by default the one on PATH; ``wrk_bodies.lua``
+beside this script sends the same bodies in turn, one thread, C keep-alive connections, and
+checks every answer), which costs the other CPU a tenth of what the aiohttp client does; both
+systems are measured with it alike. Without wrk the aiohttp client stands in, and it says so.
+The machine is shared and noisy: read the CPU per request and the ratios, not the absolute
+req/s. Every process it starts runs in its own process group, stopped at the end,
 on error and on Ctrl-C.
 
 ``--interlock-workers openai`` puts ``interlock serve --engine ID=URL`` over the same zero-time
@@ -40,7 +44,7 @@ the same run, interleaved, and adds the ratio of their CPU per request.
     python benchmarks/bench_frontend.py [--rounds R] [-n N] [--concurrency 16,64,256]
         [--modes nonstream,stream] [--router-mode kv|round_robin] [--tokenizer DIR]
         [--dynamo-python PATH | --no-dynamo] [--one-core-requests N] [--raw FILE.jsonl]
-        [--interlock-workers wire|openai|both] [--quick]
+        [--interlock-workers wire|openai|both] [--wrk PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +86,8 @@ PREFIX_GROUPS = 4
 PREFIX_REPEAT = 28
 MAX_TOKENS = 16
 ONE_CORE_CONCURRENCY = 64
+#: How busy the frontend's core must be for the one-core figure to measure the frontend.
+SATURATED = 0.95
 # Dynamo's router spells its modes with a hyphen.
 DYNAMO_ROUTER_MODES = {"kv": "kv", "round_robin": "round-robin"}
 # dynamo.mocker needs a config.json beside the tokenizer; it reads the vocabulary size and the
@@ -471,6 +478,9 @@ class Cell:
     p99_ms: float | None
     tokens: float  # prompt tokens (non-stream) or SSE data events (stream) per answered request
     frontend_busy: float  # frontend CPU seconds per wall second (1.0: one core saturated)
+    #: The one-core figure's: how busy the frontend's CPU was with every process on it (the
+    #: box's other tenants too), from /proc/stat.
+    core_busy: float | None = None
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -528,24 +538,126 @@ def report_errors(system: System, outcomes: Sequence[Outcome]) -> None:
 
 
 def measure_on_one_core(
-    system: System, others: Sequence[System], requests: int, round_: int, seed: int
+    system: System,
+    others: Sequence[System],
+    requests: int,
+    round_: int,
+    seed: int,
+    wrk: str | None = None,
 ) -> Cell:
     """`measure` C=64 non-stream with ``system``'s frontend alone on the first CPU this process
-    may use and its workers, this client and the ``others`` (idle) on the rest; every affinity
-    is restored after."""
+    may use and its workers, the client and the ``others`` (idle) on the rest; every affinity
+    is restored after. The client is ``wrk`` (its path) when given, else this process's aiohttp
+    client, which costs the other CPU about as much as the frontend costs its own: with it the
+    frontend's core is rarely saturated."""
     everything = os.sched_getaffinity(0)
     first = min(everything)
     rest = everything - {first}
     idle = [p for other in others for p in (other.frontend, *other.workers)]
     pin([system.frontend], {first})
     pin([*system.workers, *idle], rest)
+    # wrk inherits this affinity.
     os.sched_setaffinity(0, rest)
     try:
-        cell = measure(system, "nonstream", ONE_CORE_CONCURRENCY, requests, round_, seed)
+        before = cpu_busy_and_total(first)
+        if wrk is None:
+            cell = measure(system, "nonstream", ONE_CORE_CONCURRENCY, requests, round_, seed)
+        else:
+            cell = measure_with_wrk(system, wrk, ONE_CORE_CONCURRENCY, requests, round_, seed)
+        after = cpu_busy_and_total(first)
     finally:
         os.sched_setaffinity(0, everything)
         pin([system.frontend, *system.workers, *idle], everything)
-    return attrs.evolve(cell, mode="one-core")
+    total = after[1] - before[1]
+    core_busy = (after[0] - before[0]) / total if total > 0 else None
+    return attrs.evolve(cell, mode="one-core", core_busy=core_busy)
+
+
+def cpu_busy_and_total(cpu: int) -> tuple[int, int]:
+    """CPU ``cpu``'s busy and total clock ticks since boot, every process counted (idle and
+    iowait are not busy), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        for line in stat:
+            if line.startswith(f"cpu{cpu} "):
+                ticks = [int(t) for t in line.split()[1:]]
+                idle = ticks[3] + ticks[4]
+                return sum(ticks) - idle, sum(ticks)
+    raise RuntimeError(f"/proc/stat has no line for cpu{cpu}")
+
+
+#: The wrk script that sends a file's bodies in turn and checks the answers.
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_bodies.lua"
+
+
+def run_wrk(wrk: str, url: str, bodies: Path, requests: int, concurrency: int) -> dict[str, Any]:
+    """Send the chat completions in ``bodies`` (one JSON a line, in turn) to ``url`` with
+    ``wrk`` (one thread, ``concurrency`` keep-alive connections) until ``requests`` answers
+    came back; return the script's summary (answered, failed, prompt_tokens, duration_us,
+    p50_us, p99_us, socket_errors). Blocks until wrk exits.
+
+    Raises:
+        RuntimeError: wrk printed no summary (with its output).
+    """
+    command = [
+        wrk, "-t1", f"-c{concurrency}", "-d3600s", "--timeout", "60s", "-s", str(WRK_SCRIPT),
+        f"{url}/v1/chat/completions", "--", str(bodies), str(requests),
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=3600, check=False)
+    for line in completed.stdout.splitlines():
+        if line.startswith('{"wrk"'):
+            summary: dict[str, Any] = json.loads(line)["wrk"]
+            return summary
+    raise RuntimeError(
+        f"wrk exited with {completed.returncode} without its summary:\n"
+        f"{completed.stdout[-2000:]}\n{completed.stderr[-2000:]}"
+    )
+
+
+def measure_with_wrk(
+    system: System, wrk: str, concurrency: int, requests: int, round_: int, seed: int
+) -> Cell:
+    """`measure` (non-stream) with ``wrk`` as the client: the same bodies, the same
+    concurrency, keep-alive connections, after a warm-up of ``concurrency`` requests."""
+    rng = random.Random(f"{seed}-{round_}-nonstream-{concurrency}")
+    warmup = [json.dumps(request_body(rng, -1 - i, stream=False)) for i in range(concurrency)]
+    bodies = [json.dumps(request_body(rng, i, stream=False)) for i in range(requests)]
+    with tempfile.TemporaryDirectory(prefix="bench-frontend-wrk-") as tmp:
+        warmup_file, bodies_file = Path(tmp) / "warmup.jsonl", Path(tmp) / "bodies.jsonl"
+        warmup_file.write_text("\n".join(warmup) + "\n")
+        bodies_file.write_text("\n".join(bodies) + "\n")
+        run_wrk(wrk, system.url, warmup_file, concurrency, concurrency)
+        frontend_before = tree_cpu_seconds(system.frontend)
+        workers_before = sum(tree_cpu_seconds(w) for w in system.workers)
+        start = time.perf_counter()
+        summary = run_wrk(wrk, system.url, bodies_file, requests, concurrency)
+        wall = time.perf_counter() - start
+        frontend = tree_cpu_seconds(system.frontend) - frontend_before
+        workers = sum(tree_cpu_seconds(w) for w in system.workers) - workers_before
+    answered = int(summary["answered"])
+    errors = int(summary["failed"]) + int(summary["socket_errors"])
+    if errors:
+        print(
+            f"{system.name}: {summary['failed']} answers were not 200s with choices, "
+            f"{summary['socket_errors']} socket errors or timeouts (wrk)",
+            file=sys.stderr,
+        )
+    seconds = int(summary["duration_us"]) / 1e6
+    done = max(1, answered + int(summary["failed"]))
+    return Cell(
+        system=system.name,
+        round=round_,
+        mode="nonstream",
+        concurrency=concurrency,
+        requests=requests,
+        errors=errors,
+        frontend_cpu_ms=frontend * 1000 / done,
+        workers_cpu_ms=workers * 1000 / done,
+        req_per_s=answered / seconds if seconds > 0 else 0.0,
+        p50_ms=int(summary["p50_us"]) / 1000 if answered else None,
+        p99_ms=int(summary["p99_us"]) / 1000 if answered else None,
+        tokens=int(summary["prompt_tokens"]) / answered if answered else 0.0,
+        frontend_busy=frontend / wall if wall > 0 else 0.0,
+    )
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -686,6 +798,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="requests of the one-core figure per round (2x -n; 0 skips it)",
     )
+    parser.add_argument(
+        "--wrk",
+        default=shutil.which("wrk"),
+        help="the wrk that drives the one-core figure (default: wrk on PATH, "
+        f"{shutil.which('wrk')}); without it this process's aiohttp client does, which keeps "
+        "the frontend's core from saturating",
+    )
     add_interlock_workers_option(parser)
     parser.add_argument("--raw", type=Path, help="also write every cell as a JSON line here")
     parser.add_argument("--seed", type=int, default=0)
@@ -714,6 +833,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--tokenizer {args.tokenizer}: no such folder; point it at the Qwen3 tokenizer "
             "(shared/data/tokenizers/qwen3), or use 'builtin' (interlock alone)"
         )
+    if args.wrk is not None and not os.access(args.wrk, os.X_OK):
+        args.wrk_missing = f"{args.wrk} is not an executable"
+        args.wrk = None
+    elif args.wrk is None:
+        args.wrk_missing = "no wrk on PATH (apt-get install wrk)"
     return args
 
 
@@ -737,6 +861,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if skip is not None:
         print(f"Dynamo: skipping it ({skip}); measuring interlock alone", flush=True)
     cores = len(os.sched_getaffinity(0))
+    if args.one_core_requests and args.wrk is None:
+        print(
+            f"wrk: {args.wrk_missing}; the one-core figure's client is this process's aiohttp "
+            "client instead, which needs about as much CPU as the frontend: the frontend's core "
+            "will not saturate, so that figure understates what one core serves",
+            flush=True,
+        )
     with tempfile.TemporaryDirectory(prefix="bench-frontend-") as tmp:
         directory = Path(tmp)
         processes = Processes(directory)
@@ -765,17 +896,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     one_core = [c for c in cells if c.mode == "one-core"]
     if one_core:
         print()
+        client = "wrk" if args.wrk is not None else "aiohttp"
         print(
             f"Non-stream req/s on one core (C={ONE_CORE_CONCURRENCY}, the frontend pinned to a CPU "
-            "of its own):"
+            f"of its own, the workers and the client ({client}) on the others):"
         )
         for name in names:
             mine = [c for c in one_core if c.system == name]
+            busy = median(c.frontend_busy for c in mine) or 0.0
+            verdict = (
+                "saturated"
+                if busy >= SATURATED
+                else "below ~95 %: the workers, the client or other processes held it back"
+            )
+            core = median(c.core_busy for c in mine)
             print(
                 f"  {name}: {number(median(c.req_per_s for c in mine))} req/s, "
                 f"{number(median(c.frontend_cpu_ms for c in mine), 2)} CPU ms/req, "
-                f"frontend core {number(100 * (median(c.frontend_busy for c in mine) or 0))} % "
-                "busy (below ~90 %: the workers or the client held it back)"
+                f"frontend core {number(100 * busy)} % busy ({verdict}; with every process "
+                f"on it {number(None if core is None else 100 * core)} %); workers "
+                f"{number(median(c.workers_cpu_ms for c in mine), 2)} CPU ms/req, p50 / p99 "
+                f"{number(median(c.p50_ms for c in mine), 1)} / "
+                f"{number(median(c.p99_ms for c in mine), 1)} ms"
             )
         if len(names) > 1:
             print(f"  ratio interlock / Dynamo req/s: {number(ratio_of(one_core, 'req_per_s'), 2)}")
@@ -805,7 +947,7 @@ def run(args: argparse.Namespace, systems: Sequence[System], cores: int) -> list
                     if mode == "one-core":
                         others = [s for s in systems if s is not system]
                         cell = measure_on_one_core(
-                            system, others, args.one_core_requests, round_, args.seed
+                            system, others, args.one_core_requests, round_, args.seed, args.wrk
                         )
                     else:
                         cell = measure(system, mode, concurrency, args.requests, round_, args.seed)

@@ -9,8 +9,12 @@ import copy
 import json
 import re
 from pathlib import Path
+from typing import Any
 
+import jinja2.ext
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from interlock.processing import (
@@ -21,6 +25,7 @@ from interlock.processing import (
     load_chat_template,
     load_tokenizer,
 )
+from interlock.processing._messages import validate_messages
 
 QWEN3_DIR = Path(__file__).parents[1] / ".." / "shared" / "data" / "tokenizers" / "qwen3"
 
@@ -474,3 +479,102 @@ def test_a_broken_template_in_a_model_directory_fails_at_load(tmp_path: Path) ->
     (tmp_path / "chat_template.jinja").write_text("{% for %}")
     with pytest.raises(ChatTemplateError, match=r"chat_template\.jinja does not compile"):
         load_chat_template(tmp_path)
+
+
+# --- Byte for byte what jinja2's own sandbox renders --------------------------------------------
+
+# Pieces the Qwen3 template looks for (think and tool-response markers) among plain text.
+_texts = st.lists(
+    st.sampled_from(["a", " ", "\n", "é", "{", "}", "<think>", "</think>", "<tool_response>",
+                     "</tool_response>", "<|im_end|>", "\\", "'", '"']),
+    max_size=6,
+).map("".join)  # fmt: skip
+_tool_calls = st.lists(
+    st.fixed_dictionaries(
+        {
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries(
+                {
+                    "name": _texts,
+                    "arguments": st.one_of(
+                        st.dictionaries(_texts, _texts, max_size=2),
+                        st.dictionaries(_texts, st.integers(), max_size=2).map(json.dumps),
+                    ),
+                }
+            ),
+        }
+    ),
+    max_size=2,
+)
+_messages = st.lists(
+    st.one_of(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["system", "user", "tool"]), "content": _texts}
+        ),
+        st.fixed_dictionaries(
+            {"role": st.just("assistant"), "content": st.one_of(st.none(), _texts)},
+            optional={"reasoning_content": st.one_of(st.none(), _texts), "tool_calls": _tool_calls},
+        ),
+    ),
+    min_size=1,
+    max_size=5,
+)  # fmt: skip
+
+
+def _jinja_reference(source: str) -> Any:
+    """The template compiled as transformers compiles a chat template: jinja2's stock
+    ImmutableSandboxedEnvironment, none of interlock's shortcuts."""
+    from interlock.processing import _chat_template as internals
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[internals._GenerationTag, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = internals._tojson
+    env.globals["raise_exception"] = internals._raise_exception
+    env.globals["strftime_now"] = internals._strftime_now
+    return env.from_string(source)
+
+
+@given(
+    messages=_messages,
+    tools=st.one_of(st.none(), st.lists(st.fixed_dictionaries({"name": _texts}), max_size=2)),
+    add_generation_prompt=st.booleans(),
+    thinking=st.one_of(st.none(), st.booleans()),
+)
+def test_qwen3_and_chatml_render_byte_for_byte_as_jinjas_own_sandbox(
+    messages: list[Message],
+    tools: list[Message] | None,
+    add_generation_prompt: bool,
+    thinking: bool | None,
+) -> None:
+    # The attribute and call shortcuts of the template's environment change no byte of a prompt.
+    kwargs: dict[str, object] = {} if thinking is None else {"enable_thinking": thinking}
+    templates = [ChatTemplate.chatml()]
+    if (QWEN3_DIR / "tokenizer_config.json").is_file():
+        templates.append(load_chat_template(QWEN3_DIR / "tokenizer_config.json"))
+    for template in templates:
+        reference = _jinja_reference(template.source)
+        context = {
+            "messages": validate_messages(messages),
+            "tools": tools,
+            "add_generation_prompt": add_generation_prompt,
+            **kwargs,
+        }
+        if template.eos_token is not None:
+            context["eos_token"] = template.eos_token
+        if template.bos_token is not None:
+            context["bos_token"] = template.bos_token
+        try:
+            expected: str | type[Exception] = reference.render(copy.deepcopy(context))
+        except Exception as exc:
+            expected = type(exc)
+        try:
+            got: str | type[Exception] = template.render(
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        except ChatTemplateError as exc:
+            assert exc.__cause__ is not None
+            got = type(exc.__cause__)
+        assert got == expected, (template.name, messages)

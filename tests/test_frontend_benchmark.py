@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -81,6 +82,24 @@ def test_the_frontend_benchmark_runs_and_says_why_dynamo_is_skipped(tmp_path: Pa
     assert len(rows) == 8, out
     assert [row[-2].strip() for row in rows[:4]] == ["0"] * 4, f"requests failed:\n{out}"
     assert "Non-stream req/s on one core" in out, out
+    # wrk drives the one-core figure wherever it is installed; its line carries no errors.
+    client = "(wrk)" if shutil.which("wrk") else "(aiohttp)"
+    (one_core,) = [line for line in out.splitlines() if line.startswith("Non-stream req/s")]
+    assert client in one_core, out
+    assert "round 1 interlock one-core  C=64" in completed.stderr, completed.stderr[-3000:]
+    assert "errors 0" in completed.stderr.split("one-core")[-1], completed.stderr[-3000:]
+
+
+def test_without_wrk_the_one_core_figure_says_its_client_stands_in(tmp_path: Path) -> None:
+    completed = _run(
+        "bench_frontend.py", "--quick", "--tokenizer", TOKENIZER, "--no-dynamo",
+        "--modes", "nonstream", "--wrk", str(tmp_path / "no-wrk" / "wrk"),
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-3000:]
+    out = completed.stdout
+    assert "wrk: " in out and "is not an executable" in out, out
+    (one_core,) = [line for line in out.splitlines() if line.startswith("Non-stream req/s")]
+    assert "(aiohttp)" in one_core, out
 
 
 def test_the_memory_benchmark_runs() -> None:
