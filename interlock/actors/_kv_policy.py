@@ -27,6 +27,7 @@ from ..kv import (
     TtftSelection,
     WorkerLoadView,
     compute_block_hashes,
+    kv_salt,
     select_by_ttft,
     select_worker,
 )
@@ -60,6 +61,8 @@ class KvPolicy:
             else ApproxKvIndexer(ttl=config.kv_approx_ttl, max_blocks=config.kv_approx_max_blocks)
         )
         self._memo: tuple[PreprocessedRequest, list[int]] | None = None
+        # The salt of the request being routed (`key_blocks`), by identity as the memo is.
+        self._salt: tuple[PreprocessedRequest, int | None] | None = None
 
     # -- the index --------------------------------------------------------------------------
 
@@ -95,12 +98,23 @@ class KvPolicy:
         if self.approx is not None:
             self.approx.record_routed(worker_id, self.hashes(request), trio.current_time())
 
+    def key_blocks(self, request: PreprocessedRequest, adapter: str | None) -> None:
+        """Look ``request``'s prompt up (and, in approximate mode, record it) under the salt of
+        ``adapter`` (the LoRA adapter it names, None for the base model): the engines cache an
+        adapter's blocks apart from the base model's (`kv_salt`). The router calls this before
+        choosing; it holds for that request object only."""
+        self._salt = (request, kv_salt(adapter))
+
+    def _salt_of(self, request: PreprocessedRequest) -> int | None:
+        salted = self._salt
+        return salted[1] if salted is not None and salted[0] is request else None
+
     def hashes(self, request: PreprocessedRequest) -> list[int]:
         """The prompt's block hashes (computed once per request, reused across its legs)."""
         memo = self._memo
         if memo is not None and memo[0] is request:
             return memo[1]
-        hashes = compute_block_hashes(request.token_ids, self.block_size)
+        hashes = compute_block_hashes(request.token_ids, self.block_size, self._salt_of(request))
         self._memo = (request, hashes)
         return hashes
 
@@ -110,7 +124,9 @@ class KvPolicy:
             if memo is not None and memo[0] is request:
                 return self.index.find_matches(memo[1])
             # The lookup stops at the first block no worker holds: hash only that far.
-            return self.index.find_matches(iter_block_hashes(request.token_ids, self.block_size))
+            return self.index.find_matches(
+                iter_block_hashes(request.token_ids, self.block_size, self._salt_of(request))
+            )
         hashes = self.hashes(request)
         assert self.approx is not None
         return self.approx.find_matches(hashes, trio.current_time())
