@@ -100,10 +100,11 @@ class KvPolicy:
 
     def key_blocks(self, request: PreprocessedRequest, adapter: str | None) -> None:
         """Look ``request``'s prompt up (and, in approximate mode, record it) under the salt of
-        ``adapter`` (the LoRA adapter it names, None for the base model): the engines cache an
-        adapter's blocks apart from the base model's (`kv_salt`). The router calls this before
-        choosing; it holds for that request object only."""
-        self._salt = (request, kv_salt(adapter))
+        ``adapter`` (the LoRA adapter it names, None for the base model) and its
+        ``cache_salt``: the engines cache an adapter's or a salt's blocks apart from the base
+        model's (`kv_salt`). The router calls this before choosing; it holds for that request
+        object only."""
+        self._salt = (request, kv_salt(adapter, request.cache_salt))
 
     def _salt_of(self, request: PreprocessedRequest) -> int | None:
         salted = self._salt

@@ -241,7 +241,8 @@ class RouterActor(Actor):
         candidates = message.candidates
         adapter = requested_adapter(request.model, self._engines.values())
         if self._kv is not None:
-            # An adapter's blocks are keyed by its name, in the engines and in the index.
+            # An adapter's and a cache salt's blocks are keyed by them, in the engines and in
+            # the index.
             self._kv.key_blocks(request, adapter)
         if disaggregated:
             pool = [w for w in self._prefill_pool if w not in exclude]
