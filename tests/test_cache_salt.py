@@ -29,10 +29,12 @@ from test_openai_engine import open_cluster
 from test_whole_answers import pipeline_over, timed
 
 from interlock import Components, PipelineConfig, RequestError, WorkerRefused, build_pipeline
+from interlock.actors import replay_selection
 from interlock.engines.mock import MockEngine
 from interlock.engines.openai import OpenAIEngine
 from interlock.http._errors import HttpError
 from interlock.http._openai import parse_request
+from interlock.kv import kv_salt
 from interlock.wire import PreprocessedRequest, RoutingHints
 from interlock.wire._frames import Start, decode_body, encode_frame
 
@@ -228,3 +230,16 @@ async def test_the_picker_looks_a_salted_prompt_up_under_its_salt(
         status, error = immediate(await pick("bad", ""))
         assert status == 400 and error["error"]["param"] == "cache_salt"
         assert await load_is_zero(p.pipeline)
+
+
+async def test_a_salted_decision_records_the_salt_it_was_looked_up_under(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    workers = [MockEngine(i) for i in range(2)]
+    async with build_pipeline(KV, Components(workers=workers)) as pipeline:
+        plain = await pipeline.query(PreprocessedRequest(token_ids=prompt(0)))
+        salted = await pipeline.query(PreprocessedRequest(token_ids=prompt(0), cache_salt="t"))
+    assert "kv_salt" not in plain.selections[0].inputs
+    record = salted.selections[0]
+    assert record.inputs["kv_salt"] == f"{kv_salt(cache_salt='t'):016x}"
+    assert replay_selection(record) == record.chosen

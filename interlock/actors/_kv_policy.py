@@ -13,6 +13,7 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from .._config import PipelineConfig
@@ -148,7 +149,7 @@ class KvPolicy:
         if leg == "decode":
             weight = 0.0
         elif self.name == "predicted_ttft":
-            return self._choose_by_ttft(leg, candidates, request)
+            return self._salted(self._choose_by_ttft(leg, candidates, request), request)
         overlaps = self.overlaps(request) if weight else OverlapScores({}, {})
         views = [
             WorkerLoadView(c.worker_id, c.load.prefill_tokens, c.load.active_blocks)
@@ -163,7 +164,17 @@ class KvPolicy:
             temperature,
             self._rng,
         )
-        return kv_selection_record(leg, selection, candidates)
+        record = kv_selection_record(leg, selection, candidates)
+        return self._salted(record, request) if weight else record
+
+    def _salted(self, record: SelectionRecord, request: PreprocessedRequest) -> SelectionRecord:
+        """``record`` saying, for a salted request, which salt its overlaps were looked up
+        under (``inputs["kv_salt"]``, the `kv_salt` in hex: never the cache salt itself,
+        which a tenant may keep secret); an unsalted request's record is unchanged."""
+        salt = self._salt_of(request)
+        if salt is None:
+            return record
+        return attrs.evolve(record, inputs={**record.inputs, "kv_salt": f"{salt:016x}"})
 
     def _choose_by_ttft(
         self, leg: Leg, candidates: Sequence[WorkerView], request: PreprocessedRequest
