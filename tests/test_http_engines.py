@@ -217,6 +217,43 @@ async def serving_over_engines(tmp_path: Path, *serve_flags: str) -> AsyncIterat
         await stop_processes(processes)
 
 
+async def router_blocks(http: httpx.AsyncClient, worker: int) -> float:
+    """The blocks serve's router indexes for ``worker`` (its ``/metrics``)."""
+    metrics = (await http.get("/metrics")).text
+    found = re.search(
+        rf'^interlock_router_kv_blocks\{{worker_id="{worker}"\}} (\S+)$', metrics, re.M
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+async def warm_up(http: httpx.AsyncClient) -> dict[int, float]:
+    """Send workers 1 and 2 fresh prompts until serve's router has seen each one's KV events;
+    the blocks indexed for each then. A worker's publisher connects to serve's
+    --kv-events-bind on its own schedule (ZMQ reconnects), and what it publishes before then
+    is lost."""
+    baseline: dict[int, float] = {}
+    with trio.fail_after(TIMEOUT):
+        for worker in (1, 2):
+            attempt = 0
+            while await router_blocks(http, worker) == 0:
+                attempt += 1
+                warm = await http.post(
+                    "/v1/completions",
+                    json={
+                        "model": "mock",
+                        "prompt": f"warm-up {worker}.{attempt} " * 10,
+                        "max_tokens": 1,
+                        "nvext": {"backend_instance_id": worker},
+                    },
+                )
+                assert warm.status_code == 200, warm.text
+                with trio.move_on_after(1):
+                    while await router_blocks(http, worker) == 0:  # noqa: ASYNC110 (polled)
+                        await trio.sleep(0.05)
+            baseline[worker] = await router_blocks(http, worker)
+    return baseline
+
+
 async def test_serve_routes_on_the_engines_kv_events_end_to_end(tmp_path: Path) -> None:
     flags = ["--router-mode", "kv", "--router-temperature", "0", "--model-name", "mock"]
     flags += ["--allow-request-worker-ids"]  # the warm-up below sends to each worker
@@ -241,45 +278,65 @@ async def test_serve_routes_on_the_engines_kv_events_end_to_end(tmp_path: Path) 
                 return worker, details.cached_tokens if details is not None else 0
 
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
-
-            async def blocks(worker: int) -> float:
-                metrics = (await http.get("/metrics")).text
-                found = re.search(
-                    rf'^interlock_router_kv_blocks\{{worker_id="{worker}"\}} (\S+)$', metrics, re.M
-                )
-                return float(found.group(1)) if found else 0.0
-
-            # A worker's publisher connects to serve's --kv-events-bind on its own schedule
-            # (ZMQ reconnects), and what it publishes before then is lost: before the test,
-            # each worker is sent fresh prompts until the router has seen its events.
-            baseline: dict[int, float] = {}
-            with trio.fail_after(TIMEOUT):
-                for worker in (1, 2):
-                    attempt = 0
-                    while await blocks(worker) == 0:
-                        attempt += 1
-                        warm = await http.post(
-                            "/v1/completions",
-                            json={
-                                "model": "mock",
-                                "prompt": f"warm-up {worker}.{attempt} " * 10,
-                                "max_tokens": 1,
-                                "nvext": {"backend_instance_id": worker},
-                            },
-                        )
-                        assert warm.status_code == 200, warm.text
-                        with trio.move_on_after(1):
-                            while await blocks(worker) == 0:  # noqa: ASYNC110 (a counter: polled)
-                                await trio.sleep(0.05)
-                    baseline[worker] = await blocks(worker)
+            baseline = await warm_up(http)
             owner, _ = await trio.to_thread.run_sync(ask, 0)
             with trio.fail_after(TIMEOUT):
-                while await blocks(owner) < baseline[owner] + 40:  # noqa: ASYNC110 (polled)
+                while await router_blocks(http, owner) < baseline[owner] + 40:  # noqa: ASYNC110
                     await trio.sleep(0.05)
         for turn in (1, 2, 3):
             worker, cached = await trio.to_thread.run_sync(ask, turn)
             assert worker == owner
             assert cached >= 40 * 16
+
+
+async def test_a_cache_salt_reaches_the_engines_and_keys_their_blocks_end_to_end(
+    tmp_path: Path,
+) -> None:
+    # interlock serve --engine over interlock workers serving vLLM's surface: the salt is
+    # checked (400), sent to the engine (whose cache keeps a tenant's blocks to itself), and
+    # its blocks come back in the engine's KV events under the salt, where only that tenant's
+    # requests find them.
+    flags = ["--router-mode", "kv", "--router-temperature", "0", "--model-name", "mock"]
+    flags += ["--allow-request-worker-ids"]
+    async with serving_over_engines(tmp_path, *flags) as url:
+        system = "You are a railway signalling assistant. " * 30
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
+            baseline = await warm_up(http)
+
+            async def ask(turn: int, salt: str | None, **nvext: Any) -> tuple[int, int]:
+                body: dict[str, Any] = {
+                    "model": "mock",
+                    "prompt": f"{system} question {turn}",
+                    "max_tokens": 2,
+                    "nvext": {"extra_fields": ["worker_id"], **nvext},
+                }
+                if salt is not None:
+                    body["cache_salt"] = salt
+                answer = await http.post("/v1/completions", json=body)
+                assert answer.status_code == 200, answer.text
+                data = answer.json()
+                details = data["usage"].get("prompt_tokens_details") or {}
+                worker = data["nvext"]["worker_id"]["decode_worker_id"]
+                return worker, details.get("cached_tokens") or 0
+
+            bad = await http.post(
+                "/v1/completions", json={"model": "mock", "prompt": "x", "cache_salt": ""}
+            )
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
+            owner, _ = await ask(0, "tenant-a")
+            with trio.fail_after(TIMEOUT):
+                while await router_blocks(http, owner) < baseline[owner] + 40:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            # The same tokens without the salt, on the engine that holds them salted: its
+            # cache does not share them.
+            worker, cached = await ask(1, None, backend_instance_id=owner)
+            assert worker == owner and cached == 0
+            for turn in (2, 3):
+                worker, cached = await ask(turn, "tenant-a")
+                assert worker == owner
+                assert cached >= 40 * 16
+            _, cached = await ask(4, "tenant-b")
+            assert cached == 0
 
 
 def test_the_configuration_file_in_the_engines_docs_is_valid(tmp_path: Path) -> None:

@@ -14,7 +14,16 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from interlock.kv import XXH3_SEED, _hashing, compute_block_hashes, compute_sequence_hashes
+from interlock.kv import (
+    XXH3_SEED,
+    KvIndexer,
+    KvStored,
+    StoredBlock,
+    _hashing,
+    compute_block_hashes,
+    compute_sequence_hashes,
+    kv_salt,
+)
 from interlock.kv._hashing import iter_block_hashes, known_u32, trust_u32, u32_words
 from interlock.wire import PreprocessedRequest
 
@@ -203,3 +212,56 @@ def test_only_what_was_trusted_is_known() -> None:
     assert trusted == (1, 2, 3) and hash(trusted) == hash((1, 2, 3))  # a tuple all the same
     assert not known_u32(list(range(2000)))
     assert not known_u32(tuple(range(2000)))  # an equal plain tuple was vouched for by nobody
+
+
+# -- salted blocks (LoRA adapters, cache_salt) ------------------------------------------------
+
+salts = st.sampled_from(
+    [(None, None), ("ad1", None), ("ad2", None), (None, "ad1"), (None, "t"), ("ad1", "t")]
+)
+
+
+def test_no_salt_is_the_contract_and_a_salt_changes_block_0_only() -> None:
+    tokens = list(range(1, 33))
+    assert kv_salt() is None and kv_salt(None, None) is None
+    assert compute_block_hashes(tokens, 16, None) == [BLOCK_1_16, BLOCK_17_32]
+    salt = kv_salt("ad1")
+    assert salt is not None
+    salted = compute_block_hashes(tokens, 16, salt)
+    assert salted[1] == BLOCK_17_32 and salted[0] not in (BLOCK_1_16, BLOCK_17_32)
+    assert salted[0] == xxhash.xxh3_64_intdigest(struct.pack("<QQ", salt, BLOCK_1_16), seed=1337)
+    assert list(iter_block_hashes(tokens, 16, salt)) == salted
+    assert list(iter_block_hashes(trust_u32(tokens), 16, salt)) == salted
+    assert compute_block_hashes(tokens[:15], 16, salt) == []
+
+
+def test_an_adapter_name_a_cache_salt_and_both_are_distinct_salts() -> None:
+    keys = [kv_salt("a"), kv_salt(None, "a"), kv_salt("a", "b"), kv_salt("ab"), kv_salt("a", "")]
+    assert len(set(keys)) == len(keys)
+
+
+@given(
+    stored=st.lists(
+        st.tuples(salts, st.lists(st.integers(0, 3), min_size=1, max_size=6)), max_size=8
+    ),
+    query=st.tuples(salts, st.lists(st.integers(0, 3), min_size=1, max_size=6)),
+)
+def test_requests_under_different_salts_never_share_overlap(
+    stored: list[tuple[tuple[str | None, str | None], list[int]]],
+    query: tuple[tuple[str | None, str | None], list[int]],
+) -> None:
+    # Few token values, so the same tokens keep coming back under every salt: only the salt
+    # keeps their blocks apart in the index.
+    block = 2
+    index = KvIndexer()
+    for worker, (salt, ids) in enumerate(stored):
+        tokens = [t for i in ids for t in (i, i)]
+        hashes = compute_block_hashes(tokens, block, kv_salt(*salt))
+        blocks = [StoredBlock(block_hash=n, tokens_hash=h) for n, h in enumerate(hashes, 1)]
+        index.apply(KvStored(worker, 0, None, blocks))
+    salt, ids = query
+    tokens = [t for i in ids for t in (i, i)]
+    scores = index.find_matches(compute_block_hashes(tokens, block, kv_salt(*salt))).scores
+    for worker, (their_salt, their_ids) in enumerate(stored):
+        shares = their_salt == salt and their_ids[0] == ids[0]
+        assert (worker in scores) == shares, (worker, stored[worker], query, scores)

@@ -10,6 +10,7 @@ EXPECTED = {
     "XXH3_SEED",
     "compute_block_hashes",
     "compute_sequence_hashes",
+    "kv_salt",  # a LoRA adapter's / cache salt's blocks
     # events
     "KvCleared",
     "KvEvent",

@@ -251,24 +251,35 @@ async def test_an_unserved_name_is_404_and_serving_engines_outside_the_subset_50
         assert await load_is_zero(p.pipeline)
 
 
-async def test_kv_overlap_of_base_model_blocks_is_not_counted_for_an_adapter(
+async def test_an_adapter_finds_its_own_kv_overlap_and_never_the_base_models(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # Approximate KV mode: the index learns where prompts went from the picks themselves.
+    # Approximate KV mode: the index learns where prompts went from the picks themselves,
+    # keyed by the adapter's salt (`kv_salt`) as a real vLLM keys its blocks.
     async with picking(KV.evolve(kv_events=False)) as p:
         serve(p, {1: "ad1", 2: "ad1", 3: "ad1"})
         text = "a long shared prompt " * 40
-        warm = request_headers(extra=[("x-request-id", "warm")])
-        await exchange(p.picker, [warm, request_body(chat_body(text), True)])
-        base = pick_record(p, "warm").chosen
-        ask = request_headers(extra=[("x-request-id", "base-again")])
-        await exchange(p.picker, [ask, request_body(chat_body(text), True)])
-        assert any(c.overlap_blocks for c in pick_record(p, "base-again").candidates)
-        ask = request_headers(extra=[("x-request-id", "adapter")])
-        await exchange(p.picker, [ask, request_body(chat_body(text, model="ad1"), True)])
-        record = pick_record(p, "adapter")
-        assert all(c.overlap_blocks == 0 for c in record.candidates), (base, record)
-        assert record.inputs["kv"]["overlap_score_weight"] == 0.0
+
+        async def pick(request_id: str, model: str = "mock") -> Any:
+            ask = request_headers(extra=[("x-request-id", request_id)])
+            await exchange(p.picker, [ask, request_body(chat_body(text, model=model), True)])
+            return pick_record(p, request_id)
+
+        base = (await pick("warm")).chosen
+        assert [c.worker_id for c in (await pick("base-again")).candidates if c.overlap_blocks] == [
+            base
+        ]
+        first = await pick("adapter", "ad1")
+        # The base model's blocks are not the adapter's: no overlap, weight kept.
+        assert all(c.overlap_blocks == 0 for c in first.candidates), (base, first)
+        assert first.inputs["kv"]["overlap_score_weight"] == 1.0
+        again = await pick("adapter-again", "ad1")
+        assert [c.worker_id for c in again.candidates if c.overlap_blocks] == [first.chosen]
+        assert again.chosen == first.chosen
+        if first.chosen != base:
+            # And the base model's requests never see the adapter's blocks.
+            last = await pick("base-last")
+            assert [c.worker_id for c in last.candidates if c.overlap_blocks] == [base]
 
 
 async def test_a_full_engine_running_the_adapter_yields_to_one_with_room(

@@ -249,7 +249,7 @@ async def test_no_common_protocol_version_is_refused_with_the_reason(
     with trio.fail_after(TIMEOUT):
         async with served(zero_time()) as address:
             with pytest.raises(
-                ProtocolError, match=r"frontend speaks \[1, 2, 3, 4\], this worker speaks"
+                ProtocolError, match=r"frontend speaks \[1, 2, 3, 4, 5\], this worker speaks"
             ):
                 await remote(address).run()
 

@@ -20,7 +20,15 @@ from hypothesis import strategies as st
 
 from interlock.engines.openai._kv_feed import KvReplayFailed
 from interlock.engines.openai._kv_mirror import KvBlockSizeMismatch, KvMirror
-from interlock.kv import KvCleared, KvEvent, KvIndexer, KvRemoved, KvStored, compute_block_hashes
+from interlock.kv import (
+    KvCleared,
+    KvEvent,
+    KvIndexer,
+    KvRemoved,
+    KvStored,
+    compute_block_hashes,
+    kv_salt,
+)
 from interlock.wire import VllmAllBlocksCleared, VllmBlockRemoved, VllmBlockStored, VllmKvBatch
 
 BLOCK = 4
@@ -143,16 +151,55 @@ def test_a_child_of_a_removed_block_stays_and_dumps_with_its_parents_hash() -> N
     assert chain.parent_hash == 10 and [b.block_hash for b in chain.blocks] == [11]
 
 
-def test_lora_blocks_and_their_children_are_not_published() -> None:
+def test_blocks_without_a_lora_name_or_with_unknown_extra_keys_are_not_published() -> None:
     m, out = mirror()
     m.on_batch(
         0, batch(stored([10], None, 0, lora_id=3), stored([11], 10, 100), stored([20], None, 200))
     )
-    m.on_batch(1, batch(stored([21], None, 300, lora_name="sql-adapter"), VllmBlockRemoved([10])))
+    # A multimodal block (an ``(identifier, offset)`` pair): interlock hashes token ids only.
+    m.on_batch(1, batch(stored([21], None, 300, extra_keys=[[["img", 0]]]), VllmBlockRemoved([10])))
     assert m.blocks() == {20: (None, th(200))}
     assert [type(e) for e in out] == [KvStored]
     assert m.stats.skipped_blocks == 3
     assert m.stats.orphan_runs == 0
+
+
+def salted(start: int, lora_name: str | None = None, cache_salt: str | None = None) -> int:
+    """Block 0's tokens hash for ``tokens(start)`` under the adapter's / salt's key."""
+    return compute_block_hashes(tokens(start), BLOCK, kv_salt(lora_name, cache_salt))[0]
+
+
+def test_lora_and_salted_blocks_are_published_under_their_salt() -> None:
+    m, out = mirror()
+    # As vLLM 0.32 sends them: block 0's extra keys (lora_name, cache_salt), later blocks the
+    # name alone; a run extending a salted block carries no salt of its own.
+    m.on_batch(
+        0,
+        batch(
+            stored([10, 11], None, 0, 100, lora_name="sql", extra_keys=[["sql"], ["sql"]]),
+            stored([12], 11, 200, lora_name="sql", extra_keys=[["sql"]]),
+            stored([20, 21], None, 0, 100, extra_keys=[["tenant-a"], None]),
+            stored([30], None, 0, lora_name="sql", extra_keys=[["sql", "tenant-a"]]),
+            stored([40], None, 0, extra_keys=[None]),
+        ),
+    )
+    assert m.blocks() == {
+        10: (None, salted(0, "sql")),
+        11: (10, th(100)),
+        12: (11, th(200)),
+        20: (None, salted(0, cache_salt="tenant-a")),
+        21: (20, th(100)),
+        30: (None, salted(0, "sql", "tenant-a")),
+        40: (None, th(0)),
+    }
+    assert (
+        len({salted(0, "sql"), salted(0, None, "tenant-a"), salted(0, "sql", "tenant-a"), th(0)})
+        == 4
+    )
+    assert m.stats.skipped_blocks == 0
+    scores = out.index.find_matches
+    assert scores([salted(0, "sql"), th(100), th(200)]).scores == {WORKER: 3}
+    assert scores([th(0), th(100)]).scores == {WORKER: 1}  # block 40 only
 
 
 @pytest.mark.parametrize(

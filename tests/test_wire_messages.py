@@ -233,6 +233,14 @@ CHAT = st.builds(
 )
 
 
+#: Salts vLLM takes (non-empty, at most 128 characters, none of @ / \\ NUL).
+CACHE_SALT = st.text(
+    st.characters(blacklist_characters="@/\\\0", blacklist_categories=("Cs",)),
+    min_size=1,
+    max_size=128,
+)
+
+
 @st.composite
 def requests(draw: st.DrawFn) -> PreprocessedRequest:
     max_tokens = draw(st.none() | st.integers(1, 4096))
@@ -256,6 +264,7 @@ def requests(draw: st.DrawFn) -> PreprocessedRequest:
         include_stop_str_in_output=draw(st.booleans()),
         prefill_result=draw(st.none() | PREFILL_RESULT),
         chat=draw(st.none() | CHAT),
+        cache_salt=draw(st.none() | CACHE_SALT),
     )
 
 
@@ -377,6 +386,7 @@ def test_the_request_generator_sets_every_request_field() -> None:
         "include_stop_str_in_output",
         "prefill_result",
         "chat",
+        "cache_salt",
     ]
 
 

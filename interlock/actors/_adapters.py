@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import attrs
 
-from ..wire import PreprocessedRequest, RouterConfigOverride, SelectionRecord
+from ..wire import SelectionRecord
 
 __all__ = [
     "AFFINITY",
@@ -38,7 +38,6 @@ __all__ = [
     "requested_adapter",
     "served_adapters",
     "with_adapter",
-    "without_overlap",
 ]
 
 RUNNING: Final = "running"
@@ -118,16 +117,6 @@ def adapter_candidates(
         if adapter in served_adapters(engines.get(w))
     }
     return AdapterCandidates(adapter, list(tiers), tiers)
-
-
-def without_overlap(request: PreprocessedRequest) -> PreprocessedRequest:
-    """``request`` with the KV policy's prefix overlap off: the index holds the base model's
-    blocks only, and vLLM hashes an adapter's blocks with its name (never shared with the base
-    model's), so an overlap found there for an adapter's prompt would be false."""
-    override = request.router_config_override or RouterConfigOverride()
-    return attrs.evolve(
-        request, router_config_override=attrs.evolve(override, overlap_score_weight=0.0)
-    )
 
 
 def with_adapter(

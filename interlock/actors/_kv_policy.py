@@ -13,6 +13,7 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from .._config import PipelineConfig
@@ -27,6 +28,7 @@ from ..kv import (
     TtftSelection,
     WorkerLoadView,
     compute_block_hashes,
+    kv_salt,
     select_by_ttft,
     select_worker,
 )
@@ -60,6 +62,8 @@ class KvPolicy:
             else ApproxKvIndexer(ttl=config.kv_approx_ttl, max_blocks=config.kv_approx_max_blocks)
         )
         self._memo: tuple[PreprocessedRequest, list[int]] | None = None
+        # The salt of the request being routed (`key_blocks`), by identity as the memo is.
+        self._salt: tuple[PreprocessedRequest, int | None] | None = None
 
     # -- the index --------------------------------------------------------------------------
 
@@ -95,12 +99,24 @@ class KvPolicy:
         if self.approx is not None:
             self.approx.record_routed(worker_id, self.hashes(request), trio.current_time())
 
+    def key_blocks(self, request: PreprocessedRequest, adapter: str | None) -> None:
+        """Look ``request``'s prompt up (and, in approximate mode, record it) under the salt of
+        ``adapter`` (the LoRA adapter it names, None for the base model) and its
+        ``cache_salt``: the engines cache an adapter's or a salt's blocks apart from the base
+        model's (`kv_salt`). The router calls this before choosing; it holds for that request
+        object only."""
+        self._salt = (request, kv_salt(adapter, request.cache_salt))
+
+    def _salt_of(self, request: PreprocessedRequest) -> int | None:
+        salted = self._salt
+        return salted[1] if salted is not None and salted[0] is request else None
+
     def hashes(self, request: PreprocessedRequest) -> list[int]:
         """The prompt's block hashes (computed once per request, reused across its legs)."""
         memo = self._memo
         if memo is not None and memo[0] is request:
             return memo[1]
-        hashes = compute_block_hashes(request.token_ids, self.block_size)
+        hashes = compute_block_hashes(request.token_ids, self.block_size, self._salt_of(request))
         self._memo = (request, hashes)
         return hashes
 
@@ -110,7 +126,9 @@ class KvPolicy:
             if memo is not None and memo[0] is request:
                 return self.index.find_matches(memo[1])
             # The lookup stops at the first block no worker holds: hash only that far.
-            return self.index.find_matches(iter_block_hashes(request.token_ids, self.block_size))
+            return self.index.find_matches(
+                iter_block_hashes(request.token_ids, self.block_size, self._salt_of(request))
+            )
         hashes = self.hashes(request)
         assert self.approx is not None
         return self.approx.find_matches(hashes, trio.current_time())
@@ -131,7 +149,7 @@ class KvPolicy:
         if leg == "decode":
             weight = 0.0
         elif self.name == "predicted_ttft":
-            return self._choose_by_ttft(leg, candidates, request)
+            return self._salted(self._choose_by_ttft(leg, candidates, request), request)
         overlaps = self.overlaps(request) if weight else OverlapScores({}, {})
         views = [
             WorkerLoadView(c.worker_id, c.load.prefill_tokens, c.load.active_blocks)
@@ -146,7 +164,17 @@ class KvPolicy:
             temperature,
             self._rng,
         )
-        return kv_selection_record(leg, selection, candidates)
+        record = kv_selection_record(leg, selection, candidates)
+        return self._salted(record, request) if weight else record
+
+    def _salted(self, record: SelectionRecord, request: PreprocessedRequest) -> SelectionRecord:
+        """``record`` saying, for a salted request, which salt its overlaps were looked up
+        under (``inputs["kv_salt"]``, the `kv_salt` in hex: never the cache salt itself,
+        which a tenant may keep secret); an unsalted request's record is unchanged."""
+        salt = self._salt_of(request)
+        if salt is None:
+            return record
+        return attrs.evolve(record, inputs={**record.inputs, "kv_salt": f"{salt:016x}"})
 
     def _choose_by_ttft(
         self, leg: Leg, candidates: Sequence[WorkerView], request: PreprocessedRequest

@@ -25,7 +25,6 @@ from ._adapters import (
     adapter_candidates,
     requested_adapter,
     with_adapter,
-    without_overlap,
 )
 from ._kv_policy import KvPolicy
 from ._load import LoadLedger, WorkerLoad
@@ -241,8 +240,10 @@ class RouterActor(Actor):
         disaggregated = message.disaggregated
         candidates = message.candidates
         adapter = requested_adapter(request.model, self._engines.values())
-        if adapter is not None:
-            request = without_overlap(request)
+        if self._kv is not None:
+            # An adapter's and a cache salt's blocks are keyed by them, in the engines and in
+            # the index.
+            self._kv.key_blocks(request, adapter)
         if disaggregated:
             pool = [w for w in self._prefill_pool if w not in exclude]
             if candidates is not None:
@@ -325,9 +326,8 @@ class RouterActor(Actor):
             ledger.add(
                 message.request_id, decode.chosen, leg, prompt, _cached_blocks(decode) * block_size
             )
-            if self._kv is not None and adapter is None:
-                # Approximate mode learns where prompts went (exact mode ignores this); an
-                # adapter's blocks are not the base model's (`without_overlap`).
+            if self._kv is not None:
+                # Approximate mode learns where prompts went (exact mode ignores this).
                 self._kv.routed(prefill.chosen if prefill is not None else decode.chosen, request)
         return Selection(
             decision=decision,

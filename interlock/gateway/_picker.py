@@ -162,8 +162,17 @@ METRICS_ENDPOINT: Final = "ext_proc"
 
 #: The fields of a body that make its prompt; the engine checks the others.
 _PROMPT_FIELDS: Final = {
-    "chat": ("model", "messages", "tools", "chat_template_kwargs", "add_generation_prompt"),
-    "completion": ("model", "prompt"),
+    "chat": (
+        "model",
+        "messages",
+        "tools",
+        "chat_template_kwargs",
+        "add_generation_prompt",
+        "cache_salt",
+    ),
+    # cache_salt: the engine caches a salted prompt's blocks apart, so the pick looks them up
+    # under the salt (`interlock.kv.kv_salt`).
+    "completion": ("model", "prompt", "cache_salt"),
 }
 _FIELD_CHECKS: Final = {"chat": CHAT_FIELDS, "completion": COMPLETION_FIELDS}
 _OVERWRITE: Final = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -530,6 +539,7 @@ class ExtProcStream:
             book = False
             tokens: Sequence[int] = _NO_PROMPT
             model = frontend.model
+            salt: str | None = None
             if kind is not None and body is not None:
                 book = True
                 # Reserved before the first wait: a second stream with the same x-request-id
@@ -543,17 +553,18 @@ class ExtProcStream:
                 if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.
-                    tokens, model = await trio.to_thread.run_sync(
+                    tokens, model, salt = await trio.to_thread.run_sync(
                         self._tokens, kind, body, data, limiter=frontend.offload_limiter
                     )
                 else:
-                    tokens, model = self._tokens(kind, body, data)
+                    tokens, model, salt = self._tokens(kind, body, data)
             request = PreprocessedRequest(
                 token_ids=tokens,
                 request_id=request_id,
                 # The base model, or the LoRA adapter the body names (the router sends it
                 # only to the engines that serve that adapter).
                 model=model,
+                cache_salt=salt,
                 routing=gaie_routing_hints(
                     frontend.objectives,
                     self.headers.get(OBJECTIVE_HEADER),
@@ -597,9 +608,9 @@ class ExtProcStream:
 
     def _tokens(
         self, kind: str, body: bytes, data: dict[str, Any] | None = None
-    ) -> tuple[Sequence[int], str]:
+    ) -> tuple[Sequence[int], str, str | None]:
         """The prompt's token ids from a chat or completions body (``data``: that body decoded
-        already), and the model it names; synchronous (and thread-safe).
+        already), the model it names and its ``cache_salt``; synchronous (and thread-safe).
 
         Raises:
             HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
@@ -634,7 +645,8 @@ class ExtProcStream:
         # Packed: the router only hashes and counts a pick's ids. A tuple of them was 100,000
         # pointers (8 bytes a token: byte ids are CPython's cached small ints) built from the
         # UTF-8 bytes, then turned back into u32 words to be hashed: most of a long pick's cost.
-        return frontend.prompt_tokens(parsed, EMPTY, packed=True), parsed.model
+        tokens = frontend.prompt_tokens(parsed, EMPTY, packed=True)
+        return tokens, parsed.model, parsed.cache_salt
 
     def _candidates(self) -> frozenset[int]:
         """The workers this request may go to.
@@ -785,7 +797,10 @@ class ExtProcStream:
         self._release(leave_drain=False)
         new_id = self.picker.booking_id(f"{old}-served")
         moved = PreprocessedRequest(
-            token_ids=request.token_ids, request_id=new_id, model=request.model
+            token_ids=request.token_ids,
+            request_id=new_id,
+            model=request.model,
+            cache_salt=request.cache_salt,
         )
         try:
             # No admission: the request runs there already.

@@ -269,6 +269,7 @@ class Frontend:
             detokenize=parsed.stream or bool(parsed.stop) or not self.frontend_post,
             stop=parsed.stop,
             include_stop_str_in_output=parsed.include_stop_str_in_output,
+            cache_salt=parsed.cache_salt,
         )
 
 

@@ -17,6 +17,7 @@ import attrs
 
 from .._errors import RequestError
 from ..wire import ChatRequest
+from ..wire._request import check_cache_salt
 from ._errors import bad_request
 from ._json import loads_json
 from ._nvext import EMPTY, U32_MAX, NvExt, parse_nvext, parse_token_ids
@@ -58,6 +59,7 @@ class ParsedRequest:
     prompt_text: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     nvext: NvExt = EMPTY
+    cache_salt: str | None = None
     stream_options: dict[str, Any] | None = None
 
 
@@ -242,6 +244,14 @@ def _user(p: ParsedRequest, v: Any, max_len: int) -> None:
         raise bad_request(f"user must be a string, got {_kind(v)}", "user")
 
 
+def _cache_salt(p: ParsedRequest, v: Any, max_len: int) -> None:
+    try:
+        check_cache_salt(v)
+    except RequestError as exc:
+        raise bad_request(str(exc), "cache_salt") from None
+    p.cache_salt = v
+
+
 def _chat_logprobs(p: ParsedRequest, v: Any, max_len: int) -> None:
     if _bool(v, "logprobs"):
         raise _unsupported("logprobs", "returning log probabilities")
@@ -378,6 +388,7 @@ _COMMON: Final[dict[str, _Handler]] = {
     "frequency_penalty": _zero_only("frequency_penalty"),
     "logit_bias": _logit_bias,
     "user": _user,
+    "cache_salt": _cache_salt,
     "nvext": _nvext,
 }
 

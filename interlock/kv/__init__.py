@@ -28,7 +28,12 @@ from interlock.kv._events import (
     StoredBlock,
     StoredBlocks,
 )
-from interlock.kv._hashing import XXH3_SEED, compute_block_hashes, compute_sequence_hashes
+from interlock.kv._hashing import (
+    XXH3_SEED,
+    compute_block_hashes,
+    compute_sequence_hashes,
+    kv_salt,
+)
 from interlock.kv._indexer import (
     EventGap,
     KvIndexer,
@@ -63,6 +68,7 @@ __all__ = [
     "WorkerOutOfSync",
     "compute_block_hashes",
     "compute_sequence_hashes",
+    "kv_salt",
     "replay_kv_selection",
     "replay_ttft_selection",
     "select_by_ttft",

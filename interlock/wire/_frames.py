@@ -41,6 +41,7 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "OUTPUTS_VERSION",
     "PROTOCOL_VERSION",
+    "SALT_VERSION",
     "SUPPORTED_VERSIONS",
     "Auth",
     "Broken",
@@ -66,9 +67,9 @@ __all__ = [
 ]
 
 #: The version this code speaks best; a connection uses the highest version both ends speak.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 #: Every version this code speaks.
-SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3, 4, 5)
 #: The first version with `Ping` / `Pong` (a version-1 peer gets no heartbeat).
 HEARTBEAT_VERSION = 2
 #: The first version with the shared-secret handshake (`Challenge`, `Auth`, ``Welcome.proof``).
@@ -79,6 +80,9 @@ OUTPUTS_VERSION = 3
 #: The first version with ``Start.hold``: a frontend that needs only a stream's final result
 #: lets the worker keep its outputs (joined) for up to ``hold`` seconds between sends.
 HOLD_VERSION = 4
+#: The first version with ``PreprocessedRequest.cache_salt``: a salted request goes only to a
+#: worker that speaks it (an older one would share its cached prefixes with other tenants).
+SALT_VERSION = 5
 #: Outputs per `Outputs` frame at most (a backlog is split over several frames).
 MAX_BATCH = 1024
 #: The longest frame body accepted or sent by default (64 MiB): a snapshot of a large cache
@@ -353,7 +357,8 @@ def _converter() -> cattrs.Converter:
 
 #: Optional fields added to version 1 after its first release: sent only when set.
 _LATE_FIELDS: dict[type[Any], tuple[str, ...]] = {
-    PreprocessedRequest: ("chat",),
+    # cache_salt is version 5's, sent only to a version-5 worker (the engine client checks).
+    PreprocessedRequest: ("chat", "cache_salt"),
     EngineOutput: ("chat_delta",),
     # Version 2's, sent only by a worker with a secret, so that welcomes without it stay
     # what version-1 frontends decode.

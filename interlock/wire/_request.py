@@ -57,6 +57,32 @@ def _strings(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise RequestError(f"{attribute.name} must be a list of strings", field=attribute.name)
 
 
+#: vLLM's limits on a ``cache_salt`` (``validate_cache_salt``): checked here so that a bad salt
+#: is the frontend's 400 naming the field, not an engine's error mid-route.
+CACHE_SALT_MAX_CHARS = 128
+_CACHE_SALT_FORBIDDEN = frozenset("@/\\\0")
+
+
+def check_cache_salt(value: object, field: str = "cache_salt") -> None:
+    """Raise `RequestError` unless ``value`` is None or a salt vLLM accepts: a non-empty
+    string of at most 128 characters without ``@``, ``/``, ``\\`` or NUL."""
+    if value is None:
+        return
+    if type(value) is not str or not value:
+        got = repr(value) if type(value) is str else type(value).__name__
+        raise RequestError(f"{field} must be a non-empty string, got {got}", field=field)
+    if len(value) > CACHE_SALT_MAX_CHARS or not _CACHE_SALT_FORBIDDEN.isdisjoint(value):
+        raise RequestError(
+            f"{field} must be at most {CACHE_SALT_MAX_CHARS} characters without '@', '/', "
+            "'\\' or NUL (vLLM refuses others)",
+            field=field,
+        )
+
+
+def _cache_salt(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    check_cache_salt(value, attribute.name)
+
+
 def check_token_ids(value: tuple[int, ...], field: str) -> None:
     """Raise `RequestError` unless every element is an int in the u32 range."""
     if known_u32(value):
@@ -304,6 +330,10 @@ class PreprocessedRequest:
     #: take token ids ignore it). ``token_ids`` must still be the rendered chat, for routing.
     #: A migrated request that generated tokens drops it (docs/engines.md).
     chat: ChatRequest | None = None
+    #: vLLM's per-request prefix-cache isolation: only requests with the same salt share
+    #: cached blocks (the engine mixes it into block 0's hash; the router keys the prompt's
+    #: blocks by it: `interlock.kv.kv_salt`). Sent to the engine as the body's ``cache_salt``.
+    cache_salt: str | None = attrs.field(default=None, validator=_cache_salt)
 
     def __attrs_post_init__(self) -> None:
         if self.stop and not self.detokenize:

@@ -209,14 +209,10 @@ def test_kv_routing_follows_the_engines_own_events(engine_tier: EngineTier) -> N
         owner = served_by(first)
         prompt_blocks = first.usage.prompt_tokens // BLOCK_SIZE
         # The engine announces the prompt's blocks; interlock's index shows them.
-        for _ in range(600):
-            if router_kv_blocks(url).get(owner, 0) >= prompt_blocks:
-                break
-            time.sleep(0.1)  # between checks of the condition
-        else:
-            pytest.fail(f"no KV events from engine {owner}: {router_kv_blocks(url)}")
-        for turn in range(3):
-            answer = api.chat.completions.create(
+        _wait_for_blocks(url, owner, prompt_blocks)
+
+        def ask(turn: str, **fields: Any) -> Any:
+            return api.chat.completions.create(
                 model=SERVED_MODEL_NAME,
                 messages=[
                     {"role": "system", "content": system},
@@ -224,11 +220,39 @@ def test_kv_routing_follows_the_engines_own_events(engine_tier: EngineTier) -> N
                 ],
                 max_tokens=2,
                 temperature=0,
-                extra_body=WORKER_ID,
+                extra_body={**WORKER_ID, **fields},
             )
-            assert served_by(answer) == owner
+
+        def cached(answer: Any) -> int:
             details = answer.usage.prompt_tokens_details
-            assert details is not None and details.cached_tokens >= (prompt_blocks - 1) * BLOCK_SIZE
+            return details.cached_tokens if details is not None else 0
+
+        for turn in range(3):
+            answer = ask(str(turn))
+            assert served_by(answer) == owner
+            assert cached(answer) >= (prompt_blocks - 1) * BLOCK_SIZE
+        # The same prompt with a cache_salt: vLLM keeps a tenant's blocks to itself (so
+        # interlock sent the salt: no cached tokens, wherever it went), and interlock indexes
+        # them under the salt: the tenant's next turns go where its own blocks are.
+        before = router_kv_blocks(url)
+        tenant = ask("t0", cache_salt="tenant-a")
+        assert cached(tenant) == 0
+        home = served_by(tenant)
+        _wait_for_blocks(url, home, before.get(home, 0) + prompt_blocks)
+        for turn in ("t1", "t2"):
+            answer = ask(turn, cache_salt="tenant-a")
+            assert served_by(answer) == home
+            assert cached(answer) >= (prompt_blocks - 1) * BLOCK_SIZE
+
+
+def _wait_for_blocks(url: str, worker: int, blocks: int) -> None:
+    """Until interlock's index holds at least ``blocks`` blocks of ``worker`` (the engine's
+    KV events arrive over ZMQ, on nothing a test can wait on)."""
+    for _ in range(600):
+        if router_kv_blocks(url).get(worker, 0) >= blocks:
+            return
+        time.sleep(0.1)  # between checks of the condition
+    pytest.fail(f"no KV events from engine {worker}: {router_kv_blocks(url)}")
 
 
 def test_query_only_names_real_engines_and_direct_requests_go_there(

@@ -13,14 +13,20 @@ from engine_tier import BLOCK_SIZE, SERVED_MODEL_NAME, EngineTier, VllmEngine
 from test_vllm_engines import random_prompt
 
 from interlock.engines.openai import KvEventFeed, replay_kv_batches
+from interlock.engines.openai._kv_mirror import KvMirror
+from interlock.kv import KvIndexer, compute_block_hashes, kv_salt
 from interlock.wire import VllmBlockStored, VllmKvBatch
 
 TIMEOUT = 60.0
 
 
-async def prefill(client: httpx.AsyncClient, engine: VllmEngine, prompt: list[int]) -> None:
-    """Run ``prompt`` through ``engine`` with one output token (its prompt blocks get stored)."""
+async def prefill(
+    client: httpx.AsyncClient, engine: VllmEngine, prompt: list[int], **fields: object
+) -> None:
+    """Run ``prompt`` through ``engine`` with one output token (its prompt blocks get stored);
+    ``fields`` are added to the body (``model``, ``cache_salt``)."""
     body = {"model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    body.update(fields)
     response = await client.post(f"{engine.base_url}/v1/completions", json=body)
     assert response.status_code == 200, (engine.id, response.text)
 
@@ -33,6 +39,23 @@ def stored(batches: list[VllmKvBatch]) -> list[VllmBlockStored]:
 
 def stored_tokens(batches: list[VllmKvBatch]) -> list[int]:
     return [token for event in stored(batches) for token in event.token_ids]
+
+
+async def mirrored(engine: VllmEngine) -> tuple[KvIndexer, list[VllmBlockStored]]:
+    """The router's index of ``engine`` built by a `KvMirror` from every batch the engine
+    replays from seq 0 (its own events, as it published them), and the stored events."""
+    replayed = await replay_kv_batches(engine.replay_endpoint, 0, timeout=TIMEOUT)
+    index = KvIndexer()
+    mirror = KvMirror(engine.id, BLOCK_SIZE, index.apply)
+    for seq, batch in replayed:
+        mirror.on_batch(seq, batch)
+    return index, stored([batch for _, batch in replayed])
+
+
+def blocks_found(index: KvIndexer, prompt: list[int], salt: int | None) -> int:
+    """How many of ``prompt``'s blocks the index finds (on any engine) under ``salt``."""
+    scores = index.find_matches(compute_block_hashes(prompt, BLOCK_SIZE, salt)).scores
+    return max(scores.values(), default=0)
 
 
 async def test_the_engines_publish_decodable_batches_to_one_bound_feed_under_their_topics(
@@ -106,3 +129,28 @@ async def test_every_engine_replays_its_batches_and_equal_tokens_hash_equally_ev
             ]
             hashes[engine.id] = event.block_hashes
     assert len(set(hashes.values())) == 1, hashes
+
+
+async def test_a_cache_salts_blocks_are_indexed_apart_from_the_same_unsalted_tokens(
+    engine_tier: EngineTier,
+) -> None:
+    # vLLM mixes ``cache_salt`` into block 0's hash and sends it in block 0's extra keys; the
+    # mirror must key those blocks by the salt, or an unsalted request with the same tokens
+    # would be sent after a cache it cannot use (and a salted one after the unsalted cache).
+    engine = engine_tier.engine(1)
+    salted_only = random_prompt(31, 3 * BLOCK_SIZE + 2)
+    both = random_prompt(32, 2 * BLOCK_SIZE + 1)
+    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+        await prefill(client, engine, salted_only, cache_salt="tenant-a")
+        await prefill(client, engine, both, cache_salt="tenant-a")
+        await prefill(client, engine, both)
+    index, events = await mirrored(engine)
+    [first] = [e for e in events if list(e.token_ids[:BLOCK_SIZE]) == salted_only[:BLOCK_SIZE]]
+    assert first.extra_keys is not None
+    assert list(first.extra_keys[0]) == ["tenant-a"], first.extra_keys
+    salt = kv_salt(cache_salt="tenant-a")
+    assert blocks_found(index, salted_only, salt) == 3
+    assert blocks_found(index, salted_only, None) == 0
+    assert blocks_found(index, salted_only, kv_salt(cache_salt="tenant-b")) == 0
+    assert blocks_found(index, both, salt) == 2
+    assert blocks_found(index, both, None) == 2

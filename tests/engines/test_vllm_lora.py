@@ -22,6 +22,7 @@ import pytest
 import trio
 from _envoy import gateway_config, open_envoy, require_envoy
 from engine_tier import (
+    BLOCK_SIZE,
     LORA_ADAPTERS,
     SERVED_MODEL_NAME,
     VLLM_PYTHON,
@@ -34,6 +35,10 @@ from engine_tier import (
     wait_healthy,
 )
 from test_serve_over_vllm import WORKER_ID, client, interlock_serve, words
+from test_vllm_engines import random_prompt
+from test_vllm_kv_events import blocks_found, mirrored, prefill
+
+from interlock.kv import kv_salt
 
 TIMEOUT = 120.0
 SUCCESS = "vllm:request_success_total"
@@ -172,3 +177,27 @@ async def test_envoy_sends_a_rewritten_adapter_request_to_its_engine(
                 assert answer.model == "ad1"
             assert await trio.to_thread.run_sync(_counted_on, pair, before, 3) == [0.0, 3.0]
             assert "ad1" in _adapters_seen(lora_engine)
+
+
+async def test_an_adapters_blocks_are_indexed_under_its_name_apart_from_the_base_models(
+    lora_engine: VllmEngine,
+) -> None:
+    # The same tokens as the base model and as ``ad1``, then other tokens as ``ad1`` alone:
+    # vLLM's events carry ``lora_name`` (and the name in every block's extra keys), and the
+    # mirror keys them by it, so each finds its own blocks and never the other's.
+    shared = random_prompt(41, 2 * BLOCK_SIZE + 3)
+    adapter_only = random_prompt(42, 3 * BLOCK_SIZE)
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        await prefill(http, lora_engine, shared)
+        await prefill(http, lora_engine, shared, model="ad1")
+        await prefill(http, lora_engine, adapter_only, model="ad1")
+    index, events = await mirrored(lora_engine)
+    named = [e for e in events if list(e.token_ids[:BLOCK_SIZE]) == adapter_only[:BLOCK_SIZE]]
+    assert named, "vLLM did not announce the adapter's blocks"
+    assert named[0].lora_name == "ad1", named[0]
+    ad1, ad2 = kv_salt("ad1"), kv_salt("ad2")
+    assert blocks_found(index, adapter_only, ad1) == 3
+    assert blocks_found(index, adapter_only, None) == 0
+    assert blocks_found(index, adapter_only, ad2) == 0
+    assert blocks_found(index, shared, ad1) == 2
+    assert blocks_found(index, shared, None) == 2

@@ -14,7 +14,7 @@ import trio
 
 from ..._errors import RequestError, WorkerGone, WorkerRefused
 from ..._simclock import SimulationClock
-from ...kv import compute_block_hashes, compute_sequence_hashes
+from ...kv import compute_block_hashes, compute_sequence_hashes, kv_salt
 from ...processing import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from ...wire import (
     EngineOutput,
@@ -646,7 +646,9 @@ class MockEngine:
             if seq.hashed_len == len(tokens):
                 local, hashes = seq.tokens_hashes, seq.seq_hashes
             else:
-                local = compute_block_hashes(tokens, block_size)
+                # A cache_salt keys the blocks apart, as vLLM's do (its salt in block 0's
+                # hash), so only requests with the same salt share them.
+                local = compute_block_hashes(tokens, block_size, _salt_of(seq.request))
                 hashes = compute_sequence_hashes(local)
                 seq.tokens_hashes, seq.seq_hashes, seq.hashed_len = local, hashes, len(tokens)
             transferred = seq.request.prefill_result is not None and not seq.generated
@@ -656,7 +658,10 @@ class MockEngine:
             partial = len(tokens) % block_size != 0
             limit = block_budget if running else None
             kept = tokens if self.keep_block_tokens else None
-            if not cache.acquire(hashes, local, partial=partial, limit=limit, tokens=kept):
+            salt = seq.request.cache_salt if kept is not None else None
+            if not cache.acquire(
+                hashes, local, partial=partial, limit=limit, tokens=kept, salt=salt
+            ):
                 break
             waiting.popleft()
             seq.seq_hashes = hashes
@@ -702,8 +707,9 @@ class MockEngine:
             tokens.append(token)
             if len(tokens) % block_size == 0 and seq.partials:
                 # The tail block is full: it becomes a shareable, announced block.
-                local = compute_block_hashes(tokens[-block_size:], block_size)[0]
                 parent = seq.seq_hashes[-1] if seq.seq_hashes else None
+                salt = _salt_of(seq.request) if parent is None else None
+                local = compute_block_hashes(tokens[-block_size:], block_size, salt)[0]
                 seq_hash = (
                     compute_sequence_hashes((parent, local))[1] if parent is not None else local
                 )
@@ -712,6 +718,7 @@ class MockEngine:
                     local,
                     parent,
                     tokens[-block_size:] if self.keep_block_tokens else None,
+                    seq.request.cache_salt,
                 )
                 seq.seq_hashes.append(seq_hash)
                 seq.tokens_hashes.append(local)
@@ -795,3 +802,9 @@ class MockEngine:
 
     def __repr__(self) -> str:
         return f"<MockEngine {self._instance_id} role={self._role}>"
+
+
+def _salt_of(request: PreprocessedRequest) -> int | None:
+    """The salt of ``request``'s blocks: its ``cache_salt``'s (the mock serves no adapters)."""
+    salt = request.cache_salt
+    return None if salt is None else kv_salt(cache_salt=salt)

@@ -145,6 +145,8 @@ class _Parsed:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
+    #: Checked where the request is made (`PreprocessedRequest`), as vLLM checks it: a 400.
+    cache_salt: Any = None
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -352,6 +354,7 @@ class MockOpenAIServer:
                 stop=parsed.stop,
                 include_stop_str_in_output=parsed.include_stop_str_in_output,
                 prefill_result=prefill_result,
+                cache_salt=parsed.cache_salt,
             )
         except RequestError as exc:
             raise _bad(str(exc), exc.field if isinstance(exc.field, str) else None) from None
@@ -461,6 +464,7 @@ class MockOpenAIServer:
         if not p.prompt_ids:
             raise _bad("You must pass at least one prompt")
         p.stream = _opt_bool(body, "stream", False)
+        p.cache_salt = body.get("cache_salt")
         options = body.get("stream_options")
         if options is not None:
             # vLLM refuses non-empty options without stream (an empty object passes).

@@ -45,6 +45,9 @@ class MockKvCache:
         self._meta: dict[int, tuple[int | None, int]] = {}  # seq hash -> (parent, tokens hash)
         #: seq hash -> the block's token ids, with ``keep_tokens`` (else None).
         self._tokens: dict[int, tuple[int, ...]] | None = {} if keep_tokens else None
+        #: seq hash -> the cache salt of a prompt's first block stored with one, with
+        #: ``keep_tokens`` (vLLM's events carry it in that block's ``extra_keys``).
+        self._salts: dict[int, str] = {}
         self._anonymous = 0
         self.next_event_id = 0
         #: Blocks evicted to make room, since creation.
@@ -85,6 +88,10 @@ class MockKvCache:
         if self._tokens is None:
             raise KeyError(f"block {seq_hash}: this cache keeps no tokens (keep_tokens=False)")
         return self._tokens[seq_hash]
+
+    def block_salt(self, seq_hash: int) -> str | None:
+        """The cache salt a held first block was stored with (None: none, or not kept)."""
+        return self._salts.get(seq_hash)
 
     def cached_blocks(self) -> frozenset[int]:
         """Every full block held, by sequence hash (what a router's index should mirror)."""
@@ -128,10 +135,12 @@ class MockKvCache:
         parent: int | None = None,
         limit: float | None = None,
         tokens: Sequence[int] | None = None,
+        salt: str | None = None,
     ) -> bool:
         """Reference the full blocks of a sequence (sharing cached ones, allocating the rest)
         and, with ``partial``, one anonymous block for its unfinished tail. ``tokens`` are the
-        sequence's token ids (from its first block), kept per block with ``keep_tokens``.
+        sequence's token ids (from its first block), kept per block with ``keep_tokens``, and
+        ``salt`` its cache salt, kept for its first block (the hashes are salted already).
 
         All or nothing: returns False, changing nothing, when the active blocks would exceed
         ``limit`` (default: the capacity) even after evicting every inactive block.
@@ -164,6 +173,8 @@ class MockKvCache:
                 if kept is not None:
                     assert tokens is not None
                     kept[h] = tuple(tokens[index * size : (index + 1) * size])
+                    if salt is not None and previous is None:
+                        self._salts[h] = salt
                 if not new_run:
                     run_parent = previous
                 new_run.append(StoredBlock(block_hash=h, tokens_hash=local))
@@ -180,10 +191,11 @@ class MockKvCache:
         tokens_hash: int,
         parent: int | None,
         tokens: Sequence[int] | None = None,
+        salt: str | None = None,
     ) -> None:
         """The anonymous tail block filled up: it becomes full block ``seq_hash`` (shared with
         an identical cached block if there is one). ``tokens``: its token ids, kept with
-        ``keep_tokens``."""
+        ``keep_tokens``, and ``salt`` the sequence's cache salt (kept for a first block)."""
         self._anonymous -= 1
         if seq_hash in self._refs:
             self._refs[seq_hash] += 1
@@ -196,6 +208,8 @@ class MockKvCache:
         self._meta[seq_hash] = (parent, tokens_hash)
         if self._tokens is not None and tokens is not None:
             self._tokens[seq_hash] = tuple(tokens)
+            if salt is not None and parent is None:
+                self._salts[seq_hash] = salt
         self._announce_stored(parent, [StoredBlock(block_hash=seq_hash, tokens_hash=tokens_hash)])
 
     def add_partial(self) -> bool:
@@ -227,6 +241,7 @@ class MockKvCache:
         self._meta.clear()
         if self._tokens is not None:
             self._tokens.clear()
+        self._salts.clear()
         self._anonymous = 0
         if announce and self._emit is not None:
             self._emit(KvCleared(worker_id=self.worker_id, event_id=self._next_id()))
@@ -240,6 +255,7 @@ class MockKvCache:
             del self._meta[h]
             if self._tokens is not None:
                 self._tokens.pop(h, None)
+                self._salts.pop(h, None)
             evicted.append(h)
         if evicted:
             self.evictions += len(evicted)

@@ -107,6 +107,11 @@ class VllmKvPublisher:
             tokens: list[int] = []
             for h in hashes:
                 tokens.extend(cache.block_tokens(h))
+            # As vLLM sends them: a prompt's first block carries its cache salt.
+            extra_keys: list[tuple[str] | None] = [None] * len(hashes)
+            salt = cache.block_salt(hashes[0]) if event.parent_hash is None and hashes else None
+            if salt is not None:
+                extra_keys[0] = (salt,)
             self._pending.append(
                 VllmBlockStored(
                     block_hashes=hashes,
@@ -116,7 +121,7 @@ class VllmKvPublisher:
                     lora_id=None,
                     medium="GPU",
                     lora_name=None,
-                    extra_keys=[None] * len(hashes),
+                    extra_keys=extra_keys,
                     group_idx=0,
                     kv_cache_spec_kind="full_attention",
                 )

@@ -484,6 +484,8 @@ class OpenAIEngine:
         }
         if stream:
             body["stream_options"] = {"include_usage": True}
+        if request.cache_salt is not None:
+            body["cache_salt"] = request.cache_salt
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
         if request.detokenize or request.stop:

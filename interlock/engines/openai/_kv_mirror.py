@@ -18,11 +18,16 @@ What vLLM really sends, and how each is handled:
   `KvCleared` when the mirror holds anything;
 * a stored run whose parent the mirror does not hold (lost to a gap or a clear) is dropped and
   counted: the router could not place it;
-* **LoRA blocks** (``lora_id`` or ``lora_name`` set) are not published and neither are runs
-  extending them: their KV differs from the base model's for the same tokens, and the index keys
-  blocks by tokens only, so publishing them would promise false hits (the router routes an
-  adapter's requests by the engines serving it and their load, without KV overlap: the actors'
-  ``_adapters``). They are remembered only to stay silent about their children and removals;
+* **LoRA and salted blocks** (``lora_name`` set; a ``cache_salt`` in block 0's ``extra_keys``)
+  are published under their salt (``kv_salt``: block 0's tokens hash is salted, and the rest of
+  the chain hangs under it in the router's index): their KV differs from the base model's for
+  the same tokens, and the router looks an adapter's or a salted request's prompt up with the
+  same salt, so neither finds the other's blocks. vLLM sends block 0's extra keys untagged:
+  ``(lora_name, cache_salt)``, the name first, as ``generate_block_hash_extra_keys`` builds them;
+* blocks the mirror cannot key are not published and neither are runs extending them: a LoRA
+  block with only a ``lora_id`` (vLLM before ``lora_name``), or with other extra keys
+  (multimodal identifiers, prompt embeddings: interlock hashes token ids only). They are
+  remembered only to stay silent about their children and removals;
 * blocks on another **medium** than ``"GPU"`` (vLLM's CPU offloading tiers) and of a KV-cache
   group other than 0 (hybrid models) are skipped, stores and removals alike: the router models one
   cache tier of one group, and vLLM sends the same hash for each tier and group, so a CPU-tier
@@ -54,6 +59,7 @@ from ...kv import (
     StoredBlock,
     StoredBlocks,
     compute_block_hashes,
+    kv_salt,
 )
 from ...wire import VllmAllBlocksCleared, VllmBlockRemoved, VllmBlockStored, VllmKvBatch
 from ._kv_feed import KvReplayFailed, replay_kv_batches
@@ -98,7 +104,7 @@ class KvMirrorStats:
     """Counters of one mirror, for metrics and tests.
 
     ``batches``: batches applied; ``duplicate_blocks``: stored blocks already held;
-    ``orphan_runs``: stored runs dropped for an unknown parent; ``skipped_blocks``: LoRA, other
+    ``orphan_runs``: stored runs dropped for an unknown parent; ``skipped_blocks``: unkeyed, other
     medium or group, wrong token count; ``gaps``: gaps in vLLM's ``seq`` (late start included);
     ``replays`` / ``failed_replays``: replays asked for / that failed; ``clears``: times the mirror
     dropped its cache because it could no longer trust it (restart, unreplayable gap);
@@ -424,7 +430,8 @@ class KvMirror:
             self._stats["skipped_blocks"] += len(hashes)
             return
         parent = event.parent_block_hash
-        if event.lora_id is not None or event.lora_name is not None or parent in self._ignored:
+        keyed, salt = _salt_of(event)
+        if not keyed or parent in self._ignored:
             self._ignored.update(hashes)
             self._stats["skipped_blocks"] += len(hashes)
             return
@@ -445,7 +452,10 @@ class KvMirror:
             return
         if not hashes:
             return
-        tokens = compute_block_hashes(event.token_ids, self.block_size)
+        # Only a chain's first block carries the salt; a run extending one inherits it.
+        tokens = compute_block_hashes(
+            event.token_ids, self.block_size, salt if parent is None else None
+        )
         tokens_of, parents = self._tokens, self._parents
         ids = set(hashes)
         if len(ids) == len(hashes) and tokens_of.keys().isdisjoint(ids):
@@ -505,3 +515,37 @@ class KvMirror:
         if key not in self._warned:
             self._warned.add(key)
             _logger.warning(message, *args)
+
+
+def _salt_of(event: VllmBlockStored) -> tuple[bool, int | None]:
+    """Whether the mirror can key ``event``'s blocks, and their salt (`kv_salt`; None for the
+    base model's unsalted blocks).
+
+    vLLM's extra keys for a block are, untagged, the LoRA name (every block of an adapter's
+    request), multimodal ``(identifier, offset)`` pairs, the ``cache_salt`` (block 0 only) and
+    prompt-embedding digests (bytes), in that order. Only the name and the salt are keyed here.
+    """
+    lora_name = event.lora_name
+    if event.lora_id is not None and lora_name is None:
+        return False, None
+    cache_salt: str | None = None
+    for index, keys in enumerate(event.extra_keys or ()):
+        if keys is None:
+            continue
+        if not isinstance(keys, tuple | list):
+            return False, None
+        rest = list(keys)
+        if lora_name is not None and rest and rest[0] == lora_name:
+            del rest[0]
+        if not rest:
+            continue
+        if (
+            index == 0
+            and event.parent_block_hash is None
+            and len(rest) == 1
+            and isinstance(rest[0], str)
+        ):
+            cache_salt = rest[0]
+            continue
+        return False, None
+    return True, kv_salt(lora_name, cache_salt)

@@ -20,6 +20,7 @@ from ...wire._frames import (
     HEARTBEAT_VERSION,
     HOLD_VERSION,
     MAX_FRAME_SIZE,
+    SALT_VERSION,
     SUPPORTED_VERSIONS,
     TAGS,
     Auth,
@@ -141,6 +142,16 @@ class _RemoteStream:
             raise WorkerRefused(
                 f"worker {engine.instance_id} at {engine.address} is not connected "
                 f"({engine._down_reason}); the engine reconnects in the background",
+                worker_id=engine.instance_id,
+            )
+        if self._request.cache_salt is not None and link.welcome.version < SALT_VERSION:
+            # Without the salt, the worker's engine would share this request's cached
+            # prefix with other tenants': refused, so the request goes elsewhere or fails.
+            raise WorkerRefused(
+                f"worker {engine.instance_id} at {engine.address} speaks protocol version "
+                f"{link.welcome.version}, which cannot carry cache_salt (version "
+                f"{SALT_VERSION} can); upgrade the worker, or send the request without "
+                "cache_salt",
                 worker_id=engine.instance_id,
             )
         self._id = stream_id = next(engine._stream_ids)
