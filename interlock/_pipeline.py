@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 
@@ -461,6 +461,12 @@ class Pipeline:
         """The registered workers now, by id (see `membership_settled` for when the router
         agrees)."""
         return dict(self._registry.snapshot())
+
+    def watch_workers(self, watcher: Callable[[Mapping[int, Engine]], None]) -> Callable[[], None]:
+        """Call ``watcher(workers)`` (the routable workers, by id, as `workers` gives them)
+        after every membership change, in the task that made it; never block or raise in
+        one. Returns a function that stops the calls."""
+        return self._registry.watch(watcher)
 
     async def add_worker(self, engine: Engine) -> None:
         """Start ``engine`` in the pipeline's nursery and make it routable.

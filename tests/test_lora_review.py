@@ -34,11 +34,6 @@ TOKENS = list(range(1, 41))
 REQUEST = PreprocessedRequest(token_ids=prompt(40), max_tokens=12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Frontend.model_not_found does `name in adapters` (a frozenset) on the body's raw "
-    "model: a list or object there is unhashable, TypeError, 500 (it was the 404 before)",
-)
 @pytest.mark.parametrize("model", [["tiny"], {"a": 1}])
 async def test_route_with_an_unhashable_model_is_a_4xx_not_a_500(model: object) -> None:
     async with serving(route_api=True) as served, served.client() as client:
@@ -57,13 +52,6 @@ def _lora_workers(*workers: MockEngine, serving: dict[int, str]) -> list[MockEng
     return list(workers)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the router's requested_adapter() treats a model no registered engine serves as the "
-    "base model: once the only engine serving 'ad1' is gone, the broken ad1 stream migrates to "
-    "engine 2, which does not serve it (OpenAIEngine.request_body then even sends it as the "
-    "base model): base-model tokens continue an adapter's answer",
-)
 @pytest.mark.parametrize("removed", [False, True], ids=["crashed", "removed"])
 async def test_an_adapter_stream_does_not_migrate_to_an_engine_without_the_adapter(
     autojump_clock: object, removed: bool
@@ -88,12 +76,6 @@ async def test_an_adapter_stream_does_not_migrate_to_an_engine_without_the_adapt
     assert routed == [1], routed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OpenAIEngine.request_body sends a request naming an adapter the engine no longer "
-    "lists (unloaded after the pick: /v1/models is re-read each scrape) as the BASE model: "
-    "vLLM answers with base-model text, labelled as the adapter, instead of its 404",
-)
 def test_an_adapter_unloaded_after_the_pick_is_not_sent_as_the_base_model() -> None:
     engine = OpenAIEngine("http://127.0.0.1:9", instance_id=1, model="tiny")
     engine.adapters = frozenset({"ad1"})
@@ -103,13 +85,6 @@ def test_an_adapter_unloaded_after_the_pick_is_not_sent_as_the_base_model() -> N
     assert engine.request_body(request, stream=True)["model"] == "ad1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Frontend.model_not_found knows adapters only from the engines registered now: while "
-    "the only engine serving 'ad1' is out (unhealthy, restarting, reconnecting), 'ad1' is a "
-    "permanent-looking 404 model_not_found, where the base model with no engine is a retriable "
-    "503",
-)
 async def test_an_adapter_whose_engine_is_away_is_503_not_404(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -173,12 +148,6 @@ async def test_an_adapter_request_waiting_for_its_engine_does_not_block_the_base
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request naming its worker (direct_to_known) and a LoRA adapter that worker does "
-    "not serve is refused with 'routing.backend_instance_id=2 is not a registered agg or decode "
-    "worker; registered: [1]': worker 2 is registered; the adapter is the reason, unsaid",
-)
 async def test_a_named_worker_without_the_adapter_is_refused_for_the_adapter(
     autojump_clock: object,
 ) -> None:
@@ -193,12 +162,6 @@ async def test_a_named_worker_without_the_adapter_is_refused_for_the_adapter(
     assert "ad1" in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="interlock serve traces an adapter's request under --model-name: the SERVER span's "
-    "gen_ai.request.model and the leg span's name ('chat mock') are fixed at the base model "
-    "(TracedEndpoint's attributes, describe_request(frontend.model)), while the answer says 'ad1'",
-)
 async def test_an_adapter_request_is_traced_under_the_adapters_name(
     autojump_clock: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -216,12 +179,6 @@ async def test_an_adapter_request_is_traced_under_the_adapters_name(
     assert legs == ["chat ad1"], legs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="same root as the migration case: an 'ad1' request admitted (model_not_found passed) "
-    "and queued for its only engine is, once that engine leaves, routed as the base model to an "
-    "engine that does not serve 'ad1' instead of failing (503)",
-)
 async def test_a_queued_adapter_request_is_not_routed_to_an_engine_without_the_adapter(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

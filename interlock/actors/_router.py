@@ -23,7 +23,6 @@ from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
 from ._adapters import (
     AdapterCandidates,
     adapter_candidates,
-    requested_adapter,
     with_adapter,
     without_overlap,
 )
@@ -240,7 +239,10 @@ class RouterActor(Actor):
         prefill: SelectionRecord | None = None
         disaggregated = message.disaggregated
         candidates = message.candidates
-        adapter = requested_adapter(request.model, self._engines.values())
+        # The request's model is a LoRA adapter, or None for the base model: decided where
+        # the request entered, never here from who serves what now (an adapter whose engines
+        # all left must not become a base-model request).
+        adapter = request.model
         if adapter is not None:
             request = without_overlap(request)
         if disaggregated:
@@ -351,7 +353,7 @@ class RouterActor(Actor):
             for field in PRESELECTION_FIELDS[leg]:
                 worker_id = getattr(hints, field)
                 if worker_id is not None:
-                    return self._preselected(leg, field, worker_id, pool, exclude)
+                    return self._preselected(leg, field, worker_id, pool, exclude, adapter)
         if not pool:
             if not required:
                 return None
@@ -494,13 +496,28 @@ class RouterActor(Actor):
         return record
 
     def _preselected(
-        self, leg: Leg, field: str, worker_id: int, pool: list[int], exclude: frozenset[int]
+        self,
+        leg: Leg,
+        field: str,
+        worker_id: int,
+        pool: list[int],
+        exclude: frozenset[int],
+        adapter: AdapterCandidates | None = None,
     ) -> SelectionRecord:
         if worker_id not in pool:
             role = "prefill" if leg == "prefill" else "agg or decode"
             if worker_id in exclude:
                 raise NoWorkersAvailable(
                     f"routing.{field}={worker_id} broke this request's stream before"
+                )
+            engine = self._engines.get(worker_id)
+            if adapter is not None and engine is not None and _serves_leg(engine, leg):
+                # Registered for this leg: the adapter narrowed the pool, and is the reason.
+                raise RequestError(
+                    f"routing.{field}={worker_id} does not serve the LoRA adapter "
+                    f"{adapter.adapter!r} this request names; the {role} workers serving it: "
+                    f"{adapter.serving}",
+                    field=field,
                 )
             raise RequestError(
                 f"routing.{field}={worker_id} is not a registered {role} worker; "
@@ -514,6 +531,12 @@ class RouterActor(Actor):
             reason=f"named by the request ({field})",
             inputs={"worker_id": worker_id, "field": field},
         )
+
+
+def _serves_leg(engine: Engine, leg: Leg) -> bool:
+    """Whether ``engine``'s role takes ``leg`` (a prefill engine the prefill leg, others the
+    rest)."""
+    return (engine.role == "prefill") == (leg == "prefill")
 
 
 async def _snapshot_or_none(engine: Engine) -> WorkerSnapshot | None:

@@ -529,7 +529,7 @@ class ExtProcStream:
             kind = _kind(self.headers.get(":path", ""), body)
             book = False
             tokens: Sequence[int] = _NO_PROMPT
-            model = frontend.model
+            model: str | None = None
             if kind is not None and body is not None:
                 book = True
                 # Reserved before the first wait: a second stream with the same x-request-id
@@ -551,8 +551,8 @@ class ExtProcStream:
             request = PreprocessedRequest(
                 token_ids=tokens,
                 request_id=request_id,
-                # The base model, or the LoRA adapter the body names (the router sends it
-                # only to the engines that serve that adapter).
+                # None (the base model), or the LoRA adapter the body names (the router
+                # sends it only to the engines that serve that adapter).
                 model=model,
                 routing=gaie_routing_hints(
                     frontend.objectives,
@@ -597,9 +597,10 @@ class ExtProcStream:
 
     def _tokens(
         self, kind: str, body: bytes, data: dict[str, Any] | None = None
-    ) -> tuple[Sequence[int], str]:
+    ) -> tuple[Sequence[int], str | None]:
         """The prompt's token ids from a chat or completions body (``data``: that body decoded
-        already), and the model it names; synchronous (and thread-safe).
+        already), and its `PreprocessedRequest.model` (`Frontend.request_model`: None for
+        the base model, else the LoRA adapter it names); synchronous (and thread-safe).
 
         Raises:
             HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
@@ -634,7 +635,8 @@ class ExtProcStream:
         # Packed: the router only hashes and counts a pick's ids. A tuple of them was 100,000
         # pointers (8 bytes a token: byte ids are CPython's cached small ints) built from the
         # UTF-8 bytes, then turned back into u32 words to be hashed: most of a long pick's cost.
-        return frontend.prompt_tokens(parsed, EMPTY, packed=True), parsed.model
+        tokens = frontend.prompt_tokens(parsed, EMPTY, packed=True)
+        return tokens, frontend.request_model(parsed.model)
 
     def _candidates(self) -> frozenset[int]:
         """The workers this request may go to.
