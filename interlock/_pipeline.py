@@ -946,31 +946,53 @@ class Pipeline:
     async def _wait_admitted(self, route: Route, hints: RoutingHints | None) -> Selection:
         """`_route` under admission control: while every worker is at its in-flight limit,
         wait in the queue (highest priority first, then the flows in turn, oldest first in
-        each).
+        each, among the requests that wait for the same workers: `AdmissionQueue`).
 
         Raises:
             Overloaded: the queue is full, or the request is sheddable (negative priority).
         """
         queue = self._admission
+        waits_for: frozenset[int] | None = None
         if not queue.newcomer_must_wait():
             try:
                 return await self._route(route)
-            except WorkersFull:
-                pass
+            except WorkersFull as full:
+                waits_for = full.workers
+        else:
+            # Others wait: only a worker none of them waits for may be taken before them (a
+            # LoRA adapter's waiters hold back no base-model request other engines have room
+            # for). The router is not asked when they wait for every worker there is.
+            reserved = queue.reserved()
+            if reserved is not None and not reserved.issuperset(self._registry.snapshot()):
+                try:
+                    return await self._route(attrs.evolve(route, reserved=reserved))
+                except WorkersFull as full:
+                    waits_for = full.workers
         priority = hints.priority if hints is not None and hints.priority is not None else 0
         flow = hints.fairness_id if hints is not None and hints.fairness_id else DEFAULT_FLOW
-        ticket = queue.join(priority, self._queue_limit(), flow)
+        ticket = queue.join(priority, self._queue_limit(), flow, waits_for)
         served = False
         try:
             while True:
                 await queue.wait_turn(ticket)
-                if queue.is_next(ticket):
-                    try:
-                        selection = await self._route(route)
-                    except WorkersFull:
+                reserved = frozenset()
+                if not queue.is_next(ticket):
+                    # Behind others: only for a worker none of them waits for.
+                    ahead = queue.reserved_ahead(ticket)
+                    mine = ticket.waits_for
+                    if ahead is None or mine is None or ahead.issuperset(mine):
                         continue
-                    served = True
-                    return selection
+                    reserved = ahead
+                try:
+                    selection = await self._route(
+                        attrs.evolve(route, reserved=reserved) if reserved else route
+                    )
+                except WorkersFull as full:
+                    queue.refused(ticket, full.workers)
+                    queue.wake_behind(ticket)  # one behind may wait for other workers
+                    continue
+                served = True
+                return selection
         finally:
             # Only a served request uses its flow's turn; one that gave up leaves it to the
             # next of its flow.

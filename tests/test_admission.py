@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 from helpers import prompt, run_request
 
 from interlock import Components, Overloaded, PipelineConfig, build_pipeline
@@ -189,3 +190,39 @@ def test_bad_limits_are_config_errors(bad: object) -> None:
 
     with pytest.raises(ConfigError, match="max_inflight_per_worker"):
         PipelineConfig(max_inflight_per_worker=bad)  # type: ignore[arg-type]
+
+
+async def test_a_waiter_is_never_passed_on_a_worker_it_waits_for(
+    autojump_clock: object,
+) -> None:
+    """Requests waiting for other workers may pass a waiter (a LoRA adapter's request queued
+    for its one full engine holds back no base-model request: tests/test_lora_review.py), but
+    never on a worker it waits for: a newcomer arriving as that worker frees waits behind it."""
+    workers = [MockEngine(i) for i in (1, 2, 3)]
+    workers[0].adapters = frozenset({"ad1"})  # type: ignore[attr-defined]
+    config = PipelineConfig(max_inflight_per_worker=1, max_queued_requests=10)
+    decisions: dict[str, int] = {}
+
+    async def ask(name: str, model: str | None = None, free: str | None = None) -> None:
+        if free is not None:
+            # Freed by this task, with no checkpoint before its own request reaches the
+            # router: the waiter woken by the freed slot asks only after it.
+            pipeline.free(free)
+        query = PreprocessedRequest(token_ids=prompt(8), request_id=name, model=model)
+        decision = await pipeline.query(query, book=True, admit=True)
+        decisions[name] = decision.decode_worker_id
+
+    async with build_pipeline(config, Components(workers=workers)) as pipeline:
+        async with trio.open_nursery() as nursery:
+            for name, model in (("h1", "ad1"), ("h2", None), ("h3", None)):
+                await ask(name, model)
+            assert sorted(decisions.values()) == [1, 2, 3]  # every worker full
+            nursery.start_soon(ask, "ad1-waits", "ad1")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(ask, "newcomer", None, "h1")
+            await trio.testing.wait_all_tasks_blocked()
+            # Worker 1 freed: the queued 'ad1' request took it, not the newcomer behind it.
+            assert decisions.get("ad1-waits") == 1, decisions
+            assert "newcomer" not in decisions
+            pipeline.free(next(n for n in ("h2", "h3") if decisions[n] == 2))
+        assert decisions["newcomer"] == 2
