@@ -29,7 +29,8 @@ engines that serve it, a gateway's request only to its subset. So the order abov
 requests that wait for the same workers, and no further: each waiter remembers the workers it
 waits for (its candidates, all full when it last asked: `WorkersFull.workers`), and those are
 reserved for it. A request behind it, or a newcomer, may take a slot only on a worker no one
-ahead of it waits for (`reserved_ahead`, `reserved`: the Router counts the others as full), so
+ahead of it waits for (`reservation_for`, `newcomer_reservation`: the Router counts those as
+full), so
 one adapter's full engine holds back no base-model request that other engines have room for,
 and a waiter is never passed on a worker it waits for: FIFO among rivals, no starvation. When
 the head finds no room, the first waiter behind it that waits for a worker no one ahead does is
@@ -39,7 +40,7 @@ woken too (`wake_behind`). A waiter whose workers are unknown (None) reserves th
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import trio
 
@@ -171,8 +172,24 @@ class AdmissionQueue:
         """The workers some waiter waits for (a newcomer may not take them); None: all."""
         return None if self._unknown else frozenset(self._waited)
 
-    def reserved_ahead(self, ticket: _Ticket) -> frozenset[int] | None:
-        """The workers the waiters ahead of ``ticket`` wait for; None: all."""
+    def newcomer_reservation(self, workers: Iterable[int]) -> frozenset[int] | None:
+        """What a request just arriving must leave to the waiters (`Select.reserved`: it may
+        take a slot on any other worker), or None when it must join the queue without
+        asking: they wait for every one of ``workers`` (the registered ones), or nobody
+        waits (then it asks with no reservation)."""
+        if not self._count:
+            return frozenset()
+        reserved = None if self._unknown else self._waited.keys()
+        if reserved is None or reserved >= set(workers):
+            return None
+        return frozenset(reserved)
+
+    def reservation_for(self, ticket: _Ticket) -> frozenset[int] | None:
+        """What ``ticket``, woken, must leave to the waiters ahead of it when it asks for a
+        slot (`Select.reserved`; empty for the head), or None when it should not ask: every
+        worker it waits for is one someone ahead waits for too (its rivals go first)."""
+        if self._head() is ticket:
+            return frozenset()
         found: set[int] = set()
         for other in self._in_order():
             if other is ticket:
@@ -180,6 +197,9 @@ class AdmissionQueue:
             if other.waits_for is None:
                 return None
             found |= other.waits_for
+        mine = ticket.waits_for
+        if mine is None or found.issuperset(mine):
+            return None
         return frozenset(found)
 
     def wake_behind(self, ticket: _Ticket) -> None:
@@ -228,12 +248,6 @@ class AdmissionQueue:
         head = self._head()
         if head is not None:
             head.event.set()
-
-    def newcomer_must_wait(self) -> bool:
-        """Whether a request just arriving must queue behind others rather than take any
-        slot first (while anyone waits: the queue's order says who goes next; it may still
-        take one on a worker no waiter waits for: `reserved`)."""
-        return self._count > 0
 
 
 def default_queue_limit(slots: list[int | None]) -> int:

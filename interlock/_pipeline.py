@@ -953,21 +953,17 @@ class Pipeline:
         """
         queue = self._admission
         waits_for: frozenset[int] | None = None
-        if not queue.newcomer_must_wait():
+        # While others wait, only a worker none of them waits for may be taken before them (a
+        # LoRA adapter's waiters hold back no base-model request other engines have room
+        # for); the router is not asked when they wait for every registered worker.
+        reserved = queue.newcomer_reservation(self._registry.snapshot()) if len(queue) else _NONE
+        if reserved is not None:
             try:
-                return await self._route(route)
+                return await self._route(
+                    attrs.evolve(route, reserved=reserved) if reserved else route
+                )
             except WorkersFull as full:
                 waits_for = full.workers
-        else:
-            # Others wait: only a worker none of them waits for may be taken before them (a
-            # LoRA adapter's waiters hold back no base-model request other engines have room
-            # for). The router is not asked when they wait for every worker there is.
-            reserved = queue.reserved()
-            if reserved is not None and not reserved.issuperset(self._registry.snapshot()):
-                try:
-                    return await self._route(attrs.evolve(route, reserved=reserved))
-                except WorkersFull as full:
-                    waits_for = full.workers
         priority = hints.priority if hints is not None and hints.priority is not None else 0
         flow = hints.fairness_id if hints is not None and hints.fairness_id else DEFAULT_FLOW
         ticket = queue.join(priority, self._queue_limit(), flow, waits_for)
@@ -975,14 +971,9 @@ class Pipeline:
         try:
             while True:
                 await queue.wait_turn(ticket)
-                reserved = frozenset()
-                if not queue.is_next(ticket):
-                    # Behind others: only for a worker none of them waits for.
-                    ahead = queue.reserved_ahead(ticket)
-                    mine = ticket.waits_for
-                    if ahead is None or mine is None or ahead.issuperset(mine):
-                        continue
-                    reserved = ahead
+                reserved = queue.reservation_for(ticket)
+                if reserved is None:
+                    continue  # its rivals ahead go first
                 try:
                     selection = await self._route(
                         attrs.evolve(route, reserved=reserved) if reserved else route
@@ -1126,6 +1117,10 @@ class Pipeline:
                 detail=detail,
             )
             self.stats.failed += 1
+
+
+#: No worker reserved (`Select.reserved`).
+_NONE: frozenset[int] = frozenset()
 
 
 def _routed_by_router(hints: RoutingHints | None) -> bool:
