@@ -30,11 +30,11 @@ requests that wait for the same workers, and no further: each waiter remembers t
 waits for (its candidates, all full when it last asked: `WorkersFull.workers`), and those are
 reserved for it. A request behind it, or a newcomer, may take a slot only on a worker no one
 ahead of it waits for (`reservation_for`, `newcomer_reservation`: the Router counts those as
-full), so
-one adapter's full engine holds back no base-model request that other engines have room for,
-and a waiter is never passed on a worker it waits for: FIFO among rivals, no starvation. When
-the head finds no room, the first waiter behind it that waits for a worker no one ahead does is
-woken too (`wake_behind`). A waiter whose workers are unknown (None) reserves them all.
+full), so one adapter's full engine holds back no base-model request that other engines have
+room for, and a waiter is never passed on a worker it waits for: FIFO among rivals, no
+starvation. When the head finds no room, the first waiter behind it that waits for a worker no
+one ahead does is woken too (`wake_behind`). A waiter whose workers are unknown (None)
+reserves them all.
 """
 
 from __future__ import annotations
