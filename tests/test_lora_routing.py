@@ -430,3 +430,21 @@ async def test_a_disaggregated_adapter_request_prefills_and_decodes_where_it_is_
         request = PreprocessedRequest(token_ids=prompt(64), request_id="other", model="ad2")
         decision = await pipeline.query(request)
         assert not decision.disaggregated and decision.decode_worker_id == 1
+
+
+async def test_an_adapter_of_an_engine_that_came_and_went_since_the_start_is_503_not_404(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The frontend remembers the adapters of every engine it saw registered (it watches the
+    pipeline's workers), not only of those there when it started or when it last looked."""
+    async with picking() as p:
+        late = MockEngine(4)
+        late.adapters = frozenset({"ad7"})  # type: ignore[attr-defined]
+        await p.pipeline.add_worker(late)
+        await p.pipeline.remove_worker(4)
+        status, error = immediate(
+            await exchange(p.picker, [request_headers(), adapter_body("ad7")])
+        )
+        assert status == 503, (status, error)
+        status, _ = immediate(await exchange(p.picker, [request_headers(), adapter_body("ad8")]))
+        assert status == 404
