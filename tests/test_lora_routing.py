@@ -36,7 +36,7 @@ from test_gateway_ext_proc import (
     set_headers,
 )
 
-from interlock import Components, PipelineConfig, build_pipeline
+from interlock import Components, PipelineConfig, PrefillFailed, build_pipeline
 from interlock.actors import AFFINITY, adapter_affinity
 from interlock.engines.mock import MockEngine
 from interlock.engines.openai import EngineMetrics, LoraState, OpenAIEngine, parse_engine_metrics
@@ -448,3 +448,16 @@ async def test_an_adapter_of_an_engine_that_came_and_went_since_the_start_is_503
         assert status == 503, (status, error)
         status, _ = immediate(await exchange(p.picker, [request_headers(), adapter_body("ad8")]))
         assert status == 404
+
+
+async def test_enforced_disaggregation_without_a_prefill_engine_for_the_adapter_says_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    decode = MockEngine(1, role="decode")
+    decode.adapters = frozenset({"ad1"})  # type: ignore[attr-defined]
+    config = PipelineConfig(enforce_disagg=True)
+    components = Components(workers=[decode], prefill_workers=[MockEngine(2, role="prefill")])
+    async with build_pipeline(config, components) as pipeline:
+        request = PreprocessedRequest(token_ids=prompt(64), model="ad1")
+        with pytest.raises(PrefillFailed, match="serves the LoRA adapter 'ad1'"):
+            await pipeline.query(request)

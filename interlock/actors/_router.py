@@ -267,6 +267,7 @@ class RouterActor(Actor):
                 if message.enforce_disagg:
                     raise PrefillFailed(
                         "enforce_disagg=True, but no prefill worker is available"
+                        + (f" that serves the LoRA adapter {adapter!r}" if adapter else "")
                         + (f" (excluded: {sorted(exclude)})" if exclude else "")
                         + "; register a prefill worker or set enforce_disagg=False"
                     )
