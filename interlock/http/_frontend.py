@@ -106,7 +106,12 @@ class Frontend:
         self.frontend_post = config.postprocessing == "frontend"
         #: Every engine seen registered, the newest under each id (`known_adapters`).
         self._seen: dict[int, Engine] = dict(pipeline.workers)
-        pipeline.watch_workers(self._seen.update)
+        pipeline.watch_workers(self._saw)
+
+    def _saw(self, workers: Mapping[int, Engine]) -> None:
+        # A new dict, not an update in place: the picker reads it from worker threads too
+        # (`model_not_found` for a large body), which must never see it change mid-iteration.
+        self._seen = {**self._seen, **workers}
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{self._id_prefix}{next(self._ids):x}"
