@@ -339,6 +339,17 @@ async def test_without_keep_alive_each_request_is_answered_and_its_connection_cl
         with trio.fail_after(100):
             assert await c.stream.receive_some(65536) == b""
         assert trio.current_time() - before == 60  # header_timeout
+
+        # Shutting down closes a connection still waiting for its request at once.
+        ours, theirs = trio.socket.socketpair()
+        c = Client(trio.SocketStream(theirs))
+        nursery.start_soon(server.handle, trio.SocketStream(ours))
+        await trio.sleep(1)
+        before = trio.current_time()
+        server.close_idle()
+        with trio.fail_after(100):
+            assert await c.stream.receive_some(65536) == b""
+        assert trio.current_time() == before
     assert not server.idle
 
 

@@ -394,11 +394,15 @@ class Connection:
                 if server.closing:
                     return None
                 data = b""  # if it times out
-                with trio.move_on_at(self._first_by):
-                    try:
+                # In `idle` only for `close_idle` to close at shutdown (no sweeper runs).
+                server.idle[self] = 0.0
+                try:
+                    with trio.move_on_at(self._first_by):
                         data = await stream.receive_some(_READ_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None
+                finally:
+                    server.idle.pop(self, None)
             else:
                 if server.closing:
                     return None
