@@ -13,8 +13,9 @@ What the app sees is plain ASGI 3 (``spec_version`` 2.1, as Hypercorn reports): 
 request head must arrive whole within ``header_timeout`` of its first byte (else 408), a head
 over ``max_header_bytes`` gets 431, a client that takes no response bytes for
 ``write_timeout`` is disconnected, idle keep-alive connections close after
-``keep_alive_timeout``, and shutting down closes idle connections at once and gives busy
-ones ``graceful_timeout`` (docs/operations.md, "Hostile and slow clients").
+``keep_alive_timeout`` (0: no keep-alive, each connection answers one request), and
+shutting down closes idle connections at once and gives busy ones ``graceful_timeout``
+(docs/operations.md, "Hostile and slow clients").
 
 Waiting for a next request costs no cancel scope (about 10 µs each on trio, a tenth of the
 HTTP work of a small request): one timer task per server, `ServerState.sweep_idle`, closes
@@ -124,7 +125,8 @@ class ServerState:
         #: that order (a connection that waits again goes to the end): the first is the next
         #: to time out. Ordered, not a plain dict: a dict used as a queue scans the holes its
         #: deletions leave at the front on every look at the first entry (many connections
-        #: due together cost O(N^2)).
+        #: due together cost O(N^2)). Without keep-alive, the connections waiting for their
+        #: first request (untimed here: only `close_idle` looks at them).
         self.idle: OrderedDict[Connection, float] = OrderedDict()
 
     def close_idle(self) -> None:
