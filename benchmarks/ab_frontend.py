@@ -33,7 +33,7 @@ to CPU 1, and each cell drives them all at once for ``--seconds``:
 
 ``--count-steps``: serve runs with a trio instrument that counts task steps and spawned tasks,
 and each cell also prints them per request (the instrument's own cost, about a microsecond a
-request, is paid by every checkout alike).
+request, is paid by every checkout alike), with or without ``--side-by-side``.
 """
 
 from __future__ import annotations
@@ -235,6 +235,11 @@ def cluster(
                 p.wait()
 
 
+#: loadgen.py's warm-up requests in `run_cell` (its --warmup): unmeasured by loadgen, but
+#: served (and their CPU spent) inside the cell's measurement.
+LOADGEN_WARMUP = 50
+
+
 def run_cell(
     port: int,
     pid: int,
@@ -263,7 +268,7 @@ def run_cell(
         "--client",
         "aiohttp",
         "--warmup",
-        "50",
+        str(LOADGEN_WARMUP),
         "--prefix-repeat",
         str(prefix_repeat),
     ]
@@ -280,15 +285,15 @@ def run_cell(
     steps_after = task_steps(pid, steps_file) if steps_file else (0, 0)
     line = [x for x in out.stdout.splitlines() if x.startswith("{")]
     res = json.loads(line[-1]) if line else {"error": out.stderr[-500:]}
+    # The load generator's warm-up requests are served inside the measurement too.
+    served = n + LOADGEN_WARMUP
     cell = {
-        "cpu_ms_per_req": 1000 * (after - before) / n,
-        "worker_cpu_ms_per_req": 1000 * (wa - wb) / n,
+        "cpu_ms_per_req": 1000 * (after - before) / served,
+        "worker_cpu_ms_per_req": 1000 * (wa - wb) / served,
         "req_per_s": res.get("req_per_s"),
         "errors": res.get("errors"),
     }
     if steps_file:
-        # The load generator's warm-up requests (its --warmup) are served too.
-        served = n + 50
         cell["task_steps_per_req"] = (steps_after[0] - steps_before[0]) / served
         cell["tasks_spawned_per_req"] = (steps_after[1] - steps_before[1]) / served
     return cell
@@ -335,9 +340,12 @@ def side_by_side(
         script.write(WRK_SCRIPT)
         script.flush()
         running = {}
+        steps_files: dict[str, str] = {}
         for name, src in srcs:
+            if a.count_steps:
+                steps_files[name] = f"/tmp/ab_frontend_steps.{os.getpid()}.{len(steps_files)}"
             port, pid, wpids = stack.enter_context(
-                cluster(src, a.policy, a.extra.split(), a.engines)
+                cluster(src, a.policy, a.extra.split(), a.engines, steps_files.get(name))
             )
             subprocess.run(
                 ["taskset", "-a", "-p", "-c", "0", str(pid)], check=True, capture_output=True
@@ -355,6 +363,7 @@ def side_by_side(
                 AB_PREFIX_REPEAT=str(a.prefix_repeat),
                 AB_MAX_TOKENS=str(a.max_tokens),
             )
+            steps_before = {n: task_steps(running[n][1], f) for n, f in steps_files.items()}
             before = {n: (cpu_s(pid), sum(map(cpu_s, wp))) for n, (_, pid, wp) in running.items()}
             wrk = [
                 "taskset",
@@ -391,6 +400,10 @@ def side_by_side(
                     "req_per_s": done["requests"] / seconds,
                     "errors": done["non2xx"] + done.get("errors", 0),
                 }
+                if n in steps_files:
+                    steps = task_steps(pid, steps_files[n])
+                    cell[n]["task_steps_per_req"] = (steps[0] - steps_before[n][0]) / count
+                    cell[n]["tasks_spawned_per_req"] = (steps[1] - steps_before[n][1]) / count
             return cell
 
         for mode, c in cells:
@@ -489,7 +502,7 @@ def main() -> None:
             + " | ".join(f"{m:.3f}" for m in meds)
             + f" | {statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}] |"
         )
-    if a.count_steps and not a.side_by_side:
+    if a.count_steps:
         print("\ntrio task steps per request (medians; tasks spawned per request)")
         for (mode, c), by in results.items():
             cells_ = [

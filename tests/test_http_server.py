@@ -271,9 +271,47 @@ async def test_each_idle_connection_closes_at_its_own_keep_alive_deadline(
     assert not server.idle
 
 
-async def test_without_keep_alive_each_connection_closes_and_nothing_is_timed(
+async def test_many_idle_connections_due_together_each_close_at_their_deadline(
     autojump_clock: object,
 ) -> None:
+    """Hundreds of connections answered at the same instants (one group at 0, one at 4, half
+    of the first group asking again at 9) all time out at their own deadlines, none later and
+    none early, and leave no idle entry (the sweeper's queue after many deletions)."""
+    server = _server_state(echo, keep_alive_timeout=10)
+    start = trio.current_time()
+    closed_at: list[tuple[int, float]] = []
+
+    async def connect(index: int, *times: float) -> None:
+        ours, theirs = trio.socket.socketpair()
+        c = Client(trio.SocketStream(theirs))
+        nursery.start_soon(server.handle, trio.SocketStream(ours))
+        for at in times:
+            await trio.sleep_until(start + at)
+            await c.stream.send_all(post(b"/a", b""))
+            assert (await c.response())[0] == 200
+        with trio.fail_after(100):
+            assert await c.stream.receive_some(65536) == b""
+        closed_at.append((index, trio.current_time() - start))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.sweep_idle)
+        async with trio.open_nursery() as clients:
+            for index in range(300):
+                times = (0.0, 9.0) if index % 2 else (0.0,)
+                clients.start_soon(connect, index, *times if index < 200 else (4.0,))
+        nursery.cancel_scope.cancel()
+    expected = {i: 14.0 if i >= 200 else 19.0 if i % 2 else 10.0 for i in range(300)}
+    assert dict(closed_at) == expected
+    assert not server.idle
+
+
+async def test_without_keep_alive_each_request_is_answered_and_its_connection_closed(
+    autojump_clock: object,
+) -> None:
+    """``keep_alive_timeout=0`` means no keep-alive (nginx's ``keepalive_timeout 0``): each
+    connection's first request is answered with ``connection: close`` and the connection
+    closed after it (a request pipelined behind it is not served); a connection that sends
+    nothing closes after ``header_timeout``; and there is no idle timer."""
     server = _server_state(echo, keep_alive_timeout=0)
     sweep = server.sweep_idle()
     try:
@@ -281,16 +319,38 @@ async def test_without_keep_alive_each_connection_closes_and_nothing_is_timed(
             sweep.send(None)  # returns before it would wait: a timer of 0 s would spin
     finally:
         sweep.close()
-    ours, theirs = trio.socket.socketpair()
-    c = Client(trio.SocketStream(theirs))
     async with trio.open_nursery() as nursery:
+        ours, theirs = trio.socket.socketpair()
+        c = Client(trio.SocketStream(theirs))
         nursery.start_soon(server.handle, trio.SocketStream(ours))
-        await c.stream.send_all(post(b"/a", b""))
+        await c.stream.send_all(post(b"/a", b"one") + post(b"/b", b"two"))
+        status, headers, body = await c.response()
+        assert (status, headers.get(b"connection")) == (200, b"close")
+        assert json.loads(body)["path"] == "/a"
         try:
-            answer = await c.stream.receive_some(65536)
+            assert await c.closed()
         except trio.BrokenResourceError:
-            answer = b""  # closed with the request unread: a reset
-        assert answer == b""
+            pass  # closed with /b unread: a reset is a close too
+
+        ours, theirs = trio.socket.socketpair()
+        c = Client(trio.SocketStream(theirs))
+        nursery.start_soon(server.handle, trio.SocketStream(ours))
+        before = trio.current_time()
+        with trio.fail_after(100):
+            assert await c.stream.receive_some(65536) == b""
+        assert trio.current_time() - before == 60  # header_timeout
+
+        # Shutting down closes a connection still waiting for its request at once.
+        ours, theirs = trio.socket.socketpair()
+        c = Client(trio.SocketStream(theirs))
+        nursery.start_soon(server.handle, trio.SocketStream(ours))
+        await trio.sleep(1)
+        before = trio.current_time()
+        server.close_idle()
+        with trio.fail_after(100):
+            assert await c.stream.receive_some(65536) == b""
+        assert trio.current_time() == before
+    assert not server.idle
 
 
 @BOTH

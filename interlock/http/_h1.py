@@ -13,8 +13,9 @@ What the app sees is plain ASGI 3 (``spec_version`` 2.1, as Hypercorn reports): 
 request head must arrive whole within ``header_timeout`` of its first byte (else 408), a head
 over ``max_header_bytes`` gets 431, a client that takes no response bytes for
 ``write_timeout`` is disconnected, idle keep-alive connections close after
-``keep_alive_timeout``, and shutting down closes idle connections at once and gives busy
-ones ``graceful_timeout`` (docs/operations.md, "Hostile and slow clients").
+``keep_alive_timeout`` (0: no keep-alive, each connection answers one request), and
+shutting down closes idle connections at once and gives busy ones ``graceful_timeout``
+(docs/operations.md, "Hostile and slow clients").
 
 Waiting for a next request costs no cancel scope (about 10 µs each on trio, a tenth of the
 HTTP work of a small request): one timer task per server, `ServerState.sweep_idle`, closes
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
+import select
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from functools import partial
@@ -121,8 +123,11 @@ class ServerState:
         self.closing = False
         #: The connections waiting for a next request, each with when it started to wait, in
         #: that order (a connection that waits again goes to the end): the first is the next
-        #: to time out.
-        self.idle: dict[Connection, float] = {}
+        #: to time out. Ordered, not a plain dict: a dict used as a queue scans the holes its
+        #: deletions leave at the front on every look at the first entry (many connections
+        #: due together cost O(N^2)). Without keep-alive, the connections waiting for their
+        #: first request (untimed here: only `close_idle` looks at them).
+        self.idle: OrderedDict[Connection, float] = OrderedDict()
 
     def close_idle(self) -> None:
         """Start shutting down: close every idle connection now, the others once their
@@ -138,11 +143,18 @@ class ServerState:
 
         One timer for every connection instead of a cancel scope per wait: it sleeps until
         the first idle connection's deadline, or for a whole timeout while none waits (one
-        that starts waiting meanwhile is due later than that)."""
+        that starts waiting meanwhile is due later than that).
+
+        A connection whose socket is readable when its time is up is left to its own task:
+        the request (or close) arrived before this pass noticed the deadline, and the
+        connection's poll fired or fires at the next one (a cancel scope per wait served it
+        too). No other task reads that socket, and this one runs to the end of the pass
+        without a checkpoint, so what the check sees is what the connection reads."""
         timeout = self.keep_alive_timeout
         if timeout <= 0:
-            return  # no connection waits (`Connection._next_request`): nothing to time
+            return  # no connection waits for a next request: nothing to time
         idle = self.idle
+        poll = select.poll()
         while True:
             now = trio.current_time()
             wake = now + timeout
@@ -152,7 +164,8 @@ class ServerState:
                     wake = since + timeout
                     break
                 del idle[connection]
-                connection.close()
+                if not connection.closed and not _readable(poll, connection._fd):
+                    connection.close()
             await trio.sleep_until(wake)
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -193,8 +206,13 @@ class Connection:
         self._parsing: _Request | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        #: Bytes fed to the parser while a request head was incomplete, before this feed.
+        #: Bytes of the incomplete request head fed to the parser before this feed: the whole
+        #: of each read after the one it began in; of that one, only the head's own bytes
+        #: (-1 while that read is fed, if the head began partway through it).
         self._head_fed = 0
+        #: The parser is between requests, no byte of the next one fed: a request that begins
+        #: in this feed begins at its first byte (set by `_feed`, cleared by the first begin).
+        self._fresh = True
         #: The length of the bytes being fed now.
         self._feeding = 0
         #: A request head is partly received (since ``_head_started``; -1 until the feed it
@@ -202,6 +220,11 @@ class Connection:
         self._in_head = False
         self._head_started = 0.0
         self._read_scope: trio.CancelScope | None = None
+        #: Without keep-alive (``keep_alive_timeout <= 0``), when the connection's one request
+        #: must have begun to arrive: it is bounded by ``header_timeout``, as a head is.
+        self._first_by = (
+            trio.current_time() + server.header_timeout if server.keep_alive_timeout <= 0 else 0.0
+        )
         #: The connection's first bytes while they may still be the HTTP/2 preface.
         self._opening: bytes | None = b"" if server.h2 is not None else None
         self._socket = stream.socket
@@ -233,7 +256,9 @@ class Connection:
         self._head_started = -1.0
         self._url = b""
         self._headers = []
-        self._head_fed = 0
+        # A head after pipelined requests in the same read must not count their bytes.
+        self._head_fed = 0 if self._fresh else -1
+        self._fresh = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -300,6 +325,7 @@ class Connection:
         if self.error is not None:
             return
         self._feeding = len(data)
+        self._fresh = not self._in_head and self._parsing is None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -327,8 +353,14 @@ class Connection:
         if self._in_head:
             if self._head_started < 0:
                 self._head_started = trio.current_time()
-            # llhttp has no limit on a head; h11 had (and Hypercorn answered 431).
-            self._head_fed += len(data)
+            # llhttp has no limit on a head; h11 had (and Hypercorn answered 431). Its raw
+            # bytes count; where it began partway through this read (after pipelined
+            # requests), only what llhttp parsed of it so far (a header still incomplete is
+            # counted with the next read, which counts whole).
+            if self._head_fed < 0:
+                self._head_fed = _head_size(self._url, self._headers)
+            else:
+                self._head_fed += len(data)
             if self._head_fed > self.server.max_header_bytes:
                 self.error = _head_too_large(self.server.max_header_bytes)
 
@@ -357,8 +389,24 @@ class Connection:
                     return None
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return None
+            elif server.keep_alive_timeout <= 0:
+                # No keep-alive: the connection's one request is read (its wait bounded as a
+                # head's is, with no idle timer), answered with `connection: close` (`_start`),
+                # and the connection closed after it (`run`).
+                if server.closing:
+                    return None
+                data = b""  # if it times out
+                # In `idle` only for `close_idle` to close at shutdown (no sweeper runs).
+                server.idle[self] = 0.0
+                try:
+                    with trio.move_on_at(self._first_by):
+                        data = await stream.receive_some(_READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None
+                finally:
+                    server.idle.pop(self, None)
             else:
-                if server.closing or server.keep_alive_timeout <= 0:
+                if server.closing:
                     return None
                 # Idle: `ServerState.sweep_idle` closes the socket when the time is up, which
                 # wakes this wait with ClosedResourceError. The socket is read directly when
@@ -598,7 +646,8 @@ class Connection:
         assert request is not None
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
         framed = False
-        close = not self._keep_alive or self.server.closing
+        server = self.server
+        close = not self._keep_alive or server.closing or server.keep_alive_timeout <= 0
         said_close = False
         for name, value in message.get("headers", ()):
             lower = bytes(name).lower()
@@ -706,6 +755,16 @@ class _Replay:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def _readable(poll: select.poll, fd: int) -> bool:
+    """Whether ``fd`` has something to read now (bytes, an end, or an error), without
+    waiting; ``poll`` is reused with nothing registered between calls."""
+    poll.register(fd, select.POLLIN)
+    try:
+        return bool(poll.poll(0))
+    finally:
+        poll.unregister(fd)
 
 
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:

@@ -68,7 +68,9 @@ async def serve_http(
     ``server`` picks the HTTP/1.1 server: ``"h1"`` (`_h1`, the default) or ``"hypercorn"``;
     the app sees the same ASGI messages on both.
     ``keep_alive_timeout`` is generous because load balancers and gateways keep pools of idle
-    connections; ``graceful_timeout`` bounds how long open requests get when shutting down.
+    connections (with the h1 server, ``0`` or less means no keep-alive: each connection's
+    first request, arriving within ``header_timeout``, is answered with ``connection: close``);
+    ``graceful_timeout`` bounds how long open requests get when shutting down.
     ``header_timeout``: a request head not complete this long after its first byte is
     answered 408 and its connection closed. ``write_timeout``: a client that takes no bytes of
     a response for this long is disconnected. ``max_header_bytes``: a larger request head is
