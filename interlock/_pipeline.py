@@ -946,44 +946,31 @@ class Pipeline:
     async def _wait_admitted(self, route: Route, hints: RoutingHints | None) -> Selection:
         """`_route` under admission control: while every worker is at its in-flight limit,
         wait in the queue (highest priority first, then the flows in turn, oldest first in
-        each, among the requests that wait for the same workers: `AdmissionQueue`).
+        each).
 
         Raises:
             Overloaded: the queue is full, or the request is sheddable (negative priority).
         """
         queue = self._admission
-        waits_for: frozenset[int] | None = None
-        # While others wait, only a worker none of them waits for may be taken before them (a
-        # LoRA adapter's waiters hold back no base-model request other engines have room
-        # for); the router is not asked when they wait for every registered worker.
-        reserved = queue.newcomer_reservation(self._registry.snapshot()) if len(queue) else _NONE
-        if reserved is not None:
+        if not queue.newcomer_must_wait():
             try:
-                return await self._route(
-                    attrs.evolve(route, reserved=reserved) if reserved else route
-                )
-            except WorkersFull as full:
-                waits_for = full.workers
+                return await self._route(route)
+            except WorkersFull:
+                pass
         priority = hints.priority if hints is not None and hints.priority is not None else 0
         flow = hints.fairness_id if hints is not None and hints.fairness_id else DEFAULT_FLOW
-        ticket = queue.join(priority, self._queue_limit(), flow, waits_for)
+        ticket = queue.join(priority, self._queue_limit(), flow)
         served = False
         try:
             while True:
                 await queue.wait_turn(ticket)
-                reserved = queue.reservation_for(ticket)
-                if reserved is None:
-                    continue  # its rivals ahead go first
-                try:
-                    selection = await self._route(
-                        attrs.evolve(route, reserved=reserved) if reserved else route
-                    )
-                except WorkersFull as full:
-                    queue.refused(ticket, full.workers)
-                    queue.wake_behind(ticket)  # one behind may wait for other workers
-                    continue
-                served = True
-                return selection
+                if queue.is_next(ticket):
+                    try:
+                        selection = await self._route(route)
+                    except WorkersFull:
+                        continue
+                    served = True
+                    return selection
         finally:
             # Only a served request uses its flow's turn; one that gave up leaves it to the
             # next of its flow.
@@ -1117,10 +1104,6 @@ class Pipeline:
                 detail=detail,
             )
             self.stats.failed += 1
-
-
-#: No worker reserved (`Select.reserved`).
-_NONE: frozenset[int] = frozenset()
 
 
 def _routed_by_router(hints: RoutingHints | None) -> bool:

@@ -61,7 +61,6 @@ class DisaggOrchestrator(Actor):
                     plan.reason,
                     message.admit,
                     message.candidates,
-                    message.reserved,
                 ),
             )
         if kind is Free:

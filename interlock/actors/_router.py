@@ -262,7 +262,6 @@ class RouterActor(Actor):
                 required=False,
                 admit=message.admit,
                 adapter=served,
-                reserved=message.reserved,
             )
             if prefill is None:
                 if message.enforce_disagg:
@@ -295,14 +294,7 @@ class RouterActor(Actor):
                 )
             pool = served.serving
         decode = self._choose(
-            leg,
-            pool,
-            request,
-            exclude,
-            required=True,
-            admit=message.admit,
-            adapter=served,
-            reserved=message.reserved,
+            leg, pool, request, exclude, required=True, admit=message.admit, adapter=served
         )
         assert decode is not None
         selections.append(decode)
@@ -356,7 +348,6 @@ class RouterActor(Actor):
         required: bool,
         admit: bool = False,
         adapter: AdapterCandidates | None = None,
-        reserved: frozenset[int] = frozenset(),
     ) -> SelectionRecord | None:
         hints = request.routing
         if hints is not None:
@@ -383,14 +374,9 @@ class RouterActor(Actor):
         # else every candidate is ejected: better one of them than no answer (Envoy's panic
         # mode, at 0 % healthy).
         if admit:
-            room = [w for w in pool if w not in reserved and not self._full(w)]
+            room = [w for w in pool if not self._full(w)]
             if not room:
-                kept = sorted(reserved.intersection(pool))
-                raise WorkersFull(
-                    f"every {leg} candidate {pool} is at its in-flight limit"
-                    + (f" or kept for requests queued before this one ({kept})" if kept else ""),
-                    workers=frozenset(pool),
-                )
+                raise WorkersFull(f"every {leg} candidate {pool} is at its in-flight limit")
             pool = room
         if adapter is not None:
             # The LoRA tiers last: a full or ejected engine where the adapter runs yields to
