@@ -257,6 +257,8 @@ async def test_an_engine_that_stops_answering_health_leaves_routing_and_comes_ba
         pipeline, server = cluster.pipeline, cluster.servers[1]
         server.engine.crash()  # /health answers 503 until it restarts
         await wait_until(lambda: 1 not in pipeline.workers)
+        # The registry drops it first; the router learns it by message.
+        await pipeline.membership_settled()
         for _ in range(3):
             decision = await pipeline.query(PreprocessedRequest(token_ids=PROMPT, max_tokens=2))
             assert decision.decode_worker_id == 2
