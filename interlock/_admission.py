@@ -23,11 +23,24 @@ other flow is served more than k + 1 times before it, however many that flow que
 A waiter is woken when a request ends (a slot may be free), and asks the Router again; it
 also asks every `RECHECK` seconds, since a worker that joins, or an engine that reports its own
 queue (an OpenAI-compatible server's /metrics), makes room without any request of ours ending.
+
+Requests do not all compete for the same workers: a LoRA adapter's request may go only to the
+engines that serve it, a gateway's request only to its subset. So the order above binds among
+requests that wait for the same workers, and no further: each waiter remembers the workers it
+waits for (its candidates, all full when it last asked: `WorkersFull.workers`), and those are
+reserved for it. A request behind it, or a newcomer, may take a slot only on a worker no one
+ahead of it waits for (`reservation_for`, `newcomer_reservation`: the Router counts those as
+full), so one adapter's full engine holds back no base-model request that other engines have
+room for, and a waiter is never passed on a worker it waits for: FIFO among rivals, no
+starvation. When the head finds no room, the first waiter behind it that waits for a worker no
+one ahead does is woken too (`wake_behind`). A waiter whose workers are unknown (None)
+reserves them all.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable, Iterator
 
 import trio
 
@@ -41,12 +54,14 @@ DEFAULT_FLOW = "default-flow"
 
 
 class _Ticket:
-    __slots__ = ("event", "flow", "priority")
+    __slots__ = ("event", "flow", "priority", "waits_for")
 
-    def __init__(self, priority: int, flow: str) -> None:
+    def __init__(self, priority: int, flow: str, waits_for: frozenset[int] | None) -> None:
         self.priority = priority
         self.flow = flow
         self.event = trio.Event()
+        #: The workers it waits for (None: unknown, every worker).
+        self.waits_for = waits_for
 
 
 #: One priority's waiters: each flow's FIFO, the flows in the order of their turns.
@@ -62,6 +77,9 @@ class AdmissionQueue:
         #: is dropped, so what is kept is bounded by the waiters.
         self._levels: dict[int, _Ring] = {}
         self._count = 0
+        #: How many waiters wait for each worker, and how many for unknown workers (all).
+        self._waited: Counter[int] = Counter()
+        self._unknown = 0
         #: Requests turned away since the pipeline opened (queue full, or sheddable).
         self.shed = 0
         #: The most requests that waited at once.
@@ -70,9 +88,16 @@ class AdmissionQueue:
     def __len__(self) -> int:
         return self._count
 
-    def join(self, priority: int, limit: int, flow: str = DEFAULT_FLOW) -> _Ticket:
+    def join(
+        self,
+        priority: int,
+        limit: int,
+        flow: str = DEFAULT_FLOW,
+        waits_for: frozenset[int] | None = None,
+    ) -> _Ticket:
         """A place in the queue for a request of ``priority`` in ``flow`` (its fairness id),
-        behind the waiters of its flow; `leave` it when done.
+        behind the waiters of its flow, waiting for the workers ``waits_for`` (None: any);
+        `leave` it when done.
 
         Raises:
             Overloaded: ``limit`` requests wait already, or ``priority`` is negative.
@@ -95,8 +120,9 @@ class AdmissionQueue:
         fifo = ring.get(flow)
         if fifo is None:
             fifo = ring[flow] = deque()  # a new flow's turn comes after every waiting flow's
-        ticket = _Ticket(priority, flow)
+        ticket = _Ticket(priority, flow, waits_for)
         fifo.append(ticket)
+        self._reserve(ticket, 1)
         self._count += 1
         self.high_water = max(self.high_water, self._count)
         return ticket
@@ -118,12 +144,88 @@ class AdmissionQueue:
             except ValueError:
                 return
         self._count -= 1
+        self._reserve(ticket, -1)
         if not fifo:
             del ring[ticket.flow]
             if not ring:
                 del self._levels[ticket.priority]
         elif served:
             ring.move_to_end(ticket.flow)
+
+    def refused(self, ticket: _Ticket, waits_for: frozenset[int]) -> None:
+        """``ticket`` asked and found no room: it waits for ``waits_for`` now."""
+        self._reserve(ticket, -1)
+        ticket.waits_for = waits_for
+        self._reserve(ticket, 1)
+
+    def _reserve(self, ticket: _Ticket, sign: int) -> None:
+        if ticket.waits_for is None:
+            self._unknown += sign
+            return
+        waited = self._waited
+        for worker in ticket.waits_for:
+            waited[worker] += sign
+            if not waited[worker]:
+                del waited[worker]
+
+    def reserved(self) -> frozenset[int] | None:
+        """The workers some waiter waits for (a newcomer may not take them); None: all."""
+        return None if self._unknown else frozenset(self._waited)
+
+    def newcomer_reservation(self, workers: Iterable[int]) -> frozenset[int] | None:
+        """What a request just arriving must leave to the waiters (`Select.reserved`: it may
+        take a slot on any other worker), or None when it must join the queue without
+        asking: they wait for every one of ``workers`` (the registered ones), or nobody
+        waits (then it asks with no reservation)."""
+        if not self._count:
+            return frozenset()
+        reserved = None if self._unknown else self._waited.keys()
+        if reserved is None or reserved >= set(workers):
+            return None
+        return frozenset(reserved)
+
+    def reservation_for(self, ticket: _Ticket) -> frozenset[int] | None:
+        """What ``ticket``, woken, must leave to the waiters ahead of it when it asks for a
+        slot (`Select.reserved`; empty for the head), or None when it should not ask: every
+        worker it waits for is one someone ahead waits for too (its rivals go first)."""
+        if self._head() is ticket:
+            return frozenset()
+        found: set[int] = set()
+        for other in self._in_order():
+            if other is ticket:
+                break
+            if other.waits_for is None:
+                return None
+            found |= other.waits_for
+        mine = ticket.waits_for
+        if mine is None or found.issuperset(mine):
+            return None
+        return frozenset(found)
+
+    def wake_behind(self, ticket: _Ticket) -> None:
+        """``ticket`` found no room: wake the first waiter behind it that waits for a worker
+        no one ahead of it waits for (it may find room there)."""
+        ahead: set[int] = set()
+        behind = False
+        for other in self._in_order():
+            waits_for = other.waits_for
+            if waits_for is None:
+                return  # it waits for every worker: no one behind it may pass it
+            if behind and not waits_for <= ahead:
+                other.event.set()
+                return
+            behind = behind or other is ticket
+            ahead |= waits_for
+
+    def _in_order(self) -> Iterator[_Ticket]:
+        """The waiters in the order they would be served: priorities high to low; within
+        one, the flows' heads in ring order, then their second waiters, and so on."""
+        for priority in sorted(self._levels, reverse=True):
+            fifos = list(self._levels[priority].values())
+            for depth in range(max(len(f) for f in fifos)):
+                for fifo in fifos:
+                    if depth < len(fifo):
+                        yield fifo[depth]
 
     def _head(self) -> _Ticket | None:
         if not self._levels:
@@ -146,11 +248,6 @@ class AdmissionQueue:
         head = self._head()
         if head is not None:
             head.event.set()
-
-    def newcomer_must_wait(self) -> bool:
-        """Whether a request just arriving must queue behind others rather than take a slot
-        first (it must while anyone waits: the queue's order says who goes next)."""
-        return self._count > 0
 
 
 def default_queue_limit(slots: list[int | None]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 
@@ -461,6 +461,12 @@ class Pipeline:
         """The registered workers now, by id (see `membership_settled` for when the router
         agrees)."""
         return dict(self._registry.snapshot())
+
+    def watch_workers(self, watcher: Callable[[Mapping[int, Engine]], None]) -> Callable[[], None]:
+        """Call ``watcher(workers)`` (the routable workers, by id, as `workers` gives them)
+        after every membership change, in the task that made it; never block or raise in
+        one. Returns a function that stops the calls."""
+        return self._registry.watch(watcher)
 
     async def add_worker(self, engine: Engine) -> None:
         """Start ``engine`` in the pipeline's nursery and make it routable.
@@ -940,31 +946,44 @@ class Pipeline:
     async def _wait_admitted(self, route: Route, hints: RoutingHints | None) -> Selection:
         """`_route` under admission control: while every worker is at its in-flight limit,
         wait in the queue (highest priority first, then the flows in turn, oldest first in
-        each).
+        each, among the requests that wait for the same workers: `AdmissionQueue`).
 
         Raises:
             Overloaded: the queue is full, or the request is sheddable (negative priority).
         """
         queue = self._admission
-        if not queue.newcomer_must_wait():
+        waits_for: frozenset[int] | None = None
+        # While others wait, only a worker none of them waits for may be taken before them (a
+        # LoRA adapter's waiters hold back no base-model request other engines have room
+        # for); the router is not asked when they wait for every registered worker.
+        reserved = queue.newcomer_reservation(self._registry.snapshot()) if len(queue) else _NONE
+        if reserved is not None:
             try:
-                return await self._route(route)
-            except WorkersFull:
-                pass
+                return await self._route(
+                    attrs.evolve(route, reserved=reserved) if reserved else route
+                )
+            except WorkersFull as full:
+                waits_for = full.workers
         priority = hints.priority if hints is not None and hints.priority is not None else 0
         flow = hints.fairness_id if hints is not None and hints.fairness_id else DEFAULT_FLOW
-        ticket = queue.join(priority, self._queue_limit(), flow)
+        ticket = queue.join(priority, self._queue_limit(), flow, waits_for)
         served = False
         try:
             while True:
                 await queue.wait_turn(ticket)
-                if queue.is_next(ticket):
-                    try:
-                        selection = await self._route(route)
-                    except WorkersFull:
-                        continue
-                    served = True
-                    return selection
+                reserved = queue.reservation_for(ticket)
+                if reserved is None:
+                    continue  # its rivals ahead go first
+                try:
+                    selection = await self._route(
+                        attrs.evolve(route, reserved=reserved) if reserved else route
+                    )
+                except WorkersFull as full:
+                    queue.refused(ticket, full.workers)
+                    queue.wake_behind(ticket)  # one behind may wait for other workers
+                    continue
+                served = True
+                return selection
         finally:
             # Only a served request uses its flow's turn; one that gave up leaves it to the
             # next of its flow.
@@ -1098,6 +1117,10 @@ class Pipeline:
                 detail=detail,
             )
             self.stats.failed += 1
+
+
+#: No worker reserved (`Select.reserved`).
+_NONE: frozenset[int] = frozenset()
 
 
 def _routed_by_router(hints: RoutingHints | None) -> bool:

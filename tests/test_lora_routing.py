@@ -20,6 +20,7 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
+from helpers import prompt
 from hypothesis import HealthCheck, given, settings
 from test_engine_connections import answer, listening, read_request
 from test_gateway_ext_proc import (
@@ -35,7 +36,9 @@ from test_gateway_ext_proc import (
     set_headers,
 )
 
+from interlock import Components, PipelineConfig, PrefillFailed, build_pipeline
 from interlock.actors import AFFINITY, adapter_affinity
+from interlock.engines.mock import MockEngine
 from interlock.engines.openai import EngineMetrics, LoraState, OpenAIEngine, parse_engine_metrics
 from interlock.engines.openai._models import adapters_in, model_cards
 from interlock.gateway._rewrite import MODEL_REWRITE_HEADERS, model_rewrite
@@ -98,13 +101,17 @@ def test_the_model_list_gives_the_adapters_not_the_base_model() -> None:
 
 
 def test_an_adapter_request_is_sent_to_the_engine_as_that_model() -> None:
+    """The engine always gets the adapter's name, listed or not (one unloaded since the pick is
+    the engine's 404 to give, never its base model's text), and its base model's for None."""
     engine = OpenAIEngine("http://127.0.0.1:9", instance_id=1, model="tiny")
     engine.adapters = frozenset({"ad1"})
-    body = engine.request_body(PreprocessedRequest(token_ids=(1, 2), model="ad1"), stream=True)
-    assert body["model"] == "ad1"
-    for other in ("tiny", "ad2", None):
-        base = engine.request_body(PreprocessedRequest(token_ids=(1, 2), model=other), stream=True)
-        assert base["model"] == "tiny"
+    for adapter in ("ad1", "ad2"):
+        body = engine.request_body(
+            PreprocessedRequest(token_ids=(1, 2), model=adapter), stream=True
+        )
+        assert body["model"] == adapter
+    base = engine.request_body(PreprocessedRequest(token_ids=(1, 2)), stream=True)
+    assert base["model"] == "tiny"
 
 
 async def test_an_engine_sees_adapters_loaded_and_unloaded_at_run_time() -> None:
@@ -360,3 +367,108 @@ def test_llm_ds_tiers(state: LoraState | None, tier: str) -> None:
         metrics = EngineMetrics(lora=state) if state is not None else None
 
     assert adapter_affinity(Engine(), "ad1") == tier
+
+
+_RUNNING = LoraState(max_loras=1, running=frozenset({"ad1"}))
+_ROOM = LoraState(max_loras=2, running=frozenset({"x"}))
+_WAITING = LoraState(max_loras=1, running=frozenset({"x"}), waiting=frozenset({"ad1"}))
+_FULL = LoraState(max_loras=1, running=frozenset({"x"}))
+
+
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        ({1: _WAITING, 2: _ROOM, 3: _RUNNING}, 3),
+        ({1: _WAITING, 2: _ROOM, 3: _FULL}, 2),
+        ({1: _FULL, 2: _WAITING, 3: _FULL}, 2),
+        ({1: _FULL, 2: _FULL, 3: _WAITING}, 3),
+    ],
+)
+async def test_the_tiers_go_running_then_room_then_waiting_then_full(
+    autojump_clock: trio.testing.MockClock, states: dict[int, LoraState], expected: int
+) -> None:
+    """llm-d's order, pinned by literal picks (the property above checks against `AFFINITY`
+    itself, so a wrong order there would pass it)."""
+    async with picking() as p:
+        serve(p, {1: "ad1", 2: "ad1", 3: "ad1"}, states)
+        answers = await exchange(p.picker, [request_headers(), adapter_body()])
+        assert set_headers(answers[0], "request_headers")[DESTINATION] == p.endpoint(expected)
+
+
+async def test_an_adapters_pick_teaches_the_approximate_index_no_base_model_blocks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Approximate KV mode learns where prompts went from the picks; an adapter's prompt is
+    not the base model's blocks (vLLM hashes them with the adapter's name), so a base-model
+    request with the same prompt afterwards finds no overlap it left."""
+    async with picking(KV.evolve(kv_events=False)) as p:
+        serve(p, {2: "ad1"})
+        text = "a long shared prompt " * 40
+        ask = request_headers(extra=[("x-request-id", "adapter")])
+        await exchange(p.picker, [ask, request_body(chat_body(text, model="ad1"), True)])
+        assert pick_record(p, "adapter").chosen == 2
+        ask = request_headers(extra=[("x-request-id", "base")])
+        await exchange(p.picker, [ask, request_body(chat_body(text), True)])
+        record = pick_record(p, "base")
+        assert all(c.overlap_blocks == 0 for c in record.candidates), record.candidates
+
+
+async def test_a_disaggregated_adapter_request_prefills_and_decodes_where_it_is_served(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Prefill engines 10 (serves ad1, no LoRA state: full), 11 (does not serve it) and 12
+    # (runs it); decode engines 1 (does not serve it) and 2 (serves it).
+    prefill = [MockEngine(i, role="prefill") for i in (10, 11, 12)]
+    decode = [MockEngine(i, role="decode") for i in (1, 2)]
+    adapters = {10: "ad1", 12: "ad1", 2: "ad1"}
+    for worker in (*prefill, *decode):
+        worker.adapters = frozenset(adapters.get(worker.instance_id, "").split(",")) - {""}  # type: ignore[attr-defined]
+    prefill[2].metrics = EngineMetrics(lora=_RUNNING)  # type: ignore[attr-defined]
+    config = PipelineConfig(router_mode="round_robin")
+    async with build_pipeline(
+        config, Components(workers=decode, prefill_workers=prefill)
+    ) as pipeline:
+        for n in range(4):
+            request = PreprocessedRequest(token_ids=prompt(64), request_id=f"r{n}", model="ad1")
+            decision = await pipeline.query(request)
+            assert decision.disaggregated
+            assert (decision.prefill_worker_id, decision.decode_worker_id) == (12, 2)
+            lora = decision.selections[0].inputs["lora"]
+            assert lora == {"adapter": "ad1", "tiers": {"10": "full", "12": "running"}}
+        # No prefill engine serves 'ad2': served aggregated where it is served, not prefilled
+        # by the base model.
+        decode[0].adapters = frozenset({"ad2"})  # type: ignore[attr-defined]
+        request = PreprocessedRequest(token_ids=prompt(64), request_id="other", model="ad2")
+        decision = await pipeline.query(request)
+        assert not decision.disaggregated and decision.decode_worker_id == 1
+
+
+async def test_an_adapter_of_an_engine_that_came_and_went_since_the_start_is_503_not_404(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The frontend remembers the adapters of every engine it saw registered (it watches the
+    pipeline's workers), not only of those there when it started or when it last looked."""
+    async with picking() as p:
+        late = MockEngine(4)
+        late.adapters = frozenset({"ad7"})  # type: ignore[attr-defined]
+        await p.pipeline.add_worker(late)
+        await p.pipeline.remove_worker(4)
+        status, error = immediate(
+            await exchange(p.picker, [request_headers(), adapter_body("ad7")])
+        )
+        assert status == 503, (status, error)
+        status, _ = immediate(await exchange(p.picker, [request_headers(), adapter_body("ad8")]))
+        assert status == 404
+
+
+async def test_enforced_disaggregation_without_a_prefill_engine_for_the_adapter_says_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    decode = MockEngine(1, role="decode")
+    decode.adapters = frozenset({"ad1"})  # type: ignore[attr-defined]
+    config = PipelineConfig(enforce_disagg=True)
+    components = Components(workers=[decode], prefill_workers=[MockEngine(2, role="prefill")])
+    async with build_pipeline(config, components) as pipeline:
+        request = PreprocessedRequest(token_ids=prompt(64), model="ad1")
+        with pytest.raises(PrefillFailed, match="serves the LoRA adapter 'ad1'"):
+            await pipeline.query(request)

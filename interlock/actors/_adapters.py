@@ -1,8 +1,10 @@
 """LoRA-aware candidates: the one place a request's ``model`` narrows the workers it may go to.
 
-A request whose ``model`` names a LoRA adapter that some registered engine serves (an
-`OpenAIEngine`'s ``adapters``, from its ``/v1/models``) may go only to the engines that serve it
-(GAIE's model-server protocol: a model server serves the adapter named in ``model``). Among
+A request whose ``model`` names a LoRA adapter (``PreprocessedRequest.model`` is not None: the
+frontend sets it only for a name other than the base model's) may go only to the engines that
+serve it (an `OpenAIEngine`'s ``adapters``, from its ``/v1/models``; GAIE's model-server protocol:
+a model server serves the adapter named in ``model``); when none does, not even a base-model
+engine takes it (`NoWorkersAvailable`: 503, retriable). Among
 those, the router prefers, as llm-d's ``lora-affinity-scorer`` scores them (its tiers and their
 order), the engines where the adapter is running now (`RUNNING`), then those with room to load
 one more adapter (`ROOM`: running and waiting adapters fewer than ``max_loras``), then those
@@ -35,7 +37,6 @@ __all__ = [
     "AdapterCandidates",
     "adapter_affinity",
     "adapter_candidates",
-    "requested_adapter",
     "served_adapters",
     "with_adapter",
 ]
@@ -52,17 +53,6 @@ def served_adapters(engine: Any) -> frozenset[str]:
     """The LoRA adapters ``engine`` serves (none when it does not say)."""
     adapters = getattr(engine, "adapters", None)
     return adapters if isinstance(adapters, frozenset) else frozenset()
-
-
-def requested_adapter(model: str | None, engines: Iterable[Any]) -> str | None:
-    """``model`` when it names an adapter one of ``engines`` serves, else None (the base
-    model, or a name no engine serves: the frontend's 404 is that request's answer)."""
-    if model is None:
-        return None
-    for engine in engines:
-        if model in served_adapters(engine):
-            return model
-    return None
 
 
 def adapter_affinity(engine: Any, adapter: str) -> str:

@@ -39,6 +39,8 @@ class Route:
     admit: bool = False
     #: See `Select.candidates`.
     candidates: frozenset[int] | None = None
+    #: See `Select.reserved`.
+    reserved: frozenset[int] = frozenset()
 
 
 @attrs.frozen
@@ -82,6 +84,9 @@ class Select:
     #: The only workers either leg may choose (None: every registered one), as a gateway's
     #: subset hint restricts them; none of them left for a leg is as if none were registered.
     candidates: frozenset[int] | None = None
+    #: With ``admit``: workers counted as full whatever their room, because requests queued
+    #: before this one wait for them (the admission queue's order; `AdmissionQueue`).
+    reserved: frozenset[int] = frozenset()
 
 
 @attrs.frozen
@@ -106,8 +111,13 @@ class Free:
 
 
 class WorkersFull(InterlockError):
-    """Every candidate worker is at its in-flight limit (`Select.admit`): the request waits
-    in the frontend's queue and asks again when a slot frees."""
+    """Every candidate worker is at its in-flight limit, or reserved (`Select.admit`,
+    `Select.reserved`): the request waits in the frontend's queue and asks again when a slot
+    frees. ``workers``: those candidates (what the request waits for)."""
+
+    def __init__(self, message: str, *, workers: frozenset[int]) -> None:
+        super().__init__(message)
+        self.workers = workers
 
 
 @attrs.frozen

@@ -23,7 +23,6 @@ from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
 from ._adapters import (
     AdapterCandidates,
     adapter_candidates,
-    requested_adapter,
     with_adapter,
 )
 from ._kv_policy import KvPolicy
@@ -239,7 +238,10 @@ class RouterActor(Actor):
         prefill: SelectionRecord | None = None
         disaggregated = message.disaggregated
         candidates = message.candidates
-        adapter = requested_adapter(request.model, self._engines.values())
+        # The request's model is a LoRA adapter, or None for the base model: decided where
+        # the request entered, never here from who serves what now (an adapter whose engines
+        # all left must not become a base-model request).
+        adapter = request.model
         if self._kv is not None:
             # An adapter's and a cache salt's blocks are keyed by them, in the engines and in
             # the index.
@@ -260,11 +262,13 @@ class RouterActor(Actor):
                 required=False,
                 admit=message.admit,
                 adapter=served,
+                reserved=message.reserved,
             )
             if prefill is None:
                 if message.enforce_disagg:
                     raise PrefillFailed(
                         "enforce_disagg=True, but no prefill worker is available"
+                        + (f" that serves the LoRA adapter {adapter!r}" if adapter else "")
                         + (f" (excluded: {sorted(exclude)})" if exclude else "")
                         + "; register a prefill worker or set enforce_disagg=False"
                     )
@@ -291,7 +295,14 @@ class RouterActor(Actor):
                 )
             pool = served.serving
         decode = self._choose(
-            leg, pool, request, exclude, required=True, admit=message.admit, adapter=served
+            leg,
+            pool,
+            request,
+            exclude,
+            required=True,
+            admit=message.admit,
+            adapter=served,
+            reserved=message.reserved,
         )
         assert decode is not None
         selections.append(decode)
@@ -345,13 +356,14 @@ class RouterActor(Actor):
         required: bool,
         admit: bool = False,
         adapter: AdapterCandidates | None = None,
+        reserved: frozenset[int] = frozenset(),
     ) -> SelectionRecord | None:
         hints = request.routing
         if hints is not None:
             for field in PRESELECTION_FIELDS[leg]:
                 worker_id = getattr(hints, field)
                 if worker_id is not None:
-                    return self._preselected(leg, field, worker_id, pool, exclude)
+                    return self._preselected(leg, field, worker_id, pool, exclude, adapter)
         if not pool:
             if not required:
                 return None
@@ -371,9 +383,14 @@ class RouterActor(Actor):
         # else every candidate is ejected: better one of them than no answer (Envoy's panic
         # mode, at 0 % healthy).
         if admit:
-            room = [w for w in pool if not self._full(w)]
+            room = [w for w in pool if w not in reserved and not self._full(w)]
             if not room:
-                raise WorkersFull(f"every {leg} candidate {pool} is at its in-flight limit")
+                kept = sorted(reserved.intersection(pool))
+                raise WorkersFull(
+                    f"every {leg} candidate {pool} is at its in-flight limit"
+                    + (f" or kept for requests queued before this one ({kept})" if kept else ""),
+                    workers=frozenset(pool),
+                )
             pool = room
         if adapter is not None:
             # The LoRA tiers last: a full or ejected engine where the adapter runs yields to
@@ -494,13 +511,28 @@ class RouterActor(Actor):
         return record
 
     def _preselected(
-        self, leg: Leg, field: str, worker_id: int, pool: list[int], exclude: frozenset[int]
+        self,
+        leg: Leg,
+        field: str,
+        worker_id: int,
+        pool: list[int],
+        exclude: frozenset[int],
+        adapter: AdapterCandidates | None = None,
     ) -> SelectionRecord:
         if worker_id not in pool:
             role = "prefill" if leg == "prefill" else "agg or decode"
             if worker_id in exclude:
                 raise NoWorkersAvailable(
                     f"routing.{field}={worker_id} broke this request's stream before"
+                )
+            engine = self._engines.get(worker_id)
+            if adapter is not None and engine is not None and _serves_leg(engine, leg):
+                # Registered for this leg: the adapter narrowed the pool, and is the reason.
+                raise RequestError(
+                    f"routing.{field}={worker_id} does not serve the LoRA adapter "
+                    f"{adapter.adapter!r} this request names; the {role} workers serving it: "
+                    f"{adapter.serving}",
+                    field=field,
                 )
             raise RequestError(
                 f"routing.{field}={worker_id} is not a registered {role} worker; "
@@ -514,6 +546,12 @@ class RouterActor(Actor):
             reason=f"named by the request ({field})",
             inputs={"worker_id": worker_id, "field": field},
         )
+
+
+def _serves_leg(engine: Engine, leg: Leg) -> bool:
+    """Whether ``engine``'s role takes ``leg`` (a prefill engine the prefill leg, others the
+    rest)."""
+    return (engine.role == "prefill") == (leg == "prefill")
 
 
 async def _snapshot_or_none(engine: Engine) -> WorkerSnapshot | None:

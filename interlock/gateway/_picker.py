@@ -538,7 +538,7 @@ class ExtProcStream:
             kind = _kind(self.headers.get(":path", ""), body)
             book = False
             tokens: Sequence[int] = _NO_PROMPT
-            model = frontend.model
+            model: str | None = None
             salt: str | None = None
             if kind is not None and body is not None:
                 book = True
@@ -561,8 +561,8 @@ class ExtProcStream:
             request = PreprocessedRequest(
                 token_ids=tokens,
                 request_id=request_id,
-                # The base model, or the LoRA adapter the body names (the router sends it
-                # only to the engines that serve that adapter).
+                # None (the base model), or the LoRA adapter the body names (the router
+                # sends it only to the engines that serve that adapter).
                 model=model,
                 cache_salt=salt,
                 routing=gaie_routing_hints(
@@ -608,9 +608,11 @@ class ExtProcStream:
 
     def _tokens(
         self, kind: str, body: bytes, data: dict[str, Any] | None = None
-    ) -> tuple[Sequence[int], str, str | None]:
+    ) -> tuple[Sequence[int], str | None, str | None]:
         """The prompt's token ids from a chat or completions body (``data``: that body decoded
-        already), the model it names and its ``cache_salt``; synchronous (and thread-safe).
+        already), its `PreprocessedRequest.model` (`Frontend.request_model`: None for the base
+        model, else the LoRA adapter it names) and its ``cache_salt``; synchronous (and
+        thread-safe).
 
         Raises:
             HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
@@ -646,7 +648,7 @@ class ExtProcStream:
         # pointers (8 bytes a token: byte ids are CPython's cached small ints) built from the
         # UTF-8 bytes, then turned back into u32 words to be hashed: most of a long pick's cost.
         tokens = frontend.prompt_tokens(parsed, EMPTY, packed=True)
-        return tokens, parsed.model, parsed.cache_salt
+        return tokens, frontend.request_model(parsed.model), parsed.cache_salt
 
     def _candidates(self) -> frozenset[int]:
         """The workers this request may go to.

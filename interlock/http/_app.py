@@ -549,14 +549,18 @@ class _Run:
         if self.span.is_recording():
             assert request.request_id is not None
             frontend = endpoint.frontend
+            # A LoRA adapter's request is traced under the adapter's name, as it is answered.
+            model = request.model or frontend.model
             describe_request(
                 frontend.pipeline.tracing,
                 request.request_id,
                 self.span,
                 "chat" if endpoint.kind == "chat" else "text_completion",
-                frontend.model,
+                model,
             )
             self.span.set_attributes(_request_attributes(request))
+            if request.model is not None:
+                self.span.set_attribute("gen_ai.request.model", model)
 
     def _tokens_arrived(self, output: EngineOutput) -> None:
         now = trio.current_time()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -16,6 +16,7 @@ import trio
 
 from .._pipeline import Pipeline
 from ..actors import served_adapters
+from ..engines import Engine
 from ..kv._hashing import trust_u32
 from ..processing import ByteTokenizer
 from ..wire import PreprocessedRequest, SamplingOptions
@@ -103,6 +104,14 @@ class Frontend:
         self.allow_worker_ids = config.allow_request_worker_ids
         self.executes = pipeline.mode.executes
         self.frontend_post = config.postprocessing == "frontend"
+        #: Every engine seen registered, the newest under each id (`known_adapters`).
+        self._seen: dict[int, Engine] = dict(pipeline.workers)
+        pipeline.watch_workers(self._saw)
+
+    def _saw(self, workers: Mapping[int, Engine]) -> None:
+        # A new dict, not an update in place: the picker reads it from worker threads too
+        # (`model_not_found` for a large body), which must never see it change mid-iteration.
+        self._seen = {**self._seen, **workers}
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{self._id_prefix}{next(self._ids):x}"
@@ -111,15 +120,17 @@ class Frontend:
         """None when a request naming the model ``name`` is served here, else the 404
         (``model_not_found``) to answer it with. The one rule for every endpoint (chat and
         completions, ``/v1/models/{name}``, ``/v1/route``, the gateway's picker): the model
-        is ``--model-name``, or a LoRA adapter a registered engine serves now (its
-        ``/v1/models``; the router sends such a request only to the engines that serve it),
-        no other name or alias. ``served_by`` names the server in the message ("this
-        router", "this pool")."""
+        is ``--model-name``, or a LoRA adapter an engine serves (its ``/v1/models``; the
+        router sends such a request only to the engines that serve it), no other name or
+        alias. An adapter that only engines away now serve (unhealthy, reconnecting, gone
+        from discovery) passes too: the router's 503 (no engine serves it now) says to
+        retry, where a 404 would say it does not exist. ``served_by`` names the server in
+        the message ("this router", "this pool")."""
         if name == self.model:
             return None
-        adapters = self.adapters()
-        if name in adapters:
+        if type(name) is str and name in self.known_adapters():
             return None
+        adapters = self.adapters()
         also = f" (and the LoRA adapters {sorted(adapters)})" if adapters else ""
         return HttpError(
             404,
@@ -130,10 +141,19 @@ class Frontend:
 
     def adapters(self) -> frozenset[str]:
         """The LoRA adapters the registered engines serve now (`served_adapters`)."""
-        found: frozenset[str] = frozenset()
-        for engine in self.pipeline.workers.values():
-            found |= served_adapters(engine)
-        return found
+        return _adapters_of(self.pipeline.workers.values())
+
+    def known_adapters(self) -> frozenset[str]:
+        """The LoRA adapters of every engine seen registered (what each lists now, or listed
+        when it left: an engine away keeps its last ``adapters``)."""
+        return _adapters_of(self._seen.values())
+
+    def request_model(self, name: str) -> str | None:
+        """`PreprocessedRequest.model` for a request naming the model ``name`` (which
+        `model_not_found` accepted): None for ``--model-name`` (the base model), else the
+        LoRA adapter ``name``. Decided here, once, so the request stays an adapter's
+        whatever engines come and go."""
+        return None if name == self.model else name
 
     # -- preprocessing ----------------------------------------------------------------------
 
@@ -261,7 +281,7 @@ class Frontend:
             sampling=sampling,
             routing=nvext.routing_hints(),
             request_id=request_id,
-            model=parsed.model,
+            model=self.request_model(parsed.model),
             annotations=nvext.annotations,
             # A whole answer without stop strings needs no text until the end: it is decoded
             # once (`Preprocessor.decode_completion`) instead of token by token. Streams,
@@ -274,6 +294,13 @@ class Frontend:
 
 
 _NO_SAMPLING: Final = SamplingOptions()
+
+
+def _adapters_of(engines: Iterable[Engine]) -> frozenset[str]:
+    found: frozenset[str] = frozenset()
+    for engine in engines:
+        found |= served_adapters(engine)
+    return found
 
 
 def _raw_chat_text(messages: list[Any]) -> str:

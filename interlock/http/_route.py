@@ -161,6 +161,8 @@ class _RouteApi:
                     code="unknown_parameter",
                 )
         model = body.get("model")
+        if model is not None and type(model) is not str:
+            raise bad_request(f"model must be a string, got {type(model).__name__}", "model")
         missing = None if model is None else frontend.model_not_found(model, "this router")
         if missing is not None:
             raise missing
@@ -191,8 +193,7 @@ class _RouteApi:
         request = PreprocessedRequest(
             token_ids=tokens,
             request_id=request_id,
-            # The base model, or the LoRA adapter named (its engines only: the router).
-            model=model if type(model) is str else frontend.model,
+            model=None if model is None else frontend.request_model(model),
             router_config_override=override,
         )
         decision = await frontend.pipeline.query(request, book=book)

@@ -314,6 +314,10 @@ class PreprocessedRequest:
     routing: RoutingHints | None = None
     router_config_override: RouterConfigOverride | None = None
     request_id: str | None = attrs.field(default=None, validator=_is(str, optional=True))
+    #: The LoRA adapter the request is for, by the name the engines list it under; None: the
+    #: base model. Decided once where the request enters (the frontend: the client's
+    #: ``model`` unless it is ``--model-name``); the router sends it only to engines that
+    #: serve that adapter (none: `NoWorkersAvailable`), and an engine is sent this name as is.
     model: str | None = attrs.field(default=None, validator=_is(str, optional=True))
     annotations: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple, validator=_strings)
     #: Return text with the tokens: detokenized by the frontend (postprocessing='frontend',

@@ -155,7 +155,7 @@ class OpenAIEngine:
         #: The last ``/metrics`` scrape (None before the first, or if the engine has none).
         self.metrics: EngineMetrics | None = None
         #: The LoRA adapters the engine serves besides `model` (its ``/v1/models``, read
-        #: again with each scrape); a request whose ``model`` names one is sent as that model.
+        #: again with each scrape): the router sends an adapter's requests only here.
         self.adapters: frozenset[str] = frozenset()
         self._listeners = Listeners()
         self._connections: EngineConnections | None = None
@@ -475,9 +475,11 @@ class OpenAIEngine:
 
     def request_body(self, request: PreprocessedRequest, *, stream: bool) -> dict[str, Any]:
         """The ``/v1/completions`` body for ``request`` (a prefill leg on a prefill engine)."""
-        model = request.model
         body: dict[str, Any] = {
-            "model": model if model is not None and model in self.adapters else self.model,
+            # A LoRA adapter's request goes under its name even when the engine's last
+            # /v1/models no longer lists it (unloaded since the pick): the engine's own 404 is
+            # right (a refusal), its base model's text under the adapter's name never is.
+            "model": request.model if request.model is not None else self.model,
             "prompt": list(request.token_ids),
             "stream": stream,
             "return_token_ids": True,
