@@ -128,11 +128,6 @@ async def test_no_transition_record_holds_the_raw_cache_salt(
         assert secret not in dumped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_cache_salt accepts a lone surrogate, and kv_salt's utf-8 encode then raises "
-    "UnicodeEncodeError inside the router actor: ActorCrashed (the router restarts)",
-)
 async def test_a_cache_salt_with_a_lone_surrogate_is_refused_not_a_router_crash(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -65,7 +65,8 @@ _CACHE_SALT_FORBIDDEN = frozenset("@/\\\0")
 
 def check_cache_salt(value: object, field: str = "cache_salt") -> None:
     """Raise `RequestError` unless ``value`` is None or a salt vLLM accepts: a non-empty
-    string of at most 128 characters without ``@``, ``/``, ``\\`` or NUL."""
+    string of at most 128 characters without ``@``, ``/``, ``\\`` or NUL, that encodes as
+    UTF-8."""
     if value is None:
         return
     if type(value) is not str or not value:
@@ -77,6 +78,14 @@ def check_cache_salt(value: object, field: str = "cache_salt") -> None:
             "'\\' or NUL (vLLM refuses others)",
             field=field,
         )
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (the Python API takes any str; JSON parsing refuses them): the salt
+        # is hashed as UTF-8 (kv_salt) and sent to engines as UTF-8, so it must encode.
+        raise RequestError(
+            f"{field} must be valid Unicode text (it holds a lone surrogate)", field=field
+        ) from None
 
 
 def _cache_salt(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
