@@ -7,6 +7,7 @@ import json
 from contextlib import AsyncExitStack
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -14,10 +15,16 @@ from test_http_harness import serving
 from test_remote_workers_heartbeat import Worker
 from test_route_api import TOKENS
 
-from interlock import Components, PipelineConfig, RequestError, build_pipeline
+from interlock import (
+    Components,
+    NoWorkersAvailable,
+    PipelineConfig,
+    RequestError,
+    build_pipeline,
+)
 from interlock.engines.mock import MockEngine, MockTiming
 from interlock.engines.remote import RemoteEngine
-from interlock.wire import PreprocessedRequest
+from interlock.wire import PreprocessedRequest, RoutingHints
 
 
 def _old(worker: Worker) -> Worker:
@@ -35,11 +42,6 @@ def _old(worker: Worker) -> Worker:
     return worker
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a salted request routed to a version-4 worker fails (503 worker_refused) though a "
-    "version-5 worker is free: the router does not keep salted requests off older workers",
-)
 @pytest.mark.parametrize("mode", ["kv", "round_robin"])
 async def test_salted_requests_in_a_mixed_version_fleet_all_succeed(
     autojump_clock: trio.testing.MockClock, mode: str
@@ -75,6 +77,33 @@ async def test_salted_requests_in_a_mixed_version_fleet_all_succeed(
             except Exception as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
         assert failures == []
+
+
+async def test_a_salted_request_with_only_older_workers_names_the_version(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # No worker can carry the salt: the router says so (not a worker's refusal at stream
+    # open), and a request naming an older worker is a RequestError naming the field.
+    engine = MockEngine(1, timing=MockTiming(speedup_ratio=1.0))
+    async with AsyncExitStack() as stack:
+        worker = await stack.enter_async_context(_old(Worker(engine)).running())
+        remote = RemoteEngine("worker", 1, instance_id=1, open_connection=worker.connect)
+        pipeline = await stack.enter_async_context(
+            build_pipeline(
+                PipelineConfig(router_mode="kv", allow_request_worker_ids=True),
+                Components(workers=[remote]),
+            )
+        )
+        request = PreprocessedRequest(token_ids=tuple(range(1, 65)), max_tokens=2, cache_salt="t")
+        with pytest.raises(NoWorkersAvailable, match="protocol versions before 5"):
+            await pipeline.query(request)
+        named = attrs.evolve(request, routing=RoutingHints(backend_instance_id=1))
+        with pytest.raises(RequestError, match="speaks protocol version 4") as caught:
+            await pipeline.query(named)
+        assert caught.value.field == "backend_instance_id"
+        # Unsalted, the same worker serves.
+        async for _ in pipeline.generate(attrs.evolve(request, cache_salt=None)):
+            pass
 
 
 @pytest.mark.xfail(
