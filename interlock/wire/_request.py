@@ -346,7 +346,8 @@ class PreprocessedRequest:
     #: vLLM's per-request prefix-cache isolation: only requests with the same salt share
     #: cached blocks (the engine mixes it into block 0's hash; the router keys the prompt's
     #: blocks by it: `interlock.kv.kv_salt`). Sent to the engine as the body's ``cache_salt``.
-    cache_salt: str | None = attrs.field(default=None, validator=_cache_salt)
+    #: Out of the repr (and the transition records): a tenant may keep it secret.
+    cache_salt: str | None = attrs.field(default=None, validator=_cache_salt, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.stop and not self.detokenize:
