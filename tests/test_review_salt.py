@@ -107,15 +107,31 @@ async def test_a_salted_request_with_only_older_workers_names_the_version(
             pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the route-only API refuses cache_salt (400 unknown field): a gateway cannot ask "
-    "for a salted request's route, and the unsalted answer counts false overlap",
-)
 async def test_the_route_api_takes_a_cache_salt() -> None:
-    async with serving(route_api=True, workers=2) as served, served.client() as client:
-        answer = await client.post("/v1/route", json={"token_ids": TOKENS, "cache_salt": "t"})
-        assert answer.status_code == 200, answer.text
+    # A salted request served, then routed: the same salt counts its blocks, no salt or
+    # another salt none (an unsalted answer would count false overlap).
+    config = PipelineConfig(router_mode="kv")
+    async with serving(config, route_api=True, workers=2) as served, served.client() as client:
+        done = await client.post(
+            "/v1/completions",
+            json={"model": "mock", "prompt": TOKENS, "max_tokens": 1, "cache_salt": "t"},
+        )
+        assert done.status_code == 200, done.text
+
+        async def overlap(**salt: str) -> int:
+            answer = await client.post("/v1/route", json={"token_ids": TOKENS, **salt})
+            assert answer.status_code == 200, answer.text
+            blocks: int = answer.json()["overlap_blocks"]
+            return blocks
+
+        blocks = len(TOKENS) // config.kv_block_size
+        # (The worker's KV events reach the router's mailbox before its answer ends.)
+        assert await overlap(cache_salt="t") == blocks > 0
+        assert await overlap() == 0
+        assert await overlap(cache_salt="u") == 0
+        bad = await client.post("/v1/route", json={"token_ids": TOKENS, "cache_salt": "a/b"})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["param"] == "cache_salt"
 
 
 async def test_no_transition_record_holds_the_raw_cache_salt(
