@@ -19,6 +19,7 @@ from interlock import (
     Components,
     NoWorkersAvailable,
     PipelineConfig,
+    PrefillFailed,
     RequestError,
     build_pipeline,
 )
@@ -105,6 +106,44 @@ async def test_a_salted_request_with_only_older_workers_names_the_version(
         # Unsalted, the same worker serves.
         async for _ in pipeline.generate(attrs.evolve(request, cache_salt=None)):
             pass
+
+
+async def test_a_salted_request_skips_an_older_prefill_worker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Disaggregated: the prefill leg's worker gets the request too, so a version-4 prefill
+    # worker is left out as a decode worker would be (enforce_disagg: PrefillFailed).
+    engines = [
+        MockEngine(1, "decode", timing=MockTiming(speedup_ratio=1.0)),
+        MockEngine(2, "prefill", timing=MockTiming(speedup_ratio=1.0)),
+    ]
+    async with AsyncExitStack() as stack:
+        remotes = []
+        for engine in engines:
+            worker = Worker(engine)
+            if engine.role == "prefill":
+                _old(worker)
+            worker = await stack.enter_async_context(worker.running())
+            remotes.append(
+                RemoteEngine(
+                    "worker",
+                    1,
+                    instance_id=engine.instance_id,
+                    role=engine.role,
+                    open_connection=worker.connect,
+                )
+            )
+        pipeline = await stack.enter_async_context(
+            build_pipeline(
+                PipelineConfig(router_mode="kv", enforce_disagg=True),
+                Components(workers=remotes[:1], prefill_workers=remotes[1:]),
+            )
+        )
+        request = PreprocessedRequest(token_ids=tuple(range(1, 65)), max_tokens=2, cache_salt="t")
+        with pytest.raises(PrefillFailed, match="no prefill worker is available"):
+            await pipeline.query(request)
+        unsalted = await pipeline.query(attrs.evolve(request, cache_salt=None))
+        assert unsalted.prefill_worker_id == 2
 
 
 async def test_the_route_api_takes_a_cache_salt() -> None:
