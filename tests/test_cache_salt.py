@@ -28,7 +28,14 @@ from test_lora_routing import pick_record
 from test_openai_engine import open_cluster
 from test_whole_answers import pipeline_over, timed
 
-from interlock import Components, PipelineConfig, RequestError, WorkerRefused, build_pipeline
+from interlock import (
+    Components,
+    NoWorkersAvailable,
+    PipelineConfig,
+    RequestError,
+    WorkerRefused,
+    build_pipeline,
+)
 from interlock.actors import replay_selection
 from interlock.engines.mock import MockEngine
 from interlock.engines.openai import OpenAIEngine
@@ -115,14 +122,18 @@ async def test_a_worker_from_before_version_5_is_not_sent_a_salted_request(
     async with pipeline_over(timed(1)) as pipeline:
         # Unsalted: served as before.
         await run(pipeline, PreprocessedRequest(token_ids=prompt(0), max_tokens=2, request_id="a"))
-        # Salted: refused before anything is sent (the old worker would share the cache).
+        # Salted: the router keeps it off the old worker (it would share the cache), and says
+        # why when no other is left.
+        salted = PreprocessedRequest(
+            token_ids=prompt(0), max_tokens=2, request_id="b", cache_salt="t"
+        )
+        with pytest.raises(NoWorkersAvailable, match="protocol versions before 5"):
+            await run(pipeline, salted)
+        # The client's own refusal stays as the backstop, before anything is sent.
+        remote = pipeline.workers[1]
         with pytest.raises(WorkerRefused, match="cannot carry cache_salt"):
-            await run(
-                pipeline,
-                PreprocessedRequest(
-                    token_ids=prompt(0), max_tokens=2, request_id="b", cache_salt="t"
-                ),
-            )
+            async with remote.open_stream(salted):
+                pass
 
 
 # -- routing and the engines' caches ------------------------------------------------------

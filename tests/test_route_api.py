@@ -102,6 +102,7 @@ async def test_route_disaggregated_names_prefill_and_decode() -> None:
         ({"token_ids": TOKENS, "model": "other"}, 404, "model"),
         ({"token_ids": TOKENS, "request_id": 5}, 400, "request_id"),
         ({"messages": []}, 400, "messages"),
+        ({"token_ids": TOKENS, "cache_salt": ""}, 400, "cache_salt"),
         ({"token_ids": TOKENS, "router_config_override": {"overlap_score_weight": -1}}, 400,
          "router_config_override.overlap_score_weight"),
     ],

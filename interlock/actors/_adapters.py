@@ -16,6 +16,11 @@ within it, so each choice has one reason the decision record states.
 
 Engines are read duck-typed (``adapters``, ``metrics.lora``): an engine without them (the mock,
 ``interlock worker``) serves no adapter, and a request for the base model is not narrowed here.
+A request with a ``cache_salt`` may go only to engines that can carry it (`carries_salt`): an
+``interlock worker`` from protocol version `SALT_VERSION` on (an older one would run it
+unsalted, sharing the tenant's cached prefixes); the client's refusal at stream open stays as
+the backstop.
+
 Pure functions; the router calls them in its own task.
 """
 
@@ -27,6 +32,7 @@ from typing import Any, Final
 import attrs
 
 from ..wire import SelectionRecord
+from ..wire._frames import SALT_VERSION
 
 __all__ = [
     "AFFINITY",
@@ -37,6 +43,7 @@ __all__ = [
     "AdapterCandidates",
     "adapter_affinity",
     "adapter_candidates",
+    "carries_salt",
     "served_adapters",
     "with_adapter",
 ]
@@ -107,6 +114,15 @@ def adapter_candidates(
         if adapter in served_adapters(engines.get(w))
     }
     return AdapterCandidates(adapter, list(tiers), tiers)
+
+
+def carries_salt(engine: Any) -> bool:
+    """Whether ``engine`` can take a request's ``cache_salt``: a remote worker only when the
+    protocol version of its last handshake (``protocol_version``, read duck-typed: the router
+    imports no engine) is `SALT_VERSION` or later; an engine that does not say (the mock, an
+    OpenAI engine) sends the salt itself."""
+    version = getattr(engine, "protocol_version", None)
+    return version is None or version >= SALT_VERSION
 
 
 def with_adapter(

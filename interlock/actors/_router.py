@@ -20,9 +20,11 @@ from .._errors import (
 from ..engines import Engine, WorkerSnapshot
 from ..kv import KV_EVENT_TYPES, WorkerOutOfSync
 from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
+from ..wire._frames import SALT_VERSION
 from ._adapters import (
     AdapterCandidates,
     adapter_candidates,
+    carries_salt,
     with_adapter,
 )
 from ._kv_policy import KvPolicy
@@ -250,6 +252,8 @@ class RouterActor(Actor):
             pool = [w for w in self._prefill_pool if w not in exclude]
             if candidates is not None:
                 pool = [w for w in pool if w in candidates]
+            if request.cache_salt is not None:
+                pool = [w for w in pool if carries_salt(self._engines.get(w))]
             served = None
             if adapter is not None:
                 served = adapter_candidates(adapter, pool, self._engines)
@@ -284,6 +288,16 @@ class RouterActor(Actor):
                     "registered agg or decode worker"
                     + (f" outside those excluded ({sorted(exclude)})" if exclude else "")
                 )
+        if request.cache_salt is not None:
+            salted = [w for w in pool if carries_salt(self._engines.get(w))]
+            if pool and not salted and not _names_worker(request, leg):
+                # (A request that names its worker hears why that one cannot take it.)
+                raise NoWorkersAvailable(
+                    f"this request has a cache_salt, which no agg or decode worker it may go to "
+                    f"({pool}) can carry: they speak protocol versions before {SALT_VERSION}; "
+                    "upgrade a worker, or send the request without cache_salt"
+                )
+            pool = salted
         served = None
         if adapter is not None:
             served = adapter_candidates(adapter, pool, self._engines)
@@ -354,7 +368,9 @@ class RouterActor(Actor):
             for field in PRESELECTION_FIELDS[leg]:
                 worker_id = getattr(hints, field)
                 if worker_id is not None:
-                    return self._preselected(leg, field, worker_id, pool, exclude, adapter)
+                    return self._preselected(
+                        leg, field, worker_id, pool, exclude, adapter, request.cache_salt
+                    )
         if not pool:
             if not required:
                 return None
@@ -504,6 +520,7 @@ class RouterActor(Actor):
         pool: list[int],
         exclude: frozenset[int],
         adapter: AdapterCandidates | None = None,
+        cache_salt: str | None = None,
     ) -> SelectionRecord:
         if worker_id not in pool:
             role = "prefill" if leg == "prefill" else "agg or decode"
@@ -512,6 +529,16 @@ class RouterActor(Actor):
                     f"routing.{field}={worker_id} broke this request's stream before"
                 )
             engine = self._engines.get(worker_id)
+            if cache_salt is not None and engine is not None and not carries_salt(engine):
+                # Registered, but too old for the salt the request carries.
+                raise RequestError(
+                    f"routing.{field}={worker_id} speaks protocol version "
+                    f"{getattr(engine, 'protocol_version', None)}, which cannot carry this "
+                    "request's cache_salt "
+                    f"(version {SALT_VERSION} can); name another worker, or send the request "
+                    "without cache_salt",
+                    field=field,
+                )
             if adapter is not None and engine is not None and _serves_leg(engine, leg):
                 # Registered for this leg: the adapter narrowed the pool, and is the reason.
                 raise RequestError(
@@ -532,6 +559,14 @@ class RouterActor(Actor):
             reason=f"named by the request ({field})",
             inputs={"worker_id": worker_id, "field": field},
         )
+
+
+def _names_worker(request: PreprocessedRequest, leg: Leg) -> bool:
+    """Whether ``request``'s routing hints name the worker of ``leg``."""
+    hints = request.routing
+    return hints is not None and any(
+        getattr(hints, field) is not None for field in PRESELECTION_FIELDS[leg]
+    )
 
 
 def _serves_leg(engine: Engine, leg: Leg) -> bool:

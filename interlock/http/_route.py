@@ -16,7 +16,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .._errors import RequestError
 from ..wire import PreprocessedRequest, RouterConfigOverride, RoutingDecision
+from ..wire._request import check_cache_salt
 from ._auth import check_route_api
 from ._drain import refused_while_draining
 from ._errors import HttpError, bad_request, http_error_for
@@ -38,6 +40,7 @@ _FIELDS = frozenset(
         "book",
         "include_token_ids",
         "router_config_override",
+        "cache_salt",
     }
 )
 _PROMPT_FIELDS = ("token_ids", "messages", "prompt")
@@ -188,6 +191,11 @@ class _RouteApi:
                 param="request_id",
                 code="already_booked",
             )
+        cache_salt = body.get("cache_salt")
+        try:
+            check_cache_salt(cache_salt)
+        except RequestError as exc:
+            raise bad_request(str(exc), "cache_salt") from None
         tokens = self._tokens(body, given[0])
         override = _override(body.get("router_config_override"))
         request = PreprocessedRequest(
@@ -195,6 +203,9 @@ class _RouteApi:
             request_id=request_id,
             model=None if model is None else frontend.request_model(model),
             router_config_override=override,
+            # The same salt as the request the gateway will send: its overlap is counted over
+            # the blocks cached under that salt only (docs/routing.md).
+            cache_salt=cache_salt,
         )
         decision = await frontend.pipeline.query(request, book=book)
         if book:

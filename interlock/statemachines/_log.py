@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ..kv._hashing import PackedTokenIds
+from ..kv._hashing import PackedTokenIds, kv_salt
 from ..wire import to_builtins
 
 _logger = logging.getLogger("interlock.transitions")
@@ -78,9 +78,22 @@ def _decision_json(decision: Any) -> Any:
             if isinstance(data.get(key), list):
                 data["prompt_tokens"] = len(data.pop(key))
         request = data.get("request")
-        if isinstance(request, dict) and isinstance(request.get("token_ids"), list):
-            request["prompt_tokens"] = len(request.pop("token_ids"))
+        if isinstance(request, dict):
+            if isinstance(request.get("token_ids"), list):
+                request["prompt_tokens"] = len(request.pop("token_ids"))
+            _hide_cache_salt(request)
     return data
+
+
+def _hide_cache_salt(request: dict[str, Any]) -> None:
+    """Replace a request's ``cache_salt`` by its ``kv_salt`` in hex: a tenant may keep its salt
+    secret (it guards its cached prefixes), and records are files anyone on the box may read;
+    the hex says which blocks the request's overlap was looked up under, as the decision
+    record's ``inputs["kv_salt"]`` does."""
+    salt = request.pop("cache_salt", None)
+    if isinstance(salt, str):
+        model = request.get("model")
+        request["kv_salt"] = f"{kv_salt(model if isinstance(model, str) else None, salt):016x}"
 
 
 class TransitionSink(Protocol):

@@ -65,7 +65,8 @@ _CACHE_SALT_FORBIDDEN = frozenset("@/\\\0")
 
 def check_cache_salt(value: object, field: str = "cache_salt") -> None:
     """Raise `RequestError` unless ``value`` is None or a salt vLLM accepts: a non-empty
-    string of at most 128 characters without ``@``, ``/``, ``\\`` or NUL."""
+    string of at most 128 characters without ``@``, ``/``, ``\\`` or NUL, that encodes as
+    UTF-8."""
     if value is None:
         return
     if type(value) is not str or not value:
@@ -77,6 +78,14 @@ def check_cache_salt(value: object, field: str = "cache_salt") -> None:
             "'\\' or NUL (vLLM refuses others)",
             field=field,
         )
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (the Python API takes any str; JSON parsing refuses them): the salt
+        # is hashed as UTF-8 (kv_salt) and sent to engines as UTF-8, so it must encode.
+        raise RequestError(
+            f"{field} must be valid Unicode text (it holds a lone surrogate)", field=field
+        ) from None
 
 
 def _cache_salt(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -337,7 +346,8 @@ class PreprocessedRequest:
     #: vLLM's per-request prefix-cache isolation: only requests with the same salt share
     #: cached blocks (the engine mixes it into block 0's hash; the router keys the prompt's
     #: blocks by it: `interlock.kv.kv_salt`). Sent to the engine as the body's ``cache_salt``.
-    cache_salt: str | None = attrs.field(default=None, validator=_cache_salt)
+    #: Out of the repr (and the transition records): a tenant may keep it secret.
+    cache_salt: str | None = attrs.field(default=None, validator=_cache_salt, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.stop and not self.detokenize:

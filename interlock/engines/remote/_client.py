@@ -367,6 +367,9 @@ class RemoteEngine:
         self._worker_registered = True
         self._present = False
         self._down_reason = "never connected"
+        #: The protocol version of the last handshake (kept while reconnecting: a worker that
+        #: spoke 4 is not trusted with a salt before it says otherwise).
+        self._version: int | None = None
 
     # -- Engine protocol ------------------------------------------------------------------
 
@@ -398,6 +401,13 @@ class RemoteEngine:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def protocol_version(self) -> int | None:
+        """The protocol version agreed with the worker at the last handshake; None before the
+        first. The router reads it to keep requests off workers that cannot carry them
+        (a cache_salt: `SALT_VERSION`)."""
+        return self._version
 
     @property
     def open_streams(self) -> int:
@@ -722,6 +732,7 @@ class RemoteEngine:
 
     def _attach(self, link: _Link) -> None:
         self._link = link
+        self._version = link.welcome.version
         self._connected = True
         _logger.info("connected to worker %d at %s", self.instance_id, self.address)
         self._update_presence()
