@@ -213,12 +213,16 @@ async def test_replay_answers_every_buffered_batch_then_the_end_marker() -> None
                     break
                 assert len(frames) == 4  # vLLM 0.26+: the topic frame included
                 replies.append(reply)
-            dealer.send_multipart(replay_request_frames(live_seq + 1))
+            # The engine may have published more batches since `live_seq` (its scheduler runs
+            # on): ask beyond any it can have.
+            dealer.send_multipart(replay_request_frames(replies[-1].seq + 1_000))
             beyond = await zmq_receive(dealer)
         finally:
             dealer.close(linger=0)
             context.term()
-    assert [r.seq for r in replies] == list(range(live_seq + 1))
+    # Every buffered batch, in order, from the first: the live one and any published since.
+    assert [r.seq for r in replies] == list(range(len(replies)))
+    assert len(replies) > live_seq
     assert all(r.topic == b"kv@1" for r in replies)
     assert replies[live_seq].payload == live_payload
     assert parse_replay_reply(beyond) is None
