@@ -465,7 +465,9 @@ class Pipeline:
     def watch_workers(self, watcher: Callable[[Mapping[int, Engine]], None]) -> Callable[[], None]:
         """Call ``watcher(workers)`` (the routable workers, by id, as `workers` gives them)
         after every membership change, in the task that made it; never block or raise in
-        one. Returns a function that stops the calls."""
+        one. A change is a worker joining, leaving routing (away: `engine` still has it),
+        coming back, or removed for good (`engine` gives None), routable or away when it
+        goes. Returns a function that stops the calls."""
         return self._registry.watch(watcher)
 
     async def add_worker(self, engine: Engine) -> None:

@@ -13,7 +13,10 @@ adapters and LoRA state an `OpenAIEngine` would read.
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
+import weakref
 from typing import Any
 
 import hypothesis.strategies as st
@@ -42,6 +45,7 @@ from interlock.engines.mock import MockEngine
 from interlock.engines.openai import EngineMetrics, LoraState, OpenAIEngine, parse_engine_metrics
 from interlock.engines.openai._models import adapters_in, model_cards
 from interlock.gateway._rewrite import MODEL_REWRITE_HEADERS, model_rewrite
+from interlock.http import Preprocessor, build_app, serve_http
 from interlock.wire import PreprocessedRequest
 
 DESTINATION = "x-gateway-destination-endpoint"
@@ -452,13 +456,63 @@ async def test_an_adapter_of_an_engine_that_came_and_went_since_the_start_is_503
         late = MockEngine(4)
         late.adapters = frozenset({"ad7"})  # type: ignore[attr-defined]
         await p.pipeline.add_worker(late)
-        await p.pipeline.remove_worker(4)
+        late.leave()  # away (as an unhealthy `OpenAIEngine`), not removed
+        await p.pipeline.membership_settled()
         status, error = immediate(
             await exchange(p.picker, [request_headers(), adapter_body("ad7")])
         )
         assert status == 503, (status, error)
         status, _ = immediate(await exchange(p.picker, [request_headers(), adapter_body("ad8")]))
         assert status == 404
+
+
+@pytest.mark.parametrize("away_first", [False, True])
+async def test_an_adapter_of_an_engine_removed_for_good_is_404_and_the_engine_is_released(
+    autojump_clock: trio.testing.MockClock, away_first: bool
+) -> None:
+    """An engine removed for good (`Pipeline.remove_worker`, as discovery does when its record
+    is deleted), routable or away when it goes, is forgotten: its adapters are unknown models
+    (404, not a 503 that says to retry forever), and the frontend holds no reference to it
+    (engine churn must not grow memory)."""
+    async with picking() as p:
+        late = MockEngine(7)
+        late.adapters = frozenset({"ad7"})  # type: ignore[attr-defined]
+        await p.pipeline.add_worker(late)
+        if away_first:
+            late.leave()
+            await p.pipeline.membership_settled()
+        await p.pipeline.remove_worker(7, stop=True)
+        status, error = immediate(
+            await exchange(p.picker, [request_headers(), adapter_body("ad7")])
+        )
+        assert status == 404, (status, error)
+        await trio.testing.wait_all_tasks_blocked()  # its run task ends once cancelled
+        gone = weakref.ref(late)
+        del late
+        gc.collect()
+        assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
+
+
+async def test_an_app_shut_down_stops_watching_the_pipeline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An app's frontend follows the pipeline's workers while the app is served; its
+    shutdown (the ASGI lifespan's, as `serve_http` runs it) stops that: the pipeline, which
+    may outlive the app, neither keeps its frontend alive nor calls it at every change."""
+    preprocessor = Preprocessor.default()
+    components = Components(workers=[MockEngine(1)], tokenizer=preprocessor.tokenizer)
+    async with build_pipeline(PipelineConfig(), components) as pipeline:
+        app = build_app(pipeline, model="mock", preprocessor=preprocessor)
+        frontend = weakref.ref(app.state.frontend)
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(serve_http, app, "127.0.0.1", 0, shutdown_trigger=stop.wait)
+            )
+            stop.set()
+        del app
+        gc.collect()
+        assert frontend() is None, [type(r).__name__ for r in gc.get_referrers(frontend())]
 
 
 async def test_enforced_disaggregation_without_a_prefill_engine_for_the_adapter_says_so(

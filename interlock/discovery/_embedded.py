@@ -54,12 +54,14 @@ class EmbeddedRegistry:
             self._notify()
 
     def deregister(self, worker_id: int) -> None:
-        """Remove a worker for good (no-op when unknown)."""
-        self._known.pop(worker_id, None)
+        """Remove a worker for good (no-op when unknown). Watchers are told even when it
+        was away (not routable): whoever remembers away workers learns it is gone."""
+        known = self._known.pop(worker_id, None)
         remover = self._removers.pop(worker_id, None)
         if remover is not None:
             remover()
-        if self._present.pop(worker_id, None) is not None:
+        self._present.pop(worker_id, None)
+        if known is not None:
             self._notify()
 
     def get(self, worker_id: int) -> Engine | None:

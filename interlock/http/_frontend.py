@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -104,14 +104,43 @@ class Frontend:
         self.allow_worker_ids = config.allow_request_worker_ids
         self.executes = pipeline.mode.executes
         self.frontend_post = config.postprocessing == "frontend"
-        #: Every engine seen registered, the newest under each id (`known_adapters`).
-        self._seen: dict[int, Engine] = dict(pipeline.workers)
-        pipeline.watch_workers(self._saw)
+        #: The routable workers' ids at the last membership change (`_saw`).
+        self._routable: frozenset[int] = frozenset()
+        #: The LoRA adapters of each engine away now (registered but not routable: unhealthy,
+        #: reconnecting), as it listed them when it left (`known_adapters`). Names, not
+        #: engines: an engine removed for good is forgotten, its memory released.
+        self._away: Mapping[int, frozenset[str]] = {}
+        self._unwatch: Callable[[], None] | None = None
+        self.watch()
+
+    def watch(self) -> None:
+        """Follow the pipeline's membership (for `known_adapters`) until `close`; a no-op
+        while following. `build_app` calls it, and its app's ASGI lifespan at startup again
+        (an app served after an earlier shutdown)."""
+        if self._unwatch is None:
+            self._saw(self.pipeline.workers)
+            self._unwatch = self.pipeline.watch_workers(self._saw)
+
+    def close(self) -> None:
+        """Stop following the pipeline's membership (the app's ASGI lifespan shuts down): the
+        pipeline, which may outlive the app, neither keeps this frontend alive nor calls it."""
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
 
     def _saw(self, workers: Mapping[int, Engine]) -> None:
-        # A new dict, not an update in place: the picker reads it from worker threads too
-        # (`model_not_found` for a large body), which must never see it change mid-iteration.
-        self._seen = {**self._seen, **workers}
+        # `Pipeline.engine` tells away (still registered) from removed for good (None:
+        # `remove_worker`, discovery deleting it). A new dict, not an update in place: the
+        # picker reads it from worker threads too (`model_not_found` for a large body), which
+        # must never see it change mid-iteration.
+        away: dict[int, frozenset[str]] = {}
+        for worker_id in (self._routable | self._away.keys()) - workers.keys():
+            engine = self.pipeline.engine(worker_id)
+            if engine is not None:
+                last = self._away.get(worker_id)
+                away[worker_id] = served_adapters(engine) if last is None else last
+        self._away = away
+        self._routable = frozenset(workers)
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{self._id_prefix}{next(self._ids):x}"
@@ -122,9 +151,10 @@ class Frontend:
         completions, ``/v1/models/{name}``, ``/v1/route``, the gateway's picker): the model
         is ``--model-name``, or a LoRA adapter an engine serves (its ``/v1/models``; the
         router sends such a request only to the engines that serve it), no other name or
-        alias. An adapter that only engines away now serve (unhealthy, reconnecting, gone
-        from discovery) passes too: the router's 503 (no engine serves it now) says to
-        retry, where a 404 would say it does not exist. ``served_by`` names the server in
+        alias. An adapter that only engines away now serve (unhealthy, reconnecting: still
+        registered) passes too: the router's 503 (no engine serves it now) says to retry,
+        where a 404 would say it does not exist. An engine removed for good (deleted from
+        discovery, `Pipeline.remove_worker`) no longer counts. ``served_by`` names the server in
         the message ("this router", "this pool")."""
         if name == self.model:
             return None
@@ -144,9 +174,9 @@ class Frontend:
         return _adapters_of(self.pipeline.workers.values())
 
     def known_adapters(self) -> frozenset[str]:
-        """The LoRA adapters of every engine seen registered (what each lists now, or listed
-        when it left: an engine away keeps its last ``adapters``)."""
-        return _adapters_of(self._seen.values())
+        """The LoRA adapters of every engine registered: what each routable one lists now,
+        and what each one away listed when it left."""
+        return self.adapters().union(*self._away.values())
 
     def request_model(self, name: str) -> str | None:
         """`PreprocessedRequest.model` for a request naming the model ``name`` (which
