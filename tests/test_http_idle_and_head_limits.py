@@ -1,5 +1,7 @@
-"""Review of the HTTP layer's per-request-cost change (409ac00): tests of what it got wrong
-(each failed before its fix) and of what was checked correct."""
+"""The h1 server's idle sweeper and head limits at their edges: a request readable at its
+keep-alive deadline is served, keep_alive_timeout 0 answers one request a connection, a peer
+that resets an idle connection leaves nothing behind, a small head after many pipelined
+requests is not a 431."""
 
 from __future__ import annotations
 

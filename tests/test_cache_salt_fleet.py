@@ -1,5 +1,6 @@
-"""Review of the KV-salting change (cache_salt / LoRA salts): reproductions of the bugs found,
-each an xfail(strict=True) so the suite stays green until the bug is fixed."""
+"""cache_salt across a fleet and the API's edges: salted requests skip workers too old to carry
+the salt, no record holds the raw salt, a salt that is not UTF-8 is a 400 (not a router crash),
+/v1/route takes it, and a first block filled while decoding keeps its salt."""
 
 from __future__ import annotations
 
