@@ -61,6 +61,10 @@ def test_the_transport_comparison_runs_end_to_end_at_a_tiny_size() -> None:
     lines = out.splitlines()
     assert any(line.startswith("fixed endpoint") for line in lines), out
     for transport in ("grpc.aio ", "h2+trio ", "h2+trio-norepr "):
-        assert any(line.startswith(transport) and line.endswith("x") for line in lines), out
+        # A ratio, or n/a when grpc.aio's added p50 is not positive: 3 requests on a busy box
+        # can be faster through the picker than to the fixed endpoint.
+        assert any(line.startswith(transport) and line.endswith(("x", "n/a")) for line in lines), (
+            out
+        )
     leftovers = _processes_with(marker)
     assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
