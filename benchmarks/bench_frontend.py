@@ -25,7 +25,8 @@ For each cell it prints the frontend's CPU milliseconds per request (user + syst
 frontend process and any children, from psutil, before and after the cell: robust to a busy
 box, unlike req/s), the workers' CPU ms/req, req/s, latency p50/p99 and errors, as medians
 over rounds, and the interlock / Dynamo ratio of CPU ms/req (the median of the per-round
-ratios). Then the "non-stream req/s on one core" figure: C=64 non-stream with each frontend
+ratios). Then the "non-stream req/s on one core" figure: C=64 (``--one-core-concurrency``)
+non-stream with each frontend
 (every thread) pinned to one CPU and the workers and the client pinned to the other CPUs; it
 prints how busy the frontend's core was, since the figure only measures the frontend when that
 is near 100 %. Its client is wrk (``--wrk``, by default the one on PATH; ``wrk_bodies.lua``
@@ -43,7 +44,8 @@ the same run, interleaved, and adds the ratio of their CPU per request.
 
     python benchmarks/bench_frontend.py [--rounds R] [-n N] [--concurrency 16,64,256]
         [--modes nonstream,stream] [--router-mode kv|round_robin] [--tokenizer DIR]
-        [--dynamo-python PATH | --no-dynamo] [--one-core-requests N] [--raw FILE.jsonl]
+        [--dynamo-python PATH | --no-dynamo] [--one-core-requests N]
+        [--one-core-concurrency C] [--raw FILE.jsonl]
         [--interlock-workers wire|openai|both] [--wrk PATH] [--quick]
 """
 
@@ -544,12 +546,13 @@ def measure_on_one_core(
     round_: int,
     seed: int,
     wrk: str | None = None,
+    concurrency: int = ONE_CORE_CONCURRENCY,
 ) -> Cell:
-    """`measure` C=64 non-stream with ``system``'s frontend alone on the first CPU this process
-    may use and its workers, the client and the ``others`` (idle) on the rest; every affinity
-    is restored after. The client is ``wrk`` (its path) when given, else this process's aiohttp
-    client, which costs the other CPU about as much as the frontend costs its own: with it the
-    frontend's core is rarely saturated."""
+    """`measure` C=``concurrency`` non-stream with ``system``'s frontend alone on the first
+    CPU this process may use and its workers, the client and the ``others`` (idle) on the
+    rest; every affinity is restored after. The client is ``wrk`` (its path) when given, else
+    this process's aiohttp client, which costs the other CPU about as much as the frontend
+    costs its own: with it the frontend's core is rarely saturated."""
     everything = os.sched_getaffinity(0)
     first = min(everything)
     rest = everything - {first}
@@ -561,9 +564,9 @@ def measure_on_one_core(
     try:
         before = cpu_busy_and_total(first)
         if wrk is None:
-            cell = measure(system, "nonstream", ONE_CORE_CONCURRENCY, requests, round_, seed)
+            cell = measure(system, "nonstream", concurrency, requests, round_, seed)
         else:
-            cell = measure_with_wrk(system, wrk, ONE_CORE_CONCURRENCY, requests, round_, seed)
+            cell = measure_with_wrk(system, wrk, concurrency, requests, round_, seed)
         after = cpu_busy_and_total(first)
     finally:
         os.sched_setaffinity(0, everything)
@@ -799,6 +802,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="requests of the one-core figure per round (2x -n; 0 skips it)",
     )
     parser.add_argument(
+        "--one-core-concurrency",
+        type=int,
+        default=ONE_CORE_CONCURRENCY,
+        help=f"connections of the one-core figure (default {ONE_CORE_CONCURRENCY}; more keep a "
+        "frontend's core busy while each request waits on the workers)",
+    )
+    parser.add_argument(
         "--wrk",
         default=shutil.which("wrk"),
         help="the wrk that drives the one-core figure (default: wrk on PATH, "
@@ -898,8 +908,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         client = "wrk" if args.wrk is not None else "aiohttp"
         print(
-            f"Non-stream req/s on one core (C={ONE_CORE_CONCURRENCY}, the frontend pinned to a CPU "
-            f"of its own, the workers and the client ({client}) on the others):"
+            f"Non-stream req/s on one core (C={args.one_core_concurrency}, the frontend pinned "
+            f"to a CPU of its own, the workers and the client ({client}) on the others):"
         )
         for name in names:
             mine = [c for c in one_core if c.system == name]
@@ -941,13 +951,19 @@ def run(args: argparse.Namespace, systems: Sequence[System], cores: int) -> list
                 (mode, c) for mode in args.modes for c in args.concurrency
             ]
             if args.one_core_requests and cores >= 2:
-                plan.append(("one-core", ONE_CORE_CONCURRENCY))
+                plan.append(("one-core", args.one_core_concurrency))
             for mode, concurrency in plan:
                 for system in order:
                     if mode == "one-core":
                         others = [s for s in systems if s is not system]
                         cell = measure_on_one_core(
-                            system, others, args.one_core_requests, round_, args.seed, args.wrk
+                            system,
+                            others,
+                            args.one_core_requests,
+                            round_,
+                            args.seed,
+                            args.wrk,
+                            args.one_core_concurrency,
                         )
                     else:
                         cell = measure(system, mode, concurrency, args.requests, round_, args.seed)
