@@ -32,7 +32,7 @@ from ..kv import (
     select_by_ttft,
     select_worker,
 )
-from ..kv._hashing import iter_block_hashes
+from ..kv._hashing import iter_block_hashes, salt_hex
 from ..wire import CandidateRecord, Leg, PreprocessedRequest, SelectionRecord, to_builtins
 from ._policies import WorkerView
 
@@ -174,7 +174,7 @@ class KvPolicy:
         salt = self._salt_of(request)
         if salt is None:
             return record
-        return attrs.evolve(record, inputs={**record.inputs, "kv_salt": f"{salt:016x}"})
+        return attrs.evolve(record, inputs={**record.inputs, "kv_salt": salt_hex(salt)})
 
     def _choose_by_ttft(
         self, leg: Leg, candidates: Sequence[WorkerView], request: PreprocessedRequest

@@ -227,6 +227,12 @@ def kv_salt(lora_name: str | None = None, cache_salt: str | None = None) -> int 
     return _xxh3(b"".join(parts), XXH3_SEED)
 
 
+def salt_hex(salt: int) -> str:
+    """How records name a salt (`kv_salt`'s u64 as 16 hex digits): which blocks a request's
+    overlap was looked up under, never the cache salt itself, which a tenant may keep secret."""
+    return f"{salt:016x}"
+
+
 def salt_block(block_hash: int, salt: int) -> int:
     """Block 0's hash under ``salt`` (see the module's docstring)."""
     return _xxh3(_pack_pair(salt, block_hash), XXH3_SEED)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ..kv._hashing import PackedTokenIds, kv_salt
+from ..kv._hashing import PackedTokenIds, kv_salt, salt_hex
 from ..wire import to_builtins
 
 _logger = logging.getLogger("interlock.transitions")
@@ -93,7 +93,8 @@ def _hide_cache_salt(request: dict[str, Any]) -> None:
     salt = request.pop("cache_salt", None)
     if isinstance(salt, str):
         model = request.get("model")
-        request["kv_salt"] = f"{kv_salt(model if isinstance(model, str) else None, salt):016x}"
+        # A cache salt makes kv_salt not None.
+        request["kv_salt"] = salt_hex(kv_salt(model if isinstance(model, str) else None, salt) or 0)
 
 
 class TransitionSink(Protocol):
