@@ -62,8 +62,6 @@ class KvPolicy:
             else ApproxKvIndexer(ttl=config.kv_approx_ttl, max_blocks=config.kv_approx_max_blocks)
         )
         self._memo: tuple[PreprocessedRequest, list[int]] | None = None
-        # The salt of the request being routed (`key_blocks`), by identity as the memo is.
-        self._salt: tuple[PreprocessedRequest, int | None] | None = None
 
     # -- the index --------------------------------------------------------------------------
 
@@ -99,17 +97,13 @@ class KvPolicy:
         if self.approx is not None:
             self.approx.record_routed(worker_id, self.hashes(request), trio.current_time())
 
-    def key_blocks(self, request: PreprocessedRequest, adapter: str | None) -> None:
-        """Look ``request``'s prompt up (and, in approximate mode, record it) under the salt of
-        ``adapter`` (the LoRA adapter it names, None for the base model) and its
-        ``cache_salt``: the engines cache an adapter's or a salt's blocks apart from the base
-        model's (`kv_salt`). The router calls this before choosing; it holds for that request
-        object only."""
-        self._salt = (request, kv_salt(adapter, request.cache_salt))
-
-    def _salt_of(self, request: PreprocessedRequest) -> int | None:
-        salted = self._salt
-        return salted[1] if salted is not None and salted[0] is request else None
+    @staticmethod
+    def _salt_of(request: PreprocessedRequest) -> int | None:
+        """The salt ``request``'s prompt is looked up (and, in approximate mode, recorded)
+        under: its LoRA adapter's (``model``, None for the base model) and its ``cache_salt``;
+        the engines cache an adapter's or a salt's blocks apart from the base model's
+        (`kv_salt`)."""
+        return kv_salt(request.model, request.cache_salt)
 
     def hashes(self, request: PreprocessedRequest) -> list[int]:
         """The prompt's block hashes (computed once per request, reused across its legs)."""

@@ -244,10 +244,6 @@ class RouterActor(Actor):
         # the request entered, never here from who serves what now (an adapter whose engines
         # all left must not become a base-model request).
         adapter = request.model
-        if self._kv is not None:
-            # An adapter's and a cache salt's blocks are keyed by them, in the engines and in
-            # the index.
-            self._kv.key_blocks(request, adapter)
         if disaggregated:
             pool = [w for w in self._prefill_pool if w not in exclude]
             if candidates is not None:
