@@ -462,7 +462,7 @@ class _GenerateEndpoint:
                 self.kind,
                 request_id=request.request_id,
                 created=int(time.time()),
-                model=request.model or frontend.model,
+                model=frontend.answer_model(request.model),
                 include_usage=False,
             )
             await send_json(send, 200, encoder.query(nvext), _SSE)
@@ -471,7 +471,7 @@ class _GenerateEndpoint:
                 self.kind,
                 request_id=request.request_id,
                 created=int(time.time()),
-                model=request.model or frontend.model,
+                model=frontend.answer_model(request.model),
                 text="",
                 finish_reason=None,
                 usage=None,
@@ -550,7 +550,7 @@ class _Run:
             assert request.request_id is not None
             frontend = endpoint.frontend
             # A LoRA adapter's request is traced under the adapter's name, as it is answered.
-            model = request.model or frontend.model
+            model = frontend.answer_model(request.model)
             describe_request(
                 frontend.pipeline.tracing,
                 request.request_id,
@@ -746,7 +746,7 @@ class _Run:
             endpoint.kind,
             request_id=request.request_id,
             created=int(self.received_wall),
-            model=request.model or frontend.model,
+            model=frontend.answer_model(request.model),
             text="".join(parts),
             finish_reason=reason,
             usage=usage,
@@ -773,7 +773,7 @@ class _Run:
             endpoint.kind,
             request_id=self.request.request_id,
             created=int(self.received_wall),
-            model=self.request.model or frontend.model,
+            model=frontend.answer_model(self.request.model),
             include_usage=self.parsed.include_usage,
         )
         outbox = _Outbox(encoder, frontend.limits.max_stream_buffer_bytes, metrics)

@@ -185,6 +185,11 @@ class Frontend:
         whatever engines come and go."""
         return None if name == self.model else name
 
+    def answer_model(self, model: str | None) -> str:
+        """The model an answer, a stream's chunks and a trace name for a request whose
+        `PreprocessedRequest.model` is ``model``: `request_model`'s inverse."""
+        return model or self.model
+
     # -- preprocessing ----------------------------------------------------------------------
 
     def check_worker_ids(self, nvext: NvExt) -> None:

@@ -93,8 +93,9 @@ def _hide_cache_salt(request: dict[str, Any]) -> None:
     salt = request.pop("cache_salt", None)
     if isinstance(salt, str):
         model = request.get("model")
-        # A cache salt makes kv_salt not None.
-        request["kv_salt"] = salt_hex(kv_salt(model if isinstance(model, str) else None, salt) or 0)
+        salted = kv_salt(model if isinstance(model, str) else None, salt)
+        assert salted is not None  # a cache salt makes one
+        request["kv_salt"] = salt_hex(salted)
 
 
 class TransitionSink(Protocol):
