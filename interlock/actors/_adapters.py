@@ -82,8 +82,11 @@ class AdapterCandidates:
     each one's tier (``tiers``)."""
 
     adapter: str
-    serving: list[int]
     tiers: dict[int, str]
+
+    @property
+    def serving(self) -> list[int]:
+        return list(self.tiers)
 
     def best(self, pool: Iterable[int]) -> list[int]:
         """The workers of ``pool`` (serving ones) in the best tier among them. The router asks
@@ -109,11 +112,11 @@ def adapter_candidates(
     """The workers of ``pool`` that serve ``adapter`` (none: empty ``serving``), with their
     tiers. Keeps ``pool``'s order."""
     tiers = {
-        w: adapter_affinity(engines[w], adapter)
+        w: adapter_affinity(engine, adapter)
         for w in pool
-        if adapter in served_adapters(engines.get(w))
+        if adapter in served_adapters(engine := engines.get(w))
     }
-    return AdapterCandidates(adapter, list(tiers), tiers)
+    return AdapterCandidates(adapter, tiers)
 
 
 def carries_salt(engine: Any) -> bool:
