@@ -19,6 +19,7 @@ from typing import Any, Final, Literal, get_args
 import attrs
 
 from ._errors import ConfigError
+from ._model_rewrites import MODEL_REWRITES_TABLE, ModelRewrites
 
 #: The TOML table naming the workers and engines to serve over, and its keys' types: the flags
 #: of the same meaning (``--engine``, ``--remote-worker``, ``--kv-events-bind``, ...).
@@ -533,6 +534,20 @@ class PipelineConfig:
             _check_objective(name, value, where)
         return dict(table)
 
+    @staticmethod
+    def model_rewrites_table(path: str | os.PathLike[str]) -> ModelRewrites:
+        """The ``[[model_rewrites]]`` rules of a TOML configuration file (none when it has
+        none): GAIE's InferenceModelRewrite, for ``interlock serve`` and ``route`` alike
+        (`ModelRewrites`).
+
+        Raises:
+            ConfigError: the file cannot be read, or a rule is invalid (the message names the
+                file, the rule and the key: `ModelRewrites.from_table`).
+        """
+        p = Path(path)
+        table = _read_toml(p).get(MODEL_REWRITES_TABLE)
+        return ModelRewrites() if table is None else ModelRewrites.from_table(table, str(p))
+
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, *, prefix: str = "INTERLOCK_"
@@ -560,7 +575,9 @@ class PipelineConfig:
         return attrs.asdict(self)
 
 
-_COMMAND_TABLES = frozenset({WORKERS_TABLE, SERVER_TABLE, OBJECTIVES_TABLE, GATEWAY_TABLE})
+_COMMAND_TABLES = frozenset(
+    {WORKERS_TABLE, SERVER_TABLE, OBJECTIVES_TABLE, GATEWAY_TABLE, MODEL_REWRITES_TABLE}
+)
 
 
 def _check_objective(name: str, priority: Any, where: str) -> None:

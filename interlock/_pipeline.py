@@ -602,7 +602,7 @@ class Pipeline:
         fsm = RequestFsm(request_id, self.mode, self._log)
         try:
             self._check_hints(request)
-            fsm.fire(Trigger.PREPROCESS)
+            _fire_preprocess(fsm, request)
             hints = request.routing
             if admit and self._admit and _routed_by_router(hints):
                 route = Route(request, request_id, track=book, admit=True, candidates=candidates)
@@ -669,7 +669,7 @@ class Pipeline:
         try:
             self._check_hints(request)
             post = self._postprocessor(request)
-            fsm.fire(Trigger.PREPROCESS)
+            _fire_preprocess(fsm, request)
             if request.request_id != request_id:
                 request = attrs.evolve(request, request_id=request_id)
             attempt = request
@@ -1112,3 +1112,19 @@ def _routed_by_router(hints: RoutingHints | None) -> bool:
     """Whether the router chooses the request's workers (admission control applies), rather
     than the request naming them (the caller's choice, taken as is)."""
     return hints is None or hints.names_a_worker() is None
+
+
+def _fire_preprocess(fsm: RequestFsm, request: PreprocessedRequest) -> None:
+    """``received -> preprocessed``, with the ``[[model_rewrites]]`` rule that chose the
+    request's model as its decision (and in words), where one did: `interlock inspect` shows
+    it, and the HTTP metrics count it per target."""
+    rewrite = request.model_rewrite
+    if rewrite is None:
+        fsm.fire(Trigger.PREPROCESS)
+        return
+    fsm.fire(
+        Trigger.PREPROCESS,
+        decision=rewrite,
+        detail=f"model_rewrites rule {rewrite.rule!r}: model {rewrite.model!r} -> "
+        f"{rewrite.target!r} (weight {rewrite.weight} of {rewrite.total_weight})",
+    )

@@ -20,6 +20,7 @@ from interlock.wire import (
     MAX_FRAME_SIZE,
     EngineOutput,
     FrameParser,
+    ModelRewriteDecision,
     PrefillResult,
     PreprocessedRequest,
     ProtocolError,
@@ -197,6 +198,20 @@ def test_a_start_frame_leaves_the_admission_queues_fields_in_the_frontend() -> N
     assert fields["request"]["routing"]["dp_rank"] == 1
     assert decode_body(frame[4:]) == Start(
         stream=1, request=attrs.evolve(request, routing=RoutingHints(dp_rank=1))
+    )
+
+
+def test_a_start_frame_leaves_the_model_rewrite_in_the_frontend() -> None:
+    # The rule that chose the model is the frontend's record (the worker gets the target in
+    # ``model``), and a worker from before it decodes strictly.
+    rewrite = ModelRewriteDecision(rule="r", model="a", target="b", weight=1, total_weight=2)
+    request = attrs.evolve(REQUEST, model="b", model_rewrite=rewrite)
+    frame = encode_frame(Start(stream=1, request=request))
+    _, fields = msgpack.unpackb(frame[4:])
+    assert "model_rewrite" not in fields["request"]
+    assert fields["request"]["model"] == "b"
+    assert decode_body(frame[4:]) == Start(
+        stream=1, request=attrs.evolve(request, model_rewrite=None)
     )
 
 

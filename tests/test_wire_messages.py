@@ -16,6 +16,7 @@ from interlock.wire import (
     CandidateRecord,
     ChatRequest,
     EngineOutput,
+    ModelRewriteDecision,
     PrefillResult,
     PreprocessedRequest,
     RouterConfigOverride,
@@ -241,6 +242,16 @@ CACHE_SALT = st.text(
 )
 
 
+MODEL_REWRITE = st.builds(
+    ModelRewriteDecision,
+    rule=TEXT,
+    model=TEXT,
+    target=TEXT,
+    weight=SMALL,
+    total_weight=SMALL,
+)
+
+
 @st.composite
 def requests(draw: st.DrawFn) -> PreprocessedRequest:
     max_tokens = draw(st.none() | st.integers(1, 4096))
@@ -265,6 +276,7 @@ def requests(draw: st.DrawFn) -> PreprocessedRequest:
         prefill_result=draw(st.none() | PREFILL_RESULT),
         chat=draw(st.none() | CHAT),
         cache_salt=draw(st.none() | CACHE_SALT),
+        model_rewrite=draw(st.none() | MODEL_REWRITE),
     )
 
 
@@ -323,6 +335,7 @@ MESSAGES = st.one_of(
     CANDIDATE,
     SELECTION,
     DECISION,
+    MODEL_REWRITE,
     st.builds(WorkerJoined, WORKER),
     st.builds(WorkerLeft, WORKER),
 )
@@ -338,6 +351,7 @@ MESSAGE_CLASSES = (
     CandidateRecord,
     SelectionRecord,
     RoutingDecision,
+    ModelRewriteDecision,
     WorkerJoined,
     WorkerLeft,
 )
@@ -387,6 +401,7 @@ def test_the_request_generator_sets_every_request_field() -> None:
         "prefill_result",
         "chat",
         "cache_salt",
+        "model_rewrite",
     ]
 
 

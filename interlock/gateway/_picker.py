@@ -124,7 +124,7 @@ from ..http._errors import HttpError, bad_request, http_error_for
 from ..http._frontend import Frontend
 from ..http._nvext import EMPTY, HEADER_FAIRNESS, HEADER_OBJECTIVE, gaie_routing_hints
 from ..http._openai import CHAT_FIELDS, COMPLETION_FIELDS, ParsedRequest, json_object
-from ..wire import PreprocessedRequest, RoutingDecision, Usage
+from ..wire import ModelRewriteDecision, PreprocessedRequest, RoutingDecision, Usage
 from ._endpoints import http_endpoints, match_endpoints
 from ._rewrite import ModelNameRestorer, model_rewrite, rewrite_model
 from ._usage import USAGE_TAIL_BYTES, UsageReader, usage_of
@@ -540,6 +540,7 @@ class ExtProcStream:
             tokens: Sequence[int] = _NO_PROMPT
             model: str | None = None
             salt: str | None = None
+            rewrite: ModelRewriteDecision | None = None
             if kind is not None and body is not None:
                 book = True
                 # Reserved before the first wait: a second stream with the same x-request-id
@@ -547,23 +548,24 @@ class ExtProcStream:
                 self.booked_as = request_id
                 self.picker.booked.add(request_id)
                 data = None
-                rewrite = model_rewrite(self.headers)
-                if rewrite:
-                    body, data = await self._rewrite_model(body, rewrite)
+                header = model_rewrite(self.headers)
+                if header or frontend.model_rewrites:
+                    body, data, rewrite = await self._rewrite_model(body, header)
                 if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.
                     tokens, model, salt = await trio.to_thread.run_sync(
-                        self._tokens, kind, body, data, limiter=frontend.offload_limiter
+                        self._tokens, kind, body, data, rewrite, limiter=frontend.offload_limiter
                     )
                 else:
-                    tokens, model, salt = self._tokens(kind, body, data)
+                    tokens, model, salt = self._tokens(kind, body, data, rewrite)
             request = PreprocessedRequest(
                 token_ids=tokens,
                 request_id=request_id,
                 # None (the base model), or the LoRA adapter the body names (the router
                 # sends it only to the engines that serve that adapter).
                 model=model,
+                model_rewrite=rewrite,
                 cache_salt=salt,
                 routing=gaie_routing_hints(
                     frontend.objectives,
@@ -587,32 +589,58 @@ class ExtProcStream:
         frontend.metrics.count_request(METRICS_ENDPOINT, 200, trio.current_time() - start)
         return self._answer(body, end_of_stream=end_of_stream)
 
-    async def _rewrite_model(self, body: bytes, model: str) -> tuple[bytes, dict[str, Any]]:
-        """``body`` with its ``model`` rewritten to ``model`` (GAIE's header; `rewrite_model`,
-        in a worker thread for a large body) and its decoded object, and the response's
-        restorer set when it changed.
+    async def _rewrite_model(
+        self, body: bytes, header: str | None
+    ) -> tuple[bytes, dict[str, Any], ModelRewriteDecision | None]:
+        """``body`` with its ``model`` rewritten (`_rewritten`, in a worker thread for a large
+        body), its decoded object and the rule's decision (None: no rule applied), and the
+        response's restorer set when the model changed.
 
         Raises:
             HttpError: 400 when the body is not a JSON object.
         """
         frontend = self.frontend
         if len(body) > frontend.offload_body_bytes:
-            body, data, incoming = await trio.to_thread.run_sync(
-                rewrite_model, body, model, limiter=frontend.offload_limiter
+            body, data, rewrite, restorer = await trio.to_thread.run_sync(
+                self._rewritten, body, header, limiter=frontend.offload_limiter
             )
         else:
-            body, data, incoming = rewrite_model(body, model)
-        if incoming is not None:
-            self.model_restorer = ModelNameRestorer(model, incoming)
-        return body, data
+            body, data, rewrite, restorer = self._rewritten(body, header)
+        self.model_restorer = restorer
+        return body, data, rewrite
+
+    def _rewritten(
+        self, body: bytes, header: str | None
+    ) -> tuple[bytes, dict[str, Any], ModelRewriteDecision | None, ModelNameRestorer | None]:
+        """``body`` decoded, and rewritten to the model a ``[[model_rewrites]]`` rule draws
+        for the model it names (`Frontend.choose_rewrite`), else to ``header``'s (the
+        rewrite header's): as llm-d's picker does, a rule for the body's model wins over the
+        header. Returns the body, its object, the rule's decision and the response's
+        restorer (None: nothing to put back). Synchronous (and thread-safe).
+
+        Raises:
+            HttpError: 400 when the body is not a JSON object.
+        """
+        data = json_object(body)
+        rewrite = self.frontend.choose_rewrite(data.get("model"))
+        target = header if rewrite is None else rewrite.target
+        if not target:
+            return body, data, None, None
+        body, data, incoming = rewrite_model(body, target, data)
+        restorer = None if incoming is None else ModelNameRestorer(target, incoming)
+        return body, data, rewrite, restorer
 
     def _tokens(
-        self, kind: str, body: bytes, data: dict[str, Any] | None = None
+        self,
+        kind: str,
+        body: bytes,
+        data: dict[str, Any] | None = None,
+        rewrite: ModelRewriteDecision | None = None,
     ) -> tuple[Sequence[int], str | None, str | None]:
         """The prompt's token ids from a chat or completions body (``data``: that body decoded
         already), its `PreprocessedRequest.model` (`Frontend.request_model`: None for the base
-        model, else the LoRA adapter it names) and its ``cache_salt``; synchronous (and
-        thread-safe).
+        model, else the LoRA adapter it names; ``rewrite``: the rule that set the body's model,
+        named in a 404) and its ``cache_salt``; synchronous (and thread-safe).
 
         Raises:
             HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
@@ -630,7 +658,7 @@ class ExtProcStream:
                 checks[name](parsed, value, max_len)
         if not parsed.model:
             raise bad_request("model not found in request body; model is required", "model")
-        missing = frontend.model_not_found(parsed.model, "this pool")
+        missing = frontend.model_not_found(parsed.model, "this pool", rewrite)
         if missing is not None:
             raise missing
         required = "messages" if kind == "chat" else "prompt"

@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .._errors import ConfigError, InterlockError
+from .._model_rewrites import ModelRewrites
 from .._pipeline import Pipeline
 from .._tracing import TTFT_ATTRIBUTE, describe_request
 from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
@@ -405,7 +406,11 @@ class _GenerateEndpoint:
             max_model_len=frontend.limits.max_model_len,
             engine_postprocessing=not frontend.frontend_post,
         )
-        missing = frontend.model_not_found(parsed.model)
+        rewrite = frontend.choose_rewrite(parsed.model)
+        if rewrite is None:
+            missing = frontend.model_not_found(parsed.model)
+        else:
+            missing = frontend.model_not_found(rewrite.target, rewrite=rewrite)
         if missing is not None:
             raise missing
         max_messages = frontend.limits.max_messages
@@ -430,7 +435,7 @@ class _GenerateEndpoint:
             objectives=frontend.objectives,
         )
         request_id = frontend.new_id(self.id_prefix)
-        request = frontend.preprocess(parsed, nvext, request_id)
+        request = frontend.preprocess(parsed, nvext, request_id, rewrite)
         if self.kind == "chat" and not frontend.frontend_post and not query:
             request = _with_chat(parsed, nvext, request)
         return parsed, nvext, query, request_id, request
@@ -462,7 +467,7 @@ class _GenerateEndpoint:
                 self.kind,
                 request_id=request.request_id,
                 created=int(time.time()),
-                model=frontend.answer_model(request.model),
+                model=frontend.answer_model(request),
                 include_usage=False,
             )
             await send_json(send, 200, encoder.query(nvext), _SSE)
@@ -471,7 +476,7 @@ class _GenerateEndpoint:
                 self.kind,
                 request_id=request.request_id,
                 created=int(time.time()),
-                model=frontend.answer_model(request.model),
+                model=frontend.answer_model(request),
                 text="",
                 finish_reason=None,
                 usage=None,
@@ -550,7 +555,7 @@ class _Run:
             assert request.request_id is not None
             frontend = endpoint.frontend
             # A LoRA adapter's request is traced under the adapter's name, as it is answered.
-            model = frontend.answer_model(request.model)
+            model = frontend.answer_model(request)
             describe_request(
                 frontend.pipeline.tracing,
                 request.request_id,
@@ -746,7 +751,7 @@ class _Run:
             endpoint.kind,
             request_id=request.request_id,
             created=int(self.received_wall),
-            model=frontend.answer_model(request.model),
+            model=frontend.answer_model(request),
             text="".join(parts),
             finish_reason=reason,
             usage=usage,
@@ -773,7 +778,7 @@ class _Run:
             endpoint.kind,
             request_id=self.request.request_id,
             created=int(self.received_wall),
-            model=frontend.answer_model(self.request.model),
+            model=frontend.answer_model(self.request),
             include_usage=self.parsed.include_usage,
         )
         outbox = _Outbox(encoder, frontend.limits.max_stream_buffer_bytes, metrics)
@@ -1118,6 +1123,7 @@ def build_app(
     api_keys: ApiKeys | None = None,
     metrics_endpoint: bool = True,
     objectives: Mapping[str, int] | None = None,
+    model_rewrites: ModelRewrites | None = None,
 ) -> Starlette:
     """The OpenAI-compatible app serving ``pipeline`` under the model name ``model``.
 
@@ -1138,6 +1144,10 @@ def build_app(
     ``x-gateway-inference-objective`` header names one waits in the admission queue with that
     priority (one not listed: 0); a positive one is reserved for trusted callers, as
     ``nvext.agent_hints.priority`` is.
+
+    ``model_rewrites``: GAIE's InferenceModelRewrite rules (``[[model_rewrites]]``): a
+    request naming a model a rule matches goes to a target drawn by weight, and is answered
+    under the name it sent (`Frontend.choose_rewrite`).
 
     Raises:
         ConfigError: the pipeline postprocesses in the frontend but has no tokenizer to turn
@@ -1172,7 +1182,10 @@ def build_app(
         metrics=metrics,
         limits=limits or HttpLimits(),
         objectives=objectives,
+        model_rewrites=model_rewrites,
     )
+    # The names the rewrite counter may label a request's model by (any other: "other").
+    metrics.model_rewrite_names = frontend.model_rewrites.label_names() | {model}
 
     async def models(request: Request) -> Response:
         adapters = [_model_card(frontend, a) for a in sorted(frontend.adapters())]

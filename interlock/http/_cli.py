@@ -42,6 +42,7 @@ from .._config import (
     resolve_objectives,
 )
 from .._errors import ConfigError
+from .._model_rewrites import ModelRewrites
 from .._pipeline import (
     Components,
     Pipeline,
@@ -244,6 +245,8 @@ class ServeSetup:
     ext_proc_tls: ExtProcTLS | None = attrs.field(default=None, repr=False)
     #: ``--objective NAME=PRIORITY`` (and ``[objectives]``): each InferenceObjective's priority.
     objectives: dict[str, int] = attrs.field(factory=dict)
+    #: ``[[model_rewrites]]`` in ``--config``: GAIE's InferenceModelRewrite rules.
+    model_rewrites: ModelRewrites = attrs.field(factory=ModelRewrites)
 
     @property
     def etcd_url(self) -> str | None:
@@ -1155,6 +1158,9 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         ext_proc_fallbacks=getattr(args, "ext_proc_fallbacks", None) or 0,
         ext_proc_tls=ext_proc_tls,
         objectives=objectives,
+        model_rewrites=(
+            PipelineConfig.model_rewrites_table(args.config) if args.config else ModelRewrites()
+        ),
     )
 
 
@@ -1592,6 +1598,7 @@ async def serve_frontend(
             api_keys=setup.api_keys,
             metrics_endpoint=setup.metrics_port is None,
             objectives=setup.objectives,
+            model_rewrites=setup.model_rewrites,
         )
         drain: Drain = app.state.drain
         child = setup.process

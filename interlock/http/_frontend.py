@@ -6,6 +6,7 @@ neither."""
 from __future__ import annotations
 
 import itertools
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -14,12 +15,13 @@ from typing import Any, Final
 import attrs
 import trio
 
+from .._model_rewrites import ModelRewrites
 from .._pipeline import Pipeline
 from ..actors import served_adapters
 from ..engines import Engine
 from ..kv._hashing import trust_u32
 from ..processing import ByteTokenizer
-from ..wire import PreprocessedRequest, SamplingOptions
+from ..wire import ModelRewriteDecision, PreprocessedRequest, SamplingOptions
 from ._drain import Drain
 from ._errors import HttpError, bad_request
 from ._metrics import HttpMetrics
@@ -74,6 +76,7 @@ class Frontend:
         metrics: HttpMetrics,
         limits: HttpLimits,
         objectives: Mapping[str, int] | None = None,
+        model_rewrites: ModelRewrites | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.model = model
@@ -86,6 +89,11 @@ class Frontend:
         #: Each InferenceObjective's priority, by name (``--objective``): what a request's
         #: ``x-gateway-inference-objective`` header sets its admission priority to.
         self.objectives: Mapping[str, int] = dict(objectives or {})
+        #: The ``[[model_rewrites]]`` rules (GAIE's InferenceModelRewrite): `choose_rewrite`.
+        self.model_rewrites = model_rewrites or ModelRewrites()
+        #: The rules' weighted draws, seeded by ``router_seed`` (the router's own random
+        #: choices use another generator of that seed), so a run is repeatable.
+        self._rewrite_rng = random.Random(pipeline.config.router_seed)
         #: Whether the server drains, and the requests in flight it waits for.
         self.drain = Drain(metrics)
         #: Bodies larger than this are preprocessed in a thread (`HttpLimits`).
@@ -145,7 +153,25 @@ class Frontend:
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{self._id_prefix}{next(self._ids):x}"
 
-    def model_not_found(self, name: object, served_by: str = "this server") -> HttpError | None:
+    def choose_rewrite(self, name: object) -> ModelRewriteDecision | None:
+        """Where the ``[[model_rewrites]]`` rules send a request naming the model ``name``:
+        the rule matching it exactly, else the generic one, its target drawn by weight (one
+        draw, here, once per request); None when no rule matches (or ``name`` is no string:
+        the request's checks answer that). The target is then checked like a name the client
+        sent (`model_not_found` with the decision) and becomes `PreprocessedRequest.model`
+        (`request_model`), with the decision beside it (``model_rewrite``), so the pick, the
+        KV salting of an adapter's blocks and the records all see the target, and the answer
+        the client's name (`answer_model`)."""
+        if not self.model_rewrites or type(name) is not str:
+            return None
+        return self.model_rewrites.choose(name, self._rewrite_rng)
+
+    def model_not_found(
+        self,
+        name: object,
+        served_by: str = "this server",
+        rewrite: ModelRewriteDecision | None = None,
+    ) -> HttpError | None:
         """None when a request naming the model ``name`` is served here, else the 404
         (``model_not_found``) to answer it with. The one rule for every endpoint (chat and
         completions, ``/v1/models/{name}``, ``/v1/route``, the gateway's picker): the model
@@ -155,13 +181,24 @@ class Frontend:
         registered) passes too: the router's 503 (no engine serves it now) says to retry,
         where a 404 would say it does not exist. An engine removed for good (deleted from
         discovery, `Pipeline.remove_worker`) no longer counts. ``served_by`` names the server in
-        the message ("this router", "this pool")."""
+        the message ("this router", "this pool"). ``rewrite``: the rule that chose ``name``
+        (`choose_rewrite`), which the message names: a target checked per request, not at
+        start, since the adapters it may name come and go with their engines."""
         if name == self.model:
             return None
         if type(name) is str and name in self.known_adapters():
             return None
         adapters = self.adapters()
         also = f" (and the LoRA adapters {sorted(adapters)})" if adapters else ""
+        if rewrite is not None:
+            return HttpError(
+                404,
+                f"the model_rewrites rule {rewrite.rule!r} sent this request for "
+                f"{rewrite.model!r} to {name!r}, which does not exist; {served_by} serves "
+                f"{self.model!r}{also}: serve {name!r}, or change the rule's targets",
+                param="model",
+                code="model_not_found",
+            )
         return HttpError(
             404,
             f"the model {name!r} does not exist; {served_by} serves {self.model!r}{also}",
@@ -185,10 +222,14 @@ class Frontend:
         whatever engines come and go."""
         return None if name == self.model else name
 
-    def answer_model(self, model: str | None) -> str:
-        """The model an answer, a stream's chunks and a trace name for a request whose
-        `PreprocessedRequest.model` is ``model``: `request_model`'s inverse."""
-        return model or self.model
+    def answer_model(self, request: PreprocessedRequest) -> str:
+        """The model an answer, a stream's chunks and a trace name for ``request``: the name
+        its client sent (`request_model`'s inverse, or the name a ``[[model_rewrites]]`` rule
+        matched: the client asked for that model, whichever target served it)."""
+        rewrite = request.model_rewrite
+        if rewrite is not None:
+            return rewrite.model
+        return request.model or self.model
 
     # -- preprocessing ----------------------------------------------------------------------
 
@@ -283,8 +324,18 @@ class Frontend:
         return ids
 
     def preprocess(
-        self, parsed: ParsedRequest, nvext: NvExt, request_id: str
+        self,
+        parsed: ParsedRequest,
+        nvext: NvExt,
+        request_id: str,
+        rewrite: ModelRewriteDecision | None = None,
     ) -> PreprocessedRequest:
+        """The request to route and run for ``parsed`` (``rewrite``: the rule's choice of its
+        model, `choose_rewrite`, already checked by `model_not_found`).
+
+        Raises:
+            HttpError: 400 for a prompt too long for the context (or as `prompt_tokens`).
+        """
         tokens = self.prompt_tokens(parsed, nvext)
         max_len = self.limits.max_model_len
         max_tokens = parsed.max_tokens
@@ -316,7 +367,8 @@ class Frontend:
             sampling=sampling,
             routing=nvext.routing_hints(),
             request_id=request_id,
-            model=self.request_model(parsed.model),
+            model=self.request_model(parsed.model if rewrite is None else rewrite.target),
+            model_rewrite=rewrite,
             annotations=nvext.annotations,
             # A whole answer without stop strings needs no text until the end: it is decoded
             # once (`Preprocessor.decode_completion`) instead of token by token. Streams,

@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 
 from ..statemachines import TransitionRecord
-from ..wire import RoutingDecision, Usage
+from ..wire import ModelRewriteDecision, RoutingDecision, Usage
 
 #: Latency buckets (seconds) for TTFT and request duration.
 LATENCY_BUCKETS: Final = (
@@ -123,6 +123,12 @@ class HttpMetrics:
         #: Tokens the responses a gateway sent through the endpoint picker reported in their
         #: ``usage``, by kind (prompt, completion, cached).
         self.gateway_usage_tokens: dict[str, int] = {"prompt": 0, "completion": 0, "cached": 0}
+        #: Requests a ``[[model_rewrites]]`` rule sent on, by rule, model asked for and target.
+        self.model_rewrites: dict[tuple[str, str, str], int] = {}
+        #: The model names that label `model_rewrites` as they are (`build_app` sets the
+        #: rules' and the served model's); a generic rule matches any name a client makes up,
+        #: which is counted as ``other`` so the series stay bounded (as llm-d's do).
+        self.model_rewrite_names: frozenset[str] = frozenset()
         self.watched: dict[str, RequestWatch] = {}
         self.registry.register(self)
 
@@ -144,6 +150,10 @@ class HttpMetrics:
                 self.fallbacks += 1
         elif trigger == "migrate":
             self.migrations += 1
+        elif trigger == "preprocess":
+            decision = record.decision
+            if type(decision) is ModelRewriteDecision:
+                self._count_rewrite(decision)
         elif trigger == "start_prefill" or trigger == "finish_prefill":
             watch = self.watched.get(record.request_id)
             if watch is not None:
@@ -151,6 +161,11 @@ class HttpMetrics:
                     watch.prefill_started = record.wall
                 else:
                     watch.prefill_finished = record.wall
+
+    def _count_rewrite(self, decision: ModelRewriteDecision) -> None:
+        model = decision.model if decision.model in self.model_rewrite_names else "other"
+        key = (decision.rule, model, decision.target)
+        self.model_rewrites[key] = self.model_rewrites.get(key, 0) + 1
 
     def _count_route(self, decision: RoutingDecision) -> None:
         routed = self.routed
@@ -282,6 +297,16 @@ class HttpMetrics:
         for kind, count in self.gateway_usage_tokens.items():
             gateway.add_metric((kind,), count)
         yield gateway
+        rewrites = CounterMetricFamily(
+            f"{ns}_model_rewrite_decisions",
+            "Requests a [[model_rewrites]] rule (GAIE's InferenceModelRewrite) sent to a target "
+            "model, by rule, the model asked for (other: a name no rule spells out) and "
+            "target, counted as they enter the pipeline.",
+            labels=("model_rewrite_name", "model_name", "target_model"),
+        )
+        for key, count in sorted(self.model_rewrites.items()):
+            rewrites.add_metric(key, count)
+        yield rewrites
         routed = CounterMetricFamily(
             f"{ns}_worker_routed_requests",
             "Routing decisions per worker and leg (agg, prefill, decode), queries included.",

@@ -11,7 +11,13 @@ from ._request import (
     RoutingHints,
     SamplingOptions,
 )
-from ._routing import CandidateRecord, Leg, RoutingDecision, SelectionRecord
+from ._routing import (
+    CandidateRecord,
+    Leg,
+    ModelRewriteDecision,
+    RoutingDecision,
+    SelectionRecord,
+)
 
 __all__ = [
     "CandidateRecord",
@@ -19,6 +25,7 @@ __all__ = [
     "EngineOutput",
     "FinishReason",
     "Leg",
+    "ModelRewriteDecision",
     "PrefillResult",
     "PreprocessedRequest",
     "RouterConfigOverride",

@@ -346,12 +346,9 @@ def _converter() -> cattrs.Converter:
     # Fields that joined version 1 later are left out of a frame while unset, so that a peer
     # from before them still decodes every frame that does not use them (docs/wire-protocol.md).
     for kind, late in _LATE_FIELDS.items():
-        frames.register_unstructure_hook(
-            kind,
-            make_dict_unstructure_fn(
-                kind, frames, **{name: override(omit_if_default=True) for name in late}
-            ),
-        )
+        overrides = {name: override(omit_if_default=True) for name in late}
+        overrides.update({name: override(omit=True) for name in _FRONTEND_FIELDS.get(kind, ())})
+        frames.register_unstructure_hook(kind, make_dict_unstructure_fn(kind, frames, **overrides))
     return frames
 
 
@@ -366,6 +363,9 @@ _LATE_FIELDS: dict[type[Any], tuple[str, ...]] = {
     # Version 4's, sent only to a version-4 worker.
     Start: ("hold",),
 }
+
+#: Fields that stay in the frontend: never sent (a worker from before them would refuse them).
+_FRONTEND_FIELDS: dict[type[Any], tuple[str, ...]] = {PreprocessedRequest: ("model_rewrite",)}
 
 #: `RoutingHints` fields that stay in the frontend (its admission queue's): never sent.
 _ADMISSION_FIELDS: tuple[str, ...] = ("priority", "fairness_id")

@@ -14,6 +14,7 @@ import attrs
 
 from .._errors import RequestError
 from ..kv._hashing import PackedTokenIds, U32TokenIds, known_u32, u32_words
+from ._routing import ModelRewriteDecision
 
 U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -348,6 +349,10 @@ class PreprocessedRequest:
     #: blocks by it: `interlock.kv.kv_salt`). Sent to the engine as the body's ``cache_salt``.
     #: Out of the repr (and the transition records): a tenant may keep it secret.
     cache_salt: str | None = attrs.field(default=None, validator=_cache_salt, repr=False)
+    #: The ``[[model_rewrites]]`` rule that set ``model`` (None: the client's own name): the
+    #: frontend's, which answers with the client's name and records the rule on the
+    #: ``preprocess`` transition; never sent to a worker.
+    model_rewrite: ModelRewriteDecision | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.stop and not self.detokenize:

@@ -55,3 +55,18 @@ class RoutingDecision:
     decode_dp_rank: int = 0
     prefill_dp_rank: int = 0
     selections: tuple[SelectionRecord, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class ModelRewriteDecision:
+    """How a ``[[model_rewrites]]`` rule (GAIE's InferenceModelRewrite) changed one request's
+    model: the rule's ``name``, the ``model`` the client named, the ``target`` it goes to
+    instead (the base model or a LoRA adapter) and that target's ``weight`` of the rule's
+    ``total_weight``. Made once where the request enters the frontend; the transition log
+    records it on the request's ``preprocess`` transition."""
+
+    rule: str
+    model: str
+    target: str
+    weight: int
+    total_weight: int
