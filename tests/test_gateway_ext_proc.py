@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from interlock import Components, PipelineConfig, build_pipeline
 from interlock.engines.mock import MockEngine, MockTiming, mock_token_pool
 from interlock.gateway import BODY_CHUNK_BYTES, ExtProcPicker
-from interlock.http import HttpLimits, HttpMetrics, Preprocessor, build_app
+from interlock.http import HttpLimits, HttpMetrics, ModelRewrites, Preprocessor, build_app
 
 KV = PipelineConfig(routing="query_only", router_mode="kv")
 
@@ -59,6 +59,7 @@ async def picking(
     prefill_workers: int = 0,
     http: bool = True,
     limits: HttpLimits | None = None,
+    model_rewrites: ModelRewrites | None = None,
 ) -> AsyncIterator[Picking]:
     preprocessor = Preprocessor.default()
     tokenizer = preprocessor.tokenizer
@@ -82,7 +83,12 @@ async def picking(
     )
     async with build_pipeline(config, components) as pipeline:
         app = build_app(
-            pipeline, model="mock", preprocessor=preprocessor, metrics=metrics, limits=limits
+            pipeline,
+            model="mock",
+            preprocessor=preprocessor,
+            metrics=metrics,
+            limits=limits,
+            model_rewrites=model_rewrites,
         )
         yield Picking(ExtProcPicker(app.state.frontend), pipeline, engines + prefill, preprocessor)
 

@@ -23,6 +23,7 @@ from interlock.http import (
     ApiKeys,
     HttpLimits,
     HttpMetrics,
+    ModelRewrites,
     Preprocessor,
     build_app,
     serve_http,
@@ -76,6 +77,7 @@ async def serving(
     route_api: bool = False,
     engine_kwargs: dict[str, Any] | None = None,
     api_keys: ApiKeys | None = None,
+    model_rewrites: ModelRewrites | None = None,
 ) -> AsyncIterator[Served]:
     """A pipeline on mock workers behind a real HTTP server; closed when the block ends."""
     config = config or PipelineConfig()
@@ -111,6 +113,7 @@ async def serving(
                 limits=limits,
                 route_api=route_api,
                 api_keys=api_keys,
+                model_rewrites=model_rewrites,
             )
             async with trio.open_nursery() as nursery:
                 url = await nursery.start(serve_http, app, "127.0.0.1", 0)
@@ -198,6 +201,7 @@ def test_public_surface_is_pinned() -> None:
         "HttpError",
         "HttpLimits",
         "HttpMetrics",
+        "ModelRewrites",
         "Preprocessor",
         "add_route_parser",
         "add_serve_parser",

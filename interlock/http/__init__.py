@@ -4,6 +4,7 @@
 - `Preprocessor` (tokenizer + chat template), `HttpMetrics` (Prometheus, a transition sink),
   `HttpLimits` (body size, context length).
 - `ApiKeys`: the keys clients must send, and the trusted ones that may use the privileges.
+- `ModelRewrites`: GAIE's InferenceModelRewrite rules (``[[model_rewrites]]``), for `build_app`.
 - `Drain` (``app.state.drain``): stop gracefully, as ``interlock serve`` does on SIGTERM.
 - `add_serve_parser` / `add_route_parser`: the ``interlock serve`` and ``interlock route``
   commands.
@@ -11,6 +12,7 @@
 docs/http.md and docs/route-api.md are the reference.
 """
 
+from .._model_rewrites import ModelRewrites
 from ._app import HttpLimits, build_app
 from ._auth import ApiKeys
 from ._cli import add_route_parser, add_serve_parser
@@ -26,6 +28,7 @@ __all__ = [
     "HttpError",
     "HttpLimits",
     "HttpMetrics",
+    "ModelRewrites",
     "Preprocessor",
     "add_route_parser",
     "add_serve_parser",

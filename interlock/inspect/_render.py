@@ -318,6 +318,17 @@ def timeline_renderable(history: RequestHistory, *, show_wall: bool = True) -> R
             escape(note),
         )
     parts += ["", table]
+    for entry in history.entries:
+        decision = entry.decision
+        if entry.trigger == "preprocess" and isinstance(decision, Mapping):
+            # The [[model_rewrites]] rule that chose the model (`ModelRewriteDecision`).
+            parts += [
+                "",
+                f"[bold]Model rewrite[/]: rule {escape(repr(decision.get('rule')))} sent this "
+                f"request for {escape(repr(decision.get('model')))} to "
+                f"{escape(repr(decision.get('target')))} (weight {decision.get('weight')} of "
+                f"{decision.get('total_weight')})",
+            ]
     if plans:
         parts += ["", "[bold]Migrations[/]", *(_indent(escape(plan), 2) for plan in plans)]
     routing = history.routing_entries
