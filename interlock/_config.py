@@ -288,7 +288,10 @@ class PipelineConfig:
     router_seed: int = attrs.field(
         default=0,
         validator=_typed(int),
-        metadata=_doc("Seed of the router's random choices (router_mode='random', temperature)."),
+        metadata=_doc(
+            "Seed of the router's random choices (router_mode='random', temperature) and of "
+            "the [[model_rewrites]] rules' weighted draws."
+        ),
     )
     first_token_timeout: float | None = attrs.field(
         default=30.0,

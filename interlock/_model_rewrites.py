@@ -34,6 +34,50 @@ from .wire import ModelRewriteDecision
 MODEL_REWRITES_TABLE: Final = "model_rewrites"
 #: The largest weight a target may have (the CRD's maximum).
 MAX_WEIGHT: Final = 1_000_000
+#: Invalid rules, each what is wrong and a one-line TOML example (an array of inline tables,
+#: the same as ``[[model_rewrites]]`` tables): the configuration reference shows each with
+#: the message it gets, and the test suite checks that every one is refused.
+INVALID_RULES: Final = (
+    ("no name", 'model_rewrites = [{ targets = [{ model_rewrite = "a" }] }]'),
+    (
+        "two rules of one name",
+        'model_rewrites = [{ name = "r", matches = ["x"], targets = [{ model_rewrite = "a" }] }, '
+        '{ name = "r", matches = ["y"], targets = [{ model_rewrite = "b" }] }]',
+    ),
+    (
+        "an unknown key",
+        'model_rewrites = [{ name = "r", match = ["x"], targets = [{ model_rewrite = "a" }] }]',
+    ),
+    ("no targets", 'model_rewrites = [{ name = "r", matches = ["x"], targets = [] }]'),
+    (
+        "a negative weight",
+        'model_rewrites = [{ name = "r", targets = [{ model_rewrite = "a", weight = -1 }] }]',
+    ),
+    (
+        "weights on some targets only",
+        'model_rewrites = [{ name = "r", targets = [{ model_rewrite = "a", weight = 2 }, '
+        '{ model_rewrite = "b" }] }]',
+    ),
+    (
+        "weights all 0",
+        'model_rewrites = [{ name = "r", targets = [{ model_rewrite = "a", weight = 0 }] }]',
+    ),
+    (
+        "a target twice in a rule",
+        'model_rewrites = [{ name = "r", targets = [{ model_rewrite = "a" }, '
+        '{ model_rewrite = "a" }] }]',
+    ),
+    (
+        "a model two rules match",
+        'model_rewrites = [{ name = "r", matches = ["x"], targets = [{ model_rewrite = "a" }] }, '
+        '{ name = "s", matches = ["x"], targets = [{ model_rewrite = "b" }] }]',
+    ),
+    (
+        "two generic rules",
+        'model_rewrites = [{ name = "r", targets = [{ model_rewrite = "a" }] }, '
+        '{ name = "s", targets = [{ model_rewrite = "b" }] }]',
+    ),
+)
 _RULE_KEYS: Final = ("name", "matches", "targets")
 _TARGET_KEYS: Final = ("model_rewrite", "weight")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import tomllib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ from test_lora_routing import serve
 from test_overload_http import serving as serving_process
 
 from interlock import ConfigError, PipelineConfig
-from interlock._model_rewrites import MAX_WEIGHT, ModelRewriteTarget
+from interlock._model_rewrites import INVALID_RULES, MAX_WEIGHT, ModelRewriteTarget
 from interlock.http import ModelRewrites
 from interlock.http._cli import resolve
 from interlock.inspect._cli import main as inspect_main
@@ -68,8 +69,6 @@ targets = [
 
 
 def rules(text: str) -> ModelRewrites:
-    import tomllib
-
     return ModelRewrites.from_table(tomllib.loads(text)["model_rewrites"])
 
 
@@ -152,6 +151,36 @@ def test_the_commands_refuse_a_bad_rule_before_anything_starts(tmp_path: Path) -
         with pytest.raises(ConfigError, match=r"targets\[1\]: weight must be") as caught:
             resolve(frontend_parser().parse_args([command, "--config", str(path)]))
         assert str(caught.value).startswith(f"{path}: [[model_rewrites]] 'food-review-canary'")
+
+
+@pytest.mark.parametrize(("what", "example"), INVALID_RULES, ids=[w for w, _ in INVALID_RULES])
+def test_every_invalid_rule_the_reference_shows_is_refused(what: str, example: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        ModelRewrites.from_table(tomllib.loads(example)["model_rewrites"])
+    assert caught.value.knobs == ("model_rewrites",), what
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_the_gateway_pages_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    # docs/gateway.md's [[model_rewrites]] example, as a user would save it.
+    text = (DOCS / "gateway.md").read_text(encoding="utf-8")
+    (example,) = [
+        block
+        for block in re.findall(r"^```toml\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+        if "[[model_rewrites]]" in block
+    ]
+    path = tmp_path / "interlock.toml"
+    path.write_text(example)
+    found = resolve(frontend_parser().parse_args(["route", "--config", str(path)])).model_rewrites
+    assert [r.name for r in found.rules] == ["food-review-canary", "everything-else"]
+    # What the page says of it: three in four to ad1, the rest to ad2; other models to the base.
+    assert found.rule_for("food-review").targets == (  # type: ignore[union-attr]
+        ModelRewriteTarget("ad1", 3),
+        ModelRewriteTarget("ad2", 1),
+    )
+    assert found.rule_for("anything").name == "everything-else"  # type: ignore[union-attr]
 
 
 # -- matching and the draw ------------------------------------------------------------------

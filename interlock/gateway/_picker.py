@@ -22,7 +22,9 @@ A gateway (Envoy, and the gateways built on it) opens one ext_proc stream per HT
   llm-d's header) with the same endpoint list in ``dynamic_metadata["envoy.lb"]``; then the
   body, unchanged (but for the model-name rewrite: its ``model`` is that name, set
   before the pick, so the pick and the 404 check see it, and ``Content-Length`` is the new
-  length), in ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
+  length; a ``[[model_rewrites]]`` rule for the body's model sets it instead, the header
+  notwithstanding, as llm-d's picker does: `Frontend.choose_rewrite`), in
+  ``streamed_response`` chunks of at most 62,000 bytes. The fallbacks are
   the decision's other candidates for that leg, best first. Other paths' bodies are not
   parsed: they are picked as a request without a body is.
 - ``response_headers``: answered with ``x-conformance-test-served-endpoint: <served>`` when
