@@ -263,7 +263,7 @@ def rewrites_of(p: Any) -> dict[str, ModelRewriteDecision]:
 
 @settings(max_examples=8)
 @given(weights=st.tuples(st.integers(0, 3), st.integers(1, 3)), seed=st.integers(0, 1000))
-async def test_each_pick_goes_where_its_drawn_target_is_served_and_answers_the_clients_name(
+async def test_each_pick_goes_where_its_drawn_target_is_served(
     autojump_clock: trio.testing.MockClock, weights: tuple[int, int], seed: int
 ) -> None:
     canary = ModelRewrites.from_table(
