@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any, cast
 
 import attrs
@@ -442,6 +442,7 @@ class Pipeline:
         #: worker slot (seconds: from asking for one to getting it; near 0 when there was
         #: room). `build_app` adds its `HttpMetrics`; never block or raise in one.
         self.queue_time_observers: list[Callable[[str, float], None]] = [self.tracing.queued]
+        registry.watch(self._membership_changed)
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -623,6 +624,7 @@ class Pipeline:
                 # and the caller, who never got a decision, never frees it. Free it behind
                 # the Route (through the disagg actor, so it cannot overtake it).
                 self._disagg.send_nowait(Free(request_id))
+                self._admission.wake()
             raise
         finally:
             self._in_flight.discard(request_id)
@@ -800,6 +802,25 @@ class Pipeline:
             # After the Free: the woken waiter's Select reaches the router behind it.
             self._admission.wake()
 
+    def _membership_changed(self, workers: Mapping[int, Engine]) -> None:
+        """A worker joined, left or came back: the waiters' pools may have changed, and a
+        waiter may now find room. Only once the router knows (`membership_settled`): until
+        then the queue holds, so no newcomer takes a just-joined worker ahead of them."""
+        if self._closed or not self._admit:
+            return
+        try:
+            self._nursery.start_soon(self._release_when_settled)
+        except RuntimeError:  # the pipeline's nursery has closed: nobody waits any more
+            return
+        self._admission.hold()
+
+    async def _release_when_settled(self) -> None:
+        try:
+            with suppress(InterlockError):  # closing: the waiters are cancelled
+                await self.membership_settled()
+        finally:
+            self._admission.release()
+
     # -- steps ------------------------------------------------------------------------------
 
     async def _route(self, message: Route | Select) -> Selection:
@@ -874,6 +895,8 @@ class Pipeline:
         fsm.fire(Trigger.FINISH_PREFILL, worker_id=worker_id)
         if track:
             self._router.send_nowait(PrefillComplete(request_id))
+            # The prefill worker's slot is free: a waiter may take it.
+            self._admission.wake()
         return result, selection
 
     def _first_token_deadline(self) -> float:
@@ -946,38 +969,48 @@ class Pipeline:
         return selection
 
     async def _wait_admitted(self, route: Route, hints: RoutingHints | None) -> Selection:
-        """`_route` under admission control: while every worker is at its in-flight limit,
-        wait in the queue (highest priority first, then the flows in turn, oldest first in
-        each).
+        """`_route` under admission control: while every worker it may go to is at its
+        in-flight limit, wait in the queue (highest priority first, then the flows in turn,
+        oldest first in each), asking again when `AdmissionQueue.turn` gives it the baton.
 
         Raises:
             Overloaded: the queue is full, or the request is sheddable (negative priority).
         """
         queue = self._admission
-        if not queue.newcomer_must_wait():
+        blocked_on: frozenset[int] | None = None
+        since: int | None = None
+        if not queue:
+            since = queue.wakes
             try:
                 return await self._route(route)
-            except WorkersFull:
-                pass
+            except WorkersFull as full:
+                blocked_on = full.blocked_on
         priority = hints.priority if hints is not None and hints.priority is not None else 0
         flow = hints.fairness_id if hints is not None and hints.fairness_id else DEFAULT_FLOW
-        ticket = queue.join(priority, self._queue_limit(), flow)
+        request = route.request
+        # Requests equal in these have the same candidate workers (admitted ones exclude
+        # none): what one learns of them holds for the others.
+        key = (request.model, route.candidates, request.cache_salt is not None)
+        ticket = queue.join(
+            priority, self._queue_limit(), flow, key=key, blocked_on=blocked_on, since=since
+        )
         served = False
         try:
             while True:
-                await queue.wait_turn(ticket)
-                if queue.is_next(ticket):
-                    try:
-                        selection = await self._route(route)
-                    except WorkersFull:
-                        continue
-                    served = True
-                    return selection
+                reserved = await queue.turn(ticket)
+                try:
+                    selection = await self._route(
+                        attrs.evolve(route, reserved=reserved) if reserved else route
+                    )
+                except WorkersFull as full:
+                    queue.refused(ticket, full.blocked_on)
+                    continue
+                served = True
+                return selection
         finally:
             # Only a served request uses its flow's turn; one that gave up leaves it to the
-            # next of its flow.
+            # next of its flow. Either way the baton goes on.
             queue.leave(ticket, served=served)
-            queue.wake()  # the next in line may find room too
 
     def _queue_limit(self) -> int:
         limit = self.config.max_queued_requests

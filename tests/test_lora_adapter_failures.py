@@ -115,13 +115,6 @@ async def test_an_adapter_whose_engines_are_all_ejected_goes_to_an_ejected_one_a
         assert picked == p.endpoint(3), picked
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the admission queue lets only its head take a slot and makes newcomers wait behind "
-    "it; a LoRA request whose only serving engine is full now heads the queue and blocks every "
-    "base-model request behind it though the other engines are idle (head-of-line blocking "
-    "the per-adapter candidate sets introduced)",
-)
 async def test_an_adapter_request_waiting_for_its_engine_does_not_block_the_base_model(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

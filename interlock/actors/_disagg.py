@@ -61,6 +61,7 @@ class DisaggOrchestrator(Actor):
                     plan.reason,
                     message.admit,
                     message.candidates,
+                    message.reserved,
                 ),
             )
         if kind is Free:

@@ -39,6 +39,8 @@ class Route:
     admit: bool = False
     #: See `Select.candidates`.
     candidates: frozenset[int] | None = None
+    #: See `Select.reserved`.
+    reserved: frozenset[int] = frozenset()
 
 
 @attrs.frozen
@@ -82,6 +84,10 @@ class Select:
     #: The only workers either leg may choose (None: every registered one), as a gateway's
     #: subset hint restricts them; none of them left for a leg is as if none were registered.
     candidates: frozenset[int] | None = None
+    #: With ``admit``: workers held for requests that wait ahead of this one in the admission
+    #: queue, counted as full for it. Unlike ``exclude`` they stay candidates (they are in
+    #: `WorkersFull.blocked_on`, and a request that names one is not refused over it).
+    reserved: frozenset[int] = frozenset()
 
 
 @attrs.frozen
@@ -107,7 +113,16 @@ class Free:
 
 class WorkersFull(InterlockError):
     """Every candidate worker is at its in-flight limit (`Select.admit`): the request waits
-    in the frontend's queue and asks again when a slot frees."""
+    in the frontend's queue and asks again when a slot frees.
+
+    ``blocked_on``: the refusing leg's candidates (after every filter: exclusions, the
+    gateway's subset, the salt, the adapter; reserved ones included), the workers of which
+    one must free a slot before asking again can succeed.
+    """
+
+    def __init__(self, message: str, *, blocked_on: frozenset[int]) -> None:
+        super().__init__(message)
+        self.blocked_on = blocked_on
 
 
 @attrs.frozen

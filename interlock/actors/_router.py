@@ -262,6 +262,7 @@ class RouterActor(Actor):
                 required=False,
                 admit=message.admit,
                 adapter=served,
+                reserved=message.reserved,
             )
             if prefill is None:
                 if message.enforce_disagg:
@@ -304,7 +305,14 @@ class RouterActor(Actor):
                 )
             pool = served.serving
         decode = self._choose(
-            leg, pool, request, exclude, required=True, admit=message.admit, adapter=served
+            leg,
+            pool,
+            request,
+            exclude,
+            required=True,
+            admit=message.admit,
+            adapter=served,
+            reserved=message.reserved,
         )
         assert decode is not None
         selections.append(decode)
@@ -358,6 +366,7 @@ class RouterActor(Actor):
         required: bool,
         admit: bool = False,
         adapter: AdapterCandidates | None = None,
+        reserved: frozenset[int] = frozenset(),
     ) -> SelectionRecord | None:
         hints = request.routing
         if hints is not None:
@@ -386,9 +395,13 @@ class RouterActor(Actor):
         # else every candidate is ejected: better one of them than no answer (Envoy's panic
         # mode, at 0 % healthy).
         if admit:
-            room = [w for w in pool if not self._full(w)]
+            # A reserved worker is held for a request that waits ahead of this one: full.
+            room = [w for w in pool if w not in reserved and not self._full(w)]
             if not room:
-                raise WorkersFull(f"every {leg} candidate {pool} is at its in-flight limit")
+                raise WorkersFull(
+                    f"every {leg} candidate {pool} is at its in-flight limit",
+                    blocked_on=frozenset(pool),
+                )
             pool = room
         if adapter is not None:
             # The LoRA tiers last: a full or ejected engine where the adapter runs yields to
