@@ -1,0 +1,418 @@
+"""The admission queue when waiting requests may go to different workers (their *pools*: a LoRA
+adapter's engines, a gateway's subset hint): a request waits only for workers that are full or
+that a request ahead of it may take (docs/operations.md#overload-admission-control-429-and-503).
+
+A gateway's booking picks (`Pipeline.query(book=True, admit=True)`) hold their slot until
+`Pipeline.free`, so the tests decide exactly when a slot frees. In virtual time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+from helpers import prompt
+from hypothesis import given
+from hypothesis import strategies as st
+from test_gateway_ext_proc import (
+    KV,
+    chat_body,
+    exchange,
+    picking,
+    request_body,
+    request_headers,
+    set_headers,
+)
+from test_lora_routing import DESTINATION
+
+from interlock import Components, PipelineConfig, build_pipeline
+from interlock._admission import RECHECK
+from interlock.engines.mock import MockEngine
+from interlock.wire import PreprocessedRequest, RoutingHints
+
+#: The LoRA adapters each worker serves (worker 4 joins later in some tests).
+SERVING = {1: {"ad1"}, 2: {"ad2"}, 3: {"ad2"}, 4: {"ad2"}}
+#: Each kind of request: its model (None: the base model) and the gateway's subset.
+KINDS: dict[str, tuple[str | None, frozenset[int] | None]] = {
+    "base": (None, None),
+    "ad1": ("ad1", None),
+    "ad2": ("ad2", None),
+    "sub12": (None, frozenset({1, 2})),
+}
+LIMIT = 1
+CONFIG = PipelineConfig(
+    routing="query_only",
+    router_mode="round_robin",
+    max_inflight_per_worker=LIMIT,
+    max_queued_requests=1_000,
+)
+
+
+def worker(worker_id: int) -> MockEngine:
+    engine = MockEngine(worker_id)
+    engine.adapters = frozenset(SERVING[worker_id])  # type: ignore[attr-defined]
+    return engine
+
+
+class Gateway:
+    """Booking picks of each kind, each in its own task, remembering who waits and who holds
+    which worker."""
+
+    def __init__(self, pipeline: Any, nursery: trio.Nursery) -> None:
+        self.pipeline = pipeline
+        self.nursery = nursery
+        self.workers = {1, 2, 3}
+        self.count = 0
+        #: Who waits: name -> (service order, kind, cancel scope).
+        self.waiting: dict[str, tuple[tuple[int, int], str, trio.CancelScope]] = {}
+        #: Who holds a slot: name -> worker.
+        self.booked: dict[str, int] = {}
+        #: (name, worker, service order), in the order they got their slot.
+        self.admitted: list[tuple[str, int, tuple[int, int]]] = []
+
+    def pool(self, kind: str) -> set[int]:
+        model, subset = KINDS[kind]
+        pool = {w for w in self.workers if model is None or model in SERVING[w]}
+        return pool if subset is None else pool & subset
+
+    def load(self) -> Counter[int]:
+        return Counter(self.booked.values())
+
+    def arrive(self, kind: str, priority: int = 0) -> str:
+        name = f"r{self.count}"
+        # Served highest priority first, then oldest (one flow).
+        order = (-priority, self.count)
+        self.count += 1
+        scope = trio.CancelScope()
+        self.waiting[name] = (order, kind, scope)
+        self.nursery.start_soon(self._pick, name, kind, priority, scope)
+        return name
+
+    async def _pick(self, name: str, kind: str, priority: int, scope: trio.CancelScope) -> None:
+        model, subset = KINDS[kind]
+        request = PreprocessedRequest(
+            token_ids=prompt(16, start=1 + 100 * self.count),
+            request_id=name,
+            model=model,
+            routing=RoutingHints(priority=priority) if priority else None,
+        )
+        with scope:
+            decision = await self.pipeline.query(request, book=True, admit=True, candidates=subset)
+            order = self.waiting.pop(name)[0]
+            self.booked[name] = decision.decode_worker_id
+            self.admitted.append((name, decision.decode_worker_id, order))
+        if scope.cancelled_caught:
+            self.waiting.pop(name, None)
+
+    def free(self, name: str) -> None:
+        del self.booked[name]
+        self.pipeline.free(name)
+
+    def free_on(self, worker_id: int) -> None:
+        self.free(next(n for n, w in self.booked.items() if w == worker_id))
+
+    def cancel(self, name: str) -> None:
+        if name in self.waiting:  # (else it got its slot already)
+            self.waiting[name][2].cancel()
+
+    async def join(self, worker_id: int) -> None:
+        await self.pipeline.add_worker(worker(worker_id))
+        self.workers.add(worker_id)
+
+    async def settled(self) -> None:
+        await trio.testing.wait_all_tasks_blocked()
+
+    def holds(self, name: str) -> int | None:
+        return self.booked.get(name)
+
+
+async def _gateway_test(body: Any) -> None:
+    async with build_pipeline(CONFIG, Components(workers=[worker(w) for w in (1, 2, 3)])) as p:
+        async with trio.open_nursery() as nursery:
+            gateway = Gateway(p, nursery)
+            with trio.fail_after(3600):  # virtual seconds: a stuck queue fails, not hangs
+                await body(gateway)
+            for name in list(gateway.waiting):
+                gateway.cancel(name)
+            for name in list(gateway.booked):
+                gateway.free(name)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == 0 and await p.load() == {}
+
+
+async def _fill(gateway: Gateway) -> None:
+    """One base request on each worker: every slot taken."""
+    for _ in range(3):
+        gateway.arrive("base")
+        await gateway.settled()
+    assert sorted(gateway.booked.values()) == [1, 2, 3]
+
+
+async def test_a_base_request_takes_an_idle_engine_while_an_adapter_request_waits_ahead(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The reverted attempt held a base request behind an adapter's waiter while an engine
+    the adapter does not use was idle."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        adapter = gateway.arrive("ad1")  # waits for engine 1, at the head
+        await gateway.settled()
+        base = gateway.arrive("base")  # waits for any
+        await gateway.settled()
+        assert adapter in gateway.waiting and base in gateway.waiting
+        gateway.free_on(2)  # engine 2: no use to the adapter
+        await gateway.settled()
+        assert gateway.holds(base) == 2 and adapter in gateway.waiting
+        gateway.free_on(1)
+        await gateway.settled()
+        assert gateway.holds(adapter) == 1
+
+    await _gateway_test(body)
+
+
+async def test_an_adapter_request_waits_behind_a_base_request_that_wants_its_engine(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        base = gateway.arrive("base")  # the head: any engine will do
+        await gateway.settled()
+        adapter = gateway.arrive("ad1")  # only engine 1, which the head may take too
+        await gateway.settled()
+        gateway.free_on(1)
+        await gateway.settled()
+        # Both want engine 1: the head gets it, the adapter request waits on.
+        assert gateway.holds(base) == 1 and adapter in gateway.waiting, (
+            gateway.booked,
+            gateway.waiting,
+        )
+        gateway.free_on(1)
+        await gateway.settled()
+        assert gateway.holds(adapter) == 1
+
+    await _gateway_test(body)
+
+
+@pytest.mark.parametrize("newcomer", ["base", "ad2"])
+async def test_a_just_joined_worker_goes_to_the_waiter_ahead_not_to_a_newcomer(
+    autojump_clock: trio.testing.MockClock, newcomer: str
+) -> None:
+    """The reverted attempt let a request arriving after a worker joined take it ahead of
+    the waiters (a newcomer of the waiter's pool, or of another pool the new worker is in)."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        waiter = gateway.arrive("base")
+        await gateway.settled()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gateway.join, 4)
+            # Arrives while the membership change makes its way to the router.
+            await trio.lowlevel.checkpoint()
+            late = gateway.arrive(newcomer)
+        await gateway.settled()
+        assert gateway.holds(waiter) == 4, (gateway.booked, gateway.waiting)
+        assert late in gateway.waiting
+
+    await _gateway_test(body)
+
+
+async def test_two_gateway_subsets_wait_each_for_their_own_workers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """GAIE's subset hint (``x-gateway-destination-endpoint-subset``) through the picker:
+    a request for subset {1} waiting for engine 1 does not hold back one for {2, 3}."""
+    async with picking(KV.evolve(max_inflight_per_worker=1)) as p:
+
+        def pick(name: str, subset: list[int]) -> Any:
+            headers = request_headers(
+                extra=[("x-request-id", name)], subset=[p.endpoint(w) for w in subset]
+            )
+            return exchange(p.picker, [headers, request_body(chat_body(), True)])
+
+        # Engine 1 is full (a booking held until freed: an exchange's ends with it).
+        held = PreprocessedRequest(token_ids=(1, 2, 3), request_id="on-1")
+        await p.pipeline.query(held, book=True, admit=True, candidates=frozenset({1}))
+        answers: dict[str, Any] = {}
+
+        async def waiting(name: str, subset: list[int]) -> None:
+            answers[name] = await pick(name, subset)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiting, "for-1", [1])
+            await trio.testing.wait_all_tasks_blocked()
+            assert p.pipeline.queued == 1
+            with trio.fail_after(60):
+                other = await pick("for-2-3", [2, 3])
+            chosen = set_headers(other[0], "request_headers")[DESTINATION].split(",")[0]
+            assert chosen in {p.endpoint(2), p.endpoint(3)}
+            assert "for-1" not in answers
+            p.pipeline.free("on-1")
+        assert answers["for-1"][0].WhichOneof("response") == "request_headers"
+        assert p.pipeline.queued == 0
+
+
+#: Scheduler checkpoints from one action to the next: some land while a waiter's ask is on its
+#: way through the actors (6 to 12 of them with this pipeline).
+GAPS = range(16)
+
+
+@pytest.mark.parametrize("gap", GAPS)
+async def test_a_slot_freed_while_a_waiter_asks_goes_to_the_first_that_can_take_it(
+    autojump_clock: trio.testing.MockClock, gap: int
+) -> None:
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        names = []
+        for kind in ("ad1", "sub12", "ad2"):  # waiting for {1}, {1, 2}, {2, 3}
+            names.append(gateway.arrive(kind))
+            await gateway.settled()
+        gateway.free_on(3)  # a pass: the adapter's refused, the subset's request asks ...
+        for _ in range(gap):
+            await trio.lowlevel.checkpoint()
+        gateway.free_on(1)  # ... and engine 1 frees meanwhile: the adapter's, not the subset's
+        await gateway.settled()
+        assert [gateway.holds(n) for n in names] == [1, None, 3], gateway.booked
+
+    await _gateway_test(body)
+
+
+@pytest.mark.parametrize("gap", GAPS)
+async def test_a_slot_freed_while_a_newcomer_first_asks_is_not_left_idle(
+    autojump_clock: trio.testing.MockClock, gap: int
+) -> None:
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        newcomer = gateway.arrive("base")  # nobody waits: it asks at once, and is refused
+        for _ in range(gap):
+            await trio.lowlevel.checkpoint()
+        gateway.free_on(2)  # perhaps after its refusal, before it joined the queue
+        await gateway.settled()
+        assert gateway.holds(newcomer) == 2, gateway.booked
+
+    await _gateway_test(body)
+
+
+@pytest.mark.parametrize("gap", GAPS)
+async def test_a_waiter_cancelled_while_it_holds_the_baton_hands_it_on(
+    autojump_clock: trio.testing.MockClock, gap: int
+) -> None:
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        first = gateway.arrive("base")
+        await gateway.settled()
+        second = gateway.arrive("base")
+        await gateway.settled()
+        gateway.free_on(3)
+        for _ in range(gap):
+            await trio.lowlevel.checkpoint()
+        gateway.cancel(first)  # before, while or after it asks
+        await gateway.settled()
+        assert gateway.pipeline._admission._holder is None
+        if gateway.holds(first) is None:
+            assert gateway.holds(second) == 3  # the slot it did not take went on
+        else:
+            assert second in gateway.waiting  # it got the slot before it was cancelled
+
+    await _gateway_test(body)
+
+
+# -- the properties, over random arrivals, frees, cancellations and a worker joining -----------
+
+_ACTION = st.one_of(
+    st.tuples(st.just("arrive"), st.sampled_from(sorted(KINDS)), st.sampled_from((0, 0, 0, 1))),
+    st.tuples(st.just("free"), st.integers(0, 7), st.just(0)),
+    st.tuples(st.just("cancel"), st.integers(0, 7), st.just(0)),
+    st.tuples(st.just("join"), st.just(0), st.just(0)),
+    st.tuples(st.just("recheck"), st.just(0), st.just(0)),
+)
+#: Optionally, a second action this many scheduler checkpoints after the first, before
+#: anything settles: a slot that frees while a waiter's ask is in flight (or a newcomer's
+#: first ask), a waiter cancelled while it holds the baton.
+_FOLLOW = st.none() | st.tuples(
+    st.integers(0, 14), st.sampled_from(("free", "cancel")), st.integers(0, 7)
+)
+_STEPS = st.lists(st.tuples(_ACTION, _FOLLOW), max_size=30)
+
+
+def _check_settled(gateway: Gateway, waited: set[str], since: int, pipeline: Any) -> None:
+    """At quiescence: no waiter has a worker with room in its pool (the first waiter that
+    did would have no one ahead of it wanting that worker), and no request got a worker
+    that one waiting ahead of it all along could have taken."""
+    queue = pipeline._admission
+    assert queue._holder is None, "a pass is stuck: its baton holder is not asking"
+    load = gateway.load()
+    for name, (order, kind, _) in sorted(gateway.waiting.items(), key=lambda i: i[1][0]):
+        room = {w for w in gateway.pool(kind) if load[w] < LIMIT}
+        assert not room, f"{name} ({kind}, order {order}) waits while {room} have room"
+    for name, chosen, order in gateway.admitted[since:]:
+        for other, (ahead, kind, _) in gateway.waiting.items():
+            if other in waited and ahead < order and chosen in gateway.pool(kind):
+                raise AssertionError(
+                    f"{name} (order {order}) got worker {chosen}, which {other} ({kind}, "
+                    f"order {ahead}) waiting ahead of it could take"
+                )
+
+
+@given(steps=_STEPS)
+async def test_waiters_of_different_pools_neither_idle_a_worker_nor_overtake(
+    autojump_clock: trio.testing.MockClock, steps: list[tuple[Any, Any]]
+) -> None:
+    async with build_pipeline(CONFIG, Components(workers=[worker(w) for w in (1, 2, 3)])) as p:
+        async with trio.open_nursery() as nursery:
+            gateway = Gateway(p, nursery)
+            with trio.fail_after(3600):  # virtual seconds: a stuck queue fails, not hangs
+                await _drive(gateway, steps)
+        await trio.testing.wait_all_tasks_blocked()
+        queue = p._admission
+        assert p.queued == 0 and p.in_flight == 0
+        assert queue._levels == {} and queue._pools == {} and queue._holder is None
+        assert queue._held == 0
+        assert await p.load() == {}
+
+
+async def _drive(gateway: Gateway, steps: list[tuple[Any, Any]]) -> None:
+    def nth(names: Any, index: int) -> str | None:
+        names = sorted(names)
+        return names[index % len(names)] if names else None
+
+    def act(kind: str, first: Any, second: Any) -> None:
+        if kind == "arrive":
+            gateway.arrive(first, second)
+        elif kind == "free" and (name := nth(gateway.booked, first)) is not None:
+            gateway.free(name)
+        elif kind == "cancel" and (name := nth(gateway.waiting, first)) is not None:
+            gateway.cancel(name)
+
+    pipeline = gateway.pipeline
+    for (kind, first, second), follow in steps:
+        waited = set(gateway.waiting)
+        since = len(gateway.admitted)
+        if kind == "join":
+            if 4 not in gateway.workers:
+                await gateway.join(4)
+        elif kind == "recheck":
+            await trio.sleep(RECHECK * 1.5)
+        else:
+            act(kind, first, second)
+            if follow is not None:
+                gap, then, which = follow
+                for _ in range(gap):
+                    await trio.lowlevel.checkpoint()
+                act(then, which, 0)
+        await gateway.settled()
+        _check_settled(gateway, waited, since, pipeline)
+    # Everyone waiting gets a slot as the others free theirs: nothing hangs.
+    while gateway.waiting:
+        assert gateway.booked, f"{sorted(gateway.waiting)} wait with every slot free"
+        waited = set(gateway.waiting)
+        since = len(gateway.admitted)
+        gateway.free(sorted(gateway.booked)[0])
+        await gateway.settled()
+        _check_settled(gateway, waited, since, pipeline)
+    for name in list(gateway.booked):
+        gateway.free(name)
