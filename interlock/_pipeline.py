@@ -557,8 +557,8 @@ class Pipeline:
         """Release everything booked by ``query(..., book=True)`` for ``request_id`` (the
         request ended). Never waits; unknown ids are ignored."""
         self._router.send_nowait(Free(request_id))
-        # A gateway's booked query held a slot: the head of the admission queue may take it
-        # (its Select reaches the router behind this Free).
+        # A gateway's booked query held a slot: a waiter may take it (the pass's Selects
+        # reach the router behind this Free).
         self._admission.wake()
 
     async def kv_blocks(self) -> dict[int, frozenset[int]]:
