@@ -416,3 +416,30 @@ async def _drive(gateway: Gateway, steps: list[tuple[Any, Any]]) -> None:
         _check_settled(gateway, waited, since, pipeline)
     for name in list(gateway.booked):
         gateway.free(name)
+
+
+async def test_room_a_worker_makes_by_itself_is_taken_within_recheck(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """No request ends, yet engine 3 takes one more (its limit is what it reports, and it
+    reports more now) and starts serving 'ad1' (as an engine whose /v1/models changed):
+    within `RECHECK` the 'ad1' waiter has it, though what it learned before (only engine 1,
+    which the head wants too) said it could not."""
+    engines = [worker(w) for w in (1, 2, 3)]
+    for engine in engines:
+        engine.max_num_seqs = 1
+    config = CONFIG.evolve(max_inflight_per_worker=None)
+    async with build_pipeline(config, Components(workers=engines)) as p, trio.open_nursery() as n:
+        gateway = Gateway(p, n)
+        await _fill(gateway)
+        head = gateway.arrive("sub12")  # waits for {1, 2}
+        await gateway.settled()
+        behind = gateway.arrive("ad1")  # waits for {1}
+        await gateway.settled()
+        engines[2].max_num_seqs = 2
+        engines[2].adapters = frozenset({"ad1", "ad2"})  # type: ignore[attr-defined]
+        await trio.sleep(RECHECK * 1.5)
+        assert gateway.holds(behind) == 3 and head in gateway.waiting
+        gateway.cancel(head)
+        for name in list(gateway.booked):
+            gateway.free(name)
