@@ -30,9 +30,11 @@ meanwhile are appended). One waiter at a time holds the baton and asks the Route
 `WorkersFull.blocked_on`), which count as full for it too, so it can never take a worker an
 earlier waiter could use; a waiter whose pool lies within those is passed over without asking
 (so with one pool, a pass costs one ask however many wait). Served, refused or gone, the
-waiter hands the baton to the next. Requests with the same pool (the same `pool key`: the
-adapter, the subset, whether salted) share what the last of them learned, so a newcomer whose
-pool is known full joins without asking.
+waiter hands the baton to the next; served, it ends the pass instead when the Router says no
+worker has room left (`Selection.room_left`): one ask per freed slot while everyone is busy.
+Requests with the same pool (the same pool key: the adapter, the subset, whether salted)
+share what the last of them learned, so a newcomer whose pool is known full joins without
+asking.
 
 A pass starts when a request ends (`wake`: a slot may be free), after a membership change
 has reached the Router (`hold` until then: a newcomer must not take a just-joined worker
@@ -202,13 +204,19 @@ class AdmissionQueue:
             self._give(ticket)
         return ticket
 
-    def leave(self, ticket: _Ticket, *, served: bool = False) -> None:
+    def leave(self, ticket: _Ticket, *, served: bool = False, room_left: bool = True) -> None:
         """Take ``ticket`` out: it got a slot (``served``: its flow's turn is used, and the
         flow goes to the back of the ring), or failed or was cancelled (its flow keeps its
-        place, for its next waiter). If it held the baton, the next in the pass gets it. A
+        place, for its next waiter). If it held the baton, the next in the pass gets it,
+        unless the Router said no worker has room left after it (``room_left`` False). A
         ticket already out is ignored."""
         if not ticket.queued:
             return
+        if not room_left and ticket is self._holder:
+            # Every worker is full: nobody behind would find room. A slot freed since the
+            # Router said so has woken the queue (`_restart`), and is looked at from the head.
+            self._order = iter(())
+            self._late.clear()
         ticket.queued = False
         ring = self._levels[ticket.priority]
         fifo = ring[ticket.flow]

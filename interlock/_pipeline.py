@@ -994,23 +994,22 @@ class Pipeline:
         ticket = queue.join(
             priority, self._queue_limit(), flow, key=key, blocked_on=blocked_on, since=since
         )
-        served = False
         try:
             while True:
                 reserved = await queue.turn(ticket)
                 try:
                     selection = await self._route(
-                        attrs.evolve(route, reserved=reserved) if reserved else route
+                        attrs.evolve(route, reserved=reserved, queued=True)
                     )
                 except WorkersFull as full:
                     queue.refused(ticket, full.blocked_on)
                     continue
-                served = True
+                queue.leave(ticket, served=True, room_left=selection.room_left)
                 return selection
         finally:
-            # Only a served request uses its flow's turn; one that gave up leaves it to the
-            # next of its flow. Either way the baton goes on.
-            queue.leave(ticket, served=served)
+            # One that gave up leaves its flow's turn to the next of its flow; the baton goes
+            # on either way.
+            queue.leave(ticket)
 
     def _queue_limit(self) -> int:
         limit = self.config.max_queued_requests

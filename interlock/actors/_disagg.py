@@ -62,6 +62,7 @@ class DisaggOrchestrator(Actor):
                     message.admit,
                     message.candidates,
                     message.reserved,
+                    message.queued,
                 ),
             )
         if kind is Free:

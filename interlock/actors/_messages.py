@@ -41,6 +41,8 @@ class Route:
     candidates: frozenset[int] | None = None
     #: See `Select.reserved`.
     reserved: frozenset[int] = frozenset()
+    #: See `Select.queued`.
+    queued: bool = False
 
 
 @attrs.frozen
@@ -88,6 +90,9 @@ class Select:
     #: queue, counted as full for it. Unlike ``exclude`` they stay candidates (they are in
     #: `WorkersFull.blocked_on`, and a request that names one is not refused over it).
     reserved: frozenset[int] = frozenset()
+    #: With ``admit``: the request asks from the admission queue, which wants to know whether
+    #: any worker has room left once it is booked (`Selection.room_left`).
+    queued: bool = False
 
 
 @attrs.frozen
@@ -95,6 +100,10 @@ class Selection:
     decision: RoutingDecision
     decode_engine: Engine
     prefill_engine: Engine | None = None
+    #: For a `Select.queued` request: whether some worker (any, for any request) is below its
+    #: in-flight limit after this booking. False: the queue's pass can stop, no one else
+    #: would find room. True otherwise.
+    room_left: bool = True
 
 
 @attrs.frozen

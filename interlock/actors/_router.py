@@ -354,6 +354,10 @@ class RouterActor(Actor):
             decision=decision,
             decode_engine=self._engines[decode.chosen],
             prefill_engine=self._engines[prefill.chosen] if prefill is not None else None,
+            # Asked only from the queue: a scan of every worker is cheaper than the ask it
+            # spares the next waiter when none has room.
+            room_left=not (message.admit and message.queued)
+            or not all(self._full(w) for w in self._engines),
         )
 
     def _choose(
