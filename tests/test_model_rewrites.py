@@ -559,3 +559,23 @@ def test_config_check_refuses_a_file_whose_rules_serve_and_route_refuse(
     with pytest.raises(ConfigError):
         resolve(frontend_parser().parse_args(["serve", "--config", str(path)]))
     assert interlock_main(["config", "check", str(path)]) == 2, capsys.readouterr().out
+
+
+async def test_an_empty_model_name_is_a_400_in_the_picker_with_a_generic_rule_as_in_serve(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # `"model": ""` names no model: the picker answers 400 without rules, and interlock serve
+    # answers 400 with the same generic rule (it checks the body before drawing). A generic
+    # rule must not turn the bad body into one served under the rule's target.
+    generic = ModelRewrites.from_table([rule("all", [], ("mock", 1))])
+    body = json.loads(chat_body())
+    body["model"] = ""
+    async with picking(model_rewrites=generic) as p:
+        answers = await exchange(
+            p.picker,
+            [request_headers(), request_body(json.dumps(body).encode(), True)],
+        )
+        assert answers[0].WhichOneof("response") == "immediate_response", body_back(answers)[0]
+        status, error = immediate(answers)
+        assert status == 400 and error["error"]["param"] == "model", (status, error)
+        assert await load_is_zero(p.pipeline)
