@@ -543,8 +543,17 @@ async def test_a_rewritten_request_is_traced_under_the_clients_name_whatever_its
                 },
             )
     assert answer.status_code == 200 and answer.json()["model"] == "food-review"
-    server = next(s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER)
+    spans = exporter.get_finished_spans()
+    server = next(s for s in spans if s.kind == SpanKind.SERVER)
     assert (server.attributes or {})["gen_ai.request.model"] == "food-review", target
+    # The model that ran is the target, on the SERVER span as the response's model and on the
+    # engine leg (a CLIENT span: its request to the engine names the target), the same way
+    # for an adapter and for the base model.
+    assert (server.attributes or {})["gen_ai.response.model"] == target
+    assert (server.attributes or {})["interlock.model_rewrite_name"] == "alias"
+    legs = [s for s in spans if s.kind == SpanKind.CLIENT]
+    assert [leg.name for leg in legs] == [f"chat {target}"]
+    assert [(leg.attributes or {})["gen_ai.request.model"] for leg in legs] == [target]
 
 
 def test_config_check_refuses_a_file_whose_rules_serve_and_route_refuse(
