@@ -292,7 +292,8 @@ class PipelineConfig:
         validator=_typed(int),
         metadata=_doc(
             "Seed of the router's random choices (router_mode='random', temperature) and of "
-            "the [[model_rewrites]] rules' weighted draws."
+            "the [[model_rewrites]] rules' weighted draws (with `--processes N`, each process "
+            "mixes its index into it)."
         ),
     )
     first_token_timeout: float | None = attrs.field(

@@ -94,6 +94,7 @@ from ._processes import (
     CHILD_FLAG,
     ChildSpec,
     Supervisor,
+    child_seed,
     share_of,
     signal_when_supervisor_exits,
     with_process_header,
@@ -1089,9 +1090,11 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
     )
     if child is not None:
         # The limits are meant for the frontend as a whole: each process takes its share.
+        # The seed is each process's own (`child_seed`), so their draws differ.
         config = config.evolve(
             max_inflight_per_worker=share_of(config.max_inflight_per_worker, processes),
             max_queued_requests=share_of(config.max_queued_requests, processes),
+            router_seed=child_seed(config.router_seed, child.index),
         ).validate()
         if metrics_port:
             metrics_port += child.index
