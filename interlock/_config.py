@@ -8,7 +8,6 @@ to change. docs/configuration.md is generated from these two tables.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import tomllib
@@ -18,7 +17,7 @@ from typing import Any, Final, Literal, get_args
 
 import attrs
 
-from ._errors import ConfigError
+from ._errors import ConfigError, did_you_mean
 from ._model_rewrites import MODEL_REWRITES_TABLE, ModelRewrites
 
 #: The TOML table naming the workers and engines to serve over, and its keys' types: the flags
@@ -96,11 +95,9 @@ KV_ROUTER_MODES: tuple[str, ...] = ("kv", "predicted_ttft")
 def _choice(values: tuple[str, ...]) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
     def check(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value not in values:
-            hint = difflib.get_close_matches(str(value), values, n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ConfigError(
                 f"{attribute.name}={value!r} is not one of {', '.join(map(repr, values))}"
-                f"{suggestion}",
+                f"{did_you_mean(value, values)}",
                 knobs=(attribute.name,),
             )
 
@@ -453,9 +450,9 @@ class PipelineConfig:
         names = knob_names()
         for key in data:
             if key not in names:
-                hint = difflib.get_close_matches(str(key), names, n=1)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ConfigError(f"unknown configuration key {key!r}{suggestion}", knobs=(key,))
+                raise ConfigError(
+                    f"unknown configuration key {key!r}{did_you_mean(key, names)}", knobs=(key,)
+                )
         return cls(**data)
 
     @classmethod
@@ -690,10 +687,9 @@ def _command_table(p: Path, name: str, keys: dict[str, type]) -> dict[str, Any]:
     for key, value in table.items():
         kind = keys.get(key)
         if kind is None:
-            hint = difflib.get_close_matches(str(key), list(keys), n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ConfigError(
-                f"{p}: unknown key {key!r} in [{name}]{suggestion} (the keys are {', '.join(keys)})"
+                f"{p}: unknown key {key!r} in [{name}]{did_you_mean(key, keys)} (the keys are "
+                f"{', '.join(keys)})"
             )
         if kind is list:
             ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
