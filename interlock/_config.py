@@ -8,7 +8,6 @@ to change. docs/configuration.md is generated from these two tables.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import tomllib
@@ -18,7 +17,7 @@ from typing import Any, Final, Literal, get_args
 
 import attrs
 
-from ._errors import ConfigError
+from ._errors import ConfigError, did_you_mean
 from ._model_rewrites import MODEL_REWRITES_TABLE, ModelRewrites
 
 #: The TOML table naming the workers and engines to serve over, and its keys' types: the flags
@@ -60,6 +59,8 @@ GATEWAY_KEYS: dict[str, type] = {
 EXT_PROC_TLS_OFF: Final = "off"
 EXT_PROC_TLS_SELF_SIGNED: Final = "self-signed"
 EXT_PROC_TLS_MODES: Final = (EXT_PROC_TLS_OFF, EXT_PROC_TLS_SELF_SIGNED)
+#: `EXT_PROC_TLS_MODES` as errors list them.
+EXT_PROC_TLS_MODES_TEXT: Final = " or ".join(repr(mode) for mode in EXT_PROC_TLS_MODES)
 #: The ``[gateway]`` keys (and flags, ``_`` for ``-``) that choose the ext_proc port's TLS:
 #: together one setting, which the command line's flags replace as a whole.
 EXT_PROC_TLS_KEYS: Final = ("ext_proc_tls", "ext_proc_tls_cert", "ext_proc_tls_key")
@@ -94,11 +95,9 @@ KV_ROUTER_MODES: tuple[str, ...] = ("kv", "predicted_ttft")
 def _choice(values: tuple[str, ...]) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
     def check(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value not in values:
-            hint = difflib.get_close_matches(str(value), values, n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ConfigError(
                 f"{attribute.name}={value!r} is not one of {', '.join(map(repr, values))}"
-                f"{suggestion}",
+                f"{did_you_mean(value, values)}",
                 knobs=(attribute.name,),
             )
 
@@ -290,7 +289,8 @@ class PipelineConfig:
         validator=_typed(int),
         metadata=_doc(
             "Seed of the router's random choices (router_mode='random', temperature) and of "
-            "the [[model_rewrites]] rules' weighted draws."
+            "the [[model_rewrites]] rules' weighted draws (with `--processes N`, each process "
+            "mixes its index into it)."
         ),
     )
     first_token_timeout: float | None = attrs.field(
@@ -450,9 +450,9 @@ class PipelineConfig:
         names = knob_names()
         for key in data:
             if key not in names:
-                hint = difflib.get_close_matches(str(key), names, n=1)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ConfigError(f"unknown configuration key {key!r}{suggestion}", knobs=(key,))
+                raise ConfigError(
+                    f"unknown configuration key {key!r}{did_you_mean(key, names)}", knobs=(key,)
+                )
         return cls(**data)
 
     @classmethod
@@ -499,20 +499,42 @@ class PipelineConfig:
             ConfigError: the file cannot be read, or the table holds an unknown key or a value of
                 the wrong type (the message names the file and the key).
         """
-        return _command_table(Path(path), SERVER_TABLE, SERVER_KEYS)
+        p = Path(path)
+        table = _command_table(p, SERVER_TABLE, SERVER_KEYS)
+        processes = table.get("processes", 1)
+        if processes < 1:
+            raise ConfigError(
+                f"{p}: [{SERVER_TABLE}] processes must be at least 1, got {processes}"
+            )
+        return table
 
     @staticmethod
     def gateway_table(path: str | os.PathLike[str]) -> dict[str, Any]:
         """The ``[gateway]`` table of a TOML configuration file (empty when it has none):
         ``interlock route``'s endpoint picker settings under the names of their flags
         (``ext_proc_port``, ``ext_proc_health_port``, ``ext_proc_fallbacks``, ``ext_proc_tls``,
-        ``ext_proc_tls_cert``, ``ext_proc_tls_key``). Values are checked by the command.
+        ``ext_proc_tls_cert``, ``ext_proc_tls_key``), each value checked as its flag's (the
+        command checks how they combine with its flags, and reads the certificate files).
 
         Raises:
-            ConfigError: the file cannot be read, or the table holds an unknown key or a value of
-                the wrong type (the message names the file and the key).
+            ConfigError: the file cannot be read, or the table holds an unknown key, a value of
+                the wrong type, a port that is not 0-65535, a negative number of fallbacks or
+                an unknown TLS mode (the message names the file and the key).
         """
-        return _command_table(Path(path), GATEWAY_TABLE, GATEWAY_KEYS)
+        p = Path(path)
+        table = _command_table(p, GATEWAY_TABLE, GATEWAY_KEYS)
+        for key, value in table.items():
+            where = f"{p}: [{GATEWAY_TABLE}] {key}"
+            if key in ("ext_proc_port", "ext_proc_health_port") and not 0 <= value <= 65535:
+                raise ConfigError(f"{where} must be a port 0-65535, got {value}")
+            if key == "ext_proc_fallbacks" and value < 0:
+                raise ConfigError(f"{where} must be 0 or more, got {value}")
+            if key == "ext_proc_tls" and value not in EXT_PROC_TLS_MODES:
+                raise ConfigError(
+                    f"{where} must be {EXT_PROC_TLS_MODES_TEXT}, got {value!r} (a certificate "
+                    "of your own: ext_proc_tls_cert and ext_proc_tls_key)"
+                )
+        return table
 
     @staticmethod
     def objectives_table(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -583,6 +605,29 @@ _COMMAND_TABLES = frozenset(
 )
 
 
+def check_config_file(path: str | os.PathLike[str]) -> PipelineConfig:
+    """What ``interlock config check`` checks: everything ``interlock serve`` and ``route``
+    read from the configuration file at ``path`` and refuse at start, read by the functions
+    they read it with: its knobs (and their combinations: `PipelineConfig.validate`) and its
+    ``[workers]``, ``[server]``, ``[gateway]``, ``[objectives]`` and ``[[model_rewrites]]``
+    tables. Not what depends on the machine or the command line: the files it names (API
+    keys, certificates) and how flags combine with it. Returns the knobs.
+
+    Raises:
+        ConfigError: the first thing wrong, naming the file, the table and the key.
+    """
+    config = PipelineConfig.from_toml(path).validate()
+    for read in (
+        PipelineConfig.workers_table,
+        PipelineConfig.server_table,
+        PipelineConfig.gateway_table,
+        PipelineConfig.objectives_table,
+        PipelineConfig.model_rewrites_table,
+    ):
+        read(path)
+    return config
+
+
 def _check_objective(name: str, priority: Any, where: str) -> None:
     if not name or name != name.strip() or "," in name:
         raise ConfigError(
@@ -642,10 +687,9 @@ def _command_table(p: Path, name: str, keys: dict[str, type]) -> dict[str, Any]:
     for key, value in table.items():
         kind = keys.get(key)
         if kind is None:
-            hint = difflib.get_close_matches(str(key), list(keys), n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ConfigError(
-                f"{p}: unknown key {key!r} in [{name}]{suggestion} (the keys are {', '.join(keys)})"
+                f"{p}: unknown key {key!r} in [{name}]{did_you_mean(key, keys)} (the keys are "
+                f"{', '.join(keys)})"
             )
         if kind is list:
             ok = isinstance(value, list) and all(isinstance(item, str) for item in value)

@@ -26,7 +26,9 @@ def configuration_markdown() -> str:
         "Every knob of `PipelineConfig`, its default and what it does. Set them in Python "
         '(`PipelineConfig(routing="query_only")`), in a TOML file '
         "(`PipelineConfig.from_toml(path)`, top-level keys or an `[interlock]` table; "
-        "`interlock config check FILE` validates one), or through `INTERLOCK_<KNOB>` "
+        "`interlock config check FILE` checks one as `interlock serve` and `route` do at "
+        "start: its knobs and its `[workers]`, `[server]`, `[gateway]`, `[objectives]` and "
+        "`[[model_rewrites]]` tables), or through `INTERLOCK_<KNOB>` "
         "environment variables (`PipelineConfig.from_env()`). An unknown key or a value of the "
         "wrong type raises `ConfigError` naming the key.",
         "",

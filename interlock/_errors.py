@@ -6,6 +6,16 @@ that went away, and the message says what was wrong and what to change.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(word: object, choices: Iterable[str], *, n: int = 1) -> str:
+    """The suggestion an error about an unknown ``word`` ends with: ``"; did you mean 'x'?"``
+    naming the (up to ``n``) closest of ``choices``, or ``""`` when none is close. Pure."""
+    close = difflib.get_close_matches(str(word), list(choices), n=n)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
 
 class InterlockError(Exception):
     """Base class of every error interlock raises on purpose."""

@@ -18,7 +18,6 @@ for the requests drawn to it, as a client naming it would get, not a configurati
 from __future__ import annotations
 
 import bisect
-import difflib
 import itertools
 import random
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ from typing import Any, Final, NoReturn
 
 import attrs
 
-from ._errors import ConfigError
+from ._errors import ConfigError, did_you_mean
 from .wire import ModelRewriteDecision
 
 #: The TOML array of tables holding the rules (``[[model_rewrites]]``), and the knob name
@@ -213,9 +212,10 @@ def _fail(message: str) -> NoReturn:
 def _unknown(entry: Mapping[str, Any], keys: Sequence[str], at: str) -> None:
     for key in entry:
         if key not in keys:
-            hint = difflib.get_close_matches(str(key), keys, n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-            _fail(f"{at}: unknown key {key!r}{suggestion} (the keys are {', '.join(keys)})")
+            _fail(
+                f"{at}: unknown key {key!r}{did_you_mean(key, keys)} (the keys are "
+                f"{', '.join(keys)})"
+            )
 
 
 def _name(value: Any) -> bool:

@@ -31,6 +31,7 @@ from .wire import RoutingDecision
 
 __all__ = [
     "LEG_ATTRIBUTE",
+    "MODEL_REWRITE_ATTRIBUTE",
     "TTFT_ATTRIBUTE",
     "RequestTracing",
     "describe_request",
@@ -43,6 +44,9 @@ E2E_ATTRIBUTE: Final = "gen_ai.latency.e2e"
 QUEUE_ATTRIBUTE: Final = "gen_ai.latency.time_in_queue"
 #: ``agg``, ``prefill`` or ``decode`` on each engine leg's span.
 LEG_ATTRIBUTE: Final = "interlock.leg"
+#: The ``[[model_rewrites]]`` rule that chose a request's model, on its SERVER span (named
+#: as the rule's label on ``interlock_model_rewrite_decisions_total``).
+MODEL_REWRITE_ATTRIBUTE: Final = "interlock.model_rewrite_name"
 
 _TERMINAL: Final = frozenset({"done", "failed", "cancelled"})
 

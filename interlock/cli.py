@@ -8,13 +8,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._config import PipelineConfig
+from ._config import check_config_file
 from ._errors import ConfigError
 
 
 def _config_check(args: argparse.Namespace) -> int:
     try:
-        config = PipelineConfig.from_toml(args.file).validate()
+        config = check_config_file(args.file)
     except ConfigError as exc:
         print(f"interlock: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from typing import Any, get_args
 
 import attrs
 import pytest
+from helpers import frontend_parser
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,6 +28,8 @@ from interlock._config import (
     knob_names,
     parse_knob_text,
 )
+from interlock.cli import main as interlock_main
+from interlock.http._cli import resolve
 
 FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in attrs.fields(PipelineConfig)}
 INT_FIELDS = sorted(name for name, kind in FIELD_TYPES.items() if kind.startswith("int"))
@@ -581,3 +584,66 @@ def test_valid_configurations_validate_and_build(changes: dict[str, Any]) -> Non
     config = PipelineConfig(**changes)
     assert config.validate() is config
     assert hasattr(build_pipeline(config, Components()), "__aenter__")
+
+
+# -- interlock config check --------------------------------------------------------------------
+
+# A file's table each command refuses at start, the command, and the message both give.
+REFUSED_TABLES = [
+    ("[objectives]\ncritical = 1.5\n", "serve", "the priority must be a whole number"),
+    ("[server]\nprocesses = 0\n", "serve", "[server] processes must be at least 1, got 0"),
+    ('[server]\nprocesses = "2"\n', "serve", "[server] processes must be a whole number"),
+    ("[workers]\nengine = []\n", "serve", "unknown key 'engine' in [workers]; did you mean"),
+    ("[gateway]\next_proc_port = 70000\n", "route", "must be a port 0-65535, got 70000"),
+    ("[gateway]\next_proc_fallbacks = -1\n", "route", "must be 0 or more, got -1"),
+    ('[gateway]\next_proc_tls = "on"\n', "route", "must be 'off' or 'self-signed', got 'on'"),
+    (
+        '[[model_rewrites]]\nname = "r"\ntargets = [{ model_rewrite = "a", weight = -1 }]\n',
+        "serve",
+        "weight must be a whole number from 0",
+    ),
+    ('routing = "query_only"\nmigration_limit = 2\n', "serve", "migration_limit=2"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "command", "message"),
+    REFUSED_TABLES,
+    ids=[
+        "objectives-priority",
+        "server-processes-0",
+        "server-processes-type",
+        "workers-unknown-key",
+        "gateway-port",
+        "gateway-fallbacks",
+        "gateway-tls-mode",
+        "model-rewrites-weight",
+        "knobs-combination",
+    ],
+)
+def test_config_check_refuses_what_serve_or_route_refuse_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, command: str, message: str
+) -> None:
+    # `interlock config check FILE` says "valid" only for a file the commands start with: it
+    # reads each table with the function serve and route read it with.
+    path = tmp_path / "interlock.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        resolve(frontend_parser().parse_args([command, "--config", str(path)]))
+    assert message in str(refused.value), refused.value
+    assert interlock_main(["config", "check", str(path)]) == 2
+    assert f"interlock: invalid configuration: {refused.value}" in capsys.readouterr().err
+
+
+def test_config_check_passes_a_file_with_every_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "interlock.toml"
+    path.write_text(
+        'router_mode = "kv"\n\n[workers]\nengines = ["1=http://127.0.0.1:8000"]\n\n'
+        "[server]\nprocesses = 2\n\n[gateway]\next_proc_port = 9002\next_proc_fallbacks = 1\n\n"
+        "[objectives]\ncritical = 10\n\n"
+        '[[model_rewrites]]\nname = "r"\ntargets = [{ model_rewrite = "mock" }]\n'
+    )
+    assert interlock_main(["config", "check", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{path}: valid\n")

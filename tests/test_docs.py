@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from interlock._docs import GENERATED
+from interlock.http import HttpMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -53,3 +54,18 @@ def test_generated_page_is_current(name: str) -> None:
     assert committed == GENERATED[name](), (
         f"docs/{name} is stale: run `python -m interlock docs --write docs/`"
     )
+
+
+def test_every_metric_family_served_is_in_the_operations_metrics_table() -> None:
+    # docs/operations.md, "Metrics": "`GET /metrics` serves these families"; a family missing
+    # from the table is one an operator cannot find (or alert on) from the docs.
+    text = HttpMetrics().render().decode()
+    families = re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE)
+    page = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    table = page.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        name
+        for name, kind in families
+        if f"`{name}_total" not in table and f"`{name}`" not in table and f"`{name}{{" not in table
+    ]
+    assert not missing, f"/metrics families not in docs/operations.md's table: {missing}"

@@ -201,6 +201,31 @@ async def test_a_lone_surrogate_is_the_same_400_with_the_rewrite_header_as_witho
         assert await p.pipeline.load() == {}
 
 
+async def test_a_body_without_a_model_is_the_same_400_with_the_rewrite_header_as_without(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The header names a served model, but the body names none ("" or no key): the body's
+    # checks come before the rewrite, so the header cannot make a bad body a good one.
+    async with picking() as p:
+        for model in ("", None):
+            sent = json.loads(chat_body())
+            sent["model"] = model
+            if model is None:
+                del sent["model"]
+            body = json.dumps(sent).encode()
+            plain = immediate(
+                await exchange(p.picker, [request_headers(), request_body(body, True)])
+            )
+            rewritten = immediate(
+                await exchange(
+                    p.picker, [request_headers(extra=rewrite()), request_body(body, True)]
+                )
+            )
+            assert plain[0] == 400 and plain[1]["error"]["param"] == "model", plain
+            assert rewritten == plain, (model, rewritten)
+        assert await p.pipeline.load() == {}
+
+
 async def test_a_body_at_any_depth_is_picked_or_a_400_never_a_500(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

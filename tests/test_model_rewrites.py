@@ -29,6 +29,10 @@ import trio.testing
 from helpers import frontend_parser
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from test_gateway_ext_proc import (
     body_back,
     chat_body,
@@ -46,9 +50,11 @@ from test_http_harness import serving
 from test_lora_routing import serve
 from test_overload_http import serving as serving_process
 
-from interlock import ConfigError, PipelineConfig
+from interlock import Components, ConfigError, PipelineConfig, build_pipeline
 from interlock._model_rewrites import INVALID_RULES, MAX_WEIGHT, ModelRewriteTarget
-from interlock.http import ModelRewrites
+from interlock.cli import main as interlock_main
+from interlock.engines.mock import MockEngine, MockTiming, mock_token_pool
+from interlock.http import HttpMetrics, ModelRewrites, Preprocessor, build_app
 from interlock.http._cli import resolve
 from interlock.inspect._cli import main as inspect_main
 from interlock.wire import ModelRewriteDecision
@@ -495,3 +501,90 @@ targets = [{ model_rewrite = "retired-adapter" }]
             'interlock_model_rewrite_decisions_total{model_name="food-review",'
             'model_rewrite_name="alias",target_model="mock"} 1.0'
         ) in text
+
+
+@pytest.mark.parametrize("target", ["ad1", "mock"], ids=["to-an-adapter", "to-the-base-model"])
+async def test_a_rewritten_request_is_traced_under_the_clients_name_whatever_its_target(
+    autojump_clock: trio.testing.MockClock, target: str
+) -> None:
+    # The SERVER span's gen_ai.request.model is the name the client asked for when a rule
+    # sends it to an adapter; a rule sending it to the base model must not make it
+    # --model-name instead (the same request, traced differently by where the draw went).
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    preprocessor = Preprocessor.default()
+    engine = MockEngine(
+        1,
+        "agg",
+        token_pool=mock_token_pool(preprocessor.tokenizer),
+        tokenizer=preprocessor.tokenizer,
+        timing=MockTiming.zero(),
+    )
+    engine.adapters = frozenset({"ad1"})  # type: ignore[attr-defined]
+    metrics = HttpMetrics()
+    components = Components(
+        workers=[engine],
+        tokenizer=preprocessor.tokenizer,
+        transition_sinks=[metrics],
+        tracer_provider=provider,
+    )
+    alias = ModelRewrites.from_table([rule("alias", ["food-review"], (target, 1))])
+    async with build_pipeline(PipelineConfig(), components) as pipeline:
+        app = build_app(pipeline, preprocessor=preprocessor, metrics=metrics, model_rewrites=alias)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            answer = await client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "food-review",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 2,
+                },
+            )
+    assert answer.status_code == 200 and answer.json()["model"] == "food-review"
+    spans = exporter.get_finished_spans()
+    server = next(s for s in spans if s.kind == SpanKind.SERVER)
+    assert (server.attributes or {})["gen_ai.request.model"] == "food-review", target
+    # The model that ran is the target, on the SERVER span as the response's model and on the
+    # engine leg (a CLIENT span: its request to the engine names the target), the same way
+    # for an adapter and for the base model.
+    assert (server.attributes or {})["gen_ai.response.model"] == target
+    assert (server.attributes or {})["interlock.model_rewrite_name"] == "alias"
+    legs = [s for s in spans if s.kind == SpanKind.CLIENT]
+    assert [leg.name for leg in legs] == [f"chat {target}"]
+    assert [(leg.attributes or {})["gen_ai.request.model"] for leg in legs] == [target]
+
+
+def test_config_check_refuses_a_file_whose_rules_serve_and_route_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `interlock config check FILE` "validates one" (docs/configuration.md, the page that
+    # documents [[model_rewrites]]); saying "valid" for a file serve then refuses at start
+    # defeats the check.
+
+    path = tmp_path / "interlock.toml"
+    path.write_text(CANARY.replace("weight = 1", "weight = -1"))
+    with pytest.raises(ConfigError):
+        resolve(frontend_parser().parse_args(["serve", "--config", str(path)]))
+    assert interlock_main(["config", "check", str(path)]) == 2, capsys.readouterr().out
+
+
+async def test_an_empty_model_name_is_a_400_in_the_picker_with_a_generic_rule_as_in_serve(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # `"model": ""` names no model: the picker answers 400 without rules, and interlock serve
+    # answers 400 with the same generic rule (it checks the body before drawing). A generic
+    # rule must not turn the bad body into one served under the rule's target.
+    generic = ModelRewrites.from_table([rule("all", [], ("mock", 1))])
+    body = json.loads(chat_body())
+    body["model"] = ""
+    async with picking(model_rewrites=generic) as p:
+        answers = await exchange(
+            p.picker,
+            [request_headers(), request_body(json.dumps(body).encode(), True)],
+        )
+        assert answers[0].WhichOneof("response") == "immediate_response", body_back(answers)[0]
+        status, error = immediate(answers)
+        assert status == 400 and error["error"]["param"] == "model", (status, error)
+        assert await load_is_zero(p.pipeline)

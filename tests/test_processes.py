@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -25,13 +26,16 @@ import openai
 import pytest
 import trio
 from helpers import frontend_parser, stop_processes
+from hypothesis import given
+from hypothesis import strategies as st
 from test_drain import Stream, read_stream
 from test_http_engines import _free_tcp_endpoint
 from test_http_remote_workers import Serve
 
 from interlock import ConfigError
+from interlock.http import ModelRewrites
 from interlock.http._cli import resolve
-from interlock.http._processes import ChildSpec
+from interlock.http._processes import ChildSpec, child_seed
 
 TIMEOUT = 60
 WORKER_FLAGS = ["--tokenizer", "builtin", "--log-level", "warning"]
@@ -105,6 +109,39 @@ def test_each_process_takes_its_share_of_the_frontend_wide_limits() -> None:
     supervisor = setup_of(*argv)
     assert supervisor.process is None
     assert supervisor.config.max_inflight_per_worker == 5
+
+
+@given(seed=st.integers(-(2**70), 2**70), processes=st.integers(2, 64))
+def test_each_process_has_a_seed_of_its_own_and_the_seed_repeats_them(
+    seed: int, processes: int
+) -> None:
+    seeds = [child_seed(seed, index) for index in range(processes)]
+    assert len(set(seeds)) == processes, seeds
+    assert seeds == [child_seed(seed, index) for index in range(processes)]
+    assert all(type(s) is int and s >= 0 for s in seeds)
+
+
+def test_each_process_seeds_its_random_draws_with_its_own_seed() -> None:
+    # With --processes N every child read the one router_seed: the first requests each child
+    # took went to the same [[model_rewrites]] target and the same `random` pick. Both
+    # generators are seeded from the config's router_seed (`Frontend`, `RandomPolicy`), which
+    # each child now derives from its index.
+    argv = ["serve", "--processes", "2", "--remote-worker", "1=h:7001", "--router-seed", "7"]
+    children = [
+        setup_of(*argv, "--process-child", ChildSpec(i, 2, os.getpid(), -1, -1, -1).encode())
+        for i in range(2)
+    ]
+    seeds = [child.config.router_seed for child in children]
+    assert seeds == [child_seed(7, 0), child_seed(7, 1)]
+    assert setup_of(*argv).config.router_seed == 7  # the supervisor's, as given
+    split = ModelRewrites.from_table(
+        [{"name": "ab", "targets": [{"model_rewrite": "a"}, {"model_rewrite": "b"}]}]
+    )
+    draws = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        draws.append([split.choose("m", rng).target for _ in range(16)])  # type: ignore[union-attr]
+    assert draws[0] != draws[1], draws
 
 
 # -- real processes ----------------------------------------------------------------------------

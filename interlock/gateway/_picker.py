@@ -550,17 +550,24 @@ class ExtProcStream:
                 self.booked_as = request_id
                 self.picker.booked.add(request_id)
                 data = None
+                parsed = None
                 header = model_rewrite(self.headers)
                 if header or frontend.model_rewrites:
-                    body, data, rewrite = await self._rewrite_model(body, header)
+                    body, data, parsed, rewrite = await self._rewrite_model(kind, body, header)
                 if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
                     # stall every other stream; a worker thread does it.
                     tokens, model, salt = await trio.to_thread.run_sync(
-                        self._tokens, kind, body, data, rewrite, limiter=frontend.offload_limiter
+                        self._tokens,
+                        kind,
+                        body,
+                        data,
+                        parsed,
+                        rewrite,
+                        limiter=frontend.offload_limiter,
                     )
                 else:
-                    tokens, model, salt = self._tokens(kind, body, data, rewrite)
+                    tokens, model, salt = self._tokens(kind, body, data, parsed, rewrite)
             request = PreprocessedRequest(
                 token_ids=tokens,
                 request_id=request_id,
@@ -592,80 +599,104 @@ class ExtProcStream:
         return self._answer(body, end_of_stream=end_of_stream)
 
     async def _rewrite_model(
-        self, body: bytes, header: str | None
-    ) -> tuple[bytes, dict[str, Any], ModelRewriteDecision | None]:
-        """``body`` with its ``model`` rewritten (`_rewritten`, in a worker thread for a large
-        body), its decoded object and the rule's decision (None: no rule applied), and the
-        response's restorer set when the model changed.
+        self, kind: str, body: bytes, header: str | None
+    ) -> tuple[bytes, dict[str, Any], ParsedRequest, ModelRewriteDecision | None]:
+        """``body`` checked and with its ``model`` rewritten (`_rewritten`, in a worker thread
+        for a large body), its decoded object, its fields and the rule's decision (None: no
+        rule applied), and the response's restorer set when the model changed.
 
         Raises:
-            HttpError: 400 when the body is not a JSON object.
+            HttpError: 400 when the body is not a JSON object or a field is bad (`_parsed`).
         """
         frontend = self.frontend
         if len(body) > frontend.offload_body_bytes:
-            body, data, rewrite, restorer = await trio.to_thread.run_sync(
-                self._rewritten, body, header, limiter=frontend.offload_limiter
+            body, data, parsed, rewrite, restorer = await trio.to_thread.run_sync(
+                self._rewritten, kind, body, header, limiter=frontend.offload_limiter
             )
         else:
-            body, data, rewrite, restorer = self._rewritten(body, header)
+            body, data, parsed, rewrite, restorer = self._rewritten(kind, body, header)
         self.model_restorer = restorer
-        return body, data, rewrite
+        return body, data, parsed, rewrite
 
     def _rewritten(
-        self, body: bytes, header: str | None
-    ) -> tuple[bytes, dict[str, Any], ModelRewriteDecision | None, ModelNameRestorer | None]:
-        """``body`` decoded, and rewritten to the model a ``[[model_rewrites]]`` rule draws
-        for the model it names (`Frontend.choose_rewrite`), else to ``header``'s (the
-        rewrite header's): as llm-d's picker does, a rule for the body's model wins over the
-        header. Returns the body, its object, the rule's decision and the response's
-        restorer (None: nothing to put back). Synchronous (and thread-safe).
+        self, kind: str, body: bytes, header: str | None
+    ) -> tuple[
+        bytes,
+        dict[str, Any],
+        ParsedRequest,
+        ModelRewriteDecision | None,
+        ModelNameRestorer | None,
+    ]:
+        """``body`` decoded and checked (`_parsed`), then rewritten to the model a
+        ``[[model_rewrites]]`` rule draws for the model it names (`Frontend.choose_rewrite`),
+        else to ``header``'s (the rewrite header's): as llm-d's picker does, a rule for the
+        body's model wins over the header. Returns the body, its object, its fields (their
+        ``model`` the target), the rule's decision and the response's restorer (None: nothing
+        to put back). Synchronous (and thread-safe).
 
         Raises:
-            HttpError: 400 when the body is not a JSON object.
+            HttpError: 400 when the body is not a JSON object or a field is bad.
         """
         data = json_object(body)
-        rewrite = self.frontend.choose_rewrite(data.get("model"))
+        # Checked before the draw, as interlock serve does: a body refused without rules (no
+        # model, an empty one, a bad field) is refused with them, and never rewritten to a
+        # target the generic rule (which matches any name, "" too) or the header names.
+        parsed = self._parsed(kind, data)
+        rewrite = self.frontend.choose_rewrite(parsed.model)
         target = header if rewrite is None else rewrite.target
         if not target:
-            return body, data, None, None
+            return body, data, parsed, None, None
         body, data, incoming = rewrite_model(body, target, data)
+        parsed.model = target
         restorer = None if incoming is None else ModelNameRestorer(target, incoming)
-        return body, data, rewrite, restorer
+        return body, data, parsed, rewrite, restorer
 
-    def _tokens(
-        self,
-        kind: str,
-        body: bytes,
-        data: dict[str, Any] | None = None,
-        rewrite: ModelRewriteDecision | None = None,
-    ) -> tuple[Sequence[int], str | None, str | None]:
-        """The prompt's token ids from a chat or completions body (``data``: that body decoded
-        already), its `PreprocessedRequest.model` (`Frontend.request_model`: None for the base
-        model, else the LoRA adapter it names; ``rewrite``: the rule that set the body's model,
-        named in a 404) and its ``cache_salt``; synchronous (and thread-safe).
+    def _parsed(self, kind: str, data: dict[str, Any]) -> ParsedRequest:
+        """The prompt's fields of a chat or completions body (``data``: decoded), checked:
+        each field's type and range, a non-empty ``model``, and the prompt present.
+        Synchronous (and thread-safe).
 
         Raises:
-            HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
-            TokenizerError, ChatTemplateError: the prompt cannot be rendered or encoded.
+            HttpError: 400 naming the field.
         """
-        frontend = self.frontend
-        if data is None:
-            data = json_object(body)
         parsed = ParsedRequest(kind)
         checks = _FIELD_CHECKS[kind]
-        max_len = frontend.limits.max_model_len
+        max_len = self.frontend.limits.max_model_len
         for name in _PROMPT_FIELDS[kind]:
             value = data.get(name)
             if value is not None:
                 checks[name](parsed, value, max_len)
         if not parsed.model:
             raise bad_request("model not found in request body; model is required", "model")
-        missing = frontend.model_not_found(parsed.model, "this pool", rewrite)
-        if missing is not None:
-            raise missing
         required = "messages" if kind == "chat" else "prompt"
         if data.get(required) is None:
             raise bad_request(f"{required} is required", required)
+        return parsed
+
+    def _tokens(
+        self,
+        kind: str,
+        body: bytes,
+        data: dict[str, Any] | None = None,
+        parsed: ParsedRequest | None = None,
+        rewrite: ModelRewriteDecision | None = None,
+    ) -> tuple[Sequence[int], str | None, str | None]:
+        """The prompt's token ids from a chat or completions body (``data``: that body decoded
+        already; ``parsed``: its fields, checked already), its `PreprocessedRequest.model`
+        (`Frontend.request_model`: None for the base model, else the LoRA adapter it names;
+        ``rewrite``: the rule that set the body's model, named in a 404) and its
+        ``cache_salt``; synchronous (and thread-safe).
+
+        Raises:
+            HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
+            TokenizerError, ChatTemplateError: the prompt cannot be rendered or encoded.
+        """
+        frontend = self.frontend
+        if parsed is None:
+            parsed = self._parsed(kind, json_object(body) if data is None else data)
+        missing = frontend.model_not_found(parsed.model, "this pool", rewrite)
+        if missing is not None:
+            raise missing
         max_messages = frontend.limits.max_messages
         if parsed.messages is not None and len(parsed.messages) > max_messages:
             raise bad_request(

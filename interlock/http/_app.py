@@ -28,7 +28,7 @@ from starlette.routing import Route
 from .._errors import ConfigError, InterlockError
 from .._model_rewrites import ModelRewrites
 from .._pipeline import Pipeline
-from .._tracing import TTFT_ATTRIBUTE, describe_request
+from .._tracing import MODEL_REWRITE_ATTRIBUTE, TTFT_ATTRIBUTE, describe_request
 from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
 from ._auth import (
     OPEN_PATHS,
@@ -554,18 +554,27 @@ class _Run:
         if self.span.is_recording():
             assert request.request_id is not None
             frontend = endpoint.frontend
-            # A LoRA adapter's request is traced under the adapter's name, as it is answered.
-            model = frontend.answer_model(request)
+            # GenAI's convention, span by span: gen_ai.request.model is the model the span's
+            # request names. The engine legs (CLIENT spans, named after it) ask the engine for
+            # the model it runs: the adapter, else --model-name, a [[model_rewrites]] rule's
+            # target whichever it is. This SERVER span's request is the client's: the name it
+            # sent (the one it is answered under), with the model that ran as
+            # gen_ai.response.model. The same request is then traced the same way wherever a
+            # rule's draw sends it.
+            served = request.model or frontend.model
             describe_request(
                 frontend.pipeline.tracing,
                 request.request_id,
                 self.span,
                 "chat" if endpoint.kind == "chat" else "text_completion",
-                model,
+                served,
             )
-            self.span.set_attributes(_request_attributes(request))
-            if request.model is not None:
-                self.span.set_attribute("gen_ai.request.model", model)
+            attributes = _request_attributes(request)
+            attributes["gen_ai.request.model"] = frontend.answer_model(request)
+            attributes["gen_ai.response.model"] = served
+            if request.model_rewrite is not None:
+                attributes[MODEL_REWRITE_ATTRIBUTE] = request.model_rewrite.rule
+            self.span.set_attributes(attributes)
 
     def _tokens_arrived(self, output: EngineOutput) -> None:
         now = trio.current_time()

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -35,6 +35,7 @@ from .._argtypes import non_negative_float, non_negative_int, port
 from .._config import (
     EXT_PROC_TLS_KEYS,
     EXT_PROC_TLS_MODES,
+    EXT_PROC_TLS_MODES_TEXT,
     EXT_PROC_TLS_SELF_SIGNED,
     PipelineConfig,
     knob_names,
@@ -93,6 +94,7 @@ from ._processes import (
     CHILD_FLAG,
     ChildSpec,
     Supervisor,
+    child_seed,
     share_of,
     signal_when_supervisor_exits,
     with_process_header,
@@ -1088,9 +1090,11 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
     )
     if child is not None:
         # The limits are meant for the frontend as a whole: each process takes its share.
+        # The seed is each process's own (`child_seed`), so their draws differ.
         config = config.evolve(
             max_inflight_per_worker=share_of(config.max_inflight_per_worker, processes),
             max_queued_requests=share_of(config.max_queued_requests, processes),
+            router_seed=child_seed(config.router_seed, child.index),
         ).validate()
         if metrics_port:
             metrics_port += child.index
@@ -1247,9 +1251,6 @@ def _resolve_ext_proc(
     return ext_proc, health
 
 
-_TLS_MODES_TEXT: Final = " or ".join(repr(mode) for mode in EXT_PROC_TLS_MODES)
-
-
 def _apply_gateway_table(args: argparse.Namespace) -> dict[str, str]:
     """``interlock route``: each key of ``--config``'s ``[gateway]`` table whose flag was not
     given sets it (a flag wins over its key); its ports and fallbacks checked as the flags'.
@@ -1258,8 +1259,8 @@ def _apply_gateway_table(args: argparse.Namespace) -> dict[str, str]:
     key the table set is named in errors (``[gateway] KEY of FILE``), by key.
 
     Raises:
-        ConfigError: a bad table (`PipelineConfig.gateway_table`), or a port that is not 0-65535
-            or a negative number of fallbacks (the message names the file and the key).
+        ConfigError: a bad table (`PipelineConfig.gateway_table`: the message names the file
+            and the key).
     """
     config_file = getattr(args, "config", None)
     if args.command != "route" or not config_file:
@@ -1269,15 +1270,6 @@ def _apply_gateway_table(args: argparse.Namespace) -> dict[str, str]:
     for key, value in PipelineConfig.gateway_table(config_file).items():
         if getattr(args, key, None) is not None or (tls_flagged and key in EXT_PROC_TLS_KEYS):
             continue
-        if key in ("ext_proc_port", "ext_proc_health_port") and not 0 <= value <= 65535:
-            raise ConfigError(f"{config_file}: [gateway] {key} must be a port 0-65535, got {value}")
-        if key == "ext_proc_fallbacks" and value < 0:
-            raise ConfigError(f"{config_file}: [gateway] {key} must be 0 or more, got {value}")
-        if key == "ext_proc_tls" and value not in EXT_PROC_TLS_MODES:
-            raise ConfigError(
-                f"{config_file}: [gateway] {key} must be {_TLS_MODES_TEXT}, got {value!r} "
-                "(a certificate of your own: ext_proc_tls_cert and ext_proc_tls_key)"
-            )
         setattr(args, key, value)
         names[key] = f"[gateway] {key} of {config_file}"
     return names
@@ -1314,7 +1306,7 @@ def _resolve_ext_proc_tls(
     if getattr(args, "ext_proc_port", None) is None:
         raise ConfigError(f"{given[0]} needs --ext-proc-port (TLS is for the picker's port)")
     if mode is not None and mode not in EXT_PROC_TLS_MODES:
-        raise ConfigError(f"{name('ext_proc_tls')} {mode!r}: give {_TLS_MODES_TEXT}")
+        raise ConfigError(f"{name('ext_proc_tls')} {mode!r}: give {EXT_PROC_TLS_MODES_TEXT}")
     # Imported here: the gRPC stack loads only for a router that serves it.
     from ..gateway._tls import load_tls, self_signed_tls
 

@@ -223,9 +223,12 @@ class Frontend:
         return None if name == self.model else name
 
     def answer_model(self, request: PreprocessedRequest) -> str:
-        """The model an answer, a stream's chunks and a trace name for ``request``: the name
-        its client sent (`request_model`'s inverse, or the name a ``[[model_rewrites]]`` rule
-        matched: the client asked for that model, whichever target served it)."""
+        """The model an answer, a stream's chunks and the request's SERVER span
+        (``gen_ai.request.model``) name for ``request``: the name its client sent
+        (`request_model`'s inverse, or the name a ``[[model_rewrites]]`` rule matched: the
+        client asked for that model, whichever target served it). Its engine legs are named
+        after the target (``request.model``, else ``--model-name``): what the engine is asked
+        for."""
         rewrite = request.model_rewrite
         if rewrite is not None:
             return rewrite.model

@@ -14,6 +14,7 @@ follows that thread's exit, not the process's).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -74,6 +75,17 @@ class ChildSpec:
                 f"{CHILD_FLAG} {text!r} is not a process spec ({exc}); this flag is internal to "
                 "interlock serve --processes: run without it"
             ) from None
+
+
+def child_seed(seed: int, index: int) -> int:
+    """The ``router_seed`` of the child process ``index`` of a frontend seeded ``seed``:
+    the two mixed by a hash, so each child draws its own sequence (its router's random
+    picks, its ``[[model_rewrites]]`` draws). With the one seed every child would make the
+    same draws: the first requests each child takes would all go to the same worker and the
+    same target, a short burst spread over N children no better split than one request.
+    The same ``seed`` gives the same children's seeds, so a run stays repeatable. Pure."""
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 def share_of(limit: int | None, processes: int) -> int | None:

@@ -38,7 +38,8 @@ class TracedEndpoint:
 
     Attributes: ``http.request.method``, ``http.route``, ``url.path``,
     ``http.response.status_code``, ``gen_ai.operation.name``, ``gen_ai.request.model`` (``model``;
-    the endpoint sets a LoRA adapter's name for its request),
+    the endpoint sets the name its request's client sent, and ``gen_ai.response.model``, the
+    model that ran),
     ``x_request_id`` (the caller's ``x-request-id`` header, as Dynamo names it) and
     ``gen_ai.latency.e2e``. A 5xx answer or an exception sets the status to ERROR.
     """

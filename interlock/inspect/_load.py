@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from collections.abc import Iterable
@@ -10,6 +9,7 @@ from typing import TextIO
 
 import attrs
 
+from .._errors import did_you_mean
 from ._filter import RequestFilter
 from ._history import RequestHistory, group_requests
 from ._records import LogEntry, LogProblem, read_lines
@@ -55,8 +55,7 @@ class LoadedLog:
         try:
             return requests[key]
         except KeyError:
-            close = difflib.get_close_matches(key, list(requests), n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            hint = did_you_mean(key, requests, n=3)
             raise KeyError(
                 f"no record of request {key!r} in the log ({len(requests)} requests){hint}"
             ) from None
