@@ -321,8 +321,11 @@ request = function()
   return wrk.format("POST", "/v1/chat/completions", {["Content-Type"] = "application/json"}, body)
 end
 done = function(summary, latency, requests)
-  io.write(string.format('{"requests": %d, "non2xx": %d, "errors": %d}\\n', summary.requests,
-    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.timeout))
+  io.write(string.format(
+    '{"requests": %d, "non2xx": %d, "errors": %d, "p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99)))
 end
 """
 
@@ -399,6 +402,9 @@ def side_by_side(
                     "worker_cpu_ms_per_req": 1000 * (sum(map(cpu_s, wp)) - before[n][1]) / count,
                     "req_per_s": done["requests"] / seconds,
                     "errors": done["non2xx"] + done.get("errors", 0),
+                    "p50_ms": done.get("p50_us", 0) / 1000,
+                    "p99_ms": done.get("p99_us", 0) / 1000,
+                    "load": os.getloadavg()[0],
                 }
                 if n in steps_files:
                     steps = task_steps(pid, steps_files[n])
@@ -502,6 +508,33 @@ def main() -> None:
             + " | ".join(f"{m:.3f}" for m in meds)
             + f" | {statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}] |"
         )
+    if a.side_by_side:
+        # wrk's latency at the same time on the same core: the tail against the median per
+        # checkout (p99/p50, median and range over rounds), and new's against base's.
+        print(
+            f"\nlatency p99/p50 (wrk), median [min-max] over rounds; ratio {names[-1]}/{names[0]}"
+        )
+        for (mode, c), by in results.items():
+            tails = {n: [x["p99_ms"] / x["p50_ms"] for x in by[n] if x["p50_ms"]] for n in names}
+            cells_ = [
+                f"{n} {statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}] "
+                f"(p50 {statistics.median(x['p50_ms'] for x in by[n]):.1f} ms)"
+                for n, v in tails.items()
+                if v
+            ]
+            ratios = [
+                (b["p99_ms"] / b["p50_ms"]) / (a_["p99_ms"] / a_["p50_ms"])
+                for a_, b in zip(by[names[0]], by[names[-1]], strict=True)
+                if a_["p50_ms"] and b["p50_ms"]
+            ]
+            spread = (
+                f"{statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}]"
+                if ratios
+                else "-"
+            )
+            print(f"{mode} C={c}: " + ", ".join(cells_) + f"; ratio {spread}")
+        loads = [x["load"] for by in results.values() for v in by.values() for x in v]
+        print(f"load average over the cells: {min(loads):.1f}-{max(loads):.1f}")
     if a.count_steps:
         print("\ntrio task steps per request (medians; tasks spawned per request)")
         for (mode, c), by in results.items():
