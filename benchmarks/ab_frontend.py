@@ -94,20 +94,37 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def task_steps(pid: int, path: str) -> tuple[int, int]:
-    """The task steps and spawns of a serve started with `STEPS_SERVE` (``path``: its
-    $AB_STEPS_FILE), so far."""
+def report(pid: int, path: str | os.PathLike[str]) -> str:
+    """What a serve started with an instrumented launcher (`STEPS_SERVE`, bench_tail.py's
+    ``TAIL_SERVE``) writes to ``path`` when sent SIGUSR1. Waits up to 10 s for the file.
+
+    Raises:
+        RuntimeError: the serve wrote nothing in that time.
+    """
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + 10
     while not os.path.exists(path):
         if time.monotonic() > deadline:
-            raise RuntimeError("serve did not report its task steps")
+            raise RuntimeError(f"serve (pid {pid}) wrote no report to {path} after SIGUSR1")
         time.sleep(0.01)
     with open(path) as f:
-        steps, spawned = f.read().split()
+        return f.read()
+
+
+def task_steps(pid: int, path: str) -> tuple[int, int]:
+    """The task steps and spawns of a serve started with `STEPS_SERVE` (``path``: its
+    $AB_STEPS_FILE), so far."""
+    steps, spawned = report(pid, path).split()
     return int(steps), int(spawned)
+
+
+def pin(serve: int, workers: list[int]) -> None:
+    """``serve`` (every thread) on CPU 0, ``workers`` on CPU 1, where the client goes too."""
+    subprocess.run(["taskset", "-a", "-p", "-c", "0", str(serve)], check=True, capture_output=True)
+    for w in workers:
+        subprocess.run(["taskset", "-a", "-p", "-c", "1", str(w)], check=True, capture_output=True)
 
 
 def cpu_s(pid: int) -> float:
@@ -129,11 +146,18 @@ def cluster(
     extra: list[str],
     engines: str = "wire",
     steps_file: str | None = None,
+    serve_code: str | None = None,
+    serve_env: dict[str, str] | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """Start 2 workers and serve from checkout ``src`` (over the workers' wire protocol, or
     with ``engines="http"`` over their vLLM-compatible HTTP surface); yield serve's port and
     pid and the workers' pids; stop them all at the end. ``steps_file``: serve counts its task
-    steps (`STEPS_SERVE`) and writes them there."""
+    steps (`STEPS_SERVE`) and writes them there. ``serve_code``: serve runs as ``python -c``
+    this (an instrumented launcher that ends in interlock's CLI), with ``serve_env`` added to
+    its environment."""
+    if steps_file is not None:
+        serve_code = STEPS_SERVE
+        serve_env = {**(serve_env or {}), "AB_STEPS_FILE": steps_file}
     env = dict(os.environ, PYTHONPATH=src)
     procs = []
     http = engines == "http"
@@ -185,7 +209,7 @@ def cluster(
             rw += ["--kv-block-size", "32"]
             if kv_bind is not None:
                 rw += ["--kv-events-bind", kv_bind]
-        launch = ["-m", "interlock"] if steps_file is None else ["-c", STEPS_SERVE]
+        launch = ["-m", "interlock"] if serve_code is None else ["-c", serve_code]
         serve = subprocess.Popen(
             [
                 VENV_PY,
@@ -206,7 +230,7 @@ def cluster(
                 "3",
                 *extra,
             ],
-            env=env if steps_file is None else dict(env, AB_STEPS_FILE=steps_file),
+            env=dict(env, **(serve_env or {})),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=src,
@@ -350,13 +374,7 @@ def side_by_side(
             port, pid, wpids = stack.enter_context(
                 cluster(src, a.policy, a.extra.split(), a.engines, steps_files.get(name))
             )
-            subprocess.run(
-                ["taskset", "-a", "-p", "-c", "0", str(pid)], check=True, capture_output=True
-            )
-            for w in wpids:
-                subprocess.run(
-                    ["taskset", "-a", "-p", "-c", "1", str(w)], check=True, capture_output=True
-                )
+            pin(pid, wpids)
             running[name] = (port, pid, wpids)
 
         def drive(mode: str, c: int, seconds: float) -> dict[str, dict[str, Any]]:
