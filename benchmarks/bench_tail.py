@@ -219,7 +219,12 @@ def report(
         f"{done['non2xx']} non-2xx; wrk p50 {done['p50_us'] / 1000:.1f} ms, p99 "
         f"{done['p99_us'] / 1000:.1f} ms (p99/p50 {done['p99_us'] / max(done['p50_us'], 1):.2f})"
     )
-    print(f"\n{len(lives)} requests' time in the pipeline (preprocessed -> done), mean ms:")
+    spans = sorted(end - begin for begin, end in lives)
+    p50, p99 = spans[len(spans) // 2], spans[int(len(spans) * 0.99)]
+    print(
+        f"\n{len(lives)} requests' time in the pipeline (preprocessed -> done): p50 "
+        f"{1000 * p50:.1f} ms, p99 {1000 * p99:.1f} ms (p99/p50 {p99 / p50:.2f}); mean ms:"
+    )
     print("| band | life | " + " | ".join(PARTS) + " |")
     print("|---|---|" + "---|" * len(PARTS))
     for name, row in bands(passes, lives):
