@@ -15,6 +15,7 @@ shows up as more of it in the slow bands than in the median one.
 
     python benchmarks/bench_tail.py                      # C=256, 20 s
     python benchmarks/bench_tail.py -c 64 --seconds 10 --src /path/to/other/checkout
+    python benchmarks/bench_tail.py --unpinned            # every process on every CPU
 
 The instrument's own cost (a few clock reads a pass) and the JSONL sink's are paid in every
 band alike; compare bands, not absolute CPU figures (ab_frontend.py measures those).
@@ -156,6 +157,12 @@ def main() -> None:
     ap.add_argument("--policy", default="kv")
     ap.add_argument("--prefix-repeat", type=int, default=28)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument(
+        "--unpinned",
+        action="store_true",
+        help="leave the serve, workers and wrk to the kernel on every CPU (the two-core cells "
+        "of bench_frontend.py) instead of the serve alone on CPU 0",
+    )
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tail-") as tmp_name:
         lives, passes, done, load = run(a, Path(tmp_name))
@@ -179,14 +186,17 @@ def run(
                 serve_env={"TAIL_PASSES_FILE": str(passes_file)},
             )
         )
-        ab_frontend.pin(pid, wpids)
+        if not a.unpinned:
+            ab_frontend.pin(pid, wpids)
         env = dict(
             os.environ,
             AB_STREAM="0",
             AB_PREFIX_REPEAT=str(a.prefix_repeat),
             AB_MAX_TOKENS=str(a.max_tokens),
         )
-        wrk = ["taskset", "-c", "1", "wrk", "-t1", f"-c{a.c}", "--timeout", "60s", "-s"]
+        wrk = ["wrk", "-t1", f"-c{a.c}", "--timeout", "60s", "-s"]
+        if not a.unpinned:
+            wrk = ["taskset", "-c", "1", *wrk]
         url = f"http://127.0.0.1:{port}"
         subprocess.run([*wrk, str(script), "-d2s", url], env=env, capture_output=True, check=True)
         ab_frontend.report(pid, passes_file)  # the warm-up's passes: dropped
@@ -214,7 +224,8 @@ def report(
     load: tuple[float, float, float],
 ) -> None:
     print(
-        f"interlock serve at C={a.c}, {a.seconds:g} s, policy {a.policy}, load average "
+        f"interlock serve at C={a.c}, {'unpinned' if a.unpinned else 'alone on CPU 0'}, "
+        f"{a.seconds:g} s, policy {a.policy}, load average "
         f"{load[0]:.1f}: {done['requests'] / a.seconds:.0f} req/s, {done['errors']} errors, "
         f"{done['non2xx']} non-2xx; wrk p50 {done['p50_us'] / 1000:.1f} ms, p99 "
         f"{done['p99_us'] / 1000:.1f} ms (p99/p50 {done['p99_us'] / max(done['p50_us'], 1):.2f})"
