@@ -61,30 +61,27 @@ LOADGEN = str(HERE.parents[1] / "shared" / "peers" / "loadgen.py")
 TOK = str(HERE.parents[1] / "shared" / "data" / "tokenizers" / "qwen3")
 CLK = os.sysconf("SC_CLK_TCK")
 
-#: ``python -c`` this instead of ``-m interlock`` to count trio's task steps and spawns: on
-#: SIGUSR1 the process writes "steps spawned" to $AB_STEPS_FILE.
-STEPS_SERVE = """
+
+def instrumented_serve(setup: str) -> str:
+    """Code for ``python -c`` in place of ``-m interlock``: ``setup`` (which defines a trio
+    instrument class ``Instrument`` and ``write_report(file)``), then interlock's CLI with an
+    ``Instrument()`` in every ``trio.run``; on SIGUSR1 the process writes its report to
+    $AB_REPORT_FILE (whole: written aside, then renamed), which `report` reads."""
+    return (
+        setup
+        + """
 import os, signal, sys, trio
-
-class Steps(trio.abc.Instrument):
-    steps = spawned = 0
-
-    def before_task_step(self, task):
-        Steps.steps += 1
-
-    def task_spawned(self, task):
-        Steps.spawned += 1
 
 _run = trio.run
 
 def run(*args, **kwargs):
-    kwargs["instruments"] = [*kwargs.get("instruments", ()), Steps()]
+    kwargs["instruments"] = [*kwargs.get("instruments", ()), Instrument()]
     return _run(*args, **kwargs)
 
 def dump(signum, frame):
-    path = os.environ["AB_STEPS_FILE"]
+    path = os.environ["AB_REPORT_FILE"]
     with open(path + ".tmp", "w") as f:
-        f.write(f"{Steps.steps} {Steps.spawned}")
+        write_report(f)
     os.replace(path + ".tmp", path)
 
 trio.run = run
@@ -92,11 +89,33 @@ signal.signal(signal.SIGUSR1, dump)
 from interlock.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+    )
+
+
+#: A serve that counts trio's task steps and spawns: its report is "steps spawned".
+STEPS_SERVE = instrumented_serve(
+    """
+import trio
+
+class Instrument(trio.abc.Instrument):
+    steps = spawned = 0
+
+    def before_task_step(self, task):
+        Instrument.steps += 1
+
+    def task_spawned(self, task):
+        Instrument.spawned += 1
+
+def write_report(f):
+    f.write(f"{Instrument.steps} {Instrument.spawned}")
+"""
+)
 
 
 def report(pid: int, path: str | os.PathLike[str]) -> str:
-    """What a serve started with an instrumented launcher (`STEPS_SERVE`, bench_tail.py's
-    ``TAIL_SERVE``) writes to ``path`` when sent SIGUSR1. Waits up to 10 s for the file.
+    """What a serve started with `instrumented_serve` code (`STEPS_SERVE`, bench_tail.py's
+    ``TAIL_SERVE``) and $AB_REPORT_FILE ``path`` writes when sent SIGUSR1. Waits up to 10 s
+    for the file.
 
     Raises:
         RuntimeError: the serve wrote nothing in that time.
@@ -115,7 +134,7 @@ def report(pid: int, path: str | os.PathLike[str]) -> str:
 
 def task_steps(pid: int, path: str) -> tuple[int, int]:
     """The task steps and spawns of a serve started with `STEPS_SERVE` (``path``: its
-    $AB_STEPS_FILE), so far."""
+    $AB_REPORT_FILE), so far."""
     steps, spawned = report(pid, path).split()
     return int(steps), int(spawned)
 
@@ -153,11 +172,10 @@ def cluster(
     with ``engines="http"`` over their vLLM-compatible HTTP surface); yield serve's port and
     pid and the workers' pids; stop them all at the end. ``steps_file``: serve counts its task
     steps (`STEPS_SERVE`) and writes them there. ``serve_code``: serve runs as ``python -c``
-    this (an instrumented launcher that ends in interlock's CLI), with ``serve_env`` added to
-    its environment."""
+    this (`instrumented_serve`), with ``serve_env`` added to its environment."""
     if steps_file is not None:
         serve_code = STEPS_SERVE
-        serve_env = {**(serve_env or {}), "AB_STEPS_FILE": steps_file}
+        serve_env = {**(serve_env or {}), "AB_REPORT_FILE": steps_file}
     env = dict(os.environ, PYTHONPATH=src)
     procs = []
     http = engines == "http"

@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # A sibling: the cluster, its pinning and wrk's chat requests.
 import ab_frontend
 
-#: ``python -c`` this instead of ``-m interlock``: on SIGUSR1 the serve writes the scheduler
-#: passes recorded since the last SIGUSR1 (wall start, wall length, CPU, GC CPU; seconds) to
-#: $TAIL_PASSES_FILE.
-TAIL_SERVE = """
-import gc, json, os, signal, sys, time, trio
+#: A serve that records its scheduler passes: its report is the passes since the last one
+#: (wall start, wall length, CPU, GC CPU; seconds), as JSON.
+TAIL_SERVE = ab_frontend.instrumented_serve(
+    """
+import gc, json, time, trio
 
 wall, cpu = time.time, time.thread_time
 passes = []
@@ -59,7 +59,7 @@ def on_gc(phase, info):
 
 gc.callbacks.append(on_gc)
 
-class Passes(trio.abc.Instrument):
+class Instrument(trio.abc.Instrument):
     began = None
 
     def after_io_wait(self, timeout):
@@ -72,24 +72,11 @@ class Passes(trio.abc.Instrument):
                 (self.began[0], wall() - self.began[0], cpu() - self.began[1], gc_cpu[0])
             )
 
-_run = trio.run
-
-def run(*args, **kwargs):
-    kwargs["instruments"] = [*kwargs.get("instruments", ()), Passes()]
-    return _run(*args, **kwargs)
-
-def dump(signum, frame):
-    path = os.environ["TAIL_PASSES_FILE"]
-    with open(path + ".tmp", "w") as f:
-        json.dump(passes, f)
-    os.replace(path + ".tmp", path)
+def write_report(f):
+    json.dump(passes, f)
     passes.clear()
-
-trio.run = run
-signal.signal(signal.SIGUSR1, dump)
-from interlock.cli import main
-sys.exit(main(sys.argv[1:]))
 """
+)
 
 #: A pass: wall start, wall length, the serve thread's CPU in it, the collections' CPU in it.
 Pass = tuple[float, float, float, float]
@@ -183,7 +170,7 @@ def run(
                 a.policy,
                 ["--log-transitions", str(log)],
                 serve_code=TAIL_SERVE,
-                serve_env={"TAIL_PASSES_FILE": str(passes_file)},
+                serve_env={"AB_REPORT_FILE": str(passes_file)},
             )
         )
         if not a.unpinned:
