@@ -61,30 +61,27 @@ LOADGEN = str(HERE.parents[1] / "shared" / "peers" / "loadgen.py")
 TOK = str(HERE.parents[1] / "shared" / "data" / "tokenizers" / "qwen3")
 CLK = os.sysconf("SC_CLK_TCK")
 
-#: ``python -c`` this instead of ``-m interlock`` to count trio's task steps and spawns: on
-#: SIGUSR1 the process writes "steps spawned" to $AB_STEPS_FILE.
-STEPS_SERVE = """
+
+def instrumented_serve(setup: str) -> str:
+    """Code for ``python -c`` in place of ``-m interlock``: ``setup`` (which defines a trio
+    instrument class ``Instrument`` and ``write_report(file)``), then interlock's CLI with an
+    ``Instrument()`` in every ``trio.run``; on SIGUSR1 the process writes its report to
+    $AB_REPORT_FILE (whole: written aside, then renamed), which `report` reads."""
+    return (
+        setup
+        + """
 import os, signal, sys, trio
-
-class Steps(trio.abc.Instrument):
-    steps = spawned = 0
-
-    def before_task_step(self, task):
-        Steps.steps += 1
-
-    def task_spawned(self, task):
-        Steps.spawned += 1
 
 _run = trio.run
 
 def run(*args, **kwargs):
-    kwargs["instruments"] = [*kwargs.get("instruments", ()), Steps()]
+    kwargs["instruments"] = [*kwargs.get("instruments", ()), Instrument()]
     return _run(*args, **kwargs)
 
 def dump(signum, frame):
-    path = os.environ["AB_STEPS_FILE"]
+    path = os.environ["AB_REPORT_FILE"]
     with open(path + ".tmp", "w") as f:
-        f.write(f"{Steps.steps} {Steps.spawned}")
+        write_report(f)
     os.replace(path + ".tmp", path)
 
 trio.run = run
@@ -92,22 +89,61 @@ signal.signal(signal.SIGUSR1, dump)
 from interlock.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+    )
 
 
-def task_steps(pid: int, path: str) -> tuple[int, int]:
-    """The task steps and spawns of a serve started with `STEPS_SERVE` (``path``: its
-    $AB_STEPS_FILE), so far."""
+#: A serve that counts trio's task steps and spawns: its report is "steps spawned".
+STEPS_SERVE = instrumented_serve(
+    """
+import trio
+
+class Instrument(trio.abc.Instrument):
+    steps = spawned = 0
+
+    def before_task_step(self, task):
+        Instrument.steps += 1
+
+    def task_spawned(self, task):
+        Instrument.spawned += 1
+
+def write_report(f):
+    f.write(f"{Instrument.steps} {Instrument.spawned}")
+"""
+)
+
+
+def report(pid: int, path: str | os.PathLike[str]) -> str:
+    """What a serve started with `instrumented_serve` code (`STEPS_SERVE`, bench_tail.py's
+    ``TAIL_SERVE``) and $AB_REPORT_FILE ``path`` writes when sent SIGUSR1. Waits up to 10 s
+    for the file.
+
+    Raises:
+        RuntimeError: the serve wrote nothing in that time.
+    """
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + 10
     while not os.path.exists(path):
         if time.monotonic() > deadline:
-            raise RuntimeError("serve did not report its task steps")
+            raise RuntimeError(f"serve (pid {pid}) wrote no report to {path} after SIGUSR1")
         time.sleep(0.01)
     with open(path) as f:
-        steps, spawned = f.read().split()
+        return f.read()
+
+
+def task_steps(pid: int, path: str) -> tuple[int, int]:
+    """The task steps and spawns of a serve started with `STEPS_SERVE` (``path``: its
+    $AB_REPORT_FILE), so far."""
+    steps, spawned = report(pid, path).split()
     return int(steps), int(spawned)
+
+
+def pin(serve: int, workers: list[int]) -> None:
+    """``serve`` (every thread) on CPU 0, ``workers`` on CPU 1, where the client goes too."""
+    subprocess.run(["taskset", "-a", "-p", "-c", "0", str(serve)], check=True, capture_output=True)
+    for w in workers:
+        subprocess.run(["taskset", "-a", "-p", "-c", "1", str(w)], check=True, capture_output=True)
 
 
 def cpu_s(pid: int) -> float:
@@ -129,11 +165,17 @@ def cluster(
     extra: list[str],
     engines: str = "wire",
     steps_file: str | None = None,
+    serve_code: str | None = None,
+    serve_env: dict[str, str] | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """Start 2 workers and serve from checkout ``src`` (over the workers' wire protocol, or
     with ``engines="http"`` over their vLLM-compatible HTTP surface); yield serve's port and
     pid and the workers' pids; stop them all at the end. ``steps_file``: serve counts its task
-    steps (`STEPS_SERVE`) and writes them there."""
+    steps (`STEPS_SERVE`) and writes them there. ``serve_code``: serve runs as ``python -c``
+    this (`instrumented_serve`), with ``serve_env`` added to its environment."""
+    if steps_file is not None:
+        serve_code = STEPS_SERVE
+        serve_env = {**(serve_env or {}), "AB_REPORT_FILE": steps_file}
     env = dict(os.environ, PYTHONPATH=src)
     procs = []
     http = engines == "http"
@@ -185,7 +227,7 @@ def cluster(
             rw += ["--kv-block-size", "32"]
             if kv_bind is not None:
                 rw += ["--kv-events-bind", kv_bind]
-        launch = ["-m", "interlock"] if steps_file is None else ["-c", STEPS_SERVE]
+        launch = ["-m", "interlock"] if serve_code is None else ["-c", serve_code]
         serve = subprocess.Popen(
             [
                 VENV_PY,
@@ -206,7 +248,7 @@ def cluster(
                 "3",
                 *extra,
             ],
-            env=env if steps_file is None else dict(env, AB_STEPS_FILE=steps_file),
+            env=dict(env, **(serve_env or {})),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=src,
@@ -321,8 +363,11 @@ request = function()
   return wrk.format("POST", "/v1/chat/completions", {["Content-Type"] = "application/json"}, body)
 end
 done = function(summary, latency, requests)
-  io.write(string.format('{"requests": %d, "non2xx": %d, "errors": %d}\\n', summary.requests,
-    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.timeout))
+  io.write(string.format(
+    '{"requests": %d, "non2xx": %d, "errors": %d, "p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99)))
 end
 """
 
@@ -347,13 +392,7 @@ def side_by_side(
             port, pid, wpids = stack.enter_context(
                 cluster(src, a.policy, a.extra.split(), a.engines, steps_files.get(name))
             )
-            subprocess.run(
-                ["taskset", "-a", "-p", "-c", "0", str(pid)], check=True, capture_output=True
-            )
-            for w in wpids:
-                subprocess.run(
-                    ["taskset", "-a", "-p", "-c", "1", str(w)], check=True, capture_output=True
-                )
+            pin(pid, wpids)
             running[name] = (port, pid, wpids)
 
         def drive(mode: str, c: int, seconds: float) -> dict[str, dict[str, Any]]:
@@ -399,6 +438,9 @@ def side_by_side(
                     "worker_cpu_ms_per_req": 1000 * (sum(map(cpu_s, wp)) - before[n][1]) / count,
                     "req_per_s": done["requests"] / seconds,
                     "errors": done["non2xx"] + done.get("errors", 0),
+                    "p50_ms": done.get("p50_us", 0) / 1000,
+                    "p99_ms": done.get("p99_us", 0) / 1000,
+                    "load": os.getloadavg()[0],
                 }
                 if n in steps_files:
                     steps = task_steps(pid, steps_files[n])
@@ -502,6 +544,33 @@ def main() -> None:
             + " | ".join(f"{m:.3f}" for m in meds)
             + f" | {statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}] |"
         )
+    if a.side_by_side:
+        # wrk's latency at the same time on the same core: the tail against the median per
+        # checkout (p99/p50, median and range over rounds), and new's against base's.
+        print(
+            f"\nlatency p99/p50 (wrk), median [min-max] over rounds; ratio {names[-1]}/{names[0]}"
+        )
+        for (mode, c), by in results.items():
+            tails = {n: [x["p99_ms"] / x["p50_ms"] for x in by[n] if x["p50_ms"]] for n in names}
+            cells_ = [
+                f"{n} {statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}] "
+                f"(p50 {statistics.median(x['p50_ms'] for x in by[n]):.1f} ms)"
+                for n, v in tails.items()
+                if v
+            ]
+            ratios = [
+                (b["p99_ms"] / b["p50_ms"]) / (a_["p99_ms"] / a_["p50_ms"])
+                for a_, b in zip(by[names[0]], by[names[-1]], strict=True)
+                if a_["p50_ms"] and b["p50_ms"]
+            ]
+            spread = (
+                f"{statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}]"
+                if ratios
+                else "-"
+            )
+            print(f"{mode} C={c}: " + ", ".join(cells_) + f"; ratio {spread}")
+        loads = [x["load"] for by in results.values() for v in by.values() for x in v]
+        print(f"load average over the cells: {min(loads):.1f}-{max(loads):.1f}")
     if a.count_steps:
         print("\ntrio task steps per request (medians; tasks spawned per request)")
         for (mode, c), by in results.items():

@@ -15,6 +15,10 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3 = ROOT.parent / "shared" / "data" / "tokenizers" / "qwen3"
 # The real tokenizer where the checkout has it beside it; the byte tokenizer elsewhere.
@@ -35,6 +39,7 @@ def _load(name: str) -> ModuleType:
 
 
 bench = _load("bench_frontend")
+tail = _load("bench_tail")
 
 
 def _processes_with(marker: str) -> list[list[bytes]]:
@@ -142,3 +147,34 @@ def test_the_frontend_benchmark_puts_http_engines_beside_wire_workers() -> None:
     # The first table's rows: errors last, the ratio before them.
     assert [row[-2].strip() for row in rows[:2]] == ["0", "0"], f"requests failed:\n{out}"
     assert all(float(row[-3]) > 0 for row in rows[:2]), out
+
+
+def test_a_life_is_split_over_the_passes_it_overlaps() -> None:
+    # A pass of 1 s (0.6 s CPU, 0.1 s of it collecting), half inside the life; a second pass
+    # of 0.2 s all CPU inside it; the rest of the life between passes.
+    passes = [(0.0, 1.0, 0.6, 0.1), (1.5, 0.2, 0.2, 0.0)]
+    parts = tail.split_life(passes, [0.0, 1.5], 0.5, 2.0)
+    expected = {"cpu": 0.25 + 0.2, "gc": 0.05, "preempted": 0.2, "idle": 0.8}
+    assert parts == {k: pytest.approx(v) for k, v in expected.items()}, parts
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 1), st.floats(0.001, 1), st.floats(0, 1), st.floats(0, 1)),
+        max_size=20,
+    ),
+    st.floats(0, 30),
+    st.floats(0, 30),
+)
+def test_a_lifes_parts_add_up_to_its_length(
+    shapes: list[tuple[float, float, float, float]], begin: float, length: float
+) -> None:
+    # Passes one after another (gap, length, CPU and GC as shares), as a trio run makes them.
+    passes, at = [], 0.0
+    for gap, span, cpu, gc_share in shapes:
+        at += gap
+        passes.append((at, span, span * cpu, span * cpu * gc_share))
+        at += span
+    parts = tail.split_life(passes, [p[0] for p in passes], begin, begin + length)
+    assert sum(parts.values()) == pytest.approx(length, abs=1e-9), (passes, parts)
+    assert min(parts.values()) >= 0, parts
