@@ -115,14 +115,14 @@ class Frontend:
         #: The routable workers' ids at the last membership change (`_saw`).
         self._routable: frozenset[int] = frozenset()
         #: The LoRA adapters of each engine away now (registered but not routable: unhealthy,
-        #: reconnecting), as it listed them when it left (`known_adapters`). Names, not
+        #: reconnecting), as it listed them when it left (`model_not_found`). Names, not
         #: engines: an engine removed for good is forgotten, its memory released.
         self._away: Mapping[int, frozenset[str]] = {}
         self._unwatch: Callable[[], None] | None = None
         self.watch()
 
     def watch(self) -> None:
-        """Follow the pipeline's membership (for `known_adapters`) until `close`; a no-op
+        """Follow the pipeline's membership (for `model_not_found`) until `close`; a no-op
         while following. `build_app` calls it, and its app's ASGI lifespan at startup again
         (an app served after an earlier shutdown)."""
         if self._unwatch is None:
@@ -186,9 +186,10 @@ class Frontend:
         start, since the adapters it may name come and go with their engines."""
         if name == self.model:
             return None
-        if type(name) is str and name in self.known_adapters():
-            return None
+        # The adapters served now, built once: the check and the 404's list both read them.
         adapters = self.adapters()
+        if type(name) is str and (name in adapters or self._listed_away(name)):
+            return None
         also = f" (and the LoRA adapters {sorted(adapters)})" if adapters else ""
         if rewrite is not None:
             return HttpError(
@@ -210,10 +211,9 @@ class Frontend:
         """The LoRA adapters the registered engines serve now (`served_adapters`)."""
         return _adapters_of(self.pipeline.workers.values())
 
-    def known_adapters(self) -> frozenset[str]:
-        """The LoRA adapters of every engine registered: what each routable one lists now,
-        and what each one away listed when it left."""
-        return self.adapters().union(*self._away.values())
+    def _listed_away(self, adapter: str) -> bool:
+        """Whether an engine away now listed ``adapter`` when it left (`_saw`)."""
+        return any(adapter in names for names in self._away.values())
 
     def request_model(self, name: str) -> str | None:
         """`PreprocessedRequest.model` for a request naming the model ``name`` (which
