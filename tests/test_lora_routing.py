@@ -19,6 +19,7 @@ import json
 import weakref
 from typing import Any
 
+import httpx
 import hypothesis.strategies as st
 import pytest
 import trio
@@ -41,7 +42,7 @@ from test_gateway_ext_proc import (
 
 from interlock import Components, PipelineConfig, PrefillFailed, build_pipeline
 from interlock.actors import AFFINITY, adapter_affinity
-from interlock.engines.mock import MockEngine
+from interlock.engines.mock import MockEngine, mock_token_pool
 from interlock.engines.openai import EngineMetrics, LoraState, OpenAIEngine, parse_engine_metrics
 from interlock.engines.openai._models import adapters_in, model_cards
 from interlock.gateway._rewrite import MODEL_REWRITE_HEADERS, model_rewrite
@@ -464,6 +465,39 @@ async def test_an_adapter_of_an_engine_that_came_and_went_since_the_start_is_503
         assert status == 503, (status, error)
         status, _ = immediate(await exchange(p.picker, [request_headers(), adapter_body("ad8")]))
         assert status == 404
+
+
+async def test_the_model_endpoints_agree_with_chat_on_an_adapter_only_an_away_engine_serves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``/v1/models`` lists what a request may use now (OpenAI's "currently available", vLLM's
+    loaded adapters); ``/v1/models/{name}`` answers what a chat request naming it gets: 200
+    while an engine serves it, 503 while only engines away do (retry), 404 once they are
+    removed for good."""
+    preprocessor = Preprocessor.default()
+    base, late = (MockEngine(i, token_pool=mock_token_pool(preprocessor.tokenizer)) for i in (1, 4))
+    late.adapters = frozenset({"ad7"})  # type: ignore[attr-defined]
+    components = Components(workers=[base, late], tokenizer=preprocessor.tokenizer)
+    async with build_pipeline(PipelineConfig(), components) as pipeline:
+        app = build_app(pipeline, model="mock", preprocessor=preprocessor)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+
+            async def answers() -> tuple[list[str], int, int]:
+                listed = (await client.get("/v1/models")).json()["data"]
+                looked_up = await client.get("/v1/models/ad7")
+                chat = {"model": "ad7", "messages": [{"role": "user", "content": "hi"}]}
+                chatted = await client.post("/v1/chat/completions", json={**chat, "max_tokens": 2})
+                return [m["id"] for m in listed], looked_up.status_code, chatted.status_code
+
+            assert await answers() == (["mock", "ad7"], 200, 200)
+            late.leave()  # away (as an unhealthy `OpenAIEngine`), not removed
+            await pipeline.membership_settled()
+            assert await answers() == (["mock"], 503, 503)
+            error = (await client.get("/v1/models/ad7")).json()["error"]
+            assert error["code"] == "no_workers_available" and "'ad7'" in error["message"]
+            await pipeline.remove_worker(4, stop=True)
+            assert await answers() == (["mock"], 404, 404)
 
 
 @pytest.mark.parametrize("away_first", [False, True])

@@ -1188,14 +1188,16 @@ def build_app(
     metrics.model_rewrite_names = frontend.model_rewrites.label_names() | {model}
 
     async def models(request: Request) -> Response:
+        # What a request may use now (OpenAI's "currently available models", vLLM's loaded
+        # adapters): an adapter only engines away serve is left out until one is back.
         adapters = [_model_card(frontend, a) for a in sorted(frontend.adapters())]
         return _json({"object": "list", "data": [_model_card(frontend), *adapters]})
 
     async def model_info(request: Request) -> Response:
         name = request.path_params["model"]
-        error = frontend.model_not_found(name)
+        error = frontend.model_unavailable(name)
         if error is not None:
-            return Response(error.body(), 404, media_type="application/json")
+            return Response(error.body(), error.status, media_type="application/json")
         return _json(_model_card(frontend, None if name == frontend.model else name))
 
     async def health(request: Request) -> Response:

@@ -10,7 +10,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import attrs
 import trio
@@ -23,7 +23,7 @@ from ..kv._hashing import trust_u32
 from ..processing import ByteTokenizer
 from ..wire import ModelRewriteDecision, PreprocessedRequest, SamplingOptions
 from ._drain import Drain
-from ._errors import HttpError, bad_request
+from ._errors import SERVER_ERROR, HttpError, bad_request
 from ._metrics import HttpMetrics
 from ._nvext import NvExt
 from ._openai import ParsedRequest
@@ -185,10 +185,9 @@ class Frontend:
         (`choose_rewrite`), which the message names: a target checked per request, not at
         start, since the adapters it may name come and go with their engines."""
         if name == self.model:
-            return None
-        # The adapters served now, built once: the check and the 404's list both read them.
-        adapters = self.adapters()
-        if type(name) is str and (name in adapters or self._listed_away(name)):
+            return None  # (every base-model request: no adapter list built)
+        served, adapters = self._served(name)
+        if served is not None:
             return None
         also = f" (and the LoRA adapters {sorted(adapters)})" if adapters else ""
         if rewrite is not None:
@@ -207,13 +206,39 @@ class Frontend:
             code="model_not_found",
         )
 
+    def model_unavailable(self, name: str) -> HttpError | None:
+        """None when ``/v1/models/{name}`` answers with ``name``'s card, else what a request
+        naming it gets now: `model_not_found`'s 404, or for an adapter only engines away serve
+        the router's 503 (retry), where a card would say a request may use it now."""
+        if name == self.model:
+            return None
+        served, _ = self._served(name)
+        if served == "away":
+            return HttpError(
+                503,
+                f"the LoRA adapter {name!r} is served only by engines away now (unhealthy or "
+                "reconnecting); retry later",
+                type=SERVER_ERROR,
+                code="no_workers_available",
+            )
+        return None if served is not None else self.model_not_found(name)
+
+    def _served(self, name: object) -> tuple[Literal["now", "away"] | None, frozenset[str]]:
+        """Whether a request naming ``name``, not the base model, is served now (an adapter a
+        routable engine serves), only by engines away, or not at all (None); with the
+        adapters served now, built once for the check and `model_not_found`'s message."""
+        adapters = self.adapters()
+        if type(name) is not str:  # an unhashable name is no adapter either
+            return None, adapters
+        if name in adapters:
+            return "now", adapters
+        if any(name in names for names in self._away.values()):
+            return "away", adapters
+        return None, adapters
+
     def adapters(self) -> frozenset[str]:
         """The LoRA adapters the registered engines serve now (`served_adapters`)."""
         return _adapters_of(self.pipeline.workers.values())
-
-    def _listed_away(self, adapter: str) -> bool:
-        """Whether an engine away now listed ``adapter`` when it left (`_saw`)."""
-        return any(adapter in names for names in self._away.values())
 
     def request_model(self, name: str) -> str | None:
         """`PreprocessedRequest.model` for a request naming the model ``name`` (which
