@@ -527,26 +527,30 @@ async def test_an_adapter_of_an_engine_removed_for_good_is_404_and_the_engine_is
         assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
 
 
-async def test_an_app_shut_down_stops_watching_the_pipeline(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize("served", [False, True])
+async def test_a_pipeline_does_not_keep_an_apps_frontend_alive(
+    autojump_clock: trio.testing.MockClock, served: bool
 ) -> None:
-    """An app's frontend follows the pipeline's workers while the app is served; its
-    shutdown (the ASGI lifespan's, as `serve_http` runs it) stops that: the pipeline, which
-    may outlive the app, neither keeps its frontend alive nor calls it at every change."""
+    """An app's frontend follows the pipeline's workers for its whole life, served (its ASGI
+    lifespan run, as `serve_http` does) or not (the gateway's picker reads the frontend of an
+    app it never serves); the pipeline, which may outlive the app, holds it weakly: once the
+    app is gone, so is its frontend, and with it the pipeline's calls to it."""
     preprocessor = Preprocessor.default()
     components = Components(workers=[MockEngine(1)], tokenizer=preprocessor.tokenizer)
     async with build_pipeline(PipelineConfig(), components) as pipeline:
         app = build_app(pipeline, model="mock", preprocessor=preprocessor)
         frontend = weakref.ref(app.state.frontend)
-        stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(serve_http, app, "127.0.0.1", 0, shutdown_trigger=stop.wait)
-            )
-            stop.set()
+        if served:
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    functools.partial(serve_http, app, "127.0.0.1", 0, shutdown_trigger=stop.wait)
+                )
+                stop.set()
         del app
         gc.collect()
         assert frontend() is None, [type(r).__name__ for r in gc.get_referrers(frontend())]
+        await pipeline.remove_worker(1, stop=True)  # a change: no call to the frontend gone
 
 
 async def test_enforced_disaggregation_without_a_prefill_engine_for_the_adapter_says_so(

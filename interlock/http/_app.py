@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from typing import Any, Final
 
 import attrs
@@ -1299,20 +1299,9 @@ def build_app(
             media_type="application/json",
         )
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        frontend.watch()  # again, for an app served after an earlier shutdown
-        try:
-            yield
-        finally:
-            # The pipeline may outlive this app (several apps over one pipeline): its
-            # watch must not keep the frontend alive, nor call it at every change.
-            frontend.close()
-
     app = _App(
         routes=routes,
         exception_handlers={HTTPException: http_exception, Exception: internal_error},
-        lifespan=lifespan,
     )
     app.fast_routes = {
         "/v1/chat/completions": routes[0].app,

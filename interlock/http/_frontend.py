@@ -9,7 +9,8 @@ import itertools
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 import attrs
@@ -118,23 +119,18 @@ class Frontend:
         #: reconnecting), as it listed them when it left (`model_not_found`). Names, not
         #: engines: an engine removed for good is forgotten, its memory released.
         self._away: Mapping[int, frozenset[str]] = {}
-        self._unwatch: Callable[[], None] | None = None
-        self.watch()
+        self._saw(pipeline.workers)
+        # The frontend follows the membership for its whole life, and only it starts or stops
+        # that: the pipeline holds it weakly (a pipeline may outlive its apps: it must neither
+        # keep a frontend alive nor call one gone), and the frontend's end stops the calls.
+        saw = weakref.WeakMethod(self._saw)
 
-    def watch(self) -> None:
-        """Follow the pipeline's membership (for `model_not_found`) until `close`; a no-op
-        while following. `build_app` calls it, and its app's ASGI lifespan at startup again
-        (an app served after an earlier shutdown)."""
-        if self._unwatch is None:
-            self._saw(self.pipeline.workers)
-            self._unwatch = self.pipeline.watch_workers(self._saw)
+        def follow(workers: Mapping[int, Engine]) -> None:
+            method = saw()
+            if method is not None:
+                method(workers)
 
-    def close(self) -> None:
-        """Stop following the pipeline's membership (the app's ASGI lifespan shuts down): the
-        pipeline, which may outlive the app, neither keeps this frontend alive nor calls it."""
-        if self._unwatch is not None:
-            self._unwatch()
-            self._unwatch = None
+        weakref.finalize(self, pipeline.watch_workers(follow))
 
     def _saw(self, workers: Mapping[int, Engine]) -> None:
         # `Pipeline.engine` tells away (still registered) from removed for good (None:
