@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_engines import Processes, wait_for_line
+from bench_engines import Processes, start_mock_engines
 
 #: What each checkout's process runs: argv[1] is a JSON object of the settings.
 _MEASURE = """
@@ -82,23 +82,6 @@ trio.run(main)
 """
 
 
-def start_engines(processes: Processes, count: int, speedup: float | None = None) -> list[str]:
-    """``count`` mock engines behind vLLM's HTTP surface, zero-time (or at ``speedup`` times
-    the reference timing model's speed: one SSE chunk a token, as a real engine sends them);
-    their URLs."""
-    timing = ["--zero-time"] if speedup is None else ["--speedup", str(speedup)]
-    started = []
-    for worker_id in range(1, count + 1):
-        command = [
-            sys.executable, "-m", "interlock", "worker", "--id", str(worker_id), "--port", "0",
-            "--openai-port", "0", "--log-level", "warning", *timing,
-        ]  # fmt: skip
-        started.append(processes.start(f"engine{worker_id}", command))
-    return [
-        str(json.loads(wait_for_line(p, log, '"openai_url"'))["openai_url"]) for p, log in started
-    ]
-
-
 def measure(src: str, settings: dict[str, Any]) -> dict[str, float]:
     """One checkout's run: its CPU ms and outputs per request."""
     completed = subprocess.run(
@@ -139,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_engine_client-") as scratch:
         processes = Processes(Path(scratch))
         try:
-            urls = start_engines(processes, args.engines, args.speedup)
+            urls = [
+                url for url, _ in start_mock_engines(processes, args.engines, speedup=args.speedup)
+            ]
             for number in range(args.rounds):
                 order = sources if number % 2 == 0 else sources[::-1]
                 for mode in modes:

@@ -160,31 +160,31 @@ def free_port() -> int:
 
 
 def start_mock_engines(
-    processes: Processes, args: argparse.Namespace, kv_endpoint: str | None
-) -> list[str]:
-    """Start ``args.engines`` ``interlock worker --openai-port 0`` processes; return their
-    URLs once each has printed its JSON line."""
-    timing = ["--zero-time"] if args.zero_time else ["--speedup", str(args.speedup)]
+    processes: Processes, count: int, *, speedup: float | None = None,
+    kv_endpoint: str | None = None, tokenizer: str | None = None,
+    served_model_name: str | None = None,
+) -> list[tuple[str, int]]:  # fmt: skip
+    """Start ``count`` ``interlock worker --openai-port 0`` processes (the mock behind vLLM's
+    HTTP surface), zero-time (or at ``speedup`` times the reference timing model's speed: one
+    SSE chunk a token, as a real engine sends them), with ``tokenizer`` (``builtin`` or a
+    model directory; None: none, any id below 32000 goes); return each one's URL and wire
+    protocol port (`--wire`) once it has printed its JSON line."""
+    timing = ["--zero-time"] if speedup is None else ["--speedup", str(speedup)]
     started = []
-    for worker_id in range(1, args.engines + 1):
+    for worker_id in range(1, count + 1):
         command = [
             sys.executable, "-m", "interlock", "worker", "--id", str(worker_id),
             "--port", "0", "--openai-port", "0", "--block-size", str(KV_BLOCK_SIZE),
-            "--tokenizer", args.model_dir or "builtin",
-            "--served-model-name", args.served_model_name or "mock",
+            "--served-model-name", served_model_name or "mock",
             "--log-level", "warning", *timing,
         ]  # fmt: skip
+        if tokenizer is not None:
+            command += ["--tokenizer", tokenizer]
         if kv_endpoint is not None:
             command += ["--kv-events-endpoint", kv_endpoint]
         started.append(processes.start(f"engine{worker_id}", command))
-    urls = []
-    for process, log in started:
-        line = wait_for_line(process, log, '"openai_url"')
-        announced = json.loads(line)
-        urls.append(str(announced["openai_url"]))
-        # The same engine's wire protocol port (`--wire`).
-        args.wire_ports.append(int(announced["port"]))
-    return urls
+    announced = [json.loads(wait_for_line(p, log, '"openai_url"')) for p, log in started]
+    return [(str(a["openai_url"]), int(a["port"])) for a in announced]
 
 
 @attrs.frozen
@@ -778,7 +778,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(--remote-worker): what interlock's own workers cost per token and request",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    args.wire_ports = []
     sources = []
     for value in args.src:
         name, sep, directory = value.partition("=")
@@ -832,6 +831,7 @@ def run(
 ) -> None:
     """Start the engines (unless given) and interlock in ``processes``, measure, print."""
     kv_bind = args.kv_events_bind
+    wire_ports: list[int] = []  # the mock engines' (`--wire` needs them)
     if args.engine_url:
         engine_urls = [url.rstrip("/") for url in args.engine_url]
         for url in engine_urls:
@@ -842,7 +842,13 @@ def run(
     else:
         if kv_bind is None and args.router_mode in ("kv", "predicted_ttft"):
             kv_bind = f"tcp://127.0.0.1:{free_port()}"
-        engine_urls = start_mock_engines(processes, args, kv_bind)
+        engines = start_mock_engines(
+            processes, args.engines, speedup=None if args.zero_time else args.speedup,
+            kv_endpoint=kv_bind, tokenizer=args.model_dir or "builtin",
+            served_model_name=args.served_model_name,
+        )  # fmt: skip
+        engine_urls = [url for url, _ in engines]
+        wire_ports = [port for _, port in engines]
         timing = "zero-time" if args.zero_time else f"timing x{args.speedup:g}"
         what = f"{len(engine_urls)} mock engines (interlock worker --openai-port, {timing})"
     model = args.served_model_name or served_model(engine_urls[0])
@@ -854,7 +860,7 @@ def run(
         frontends.append(
             start_interlock(
                 processes, args, engine_urls, model, None, name=WIRE,
-                src=args.sources[-1][1] if args.sources else None, wire_ports=args.wire_ports,
+                src=args.sources[-1][1] if args.sources else None, wire_ports=wire_ports,
             )
         )  # fmt: skip
     lengths = ",".join(str(t) for t in args.max_tokens)

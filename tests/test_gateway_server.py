@@ -347,9 +347,9 @@ async def test_a_gateway_that_does_not_read_its_answers_is_held_back_by_flow_con
             with trio.fail_after(TIMEOUT):
                 # Until the gRPC thread waits for its answers to be sent (a condition, polled).
                 while not answers.producer_waits:
-                    assert len(answers._items) <= 2 * _server._WINDOW, "answers without bound"
+                    assert_bounded(answers, len(chunk))
                     await trio.sleep(0.01)
-            assert len(answers._items) <= 2 * _server._WINDOW
+            assert_bounded(answers, len(chunk))
             # Flow control holds the client back: most of what it would send is still its own.
             assert stream.outgoing.qsize() > sent // 2
             # Once the client reads, the stream goes on, whole and in order.
@@ -363,6 +363,16 @@ async def test_a_gateway_that_does_not_read_its_answers_is_held_back_by_flow_con
             await s.booked.until_free()
         finally:
             stream.close()
+
+
+def assert_bounded(answers: Any, chunk: int) -> None:
+    """``answers`` (a stream's queue) holds at most its window: in messages (a message's few
+    answers past it), and in body bytes (one chunk past it, its framing aside)."""
+    with answers._lock:
+        queued = list(answers._items)
+    assert len(queued) <= 2 * _server._WINDOW, f"{len(queued)} answers queued"
+    held = sum(answer.ByteSize() for answer in queued)
+    assert held <= _server._WINDOW_BYTES + chunk + 100 * len(queued), f"{held} bytes queued"
 
 
 #: Not a ProcessingRequest: a field number 0 (a corrupt wire format).

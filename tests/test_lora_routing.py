@@ -19,6 +19,7 @@ import json
 import weakref
 from typing import Any
 
+import httpx
 import hypothesis.strategies as st
 import pytest
 import trio
@@ -41,7 +42,7 @@ from test_gateway_ext_proc import (
 
 from interlock import Components, PipelineConfig, PrefillFailed, build_pipeline
 from interlock.actors import AFFINITY, adapter_affinity
-from interlock.engines.mock import MockEngine
+from interlock.engines.mock import MockEngine, mock_token_pool
 from interlock.engines.openai import EngineMetrics, LoraState, OpenAIEngine, parse_engine_metrics
 from interlock.engines.openai._models import adapters_in, model_cards
 from interlock.gateway._rewrite import MODEL_REWRITE_HEADERS, model_rewrite
@@ -466,6 +467,39 @@ async def test_an_adapter_of_an_engine_that_came_and_went_since_the_start_is_503
         assert status == 404
 
 
+async def test_the_model_endpoints_agree_with_chat_on_an_adapter_only_an_away_engine_serves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``/v1/models`` lists what a request may use now (OpenAI's "currently available", vLLM's
+    loaded adapters); ``/v1/models/{name}`` answers what a chat request naming it gets: 200
+    while an engine serves it, 503 while only engines away do (retry), 404 once they are
+    removed for good."""
+    preprocessor = Preprocessor.default()
+    base, late = (MockEngine(i, token_pool=mock_token_pool(preprocessor.tokenizer)) for i in (1, 4))
+    late.adapters = frozenset({"ad7"})  # type: ignore[attr-defined]
+    components = Components(workers=[base, late], tokenizer=preprocessor.tokenizer)
+    async with build_pipeline(PipelineConfig(), components) as pipeline:
+        app = build_app(pipeline, model="mock", preprocessor=preprocessor)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+
+            async def answers() -> tuple[list[str], int, int]:
+                listed = (await client.get("/v1/models")).json()["data"]
+                looked_up = await client.get("/v1/models/ad7")
+                chat = {"model": "ad7", "messages": [{"role": "user", "content": "hi"}]}
+                chatted = await client.post("/v1/chat/completions", json={**chat, "max_tokens": 2})
+                return [m["id"] for m in listed], looked_up.status_code, chatted.status_code
+
+            assert await answers() == (["mock", "ad7"], 200, 200)
+            late.leave()  # away (as an unhealthy `OpenAIEngine`), not removed
+            await pipeline.membership_settled()
+            assert await answers() == (["mock"], 503, 503)
+            error = (await client.get("/v1/models/ad7")).json()["error"]
+            assert error["code"] == "no_workers_available" and "'ad7'" in error["message"]
+            await pipeline.remove_worker(4, stop=True)
+            assert await answers() == (["mock"], 404, 404)
+
+
 @pytest.mark.parametrize("away_first", [False, True])
 async def test_an_adapter_of_an_engine_removed_for_good_is_404_and_the_engine_is_released(
     autojump_clock: trio.testing.MockClock, away_first: bool
@@ -493,26 +527,30 @@ async def test_an_adapter_of_an_engine_removed_for_good_is_404_and_the_engine_is
         assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
 
 
-async def test_an_app_shut_down_stops_watching_the_pipeline(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize("served", [False, True])
+async def test_a_pipeline_does_not_keep_an_apps_frontend_alive(
+    autojump_clock: trio.testing.MockClock, served: bool
 ) -> None:
-    """An app's frontend follows the pipeline's workers while the app is served; its
-    shutdown (the ASGI lifespan's, as `serve_http` runs it) stops that: the pipeline, which
-    may outlive the app, neither keeps its frontend alive nor calls it at every change."""
+    """An app's frontend follows the pipeline's workers for its whole life, served (its ASGI
+    lifespan run, as `serve_http` does) or not (the gateway's picker reads the frontend of an
+    app it never serves); the pipeline, which may outlive the app, holds it weakly: once the
+    app is gone, so is its frontend, and with it the pipeline's calls to it."""
     preprocessor = Preprocessor.default()
     components = Components(workers=[MockEngine(1)], tokenizer=preprocessor.tokenizer)
     async with build_pipeline(PipelineConfig(), components) as pipeline:
         app = build_app(pipeline, model="mock", preprocessor=preprocessor)
         frontend = weakref.ref(app.state.frontend)
-        stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(serve_http, app, "127.0.0.1", 0, shutdown_trigger=stop.wait)
-            )
-            stop.set()
+        if served:
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    functools.partial(serve_http, app, "127.0.0.1", 0, shutdown_trigger=stop.wait)
+                )
+                stop.set()
         del app
         gc.collect()
         assert frontend() is None, [type(r).__name__ for r in gc.get_referrers(frontend())]
+        await pipeline.remove_worker(1, stop=True)  # a change: no call to the frontend gone
 
 
 async def test_enforced_disaggregation_without_a_prefill_engine_for_the_adapter_says_so(

@@ -239,21 +239,12 @@ class RouterActor(Actor):
         selections: list[SelectionRecord] = []
         prefill: SelectionRecord | None = None
         disaggregated = message.disaggregated
-        candidates = message.candidates
         # The request's model is a LoRA adapter, or None for the base model: decided where
         # the request entered, never here from who serves what now (an adapter whose engines
         # all left must not become a base-model request).
         adapter = request.model
         if disaggregated:
-            pool = [w for w in self._prefill_pool if w not in exclude]
-            if candidates is not None:
-                pool = [w for w in pool if w in candidates]
-            if request.cache_salt is not None:
-                pool = [w for w in pool if carries_salt(self._engines.get(w))]
-            served = None
-            if adapter is not None:
-                served = adapter_candidates(adapter, pool, self._engines)
-                pool = served.serving
+            pool, served = self._leg_pool("prefill", message)
             prefill = self._choose(
                 "prefill",
                 pool,
@@ -276,34 +267,7 @@ class RouterActor(Actor):
             else:
                 selections.append(prefill)
         leg: Leg = "decode" if disaggregated else "agg"
-        pool = [w for w in self._decode_pool if w not in exclude]
-        if candidates is not None:
-            pool = [w for w in pool if w in candidates]
-            if not pool:
-                raise NoWorkersAvailable(
-                    f"none of the workers this request may go to ({sorted(candidates)}) is a "
-                    "registered agg or decode worker"
-                    + (f" outside those excluded ({sorted(exclude)})" if exclude else "")
-                )
-        if request.cache_salt is not None:
-            salted = [w for w in pool if carries_salt(self._engines.get(w))]
-            if pool and not salted and not _names_worker(request, leg):
-                # (A request that names its worker hears why that one cannot take it.)
-                raise NoWorkersAvailable(
-                    f"this request has a cache_salt, which no agg or decode worker it may go to "
-                    f"({pool}) can carry: they speak protocol versions before {SALT_VERSION}; "
-                    "upgrade a worker, or send the request without cache_salt"
-                )
-            pool = salted
-        served = None
-        if adapter is not None:
-            served = adapter_candidates(adapter, pool, self._engines)
-            if not served.serving:
-                raise NoWorkersAvailable(
-                    f"no agg or decode worker this request may go to ({pool}) serves the LoRA "
-                    f"adapter {adapter!r} it names"
-                )
-            pool = served.serving
+        pool, served = self._leg_pool(leg, message)
         decode = self._choose(
             leg,
             pool,
@@ -360,6 +324,52 @@ class RouterActor(Actor):
             or not all(self._full(w) for w in self._engines),
         )
 
+    def _leg_pool(self, leg: Leg, message: Select) -> tuple[list[int], AdapterCandidates | None]:
+        """The workers ``leg`` of ``message``'s request may go to, and for an adapter's
+        request each one's tier: the leg's registered workers outside the request's
+        exclusions, within its candidates, that can carry its cache_salt and serve its LoRA
+        adapter. For the prefill leg possibly none (the request is then served aggregated).
+
+        Raises:
+            NoWorkersAvailable: the agg or decode leg, when a filter leaves none (a salted
+                request that names its worker hears from `_preselected` why that one cannot
+                take it).
+        """
+        request = message.request
+        exclude = message.exclude
+        candidates = message.candidates
+        prefill = leg == "prefill"
+        pool = [
+            w for w in (self._prefill_pool if prefill else self._decode_pool) if w not in exclude
+        ]
+        if candidates is not None:
+            pool = [w for w in pool if w in candidates]
+            if not pool and not prefill:
+                raise NoWorkersAvailable(
+                    f"none of the workers this request may go to ({sorted(candidates)}) is a "
+                    "registered agg or decode worker"
+                    + (f" outside those excluded ({sorted(exclude)})" if exclude else "")
+                )
+        if request.cache_salt is not None:
+            salted = [w for w in pool if carries_salt(self._engines.get(w))]
+            if pool and not salted and not prefill and _named_worker(request, leg) is None:
+                raise NoWorkersAvailable(
+                    f"this request has a cache_salt, which no agg or decode worker it may go to "
+                    f"({pool}) can carry: they speak protocol versions before {SALT_VERSION}; "
+                    "upgrade a worker, or send the request without cache_salt"
+                )
+            pool = salted
+        adapter = request.model
+        if adapter is None:
+            return pool, None
+        served = adapter_candidates(adapter, pool, self._engines)
+        if not served.serving and not prefill:
+            raise NoWorkersAvailable(
+                f"no agg or decode worker this request may go to ({pool}) serves the LoRA "
+                f"adapter {adapter!r} it names"
+            )
+        return served.serving, served
+
     def _choose(
         self,
         leg: Leg,
@@ -372,14 +382,12 @@ class RouterActor(Actor):
         adapter: AdapterCandidates | None = None,
         reserved: frozenset[int] = frozenset(),
     ) -> SelectionRecord | None:
-        hints = request.routing
-        if hints is not None:
-            for field in PRESELECTION_FIELDS[leg]:
-                worker_id = getattr(hints, field)
-                if worker_id is not None:
-                    return self._preselected(
-                        leg, field, worker_id, pool, exclude, adapter, request.cache_salt
-                    )
+        named = _named_worker(request, leg)
+        if named is not None:
+            field, worker_id = named
+            return self._preselected(
+                leg, field, worker_id, pool, exclude, adapter, request.cache_salt
+            )
         if not pool:
             if not required:
                 return None
@@ -574,12 +582,17 @@ class RouterActor(Actor):
         )
 
 
-def _names_worker(request: PreprocessedRequest, leg: Leg) -> bool:
-    """Whether ``request``'s routing hints name the worker of ``leg``."""
+def _named_worker(request: PreprocessedRequest, leg: Leg) -> tuple[str, int] | None:
+    """The worker ``request``'s routing hints name for ``leg`` and the field naming it (the
+    first of the leg's `PRESELECTION_FIELDS` set), or None when they name none."""
     hints = request.routing
-    return hints is not None and any(
-        getattr(hints, field) is not None for field in PRESELECTION_FIELDS[leg]
-    )
+    if hints is None:
+        return None
+    for field in PRESELECTION_FIELDS[leg]:
+        worker_id = getattr(hints, field)
+        if worker_id is not None:
+            return field, worker_id
+    return None
 
 
 def _serves_leg(engine: Engine, leg: Leg) -> bool:

@@ -73,6 +73,14 @@ _SERVER_OPTIONS: Final = (
 )
 #: Messages one side of a stream may queue before it waits for the other side to take them.
 _WINDOW: Final = 16
+#: Body bytes one side of a stream may queue before it waits the same way: without it a
+#: gateway that does not read a stream's answers while 62,000-byte body chunks pass would have
+#: it hold 16 of them (~1 MB). 64 KiB is HTTP/2's default stream window, all gRPC lets a
+#: stream have in flight unread: a queue holds at most that and one chunk (~126 kB), and still
+#: hands a body over two chunks at a time.
+_WINDOW_BYTES: Final = 64 * 1024
+#: The messages that carry a body chunk, the ones whose bytes add up in a queue.
+_BODIES: Final = frozenset({"request_body", "response_body"})
 #: The end of a direction of a stream (the gateway's half-close; the picker's last answer).
 _END: Final = object()
 #: The picker's task ended without its end (cancelled: the server stops).
@@ -216,21 +224,25 @@ class _Queue:
         self.consumer = consumer
         self._lock = threading.Lock()
         self._items: collections.deque[Any] = collections.deque()
+        #: The body bytes in ``_items`` (`_body_bytes`).
+        self._bytes = 0
         #: The producers' waiters to wake at the next `take` (the queue was full).
         self._producers_waiting: list[_TrioWaiter | _LoopWaiter] = []
         self._consumer_waits = False
 
     def put(self, item: Any, producer: _TrioWaiter | _LoopWaiter | None = None) -> bool:
         """Queue ``item`` (the producer's thread; ``producer``: its waiter, default
-        `producer`); whether the queue is full: then await ``producer.wait()`` before the
-        next `put`."""
+        `producer`); whether the queue is full (`_WINDOW` items or `_WINDOW_BYTES` body
+        bytes): then await ``producer.wait()`` before the next `put`."""
         if producer is None:
             producer = self.producer
+        size = _body_bytes(item)
         with self._lock:
             self._items.append(item)
+            self._bytes += size
             wake = self._consumer_waits
             self._consumer_waits = False
-            full = len(self._items) >= _WINDOW
+            full = len(self._items) >= _WINDOW or self._bytes >= _WINDOW_BYTES
             if full:
                 producer.prepare()
                 self._producers_waiting.append(producer)
@@ -248,6 +260,7 @@ class _Queue:
                 return None
             items = list(self._items)
             self._items.clear()
+            self._bytes = 0
             waiting, self._producers_waiting = self._producers_waiting, []
         for producer in waiting:
             producer.wake()
@@ -257,6 +270,19 @@ class _Queue:
     def producer_waits(self) -> bool:
         """Whether a producer waits for the consumer to take (the queue was full)."""
         return bool(self._producers_waiting)
+
+
+def _body_bytes(item: Any) -> int:
+    """``item``'s size when it is a message carrying a body chunk, else 0 (headers and
+    trailers are small: `_WINDOW` bounds them; sizing one costs a serialization's time)."""
+    kind = type(item)
+    if kind is ProcessingResponse:
+        carries_body = item.WhichOneof("response") in _BODIES
+    elif kind is ProcessingRequest:
+        carries_body = item.WhichOneof("request") in _BODIES
+    else:
+        return 0
+    return item.ByteSize() if carries_body else 0
 
 
 class _Stream:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from typing import Any, Final
 
 import attrs
@@ -1197,14 +1197,16 @@ def build_app(
     metrics.model_rewrite_names = frontend.model_rewrites.label_names() | {model}
 
     async def models(request: Request) -> Response:
+        # What a request may use now (OpenAI's "currently available models", vLLM's loaded
+        # adapters): an adapter only engines away serve is left out until one is back.
         adapters = [_model_card(frontend, a) for a in sorted(frontend.adapters())]
         return _json({"object": "list", "data": [_model_card(frontend), *adapters]})
 
     async def model_info(request: Request) -> Response:
         name = request.path_params["model"]
-        error = frontend.model_not_found(name)
+        error = frontend.model_unavailable(name)
         if error is not None:
-            return Response(error.body(), 404, media_type="application/json")
+            return Response(error.body(), error.status, media_type="application/json")
         return _json(_model_card(frontend, None if name == frontend.model else name))
 
     async def health(request: Request) -> Response:
@@ -1306,20 +1308,9 @@ def build_app(
             media_type="application/json",
         )
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        frontend.watch()  # again, for an app served after an earlier shutdown
-        try:
-            yield
-        finally:
-            # The pipeline may outlive this app (several apps over one pipeline): its
-            # watch must not keep the frontend alive, nor call it at every change.
-            frontend.close()
-
     app = _App(
         routes=routes,
         exception_handlers={HTTPException: http_exception, Exception: internal_error},
-        lifespan=lifespan,
     )
     app.fast_routes = {
         "/v1/chat/completions": routes[0].app,

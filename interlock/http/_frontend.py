@@ -9,8 +9,9 @@ import itertools
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final, Literal
 
 import attrs
 import trio
@@ -23,7 +24,7 @@ from ..kv._hashing import trust_u32
 from ..processing import ByteTokenizer
 from ..wire import ModelRewriteDecision, PreprocessedRequest, SamplingOptions
 from ._drain import Drain
-from ._errors import HttpError, bad_request
+from ._errors import SERVER_ERROR, HttpError, bad_request
 from ._metrics import HttpMetrics
 from ._nvext import NvExt
 from ._openai import ParsedRequest
@@ -115,26 +116,21 @@ class Frontend:
         #: The routable workers' ids at the last membership change (`_saw`).
         self._routable: frozenset[int] = frozenset()
         #: The LoRA adapters of each engine away now (registered but not routable: unhealthy,
-        #: reconnecting), as it listed them when it left (`known_adapters`). Names, not
+        #: reconnecting), as it listed them when it left (`model_not_found`). Names, not
         #: engines: an engine removed for good is forgotten, its memory released.
         self._away: Mapping[int, frozenset[str]] = {}
-        self._unwatch: Callable[[], None] | None = None
-        self.watch()
+        self._saw(pipeline.workers)
+        # The frontend follows the membership for its whole life, and only it starts or stops
+        # that: the pipeline holds it weakly (a pipeline may outlive its apps: it must neither
+        # keep a frontend alive nor call one gone), and the frontend's end stops the calls.
+        saw = weakref.WeakMethod(self._saw)
 
-    def watch(self) -> None:
-        """Follow the pipeline's membership (for `known_adapters`) until `close`; a no-op
-        while following. `build_app` calls it, and its app's ASGI lifespan at startup again
-        (an app served after an earlier shutdown)."""
-        if self._unwatch is None:
-            self._saw(self.pipeline.workers)
-            self._unwatch = self.pipeline.watch_workers(self._saw)
+        def follow(workers: Mapping[int, Engine]) -> None:
+            method = saw()
+            if method is not None:
+                method(workers)
 
-    def close(self) -> None:
-        """Stop following the pipeline's membership (the app's ASGI lifespan shuts down): the
-        pipeline, which may outlive the app, neither keeps this frontend alive nor calls it."""
-        if self._unwatch is not None:
-            self._unwatch()
-            self._unwatch = None
+        weakref.finalize(self, pipeline.watch_workers(follow))
 
     def _saw(self, workers: Mapping[int, Engine]) -> None:
         # `Pipeline.engine` tells away (still registered) from removed for good (None:
@@ -185,10 +181,10 @@ class Frontend:
         (`choose_rewrite`), which the message names: a target checked per request, not at
         start, since the adapters it may name come and go with their engines."""
         if name == self.model:
+            return None  # (every base-model request: no adapter list built)
+        served, adapters = self._served(name)
+        if served is not None:
             return None
-        if type(name) is str and name in self.known_adapters():
-            return None
-        adapters = self.adapters()
         also = f" (and the LoRA adapters {sorted(adapters)})" if adapters else ""
         if rewrite is not None:
             return HttpError(
@@ -206,14 +202,39 @@ class Frontend:
             code="model_not_found",
         )
 
+    def model_unavailable(self, name: str) -> HttpError | None:
+        """None when ``/v1/models/{name}`` answers with ``name``'s card, else what a request
+        naming it gets now: `model_not_found`'s 404, or for an adapter only engines away serve
+        the router's 503 (retry), where a card would say a request may use it now."""
+        if name == self.model:
+            return None
+        served, _ = self._served(name)
+        if served == "away":
+            return HttpError(
+                503,
+                f"the LoRA adapter {name!r} is served only by engines away now (unhealthy or "
+                "reconnecting); retry later",
+                type=SERVER_ERROR,
+                code="no_workers_available",
+            )
+        return None if served is not None else self.model_not_found(name)
+
+    def _served(self, name: object) -> tuple[Literal["now", "away"] | None, frozenset[str]]:
+        """Whether a request naming ``name``, not the base model, is served now (an adapter a
+        routable engine serves), only by engines away, or not at all (None); with the
+        adapters served now, built once for the check and `model_not_found`'s message."""
+        adapters = self.adapters()
+        if type(name) is not str:  # an unhashable name is no adapter either
+            return None, adapters
+        if name in adapters:
+            return "now", adapters
+        if any(name in names for names in self._away.values()):
+            return "away", adapters
+        return None, adapters
+
     def adapters(self) -> frozenset[str]:
         """The LoRA adapters the registered engines serve now (`served_adapters`)."""
         return _adapters_of(self.pipeline.workers.values())
-
-    def known_adapters(self) -> frozenset[str]:
-        """The LoRA adapters of every engine registered: what each routable one lists now,
-        and what each one away listed when it left."""
-        return self.adapters().union(*self._away.values())
 
     def request_model(self, name: str) -> str | None:
         """`PreprocessedRequest.model` for a request naming the model ``name`` (which

@@ -30,7 +30,7 @@ Fixtures (use them from any new test file in this folder; harness: ``engine_tier
     * Engines 1 and 3 share one ExampleConnector folder (``PD_PAIR``): a prompt prefilled on
       one is found on the other (``usage.prompt_tokens_details.cached_tokens``). Engine 2 has
       no KV connector (``share_path`` None). None serves LoRA adapters (test_vllm_lora.py
-      starts an engine of its own that does: ``engine_command(..., loras=...)``). All run
+      starts an engine of its own that does: ``running_engine(5, loras=...)``). All run
       ``--block-size 32 --enable-prefix-caching --enable-prompt-tokens-details
       --max-model-len 2048 --max-num-seqs 8``, with
       ``PYTHONHASHSEED=0`` (equal block hashes for equal tokens on every engine) and

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -380,6 +380,23 @@ class VllmEngine(GroupProcess):
         except httpx.HTTPError:
             return False
 
+    def metrics_text(self) -> str:
+        """The engine's ``GET /metrics`` (Prometheus text; blocks up to 10 s)."""
+        return httpx.get(f"{self.base_url}/metrics", timeout=10).text
+
+    def metric(self, name: str) -> float:
+        """The sum of the engine's ``/metrics`` series named ``name``, every label set's."""
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in self.metrics_text().splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")
+        )
+
+
+def engine_flag(engine: VllmEngine, role: str = "") -> list[str]:
+    """``interlock serve``'s ``--engine`` flag for ``engine`` (``role``: prefill or decode)."""
+    return ["--engine", f"{engine.id}={engine.base_url}" + (f"/{role}" if role else "")]
+
 
 def engine_command(
     python: Path,
@@ -547,6 +564,34 @@ class EngineTier:
         wait_healthy(broken, deadline)
         return [engine.id for engine in broken]
 
+    @contextlib.contextmanager
+    def running_engine(
+        self,
+        engine_id: int,
+        *,
+        python: Path = VLLM_PYTHON,
+        loras: Mapping[str, Path] | None = None,
+        flags: Sequence[str] = (),
+    ) -> Iterator[VllmEngine]:
+        """An engine beside the tier's (`start_engine`: the tier's model, ports and KV-event
+        port), healthy (`wait_healthy`) until the block ends, then stopped."""
+        log_path = self.work_dir / f"vllm-{engine_id}.log"
+        engine = start_engine(
+            self.model_dir,
+            engine_id,
+            self.ports,
+            self.kv_port,
+            log_path,
+            python=python,
+            loras=loras,
+            flags=flags,
+        )
+        try:
+            wait_healthy([engine])
+            yield engine
+        finally:
+            engine.stop()
+
     def stop(self) -> None:
         """End every process group the tier started (spawned ones first, then the engines,
         all at once) and block until they are gone."""
@@ -554,6 +599,42 @@ class EngineTier:
         kill_groups([group.pgid for group in groups], grace=STOP_GRACE)
         for group in groups:
             group.process.wait()  # reap the leaders: they are our children
+
+
+def start_engine(
+    model_dir: Path,
+    engine_id: int,
+    ports: PortPicker,
+    kv_port: int,
+    log_path: Path,
+    *,
+    python: Path = VLLM_PYTHON,
+    share_path: Path | None = None,
+    loras: Mapping[str, Path] | None = None,
+    flags: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> VllmEngine:
+    """Start engine ``engine_id`` (`engine_command`, then ``flags``; `engine_env` and ``env``)
+    on ports from ``ports``, in its own process group, logging to ``log_path``; returns at once
+    (`wait_healthy` waits for it)."""
+    port, replay_port = ports.pick(), ports.pick()
+    command = [
+        *engine_command(
+            python, model_dir, engine_id, port, kv_port, replay_port, share_path, loras
+        ),
+        *flags,
+    ]
+    environment = {**engine_env(python), **(env or {})}
+    return VllmEngine(
+        start_in_group(command, log_path, env=environment),
+        log_path,
+        id=engine_id,
+        port=port,
+        replay_port=replay_port,
+        share_path=share_path,
+        command=command,
+        env=environment,
+    )
 
 
 def start_tier(
@@ -567,25 +648,14 @@ def start_tier(
     ports = PortPicker()
     kv_port = ports.pick()
     engines = []
-    env = engine_env(python)
     for engine_id in ENGINE_IDS:
-        port, replay_port = ports.pick(), ports.pick()
         share = work_dir / "kv-share-1-3" if engine_id in PD_PAIR else None
         if share is not None:
             share.mkdir(parents=True, exist_ok=True)
         log_path = work_dir / f"vllm-{engine_id}.log"
-        command = engine_command(python, model_dir, engine_id, port, kv_port, replay_port, share)
-        process = start_in_group(command, log_path, env=env)
         engines.append(
-            VllmEngine(
-                process,
-                log_path,
-                id=engine_id,
-                port=port,
-                replay_port=replay_port,
-                share_path=share,
-                command=command,
-                env=env,
+            start_engine(
+                model_dir, engine_id, ports, kv_port, log_path, python=python, share_path=share
             )
         )
     tier = EngineTier(tuple(engines), kv_port, model_dir, work_dir, ports)
@@ -668,21 +738,8 @@ def ensure_tiny_model(
             "beside the repo (<repo>/../shared/data/tokenizers/qwen3)"
         )
     model_dir = cache_dir / f"tiny-qwen3-{_model_digest(tokenizer_dir)}"
-    if (model_dir / "config.json").exists():
-        return model_dir
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    build = subprocess.run(
-        [str(python), str(MODEL_BUILDER), str(model_dir), "--tokenizer-dir", str(tokenizer_dir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if build.returncode != 0 or not (model_dir / "config.json").exists():
-        raise TierSetupError(
-            f"building the tiny model with {python} failed (exit {build.returncode}):\n"
-            f"{build.stdout[-2000:]}\n{build.stderr[-4000:]}"
-        )
-    return model_dir
+    args = ("--tokenizer-dir", str(tokenizer_dir))
+    return _built(python, MODEL_BUILDER, model_dir, "config.json", "the tiny model", *args)
 
 
 def ensure_tiny_loras(cache_dir: Path, python: Path = VLLM_PYTHON) -> dict[str, Path]:
@@ -693,21 +750,32 @@ def ensure_tiny_loras(cache_dir: Path, python: Path = VLLM_PYTHON) -> dict[str, 
     found = {}
     for seed, name in enumerate(LORA_ADAPTERS, 1):
         folder = cache_dir / f"tiny-lora-{name}-{digest}"
-        if not (folder / "adapter_config.json").exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            build = subprocess.run(
-                [str(python), str(LORA_BUILDER), str(folder), "--seed", str(seed)],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if build.returncode != 0 or not (folder / "adapter_config.json").exists():
-                raise TierSetupError(
-                    f"building the LoRA adapter {name} with {python} failed (exit "
-                    f"{build.returncode}):\n{build.stdout[-2000:]}\n{build.stderr[-4000:]}"
-                )
-        found[name] = folder
+        what = f"the LoRA adapter {name}"
+        found[name] = _built(
+            python, LORA_BUILDER, folder, "adapter_config.json", what, "--seed", str(seed)
+        )
     return found
+
+
+def _built(python: Path, builder: Path, folder: Path, marker: str, what: str, *args: str) -> Path:
+    """``folder``, built by the script ``builder`` (``builder folder *args``, run with
+    ``python``) unless it has ``marker`` already. Raises TierSetupError naming ``what`` (with
+    the builder's output) when the build fails or leaves no ``marker``."""
+    if (folder / marker).exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    build = subprocess.run(
+        [str(python), str(builder), str(folder), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if build.returncode != 0 or not (folder / marker).exists():
+        raise TierSetupError(
+            f"building {what} with {python} failed (exit {build.returncode}):\n"
+            f"{build.stdout[-2000:]}\n{build.stderr[-4000:]}"
+        )
+    return folder
 
 
 def vllm_problem(python: Path = VLLM_PYTHON) -> str | None:

@@ -17,14 +17,14 @@ import openai
 import trio
 from _envoy import gateway_config, open_envoy, require_envoy, wait_for
 from engine_tier import BLOCK_SIZE, SERVED_MODEL_NAME, EngineTier
-from test_serve_over_vllm import engine_counter, engines, interlock_serve, router_kv_blocks, words
+from test_serve_over_vllm import engines, interlock_serve, router_kv_blocks, words
 
 TIMEOUT = 120.0
 SERVED = "x-conformance-test-served-endpoint"
 
 
 def _successes(tier: EngineTier) -> list[float]:
-    return [engine_counter(tier, i, "vllm:request_success_total") for i in (1, 2)]
+    return [tier.engine(i).metric("vllm:request_success_total") for i in (1, 2)]
 
 
 def _served_by(tier: EngineTier, before: list[float]) -> int:

@@ -25,6 +25,7 @@ from engine_tier import (
     EngineTier,
     GroupProcess,
     VllmEngine,
+    engine_flag,
 )
 
 TIMEOUT = 120.0
@@ -55,13 +56,15 @@ def interlock_serve(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_serving(process, url)
+        wait_serving(process, url)
         yield url
     finally:
         process.stop()
 
 
-def _wait_serving(process: GroupProcess, url: str) -> None:
+def wait_serving(process: GroupProcess, url: str) -> None:
+    """Block until ``interlock`` (``process``) at ``url`` answers /health with 200; fails the
+    test with its log if it exits first or never does."""
     with httpx.Client(timeout=5) as client:
         for _ in range(1200):  # the engines answer at once; interlock starts in a few seconds
             if not process.running:
@@ -80,8 +83,7 @@ def engines(tier: EngineTier, *specs: str) -> list[str]:
     flags = []
     for spec in specs:
         ident, _, role = spec.partition("/")
-        url = tier.engine(int(ident)).base_url
-        flags += ["--engine", f"{ident}={url}" + (f"/{role}" if role else "")]
+        flags += engine_flag(tier.engine(int(ident)), role)
     return flags
 
 
@@ -126,15 +128,6 @@ def greedy_text_from(engine: VllmEngine, prompt: str, max_tokens: int) -> str:
     )
     assert answer.status_code == 200, answer.text
     return str(answer.json()["choices"][0]["text"])
-
-
-def engine_counter(tier: EngineTier, engine_id: int, name: str) -> float:
-    text = httpx.get(f"{tier.engine(engine_id).base_url}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
 
 
 def router_kv_blocks(url: str) -> dict[int, int]:
@@ -276,7 +269,7 @@ def test_query_only_names_real_engines_and_direct_requests_go_there(
         assert decision["decode_worker_id"] in (1, 2)
     flags = [*engines(engine_tier, "1", "2"), "--routing", "direct_to_known"]
     with interlock_serve(engine_tier, *flags, name="direct") as url:
-        before = engine_counter(engine_tier, 2, "vllm:request_success_total")
+        before = engine_tier.engine(2).metric("vllm:request_success_total")
         for _ in range(3):
             response = httpx.post(
                 f"{url}/v1/completions",
@@ -291,7 +284,7 @@ def test_query_only_names_real_engines_and_direct_requests_go_there(
             )
             assert response.status_code == 200, response.text
             assert response.json()["nvext"]["worker_id"]["decode_worker_id"] == 2
-        assert engine_counter(engine_tier, 2, "vllm:request_success_total") == before + 3
+        assert engine_tier.engine(2).metric("vllm:request_success_total") == before + 3
 
 
 def test_engine_postprocessing_passes_the_engines_text(engine_tier: EngineTier) -> None:
@@ -326,7 +319,7 @@ def test_an_engine_with_another_tokenizer_is_refused(engine_tier: EngineTier) ->
 def test_disaggregated_prefill_on_one_engine_decode_on_another(engine_tier: EngineTier) -> None:
     flags = [*engines(engine_tier, "1/prefill", "3/decode")]
     with interlock_serve(engine_tier, *flags, name="pd") as url:
-        hits_before = engine_counter(engine_tier, 3, "vllm:external_prefix_cache_hits_total")
+        hits_before = engine_tier.engine(3).metric("vllm:external_prefix_cache_hits_total")
         answer = client(url).completions.create(
             model=SERVED_MODEL_NAME,
             prompt="disaggregated: " + words(8, 400),
@@ -338,7 +331,7 @@ def test_disaggregated_prefill_on_one_engine_decode_on_another(engine_tier: Engi
         assert (ids["prefill_worker_id"], ids["decode_worker_id"]) == (1, 3)
         assert answer.usage.completion_tokens == 8
         # The decode engine loaded the prompt's KV that the prefill engine wrote.
-        hits = engine_counter(engine_tier, 3, "vllm:external_prefix_cache_hits_total")
+        hits = engine_tier.engine(3).metric("vllm:external_prefix_cache_hits_total")
         assert hits - hits_before >= BLOCK_SIZE
 
 

@@ -22,13 +22,9 @@ import openai
 import pytest
 from engine_tier import (
     SERVED_MODEL_NAME,
-    VLLM_PYTHON,
     EngineTier,
     VllmEngine,
-    engine_command,
-    engine_env,
-    start_in_group,
-    wait_healthy,
+    engine_flag,
 )
 from test_serve_over_vllm import client, interlock_serve, words
 
@@ -71,31 +67,8 @@ MAX_TOKENS = 96
 @pytest.fixture(scope="module")
 def tool_engine(_engine_tier_session: EngineTier) -> Iterator[VllmEngine]:
     """Engine 4: like the session's engines, plus vLLM's hermes tool-call parser."""
-    tier = _engine_tier_session
-    port, replay_port = tier.ports.pick(), tier.ports.pick()
-    command = [
-        *engine_command(
-            VLLM_PYTHON, tier.model_dir, TOOL_ENGINE_ID, port, tier.kv_port, replay_port, None
-        ),
-        *TOOL_PARSER_FLAGS,
-    ]
-    env = engine_env(VLLM_PYTHON)
-    log_path = tier.work_dir / f"vllm-{TOOL_ENGINE_ID}.log"
-    engine = VllmEngine(
-        start_in_group(command, log_path, env=env),
-        log_path,
-        id=TOOL_ENGINE_ID,
-        port=port,
-        replay_port=replay_port,
-        share_path=None,
-        command=command,
-        env=env,
-    )
-    try:
-        wait_healthy([engine])
+    with _engine_tier_session.running_engine(TOOL_ENGINE_ID, flags=TOOL_PARSER_FLAGS) as engine:
         yield engine
-    finally:
-        engine.stop()
 
 
 def messages(marker: str) -> list[dict[str, Any]]:
@@ -104,8 +77,7 @@ def messages(marker: str) -> list[dict[str, Any]]:
 
 def serve_args(engine: VllmEngine) -> list[str]:
     return [
-        "--engine",
-        f"{engine.id}={engine.base_url}",
+        *engine_flag(engine),
         "--postprocessing",
         "engine",
         "--router-mode",

@@ -28,11 +28,8 @@ from engine_tier import (
     VLLM_PYTHON,
     EngineTier,
     VllmEngine,
-    engine_command,
-    engine_env,
+    engine_flag,
     ensure_tiny_loras,
-    start_in_group,
-    wait_healthy,
 )
 from test_serve_over_vllm import WORKER_ID, client, interlock_serve, words
 from test_vllm_engines import random_prompt
@@ -50,50 +47,22 @@ def lora_engine(_engine_tier_session: EngineTier) -> Iterator[VllmEngine]:
     """Engine 5: like the session's engines, plus the tiny model's LoRA adapters."""
     tier = _engine_tier_session
     loras = ensure_tiny_loras(tier.model_dir.parent, VLLM_PYTHON)
-    port, replay_port = tier.ports.pick(), tier.ports.pick()
-    command = engine_command(
-        VLLM_PYTHON, tier.model_dir, LORA_ENGINE_ID, port, tier.kv_port, replay_port, None, loras
-    )
-    env = engine_env(VLLM_PYTHON)
-    log_path = tier.work_dir / f"vllm-{LORA_ENGINE_ID}.log"
-    engine = VllmEngine(
-        start_in_group(command, log_path, env=env),
-        log_path,
-        id=LORA_ENGINE_ID,
-        port=port,
-        replay_port=replay_port,
-        share_path=None,
-        command=command,
-        env=env,
-    )
-    try:
-        wait_healthy([engine])
+    with tier.running_engine(LORA_ENGINE_ID, loras=loras) as engine:
         yield engine
-    finally:
-        engine.stop()
-
-
-def _counter(engine: VllmEngine, name: str) -> float:
-    text = httpx.get(f"{engine.base_url}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
 
 
 def _successes(pair: tuple[VllmEngine, VllmEngine]) -> list[float]:
-    return [_counter(engine, SUCCESS) for engine in pair]
+    return [engine.metric(SUCCESS) for engine in pair]
 
 
 def _flags(pair: tuple[VllmEngine, VllmEngine]) -> list[str]:
-    return [f for engine in pair for f in ("--engine", f"{engine.id}={engine.base_url}")]
+    return [flag for engine in pair for flag in engine_flag(engine)]
 
 
 def _adapters_seen(engine: VllmEngine) -> set[str]:
     """Every adapter the engine's ``vllm:lora_requests_info`` series name as running (one
     series per state it has been in)."""
-    text = httpx.get(f"{engine.base_url}/metrics", timeout=10).text
+    text = engine.metrics_text()
     series = r'^vllm:lora_requests_info\{[^}]*running_lora_adapters="([^"]*)"'
     found = re.findall(series, text, re.M)
     return {name for names in found for name in names.split(",") if name}

@@ -17,11 +17,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from engine_tier import (
@@ -32,11 +30,12 @@ from engine_tier import (
     GroupProcess,
     PortPicker,
     VllmEngine,
-    engine_command,
-    engine_env,
+    engine_flag,
+    start_engine,
     start_in_group,
     wait_healthy,
 )
+from test_serve_over_vllm import wait_serving
 
 PREFILL_ID, DECODE_ID = 5, 6
 
@@ -65,30 +64,20 @@ def nixl_pair(
     kv_port = PORTS.pick()  # nothing binds it: their KV events are not the point here
     engines = []
     for engine_id in (PREFILL_ID, DECODE_ID):
-        port, replay_port, side = PORTS.pick(), PORTS.pick(), PORTS.pick()
-        command = engine_command(
-            VLLM_PYTHON, tiny_model_dir, engine_id, port, kv_port, replay_port, None
-        )
-        command += [
-            "--kv-transfer-config",
-            json.dumps(
-                {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
-            ),
-        ]
-        env = engine_env(VLLM_PYTHON)
-        env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = "127.0.0.1"
-        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side)
-        log_path = work / f"vllm-nixl-{engine_id}.log"
+        side = PORTS.pick()
+        nixl = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
         engines.append(
-            VllmEngine(
-                start_in_group(command, log_path, env=env),
-                log_path,
-                id=engine_id,
-                port=port,
-                replay_port=replay_port,
-                share_path=None,
-                command=command,
-                env=env,
+            start_engine(
+                tiny_model_dir,
+                engine_id,
+                PORTS,
+                kv_port,
+                work / f"vllm-nixl-{engine_id}.log",
+                flags=["--kv-transfer-config", json.dumps(nixl)],
+                env={
+                    "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+                    "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side),
+                },
             )
         )
     try:
@@ -122,23 +111,13 @@ def test_nixl_kv_transfer_params_go_from_prefill_to_decode_verbatim(
         "--max-model-len",
         str(MAX_MODEL_LEN),
         "--enforce-disagg",
-        "--engine",
-        f"{PREFILL_ID}={prefill.base_url}/prefill",
-        "--engine",
-        f"{DECODE_ID}={decode.base_url}/decode",
+        *engine_flag(prefill, "prefill"),
+        *engine_flag(decode, "decode"),
     ]
     process = GroupProcess(start_in_group(command, tmp_path / "serve.log"), tmp_path / "serve.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(timeout=5) as http:
-            for _ in range(600):
-                assert process.running, process.log_tail()
-                try:
-                    if http.get(f"{url}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)  # between checks of the condition
+        wait_serving(process, url)
         api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600, max_retries=0)
         answer = api.completions.create(
             model=SERVED_MODEL_NAME,
@@ -150,14 +129,9 @@ def test_nixl_kv_transfer_params_go_from_prefill_to_decode_verbatim(
         ids = answer.model_extra["nvext"]["worker_id"]
         assert (ids["prefill_worker_id"], ids["decode_worker_id"]) == (PREFILL_ID, DECODE_ID)
         assert answer.usage.completion_tokens == 8
-        metrics = httpx.get(f"{decode.base_url}/metrics", timeout=10).text
-        transfers = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in metrics.splitlines()
-            if line.startswith("vllm:nixl_xfer_time_seconds_count")
-        )
+        transfers = decode.metric("vllm:nixl_xfer_time_seconds_count")
         # The decode engine pulled the prompt's KV from the prefill engine: it got the
         # prefill answer's kv_transfer_params (block ids, engine id, host, port) intact.
-        assert transfers >= 1, metrics
+        assert transfers >= 1, decode.metrics_text()
     finally:
         process.stop()

@@ -583,8 +583,8 @@ class _Session:
                 if state.held is not None:
                     send_output(state.stream_id, state.held)
                     state.held = None
-                    state.send_at = now + state.hold
-                    heapq.heappush(due, (state.send_at, next(self._due_ids), state))
+                    # (The wait this moves is over: the next one is set from the heap below.)
+                    self._send_at(state, now + state.hold)
                 else:
                     # Its hold ends in this pass, early or not: with no entry left in the
                     # deadlines, an output held until send_at would wait for the engine's
