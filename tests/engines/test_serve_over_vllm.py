@@ -225,17 +225,36 @@ def test_kv_routing_follows_the_engines_own_events(engine_tier: EngineTier) -> N
             assert served_by(answer) == owner
             assert cached(answer) >= (prompt_blocks - 1) * BLOCK_SIZE
         # The same prompt with a cache_salt: vLLM keeps a tenant's blocks to itself (so
-        # interlock sent the salt: no cached tokens, wherever it went), and interlock indexes
-        # them under the salt: the tenant's next turns go where its own blocks are.
+        # interlock sent the salt: its prefix cache gives no hit, wherever it went), and
+        # interlock indexes them under the salt: the tenant's next turns go where its own
+        # blocks are. Read from the engine's prefix-cache counter, not the answer's
+        # cached_tokens: engine 1's ExampleConnector store ignores the salt, and its hits
+        # count there too.
         before = router_kv_blocks(url)
+        counters = ("vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total")
+        seen = {e: [engine_tier.engine(e).metric(c) for c in counters] for e in (1, 2)}
         tenant = ask("t0", cache_salt="tenant-a")
-        assert cached(tenant) == 0
         home = served_by(tenant)
+        prompted, hits = seen[home]
+        _wait_for_metric(
+            engine_tier.engine(home), counters[0], prompted + tenant.usage.prompt_tokens
+        )
+        assert engine_tier.engine(home).metric(counters[1]) == hits
         _wait_for_blocks(url, home, before.get(home, 0) + prompt_blocks)
         for turn in ("t1", "t2"):
             answer = ask(turn, cache_salt="tenant-a")
             assert served_by(answer) == home
             assert cached(answer) >= (prompt_blocks - 1) * BLOCK_SIZE
+
+
+def _wait_for_metric(engine: VllmEngine, name: str, at_least: float) -> None:
+    """Until ``engine``'s counter ``name`` reaches ``at_least`` (vLLM records a step's
+    counters after the step's answer may have left)."""
+    for _ in range(600):
+        if engine.metric(name) >= at_least:
+            return
+        time.sleep(0.1)  # between checks of the condition
+    pytest.fail(f"engine {engine.id}'s {name} stayed below {at_least}: {engine.metric(name)}")
 
 
 def _wait_for_blocks(url: str, worker: int, blocks: int) -> None:
