@@ -647,3 +647,35 @@ def test_config_check_passes_a_file_with_every_table(
     )
     assert interlock_main(["config", "check", str(path)]) == 0
     assert capsys.readouterr().out.startswith(f"{path}: valid\n")
+
+
+# A value of a [workers] or [server] key that `interlock serve --config FILE` refuses at start
+# whatever the command line and the machine (the form of an address or an API key, read from
+# the file alone), and the message serve gives.
+REFUSED_VALUES = [
+    ('[workers]\nengines = ["nonsense"]\n', "no '=' between the engine id and its URL"),
+    ('[workers]\nremote_workers = ["nonsense"]\n', "no '=' between the worker id"),
+    ('[workers]\nkv_events_bind = "nonsense"\n', "is not a ZMQ endpoint"),
+    ('[workers]\nkv_replay = ["nonsense"]\n', "the form is ID=ENDPOINT"),
+    ('[server]\napi_keys = ["has space"]\n', "an API key must be visible ASCII"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    REFUSED_VALUES,
+    ids=["engines", "remote-workers", "kv-events-bind", "kv-replay", "api-keys"],
+)
+def test_config_check_refuses_a_table_value_serve_refuses_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    # docs/configuration.md: `interlock config check FILE` "checks one as `interlock serve`
+    # and `route` do at start: its knobs and its `[workers]`, `[server]` ... tables". These
+    # values depend on neither the command line nor the machine, yet serve refuses the file
+    # at start and config check said it was valid.
+    path = tmp_path / "interlock.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        resolve(frontend_parser().parse_args(["serve", "--config", str(path)]))
+    assert message in str(refused.value), refused.value
+    assert interlock_main(["config", "check", str(path)]) == 2, capsys.readouterr().out
