@@ -480,7 +480,9 @@ class PipelineConfig:
         """The ``[workers]`` table of a TOML configuration file (empty when it has none): the
         workers and engines ``interlock serve`` and ``route`` serve over, under the names of
         their flags (``engines``, ``remote_workers``, ``kv_events_bind``, ``kv_replay``,
-        ``engine_api_key``). Values are checked by the commands that use them.
+        ``engine_api_key``). Only the types are checked here: the commands check a value
+        when they use it (a flag given instead replaces it unchecked), and
+        ``interlock config check`` checks each with the same functions.
 
         Raises:
             ConfigError: the file cannot be read, or the table holds an unknown key or a value of
@@ -493,48 +495,27 @@ class PipelineConfig:
         """The ``[server]`` table of a TOML configuration file (empty when it has none): the
         HTTP server's API keys and process count, under the names of their flags
         (``api_keys``, ``api_key_file``, ``trusted_api_keys``, ``trusted_api_key_file``,
-        ``processes``). Values are checked by the commands that use them.
+        ``processes``). Only the types are checked here, as for `workers_table`.
 
         Raises:
             ConfigError: the file cannot be read, or the table holds an unknown key or a value of
                 the wrong type (the message names the file and the key).
         """
-        p = Path(path)
-        table = _command_table(p, SERVER_TABLE, SERVER_KEYS)
-        processes = table.get("processes", 1)
-        if processes < 1:
-            raise ConfigError(
-                f"{p}: [{SERVER_TABLE}] processes must be at least 1, got {processes}"
-            )
-        return table
+        return _command_table(Path(path), SERVER_TABLE, SERVER_KEYS)
 
     @staticmethod
     def gateway_table(path: str | os.PathLike[str]) -> dict[str, Any]:
         """The ``[gateway]`` table of a TOML configuration file (empty when it has none):
         ``interlock route``'s endpoint picker settings under the names of their flags
         (``ext_proc_port``, ``ext_proc_health_port``, ``ext_proc_fallbacks``, ``ext_proc_tls``,
-        ``ext_proc_tls_cert``, ``ext_proc_tls_key``), each value checked as its flag's (the
-        command checks how they combine with its flags, and reads the certificate files).
+        ``ext_proc_tls_cert``, ``ext_proc_tls_key``). Only the types are checked here, as for
+        `workers_table`.
 
         Raises:
-            ConfigError: the file cannot be read, or the table holds an unknown key, a value of
-                the wrong type, a port that is not 0-65535, a negative number of fallbacks or
-                an unknown TLS mode (the message names the file and the key).
+            ConfigError: the file cannot be read, or the table holds an unknown key or a value of
+                the wrong type (the message names the file and the key).
         """
-        p = Path(path)
-        table = _command_table(p, GATEWAY_TABLE, GATEWAY_KEYS)
-        for key, value in table.items():
-            where = f"{p}: [{GATEWAY_TABLE}] {key}"
-            if key in ("ext_proc_port", "ext_proc_health_port") and not 0 <= value <= 65535:
-                raise ConfigError(f"{where} must be a port 0-65535, got {value}")
-            if key == "ext_proc_fallbacks" and value < 0:
-                raise ConfigError(f"{where} must be 0 or more, got {value}")
-            if key == "ext_proc_tls" and value not in EXT_PROC_TLS_MODES:
-                raise ConfigError(
-                    f"{where} must be {EXT_PROC_TLS_MODES_TEXT}, got {value!r} (a certificate "
-                    "of your own: ext_proc_tls_cert and ext_proc_tls_key)"
-                )
-        return table
+        return _command_table(Path(path), GATEWAY_TABLE, GATEWAY_KEYS)
 
     @staticmethod
     def objectives_table(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -603,29 +584,6 @@ class PipelineConfig:
 _COMMAND_TABLES = frozenset(
     {WORKERS_TABLE, SERVER_TABLE, OBJECTIVES_TABLE, GATEWAY_TABLE, MODEL_REWRITES_TABLE}
 )
-
-
-def check_config_file(path: str | os.PathLike[str]) -> PipelineConfig:
-    """What ``interlock config check`` checks: everything ``interlock serve`` and ``route``
-    read from the configuration file at ``path`` and refuse at start, read by the functions
-    they read it with: its knobs (and their combinations: `PipelineConfig.validate`) and its
-    ``[workers]``, ``[server]``, ``[gateway]``, ``[objectives]`` and ``[[model_rewrites]]``
-    tables. Not what depends on the machine or the command line: the files it names (API
-    keys, certificates) and how flags combine with it. Returns the knobs.
-
-    Raises:
-        ConfigError: the first thing wrong, naming the file, the table and the key.
-    """
-    config = PipelineConfig.from_toml(path).validate()
-    for read in (
-        PipelineConfig.workers_table,
-        PipelineConfig.server_table,
-        PipelineConfig.gateway_table,
-        PipelineConfig.objectives_table,
-        PipelineConfig.model_rewrites_table,
-    ):
-        read(path)
-    return config
 
 
 def _check_objective(name: str, priority: Any, where: str) -> None:

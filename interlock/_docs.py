@@ -11,7 +11,7 @@ from pathlib import Path
 
 import attrs
 
-from ._config import COMBINATION_RULES, PipelineConfig
+from ._config import COMBINATION_RULES, GATEWAY_KEYS, SERVER_KEYS, WORKERS_KEYS, PipelineConfig
 from ._errors import ConfigError
 from ._model_rewrites import INVALID_RULES, MAX_WEIGHT, MODEL_REWRITES_TABLE, ModelRewrites
 from .statemachines import ALL_MODES, mermaid_diagram, mode_edges
@@ -26,9 +26,8 @@ def configuration_markdown() -> str:
         "Every knob of `PipelineConfig`, its default and what it does. Set them in Python "
         '(`PipelineConfig(routing="query_only")`), in a TOML file '
         "(`PipelineConfig.from_toml(path)`, top-level keys or an `[interlock]` table; "
-        "`interlock config check FILE` checks one as `interlock serve` and `route` do at "
-        "start: its knobs and its `[workers]`, `[server]`, `[gateway]`, `[objectives]` and "
-        "`[[model_rewrites]]` tables), or through `INTERLOCK_<KNOB>` "
+        "`interlock config check FILE` checks one: see *Checking a file* below), or through "
+        "`INTERLOCK_<KNOB>` "
         "environment variables (`PipelineConfig.from_env()`). An unknown key or a value of the "
         "wrong type raises `ConfigError` naming the key.",
         "",
@@ -71,6 +70,7 @@ def configuration_markdown() -> str:
         "- `routing='direct_to_known'` never migrates and never falls back from a failed "
         "prefill leg: the caller chose the plan, so a silent change would hide its mistake.",
         "",
+        *_config_check_lines(),
         "## Model rewrite rules (`[[model_rewrites]]`)",
         "",
         "GAIE's InferenceModelRewrite, for `interlock serve` and `interlock route` "
@@ -108,6 +108,48 @@ def configuration_markdown() -> str:
         lines.append(f"| {what} | `{example}` | {message} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _config_check_lines() -> list[str]:
+    """The section of configuration.md saying what ``interlock config check`` checks (the
+    keys from `TABLE_VALUE_CHECKS`, so the page follows the code) and what it cannot."""
+    # Imported here: the HTTP command's module loads only for the page that names its checks.
+    from .http._cli import TABLE_VALUE_CHECKS
+
+    keys = [*WORKERS_KEYS, *SERVER_KEYS, *GATEWAY_KEYS]
+    checked = ", ".join(f"`{key}`" for key in keys if key in TABLE_VALUE_CHECKS)
+    unchecked = ", ".join(f"`{key}`" for key in keys if key not in TABLE_VALUE_CHECKS)
+    return [
+        "## Checking a file: `interlock config check FILE`",
+        "",
+        "It reads FILE with the functions `interlock serve --config FILE` and "
+        "`interlock route --config FILE` read it with, and refuses (exit status 2, the message "
+        "naming the file, the table and the key) what they would refuse at start from the "
+        "file alone:",
+        "",
+        "- the knobs: their names, types and values, and the combinations above;",
+        "- every `[objectives]` entry and every `[[model_rewrites]]` rule (below);",
+        "- every key of `[workers]`, `[server]` and `[gateway]` (route's): its name and type, "
+        f"and the value of {checked} with the function the command checks it with, as the "
+        "flag of the same name: the form of each address, endpoint and API key, the ids and "
+        "URLs of one list each used once, a port 0-65535, at least 1 process, 0 or more "
+        "fallbacks, a TLS mode.",
+        "",
+        "It cannot check, and `serve` and `route` check at start:",
+        "",
+        f"- the files the file names and the secrets it holds ({unchecked}): the files are "
+        "read on the machine that serves, when it starts, and a secret may be any text;",
+        "- how keys combine with each other, with the command line and with the environment. "
+        "A flag wins over its key (any TLS flag replaces the three TLS keys; "
+        "`INTERLOCK_API_KEY` replaces `api_keys` and `api_key_file`), and a command neither "
+        "uses nor checks a key something replaces; so whether `kv_replay`'s ids are engines "
+        "of `engines` and it has a `kv_events_bind`, whether `processes` above 1 has workers "
+        "outside the process (and Linux), whether `ext_proc_tls_cert` has its "
+        "`ext_proc_tls_key`, and whether ids clash between `engines`, `remote_workers` and "
+        "in-process mock workers (`--workers`) depend on the command line;",
+        "- what the machine decides: free ports, reachable workers and engines.",
+        "",
+    ]
 
 
 def state_machines_markdown() -> str:

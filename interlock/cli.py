@@ -8,11 +8,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._config import check_config_file
 from ._errors import ConfigError
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    # The commands' module: the file is checked with the functions they check it with.
+    from .http._cli import check_config_file
+
     try:
         config = check_config_file(args.file)
     except ConfigError as exc:

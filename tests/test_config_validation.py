@@ -647,3 +647,77 @@ def test_config_check_passes_a_file_with_every_table(
     )
     assert interlock_main(["config", "check", str(path)]) == 0
     assert capsys.readouterr().out.startswith(f"{path}: valid\n")
+
+
+def test_config_check_leaves_files_and_combinations_to_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each value is checked on its own; what depends on the machine (the files named, read
+    # where the file is served) or on the flags a command adds (kv_replay's engine and bind,
+    # several processes beside in-process workers, the TLS certificate's key) is not: serve
+    # and route check it at start. docs/configuration.md says so.
+    path = tmp_path / "interlock.toml"
+    path.write_text(
+        '[workers]\nremote_workers = ["1=127.0.0.1:7001/prefill"]\n'
+        'kv_replay = ["2=tcp://127.0.0.1:5558"]\nengine_api_key = "any text"\n\n'
+        f'[server]\nprocesses = 3\napi_keys = ["k1"]\napi_key_file = "{tmp_path}/absent"\n\n'
+        f'[gateway]\next_proc_tls_cert = "{tmp_path}/absent.pem"\n'
+    )
+    assert interlock_main(["config", "check", str(path)]) == 0, capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no --engine has id 2"):
+        resolve(frontend_parser().parse_args(["serve", "--config", str(path)]))
+
+
+# A value of a [workers] or [server] key that `interlock serve --config FILE` refuses at start
+# whatever the command line and the machine (the form of an address or an API key, read from
+# the file alone), and the message serve gives.
+REFUSED_VALUES = [
+    ('[workers]\nengines = ["nonsense"]\n', "no '=' between the engine id and its URL"),
+    ('[workers]\nremote_workers = ["nonsense"]\n', "no '=' between the worker id"),
+    ('[workers]\nkv_events_bind = "nonsense"\n', "is not a ZMQ endpoint"),
+    ('[workers]\nkv_replay = ["nonsense"]\n', "the form is ID=ENDPOINT"),
+    ('[server]\napi_keys = ["has space"]\n', "an API key must be visible ASCII"),
+    ('[server]\ntrusted_api_keys = [""]\n', "an API key must not be empty"),
+    (
+        '[workers]\nengines = ["1=http://127.0.0.1:8000", "1=http://127.0.0.1:8001"]\n',
+        "id 1 is taken by --engine 1=http://127.0.0.1:8000",
+    ),
+    (
+        '[workers]\nremote_workers = ["1=127.0.0.1:7001", "1=127.0.0.1:7002"]\n',
+        "both have worker id 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    REFUSED_VALUES,
+    ids=[
+        "engines",
+        "remote-workers",
+        "kv-events-bind",
+        "kv-replay",
+        "api-keys",
+        "trusted-api-keys-empty",
+        "engines-one-id-twice",
+        "remote-workers-one-id-twice",
+    ],
+)
+def test_config_check_refuses_a_table_value_serve_refuses_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    # docs/configuration.md: `interlock config check FILE` "checks one as `interlock serve`
+    # and `route` do at start: its knobs and its `[workers]`, `[server]` ... tables". These
+    # values depend on neither the command line nor the machine, yet serve refuses the file
+    # at start and config check said it was valid.
+    path = tmp_path / "interlock.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        resolve(frontend_parser().parse_args(["serve", "--config", str(path)]))
+    assert message in str(refused.value), refused.value
+    assert interlock_main(["config", "check", str(path)]) == 2, capsys.readouterr().out
+    # Config check names the file's table and key (each text holds one), then serve's words.
+    table, key = text[1:].partition("]")[0], text.split("\n")[1].partition(" =")[0]
+    error = capsys.readouterr().err
+    assert f"{path}: [{table}] {key}" in error, error
+    assert message in error, error

@@ -491,6 +491,17 @@ def test_a_tls_flag_replaces_the_tables_tls_keys(tmp_path: Path) -> None:
     assert flagged.certificate_chain == ours.cert.read_bytes()
 
 
+def test_a_flag_replaces_a_bad_key_of_the_gateway_table(tmp_path: Path) -> None:
+    # A flag wins over its key, and any TLS flag replaces the table's TLS keys as a whole
+    # (`_apply_gateway_table`): a key the command line replaces is not used, so its value
+    # does not refuse the run.
+    config = tmp_path / "route.toml"
+    config.write_text('[gateway]\next_proc_port = 9002\next_proc_tls = "on"\n')
+    assert route("--config", str(config), "--ext-proc-tls", "off").ext_proc_tls is None
+    config.write_text("[gateway]\next_proc_port = 70000\n")
+    assert route("--config", str(config), "--ext-proc-port", "9102").ext_proc_port == 9102
+
+
 def test_the_tables_tls_errors_name_its_keys_not_flags(tmp_path: Path) -> None:
     ours = write_certificate(tmp_path)
     config = tmp_path / "route.toml"

@@ -96,6 +96,16 @@ def test_the_configuration_file_can_set_the_processes(tmp_path: Path) -> None:
         setup_of("serve", "--config", str(config))
 
 
+def test_the_processes_flag_wins_over_a_bad_processes_key_of_the_file(tmp_path: Path) -> None:
+    # "The flag wins over the file": `_resolve_processes` reads [server] processes only when
+    # --processes is not given, so a file whose key the flag replaces starts as before.
+    # server_table now refuses processes = 0 whenever any reader (the API keys' too) reads
+    # the table, so the flag no longer wins.
+    config = tmp_path / "serve.toml"
+    config.write_text('[server]\nprocesses = 0\n\n[workers]\nremote_workers = ["1=h:7001"]\n')
+    assert setup_of("serve", "--config", str(config), "--processes", "1").processes == 1
+
+
 def test_each_process_takes_its_share_of_the_frontend_wide_limits() -> None:
     spec = ChildSpec(1, 2, os.getpid(), listen_fd=-1, ready_fd=-1, lifeline_fd=-1)
     argv = ["serve", "--processes", "2", "--remote-worker", "1=h:7001"]

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,9 @@ from .._config import (
     EXT_PROC_TLS_MODES,
     EXT_PROC_TLS_MODES_TEXT,
     EXT_PROC_TLS_SELF_SIGNED,
+    GATEWAY_TABLE,
+    SERVER_TABLE,
+    WORKERS_TABLE,
     PipelineConfig,
     knob_names,
     parse_knob_text,
@@ -907,26 +910,48 @@ def _resolve_kv_events(
     args: argparse.Namespace, engines: Sequence[EngineAddress]
 ) -> tuple[str | None, dict[int, str]]:
     bind: str | None = args.kv_events_bind
-    if bind is not None and not bind.startswith(("tcp://", "ipc://")):
-        raise ConfigError(
-            f"--kv-events-bind {bind!r} is not a ZMQ endpoint interlock can bind: give "
-            "tcp://HOST:PORT (e.g. tcp://127.0.0.1:5557) or ipc://PATH"
-        )
+    if bind is not None:
+        _check_kv_events_bind(bind, "--kv-events-bind")
     ids = {e.worker_id for e in engines}
     replay: dict[int, str] = {}
     for text in args.kv_replay or []:
-        ident, equals, endpoint = text.partition("=")
-        if not equals or not ident.isdigit() or not endpoint.startswith(("tcp://", "ipc://")):
-            raise ConfigError(
-                f"--kv-replay {text!r}: the form is ID=ENDPOINT, e.g. "
-                "1=tcp://127.0.0.1:5558 (the engine's replay_endpoint)"
-            )
-        if int(ident) not in ids:
+        ident, endpoint = _parse_kv_replay(text, "--kv-replay")
+        if ident not in ids:
             raise ConfigError(f"--kv-replay {text!r}: no --engine has id {ident}")
-        replay[int(ident)] = endpoint
+        replay[ident] = endpoint
     if replay and bind is None:
         raise ConfigError("--kv-replay needs --kv-events-bind: replays fill gaps in that feed")
     return bind, replay
+
+
+def _check_kv_events_bind(bind: str, where: str) -> None:
+    """``--kv-events-bind`` (or ``[workers] kv_events_bind``, which ``where`` names) is a ZMQ
+    endpoint interlock can bind.
+
+    Raises:
+        ConfigError: it is not, naming ``where`` and the forms.
+    """
+    if not bind.startswith(("tcp://", "ipc://")):
+        raise ConfigError(
+            f"{where} {bind!r} is not a ZMQ endpoint interlock can bind: give "
+            "tcp://HOST:PORT (e.g. tcp://127.0.0.1:5557) or ipc://PATH"
+        )
+
+
+def _parse_kv_replay(text: str, where: str) -> tuple[int, str]:
+    """One ``--kv-replay ID=ENDPOINT`` (or item of ``[workers] kv_replay``, which ``where``
+    names): the engine id and its replay endpoint. Pure.
+
+    Raises:
+        ConfigError: ``text`` is not of that form, naming ``where`` and the form.
+    """
+    ident, equals, endpoint = text.partition("=")
+    if not equals or not ident.isdigit() or not endpoint.startswith(("tcp://", "ipc://")):
+        raise ConfigError(
+            f"{where} {text!r}: the form is ID=ENDPOINT, e.g. "
+            "1=tcp://127.0.0.1:5558 (the engine's replay_endpoint)"
+        )
+    return int(ident), endpoint
 
 
 def resolve_api_keys(
@@ -961,7 +986,7 @@ def resolve_api_keys(
             keys = split_keys(env[variable], variable)
             where = [variable]
         elif listed or file:
-            keys = [check_key(k, f"{args.config} [server] {kind}_keys") for k in listed]
+            keys = [check_key(k, f"{args.config}: [{SERVER_TABLE}] {kind}_keys") for k in listed]
             keys += read_key_file(file) if file else []
             where = [f"{args.config} [server]"]
         if keys:
@@ -1182,9 +1207,10 @@ def _resolve_processes(
     config_file = getattr(args, "config", None)
     table = PipelineConfig.server_table(config_file) if config_file and flag is None else {}
     processes: int = flag if flag is not None else table.get("processes", 1)
+    _check_processes(
+        processes, "--processes" if flag is not None else f"{config_file}: [server] processes"
+    )
     where = "--processes" if flag is not None else f"{config_file} [server] processes ="
-    if processes < 1:
-        raise ConfigError(f"{where} must be at least 1, got {processes}")
     spec: str | None = getattr(args, "process_child", None)
     if processes == 1:
         if spec is not None:
@@ -1214,6 +1240,16 @@ def _resolve_processes(
             "one interlock serve per port behind a load balancer instead (docs/deploying.md)"
         )
     return processes, None if spec is None else ChildSpec.parse(spec)
+
+
+def _check_processes(processes: int, where: str) -> None:
+    """``--processes`` (or ``[server] processes``, which ``where`` names) is at least 1.
+
+    Raises:
+        ConfigError: it is not, naming ``where``.
+    """
+    if processes < 1:
+        raise ConfigError(f"{where} must be at least 1, got {processes}")
 
 
 def _resolve_ext_proc(
@@ -1253,14 +1289,15 @@ def _resolve_ext_proc(
 
 def _apply_gateway_table(args: argparse.Namespace) -> dict[str, str]:
     """``interlock route``: each key of ``--config``'s ``[gateway]`` table whose flag was not
-    given sets it (a flag wins over its key); its ports and fallbacks checked as the flags'.
+    given sets it, checked as its flag (`_check_gateway_value`); a flag wins over its key,
+    whose value is then neither used nor checked.
     The TLS keys (`EXT_PROC_TLS_KEYS`) are one setting: any TLS flag given replaces them all
     (``--ext-proc-tls off`` serves h2c whatever certificate the table names). Returns how each
     key the table set is named in errors (``[gateway] KEY of FILE``), by key.
 
     Raises:
-        ConfigError: a bad table (`PipelineConfig.gateway_table`: the message names the file
-            and the key).
+        ConfigError: a bad table (`PipelineConfig.gateway_table`) or a bad value of a key the
+            command uses (`_check_gateway_value`); the message names the file and the key.
     """
     config_file = getattr(args, "config", None)
     if args.command != "route" or not config_file:
@@ -1270,9 +1307,114 @@ def _apply_gateway_table(args: argparse.Namespace) -> dict[str, str]:
     for key, value in PipelineConfig.gateway_table(config_file).items():
         if getattr(args, key, None) is not None or (tls_flagged and key in EXT_PROC_TLS_KEYS):
             continue
+        _check_gateway_value(key, value, f"{config_file}: [{GATEWAY_TABLE}] {key}")
         setattr(args, key, value)
         names[key] = f"[gateway] {key} of {config_file}"
     return names
+
+
+def _check_gateway_value(key: str, value: Any, where: str) -> None:
+    """A ``[gateway]`` key's value (``where`` names it) checked as argparse checks its flag's:
+    a port 0-65535, fallbacks 0 or more, a TLS mode `EXT_PROC_TLS_MODES` lists (the other
+    keys name certificate files, which `_resolve_ext_proc_tls` reads).
+
+    Raises:
+        ConfigError: the value is not one its flag takes, naming ``where``.
+    """
+    if key in ("ext_proc_port", "ext_proc_health_port") and not 0 <= value <= 65535:
+        raise ConfigError(f"{where} must be a port 0-65535, got {value}")
+    if key == "ext_proc_fallbacks" and value < 0:
+        raise ConfigError(f"{where} must be 0 or more, got {value}")
+    if key == "ext_proc_tls" and value not in EXT_PROC_TLS_MODES:
+        raise ConfigError(
+            f"{where} must be {EXT_PROC_TLS_MODES_TEXT}, got {value!r} (a certificate of your "
+            "own: ext_proc_tls_cert and ext_proc_tls_key)"
+        )
+
+
+def _check_engines(texts: list[str], where: str) -> None:
+    """``[workers] engines`` (``where`` names it) as `resolve` checks ``--engine``: each
+    item's form, and its id and URL against the other items'.
+
+    Raises:
+        ConfigError: `EngineAddress.parse`'s or `_check_engine_ids`'s, after ``where``.
+    """
+    try:
+        engines = [EngineAddress.parse(text) for text in texts]
+        _check_engine_ids(engines, (), workers=0, prefill_workers=0)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_remote_workers(texts: list[str], where: str) -> None:
+    """``[workers] remote_workers`` (``where`` names it) as `resolve` checks
+    ``--remote-worker``: each item's form, and its id and address against the other items'.
+
+    Raises:
+        ConfigError: `resolve_remote_workers`'s, after ``where``.
+    """
+    try:
+        resolve_remote_workers(texts, workers=0, prefill_workers=0)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_kv_replay(texts: list[str], where: str) -> None:
+    for text in texts:
+        _parse_kv_replay(text, where)
+
+
+def _check_api_keys(keys: list[str], where: str) -> None:
+    for key in keys:
+        check_key(key, where)
+
+
+#: What `check_config_file` checks each ``[workers]``, ``[server]`` and ``[gateway]`` key's value
+#: with, given where it is: the function `resolve` checks it with when it uses it. A key not
+#: here names a file (read where it is served) or a secret of any form (``engine_api_key``).
+#: docs/configuration.md lists both kinds from here.
+TABLE_VALUE_CHECKS: dict[str, Callable[[Any, str], None]] = {
+    "engines": _check_engines,
+    "remote_workers": _check_remote_workers,
+    "kv_events_bind": _check_kv_events_bind,
+    "kv_replay": _check_kv_replay,
+    "api_keys": _check_api_keys,
+    "trusted_api_keys": _check_api_keys,
+    "processes": _check_processes,
+    **{
+        key: functools.partial(_check_gateway_value, key)
+        for key in ("ext_proc_port", "ext_proc_health_port", "ext_proc_fallbacks", "ext_proc_tls")
+    },
+}
+
+
+def check_config_file(path: str | os.PathLike[str]) -> PipelineConfig:
+    """What ``interlock config check`` checks: the configuration file at ``path`` read as
+    ``interlock serve --config`` and ``route --config`` read it, each value checked by the
+    function they check it with at start: its knobs (and their combinations:
+    `PipelineConfig.validate`), its ``[objectives]`` and ``[[model_rewrites]]``, and each
+    ``[workers]``, ``[server]`` and ``[gateway]`` key (`TABLE_VALUE_CHECKS`), every one of
+    them, since no flag replaces any. Not what depends on the machine, the environment or
+    the command line: the files the file names (API keys, certificates), and how keys
+    combine with flags and with each other (``kv_replay`` needs ``kv_events_bind``, several
+    ``processes`` need workers outside the process, ...). Returns the knobs.
+
+    Raises:
+        ConfigError: the first thing wrong, naming the file, the table and the key.
+    """
+    config = PipelineConfig.from_toml(path).validate()
+    PipelineConfig.objectives_table(path)
+    PipelineConfig.model_rewrites_table(path)
+    for name, read in (
+        (WORKERS_TABLE, PipelineConfig.workers_table),
+        (SERVER_TABLE, PipelineConfig.server_table),
+        (GATEWAY_TABLE, PipelineConfig.gateway_table),
+    ):
+        for key, value in read(path).items():
+            check = TABLE_VALUE_CHECKS.get(key)
+            if check is not None:
+                check(value, f"{path}: [{name}] {key}")
+    return config
 
 
 def _resolve_ext_proc_tls(
