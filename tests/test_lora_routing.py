@@ -553,6 +553,25 @@ async def test_a_pipeline_does_not_keep_an_apps_frontend_alive(
         await pipeline.remove_worker(1, stop=True)  # a change: no call to the frontend gone
 
 
+async def test_a_pipeline_does_not_keep_an_apps_metrics_alive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """docs/embedding.md: "a pipeline that outlives its apps neither keeps one alive nor calls
+    one that is gone". `build_app` hooks its app's `HttpMetrics` into the pipeline's
+    ``queue_time_observers``, and nothing takes it out: every app built over a pipeline that
+    outlives it stays alive there (its metrics), and is called for every later request."""
+    preprocessor = Preprocessor.default()
+    components = Components(workers=[MockEngine(1)], tokenizer=preprocessor.tokenizer)
+    async with build_pipeline(PipelineConfig(), components) as pipeline:
+        observers = len(pipeline.queue_time_observers)
+        app = build_app(pipeline, model="mock", preprocessor=preprocessor)
+        metrics = weakref.ref(app.state.metrics)
+        del app
+        gc.collect()
+        assert len(pipeline.queue_time_observers) == observers
+        assert metrics() is None, [type(r).__name__ for r in gc.get_referrers(metrics())]
+
+
 async def test_enforced_disaggregation_without_a_prefill_engine_for_the_adapter_says_so(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
