@@ -538,8 +538,12 @@ async def test_a_pipeline_does_not_keep_an_apps_frontend_alive(
     preprocessor = Preprocessor.default()
     components = Components(workers=[MockEngine(1)], tokenizer=preprocessor.tokenizer)
     async with build_pipeline(PipelineConfig(), components) as pipeline:
+        await trio.testing.wait_all_tasks_blocked()  # the actors have started their watches
+        watchers = pipeline._registry._watchers  # the membership's: one more per live frontend
+        before = len(watchers)
         app = build_app(pipeline, model="mock", preprocessor=preprocessor)
         frontend = weakref.ref(app.state.frontend)
+        assert len(watchers) == before + 1
         if served:
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
@@ -550,6 +554,7 @@ async def test_a_pipeline_does_not_keep_an_apps_frontend_alive(
         del app
         gc.collect()
         assert frontend() is None, [type(r).__name__ for r in gc.get_referrers(frontend())]
+        assert len(watchers) == before  # its watch stopped with it
         await pipeline.remove_worker(1, stop=True)  # a change: no call to the frontend gone
 
 

@@ -12,8 +12,9 @@ import io
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from typing import Any, Final
 
 import attrs
@@ -29,6 +30,7 @@ from .._errors import ConfigError, InterlockError
 from .._model_rewrites import ModelRewrites
 from .._pipeline import Pipeline
 from .._tracing import MODEL_REWRITE_ATTRIBUTE, TTFT_ATTRIBUTE, describe_request
+from .._weak import WeakCallback
 from ..wire import EngineOutput, PreprocessedRequest, RoutingDecision
 from ._auth import (
     OPEN_PATHS,
@@ -1121,6 +1123,12 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(dumps(body), status_code=status, media_type="application/json")
 
 
+def _discard(observers: list[Any], observer: object) -> None:
+    """Take ``observer`` out of ``observers`` if still there (a finalizer's callback)."""
+    with suppress(ValueError):
+        observers.remove(observer)
+
+
 def build_app(
     pipeline: Pipeline,
     *,
@@ -1182,8 +1190,12 @@ def build_app(
         )
     metrics = metrics if metrics is not None else HttpMetrics()
     metrics.block_size = pipeline.config.kv_block_size
-    if metrics.observe_queue_time not in pipeline.queue_time_observers:
-        pipeline.queue_time_observers.append(metrics.observe_queue_time)
+    # Held weakly, and taken out when the metrics go: a pipeline may outlive its apps.
+    observer = WeakCallback(metrics.observe_queue_time)
+    observers = pipeline.queue_time_observers
+    if observer not in observers:
+        observers.append(observer)
+        weakref.finalize(metrics, _discard, observers, observer)
     frontend = Frontend(
         pipeline,
         model=model,

@@ -18,6 +18,7 @@ import trio
 
 from .._model_rewrites import ModelRewrites
 from .._pipeline import Pipeline
+from .._weak import WeakCallback
 from ..actors import served_adapters
 from ..engines import Engine
 from ..kv._hashing import trust_u32
@@ -123,14 +124,7 @@ class Frontend:
         # The frontend follows the membership for its whole life, and only it starts or stops
         # that: the pipeline holds it weakly (a pipeline may outlive its apps: it must neither
         # keep a frontend alive nor call one gone), and the frontend's end stops the calls.
-        saw = weakref.WeakMethod(self._saw)
-
-        def follow(workers: Mapping[int, Engine]) -> None:
-            method = saw()
-            if method is not None:
-                method(workers)
-
-        weakref.finalize(self, pipeline.watch_workers(follow))
+        weakref.finalize(self, pipeline.watch_workers(WeakCallback(self._saw)))
 
     def _saw(self, workers: Mapping[int, Engine]) -> None:
         # `Pipeline.engine` tells away (still registered) from removed for good (None:
