@@ -16,7 +16,8 @@ P = ParamSpec("P")
 
 class WeakCallback(Generic[P]):
     """Calls ``method`` while its object lives; a no-op once it is gone. Two compare equal
-    while they call the same live object's same method (so ``in`` finds a duplicate)."""
+    while they call the same live object's same method (so ``in`` finds a duplicate);
+    unhashable, as what they equal changes when the object goes."""
 
     __slots__ = ("__weakref__", "_method")
 
@@ -31,10 +32,4 @@ class WeakCallback(Generic[P]):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, WeakCallback) and self._method == other._method
 
-    def __hash__(self) -> int:
-        return id(self)
-
-    @property
-    def alive(self) -> bool:
-        """Whether the method's object still lives."""
-        return self._method() is not None
+    __hash__ = None  # type: ignore[assignment]  # equal while alive, identity-free after: unhashable
