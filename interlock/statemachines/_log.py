@@ -172,11 +172,13 @@ def _attrs_reducer(cls: type) -> Callable[[Any], tuple[Any, ...]]:
     return reduce
 
 
-# The classes every routed request logs; any other picklable decision pickles the default way.
+# The decisions every routed request logs; any other picklable decision pickles the default way.
 _REDUCERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {
-    cls: _attrs_reducer(cls)
-    for cls in (TransitionRecord, RoutingDecision, SelectionRecord, CandidateRecord)
+    cls: _attrs_reducer(cls) for cls in (RoutingDecision, SelectionRecord, CandidateRecord)
 }
+# A record's fields as a tuple, read in C: a batch pickles its records as tuples of fields,
+# a reducer call fewer a record (TransitionRecord's __init__ neither converts nor validates).
+_record_fields = operator.attrgetter(*(field.name for field in attrs.fields(TransitionRecord)))
 
 
 def _stashed_token_ids(index: int) -> Any:
@@ -223,9 +225,9 @@ def _pack(records: list[TransitionRecord]) -> _PackedBatch:
 
     out = io.BytesIO()
     pickler = pickle.Pickler(out, pickle.HIGHEST_PROTOCOL)
-    pickler.dispatch_table = {**_REDUCERS, U32TokenIds: stash}  # type: ignore[misc]
+    pickler.dispatch_table = {**_REDUCERS, U32TokenIds: stash}
     try:
-        pickler.dump(records)
+        pickler.dump(list(map(_record_fields, records)))
     except Exception:
         # A sink's offer must never raise, and a decision's own __reduce__ or __getstate__
         # may raise anything; pickle's own refusals are TypeError (locks, sockets,
@@ -238,8 +240,7 @@ def _unpack(batch: _PackedBatch) -> list[TransitionRecord]:
     """The records `_pack` packed, equal to them and of the same types."""
     if batch.data is None:
         return list(batch.records)
-    records: list[TransitionRecord] = _BatchUnpickler(batch).load()
-    return records
+    return [TransitionRecord(*fields) for fields in _BatchUnpickler(batch).load()]
 
 
 class MemoryLog:
