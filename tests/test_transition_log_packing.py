@@ -112,7 +112,7 @@ _decisions = st.one_of(
 @st.composite
 def _records(draw: st.DrawFn) -> list[TransitionRecord]:
     records = []
-    for n in range(draw(st.integers(0, 30))):
+    for n in range(draw(st.integers(0, 20))):
         records.append(
             TransitionRecord(
                 f"r{draw(st.integers(0, 5))}",
