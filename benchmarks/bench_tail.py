@@ -49,13 +49,23 @@ import gc, json, time, trio
 
 wall, cpu = time.time, time.thread_time
 passes = []
-gc_cpu = [0.0, 0.0]  # in this pass; when the running collection started
+gcs = []  # (generation, CPU seconds, objects walked: None for the young generation)
+gc_cpu = [0.0, 0.0, None]  # in this pass; when the running collection started; its objects
 
 def on_gc(phase, info):
     if phase == "start":
+        # What an older generation's collection walks: its generation and the younger ones.
+        # Counted before its clock starts; the young generation's (every ~10,000 allocations)
+        # is not counted, so that counting stays off the passes' CPU.
+        generation = info["generation"]
+        gc_cpu[2] = None
+        if generation:
+            gc_cpu[2] = sum(len(gc.get_objects(g)) for g in range(generation + 1))
         gc_cpu[1] = cpu()
     else:
-        gc_cpu[0] += cpu() - gc_cpu[1]
+        spent = cpu() - gc_cpu[1]
+        gc_cpu[0] += spent
+        gcs.append((info["generation"], spent, gc_cpu[2]))
 
 gc.callbacks.append(on_gc)
 
@@ -73,10 +83,14 @@ class Instrument(trio.abc.Instrument):
             )
 
 def write_report(f):
-    json.dump(passes, f)
+    json.dump({"passes": passes, "collections": gcs}, f)
     passes.clear()
+    gcs.clear()
 """
 )
+
+#: A collection: its generation, its CPU seconds, the objects it walked (None: not counted).
+Collection = tuple[int, float, int | None]
 
 #: A pass: wall start, wall length, the serve thread's CPU in it, the collections' CPU in it.
 Pass = tuple[float, float, float, float]
@@ -152,15 +166,17 @@ def main() -> None:
     )
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tail-") as tmp_name:
-        lives, passes, done, load = run(a, Path(tmp_name))
-    report(a, lives, passes, done, load)
+        lives, passes, gcs, done, load = run(a, Path(tmp_name))
+    report(a, lives, passes, gcs, done, load)
 
 
 def run(
     a: argparse.Namespace, tmp: Path
-) -> tuple[list[tuple[float, float]], list[Pass], dict, tuple[float, float, float]]:
-    """Serve, warm up, then drive ``a.seconds`` of wrk; the requests' lives, the passes, wrk's
-    summary and the load average at the start."""
+) -> tuple[
+    list[tuple[float, float]], list[Pass], list[Collection], dict, tuple[float, float, float]
+]:
+    """Serve, warm up, then drive ``a.seconds`` of wrk; the requests' lives, the passes, the
+    garbage collections, wrk's summary and the load average at the start."""
     with contextlib.ExitStack() as stack:
         log, passes_file, script = tmp / "log.jsonl", tmp / "passes.json", tmp / "chat.lua"
         script.write_text(ab_frontend.WRK_SCRIPT)
@@ -196,17 +212,20 @@ def run(
             text=True,
             check=True,
         ).stdout
-        passes = [tuple(p) for p in json.loads(ab_frontend.report(pid, passes_file))]
+        measured = json.loads(ab_frontend.report(pid, passes_file))
+        passes = [tuple(p) for p in measured["passes"]]
+        gcs = [tuple(c) for c in measured["collections"]]
         lines = [x for x in out.splitlines() if x.startswith("{")]
         done = json.loads(lines[-1])
     # After serve stopped: its sink has written every record.
-    return [life for life in lives_from_log(log) if life[0] >= began], passes, done, load
+    return [life for life in lives_from_log(log) if life[0] >= began], passes, gcs, done, load
 
 
 def report(
     a: argparse.Namespace,
     lives: list[tuple[float, float]],
     passes: list[Pass],
+    gcs: list[Collection],
     done: dict,
     load: tuple[float, float, float],
 ) -> None:
@@ -239,6 +258,26 @@ def report(
         f"{1000 * lengths[-1]:.1f} ms; in them {cpu:.2f} s CPU ({gc_cpu:.2f} s collecting), "
         f"{wall - cpu:.2f} s preempted"
     )
+    requests = max(done["requests"], 1)
+    print(
+        f"collections: {1e6 * sum(c[1] for c in gcs) / requests:.1f} us of CPU a request "
+        f"({len(gcs)} collections, {done['requests']} requests)"
+    )
+    for generation, name in ((0, "young"), (1, "middle"), (2, "full")):
+        mine = [c for c in gcs if c[0] == generation]
+        if not mine:
+            continue
+        times = sorted(1000 * c[1] for c in mine)
+        walked = sorted(c[2] for c in mine if c[2] is not None)
+        objects = (
+            f", objects walked median {walked[len(walked) // 2]:,} [{walked[0]:,}-{walked[-1]:,}]"
+            if walked
+            else ""
+        )
+        print(
+            f"  {name}: {len(mine)}, CPU median {times[len(times) // 2]:.1f} ms, longest "
+            f"{times[-1]:.1f} ms{objects}"
+        )
 
 
 if __name__ == "__main__":

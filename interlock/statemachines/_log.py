@@ -8,9 +8,13 @@ schema is versioned by ``SCHEMA_VERSION`` and documented in docs/transition-logs
 from __future__ import annotations
 
 import collections
+import copyreg
+import io
 import json
 import logging
+import operator
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
@@ -18,8 +22,8 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ..kv._hashing import PackedTokenIds, kv_salt, salt_hex
-from ..wire import to_builtins
+from ..kv._hashing import PackedTokenIds, U32TokenIds, kv_salt, salt_hex
+from ..wire import CandidateRecord, RoutingDecision, SelectionRecord, to_builtins
 
 _logger = logging.getLogger("interlock.transitions")
 
@@ -143,11 +147,112 @@ def estimate_record_bytes(record: TransitionRecord) -> int:
     return size
 
 
+# Records older than the newest `_PACK_BATCH` are kept pickled, a batch in one ``bytes``: the
+# garbage collector never walks a ``bytes``, while a logged request as objects is ~20 tracked
+# objects (its records, routing decision, selection and candidate records, their tuples, dicts
+# and lists) that every young and middle-generation collection walked until the log dropped
+# them (docs/benchmarks.md, "Where the tail at C=256 comes from"). Pickling a batch costs a few
+# microseconds a request, less than the collections it saves; a batch of 256 records shares
+# one pickler's memo of the states, triggers and modes it repeats.
+_PACK_BATCH = 256
+
+
+def _attrs_reducer(cls: type) -> Callable[[Any], tuple[Any, ...]]:
+    """A pickle reducer for the slotted attrs class ``cls`` that reads its fields in C
+    (`operator.attrgetter`) where attrs' own ``__getstate__`` builds a dict in Python; attrs'
+    ``__setstate__`` takes the values back as a tuple in field order."""
+    names = [field.name for field in attrs.fields(cls)]
+    assert len(names) > 1, "attrgetter of one name gives the value, not a tuple"
+    values = operator.attrgetter(*names)
+    newobj = copyreg.__newobj__  # type: ignore[attr-defined]
+
+    def reduce(obj: Any) -> tuple[Any, ...]:
+        return newobj, (cls,), values(obj)
+
+    return reduce
+
+
+# The decisions every routed request logs; any other picklable decision pickles the default way.
+_REDUCERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {
+    cls: _attrs_reducer(cls) for cls in (RoutingDecision, SelectionRecord, CandidateRecord)
+}
+# A record's fields as a tuple, read in C: a batch pickles its records as tuples of fields,
+# a reducer call fewer a record (TransitionRecord's __init__ neither converts nor validates).
+_record_fields = operator.attrgetter(*(field.name for field in attrs.fields(TransitionRecord)))
+
+
+def _stashed_token_ids(index: int) -> Any:
+    """Stands for a prompt's token ids in a batch's pickle (`_PackedBatch.token_ids`); the
+    unpickler resolves the name to the batch's own ids, so this is never called."""
+    raise AssertionError("a batch's token ids are resolved by _BatchUnpickler")
+
+
+@attrs.frozen(slots=True, eq=False)
+class _PackedBatch:
+    """Records kept as one pickle (`_pack`). The prompts' token ids are not in ``data`` but
+    in ``token_ids``, by reference: a `U32TokenIds` is already in memory, pickling its ints
+    would cost more than the rest of the batch, and reading gives back the same object.
+    ``records`` holds the records themselves when one of them could not be pickled."""
+
+    count: int
+    request_ids: frozenset[str]
+    data: bytes | None
+    token_ids: tuple[Any, ...] = ()
+    records: tuple[TransitionRecord, ...] = ()
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def __init__(self, batch: _PackedBatch) -> None:
+        assert batch.data is not None
+        super().__init__(io.BytesIO(batch.data))
+        self._token_ids = batch.token_ids
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name == "_stashed_token_ids" and module == __name__:
+            return self._token_ids.__getitem__
+        return super().find_class(module, name)
+
+
+def _pack(records: list[TransitionRecord]) -> _PackedBatch:
+    """``records`` as one `_PackedBatch`; never raises (a record pickle refuses, such as a
+    custom decision holding a lock, keeps the batch as objects)."""
+    request_ids = frozenset(record.request_id for record in records)
+    token_ids: list[Any] = []
+
+    def stash(ids: Any) -> tuple[Any, ...]:
+        token_ids.append(ids)
+        return _stashed_token_ids, (len(token_ids) - 1,)
+
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = {**_REDUCERS, U32TokenIds: stash}
+    try:
+        pickler.dump(list(map(_record_fields, records)))
+    except Exception:
+        # A sink's offer must never raise, and a decision's own __reduce__ or __getstate__
+        # may raise anything; pickle's own refusals are TypeError (locks, sockets,
+        # generators), AttributeError and PicklingError (local functions and classes).
+        return _PackedBatch(len(records), request_ids, None, records=tuple(records))
+    return _PackedBatch(len(records), request_ids, out.getvalue(), tuple(token_ids))
+
+
+def _unpack(batch: _PackedBatch) -> list[TransitionRecord]:
+    """The records `_pack` packed, equal to them and of the same types."""
+    if batch.data is None:
+        return list(batch.records)
+    return [TransitionRecord(*fields) for fields in _BatchUnpickler(batch).load()]
+
+
 class MemoryLog:
     """The newest records, in order: at most ``capacity`` of them and, with ``max_bytes``, at
     most that many bytes of memory as `estimate_record_bytes` counts them (a routing decision
     keeps its prompt's token ids, so records of long prompts weigh more). The oldest are dropped
     first; the newest record is always kept. Reading is safe at any time.
+
+    All but the newest few hundred records are kept pickled, in batches, out of the garbage
+    collector's sight; reading gives back records equal to those offered, of the same types
+    (the prompts' token ids are the very objects offered). Reading them costs an unpickling,
+    so `records` with a request id reads only the batches that hold that request.
 
     Raises:
         ValueError: ``capacity`` or ``max_bytes`` below 1.
@@ -162,8 +267,14 @@ class MemoryLog:
             )
         self.capacity = capacity
         self.max_bytes = max_bytes
-        self._records: collections.deque[TransitionRecord] = collections.deque()
+        #: Older records, oldest first; the first ``_head`` of the oldest batch were evicted.
+        self._batches: collections.deque[_PackedBatch] = collections.deque()
+        self._head = 0
+        #: The newest records, as offered, until `_PACK_BATCH` of them are packed together.
+        self._live: collections.deque[TransitionRecord] = collections.deque()
+        #: `estimate_record_bytes` of every record kept, oldest first.
         self._sizes: collections.deque[int] = collections.deque()
+        self._pack_batch = _PACK_BATCH
         #: Records pushed out by newer ones.
         self.evicted = 0
         #: The estimated bytes of the records kept (`estimate_record_bytes`).
@@ -171,33 +282,59 @@ class MemoryLog:
 
     def offer(self, record: TransitionRecord) -> None:
         size = estimate_record_bytes(record)
-        self._records.append(record)
+        self._live.append(record)
         self._sizes.append(size)
         self.bytes += size
         limit = self.max_bytes
-        while len(self._records) > self.capacity or (
-            limit is not None and self.bytes > limit and len(self._records) > 1
+        while len(self._sizes) > self.capacity or (
+            limit is not None and self.bytes > limit and len(self._sizes) > 1
         ):
-            self._records.popleft()
-            self.bytes -= self._sizes.popleft()
-            self.evicted += 1
+            self._evict_oldest()
+        if len(self._live) >= self._pack_batch:
+            self._batches.append(_pack(list(self._live)))
+            self._live.clear()
+
+    def _evict_oldest(self) -> None:
+        if self._batches:
+            # A batch is freed whole once all its records are evicted; until then its
+            # evicted records only cost their share of its bytes (and their prompts' ids).
+            self._head += 1
+            if self._head == self._batches[0].count:
+                self._batches.popleft()
+                self._head = 0
+        else:
+            self._live.popleft()
+        self.bytes -= self._sizes.popleft()
+        self.evicted += 1
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._sizes)
 
     def __iter__(self) -> Iterator[TransitionRecord]:
-        return iter(list(self._records))
+        return iter(self.records())
+
+    def _unpacked(self, batch_index: int, batch: _PackedBatch) -> list[TransitionRecord]:
+        records = _unpack(batch)
+        return records[self._head :] if batch_index == 0 else records
 
     def records(self, request_id: str | None = None) -> list[TransitionRecord]:
         """All records kept, or those of one request, oldest first."""
+        kept: list[TransitionRecord] = []
+        for index, batch in enumerate(self._batches):
+            if request_id is None:
+                kept.extend(self._unpacked(index, batch))
+            elif request_id in batch.request_ids:
+                kept.extend(r for r in self._unpacked(index, batch) if r.request_id == request_id)
         if request_id is None:
-            return list(self._records)
-        return [r for r in self._records if r.request_id == request_id]
+            kept.extend(self._live)
+        else:
+            kept.extend(r for r in self._live if r.request_id == request_id)
+        return kept
 
     def by_request(self) -> dict[str, list[TransitionRecord]]:
         """Records grouped by request id, each group in sequence order."""
         grouped: dict[str, list[TransitionRecord]] = {}
-        for record in self._records:
+        for record in self.records():
             grouped.setdefault(record.request_id, []).append(record)
         return grouped
 
@@ -207,7 +344,9 @@ class MemoryLog:
         return [records[0].src, *(r.dst for r in records)] if records else []
 
     def clear(self) -> None:
-        self._records.clear()
+        self._batches.clear()
+        self._head = 0
+        self._live.clear()
         self._sizes.clear()
         self.bytes = 0
 
