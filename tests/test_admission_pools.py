@@ -584,3 +584,47 @@ async def test_a_gateways_prefill_completion_wakes_a_waiter_for_the_prefill_work
         assert admitted, "the freed prefill slot sat idle until the waiter's RECHECK"
         p.free("first")
         p.free("second")
+
+
+async def test_room_a_worker_makes_by_itself_is_taken_within_recheck_while_requests_are_shed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As `test_room_a_worker_makes_by_itself_is_taken_within_recheck`, while sheddable
+    requests are refused (429) a few times a second: each one's end `wake`s the queue, the
+    head is given the baton and its `RECHECK` timer starts over, so the refresh that would
+    make the 'ad1' waiter ask again (its pool grew to engine 3) never comes."""
+    engines = [worker(w) for w in (1, 2, 3)]
+    for engine in engines:
+        engine.max_num_seqs = 1
+    config = CONFIG.evolve(max_inflight_per_worker=None, routing="discover")
+    async with build_pipeline(config, Components(workers=engines)) as p, trio.open_nursery() as n:
+        gateway = Gateway(p, n)
+        await _fill(gateway)
+        head = gateway.arrive("sub12")  # waits for {1, 2}
+        await gateway.settled()
+        behind = gateway.arrive("ad1")  # waits for {1}
+        await gateway.settled()
+        shedding = True
+
+        async def sheddable() -> None:
+            while shedding:
+                request = PreprocessedRequest(
+                    token_ids=prompt(8, start=9000), routing=RoutingHints(priority=-1)
+                )
+                with pytest.raises(Overloaded):
+                    async for _ in p.generate(request):
+                        pass
+                await trio.sleep(RECHECK / 5)  # five 429s a second
+
+        n.start_soon(sheddable)
+        engines[2].max_num_seqs = 2
+        engines[2].adapters = frozenset({"ad1", "ad2"})  # type: ignore[attr-defined]
+        await trio.sleep(RECHECK * 6)
+        held = gateway.holds(behind)
+        shedding = False
+        await trio.sleep(RECHECK)
+        assert held == 3, f"engine 3 idle for {RECHECK * 6} s: {gateway.booked}"
+        gateway.cancel(head)
+        gateway.cancel(behind)
+        for name in list(gateway.booked):
+            gateway.free(name)
