@@ -628,3 +628,57 @@ async def test_room_a_worker_makes_by_itself_is_taken_within_recheck_while_reque
         gateway.cancel(behind)
         for name in list(gateway.booked):
             gateway.free(name)
+
+
+async def test_a_priority_emptied_during_a_pass_does_not_lose_the_served_holders_booking(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The same lazy walk of the priorities, when the holder is served: its booking must
+    reach it (or be freed), not be lost to an error raised while the baton is handed on."""
+    async with build_pipeline(CONFIG, Components(workers=[worker(w) for w in (1, 2, 3)])) as p:
+        async with trio.open_nursery() as nursery:
+            gateway = Gateway(p, nursery)
+            await _fill(gateway)
+            gateway.free_on(3)  # engine 3 stays free: none of the waiters may go there
+            await gateway.settled()
+            outcome: list[Any] = []
+
+            async def holder() -> None:
+                request = PreprocessedRequest(
+                    token_ids=prompt(16, start=6000),
+                    request_id="holder",
+                    routing=RoutingHints(priority=1),
+                )
+                try:
+                    outcome.append(
+                        await p.query(request, book=True, admit=True, candidates=frozenset({1, 2}))
+                    )
+                except Exception as exc:  # what the caller would see
+                    outcome.append(exc)
+
+            nursery.start_soon(holder)
+            await gateway.settled()
+            low = trio.CancelScope()
+
+            async def unbooked() -> None:
+                request = PreprocessedRequest(token_ids=prompt(16, start=7000), request_id="low")
+                with low:
+                    await p.query(request, admit=True, candidates=frozenset({1, 2}))
+
+            nursery.start_soon(unbooked)
+            await gateway.settled()
+            assert p.queued == 2
+            gateway.free_on(2)  # a pass: the holder asks, and gets engine 2 (3 has room left)
+            low.cancel()  # priority 0 empties meanwhile, without a wake
+            late = gateway.arrive("ad1", priority=1)  # joins during the pass
+            await gateway.settled()
+            gateway.cancel(late)
+            await gateway.settled()
+            assert outcome
+            if not isinstance(outcome[0], Exception):
+                p.free("holder")  # (a caller that got an error has nothing to free)
+            for name in list(gateway.booked):
+                gateway.free(name)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await p.load() == {}, f"a booking leaked; the holder got {outcome[0]!r}"
+        assert outcome[0].decode_worker_id == 2
