@@ -80,7 +80,7 @@ class _Pool:
 
 
 class _Ticket:
-    __slots__ = ("event", "flow", "pool", "priority", "queued", "reserved")
+    __slots__ = ("event", "flow", "passed", "pool", "priority", "queued", "reserved")
 
     def __init__(self, priority: int, flow: str, pool: _Pool) -> None:
         self.priority = priority
@@ -91,6 +91,9 @@ class _Ticket:
         #: While it holds the baton: the workers to count as full when it asks.
         self.reserved: frozenset[int] | None = None
         self.queued = True
+        #: The number of the last pass that reached it: a late joiner the walk also meets
+        #: is asked once.
+        self.passed = -1
 
     @property
     def blocked_on(self) -> frozenset[int] | None:
@@ -122,6 +125,8 @@ class AdmissionQueue:
         self._reserved: frozenset[int] = frozenset()
         #: A slot may have freed while the holder asked: the pass starts again from the head.
         self._restart = False
+        #: Counts passes (see `_Ticket.passed`).
+        self._passes = 0
         #: Membership changes not yet known to the Router: no pass goes on meanwhile.
         self._held = 0
         #: Bumped when what waiters learned may be out of date (membership, `RECHECK`).
@@ -309,9 +314,13 @@ class AdmissionQueue:
 
     def _service_order(self) -> Iterator[_Ticket]:
         """The waiters now, in the order `leave(served=True)` would serve them: priorities
-        from the highest, and within one its flows' FIFOs in turn (a snapshot)."""
+        from the highest, and within one its flows' FIFOs in turn (each priority's snapshot
+        taken when the walk reaches it)."""
         for priority in sorted(self._levels, reverse=True):
-            fifos = [list(fifo) for fifo in self._levels[priority].values()]
+            ring = self._levels.get(priority)
+            if ring is None:
+                continue  # every waiter of it left since the walk began (no wake: no restart)
+            fifos = [list(fifo) for fifo in ring.values()]
             if len(fifos) == 1:
                 yield from fifos[0]
                 continue
@@ -323,6 +332,7 @@ class AdmissionQueue:
     def _start(self) -> None:
         """A pass from the head."""
         self._restart = False
+        self._passes += 1
         self._reserved = frozenset()
         self._order = self._service_order()
         self._late.clear()
@@ -356,8 +366,9 @@ class AdmissionQueue:
                 if not late:
                     break
                 ticket = late.popleft()
-            if not ticket.queued:
+            if not ticket.queued or ticket.passed == self._passes:
                 continue
+            ticket.passed = self._passes
             pool = ticket.pool
             if self._known(pool) and pool.blocked_on <= reserved:  # type: ignore[operator]
                 continue

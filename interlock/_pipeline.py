@@ -601,6 +601,7 @@ class Pipeline:
         request_id = self._claim(request)
         self.stats.queries += 1
         fsm = RequestFsm(request_id, self.mode, self._log)
+        selection: Selection | None = None
         try:
             self._check_hints(request)
             _fire_preprocess(fsm, request)
@@ -619,10 +620,10 @@ class Pipeline:
             return decision
         except BaseException as exc:
             self._end_abnormally(fsm, exc)
-            if book and not isinstance(exc, Exception):
-                # Cancelled while its Route was on its way: the router books it on arrival
-                # and the caller, who never got a decision, never frees it. Free it behind
-                # the Route (through the disagg actor, so it cannot overtake it).
+            if book and (selection is not None or not isinstance(exc, Exception)):
+                # Booked (or cancelled while its Route was on its way: the router books it on
+                # arrival), and the caller, who never got a decision, never frees it. Free it
+                # behind the Route (through the disagg actor, so it cannot overtake it).
                 self._disagg.send_nowait(Free(request_id))
                 self._admission.wake()
             raise
@@ -1004,7 +1005,14 @@ class Pipeline:
                 except WorkersFull as full:
                     queue.refused(ticket, full.blocked_on)
                     continue
-                queue.leave(ticket, served=True, room_left=selection.room_left)
+                try:
+                    queue.leave(ticket, served=True, room_left=selection.room_left)
+                except BaseException:
+                    # The Router booked the selection, which the caller never gets: free
+                    # it (the Select was answered, so the Free cannot overtake it).
+                    if route.track:
+                        self._router.send_nowait(Free(route.request_id))
+                    raise
                 return selection
         finally:
             # One that gave up leaves its flow's turn to the next of its flow; the baton goes
