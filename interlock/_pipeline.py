@@ -524,6 +524,9 @@ class Pipeline:
         """Release the prefill load booked by ``query(..., book=True)`` (the first token
         arrived). Never waits; unknown ids are ignored."""
         self._router.send_nowait(PrefillComplete(request_id))
+        # The prefill worker's slot is free: a waiter may take it (its Select reaches the
+        # router behind this message), as after generate's own prefill leg.
+        self._admission.wake()
 
     def record_usage(self, request_id: str, usage: Usage, *, worker_id: int | None) -> None:
         """Note the ``usage`` a gateway's response reported for ``request_id``, a request
