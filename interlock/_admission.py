@@ -80,7 +80,7 @@ class _Pool:
 
 
 class _Ticket:
-    __slots__ = ("event", "flow", "passed", "pool", "priority", "queued", "reserved")
+    __slots__ = ("event", "flow", "members", "passed", "pool", "priority", "queued", "reserved")
 
     def __init__(self, priority: int, flow: str, pool: _Pool) -> None:
         self.priority = priority
@@ -90,6 +90,8 @@ class _Ticket:
         self.event = trio.Event()
         #: While it holds the baton: the workers to count as full when it asks.
         self.reserved: frozenset[int] | None = None
+        #: With ``reserved``: the workers there were when it was worked out.
+        self.members: frozenset[int] | None = None
         self.queued = True
         #: The number of the last pass that reached it: a late joiner the walk also meets
         #: is asked once.
@@ -110,7 +112,10 @@ class AdmissionQueue:
     baton. Owned by one `Pipeline`; every method runs in its trio run and never waits but
     `turn`."""
 
-    def __init__(self) -> None:
+    def __init__(self, members: frozenset[int] | None = None) -> None:
+        #: The workers the Router knows (None: not told), as `release` last said: a worker
+        #: that joins while a waiter's ask is on its way counts as reserved for it.
+        self._members = members
         #: Per priority with waiters: its ring of flows. A priority or a flow without waiters
         #: is dropped, so what is kept is bounded by the waiters.
         self._levels: dict[int, _Ring] = {}
@@ -256,9 +261,11 @@ class AdmissionQueue:
             self._reserved |= blocked_on
             self._hand_on()
 
-    async def turn(self, ticket: _Ticket) -> frozenset[int]:
+    async def turn(self, ticket: _Ticket) -> tuple[frozenset[int], frozenset[int] | None]:
         """Wait until ``ticket`` holds the baton; return the workers it must count as full
-        when it asks (held for the waiters before it). Report the answer with `refused` or
+        when it asks (held for the waiters before it), and the workers there were when
+        those were worked out (`Select.members`: any other joined since, and counts as full
+        too; None: not known). Report the answer with `refused` or
         `leave`. The head that waited `RECHECK` seconds starts a pass (asking once per pool
         key again: something may have changed that nothing of ours reported)."""
         while (reserved := ticket.reserved) is None:
@@ -268,7 +275,7 @@ class AdmissionQueue:
                 self._refreshed += 1
                 self.wake()
         ticket.event = trio.Event()
-        return reserved
+        return reserved, ticket.members
 
     def wake(self) -> None:
         """A slot may have freed: a pass starts from the head (after the ask in flight, if
@@ -286,11 +293,14 @@ class AdmissionQueue:
         until the matching `release`."""
         self._held += 1
 
-    def release(self) -> None:
+    def release(self, members: frozenset[int] | None = None) -> None:
         """The Router knows of the change `hold` announced: a pass starts from the head,
-        asking every pool key again (a worker may have joined any of them)."""
+        asking every pool key again (a worker may have joined any of them). ``members``:
+        the workers there are now (the Router knows them once nothing is held)."""
         self._held -= 1
         if not self._held:
+            if members is not None:
+                self._members = members
             self._refreshed += 1
             self.wake()
 
@@ -379,6 +389,7 @@ class AdmissionQueue:
     def _give(self, ticket: _Ticket) -> None:
         self._holder = ticket
         ticket.reserved = self._reserved
+        ticket.members = self._members
         ticket.event.set()
 
     def _end_pass(self) -> None:

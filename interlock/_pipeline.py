@@ -434,7 +434,7 @@ class Pipeline:
             if config.engine_idle_timeout is None
             else min(HOLD_OUTPUTS, config.engine_idle_timeout / 4)
         )
-        self._admission = AdmissionQueue()
+        self._admission = AdmissionQueue(frozenset(registry.snapshot()))
         self._admit = config.max_inflight_per_worker != 0
         #: The OpenTelemetry sink of this pipeline's transitions (`RequestTracing`).
         self.tracing = tracing if tracing is not None else RequestTracing()
@@ -823,7 +823,7 @@ class Pipeline:
             with suppress(InterlockError):  # closing: the waiters are cancelled
                 await self.membership_settled()
         finally:
-            self._admission.release()
+            self._admission.release(frozenset(self._registry.snapshot()))
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -1000,10 +1000,10 @@ class Pipeline:
         )
         try:
             while True:
-                reserved = await queue.turn(ticket)
+                reserved, members = await queue.turn(ticket)
                 try:
                     selection = await self._route(
-                        attrs.evolve(route, reserved=reserved, queued=True)
+                        attrs.evolve(route, reserved=reserved, queued=True, members=members)
                     )
                 except WorkersFull as full:
                     queue.refused(ticket, full.blocked_on)
