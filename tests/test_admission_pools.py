@@ -34,8 +34,8 @@ from interlock._admission import RECHECK
 from interlock.engines.mock import MockEngine
 from interlock.wire import PreprocessedRequest, RoutingHints
 
-#: The LoRA adapters each worker serves (worker 4 joins later in some tests).
-SERVING = {1: {"ad1"}, 2: {"ad2"}, 3: {"ad2"}, 4: {"ad2"}}
+#: The LoRA adapters each worker serves (workers 4 and 5 join later in some tests).
+SERVING = {1: {"ad1"}, 2: {"ad2"}, 3: {"ad2"}, 4: {"ad2"}, 5: {"ad1"}}
 #: Each kind of request: its model (None: the base model) and the gateway's subset.
 KINDS: dict[str, tuple[str | None, frozenset[int] | None]] = {
     "base": (None, None),
@@ -101,7 +101,14 @@ class Gateway:
             routing=RoutingHints(priority=priority) if priority else None,
         )
         with scope:
-            decision = await self.pipeline.query(request, book=True, admit=True, candidates=subset)
+            try:
+                decision = await self.pipeline.query(
+                    request, book=True, admit=True, candidates=subset
+                )
+            except Overloaded:
+                assert priority < 0, f"{name} (priority {priority}) was shed"
+                self.waiting.pop(name)
+                return
             order = self.waiting.pop(name)[0]
             self.booked[name] = decision.decode_worker_id
             self.admitted.append((name, decision.decode_worker_id, order))
@@ -324,7 +331,7 @@ async def test_a_waiter_cancelled_while_it_holds_the_baton_hands_it_on(
 # -- the properties, over random arrivals, frees, cancellations and a worker joining -----------
 
 _ACTION = st.one_of(
-    st.tuples(st.just("arrive"), st.sampled_from(sorted(KINDS)), st.sampled_from((0, 0, 0, 1))),
+    st.tuples(st.just("arrive"), st.sampled_from(sorted(KINDS)), st.sampled_from((0, 0, 0, 1, -1))),
     st.tuples(st.just("free"), st.integers(0, 7), st.just(0)),
     st.tuples(st.just("cancel"), st.integers(0, 7), st.just(0)),
     st.tuples(st.just("join"), st.just(0), st.just(0)),
@@ -332,9 +339,10 @@ _ACTION = st.one_of(
 )
 #: Optionally, a second action this many scheduler checkpoints after the first, before
 #: anything settles: a slot that frees while a waiter's ask is in flight (or a newcomer's
-#: first ask), a waiter cancelled while it holds the baton.
+#: first ask), a waiter cancelled while it holds the baton, a worker that joins while a
+#: waiter asks, a sheddable request (refused at once while anyone waits: no slot freed).
 _FOLLOW = st.none() | st.tuples(
-    st.integers(0, 14), st.sampled_from(("free", "cancel")), st.integers(0, 7)
+    st.integers(0, 14), st.sampled_from(("free", "cancel", "join", "shed")), st.integers(0, 7)
 )
 _STEPS = st.lists(st.tuples(_ACTION, _FOLLOW), max_size=30)
 
@@ -387,14 +395,18 @@ async def _drive(gateway: Gateway, steps: list[tuple[Any, Any]]) -> None:
             gateway.free(name)
         elif kind == "cancel" and (name := nth(gateway.waiting, first)) is not None:
             gateway.cancel(name)
+        elif kind == "shed":
+            gateway.arrive(sorted(KINDS)[first % len(KINDS)], -1)
+        elif kind == "join" and (absent := sorted({4, 5} - gateway.workers)):
+            gateway.nursery.start_soon(gateway.join, absent[0])
 
     pipeline = gateway.pipeline
     for (kind, first, second), follow in steps:
         waited = set(gateway.waiting)
         since = len(gateway.admitted)
         if kind == "join":
-            if 4 not in gateway.workers:
-                await gateway.join(4)
+            if absent := sorted({4, 5} - gateway.workers):
+                await gateway.join(absent[0])
         elif kind == "recheck":
             await trio.sleep(RECHECK * 1.5)
         else:
