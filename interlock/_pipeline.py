@@ -437,7 +437,8 @@ class Pipeline:
         self._admission = AdmissionQueue(frozenset(registry.snapshot()))
         #: Per request id a gateway's booked `query` answered and has not freed: its decode
         #: worker and, until `mark_prefill_complete`, its prefill worker (disaggregated), so
-        #: its end wakes the waiters of those workers only.
+        #: its end wakes the waiters of those workers only (kept under admission control
+        #: only: nobody waits otherwise).
         self._bookings: dict[str, tuple[int, int | None]] = {}
         self._admit = config.max_inflight_per_worker != 0
         #: The OpenTelemetry sink of this pipeline's transitions (`RequestTracing`).
@@ -632,7 +633,7 @@ class Pipeline:
             fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
             fsm.fire(Trigger.ANSWER, worker_id=decision.decode_worker_id)
             self.stats.done += 1
-            if book:
+            if book and self._admit:
                 self._remember_booking(decision)
             return decision
         except BaseException as exc:

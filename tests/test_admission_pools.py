@@ -31,6 +31,7 @@ from test_lora_routing import DESTINATION
 
 from interlock import Components, Overloaded, PipelineConfig, build_pipeline
 from interlock._admission import RECHECK
+from interlock.actors import _router
 from interlock.engines.mock import MockEngine
 from interlock.wire import PreprocessedRequest, RoutingHints
 
@@ -694,3 +695,48 @@ async def test_a_priority_emptied_during_a_pass_does_not_lose_the_served_holders
         await trio.testing.wait_all_tasks_blocked()
         assert await p.load() == {}, f"a booking leaked; the holder got {outcome[0]!r}"
         assert outcome[0].decode_worker_id == 2
+
+
+async def test_a_freed_slot_asks_only_the_pools_that_named_its_worker(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a pool per worker (each engine its own adapter), a freed slot costs one Router
+    ask, the freed worker's pool's, not one per waiting pool; and the waiter of that pool
+    gets it whatever its place in the queue."""
+    asks: list[str | None] = []
+    select = _router.RouterActor._select
+
+    def counting(self: Any, message: Any) -> Any:
+        if message.admit:
+            asks.append(message.request.model)
+        return select(self, message)
+
+    monkeypatch.setattr(_router.RouterActor, "_select", counting)
+    pools = 8
+    engines = []
+    for worker_id in range(1, pools + 1):
+        engine = MockEngine(worker_id)
+        engine.adapters = frozenset({f"ad{worker_id}"})  # type: ignore[attr-defined]
+        engines.append(engine)
+    pipeline = build_pipeline(CONFIG, Components(workers=engines))
+    async with pipeline as p, trio.open_nursery() as nursery:
+        got: dict[str, int] = {}
+
+        async def book(name: str, adapter: str) -> None:
+            request = PreprocessedRequest(token_ids=(1, 2, 3), request_id=name, model=adapter)
+            got[name] = (await p.query(request, book=True, admit=True)).decode_worker_id
+
+        for worker_id in range(1, pools + 1):
+            nursery.start_soon(book, f"on-{worker_id}", f"ad{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+        for worker_id in range(1, pools + 1):  # one waiter per pool, ad1's at the head
+            nursery.start_soon(book, f"wait-{worker_id}", f"ad{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == pools
+        for worker_id in (6, 3, 8):
+            asks.clear()
+            p.free(f"on-{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+            assert got.get(f"wait-{worker_id}") == worker_id
+            assert asks == [f"ad{worker_id}"], f"freeing worker {worker_id} asked {asks}"
+        nursery.cancel_scope.cancel()
