@@ -23,40 +23,52 @@ same workers.
 
 Requests may have different candidate workers (their *pool*: a LoRA adapter is served by some
 engines only, a gateway's subset hint names some, a request with a ``cache_salt`` leaves old
-workers out). So the head does not block the queue: when a slot may have freed, a *pass* goes
-over the waiters in the order above (a snapshot taken when it starts; requests that join
-meanwhile are appended). One waiter at a time holds the baton and asks the Router, with
-``reserved``: the workers every waiter before it in the pass found full (its
-`WorkersFull.blocked_on`), which count as full for it too, so it can never take a worker an
-earlier waiter could use; a waiter whose pool lies within those is passed over without asking
-(so with one pool, a pass costs one ask however many wait). Served, refused or gone, the
-waiter hands the baton to the next; served, it ends the pass instead when the Router says no
-worker has room left (`Selection.room_left`): one ask per freed slot while everyone is busy.
+workers out). So the head does not block the queue: when a slot frees, a *pass* goes over the
+waiters in the order above (each priority's snapshot taken when the pass reaches it; requests
+that join meanwhile are appended). One waiter at a time holds the baton and asks the Router,
+with ``reserved``: the workers every waiter before it in the pass needs and is known to find
+full (its `WorkersFull.blocked_on`), which count as full for it too, so it can never take a
+worker an earlier waiter could use; and with ``members``, the workers there were then (one
+that joins while the ask is on its way counts as reserved too: the waiters ahead were not
+asked about it). Served, refused or gone, the waiter hands the baton to the next; served, it
+ends the pass instead when the Router says no worker has room left (`Selection.room_left`).
 Requests with the same pool (the same pool key: the adapter, the subset, whether salted)
-share what the last of them learned, so a newcomer whose pool is known full joins without
-asking.
+share what the last of them learned.
 
-A pass starts when a request ends (`wake`: a slot may be free), after a membership change
-has reached the Router (`hold` until then: a newcomer must not take a just-joined worker
-before the waiters ahead), and when the head waited `RECHECK` seconds without a turn (an
-engine that reports its own queue, an OpenAI-compatible server's /metrics, or an ejection
-that ended, makes room without any request of ours ending; those passes ask once per pool
-again). A wake during a pass restarts it from the head once the current ask is answered: at
-most one ask is in flight, so no later waiter's ask reaches the Router before an earlier
-waiter's that could use the same freed slot.
+What a pass asks: a pool is *dirty* when a slot may have freed on one of the workers its last
+refusal named (`wake` says which workers freed, and an index from each worker to the pools
+that named it marks them), or when nothing is known of it (new, or what it knew is out of
+date); otherwise it is known full, and its waiters are passed over without an ask (their
+workers reserved for them). A pass asks only dirty pools, in service order, and none whose
+workers are all reserved already. A refusal makes its pool clean, unless one of its workers
+freed while it asked (the pass then starts again from the head); so does a served ask after
+which no worker has room. So a freed slot costs about one ask, whether one pool waits or
+many (the pool of the freed worker), not one per waiting pool.
+
+A pass starts when a slot frees (`wake`; a request that never held one, a shed 429, wakes
+nobody), when a request of an unknown or dirty pool joins, after a membership change has
+reached the Router (`hold` until then: a newcomer must not take a just-joined worker before
+the waiters ahead), and every `RECHECK` seconds while anyone waits (`recheck`, a timer of the
+queue's own, which no pass or wake puts off: an engine that reports its own queue, an
+OpenAI-compatible server's /metrics, an engine that starts serving an adapter, or an ejection
+that ended, makes room without any request of ours ending). The last two make every pool
+unknown: each is asked once again. A slot that frees during a pass, on a worker a pool's
+refusal named, restarts the pass from the head once the current ask is answered: at most one
+ask is in flight, so no later waiter's ask reaches the Router before an earlier waiter's that
+could use the same freed slot.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterator
 
 import trio
 
 from ._errors import Overloaded
 
-#: Seconds the head waits for a turn before it starts a pass itself.
+#: Seconds between two refreshes while anyone waits (`AdmissionQueue.recheck`).
 RECHECK = 0.5
 
 #: The flow of a request that names none (GAIE's default fairness id).
@@ -66,7 +78,7 @@ DEFAULT_FLOW = "default-flow"
 class _Pool:
     """What the waiters of one pool key know of their candidate workers."""
 
-    __slots__ = ("blocked_on", "key", "seen", "waiting")
+    __slots__ = ("blocked_on", "key", "passed", "seen", "waiting")
 
     def __init__(self, key: Hashable) -> None:
         self.key = key
@@ -75,12 +87,25 @@ class _Pool:
         #: The queue's `_refreshed` count when ``blocked_on`` was learned: from an older
         #: one, the pool may have changed since (a worker joined) and it is asked again.
         self.seen = -1
+        #: The last pass that reserved ``blocked_on`` (once per pass is enough).
+        self.passed = -1
         #: Tickets of this key in the queue.
         self.waiting = 0
 
 
 class _Ticket:
-    __slots__ = ("event", "flow", "pool", "priority", "queued", "reserved")
+    __slots__ = (
+        "asked_at",
+        "event",
+        "flow",
+        "members",
+        "passed",
+        "pool",
+        "priority",
+        "queued",
+        "refreshed_at",
+        "reserved",
+    )
 
     def __init__(self, priority: int, flow: str, pool: _Pool) -> None:
         self.priority = priority
@@ -90,7 +115,16 @@ class _Ticket:
         self.event = trio.Event()
         #: While it holds the baton: the workers to count as full when it asks.
         self.reserved: frozenset[int] | None = None
+        #: With ``reserved``: the workers there were when it was worked out.
+        self.members: frozenset[int] | None = None
+        #: The queue's `wakes` and `_refreshed` when it was given the baton: what its answer
+        #: knows of (a slot freed later may not be in it).
+        self.asked_at = -1
+        self.refreshed_at = -1
         self.queued = True
+        #: The number of the last pass that reached it: a late joiner the walk also meets
+        #: is asked once.
+        self.passed = -1
 
     @property
     def blocked_on(self) -> frozenset[int] | None:
@@ -105,28 +139,47 @@ _Ring = OrderedDict[str, deque[_Ticket]]
 class AdmissionQueue:
     """The waiting requests, in the order they get slots, and the pass that gives them the
     baton. Owned by one `Pipeline`; every method runs in its trio run and never waits but
-    `turn`."""
+    `turn` and `recheck`."""
 
-    def __init__(self) -> None:
+    def __init__(self, members: frozenset[int] | None = None) -> None:
+        #: The workers the Router knows (None: not told), as `release` last said: a worker
+        #: that joins while a waiter's ask is on its way counts as reserved for it.
+        self._members = members
         #: Per priority with waiters: its ring of flows. A priority or a flow without waiters
         #: is dropped, so what is kept is bounded by the waiters.
         self._levels: dict[int, _Ring] = {}
         self._count = 0
         #: Per pool key with waiters: what they know.
         self._pools: dict[Hashable, _Pool] = {}
-        #: The pass: who holds the baton, who comes next (the snapshot, then late joiners),
+        #: The pools a pass must ask (see the module's docstring): unknown, or a worker their
+        #: last refusal named may have freed since.
+        self._dirty: set[_Pool] = set()
+        #: Per worker: the pools whose ``blocked_on`` names it (a free marks them dirty).
+        self._naming: dict[int, set[_Pool]] = {}
+        #: Per worker: `wakes` when it last freed a slot, since `_all_at` (a refusal asked
+        #: before then may not have seen the slot).
+        self._freed_at: dict[int, int] = {}
+        #: `wakes` when any worker may last have freed a slot (a free of unknown workers, a
+        #: refresh).
+        self._all_at = 0
+        #: The pass: who holds the baton, who comes next (the walk, then late joiners),
         #: and the workers held for the waiters before.
         self._holder: _Ticket | None = None
         self._order: Iterator[_Ticket] | None = None
         self._late: deque[_Ticket] = deque()
-        self._reserved: frozenset[int] = frozenset()
-        #: A slot may have freed while the holder asked: the pass starts again from the head.
+        self._reserved: set[int] = set()
+        #: A pool was marked dirty while the holder asked: the pass starts again from the
+        #: head, where an earlier waiter may need the slot.
         self._restart = False
+        #: Counts passes (see `_Ticket.passed`).
+        self._passes = 0
         #: Membership changes not yet known to the Router: no pass goes on meanwhile.
         self._held = 0
         #: Bumped when what waiters learned may be out of date (membership, `RECHECK`).
         self._refreshed = 0
-        #: Bumped by every `wake` (see `join`'s ``since``).
+        #: Set when the first request joins an empty queue (`recheck` waits for it).
+        self._someone: trio.Event | None = None
+        #: Bumped by every `wake` that frees something (see `join`'s ``since``).
         self.wakes = 0
         #: Requests turned away since the pipeline opened (queue full, or sheddable).
         self.shed = 0
@@ -176,32 +229,25 @@ class AdmissionQueue:
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _Pool(key)
+            self._dirty.add(pool)  # nothing known of it yet
         pool.waiting += 1
-        if blocked_on:
-            pool.blocked_on = blocked_on
-            pool.seen = self._refreshed
+        if blocked_on and since is not None and self._all_at <= since:
+            # (Asked before a refresh: what it learned may be out of date, so not kept.)
+            self._learn(pool, blocked_on, self._refreshed, since)
         ticket = _Ticket(priority, flow, pool)
         fifo.append(ticket)
+        if not self._count and self._someone is not None:
+            self._someone.set()
         self._count += 1
         self.high_water = max(self.high_water, self._count)
         if self._held:
             pass  # the pass from the head follows `release`
         elif self._holder is not None:
             self._late.append(ticket)
-        elif since is not None and since != self.wakes:
-            self._start()  # a slot may have freed while it asked
-        elif self._known(pool):
-            # Its pool is known full and nothing freed since the last pass (it would be
-            # running): no ask can succeed.
-            pass
-        elif any(not self._known(p) for p in self._pools.values() if p is not pool):
-            self._start()  # an earlier waiter may need the slot it would find
-        else:
-            # Every other waiter's pool is known full: try this one alone, with all of
-            # theirs reserved.
-            self._order = iter(())
-            self._reserved = self._union()
-            self._give(ticket)
+        elif pool in self._dirty:
+            # Unknown, or a slot freed while it asked: it may find room, which an earlier
+            # waiter may need first.
+            self._start()
         return ticket
 
     def leave(self, ticket: _Ticket, *, served: bool = False, room_left: bool = True) -> None:
@@ -212,11 +258,21 @@ class AdmissionQueue:
         ticket already out is ignored."""
         if not ticket.queued:
             return
-        if not room_left and ticket is self._holder:
-            # Every worker is full: nobody behind would find room. A slot freed since the
-            # Router said so has woken the queue (`_restart`), and is looked at from the head.
-            self._order = iter(())
+        holder = ticket is self._holder
+        if holder and served and not room_left:
+            # Every worker is full: nobody behind would find room, and every pool whose
+            # workers are known is full, unless a slot freed since the Router said so (the
+            # pass then starts again from the head).
+            self._order = None
             self._late.clear()
+            for pool in list(self._dirty):
+                blocked_on = pool.blocked_on
+                if blocked_on is None or pool.seen != ticket.refreshed_at:
+                    continue
+                if self._freed_since(blocked_on, ticket.asked_at):
+                    self._restart = True
+                else:
+                    self._dirty.discard(pool)
         ticket.queued = False
         ring = self._levels[ticket.priority]
         fifo = ring[ticket.flow]
@@ -235,7 +291,9 @@ class AdmissionQueue:
         pool.waiting -= 1
         if not pool.waiting:
             del self._pools[pool.key]
-        if ticket is self._holder:
+            self._dirty.discard(pool)
+            self._unname(pool)
+        if holder:
             self._hand_on()
         if not self._count:
             self._end_pass()
@@ -244,36 +302,50 @@ class AdmissionQueue:
         """``ticket``'s ask was refused (`WorkersFull`) naming ``blocked_on``: remember it
         (for every request of its pool key) and hand the baton on."""
         pool = ticket.pool
-        if blocked_on:
-            pool.blocked_on = blocked_on
-            pool.seen = self._refreshed
+        if blocked_on and ticket.queued:
+            self._learn(pool, blocked_on, ticket.refreshed_at, ticket.asked_at)
+            if pool in self._dirty and pool.seen == self._refreshed:
+                # One of its workers freed while it asked: from the head again, where it
+                # (or an earlier waiter) may take that slot.
+                self._restart = True
         if ticket is self._holder:
             self._reserved |= blocked_on
+            pool.passed = self._passes
             self._hand_on()
 
-    async def turn(self, ticket: _Ticket) -> frozenset[int]:
+    async def turn(self, ticket: _Ticket) -> tuple[frozenset[int], frozenset[int] | None]:
         """Wait until ``ticket`` holds the baton; return the workers it must count as full
-        when it asks (held for the waiters before it). Report the answer with `refused` or
-        `leave`. The head that waited `RECHECK` seconds starts a pass (asking once per pool
-        key again: something may have changed that nothing of ours reported)."""
+        when it asks (held for the waiters before it), and the workers there were when
+        those were worked out (`Select.members`: any other joined since, and counts as full
+        too; None: not known). Report the answer with `refused` or `leave`."""
         while (reserved := ticket.reserved) is None:
-            with trio.move_on_after(RECHECK):
-                await ticket.event.wait()
-            if ticket.reserved is None and self._head() is ticket:
-                self._refreshed += 1
-                self.wake()
-        ticket.event = trio.Event()
-        return reserved
+            await ticket.event.wait()
+            ticket.event = trio.Event()
+        return reserved, ticket.members
 
-    def wake(self) -> None:
-        """A slot may have freed: a pass starts from the head (after the ask in flight, if
-        one is)."""
+    def wake(self, freed: Collection[int] | None = None) -> None:
+        """Slots may have freed on the workers ``freed`` (None: on any): the pools that
+        named one are dirty, and a pass starts from the head (after the ask in flight, if
+        one is). An empty ``freed`` (a request that held no slot) does nothing."""
+        if freed is not None and not freed:
+            return
         self.wakes += 1
+        if freed is None:
+            dirtied = self._mark_all()
+        else:
+            dirtied = False
+            naming = self._naming
+            for worker_id in freed:
+                self._freed_at[worker_id] = self.wakes
+                pools = naming.get(worker_id)
+                if pools:
+                    self._dirty |= pools
+                    dirtied = True
         if not self._count or self._held:
             return
         if self._holder is not None:
-            self._restart = True
-        else:
+            self._restart = self._restart or dirtied
+        elif self._dirty:
             self._start()
 
     def hold(self) -> None:
@@ -281,13 +353,31 @@ class AdmissionQueue:
         until the matching `release`."""
         self._held += 1
 
-    def release(self) -> None:
+    def release(self, members: frozenset[int] | None = None) -> None:
         """The Router knows of the change `hold` announced: a pass starts from the head,
-        asking every pool key again (a worker may have joined any of them)."""
+        asking every pool key again (a worker may have joined any of them). ``members``:
+        the workers there are now (the Router knows them once nothing is held)."""
         self._held -= 1
         if not self._held:
-            self._refreshed += 1
-            self.wake()
+            if members is not None:
+                self._members = members
+            self._refresh()
+
+    async def recheck(self) -> None:
+        """Every `RECHECK` seconds while anyone waits, ask every pool key again (room that
+        nothing of ours reported: see the module's docstring). Runs until cancelled (the
+        pipeline's nursery runs it)."""
+        while True:
+            if not self._count:
+                self._someone = trio.Event()
+                await self._someone.wait()
+            await trio.sleep(RECHECK)
+            if self._count:
+                self._refresh()
+
+    def _refresh(self) -> None:
+        self._refreshed += 1
+        self.wake()
 
     def _head(self) -> _Ticket | None:
         if not self._levels:
@@ -299,19 +389,59 @@ class AdmissionQueue:
         """Whether ``ticket`` is at the head (the first in service order)."""
         return self._head() is ticket
 
-    def _known(self, pool: _Pool) -> bool:
-        """Whether ``pool``'s workers are known (and still known) to be full."""
-        return pool.blocked_on is not None and pool.seen == self._refreshed
+    def _learn(self, pool: _Pool, blocked_on: frozenset[int], seen: int, asked_at: int) -> None:
+        """``pool``'s workers, all full when asked as `wakes` was ``asked_at``: it is clean
+        unless one of them freed since."""
+        old = pool.blocked_on
+        if old != blocked_on:
+            self._unname(pool)
+            naming = self._naming
+            for worker_id in blocked_on:
+                pools = naming.get(worker_id)
+                if pools is None:
+                    naming[worker_id] = {pool}
+                else:
+                    pools.add(pool)
+            pool.blocked_on = blocked_on
+        pool.seen = seen
+        if seen != self._refreshed or self._freed_since(blocked_on, asked_at):
+            self._dirty.add(pool)
+        else:
+            self._dirty.discard(pool)
 
-    def _union(self) -> frozenset[int]:
-        known = [p.blocked_on for p in self._pools.values() if p.blocked_on is not None]
-        return frozenset().union(*known)
+    def _unname(self, pool: _Pool) -> None:
+        if pool.blocked_on is None:
+            return
+        naming = self._naming
+        for worker_id in pool.blocked_on:
+            pools = naming.get(worker_id)
+            if pools is not None:
+                pools.discard(pool)
+                if not pools:
+                    del naming[worker_id]
+
+    def _freed_since(self, workers: frozenset[int], at: int) -> bool:
+        if self._all_at > at:
+            return True
+        freed = self._freed_at
+        return any(freed.get(w, -1) > at for w in workers)
+
+    def _mark_all(self) -> bool:
+        """Any worker may have freed a slot: every pool is dirty. Whether there is one."""
+        self._all_at = self.wakes
+        self._freed_at.clear()  # (older frees are covered by _all_at)
+        self._dirty.update(self._pools.values())
+        return bool(self._pools)
 
     def _service_order(self) -> Iterator[_Ticket]:
         """The waiters now, in the order `leave(served=True)` would serve them: priorities
-        from the highest, and within one its flows' FIFOs in turn (a snapshot)."""
+        from the highest, and within one its flows' FIFOs in turn (each priority's snapshot
+        taken when the walk reaches it)."""
         for priority in sorted(self._levels, reverse=True):
-            fifos = [list(fifo) for fifo in self._levels[priority].values()]
+            ring = self._levels.get(priority)
+            if ring is None:
+                continue  # every waiter of it left since the walk began
+            fifos = [list(fifo) for fifo in ring.values()]
             if len(fifos) == 1:
                 yield from fifos[0]
                 continue
@@ -323,7 +453,8 @@ class AdmissionQueue:
     def _start(self) -> None:
         """A pass from the head."""
         self._restart = False
-        self._reserved = frozenset()
+        self._passes += 1
+        self._reserved = set()
         self._order = self._service_order()
         self._late.clear()
         self._advance()
@@ -343,11 +474,13 @@ class AdmissionQueue:
     def _advance(self) -> None:
         """Give the baton to the next waiter of the pass that may find room; end the pass
         when none may."""
-        reserved = self._reserved
-        pools = self._pools.values()
-        if all(self._known(p) and p.blocked_on <= reserved for p in pools):  # type: ignore[operator]
-            self._end_pass()  # every waiter needs a worker that is full
+        if not self._dirty:
+            self._end_pass()  # every waiter's workers are known full
             return
+        passes = self._passes
+        reserved = self._reserved
+        refreshed = self._refreshed
+        dirty = self._dirty
         order = self._order
         late = self._late
         while True:
@@ -356,24 +489,36 @@ class AdmissionQueue:
                 if not late:
                     break
                 ticket = late.popleft()
-            if not ticket.queued:
+            if not ticket.queued or ticket.passed == passes:
                 continue
+            ticket.passed = passes
             pool = ticket.pool
-            if self._known(pool) and pool.blocked_on <= reserved:  # type: ignore[operator]
-                continue
+            blocked_on = pool.blocked_on
+            if blocked_on is not None and pool.seen == refreshed:
+                if pool not in dirty:
+                    # Full, and nothing freed since: its workers are held for it.
+                    if pool.passed != passes:
+                        pool.passed = passes
+                        reserved |= blocked_on
+                    continue
+                if blocked_on <= reserved:
+                    continue  # every worker it may use is held for a waiter ahead
             self._give(ticket)
             return
         self._end_pass()
 
     def _give(self, ticket: _Ticket) -> None:
         self._holder = ticket
-        ticket.reserved = self._reserved
+        ticket.reserved = frozenset(self._reserved)
+        ticket.members = self._members
+        ticket.asked_at = self.wakes
+        ticket.refreshed_at = self._refreshed
         ticket.event.set()
 
     def _end_pass(self) -> None:
         self._order = None
         self._late.clear()
-        self._reserved = frozenset()
+        self._reserved = set()
         self._restart = False
 
 

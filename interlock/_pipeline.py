@@ -434,7 +434,12 @@ class Pipeline:
             if config.engine_idle_timeout is None
             else min(HOLD_OUTPUTS, config.engine_idle_timeout / 4)
         )
-        self._admission = AdmissionQueue()
+        self._admission = AdmissionQueue(frozenset(registry.snapshot()))
+        #: Per request id a gateway's booked `query` answered and has not freed: its decode
+        #: worker and, until `mark_prefill_complete`, its prefill worker (disaggregated), so
+        #: its end wakes the waiters of those workers only (kept under admission control
+        #: only: nobody waits otherwise).
+        self._bookings: dict[str, tuple[int, int | None]] = {}
         self._admit = config.max_inflight_per_worker != 0
         #: The OpenTelemetry sink of this pipeline's transitions (`RequestTracing`).
         self.tracing = tracing if tracing is not None else RequestTracing()
@@ -443,6 +448,9 @@ class Pipeline:
         #: room). `build_app` adds its `HttpMetrics`; never block or raise in one.
         self.queue_time_observers: list[Callable[[str, float], None]] = [self.tracing.queued]
         registry.watch(self._membership_changed)
+        if self._admit:
+            # The queue's RECHECK timer, for the pipeline's life (idle while nobody waits).
+            nursery.start_soon(self._admission.recheck)
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -524,6 +532,12 @@ class Pipeline:
         """Release the prefill load booked by ``query(..., book=True)`` (the first token
         arrived). Never waits; unknown ids are ignored."""
         self._router.send_nowait(PrefillComplete(request_id))
+        booking = self._bookings.get(request_id)
+        if booking is not None and booking[1] is not None:
+            self._bookings[request_id] = (booking[0], None)
+            # The prefill worker's slot is free: a waiter may take it (its Select reaches
+            # the router behind this message), as after generate's own prefill leg.
+            self._admission.wake((booking[1],))
 
     def record_usage(self, request_id: str, usage: Usage, *, worker_id: int | None) -> None:
         """Note the ``usage`` a gateway's response reported for ``request_id``, a request
@@ -557,9 +571,11 @@ class Pipeline:
         """Release everything booked by ``query(..., book=True)`` for ``request_id`` (the
         request ended). Never waits; unknown ids are ignored."""
         self._router.send_nowait(Free(request_id))
-        # A gateway's booked query held a slot: a waiter may take it (the pass's Selects
-        # reach the router behind this Free).
-        self._admission.wake()
+        booking = self._bookings.pop(request_id, None)
+        if booking is not None:
+            # A gateway's booked query held a slot: a waiter may take it (the pass's Selects
+            # reach the router behind this Free).
+            self._admission.wake([w for w in booking if w is not None])
 
     async def kv_blocks(self) -> dict[int, frozenset[int]]:
         """What the router's KV index holds: each worker's cached block ids (the engines'
@@ -601,6 +617,7 @@ class Pipeline:
         request_id = self._claim(request)
         self.stats.queries += 1
         fsm = RequestFsm(request_id, self.mode, self._log)
+        selection: Selection | None = None
         try:
             self._check_hints(request)
             _fire_preprocess(fsm, request)
@@ -616,15 +633,19 @@ class Pipeline:
             fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
             fsm.fire(Trigger.ANSWER, worker_id=decision.decode_worker_id)
             self.stats.done += 1
+            if book and self._admit:
+                self._remember_booking(decision)
             return decision
         except BaseException as exc:
             self._end_abnormally(fsm, exc)
-            if book and not isinstance(exc, Exception):
-                # Cancelled while its Route was on its way: the router books it on arrival
-                # and the caller, who never got a decision, never frees it. Free it behind
-                # the Route (through the disagg actor, so it cannot overtake it).
+            if book and (selection is not None or not isinstance(exc, Exception)):
+                # Booked (or cancelled while its Route was on its way: the router books it on
+                # arrival), and the caller, who never got a decision, never frees it. Free it
+                # behind the Route (through the disagg actor, so it cannot overtake it).
                 self._disagg.send_nowait(Free(request_id))
-                self._admission.wake()
+                self._admission.wake(
+                    None if selection is None else _booked_workers(selection.decision)
+                )
             raise
         finally:
             self._in_flight.discard(request_id)
@@ -668,6 +689,9 @@ class Pipeline:
         hold = 0.0 if progress else self._hold
         #: A Route on its way through the disagg actor (cancelled before its answer).
         routing = False
+        #: The workers the router booked a slot of this request on (None: it may have,
+        #: somewhere: cancelled while routing), which its end frees for the queue's waiters.
+        booked: frozenset[int] | None = frozenset()
         try:
             self._check_hints(request)
             post = self._postprocessor(request)
@@ -689,6 +713,11 @@ class Pipeline:
                     selection = await self._route(Route(attempt, request_id, exclude, track))
                 routing = False
                 decision = selection.decision
+                if track:
+                    if booked:
+                        # A migration's Select replaced the booking on the broken worker.
+                        self._admission.wake(booked)
+                    booked = _booked_workers(decision)
                 fsm.fire(Trigger.ROUTE, worker_id=decision.decode_worker_id, decision=decision)
                 prefill_result: PrefillResult | None = None
                 if decision.disaggregated:
@@ -698,6 +727,9 @@ class Pipeline:
                     )
                     if prefill_result is not None:
                         cached_tokens = prefill_result.cached_tokens
+                    if track:
+                        # The prefill worker's slot was freed (done, or fallen back from).
+                        booked = frozenset((selection.decode_engine.instance_id,))
                 engine = selection.decode_engine
                 worker_id = engine.instance_id
                 leg_request = engine_leg_request(
@@ -792,6 +824,8 @@ class Pipeline:
                     attempt = plan_or_refusal.request
         except BaseException as exc:
             self._end_abnormally(fsm, exc)
+            if routing and not isinstance(exc, Exception):
+                booked = None  # cancelled: its Route may book where it arrives
             raise
         finally:
             self._in_flight.discard(request_id)
@@ -799,8 +833,9 @@ class Pipeline:
                 # A Route still in the disagg actor's mailbox books when it reaches the
                 # router: the Free follows it the same way, so it cannot overtake it.
                 (self._disagg if routing else router).send_nowait(Free(request_id))
-            # After the Free: the woken waiter's Select reaches the router behind it.
-            self._admission.wake()
+                # After the Free: the woken waiter's Select reaches the router behind it. A
+                # request that held no slot (refused, shed) wakes nobody.
+                self._admission.wake(booked)
 
     def _membership_changed(self, workers: Mapping[int, Engine]) -> None:
         """A worker joined, left or came back: the waiters' pools may have changed, and a
@@ -819,7 +854,7 @@ class Pipeline:
             with suppress(InterlockError):  # closing: the waiters are cancelled
                 await self.membership_settled()
         finally:
-            self._admission.release()
+            self._admission.release(frozenset(self._registry.snapshot()))
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -884,6 +919,9 @@ class Pipeline:
                     split_reason=f"prefill worker {worker_id} failed; falling back to aggregated",
                 )
             )
+            if track:
+                # The fallback's Select replaced the booking on the failed prefill worker.
+                self._admission.wake((worker_id,))
             fsm.fire(
                 Trigger.FALL_BACK,
                 worker_id=fallback.decision.decode_worker_id,
@@ -896,7 +934,7 @@ class Pipeline:
         if track:
             self._router.send_nowait(PrefillComplete(request_id))
             # The prefill worker's slot is free: a waiter may take it.
-            self._admission.wake()
+            self._admission.wake((worker_id,))
         return result, selection
 
     def _first_token_deadline(self) -> float:
@@ -996,20 +1034,38 @@ class Pipeline:
         )
         try:
             while True:
-                reserved = await queue.turn(ticket)
+                reserved, members = await queue.turn(ticket)
                 try:
                     selection = await self._route(
-                        attrs.evolve(route, reserved=reserved, queued=True)
+                        attrs.evolve(route, reserved=reserved, queued=True, members=members)
                     )
                 except WorkersFull as full:
                     queue.refused(ticket, full.blocked_on)
                     continue
-                queue.leave(ticket, served=True, room_left=selection.room_left)
+                try:
+                    queue.leave(ticket, served=True, room_left=selection.room_left)
+                except BaseException:
+                    # The Router booked the selection, which the caller never gets: free
+                    # it (the Select was answered, so the Free cannot overtake it).
+                    if route.track:
+                        self._router.send_nowait(Free(route.request_id))
+                    raise
                 return selection
         finally:
             # One that gave up leaves its flow's turn to the next of its flow; the baton goes
             # on either way.
             queue.leave(ticket)
+
+    def _remember_booking(self, decision: RoutingDecision) -> None:
+        request_id = decision.request_id
+        old = self._bookings.get(request_id)
+        self._bookings[request_id] = (
+            decision.decode_worker_id,
+            decision.prefill_worker_id if decision.disaggregated else None,
+        )
+        if old is not None:
+            # Booked again under the same id: the router replaced the old booking.
+            self._admission.wake([w for w in old if w is not None])
 
     def _queue_limit(self) -> int:
         limit = self.config.max_queued_requests
@@ -1138,6 +1194,11 @@ class Pipeline:
                 detail=detail,
             )
             self.stats.failed += 1
+
+
+def _booked_workers(decision: RoutingDecision) -> frozenset[int]:
+    """The workers the router booked a slot of ``decision``'s request on."""
+    return frozenset((decision.decode_worker_id, decision.prefill_worker_id))
 
 
 def _routed_by_router(hints: RoutingHints | None) -> bool:

@@ -29,13 +29,14 @@ from test_gateway_ext_proc import (
 )
 from test_lora_routing import DESTINATION
 
-from interlock import Components, PipelineConfig, build_pipeline
+from interlock import Components, Overloaded, PipelineConfig, build_pipeline
 from interlock._admission import RECHECK
+from interlock.actors import _router
 from interlock.engines.mock import MockEngine
 from interlock.wire import PreprocessedRequest, RoutingHints
 
-#: The LoRA adapters each worker serves (worker 4 joins later in some tests).
-SERVING = {1: {"ad1"}, 2: {"ad2"}, 3: {"ad2"}, 4: {"ad2"}}
+#: The LoRA adapters each worker serves (workers 4 and 5 join later in some tests).
+SERVING = {1: {"ad1"}, 2: {"ad2"}, 3: {"ad2"}, 4: {"ad2"}, 5: {"ad1"}}
 #: Each kind of request: its model (None: the base model) and the gateway's subset.
 KINDS: dict[str, tuple[str | None, frozenset[int] | None]] = {
     "base": (None, None),
@@ -101,7 +102,14 @@ class Gateway:
             routing=RoutingHints(priority=priority) if priority else None,
         )
         with scope:
-            decision = await self.pipeline.query(request, book=True, admit=True, candidates=subset)
+            try:
+                decision = await self.pipeline.query(
+                    request, book=True, admit=True, candidates=subset
+                )
+            except Overloaded:
+                assert priority < 0, f"{name} (priority {priority}) was shed"
+                self.waiting.pop(name)
+                return
             order = self.waiting.pop(name)[0]
             self.booked[name] = decision.decode_worker_id
             self.admitted.append((name, decision.decode_worker_id, order))
@@ -324,7 +332,7 @@ async def test_a_waiter_cancelled_while_it_holds_the_baton_hands_it_on(
 # -- the properties, over random arrivals, frees, cancellations and a worker joining -----------
 
 _ACTION = st.one_of(
-    st.tuples(st.just("arrive"), st.sampled_from(sorted(KINDS)), st.sampled_from((0, 0, 0, 1))),
+    st.tuples(st.just("arrive"), st.sampled_from(sorted(KINDS)), st.sampled_from((0, 0, 0, 1, -1))),
     st.tuples(st.just("free"), st.integers(0, 7), st.just(0)),
     st.tuples(st.just("cancel"), st.integers(0, 7), st.just(0)),
     st.tuples(st.just("join"), st.just(0), st.just(0)),
@@ -332,9 +340,10 @@ _ACTION = st.one_of(
 )
 #: Optionally, a second action this many scheduler checkpoints after the first, before
 #: anything settles: a slot that frees while a waiter's ask is in flight (or a newcomer's
-#: first ask), a waiter cancelled while it holds the baton.
+#: first ask), a waiter cancelled while it holds the baton, a worker that joins while a
+#: waiter asks, a sheddable request (refused at once while anyone waits: no slot freed).
 _FOLLOW = st.none() | st.tuples(
-    st.integers(0, 14), st.sampled_from(("free", "cancel")), st.integers(0, 7)
+    st.integers(0, 14), st.sampled_from(("free", "cancel", "join", "shed")), st.integers(0, 7)
 )
 _STEPS = st.lists(st.tuples(_ACTION, _FOLLOW), max_size=30)
 
@@ -387,14 +396,18 @@ async def _drive(gateway: Gateway, steps: list[tuple[Any, Any]]) -> None:
             gateway.free(name)
         elif kind == "cancel" and (name := nth(gateway.waiting, first)) is not None:
             gateway.cancel(name)
+        elif kind == "shed":
+            gateway.arrive(sorted(KINDS)[first % len(KINDS)], -1)
+        elif kind == "join" and (absent := sorted({4, 5} - gateway.workers)):
+            gateway.nursery.start_soon(gateway.join, absent[0])
 
     pipeline = gateway.pipeline
     for (kind, first, second), follow in steps:
         waited = set(gateway.waiting)
         since = len(gateway.admitted)
         if kind == "join":
-            if 4 not in gateway.workers:
-                await gateway.join(4)
+            if absent := sorted({4, 5} - gateway.workers):
+                await gateway.join(absent[0])
         elif kind == "recheck":
             await trio.sleep(RECHECK * 1.5)
         else:
@@ -443,3 +456,287 @@ async def test_room_a_worker_makes_by_itself_is_taken_within_recheck(
         gateway.cancel(head)
         for name in list(gateway.booked):
             gateway.free(name)
+
+
+# -- review findings --------------------------------------------------------------------------
+
+
+async def test_a_priority_whose_waiters_all_gave_up_during_a_pass_does_not_break_the_pass(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The pass walks the priorities lazily: a lower priority whose waiters all left while
+    the holder asked (an admitted query without booking, cancelled: no wake, so no restart)
+    must not crash the holder's answer (nor leave a late joiner unasked)."""
+
+    async def body(gateway: Gateway) -> None:
+        pipeline = gateway.pipeline
+        await _fill(gateway)
+        head = gateway.arrive("ad1", priority=1)  # waits for engine 1
+        await gateway.settled()
+        low = trio.CancelScope()
+
+        async def unbooked() -> None:
+            request = PreprocessedRequest(token_ids=prompt(16, start=7000), request_id="low")
+            with low:
+                await pipeline.query(request, admit=True)  # waits, books nothing
+
+        gateway.nursery.start_soon(unbooked)
+        await gateway.settled()
+        assert pipeline.queued == 2
+        gateway.free_on(2)  # a pass: the head asks first
+        low.cancel()  # priority 0 empties while the head asks
+        late = gateway.arrive("ad2", priority=1)  # joins during the pass
+        await gateway.settled()
+        assert head in gateway.waiting
+        assert gateway.holds(late) == 2, (gateway.booked, gateway.waiting)
+
+    await _gateway_test(body)
+
+
+@pytest.mark.parametrize("gap", range(4))
+async def test_a_worker_joining_while_a_later_waiter_asks_goes_to_the_waiter_ahead(
+    autojump_clock: trio.testing.MockClock, gap: int
+) -> None:
+    """The newcomer case of the just-joined worker, for a waiter of the pass: one behind
+    whose ask is in flight when worker 4 (ad2) joins must not take it from the 'ad2' waiter
+    ahead, whose pool was reserved before 4 existed."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        ahead = gateway.arrive("ad2")  # waits for {2, 3}
+        await gateway.settled()
+        behind = gateway.arrive("base")  # waits for any
+        await gateway.settled()
+        gateway.free_on(1)  # a pass: 'ad2' refused, then 'base' asks (engine 1 is free)
+        for _ in range(gap):
+            await trio.lowlevel.checkpoint()
+        gateway.nursery.start_soon(gateway.join, 4)
+        await gateway.settled()
+        load = gateway.load()
+        for name, (_, kind, _) in gateway.waiting.items():
+            room = {w for w in gateway.pool(kind) if load[w] < LIMIT}
+            assert not room, f"{name} ({kind}) waits while {room} have room: {gateway.booked}"
+        assert not (ahead in gateway.waiting and gateway.holds(behind) == 4), gateway.booked
+
+    await _gateway_test(body)
+
+
+async def test_a_stream_of_shed_requests_does_not_hold_a_waiter_off_an_idle_engine(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every shed request (a 429: sheddable, or the queue full) ends with a `wake`, which
+    restarts the pass from the head once the ask in flight is answered. While they come
+    faster than one router ask, only the head (an 'ad1' request whose engine is full) is
+    ever asked, and the base waiter behind it never hears of the engine that freed."""
+    config = CONFIG.evolve(routing="discover")
+    engines = [worker(w) for w in (1, 2, 3)]
+    async with build_pipeline(config, Components(workers=engines)) as p, trio.open_nursery() as n:
+        gateway = Gateway(p, n)
+        await _fill(gateway)
+        adapter = gateway.arrive("ad1")
+        await gateway.settled()
+        base = gateway.arrive("base")
+        await gateway.settled()
+        shedding = True
+        shed = 0
+
+        async def sheddable() -> None:
+            nonlocal shed
+            while shedding:
+                request = PreprocessedRequest(
+                    token_ids=prompt(8, start=9000), routing=RoutingHints(priority=-1)
+                )
+                with pytest.raises(Overloaded):
+                    async for _ in p.generate(request):
+                        pass
+                shed += 1
+                await trio.lowlevel.checkpoint()
+
+        n.start_soon(sheddable)
+        gateway.free_on(2)  # engine 2: no use to the adapter, the base waiter's
+        for _ in range(300):
+            await trio.lowlevel.checkpoint()
+        held = gateway.holds(base)
+        shedding = False
+        await gateway.settled()
+        assert shed > 50
+        assert held == 2, f"engine 2 idle through {shed} shed requests: {gateway.booked}"
+        gateway.cancel(adapter)
+        for name in list(gateway.booked):
+            gateway.free(name)
+
+
+async def test_a_gateways_prefill_completion_wakes_a_waiter_for_the_prefill_worker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`Pipeline.mark_prefill_complete` frees the prefill worker's slot of a booking (the
+    picker calls it at the first token): a waiter for that prefill worker gets it at once,
+    not after `RECHECK` (generate's own prefill leg wakes the queue; the gateway's does not)."""
+    components = Components(
+        workers=[MockEngine(1, role="decode"), MockEngine(2, role="decode")],
+        prefill_workers=[MockEngine(10, role="prefill")],
+    )
+    async with build_pipeline(CONFIG, components) as p, trio.open_nursery() as n:
+        first = PreprocessedRequest(token_ids=prompt(16, start=1), request_id="first")
+        decision = await p.query(first, book=True, admit=True)
+        assert decision.disaggregated and decision.prefill_worker_id == 10
+        got: list[Any] = []
+
+        async def waiter() -> None:
+            second = PreprocessedRequest(token_ids=prompt(16, start=500), request_id="second")
+            got.append(await p.query(second, book=True, admit=True))
+
+        n.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == 1  # the prefill worker is full
+        p.mark_prefill_complete("first")
+        await trio.testing.wait_all_tasks_blocked()  # (no virtual time passes)
+        admitted = list(got)
+        await trio.sleep(RECHECK * 2)
+        assert got and got[0].prefill_worker_id == 10  # within RECHECK, by the head's timer
+        assert admitted, "the freed prefill slot sat idle until the waiter's RECHECK"
+        p.free("first")
+        p.free("second")
+
+
+async def test_room_a_worker_makes_by_itself_is_taken_within_recheck_while_requests_are_shed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As `test_room_a_worker_makes_by_itself_is_taken_within_recheck`, while sheddable
+    requests are refused (429) a few times a second: each one's end `wake`s the queue, the
+    head is given the baton and its `RECHECK` timer starts over, so the refresh that would
+    make the 'ad1' waiter ask again (its pool grew to engine 3) never comes."""
+    engines = [worker(w) for w in (1, 2, 3)]
+    for engine in engines:
+        engine.max_num_seqs = 1
+    config = CONFIG.evolve(max_inflight_per_worker=None, routing="discover")
+    async with build_pipeline(config, Components(workers=engines)) as p, trio.open_nursery() as n:
+        gateway = Gateway(p, n)
+        await _fill(gateway)
+        head = gateway.arrive("sub12")  # waits for {1, 2}
+        await gateway.settled()
+        behind = gateway.arrive("ad1")  # waits for {1}
+        await gateway.settled()
+        shedding = True
+
+        async def sheddable() -> None:
+            while shedding:
+                request = PreprocessedRequest(
+                    token_ids=prompt(8, start=9000), routing=RoutingHints(priority=-1)
+                )
+                with pytest.raises(Overloaded):
+                    async for _ in p.generate(request):
+                        pass
+                await trio.sleep(RECHECK / 5)  # five 429s a second
+
+        n.start_soon(sheddable)
+        engines[2].max_num_seqs = 2
+        engines[2].adapters = frozenset({"ad1", "ad2"})  # type: ignore[attr-defined]
+        await trio.sleep(RECHECK * 6)
+        held = gateway.holds(behind)
+        shedding = False
+        await trio.sleep(RECHECK)
+        assert held == 3, f"engine 3 idle for {RECHECK * 6} s: {gateway.booked}"
+        gateway.cancel(head)
+        gateway.cancel(behind)
+        for name in list(gateway.booked):
+            gateway.free(name)
+
+
+async def test_a_priority_emptied_during_a_pass_does_not_lose_the_served_holders_booking(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The same lazy walk of the priorities, when the holder is served: its booking must
+    reach it (or be freed), not be lost to an error raised while the baton is handed on."""
+    async with build_pipeline(CONFIG, Components(workers=[worker(w) for w in (1, 2, 3)])) as p:
+        async with trio.open_nursery() as nursery:
+            gateway = Gateway(p, nursery)
+            await _fill(gateway)
+            gateway.free_on(3)  # engine 3 stays free: none of the waiters may go there
+            await gateway.settled()
+            outcome: list[Any] = []
+
+            async def holder() -> None:
+                request = PreprocessedRequest(
+                    token_ids=prompt(16, start=6000),
+                    request_id="holder",
+                    routing=RoutingHints(priority=1),
+                )
+                try:
+                    outcome.append(
+                        await p.query(request, book=True, admit=True, candidates=frozenset({1, 2}))
+                    )
+                except Exception as exc:  # what the caller would see
+                    outcome.append(exc)
+
+            nursery.start_soon(holder)
+            await gateway.settled()
+            low = trio.CancelScope()
+
+            async def unbooked() -> None:
+                request = PreprocessedRequest(token_ids=prompt(16, start=7000), request_id="low")
+                with low:
+                    await p.query(request, admit=True, candidates=frozenset({1, 2}))
+
+            nursery.start_soon(unbooked)
+            await gateway.settled()
+            assert p.queued == 2
+            gateway.free_on(2)  # a pass: the holder asks, and gets engine 2 (3 has room left)
+            low.cancel()  # priority 0 empties meanwhile, without a wake
+            late = gateway.arrive("ad1", priority=1)  # joins during the pass
+            await gateway.settled()
+            gateway.cancel(late)
+            await gateway.settled()
+            assert outcome
+            if not isinstance(outcome[0], Exception):
+                p.free("holder")  # (a caller that got an error has nothing to free)
+            for name in list(gateway.booked):
+                gateway.free(name)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await p.load() == {}, f"a booking leaked; the holder got {outcome[0]!r}"
+        assert outcome[0].decode_worker_id == 2
+
+
+async def test_a_freed_slot_asks_only_the_pools_that_named_its_worker(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a pool per worker (each engine its own adapter), a freed slot costs one Router
+    ask, the freed worker's pool's, not one per waiting pool; and the waiter of that pool
+    gets it whatever its place in the queue."""
+    asks: list[str | None] = []
+    select = _router.RouterActor._select
+
+    def counting(self: Any, message: Any) -> Any:
+        if message.admit:
+            asks.append(message.request.model)
+        return select(self, message)
+
+    monkeypatch.setattr(_router.RouterActor, "_select", counting)
+    pools = 8
+    engines = []
+    for worker_id in range(1, pools + 1):
+        engine = MockEngine(worker_id)
+        engine.adapters = frozenset({f"ad{worker_id}"})  # type: ignore[attr-defined]
+        engines.append(engine)
+    pipeline = build_pipeline(CONFIG, Components(workers=engines))
+    async with pipeline as p, trio.open_nursery() as nursery:
+        got: dict[str, int] = {}
+
+        async def book(name: str, adapter: str) -> None:
+            request = PreprocessedRequest(token_ids=(1, 2, 3), request_id=name, model=adapter)
+            got[name] = (await p.query(request, book=True, admit=True)).decode_worker_id
+
+        for worker_id in range(1, pools + 1):
+            nursery.start_soon(book, f"on-{worker_id}", f"ad{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+        for worker_id in range(1, pools + 1):  # one waiter per pool, ad1's at the head
+            nursery.start_soon(book, f"wait-{worker_id}", f"ad{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == pools
+        for worker_id in (6, 3, 8):
+            asks.clear()
+            p.free(f"on-{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+            assert got.get(f"wait-{worker_id}") == worker_id
+            assert asks == [f"ad{worker_id}"], f"freeing worker {worker_id} asked {asks}"
+        nursery.cancel_scope.cancel()

@@ -63,6 +63,7 @@ class DisaggOrchestrator(Actor):
                     message.candidates,
                     message.reserved,
                     message.queued,
+                    message.members,
                 ),
             )
         if kind is Free:

@@ -43,6 +43,8 @@ class Route:
     reserved: frozenset[int] = frozenset()
     #: See `Select.queued`.
     queued: bool = False
+    #: See `Select.members`.
+    members: frozenset[int] | None = None
 
 
 @attrs.frozen
@@ -93,6 +95,10 @@ class Select:
     #: With ``admit``: the request asks from the admission queue, which wants to know whether
     #: any worker has room left once it is booked (`Selection.room_left`).
     queued: bool = False
+    #: With ``reserved``: the workers there were when it was worked out (None: not known).
+    #: Any other worker joined since, and counts as reserved too: a waiter ahead, whose
+    #: pool it may be in, has not been asked about it yet.
+    members: frozenset[int] | None = None
 
 
 @attrs.frozen

@@ -254,6 +254,7 @@ class RouterActor(Actor):
                 admit=message.admit,
                 adapter=served,
                 reserved=message.reserved,
+                members=message.members,
             )
             if prefill is None:
                 if message.enforce_disagg:
@@ -277,6 +278,7 @@ class RouterActor(Actor):
             admit=message.admit,
             adapter=served,
             reserved=message.reserved,
+            members=message.members,
         )
         assert decode is not None
         selections.append(decode)
@@ -381,6 +383,7 @@ class RouterActor(Actor):
         admit: bool = False,
         adapter: AdapterCandidates | None = None,
         reserved: frozenset[int] = frozenset(),
+        members: frozenset[int] | None = None,
     ) -> SelectionRecord | None:
         named = _named_worker(request, leg)
         if named is not None:
@@ -407,8 +410,13 @@ class RouterActor(Actor):
         # else every candidate is ejected: better one of them than no answer (Envoy's panic
         # mode, at 0 % healthy).
         if admit:
-            # A reserved worker is held for a request that waits ahead of this one: full.
-            room = [w for w in pool if w not in reserved and not self._full(w)]
+            # A reserved worker is held for a request that waits ahead of this one: full. So
+            # is one that joined after the reservation was worked out (not in ``members``).
+            room = [
+                w
+                for w in pool
+                if w not in reserved and (members is None or w in members) and not self._full(w)
+            ]
             if not room:
                 raise WorkersFull(
                     f"every {leg} candidate {pool} is at its in-flight limit",
