@@ -14,6 +14,7 @@ from typing import Any
 
 import jinja2.ext
 import pytest
+from helpers import QWEN3_DIR
 from hypothesis import given
 from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -27,8 +28,6 @@ from interlock.processing import (
     load_tokenizer,
 )
 from interlock.processing._messages import validate_messages
-
-QWEN3_DIR = Path(__file__).parents[1] / ".." / "shared" / "data" / "tokenizers" / "qwen3"
 
 WEATHER_TOOL = {
     "type": "function",
