@@ -269,7 +269,7 @@ def wait_until(condition: Any, what: str, log: Path, timeout: float = 120.0) -> 
                 return
         except (httpx.HTTPError, ValueError):
             pass
-        time.sleep(0.2)
+        time.sleep(0.02)  # what it waits for takes a second or less: a coarser poll adds to it
     raise RuntimeError(f"timed out waiting for {what}:\n{tail(log)}")
 
 
