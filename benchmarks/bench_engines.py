@@ -147,7 +147,7 @@ def wait_for_line(
                 return line
         if process.poll() is not None:
             break
-        time.sleep(0.1)
+        time.sleep(0.01)  # a start-up is a second or less: a coarser poll adds to each
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
     state = f"exited with {process.returncode}" if process.poll() is not None else "timed out"
     raise RuntimeError(f"{process.args} {state} before printing {marker!r}:\n{tail}")

@@ -128,6 +128,12 @@ class System:
     workers: list[psutil.Process]
 
 
+def serve_tokenizer_flags(tokenizer: str) -> list[str]:
+    """``interlock serve``'s flags for ``tokenizer``: none for 'builtin' (serve's default, which
+    its --tokenizer does not name; the workers' does), else ``--tokenizer`` and the folder."""
+    return [] if tokenizer == "builtin" else ["--tokenizer", tokenizer]
+
+
 def start_interlock(processes: Processes, tokenizer: str, router_mode: str | None) -> System:
     """Start ``WORKERS`` ``interlock worker --zero-time`` processes and ``interlock serve`` over
     them (``router_mode`` None: its defaults, else that mode and Dynamo's migration limit);
@@ -147,7 +153,7 @@ def start_interlock(processes: Processes, tokenizer: str, router_mode: str | Non
     ports = [int(json.loads(wait_for_line(p, log, '"port"'))["port"]) for p, log in started]
     command = [
         sys.executable, "-m", "interlock", "serve", "--port", "0", "--model-name", MODEL,
-        "--tokenizer", tokenizer, "--kv-block-size", str(KV_BLOCK_SIZE),
+        *serve_tokenizer_flags(tokenizer), "--kv-block-size", str(KV_BLOCK_SIZE),
     ]  # fmt: skip
     if router_mode is not None:
         command += ["--router-mode", router_mode, "--migration-limit", "3"]
@@ -263,7 +269,7 @@ def wait_until(condition: Any, what: str, log: Path, timeout: float = 120.0) -> 
                 return
         except (httpx.HTTPError, ValueError):
             pass
-        time.sleep(0.2)
+        time.sleep(0.02)  # what it waits for takes a second or less: a coarser poll adds to it
     raise RuntimeError(f"timed out waiting for {what}:\n{tail(log)}")
 
 
@@ -349,7 +355,7 @@ def start_interlock_openai(
     ]
     command = [
         sys.executable, "-m", "interlock", "serve", "--port", "0", "--model-name", MODEL,
-        "--tokenizer", tokenizer, "--kv-block-size", str(KV_BLOCK_SIZE),
+        *serve_tokenizer_flags(tokenizer), "--kv-block-size", str(KV_BLOCK_SIZE),
     ]  # fmt: skip
     if router_mode is not None:
         command += ["--router-mode", router_mode, "--migration-limit", "3"]

@@ -146,7 +146,7 @@ def wait_for_line(
                 return line
         if process.poll() is not None:
             break
-        time.sleep(0.1)
+        time.sleep(0.01)  # a start-up is a second or less: a coarser poll adds to each
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
     state = f"exited with {process.returncode}" if process.poll() is not None else "timed out"
     raise RuntimeError(f"{process.args} {state} before printing {marker!r}:\n{tail}")
@@ -324,7 +324,7 @@ async def generator(url: str) -> None:
                 spawned = max(spawned, target)
                 with trio.move_on_after(float(line[2]) if len(line) > 2 else 120.0):
                     while counts.settled < target:  # noqa: ASYNC110 (many tasks count)
-                        await trio.sleep(0.2)
+                        await trio.sleep(0.02)
             print(json.dumps(counts.report()), flush=True)
 
 
@@ -350,7 +350,7 @@ class Generator:
                 return json.loads(answers[self.asked - 1])  # type: ignore[no-any-return]
             if self.process.poll() is not None:
                 raise RuntimeError(f"the load generator exited:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.1)
+            time.sleep(0.01)  # an answer takes milliseconds once its streams have settled
 
     asked: int = 0
 

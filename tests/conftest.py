@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import trio
@@ -26,6 +27,14 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# Bytecode is written (to the __pycache__ folders .gitignore leaves out) even where
+# PYTHONDONTWRITEBYTECODE is set, as in CI's environment: without it each of the hundreds of
+# `python -m interlock` processes the suite starts compiled interlock from source again, and
+# pytest rewrote every test module's assertions on every run.
+if sys.dont_write_bytecode:
+    sys.dont_write_bytecode = False
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 @pytest.fixture(autouse=True)

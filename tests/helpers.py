@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable
+from functools import cache
+from pathlib import Path
 from typing import TypeVar
 
+import pytest
 import trio
 
 from interlock import Pipeline
-from interlock.http import add_route_parser, add_serve_parser
+from interlock.http import Preprocessor, add_route_parser, add_serve_parser
+from interlock.processing import HFTokenizer
 from interlock.wire import EngineOutput, PreprocessedRequest
 
 T = TypeVar("T")
@@ -28,6 +32,26 @@ async def run_request(
             final = output
     assert final is not None, "the stream ended without a final output"
     return tokens, final
+
+
+#: Qwen3's tokenizer files, in the shared folder beside the checkout.
+QWEN3_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "qwen3"
+
+
+@cache
+def qwen3() -> Preprocessor:
+    """`Preprocessor.load` of `QWEN3_DIR`, loaded once per run for the tests that only use it
+    (a load takes about a second); skips the test where the files are not there."""
+    if not (QWEN3_DIR / "tokenizer.json.gz").is_file():
+        pytest.skip(f"Qwen3 tokenizer files not found at {QWEN3_DIR}")
+    return Preprocessor.load(QWEN3_DIR)
+
+
+def qwen3_tokenizer() -> HFTokenizer:
+    """`qwen3`'s tokenizer."""
+    tokenizer = qwen3().tokenizer
+    assert isinstance(tokenizer, HFTokenizer)
+    return tokenizer
 
 
 def prompt(n: int = 32, start: int = 1) -> list[int]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import copy
 import json
 import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jinja2.ext
 import pytest
+from helpers import QWEN3_DIR
 from hypothesis import given
 from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -26,8 +28,6 @@ from interlock.processing import (
     load_tokenizer,
 )
 from interlock.processing._messages import validate_messages
-
-QWEN3_DIR = Path(__file__).parents[1] / ".." / "shared" / "data" / "tokenizers" / "qwen3"
 
 WEATHER_TOOL = {
     "type": "function",
@@ -537,6 +537,16 @@ def _jinja_reference(source: str) -> Any:
     return env.from_string(source)
 
 
+@cache
+def _templates_and_references() -> list[tuple[ChatTemplate, Any]]:
+    """ChatML's template and Qwen3's (where the checkout has it beside it), each with its
+    `_jinja_reference`: compiled once, not for every example (that was most of the time)."""
+    templates = [ChatTemplate.chatml()]
+    if (QWEN3_DIR / "tokenizer_config.json").is_file():
+        templates.append(load_chat_template(QWEN3_DIR / "tokenizer_config.json"))
+    return [(template, _jinja_reference(template.source)) for template in templates]
+
+
 @given(
     messages=_messages,
     tools=st.one_of(st.none(), st.lists(st.fixed_dictionaries({"name": _texts}), max_size=2)),
@@ -551,11 +561,7 @@ def test_qwen3_and_chatml_render_byte_for_byte_as_jinjas_own_sandbox(
 ) -> None:
     # The attribute and call shortcuts of the template's environment change no byte of a prompt.
     kwargs: dict[str, object] = {} if thinking is None else {"enable_thinking": thinking}
-    templates = [ChatTemplate.chatml()]
-    if (QWEN3_DIR / "tokenizer_config.json").is_file():
-        templates.append(load_chat_template(QWEN3_DIR / "tokenizer_config.json"))
-    for template in templates:
-        reference = _jinja_reference(template.source)
+    for template, reference in _templates_and_references():
         context = {
             "messages": validate_messages(messages),
             "tools": tools,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 import tokenizers
+from helpers import qwen3_tokenizer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,10 +16,7 @@ from interlock.processing import (
     IncrementalDetokenizer,
     Tokenizer,
     TokenizerError,
-    load_tokenizer,
 )
-
-QWEN3_DIR = Path(__file__).parents[1] / ".." / "shared" / "data" / "tokenizers" / "qwen3"
 
 # Characters that stress detokenization: multi-token emoji (ZWJ sequences, skin tones, flags),
 # CJK, combining marks, Hangul, right-to-left text, a literal U+FFFD, and special-token text.
@@ -52,9 +49,7 @@ CHUNK_SIZES = st.lists(st.integers(1, 7), min_size=1, max_size=10)
 
 @pytest.fixture(scope="module")
 def qwen3() -> HFTokenizer:
-    if not (QWEN3_DIR / "tokenizer.json.gz").is_file():
-        pytest.skip(f"Qwen3 tokenizer files not found at {QWEN3_DIR.resolve()}")
-    return load_tokenizer(QWEN3_DIR)
+    return qwen3_tokenizer()
 
 
 def chunked(ids: Sequence[int], sizes: Sequence[int]) -> list[Sequence[int]]:

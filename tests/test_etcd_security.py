@@ -26,7 +26,16 @@ import httpx
 import pytest
 import trio
 from helpers import frontend_parser
-from test_etcd_discovery import ETCD, PREFIX, TIMEOUT, _free_port, answer, start_worker, wait_for
+from test_etcd_discovery import (
+    ETCD,
+    ONE_MEMBER_RAFT,
+    PREFIX,
+    TIMEOUT,
+    _free_port,
+    answer,
+    start_worker,
+    wait_for,
+)
 from test_http_cli import _command
 from test_register import _engine, _stop
 from test_remote_workers import WORKER, WorkerProcess, stop
@@ -101,6 +110,7 @@ class SecureEtcd:
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=test={peer}",
+            *(ONE_MEMBER_RAFT if self.process is None else ()),  # a restart: etcd's own
             "--bcrypt-cost=4",
             f"--auth-token-ttl={self.token_ttl}",
             # zap logs each expired simple token ("deleted a simple token"): what a test
@@ -127,7 +137,7 @@ class SecureEtcd:
                 except httpx.HTTPError:
                     pass
                 assert time.monotonic() < deadline, "etcd did not answer within the timeout"
-                time.sleep(0.05)
+                time.sleep(0.01)
 
     def enable_auth(self) -> None:
         """Users root, worker (readwrite on the prefix) and frontend (read on it); then

@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -29,8 +28,6 @@ from interlock.http import (
     serve_http,
 )
 from interlock.http._cli import mock_token_pool
-
-QWEN3_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tokenizers" / "qwen3"
 
 
 @attrs.frozen
@@ -56,12 +53,6 @@ class Served:
             f"still busy after 10 s: workers {[w.active_requests for w in self.workers]}, "
             f"load {await self.pipeline.load()}, in flight {self.pipeline.in_flight}"
         )
-
-
-def qwen3() -> Preprocessor:
-    if not (QWEN3_DIR / "tokenizer.json.gz").is_file():
-        pytest.skip(f"Qwen3 tokenizer files not found at {QWEN3_DIR.resolve()}")
-    return Preprocessor.load(QWEN3_DIR)
 
 
 @asynccontextmanager

@@ -174,6 +174,20 @@ def test_the_engines_mix_mock_and_remote_workers_by_role() -> None:
     assert "worker 0 at [::1]:7000 (agg), connected" in text
 
 
+def test_each_remote_worker_gets_the_connect_timeout_and_it_must_be_positive() -> None:
+    argv = ["serve", "--remote-worker", "1=h:7001", "--remote-worker", "2=h:7002/prefill"]
+    assert resolve(frontend_parser().parse_args(argv)).worker_connect_timeout == 10
+    setup = resolve(frontend_parser().parse_args([*argv, "--worker-connect-timeout", "2.5"]))
+    workers, prefill = setup.engines()
+    assert [e.connect_timeout for e in (*workers, *prefill) if isinstance(e, RemoteEngine)] == [
+        2.5,
+        2.5,
+    ]
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ConfigError, match="--worker-connect-timeout must be positive, got"):
+            resolve(frontend_parser().parse_args([*argv, "--worker-connect-timeout", bad]))
+
+
 def test_the_mock_text_lives_in_the_mock_package() -> None:
     assert serve_cli.mock_token_pool is mock_token_pool and serve_cli.MOCK_TEXT is MOCK_TEXT
 

@@ -12,7 +12,8 @@ from typing import Any
 import openai
 import pytest
 import trio
-from test_http_harness import qwen3, serving
+from helpers import qwen3
+from test_http_harness import serving
 
 from interlock.engines.mock import MockTiming
 

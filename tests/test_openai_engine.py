@@ -10,13 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import trio
-from helpers import wait_until
+from helpers import qwen3_tokenizer, wait_until
 
 from interlock import (
     Components,
@@ -39,7 +38,6 @@ from interlock.engines.remote import TokenizerMismatch, WorkerMismatch, WorkerUn
 from interlock.processing import ByteTokenizer
 from interlock.wire import ChatRequest, PreprocessedRequest
 
-QWEN3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "qwen3"
 PROMPT = tuple(range(40, 140))
 ZERO = MockTiming.zero()
 
@@ -280,11 +278,7 @@ async def test_an_engine_with_another_block_size_is_refused_at_start() -> None:
 
 
 async def test_an_engine_with_another_tokenizer_is_refused_at_start() -> None:
-    from interlock.processing import load_tokenizer
-
-    qwen = load_tokenizer(str(QWEN3)) if QWEN3.exists() else None
-    if qwen is None:
-        pytest.skip(f"{QWEN3} is not here (../shared beside the repo)")
+    qwen = qwen3_tokenizer()
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
             lambda task_status: serve_mock_openai(

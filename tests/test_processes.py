@@ -386,6 +386,7 @@ async def test_a_process_that_cannot_start_stops_the_others_with_its_status(
         port = unused.getsockname()[1]  # nothing listens there once closed
     log = tmp_path / "serve.log"
     argv = ["serve", "--port", "0", "--processes", "2", "--remote-worker", f"1=127.0.0.1:{port}"]
+    argv += ["--worker-connect-timeout", "0.5"]  # not the 10 s default: nothing will answer
     with log.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "interlock", *argv], stdout=subprocess.PIPE, stderr=stderr

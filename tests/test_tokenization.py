@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import tokenizers
+from helpers import QWEN3_DIR, qwen3_tokenizer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,8 +20,6 @@ from interlock.processing import (
     TokenizerError,
     load_tokenizer,
 )
-
-QWEN3_DIR = Path(__file__).parents[1] / ".." / "shared" / "data" / "tokenizers" / "qwen3"
 
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
@@ -34,7 +33,7 @@ def qwen3_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def qwen3(qwen3_dir: Path) -> HFTokenizer:
-    return load_tokenizer(qwen3_dir)
+    return qwen3_tokenizer()
 
 
 @pytest.fixture

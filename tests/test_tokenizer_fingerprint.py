@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import tokenizers
-from test_tokenization import QWEN3_DIR
+from helpers import QWEN3_DIR
 
 from interlock.processing import ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_fingerprint
 

@@ -223,6 +223,9 @@ class ServeSetup:
     #: ``--worker-heartbeat-interval`` / ``--worker-heartbeat-timeout``.
     worker_heartbeat_interval: float = 2.0
     worker_heartbeat_timeout: float = 10.0
+    #: ``--worker-connect-timeout``: how long each ``--remote-worker`` gets to complete its
+    #: first handshake at start.
+    worker_connect_timeout: float = 10.0
     #: ``--worker-tls`` (with ``--worker-ca-file`` ...): TLS toward every remote worker
     #: (None: plain TCP).
     worker_tls: ssl.SSLContext | None = attrs.field(default=None, repr=False)
@@ -350,6 +353,7 @@ class ServeSetup:
                 vocab_size=tokenizer.vocab_size,
                 heartbeat_interval=self.worker_heartbeat_interval,
                 heartbeat_timeout=self.worker_heartbeat_timeout,
+                connect_timeout=self.worker_connect_timeout,
                 worker_secret=self.worker_secret,
                 tls=self.worker_tls,
                 decode_kv_events=self.decodes_kv_events,
@@ -677,6 +681,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="a remote worker that sends nothing, not even a pong, for this long is dropped: "
         "its streams migrate and it leaves routing until it answers again (10)",
+    )
+    workers.add_argument(
+        "--worker-connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="wait this long for each --remote-worker's first handshake at start; one not "
+        "reached by then stops the frontend with status 1 (10)",
     )
     add_etcd_arguments(
         workers,
@@ -1092,6 +1104,11 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             f"--worker-heartbeat-timeout {heartbeat[1]:g} (several pings must be able to go "
             "unanswered before a worker counts as dead)"
         )
+    if not args.worker_connect_timeout > 0:
+        raise ConfigError(
+            f"--worker-connect-timeout must be positive, got {args.worker_connect_timeout:g} "
+            "(the seconds each --remote-worker gets to answer at start)"
+        )
     from_table = _apply_gateway_table(args)
     ext_proc_port, ext_proc_health_port = _resolve_ext_proc(args, workers, remote)
     ext_proc_tls = _resolve_ext_proc_tls(args, from_table)
@@ -1173,6 +1190,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         worker_tls=worker_tls,
         worker_heartbeat_interval=heartbeat[0],
         worker_heartbeat_timeout=heartbeat[1],
+        worker_connect_timeout=args.worker_connect_timeout,
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
