@@ -236,3 +236,55 @@ async def test_a_pipelines_oldest_requests_read_back_whole(autojump_clock: trio.
         assert route.decision.token_ids == tuple(range(40))
         assert route.decision.selections[0].policy == "kv"
         assert len(log.by_request()) == 100
+
+
+class _SkipNote(Exception):
+    """What a custom policy may keep in its selection's ``inputs``: an exception with an
+    ``__init__`` of its own, which pickles (as its class and ``args``) but does not unpickle
+    (``args`` is one message, ``__init__`` wants two)."""
+
+    def __init__(self, worker_id: int, why: str) -> None:
+        super().__init__(f"worker {worker_id}: {why}")
+        self.worker_id = worker_id
+
+
+class _Note:
+    """A custom policy's inputs value of a plain class: equal only to itself."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _custom_route(n: int, inputs: dict[str, Any]) -> TransitionRecord:
+    selection = SelectionRecord(leg="agg", policy="mine", chosen=1, inputs=inputs)
+    decision = RoutingDecision(
+        request_id=f"r{n}", token_ids=(1, 2, 3), decode_worker_id=1, selections=(selection,)
+    )
+    return TransitionRecord(
+        f"r{n}", 1, "discover", 1.0, 2.0, "preprocessed", "routed", "route", 1, decision
+    )
+
+
+def test_a_decision_that_pickles_but_does_not_unpickle_leaves_the_log_readable() -> None:
+    # One custom policy's record among 300 (the first 256 are packed together): reading the
+    # log, or any request packed with it, must not raise (reading never did).
+    memory = MemoryLog()
+    records = [_custom_route(0, {"skipped": [_SkipNote(3, "timed out")]})]
+    records += [_custom_route(n, {}) for n in range(1, 300)]
+    for record in records:
+        memory.offer(record)
+    assert memory._batches, "the test needs packed records"
+    assert memory.records("r5") == [records[5]]
+    assert memory.records() == records
+    assert len(memory.by_request()) == 300
+
+
+def test_a_custom_policys_inputs_read_back_equal_to_those_offered() -> None:
+    # docs/transition-logs.md: reading gives "records equal to those recorded" (only `is`
+    # tells them apart); a plain object in a custom policy's inputs is equal only to itself.
+    memory = MemoryLog()
+    records = [_custom_route(n, {"note": _Note(f"turn {n}")}) for n in range(300)]
+    for record in records:
+        memory.offer(record)
+    assert memory._batches, "the test needs packed records"
+    assert memory.records() == records
