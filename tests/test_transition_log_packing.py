@@ -7,11 +7,13 @@ evictions by count and by bytes."""
 
 from __future__ import annotations
 
+import enum
 import gc
 import threading
 from typing import Any
 from unittest import mock
 
+import attrs
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -288,3 +290,35 @@ def test_a_custom_policys_inputs_read_back_equal_to_those_offered() -> None:
         memory.offer(record)
     assert memory._batches, "the test needs packed records"
     assert memory.records() == records
+
+
+class _Mood(enum.StrEnum):
+    """A custom policy's enum: not interlock's, so kept by reference."""
+
+    CALM = "calm"
+
+
+def test_values_pickle_cannot_give_back_equal_are_the_very_objects_offered() -> None:
+    # NaN is not equal to itself (only the same object keeps a record equal); a plain tuple
+    # prompt of 8,000 ids would cost ~40 us to pickle; a custom enum's member and an exception
+    # would run the application's code on unpickling.
+    nan = float("nan")
+    prompt = tuple(range(1_000, 9_000))
+    error = _SkipNote(2, "full")
+    memory = MemoryLog()
+    records = [
+        _custom_route(n, {"nan": nan, "mood": _Mood.CALM, "error": error}) for n in range(300)
+    ]
+    records[0] = attrs.evolve(
+        records[0], decision=attrs.evolve(records[0].decision, token_ids=prompt)
+    )
+    for record in records:
+        memory.offer(record)
+    assert memory._batches, "the test needs packed records"
+    read = memory.records()
+    assert read == records
+    assert read[0].decision.token_ids is prompt
+    inputs = read[1].decision.selections[0].inputs
+    assert inputs["nan"] is nan and inputs["mood"] is _Mood.CALM and inputs["error"] is error
+    # Interlock's own enums and records are pickled (no longer the objects offered), and equal.
+    assert read[1].decision is not records[1].decision
