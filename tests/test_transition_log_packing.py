@@ -322,3 +322,17 @@ def test_values_pickle_cannot_give_back_equal_are_the_very_objects_offered() -> 
     assert inputs["nan"] is nan and inputs["mood"] is _Mood.CALM and inputs["error"] is error
     # Interlock's own enums and records are pickled (no longer the objects offered), and equal.
     assert read[1].decision is not records[1].decision
+
+
+def test_an_evicted_records_references_go_at_once() -> None:
+    with mock.patch.object(_log, "_PACK_BATCH", 4):
+        memory = MemoryLog(capacity=6)
+    prompts = [U32TokenIds(range(n, n + 20)) for n in range(8)]
+    for n, prompt in enumerate(prompts):
+        decision = RoutingDecision(request_id=f"r{n}", token_ids=prompt, decode_worker_id=1)
+        memory.offer(TransitionRecord(f"r{n}", 1, "discover", 0.0, 0.0, "a", "b", "route", 1,
+                                      decision))  # fmt: skip
+    # Records 0 and 1 are evicted from the first batch of four; 2 and 3 are still in it.
+    refs = memory._batches[0].refs
+    assert not any(ref is prompts[0] or ref is prompts[1] for ref in refs)
+    assert [r.decision.token_ids for r in memory.records()] == prompts[2:]

@@ -293,6 +293,15 @@ class _PackedBatch:
     starts: array.array[int] = attrs.Factory(lambda: array.array("I"))
     records: tuple[TransitionRecord, ...] = ()
 
+    def drop(self, index: int) -> None:
+        """Let go of record ``index``'s references (it was evicted): its prompt's ids must not
+        outlive it while the rest of the batch is kept."""
+        if self.data is None:
+            return
+        end = self.starts[index + 1] if index + 1 < self.count else len(self.refs)
+        for n in range(self.starts[index], end):
+            self.refs[n] = None
+
 
 def _pack(records: list[TransitionRecord]) -> _PackedBatch:
     """``records`` as one `_PackedBatch`; never raises (if a record cannot be pickled, such as
@@ -386,7 +395,8 @@ class MemoryLog:
     def _evict_oldest(self) -> None:
         if self._batches:
             # A batch is freed whole once all its records are evicted; until then its
-            # evicted records only cost their share of its bytes (and their prompts' ids).
+            # evicted records cost only their share of its bytes: their references go now.
+            self._batches[0].drop(self._head)
             self._head += 1
             if self._head == self._batches[0].count:
                 self._batches.popleft()
