@@ -4,7 +4,7 @@ a base's (``git show <base>:interlock/statemachines/_log.py``, imported beside i
 same process), over the records of routed requests: four a request, the route one with its prompt's
 ids and a kv selection over two workers. The prompts' ids are a tokenizer's (`U32TokenIds`,
 kept by reference by both) or a plain tuple (client token ids, replays), of 250 or 8,000
-tokens. Reading a batch back (``_unpack``) is timed too.
+tokens. Reading a batch back (``_unpack``) is timed too, and reading a whole default log.
 
     python benchmarks/bench_log_packing.py              # against main
     python benchmarks/bench_log_packing.py --base e88ff17
@@ -13,12 +13,14 @@ tokens. Reading a batch back (``_unpack``) is timed too.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 # A sibling: a module as it is at a git revision, imported beside this checkout's.
 from ab_kv_salt import load_base  # noqa: E402
 
+from interlock import PipelineConfig  # noqa: E402
 from interlock.kv._cost import SelectionReason  # noqa: E402
 from interlock.kv._hashing import U32TokenIds  # noqa: E402
 from interlock.statemachines import State, TransitionRecord, Trigger  # noqa: E402
@@ -78,11 +81,35 @@ def per_request_us(fn: Callable[[Any], Any], items: list[Any], repeat: int) -> f
     return best / (len(items) * 64) * 1e6
 
 
+def whole_log_read_ms(module: ModuleType, requests: int, collector: bool) -> tuple[float, float]:
+    """Reading a whole default `MemoryLog` (32 MiB) of ``requests`` 250-token requests: the
+    fastest and the slowest of 5, with the collector on (at its default thresholds the
+    unpickled objects set it off, a full collection now and then) or off."""
+    memory = module.MemoryLog(max_bytes=PipelineConfig().transition_log_memory_bytes)
+    rng = random.Random(0)
+    for n in range(requests):
+        for record in request_records(n, U32TokenIds(rng.randrange(1_000, 150_000)
+                                                     for _ in range(250))):  # fmt: skip
+            memory.offer(record)
+    times = []
+    for _ in range(5):
+        if not collector:
+            gc.disable()
+        try:
+            began = time.perf_counter()
+            memory.records()
+            times.append((time.perf_counter() - began) * 1e3)
+        finally:
+            gc.enable()
+    return min(times), max(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="main", help="git ref of the baseline (main)")
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=3_000, help="in the whole log read (3,000)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         base = load_base(
@@ -110,6 +137,13 @@ def main() -> None:
         print(f"{label:<24} {'unpack':<7} {then:9.2f} {now:9.2f} {now / then:7.2f}")
         size = sum(len(b.data or b"") for b in new_packed) / len(new_packed) / 256
         print(f"{'':<24} {'bytes':<7} {'':>9} {size:9.0f}   (pickled, a record)")
+    print(f"\nreading a whole default log of {a.requests:,} requests' records, ms of 5 reads")
+    for collector in (True, False):
+        then = whole_log_read_ms(base, a.requests, collector)
+        now = whole_log_read_ms(ours, a.requests, collector)
+        for n, label in enumerate(("fastest", "slowest")):
+            label += ", collector " + ("on" if collector else "off")
+            print(f"{label:<24} {'read':<7} {then[n]:9.1f} {now[n]:9.1f} {now[n] / then[n]:7.2f}")
 
 
 if __name__ == "__main__":

@@ -348,9 +348,12 @@ class MemoryLog:
     first; the newest record is always kept. Reading is safe at any time.
 
     All but the newest few hundred records are kept pickled, in batches, out of the garbage
-    collector's sight; reading gives back records equal to those offered, of the same types
-    (the prompts' token ids are the very objects offered). Reading them costs an unpickling,
-    so `records` with a request id reads only the batches that hold that request.
+    collector's sight; reading gives back records equal to those offered, of the same types.
+    Only builtin values, interlock's own records and enums are pickled; everything else (the
+    prompts' token ids, a custom policy's objects, NaN) is kept by reference, and read back as
+    the very object offered. Reading costs an unpickling, so `records` with a request id reads
+    only the batches that hold that request. An evicted record's references go at once, its
+    pickled bytes with the last record of its batch.
 
     Raises:
         ValueError: ``capacity`` or ``max_bytes`` below 1.
