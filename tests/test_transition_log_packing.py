@@ -40,7 +40,7 @@ _token_ids = st.one_of(
     _ids.map(U32TokenIds),
     _ids.map(lambda ids: PackedTokenIds(b"".join(i.to_bytes(4, "little") for i in ids))),
 )
-_atoms = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+_atoms = st.none() | st.booleans() | st.integers() | st.floats() | st.text()
 _inputs = st.dictionaries(
     st.text(max_size=8),
     st.recursive(
@@ -54,7 +54,7 @@ _candidates = st.builds(
     CandidateRecord,
     worker_id=st.integers(0, 10),
     overlap_blocks=st.integers(0, 100),
-    cost=st.none() | st.floats(allow_nan=False),
+    cost=st.none() | st.floats(),
 )
 _selections = st.builds(
     SelectionRecord,
