@@ -38,21 +38,26 @@ PROMPT_TOKENS = (1_024, 32_768, 100_000)
 BLOCK_SIZE = 16
 
 
-def load_base(rev: str, folder: Path) -> ModuleType:
-    """``interlock/kv/_hashing.py`` as it is at ``rev``, imported under another name."""
+def load_base(
+    rev: str, folder: Path, path: str = "interlock/kv/_hashing.py", name: str = "base_hashing"
+) -> ModuleType:
+    """The module at ``path`` as it is at ``rev``, imported as ``name`` (written to
+    ``folder``); a dotted ``name`` inside interlock's package resolves relative imports."""
     source = subprocess.run(
-        ["git", "show", f"{rev}:interlock/kv/_hashing.py"],
+        ["git", "show", f"{rev}:{path}"],
         cwd=ROOT,
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    path = folder / "base_hashing.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("base_hashing", path)
+    file = folder / f"{name}.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, file)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # Registered, so that pickle finds what the module names (its functions, its classes).
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

@@ -355,3 +355,68 @@ async def test_worker_id_without_the_metrics_sink_comes_from_the_transition_log(
             body = {**CHAT, "nvext": {"extra_fields": ["worker_id"]}}
             answer = await client.post("/v1/chat/completions", json=body)
     assert answer.json()["nvext"]["worker_id"]["decode_worker_id"] == 7
+
+
+class _SkipNote(Exception):
+    """A custom policy's note about a worker it skipped, kept in its selection's ``inputs``:
+    an exception with an ``__init__`` of its own (it pickles, but does not unpickle)."""
+
+    def __init__(self, worker_id: int, why: str) -> None:
+        super().__init__(f"worker {worker_id}: {why}")
+        self.worker_id = worker_id
+
+
+class _NotingPolicy:
+    name = "noting"
+
+    def choose(self, leg: Any, candidates: Any, request: Any) -> Any:
+        from interlock.actors import candidate_records
+        from interlock.wire import SelectionRecord
+
+        return SelectionRecord(
+            leg=leg,
+            policy=self.name,
+            chosen=candidates[0].worker_id,
+            candidates=candidate_records(candidates),
+            inputs={"skipped": [_SkipNote(99, "draining")]},
+        )
+
+
+async def test_worker_id_from_the_transition_log_of_a_long_request_under_a_custom_policy(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # As above, for a request that runs while ~70 others come and go (its first records are
+    # no longer the log's newest when it ends), under a policy of the application's own.
+    import httpx
+
+    from interlock import Components, build_pipeline
+    from interlock.engines.mock import MockEngine
+    from interlock.http import Preprocessor, build_app
+
+    preprocessor = Preprocessor.default()
+    components = Components(
+        workers=[MockEngine(7, token_pool=[104, 105])],
+        tokenizer=preprocessor.tokenizer,
+        selection_policy=lambda config: _NotingPolicy(),
+    )
+    async with build_pipeline(PipelineConfig(), components) as pipeline:
+        app = build_app(pipeline, preprocessor=preprocessor)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            answers: list[httpx.Response] = []
+
+            async def long_request() -> None:
+                body = {**CHAT, "max_tokens": 300, "nvext": {"extra_fields": ["worker_id"]}}
+                answers.append(await client.post("/v1/chat/completions", json=body))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(long_request)
+                for _ in range(70):
+                    short = await client.post(
+                        "/v1/chat/completions", json={**CHAT, "max_tokens": 1}
+                    )
+                    assert short.status_code == 200
+                assert not answers, "the long request must still be running"
+    (answer,) = answers
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["nvext"]["worker_id"]["decode_worker_id"] == 7

@@ -10,6 +10,7 @@ import gc
 import random
 import tracemalloc
 
+import attrs
 import pytest
 import trio
 from hypothesis import given
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from interlock import Components, PipelineConfig, build_pipeline
 from interlock.actors._messages import MigrationPlan
 from interlock.engines.mock import MockEngine
+from interlock.kv._hashing import U32TokenIds
 from interlock.statemachines import MemoryLog, TransitionRecord
 from interlock.statemachines._log import estimate_record_bytes
 from interlock.wire import (
@@ -161,3 +163,26 @@ async def test_a_pipeline_log_stays_within_its_byte_bound(autojump_clock: trio.a
 def test_the_default_bound_is_in_bytes() -> None:
     default = PipelineConfig().transition_log_memory_bytes
     assert default is not None and 16 * 2**20 <= default <= 64 * 2**20
+
+
+def test_a_logs_memory_stays_near_its_byte_bound_once_old_records_are_evicted() -> None:
+    # Routing records whose prompts' ids are a tokenizer's (`U32TokenIds`), 256 of them just
+    # within the bound: each newer one pushes an older one out, and the memory the log keeps
+    # alive stays near the bound (the estimate is close for these records).
+    bound = 4_000_000
+    gc.collect()
+    tracemalloc.start()
+    try:
+        memory = MemoryLog(capacity=100_000, max_bytes=bound)
+        for n in range(256 + 250):
+            record = _route(f"req-{n}", 360, seed=n)
+            ids = U32TokenIds(record.decision.token_ids)
+            decision = attrs.evolve(record.decision, token_ids=ids)
+            memory.offer(attrs.evolve(record, decision=decision))
+        del record, ids, decision
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert memory.evicted >= 240 and memory.bytes <= bound
+    assert kept <= 1.25 * bound, f"the log keeps {kept} bytes alive under a bound of {bound}"

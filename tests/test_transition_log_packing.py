@@ -7,11 +7,13 @@ evictions by count and by bytes."""
 
 from __future__ import annotations
 
+import enum
 import gc
 import threading
 from typing import Any
 from unittest import mock
 
+import attrs
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,7 +40,7 @@ _token_ids = st.one_of(
     _ids.map(U32TokenIds),
     _ids.map(lambda ids: PackedTokenIds(b"".join(i.to_bytes(4, "little") for i in ids))),
 )
-_atoms = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+_atoms = st.none() | st.booleans() | st.integers() | st.floats() | st.text()
 _inputs = st.dictionaries(
     st.text(max_size=8),
     st.recursive(
@@ -52,7 +54,7 @@ _candidates = st.builds(
     CandidateRecord,
     worker_id=st.integers(0, 10),
     overlap_blocks=st.integers(0, 100),
-    cost=st.none() | st.floats(allow_nan=False),
+    cost=st.none() | st.floats(),
 )
 _selections = st.builds(
     SelectionRecord,
@@ -236,3 +238,101 @@ async def test_a_pipelines_oldest_requests_read_back_whole(autojump_clock: trio.
         assert route.decision.token_ids == tuple(range(40))
         assert route.decision.selections[0].policy == "kv"
         assert len(log.by_request()) == 100
+
+
+class _SkipNote(Exception):
+    """What a custom policy may keep in its selection's ``inputs``: an exception with an
+    ``__init__`` of its own, which pickles (as its class and ``args``) but does not unpickle
+    (``args`` is one message, ``__init__`` wants two)."""
+
+    def __init__(self, worker_id: int, why: str) -> None:
+        super().__init__(f"worker {worker_id}: {why}")
+        self.worker_id = worker_id
+
+
+class _Note:
+    """A custom policy's inputs value of a plain class: equal only to itself."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _custom_route(n: int, inputs: dict[str, Any]) -> TransitionRecord:
+    selection = SelectionRecord(leg="agg", policy="mine", chosen=1, inputs=inputs)
+    decision = RoutingDecision(
+        request_id=f"r{n}", token_ids=(1, 2, 3), decode_worker_id=1, selections=(selection,)
+    )
+    return TransitionRecord(
+        f"r{n}", 1, "discover", 1.0, 2.0, "preprocessed", "routed", "route", 1, decision
+    )
+
+
+def test_a_decision_that_pickles_but_does_not_unpickle_leaves_the_log_readable() -> None:
+    # One custom policy's record among 300 (the first 256 are packed together): reading the
+    # log, or any request packed with it, must not raise (reading never did).
+    memory = MemoryLog()
+    records = [_custom_route(0, {"skipped": [_SkipNote(3, "timed out")]})]
+    records += [_custom_route(n, {}) for n in range(1, 300)]
+    for record in records:
+        memory.offer(record)
+    assert memory._batches, "the test needs packed records"
+    assert memory.records("r5") == [records[5]]
+    assert memory.records() == records
+    assert len(memory.by_request()) == 300
+
+
+def test_a_custom_policys_inputs_read_back_equal_to_those_offered() -> None:
+    # docs/transition-logs.md: reading gives "records equal to those recorded" (only `is`
+    # tells them apart); a plain object in a custom policy's inputs is equal only to itself.
+    memory = MemoryLog()
+    records = [_custom_route(n, {"note": _Note(f"turn {n}")}) for n in range(300)]
+    for record in records:
+        memory.offer(record)
+    assert memory._batches, "the test needs packed records"
+    assert memory.records() == records
+
+
+class _Mood(enum.StrEnum):
+    """A custom policy's enum: not interlock's, so kept by reference."""
+
+    CALM = "calm"
+
+
+def test_values_pickle_cannot_give_back_equal_are_the_very_objects_offered() -> None:
+    # NaN is not equal to itself (only the same object keeps a record equal); a plain tuple
+    # prompt of 8,000 ids would cost ~40 us to pickle; a custom enum's member and an exception
+    # would run the application's code on unpickling.
+    nan = float("nan")
+    prompt = tuple(range(1_000, 9_000))
+    error = _SkipNote(2, "full")
+    memory = MemoryLog()
+    records = [
+        _custom_route(n, {"nan": nan, "mood": _Mood.CALM, "error": error}) for n in range(300)
+    ]
+    records[0] = attrs.evolve(
+        records[0], decision=attrs.evolve(records[0].decision, token_ids=prompt)
+    )
+    for record in records:
+        memory.offer(record)
+    assert memory._batches, "the test needs packed records"
+    read = memory.records()
+    assert read == records
+    assert read[0].decision.token_ids is prompt
+    inputs = read[1].decision.selections[0].inputs
+    assert inputs["nan"] is nan and inputs["mood"] is _Mood.CALM and inputs["error"] is error
+    # Interlock's own enums and records are pickled (no longer the objects offered), and equal.
+    assert read[1].decision is not records[1].decision
+
+
+def test_an_evicted_records_references_go_at_once() -> None:
+    with mock.patch.object(_log, "_PACK_BATCH", 4):
+        memory = MemoryLog(capacity=6)
+    prompts = [U32TokenIds(range(n, n + 20)) for n in range(8)]
+    for n, prompt in enumerate(prompts):
+        decision = RoutingDecision(request_id=f"r{n}", token_ids=prompt, decode_worker_id=1)
+        memory.offer(TransitionRecord(f"r{n}", 1, "discover", 0.0, 0.0, "a", "b", "route", 1,
+                                      decision))  # fmt: skip
+    # Records 0 and 1 are evicted from the first batch of four; 2 and 3 are still in it.
+    refs = memory._batches[0].refs
+    assert not any(ref is prompts[0] or ref is prompts[1] for ref in refs)
+    assert [r.decision.token_ids for r in memory.records()] == prompts[2:]

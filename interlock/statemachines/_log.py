@@ -7,8 +7,10 @@ schema is versioned by ``SCHEMA_VERSION`` and documented in docs/transition-logs
 
 from __future__ import annotations
 
+import array
 import collections
 import copyreg
+import enum
 import io
 import json
 import logging
@@ -16,14 +18,17 @@ import operator
 import os
 import pickle
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import attrs
 import trio
 
-from ..kv._hashing import PackedTokenIds, U32TokenIds, kv_salt, salt_hex
+from ..kv._cost import SelectionReason
+from ..kv._hashing import PackedTokenIds, kv_salt, salt_hex
 from ..wire import CandidateRecord, RoutingDecision, SelectionRecord, to_builtins
+from ._modes import State, Trigger
 
 _logger = logging.getLogger("interlock.transitions")
 
@@ -152,9 +157,11 @@ def estimate_record_bytes(record: TransitionRecord) -> int:
 # objects (its records, routing decision, selection and candidate records, their tuples, dicts
 # and lists) that every young and middle-generation collection walked until the log dropped
 # them (docs/benchmarks.md, "Where the tail at C=256 comes from"). Pickling a batch costs a few
-# microseconds a request, less than the collections it saves; a batch of 256 records shares
-# one pickler's memo of the states, triggers and modes it repeats.
+# microseconds a request, less than the collections it saves.
 _PACK_BATCH = 256
+# A tuple or list of ints longer than this is kept by reference (`_BatchPickler`): a prompt's
+# token ids are already in memory, and pickling 8,000 ints costs ~40 us on the trio thread.
+_SMALL_SEQUENCE = 16
 
 
 def _attrs_reducer(cls: type) -> Callable[[Any], tuple[Any, ...]]:
@@ -172,7 +179,7 @@ def _attrs_reducer(cls: type) -> Callable[[Any], tuple[Any, ...]]:
     return reduce
 
 
-# The decisions every routed request logs; any other picklable decision pickles the default way.
+# The decisions every routed request logs; interlock's other attrs records pickle the default way.
 _REDUCERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {
     cls: _attrs_reducer(cls) for cls in (RoutingDecision, SelectionRecord, CandidateRecord)
 }
@@ -180,67 +187,158 @@ _REDUCERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {
 # a reducer call fewer a record (TransitionRecord's __init__ neither converts nor validates).
 _record_fields = operator.attrgetter(*(field.name for field in attrs.fields(TransitionRecord)))
 
+# How `_BatchPickler` keeps an object of each type: by value, the only types it pickles, are
+# those that unpickle equal and of the same type whatever they hold (their contents are judged
+# one by one); anything else (a custom policy's object, an exception, a token-id class) is kept
+# by reference, so unpickling never runs code that may fail and gives back the same object.
+_BY_REFERENCE, _BY_VALUE, _BY_MEMBER, _BY_LENGTH, _BY_NAN = range(5)
+_KEEP: dict[type, int] = {
+    **dict.fromkeys((int, str, bool, type(None), bytes, dict, set, frozenset), _BY_VALUE),
+    **dict.fromkeys((tuple, list), _BY_LENGTH),
+    float: _BY_NAN,
+    # Classes and functions: some by name (`_BatchPickler.persistent_id`).
+    type: _BY_MEMBER,
+    types.FunctionType: _BY_MEMBER,
+}
 
-def _stashed_token_ids(index: int) -> Any:
-    """Stands for a prompt's token ids in a batch's pickle (`_PackedBatch.token_ids`); the
-    unpickler resolves the name to the batch's own ids, so this is never called."""
-    raise AssertionError("a batch's token ids are resolved by _BatchUnpickler")
+
+def _keep(cls: type) -> int:
+    """How to keep instances of ``cls`` (`_KEEP`, filled on first sight): by value only for
+    interlock's own attrs records (restored field by field, no __init__ run); by reference
+    for everything else, exceptions included (their __init__ runs on unpickling)."""
+    own = (
+        cls.__module__.startswith("interlock.")
+        and attrs.has(cls)
+        and not issubclass(cls, BaseException)
+    )
+    _KEEP[cls] = keep = _BY_VALUE if own else _BY_REFERENCE
+    return keep
+
+
+# The members of interlock's enums (states, triggers, reasons), pickled as their index here: an
+# enum member pickles as a call of its class, and a record has three of them.
+# By class first: members of two StrEnums with one value are equal and hash alike.
+_MEMBERS: tuple[enum.Enum, ...] = (*State, *Trigger, *SelectionReason)
+_MEMBER_IDS: dict[type, dict[enum.Enum, int]] = {}
+for _n, _member in enumerate(_MEMBERS):
+    _MEMBER_IDS.setdefault(type(_member), {})[_member] = -1 - _n
+    _KEEP[type(_member)] = _BY_MEMBER
+
+
+class _BatchPickler(pickle.Pickler):
+    """Pickles a batch's records one by one (`dump_record`), keeping by reference, in ``refs``,
+    every object `_KEEP` does not pickle; ``starts[i]`` is where record ``i``'s references
+    begin, so an evicted record's references can be dropped at once."""
+
+    def __init__(self, out: io.BytesIO) -> None:
+        super().__init__(out, pickle.HIGHEST_PROTOCOL)
+        self.dispatch_table = _REDUCERS
+        self.refs: list[Any] = []
+        self.starts = array.array("I")
+
+    def dump_record(self, fields: tuple[Any, ...]) -> None:
+        # A memo per record: a record read back must not take objects from an evicted one.
+        self.clear_memo()
+        self.starts.append(len(self.refs))
+        self.dump(fields)
+
+    def persistent_id(self, obj: Any) -> Any:
+        # Called for every object pickled, ~100 a routed request (~7 us of its ~15 us).
+        cls = type(obj)
+        keep = _KEEP.get(cls)
+        if keep is None:
+            keep = _keep(cls)
+        if keep == _BY_VALUE:
+            return None
+        if keep == _BY_LENGTH:
+            if len(obj) <= _SMALL_SEQUENCE or type(obj[0]) is not int:
+                return None
+        elif keep == _BY_NAN:
+            if obj == obj:  # NaN is not: only the same object keeps a record equal
+                return None
+        elif keep == _BY_MEMBER:
+            if cls is types.FunctionType:
+                if obj in _NAMED:
+                    return None
+            elif cls is type:
+                # A class pickles by name: interlock's own records' classes, which attrs'
+                # pickling names too, and the builtins.
+                named = _KEEP.get(obj)
+                if (named if named is not None else _keep(obj)) != _BY_REFERENCE:
+                    return None
+            else:
+                return _MEMBER_IDS[cls][obj]
+        self.refs.append(obj)
+        return len(self.refs) - 1
+
+
+# The classes and function pickled by name: those `_REDUCERS` and attrs' pickling emit, which
+# unpickle to themselves; any other class or function is kept by reference.
+_NAMED: frozenset[Any] = frozenset(
+    (copyreg.__newobj__, copyreg.__newobj_ex__)  # type: ignore[attr-defined]
+)
 
 
 @attrs.frozen(slots=True, eq=False)
 class _PackedBatch:
-    """Records kept as one pickle (`_pack`). The prompts' token ids are not in ``data`` but
-    in ``token_ids``, by reference: a `U32TokenIds` is already in memory, pickling its ints
-    would cost more than the rest of the batch, and reading gives back the same object.
-    ``records`` holds the records themselves when one of them could not be pickled."""
+    """Records kept as one pickle (`_pack`), and the objects the pickle refers to (``refs``,
+    record ``i``'s from ``starts[i]``): a prompt's token ids, a custom policy's objects. Reading
+    gives back those very objects. ``records`` holds the records themselves when one of them
+    could not be pickled."""
 
     count: int
     request_ids: frozenset[str]
     data: bytes | None
-    token_ids: tuple[Any, ...] = ()
+    refs: list[Any] = attrs.Factory(list)
+    starts: array.array[int] = attrs.Factory(lambda: array.array("I"))
     records: tuple[TransitionRecord, ...] = ()
 
-
-class _BatchUnpickler(pickle.Unpickler):
-    def __init__(self, batch: _PackedBatch) -> None:
-        assert batch.data is not None
-        super().__init__(io.BytesIO(batch.data))
-        self._token_ids = batch.token_ids
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name == "_stashed_token_ids" and module == __name__:
-            return self._token_ids.__getitem__
-        return super().find_class(module, name)
+    def drop(self, index: int) -> None:
+        """Let go of record ``index``'s references (it was evicted): its prompt's ids must not
+        outlive it while the rest of the batch is kept."""
+        if self.data is None:
+            return
+        end = self.starts[index + 1] if index + 1 < self.count else len(self.refs)
+        for n in range(self.starts[index], end):
+            self.refs[n] = None
 
 
 def _pack(records: list[TransitionRecord]) -> _PackedBatch:
-    """``records`` as one `_PackedBatch`; never raises (a record pickle refuses, such as a
-    custom decision holding a lock, keeps the batch as objects)."""
+    """``records`` as one `_PackedBatch`; never raises (if a record cannot be pickled, such as
+    an interlock record holding a lock, the batch keeps its records as objects)."""
     request_ids = frozenset(record.request_id for record in records)
-    token_ids: list[Any] = []
-
-    def stash(ids: Any) -> tuple[Any, ...]:
-        token_ids.append(ids)
-        return _stashed_token_ids, (len(token_ids) - 1,)
-
     out = io.BytesIO()
-    pickler = pickle.Pickler(out, pickle.HIGHEST_PROTOCOL)
-    pickler.dispatch_table = {**_REDUCERS, U32TokenIds: stash}
+    pickler = _BatchPickler(out)
     try:
-        pickler.dump(list(map(_record_fields, records)))
+        for fields in map(_record_fields, records):
+            pickler.dump_record(fields)
     except Exception:
-        # A sink's offer must never raise, and a decision's own __reduce__ or __getstate__
-        # may raise anything; pickle's own refusals are TypeError (locks, sockets,
-        # generators), AttributeError and PicklingError (local functions and classes).
+        # A sink's offer must never raise; only interlock's own records are pickled, and
+        # pickle's refusals are TypeError (locks, sockets, generators), AttributeError and
+        # PicklingError (local functions and classes).
         return _PackedBatch(len(records), request_ids, None, records=tuple(records))
-    return _PackedBatch(len(records), request_ids, out.getvalue(), tuple(token_ids))
+    return _PackedBatch(len(records), request_ids, out.getvalue(), pickler.refs, pickler.starts)
 
 
 def _unpack(batch: _PackedBatch) -> list[TransitionRecord]:
-    """The records `_pack` packed, equal to them and of the same types."""
+    """The records `_pack` packed, equal to them and of the same types (an evicted record's
+    references read as None; the caller skips it)."""
     if batch.data is None:
         return list(batch.records)
-    return [TransitionRecord(*fields) for fields in _BatchUnpickler(batch).load()]
+    refs = batch.refs
+
+    def persistent_load(pid: int) -> Any:
+        return refs[pid] if pid >= 0 else _MEMBERS[-1 - pid]
+
+    stream = io.BytesIO(batch.data)
+    records = []
+    for _ in range(batch.count):
+        # An unpickler a record, a memo a record, as `_BatchPickler.dump_record` pickled them
+        # (assigning a fresh ``memo`` to one unpickler crashes CPython 3.11).
+        unpickler = pickle.Unpickler(stream)
+        unpickler.persistent_load = persistent_load
+        records.append(TransitionRecord(*unpickler.load()))
+    return records
 
 
 class MemoryLog:
@@ -250,9 +348,12 @@ class MemoryLog:
     first; the newest record is always kept. Reading is safe at any time.
 
     All but the newest few hundred records are kept pickled, in batches, out of the garbage
-    collector's sight; reading gives back records equal to those offered, of the same types
-    (the prompts' token ids are the very objects offered). Reading them costs an unpickling,
-    so `records` with a request id reads only the batches that hold that request.
+    collector's sight; reading gives back records equal to those offered, of the same types.
+    Only builtin values, interlock's own records and enums are pickled; everything else (the
+    prompts' token ids, a custom policy's objects, NaN) is kept by reference, and read back as
+    the very object offered. Reading costs an unpickling, so `records` with a request id reads
+    only the batches that hold that request. An evicted record's references go at once, its
+    pickled bytes with the last record of its batch.
 
     Raises:
         ValueError: ``capacity`` or ``max_bytes`` below 1.
@@ -297,7 +398,8 @@ class MemoryLog:
     def _evict_oldest(self) -> None:
         if self._batches:
             # A batch is freed whole once all its records are evicted; until then its
-            # evicted records only cost their share of its bytes (and their prompts' ids).
+            # evicted records cost only their share of its bytes: their references go now.
+            self._batches[0].drop(self._head)
             self._head += 1
             if self._head == self._batches[0].count:
                 self._batches.popleft()
