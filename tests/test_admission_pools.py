@@ -860,3 +860,31 @@ async def test_a_stream_of_requests_that_give_up_does_not_hold_a_waiter_off_an_i
         gateway.cancel(adapter)
 
     await _gateway_test(body)
+
+
+async def test_a_worker_that_starts_serving_a_waiters_adapter_goes_to_it_not_to_one_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Engine 3 starts serving 'ad1' (its /v1/models changed; no event) and then frees a
+    slot. The 'ad1' waiter at the head could take it, but its pool is known full ({1}, which
+    names no 3), so the wake for engine 3 asks only the 'ad2' waiter behind it, with only
+    engine 1 reserved: it takes engine 3 from the waiter ahead (the pass of every waiting
+    pool asked the head first). The module's promise: a waiter "can never take a worker an
+    earlier waiter could use"."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        ahead = gateway.arrive("ad1")  # waits for {1}
+        await gateway.settled()
+        behind = gateway.arrive("ad2")  # waits for {2, 3}
+        await gateway.settled()
+        engine = gateway.pipeline.engine(3)
+        engine.adapters = frozenset({"ad1", "ad2"})  # serves 'ad1' too, from now on
+        gateway.free_on(3)
+        await gateway.settled()  # (no virtual time passes: no RECHECK)
+        assert gateway.holds(behind) != 3 or ahead not in gateway.waiting, (
+            f"{behind} (behind) took engine 3, which {ahead} (ahead, 'ad1') could use: "
+            f"{gateway.booked}"
+        )
+
+    await _gateway_test(body)
