@@ -888,3 +888,48 @@ async def test_a_worker_that_starts_serving_a_waiters_adapter_goes_to_it_not_to_
         )
 
     await _gateway_test(body)
+
+
+async def test_a_waiter_that_gives_up_asks_no_pool_again(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a pool per worker, a waiter cancelled in the queue held no slot and freed
+    nothing: no Router ask should follow (its end is a `wake(None)`, which makes all 8
+    pools dirty and asks each again)."""
+    asks: list[str | None] = []
+    select = _router.RouterActor._select
+
+    def counting(self: Any, message: Any) -> Any:
+        if message.admit:
+            asks.append(message.request.model)
+        return select(self, message)
+
+    monkeypatch.setattr(_router.RouterActor, "_select", counting)
+    pools = 8
+    engines = []
+    for worker_id in range(1, pools + 1):
+        engine = MockEngine(worker_id)
+        engine.adapters = frozenset({f"ad{worker_id}"})  # type: ignore[attr-defined]
+        engines.append(engine)
+    async with build_pipeline(CONFIG, Components(workers=engines)) as p:
+        async with trio.open_nursery() as nursery:
+            scopes: dict[str, trio.CancelScope] = {}
+
+            async def book(name: str, adapter: str) -> None:
+                request = PreprocessedRequest(token_ids=(1, 2, 3), request_id=name, model=adapter)
+                with scopes.setdefault(name, trio.CancelScope()):
+                    await p.query(request, book=True, admit=True)
+
+            for worker_id in range(1, pools + 1):
+                nursery.start_soon(book, f"on-{worker_id}", f"ad{worker_id}")
+                await trio.testing.wait_all_tasks_blocked()
+            for worker_id in range(1, pools + 1):
+                nursery.start_soon(book, f"wait-{worker_id}", f"ad{worker_id}")
+                await trio.testing.wait_all_tasks_blocked()
+            assert p.queued == pools
+            asks.clear()
+            scopes["wait-5"].cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert p.queued == pools - 1
+            assert asks == [], f"a waiter that gave up asked {asks} again"
+            nursery.cancel_scope.cancel()
