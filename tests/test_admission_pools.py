@@ -746,7 +746,7 @@ async def test_a_freed_slot_asks_only_the_pools_that_named_its_worker(
 
 
 @pytest.mark.parametrize("gap", GAPS)
-async def test_a_slot_freed_while_the_holder_takes_the_last_one_goes_to_a_pool_that_joined_meanwhile(
+async def test_a_slot_freed_as_the_holder_takes_the_last_one_goes_to_a_pool_that_joined_meanwhile(
     autojump_clock: trio.testing.MockClock, gap: int
 ) -> None:
     """The head ('ad1') asks for engine 1; meanwhile an 'ad2' request joins (a pool nothing is
@@ -911,25 +911,25 @@ async def test_a_waiter_that_gives_up_asks_no_pool_again(
         engine = MockEngine(worker_id)
         engine.adapters = frozenset({f"ad{worker_id}"})  # type: ignore[attr-defined]
         engines.append(engine)
-    async with build_pipeline(CONFIG, Components(workers=engines)) as p:
-        async with trio.open_nursery() as nursery:
-            scopes: dict[str, trio.CancelScope] = {}
+    pipeline = build_pipeline(CONFIG, Components(workers=engines))
+    async with pipeline as p, trio.open_nursery() as nursery:
+        scopes: dict[str, trio.CancelScope] = {}
 
-            async def book(name: str, adapter: str) -> None:
-                request = PreprocessedRequest(token_ids=(1, 2, 3), request_id=name, model=adapter)
-                with scopes.setdefault(name, trio.CancelScope()):
-                    await p.query(request, book=True, admit=True)
+        async def book(name: str, adapter: str) -> None:
+            request = PreprocessedRequest(token_ids=(1, 2, 3), request_id=name, model=adapter)
+            with scopes.setdefault(name, trio.CancelScope()):
+                await p.query(request, book=True, admit=True)
 
-            for worker_id in range(1, pools + 1):
-                nursery.start_soon(book, f"on-{worker_id}", f"ad{worker_id}")
-                await trio.testing.wait_all_tasks_blocked()
-            for worker_id in range(1, pools + 1):
-                nursery.start_soon(book, f"wait-{worker_id}", f"ad{worker_id}")
-                await trio.testing.wait_all_tasks_blocked()
-            assert p.queued == pools
-            asks.clear()
-            scopes["wait-5"].cancel()
+        for worker_id in range(1, pools + 1):
+            nursery.start_soon(book, f"on-{worker_id}", f"ad{worker_id}")
             await trio.testing.wait_all_tasks_blocked()
-            assert p.queued == pools - 1
-            assert asks == [], f"a waiter that gave up asked {asks} again"
-            nursery.cancel_scope.cancel()
+        for worker_id in range(1, pools + 1):
+            nursery.start_soon(book, f"wait-{worker_id}", f"ad{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == pools
+        asks.clear()
+        scopes["wait-5"].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == pools - 1
+        assert asks == [], f"a waiter that gave up asked {asks} again"
+        nursery.cancel_scope.cancel()
