@@ -740,3 +740,196 @@ async def test_a_freed_slot_asks_only_the_pools_that_named_its_worker(
             assert got.get(f"wait-{worker_id}") == worker_id
             assert asks == [f"ad{worker_id}"], f"freeing worker {worker_id} asked {asks}"
         nursery.cancel_scope.cancel()
+
+
+# -- second review ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gap", GAPS)
+async def test_a_slot_freed_as_the_holder_takes_the_last_one_goes_to_a_pool_that_joined_meanwhile(
+    autojump_clock: trio.testing.MockClock, gap: int
+) -> None:
+    """The head ('ad1') asks for engine 1; meanwhile an 'ad2' request joins (a pool nothing is
+    known of, so no refusal names engine 2) and engine 2 frees after the head's Select
+    reached the Router. The head is served with no room left (as the Router saw it before
+    the free), the pass ends, and the wake for engine 2 dirtied no pool: the 'ad2' waiter
+    waits beside an idle engine 2 until `RECHECK`."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        head = gateway.arrive("ad1")  # waits for engine 1
+        await gateway.settled()
+        gateway.free_on(1)  # a pass: the head asks
+        await trio.lowlevel.checkpoint()
+        late = gateway.arrive("ad2")  # joins while the head asks
+        for _ in range(gap):
+            await trio.lowlevel.checkpoint()
+        gateway.free_on(2)
+        await gateway.settled()  # (no virtual time passes)
+        assert gateway.holds(head) == 1
+        assert gateway.holds(late) == 2, (gateway.booked, sorted(gateway.waiting))
+
+    await _gateway_test(body)
+
+
+async def test_a_prefill_fallback_wakes_a_waiter_for_the_decode_worker_it_left(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disaggregated request booked prefill worker 10 and decode worker 1; its prefill leg
+    stalls and it falls back to aggregated on worker 2. The fallback's Select frees both old
+    bookings, but the wake names only the prefill worker: the waiter for worker 1 is not
+    asked (until `RECHECK`, made long here), while worker 1 sits idle."""
+    from interlock import _admission
+
+    monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    config = CONFIG.evolve(routing="discover", first_token_timeout=5.0)
+    stalled = MockEngine(10, role="prefill")
+    components = Components(
+        workers=[MockEngine(1, role="decode"), MockEngine(2, role="decode")],
+        prefill_workers=[stalled],
+    )
+    async with build_pipeline(config, components) as p, trio.open_nursery() as n:
+        # Engine 2 full (twice: the second unadmitted, so round robin's fallback picks 2).
+        for name in ("x1", "x2"):
+            request = PreprocessedRequest(token_ids=prompt(16, start=len(name)), request_id=name)
+            await p.query(request, book=True, admit=name == "x1", candidates=frozenset({2}))
+        stalled.stall(100)
+
+        async def disaggregated() -> None:
+            request = PreprocessedRequest(token_ids=prompt(16, start=100), max_tokens=10_000)
+            async for _ in p.generate(request):
+                pass
+
+        n.start_soon(disaggregated)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await p.load()).keys() == {1, 2, 10}
+        got: list[tuple[float, int]] = []
+
+        async def waiter() -> None:
+            request = PreprocessedRequest(token_ids=prompt(16, start=300), request_id="w")
+            decision = await p.query(request, book=True, admit=True, candidates=frozenset({1}))
+            got.append((trio.current_time(), decision.decode_worker_id))
+
+        n.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == 1
+        await trio.sleep(6)  # the prefill leg stalls out at 5 s and falls back
+        assert p.stats.fallbacks == 1
+        assert (await p.load())[2].active_requests == 3  # the fallback left worker 1 for 2
+        assert got == [(pytest.approx(5.0), 1)], f"worker 1 idle while 'w' waits for it: {got}"
+        n.cancel_scope.cancel()
+
+
+async def test_a_stream_of_requests_that_give_up_does_not_hold_a_waiter_off_an_idle_engine(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As the shed 429s of the first review, with clients that give up (cancelled) before
+    they got a slot: they held none, yet each one's end is a `wake(None)` that makes every
+    pool dirty and restarts the pass from the head, so only the head ('ad1', its engine
+    full) is ever asked and the base waiter behind it never hears of engine 2."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        adapter = gateway.arrive("ad1")
+        await gateway.settled()
+        base = gateway.arrive("base")
+        await gateway.settled()
+        impatient = True
+        gave_up = 0
+
+        async def giving_up() -> None:
+            nonlocal gave_up
+            while impatient:
+                name = gateway.arrive("ad1")
+                await trio.lowlevel.checkpoint()
+                gateway.cancel(name)
+                gave_up += 1
+                await trio.lowlevel.checkpoint()
+
+        gateway.nursery.start_soon(giving_up)
+        for _ in range(50):
+            await trio.lowlevel.checkpoint()
+        gateway.free_on(2)  # engine 2: no use to the adapter, the base waiter's
+        for _ in range(300):
+            await trio.lowlevel.checkpoint()
+        held = gateway.holds(base)
+        impatient = False
+        await gateway.settled()
+        assert gave_up > 50
+        assert held == 2, f"engine 2 idle through {gave_up} requests that gave up (held {held})"
+        gateway.cancel(adapter)
+
+    await _gateway_test(body)
+
+
+async def test_a_worker_that_starts_serving_a_waiters_adapter_goes_to_it_not_to_one_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Engine 3 starts serving 'ad1' (its /v1/models changed; no event) and then frees a
+    slot. The 'ad1' waiter at the head could take it, but its pool is known full ({1}, which
+    names no 3), so the wake for engine 3 asks only the 'ad2' waiter behind it, with only
+    engine 1 reserved: it takes engine 3 from the waiter ahead (the pass of every waiting
+    pool asked the head first). The module's promise: a waiter "can never take a worker an
+    earlier waiter could use"."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        ahead = gateway.arrive("ad1")  # waits for {1}
+        await gateway.settled()
+        behind = gateway.arrive("ad2")  # waits for {2, 3}
+        await gateway.settled()
+        engine = gateway.pipeline.engine(3)
+        engine.adapters = frozenset({"ad1", "ad2"})  # serves 'ad1' too, from now on
+        gateway.free_on(3)
+        await gateway.settled()  # (no virtual time passes: no RECHECK)
+        assert gateway.holds(behind) != 3 or ahead not in gateway.waiting, (
+            f"{behind} (behind) took engine 3, which {ahead} (ahead, 'ad1') could use: "
+            f"{gateway.booked}"
+        )
+
+    await _gateway_test(body)
+
+
+async def test_a_waiter_that_gives_up_asks_no_pool_again(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a pool per worker, a waiter cancelled in the queue held no slot and freed
+    nothing: no Router ask should follow (its end is a `wake(None)`, which makes all 8
+    pools dirty and asks each again)."""
+    asks: list[str | None] = []
+    select = _router.RouterActor._select
+
+    def counting(self: Any, message: Any) -> Any:
+        if message.admit:
+            asks.append(message.request.model)
+        return select(self, message)
+
+    monkeypatch.setattr(_router.RouterActor, "_select", counting)
+    pools = 8
+    engines = []
+    for worker_id in range(1, pools + 1):
+        engine = MockEngine(worker_id)
+        engine.adapters = frozenset({f"ad{worker_id}"})  # type: ignore[attr-defined]
+        engines.append(engine)
+    pipeline = build_pipeline(CONFIG, Components(workers=engines))
+    async with pipeline as p, trio.open_nursery() as nursery:
+        scopes: dict[str, trio.CancelScope] = {}
+
+        async def book(name: str, adapter: str) -> None:
+            request = PreprocessedRequest(token_ids=(1, 2, 3), request_id=name, model=adapter)
+            with scopes.setdefault(name, trio.CancelScope()):
+                await p.query(request, book=True, admit=True)
+
+        for worker_id in range(1, pools + 1):
+            nursery.start_soon(book, f"on-{worker_id}", f"ad{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+        for worker_id in range(1, pools + 1):
+            nursery.start_soon(book, f"wait-{worker_id}", f"ad{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == pools
+        asks.clear()
+        scopes["wait-5"].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == pools - 1
+        assert asks == [], f"a waiter that gave up asked {asks} again"
+        nursery.cancel_scope.cancel()
