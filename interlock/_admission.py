@@ -53,7 +53,8 @@ queue's own, which no pass or wake puts off: an engine that reports its own queu
 OpenAI-compatible server's /metrics, an engine that starts serving an adapter, or an ejection
 that ended, makes room without any request of ours ending). The last two make every pool
 unknown: each is asked once again. A slot that frees during a pass, on a worker a pool's
-refusal named, restarts the pass from the head once the current ask is answered: at most one
+refusal named (or on any worker, when the pass would end with a pool nothing is known of
+still to ask), restarts the pass from the head once the current ask is answered: at most one
 ask is in flight, so no later waiter's ask reaches the Router before an earlier waiter's that
 could use the same freed slot.
 """
@@ -265,11 +266,15 @@ class AdmissionQueue:
             # pass then starts again from the head).
             self._order = None
             self._late.clear()
+            freed = self.wakes > ticket.asked_at
             for pool in list(self._dirty):
                 blocked_on = pool.blocked_on
                 if blocked_on is None or pool.seen != ticket.refreshed_at:
-                    continue
-                if self._freed_since(blocked_on, ticket.asked_at):
+                    # Its workers are not known: the slot that freed since (if one did)
+                    # may be one of them, and no refusal names it, so `wake` marked
+                    # nothing dirty for it.
+                    self._restart = self._restart or freed
+                elif self._freed_since(blocked_on, ticket.asked_at):
                     self._restart = True
                 else:
                     self._dirty.discard(pool)
