@@ -936,8 +936,11 @@ class Pipeline:
                 )
             )
             if track:
-                # The fallback's Select replaced the booking on the failed prefill worker.
-                self._admission.wake((worker_id,))
+                # The fallback's Select replaced the booking on the failed prefill worker and
+                # on the decode worker, unless it chose that one again.
+                self._admission.wake(
+                    _booked_workers(selection.decision) - _booked_workers(fallback.decision)
+                )
             fsm.fire(
                 Trigger.FALL_BACK,
                 worker_id=fallback.decision.decode_worker_id,
