@@ -1068,6 +1068,8 @@ class Pipeline:
                     # it (the Select was answered, so the Free cannot overtake it).
                     if route.track:
                         self._router.send_nowait(Free(route.request_id))
+                        # After the Free, as any end of a booking: a waiter may take it.
+                        queue.wake(_booked_workers(selection.decision))
                     raise
                 return selection
         finally:

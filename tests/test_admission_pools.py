@@ -933,3 +933,51 @@ async def test_a_waiter_that_gives_up_asks_no_pool_again(
         assert p.queued == pools - 1
         assert asks == [], f"a waiter that gave up asked {asks} again"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_slot_booked_for_a_waiter_that_fails_as_it_is_served_goes_to_the_next(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue raises as the head is served (after the pass ended: no room left), so the
+    pipeline frees the booking its caller never gets: the waiter behind, for the same worker,
+    takes it at once (not at the next `RECHECK`, made long here)."""
+    from interlock import _admission
+
+    monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    leave = _admission.AdmissionQueue.leave
+    armed = False
+
+    def failing(self: Any, ticket: Any, *, served: bool = False, room_left: bool = True) -> None:
+        nonlocal armed
+        leave(self, ticket, served=served, room_left=room_left)
+        if served and armed:
+            armed = False
+            raise RuntimeError("injected: the queue failed as its head was served")
+
+    monkeypatch.setattr(_admission.AdmissionQueue, "leave", failing)
+    async with (
+        build_pipeline(CONFIG, Components(workers=[MockEngine(1)])) as p,
+        trio.open_nursery() as nursery,
+    ):
+        got: dict[str, int] = {}
+
+        async def book(name: str) -> None:
+            request = PreprocessedRequest(token_ids=(1, 2, 3), request_id=name)
+            got[name] = (await p.query(request, book=True, admit=True)).decode_worker_id
+
+        async def failing_head() -> None:
+            with pytest.raises(RuntimeError, match="injected"):
+                await book("head")
+
+        await book("on")
+        nursery.start_soon(failing_head)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(book, "behind")
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == 2
+        armed = True
+        p.free("on")
+        await trio.testing.wait_all_tasks_blocked()
+        assert not armed and p.queued == 0
+        assert got == {"on": 1, "behind": 1}, f"worker 1 idle while 'behind' waits: {got}"
+        p.free("behind")
