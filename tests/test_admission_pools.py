@@ -981,3 +981,35 @@ async def test_a_slot_booked_for_a_waiter_that_fails_as_it_is_served_goes_to_the
         assert not armed and p.queued == 0
         assert got == {"on": 1, "behind": 1}, f"worker 1 idle while 'behind' waits: {got}"
         p.free("behind")
+
+
+async def test_a_worker_whose_ejection_ends_is_held_for_the_waiter_refused_over_it(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine 3 is ejected (it broke a stream) with a free slot when an 'ad2' waiter is
+    refused (engine 2 full). The ejection ends with no message; a base request that arrives
+    then must not take engine 3 from the waiter ahead, which could use it: the refusal named
+    engine 3 too, so it is held for that waiter (until its next ask: `RECHECK`, made long)."""
+    from interlock import _admission
+
+    monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    config = CONFIG.evolve(outlier_failures=1, outlier_ejection_time=1.0)
+    workers = [worker(w) for w in (1, 2, 3)]
+    async with build_pipeline(config, Components(workers=workers)) as p, trio.open_nursery() as n:
+        gateway = Gateway(p, n)
+        await _fill(gateway)
+        p.report_failed_stream(3)
+        assert 3 in await p.worker_states()
+        gateway.free_on(3)
+        ahead = gateway.arrive("ad2")  # engine 2 full, engine 3 ejected
+        await gateway.settled()
+        assert ahead in gateway.waiting
+        await trio.sleep(2)  # the ejection ends
+        assert 3 not in await p.worker_states()
+        behind = gateway.arrive("base")
+        await gateway.settled()
+        assert gateway.holds(behind) != 3, f"{behind} took engine 3 from {ahead}: {gateway.booked}"
+        for name in list(gateway.waiting):
+            gateway.cancel(name)
+        for name in list(gateway.booked):
+            gateway.free(name)
