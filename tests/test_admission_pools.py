@@ -16,7 +16,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 from helpers import prompt
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from test_gateway_ext_proc import (
     KV,
@@ -341,11 +341,16 @@ _ACTION = st.one_of(
 #: Optionally, a second action this many scheduler checkpoints after the first, before
 #: anything settles: a slot that frees while a waiter's ask is in flight (or a newcomer's
 #: first ask), a waiter cancelled while it holds the baton, a worker that joins while a
-#: waiter asks, a sheddable request (refused at once while anyone waits: no slot freed).
+#: waiter asks, a sheddable request (refused at once while anyone waits: no slot freed), a
+#: request that arrives while the pass a free started asks (its kind by index; after a free
+#: only).
 _FOLLOW = st.none() | st.tuples(
-    st.integers(0, 14), st.sampled_from(("free", "cancel", "join", "shed")), st.integers(0, 7)
+    st.integers(0, 14),
+    st.sampled_from(("free", "cancel", "join", "shed", "arrive")),
+    st.integers(0, 7),
 )
 _STEPS = st.lists(st.tuples(_ACTION, _FOLLOW), max_size=30)
+_CANCEL = (("cancel", 0, 0), None)
 
 
 def _check_settled(gateway: Gateway, waited: set[str], since: int, pipeline: Any) -> None:
@@ -368,14 +373,26 @@ def _check_settled(gateway: Gateway, waited: set[str], since: int, pipeline: Any
 
 
 @given(steps=_STEPS)
+# Pinned: a waiter that gives up while another pool's waiter waits (a wake(None) asked it).
+@example(steps=[(("arrive", k, 0), None) for k in ("base",) * 3 + ("ad1", "ad2")] + [_CANCEL])
 async def test_waiters_of_different_pools_neither_idle_a_worker_nor_overtake(
     autojump_clock: trio.testing.MockClock, steps: list[tuple[Any, Any]]
 ) -> None:
+    asks: list[str | None] = []
+    select = _router.RouterActor._select
+
+    def counting(self: Any, message: Any) -> Any:
+        if message.admit:
+            asks.append(message.request_id)
+        return select(self, message)
+
     async with build_pipeline(CONFIG, Components(workers=[worker(w) for w in (1, 2, 3)])) as p:
         async with trio.open_nursery() as nursery:
             gateway = Gateway(p, nursery)
-            with trio.fail_after(3600):  # virtual seconds: a stuck queue fails, not hangs
-                await _drive(gateway, steps)
+            # (Not the monkeypatch fixture: it would outlive hypothesis's examples.)
+            with pytest.MonkeyPatch.context() as patch, trio.fail_after(3600):
+                patch.setattr(_router.RouterActor, "_select", counting)
+                await _drive(gateway, steps, asks)  # (virtual seconds: stuck fails, not hangs)
         await trio.testing.wait_all_tasks_blocked()
         queue = p._admission
         assert p.queued == 0 and p.in_flight == 0
@@ -384,13 +401,20 @@ async def test_waiters_of_different_pools_neither_idle_a_worker_nor_overtake(
         assert await p.load() == {}
 
 
-async def _drive(gateway: Gateway, steps: list[tuple[Any, Any]]) -> None:
+async def _drive(
+    gateway: Gateway, steps: list[tuple[Any, Any]], asks: list[str | None] | None = None
+) -> None:
+    """Run ``steps``, checking each settled state; ``asks``: the Router's admitting Selects,
+    as counted so far (a waiter that gives up with none on its way must add none)."""
+
     def nth(names: Any, index: int) -> str | None:
         names = sorted(names)
         return names[index % len(names)] if names else None
 
     def act(kind: str, first: Any, second: Any) -> None:
         if kind == "arrive":
+            if not isinstance(first, str):
+                first = sorted(KINDS)[first % len(KINDS)]
             gateway.arrive(first, second)
         elif kind == "free" and (name := nth(gateway.booked, first)) is not None:
             gateway.free(name)
@@ -405,6 +429,7 @@ async def _drive(gateway: Gateway, steps: list[tuple[Any, Any]]) -> None:
     for (kind, first, second), follow in steps:
         waited = set(gateway.waiting)
         since = len(gateway.admitted)
+        asked = None if asks is None else len(asks)
         if kind == "join":
             if absent := sorted({4, 5} - gateway.workers):
                 await gateway.join(absent[0])
@@ -416,9 +441,16 @@ async def _drive(gateway: Gateway, steps: list[tuple[Any, Any]]) -> None:
                 gap, then, which = follow
                 for _ in range(gap):
                     await trio.lowlevel.checkpoint()
-                act(then, which, 0)
+                # (Only after a free: two newcomers that both ask before either joins the
+                # queue join it in whichever order their answers wake them.)
+                if then != "arrive" or kind == "free":
+                    act(then, which, 0)
         await gateway.settled()
         _check_settled(gateway, waited, since, pipeline)
+        if kind == "cancel" and follow is None and asks is not None:
+            # Settled before: nobody asked, and it held no slot.
+            assert asks[asked:] == [], f"a waiter gave up and {asks[asked:]} asked again"
+            assert len(gateway.admitted) == since
     # Everyone waiting gets a slot as the others free theirs: nothing hangs.
     while gateway.waiting:
         assert gateway.booked, f"{sorted(gateway.waiting)} wait with every slot free"
