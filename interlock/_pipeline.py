@@ -440,6 +440,10 @@ class Pipeline:
         #: its end wakes the waiters of those workers only (kept under admission control
         #: only: nobody waits otherwise).
         self._bookings: dict[str, tuple[int, int | None]] = {}
+        #: Request ids whose Route or Select (`_route`) was cancelled on its way: the router
+        #: books it where it arrives, so the request's end must free it behind the message
+        #: and wake the waiters of any worker. One that gave up before asking booked nothing.
+        self._unanswered: set[str] = set()
         self._admit = config.max_inflight_per_worker != 0
         #: The OpenTelemetry sink of this pipeline's transitions (`RequestTracing`).
         self.tracing = tracing if tracing is not None else RequestTracing()
@@ -637,8 +641,9 @@ class Pipeline:
                 self._remember_booking(decision)
             return decision
         except BaseException as exc:
+            unanswered = self._take_unanswered(request_id)
             self._end_abnormally(fsm, exc)
-            if book and (selection is not None or not isinstance(exc, Exception)):
+            if book and (selection is not None or unanswered):
                 # Booked (or cancelled while its Route was on its way: the router books it on
                 # arrival), and the caller, who never got a decision, never frees it. Free it
                 # behind the Route (through the disagg actor, so it cannot overtake it).
@@ -687,11 +692,9 @@ class Pipeline:
         post: Postprocessor
         router = self._router
         hold = 0.0 if progress else self._hold
-        #: A Route on its way through the disagg actor (cancelled before its answer).
-        routing = False
-        #: The workers the router booked a slot of this request on (None: it may have,
-        #: somewhere: cancelled while routing), which its end frees for the queue's waiters.
-        booked: frozenset[int] | None = frozenset()
+        #: The workers the router booked a slot of this request on, which its end frees for
+        #: the queue's waiters.
+        booked: frozenset[int] = frozenset()
         try:
             self._check_hints(request)
             post = self._postprocessor(request)
@@ -704,14 +707,12 @@ class Pipeline:
             migrations = 0
             cached_tokens = 0
             while True:
-                routing = True
                 if migrations == 0 and self._admit and _routed_by_router(hints):
                     selection = await self._route_admitted(
                         Route(attempt, request_id, exclude, track, admit=True), hints
                     )
                 else:
                     selection = await self._route(Route(attempt, request_id, exclude, track))
-                routing = False
                 decision = selection.decision
                 if track:
                     if booked:
@@ -824,18 +825,18 @@ class Pipeline:
                     attempt = plan_or_refusal.request
         except BaseException as exc:
             self._end_abnormally(fsm, exc)
-            if routing and not isinstance(exc, Exception):
-                booked = None  # cancelled: its Route may book where it arrives
             raise
         finally:
             self._in_flight.discard(request_id)
+            unanswered = self._take_unanswered(request_id)
             if track:
                 # A Route still in the disagg actor's mailbox books when it reaches the
                 # router: the Free follows it the same way, so it cannot overtake it.
-                (self._disagg if routing else router).send_nowait(Free(request_id))
-                # After the Free: the woken waiter's Select reaches the router behind it. A
-                # request that held no slot (refused, shed) wakes nobody.
-                self._admission.wake(booked)
+                (self._disagg if unanswered else router).send_nowait(Free(request_id))
+                # After the Free: the woken waiter's Select reaches the router behind it. One
+                # cancelled while it asked may have booked any worker; a request that held
+                # no slot (refused, shed, gave up in the queue) wakes nobody.
+                self._admission.wake(None if unanswered else booked)
 
     def _membership_changed(self, workers: Mapping[int, Engine]) -> None:
         """A worker joined, left or came back: the waiters' pools may have changed, and a
@@ -862,11 +863,26 @@ class Pipeline:
         # A router that crashed on this very message is restarted by its supervisor; one
         # retry covers that without looping on a message that crashes it every time.
         target = self._disagg if type(message) is Route else self._router
+        unanswered = self._unanswered
+        unanswered.add(message.request_id)
         try:
-            selection: Selection = await target.ask(message)
-        except ActorCrashed:
-            selection = await target.ask(message)
+            try:
+                selection: Selection = await target.ask(message)
+            except ActorCrashed:
+                selection = await target.ask(message)
+        except Exception:
+            unanswered.discard(message.request_id)  # answered with an error: nothing booked
+            raise
+        unanswered.discard(message.request_id)
         return selection
+
+    def _take_unanswered(self, request_id: str) -> bool:
+        """Whether ``request_id``'s last Route or Select was cancelled on its way (it may book
+        a slot on any worker when it arrives); forgets it."""
+        if request_id in self._unanswered:
+            self._unanswered.remove(request_id)
+            return True
+        return False
 
     async def _run_prefill(
         self,
@@ -920,8 +936,11 @@ class Pipeline:
                 )
             )
             if track:
-                # The fallback's Select replaced the booking on the failed prefill worker.
-                self._admission.wake((worker_id,))
+                # The fallback's Select replaced the booking on the failed prefill worker and
+                # on the decode worker, unless it chose that one again.
+                self._admission.wake(
+                    _booked_workers(selection.decision) - _booked_workers(fallback.decision)
+                )
             fsm.fire(
                 Trigger.FALL_BACK,
                 worker_id=fallback.decision.decode_worker_id,
@@ -1049,6 +1068,8 @@ class Pipeline:
                     # it (the Select was answered, so the Free cannot overtake it).
                     if route.track:
                         self._router.send_nowait(Free(route.request_id))
+                        # After the Free, as any end of a booking: a waiter may take it.
+                        queue.wake(_booked_workers(selection.decision))
                     raise
                 return selection
         finally:

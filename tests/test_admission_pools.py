@@ -16,7 +16,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 from helpers import prompt
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from test_gateway_ext_proc import (
     KV,
@@ -341,11 +341,16 @@ _ACTION = st.one_of(
 #: Optionally, a second action this many scheduler checkpoints after the first, before
 #: anything settles: a slot that frees while a waiter's ask is in flight (or a newcomer's
 #: first ask), a waiter cancelled while it holds the baton, a worker that joins while a
-#: waiter asks, a sheddable request (refused at once while anyone waits: no slot freed).
+#: waiter asks, a sheddable request (refused at once while anyone waits: no slot freed), a
+#: request that arrives while the pass a free started asks (its kind by index; after a free
+#: only).
 _FOLLOW = st.none() | st.tuples(
-    st.integers(0, 14), st.sampled_from(("free", "cancel", "join", "shed")), st.integers(0, 7)
+    st.integers(0, 14),
+    st.sampled_from(("free", "cancel", "join", "shed", "arrive")),
+    st.integers(0, 7),
 )
 _STEPS = st.lists(st.tuples(_ACTION, _FOLLOW), max_size=30)
+_CANCEL = (("cancel", 0, 0), None)
 
 
 def _check_settled(gateway: Gateway, waited: set[str], since: int, pipeline: Any) -> None:
@@ -368,14 +373,26 @@ def _check_settled(gateway: Gateway, waited: set[str], since: int, pipeline: Any
 
 
 @given(steps=_STEPS)
+# Pinned: a waiter that gives up while another pool's waiter waits (a wake(None) asked it).
+@example(steps=[(("arrive", k, 0), None) for k in ("base",) * 3 + ("ad1", "ad2")] + [_CANCEL])
 async def test_waiters_of_different_pools_neither_idle_a_worker_nor_overtake(
     autojump_clock: trio.testing.MockClock, steps: list[tuple[Any, Any]]
 ) -> None:
+    asks: list[str | None] = []
+    select = _router.RouterActor._select
+
+    def counting(self: Any, message: Any) -> Any:
+        if message.admit:
+            asks.append(message.request_id)
+        return select(self, message)
+
     async with build_pipeline(CONFIG, Components(workers=[worker(w) for w in (1, 2, 3)])) as p:
         async with trio.open_nursery() as nursery:
             gateway = Gateway(p, nursery)
-            with trio.fail_after(3600):  # virtual seconds: a stuck queue fails, not hangs
-                await _drive(gateway, steps)
+            # (Not the monkeypatch fixture: it would outlive hypothesis's examples.)
+            with pytest.MonkeyPatch.context() as patch, trio.fail_after(3600):
+                patch.setattr(_router.RouterActor, "_select", counting)
+                await _drive(gateway, steps, asks)  # (virtual seconds: stuck fails, not hangs)
         await trio.testing.wait_all_tasks_blocked()
         queue = p._admission
         assert p.queued == 0 and p.in_flight == 0
@@ -384,13 +401,20 @@ async def test_waiters_of_different_pools_neither_idle_a_worker_nor_overtake(
         assert await p.load() == {}
 
 
-async def _drive(gateway: Gateway, steps: list[tuple[Any, Any]]) -> None:
+async def _drive(
+    gateway: Gateway, steps: list[tuple[Any, Any]], asks: list[str | None] | None = None
+) -> None:
+    """Run ``steps``, checking each settled state; ``asks``: the Router's admitting Selects,
+    as counted so far (a waiter that gives up with none on its way must add none)."""
+
     def nth(names: Any, index: int) -> str | None:
         names = sorted(names)
         return names[index % len(names)] if names else None
 
     def act(kind: str, first: Any, second: Any) -> None:
         if kind == "arrive":
+            if not isinstance(first, str):
+                first = sorted(KINDS)[first % len(KINDS)]
             gateway.arrive(first, second)
         elif kind == "free" and (name := nth(gateway.booked, first)) is not None:
             gateway.free(name)
@@ -405,6 +429,7 @@ async def _drive(gateway: Gateway, steps: list[tuple[Any, Any]]) -> None:
     for (kind, first, second), follow in steps:
         waited = set(gateway.waiting)
         since = len(gateway.admitted)
+        asked = None if asks is None else len(asks)
         if kind == "join":
             if absent := sorted({4, 5} - gateway.workers):
                 await gateway.join(absent[0])
@@ -416,9 +441,16 @@ async def _drive(gateway: Gateway, steps: list[tuple[Any, Any]]) -> None:
                 gap, then, which = follow
                 for _ in range(gap):
                     await trio.lowlevel.checkpoint()
-                act(then, which, 0)
+                # (Only after a free: two newcomers that both ask before either joins the
+                # queue join it in whichever order their answers wake them.)
+                if then != "arrive" or kind == "free":
+                    act(then, which, 0)
         await gateway.settled()
         _check_settled(gateway, waited, since, pipeline)
+        if kind == "cancel" and follow is None and asks is not None:
+            # Settled before: nobody asked, and it held no slot.
+            assert asks[asked:] == [], f"a waiter gave up and {asks[asked:]} asked again"
+            assert len(gateway.admitted) == since
     # Everyone waiting gets a slot as the others free theirs: nothing hangs.
     while gateway.waiting:
         assert gateway.booked, f"{sorted(gateway.waiting)} wait with every slot free"
@@ -740,3 +772,276 @@ async def test_a_freed_slot_asks_only_the_pools_that_named_its_worker(
             assert got.get(f"wait-{worker_id}") == worker_id
             assert asks == [f"ad{worker_id}"], f"freeing worker {worker_id} asked {asks}"
         nursery.cancel_scope.cancel()
+
+
+# -- second review ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gap", GAPS)
+async def test_a_slot_freed_as_the_holder_takes_the_last_one_goes_to_a_pool_that_joined_meanwhile(
+    autojump_clock: trio.testing.MockClock, gap: int
+) -> None:
+    """The head ('ad1') asks for engine 1; meanwhile an 'ad2' request joins (a pool nothing is
+    known of, so no refusal names engine 2) and engine 2 frees after the head's Select
+    reached the Router. The head is served with no room left (as the Router saw it before
+    the free), the pass ends, and the wake for engine 2 dirtied no pool: the 'ad2' waiter
+    waits beside an idle engine 2 until `RECHECK`."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        head = gateway.arrive("ad1")  # waits for engine 1
+        await gateway.settled()
+        gateway.free_on(1)  # a pass: the head asks
+        await trio.lowlevel.checkpoint()
+        late = gateway.arrive("ad2")  # joins while the head asks
+        for _ in range(gap):
+            await trio.lowlevel.checkpoint()
+        gateway.free_on(2)
+        await gateway.settled()  # (no virtual time passes)
+        assert gateway.holds(head) == 1
+        assert gateway.holds(late) == 2, (gateway.booked, sorted(gateway.waiting))
+
+    await _gateway_test(body)
+
+
+async def test_a_prefill_fallback_wakes_a_waiter_for_the_decode_worker_it_left(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disaggregated request booked prefill worker 10 and decode worker 1; its prefill leg
+    stalls and it falls back to aggregated on worker 2. The fallback's Select frees both old
+    bookings, but the wake names only the prefill worker: the waiter for worker 1 is not
+    asked (until `RECHECK`, made long here), while worker 1 sits idle."""
+    from interlock import _admission
+
+    monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    config = CONFIG.evolve(routing="discover", first_token_timeout=5.0)
+    stalled = MockEngine(10, role="prefill")
+    components = Components(
+        workers=[MockEngine(1, role="decode"), MockEngine(2, role="decode")],
+        prefill_workers=[stalled],
+    )
+    async with build_pipeline(config, components) as p, trio.open_nursery() as n:
+        # Engine 2 full (twice: the second unadmitted, so round robin's fallback picks 2).
+        for name in ("x1", "x2"):
+            request = PreprocessedRequest(token_ids=prompt(16, start=len(name)), request_id=name)
+            await p.query(request, book=True, admit=name == "x1", candidates=frozenset({2}))
+        stalled.stall(100)
+
+        async def disaggregated() -> None:
+            request = PreprocessedRequest(token_ids=prompt(16, start=100), max_tokens=10_000)
+            async for _ in p.generate(request):
+                pass
+
+        n.start_soon(disaggregated)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await p.load()).keys() == {1, 2, 10}
+        got: list[tuple[float, int]] = []
+
+        async def waiter() -> None:
+            request = PreprocessedRequest(token_ids=prompt(16, start=300), request_id="w")
+            decision = await p.query(request, book=True, admit=True, candidates=frozenset({1}))
+            got.append((trio.current_time(), decision.decode_worker_id))
+
+        n.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == 1
+        await trio.sleep(6)  # the prefill leg stalls out at 5 s and falls back
+        assert p.stats.fallbacks == 1
+        assert (await p.load())[2].active_requests == 3  # the fallback left worker 1 for 2
+        assert got == [(pytest.approx(5.0), 1)], f"worker 1 idle while 'w' waits for it: {got}"
+        n.cancel_scope.cancel()
+
+
+async def test_a_stream_of_requests_that_give_up_does_not_hold_a_waiter_off_an_idle_engine(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As the shed 429s of the first review, with clients that give up (cancelled) before
+    they got a slot: they held none, yet each one's end is a `wake(None)` that makes every
+    pool dirty and restarts the pass from the head, so only the head ('ad1', its engine
+    full) is ever asked and the base waiter behind it never hears of engine 2."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        adapter = gateway.arrive("ad1")
+        await gateway.settled()
+        base = gateway.arrive("base")
+        await gateway.settled()
+        impatient = True
+        gave_up = 0
+
+        async def giving_up() -> None:
+            nonlocal gave_up
+            while impatient:
+                name = gateway.arrive("ad1")
+                await trio.lowlevel.checkpoint()
+                gateway.cancel(name)
+                gave_up += 1
+                await trio.lowlevel.checkpoint()
+
+        gateway.nursery.start_soon(giving_up)
+        for _ in range(50):
+            await trio.lowlevel.checkpoint()
+        gateway.free_on(2)  # engine 2: no use to the adapter, the base waiter's
+        for _ in range(300):
+            await trio.lowlevel.checkpoint()
+        held = gateway.holds(base)
+        impatient = False
+        await gateway.settled()
+        assert gave_up > 50
+        assert held == 2, f"engine 2 idle through {gave_up} requests that gave up (held {held})"
+        gateway.cancel(adapter)
+
+    await _gateway_test(body)
+
+
+async def test_a_worker_that_starts_serving_a_waiters_adapter_goes_to_it_not_to_one_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Engine 3 starts serving 'ad1' (its /v1/models changed; no event) and then frees a
+    slot. The 'ad1' waiter at the head could take it, but its pool is known full ({1}, which
+    names no 3), so the wake for engine 3 asks only the 'ad2' waiter behind it, with only
+    engine 1 reserved: it takes engine 3 from the waiter ahead (the pass of every waiting
+    pool asked the head first). The module's promise: a waiter "can never take a worker an
+    earlier waiter could use"."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        ahead = gateway.arrive("ad1")  # waits for {1}
+        await gateway.settled()
+        behind = gateway.arrive("ad2")  # waits for {2, 3}
+        await gateway.settled()
+        engine = gateway.pipeline.engine(3)
+        engine.adapters = frozenset({"ad1", "ad2"})  # serves 'ad1' too, from now on
+        gateway.free_on(3)
+        await gateway.settled()  # (no virtual time passes: no RECHECK)
+        assert gateway.holds(behind) != 3 or ahead not in gateway.waiting, (
+            f"{behind} (behind) took engine 3, which {ahead} (ahead, 'ad1') could use: "
+            f"{gateway.booked}"
+        )
+
+    await _gateway_test(body)
+
+
+async def test_a_waiter_that_gives_up_asks_no_pool_again(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a pool per worker, a waiter cancelled in the queue held no slot and freed
+    nothing: no Router ask should follow (its end is a `wake(None)`, which makes all 8
+    pools dirty and asks each again)."""
+    asks: list[str | None] = []
+    select = _router.RouterActor._select
+
+    def counting(self: Any, message: Any) -> Any:
+        if message.admit:
+            asks.append(message.request.model)
+        return select(self, message)
+
+    monkeypatch.setattr(_router.RouterActor, "_select", counting)
+    pools = 8
+    engines = []
+    for worker_id in range(1, pools + 1):
+        engine = MockEngine(worker_id)
+        engine.adapters = frozenset({f"ad{worker_id}"})  # type: ignore[attr-defined]
+        engines.append(engine)
+    pipeline = build_pipeline(CONFIG, Components(workers=engines))
+    async with pipeline as p, trio.open_nursery() as nursery:
+        scopes: dict[str, trio.CancelScope] = {}
+
+        async def book(name: str, adapter: str) -> None:
+            request = PreprocessedRequest(token_ids=(1, 2, 3), request_id=name, model=adapter)
+            with scopes.setdefault(name, trio.CancelScope()):
+                await p.query(request, book=True, admit=True)
+
+        for worker_id in range(1, pools + 1):
+            nursery.start_soon(book, f"on-{worker_id}", f"ad{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+        for worker_id in range(1, pools + 1):
+            nursery.start_soon(book, f"wait-{worker_id}", f"ad{worker_id}")
+            await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == pools
+        asks.clear()
+        scopes["wait-5"].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == pools - 1
+        assert asks == [], f"a waiter that gave up asked {asks} again"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slot_booked_for_a_waiter_that_fails_as_it_is_served_goes_to_the_next(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue raises as the head is served (after the pass ended: no room left), so the
+    pipeline frees the booking its caller never gets: the waiter behind, for the same worker,
+    takes it at once (not at the next `RECHECK`, made long here)."""
+    from interlock import _admission
+
+    monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    leave = _admission.AdmissionQueue.leave
+    armed = False
+
+    def failing(self: Any, ticket: Any, *, served: bool = False, room_left: bool = True) -> None:
+        nonlocal armed
+        leave(self, ticket, served=served, room_left=room_left)
+        if served and armed:
+            armed = False
+            raise RuntimeError("injected: the queue failed as its head was served")
+
+    monkeypatch.setattr(_admission.AdmissionQueue, "leave", failing)
+    async with (
+        build_pipeline(CONFIG, Components(workers=[MockEngine(1)])) as p,
+        trio.open_nursery() as nursery,
+    ):
+        got: dict[str, int] = {}
+
+        async def book(name: str) -> None:
+            request = PreprocessedRequest(token_ids=(1, 2, 3), request_id=name)
+            got[name] = (await p.query(request, book=True, admit=True)).decode_worker_id
+
+        async def failing_head() -> None:
+            with pytest.raises(RuntimeError, match="injected"):
+                await book("head")
+
+        await book("on")
+        nursery.start_soon(failing_head)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(book, "behind")
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.queued == 2
+        armed = True
+        p.free("on")
+        await trio.testing.wait_all_tasks_blocked()
+        assert not armed and p.queued == 0
+        assert got == {"on": 1, "behind": 1}, f"worker 1 idle while 'behind' waits: {got}"
+        p.free("behind")
+
+
+async def test_a_worker_whose_ejection_ends_is_held_for_the_waiter_refused_over_it(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine 3 is ejected (it broke a stream) with a free slot when an 'ad2' waiter is
+    refused (engine 2 full). The ejection ends with no message; a base request that arrives
+    then must not take engine 3 from the waiter ahead, which could use it: the refusal named
+    engine 3 too, so it is held for that waiter (until its next ask: `RECHECK`, made long)."""
+    from interlock import _admission
+
+    monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    config = CONFIG.evolve(outlier_failures=1, outlier_ejection_time=1.0)
+    workers = [worker(w) for w in (1, 2, 3)]
+    async with build_pipeline(config, Components(workers=workers)) as p, trio.open_nursery() as n:
+        gateway = Gateway(p, n)
+        await _fill(gateway)
+        p.report_failed_stream(3)
+        assert 3 in await p.worker_states()
+        gateway.free_on(3)
+        ahead = gateway.arrive("ad2")  # engine 2 full, engine 3 ejected
+        await gateway.settled()
+        assert ahead in gateway.waiting
+        await trio.sleep(2)  # the ejection ends
+        assert 3 not in await p.worker_states()
+        behind = gateway.arrive("base")
+        await gateway.settled()
+        assert gateway.holds(behind) != 3, f"{behind} took engine 3 from {ahead}: {gateway.booked}"
+        for name in list(gateway.waiting):
+            gateway.cancel(name)
+        for name in list(gateway.booked):
+            gateway.free(name)

@@ -47,7 +47,7 @@ from interlock.engines.openai import EngineMetrics, LoraState, OpenAIEngine, par
 from interlock.engines.openai._models import adapters_in, model_cards
 from interlock.gateway._rewrite import MODEL_REWRITE_HEADERS, model_rewrite
 from interlock.http import Preprocessor, build_app, serve_http
-from interlock.wire import PreprocessedRequest
+from interlock.wire import PreprocessedRequest, WorkerChanged
 
 DESTINATION = "x-gateway-destination-endpoint"
 
@@ -121,7 +121,8 @@ def test_an_adapter_request_is_sent_to_the_engine_as_that_model() -> None:
 
 async def test_an_engine_sees_adapters_loaded_and_unloaded_at_run_time() -> None:
     """A raw HTTP server standing for a vLLM whose adapters change (``/v1/load_lora_adapter``):
-    the engine's ``adapters`` and LoRA state follow its ``/v1/models`` and ``/metrics``."""
+    the engine's ``adapters`` and LoRA state follow its ``/v1/models`` and ``/metrics``, and
+    each change is announced (`WorkerChanged`: the admission queue's pools changed)."""
     cards: list[dict[str, Any]] = [{"id": "tiny", "parent": None}]
     metrics = ['vllm:lora_requests_info{max_lora="2",running_lora_adapters=""} 1']
     listed_send, listed = trio.open_memory_channel[None](100)
@@ -150,18 +151,20 @@ async def test_an_engine_sees_adapters_loaded_and_unloaded_at_run_time() -> None
         engine = OpenAIEngine(url, instance_id=1, model="tiny", health_interval=0.001)
         await nursery.start(engine.run)
         assert engine.adapters == frozenset()
+        changes: list[Any] = []
+        engine.add_listener(lambda e: changes.append(e) if isinstance(e, WorkerChanged) else None)
         cards.append({"id": "ad1", "parent": "tiny"})
         metrics.append('vllm:lora_requests_info{max_lora="2",running_lora_adapters="ad1"} 2')
         with trio.fail_after(30):
             await listed_twice()
-        assert engine.adapters == {"ad1"}
+        assert engine.adapters == {"ad1"} and changes == [WorkerChanged(1)]
         assert engine.metrics is not None and engine.metrics.lora == LoraState(
             max_loras=2, running=frozenset({"ad1"})
         )
         del cards[1]
         with trio.fail_after(30):
             await listed_twice()
-        assert engine.adapters == frozenset()
+        assert engine.adapters == frozenset() and changes == [WorkerChanged(1)] * 2
         nursery.cancel_scope.cancel()
 
 

@@ -14,8 +14,9 @@ that score to its other scorers'; interlock keeps only the best tier among the s
 that are not ejected or full (`AdapterCandidates.best`) and lets the configured policy choose
 within it, so each choice has one reason the decision record states.
 
-Engines are read duck-typed (``adapters``, ``metrics.lora``): an engine without them (the mock,
-``interlock worker``) serves no adapter, and a request for the base model is not narrowed here.
+Engines are read duck-typed (``adapters``, ``metrics.lora``): an engine without them
+(``interlock worker``; the mock unless its ``adapters`` are set) serves no adapter, and a
+request for the base model is not narrowed here.
 A request with a ``cache_salt`` may go only to engines that can carry it (`carries_salt`): an
 ``interlock worker`` from protocol version `SALT_VERSION` on (an older one would run it
 unsalted, sharing the tenant's cached prefixes); the client's refusal at stream open stays as

@@ -131,8 +131,8 @@ class WorkersFull(InterlockError):
     in the frontend's queue and asks again when a slot frees.
 
     ``blocked_on``: the refusing leg's candidates (after every filter: exclusions, the
-    gateway's subset, the salt, the adapter; reserved ones included), the workers of which
-    one must free a slot before asking again can succeed.
+    gateway's subset, the salt, the adapter; reserved and ejected ones included), the workers
+    of which one must free a slot (or an ejection end) before asking again can succeed.
     """
 
     def __init__(self, message: str, *, blocked_on: frozenset[int]) -> None:

@@ -401,6 +401,10 @@ class RouterActor(Actor):
                     f"{sorted(exclude)}) and no other is registered"
                 )
             raise NoWorkersAvailable(f"no {role} worker is registered")
+        # Before the ejection filter: the admission queue holds these for a waiter refused
+        # here, and an ejection ends with no message, so a waiter behind must not take the
+        # worker then (the waiter learns it has room at its next ask).
+        candidates = frozenset(pool)
         outliers = self._outliers
         if outliers.has_records:
             now = trio.current_time()
@@ -420,7 +424,7 @@ class RouterActor(Actor):
             if not room:
                 raise WorkersFull(
                     f"every {leg} candidate {pool} is at its in-flight limit",
-                    blocked_on=frozenset(pool),
+                    blocked_on=candidates,
                 )
             pool = room
         if adapter is not None:

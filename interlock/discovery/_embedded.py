@@ -11,7 +11,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..engines import Engine
-from ..wire import WorkerJoined, WorkerLeft
+from ..wire import WorkerChanged, WorkerJoined, WorkerLeft
 
 Watcher = Callable[[Mapping[int, Engine]], None]
 
@@ -20,7 +20,8 @@ class EmbeddedRegistry:
     """Which engines are registered, by instance id, with change notification.
 
     An engine that publishes `WorkerLeft` / `WorkerJoined` (a `MockEngine` that crashes,
-    leaves or rejoins) is removed and re-added automatically.
+    leaves or rejoins) is removed and re-added automatically; one that publishes
+    `WorkerChanged` (it serves other LoRA adapters now) is announced to the watchers again.
     """
 
     def __init__(self) -> None:
@@ -89,6 +90,10 @@ class EmbeddedRegistry:
                 self._notify()
         elif isinstance(event, WorkerJoined) and worker_id in self._known:
             self._present[worker_id] = engine
+            self._notify()
+        elif isinstance(event, WorkerChanged) and worker_id in self._present:
+            # The pools it is in changed: the admission queue's waiters must learn of it
+            # (`Pipeline`'s watcher), or one behind may take it from one ahead.
             self._notify()
 
     def _notify(self) -> None:

@@ -1,7 +1,7 @@
 """Every message that crosses a boundary: requests, outputs, routing decisions, codecs."""
 
 from ._codec import converter, from_builtins, to_builtins
-from ._events import WorkerJoined, WorkerLeft
+from ._events import WorkerChanged, WorkerJoined, WorkerLeft
 from ._output import EngineOutput, FinishReason, Usage
 from ._request import (
     ChatRequest,
@@ -34,6 +34,7 @@ __all__ = [
     "SamplingOptions",
     "SelectionRecord",
     "Usage",
+    "WorkerChanged",
     "WorkerJoined",
     "WorkerLeft",
     "converter",

@@ -21,6 +21,7 @@ from ...wire import (
     PrefillResult,
     PreprocessedRequest,
     Usage,
+    WorkerChanged,
     WorkerJoined,
     WorkerLeft,
 )
@@ -307,6 +308,7 @@ class MockEngine:
         self._down = False
         self._refusing = False
         self._registered = True
+        self._adapters: frozenset[str] = frozenset()
         self._stalled_until = -math.inf
         self._slow_factor = 1.0
         self._epoch = 0
@@ -422,6 +424,20 @@ class MockEngine:
     @property
     def registered(self) -> bool:
         return self._registered
+
+    @property
+    def adapters(self) -> frozenset[str]:
+        """The LoRA adapters it claims to serve, as an `OpenAIEngine`'s /v1/models lists them
+        (none unless set; it runs every request the same). Setting another set while
+        registered announces `WorkerChanged`, as an `OpenAIEngine` that reads a new list."""
+        return self._adapters
+
+    @adapters.setter
+    def adapters(self, adapters: frozenset[str]) -> None:
+        changed = adapters != self._adapters
+        self._adapters = adapters
+        if changed and self._registered:
+            self._publish(WorkerChanged(self._instance_id))
 
     # -- fault injection ------------------------------------------------------------------
 
@@ -805,6 +821,7 @@ class MockEngine:
 
 
 def _salt_of(request: PreprocessedRequest) -> int | None:
-    """The salt of ``request``'s blocks: its ``cache_salt``'s (the mock serves no adapters)."""
+    """The salt of ``request``'s blocks: its ``cache_salt``'s (the mock runs an adapter's
+    requests as the base model's)."""
     salt = request.cache_salt
     return None if salt is None else kv_salt(cache_salt=salt)

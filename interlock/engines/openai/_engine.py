@@ -25,7 +25,14 @@ import trio
 from ..._errors import RequestError, WorkerGone, WorkerRefused
 from ..._tracing import inject_trace_headers
 from ...processing import Tokenizer
-from ...wire import EngineOutput, PrefillResult, PreprocessedRequest, WorkerJoined, WorkerLeft
+from ...wire import (
+    EngineOutput,
+    PrefillResult,
+    PreprocessedRequest,
+    WorkerChanged,
+    WorkerJoined,
+    WorkerLeft,
+)
 from ...wire._output import join_waiting
 from .._listeners import Listeners
 from .._protocol import (
@@ -455,7 +462,11 @@ class OpenAIEngine:
         kept as they were when ``/v1/models`` does not answer."""
         cards = await self._model_cards(connections)
         if any(c["id"] == self.model for c in cards):
-            self.adapters = adapters_in(cards, self.model)
+            adapters = adapters_in(cards, self.model)
+            if adapters != self.adapters:
+                self.adapters = adapters
+                if self._present:
+                    self._listeners.publish(WorkerChanged(self.instance_id))
 
     def _set_present(self, present: bool, why: str) -> None:
         if present == self._present:
