@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -122,6 +122,11 @@ class Etcd:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+    def compact(self, revision: int) -> None:
+        """Drop etcd's history before ``revision`` (as its --auto-compaction-retention does)."""
+        response = httpx.post(f"{self.url}/v3/kv/compaction", json={"revision": str(revision)})
+        assert response.status_code == 200, response.text
 
     def restart(self, *, lose_data: bool = False) -> None:
         self.stop()
@@ -582,13 +587,14 @@ async def test_after_etcd_restarts_empty_workers_register_again_and_frontends_fo
 class FaultyClient(EtcdClient):
     """A real client to a real etcd, with faults a test sets off at the moment it chooses:
     its next ``failing_listings`` listings fail as if etcd had not answered, and
-    ``after_listing`` (once) runs right after a listing got its answer."""
+    ``after_listing`` (once) runs right after a listing got its answer, before the caller
+    sees it."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.failing_listings = 0
         self.failed_listings = 0
-        self.after_listing: Callable[[], None] | None = None
+        self.after_listing: Callable[[], Awaitable[None]] | None = None
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         if self.failing_listings:
@@ -598,7 +604,7 @@ class FaultyClient(EtcdClient):
         answer = await super().get_prefix(prefix)
         hook, self.after_listing = self.after_listing, None
         if hook is not None:
-            hook()
+            await hook()
         return answer
 
 
@@ -643,7 +649,8 @@ async def test_a_listing_that_fails_after_etcd_restarted_empty_is_retried_before
     with trio.fail_after(TIMEOUT):
         client = await _worker_2_at_revision_30(etcd)
         async with frontend(etcd, client=client) as (pipeline, _):
-            assert set(pipeline.workers) == {2}
+            await _put_mock_worker(client, 4)  # seen once the watch is on: it is
+            await wait_for(lambda: set(pipeline.workers) == {2, 4}, "worker 4, watched")
             client.failing_listings = 1  # the first listing after the restart fails
             etcd.restart(lose_data=True)
             await _put_mock_worker(client, 3)  # registered again, at revision 2
@@ -651,6 +658,9 @@ async def test_a_listing_that_fails_after_etcd_restarted_empty_is_retried_before
             assert client.failed_listings == 1
     assert caplog.text.count("cannot list the workers") == 1
     assert "watching again only once a listing succeeds" in caplog.text
+    assert "etcd's revision went back from 31 to" in caplog.text
+    # It never watched from its old revision (the watch would have refused, but later).
+    assert "behind the watch's start revision" not in caplog.text
 
 
 async def test_a_watch_on_an_etcd_that_restarted_empty_after_the_listing_lists_again(
@@ -658,14 +668,39 @@ async def test_a_watch_on_an_etcd_that_restarted_empty_after_the_listing_lists_a
 ) -> None:
     with trio.fail_after(TIMEOUT):
         client = await _worker_2_at_revision_30(etcd)
-        # etcd restarts without its data between the first listing and its watch.
-        client.after_listing = partial(etcd.restart, lose_data=True)
+
+        async def restart_empty() -> None:
+            # Between the first listing and its watch.
+            etcd.restart(lose_data=True)
+
+        client.after_listing = restart_empty
         async with frontend(etcd, client=client) as (pipeline, _):
             await wait_for(lambda: not pipeline.workers, "worker 2, not in etcd now, to leave")
             await _put_mock_worker(client, 3)
             await wait_for(lambda: set(pipeline.workers) == {3}, "worker 3")
     assert "etcd is at revision 1, behind the watch's start revision 31" in caplog.text
     assert "etcd's revision went back from 30 to 1" in caplog.text
+
+
+async def test_a_watch_cancelled_by_a_compaction_lists_again(
+    etcd: Etcd, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        client = FaultyClient(etcd.url)
+
+        async def register_3_and_compact() -> None:
+            # Between the first listing and its watch: a change the watch must not miss,
+            # then a compaction of the history it would start from.
+            await _put_mock_worker(client, 3)
+            etcd.compact(await client.put("elsewhere", "x"))
+
+        client.after_listing = register_3_and_compact
+        async with frontend(etcd, client=client) as (pipeline, watcher):
+            await wait_for(
+                lambda: watcher.listings == 2 and 3 in pipeline.workers,
+                "worker 3, seen by the second listing",
+            )
+    assert "etcd cancelled the watch: compacted to revision" in caplog.text
 
 
 # -- the commands --------------------------------------------------------------------------------

@@ -367,9 +367,12 @@ class EtcdClient:
         why = f"HTTP {response.status_code}: {response.text[:200]!r}"
         return self._explained(operation, text, why)
 
-    def _explained(self, operation: str, text: str, why: str) -> EtcdError:
+    def _explained(
+        self, operation: str, text: str, why: str, *, hint: str | None = None
+    ) -> EtcdError:
         """The error for etcd's refusal ``text``, with what to do about it when it is about
-        authentication or permissions; ``why`` otherwise."""
+        authentication or permissions; ``why`` otherwise (and ``hint``, by default whether
+        etcd runs at the URL)."""
         if "user name is empty" in text:
             return EtcdError(
                 self.url,
@@ -394,7 +397,7 @@ class EtcdClient:
                 hint=_PASSWORD_HINT,
                 refused=True,
             )
-        return EtcdError(self.url, operation, why)
+        return EtcdError(self.url, operation, why, hint=hint)
 
     def _unreachable(self, operation: str, exc: httpx.HTTPError) -> EtcdError:
         """The error for a request that got no answer (``exc``), with what to check when
@@ -602,10 +605,11 @@ class EtcdClient:
             raise self._explained(operation, text, f"etcd said {message['error']!r}")
         result = message.get("result", {})
         if result.get("canceled"):
-            why = result.get("cancel_reason") or (
-                f"compacted to revision {result.get('compact_revision')}"
-            )
-            raise self._explained(operation, why, f"etcd cancelled the watch: {why}")
+            reason = result.get("cancel_reason")
+            why = reason or f"compacted to revision {result.get('compact_revision')}"
+            # A compaction is etcd working as configured: the cure is a new listing.
+            hint = None if reason else "list again, and watch from the listing's revision"
+            raise self._explained(operation, why, f"etcd cancelled the watch: {why}", hint=hint)
         events = []
         for raw in result.get("events", ()):
             kv = raw.get("kv", {})
