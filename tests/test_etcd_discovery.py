@@ -52,13 +52,12 @@ from interlock.wire import PreprocessedRequest
 TIMEOUT = 15
 ETCD = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
 PREFIX = "test"
-#: Raft timings for a test etcd's first start. At etcd's defaults (a heartbeat each 100 ms, a
-#: 1 s election timeout) the one member takes about a third of a second to elect itself; with
-#: no other member there is nothing to lose by shorter ones. They lower etcd's least lease TTL
-#: from 2 s to 1 s: no lease here asks for less. A restart keeps etcd's defaults: the tests
-#: that restart etcd check how clients ride out its absence, and a watcher that tries its
-#: watch first on an etcd back within a tenth of a second can wait on a revision that etcd,
-#: restarted empty, has not reached (seen once in a full run; reported).
+#: Raft timings for these one-member clusters. At etcd's defaults (a heartbeat each 100 ms, a
+#: 1 s election timeout) a restart waits about a second for the member to elect itself, and a
+#: first start a third of one; with no other member there is nothing to lose by shorter ones.
+#: They lower etcd's least lease TTL from 2 s to 1 s: no lease here asks for less. (An etcd
+#: back this fast once caught the watcher watching from a revision the empty etcd had not
+#: reached; it lists first now, and the tests after `FaultyClient` pin that down.)
 ONE_MEMBER_RAFT = ("--heartbeat-interval=10", "--election-timeout=100")
 
 
@@ -102,7 +101,7 @@ class Etcd:
                 f"--listen-peer-urls={peer}",
                 f"--initial-advertise-peer-urls={peer}",
                 f"--initial-cluster=test={peer}",
-                *(ONE_MEMBER_RAFT if self.process is None else ()),
+                *ONE_MEMBER_RAFT,
             ],
             stdout=log,
             stderr=log,
