@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -35,6 +35,7 @@ from interlock import Components, NoWorkersAvailable, Pipeline, PipelineConfig, 
 from interlock.discovery import (
     EtcdClient,
     EtcdError,
+    KeyValue,
     WatchEvent,
     WorkerRecord,
     WorkerWatcher,
@@ -51,13 +52,12 @@ from interlock.wire import PreprocessedRequest
 TIMEOUT = 15
 ETCD = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
 PREFIX = "test"
-#: Raft timings for a test etcd's first start. At etcd's defaults (a heartbeat each 100 ms, a
-#: 1 s election timeout) the one member takes about a third of a second to elect itself; with
-#: no other member there is nothing to lose by shorter ones. They lower etcd's least lease TTL
-#: from 2 s to 1 s: no lease here asks for less. A restart keeps etcd's defaults: the tests
-#: that restart etcd check how clients ride out its absence, and a watcher that tries its
-#: watch first on an etcd back within a tenth of a second can wait on a revision that etcd,
-#: restarted empty, has not reached (seen once in a full run; reported).
+#: Raft timings for these one-member clusters. At etcd's defaults (a heartbeat each 100 ms, a
+#: 1 s election timeout) a restart waits about a second for the member to elect itself, and a
+#: first start a third of one; with no other member there is nothing to lose by shorter ones.
+#: They lower etcd's least lease TTL from 2 s to 1 s: no lease here asks for less. (An etcd
+#: back this fast once caught the watcher watching from a revision the empty etcd had not
+#: reached; it lists first now, and the tests after `FaultyClient` pin that down.)
 ONE_MEMBER_RAFT = ("--heartbeat-interval=10", "--election-timeout=100")
 
 
@@ -101,7 +101,7 @@ class Etcd:
                 f"--listen-peer-urls={peer}",
                 f"--initial-advertise-peer-urls={peer}",
                 f"--initial-cluster=test={peer}",
-                *(ONE_MEMBER_RAFT if self.process is None else ()),
+                *ONE_MEMBER_RAFT,
             ],
             stdout=log,
             stderr=log,
@@ -121,6 +121,11 @@ class Etcd:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+    def compact(self, revision: int) -> None:
+        """Drop etcd's history before ``revision`` (as its --auto-compaction-retention does)."""
+        response = httpx.post(f"{self.url}/v3/kv/compaction", json={"revision": str(revision)})
+        assert response.status_code == 200, response.text
 
     def restart(self, *, lose_data: bool = False) -> None:
         self.stop()
@@ -179,13 +184,19 @@ async def start_workers(tmp_path: Path, etcd: Etcd, *, into: list[WorkerProcess]
 
 @asynccontextmanager
 async def frontend(
-    etcd: Etcd, *, connect_timeout: float = 3, tokenizer: Tokenizer | None = None, **config: Any
+    etcd: Etcd,
+    *,
+    connect_timeout: float = 3,
+    tokenizer: Tokenizer | None = None,
+    client: EtcdClient | None = None,
+    **config: Any,
 ) -> AsyncIterator[tuple[Pipeline, WorkerWatcher]]:
-    """An in-process pipeline (no workers of its own) following the workers in ``etcd``; with
-    ``tokenizer``, the watcher checks each worker's against it."""
+    """An in-process pipeline (no workers of its own) following the workers in ``etcd``
+    (through ``client``, by default a new one; closed at the end); with ``tokenizer``, the
+    watcher checks each worker's against it."""
     async with (
         build_pipeline(PipelineConfig(**config), Components(tokenizer=tokenizer)) as pipeline,
-        EtcdClient(etcd.url) as client,
+        client or EtcdClient(etcd.url) as client,
         trio.open_nursery() as nursery,
     ):
         watcher: WorkerWatcher = await nursery.start(
@@ -570,6 +581,125 @@ async def test_after_etcd_restarts_empty_workers_register_again_and_frontends_fo
     finally:
         for worker in workers:
             await stop(worker)
+
+
+class FaultyClient(EtcdClient):
+    """A real client to a real etcd, with faults a test sets off at the moment it chooses:
+    its next ``failing_listings`` listings fail as if etcd had not answered, and
+    ``after_listing`` (once) runs right after a listing got its answer, before the caller
+    sees it."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.failing_listings = 0
+        self.failed_listings = 0
+        self.after_listing: Callable[[], Awaitable[None]] | None = None
+
+    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        if self.failing_listings:
+            self.failing_listings -= 1
+            self.failed_listings += 1
+            raise EtcdError(self.url, f"range {prefix!r}", "ReadError: a fault the test set off")
+        answer = await super().get_prefix(prefix)
+        hook, self.after_listing = self.after_listing, None
+        if hook is not None:
+            await hook()
+        return answer
+
+
+async def _put_mock_worker(client: EtcdClient, worker_id: int) -> None:
+    # A record of the mock kind: the frontend simulates the worker, so no process is needed.
+    record = WorkerRecord(worker_id=worker_id, kind="mock")
+    await client.put(worker_key(PREFIX, worker_id), record.to_json())
+
+
+async def _worker_2_at_revision_30(etcd: Etcd) -> FaultyClient:
+    """A `FaultyClient` to ``etcd``, once etcd holds mock worker 2's record and is at
+    revision 30 (keys put outside the workers' prefix): far ahead of the revision it will
+    be at after a restart without its data."""
+    client = FaultyClient(etcd.url)
+    await _put_mock_worker(client, 2)
+    while await client.put("elsewhere", "x") < 30:
+        pass
+    return client
+
+
+async def test_a_watch_from_a_revision_etcd_has_not_reached_fails_instead_of_waiting(
+    etcd: Etcd,
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with EtcdClient(etcd.url) as client:
+            _, revision = await client.get_prefix("p/")
+            with pytest.raises(EtcdError, match=f"etcd is at revision {revision}, behind"):
+                async with aclosing(client.watch_prefix("p/", start_revision=revision + 9)) as it:
+                    async for _ in it:
+                        pass
+            # From the next revision (the usual case) it waits for changes.
+            async with aclosing(client.watch_prefix("p/", start_revision=revision + 1)) as it:
+                await client.put("p/a", "1")
+                assert (await anext(it)).key == "p/a"
+
+
+async def test_a_listing_that_fails_after_etcd_restarted_empty_is_retried_before_watching(
+    etcd: Etcd, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The watcher must not watch from the revision it knew: etcd, empty, has not reached it
+    # and would wait for it silently, while the workers register again below it.
+    with trio.fail_after(TIMEOUT):
+        client = await _worker_2_at_revision_30(etcd)
+        async with frontend(etcd, client=client) as (pipeline, _):
+            await _put_mock_worker(client, 4)  # seen once the watch is on: it is
+            await wait_for(lambda: set(pipeline.workers) == {2, 4}, "worker 4, watched")
+            client.failing_listings = 1  # the first listing after the restart fails
+            etcd.restart(lose_data=True)
+            await _put_mock_worker(client, 3)  # registered again, at revision 2
+            await wait_for(lambda: set(pipeline.workers) == {3}, "worker 3 only")
+            assert client.failed_listings == 1
+    assert caplog.text.count("cannot list the workers") == 1
+    assert "watching again only once a listing succeeds" in caplog.text
+    assert "etcd's revision went back from 31 to" in caplog.text
+    # It never watched from its old revision (the watch would have refused, but later).
+    assert "behind the watch's start revision" not in caplog.text
+
+
+async def test_a_watch_on_an_etcd_that_restarted_empty_after_the_listing_lists_again(
+    etcd: Etcd, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        client = await _worker_2_at_revision_30(etcd)
+
+        async def restart_empty() -> None:
+            # Between the first listing and its watch.
+            etcd.restart(lose_data=True)
+
+        client.after_listing = restart_empty
+        async with frontend(etcd, client=client) as (pipeline, _):
+            await wait_for(lambda: not pipeline.workers, "worker 2, not in etcd now, to leave")
+            await _put_mock_worker(client, 3)
+            await wait_for(lambda: set(pipeline.workers) == {3}, "worker 3")
+    assert "etcd is at revision 1, behind the watch's start revision 31" in caplog.text
+    assert "etcd's revision went back from 30 to 1" in caplog.text
+
+
+async def test_a_watch_cancelled_by_a_compaction_lists_again(
+    etcd: Etcd, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        client = FaultyClient(etcd.url)
+
+        async def register_3_and_compact() -> None:
+            # Between the first listing and its watch: a change the watch must not miss,
+            # then a compaction of the history it would start from.
+            await _put_mock_worker(client, 3)
+            etcd.compact(await client.put("elsewhere", "x"))
+
+        client.after_listing = register_3_and_compact
+        async with frontend(etcd, client=client) as (pipeline, watcher):
+            await wait_for(
+                lambda: watcher.listings == 2 and 3 in pipeline.workers,
+                "worker 3, seen by the second listing",
+            )
+    assert "etcd cancelled the watch: compacted to revision" in caplog.text
 
 
 # -- the commands --------------------------------------------------------------------------------

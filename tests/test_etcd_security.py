@@ -110,7 +110,7 @@ class SecureEtcd:
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=test={peer}",
-            *(ONE_MEMBER_RAFT if self.process is None else ()),  # a restart: etcd's own
+            *ONE_MEMBER_RAFT,
             "--bcrypt-cost=4",
             f"--auth-token-ttl={self.token_ttl}",
             # zap logs each expired simple token ("deleted a simple token"): what a test

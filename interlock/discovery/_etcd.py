@@ -367,9 +367,12 @@ class EtcdClient:
         why = f"HTTP {response.status_code}: {response.text[:200]!r}"
         return self._explained(operation, text, why)
 
-    def _explained(self, operation: str, text: str, why: str) -> EtcdError:
+    def _explained(
+        self, operation: str, text: str, why: str, *, hint: str | None = None
+    ) -> EtcdError:
         """The error for etcd's refusal ``text``, with what to do about it when it is about
-        authentication or permissions; ``why`` otherwise."""
+        authentication or permissions; ``why`` otherwise (and ``hint``, by default whether
+        etcd runs at the URL)."""
         if "user name is empty" in text:
             return EtcdError(
                 self.url,
@@ -394,7 +397,7 @@ class EtcdClient:
                 hint=_PASSWORD_HINT,
                 refused=True,
             )
-        return EtcdError(self.url, operation, why)
+        return EtcdError(self.url, operation, why, hint=hint)
 
     def _unreachable(self, operation: str, exc: httpx.HTTPError) -> EtcdError:
         """The error for a request that got no answer (``exc``), with what to check when
@@ -516,8 +519,10 @@ class EtcdClient:
         ``contextlib.aclosing``. Waits for changes without a time limit.
 
         Raises:
-            EtcdError: etcd cannot be reached, the stream broke (etcd stopped), or etcd
-                cancelled the watch (e.g. ``start_revision`` was compacted away): list again
+            EtcdError: etcd cannot be reached, the stream broke (etcd stopped), etcd
+                cancelled the watch (e.g. ``start_revision`` was compacted away), or etcd is
+                behind ``start_revision`` - 1 (it lost its data: etcd would wait for that
+                revision without a word, however many changes come below it): list again
                 and watch from the new revision.
         """
         create: dict[str, Any] = {
@@ -554,6 +559,8 @@ class EtcdClient:
                             # revision misses nothing.
                             renew = True
                             break
+                        if start_revision is not None:
+                            self._check_reached(operation, message, start_revision)
                         for event in self._watch_events(operation, message):
                             yield event
             except httpx.HTTPError as exc:
@@ -572,16 +579,37 @@ class EtcdClient:
             raise EtcdError(self.url, operation, f"not a JSON object: {line[:200]!r}")
         return message
 
+    def _check_reached(self, operation: str, message: dict[str, Any], start: int) -> None:
+        """Raise when the watch's creation answer shows etcd's revision below ``start`` - 1,
+        the revision the caller listed at. Within one store revisions only grow, so etcd
+        is another store now (restarted without its data, or restored from a backup; its
+        cluster and member ids stay the same when its flags do, so they cannot tell), or
+        the member answering lags behind the one that answered the listing."""
+        result = message.get("result")
+        if not isinstance(result, dict) or not result.get("created"):
+            return
+        revision = _revision(result)
+        if revision < start - 1:
+            raise EtcdError(
+                self.url,
+                operation,
+                f"etcd is at revision {revision}, behind the watch's start revision {start}",
+                hint="etcd lost its data (restarted without its data directory, or restored "
+                "from a backup), or the member answering lags behind the one that answered "
+                "the listing: list again, and watch from the listing's revision",
+            )
+
     def _watch_events(self, operation: str, message: dict[str, Any]) -> list[WatchEvent]:
         if "error" in message:
             _, text = _answer_text(message)
             raise self._explained(operation, text, f"etcd said {message['error']!r}")
         result = message.get("result", {})
         if result.get("canceled"):
-            why = result.get("cancel_reason") or (
-                f"compacted to revision {result.get('compact_revision')}"
-            )
-            raise self._explained(operation, why, f"etcd cancelled the watch: {why}")
+            reason = result.get("cancel_reason")
+            why = reason or f"compacted to revision {result.get('compact_revision')}"
+            # A compaction is etcd working as configured: the cure is a new listing.
+            hint = None if reason else "list again, and watch from the listing's revision"
+            raise self._explained(operation, why, f"etcd cancelled the watch: {why}", hint=hint)
         events = []
         for raw in result.get("events", ()):
             kv = raw.get("kv", {})
@@ -746,9 +774,13 @@ class WorkerWatcher:
     its record changes. One that cannot be reached within ``connect_timeout`` is tried
     again, with back-off up to ``max_backoff``, for as long as its record stands (a worker
     behind a network that is down for a while joins once it is back). When the watch breaks
-    (etcd restarted), the watcher lists again and watches again, backing off from
-    ``backoff`` to ``max_backoff`` seconds; workers whose records vanished meanwhile are
-    removed. The pipeline keeps its workers while etcd is away.
+    (etcd restarted, or cancelled the watch), the watcher lists again, trying until a
+    listing succeeds (backing off from ``backoff`` to ``max_backoff`` seconds), and only
+    then watches again, from that listing's revision; workers whose records vanished
+    meanwhile are removed. A listing whose revision is below the last one seen, or a watch
+    on an etcd behind its listing's revision, means etcd lost its data: the watcher
+    follows it as a new store (workers it has no record of leave, those that register
+    again join). The pipeline keeps its workers while etcd is away.
     """
 
     def __init__(
@@ -784,6 +816,8 @@ class WorkerWatcher:
         self._draining: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
         #: Completed listings (1 after the first; +1 per re-list after a broken watch).
         self.listings = 0
+        #: etcd's revision at the last listing, or of the last change watched since.
+        self._revision = 0
 
     def _engine_context(self) -> EngineContext:
         # An engine waits for its worker as long as the watcher does, and reconnects at
@@ -821,20 +855,62 @@ class WorkerWatcher:
             task_status.started()
             delay = self.backoff
             while True:
+                watched_at = trio.current_time()
                 try:
                     await self._follow()
                 except EtcdError as exc:
-                    _logger.warning("lost the etcd watch: %s; listing again in %.1fs", exc, delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff)
-                try:
-                    await self._list()
-                    delay = self.backoff
-                except EtcdError as exc:
-                    _logger.warning("cannot list the workers: %s", exc)
+                    if trio.current_time() - watched_at >= self.max_backoff:
+                        delay = self.backoff  # the watch held: back-off starts afresh
+                    _logger.warning(
+                        "lost the etcd watch: %s; listing the workers again in %.1fs (the "
+                        "pipeline keeps its workers meanwhile)",
+                        exc,
+                        delay,
+                    )
+                delay = await self._list_again(delay)
+
+    async def _list_again(self, delay: float) -> float:
+        """List after ``delay`` seconds, and again with back-off until a listing succeeds;
+        returns the delay for the next time. Never watch in between: the revision known
+        from before may be one etcd has not reached (it lost its data), and a watch from
+        there would wait without a word while workers register below it."""
+        failures = 0
+        while True:
+            await trio.sleep(delay)
+            delay = min(delay * 2, self.max_backoff)
+            try:
+                await self._list()
+            except EtcdError as exc:
+                failures += 1
+                # Once per outage: later failures say nothing new.
+                log = _logger.warning if failures == 1 else _logger.debug
+                log(
+                    "cannot list the workers: %s; trying again with back-off up to %.1fs, "
+                    "watching again only once a listing succeeds (the pipeline keeps its "
+                    "workers meanwhile)",
+                    exc,
+                    self.max_backoff,
+                )
+                continue
+            _logger.info(
+                "listed the workers again%s: %d record(s) at etcd revision %d; watching from there",
+                f" after {failures} failed attempt(s)" if failures else "",
+                len(self._members),
+                self._revision,
+            )
+            return delay
 
     async def _list(self) -> None:
-        items, self._revision = await self.client.get_prefix(self.prefix)
+        items, revision = await self.client.get_prefix(self.prefix)
+        if revision < self._revision:
+            _logger.warning(
+                "etcd's revision went back from %d to %d: etcd lost its data (restarted "
+                "without its data directory, or restored from a backup); following it as a "
+                "new store: workers it has no record of leave, those that register again join",
+                self._revision,
+                revision,
+            )
+        self._revision = revision
         present: dict[int, WorkerRecord] = {}
         for item in items:
             record = self._parse(item.key, item.value)

@@ -1,0 +1,194 @@
+"""The frontend's etcd watcher under any schedule of etcd faults, in virtual time: listings
+that fail, restarts that keep or lose etcd's data, records that come and go meanwhile.
+
+etcd here is its key space in memory behind the two calls the watcher makes (`MemoryEtcd`):
+it keeps a revision and a history, ends open watches when it restarts, and, as the real one
+does, answers a watch from a revision it has not reached by waiting for it. The real etcd,
+with its real client, is in test_etcd_discovery.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from interlock import PipelineConfig
+from interlock.discovery import (
+    EtcdClient,
+    EtcdError,
+    KeyValue,
+    WatchEvent,
+    WorkerRecord,
+    WorkerWatcher,
+    worker_key,
+)
+from interlock.engines import Engine
+
+PREFIX = "test"
+
+
+class MemoryEtcd(EtcdClient):
+    """etcd's key space in memory, as the watcher reads it: `get_prefix` and `watch_prefix`
+    (nothing goes over the network). ``calls`` records each successful listing
+    (``("list", revision)``) and each watch (``("watch", start_revision)``)."""
+
+    def __init__(self) -> None:
+        super().__init__("http://etcd.invalid:2379")
+        self.kvs: dict[str, bytes] = {}
+        self.revision = 1  # a new etcd's
+        self.history: list[WatchEvent] = []
+        self.failing_listings = 0
+        self.calls: list[tuple[str, int]] = []
+        self._restarts = 0
+        self._changed = trio.Event()
+
+    def _change(self, event: WatchEvent) -> None:
+        self.history.append(event)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def store(self, key: str, value: bytes) -> None:
+        self.revision += 1
+        self.kvs[key] = value
+        self._change(WatchEvent("put", key, value, self.revision))
+
+    def erase(self, key: str) -> None:
+        if self.kvs.pop(key, None) is not None:
+            self.revision += 1
+            self._change(WatchEvent("delete", key, b"", self.revision))
+
+    def restart(self, *, lose_data: bool) -> None:
+        """Stop and start again: open watches end; without its data, etcd is a new store."""
+        self._restarts += 1
+        if lose_data:
+            self.kvs.clear()
+            self.history.clear()
+            self.revision = 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        await trio.sleep(0.001)  # a round trip
+        if self.failing_listings:
+            self.failing_listings -= 1
+            raise EtcdError(self.url, f"range {prefix!r}", "ConnectError: etcd is restarting")
+        self.calls.append(("list", self.revision))
+        items = [KeyValue(k, v) for k, v in sorted(self.kvs.items()) if k.startswith(prefix)]
+        return items, self.revision
+
+    async def watch_prefix(
+        self, prefix: str, *, start_revision: int | None = None
+    ) -> AsyncGenerator[WatchEvent, None]:
+        assert start_revision is not None
+        self.calls.append(("watch", start_revision))
+        restarts = self._restarts
+        position = start_revision
+        while True:
+            if self._restarts != restarts:
+                raise EtcdError(self.url, f"watch {prefix!r}", "the stream ended")
+            # As etcd: from ``position`` on, however far ahead of the store that is.
+            for event in [e for e in self.history if e.revision >= position]:
+                position = event.revision + 1
+                if event.key.startswith(prefix):
+                    yield event
+            await self._changed.wait()
+
+
+@attrs.define
+class Pool:
+    """The pipeline's side: which engines the watcher added."""
+
+    config: PipelineConfig = attrs.field(factory=PipelineConfig)
+    tokenizer: None = None
+    engines: dict[int, Engine] = attrs.field(factory=dict)
+
+    async def add_worker(self, engine: Engine) -> None:
+        self.engines[engine.instance_id] = engine
+
+    async def remove_worker(self, worker_id: int, *, stop: bool = False) -> None:
+        self.engines.pop(worker_id)
+
+    def engine(self, worker_id: int) -> Engine | None:
+        return self.engines.get(worker_id)
+
+
+_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(("put", "delete")), st.integers(1, 4)),
+        st.tuples(
+            st.sampled_from(("restart", "restart_empty", "fail_listings")), st.integers(1, 3)
+        ),
+        st.tuples(st.just("wait"), st.sampled_from((0, 1, 50, 300, 3000))),
+    ),
+    max_size=25,
+)
+
+
+@given(steps=_STEPS)
+async def test_the_watcher_watches_only_from_a_listing_and_ends_in_step_with_etcd(
+    autojump_clock: trio.testing.MockClock, steps: list[tuple[str, int]]
+) -> None:
+    etcd = MemoryEtcd()
+    pool = Pool()
+    etcd.store(worker_key(PREFIX, 1), WorkerRecord(worker_id=1, kind="mock").to_json().encode())
+    watcher = WorkerWatcher(etcd, pool, prefix=PREFIX, backoff=0.05, max_backoff=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watcher.run)
+        for kind, value in steps:
+            key = worker_key(PREFIX, value)
+            if kind == "put":
+                record = WorkerRecord(worker_id=value, kind="mock")
+                etcd.store(key, record.to_json().encode())
+            elif kind == "delete":
+                etcd.erase(key)
+            elif kind == "restart":
+                etcd.restart(lose_data=False)
+            elif kind == "restart_empty":
+                etcd.restart(lose_data=True)
+            elif kind == "fail_listings":
+                etcd.failing_listings += value
+            else:
+                await trio.sleep(value / 1000)
+        # Long enough for every failed listing to be retried at the longest back-off.
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    # Every watch starts right after a listing, from the revision after it: never from a
+    # revision known before (etcd may have lost it, and would wait for it in silence).
+    for before, call in zip(etcd.calls, etcd.calls[1:], strict=False):
+        if call[0] == "watch":
+            assert before == ("list", call[1] - 1), etcd.calls
+    listed = {int(k.rpartition("/")[2]) for k in etcd.kvs}
+    assert set(pool.engines) == listed, (etcd.calls, etcd.kvs)
+    assert set(watcher.records) == listed
+
+
+async def test_failed_listings_log_one_warning_that_says_what_the_watcher_waits_for(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "interlock.discovery.etcd")
+    etcd = MemoryEtcd()
+    watcher = WorkerWatcher(etcd, Pool(), prefix=PREFIX, backoff=0.1, max_backoff=2.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watcher.run)
+        etcd.failing_listings = 8
+        etcd.restart(lose_data=True)
+        start = trio.current_time()
+        while watcher.listings < 2:  # noqa: ASYNC110 (virtual time)
+            await trio.sleep(0.01)
+        waited = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("cannot list the workers" in w for w in warnings) == 1, warnings
+    assert "watching again only once a listing succeeds" in caplog.text
+    assert "listed the workers again after 8 failed attempt(s)" in caplog.text
+    # Back-off: 0.1, 0.2, 0.4, 0.8, 1.6, then 2 s apart at most (9 listings).
+    delays: list[Any] = [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0, 2.0]
+    assert waited == pytest.approx(sum(delays), abs=0.1)
