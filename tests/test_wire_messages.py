@@ -25,6 +25,7 @@ from interlock.wire import (
     SamplingOptions,
     SelectionRecord,
     Usage,
+    WorkerChanged,
     WorkerJoined,
     WorkerLeft,
     from_builtins,
@@ -338,6 +339,7 @@ MESSAGES = st.one_of(
     MODEL_REWRITE,
     st.builds(WorkerJoined, WORKER),
     st.builds(WorkerLeft, WORKER),
+    st.builds(WorkerChanged, WORKER),
 )
 MESSAGE_CLASSES = (
     PreprocessedRequest,
@@ -354,6 +356,7 @@ MESSAGE_CLASSES = (
     ModelRewriteDecision,
     WorkerJoined,
     WorkerLeft,
+    WorkerChanged,
 )
 
 
