@@ -1085,3 +1085,30 @@ async def test_a_request_whose_only_engine_is_ejected_is_not_held_off_it_by_a_wa
             gateway.cancel(name)
         for name in list(gateway.booked):
             gateway.free(name)
+
+
+async def test_an_engine_that_starts_serving_a_waiters_adapter_while_a_later_waiter_asks_goes_to_the_waiter_ahead(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The in-flight case of `WorkerChanged`, as `Select.members` covers it for a join: engine
+    3 frees, the pass passes over the 'ad1' head (known full: {1}) and hands the baton to the
+    base waiter behind; before that waiter's Select is even sent, engine 3 starts serving
+    'ad1'. The queue holds (no further pass), but the Select already handed out carries only
+    engine 1 as reserved, so the waiter behind takes engine 3, which the head could now use."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        ahead = gateway.arrive("ad1")  # waits for {1}
+        await gateway.settled()
+        behind = gateway.arrive("base")  # waits for any
+        await gateway.settled()
+        gateway.free_on(3)  # a pass: the baton goes to the base waiter (the head is known full)
+        engine = gateway.pipeline.engine(3)
+        engine.adapters = frozenset({"ad1", "ad2"})  # before the base waiter's Select is sent
+        await gateway.settled()
+        assert not (ahead in gateway.waiting and gateway.holds(behind) == 3), (
+            f"{behind} (behind) took engine 3, which {ahead} (ahead, 'ad1') could use once it "
+            f"served 'ad1': {gateway.booked}"
+        )
+
+    await _gateway_test(body)
