@@ -1051,17 +1051,15 @@ async def test_a_worker_whose_ejection_ends_is_held_for_the_waiter_refused_over_
 
 
 async def test_a_request_whose_only_engine_is_ejected_is_not_held_off_it_by_a_waiter_that_cannot_use_it(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Engine 1 (the only 'ad1' engine) is ejected with a free slot. A base request waits
     (engines 2 and 3 full; engine 1 ejected, so not for it while 2 and 3 are healthy). An
     'ad1' request alone would go to engine 1 (every candidate ejected: panic mode), but the
     base waiter's refusal now names engine 1 (before the ejection filter), so engine 1 is
     reserved for the waiter ahead, which cannot use it: the 'ad1' request waits beside an
-    idle engine for as long as the base waiter waits (here: the ejection's 60 s)."""
-    from interlock import _admission
-
-    monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    idle engine for as long as the base waiter waits (here: the ejection's 60 s; every
+    `RECHECK` asks the base waiter again, which names engine 1 again)."""
     config = CONFIG.evolve(outlier_failures=1, outlier_ejection_time=60.0)
     workers = [worker(w) for w in (1, 2, 3)]
     async with build_pipeline(config, Components(workers=workers)) as p, trio.open_nursery() as n:
