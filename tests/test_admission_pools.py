@@ -1045,3 +1045,68 @@ async def test_a_worker_whose_ejection_ends_is_held_for_the_waiter_refused_over_
             gateway.cancel(name)
         for name in list(gateway.booked):
             gateway.free(name)
+
+
+# -- third review -------------------------------------------------------------------------------
+
+
+async def test_a_request_whose_only_engine_is_ejected_is_not_held_off_it_by_a_waiter_that_cannot_use_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Engine 1 (the only 'ad1' engine) is ejected with a free slot. A base request waits
+    (engines 2 and 3 full; engine 1 ejected, so not for it while 2 and 3 are healthy). An
+    'ad1' request alone would go to engine 1 (every candidate ejected: panic mode), but the
+    base waiter's refusal now names engine 1 (before the ejection filter), so engine 1 is
+    reserved for the waiter ahead, which cannot use it: the 'ad1' request waits beside an
+    idle engine for as long as the base waiter waits (here: the ejection's 60 s; every
+    `RECHECK` asks the base waiter again, which names engine 1 again)."""
+    config = CONFIG.evolve(outlier_failures=1, outlier_ejection_time=60.0)
+    workers = [worker(w) for w in (1, 2, 3)]
+    async with build_pipeline(config, Components(workers=workers)) as p, trio.open_nursery() as n:
+        gateway = Gateway(p, n)
+        await _fill(gateway)
+        p.report_failed_stream(1)
+        assert 1 in await p.worker_states()
+        gateway.free_on(1)
+        ahead = gateway.arrive("base")  # engines 2 and 3 full, engine 1 ejected
+        await gateway.settled()
+        assert ahead in gateway.waiting
+        behind = gateway.arrive("ad1")  # only engine 1, ejected and idle: panic mode
+        await gateway.settled()
+        await trio.sleep(10)
+        assert ahead in gateway.waiting and 1 in await p.worker_states()
+        assert gateway.holds(behind) == 1, (
+            f"{behind} ('ad1') waits beside idle engine 1, held for {ahead} which cannot use "
+            f"it while it is ejected: {gateway.booked}"
+        )
+        for name in list(gateway.waiting):
+            gateway.cancel(name)
+        for name in list(gateway.booked):
+            gateway.free(name)
+
+
+async def test_an_engine_that_starts_serving_a_waiters_adapter_while_a_later_waiter_asks_goes_to_the_waiter_ahead(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The in-flight case of `WorkerChanged`, as `Select.members` covers it for a join: engine
+    3 frees, the pass passes over the 'ad1' head (known full: {1}) and hands the baton to the
+    base waiter behind; before that waiter's Select is even sent, engine 3 starts serving
+    'ad1'. The queue holds (no further pass), but the Select already handed out carries only
+    engine 1 as reserved, so the waiter behind takes engine 3, which the head could now use."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        ahead = gateway.arrive("ad1")  # waits for {1}
+        await gateway.settled()
+        behind = gateway.arrive("base")  # waits for any
+        await gateway.settled()
+        gateway.free_on(3)  # a pass: the baton goes to the base waiter (the head is known full)
+        engine = gateway.pipeline.engine(3)
+        engine.adapters = frozenset({"ad1", "ad2"})  # before the base waiter's Select is sent
+        await gateway.settled()
+        assert not (ahead in gateway.waiting and gateway.holds(behind) == 3), (
+            f"{behind} (behind) took engine 3, which {ahead} (ahead, 'ad1') could use once it "
+            f"served 'ad1': {gateway.booked}"
+        )
+
+    await _gateway_test(body)
