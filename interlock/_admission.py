@@ -45,21 +45,21 @@ freed while it asked (the pass then starts again from the head); so does a serve
 which no worker has room. So a freed slot costs about one ask, whether one pool waits or
 many (the pool of the freed worker), not one per waiting pool.
 
-A pass starts when a slot frees (`wake`; a request that never held one, a shed 429 or one
-that gave up in the queue with no ask on its way, wakes nobody), when a request of an
-unknown or dirty pool joins, after a membership change has reached the Router (`hold` until
-then: a newcomer must not take a just-joined worker before the waiters ahead; an engine that
-starts or stops serving an adapter is one, announced as `WorkerChanged`), and every
-`RECHECK` seconds while anyone waits (`recheck`, a timer of the queue's own, which no pass
-or wake puts off: an engine that reports its own queue, an OpenAI-compatible server's
-/metrics, or an ejection that ended, makes room without any request of ours ending; a
-refusal names the ejected candidates too, so a worker whose ejection ends stays held for the
-waiters refused over it, not taken by one behind). The last two make every pool unknown:
-each is asked once again. A slot that frees during a pass, on a worker a pool's refusal
-named (or on any worker, when the pass would end with a pool nothing is known of still to
-ask), restarts the pass from the head once the current ask is answered: at most one ask is
-in flight, so no later waiter's ask reaches the Router before an earlier waiter's that could
-use the same freed slot.
+A pass starts when a slot frees (`wake`; a request that never held one, a shed 429 or one that
+gave up in the queue with no ask on its way, wakes nobody), when a request of an unknown or
+dirty pool joins, after a membership change has reached the Router (`hold` until then: a
+newcomer must not take a just-joined worker before the waiters ahead; an engine that starts or
+stops serving an adapter is one, announced as `WorkerChanged`), and every `RECHECK` seconds
+while anyone waits (`recheck`, a timer of the queue's own, which no pass or wake puts off: an
+engine that reports its own queue, an OpenAI-compatible server's /metrics, or an ejection that
+ended, makes room without any request of ours ending; a refusal names the ejected candidates
+too, so a worker whose ejection ends stays held for the waiters refused over it, not taken by
+one behind; a request whose every candidate is ejected uses them anyway, held or not, as they
+are held only for when their ejection ends). The last two make every pool unknown: each is asked
+once again. A slot that frees during a pass, on a worker a pool's refusal named (or on any
+worker, when the pass would end with a pool nothing is known of still to ask), restarts the pass
+from the head once the current ask is answered: at most one ask is in flight, so no later
+waiter's ask reaches the Router before an earlier waiter's that could use the same freed slot.
 """
 
 from __future__ import annotations

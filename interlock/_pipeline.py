@@ -479,8 +479,9 @@ class Pipeline:
         """Call ``watcher(workers)`` (the routable workers, by id, as `workers` gives them)
         after every membership change, in the task that made it; never block or raise in
         one. A change is a worker joining, leaving routing (away: `engine` still has it),
-        coming back, or removed for good (`engine` gives None), routable or away when it
-        goes. Returns a function that stops the calls."""
+        coming back, removed for good (`engine` gives None), routable or away when it
+        goes, or changing what it serves (its LoRA adapters: `WorkerChanged`; the same
+        workers). Returns a function that stops the calls."""
         return self._registry.watch(watcher)
 
     async def add_worker(self, engine: Engine) -> None:

@@ -411,8 +411,11 @@ class RouterActor(Actor):
             healthy = [w for w in pool if not outliers.is_ejected(w, now)]
             if healthy:
                 pool = healthy
-        # else every candidate is ejected: better one of them than no answer (Envoy's panic
-        # mode, at 0 % healthy).
+            elif reserved:
+                # Every candidate is ejected: better one of them than no answer (Envoy's
+                # panic mode, at 0 % healthy). A waiter ahead holds an ejected worker only
+                # for when its ejection ends; this request may use it now.
+                reserved = reserved - candidates
         if admit:
             # A reserved worker is held for a request that waits ahead of this one: full. So
             # is one that joined after the reservation was worked out (not in ``members``).
