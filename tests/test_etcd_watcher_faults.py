@@ -229,3 +229,50 @@ async def test_a_restart_without_data_between_a_listing_and_its_watch_is_followe
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert set(pool.engines) == {3}, (etcd.calls, etcd.revision)
+
+
+async def test_streams_on_a_worker_that_registers_again_after_etcd_lost_its_data_go_on(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # etcd restarted without its data: the worker never went away, its renewal finds the
+    # lease gone and puts the same record again (serve_registration). Meanwhile the
+    # frontend's listing of the empty store made it leave, draining its open stream; the
+    # same record coming back must not stop the engine that stream runs on (docs: "etcd
+    # stops or restarts: the frontends keep their workers and go on serving").
+    from interlock.discovery import _etcd
+
+    stopped: list[int] = []
+
+    class Busy:
+        """A connected worker's engine with one stream open on it."""
+
+        def __init__(self, record: WorkerRecord) -> None:
+            self.instance_id = record.worker_id
+            self.open_streams = 1
+            self.connected = True
+
+    class DrainingPool(Pool):
+        async def remove_worker(self, worker_id: int, *, stop: bool = False) -> None:
+            self.engines.pop(worker_id, None)
+            if stop:
+                stopped.append(worker_id)
+
+    monkeypatch.setattr(_etcd, "engine_from_record", lambda record, context: Busy(record))
+    record = WorkerRecord(worker_id=1, kind="mock").to_json().encode()
+    etcd = MemoryEtcd()
+    etcd.store(worker_key(PREFIX, 1), record)
+    pool = DrainingPool()
+    watcher = WorkerWatcher(etcd, pool, prefix=PREFIX, backoff=0.05, max_backoff=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watcher.run)
+        first = pool.engines[1]
+        etcd.restart(lose_data=True)
+        while 1 in pool.engines:  # noqa: ASYNC110 (virtual time)
+            await trio.sleep(0.01)
+        etcd.store(worker_key(PREFIX, 1), record)  # registered again, unchanged
+        while 1 not in pool.engines:  # noqa: ASYNC110 (virtual time)
+            await trio.sleep(0.01)
+        stopped_while_running = list(stopped)
+        nursery.cancel_scope.cancel()
+    assert stopped_while_running == [], "the engine carrying the open stream was stopped"
+    assert first.open_streams == 1
