@@ -276,3 +276,13 @@ async def test_streams_on_a_worker_that_registers_again_after_etcd_lost_its_data
         nursery.cancel_scope.cancel()
     assert stopped_while_running == [], "the engine carrying the open stream was stopped"
     assert first.open_streams == 1
+
+
+# The property's schedules include up to 25 steps of up to 3 failed listings each, but it
+# checks the watcher's state after a fixed 10 s (virtual) rather than waiting for the
+# listings to be used up: 60 failed listings at a back-off up to 1 s take about 55 s. This
+# schedule is one the strategy generates; the watcher is right, the check comes too early.
+_property = test_the_watcher_watches_only_from_a_listing_and_ends_in_step_with_etcd
+test_a_long_run_of_failed_listings_still_ends_in_step_with_etcd = given(
+    steps=st.just([("fail_listings", 3)] * 20 + [("restart", 1), ("put", 2)])
+)(_property.hypothesis.inner_test)  # type: ignore[attr-defined]
