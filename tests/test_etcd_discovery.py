@@ -205,6 +205,9 @@ async def frontend(
                 pipeline,
                 prefix=PREFIX,
                 connect_timeout=connect_timeout,
+                # The mock workers here renew no lease: none comes back after etcd loses
+                # its data, so the grace for them to register again is short.
+                new_store_grace=0.5,
                 task_status=task_status,
             )
         )
@@ -700,6 +703,32 @@ async def test_a_watch_cancelled_by_a_compaction_lists_again(
                 "worker 3, seen by the second listing",
             )
     assert "etcd cancelled the watch: compacted to revision" in caplog.text
+
+
+async def test_a_watch_on_an_etcd_that_restarted_empty_and_caught_up_after_the_listing_lists_again(
+    etcd: Etcd,
+) -> None:
+    # As test_a_watch_on_an_etcd_that_restarted_empty_after_the_listing_lists_again, but
+    # the new store is back at the listed revision (30) when the watch starts: the watch's
+    # creation header shows no revision behind, so the watcher watches from 31 on a store
+    # whose revisions 1-30 it never listed. etcd's cluster and member ids stay the same; its
+    # raft term goes back (3 -> 2) and would tell. A new etcd is at term 2 and an empty
+    # restart starts again at 2, so etcd restarts once with its data first (term 3), as one
+    # that has run for a while has: without that the term does not go back, and nothing in
+    # etcd's answers tells the new store from the old.
+    with trio.fail_after(TIMEOUT):
+        etcd.restart()
+        client = await _worker_2_at_revision_30(etcd)
+
+        async def restart_empty_and_catch_up() -> None:
+            etcd.restart(lose_data=True)
+            await _put_mock_worker(client, 3)  # registered again, at revision 2
+            while await client.put("elsewhere", "x") < 30:
+                pass
+
+        client.after_listing = restart_empty_and_catch_up
+        async with frontend(etcd, client=client) as (pipeline, _):
+            await wait_for(lambda: set(pipeline.workers) == {3}, "worker 3 only", within=5)
 
 
 # -- the commands --------------------------------------------------------------------------------

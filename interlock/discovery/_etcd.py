@@ -22,6 +22,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import ssl
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
@@ -261,6 +262,11 @@ class EtcdClient:
         self.authentications = 0
         self._token: str | None = None
         self._authenticated = False
+        #: etcd's raft term in the answer to the last `get_prefix` (0: none yet). A store
+        #: that restarted without its data starts its term again: its revision may have
+        #: caught up with the old one's, and its cluster and member ids stay the same, so a
+        #: term below the listed one is what tells (pass it to `watch_prefix`).
+        self.listed_raft_term = 0
         self._auth_lock = trio.Lock()
         # httpx's default trusts certifi's bundle; the system's CAs are what an operator
         # manages (and what --etcd-ca-file replaces).
@@ -509,21 +515,25 @@ class EtcdClient:
             ]
         except (KeyError, ValueError, binascii.Error) as exc:
             raise EtcdError(self.url, f"range {prefix!r}", f"unexpected answer: {exc}") from exc
+        self.listed_raft_term = _raft_term(answer)
         return items, _revision(answer)
 
     async def watch_prefix(
-        self, prefix: str, *, start_revision: int | None = None
+        self, prefix: str, *, start_revision: int | None = None, raft_term: int = 0
     ) -> AsyncGenerator[WatchEvent, None]:
         """Yield every change to keys starting with ``prefix``, from ``start_revision`` (the
         `get_prefix` revision + 1) on, until the caller stops iterating. Close it with
-        ``contextlib.aclosing``. Waits for changes without a time limit.
+        ``contextlib.aclosing``. Waits for changes without a time limit. ``raft_term`` is
+        `listed_raft_term` after that listing: a watch on an etcd whose term went back since
+        (another store) refuses to start, as below.
 
         Raises:
             EtcdError: etcd cannot be reached, the stream broke (etcd stopped), etcd
                 cancelled the watch (e.g. ``start_revision`` was compacted away), or etcd is
                 behind ``start_revision`` - 1 (it lost its data: etcd would wait for that
-                revision without a word, however many changes come below it): list again
-                and watch from the new revision.
+                revision without a word, however many changes come below it), or etcd is
+                at a raft term below ``raft_term`` (another store): list again and watch
+                from the new revision.
         """
         create: dict[str, Any] = {
             "key": _b64(prefix),
@@ -560,7 +570,7 @@ class EtcdClient:
                             renew = True
                             break
                         if start_revision is not None:
-                            self._check_reached(operation, message, start_revision)
+                            self._check_reached(operation, message, start_revision, raft_term)
                         for event in self._watch_events(operation, message):
                             yield event
             except httpx.HTTPError as exc:
@@ -579,15 +589,30 @@ class EtcdClient:
             raise EtcdError(self.url, operation, f"not a JSON object: {line[:200]!r}")
         return message
 
-    def _check_reached(self, operation: str, message: dict[str, Any], start: int) -> None:
+    def _check_reached(
+        self, operation: str, message: dict[str, Any], start: int, raft_term: int = 0
+    ) -> None:
         """Raise when the watch's creation answer shows etcd's revision below ``start`` - 1,
         the revision the caller listed at. Within one store revisions only grow, so etcd
         is another store now (restarted without its data, or restored from a backup; its
         cluster and member ids stay the same when its flags do, so they cannot tell), or
-        the member answering lags behind the one that answered the listing."""
+        the member answering lags behind the one that answered the listing. Raise too when
+        its raft term is below ``raft_term``, the listing's: a store that restarted empty and
+        caught up past the listed revision shows no revision behind, but its term starts
+        again (from 2: a term that was 2 at the listing cannot tell)."""
         result = message.get("result")
         if not isinstance(result, dict) or not result.get("created"):
             return
+        term = _raft_term(result)
+        if 0 < term < raft_term:
+            raise EtcdError(
+                self.url,
+                operation,
+                f"etcd's raft term went back from {raft_term} at the listing to {term}",
+                hint="etcd lost its data (restarted without its data directory) and may have "
+                "caught up with the listed revision since: list again, and watch from the "
+                "listing's revision",
+            )
         revision = _revision(result)
         if revision < start - 1:
             raise EtcdError(
@@ -642,6 +667,10 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def _revision(answer: Mapping[str, Any]) -> int:
     return int(answer.get("header", {}).get("revision", 0))
+
+
+def _raft_term(answer: Mapping[str, Any]) -> int:
+    return int(answer.get("header", {}).get("raft_term", 0))
 
 
 # -- records -----------------------------------------------------------------------------------
@@ -778,9 +807,14 @@ class WorkerWatcher:
     listing succeeds (backing off from ``backoff`` to ``max_backoff`` seconds), and only
     then watches again, from that listing's revision; workers whose records vanished
     meanwhile are removed. A listing whose revision is below the last one seen, or a watch
-    on an etcd behind its listing's revision, means etcd lost its data: the watcher
-    follows it as a new store (workers it has no record of leave, those that register
-    again join). The pipeline keeps its workers while etcd is away.
+    on an etcd behind its listing's revision, or an answer whose raft term is below the last
+    one seen, means etcd lost its data: the watcher follows it as a new store. Workers it
+    has no record of stay as they are (engine and streams) for ``new_store_grace`` seconds,
+    time for their lease renewals to register them again; those that do not leave then.
+    The pipeline keeps its workers while etcd is away.
+
+    Raises:
+        ConfigError: ``new_store_grace`` is negative (or not a number).
     """
 
     def __init__(
@@ -794,7 +828,13 @@ class WorkerWatcher:
         backoff: float = 0.1,
         max_backoff: float = 2.0,
         drain_timeout: float = 300.0,
+        new_store_grace: float = 10.0,
     ) -> None:
+        if not new_store_grace >= 0:
+            raise ConfigError(
+                f"new_store_grace={new_store_grace!r}: give the seconds (0 or more) workers "
+                "stay after etcd lost their records, e.g. the workers' --etcd-ttl"
+            )
         self.client = client
         self.pipeline = pipeline
         self.prefix = workers_prefix(prefix)
@@ -818,6 +858,14 @@ class WorkerWatcher:
         self.listings = 0
         #: etcd's revision at the last listing, or of the last change watched since.
         self._revision = 0
+        #: How long workers the old store had stay, as they are, once etcd turns out to be
+        #: a new store (it lost its data): long enough for a live worker's lease renewal to
+        #: find its lease gone and register again (the default is the default --etcd-ttl).
+        self.new_store_grace = new_store_grace
+        #: Workers kept after etcd lost their records, by id: when the grace ends.
+        self._held: dict[int, float] = {}
+        #: etcd's raft term at the last listing (`EtcdClient.listed_raft_term`).
+        self._raft_term = 0
 
     def _engine_context(self) -> EngineContext:
         # An engine waits for its worker as long as the watcher does, and reconnects at
@@ -857,7 +905,11 @@ class WorkerWatcher:
             while True:
                 watched_at = trio.current_time()
                 try:
-                    await self._follow()
+                    # A listing after the grace drops the held workers that did not
+                    # register again (the watcher's own task: one owner of the members).
+                    with trio.move_on_at(min(self._held.values(), default=math.inf)):
+                        await self._follow()
+                    delay = self.backoff  # the grace ended: list soon
                 except EtcdError as exc:
                     if trio.current_time() - watched_at >= self.max_backoff:
                         delay = self.backoff  # the watch held: back-off starts afresh
@@ -902,23 +954,44 @@ class WorkerWatcher:
 
     async def _list(self) -> None:
         items, revision = await self.client.get_prefix(self.prefix)
-        if revision < self._revision:
-            _logger.warning(
-                "etcd's revision went back from %d to %d: etcd lost its data (restarted "
-                "without its data directory, or restored from a backup); following it as a "
-                "new store: workers it has no record of leave, those that register again join",
-                self._revision,
-                revision,
+        term = self.client.listed_raft_term
+        new_store = revision < self._revision or term < self._raft_term
+        if new_store:
+            why = (
+                f"etcd's revision went back from {self._revision} to {revision}"
+                if revision < self._revision
+                else f"etcd's raft term went back from {self._raft_term} to {term}"
             )
+            _logger.warning(
+                "%s: etcd lost its data (restarted without its data directory, or restored "
+                "from a backup); following it as a new store: workers it has no record of "
+                "stay as they are for %.1fs (new_store_grace) to register again, and leave "
+                "if they do not",
+                why,
+                self.new_store_grace,
+            )
+        self._raft_term = term
         self._revision = revision
         present: dict[int, WorkerRecord] = {}
         for item in items:
             record = self._parse(item.key, item.value)
             if record is not None:
                 present[record.worker_id] = record
+        now = trio.current_time()
         for worker_id in list(self._members):
-            if worker_id not in present:
-                await self._leave(worker_id, "its record is gone")
+            if worker_id in present:
+                continue
+            if new_store:
+                # A live worker's renewal finds its lease gone and puts its record back;
+                # until then it serves as before (dropping it would drain its streams).
+                self._held[worker_id] = now + self.new_store_grace
+            elif self._held.get(worker_id, -math.inf) <= now:
+                why = (
+                    "it did not register again after etcd lost its data"
+                    if worker_id in self._held
+                    else "its record is gone"
+                )
+                await self._leave(worker_id, why)
         for record in present.values():
             await self._join(record)
         for member in list(self._members.values()):
@@ -926,7 +999,9 @@ class WorkerWatcher:
         self.listings += 1
 
     async def _follow(self) -> None:
-        events = self.client.watch_prefix(self.prefix, start_revision=self._revision + 1)
+        events = self.client.watch_prefix(
+            self.prefix, start_revision=self._revision + 1, raft_term=self._raft_term
+        )
         async with aclosing(events):
             async for event in events:
                 self._revision = max(self._revision, event.revision)
@@ -960,6 +1035,7 @@ class WorkerWatcher:
         return record
 
     async def _join(self, record: WorkerRecord) -> None:
+        self._held.pop(record.worker_id, None)
         draining = self._draining.get(record.worker_id)
         if draining is not None:
             # The old engine under this id stops before a new one takes the id.
@@ -1016,6 +1092,7 @@ class WorkerWatcher:
             member.done.set()
 
     async def _leave(self, worker_id: int, why: str) -> None:
+        self._held.pop(worker_id, None)
         member = self._members.pop(worker_id, None)
         if member is None:
             return
@@ -1065,6 +1142,7 @@ async def watch_workers(
     prefix: str = DEFAULT_PREFIX,
     context: EngineContext | None = None,
     connect_timeout: float = 5.0,
+    new_store_grace: float = 10.0,
     task_status: trio.TaskStatus[WorkerWatcher] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a `WorkerWatcher` over ``pipeline`` until cancelled; ``task_status.started`` gets
@@ -1076,7 +1154,12 @@ async def watch_workers(
         EtcdError: the first listing failed.
     """
     watcher = WorkerWatcher(
-        client, pipeline, prefix=prefix, context=context, connect_timeout=connect_timeout
+        client,
+        pipeline,
+        prefix=prefix,
+        context=context,
+        connect_timeout=connect_timeout,
+        new_store_grace=new_store_grace,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(watcher.run)
