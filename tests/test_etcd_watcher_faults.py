@@ -324,3 +324,66 @@ test_a_long_run_of_failed_listings_still_ends_in_step_with_etcd = given(
 def test_a_negative_grace_for_a_new_store_is_refused_saying_what_to_give(grace: float) -> None:
     with pytest.raises(ConfigError, match=r"new_store_grace=.*give the seconds"):
         WorkerWatcher(MemoryEtcd(), Pool(), prefix=PREFIX, new_store_grace=grace)
+
+
+async def test_a_worker_deleted_as_the_new_store_grace_ends_still_has_its_engine_stopped(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # etcd lost its data: worker 1 is held for new_store_grace, worker 2 registers again.
+    # Worker 2 then drains (its record is deleted) just before the grace ends. The watcher's
+    # `_leave` removes it from routing and awaits the pipeline (Pipeline.remove_worker waits
+    # for the actors to settle): the grace's deadline must not cut that short, or the
+    # draining engine is never stopped (no `_stop_when_idle`, no `_draining` entry).
+    from interlock.discovery import _etcd
+
+    stopped: list[int] = []
+    engines: dict[int, Any] = {}
+
+    class Busy:
+        """A connected worker's engine with one stream open on it."""
+
+        def __init__(self, record: WorkerRecord) -> None:
+            self.instance_id = record.worker_id
+            self.open_streams = 1
+            self.connected = True
+            engines[record.worker_id] = self
+
+    class SettlingPool(Pool):
+        async def remove_worker(self, worker_id: int, *, stop: bool = False) -> None:
+            # As Pipeline.remove_worker: deregister at once, then wait for the actors.
+            self.engines.pop(worker_id, None)
+            if stop:
+                stopped.append(worker_id)
+            await trio.sleep(0.5)
+
+    monkeypatch.setattr(_etcd, "engine_from_record", lambda record, context: Busy(record))
+    records = {n: WorkerRecord(worker_id=n, kind="mock").to_json().encode() for n in (1, 2)}
+    etcd = MemoryEtcd()
+    for n, record in records.items():
+        etcd.store(worker_key(PREFIX, n), record)
+    pool = SettlingPool()
+    watcher = WorkerWatcher(etcd, pool, prefix=PREFIX, backoff=0.05, max_backoff=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watcher.run)
+        etcd.restart(lose_data=True)
+        while watcher.listings < 2:  # noqa: ASYNC110 (virtual time)
+            await trio.sleep(0.01)
+        grace_ends = min(watcher._held.values())
+        etcd.store(worker_key(PREFIX, 2), records[2])  # worker 2 registered again
+        await trio.sleep_until(grace_ends - 0.2)
+        etcd.erase(worker_key(PREFIX, 2))  # worker 2 drains: its record is deleted
+        await trio.sleep(1.0)
+        engines[2].open_streams = 0  # its stream ends
+        await trio.sleep(5.0)
+        nursery.cancel_scope.cancel()
+    assert 2 not in watcher.records
+    assert 2 in stopped, "worker 2's draining engine was never stopped after its stream ended"
+
+
+@pytest.mark.parametrize("grace", ["10", None])
+def test_a_grace_for_a_new_store_that_is_not_a_number_is_refused_saying_what_to_give(
+    grace: Any,
+) -> None:
+    # WorkerWatcher's docstring: "ConfigError: new_store_grace is negative (or not a number)".
+    with pytest.raises(ConfigError, match=r"new_store_grace=.*give the seconds"):
+        WorkerWatcher(MemoryEtcd(), Pool(), prefix=PREFIX, new_store_grace=grace)
