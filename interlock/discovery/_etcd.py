@@ -830,7 +830,11 @@ class WorkerWatcher:
         drain_timeout: float = 300.0,
         new_store_grace: float = 10.0,
     ) -> None:
-        if not new_store_grace >= 0:
+        if (
+            not isinstance(new_store_grace, int | float)
+            or isinstance(new_store_grace, bool)
+            or not new_store_grace >= 0
+        ):
             raise ConfigError(
                 f"new_store_grace={new_store_grace!r}: give the seconds (0 or more) workers "
                 "stay after etcd lost their records, e.g. the workers' --etcd-ttl"
@@ -905,11 +909,8 @@ class WorkerWatcher:
             while True:
                 watched_at = trio.current_time()
                 try:
-                    # A listing after the grace drops the held workers that did not
-                    # register again (the watcher's own task: one owner of the members).
-                    with trio.move_on_at(min(self._held.values(), default=math.inf)):
-                        await self._follow()
-                    delay = self.backoff  # the grace ended: list soon
+                    await self._follow()
+                    delay = self.backoff  # the grace ended (or the watch did): list soon
                 except EtcdError as exc:
                     if trio.current_time() - watched_at >= self.max_backoff:
                         delay = self.backoff  # the watch held: back-off starts afresh
@@ -1003,7 +1004,19 @@ class WorkerWatcher:
             self.prefix, start_revision=self._revision + 1, raft_term=self._raft_term
         )
         async with aclosing(events):
-            async for event in events:
+            while True:
+                # A listing after the grace drops the held workers that did not register
+                # again (the watcher's own task: one owner of the members). The grace ends
+                # only the wait for an event, never an event's handling halfway (a removal
+                # cut after its member left would leave its engine running, unowned).
+                event = None
+                with trio.move_on_at(min(self._held.values(), default=math.inf)):
+                    try:
+                        event = await anext(events)
+                    except StopAsyncIteration:
+                        return
+                if event is None:
+                    return  # the grace ended
                 self._revision = max(self._revision, event.revision)
                 if event.kind == "delete":
                     worker_id = self._id_of(event.key)
