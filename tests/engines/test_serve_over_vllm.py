@@ -358,12 +358,16 @@ def stream_all(
     url: str, prompts: list[str], max_tokens: int, fault: Callable[[], object] | None = None
 ) -> list[str]:
     """Stream every prompt through interlock at ``url`` at once (greedy, ``max_tokens``
-    each); with ``fault``, call it (in a thread) once every stream has 3 chunks. Returns each
-    prompt's text; a chunk with an error fails the test."""
+    each); with ``fault``, call it (in a thread) once every stream has its first chunk (or
+    has ended). Returns each prompt's text; a chunk with an error fails the test.
+
+    Chunks, not tokens: vLLM's API server merges the deltas a slow reader has not taken into
+    one, so on a loaded machine a whole stream may come in one or two chunks."""
 
     async def run() -> list[str]:
         texts = [""] * len(prompts)
         chunks = [0] * len(prompts)
+        ended = [False] * len(prompts)
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as http:
 
             async def one(index: int) -> None:
@@ -375,21 +379,24 @@ def stream_all(
                     "ignore_eos": True,
                     "stream": True,
                 }
-                async with http.stream("POST", "/v1/completions", json=body) as response:
-                    assert response.status_code == 200
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: {"):
-                            chunk = httpx.Response(200, content=line[6:]).json()
-                            assert "error" not in chunk, chunk
-                            if chunk["choices"]:
-                                texts[index] += chunk["choices"][0]["text"]
-                                chunks[index] += 1
+                try:
+                    async with http.stream("POST", "/v1/completions", json=body) as response:
+                        assert response.status_code == 200
+                        async for line in response.aiter_lines():
+                            if line.startswith("data: {"):
+                                chunk = httpx.Response(200, content=line[6:]).json()
+                                assert "error" not in chunk, chunk
+                                if chunk["choices"]:
+                                    texts[index] += chunk["choices"][0]["text"]
+                                    chunks[index] += 1
+                finally:
+                    ended[index] = True
 
             async with trio.open_nursery() as nursery:
                 for index in range(len(prompts)):
                     nursery.start_soon(one, index)
                 if fault is not None:
-                    while min(chunks) < 3:  # noqa: ASYNC110
+                    while not all(c or e for c, e in zip(chunks, ended, strict=True)):  # noqa: ASYNC110
                         await trio.sleep(0.01)
                     await trio.to_thread.run_sync(fault)
         return texts
