@@ -31,7 +31,14 @@ from test_remote_workers import WORKER, WorkerProcess, generate, prompt, stop
 from test_remote_workers import start_worker as start_remote_worker
 from test_tokenizer_fingerprint import save_tiny_tokenizer
 
-from interlock import Components, NoWorkersAvailable, Pipeline, PipelineConfig, build_pipeline
+from interlock import (
+    Components,
+    ConfigError,
+    NoWorkersAvailable,
+    Pipeline,
+    PipelineConfig,
+    build_pipeline,
+)
 from interlock.discovery import (
     EtcdClient,
     EtcdError,
@@ -45,7 +52,7 @@ from interlock.discovery import (
 )
 from interlock.engines.mock import MockEngine
 from interlock.engines.remote import RemoteEngine
-from interlock.http._cli import banner, resolve
+from interlock.http._cli import _discovering, banner, resolve
 from interlock.processing import ByteTokenizer, Tokenizer
 from interlock.wire import PreprocessedRequest
 
@@ -776,3 +783,22 @@ async def test_a_worker_exits_with_status_1_when_etcd_cannot_be_reached(tmp_path
     assert result.returncode == 1
     assert b"interlock worker: cannot register in etcd: etcd at " + url.encode() in result.stderr
     assert result.stdout == b""
+
+
+async def test_serve_gives_its_etcd_watcher_the_new_store_grace_it_is_given(etcd: Etcd) -> None:
+    """``--etcd-new-store-grace``: how long a frontend keeps the workers an etcd that lost
+    its data has no record of (workers whose --etcd-ttl is longer need more than the 10 s
+    default to register again)."""
+    argv = ["serve", "--etcd", etcd.url, "--etcd-prefix", PREFIX]
+    assert resolve(frontend_parser().parse_args(argv)).etcd_new_store_grace == 10
+    setup = resolve(frontend_parser().parse_args([*argv, "--etcd-new-store-grace", "45"]))
+    async with (
+        build_pipeline(PipelineConfig(), Components(workers=[])) as pipeline,
+        _discovering(setup, pipeline) as watcher,
+    ):
+        assert watcher is not None and watcher.new_store_grace == 45
+    with pytest.raises(ConfigError, match="--etcd-new-store-grace needs --etcd URL"):
+        resolve(frontend_parser().parse_args(["serve", "--etcd-new-store-grace", "5"]))
+    for bad in ("-1", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            frontend_parser().parse_args([*argv, "--etcd-new-store-grace", bad])

@@ -226,6 +226,9 @@ class ServeSetup:
     #: ``--worker-connect-timeout``: how long each ``--remote-worker`` gets to complete its
     #: first handshake at start.
     worker_connect_timeout: float = 10.0
+    #: ``--etcd-new-store-grace``: how long the workers etcd lost the records of (it lost its
+    #: data) stay, for them to register again.
+    etcd_new_store_grace: float = 10.0
     #: ``--worker-tls`` (with ``--worker-ca-file`` ...): TLS toward every remote worker
     #: (None: plain TCP).
     worker_tls: ssl.SSLContext | None = attrs.field(default=None, repr=False)
@@ -699,6 +702,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "workers' --etcd-prefix)",
     )
     workers.add_argument(
+        "--etcd-new-store-grace",
+        type=non_negative_float,
+        default=None,
+        metavar="SECONDS",
+        help="when etcd lost its data, keep the workers it has no record of this long for them "
+        "to register again (10: the workers' default --etcd-ttl; give at least the workers' "
+        "--etcd-ttl)",
+    )
+    workers.add_argument(
         "--speedup",
         type=float,
         default=10.0,
@@ -1104,6 +1116,9 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             f"--worker-heartbeat-timeout {heartbeat[1]:g} (several pings must be able to go "
             "unanswered before a worker counts as dead)"
         )
+    grace = getattr(args, "etcd_new_store_grace", None)
+    if grace is not None and etcd is None:
+        raise ConfigError("--etcd-new-store-grace needs --etcd URL (it is about etcd's workers)")
     if not args.worker_connect_timeout > 0:
         raise ConfigError(
             f"--worker-connect-timeout must be positive, got {args.worker_connect_timeout:g} "
@@ -1191,6 +1206,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         worker_heartbeat_interval=heartbeat[0],
         worker_heartbeat_timeout=heartbeat[1],
         worker_connect_timeout=args.worker_connect_timeout,
+        etcd_new_store_grace=10.0 if grace is None else grace,
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
@@ -1971,6 +1987,7 @@ async def _discovering(
                 pipeline,
                 prefix=setup.etcd_prefix,
                 context=setup.engine_context(feed),
+                new_store_grace=setup.etcd_new_store_grace,
             )
         )
         try:
