@@ -130,11 +130,6 @@ class _Ticket:
         #: is asked once.
         self.passed = -1
 
-    @property
-    def blocked_on(self) -> frozenset[int] | None:
-        """The workers its last refusal (or one of a request with its pool key) named."""
-        return self.pool.blocked_on
-
 
 #: One priority's waiters: each flow's FIFO, the flows in the order of their turns.
 _Ring = OrderedDict[str, deque[_Ticket]]

@@ -404,7 +404,7 @@ class RouterActor(Actor):
         # Before the ejection filter: the admission queue holds these for a waiter refused
         # here, and an ejection ends with no message, so a waiter behind must not take the
         # worker then (the waiter learns it has room at its next ask).
-        candidates = frozenset(pool)
+        candidates = pool  # the list itself: a set is made only on the rare paths below
         outliers = self._outliers
         if outliers.has_records:
             now = trio.current_time()
@@ -415,7 +415,7 @@ class RouterActor(Actor):
                 # Every candidate is ejected: better one of them than no answer (Envoy's
                 # panic mode, at 0 % healthy). A waiter ahead holds an ejected worker only
                 # for when its ejection ends; this request may use it now.
-                reserved = reserved - candidates
+                reserved = reserved.difference(candidates)
         if admit:
             # A reserved worker is held for a request that waits ahead of this one: full. So
             # is one that joined after the reservation was worked out (not in ``members``).
@@ -427,7 +427,7 @@ class RouterActor(Actor):
             if not room:
                 raise WorkersFull(
                     f"every {leg} candidate {pool} is at its in-flight limit",
-                    blocked_on=candidates,
+                    blocked_on=frozenset(candidates),
                 )
             pool = room
         if adapter is not None:
