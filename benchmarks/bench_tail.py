@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # A sibling: the cluster, its pinning and wrk's chat requests.
 import ab_frontend
 
+from interlock.statemachines import read_jsonl
+
 #: A serve that records its scheduler passes: its report is the passes since the last one
 #: (wall start, wall length, CPU, GC CPU; seconds), as JSON.
 TAIL_SERVE = ab_frontend.instrumented_serve(
@@ -143,10 +145,8 @@ def bands(passes: Sequence[Pass], lives: Sequence[tuple[float, float]]) -> list[
 def lives_from_log(path: Path) -> list[tuple[float, float]]:
     """Each finished request's (preprocessed, done) wall times, from a JSONL transition log."""
     seen: dict[str, dict[str, float]] = collections.defaultdict(dict)
-    with path.open() as f:
-        for line in f:
-            record = json.loads(line)
-            seen[record["request_id"]][record["dst"]] = record["wall"]
+    for record in read_jsonl(path):
+        seen[record["request_id"]][record["dst"]] = record["wall"]
     return [(r["preprocessed"], r["done"]) for r in seen.values() if "done" in r]
 
 
