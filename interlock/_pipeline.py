@@ -25,6 +25,7 @@ from ._errors import (
     WorkerRefused,
     WorkerStalled,
 )
+from ._stalls import StallWatch, WatchedLeg
 from ._tracing import RequestTracing
 from .actors import (
     FALL_BACK,
@@ -434,6 +435,10 @@ class Pipeline:
             if config.engine_idle_timeout is None
             else min(HOLD_OUTPUTS, config.engine_idle_timeout / 4)
         )
+        #: The deadlines of the legs whose streams can be interrupted (`StallWatch`).
+        self._stalls = StallWatch(self._stall_error, self._count_stall)
+        if config.first_token_timeout is not None or config.engine_idle_timeout is not None:
+            nursery.start_soon(self._stalls.run)
         self._admission = AdmissionQueue(frozenset(registry.snapshot()))
         #: Per request id a gateway's booked `query` answered and has not freed: its decode
         #: worker and, until `mark_prefill_complete`, its prefill worker (disaggregated), so
@@ -749,6 +754,8 @@ class Pipeline:
                 if hold and hasattr(opening, "hold_outputs"):
                     # An optional capability of an engine's stream (`RemoteEngine`'s).
                     cast(Any, opening).hold_outputs = hold
+                stalls = self._stalls
+                watched: WatchedLeg | None = None
                 try:
                     async with opening as stream:
                         nowait = getattr(stream, "receive_nowait", None)
@@ -757,11 +764,16 @@ class Pipeline:
                         # then engine_idle_timeout from each output.
                         deadline = first_deadline
                         flowing = False
+                        watched = stalls.watch(stream, worker_id, deadline)
                         while True:
-                            output = await self._receive(stream, worker_id, deadline, nowait)
+                            output = await self._receive(
+                                stream, worker_id, deadline, nowait, watched
+                            )
                             flowing = flowing or bool(output.token_ids)
                             if flowing:
                                 deadline = self._idle_deadline()
+                                if watched is not None:
+                                    stalls.moved(watched, deadline)
                             if first and output.token_ids:
                                 first = False
                                 if track:
@@ -824,6 +836,9 @@ class Pipeline:
                     migrations = plan_or_refusal.attempt
                     exclude = plan_or_refusal.exclude
                     attempt = plan_or_refusal.request
+                finally:
+                    if watched is not None:
+                        stalls.done(watched)
         except BaseException as exc:
             self._end_abnormally(fsm, exc)
             raise
@@ -910,12 +925,17 @@ class Pipeline:
             result: PrefillResult | None = None
             deadline = self._first_token_deadline()
             async with engine.open_stream(leg) as stream:
-                while True:
-                    output = await self._receive(stream, worker_id, deadline)
-                    if output.prefill_result is not None:
-                        result = output.prefill_result
-                    if output.finish_reason is not None:
-                        break
+                watched = self._stalls.watch(stream, worker_id, deadline)
+                try:
+                    while True:
+                        output = await self._receive(stream, worker_id, deadline, None, watched)
+                        if output.prefill_result is not None:
+                            result = output.prefill_result
+                        if output.finish_reason is not None:
+                            break
+                finally:
+                    if watched is not None:
+                        self._stalls.done(watched)
             if result is None:
                 raise WorkerGone(
                     f"prefill worker {worker_id} finished without handing over its KV "
@@ -973,9 +993,11 @@ class Pipeline:
         worker_id: int,
         deadline: float,
         nowait: Callable[[], EngineOutput] | None = None,
+        watched: WatchedLeg | None = None,
     ) -> EngineOutput:
         """The stream's next output: at once, without a checkpoint, when ``nowait`` (the
-        stream's ``receive_nowait``) has one waiting; else waits for it.
+        stream's ``receive_nowait``) has one waiting; else waits for it. ``watched``: the
+        leg's deadline is kept by the pipeline's `StallWatch`, which ends the wait.
 
         Raises:
             WorkerGone: the stream ended without a final output.
@@ -993,21 +1015,39 @@ class Pipeline:
             started = trio.current_time()
             if deadline == math.inf:
                 return await stream.__anext__()
-            with trio.move_on_at(deadline):
-                return await stream.__anext__()
+            if watched is not None:
+                if started < deadline:
+                    # No scope: the watch's task fails this wait through the stream if the
+                    # deadline passes first.
+                    watched.waiting_since = started
+                    try:
+                        return await stream.__anext__()
+                    finally:
+                        watched.waiting_since = None
+                # Passed while the consumer had the last output: a stall now, as a scope
+                # entered past its deadline would be.
+            else:
+                with trio.move_on_at(deadline):
+                    return await stream.__anext__()
         except StopAsyncIteration:
             raise WorkerGone(
                 f"worker {worker_id} ended the stream without a final output",
                 worker_id=worker_id,
             ) from None
-        self.stats.stalls += 1
-        waited = deadline - started
-        raise WorkerStalled(
+        self._count_stall()
+        raise self._stall_error(worker_id, deadline - started)
+
+    def _stall_error(self, worker_id: int, waited: float) -> WorkerStalled:
+        """What a leg raises when its worker sent nothing for ``waited`` seconds of its wait."""
+        return WorkerStalled(
             f"worker {worker_id} made no progress for {waited:.3g}s (first_token_timeout="
             f"{self._first_token_timeout}, engine_idle_timeout={self._idle_timeout}): the "
             "engine is frozen, stopped or unreachable",
             worker_id=worker_id,
         )
+
+    def _count_stall(self) -> None:
+        self.stats.stalls += 1
 
     def _stream_failed(self, exc: EngineError) -> None:
         """Tell the router a worker broke a stream (outlier ejection). A refusal is the

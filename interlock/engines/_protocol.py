@@ -82,7 +82,11 @@ class Engine(Protocol):
 
         The iterator may also offer ``receive_nowait()``: the next output without waiting,
         raising ``trio.WouldBlock`` when none has arrived (and `StopAsyncIteration` once the
-        stream ended); the pipeline then takes a backlog in one go.
+        stream ended); the pipeline then takes a backlog in one go. And ``fail_waiting(exc)``:
+        end the reader's wait for the next output with ``exc`` (raised from ``__anext__``), or
+        return False and do nothing when something has already arrived for the reader or the
+        stream ended; the pipeline then keeps the stream's deadlines with one task of its own
+        instead of a cancel scope per wait.
         """
         ...
 

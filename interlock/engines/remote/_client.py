@@ -205,6 +205,18 @@ class _RemoteStream:
             raise trio.WouldBlock
         return self._take(self._items.popleft())
 
+    def fail_waiting(self, exc: EngineError) -> bool:
+        """End the reader's wait for the next output with ``exc``, which its `__anext__` then
+        raises (the pipeline's `StallWatch`: a stall without a cancel scope per wait).
+
+        Returns False and does nothing when an output or error has already arrived, or the
+        stream has ended: the reader takes that instead.
+        """
+        if self._items or self._done:
+            return False
+        self._deliver(exc)
+        return True
+
     def _take(self, item: EngineOutput | EngineError) -> EngineOutput:
         items = self._items
         if items and type(item) is EngineOutput and type(items[0]) is EngineOutput:

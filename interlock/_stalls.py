@@ -1,0 +1,138 @@
+"""`StallWatch`: one task per pipeline that ends the waits of the streams whose next output is
+overdue, in place of a deadline cancel scope entered for each wait.
+
+A leg's stream waits for each output that has not arrived yet; with a cancel scope per wait
+(``trio.move_on_at``) that is ~6 µs of trio's scope and deadline bookkeeping a wait, a few per
+request. A stream that can be interrupted (``fail_waiting``, `RemoteEngine`'s) instead has its
+leg's deadline kept here: moving it on an output is an ordered dict's move to the end, a wait
+sets a field, and this watch's one task sleeps until the earliest deadline and fails the waits
+that are still waiting then. A deadline never cancels anything: the waiting stream raises the
+stall from its own ``__anext__``, so nothing leaks into the code of whoever iterates the
+pipeline's outputs (a deadline that passes while that code writes to a slow client is seen by
+the leg's next wait, as a scope entered then would see it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+
+import trio
+
+from ._errors import EngineError, WorkerStalled
+
+#: What a leg's stream offers to be watched here: ``fail_waiting(exc)`` ends its reader's wait
+#: for an output with ``exc``, or returns False (doing nothing) when an output or error has
+#: already arrived for the reader to take first.
+FailWaiting = Callable[[EngineError], bool]
+
+
+class WatchedLeg:
+    """One leg's deadline for its stream's next output (`StallWatch.watch`)."""
+
+    __slots__ = ("deadline", "fail", "idle", "waiting_since", "worker_id")
+
+    def __init__(self, fail: FailWaiting, worker_id: int, deadline: float) -> None:
+        self.fail = fail
+        self.worker_id = worker_id
+        #: When the next output is due (trio's clock; math.inf: never).
+        self.deadline = deadline
+        #: Whether the deadline is an idle one (set by `StallWatch.moved`).
+        self.idle = False
+        #: When the leg began waiting for its next output; None while it is not waiting (its
+        #: consumer is busy with an output, or it ended).
+        self.waiting_since: float | None = None
+
+
+class StallWatch:
+    """The deadlines of a pipeline's watched legs and the task that enforces them (`run`).
+
+    Legs are kept in two ordered dicts, first-token deadlines and idle ones: each deadline is
+    "now + a fixed timeout" when it is set, so appending keeps each dict in deadline order and
+    the earliest is at its front. The task sleeps until the earlier front; a deadline set
+    earlier than that (the first in an empty dict) moves the task's wake-up forward.
+
+    ``stalled(worker_id, waited)`` builds the error a stall raises; ``count()`` is called for
+    each wait that does end with it.
+    """
+
+    __slots__ = ("_first", "_idle", "_sleep", "_wake_at", "count", "stalled")
+
+    def __init__(
+        self, stalled: Callable[[int, float], WorkerStalled], count: Callable[[], None]
+    ) -> None:
+        self.stalled = stalled
+        self.count = count
+        self._first: OrderedDict[WatchedLeg, None] = OrderedDict()
+        self._idle: OrderedDict[WatchedLeg, None] = OrderedDict()
+        #: When the task wakes next, and the scope it sleeps in (None: not asleep).
+        self._wake_at = math.inf
+        self._sleep: trio.CancelScope | None = None
+
+    def watch(self, stream: object, worker_id: int, deadline: float) -> WatchedLeg | None:
+        """Watch a leg starting on ``stream`` with its first-token ``deadline``; None (watch
+        it with a scope per wait) when the stream cannot be interrupted."""
+        fail: FailWaiting | None = getattr(stream, "fail_waiting", None)
+        if fail is None:
+            return None
+        leg = WatchedLeg(fail, worker_id, deadline)
+        if deadline != math.inf:
+            self._first[leg] = None
+            self._wake_by(deadline)
+        return leg
+
+    def moved(self, leg: WatchedLeg, deadline: float) -> None:
+        """``leg``'s next output is due by ``deadline`` (an idle deadline, set on an output)."""
+        leg.deadline = deadline
+        if not leg.idle:
+            leg.idle = True
+            self._first.pop(leg, None)
+        idle = self._idle
+        # Popped and appended rather than moved: the task drops a leg whose deadline passed
+        # while it was not waiting.
+        idle.pop(leg, None)
+        if deadline != math.inf:
+            idle[leg] = None
+            self._wake_by(deadline)
+
+    def done(self, leg: WatchedLeg) -> None:
+        """``leg`` ended: forget it."""
+        leg.waiting_since = None
+        self._first.pop(leg, None)
+        self._idle.pop(leg, None)
+
+    def _wake_by(self, deadline: float) -> None:
+        if deadline < self._wake_at:
+            self._wake_at = deadline
+            if self._sleep is not None:
+                self._sleep.deadline = deadline
+
+    async def run(self) -> None:
+        """Fail the waits of the legs whose deadline passed, as they pass; until cancelled."""
+        while True:
+            self._sleep = trio.CancelScope(deadline=self._wake_at)
+            with self._sleep:
+                await trio.sleep_forever()
+            self._sleep = None
+            self._expire(trio.current_time())
+
+    def _expire(self, now: float) -> None:
+        wake_at = math.inf
+        for legs in (self._first, self._idle):
+            while legs:
+                leg = next(iter(legs))
+                if leg.deadline > now:
+                    wake_at = min(wake_at, leg.deadline)
+                    break
+                del legs[leg]
+                since = leg.waiting_since
+                # A leg not waiting is left to its next wait, which finds the deadline passed
+                # unless an output came meanwhile (a slow consumer is not a stalled worker).
+                # An output that came as the deadline passed is taken first (``fail`` says
+                # False): as with a scope, whose cancel cannot undo a wake-up already due.
+                if since is not None and leg.fail(
+                    self.stalled(leg.worker_id, leg.deadline - since)
+                ):
+                    self.count()
+        self._wake_at = wake_at

@@ -1,0 +1,112 @@
+"""Stalls of streams the pipeline watches without a cancel scope per wait (`StallWatch`): those
+of `interlock worker` connections (`RemoteEngine`, whose streams offer ``fail_waiting``).
+
+The deadlines hold as with a scope: a stall is raised when the deadline passes (first token,
+then idle), with the same message, and migrates; a consumer that keeps an output longer than
+``engine_idle_timeout`` while the worker goes on is not taken for a stalled worker, and one
+that keeps it while the worker is frozen gets the stall at its next wait; the deadline never
+cancels the consumer's own awaits. In-process, on virtual time (test_whole_answers's
+`pipeline_over`: `MockEngine`s behind worker connections over in-memory streams).
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from test_whole_answers import PROMPT, first_worker, pipeline_over, request, timed, tokens_of
+
+from interlock import WorkerStalled
+from interlock.engines.mock import MockEngine, mock_continuation
+from interlock.testing import check_invariants
+
+TIMEOUTS = {"first_token_timeout": 3.0, "engine_idle_timeout": 2.0}
+STALLED = r"worker 1 made no progress for .*\(first_token_timeout=3\.0, engine_idle_timeout=2\.0\)"
+
+
+async def test_a_worker_frozen_before_its_first_token_is_a_stall_at_first_token_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    frozen = timed(1)
+    frozen.stall(86_400)
+    async with pipeline_over(frozen, migration_limit=0, **TIMEOUTS) as pipeline:
+        started = trio.current_time()
+        with pytest.raises(WorkerStalled, match=r"made no progress for 3s \(first_token_"):
+            async for _ in pipeline.generate(request(), progress=False):
+                pass
+        assert trio.current_time() - started == pytest.approx(3.0)
+        assert pipeline.stats.stalls == 1
+
+
+async def test_a_worker_frozen_mid_stream_is_a_stall_and_migrates_with_every_token_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engines = {1: timed(1), 2: timed(2)}
+    async with pipeline_over(
+        *engines.values(), router_mode="round_robin", migration_limit=1, **TIMEOUTS
+    ) as pipeline:
+        outputs = []
+        frozen = False
+        async for output in pipeline.generate(request(), progress=True):
+            outputs.append(output)
+            if not frozen and len(tokens_of(outputs)) >= 5:
+                engines[first_worker(pipeline.transition_log.records("r"))].stall(86_400)
+                frozen = True
+        assert pipeline.stats.stalls == 1 and pipeline.stats.migrations == 1
+        records = pipeline.transition_log.records()
+    assert tokens_of(outputs) == mock_continuation(PROMPT, len(tokens_of(outputs)))
+    assert outputs[-1].finish_reason == "length"
+    migrated = [r for r in records if r.trigger == "migrate"]
+    assert len(migrated) == 1 and "no progress for" in (migrated[0].detail or "")
+    check_invariants(records)
+
+
+async def test_a_consumer_slower_than_the_idle_timeout_is_not_a_stalled_worker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with pipeline_over(timed(1), migration_limit=0, **TIMEOUTS) as pipeline:
+        outputs = []
+        async for output in pipeline.generate(request(), progress=True):
+            outputs.append(output)
+            if len(outputs) in (1, 50):
+                # Kept past engine_idle_timeout while the worker goes on producing.
+                await trio.sleep(5)
+        assert pipeline.stats.stalls == 0
+    assert tokens_of(outputs) == mock_continuation(PROMPT, len(tokens_of(outputs)))
+    assert outputs[-1].finish_reason == "length"
+
+
+async def test_a_stall_while_the_consumer_holds_an_output_is_raised_at_its_next_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    frozen = timed(1)
+    async with pipeline_over(frozen, migration_limit=0, **TIMEOUTS) as pipeline:
+        slept = None
+        with pytest.raises(WorkerStalled, match=STALLED):
+            async for output in pipeline.generate(request(), progress=True):
+                if output.token_ids and slept is None:
+                    frozen.stall(86_400)
+                    began = trio.current_time()
+                    # The deadline passes during this await: it must not cancel it.
+                    await trio.sleep(5)
+                    slept = trio.current_time() - began
+        assert slept == pytest.approx(5.0)
+        assert pipeline.stats.stalls == 1
+
+
+async def test_legs_that_end_leave_nothing_watched(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = MockEngine(1)
+    async with pipeline_over(engine, **TIMEOUTS) as pipeline:
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(_drain, pipeline, f"r{i}", i % 2 == 0)
+        stalls = pipeline._stalls
+        assert not stalls._first and not stalls._idle
+        await trio.sleep(60)  # past every deadline those legs had: nothing fires
+        assert pipeline.stats.stalls == 0
+
+
+async def _drain(pipeline: object, request_id: str, progress: bool) -> None:
+    async for _ in pipeline.generate(request(request_id), progress=progress):  # type: ignore[attr-defined]
+        pass
