@@ -2,21 +2,26 @@
 of `interlock worker` connections (`RemoteEngine`, whose streams offer ``fail_waiting``).
 
 The deadlines hold as with a scope: a stall is raised when the deadline passes (first token,
-then idle), with the same message, and migrates; a consumer that keeps an output longer than
-``engine_idle_timeout`` while the worker goes on is not taken for a stalled worker, and one
-that keeps it while the worker is frozen gets the stall at its next wait; the deadline never
-cancels the consumer's own awaits. In-process, on virtual time (test_whole_answers's
-`pipeline_over`: `MockEngine`s behind worker connections over in-memory streams).
+then idle), with the same message, and migrates (a prefill leg falls back to aggregated); a
+consumer that keeps an output longer than ``engine_idle_timeout`` while the worker goes on is
+not taken for a stalled worker, and one that keeps it while the worker is frozen gets the
+stall at its next wait; the deadline never cancels the consumer's own awaits. In-process, on
+virtual time (`MockEngine`s behind worker connections over in-memory streams:
+test_remote_workers_heartbeat's `Worker`, test_whole_answers's `pipeline_over`).
 """
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+
 import pytest
 import trio
+from test_remote_workers_heartbeat import Worker
 from test_whole_answers import PROMPT, first_worker, pipeline_over, request, timed, tokens_of
 
-from interlock import WorkerStalled
+from interlock import Components, PipelineConfig, WorkerStalled, build_pipeline
 from interlock.engines.mock import MockEngine, mock_continuation
+from interlock.engines.remote import RemoteEngine
 from interlock.testing import check_invariants
 
 TIMEOUTS = {"first_token_timeout": 3.0, "engine_idle_timeout": 2.0}
@@ -110,3 +115,37 @@ async def test_legs_that_end_leave_nothing_watched(
 async def _drain(pipeline: object, request_id: str, progress: bool) -> None:
     async for _ in pipeline.generate(request(request_id), progress=progress):  # type: ignore[attr-defined]
         pass
+
+
+async def test_a_prefill_worker_frozen_falls_back_to_aggregated_at_first_token_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    prefill, decode = MockEngine(1, role="prefill"), MockEngine(2, role="decode")
+    prefill.stall(86_400)
+    async with AsyncExitStack() as stack:
+        remotes = {}
+        for engine in (prefill, decode):
+            worker = await stack.enter_async_context(Worker(engine).running())
+            remotes[engine.instance_id] = RemoteEngine(
+                "worker",
+                1,
+                instance_id=engine.instance_id,
+                role=engine.role,
+                open_connection=worker.connect,
+            )
+        pipeline = await stack.enter_async_context(
+            build_pipeline(
+                PipelineConfig(**TIMEOUTS),
+                Components(workers=[remotes[2]], prefill_workers=[remotes[1]]),
+            )
+        )
+        started = trio.current_time()
+        outputs = [output async for output in pipeline.generate(request(), progress=False)]
+        took = trio.current_time() - started
+        assert pipeline.stats.stalls == 1 and pipeline.stats.fallbacks == 1
+        records = pipeline.transition_log.records()
+    assert took >= 3.0
+    assert tokens_of(outputs) == mock_continuation(PROMPT, len(tokens_of(outputs)))
+    fell_back = [r for r in records if r.trigger == "fall_back"]
+    assert len(fell_back) == 1 and "made no progress for 3s" in (fell_back[0].detail or "")
+    check_invariants(records)
