@@ -436,9 +436,7 @@ class Pipeline:
             else min(HOLD_OUTPUTS, config.engine_idle_timeout / 4)
         )
         #: The deadlines of the legs whose streams can be interrupted (`StallWatch`).
-        self._stalls = StallWatch(self._stall_error, self._count_stall)
-        if config.first_token_timeout is not None or config.engine_idle_timeout is not None:
-            nursery.start_soon(self._stalls.run)
+        self._stalls = StallWatch(nursery, self._stall_error, self._count_stall)
         self._admission = AdmissionQueue(frozenset(registry.snapshot()))
         #: Per request id a gateway's booked `query` answered and has not freed: its decode
         #: worker and, until `mark_prefill_complete`, its prefill worker (disaggregated), so

@@ -54,14 +54,20 @@ class StallWatch:
     earlier than that (the first in an empty dict) moves the task's wake-up forward.
 
     ``stalled(worker_id, waited)`` builds the error a stall raises; ``count()`` is called for
-    each wait that does end with it.
+    each wait that does end with it. The task starts in ``nursery`` with the first leg watched:
+    a pipeline whose streams all keep their scopes (in-process or HTTP engines) runs no task,
+    and schedules its tasks as it did before the watch existed.
     """
 
-    __slots__ = ("_first", "_idle", "_sleep", "_wake_at", "count", "stalled")
+    __slots__ = ("_first", "_idle", "_nursery", "_sleep", "_wake_at", "count", "stalled")
 
     def __init__(
-        self, stalled: Callable[[int, float], WorkerStalled], count: Callable[[], None]
+        self,
+        nursery: trio.Nursery,
+        stalled: Callable[[int, float], WorkerStalled],
+        count: Callable[[], None],
     ) -> None:
+        self._nursery: trio.Nursery | None = nursery
         self.stalled = stalled
         self.count = count
         self._first: OrderedDict[WatchedLeg, None] = OrderedDict()
@@ -76,6 +82,13 @@ class StallWatch:
         fail: FailWaiting | None = getattr(stream, "fail_waiting", None)
         if fail is None:
             return None
+        nursery = self._nursery
+        if nursery is not None:
+            try:
+                nursery.start_soon(self._run)
+            except RuntimeError:  # the pipeline's nursery has closed: nothing watches
+                return None
+            self._nursery = None
         leg = WatchedLeg(fail, worker_id, deadline)
         if deadline != math.inf:
             self._first[leg] = None
@@ -108,7 +121,7 @@ class StallWatch:
             if self._sleep is not None:
                 self._sleep.deadline = deadline
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         """Fail the waits of the legs whose deadline passed, as they pass; until cancelled."""
         while True:
             self._sleep = trio.CancelScope(deadline=self._wake_at)
