@@ -5,7 +5,9 @@ The deadlines hold as with a scope: a stall is raised when the deadline passes (
 then idle), with the same message, and migrates (a prefill leg falls back to aggregated); a
 consumer that keeps an output longer than ``engine_idle_timeout`` while the worker goes on is
 not taken for a stalled worker, and one that keeps it while the worker is frozen gets the
-stall at its next wait; the deadline never cancels the consumer's own awaits. In-process, on
+stall at its next wait; the deadline never cancels the consumer's own awaits (and a property
+over consumer pauses and freeze points: a stall iff the worker froze before the answer was
+whole). In-process, on
 virtual time (`MockEngine`s behind worker connections over in-memory streams:
 test_remote_workers_heartbeat's `Worker`, test_whole_answers's `pipeline_over`).
 """
@@ -16,6 +18,8 @@ from contextlib import AsyncExitStack
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_remote_workers_heartbeat import Worker
 from test_whole_answers import PROMPT, first_worker, pipeline_over, request, timed, tokens_of
 
@@ -23,6 +27,7 @@ from interlock import Components, PipelineConfig, WorkerStalled, build_pipeline
 from interlock.engines.mock import MockEngine, mock_continuation
 from interlock.engines.remote import RemoteEngine
 from interlock.testing import check_invariants
+from interlock.wire import PreprocessedRequest
 
 TIMEOUTS = {"first_token_timeout": 3.0, "engine_idle_timeout": 2.0}
 STALLED = r"worker 1 made no progress for .*\(first_token_timeout=3\.0, engine_idle_timeout=2\.0\)"
@@ -149,3 +154,49 @@ async def test_a_prefill_worker_frozen_falls_back_to_aggregated_at_first_token_t
     fell_back = [r for r in records if r.trigger == "fall_back"]
     assert len(fell_back) == 1 and "made no progress for 3s" in (fell_back[0].detail or "")
     check_invariants(records)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(
+    pauses=st.dictionaries(st.integers(0, 40), st.sampled_from((0.5, 1.9, 2.0, 2.1, 5.0))),
+    freeze_after=st.none() | st.integers(1, 40),
+    progress=st.booleans(),
+)
+async def test_a_stall_is_raised_iff_the_worker_froze_and_never_cuts_the_consumers_awaits(
+    autojump_clock: trio.testing.MockClock,
+    pauses: dict[int, float],
+    freeze_after: int | None,
+    progress: bool,
+) -> None:
+    engine = timed(1)
+    req = PreprocessedRequest(token_ids=PROMPT, max_tokens=100, request_id="p")
+    froze = False
+    async with pipeline_over(engine, migration_limit=0, **TIMEOUTS) as pipeline:
+        started = trio.current_time()
+        outputs = []
+        try:
+            async for output in pipeline.generate(req, progress=progress):
+                outputs.append(output)
+                if not froze and freeze_after is not None:
+                    froze = len(tokens_of(outputs)) >= freeze_after
+                    if froze:
+                        # Long past every deadline, short enough that waiting it out (a
+                        # missed stall) fails fast: the worker's heartbeat runs meanwhile.
+                        engine.stall(60)
+                pause = pauses.get(len(outputs) - 1)
+                if pause is not None:
+                    began = trio.current_time()
+                    await trio.sleep(pause)  # a slow client's write, past the deadline or not
+                    assert trio.current_time() - began == pytest.approx(pause)
+            stalled = False
+        except WorkerStalled:
+            stalled = True
+        # The freeze is never waited out: either the answer was whole before it, or a stall.
+        assert trio.current_time() - started < 60
+        assert stalled == (len(tokens_of(outputs)) < 100)
+        assert froze or not stalled, "a slow consumer was taken for a stalled worker"
+        assert pipeline.stats.stalls == int(stalled)
+        assert not pipeline._stalls._first and not pipeline._stalls._idle
+    assert tokens_of(outputs) == mock_continuation(PROMPT, len(tokens_of(outputs)))
+    if not stalled:
+        assert outputs[-1].finish_reason == "length"
