@@ -14,18 +14,14 @@ test_remote_workers_heartbeat's `Worker`, test_whole_answers's `pipeline_over`).
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
-
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_remote_workers_heartbeat import Worker
 from test_whole_answers import PROMPT, first_worker, pipeline_over, request, timed, tokens_of
 
-from interlock import Components, PipelineConfig, WorkerStalled, build_pipeline
+from interlock import WorkerStalled
 from interlock.engines.mock import MockEngine, mock_continuation
-from interlock.engines.remote import RemoteEngine
 from interlock.testing import check_invariants
 from interlock.wire import PreprocessedRequest
 
@@ -127,23 +123,7 @@ async def test_a_prefill_worker_frozen_falls_back_to_aggregated_at_first_token_t
 ) -> None:
     prefill, decode = MockEngine(1, role="prefill"), MockEngine(2, role="decode")
     prefill.stall(86_400)
-    async with AsyncExitStack() as stack:
-        remotes = {}
-        for engine in (prefill, decode):
-            worker = await stack.enter_async_context(Worker(engine).running())
-            remotes[engine.instance_id] = RemoteEngine(
-                "worker",
-                1,
-                instance_id=engine.instance_id,
-                role=engine.role,
-                open_connection=worker.connect,
-            )
-        pipeline = await stack.enter_async_context(
-            build_pipeline(
-                PipelineConfig(**TIMEOUTS),
-                Components(workers=[remotes[2]], prefill_workers=[remotes[1]]),
-            )
-        )
+    async with pipeline_over(prefill, decode, **TIMEOUTS) as pipeline:
         started = trio.current_time()
         outputs = [output async for output in pipeline.generate(request(), progress=False)]
         took = trio.current_time() - started

@@ -44,20 +44,27 @@ def timed(instance_id: int, **kwargs: Any) -> MockEngine:
 
 @asynccontextmanager
 async def pipeline_over(*engines: MockEngine, **config: Any) -> AsyncIterator[Pipeline]:
-    """A pipeline whose workers are ``engines``, each behind its own worker connection."""
+    """A pipeline whose workers are ``engines``, each behind its own worker connection (those
+    of role ``"prefill"`` its prefill workers)."""
     async with AsyncExitStack() as stack:
         remotes = []
         for engine in engines:
             worker = await stack.enter_async_context(Worker(engine).running())
             remotes.append(
                 RemoteEngine(
-                    "worker", 1, instance_id=engine.instance_id, open_connection=worker.connect
+                    "worker",
+                    1,
+                    instance_id=engine.instance_id,
+                    role=engine.role,
+                    open_connection=worker.connect,
                 )
             )
         settings = PipelineConfig(**config)
-        pipeline = await stack.enter_async_context(
-            build_pipeline(settings, Components(workers=remotes))
+        components = Components(
+            workers=[r for r in remotes if r.role != "prefill"],
+            prefill_workers=[r for r in remotes if r.role == "prefill"],
         )
+        pipeline = await stack.enter_async_context(build_pipeline(settings, components))
         yield pipeline
 
 
