@@ -180,3 +180,49 @@ async def test_a_stall_is_raised_iff_the_worker_froze_and_never_cuts_the_consume
     assert tokens_of(outputs) == mock_continuation(PROMPT, len(tokens_of(outputs)))
     if not stalled:
         assert outputs[-1].finish_reason == "length"
+
+
+# -- the stall's message: how long the worker made no progress ----------------------------------
+
+
+def _silence_in(exc: WorkerStalled) -> float:
+    """The seconds of "made no progress for Xs" in a stall's message."""
+    import re
+
+    found = re.search(r"made no progress for (-?[0-9.e+-]+)s", str(exc))
+    assert found is not None, str(exc)
+    return float(found.group(1))
+
+
+async def test_a_stall_seen_at_the_next_wait_reports_a_positive_silence(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The worker freezes after its first token while the consumer keeps that output 5 s
+    # (past engine_idle_timeout=2): the stall is raised at the next wait, its deadline long
+    # passed. The worker was silent 5 s; the message must not say a negative figure.
+    frozen = timed(1)
+    async with pipeline_over(frozen, migration_limit=0, **TIMEOUTS) as pipeline:
+        with pytest.raises(WorkerStalled) as caught:
+            async for output in pipeline.generate(request(), progress=True):
+                if output.token_ids:
+                    frozen.stall(86_400)
+                    await trio.sleep(5)
+    silence = _silence_in(caught.value)
+    assert silence > 0, str(caught.value)
+    assert silence >= TIMEOUTS["engine_idle_timeout"], str(caught.value)
+
+
+async def test_a_stall_after_a_slow_consumer_reports_the_workers_whole_silence(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The consumer keeps the output 1.5 s (under engine_idle_timeout=2), then waits 0.5 s
+    # more for an output that never comes: the worker made no progress for 2 s, at least
+    # engine_idle_timeout, which the message names as the limit it broke.
+    frozen = timed(1)
+    async with pipeline_over(frozen, migration_limit=0, **TIMEOUTS) as pipeline:
+        with pytest.raises(WorkerStalled) as caught:
+            async for output in pipeline.generate(request(), progress=True):
+                if output.token_ids:
+                    frozen.stall(86_400)
+                    await trio.sleep(1.5)
+    assert _silence_in(caught.value) >= TIMEOUTS["engine_idle_timeout"], str(caught.value)
