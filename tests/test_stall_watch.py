@@ -226,3 +226,29 @@ async def test_a_stall_after_a_slow_consumer_reports_the_workers_whole_silence(
                     frozen.stall(86_400)
                     await trio.sleep(1.5)
     assert _silence_in(caught.value) >= TIMEOUTS["engine_idle_timeout"], str(caught.value)
+
+
+# -- a stall is counted iff a leg raises it ------------------------------------------------------
+
+
+async def test_a_consumer_that_gives_up_as_the_deadline_passes_counts_no_stall(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The caller cancels its request at the very instant of first_token_timeout (a client's
+    # own timeout, a disconnect): the request ends cancelled, no leg raises WorkerStalled and
+    # the router hears of no stall, so pipeline.stats.stalls (interlock_stalls_total) must not
+    # count one. With a scope per wait the caller's cancellation wins and nothing is counted;
+    # the watch's task may run first in that batch, fail the wait and count it. Several
+    # requests: trio orders the two wake-ups of one instant by its seeded shuffle.
+    counted = []
+    for i in range(8):
+        frozen = timed(1)
+        frozen.stall(86_400)
+        async with pipeline_over(frozen, migration_limit=0, **TIMEOUTS) as pipeline:
+            with trio.move_on_after(TIMEOUTS["first_token_timeout"]) as gave_up:
+                async for _ in pipeline.generate(request(f"r{i}"), progress=True):
+                    pass
+            assert gave_up.cancelled_caught
+            assert pipeline.stats.cancelled == 1
+            counted.append(pipeline.stats.stalls)
+    assert counted == [0] * 8
