@@ -252,3 +252,80 @@ async def test_a_consumer_that_gives_up_as_the_deadline_passes_counts_no_stall(
             assert pipeline.stats.cancelled == 1
             counted.append(pipeline.stats.stalls)
     assert counted == [0] * 8
+
+
+# -- an engine of the Engine protocol's fail_waiting whose stream takes time to open -------------
+
+
+class _SlowOpen:
+    """A `RemoteEngine` stream that first waits ``delay`` seconds (a connection to set up, as
+    an engine's ``__aenter__`` may), then opens as usual."""
+
+    def __init__(self, inner: object, delay: float) -> None:
+        self._inner = inner
+        self._delay = delay
+
+    async def __aenter__(self) -> object:
+        await trio.sleep(self._delay)
+        return await self._inner.__aenter__()  # type: ignore[attr-defined]
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._inner.__aexit__(*exc)  # type: ignore[attr-defined]
+
+
+async def test_a_leg_whose_stream_took_time_to_open_stalls_at_its_own_first_token_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The Engine protocol lets any engine's stream offer fail_waiting, and an engine's
+    # __aenter__ may wait (connect, send). Request "slow" starts at 0 and its stream takes
+    # 1 s to open; request "quick" starts at 0.5 and opens at once. Both workers are frozen:
+    # "slow" must stall at 0 + first_token_timeout = 3, as with a scope; the watch keeps its
+    # first-token deadlines in insertion order, so it finds "slow" (3.0) only behind "quick"
+    # (3.5), and stalls it half a second late.
+    from contextlib import AsyncExitStack
+
+    from test_remote_workers_heartbeat import Worker
+
+    from interlock import Components, PipelineConfig, build_pipeline
+    from interlock.engines.remote import RemoteEngine
+
+    class SlowOpening(RemoteEngine):
+        delay = 0.0
+
+        def open_stream(self, request: PreprocessedRequest) -> object:  # type: ignore[override]
+            return _SlowOpen(super().open_stream(request), self.delay)
+
+    engines = {1: timed(1), 2: timed(2)}
+    ended: dict[str, float] = {}
+    async with AsyncExitStack() as stack:
+        remotes = []
+        for engine in engines.values():
+            engine.stall(86_400)
+            worker = await stack.enter_async_context(Worker(engine).running())
+            remotes.append(
+                SlowOpening(
+                    "worker", 1, instance_id=engine.instance_id, open_connection=worker.connect
+                )
+            )
+        remotes[0].delay = 1.0
+        config = PipelineConfig(router_mode="round_robin", migration_limit=0, **TIMEOUTS)
+        pipeline = await stack.enter_async_context(
+            build_pipeline(config, Components(workers=remotes))
+        )
+        started = trio.current_time()
+
+        async def run(request_id: str) -> None:
+            req = PreprocessedRequest(token_ids=PROMPT, max_tokens=10, request_id=request_id)
+            with pytest.raises(WorkerStalled):
+                async for _ in pipeline.generate(req, progress=True):
+                    pass
+            ended[request_id] = trio.current_time() - started
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "slow")
+            await trio.sleep(0.5)
+            nursery.start_soon(run, "quick")
+        records = pipeline.transition_log.records()
+    assert {first_worker([r for r in records if r.request_id == "slow"])} == {1}
+    assert ended["quick"] == pytest.approx(3.5)
+    assert ended["slow"] == pytest.approx(3.0)
