@@ -14,14 +14,19 @@ test_remote_workers_heartbeat's `Worker`, test_whole_answers's `pipeline_over`).
 
 from __future__ import annotations
 
+import re
+from contextlib import AsyncExitStack
+
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_remote_workers_heartbeat import Worker
 from test_whole_answers import PROMPT, first_worker, pipeline_over, request, timed, tokens_of
 
-from interlock import WorkerStalled
+from interlock import Components, PipelineConfig, WorkerStalled, build_pipeline
 from interlock.engines.mock import MockEngine, mock_continuation
+from interlock.engines.remote import RemoteEngine
 from interlock.testing import check_invariants
 from interlock.wire import PreprocessedRequest
 
@@ -187,8 +192,6 @@ async def test_a_stall_is_raised_iff_the_worker_froze_and_never_cuts_the_consume
 
 def _silence_in(exc: WorkerStalled) -> float:
     """The seconds of "made no progress for Xs" in a stall's message."""
-    import re
-
     found = re.search(r"made no progress for (-?[0-9.e+-]+)s", str(exc))
     assert found is not None, str(exc)
     return float(found.group(1))
@@ -282,13 +285,6 @@ async def test_a_leg_whose_stream_took_time_to_open_stalls_at_its_own_first_toke
     # "slow" must stall at 0 + first_token_timeout = 3, as with a scope; the watch keeps its
     # first-token deadlines in insertion order, so it finds "slow" (3.0) only behind "quick"
     # (3.5), and stalls it half a second late.
-    from contextlib import AsyncExitStack
-
-    from test_remote_workers_heartbeat import Worker
-
-    from interlock import Components, PipelineConfig, build_pipeline
-    from interlock.engines.remote import RemoteEngine
-
     class SlowOpening(RemoteEngine):
         delay = 0.0
 
