@@ -100,6 +100,7 @@ status (200 for a pick).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -226,13 +227,26 @@ class ExtProcPicker:
 
         ``stream``: the stream's state (`open_stream`), when another thread answered some of
         its messages already with `ExtProcStream.answer_now` (the gRPC server does)."""
+        async with contextlib.aclosing(self.process_batches(requests, stream)) as batches:
+            async for batch in batches:
+                for response in batch:
+                    yield response
+
+    async def process_batches(
+        self,
+        requests: AsyncIterator[ProcessingRequest],
+        stream: ExtProcStream | None = None,
+    ) -> AsyncIterator[list[ProcessingResponse]]:
+        """`process`, the responses to each message yielded together (a message with none
+        yields nothing), so that a server hands them to its sending thread at once: a pick's
+        answer and its body chunks cost one wake-up of that thread, not one each."""
         if stream is None:
             stream = ExtProcStream(self)
         try:
             async for message in requests:
                 responses = await stream.handle(message)
-                for response in responses:
-                    yield response
+                if responses:
+                    yield responses
                 if stream.finished:
                     return
         finally:

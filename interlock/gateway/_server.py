@@ -1,20 +1,22 @@
 """The gRPC side: `serve_ext_proc` serves `ExtProcPicker` with grpcio's C-core server.
 
 gRPC's HTTP/2, framing and protobuf coding run in grpcio (C-core, ``grpc.aio``) on an asyncio
-loop in one thread of its own (``interlock-ext-proc``); the picker stays in this trio run.
-That thread answers each message that needs no router state itself (`ExtProcStream.answer_now`:
+loop in one thread of its own (``interlock-ext-proc``); the picker stays in this trio run. That
+thread answers each message that needs no router state itself (`ExtProcStream.answer_now`:
 request headers, body chunks before the last, every response phase) and hands the bookkeeping
-it implies to trio without waiting. A stream gets a trio task (running `ExtProcPicker.process`)
+it implies to trio without waiting. A stream gets a trio task (`ExtProcPicker.process_batches`)
 only at its first message that needs the router (the pick); from then on, while the task holds
 a message, the stream's later messages go to it too, in order, through two bounded queues
-between the threads (`_Queue`): a side wakes the other only when that one waits. Every call
-for the trio thread goes through one `_Inbox`, so calls posted before trio gets to them share
-one wake-up. A stream whose response's end released its booking closes without waiting for
-trio. The loop's thread's own answers are bounded as the task's are: once `_WINDOW` of them
-wait to be sent it reads no more of the stream until they are taken, so gRPC's flow control
-holds back a gateway that does not read its answers. A message it fails to answer ends the
-stream INTERNAL (the booking freed), as a failure in the trio task does. No thread per
-stream: thousands of long generations keep their streams open on one loop.
+between the threads (`_Queue`): a side wakes the other only when that one waits, and the
+answers to one message are handed over together (`_Queue.put_all`: a pick's answer and its body
+chunks wake the loop's thread once). Every call for the trio thread goes through one `_Inbox`,
+so calls posted before trio gets to them share one wake-up. A stream whose response's end
+released its booking closes without waiting for trio. The loop's thread's own answers are
+bounded as the task's are: once `_WINDOW` of them wait to be sent it reads no more of the
+stream until they are taken, so gRPC's flow control holds back a gateway that does not read its
+answers. A message it fails to answer ends the stream INTERNAL (the booking freed), as a
+failure in the trio task does. No thread per stream: thousands of long generations keep their
+streams open on one loop.
 
 Served (``127.0.0.1:E`` over h2c, HTTP/2 with prior knowledge as Envoy's gRPC client speaks it,
 or over TLS with ``tls``, `interlock.gateway._tls`):
@@ -37,7 +39,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import grpc
@@ -234,11 +236,19 @@ class _Queue:
         """Queue ``item`` (the producer's thread; ``producer``: its waiter, default
         `producer`); whether the queue is full (`_WINDOW` items or `_WINDOW_BYTES` body
         bytes): then await ``producer.wait()`` before the next `put`."""
+        return self.put_all((item,), producer)
+
+    def put_all(
+        self, items: Sequence[Any], producer: _TrioWaiter | _LoopWaiter | None = None
+    ) -> bool:
+        """`put` each of ``items``, in order, as one hand-over: a waiting consumer is woken
+        once, after the last (put one by one, it could wake, take the first and wait again,
+        a wake-up of its thread per item)."""
         if producer is None:
             producer = self.producer
-        size = _body_bytes(item)
+        size = sum(map(_body_bytes, items))
         with self._lock:
-            self._items.append(item)
+            self._items.extend(items)
             self._bytes += size
             wake = self._consumer_waits
             self._consumer_waits = False
@@ -351,9 +361,10 @@ class _Stream:
         end: object = _GONE
         try:
             with self.scope:
-                async with contextlib.aclosing(picker.process(self, self.state)) as answers:
-                    async for answer in answers:
-                        if queue.put(answer):
+                batches = picker.process_batches(self, self.state)
+                async with contextlib.aclosing(batches):
+                    async for batch in batches:
+                        if queue.put_all(batch):
                             await queue.producer.wait()
                     end = _END
         except _Unreadable as exc:
@@ -609,12 +620,8 @@ class _Server:
         answers = state.answer_now(message)
         if answers is None:
             return None
-        responses = stream.responses
-        room = stream.room
-        full = False
-        for answer in answers:
-            # A few answers per message: all are queued, then the window is waited on.
-            full = responses.put(answer, room) or full
+        # A few answers per message: all are queued, then the window is waited on.
+        full = stream.responses.put_all(answers, stream.room) if answers else False
         if state.chores:
             chores, state.chores = state.chores, []
             self.inbox.post(state.run_chores, chores)
