@@ -10,13 +10,14 @@ a message, the stream's later messages go to it too, in order, through two bound
 between the threads (`_Queue`): a side wakes the other only when that one waits, and the
 answers to one message are handed over together (`_Queue.put_all`: a pick's answer and its body
 chunks wake the loop's thread once). Every call for the trio thread goes through one `_Inbox`,
-so calls posted before trio gets to them share one wake-up. A stream whose response's end
-released its booking closes without waiting for trio. The loop's thread's own answers are
-bounded as the task's are: once `_WINDOW` of them wait to be sent it reads no more of the
-stream until they are taken, so gRPC's flow control holds back a gateway that does not read its
-answers. A message it fails to answer ends the stream INTERNAL (the booking freed), as a
-failure in the trio task does. No thread per stream: thousands of long generations keep their
-streams open on one loop.
+so calls posted before trio gets to them share one wake-up. A stream whose task has answered
+every message it was given closes at the gateway's half-close without waiting for trio (the
+task frees the booking as it takes that end). The loop's thread's own answers are bounded as
+the task's are: once `_WINDOW` of them wait to be sent it reads no more of the stream until
+they are taken, so gRPC's flow control holds back a gateway that does not read its answers. A
+message it fails to answer ends the stream INTERNAL (the booking freed), as a failure in the
+trio task does. No thread per stream: thousands of long generations keep their streams open on
+one loop.
 
 Served (``127.0.0.1:E`` over h2c, HTTP/2 with prior knowledge as Envoy's gRPC client speaks it,
 or over TLS with ``tls``, `interlock.gateway._tls`):
@@ -310,7 +311,7 @@ class _Stream:
         #: message itself only while the two are equal, so answers keep Envoy's order.
         self.given = 0
         self.answered = 0
-        #: The call ended before the task (`_END` given to it after the response's end).
+        #: The call ended before the task (`_END` given to it once it had answered all).
         self.released = False
         #: Messages the task took (`__anext__`).
         self._taken = 0
@@ -574,9 +575,10 @@ class _Server:
                     stream.responses.put(_END)  # nothing booked: nothing to free
                     return
                 queue.put(_END)
-                if stream.given == stream.answered and stream.state.response_ended:
-                    # The response's end queued the booking's release already (before this
-                    # `_END`): the call ends now, without a wake-up of this thread from trio.
+                if stream.given == stream.answered:
+                    # The task has queued every answer it owes: all it does with this `_END`
+                    # is free the booking (`ExtProcStream.close`), which answers nothing. The
+                    # call ends now, without a wake-up of this thread from trio for it.
                     stream.released = True
                     stream.responses.put(_END)
                 return
