@@ -304,6 +304,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def thread_usage(pid: int) -> tuple[float, float, int]:
+    """Process ``pid``'s CPU seconds so far on its main thread (the router's trio run) and on
+    its other threads (grpcio's: the asyncio loop, its poller and C-core's), and the context
+    switches of all its threads (each hand-off between threads costs some: from /proc)."""
+    main = others = 0.0
+    switches = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                status = f.read().splitlines()
+        except FileNotFoundError:
+            continue  # a thread that has ended meanwhile
+        seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        if tid == str(pid):
+            main += seconds
+        else:
+            others += seconds
+        switches += sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+    return main, others, switches
+
+
 def measure_picks(
     router_pid: int, ext_proc_port: int, url: str, prompts: list[bytes], picks: int
 ) -> None:
@@ -340,14 +363,29 @@ def measure_picks(
         for n in range(10):
             pick(n)
         before = cpu_seconds(router_pid)
+        threads_before = thread_usage(router_pid)
         times = [pick(n) for n in range(10, 10 + picks)]
         cpu_ms = (cpu_seconds(router_pid) - before) / picks * 1000
-        rows[name] = summary(times) | {"cpu_ms": cpu_ms}
+        per_pick = [
+            (after - was) / picks
+            for after, was in zip(thread_usage(router_pid), threads_before, strict=True)
+        ]
+        rows[name] = summary(times) | {
+            "cpu_ms": cpu_ms,
+            "trio_ms": per_pick[0] * 1000,
+            "others_ms": per_pick[1] * 1000,
+            "switches": per_pick[2],
+        }
     print(f"{'path':<40} {'picks/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'router CPU ms':>14}")
     for name, row in rows.items():
         print(
             f"{name:<40} {row['per_s']:>8.1f} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} "
             f"{row['cpu_ms']:>14.3f}"
+        )
+    print(f"{'router per pick':<40} {'trio thread CPU ms':>19} {'others ms':>10} {'switches':>9}")
+    for name, row in rows.items():
+        print(
+            f"{name:<40} {row['trio_ms']:>19.3f} {row['others_ms']:>10.3f} {row['switches']:>9.1f}"
         )
     ext, route = rows.values()
     print(

@@ -32,6 +32,7 @@ def test_runs_end_to_end_at_a_tiny_size() -> None:
         "ext_proc stream (grpcio, lockstep)",
         "POST /v1/route + /free (HTTP/1.1)",
         "ext_proc / route-only: p50",
+        "router per pick",
         "short prompt, fixed endpoint",
         "short prompt, interlock picking",
         "interlock adds (p50):",
