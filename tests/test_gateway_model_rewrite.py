@@ -74,10 +74,19 @@ async def test_the_body_reaches_the_server_with_the_rewritten_model(
 
 
 async def test_a_large_rewritten_body_comes_back_whole_in_chunks(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent = chat_body("y" * 300_000, model=ALIAS)
+    trips: list[str] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(function: Any, *args: Any, **kwargs: Any) -> Any:
+        trips.append(function.__name__)
+        return await run_sync(function, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
     async with picking() as p:
+        assert len(sent) > p.picker.frontend.offload_body_bytes
         halves = [sent[: len(sent) // 2], sent[len(sent) // 2 :]]
         answers = await exchange(
             p.picker,
@@ -91,6 +100,8 @@ async def test_a_large_rewritten_body_comes_back_whole_in_chunks(
         assert ended and max(sizes) <= BODY_CHUNK_BYTES
         assert json.loads(body) == {**json.loads(sent), "model": "mock"}
         assert set_headers(answers[0], "request_headers")["content-length"] == str(len(body))
+        # Rewritten and tokenized in one trip to a worker thread, not one each.
+        assert trips == ["_prepared"]
 
 
 async def test_a_body_naming_the_target_already_comes_back_byte_for_byte(

@@ -497,3 +497,29 @@ async def test_a_stuck_grpc_shutdown_is_left_behind_with_a_warning(
         for thread in server_threads():
             await in_thread(thread.join, TIMEOUT)
     assert not server_threads()
+
+
+class CountedWaiter:
+    """A `_server._Queue` side that counts its wake-ups (the real ones cross threads)."""
+
+    def __init__(self) -> None:
+        self.wakes = 0
+
+    def prepare(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+def test_answers_put_together_wake_a_waiting_consumer_once() -> None:
+    producer, consumer = CountedWaiter(), CountedWaiter()
+    answers = _server._Queue(producer, consumer)  # type: ignore[arg-type]
+    assert answers.take() is None  # the consumer waits now
+    assert not answers.put_all(["pick", "chunk", "chunk"])
+    assert consumer.wakes == 1, "one hand-over, one wake-up"
+    assert answers.take() == ["pick", "chunk", "chunk"]
+    # Full past `_WINDOW` items: the producer is told to wait, and woken by the next take.
+    assert answers.put_all(list(range(_server._WINDOW)))
+    assert consumer.wakes == 1, "the consumer was not waiting"
+    assert answers.take() == list(range(_server._WINDOW)) and producer.wakes == 1
