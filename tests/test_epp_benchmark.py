@@ -3,11 +3,15 @@ rows print, and it leaves no process behind. No timing figure is asserted."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from _envoy import require_envoy
 from test_stream_benchmark import _processes_with
@@ -69,3 +73,42 @@ def test_the_transport_comparison_runs_end_to_end_at_a_tiny_size() -> None:
         )
     leftovers = _processes_with(marker)
     assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
+
+
+def _load_bench_epp() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_epp", ROOT / "benchmarks" / "bench_epp.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_per_thread_cpu_split_keeps_the_cpu_of_a_thread_that_ended_meanwhile() -> None:
+    """bench_epp.py's "router per pick" rows: a thread of the router that ends between the
+    two readings (a thread pool's idle worker reaped) must not take its whole past CPU out of
+    "others" (CPU time never goes backwards; the process's own total keeps it)."""
+    bench = _load_bench_epp()
+    burnt = threading.Event()
+    leave = threading.Event()
+
+    def worker() -> None:
+        start = time.thread_time()
+        while time.thread_time() - start < 0.3:
+            pass
+        burnt.set()
+        leave.wait()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert burnt.wait(30)
+        pid = os.getpid()
+        total_before = bench.cpu_seconds(pid)
+        _, others_before, _ = bench.thread_usage(pid)
+    finally:
+        leave.set()
+        thread.join()
+    _, others_after, _ = bench.thread_usage(pid)
+    total_after = bench.cpu_seconds(pid)
+    assert total_after >= total_before
+    assert others_after - others_before >= 0, (others_before, others_after)

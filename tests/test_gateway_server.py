@@ -523,3 +523,20 @@ def test_answers_put_together_wake_a_waiting_consumer_once() -> None:
     assert answers.put_all(list(range(_server._WINDOW)))
     assert consumer.wakes == 1, "the consumer was not waiting"
     assert answers.take() == list(range(_server._WINDOW)) and producer.wakes == 1
+
+
+def test_a_batch_of_body_chunks_is_held_within_the_byte_window_and_one_chunk() -> None:
+    # `_WINDOW_BYTES`' promise: "a queue holds at most that and one chunk (~126 kB)". A pick's
+    # answer to a long duplex body is one batch (`_Queue.put_all`): it must not put every
+    # chunk in at once (an 8 MiB body: ~136 chunks held), as one `put` after another waiting
+    # at the full window would not.
+    from interlock.gateway import BODY_CHUNK_BYTES
+    from interlock.gateway._picker import _streamed
+
+    producer, consumer = CountedWaiter(), CountedWaiter()
+    answers = _server._Queue(producer, consumer)  # type: ignore[arg-type]
+    chunk = b"x" * BODY_CHUNK_BYTES
+    batch = [_streamed("request_body", chunk, False) for _ in range(8)]
+    answers.put_all(batch)
+    held = sum(item.ByteSize() for item in answers._items)
+    assert held <= _server._WINDOW_BYTES + batch[0].ByteSize(), held
