@@ -51,22 +51,25 @@ dirty pool joins, after a membership change has reached the Router (`hold` until
 newcomer must not take a just-joined worker before the waiters ahead; an engine that starts or
 stops serving an adapter is one, announced as `WorkerChanged`), and every `RECHECK` seconds
 while anyone waits (`recheck`, a timer of the queue's own, which no pass or wake puts off: an
-engine that reports its own queue, an OpenAI-compatible server's /metrics, or an ejection that
-ended, makes room without any request of ours ending; a refusal names the ejected candidates
+engine that reports its own queue, an OpenAI-compatible server's /metrics, makes room without
+any request of ours ending). The last two make every pool unknown: each is asked once again.
+An ejection ends with no message either, but a refusal says when each ejected candidate comes
+back (`WorkersFull.returns`), and the same timer then wakes that worker (`wake_at`), as a slot
+that frees there would: its waiters have it at once. A refusal names the ejected candidates
 too, so a worker whose ejection ends stays held for the waiters refused over it, not taken by
 one behind; a request whose every candidate is ejected uses them anyway, held or not, as they
-are held only for when their ejection ends). The last two make every pool unknown: each is asked
-once again. A slot that frees during a pass, on a worker a pool's refusal named (or on any
-worker, when the pass would end with a pool nothing is known of still to ask), restarts the pass
-from the head once the current ask is answered: at most one ask is in flight, so no later
-waiter's ask reaches the Router before an earlier waiter's that could use the same freed slot.
+are held only for when their ejection ends. A slot that frees during a pass, on a worker a
+pool's refusal named (or on any worker, when the pass would end with a pool nothing is known of
+still to ask), restarts the pass from the head once the current ask is answered: at most one
+ask is in flight, so no later waiter's ask reaches the Router before an earlier waiter's that
+could use the same freed slot.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Collection, Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterator, Mapping
 
 import trio
 
@@ -178,6 +181,10 @@ class AdmissionQueue:
         self._refreshed = 0
         #: Set when the first request joins an empty queue (`recheck` waits for it).
         self._someone: trio.Event | None = None
+        #: Per worker: when `wake_at` wakes its waiters (an ejection a refusal named ends).
+        self._wake_times: dict[int, float] = {}
+        #: While `recheck` sleeps: its sleep, which `wake_at` ends sooner.
+        self._timer: trio.CancelScope | None = None
         #: Bumped by every `wake` that frees something (see `join`'s ``since``).
         self.wakes = 0
         #: Requests turned away since the pipeline opened (queue full, or sheddable).
@@ -300,6 +307,7 @@ class AdmissionQueue:
             self._hand_on()
         if not self._count:
             self._end_pass()
+            self._wake_times.clear()  # nobody to wake: a newcomer asks afresh
 
     def refused(self, ticket: _Ticket, blocked_on: frozenset[int]) -> None:
         """``ticket``'s ask was refused (`WorkersFull`) naming ``blocked_on``: remember it
@@ -366,15 +374,38 @@ class AdmissionQueue:
                 self._members = members
             self._refresh()
 
+    def wake_at(self, times: Mapping[int, float]) -> None:
+        """A slot may free on each worker of ``times`` at its time (trio's clock: a refusal
+        named it ejected until then, and an ejection ends with no message): `wake` it then.
+        Kept while anyone waits (a later time for a worker replaces the earlier)."""
+        if not times or not self._count:
+            return
+        self._wake_times.update(times)
+        timer = self._timer
+        if timer is not None:
+            timer.deadline = min(timer.deadline, min(times.values()))
+
     async def recheck(self) -> None:
         """Every `RECHECK` seconds while anyone waits, ask every pool key again (room that
-        nothing of ours reported: see the module's docstring). Runs until cancelled (the
-        pipeline's nursery runs it)."""
+        nothing of ours reported: see the module's docstring); meanwhile, wake the workers
+        `wake_at` named at their times. Runs until cancelled (the pipeline's nursery runs
+        it)."""
         while True:
             if not self._count:
                 self._someone = trio.Event()
                 await self._someone.wait()
-            await trio.sleep(RECHECK)
+            due = trio.current_time() + RECHECK
+            while trio.current_time() < due:
+                times = self._wake_times
+                deadline = min(times.values(), default=due)
+                with trio.CancelScope(deadline=min(due, deadline)) as self._timer:
+                    await trio.sleep_forever()
+                self._timer = None
+                now = trio.current_time()
+                if ended := [w for w, at in times.items() if at <= now]:
+                    for worker_id in ended:
+                        del times[worker_id]
+                    self.wake(ended)
             if self._count:
                 self._refresh()
 

@@ -1035,14 +1035,14 @@ class Pipeline:
             Overloaded: the queue is full, or the request is sheddable (negative priority).
         """
         queue = self._admission
-        blocked_on: frozenset[int] | None = None
+        refusal: WorkersFull | None = None
         since: int | None = None
         if not queue:
             since = queue.wakes
             try:
                 return await self._route(route)
             except WorkersFull as full:
-                blocked_on = full.blocked_on
+                refusal = full
         priority = hints.priority if hints is not None and hints.priority is not None else 0
         flow = hints.fairness_id if hints is not None and hints.fairness_id else DEFAULT_FLOW
         request = route.request
@@ -1050,8 +1050,15 @@ class Pipeline:
         # none): what one learns of them holds for the others.
         key = (request.model, route.candidates, request.cache_salt is not None)
         ticket = queue.join(
-            priority, self._queue_limit(), flow, key=key, blocked_on=blocked_on, since=since
+            priority,
+            self._queue_limit(),
+            flow,
+            key=key,
+            blocked_on=None if refusal is None else refusal.blocked_on,
+            since=since,
         )
+        if refusal is not None:
+            queue.wake_at(refusal.returns)
         try:
             while True:
                 reserved, members = await queue.turn(ticket)
@@ -1060,6 +1067,7 @@ class Pipeline:
                         attrs.evolve(route, reserved=reserved, queued=True, members=members)
                     )
                 except WorkersFull as full:
+                    queue.wake_at(full.returns)
                     queue.refused(ticket, full.blocked_on)
                     continue
                 try:

@@ -1047,6 +1047,44 @@ async def test_a_worker_whose_ejection_ends_is_held_for_the_waiter_refused_over_
             gateway.free(name)
 
 
+@pytest.mark.parametrize("ejected", ["before it waits", "while it waits"])
+async def test_a_waiter_gets_a_worker_as_its_ejection_ends(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, ejected: str
+) -> None:
+    """Engine 3, the only 'ad2' engine with a free slot, is ejected (1 s): the 'ad2' request
+    waits. The ejection ends with no message, but the refusal said when it ends: the queue
+    wakes engine 3's waiters then, and the request has it at once, not at the next `RECHECK`
+    (made long here, so that only the wake can admit it). Refused on its first ask, or on
+    an ask from the queue (engine 3 freed while ejected)."""
+    from interlock import _admission
+
+    monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    config = CONFIG.evolve(outlier_failures=1, outlier_ejection_time=1.0)
+    workers = [worker(w) for w in (1, 2, 3)]
+    async with build_pipeline(config, Components(workers=workers)) as p, trio.open_nursery() as n:
+        waited: dict[str, float] = {}
+        p.queue_time_observers.append(waited.__setitem__)
+        gateway = Gateway(p, n)
+        await _fill(gateway)
+        if ejected == "while it waits":
+            ahead = gateway.arrive("ad2")  # engines 2 and 3 full
+            await gateway.settled()
+        p.report_failed_stream(3)
+        assert (await p.worker_states())[3] == pytest.approx(1.0)
+        gateway.free_on(3)
+        if ejected == "before it waits":
+            ahead = gateway.arrive("ad2")  # engine 2 full, engine 3 ejected
+        await gateway.settled()
+        assert ahead in gateway.waiting and gateway.holds(ahead) is None
+        await trio.sleep(2)
+        assert gateway.holds(ahead) == 3
+        assert waited[ahead] == pytest.approx(1.0), (
+            f"{ahead} had engine 3 {waited[ahead] - 1.0:.3f} s after its ejection ended"
+        )
+        for name in list(gateway.booked):
+            gateway.free(name)
+
+
 # -- third review -------------------------------------------------------------------------------
 
 

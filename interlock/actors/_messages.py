@@ -133,11 +133,20 @@ class WorkersFull(InterlockError):
     ``blocked_on``: the refusing leg's candidates (after every filter: exclusions, the
     gateway's subset, the salt, the adapter; reserved and ejected ones included), the workers
     of which one must free a slot (or an ejection end) before asking again can succeed.
+    ``returns``: the ejected ones among them, with when each one's ejection ends (trio's
+    clock); it ends with no message, so the admission queue wakes their waiters then.
     """
 
-    def __init__(self, message: str, *, blocked_on: frozenset[int]) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        blocked_on: frozenset[int],
+        returns: Mapping[int, float] | None = None,
+    ) -> None:
         super().__init__(message)
         self.blocked_on = blocked_on
+        self.returns: Mapping[int, float] = returns if returns is not None else {}
 
 
 @attrs.frozen

@@ -402,8 +402,8 @@ class RouterActor(Actor):
                 )
             raise NoWorkersAvailable(f"no {role} worker is registered")
         # Before the ejection filter: the admission queue holds these for a waiter refused
-        # here, and an ejection ends with no message, so a waiter behind must not take the
-        # worker then (the waiter learns it has room at its next ask).
+        # here, so a waiter behind must not take an ejected one when its ejection ends (the
+        # refusal says when: the queue wakes the waiters of that worker then).
         candidates = pool  # the list itself: a set is made only on the rare paths below
         outliers = self._outliers
         if outliers.has_records:
@@ -428,6 +428,11 @@ class RouterActor(Actor):
                 raise WorkersFull(
                     f"every {leg} candidate {pool} is at its in-flight limit",
                     blocked_on=frozenset(candidates),
+                    returns=(
+                        outliers.returns(candidates, trio.current_time())
+                        if outliers.has_records
+                        else None
+                    ),
                 )
             pool = room
         if adapter is not None:
