@@ -28,12 +28,13 @@ waiters in the order above (each priority's snapshot taken when the pass reaches
 that join meanwhile are appended). One waiter at a time holds the baton and asks the Router,
 with ``reserved``: the workers every waiter before it in the pass needs and is known to find
 full (its `WorkersFull.blocked_on`), which count as full for it too, so it can never take a
-worker an earlier waiter could use; and with ``members``, the workers there were then (one
-that joins while the ask is on its way counts as reserved too: the waiters ahead were not
-asked about it). Served, refused or gone, the waiter hands the baton to the next; served, it
-ends the pass instead when the Router says no worker has room left (`Selection.room_left`).
-Requests with the same pool (the same pool key: the adapter, the subset, whether salted)
-share what the last of them learned.
+worker an earlier waiter could use; and with ``members``, the workers there were then, each
+with the LoRA adapters it served (one that joins, or starts or stops serving an adapter, while
+the ask is on its way counts as reserved too: the waiters ahead were not asked about it; the
+Router reads adapters as they are when the ask arrives). Served, refused or gone, the waiter
+hands the baton to the next; served, it ends the pass instead when the Router says no worker
+has room left (`Selection.room_left`). Requests with the same pool (the same pool key: the
+adapter, the subset, whether salted) share what the last of them learned.
 
 What a pass asks: a pool is *dirty* when a slot may have freed on one of the workers its last
 refusal named (`wake` says which workers freed, and an index from each worker to the pools
@@ -69,7 +70,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Collection, Hashable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 
 import trio
 
@@ -80,6 +81,9 @@ RECHECK = 0.5
 
 #: The flow of a request that names none (GAIE's default fairness id).
 DEFAULT_FLOW = "default-flow"
+
+#: The workers the Router knows, each with the LoRA adapters it serves (`Select.members`).
+Members = Mapping[int, frozenset[str]]
 
 
 class _Pool:
@@ -123,7 +127,7 @@ class _Ticket:
         #: While it holds the baton: the workers to count as full when it asks.
         self.reserved: frozenset[int] | None = None
         #: With ``reserved``: the workers there were when it was worked out.
-        self.members: frozenset[int] | None = None
+        self.members: Members | None = None
         #: The queue's `wakes` and `_refreshed` when it was given the baton: what its answer
         #: knows of (a slot freed later may not be in it).
         self.asked_at = -1
@@ -143,10 +147,13 @@ class AdmissionQueue:
     baton. Owned by one `Pipeline`; every method runs in its trio run and never waits but
     `turn` and `recheck`."""
 
-    def __init__(self, members: frozenset[int] | None = None) -> None:
-        #: The workers the Router knows (None: not told), as `release` last said: a worker
-        #: that joins while a waiter's ask is on its way counts as reserved for it.
-        self._members = members
+    def __init__(self, members: Callable[[], Members] | None = None) -> None:
+        #: Reads `Members` now (None: the Router is not told them, and checks none).
+        self._read_members = members
+        #: The workers the Router knows, as read at the last refresh with nothing held: one
+        #: that joins, or changes what it serves, while a waiter's ask is on its way counts
+        #: as reserved for it.
+        self._members = members() if members is not None else None
         #: Per priority with waiters: its ring of flows. A priority or a flow without waiters
         #: is dropped, so what is kept is bounded by the waiters.
         self._levels: dict[int, _Ring] = {}
@@ -324,11 +331,12 @@ class AdmissionQueue:
             pool.passed = self._passes
             self._hand_on()
 
-    async def turn(self, ticket: _Ticket) -> tuple[frozenset[int], frozenset[int] | None]:
+    async def turn(self, ticket: _Ticket) -> tuple[frozenset[int], Members | None]:
         """Wait until ``ticket`` holds the baton; return the workers it must count as full
         when it asks (held for the waiters before it), and the workers there were when
-        those were worked out (`Select.members`: any other joined since, and counts as full
-        too; None: not known). Report the answer with `refused` or `leave`."""
+        those were worked out, with what each served (`Select.members`: any other joined
+        since, or changed what it serves, and counts as full too; None: not known). Report
+        the answer with `refused` or `leave`."""
         while (reserved := ticket.reserved) is None:
             await ticket.event.wait()
             ticket.event = trio.Event()
@@ -364,14 +372,11 @@ class AdmissionQueue:
         until the matching `release`."""
         self._held += 1
 
-    def release(self, members: frozenset[int] | None = None) -> None:
+    def release(self) -> None:
         """The Router knows of the change `hold` announced: a pass starts from the head,
-        asking every pool key again (a worker may have joined any of them). ``members``:
-        the workers there are now (the Router knows them once nothing is held)."""
+        asking every pool key again (a worker may have joined any of them)."""
         self._held -= 1
         if not self._held:
-            if members is not None:
-                self._members = members
             self._refresh()
 
     def wake_at(self, times: Mapping[int, float]) -> None:
@@ -410,6 +415,11 @@ class AdmissionQueue:
                 self._refresh()
 
     def _refresh(self) -> None:
+        if not self._held and self._read_members is not None:
+            # The Router knows them once nothing is held. Read at a `RECHECK` too: an engine
+            # whose adapters change without a `WorkerChanged` would else stay reserved for
+            # every queued ask until the next membership change.
+            self._members = self._read_members()
         self._refreshed += 1
         self.wake()
 

@@ -56,6 +56,7 @@ from .actors import (
     WorkerLoad,
     WorkersFull,
 )
+from .actors._adapters import served_by
 from .actors._runtime import ActorRef
 from .discovery import EmbeddedRegistry
 from .engines import Engine
@@ -434,7 +435,7 @@ class Pipeline:
             if config.engine_idle_timeout is None
             else min(HOLD_OUTPUTS, config.engine_idle_timeout / 4)
         )
-        self._admission = AdmissionQueue(frozenset(registry.snapshot()))
+        self._admission = AdmissionQueue(lambda: served_by(registry.snapshot()))
         #: Per request id a gateway's booked `query` answered and has not freed: its decode
         #: worker and, until `mark_prefill_complete`, its prefill worker (disaggregated), so
         #: its end wakes the waiters of those workers only (kept under admission control
@@ -856,7 +857,7 @@ class Pipeline:
             with suppress(InterlockError):  # closing: the waiters are cancelled
                 await self.membership_settled()
         finally:
-            self._admission.release(frozenset(self._registry.snapshot()))
+            self._admission.release()
 
     # -- steps ------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ __all__ = [
     "adapter_candidates",
     "carries_salt",
     "served_adapters",
+    "served_by",
     "with_adapter",
 ]
 
@@ -61,6 +62,12 @@ def served_adapters(engine: Any) -> frozenset[str]:
     """The LoRA adapters ``engine`` serves (none when it does not say)."""
     adapters = getattr(engine, "adapters", None)
     return adapters if isinstance(adapters, frozenset) else frozenset()
+
+
+def served_by(engines: Mapping[int, Any]) -> dict[int, frozenset[str]]:
+    """Each worker of ``engines`` with the LoRA adapters it serves now (`Select.members`: a
+    worker whose adapters differ later changed pools since)."""
+    return {w: served_adapters(engine) for w, engine in engines.items()}
 
 
 def adapter_affinity(engine: Any, adapter: str) -> str:

@@ -44,7 +44,7 @@ class Route:
     #: See `Select.queued`.
     queued: bool = False
     #: See `Select.members`.
-    members: frozenset[int] | None = None
+    members: Mapping[int, frozenset[str]] | None = None
 
 
 @attrs.frozen
@@ -95,10 +95,11 @@ class Select:
     #: With ``admit``: the request asks from the admission queue, which wants to know whether
     #: any worker has room left once it is booked (`Selection.room_left`).
     queued: bool = False
-    #: With ``reserved``: the workers there were when it was worked out (None: not known).
-    #: Any other worker joined since, and counts as reserved too: a waiter ahead, whose
-    #: pool it may be in, has not been asked about it yet.
-    members: frozenset[int] | None = None
+    #: With ``reserved``: the workers there were when it was worked out, each with the LoRA
+    #: adapters it served then (`served_by`; None: not known). Any other worker joined since,
+    #: and one whose adapters changed since, counts as reserved too: a waiter ahead, whose
+    #: pool it may be in now, has not been asked about it yet.
+    members: Mapping[int, frozenset[str]] | None = None
 
 
 @attrs.frozen

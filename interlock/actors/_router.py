@@ -25,6 +25,7 @@ from ._adapters import (
     AdapterCandidates,
     adapter_candidates,
     carries_salt,
+    served_adapters,
     with_adapter,
 )
 from ._kv_policy import KvPolicy
@@ -383,7 +384,7 @@ class RouterActor(Actor):
         admit: bool = False,
         adapter: AdapterCandidates | None = None,
         reserved: frozenset[int] = frozenset(),
-        members: frozenset[int] | None = None,
+        members: Mapping[int, frozenset[str]] | None = None,
     ) -> SelectionRecord | None:
         named = _named_worker(request, leg)
         if named is not None:
@@ -418,11 +419,16 @@ class RouterActor(Actor):
                 reserved = reserved.difference(candidates)
         if admit:
             # A reserved worker is held for a request that waits ahead of this one: full. So
-            # is one that joined after the reservation was worked out (not in ``members``).
+            # is one that joined, or changed the adapters it serves, after the reservation
+            # was worked out (``members``): the waiters ahead were not asked about it. Read
+            # last, so only a worker with room pays for the comparison.
+            engines = self._engines
             room = [
                 w
                 for w in pool
-                if w not in reserved and (members is None or w in members) and not self._full(w)
+                if w not in reserved
+                and not self._full(w)
+                and (members is None or members.get(w) == served_adapters(engines.get(w)))
             ]
             if not room:
                 raise WorkersFull(
