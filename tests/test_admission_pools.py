@@ -1021,10 +1021,13 @@ async def test_a_worker_whose_ejection_ends_is_held_for_the_waiter_refused_over_
     """Engine 3 is ejected (it broke a stream) with a free slot when an 'ad2' waiter is
     refused (engine 2 full). The ejection ends with no message; a base request that arrives
     then must not take engine 3 from the waiter ahead, which could use it: the refusal named
-    engine 3 too, so it is held for that waiter (until its next ask: `RECHECK`, made long)."""
+    engine 3 too, so it is held for that waiter. Held until its next ask: the wake at the
+    ejection's end (`wake_at`) is turned off here, as if the newcomer came first in the
+    instant the ejection ends, and `RECHECK` made long."""
     from interlock import _admission
 
     monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    monkeypatch.setattr(_admission.AdmissionQueue, "wake_at", lambda queue, times: None)
     config = CONFIG.evolve(outlier_failures=1, outlier_ejection_time=1.0)
     workers = [worker(w) for w in (1, 2, 3)]
     async with build_pipeline(config, Components(workers=workers)) as p, trio.open_nursery() as n:
