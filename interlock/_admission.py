@@ -71,19 +71,20 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import trio
 
 from ._errors import Overloaded
+
+if TYPE_CHECKING:
+    from .actors._adapters import Members
 
 #: Seconds between two refreshes while anyone waits (`AdmissionQueue.recheck`).
 RECHECK = 0.5
 
 #: The flow of a request that names none (GAIE's default fairness id).
 DEFAULT_FLOW = "default-flow"
-
-#: The workers the Router knows, each with the LoRA adapters it serves (`Select.members`).
-Members = Mapping[int, frozenset[str]]
 
 
 class _Pool:

@@ -42,6 +42,7 @@ __all__ = [
     "RUNNING",
     "WAITING",
     "AdapterCandidates",
+    "Members",
     "adapter_affinity",
     "adapter_candidates",
     "carries_salt",
@@ -64,7 +65,11 @@ def served_adapters(engine: Any) -> frozenset[str]:
     return adapters if isinstance(adapters, frozenset) else frozenset()
 
 
-def served_by(engines: Mapping[int, Any]) -> dict[int, frozenset[str]]:
+#: Workers by id, each with the LoRA adapters it serves (`Select.members`).
+Members = Mapping[int, frozenset[str]]
+
+
+def served_by(engines: Mapping[int, Any]) -> Members:
     """Each worker of ``engines`` with the LoRA adapters it serves now (`Select.members`: a
     worker whose adapters differ later changed pools since)."""
     return {w: served_adapters(engine) for w, engine in engines.items()}

@@ -9,6 +9,7 @@ import attrs
 from .._errors import InterlockError
 from ..engines import Engine
 from ..wire import PreprocessedRequest, RoutingDecision
+from ._adapters import Members
 
 
 # -- Discovery ---------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ class Route:
     #: See `Select.queued`.
     queued: bool = False
     #: See `Select.members`.
-    members: Mapping[int, frozenset[str]] | None = None
+    members: Members | None = None
 
 
 @attrs.frozen
@@ -99,7 +100,7 @@ class Select:
     #: adapters it served then (`served_by`; None: not known). Any other worker joined since,
     #: and one whose adapters changed since, counts as reserved too: a waiter ahead, whose
     #: pool it may be in now, has not been asked about it yet.
-    members: Mapping[int, frozenset[str]] | None = None
+    members: Members | None = None
 
 
 @attrs.frozen

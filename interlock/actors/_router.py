@@ -23,6 +23,7 @@ from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
 from ..wire._frames import SALT_VERSION
 from ._adapters import (
     AdapterCandidates,
+    Members,
     adapter_candidates,
     carries_salt,
     served_adapters,
@@ -384,7 +385,7 @@ class RouterActor(Actor):
         admit: bool = False,
         adapter: AdapterCandidates | None = None,
         reserved: frozenset[int] = frozenset(),
-        members: Mapping[int, frozenset[str]] | None = None,
+        members: Members | None = None,
     ) -> SelectionRecord | None:
         named = _named_worker(request, leg)
         if named is not None:
