@@ -383,7 +383,8 @@ class AdmissionQueue:
     def wake_at(self, times: Mapping[int, float]) -> None:
         """A slot may free on each worker of ``times`` at its time (trio's clock: a refusal
         named it ejected until then, and an ejection ends with no message): `wake` it then.
-        Kept while anyone waits (a later time for a worker replaces the earlier)."""
+        Kept while anyone waits (the time last told for a worker replaces the one before: the
+        Router's ejection ends only move later)."""
         if not times or not self._count:
             return
         self._wake_times.update(times)
