@@ -174,7 +174,9 @@ def test_the_engines_mix_mock_and_remote_workers_by_role() -> None:
     assert "worker 0 at [::1]:7000 (agg), connected" in text
 
 
-def test_each_remote_worker_gets_the_connect_timeout_and_it_must_be_positive() -> None:
+def test_each_remote_worker_gets_the_connect_timeout_and_it_must_be_positive(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     argv = ["serve", "--remote-worker", "1=h:7001", "--remote-worker", "2=h:7002/prefill"]
     assert resolve(frontend_parser().parse_args(argv)).worker_connect_timeout == 10
     setup = resolve(frontend_parser().parse_args([*argv, "--worker-connect-timeout", "2.5"]))
@@ -183,9 +185,14 @@ def test_each_remote_worker_gets_the_connect_timeout_and_it_must_be_positive() -
         2.5,
         2.5,
     ]
-    for bad in ("0", "-1", "nan"):
-        with pytest.raises(ConfigError, match="--worker-connect-timeout must be positive, got"):
-            resolve(frontend_parser().parse_args([*argv, "--worker-connect-timeout", bad]))
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as exited:
+            frontend_parser().parse_args([*argv, "--worker-connect-timeout", bad])
+        assert exited.value.code == 2
+        assert (
+            f"argument --worker-connect-timeout: must be a positive number, got {bad!r}"
+            in capsys.readouterr().err
+        )
 
 
 def test_the_mock_text_lives_in_the_mock_package() -> None:

@@ -31,7 +31,7 @@ import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from .._argtypes import non_negative_float, non_negative_int, port
+from .._argtypes import non_negative_float, non_negative_int, port, positive_float
 from .._config import (
     EXT_PROC_TLS_KEYS,
     EXT_PROC_TLS_MODES,
@@ -687,7 +687,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--worker-connect-timeout",
-        type=float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="wait this long for each --remote-worker's first handshake at start; one not "
@@ -1119,11 +1119,6 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
     grace = getattr(args, "etcd_new_store_grace", None)
     if grace is not None and etcd is None:
         raise ConfigError("--etcd-new-store-grace needs --etcd URL (it is about etcd's workers)")
-    if not args.worker_connect_timeout > 0:
-        raise ConfigError(
-            f"--worker-connect-timeout must be positive, got {args.worker_connect_timeout:g} "
-            "(the seconds each --remote-worker gets to answer at start)"
-        )
     from_table = _apply_gateway_table(args)
     ext_proc_port, ext_proc_health_port = _resolve_ext_proc(args, workers, remote)
     ext_proc_tls = _resolve_ext_proc_tls(args, from_table)
