@@ -42,7 +42,7 @@ from interlock import (
 from interlock.discovery import (
     EtcdClient,
     EtcdError,
-    KeyValue,
+    Listing,
     WatchEvent,
     WorkerRecord,
     WorkerWatcher,
@@ -246,6 +246,11 @@ async def test_the_client_puts_gets_deletes_and_watches(etcd: Etcd) -> None:
             await client.put("p/a", "1")
             items, revision = await client.get_prefix("p/")
             assert [(i.key, i.value) for i in items] == [("p/a", b"1")]
+            # The listing carries the term from the same answer's header as its revision
+            # (a single-member etcd's first term is 2).
+            listing = await client.list_prefix("p/")
+            assert (listing.items, listing.revision) == (items, revision)
+            assert listing.raft_term >= 2
 
             async def watch(task_status: trio.TaskStatus[None]) -> None:
                 async with aclosing(client.watch_prefix("p/", start_revision=revision + 1)) as it:
@@ -605,12 +610,12 @@ class FaultyClient(EtcdClient):
         self.failed_listings = 0
         self.after_listing: Callable[[], Awaitable[None]] | None = None
 
-    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+    async def list_prefix(self, prefix: str) -> Listing:
         if self.failing_listings:
             self.failing_listings -= 1
             self.failed_listings += 1
             raise EtcdError(self.url, f"range {prefix!r}", "ReadError: a fault the test set off")
-        answer = await super().get_prefix(prefix)
+        answer = await super().list_prefix(prefix)
         hook, self.after_listing = self.after_listing, None
         if hook is not None:
             await hook()

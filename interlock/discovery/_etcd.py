@@ -189,6 +189,23 @@ class KeyValue:
 
 
 @attrs.frozen
+class Listing:
+    """What `EtcdClient.list_prefix` returns: the keys under a prefix, and etcd's revision
+    and raft term from the header of the same answer (watch from ``revision`` + 1 with
+    ``raft_term`` to miss nothing and to notice another store).
+
+    A store that restarted without its data starts its term again: its revision may have
+    caught up with the old one's, and its cluster and member ids stay the same, so a term
+    below the listed one is what tells.
+    """
+
+    items: list[KeyValue]
+    revision: int
+    #: 0 when etcd's header does not say (an etcd that sends no term).
+    raft_term: int = 0
+
+
+@attrs.frozen
 class WatchEvent:
     """One change under a watched prefix: ``kind`` is ``"put"`` (``value`` is the new value)
     or ``"delete"`` (``value`` is empty)."""
@@ -262,11 +279,6 @@ class EtcdClient:
         self.authentications = 0
         self._token: str | None = None
         self._authenticated = False
-        #: etcd's raft term in the answer to the last `get_prefix` (0: none yet). A store
-        #: that restarted without its data starts its term again: its revision may have
-        #: caught up with the old one's, and its cluster and member ids stay the same, so a
-        #: term below the listed one is what tells (pass it to `watch_prefix`).
-        self.listed_raft_term = 0
         self._auth_lock = trio.Lock()
         # httpx's default trusts certifi's bundle; the system's CAs are what an operator
         # manages (and what --etcd-ca-file replaces).
@@ -497,7 +509,17 @@ class EtcdClient:
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Every key starting with ``prefix``, and the store's revision at that moment (watch
-        from the next one to miss nothing).
+        from the next one to miss nothing): `list_prefix` without the raft term.
+
+        Raises:
+            EtcdError: no answer, or an error answer.
+        """
+        listing = await self.list_prefix(prefix)
+        return listing.items, listing.revision
+
+    async def list_prefix(self, prefix: str) -> Listing:
+        """Every key starting with ``prefix``, with etcd's revision and raft term from this
+        one answer's header (`Listing`).
 
         Raises:
             EtcdError: no answer, or an error answer.
@@ -515,17 +537,16 @@ class EtcdClient:
             ]
         except (KeyError, ValueError, binascii.Error) as exc:
             raise EtcdError(self.url, f"range {prefix!r}", f"unexpected answer: {exc}") from exc
-        self.listed_raft_term = _raft_term(answer)
-        return items, _revision(answer)
+        return Listing(items, _revision(answer), _raft_term(answer))
 
     async def watch_prefix(
         self, prefix: str, *, start_revision: int | None = None, raft_term: int = 0
     ) -> AsyncGenerator[WatchEvent, None]:
         """Yield every change to keys starting with ``prefix``, from ``start_revision`` (the
-        `get_prefix` revision + 1) on, until the caller stops iterating. Close it with
+        `list_prefix` revision + 1) on, until the caller stops iterating. Close it with
         ``contextlib.aclosing``. Waits for changes without a time limit. ``raft_term`` is
-        `listed_raft_term` after that listing: a watch on an etcd whose term went back since
-        (another store) refuses to start, as below.
+        that listing's: a watch on an etcd whose term went back since (another store)
+        refuses to start, as below.
 
         Raises:
             EtcdError: etcd cannot be reached, the stream broke (etcd stopped), etcd
@@ -868,7 +889,7 @@ class WorkerWatcher:
         self.new_store_grace = new_store_grace
         #: Workers kept after etcd lost their records, by id: when the grace ends.
         self._held: dict[int, float] = {}
-        #: etcd's raft term at the last listing (`EtcdClient.listed_raft_term`).
+        #: etcd's raft term at the last listing (`Listing.raft_term`).
         self._raft_term = 0
 
     def _engine_context(self) -> EngineContext:
@@ -954,8 +975,8 @@ class WorkerWatcher:
             return delay
 
     async def _list(self) -> None:
-        items, revision = await self.client.get_prefix(self.prefix)
-        term = self.client.listed_raft_term
+        listing = await self.client.list_prefix(self.prefix)
+        items, revision, term = listing.items, listing.revision, listing.raft_term
         new_store = revision < self._revision or term < self._raft_term
         if new_store:
             why = (
