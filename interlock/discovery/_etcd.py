@@ -78,6 +78,11 @@ _logger = logging.getLogger("interlock.discovery.etcd")
 DEFAULT_PREFIX = "interlock"
 
 
+#: How long, by default, workers a new store (etcd lost its data) has no record of stay for
+#: them to register again (``--etcd-new-store-grace``): the workers' default ``--etcd-ttl``,
+#: within which a live worker's lease renewal finds its lease gone and registers again.
+DEFAULT_NEW_STORE_GRACE = 10.0
+
 #: The environment variable holding the ``--etcd-user``'s password (or ``--etcd-password-file``).
 PASSWORD_ENV = "INTERLOCK_ETCD_PASSWORD"
 
@@ -849,7 +854,7 @@ class WorkerWatcher:
         backoff: float = 0.1,
         max_backoff: float = 2.0,
         drain_timeout: float = 300.0,
-        new_store_grace: float = 10.0,
+        new_store_grace: float = DEFAULT_NEW_STORE_GRACE,
     ) -> None:
         if (
             not isinstance(new_store_grace, int | float)
@@ -1176,7 +1181,7 @@ async def watch_workers(
     prefix: str = DEFAULT_PREFIX,
     context: EngineContext | None = None,
     connect_timeout: float = 5.0,
-    new_store_grace: float = 10.0,
+    new_store_grace: float = DEFAULT_NEW_STORE_GRACE,
     task_status: trio.TaskStatus[WorkerWatcher] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a `WorkerWatcher` over ``pipeline`` until cancelled; ``task_status.started`` gets

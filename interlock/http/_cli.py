@@ -63,6 +63,7 @@ from ..discovery import (
     workers_prefix,
 )
 from ..discovery._engine_address import EngineAddress  # interlock register's --engine too
+from ..discovery._etcd import DEFAULT_NEW_STORE_GRACE
 from ..discovery._etcd_options import EtcdOptions, add_etcd_arguments, etcd_options
 from ..engines import ROLES, Engine, EngineContext, Role, engine_from_record
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
@@ -228,7 +229,7 @@ class ServeSetup:
     worker_connect_timeout: float = 10.0
     #: ``--etcd-new-store-grace``: how long the workers etcd lost the records of (it lost its
     #: data) stay, for them to register again.
-    etcd_new_store_grace: float = 10.0
+    etcd_new_store_grace: float = DEFAULT_NEW_STORE_GRACE
     #: ``--worker-tls`` (with ``--worker-ca-file`` ...): TLS toward every remote worker
     #: (None: plain TCP).
     worker_tls: ssl.SSLContext | None = attrs.field(default=None, repr=False)
@@ -707,8 +708,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="when etcd lost its data, keep the workers it has no record of this long for them "
-        "to register again (10: the workers' default --etcd-ttl; give at least the workers' "
-        "--etcd-ttl)",
+        f"to register again ({DEFAULT_NEW_STORE_GRACE:g}: the workers' default --etcd-ttl; give "
+        "at least the workers' --etcd-ttl)",
     )
     workers.add_argument(
         "--speedup",
@@ -1201,7 +1202,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         worker_heartbeat_interval=heartbeat[0],
         worker_heartbeat_timeout=heartbeat[1],
         worker_connect_timeout=args.worker_connect_timeout,
-        etcd_new_store_grace=10.0 if grace is None else grace,
+        etcd_new_store_grace=DEFAULT_NEW_STORE_GRACE if grace is None else grace,
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
