@@ -140,6 +140,18 @@ BAD_TABLES = [
 ]
 
 
+def test_rules_built_in_python_are_checked_as_a_file_is() -> None:
+    # The lookups are built once, in the constructor, which refuses a rule that would
+    # never apply as `from_table` does (it only adds the file to the message).
+    rules = ModelRewrites.from_table([rule("a", ["x"], ("t", 1)), rule("b", [], ("u", 1))]).rules
+    with pytest.raises(ConfigError, match=r"^\[\[model_rewrites\]\] 'a': matches 'x'.*'a'"):
+        ModelRewrites((rules[0], rules[0]))
+    with pytest.raises(ConfigError, match=r"'b': a second rule without matches.*'b' is one"):
+        ModelRewrites((rules[1], rules[1]))
+    assert ModelRewrites(rules).rule_for("x") is rules[0]
+    assert ModelRewrites(rules).rule_for("y") is rules[1]
+
+
 @pytest.mark.parametrize(("table", "message"), BAD_TABLES)
 def test_a_bad_rule_is_a_config_error_naming_the_file_rule_and_key(
     table: Any, message: str
