@@ -6,6 +6,7 @@ timing or memory figure is asserted."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import shutil
@@ -13,7 +14,8 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -158,6 +160,36 @@ def test_a_life_is_split_over_the_passes_it_overlaps() -> None:
     parts = tail.split_life(passes, [0.0, 1.5], 0.5, 2.0)
     expected = {"cpu": 0.25 + 0.2, "gc": 0.05, "preempted": 0.2, "idle": 0.8}
     assert parts == {k: pytest.approx(v) for k, v in expected.items()}, parts
+
+
+def test_the_tail_instrument_leaves_its_object_count_out_of_the_pass() -> None:
+    # The instrument's code as the serve runs it, on clocks that move only when told: a pass
+    # holding a full collection whose object count (3 generations, 1 s of wall and CPU each)
+    # is the instrument's work, not the serve's.
+    ns: dict[str, Any] = {}
+    exec(tail.TAIL_INSTRUMENT, ns)
+    gc.callbacks.remove(ns["on_gc"])  # this process's own collections stay unrecorded
+    now = [100.0, 10.0]  # wall, CPU
+
+    def advance(wall: float, cpu: float) -> None:
+        now[0] += wall
+        now[1] += cpu
+
+    def get_objects(generation: int) -> list[None]:
+        advance(1.0, 1.0)
+        return [None] * (generation + 1)
+
+    ns.update(wall=lambda: now[0], cpu=lambda: now[1], gc=SimpleNamespace(get_objects=get_objects))
+    instrument = ns["Instrument"]()
+    instrument.after_io_wait(0)
+    advance(1.0, 0.5)
+    ns["on_gc"]("start", {"generation": 2})
+    advance(0.25, 0.25)  # the collection itself
+    ns["on_gc"]("stop", {"generation": 2})
+    advance(1.0, 0.5)
+    instrument.before_io_wait(0)
+    assert ns["passes"] == [(100.0, 2.25, 1.25, 0.25)]
+    assert ns["gcs"] == [(2, 0.25, 1 + 2 + 3)]
 
 
 @given(
