@@ -216,6 +216,27 @@ def test_the_worker_generates_the_words_of_its_tokenizer() -> None:
         build_engine(_worker_args("--tokenizer", "/nonexistent/tokenizer"))
 
 
+@pytest.mark.parametrize("command", ["serve", "route"])
+def test_serve_and_route_take_the_builtin_tokenizer_as_the_worker_does(
+    command: str, tmp_path: Path
+) -> None:
+    # One spelling for the byte tokenizer on every command: `--tokenizer builtin` is the
+    # frontend's default, named (a worker started with it matches the frontend).
+    default = resolve(frontend_parser().parse_args([command])).preprocessor
+    named = resolve(frontend_parser().parse_args([command, "--tokenizer", "builtin"]))
+    assert type(named.preprocessor.tokenizer) is ByteTokenizer
+    assert named.preprocessor.source == default.source
+    assert named.preprocessor.chat_template == default.chat_template
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    argv = [command, "--tokenizer", "builtin", "--chat-template", str(template)]
+    templated = resolve(frontend_parser().parse_args(argv)).preprocessor
+    assert templated.render_chat([{"role": "user", "content": "hi"}]) == "hi"
+    # A directory named builtin is still reachable as a path.
+    with pytest.raises(TokenizerError, match="no such file or directory"):
+        resolve(frontend_parser().parse_args([command, "--tokenizer", "./builtin"]))
+
+
 # -- real processes ----------------------------------------------------------------------------
 
 

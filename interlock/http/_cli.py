@@ -80,6 +80,7 @@ from ..processing import (
     TokenizerError,
     tokenizer_fingerprint,
 )
+from ..processing._byte_tokenizer import BUILTIN_TOKENIZER
 from ..wire import ProtocolError
 from ._app import HttpLimits, build_app, build_metrics_app
 from ._auth import (
@@ -725,9 +726,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     text = parser.add_argument_group("text")
     text.add_argument(
         "--tokenizer",
-        metavar="PATH",
-        help="a tokenizer.json or Hugging Face model directory (default: built-in bytes); "
-        "remote workers need the same one (interlock worker --tokenizer PATH|builtin)",
+        metavar="PATH|builtin",
+        help="a tokenizer.json or Hugging Face model directory, or 'builtin' for the built-in "
+        "byte tokenizer (the default); remote workers need the same one (interlock worker "
+        "--tokenizer PATH|builtin)",
     )
     text.add_argument(
         "--chat-template",
@@ -1160,16 +1162,8 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             check_selection_policy(config, factory)
         except ConfigError as exc:
             raise ConfigError(f"{what}: {exc}", knobs=exc.knobs) from None
-    if args.tokenizer is not None:
-        preprocessor = Preprocessor.load(args.tokenizer, chat_template=args.chat_template)
-    else:
-        preprocessor = Preprocessor.default()
-        if args.chat_template is not None:
-            from ..processing import load_chat_template
-
-            preprocessor = attrs.evolve(
-                preprocessor, chat_template=load_chat_template(args.chat_template)
-            )
+    tokenizer = BUILTIN_TOKENIZER if args.tokenizer is None else args.tokenizer
+    preprocessor = Preprocessor.load(tokenizer, chat_template=args.chat_template)
     return ServeSetup(
         config=config,
         preprocessor=preprocessor,
@@ -1570,7 +1564,7 @@ def _worker_failure(setup: ServeSetup, exc: BaseException) -> int:
         hint = (
             f"this frontend's tokenizer is {setup.preprocessor.source} (--tokenizer); every "
             "remote worker must generate with the same one: start it with `interlock worker "
-            f"--tokenizer {'builtin' if builtin else setup.preprocessor.source}`"
+            f"--tokenizer {BUILTIN_TOKENIZER if builtin else setup.preprocessor.source}`"
         )
         print(f"{command}: wrong remote worker: {exc}\n  here: {hint}", file=sys.stderr)
     elif isinstance(exc, WorkerMismatch):
