@@ -303,6 +303,31 @@ async def test_an_unreachable_etcd_raises_an_error_naming_the_url_and_operation(
     assert str(caught.value).startswith(f"etcd at {url}: range 'x/' failed: ConnectError")
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"header": {"revision": "soon", "raft_term": "2"}, "kvs": []},
+        {"header": {"revision": "5", "raft_term": "two"}, "kvs": []},
+        {"header": None, "kvs": []},
+        {"header": {"revision": "5", "raft_term": "2"}, "kvs": None},
+        {"header": {"revision": "5", "raft_term": "2"}, "kvs": ["p/a"]},
+    ],
+    ids=["revision", "raft_term", "header", "kvs", "kv"],
+)
+async def test_a_listing_whose_answer_is_malformed_is_an_etcd_error(answer: Any) -> None:
+    # `list_prefix` promises EtcdError for an answer it cannot read (it guards the keys);
+    # the revision and raft term of the same answer's header must be no different: the
+    # watcher retries an EtcdError, and anything else ends it (and the frontend with it).
+    async with EtcdClient("http://127.0.0.1:2379") as client:
+        await client._http.aclose()
+        client._http = httpx.AsyncClient(
+            base_url=client.url,
+            transport=httpx.MockTransport(lambda request: httpx.Response(200, json=answer)),
+        )
+        with pytest.raises(EtcdError, match="range 'p/'"):
+            await client.list_prefix("p/")
+
+
 def test_a_worker_record_round_trips_and_bad_ones_say_why() -> None:
     record = WorkerRecord(worker_id=3, host="10.0.0.5", port=7003, role="prefill", block_size=32)
     assert WorkerRecord.from_json(record.to_json()) == record
