@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import openai
 import pytest
@@ -150,6 +151,18 @@ def test_rules_built_in_python_are_checked_as_a_file_is() -> None:
         ModelRewrites((rules[1], rules[1]))
     assert ModelRewrites(rules).rule_for("x") is rules[0]
     assert ModelRewrites(rules).rule_for("y") is rules[1]
+
+
+def test_a_rule_built_in_python_naming_a_model_twice_is_told_so() -> None:
+    # `from_table` says "matches names 'x' twice; name it once"; the constructor, which now
+    # checks rules built in Python, tells the same rule matching a model twice as if a second
+    # rule (itself) matched it, with the fix for two rules ("name each model in one rule").
+    (built,) = ModelRewrites.from_table([rule("a", ["x"], ("t", 1))]).rules
+    twice = attrs.evolve(built, matches=("x", "x"))
+    with pytest.raises(ConfigError) as refused:
+        ModelRewrites((twice,))
+    assert "twice" in str(refused.value), str(refused.value)
+    assert "which the rule 'a' matches already" not in str(refused.value)
 
 
 @pytest.mark.parametrize(("table", "message"), BAD_TABLES)
