@@ -303,6 +303,19 @@ async def test_an_unreachable_etcd_raises_an_error_naming_the_url_and_operation(
     assert str(caught.value).startswith(f"etcd at {url}: range 'x/' failed: ConnectError")
 
 
+@asynccontextmanager
+async def answering(answer: object) -> AsyncIterator[EtcdClient]:
+    """A client whose every request gets ``answer`` (as JSON, HTTP 200) from a gateway that
+    is not etcd's: no etcd runs."""
+    async with EtcdClient("http://127.0.0.1:2379") as client:
+        await client._http.aclose()
+        client._http = httpx.AsyncClient(
+            base_url=client.url,
+            transport=httpx.MockTransport(lambda request: httpx.Response(200, json=answer)),
+        )
+        yield client
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -318,14 +331,25 @@ async def test_a_listing_whose_answer_is_malformed_is_an_etcd_error(answer: Any)
     # `list_prefix` promises EtcdError for an answer it cannot read (it guards the keys);
     # the revision and raft term of the same answer's header must be no different: the
     # watcher retries an EtcdError, and anything else ends it (and the frontend with it).
-    async with EtcdClient("http://127.0.0.1:2379") as client:
-        await client._http.aclose()
-        client._http = httpx.AsyncClient(
-            base_url=client.url,
-            transport=httpx.MockTransport(lambda request: httpx.Response(200, json=answer)),
-        )
+    async with answering(answer) as client:
         with pytest.raises(EtcdError, match="range 'p/'"):
             await client.list_prefix("p/")
+
+
+@pytest.mark.parametrize(
+    "header", [{"revision": "5", "raft_term": "two"}, {"revision": "soon"}, "5"]
+)
+async def test_a_watch_created_with_a_malformed_header_is_an_etcd_error(header: Any) -> None:
+    # The creation answer's revision and raft term are checked against the listing's; one
+    # that is not a number must be an EtcdError (retried) like the listing's, not end the
+    # watcher.
+    async with (
+        answering({"result": {"created": True, "header": header}}) as client,
+        aclosing(client.watch_prefix("p/", start_revision=6, raft_term=2)) as events,
+    ):
+        with pytest.raises(EtcdError, match="watch 'p/' failed: unexpected answer: header"):
+            async for _ in events:
+                pass
 
 
 def test_a_worker_record_round_trips_and_bad_ones_say_why() -> None:

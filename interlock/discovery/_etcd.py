@@ -448,6 +448,33 @@ class EtcdClient:
             hint = f"{_REACH_HINT} An etcd that serves TLS needs an https:// URL"
         return EtcdError(self.url, operation, why, hint=hint)
 
+    def _unexpected(self, operation: str, why: str) -> EtcdError:
+        """The error for an answer that is not what etcd's gateway sends (``why`` names the
+        part): something else may answer at the URL."""
+        return EtcdError(self.url, operation, f"unexpected answer: {why}")
+
+    def _revision_and_term(self, operation: str, answer: Mapping[str, Any]) -> tuple[int, int]:
+        """The revision and raft term in ``answer``'s header (0 for one it leaves out).
+
+        Raises:
+            EtcdError: the header is not an object, or either is not a number (raised,
+                not left to ``int``: the watcher retries an EtcdError, and anything else
+                ends it).
+        """
+        header = answer.get("header", {})
+        if not isinstance(header, dict):
+            raise self._unexpected(operation, f"header {header!r} is not an object")
+        numbers = []
+        for field in ("revision", "raft_term"):
+            value = header.get(field, 0)
+            try:
+                numbers.append(int(value))
+            except (TypeError, ValueError):
+                raise self._unexpected(
+                    operation, f"header {field} {value!r} is not a number"
+                ) from None
+        return numbers[0], numbers[1]
+
     # -- leases -------------------------------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> tuple[int, int]:
@@ -460,8 +487,8 @@ class EtcdClient:
         answer = await self._call("lease grant", "/v3/lease/grant", {"TTL": ttl})
         try:
             return int(answer["ID"]), int(answer.get("TTL", ttl))
-        except (KeyError, ValueError) as exc:
-            raise EtcdError(self.url, "lease grant", f"unexpected answer {answer!r}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._unexpected("lease grant", repr(answer)) from exc
 
     async def keepalive(self, lease: int) -> int:
         """Renew ``lease`` once; returns its TTL again, or 0 when the lease no longer exists
@@ -474,8 +501,8 @@ class EtcdClient:
         result = answer.get("result", {})
         try:
             return int(result.get("TTL", 0)) if isinstance(result, dict) else 0
-        except ValueError as exc:
-            raise EtcdError(self.url, "lease keepalive", f"unexpected answer {answer!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise self._unexpected("lease keepalive", repr(answer)) from exc
 
     async def revoke(self, lease: int) -> None:
         """Revoke ``lease``: its keys are deleted at once. An unknown lease is no error.
@@ -500,8 +527,9 @@ class EtcdClient:
         body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease is not None:
             body["lease"] = str(lease)
-        answer = await self._call(f"put {key!r}", "/v3/kv/put", body)
-        return _revision(answer)
+        operation = f"put {key!r}"
+        answer = await self._call(operation, "/v3/kv/put", body)
+        return self._revision_and_term(operation, answer)[0]
 
     async def delete(self, key: str) -> int:
         """Delete ``key``; returns how many keys were deleted (0 or 1).
@@ -527,22 +555,31 @@ class EtcdClient:
         one answer's header (`Listing`).
 
         Raises:
-            EtcdError: no answer, or an error answer.
+            EtcdError: no answer, an error answer, or an answer whose keys or header are
+                not what etcd sends (the message names the part).
         """
         body = {"key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix))}
-        answer = await self._call(f"range {prefix!r}", "/v3/kv/range", body)
-        try:
-            items = [
-                KeyValue(
-                    _unb64(kv["key"]).decode(errors="replace"),
-                    _unb64(kv.get("value")),
-                    int(kv.get("mod_revision", 0)),
+        operation = f"range {prefix!r}"
+        answer = await self._call(operation, "/v3/kv/range", body)
+        kvs = answer.get("kvs", [])
+        if not isinstance(kvs, list):
+            raise self._unexpected(operation, f"kvs {kvs!r} is not a list")
+        items = []
+        for kv in kvs:
+            if not isinstance(kv, dict):
+                raise self._unexpected(operation, f"kv {kv!r} is not an object")
+            try:
+                items.append(
+                    KeyValue(
+                        _unb64(kv["key"]).decode(errors="replace"),
+                        _unb64(kv.get("value")),
+                        int(kv.get("mod_revision", 0)),
+                    )
                 )
-                for kv in answer.get("kvs", [])
-            ]
-        except (KeyError, ValueError, binascii.Error) as exc:
-            raise EtcdError(self.url, f"range {prefix!r}", f"unexpected answer: {exc}") from exc
-        return Listing(items, _revision(answer), _raft_term(answer))
+            except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+                raise self._unexpected(operation, f"kv {kv!r}: {exc!r}") from exc
+        revision, term = self._revision_and_term(operation, answer)
+        return Listing(items, revision, term)
 
     async def watch_prefix(
         self, prefix: str, *, start_revision: int | None = None, raft_term: int = 0
@@ -629,7 +666,7 @@ class EtcdClient:
         result = message.get("result")
         if not isinstance(result, dict) or not result.get("created"):
             return
-        term = _raft_term(result)
+        revision, term = self._revision_and_term(operation, result)
         if 0 < term < raft_term:
             raise EtcdError(
                 self.url,
@@ -639,7 +676,6 @@ class EtcdClient:
                 "caught up with the listed revision since: list again, and watch from the "
                 "listing's revision",
             )
-        revision = _revision(result)
         if revision < start - 1:
             raise EtcdError(
                 self.url,
@@ -689,14 +725,6 @@ def _root_cause(exc: BaseException) -> BaseException:
             return exc
         seen.add(id(inner))
         exc = inner
-
-
-def _revision(answer: Mapping[str, Any]) -> int:
-    return int(answer.get("header", {}).get("revision", 0))
-
-
-def _raft_term(answer: Mapping[str, Any]) -> int:
-    return int(answer.get("header", {}).get("raft_term", 0))
 
 
 # -- records -----------------------------------------------------------------------------------
