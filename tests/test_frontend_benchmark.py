@@ -167,8 +167,17 @@ def test_the_tail_instrument_leaves_its_object_count_out_of_the_pass() -> None:
     # holding a full collection whose object count (3 generations, 1 s of wall and CPU each)
     # is the instrument's work, not the serve's.
     ns: dict[str, Any] = {}
-    exec(tail.TAIL_INSTRUMENT, ns)
-    gc.callbacks.remove(ns["on_gc"])  # this process's own collections stay unrecorded
+    # This process's own collections stay unrecorded: exec appends on_gc to gc.callbacks and
+    # then allocates (the class, write_report), so collections are off until it is removed.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        exec(tail.TAIL_INSTRUMENT, ns)
+    finally:
+        if ns.get("on_gc") in gc.callbacks:
+            gc.callbacks.remove(ns["on_gc"])
+        if enabled:
+            gc.enable()
     now = [100.0, 10.0]  # wall, CPU
 
     def advance(wall: float, cpu: float) -> None:
