@@ -122,8 +122,8 @@ class ModelRewrites:
     """The rules, looked up by the model a request names (`rule_for`, `choose`).
 
     Raises:
-        ConfigError: a model matched by two rules, or two generic rules (either way, only
-            the first would ever apply).
+        ConfigError: a rule naming a model twice in its matches, a model matched by two
+            rules, or two generic rules (either way, only the first would ever apply).
     """
 
     rules: tuple[ModelRewriteRule, ...] = ()
@@ -132,7 +132,8 @@ class ModelRewrites:
 
     def __attrs_post_init__(self) -> None:
         # The lookups are built here only, and building them is what finds the rules that
-        # would never apply (`from_table` adds the file to the message).
+        # would never apply and a model a rule names twice (`from_table` adds the file to
+        # the message).
         exact: dict[str, ModelRewriteRule] = {}
         generic: ModelRewriteRule | None = None
         for rule in self.rules:
@@ -145,6 +146,10 @@ class ModelRewrites:
                         "ever apply: merge their targets into one rule"
                     )
                 generic = rule
+            if len(set(rule.matches)) != len(rule.matches):
+                # Checked before the loop below, which would blame the rule on itself.
+                twice = next(m for m in rule.matches if rule.matches.count(m) > 1)
+                _fail(f"{at}: matches names {twice!r} twice; name it once")
             for model in rule.matches:
                 first = exact.get(model)
                 if first is not None:
@@ -251,9 +256,6 @@ def _rule(entry: Mapping[str, Any], at: str, taken: set[str]) -> ModelRewriteRul
             f"{at}: matches must be a list of model names (non-empty strings), or empty for "
             f"every model, got {matches!r}"
         )
-    if len(set(matches)) != len(matches):
-        twice = next(m for m in matches if matches.count(m) > 1)
-        _fail(f"{at}: matches names {twice!r} twice; name it once")
     targets = entry.get("targets")
     if not isinstance(targets, list) or not targets:
         _fail(
