@@ -42,7 +42,7 @@ from interlock import (
 from interlock.discovery import (
     EtcdClient,
     EtcdError,
-    KeyValue,
+    Listing,
     WatchEvent,
     WorkerRecord,
     WorkerWatcher,
@@ -246,6 +246,11 @@ async def test_the_client_puts_gets_deletes_and_watches(etcd: Etcd) -> None:
             await client.put("p/a", "1")
             items, revision = await client.get_prefix("p/")
             assert [(i.key, i.value) for i in items] == [("p/a", b"1")]
+            # The listing carries the term from the same answer's header as its revision
+            # (a single-member etcd's first term is 2).
+            listing = await client.list_prefix("p/")
+            assert (listing.items, listing.revision) == (items, revision)
+            assert listing.raft_term >= 2
 
             async def watch(task_status: trio.TaskStatus[None]) -> None:
                 async with aclosing(client.watch_prefix("p/", start_revision=revision + 1)) as it:
@@ -296,6 +301,55 @@ async def test_an_unreachable_etcd_raises_an_error_naming_the_url_and_operation(
                         pass
     assert caught.value.url == url and caught.value.operation == "range 'x/'"
     assert str(caught.value).startswith(f"etcd at {url}: range 'x/' failed: ConnectError")
+
+
+@asynccontextmanager
+async def answering(answer: object) -> AsyncIterator[EtcdClient]:
+    """A client whose every request gets ``answer`` (as JSON, HTTP 200) from a gateway that
+    is not etcd's: no etcd runs."""
+    async with EtcdClient("http://127.0.0.1:2379") as client:
+        await client._http.aclose()
+        client._http = httpx.AsyncClient(
+            base_url=client.url,
+            transport=httpx.MockTransport(lambda request: httpx.Response(200, json=answer)),
+        )
+        yield client
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"header": {"revision": "soon", "raft_term": "2"}, "kvs": []},
+        {"header": {"revision": "5", "raft_term": "two"}, "kvs": []},
+        {"header": None, "kvs": []},
+        {"header": {"revision": "5", "raft_term": "2"}, "kvs": None},
+        {"header": {"revision": "5", "raft_term": "2"}, "kvs": ["p/a"]},
+    ],
+    ids=["revision", "raft_term", "header", "kvs", "kv"],
+)
+async def test_a_listing_whose_answer_is_malformed_is_an_etcd_error(answer: Any) -> None:
+    # `list_prefix` promises EtcdError for an answer it cannot read (it guards the keys);
+    # the revision and raft term of the same answer's header must be no different: the
+    # watcher retries an EtcdError, and anything else ends it (and the frontend with it).
+    async with answering(answer) as client:
+        with pytest.raises(EtcdError, match="range 'p/'"):
+            await client.list_prefix("p/")
+
+
+@pytest.mark.parametrize(
+    "header", [{"revision": "5", "raft_term": "two"}, {"revision": "soon"}, "5"]
+)
+async def test_a_watch_created_with_a_malformed_header_is_an_etcd_error(header: Any) -> None:
+    # The creation answer's revision and raft term are checked against the listing's; one
+    # that is not a number must be an EtcdError (retried) like the listing's, not end the
+    # watcher.
+    async with (
+        answering({"result": {"created": True, "header": header}}) as client,
+        aclosing(client.watch_prefix("p/", start_revision=6, raft_term=2)) as events,
+    ):
+        with pytest.raises(EtcdError, match="watch 'p/' failed: unexpected answer: header"):
+            async for _ in events:
+                pass
 
 
 def test_a_worker_record_round_trips_and_bad_ones_say_why() -> None:
@@ -605,12 +659,12 @@ class FaultyClient(EtcdClient):
         self.failed_listings = 0
         self.after_listing: Callable[[], Awaitable[None]] | None = None
 
-    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+    async def list_prefix(self, prefix: str) -> Listing:
         if self.failing_listings:
             self.failing_listings -= 1
             self.failed_listings += 1
             raise EtcdError(self.url, f"range {prefix!r}", "ReadError: a fault the test set off")
-        answer = await super().get_prefix(prefix)
+        answer = await super().list_prefix(prefix)
         hook, self.after_listing = self.after_listing, None
         if hook is not None:
             await hook()

@@ -27,6 +27,7 @@ from interlock.discovery import (
     EtcdClient,
     EtcdError,
     KeyValue,
+    Listing,
     WatchEvent,
     WorkerRecord,
     WorkerWatcher,
@@ -38,7 +39,7 @@ PREFIX = "test"
 
 
 class MemoryEtcd(EtcdClient):
-    """etcd's key space in memory, as the watcher reads it: `get_prefix` and `watch_prefix`
+    """etcd's key space in memory, as the watcher reads it: `list_prefix` and `watch_prefix`
     (nothing goes over the network). ``calls`` records each successful listing
     (``("list", revision)``) and each watch (``("watch", start_revision)``)."""
 
@@ -86,15 +87,14 @@ class MemoryEtcd(EtcdClient):
         # As the gateway sends it: numbers as strings.
         return {"header": {"revision": str(self.revision), "raft_term": str(self.term)}}
 
-    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+    async def list_prefix(self, prefix: str) -> Listing:
         await trio.sleep(0.001)  # a round trip
         if self.failing_listings:
             self.failing_listings -= 1
             raise EtcdError(self.url, f"range {prefix!r}", "ConnectError: etcd is restarting")
-        self.listed_raft_term = self.term
         self.calls.append(("list", self.revision))
         items = [KeyValue(k, v) for k, v in sorted(self.kvs.items()) if k.startswith(prefix)]
-        return items, self.revision
+        return Listing(items, self.revision, self.term)
 
     async def watch_prefix(
         self, prefix: str, *, start_revision: int | None = None, raft_term: int = 0
@@ -231,21 +231,21 @@ async def test_a_restart_without_data_between_a_listing_and_its_watch_is_followe
     for n in range(30):
         etcd.store(f"elsewhere/{n}", b"x")
     etcd.store(worker_key(PREFIX, 2), WorkerRecord(worker_id=2, kind="mock").to_json().encode())
-    listing = etcd.get_prefix
+    listing = etcd.list_prefix
     restarted = False
 
-    async def list_then_restart_empty(prefix: str) -> tuple[list[KeyValue], int]:
+    async def list_then_restart_empty(prefix: str) -> Listing:
         nonlocal restarted
         answer = await listing(prefix)
         if not restarted:
             restarted = True
             etcd.restart(lose_data=True)
             if catch_up:
-                while etcd.revision <= answer[1]:
+                while etcd.revision <= answer.revision:
                     etcd.store("elsewhere", b"x")
         return answer
 
-    etcd.get_prefix = list_then_restart_empty  # type: ignore[method-assign]
+    etcd.list_prefix = list_then_restart_empty  # type: ignore[method-assign]
     pool = Pool()
     watcher = WorkerWatcher(etcd, pool, prefix=PREFIX, backoff=0.05, max_backoff=1.0)
     async with trio.open_nursery() as nursery:

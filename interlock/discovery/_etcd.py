@@ -78,6 +78,11 @@ _logger = logging.getLogger("interlock.discovery.etcd")
 DEFAULT_PREFIX = "interlock"
 
 
+#: How long, by default, workers a new store (etcd lost its data) has no record of stay for
+#: them to register again (``--etcd-new-store-grace``): the workers' default ``--etcd-ttl``,
+#: within which a live worker's lease renewal finds its lease gone and registers again.
+DEFAULT_NEW_STORE_GRACE = 10.0
+
 #: The environment variable holding the ``--etcd-user``'s password (or ``--etcd-password-file``).
 PASSWORD_ENV = "INTERLOCK_ETCD_PASSWORD"
 
@@ -189,6 +194,23 @@ class KeyValue:
 
 
 @attrs.frozen
+class Listing:
+    """What `EtcdClient.list_prefix` returns: the keys under a prefix, and etcd's revision
+    and raft term from the header of the same answer (watch from ``revision`` + 1 with
+    ``raft_term`` to miss nothing and to notice another store).
+
+    A store that restarted without its data starts its term again: its revision may have
+    caught up with the old one's, and its cluster and member ids stay the same, so a term
+    below the listed one is what tells.
+    """
+
+    items: list[KeyValue]
+    revision: int
+    #: 0 when etcd's header does not say (an etcd that sends no term).
+    raft_term: int = 0
+
+
+@attrs.frozen
 class WatchEvent:
     """One change under a watched prefix: ``kind`` is ``"put"`` (``value`` is the new value)
     or ``"delete"`` (``value`` is empty)."""
@@ -262,11 +284,6 @@ class EtcdClient:
         self.authentications = 0
         self._token: str | None = None
         self._authenticated = False
-        #: etcd's raft term in the answer to the last `get_prefix` (0: none yet). A store
-        #: that restarted without its data starts its term again: its revision may have
-        #: caught up with the old one's, and its cluster and member ids stay the same, so a
-        #: term below the listed one is what tells (pass it to `watch_prefix`).
-        self.listed_raft_term = 0
         self._auth_lock = trio.Lock()
         # httpx's default trusts certifi's bundle; the system's CAs are what an operator
         # manages (and what --etcd-ca-file replaces).
@@ -431,6 +448,33 @@ class EtcdClient:
             hint = f"{_REACH_HINT} An etcd that serves TLS needs an https:// URL"
         return EtcdError(self.url, operation, why, hint=hint)
 
+    def _unexpected(self, operation: str, why: str) -> EtcdError:
+        """The error for an answer that is not what etcd's gateway sends (``why`` names the
+        part): something else may answer at the URL."""
+        return EtcdError(self.url, operation, f"unexpected answer: {why}")
+
+    def _revision_and_term(self, operation: str, answer: Mapping[str, Any]) -> tuple[int, int]:
+        """The revision and raft term in ``answer``'s header (0 for one it leaves out).
+
+        Raises:
+            EtcdError: the header is not an object, or either is not a number (raised,
+                not left to ``int``: the watcher retries an EtcdError, and anything else
+                ends it).
+        """
+        header = answer.get("header", {})
+        if not isinstance(header, dict):
+            raise self._unexpected(operation, f"header {header!r} is not an object")
+        numbers = []
+        for field in ("revision", "raft_term"):
+            value = header.get(field, 0)
+            try:
+                numbers.append(int(value))
+            except (TypeError, ValueError):
+                raise self._unexpected(
+                    operation, f"header {field} {value!r} is not a number"
+                ) from None
+        return numbers[0], numbers[1]
+
     # -- leases -------------------------------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> tuple[int, int]:
@@ -443,8 +487,8 @@ class EtcdClient:
         answer = await self._call("lease grant", "/v3/lease/grant", {"TTL": ttl})
         try:
             return int(answer["ID"]), int(answer.get("TTL", ttl))
-        except (KeyError, ValueError) as exc:
-            raise EtcdError(self.url, "lease grant", f"unexpected answer {answer!r}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._unexpected("lease grant", repr(answer)) from exc
 
     async def keepalive(self, lease: int) -> int:
         """Renew ``lease`` once; returns its TTL again, or 0 when the lease no longer exists
@@ -457,8 +501,8 @@ class EtcdClient:
         result = answer.get("result", {})
         try:
             return int(result.get("TTL", 0)) if isinstance(result, dict) else 0
-        except ValueError as exc:
-            raise EtcdError(self.url, "lease keepalive", f"unexpected answer {answer!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise self._unexpected("lease keepalive", repr(answer)) from exc
 
     async def revoke(self, lease: int) -> None:
         """Revoke ``lease``: its keys are deleted at once. An unknown lease is no error.
@@ -483,8 +527,9 @@ class EtcdClient:
         body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease is not None:
             body["lease"] = str(lease)
-        answer = await self._call(f"put {key!r}", "/v3/kv/put", body)
-        return _revision(answer)
+        operation = f"put {key!r}"
+        answer = await self._call(operation, "/v3/kv/put", body)
+        return self._revision_and_term(operation, answer)[0]
 
     async def delete(self, key: str) -> int:
         """Delete ``key``; returns how many keys were deleted (0 or 1).
@@ -497,35 +542,53 @@ class EtcdClient:
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Every key starting with ``prefix``, and the store's revision at that moment (watch
-        from the next one to miss nothing).
+        from the next one to miss nothing): `list_prefix` without the raft term.
 
         Raises:
             EtcdError: no answer, or an error answer.
         """
+        listing = await self.list_prefix(prefix)
+        return listing.items, listing.revision
+
+    async def list_prefix(self, prefix: str) -> Listing:
+        """Every key starting with ``prefix``, with etcd's revision and raft term from this
+        one answer's header (`Listing`).
+
+        Raises:
+            EtcdError: no answer, an error answer, or an answer whose keys or header are
+                not what etcd sends (the message names the part).
+        """
         body = {"key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix))}
-        answer = await self._call(f"range {prefix!r}", "/v3/kv/range", body)
-        try:
-            items = [
-                KeyValue(
-                    _unb64(kv["key"]).decode(errors="replace"),
-                    _unb64(kv.get("value")),
-                    int(kv.get("mod_revision", 0)),
+        operation = f"range {prefix!r}"
+        answer = await self._call(operation, "/v3/kv/range", body)
+        kvs = answer.get("kvs", [])
+        if not isinstance(kvs, list):
+            raise self._unexpected(operation, f"kvs {kvs!r} is not a list")
+        items = []
+        for kv in kvs:
+            if not isinstance(kv, dict):
+                raise self._unexpected(operation, f"kv {kv!r} is not an object")
+            try:
+                items.append(
+                    KeyValue(
+                        _unb64(kv["key"]).decode(errors="replace"),
+                        _unb64(kv.get("value")),
+                        int(kv.get("mod_revision", 0)),
+                    )
                 )
-                for kv in answer.get("kvs", [])
-            ]
-        except (KeyError, ValueError, binascii.Error) as exc:
-            raise EtcdError(self.url, f"range {prefix!r}", f"unexpected answer: {exc}") from exc
-        self.listed_raft_term = _raft_term(answer)
-        return items, _revision(answer)
+            except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+                raise self._unexpected(operation, f"kv {kv!r}: {exc!r}") from exc
+        revision, term = self._revision_and_term(operation, answer)
+        return Listing(items, revision, term)
 
     async def watch_prefix(
         self, prefix: str, *, start_revision: int | None = None, raft_term: int = 0
     ) -> AsyncGenerator[WatchEvent, None]:
         """Yield every change to keys starting with ``prefix``, from ``start_revision`` (the
-        `get_prefix` revision + 1) on, until the caller stops iterating. Close it with
+        `list_prefix` revision + 1) on, until the caller stops iterating. Close it with
         ``contextlib.aclosing``. Waits for changes without a time limit. ``raft_term`` is
-        `listed_raft_term` after that listing: a watch on an etcd whose term went back since
-        (another store) refuses to start, as below.
+        that listing's: a watch on an etcd whose term went back since (another store)
+        refuses to start, as below.
 
         Raises:
             EtcdError: etcd cannot be reached, the stream broke (etcd stopped), etcd
@@ -603,7 +666,7 @@ class EtcdClient:
         result = message.get("result")
         if not isinstance(result, dict) or not result.get("created"):
             return
-        term = _raft_term(result)
+        revision, term = self._revision_and_term(operation, result)
         if 0 < term < raft_term:
             raise EtcdError(
                 self.url,
@@ -613,7 +676,6 @@ class EtcdClient:
                 "caught up with the listed revision since: list again, and watch from the "
                 "listing's revision",
             )
-        revision = _revision(result)
         if revision < start - 1:
             raise EtcdError(
                 self.url,
@@ -663,14 +725,6 @@ def _root_cause(exc: BaseException) -> BaseException:
             return exc
         seen.add(id(inner))
         exc = inner
-
-
-def _revision(answer: Mapping[str, Any]) -> int:
-    return int(answer.get("header", {}).get("revision", 0))
-
-
-def _raft_term(answer: Mapping[str, Any]) -> int:
-    return int(answer.get("header", {}).get("raft_term", 0))
 
 
 # -- records -----------------------------------------------------------------------------------
@@ -828,7 +882,7 @@ class WorkerWatcher:
         backoff: float = 0.1,
         max_backoff: float = 2.0,
         drain_timeout: float = 300.0,
-        new_store_grace: float = 10.0,
+        new_store_grace: float = DEFAULT_NEW_STORE_GRACE,
     ) -> None:
         if (
             not isinstance(new_store_grace, int | float)
@@ -868,7 +922,7 @@ class WorkerWatcher:
         self.new_store_grace = new_store_grace
         #: Workers kept after etcd lost their records, by id: when the grace ends.
         self._held: dict[int, float] = {}
-        #: etcd's raft term at the last listing (`EtcdClient.listed_raft_term`).
+        #: etcd's raft term at the last listing (`Listing.raft_term`).
         self._raft_term = 0
 
     def _engine_context(self) -> EngineContext:
@@ -954,8 +1008,8 @@ class WorkerWatcher:
             return delay
 
     async def _list(self) -> None:
-        items, revision = await self.client.get_prefix(self.prefix)
-        term = self.client.listed_raft_term
+        listing = await self.client.list_prefix(self.prefix)
+        items, revision, term = listing.items, listing.revision, listing.raft_term
         new_store = revision < self._revision or term < self._raft_term
         if new_store:
             why = (
@@ -1155,7 +1209,7 @@ async def watch_workers(
     prefix: str = DEFAULT_PREFIX,
     context: EngineContext | None = None,
     connect_timeout: float = 5.0,
-    new_store_grace: float = 10.0,
+    new_store_grace: float = DEFAULT_NEW_STORE_GRACE,
     task_status: trio.TaskStatus[WorkerWatcher] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a `WorkerWatcher` over ``pipeline`` until cancelled; ``task_status.started`` gets
