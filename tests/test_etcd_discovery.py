@@ -352,6 +352,64 @@ async def test_a_watch_created_with_a_malformed_header_is_an_etcd_error(header: 
                 pass
 
 
+_KEY = "cC8x"  # base64 of "p/1"
+_EVENT = {"kv": {"key": _KEY, "value": "e30=", "mod_revision": "7"}}
+
+
+@pytest.mark.parametrize(
+    ("result", "part"),
+    [
+        ("p/1", "result 'p/1' is not an object"),
+        ({"events": _EVENT}, "events {'kv'.* is not a list"),
+        ({"events": [_EVENT, "p/1"]}, "event 'p/1' is not an object"),
+        ({"events": [{"kv": "p/1"}]}, "kv 'p/1' is not an object"),
+        ({"events": [{"type": "DELETE"}]}, "kv None is not an object"),
+        ({"events": [{"kv": {"value": "e30="}}]}, "kv {'value'.*KeyError"),
+        ({"events": [{"kv": {"key": 1}}]}, "kv {'key': 1}.*TypeError"),
+        ({"events": [{"kv": {"key": "cC8"}}]}, "kv {'key': 'cC8'}.*padding"),
+        ({"events": [{"kv": {"key": "p/1"}}]}, "kv {'key': 'p/1'}.*Error"),
+        ({"events": [{"kv": {"key": _KEY, "value": "{}"}}]}, "kv {'key'.*Error"),
+        ({"events": [{"kv": {"key": _KEY, "mod_revision": "soon"}}]}, "kv mod_revision 'soon'"),
+        ({"events": [{"kv": {"key": _KEY, "mod_revision": None}}]}, "kv mod_revision None"),
+    ],
+    ids=[
+        "result",
+        "events",
+        "event",
+        "kv",
+        "no_kv",
+        "no_key",
+        "key_type",
+        "key_padding",
+        "key_alphabet",
+        "value",
+        "mod_revision",
+        "mod_revision_null",
+    ],
+)
+async def test_a_watch_event_that_is_malformed_is_an_etcd_error(result: Any, part: str) -> None:
+    # As a malformed listing: the watcher retries an EtcdError (lists again, then watches),
+    # and anything else ends it and the frontend with it. A well-formed event in the same
+    # message as a malformed one is not yielded either: the listing after the error has it.
+    yielded = []
+    async with (
+        answering({"result": result}) as client,
+        aclosing(client.watch_prefix("p/")) as events,
+    ):
+        with pytest.raises(EtcdError, match=f"watch 'p/' failed: unexpected answer: {part}"):
+            async for event in events:
+                yielded.append(event)
+    assert yielded == []
+
+
+async def test_a_delete_answered_with_a_count_that_is_not_a_number_is_an_etcd_error() -> None:
+    async with answering({"deleted": "one"}) as client:
+        with pytest.raises(
+            EtcdError, match="delete 'p/1' failed: unexpected answer: deleted 'one'"
+        ):
+            await client.delete("p/1")
+
+
 def test_a_worker_record_round_trips_and_bad_ones_say_why() -> None:
     record = WorkerRecord(worker_id=3, host="10.0.0.5", port=7003, role="prefill", block_size=32)
     assert WorkerRecord.from_json(record.to_json()) == record

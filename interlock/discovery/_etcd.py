@@ -19,7 +19,6 @@ goes when the TTL runs out.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import math
@@ -227,7 +226,9 @@ def _b64(data: str | bytes) -> str:
 
 
 def _unb64(text: str | None) -> bytes:
-    return base64.b64decode(text or "")
+    # Validated: without it, characters outside the alphabet are dropped and a garbled key
+    # decodes to another key instead of failing.
+    return base64.b64decode(text or "", validate=True)
 
 
 def prefix_range_end(prefix: str) -> bytes:
@@ -457,23 +458,64 @@ class EtcdClient:
         """The revision and raft term in ``answer``'s header (0 for one it leaves out).
 
         Raises:
-            EtcdError: the header is not an object, or either is not a number (raised,
-                not left to ``int``: the watcher retries an EtcdError, and anything else
-                ends it).
+            EtcdError: the header is not an object, or either is not a number.
         """
-        header = answer.get("header", {})
-        if not isinstance(header, dict):
-            raise self._unexpected(operation, f"header {header!r} is not an object")
-        numbers = []
-        for field in ("revision", "raft_term"):
-            value = header.get(field, 0)
-            try:
-                numbers.append(int(value))
-            except (TypeError, ValueError):
-                raise self._unexpected(
-                    operation, f"header {field} {value!r} is not a number"
-                ) from None
-        return numbers[0], numbers[1]
+        header = self._object(operation, "header", answer.get("header", {}))
+        revision, term = (
+            self._number(operation, f"header {field}", header.get(field, 0))
+            for field in ("revision", "raft_term")
+        )
+        return revision, term
+
+    def _object(self, operation: str, what: str, value: object) -> dict[str, Any]:
+        """``value``, the part of an answer named ``what``, checked to be a JSON object.
+
+        Raises:
+            EtcdError: it is not (raised, not left to the caller's ``.get``: the watcher
+                retries an EtcdError, and anything else ends it).
+        """
+        if not isinstance(value, dict):
+            raise self._unexpected(operation, f"{what} {value!r} is not an object")
+        return value
+
+    def _array(self, operation: str, what: str, answer: Mapping[str, Any]) -> list[Any]:
+        """``answer``'s list ``what`` (empty when left out: etcd omits empty fields).
+
+        Raises:
+            EtcdError: it is not a list.
+        """
+        value = answer.get(what, [])
+        if not isinstance(value, list):
+            raise self._unexpected(operation, f"{what} {value!r} is not a list")
+        return value
+
+    def _number(self, operation: str, what: str, value: Any) -> int:
+        """``value``, the part of an answer named ``what``, as a whole number (the gateway
+        sends 64-bit numbers as strings).
+
+        Raises:
+            EtcdError: it is not a number (raised, not left to ``int``: the watcher retries
+                an EtcdError, and anything else ends it).
+        """
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise self._unexpected(operation, f"{what} {value!r} is not a number") from None
+
+    def _key_value(self, operation: str, kv: object) -> KeyValue:
+        """One ``kv`` of a listing or a watch event (base64 key and value, a numeric
+        ``mod_revision``).
+
+        Raises:
+            EtcdError: it is not an object, has no key, or a field is not what etcd sends.
+        """
+        fields = self._object(operation, "kv", kv)
+        try:
+            key, value = _unb64(fields["key"]), _unb64(fields.get("value"))
+        except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
+            raise self._unexpected(operation, f"kv {fields!r}: {exc!r}") from exc
+        revision = self._number(operation, "kv mod_revision", fields.get("mod_revision", 0))
+        return KeyValue(key.decode(errors="replace"), value, revision)
 
     # -- leases -------------------------------------------------------------------------------
 
@@ -535,10 +577,11 @@ class EtcdClient:
         """Delete ``key``; returns how many keys were deleted (0 or 1).
 
         Raises:
-            EtcdError: no answer, or an error answer.
+            EtcdError: no answer, an error answer, or a count that is not a number.
         """
-        answer = await self._call(f"delete {key!r}", "/v3/kv/deleterange", {"key": _b64(key)})
-        return int(answer.get("deleted", 0))
+        operation = f"delete {key!r}"
+        answer = await self._call(operation, "/v3/kv/deleterange", {"key": _b64(key)})
+        return self._number(operation, "deleted", answer.get("deleted", 0))
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Every key starting with ``prefix``, and the store's revision at that moment (watch
@@ -561,23 +604,7 @@ class EtcdClient:
         body = {"key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix))}
         operation = f"range {prefix!r}"
         answer = await self._call(operation, "/v3/kv/range", body)
-        kvs = answer.get("kvs", [])
-        if not isinstance(kvs, list):
-            raise self._unexpected(operation, f"kvs {kvs!r} is not a list")
-        items = []
-        for kv in kvs:
-            if not isinstance(kv, dict):
-                raise self._unexpected(operation, f"kv {kv!r} is not an object")
-            try:
-                items.append(
-                    KeyValue(
-                        _unb64(kv["key"]).decode(errors="replace"),
-                        _unb64(kv.get("value")),
-                        int(kv.get("mod_revision", 0)),
-                    )
-                )
-            except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-                raise self._unexpected(operation, f"kv {kv!r}: {exc!r}") from exc
+        items = [self._key_value(operation, kv) for kv in self._array(operation, "kvs", answer)]
         revision, term = self._revision_and_term(operation, answer)
         return Listing(items, revision, term)
 
@@ -595,8 +622,9 @@ class EtcdClient:
                 cancelled the watch (e.g. ``start_revision`` was compacted away), or etcd is
                 behind ``start_revision`` - 1 (it lost its data: etcd would wait for that
                 revision without a word, however many changes come below it), or etcd is
-                at a raft term below ``raft_term`` (another store): list again and watch
-                from the new revision.
+                at a raft term below ``raft_term`` (another store), or a message or event
+                is not what etcd sends (the message names the part; none of that message's
+                events is yielded): list again and watch from the new revision.
         """
         create: dict[str, Any] = {
             "key": _b64(prefix),
@@ -690,25 +718,21 @@ class EtcdClient:
         if "error" in message:
             _, text = _answer_text(message)
             raise self._explained(operation, text, f"etcd said {message['error']!r}")
-        result = message.get("result", {})
+        result = self._object(operation, "result", message.get("result", {}))
         if result.get("canceled"):
             reason = result.get("cancel_reason")
             why = reason or f"compacted to revision {result.get('compact_revision')}"
             # A compaction is etcd working as configured: the cure is a new listing.
             hint = None if reason else "list again, and watch from the listing's revision"
             raise self._explained(operation, why, f"etcd cancelled the watch: {why}", hint=hint)
+        # Every event is read before any is returned: a malformed one fails the whole message,
+        # so none of it is applied, and the listing that follows the EtcdError has them all.
         events = []
-        for raw in result.get("events", ()):
-            kv = raw.get("kv", {})
+        for raw in self._array(operation, "events", result):
+            raw = self._object(operation, "event", raw)
             kind: Literal["put", "delete"] = "delete" if raw.get("type") == "DELETE" else "put"
-            events.append(
-                WatchEvent(
-                    kind,
-                    _unb64(kv.get("key")).decode(errors="replace"),
-                    _unb64(kv.get("value")),
-                    int(kv.get("mod_revision", 0)),
-                )
-            )
+            kv = self._key_value(operation, raw.get("kv"))
+            events.append(WatchEvent(kind, kv.key, kv.value, kv.mod_revision))
         return events
 
     def __repr__(self) -> str:
