@@ -122,8 +122,9 @@ class ModelRewrites:
     """The rules, looked up by the model a request names (`rule_for`, `choose`).
 
     Raises:
-        ConfigError: a rule naming a model twice in its matches, a model matched by two
-            rules, or two generic rules (either way, only the first would ever apply).
+        ConfigError: two rules of one name, a rule naming a model twice in its matches, a
+            model matched by two rules, or two generic rules (either way, only the first
+            would ever apply).
     """
 
     rules: tuple[ModelRewriteRule, ...] = ()
@@ -132,12 +133,17 @@ class ModelRewrites:
 
     def __attrs_post_init__(self) -> None:
         # The lookups are built here only, and building them is what finds the rules that
-        # would never apply and a model a rule names twice (`from_table` adds the file to
-        # the message).
+        # would never apply, a model a rule names twice and a name two rules have
+        # (`from_table` adds the file to the message).
         exact: dict[str, ModelRewriteRule] = {}
         generic: ModelRewriteRule | None = None
+        names: set[str] = set()
         for rule in self.rules:
             at = f"[[{MODEL_REWRITES_TABLE}]] {rule.name!r}"
+            if rule.name in names:
+                # First: two copies of one rule would otherwise be told they match one model.
+                _fail(f"{at}: another rule has this name; give each rule its own")
+            names.add(rule.name)
             if not rule.matches:
                 if generic is not None:
                     _fail(
@@ -210,12 +216,7 @@ class ModelRewrites:
                 f"{top} must be an array of tables, one per rule ([[{MODEL_REWRITES_TABLE}]] "
                 f"name = ..., matches = [...], targets = [...]), got {table!r}"
             )
-        rules: list[ModelRewriteRule] = []
-        names: set[str] = set()
-        for index, entry in enumerate(table):
-            rule = _rule(entry, f"{top} #{index + 1}", names)
-            names.add(rule.name)
-            rules.append(rule)
+        rules = [_rule(entry, f"{top} #{index + 1}") for index, entry in enumerate(table)]
         try:
             return cls(tuple(rules))
         except ConfigError as exc:
@@ -239,7 +240,7 @@ def _name(value: Any) -> bool:
     return isinstance(value, str) and bool(value) and value == value.strip()
 
 
-def _rule(entry: Mapping[str, Any], at: str, taken: set[str]) -> ModelRewriteRule:
+def _rule(entry: Mapping[str, Any], at: str) -> ModelRewriteRule:
     name = entry.get("name")
     if not _name(name):
         _fail(
@@ -247,8 +248,6 @@ def _rule(entry: Mapping[str, Any], at: str, taken: set[str]) -> ModelRewriteRul
             "name each rule: the name labels its metric and its transition records"
         )
     at = f"{at.rsplit(' #', 1)[0]} {name!r}"
-    if name in taken:
-        _fail(f"{at}: another rule has this name; give each rule its own")
     _unknown(entry, _RULE_KEYS, at)
     matches = entry.get("matches", [])
     if not isinstance(matches, list) or not all(_name(m) for m in matches):

@@ -145,10 +145,10 @@ def test_rules_built_in_python_are_checked_as_a_file_is() -> None:
     # The lookups are built once, in the constructor, which refuses a rule that would
     # never apply as `from_table` does (it only adds the file to the message).
     rules = ModelRewrites.from_table([rule("a", ["x"], ("t", 1)), rule("b", [], ("u", 1))]).rules
-    with pytest.raises(ConfigError, match=r"^\[\[model_rewrites\]\] 'a': matches 'x'.*'a'"):
-        ModelRewrites((rules[0], rules[0]))
-    with pytest.raises(ConfigError, match=r"'b': a second rule without matches.*'b' is one"):
-        ModelRewrites((rules[1], rules[1]))
+    with pytest.raises(ConfigError, match=r"^\[\[model_rewrites\]\] 'c': matches 'x'.*'a'"):
+        ModelRewrites((rules[0], attrs.evolve(rules[0], name="c")))
+    with pytest.raises(ConfigError, match=r"'c': a second rule without matches.*'b' is one"):
+        ModelRewrites((rules[1], attrs.evolve(rules[1], name="c")))
     assert ModelRewrites(rules).rule_for("x") is rules[0]
     assert ModelRewrites(rules).rule_for("y") is rules[1]
 
@@ -163,6 +163,25 @@ def test_a_rule_built_in_python_naming_a_model_twice_is_told_so() -> None:
         ModelRewrites((twice,))
     assert "twice" in str(refused.value), str(refused.value)
     assert "which the rule 'a' matches already" not in str(refused.value)
+
+
+def test_two_rules_built_in_python_with_one_name_are_told_so_as_a_file_is() -> None:
+    # The name labels the rule's metric and its transition records: two rules of one name
+    # would share them. Only `from_table` refused them; the constructor does now, with the
+    # same message (`from_table` adds the file), and before the checks that a second copy of
+    # one rule would fail (it matches the same models).
+    one, other = ModelRewrites.from_table(
+        [rule("a", ["x"], ("t", 1)), rule("b", ["y"], ("u", 1))]
+    ).rules
+    message = "[[model_rewrites]] 'a': another rule has this name; give each rule its own"
+    for rules in [(one, attrs.evolve(other, name="a")), (one, one)]:
+        with pytest.raises(ConfigError) as refused:
+            ModelRewrites(rules)
+        assert str(refused.value) == message
+        assert refused.value.knobs == ("model_rewrites",)
+    with pytest.raises(ConfigError) as refused:
+        ModelRewrites.from_table([rule("a", ["x"], ("t", 1)), rule("a", ["y"], ("u", 1))], "r.toml")
+    assert str(refused.value) == f"r.toml: {message}"
 
 
 @pytest.mark.parametrize(("table", "message"), BAD_TABLES)
