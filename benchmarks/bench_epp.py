@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -297,34 +297,54 @@ def summary(seconds: list[float]) -> dict[str, float]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds so far of process ``pid`` (its threads', ended ones too), or
+    of its thread ``tid`` alone (from /proc)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def thread_usage(pid: int) -> tuple[float, float, int]:
-    """Process ``pid``'s CPU seconds so far on its main thread (the router's trio run) and on
-    its other threads (grpcio's: the asyncio loop, its poller and C-core's), and the context
-    switches of all its threads (each hand-off between threads costs some: from /proc)."""
-    main = others = 0.0
-    switches = 0
+class ThreadUsage(NamedTuple):
+    """A reading of the router's threads (`thread_usage`); `usage_between` two readings."""
+
+    #: CPU seconds of the main thread (the router's trio run).
+    main: float
+    #: CPU seconds of the other threads (grpcio's: the asyncio loop, its poller and C-core's).
+    others: float
+    #: Each live thread's context switches (each hand-off between threads costs some).
+    switches: dict[str, int]
+
+
+def thread_usage(pid: int) -> ThreadUsage:
+    """Process ``pid``'s threads so far: "others" is the process's CPU less the main thread's,
+    so a thread that ended between two readings keeps its CPU there (the kernel adds an ended
+    thread's time to its process's); summed over the live threads, it would take all its past
+    CPU out of the difference. Context switches are per thread: /proc gives no process total
+    (``/proc/PID/status`` counts the main thread's alone), so they are counted thread by
+    thread (`usage_between`)."""
+    main = cpu_seconds(pid, pid)
+    # Read after the main thread's: the total holds at least that much of it.
+    others = cpu_seconds(pid) - main
+    switches: dict[str, int] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
             with open(f"/proc/{pid}/task/{tid}/status") as f:
                 status = f.read().splitlines()
         except FileNotFoundError:
             continue  # a thread that has ended meanwhile
-        seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
-        if tid == str(pid):
-            main += seconds
-        else:
-            others += seconds
-        switches += sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
-    return main, others, switches
+        switches[tid] = sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+    return ThreadUsage(main, others, switches)
+
+
+def usage_between(before: ThreadUsage, after: ThreadUsage) -> tuple[float, float, int]:
+    """The main thread's CPU seconds, the others', and the context switches from ``before``
+    to ``after``. Switches count each thread alive at ``after`` from its count at ``before``
+    (0 if it started since); a thread that ended in between is left out with those it made
+    meanwhile (an undercount: /proc keeps no count of an ended thread's), not subtracted."""
+    switches = sum(count - before.switches.get(tid, 0) for tid, count in after.switches.items())
+    return after.main - before.main, after.others - before.others, switches
 
 
 def measure_picks(
@@ -367,8 +387,7 @@ def measure_picks(
         times = [pick(n) for n in range(10, 10 + picks)]
         cpu_ms = (cpu_seconds(router_pid) - before) / picks * 1000
         per_pick = [
-            (after - was) / picks
-            for after, was in zip(thread_usage(router_pid), threads_before, strict=True)
+            used / picks for used in usage_between(threads_before, thread_usage(router_pid))
         ]
         rows[name] = summary(times) | {
             "cpu_ms": cpu_ms,

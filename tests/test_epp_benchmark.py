@@ -1,5 +1,6 @@
 """benchmarks/bench_epp.py runs end to end at a tiny size: both pick paths and both Envoy
-rows print, and it leaves no process behind. No timing figure is asserted."""
+rows print, and it leaves no process behind; its per-thread CPU split keeps an ended thread's
+CPU. No timing figure is asserted."""
 
 from __future__ import annotations
 
@@ -104,11 +105,18 @@ def test_the_per_thread_cpu_split_keeps_the_cpu_of_a_thread_that_ended_meanwhile
         assert burnt.wait(30)
         pid = os.getpid()
         total_before = bench.cpu_seconds(pid)
-        _, others_before, _ = bench.thread_usage(pid)
+        before = bench.thread_usage(pid)
     finally:
         leave.set()
         thread.join()
-    _, others_after, _ = bench.thread_usage(pid)
+    after = bench.thread_usage(pid)
     total_after = bench.cpu_seconds(pid)
     assert total_after >= total_before
-    assert others_after - others_before >= 0, (others_before, others_after)
+    # /proc gives whole clock ticks, the process's and the main thread's each rounded down
+    # from its own user/system split: "others", their difference, may dip by a few ticks
+    # while the main thread runs between readings (seen: one in ~25 runs). The ended thread's
+    # 0.3 s is 30 ticks.
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    assert after.others - before.others >= -4 * tick, (before.others, after.others)
+    # Its context switches are left out, not subtracted.
+    assert bench.usage_between(before, after)[2] >= 0, (before.switches, after.switches)
