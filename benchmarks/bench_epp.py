@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -553,15 +553,32 @@ def measure_envoy(
     )
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--picks", type=int, default=200)
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=200, help="through Envoy, per row")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=16, help="distinct bodies, cycled")
     parser.add_argument("--skip-envoy", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # Each count divides a figure (CPU per pick or request, prompts cycled) or sizes what is
+    # measured: 0 has nothing to measure. The picks are the baseline every run prints; the
+    # Envoy part has its own flag to leave it out (then its --requests is not used).
+    for flag in ("--tokens", "--picks", "--workers", "--prompts"):
+        value = getattr(args, flag.removeprefix("--"))
+        if value < 1:
+            parser.error(f"{flag} {value}: give 1 or more")
+    if args.requests < 1 and not args.skip_envoy:
+        parser.error(
+            f"--requests {args.requests}: give 1 or more, or pass --skip-envoy to leave the "
+            "Envoy part out"
+        )
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     os.sched_setaffinity(0, {CLIENT_CPU})
     print(
         f"{args.tokens}-token chat prompts (built-in byte tokenizer), {args.workers} zero-time "

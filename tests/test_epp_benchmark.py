@@ -1,6 +1,6 @@
 """benchmarks/bench_epp.py runs end to end at a tiny size: both pick paths and both Envoy
 rows print, and it leaves no process behind; its per-thread CPU split keeps an ended thread's
-CPU. No timing figure is asserted."""
+CPU; a count below 1 is refused at the start. No timing figure is asserted."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from _envoy import require_envoy
 from test_stream_benchmark import _processes_with
 
@@ -120,3 +121,30 @@ def test_the_per_thread_cpu_split_keeps_the_cpu_of_a_thread_that_ended_meanwhile
     assert after.others - before.others >= -4 * tick, (before.others, after.others)
     # Its context switches are left out, not subtracted.
     assert bench.usage_between(before, after)[2] >= 0, (before.switches, after.switches)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--picks", "0"], "--picks 0"),
+        (["--requests", "0"], "--requests 0"),
+        (["--prompts", "-1"], "--prompts -1"),
+        (["--workers", "0"], "--workers 0"),
+        (["--tokens", "0"], "--tokens 0"),
+    ],
+)
+def test_a_count_below_one_is_refused_naming_its_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each count divides a figure or sizes what is measured: 0 used to end the run midway
+    # (a ZeroDivisionError after the picks, with --requests 0) instead of at the start.
+    bench = _load_bench_epp()
+    with pytest.raises(SystemExit) as exited:
+        bench.parse_args(argv)
+    assert exited.value.code == 2
+    assert f"error: {flag}: give 1 or more" in capsys.readouterr().err
+
+
+def test_requests_are_not_counted_when_the_envoy_part_is_skipped() -> None:
+    bench = _load_bench_epp()
+    assert bench.parse_args(["--requests", "0", "--skip-envoy"]).skip_envoy
