@@ -97,15 +97,22 @@ class Processes:
     started: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
 
     def start(
-        self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        command: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        stdin: int | None = None,
     ) -> tuple[subprocess.Popen[bytes], Path]:
         """Start ``command`` in a new session (so its children are in its group), with ``env``
-        added to this process's environment, output to ``<directory>/<name>.log``; return the
-        process and that file. Does not wait."""
+        added to this process's environment and ``stdin`` as `subprocess.Popen` takes it,
+        output to ``<directory>/<name>.log``; return the process and that file. Does not
+        wait."""
         log = self.directory / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 list(command),
+                stdin=stdin,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -41,9 +41,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -297,11 +297,54 @@ def summary(seconds: list[float]) -> dict[str, float]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds so far of process ``pid`` (its threads', ended ones too), or
+    of its thread ``tid`` alone (from /proc)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class ThreadUsage(NamedTuple):
+    """A reading of the router's threads (`thread_usage`); `usage_between` two readings."""
+
+    #: CPU seconds of the main thread (the router's trio run).
+    main: float
+    #: CPU seconds of the other threads (grpcio's: the asyncio loop, its poller and C-core's).
+    others: float
+    #: Each live thread's context switches (each hand-off between threads costs some).
+    switches: dict[str, int]
+
+
+def thread_usage(pid: int) -> ThreadUsage:
+    """Process ``pid``'s threads so far: "others" is the process's CPU less the main thread's,
+    so a thread that ended between two readings keeps its CPU there (the kernel adds an ended
+    thread's time to its process's); summed over the live threads, it would take all its past
+    CPU out of the difference. Context switches are per thread: /proc gives no process total
+    (``/proc/PID/status`` counts the main thread's alone), so they are counted thread by
+    thread (`usage_between`)."""
+    main = cpu_seconds(pid, pid)
+    # Read after the main thread's: the total holds at least that much of it.
+    others = cpu_seconds(pid) - main
+    switches: dict[str, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                status = f.read().splitlines()
+        except FileNotFoundError:
+            continue  # a thread that has ended meanwhile
+        switches[tid] = sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+    return ThreadUsage(main, others, switches)
+
+
+def usage_between(before: ThreadUsage, after: ThreadUsage) -> tuple[float, float, int]:
+    """The main thread's CPU seconds, the others', and the context switches from ``before``
+    to ``after``. Switches count each thread alive at ``after`` from its count at ``before``
+    (0 if it started since); a thread that ended in between is left out with those it made
+    meanwhile (an undercount: /proc keeps no count of an ended thread's), not subtracted."""
+    switches = sum(count - before.switches.get(tid, 0) for tid, count in after.switches.items())
+    return after.main - before.main, after.others - before.others, switches
 
 
 def measure_picks(
@@ -340,14 +383,28 @@ def measure_picks(
         for n in range(10):
             pick(n)
         before = cpu_seconds(router_pid)
+        threads_before = thread_usage(router_pid)
         times = [pick(n) for n in range(10, 10 + picks)]
         cpu_ms = (cpu_seconds(router_pid) - before) / picks * 1000
-        rows[name] = summary(times) | {"cpu_ms": cpu_ms}
+        per_pick = [
+            used / picks for used in usage_between(threads_before, thread_usage(router_pid))
+        ]
+        rows[name] = summary(times) | {
+            "cpu_ms": cpu_ms,
+            "trio_ms": per_pick[0] * 1000,
+            "others_ms": per_pick[1] * 1000,
+            "switches": per_pick[2],
+        }
     print(f"{'path':<40} {'picks/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'router CPU ms':>14}")
     for name, row in rows.items():
         print(
             f"{name:<40} {row['per_s']:>8.1f} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} "
             f"{row['cpu_ms']:>14.3f}"
+        )
+    print(f"{'router per pick':<40} {'trio thread CPU ms':>19} {'others ms':>10} {'switches':>9}")
+    for name, row in rows.items():
+        print(
+            f"{name:<40} {row['trio_ms']:>19.3f} {row['others_ms']:>10.3f} {row['switches']:>9.1f}"
         )
     ext, route = rows.values()
     print(
@@ -496,15 +553,32 @@ def measure_envoy(
     )
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--picks", type=int, default=200)
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=200, help="through Envoy, per row")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=16, help="distinct bodies, cycled")
     parser.add_argument("--skip-envoy", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # Each count divides a figure (CPU per pick or request, prompts cycled) or sizes what is
+    # measured: 0 has nothing to measure. The picks are the baseline every run prints; the
+    # Envoy part has its own flag to leave it out (then its --requests is not used).
+    for flag in ("--tokens", "--picks", "--workers", "--prompts"):
+        value = getattr(args, flag.removeprefix("--"))
+        if value < 1:
+            parser.error(f"{flag} {value}: give 1 or more")
+    if args.requests < 1 and not args.skip_envoy:
+        parser.error(
+            f"--requests {args.requests}: give 1 or more, or pass --skip-envoy to leave the "
+            "Envoy part out"
+        )
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     os.sched_setaffinity(0, {CLIENT_CPU})
     print(
         f"{args.tokens}-token chat prompts (built-in byte tokenizer), {args.workers} zero-time "

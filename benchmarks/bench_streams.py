@@ -43,7 +43,6 @@ import contextlib
 import json
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +55,9 @@ from typing import Any
 import attrs
 import httpx
 import trio
+
+# Process handling shared with bench_engines.py (this script's folder is on sys.path).
+from bench_engines import Processes, wait_for_line
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FD_HEADROOM = 256  # descriptors a process needs besides its streams (workers, logs, listeners)
@@ -80,76 +82,12 @@ FREE_PREFILL_WORKER = (
 # -- processes ------------------------------------------------------------------------------------
 
 
-@attrs.define
-class Processes:
-    """Every process this script started, each the leader of its own process group, with the
-    file its output goes to. `stop_all` ends every group."""
-
-    directory: Path
-    started: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
-
-    def start(
-        self, name: str, command: Sequence[str], stdin: int | None = None
-    ) -> tuple[subprocess.Popen[bytes], Path]:
-        """Start ``command`` in a new session (so its children are in its group), with the
-        file-descriptor limit at its hard limit, output to ``<directory>/<name>.log``; return
-        the process and that file. Does not wait."""
-        log = self.directory / f"{name}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                list(command),
-                stdin=stdin,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=raise_fd_limit,
-            )
-        self.started.append(process)
-        return process, log
-
-    def stop_all(self, grace: float = 10.0) -> None:
-        """SIGTERM every group, wait up to ``grace`` seconds for the leaders, then SIGKILL
-        what is left of every group. Blocks until the leaders are reaped."""
-        for process in self.started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for process in self.started:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
-
-
 def raise_fd_limit() -> int:
-    """Raise this process's open-file limit to the hard limit; return it."""
+    """Raise this process's open-file limit to the hard limit; return it. The processes it
+    starts afterwards inherit the raised limit."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def wait_for_line(
-    process: subprocess.Popen[bytes], log: Path, marker: str, timeout: float = 60.0
-) -> str:
-    """Wait until ``log`` has a line containing ``marker``; return that line.
-
-    Raises:
-        RuntimeError: the process exited first, or ``timeout`` seconds passed (the message
-            carries the end of its output).
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            if marker in line:
-                return line
-        if process.poll() is not None:
-            break
-        time.sleep(0.01)  # a start-up is a second or less: a coarser poll adds to each
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-    state = f"exited with {process.returncode}" if process.poll() is not None else "timed out"
-    raise RuntimeError(f"{process.args} {state} before printing {marker!r}:\n{tail}")
 
 
 def start_workers(

@@ -28,12 +28,13 @@ waiters in the order above (each priority's snapshot taken when the pass reaches
 that join meanwhile are appended). One waiter at a time holds the baton and asks the Router,
 with ``reserved``: the workers every waiter before it in the pass needs and is known to find
 full (its `WorkersFull.blocked_on`), which count as full for it too, so it can never take a
-worker an earlier waiter could use; and with ``members``, the workers there were then (one
-that joins while the ask is on its way counts as reserved too: the waiters ahead were not
-asked about it). Served, refused or gone, the waiter hands the baton to the next; served, it
-ends the pass instead when the Router says no worker has room left (`Selection.room_left`).
-Requests with the same pool (the same pool key: the adapter, the subset, whether salted)
-share what the last of them learned.
+worker an earlier waiter could use; and with ``members``, the workers there were then, each
+with the LoRA adapters it served (one that joins, or starts or stops serving an adapter, while
+the ask is on its way counts as reserved too: the waiters ahead were not asked about it; the
+Router reads adapters as they are when the ask arrives). Served, refused or gone, the waiter
+hands the baton to the next; served, it ends the pass instead when the Router says no worker
+has room left (`Selection.room_left`). Requests with the same pool (the same pool key: the
+adapter, the subset, whether salted) share what the last of them learned.
 
 What a pass asks: a pool is *dirty* when a slot may have freed on one of the workers its last
 refusal named (`wake` says which workers freed, and an index from each worker to the pools
@@ -51,26 +52,33 @@ dirty pool joins, after a membership change has reached the Router (`hold` until
 newcomer must not take a just-joined worker before the waiters ahead; an engine that starts or
 stops serving an adapter is one, announced as `WorkerChanged`), and every `RECHECK` seconds
 while anyone waits (`recheck`, a timer of the queue's own, which no pass or wake puts off: an
-engine that reports its own queue, an OpenAI-compatible server's /metrics, or an ejection that
-ended, makes room without any request of ours ending; a refusal names the ejected candidates
+engine that reports its own queue, an OpenAI-compatible server's /metrics, makes room without
+any request of ours ending). The last two make every pool unknown: each is asked once again.
+An ejection ends with no message either, but a refusal says when each ejected candidate comes
+back (`WorkersFull.returns`), and the same timer then wakes that worker (`wake_at`), as a slot
+that frees there would: its waiters have it at once. A refusal names the ejected candidates
 too, so a worker whose ejection ends stays held for the waiters refused over it, not taken by
 one behind; a request whose every candidate is ejected uses them anyway, held or not, as they
-are held only for when their ejection ends). The last two make every pool unknown: each is asked
-once again. A slot that frees during a pass, on a worker a pool's refusal named (or on any
-worker, when the pass would end with a pool nothing is known of still to ask), restarts the pass
-from the head once the current ask is answered: at most one ask is in flight, so no later
-waiter's ask reaches the Router before an earlier waiter's that could use the same freed slot.
+are held only for when their ejection ends. A slot that frees during a pass, on a worker a
+pool's refusal named (or on any worker, when the pass would end with a pool nothing is known of
+still to ask), restarts the pass from the head once the current ask is answered: at most one
+ask is in flight, so no later waiter's ask reaches the Router before an earlier waiter's that
+could use the same freed slot.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Collection, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import trio
 
 from ._errors import Overloaded
+
+if TYPE_CHECKING:
+    from .actors._adapters import Members
 
 #: Seconds between two refreshes while anyone waits (`AdmissionQueue.recheck`).
 RECHECK = 0.5
@@ -120,7 +128,7 @@ class _Ticket:
         #: While it holds the baton: the workers to count as full when it asks.
         self.reserved: frozenset[int] | None = None
         #: With ``reserved``: the workers there were when it was worked out.
-        self.members: frozenset[int] | None = None
+        self.members: Members | None = None
         #: The queue's `wakes` and `_refreshed` when it was given the baton: what its answer
         #: knows of (a slot freed later may not be in it).
         self.asked_at = -1
@@ -140,10 +148,13 @@ class AdmissionQueue:
     baton. Owned by one `Pipeline`; every method runs in its trio run and never waits but
     `turn` and `recheck`."""
 
-    def __init__(self, members: frozenset[int] | None = None) -> None:
-        #: The workers the Router knows (None: not told), as `release` last said: a worker
-        #: that joins while a waiter's ask is on its way counts as reserved for it.
-        self._members = members
+    def __init__(self, members: Callable[[], Members] | None = None) -> None:
+        #: Reads `Members` now (None: the Router is not told them, and checks none).
+        self._read_members = members
+        #: The workers the Router knows, as read at the last refresh with nothing held: one
+        #: that joins, or changes what it serves, while a waiter's ask is on its way counts
+        #: as reserved for it.
+        self._members = members() if members is not None else None
         #: Per priority with waiters: its ring of flows. A priority or a flow without waiters
         #: is dropped, so what is kept is bounded by the waiters.
         self._levels: dict[int, _Ring] = {}
@@ -178,6 +189,10 @@ class AdmissionQueue:
         self._refreshed = 0
         #: Set when the first request joins an empty queue (`recheck` waits for it).
         self._someone: trio.Event | None = None
+        #: Per worker: when `wake_at` wakes its waiters (an ejection a refusal named ends).
+        self._wake_times: dict[int, float] = {}
+        #: While `recheck` sleeps: its sleep, which `wake_at` ends sooner.
+        self._timer: trio.CancelScope | None = None
         #: Bumped by every `wake` that frees something (see `join`'s ``since``).
         self.wakes = 0
         #: Requests turned away since the pipeline opened (queue full, or sheddable).
@@ -300,6 +315,7 @@ class AdmissionQueue:
             self._hand_on()
         if not self._count:
             self._end_pass()
+            self._wake_times.clear()  # nobody to wake: a newcomer asks afresh
 
     def refused(self, ticket: _Ticket, blocked_on: frozenset[int]) -> None:
         """``ticket``'s ask was refused (`WorkersFull`) naming ``blocked_on``: remember it
@@ -316,11 +332,12 @@ class AdmissionQueue:
             pool.passed = self._passes
             self._hand_on()
 
-    async def turn(self, ticket: _Ticket) -> tuple[frozenset[int], frozenset[int] | None]:
+    async def turn(self, ticket: _Ticket) -> tuple[frozenset[int], Members | None]:
         """Wait until ``ticket`` holds the baton; return the workers it must count as full
         when it asks (held for the waiters before it), and the workers there were when
-        those were worked out (`Select.members`: any other joined since, and counts as full
-        too; None: not known). Report the answer with `refused` or `leave`."""
+        those were worked out, with what each served (`Select.members`: any other joined
+        since, or changed what it serves, and counts as full too; None: not known). Report
+        the answer with `refused` or `leave`."""
         while (reserved := ticket.reserved) is None:
             await ticket.event.wait()
             ticket.event = trio.Event()
@@ -356,29 +373,55 @@ class AdmissionQueue:
         until the matching `release`."""
         self._held += 1
 
-    def release(self, members: frozenset[int] | None = None) -> None:
+    def release(self) -> None:
         """The Router knows of the change `hold` announced: a pass starts from the head,
-        asking every pool key again (a worker may have joined any of them). ``members``:
-        the workers there are now (the Router knows them once nothing is held)."""
+        asking every pool key again (a worker may have joined any of them)."""
         self._held -= 1
         if not self._held:
-            if members is not None:
-                self._members = members
             self._refresh()
+
+    def wake_at(self, times: Mapping[int, float]) -> None:
+        """A slot may free on each worker of ``times`` at its time (trio's clock: a refusal
+        named it ejected until then, and an ejection ends with no message): `wake` it then.
+        Kept while anyone waits (the time last told for a worker replaces the one before: the
+        Router's ejection ends only move later)."""
+        if not times or not self._count:
+            return
+        self._wake_times.update(times)
+        timer = self._timer
+        if timer is not None:
+            timer.deadline = min(timer.deadline, min(times.values()))
 
     async def recheck(self) -> None:
         """Every `RECHECK` seconds while anyone waits, ask every pool key again (room that
-        nothing of ours reported: see the module's docstring). Runs until cancelled (the
-        pipeline's nursery runs it)."""
+        nothing of ours reported: see the module's docstring); meanwhile, wake the workers
+        `wake_at` named at their times. Runs until cancelled (the pipeline's nursery runs
+        it)."""
         while True:
             if not self._count:
                 self._someone = trio.Event()
                 await self._someone.wait()
-            await trio.sleep(RECHECK)
+            due = trio.current_time() + RECHECK
+            while trio.current_time() < due:
+                times = self._wake_times
+                deadline = min(times.values(), default=due)
+                with trio.CancelScope(deadline=min(due, deadline)) as self._timer:
+                    await trio.sleep_forever()
+                self._timer = None
+                now = trio.current_time()
+                if ended := [w for w, at in times.items() if at <= now]:
+                    for worker_id in ended:
+                        del times[worker_id]
+                    self.wake(ended)
             if self._count:
                 self._refresh()
 
     def _refresh(self) -> None:
+        if not self._held and self._read_members is not None:
+            # The Router knows them once nothing is held. Read at a `RECHECK` too: an engine
+            # whose adapters change without a `WorkerChanged` would else stay reserved for
+            # every queued ask until the next membership change.
+            self._members = self._read_members()
         self._refreshed += 1
         self.wake()
 

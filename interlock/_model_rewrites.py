@@ -119,15 +119,51 @@ class ModelRewriteRule:
 
 @attrs.frozen
 class ModelRewrites:
-    """The rules, looked up by the model a request names (`rule_for`, `choose`)."""
+    """The rules, looked up by the model a request names (`rule_for`, `choose`).
+
+    Raises:
+        ConfigError: two rules of one name, a rule naming a model twice in its matches, a
+            model matched by two rules, or two generic rules (either way, only the first
+            would ever apply).
+    """
 
     rules: tuple[ModelRewriteRule, ...] = ()
     _exact: Mapping[str, ModelRewriteRule] = attrs.field(init=False, repr=False, eq=False)
     _generic: ModelRewriteRule | None = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        exact = {model: rule for rule in self.rules for model in rule.matches}
-        generic = next((rule for rule in self.rules if not rule.matches), None)
+        # The lookups are built here only, and building them is what finds the rules that
+        # would never apply, a model a rule names twice and a name two rules have
+        # (`from_table` adds the file to the message).
+        exact: dict[str, ModelRewriteRule] = {}
+        generic: ModelRewriteRule | None = None
+        names: set[str] = set()
+        for rule in self.rules:
+            at = f"[[{MODEL_REWRITES_TABLE}]] {rule.name!r}"
+            if rule.name in names:
+                # First: two copies of one rule would otherwise be told they match one model.
+                _fail(f"{at}: another rule has this name; give each rule its own")
+            names.add(rule.name)
+            if not rule.matches:
+                if generic is not None:
+                    _fail(
+                        f"{at}: a second rule without matches (the generic rule, for every "
+                        f"model); {generic.name!r} is one already, and only the first would "
+                        "ever apply: merge their targets into one rule"
+                    )
+                generic = rule
+            if len(set(rule.matches)) != len(rule.matches):
+                # Checked before the loop below, which would blame the rule on itself.
+                twice = next(m for m in rule.matches if rule.matches.count(m) > 1)
+                _fail(f"{at}: matches names {twice!r} twice; name it once")
+            for model in rule.matches:
+                first = exact.get(model)
+                if first is not None:
+                    _fail(
+                        f"{at}: matches {model!r}, which the rule {first.name!r} matches "
+                        "already; only the first would ever apply: name each model in one rule"
+                    )
+                exact[model] = rule
         object.__setattr__(self, "_exact", exact)
         object.__setattr__(self, "_generic", generic)
 
@@ -180,29 +216,11 @@ class ModelRewrites:
                 f"{top} must be an array of tables, one per rule ([[{MODEL_REWRITES_TABLE}]] "
                 f"name = ..., matches = [...], targets = [...]), got {table!r}"
             )
-        rules: list[ModelRewriteRule] = []
-        owner: dict[str, str] = {}
-        generic: str | None = None
-        for index, entry in enumerate(table):
-            rule = _rule(entry, f"{top} #{index + 1}", {r.name for r in rules})
-            at = f"{top} {rule.name!r}"
-            if not rule.matches:
-                if generic is not None:
-                    _fail(
-                        f"{at}: a second rule without matches (the generic rule, for every "
-                        f"model); {generic!r} is one already, and only the first would ever "
-                        "apply: merge their targets into one rule"
-                    )
-                generic = rule.name
-            for model in rule.matches:
-                if model in owner:
-                    _fail(
-                        f"{at}: matches {model!r}, which the rule {owner[model]!r} matches "
-                        "already; only the first would ever apply: name each model in one rule"
-                    )
-                owner[model] = rule.name
-            rules.append(rule)
-        return cls(tuple(rules))
+        rules = [_rule(entry, f"{top} #{index + 1}") for index, entry in enumerate(table)]
+        try:
+            return cls(tuple(rules))
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}{exc}", knobs=exc.knobs) from None
 
 
 def _fail(message: str) -> NoReturn:
@@ -222,7 +240,7 @@ def _name(value: Any) -> bool:
     return isinstance(value, str) and bool(value) and value == value.strip()
 
 
-def _rule(entry: Mapping[str, Any], at: str, taken: set[str]) -> ModelRewriteRule:
+def _rule(entry: Mapping[str, Any], at: str) -> ModelRewriteRule:
     name = entry.get("name")
     if not _name(name):
         _fail(
@@ -230,8 +248,6 @@ def _rule(entry: Mapping[str, Any], at: str, taken: set[str]) -> ModelRewriteRul
             "name each rule: the name labels its metric and its transition records"
         )
     at = f"{at.rsplit(' #', 1)[0]} {name!r}"
-    if name in taken:
-        _fail(f"{at}: another rule has this name; give each rule its own")
     _unknown(entry, _RULE_KEYS, at)
     matches = entry.get("matches", [])
     if not isinstance(matches, list) or not all(_name(m) for m in matches):
@@ -239,9 +255,6 @@ def _rule(entry: Mapping[str, Any], at: str, taken: set[str]) -> ModelRewriteRul
             f"{at}: matches must be a list of model names (non-empty strings), or empty for "
             f"every model, got {matches!r}"
         )
-    if len(set(matches)) != len(matches):
-        twice = next(m for m in matches if matches.count(m) > 1)
-        _fail(f"{at}: matches names {twice!r} twice; name it once")
     targets = entry.get("targets")
     if not isinstance(targets, list) or not targets:
         _fail(

@@ -57,6 +57,7 @@ from .actors import (
     WorkerLoad,
     WorkersFull,
 )
+from .actors._adapters import served_by
 from .actors._runtime import ActorRef
 from .discovery import EmbeddedRegistry
 from .engines import Engine
@@ -437,7 +438,7 @@ class Pipeline:
         )
         #: The deadlines of the legs whose streams can be interrupted (`StallWatch`).
         self._stalls = StallWatch(nursery, self._stall_error, self._count_stall)
-        self._admission = AdmissionQueue(frozenset(registry.snapshot()))
+        self._admission = AdmissionQueue(lambda: served_by(registry.snapshot()))
         #: Per request id a gateway's booked `query` answered and has not freed: its decode
         #: worker and, until `mark_prefill_complete`, its prefill worker (disaggregated), so
         #: its end wakes the waiters of those workers only (kept under admission control
@@ -578,12 +579,10 @@ class Pipeline:
     def free(self, request_id: str) -> None:
         """Release everything booked by ``query(..., book=True)`` for ``request_id`` (the
         request ended). Never waits; unknown ids are ignored."""
-        self._router.send_nowait(Free(request_id))
         booking = self._bookings.pop(request_id, None)
-        if booking is not None:
-            # A gateway's booked query held a slot: a waiter may take it (the pass's Selects
-            # reach the router behind this Free).
-            self._admission.wake([w for w in booking if w is not None])
+        # A gateway's booked query held a slot: a waiter may take it. Unknown to the
+        # bookings (admission off, or never booked), it wakes nobody.
+        self._release(request_id, frozenset(w for w in booking or () if w is not None))
 
     async def kv_blocks(self) -> dict[int, frozenset[int]]:
         """What the router's KV index holds: each worker's cached block ids (the engines'
@@ -651,9 +650,10 @@ class Pipeline:
                 # Booked (or cancelled while its Route was on its way: the router books it on
                 # arrival), and the caller, who never got a decision, never frees it. Free it
                 # behind the Route (through the disagg actor, so it cannot overtake it).
-                self._disagg.send_nowait(Free(request_id))
-                self._admission.wake(
-                    None if selection is None else _booked_workers(selection.decision)
+                self._release(
+                    request_id,
+                    None if selection is None else _booked_workers(selection.decision),
+                    behind_route=True,
                 )
             raise
         finally:
@@ -845,12 +845,10 @@ class Pipeline:
             unanswered = self._take_unanswered(request_id)
             if track:
                 # A Route still in the disagg actor's mailbox books when it reaches the
-                # router: the Free follows it the same way, so it cannot overtake it.
-                (self._disagg if unanswered else router).send_nowait(Free(request_id))
-                # After the Free: the woken waiter's Select reaches the router behind it. One
+                # router: the Free follows it the same way, so it cannot overtake it. One
                 # cancelled while it asked may have booked any worker; a request that held
                 # no slot (refused, shed, gave up in the queue) wakes nobody.
-                self._admission.wake(None if unanswered else booked)
+                self._release(request_id, None if unanswered else booked, behind_route=unanswered)
 
     def _membership_changed(self, workers: Mapping[int, Engine]) -> None:
         """A worker joined, left or came back: the waiters' pools may have changed, and a
@@ -869,7 +867,7 @@ class Pipeline:
             with suppress(InterlockError):  # closing: the waiters are cancelled
                 await self.membership_settled()
         finally:
-            self._admission.release(frozenset(self._registry.snapshot()))
+            self._admission.release()
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -1073,14 +1071,14 @@ class Pipeline:
             Overloaded: the queue is full, or the request is sheddable (negative priority).
         """
         queue = self._admission
-        blocked_on: frozenset[int] | None = None
+        refusal: WorkersFull | None = None
         since: int | None = None
         if not queue:
             since = queue.wakes
             try:
                 return await self._route(route)
             except WorkersFull as full:
-                blocked_on = full.blocked_on
+                refusal = full
         priority = hints.priority if hints is not None and hints.priority is not None else 0
         flow = hints.fairness_id if hints is not None and hints.fairness_id else DEFAULT_FLOW
         request = route.request
@@ -1088,8 +1086,15 @@ class Pipeline:
         # none): what one learns of them holds for the others.
         key = (request.model, route.candidates, request.cache_salt is not None)
         ticket = queue.join(
-            priority, self._queue_limit(), flow, key=key, blocked_on=blocked_on, since=since
+            priority,
+            self._queue_limit(),
+            flow,
+            key=key,
+            blocked_on=None if refusal is None else refusal.blocked_on,
+            since=since,
         )
+        if refusal is not None:
+            queue.wake_at(refusal.returns)
         try:
             while True:
                 reserved, members = await queue.turn(ticket)
@@ -1098,6 +1103,7 @@ class Pipeline:
                         attrs.evolve(route, reserved=reserved, queued=True, members=members)
                     )
                 except WorkersFull as full:
+                    queue.wake_at(full.returns)
                     queue.refused(ticket, full.blocked_on)
                     continue
                 try:
@@ -1106,15 +1112,27 @@ class Pipeline:
                     # The Router booked the selection, which the caller never gets: free
                     # it (the Select was answered, so the Free cannot overtake it).
                     if route.track:
-                        self._router.send_nowait(Free(route.request_id))
-                        # After the Free, as any end of a booking: a waiter may take it.
-                        queue.wake(_booked_workers(selection.decision))
+                        self._release(route.request_id, _booked_workers(selection.decision))
                     raise
                 return selection
         finally:
             # One that gave up leaves its flow's turn to the next of its flow; the baton goes
             # on either way.
             queue.leave(ticket)
+
+    def _release(
+        self, request_id: str, freed: frozenset[int] | None, *, behind_route: bool = False
+    ) -> None:
+        """Free ``request_id``'s booking at the router, then wake the admission queue's
+        waiters of the workers ``freed`` (None: of any worker; empty: nobody). Never waits.
+
+        The wake comes after the Free so the woken waiter's Select reaches the router behind
+        it. ``behind_route``: a Route of this request may still be in the disagg actor's
+        mailbox (the router books it on arrival), so the Free goes the same way and cannot
+        overtake it.
+        """
+        (self._disagg if behind_route else self._router).send_nowait(Free(request_id))
+        self._admission.wake(freed)
 
     def _remember_booking(self, decision: RoutingDecision) -> None:
         request_id = decision.request_id

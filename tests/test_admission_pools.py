@@ -1021,10 +1021,13 @@ async def test_a_worker_whose_ejection_ends_is_held_for_the_waiter_refused_over_
     """Engine 3 is ejected (it broke a stream) with a free slot when an 'ad2' waiter is
     refused (engine 2 full). The ejection ends with no message; a base request that arrives
     then must not take engine 3 from the waiter ahead, which could use it: the refusal named
-    engine 3 too, so it is held for that waiter (until its next ask: `RECHECK`, made long)."""
+    engine 3 too, so it is held for that waiter. Held until its next ask: the wake at the
+    ejection's end (`wake_at`) is turned off here, as if the newcomer came first in the
+    instant the ejection ends, and `RECHECK` made long."""
     from interlock import _admission
 
     monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    monkeypatch.setattr(_admission.AdmissionQueue, "wake_at", lambda queue, times: None)
     config = CONFIG.evolve(outlier_failures=1, outlier_ejection_time=1.0)
     workers = [worker(w) for w in (1, 2, 3)]
     async with build_pipeline(config, Components(workers=workers)) as p, trio.open_nursery() as n:
@@ -1045,6 +1048,65 @@ async def test_a_worker_whose_ejection_ends_is_held_for_the_waiter_refused_over_
             gateway.cancel(name)
         for name in list(gateway.booked):
             gateway.free(name)
+
+
+@pytest.mark.parametrize("ejected", ["before it waits", "while it waits"])
+async def test_a_waiter_gets_a_worker_as_its_ejection_ends(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, ejected: str
+) -> None:
+    """Engine 3, the only 'ad2' engine with a free slot, is ejected (1 s): the 'ad2' request
+    waits. The ejection ends with no message, but the refusal said when it ends: the queue
+    wakes engine 3's waiters then, and the request has it at once, not at the next `RECHECK`
+    (made long here, so that only the wake can admit it). Refused on its first ask, or on
+    an ask from the queue (engine 3 freed while ejected)."""
+    from interlock import _admission
+
+    monkeypatch.setattr(_admission, "RECHECK", 3600.0)
+    config = CONFIG.evolve(outlier_failures=1, outlier_ejection_time=1.0)
+    workers = [worker(w) for w in (1, 2, 3)]
+    async with build_pipeline(config, Components(workers=workers)) as p, trio.open_nursery() as n:
+        waited: dict[str, float] = {}
+        p.queue_time_observers.append(waited.__setitem__)
+        gateway = Gateway(p, n)
+        await _fill(gateway)
+        if ejected == "while it waits":
+            ahead = gateway.arrive("ad2")  # engines 2 and 3 full
+            await gateway.settled()
+        p.report_failed_stream(3)
+        assert (await p.worker_states())[3] == pytest.approx(1.0)
+        gateway.free_on(3)
+        if ejected == "before it waits":
+            ahead = gateway.arrive("ad2")  # engine 2 full, engine 3 ejected
+        await gateway.settled()
+        assert ahead in gateway.waiting and gateway.holds(ahead) is None
+        await trio.sleep(2)
+        assert gateway.holds(ahead) == 3
+        assert waited[ahead] == pytest.approx(1.0), (
+            f"{ahead} had engine 3 {waited[ahead] - 1.0:.3f} s after its ejection ended"
+        )
+        for name in list(gateway.booked):
+            gateway.free(name)
+
+
+async def test_an_engine_that_changes_its_adapters_unannounced_is_taken_within_recheck(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An engine whose adapters change with no `WorkerChanged` (a duck-typed engine that
+    announces nothing) differs from what `Select.members` recorded, so queued asks count it
+    as reserved; the next `RECHECK` reads what each worker serves again, and the waiter has
+    it then rather than never."""
+
+    async def body(gateway: Gateway) -> None:
+        await _fill(gateway)
+        waiter = gateway.arrive("base")
+        await gateway.settled()
+        engine = gateway.pipeline.engine(3)
+        engine._adapters = frozenset({"ad1", "ad2"})  # no announcement, unlike its setter
+        gateway.free_on(3)
+        await trio.sleep(RECHECK * 1.5)
+        assert gateway.holds(waiter) == 3, f"engine 3 idle while {waiter} waits"
+
+    await _gateway_test(body)
 
 
 # -- third review -------------------------------------------------------------------------------
@@ -1085,20 +1147,27 @@ async def test_a_request_whose_engines_are_all_ejected_uses_one_held_for_a_waite
             gateway.free(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Select.members guards an ask in flight against a worker that joins, not against an "
-    "existing worker whose adapters change: the ask reserved before the change may take it "
-    "(documented in docs/operations.md; a per-worker version in members would close it)",
-)
+@pytest.mark.parametrize("changed", ["before its Select is sent", "as the Router takes it"])
 async def test_an_engine_newly_serving_an_adapter_mid_ask_goes_to_the_waiter_ahead(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, changed: str
 ) -> None:
-    """The in-flight case of `WorkerChanged`, as `Select.members` covers it for a join: engine
-    3 frees, the pass passes over the 'ad1' head (known full: {1}) and hands the baton to the
-    base waiter behind; before that waiter's Select is even sent, engine 3 starts serving
-    'ad1'. The queue holds (no further pass), but the Select already handed out carries only
-    engine 1 as reserved, so the waiter behind takes engine 3, which the head could now use."""
+    """The in-flight case of `WorkerChanged`: engine 3 frees, the pass passes over the 'ad1'
+    head (known full: {1}) and hands the baton to the base waiter behind; then, before that
+    waiter's Select is sent or as the Router takes it from its mailbox, engine 3 starts
+    serving 'ad1'. The Select carries only engine 1 as reserved, but also what each worker
+    served when that was worked out (`Select.members`): engine 3 serves more now, so it
+    counts as reserved, as a worker that joined would, and goes to the head once the Router
+    knows of the change."""
+    select = _router.RouterActor._select
+    change: list[str] = []  # the request whose Select changes engine 3 first
+
+    def changing(router: Any, message: Any) -> Any:
+        if change and message.request_id == change[0]:
+            change.clear()
+            router._engines[3].adapters = frozenset({"ad1", "ad2"})
+        return select(router, message)
+
+    monkeypatch.setattr(_router.RouterActor, "_select", changing)
 
     async def body(gateway: Gateway) -> None:
         await _fill(gateway)
@@ -1106,11 +1175,15 @@ async def test_an_engine_newly_serving_an_adapter_mid_ask_goes_to_the_waiter_ahe
         await gateway.settled()
         behind = gateway.arrive("base")  # waits for any
         await gateway.settled()
+        if changed == "as the Router takes it":
+            change.append(behind)
         gateway.free_on(3)  # a pass: the baton goes to the base waiter (the head is known full)
-        engine = gateway.pipeline.engine(3)
-        engine.adapters = frozenset({"ad1", "ad2"})  # before the base waiter's Select is sent
+        if changed == "before its Select is sent":
+            engine = gateway.pipeline.engine(3)
+            engine.adapters = frozenset({"ad1", "ad2"})
         await gateway.settled()
-        assert not (ahead in gateway.waiting and gateway.holds(behind) == 3), (
+        assert not change, "the base waiter was not asked"
+        assert gateway.holds(ahead) == 3 and behind in gateway.waiting, (
             f"{behind} (behind) took engine 3, which {ahead} (ahead, 'ad1') could use once it "
             f"served 'ad1': {gateway.booked}"
         )

@@ -172,6 +172,13 @@ async def test_the_route_api_takes_a_cache_salt() -> None:
         bad = await client.post("/v1/route", json={"token_ids": TOKENS, "cache_salt": "a/b"})
         assert bad.status_code == 400
         assert bad.json()["error"]["param"] == "cache_salt"
+        # The same OpenAI-style error body as the completions endpoint's for the same salt.
+        refused = await client.post(
+            "/v1/completions",
+            json={"model": "mock", "prompt": TOKENS, "max_tokens": 1, "cache_salt": "a/b"},
+        )
+        assert refused.status_code == 400
+        assert bad.json() == refused.json()
 
 
 async def test_no_transition_record_holds_the_raw_cache_salt(

@@ -1,14 +1,20 @@
 """benchmarks/bench_epp.py runs end to end at a tiny size: both pick paths and both Envoy
-rows print, and it leaves no process behind. No timing figure is asserted."""
+rows print, and it leaves no process behind; its per-thread CPU split keeps an ended thread's
+CPU; a count below 1 is refused at the start. No timing figure is asserted."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
+import pytest
 from _envoy import require_envoy
 from test_stream_benchmark import _processes_with
 
@@ -32,6 +38,7 @@ def test_runs_end_to_end_at_a_tiny_size() -> None:
         "ext_proc stream (grpcio, lockstep)",
         "POST /v1/route + /free (HTTP/1.1)",
         "ext_proc / route-only: p50",
+        "router per pick",
         "short prompt, fixed endpoint",
         "short prompt, interlock picking",
         "interlock adds (p50):",
@@ -68,3 +75,76 @@ def test_the_transport_comparison_runs_end_to_end_at_a_tiny_size() -> None:
         )
     leftovers = _processes_with(marker)
     assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
+
+
+def _load_bench_epp() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_epp", ROOT / "benchmarks" / "bench_epp.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_per_thread_cpu_split_keeps_the_cpu_of_a_thread_that_ended_meanwhile() -> None:
+    """bench_epp.py's "router per pick" rows: a thread of the router that ends between the
+    two readings (a thread pool's idle worker reaped) must not take its whole past CPU out of
+    "others" (CPU time never goes backwards; the process's own total keeps it)."""
+    bench = _load_bench_epp()
+    burnt = threading.Event()
+    leave = threading.Event()
+
+    def worker() -> None:
+        start = time.thread_time()
+        while time.thread_time() - start < 0.3:
+            pass
+        burnt.set()
+        leave.wait()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert burnt.wait(30)
+        pid = os.getpid()
+        total_before = bench.cpu_seconds(pid)
+        before = bench.thread_usage(pid)
+    finally:
+        leave.set()
+        thread.join()
+    after = bench.thread_usage(pid)
+    total_after = bench.cpu_seconds(pid)
+    assert total_after >= total_before
+    # /proc gives whole clock ticks, the process's and the main thread's each rounded down
+    # from its own user/system split: "others", their difference, may dip by a few ticks
+    # while the main thread runs between readings (seen: one in ~25 runs). The ended thread's
+    # 0.3 s is 30 ticks.
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    assert after.others - before.others >= -4 * tick, (before.others, after.others)
+    # Its context switches are left out, not subtracted.
+    assert bench.usage_between(before, after)[2] >= 0, (before.switches, after.switches)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--picks", "0"], "--picks 0"),
+        (["--requests", "0"], "--requests 0"),
+        (["--prompts", "-1"], "--prompts -1"),
+        (["--workers", "0"], "--workers 0"),
+        (["--tokens", "0"], "--tokens 0"),
+    ],
+)
+def test_a_count_below_one_is_refused_naming_its_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each count divides a figure or sizes what is measured: 0 used to end the run midway
+    # (a ZeroDivisionError after the picks, with --requests 0) instead of at the start.
+    bench = _load_bench_epp()
+    with pytest.raises(SystemExit) as exited:
+        bench.parse_args(argv)
+    assert exited.value.code == 2
+    assert f"error: {flag}: give 1 or more" in capsys.readouterr().err
+
+
+def test_requests_are_not_counted_when_the_envoy_part_is_skipped() -> None:
+    bench = _load_bench_epp()
+    assert bench.parse_args(["--requests", "0", "--skip-envoy"]).skip_envoy

@@ -42,7 +42,7 @@ from interlock import (
 from interlock.discovery import (
     EtcdClient,
     EtcdError,
-    KeyValue,
+    Listing,
     WatchEvent,
     WorkerRecord,
     WorkerWatcher,
@@ -246,6 +246,11 @@ async def test_the_client_puts_gets_deletes_and_watches(etcd: Etcd) -> None:
             await client.put("p/a", "1")
             items, revision = await client.get_prefix("p/")
             assert [(i.key, i.value) for i in items] == [("p/a", b"1")]
+            # The listing carries the term from the same answer's header as its revision
+            # (a single-member etcd's first term is 2).
+            listing = await client.list_prefix("p/")
+            assert (listing.items, listing.revision) == (items, revision)
+            assert listing.raft_term >= 2
 
             async def watch(task_status: trio.TaskStatus[None]) -> None:
                 async with aclosing(client.watch_prefix("p/", start_revision=revision + 1)) as it:
@@ -296,6 +301,113 @@ async def test_an_unreachable_etcd_raises_an_error_naming_the_url_and_operation(
                         pass
     assert caught.value.url == url and caught.value.operation == "range 'x/'"
     assert str(caught.value).startswith(f"etcd at {url}: range 'x/' failed: ConnectError")
+
+
+@asynccontextmanager
+async def answering(answer: object) -> AsyncIterator[EtcdClient]:
+    """A client whose every request gets ``answer`` (as JSON, HTTP 200) from a gateway that
+    is not etcd's: no etcd runs."""
+    async with EtcdClient("http://127.0.0.1:2379") as client:
+        await client._http.aclose()
+        client._http = httpx.AsyncClient(
+            base_url=client.url,
+            transport=httpx.MockTransport(lambda request: httpx.Response(200, json=answer)),
+        )
+        yield client
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"header": {"revision": "soon", "raft_term": "2"}, "kvs": []},
+        {"header": {"revision": "5", "raft_term": "two"}, "kvs": []},
+        {"header": None, "kvs": []},
+        {"header": {"revision": "5", "raft_term": "2"}, "kvs": None},
+        {"header": {"revision": "5", "raft_term": "2"}, "kvs": ["p/a"]},
+    ],
+    ids=["revision", "raft_term", "header", "kvs", "kv"],
+)
+async def test_a_listing_whose_answer_is_malformed_is_an_etcd_error(answer: Any) -> None:
+    # `list_prefix` promises EtcdError for an answer it cannot read (it guards the keys);
+    # the revision and raft term of the same answer's header must be no different: the
+    # watcher retries an EtcdError, and anything else ends it (and the frontend with it).
+    async with answering(answer) as client:
+        with pytest.raises(EtcdError, match="range 'p/'"):
+            await client.list_prefix("p/")
+
+
+@pytest.mark.parametrize(
+    "header", [{"revision": "5", "raft_term": "two"}, {"revision": "soon"}, "5"]
+)
+async def test_a_watch_created_with_a_malformed_header_is_an_etcd_error(header: Any) -> None:
+    # The creation answer's revision and raft term are checked against the listing's; one
+    # that is not a number must be an EtcdError (retried) like the listing's, not end the
+    # watcher.
+    async with (
+        answering({"result": {"created": True, "header": header}}) as client,
+        aclosing(client.watch_prefix("p/", start_revision=6, raft_term=2)) as events,
+    ):
+        with pytest.raises(EtcdError, match="watch 'p/' failed: unexpected answer: header"):
+            async for _ in events:
+                pass
+
+
+_KEY = "cC8x"  # base64 of "p/1"
+_EVENT = {"kv": {"key": _KEY, "value": "e30=", "mod_revision": "7"}}
+
+
+@pytest.mark.parametrize(
+    ("result", "part"),
+    [
+        ("p/1", "result 'p/1' is not an object"),
+        ({"events": _EVENT}, "events {'kv'.* is not a list"),
+        ({"events": [_EVENT, "p/1"]}, "event 'p/1' is not an object"),
+        ({"events": [{"kv": "p/1"}]}, "kv 'p/1' is not an object"),
+        ({"events": [{"type": "DELETE"}]}, "kv None is not an object"),
+        ({"events": [{"kv": {"value": "e30="}}]}, "kv {'value'.*KeyError"),
+        ({"events": [{"kv": {"key": 1}}]}, "kv {'key': 1}.*TypeError"),
+        ({"events": [{"kv": {"key": "cC8"}}]}, "kv {'key': 'cC8'}.*padding"),
+        ({"events": [{"kv": {"key": "p/1"}}]}, "kv {'key': 'p/1'}.*Error"),
+        ({"events": [{"kv": {"key": _KEY, "value": "{}"}}]}, "kv {'key'.*Error"),
+        ({"events": [{"kv": {"key": _KEY, "mod_revision": "soon"}}]}, "kv mod_revision 'soon'"),
+        ({"events": [{"kv": {"key": _KEY, "mod_revision": None}}]}, "kv mod_revision None"),
+    ],
+    ids=[
+        "result",
+        "events",
+        "event",
+        "kv",
+        "no_kv",
+        "no_key",
+        "key_type",
+        "key_padding",
+        "key_alphabet",
+        "value",
+        "mod_revision",
+        "mod_revision_null",
+    ],
+)
+async def test_a_watch_event_that_is_malformed_is_an_etcd_error(result: Any, part: str) -> None:
+    # As a malformed listing: the watcher retries an EtcdError (lists again, then watches),
+    # and anything else ends it and the frontend with it. A well-formed event in the same
+    # message as a malformed one is not yielded either: the listing after the error has it.
+    yielded = []
+    async with (
+        answering({"result": result}) as client,
+        aclosing(client.watch_prefix("p/")) as events,
+    ):
+        with pytest.raises(EtcdError, match=f"watch 'p/' failed: unexpected answer: {part}"):
+            async for event in events:
+                yielded.append(event)
+    assert yielded == []
+
+
+async def test_a_delete_answered_with_a_count_that_is_not_a_number_is_an_etcd_error() -> None:
+    async with answering({"deleted": "one"}) as client:
+        with pytest.raises(
+            EtcdError, match="delete 'p/1' failed: unexpected answer: deleted 'one'"
+        ):
+            await client.delete("p/1")
 
 
 def test_a_worker_record_round_trips_and_bad_ones_say_why() -> None:
@@ -605,12 +717,12 @@ class FaultyClient(EtcdClient):
         self.failed_listings = 0
         self.after_listing: Callable[[], Awaitable[None]] | None = None
 
-    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+    async def list_prefix(self, prefix: str) -> Listing:
         if self.failing_listings:
             self.failing_listings -= 1
             self.failed_listings += 1
             raise EtcdError(self.url, f"range {prefix!r}", "ReadError: a fault the test set off")
-        answer = await super().get_prefix(prefix)
+        answer = await super().list_prefix(prefix)
         hook, self.after_listing = self.after_listing, None
         if hook is not None:
             await hook()

@@ -4,13 +4,15 @@ that fail, restarts that keep or lose etcd's data, records that come and go mean
 etcd here is its key space in memory behind the two calls the watcher makes (`MemoryEtcd`):
 it keeps a revision, a raft term and a history, ends open watches when it restarts, and, as
 the real one does, answers each call with a header (its revision and raft term; a watch in
-its created answer, which the real client checks) and a watch from a revision it has not
-reached by waiting for it. The real etcd,
+its created answer, which the real client checks), a watch from a revision it has not
+reached by waiting for it, and each change as the gateway's message, which the real client
+reads (a change may be sent malformed, as a gateway that is not etcd's would). The real etcd,
 with its real client, is in test_etcd_discovery.py.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -27,6 +29,7 @@ from interlock.discovery import (
     EtcdClient,
     EtcdError,
     KeyValue,
+    Listing,
     WatchEvent,
     WorkerRecord,
     WorkerWatcher,
@@ -38,9 +41,10 @@ PREFIX = "test"
 
 
 class MemoryEtcd(EtcdClient):
-    """etcd's key space in memory, as the watcher reads it: `get_prefix` and `watch_prefix`
+    """etcd's key space in memory, as the watcher reads it: `list_prefix` and `watch_prefix`
     (nothing goes over the network). ``calls`` records each successful listing
-    (``("list", revision)``) and each watch (``("watch", start_revision)``)."""
+    (``("list", revision)``) and each watch (``("watch", start_revision)``). ``garbled``
+    holds, by revision, the event a watch sends in place of that change's."""
 
     def __init__(self) -> None:
         super().__init__("http://etcd.invalid:2379")
@@ -52,6 +56,7 @@ class MemoryEtcd(EtcdClient):
         self.history: list[WatchEvent] = []
         self.failing_listings = 0
         self.calls: list[tuple[str, int]] = []
+        self.garbled: dict[int, Any] = {}
         self._restarts = 0
         self._changed = trio.Event()
 
@@ -60,14 +65,20 @@ class MemoryEtcd(EtcdClient):
         self._changed.set()
         self._changed = trio.Event()
 
-    def store(self, key: str, value: bytes) -> None:
+    def store(self, key: str, value: bytes, *, sent_as: Any = None) -> None:
+        """Put ``key``; a watch sends the change as ``sent_as`` when given (malformed)."""
         self.revision += 1
         self.kvs[key] = value
+        if sent_as is not None:
+            self.garbled[self.revision] = sent_as
         self._change(WatchEvent("put", key, value, self.revision))
 
-    def erase(self, key: str) -> None:
+    def erase(self, key: str, *, sent_as: Any = None) -> None:
+        """Delete ``key``; a watch sends the change as ``sent_as`` when given (malformed)."""
         if self.kvs.pop(key, None) is not None:
             self.revision += 1
+            if sent_as is not None:
+                self.garbled[self.revision] = sent_as
             self._change(WatchEvent("delete", key, b"", self.revision))
 
     def restart(self, *, lose_data: bool) -> None:
@@ -77,6 +88,7 @@ class MemoryEtcd(EtcdClient):
         if lose_data:
             self.kvs.clear()
             self.history.clear()
+            self.garbled.clear()
             self.revision = 1
             self.term = 2
         self._changed.set()
@@ -86,34 +98,47 @@ class MemoryEtcd(EtcdClient):
         # As the gateway sends it: numbers as strings.
         return {"header": {"revision": str(self.revision), "raft_term": str(self.term)}}
 
-    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+    async def list_prefix(self, prefix: str) -> Listing:
         await trio.sleep(0.001)  # a round trip
         if self.failing_listings:
             self.failing_listings -= 1
             raise EtcdError(self.url, f"range {prefix!r}", "ConnectError: etcd is restarting")
-        self.listed_raft_term = self.term
         self.calls.append(("list", self.revision))
         items = [KeyValue(k, v) for k, v in sorted(self.kvs.items()) if k.startswith(prefix)]
-        return items, self.revision
+        return Listing(items, self.revision, self.term)
 
     async def watch_prefix(
         self, prefix: str, *, start_revision: int | None = None, raft_term: int = 0
     ) -> AsyncGenerator[WatchEvent, None]:
         assert start_revision is not None
         self.calls.append(("watch", start_revision))
+        operation = f"watch {prefix!r}"
         created = {"result": {"created": True, **self._header()}}
-        self._check_reached(f"watch {prefix!r}", created, start_revision, raft_term)
+        self._check_reached(operation, created, start_revision, raft_term)
         restarts = self._restarts
         position = start_revision
         while True:
             if self._restarts != restarts:
-                raise EtcdError(self.url, f"watch {prefix!r}", "the stream ended")
+                raise EtcdError(self.url, operation, "the stream ended")
+            # Taken before the history is read: a change made while the watcher handles the
+            # events yielded below sets this one (the next one would never be set for it).
+            changed = self._changed
             # As etcd: from ``position`` on, however far ahead of the store that is.
             for event in [e for e in self.history if e.revision >= position]:
                 position = event.revision + 1
                 if event.key.startswith(prefix):
-                    yield event
-            await self._changed.wait()
+                    sent = self.garbled.get(event.revision, _as_sent(event))
+                    for read in self._watch_events(operation, {"result": {"events": [sent]}}):
+                        yield read
+            await changed.wait()
+
+
+def _as_sent(event: WatchEvent) -> dict[str, Any]:
+    """``event`` as etcd's gateway sends it in a watch message (it leaves out empty fields)."""
+    kv = {"key": base64.b64encode(event.key.encode()).decode(), "mod_revision": str(event.revision)}
+    if event.value:
+        kv["value"] = base64.b64encode(event.value).decode()
+    return {"type": "DELETE", "kv": kv} if event.kind == "delete" else {"kv": kv}
 
 
 @attrs.define
@@ -123,9 +148,12 @@ class Pool:
     config: PipelineConfig = attrs.field(factory=PipelineConfig)
     tokenizer: None = None
     engines: dict[int, Engine] = attrs.field(factory=dict)
+    #: Every worker id added, in order (one twice: added again without leaving).
+    added: list[int] = attrs.field(factory=list)
 
     async def add_worker(self, engine: Engine) -> None:
         self.engines[engine.instance_id] = engine
+        self.added.append(engine.instance_id)
 
     async def remove_worker(self, worker_id: int, *, stop: bool = False) -> None:
         self.engines.pop(worker_id)
@@ -134,9 +162,13 @@ class Pool:
         return self.engines.get(worker_id)
 
 
+#: A change as a gateway that is not etcd's might send it: the watch fails with an EtcdError.
+_GARBLED = {"kv": {"key": "not base64!", "mod_revision": "soon"}}
+
 _STEPS = st.lists(
     st.one_of(
         st.tuples(st.sampled_from(("put", "delete")), st.integers(1, 4)),
+        st.tuples(st.sampled_from(("garbled_put", "garbled_delete")), st.integers(1, 4)),
         st.tuples(
             st.sampled_from(("restart", "restart_empty", "fail_listings")), st.integers(1, 3)
         ),
@@ -158,11 +190,12 @@ async def test_the_watcher_watches_only_from_a_listing_and_ends_in_step_with_etc
         await nursery.start(watcher.run)
         for kind, value in steps:
             key = worker_key(PREFIX, value)
-            if kind == "put":
+            garbled = _GARBLED if kind.startswith("garbled_") else None
+            if kind.endswith("put"):
                 record = WorkerRecord(worker_id=value, kind="mock")
-                etcd.store(key, record.to_json().encode())
-            elif kind == "delete":
-                etcd.erase(key)
+                etcd.store(key, record.to_json().encode(), sent_as=garbled)
+            elif kind.endswith("delete"):
+                etcd.erase(key, sent_as=garbled)
             elif kind == "restart":
                 etcd.restart(lose_data=False)
             elif kind == "restart_empty":
@@ -174,14 +207,20 @@ async def test_the_watcher_watches_only_from_a_listing_and_ends_in_step_with_etc
         # Until the failed listings are used up and the watcher is in step with etcd (held
         # workers wait out new_store_grace first); the bound only stops a watcher that never
         # gets there: 25 steps of 3 failed listings at 1 s back-off, and the grace, are far less.
+        # It is reached too when failed listings are left and the watch holds (nothing lists
+        # again): polled every 0.5 s, not more often, as each poll costs real time and a
+        # schedule's end state holds once reached. In step counts only once the watcher has
+        # seen etcd's last revision: a delete and a put of one record leave the sets as they
+        # were before the watcher handled either.
         listed = set[int]()
         with trio.move_on_after(600):
             while True:
                 listed = {int(k.rpartition("/")[2]) for k in etcd.kvs}
-                in_step = set(pool.engines) == set(watcher.records) == listed
+                caught_up = watcher._revision == etcd.revision
+                in_step = caught_up and set(pool.engines) == set(watcher.records) == listed
                 if in_step and not etcd.failing_listings:
                     break
-                await trio.sleep(0.05)
+                await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
     # Every watch starts right after a listing, from the revision after it: never from a
     # revision known before (etcd may have lost it, and would wait for it in silence).
@@ -190,6 +229,47 @@ async def test_the_watcher_watches_only_from_a_listing_and_ends_in_step_with_etc
             assert before == ("list", call[1] - 1), etcd.calls
     assert set(pool.engines) == listed, (etcd.calls, etcd.kvs)
     assert set(watcher.records) == listed
+
+
+@pytest.mark.parametrize("change", ["put", "delete"])
+async def test_a_malformed_watch_event_is_listed_past_and_a_later_registration_followed(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, change: str
+) -> None:
+    # A change sent malformed ends the watch with an EtcdError (it used to be a ValueError,
+    # TypeError or AttributeError, which ended the watcher and the frontend with it): the
+    # watcher lists again, which has the change the event garbled, and watches from there.
+    # No worker is lost (the garbled put's joins, the garbled delete's leaves) or added twice.
+    caplog.set_level(logging.WARNING, "interlock.discovery.etcd")
+    etcd = MemoryEtcd()
+    records = {n: WorkerRecord(worker_id=n, kind="mock").to_json().encode() for n in range(1, 5)}
+    for n in (1, 2):
+        etcd.store(worker_key(PREFIX, n), records[n])
+    pool = Pool()
+    watcher = WorkerWatcher(etcd, pool, prefix=PREFIX, backoff=0.05, max_backoff=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watcher.run)
+        kept = pool.engines[1]
+        if change == "put":
+            etcd.store(worker_key(PREFIX, 3), records[3], sent_as=_GARBLED)
+        else:
+            etcd.erase(worker_key(PREFIX, 2), sent_as=_GARBLED)
+        with trio.fail_after(60):  # virtual time: fails a watcher that never lists again
+            while watcher.listings < 2:  # noqa: ASYNC110 (virtual time)
+                await trio.sleep(0.01)
+        etcd.store(worker_key(PREFIX, 4), records[4])
+        with trio.fail_after(60):
+            while 4 not in pool.engines:  # noqa: ASYNC110 (virtual time)
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    expected = {1, 2, 3, 4} if change == "put" else {1, 4}
+    assert set(pool.engines) == set(watcher.records) == expected
+    assert pool.engines[1] is kept
+    assert sorted(pool.added) == sorted(expected | {2}), "a worker was added twice"
+    # The watch after the malformed event starts from the listing after it, never again
+    # from the event's own revision (it would fail the same way).
+    assert etcd.calls == [("list", 3), ("watch", 4), ("list", 4), ("watch", 5)]
+    assert "lost the etcd watch" in caplog.text
+    assert "unexpected answer: kv {'key': 'not base64!'" in caplog.text
 
 
 async def test_failed_listings_log_one_warning_that_says_what_the_watcher_waits_for(
@@ -231,21 +311,21 @@ async def test_a_restart_without_data_between_a_listing_and_its_watch_is_followe
     for n in range(30):
         etcd.store(f"elsewhere/{n}", b"x")
     etcd.store(worker_key(PREFIX, 2), WorkerRecord(worker_id=2, kind="mock").to_json().encode())
-    listing = etcd.get_prefix
+    listing = etcd.list_prefix
     restarted = False
 
-    async def list_then_restart_empty(prefix: str) -> tuple[list[KeyValue], int]:
+    async def list_then_restart_empty(prefix: str) -> Listing:
         nonlocal restarted
         answer = await listing(prefix)
         if not restarted:
             restarted = True
             etcd.restart(lose_data=True)
             if catch_up:
-                while etcd.revision <= answer[1]:
+                while etcd.revision <= answer.revision:
                     etcd.store("elsewhere", b"x")
         return answer
 
-    etcd.get_prefix = list_then_restart_empty  # type: ignore[method-assign]
+    etcd.list_prefix = list_then_restart_empty  # type: ignore[method-assign]
     pool = Pool()
     watcher = WorkerWatcher(etcd, pool, prefix=PREFIX, backoff=0.05, max_backoff=1.0)
     async with trio.open_nursery() as nursery:

@@ -74,10 +74,19 @@ async def test_the_body_reaches_the_server_with_the_rewritten_model(
 
 
 async def test_a_large_rewritten_body_comes_back_whole_in_chunks(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent = chat_body("y" * 300_000, model=ALIAS)
+    trips: list[str] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(function: Any, *args: Any, **kwargs: Any) -> Any:
+        trips.append(function.__name__)
+        return await run_sync(function, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
     async with picking() as p:
+        assert len(sent) > p.picker.frontend.offload_body_bytes
         halves = [sent[: len(sent) // 2], sent[len(sent) // 2 :]]
         answers = await exchange(
             p.picker,
@@ -91,6 +100,8 @@ async def test_a_large_rewritten_body_comes_back_whole_in_chunks(
         assert ended and max(sizes) <= BODY_CHUNK_BYTES
         assert json.loads(body) == {**json.loads(sent), "model": "mock"}
         assert set_headers(answers[0], "request_headers")["content-length"] == str(len(body))
+        # Rewritten and tokenized in one trip to a worker thread, not one each.
+        assert trips == ["_prepared"]
 
 
 async def test_a_body_naming_the_target_already_comes_back_byte_for_byte(
@@ -137,9 +148,12 @@ async def test_the_served_name_is_checked_after_the_rewrite(
 
 def test_rewrite_model_leaves_what_it_cannot_rewrite_to_the_checks() -> None:
     for body in (b'{"messages": []}', b'{"model": 3}', b'{"model": "mock"}'):
-        assert rewrite_model(body, "mock") == (body, json.loads(body), None)
-    new, data, incoming = rewrite_model(b'{"model": "a", "n": 1}', "b")
-    assert (json.loads(new), data, incoming) == ({"model": "b", "n": 1}, data, "a")
+        assert rewrite_model(body, "mock") == (body, None)
+    body = b'{"model": "a", "n": 1}'
+    data = json.loads(body)
+    new, incoming = rewrite_model(body, "b", data)
+    assert (json.loads(new), incoming) == ({"model": "b", "n": 1}, "a")
+    # The decoded object given is changed in place (the picker's checked fields come from it).
     assert data == {"model": "b", "n": 1}
     # A lone surrogate has no UTF-8 and NaN no JSON: refused, naming the field, as without the
     # header (`json_object`), rather than written again.

@@ -441,6 +441,33 @@ async def test_over_grpc_trailers_free_the_booking_and_the_stream_closes_without
             stream.close()
 
 
+async def test_over_grpc_a_half_close_before_the_response_ends_the_call_without_trio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The gateway half-closes after the pick and the response headers, before any response end
+    # (as bench_epp.py's lockstep client does): every message given to the stream's task is
+    # answered, so the call ends at once and the task frees the booking as it takes the end.
+    handled = trio_handled(monkeypatch)
+    opened = server_streams(monkeypatch)
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            await picked(stream)
+            stream.send(response_headers(200))
+            answer = await in_thread(stream.receive)
+            assert answer.WhichOneof("response") == "response_headers"
+            stream.send(None)
+            assert await in_thread(stream.rest) == []
+            assert stream.call.code() == grpc.StatusCode.OK
+            assert handled == ["request_body"], "only the pick, in trio"
+            (server_stream,) = opened
+            assert server_stream.released and not server_stream.state.response_ended
+            await s.booked.until_free()
+            assert await s.picking.pipeline.load() == {}
+        finally:
+            stream.close()
+
+
 # -- over grpcio: a failure or an odd message in the gRPC thread ends or passes, never hangs -------
 
 #: A client deadline far below the 30 s of the other tests: a stream that hangs fails fast.

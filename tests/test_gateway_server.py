@@ -196,7 +196,9 @@ async def test_a_stream_in_lockstep_is_picked_and_its_booking_freed_at_its_end()
             stream.send(None)
             assert await in_thread(stream.rest) == []
             assert stream.call.code() == grpc.StatusCode.OK
-            assert not s.picking.picker.booked
+            # The call ends at the half-close once every message is answered; the stream's
+            # task frees the booking in the trio thread as it takes that end.
+            await s.booked.until_free()
             assert await s.picking.pipeline.load() == {}
         finally:
             stream.close()
@@ -320,7 +322,37 @@ async def test_a_body_in_many_more_chunks_than_the_queues_hold_comes_back_whole(
             assert back == body and parts > 16
             stream.send(None)
             assert await in_thread(stream.rest) == []
-            assert not s.picking.picker.booked
+            await s.booked.until_free()
+        finally:
+            stream.close()
+
+
+async def test_a_half_close_amid_a_batch_queued_in_parts_ends_the_call_after_it() -> None:
+    # The pick's answer to a body of several chunks passes the byte window, so the trio task
+    # queues it in parts, waiting for room between them. A half-close read meanwhile must not
+    # take the shortcut (the task has not answered the message until all of it is queued):
+    # the call ends after the last chunk, OK, and the booking is freed.
+    body = chat_body("x" * 400_000)
+    async with serving() as s:
+        stream = Lockstep(s.ext_proc)
+        try:
+            stream.send(request_headers())
+            stream.send(request_body(body, True))
+            # Read the pick's answer first: the task is putting the body's parts by then.
+            answers = [await in_thread(stream.receive)]
+            stream.send(None)
+            answers += await in_thread(stream.rest)
+            assert stream.call.code() == grpc.StatusCode.OK
+            assert answers[0].WhichOneof("response") == "request_headers", answers[0]
+            streamed = [
+                a.request_body.response.body_mutation.streamed_response for a in answers[1:]
+            ]
+            assert len(streamed) > 2, "the body's answer fits the window: nothing queued in parts"
+            assert b"".join(part.body for part in streamed) == body
+            assert [part.end_of_stream for part in streamed] == [False] * (len(streamed) - 1) + [
+                True
+            ]
+            await s.booked.until_free()
         finally:
             stream.close()
 
@@ -495,3 +527,69 @@ async def test_a_stuck_grpc_shutdown_is_left_behind_with_a_warning(
         for thread in server_threads():
             await in_thread(thread.join, TIMEOUT)
     assert not server_threads()
+
+
+class CountedWaiter:
+    """A `_server._Queue` side that counts its wake-ups (the real ones cross threads)."""
+
+    def __init__(self) -> None:
+        self.wakes = 0
+
+    def prepare(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+def test_answers_put_together_wake_a_waiting_consumer_once() -> None:
+    producer, consumer = CountedWaiter(), CountedWaiter()
+    answers = _server._Queue(producer, consumer)  # type: ignore[arg-type]
+    assert answers.take() is None  # the consumer waits now
+    assert not answers.put_all(["pick", "chunk", "chunk"])
+    assert consumer.wakes == 1, "one hand-over, one wake-up"
+    assert answers.take() == ["pick", "chunk", "chunk"]
+    # Full past `_WINDOW` items: the producer is told to wait, and woken by the next take.
+    assert answers.put_all(list(range(_server._WINDOW)))
+    assert consumer.wakes == 1, "the consumer was not waiting"
+    assert answers.take() == list(range(_server._WINDOW)) and producer.wakes == 1
+
+
+def test_a_batch_of_body_chunks_is_held_within_the_byte_window_and_one_chunk() -> None:
+    # `_WINDOW_BYTES`' promise: "a queue holds at most that and one chunk (~126 kB)". A pick's
+    # answer to a long duplex body is one batch (`_Queue.put_all`): it must not put every
+    # chunk in at once (an 8 MiB body: ~136 chunks held), as one `put` after another waiting
+    # at the full window would not.
+    from interlock.gateway import BODY_CHUNK_BYTES
+    from interlock.gateway._picker import _streamed
+
+    producer, consumer = CountedWaiter(), CountedWaiter()
+    answers = _server._Queue(producer, consumer)  # type: ignore[arg-type]
+    chunk = b"x" * BODY_CHUNK_BYTES
+    batch = [_streamed("request_body", chunk, False) for _ in range(8)]
+    answers.put_all(batch)
+    held = sum(item.ByteSize() for item in answers._items)
+    assert held <= _server._WINDOW_BYTES + batch[0].ByteSize(), held
+
+
+def test_a_batch_past_the_window_is_put_in_parts_in_order_one_wake_up_a_part() -> None:
+    # `put_all` takes what fits from the front of the batch and leaves the rest, with the
+    # producer told to wait: each part is one hand-over (one wake-up of the waiting consumer,
+    # whose `take` wakes the producer for the next), and the parts keep the batch's order.
+    from interlock.gateway import BODY_CHUNK_BYTES
+    from interlock.gateway._picker import _streamed
+
+    producer, consumer = CountedWaiter(), CountedWaiter()
+    answers = _server._Queue(producer, consumer)  # type: ignore[arg-type]
+    batch = [_streamed("request_body", bytes([n]) * BODY_CHUNK_BYTES, False) for n in range(6)]
+    rest = list(batch)
+    taken: list[Any] = []
+    parts = 0
+    while rest:
+        assert answers.take() is None  # the consumer waits
+        assert answers.put_all(rest), "a part past the window leaves the producer waiting"
+        parts += 1
+        assert consumer.wakes == parts, "one wake-up a part"
+        taken += answers.take() or []
+        assert producer.wakes == parts, "each take wakes the producer for the rest"
+    assert taken == batch and parts == 3

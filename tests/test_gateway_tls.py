@@ -54,6 +54,7 @@ from test_gateway_ext_proc import (
     request_headers,
     set_headers,
 )
+from test_gateway_server import Bookings
 
 from interlock import ConfigError
 from interlock.gateway import serve_ext_proc
@@ -117,6 +118,7 @@ async def serving_tls(tls: ExtProcTLS) -> AsyncIterator[Served]:
     """A picker over in-process mock workers served with ``tls`` on free ports (health port
     too) until the block ends."""
     async with picking() as p, trio.open_nursery() as nursery:
+        p.picker.booked = Bookings()
         ext_proc, health_address = await nursery.start(
             lambda task_status: serve_ext_proc(
                 p.picker, "127.0.0.1", 0, health_port=0, tls=tls, task_status=task_status
@@ -145,8 +147,10 @@ async def test_a_tls_client_is_picked_and_checks_health_over_tls(tmp_path: Path)
         back = answers[1].request_body.response.body_mutation.streamed_response
         assert back.body == body and back.end_of_stream
         assert ready.status == live.status == SERVING
-        # The stream is over: its booking is freed.
-        assert not s.picking.picker.booked
+        # The stream is over: its booking is freed (by its task, as it takes the stream's end).
+        booked = s.picking.picker.booked
+        assert isinstance(booked, Bookings)
+        await booked.until_free()
         assert await s.picking.pipeline.load() == {}
 
         # The health port stays h2c, as GAIE's picker's: Kubernetes' gRPC probes speak no TLS.

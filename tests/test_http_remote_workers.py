@@ -174,7 +174,9 @@ def test_the_engines_mix_mock_and_remote_workers_by_role() -> None:
     assert "worker 0 at [::1]:7000 (agg), connected" in text
 
 
-def test_each_remote_worker_gets_the_connect_timeout_and_it_must_be_positive() -> None:
+def test_each_remote_worker_gets_the_connect_timeout_and_it_must_be_positive(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     argv = ["serve", "--remote-worker", "1=h:7001", "--remote-worker", "2=h:7002/prefill"]
     assert resolve(frontend_parser().parse_args(argv)).worker_connect_timeout == 10
     setup = resolve(frontend_parser().parse_args([*argv, "--worker-connect-timeout", "2.5"]))
@@ -183,9 +185,14 @@ def test_each_remote_worker_gets_the_connect_timeout_and_it_must_be_positive() -
         2.5,
         2.5,
     ]
-    for bad in ("0", "-1", "nan"):
-        with pytest.raises(ConfigError, match="--worker-connect-timeout must be positive, got"):
-            resolve(frontend_parser().parse_args([*argv, "--worker-connect-timeout", bad]))
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as exited:
+            frontend_parser().parse_args([*argv, "--worker-connect-timeout", bad])
+        assert exited.value.code == 2
+        assert (
+            f"argument --worker-connect-timeout: must be a positive number, got {bad!r}"
+            in capsys.readouterr().err
+        )
 
 
 def test_the_mock_text_lives_in_the_mock_package() -> None:
@@ -207,6 +214,27 @@ def test_the_worker_generates_the_words_of_its_tokenizer() -> None:
     assert plain.token_pool is None and plain.vocab_size == 32_000 and plain.tokenizer is None
     with pytest.raises(TokenizerError, match="no such file or directory"):
         build_engine(_worker_args("--tokenizer", "/nonexistent/tokenizer"))
+
+
+@pytest.mark.parametrize("command", ["serve", "route"])
+def test_serve_and_route_take_the_builtin_tokenizer_as_the_worker_does(
+    command: str, tmp_path: Path
+) -> None:
+    # One spelling for the byte tokenizer on every command: `--tokenizer builtin` is the
+    # frontend's default, named (a worker started with it matches the frontend).
+    default = resolve(frontend_parser().parse_args([command])).preprocessor
+    named = resolve(frontend_parser().parse_args([command, "--tokenizer", "builtin"]))
+    assert type(named.preprocessor.tokenizer) is ByteTokenizer
+    assert named.preprocessor.source == default.source
+    assert named.preprocessor.chat_template == default.chat_template
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    argv = [command, "--tokenizer", "builtin", "--chat-template", str(template)]
+    templated = resolve(frontend_parser().parse_args(argv)).preprocessor
+    assert templated.render_chat([{"role": "user", "content": "hi"}]) == "hi"
+    # A directory named builtin is still reachable as a path.
+    with pytest.raises(TokenizerError, match="no such file or directory"):
+        resolve(frontend_parser().parse_args([command, "--tokenizer", "./builtin"]))
 
 
 # -- real processes ----------------------------------------------------------------------------

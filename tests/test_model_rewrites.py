@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import openai
 import pytest
@@ -138,6 +139,49 @@ BAD_TABLES = [
     ([rule("a", [], ("t", 1)), rule("b", [], ("u", 1))], "'b': a second rule without matches"),
     ([rule("a", ["x"], ("t", 1)), rule("b", ["y", "x"], ("u", 1))], "'b': matches 'x'.*'a'"),
 ]
+
+
+def test_rules_built_in_python_are_checked_as_a_file_is() -> None:
+    # The lookups are built once, in the constructor, which refuses a rule that would
+    # never apply as `from_table` does (it only adds the file to the message).
+    rules = ModelRewrites.from_table([rule("a", ["x"], ("t", 1)), rule("b", [], ("u", 1))]).rules
+    with pytest.raises(ConfigError, match=r"^\[\[model_rewrites\]\] 'c': matches 'x'.*'a'"):
+        ModelRewrites((rules[0], attrs.evolve(rules[0], name="c")))
+    with pytest.raises(ConfigError, match=r"'c': a second rule without matches.*'b' is one"):
+        ModelRewrites((rules[1], attrs.evolve(rules[1], name="c")))
+    assert ModelRewrites(rules).rule_for("x") is rules[0]
+    assert ModelRewrites(rules).rule_for("y") is rules[1]
+
+
+def test_a_rule_built_in_python_naming_a_model_twice_is_told_so() -> None:
+    # `from_table` says "matches names 'x' twice; name it once"; the constructor, which now
+    # checks rules built in Python, tells the same rule matching a model twice as if a second
+    # rule (itself) matched it, with the fix for two rules ("name each model in one rule").
+    (built,) = ModelRewrites.from_table([rule("a", ["x"], ("t", 1))]).rules
+    twice = attrs.evolve(built, matches=("x", "x"))
+    with pytest.raises(ConfigError) as refused:
+        ModelRewrites((twice,))
+    assert "twice" in str(refused.value), str(refused.value)
+    assert "which the rule 'a' matches already" not in str(refused.value)
+
+
+def test_two_rules_built_in_python_with_one_name_are_told_so_as_a_file_is() -> None:
+    # The name labels the rule's metric and its transition records: two rules of one name
+    # would share them. Only `from_table` refused them; the constructor does now, with the
+    # same message (`from_table` adds the file), and before the checks that a second copy of
+    # one rule would fail (it matches the same models).
+    one, other = ModelRewrites.from_table(
+        [rule("a", ["x"], ("t", 1)), rule("b", ["y"], ("u", 1))]
+    ).rules
+    message = "[[model_rewrites]] 'a': another rule has this name; give each rule its own"
+    for rules in [(one, attrs.evolve(other, name="a")), (one, one)]:
+        with pytest.raises(ConfigError) as refused:
+            ModelRewrites(rules)
+        assert str(refused.value) == message
+        assert refused.value.knobs == ("model_rewrites",)
+    with pytest.raises(ConfigError) as refused:
+        ModelRewrites.from_table([rule("a", ["x"], ("t", 1)), rule("a", ["y"], ("u", 1))], "r.toml")
+    assert str(refused.value) == f"r.toml: {message}"
 
 
 @pytest.mark.parametrize(("table", "message"), BAD_TABLES)

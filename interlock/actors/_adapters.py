@@ -42,10 +42,12 @@ __all__ = [
     "RUNNING",
     "WAITING",
     "AdapterCandidates",
+    "Members",
     "adapter_affinity",
     "adapter_candidates",
     "carries_salt",
     "served_adapters",
+    "served_by",
     "with_adapter",
 ]
 
@@ -61,6 +63,16 @@ def served_adapters(engine: Any) -> frozenset[str]:
     """The LoRA adapters ``engine`` serves (none when it does not say)."""
     adapters = getattr(engine, "adapters", None)
     return adapters if isinstance(adapters, frozenset) else frozenset()
+
+
+#: Workers by id, each with the LoRA adapters it serves (`Select.members`).
+Members = Mapping[int, frozenset[str]]
+
+
+def served_by(engines: Mapping[int, Any]) -> Members:
+    """Each worker of ``engines`` with the LoRA adapters it serves now (`Select.members`: a
+    worker whose adapters differ later changed pools since)."""
+    return {w: served_adapters(engine) for w, engine in engines.items()}
 
 
 def adapter_affinity(engine: Any, adapter: str) -> str:

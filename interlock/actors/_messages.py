@@ -9,6 +9,7 @@ import attrs
 from .._errors import InterlockError
 from ..engines import Engine
 from ..wire import PreprocessedRequest, RoutingDecision
+from ._adapters import Members
 
 
 # -- Discovery ---------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ class Route:
     #: See `Select.queued`.
     queued: bool = False
     #: See `Select.members`.
-    members: frozenset[int] | None = None
+    members: Members | None = None
 
 
 @attrs.frozen
@@ -95,10 +96,11 @@ class Select:
     #: With ``admit``: the request asks from the admission queue, which wants to know whether
     #: any worker has room left once it is booked (`Selection.room_left`).
     queued: bool = False
-    #: With ``reserved``: the workers there were when it was worked out (None: not known).
-    #: Any other worker joined since, and counts as reserved too: a waiter ahead, whose
-    #: pool it may be in, has not been asked about it yet.
-    members: frozenset[int] | None = None
+    #: With ``reserved``: the workers there were when it was worked out, each with the LoRA
+    #: adapters it served then (`served_by`; None: not known). Any other worker joined since,
+    #: and one whose adapters changed since, counts as reserved too: a waiter ahead, whose
+    #: pool it may be in now, has not been asked about it yet.
+    members: Members | None = None
 
 
 @attrs.frozen
@@ -133,11 +135,20 @@ class WorkersFull(InterlockError):
     ``blocked_on``: the refusing leg's candidates (after every filter: exclusions, the
     gateway's subset, the salt, the adapter; reserved and ejected ones included), the workers
     of which one must free a slot (or an ejection end) before asking again can succeed.
+    ``returns``: the ejected ones among them, with when each one's ejection ends (trio's
+    clock); it ends with no message, so the admission queue wakes their waiters then.
     """
 
-    def __init__(self, message: str, *, blocked_on: frozenset[int]) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        blocked_on: frozenset[int],
+        returns: Mapping[int, float] | None = None,
+    ) -> None:
         super().__init__(message)
         self.blocked_on = blocked_on
+        self.returns: Mapping[int, float] = returns if returns is not None else {}
 
 
 @attrs.frozen

@@ -82,6 +82,16 @@ class OutlierEjector:
         record = self._records.get(worker_id)
         return record is not None and record.ejected_until > now
 
+    def returns(self, workers: list[int], now: float) -> dict[int, float]:
+        """The workers of ``workers`` ejected at ``now``, with when each ejection ends (on
+        the clock ``now`` is from: the exact time `is_ejected` turns False)."""
+        records = self._records
+        return {
+            w: record.ejected_until
+            for w in workers
+            if (record := records.get(w)) is not None and record.ejected_until > now
+        }
+
     def ejected(self, now: float) -> dict[int, float]:
         """Every worker ejected at ``now``, with its seconds left."""
         return {

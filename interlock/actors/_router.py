@@ -23,8 +23,10 @@ from ..wire import Leg, PreprocessedRequest, RoutingDecision, SelectionRecord
 from ..wire._frames import SALT_VERSION
 from ._adapters import (
     AdapterCandidates,
+    Members,
     adapter_candidates,
     carries_salt,
+    served_adapters,
     with_adapter,
 )
 from ._kv_policy import KvPolicy
@@ -383,7 +385,7 @@ class RouterActor(Actor):
         admit: bool = False,
         adapter: AdapterCandidates | None = None,
         reserved: frozenset[int] = frozenset(),
-        members: frozenset[int] | None = None,
+        members: Members | None = None,
     ) -> SelectionRecord | None:
         named = _named_worker(request, leg)
         if named is not None:
@@ -402,8 +404,8 @@ class RouterActor(Actor):
                 )
             raise NoWorkersAvailable(f"no {role} worker is registered")
         # Before the ejection filter: the admission queue holds these for a waiter refused
-        # here, and an ejection ends with no message, so a waiter behind must not take the
-        # worker then (the waiter learns it has room at its next ask).
+        # here, so a waiter behind must not take an ejected one when its ejection ends (the
+        # refusal says when: the queue wakes the waiters of that worker then).
         candidates = pool  # the list itself: a set is made only on the rare paths below
         outliers = self._outliers
         if outliers.has_records:
@@ -418,16 +420,26 @@ class RouterActor(Actor):
                 reserved = reserved.difference(candidates)
         if admit:
             # A reserved worker is held for a request that waits ahead of this one: full. So
-            # is one that joined after the reservation was worked out (not in ``members``).
+            # is one that joined, or changed the adapters it serves, after the reservation
+            # was worked out (``members``): the waiters ahead were not asked about it. Read
+            # last, so only a worker with room pays for the comparison.
+            engines = self._engines
             room = [
                 w
                 for w in pool
-                if w not in reserved and (members is None or w in members) and not self._full(w)
+                if w not in reserved
+                and not self._full(w)
+                and (members is None or members.get(w) == served_adapters(engines.get(w)))
             ]
             if not room:
                 raise WorkersFull(
                     f"every {leg} candidate {pool} is at its in-flight limit",
                     blocked_on=frozenset(candidates),
+                    returns=(
+                        outliers.returns(candidates, trio.current_time())
+                        if outliers.has_records
+                        else None
+                    ),
                 )
             pool = room
         if adapter is not None:

@@ -19,7 +19,6 @@ goes when the TTL runs out.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import math
@@ -77,6 +76,11 @@ _logger = logging.getLogger("interlock.discovery.etcd")
 #: The default key prefix (``--etcd-prefix``).
 DEFAULT_PREFIX = "interlock"
 
+
+#: How long, by default, workers a new store (etcd lost its data) has no record of stay for
+#: them to register again (``--etcd-new-store-grace``): the workers' default ``--etcd-ttl``,
+#: within which a live worker's lease renewal finds its lease gone and registers again.
+DEFAULT_NEW_STORE_GRACE = 10.0
 
 #: The environment variable holding the ``--etcd-user``'s password (or ``--etcd-password-file``).
 PASSWORD_ENV = "INTERLOCK_ETCD_PASSWORD"
@@ -189,6 +193,23 @@ class KeyValue:
 
 
 @attrs.frozen
+class Listing:
+    """What `EtcdClient.list_prefix` returns: the keys under a prefix, and etcd's revision
+    and raft term from the header of the same answer (watch from ``revision`` + 1 with
+    ``raft_term`` to miss nothing and to notice another store).
+
+    A store that restarted without its data starts its term again: its revision may have
+    caught up with the old one's, and its cluster and member ids stay the same, so a term
+    below the listed one is what tells.
+    """
+
+    items: list[KeyValue]
+    revision: int
+    #: 0 when etcd's header does not say (an etcd that sends no term).
+    raft_term: int = 0
+
+
+@attrs.frozen
 class WatchEvent:
     """One change under a watched prefix: ``kind`` is ``"put"`` (``value`` is the new value)
     or ``"delete"`` (``value`` is empty)."""
@@ -205,7 +226,9 @@ def _b64(data: str | bytes) -> str:
 
 
 def _unb64(text: str | None) -> bytes:
-    return base64.b64decode(text or "")
+    # Validated: without it, characters outside the alphabet are dropped and a garbled key
+    # decodes to another key instead of failing.
+    return base64.b64decode(text or "", validate=True)
 
 
 def prefix_range_end(prefix: str) -> bytes:
@@ -262,11 +285,6 @@ class EtcdClient:
         self.authentications = 0
         self._token: str | None = None
         self._authenticated = False
-        #: etcd's raft term in the answer to the last `get_prefix` (0: none yet). A store
-        #: that restarted without its data starts its term again: its revision may have
-        #: caught up with the old one's, and its cluster and member ids stay the same, so a
-        #: term below the listed one is what tells (pass it to `watch_prefix`).
-        self.listed_raft_term = 0
         self._auth_lock = trio.Lock()
         # httpx's default trusts certifi's bundle; the system's CAs are what an operator
         # manages (and what --etcd-ca-file replaces).
@@ -431,6 +449,74 @@ class EtcdClient:
             hint = f"{_REACH_HINT} An etcd that serves TLS needs an https:// URL"
         return EtcdError(self.url, operation, why, hint=hint)
 
+    def _unexpected(self, operation: str, why: str) -> EtcdError:
+        """The error for an answer that is not what etcd's gateway sends (``why`` names the
+        part): something else may answer at the URL."""
+        return EtcdError(self.url, operation, f"unexpected answer: {why}")
+
+    def _revision_and_term(self, operation: str, answer: Mapping[str, Any]) -> tuple[int, int]:
+        """The revision and raft term in ``answer``'s header (0 for one it leaves out).
+
+        Raises:
+            EtcdError: the header is not an object, or either is not a number.
+        """
+        header = self._object(operation, "header", answer.get("header", {}))
+        revision, term = (
+            self._number(operation, f"header {field}", header.get(field, 0))
+            for field in ("revision", "raft_term")
+        )
+        return revision, term
+
+    def _object(self, operation: str, what: str, value: object) -> dict[str, Any]:
+        """``value``, the part of an answer named ``what``, checked to be a JSON object.
+
+        Raises:
+            EtcdError: it is not (raised, not left to the caller's ``.get``: the watcher
+                retries an EtcdError, and anything else ends it).
+        """
+        if not isinstance(value, dict):
+            raise self._unexpected(operation, f"{what} {value!r} is not an object")
+        return value
+
+    def _array(self, operation: str, what: str, answer: Mapping[str, Any]) -> list[Any]:
+        """``answer``'s list ``what`` (empty when left out: etcd omits empty fields).
+
+        Raises:
+            EtcdError: it is not a list.
+        """
+        value = answer.get(what, [])
+        if not isinstance(value, list):
+            raise self._unexpected(operation, f"{what} {value!r} is not a list")
+        return value
+
+    def _number(self, operation: str, what: str, value: Any) -> int:
+        """``value``, the part of an answer named ``what``, as a whole number (the gateway
+        sends 64-bit numbers as strings).
+
+        Raises:
+            EtcdError: it is not a number (raised, not left to ``int``: the watcher retries
+                an EtcdError, and anything else ends it).
+        """
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise self._unexpected(operation, f"{what} {value!r} is not a number") from None
+
+    def _key_value(self, operation: str, kv: object) -> KeyValue:
+        """One ``kv`` of a listing or a watch event (base64 key and value, a numeric
+        ``mod_revision``).
+
+        Raises:
+            EtcdError: it is not an object, has no key, or a field is not what etcd sends.
+        """
+        fields = self._object(operation, "kv", kv)
+        try:
+            key, value = _unb64(fields["key"]), _unb64(fields.get("value"))
+        except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
+            raise self._unexpected(operation, f"kv {fields!r}: {exc!r}") from exc
+        revision = self._number(operation, "kv mod_revision", fields.get("mod_revision", 0))
+        return KeyValue(key.decode(errors="replace"), value, revision)
+
     # -- leases -------------------------------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> tuple[int, int]:
@@ -443,8 +529,8 @@ class EtcdClient:
         answer = await self._call("lease grant", "/v3/lease/grant", {"TTL": ttl})
         try:
             return int(answer["ID"]), int(answer.get("TTL", ttl))
-        except (KeyError, ValueError) as exc:
-            raise EtcdError(self.url, "lease grant", f"unexpected answer {answer!r}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._unexpected("lease grant", repr(answer)) from exc
 
     async def keepalive(self, lease: int) -> int:
         """Renew ``lease`` once; returns its TTL again, or 0 when the lease no longer exists
@@ -457,8 +543,8 @@ class EtcdClient:
         result = answer.get("result", {})
         try:
             return int(result.get("TTL", 0)) if isinstance(result, dict) else 0
-        except ValueError as exc:
-            raise EtcdError(self.url, "lease keepalive", f"unexpected answer {answer!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise self._unexpected("lease keepalive", repr(answer)) from exc
 
     async def revoke(self, lease: int) -> None:
         """Revoke ``lease``: its keys are deleted at once. An unknown lease is no error.
@@ -483,57 +569,62 @@ class EtcdClient:
         body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease is not None:
             body["lease"] = str(lease)
-        answer = await self._call(f"put {key!r}", "/v3/kv/put", body)
-        return _revision(answer)
+        operation = f"put {key!r}"
+        answer = await self._call(operation, "/v3/kv/put", body)
+        return self._revision_and_term(operation, answer)[0]
 
     async def delete(self, key: str) -> int:
         """Delete ``key``; returns how many keys were deleted (0 or 1).
 
         Raises:
-            EtcdError: no answer, or an error answer.
+            EtcdError: no answer, an error answer, or a count that is not a number.
         """
-        answer = await self._call(f"delete {key!r}", "/v3/kv/deleterange", {"key": _b64(key)})
-        return int(answer.get("deleted", 0))
+        operation = f"delete {key!r}"
+        answer = await self._call(operation, "/v3/kv/deleterange", {"key": _b64(key)})
+        return self._number(operation, "deleted", answer.get("deleted", 0))
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Every key starting with ``prefix``, and the store's revision at that moment (watch
-        from the next one to miss nothing).
+        from the next one to miss nothing): `list_prefix` without the raft term.
 
         Raises:
             EtcdError: no answer, or an error answer.
         """
+        listing = await self.list_prefix(prefix)
+        return listing.items, listing.revision
+
+    async def list_prefix(self, prefix: str) -> Listing:
+        """Every key starting with ``prefix``, with etcd's revision and raft term from this
+        one answer's header (`Listing`).
+
+        Raises:
+            EtcdError: no answer, an error answer, or an answer whose keys or header are
+                not what etcd sends (the message names the part).
+        """
         body = {"key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix))}
-        answer = await self._call(f"range {prefix!r}", "/v3/kv/range", body)
-        try:
-            items = [
-                KeyValue(
-                    _unb64(kv["key"]).decode(errors="replace"),
-                    _unb64(kv.get("value")),
-                    int(kv.get("mod_revision", 0)),
-                )
-                for kv in answer.get("kvs", [])
-            ]
-        except (KeyError, ValueError, binascii.Error) as exc:
-            raise EtcdError(self.url, f"range {prefix!r}", f"unexpected answer: {exc}") from exc
-        self.listed_raft_term = _raft_term(answer)
-        return items, _revision(answer)
+        operation = f"range {prefix!r}"
+        answer = await self._call(operation, "/v3/kv/range", body)
+        items = [self._key_value(operation, kv) for kv in self._array(operation, "kvs", answer)]
+        revision, term = self._revision_and_term(operation, answer)
+        return Listing(items, revision, term)
 
     async def watch_prefix(
         self, prefix: str, *, start_revision: int | None = None, raft_term: int = 0
     ) -> AsyncGenerator[WatchEvent, None]:
         """Yield every change to keys starting with ``prefix``, from ``start_revision`` (the
-        `get_prefix` revision + 1) on, until the caller stops iterating. Close it with
+        `list_prefix` revision + 1) on, until the caller stops iterating. Close it with
         ``contextlib.aclosing``. Waits for changes without a time limit. ``raft_term`` is
-        `listed_raft_term` after that listing: a watch on an etcd whose term went back since
-        (another store) refuses to start, as below.
+        that listing's: a watch on an etcd whose term went back since (another store)
+        refuses to start, as below.
 
         Raises:
             EtcdError: etcd cannot be reached, the stream broke (etcd stopped), etcd
                 cancelled the watch (e.g. ``start_revision`` was compacted away), or etcd is
                 behind ``start_revision`` - 1 (it lost its data: etcd would wait for that
                 revision without a word, however many changes come below it), or etcd is
-                at a raft term below ``raft_term`` (another store): list again and watch
-                from the new revision.
+                at a raft term below ``raft_term`` (another store), or a message or event
+                is not what etcd sends (the message names the part; none of that message's
+                events is yielded): list again and watch from the new revision.
         """
         create: dict[str, Any] = {
             "key": _b64(prefix),
@@ -603,7 +694,7 @@ class EtcdClient:
         result = message.get("result")
         if not isinstance(result, dict) or not result.get("created"):
             return
-        term = _raft_term(result)
+        revision, term = self._revision_and_term(operation, result)
         if 0 < term < raft_term:
             raise EtcdError(
                 self.url,
@@ -613,7 +704,6 @@ class EtcdClient:
                 "caught up with the listed revision since: list again, and watch from the "
                 "listing's revision",
             )
-        revision = _revision(result)
         if revision < start - 1:
             raise EtcdError(
                 self.url,
@@ -628,25 +718,21 @@ class EtcdClient:
         if "error" in message:
             _, text = _answer_text(message)
             raise self._explained(operation, text, f"etcd said {message['error']!r}")
-        result = message.get("result", {})
+        result = self._object(operation, "result", message.get("result", {}))
         if result.get("canceled"):
             reason = result.get("cancel_reason")
             why = reason or f"compacted to revision {result.get('compact_revision')}"
             # A compaction is etcd working as configured: the cure is a new listing.
             hint = None if reason else "list again, and watch from the listing's revision"
             raise self._explained(operation, why, f"etcd cancelled the watch: {why}", hint=hint)
+        # Every event is read before any is returned: a malformed one fails the whole message,
+        # so none of it is applied, and the listing that follows the EtcdError has them all.
         events = []
-        for raw in result.get("events", ()):
-            kv = raw.get("kv", {})
+        for raw in self._array(operation, "events", result):
+            raw = self._object(operation, "event", raw)
             kind: Literal["put", "delete"] = "delete" if raw.get("type") == "DELETE" else "put"
-            events.append(
-                WatchEvent(
-                    kind,
-                    _unb64(kv.get("key")).decode(errors="replace"),
-                    _unb64(kv.get("value")),
-                    int(kv.get("mod_revision", 0)),
-                )
-            )
+            kv = self._key_value(operation, raw.get("kv"))
+            events.append(WatchEvent(kind, kv.key, kv.value, kv.mod_revision))
         return events
 
     def __repr__(self) -> str:
@@ -663,14 +749,6 @@ def _root_cause(exc: BaseException) -> BaseException:
             return exc
         seen.add(id(inner))
         exc = inner
-
-
-def _revision(answer: Mapping[str, Any]) -> int:
-    return int(answer.get("header", {}).get("revision", 0))
-
-
-def _raft_term(answer: Mapping[str, Any]) -> int:
-    return int(answer.get("header", {}).get("raft_term", 0))
 
 
 # -- records -----------------------------------------------------------------------------------
@@ -828,7 +906,7 @@ class WorkerWatcher:
         backoff: float = 0.1,
         max_backoff: float = 2.0,
         drain_timeout: float = 300.0,
-        new_store_grace: float = 10.0,
+        new_store_grace: float = DEFAULT_NEW_STORE_GRACE,
     ) -> None:
         if (
             not isinstance(new_store_grace, int | float)
@@ -868,7 +946,7 @@ class WorkerWatcher:
         self.new_store_grace = new_store_grace
         #: Workers kept after etcd lost their records, by id: when the grace ends.
         self._held: dict[int, float] = {}
-        #: etcd's raft term at the last listing (`EtcdClient.listed_raft_term`).
+        #: etcd's raft term at the last listing (`Listing.raft_term`).
         self._raft_term = 0
 
     def _engine_context(self) -> EngineContext:
@@ -954,8 +1032,8 @@ class WorkerWatcher:
             return delay
 
     async def _list(self) -> None:
-        items, revision = await self.client.get_prefix(self.prefix)
-        term = self.client.listed_raft_term
+        listing = await self.client.list_prefix(self.prefix)
+        items, revision, term = listing.items, listing.revision, listing.raft_term
         new_store = revision < self._revision or term < self._raft_term
         if new_store:
             why = (
@@ -1155,7 +1233,7 @@ async def watch_workers(
     prefix: str = DEFAULT_PREFIX,
     context: EngineContext | None = None,
     connect_timeout: float = 5.0,
-    new_store_grace: float = 10.0,
+    new_store_grace: float = DEFAULT_NEW_STORE_GRACE,
     task_status: trio.TaskStatus[WorkerWatcher] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a `WorkerWatcher` over ``pipeline`` until cancelled; ``task_status.started`` gets

@@ -100,6 +100,7 @@ status (200 for a pick).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -226,13 +227,26 @@ class ExtProcPicker:
 
         ``stream``: the stream's state (`open_stream`), when another thread answered some of
         its messages already with `ExtProcStream.answer_now` (the gRPC server does)."""
+        async with contextlib.aclosing(self.process_batches(requests, stream)) as batches:
+            async for batch in batches:
+                for response in batch:
+                    yield response
+
+    async def process_batches(
+        self,
+        requests: AsyncIterator[ProcessingRequest],
+        stream: ExtProcStream | None = None,
+    ) -> AsyncIterator[list[ProcessingResponse]]:
+        """`process`, the responses to each message yielded together (a message with none
+        yields nothing), so that a server hands them to its sending thread at once: a pick's
+        answer and its body chunks cost one wake-up of that thread, not one each."""
         if stream is None:
             stream = ExtProcStream(self)
         try:
             async for message in requests:
                 responses = await stream.handle(message)
-                for response in responses:
-                    yield response
+                if responses:
+                    yield responses
                 if stream.finished:
                     return
         finally:
@@ -549,25 +563,23 @@ class ExtProcStream:
                 # meanwhile gets a new id instead of a refusal. A failure releases it.
                 self.booked_as = request_id
                 self.picker.booked.add(request_id)
-                data = None
-                parsed = None
                 header = model_rewrite(self.headers)
-                if header or frontend.model_rewrites:
-                    body, data, parsed, rewrite = await self._rewrite_model(kind, body, header)
+                rewriting = bool(header or frontend.model_rewrites)
                 if len(body) > frontend.offload_body_bytes:
                     # As the HTTP app does: a huge prompt's rendering and tokenizing would
-                    # stall every other stream; a worker thread does it.
-                    tokens, model, salt = await trio.to_thread.run_sync(
-                        self._tokens,
+                    # stall every other stream; a worker thread does it, the rewrite too (one
+                    # trip there and back, not one each).
+                    prepared = await trio.to_thread.run_sync(
+                        self._prepared,
                         kind,
                         body,
-                        data,
-                        parsed,
-                        rewrite,
+                        header,
+                        rewriting,
                         limiter=frontend.offload_limiter,
                     )
                 else:
-                    tokens, model, salt = self._tokens(kind, body, data, parsed, rewrite)
+                    prepared = self._prepared(kind, body, header, rewriting)
+                body, tokens, model, salt, rewrite, self.model_restorer = prepared
             request = PreprocessedRequest(
                 token_ids=tokens,
                 request_id=request_id,
@@ -598,41 +610,38 @@ class ExtProcStream:
         frontend.metrics.count_request(METRICS_ENDPOINT, 200, trio.current_time() - start)
         return self._answer(body, end_of_stream=end_of_stream)
 
-    async def _rewrite_model(
-        self, kind: str, body: bytes, header: str | None
-    ) -> tuple[bytes, dict[str, Any], ParsedRequest, ModelRewriteDecision | None]:
-        """``body`` checked and with its ``model`` rewritten (`_rewritten`, in a worker thread
-        for a large body), its decoded object, its fields and the rule's decision (None: no
-        rule applied), and the response's restorer set when the model changed.
-
-        Raises:
-            HttpError: 400 when the body is not a JSON object or a field is bad (`_parsed`).
-        """
-        frontend = self.frontend
-        if len(body) > frontend.offload_body_bytes:
-            body, data, parsed, rewrite, restorer = await trio.to_thread.run_sync(
-                self._rewritten, kind, body, header, limiter=frontend.offload_limiter
-            )
-        else:
-            body, data, parsed, rewrite, restorer = self._rewritten(kind, body, header)
-        self.model_restorer = restorer
-        return body, data, parsed, rewrite
-
-    def _rewritten(
-        self, kind: str, body: bytes, header: str | None
+    def _prepared(
+        self, kind: str, body: bytes, header: str | None, rewriting: bool
     ) -> tuple[
         bytes,
-        dict[str, Any],
-        ParsedRequest,
+        Sequence[int],
+        str | None,
+        str | None,
         ModelRewriteDecision | None,
         ModelNameRestorer | None,
     ]:
+        """What the pick needs from a chat or completions ``body``: the body to send on
+        (rewritten when ``rewriting``: `_rewritten`, ``header`` the rewrite header's model),
+        the prompt's tokens, model and salt (`_tokens`), the rewrite rule's decision and the
+        response's restorer (None: nothing to put back). Synchronous (and thread-safe).
+
+        Raises:
+            What `_rewritten` and `_tokens` raise.
+        """
+        if not rewriting:
+            return body, *self._tokens(kind, body), None, None
+        body, parsed, rewrite, restorer = self._rewritten(kind, body, header)
+        return body, *self._tokens(kind, body, parsed, rewrite), rewrite, restorer
+
+    def _rewritten(
+        self, kind: str, body: bytes, header: str | None
+    ) -> tuple[bytes, ParsedRequest, ModelRewriteDecision | None, ModelNameRestorer | None]:
         """``body`` decoded and checked (`_parsed`), then rewritten to the model a
         ``[[model_rewrites]]`` rule draws for the model it names (`Frontend.choose_rewrite`),
         else to ``header``'s (the rewrite header's): as llm-d's picker does, a rule for the
-        body's model wins over the header. Returns the body, its object, its fields (their
-        ``model`` the target), the rule's decision and the response's restorer (None: nothing
-        to put back). Synchronous (and thread-safe).
+        body's model wins over the header. Returns the body, its fields (their ``model`` the
+        target), the rule's decision and the response's restorer (None: nothing to put back).
+        Synchronous (and thread-safe).
 
         Raises:
             HttpError: 400 when the body is not a JSON object or a field is bad.
@@ -645,11 +654,11 @@ class ExtProcStream:
         rewrite = self.frontend.choose_rewrite(parsed.model)
         target = header if rewrite is None else rewrite.target
         if not target:
-            return body, data, parsed, None, None
-        body, data, incoming = rewrite_model(body, target, data)
+            return body, parsed, None, None
+        body, incoming = rewrite_model(body, target, data)
         parsed.model = target
         restorer = None if incoming is None else ModelNameRestorer(target, incoming)
-        return body, data, parsed, rewrite, restorer
+        return body, parsed, rewrite, restorer
 
     def _parsed(self, kind: str, data: dict[str, Any]) -> ParsedRequest:
         """The prompt's fields of a chat or completions body (``data``: decoded), checked:
@@ -677,15 +686,13 @@ class ExtProcStream:
         self,
         kind: str,
         body: bytes,
-        data: dict[str, Any] | None = None,
         parsed: ParsedRequest | None = None,
         rewrite: ModelRewriteDecision | None = None,
     ) -> tuple[Sequence[int], str | None, str | None]:
-        """The prompt's token ids from a chat or completions body (``data``: that body decoded
-        already; ``parsed``: its fields, checked already), its `PreprocessedRequest.model`
-        (`Frontend.request_model`: None for the base model, else the LoRA adapter it names;
-        ``rewrite``: the rule that set the body's model, named in a 404) and its
-        ``cache_salt``; synchronous (and thread-safe).
+        """The prompt's token ids from a chat or completions body (``parsed``: its fields,
+        checked already), its `PreprocessedRequest.model` (`Frontend.request_model`: None for
+        the base model, else the LoRA adapter it names; ``rewrite``: the rule that set the
+        body's model, named in a 404) and its ``cache_salt``; synchronous (and thread-safe).
 
         Raises:
             HttpError: 400 (not JSON, no model, a bad prompt field) or 404 (another model).
@@ -693,7 +700,7 @@ class ExtProcStream:
         """
         frontend = self.frontend
         if parsed is None:
-            parsed = self._parsed(kind, json_object(body) if data is None else data)
+            parsed = self._parsed(kind, json_object(body))
         missing = frontend.model_not_found(parsed.model, "this pool", rewrite)
         if missing is not None:
             raise missing
@@ -775,10 +782,9 @@ class ExtProcStream:
         common = CommonResponse(
             clear_route_cache=True, header_mutation=HeaderMutation(set_headers=set_headers)
         )
-        metadata: Any = {LB_NAMESPACE: {DESTINATION_HEADER: destination}}
         if body is None:
             answer = ProcessingResponse(request_headers=HeadersResponse(response=common))
-            answer.dynamic_metadata.update(metadata)
+            _set_destination(answer, destination)
             return [answer]
         if not self.request_duplex:
             if self.model_restorer is not None:
@@ -786,10 +792,10 @@ class ExtProcStream:
                 # whole, matching the Content-Length set above.
                 common.body_mutation.body = body
             answer = ProcessingResponse(request_body=BodyResponse(response=common))
-            answer.dynamic_metadata.update(metadata)
+            _set_destination(answer, destination)
             return [answer]
         answer = ProcessingResponse(request_headers=HeadersResponse(response=common))
-        answer.dynamic_metadata.update(metadata)
+        _set_destination(answer, destination)
         answers = [answer]
         chunks = [body[i : i + BODY_CHUNK_BYTES] for i in range(0, len(body), BODY_CHUNK_BYTES)]
         if not chunks:
@@ -935,6 +941,15 @@ def _streamed(phase: str, chunk: bytes, end_of_stream: bool) -> ProcessingRespon
     streamed.body = chunk
     streamed.end_of_stream = end_of_stream
     return answer
+
+
+def _set_destination(answer: ProcessingResponse, destination: str) -> None:
+    """Name ``destination`` in ``answer``'s ``envoy.lb`` dynamic metadata.
+
+    Set field by field: `Struct.update` walks a dict in protobuf's pure-Python
+    well-known-types code, twice this cost on every pick."""
+    lb = answer.dynamic_metadata.fields[LB_NAMESPACE].struct_value
+    lb.fields[DESTINATION_HEADER].string_value = destination
 
 
 def _header(name: str, value: str) -> HeaderValueOption:

@@ -52,13 +52,12 @@ def model_rewrite(headers: Mapping[str, str]) -> str | None:
 
 def rewrite_model(
     body: bytes, model: str, data: dict[str, Any] | None = None
-) -> tuple[bytes, dict[str, Any], str | None]:
-    """``body`` (an OpenAI request's JSON) with its ``model`` set to ``model``; the decoded
-    object (its ``model`` set too: the picker reads the prompt from it, not decoding the body
-    again); and the model it named (None, and ``body`` itself, when it named ``model`` already
-    or has no string ``model``: the picker's own checks then answer that). The JSON is written
-    again compactly (as GAIE's picker does): its meaning is kept, not its bytes. ``data``:
-    ``body`` decoded already (`json_object`), changed in place. Synchronous.
+) -> tuple[bytes, str | None]:
+    """``body`` (an OpenAI request's JSON) with its ``model`` set to ``model``, and the model
+    it named (None, and ``body`` itself, when it named ``model`` already or has no string
+    ``model``: the picker's own checks then answer that). The JSON is written again compactly
+    (as GAIE's picker does): its meaning is kept, not its bytes. ``data``: ``body`` decoded
+    already (`json_object`), changed in place. Synchronous.
 
     Raises:
         HttpError: 400 when ``body`` is not a JSON object, or holds a value that cannot be
@@ -68,12 +67,12 @@ def rewrite_model(
         data = json_object(body)
     incoming = data.get("model")
     if type(incoming) is not str or incoming == model:
-        return body, data, None
+        return body, None
     data["model"] = model
     # `json_object` refused NaN, the infinities and lone surrogates (JSON's "\ud800", which
     # has no UTF-8): whatever it returns is written again as UTF-8 JSON.
     rewritten = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-    return rewritten, data, incoming
+    return rewritten, incoming
 
 
 def _json_string(text: str) -> bytes:

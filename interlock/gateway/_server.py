@@ -1,20 +1,23 @@
 """The gRPC side: `serve_ext_proc` serves `ExtProcPicker` with grpcio's C-core server.
 
 gRPC's HTTP/2, framing and protobuf coding run in grpcio (C-core, ``grpc.aio``) on an asyncio
-loop in one thread of its own (``interlock-ext-proc``); the picker stays in this trio run.
-That thread answers each message that needs no router state itself (`ExtProcStream.answer_now`:
+loop in one thread of its own (``interlock-ext-proc``); the picker stays in this trio run. That
+thread answers each message that needs no router state itself (`ExtProcStream.answer_now`:
 request headers, body chunks before the last, every response phase) and hands the bookkeeping
-it implies to trio without waiting. A stream gets a trio task (running `ExtProcPicker.process`)
+it implies to trio without waiting. A stream gets a trio task (`ExtProcPicker.process_batches`)
 only at its first message that needs the router (the pick); from then on, while the task holds
 a message, the stream's later messages go to it too, in order, through two bounded queues
-between the threads (`_Queue`): a side wakes the other only when that one waits. Every call
-for the trio thread goes through one `_Inbox`, so calls posted before trio gets to them share
-one wake-up. A stream whose response's end released its booking closes without waiting for
-trio. The loop's thread's own answers are bounded as the task's are: once `_WINDOW` of them
-wait to be sent it reads no more of the stream until they are taken, so gRPC's flow control
-holds back a gateway that does not read its answers. A message it fails to answer ends the
-stream INTERNAL (the booking freed), as a failure in the trio task does. No thread per
-stream: thousands of long generations keep their streams open on one loop.
+between the threads (`_Queue`): a side wakes the other only when that one waits, and the
+answers to one message are handed over together up to the queue's bound (`_Queue.put_all`: a
+pick's answer and its body chunks wake the loop's thread once a window's worth). Every call for
+the trio thread goes through one `_Inbox`, so calls posted before trio gets to them share one
+wake-up. A stream whose task has answered every message it was given closes at the gateway's
+half-close without waiting for trio (the task frees the booking as it takes that end). The
+loop's thread's own answers are bounded as the task's are: once `_WINDOW` of them wait to be
+sent it reads no more of the stream until they are taken, so gRPC's flow control holds back a
+gateway that does not read its answers. A message it fails to answer ends the stream INTERNAL
+(the booking freed), as a failure in the trio task does. No thread per stream: thousands of
+long generations keep their streams open on one loop.
 
 Served (``127.0.0.1:E`` over h2c, HTTP/2 with prior knowledge as Envoy's gRPC client speaks it,
 or over TLS with ``tls``, `interlock.gateway._tls`):
@@ -216,8 +219,9 @@ def _settle(future: asyncio.Future[Any], result: Any) -> None:
 class _Queue:
     """Items from one thread to the other, in order: the producer `put`s, the consumer `take`s
     everything queued. Each side wakes the other only when that one waits (an empty queue,
-    or `_WINDOW` items not taken yet). The answers' queue has two producers, one at a time:
-    the trio task and the loop's thread (`ExtProcStream.answer_now`), each with its waiter."""
+    or `_WINDOW` items or `_WINDOW_BYTES` body bytes not taken yet). The answers' queue has
+    two producers, one at a time: the trio task and the loop's thread
+    (`ExtProcStream.answer_now`), each with its waiter."""
 
     def __init__(self, producer: _TrioWaiter | _LoopWaiter, consumer: _TrioWaiter | _LoopWaiter):
         self.producer = producer
@@ -234,21 +238,50 @@ class _Queue:
         """Queue ``item`` (the producer's thread; ``producer``: its waiter, default
         `producer`); whether the queue is full (`_WINDOW` items or `_WINDOW_BYTES` body
         bytes): then await ``producer.wait()`` before the next `put`."""
+        return self.put_all([item], producer)
+
+    def put_all(self, items: list[Any], producer: _TrioWaiter | _LoopWaiter | None = None) -> bool:
+        """`put` ``items`` from the first, in order, as one hand-over, until the queue is full;
+        what was queued is removed from ``items``. Whether the queue is full: then await
+        ``producer.wait()`` before putting the rest (`put_all_waiting` does both). The first
+        item always goes in, the others while there is room, so a queue holds at most the
+        window and one chunk, as with one `put` after another. A waiting consumer is woken
+        once, after the last item queued (put one by one, it could wake, take the first and
+        wait again, a wake-up of its thread per item)."""
         if producer is None:
             producer = self.producer
-        size = _body_bytes(item)
+        queued = 0
+        full = False
         with self._lock:
-            self._items.append(item)
-            self._bytes += size
-            wake = self._consumer_waits
-            self._consumer_waits = False
-            full = len(self._items) >= _WINDOW or self._bytes >= _WINDOW_BYTES
+            for item in items:
+                if full:
+                    break
+                self._items.append(item)
+                self._bytes += _body_bytes(item)
+                queued += 1
+                full = len(self._items) >= _WINDOW or self._bytes >= _WINDOW_BYTES
+            wake = self._consumer_waits and queued > 0
+            if wake:
+                self._consumer_waits = False
             if full:
                 producer.prepare()
                 self._producers_waiting.append(producer)
+        del items[:queued]
         if wake:
             self.consumer.wake()
         return full
+
+    async def put_all_waiting(
+        self, items: list[Any], producer: _TrioWaiter | _LoopWaiter | None = None
+    ) -> None:
+        """`put_all` ``items``, waiting on ``producer`` (default `producer`) whenever the
+        queue is full, until all are queued and there is room for the next `put`. Either
+        thread may call it: it awaits only its own thread's waiter. ``items`` ends empty."""
+        if producer is None:
+            producer = self.producer
+        while items:
+            if self.put_all(items, producer):
+                await producer.wait()
 
     def take(self) -> list[Any] | None:
         """Everything queued (the consumer's thread); None when nothing is: await
@@ -300,7 +333,7 @@ class _Stream:
         #: message itself only while the two are equal, so answers keep Envoy's order.
         self.given = 0
         self.answered = 0
-        #: The call ended before the task (`_END` given to it after the response's end).
+        #: The call ended before the task (`_END` given to it once it had answered all).
         self.released = False
         #: Messages the task took (`__anext__`).
         self._taken = 0
@@ -351,10 +384,12 @@ class _Stream:
         end: object = _GONE
         try:
             with self.scope:
-                async with contextlib.aclosing(picker.process(self, self.state)) as answers:
-                    async for answer in answers:
-                        if queue.put(answer):
-                            await queue.producer.wait()
+                batches = picker.process_batches(self, self.state)
+                async with contextlib.aclosing(batches):
+                    async for batch in batches:
+                        # The whole batch is queued before the picker reads on (`answered`
+                        # counts it then), in parts when it passes the window.
+                        await queue.put_all_waiting(batch)
                     end = _END
         except _Unreadable as exc:
             _logger.warning("an ext_proc stream ended: %s", exc)
@@ -563,9 +598,10 @@ class _Server:
                     stream.responses.put(_END)  # nothing booked: nothing to free
                     return
                 queue.put(_END)
-                if stream.given == stream.answered and stream.state.response_ended:
-                    # The response's end queued the booking's release already (before this
-                    # `_END`): the call ends now, without a wake-up of this thread from trio.
+                if stream.given == stream.answered:
+                    # The task has queued every answer it owes: all it does with this `_END`
+                    # is free the booking (`ExtProcStream.close`), which answers nothing. The
+                    # call ends now, without a wake-up of this thread from trio for it.
                     stream.released = True
                     stream.responses.put(_END)
                 return
@@ -573,7 +609,7 @@ class _Server:
                 continue  # the picker ended the stream (an ImmediateResponse): ignored
             if stream.given == stream.answered:
                 try:
-                    full = self._answer_now(stream, message)
+                    answers = self._answer_now(stream, message)
                 except Exception as exc:
                     # As when the trio task answers: the stream ends INTERNAL, and the task
                     # (its iteration raises it; it logs it) frees the booking.
@@ -583,9 +619,10 @@ class _Server:
                         _logger.exception("the ext_proc stream failed")
                         stream.responses.put(exc)
                     return
-                if full is not None:
-                    if full:
-                        await stream.room.wait()
+                if answers is not None:
+                    # No more of the stream is read until they are all queued (in parts
+                    # when they pass the window), so gRPC's flow control holds back Envoy.
+                    await stream.responses.put_all_waiting(answers, stream.room)
                     continue
             stream.given += 1
             full = queue.put(message)
@@ -600,25 +637,19 @@ class _Server:
             if full:
                 await queue.producer.wait()
 
-    def _answer_now(self, stream: _Stream, message: ProcessingRequest) -> bool | None:
-        """Answer ``message`` here if it needs no router state (the loop's thread), handing
-        its bookkeeping to the trio thread without waiting for it. None: it was not (the trio
-        task must); else whether the answers' queue is full: then await ``stream.room``
-        before reading on. Raises what `ExtProcStream.answer_now` raises."""
+    def _answer_now(
+        self, stream: _Stream, message: ProcessingRequest
+    ) -> list[ProcessingResponse] | None:
+        """The answers to ``message`` if it needs no router state (the loop's thread), to
+        queue to `_Stream.responses` with ``stream.room``, its bookkeeping handed to the trio
+        thread without waiting for it. None: it needs the trio task. Raises what
+        `ExtProcStream.answer_now` raises."""
         state = stream.state
         answers = state.answer_now(message)
-        if answers is None:
-            return None
-        responses = stream.responses
-        room = stream.room
-        full = False
-        for answer in answers:
-            # A few answers per message: all are queued, then the window is waited on.
-            full = responses.put(answer, room) or full
-        if state.chores:
+        if answers is not None and state.chores:
             chores, state.chores = state.chores, []
             self.inbox.post(state.run_chores, chores)
-        return full
+        return answers
 
     def _spawn(self, stream: _Stream) -> None:
         """Start ``stream``'s trio task (the trio thread)."""

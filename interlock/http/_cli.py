@@ -31,7 +31,7 @@ import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from .._argtypes import non_negative_float, non_negative_int, port
+from .._argtypes import non_negative_float, non_negative_int, port, positive_float
 from .._config import (
     EXT_PROC_TLS_KEYS,
     EXT_PROC_TLS_MODES,
@@ -63,6 +63,7 @@ from ..discovery import (
     workers_prefix,
 )
 from ..discovery._engine_address import EngineAddress  # interlock register's --engine too
+from ..discovery._etcd import DEFAULT_NEW_STORE_GRACE
 from ..discovery._etcd_options import EtcdOptions, add_etcd_arguments, etcd_options
 from ..engines import ROLES, Engine, EngineContext, Role, engine_from_record
 from ..engines.mock import MOCK_TEXT as MOCK_TEXT  # re-exported: it lived here before
@@ -79,6 +80,7 @@ from ..processing import (
     TokenizerError,
     tokenizer_fingerprint,
 )
+from ..processing._byte_tokenizer import BUILTIN_TOKENIZER
 from ..wire import ProtocolError
 from ._app import HttpLimits, build_app, build_metrics_app
 from ._auth import (
@@ -228,7 +230,7 @@ class ServeSetup:
     worker_connect_timeout: float = 10.0
     #: ``--etcd-new-store-grace``: how long the workers etcd lost the records of (it lost its
     #: data) stay, for them to register again.
-    etcd_new_store_grace: float = 10.0
+    etcd_new_store_grace: float = DEFAULT_NEW_STORE_GRACE
     #: ``--worker-tls`` (with ``--worker-ca-file`` ...): TLS toward every remote worker
     #: (None: plain TCP).
     worker_tls: ssl.SSLContext | None = attrs.field(default=None, repr=False)
@@ -687,7 +689,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--worker-connect-timeout",
-        type=float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="wait this long for each --remote-worker's first handshake at start; one not "
@@ -707,8 +709,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="when etcd lost its data, keep the workers it has no record of this long for them "
-        "to register again (10: the workers' default --etcd-ttl; give at least the workers' "
-        "--etcd-ttl)",
+        f"to register again ({DEFAULT_NEW_STORE_GRACE:g}: the workers' default --etcd-ttl; give "
+        "at least the workers' --etcd-ttl)",
     )
     workers.add_argument(
         "--speedup",
@@ -724,9 +726,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     text = parser.add_argument_group("text")
     text.add_argument(
         "--tokenizer",
-        metavar="PATH",
-        help="a tokenizer.json or Hugging Face model directory (default: built-in bytes); "
-        "remote workers need the same one (interlock worker --tokenizer PATH|builtin)",
+        metavar="PATH|builtin",
+        help="a tokenizer.json or Hugging Face model directory, or 'builtin' for the built-in "
+        "byte tokenizer (the default); remote workers need the same one (interlock worker "
+        "--tokenizer PATH|builtin)",
     )
     text.add_argument(
         "--chat-template",
@@ -1119,11 +1122,6 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
     grace = getattr(args, "etcd_new_store_grace", None)
     if grace is not None and etcd is None:
         raise ConfigError("--etcd-new-store-grace needs --etcd URL (it is about etcd's workers)")
-    if not args.worker_connect_timeout > 0:
-        raise ConfigError(
-            f"--worker-connect-timeout must be positive, got {args.worker_connect_timeout:g} "
-            "(the seconds each --remote-worker gets to answer at start)"
-        )
     from_table = _apply_gateway_table(args)
     ext_proc_port, ext_proc_health_port = _resolve_ext_proc(args, workers, remote)
     ext_proc_tls = _resolve_ext_proc_tls(args, from_table)
@@ -1164,16 +1162,8 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
             check_selection_policy(config, factory)
         except ConfigError as exc:
             raise ConfigError(f"{what}: {exc}", knobs=exc.knobs) from None
-    if args.tokenizer is not None:
-        preprocessor = Preprocessor.load(args.tokenizer, chat_template=args.chat_template)
-    else:
-        preprocessor = Preprocessor.default()
-        if args.chat_template is not None:
-            from ..processing import load_chat_template
-
-            preprocessor = attrs.evolve(
-                preprocessor, chat_template=load_chat_template(args.chat_template)
-            )
+    tokenizer = BUILTIN_TOKENIZER if args.tokenizer is None else args.tokenizer
+    preprocessor = Preprocessor.load(tokenizer, chat_template=args.chat_template)
     return ServeSetup(
         config=config,
         preprocessor=preprocessor,
@@ -1206,7 +1196,7 @@ def resolve(args: argparse.Namespace) -> ServeSetup:
         worker_heartbeat_interval=heartbeat[0],
         worker_heartbeat_timeout=heartbeat[1],
         worker_connect_timeout=args.worker_connect_timeout,
-        etcd_new_store_grace=10.0 if grace is None else grace,
+        etcd_new_store_grace=DEFAULT_NEW_STORE_GRACE if grace is None else grace,
         timing=MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup),
         route_api=args.command == "route" or bool(getattr(args, "route_api", False)),
         command=args.command,
@@ -1574,7 +1564,7 @@ def _worker_failure(setup: ServeSetup, exc: BaseException) -> int:
         hint = (
             f"this frontend's tokenizer is {setup.preprocessor.source} (--tokenizer); every "
             "remote worker must generate with the same one: start it with `interlock worker "
-            f"--tokenizer {'builtin' if builtin else setup.preprocessor.source}`"
+            f"--tokenizer {BUILTIN_TOKENIZER if builtin else setup.preprocessor.source}`"
         )
         print(f"{command}: wrong remote worker: {exc}\n  here: {hint}", file=sys.stderr)
     elif isinstance(exc, WorkerMismatch):

@@ -15,8 +15,8 @@ from ..processing import (
     HFTokenizer,
     Tokenizer,
     load_chat_template,
-    load_tokenizer,
 )
+from ..processing._byte_tokenizer import tokenizer_from_spec
 
 
 class ChatOptions(TypedDict, total=False):
@@ -76,20 +76,23 @@ class Preprocessor:
     def load(
         cls, path: str | os.PathLike[str], *, chat_template: str | os.PathLike[str] | None = None
     ) -> Preprocessor:
-        """Load a tokenizer (a ``tokenizer.json``, ``.json.gz`` or model directory) and its chat
-        template: ``chat_template`` when given (a ``.jinja`` file, a ``tokenizer_config.json``
-        or a directory), else the one next to the tokenizer, else the built-in ChatML.
+        """Load a tokenizer (a ``tokenizer.json``, ``.json.gz`` or model directory, or
+        ``builtin``: `tokenizer_from_spec`) and its chat template: ``chat_template`` when given
+        (a ``.jinja`` file, a ``tokenizer_config.json`` or a directory), else the tokenizer's
+        own (next to its files; the byte tokenizer's is ChatML), else the built-in ChatML.
 
         Raises:
             TokenizerError, ChatTemplateError: the files are missing or invalid (the message
                 names the path).
         """
-        tokenizer = load_tokenizer(path)
+        tokenizer = tokenizer_from_spec(path)
         template = (
             load_chat_template(chat_template)
             if chat_template is not None
             else tokenizer.chat_template or ChatTemplate.chatml()
         )
+        if type(tokenizer) is ByteTokenizer:
+            return cls(tokenizer, template)  # named as `default` names it
         return cls(tokenizer, template, source=os.fspath(path))
 
     def render_chat(

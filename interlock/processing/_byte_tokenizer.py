@@ -1,7 +1,9 @@
-"""The built-in byte-level tokenizer: needs no files, round-trips any text."""
+"""The built-in byte-level tokenizer: needs no files, round-trips any text; and
+`tokenizer_from_spec`, which decides what a ``--tokenizer`` flag names."""
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -10,9 +12,9 @@ from typing import ClassVar, Final, final
 
 from ._chat_template import ChatTemplate
 from ._errors import TokenizerError
-from ._tokenizer import check_ids
+from ._tokenizer import HFTokenizer, check_ids, load_tokenizer
 
-__all__ = ["ByteTokenizer"]
+__all__ = ["BUILTIN_TOKENIZER", "ByteTokenizer", "tokenizer_from_spec"]
 
 _BYTE_TOKEN: Final = re.compile(r"<0x([0-9A-F]{2})>")
 
@@ -148,3 +150,21 @@ class ByteTokenizer:
         if match is not None:
             return int(match.group(1), 16)
         return self.SPECIAL_TOKENS.get(token)
+
+
+#: What ``--tokenizer`` names the built-in byte tokenizer by (``interlock serve``, ``route``
+#: and ``worker`` alike).
+BUILTIN_TOKENIZER: Final = "builtin"
+
+
+def tokenizer_from_spec(spec: str | os.PathLike[str]) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer a ``--tokenizer`` flag names: `BUILTIN_TOKENIZER` is the built-in byte
+    tokenizer (the frontend's default); anything else is loaded by `load_tokenizer`
+    (``./builtin`` for a directory of that name). Reads files; no trio.
+
+    Raises:
+        TokenizerError: the files are missing or invalid (the message names the path).
+    """
+    if isinstance(spec, str) and spec == BUILTIN_TOKENIZER:
+        return ByteTokenizer()
+    return load_tokenizer(spec)

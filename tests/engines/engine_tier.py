@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -569,7 +569,6 @@ class EngineTier:
         self,
         engine_id: int,
         *,
-        python: Path = VLLM_PYTHON,
         loras: Mapping[str, Path] | None = None,
         flags: Sequence[str] = (),
     ) -> Iterator[VllmEngine]:
@@ -582,7 +581,6 @@ class EngineTier:
             self.ports,
             self.kv_port,
             log_path,
-            python=python,
             loras=loras,
             flags=flags,
         )
@@ -665,6 +663,28 @@ def start_tier(
         tier.stop()
         raise
     return tier
+
+
+def poll_until(
+    condition: Callable[[], bool],
+    failure: Callable[[], str],
+    *,
+    within: float = 60.0,
+    every: float = 0.1,
+) -> None:
+    """Block until ``condition()`` holds, asking every ``every`` seconds: for state a real
+    process changes with nothing to wait on (an engine's counters, a server's /health).
+
+    Raises:
+        AssertionError: ``within`` seconds passed; its message is ``failure()``, made then
+            (the state at the end). ``condition`` may fail the test itself sooner (a process
+            that exited).
+    """
+    give_up = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > give_up:
+            raise AssertionError(failure())
+        time.sleep(every)  # between checks of the condition, not a duration relied on
 
 
 def wait_healthy(engines: Sequence[VllmEngine], deadline: float = START_DEADLINE) -> None:

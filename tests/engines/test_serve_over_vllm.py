@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +25,7 @@ from engine_tier import (
     GroupProcess,
     VllmEngine,
     engine_flag,
+    poll_until,
 )
 
 TIMEOUT = 120.0
@@ -66,16 +66,19 @@ def wait_serving(process: GroupProcess, url: str) -> None:
     """Block until ``interlock`` (``process``) at ``url`` answers /health with 200; fails the
     test with its log if it exits first or never does."""
     with httpx.Client(timeout=5) as client:
-        for _ in range(1200):  # the engines answer at once; interlock starts in a few seconds
+
+        def serving() -> bool:
             if not process.running:
                 pytest.fail(f"interlock exited before serving:\n{process.log_tail()}")
             try:
-                if client.get(f"{url}/health").status_code == 200:
-                    return
+                return client.get(f"{url}/health").status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.1)  # between checks of the condition, not a duration relied on
-    pytest.fail(f"interlock never served /health:\n{process.log_tail()}")
+                return False
+
+        # The engines answer at once; interlock starts in a few seconds.
+        poll_until(
+            serving, lambda: f"interlock never served /health:\n{process.log_tail()}", within=120
+        )
 
 
 def engines(tier: EngineTier, *specs: str) -> list[str]:
@@ -250,21 +253,19 @@ def test_kv_routing_follows_the_engines_own_events(engine_tier: EngineTier) -> N
 def _wait_for_metric(engine: VllmEngine, name: str, at_least: float) -> None:
     """Until ``engine``'s counter ``name`` reaches ``at_least`` (vLLM records a step's
     counters after the step's answer may have left)."""
-    for _ in range(600):
-        if engine.metric(name) >= at_least:
-            return
-        time.sleep(0.1)  # between checks of the condition
-    pytest.fail(f"engine {engine.id}'s {name} stayed below {at_least}: {engine.metric(name)}")
+    poll_until(
+        lambda: engine.metric(name) >= at_least,
+        lambda: f"engine {engine.id}'s {name} stayed below {at_least}: {engine.metric(name)}",
+    )
 
 
 def _wait_for_blocks(url: str, worker: int, blocks: int) -> None:
     """Until interlock's index holds at least ``blocks`` blocks of ``worker`` (the engine's
     KV events arrive over ZMQ, on nothing a test can wait on)."""
-    for _ in range(600):
-        if router_kv_blocks(url).get(worker, 0) >= blocks:
-            return
-        time.sleep(0.1)  # between checks of the condition
-    pytest.fail(f"no KV events from engine {worker}: {router_kv_blocks(url)}")
+    poll_until(
+        lambda: router_kv_blocks(url).get(worker, 0) >= blocks,
+        lambda: f"no KV events from engine {worker}: {router_kv_blocks(url)}",
+    )
 
 
 def test_query_only_names_real_engines_and_direct_requests_go_there(

@@ -35,7 +35,8 @@ from ..._argtypes import non_negative_float, non_negative_int, port, positive_in
 from ..._errors import ConfigError
 from ...discovery._etcd import EtcdClient, EtcdError, WorkerRecord, serve_registration
 from ...discovery._etcd_options import add_etcd_arguments, etcd_options
-from ...processing import ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
+from ...processing import TokenizerError
+from ...processing._byte_tokenizer import tokenizer_from_spec
 from .._protocol import ROLES
 from ..mock import (
     FaultSpecError,
@@ -302,19 +303,6 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return server_context(cert, key, client_ca)
 
 
-def load_worker_tokenizer(spec: str) -> Tokenizer:
-    """The tokenizer ``--tokenizer`` names: ``builtin`` is the built-in byte tokenizer
-    (``interlock serve``'s default); anything else is loaded as ``interlock serve --tokenizer``
-    loads it (``./builtin`` for a directory of that name). Reads files; no trio.
-
-    Raises:
-        TokenizerError: the files are missing or invalid (the message names the path).
-    """
-    if spec == "builtin":
-        return ByteTokenizer()
-    return load_tokenizer(spec)
-
-
 def build_engine(args: argparse.Namespace) -> MockEngine:
     """The `MockEngine` the flags describe. With ``--tokenizer`` it draws its tokens from
     `mock_token_pool` of that tokenizer and decodes with it (as ``interlock serve``'s
@@ -326,7 +314,7 @@ def build_engine(args: argparse.Namespace) -> MockEngine:
     timing = MockTiming.zero() if args.zero_time else MockTiming(speedup_ratio=args.speedup)
     text: dict[str, Any] = {}
     if args.tokenizer is not None:
-        tokenizer = load_worker_tokenizer(args.tokenizer)
+        tokenizer = tokenizer_from_spec(args.tokenizer)
         text = {
             "token_pool": mock_token_pool(tokenizer),
             "vocab_size": tokenizer.vocab_size,
