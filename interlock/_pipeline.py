@@ -747,7 +747,8 @@ class Pipeline:
                 # An engine whose worker proved its ids fit the vocabulary at the handshake
                 # (RemoteEngine.vocab_checked) needs no range check per token.
                 post.set_ids_checked(getattr(engine, "vocab_checked", False) is True)
-                first_deadline = self._first_token_deadline()
+                began = trio.current_time()
+                first_deadline = self._first_token_deadline(began)
                 opening = engine.open_stream(leg_request)
                 if hold and hasattr(opening, "hold_outputs"):
                     # An optional capability of an engine's stream (`RemoteEngine`'s).
@@ -759,19 +760,21 @@ class Pipeline:
                         nowait = getattr(stream, "receive_nowait", None)
                         first = prefill_result is None
                         # Until the leg's first token, first_token_timeout from its start;
-                        # then engine_idle_timeout from each output.
-                        deadline = first_deadline
+                        # then engine_idle_timeout from each output. ``since``: when the
+                        # deadline was set from (the worker's silence a stall reports).
+                        since, deadline = began, first_deadline
                         flowing = False
-                        watched = stalls.watch(stream, worker_id, deadline)
+                        watched = stalls.watch(stream, worker_id, since, deadline)
                         while True:
                             output = await self._receive(
-                                stream, worker_id, deadline, nowait, watched
+                                stream, worker_id, since, deadline, nowait, watched
                             )
                             flowing = flowing or bool(output.token_ids)
                             if flowing:
-                                deadline = self._idle_deadline()
+                                since = trio.current_time()
+                                deadline = self._idle_deadline(since)
                                 if watched is not None:
-                                    stalls.moved(watched, deadline)
+                                    stalls.moved(watched, since, deadline)
                             if first and output.token_ids:
                                 first = False
                                 if track:
@@ -919,12 +922,15 @@ class Pipeline:
         )
         try:
             result: PrefillResult | None = None
-            deadline = self._first_token_deadline()
+            began = trio.current_time()
+            deadline = self._first_token_deadline(began)
             async with engine.open_stream(leg) as stream:
-                watched = self._stalls.watch(stream, worker_id, deadline)
+                watched = self._stalls.watch(stream, worker_id, began, deadline)
                 try:
                     while True:
-                        output = await self._receive(stream, worker_id, deadline, None, watched)
+                        output = await self._receive(
+                            stream, worker_id, began, deadline, None, watched
+                        )
                         if output.prefill_result is not None:
                             result = output.prefill_result
                         if output.finish_reason is not None:
@@ -973,20 +979,23 @@ class Pipeline:
             self._admission.wake((worker_id,))
         return result, selection
 
-    def _first_token_deadline(self) -> float:
-        """When a leg starting now must have sent its first token (math.inf: never)."""
+    def _first_token_deadline(self, began: float) -> float:
+        """When a leg that began at ``began`` must have sent its first token (math.inf:
+        never)."""
         timeout = self._first_token_timeout
-        return math.inf if timeout is None else trio.current_time() + timeout
+        return math.inf if timeout is None else began + timeout
 
-    def _idle_deadline(self) -> float:
-        """When a stream that just sent an output must send the next (math.inf: never)."""
+    def _idle_deadline(self, sent: float) -> float:
+        """When a stream that sent an output at ``sent`` must send the next (math.inf:
+        never)."""
         timeout = self._idle_timeout
-        return math.inf if timeout is None else trio.current_time() + timeout
+        return math.inf if timeout is None else sent + timeout
 
     async def _receive(
         self,
         stream: AsyncIterator[EngineOutput],
         worker_id: int,
+        since: float,
         deadline: float,
         nowait: Callable[[], EngineOutput] | None = None,
         watched: WatchedLeg | None = None,
@@ -997,7 +1006,8 @@ class Pipeline:
 
         Raises:
             WorkerGone: the stream ended without a final output.
-            WorkerStalled: none arrived by ``deadline`` (on trio's clock).
+            WorkerStalled: none arrived by ``deadline`` (on trio's clock), set from ``since``
+                (the leg's start, or its last output).
         """
         try:
             if nowait is not None:
@@ -1008,18 +1018,17 @@ class Pipeline:
                     return nowait()
                 except trio.WouldBlock:
                     pass
-            started = trio.current_time()
             if deadline == math.inf:
                 return await stream.__anext__()
             if watched is not None:
-                if started < deadline:
+                if trio.current_time() < deadline:
                     # No scope: the watch's task fails this wait through the stream if the
                     # deadline passes first.
-                    watched.waiting_since = started
+                    watched.waiting = True
                     try:
                         return await stream.__anext__()
                     finally:
-                        watched.waiting_since = None
+                        watched.waiting = False
                 # Passed while the consumer had the last output: a stall now, as a scope
                 # entered past its deadline would be.
             else:
@@ -1031,12 +1040,15 @@ class Pipeline:
                 worker_id=worker_id,
             ) from None
         self._count_stall()
-        raise self._stall_error(worker_id, deadline - started)
+        raise self._stall_error(worker_id, since)
 
-    def _stall_error(self, worker_id: int, waited: float) -> WorkerStalled:
-        """What a leg raises when its worker sent nothing for ``waited`` seconds of its wait."""
+    def _stall_error(self, worker_id: int, since: float) -> WorkerStalled:
+        """What a leg raises when its worker has sent nothing since ``since`` (the leg's start,
+        or its last output), however long the consumer held that output: the worker's whole
+        silence, not the part of it the current wait saw."""
+        silence = trio.current_time() - since
         return WorkerStalled(
-            f"worker {worker_id} made no progress for {waited:.3g}s (first_token_timeout="
+            f"worker {worker_id} made no progress for {silence:.3g}s (first_token_timeout="
             f"{self._first_token_timeout}, engine_idle_timeout={self._idle_timeout}): the "
             "engine is frozen, stopped or unreachable",
             worker_id=worker_id,

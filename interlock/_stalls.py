@@ -31,18 +31,21 @@ FailWaiting = Callable[[EngineError], bool]
 class WatchedLeg:
     """One leg's deadline for its stream's next output (`StallWatch.watch`)."""
 
-    __slots__ = ("deadline", "fail", "idle", "waiting_since", "worker_id")
+    __slots__ = ("deadline", "fail", "idle", "since", "waiting", "worker_id")
 
-    def __init__(self, fail: FailWaiting, worker_id: int, deadline: float) -> None:
+    def __init__(self, fail: FailWaiting, worker_id: int, since: float, deadline: float) -> None:
         self.fail = fail
         self.worker_id = worker_id
+        #: When the worker last made progress (the leg's start, then its last output): what
+        #: the deadline was set from, and where the silence a stall reports began.
+        self.since = since
         #: When the next output is due (trio's clock; math.inf: never).
         self.deadline = deadline
         #: Whether the deadline is an idle one (set by `StallWatch.moved`).
         self.idle = False
-        #: When the leg began waiting for its next output; None while it is not waiting (its
-        #: consumer is busy with an output, or it ended).
-        self.waiting_since: float | None = None
+        #: Whether the leg is waiting for its next output (not while its consumer is busy with
+        #: an output, or once it ended).
+        self.waiting = False
 
 
 class StallWatch:
@@ -53,7 +56,8 @@ class StallWatch:
     the earliest is at its front. The task sleeps until the earlier front; a deadline set
     earlier than that (the first in an empty dict) moves the task's wake-up forward.
 
-    ``stalled(worker_id, waited)`` builds the error a stall raises; ``count()`` is called for
+    ``stalled(worker_id, since)`` builds the error a stall raises (the worker silent since
+    ``since``); ``count()`` is called for
     each wait that does end with it. The task starts in ``nursery`` with the first leg watched:
     a pipeline whose streams all keep their scopes (in-process or HTTP engines) runs no task,
     and schedules its tasks as it did before the watch existed.
@@ -76,9 +80,12 @@ class StallWatch:
         self._wake_at = math.inf
         self._sleep: trio.CancelScope | None = None
 
-    def watch(self, stream: object, worker_id: int, deadline: float) -> WatchedLeg | None:
-        """Watch a leg starting on ``stream`` with its first-token ``deadline``; None (watch
-        it with a scope per wait) when the stream cannot be interrupted."""
+    def watch(
+        self, stream: object, worker_id: int, since: float, deadline: float
+    ) -> WatchedLeg | None:
+        """Watch a leg that started at ``since`` on ``stream``, with its first-token
+        ``deadline``; None (watch it with a scope per wait) when the stream cannot be
+        interrupted."""
         fail: FailWaiting | None = getattr(stream, "fail_waiting", None)
         if fail is None:
             return None
@@ -89,14 +96,16 @@ class StallWatch:
             except RuntimeError:  # the pipeline's nursery has closed: nothing watches
                 return None
             self._nursery = None
-        leg = WatchedLeg(fail, worker_id, deadline)
+        leg = WatchedLeg(fail, worker_id, since, deadline)
         if deadline != math.inf:
             self._first[leg] = None
             self._wake_by(deadline)
         return leg
 
-    def moved(self, leg: WatchedLeg, deadline: float) -> None:
-        """``leg``'s next output is due by ``deadline`` (an idle deadline, set on an output)."""
+    def moved(self, leg: WatchedLeg, since: float, deadline: float) -> None:
+        """``leg`` sent an output at ``since``: its next is due by ``deadline`` (an idle
+        deadline)."""
+        leg.since = since
         leg.deadline = deadline
         if not leg.idle:
             leg.idle = True
@@ -111,7 +120,7 @@ class StallWatch:
 
     def done(self, leg: WatchedLeg) -> None:
         """``leg`` ended: forget it."""
-        leg.waiting_since = None
+        leg.waiting = False
         self._first.pop(leg, None)
         self._idle.pop(leg, None)
 
@@ -139,13 +148,10 @@ class StallWatch:
                     wake_at = min(wake_at, leg.deadline)
                     break
                 del legs[leg]
-                since = leg.waiting_since
                 # A leg not waiting is left to its next wait, which finds the deadline passed
                 # unless an output came meanwhile (a slow consumer is not a stalled worker).
                 # An output that came as the deadline passed is taken first (``fail`` says
                 # False): as with a scope, whose cancel cannot undo a wake-up already due.
-                if since is not None and leg.fail(
-                    self.stalled(leg.worker_id, leg.deadline - since)
-                ):
+                if leg.waiting and leg.fail(self.stalled(leg.worker_id, leg.since)):
                     self.count()
         self._wake_at = wake_at
