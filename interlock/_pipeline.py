@@ -437,7 +437,7 @@ class Pipeline:
             else min(HOLD_OUTPUTS, config.engine_idle_timeout / 4)
         )
         #: The deadlines of the legs whose streams can be interrupted (`StallWatch`).
-        self._stalls = StallWatch(nursery, self._stall_error, self._count_stall)
+        self._stalls = StallWatch(nursery, self._stall_error)
         self._admission = AdmissionQueue(lambda: served_by(registry.snapshot()))
         #: Per request id a gateway's booked `query` answered and has not freed: its decode
         #: worker and, until `mark_prefill_complete`, its prefill worker (disaggregated), so
@@ -1027,6 +1027,13 @@ class Pipeline:
                     watched.waiting = True
                     try:
                         return await stream.__anext__()
+                    except WorkerStalled:
+                        # Only the watch puts a WorkerStalled on a stream. Counted here,
+                        # where it reaches the leg, not where the watch fails the wait: a
+                        # caller cancelled at that same instant ends the wait with its
+                        # Cancelled instead, and no stall happened (as with a scope).
+                        self._count_stall()
+                        raise
                     finally:
                         watched.waiting = False
                 # Passed while the consumer had the last output: a stall now, as a scope

@@ -57,23 +57,21 @@ class StallWatch:
     earlier than that (the first in an empty dict) moves the task's wake-up forward.
 
     ``stalled(worker_id, since)`` builds the error a stall raises (the worker silent since
-    ``since``); ``count()`` is called for
-    each wait that does end with it. The task starts in ``nursery`` with the first leg watched:
-    a pipeline whose streams all keep their scopes (in-process or HTTP engines) runs no task,
-    and schedules its tasks as it did before the watch existed.
+    ``since``); the pipeline counts the stall when its leg's wait raises it. The task starts
+    in ``nursery`` with the first leg watched: a pipeline whose streams all keep their scopes
+    (in-process or HTTP engines) runs no task, and schedules its tasks as it did before the
+    watch existed.
     """
 
-    __slots__ = ("_first", "_idle", "_nursery", "_sleep", "_wake_at", "count", "stalled")
+    __slots__ = ("_first", "_idle", "_nursery", "_sleep", "_wake_at", "stalled")
 
     def __init__(
         self,
         nursery: trio.Nursery,
         stalled: Callable[[int, float], WorkerStalled],
-        count: Callable[[], None],
     ) -> None:
         self._nursery: trio.Nursery | None = nursery
         self.stalled = stalled
-        self.count = count
         self._first: OrderedDict[WatchedLeg, None] = OrderedDict()
         self._idle: OrderedDict[WatchedLeg, None] = OrderedDict()
         #: When the task wakes next, and the scope it sleeps in (None: not asleep).
@@ -151,7 +149,9 @@ class StallWatch:
                 # A leg not waiting is left to its next wait, which finds the deadline passed
                 # unless an output came meanwhile (a slow consumer is not a stalled worker).
                 # An output that came as the deadline passed is taken first (``fail`` says
-                # False): as with a scope, whose cancel cannot undo a wake-up already due.
-                if leg.waiting and leg.fail(self.stalled(leg.worker_id, leg.since)):
-                    self.count()
+                # False): as with a scope, whose cancel cannot undo a wake-up already due. Not
+                # counted here: the reader may be cancelled in this same batch and never raise
+                # it (the pipeline counts the stall its leg raises).
+                if leg.waiting:
+                    leg.fail(self.stalled(leg.worker_id, leg.since))
         self._wake_at = wake_at
