@@ -51,10 +51,14 @@ class WatchedLeg:
 class StallWatch:
     """The deadlines of a pipeline's watched legs and the task that enforces them (`run`).
 
-    Legs are kept in two ordered dicts, first-token deadlines and idle ones: each deadline is
-    "now + a fixed timeout" when it is set, so appending keeps each dict in deadline order and
-    the earliest is at its front. The task sleeps until the earlier front; a deadline set
-    earlier than that (the first in an empty dict) moves the task's wake-up forward.
+    Legs are kept in two ordered dicts, first-token deadlines and idle ones, each in deadline
+    order with the earliest at its front. An idle deadline is "now + engine_idle_timeout" when
+    it is set, so appending keeps that order. A first-token deadline is set from the leg's
+    start, before its stream opened (an engine's ``__aenter__`` may connect, send, wait), so a
+    leg whose stream took time to open may be due before legs watched meanwhile: it goes in
+    ahead of them (`_insert_in_order`; at the end, O(1), in the usual case). The task sleeps
+    until the earlier front; a deadline set earlier than that (the first in an empty dict)
+    moves the task's wake-up forward.
 
     ``stalled(worker_id, since)`` builds the error a stall raises (the worker silent since
     ``since``); the pipeline counts the stall when its leg's wait raises it. The task starts
@@ -96,7 +100,7 @@ class StallWatch:
             self._nursery = None
         leg = WatchedLeg(fail, worker_id, since, deadline)
         if deadline != math.inf:
-            self._first[leg] = None
+            _insert_in_order(self._first, leg)
             self._wake_by(deadline)
         return leg
 
@@ -155,3 +159,16 @@ class StallWatch:
                 if leg.waiting:
                     leg.fail(self.stalled(leg.worker_id, leg.since))
         self._wake_at = wake_at
+
+
+def _insert_in_order(legs: OrderedDict[WatchedLeg, None], leg: WatchedLeg) -> None:
+    """Add ``leg`` to ``legs`` (in deadline order) where its deadline puts it: at the end,
+    unless legs there are due later, which then move behind it (as many as there are)."""
+    later: list[WatchedLeg] = []
+    for other in reversed(legs):
+        if other.deadline <= leg.deadline:
+            break
+        later.append(other)
+    legs[leg] = None
+    for other in reversed(later):
+        legs.move_to_end(other)

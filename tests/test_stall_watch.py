@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from test_remote_workers_heartbeat import Worker
 from test_whole_answers import PROMPT, first_worker, pipeline_over, request, timed, tokens_of
 
-from interlock import Components, PipelineConfig, WorkerStalled, build_pipeline
+from interlock import Components, EngineError, PipelineConfig, WorkerStalled, build_pipeline
+from interlock._stalls import StallWatch
 from interlock.engines.mock import MockEngine, mock_continuation
 from interlock.engines.remote import RemoteEngine
 from interlock.testing import check_invariants
@@ -325,3 +326,41 @@ async def test_a_leg_whose_stream_took_time_to_open_stalls_at_its_own_first_toke
     assert {first_worker([r for r in records if r.request_id == "slow"])} == {1}
     assert ended["quick"] == pytest.approx(3.5)
     assert ended["slow"] == pytest.approx(3.0)
+
+
+class _Waiting:
+    """A stream whose reader is always waiting: notes when the watch ended that wait."""
+
+    def __init__(self) -> None:
+        self.failed_at: float | None = None
+
+    def fail_waiting(self, exc: EngineError) -> bool:
+        self.failed_at = trio.current_time()
+        return True
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(legs=st.lists(st.tuples(st.integers(0, 10), st.integers(0, 29)), min_size=1, max_size=12))
+async def test_first_token_deadlines_watched_in_any_order_each_fail_at_their_own(
+    autojump_clock: trio.testing.MockClock, legs: list[tuple[int, int]]
+) -> None:
+    # Each leg is watched ``gap`` tenths after the one before, its stream having taken
+    # ``opening`` tenths to open: its deadline (its start + 3 s) may come before those of legs
+    # watched earlier. Every wait must end at its own deadline, none later.
+    watched: list[tuple[_Waiting, float]] = []
+    async with trio.open_nursery() as nursery:
+        watch = StallWatch(
+            nursery, lambda worker_id, since: WorkerStalled("stalled", worker_id=worker_id)
+        )
+        for gap, opening in legs:
+            await trio.sleep(gap / 10)
+            since = trio.current_time() - opening / 10
+            stream = _Waiting()
+            leg = watch.watch(stream, 1, since, since + 3.0)
+            assert leg is not None
+            leg.waiting = True
+            watched.append((stream, since + 3.0))
+        await trio.sleep(60)
+        assert not watch._first
+        nursery.cancel_scope.cancel()
+    assert [stream.failed_at for stream, _ in watched] == pytest.approx([d for _, d in watched])
