@@ -3,7 +3,8 @@ overdue, in place of a deadline cancel scope entered for each wait.
 
 A leg's stream waits for each output that has not arrived yet; with a cancel scope per wait
 (``trio.move_on_at``) that is ~6 µs of trio's scope and deadline bookkeeping a wait, a few per
-request. A stream that can be interrupted (``fail_waiting``, `RemoteEngine`'s) instead has its
+request. A stream that can be interrupted (``fail_waiting``: `RemoteEngine`'s, and
+`OpenAIEngine`'s, which closes its connection to end a read) instead has its
 leg's deadline kept here: moving it on an output is an ordered dict's move to the end, a wait
 sets a field, and this watch's one task sleeps until the earliest deadline and fails the waits
 that are still waiting then. A deadline never cancels anything: the waiting stream raises the
@@ -63,8 +64,8 @@ class StallWatch:
     ``stalled(worker_id, since)`` builds the error a stall raises (the worker silent since
     ``since``); the pipeline counts the stall when its leg's wait raises it. The task starts
     in ``nursery`` with the first leg watched: a pipeline whose streams all keep their scopes
-    (in-process or HTTP engines) runs no task, and schedules its tasks as it did before the
-    watch existed.
+    (in-process engines) runs no task, and schedules its tasks as it did before the watch
+    existed.
     """
 
     __slots__ = ("_first", "_idle", "_nursery", "_sleep", "_wake_at", "stalled")

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import trio
 
-from ..._errors import RequestError, WorkerGone, WorkerRefused
+from ..._errors import EngineError, RequestError, WorkerGone, WorkerRefused
 from ..._tracing import inject_trace_headers
 from ...processing import Tokenizer
 from ...wire import (
@@ -784,6 +784,27 @@ class _HttpStream:
         first = outputs.popleft()
         return join_waiting(first, outputs) if outputs else first
 
+    def fail_waiting(self, exc: EngineError) -> bool:
+        """End the reader's wait for the next output with ``exc``, which its `__anext__` then
+        raises (the pipeline's `StallWatch`: a stall without a cancel scope per wait).
+
+        The wait is a read of the body in the reader's own task, which only closing the
+        connection can end: it is closed (never given back to the pool, and the engine sees
+        the client go and aborts the request). Bytes the reader took from the socket in the
+        same instant are dropped for ``exc``: the stall was decided. Returns False and does
+        nothing when an output or error is already there to take, or the stream has ended
+        (or is a prefill leg's, whose answer came whole when it opened).
+        """
+        if self._outputs or self._error is not None or not self._streaming:
+            return False
+        self._error = exc
+        self._streaming = False
+        self._payloads.clear()
+        response, self._response = self._response, None
+        if response is not None:
+            response.abort()
+        return True
+
     def _decode(self) -> None:
         """Feed every payload split from the body so far to the reader; keep its outputs, and
         a failure to raise after them (the tokens before it still count: migration keeps
@@ -823,13 +844,19 @@ class _HttpStream:
         assert response is not None
         try:
             data = await response.receive()
-        except EngineHttpError as exc:
+        except (EngineHttpError, trio.ClosedResourceError) as exc:
+            if self._error is not None:
+                # `fail_waiting` closed the connection to end this read: its error is next.
+                return
             self._streaming = False
             if reader.finished:
                 # Every token and the finish reason came before the connection broke.
                 self._outputs.append(reader.finish())
                 return
             raise reader.broken(f"broke the stream ({exc})") from exc
+        if self._error is not None:
+            # `fail_waiting` came as these bytes did: the stall was decided, they are dropped.
+            return
         if data:
             self._payloads.extend(self._splitter.feed(data))
             return

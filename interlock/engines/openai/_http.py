@@ -476,6 +476,14 @@ class EngineResponse:
         connection = self._connection
         return connection is None or connection._complete
 
+    def abort(self) -> None:
+        """Close the connection, whatever was read: never given back. No I/O. A task reading
+        this response wakes with `trio.ClosedResourceError` (trio's sockets wake their readers
+        when closed), or an `EngineProtocolError` if it was about to read."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
     def close(self) -> None:
         """Give the connection back if the body was read to its end, else close it. No I/O."""
         connection, self._connection = self._connection, None

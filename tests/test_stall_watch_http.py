@@ -1,0 +1,211 @@
+"""Stalls of HTTP engines' streams (`OpenAIEngine`, what ``interlock serve --engine ID=URL``
+puts in front of vLLM), watched by the pipeline's `StallWatch` as `RemoteEngine`'s are: the
+stream's ``fail_waiting`` closes its connection to end a read of the body.
+
+As with a scope per wait: a stall at exactly the deadline (before the first token, and mid
+stream), with the same message, migrating with every token once; the stalled connection is
+closed (the engine sees the client go) and never reused; a consumer that gives up at the
+deadline counts none.
+Real HTTP on loopback, on virtual time: interlock's mock engine behind vLLM's HTTP surface
+(`serve_mock_openai`, which sends its head with the first token), and a scripted engine that
+sends its head at once and then nothing, as vLLM does before a first token that never comes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from helpers import wait_until
+from test_engine_connections import listening
+from test_engine_misbehaving import SSE_HEAD, WHOLE, scripted_engine
+from test_whole_answers import PROMPT, first_worker, timed, tokens_of
+
+from interlock import Components, PipelineConfig, WorkerStalled, build_pipeline
+from interlock.engines.mock import (
+    MockEngine,
+    MockOpenAIServer,
+    mock_continuation,
+    serve_mock_openai,
+)
+from interlock.engines.openai import OpenAIEngine
+from interlock.testing import check_invariants
+from interlock.wire import PreprocessedRequest
+
+TIMEOUTS = {"first_token_timeout": 3.0, "engine_idle_timeout": 2.0}
+#: ~6 ms of virtual time a token (`timed`): the stream is well under way when it freezes.
+TOKENS = 60
+
+
+def request(request_id: str = "r") -> PreprocessedRequest:
+    return PreprocessedRequest(token_ids=PROMPT, max_tokens=TOKENS, request_id=request_id)
+
+
+def http_engine(url: str, instance_id: int) -> OpenAIEngine:
+    # No health polls during a test: a frozen engine's stream is the pipeline's to judge.
+    return OpenAIEngine(url, instance_id=instance_id, health_interval=600)
+
+
+@asynccontextmanager
+async def over_http(
+    *mocks: MockEngine, **config: Any
+) -> AsyncIterator[tuple[Any, dict[int, MockOpenAIServer], dict[int, OpenAIEngine]]]:
+    """A pipeline over `OpenAIEngine`s, each in front of one of ``mocks`` behind vLLM's HTTP
+    surface."""
+    async with trio.open_nursery() as nursery:
+        servers: dict[int, MockOpenAIServer] = {}
+        for mock in mocks:
+            servers[mock.instance_id] = await nursery.start(serve_mock_openai, mock)
+        engines = {i: http_engine(s.url, i) for i, s in servers.items()}
+        components = Components(workers=list(engines.values()))
+        async with build_pipeline(PipelineConfig(**config), components) as pipeline:
+            yield pipeline, servers, engines
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_http_engine_frozen_mid_stream_stalls_migrates_and_drops_its_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    mocks = {1: timed(1), 2: timed(2)}
+    async with over_http(
+        *mocks.values(), router_mode="round_robin", migration_limit=1, **TIMEOUTS
+    ) as (pipeline, servers, engines):
+        outputs = []
+        frozen_at = None
+        async for output in pipeline.generate(request(), progress=True):
+            outputs.append(output)
+            if frozen_at is None and len(tokens_of(outputs)) >= 5:
+                frozen = first_worker(pipeline.transition_log.records("r"))
+                mocks[frozen].stall(86_400)
+                frozen_at = trio.current_time()
+        assert pipeline._stalls._nursery is None, "the legs were not watched by the StallWatch"
+        assert pipeline.stats.stalls == 1 and pipeline.stats.migrations == 1
+        records = pipeline.transition_log.records()
+        # The stalled connection was closed (the engine saw the client go and aborted the
+        # request), not given back to the pool.
+        await wait_until(lambda: servers[frozen].stats.aborted == 1)
+        connections = engines[frozen]._connections
+        assert connections is not None and connections._idle == []
+    assert tokens_of(outputs) == mock_continuation(PROMPT, TOKENS)
+    assert outputs[-1].finish_reason == "length"
+    migrated = [r for r in records if r.trigger == "migrate"]
+    assert len(migrated) == 1
+    # The watch's message, with the worker's whole silence: the idle deadline, to the tick.
+    assert f"worker {frozen} made no progress for 2s (first_token_timeout=3.0, " in (
+        migrated[0].detail or ""
+    )
+    check_invariants(records)
+
+
+@asynccontextmanager
+async def silent_engine(
+    **config: Any,
+) -> AsyncIterator[tuple[Any, OpenAIEngine, list[int], list[trio.Event]]]:
+    """A pipeline over one engine that answers its first completion with the SSE head and then
+    nothing (until the client closes the connection, which sets that request's event), and
+    every later one whole; with the list its connections are counted in."""
+    closed: list[trio.Event] = []
+
+    async def completion(stream: trio.SocketStream) -> str | None:
+        if closed:
+            await stream.send_all(SSE_HEAD + WHOLE)
+            return None
+        event = trio.Event()
+        closed.append(event)
+        await stream.send_all(SSE_HEAD)
+        if await stream.receive_some(100) == b"":
+            event.set()
+        return "close"
+
+    handler, connections = scripted_engine(completion)
+    async with trio.open_nursery() as nursery, listening(handler) as url:
+        engine = http_engine(url, 1)
+        async with build_pipeline(
+            PipelineConfig(**config), Components(workers=[engine])
+        ) as pipeline:
+            yield pipeline, engine, connections, closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_http_engine_silent_after_its_head_stalls_at_first_token_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with silent_engine(migration_limit=0, **TIMEOUTS) as (
+        pipeline,
+        engine,
+        connections,
+        closed,
+    ):
+        started = trio.current_time()
+        with pytest.raises(WorkerStalled) as caught:
+            async for _ in pipeline.generate(request(), progress=True):
+                pass
+        assert trio.current_time() - started == pytest.approx(3.0)
+        assert str(caught.value).startswith(
+            "worker 1 made no progress for 3s (first_token_timeout=3.0, engine_idle_timeout=2.0)"
+        )
+        assert pipeline.stats.stalls == 1
+        assert pipeline._stalls._nursery is None, "the leg was not watched by the StallWatch"
+        # The engine saw its connection close, and the next request goes over a new one.
+        with trio.fail_after(1):
+            await closed[0].wait()
+        assert engine._connections is not None and engine._connections._idle == []
+        opened = len(connections)
+        async with engine.open_stream(PreprocessedRequest(token_ids=PROMPT, max_tokens=3)) as s:
+            assert tokens_of([o async for o in s]) == [1, 2, 3]
+        assert len(connections) == opened + 1
+
+
+async def test_a_consumer_that_gives_up_as_an_http_engine_stalls_counts_no_stall(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The caller's own cancellation at the very instant of first_token_timeout: the request
+    # ends cancelled and no stall is counted, whichever of the two wake-ups trio runs first
+    # (several requests: trio orders them by its seeded shuffle).
+    counted = []
+    for i in range(4):
+        async with silent_engine(migration_limit=0, **TIMEOUTS) as (pipeline, _, _, closed):
+            with trio.move_on_after(TIMEOUTS["first_token_timeout"]) as gave_up:
+                async for _ in pipeline.generate(request(f"r{i}"), progress=True):
+                    pass
+            assert gave_up.cancelled_caught
+            assert pipeline.stats.cancelled == 1
+            counted.append(pipeline.stats.stalls)
+            with trio.fail_after(1):
+                await closed[0].wait()  # the connection closed either way
+    assert counted == [0] * 4
+
+
+async def test_fail_waiting_ends_a_read_with_its_error_once_and_never_after_the_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with silent_engine() as (_, engine, _, closed):
+        stall = WorkerStalled("frozen", worker_id=1)
+        async with engine.open_stream(request()) as stream:
+            raised: list[BaseException] = []
+
+            async def read() -> None:
+                try:
+                    await stream.__anext__()
+                except WorkerStalled as exc:
+                    raised.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()
+                assert stream.fail_waiting(stall)
+                assert not stream.fail_waiting(stall)  # its error is already waiting
+            assert raised == [stall]
+            assert not stream.fail_waiting(stall)  # the stream has ended
+            with pytest.raises(StopAsyncIteration):
+                await stream.__anext__()
+        with trio.fail_after(1):
+            await closed[0].wait()
+        # A stream read to its end has nothing to interrupt.
+        async with engine.open_stream(PreprocessedRequest(token_ids=PROMPT, max_tokens=3)) as s:
+            assert tokens_of([o async for o in s]) == [1, 2, 3]
+            assert not s.fail_waiting(stall)
