@@ -4,8 +4,9 @@ stream's ``fail_waiting`` closes its connection to end a read of the body.
 
 As with a scope per wait: a stall at exactly the deadline (before the first token, and mid
 stream), with the same message, migrating with every token once; the stalled connection is
-closed (the engine sees the client go) and never reused; a consumer that gives up at the
-deadline counts none.
+closed (the engine sees the client go) and never reused; a consumer slower than
+``engine_idle_timeout`` is not a stall (the outputs that reached the connection meanwhile are
+taken at its next wait), and one that gives up at the deadline counts none.
 Real HTTP on loopback, on virtual time: interlock's mock engine behind vLLM's HTTP surface
 (`serve_mock_openai`, which sends its head with the first token), and a scripted engine that
 sends its head at once and then nothing, as vLLM does before a first token that never comes.
@@ -99,6 +100,22 @@ async def test_an_http_engine_frozen_mid_stream_stalls_migrates_and_drops_its_co
         migrated[0].detail or ""
     )
     check_invariants(records)
+
+
+async def test_a_consumer_slower_than_the_idle_timeout_is_not_a_stalled_http_engine(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with over_http(timed(1), migration_limit=0, **TIMEOUTS) as (pipeline, servers, _):
+        outputs = []
+        async for output in pipeline.generate(request(), progress=True):
+            outputs.append(output)
+            if len(outputs) in (1, 20):
+                # Kept past engine_idle_timeout while the engine goes on producing.
+                await trio.sleep(5)
+        assert pipeline.stats.stalls == 0
+        assert servers[1].stats.aborted == 0
+    assert tokens_of(outputs) == mock_continuation(PROMPT, TOKENS)
+    assert outputs[-1].finish_reason == "length"
 
 
 @asynccontextmanager

@@ -599,6 +599,7 @@ class _HttpStream:
         "_payloads",
         "_prefill",
         "_reader",
+        "_reading",
         "_request",
         "_response",
         "_splitter",
@@ -611,6 +612,8 @@ class _HttpStream:
         self._response: EngineResponse | None = None
         #: Reading the SSE body (False before it opens and once it ended).
         self._streaming = False
+        #: A read of the body is waiting (in `_read_more`).
+        self._reading = False
         self._splitter = SseSplitter()
         #: Payloads split from the body and not fed to the reader yet.
         self._payloads: deque[str] = deque()
@@ -792,10 +795,17 @@ class _HttpStream:
         connection can end: it is closed (never given back to the pool, and the engine sees
         the client go and aborts the request). Bytes the reader took from the socket in the
         same instant are dropped for ``exc``: the stall was decided. Returns False and does
-        nothing when an output or error is already there to take, or the stream has ended
-        (or is a prefill leg's, whose answer came whole when it opened).
+        nothing when an output or error is already there to take (between reads: also one
+        whose bytes have arrived on the connection, taken now without waiting), or the
+        stream has ended (or is a prefill leg's, whose answer came whole when it opened).
         """
         if self._outputs or self._error is not None or not self._streaming:
+            return False
+        if not self._reading and self._take_arrived():
+            # Called between reads (the pipeline, at a wait that found its deadline passed
+            # while the consumer held the last output): what came meanwhile goes first, as
+            # the worker was not stalled. Never while a read waits: bytes taken here would
+            # not wake it.
             return False
         self._error = exc
         self._streaming = False
@@ -840,23 +850,23 @@ class _HttpStream:
         """Read the body until it yields payloads or ends (then the last ones, or the final
         output of a stream that ended without ``[DONE]``)."""
         response = self._response
-        reader = self._reader
         assert response is not None
+        self._reading = True
         try:
             data = await response.receive()
         except (EngineHttpError, trio.ClosedResourceError) as exc:
-            if self._error is not None:
-                # `fail_waiting` closed the connection to end this read: its error is next.
-                return
-            self._streaming = False
-            if reader.finished:
-                # Every token and the finish reason came before the connection broke.
-                self._outputs.append(reader.finish())
-                return
-            raise reader.broken(f"broke the stream ({exc})") from exc
-        if self._error is not None:
-            # `fail_waiting` came as these bytes did: the stall was decided, they are dropped.
+            if self._error is None:
+                self._read_failed(exc)
+            # Else `fail_waiting` closed the connection to end this read: its error is next.
             return
+        finally:
+            self._reading = False
+        if self._error is None:
+            self._took(data)
+        # Else `fail_waiting` came as these bytes did: the stall was decided, they are dropped.
+
+    def _took(self, data: bytes) -> None:
+        """Split what a read of the body returned (b"": its end) into payloads."""
         if data:
             self._payloads.extend(self._splitter.feed(data))
             return
@@ -864,11 +874,45 @@ class _HttpStream:
         self._payloads.extend(self._splitter.end())
         if self._payloads:
             return
+        reader = self._reader
         if reader.finished:
             # The finish reason came; only [DONE] is missing.
             self._outputs.append(reader.finish())
             return
         raise reader.broken("closed the stream without a finish_reason")
+
+    def _read_failed(self, exc: Exception) -> None:
+        self._streaming = False
+        reader = self._reader
+        if reader.finished:
+            # Every token and the finish reason came before the connection broke.
+            self._outputs.append(reader.finish())
+            return
+        raise reader.broken(f"broke the stream ({exc})") from exc
+
+    def _take_arrived(self) -> bool:
+        """Read, without waiting, what the engine sent while no one read the stream, up to an
+        output; whether the reader now has an output, an error or the end to take."""
+        response = self._response
+        try:
+            while (
+                not self._outputs
+                and self._error is None
+                and self._streaming
+                and response is not None
+            ):
+                try:
+                    data = response.receive_nowait()
+                except trio.WouldBlock:
+                    return False
+                except EngineHttpError as exc:
+                    self._read_failed(exc)
+                    break
+                self._took(data)
+                self._decode()
+        except WorkerGone as exc:
+            self._error = exc
+        return True
 
     def _check_prompt(self, engine_ids: list[int]) -> None:
         """Warn (once per engine) when the engine rendered the chat into other tokens than the

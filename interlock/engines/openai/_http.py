@@ -397,32 +397,59 @@ class _Connection:
         none; b"" once the body ended."""
         while True:
             if self._body:
-                body = self._body
-                self._body = []
-                return body[0] if len(body) == 1 else b"".join(body)
+                return self._take_body()
             if self._complete:
                 return b""
-            stream = self._stream
-            if stream is None:
+            if self._stream is None:
                 raise EngineProtocolError("the connection is closed")
             try:
                 data = await self._receive_some(READ_SIZE)
             except (trio.BrokenResourceError, OSError) as exc:
                 self.close()
                 raise EngineProtocolError(f"{type(exc).__name__}: {exc}") from exc
-            if not data:
-                self.close()
-                if not self.framed:
-                    self._complete = True  # the body ends with the connection
-                    continue
-                raise EngineProtocolError("the engine closed the connection without the body's end")
+            self._parse(data)
+
+    def receive_nowait(self) -> bytes:
+        """As `receive`, without waiting: raises `trio.WouldBlock` when no byte of the body
+        has arrived (always over TLS, whose records only `receive` reads)."""
+        while True:
+            if self._body:
+                return self._take_body()
+            if self._complete:
+                return b""
+            stream = self._stream
+            if stream is None:
+                raise EngineProtocolError("the connection is closed")
+            if not isinstance(stream, trio.SocketStream):
+                raise trio.WouldBlock
             try:
-                self._parser.feed_data(data)
-            except httptools.HttpParserError as exc:
+                # The socket is non-blocking (trio's): an empty buffer is BlockingIOError.
+                data = os.read(stream.socket.fileno(), READ_SIZE)
+            except BlockingIOError:
+                raise trio.WouldBlock from None
+            except OSError as exc:
                 self.close()
-                raise EngineProtocolError(
-                    f"the answer's body is not valid HTTP/1.1: {exc}"
-                ) from exc
+                raise EngineProtocolError(f"{type(exc).__name__}: {exc}") from exc
+            self._parse(data)
+
+    def _take_body(self) -> bytes:
+        body = self._body
+        self._body = []
+        return body[0] if len(body) == 1 else b"".join(body)
+
+    def _parse(self, data: bytes) -> None:
+        """Feed what a read returned to the parser (b"": the engine closed the connection)."""
+        if not data:
+            self.close()
+            if not self.framed:
+                self._complete = True  # the body ends with the connection
+                return
+            raise EngineProtocolError("the engine closed the connection without the body's end")
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.close()
+            raise EngineProtocolError(f"the answer's body is not valid HTTP/1.1: {exc}") from exc
 
     def finished(self) -> bool:
         """The whole answer was read and the connection can carry another request."""
@@ -459,6 +486,18 @@ class EngineResponse:
             await trio.lowlevel.checkpoint()
             return b""
         return await connection.receive()
+
+    def receive_nowait(self) -> bytes:
+        """As `receive`, without waiting (or a checkpoint): raises `trio.WouldBlock` when no
+        byte has arrived (always over TLS).
+
+        Raises:
+            EngineProtocolError: as `receive`.
+        """
+        connection = self._connection
+        if connection is None:
+            return b""
+        return connection.receive_nowait()
 
     async def read(self) -> bytes:
         """The rest of the body, waiting for its end.
