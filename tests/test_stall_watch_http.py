@@ -23,7 +23,7 @@ import trio
 import trio.testing
 from helpers import wait_until
 from test_engine_connections import listening
-from test_engine_misbehaving import SSE_HEAD, WHOLE, scripted_engine
+from test_engine_misbehaving import SSE_HEAD, WHOLE, scripted_engine, token_chunk
 from test_whole_answers import PROMPT, first_worker, timed, tokens_of
 
 from interlock import Components, PipelineConfig, WorkerStalled, build_pipeline
@@ -120,11 +120,12 @@ async def test_a_consumer_slower_than_the_idle_timeout_is_not_a_stalled_http_eng
 
 @asynccontextmanager
 async def silent_engine(
-    **config: Any,
+    first: tuple[bytes, ...] = (SSE_HEAD,), **config: Any
 ) -> AsyncIterator[tuple[Any, OpenAIEngine, list[int], list[trio.Event]]]:
-    """A pipeline over one engine that answers its first completion with the SSE head and then
-    nothing (until the client closes the connection, which sets that request's event), and
-    every later one whole; with the list its connections are counted in."""
+    """A pipeline over one engine that answers its first completion with the pieces of
+    ``first`` (the SSE head), a second apart, and then nothing (until the client closes the
+    connection, which sets that request's event), and every later one whole; with the list
+    its connections are counted in."""
     closed: list[trio.Event] = []
 
     async def completion(stream: trio.SocketStream) -> str | None:
@@ -133,7 +134,10 @@ async def silent_engine(
             return None
         event = trio.Event()
         closed.append(event)
-        await stream.send_all(SSE_HEAD)
+        for i, piece in enumerate(first):
+            if i:
+                await trio.sleep(1)
+            await stream.send_all(piece)
         if await stream.receive_some(100) == b"":
             event.set()
         return "close"
@@ -175,6 +179,37 @@ async def test_an_http_engine_silent_after_its_head_stalls_at_first_token_timeou
         async with engine.open_stream(PreprocessedRequest(token_ids=PROMPT, max_tokens=3)) as s:
             assert tokens_of([o async for o in s]) == [1, 2, 3]
         assert len(connections) == opened + 1
+
+
+@pytest.mark.parametrize("whole", [True, False])
+async def test_after_a_slow_consumer_only_a_whole_output_on_the_connection_is_progress(
+    autojump_clock: trio.testing.MockClock, whole: bool
+) -> None:
+    # The engine sent a token, then a second one whole or only its first bytes, then froze;
+    # the consumer held the first past engine_idle_timeout. Its next wait takes a whole
+    # output from the connection without waiting; bytes that make none are no progress.
+    second = token_chunk(2) if whole else token_chunk(2)[:12]
+    sent = (SSE_HEAD + token_chunk(1), second)
+    async with silent_engine(sent, migration_limit=0, **TIMEOUTS) as (
+        pipeline,
+        _,
+        _,
+        closed,
+    ):
+        outputs = []
+        with pytest.raises(WorkerStalled) as caught:
+            async for output in pipeline.generate(request(), progress=True):
+                outputs.append(output)
+                if len(outputs) == 1:
+                    await trio.sleep(5)
+        assert tokens_of(outputs) == ([1, 2] if whole else [1])
+        # The silence since the last output: the idle deadline after the second token, or
+        # the consumer's hold of the first.
+        silence = "2s" if whole else "5s"
+        assert str(caught.value).startswith(f"worker 1 made no progress for {silence} ")
+        assert pipeline.stats.stalls == 1
+        with trio.fail_after(1):
+            await closed[0].wait()
 
 
 async def test_a_consumer_that_gives_up_as_an_http_engine_stalls_counts_no_stall(
