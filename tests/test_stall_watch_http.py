@@ -14,6 +14,7 @@ sends its head at once and then nothing, as vLLM does before a first token that 
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,7 +24,7 @@ import trio
 import trio.testing
 from helpers import wait_until
 from test_engine_connections import listening
-from test_engine_misbehaving import SSE_HEAD, WHOLE, scripted_engine, token_chunk
+from test_engine_misbehaving import SSE_HEAD, WHOLE, scripted_engine, sse_chunk, token_chunk
 from test_whole_answers import PROMPT, first_worker, timed, tokens_of
 
 from interlock import Components, PipelineConfig, WorkerStalled, build_pipeline
@@ -261,3 +262,48 @@ async def test_fail_waiting_ends_a_read_with_its_error_once_and_never_after_the_
         async with engine.open_stream(PreprocessedRequest(token_ids=PROMPT, max_tokens=3)) as s:
             assert tokens_of([o async for o in s]) == [1, 2, 3]
             assert not s.fail_waiting(stall)
+
+
+async def test_fail_waiting_takes_the_final_output_that_reached_the_connection_while_a_read_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A read of the body waits; the engine's last token, its finish reason and [DONE] reach
+    # the socket, and the watch's deadline passes in that same instant, before trio wakes the
+    # read (the watch's task and the woken reader in one batch, the watch run first). As with
+    # a scope, whose cancel cannot undo a wake-up already due (and as between reads, where
+    # fail_waiting takes what reached the connection), the finished answer is taken: no
+    # stall, no healthy engine ejected, no complete answer migrated.
+    servers: list[trio.SocketStream] = []
+
+    async def completion(stream: trio.SocketStream) -> str | None:
+        await stream.send_all(SSE_HEAD + token_chunk(1))
+        servers.append(stream)
+        await trio.sleep_forever()
+        return None
+
+    handler, _ = scripted_engine(completion)
+    async with trio.open_nursery() as nursery, listening(handler) as url:
+        engine = http_engine(url, 1)
+        await nursery.start(engine.run)
+        stall = WorkerStalled("frozen", worker_id=1)
+        leg = PreprocessedRequest(token_ids=PROMPT, max_tokens=2)
+        async with engine.open_stream(leg) as stream:
+            assert tokens_of([await stream.__anext__()]) == [1]
+            got: list[Any] = []
+
+            async def read() -> None:
+                try:
+                    got.append(await stream.__anext__())
+                except WorkerStalled as exc:
+                    got.append(exc)
+
+            async with trio.open_nursery() as readers:
+                readers.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()
+                final = token_chunk(2, "length") + sse_chunk("[DONE]") + b"0\r\n\r\n"
+                # No checkpoint: the bytes are on the client's socket, its read not woken yet.
+                os.write(servers[0].socket.fileno(), final)
+                failed = stream.fail_waiting(stall)
+            assert not failed, "the final output on the connection was dropped for a stall"
+            assert tokens_of(got) == [2] and got[0].finish_reason == "length"
+        nursery.cancel_scope.cancel()
