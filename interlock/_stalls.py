@@ -25,8 +25,16 @@ from ._errors import EngineError, WorkerStalled
 
 #: What a leg's stream offers to be watched here: ``fail_waiting(exc)`` ends its reader's wait
 #: for an output with ``exc``, or returns False (doing nothing) when an output or error has
-#: already arrived for the reader to take first.
+#: already arrived for the reader to take first (or bytes that may be one); a wait that goes
+#: on is asked again `RECHECK_GRACE` later.
 FailWaiting = Callable[[EngineError], bool]
+
+#: How long after a passed deadline the watch looks again at a leg whose ``fail`` said False
+#: (an output, or bytes of one, had come) and that still waits: long enough for the woken
+#: reader to run and the rest of an output already in flight (one write split into TCP
+#: segments) to land, even on a loaded box; short beside any sane engine_idle_timeout, as an
+#: engine frozen mid-output stalls this late. Without it such a leg was watched by no one.
+RECHECK_GRACE = 1.0
 
 
 class WatchedLeg:
@@ -157,8 +165,16 @@ class StallWatch:
                 # False): as with a scope, whose cancel cannot undo a wake-up already due. Not
                 # counted here: the reader may be cancelled in this same batch and never raise
                 # it (the pipeline counts the stall its leg raises).
-                if leg.waiting:
-                    leg.fail(self.stalled(leg.worker_id, leg.since))
+                if leg.waiting and not leg.fail(self.stalled(leg.worker_id, leg.since)):
+                    # The reader takes what came first; if that was no progress (part of an
+                    # output, or one without tokens, which moves no deadline), the leg must
+                    # still stall: looked at again shortly, from the same ``since``. In the
+                    # first-token dict, the one kept in deadline order whatever the deadline
+                    # (not idle: `moved` then takes it out of there).
+                    leg.deadline = now + RECHECK_GRACE
+                    leg.idle = False
+                    _insert_in_order(self._first, leg)
+                    wake_at = min(wake_at, leg.deadline)
         self._wake_at = wake_at
 
 
