@@ -264,15 +264,12 @@ async def test_fail_waiting_ends_a_read_with_its_error_once_and_never_after_the_
             assert not s.fail_waiting(stall)
 
 
-async def test_fail_waiting_takes_the_final_output_that_reached_the_connection_while_a_read_waits(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    # A read of the body waits; the engine's last token, its finish reason and [DONE] reach
-    # the socket, and the watch's deadline passes in that same instant, before trio wakes the
-    # read (the watch's task and the woken reader in one batch, the watch run first). As with
-    # a scope, whose cancel cannot undo a wake-up already due (and as between reads, where
-    # fail_waiting takes what reached the connection), the finished answer is taken: no
-    # stall, no healthy engine ejected, no complete answer migrated.
+@asynccontextmanager
+async def a_read_waiting(max_tokens: int) -> AsyncIterator[tuple[Any, int, list[Any]]]:
+    """An HTTP engine's stream past its first token, a read of its next output waiting in a
+    task of its own (which puts what that read returns or raises in the list), and the file
+    descriptor of the engine's end of the connection (bytes written to it reach the read's
+    socket without a checkpoint: trio has not woken the read when the test goes on)."""
     servers: list[trio.SocketStream] = []
 
     async def completion(stream: trio.SocketStream) -> str | None:
@@ -285,8 +282,7 @@ async def test_fail_waiting_takes_the_final_output_that_reached_the_connection_w
     async with trio.open_nursery() as nursery, listening(handler) as url:
         engine = http_engine(url, 1)
         await nursery.start(engine.run)
-        stall = WorkerStalled("frozen", worker_id=1)
-        leg = PreprocessedRequest(token_ids=PROMPT, max_tokens=2)
+        leg = PreprocessedRequest(token_ids=PROMPT, max_tokens=max_tokens)
         async with engine.open_stream(leg) as stream:
             assert tokens_of([await stream.__anext__()]) == [1]
             got: list[Any] = []
@@ -300,10 +296,46 @@ async def test_fail_waiting_takes_the_final_output_that_reached_the_connection_w
             async with trio.open_nursery() as readers:
                 readers.start_soon(read)
                 await trio.testing.wait_all_tasks_blocked()
-                final = token_chunk(2, "length") + sse_chunk("[DONE]") + b"0\r\n\r\n"
-                # No checkpoint: the bytes are on the client's socket, its read not woken yet.
-                os.write(servers[0].socket.fileno(), final)
-                failed = stream.fail_waiting(stall)
-            assert not failed, "the final output on the connection was dropped for a stall"
-            assert tokens_of(got) == [2] and got[0].finish_reason == "length"
+                yield stream, servers[0].socket.fileno(), got
         nursery.cancel_scope.cancel()
+
+
+async def test_fail_waiting_takes_the_final_output_that_reached_the_connection_while_a_read_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A read of the body waits; the engine's last token, its finish reason and [DONE] reach
+    # the socket, and the watch's deadline passes in that same instant, before trio wakes the
+    # read (the watch's task and the woken reader in one batch, the watch run first). As with
+    # a scope, whose cancel cannot undo a wake-up already due (and as between reads, where
+    # fail_waiting takes what reached the connection), the finished answer is taken: no
+    # stall, no healthy engine ejected, no complete answer migrated.
+    stall = WorkerStalled("frozen", worker_id=1)
+    async with a_read_waiting(max_tokens=2) as (stream, engine_end, got):
+        final = token_chunk(2, "length") + sse_chunk("[DONE]") + b"0\r\n\r\n"
+        os.write(engine_end, final)
+        failed = stream.fail_waiting(stall)
+    assert not failed, "the final output on the connection was dropped for a stall"
+    assert tokens_of(got) == [2] and got[0].finish_reason == "length"
+
+
+async def test_fail_waiting_spares_a_read_woken_by_part_of_an_output_once_then_fails_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # As above, but what reaches the socket is half of the next output's chunk and then the
+    # engine freezes. The first fail_waiting cannot tell (it reads nothing) and lets the
+    # woken read take the bytes; the read then waits for the rest, and the watch's re-check
+    # (its second fail_waiting in the same wait) must end it with the stall, not wait forever,
+    # even if more bytes came meanwhile.
+    stall = WorkerStalled("frozen", worker_id=1)
+    async with a_read_waiting(max_tokens=3) as (stream, engine_end, got):
+        chunk = token_chunk(2)
+        os.write(engine_end, chunk[: len(chunk) // 2])
+        assert not stream.fail_waiting(stall)
+        # The woken read took the half chunk and waits for the rest.
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        # Spared once per wait: an engine dribbling bytes that make no output still stalls
+        # at the re-check.
+        os.write(engine_end, chunk[len(chunk) // 2 :][:1])
+        assert stream.fail_waiting(stall)
+    assert got == [stall]

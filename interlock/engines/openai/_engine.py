@@ -602,6 +602,7 @@ class _HttpStream:
         "_reading",
         "_request",
         "_response",
+        "_spared",
         "_splitter",
         "_streaming",
     )
@@ -614,6 +615,9 @@ class _HttpStream:
         self._streaming = False
         #: A read of the body is waiting (in `_read_more`).
         self._reading = False
+        #: `fail_waiting` let this wait for an output go on once, as bytes had reached the
+        #: connection (until the next output is returned).
+        self._spared = False
         self._splitter = SseSplitter()
         #: Payloads split from the body and not fed to the reader yet.
         self._payloads: deque[str] = deque()
@@ -785,6 +789,7 @@ class _HttpStream:
         # Everything that had arrived, joined into one output (built once); the next read
         # may wait.
         first = outputs.popleft()
+        self._spared = False
         return join_waiting(first, outputs) if outputs else first
 
     def fail_waiting(self, exc: EngineError) -> bool:
@@ -793,15 +798,25 @@ class _HttpStream:
 
         The wait is a read of the body in the reader's own task, which only closing the
         connection can end: it is closed (never given back to the pool, and the engine sees
-        the client go and aborts the request). Bytes the reader took from the socket in the
-        same instant are dropped for ``exc``: the stall was decided. Returns False and does
-        nothing when an output or error is already there to take (between reads: also one
-        whose bytes have arrived on the connection, taken now without waiting), or the
-        stream has ended (or is a prefill leg's, whose answer came whole when it opened).
+        the client go and aborts the request). Returns False and does nothing when an output
+        or error is already there to take (between reads: also one whose bytes have arrived
+        on the connection, taken now without waiting), or the stream has ended (or is a
+        prefill leg's, whose answer came whole when it opened). And once per wait for an
+        output when a read waits and bytes have reached its socket: the woken read takes
+        them (as with a scope, whose cancel cannot undo a wake-up already due), which may be
+        a whole output, even the last; if they were only part of one (an engine frozen
+        mid-output), the watch's re-check (`RECHECK_GRACE`) finds the wait still going and
+        this fails it. Bytes the reader took from the socket in the instant it is failed
+        are dropped for ``exc``: the stall was decided.
         """
         if self._outputs or self._error is not None or not self._streaming:
             return False
-        if not self._reading and self._take_arrived():
+        if self._reading:
+            response = self._response
+            if not self._spared and response is not None and response.readable():
+                self._spared = True
+                return False
+        elif self._take_arrived():
             # Called between reads (the pipeline, at a wait that found its deadline passed
             # while the consumer held the last output): what came meanwhile goes first, as
             # the worker was not stalled. Never while a read waits: bytes taken here would

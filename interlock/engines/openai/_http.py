@@ -19,6 +19,7 @@ import os
 import select
 import ssl
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -313,18 +314,24 @@ class _Connection:
         stream = self._stream
         if stream is None:
             return False
-        sock = getattr(stream, "socket", None) or getattr(
-            getattr(stream, "transport_stream", None), "socket", None
-        )
+        sock = self._socket()
         if sock is None:
             return True
-        # poll, not select: select refuses descriptors from 1024 on, which a busy server has.
-        poller = select.poll()
-        try:
-            poller.register(sock.fileno(), select.POLLIN)
-            return not poller.poll(0)
-        except (OSError, ValueError):
-            return False
+        return _poll_in(sock) is False
+
+    def readable(self) -> bool:
+        """Whether bytes (or the engine's close) wait on the socket, without reading them
+        (False when that cannot be told). Under TLS the TCP socket is polled: a task waiting
+        in the SSLStream's read waits on it (an SSLStream has no plaintext buffered while its
+        reader waits), so this is what wakes that task."""
+        sock = self._socket()
+        return sock is not None and _poll_in(sock) is True
+
+    def _socket(self) -> Any:
+        stream = self._stream
+        return getattr(stream, "socket", None) or getattr(
+            getattr(stream, "transport_stream", None), "socket", None
+        )
 
     def close(self) -> None:
         stream, self._stream = self._stream, None
@@ -456,6 +463,18 @@ class _Connection:
         return self._complete and not self._body and self._keep_alive
 
 
+def _poll_in(sock: Any) -> bool | None:
+    """Whether ``sock`` has something to read (bytes, or its peer's close), without reading
+    it; None when the poll failed (a closed descriptor)."""
+    # poll, not select: select refuses descriptors from 1024 on, which a busy server has.
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return None
+
+
 class EngineResponse:
     """An engine's answer: ``status``, ``headers`` (lower-cased names), and its body through
     `receive` or `read`. `aclose` gives the connection back when the body was read to its end,
@@ -514,6 +533,12 @@ class EngineResponse:
     def complete(self) -> bool:
         connection = self._connection
         return connection is None or connection._complete
+
+    def readable(self) -> bool:
+        """Bytes (or the engine's close) have reached the connection and a read would take
+        them without waiting: a task waiting in `receive` is woken by them. No I/O."""
+        connection = self._connection
+        return connection is not None and connection.readable()
 
     def abort(self) -> None:
         """Close the connection, whatever was read: never given back. No I/O. A task reading
