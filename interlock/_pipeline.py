@@ -1037,7 +1037,14 @@ class Pipeline:
                     finally:
                         watched.waiting = False
                 # Passed while the consumer had the last output: a stall now, as a scope
-                # entered past its deadline would be.
+                # entered past its deadline would be, unless the next output has arrived
+                # meanwhile (a slow consumer, not a stalled worker). `nowait` found none;
+                # a stream without it (an HTTP engine's) looks in its connection here.
+                stall = self._stall_error(worker_id, since)
+                if not watched.fail(stall):
+                    return await stream.__anext__()
+                self._count_stall()
+                raise stall
             else:
                 with trio.move_on_at(deadline):
                     return await stream.__anext__()

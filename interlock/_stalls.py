@@ -3,7 +3,8 @@ overdue, in place of a deadline cancel scope entered for each wait.
 
 A leg's stream waits for each output that has not arrived yet; with a cancel scope per wait
 (``trio.move_on_at``) that is ~6 µs of trio's scope and deadline bookkeeping a wait, a few per
-request. A stream that can be interrupted (``fail_waiting``, `RemoteEngine`'s) instead has its
+request. A stream that can be interrupted (``fail_waiting``: `RemoteEngine`'s, and
+`OpenAIEngine`'s, which closes its connection to end a read) instead has its
 leg's deadline kept here: moving it on an output is an ordered dict's move to the end, a wait
 sets a field, and this watch's one task sleeps until the earliest deadline and fails the waits
 that are still waiting then. A deadline never cancels anything: the waiting stream raises the
@@ -24,8 +25,16 @@ from ._errors import EngineError, WorkerStalled
 
 #: What a leg's stream offers to be watched here: ``fail_waiting(exc)`` ends its reader's wait
 #: for an output with ``exc``, or returns False (doing nothing) when an output or error has
-#: already arrived for the reader to take first.
+#: already arrived for the reader to take first (or bytes that may be one); a wait that goes
+#: on is asked again `RECHECK_GRACE` later.
 FailWaiting = Callable[[EngineError], bool]
+
+#: How long after a passed deadline the watch looks again at a leg whose ``fail`` said False
+#: (an output, or bytes of one, had come) and that still waits: long enough for the woken
+#: reader to run and the rest of an output already in flight (one write split into TCP
+#: segments) to land, even on a loaded box; short beside any sane engine_idle_timeout, as an
+#: engine frozen mid-output stalls this late. Without it such a leg was watched by no one.
+RECHECK_GRACE = 1.0
 
 
 class WatchedLeg:
@@ -63,8 +72,8 @@ class StallWatch:
     ``stalled(worker_id, since)`` builds the error a stall raises (the worker silent since
     ``since``); the pipeline counts the stall when its leg's wait raises it. The task starts
     in ``nursery`` with the first leg watched: a pipeline whose streams all keep their scopes
-    (in-process or HTTP engines) runs no task, and schedules its tasks as it did before the
-    watch existed.
+    (in-process engines) runs no task, and schedules its tasks as it did before the watch
+    existed.
     """
 
     __slots__ = ("_first", "_idle", "_nursery", "_sleep", "_wake_at", "stalled")
@@ -156,8 +165,16 @@ class StallWatch:
                 # False): as with a scope, whose cancel cannot undo a wake-up already due. Not
                 # counted here: the reader may be cancelled in this same batch and never raise
                 # it (the pipeline counts the stall its leg raises).
-                if leg.waiting:
-                    leg.fail(self.stalled(leg.worker_id, leg.since))
+                if leg.waiting and not leg.fail(self.stalled(leg.worker_id, leg.since)):
+                    # The reader takes what came first; if that was no progress (part of an
+                    # output, or one without tokens, which moves no deadline), the leg must
+                    # still stall: looked at again shortly, from the same ``since``. In the
+                    # first-token dict, the one kept in deadline order whatever the deadline
+                    # (not idle: `moved` then takes it out of there).
+                    leg.deadline = now + RECHECK_GRACE
+                    leg.idle = False
+                    _insert_in_order(self._first, leg)
+                    wake_at = min(wake_at, leg.deadline)
         self._wake_at = wake_at
 
 

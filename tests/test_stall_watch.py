@@ -25,7 +25,7 @@ from test_remote_workers_heartbeat import Worker
 from test_whole_answers import PROMPT, first_worker, pipeline_over, request, timed, tokens_of
 
 from interlock import Components, EngineError, PipelineConfig, WorkerStalled, build_pipeline
-from interlock._stalls import StallWatch
+from interlock._stalls import RECHECK_GRACE, StallWatch
 from interlock.engines.mock import MockEngine, mock_continuation
 from interlock.engines.remote import RemoteEngine
 from interlock.testing import check_invariants
@@ -364,3 +364,47 @@ async def test_first_token_deadlines_watched_in_any_order_each_fail_at_their_own
         assert not watch._first
         nursery.cancel_scope.cancel()
     assert [stream.failed_at for stream, _ in watched] == pytest.approx([d for _, d in watched])
+
+
+class _SparedOnce:
+    """A stream whose reader waits, and whose first `fail_waiting` finds bytes arrived (says
+    False): part of an output, so the wait goes on unless the test moves the leg."""
+
+    def __init__(self) -> None:
+        self.asked_at: list[float] = []
+
+    def fail_waiting(self, exc: EngineError) -> bool:
+        self.asked_at.append(trio.current_time())
+        return len(self.asked_at) > 1
+
+
+async def test_a_wait_the_watch_spared_for_arrived_bytes_still_stalls_after_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # fail_waiting says False when bytes reached the waiting reader (they may hold the final
+    # output). If they were only part of an output the wait goes on: the watch must look
+    # again, RECHECK_GRACE later, reporting the silence from the same ``since``; a leg whose
+    # reader got an output meanwhile (moved) is not failed by that re-check.
+    sinces: list[float] = []
+
+    def stalled(worker_id: int, since: float) -> WorkerStalled:
+        sinces.append(since)
+        return WorkerStalled("stalled", worker_id=worker_id)
+
+    frozen, flowing = _SparedOnce(), _SparedOnce()
+    async with trio.open_nursery() as nursery:
+        watch = StallWatch(nursery, stalled)
+        legs = [watch.watch(stream, 1, 0.0, 3.0) for stream in (frozen, flowing)]
+        for leg in legs:
+            assert leg is not None
+            leg.waiting = True
+        await trio.sleep(3.0 + RECHECK_GRACE / 2)
+        assert frozen.asked_at == flowing.asked_at == [3.0]
+        assert legs[1] is not None
+        watch.moved(legs[1], trio.current_time(), trio.current_time() + 60)
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert frozen.asked_at == [3.0, 3.0 + RECHECK_GRACE]
+    assert flowing.asked_at == [3.0]
+    assert sinces == [0.0, 0.0, 0.0]
+    assert not watch._first and watch._idle

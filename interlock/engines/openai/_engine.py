@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import trio
 
-from ..._errors import RequestError, WorkerGone, WorkerRefused
+from ..._errors import EngineError, RequestError, WorkerGone, WorkerRefused
 from ..._tracing import inject_trace_headers
 from ...processing import Tokenizer
 from ...wire import (
@@ -599,8 +599,10 @@ class _HttpStream:
         "_payloads",
         "_prefill",
         "_reader",
+        "_reading",
         "_request",
         "_response",
+        "_spared",
         "_splitter",
         "_streaming",
     )
@@ -611,6 +613,11 @@ class _HttpStream:
         self._response: EngineResponse | None = None
         #: Reading the SSE body (False before it opens and once it ended).
         self._streaming = False
+        #: A read of the body is waiting (in `_read_more`).
+        self._reading = False
+        #: `fail_waiting` let this wait for an output go on once, as bytes had reached the
+        #: connection (until the next output is returned).
+        self._spared = False
         self._splitter = SseSplitter()
         #: Payloads split from the body and not fed to the reader yet.
         self._payloads: deque[str] = deque()
@@ -782,7 +789,46 @@ class _HttpStream:
         # Everything that had arrived, joined into one output (built once); the next read
         # may wait.
         first = outputs.popleft()
+        self._spared = False
         return join_waiting(first, outputs) if outputs else first
+
+    def fail_waiting(self, exc: EngineError) -> bool:
+        """End the reader's wait for the next output with ``exc``, which its `__anext__` then
+        raises (the pipeline's `StallWatch`: a stall without a cancel scope per wait).
+
+        The wait is a read of the body in the reader's own task, which only closing the
+        connection can end: it is closed (never given back to the pool, and the engine sees
+        the client go and aborts the request). Returns False and does nothing when an output
+        or error is already there to take (between reads: also one whose bytes have arrived
+        on the connection, taken now without waiting), or the stream has ended (or is a
+        prefill leg's, whose answer came whole when it opened). And once per wait for an
+        output when a read waits and bytes have reached its socket: the woken read takes
+        them (as with a scope, whose cancel cannot undo a wake-up already due), which may be
+        a whole output, even the last; if they were only part of one (an engine frozen
+        mid-output), the watch's re-check (`RECHECK_GRACE`) finds the wait still going and
+        this fails it. Bytes the reader took from the socket in the instant it is failed
+        are dropped for ``exc``: the stall was decided.
+        """
+        if self._outputs or self._error is not None or not self._streaming:
+            return False
+        if self._reading:
+            response = self._response
+            if not self._spared and response is not None and response.readable():
+                self._spared = True
+                return False
+        elif self._take_arrived():
+            # Called between reads (the pipeline, at a wait that found its deadline passed
+            # while the consumer held the last output): what came meanwhile goes first, as
+            # the worker was not stalled. Never while a read waits: bytes taken here would
+            # not wake it.
+            return False
+        self._error = exc
+        self._streaming = False
+        self._payloads.clear()
+        response, self._response = self._response, None
+        if response is not None:
+            response.abort()
+        return True
 
     def _decode(self) -> None:
         """Feed every payload split from the body so far to the reader; keep its outputs, and
@@ -819,17 +865,23 @@ class _HttpStream:
         """Read the body until it yields payloads or ends (then the last ones, or the final
         output of a stream that ended without ``[DONE]``)."""
         response = self._response
-        reader = self._reader
         assert response is not None
+        self._reading = True
         try:
             data = await response.receive()
-        except EngineHttpError as exc:
-            self._streaming = False
-            if reader.finished:
-                # Every token and the finish reason came before the connection broke.
-                self._outputs.append(reader.finish())
-                return
-            raise reader.broken(f"broke the stream ({exc})") from exc
+        except (EngineHttpError, trio.ClosedResourceError) as exc:
+            if self._error is None:
+                self._read_failed(exc)
+            # Else `fail_waiting` closed the connection to end this read: its error is next.
+            return
+        finally:
+            self._reading = False
+        if self._error is None:
+            self._took(data)
+        # Else `fail_waiting` came as these bytes did: the stall was decided, they are dropped.
+
+    def _took(self, data: bytes) -> None:
+        """Split what a read of the body returned (b"": its end) into payloads."""
         if data:
             self._payloads.extend(self._splitter.feed(data))
             return
@@ -837,11 +889,45 @@ class _HttpStream:
         self._payloads.extend(self._splitter.end())
         if self._payloads:
             return
+        reader = self._reader
         if reader.finished:
             # The finish reason came; only [DONE] is missing.
             self._outputs.append(reader.finish())
             return
         raise reader.broken("closed the stream without a finish_reason")
+
+    def _read_failed(self, exc: Exception) -> None:
+        self._streaming = False
+        reader = self._reader
+        if reader.finished:
+            # Every token and the finish reason came before the connection broke.
+            self._outputs.append(reader.finish())
+            return
+        raise reader.broken(f"broke the stream ({exc})") from exc
+
+    def _take_arrived(self) -> bool:
+        """Read, without waiting, what the engine sent while no one read the stream, up to an
+        output; whether the reader now has an output, an error or the end to take."""
+        response = self._response
+        try:
+            while (
+                not self._outputs
+                and self._error is None
+                and self._streaming
+                and response is not None
+            ):
+                try:
+                    data = response.receive_nowait()
+                except trio.WouldBlock:
+                    return False
+                except EngineHttpError as exc:
+                    self._read_failed(exc)
+                    break
+                self._took(data)
+                self._decode()
+        except WorkerGone as exc:
+            self._error = exc
+        return True
 
     def _check_prompt(self, engine_ids: list[int]) -> None:
         """Warn (once per engine) when the engine rendered the chat into other tokens than the

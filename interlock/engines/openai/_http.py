@@ -19,6 +19,7 @@ import os
 import select
 import ssl
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -313,18 +314,24 @@ class _Connection:
         stream = self._stream
         if stream is None:
             return False
-        sock = getattr(stream, "socket", None) or getattr(
-            getattr(stream, "transport_stream", None), "socket", None
-        )
+        sock = self._socket()
         if sock is None:
             return True
-        # poll, not select: select refuses descriptors from 1024 on, which a busy server has.
-        poller = select.poll()
-        try:
-            poller.register(sock.fileno(), select.POLLIN)
-            return not poller.poll(0)
-        except (OSError, ValueError):
-            return False
+        return _poll_in(sock) is False
+
+    def readable(self) -> bool:
+        """Whether bytes (or the engine's close) wait on the socket, without reading them
+        (False when that cannot be told). Under TLS the TCP socket is polled: a task waiting
+        in the SSLStream's read waits on it (an SSLStream has no plaintext buffered while its
+        reader waits), so this is what wakes that task."""
+        sock = self._socket()
+        return sock is not None and _poll_in(sock) is True
+
+    def _socket(self) -> Any:
+        stream = self._stream
+        return getattr(stream, "socket", None) or getattr(
+            getattr(stream, "transport_stream", None), "socket", None
+        )
 
     def close(self) -> None:
         stream, self._stream = self._stream, None
@@ -397,36 +404,75 @@ class _Connection:
         none; b"" once the body ended."""
         while True:
             if self._body:
-                body = self._body
-                self._body = []
-                return body[0] if len(body) == 1 else b"".join(body)
+                return self._take_body()
             if self._complete:
                 return b""
-            stream = self._stream
-            if stream is None:
+            if self._stream is None:
                 raise EngineProtocolError("the connection is closed")
             try:
                 data = await self._receive_some(READ_SIZE)
             except (trio.BrokenResourceError, OSError) as exc:
                 self.close()
                 raise EngineProtocolError(f"{type(exc).__name__}: {exc}") from exc
-            if not data:
-                self.close()
-                if not self.framed:
-                    self._complete = True  # the body ends with the connection
-                    continue
-                raise EngineProtocolError("the engine closed the connection without the body's end")
+            self._parse(data)
+
+    def receive_nowait(self) -> bytes:
+        """As `receive`, without waiting: raises `trio.WouldBlock` when no byte of the body
+        has arrived (always over TLS, whose records only `receive` reads)."""
+        while True:
+            if self._body:
+                return self._take_body()
+            if self._complete:
+                return b""
+            stream = self._stream
+            if stream is None:
+                raise EngineProtocolError("the connection is closed")
+            if not isinstance(stream, trio.SocketStream):
+                raise trio.WouldBlock
             try:
-                self._parser.feed_data(data)
-            except httptools.HttpParserError as exc:
+                # The socket is non-blocking (trio's): an empty buffer is BlockingIOError.
+                data = os.read(stream.socket.fileno(), READ_SIZE)
+            except BlockingIOError:
+                raise trio.WouldBlock from None
+            except OSError as exc:
                 self.close()
-                raise EngineProtocolError(
-                    f"the answer's body is not valid HTTP/1.1: {exc}"
-                ) from exc
+                raise EngineProtocolError(f"{type(exc).__name__}: {exc}") from exc
+            self._parse(data)
+
+    def _take_body(self) -> bytes:
+        body = self._body
+        self._body = []
+        return body[0] if len(body) == 1 else b"".join(body)
+
+    def _parse(self, data: bytes) -> None:
+        """Feed what a read returned to the parser (b"": the engine closed the connection)."""
+        if not data:
+            self.close()
+            if not self.framed:
+                self._complete = True  # the body ends with the connection
+                return
+            raise EngineProtocolError("the engine closed the connection without the body's end")
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.close()
+            raise EngineProtocolError(f"the answer's body is not valid HTTP/1.1: {exc}") from exc
 
     def finished(self) -> bool:
         """The whole answer was read and the connection can carry another request."""
         return self._complete and not self._body and self._keep_alive
+
+
+def _poll_in(sock: Any) -> bool | None:
+    """Whether ``sock`` has something to read (bytes, or its peer's close), without reading
+    it; None when the poll failed (a closed descriptor)."""
+    # poll, not select: select refuses descriptors from 1024 on, which a busy server has.
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return None
 
 
 class EngineResponse:
@@ -460,6 +506,18 @@ class EngineResponse:
             return b""
         return await connection.receive()
 
+    def receive_nowait(self) -> bytes:
+        """As `receive`, without waiting (or a checkpoint): raises `trio.WouldBlock` when no
+        byte has arrived (always over TLS).
+
+        Raises:
+            EngineProtocolError: as `receive`.
+        """
+        connection = self._connection
+        if connection is None:
+            return b""
+        return connection.receive_nowait()
+
     async def read(self) -> bytes:
         """The rest of the body, waiting for its end.
 
@@ -475,6 +533,20 @@ class EngineResponse:
     def complete(self) -> bool:
         connection = self._connection
         return connection is None or connection._complete
+
+    def readable(self) -> bool:
+        """Bytes (or the engine's close) have reached the connection and a read would take
+        them without waiting: a task waiting in `receive` is woken by them. No I/O."""
+        connection = self._connection
+        return connection is not None and connection.readable()
+
+    def abort(self) -> None:
+        """Close the connection, whatever was read: never given back. No I/O. A task reading
+        this response wakes with `trio.ClosedResourceError` (trio's sockets wake their readers
+        when closed), or an `EngineProtocolError` if it was about to read."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
     def close(self) -> None:
         """Give the connection back if the body was read to its end, else close it. No I/O."""
