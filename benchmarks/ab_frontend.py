@@ -49,6 +49,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -165,6 +166,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_below_ephemeral() -> int:
+    """A free port below the kernel's ephemeral range, for an address a process binds only
+    after others have bound port 0: a `free_port` there can be handed out again meanwhile (a
+    worker took the KV events port of its own serve, which then did not come up).
+
+    Raises:
+        RuntimeError: no free port among 200 tried below the range.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for port in random.sample(range(max(1024, low - 8000), low), 200):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError(f"no free port below {low}; stop what holds them or widen the search")
+
+
 @contextlib.contextmanager
 def cluster(
     src: str,
@@ -187,7 +205,8 @@ def cluster(
     procs = []
     http = engines == "http"
     # vLLM publishes KV events to the one socket the frontend binds (router mode kv only).
-    kv_bind = f"tcp://127.0.0.1:{free_port()}" if http and policy == "kv" else None
+    # Bound by serve only after the workers, which connect to it, have bound their port 0s.
+    kv_bind = f"tcp://127.0.0.1:{port_below_ephemeral()}" if http and policy == "kv" else None
     try:
         ports = []
         for i in (1, 2):
