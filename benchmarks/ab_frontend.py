@@ -404,6 +404,17 @@ def in_turn(items: list[Any], r: int) -> list[Any]:
     return items[k:] + items[:k]
 
 
+def order_balanced(
+    ratios: list[float], firsts: list[str], names: list[str]
+) -> tuple[float, dict[str, list[float]]]:
+    """The rounds' ``ratios`` (last checkout over first) by the checkout that went first in
+    each (``firsts``), and the geometric mean of each order's median: a bias of going first (a
+    factor on the first checkout's cost) cancels whatever the number of rounds in each order,
+    where a plain median leans to the order with more rounds, or with the two middle ones."""
+    split = {n: [x for x, f in zip(ratios, firsts, strict=True) if f == n] for n in names}
+    return statistics.geometric_mean([statistics.median(v) for v in split.values() if v]), split
+
+
 def side_by_side(
     srcs: list[list[str]],
     cells: list[tuple[str, int]],
@@ -593,13 +604,7 @@ def main() -> None:
             b["cpu_ms_per_req"] / a_["cpu_ms_per_req"]
             for a_, b in zip(by[names[0]], by[names[-1]], strict=True)
         ]
-        # The rounds' ratios by the checkout that went first in them; the headline is the
-        # geometric mean of each order's median, so a bias of going first (a factor on either
-        # side's cost) cancels whatever the number of rounds, where a plain median would
-        # lean to the order that had more rounds or the two middle ones.
-        split = {n: [x for x, f in zip(ratios, a.firsts, strict=True) if f == n] for n in names}
-        splits[(mode, c)] = split
-        balanced = statistics.geometric_mean([statistics.median(v) for v in split.values() if v])
+        balanced, splits[(mode, c)] = order_balanced(ratios, a.firsts, names)
         print(
             f"| {mode} | {c} | "
             + " | ".join(f"{m:.3f}" for m in meds)
