@@ -597,7 +597,7 @@ def main() -> None:
         + f"{names[-1]}/{names[0]}, order-balanced [rounds' min-max] |"
     )
     print("|---|---|" + "---|" * len(names) + "---|")
-    splits = {}
+    splits: dict[tuple[str, int], dict[str, list[float]]] = {}
     for (mode, c), by in results.items():
         meds = [statistics.median(x["cpu_ms_per_req"] for x in by[n]) for n in names]
         ratios = [
@@ -610,6 +610,13 @@ def main() -> None:
             + " | ".join(f"{m:.3f}" for m in meds)
             + f" | {balanced:.3f} [{min(ratios):.3f}-{max(ratios):.3f}] |"
         )
+    # A round whose checkout answered errors has a CPU per request of another workload (an
+    # error costs less than an answer): its ratio says nothing of the change.
+    for (mode, c), by in results.items():
+        for n in names:
+            bad = [f"round {r}: {x['errors']}" for r, x in enumerate(by[n]) if x["errors"]]
+            if bad:
+                print(f"({mode} C={c}: {n} answered errors, " + ", ".join(bad) + ")")
     if a.rounds % len(srcs):
         print(f"(--rounds {a.rounds}: not every checkout went first equally often)")
     print(f"\nratio {names[-1]}/{names[0]} by the checkout that went first (rounds' ratios)")
