@@ -7,8 +7,8 @@ concurrency) with ../shared/peers/loadgen.py (chat completions of --max-tokens t
 system prompt repeats its sentence --prefix-repeat times, 28 by default: bench_frontend.py's
 ~255-token prompts; a warm-up of 200 requests first) and reads the CPU the serve process
 spent from /proc. It prints a JSON line per cell and round, then a table of medians and the
-median ratio of the last checkout to the first. A loaded machine moves absolute figures;
-compare the ratios.
+ratio of the last checkout to the first (order-balanced, below). A loaded machine moves
+absolute figures; compare the ratios.
 
     git worktree add --detach /tmp/base main
     python benchmarks/ab_frontend.py --src base=/tmp/base --src new=. \
@@ -26,10 +26,17 @@ the peers' tools venv, ``bash ../shared/peers/install_peers.sh tools``).
 needs (its load moves a checkout's CPU per request by 10-30 % from one minute to the next, and
 both checkouts alike when they run together): every checkout's serve is pinned to CPU 0, its
 workers and a ``wrk`` client (``apt-get install wrk``; the same chat requests as loadgen.py's)
-to CPU 1, and each cell drives them all at once for ``--seconds``:
+to CPU 1, and each cell drives them all at once for ``--seconds``. Each round starts the
+checkouts' processes afresh and stops them at its end, and alternates (rotates, with more than
+two) everything done one checkout after another: the order the clusters start and are pinned
+in, the order the wrk clients launch in, the order their CPU is read in. With the processes
+kept for the whole run and base always first, the serve listed first paid 5-12 % more CPU a
+request in an A/A run. The ratio printed is order-balanced (the geometric mean of the median
+ratio in the rounds each checkout went first), and the rounds' ratios are printed by who went
+first, so what the order still does shows; give an even number of rounds:
 
     python benchmarks/ab_frontend.py --src base=/tmp/base --src new=. --side-by-side \
-        --cells nonstream:64,nonstream:16,stream:16,stream:64 --rounds 5 --seconds 8
+        --cells nonstream:64,nonstream:16,stream:16,stream:64 --rounds 4 --seconds 8
 
 ``--count-steps``: serve runs with a trio instrument that counts task steps and spawned tasks,
 and each cell also prints them per request (the instrument's own cost, about a microsecond a
@@ -42,6 +49,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -158,6 +166,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_below_ephemeral() -> int:
+    """A free port below the kernel's ephemeral range, for an address a process binds only
+    after others have bound port 0: a `free_port` there can be handed out again meanwhile (a
+    worker took the KV events port of its own serve, which then did not come up).
+
+    Raises:
+        RuntimeError: no free port among 200 tried below the range.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for port in random.sample(range(max(1024, low - 8000), low), 200):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError(f"no free port below {low}; stop what holds them or widen the search")
+
+
 @contextlib.contextmanager
 def cluster(
     src: str,
@@ -180,7 +205,8 @@ def cluster(
     procs = []
     http = engines == "http"
     # vLLM publishes KV events to the one socket the frontend binds (router mode kv only).
-    kv_bind = f"tcp://127.0.0.1:{free_port()}" if http and policy == "kv" else None
+    # Bound by serve only after the workers, which connect to it, have bound their port 0s.
+    kv_bind = f"tcp://127.0.0.1:{port_below_ephemeral()}" if http and policy == "kv" else None
     try:
         ports = []
         for i in (1, 2):
@@ -372,93 +398,129 @@ end
 """
 
 
+def in_turn(items: list[Any], r: int) -> list[Any]:
+    """``items`` rotated by round ``r``: with two checkouts, each goes first every other round."""
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+def order_balanced(
+    ratios: list[float], firsts: list[str], names: list[str]
+) -> tuple[float, dict[str, list[float]]]:
+    """The rounds' ``ratios`` (last checkout over first) by the checkout that went first in
+    each (``firsts``), and the geometric mean of each order's median: a bias of going first (a
+    factor on the first checkout's cost) cancels whatever the number of rounds in each order,
+    where a plain median leans to the order with more rounds, or with the two middle ones."""
+    split = {n: [x for x, f in zip(ratios, firsts, strict=True) if f == n] for n in names}
+    return statistics.geometric_mean([statistics.median(v) for v in split.values() if v]), split
+
+
 def side_by_side(
     srcs: list[list[str]],
     cells: list[tuple[str, int]],
     a: argparse.Namespace,
 ) -> dict[tuple[str, int], dict[str, list[dict[str, Any]]]]:
     """Every checkout's cluster at once (serves on CPU 0, workers and wrk on CPU 1), each cell
-    driven on all of them together for ``a.seconds``; the cells' CPU per request by checkout."""
+    driven on all of them together for ``a.seconds``; the cells' CPU per request by checkout,
+    and in ``a.firsts`` the checkout that went first in each round.
+
+    Each round starts fresh clusters and stops them at its end, and everything done one
+    checkout after another (starting and pinning the clusters, launching the wrk clients,
+    reading the CPU counters) goes in `in_turn` order: processes that live the whole run carry
+    their own lasting bias (where they sit in memory, which serve wins the wake-ups on CPU 0)
+    into every round, and the order gave the first-listed serve 5-12 % more CPU a request in
+    an A/A run; alternated, it shows up in the rounds' spread instead of in the median."""
     results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
-    with contextlib.ExitStack() as stack:
-        script = stack.enter_context(tempfile.NamedTemporaryFile("w", suffix=".lua"))
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(WRK_SCRIPT)
         script.flush()
-        running = {}
-        steps_files: dict[str, str] = {}
-        for name, src in srcs:
-            if a.count_steps:
-                steps_files[name] = f"/tmp/ab_frontend_steps.{os.getpid()}.{len(steps_files)}"
-            port, pid, wpids = stack.enter_context(
-                cluster(src, a.policy, a.extra.split(), a.engines, steps_files.get(name))
-            )
-            pin(pid, wpids)
-            running[name] = (port, pid, wpids)
-
-        def drive(mode: str, c: int, seconds: float) -> dict[str, dict[str, Any]]:
-            env = dict(
-                os.environ,
-                AB_STREAM="1" if mode == "stream" else "0",
-                AB_PREFIX_REPEAT=str(a.prefix_repeat),
-                AB_MAX_TOKENS=str(a.max_tokens),
-            )
-            steps_before = {n: task_steps(running[n][1], f) for n, f in steps_files.items()}
-            before = {n: (cpu_s(pid), sum(map(cpu_s, wp))) for n, (_, pid, wp) in running.items()}
-            wrk = [
-                "taskset",
-                "-c",
-                "1",
-                "wrk",
-                "-t1",
-                f"-c{c}",
-                f"-d{seconds:g}s",
-                "--timeout",
-                "60s",
-                "-s",
-                script.name,
-            ]
-            clients = {
-                n: subprocess.Popen(
-                    [*wrk, f"http://127.0.0.1:{port}"],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                    text=True,
-                    env=env,
-                )
-                for n, (port, _, _) in running.items()
-            }
-            outputs = {n: p.communicate()[0] for n, p in clients.items()}
-            cell = {}
-            for n, (_, pid, wp) in running.items():
-                lines = [x for x in outputs[n].splitlines() if x.startswith("{")]
-                done = json.loads(lines[-1]) if lines else {"requests": 0, "non2xx": -1}
-                count = max(done["requests"], 1)
-                cell[n] = {
-                    "cpu_ms_per_req": 1000 * (cpu_s(pid) - before[n][0]) / count,
-                    "worker_cpu_ms_per_req": 1000 * (sum(map(cpu_s, wp)) - before[n][1]) / count,
-                    "req_per_s": done["requests"] / seconds,
-                    "errors": done["non2xx"] + done.get("errors", 0),
-                    "p50_ms": done.get("p50_us", 0) / 1000,
-                    "p99_ms": done.get("p99_us", 0) / 1000,
-                    "load": os.getloadavg()[0],
-                }
-                if n in steps_files:
-                    steps = task_steps(pid, steps_files[n])
-                    cell[n]["task_steps_per_req"] = (steps[0] - steps_before[n][0]) / count
-                    cell[n]["tasks_spawned_per_req"] = (steps[1] - steps_before[n][1]) / count
-            return cell
-
-        for mode, c in cells:
-            drive(mode, c, 2)  # warm-up
         for r in range(a.rounds):
-            for mode, c in cells:
-                for name, res in drive(mode, c, a.seconds).items():
-                    results.setdefault((mode, c), {}).setdefault(name, []).append(res)
-                    print(
-                        json.dumps({"round": r, "src": name, "mode": mode, "c": c, **res}),
-                        flush=True,
-                    )
+            order = in_turn(srcs, r)
+            a.firsts.append(order[0][0])
+            with contextlib.ExitStack() as stack:
+                running = round_clusters(stack, order, a)
+                for mode, c in cells:
+                    drive(running, script.name, mode, c, 2, a)  # warm-up
+                for mode, c in cells:
+                    for name, res in drive(running, script.name, mode, c, a.seconds, a).items():
+                        results.setdefault((mode, c), {}).setdefault(name, []).append(res)
+                        print(
+                            json.dumps({"round": r, "src": name, "mode": mode, "c": c, **res}),
+                            flush=True,
+                        )
     return results
+
+
+#: A running checkout in `side_by_side`: serve's port and pid, the workers' pids, and the file
+#: its task steps go to (--count-steps) or None.
+Running = tuple[int, int, list[int], str | None]
+
+
+def round_clusters(
+    stack: contextlib.ExitStack, order: list[list[str]], a: argparse.Namespace
+) -> dict[str, Running]:
+    """The checkouts' clusters started and pinned in ``order`` (stopped when ``stack`` closes),
+    by name, in that order."""
+    running: dict[str, Running] = {}
+    for i, (name, src) in enumerate(order):
+        steps_file = f"/tmp/ab_frontend_steps.{os.getpid()}.{i}" if a.count_steps else None
+        port, pid, wpids = stack.enter_context(
+            cluster(src, a.policy, a.extra.split(), a.engines, steps_file)
+        )
+        pin(pid, wpids)
+        running[name] = (port, pid, wpids, steps_file)
+    return running
+
+
+def drive(
+    running: dict[str, Running],
+    script: str,
+    mode: str,
+    c: int,
+    seconds: float,
+    a: argparse.Namespace,
+) -> dict[str, dict[str, Any]]:
+    """One cell: a wrk client per checkout at once (launched in ``running``'s order) for
+    ``seconds``; each checkout's CPU per request, throughput and wrk's latency."""
+    env = dict(
+        os.environ,
+        AB_STREAM="1" if mode == "stream" else "0",
+        AB_PREFIX_REPEAT=str(a.prefix_repeat),
+        AB_MAX_TOKENS=str(a.max_tokens),
+    )
+    steps_before = {n: task_steps(pid, f) for n, (_, pid, _, f) in running.items() if f}
+    before = {n: (cpu_s(pid), sum(map(cpu_s, wp))) for n, (_, pid, wp, _) in running.items()}
+    wrk = ["taskset", "-c", "1", "wrk", "-t1", f"-c{c}", f"-d{seconds:g}s", "--timeout", "60s"]
+    clients = {
+        n: subprocess.Popen(
+            [*wrk, "-s", script, f"http://127.0.0.1:{port}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        for n, (port, _, _, _) in running.items()
+    }
+    outputs = {n: p.communicate()[0] for n, p in clients.items()}
+    cell = {}
+    for n, (_, pid, wp, steps_file) in running.items():
+        lines = [x for x in outputs[n].splitlines() if x.startswith("{")]
+        done = json.loads(lines[-1]) if lines else {"requests": 0, "non2xx": -1}
+        count = max(done["requests"], 1)
+        cell[n] = {
+            "cpu_ms_per_req": 1000 * (cpu_s(pid) - before[n][0]) / count,
+            "worker_cpu_ms_per_req": 1000 * (sum(map(cpu_s, wp)) - before[n][1]) / count,
+            "req_per_s": done["requests"] / seconds,
+            "errors": done["non2xx"] + done.get("errors", 0),
+            "p50_ms": done.get("p50_us", 0) / 1000,
+            "p99_ms": done.get("p99_us", 0) / 1000,
+            "load": os.getloadavg()[0],
+        }
+        if steps_file is not None:
+            steps = task_steps(pid, steps_file)
+            cell[n]["task_steps_per_req"] = (steps[0] - steps_before[n][0]) / count
+            cell[n]["tasks_spawned_per_req"] = (steps[1] - steps_before[n][1]) / count
+    return cell
 
 
 def main() -> None:
@@ -498,10 +560,12 @@ def main() -> None:
     srcs = [s.split("=", 1) for s in a.src]
     cells = [(m, int(c)) for m, c in (x.split(":") for x in a.cells.split(","))]
     results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    a.firsts = []  # the checkout that went first in each round
     if a.side_by_side:
         results = side_by_side(srcs, cells, a)
     for r in range(0 if a.side_by_side else a.rounds):
-        order = srcs if r % 2 == 0 else list(reversed(srcs))
+        order = in_turn(srcs, r)
+        a.firsts.append(order[0][0])
         for name, src in order:
             steps_file = f"/tmp/ab_frontend_steps.{os.getpid()}" if a.count_steps else None
             cluster_args = (src, a.policy, a.extra.split(), a.engines, steps_file)
@@ -530,19 +594,36 @@ def main() -> None:
         "| mode | C | "
         + " | ".join(f"{n} ms/req" for n in names)
         + " | ratio "
-        + f"{names[-1]}/{names[0]} [min-max] |"
+        + f"{names[-1]}/{names[0]}, order-balanced [rounds' min-max] |"
     )
     print("|---|---|" + "---|" * len(names) + "---|")
+    splits: dict[tuple[str, int], dict[str, list[float]]] = {}
     for (mode, c), by in results.items():
         meds = [statistics.median(x["cpu_ms_per_req"] for x in by[n]) for n in names]
         ratios = [
             b["cpu_ms_per_req"] / a_["cpu_ms_per_req"]
             for a_, b in zip(by[names[0]], by[names[-1]], strict=True)
         ]
+        balanced, splits[(mode, c)] = order_balanced(ratios, a.firsts, names)
         print(
             f"| {mode} | {c} | "
             + " | ".join(f"{m:.3f}" for m in meds)
-            + f" | {statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}] |"
+            + f" | {balanced:.3f} [{min(ratios):.3f}-{max(ratios):.3f}] |"
+        )
+    # A round whose checkout answered errors has a CPU per request of another workload (an
+    # error costs less than an answer): its ratio says nothing of the change.
+    for (mode, c), by in results.items():
+        for n in names:
+            bad = [f"round {r}: {x['errors']}" for r, x in enumerate(by[n]) if x["errors"]]
+            if bad:
+                print(f"({mode} C={c}: {n} answered errors, " + ", ".join(bad) + ")")
+    if a.rounds % len(srcs):
+        print(f"(--rounds {a.rounds}: not every checkout went first equally often)")
+    print(f"\nratio {names[-1]}/{names[0]} by the checkout that went first (rounds' ratios)")
+    for (mode, c), split in splits.items():
+        print(
+            f"{mode} C={c}: "
+            + "; ".join(f"{n} first " + " ".join(f"{x:.3f}" for x in v) for n, v in split.items())
         )
     if a.side_by_side:
         # wrk's latency at the same time on the same core: the tail against the median per
