@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from collections.abc import Awaitable, Callable
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 import pytest
@@ -17,6 +20,19 @@ from interlock.processing import HFTokenizer
 from interlock.wire import EngineOutput, PreprocessedRequest
 
 T = TypeVar("T")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/``name``.py, imported as the module ``name`` (benchmarks are scripts, not a
+    package); registered in ``sys.modules``, where attrs classes look their module up."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 async def run_request(
