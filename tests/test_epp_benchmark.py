@@ -5,6 +5,7 @@ CPU; a count below 1 is refused at the start. No timing figure is asserted."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +76,27 @@ def test_the_transport_comparison_runs_end_to_end_at_a_tiny_size() -> None:
         )
     leftovers = _processes_with(marker)
     assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
+
+
+def test_the_transport_comparisons_server_starts_and_names_its_port() -> None:
+    """benchmarks/ab_ext_proc_transport.py's ``serve`` mode (each transport's no-op picker)
+    builds its answer with the picker's own helpers: it must still start where there is no
+    Envoy (the end-to-end test above skips there), and name its port."""
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_ext_proc_transport.py"), "serve",
+         "grpc.aio", "127.0.0.1:9"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stderr is not None
+        line = server.stdout.readline()
+        if not line:
+            server.wait(timeout=30)
+            pytest.fail(f"the server exited: {server.stderr.read().decode()[-3000:]}")
+        assert json.loads(line)["port"] > 0
+    finally:
+        server.kill()
+        server.wait(timeout=30)
 
 
 def _load_bench_epp() -> Any:
