@@ -109,6 +109,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    # Each count divides a figure (CPU per pick, the rounds' geometric mean): refused at the
+    # start, naming its flag, rather than a traceback at the end of the run.
+    for flag in ("--picks", "--rounds"):
+        if getattr(a, flag.removeprefix("--")) < 1:
+            ap.error(f"{flag} {getattr(a, flag.removeprefix('--'))}: give 1 or more")
     if a.child is not None:
         child(a.child, a.picks, a.profile)
         return

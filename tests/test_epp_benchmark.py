@@ -4,7 +4,6 @@ CPU; a count below 1 is refused at the start. No timing figure is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,10 +12,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 from _envoy import require_envoy
+from helpers import load_benchmark
 from test_stream_benchmark import _processes_with
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,19 +98,11 @@ def test_the_transport_comparisons_server_starts_and_names_its_port() -> None:
         server.wait(timeout=30)
 
 
-def _load_bench_epp() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_epp", ROOT / "benchmarks" / "bench_epp.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_per_thread_cpu_split_keeps_the_cpu_of_a_thread_that_ended_meanwhile() -> None:
     """bench_epp.py's "router per pick" rows: a thread of the router that ends between the
     two readings (a thread pool's idle worker reaped) must not take its whole past CPU out of
     "others" (CPU time never goes backwards; the process's own total keeps it)."""
-    bench = _load_bench_epp()
+    bench = load_benchmark("bench_epp")
     burnt = threading.Event()
     leave = threading.Event()
 
@@ -160,7 +151,7 @@ def test_a_count_below_one_is_refused_naming_its_flag(
 ) -> None:
     # Each count divides a figure or sizes what is measured: 0 used to end the run midway
     # (a ZeroDivisionError after the picks, with --requests 0) instead of at the start.
-    bench = _load_bench_epp()
+    bench = load_benchmark("bench_epp")
     with pytest.raises(SystemExit) as exited:
         bench.parse_args(argv)
     assert exited.value.code == 2
@@ -168,5 +159,5 @@ def test_a_count_below_one_is_refused_naming_its_flag(
 
 
 def test_requests_are_not_counted_when_the_envoy_part_is_skipped() -> None:
-    bench = _load_bench_epp()
+    bench = load_benchmark("bench_epp")
     assert bench.parse_args(["--requests", "0", "--skip-envoy"]).skip_envoy
