@@ -60,24 +60,21 @@ def serve(transport: str, destination: str) -> None:
     import trio
     from envoy.service.ext_proc.v3.external_processor_pb2 import (
         CommonResponse,
-        HeaderMutation,
         HeadersResponse,
         ProcessingResponse,
         TrailersResponse,
     )
 
     from interlock.gateway import serve_ext_proc
-    from interlock.gateway._picker import _header, _streamed
+    from interlock.gateway._picker import _set_header, _streamed
 
     answer = ProcessingResponse(
-        request_headers=HeadersResponse(
-            response=CommonResponse(
-                clear_route_cache=True,
-                header_mutation=HeaderMutation(
-                    set_headers=[_header("x-gateway-destination-endpoint", destination)]
-                ),
-            )
-        )
+        request_headers=HeadersResponse(response=CommonResponse(clear_route_cache=True))
+    )
+    _set_header(
+        answer.request_headers.response.header_mutation,
+        "x-gateway-destination-endpoint",
+        destination,
     )
     answer.dynamic_metadata.update({"envoy.lb": {"x-gateway-destination-endpoint": destination}})
 

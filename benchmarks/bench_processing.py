@@ -6,6 +6,8 @@ Each ratio divides a row's time by its baseline row's time, both measured in thi
 - chat template + tokenize of a typical 3-message chat with the Qwen3 tokenizer, vs the raw
   ``tokenizers.Tokenizer.encode`` of the same prompt text;
 - incremental detokenization, per token, vs a plain ``decode`` of one token.
+- the built-in ChatML render of a one-message chat (the endpoint picker's short request),
+  which skips jinja2 for a conversation without tools, vs the same template run by jinja2.
 Extra rows show the built-in ByteTokenizer and the stop-string matcher.
 """
 
@@ -22,7 +24,9 @@ import tokenizers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from interlock.processing import (
+    CHATML_TEMPLATE,
     ByteTokenizer,
+    ChatTemplate,
     IncrementalDetokenizer,
     StopStringMatcher,
     Tokenizer,
@@ -119,6 +123,18 @@ def main() -> None:
         ]
     else:
         print(f"(Qwen3 tokenizer or template not found at {QWEN3_DIR}; Qwen3 rows skipped)\n")
+
+    # A trailing comment renders nothing but keeps the template off ChatML's shortcut.
+    sandboxed = ChatTemplate(CHATML_TEMPLATE + "{#- rendered by jinja2 #}")
+    chatml = ChatTemplate.chatml()
+    hello = [{"role": "user", "content": "hello"}]
+    assert chatml.render(hello) == sandboxed.render(hello)
+    jinja_render = per_call_us(lambda: sandboxed.render(hello), 5000)
+    shortcut = per_call_us(lambda: chatml.render(hello), 5000)
+    rows += [
+        ("ChatML render of one message, by jinja2", jinja_render, "baseline"),
+        ("ChatML render of one message", shortcut, f"{shortcut / jinja_render:.2f}x"),
+    ]
 
     byte_tokenizer = ByteTokenizer()
     byte_ids = byte_tokenizer.encode(COMPLETION)

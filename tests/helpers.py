@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from collections.abc import Awaitable, Callable
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 import pytest
@@ -17,6 +20,25 @@ from interlock.processing import HFTokenizer
 from interlock.wire import EngineOutput, PreprocessedRequest
 
 T = TypeVar("T")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/``name``.py, imported as the module ``name`` (benchmarks are scripts, not a
+    package); registered in ``sys.modules``, where attrs classes look their module up. The
+    benchmarks' folder is on the path while it loads: a benchmark may import a sibling (as
+    bench_frontend.py imports bench_engines)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
 
 
 async def run_request(

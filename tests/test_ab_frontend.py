@@ -4,28 +4,13 @@ port-0 bind can take. No process is started and no timing figure is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-from pathlib import Path
-from typing import Any
 
+from helpers import load_benchmark
 from hypothesis import given
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "ab_frontend", ROOT / "benchmarks" / "ab_frontend.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-AB = _load()
+AB = load_benchmark("ab_frontend")
 
 
 def test_every_checkout_goes_first_equally_often() -> None:

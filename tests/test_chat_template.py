@@ -506,10 +506,21 @@ _tool_calls = st.lists(
     ),
     max_size=2,
 )
+
+
+class _Loud(str):
+    """Text that concatenates its own way: ChatML's shortcut past jinja2 must leave it to
+    jinja2, which calls ``__radd__``."""
+
+    def __radd__(self, other: object) -> str:
+        return f"{other}[loud]{self!s}"
+
+
 _messages = st.lists(
     st.one_of(
         st.fixed_dictionaries(
-            {"role": st.sampled_from(["system", "user", "tool"]), "content": _texts}
+            {"role": st.sampled_from(["system", "user", "tool"]),
+             "content": st.one_of(_texts, _texts.map(_Loud))}
         ),
         st.fixed_dictionaries(
             {"role": st.just("assistant"), "content": st.one_of(st.none(), _texts)},
@@ -550,7 +561,8 @@ def _templates_and_references() -> list[tuple[ChatTemplate, Any]]:
 @given(
     messages=_messages,
     tools=st.one_of(st.none(), st.lists(st.fixed_dictionaries({"name": _texts}), max_size=2)),
-    add_generation_prompt=st.booleans(),
+    # Not only bools: ChatML's shortcut must judge a value's truth as the template does.
+    add_generation_prompt=st.sampled_from([True, False, 1, ""]),
     thinking=st.one_of(st.none(), st.booleans()),
 )
 def test_qwen3_and_chatml_render_byte_for_byte_as_jinjas_own_sandbox(
@@ -559,7 +571,8 @@ def test_qwen3_and_chatml_render_byte_for_byte_as_jinjas_own_sandbox(
     add_generation_prompt: bool,
     thinking: bool | None,
 ) -> None:
-    # The attribute and call shortcuts of the template's environment change no byte of a prompt.
+    # The attribute and call shortcuts of the template's environment, and ChatML's shortcut
+    # past jinja2 for a conversation without tools, change no byte of a prompt.
     kwargs: dict[str, object] = {} if thinking is None else {"enable_thinking": thinking}
     for template, reference in _templates_and_references():
         context = {

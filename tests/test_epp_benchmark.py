@@ -4,7 +4,7 @@ CPU; a count below 1 is refused at the start. No timing figure is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -12,10 +12,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 from _envoy import require_envoy
+from helpers import load_benchmark
 from test_stream_benchmark import _processes_with
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,19 +77,32 @@ def test_the_transport_comparison_runs_end_to_end_at_a_tiny_size() -> None:
     assert not leftovers, f"processes the benchmark started are still running: {leftovers}"
 
 
-def _load_bench_epp() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_epp", ROOT / "benchmarks" / "bench_epp.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_the_transport_comparisons_server_starts_and_names_its_port() -> None:
+    """benchmarks/ab_ext_proc_transport.py's ``serve`` mode (each transport's no-op picker)
+    builds its answer with the picker's own helpers: it must still start where there is no
+    Envoy (the end-to-end test above skips there), and name its port."""
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_ext_proc_transport.py"), "serve",
+         "grpc.aio", "127.0.0.1:9"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stderr is not None
+        line = server.stdout.readline()
+        if not line:
+            server.wait(timeout=30)
+            pytest.fail(f"the server exited: {server.stderr.read().decode()[-3000:]}")
+        assert json.loads(line)["port"] > 0
+    finally:
+        server.kill()
+        server.wait(timeout=30)
 
 
 def test_the_per_thread_cpu_split_keeps_the_cpu_of_a_thread_that_ended_meanwhile() -> None:
     """bench_epp.py's "router per pick" rows: a thread of the router that ends between the
     two readings (a thread pool's idle worker reaped) must not take its whole past CPU out of
     "others" (CPU time never goes backwards; the process's own total keeps it)."""
-    bench = _load_bench_epp()
+    bench = load_benchmark("bench_epp")
     burnt = threading.Event()
     leave = threading.Event()
 
@@ -138,7 +151,7 @@ def test_a_count_below_one_is_refused_naming_its_flag(
 ) -> None:
     # Each count divides a figure or sizes what is measured: 0 used to end the run midway
     # (a ZeroDivisionError after the picks, with --requests 0) instead of at the start.
-    bench = _load_bench_epp()
+    bench = load_benchmark("bench_epp")
     with pytest.raises(SystemExit) as exited:
         bench.parse_args(argv)
     assert exited.value.code == 2
@@ -146,5 +159,5 @@ def test_a_count_below_one_is_refused_naming_its_flag(
 
 
 def test_requests_are_not_counted_when_the_envoy_part_is_skipped() -> None:
-    bench = _load_bench_epp()
+    bench = load_benchmark("bench_epp")
     assert bench.parse_args(["--requests", "0", "--skip-envoy"]).skip_envoy

@@ -7,17 +7,17 @@ timing or memory figure is asserted."""
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import load_benchmark
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,21 +29,8 @@ QWEN3 = ROOT.parent / "shared" / "data" / "tokenizers" / "qwen3"
 TOKENIZER = str(QWEN3) if (QWEN3 / "tokenizer_config.json").is_file() else "builtin"
 
 
-def _load(name: str) -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports bench_engines as a sibling
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # attrs classes look their module up by name
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
-bench = _load("bench_frontend")
-tail = _load("bench_tail")
+bench = load_benchmark("bench_frontend")
+tail = load_benchmark("bench_tail")
 
 
 def _processes_with(marker: str) -> list[list[bytes]]:

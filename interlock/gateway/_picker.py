@@ -107,11 +107,10 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import trio
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     BodyResponse,
-    CommonResponse,
     HeaderMutation,
     HeadersResponse,
     ImmediateResponse,
@@ -497,12 +496,9 @@ class ExtProcStream:
         if SELECTION_TEST_HEADER not in self.headers:
             # The echo is a conformance hook: other clients never see internal addresses.
             return [ProcessingResponse(response_headers=HeadersResponse())]
-        mutation = HeaderMutation(set_headers=[_header(SERVED_TEST_HEADER, served)])
-        return [
-            ProcessingResponse(
-                response_headers=HeadersResponse(response=CommonResponse(header_mutation=mutation))
-            )
-        ]
+        answer = ProcessingResponse()
+        _set_header(answer.response_headers.response.header_mutation, SERVED_TEST_HEADER, served)
+        return [answer]
 
     def _response_body(self, message: ProcessingRequest) -> list[ProcessingResponse]:
         body = message.response_body
@@ -772,30 +768,29 @@ class ExtProcStream:
         decision = self.decision
         assert decision is not None
         destination = ",".join(self.picked)
-        set_headers = [_header(DESTINATION_HEADER, destination)]
+        # Built in place, as `_streamed` is: a constructor copies each submessage it is given,
+        # which was half of building the answer (~4 of ~9 us).
+        answer = ProcessingResponse()
+        buffered = body is not None and not self.request_duplex
+        common = (answer.request_body if buffered else answer.request_headers).response
+        common.clear_route_cache = True
+        mutation = common.header_mutation
+        _set_header(mutation, DESTINATION_HEADER, destination)
         if body is not None:
-            set_headers.append(_header("content-length", str(len(body))))
+            _set_header(mutation, "content-length", str(len(body)))
         if decision.disaggregated and decision.prefill_worker_id is not None:
             prefiller = self.endpoints.get(decision.prefill_worker_id)
             if prefiller is not None:
-                set_headers.append(_header(PREFILLER_HEADER, prefiller))
-        common = CommonResponse(
-            clear_route_cache=True, header_mutation=HeaderMutation(set_headers=set_headers)
-        )
+                _set_header(mutation, PREFILLER_HEADER, prefiller)
+        _set_destination(answer, destination)
         if body is None:
-            answer = ProcessingResponse(request_headers=HeadersResponse(response=common))
-            _set_destination(answer, destination)
             return [answer]
-        if not self.request_duplex:
+        if buffered:
             if self.model_restorer is not None:
                 # Rewritten (``x-gateway-model-name-rewrite``): the buffered body is replaced
                 # whole, matching the Content-Length set above.
                 common.body_mutation.body = body
-            answer = ProcessingResponse(request_body=BodyResponse(response=common))
-            _set_destination(answer, destination)
             return [answer]
-        answer = ProcessingResponse(request_headers=HeadersResponse(response=common))
-        _set_destination(answer, destination)
         answers = [answer]
         chunks = [body[i : i + BODY_CHUNK_BYTES] for i in range(0, len(body), BODY_CHUNK_BYTES)]
         if not chunks:
@@ -811,15 +806,17 @@ class ExtProcStream:
         self._release()
         if error.status >= 500:
             _logger.warning("ext_proc pick answered %d: %s", error.status, error.message)
-        headers = [_header("content-type", "application/json")]
-        headers += [_header(name.decode(), value.decode()) for name, value in error.headers]
+        headers = HeaderMutation()
+        _set_header(headers, "content-type", "application/json")
+        for name, value in error.headers:
+            _set_header(headers, name.decode(), value.decode())
         self.frontend.metrics.count_request(
             METRICS_ENDPOINT, error.status, trio.current_time() - start if start else 0.0
         )
         return ProcessingResponse(
             immediate_response=ImmediateResponse(
                 status=HttpStatus(code=error.status),
-                headers=HeaderMutation(set_headers=headers),
+                headers=headers,
                 body=error.body(),
                 details=error.message[:200],
             )
@@ -952,10 +949,12 @@ def _set_destination(answer: ProcessingResponse, destination: str) -> None:
     lb.fields[DESTINATION_HEADER].string_value = destination
 
 
-def _header(name: str, value: str) -> HeaderValueOption:
-    return HeaderValueOption(
-        header=HeaderValue(key=name, raw_value=value.encode("latin-1")), append_action=_OVERWRITE
-    )
+def _set_header(mutation: HeaderMutation, name: str, value: str) -> None:
+    """Add to ``mutation`` the header ``name`` set to ``value`` (replacing any the request
+    has), in place (see `_answer`)."""
+    option = mutation.set_headers.add(append_action=_OVERWRITE)
+    option.header.key = name
+    option.header.raw_value = value.encode("latin-1")
 
 
 def _no_candidate(why: str) -> HttpError:

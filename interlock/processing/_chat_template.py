@@ -214,7 +214,7 @@ class ChatTemplate:
         ChatTemplateError: at construction, if the source does not compile.
     """
 
-    __slots__ = ("_compiled", "bos_token", "eos_token", "name", "source")
+    __slots__ = ("_chatml", "_compiled", "bos_token", "eos_token", "name", "source")
 
     def __init__(
         self,
@@ -228,6 +228,9 @@ class ChatTemplate:
         self.name: Final = name
         self.bos_token: Final = bos_token
         self.eos_token: Final = eos_token
+        # The built-in ChatML renders a conversation without tools as plain concatenation
+        # (`_render_plain_chatml`), ~10x cheaper than running it in the sandbox.
+        self._chatml = source == CHATML_TEMPLATE
         try:
             self._compiled = _ENVIRONMENT.from_string(source)
             # A plain dict, not jinja2's ChainMap over the environment's globals: every render
@@ -290,6 +293,10 @@ class ChatTemplate:
         context.update(template_kwargs)
         context["messages"] = clean_messages
         context["tools"] = clean_tools
+        if self._chatml and not clean_tools:
+            text = _render_plain_chatml(clean_messages, add_generation_prompt)
+            if text is not None:
+                return text
         context["add_generation_prompt"] = add_generation_prompt
         try:
             return self._compiled.render(context)
@@ -304,6 +311,27 @@ class ChatTemplate:
                 f"chat template {self.name} failed at template line {_template_line(exc)}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+
+
+def _render_plain_chatml(
+    messages: list[dict[str, object]], add_generation_prompt: object
+) -> str | None:
+    """What `CHATML_TEMPLATE` renders for ``messages`` when ``tools`` is empty, byte for byte
+    (its ``tools`` branch and system flag unused, every message gets its turn), or None when
+    the template must run: a tool call, or a value that is not exactly a str or bool (a str
+    subclass may concatenate differently; jinja2 would judge another object's truth)."""
+    if type(add_generation_prompt) is not bool:
+        return None
+    parts = []
+    for message in messages:
+        role = message["role"]
+        content = message["content"]
+        if type(role) is not str or type(content) is not str or message.get("tool_calls"):
+            return None
+        parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
 
 
 def load_chat_template(path: str | os.PathLike[str], *, name: str = "default") -> ChatTemplate:
