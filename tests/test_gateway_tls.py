@@ -15,6 +15,7 @@ picked. Real sockets and threads; every wait has a deadline; nothing asserts on 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import re
 import shutil
@@ -53,6 +54,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpc_health.v1.health_pb2_grpc import HealthStub
 from helpers import frontend_parser
+from hypothesis import given
+from hypothesis import strategies as st
 from test_gateway_ext_proc import (
     Picking,
     chat_body,
@@ -266,9 +269,22 @@ async def test_the_server_context_leaves_no_key_on_disk(
     assert list(temporary.iterdir()) == []
 
 
+def _with_a_broken_public_key(chain: bytes) -> bytes:
+    """``chain``'s certificate with its ECDSA public key's point format byte changed."""
+    certificate = x509.load_pem_x509_certificate(chain)
+    point = certificate.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    assert der.count(point) == 1
+    broken = x509.load_der_x509_certificate(der.replace(point, b"\x05" + point[1:]))
+    return broken.public_bytes(serialization.Encoding.PEM)
+
+
 def test_the_server_contexts_errors_name_the_extproctls(tmp_path: Path) -> None:
     ours, other = write_certificate(tmp_path), write_certificate(tmp_path, "other")
     chain, key = ours.tls.certificate_chain, ours.tls.private_key
+    broken = _with_a_broken_public_key(chain)
     for tls, message in (
         (ExtProcTLS(key, key, "x"), "ExtProcTLS(x)'s certificate_chain is not a PEM certificate"),
         (ExtProcTLS(chain, chain, "x"), "ExtProcTLS(x)'s private_key is not a PEM private key"),
@@ -277,10 +293,46 @@ def test_the_server_contexts_errors_name_the_extproctls(tmp_path: Path) -> None:
             "ExtProcTLS(x)'s private_key is not the private key of ExtProcTLS(x)'s "
             "certificate_chain",
         ),
+        (
+            ExtProcTLS(broken, key, "x"),
+            "ExtProcTLS(x)'s certificate_chain: its certificate's public key is not valid",
+        ),
     ):
         with pytest.raises(ConfigError) as failed:
             tls.server_context()
         assert message in str(failed.value), str(failed.value)
+
+
+@functools.cache
+def _made() -> ExtProcTLS:
+    """One self-signed certificate and key, made once for the tests that corrupt them."""
+    return self_signed_tls()
+
+
+@given(
+    st.sampled_from(["certificate_chain", "private_key"]),
+    st.lists(st.tuples(st.integers(0, 10_000), st.binary(max_size=3)), min_size=1, max_size=4),
+    st.integers(0, 10_000) | st.none(),
+)
+def test_a_corrupted_certificate_or_key_is_a_config_error_or_still_served(
+    part: str, edits: list[tuple[int, bytes]], cut: int | None
+) -> None:
+    # Bytes anywhere in the PEM replaced, and maybe cut short: whatever OpenSSL or the
+    # cryptography package makes of them, the answer is a context or a ConfigError.
+    made = _made()
+    corrupted = bytearray(getattr(made, part))
+    for at, replacement in edits:
+        at %= len(corrupted)
+        corrupted[at : at + len(replacement)] = replacement
+    if cut is not None:
+        del corrupted[cut % len(corrupted) :]
+    tls = attrs.evolve(made, **{part: bytes(corrupted)})
+    try:
+        context = tls.server_context()
+    except ConfigError as exc:
+        assert f"ExtProcTLS({made.source})'s" in str(exc), str(exc)
+    else:
+        assert isinstance(context, ssl.SSLContext)
 
 
 # -- which certificate keys gateways' TLS clients complete a handshake with ------------------------

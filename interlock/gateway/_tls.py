@@ -228,6 +228,11 @@ def _check_servable(chain: bytes, cert_name: str) -> None:
             public_key: object = certificate.public_key()
     except UnsupportedAlgorithm:
         public_key = None
+    except ValueError as exc:  # a key of a known type, but not a valid one (a point off curve)
+        raise ConfigError(
+            f"{cert_name}: its certificate's public key is not valid ({exc}); give the server's "
+            "certificate chain as made"
+        ) from None
     if isinstance(public_key, rsa.RSAPublicKey):
         if certificate.public_key_algorithm_oid != PublicKeyAlgorithmOID.RSAES_PKCS1_v1_5:
             kind = "an RSA-PSS key"
