@@ -14,7 +14,9 @@ picked. Real sockets and threads; every wait has a deadline; nothing asserts on 
 
 from __future__ import annotations
 
+import base64
 import datetime
+import errno
 import functools
 import os
 import re
@@ -301,6 +303,85 @@ def test_the_server_contexts_errors_name_the_extproctls(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as failed:
             tls.server_context()
         assert message in str(failed.value), str(failed.value)
+
+
+def _with_x509_version(chain: bytes, version: int) -> bytes:
+    """``chain``'s certificate with its version field (v3: 2) set to ``version``."""
+    der = x509.load_pem_x509_certificate(chain).public_bytes(serialization.Encoding.DER)
+    v3 = b"\xa0\x03\x02\x01\x02"
+    assert der.count(v3) == 1
+    changed = der.replace(v3, b"\xa0\x03\x02\x01" + bytes([version]))
+    body = base64.encodebytes(changed).decode()
+    return f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n".encode()
+
+
+def test_a_certificate_of_an_unknown_x509_version_is_a_config_error(tmp_path: Path) -> None:
+    # OpenSSL loads a certificate whose version field says v4, the cryptography package
+    # refuses it with InvalidVersion (not a ValueError): a bad file is a ConfigError naming
+    # the flag, not a traceback at start.
+    made = write_certificate(tmp_path)
+    made.cert.write_bytes(_with_x509_version(made.tls.certificate_chain, 3))
+    with pytest.raises(ConfigError, match=re.escape(f"--ext-proc-tls-cert {str(made.cert)!r}")):
+        load_tls(made.cert, made.key)
+
+
+async def test_the_server_context_falls_back_to_a_private_directory_when_memfd_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # os.memfd_create exists on every Linux build of Python, but the kernel or a seccomp
+    # filter can refuse the call (ENOSYS, EPERM): the fallback the docs promise for
+    # "elsewhere" (a private temporary directory) serves then too, not an OSError at start.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+
+    def refused(name: str, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(os, "memfd_create", refused, raising=False)
+    made = self_signed_tls()
+    tls = ExtProcTLS(made.certificate_chain, made.private_key, "a certificate in memory")
+    assert isinstance(tls.server_context(), ssl.SSLContext)
+    offered = client_context(tls.certificate_chain, ["h2"])
+    assert await echo_over_tls(tls, offered) == ("h2", b"ping")
+    assert list(temporary.iterdir()) == []
+
+
+def test_a_chain_openssl_refuses_for_a_weak_ca_key_says_so_not_that_it_is_not_pem() -> None:
+    # A P-256 leaf (servable) whose chain holds its 1024-bit RSA CA: OpenSSL refuses the
+    # chain (CA_KEY_TOO_SMALL, security level 2). Both are PEM and a pair: the error must
+    # not tell the user they are not, but name the CA's short key (the fix: a stronger CA,
+    # or the leaf alone).
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject: str, public_key: Any, signer: Any) -> bytes:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak ca")]))
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(signer, hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM)
+        )
+
+    ca_key = rsa.generate_private_key(65537, 1024)
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    chain = certificate("picker", leaf_key.public_key(), ca_key) + certificate(
+        "weak ca", ca_key.public_key(), ca_key
+    )
+    key = leaf_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with pytest.raises(ConfigError) as refused:
+        ExtProcTLS(chain, key, "x").server_context()
+    message = str(refused.value)
+    assert "not a PEM certificate chain" not in message, message
+    assert "CA_KEY_TOO_SMALL" in message or "1024" in message, message
 
 
 @functools.cache
