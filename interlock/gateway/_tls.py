@@ -47,8 +47,10 @@ _CURVES: Final = frozenset({"secp256r1"})
 ALPN: Final = "h2"
 #: TLS 1.2's ciphers HTTP/2 allows (RFC 9113 9.2.2: ephemeral key exchange and AEAD only;
 #: OpenSSL's default list also has CBC ones, which an HTTP/2 client may refuse). TLS 1.3's
-#: ciphers all qualify and are not set by this string. Security level 2 (Python's default,
-#: which a cipher string would otherwise reset to OpenSSL's build default) refuses short keys.
+#: ciphers all qualify and are not set by this string. ``@SECLEVEL=2`` pins the security level
+#: `SERVABLE_KEYS` and the errors assume (RSA keys of 2048 bits or more, no SHA-1 signatures):
+#: a cipher string without it keeps the context's level, which is 2 only when Python was built
+#: with its own default cipher string (``--with-ssl-default-suites=openssl`` keeps OpenSSL's).
 _H2_TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20:@SECLEVEL=2"
 #: How long a self-signed certificate is valid (llm-d's: ten years; the process restarts long
 #: before, making a new one).
@@ -75,7 +77,8 @@ class ExtProcTLS:
 
         Raises:
             ConfigError: the chain and key are not PEM, the key is encrypted or not the
-                certificate's, or it is not a key of `SERVABLE_KEYS`.
+                certificate's, it is not a key of `SERVABLE_KEYS`, OpenSSL refuses the chain
+                (a CA's key too short), or no temporary file can hand them to OpenSSL.
         """
         return self._load(f"{self!r}'s certificate_chain", f"{self!r}'s private_key")
 
@@ -147,16 +150,51 @@ def _server_context(chain: bytes, key: bytes, cert_name: str, key_name: str) -> 
     _check_servable(chain, cert_name)
     try:
         return _h2_context(chain, key)
-    except ssl.SSLError as exc:
-        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
-            raise ConfigError(
-                f"{key_name} is not the private key of {cert_name} (the key and the "
-                "certificate's public key do not match); give the key the certificate was "
-                "made for"
-            ) from None
+    except ssl.SSLError as exc:  # before OSError, its base class
+        raise _refused(exc, cert_name, key_name) from None
+    except OSError as exc:
         raise ConfigError(
-            f"{cert_name} / {key_name}: not a PEM certificate chain and its private key ({exc})"
+            f"{cert_name} / {key_name}: cannot hand them to OpenSSL, neither through memory "
+            f"(memfd_create) nor through a private temporary directory ({exc}); set TMPDIR to "
+            "a directory this user can write"
         ) from None
+
+
+#: OpenSSL's reasons for refusing a well-formed chain at security level 2 (`_H2_TLS12_CIPHERS`),
+#: and what each says of it.
+_TOO_WEAK: Final = {
+    "CA_KEY_TOO_SMALL": "a CA certificate in it has a key too short (RSA or DSA under 2048 bits, "
+    "ECDSA under 224)",
+    "CA_MD_TOO_WEAK": "a certificate in it is signed with a digest too weak (SHA-1 or MD5)",
+    "EE_KEY_TOO_SMALL": "the server's certificate has a key too short",
+}
+
+
+def _refused(exc: ssl.SSLError, cert_name: str, key_name: str) -> ConfigError:
+    """The `ConfigError` saying why OpenSSL refused to load ``cert_name`` and ``key_name``."""
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return ConfigError(
+            f"{key_name} is not the private key of {cert_name} (the key and the certificate's "
+            "public key do not match); give the key the certificate was made for"
+        )
+    if exc.reason in _TOO_WEAK:
+        return ConfigError(
+            f"OpenSSL refuses {cert_name} at security level 2: {_TOO_WEAK[exc.reason]} "
+            f"({exc.reason}); give a chain whose certificates have keys of {SERVABLE_KEYS} and "
+            "are signed with SHA-256 or stronger, or leave the root CA out of the chain (a "
+            "gateway that verifies the certificate holds the root itself)"
+        )
+    if exc.reason is None:
+        # Python's ssl gives no reason when OpenSSL cannot decode a file ("[SSL] PEM lib").
+        return ConfigError(
+            f"{cert_name} / {key_name}: not a PEM certificate chain and its private key that "
+            f"OpenSSL can read ({exc}); give the server's certificate chain and its key in PEM, "
+            "as made"
+        )
+    return ConfigError(
+        f"OpenSSL refuses {cert_name} / {key_name}: {exc.reason} ({exc}); give a certificate "
+        f"chain and key OpenSSL serves at security level 2, with a key of {SERVABLE_KEYS}"
+    )
 
 
 def _h2_context(chain: bytes, key: bytes) -> ssl.SSLContext:
@@ -164,6 +202,7 @@ def _h2_context(chain: bytes, key: bytes) -> ssl.SSLContext:
 
     Raises:
         ssl.SSLError: OpenSSL cannot load ``chain`` and ``key`` as a pair.
+        OSError: `_load_pair` can hand them to OpenSSL no way.
     """
     # Server side: no client certificate is asked for (verify_mode stays CERT_NONE).
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -172,29 +211,61 @@ def _h2_context(chain: bytes, key: bytes) -> ssl.SSLContext:
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.set_ciphers(_H2_TLS12_CIPHERS)
     context.set_alpn_protocols([ALPN])
-    with _readable(chain, key) as (chain_path, key_path):
-        context.load_cert_chain(chain_path, key_path, password=_no_password)
+    _load_pair(context, chain, key)
     return context
 
 
-@contextlib.contextmanager
-def _readable(*contents: bytes) -> Iterator[list[str]]:
-    """Paths OpenSSL reads ``contents`` from while the block runs (Python's `ssl` loads a
-    certificate and key from files only). On Linux, files in memory (``memfd_create``, read
-    through ``/proc/self/fd``): the key never touches a disk. Elsewhere, files only this user
-    can read in a private temporary directory, removed when the block ends."""
-    if hasattr(os, "memfd_create") and os.path.isdir(_PROC_FDS):
-        descriptors: list[int] = []
+def _load_pair(context: ssl.SSLContext, chain: bytes, key: bytes) -> None:
+    """Load ``chain`` and ``key`` into ``context``. Python's `ssl` loads a certificate and key
+    from files only: on Linux, files in memory (``memfd_create``, read through
+    ``/proc/self/fd``), so the key never touches a disk. Where that fails (no ``memfd_create``,
+    the kernel or a seccomp filter refusing it with ENOSYS or EPERM, no ``/proc``), files only
+    this user can read in a private temporary directory, removed at once.
+
+    Raises:
+        ssl.SSLError: OpenSSL read them and refused them.
+        OSError: the private temporary directory cannot be made or written.
+    """
+    if hasattr(os, "memfd_create"):
         try:
-            for data in contents:
-                descriptors.append(os.memfd_create("interlock-tls", os.MFD_CLOEXEC))
-                with os.fdopen(os.dup(descriptors[-1]), "wb") as file:
-                    file.write(data)
-            yield [f"{_PROC_FDS}/{descriptor}" for descriptor in descriptors]
-        finally:
-            for descriptor in descriptors:
-                os.close(descriptor)
-        return
+            with _in_memory(chain, key) as (chain_path, key_path):
+                context.load_cert_chain(chain_path, key_path, password=_no_password)
+            return
+        except ssl.SSLError:
+            raise  # OpenSSL read them: from a directory it would refuse them the same way
+        except OSError:
+            pass  # memory refused: the directory below
+    with _in_private_directory(chain, key) as (chain_path, key_path):
+        context.load_cert_chain(chain_path, key_path, password=_no_password)
+
+
+@contextlib.contextmanager
+def _in_memory(*contents: bytes) -> Iterator[list[str]]:
+    """Paths of files in memory holding ``contents`` while the block runs (Linux).
+
+    Raises:
+        OSError: ``memfd_create`` or writing refused.
+    """
+    descriptors: list[int] = []
+    try:
+        for data in contents:
+            descriptors.append(os.memfd_create("interlock-tls", os.MFD_CLOEXEC))
+            with os.fdopen(os.dup(descriptors[-1]), "wb") as file:
+                file.write(data)
+        yield [f"{_PROC_FDS}/{descriptor}" for descriptor in descriptors]
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)
+
+
+@contextlib.contextmanager
+def _in_private_directory(*contents: bytes) -> Iterator[list[str]]:
+    """Paths of files only this user can read holding ``contents`` while the block runs, in a
+    temporary directory removed when it ends.
+
+    Raises:
+        OSError: the directory cannot be made or written.
+    """
     with tempfile.TemporaryDirectory(prefix="interlock-tls-") as directory:  # mode 0o700
         paths = []
         for index, data in enumerate(contents):
@@ -213,14 +284,22 @@ def _check_servable(chain: bytes, cert_name: str) -> None:
     """Raise `ConfigError` unless the chain's first certificate (the server's, whose key
     signs the handshake) has a key of `SERVABLE_KEYS`."""
     from cryptography import x509
-    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.exceptions import InternalError, UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import PublicKeyAlgorithmOID
 
+    # What the cryptography package raises on bytes it cannot read as a certificate or its
+    # key, here so that each kind is named once: ValueError (not PEM, bad DER, a point off
+    # its curve), x509.InvalidVersion (a version field other than v1-v3: not a ValueError,
+    # and OpenSSL loads such a certificate), InternalError (OpenSSL failing beneath it).
+    unreadable = (ValueError, x509.InvalidVersion, InternalError)
     try:
         certificate = x509.load_pem_x509_certificate(chain)
-    except ValueError as exc:  # OpenSSL took it: unlikely, but say so rather than crash
-        raise ConfigError(f"{cert_name}: cannot read its certificate ({exc})") from None
+    except (*unreadable, UnsupportedAlgorithm) as exc:  # checked before OpenSSL reads it
+        raise ConfigError(
+            f"{cert_name}: cannot read its first certificate (the server's) "
+            f"({type(exc).__name__}: {exc}); give the server's certificate chain in PEM, as made"
+        ) from None
     try:
         with warnings.catch_warnings():
             # DSA's deprecation warning: the error below says what to use instead.
@@ -228,7 +307,7 @@ def _check_servable(chain: bytes, cert_name: str) -> None:
             public_key: object = certificate.public_key()
     except UnsupportedAlgorithm:
         public_key = None
-    except ValueError as exc:  # a key of a known type, but not a valid one (a point off curve)
+    except unreadable as exc:  # a key of a known type, but not a valid one
         raise ConfigError(
             f"{cert_name}: its certificate's public key is not valid ({exc}); give the server's "
             "certificate chain as made"
