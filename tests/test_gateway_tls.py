@@ -23,6 +23,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import AsyncIterator
@@ -247,6 +248,43 @@ async def test_the_server_context_selects_h2_and_asks_no_client_certificate(
 IN_MEMORY = hasattr(os, "memfd_create") and os.path.isdir(_tls._PROC_FDS)
 
 
+@attrs.define
+class Writes:
+    """The files Python opens for writing while ``recording``: an audit hook sees every open
+    (``open``, ``os.open``, ``os.fdopen``, and tempfile's and pathlib's on top of them), so a
+    key written to a file any of these ways is seen. A file opened by descriptor is named by
+    what ``/proc/self/fd`` says it is (a memfd: ``/memfd:NAME (deleted)``)."""
+
+    recording: bool = False
+    opened: list[str] = attrs.Factory(list)
+
+    def audit(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.recording or event != "open":
+            return
+        path, _, flags = args
+        if not flags & (os.O_WRONLY | os.O_RDWR):
+            return
+        if isinstance(path, int):
+            path = os.readlink(f"/proc/self/fd/{path}") if IN_MEMORY else f"descriptor {path}"
+        self.opened.append(os.fsdecode(path))
+
+
+@functools.cache
+def _writes() -> Writes:
+    """The one `Writes` (an audit hook cannot be removed: it is added once, and idle unless
+    recording)."""
+    writes = Writes()
+    sys.addaudithook(writes.audit)
+    return writes
+
+
+@pytest.fixture
+def writes() -> Writes:
+    recorder = _writes()
+    recorder.opened.clear()
+    return recorder
+
+
 @pytest.mark.parametrize(
     "memory",
     [
@@ -255,10 +293,11 @@ IN_MEMORY = hasattr(os, "memfd_create") and os.path.isdir(_tls._PROC_FDS)
     ],
 )
 async def test_the_server_context_leaves_no_key_on_disk(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writes: Writes, memory: bool
 ) -> None:
     # Python's ssl loads a key from a file only: on Linux one in memory; elsewhere (as when
-    # /proc is not mounted) a private temporary directory's, removed at once.
+    # /proc is not mounted) a private temporary directory's, removed at once. Every file
+    # written while the context is made is one of those.
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))
@@ -266,9 +305,23 @@ async def test_the_server_context_leaves_no_key_on_disk(
         monkeypatch.setattr(_tls, "_PROC_FDS", str(tmp_path / "no-proc"))
     made = self_signed_tls()
     tls = ExtProcTLS(made.certificate_chain, made.private_key, "a certificate in memory")
+    writes.recording = True
+    try:
+        tls.server_context()
+    finally:
+        writes.recording = False
+    # The chain and the key, written (from memory, not yet from a directory, when memfd works).
+    assert len(writes.opened) >= 2, writes.opened
+    if memory:
+        assert all(w.startswith("/memfd:interlock-tls") for w in writes.opened), writes.opened
+    else:
+        # Each file is seen twice: os.open by path, then open on its descriptor.
+        written = {Path(w) for w in writes.opened if not w.startswith("/memfd:")}
+        assert len(written) == 2 and all(temporary in w.parents for w in written), written
+        assert not any(w.exists() for w in written), written
+    assert list(temporary.iterdir()) == []
     offered = client_context(tls.certificate_chain, ["h2"])
     assert await echo_over_tls(tls, offered) == ("h2", b"ping")
-    assert list(temporary.iterdir()) == []
 
 
 def _with_a_broken_public_key(chain: bytes) -> bytes:
@@ -347,6 +400,21 @@ async def test_the_server_context_falls_back_to_a_private_directory_when_memfd_i
     assert list(temporary.iterdir()) == []
 
 
+def test_a_refused_memfd_and_no_usable_temporary_directory_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Neither way of handing the key to OpenSSL works: a ConfigError saying what to set,
+    # not an OSError's traceback at start.
+    def refused(name: str, flags: int = 0) -> int:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "memfd_create", refused, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "absent"))
+    made = _made()
+    with pytest.raises(ConfigError, match="set TMPDIR to a directory this user can write"):
+        ExtProcTLS(made.certificate_chain, made.private_key, "x").server_context()
+
+
 def test_a_chain_openssl_refuses_for_a_weak_ca_key_says_so_not_that_it_is_not_pem() -> None:
     # A P-256 leaf (servable) whose chain holds its 1024-bit RSA CA: OpenSSL refuses the
     # chain (CA_KEY_TOO_SMALL, security level 2). Both are PEM and a pair: the error must
@@ -384,10 +452,16 @@ def test_a_chain_openssl_refuses_for_a_weak_ca_key_says_so_not_that_it_is_not_pe
     assert "CA_KEY_TOO_SMALL" in message or "1024" in message, message
 
 
+#: A P-256 certificate and its key, committed (tests/tls/README.md).
+FIXED_CERT = Path(__file__).parent / "tls" / "p256.pem"
+
+
 @functools.cache
 def _made() -> ExtProcTLS:
-    """One self-signed certificate and key, made once for the tests that corrupt them."""
-    return self_signed_tls()
+    """The committed certificate and key, the same bytes every run for the property that
+    corrupts them: hypothesis' examples then meet the same certificate each time."""
+    key = FIXED_CERT.with_name("p256-key.pem")
+    return ExtProcTLS(FIXED_CERT.read_bytes(), key.read_bytes(), "certificate tests/tls/p256.pem")
 
 
 @given(
