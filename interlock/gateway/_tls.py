@@ -180,9 +180,9 @@ def _refused(exc: ssl.SSLError, cert_name: str, key_name: str) -> ConfigError:
     if exc.reason in _TOO_WEAK:
         return ConfigError(
             f"OpenSSL refuses {cert_name} at security level 2: {_TOO_WEAK[exc.reason]} "
-            f"({exc.reason}); give a chain whose certificates have keys of {SERVABLE_KEYS} and "
-            "are signed with SHA-256 or stronger, or leave the root CA out of the chain (a "
-            "gateway that verifies the certificate holds the root itself)"
+            f"({exc.reason}); give a chain whose certificates have RSA keys of 2048 bits or "
+            "more or ECDSA keys and are signed with SHA-256 or stronger, or leave a weak root CA "
+            "out of the chain (a gateway that verifies the certificate holds the root itself)"
         )
     if exc.reason is None:
         # Python's ssl gives no reason when OpenSSL cannot decode a file ("[SSL] PEM lib").
