@@ -490,6 +490,30 @@ def test_a_corrupted_certificate_or_key_is_a_config_error_or_still_served(
         assert isinstance(context, ssl.SSLContext)
 
 
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=3))
+def test_a_certificate_corrupted_in_its_der_is_a_config_error_or_still_served(
+    edits: list[tuple[int, int]],
+) -> None:
+    # Bytes of the certificate's DER replaced, as valid PEM: what reaches the parsers' checks
+    # of its fields (its version, its key's point), not only base64's.
+    made = _made()
+    der = bytearray(
+        x509.load_pem_x509_certificate(made.certificate_chain).public_bytes(
+            serialization.Encoding.DER
+        )
+    )
+    for at, value in edits:
+        der[at % len(der)] = value
+    body = base64.encodebytes(bytes(der)).decode()
+    chain = f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n".encode()
+    try:
+        context = attrs.evolve(made, certificate_chain=chain).server_context()
+    except ConfigError as exc:
+        assert f"ExtProcTLS({made.source})'s certificate_chain" in str(exc), str(exc)
+    else:
+        assert isinstance(context, ssl.SSLContext)
+
+
 # -- which certificate keys gateways' TLS clients complete a handshake with ------------------------
 
 
