@@ -495,3 +495,32 @@ async def test_an_ipv6_host_is_reported_in_brackets_and_answers_there() -> None:
                 HealthCheckResponse.SERVING
             )
         nursery.cancel_scope.cancel()
+
+
+class TwoLoopbacks(trio.abc.HostnameResolver):
+    """Resolves every name to two loopback addresses (as ``localhost`` may: 127.0.0.1, ::1)."""
+
+    async def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+            for address in ("127.0.0.1", "127.0.0.2")
+        ]
+
+    async def getnameinfo(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+
+async def test_port_0_on_a_name_of_two_addresses_listens_on_one_port_on_both() -> None:
+    # Port 0 binds each address on a free port of its own: the one reported must be served
+    # on every address the name has.
+    previous = trio.socket.set_custom_hostname_resolver(TwoLoopbacks())
+    try:
+        async with picking() as p, trio.open_nursery() as nursery:
+            address, _ = await nursery.start(serve_ext_proc, p.picker, "picker.test", 0)
+            port = int(address.rpartition(":")[2])
+            for host in ("127.0.0.1", "127.0.0.2"):
+                status = (await in_thread(check, f"{host}:{port}", "liveness")).status
+                assert status == HealthCheckResponse.SERVING, host
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.socket.set_custom_hostname_resolver(previous)
