@@ -1,23 +1,31 @@
 """The endpoint picker's gRPC port over TLS (docs/gateway.md#tls-on-the-ext_proc-port):
 ``interlock route --ext-proc-tls self-signed`` or ``--ext-proc-tls-cert``/``--ext-proc-tls-key``.
 
-grpcio's TLS client picks through it and checks its health; an h2c client and a client that
-does not trust the certificate are refused; the health port stays h2c (as GAIE's picker serves
-it). The flags (and ``--config``'s ``[gateway]`` table) are checked at start with errors naming
-the flag. A real Envoy, configured with docs/gateway/envoy-ext-proc-tls.yaml's cluster, sends
-requests through a real ``interlock route --ext-proc-tls self-signed`` to the endpoint it
+grpcio's TLS client picks through it and checks its health; an h2c client and a client that does
+not trust the certificate are refused; the health port stays h2c (as GAIE's picker serves it).
+The server's TLS context selects h2 by ALPN and leaves no key on disk. Which certificate keys
+are served is tried for real: loopback TLS servers with each kind of key, and grpcio's client
+and a real Envoy completing a handshake or not; a key a gateway could not use is refused at
+start. The flags (and ``--config``'s ``[gateway]`` table) are checked at start with errors
+naming the flag. A real Envoy, configured with docs/gateway/envoy-ext-proc-tls.yaml's cluster,
+sends requests through a real ``interlock route --ext-proc-tls self-signed`` to the endpoint it
 picked. Real sockets and threads; every wait has a deadline; nothing asserts on time.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
+import os
 import re
 import shutil
+import ssl
 import subprocess
+import tempfile
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -46,6 +54,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpc_health.v1.health_pb2_grpc import HealthStub
 from helpers import frontend_parser
+from hypothesis import given
+from hypothesis import strategies as st
 from test_gateway_ext_proc import (
     Picking,
     chat_body,
@@ -57,7 +67,7 @@ from test_gateway_ext_proc import (
 from test_gateway_server import Bookings
 
 from interlock import ConfigError
-from interlock.gateway import serve_ext_proc
+from interlock.gateway import _tls, serve_ext_proc
 from interlock.gateway._tls import ExtProcTLS, load_tls, self_signed_tls
 from interlock.http._cli import _serve_ext_proc, banner, resolve
 
@@ -181,7 +191,192 @@ async def test_an_h2c_client_and_a_client_not_trusting_the_certificate_are_refus
         assert not s.picking.picker.booked
 
 
-# -- which certificate keys grpcio serves ------------------------------------------------------
+# -- the server context ----------------------------------------------------------------------------
+
+
+def client_context(trusted: bytes, alpn: list[str]) -> ssl.SSLContext:
+    """A TLS client's context that trusts ``trusted`` (PEM) and offers ``alpn``."""
+    context = ssl.create_default_context(cadata=trusted.decode())
+    context.set_alpn_protocols(alpn)
+    return context
+
+
+async def echo_over_tls(tls: ExtProcTLS, client: ssl.SSLContext) -> tuple[str | None, bytes]:
+    """One loopback connection, ``trio.SSLStream`` on both sides (the server's with
+    ``tls.server_context()``): the ALPN protocol the server selected and what it echoed."""
+    selected: list[str | None] = []
+
+    async def echo(stream: trio.SocketStream) -> None:
+        secured = trio.SSLStream(stream, tls.server_context(), server_side=True)
+        await secured.do_handshake()
+        selected.append(secured.selected_alpn_protocol())
+        await secured.send_all(await secured.receive_some())
+        await secured.aclose()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        with trio.fail_after(TIMEOUT):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with trio.SSLStream(stream, client, server_hostname="localhost") as secured:
+                await secured.send_all(b"ping")
+                echoed = await secured.receive_some()
+        nursery.cancel_scope.cancel()
+    return selected[0], echoed
+
+
+async def test_the_server_context_selects_h2_and_asks_no_client_certificate(
+    tmp_path: Path,
+) -> None:
+    tls = write_certificate(tmp_path).tls
+    context = tls.server_context()
+    assert context is tls.server_context()  # made once (by load_tls), served to every connection
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode == ssl.CERT_NONE
+    offered = client_context(tls.certificate_chain, ["http/1.1", "h2"])
+    assert await echo_over_tls(tls, offered) == ("h2", b"ping")
+    # A client that cannot speak HTTP/2 completes the handshake with no protocol selected:
+    # the gRPC server then closes it.
+    http1 = client_context(tls.certificate_chain, ["http/1.1"])
+    assert await echo_over_tls(tls, http1) == (None, b"ping")
+
+
+#: Whether this machine loads a key from memory (Linux's memfd_create and /proc).
+IN_MEMORY = hasattr(os, "memfd_create") and os.path.isdir(_tls._PROC_FDS)
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [
+        pytest.param(True, id="memfd", marks=pytest.mark.skipif(not IN_MEMORY, reason="no memfd")),
+        pytest.param(False, id="private-directory"),
+    ],
+)
+async def test_the_server_context_leaves_no_key_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory: bool
+) -> None:
+    # Python's ssl loads a key from a file only: on Linux one in memory; elsewhere (as when
+    # /proc is not mounted) a private temporary directory's, removed at once.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    if not memory:
+        monkeypatch.setattr(_tls, "_PROC_FDS", str(tmp_path / "no-proc"))
+    made = self_signed_tls()
+    tls = ExtProcTLS(made.certificate_chain, made.private_key, "a certificate in memory")
+    offered = client_context(tls.certificate_chain, ["h2"])
+    assert await echo_over_tls(tls, offered) == ("h2", b"ping")
+    assert list(temporary.iterdir()) == []
+
+
+def _with_a_broken_public_key(chain: bytes) -> bytes:
+    """``chain``'s certificate with its ECDSA public key's point format byte changed."""
+    certificate = x509.load_pem_x509_certificate(chain)
+    point = certificate.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    assert der.count(point) == 1
+    broken = x509.load_der_x509_certificate(der.replace(point, b"\x05" + point[1:]))
+    return broken.public_bytes(serialization.Encoding.PEM)
+
+
+def test_the_server_contexts_errors_name_the_extproctls(tmp_path: Path) -> None:
+    ours, other = write_certificate(tmp_path), write_certificate(tmp_path, "other")
+    chain, key = ours.tls.certificate_chain, ours.tls.private_key
+    broken = _with_a_broken_public_key(chain)
+    for tls, message in (
+        (ExtProcTLS(key, key, "x"), "ExtProcTLS(x)'s certificate_chain is not a PEM certificate"),
+        (ExtProcTLS(chain, chain, "x"), "ExtProcTLS(x)'s private_key is not a PEM private key"),
+        (
+            ExtProcTLS(chain, other.tls.private_key, "x"),
+            "ExtProcTLS(x)'s private_key is not the private key of ExtProcTLS(x)'s "
+            "certificate_chain",
+        ),
+        (
+            ExtProcTLS(broken, key, "x"),
+            "ExtProcTLS(x)'s certificate_chain: its certificate's public key is not valid",
+        ),
+    ):
+        with pytest.raises(ConfigError) as failed:
+            tls.server_context()
+        assert message in str(failed.value), str(failed.value)
+
+
+@functools.cache
+def _made() -> ExtProcTLS:
+    """One self-signed certificate and key, made once for the tests that corrupt them."""
+    return self_signed_tls()
+
+
+@given(
+    st.sampled_from(["certificate_chain", "private_key"]),
+    st.lists(st.tuples(st.integers(0, 10_000), st.binary(max_size=3)), min_size=1, max_size=4),
+    st.integers(0, 10_000) | st.none(),
+)
+def test_a_corrupted_certificate_or_key_is_a_config_error_or_still_served(
+    part: str, edits: list[tuple[int, bytes]], cut: int | None
+) -> None:
+    # Bytes anywhere in the PEM replaced, and maybe cut short: whatever OpenSSL or the
+    # cryptography package makes of them, the answer is a context or a ConfigError.
+    made = _made()
+    corrupted = bytearray(getattr(made, part))
+    for at, replacement in edits:
+        at %= len(corrupted)
+        corrupted[at : at + len(replacement)] = replacement
+    if cut is not None:
+        del corrupted[cut % len(corrupted) :]
+    tls = attrs.evolve(made, **{part: bytes(corrupted)})
+    try:
+        context = tls.server_context()
+    except ConfigError as exc:
+        assert f"ExtProcTLS({made.source})'s" in str(exc), str(exc)
+    else:
+        assert isinstance(context, ssl.SSLContext)
+
+
+# -- which certificate keys gateways' TLS clients complete a handshake with ------------------------
+
+
+#: The keys both Envoy and grpcio's client complete a handshake with (tried below).
+SERVED_KEYS = ("rsa-2048", "rsa-3072", "p-256")
+#: Keys OpenSSL loads but a gateway completes no handshake with: Envoy (TLS 1.2, curves X25519
+#: and P-256) finds no cipher for any of them; grpcio's client (TLS 1.3) serves P-384 too, but
+#: finds no cipher for DSA, P-224 or secp256k1 and no signature algorithm for Ed25519, Ed448,
+#: P-521 or RSA-PSS.
+UNSERVABLE_KEYS = ("p-384", "p-521", "p-224", "secp256k1", "ed25519", "ed448", "dsa", "rsa-pss")
+#: OpenSSL refuses to load this key at all (security level 2).
+SHORT_KEYS = ("rsa-1024",)
+
+
+class KeyPairs:
+    """Certificates and keys of each kind `_pair` makes, made once for the module (DSA's and
+    RSA's take a while)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.made: dict[str, tuple[Path, Path]] = {}
+
+    def __getitem__(self, label: str) -> tuple[Path, Path]:
+        if label not in self.made:
+            self.made[label] = _pair(self.directory, label)
+        return self.made[label]
+
+    def unchecked(self, labels: tuple[str, ...]) -> dict[str, ssl.SSLContext]:
+        """Server contexts as `ExtProcTLS.server_context` makes them, but without refusing
+        the key, for each of ``labels`` this machine can make."""
+        contexts = {}
+        for label in labels:
+            if label == "rsa-pss" and shutil.which("openssl") is None:
+                continue
+            cert, key = self[label]
+            contexts[label] = _tls._h2_context(cert.read_bytes(), key.read_bytes())
+        return contexts
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> KeyPairs:
+    return KeyPairs(tmp_path_factory.mktemp("keys"))
 
 
 def _pair(directory: Path, label: str) -> tuple[Path, Path]:
@@ -230,6 +425,7 @@ def _pair(directory: Path, label: str) -> tuple[Path, Path]:
 
 def _private_key(label: str) -> Any:
     return {
+        "rsa-1024": lambda: rsa.generate_private_key(65537, 1024),
         "rsa-2048": lambda: rsa.generate_private_key(65537, 2048),
         "rsa-3072": lambda: rsa.generate_private_key(65537, 3072),
         "p-256": lambda: ec.generate_private_key(ec.SECP256R1()),
@@ -253,16 +449,92 @@ def _health_over_tls(address: str, trusted: bytes) -> Any:
         return exc.code()
 
 
-SERVED_KEYS = ("rsa-2048", "rsa-3072", "p-256", "p-384")
-#: grpcio binds these but its clients (and Envoy) find no signature algorithm in common.
-UNUSABLE_KEYS = ("p-521", "ed25519")
-#: grpcio (BoringSSL) will not bind these at all, which Python's OpenSSL loads.
-UNBINDABLE_KEYS = ("dsa", "ed448", "p-224", "secp256k1", "rsa-pss")
+@attrs.define
+class Handshakes:
+    """Loopback TLS servers, one for each label's context, and how the first handshake each
+    one saw ended: ``"h2"`` (completed, HTTP/2 selected) or OpenSSL's reason it failed."""
+
+    ports: dict[str, int]
+    outcomes: dict[str, str] = attrs.Factory(dict)
+    _all_seen: trio.Event = attrs.Factory(trio.Event)
+
+    async def wait(self) -> dict[str, str]:
+        with trio.fail_after(TIMEOUT):
+            await self._all_seen.wait()
+        return self.outcomes
+
+    def seen(self, label: str, outcome: str) -> None:
+        self.outcomes.setdefault(label, outcome)
+        if len(self.outcomes) == len(self.ports):
+            self._all_seen.set()
+
+
+@asynccontextmanager
+async def handshakes(contexts: dict[str, ssl.SSLContext]) -> AsyncIterator[Handshakes]:
+    async with trio.open_nursery() as nursery:
+        ports: dict[str, int] = {}
+        seen: Handshakes = Handshakes(ports)
+        for label in contexts:
+
+            async def handshake(stream: trio.SocketStream, label: str = label) -> None:
+                secured = trio.SSLStream(stream, contexts[label], server_side=True)
+                try:
+                    await secured.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    failure = exc.__cause__
+                    seen.seen(label, getattr(failure, "reason", None) or repr(failure))
+                else:
+                    seen.seen(label, secured.selected_alpn_protocol() or "no ALPN")
+                await trio.aclose_forcefully(stream)
+
+            serve = partial(trio.serve_tcp, handshake, 0, host="127.0.0.1")
+            (listener,) = await nursery.start(serve)
+            ports[label] = listener.socket.getsockname()[1]
+        yield seen
+        nursery.cancel_scope.cancel()
+
+
+async def test_grpcios_client_completes_a_handshake_with_the_servable_keys_and_p384(
+    pairs: KeyPairs,
+) -> None:
+    contexts = pairs.unchecked(SERVED_KEYS + UNSERVABLE_KEYS)
+    async with handshakes(contexts) as seen:
+        channels = [
+            tls_channel(f"127.0.0.1:{port}", pairs[label][0].read_bytes())
+            for label, port in seen.ports.items()
+        ]
+        try:
+            for channel in channels:  # connects in the background, never waits
+                channel.subscribe(lambda _: None, try_to_connect=True)
+            outcomes = await seen.wait()
+        finally:
+            for channel in channels:
+                channel.close()
+    served = {label for label, outcome in outcomes.items() if outcome == "h2"}
+    assert served == {*SERVED_KEYS, "p-384"}, outcomes
+
+
+async def test_envoy_completes_a_handshake_with_the_servable_keys_only(
+    pairs: KeyPairs, tmp_path: Path
+) -> None:
+    require_envoy()
+    contexts = pairs.unchecked(SERVED_KEYS + UNSERVABLE_KEYS)
+    async with handshakes(contexts) as seen:
+        # docs' TLS cluster, once for each key: Envoy health-checks each at start.
+        config = gateway_config(ext_proc="127.0.0.1:1", ext_proc_health_port=None, pool=[])
+        for label, port in seen.ports.items():
+            cluster = tls_cluster(f"127.0.0.1:{port}")
+            cluster["name"] = cluster["load_assignment"]["cluster_name"] = f"key_{label}"
+            config["static_resources"]["clusters"].append(cluster)
+        async with open_envoy(config, tmp_path):
+            outcomes = await seen.wait()
+    served = {label for label, outcome in outcomes.items() if outcome == "h2"}
+    assert served == set(SERVED_KEYS), outcomes
 
 
 @pytest.mark.parametrize("label", SERVED_KEYS)
-async def test_a_certificate_with_a_key_grpcio_serves_is_served(tmp_path: Path, label: str) -> None:
-    cert, key = _pair(tmp_path, label)
+async def test_a_certificate_with_a_servable_key_is_served(pairs: KeyPairs, label: str) -> None:
+    cert, key = pairs[label]
     tls = route(
         "--ext-proc-port", "0", "--ext-proc-tls-cert", str(cert), "--ext-proc-tls-key", str(key)
     ).ext_proc_tls
@@ -271,11 +543,11 @@ async def test_a_certificate_with_a_key_grpcio_serves_is_served(tmp_path: Path, 
         assert status == SERVING
 
 
-@pytest.mark.parametrize("label", UNUSABLE_KEYS + UNBINDABLE_KEYS)
-async def test_a_certificate_with_a_key_grpcio_cannot_serve_is_refused_at_start(
-    tmp_path: Path, label: str
+@pytest.mark.parametrize("label", UNSERVABLE_KEYS + SHORT_KEYS)
+def test_a_key_no_gateway_completes_a_handshake_with_is_refused_at_start(
+    pairs: KeyPairs, label: str
 ) -> None:
-    cert, key = _pair(tmp_path, label)
+    cert, key = pairs[label]
     with pytest.raises(ConfigError) as refused:
         route(
             "--ext-proc-port", "0",
@@ -283,22 +555,11 @@ async def test_a_certificate_with_a_key_grpcio_cannot_serve_is_refused_at_start(
         )  # fmt: skip
     message = str(refused.value)
     assert message.startswith(f"--ext-proc-tls-cert {str(cert)!r} holds "), message
-    assert "RSA of 2048 bits or more, or ECDSA on P-256 or P-384" in message
-    # Why: served anyway (a library user's ExtProcTLS, unchecked), no client gets through.
-    unchecked = ExtProcTLS(cert.read_bytes(), key.read_bytes(), f"certificate {cert}")
-    if label in UNUSABLE_KEYS:
-        async with serving_tls(unchecked) as s:
-            status = await trio.to_thread.run_sync(_health_over_tls, s.ext_proc, cert.read_bytes())
-            assert status == grpc.StatusCode.UNAVAILABLE
-        return
-    # grpcio refuses the key when binding: the error says so, not that the port is the problem.
-    with pytest.raises(BaseExceptionGroup) as failed:
-        async with serving_tls(unchecked):
-            pass  # pragma: no cover
-    (error,) = _leaves(failed.value)
-    assert isinstance(error, ConfigError), repr(error)
-    assert f"grpcio refused the certificate {cert}" in str(error)
-    assert "the port is free" in str(error)
+    assert "RSA of 2048 bits or more, or ECDSA on P-256 (e.g. openssl req" in message
+    # The same for a certificate given in Python.
+    given = ExtProcTLS(cert.read_bytes(), key.read_bytes(), f"certificate {cert}")
+    with pytest.raises(ConfigError, match=re.escape(f"{given!r}'s certificate_chain holds ")):
+        given.server_context()
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -307,17 +568,22 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-async def test_interlock_route_names_the_certificate_grpcio_refuses_not_the_port(
-    tmp_path: Path,
+async def test_serving_a_key_no_gateway_completes_a_handshake_with_is_refused(
+    pairs: KeyPairs,
 ) -> None:
-    cert, key = _pair(tmp_path, "dsa")
-    setup = attrs.evolve(
-        route("--ext-proc-port", "0"),
-        ext_proc_tls=ExtProcTLS(cert.read_bytes(), key.read_bytes(), f"certificate {cert}"),
-    )
+    cert, key = pairs["p-384"]
+    given = ExtProcTLS(cert.read_bytes(), key.read_bytes(), f"certificate {cert}")
+    with pytest.raises((ConfigError, BaseExceptionGroup)) as failed:
+        async with serving_tls(given):
+            pass  # pragma: no cover
+    (error,) = _leaves(failed.value)
+    assert isinstance(error, ConfigError), repr(error)
+    assert "holds an ECDSA key on secp384r1" in str(error)
+    # And through interlock route's serving of a setup built in Python.
+    setup = attrs.evolve(route("--ext-proc-port", "0"), ext_proc_tls=given)
     async with picking() as p, trio.open_nursery() as nursery:
         app = SimpleNamespace(state=SimpleNamespace(frontend=p.picker.frontend))
-        with pytest.raises(ConfigError, match="grpcio refused the certificate"):
+        with pytest.raises(ConfigError, match="holds an ECDSA key on secp384r1"):
             await _serve_ext_proc(nursery, setup, app)
 
 
@@ -543,17 +809,22 @@ def test_the_page_shows_the_tls_cluster_the_tests_run() -> None:
     )
 
 
+def tls_cluster(address: str) -> dict[str, Any]:
+    """docs/gateway/envoy-ext-proc-tls.yaml's cluster, its endpoint at ``address``."""
+    cluster: dict[str, Any] = yaml.safe_load(TLS_CLUSTER.read_text())
+    host, _, port = address.rpartition(":")
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    endpoint["endpoint"]["address"] = {"socket_address": {"address": host, "port_value": int(port)}}
+    return cluster
+
+
 def tls_gateway_config(*, ext_proc: str, pool: list[str]) -> dict[str, Any]:
     """docs/gateway/envoy.yaml with the picker's cluster replaced by the TLS one of
     docs/gateway/envoy-ext-proc-tls.yaml, at this run's addresses."""
     config = gateway_config(ext_proc=ext_proc, ext_proc_health_port=None, pool=pool)
-    cluster = yaml.safe_load(TLS_CLUSTER.read_text())
-    host, _, port = ext_proc.rpartition(":")
-    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    endpoint["endpoint"]["address"] = {"socket_address": {"address": host, "port_value": int(port)}}
     clusters = config["static_resources"]["clusters"]
     index = next(i for i, c in enumerate(clusters) if c["name"] == "interlock_epp")
-    clusters[index] = cluster
+    clusters[index] = tls_cluster(ext_proc)
     return config
 
 

@@ -9,13 +9,15 @@ of your own, `self_signed_tls` makes a throwaway one at start, as llm-d does.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
 import socket
 import ssl
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 import attrs
@@ -28,14 +30,26 @@ __all__ = ["SERVABLE_KEYS", "ExtProcTLS", "load_tls", "self_signed_tls"]
 
 CERT_FLAG: Final = "--ext-proc-tls-cert"
 KEY_FLAG: Final = "--ext-proc-tls-key"
-#: The certificate keys the picker serves, as the error says them. grpcio's TLS (BoringSSL)
-#: refuses DSA, Ed448, RSA-PSS and EC curves other than P-256/P-384/P-521 when the port is
-#: bound; it binds Ed25519 and P-521 keys, but neither grpcio's clients nor Envoy (BoringSSL)
-#: offer their signature algorithms by default, so every handshake would fail (Envoy then
-#: fails open, sending requests past the picker). tests/test_gateway_tls.py tries each.
-SERVABLE_KEYS: Final = "RSA of 2048 bits or more, or ECDSA on P-256 or P-384"
+#: The certificate keys the picker serves, as the error says them: those with which both
+#: gateway TLS clients (BoringSSL's: Envoy's and grpcio's) complete a handshake against the
+#: picker's OpenSSL server context. OpenSSL would serve the others, but Envoy's upstream TLS
+#: (TLS 1.2 at most, offering the curves X25519 and P-256 by default) finds no cipher for an
+#: ECDSA key on another curve (P-384 included), nor for DSA, Ed25519, Ed448 or RSA-PSS keys,
+#: and grpcio's client (TLS 1.3) no signature algorithm for Ed25519, Ed448, P-521 or RSA-PSS
+#: keys: every handshake would fail, and Envoy, failing open, would send requests past the
+#: picker. OpenSSL itself refuses RSA keys under 2048 bits (security level 2).
+#: tests/test_gateway_tls.py tries each key with both clients.
+SERVABLE_KEYS: Final = "RSA of 2048 bits or more, or ECDSA on P-256"
 _MIN_RSA_BITS: Final = 2048
-_CURVES: Final = frozenset({"secp256r1", "secp384r1"})
+_CURVES: Final = frozenset({"secp256r1"})
+#: The one protocol the server offers by ALPN: gRPC runs on HTTP/2, which gRPC's TLS clients
+#: (grpcio's, Envoy's) ask for by ALPN.
+ALPN: Final = "h2"
+#: TLS 1.2's ciphers HTTP/2 allows (RFC 9113 9.2.2: ephemeral key exchange and AEAD only;
+#: OpenSSL's default list also has CBC ones, which an HTTP/2 client may refuse). TLS 1.3's
+#: ciphers all qualify and are not set by this string. Security level 2 (Python's default,
+#: which a cipher string would otherwise reset to OpenSSL's build default) refuses short keys.
+_H2_TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20:@SECLEVEL=2"
 #: How long a self-signed certificate is valid (llm-d's: ten years; the process restarts long
 #: before, making a new one).
 _SELF_SIGNED_DAYS: Final = 3650
@@ -49,10 +63,41 @@ class ExtProcTLS:
     certificate_chain: bytes
     private_key: bytes
     source: str
+    #: `server_context`'s context once made (not part of the value: equal chains and keys
+    #: make equal contexts).
+    _context: ssl.SSLContext | None = attrs.field(default=None, init=False, eq=False)
+
+    def server_context(self) -> ssl.SSLContext:
+        """The server side's TLS context for the picker's port: TLS 1.2 or later, ALPN
+        offering ``h2`` alone, this certificate chain and key, no client certificate asked
+        for (gateways show none). Made at the first call and the same one after (`load_tls`
+        makes it, so a bad file fails at start).
+
+        Raises:
+            ConfigError: the chain and key are not PEM, the key is encrypted or not the
+                certificate's, or it is not a key of `SERVABLE_KEYS`.
+        """
+        return self._load(f"{self!r}'s certificate_chain", f"{self!r}'s private_key")
 
     def credentials(self) -> grpc.ServerCredentials:
-        """grpcio's server credentials (no client certificate asked for: gateways show none)."""
+        """grpcio's server credentials (no client certificate asked for), for grpcio's server
+        until the picker's own transport serves `server_context`; checked as that is first.
+
+        Raises:
+            ConfigError: as `server_context`.
+        """
+        self.server_context()
         return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)])
+
+    def _load(self, cert_name: str, key_name: str) -> ssl.SSLContext:
+        """`server_context`, whose errors say the chain is ``cert_name`` and the key
+        ``key_name`` (`load_tls`: the flags and files)."""
+        if self._context is None:
+            context = _server_context(self.certificate_chain, self.private_key, cert_name, key_name)
+            # A cache, not a change of value: the frozen class allows it this way only.
+            object.__setattr__(self, "_context", context)
+            return context
+        return self._context
 
     def __repr__(self) -> str:
         return f"ExtProcTLS({self.source})"
@@ -66,50 +111,105 @@ def load_tls(
     key_flag: str = KEY_FLAG,
 ) -> ExtProcTLS:
     """The certificate chain at ``cert_path`` and the unencrypted private key at ``key_path``
-    (PEM), checked to be a pair now, so a bad file fails at start, not at each gateway's
-    handshake. Reads the files.
+    (PEM), with its `ExtProcTLS.server_context` made now, so a bad file fails at start, not at
+    each gateway's handshake. Reads the files.
 
     Raises:
         ConfigError: a file is missing or unreadable, is not PEM of its kind, the key is
-            encrypted, or the two do not match (the message names the flag and the file).
+            encrypted, the two do not match, or the key is not of `SERVABLE_KEYS` (the message
+            names the flag and the file).
     """
     cert, key = os.fspath(cert_path), os.fspath(key_path)
-    chain = _read(cert, cert_flag)
-    private_key = _read(key, key_flag)
+    tls = ExtProcTLS(_read(cert, cert_flag), _read(key, key_flag), f"certificate {cert}")
+    tls._load(f"{cert_flag} {cert!r}", f"{key_flag} {key!r}")
+    return tls
+
+
+def _server_context(chain: bytes, key: bytes, cert_name: str, key_name: str) -> ssl.SSLContext:
+    """`ExtProcTLS.server_context` for ``chain`` and ``key``, named ``cert_name`` and
+    ``key_name`` in its `ConfigError`."""
     if b"-----BEGIN CERTIFICATE-----" not in chain:
         raise ConfigError(
-            f"{cert_flag} {cert!r} is not a PEM certificate (no '-----BEGIN CERTIFICATE-----' "
-            "line); give the server's certificate chain in PEM"
+            f"{cert_name} is not a PEM certificate (no '-----BEGIN CERTIFICATE-----' line); "
+            "give the server's certificate chain in PEM"
         )
-    if b"PRIVATE KEY-----" not in private_key:
+    if b"PRIVATE KEY-----" not in key:
         raise ConfigError(
-            f"{key_flag} {key!r} is not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' "
-            "line); give the certificate's private key in PEM"
+            f"{key_name} is not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' line); "
+            "give the certificate's private key in PEM"
         )
-    if b"ENCRYPTED" in private_key:
+    if b"ENCRYPTED" in key:
         raise ConfigError(
-            f"{key_flag} {key!r} is encrypted: the picker takes an unencrypted PEM key "
+            f"{key_name} is encrypted: the picker takes an unencrypted PEM key "
             "(e.g. openssl pkey -in KEY -out KEY.plain); keep the file readable by it only"
         )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # Before OpenSSL loads the key: it refuses some (a short RSA key) with a reason of its own.
+    _check_servable(chain, cert_name)
     try:
-        context.load_cert_chain(cert, key, password=_no_password)
+        return _h2_context(chain, key)
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
             raise ConfigError(
-                f"{key_flag} {key!r} is not the private key of {cert_flag} {cert!r} (the key "
-                "and the certificate's public key do not match); give the key the certificate "
-                "was made for"
+                f"{key_name} is not the private key of {cert_name} (the key and the "
+                "certificate's public key do not match); give the key the certificate was "
+                "made for"
             ) from None
         raise ConfigError(
-            f"{cert_flag} {cert!r} / {key_flag} {key!r}: not a PEM certificate chain and its "
-            f"private key ({exc})"
+            f"{cert_name} / {key_name}: not a PEM certificate chain and its private key ({exc})"
         ) from None
-    _check_servable(chain, cert, cert_flag)
-    return ExtProcTLS(chain, private_key, f"certificate {cert}")
 
 
-def _check_servable(chain: bytes, cert: str, cert_flag: str) -> None:
+def _h2_context(chain: bytes, key: bytes) -> ssl.SSLContext:
+    """The server context of `ExtProcTLS.server_context`, its key unchecked.
+
+    Raises:
+        ssl.SSLError: OpenSSL cannot load ``chain`` and ``key`` as a pair.
+    """
+    # Server side: no client certificate is asked for (verify_mode stays CERT_NONE).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # HTTP/2 forbids TLS compression and renegotiation (RFC 9113 9.2.1).
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.set_ciphers(_H2_TLS12_CIPHERS)
+    context.set_alpn_protocols([ALPN])
+    with _readable(chain, key) as (chain_path, key_path):
+        context.load_cert_chain(chain_path, key_path, password=_no_password)
+    return context
+
+
+@contextlib.contextmanager
+def _readable(*contents: bytes) -> Iterator[list[str]]:
+    """Paths OpenSSL reads ``contents`` from while the block runs (Python's `ssl` loads a
+    certificate and key from files only). On Linux, files in memory (``memfd_create``, read
+    through ``/proc/self/fd``): the key never touches a disk. Elsewhere, files only this user
+    can read in a private temporary directory, removed when the block ends."""
+    if hasattr(os, "memfd_create") and os.path.isdir(_PROC_FDS):
+        descriptors: list[int] = []
+        try:
+            for data in contents:
+                descriptors.append(os.memfd_create("interlock-tls", os.MFD_CLOEXEC))
+                with os.fdopen(os.dup(descriptors[-1]), "wb") as file:
+                    file.write(data)
+            yield [f"{_PROC_FDS}/{descriptor}" for descriptor in descriptors]
+        finally:
+            for descriptor in descriptors:
+                os.close(descriptor)
+        return
+    with tempfile.TemporaryDirectory(prefix="interlock-tls-") as directory:  # mode 0o700
+        paths = []
+        for index, data in enumerate(contents):
+            path = os.path.join(directory, str(index))
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+                file.write(data)
+            paths.append(path)
+        yield paths
+
+
+#: Where Linux shows a process's open files as paths (a memfd opens from its start there).
+_PROC_FDS: Final = "/proc/self/fd"
+
+
+def _check_servable(chain: bytes, cert_name: str) -> None:
     """Raise `ConfigError` unless the chain's first certificate (the server's, whose key
     signs the handshake) has a key of `SERVABLE_KEYS`."""
     from cryptography import x509
@@ -120,7 +220,7 @@ def _check_servable(chain: bytes, cert: str, cert_flag: str) -> None:
     try:
         certificate = x509.load_pem_x509_certificate(chain)
     except ValueError as exc:  # OpenSSL took it: unlikely, but say so rather than crash
-        raise ConfigError(f"{cert_flag} {cert!r}: cannot read its certificate ({exc})") from None
+        raise ConfigError(f"{cert_name}: cannot read its certificate ({exc})") from None
     try:
         with warnings.catch_warnings():
             # DSA's deprecation warning: the error below says what to use instead.
@@ -128,6 +228,11 @@ def _check_servable(chain: bytes, cert: str, cert_flag: str) -> None:
             public_key: object = certificate.public_key()
     except UnsupportedAlgorithm:
         public_key = None
+    except ValueError as exc:  # a key of a known type, but not a valid one (a point off curve)
+        raise ConfigError(
+            f"{cert_name}: its certificate's public key is not valid ({exc}); give the server's "
+            "certificate chain as made"
+        ) from None
     if isinstance(public_key, rsa.RSAPublicKey):
         if certificate.public_key_algorithm_oid != PublicKeyAlgorithmOID.RSAES_PKCS1_v1_5:
             kind = "an RSA-PSS key"
@@ -144,9 +249,10 @@ def _check_servable(chain: bytes, cert: str, cert_flag: str) -> None:
     else:
         kind = f"a key of type {type(public_key).__name__.removesuffix('PublicKey')}"
     raise ConfigError(
-        f"{cert_flag} {cert!r} holds {kind}, which the picker's TLS (grpcio's BoringSSL, and "
-        f"Envoy's) cannot serve; give a certificate with a key of these: {SERVABLE_KEYS} "
-        "(e.g. openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes ...)"
+        f"{cert_name} holds {kind}, with which gateways' TLS clients (Envoy's and grpcio's, "
+        f"BoringSSL) cannot complete a handshake; give a certificate with a key of these: "
+        f"{SERVABLE_KEYS} (e.g. openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
+        "-nodes ...)"
     )
 
 

@@ -472,7 +472,7 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="FILE",
         default=None,
         help="with --ext-proc-port: serve it over TLS with this PEM certificate chain (needs "
-        "--ext-proc-tls-key; an RSA key of 2048 bits or more, or ECDSA on P-256 or P-384); "
+        "--ext-proc-tls-key; an RSA key of 2048 bits or more, or ECDSA on P-256); "
         "checked at start",
     )
     gateway.add_argument(
@@ -1451,8 +1451,8 @@ def _resolve_ext_proc_tls(
     Raises:
         ConfigError: a TLS setting without ``--ext-proc-port``, only one of the certificate and
             its key, a mode with them, or a file that cannot be used (`load_tls`: missing,
-            unreadable, not PEM, encrypted, not a pair, a key grpcio cannot serve); the message
-            names the flag or the table's key the user gave.
+            unreadable, not PEM, encrypted, not a pair, a key no gateway can handshake with);
+            the message names the flag or the table's key the user gave.
     """
     names = names or {}
 
