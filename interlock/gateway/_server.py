@@ -29,7 +29,6 @@ import logging
 import os
 import socket
 import ssl
-import tempfile
 from typing import Final
 
 import trio
@@ -37,11 +36,10 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 from google.protobuf.message import DecodeError
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
-from .._errors import ConfigError
 from ._endpoints import host_port
 from ._grpc import GrpcCall, GrpcConnection, GrpcError, SocketIO, Status, StreamIO
 from ._picker import ExtProcPicker, ExtProcStream
-from ._tls import SERVABLE_KEYS, ExtProcTLS
+from ._tls import ExtProcTLS
 
 __all__ = ["EXT_PROC_SERVICE", "serve_ext_proc"]
 
@@ -161,33 +159,6 @@ class _Service:
         )
 
 
-def _tls_context(tls: ExtProcTLS) -> ssl.SSLContext:
-    """The server's TLS context for ``tls``: ALPN ``h2``, TLS 1.2 or later, no client
-    certificate asked for (gateways show none).
-
-    Raises:
-        ConfigError: OpenSSL refuses the certificate or its key.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["h2"])
-    # ssl loads a chain and key from files only: written to a private directory, removed at once.
-    with tempfile.TemporaryDirectory(prefix="interlock-tls-") as directory:
-        cert = os.path.join(directory, "cert.pem")
-        key = os.path.join(directory, "key.pem")
-        for path, data in ((cert, tls.certificate_chain), (key, tls.private_key)):
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as file:
-                file.write(data)
-        try:
-            context.load_cert_chain(cert, key)
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"cannot serve TLS: the {tls.source} or its key was refused ({exc}); give a "
-                f"certificate with a key of these: {SERVABLE_KEYS}"
-            ) from None
-    return context
-
-
 async def _serve_connection(
     service: _Service, context: ssl.SSLContext | None, connected: trio.SocketStream
 ) -> None:
@@ -283,9 +254,9 @@ async def serve_ext_proc(
     Raises:
         OSError: an address cannot be bound (``filename`` is that address; ``errno`` why, or
             None if not known).
-        ConfigError: OpenSSL refused ``tls`` (its certificate or key).
+        ConfigError: ``tls`` cannot be served (`ExtProcTLS.server_context`).
     """
-    context = _tls_context(tls) if tls is not None else None
+    context = tls.server_context() if tls is not None else None
     binds = [(host, port, True)]
     if health_port is not None:
         binds.append((host, health_port, False))
