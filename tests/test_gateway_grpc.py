@@ -28,6 +28,8 @@ import trio
 import trio.testing
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from grpc_health.v1.health_pb2 import HealthCheckResponse
+from hypothesis import example, given
+from hypothesis import strategies as st
 from test_gateway_ext_proc import chat_body, picking, request_body, request_headers, response_body
 from test_gateway_server import TIMEOUT, check, in_thread, server_connections, serving
 
@@ -430,3 +432,120 @@ def test_the_transport_receives_frames_as_h2_does_without_their_repr(
     events = ours.receive_data(wire)
     monkeypatch.undo()
     assert [repr(e) for e in events] == expected
+
+
+# -- the framing, over an in-memory byte stream (virtual time) -----------------------------------
+
+
+class Echo:
+    """A `GrpcCall` answering each message with itself: at once, or (``waits``: each message
+    whose first byte is odd) from a task after a virtual second."""
+
+    def __init__(self) -> None:
+        self.waiting: bytes | None = None
+        self.done = False
+        self.closed = 0
+
+    def message(self, data: bytes) -> list[bytes] | None:
+        if data[:1] and data[0] % 2:
+            self.waiting = data
+            return None
+        return [data]
+
+    async def answer(self) -> list[bytes]:
+        await trio.sleep(1)
+        data, self.waiting = self.waiting, None
+        assert data is not None
+        return [data]
+
+    def end(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class EchoService:
+    def __init__(self) -> None:
+        self.calls: list[Echo] = []
+
+    def open(self, path: bytes) -> Echo:
+        self.calls.append(Echo())
+        return self.calls[-1]
+
+
+_MESSAGES = st.lists(
+    st.tuples(st.integers(0, 255), st.integers(0, 150_000)).map(
+        lambda m: bytes([m[0]]) * m[1] if m[1] else b""
+    ),
+    max_size=12,
+)
+
+
+@given(messages=_MESSAGES, cuts=st.lists(st.integers(1, 200_000), min_size=1, max_size=20))
+# Past the stream's 1 MiB window before the end, answers waiting for tasks, prefixes cut.
+@example(messages=[b"\x01" * 150_000] * 8 + [b"\x02" * 100_000, b""], cuts=[3, 70_001, 2])
+async def test_messages_cut_anywhere_come_back_whole_in_order_and_the_stream_ends_ok(
+    autojump_clock: trio.testing.MockClock, messages: list[bytes], cuts: list[int]
+) -> None:
+    # However the client's DATA cuts the messages (a prefix split, many messages in a frame,
+    # more than the stream's window before any answer), and whichever answers wait for a task,
+    # each comes back once, whole, in order, and the call is closed once at the end.
+    service = EchoService()
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
+    )
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    stream_id = client.get_next_available_stream_id()
+    client.send_headers(stream_id, [(b":method", b"POST"), (b":path", b"/echo"),
+                                    (b":scheme", b"http"), (b":authority", b"a")])  # fmt: skip
+    wire = b"".join(framed(message) for message in messages)
+    received = bytearray()
+    trailers: dict[bytes, bytes] = {}
+
+    async def read_some() -> None:
+        for event in client.receive_data(await client_side.receive_some()):
+            if isinstance(event, h2.events.DataReceived):
+                received.extend(event.data)
+                client.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            elif isinstance(event, h2.events.TrailersReceived) or (
+                isinstance(event, h2.events.ResponseReceived) and event.stream_ended
+            ):
+                trailers.update(event.headers)  # trailers, or trailers-only
+        await client_side.send_all(client.data_to_send())
+
+    with trio.fail_after(TIMEOUT):  # virtual: a deadlock fails at once, not at CI's limit
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await client_side.send_all(client.data_to_send())
+            offset, turn = 0, 0
+            while offset < len(wire):
+                room = min(
+                    client.local_flow_control_window(stream_id), client.max_outbound_frame_size
+                )
+                if room == 0:
+                    await read_some()  # the server's WINDOW_UPDATEs
+                    continue
+                size = min(cuts[turn % len(cuts)], room, len(wire) - offset)
+                turn += 1
+                client.send_data(stream_id, wire[offset : offset + size])
+                offset += size
+                await client_side.send_all(client.data_to_send())
+            client.end_stream(stream_id)
+            await client_side.send_all(client.data_to_send())
+            while not trailers:
+                await read_some()
+            await client_side.aclose()
+    assert trailers[b"grpc-status"] == b"0"
+    answers = []
+    while received:
+        size = int.from_bytes(received[1:5], "big")
+        answers.append(bytes(received[5 : 5 + size]))
+        del received[: 5 + size]
+    assert answers == messages
+    (call,) = service.calls
+    assert call.closed >= 1
