@@ -549,3 +549,33 @@ async def test_messages_cut_anywhere_come_back_whole_in_order_and_the_stream_end
     assert answers == messages
     (call,) = service.calls
     assert call.closed >= 1
+
+
+async def test_a_stop_with_a_peer_that_reads_nothing_ends_within_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The peer opens a stream and reads nothing more: the server's writes block. Stopping it
+    # must not wait on that peer past the grace; the stream's call is closed all the same.
+    service = EchoService()
+    client_side, server_side = trio.testing.lockstep_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
+    )
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    stream_id = client.get_next_available_stream_id()
+    client.send_headers(stream_id, [(b":method", b"POST"), (b":path", b"/echo"),
+                                    (b":scheme", b"http"), (b":authority", b"a")])  # fmt: skip
+    client.send_data(stream_id, framed(b"\x02" * 16_000))
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 3.0)
+            await client_side.receive_some()  # the server's SETTINGS, and no more
+            await client_side.send_all(client.data_to_send())
+            await trio.testing.wait_all_tasks_blocked()
+            (call,) = service.calls
+            assert not call.closed, "the stream is open, its answer blocked on the peer"
+            stopping = trio.current_time()
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() - stopping <= 3.0
+    assert call.closed == 1

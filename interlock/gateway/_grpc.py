@@ -348,6 +348,8 @@ class GrpcConnection:
         self._stalled: dict[int, _Stream] = {}
         self._sending = False
         self._sent: trio.Event | None = None
+        #: A write was cut short: the byte stream is broken, nothing more is sent.
+        self._broken = False
         self._nursery: trio.Nursery | None = None
         self._handlers: dict[type, Any] = {
             h2.events.RequestReceived: self._request,
@@ -420,12 +422,16 @@ class GrpcConnection:
             if self._sending:
                 return  # another took over and sends what is queued now
         data = self._h2.data_to_send()
-        if not data:
+        if not data or self._broken:
             return
         self._sending = True
         try:
             while data:
+                # Until the write is whole: one cut short (cancelled, or the peer gone) leaves
+                # part of a frame on the wire, after which nothing more can be sent.
+                self._broken = True
                 await self._io.send(data)
+                self._broken = False
                 data = self._h2.data_to_send()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer is gone: the read loop sees it
