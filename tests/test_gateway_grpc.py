@@ -45,6 +45,18 @@ def framed(message: ProcessingRequest | bytes, *, flag: int = 0) -> bytes:
     return bytes([flag]) + len(data).to_bytes(4, "big") + data
 
 
+def h2_client() -> tuple[h2.connection.H2Connection, int]:
+    """An HTTP/2 client (h2's, sans IO) that has opened one stream (its id) to ``/echo``."""
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    stream_id: int = client.get_next_available_stream_id()
+    client.send_headers(stream_id, [(b":method", b"POST"), (b":path", b"/echo"),
+                                    (b":scheme", b"http"), (b":authority", b"a")])  # fmt: skip
+    return client, stream_id
+
+
 class RawClient:
     """An HTTP/2 client of h2's on a non-blocking stdlib socket, in this trio run: it reads
     only when told to (`pump`, `until`), so the server sees a client that does not read."""
@@ -410,11 +422,7 @@ def test_h2_still_has_the_method_the_transport_overrides_to_skip_its_frame_repr(
 def test_the_transport_receives_frames_as_h2_does_without_their_repr(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    stream_id = client.get_next_available_stream_id()
-    client.send_headers(stream_id, [(b":method", b"POST"), (b":path", b"/x"),
-                                    (b":scheme", b"http"), (b":authority", b"a")])  # fmt: skip
+    client, stream_id = h2_client()
     client.send_data(stream_id, b"y" * 1000, end_stream=True)
     client.reset_stream(stream_id)
     wire = client.data_to_send()
@@ -496,13 +504,7 @@ async def test_messages_cut_anywhere_come_back_whole_in_order_and_the_stream_end
     connection = _grpc.GrpcConnection(
         _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
     )
-    client = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding=None)
-    )
-    client.initiate_connection()
-    stream_id = client.get_next_available_stream_id()
-    client.send_headers(stream_id, [(b":method", b"POST"), (b":path", b"/echo"),
-                                    (b":scheme", b"http"), (b":authority", b"a")])  # fmt: skip
+    client, stream_id = h2_client()
     wire = b"".join(framed(message) for message in messages)
     received = bytearray()
     trailers: dict[bytes, bytes] = {}
@@ -561,11 +563,7 @@ async def test_a_stop_with_a_peer_that_reads_nothing_ends_within_the_grace(
     connection = _grpc.GrpcConnection(
         _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
     )
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    stream_id = client.get_next_available_stream_id()
-    client.send_headers(stream_id, [(b":method", b"POST"), (b":path", b"/echo"),
-                                    (b":scheme", b"http"), (b":authority", b"a")])  # fmt: skip
+    client, stream_id = h2_client()
     client.send_data(stream_id, framed(b"\x02" * 16_000))
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
