@@ -577,3 +577,58 @@ async def test_a_stop_with_a_peer_that_reads_nothing_ends_within_the_grace(
             nursery.cancel_scope.cancel()
     assert trio.current_time() - stopping <= 3.0
     assert call.closed == 1
+
+
+async def test_messages_not_yet_whole_past_the_connections_budget_end_their_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Each message is let in as it arrives until whole; what the connection holds of them is
+    # bounded: the stream whose part passes the budget ends RESOURCE_EXHAUSTED, the others
+    # go on.
+    service = EchoService()
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=100_000, max_partial_bytes=150_000
+    )
+    client, first = h2_client()
+    second = client.get_next_available_stream_id()
+    client.send_headers(second, [(b":method", b"POST"), (b":path", b"/echo"),
+                                 (b":scheme", b"http"), (b":authority", b"a")])  # fmt: skip
+    message = framed(b"\x02" * 100_000)
+    statuses: dict[int, bytes] = {}
+    echoed = bytearray()
+
+    async def send_part(stream_id: int, data: bytes) -> None:
+        for offset in range(0, len(data), 16_384):
+            client.send_data(stream_id, data[offset : offset + 16_384])
+        await client_side.send_all(client.data_to_send())
+        await trio.testing.wait_all_tasks_blocked()
+
+    async def read() -> None:
+        for event in client.receive_data(await client_side.receive_some()):
+            if isinstance(event, h2.events.DataReceived):
+                echoed.extend(event.data)
+                client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                headers = dict(event.headers)
+                if b"grpc-status" in headers:
+                    statuses[event.stream_id] = headers[b"grpc-status"]
+        await client_side.send_all(client.data_to_send())
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await client_side.send_all(client.data_to_send())
+            await read()  # the server's SETTINGS
+            await send_part(first, message[:60_000])
+            await send_part(second, message[:60_000])  # 120,000 held: within the budget
+            await send_part(second, message[60_000:95_000])  # 155,000: past it
+            await read()
+            assert statuses == {second: b"8"}, statuses
+            await send_part(first, message[60_000:])
+            client.end_stream(first)
+            await client_side.send_all(client.data_to_send())
+            while first not in statuses:
+                await read()
+            await client_side.aclose()
+    assert statuses[first] == b"0" and bytes(echoed) == message

@@ -8,11 +8,13 @@ gets a task, and only while it waits; a stream's later messages stay unread in i
 meanwhile, so they keep their order and the stream's flow-control window bounds them.
 
 Memory is bounded both ways: the peer's DATA is acknowledged (its window reopened) once the
-stream's whole messages are answered (a message not whole yet is acknowledged as it arrives,
-up to `max_message_bytes`), so a peer sends at most `_STREAM_WINDOW` ahead of the answers per
-stream and `_CONNECTION_WINDOW` per connection. An answer larger than the peer's window waits
-for its WINDOW_UPDATE, and while more than `_HELD_BYTES` of answers wait so, no message of the
-connection is answered (a peer that does not read its answers is held back by its own window).
+stream's whole messages are answered, so a peer sends at most `_STREAM_WINDOW` ahead of the
+answers per stream and `_CONNECTION_WINDOW` per connection; a message not whole yet is
+acknowledged as it arrives (or one larger than the window would never complete), up to
+`max_message_bytes` a message and ``max_partial_bytes`` a connection. An answer larger than
+the peer's window waits for its WINDOW_UPDATE, and while more than `_HELD_BYTES` of answers
+wait so, no message of the connection is answered (a peer that does not read its answers is
+held back by its own window).
 
 Failures stay where they happen: a handler's error ends its stream (its status), a peer
 breaking HTTP/2 ends its connection (GOAWAY, then closed), never the server.
@@ -282,6 +284,7 @@ class _Stream:
         "id",
         "inbound",
         "outbound",
+        "partial",
         "remote_ended",
         "scope",
         "trailers",
@@ -295,6 +298,8 @@ class _Stream:
         self.inbound = bytearray()
         #: Flow-controlled bytes received and not yet acknowledged to h2.
         self.unacked = 0
+        #: Bytes of a message not whole yet, acknowledged (`GrpcConnection._partial` counts).
+        self.partial = 0
         #: Answer bytes waiting for the peer's window (in order).
         self.outbound = bytearray()
         #: The trailers to send once `outbound` is out (the stream is ending).
@@ -320,10 +325,19 @@ class GrpcConnection:
         *,
         max_message_bytes: int,
         max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+        max_partial_bytes: int | None = None,
     ) -> None:
         self._io = io
         self._service = service
         self._max_message = max_message_bytes
+        #: Bytes of messages not whole yet the connection's streams may hold at once (default:
+        #: two of the largest messages). A stream's window bounds what it sends ahead of its
+        #: answers, but a message larger than the window is let in as it arrives, or it could
+        #: never complete: this bounds what many such messages on one connection hold.
+        self._max_partial = (
+            2 * max_message_bytes if max_partial_bytes is None else max_partial_bytes
+        )
+        self._partial = 0
         h2conn = self._h2 = _H2Connection(_CONFIG)
         h2conn.local_settings = h2.settings.Settings(
             client=False,
@@ -594,12 +608,28 @@ class GrpcConnection:
                     inbound.clear()
                 else:
                     del inbound[:end]
+                self._release_partial(stream)
                 return data
         if stream.unacked:
+            if size:
+                # A message not whole yet: let the rest in (acknowledged), within the budget.
+                held = self._partial - stream.partial + size
+                if held > self._max_partial:
+                    raise GrpcError(
+                        Status.RESOURCE_EXHAUSTED,
+                        f"the connection's messages not yet whole would hold {held} bytes; "
+                        f"the limit is {self._max_partial}: send fewer large messages at once",
+                    )
+                self._partial = held
+                stream.partial = size
             # Every whole message is answered: the peer may send as much again.
             self._acknowledge(stream.unacked, stream.id)
             stream.unacked = 0
         return None
+
+    def _release_partial(self, stream: _Stream) -> None:
+        self._partial -= stream.partial
+        stream.partial = 0
 
     def _acknowledge(self, size: int, stream_id: int) -> None:
         if size:
@@ -696,6 +726,7 @@ class GrpcConnection:
             self._acknowledge(stream.unacked, stream.id)
             stream.unacked = 0
         stream.inbound.clear()
+        self._release_partial(stream)
         trailers = _trailers(code, message)
         if not stream.headers_sent:
             stream.headers_sent = True
@@ -724,6 +755,7 @@ class GrpcConnection:
             pass
 
     def _forget(self, stream: _Stream) -> None:
+        self._release_partial(stream)
         if self._blocked.pop(stream.id, None) is not None:
             self._held -= len(stream.outbound)
         stream.outbound.clear()
