@@ -1,14 +1,16 @@
 """grpc.aio against h2 + trio: the ext_proc transport's own CPU per stream, both in one run,
-interleaved (issue 14: is a transport with less Python per message worth building?).
+interleaved (issue 14: the transport with less Python per message, against grpcio's).
 
 Each transport serves a picker that does no picking (`NoOpPicker`: every message answered at
 once with what the real picker sends for it, the body echoed back in 62,000-byte chunks after
 a fixed destination header; no router), in a process of its own pinned to CPU 0:
-``grpc.aio`` is `interlock.gateway.serve_ext_proc` (grpcio's server in its thread, the
-picker's `answer_now` answering there), ``h2+trio`` is benchmarks/h2_prototype.py (h2 on trio
-sockets, one task per connection, no thread), and ``h2+trio-norepr`` the same with hyperframe's
-frame repr made free (h2 formats every received frame for its trace log even when nothing
-logs, and has no switch for it: this shows what that costs). Two clients, on CPU 1:
+``grpc.aio`` is a null grpc.aio server (grpcio's C-core on an asyncio loop in the main thread,
+each message answered in its handler: no trio, no thread hand-over; the baseline, what grpcio
+costs at the least), ``h2+trio`` is `interlock.gateway.serve_ext_proc` (h2 on trio sockets,
+one task per connection, no thread: interlock/gateway/_grpc.py), and ``h2+trio-repr`` the same
+with h2's own ``H2Connection._receive_frame`` put back (it formats every received frame for
+its trace log even when nothing logs: this shows what the server's override saves). Two
+clients, on CPU 1:
 
 - **lockstep**: grpcio's client as benchmarks/bench_epp.py drives a pick (request headers, the
   body in 64 KiB chunks, the answers, then the response headers and the half-close), with a
@@ -47,7 +49,7 @@ sys.path.insert(0, str(HERE))
 import bench_epp  # noqa: E402  (benchmarks/ is not a package)
 
 SERVER_CPU, CLIENT_CPU = 0, 1
-TRANSPORTS = ("grpc.aio", "h2+trio", "h2+trio-norepr")
+TRANSPORTS = ("grpc.aio", "h2+trio", "h2+trio-repr")
 
 
 # -- the server (run as ``python ab_ext_proc_transport.py serve``) ---------------------------------
@@ -56,7 +58,6 @@ TRANSPORTS = ("grpc.aio", "h2+trio", "h2+trio-norepr")
 def serve(transport: str, destination: str) -> None:
     """Serve a `NoOpPicker` with ``transport`` on 127.0.0.1, a free port (printed), until
     killed."""
-    import h2_prototype
     import trio
     from envoy.service.ext_proc.v3.external_processor_pb2 import (
         CommonResponse,
@@ -127,22 +128,57 @@ def serve(transport: str, destination: str) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            server = serve_ext_proc if transport == "grpc.aio" else h2_prototype.serve_h2
-            address, _ = await nursery.start(server, NoOpPicker(), "127.0.0.1", 0)
+            address, _ = await nursery.start(serve_ext_proc, NoOpPicker(), "127.0.0.1", 0)
             print(json.dumps({"port": int(address.rpartition(":")[2])}), flush=True)
 
-    if transport == "h2+trio-norepr":
-        # h2 formats every frame it receives for its trace log whether or not anything logs
-        # (`H2Connection._receive_frame`: ``logger.trace("...", repr(frame))``, eager; h2 offers
-        # no switch): a frame's repr that costs nothing shows what that formatting costs.
-        import hyperframe.frame
+    async def grpc_main() -> None:
+        import grpc
+        import grpc.aio
+        from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 
-        hyperframe.frame.Frame.__repr__ = lambda self: type(self).__name__  # type: ignore[method-assign]
+        from interlock.gateway import EXT_PROC_SERVICE
+
+        async def process(requests: Any, context: Any) -> None:
+            stream = NoOpStream()
+            async for message in requests:
+                for response in stream.answer_now(message):
+                    await context.write(response)
+
+        handler = grpc.method_handlers_generic_handler(
+            EXT_PROC_SERVICE,
+            {
+                "Process": grpc.stream_stream_rpc_method_handler(
+                    process,
+                    request_deserializer=ProcessingRequest.FromString,
+                    response_serializer=ProcessingResponse.SerializeToString,
+                )
+            },
+        )
+        server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(json.dumps({"port": port}), flush=True)
+        await server.wait_for_termination()
+
+    if transport == "h2+trio-repr":
+        # h2's own method back: it formats every frame it receives for its trace log whether
+        # or not anything logs (``logger.trace("...", repr(frame))``, eager).
+        import h2.connection
+
+        from interlock.gateway import _grpc
+
+        _grpc._H2Connection._receive_frame = h2.connection.H2Connection._receive_frame  # type: ignore[method-assign]
     # As `interlock route` does (`tune_gc`): a serving process's collector, not the default.
     from interlock.http._cli import tune_gc
 
     tune_gc()
-    trio.run(main)
+    if transport == "grpc.aio":
+        import asyncio
+
+        asyncio.run(grpc_main())
+    else:
+        trio.run(main)
 
 
 # -- the measurement -----------------------------------------------------------------------------

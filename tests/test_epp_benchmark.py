@@ -49,9 +49,10 @@ def test_runs_end_to_end_at_a_tiny_size() -> None:
 
 
 def test_the_transport_comparison_runs_end_to_end_at_a_tiny_size() -> None:
-    """benchmarks/ab_ext_proc_transport.py: every transport (grpc.aio, the h2 prototype, and
-    the prototype without h2's frame repr) answers grpcio's client and a real Envoy, every CPU
-    cell prints a ratio, and the latency table what each transport adds to Envoy's own p50."""
+    """benchmarks/ab_ext_proc_transport.py: every transport (a null grpc.aio server, interlock's
+    h2 + trio server, and that server with h2's frame repr back) answers grpcio's client and a
+    real Envoy, every CPU cell prints a ratio, and the latency table what each transport adds
+    to Envoy's own p50."""
     require_envoy()
     marker = f"ab-ext-proc-test-{uuid.uuid4().hex}"
     completed = subprocess.run(
@@ -63,11 +64,11 @@ def test_the_transport_comparison_runs_end_to_end_at_a_tiny_size() -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
     out = completed.stdout
     for row in ("lockstep, short body", "lockstep, 2081 B body", "envoy, short request"):
-        assert any(line.startswith(row) and "h2+trio-norepr" in line for line in out.splitlines())
+        assert any(line.startswith(row) and "h2+trio-repr" in line for line in out.splitlines())
     assert "through Envoy, short request" in out, out
     lines = out.splitlines()
     assert any(line.startswith("fixed endpoint") for line in lines), out
-    for transport in ("grpc.aio ", "h2+trio ", "h2+trio-norepr "):
+    for transport in ("grpc.aio ", "h2+trio ", "h2+trio-repr "):
         # A ratio, or n/a when grpc.aio's added p50 is not positive: 3 requests on a busy box
         # can be faster through the picker than to the fixed endpoint.
         assert any(line.startswith(transport) and line.endswith(("x", "n/a")) for line in lines), (

@@ -430,11 +430,11 @@ async def test_over_grpc_trailers_free_the_booking_and_the_stream_closes_without
             stream.send(None)
             assert await in_thread(stream.rest) == []
             assert stream.call.code() == grpc.StatusCode.OK
-            # The response phases were answered in the gRPC thread, and the call ended there
-            # once the response's end had queued the booking's release (not by the trio task).
+            # The response phases were answered at once (`answer_now`), with no task of
+            # their own; the stream's end freed the booking.
             assert handled == ["request_body"]
             (server_stream,) = opened
-            assert server_stream.released
+            assert server_stream.state.finished
             await s.booked.until_free()
             assert await s.picking.pipeline.load() == {}
         finally:
@@ -461,7 +461,7 @@ async def test_over_grpc_a_half_close_before_the_response_ends_the_call_without_
             assert stream.call.code() == grpc.StatusCode.OK
             assert handled == ["request_body"], "only the pick, in trio"
             (server_stream,) = opened
-            assert server_stream.released and not server_stream.state.response_ended
+            assert server_stream.state.finished and not server_stream.state.response_ended
             await s.booked.until_free()
             assert await s.picking.pipeline.load() == {}
         finally:

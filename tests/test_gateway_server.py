@@ -1,21 +1,19 @@
-"""`serve_ext_proc`: the picker served over gRPC (grpcio's server in a thread of its own) from
-a trio run, driven by grpcio's client in lockstep as Envoy drives it: streams answered and
-their bookings freed however they end (the half-close, the client dropping the stream, the
-server stopping, a message that is not a ProcessingRequest), gRPC health on both ports, one
-server thread however many streams are open, none left after the server stops (or one left
-behind, with a warning, when grpcio's shutdown is stuck), a server thread that dies raised.
+"""`serve_ext_proc`: the picker served over gRPC (h2 on trio sockets, in this trio run) driven
+by grpcio's client in lockstep as Envoy drives it: streams answered and their bookings freed
+however they end (the half-close, the client dropping the stream, the server stopping, a
+message that is not a ProcessingRequest), gRPC health on both ports, flow control holding back
+a client that does not read, no task left after the server stops. The transport's own risks
+(raw HTTP/2 frames) are in tests/test_gateway_grpc.py.
 
-Real sockets and threads: the trio clock is the real one; waits are events with a deadline."""
+Real sockets (grpcio's client in worker threads): the trio clock is the real one; waits are
+events with a deadline."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
-import logging
 import queue
 import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,7 +23,6 @@ import grpc
 import pytest
 import trio
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
-from grpc.aio._server import Server as AioServer  # grpc.aio.Server is its abstract base
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpc_health.v1.health_pb2_grpc import HealthStub
 from test_gateway_ext_proc import (
@@ -39,10 +36,9 @@ from test_gateway_ext_proc import (
     set_headers,
 )
 
-from interlock.gateway import EXT_PROC_SERVICE, _server, serve_ext_proc
+from interlock.gateway import EXT_PROC_SERVICE, _grpc, _server, serve_ext_proc
 
 TIMEOUT = 30.0
-SERVER_THREAD = "interlock-ext-proc"
 
 
 class Bookings(set[str]):
@@ -167,20 +163,35 @@ async def picked(stream: Lockstep) -> str:
 
 
 def server_streams(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The server's streams (`_server._Stream`), as the calls open."""
+    """The server's ext_proc calls (`_server._Process`), as the streams open."""
     opened: list[Any] = []
 
-    class Recorded(_server._Stream):
+    class Recorded(_server._Process):
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
             opened.append(self)
 
-    monkeypatch.setattr(_server, "_Stream", Recorded)
+    monkeypatch.setattr(_server, "_Process", Recorded)
     return opened
 
 
-def server_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == SERVER_THREAD]
+def server_connections(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The server's connections (`_grpc.GrpcConnection`), as they are accepted."""
+    opened: list[Any] = []
+
+    class Recorded(_server.GrpcConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(_server, "GrpcConnection", Recorded)
+    return opened
+
+
+def closed(connection: Any) -> bool:
+    """Whether ``connection``'s socket (h2c) is closed."""
+    sock: socket.socket = connection._io._socket
+    return sock.fileno() == -1
 
 
 async def test_a_stream_in_lockstep_is_picked_and_its_booking_freed_at_its_end() -> None:
@@ -217,7 +228,10 @@ async def test_a_stream_the_client_drops_frees_its_booking() -> None:
             stream.close()
 
 
-async def test_stopping_the_server_ends_open_streams_frees_them_and_leaves_no_thread() -> None:
+async def test_stopping_the_server_ends_open_streams_frees_them_and_leaves_no_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connections = server_connections(monkeypatch)
     streams: list[Lockstep] = []
     try:
         async with serving() as s:
@@ -226,12 +240,12 @@ async def test_stopping_the_server_ends_open_streams_frees_them_and_leaves_no_th
                 for stream in streams:
                     nursery.start_soon(picked, stream)
             assert len(s.picking.picker.booked) == 20
-            # One server thread however many streams are open: none is held per stream.
-            assert len(server_threads()) == 1
             s.scope.cancel()
             with trio.fail_after(TIMEOUT):
                 await s.stopped.wait()
-            assert not server_threads()
+            # `serve_ext_proc` returned: its nursery, every connection's and stream's task
+            # in it, has ended; and every connection's socket is closed.
+            assert connections and all(closed(c) for c in connections)
             assert not s.picking.picker.booked
             assert await s.picking.pipeline.load() == {}
             for stream in streams:
@@ -293,7 +307,6 @@ async def test_a_taken_port_is_an_oserror_naming_the_address() -> None:
             (error,) = error.exceptions
         assert isinstance(error, OSError), error
         assert error.filename == f"127.0.0.1:{port}"
-        assert not server_threads()
 
 
 async def test_a_body_in_many_more_chunks_than_the_queues_hold_comes_back_whole() -> None:
@@ -360,12 +373,12 @@ async def test_a_half_close_amid_a_batch_queued_in_parts_ends_the_call_after_it(
 async def test_a_gateway_that_does_not_read_its_answers_is_held_back_by_flow_control(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The gRPC thread answers response chunks itself: it must stop reading once its answers
-    # fill the window, as the trio task waits for room, or a gateway that sends a long response
-    # and reads nothing back makes it queue the whole response (its chunks echoed).
-    opened = server_streams(monkeypatch)
+    # Response chunks are answered at once, echoed: the connection must stop answering once
+    # its answers wait for the client's window, or a gateway that sends a long response and
+    # reads nothing back makes it hold the whole response.
+    connections = server_connections(monkeypatch)
     chunk = b"x" * 60_000
-    sent = 400  # 24 MB: far more than gRPC's flow-control windows hold
+    sent = 400  # 24 MB: far more than HTTP/2's flow-control windows hold
     async with serving() as s:
         stream = Lockstep(s.ext_proc)
         try:
@@ -374,14 +387,13 @@ async def test_a_gateway_that_does_not_read_its_answers_is_held_back_by_flow_con
             await in_thread(stream.receive)
             for _ in range(sent):
                 stream.send(response_body(chunk))
-            (server_stream,) = opened
-            answers = server_stream.responses
+            (connection,) = connections
             with trio.fail_after(TIMEOUT):
-                # Until the gRPC thread waits for its answers to be sent (a condition, polled).
-                while not answers.producer_waits:
-                    assert_bounded(answers, len(chunk))
+                # Until the connection stops answering (a condition, polled).
+                while not connection._stalled:
+                    assert_bounded(connection, len(chunk))
                     await trio.sleep(0.01)
-            assert_bounded(answers, len(chunk))
+            assert_bounded(connection, len(chunk))
             # Flow control holds the client back: most of what it would send is still its own.
             assert stream.outgoing.qsize() > sent // 2
             # Once the client reads, the stream goes on, whole and in order.
@@ -397,14 +409,14 @@ async def test_a_gateway_that_does_not_read_its_answers_is_held_back_by_flow_con
             stream.close()
 
 
-def assert_bounded(answers: Any, chunk: int) -> None:
-    """``answers`` (a stream's queue) holds at most its window: in messages (a message's few
-    answers past it), and in body bytes (one chunk past it, its framing aside)."""
-    with answers._lock:
-        queued = list(answers._items)
-    assert len(queued) <= 2 * _server._WINDOW, f"{len(queued)} answers queued"
-    held = sum(answer.ByteSize() for answer in queued)
-    assert held <= _server._WINDOW_BYTES + chunk + 100 * len(queued), f"{held} bytes queued"
+def assert_bounded(connection: Any, chunk: int) -> None:
+    """``connection`` holds at most `_HELD_BYTES` of answers waiting for the client's window,
+    and one answer past it (its framing aside); what it read and did not answer is bounded by
+    its flow-control windows."""
+    held = connection.held_bytes
+    assert held <= _grpc._HELD_BYTES + chunk + 200, f"{held} answer bytes held"
+    unread = sum(len(stream.inbound) for stream in connection._streams.values())
+    assert unread <= _grpc._STREAM_WINDOW, f"{unread} bytes read and not answered"
 
 
 #: Not a ProcessingRequest: a field number 0 (a corrupt wire format).
@@ -460,7 +472,6 @@ async def test_an_unassigned_address_is_an_oserror_with_its_own_errno() -> None:
         assert error.errno == errno.EADDRNOTAVAIL, error
         assert error.filename == "192.0.2.1:0"
         assert "192.0.2.1:0" in str(error)
-        assert not server_threads()
 
 
 def ipv6_loopback() -> bool:
@@ -486,110 +497,30 @@ async def test_an_ipv6_host_is_reported_in_brackets_and_answers_there() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_server_thread_that_dies_is_raised_and_not_slept_through() -> None:
-    with pytest.raises(BaseException) as failed:  # noqa: PT011 (a group or the error)
-        async with serving() as s:
-            (thread,) = server_threads()
-            # Stop the server's asyncio loop under it, as a crash of the thread would.
-            loop: asyncio.AbstractEventLoop = thread._target.__self__.loop  # type: ignore[attr-defined]
-            loop.call_soon_threadsafe(loop.stop)
-            with trio.fail_after(TIMEOUT):
-                await s.stopped.wait()  # set only if serve_ext_proc returned
-    error = leaf(failed.value)
-    assert isinstance(error, RuntimeError), error
-    assert "Event loop stopped" in str(error)
-    assert not server_threads()
+class TwoLoopbacks(trio.abc.HostnameResolver):
+    """Resolves every name to two loopback addresses (as ``localhost`` may: 127.0.0.1, ::1)."""
+
+    async def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+            for address in ("127.0.0.1", "127.0.0.2")
+        ]
+
+    async def getnameinfo(self, *args: Any) -> Any:
+        raise NotImplementedError
 
 
-async def test_a_stuck_grpc_shutdown_is_left_behind_with_a_warning(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    release = threading.Event()
-    stop = AioServer.stop
-
-    async def stuck_stop(self: grpc.aio.Server, grace: float | None) -> None:
-        # grpcio's shutdown hangs (until the test releases it, not to leak the thread).
-        await asyncio.to_thread(release.wait)
-        await stop(self, grace)
-
-    monkeypatch.setattr(AioServer, "stop", stuck_stop)
-    monkeypatch.setattr(_server, "_JOIN_TIMEOUT", 0.1)
-    caplog.set_level(logging.WARNING, "interlock.gateway")
+async def test_port_0_on_a_name_of_two_addresses_listens_on_one_port_on_both() -> None:
+    # Port 0 binds each address on a free port of its own: the one reported must be served
+    # on every address the name has.
+    previous = trio.socket.set_custom_hostname_resolver(TwoLoopbacks())
     try:
-        async with serving() as s:
-            s.scope.cancel()
-            with trio.fail_after(TIMEOUT):
-                await s.stopped.wait()
-            assert len(server_threads()) == 1
-            assert any("left behind" in r.getMessage() for r in caplog.records), caplog.text
+        async with picking() as p, trio.open_nursery() as nursery:
+            address, _ = await nursery.start(serve_ext_proc, p.picker, "picker.test", 0)
+            port = int(address.rpartition(":")[2])
+            for host in ("127.0.0.1", "127.0.0.2"):
+                status = (await in_thread(check, f"{host}:{port}", "liveness")).status
+                assert status == HealthCheckResponse.SERVING, host
+            nursery.cancel_scope.cancel()
     finally:
-        release.set()
-        for thread in server_threads():
-            await in_thread(thread.join, TIMEOUT)
-    assert not server_threads()
-
-
-class CountedWaiter:
-    """A `_server._Queue` side that counts its wake-ups (the real ones cross threads)."""
-
-    def __init__(self) -> None:
-        self.wakes = 0
-
-    def prepare(self) -> None:
-        pass
-
-    def wake(self) -> None:
-        self.wakes += 1
-
-
-def test_answers_put_together_wake_a_waiting_consumer_once() -> None:
-    producer, consumer = CountedWaiter(), CountedWaiter()
-    answers = _server._Queue(producer, consumer)  # type: ignore[arg-type]
-    assert answers.take() is None  # the consumer waits now
-    assert not answers.put_all(["pick", "chunk", "chunk"])
-    assert consumer.wakes == 1, "one hand-over, one wake-up"
-    assert answers.take() == ["pick", "chunk", "chunk"]
-    # Full past `_WINDOW` items: the producer is told to wait, and woken by the next take.
-    assert answers.put_all(list(range(_server._WINDOW)))
-    assert consumer.wakes == 1, "the consumer was not waiting"
-    assert answers.take() == list(range(_server._WINDOW)) and producer.wakes == 1
-
-
-def test_a_batch_of_body_chunks_is_held_within_the_byte_window_and_one_chunk() -> None:
-    # `_WINDOW_BYTES`' promise: "a queue holds at most that and one chunk (~126 kB)". A pick's
-    # answer to a long duplex body is one batch (`_Queue.put_all`): it must not put every
-    # chunk in at once (an 8 MiB body: ~136 chunks held), as one `put` after another waiting
-    # at the full window would not.
-    from interlock.gateway import BODY_CHUNK_BYTES
-    from interlock.gateway._picker import _streamed
-
-    producer, consumer = CountedWaiter(), CountedWaiter()
-    answers = _server._Queue(producer, consumer)  # type: ignore[arg-type]
-    chunk = b"x" * BODY_CHUNK_BYTES
-    batch = [_streamed("request_body", chunk, False) for _ in range(8)]
-    answers.put_all(batch)
-    held = sum(item.ByteSize() for item in answers._items)
-    assert held <= _server._WINDOW_BYTES + batch[0].ByteSize(), held
-
-
-def test_a_batch_past_the_window_is_put_in_parts_in_order_one_wake_up_a_part() -> None:
-    # `put_all` takes what fits from the front of the batch and leaves the rest, with the
-    # producer told to wait: each part is one hand-over (one wake-up of the waiting consumer,
-    # whose `take` wakes the producer for the next), and the parts keep the batch's order.
-    from interlock.gateway import BODY_CHUNK_BYTES
-    from interlock.gateway._picker import _streamed
-
-    producer, consumer = CountedWaiter(), CountedWaiter()
-    answers = _server._Queue(producer, consumer)  # type: ignore[arg-type]
-    batch = [_streamed("request_body", bytes([n]) * BODY_CHUNK_BYTES, False) for n in range(6)]
-    rest = list(batch)
-    taken: list[Any] = []
-    parts = 0
-    while rest:
-        assert answers.take() is None  # the consumer waits
-        assert answers.put_all(rest), "a part past the window leaves the producer waiting"
-        parts += 1
-        assert consumer.wakes == parts, "one wake-up a part"
-        taken += answers.take() or []
-        assert producer.wakes == parts, "each take wakes the producer for the rest"
-    assert taken == batch and parts == 3
+        trio.socket.set_custom_hostname_resolver(previous)

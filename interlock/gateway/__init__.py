@@ -4,8 +4,8 @@
   the endpoint (KV-aware, with the frontend's preprocessing and the pipeline's router), books
   the request's load until the response ends, passes the bodies through. Its module docstring
   (`interlock.gateway._picker`) describes every phase, header and status.
-- `serve_ext_proc`: serve a picker (and gRPC health) over h2c from this trio run, with
-  grpcio's server in a thread of its own (``interlock route --ext-proc-port``).
+- `serve_ext_proc`: serve a picker (and gRPC health) over h2c (or TLS) from this trio run,
+  HTTP/2 by h2 on trio sockets, no thread (``interlock route --ext-proc-port``).
 - `endpoint_of` / `http_endpoints`: the ``host:port`` a gateway reaches a worker at.
 """
 

@@ -279,9 +279,10 @@ class ExtProcStream:
     """One ext_proc stream's state: the request's headers and body, the pick, the booking.
 
     Two threads may share it, one message at a time: `answer_now` answers, in any thread,
-    the messages that need no router state (the gRPC server's thread does, so most phases
-    cost no hop to trio), and queues in `chores` the router bookkeeping they imply, for the
-    trio thread (`run_chores`); `handle` answers any message, in the trio thread. Fields
+    the messages that need no router state (`serve_ext_proc` calls it as it reads each
+    message, so most phases need no task of their own), and queues in `chores` the router
+    bookkeeping they imply, for the trio thread (`run_chores`); `handle` answers any message,
+    in the trio thread. Fields
     set by the pick (`decision`, `picked`, `endpoints`) are only read once it is made; the
     booking's fields (`booked_as`, `ticket`, `prefill_released`, `moved`) are only touched
     in the trio thread.

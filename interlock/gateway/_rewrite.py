@@ -4,9 +4,9 @@ header's name before the pick (`rewrite_model`), and the responses' ``"model"`` 
 name the client sent (`ModelNameRestorer`), chunk by chunk.
 
 The pick calls `rewrite_model` on the trio side (in a worker thread for a large body) and
-makes the stream's restorer there; the response's body chunks then go through the restorer in
-grpcio's thread (`ExtProcStream.answer_now`), which the pick's answer precedes. Neither touches
-the stream's state; the restorer keeps only its held tail.
+makes the stream's restorer there; the response's body chunks then go through the restorer as
+the server reads them (`ExtProcStream.answer_now`), which the pick's answer precedes. Neither
+touches the stream's state; the restorer keeps only its held tail.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from collections.abc import Iterator, Sequence
 from typing import Final
 
 import attrs
-import grpc
 
 from .._config import EXT_PROC_TLS_SELF_SIGNED
 from .._errors import ConfigError
@@ -81,16 +80,6 @@ class ExtProcTLS:
                 (a CA's key too short), or no temporary file can hand them to OpenSSL.
         """
         return self._load(f"{self!r}'s certificate_chain", f"{self!r}'s private_key")
-
-    def credentials(self) -> grpc.ServerCredentials:
-        """grpcio's server credentials (no client certificate asked for), for grpcio's server
-        until the picker's own transport serves `server_context`; checked as that is first.
-
-        Raises:
-            ConfigError: as `server_context`.
-        """
-        self.server_context()
-        return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)])
 
     def _load(self, cert_name: str, key_name: str) -> ssl.SSLContext:
         """`server_context`, whose errors say the chain is ``cert_name`` and the key

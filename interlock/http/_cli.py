@@ -1630,7 +1630,7 @@ def _run(args: argparse.Namespace) -> int:
         config_error, rest = _split(rest, ConfigError)
         leaf = None if config_error is None else _first_leaf(config_error)
         if rest is None and isinstance(leaf, ConfigError):
-            # Found only once serving (grpcio refusing --ext-proc-tls-cert's key).
+            # Found only once serving (an ExtProcTLS built unchecked, refused by its context).
             return _invalid(setup.command, leaf)
         bind_error, rest = _split(rest, OSError)
         if rest is None and bind_error is not None:
@@ -1865,7 +1865,7 @@ async def _serve_ext_proc(
 
     Raises:
         OSError: an address cannot be bound (the message names the flag).
-        ConfigError: grpcio refused the TLS certificate (`serve_ext_proc`).
+        ConfigError: the TLS certificate cannot be served (`serve_ext_proc`).
     """
     if setup.ext_proc_port is None:
         return None
@@ -1887,7 +1887,7 @@ async def _serve_ext_proc(
     except BaseException as exc:
         refused, _ = _split(exc, ConfigError)
         if refused is not None:
-            # grpcio refused the TLS certificate (the port binds): the configuration's fault.
+            # The TLS certificate cannot be served: the configuration's fault, not the port's.
             raise _first_leaf(refused) from None
         bind_error, _ = _split(exc, OSError)
         if bind_error is None:

@@ -1,29 +1,29 @@
-"""A prototype ext_proc transport measured against grpcio's (benchmarks/ab_ext_proc_transport.py):
-gRPC over HTTP/2 with h2's state machine on trio sockets, no thread. Not used by interlock:
-it did not cost little enough less than grpc.aio to replace it, in CPU or in the latency it
-adds through Envoy (docs/benchmarks.md, "An h2 + trio transport, measured").
+"""A gRPC server over HTTP/2 in the trio run: python-hyper's sans-IO ``h2`` on trio sockets.
 
-`GrpcConnection.serve` runs one task per connection: it reads the socket, feeds h2
-(python-hyper's sans-IO HTTP/2), cuts each stream's DATA into gRPC messages (a 5-byte prefix:
-a compressed flag and a big-endian length) and answers the messages that need no waiting in
-the same task, synchronously: every frame one read produces goes out in one socket write. Only
-a message whose answer waits gets a task, and only while it waits; a stream's later messages
-stay unread in its buffer meanwhile, so they keep their order and the stream's flow-control
-window bounds them. The peer's DATA is acknowledged (its window reopened) once its messages are
-answered; an answer larger than the peer's window waits for its WINDOW_UPDATE, and while more
-than `_HELD_BYTES` of answers wait so, no message of the connection is read.
+`GrpcConnection.serve` runs one task per connection: it reads the socket, feeds h2, cuts each
+stream's DATA into gRPC messages (a 5-byte prefix: a compressed flag and a big-endian length)
+and answers the messages that need no waiting in the same task, synchronously: every frame one
+read produces goes out in one socket write. Only a message whose answer waits (`GrpcCall.answer`)
+gets a task, and only while it waits; a stream's later messages stay unread in its buffer
+meanwhile, so they keep their order and the stream's flow-control window bounds them.
 
-`serve_h2` serves an `ExtProcPicker` (``.../ExternalProcessor/Process`` alone, h2c) with it.
-It was not hardened past the measurement: no TLS, no health service, and only the paths the
-benchmark drives are tested (tests/test_epp_benchmark.py); its flow-control, reset and stop
-paths are not.
+Memory is bounded both ways: the peer's DATA is acknowledged (its window reopened) once the
+stream's whole messages are answered, so a peer sends at most `_STREAM_WINDOW` ahead of the
+answers per stream and `_CONNECTION_WINDOW` per connection; a message not whole yet is
+acknowledged as it arrives (or one larger than the window would never complete), up to
+`max_message_bytes` a message and ``max_partial_bytes`` a connection. An answer larger than
+the peer's window waits for its WINDOW_UPDATE, and while more than `_HELD_BYTES` of answers
+wait so, no message of the connection is answered (a peer that does not read its answers is
+held back by its own window).
+
+Failures stay where they happen: a handler's error ends its stream (its status), a peer
+breaking HTTP/2 ends its connection (GOAWAY, then closed), never the server.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
 from typing import Any, Final, Protocol
 from urllib.parse import quote
 
@@ -33,16 +33,20 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.exceptions
+import hyperframe.frame
 import trio
 
 __all__ = [
+    "MAX_CONCURRENT_STREAMS",
+    "ByteStream",
     "GrpcCall",
     "GrpcConnection",
     "GrpcError",
     "GrpcService",
     "SocketIO",
     "Status",
-    "serve_h2",
+    "StreamIO",
 ]
 
 _logger = logging.getLogger("interlock.gateway")
@@ -70,7 +74,7 @@ _STREAM_WINDOW: Final = 1024 * 1024
 _CONNECTION_WINDOW: Final = 8 * 1024 * 1024
 #: The largest DATA frame a peer may send (HTTP/2's default: 16 KiB).
 _MAX_FRAME_BYTES: Final = 256 * 1024
-#: Answers waiting for the peer's window past which no message of the connection is read.
+#: Answers waiting for the peer's window past which no message of the connection is answered.
 _HELD_BYTES: Final = 256 * 1024
 #: Streams open at once on one connection: every request in flight through the gateway holds
 #: its ext_proc stream for its whole life (a long generation), over few connections.
@@ -100,7 +104,8 @@ class GrpcError(Exception):
 
 
 class GrpcCall(Protocol):
-    """One stream's handler: `message` for each of the peer's messages, then `end`."""
+    """One stream's handler: `message` for each of the peer's messages, then `end`; `close`
+    once, however the stream ends."""
 
     def message(self, data: bytes) -> list[bytes] | None:
         """The serialized answers to message ``data`` (maybe none), synchronously; None: it
@@ -115,7 +120,8 @@ class GrpcCall(Protocol):
         """The stream is answered in full: it ends OK at once, later messages are ignored."""
 
     def end(self) -> None:
-        """The peer's half-close: nothing more will come (then the stream ends OK)."""
+        """The peer's half-close: nothing more will come (then the stream ends OK). Raising
+        `GrpcError` ends it with that status instead."""
 
     def close(self) -> None:
         """The stream ended, however (idempotent): free what it holds."""
@@ -132,6 +138,23 @@ class GrpcService(Protocol):
         """
 
 
+class ByteStream(Protocol):
+    """A connection's bytes, as `GrpcConnection` reads and writes them."""
+
+    async def receive(self) -> bytes:
+        """The next bytes (b"": the peer closed or reset the connection)."""
+
+    async def send(self, data: bytes) -> None:
+        """Send all of ``data``.
+
+        Raises:
+            trio.BrokenResourceError: the peer is gone.
+        """
+
+    async def aclose(self) -> None:
+        """Close the connection (idempotent)."""
+
+
 class SocketIO:
     """A connection's bytes over a stdlib socket (h2c), read and written directly: a write that
     goes through at once does not yield to trio's scheduler, and a read after one that emptied
@@ -144,7 +167,6 @@ class SocketIO:
         self._drained = True
 
     async def receive(self) -> bytes:
-        """The next bytes (b"": the peer closed or reset the connection)."""
         sock = self._socket
         if self._drained:
             await trio.lowlevel.wait_readable(sock)
@@ -162,11 +184,6 @@ class SocketIO:
             return data
 
     async def send(self, data: bytes) -> None:
-        """Send all of ``data`` (waits only while the socket's buffer is full).
-
-        Raises:
-            trio.BrokenResourceError: the peer is gone.
-        """
         sock = self._socket
         try:
             sent = sock.send(data)
@@ -188,11 +205,72 @@ class SocketIO:
             view = view[sent:]
 
     async def aclose(self) -> None:
-        """Close the socket (idempotent)."""
         if self._socket.fileno() != -1:
             trio.lowlevel.notify_closing(self._socket)
             self._socket.close()
         await trio.lowlevel.checkpoint()
+
+
+class StreamIO:
+    """A connection's bytes over a trio stream (TLS: a `trio.SSLStream`)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+
+    async def receive(self) -> bytes:
+        try:
+            return bytes(await self._stream.receive_some(_READ_BYTES))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except trio.ClosedResourceError as exc:
+            raise trio.BrokenResourceError from exc
+
+    async def aclose(self) -> None:
+        # A TLS close_notify to a peer that is gone, or does not read, must not hold us.
+        with trio.move_on_after(1.0) as scope:
+            scope.shield = True
+            await self._stream.aclose()
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection without its eager ``repr(frame)`` on every received frame: h2 formats
+    each frame for its trace log whether or not anything logs (``logger.trace("...",
+    repr(frame))``; no switch), and a DATA frame's repr hex-dumps its payload. Measured: 9-14%
+    of the transport's CPU (docs/benchmarks.md, "An h2 + trio transport, measured"). The
+    method is h2's private one (h2 4.x), copied without that line; tests/test_gateway_grpc.py
+    fails if a new h2 drops or renames it."""
+
+    def _receive_frame(self, frame: hyperframe.frame.Frame) -> list[h2.events.Event]:
+        events: list[h2.events.Event]
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            # As h2: a stream closed by RST_STREAM is a stream error (reset it again), any
+            # other a connection error.
+            if self._stream_is_closed_by_reset(e.stream_id):
+                reset = hyperframe.frame.RstStreamFrame(e.stream_id)
+                reset.error_code = e.error_code
+                self._prepare_for_sending([reset])
+                events = e._events
+            else:
+                raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                reset = hyperframe.frame.RstStreamFrame(e.stream_id)
+                reset.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([reset])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
 
 
 class _Stream:
@@ -206,6 +284,7 @@ class _Stream:
         "id",
         "inbound",
         "outbound",
+        "partial",
         "remote_ended",
         "scope",
         "trailers",
@@ -219,6 +298,8 @@ class _Stream:
         self.inbound = bytearray()
         #: Flow-controlled bytes received and not yet acknowledged to h2.
         self.unacked = 0
+        #: Bytes of a message not whole yet, acknowledged (`GrpcConnection._partial` counts).
+        self.partial = 0
         #: Answer bytes waiting for the peer's window (in order).
         self.outbound = bytearray()
         #: The trailers to send once `outbound` is out (the stream is ending).
@@ -239,16 +320,25 @@ class GrpcConnection:
 
     def __init__(
         self,
-        io: SocketIO,
+        io: ByteStream,
         service: GrpcService,
         *,
         max_message_bytes: int,
         max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+        max_partial_bytes: int | None = None,
     ) -> None:
         self._io = io
         self._service = service
         self._max_message = max_message_bytes
-        h2conn = self._h2 = h2.connection.H2Connection(_CONFIG)
+        #: Bytes of messages not whole yet the connection's streams may hold at once (default:
+        #: two of the largest messages). A stream's window bounds what it sends ahead of its
+        #: answers, but a message larger than the window is let in as it arrives, or it could
+        #: never complete: this bounds what many such messages on one connection hold.
+        self._max_partial = (
+            2 * max_message_bytes if max_partial_bytes is None else max_partial_bytes
+        )
+        self._partial = 0
+        h2conn = self._h2 = _H2Connection(_CONFIG)
         h2conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -272,8 +362,10 @@ class GrpcConnection:
         self._stalled: dict[int, _Stream] = {}
         self._sending = False
         self._sent: trio.Event | None = None
+        #: A write was cut short: the byte stream is broken, nothing more is sent.
+        self._broken = False
         self._nursery: trio.Nursery | None = None
-        self._handlers: dict[type, Callable[[Any], None]] = {
+        self._handlers: dict[type, Any] = {
             h2.events.RequestReceived: self._request,
             h2.events.DataReceived: self._data,
             h2.events.StreamEnded: self._stream_ended,
@@ -282,12 +374,23 @@ class GrpcConnection:
             h2.events.RemoteSettingsChanged: self._window_updated,
         }
 
+    @property
+    def open_streams(self) -> int:
+        """Streams open on this side now."""
+        return len(self._streams)
+
+    @property
+    def held_bytes(self) -> int:
+        """Answer bytes waiting for the peer's window."""
+        return self._held
+
     # -- the connection's task --------------------------------------------------------------
 
     async def serve(self, grace: float) -> None:
-        """Serve the connection until the peer closes it, or until cancelled: then each open
-        stream is answered UNAVAILABLE and the peer told GOAWAY (`stop`, ``grace`` seconds at
-        most). Every stream's call is closed on the way out, however it ends."""
+        """Serve the connection until the peer closes it (or breaks HTTP/2: GOAWAY, then it
+        ends), or until cancelled; either way (`stop`, ``grace`` seconds at most) each stream
+        still open is answered UNAVAILABLE (its call closed), the peer told GOAWAY and the
+        socket closed."""
         h2conn = self._h2
         h2conn.initiate_connection()
         h2conn.increment_flow_control_window(_CONNECTION_WINDOW - 65_535)
@@ -297,11 +400,10 @@ class GrpcConnection:
                 await self._flush()
                 await self._read()
                 nursery.cancel_scope.cancel()  # the peer is gone: so are its streams' tasks
-        except trio.Cancelled:
-            await self.stop(grace)
-            raise
         finally:
-            self._close_all()
+            # Also when cancelled (the server stops): the nursery then raises a group holding
+            # the Cancelled, so this is where a stop is seen.
+            await self.stop(grace)
 
     async def _read(self) -> None:
         h2conn = self._h2
@@ -313,9 +415,9 @@ class GrpcConnection:
                 return
             try:
                 events = h2conn.receive_data(data)
-            except h2.exceptions.ProtocolError as exc:
-                # h2 queued its GOAWAY: send it, then the connection is over.
-                _logger.info("an ext_proc connection broke the HTTP/2 protocol: %s", exc)
+            except (h2.exceptions.ProtocolError, hyperframe.exceptions.HyperframeError) as exc:
+                # h2 queued its GOAWAY (for a ProtocolError): send it; the connection is over.
+                _logger.info("an ext_proc connection broke the HTTP/2 protocol: %r", exc)
                 await self._flush()
                 return
             for event in events:
@@ -334,12 +436,16 @@ class GrpcConnection:
             if self._sending:
                 return  # another took over and sends what is queued now
         data = self._h2.data_to_send()
-        if not data:
+        if not data or self._broken:
             return
         self._sending = True
         try:
             while data:
+                # Until the write is whole: one cut short (cancelled, or the peer gone) leaves
+                # part of a frame on the wire, after which nothing more can be sent.
+                self._broken = True
                 await self._io.send(data)
+                self._broken = False
                 data = self._h2.data_to_send()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer is gone: the read loop sees it
@@ -350,22 +456,23 @@ class GrpcConnection:
                 event.set()
 
     async def stop(self, grace: float) -> None:
-        """Answer every open stream UNAVAILABLE, send GOAWAY and close the socket, within
-        ``grace`` seconds (shielded: called while the server is cancelled)."""
+        """Answer every open stream UNAVAILABLE (its call closed), send GOAWAY and close the
+        socket, within ``grace`` seconds (shielded: called while the server is cancelled)."""
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + grace
-            h2conn = self._h2
             for stream in list(self._streams.values()):
                 if stream.scope is not None:
                     stream.scope.cancel()
-                stream.call.close()
-                stream.outbound.clear()
-                self._end(stream, Status.UNAVAILABLE, "the endpoint picker is stopping")
+                self._forget(stream)
+                self._finish(stream, Status.UNAVAILABLE, "the endpoint picker is stopping")
+            self._streams.clear()
             try:
-                h2conn.close_connection()
+                self._h2.close_connection()
             except h2.exceptions.ProtocolError:
-                pass
+                pass  # the connection is closed already
             await self._flush()
+        # Closed even past the grace (a peer that does not read what is sent).
+        with trio.CancelScope(shield=True):
             await self._io.aclose()
 
     # -- h2's events --------------------------------------------------------------------------
@@ -373,14 +480,14 @@ class GrpcConnection:
     def _request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
         path = b""
-        for name, value in event.headers:
+        for name, value in event.headers or ():
             if name == b":path":
-                path = value
+                path = bytes(value)
                 break
         try:
             call = self._service.open(path)
         except GrpcError as exc:
-            self._trailers_only(stream_id, exc.code, exc.message)
+            self._trailers_only(stream_id, exc.code, exc.message, event.stream_ended is None)
             return
         stream = self._streams[stream_id] = _Stream(stream_id, call)
         if event.stream_ended is not None:
@@ -391,10 +498,10 @@ class GrpcConnection:
         stream = self._streams.get(event.stream_id)
         if stream is None:
             # Ended on this side already: the data is read, and dropped.
-            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            self._acknowledge(event.flow_controlled_length or 0, event.stream_id)
             return
-        data = event.data
-        stream.unacked += event.flow_controlled_length
+        data = event.data or b""
+        stream.unacked += event.flow_controlled_length or 0
         if stream.inbound:
             stream.inbound += data
         else:
@@ -404,21 +511,22 @@ class GrpcConnection:
         self._consume(stream)
 
     def _stream_ended(self, event: h2.events.StreamEnded) -> None:
-        stream = self._streams.get(event.stream_id)
+        stream = self._streams.get(event.stream_id or 0)
         if stream is not None and not stream.remote_ended:
             stream.remote_ended = True
             self._consume(stream)
 
     def _stream_reset(self, event: h2.events.StreamReset) -> None:
-        stream = self._streams.pop(event.stream_id, None)
+        stream = self._streams.pop(event.stream_id or 0, None)
         if stream is None:
             return
         stream.ended = True
         self._forget(stream)
-        if stream.scope is not None:
-            stream.scope.cancel()  # its task's call.close() runs as it ends
-        else:
+        if not stream.busy:
             stream.call.close()
+        elif stream.scope is not None:
+            stream.scope.cancel()  # its task closes the call as it ends
+        # (A task started and not run yet sees `ended` as it starts, and closes the call.)
 
     def _window_updated(self, event: object) -> None:
         blocked = self._blocked
@@ -435,50 +543,44 @@ class GrpcConnection:
     # -- a stream's messages ------------------------------------------------------------------
 
     def _consume(self, stream: _Stream) -> None:
-        """Answer the stream's complete messages that need no waiting; start a task for the
+        """Answer the stream's whole messages that need no waiting; start a task for the
         first one that does (its later ones wait in `inbound` until it is answered)."""
         if stream.busy or stream.ended:
             return
         if self._held > _HELD_BYTES:
             self._stalled[stream.id] = stream
             return
+        call = stream.call
         try:
             data = self._next_message(stream)
             while data is not None:
-                answers = stream.call.message(data)
+                answers = call.message(data)
                 if answers is None:
                     stream.busy = True
-                    assert self._nursery is not None
+                    assert self._nursery is not None, "streams are read in `serve` only"
                     self._nursery.start_soon(self._answer, stream)
                     return
                 for answer in answers:
                     self._send_message(stream, answer)
-                if stream.call.done:
+                if call.done:
                     self._finish(stream, Status.OK, "")
                     return
                 if self._held > _HELD_BYTES:
                     self._stalled[stream.id] = stream
                     return
                 data = self._next_message(stream)
+            if stream.remote_ended:
+                call.end()
+                self._finish(stream, Status.OK, "")
         except GrpcError as exc:
             self._finish(stream, exc.code, exc.message)
-            return
         except Exception as exc:
             _logger.exception("the ext_proc stream failed")
             self._finish(stream, Status.INTERNAL, f"the endpoint picker failed: {exc!r}")
-            return
-        if stream.remote_ended:
-            try:
-                stream.call.end()
-            except Exception as exc:
-                _logger.exception("the ext_proc stream failed")
-                self._finish(stream, Status.INTERNAL, f"the endpoint picker failed: {exc!r}")
-                return
-            self._finish(stream, Status.OK, "")
 
     def _next_message(self, stream: _Stream) -> bytes | None:
-        """The stream's next whole message (its flow-controlled bytes acknowledged once all
-        read), or None when none is whole yet.
+        """The stream's next whole message, or None when none is whole yet (then what was
+        received is acknowledged: the rest of a message is let in, up to the size limit).
 
         Raises:
             GrpcError: a compressed message (none was negotiated: INTERNAL, as gRPC says), or
@@ -487,15 +589,17 @@ class GrpcConnection:
         inbound = stream.inbound
         size = len(inbound)
         if size >= 5:
-            length = int.from_bytes(inbound[1:5], "big")
             if inbound[0]:
                 raise GrpcError(
-                    Status.INTERNAL, "a compressed message, but no grpc-encoding was negotiated"
+                    Status.INTERNAL,
+                    "a compressed message, but no grpc-encoding was negotiated: this server "
+                    "takes uncompressed messages only (send without compression)",
                 )
+            length = int.from_bytes(inbound[1:5], "big")
             if length > self._max_message:
                 raise GrpcError(
                     Status.RESOURCE_EXHAUSTED,
-                    f"a message of {length} bytes; the limit is {self._max_message}",
+                    f"a message of {length} bytes; the limit is {self._max_message} bytes",
                 )
             end = 5 + length
             if size >= end:
@@ -504,18 +608,43 @@ class GrpcConnection:
                     inbound.clear()
                 else:
                     del inbound[:end]
+                self._release_partial(stream)
                 return data
-        if stream.unacked and not stream.inbound:
-            # All read: the peer may send as much again.
-            self._h2.acknowledge_received_data(stream.unacked, stream.id)
+        if stream.unacked:
+            if size:
+                # A message not whole yet: let the rest in (acknowledged), within the budget.
+                held = self._partial - stream.partial + size
+                if held > self._max_partial:
+                    raise GrpcError(
+                        Status.RESOURCE_EXHAUSTED,
+                        f"the connection's messages not yet whole would hold {held} bytes; "
+                        f"the limit is {self._max_partial}: send fewer large messages at once",
+                    )
+                self._partial = held
+                stream.partial = size
+            # Every whole message is answered: the peer may send as much again.
+            self._acknowledge(stream.unacked, stream.id)
             stream.unacked = 0
         return None
+
+    def _release_partial(self, stream: _Stream) -> None:
+        self._partial -= stream.partial
+        stream.partial = 0
+
+    def _acknowledge(self, size: int, stream_id: int) -> None:
+        if size:
+            try:
+                self._h2.acknowledge_received_data(size, stream_id)
+            except h2.exceptions.StreamClosedError:
+                pass  # the peer reset it meanwhile: nothing more comes on it
 
     async def _answer(self, stream: _Stream) -> None:
         """The task of a message that waits: answer it, then go on with the stream's
         messages as `_consume` does (ending when none waits). A stream dropped meanwhile
         (reset, the connection gone, the server stopping) cancels it; its call is closed."""
         try:
+            if stream.ended:
+                return  # dropped before this task ran
             with trio.CancelScope() as scope:
                 stream.scope = scope
                 try:
@@ -580,59 +709,58 @@ class GrpcConnection:
         if not outbound:
             self._blocked.pop(stream.id, None)
             if stream.trailers is not None:
-                h2conn.send_headers(stream.id, stream.trailers, end_stream=True)
-                stream.trailers = None
+                trailers, stream.trailers = stream.trailers, None
+                self._send_trailers(stream, trailers)
 
     def _finish(self, stream: _Stream, code: int, message: str) -> None:
-        """End ``stream`` with ``code`` (its call closed, its booking freed), and reset it
+        """End ``stream`` with ``code`` (its call closed: what it booked freed), and reset it
         when the peer is still sending (nothing it sends is read any more)."""
         if stream.ended:
             return
-        stream.call.close()
-        self._end(stream, code, message)
-
-    def _end(self, stream: _Stream, code: int, message: str) -> None:
         stream.ended = True
+        stream.busy = False  # closed here: its task (if any) has nothing left to close
+        stream.call.close()
         self._streams.pop(stream.id, None)
         self._stalled.pop(stream.id, None)
         if stream.unacked:
-            self._h2.acknowledge_received_data(stream.unacked, stream.id)
+            self._acknowledge(stream.unacked, stream.id)
             stream.unacked = 0
         stream.inbound.clear()
+        self._release_partial(stream)
         trailers = _trailers(code, message)
         if not stream.headers_sent:
             stream.headers_sent = True
             trailers = [*_RESPONSE_HEADERS, *trailers]
+        if stream.outbound:
+            stream.trailers = trailers  # sent once the answers before them are
+        else:
+            self._send_trailers(stream, trailers)
+
+    def _send_trailers(self, stream: _Stream, trailers: list[tuple[bytes, bytes]]) -> None:
         try:
-            if stream.outbound:
-                stream.trailers = trailers
-            else:
-                self._h2.send_headers(stream.id, trailers, end_stream=True)
-                if not stream.remote_ended:
-                    self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.NO_ERROR)
+            self._h2.send_headers(stream.id, trailers, end_stream=True)
+            if not stream.remote_ended:
+                self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.NO_ERROR)
         except h2.exceptions.StreamClosedError:
             self._forget(stream)
 
-    def _trailers_only(self, stream_id: int, code: int, message: str) -> None:
+    def _trailers_only(self, stream_id: int, code: int, message: str, open_: bool) -> None:
         try:
             self._h2.send_headers(
                 stream_id, [*_RESPONSE_HEADERS, *_trailers(code, message)], end_stream=True
             )
+            if open_:
+                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
         except h2.exceptions.StreamClosedError:
             pass
 
     def _forget(self, stream: _Stream) -> None:
+        self._release_partial(stream)
         if self._blocked.pop(stream.id, None) is not None:
             self._held -= len(stream.outbound)
         stream.outbound.clear()
+        stream.trailers = None
         self._stalled.pop(stream.id, None)
-
-    def _close_all(self) -> None:
-        """The connection is over: every stream's call is closed (its booking freed)."""
-        for stream in list(self._streams.values()):
-            if stream.scope is None:
-                stream.call.close()
-        # A stream with a task closes its call as that task ends (cancelled with the nursery).
 
 
 def _trailers(code: int, message: str) -> list[tuple[bytes, bytes]]:
@@ -641,82 +769,3 @@ def _trailers(code: int, message: str) -> list[tuple[bytes, bytes]]:
     # gRPC's grpc-message is percent-encoded UTF-8.
     encoded = quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()
     return [(b"grpc-status", str(code).encode()), (b"grpc-message", encoded)]
-
-
-class _Process:
-    """One ext_proc stream: the picker's `ExtProcStream` behind `GrpcCall`."""
-
-    def __init__(self, state: Any) -> None:
-        self._state = state
-        #: The message `message` left for `answer` (it needs the router).
-        self._waiting: Any = None
-
-    def message(self, data: bytes) -> list[bytes] | None:
-        from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
-        from google.protobuf.message import DecodeError
-
-        state = self._state
-        try:
-            request = ProcessingRequest.FromString(data)
-        except DecodeError as exc:
-            raise GrpcError(Status.INVALID_ARGUMENT, f"not a ProcessingRequest: {exc}") from None
-        if state.finished:
-            return []  # the picker ended the stream (an ImmediateResponse): ignored
-        answers = state.answer_now(request)
-        if answers is None:
-            self._waiting = request
-            return None
-        if state.chores:
-            state.run_chores()
-        return [answer.SerializeToString() for answer in answers]
-
-    async def answer(self) -> list[bytes]:
-        request, self._waiting = self._waiting, None
-        answers = await self._state.handle(request)
-        return [answer.SerializeToString() for answer in answers]
-
-    @property
-    def done(self) -> bool:
-        return bool(self._state.finished)
-
-    def end(self) -> None:
-        pass  # `close` frees the booking as the stream ends
-
-    def close(self) -> None:
-        self._state.close()
-
-
-class _Service:
-    def __init__(self, picker: Any) -> None:
-        self.picker = picker
-
-    def open(self, path: bytes) -> GrpcCall:
-        if path == b"/envoy.service.ext_proc.v3.ExternalProcessor/Process":
-            return _Process(self.picker.open_stream())
-        raise GrpcError(Status.UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}")
-
-
-async def serve_h2(
-    picker: Any,
-    host: str,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[tuple[str, None]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``picker``'s ext_proc streams on ``host:port`` (h2c) until cancelled; reports
-    ``host:port`` as `serve_ext_proc` does."""
-    service = _Service(picker)
-
-    async def handle(connected: trio.SocketStream) -> None:
-        io = SocketIO(socket.socket(fileno=connected.socket.detach()))
-        try:
-            await GrpcConnection(io, service, max_message_bytes=64 << 20).serve(3.0)
-        finally:
-            with trio.CancelScope(shield=True):
-                await io.aclose()
-
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, handle, listeners)
-        task_status.started((f"{host}:{bound}", None))

@@ -1,0 +1,635 @@
+"""The ext_proc server's own transport (`interlock.gateway._grpc`: gRPC over h2 on trio
+sockets), driven with raw HTTP/2 frames (h2's client side) over real loopback sockets against
+the real picker (`serve_ext_proc`): the risks of an HTTP/2 server of our own. Flow control
+holds back a client both ways; a stream reset mid-pick, or a connection dropped with streams
+open, frees every booking; garbage, a bad preface or a broken frame ends that connection only;
+messages over the size limit or compressed are refused with a status that says why; stopping
+answers open streams UNAVAILABLE, says GOAWAY and closes; many streams share a connection; TLS
+without HTTP/2 by ALPN is closed; h2's eager frame repr is skipped.
+
+Real sockets: the trio clock is the real one; waits are conditions with a deadline (the server
+runs in this trio run: once every task is blocked, all it sent is in the client's socket)."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import hyperframe.frame
+import pytest
+import trio
+import trio.testing
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
+from grpc_health.v1.health_pb2 import HealthCheckResponse
+from hypothesis import example, given
+from hypothesis import strategies as st
+from test_gateway_ext_proc import chat_body, picking, request_body, request_headers, response_body
+from test_gateway_server import TIMEOUT, check, in_thread, server_connections, serving
+
+from interlock.gateway import _grpc, serve_ext_proc
+from interlock.gateway._tls import self_signed_tls
+
+PROCESS = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+def framed(message: ProcessingRequest | bytes, *, flag: int = 0) -> bytes:
+    """A gRPC message: its 5-byte prefix (``flag``: compressed) and its bytes."""
+    data = message if isinstance(message, bytes) else message.SerializeToString()
+    return bytes([flag]) + len(data).to_bytes(4, "big") + data
+
+
+def h2_client() -> tuple[h2.connection.H2Connection, int]:
+    """An HTTP/2 client (h2's, sans IO) that has opened one stream (its id) to ``/echo``."""
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    stream_id: int = client.get_next_available_stream_id()
+    client.send_headers(stream_id, [(b":method", b"POST"), (b":path", b"/echo"),
+                                    (b":scheme", b"http"), (b":authority", b"a")])  # fmt: skip
+    return client, stream_id
+
+
+class RawClient:
+    """An HTTP/2 client of h2's on a non-blocking stdlib socket, in this trio run: it reads
+    only when told to (`pump`, `until`), so the server sees a client that does not read."""
+
+    def __init__(self, address: str, *, window: int = 65_535) -> None:
+        host, _, port = address.rpartition(":")
+        self.socket = socket.create_connection((host, int(port)))
+        self.socket.setblocking(False)
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.h2.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+        )
+        self.h2.initiate_connection()
+        self.events: list[Any] = []
+        #: Each stream's DATA, as received.
+        self.data: dict[int, bytearray] = {}
+        self.trailers: dict[int, dict[bytes, bytes]] = {}
+        self.closed = False
+
+    async def send(self, data: bytes | None = None) -> None:
+        """Send ``data`` (raw bytes, HTTP/2 or not) or what h2 has to send."""
+        view = memoryview(data if data is not None else self.h2.data_to_send())
+        while view:
+            await trio.lowlevel.wait_writable(self.socket)
+            try:
+                view = view[self.socket.send(view) :]
+            except BlockingIOError:
+                continue
+
+    async def open(self, path: bytes = PROCESS) -> int:
+        stream_id: int = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(
+            stream_id,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path),
+                (b":authority", b"picker"),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ],
+        )
+        await self.send()
+        return stream_id
+
+    async def message(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
+        self.h2.send_data(stream_id, data, end_stream=end)
+        await self.send()
+
+    def _feed(self, data: bytes) -> None:
+        if not data:
+            self.closed = True
+            return
+        for event in self.h2.receive_data(data):
+            self.events.append(event)
+            if isinstance(event, h2.events.DataReceived):
+                self.data.setdefault(event.stream_id, bytearray()).extend(event.data)
+            elif isinstance(event, h2.events.TrailersReceived):
+                self.trailers[event.stream_id] = dict(event.headers)
+            elif isinstance(event, h2.events.ResponseReceived) and event.stream_ended:
+                self.trailers[event.stream_id] = dict(event.headers)  # trailers-only
+
+    async def pump(self) -> None:
+        """Read what the server has sent (once every task here is blocked), without answering
+        it: no WINDOW_UPDATE goes out."""
+        await trio.testing.wait_all_tasks_blocked()
+        while not self.closed:
+            try:
+                data = self.socket.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                data = b""
+            self._feed(data)
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        """Read (acknowledging what arrives) until ``done()``."""
+        with trio.fail_after(TIMEOUT):
+            while True:
+                for event in self.events:  # what `pump` left unacknowledged too
+                    if isinstance(event, h2.events.DataReceived) and event.stream_id:
+                        self.h2.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                self.events.clear()
+                await self.send()
+                if done():
+                    return
+                assert not self.closed, "the server closed the connection"
+                await trio.lowlevel.wait_readable(self.socket)
+                try:
+                    data = self.socket.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    data = b""
+                self._feed(data)
+
+    async def until_closed(self) -> None:
+        with trio.fail_after(TIMEOUT):
+            while not self.closed:
+                await trio.lowlevel.wait_readable(self.socket)
+                await self.pump()
+
+    def answers(self, stream_id: int) -> list[ProcessingResponse]:
+        data = bytes(self.data.get(stream_id, b""))
+        answers = []
+        while data:
+            size = int.from_bytes(data[1:5], "big")
+            answers.append(ProcessingResponse.FromString(data[5 : 5 + size]))
+            data = data[5 + size :]
+        return answers
+
+    def status(self, stream_id: int) -> tuple[int, str] | None:
+        trailers = self.trailers.get(stream_id)
+        if trailers is None:
+            return None
+        return int(trailers[b"grpc-status"]), trailers.get(b"grpc-message", b"").decode()
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+async def pick(client: RawClient) -> int:
+    """A stream whose request is picked (its answers read); its id."""
+    stream_id = await client.open()
+    await client.message(stream_id, framed(request_headers()))
+    await client.message(stream_id, framed(request_body(chat_body(), True)))
+    await client.until(lambda: len(client.answers(stream_id)) >= 2)
+    return stream_id
+
+
+async def served_next(address: str) -> None:
+    """The server is alive: a new connection is served."""
+    status = (await in_thread(check, address, "liveness")).status
+    assert status == HealthCheckResponse.SERVING
+
+
+async def test_flow_control_holds_back_a_client_that_does_not_read_both_ways(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The client reads nothing back (its window: 64 KiB): the server holds its answers, stops
+    # answering at `_HELD_BYTES`, and gives the client no more window past its own stream
+    # window: the client cannot send more. Once it reads, all comes back whole, in order.
+    connections = server_connections(monkeypatch)
+    chunk = b"x" * 30_000
+    async with serving() as s:
+        client = RawClient(s.ext_proc)
+        try:
+            stream_id = await pick(client)
+            sent = 0
+            while client.h2.local_flow_control_window(stream_id) >= len(chunk) + 100:
+                await client.message(stream_id, framed(response_body(chunk)))
+                sent += 1
+                await client.pump()  # the server's WINDOW_UPDATEs, if it gives any
+            (connection,) = connections
+            assert connection._stalled, "the server still answers a client that does not read"
+            assert connection.held_bytes <= _grpc._HELD_BYTES + len(chunk) + 100
+            assert sent * len(chunk) < _grpc._STREAM_WINDOW + _grpc._HELD_BYTES + 200_000
+            await client.message(stream_id, framed(response_body(b"end", True)), end=True)
+            await client.until(lambda: client.status(stream_id) is not None)
+            assert client.status(stream_id) == (0, "")
+            bodies = [
+                a.response_body.response.body_mutation.streamed_response.body
+                for a in client.answers(stream_id)[2:]
+            ]
+            assert bodies == [chunk] * sent + [b"end"]
+            await s.booked.until_free()
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("same_read", [True, False])
+async def test_a_stream_reset_mid_pick_frees_its_booking(same_read: bool) -> None:
+    async with serving() as s:
+        client = RawClient(s.ext_proc)
+        try:
+            stream_id = await client.open()
+            client.h2.send_data(stream_id, framed(request_headers()))
+            client.h2.send_data(stream_id, framed(request_body(chat_body(), True)))
+            if not same_read:
+                await client.send()
+                await trio.testing.wait_all_tasks_blocked()  # the pick's task has started
+            client.h2.reset_stream(stream_id)
+            await client.send()
+            await trio.testing.wait_all_tasks_blocked()
+            await s.booked.until_free()
+            assert await s.picking.pipeline.load() == {}
+            # The connection serves on.
+            assert len(await pick_on(client)) == 2
+        finally:
+            client.close()
+
+
+async def pick_on(client: RawClient) -> list[ProcessingResponse]:
+    stream_id = await pick(client)
+    return client.answers(stream_id)
+
+
+async def test_a_connection_dropped_with_streams_open_frees_every_booking() -> None:
+    async with serving() as s:
+        client = RawClient(s.ext_proc)
+        try:
+            for _ in range(5):
+                await pick(client)
+            assert len(s.booked) == 5
+        finally:
+            client.close()
+        await s.booked.until_free()
+        assert await s.picking.pipeline.load() == {}
+        await served_next(s.ext_proc)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", id="http1"),
+        pytest.param(b"\x00" * 100, id="bad-preface"),
+        # A valid preface, then DATA on stream 0: a connection error (PROTOCOL_ERROR).
+        pytest.param(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+            + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x",
+            id="data-on-stream-0",
+        ),
+    ],
+)
+async def test_garbage_ends_that_connection_only(garbage: bytes) -> None:
+    async with serving() as s:
+        other = RawClient(s.ext_proc)
+        bad = RawClient(s.ext_proc)
+        try:
+            await pick(other)  # open on another connection meanwhile
+            await bad.send(garbage)
+            await bad.until_closed()
+            if garbage.startswith(b"PRI"):
+                assert any(isinstance(e, h2.events.ConnectionTerminated) for e in bad.events)
+            await served_next(s.ext_proc)
+            assert len(s.booked) == 1, "the other connection's stream is untouched"
+        finally:
+            bad.close()
+            other.close()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "status", "says"),
+    [
+        pytest.param(b"\x00" + (64 * 1024 * 1024 + 1).to_bytes(4, "big"), 8, "limit", id="big"),
+        pytest.param(b"\x01\x00\x00\x00\x03abc", 13, "compressed", id="compressed"),
+    ],
+)
+async def test_a_message_over_the_limit_or_compressed_is_refused(
+    prefix: bytes, status: int, says: str
+) -> None:
+    async with serving() as s:
+        client = RawClient(s.ext_proc)
+        try:
+            stream_id = await pick(client)
+            await client.message(stream_id, prefix)
+            await client.until(lambda: client.status(stream_id) is not None)
+            code, message = client.status(stream_id) or (0, "")
+            assert code == status and says in message, (code, message)
+            await s.booked.until_free()
+            assert len(await pick_on(client)) == 2, "the connection serves on"
+        finally:
+            client.close()
+
+
+async def test_stopping_answers_open_streams_unavailable_says_goaway_and_closes() -> None:
+    async with serving() as s:
+        client = RawClient(s.ext_proc)
+        try:
+            streams = [await pick(client) for _ in range(3)]
+            s.scope.cancel()
+            with trio.fail_after(TIMEOUT):
+                await s.stopped.wait()
+            await client.until_closed()
+            for stream_id in streams:
+                assert client.status(stream_id) == (14, "the endpoint picker is stopping")
+            assert any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
+            assert not s.booked
+        finally:
+            client.close()
+
+
+async def test_many_streams_share_one_connection() -> None:
+    async with serving() as s:
+        client = RawClient(s.ext_proc)
+        try:
+            await client.until(
+                lambda: (
+                    client.h2.remote_settings.max_concurrent_streams == _grpc.MAX_CONCURRENT_STREAMS
+                )
+            )
+            streams = []
+            for _ in range(100):
+                stream_id = await client.open()
+                client.h2.send_data(stream_id, framed(request_headers()))
+                client.h2.send_data(stream_id, framed(request_body(chat_body(), True)))
+                streams.append(stream_id)
+            await client.send()
+            await client.until(lambda: all(len(client.answers(i)) >= 2 for i in streams))
+            assert len(s.booked) == 100
+            for stream_id in streams:
+                client.h2.end_stream(stream_id)
+            await client.send()
+            await client.until(lambda: all(client.status(i) == (0, "") for i in streams))
+            await s.booked.until_free()
+        finally:
+            client.close()
+
+
+async def test_an_unknown_method_is_unimplemented_and_the_stream_refused() -> None:
+    async with serving() as s:
+        client = RawClient(s.ext_proc)
+        try:
+            stream_id = await client.open(b"/no.Such/Method")
+            await client.until(lambda: client.status(stream_id) is not None)
+            code, message = client.status(stream_id) or (0, "")
+            assert code == 12 and "/no.Such/Method" in message
+        finally:
+            client.close()
+
+
+async def test_tls_without_http2_by_alpn_is_closed_and_h2_served() -> None:
+    tls = self_signed_tls()
+    async with picking() as p, trio.open_nursery() as nursery:
+        address, _ = await nursery.start(
+            functools.partial(serve_ext_proc, p.picker, "127.0.0.1", 0, tls=tls)
+        )
+        port = int(address.rpartition(":")[2])
+        for alpn, served in ((["http/1.1"], False), (["h2"], True)):
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.set_alpn_protocols(alpn)
+            stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context)
+            with trio.fail_after(TIMEOUT):
+                await stream.do_handshake()
+                if served:
+                    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+                    conn.initiate_connection()
+                    await stream.send_all(conn.data_to_send())
+                    events = conn.receive_data(await stream.receive_some())
+                    assert any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events)
+                else:
+                    assert await stream.receive_some() == b"", "closed without HTTP/2"
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def test_h2_still_has_the_method_the_transport_overrides_to_skip_its_frame_repr() -> None:
+    # `_H2Connection._receive_frame` replaces h2's private method: a new h2 that renames or
+    # drops it would leave the override dead (the repr back), or the copy out of step.
+    base = h2.connection.H2Connection
+    assert "_receive_frame" in vars(base), "h2 no longer has H2Connection._receive_frame"
+    for name in ("_frame_dispatch_table", "_stream_is_closed_by_reset", "_prepare_for_sending"):
+        assert hasattr(base(), name), name
+
+
+def test_the_transport_receives_frames_as_h2_does_without_their_repr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, stream_id = h2_client()
+    client.send_data(stream_id, b"y" * 1000, end_stream=True)
+    client.reset_stream(stream_id)
+    wire = client.data_to_send()
+    config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+    theirs = h2.connection.H2Connection(config)
+    theirs.initiate_connection()
+    expected = [repr(e) for e in theirs.receive_data(wire)]
+
+    def no_repr(frame: object) -> str:
+        raise AssertionError("a frame's repr was built")
+
+    monkeypatch.setattr(hyperframe.frame.Frame, "__repr__", no_repr)
+    ours = _grpc._H2Connection(config)
+    ours.initiate_connection()
+    events = ours.receive_data(wire)
+    monkeypatch.undo()
+    assert [repr(e) for e in events] == expected
+
+
+# -- the framing, over an in-memory byte stream (virtual time) -----------------------------------
+
+
+class Echo:
+    """A `GrpcCall` answering each message with itself: at once, or (``waits``: each message
+    whose first byte is odd) from a task after a virtual second."""
+
+    def __init__(self) -> None:
+        self.waiting: bytes | None = None
+        self.done = False
+        self.closed = 0
+
+    def message(self, data: bytes) -> list[bytes] | None:
+        if data[:1] and data[0] % 2:
+            self.waiting = data
+            return None
+        return [data]
+
+    async def answer(self) -> list[bytes]:
+        await trio.sleep(1)
+        data, self.waiting = self.waiting, None
+        assert data is not None
+        return [data]
+
+    def end(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class EchoService:
+    def __init__(self) -> None:
+        self.calls: list[Echo] = []
+
+    def open(self, path: bytes) -> Echo:
+        self.calls.append(Echo())
+        return self.calls[-1]
+
+
+_MESSAGES = st.lists(
+    st.tuples(st.integers(0, 255), st.integers(0, 150_000)).map(
+        lambda m: bytes([m[0]]) * m[1] if m[1] else b""
+    ),
+    max_size=12,
+)
+
+
+@given(messages=_MESSAGES, cuts=st.lists(st.integers(1, 200_000), min_size=1, max_size=20))
+# Past the stream's 1 MiB window before the end, answers waiting for tasks, prefixes cut.
+@example(messages=[b"\x01" * 150_000] * 8 + [b"\x02" * 100_000, b""], cuts=[3, 70_001, 2])
+async def test_messages_cut_anywhere_come_back_whole_in_order_and_the_stream_ends_ok(
+    autojump_clock: trio.testing.MockClock, messages: list[bytes], cuts: list[int]
+) -> None:
+    # However the client's DATA cuts the messages (a prefix split, many messages in a frame,
+    # more than the stream's window before any answer), and whichever answers wait for a task,
+    # each comes back once, whole, in order, and the call is closed once at the end.
+    service = EchoService()
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
+    )
+    client, stream_id = h2_client()
+    wire = b"".join(framed(message) for message in messages)
+    received = bytearray()
+    trailers: dict[bytes, bytes] = {}
+
+    async def read_some() -> None:
+        for event in client.receive_data(await client_side.receive_some()):
+            if isinstance(event, h2.events.DataReceived):
+                received.extend(event.data)
+                client.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            elif isinstance(event, h2.events.TrailersReceived) or (
+                isinstance(event, h2.events.ResponseReceived) and event.stream_ended
+            ):
+                trailers.update(event.headers)  # trailers, or trailers-only
+        await client_side.send_all(client.data_to_send())
+
+    with trio.fail_after(TIMEOUT):  # virtual: a deadlock fails at once, not at CI's limit
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await client_side.send_all(client.data_to_send())
+            offset, turn = 0, 0
+            while offset < len(wire):
+                room = min(
+                    client.local_flow_control_window(stream_id), client.max_outbound_frame_size
+                )
+                if room == 0:
+                    await read_some()  # the server's WINDOW_UPDATEs
+                    continue
+                cut = cuts[turn] if turn < len(cuts) else room  # then whole frames: few, fast
+                size = min(cut, room, len(wire) - offset)
+                turn += 1
+                client.send_data(stream_id, wire[offset : offset + size])
+                offset += size
+                await client_side.send_all(client.data_to_send())
+            client.end_stream(stream_id)
+            await client_side.send_all(client.data_to_send())
+            while not trailers:
+                await read_some()
+            await client_side.aclose()
+    assert trailers[b"grpc-status"] == b"0"
+    answers = []
+    while received:
+        size = int.from_bytes(received[1:5], "big")
+        answers.append(bytes(received[5 : 5 + size]))
+        del received[: 5 + size]
+    assert answers == messages
+    (call,) = service.calls
+    assert call.closed >= 1
+
+
+async def test_a_stop_with_a_peer_that_reads_nothing_ends_within_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The peer opens a stream and reads nothing more: the server's writes block. Stopping it
+    # must not wait on that peer past the grace; the stream's call is closed all the same.
+    service = EchoService()
+    client_side, server_side = trio.testing.lockstep_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
+    )
+    client, stream_id = h2_client()
+    client.send_data(stream_id, framed(b"\x02" * 16_000))
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 3.0)
+            await client_side.receive_some()  # the server's SETTINGS, and no more
+            await client_side.send_all(client.data_to_send())
+            await trio.testing.wait_all_tasks_blocked()
+            (call,) = service.calls
+            assert not call.closed, "the stream is open, its answer blocked on the peer"
+            stopping = trio.current_time()
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() - stopping <= 3.0
+    assert call.closed == 1
+
+
+async def test_messages_not_yet_whole_past_the_connections_budget_end_their_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Each message is let in as it arrives until whole; what the connection holds of them is
+    # bounded: the stream whose part passes the budget ends RESOURCE_EXHAUSTED, the others
+    # go on.
+    service = EchoService()
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=100_000, max_partial_bytes=150_000
+    )
+    client, first = h2_client()
+    second = client.get_next_available_stream_id()
+    client.send_headers(second, [(b":method", b"POST"), (b":path", b"/echo"),
+                                 (b":scheme", b"http"), (b":authority", b"a")])  # fmt: skip
+    message = framed(b"\x02" * 100_000)
+    statuses: dict[int, bytes] = {}
+    echoed = bytearray()
+
+    async def send_part(stream_id: int, data: bytes) -> None:
+        for offset in range(0, len(data), 16_384):
+            client.send_data(stream_id, data[offset : offset + 16_384])
+        await client_side.send_all(client.data_to_send())
+        await trio.testing.wait_all_tasks_blocked()
+
+    async def read() -> None:
+        for event in client.receive_data(await client_side.receive_some()):
+            if isinstance(event, h2.events.DataReceived):
+                echoed.extend(event.data)
+                client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                headers = dict(event.headers)
+                if b"grpc-status" in headers:
+                    statuses[event.stream_id] = headers[b"grpc-status"]
+        await client_side.send_all(client.data_to_send())
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await client_side.send_all(client.data_to_send())
+            await read()  # the server's SETTINGS
+            await send_part(first, message[:60_000])
+            await send_part(second, message[:60_000])  # 120,000 held: within the budget
+            await send_part(second, message[60_000:95_000])  # 155,000: past it
+            await read()
+            assert statuses == {second: b"8"}, statuses
+            await send_part(first, message[60_000:])
+            client.end_stream(first)
+            await client_side.send_all(client.data_to_send())
+            while first not in statuses:
+                await read()
+            await client_side.aclose()
+    assert statuses[first] == b"0" and bytes(echoed) == message
