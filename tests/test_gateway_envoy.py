@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,40 @@ class Pool:
                 state = (await client.get(f"{worker['openai_url']}/mock/state")).json()
                 counts.append(state["requests_started"])
         return counts
+
+    async def kv_linked(self) -> None:
+        """Until the router's index holds blocks of every worker. Each worker's ZMQ PUB
+        connects to the router's SUB as the router starts, and ZMQ drops what is published
+        before the link (and its subscription) is up: a first request served in that window
+        is never indexed, and no later event shows the gap. A warm-up request sent to the
+        worker directly until its blocks show proves the link."""
+        assert self.route_url is not None
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            for worker in self.workers:
+                pattern = re.compile(
+                    rf'^interlock_router_kv_blocks\{{worker_id="{worker["worker_id"]}"\}} (\S+)$',
+                    re.M,
+                )
+
+                async def indexed(pattern: re.Pattern[str] = pattern) -> bool:
+                    return (
+                        pattern.search((await client.get(f"{self.route_url}/metrics")).text)
+                        is not None
+                    )
+
+                for attempt in range(10):
+                    answer = await client.post(
+                        f"{worker['openai_url']}/v1/chat/completions",
+                        json=chat(f"warm-up {worker['worker_id']} {attempt} " * 8),
+                    )
+                    assert answer.status_code == 200, answer.text
+                    with suppress(AssertionError):
+                        await wait_for(indexed, "a warm-up's KV events", within=3)
+                        break
+                else:
+                    raise AssertionError(
+                        f"worker {worker['worker_id']}'s KV events never reached the router"
+                    )
 
     async def served_by(self, before: list[int]) -> int:
         """The index of the one worker that started a request since ``before``."""
@@ -342,6 +376,7 @@ async def test_kv_affinity_holds_through_envoy(tmp_path: Path) -> None:
     flags = ("--router-mode", "kv", "--router-temperature", "0")
     async with pool_behind_envoy(tmp_path, route_flags=flags) as pool:
         system = "You are a railway signalling assistant. " * 30  # ~70 blocks of 16 bytes
+        await pool.kv_linked()
 
         def ask(turn: int) -> tuple[str | None, int]:
             # The conformance hook naming both workers: the picker chooses, and says which.
