@@ -17,10 +17,13 @@ over them, the router pinned to CPU 0 and this client to CPU 1. Then, in the sam
    streaming 200 tokens back, sent by an HTTP client through Envoy configured with
    docs/gateway/envoy.yaml (interlock picking) and through Envoy with the same file less the
    ext_proc filter, routing to one fixed worker. The two alternate request by request. Prints
-   p50/p99 of each, the router's CPU per request, and the p50 interlock adds.
+   p50/p99 of each, the router's CPU per request, and the p50 interlock adds. Both Envoys run
+   on the router's CPU (``--envoy-cpu 0``, the default: every round trip between Envoy and the
+   picker a hand-over of one core) or on the client's (``--envoy-cpu 1``: the picker with a
+   core of its own, as a picker deployed apart from its gateway has).
 
     python benchmarks/bench_epp.py [--tokens 100000] [--picks 200] [--workers 4]
-                                   [--requests 200] [--skip-envoy]
+                                   [--requests 200] [--skip-envoy] [--envoy-cpu 0|1]
 
 No figure is asserted anywhere; tests/test_epp_benchmark.py runs this at a tiny size.
 """
@@ -377,7 +380,7 @@ def measure_picks(
 
     rows = {}
     for name, pick in (
-        ("ext_proc stream (grpcio, lockstep)", by_ext_proc),
+        ("ext_proc stream (grpcio client, lockstep)", by_ext_proc),
         ("POST /v1/route + /free (HTTP/1.1)", by_route_api),
     ):
         for n in range(10):
@@ -444,8 +447,10 @@ def envoy_config(*, ext_proc_port: int | None, pool: list[str]) -> dict[str, Any
     return config
 
 
-def start_envoy(processes: Processes, config: dict[str, Any], name: str) -> str:
-    """Run Envoy with ``config``; its listener's URL once ready."""
+def start_envoy(
+    processes: Processes, config: dict[str, Any], name: str, cpu: int = SERVER_CPU
+) -> str:
+    """Run Envoy with ``config``, pinned to ``cpu``; its listener's URL once ready."""
     import yaml
 
     try:
@@ -463,7 +468,7 @@ def start_envoy(processes: Processes, config: dict[str, Any], name: str) -> str:
     process = subprocess.Popen(
         [binary, "-c", str(path), "--use-dynamic-base-id", "--admin-address-path",
          str(admin_path), "--concurrency", "1", "--log-level", "warning"],
-        stdout=log, stderr=log, preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CPU}),
+        stdout=log, stderr=log, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
     )  # fmt: skip
     processes.running.append(process)
     deadline = time.monotonic() + TIMEOUT
@@ -486,17 +491,20 @@ def measure_envoy(
     infos: list[dict[str, Any]],
     prompts: list[bytes],
     requests: int,
+    envoy_cpu: int = SERVER_CPU,
 ) -> None:
     pool = [f"127.0.0.1:{w['openai_port']}" for w in infos]
     picking = start_envoy(
         processes,
         envoy_config(ext_proc_port=ext_proc_port, pool=pool),
         "envoy-interlock",
+        envoy_cpu,
     )
     fixed = start_envoy(
         processes,
         envoy_config(ext_proc_port=None, pool=pool[:1]),
         "envoy-fixed",
+        envoy_cpu,
     )
     short = json.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
@@ -561,6 +569,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=16, help="distinct bodies, cycled")
     parser.add_argument("--skip-envoy", action="store_true")
+    parser.add_argument(
+        "--envoy-cpu",
+        type=int,
+        choices=(SERVER_CPU, CLIENT_CPU),
+        default=SERVER_CPU,
+        help=f"the CPU both Envoys run on: {SERVER_CPU}, the router's (default), or "
+        f"{CLIENT_CPU}, the client's",
+    )
     args = parser.parse_args(argv)
     # Each count divides a figure (CPU per pick or request, prompts cycled) or sizes what is
     # measured: 0 has nothing to measure. The picks are the baseline every run prints; the
@@ -584,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.tokens}-token chat prompts (built-in byte tokenizer), {args.workers} zero-time "
         f"mock workers, router_mode kv; router on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}; "
         f"{args.picks} picks after 10 warm-up"
+        + ("" if args.skip_envoy else f"; Envoy on CPU {args.envoy_cpu}")
     )
     with tempfile.TemporaryDirectory(prefix="bench-epp-") as work:
         processes = Processes(Path(work))
@@ -592,7 +609,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             prompts = bodies(args.prompts, args.tokens)
             measure_picks(pid, ext_proc_port, url, prompts, args.picks)
             if not args.skip_envoy:
-                measure_envoy(processes, pid, ext_proc_port, infos, prompts, args.requests)
+                measure_envoy(
+                    processes, pid, ext_proc_port, infos, prompts, args.requests, args.envoy_cpu
+                )
         finally:
             processes.stop()
 

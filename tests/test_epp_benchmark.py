@@ -28,20 +28,22 @@ def test_runs_end_to_end_at_a_tiny_size() -> None:
     marker = f"bench-epp-test-{uuid.uuid4().hex}"
     completed = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_epp.py"), "--tokens", "2000",
-         "--picks", "5", "--requests", "5", "--workers", "2", "--prompts", "2"],
+         "--picks", "5", "--requests", "5", "--workers", "2", "--prompts", "2",
+         "--envoy-cpu", "1"],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "BENCH_EPP_TEST": marker},
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     out = completed.stdout
     for row in (
-        "ext_proc stream (grpcio, lockstep)",
+        "ext_proc stream (grpcio client, lockstep)",
         "POST /v1/route + /free (HTTP/1.1)",
         "ext_proc / route-only: p50",
         "router per pick",
         "short prompt, fixed endpoint",
         "short prompt, interlock picking",
         "interlock adds (p50):",
+        "Envoy on CPU 1",
     ):
         assert row in out, out
     leftovers = _processes_with(marker)
