@@ -424,6 +424,7 @@ class GrpcConnection:
                 handler = handlers.get(type(event))
                 if handler is not None:
                     handler(event)
+            self._resume_stalled()
             await self._flush()
 
     async def _flush(self) -> None:
@@ -517,11 +518,21 @@ class GrpcConnection:
             self._consume(stream)
 
     def _stream_reset(self, event: h2.events.StreamReset) -> None:
-        stream = self._streams.pop(event.stream_id or 0, None)
-        if stream is None:
-            return
-        stream.ended = True
+        stream_id = event.stream_id or 0
+        # A stream ended on this side may still hold answers (and its trailers) for the
+        # window: it is in `_blocked` only, and its reset must drop them too.
+        stream = self._streams.get(stream_id) or self._blocked.get(stream_id)
+        if stream is not None:
+            self._drop(stream)
+
+    def _drop(self, stream: _Stream) -> None:
+        """The peer closed ``stream`` (reset it): nothing more is read or sent on it, what
+        it holds is freed and its call closed (by its task, if one answers it now)."""
+        self._streams.pop(stream.id, None)
         self._forget(stream)
+        if stream.ended:
+            return  # ended on this side already (`_finish` closed its call)
+        stream.ended = True
         if not stream.busy:
             stream.call.close()
         elif stream.scope is not None:
@@ -529,11 +540,14 @@ class GrpcConnection:
         # (A task started and not run yet sees `ended` as it starts, and closes the call.)
 
     def _window_updated(self, event: object) -> None:
-        blocked = self._blocked
-        if not blocked:
-            return
-        for stream in list(blocked.values()):
+        for stream in list(self._blocked.values()):
             self._send_out(stream)
+
+    def _resume_stalled(self) -> None:
+        """Go on with the streams parked while too many answers were held, once no longer
+        so. Called after each read's events: held bytes drop only as the peer's events say
+        (a WINDOW_UPDATE lets answers out, a reset drops a stream's), and only these
+        resume the parked streams."""
         if self._held <= _HELD_BYTES and self._stalled:
             stalled, self._stalled = self._stalled, {}
             for stream in stalled.values():
@@ -561,7 +575,10 @@ class GrpcConnection:
                     self._nursery.start_soon(self._answer, stream)
                     return
                 for answer in answers:
-                    self._send_message(stream, answer)
+                    if not stream.ended:
+                        self._send_message(stream, answer)
+                if stream.ended:
+                    return  # the peer reset it (in the same read, after this message)
                 if call.done:
                     self._finish(stream, Status.OK, "")
                     return
@@ -655,9 +672,11 @@ class GrpcConnection:
                     _logger.exception("the ext_proc stream failed")
                     self._finish(stream, Status.INTERNAL, f"the endpoint picker failed: {exc!r}")
                 else:
-                    if not stream.ended:
-                        for answer in answers:
+                    for answer in answers:
+                        if not stream.ended:
                             self._send_message(stream, answer)
+                    # (Ended: the peer reset it as it was answered; `finally` closes the call.)
+                    if not stream.ended:
                         if stream.call.done:
                             self._finish(stream, Status.OK, "")
                         else:
@@ -670,19 +689,28 @@ class GrpcConnection:
                 stream.call.close()  # ended while this task held it: free what it holds
 
     def _send_message(self, stream: _Stream, payload: bytes) -> None:
+        """Send one answer (or keep it for the peer's window); a stream the peer has closed
+        meanwhile (its reset read in the same batch as the message) is dropped."""
         h2conn = self._h2
-        if not stream.headers_sent:
-            stream.headers_sent = True
-            h2conn.send_headers(stream.id, _RESPONSE_HEADERS)
         framed = b"\x00" + len(payload).to_bytes(4, "big") + payload
         if stream.outbound:
             stream.outbound += framed
             self._held += len(framed)
             return
         size = len(framed)
-        window = h2conn.local_flow_control_window(stream.id)
-        if size <= window and size <= h2conn.max_outbound_frame_size:
-            h2conn.send_data(stream.id, framed)
+        try:
+            if not stream.headers_sent:
+                stream.headers_sent = True
+                h2conn.send_headers(stream.id, _RESPONSE_HEADERS)
+            window = h2conn.local_flow_control_window(stream.id)
+            if size <= window and size <= h2conn.max_outbound_frame_size:
+                h2conn.send_data(stream.id, framed)
+                return
+        except h2.exceptions.ProtocolError:
+            # The peer closed the stream (h2: StreamClosedError, or a ProtocolError for a
+            # stream in a closed state): a peer may reset any stream at any time, and that
+            # ends this stream only, never the connection.
+            self._drop(stream)
             return
         stream.outbound = bytearray(framed)
         self._held += size
@@ -697,15 +725,15 @@ class GrpcConnection:
         frame = h2conn.max_outbound_frame_size
         try:
             window = h2conn.local_flow_control_window(stream.id)
-        except h2.exceptions.StreamClosedError:
-            self._forget(stream)
+            while outbound and window > 0:
+                size = min(len(outbound), window, frame)
+                h2conn.send_data(stream.id, bytes(outbound[:size]))
+                del outbound[:size]
+                self._held -= size
+                window -= size
+        except h2.exceptions.ProtocolError:
+            self._drop(stream)  # the peer closed it (as in `_send_message`)
             return
-        while outbound and window > 0:
-            size = min(len(outbound), window, frame)
-            h2conn.send_data(stream.id, bytes(outbound[:size]))
-            del outbound[:size]
-            self._held -= size
-            window -= size
         if not outbound:
             self._blocked.pop(stream.id, None)
             if stream.trailers is not None:
@@ -741,8 +769,8 @@ class GrpcConnection:
             self._h2.send_headers(stream.id, trailers, end_stream=True)
             if not stream.remote_ended:
                 self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.StreamClosedError:
-            self._forget(stream)
+        except h2.exceptions.ProtocolError:
+            self._drop(stream)  # the peer closed it (as in `_send_message`)
 
     def _trailers_only(self, stream_id: int, code: int, message: str, open_: bool) -> None:
         try:
@@ -751,8 +779,8 @@ class GrpcConnection:
             )
             if open_:
                 self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.StreamClosedError:
-            pass
+        except h2.exceptions.ProtocolError:
+            pass  # the peer closed it (reset) in the same read: nothing to answer
 
     def _forget(self, stream: _Stream) -> None:
         self._release_partial(stream)
