@@ -13,6 +13,7 @@ runs in this trio run: once every task is blocked, all it sent is in the client'
 from __future__ import annotations
 
 import functools
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -764,3 +765,40 @@ async def test_a_reset_of_the_stream_holding_answers_back_lets_the_stalled_strea
             await client_side.aclose()
     assert statuses[second] == b"0"
     assert bytes(echoed[second]) == framed(b"\x02" * 10)
+
+
+async def test_a_reset_read_with_the_message_it_follows_ends_that_stream_only(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The message and the stream's reset come in one read: h2 has closed the stream when the
+    # message is answered, and sending on it must end that stream alone, as no failure.
+    service = EchoService()
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
+    )
+    client = echo_client()
+    statuses: dict[int, bytes] = {}
+
+    async def read() -> None:
+        for event in client.receive_data(await client_side.receive_some()):
+            if isinstance(event, h2.events.TrailersReceived):
+                statuses[event.stream_id] = dict(event.headers)[b"grpc-status"]
+        await client_side.send_all(client.data_to_send())
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await client_side.send_all(client.data_to_send())
+            await read()  # the server's SETTINGS (acknowledged)
+            first, second = open_echo(client), open_echo(client)
+            send_framed(client, first, b"\x02" * 10)
+            client.reset_stream(first)
+            send_framed(client, second, b"\x02" * 10, end=True)
+            await client_side.send_all(client.data_to_send())
+            while second not in statuses:
+                await read()
+            await client_side.aclose()
+    assert statuses == {second: b"0"}
+    assert [call.closed for call in service.calls] == [1, 1]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
