@@ -767,6 +767,68 @@ async def test_a_reset_of_the_stream_holding_answers_back_lets_the_stalled_strea
     assert bytes(echoed[second]) == framed(b"\x02" * 10)
 
 
+async def test_a_client_that_sends_no_preface_is_closed_after_the_preface_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A peer that connects and says nothing (a port scanner) holds no socket nor task for ever.
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), EchoService(), max_message_bytes=1 << 20
+    )
+    with trio.fail_after(_grpc.PREFACE_TIMEOUT + 5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            client = echo_client()  # its preface is never sent
+            events: list[h2.events.Event] = []
+            while data := await client_side.receive_some():
+                events += client.receive_data(data)
+    assert trio.current_time() >= _grpc.PREFACE_TIMEOUT
+    assert any(isinstance(event, h2.events.ConnectionTerminated) for event in events)
+
+
+async def test_a_connection_idle_with_no_stream_open_is_told_goaway_and_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A stream open and quiet (a long generation) keeps its connection however long; once no
+    # stream is open and nothing comes for the idle time, the connection ends with GOAWAY.
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), EchoService(), max_message_bytes=1 << 20
+    )
+    client = echo_client()
+    statuses: dict[int, bytes] = {}
+    goaway = False
+
+    async def read() -> bool:
+        nonlocal goaway
+        data = await client_side.receive_some()
+        for event in client.receive_data(data):
+            if isinstance(event, h2.events.TrailersReceived):
+                statuses[event.stream_id] = dict(event.headers)[b"grpc-status"]
+            goaway |= isinstance(event, h2.events.ConnectionTerminated)
+        await client_side.send_all(client.data_to_send())
+        return bool(data)
+
+    with trio.fail_after(5 * _grpc.IDLE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await client_side.send_all(client.data_to_send())
+            await read()  # the server's SETTINGS (acknowledged)
+            stream_id = open_echo(client)
+            send_framed(client, stream_id, b"\x02" * 10)  # answered; the stream stays open
+            await client_side.send_all(client.data_to_send())
+            await read()
+            await trio.sleep(3 * _grpc.IDLE_TIMEOUT)
+            assert connection.open_streams == 1 and not goaway, "an open stream is no idle"
+            client.end_stream(stream_id)
+            await client_side.send_all(client.data_to_send())
+            ended = trio.current_time()
+            while await read():
+                pass
+    assert statuses[stream_id] == b"0" and goaway
+    assert _grpc.IDLE_TIMEOUT <= trio.current_time() - ended <= 2 * _grpc.IDLE_TIMEOUT
+
+
 async def test_a_reset_read_with_the_message_it_follows_ends_that_stream_only(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:

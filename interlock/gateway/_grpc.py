@@ -17,7 +17,8 @@ wait so, no message of the connection is answered (a peer that does not read its
 held back by its own window).
 
 Failures stay where they happen: a handler's error ends its stream (its status), a peer
-breaking HTTP/2 ends its connection (GOAWAY, then closed), never the server.
+breaking HTTP/2 ends its connection (GOAWAY, then closed), never the server; so does one that
+sends no preface in `PREFACE_TIMEOUT`, or nothing for `IDLE_TIMEOUT` with no stream open.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import hyperframe.frame
 import trio
 
 __all__ = [
+    "IDLE_TIMEOUT",
     "MAX_CONCURRENT_STREAMS",
+    "PREFACE_TIMEOUT",
     "ByteStream",
     "GrpcCall",
     "GrpcConnection",
@@ -76,6 +79,14 @@ _CONNECTION_WINDOW: Final = 8 * 1024 * 1024
 _MAX_FRAME_BYTES: Final = 256 * 1024
 #: Answers waiting for the peer's window past which no message of the connection is answered.
 _HELD_BYTES: Final = 256 * 1024
+#: How long a new connection has to send HTTP/2's preface and its first SETTINGS, as a TLS
+#: client has for its handshake: a peer that connects and says nothing (a port scanner, a
+#: stuck client) must not hold a socket and a task for ever.
+PREFACE_TIMEOUT: Final = 10.0
+#: A connection with no stream open that sends nothing for this long is told GOAWAY and
+#: closed (found at the next check: within twice this). Long: Envoy's own idle timeout for
+#: its upstream connections is 1 h by default, and a gateway reconnects when it needs to.
+IDLE_TIMEOUT: Final = 3600.0
 #: Streams open at once on one connection: every request in flight through the gateway holds
 #: its ext_proc stream for its whole life (a long generation), over few connections.
 MAX_CONCURRENT_STREAMS: Final = 65_536
@@ -326,8 +337,16 @@ class GrpcConnection:
         max_message_bytes: int,
         max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
         max_partial_bytes: int | None = None,
+        preface_timeout: float = PREFACE_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self._io = io
+        self._preface_timeout = preface_timeout
+        self._idle_timeout = idle_timeout
+        #: The peer's preface and first SETTINGS have come.
+        self._greeted = False
+        #: Reads so far (the idle check compares it).
+        self._reads = 0
         self._service = service
         self._max_message = max_message_bytes
         #: Bytes of messages not whole yet the connection's streams may hold at once (default:
@@ -371,7 +390,7 @@ class GrpcConnection:
             h2.events.StreamEnded: self._stream_ended,
             h2.events.StreamReset: self._stream_reset,
             h2.events.WindowUpdated: self._window_updated,
-            h2.events.RemoteSettingsChanged: self._window_updated,
+            h2.events.RemoteSettingsChanged: self._settings_changed,
         }
 
     @property
@@ -397,6 +416,7 @@ class GrpcConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._watch)
                 await self._flush()
                 await self._read()
                 nursery.cancel_scope.cancel()  # the peer is gone: so are its streams' tasks
@@ -413,6 +433,7 @@ class GrpcConnection:
             data = await receive()
             if not data:
                 return
+            self._reads += 1
             try:
                 events = h2conn.receive_data(data)
             except (h2.exceptions.ProtocolError, hyperframe.exceptions.HyperframeError) as exc:
@@ -426,6 +447,30 @@ class GrpcConnection:
                     handler(event)
             self._resume_stalled()
             await self._flush()
+
+    async def _watch(self) -> None:
+        """End the connection (`serve` then says GOAWAY and closes it) of a peer that sends
+        no preface and SETTINGS within the preface timeout, or nothing for the idle timeout
+        while no stream is open (nor any answer waits for its window)."""
+        assert self._nursery is not None, "watched in `serve` only"
+        await trio.sleep(self._preface_timeout)
+        if not self._greeted:
+            _logger.info(
+                "an ext_proc client sent no HTTP/2 preface within %s s: closed",
+                self._preface_timeout,
+            )
+            self._nursery.cancel_scope.cancel()
+            return
+        reads = self._reads
+        while True:
+            await trio.sleep(self._idle_timeout)
+            if self._reads == reads and not self._streams and not self._blocked:
+                _logger.info(
+                    "an ext_proc connection idle for %s s: GOAWAY, closed", self._idle_timeout
+                )
+                self._nursery.cancel_scope.cancel()
+                return
+            reads = self._reads
 
     async def _flush(self) -> None:
         """Send what h2 has to send (one write; a second sender waits for the first)."""
@@ -538,6 +583,10 @@ class GrpcConnection:
         elif stream.scope is not None:
             stream.scope.cancel()  # its task closes the call as it ends
         # (A task started and not run yet sees `ended` as it starts, and closes the call.)
+
+    def _settings_changed(self, event: h2.events.RemoteSettingsChanged) -> None:
+        self._greeted = True  # (the first comes with the preface)
+        self._window_updated(event)
 
     def _window_updated(self, event: object) -> None:
         for stream in list(self._blocked.values()):
