@@ -18,7 +18,9 @@ held back by its own window).
 
 Failures stay where they happen: a handler's error ends its stream (its status), a peer
 breaking HTTP/2 ends its connection (GOAWAY, then closed), never the server; so does one that
-sends no preface in `PREFACE_TIMEOUT`, or nothing for `IDLE_TIMEOUT` with no stream open.
+sends no preface in `PREFACE_TIMEOUT`, or nothing for `IDLE_TIMEOUT` with no stream open (a
+second task per connection sleeps for these: a deadline moved on every read would cost the
+reading task a timer update per read).
 """
 
 from __future__ import annotations
