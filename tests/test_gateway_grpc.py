@@ -13,6 +13,7 @@ runs in this trio run: once every task is blocked, all it sent is in the client'
 from __future__ import annotations
 
 import functools
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -210,14 +211,18 @@ async def test_flow_control_holds_back_a_client_that_does_not_read_both_ways(
         try:
             stream_id = await pick(client)
             sent = 0
+            # A byte budget past what the server may let in: a server that kept granting
+            # window would fail here, not loop for ever.
+            budget = _grpc._STREAM_WINDOW + _grpc._HELD_BYTES + 200_000
             while client.h2.local_flow_control_window(stream_id) >= len(chunk) + 100:
+                assert sent * len(chunk) < budget, "the server keeps granting window"
                 await client.message(stream_id, framed(response_body(chunk)))
                 sent += 1
                 await client.pump()  # the server's WINDOW_UPDATEs, if it gives any
             (connection,) = connections
             assert connection._stalled, "the server still answers a client that does not read"
             assert connection.held_bytes <= _grpc._HELD_BYTES + len(chunk) + 100
-            assert sent * len(chunk) < _grpc._STREAM_WINDOW + _grpc._HELD_BYTES + 200_000
+            assert sent * len(chunk) < budget
             await client.message(stream_id, framed(response_body(b"end", True)), end=True)
             await client.until(lambda: client.status(stream_id) is not None)
             assert client.status(stream_id) == (0, "")
@@ -633,3 +638,229 @@ async def test_messages_not_yet_whole_past_the_connections_budget_end_their_stre
                 await read()
             await client_side.aclose()
     assert statuses[first] == b"0" and bytes(echoed) == message
+
+
+def echo_client(*, window: int = 65_535) -> h2.connection.H2Connection:
+    """An HTTP/2 client (h2's, sans IO) with stream window ``window``, its preface queued."""
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+    )
+    client.initiate_connection()
+    return client
+
+
+def open_echo(client: h2.connection.H2Connection) -> int:
+    stream_id: int = client.get_next_available_stream_id()
+    client.send_headers(stream_id, [(b":method", b"POST"), (b":path", b"/echo"),
+                                    (b":scheme", b"http"), (b":authority", b"a")])  # fmt: skip
+    return stream_id
+
+
+def send_framed(client: h2.connection.H2Connection, stream_id: int, data: bytes, *,
+                end: bool = False) -> None:  # fmt: skip
+    message = framed(data)
+    for offset in range(0, len(message), 16_384):
+        last = offset + 16_384 >= len(message)
+        client.send_data(stream_id, message[offset : offset + 16_384], end_stream=end and last)
+
+
+async def test_a_reset_of_a_stream_whose_end_waits_for_the_window_leaves_the_connection_serving(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Stream A is answered in full and ends (its trailers wait behind an answer the client's
+    # connection window holds back); the client then resets A and reopens its connection
+    # window. The connection must go on serving stream B, not fail on A's waiting answer.
+    service = EchoService()
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
+    )
+    client = echo_client(window=1 << 20)  # streams' windows wide: the connection's holds back
+    echoed: dict[int, bytearray] = {}
+    statuses: dict[int, bytes] = {}
+
+    async def read() -> None:
+        for event in client.receive_data(await client_side.receive_some()):
+            if isinstance(event, h2.events.DataReceived):
+                echoed.setdefault(event.stream_id, bytearray()).extend(event.data)
+            elif isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                headers = dict(event.headers)
+                if b"grpc-status" in headers:
+                    statuses[event.stream_id] = headers[b"grpc-status"]
+        await client_side.send_all(client.data_to_send())
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await client_side.send_all(client.data_to_send())
+            await read()  # the server's SETTINGS (acknowledged)
+            first, second = open_echo(client), open_echo(client)
+            send_framed(client, first, b"\x02" * 100_000, end=True)
+            await client_side.send_all(client.data_to_send())
+            await trio.testing.wait_all_tasks_blocked()
+            await read()  # 64 KiB of A's answer: the connection's window is used up
+            assert first not in statuses, "A's trailers wait behind the rest of its answer"
+            client.reset_stream(first)
+            send_framed(client, second, b"\x02" * 10, end=True)
+            client.increment_flow_control_window(1 << 20)  # the connection's window reopens
+            await client_side.send_all(client.data_to_send())
+            while second not in statuses:
+                await read()
+            await client_side.aclose()
+    assert statuses[second] == b"0"
+    assert bytes(echoed[second]) == framed(b"\x02" * 10)
+
+
+async def test_a_reset_of_the_stream_holding_answers_back_lets_the_stalled_streams_go_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A's answer waits for a client that does not read it, past `_HELD_BYTES`: B's message
+    # is left unanswered (stalled). The client resets A: nothing is held any more, so B must
+    # be answered.
+    service = EchoService()
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
+    )
+    client = echo_client()
+    echoed: dict[int, bytearray] = {}
+    statuses: dict[int, bytes] = {}
+
+    async def read() -> None:
+        for event in client.receive_data(await client_side.receive_some()):
+            if isinstance(event, h2.events.DataReceived):
+                echoed.setdefault(event.stream_id, bytearray()).extend(event.data)
+            elif isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                headers = dict(event.headers)
+                if b"grpc-status" in headers:
+                    statuses[event.stream_id] = headers[b"grpc-status"]
+        await client_side.send_all(client.data_to_send())
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await client_side.send_all(client.data_to_send())
+            await read()  # the server's SETTINGS (acknowledged)
+            first = open_echo(client)
+            send_framed(client, first, b"\x02" * 400_000)
+            await client_side.send_all(client.data_to_send())
+            await trio.testing.wait_all_tasks_blocked()
+            await read()  # 64 KiB of A's answer; the rest (past `_HELD_BYTES`) is held
+            assert connection.held_bytes > _grpc._HELD_BYTES
+            second = open_echo(client)
+            send_framed(client, second, b"\x02" * 10, end=True)
+            await client_side.send_all(client.data_to_send())
+            await trio.testing.wait_all_tasks_blocked()
+            assert second not in statuses, "B waits while A's answer is held"
+            client.reset_stream(first)
+            client.increment_flow_control_window(1 << 20)
+            await client_side.send_all(client.data_to_send())
+            await trio.testing.wait_all_tasks_blocked()
+            assert connection.held_bytes == 0, "A's answer is dropped with A"
+            while second not in statuses:
+                await read()
+            await client_side.aclose()
+    assert statuses[second] == b"0"
+    assert bytes(echoed[second]) == framed(b"\x02" * 10)
+
+
+async def test_a_client_that_sends_no_preface_is_closed_after_the_preface_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A peer that connects and says nothing (a port scanner) holds no socket nor task for ever.
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), EchoService(), max_message_bytes=1 << 20
+    )
+    with trio.fail_after(_grpc.PREFACE_TIMEOUT + 5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            client = echo_client()  # its preface is never sent
+            events: list[h2.events.Event] = []
+            while data := await client_side.receive_some():
+                events += client.receive_data(data)
+    assert trio.current_time() >= _grpc.PREFACE_TIMEOUT
+    assert any(isinstance(event, h2.events.ConnectionTerminated) for event in events)
+
+
+async def test_a_connection_idle_with_no_stream_open_is_told_goaway_and_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A stream open and quiet (a long generation) keeps its connection however long; once no
+    # stream is open and nothing comes for the idle time, the connection ends with GOAWAY.
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), EchoService(), max_message_bytes=1 << 20
+    )
+    client = echo_client()
+    statuses: dict[int, bytes] = {}
+    goaway = False
+
+    async def read() -> bool:
+        nonlocal goaway
+        data = await client_side.receive_some()
+        for event in client.receive_data(data):
+            if isinstance(event, h2.events.TrailersReceived):
+                statuses[event.stream_id] = dict(event.headers)[b"grpc-status"]
+            goaway |= isinstance(event, h2.events.ConnectionTerminated)
+        await client_side.send_all(client.data_to_send())
+        return bool(data)
+
+    with trio.fail_after(5 * _grpc.IDLE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await client_side.send_all(client.data_to_send())
+            await read()  # the server's SETTINGS (acknowledged)
+            stream_id = open_echo(client)
+            send_framed(client, stream_id, b"\x02" * 10)  # answered; the stream stays open
+            await client_side.send_all(client.data_to_send())
+            await read()
+            await trio.sleep(3 * _grpc.IDLE_TIMEOUT)
+            assert connection.open_streams == 1 and not goaway, "an open stream is no idle"
+            client.end_stream(stream_id)
+            await client_side.send_all(client.data_to_send())
+            ended = trio.current_time()
+            while await read():
+                pass
+    assert statuses[stream_id] == b"0" and goaway
+    assert _grpc.IDLE_TIMEOUT <= trio.current_time() - ended <= 2 * _grpc.IDLE_TIMEOUT
+
+
+async def test_a_reset_read_with_the_message_it_follows_ends_that_stream_only(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The message and the stream's reset come in one read: h2 has closed the stream when the
+    # message is answered, and sending on it must end that stream alone, as no failure.
+    service = EchoService()
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
+    )
+    client = echo_client()
+    statuses: dict[int, bytes] = {}
+
+    async def read() -> None:
+        for event in client.receive_data(await client_side.receive_some()):
+            if isinstance(event, h2.events.TrailersReceived):
+                statuses[event.stream_id] = dict(event.headers)[b"grpc-status"]
+        await client_side.send_all(client.data_to_send())
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await client_side.send_all(client.data_to_send())
+            await read()  # the server's SETTINGS (acknowledged)
+            first, second = open_echo(client), open_echo(client)
+            send_framed(client, first, b"\x02" * 10)
+            client.reset_stream(first)
+            send_framed(client, second, b"\x02" * 10, end=True)
+            await client_side.send_all(client.data_to_send())
+            while second not in statuses:
+                await read()
+            await client_side.aclose()
+    assert statuses == {second: b"0"}
+    assert [call.closed for call in service.calls] == [1, 1]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

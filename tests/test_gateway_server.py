@@ -510,6 +510,49 @@ class TwoLoopbacks(trio.abc.HostnameResolver):
         raise NotImplementedError
 
 
+class SplitRebinds(trio.abc.HostnameResolver):
+    """Two loopback addresses; the first ``split`` rebinds on one port give the second address
+    a free port of its own (as when that port is taken there), the later ones do not."""
+
+    def __init__(self, split: int) -> None:
+        self.split = split
+        self.rebinds = 0
+
+    async def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        second = port
+        if port:
+            self.rebinds += 1
+            if self.rebinds <= self.split:
+                second = 0
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, bound))
+            for address, bound in (("127.0.0.1", port), ("127.0.0.2", second))
+        ]
+
+    async def getnameinfo(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("split", [_server._SAME_PORT_TRIES - 1, _server._SAME_PORT_TRIES])
+async def test_every_rebind_of_port_0_is_checked_the_last_too(split: int) -> None:
+    # The last allowed rebind gives one port: it is taken; one more would be needed: an error.
+    resolver = SplitRebinds(split)
+    previous = trio.socket.set_custom_hostname_resolver(resolver)
+    try:
+        if split < _server._SAME_PORT_TRIES:
+            listeners = await _server._listen("picker.test", 0)
+            ports = {listener.socket.getsockname()[1] for listener in listeners}
+            for listener in listeners:
+                await listener.aclose()
+            assert len(ports) == 1
+        else:
+            with pytest.raises(OSError, match="no free port on every address"):
+                await _server._listen("picker.test", 0)
+        assert resolver.rebinds == min(split + 1, _server._SAME_PORT_TRIES)
+    finally:
+        trio.socket.set_custom_hostname_resolver(previous)
+
+
 async def test_port_0_on_a_name_of_two_addresses_listens_on_one_port_on_both() -> None:
     # Port 0 binds each address on a free port of its own: the one reported must be served
     # on every address the name has.

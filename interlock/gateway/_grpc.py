@@ -17,7 +17,10 @@ wait so, no message of the connection is answered (a peer that does not read its
 held back by its own window).
 
 Failures stay where they happen: a handler's error ends its stream (its status), a peer
-breaking HTTP/2 ends its connection (GOAWAY, then closed), never the server.
+breaking HTTP/2 ends its connection (GOAWAY, then closed), never the server; so does one that
+sends no preface in `PREFACE_TIMEOUT`, or nothing for `IDLE_TIMEOUT` with no stream open (a
+second task per connection sleeps for these: a deadline moved on every read would cost the
+reading task a timer update per read).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ import hyperframe.frame
 import trio
 
 __all__ = [
+    "IDLE_TIMEOUT",
     "MAX_CONCURRENT_STREAMS",
+    "PREFACE_TIMEOUT",
     "ByteStream",
     "GrpcCall",
     "GrpcConnection",
@@ -76,6 +81,14 @@ _CONNECTION_WINDOW: Final = 8 * 1024 * 1024
 _MAX_FRAME_BYTES: Final = 256 * 1024
 #: Answers waiting for the peer's window past which no message of the connection is answered.
 _HELD_BYTES: Final = 256 * 1024
+#: How long a new connection has to send HTTP/2's preface and its first SETTINGS, as a TLS
+#: client has for its handshake: a peer that connects and says nothing (a port scanner, a
+#: stuck client) must not hold a socket and a task for ever.
+PREFACE_TIMEOUT: Final = 10.0
+#: A connection with no stream open that sends nothing for this long is told GOAWAY and
+#: closed (found at the next check: within twice this). Long: Envoy's own idle timeout for
+#: its upstream connections is 1 h by default, and a gateway reconnects when it needs to.
+IDLE_TIMEOUT: Final = 3600.0
 #: Streams open at once on one connection: every request in flight through the gateway holds
 #: its ext_proc stream for its whole life (a long generation), over few connections.
 MAX_CONCURRENT_STREAMS: Final = 65_536
@@ -326,8 +339,16 @@ class GrpcConnection:
         max_message_bytes: int,
         max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
         max_partial_bytes: int | None = None,
+        preface_timeout: float = PREFACE_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self._io = io
+        self._preface_timeout = preface_timeout
+        self._idle_timeout = idle_timeout
+        #: The peer's preface and first SETTINGS have come.
+        self._greeted = False
+        #: Reads so far (the idle check compares it).
+        self._reads = 0
         self._service = service
         self._max_message = max_message_bytes
         #: Bytes of messages not whole yet the connection's streams may hold at once (default:
@@ -371,7 +392,7 @@ class GrpcConnection:
             h2.events.StreamEnded: self._stream_ended,
             h2.events.StreamReset: self._stream_reset,
             h2.events.WindowUpdated: self._window_updated,
-            h2.events.RemoteSettingsChanged: self._window_updated,
+            h2.events.RemoteSettingsChanged: self._settings_changed,
         }
 
     @property
@@ -397,6 +418,7 @@ class GrpcConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._watch)
                 await self._flush()
                 await self._read()
                 nursery.cancel_scope.cancel()  # the peer is gone: so are its streams' tasks
@@ -413,6 +435,7 @@ class GrpcConnection:
             data = await receive()
             if not data:
                 return
+            self._reads += 1
             try:
                 events = h2conn.receive_data(data)
             except (h2.exceptions.ProtocolError, hyperframe.exceptions.HyperframeError) as exc:
@@ -424,7 +447,32 @@ class GrpcConnection:
                 handler = handlers.get(type(event))
                 if handler is not None:
                     handler(event)
+            self._resume_stalled()
             await self._flush()
+
+    async def _watch(self) -> None:
+        """End the connection (`serve` then says GOAWAY and closes it) of a peer that sends
+        no preface and SETTINGS within the preface timeout, or nothing for the idle timeout
+        while no stream is open (nor any answer waits for its window)."""
+        assert self._nursery is not None, "watched in `serve` only"
+        await trio.sleep(self._preface_timeout)
+        if not self._greeted:
+            _logger.info(
+                "an ext_proc client sent no HTTP/2 preface within %s s: closed",
+                self._preface_timeout,
+            )
+            self._nursery.cancel_scope.cancel()
+            return
+        reads = self._reads
+        while True:
+            await trio.sleep(self._idle_timeout)
+            if self._reads == reads and not self._streams and not self._blocked:
+                _logger.info(
+                    "an ext_proc connection idle for %s s: GOAWAY, closed", self._idle_timeout
+                )
+                self._nursery.cancel_scope.cancel()
+                return
+            reads = self._reads
 
     async def _flush(self) -> None:
         """Send what h2 has to send (one write; a second sender waits for the first)."""
@@ -517,23 +565,40 @@ class GrpcConnection:
             self._consume(stream)
 
     def _stream_reset(self, event: h2.events.StreamReset) -> None:
-        stream = self._streams.pop(event.stream_id or 0, None)
-        if stream is None:
-            return
-        stream.ended = True
+        stream_id = event.stream_id or 0
+        # A stream ended on this side may still hold answers (and its trailers) for the
+        # window: it is in `_blocked` only, and its reset must drop them too.
+        stream = self._streams.get(stream_id) or self._blocked.get(stream_id)
+        if stream is not None:
+            self._drop(stream)
+
+    def _drop(self, stream: _Stream) -> None:
+        """The peer closed ``stream`` (reset it): nothing more is read or sent on it, what
+        it holds is freed and its call closed (by its task, if one answers it now)."""
+        self._streams.pop(stream.id, None)
         self._forget(stream)
+        if stream.ended:
+            return  # ended on this side already (`_finish` closed its call)
+        stream.ended = True
         if not stream.busy:
             stream.call.close()
         elif stream.scope is not None:
             stream.scope.cancel()  # its task closes the call as it ends
         # (A task started and not run yet sees `ended` as it starts, and closes the call.)
 
+    def _settings_changed(self, event: h2.events.RemoteSettingsChanged) -> None:
+        self._greeted = True  # (the first comes with the preface)
+        self._window_updated(event)
+
     def _window_updated(self, event: object) -> None:
-        blocked = self._blocked
-        if not blocked:
-            return
-        for stream in list(blocked.values()):
+        for stream in list(self._blocked.values()):
             self._send_out(stream)
+
+    def _resume_stalled(self) -> None:
+        """Go on with the streams parked while too many answers were held, once no longer
+        so. Called after each read's events: held bytes drop only as the peer's events say
+        (a WINDOW_UPDATE lets answers out, a reset drops a stream's), and only these
+        resume the parked streams."""
         if self._held <= _HELD_BYTES and self._stalled:
             stalled, self._stalled = self._stalled, {}
             for stream in stalled.values():
@@ -561,7 +626,10 @@ class GrpcConnection:
                     self._nursery.start_soon(self._answer, stream)
                     return
                 for answer in answers:
-                    self._send_message(stream, answer)
+                    if not stream.ended:
+                        self._send_message(stream, answer)
+                if stream.ended:
+                    return  # the peer reset it (in the same read, after this message)
                 if call.done:
                     self._finish(stream, Status.OK, "")
                     return
@@ -655,9 +723,11 @@ class GrpcConnection:
                     _logger.exception("the ext_proc stream failed")
                     self._finish(stream, Status.INTERNAL, f"the endpoint picker failed: {exc!r}")
                 else:
-                    if not stream.ended:
-                        for answer in answers:
+                    for answer in answers:
+                        if not stream.ended:
                             self._send_message(stream, answer)
+                    # (Ended: the peer reset it as it was answered; `finally` closes the call.)
+                    if not stream.ended:
                         if stream.call.done:
                             self._finish(stream, Status.OK, "")
                         else:
@@ -670,19 +740,28 @@ class GrpcConnection:
                 stream.call.close()  # ended while this task held it: free what it holds
 
     def _send_message(self, stream: _Stream, payload: bytes) -> None:
+        """Send one answer (or keep it for the peer's window); a stream the peer has closed
+        meanwhile (its reset read in the same batch as the message) is dropped."""
         h2conn = self._h2
-        if not stream.headers_sent:
-            stream.headers_sent = True
-            h2conn.send_headers(stream.id, _RESPONSE_HEADERS)
         framed = b"\x00" + len(payload).to_bytes(4, "big") + payload
         if stream.outbound:
             stream.outbound += framed
             self._held += len(framed)
             return
         size = len(framed)
-        window = h2conn.local_flow_control_window(stream.id)
-        if size <= window and size <= h2conn.max_outbound_frame_size:
-            h2conn.send_data(stream.id, framed)
+        try:
+            if not stream.headers_sent:
+                stream.headers_sent = True
+                h2conn.send_headers(stream.id, _RESPONSE_HEADERS)
+            window = h2conn.local_flow_control_window(stream.id)
+            if size <= window and size <= h2conn.max_outbound_frame_size:
+                h2conn.send_data(stream.id, framed)
+                return
+        except h2.exceptions.ProtocolError:
+            # The peer closed the stream (h2: StreamClosedError, or a ProtocolError for a
+            # stream in a closed state): a peer may reset any stream at any time, and that
+            # ends this stream only, never the connection.
+            self._drop(stream)
             return
         stream.outbound = bytearray(framed)
         self._held += size
@@ -697,15 +776,15 @@ class GrpcConnection:
         frame = h2conn.max_outbound_frame_size
         try:
             window = h2conn.local_flow_control_window(stream.id)
-        except h2.exceptions.StreamClosedError:
-            self._forget(stream)
+            while outbound and window > 0:
+                size = min(len(outbound), window, frame)
+                h2conn.send_data(stream.id, bytes(outbound[:size]))
+                del outbound[:size]
+                self._held -= size
+                window -= size
+        except h2.exceptions.ProtocolError:
+            self._drop(stream)  # the peer closed it (as in `_send_message`)
             return
-        while outbound and window > 0:
-            size = min(len(outbound), window, frame)
-            h2conn.send_data(stream.id, bytes(outbound[:size]))
-            del outbound[:size]
-            self._held -= size
-            window -= size
         if not outbound:
             self._blocked.pop(stream.id, None)
             if stream.trailers is not None:
@@ -741,8 +820,8 @@ class GrpcConnection:
             self._h2.send_headers(stream.id, trailers, end_stream=True)
             if not stream.remote_ended:
                 self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.StreamClosedError:
-            self._forget(stream)
+        except h2.exceptions.ProtocolError:
+            self._drop(stream)  # the peer closed it (as in `_send_message`)
 
     def _trailers_only(self, stream_id: int, code: int, message: str, open_: bool) -> None:
         try:
@@ -751,8 +830,8 @@ class GrpcConnection:
             )
             if open_:
                 self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.StreamClosedError:
-            pass
+        except h2.exceptions.ProtocolError:
+            pass  # the peer closed it (reset) in the same read: nothing to answer
 
     def _forget(self, stream: _Stream) -> None:
         self._release_partial(stream)

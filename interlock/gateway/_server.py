@@ -55,7 +55,8 @@ _READ_MAX_BYTES: Final = 64 * 1024 * 1024
 #: How long a stopping server gives each connection to answer its open streams UNAVAILABLE and
 #: say GOAWAY before it closes the socket anyway (a peer that does not read).
 _ANSWER_TIMEOUT: Final = 3.0
-#: How many times port 0 on a name of several addresses is bound again to get one port for all.
+#: How many times port 0 on a name of several addresses is bound again to get one port for all
+#: (each rebind's ports checked).
 _SAME_PORT_TRIES: Final = 5
 #: How long a TLS client has to finish its handshake: one that connects and says nothing must
 #: not hold a task and a socket for ever.
@@ -206,10 +207,14 @@ async def _listen(host: str, port: int) -> list[trio.SocketListener]:
     address = host_port(host, port)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
-        for _ in range(_SAME_PORT_TRIES):
-            ports = {listener.socket.getsockname()[1] for listener in listeners}
-            if len(ports) == 1:
-                break
+        tries = 0
+        # Checked after every bind, the last try's too.
+        while len({listener.socket.getsockname()[1] for listener in listeners}) > 1:
+            if tries == _SAME_PORT_TRIES:
+                for listener in listeners:
+                    await listener.aclose()
+                raise OSError(None, f"no free port on every address of {host}", address)
+            tries += 1
             # Port 0 on a name of several addresses (``localhost``: 127.0.0.1 and ::1) gives
             # each its own free port, but one is reported: bind them all on the first's.
             first = listeners[0].socket.getsockname()[1]
@@ -219,10 +224,6 @@ async def _listen(host: str, port: int) -> list[trio.SocketListener]:
                 listeners = await trio.open_tcp_listeners(first, host=host)
             except OSError:
                 listeners = await trio.open_tcp_listeners(0, host=host)  # taken meanwhile
-        else:
-            for listener in listeners:
-                await listener.aclose()
-            raise OSError(None, f"no free port on every address of {host}", address)
         return listeners
     except socket.gaierror as exc:  # its codes are not errnos
         raise OSError(None, f"cannot listen on {address}: {exc}", address) from None
