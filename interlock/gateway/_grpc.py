@@ -801,11 +801,7 @@ class GrpcConnection:
         stream.call.close()
         self._streams.pop(stream.id, None)
         self._stalled.pop(stream.id, None)
-        if stream.unacked:
-            self._acknowledge(stream.unacked, stream.id)
-            stream.unacked = 0
-        stream.inbound.clear()
-        self._release_partial(stream)
+        self._release_inbound(stream)
         trailers = _trailers(code, message)
         if not stream.headers_sent:
             stream.headers_sent = True
@@ -833,8 +829,20 @@ class GrpcConnection:
         except h2.exceptions.ProtocolError:
             pass  # the peer closed it (reset) in the same read: nothing to answer
 
-    def _forget(self, stream: _Stream) -> None:
+    def _release_inbound(self, stream: _Stream) -> None:
+        """Drop what ``stream`` received and was not answered, and give its bytes back to the
+        connection's window: h2 does so only when they are acknowledged, even once the
+        stream is closed, so a reset while a message waits for its answer would otherwise
+        shrink the connection's window for good."""
+        if stream.unacked:
+            self._acknowledge(stream.unacked, stream.id)
+            stream.unacked = 0
+        stream.inbound.clear()
         self._release_partial(stream)
+
+    def _forget(self, stream: _Stream) -> None:
+        """Free what ``stream`` holds, both ways."""
+        self._release_inbound(stream)
         if self._blocked.pop(stream.id, None) is not None:
             self._held -= len(stream.outbound)
         stream.outbound.clear()
