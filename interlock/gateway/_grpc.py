@@ -638,6 +638,14 @@ class GrpcConnection:
                     return
                 data = self._next_message(stream)
             if stream.remote_ended:
+                if stream.inbound:
+                    # gRPC's framing is broken: the peer's last message is cut short (grpc's
+                    # own servers end such a stream INTERNAL too, not OK as if it were whole).
+                    raise GrpcError(
+                        Status.INTERNAL,
+                        f"the request stream ended inside a message ({len(stream.inbound)} "
+                        "bytes of it came): send every message whole before half-closing",
+                    )
                 call.end()
                 self._finish(stream, Status.OK, "")
         except GrpcError as exc:
