@@ -511,8 +511,15 @@ class GrpcConnection:
             for stream in list(self._streams.values()):
                 if stream.scope is not None:
                     stream.scope.cancel()
+                # Answers waiting for the window may be cut inside a message: trailers right
+                # after part of one break gRPC's framing (a client reads a broken message,
+                # not the status), so such a stream is reset instead.
+                cut = bool(stream.outbound)
                 self._forget(stream)
-                self._finish(stream, Status.UNAVAILABLE, "the endpoint picker is stopping")
+                if cut:
+                    self._cancel(stream)
+                else:
+                    self._finish(stream, Status.UNAVAILABLE, "the endpoint picker is stopping")
             self._streams.clear()
             try:
                 self._h2.close_connection()
@@ -818,6 +825,19 @@ class GrpcConnection:
             stream.trailers = trailers  # sent once the answers before them are
         else:
             self._send_trailers(stream, trailers)
+
+    def _cancel(self, stream: _Stream) -> None:
+        """End ``stream`` with RST_STREAM CANCEL (its call closed), no trailers."""
+        if stream.ended:
+            return
+        stream.ended = True
+        stream.busy = False  # closed here: its task (if any) has nothing left to close
+        stream.call.close()
+        self._streams.pop(stream.id, None)
+        try:
+            self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.CANCEL)
+        except h2.exceptions.ProtocolError:
+            pass  # the peer closed it already
 
     def _send_trailers(self, stream: _Stream, trailers: list[tuple[bytes, bytes]]) -> None:
         try:
