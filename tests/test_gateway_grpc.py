@@ -13,6 +13,7 @@ runs in this trio run: once every task is blocked, all it sent is in the client'
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import socket
 import ssl
@@ -470,6 +471,11 @@ def test_h2_still_has_the_method_the_transport_overrides_to_skip_its_frame_repr(
     assert "_receive_frame" in vars(base), "h2 no longer has H2Connection._receive_frame"
     for name in ("_frame_dispatch_table", "_stream_is_closed_by_reset", "_prepare_for_sending"):
         assert hasattr(base(), name), name
+    # `_H2Connection.open_inbound_streams` replaces the count h2 checks MAX_CONCURRENT_STREAMS
+    # with at each new stream, and calls h2's walk (`_open_streams`) now and then.
+    assert isinstance(vars(base).get("open_inbound_streams"), property)
+    assert "_open_streams" in vars(base), "h2 no longer has H2Connection._open_streams"
+    assert "self.open_inbound_streams" in inspect.getsource(base._receive_headers_frame)
 
 
 def test_the_transport_receives_frames_as_h2_does_without_their_repr(
@@ -1187,3 +1193,55 @@ async def test_opening_a_stream_costs_the_same_with_thousands_open(
             assert connection.open_streams == 2_010
             nursery.cancel_scope.cancel()
     assert looked / 10 < 100, f"{looked / 10:.0f} streams looked at per new stream"
+
+
+@given(st.lists(st.integers(min_value=0, max_value=3), min_size=1, max_size=300))
+@example([0] * 300)
+@example([0] * 100 + [3, 0] * 20 + [2, 0] * 20 + [0])  # at the limit, closed streams held
+def test_the_transports_open_stream_count_refuses_exactly_the_streams_h2s_does(
+    ops: list[int],
+) -> None:
+    # `_H2Connection.open_inbound_streams` counts without walking the streams most of the
+    # time: with streams opening and closing (reset, or ended both ways), every new stream
+    # past MAX_CONCURRENT_STREAMS must be refused as h2's own walk refuses it, no other.
+    def server(cls: type[h2.connection.H2Connection]) -> h2.connection.H2Connection:
+        conn = cls(_grpc._CONFIG)
+        conn.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100}
+        )
+        conn.initiate_connection()
+        return conn
+
+    class Client(h2.connection.H2Connection):
+        open_outbound_streams = 0  # it tries past the server's limit
+
+    client = Client(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    ours, theirs = server(_grpc._H2Connection), server(h2.connection.H2Connection)
+    ack = client.data_to_send()
+    for conn in (ours, theirs):
+        conn.receive_data(ack)
+    client.receive_data(ours.data_to_send())
+    theirs.data_to_send()
+    opened: list[int] = []
+    for op in ops:
+        if op == 3 and opened:  # the client resets its oldest stream
+            client.reset_stream(opened.pop(0))
+        elif op == 2 and opened:  # the server ends the newest both ways
+            stream_id = opened.pop()
+            client.end_stream(stream_id)
+            for conn in (ours, theirs):
+                conn.send_headers(stream_id, [(b":status", b"200")], end_stream=True)
+        else:
+            opened.append(open_echo(client))
+        wire = client.data_to_send()
+        outcomes = []
+        for conn in (ours, theirs):
+            try:
+                outcomes.append([type(e).__name__ for e in conn.receive_data(wire)])
+            except h2.exceptions.ProtocolError as exc:
+                outcomes.append([type(exc).__name__])
+            conn.data_to_send()
+        assert outcomes[0] == outcomes[1], (op, outcomes)
+        if outcomes[0] == ["TooManyStreamsError"]:
+            return

@@ -81,6 +81,9 @@ _CONNECTION_WINDOW: Final = 8 * 1024 * 1024
 _MAX_FRAME_BYTES: Final = 256 * 1024
 #: Answers waiting for the peer's window past which no message of the connection is answered.
 _HELD_BYTES: Final = 256 * 1024
+#: Streams h2 holds (open, or closed and not yet forgotten) below which it does not walk them
+#: to count the open ones (`_H2Connection.open_inbound_streams`).
+_MIN_COUNT_AT: Final = 64
 #: How long a new connection has to send HTTP/2's preface and its first SETTINGS, as a TLS
 #: client has for its handshake: a peer that connects and says nothing (a port scanner, a
 #: stuck client) must not hold a socket and a task for ever.
@@ -256,6 +259,26 @@ class _H2Connection(h2.connection.H2Connection):
     of the transport's CPU (docs/benchmarks.md, "An h2 + trio transport, measured"). The
     method is h2's private one (h2 4.x), copied without that line; tests/test_gateway_grpc.py
     fails if a new h2 drops or renames it."""
+
+    #: Open inbound streams are counted exactly (h2's walk, which also forgets the closed
+    #: ones) only once ``streams`` holds this many; see `open_inbound_streams`.
+    _count_at = _MIN_COUNT_AT
+
+    @property
+    def open_inbound_streams(self) -> int:
+        """h2 checks MAX_CONCURRENT_STREAMS at each new stream by walking every stream it
+        holds (`_open_streams`): O(open streams) of Python per new stream, 2.3 ms at 20,000
+        open. ``streams`` holds the open ones and the closed ones not yet forgotten, so its
+        size bounds the count from above; below the limit it answers the check as well.
+        The walk runs once that size doubles over the open count it last found (or nears
+        the limit): amortized O(1) per new stream, and closed streams are still forgotten."""
+        held = len(self.streams)
+        limit = self.local_settings.max_concurrent_streams  # (may change with SETTINGS)
+        if held < min(self._count_at, limit):
+            return held
+        count = self._open_streams(int(not self.config.client_side))
+        self._count_at = min(max(2 * count, _MIN_COUNT_AT), limit)
+        return count
 
     def _receive_frame(self, frame: hyperframe.frame.Frame) -> list[h2.events.Event]:
         events: list[h2.events.Event]
