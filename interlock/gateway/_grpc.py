@@ -832,14 +832,8 @@ class GrpcConnection:
     def _finish(self, stream: _Stream, code: int, message: str) -> None:
         """End ``stream`` with ``code`` (its call closed: what it booked freed), and reset it
         when the peer is still sending (nothing it sends is read any more)."""
-        if stream.ended:
+        if not self._end(stream):
             return
-        stream.ended = True
-        stream.busy = False  # closed here: its task (if any) has nothing left to close
-        stream.call.close()
-        self._streams.pop(stream.id, None)
-        self._stalled.pop(stream.id, None)
-        self._release_inbound(stream)
         trailers = _trailers(code, message)
         if not stream.headers_sent:
             stream.headers_sent = True
@@ -849,14 +843,22 @@ class GrpcConnection:
         else:
             self._send_trailers(stream, trailers)
 
-    def _cancel(self, stream: _Stream) -> None:
-        """End ``stream`` with RST_STREAM CANCEL (its call closed), no trailers."""
+    def _end(self, stream: _Stream) -> bool:
+        """Close ``stream``'s call and stop reading it (False: it had ended already)."""
         if stream.ended:
-            return
+            return False
         stream.ended = True
         stream.busy = False  # closed here: its task (if any) has nothing left to close
         stream.call.close()
         self._streams.pop(stream.id, None)
+        self._stalled.pop(stream.id, None)
+        self._release_inbound(stream)
+        return True
+
+    def _cancel(self, stream: _Stream) -> None:
+        """End ``stream`` with RST_STREAM CANCEL (its call closed), no trailers."""
+        if not self._end(stream):
+            return
         try:
             self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.CANCEL)
         except h2.exceptions.ProtocolError:
