@@ -510,9 +510,22 @@ class TwoLoopbacks(trio.abc.HostnameResolver):
         raise NotImplementedError
 
 
+def _free_port_other_than(port: int) -> int:
+    """A free port of 127.0.0.2 that is not ``port``. Not port 0 for the listener to bind:
+    Linux may give a bind to port 0 a port another address already holds (it reuses a bound
+    port's bucket when SO_REUSEADDR allows), and the addresses would not split."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
+            free: int = probe.getsockname()[1]
+        if free != port:
+            return free
+
+
 class SplitRebinds(trio.abc.HostnameResolver):
-    """Two loopback addresses; the first ``split`` rebinds on one port give the second address
-    a free port of its own (as when that port is taken there), the later ones do not."""
+    """Two loopback addresses; the first bind and the first ``split`` rebinds on one port give
+    the second address a free port of its own (as when that port is taken there), the later
+    rebinds do not."""
 
     def __init__(self, split: int) -> None:
         self.split = split
@@ -522,8 +535,8 @@ class SplitRebinds(trio.abc.HostnameResolver):
         second = port
         if port:
             self.rebinds += 1
-            if self.rebinds <= self.split:
-                second = 0
+        if not port or self.rebinds <= self.split:
+            second = _free_port_other_than(port)
         return [
             (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, bound))
             for address, bound in (("127.0.0.1", port), ("127.0.0.2", second))
