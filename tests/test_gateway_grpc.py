@@ -1245,3 +1245,81 @@ def test_the_transports_open_stream_count_refuses_exactly_the_streams_h2s_does(
         assert outcomes[0] == outcomes[1], (op, outcomes)
         if outcomes[0] == ["TooManyStreamsError"]:
             return
+
+
+class ClosedWhileAnswering(Echo):
+    """An `Echo` that notes, as each waiting message is answered, whether it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed_at_answer: list[int] = []
+
+    async def answer(self) -> list[bytes]:
+        await trio.sleep(1)
+        self.closed_at_answer.append(self.closed)
+        return await super().answer()
+
+
+async def test_a_stream_whose_messages_each_wait_is_not_closed_while_the_next_is_answered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Two messages that each wait (Envoy's buffered mode: the request headers, then the body
+    # whose answer is the pick). The first's task goes on with the stream (`_consume`), which
+    # starts the second's task (`busy` again); the first task's `finally` then sees `busy`
+    # and closes the call while the second is still being answered: the picker's booking is
+    # freed (and the stream marked finished) in the middle of its pick.
+    calls: list[ClosedWhileAnswering] = []
+
+    class Service:
+        def open(self, path: bytes) -> ClosedWhileAnswering:
+            calls.append(ClosedWhileAnswering())
+            return calls[-1]
+
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), Service(), max_message_bytes=1 << 20
+    )
+    peer = Peer(client_side)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await peer.send()
+            await peer.read()
+            stream_id = peer.open()
+            peer.put(stream_id, framed(b"\x01" * 10) + framed(b"\x03" * 10), end=True)
+            await peer.send()
+            while stream_id not in peer.status:
+                await peer.read()
+            nursery.cancel_scope.cancel()
+    assert peer.status[stream_id] == b"0"
+    (call,) = calls
+    assert call.closed_at_answer == [0, 0], "the call was closed while a message was answered"
+    assert call.closed == 1
+
+
+
+async def test_a_connection_dropped_while_a_message_is_answered_closes_its_call_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # `GrpcCall`: "`close` once, however the stream ends". The peer goes away while a
+    # message's task answers it: the nursery's cancel ends the task, whose `finally` closes
+    # the call (`busy`), and then `stop` finishes the same stream (still in `_streams`) and
+    # closes it again.
+    service = EchoService()
+    client_side, server_side = trio.testing.memory_stream_pair()
+    connection = _grpc.GrpcConnection(
+        _grpc.StreamIO(server_side), service, max_message_bytes=1 << 20
+    )
+    peer = Peer(client_side)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.serve, 1.0)
+            await peer.send()
+            await peer.read()
+            stream_id = peer.open()
+            peer.put(stream_id, framed(b"\x01" * 10))  # odd: answered by a task
+            await peer.send()
+            await trio.testing.wait_all_tasks_blocked()
+            await client_side.aclose()
+    (call,) = service.calls
+    assert call.closed == 1, f"closed {call.closed} times"
