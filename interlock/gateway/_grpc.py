@@ -315,6 +315,7 @@ class _Stream:
     __slots__ = (
         "busy",
         "call",
+        "closed",
         "ended",
         "headers_sent",
         "id",
@@ -349,6 +350,15 @@ class _Stream:
         self.scope: trio.CancelScope | None = None
         #: The stream has ended on this side (trailers given to h2, or reset).
         self.ended = False
+        #: Its call is closed (`close`: once, whoever ends it first).
+        self.closed = False
+
+    def close(self) -> None:
+        """Close the call (what it booked freed), once: a task cancelled with its connection
+        closes it, and the stop that follows ends the stream again."""
+        if not self.closed:
+            self.closed = True
+            self.call.close()
 
 
 class GrpcConnection:
@@ -611,7 +621,7 @@ class GrpcConnection:
             return  # ended on this side already (`_finish` closed its call)
         stream.ended = True
         if not stream.busy:
-            stream.call.close()
+            stream.close()
         elif stream.scope is not None:
             stream.scope.cancel()  # its task closes the call as it ends
         # (A task started and not run yet sees `ended` as it starts, and closes the call.)
@@ -747,7 +757,10 @@ class GrpcConnection:
     async def _answer(self, stream: _Stream) -> None:
         """The task of a message that waits: answer it, then go on with the stream's
         messages as `_consume` does (ending when none waits). A stream dropped meanwhile
-        (reset, the connection gone, the server stopping) cancels it; its call is closed."""
+        (reset, the connection gone, the server stopping) cancels it; its call is closed.
+        Once it hands the stream back (`_consume`), the stream is not its own any more: a
+        task `_consume` started for the next waiting message holds it, and closes it."""
+        owned = True
         try:
             if stream.ended:
                 return  # dropped before this task ran
@@ -771,11 +784,12 @@ class GrpcConnection:
                         else:
                             stream.busy = False
                             stream.scope = None
+                            owned = False
                             self._consume(stream)
                 await self._flush()
         finally:
-            if stream.busy:
-                stream.call.close()  # ended while this task held it: free what it holds
+            if owned and stream.busy:
+                stream.close()  # ended while this task held it: free what it holds
 
     def _send_message(self, stream: _Stream, payload: bytes) -> None:
         """Send one answer (or keep it for the peer's window); a stream the peer has closed
@@ -849,7 +863,7 @@ class GrpcConnection:
             return False
         stream.ended = True
         stream.busy = False  # closed here: its task (if any) has nothing left to close
-        stream.call.close()
+        stream.close()
         self._streams.pop(stream.id, None)
         self._stalled.pop(stream.id, None)
         self._release_inbound(stream)
