@@ -631,6 +631,14 @@ class GrpcConnection:
         self._window_updated(event)
 
     def _window_updated(self, event: object) -> None:
+        # A stream's own WINDOW_UPDATE can let out that stream's answers alone; the
+        # connection's (stream 0), or new SETTINGS, any blocked stream's.
+        stream_id = getattr(event, "stream_id", 0)
+        if stream_id:
+            stream = self._blocked.get(stream_id)
+            if stream is not None:
+                self._send_out(stream)
+            return
         for stream in list(self._blocked.values()):
             self._send_out(stream)
 
@@ -719,7 +727,8 @@ class GrpcConnection:
                 )
             end = 5 + length
             if size >= end:
-                data = bytes(inbound[5:end])
+                with memoryview(inbound) as view:  # one copy (a slice of inbound is one)
+                    data = bytes(view[5:end])
                 if size == end:
                     inbound.clear()
                 else:

@@ -86,11 +86,10 @@ The ext_proc stream carries no API key (``--api-key`` guards the HTTP API only):
 where only the gateway reaches it (any client of the gateway may name any objective, as with
 GAIE's own picker).
 
-Only the pick needs the router: `ExtProcStream.answer_now` answers every other message
-(request headers with no answer due, body chunks before the last, the response phases) in
-whatever thread holds the stream, and leaves the router bookkeeping they imply (prefill
-release, 5xx count, the booking's release, usage) as chores for the trio thread, run in
-order without the answer waiting for them.
+Only the pick waits: `ExtProcStream.answer_now` answers every other message (request
+headers with no answer due, body chunks before the last, the response phases) at once, and
+runs the router bookkeeping they imply (prefill release, 5xx count, the booking's release,
+usage) after making the answer.
 
 Each pick is a query in the transition log (``received -> preprocessed -> routed -> done``
 with the routing decision), which ``interlock inspect`` explains like ``/v1/route``'s.
@@ -100,7 +99,6 @@ status (200 for a pick).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -224,28 +222,14 @@ class ExtProcPicker:
         tokenizer's thread and the router (and the admission queue). Ends when ``requests``
         ends or after an ImmediateResponse; frees the request's booking however it ends.
 
-        ``stream``: the stream's state (`open_stream`), when another thread answered some of
-        its messages already with `ExtProcStream.answer_now` (the gRPC server does)."""
-        async with contextlib.aclosing(self.process_batches(requests, stream)) as batches:
-            async for batch in batches:
-                for response in batch:
-                    yield response
-
-    async def process_batches(
-        self,
-        requests: AsyncIterator[ProcessingRequest],
-        stream: ExtProcStream | None = None,
-    ) -> AsyncIterator[list[ProcessingResponse]]:
-        """`process`, the responses to each message yielded together (a message with none
-        yields nothing), so that a server hands them to its sending thread at once: a pick's
-        answer and its body chunks cost one wake-up of that thread, not one each."""
+        ``stream``: the stream's state (`open_stream`), when some of its messages were
+        answered already with `ExtProcStream.answer_now`."""
         if stream is None:
             stream = ExtProcStream(self)
         try:
             async for message in requests:
-                responses = await stream.handle(message)
-                if responses:
-                    yield responses
+                for response in await stream.handle(message):
+                    yield response
                 if stream.finished:
                     return
         finally:
@@ -278,14 +262,11 @@ class ExtProcPicker:
 class ExtProcStream:
     """One ext_proc stream's state: the request's headers and body, the pick, the booking.
 
-    Two threads may share it, one message at a time: `answer_now` answers, in any thread,
-    the messages that need no router state (`serve_ext_proc` calls it as it reads each
-    message, so most phases need no task of their own), and queues in `chores` the router
-    bookkeeping they imply, for the trio thread (`run_chores`); `handle` answers any message,
-    in the trio thread. Fields
-    set by the pick (`decision`, `picked`, `endpoints`) are only read once it is made; the
-    booking's fields (`booked_as`, `ticket`, `prefill_released`, `moved`) are only touched
-    in the trio thread.
+    One message at a time: `answer_now` answers the messages that need no waiting
+    (`serve_ext_proc` calls it as it reads each message, so most phases need no task of
+    their own), then runs the router bookkeeping they imply (`chores`); `handle` answers any
+    message. Fields set by the pick (`decision`, `picked`, `endpoints`) are only read once it
+    is made.
     """
 
     def __init__(self, picker: ExtProcPicker) -> None:
@@ -315,7 +296,7 @@ class ExtProcStream:
         #: The booking moved to the worker that served (once per stream).
         self.moved = False
         self.finished = False
-        #: Router bookkeeping `answer_now` left for the trio thread, in order (`run_chores`).
+        #: Router bookkeeping an answer implies, run after it is made, in order (`run_chores`).
         self.chores: list[Callable[[], None]] = []
         #: Whether `answer_now` queued the prefill release already (the chore runs once).
         self._prefill_queued = False
@@ -335,7 +316,6 @@ class ExtProcStream:
         """The responses to one message from the gateway (maybe none yet); the trio thread."""
         answers = self.answer_now(message)
         if answers is not None:
-            self.run_chores()
             return answers
         phase = message.WhichOneof("request")
         if phase == "request_headers":
@@ -350,16 +330,21 @@ class ExtProcStream:
                 await self._move_booking(worker)
             answers = self.answer_now(message)
             assert answers is not None, "the booking moved: the headers need no router now"
-            self.run_chores()
             return answers
         return []
 
     def answer_now(self, message: ProcessingRequest) -> list[ProcessingResponse] | None:
-        """The responses to ``message`` if it needs no router state, in any thread (one
-        message at a time per stream, and none while `handle` runs); the bookkeeping they
-        imply is appended to `chores`. None: the message needs `handle` (the pick, a refusal
-        while draining, an ImmediateResponse, a booking to move), and nothing was changed
-        but the protocol and metadata it carries (read again by `handle`)."""
+        """The responses to ``message`` if it needs no waiting (one message at a time per
+        stream, and none while `handle` runs), the router bookkeeping they imply run after
+        them (`run_chores`). None: the message needs `handle` (the pick, a refusal while
+        draining, an ImmediateResponse, a booking to move), and nothing was changed but the
+        protocol and metadata it carries (read again by `handle`)."""
+        answers = self._answer_now(message)
+        if answers is not None and self.chores:
+            self.run_chores()
+        return answers
+
+    def _answer_now(self, message: ProcessingRequest) -> list[ProcessingResponse] | None:
         if message.HasField("protocol_config"):
             config = message.protocol_config
             self.request_duplex = config.request_body_mode == _DUPLEX
@@ -399,11 +384,10 @@ class ExtProcStream:
             return None
         return []
 
-    def run_chores(self, chores: list[Callable[[], None]] | None = None) -> None:
-        """Run ``chores`` (default: those `answer_now` queued in `chores`, taken) in the trio
-        thread; never raises: a chore that fails is logged."""
-        if chores is None:
-            chores, self.chores = self.chores, []
+    def run_chores(self) -> None:
+        """Run (and take) the bookkeeping `chores` queued; never raises: a chore that fails
+        is logged."""
+        chores, self.chores = self.chores, []
         for chore in chores:
             try:
                 chore()

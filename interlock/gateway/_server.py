@@ -37,9 +37,17 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from ._endpoints import host_port
-from ._grpc import GrpcCall, GrpcConnection, GrpcError, SocketIO, Status, StreamIO
+from ._grpc import (
+    PREFACE_TIMEOUT,
+    GrpcCall,
+    GrpcConnection,
+    GrpcError,
+    SocketIO,
+    Status,
+    StreamIO,
+)
 from ._picker import ExtProcPicker, ExtProcStream
-from ._tls import ExtProcTLS
+from ._tls import ALPN, ExtProcTLS
 
 __all__ = ["EXT_PROC_SERVICE", "serve_ext_proc"]
 
@@ -59,8 +67,8 @@ _ANSWER_TIMEOUT: Final = 3.0
 #: (each rebind's ports checked).
 _SAME_PORT_TRIES: Final = 5
 #: How long a TLS client has to finish its handshake: one that connects and says nothing must
-#: not hold a task and a socket for ever.
-_HANDSHAKE_TIMEOUT: Final = 10.0
+#: not hold a task and a socket for ever (as long as an h2c client has for its preface).
+_HANDSHAKE_TIMEOUT: Final = PREFACE_TIMEOUT
 
 
 class _Process:
@@ -87,8 +95,6 @@ class _Process:
         if answers is None:
             self._waiting = request
             return None
-        if state.chores:
-            state.run_chores()
         return [answer.SerializeToString() for answer in answers]
 
     async def answer(self) -> list[bytes]:
@@ -178,11 +184,11 @@ async def _serve_connection(
             except (trio.BrokenResourceError, trio.TooSlowError) as exc:
                 _logger.info("an ext_proc client's TLS handshake failed: %r", exc)
                 return
-            if secure.selected_alpn_protocol() != "h2":
+            protocol = secure.selected_alpn_protocol()
+            if protocol != ALPN:
                 # gRPC is HTTP/2 only: a client that cannot speak it gets nothing it can read.
                 _logger.info(
-                    "an ext_proc client negotiated no HTTP/2 over TLS (ALPN %r): closed",
-                    secure.selected_alpn_protocol(),
+                    "an ext_proc client negotiated no HTTP/2 over TLS (ALPN %r): closed", protocol
                 )
                 return
         connection = GrpcConnection(io, service, max_message_bytes=_READ_MAX_BYTES)

@@ -285,6 +285,10 @@ class ChatTemplate:
                 f"template kwarg {sorted(shadowed)[0]!r} would replace a helper that chat "
                 "templates call; rename or drop it"
             )
+        if self._chatml and not clean_tools:
+            text = _render_plain_chatml(clean_messages, add_generation_prompt)
+            if text is not None:
+                return text
         context: dict[str, object] = {}
         if self.bos_token is not None:
             context["bos_token"] = self.bos_token
@@ -293,10 +297,6 @@ class ChatTemplate:
         context.update(template_kwargs)
         context["messages"] = clean_messages
         context["tools"] = clean_tools
-        if self._chatml and not clean_tools:
-            text = _render_plain_chatml(clean_messages, add_generation_prompt)
-            if text is not None:
-                return text
         context["add_generation_prompt"] = add_generation_prompt
         try:
             return self._compiled.render(context)

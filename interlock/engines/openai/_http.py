@@ -334,18 +334,11 @@ class _Connection:
         )
 
     def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        sock = getattr(stream, "socket", None)
+        # An SSLStream's transport socket is closed without a close_notify exchange.
+        sock = self._socket()
+        self._stream = None
         if sock is not None:
             sock.close()
-        else:
-            # An SSLStream: drop the transport without a close_notify exchange.
-            transport = getattr(stream, "transport_stream", None)
-            inner = getattr(transport, "socket", None)
-            if inner is not None:
-                inner.close()
 
     async def exchange(self, message: bytes, owner: EngineConnections) -> EngineResponse:
         """Send ``message`` and read up to the answer's headers (past any 1xx answers).
