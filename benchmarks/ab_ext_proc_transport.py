@@ -67,24 +67,24 @@ def serve(transport: str, destination: str) -> None:
     )
 
     from interlock.gateway import serve_ext_proc
-    from interlock.gateway._picker import _set_header, _streamed
+    from interlock.gateway._picker import (
+        DESTINATION_HEADER,
+        _set_destination,
+        _set_header,
+        _streamed,
+    )
 
     answer = ProcessingResponse(
         request_headers=HeadersResponse(response=CommonResponse(clear_route_cache=True))
     )
-    _set_header(
-        answer.request_headers.response.header_mutation,
-        "x-gateway-destination-endpoint",
-        destination,
-    )
-    answer.dynamic_metadata.update({"envoy.lb": {"x-gateway-destination-endpoint": destination}})
+    _set_header(answer.request_headers.response.header_mutation, DESTINATION_HEADER, destination)
+    _set_destination(answer, destination)
 
     class NoOpStream:
         """A stream of a picker that does no picking: every message is answered at once."""
 
         def __init__(self) -> None:
             self.parts: list[bytes] = []
-            self.chores: list[Any] = []
             self.finished = False
             self.response_ended = False
 
@@ -106,9 +106,6 @@ def serve(transport: str, destination: str) -> None:
                 self.response_ended = True
                 return [ProcessingResponse(response_trailers=TrailersResponse())]
             return []
-
-        def run_chores(self, chores: Any = None) -> None:
-            pass
 
         async def handle(self, message: Any) -> list[Any]:
             return self.answer_now(message)

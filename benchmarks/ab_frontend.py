@@ -421,8 +421,7 @@ def side_by_side(
     a: argparse.Namespace,
 ) -> dict[tuple[str, int], dict[str, list[dict[str, Any]]]]:
     """Every checkout's cluster at once (serves on CPU 0, workers and wrk on CPU 1), each cell
-    driven on all of them together for ``a.seconds``; the cells' CPU per request by checkout,
-    and in ``a.firsts`` the checkout that went first in each round.
+    driven on all of them together for ``a.seconds``; the cells' CPU per request by checkout.
 
     Each round starts fresh clusters and stops them at its end, and everything done one
     checkout after another (starting and pinning the clusters, launching the wrk clients,
@@ -436,7 +435,6 @@ def side_by_side(
         script.flush()
         for r in range(a.rounds):
             order = in_turn(srcs, r)
-            a.firsts.append(order[0][0])
             with contextlib.ExitStack() as stack:
                 running = round_clusters(stack, order, a)
                 for mode, c in cells:
@@ -560,12 +558,12 @@ def main() -> None:
     srcs = [s.split("=", 1) for s in a.src]
     cells = [(m, int(c)) for m, c in (x.split(":") for x in a.cells.split(","))]
     results: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
-    a.firsts = []  # the checkout that went first in each round
+    # The checkout that went first in each round (both ways of running go `in_turn`).
+    firsts = [in_turn(srcs, r)[0][0] for r in range(a.rounds)]
     if a.side_by_side:
         results = side_by_side(srcs, cells, a)
     for r in range(0 if a.side_by_side else a.rounds):
         order = in_turn(srcs, r)
-        a.firsts.append(order[0][0])
         for name, src in order:
             steps_file = f"/tmp/ab_frontend_steps.{os.getpid()}" if a.count_steps else None
             cluster_args = (src, a.policy, a.extra.split(), a.engines, steps_file)
@@ -604,7 +602,7 @@ def main() -> None:
             b["cpu_ms_per_req"] / a_["cpu_ms_per_req"]
             for a_, b in zip(by[names[0]], by[names[-1]], strict=True)
         ]
-        balanced, splits[(mode, c)] = order_balanced(ratios, a.firsts, names)
+        balanced, splits[(mode, c)] = order_balanced(ratios, firsts, names)
         print(
             f"| {mode} | {c} | "
             + " | ".join(f"{m:.3f}" for m in meds)
