@@ -673,13 +673,7 @@ class GrpcConnection:
                     assert self._nursery is not None, "streams are read in `serve` only"
                     self._nursery.start_soon(self._answer, stream)
                     return
-                for answer in answers:
-                    if not stream.ended:
-                        self._send_message(stream, answer)
-                if stream.ended:
-                    return  # the peer reset it (in the same read, after this message)
-                if call.done:
-                    self._finish(stream, Status.OK, "")
+                if not self._answered(stream, answers):
                     return
                 if self._held > _HELD_BYTES:
                     self._stalled[stream.id] = stream
@@ -696,9 +690,30 @@ class GrpcConnection:
                     )
                 call.end()
                 self._finish(stream, Status.OK, "")
-        except GrpcError as exc:
-            self._finish(stream, exc.code, exc.message)
         except Exception as exc:
+            self._failed(stream, exc)
+
+    def _answered(self, stream: _Stream, answers: list[bytes]) -> bool:
+        """Send a message's ``answers``; whether the stream goes on with its next message
+        (not if the peer reset it meanwhile, in the same read as the message or while it was
+        answered, nor once its call is done: then it is finished OK)."""
+        for answer in answers:
+            if stream.ended:
+                return False
+            self._send_message(stream, answer)
+        if stream.ended:
+            return False
+        if stream.call.done:
+            self._finish(stream, Status.OK, "")
+            return False
+        return True
+
+    def _failed(self, stream: _Stream, exc: Exception) -> None:
+        """End ``stream`` for ``exc``, raised answering it (in its ``except``): a GrpcError
+        with its status, anything else INTERNAL, logged."""
+        if isinstance(exc, GrpcError):
+            self._finish(stream, exc.code, exc.message)
+        else:
             _logger.exception("the ext_proc stream failed")
             self._finish(stream, Status.INTERNAL, f"the endpoint picker failed: {exc!r}")
 
@@ -777,24 +792,15 @@ class GrpcConnection:
                 stream.scope = scope
                 try:
                     answers = await stream.call.answer()
-                except GrpcError as exc:
-                    self._finish(stream, exc.code, exc.message)
                 except Exception as exc:
-                    _logger.exception("the ext_proc stream failed")
-                    self._finish(stream, Status.INTERNAL, f"the endpoint picker failed: {exc!r}")
+                    self._failed(stream, exc)
                 else:
-                    for answer in answers:
-                        if not stream.ended:
-                            self._send_message(stream, answer)
                     # (Ended: the peer reset it as it was answered; `finally` closes the call.)
-                    if not stream.ended:
-                        if stream.call.done:
-                            self._finish(stream, Status.OK, "")
-                        else:
-                            stream.busy = False
-                            stream.scope = None
-                            owned = False
-                            self._consume(stream)
+                    if self._answered(stream, answers):
+                        stream.busy = False
+                        stream.scope = None
+                        owned = False
+                        self._consume(stream)
                 await self._flush()
         finally:
             if owned and stream.busy:
